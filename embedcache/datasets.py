@@ -1,0 +1,234 @@
+"""Image datasets (a registry): DomainBed folders, flat class folders, CSV manifests, synthetic.
+
+A dataset is a list of samples (relative path, class, domain, split) plus a way to load sample i
+as a PIL image. Its fingerprint hashes relative paths, file sizes, labels and domains, never
+absolute paths or modification times, so moving a dataset keeps its stores valid.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from ._registry import Registry
+from .config import DatasetConfig
+from .errors import DatasetError
+
+DATASETS = Registry("dataset")
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str          # relative to the dataset root (posix separators)
+    class_name: str
+    domain: str
+    split: str
+    size: int          # bytes on disk; -1 when the file is missing
+
+
+class ImageDataset:
+    """Samples plus a loader. ``classes`` is sorted; ``label`` is the index into it."""
+
+    def __init__(self, name: str, root: Optional[Path], samples: Sequence[Sample],
+                 loader: Optional[Callable[[int], Image.Image]] = None,
+                 extra_fingerprint: Optional[dict] = None):
+        if not samples:
+            raise DatasetError(f"dataset {name!r} at {root} holds no images; point dataset.path at a folder or CSV with images")
+        self.name = name
+        self.root = root
+        self.samples = list(samples)
+        self.classes = sorted({s.class_name for s in self.samples})
+        self.domains = sorted({s.domain for s in self.samples})
+        self._class_index = {c: i for i, c in enumerate(self.classes)}
+        self._loader = loader
+        self._extra = extra_fingerprint or {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def label(self, i: int) -> int:
+        return self._class_index[self.samples[i].class_name]
+
+    def source_path(self, i: int) -> Path:
+        p = Path(self.samples[i].path)
+        return p if p.is_absolute() or self.root is None else self.root / p
+
+    def load(self, i: int) -> Image.Image:
+        """Sample i as an RGB PIL image; raises on a missing or corrupt file."""
+        if self._loader is not None:
+            return self._loader(i)
+        with Image.open(self.source_path(i)) as im:
+            im.load()
+            return im.convert("RGB")
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        h.update(json.dumps({"name": self.name, **self._extra}, sort_keys=True).encode())
+        for s in self.samples:
+            h.update(f"{s.path}\t{s.size}\t{s.class_name}\t{s.domain}\t{s.split}\n".encode())
+        return h.hexdigest()[:16]
+
+    def frame(self) -> pd.DataFrame:
+        """One row per image: index, path, class_name, label, domain, split."""
+        return pd.DataFrame({
+            "index": np.arange(len(self), dtype=np.int64),
+            "path": [s.path for s in self.samples],
+            "class_name": [s.class_name for s in self.samples],
+            "label": np.array([self._class_index[s.class_name] for s in self.samples], dtype=np.int64),
+            "domain": [s.domain for s in self.samples],
+            "split": [s.split for s in self.samples],
+        })
+
+
+def _limit(samples: List[Sample], k: Optional[int]) -> List[Sample]:
+    if k is None:
+        return samples
+    seen: Dict[tuple, int] = {}
+    out = []
+    for s in samples:
+        key = (s.domain, s.class_name)
+        if seen.get(key, 0) < k:
+            seen[key] = seen.get(key, 0) + 1
+            out.append(s)
+    return out
+
+
+def _require_dir(path: Optional[str], what: str) -> Path:
+    if not path:
+        raise DatasetError(f"{what} needs dataset.path; set it with --set dataset.path=/path/to/images")
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder {root} does not exist; check dataset.path")
+    return root
+
+
+def _images_in(folder: Path) -> List[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+@DATASETS.register("domainbed")
+def domainbed(cfg: DatasetConfig) -> ImageDataset:
+    """DomainBed layout ``root/domain/class/image`` (PACS, VLCS, OfficeHome, ...)."""
+    root = _require_dir(cfg.path, "the domainbed dataset")
+    samples = []
+    for dom in sorted(d for d in root.iterdir() if d.is_dir()):
+        for cls in sorted(c for c in dom.iterdir() if c.is_dir()):
+            for f in _images_in(cls):
+                samples.append(Sample(f.relative_to(root).as_posix(), cls.name, dom.name, "train", f.stat().st_size))
+    return ImageDataset("domainbed", root, _limit(samples, cfg.max_per_class))
+
+
+@DATASETS.register("folder")
+def folder(cfg: DatasetConfig) -> ImageDataset:
+    """Flat layout ``root/class/image``: one domain, named after the root folder."""
+    root = _require_dir(cfg.path, "the folder dataset")
+    samples = []
+    for cls in sorted(c for c in root.iterdir() if c.is_dir()):
+        for f in _images_in(cls):
+            samples.append(Sample(f.relative_to(root).as_posix(), cls.name, root.name, "train", f.stat().st_size))
+    return ImageDataset("folder", root, _limit(samples, cfg.max_per_class))
+
+
+@DATASETS.register("csv")
+def csv_manifest(cfg: DatasetConfig) -> ImageDataset:
+    """CSV with header ``path,label[,domain][,split]``; paths relative to the CSV's folder."""
+    if not cfg.path or not Path(cfg.path).is_file():
+        raise DatasetError(f"CSV manifest {cfg.path} not found; set dataset.path to a CSV file with columns path,label")
+    csv_path = Path(cfg.path)
+    root = csv_path.parent
+    with open(csv_path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        cols = set(reader.fieldnames or [])
+        if not {"path", "label"} <= cols:
+            raise DatasetError(f"CSV manifest {csv_path} has columns {sorted(cols)}; it needs at least path,label")
+        samples = []
+        for row in reader:
+            rel = row["path"]
+            f = Path(rel) if Path(rel).is_absolute() else root / rel
+            size = f.stat().st_size if f.is_file() else -1
+            samples.append(Sample(rel, str(row["label"]), row.get("domain") or csv_path.stem,
+                                  row.get("split") or "train", size))
+    return ImageDataset("csv", root, _limit(samples, cfg.max_per_class))
+
+
+# --- synthetic: coloured shapes whose domains differ in style (no files, no download) ---------
+SYNTH_CLASSES = ["circle", "square", "triangle", "cross", "ring", "diamond", "bar", "star"]
+SYNTH_DOMAINS = ["solid", "outline", "noisy", "inverted"]
+
+
+def _draw_shape(draw, shape: str, cx: float, cy: float, r: float, fill, width: Optional[int]):
+    kw = {"outline": fill, "width": width} if width else {"fill": fill}
+    box = [cx - r, cy - r, cx + r, cy + r]
+    if shape == "circle":
+        draw.ellipse(box, **kw)
+    elif shape == "square":
+        draw.rectangle(box, **kw)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], **kw)
+    elif shape == "diamond":
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], **kw)
+    elif shape == "star":
+        pts = [(cx + (r if k % 2 == 0 else r / 2.5) * math.cos(math.pi * k / 5 - math.pi / 2),
+                cy + (r if k % 2 == 0 else r / 2.5) * math.sin(math.pi * k / 5 - math.pi / 2)) for k in range(10)]
+        draw.polygon(pts, **kw)
+    elif shape == "cross":
+        t = r / 3
+        draw.rectangle([cx - t, cy - r, cx + t, cy + r], fill=fill)
+        draw.rectangle([cx - r, cy - t, cx + r, cy + t], fill=fill)
+    elif shape == "ring":
+        draw.ellipse(box, outline=fill, width=max(2, int(r / 3)))
+    elif shape == "bar":
+        draw.rectangle([cx - r, cy - r / 4, cx + r, cy + r / 4], fill=fill)
+
+
+def synthetic_image(seed: int, index: int, shape: str, domain: str, size: int) -> Image.Image:
+    """Deterministic image of one shape in one domain style, from (seed, index) alone."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng([seed, index])
+    bg = tuple(int(v) for v in rng.integers(0, 90, 3))
+    fg = tuple(int(v) for v in rng.integers(150, 256, 3))
+    if domain == "noisy":
+        arr = rng.integers(0, 120, (size, size, 3), dtype=np.uint8)
+        im = Image.fromarray(arr)
+    else:
+        im = Image.new("RGB", (size, size), bg)
+    draw = ImageDraw.Draw(im)
+    r = size * rng.uniform(0.2, 0.35)
+    cx, cy = size / 2 + rng.uniform(-0.12, 0.12) * size, size / 2 + rng.uniform(-0.12, 0.12) * size
+    _draw_shape(draw, shape, cx, cy, r, fg, max(2, size // 24) if domain == "outline" else None)
+    if domain == "inverted":
+        im = Image.fromarray(255 - np.asarray(im))
+    return im
+
+
+@DATASETS.register("synthetic")
+def synthetic(cfg: DatasetConfig) -> ImageDataset:
+    """Seeded shapes: ``num_classes`` shapes x ``num_domains`` styles x ``per_class`` images."""
+    if not 1 <= cfg.num_classes <= len(SYNTH_CLASSES) or not 1 <= cfg.num_domains <= len(SYNTH_DOMAINS):
+        raise DatasetError(f"synthetic data has up to {len(SYNTH_CLASSES)} classes and {len(SYNTH_DOMAINS)} domains; "
+                           f"got {cfg.num_classes} and {cfg.num_domains}")
+    classes, domains = SYNTH_CLASSES[:cfg.num_classes], SYNTH_DOMAINS[:cfg.num_domains]
+    samples = [Sample(f"{d}/{c}/{k:05d}.png", c, d, "train", 0)
+               for d in domains for c in classes for k in range(cfg.per_class)]
+    samples = _limit(samples, cfg.max_per_class)
+
+    def load(i: int) -> Image.Image:
+        s = samples[i]
+        return synthetic_image(cfg.seed, i, s.class_name, s.domain, cfg.image_size)
+
+    extra = {"seed": cfg.seed, "image_size": cfg.image_size, "generator": 1}
+    return ImageDataset("synthetic", None, samples, loader=load, extra_fingerprint=extra)
+
+
+def build_dataset(cfg: DatasetConfig) -> ImageDataset:
+    return DATASETS.get(cfg.name)(cfg)

@@ -1,0 +1,205 @@
+"""Storage backends: the few operations the store contract needs, for Zarr v3 and HDF5.
+
+Arrays are addressed by slash paths ("image/emb"), written in whole-row slabs and read whole.
+Blobs are small byte strings (parquet tables, per-block failure records): files inside a Zarr
+store's folder, uint8 datasets inside an HDF5 file. Attributes hold JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from .._registry import Registry
+
+BACKENDS = Registry("store backend")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+@BACKENDS.register("zarr")
+class ZarrBackend:
+    """A folder: zarr v3 group + ``meta.parquet`` / ``text.parquet`` files beside ``zarr.json``."""
+    multi_writer = True  # disjoint chunk-aligned row blocks can be written by separate processes
+
+    def __init__(self, path: str, mode: str = "r"):
+        import zarr
+
+        self.path = Path(path)
+        self.mode = mode
+        self.group = zarr.open_group(str(self.path), mode="r" if mode == "r" else "a")
+
+    @staticmethod
+    def exists(path: str) -> bool:
+        return (Path(path) / "zarr.json").is_file()
+
+    @classmethod
+    def create_atomic(cls, path: str, init) -> bool:
+        """Build a new store in a temporary folder with ``init(backend)``, then rename it into
+        place, so concurrent workers never see half a store. False if another worker won."""
+        import shutil
+
+        target = Path(path)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.creating")
+        b = cls(str(tmp), "a")
+        init(b)
+        b.close()
+        try:
+            os.rename(tmp, target)
+            return True
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if cls.exists(path):
+                return False
+            raise
+
+    def create_array(self, name: str, shape: Sequence[int], dtype, chunks: Sequence[int]) -> None:
+        parent, _, leaf = name.rpartition("/")
+        g = self.group.require_group(parent) if parent else self.group
+        g.create_array(leaf, shape=tuple(shape), dtype=np.dtype(dtype), chunks=tuple(chunks), fill_value=0)
+
+    def has(self, name: str) -> bool:
+        try:
+            self.group[name]
+            return True
+        except KeyError:
+            return False
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self.group[name].shape)
+
+    def chunks(self, name: str) -> tuple:
+        return tuple(self.group[name].chunks)
+
+    def write(self, name: str, start: int, data: np.ndarray) -> None:
+        self.group[name][start:start + len(data)] = data
+
+    def read(self, name: str, start: Optional[int] = None, stop: Optional[int] = None) -> np.ndarray:
+        return self.group[name][start:stop]
+
+    def set_attr(self, key: str, value: Any) -> None:
+        self.group.attrs[key] = json.loads(json.dumps(value))
+
+    def get_attr(self, key: str, default: Any = None) -> Any:
+        return self.group.attrs.get(key, default)
+
+    def put_blob(self, name: str, data: bytes) -> None:
+        _atomic_write(self.path / name, data)
+
+    def get_blob(self, name: str) -> Optional[bytes]:
+        p = self.path / name
+        return p.read_bytes() if p.is_file() else None
+
+    def list_blobs(self, prefix: str) -> list:
+        folder = self.path / prefix
+        return sorted(f"{prefix}/{p.name}" for p in folder.iterdir()) if folder.is_dir() else []
+
+    def flush(self) -> None:
+        pass
+
+    def disk_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+
+    def close(self) -> None:
+        pass
+
+
+@BACKENDS.register("hdf5")
+class HDF5Backend:
+    """One .h5 file; blobs are uint8 datasets under ``_blobs/``. One writer process at a time."""
+    multi_writer = False
+
+    def __init__(self, path: str, mode: str = "r"):
+        import h5py
+
+        self.path = Path(path)
+        self.mode = mode
+        self.file = h5py.File(self.path, "r" if mode == "r" else "a")
+
+    @staticmethod
+    def exists(path: str) -> bool:
+        return Path(path).is_file()
+
+    @classmethod
+    def create_atomic(cls, path: str, init) -> bool:
+        target = Path(path)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.creating")
+        b = cls(str(tmp), "a")
+        init(b)
+        b.close()
+        if target.exists():
+            tmp.unlink()
+            return False
+        os.replace(tmp, target)
+        return True
+
+    def create_array(self, name: str, shape: Sequence[int], dtype, chunks: Sequence[int]) -> None:
+        self.file.create_dataset(name, shape=tuple(shape), dtype=np.dtype(dtype), chunks=tuple(chunks), fillvalue=0)
+
+    def has(self, name: str) -> bool:
+        return name in self.file
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self.file[name].shape)
+
+    def chunks(self, name: str) -> tuple:
+        return tuple(self.file[name].chunks)
+
+    def write(self, name: str, start: int, data: np.ndarray) -> None:
+        self.file[name][start:start + len(data)] = data
+
+    def read(self, name: str, start: Optional[int] = None, stop: Optional[int] = None) -> np.ndarray:
+        ds = self.file[name]
+        if start is None and stop is None:
+            out = np.empty(ds.shape, ds.dtype)
+            if out.size:
+                ds.read_direct(out)
+            return out
+        return ds[start:stop]
+
+    def set_attr(self, key: str, value: Any) -> None:
+        self.file.attrs[key] = json.dumps(value)
+
+    def get_attr(self, key: str, default: Any = None) -> Any:
+        raw = self.file.attrs.get(key)
+        return default if raw is None else json.loads(raw)
+
+    def put_blob(self, name: str, data: bytes) -> None:
+        key = f"_blobs/{name}"
+        if key in self.file:
+            del self.file[key]
+        self.file.create_dataset(key, data=np.frombuffer(data, dtype=np.uint8))
+        self.file.flush()
+
+    def get_blob(self, name: str) -> Optional[bytes]:
+        key = f"_blobs/{name}"
+        return self.file[key][()].tobytes() if key in self.file else None
+
+    def list_blobs(self, prefix: str) -> list:
+        key = f"_blobs/{prefix}"
+        return sorted(f"{prefix}/{n}" for n in self.file[key]) if key in self.file else []
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def disk_bytes(self) -> int:
+        return self.path.stat().st_size
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+def backend_name_for(path: str, backend: Optional[str] = None) -> str:
+    if backend:
+        return BACKENDS.get(backend) and backend
+    return "hdf5" if str(path).endswith((".h5", ".hdf5")) else "zarr"

@@ -1,0 +1,11 @@
+"""Teachers (a registry): ``build_teacher(cfg)`` returns a loaded teacher."""
+from ..config import TeacherConfig
+from ._base import TEACHERS, Teacher, resolve_device
+from . import conse, open_clip  # noqa: F401  (registers them)
+
+
+def build_teacher(cfg: TeacherConfig) -> Teacher:
+    return TEACHERS.get(cfg.name)(cfg)
+
+
+__all__ = ["TEACHERS", "Teacher", "build_teacher", "resolve_device"]

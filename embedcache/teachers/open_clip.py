@@ -1,0 +1,101 @@
+"""open_clip teachers: built-in names with a pretrained tag, 'hf-hub:' names, 'local-dir:' folders,
+or a local weights file. Normalisation, input size and interpolation come from the model."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+import torch.nn.functional as F
+
+from ..config import TeacherConfig
+from ..errors import TeacherLoadError
+from ._base import TEACHERS, Teacher, file_sha256, resolve_device
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def _load_hint() -> str:
+    return ("without a model hub, pass local weights (--set teacher.pretrained=/path/weights.safetensors, "
+            "or teacher.model=local-dir:/folder) or use the offline teacher (--set teacher.name=conse)")
+
+
+@TEACHERS.register("open_clip")
+class OpenClipTeacher(Teacher):
+    registry_name = "open_clip"
+
+    def __init__(self, cfg: TeacherConfig):
+        import open_clip
+
+        if not cfg.model:
+            raise TeacherLoadError("open_clip teacher needs teacher.model (e.g. ViT-B-16, hf-hub:org/repo, local-dir:/path)")
+        self.model_name, self.pretrained, self.precision = cfg.model, cfg.pretrained, cfg.precision
+        self.device = resolve_device(cfg.device)
+        self._config_hash, self._config_path = None, cfg.model_config
+        if cfg.model_config:
+            cfg_path = Path(cfg.model_config)
+            if not cfg_path.is_file():
+                raise TeacherLoadError(f"teacher.model_config {cfg_path} not found; give a JSON architecture file")
+            open_clip.add_model_config(cfg_path)
+            self._config_hash = file_sha256(cfg_path)
+        if self.pretrained is None:
+            torch.manual_seed(0)  # random weights, but the same ones every time
+        try:
+            model = open_clip.create_model(
+                self.model_name, pretrained=self.pretrained, precision=self.precision, device=self.device,
+                require_pretrained=self.pretrained is not None or self.model_name.startswith(("hf-hub:", "local-dir:")),
+                weights_only=True)
+            self.tokenizer = open_clip.get_tokenizer(self.model_name)
+        except Exception as exc:  # open_clip raises many types; the user needs one line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TeacherLoadError(
+                f"could not load open_clip model {self.model_name!r} with weights {self.pretrained!r} ({first}); "
+                + _load_hint()) from exc
+        self.model = model.eval()
+        pp = open_clip.get_model_preprocess_cfg(model)
+        size = pp.get("size", 224)
+        self.input_size = int(size if isinstance(size, int) else size[0])
+        self.mean = tuple(float(v) for v in pp.get("mean", (0.48145466, 0.4578275, 0.40821073)))
+        self.std = tuple(float(v) for v in pp.get("std", (0.26862954, 0.26130258, 0.27577711)))
+        self.interpolation = "bilinear" if pp.get("interpolation") == "bilinear" else "bicubic"
+        self.context_length = int(getattr(self.tokenizer, "context_length", 77))
+        with torch.no_grad():
+            self.embed_dim = int(self.encode_text(["a"]).shape[-1])
+        self._dtype = next(self.model.parameters()).dtype
+
+    def _weights_identity(self) -> Any:
+        if self.model_name.startswith("local-dir:"):
+            folder = Path(self.model_name[len("local-dir:"):])
+            files = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES or p.name == "open_clip_config.json")
+            return {p.name: file_sha256(p) for p in files}
+        if self.pretrained and Path(self.pretrained).is_file():
+            return {"file_sha256": file_sha256(Path(self.pretrained))}
+        return self.pretrained  # a tag ('openai', 'laion2b_s34b_b79k'), an hf-hub name, or None (random)
+
+    def identity(self) -> Dict[str, Any]:
+        return {"name": self.registry_name, "model": self.model_name if not self.model_name.startswith("local-dir:") else "local-dir",
+                "pretrained": self._weights_identity(), "model_config_sha256": self._config_hash,
+                "precision": self.precision}
+
+    def describe(self) -> Dict[str, Any]:
+        # the path to reload from is recorded for humans and helpers, but kept out of the key
+        return {**super().describe(), "source": {"model": self.model_name, "pretrained": self.pretrained,
+                                                 "model_config": self._config_path}}
+
+    @torch.no_grad()
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.model.encode_image(x.to(self.device, self._dtype, non_blocking=True))
+        return F.normalize(feats.float(), dim=-1).cpu()
+
+    @torch.no_grad()
+    def encode_text(self, texts: List[str]) -> torch.Tensor:
+        tokens = self.tokenizer(texts).to(self.device)
+        return F.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu()
+
+    def count_tokens(self, texts: List[str]) -> List[int]:
+        tok = self.tokenizer
+        if hasattr(tok, "encode") and hasattr(tok, "sot_token_id"):  # open_clip's SimpleTokenizer
+            return [len(tok.encode(t)) + 2 for t in texts]
+        if hasattr(tok, "tokenizer"):  # HFTokenizer wraps a transformers tokenizer
+            return [len(ids) for ids in tok.tokenizer(list(texts))["input_ids"]]
+        raise TeacherLoadError(f"cannot count tokens for tokenizer {type(tok).__name__}")

@@ -1,0 +1,123 @@
+"""Text sources (a registry): the prompts that describe each class, and their teacher embeddings.
+
+Each source turns the class names into a list of prompts per class. Every prompt is embedded and
+kept, and the class embedding is the mean of its L2-normalised prompt embeddings, renormalised.
+Prompts longer than the teacher's context are truncated by its tokenizer; that is recorded per
+prompt (``n_tokens``, ``truncated``) and reported, never silent.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Dict, List, Sequence
+
+import numpy as np
+import pandas as pd
+
+from ._registry import Registry
+from .config import TextConfig
+from .errors import ConfigError
+
+TEXT_SOURCES = Registry("text source")
+Prompts = List[List[str]]  # prompts[c] = the prompts of class c
+
+
+def display_name(class_name: str) -> str:
+    return class_name.replace("_", " ").strip()
+
+
+def _bundled(kind: str, name: str, suffix: str) -> str:
+    path = Path(name)
+    if path.is_file():
+        return path.read_text()
+    res = resources.files("embedcache.data").joinpath(kind, f"{name}{suffix}")
+    if not res.is_file():
+        avail = sorted(p.name[: -len(suffix)] for p in resources.files("embedcache.data").joinpath(kind).iterdir()
+                       if p.name.endswith(suffix))
+        raise ConfigError(f"{kind} {name!r} is neither a file nor bundled; bundled: {', '.join(avail)}")
+    return res.read_text()
+
+
+def load_templates(name: str) -> List[str]:
+    lines = [ln.strip() for ln in _bundled("templates", name, ".txt").splitlines()]
+    templates = [ln for ln in lines if ln and not ln.startswith("#")]
+    bad = [t for t in templates if "{}" not in t]
+    if bad or not templates:
+        raise ConfigError(f"template file {name!r} needs one template per line with a {{}} slot; bad line: {bad[:1]}")
+    return templates
+
+
+@TEXT_SOURCES.register("name")
+def name_source(classes: Sequence[str], cfg: TextConfig) -> Prompts:
+    """One prompt per class: "a photo of a {c}."."""
+    return [[f"a photo of a {display_name(c)}."] for c in classes]
+
+
+@TEXT_SOURCES.register("templates")
+def templates_source(classes: Sequence[str], cfg: TextConfig) -> Prompts:
+    """A template ensemble (CLIP's 80 ImageNet templates, a short 7, or a file)."""
+    templates = load_templates(cfg.templates)
+    return [[t.format(display_name(c)) for t in templates] for c in classes]
+
+
+@TEXT_SOURCES.register("attributes")
+def attributes_source(classes: Sequence[str], cfg: TextConfig) -> Prompts:
+    """Language enrichment (Li et al. 2023): "a photo of a {c}, {description}" per description."""
+    if not cfg.attributes:
+        raise ConfigError("text source 'attributes' needs text.attributes (bundled: pacs, synthetic; or a JSON file)")
+    table: Dict[str, List[str]] = json.loads(_bundled("attributes", cfg.attributes, ".json"))
+    missing = [c for c in classes if not table.get(c)]
+    if missing:
+        raise ConfigError(f"attributes {cfg.attributes!r} have no descriptions for class {missing[0]!r}; add them to the JSON file")
+    return [[f"a photo of a {display_name(c)}, {d}" for d in table[c]] for c in classes]
+
+
+def build_prompts(classes: Sequence[str], cfg: TextConfig) -> Dict[str, Prompts]:
+    return {src: TEXT_SOURCES.get(src)(classes, cfg) for src in cfg.sources}
+
+
+def prompts_digest(prompts: Dict[str, Prompts]) -> str:
+    """Hash of every prompt of every source: the text part of the cache key."""
+    return hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def aggregate(prompt_emb: np.ndarray, prompt_class: np.ndarray, num_classes: int) -> np.ndarray:
+    """(P, D) prompt embeddings + (P,) class index -> (C, D) float32 class embeddings:
+    mean of the L2-normalised prompt embeddings of each class, L2-normalised again."""
+    e = prompt_emb.astype(np.float32)
+    e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    out = np.zeros((num_classes, e.shape[1]), dtype=np.float32)
+    np.add.at(out, prompt_class, e)
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+
+@dataclass
+class TextTable:
+    """One source: ``frame`` has one row per prompt (label, class_name, prompt, n_tokens,
+    truncated); ``emb`` (P, D) float32 and ``class_emb`` (C, D) float32 are L2-normalised."""
+    source: str
+    frame: pd.DataFrame
+    emb: np.ndarray
+    class_emb: np.ndarray
+
+
+def encode_sources(encode: Callable[[List[str]], np.ndarray], count_tokens: Callable[[List[str]], List[int]],
+                   context_length: int, classes: Sequence[str], prompts: Dict[str, Prompts]) -> Dict[str, TextTable]:
+    tables = {}
+    for src, per_class in prompts.items():
+        flat = [p for ps in per_class for p in ps]
+        labels = np.array([c for c, ps in enumerate(per_class) for _ in ps], dtype=np.int64)
+        n_tok = np.array(count_tokens(flat), dtype=np.int64)
+        truncated = n_tok > context_length
+        if truncated.any():
+            warnings.warn(f"text source {src!r}: {int(truncated.sum())} of {len(flat)} prompts exceed the teacher's "
+                          f"{context_length}-token context and were truncated (see text.parquet, column truncated)")
+        emb = np.concatenate([np.asarray(encode(flat[i:i + 256]), dtype=np.float32) for i in range(0, len(flat), 256)])
+        frame = pd.DataFrame({"source": src, "label": labels, "class_name": [classes[c] for c in labels],
+                              "prompt": flat, "n_tokens": n_tok, "truncated": truncated})
+        tables[src] = TextTable(src, frame, emb, aggregate(emb, labels, len(classes)))
+    return tables

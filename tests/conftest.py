@@ -1,0 +1,76 @@
+"""Shared fixtures: a tiny randomly initialised open_clip teacher saved to local files and loaded
+through the same path users use, configs on temporary folders, and the PACS copy when present."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach a hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+PACS = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "pacs"
+
+
+def save_tiny_clip(folder: Path, seed: int = 0) -> Path:
+    """A random tiny open_clip model as open_clip's local-dir layout (config + safetensors)."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**TINY_CLIP)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP, "preprocess_cfg": {
+        "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "interpolation": "bicubic"}}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_cfg(tiny_clip_dir):
+    from embedcache.config import TeacherConfig
+
+    return TeacherConfig(name="open_clip", model=f"local-dir:{tiny_clip_dir}", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tiny_teacher_cfg):
+    from embedcache.teachers import build_teacher
+
+    return build_teacher(tiny_teacher_cfg)
+
+
+@pytest.fixture
+def make_cfg(tmp_path, tiny_teacher_cfg):
+    """make_cfg(out_name, overrides...) -> ExtractConfig on synthetic data with the tiny teacher."""
+    from embedcache.config import apply_overrides, load_extract_config, to_dict, ExtractConfig, _build
+
+    def make(out: str = "s.zarr", *overrides: str):
+        base = to_dict(ExtractConfig())
+        base["teacher"] = to_dict(tiny_teacher_cfg)
+        base.update({"out": str(tmp_path / out), "progress": False, "num_workers": 0, "batch_size": 4,
+                     "block_rows": 8})
+        base["dataset"].update({"name": "synthetic", "num_classes": 3, "num_domains": 2, "per_class": 5,
+                                "image_size": 40})
+        base["views"]["count"] = 3
+        base["canvas"]["size"] = 48
+        return _build(ExtractConfig, apply_overrides(base, overrides))
+
+    return make
+
+
+def quiet(_msg: str) -> None:
+    pass

@@ -1,0 +1,44 @@
+from pathlib import Path
+
+import pytest
+
+from embedcache._registry import Registry
+from embedcache.config import ExtractConfig, load_extract_config
+from embedcache.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_registry_rejects_duplicates_and_lists_names():
+    reg = Registry("thing")
+
+    @reg.register("a")
+    def a():
+        return 1
+
+    with pytest.raises(ValueError, match="duplicate thing name 'a'"):
+        reg.register("a")(lambda: 2)
+    assert reg.get("a") is a and reg.get(a) is a
+    with pytest.raises(KeyError, match="unknown thing 'b'; available: a"):
+        reg.get("b")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "extract").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_configs_load(path):
+    cfg = load_extract_config(str(path))
+    assert isinstance(cfg, ExtractConfig) and cfg.out
+
+
+def test_overrides_follow_structure_and_parse_values():
+    cfg = load_extract_config(str(ROOT / "configs/extract/demo.yaml"),
+                              ["views.count=5", "teacher.name=open_clip", "views.scale=[0.5, 1.0]",
+                               "text.sources=name,templates", "dataset.max_per_class=2"])
+    assert cfg.views.count == 5 and cfg.teacher.name == "open_clip" and cfg.views.scale == (0.5, 1.0)
+    assert cfg.text.sources == ("name", "templates") and cfg.dataset.max_per_class == 2
+
+
+def test_unknown_key_is_one_line_listing_valid_keys():
+    with pytest.raises(ConfigError, match=r"unknown config key views\.cuont; valid keys under views\.: count, flip"):
+        load_extract_config(None, ["views.cuont=3"])
+    with pytest.raises(ConfigError, match="not key=value"):
+        load_extract_config(None, ["views.count"])

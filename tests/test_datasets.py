@@ -1,0 +1,84 @@
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from embedcache.config import DatasetConfig
+from embedcache.datasets import DATASETS, build_dataset
+from embedcache.errors import DatasetError
+
+
+def _make_domainbed(root, domains=("art", "photo"), classes=("cat", "dog"), n=3):
+    for d in domains:
+        for c in classes:
+            (root / d / c).mkdir(parents=True)
+            for k in range(n):
+                Image.fromarray(np.full((20, 30, 3), 10 * k + len(c), np.uint8)).save(root / d / c / f"{k}.png")
+    return root
+
+
+def test_domainbed_layout(tmp_path):
+    ds = build_dataset(DatasetConfig(name="domainbed", path=str(_make_domainbed(tmp_path / "db"))))
+    assert len(ds) == 12 and ds.classes == ["cat", "dog"] and ds.domains == ["art", "photo"]
+    df = ds.frame()
+    assert list(df.columns) == ["index", "path", "class_name", "label", "domain", "split"]
+    assert df.loc[df.class_name == "dog", "label"].eq(1).all()
+    assert ds.load(0).size == (30, 20)
+
+
+def test_fingerprint_ignores_location_but_not_labels(tmp_path):
+    a = _make_domainbed(tmp_path / "a")
+    b = tmp_path / "elsewhere" / "b"
+    shutil.copytree(a, b)
+    fa = build_dataset(DatasetConfig(name="domainbed", path=str(a))).fingerprint()
+    assert fa == build_dataset(DatasetConfig(name="domainbed", path=str(b))).fingerprint()
+    (b / "art" / "cat" / "0.png").rename(b / "art" / "dog" / "9.png")  # a relabelled image
+    assert fa != build_dataset(DatasetConfig(name="domainbed", path=str(b))).fingerprint()
+
+
+def test_folder_and_csv(tmp_path):
+    root = _make_domainbed(tmp_path / "db", domains=("only",))
+    flat = build_dataset(DatasetConfig(name="folder", path=str(root / "only")))
+    assert len(flat) == 6 and flat.domains == ["only"]
+    csv = tmp_path / "db" / "list.csv"
+    csv.write_text("path,label,domain,split\nonly/cat/0.png,cat,d1,train\nonly/dog/1.png,dog,d2,val\n")
+    ds = build_dataset(DatasetConfig(name="csv", path=str(csv)))
+    assert [s.split for s in ds.samples] == ["train", "val"] and ds.domains == ["d1", "d2"]
+    assert np.asarray(ds.load(1)).shape == (20, 30, 3)
+
+
+def test_max_per_class(tmp_path):
+    ds = build_dataset(DatasetConfig(name="domainbed", path=str(_make_domainbed(tmp_path / "db")), max_per_class=1))
+    assert len(ds) == 4
+
+
+@pytest.mark.parametrize("name", ["domainbed", "folder"])
+def test_missing_or_empty_folder_is_a_clear_error(tmp_path, name):
+    with pytest.raises(DatasetError, match="does not exist; check dataset.path"):
+        build_dataset(DatasetConfig(name=name, path=str(tmp_path / "nope")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="holds no images"):
+        build_dataset(DatasetConfig(name=name, path=str(tmp_path / "empty")))
+
+
+def test_csv_missing_columns(tmp_path):
+    (tmp_path / "x.csv").write_text("file,cls\na.png,cat\n")
+    with pytest.raises(DatasetError, match="needs at least path,label"):
+        build_dataset(DatasetConfig(name="csv", path=str(tmp_path / "x.csv")))
+
+
+def test_unknown_dataset_lists_registry():
+    with pytest.raises(KeyError, match="unknown dataset 'imagenet'; available: csv, domainbed, folder, synthetic"):
+        build_dataset(DatasetConfig(name="imagenet"))
+
+
+def test_synthetic_is_seeded():
+    a = build_dataset(DatasetConfig(name="synthetic", seed=1))
+    b = build_dataset(DatasetConfig(name="synthetic", seed=1))
+    c = build_dataset(DatasetConfig(name="synthetic", seed=2))
+    assert np.array_equal(np.asarray(a.load(5)), np.asarray(b.load(5)))
+    assert not np.array_equal(np.asarray(a.load(5)), np.asarray(c.load(5)))
+    assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+    assert len(a.domains) == 3 and len(a.classes) == 4
+    assert set(DATASETS.names()) >= {"synthetic", "csv", "folder", "domainbed"}

@@ -1,0 +1,83 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from embedcache.config import TextConfig
+from embedcache.errors import ConfigError
+from embedcache.text import TEXT_SOURCES, aggregate, build_prompts, encode_sources, load_templates
+from embedcache.views import make_canvas, render_views, view_params
+
+
+def test_canvas_resizes_shorter_side_and_centre_crops():
+    img = np.zeros((40, 80, 3), np.uint8)
+    img[:, 20:60] = 255  # the centre 40 columns are white
+    c = make_canvas(Image.fromarray(img), 20)
+    assert c.shape == (20, 20, 3) and c.dtype == np.uint8
+    assert c[:, 2:18].min() > 200  # the white centre fills the canvas, the black sides are cropped
+
+
+def test_view_params_are_seeded_bounded_and_view0_is_whole():
+    p = view_params(seed=3, index=7, count=6, canvas=64)
+    assert p.shape == (6, 5) and p.dtype == np.int32
+    assert tuple(p[0]) == (0, 0, 64, 64, 0)
+    top, left, h, w, flip = p[1:].T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 64).all() and (left + w <= 64).all()
+    assert set(flip) <= {0, 1}
+    assert np.array_equal(p, view_params(3, 7, 6, 64))
+    assert not np.array_equal(p, view_params(3, 8, 6, 64))
+    # adding views never changes the earlier ones (each view has its own generator)
+    assert np.array_equal(p, view_params(3, 7, 9, 64)[:6])
+
+
+def test_render_matches_direct_crop_resize_flip():
+    rng = np.random.default_rng(0)
+    canvas = torch.from_numpy(rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8))
+    params = torch.tensor([[[0, 0, 32, 32, 0], [4, 6, 16, 20, 1]], [[2, 3, 28, 12, 0], [0, 0, 32, 32, 1]]])
+    out = render_views(canvas, params, 16)
+    assert out.shape == (2, 2, 3, 16, 16) and out.dtype == torch.float32
+    t, l, h, w, _ = params[0, 1].tolist()
+    ref = canvas[0, t:t + h, l:l + w].permute(2, 0, 1)[None].float() / 255
+    ref = F.interpolate(ref, size=(16, 16), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    assert torch.allclose(out[0, 1], ref[0].flip(-1), atol=1e-6)
+    # a whole-canvas view at the canvas size is the canvas itself
+    same = render_views(canvas, torch.tensor([[[0, 0, 32, 32, 0]]] * 2), 32)
+    assert torch.allclose(same[:, 0], canvas.permute(0, 3, 1, 2).float() / 255, atol=1e-5)
+
+
+def test_aggregate_matches_numpy_reference():
+    rng = np.random.default_rng(1)
+    emb = rng.normal(size=(7, 5)).astype(np.float32) * rng.uniform(0.5, 3, (7, 1))
+    cls = np.array([0, 0, 1, 2, 2, 2, 1])
+    got = aggregate(emb, cls, 3)
+    for c in range(3):
+        rows = emb[cls == c]
+        ref = (rows / np.linalg.norm(rows, axis=1, keepdims=True)).mean(0)
+        np.testing.assert_allclose(got[c], ref / np.linalg.norm(ref), rtol=1e-5)
+
+
+def test_bundled_templates_and_sources():
+    assert len(load_templates("openai80")) == 80 and len(set(load_templates("openai80"))) == 80
+    assert len(load_templates("short7")) == 7
+    prompts = build_prompts(["dog", "house_cat"], TextConfig(sources=("name", "templates"), templates="short7"))
+    assert prompts["name"] == [["a photo of a dog."], ["a photo of a house cat."]]
+    assert len(prompts["templates"][1]) == 7 and "house cat" in prompts["templates"][1][0]
+    pacs = TEXT_SOURCES.get("attributes")(["dog", "person"], TextConfig(attributes="pacs"))
+    assert len(pacs[0]) >= 3 and all(p.startswith("a photo of a dog, ") for p in pacs[0])
+
+
+def test_attributes_missing_class_and_unknown_set():
+    with pytest.raises(ConfigError, match="no descriptions for class 'zebra'"):
+        TEXT_SOURCES.get("attributes")(["dog", "zebra"], TextConfig(attributes="pacs"))
+    with pytest.raises(ConfigError, match="bundled: pacs, synthetic"):
+        TEXT_SOURCES.get("attributes")(["dog"], TextConfig(attributes="nope"))
+
+
+def test_truncation_is_recorded(tiny_teacher):
+    prompts = {"name": [["a photo of a dog."], ["a photo of a " + "very " * 40 + "long cat."]]}
+    with pytest.warns(UserWarning, match="1 of 2 prompts exceed"):
+        tabs = encode_sources(lambda t: tiny_teacher.encode_text(t).numpy(), tiny_teacher.count_tokens,
+                              tiny_teacher.context_length, ["dog", "cat"], prompts)
+    assert tabs["name"].frame["truncated"].tolist() == [False, True]
+    assert tabs["name"].emb.shape == (2, tiny_teacher.embed_dim)
