@@ -128,13 +128,13 @@ def build_manifest(cfg: ExtractConfig, dataset: ImageDataset, teacher: Teacher, 
 
 # --- writer -------------------------------------------------------------------------------------
 class BlockWriter(threading.Thread):
-    """Writes finished row blocks off the main thread; reports each block id once it is durable."""
+    """Writes finished row blocks off the main thread. After the first error it writes nothing
+    more; the main thread re-raises the error at its next ``check``."""
 
-    def __init__(self, store: Store, store_pixels: bool):
+    def __init__(self, store: Store, store_pixels: bool, on_block_done: Optional[Callable[[int], None]] = None):
         super().__init__(daemon=True)
-        self.store, self.store_pixels = store, store_pixels
+        self.store, self.store_pixels, self.on_block_done = store, store_pixels, on_block_done
         self.todo: "queue.Queue" = queue.Queue(maxsize=2)
-        self.done: "queue.Queue" = queue.Queue()
         self.error: Optional[BaseException] = None
 
     def run(self) -> None:
@@ -146,7 +146,8 @@ class BlockWriter(threading.Thread):
                 continue  # drain without writing after a failure
             try:
                 self._write(*item)
-                self.done.put(item[0])
+                if self.on_block_done is not None:
+                    self.on_block_done(item[0])  # an exception here stops the run like a crash would
             except BaseException as exc:
                 self.error = exc
 
@@ -251,7 +252,7 @@ def _run_blocks(cfg, dataset, teacher, store, layout, blocks, on_block_done, log
     loader = DataLoader(ViewReader(dataset, cfg), batch_sampler=batches, collate_fn=collate,
                         num_workers=cfg.num_workers, prefetch_factor=4 if cfg.num_workers > 0 else None,
                         persistent_workers=False, worker_init_fn=_one_thread)
-    writer = BlockWriter(store, layout["store_pixels"])
+    writer = BlockWriter(store, layout["store_pixels"], on_block_done)
     writer.start()
     total = sum(len(b) for b in batches)
     bar = tqdm(total=total, unit="img", desc=f"extract {os.path.basename(str(cfg.out))}", disable=not cfg.progress,
@@ -284,33 +285,20 @@ def _run_blocks(cfg, dataset, teacher, store, layout, blocks, on_block_done, log
                 writer.todo.put((blk, blk * br, np.concatenate(acc["emb"]), np.concatenate(acc["params"]),
                                  np.concatenate(acc["status"]),
                                  np.concatenate(acc["pixels"]) if acc["pixels"] else None, acc["failures"]))
-            _drain(writer, on_block_done)
-    except KeyboardInterrupt:
-        log("interrupted: finished blocks are kept; rerun the same command to resume")
-        raise
     finally:
         bar.close()
         writer.todo.put(None)
         writer.join()
-        _drain(writer, None)
-    writer.check()
-    if on_block_done is not None:
-        _drain(writer, on_block_done)
+    try:
+        writer.check()
+    except KeyboardInterrupt:
+        log("interrupted: finished blocks are kept; rerun the same command to resume")
+        raise
     return encoded, failed
 
 
 def _one_thread(_worker_id: int) -> None:
     torch.set_num_threads(1)  # workers decode and crop; the teacher keeps the other cores
-
-
-def _drain(writer: BlockWriter, on_block_done) -> None:
-    while True:
-        try:
-            blk = writer.done.get_nowait()
-        except queue.Empty:
-            return
-        if on_block_done is not None:
-            on_block_done(blk)
 
 
 def finalize(store: Store, dataset: ImageDataset, teacher: Teacher, prompts) -> int:

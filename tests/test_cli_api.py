@@ -1,0 +1,60 @@
+"""The CLI end to end on synthetic data, and the analyst API on the store it writes."""
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import embedcache
+from embedcache.cli import main
+
+
+@pytest.fixture(scope="module")
+def cli_store(tmp_path_factory, tiny_clip_dir):
+    out = tmp_path_factory.mktemp("cli") / "demo.zarr"
+    args = ["extract", "--config", "configs/extract/demo.yaml", "--out", str(out), "--no-progress",
+            "--set", "teacher.name=open_clip", "--set", f"teacher.model=local-dir:{tiny_clip_dir}",
+            "--set", "teacher.device=cpu", "--set", "num_workers=0", "--set", "dataset.per_class=3"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert "wrote" in res.output and "36 images encoded" in res.output
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0 and "already complete" in again.output
+    return out
+
+
+def test_inspect_summarises(cli_store):
+    res = CliRunner().invoke(main, ["inspect", str(cli_store)])
+    assert res.exit_code == 0, res.output
+    for word in ("open_clip", "images", "36", "outline (12)", "templates (28 prompts)", "disk_mb"):
+        assert word in res.output
+    js = json.loads(CliRunner().invoke(main, ["inspect", str(cli_store), "--json"]).output)
+    assert js["views"] == 3 and js["classes"] == 4 and js["failed"] == 0
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    res = CliRunner().invoke(main, ["extract", "--config", "configs/extract/demo.yaml", "--out", str(tmp_path / "x.zarr"),
+                                    "--set", "dataset.name=domainbed", "--set", f"dataset.path={tmp_path / 'missing'}"])
+    assert res.exit_code == 2 and res.output.strip().count("\n") == 0
+    assert "does not exist; check dataset.path" in res.output
+    res = CliRunner().invoke(main, ["extract", "--config", "configs/extract/demo.yaml", "--set", "viewz.count=2"])
+    assert res.exit_code == 2 and "unknown config key viewz" in res.output
+
+
+def test_open_store_frames_and_neighbours(cli_store, tiny_teacher):
+    s = embedcache.open_store(str(cli_store))
+    df = s.frame(embeddings=True)
+    assert len(df) == 36 and df["emb"].iloc[0].shape == (s.layout["dim"],)
+    # nearest classes of an image embedding: brute force over the class embeddings
+    e = s.image_emb(0).astype(np.float32)
+    ref = np.argsort(-(s.class_emb("name") @ e[5]))[:3]
+    assert s.nearest_classes(5, k=3)["label"].tolist() == ref.tolist()
+    # a text query is embedded by the store's own teacher, reloaded from the manifest
+    hits = s.nearest_images("a photo of a circle.", k=4)
+    q = tiny_teacher.encode_text(["a photo of a circle."]).numpy()[0]
+    assert hits["index"].tolist() == np.argsort(-(e @ q), kind="stable")[:4].tolist()
+    assert hits["score"].is_monotonic_decreasing
+    with pytest.raises(embedcache.EmbedcacheError, match="no text source 'colours'"):
+        s.class_emb("colours")
+    with pytest.raises(embedcache.EmbedcacheError, match="dimension 3"):
+        s.nearest_images(np.ones(3))

