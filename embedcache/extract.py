@@ -60,20 +60,27 @@ class ViewReader(torch.utils.data.Dataset):
 
 @dataclass
 class ViewCollate:
-    """Batches items and renders the teacher's input for each view of each readable image."""
+    """Batches items. With ``render`` it also renders the teacher's input for each view of each
+    readable image (CPU teachers); without, the main process renders them on the GPU."""
     input_size: int
     interpolation: str
     mean: Tuple[float, ...]
     std: Tuple[float, ...]
+    render: bool = True
 
     def __call__(self, items):
         idx = torch.tensor([it[0] for it in items], dtype=torch.int64)
         canvas = torch.from_numpy(np.stack([it[1] for it in items]))
         params = torch.from_numpy(np.stack([it[2] for it in items]))
         errors = [it[3] for it in items]
+        x = self.views(canvas, params, errors) if self.render else None
+        return idx, canvas, params, errors, x
+
+    def views(self, canvas: torch.Tensor, params: torch.Tensor, errors: List[str]) -> torch.Tensor:
+        """(B_ok, V, 3, H, W) normalised teacher input for the rows without an error."""
         ok = torch.tensor([not e for e in errors])
         x = render_views(canvas[ok], params[ok], self.input_size, self.interpolation)
-        return idx, canvas, params, errors, normalize(x, self.mean, self.std)
+        return normalize(x, self.mean, self.std)
 
 
 # --- sharding -----------------------------------------------------------------------------------
@@ -248,10 +255,14 @@ def _run_blocks(cfg, dataset, teacher, store, layout, blocks, on_block_done, log
     batches = _batches(blocks, br, n, cfg.batch_size)
     if not batches:
         return 0, 0
-    collate = ViewCollate(teacher.input_size, teacher.interpolation, teacher.mean, teacher.std)
+    # On a GPU, cropping and resizing views in CPU workers caps the pipeline (measured on an H100
+    # host: ~440 images/s with 4 views and 15 workers, against 2,200 images/s for decoding alone),
+    # so workers ship uint8 canvases and the views are rendered on the device.
+    on_gpu = teacher.device.type == "cuda"
+    collate = ViewCollate(teacher.input_size, teacher.interpolation, teacher.mean, teacher.std, render=not on_gpu)
     loader = DataLoader(ViewReader(dataset, cfg), batch_sampler=batches, collate_fn=collate,
                         num_workers=cfg.num_workers, prefetch_factor=4 if cfg.num_workers > 0 else None,
-                        persistent_workers=False, worker_init_fn=_one_thread)
+                        persistent_workers=False, worker_init_fn=_one_thread, pin_memory=on_gpu)
     writer = BlockWriter(store, layout["store_pixels"], on_block_done)
     writer.start()
     total = sum(len(b) for b in batches)
@@ -265,6 +276,8 @@ def _run_blocks(cfg, dataset, teacher, store, layout, blocks, on_block_done, log
             ok = np.array([not e for e in errors])
             emb = np.zeros((len(idx), v, teacher.embed_dim), np.float16)
             if ok.any():
+                if x is None:
+                    x = collate.views(canvas.to(teacher.device, non_blocking=True), params, errors)
                 out = teacher.encode_image(x.flatten(0, 1))  # (B_ok * V, D)
                 emb[ok] = out.view(int(ok.sum()), v, -1).numpy().astype(np.float16)
             blk = int(idx[0]) // br

@@ -60,6 +60,16 @@ def test_open_clip_local_weights_file_with_a_json_architecture(tiny_clip_dir, tm
     assert t.mean != ref.mean == (0.5, 0.5, 0.5)
 
 
+def test_open_clip_bf16_weights_take_fp32_inputs(tiny_teacher_cfg, tiny_teacher):
+    from embedcache.config import replace
+
+    t = build_teacher(replace(tiny_teacher_cfg, precision="bf16"))
+    x = torch.rand(2, 3, t.input_size, t.input_size)
+    got = t.encode_image(x)
+    assert got.dtype == torch.float32 and t.identity()["precision"] == "bf16"
+    torch.testing.assert_close(got, tiny_teacher.encode_image(x), atol=0.05, rtol=0)
+
+
 def test_weights_that_cannot_be_fetched_name_the_alternatives():
     with pytest.raises(TeacherLoadError, match=r"could not load open_clip model 'ViT-B-32'.*teacher.pretrained=.*teacher.name=conse"):
         build_teacher(TeacherConfig(name="open_clip", model="ViT-B-32", pretrained="openai", device="cpu"))

@@ -65,7 +65,10 @@ class ZarrBackend:
     def create_array(self, name: str, shape: Sequence[int], dtype, chunks: Sequence[int]) -> None:
         parent, _, leaf = name.rpartition("/")
         g = self.group.require_group(parent) if parent else self.group
-        g.create_array(leaf, shape=tuple(shape), dtype=np.dtype(dtype), chunks=tuple(chunks), fill_value=0)
+        # write_empty_chunks: skip zarr's per-chunk "is it all fill value?" scan (1.4 s of a 10 s
+        # GPU extraction when measured); every chunk we write holds data.
+        g.create_array(leaf, shape=tuple(shape), dtype=np.dtype(dtype), chunks=tuple(chunks), fill_value=0,
+                       config={"write_empty_chunks": True})
 
     def has(self, name: str) -> bool:
         try:

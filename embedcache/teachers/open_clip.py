@@ -61,7 +61,10 @@ class OpenClipTeacher(Teacher):
         self.context_length = int(getattr(self.tokenizer, "context_length", 77))
         with torch.no_grad():
             self.embed_dim = int(self.encode_text(["a"]).shape[-1])
-        self._dtype = next(self.model.parameters()).dtype
+        # open_clip's bf16/fp16 modes convert conv and linear weights but keep embeddings and norms
+        # in fp32, so the input dtype is that of the first conv/linear layer, not of any parameter.
+        self._dtype = next(m.weight.dtype for m in self.model.visual.modules()
+                           if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
 
     def _weights_identity(self) -> Any:
         if self.model_name.startswith("local-dir:"):

@@ -1,0 +1,40 @@
+# embedcache: `make help` lists the targets.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch/torchvision pinned for CI and fresh machines (these two install from the build machine's disk);
+# pyproject keeps its own ranges loose for users who bring their own torch.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+CONFIG ?= configs/extract/demo.yaml
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install extract inspect test bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-9s %s\n", $$1, $$2}'
+	@echo "  variables: CONFIG=configs/extract/<name>.yaml  ARGS='--set views.count=2'  STORE=path"
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[offline,test]'
+	touch $@
+
+install: $(VENV)/.installed ## create .venv and install embedcache with the offline teacher and test tools
+
+extract: $(VENV)/.installed ## extract a store (CONFIG=..., default: the synthetic demo; ARGS for --set/--out)
+	$(VENV)/bin/embedcache extract --config $(CONFIG) $(ARGS)
+
+inspect: $(VENV)/.installed ## summarise a store (STORE=stores/demo.zarr)
+	$(VENV)/bin/embedcache inspect $(or $(STORE),stores/demo.zarr)
+
+test: $(VENV)/.installed ## run the test suite (CPU, no network)
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed ## run the benchmarks under bench/ (tables printed, JSON in bench/results/)
+	$(PY) bench/extract.py
+
+clean: ## remove stores/ and caches (keeps .venv)
+	rm -rf stores bench/results .pytest_cache
