@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from .config import ExtractConfig, to_dict
 from .datasets import ImageDataset, build_dataset
 from .errors import ConfigError, StoreError
-from .store import STATUS_FAILED, STATUS_OK, Store, cache_key, plan_layout
+from .store import SCHEMA_VERSION, STATUS_FAILED, STATUS_OK, Store, cache_key, plan_layout
 from .store._backend import BACKENDS, backend_name_for
 from .teachers import Teacher, build_teacher
 from .text import TextTable, build_prompts, encode_sources, prompts_digest
@@ -120,7 +120,7 @@ def build_manifest(cfg: ExtractConfig, dataset: ImageDataset, teacher: Teacher, 
         "text": {"sources": list(cfg.text.sources), "prompts": prompts_digest(prompts)},
     }
     return {
-        "schema": 1, "key": cache_key(key_parts), "complete": False,
+        "schema": SCHEMA_VERSION, "key": cache_key(key_parts), "complete": False,
         "teacher": teacher_desc,
         "dataset": {"name": dataset.name, "root": str(dataset.root) if dataset.root else None,
                     "fingerprint": dataset.fingerprint(), "n": len(dataset), "classes": dataset.classes,
@@ -228,6 +228,10 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None,
     prompts = build_prompts(dataset.classes, cfg.text)
     manifest = build_manifest(cfg, dataset, teacher, prompts)
     layout = plan_layout(len(dataset), cfg.views.count, teacher.embed_dim, cfg.canvas.size, cfg.canvas.store, cfg.block_rows)
+    for src, per_class in prompts.items():  # created with the store, so finishing shards never race to make them
+        n_prompts = sum(len(p) for p in per_class)
+        for name, shape in (("emb", [n_prompts, teacher.embed_dim]), ("class_emb", [len(per_class), teacher.embed_dim])):
+            layout["arrays"][f"text/{src}/{name}"] = {"shape": shape, "dtype": "float32", "chunks": shape}
     store = open_or_create(cfg, manifest, layout)
     try:
         if store.complete:
@@ -238,7 +242,10 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None,
         mine = [b for b in shard_blocks(layout["num_blocks"], shard, num_shards) if not done[b]]
         encoded, failed = _run_blocks(cfg, dataset, teacher, store, layout, mine, on_block_done, log)
         if store.blocks_done().all():
-            failed = finalize(store, dataset, teacher, prompts)
+            try:
+                failed = finalize(store, dataset, teacher, prompts)
+            except OSError as exc:
+                raise _storage_error(exc, store.path) from exc
             log(f"wrote {cfg.out}: {len(dataset)} images x {layout['views']} views, "
                 f"{failed} unreadable image(s) skipped (listed in meta.parquet)")
         else:
@@ -320,11 +327,8 @@ def finalize(store: Store, dataset: ImageDataset, teacher: Teacher, prompts) -> 
     tables: Dict[str, TextTable] = encode_sources(
         lambda t: teacher.encode_text(t).numpy(), teacher.count_tokens, teacher.context_length, dataset.classes, prompts)
     for src, tab in tables.items():
-        for name, arr in (("emb", tab.emb), ("class_emb", tab.class_emb)):
-            path = f"text/{src}/{name}"
-            if not b.has(path):
-                b.create_array(path, arr.shape, "float32", arr.shape)
-            b.write(path, 0, arr)
+        b.write(f"text/{src}/emb", 0, tab.emb)
+        b.write(f"text/{src}/class_emb", 0, tab.class_emb)
     b.put_blob("text.parquet", _parquet(pd.concat([t.frame for t in tables.values()], ignore_index=True)))
     meta = dataset.frame()
     status = b.read("image/status")
