@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from embedcache.config import DatasetConfig, ExtractConfig, TeacherConfig, TextConfig, ViewsConfig  # noqa: E402
 from embedcache.extract import extract  # noqa: E402
-from embedcache.store import Store, plan_layout  # noqa: E402
+from embedcache.store import plan_layout  # noqa: E402
 from embedcache.store._backend import BACKENDS  # noqa: E402
 from embedcache.teachers import build_teacher  # noqa: E402
 

@@ -9,7 +9,6 @@ encoded in the same batches whatever happened before it.
 """
 from __future__ import annotations
 
-import dataclasses
 import errno
 import io
 import json
@@ -258,7 +257,7 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None,
 def _run_blocks(cfg, dataset, teacher, store, layout, blocks, on_block_done, log) -> Tuple[int, int]:
     from tqdm.auto import tqdm
 
-    n, br, v, s = layout["n"], layout["block_rows"], layout["views"], layout["canvas"]
+    n, br, v = layout["n"], layout["block_rows"], layout["views"]
     batches = _batches(blocks, br, n, cfg.batch_size)
     if not batches:
         return 0, 0
