@@ -79,5 +79,44 @@ def inspect(store: str, as_json: bool) -> None:
         click.echo(f"{k:<{width}}  {v}")
 
 
+@main.command()
+@click.option("--store", help="store made by `embedcache extract`")
+@click.option("--recipe", help="recipe name (ce, naive_kd, feat_kd, li_iccv23, vl2v_adip, ...)")
+@click.option("--student", help="student name (resnet18, test_resnet, timm:<name>, openclip_visual)")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML train config")
+@click.option("--out", help="run directory (default runs/<recipe>-<student>-<hash>)")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override, e.g. steps=500 optim.lr=3e-4")
+@click.option("--no-progress", is_flag=True)
+def train(store, recipe, student, config_path, out, overrides, no_progress) -> None:
+    """Train a student from a store (never runs the teacher); resumes an interrupted run."""
+    from students.train import TrainConfig, train as run
+    from .config import load_config
+
+    extra = [f"{k}={v}" for k, v in (("store", store), ("recipe", recipe), ("student.name", student), ("out", out)) if v]
+    if no_progress:
+        extra.append("progress=false")
+    res = run(load_config(TrainConfig, config_path, list(overrides) + extra, "configs/train/"), log=click.echo)
+    val = "n/a" if res.val_top1 is None else f"{res.val_top1:.4f}"
+    click.echo(f"run {res.out}: {res.steps} steps, validation top-1 {val}, {res.seconds:.1f}s")
+
+
+@main.command()
+@click.option("--store", required=True, help="store to add the features to")
+@click.option("--student", required=True, help="student backbone name")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="student settings: pretrained=/path, input_size=160, seed=0, batch_size=64, device=cpu")
+@click.option("--no-progress", is_flag=True)
+def features(store, student, overrides, no_progress) -> None:
+    """Cache frozen student-backbone features per view in a store, for head-only training."""
+    from students.features import cache_features
+    from students.models import StudentConfig
+    from .config import apply_overrides, build_config
+
+    opts = apply_overrides({}, overrides)
+    run_opts = {k: opts.pop(k) for k in ("seed", "batch_size", "device") if k in opts}
+    cfg = build_config(StudentConfig, {**opts, "name": student})
+    cache_features(store, cfg, progress=not no_progress, log=click.echo, **run_opts)
+
+
 if __name__ == "__main__":
     main()

@@ -85,7 +85,8 @@ def to_dict(cfg: Any) -> Dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
-def _build(cls, data: Dict[str, Any], prefix: str = ""):
+def build_config(cls, data: Dict[str, Any], prefix: str = ""):
+    """A frozen dataclass from a nested dict; unknown keys are refused with the valid ones listed."""
     if not isinstance(data, dict):
         raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'} must be a mapping, got {data!r}")
     known = {f.name: f for f in fields(cls)}
@@ -100,7 +101,7 @@ def _build(cls, data: Dict[str, Any], prefix: str = ""):
         f = known[name]
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if is_dataclass(default):
-            kwargs[name] = _build(type(default), value or {}, f"{prefix}{name}.")
+            kwargs[name] = build_config(type(default), value or {}, f"{prefix}{name}.")
         elif isinstance(default, tuple) and isinstance(value, (list, tuple)):
             kwargs[name] = tuple(value)
         elif isinstance(default, tuple) and isinstance(value, str):
@@ -127,14 +128,19 @@ def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str,
     return data
 
 
-def load_extract_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> ExtractConfig:
+def load_config(cls, path: Optional[str] = None, overrides: Sequence[str] = (), where: str = "configs/"):
+    """Any stage's config: YAML file (optional) + ``key=value`` overrides -> frozen dataclass."""
     data: Dict[str, Any] = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file {path} not found; pick one under configs/extract/")
+            raise ConfigError(f"config file {path} not found; pick one under {where}")
         data = yaml.safe_load(p.read_text()) or {}
-    return _build(ExtractConfig, apply_overrides(data, overrides))
+    return build_config(cls, apply_overrides(data, overrides))
+
+
+def load_extract_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> ExtractConfig:
+    return load_config(ExtractConfig, path, overrides, "configs/extract/")
 
 
 def replace(cfg, **changes):

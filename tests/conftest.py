@@ -56,7 +56,7 @@ def tiny_teacher(tiny_teacher_cfg):
 @pytest.fixture
 def make_cfg(tmp_path, tiny_teacher_cfg):
     """make_cfg(out_name, overrides...) -> ExtractConfig on synthetic data with the tiny teacher."""
-    from embedcache.config import apply_overrides, load_extract_config, to_dict, ExtractConfig, _build
+    from embedcache.config import apply_overrides, to_dict, ExtractConfig, build_config
 
     def make(out: str = "s.zarr", *overrides: str):
         base = to_dict(ExtractConfig())
@@ -67,10 +67,27 @@ def make_cfg(tmp_path, tiny_teacher_cfg):
                                 "image_size": 40})
         base["views"]["count"] = 3
         base["canvas"]["size"] = 48
-        return _build(ExtractConfig, apply_overrides(base, overrides))
+        return build_config(ExtractConfig, apply_overrides(base, overrides))
 
     return make
 
 
 def quiet(_msg: str) -> None:
     pass
+
+
+@pytest.fixture(scope="session")
+def synthetic_store(tmp_path_factory, tiny_teacher):
+    """A small complete store (3 shapes x 2 styles x 8 images, 3 views) with name, templates and
+    attribute text, made by the tiny teacher. Read-only: copy it before writing into it."""
+    from embedcache.config import ExtractConfig, build_config
+    from embedcache.extract import extract
+
+    out = tmp_path_factory.mktemp("store") / "synth.zarr"
+    cfg = build_config(ExtractConfig, {
+        "dataset": {"name": "synthetic", "num_classes": 3, "num_domains": 2, "per_class": 8, "image_size": 40},
+        "views": {"count": 3}, "canvas": {"size": 48},
+        "text": {"sources": ["name", "templates", "attributes"], "templates": "short7", "attributes": "synthetic"},
+        "out": str(out), "progress": False, "num_workers": 0, "batch_size": 16, "block_rows": 16})
+    extract(cfg, teacher=tiny_teacher, log=quiet)
+    return out

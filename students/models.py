@@ -1,0 +1,126 @@
+"""Student models (a registry): a backbone plus a projection head to the teacher's dimension.
+
+The head's output dimension always comes from the store's manifest, never from a constant. Any
+timm backbone works (``timm:<name>``); the common ones and timm's CPU-sized test models are
+registered by name, and ``openclip_visual`` is the image tower of a smaller CLIP (VL2V-SD).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from embedcache._registry import Registry, RegistryError
+
+STUDENTS = Registry("student")
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    name: str = "resnet18"             # registered name, or timm:<any timm model>
+    pretrained: Optional[str] = None   # None: from scratch; a local weights file; 'timm' / a tag: from a hub
+    input_size: Optional[int] = None   # student input side (independent of the teacher's); default: the model's
+    model: Optional[str] = None        # openclip_visual only: open_clip model name or local-dir:/path
+
+
+class Student(nn.Module):
+    """backbone -> (B, F) features -> head -> (B, D) embedding; optional linear classifier on features."""
+
+    def __init__(self, name: str, backbone: nn.Module, feat_dim: int, embed_dim: int, num_classes: int,
+                 input_size: int, mean: Tuple[float, ...], std: Tuple[float, ...]):
+        super().__init__()
+        self.name, self.feat_dim, self.embed_dim = name, feat_dim, embed_dim
+        self.input_size, self.mean, self.std = input_size, tuple(mean), tuple(std)
+        self.backbone = backbone
+        self.head = nn.Linear(feat_dim, embed_dim)
+        self.classifier = nn.Linear(feat_dim, num_classes) if num_classes else None
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, 3, H, W) normalised -> (B, F)."""
+        return self.backbone(x)
+
+    def from_features(self, feat: torch.Tensor) -> Dict[str, Optional[torch.Tensor]]:
+        return {"emb": self.head(feat), "logits": self.classifier(feat) if self.classifier is not None else None}
+
+    def forward(self, x: torch.Tensor) -> Dict[str, Optional[torch.Tensor]]:
+        return self.from_features(self.features(x))
+
+
+def _load_local(backbone: nn.Module, path: str) -> None:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"student weights {path} not found; give a .safetensors/.pth file or leave student.pretrained empty")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(str(p))
+    else:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    own = backbone.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise ValueError(f"no tensor in {path} matches the student backbone; is it the same architecture?")
+    backbone.load_state_dict(usable, strict=False)
+
+
+def _timm_student(timm_name: str, cfg: StudentConfig, embed_dim: int, num_classes: int) -> Student:
+    import timm
+
+    kwargs = {}
+    if cfg.input_size and ("vit" in timm_name or "deit" in timm_name):
+        kwargs["img_size"] = cfg.input_size  # ViTs fix their input size at creation; CNNs take any size
+    hub = cfg.pretrained is not None and not Path(cfg.pretrained).suffix
+    try:
+        backbone = timm.create_model(timm_name, pretrained=hub, num_classes=0, **kwargs)
+    except Exception as exc:
+        if hub:
+            raise RuntimeError(f"could not download timm weights for {timm_name} ({str(exc).splitlines()[0]}); "
+                               "pass a local file with student.pretrained=/path/weights.safetensors") from exc
+        raise
+    if cfg.pretrained and not hub:
+        _load_local(backbone, cfg.pretrained)
+    pc = backbone.pretrained_cfg
+    size = cfg.input_size or int(pc.get("input_size", (3, 224, 224))[-1])
+    return Student(timm_name, backbone, backbone.num_features, embed_dim, num_classes, size,
+                   pc.get("mean", (0.485, 0.456, 0.406)), pc.get("std", (0.229, 0.224, 0.225)))
+
+
+def _register_timm(name: str) -> None:
+    STUDENTS.register(name)(lambda cfg, embed_dim, num_classes: _timm_student(name, cfg, embed_dim, num_classes))
+
+
+for _name in ("resnet18", "resnet50", "mobilenetv3_small_100", "efficientnet_b0", "vit_tiny_patch16_224",
+              "vit_small_patch16_224", "deit_small_patch16_224", "test_resnet", "test_vit"):
+    _register_timm(_name)
+
+
+@STUDENTS.register("openclip_visual")
+def openclip_visual(cfg: StudentConfig, embed_dim: int, num_classes: int) -> Student:
+    """The image tower of a (smaller) open_clip model, initialised from its weights (VL2V-SD)."""
+    import open_clip
+
+    if not cfg.model:
+        raise ValueError("student openclip_visual needs student.model (an open_clip name or local-dir:/path)")
+    model = open_clip.create_model(cfg.model, pretrained=cfg.pretrained, weights_only=True)
+    visual = model.visual
+    pp = open_clip.get_model_preprocess_cfg(model)
+    size = pp.get("size", 224)
+    size = cfg.input_size or int(size if isinstance(size, int) else size[0])
+    return Student("openclip_visual", visual, int(visual.output_dim), embed_dim, num_classes, size,
+                   pp.get("mean", (0.481, 0.458, 0.408)), pp.get("std", (0.269, 0.261, 0.276)))
+
+
+def build_student(cfg: StudentConfig, embed_dim: int, num_classes: int = 0) -> Student:
+    """``embed_dim`` comes from the store (manifest ``teacher.embed_dim``); ``num_classes`` > 0 adds
+    a linear classifier over the training classes."""
+    if cfg.name.startswith("timm:"):
+        return _timm_student(cfg.name[len("timm:"):], cfg, embed_dim, num_classes)
+    try:
+        builder = STUDENTS.get(cfg.name)
+    except RegistryError:
+        raise RegistryError(f"unknown student {cfg.name!r}; available: {', '.join(STUDENTS.names())}, "
+                            "or timm:<any name in timm.list_models()>") from None
+    return builder(cfg, embed_dim, num_classes)

@@ -1,0 +1,59 @@
+"""Recipes (a registry): named weighted sums of losses, with their stages and prediction rule.
+
+A stage trains "all" parameters, only the "head" (backbone frozen in eval mode, as in VL2V-ADiP's
+Align step and linear probes), or only the "backbone" (head frozen, VL2V-ADiP's Distill step), for
+a fraction of the run's steps. ``predict`` says how a trained student classifies: "text" = nearest
+class text embedding (the teacher's text is the classifier), "linear" = its own classifier.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Tuple
+
+from embedcache._registry import Registry
+
+RECIPES = Registry("recipe")
+
+
+@dataclass(frozen=True)
+class Stage:
+    losses: Dict[str, float]                        # loss name -> weight
+    train: str = "all"                              # all | head | backbone
+    fraction: float = 1.0                           # share of the run's steps
+    loss_args: Dict[str, Dict] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    stages: Tuple[Stage, ...]
+    text_source: str = "name"
+    classifier: bool = False    # the student gets a linear classifier over the training classes
+    predict: str = "text"       # text | linear
+    doc: str = ""
+
+    @property
+    def head_only(self) -> bool:
+        return all(s.train == "head" for s in self.stages)
+
+
+def _add(recipe: Recipe) -> None:
+    RECIPES.register(recipe.name)(recipe)
+
+
+_LI = {"cls": 1.0, "vlalign": 1.0, "mse": 1.0, "imcst": 1.0}
+_add(Recipe("ce", (Stage({"ce": 1.0}),), classifier=True, predict="linear", doc="labels only"))
+_add(Recipe("naive_kd", (Stage({"ce": 1.0, "kd": 1.0}, loss_args={"kd": {"student": "linear"}}),),
+            classifier=True, predict="linear", doc="CE + logit KD from the teacher's zero-shot classifier"))
+_add(Recipe("feat_kd", (Stage({"cos": 1.0}),), doc="feature distillation only (1 - cos(s, t))"))
+_add(Recipe("li_iccv23", (Stage(dict(_LI)),), doc="Li et al. 2023: L_cls + L_vlalign + L_mse + L_im-cst"))
+_add(Recipe("li_iccv23_attr", (Stage(dict(_LI)),), text_source="attributes",
+            doc="Li et al. 2023 with language enrichment (attribute descriptions)"))
+_add(Recipe("vl2v_adip", (Stage({"vl2v_adip": 1.0}, train="head", fraction=0.5),
+                          Stage({"vl2v_adip": 1.0}, train="backbone", fraction=0.5)),
+            doc="VL2V-ADiP: align (projection only), then distill (backbone, projection frozen)"))
+_add(Recipe("vl2v_adip_align", (Stage({"vl2v_adip": 1.0}, train="head"),),
+            doc="VL2V-ADiP stage 1 alone: a projection on a frozen backbone (runs head-only on cached features)"))
+_add(Recipe("vl2v_sd", (Stage({"vl2v_sd": 1.0}),), doc="VL2V-SD: -0.5 [cos(s, T_y) + cos(s, t)]"))
+_add(Recipe("linear_probe", (Stage({"ce": 1.0}, train="head"),), classifier=True, predict="linear",
+            doc="a linear classifier on frozen features"))

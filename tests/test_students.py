@@ -1,0 +1,171 @@
+"""Student training from a store: recipes, view consistency, determinism, resume, head-only mode."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from embedcache.cli import main
+from embedcache.errors import ConfigError, StoreError
+from embedcache.views import normalize, render_views
+from students.data import SplitConfig, StoreData
+from students.models import StudentConfig, build_student
+from students.recipes import RECIPES
+from students.train import TrainConfig, train
+
+from conftest import quiet
+
+
+def _cfg(store, tmp_path, recipe="li_iccv23", name="run", **kw):
+    base = dict(store=str(store), recipe=recipe, student=StudentConfig(name="test_resnet", input_size=32),
+                steps=30, batch_size=8, eval_every=10, ckpt_every=10, out=str(tmp_path / name), progress=False,
+                device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("recipe", RECIPES.names())
+def test_every_recipe_trains_and_its_loss_goes_down(recipe, synthetic_store, tmp_path):
+    from students.train import OptimConfig
+
+    res = train(_cfg(synthetic_store, tmp_path, recipe, optim=OptimConfig(lr=3e-3, schedule="constant")), log=quiet)
+    rows = [json.loads(ln) for ln in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [10, 20, 30]
+    assert rows[-1]["loss"] < rows[0]["loss"], rows
+    assert res.val_top1 is not None and 0.0 <= res.val_top1 <= 1.0
+    for f in ("config.json", "model.safetensors", "summary.json", "done", "checkpoint.pt"):
+        assert (tmp_path / "run" / f).exists()
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["recipe"] == recipe
+
+
+def test_student_view_is_the_teachers_view(synthetic_store, tiny_teacher):
+    data = StoreData(str(synthetic_store), "name")
+    idx, views = data.sample(step=3, seed=0, batch_size=6)
+    assert (views > 0).any()
+    x = data.inputs(idx, views, tiny_teacher.input_size, tiny_teacher.mean, tiny_teacher.std, torch.device("cpu"))
+    ref = normalize(render_views(torch.from_numpy(data.pixels[idx]), torch.from_numpy(data.params[idx, views][:, None]),
+                                 tiny_teacher.input_size)[:, 0], tiny_teacher.mean, tiny_teacher.std)
+    assert torch.equal(x, ref)
+    t, _ = data.targets_for(idx, views, torch.device("cpu"))
+    # re-encoding the student's view with the teacher gives exactly the stored target of that view
+    torch.testing.assert_close(tiny_teacher.encode_image(x), t, atol=2e-3, rtol=0)
+
+
+def test_same_seed_same_weights_other_seed_differs(synthetic_store, tmp_path):
+    a = train(_cfg(synthetic_store, tmp_path, name="a", steps=12), log=quiet)
+    b = train(_cfg(synthetic_store, tmp_path, name="b", steps=12), log=quiet)
+    c = train(_cfg(synthetic_store, tmp_path, name="c", steps=12, seed=1), log=quiet)
+    wa, wb, wc = (load_file(f"{r.out}/model.safetensors") for r in (a, b, c))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+
+
+@pytest.mark.parametrize("averaging", ["none", "swad"])
+def test_resume_continues_from_the_last_checkpoint(synthetic_store, tmp_path, averaging):
+    full = train(_cfg(synthetic_store, tmp_path, name="full", averaging=averaging), log=quiet)
+
+    def stop(step):
+        if step == 25:
+            raise KeyboardInterrupt
+
+    cut = _cfg(synthetic_store, tmp_path, name="cut", averaging=averaging)
+    with pytest.raises(KeyboardInterrupt):
+        train(cut, on_step=stop, log=quiet)
+    assert not (tmp_path / "cut" / "done").exists()
+    res = train(cut, log=quiet)
+    assert res.resumed_from == 20  # the last checkpoint before the interruption
+    wa, wb = load_file(f"{full.out}/model.safetensors"), load_file(f"{res.out}/model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    rows = [json.loads(ln)["step"] for ln in open(tmp_path / "cut" / "metrics.jsonl")]
+    assert rows == [10, 20, 30]  # rows logged after the checkpoint were dropped, none duplicated
+    assert train(cut, log=quiet).seconds == 0.0  # a finished run is skipped
+
+
+def test_head_only_on_cached_features_matches_frozen_backbone_training(synthetic_store, tmp_path):
+    store = tmp_path / "store.zarr"
+    shutil.copytree(synthetic_store, store)
+    torch.manual_seed(5)
+    weights = tmp_path / "backbone.safetensors"
+    from safetensors.torch import save_file
+    pre = build_student(StudentConfig(name="test_resnet"), 32)
+    save_file({k: v.contiguous() for k, v in pre.backbone.state_dict().items()}, str(weights))
+    scfg = StudentConfig(name="test_resnet", input_size=32, pretrained=str(weights))
+    res = CliRunner().invoke(main, ["features", "--store", str(store), "--student", "test_resnet", "--no-progress",
+                                    "--set", f"pretrained={weights}", "--set", "input_size=32", "--set", "device=cpu"])
+    assert res.exit_code == 0, res.output
+    for recipe in ("vl2v_adip_align", "linear_probe"):
+        head = train(_cfg(store, tmp_path, recipe, name=f"{recipe}-h", student=scfg, features=True, steps=20), log=quiet)
+        full = train(_cfg(store, tmp_path, recipe, name=f"{recipe}-f", student=scfg, features=False, steps=20), log=quiet)
+        wh, wf = load_file(f"{head.out}/model.safetensors"), load_file(f"{full.out}/model.safetensors")
+        for k in wh:
+            torch.testing.assert_close(wh[k], wf[k], atol=1e-5, rtol=1e-4)
+        frozen = {k: v for k, v in load_file(str(weights)).items()}
+        assert all(torch.equal(wf[f"backbone.{k}"], v) for k, v in frozen.items())  # BN statistics included
+        assert head.val_top1 == pytest.approx(full.val_top1)
+    # other weights have no cached features
+    with pytest.raises(StoreError, match="no cached features .*`embedcache features --store"):
+        train(_cfg(store, tmp_path, "linear_probe", name="nofeat", features=True), log=quiet)
+
+
+def test_splits_follow_the_store_metadata(synthetic_store):
+    d = StoreData(str(synthetic_store), "name", SplitConfig(holdout_domains=("outline",), val_fraction=0.25))
+    dom = d.reader.meta["domain"].to_numpy()
+    assert set(dom[d.train_idx]) == {"solid"} and set(dom[d.test_idx]) == {"outline"}
+    assert len(d.val_idx) == 6 and not set(d.val_idx) & set(d.train_idx)
+    o = StoreData(str(synthetic_store), "attributes", SplitConfig(train_classes=("circle", "triangle")))
+    assert o.text.shape[0] == 2 and set(o.targets[o.train_idx]) == {0, 1}
+    assert set(o.reader.meta["class_name"].to_numpy()[o.test_idx]) == {"square"}
+
+
+def test_bad_input_is_refused_with_the_options(synthetic_store, tmp_path):
+    with pytest.raises(KeyError, match="unknown recipe 'distill'; available: ce, feat_kd"):
+        train(_cfg(synthetic_store, tmp_path, "distill"), log=quiet)
+    with pytest.raises(KeyError, match="unknown student 'resnet9'; available: .*test_resnet.*timm:<any name"):
+        build_student(StudentConfig(name="resnet9"), 32)
+    with pytest.raises(ConfigError, match="head-only training .* head-only recipes: linear_probe, vl2v_adip_align"):
+        train(_cfg(synthetic_store, tmp_path, "li_iccv23", features=True), log=quiet)
+    with pytest.raises(StoreError, match="holdout domain 'sketch' is not in the store"):
+        StoreData(str(synthetic_store), "name", SplitConfig(holdout_domains=("sketch",)))
+
+
+def test_store_without_the_recipes_text_or_incomplete_is_refused(make_cfg, tiny_teacher, tmp_path):
+    from embedcache.extract import extract
+
+    cfg = make_cfg("plain.zarr")  # text sources: name, templates
+    extract(cfg, teacher=tiny_teacher, log=quiet)
+    with pytest.raises(StoreError, match="no text source 'attributes'"):
+        train(_cfg(cfg.out, tmp_path, "li_iccv23_attr"), log=quiet)
+
+    def boom(block):
+        raise KeyboardInterrupt
+
+    part = make_cfg("part.zarr")
+    with pytest.raises(KeyboardInterrupt):
+        extract(part, teacher=tiny_teacher, on_block_done=boom, log=quiet)
+    with pytest.raises(StoreError, match="incomplete"):
+        train(_cfg(part.out, tmp_path, "feat_kd"), log=quiet)
+
+
+def test_head_dimension_comes_from_the_store(synthetic_store):
+    d = StoreData(str(synthetic_store), "name")
+    m = build_student(StudentConfig(name="test_vit", input_size=32), d.dim)
+    assert m.head.out_features == d.dim == 32 and m(torch.randn(2, 3, 32, 32))["emb"].shape == (2, d.dim)
+
+
+def test_openclip_visual_student(tiny_clip_dir, synthetic_store, tmp_path):
+    scfg = StudentConfig(name="openclip_visual", model=f"local-dir:{tiny_clip_dir}")
+    res = train(_cfg(synthetic_store, tmp_path, "vl2v_sd", student=scfg, steps=4, eval_every=2), log=quiet)
+    assert res.val_top1 is not None
+
+
+def test_train_cli(synthetic_store, tmp_path):
+    res = CliRunner().invoke(main, ["train", "--store", str(synthetic_store), "--recipe", "feat_kd", "--student",
+                                    "test_resnet", "--out", str(tmp_path / "cli"), "--no-progress", "--set", "steps=4",
+                                    "--set", "eval_every=2", "--set", "student.input_size=32", "--set", "device=cpu"])
+    assert res.exit_code == 0, res.output
+    assert "validation top-1" in res.output and (tmp_path / "cli" / "done").exists()
+    bad = CliRunner().invoke(main, ["train", "--store", str(synthetic_store), "--recipe", "nope", "--student", "test_resnet"])
+    assert bad.exit_code != 0 and "unknown recipe 'nope'" in str(bad.exception or bad.output)
