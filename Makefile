@@ -9,11 +9,12 @@ CONFIG ?= configs/extract/demo.yaml
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install extract inspect test bench clean
+TRAIN_CONFIG ?= configs/train/demo.yaml
+.PHONY: help install extract inspect train test bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-9s %s\n", $$1, $$2}'
-	@echo "  variables: CONFIG=configs/extract/<name>.yaml  ARGS='--set views.count=2'  STORE=path"
+	@echo "  variables: CONFIG=configs/extract/<name>.yaml  TRAIN_CONFIG=configs/train/<name>.yaml  ARGS='--set k=v'  STORE=path"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,11 +31,15 @@ extract: $(VENV)/.installed ## extract a store (CONFIG=..., default: the synthet
 inspect: $(VENV)/.installed ## summarise a store (STORE=stores/demo.zarr)
 	$(VENV)/bin/embedcache inspect $(or $(STORE),stores/demo.zarr)
 
+train: $(VENV)/.installed ## train a student from a store (TRAIN_CONFIG=..., default: demo; ARGS for --set)
+	$(VENV)/bin/embedcache train --config $(TRAIN_CONFIG) $(ARGS)
+
 test: $(VENV)/.installed ## run the test suite (CPU, no network)
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed ## run the benchmarks under bench/ (tables printed, JSON in bench/results/)
 	$(PY) bench/extract.py
+	$(PY) bench/train.py
 
 clean: ## remove stores/ and caches (keeps .venv)
 	rm -rf stores bench/results .pytest_cache

@@ -42,3 +42,13 @@ def test_unknown_key_is_one_line_listing_valid_keys():
         load_extract_config(None, ["views.cuont=3"])
     with pytest.raises(ConfigError, match="not key=value"):
         load_extract_config(None, ["views.count"])
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "train").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_train_configs_load(path):
+    from embedcache.config import load_config
+    from students.recipes import RECIPES
+    from students.train import TrainConfig
+
+    cfg = load_config(TrainConfig, str(path))
+    assert cfg.store and cfg.recipe in RECIPES
