@@ -9,7 +9,7 @@ arrays and run thousands of steps per second on a CPU.
 from __future__ import annotations
 
 import hashlib
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 import torch
