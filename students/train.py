@@ -27,6 +27,7 @@ from embedcache.config import to_dict
 from embedcache.errors import ConfigError, StoreMismatchError
 from evaluate.metrics import nearest_label, top1
 
+from .averaging import LossValley, SegmentMean
 from .data import SplitConfig, StoreData
 from .losses import LOSSES, BatchContext
 from .models import Student, StudentConfig, build_student
@@ -46,6 +47,13 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class SwadConfig:
+    n_converge: int = 3         # evaluations without improvement that start the valley
+    n_tolerance: int = 6        # evaluations a segment waits before it is judged
+    tolerance_ratio: float = 0.3
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     store: Optional[str] = None
     recipe: str = "li_iccv23"
@@ -56,8 +64,9 @@ class TrainConfig:
     steps: int = 200
     batch_size: int = 32
     views_used: Optional[int] = None    # draw from the first k views (None: all stored views)
-    averaging: str = "none"             # none | swa (at each eval point) | swad (dense, every step)
-    average_start: float = 0.5          # fraction of the run after which weights are averaged
+    averaging: str = "none"             # none | swa (at each eval point) | swad (loss-valley, students/averaging.py)
+    average_start: float = 0.5          # fraction of the run after which weights are averaged (0 for SWAD as published)
+    swad: SwadConfig = field(default_factory=SwadConfig)
     eval_every: int = 50
     ckpt_every: int = 50
     amp: bool = True                    # bf16 autocast on CUDA; ignored on CPU
@@ -153,20 +162,28 @@ def _forward(model: Student, data: StoreData, feats: Optional[np.ndarray], idx, 
 
 
 @torch.no_grad()
-def predict(model: Student, data: StoreData, rows: np.ndarray, feats: Optional[np.ndarray], predict_with: str,
-            device: torch.device, batch: int = 256) -> np.ndarray:
-    """Predicted training-class index of each row (view 0): nearest class text, or the classifier."""
+def validate(model: Student, data: StoreData, rows: np.ndarray, feats: Optional[np.ndarray], predict_with: str,
+             device: torch.device, stage: Optional[Stage] = None, batch: int = 256) -> Tuple[np.ndarray, Optional[float]]:
+    """Predicted training-class index of each row (view 0: nearest class text, or the classifier), and
+    the mean of ``stage``'s recipe loss over the rows (None without a stage)."""
     modes = [(m, m.training) for m in model.modules()]  # a frozen backbone must stay in eval mode after
     model.eval()
-    out = []
+    preds, loss_sum = [], 0.0
+    text = torch.from_numpy(data.text).to(device)
     for i in range(0, len(rows), batch):
         r = rows[i:i + batch]
-        o = _forward(model, data, feats, r, np.zeros(len(r), int), device, frozen=True)
-        out.append(o["logits"].argmax(1).cpu().numpy() if predict_with == "linear"
-                   else nearest_label(o["emb"].float().cpu().numpy(), data.text))
+        v0 = np.zeros(len(r), int)
+        o = _forward(model, data, feats, r, v0, device, frozen=True)
+        preds.append(o["logits"].argmax(1).cpu().numpy() if predict_with == "linear"
+                     else nearest_label(o["emb"].float().cpu().numpy(), data.text))
+        if stage is not None:
+            t, y = data.targets_for(r, v0, device)
+            ctx = BatchContext(o["emb"].float(), t, text, y, o["logits"])
+            loss_sum += len(r) * float(sum(w * LOSSES.get(n)(ctx, **stage.loss_args.get(n, {})) for n, w in stage.losses.items()))
     for m, mode in modes:
         m.training = mode
-    return np.concatenate(out) if out else np.zeros(0, int)
+    pred = np.concatenate(preds) if preds else np.zeros(0, int)
+    return pred, (loss_sum / len(rows) if stage is not None and len(rows) else None)
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -187,6 +204,8 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int], None]] = None, log
     recipe = RECIPES.get(cfg.recipe)
     if cfg.averaging not in ("none", "swa", "swad"):
         raise ConfigError(f"unknown averaging {cfg.averaging!r}; use none, swa or swad")
+    if cfg.averaging == "swad" and cfg.split.val_fraction <= 0:
+        raise ConfigError("averaging=swad picks its window by validation loss; set split.val_fraction > 0")
     out = Path(cfg.out or Path("runs") / run_name(cfg))
     if (out / "done").exists():
         s = json.loads((out / "summary.json").read_text())
@@ -205,7 +224,8 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int], None]] = None, log
         feats = load_features(cfg.store, cfg.student, model)
     opt = _optimizer(cfg.optim, model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg.optim, cfg.steps))
-    avg = torch.optim.swa_utils.AveragedModel(model, use_buffers=True) if cfg.averaging != "none" else None
+    avg = torch.optim.swa_utils.AveragedModel(model, use_buffers=True) if cfg.averaging == "swa" else None
+    segment, valley = SegmentMean(), LossValley(cfg.swad.n_converge, cfg.swad.n_tolerance, cfg.swad.tolerance_ratio)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
     start = 0
@@ -217,6 +237,9 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int], None]] = None, log
         model.load_state_dict(state["model"]); opt.load_state_dict(state["optim"]); sched.load_state_dict(state["sched"])
         if avg is not None and state.get("avg") is not None:
             avg.load_state_dict(state["avg"])
+        if state.get("valley") is not None:
+            valley.load_state_dict(state["valley"])
+            segment.sum, segment.n = state["segment"]["sum"], state["segment"]["n"]
         start = int(state["step"])
         kept = [ln for ln in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
                 if json.loads(ln)["step"] <= start]
@@ -252,12 +275,19 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int], None]] = None, log
                 running[n] = running.get(n, 0.0) + float(v.detach())
             n_running += 1
             last = step + 1 == cfg.steps
-            if avg is not None and step >= avg_from and (cfg.averaging == "swad" or (step + 1) % cfg.eval_every == 0 or last):
+            if avg is not None and step >= avg_from and ((step + 1) % cfg.eval_every == 0 or last):
                 avg.update_parameters(model)
+            if cfg.averaging == "swad" and step >= avg_from:
+                segment.add(model.state_dict())
             if (step + 1) % cfg.eval_every == 0 or last:
-                val = top1(predict(model, data, data.val_idx, feats, recipe.predict, device), data.targets[data.val_idx]) \
-                    if len(data.val_idx) else None
-                row = {"step": step + 1, "stage": si, "lr": sched.get_last_lr()[0], "val_top1": val,
+                val, val_loss = None, None
+                if len(data.val_idx):
+                    pred, val_loss = validate(model, data, data.val_idx, feats, recipe.predict, device, stage)
+                    val = top1(pred, data.targets[data.val_idx])
+                    seg = segment.take() if cfg.averaging == "swad" else None
+                    if seg is not None:
+                        valley.update(seg, val_loss)
+                row = {"step": step + 1, "stage": si, "lr": sched.get_last_lr()[0], "val_top1": val, "val_loss": val_loss,
                        **{k: v / n_running for k, v in running.items()}}
                 with open(metrics_path, "a") as fh:
                     fh.write(json.dumps(row) + "\n")
@@ -266,6 +296,8 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int], None]] = None, log
             if (step + 1) % cfg.ckpt_every == 0 or last:
                 _atomic_save({"model": model.state_dict(), "optim": opt.state_dict(), "sched": sched.state_dict(),
                               "avg": avg.state_dict() if avg is not None else None, "step": step + 1,
+                              "valley": valley.state_dict() if cfg.averaging == "swad" else None,
+                              "segment": {"sum": segment.sum, "n": segment.n},
                               "store_key": data.key}, ckpt_path)
             bar.update(1)
             if on_step is not None:
@@ -275,10 +307,18 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int], None]] = None, log
     final = model
     if avg is not None and int(avg.n_averaged) > 0:
         final = avg.module
-        val = top1(predict(final, data, data.val_idx, feats, recipe.predict, device), data.targets[data.val_idx]) \
+    if cfg.averaging == "swad":
+        state = valley.result()
+        if state is None:
+            log(f"SWAD: the validation loss never settled in {cfg.steps} steps; keeping the last weights")
+        else:
+            model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in state.items()})
+            log(f"SWAD averaged evaluation segments {valley.chosen}")
+    if final is not model or (cfg.averaging == "swad" and valley.final is not None):
+        val = top1(validate(final, data, data.val_idx, feats, recipe.predict, device)[0], data.targets[data.val_idx]) \
             if len(data.val_idx) else None
     save_file({k: v.detach().contiguous().cpu() for k, v in final.state_dict().items()}, str(out / "model.safetensors"))
-    summary = {"val_top1": val, "steps": cfg.steps, "seconds": time.time() - t0, "store_key": data.key,
+    summary = {"val_top1": val, "steps": cfg.steps, "swad_segments": valley.chosen if cfg.averaging == "swad" else None, "seconds": time.time() - t0, "store_key": data.key,
                "recipe": recipe.name, "student": cfg.student.name, "train_classes": [data.classes[i] for i in data.train_class_ids]}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "done").write_text("ok\n")  # last: the run is finished

@@ -168,3 +168,24 @@ def test_train_cli(synthetic_store, tmp_path):
     assert "validation top-1" in res.output and (tmp_path / "cli" / "done").exists()
     bad = CliRunner().invoke(main, ["train", "--store", str(synthetic_store), "--recipe", "nope", "--student", "test_resnet"])
     assert bad.exit_code != 0 and "unknown recipe 'nope'" in str(bad.exception or bad.output)
+
+
+def test_swad_through_training(synthetic_store, tmp_path):
+    from students.train import OptimConfig, SwadConfig
+
+    flat = _cfg(synthetic_store, tmp_path, "feat_kd", name="swad", steps=12, eval_every=2, averaging="swad",
+                average_start=0.0, optim=OptimConfig(lr=0.0, weight_decay=0.0, schedule="constant"),
+                swad=SwadConfig(n_converge=2, n_tolerance=2, tolerance_ratio=0.3))
+    res = train(flat, log=quiet)
+    summary = json.loads((tmp_path / "swad" / "summary.json").read_text())
+    assert summary["swad_segments"] == list(range(6))  # flat loss: the valley spans every segment
+    rows = [json.loads(ln) for ln in open(tmp_path / "swad" / "metrics.jsonl")]
+    assert all(r["val_loss"] is not None for r in rows)
+    torch.manual_seed(0)
+    init = build_student(StudentConfig(name="test_resnet", input_size=32), 32).state_dict()
+    final = load_file(f"{res.out}/model.safetensors")
+    for k, v in init.items():
+        if v.is_floating_point() and "running" not in k:  # BN running stats move in train mode
+            torch.testing.assert_close(final[k], v)
+    with pytest.raises(ConfigError, match="swad picks its window by validation loss"):
+        train(_cfg(synthetic_store, tmp_path, name="noval", averaging="swad", split=SplitConfig(val_fraction=0.0)), log=quiet)

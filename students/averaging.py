@@ -1,0 +1,131 @@
+"""SWAD's loss-valley weight averaging (Cha et al., NeurIPS 2021), as VL2V-ADiP reports with.
+
+Weights are averaged densely within each evaluation interval (a *segment*). When the validation
+loss has not improved for ``n_converge`` evaluations, the valley starts at the oldest of those
+segments, and the threshold is (1 + tolerance_ratio) x their mean loss; earlier segments still
+under the threshold (within the last ``n_tolerance``) are taken too. After that, a segment is
+added once ``n_tolerance`` evaluations have passed since it ended, unless every loss in that
+window exceeds the threshold: then the valley has ended and averaging stops for good. At the end
+of training, segments not yet aged out are added by the same rule over the windows that exist.
+The result is the count-weighted mean of the chosen segments. Everything here is tensors, ints
+and floats, so it checkpoints with ``torch.save`` and loads with ``weights_only=True``.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+
+State = Dict[str, torch.Tensor]
+
+
+def _is_avg(t: torch.Tensor) -> bool:
+    return t.is_floating_point()  # integer buffers (BatchNorm's num_batches_tracked) keep the last value
+
+
+class SegmentMean:
+    """Running mean of a model's state over the steps of one segment."""
+
+    def __init__(self) -> None:
+        self.sum: Optional[State] = None
+        self.n = 0
+
+    def add(self, state: State) -> None:
+        if self.sum is None:
+            self.sum = {k: (v.detach().double().clone() if _is_avg(v) else v.detach().clone()) for k, v in state.items()}
+        else:
+            for k, v in state.items():
+                if _is_avg(v):
+                    self.sum[k] += v.detach().double()
+                else:
+                    self.sum[k] = v.detach().clone()
+        self.n += 1
+
+    def take(self) -> Optional[Dict]:
+        """The finished segment {"sum", "n"} (sums, not means, so segments combine by count), and reset."""
+        if self.n == 0:
+            return None
+        seg = {"sum": {k: v.cpu() for k, v in self.sum.items()}, "n": self.n}
+        self.sum, self.n = None, 0
+        return seg
+
+
+class LossValley:
+    def __init__(self, n_converge: int = 3, n_tolerance: int = 6, tolerance_ratio: float = 0.3):
+        self.n_converge, self.n_tolerance, self.ratio = n_converge, n_tolerance, tolerance_ratio
+        self.segments: List[Dict] = []   # {"sum", "n", "loss", "index"}, pruned to what may still be used
+        self.count = 0                   # segments seen
+        self.start: Optional[int] = None  # index of the first segment of the valley
+        self.threshold: Optional[float] = None
+        self.next_add: Optional[int] = None  # index of the next segment to judge after convergence
+        self.dead = False
+        self.final: Optional[Dict] = None  # {"sum", "n"}
+        self.chosen: List[int] = []
+
+    def _add(self, seg: Dict) -> None:
+        if self.final is None:
+            self.final = {"sum": {k: v.clone() for k, v in seg["sum"].items()}, "n": seg["n"]}
+        else:
+            for k, v in seg["sum"].items():
+                self.final["sum"][k] = self.final["sum"][k] + v if _is_avg(v) else v.clone()
+            self.final["n"] += seg["n"]
+        self.chosen.append(seg["index"])
+
+    def _by_index(self, i: int) -> Dict:
+        return next(s for s in self.segments if s["index"] == i)
+
+    def update(self, seg: Dict, loss: float) -> None:
+        """Record a finished segment with the validation loss at its end."""
+        if self.dead:
+            return
+        self.segments.append({**seg, "loss": float(loss), "index": self.count})
+        self.count += 1
+        keep = max(self.n_converge, self.n_tolerance)
+        if self.start is None:
+            recent = self.segments[-self.n_converge:]
+            if len(recent) == self.n_converge and min(range(len(recent)), key=lambda i: recent[i]["loss"]) == 0:
+                self.start = recent[0]["index"]
+                self.threshold = sum(s["loss"] for s in recent) / len(recent) * (1.0 + self.ratio)
+                earlier = [s for s in self.segments[-keep:] if s["index"] < self.start]
+                back = []
+                for s in reversed(earlier):  # walk back while still under the threshold
+                    if s["loss"] > self.threshold:
+                        break
+                    back.append(s)
+                for s in reversed(back):
+                    self._add(s)
+                self._add(self._by_index(self.start))
+                self.next_add = self.start + 1
+        else:
+            self._age_out(final=False)
+        # keep the last `keep` segments (convergence test, walk back) and every one still to be judged
+        first = self.count - keep if self.next_add is None else min(self.count - keep, self.next_add)
+        self.segments = [s for s in self.segments if s["index"] >= first]
+
+    def _age_out(self, final: bool) -> None:
+        while not self.dead and self.next_add is not None and self.next_add < self.count:
+            window = [s for s in self.segments if self.next_add <= s["index"] < self.next_add + self.n_tolerance]
+            if len(window) < self.n_tolerance and not final:
+                return  # wait until the segment has aged n_tolerance evaluations
+            if min(s["loss"] for s in window) > self.threshold:
+                self.dead = True
+                return
+            self._add(self._by_index(self.next_add))
+            self.next_add += 1
+
+    def result(self) -> Optional[State]:
+        """Mean state of the chosen segments (flushing the ones not yet aged), or None if the loss
+        never settled."""
+        self._age_out(final=True)
+        if self.final is None:
+            return None
+        n = self.final["n"]
+        return {k: (v / n if _is_avg(v) else v) for k, v in self.final["sum"].items()}
+
+    def state_dict(self) -> Dict:
+        return {k: getattr(self, k) for k in ("n_converge", "n_tolerance", "ratio", "segments", "count", "start",
+                                                "threshold", "next_add", "dead", "final", "chosen")}
+
+    def load_state_dict(self, d: Dict) -> None:
+        for k, v in d.items():
+            setattr(self, k, v)
