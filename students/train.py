@@ -82,8 +82,9 @@ class RunResult:
     out: str
     val_top1: Optional[float]
     steps: int
-    seconds: float
+    seconds: float                      # the whole call, setup and saving included
     resumed_from: int = 0
+    loop_seconds: float = 0.0           # the training steps alone (what a steps/s figure should use)
 
 
 def run_name(cfg: TrainConfig) -> str:
@@ -186,6 +187,15 @@ def validate(model: Student, data: StoreData, rows: np.ndarray, feats: Optional[
     return pred, (loss_sum / len(rows) if stage is not None and len(rows) else None)
 
 
+def _reseed(seed: int, device: torch.device) -> None:
+    """Seed the generators in use. Not torch.manual_seed: without initialised CUDA it queues a lazy
+    CUDA seeding call with a formatted stack trace every time (measured: a third of a head-only
+    step, and a queue that grows for the whole run)."""
+    torch.random.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)
+
+
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
@@ -252,6 +262,7 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int], None]] = None, log
     text = torch.from_numpy(data.text).to(device)
     bar = tqdm(total=cfg.steps, initial=start, desc=out.name, unit="step", disable=not cfg.progress, dynamic_ncols=True)
     stage_i, running, n_running, val = None, {}, 0, None
+    t_loop = time.time()
     try:
         for step in range(start, cfg.steps):
             si = next(i for i, e in enumerate(ends) if step < e)
@@ -260,7 +271,7 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int], None]] = None, log
                 _set_trainable(model, stage)
                 stage_i = si
             idx, views = data.sample(step, cfg.seed, cfg.batch_size, cfg.views_used)
-            torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout / drop-path draws, reproducible on resume
+            _reseed(cfg.seed * 1_000_003 + step, device)  # dropout / drop-path draws, reproducible on resume
             t, y = data.targets_for(idx, views, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 o = _forward(model, data, feats, idx, views, device, frozen=stage.train == "head")
@@ -304,6 +315,7 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int], None]] = None, log
                 on_step(step + 1)
     finally:
         bar.close()
+    loop_seconds = time.time() - t_loop
     final = model
     if avg is not None and int(avg.n_averaged) > 0:
         final = avg.module
@@ -318,8 +330,8 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int], None]] = None, log
         val = top1(validate(final, data, data.val_idx, feats, recipe.predict, device)[0], data.targets[data.val_idx]) \
             if len(data.val_idx) else None
     save_file({k: v.detach().contiguous().cpu() for k, v in final.state_dict().items()}, str(out / "model.safetensors"))
-    summary = {"val_top1": val, "steps": cfg.steps, "swad_segments": valley.chosen if cfg.averaging == "swad" else None, "seconds": time.time() - t0, "store_key": data.key,
+    summary = {"val_top1": val, "steps": cfg.steps, "loop_seconds": loop_seconds, "swad_segments": valley.chosen if cfg.averaging == "swad" else None, "seconds": time.time() - t0, "store_key": data.key,
                "recipe": recipe.name, "student": cfg.student.name, "train_classes": [data.classes[i] for i in data.train_class_ids]}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "done").write_text("ok\n")  # last: the run is finished
-    return RunResult(str(out), val, cfg.steps, time.time() - t0, start)
+    return RunResult(str(out), val, cfg.steps, time.time() - t0, start, loop_seconds)
