@@ -1,0 +1,152 @@
+"""Evaluation protocols (a registry): functions of arrays that return tidy result rows.
+
+Every protocol takes an ``EvalData`` (embeddings to score, labels, domains, class text embeddings,
+and what the run held out) and returns a DataFrame with one row per (split, domain, metric).
+The teacher's own zero-shot baselines are the same protocols applied to the store's image
+embeddings: no model is loaded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from embedcache._registry import Registry
+
+from .index import LabelIndex
+from .metrics import mean_per_class, top1
+
+PROTOCOLS = Registry("protocol")
+
+
+@dataclass
+class EvalData:
+    """emb (N, D) embeddings to score (view 0); labels (N,) store label ids; domains (N,); ok (N,)
+    usable rows; class_emb (C, D) class text embeddings; classes (C,) names. val_idx: rows held out
+    from the training domains (in-domain accuracy); holdout_domains / seen_classes: what the run
+    did not train on (None for the teacher)."""
+    emb: np.ndarray
+    labels: np.ndarray
+    domains: np.ndarray
+    ok: np.ndarray
+    class_emb: np.ndarray
+    classes: List[str]
+    val_idx: Optional[np.ndarray] = None
+    holdout_domains: Optional[Sequence[str]] = None
+    seen_classes: Optional[Sequence[int]] = None
+
+
+def _rows(pred, labels, **tags) -> List[Dict]:
+    return [{**tags, "metric": "top1", "value": top1(pred, labels), "n": len(labels)},
+            {**tags, "metric": "mean_per_class", "value": mean_per_class(pred, labels), "n": len(labels)}]
+
+
+def _average(df: pd.DataFrame, split: str) -> List[Dict]:
+    sub = df[(df["split"] == split) & (df["domain"] != "avg")]
+    return [{"split": split, "domain": "avg", "metric": m, "value": float(g["value"].mean()), "n": int(g["n"].sum())}
+            for m, g in sub.groupby("metric")]
+
+
+@PROTOCOLS.register("lodo")
+def lodo(d: EvalData, holdout_domains: Optional[Sequence[str]] = None) -> pd.DataFrame:
+    """DomainBed leave-one-domain-out. Out-of-domain: each held-out domain. In-domain: the validation
+    rows of each training domain. Without held-out domains (the teacher), every domain is scored
+    zero-shot (split "zero_shot")."""
+    held = list(holdout_domains if holdout_domains is not None else (d.holdout_domains or []))
+    index = LabelIndex(d.class_emb)
+    rows: List[Dict] = []
+    for dom in sorted(set(d.domains[d.ok])):
+        rows_dom = np.flatnonzero(d.ok & (d.domains == dom))
+        if held and dom not in held:
+            if d.val_idx is None:
+                continue
+            rows_dom = np.intersect1d(rows_dom, d.val_idx)
+            split = "in_domain"
+        else:
+            split = "out_of_domain" if held else "zero_shot"
+        if len(rows_dom):
+            rows += _rows(index.predict(d.emb[rows_dom]), d.labels[rows_dom], split=split, domain=dom)
+    df = pd.DataFrame(rows)
+    for split in df["split"].unique():
+        rows += _average(df, split)
+    return pd.DataFrame(rows)
+
+
+def seeded_class_split(num_classes: int, unseen_fraction: float = 0.5, seed: int = 0) -> np.ndarray:
+    """Seen class ids: a seeded random (1 - unseen_fraction) of the classes."""
+    rng = np.random.default_rng([seed, 23])
+    n_seen = max(1, int(round(num_classes * (1 - unseen_fraction))))
+    return np.sort(rng.permutation(num_classes)[:n_seen])
+
+
+@PROTOCOLS.register("open_vocab")
+def open_vocab(d: EvalData, seen_classes: Optional[Sequence[int]] = None, unseen_fraction: float = 0.5,
+               seed: int = 0) -> pd.DataFrame:
+    """Zero-shot on unseen classes over unseen labels only (Li et al.), and generalised zero-shot
+    over seen + unseen labels with the harmonic mean of seen and unseen accuracy."""
+    seen = np.asarray(seen_classes if seen_classes is not None else
+                      (d.seen_classes if d.seen_classes is not None else seeded_class_split(len(d.classes), unseen_fraction, seed)))
+    unseen = np.setdiff1d(np.arange(len(d.classes)), seen)
+    if len(unseen) == 0:
+        raise ValueError("open_vocab needs at least one unseen class; every class was seen in training")
+    u_rows = np.flatnonzero(d.ok & np.isin(d.labels, unseen))
+    s_rows = np.flatnonzero(d.ok & np.isin(d.labels, seen))
+    if d.val_idx is not None:
+        s_rows = np.intersect1d(s_rows, d.val_idx)  # seen classes: only images not trained on
+    rows = _rows(LabelIndex.subset(d.class_emb, unseen).predict(d.emb[u_rows]), d.labels[u_rows],
+                 split="unseen_zero_shot", domain="all")
+    full = LabelIndex(d.class_emb)
+    acc = {}
+    for name, r in (("gzsl_seen", s_rows), ("gzsl_unseen", u_rows)):
+        if len(r):
+            part = _rows(full.predict(d.emb[r]), d.labels[r], split=name, domain="all")
+            rows += part
+            acc[name] = {p["metric"]: p["value"] for p in part}
+    if len(acc) == 2:
+        for m in ("top1", "mean_per_class"):
+            a, b = acc["gzsl_seen"][m], acc["gzsl_unseen"][m]
+            rows.append({"split": "gzsl_harmonic", "domain": "all", "metric": m,
+                         "value": 0.0 if a + b == 0 else 2 * a * b / (a + b), "n": len(s_rows) + len(u_rows)})
+    return pd.DataFrame(rows)
+
+
+def tip_adapter_logits(q: np.ndarray, keys: np.ndarray, key_labels: np.ndarray, class_emb: np.ndarray,
+                       beta: float = 5.5, alpha: float = 1.0) -> np.ndarray:
+    """Tip-Adapter (training-free): 100 cos(q, T_c) + alpha * exp(-beta (1 - cos(q, k))) @ onehot(labels)."""
+    un = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # noqa: E731
+    q, keys, t = un(q.astype(np.float32)), un(keys.astype(np.float32)), un(class_emb.astype(np.float32))
+    onehot = np.eye(len(class_emb), dtype=np.float32)[key_labels]
+    return 100.0 * q @ t.T + alpha * np.exp(-beta * (1.0 - q @ keys.T)) @ onehot
+
+
+@PROTOCOLS.register("few_shot")
+def few_shot(d: EvalData, shots: int = 5, episodes: int = 3, seen_classes: Optional[Sequence[int]] = None,
+             unseen_fraction: float = 0.5, beta: float = 5.5, alpha: float = 1.0, seed: int = 0) -> pd.DataFrame:
+    """k labelled images per unseen class (seeded episodes): a prototype classifier (FAISS over the
+    class means of the shots) and Tip-Adapter logits, scored on the remaining unseen images."""
+    seen = np.asarray(seen_classes if seen_classes is not None else
+                      (d.seen_classes if d.seen_classes is not None else seeded_class_split(len(d.classes), unseen_fraction, seed)))
+    unseen = np.setdiff1d(np.arange(len(d.classes)), seen)
+    rows_all = np.flatnonzero(d.ok & np.isin(d.labels, unseen))
+    for c in unseen:
+        n = int((d.labels[rows_all] == c).sum())
+        if n <= shots:
+            raise ValueError(f"class {d.classes[c]!r} has {n} usable images, fewer than {shots} shots + 1 to test; "
+                             "lower shots or choose other unseen classes")
+    rows: List[Dict] = []
+    for ep in range(episodes):
+        rng = np.random.default_rng([seed, ep, 31])
+        support = np.concatenate([rng.choice(rows_all[d.labels[rows_all] == c], shots, replace=False) for c in unseen])
+        query = np.setdiff1d(rows_all, support)
+        protos = np.stack([d.emb[support][d.labels[support] == c].mean(0) for c in unseen])
+        pred = LabelIndex(protos, unseen).predict(d.emb[query])
+        rows += _rows(pred, d.labels[query], split="prototype", domain="all", episode=ep)
+        logits = tip_adapter_logits(d.emb[query], d.emb[support], np.searchsorted(unseen, d.labels[support]),
+                                    d.class_emb[unseen], beta, alpha)
+        rows += _rows(unseen[logits.argmax(1)], d.labels[query], split="tip_adapter", domain="all", episode=ep)
+    df = pd.DataFrame(rows)
+    mean = df.groupby(["split", "metric"], as_index=False).agg(value=("value", "mean"), n=("n", "sum"))
+    mean["domain"], mean["episode"] = "all", -1  # -1: the mean over episodes
+    return pd.concat([df, mean], ignore_index=True)

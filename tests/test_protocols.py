@@ -1,0 +1,80 @@
+"""Protocols on synthetic data whose answer is known by construction."""
+import numpy as np
+import pytest
+
+from evaluate.protocols import PROTOCOLS, EvalData, few_shot, lodo, open_vocab, tip_adapter_logits
+
+
+def _data(noise=0.05, shuffle=False, n=600, c=6, d=16, seed=0):
+    rng = np.random.default_rng(seed)
+    text = rng.normal(size=(c, d))
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    labels = rng.integers(0, c, n)
+    emb = text[labels] + noise * rng.normal(size=(n, d))
+    if shuffle:
+        labels = rng.permutation(labels)
+    domains = np.array(["d0", "d1", "d2"])[np.arange(n) % 3]
+    return EvalData(emb, labels, domains, np.ones(n, bool), text, [f"c{i}" for i in range(c)])
+
+
+def _value(df, split, domain="avg", metric="top1"):
+    sel = df[(df.split == split) & (df.domain == domain) & (df.metric == metric)]
+    assert len(sel) == 1, df
+    return float(sel.value.iloc[0])
+
+
+def test_lodo_perfect_and_chance():
+    df = lodo(_data())
+    assert set(df.domain) == {"d0", "d1", "d2", "avg"} and set(df.split) == {"zero_shot"}
+    assert _value(df, "zero_shot") == 1.0 and _value(df, "zero_shot", metric="mean_per_class") == 1.0
+    chance = _value(lodo(_data(shuffle=True)), "zero_shot")
+    assert 0.08 < chance < 0.27  # 1/6 expected
+
+
+def test_lodo_with_a_held_out_domain():
+    d = _data()
+    d.val_idx = np.arange(0, 600, 5)
+    df = lodo(d, holdout_domains=["d1"])
+    ood = df[df.split == "out_of_domain"]
+    ind = df[df.split == "in_domain"]
+    assert set(ood.domain) == {"d1", "avg"} and set(ind.domain) == {"d0", "d2", "avg"}
+    # in-domain counts only the validation rows of the training domains
+    assert int(ind[(ind.domain == "d0") & (ind.metric == "top1")].n.iloc[0]) == int(np.sum((np.arange(0, 600, 5) % 3) == 0))
+
+
+def test_open_vocab_restricts_labels_and_reports_harmonic_mean():
+    d = _data(noise=0.6, seed=1)
+    df = open_vocab(d, seen_classes=[0, 1, 2])
+    assert set(df.split) == {"unseen_zero_shot", "gzsl_seen", "gzsl_unseen", "gzsl_harmonic"}
+    a, b = _value(df, "gzsl_seen", "all"), _value(df, "gzsl_unseen", "all")
+    assert _value(df, "gzsl_harmonic", "all") == pytest.approx(2 * a * b / (a + b))
+    # fewer candidate labels can only help: zero-shot over unseen labels >= generalised unseen accuracy
+    assert _value(df, "unseen_zero_shot", "all") >= b
+    assert _value(open_vocab(_data(), seen_classes=[0, 1, 2]), "unseen_zero_shot", "all") == 1.0
+    with pytest.raises(ValueError, match="at least one unseen class"):
+        open_vocab(_data(), seen_classes=list(range(6)))
+
+
+def test_few_shot_perfect_and_too_few_images():
+    df = few_shot(_data(), shots=5, episodes=2, seen_classes=[0, 1, 2])
+    mean = df[df.episode == -1]
+    assert set(mean.split) == {"prototype", "tip_adapter"} and (mean.value == 1.0).all()
+    small = _data(n=30)
+    with pytest.raises(ValueError, match="fewer than 5 shots \\+ 1 to test"):
+        few_shot(small, shots=5, seen_classes=[0, 1, 2])
+
+
+def test_tip_adapter_against_a_loop():
+    rng = np.random.default_rng(4)
+    q, keys, t = rng.normal(size=(5, 8)), rng.normal(size=(6, 8)), rng.normal(size=(3, 8))
+    kl = np.array([0, 0, 1, 1, 2, 2])
+    un = lambda x: x / np.linalg.norm(x)  # noqa: E731
+    ref = np.zeros((5, 3))
+    for i in range(5):
+        for c in range(3):
+            ref[i, c] = 100 * un(q[i]) @ un(t[c]) + sum(np.exp(-5.5 * (1 - un(q[i]) @ un(keys[j]))) for j in range(6) if kl[j] == c)
+    np.testing.assert_allclose(tip_adapter_logits(q, keys, kl, t), ref, rtol=1e-4)
+
+
+def test_protocol_registry():
+    assert PROTOCOLS.names() == ["few_shot", "lodo", "open_vocab"]
