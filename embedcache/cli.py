@@ -118,5 +118,68 @@ def features(store, student, overrides, no_progress) -> None:
     cache_features(store, cfg, progress=not no_progress, log=click.echo, **run_opts)
 
 
+def _runs(paths):
+    """Run directories among ``paths``: each path is a run (has config.json) or a folder of runs."""
+    from pathlib import Path
+
+    out = []
+    for p in map(Path, paths):
+        out += [p] if (p / "config.json").exists() else sorted(q.parent for q in p.glob("*/config.json"))
+    return out
+
+
+@main.command()
+@click.argument("runs", nargs=-1, type=click.Path(exists=True, file_okay=False))
+@click.option("--store", help="store to score (required for teacher baselines; default for runs: their own)")
+@click.option("--protocol", "protocols", multiple=True, default=("lodo",), show_default=True,
+              help="lodo | open_vocab | few_shot (repeatable)")
+@click.option("--source", "sources", multiple=True, help="text sources for teacher baselines (default: all)")
+@click.option("--out", default="results.parquet", show_default=True, help="tidy results file (appended to)")
+@click.option("--device", default="cpu", show_default=True)
+def evaluate(runs, store, protocols, sources, out, device) -> None:
+    """Score finished runs (or, with only --store, the teacher's zero-shot baselines)."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    from evaluate.report import markdown
+    from evaluate.store_eval import evaluate_run, summary_table, teacher_baselines
+    from students.embed import embed_store
+
+    frames = []
+    if not runs:
+        if not store:
+            raise click.UsageError("give run directories, or --store for the teacher's baselines")
+        frames.append(teacher_baselines(store, sources or None, protocols))
+    for run in _runs(runs):
+        if not (run / "done").exists():
+            click.echo(f"skipping {run}: not finished", err=True)
+            continue
+        import json
+        cfg_store = store or json.loads((run / "config.json").read_text())["store"]
+        frames.append(evaluate_run(str(run), protocols, cfg_store, embed_store(str(run), cfg_store, device)))
+    if not frames:
+        raise click.UsageError("nothing to evaluate: no finished run found")
+    res = pd.concat(frames, ignore_index=True)
+    if Path(out).exists():
+        res = pd.concat([pd.read_parquet(out), res], ignore_index=True)
+    res.to_parquet(out, index=False)
+    click.echo(markdown(summary_table(res)))
+    click.echo(f"\n{len(res)} rows in {out}")
+
+
+@main.command()
+@click.argument("results", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "out_dir", default="report", show_default=True, help="folder for report.md and PNG plots")
+def report(results, out_dir) -> None:
+    """Turn a results file into markdown tables (methods x domains, mean ± std) and plots."""
+    import pandas as pd
+
+    from evaluate.report import write_report
+
+    for f in write_report(pd.read_parquet(results), out_dir):
+        click.echo(str(f))
+
+
 if __name__ == "__main__":
     main()

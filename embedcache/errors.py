@@ -23,3 +23,7 @@ class StoreMismatchError(StoreError):
 
 class ConfigError(EmbedcacheError):
     pass
+
+
+class EvaluationError(EmbedcacheError, ValueError):
+    """An evaluation that cannot be done as asked (empty label set, no unseen class, too few shots)."""

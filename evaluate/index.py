@@ -10,6 +10,8 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
+from embedcache.errors import EvaluationError
+
 
 def _unit(x: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -23,10 +25,10 @@ class LabelIndex:
         import faiss
 
         if class_emb.ndim != 2 or len(class_emb) == 0:
-            raise ValueError("a label index needs at least one class embedding; the label subset is empty")
+            raise EvaluationError("a label index needs at least one class embedding; the label subset is empty")
         self.ids = np.arange(len(class_emb)) if ids is None else np.asarray(ids)
         if len(self.ids) != len(class_emb):
-            raise ValueError(f"{len(self.ids)} label ids for {len(class_emb)} class embeddings")
+            raise EvaluationError(f"{len(self.ids)} label ids for {len(class_emb)} class embeddings")
         self.dim = class_emb.shape[1]
         self.index = faiss.IndexFlatIP(self.dim)
         self.index.add(_unit(class_emb))
@@ -35,13 +37,13 @@ class LabelIndex:
     def subset(cls, class_emb: np.ndarray, labels: Sequence[int]) -> "LabelIndex":
         labels = np.asarray(sorted(set(int(x) for x in labels)))
         if len(labels) == 0:
-            raise ValueError("the label subset is empty; an accuracy over no labels is undefined")
+            raise EvaluationError("the label subset is empty; an accuracy over no labels is undefined")
         return cls(class_emb[labels], labels)
 
     def search(self, queries: np.ndarray, k: int = 1, batch: int = 65536) -> Tuple[np.ndarray, np.ndarray]:
         """(N, D) queries -> (N, k) cosine scores and (N, k) label ids, best first."""
         if queries.shape[1] != self.dim:
-            raise ValueError(f"queries have dimension {queries.shape[1]}, the labels {self.dim}: different teachers?")
+            raise EvaluationError(f"queries have dimension {queries.shape[1]}, the labels {self.dim}: different teachers?")
         k = min(k, len(self.ids))
         scores, rows = [], []
         for i in range(0, len(queries), batch):

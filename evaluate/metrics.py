@@ -10,6 +10,8 @@ from typing import Dict
 import numpy as np
 import pandas as pd
 
+from embedcache.errors import EvaluationError
+
 
 def _unit(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
@@ -23,7 +25,7 @@ def nearest_label(emb: np.ndarray, class_emb: np.ndarray) -> np.ndarray:
 
 def _nonempty(labels) -> None:
     if len(labels) == 0:
-        raise ValueError("accuracy over an empty set is undefined; check the split")
+        raise EvaluationError("accuracy over an empty set is undefined; check the split")
 
 
 def top1(pred: np.ndarray, labels: np.ndarray) -> float:
@@ -62,7 +64,7 @@ def m_neigh(s: np.ndarray, t: np.ndarray, k: int = 10) -> float:
     """Mean overlap (/ k) of each image's k nearest other images in student and teacher space."""
     k = min(k, len(s) - 1)
     if k < 1:
-        raise ValueError("M_neigh needs at least two images")
+        raise EvaluationError("M_neigh needs at least two images")
 
     def knn(x):
         sim = _unit(x) @ _unit(x).T
@@ -78,7 +80,7 @@ def m_vlalign(s: np.ndarray, t: np.ndarray, class_emb: np.ndarray, k: int = 5) -
     labels, per image, averaged: 0 = the student ranks them exactly as the teacher does."""
     k = min(k, len(class_emb))
     if k < 2:
-        raise ValueError("M_vlalign needs k >= 2 labels")
+        raise EvaluationError("M_vlalign needs k >= 2 labels")
     ts, ss = _unit(t) @ _unit(class_emb).T, _unit(s) @ _unit(class_emb).T
     top = np.argsort(-ts, axis=1, kind="stable")[:, :k]          # teacher order, best first
     st = np.take_along_axis(ss, top, axis=1)                     # student scores in that order
@@ -92,7 +94,7 @@ def text_separability(class_emb: np.ndarray) -> float:
     sim = c @ c.T
     n = len(c)
     if n < 2:
-        raise ValueError("pairwise cosine needs at least two classes")
+        raise EvaluationError("pairwise cosine needs at least two classes")
     return float((sim.sum() - np.trace(sim)) / (n * (n - 1)))
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from embedcache._registry import Registry
+from embedcache.errors import EvaluationError
 
 from .index import LabelIndex
 from .metrics import mean_per_class, top1
@@ -36,6 +37,16 @@ class EvalData:
     val_idx: Optional[np.ndarray] = None
     holdout_domains: Optional[Sequence[str]] = None
     seen_classes: Optional[Sequence[int]] = None
+    scores: Optional[np.ndarray] = None   # (N, C) classifier logits; when set, predictions come from them
+
+
+def _predict(d: EvalData, rows: np.ndarray, labels: Optional[Sequence[int]] = None) -> np.ndarray:
+    """Label id of each row: nearest class text (FAISS), or the classifier's best, within ``labels``."""
+    if d.scores is not None:
+        allowed = np.arange(d.scores.shape[1]) if labels is None else np.asarray(sorted(set(labels)))
+        return allowed[np.argmax(d.scores[rows][:, allowed], axis=1)]
+    index = LabelIndex(d.class_emb) if labels is None else LabelIndex.subset(d.class_emb, labels)
+    return index.predict(d.emb[rows])
 
 
 def _rows(pred, labels, **tags) -> List[Dict]:
@@ -55,7 +66,6 @@ def lodo(d: EvalData, holdout_domains: Optional[Sequence[str]] = None) -> pd.Dat
     rows of each training domain. Without held-out domains (the teacher), every domain is scored
     zero-shot (split "zero_shot")."""
     held = list(holdout_domains if holdout_domains is not None else (d.holdout_domains or []))
-    index = LabelIndex(d.class_emb)
     rows: List[Dict] = []
     for dom in sorted(set(d.domains[d.ok])):
         rows_dom = np.flatnonzero(d.ok & (d.domains == dom))
@@ -67,7 +77,7 @@ def lodo(d: EvalData, holdout_domains: Optional[Sequence[str]] = None) -> pd.Dat
         else:
             split = "out_of_domain" if held else "zero_shot"
         if len(rows_dom):
-            rows += _rows(index.predict(d.emb[rows_dom]), d.labels[rows_dom], split=split, domain=dom)
+            rows += _rows(_predict(d, rows_dom), d.labels[rows_dom], split=split, domain=dom)
     df = pd.DataFrame(rows)
     for split in df["split"].unique():
         rows += _average(df, split)
@@ -90,18 +100,17 @@ def open_vocab(d: EvalData, seen_classes: Optional[Sequence[int]] = None, unseen
                       (d.seen_classes if d.seen_classes is not None else seeded_class_split(len(d.classes), unseen_fraction, seed)))
     unseen = np.setdiff1d(np.arange(len(d.classes)), seen)
     if len(unseen) == 0:
-        raise ValueError("open_vocab needs at least one unseen class; every class was seen in training")
+        raise EvaluationError("open_vocab needs at least one unseen class, and this run trained on every class; "
+                         "train with split.train_classes=[...] to hold classes out")
     u_rows = np.flatnonzero(d.ok & np.isin(d.labels, unseen))
     s_rows = np.flatnonzero(d.ok & np.isin(d.labels, seen))
     if d.val_idx is not None:
         s_rows = np.intersect1d(s_rows, d.val_idx)  # seen classes: only images not trained on
-    rows = _rows(LabelIndex.subset(d.class_emb, unseen).predict(d.emb[u_rows]), d.labels[u_rows],
-                 split="unseen_zero_shot", domain="all")
-    full = LabelIndex(d.class_emb)
+    rows = _rows(_predict(d, u_rows, unseen), d.labels[u_rows], split="unseen_zero_shot", domain="all")
     acc = {}
     for name, r in (("gzsl_seen", s_rows), ("gzsl_unseen", u_rows)):
         if len(r):
-            part = _rows(full.predict(d.emb[r]), d.labels[r], split=name, domain="all")
+            part = _rows(_predict(d, r), d.labels[r], split=name, domain="all")
             rows += part
             acc[name] = {p["metric"]: p["value"] for p in part}
     if len(acc) == 2:
@@ -133,7 +142,7 @@ def few_shot(d: EvalData, shots: int = 5, episodes: int = 3, seen_classes: Optio
     for c in unseen:
         n = int((d.labels[rows_all] == c).sum())
         if n <= shots:
-            raise ValueError(f"class {d.classes[c]!r} has {n} usable images, fewer than {shots} shots + 1 to test; "
+            raise EvaluationError(f"class {d.classes[c]!r} has {n} usable images, fewer than {shots} shots + 1 to test; "
                              "lower shots or choose other unseen classes")
     rows: List[Dict] = []
     for ep in range(episodes):

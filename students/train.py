@@ -256,6 +256,10 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int], None]] = None, log
         metrics_path.write_text("".join(k + "\n" for k in kept))  # drop rows logged after the checkpoint
         log(f"resuming {out} from step {start}")
     (out / "config.json").write_text(json.dumps({**to_dict(cfg), "store_key": data.key, "out": str(out)}, indent=2))
+    (out / "split.json").write_text(json.dumps({  # what the run trained on, for evaluation without this package
+        "train_idx": data.train_idx.tolist(), "val_idx": data.val_idx.tolist(), "test_idx": data.test_idx.tolist(),
+        "holdout_domains": list(cfg.split.holdout_domains), "seen_classes": data.train_class_ids.tolist(),
+        "text_source": cfg.text_source or recipe.text_source, "predict": recipe.predict}))
     ends = _stage_ends(recipe, cfg.steps)
     amp = cfg.amp and device.type == "cuda"
     avg_from = int(cfg.average_start * cfg.steps)

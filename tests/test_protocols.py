@@ -78,3 +78,13 @@ def test_tip_adapter_against_a_loop():
 
 def test_protocol_registry():
     assert PROTOCOLS.names() == ["few_shot", "lodo", "open_vocab"]
+
+
+def test_classifier_scores_replace_nearest_text():
+    d = _data()
+    d.scores = np.full((len(d.labels), 6), -np.inf)
+    d.scores[np.arange(len(d.labels)), d.labels] = 1.0  # a perfect classifier...
+    d.scores[:, 5] = np.where(d.labels == 5, -np.inf, d.scores[:, 5])  # ...that never saw class 5
+    assert _value(lodo(d), "zero_shot") == pytest.approx(1 - np.mean(d.labels == 5), abs=1e-9)
+    d.emb = -d.emb  # embeddings are ignored when scores exist
+    assert _value(lodo(d), "zero_shot") == pytest.approx(1 - np.mean(d.labels == 5), abs=1e-9)

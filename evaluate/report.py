@@ -1,0 +1,62 @@
+"""Reports from a results file: markdown tables (methods x domains, mean ± std over seeds) and plots."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List
+
+import pandas as pd
+
+from .store_eval import summary_table
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """A pivot table as a GitHub markdown table (no extra dependency)."""
+    idx_names = [n or "" for n in table.index.names]
+    head = idx_names + [str(c) for c in table.columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for idx, row in table.iterrows():
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        lines.append("| " + " | ".join([str(i) for i in idx] + ["" if pd.isna(v) else str(v) for v in row]) + " |")
+    return "\n".join(lines)
+
+
+def write_report(results: pd.DataFrame, out_dir: str) -> List[Path]:
+    """report.md with one table per split, and PNG plots: per-domain bars per split, and in-domain
+    vs out-of-domain accuracy per method when both exist."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    parts, files = ["# Results\n"], []
+    for split in sorted(results["split"].unique()):
+        parts += [f"## {split} (top-1, %)\n", markdown(summary_table(results, split)), ""]
+        top = results[(results["split"] == split) & (results["metric"] == "top1") & (results["domain"] != "avg")]
+        if "episode" in top.columns:
+            top = top[top["episode"].isna() | (top["episode"] == -1)]
+        if top.empty:
+            continue
+        pv = top.assign(method=top["recipe"] + " / " + top["student"]).pivot_table(
+            index="domain", columns="method", values="value", aggfunc="mean")
+        ax = (100 * pv).plot.bar(figsize=(max(6, 1.2 * len(pv)), 4), rot=0)
+        ax.set_ylabel("top-1 (%)"); ax.set_title(split); ax.legend(fontsize=7)
+        plt.tight_layout()
+        f = out / f"{split}_domains.png"
+        plt.savefig(f, dpi=110); plt.close()
+        files.append(f)
+    t1 = results[(results["metric"] == "top1") & (results["domain"] == "avg")]
+    if {"in_domain", "out_of_domain"} <= set(t1["split"]):
+        m = t1.assign(method=t1["recipe"] + " / " + t1["student"]).pivot_table(
+            index="method", columns="split", values="value", aggfunc="mean").dropna()
+        fig, ax = plt.subplots(figsize=(5, 5))
+        ax.scatter(100 * m["in_domain"], 100 * m["out_of_domain"])
+        for name, r in m.iterrows():
+            ax.annotate(name, (100 * r["in_domain"], 100 * r["out_of_domain"]), fontsize=7)
+        ax.set_xlabel("in-domain top-1 (%)"); ax.set_ylabel("out-of-domain top-1 (%)")
+        plt.tight_layout()
+        f = out / "id_vs_ood.png"
+        plt.savefig(f, dpi=110); plt.close()
+        files.append(f)
+    (out / "report.md").write_text("\n".join(parts) + "\n" + "\n".join(f"![{f.stem}]({f.name})" for f in files) + "\n")
+    return [out / "report.md"] + files

@@ -1,0 +1,89 @@
+"""Teacher baselines, run evaluation and reports through the CLI, on the synthetic store."""
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+import embedcache
+from embedcache.cli import main
+from evaluate.store_eval import teacher_baselines
+from students.data import SplitConfig
+from students.models import StudentConfig
+from students.train import TrainConfig, train
+
+from conftest import quiet
+
+
+def test_teacher_baselines_equal_a_direct_computation(synthetic_store):
+    res = teacher_baselines(str(synthetic_store), protocols=("lodo",))
+    s = embedcache.open_store(str(synthetic_store))
+    assert set(res["source"]) == set(s.text_sources) and set(res["split"]) == {"zero_shot"}
+    emb, text, meta = s.image_emb(0).astype(np.float32), s.class_emb("templates"), s.meta
+    pred = np.argmax(emb @ text.T, axis=1)
+    for dom in s.domains:
+        m = (meta.domain == dom).to_numpy()
+        got = res[(res.source == "templates") & (res.domain == dom) & (res.metric == "top1")].value.iloc[0]
+        assert got == pytest.approx(np.mean(pred[m] == meta.label.to_numpy()[m]))
+
+
+@pytest.fixture(scope="module")
+def runs(synthetic_store, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    for recipe in ("feat_kd", "ce"):
+        for seed in (0, 1):
+            train(TrainConfig(store=str(synthetic_store), recipe=recipe, seed=seed, steps=6, batch_size=8, eval_every=3,
+                              student=StudentConfig(name="test_resnet", input_size=32), device="cpu", progress=False,
+                              split=SplitConfig(holdout_domains=("outline",), train_classes=("circle", "square")),
+                              out=str(root / f"{recipe}-{seed}")),
+                  log=quiet)
+    return root
+
+
+def test_evaluate_runs_and_report(runs, tmp_path):
+    out = tmp_path / "results.parquet"
+    res = CliRunner().invoke(main, ["evaluate", str(runs), "--protocol", "lodo", "--protocol", "open_vocab",
+                                    "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    df = pd.read_parquet(out)
+    assert set(df.recipe) == {"feat_kd", "ce"} and set(df.seed) == {0, 1}
+    lodo = df[df.protocol == "lodo"]
+    assert set(lodo[lodo.split == "out_of_domain"].domain) == {"outline", "avg"}
+    assert set(lodo[lodo.split == "in_domain"].domain) == {"solid", "avg"}
+    ov = df[df.protocol == "open_vocab"]
+    assert {"unseen_zero_shot", "gzsl_harmonic"} <= set(ov.split)
+    assert int(ov[(ov.split == "gzsl_unseen") & (ov.metric == "top1")].n.iloc[0]) == 16  # the triangles
+    # a linear classifier never predicts the class it did not see
+    ce_unseen = ov[(ov.recipe == "ce") & (ov.split == "gzsl_unseen") & (ov.metric == "top1")]
+    assert (ce_unseen.value == 0.0).all()
+    assert "±" in res.output and "feat_kd" in res.output
+    rep = CliRunner().invoke(main, ["report", str(out), "--out", str(tmp_path / "rep")])
+    assert rep.exit_code == 0, rep.output
+    text = (tmp_path / "rep" / "report.md").read_text()
+    for word in ("out_of_domain", "in_domain", "feat_kd", "ce", "outline", "solid", "avg"):
+        assert word in text
+    assert (tmp_path / "rep" / "id_vs_ood.png").stat().st_size > 1000
+    assert (tmp_path / "rep" / "out_of_domain_domains.png").exists()
+
+
+def test_a_run_is_refused_on_another_store(runs, make_cfg, tiny_teacher, tmp_path):
+    from embedcache.extract import extract
+
+    other = make_cfg("other.zarr")
+    extract(other, teacher=tiny_teacher, log=quiet)
+    res = CliRunner().invoke(main, ["evaluate", str(runs / "feat_kd-0"), "--store", other.out, "--out", str(tmp_path / "r.parquet")])
+    assert res.exit_code == 2 and "made from other inputs" in res.output
+
+
+def test_teacher_baseline_cli(synthetic_store, tmp_path):
+    res = CliRunner().invoke(main, ["evaluate", "--store", str(synthetic_store), "--source", "name",
+                                    "--out", str(tmp_path / "t.parquet")])
+    assert res.exit_code == 0, res.output
+    assert "teacher" in res.output and "zero_shot" in res.output
+
+
+def test_open_vocab_refuses_a_run_that_saw_every_class(synthetic_store, tmp_path):
+    run = train(TrainConfig(store=str(synthetic_store), recipe="feat_kd", steps=2, batch_size=4, eval_every=2,
+                            student=StudentConfig(name="test_resnet", input_size=32), device="cpu", progress=False,
+                            out=str(tmp_path / "all")), log=quiet)
+    res = CliRunner().invoke(main, ["evaluate", run.out, "--protocol", "open_vocab", "--out", str(tmp_path / "r.parquet")])
+    assert res.exit_code == 2 and "trained on every class" in res.output and res.output.count("\n") == 1
