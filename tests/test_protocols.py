@@ -77,7 +77,22 @@ def test_tip_adapter_against_a_loop():
 
 
 def test_protocol_registry():
-    assert PROTOCOLS.names() == ["few_shot", "lodo", "open_vocab"]
+    assert PROTOCOLS.names() == ["distill", "few_shot", "lodo", "open_vocab", "per_class"]
+
+
+def test_per_class_and_distill():
+    d = _data()
+    d.teacher = d.emb.copy()
+    pc = PROTOCOLS.get("per_class")(d)
+    assert len(pc) == 6 and (pc.value == 1.0).all() and pc.n.sum() == 600
+    ds = PROTOCOLS.get("distill")(d, max_rows=300)
+    vals = dict(zip(ds.metric, ds.value))
+    assert vals["m_rel"] == 1.0 and vals["m_neigh@10"] == 1.0 and vals["m_vlalign@5"] == 0.0
+    assert vals["teacher_student_cosine"] == pytest.approx(1.0)
+    from evaluate.metrics import text_separability
+    assert vals["text_pairwise_cosine"] == pytest.approx(text_separability(d.class_emb))
+    d.teacher = None  # without a teacher, only the text metric
+    assert PROTOCOLS.get("distill")(d).metric.tolist() == ["text_pairwise_cosine"]
 
 
 def test_classifier_scores_replace_nearest_text():
