@@ -136,7 +136,9 @@ def _runs(paths):
 @click.option("--source", "sources", multiple=True, help="text sources for teacher baselines (default: all)")
 @click.option("--out", default="results.parquet", show_default=True, help="tidy results file (appended to)")
 @click.option("--device", default="cpu", show_default=True)
-def evaluate(runs, store, protocols, sources, out, device) -> None:
+@click.option("--finetune-steps", default=50, show_default=True,
+              help="with few_shot on runs: also fine-tune the student on the shots for this many steps (0: skip)")
+def evaluate(runs, store, protocols, sources, out, device, finetune_steps) -> None:
     """Score finished runs (or, with only --store, the teacher's zero-shot baselines)."""
     from pathlib import Path
 
@@ -157,7 +159,14 @@ def evaluate(runs, store, protocols, sources, out, device) -> None:
             continue
         import json
         cfg_store = store or json.loads((run / "config.json").read_text())["store"]
-        frames.append(evaluate_run(str(run), protocols, cfg_store, embed_store(str(run), cfg_store, device)))
+        scored = evaluate_run(str(run), protocols, cfg_store, embed_store(str(run), cfg_store, device))
+        frames.append(scored)
+        if "few_shot" in protocols and finetune_steps > 0:
+            from students.finetune import few_shot_finetune
+
+            ft = few_shot_finetune(str(run), cfg_store, steps=finetune_steps, device=device)
+            tags = scored.iloc[0][["run", "recipe", "student", "seed", "source"]].to_dict()
+            frames.append(ft.assign(protocol="few_shot", **tags))
     if not frames:
         raise click.UsageError("nothing to evaluate: no finished run found")
     res = pd.concat(frames, ignore_index=True)

@@ -123,6 +123,21 @@ def open_vocab(d: EvalData, seen_classes: Optional[Sequence[int]] = None, unseen
     return pd.DataFrame(rows)
 
 
+def episode(labels: np.ndarray, ok: np.ndarray, classes_in: np.ndarray, shots: int, seed: int, ep: int,
+            names: Sequence[str]):
+    """Seeded few-shot episode: ``shots`` support rows per class in ``classes_in``, the rest of those
+    classes' usable rows as queries. Shared by every few-shot method so they see the same episodes."""
+    rows_all = np.flatnonzero(ok & np.isin(labels, classes_in))
+    for c in classes_in:
+        n = int((labels[rows_all] == c).sum())
+        if n <= shots:
+            raise EvaluationError(f"class {names[c]!r} has {n} usable images, fewer than {shots} shots + 1 to test; "
+                                  "lower shots or choose other unseen classes")
+    rng = np.random.default_rng([seed, ep, 31])
+    support = np.concatenate([rng.choice(rows_all[labels[rows_all] == c], shots, replace=False) for c in classes_in])
+    return support, np.setdiff1d(rows_all, support)
+
+
 def tip_adapter_logits(q: np.ndarray, keys: np.ndarray, key_labels: np.ndarray, class_emb: np.ndarray,
                        beta: float = 5.5, alpha: float = 1.0) -> np.ndarray:
     """Tip-Adapter (training-free): 100 cos(q, T_c) + alpha * exp(-beta (1 - cos(q, k))) @ onehot(labels)."""
@@ -140,17 +155,9 @@ def few_shot(d: EvalData, shots: int = 5, episodes: int = 3, seen_classes: Optio
     seen = np.asarray(seen_classes if seen_classes is not None else
                       (d.seen_classes if d.seen_classes is not None else seeded_class_split(len(d.classes), unseen_fraction, seed)))
     unseen = np.setdiff1d(np.arange(len(d.classes)), seen)
-    rows_all = np.flatnonzero(d.ok & np.isin(d.labels, unseen))
-    for c in unseen:
-        n = int((d.labels[rows_all] == c).sum())
-        if n <= shots:
-            raise EvaluationError(f"class {d.classes[c]!r} has {n} usable images, fewer than {shots} shots + 1 to test; "
-                             "lower shots or choose other unseen classes")
     rows: List[Dict] = []
     for ep in range(episodes):
-        rng = np.random.default_rng([seed, ep, 31])
-        support = np.concatenate([rng.choice(rows_all[d.labels[rows_all] == c], shots, replace=False) for c in unseen])
-        query = np.setdiff1d(rows_all, support)
+        support, query = episode(d.labels, d.ok, unseen, shots, seed, ep, d.classes)
         protos = np.stack([d.emb[support][d.labels[support] == c].mean(0) for c in unseen])
         pred = LabelIndex(protos, unseen).predict(d.emb[query])
         rows += _rows(pred, d.labels[query], split="prototype", domain="all", episode=ep)

@@ -108,3 +108,38 @@ def test_conse_teacher_baselines_on_pacs(tmp_path):
     top1 = res[(res.metric == "top1")].set_index("domain")["value"]
     assert set(top1.index) == {"art_painting", "cartoon", "photo", "sketch", "avg"}
     assert top1["photo"] >= 0.45 and top1["photo"] > top1["sketch"]  # chance is 1/7
+
+
+def test_few_shot_finetune_uses_the_protocols_episodes(synthetic_store, tmp_path):
+    from evaluate.metrics import nearest_label
+    from evaluate.protocols import episode
+    from students.embed import embed_store
+    from students.finetune import few_shot_finetune
+
+    run = train(TrainConfig(store=str(synthetic_store), recipe="feat_kd", steps=4, batch_size=8, eval_every=2,
+                            student=StudentConfig(name="test_vit", input_size=32), device="cpu", progress=False,
+                            split=SplitConfig(train_classes=("circle",)), out=str(tmp_path / "vit")), log=quiet).out
+    s = embedcache.open_store(str(synthetic_store))
+    labels, ok, unseen = s.meta.label.to_numpy(), (s.meta.status == "ok").to_numpy(), np.array([1, 2])
+    # lr = 0 and no BatchNorm: fine-tuning changes nothing, so it must equal scoring the run itself by
+    # nearest unseen-class text on the same episode's queries
+    ft = few_shot_finetune(run, str(synthetic_store), shots=3, episodes=2, steps=3, lr=0.0)
+    emb, _ = embed_store(run, str(synthetic_store))
+    text = s.class_emb("name")
+    for ep in (0, 1):
+        _, query = episode(labels, ok, unseen, 3, 0, ep, s.classes)
+        ref = np.mean(unseen[nearest_label(emb[query], text[unseen])] == labels[query])
+        got = ft[(ft.episode == ep) & (ft.metric == "top1")].value.iloc[0]
+        assert got == pytest.approx(ref) and len(query) == 2 * (16 - 3)
+    moved = few_shot_finetune(run, str(synthetic_store), shots=3, episodes=1, steps=3, lr=1e-2)
+    assert set(moved.split) == {"finetune"} and (moved.value.between(0, 1)).all()
+
+
+def test_few_shot_cli_includes_finetuning(runs, tmp_path):
+    out = tmp_path / "fs.parquet"
+    res = CliRunner().invoke(main, ["evaluate", str(runs / "feat_kd-0"), "--protocol", "few_shot", "--finetune-steps", "2",
+                                    "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    df = pd.read_parquet(out)
+    assert {"prototype", "tip_adapter", "finetune"} == set(df.split)
+    assert set(df[df.split == "finetune"].recipe) == {"feat_kd"}
