@@ -10,7 +10,8 @@ ARGS ?=
 
 .DEFAULT_GOAL := help
 TRAIN_CONFIG ?= configs/train/demo.yaml
-.PHONY: help install extract inspect train test bench clean
+SWEEP ?= configs/sweep/demo.yaml
+.PHONY: help install extract inspect train sweep report test bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-9s %s\n", $$1, $$2}'
@@ -20,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[offline,test]'
+	$(PY) -m pip install -q -e '.[offline,test,ray]'
 	touch $@
 
 install: $(VENV)/.installed ## create .venv and install embedcache with the offline teacher and test tools
@@ -34,6 +35,13 @@ inspect: $(VENV)/.installed ## summarise a store (STORE=stores/demo.zarr)
 train: $(VENV)/.installed ## train a student from a store (TRAIN_CONFIG=..., default: demo; ARGS for --set)
 	$(VENV)/bin/embedcache train --config $(TRAIN_CONFIG) $(ARGS)
 
+sweep: $(VENV)/.installed ## run a sweep (SWEEP=..., default: the demo over stores/demo.zarr), then print its table
+	$(VENV)/bin/embedcache extract --config configs/extract/demo.yaml --no-progress
+	$(VENV)/bin/embedcache sweep $(SWEEP) $(ARGS)
+
+report: $(VENV)/.installed ## markdown tables and plots of a sweep (SWEEP_DIR=sweeps/demo)
+	$(VENV)/bin/embedcache report $(or $(SWEEP_DIR),sweeps/demo)
+
 test: $(VENV)/.installed ## run the test suite (CPU, no network)
 	$(PY) -m pytest -q
 
@@ -43,4 +51,4 @@ bench: $(VENV)/.installed ## run the benchmarks under bench/ (tables printed, JS
 	$(PY) bench/evaluate.py
 
 clean: ## remove stores/ and caches (keeps .venv)
-	rm -rf stores bench/results .pytest_cache
+	rm -rf stores runs sweeps report bench/results .pytest_cache

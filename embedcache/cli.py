@@ -178,16 +178,57 @@ def evaluate(runs, store, protocols, sources, out, device, finetune_steps) -> No
 
 
 @main.command()
-@click.argument("results", type=click.Path(exists=True, dir_okay=False))
-@click.option("--out", "out_dir", default="report", show_default=True, help="folder for report.md and PNG plots")
+@click.argument("results", type=click.Path(exists=True))
+@click.option("--out", "out_dir", help="folder for report.md and PNG plots (default: report/, or SWEEP_DIR/report)")
 def report(results, out_dir) -> None:
-    """Turn a results file into markdown tables (methods x domains, mean ± std) and plots."""
+    """Turn a results file, or a sweep directory, into markdown tables (methods x domains, mean ± std) and plots."""
+    from pathlib import Path
+
     import pandas as pd
 
     from evaluate.report import write_report
 
-    for f in write_report(pd.read_parquet(results), out_dir):
+    if Path(results).is_dir():
+        from students.sweep import collect
+
+        df, out_dir = collect(results), out_dir or str(Path(results) / "report")
+    else:
+        df, out_dir = pd.read_parquet(results), out_dir or "report"
+    for f in write_report(df, out_dir):
         click.echo(str(f))
+
+
+MAIN_SPLIT = {"lodo": "out_of_domain", "open_vocab": "unseen_zero_shot", "few_shot": "prototype"}
+
+
+@main.command()
+@click.argument("sweep_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", help="sweep directory (default sweeps/<file name>)")
+@click.option("--launcher", help="serial | local | ray (default: the sweep file's)")
+@click.option("--workers", type=int, help="local launcher: worker processes")
+@click.option("--address", help="ray launcher: cluster address (default: a local Ray instance)")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a sweep key, e.g. base.steps=50")
+@click.option("--no-progress", is_flag=True)
+def sweep(sweep_file, out, launcher, workers, address, device, overrides, no_progress) -> None:
+    """Run a grid of student runs over a store (resumable; finished runs are skipped), then report."""
+    from pathlib import Path
+
+    from evaluate.report import markdown
+    from evaluate.store_eval import summary_table
+    from students.sweep import load_sweep, run_sweep
+
+    spec = load_sweep(sweep_file, overrides)
+    out = out or str(Path("sweeps") / Path(sweep_file).stem)
+    extra = {k: v for k, v in (("workers", workers), ("address", address)) if v is not None}
+    res = run_sweep(spec, out, launcher, device, progress=not no_progress, log=click.echo, **extra)
+    click.echo(f"{res['runs']} runs: {res['done']} done now, {res['skipped']} already done, {res['failed']} failed, "
+               f"{res['busy']} left to other workers")
+    if res["results"] is not None:
+        click.echo(markdown(summary_table(res["results"], MAIN_SPLIT[spec.protocol])))
+        click.echo(f"results: {out}/results.parquet; report: {out}/report/report.md")
+    if res["failed"]:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -79,11 +79,11 @@ def summary_table(results: pd.DataFrame, split: Optional[str] = None, metric: st
         df = df[df["split"] == split]
     if "episode" in df.columns:
         df = df[df["episode"].isna() | (df["episode"] == -1)]
-    g = df.groupby(["recipe", "student", "source", "split", "domain"])["value"]
+    keys = ["recipe", "student", "source"] + (["variant"] if "variant" in df.columns else [])
+    g = df.groupby(keys + ["split", "domain"])["value"]
     stats = g.agg(["mean", "std", "count"]).reset_index()
     stats["cell"] = [f"{100 * m:.1f}" + (f" ± {100 * s:.1f}" if c > 1 and s == s else "")
                      for m, s, c in zip(stats["mean"], stats["std"], stats["count"])]
-    table = stats.pivot_table(index=["recipe", "student", "source", "split"], columns="domain", values="cell",
-                              aggfunc="first")
+    table = stats.pivot_table(index=keys + ["split"], columns="domain", values="cell", aggfunc="first")
     cols = [c for c in table.columns if c != "avg"] + (["avg"] if "avg" in table.columns else [])
     return table[cols]

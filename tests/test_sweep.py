@@ -1,0 +1,155 @@
+"""Sweeps: end to end through the CLI, kill and relaunch, concurrent workers, Ray, seed stability."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from embedcache.cli import main
+from embedcache.errors import ConfigError
+from students.sweep import LAUNCHERS, expand, load_sweep, run_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _sweep_file(tmp_path, store, **changes):
+    spec = {"store": str(store), "protocol": "lodo",
+            "base": {"student": {"name": "test_resnet", "input_size": 32}, "steps": 4, "batch_size": 8,
+                     "eval_every": 2, "ckpt_every": 2, "device": "cpu"},
+            "grid": {"recipe": ["feat_kd", "ce"], "seed": [0, 1]}, "launcher": "serial"}
+    spec.update(changes)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _attempts(sweep_dir):
+    return {p.parent.name: len(p.read_text().splitlines()) for p in Path(sweep_dir).glob("runs/*/attempts.jsonl")}
+
+
+def test_tiny_sweep_end_to_end(synthetic_store, tmp_path):
+    f = _sweep_file(tmp_path, synthetic_store)
+    out = tmp_path / "sw"
+    res = CliRunner().invoke(main, ["sweep", str(f), "--out", str(out), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "8 runs: 8 done now" in res.output  # 2 recipes x 2 seeds x 2 held-out domains
+    df = pd.read_parquet(out / "results.parquet")
+    assert df.run.nunique() == 8 and set(df.holdout) == {"outline", "solid"}
+    ood = df[(df.split == "out_of_domain") & (df.metric == "top1")]
+    cells = ood.groupby(["recipe", "domain"]).size()
+    assert {(r, d) for r in ("ce", "feat_kd") for d in ("outline", "solid", "avg")} <= set(cells.index)
+    report = (out / "report" / "report.md").read_text()
+    for word in ("ce", "feat_kd", "outline", "solid", "avg", "±"):
+        assert word in report
+    assert "| ce |" in res.output and "| feat_kd |" in res.output  # the table printed at the end
+    again = CliRunner().invoke(main, ["sweep", str(f), "--out", str(out), "--no-progress"])
+    assert again.exit_code == 0 and "8 already done" in again.output
+    assert set(_attempts(out).values()) == {1}
+
+
+def test_killed_sweep_completes_each_run_exactly_once(synthetic_store, tmp_path):
+    spec = load_sweep(str(_sweep_file(tmp_path, synthetic_store)))
+    out = str(tmp_path / "kill")
+    seen = []
+
+    def stop(status):
+        seen.append(status)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(spec, out, progress=False, log=lambda m: None, on_run=stop)
+    assert len(list(Path(out).glob("results/*.parquet"))) == 3
+    res = run_sweep(spec, out, progress=False, log=lambda m: None)
+    assert res["skipped"] == 3 and res["done"] == 5
+    assert len(_attempts(out)) == 8 and set(_attempts(out).values()) == {1}
+
+
+def test_two_workers_on_one_sweep_lose_nothing_and_duplicate_nothing(synthetic_store, tmp_path):
+    f = _sweep_file(tmp_path, synthetic_store)
+    out = tmp_path / "two"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "embedcache.cli", "sweep", str(f), "--out", str(out), "--no-progress"]
+    procs = [subprocess.Popen(cmd + ["--launcher", "local", "--workers", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT),
+             subprocess.Popen(cmd + ["--launcher", "serial"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)]
+    outs = [p.communicate(timeout=600)[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    att = _attempts(out)
+    assert len(att) == 8 and set(att.values()) == {1}, att  # nobody ran a run twice
+    assert len(list(out.glob("results/*.parquet"))) == 8  # and no result was lost
+
+
+def test_seeds_and_names_are_stable_when_a_variant_is_added(synthetic_store, tmp_path):
+    a = load_sweep(str(_sweep_file(tmp_path, synthetic_store)))
+    b = load_sweep(str(_sweep_file(tmp_path, synthetic_store, grid={"recipe": ["feat_kd", "li_iccv23", "ce"], "seed": [0, 1]})))
+    ra = {Path(c.out).name: c.seed for c in expand(a, str(tmp_path / "x"))}
+    rb = {Path(c.out).name: c.seed for c in expand(b, str(tmp_path / "x"))}
+    assert len(rb) == 12 and all(rb[n] == s for n, s in ra.items())
+    assert len(set(ra.values())) == 8  # replicates and held-out domains get distinct seeds
+    c = load_sweep(str(_sweep_file(tmp_path, synthetic_store, base_seed=1)))
+    assert not set(Path(x.out).name for x in expand(c, str(tmp_path / "x"))) & set(ra)
+
+
+def test_a_failed_run_is_recorded_and_the_others_finish(synthetic_store, tmp_path):
+    f = _sweep_file(tmp_path, synthetic_store, grid={"recipe": ["feat_kd"], "student.name": ["test_resnet", "timm:no_such_net"]})
+    out = tmp_path / "fail"
+    res = CliRunner().invoke(main, ["sweep", str(f), "--out", str(out), "--no-progress"])
+    assert res.exit_code == 1 and "2 done now" in res.output and "2 failed" in res.output
+    errors = list(out.glob("runs/*/error.txt"))
+    assert len(errors) == 2 and "no_such_net" in errors[0].read_text()
+
+
+def test_bad_sweep_files_are_rejected_before_any_run(synthetic_store, tmp_path, make_cfg, tiny_teacher):
+    with pytest.raises(ConfigError, match="unknown sweep key 'gird'; valid keys: base, base_seed"):
+        load_sweep(str(_sweep_file(tmp_path, synthetic_store, gird={})))
+    cases = [({"grid": {"recipe": ["nope"]}}, "unknown recipe 'nope'; available: ce"),
+             ({"grid": {"student.name": ["resnet9"]}}, "unknown student 'resnet9'"),
+             ({"grid": {"optim.lrr": [1.0]}}, "unknown config key optim.lrr; valid keys under optim.: gamma, lr"),
+             ({"protocol": "zero_shot"}, "unknown sweep protocol 'zero_shot'"),
+             ({"launcher": "slurm"}, "unknown launcher 'slurm'; available: local, ray, serial")]
+    for change, msg in cases:
+        spec = load_sweep(str(_sweep_file(tmp_path, synthetic_store, **change)))
+        with pytest.raises(KeyError if "unknown recipe" in msg or "student" in msg or "launcher" in msg else ConfigError,
+                           match=msg):
+            expand(spec, str(tmp_path / "none"))
+        assert not (tmp_path / "none").exists()
+    from embedcache.extract import extract
+
+    def boom(block):
+        raise KeyboardInterrupt
+
+    part = make_cfg("part.zarr")
+    with pytest.raises(KeyboardInterrupt):
+        extract(part, teacher=tiny_teacher, on_block_done=boom, log=lambda m: None)
+    with pytest.raises(Exception, match="incomplete"):
+        expand(load_sweep(str(_sweep_file(tmp_path, part.out))), str(tmp_path / "none"))
+
+
+def test_unreachable_ray_address_is_one_line(synthetic_store, tmp_path):
+    pytest.importorskip("ray", reason="Ray is not installed: pip install '.[ray]'")
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    f = _sweep_file(tmp_path, synthetic_store, grid={"recipe": ["feat_kd"]})
+    res = CliRunner().invoke(main, ["sweep", str(f), "--out", str(tmp_path / "r"), "--launcher", "ray",
+                                    "--address", f"127.0.0.1:{port}", "--no-progress"])
+    assert res.exit_code == 2 and "cannot reach a Ray cluster at '127.0.0.1:" in res.output
+
+
+def test_ray_launcher_matches_serial(synthetic_store, tmp_path):
+    pytest.importorskip("ray", reason="Ray is not installed: pip install '.[ray]'")
+    spec = load_sweep(str(_sweep_file(tmp_path, synthetic_store, grid={"recipe": ["feat_kd", "ce"], "seed": [0]},
+                                      holdout_domains=["outline"])))
+    a = run_sweep(spec, str(tmp_path / "serial"), "serial", progress=False, log=lambda m: None)["results"]
+    b = run_sweep(spec, str(tmp_path / "ray"), "ray", progress=False, log=lambda m: None)["results"]
+    key = ["run", "protocol", "split", "domain", "metric"]
+    a, b = a.sort_values(key).reset_index(drop=True), b.sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a[key + ["value"]], b[key + ["value"]])
+    assert set(LAUNCHERS.names()) == {"local", "ray", "serial"}
