@@ -1,5 +1,4 @@
 """Sweeps: end to end through the CLI, kill and relaunch, concurrent workers, Ray, seed stability."""
-import json
 import os
 import socket
 import subprocess
