@@ -49,6 +49,8 @@ bench: $(VENV)/.installed ## run the benchmarks under bench/ (tables printed, JS
 	$(PY) bench/extract.py
 	$(PY) bench/train.py
 	$(PY) bench/evaluate.py
+	$(VENV)/bin/embedcache extract --config configs/extract/demo.yaml --no-progress
+	$(PY) bench/sweep.py
 
 clean: ## remove stores/ and caches (keeps .venv)
 	rm -rf stores runs sweeps report bench/results .pytest_cache

@@ -1,0 +1,94 @@
+"""Sweep wall time with the cache against the same sweep with the teacher run online every step.
+
+    python bench/sweep.py [--steps 20] [--seeds 1]
+
+Both arms run the demo store's leave-one-domain-out sweep in this process (serial launcher), the
+online arm replacing the store lookup of each view's teacher embedding by rendering that view and
+running the store's own teacher on it. Then head-only runs/hour: the VL2V-ADiP align step on cached
+features of a fixed backbone. Needs the demo store (`make extract`). Prints a table, writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from embedcache import open_store  # noqa: E402
+from embedcache.views import normalize, render_views  # noqa: E402
+from students import data as sdata  # noqa: E402
+from students.features import cache_features  # noqa: E402
+from students.models import StudentConfig, build_student  # noqa: E402
+from students.sweep import SweepSpec, run_sweep  # noqa: E402
+
+
+def timed(spec: SweepSpec, out: str) -> tuple:
+    t0 = time.perf_counter()
+    res = run_sweep(spec, out, "serial", progress=False, log=lambda _m: None)
+    return time.perf_counter() - t0, res["runs"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--store", default=str(ROOT / "stores" / "demo.zarr"))
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--head-steps", type=int, default=500)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = ap.parse_args()
+    if not Path(args.store).exists():
+        sys.exit(f"no store at {args.store}; run `make extract` first")
+    base = {"student": {"name": "resnet18", "input_size": 64}, "steps": args.steps, "batch_size": 32,
+            "eval_every": args.steps, "ckpt_every": args.steps, "device": "cpu"}
+    spec = SweepSpec(store=args.store, protocol="lodo", base=base,
+                     grid={"recipe": ["li_iccv23"], "seed": list(range(args.seeds))}, launcher="serial")
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        cached_s, n = timed(spec, f"{d}/cached")
+        rows.append(("sweep, teacher targets from the store", n, cached_s))
+        teacher = open_store(args.store).load_teacher()
+        original = sdata.StoreData.targets_for
+
+        def online(self, idx, views, device):
+            x = render_views(torch.from_numpy(self.pixels[idx]), torch.from_numpy(self.params[idx, views][:, None]),
+                             teacher.input_size, teacher.interpolation)
+            t = teacher.encode_image(normalize(x[:, 0], teacher.mean, teacher.std)).to(device)
+            return t, torch.from_numpy(self.targets[idx]).to(device)
+
+        sdata.StoreData.targets_for = online
+        try:
+            online_s, _ = timed(spec, f"{d}/online")
+        finally:
+            sdata.StoreData.targets_for = original
+        rows.append((f"same sweep, {teacher.registry_name} teacher online", n, online_s))
+        torch.manual_seed(0)
+        weights = Path(d) / "backbone.safetensors"
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in build_student(StudentConfig(name="resnet18"), 8).backbone.state_dict().items()},
+                  str(weights))
+        student = {"name": "resnet18", "input_size": 64, "pretrained": str(weights)}
+        cache_features(args.store, StudentConfig(**student), device="cpu", progress=False, log=lambda _m: None)
+        head = SweepSpec(store=args.store, protocol="lodo", grid={"seed": list(range(4))}, launcher="serial",
+                         base={**base, "student": student, "recipe": "vl2v_adip_align", "features": True,
+                               "steps": args.head_steps, "eval_every": args.head_steps, "ckpt_every": args.head_steps})
+        head_s, hn = timed(head, f"{d}/head")
+        rows.append((f"head-only sweep ({args.head_steps} steps per run)", hn, head_s))
+    print(f"\n{'what':<44} {'runs':>5} {'seconds':>9} {'runs/hour':>10}")
+    for name, runs, sec in rows:
+        print(f"{name:<44} {runs:>5} {sec:>9.1f} {3600 * runs / sec:>10.0f}")
+    print(f"\nthe cached sweep takes {cached_s / online_s:.2f} of the online sweep's time ({online_s / cached_s:.1f}x faster)")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    path = Path(args.out) / "sweep-cpu.json"
+    path.write_text(json.dumps({"rows": [{"what": a, "runs": b, "seconds": c} for a, b, c in rows], **vars(args)}, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
