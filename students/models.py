@@ -66,6 +66,17 @@ def _load_local(backbone: nn.Module, path: str) -> None:
     backbone.load_state_dict(usable, strict=False)
 
 
+@torch.no_grad()
+def _feature_width(backbone: nn.Module, size: int) -> int:
+    """Width of the pooled output, measured: timm's num_features is the width *before* a conv head
+    (MobileNetV3: 576, while its pooled output is 1024)."""
+    was = backbone.training
+    backbone.eval()
+    width = int(backbone(torch.zeros(1, 3, size, size)).shape[-1])
+    backbone.train(was)
+    return width
+
+
 def _timm_student(timm_name: str, cfg: StudentConfig, embed_dim: int, num_classes: int) -> Student:
     import timm
 
@@ -84,7 +95,7 @@ def _timm_student(timm_name: str, cfg: StudentConfig, embed_dim: int, num_classe
         _load_local(backbone, cfg.pretrained)
     pc = backbone.pretrained_cfg
     size = cfg.input_size or int(pc.get("input_size", (3, 224, 224))[-1])
-    return Student(timm_name, backbone, backbone.num_features, embed_dim, num_classes, size,
+    return Student(timm_name, backbone, _feature_width(backbone, size), embed_dim, num_classes, size,
                    pc.get("mean", (0.485, 0.456, 0.406)), pc.get("std", (0.229, 0.224, 0.225)))
 
 

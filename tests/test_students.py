@@ -148,6 +148,16 @@ def test_store_without_the_recipes_text_or_incomplete_is_refused(make_cfg, tiny_
         train(_cfg(part.out, tmp_path, "feat_kd"), log=quiet)
 
 
+@pytest.mark.parametrize("name", [n for n in __import__("students.models", fromlist=["STUDENTS"]).STUDENTS.names()
+                                  if n != "openclip_visual"])
+def test_every_registered_student_builds_and_projects(name):
+    """Every registered backbone, from scratch at a small input: features, projection, classifier."""
+    m = build_student(StudentConfig(name=name, input_size=32), 48, num_classes=3).eval()
+    out = m(torch.randn(2, 3, 32, 32))
+    assert out["emb"].shape == (2, 48) and out["logits"].shape == (2, 3)
+    assert m.head.in_features == m.features(torch.randn(1, 3, 32, 32)).shape[-1]
+
+
 def test_head_dimension_comes_from_the_store(synthetic_store):
     d = StoreData(str(synthetic_store), "name")
     m = build_student(StudentConfig(name="test_vit", input_size=32), d.dim)
