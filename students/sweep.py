@@ -214,9 +214,12 @@ def run_one(cfg: TrainConfig, spec: SweepSpec, sweep_dir: str, device: str = "cp
             return {"run": run.name, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
 
 
-def _run_one_in_worker(cfg_dict: Dict, spec_dict: Dict, sweep_dir: str, device: str, threads: int) -> Dict[str, str]:
+def _run_one_in_worker(cfg_dict: Dict, spec_dict: Dict, sweep_dir: str, device: str, threads: int,
+                       cwd: Optional[str] = None) -> Dict[str, str]:
     import torch
 
+    if cwd:
+        os.chdir(cwd)  # Ray workers start elsewhere; stores and sweep dirs may be relative paths
     torch.set_num_threads(threads)
     return run_one(build_config(TrainConfig, cfg_dict), SweepSpec(**spec_dict), sweep_dir, device)
 
@@ -313,7 +316,7 @@ def ray_launcher(cfgs, spec, sweep_dir, device="cpu", progress=True, address=Non
     res = dict(spec.resources)
     task = ray.remote(num_cpus=res.get("num_cpus", 1), num_gpus=res.get("num_gpus", 0))(_run_one_in_worker)
     threads = max(1, int(res.get("num_cpus", 1)))
-    pending = [task.remote(to_dict(c), to_dict(spec), os.path.abspath(sweep_dir), device, threads) for c in cfgs]
+    pending = [task.remote(to_dict(c), to_dict(spec), sweep_dir, device, threads, os.getcwd()) for c in cfgs]
     bar, out = Progress(len(cfgs), progress), []
     try:
         while pending:
