@@ -51,9 +51,12 @@ def teacher_baselines(store: str, sources: Optional[Sequence[str]] = None, proto
     emb = reader.image_emb(0).astype(np.float32)
     t = reader.manifest["teacher"]
     name = f"teacher:{t.get('name')}:{t.get('model') or t.get('classifier')}"
-    frames = [run_protocols(eval_data(reader, src, emb), protocols,
-                            {"run": name, "recipe": "teacher", "student": "-", "seed": -1, "source": src}, options)
-              for src in (sources or reader.text_sources)]
+    frames = []
+    for src in sources or reader.text_sources:
+        data = eval_data(reader, src, emb)
+        data.teacher = None  # teacher-vs-teacher distillation metrics are trivially perfect; keep the text ones
+        frames.append(run_protocols(data, protocols, {"run": name, "recipe": "teacher", "student": "-", "seed": -1,
+                                                      "source": src}, options))
     return pd.concat(frames, ignore_index=True)
 
 

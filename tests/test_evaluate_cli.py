@@ -15,6 +15,7 @@ from conftest import quiet
 
 
 def test_teacher_baselines_equal_a_direct_computation(synthetic_store):
+    assert set(teacher_baselines(str(synthetic_store), protocols=("distill",)).metric) == {"text_pairwise_cosine"}
     res = teacher_baselines(str(synthetic_store), protocols=("lodo",))
     s = embedcache.open_store(str(synthetic_store))
     assert set(res["source"]) == set(s.text_sources) and set(res["split"]) == {"zero_shot"}
