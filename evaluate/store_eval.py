@@ -83,6 +83,14 @@ def summary_table(results: pd.DataFrame, split: Optional[str] = None, metric: st
     if "episode" in df.columns:
         df = df[df["episode"].isna() | (df["episode"] == -1)]
     keys = ["recipe", "student", "source"] + (["variant"] if "variant" in df.columns else [])
+    doms = df[df["domain"] != "avg"]
+    # "avg": each seed's mean over domains first, then mean ± std over seeds (as the papers report;
+    # in leave-one-domain-out each run scores one domain, so per-run "avg" rows would mix the two).
+    # Sweeps tag rows with the replicate index, since their training seeds differ per held-out domain.
+    rep = "replicate" if "replicate" in doms.columns and doms["replicate"].notna().all() else "seed"
+    per_seed = doms.groupby(keys + ["split", rep], as_index=False)["value"].mean().assign(domain="avg")
+    by_domain = doms[doms["domain"] != "all"][keys + ["split"]].drop_duplicates()  # splits with real domains
+    df = pd.concat([doms, per_seed.merge(by_domain, on=keys + ["split"])], ignore_index=True)
     g = df.groupby(keys + ["split", "domain"])["value"]
     stats = g.agg(["mean", "std", "count"]).reset_index()
     stats["cell"] = [f"{100 * m:.1f}" + (f" ± {100 * s:.1f}" if c > 1 and s == s else "")

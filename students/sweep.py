@@ -80,7 +80,15 @@ def _seen_classes(classes: List[str], unseen_fraction: float, seed: int) -> List
     return [classes[i] for i in sorted(rng.permutation(len(classes))[:n_seen])]
 
 
-def expand(spec: SweepSpec, sweep_dir: str) -> List[TrainConfig]:
+@dataclass(frozen=True)
+class SweepPoint:
+    """One run of the grid: its resolved config and its replicate index (the grid's `seed` value,
+    from which the training seed was derived)."""
+    cfg: TrainConfig
+    replicate: int
+
+
+def expand(spec: SweepSpec, sweep_dir: str) -> List[SweepPoint]:
     """Every run of the grid, validated. Raises before anything runs if a key, recipe, student,
     protocol or domain is unknown, or the store is incomplete."""
     if spec.protocol not in PROTOCOLS_TRAINED:
@@ -111,10 +119,11 @@ def expand(spec: SweepSpec, sweep_dir: str) -> List[TrainConfig]:
             if not cfg.student.name.startswith("timm:"):
                 STUDENTS.get(cfg.student.name)
             ident = {k: v for k, v in to_dict(cfg).items() if k not in ("out", "progress")}
+            replicate = cfg.seed
             cfg = build_config(TrainConfig, {**data, "seed": derive_seed(spec.base_seed, ident)})
             cfg = build_config(TrainConfig, {**to_dict(cfg), "out": str(Path(sweep_dir) / "runs" / run_name(cfg))})
-            out.append(cfg)
-    names = [Path(c.out).name for c in out]
+            out.append(SweepPoint(cfg, replicate))
+    names = [Path(p.cfg.out).name for p in out]
     if len(set(names)) != len(names):
         raise ConfigError("two grid points resolve to the same run; remove the duplicate values from the grid")
     return out
@@ -178,7 +187,7 @@ def _atomic_parquet(df: pd.DataFrame, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def run_one(cfg: TrainConfig, spec: SweepSpec, sweep_dir: str, device: str = "cpu") -> Dict[str, str]:
+def run_one(point: SweepPoint, spec: SweepSpec, sweep_dir: str, device: str = "cpu") -> Dict[str, str]:
     """Train (or resume) and evaluate one run; returns {"run", "status": done|skipped|busy|failed, "error"}."""
     from evaluate.store_eval import evaluate_run
 
@@ -186,6 +195,7 @@ def run_one(cfg: TrainConfig, spec: SweepSpec, sweep_dir: str, device: str = "cp
     from .finetune import few_shot_finetune
     from .train import train
 
+    cfg = point.cfg
     run = Path(cfg.out)
     result = Path(sweep_dir) / "results" / f"{run.name}.parquet"
     if result.exists():
@@ -205,6 +215,7 @@ def run_one(cfg: TrainConfig, spec: SweepSpec, sweep_dir: str, device: str = "cp
                 df = pd.concat([df, ft.assign(protocol="few_shot", **df.iloc[0][["run", "recipe", "student", "seed", "source"]])],
                                ignore_index=True)
             df["variant"] = variant(cfg, spec)
+            df["replicate"] = point.replicate
             df["holdout"] = ",".join(cfg.split.holdout_domains) or "-"
             _atomic_parquet(df, result)
             (run / "error.txt").unlink(missing_ok=True)
@@ -214,14 +225,14 @@ def run_one(cfg: TrainConfig, spec: SweepSpec, sweep_dir: str, device: str = "cp
             return {"run": run.name, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
 
 
-def _run_one_in_worker(cfg_dict: Dict, spec_dict: Dict, sweep_dir: str, device: str, threads: int,
+def _run_one_in_worker(cfg_dict: Dict, replicate: int, spec_dict: Dict, sweep_dir: str, device: str, threads: int,
                        cwd: Optional[str] = None) -> Dict[str, str]:
     import torch
 
     if cwd:
         os.chdir(cwd)  # Ray workers start elsewhere; stores and sweep dirs may be relative paths
     torch.set_num_threads(threads)
-    return run_one(build_config(TrainConfig, cfg_dict), SweepSpec(**spec_dict), sweep_dir, device)
+    return run_one(SweepPoint(build_config(TrainConfig, cfg_dict), replicate), SweepSpec(**spec_dict), sweep_dir, device)
 
 
 # --- launchers ----------------------------------------------------------------------------------
@@ -271,7 +282,8 @@ def local(cfgs, spec, sweep_dir, device="cpu", progress=True, workers=None, **_)
     threads = max(1, (os.cpu_count() or 1) // n)
     bar, out = Progress(len(cfgs), progress), []
     with ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("spawn")) as pool:
-        futs = [pool.submit(_run_one_in_worker, to_dict(c), to_dict(spec), sweep_dir, device, threads) for c in cfgs]
+        futs = [pool.submit(_run_one_in_worker, to_dict(c.cfg), c.replicate, to_dict(spec), sweep_dir, device, threads)
+                for c in cfgs]
         for i, f in enumerate(as_completed(futs)):
             st = f.result()
             out.append(st)
@@ -316,7 +328,8 @@ def ray_launcher(cfgs, spec, sweep_dir, device="cpu", progress=True, address=Non
     res = dict(spec.resources)
     task = ray.remote(num_cpus=res.get("num_cpus", 1), num_gpus=res.get("num_gpus", 0))(_run_one_in_worker)
     threads = max(1, int(res.get("num_cpus", 1)))
-    pending = [task.remote(to_dict(c), to_dict(spec), sweep_dir, device, threads, os.getcwd()) for c in cfgs]
+    pending = [task.remote(to_dict(c.cfg), c.replicate, to_dict(spec), sweep_dir, device, threads, os.getcwd())
+               for c in cfgs]
     bar, out = Progress(len(cfgs), progress), []
     try:
         while pending:

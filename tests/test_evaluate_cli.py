@@ -144,3 +144,16 @@ def test_few_shot_cli_includes_finetuning(runs, tmp_path):
     df = pd.read_parquet(out)
     assert {"prototype", "tip_adapter", "finetune"} == set(df.split)
     assert set(df[df.split == "finetune"].recipe) == {"feat_kd"}
+
+
+def test_summary_table_averages_domains_within_each_seed_first():
+    from evaluate.store_eval import summary_table
+
+    rows = [("ood", "d1", 0, 0.2), ("ood", "d2", 0, 0.4), ("ood", "d1", 1, 0.4), ("ood", "d2", 1, 0.6)]
+    df = pd.DataFrame([{"recipe": "r", "student": "s", "source": "name", "split": sp, "domain": d, "seed": sd,
+                        "metric": "top1", "value": v} for sp, d, sd, v in rows])
+    df = pd.concat([df, df.assign(domain="avg")], ignore_index=True)  # per-run avg rows, as lodo writes them
+    t = summary_table(df)
+    assert t.loc[("r", "s", "name", "ood"), "d1"] == "30.0 ± 14.1"
+    assert t.loc[("r", "s", "name", "ood"), "avg"] == "40.0 ± 14.1"  # seeds: 0.3 and 0.5
+    assert list(t.columns) == ["d1", "d2", "avg"]

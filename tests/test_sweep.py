@@ -39,10 +39,17 @@ def test_tiny_sweep_end_to_end(synthetic_store, tmp_path):
     assert res.exit_code == 0, res.output
     assert "8 runs: 8 done now" in res.output  # 2 recipes x 2 seeds x 2 held-out domains
     df = pd.read_parquet(out / "results.parquet")
-    assert df.run.nunique() == 8 and set(df.holdout) == {"outline", "solid"}
+    assert df.run.nunique() == 8 and set(df.holdout) == {"outline", "solid"} and set(df.replicate) == {0, 1}
     ood = df[(df.split == "out_of_domain") & (df.metric == "top1")]
     cells = ood.groupby(["recipe", "domain"]).size()
     assert {(r, d) for r in ("ce", "feat_kd") for d in ("outline", "solid", "avg")} <= set(cells.index)
+    from evaluate.store_eval import summary_table
+
+    # the avg cell: each replicate's mean over held-out domains, then mean ± std over replicates
+    ce = df[(df.split == "out_of_domain") & (df.metric == "top1") & (df.domain != "avg") & (df.recipe == "ce")]
+    per_rep = ce.groupby("replicate").value.mean()
+    cell = summary_table(df, "out_of_domain").loc[("ce", "test_resnet", "name", "-", "out_of_domain"), "avg"]
+    assert cell == f"{100 * per_rep.mean():.1f} ± {100 * per_rep.std():.1f}"
     report = (out / "report" / "report.md").read_text()
     for word in ("ce", "feat_kd", "outline", "solid", "avg", "±"):
         assert word in report
@@ -87,12 +94,13 @@ def test_two_workers_on_one_sweep_lose_nothing_and_duplicate_nothing(synthetic_s
 def test_seeds_and_names_are_stable_when_a_variant_is_added(synthetic_store, tmp_path):
     a = load_sweep(str(_sweep_file(tmp_path, synthetic_store)))
     b = load_sweep(str(_sweep_file(tmp_path, synthetic_store, grid={"recipe": ["feat_kd", "li_iccv23", "ce"], "seed": [0, 1]})))
-    ra = {Path(c.out).name: c.seed for c in expand(a, str(tmp_path / "x"))}
-    rb = {Path(c.out).name: c.seed for c in expand(b, str(tmp_path / "x"))}
+    ra = {Path(p.cfg.out).name: p.cfg.seed for p in expand(a, str(tmp_path / "x"))}
+    rb = {Path(p.cfg.out).name: p.cfg.seed for p in expand(b, str(tmp_path / "x"))}
     assert len(rb) == 12 and all(rb[n] == s for n, s in ra.items())
     assert len(set(ra.values())) == 8  # replicates and held-out domains get distinct seeds
     c = load_sweep(str(_sweep_file(tmp_path, synthetic_store, base_seed=1)))
-    assert not set(Path(x.out).name for x in expand(c, str(tmp_path / "x"))) & set(ra)
+    assert not set(Path(x.cfg.out).name for x in expand(c, str(tmp_path / "x"))) & set(ra)
+    assert sorted(p.replicate for p in expand(a, str(tmp_path / "x"))) == [0, 0, 0, 0, 1, 1, 1, 1]
 
 
 def test_a_failed_run_is_recorded_and_the_others_finish(synthetic_store, tmp_path):
