@@ -150,13 +150,13 @@ def test_unreachable_ray_address_is_one_line(synthetic_store, tmp_path):
     assert res.exit_code == 2 and "cannot reach a Ray cluster at '127.0.0.1:" in res.output
 
 
-def test_ray_launcher_matches_serial(synthetic_store, tmp_path, monkeypatch):
+def test_ray_launcher_matches_local(synthetic_store, tmp_path, monkeypatch):
     pytest.importorskip("ray", reason="Ray is not installed: pip install '.[ray]'")
     monkeypatch.chdir(tmp_path)  # relative store and sweep paths, as in the shipped sweep files
     rel_store = os.path.relpath(synthetic_store, tmp_path)
     spec = load_sweep(str(_sweep_file(tmp_path, rel_store, grid={"recipe": ["feat_kd", "ce"], "seed": [0]},
                                       holdout_domains=["outline"])))
-    a = run_sweep(spec, "serial", "serial", progress=False, log=lambda m: None)["results"]
+    a = run_sweep(spec, "local", "local", progress=False, log=lambda m: None, workers=2)["results"]
     b = run_sweep(spec, "ray", "ray", progress=False, log=lambda m: None)["results"]
     key = ["run", "protocol", "split", "domain", "metric"]
     a, b = a.sort_values(key).reset_index(drop=True), b.sort_values(key).reset_index(drop=True)
