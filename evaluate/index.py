@@ -12,10 +12,7 @@ import numpy as np
 
 from embedcache.errors import EvaluationError
 
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+from .metrics import unit
 
 
 class LabelIndex:
@@ -31,7 +28,7 @@ class LabelIndex:
             raise EvaluationError(f"{len(self.ids)} label ids for {len(class_emb)} class embeddings")
         self.dim = class_emb.shape[1]
         self.index = faiss.IndexFlatIP(self.dim)
-        self.index.add(_unit(class_emb))
+        self.index.add(unit(class_emb))
 
     @classmethod
     def subset(cls, class_emb: np.ndarray, labels: Sequence[int]) -> "LabelIndex":
@@ -47,7 +44,7 @@ class LabelIndex:
         k = min(k, len(self.ids))
         scores, rows = [], []
         for i in range(0, len(queries), batch):
-            s, r = self.index.search(_unit(queries[i:i + batch]), k)
+            s, r = self.index.search(unit(queries[i:i + batch]), k)
             scores.append(s)
             rows.append(r)
         if not scores:

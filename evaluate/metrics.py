@@ -13,14 +13,15 @@ import pandas as pd
 from embedcache.errors import EvaluationError
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
+def unit(x: np.ndarray) -> np.ndarray:
+    """Rows L2-normalised, as a new contiguous float32 array (zero rows stay zero)."""
     x = np.asarray(x, dtype=np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def nearest_label(emb: np.ndarray, class_emb: np.ndarray) -> np.ndarray:
     """(N, D) embeddings, (C, D) class embeddings -> (N,) index of the most cosine-similar class."""
-    return np.argmax(_unit(emb) @ _unit(class_emb).T, axis=1)
+    return np.argmax(unit(emb) @ unit(class_emb).T, axis=1)
 
 
 def _nonempty(labels) -> None:
@@ -56,7 +57,7 @@ def per_group(pred: np.ndarray, labels: np.ndarray, groups: np.ndarray, name: st
 
 def m_rel(s: np.ndarray, t: np.ndarray) -> float:
     """Fraction of images whose student embedding is nearest to their own teacher embedding."""
-    sim = _unit(s) @ _unit(t).T
+    sim = unit(s) @ unit(t).T
     return float(np.mean(np.argmax(sim, axis=1) == np.arange(len(s))))
 
 
@@ -67,7 +68,7 @@ def m_neigh(s: np.ndarray, t: np.ndarray, k: int = 10) -> float:
         raise EvaluationError("M_neigh needs at least two images")
 
     def knn(x):
-        sim = _unit(x) @ _unit(x).T
+        sim = unit(x) @ unit(x).T
         np.fill_diagonal(sim, -np.inf)
         return np.argsort(-sim, axis=1, kind="stable")[:, :k]
 
@@ -81,7 +82,7 @@ def m_vlalign(s: np.ndarray, t: np.ndarray, class_emb: np.ndarray, k: int = 5) -
     k = min(k, len(class_emb))
     if k < 2:
         raise EvaluationError("M_vlalign needs k >= 2 labels")
-    ts, ss = _unit(t) @ _unit(class_emb).T, _unit(s) @ _unit(class_emb).T
+    ts, ss = unit(t) @ unit(class_emb).T, unit(s) @ unit(class_emb).T
     top = np.argsort(-ts, axis=1, kind="stable")[:, :k]          # teacher order, best first
     st = np.take_along_axis(ss, top, axis=1)                     # student scores in that order
     i, j = np.triu_indices(k, 1)
@@ -90,7 +91,7 @@ def m_vlalign(s: np.ndarray, t: np.ndarray, class_emb: np.ndarray, k: int = 5) -
 
 def text_separability(class_emb: np.ndarray) -> float:
     """Mean pairwise cosine between distinct class text embeddings (lower = more separable labels)."""
-    c = _unit(class_emb)
+    c = unit(class_emb)
     sim = c @ c.T
     n = len(c)
     if n < 2:
@@ -100,7 +101,7 @@ def text_separability(class_emb: np.ndarray) -> float:
 
 def teacher_student_cosine(s: np.ndarray, t: np.ndarray) -> float:
     """Mean cosine between each image's student and teacher embedding."""
-    return float(np.mean(np.sum(_unit(s) * _unit(t), axis=1)))
+    return float(np.mean(np.sum(unit(s) * unit(t), axis=1)))
 
 
 def accuracy_table(pred: np.ndarray, labels: np.ndarray) -> Dict[str, float]:

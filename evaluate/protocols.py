@@ -18,7 +18,7 @@ from embedcache.errors import EvaluationError
 
 from .index import LabelIndex
 from .metrics import (m_neigh, m_rel, m_vlalign, mean_per_class, per_group, teacher_student_cosine,
-                      text_separability, top1)
+                      text_separability, top1, unit)
 
 PROTOCOLS = Registry("protocol")
 
@@ -141,8 +141,7 @@ def episode(labels: np.ndarray, ok: np.ndarray, classes_in: np.ndarray, shots: i
 def tip_adapter_logits(q: np.ndarray, keys: np.ndarray, key_labels: np.ndarray, class_emb: np.ndarray,
                        beta: float = 5.5, alpha: float = 1.0) -> np.ndarray:
     """Tip-Adapter (training-free): 100 cos(q, T_c) + alpha * exp(-beta (1 - cos(q, k))) @ onehot(labels)."""
-    un = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # noqa: E731
-    q, keys, t = un(q.astype(np.float32)), un(keys.astype(np.float32)), un(class_emb.astype(np.float32))
+    q, keys, t = unit(q), unit(keys), unit(class_emb)
     onehot = np.eye(len(class_emb), dtype=np.float32)[key_labels]
     return 100.0 * q @ t.T + alpha * np.exp(-beta * (1.0 - q @ keys.T)) @ onehot
 

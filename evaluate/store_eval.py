@@ -21,7 +21,7 @@ COLUMNS = ["run", "recipe", "student", "seed", "source", "protocol", "split", "d
 
 
 def eval_data(reader: StoreReader, source: str, emb: np.ndarray, split: Optional[Dict] = None,
-              scores: Optional[np.ndarray] = None) -> EvalData:
+              scores: Optional[np.ndarray] = None, with_teacher: bool = True) -> EvalData:
     meta = reader.meta
     split = split or {}
     return EvalData(emb=emb, labels=meta["label"].to_numpy(), domains=meta["domain"].to_numpy(),
@@ -29,7 +29,7 @@ def eval_data(reader: StoreReader, source: str, emb: np.ndarray, split: Optional
                     val_idx=np.asarray(split["val_idx"]) if "val_idx" in split else None,
                     holdout_domains=split.get("holdout_domains") or None,
                     seen_classes=split.get("seen_classes"),  # a run's own: never a made-up split
-                    scores=scores, teacher=reader.image_emb(0).astype(np.float32))
+                    scores=scores, teacher=reader.image_emb(0).astype(np.float32) if with_teacher else None)
 
 
 def run_protocols(data: EvalData, protocols: Sequence[str], tags: Dict, options: Optional[Dict] = None) -> pd.DataFrame:
@@ -53,8 +53,8 @@ def teacher_baselines(store: str, sources: Optional[Sequence[str]] = None, proto
     name = f"teacher:{t.get('name')}:{t.get('model') or t.get('classifier')}"
     frames = []
     for src in sources or reader.text_sources:
-        data = eval_data(reader, src, emb)
-        data.teacher = None  # teacher-vs-teacher distillation metrics are trivially perfect; keep the text ones
+        # with_teacher=False: teacher-vs-teacher distillation metrics are trivially perfect; keep the text ones
+        data = eval_data(reader, src, emb, with_teacher=False)
         frames.append(run_protocols(data, protocols, {"run": name, "recipe": "teacher", "student": "-", "seed": -1,
                                                       "source": src}, options))
     return pd.concat(frames, ignore_index=True)

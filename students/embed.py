@@ -8,6 +8,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
+from embedcache._device import resolve_device
 from embedcache.config import build_config
 
 from .data import SplitConfig, StoreData
@@ -29,9 +30,9 @@ def load_run(run_dir: str, device: str = "cpu") -> Tuple[Student, dict]:
     split = json.loads((run / "split.json").read_text())
     recipe = RECIPES.get(cfg.recipe)
     n_cls = len(split["seen_classes"]) if recipe.classifier else 0
-    store_dim = int(load_file(str(run / "model.safetensors"))["head.weight"].shape[0])
-    model = build_student(cfg.student, store_dim, n_cls)
-    model.load_state_dict(load_file(str(run / "model.safetensors")))
+    weights = load_file(str(run / "model.safetensors"))
+    model = build_student(cfg.student, int(weights["head.weight"].shape[0]), n_cls)
+    model.load_state_dict(weights)
     return model.to(device).eval(), {**raw, "split": split}
 
 
@@ -42,7 +43,7 @@ def embed_store(run_dir: str, store: str, device: str = "cpu", batch: int = 256)
     classes (-inf for classes the run never saw), else None."""
     model, info = load_run(run_dir, device)
     data = StoreData(store, info["split"]["text_source"], SplitConfig(val_fraction=0.0))
-    dev = torch.device(device)
+    dev = resolve_device(device)
     emb = np.zeros((len(data.labels), data.dim), np.float32)
     linear = info["split"]["predict"] == "linear"
     scores = np.full((len(data.labels), len(data.classes)), -np.inf, np.float32) if linear else None

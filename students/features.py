@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from embedcache import open_store
+from embedcache._device import resolve_device
 from embedcache.errors import StoreError
 from embedcache.store import Store
 
@@ -38,7 +39,7 @@ def cache_features(store: str, cfg: StudentConfig, seed: int = 0, batch_size: in
     from .data import SplitConfig, StoreData
 
     reader = open_store(store)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)
     torch.manual_seed(seed)
     model = build_student(cfg, int(reader.layout["dim"])).to(dev).eval()
     key = features_key(model)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from embedcache._device import resolve_device
 from evaluate.metrics import mean_per_class, nearest_label, top1
 from evaluate.protocols import episode
 
@@ -31,7 +32,7 @@ def few_shot_finetune(run_dir: str, store: str, shots: int = 5, episodes: int = 
         unseen = np.setdiff1d(np.arange(len(data.classes)), split["seen_classes"])
     if len(unseen) == 0:
         raise ValueError("few-shot fine-tuning needs unseen classes; this run trained on every class")
-    dev = torch.device(device)
+    dev = resolve_device(device)
     ok = (data.reader.meta["status"] == "ok").to_numpy()
     text_all = data.reader.class_emb(split["text_source"])
     text = torch.from_numpy(text_all[unseen]).to(dev)

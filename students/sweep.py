@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-import numpy as np
 import pandas as pd
 import yaml
 
@@ -29,6 +28,7 @@ from embedcache import open_store
 from embedcache._registry import Registry
 from embedcache.config import apply_overrides, build_config, to_dict
 from embedcache.errors import ConfigError
+from evaluate.protocols import seeded_class_split
 
 from .models import STUDENTS
 from .recipes import RECIPES
@@ -74,12 +74,6 @@ def derive_seed(base_seed: int, identity: Dict) -> int:
     return int(hashlib.sha256(blob.encode()).hexdigest()[:8], 16) % (2**31 - 1)
 
 
-def _seen_classes(classes: List[str], unseen_fraction: float, seed: int) -> List[str]:
-    rng = np.random.default_rng([seed, 23])  # the same rule as evaluate.protocols.seeded_class_split
-    n_seen = max(1, int(round(len(classes) * (1 - unseen_fraction))))
-    return [classes[i] for i in sorted(rng.permutation(len(classes))[:n_seen])]
-
-
 @dataclass(frozen=True)
 class SweepPoint:
     """One run of the grid: its resolved config and its replicate index (the grid's `seed` value,
@@ -106,7 +100,8 @@ def expand(spec: SweepSpec, sweep_dir: str) -> List[SweepPoint]:
             raise ConfigError(f"holdout domain {unknown[0]!r} is not in the store; domains: {', '.join(reader.domains)}")
         splits = [{"split": {"holdout_domains": [d]}} for d in domains]
     else:
-        splits = [{"split": {"train_classes": _seen_classes(reader.classes, spec.unseen_fraction, spec.split_seed)}}]
+        seen = seeded_class_split(len(reader.classes), spec.unseen_fraction, spec.split_seed)
+        splits = [{"split": {"train_classes": [reader.classes[i] for i in seen]}}]
     out = []
     for values in itertools.product(*(spec.grid[k] for k in keys)):
         for extra in splits:

@@ -23,6 +23,7 @@ from typing import Callable, List, Optional, Tuple
 import numpy as np
 import torch
 
+from embedcache._device import resolve_device
 from embedcache.config import to_dict
 from embedcache.errors import ConfigError, StoreMismatchError
 from evaluate.metrics import nearest_label, top1
@@ -94,10 +95,6 @@ def run_name(cfg: TrainConfig) -> str:
         d.pop(k)
     h = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
     return f"{cfg.recipe}-{cfg.student.name.replace(':', '_')}-{h}"
-
-
-def _device(name: str) -> torch.device:
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
 
 
 def _optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
@@ -222,7 +219,7 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int], None]] = None, log
         log(f"{out} is already done (val top-1 {s['val_top1']})")
         return RunResult(str(out), s["val_top1"], s["steps"], 0.0)
     data = StoreData(cfg.store, cfg.text_source or recipe.text_source, cfg.split)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = build_student(cfg.student, data.dim, len(data.train_class_ids) if recipe.classifier else 0).to(device)
     feats = None

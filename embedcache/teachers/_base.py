@@ -7,15 +7,10 @@ from typing import Any, Dict, List, Tuple
 
 import torch
 
+from .._device import resolve_device  # noqa: F401  (re-exported for the teachers)
 from .._registry import Registry
 
 TEACHERS = Registry("teacher")
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def file_sha256(path: Path, _cache: Dict[Tuple[str, int, float], str] = {}) -> str:
