@@ -22,9 +22,9 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from embedcache.store import Store, plan_layout  # noqa: E402
-from evaluate.index import LabelIndex  # noqa: E402
-from evaluate.store_eval import teacher_baselines  # noqa: E402
+from embedcache.store import SCHEMA_VERSION, Store, add_text_arrays, plan_layout  # noqa: E402
+from embedcache.evaluate.index import LabelIndex  # noqa: E402
+from embedcache.evaluate.store_eval import teacher_baselines  # noqa: E402
 
 
 def unit(x):
@@ -38,23 +38,24 @@ def fake_store(path: str, n: int, classes: int, dim: int) -> None:
     labels = rng.integers(0, classes, n)
     emb = unit(text[labels] + 0.08 * rng.normal(size=(n, dim)).astype(np.float32)).astype(np.float16)[:, None]
     layout = plan_layout(n, 1, dim, 8, False, 4096)
-    for name, shape in (("text/name/emb", [classes, dim]), ("text/name/class_emb", [classes, dim])):
-        layout["arrays"][name] = {"shape": shape, "dtype": "float32", "chunks": shape}
+    add_text_arrays(layout, {"name": classes}, classes, dim)
     names = [f"class{i}" for i in range(classes)]
     doms = np.array(["a", "b", "c", "d"])[np.arange(n) % 4]
-    manifest = {"schema": 1, "key": "bench", "complete": True, "teacher": {"name": "synthetic", "model": "-"},
+    manifest = {"schema": SCHEMA_VERSION, "key": "bench", "complete": False, "teacher": {"name": "synthetic", "model": "-"},
                 "dataset": {"classes": names, "domains": ["a", "b", "c", "d"], "root": None}, "text": {"sources": ["name"]}}
-    st = Store.create(path, manifest, layout)
-    st.b.write("image/emb", 0, emb)
-    st.b.write("text/name/emb", 0, text)
-    st.b.write("text/name/class_emb", 0, text)
-    st.b.write("image/status", 0, np.ones(n, np.uint8))
-    import io
-    buf = io.BytesIO()
-    pd.DataFrame({"index": np.arange(n), "path": "-", "class_name": np.array(names)[labels], "label": labels,
-                  "domain": doms, "split": "train", "status": "ok", "reason": ""}).to_parquet(buf, index=False)
-    st.b.put_blob("meta.parquet", buf.getvalue())
-    st.close()
+    with Store.create(path, manifest, layout) as st:
+        for b in range(st.num_blocks):
+            start, stop = st.block_range(b)
+            st.write_block(b, {"image/emb": emb[start:stop], "image/status": np.ones(stop - start, np.uint8),
+                               "image/view_params": np.zeros((stop - start, 1, 5), np.int32)})
+        st.write_array("text/name/emb", text)
+        st.write_array("text/name/class_emb", text)
+        st.put_table("text.parquet", pd.DataFrame({"source": "name", "label": np.arange(classes), "class_name": names,
+                                                   "prompt": names}))
+        st.put_table("meta.parquet", pd.DataFrame({"index": np.arange(n), "path": "-", "class_name": np.array(names)[labels],
+                                                   "label": labels, "domain": doms, "split": "train", "status": "ok",
+                                                   "reason": ""}))
+        st.finish(failed=0)
 
 
 def main() -> None:

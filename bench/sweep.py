@@ -3,8 +3,8 @@
     python bench/sweep.py [--steps 20] [--seeds 1]
 
 Both arms run the demo store's leave-one-domain-out sweep in this process (serial launcher), the
-online arm replacing the store lookup of each view's teacher embedding by rendering that view and
-running the store's own teacher on it. Then head-only runs/hour: the VL2V-ADiP align step on cached
+online arm using the ``teacher_online`` target provider (each view rendered and encoded by the
+store's own teacher every step). Then head-only runs/hour: the VL2V-ADiP align step on cached
 features of a fixed backbone. Needs the demo store (`make extract`). Prints a table, writes JSON.
 """
 from __future__ import annotations
@@ -22,16 +22,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from embedcache import open_store  # noqa: E402
-from embedcache.views import normalize, render_views  # noqa: E402
-from students import data as sdata  # noqa: E402
-from students.features import cache_features  # noqa: E402
-from students.models import StudentConfig, build_student  # noqa: E402
-from students.sweep import SweepSpec, run_sweep  # noqa: E402
+from embedcache.config import to_dict  # noqa: E402
+from embedcache.students.features import cache_features  # noqa: E402
+from embedcache.students.models import StudentConfig, build_student  # noqa: E402
+from embedcache.students.sweep import SweepSpec, run_sweep  # noqa: E402
 
 
-def timed(spec: SweepSpec, out: str) -> tuple:
+def timed(spec: SweepSpec, out: str, teacher=None) -> tuple:
     t0 = time.perf_counter()
-    res = run_sweep(spec, out, "serial", progress=False, log=lambda _m: None)
+    res = run_sweep(spec, out, "serial", progress=False, log=lambda _m: None, teacher=teacher)
     return time.perf_counter() - t0, res["runs"]
 
 
@@ -46,7 +45,7 @@ def main() -> None:
     if not Path(args.store).exists():
         sys.exit(f"no store at {args.store}; run `make extract` first")
     base = {"student": {"name": "resnet18", "input_size": 64}, "steps": args.steps, "batch_size": 32,
-            "eval_every": args.steps, "ckpt_every": args.steps, "device": "cpu"}
+            "eval_every": args.steps, "ckpt_every": args.steps, "device": "cpu", "select": "last"}
     spec = SweepSpec(store=args.store, protocol="lodo", base=base,
                      grid={"recipe": ["li_iccv23"], "seed": list(range(args.seeds))}, launcher="serial")
     rows = []
@@ -54,19 +53,8 @@ def main() -> None:
         cached_s, n = timed(spec, f"{d}/cached")
         rows.append(("sweep, teacher targets from the store", n, cached_s))
         teacher = open_store(args.store).load_teacher()
-        original = sdata.StoreData.targets_for
-
-        def online(self, idx, views, device):
-            x = render_views(torch.from_numpy(self.pixels[idx]), torch.from_numpy(self.params[idx, views][:, None]),
-                             teacher.input_size, teacher.interpolation)
-            t = teacher.encode_image(normalize(x[:, 0], teacher.mean, teacher.std)).to(device)
-            return t, torch.from_numpy(self.targets[idx]).to(device)
-
-        sdata.StoreData.targets_for = online
-        try:
-            online_s, _ = timed(spec, f"{d}/online")
-        finally:
-            sdata.StoreData.targets_for = original
+        online = SweepSpec(**{**to_dict(spec), "base": {**base, "targets": "teacher_online"}})
+        online_s, _ = timed(online, f"{d}/online", teacher=teacher)
         rows.append((f"same sweep, {teacher.registry_name} teacher online", n, online_s))
         torch.manual_seed(0)
         weights = Path(d) / "backbone.safetensors"

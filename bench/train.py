@@ -2,9 +2,9 @@
 
     python bench/train.py [--student resnet18] [--size 112] [--teacher ViT-B-32] [--steps 30]
 
-Both arms run the same ``students.train.train`` loop on the same synthetic store and batches; the
-online arm replaces the store lookup of the teacher's view embedding by rendering that view at the
-teacher's input size and running the teacher on it, every step (what a cache-less run pays).
+Both arms run the same ``train`` loop on the same synthetic store and batches; the online arm uses
+the ``teacher_online`` target provider, which renders each view at the teacher's input size and runs
+the teacher on it, every step (what a cache-less run pays).
 Head-only: the VL2V-ADiP align step on cached backbone features. Random weights; prints a table
 and writes JSON to bench/results/.
 """
@@ -24,16 +24,14 @@ sys.path.insert(0, str(ROOT))
 from embedcache.config import CanvasConfig, DatasetConfig, ExtractConfig, TeacherConfig, TextConfig, ViewsConfig  # noqa: E402
 from embedcache.extract import extract  # noqa: E402
 from embedcache.teachers import build_teacher  # noqa: E402
-from embedcache.views import normalize, render_views  # noqa: E402
-from students import data as sdata  # noqa: E402
-from students.features import cache_features  # noqa: E402
-from students.models import StudentConfig  # noqa: E402
-from students.train import TrainConfig, train  # noqa: E402
+from embedcache.students.features import cache_features  # noqa: E402
+from embedcache.students.models import StudentConfig  # noqa: E402
+from embedcache.students.train import TrainConfig, train  # noqa: E402
 
 
-def steps_per_s(cfg: TrainConfig) -> float:
+def steps_per_s(cfg: TrainConfig, teacher=None) -> float:
     """Training steps per second of the loop itself (store loading, model building and saving excluded)."""
-    res = train(cfg, log=lambda _m: None)
+    res = train(cfg, log=lambda _m: None, teacher=teacher)
     return cfg.steps / res.loop_seconds
 
 
@@ -71,19 +69,7 @@ def main() -> None:
         cached = steps_per_s(cfg("cached"))
         rows.append(("student step, teacher targets from the store", cached, 1.0))
 
-        original = sdata.StoreData.targets_for
-
-        def online(self, idx, views, device):
-            x = render_views(torch.from_numpy(self.pixels[idx]).to(teacher.device),
-                             torch.from_numpy(self.params[idx, views][:, None]), teacher.input_size, teacher.interpolation)
-            t = teacher.encode_image(normalize(x[:, 0], teacher.mean, teacher.std)).to(device)
-            return t, torch.from_numpy(self.targets[idx]).to(device)
-
-        sdata.StoreData.targets_for = online
-        try:
-            on = steps_per_s(cfg("online", steps=max(3, args.steps // 3)))
-        finally:
-            sdata.StoreData.targets_for = original
+        on = steps_per_s(cfg("online", targets="teacher_online", steps=max(3, args.steps // 3)), teacher=teacher)
         rows.append((f"student step + {args.teacher} teacher online", on, on / cached))
 
         cache_features(store, scfg, device=args.device, progress=False, log=lambda _m: None)

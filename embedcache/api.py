@@ -1,11 +1,13 @@
 """Reading a store: ``open_store(path)`` for analysts, training and evaluation.
 
-Arrays are loaded whole, once, and cached on the object: random row gathers from compressed
-chunks are 100-300x slower than indexing an in-memory array, so nothing here reads row by row.
+Arrays are loaded whole, once, checked against their checksums, and cached on the reader as
+read-only arrays: editing one raises instead of silently changing what later calls return (copy
+it first). Random row gathers from compressed chunks are 100-300x slower than indexing an
+in-memory array, so nothing here reads row by row.
 """
 from __future__ import annotations
 
-import io
+import warnings
 from functools import cached_property
 from typing import Dict, List, Optional, Union
 
@@ -16,33 +18,47 @@ from .errors import StoreError
 from .store import Store
 
 
+def _readonly(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
+
+
 class StoreReader:
     """Read-only view of a complete store.
 
     manifest: dict. meta: DataFrame, one row per image. classes / domains: lists.
-    image_emb(): (N, V, D) float16, L2-normalised. pixels(): (N, S, S, 3) uint8.
-    view_params(): (N, V, 5) int32. class_emb(source): (C, D) float32. text(source): prompts.
+    image_emb(): (N, V, D) float16, L2-normalised; rows of unreadable images are NaN.
+    pixels(): (N, S, S, 3) uint8. view_params(): (N, V, 5) int32. class_emb(source): (C, D) float32.
+    text(source): prompts. Every array returned is read-only and shared between calls.
     """
 
-    def __init__(self, path: str, backend: Optional[str] = None, require_complete: bool = True,
-                 expect_key: Optional[str] = None):
-        self._store = Store(path, "r", backend).require(expect_key, complete=require_complete)
+    def __init__(self, path: Union[str, Store], backend: Optional[str] = None, require_complete: bool = True,
+                 expect_key: Optional[str] = None, key_advice: str = "use the store that made it"):
+        self._own = not isinstance(path, Store)
+        self._store = Store(path, "r", backend) if self._own else path
+        try:
+            self._store.require(expect_key, complete=require_complete, advice=key_advice)
+        except Exception:
+            self.close()
+            raise
         self.path = self._store.path
         self.manifest: Dict = self._store.manifest
         self.layout: Dict = self._store.layout
+        self._teacher = None
+
+    @property
+    def store(self) -> Store:
+        """The underlying ``Store`` (derived arrays, verification)."""
+        return self._store
 
     # --- tables --------------------------------------------------------------------------------
     @cached_property
     def meta(self) -> pd.DataFrame:
-        raw = self._store.b.get_blob("meta.parquet")
-        if raw is None:
-            raise StoreError(f"store {self.path} has no meta.parquet yet; finish the extraction first")
-        return pd.read_parquet(io.BytesIO(raw))
+        return self._store.table("meta.parquet")
 
     @cached_property
     def text_table(self) -> pd.DataFrame:
-        raw = self._store.b.get_blob("text.parquet")
-        return pd.read_parquet(io.BytesIO(raw)) if raw is not None else pd.DataFrame()
+        return self._store.table("text.parquet")
 
     @property
     def classes(self) -> List[str]:
@@ -60,23 +76,44 @@ class StoreReader:
     def key(self) -> str:
         return self._store.key
 
+    @property
+    def dim(self) -> int:
+        return int(self.layout["dim"])
+
+    @property
+    def views(self) -> int:
+        return int(self.layout["views"])
+
+    @cached_property
+    def ok(self) -> np.ndarray:
+        """(N,) bool: the image was read and embedded (False for unreadable files)."""
+        return _readonly((self.meta["status"] == "ok").to_numpy())
+
+    @property
+    def n_failed(self) -> int:
+        return int((~self.ok).sum())
+
     def text(self, source: str = "name") -> pd.DataFrame:
         """One row per prompt of ``source``: label, class_name, prompt, n_tokens, truncated."""
         self._check_source(source)
         return self.text_table[self.text_table["source"] == source].reset_index(drop=True)
 
-    # --- arrays (loaded whole, cached) ------------------------------------------------------------
+    # --- arrays (loaded whole, verified, cached, read-only) -------------------------------------------
     def _array(self, name: str) -> np.ndarray:
         cache = self.__dict__.setdefault("_arrays", {})
         if name not in cache:
-            if not self._store.b.has(name):
-                raise StoreError(f"store {self.path} has no array {name}")
-            cache[name] = self._store.b.read(name)
+            cache[name] = _readonly(self._store.read(name))
         return cache[name]
 
     def image_emb(self, view: Optional[int] = None) -> np.ndarray:
-        """(N, V, D) float16, or (N, D) for one view (view 0 = the centre view)."""
-        emb = self._array("image/emb")
+        """(N, V, D) float16, or (N, D) for one view (view 0 = the centre view). Rows of unreadable
+        images are NaN, so they can never pass for a real embedding; ``ok`` says which rows are real."""
+        cache = self.__dict__.setdefault("_arrays", {})
+        if "emb_nan" not in cache:
+            emb = self._store.read("image/emb")
+            emb[~self.ok] = np.nan
+            cache["emb_nan"] = _readonly(emb)
+        emb = cache["emb_nan"]
         return emb if view is None else emb[:, view]
 
     def view_params(self) -> np.ndarray:
@@ -103,10 +140,17 @@ class StoreReader:
         return self._array(f"text/{source}/emb")
 
     # --- analyst helpers -------------------------------------------------------------------------
+    def _warn_failed(self, what: str) -> None:
+        if self.n_failed:
+            warnings.warn(f"{self.n_failed} unreadable image(s) of {self.path} {what} (meta.status == 'failed')",
+                          stacklevel=3)
+
     def frame(self, embeddings: bool = False, view: int = 0) -> pd.DataFrame:
-        """meta, optionally with an ``emb`` column holding each image's (D,) view embedding."""
+        """meta, optionally with an ``emb`` column holding each image's (D,) float32 view embedding
+        (NaN for unreadable images, with a warning saying how many)."""
         df = self.meta.copy()
         if embeddings:
+            self._warn_failed("have NaN embeddings in the frame")
             df["emb"] = list(self.image_emb(view).astype(np.float32))
         return df
 
@@ -115,28 +159,39 @@ class StoreReader:
             teacher = teacher or self.load_teacher()
             return teacher.encode_text([query]).numpy()[0]
         q = np.asarray(query, dtype=np.float32).reshape(-1)
-        if q.shape[0] != self.layout["dim"]:
-            raise StoreError(f"query has dimension {q.shape[0]}, the store's teacher has {self.layout['dim']}")
+        if q.shape[0] != self.dim:
+            raise StoreError(f"query has dimension {q.shape[0]}, the store's teacher has {self.dim}")
         return q / max(float(np.linalg.norm(q)), 1e-12)
 
     def nearest_classes(self, query: Union[str, np.ndarray, int], source: str = "name", k: int = 5,
                         view: int = 0, teacher=None) -> pd.DataFrame:
         """Classes ranked by cosine to a query: an image index, an embedding, or a text."""
-        q = self.image_emb(view)[query].astype(np.float32) if isinstance(query, (int, np.integer)) else self._query(query, teacher)
+        if isinstance(query, (int, np.integer)):
+            if not self.ok[query]:
+                raise StoreError(f"image {query} of {self.path} could not be read ({self.meta['reason'].iloc[query]}); "
+                                 "it has no embedding")
+            q = self.image_emb(view)[query].astype(np.float32)
+        else:
+            q = self._query(query, teacher)
         scores = self.class_emb(source) @ q
         top = np.argsort(-scores, kind="stable")[:k]
         return pd.DataFrame({"label": top, "class_name": [self.classes[i] for i in top], "score": scores[top]})
 
     def nearest_images(self, query: Union[str, np.ndarray], k: int = 5, view: int = 0, teacher=None) -> pd.DataFrame:
-        """Images ranked by cosine between their view embedding and a query text or embedding."""
-        scores = self.image_emb(view).astype(np.float32) @ self._query(query, teacher)
+        """Readable images ranked by cosine between their view embedding and a query text or embedding
+        (unreadable images are left out, with a warning saying how many)."""
+        self._warn_failed("are left out of the search")
+        rows = np.flatnonzero(self.ok)
+        scores = self.image_emb(view)[rows].astype(np.float32) @ self._query(query, teacher)
         top = np.argsort(-scores, kind="stable")[:k]
-        out = self.meta.iloc[top].copy()
+        out = self.meta.iloc[rows[top]].copy()
         out["score"] = scores[top]
         return out.reset_index(drop=True)
 
     def load_teacher(self):
-        """The teacher that made this store, reloaded from the source recorded in the manifest."""
+        """The teacher that made this store, reloaded once from the source in the manifest and kept."""
+        if self._teacher is not None:
+            return self._teacher
         from .config import TeacherConfig
         from .teachers import build_teacher
 
@@ -145,6 +200,7 @@ class StoreReader:
         if teacher.identity() != _ident(self.manifest):
             raise StoreError(f"the teacher at {cfg.model or cfg.name} differs from the one that made {self.path}; "
                              "pass the original teacher or an embedding as the query")
+        self._teacher = teacher
         return teacher
 
     def summary(self) -> Dict:
@@ -154,16 +210,18 @@ class StoreReader:
             "path": self.path, "backend": self._store.backend_name, "key": self.key,
             "complete": self._store.complete,
             "teacher": f"{t.get('name')} {t.get('model') or t.get('classifier', '')} {t.get('pretrained') or ''}".strip(),
-            "embed_dim": self.layout["dim"], "images": len(meta), "views": self.layout["views"],
+            "embed_dim": self.dim, "images": len(meta), "views": self.views,
             "canvas": self.layout["canvas"], "pixels_stored": bool(self.layout.get("store_pixels")),
             "classes": len(self.classes), "domains": ", ".join(f"{d} ({n})" for d, n in meta["domain"].value_counts().sort_index().items()),
             "text_sources": ", ".join(f"{s} ({(self.text_table['source'] == s).sum()} prompts)" for s in self.text_sources),
-            "failed": int((meta["status"] != "ok").sum()),
-            "disk_mb": round(self._store.b.disk_bytes() / 2**20, 2),
+            "failed": self.n_failed,
+            "derived": ", ".join(self._store.derived()) or "-",
+            "disk_mb": round(self._store.disk_bytes() / 2**20, 2),
         }
 
     def close(self) -> None:
-        self._store.close()
+        if self._own:
+            self._store.close()
 
     def __enter__(self):
         return self
@@ -174,7 +232,7 @@ class StoreReader:
 
 def _ident(manifest: Dict) -> Dict:
     t = dict(manifest["teacher"])
-    for k in ("embed_dim", "preprocessing", "context_length", "source"):
+    for k in ("embed_dim", "preprocessing", "context_length", "source", "server"):
         t.pop(k, None)
     return t
 

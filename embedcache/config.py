@@ -1,114 +1,271 @@
-"""Frozen configuration of the extraction stage, loaded from YAML and overridden by dotted keys.
+"""Frozen, validated configuration for every stage, loaded from YAML and overridden by dotted keys.
 
-``load_extract_config("configs/extract/demo.yaml", ["views.count=2", "teacher.name=conse"])``
-Keys follow the dataclass structure; an unknown key is an error that lists the valid ones.
+``load_config(ExtractConfig, "demo", ["views.count=2"])`` reads a config file (a path, or the name
+of a config shipped in the package), applies ``key=value`` overrides (values parsed as YAML), then
+applies typed values (CLI options, never parsed as YAML), and builds the dataclass. Every field is
+checked when the config is built, before any store is opened or model loaded: its type (from the
+annotation) and its range or choices (from ``setting(...)`` metadata). Errors are one line naming
+the key, the value and what is allowed; an unknown key lists the valid ones.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import typing
 from dataclasses import dataclass, field, fields, is_dataclass
+from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
 from .errors import ConfigError
 
+_NO_DEFAULT = dataclasses.MISSING
 
+
+def setting(default: Any = _NO_DEFAULT, *, factory: Optional[Callable[[], Any]] = None, min: Optional[float] = None,
+            max: Optional[float] = None, gt: Optional[float] = None, choices: Any = None) -> Any:
+    """A dataclass field with validation rules: ``min``/``max`` (inclusive), ``gt`` (exclusive lower
+    bound), ``choices`` (a tuple, a Registry, or a callable returning the allowed names)."""
+    meta = {k: v for k, v in (("min", min), ("max", max), ("gt", gt), ("choices", choices)) if v is not None}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --- the extraction stage ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DatasetConfig:
-    name: str = "synthetic"          # registry name: domainbed | folder | csv | synthetic
-    path: Optional[str] = None       # root folder or CSV file
-    max_per_class: Optional[int] = None  # keep the first k images of each (domain, class): quick runs
+    name: str = setting("synthetic", choices=lambda: _registry("embedcache.datasets", "DATASETS"))
+    path: Optional[str] = None       # root folder or CSV file, relative to the working folder
+    max_per_class: Optional[int] = setting(None, min=1)  # keep the first k images of each (domain, class)
     # synthetic only
-    num_classes: int = 4
-    num_domains: int = 3
-    per_class: int = 8               # images per (domain, class)
-    image_size: int = 64
+    num_classes: int = setting(4, min=1)
+    num_domains: int = setting(3, min=1)
+    per_class: int = setting(8, min=1)   # images per (domain, class)
+    image_size: int = setting(64, min=8)
     seed: int = 0
 
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    name: str = "conse"              # registry name: open_clip | conse
-    model: Optional[str] = None      # open_clip name, 'hf-hub:org/repo' or 'local-dir:/path'
+    name: str = setting("conse", choices=lambda: _registry("embedcache.teachers", "TEACHERS"))
+    model: Optional[str] = None      # open_clip name, 'hf-hub:org/repo' or 'local-dir:/path'; conse: classifier
     pretrained: Optional[str] = None  # tag or local weights file (None: seeded random weights)
     model_config: Optional[str] = None    # a JSON architecture file registered before creating
-    precision: str = "fp32"          # fp32 | bf16 | fp16
+    precision: str = setting("fp32", choices=("fp32", "bf16", "fp16"))
     device: str = "auto"             # auto | cpu | cuda | cuda:1 ...
-    topk: Optional[int] = None       # conse: ImageNet classes mixed per image (None = all)
+    topk: Optional[int] = setting(None, min=1)  # conse: ImageNet classes mixed per image (None = all)
 
 
 @dataclass(frozen=True)
 class ViewsConfig:
-    count: int = 4                   # views per image; view 0 is the plain centre (whole canvas)
-    scale: Tuple[float, float] = (0.35, 1.0)   # random-resized-crop area fraction
-    ratio: Tuple[float, float] = (3 / 4, 4 / 3)
+    count: int = setting(4, min=1)   # views per image; view 0 is the plain centre (whole canvas)
+    scale: Tuple[float, float] = setting((0.35, 1.0), gt=0.0, max=1.0)  # random-resized-crop area fraction
+    ratio: Tuple[float, float] = setting((3 / 4, 4 / 3), gt=0.0)
     flip: bool = True
     seed: int = 0
+
+    def check(self) -> None:
+        for name, (lo, hi) in (("scale", self.scale), ("ratio", self.ratio)):
+            if lo > hi:
+                raise ConfigError(f"views.{name}={[lo, hi]} is not valid: the first value must not exceed the second")
 
 
 @dataclass(frozen=True)
 class CanvasConfig:
-    size: int = 256                  # images are decoded once into a size x size uint8 canvas
+    size: int = setting(256, min=8)  # images are decoded once into a size x size uint8 canvas
     store: bool = True               # keep the canvas in the store (students need no JPEG decode)
 
 
 @dataclass(frozen=True)
 class TextConfig:
-    sources: Tuple[str, ...] = ("name", "templates")
+    sources: Tuple[str, ...] = setting(("name", "templates"), choices=lambda: _registry("embedcache.text", "TEXT_SOURCES"))
     templates: str = "short7"        # bundled set (openai80 | short7) or a text file, one per line
     attributes: Optional[str] = None  # bundled set (pacs | synthetic) or a JSON file class -> [str]
 
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    views: ViewsConfig = field(default_factory=ViewsConfig)
-    canvas: CanvasConfig = field(default_factory=CanvasConfig)
-    text: TextConfig = field(default_factory=TextConfig)
+    dataset: DatasetConfig = setting(factory=DatasetConfig)
+    teacher: TeacherConfig = setting(factory=TeacherConfig)
+    views: ViewsConfig = setting(factory=ViewsConfig)
+    canvas: CanvasConfig = setting(factory=CanvasConfig)
+    text: TextConfig = setting(factory=TextConfig)
     out: Optional[str] = None        # store path; .h5/.hdf5 picks HDF5 unless backend says otherwise
-    backend: Optional[str] = None    # zarr | hdf5 (default: from the suffix of out, else zarr)
+    backend: Optional[str] = setting(None, choices=("zarr", "hdf5"))
     # settings below never change the data, so they stay out of the cache key
-    batch_size: int = 32
-    num_workers: int = 1
-    block_rows: int = 256            # rows written and marked done together (resume granularity)
-    shard: Optional[int] = None
-    num_shards: Optional[int] = None
+    batch_size: int = setting(32, min=1)
+    num_workers: int = setting(1, min=0)
+    block_rows: int = setting(256, min=1)  # rows written and marked done together (resume granularity)
+    shard: Optional[int] = setting(None, min=0)
+    num_shards: Optional[int] = setting(None, min=1)
     progress: bool = True
 
 
+def _registry(module: str, name: str):
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+# --- building and checking ------------------------------------------------------------------------
 def to_dict(cfg: Any) -> Dict[str, Any]:
     """A JSON-ready nested dict (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return f"{_type_name(args[0])} or null"
+    if origin in (tuple, Tuple):
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_type_name(args[0])}"
+        return f"a list of {len(args)} {_type_name(args[0])}s"
+    if origin in (dict, Dict):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    """``value`` as type ``tp`` (the field's annotation), or a one-line ConfigError."""
+    def bad() -> ConfigError:
+        return ConfigError(f"{key}={value!r} is not valid: expected {_type_name(tp)}")
+
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin in (tuple, Tuple):
+        args = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise bad()
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise bad()
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if origin in (dict, Dict) or tp in (dict, Dict):
+        if not isinstance(value, dict):
+            raise bad()
+        return value
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise bad()
+        return list(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad()
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            return int(value)
+        raise bad()
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, (int, float)):
+            out = float(value)
+        elif isinstance(value, str):
+            try:
+                out = float(value)  # YAML 1.1 reads 1e-3 as a string
+            except ValueError:
+                raise bad() from None
+        else:
+            raise bad()
+        if not math.isfinite(out):
+            raise bad()
+        return out
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad()
+    return value
+
+
+def _resolve(choices):
+    return choices() if callable(choices) and not hasattr(choices, "names") else choices
+
+
+def _check_rules(value: Any, meta: Dict[str, Any], key: str) -> None:
+    if value is None or not meta:
+        return
+    items = value if isinstance(value, tuple) else (value,)
+    for v in items:
+        if "choices" in meta and isinstance(v, str):
+            choices = _resolve(meta["choices"])
+            ok = choices.accepts(v) if hasattr(choices, "accepts") else v in choices
+            if not ok:
+                allowed = ", ".join(choices.names() if hasattr(choices, "names") else choices)
+                hint = f", {choices.hint}" if getattr(choices, "hint", "") else ""
+                raise ConfigError(f"{key}={v!r} is not valid: choose one of {allowed}{hint}")
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if "min" in meta and v < meta["min"]:
+                raise ConfigError(f"{key}={value!r} is not valid: must be at least {meta['min']}")
+            if "max" in meta and v > meta["max"]:
+                raise ConfigError(f"{key}={value!r} is not valid: must be at most {meta['max']}")
+            if "gt" in meta and not v > meta["gt"]:
+                raise ConfigError(f"{key}={value!r} is not valid: must be greater than {meta['gt']}")
+
+
 def build_config(cls, data: Dict[str, Any], prefix: str = ""):
-    """A frozen dataclass from a nested dict; unknown keys are refused with the valid ones listed."""
+    """A frozen dataclass from a nested dict: unknown keys, wrong types and out-of-range values are
+    refused with one line naming the key."""
     if not isinstance(data, dict):
         raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'} must be a mapping, got {data!r}")
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]}; valid keys under {prefix or 'the top level'}: "
-            f"{', '.join(sorted(known))}"
-        )
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]}; valid keys under {prefix or 'the top level'}: "
+                          f"{', '.join(sorted(known))}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
-        f = known[name]
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if is_dataclass(default):
-            kwargs[name] = build_config(type(default), value or {}, f"{prefix}{name}.")
-        elif isinstance(default, tuple) and isinstance(value, (list, tuple)):
-            kwargs[name] = tuple(value)
-        elif isinstance(default, tuple) and isinstance(value, str):
-            kwargs[name] = tuple(v.strip() for v in value.split(",") if v.strip())
-        else:
-            kwargs[name] = value
-    return cls(**kwargs)
+        f, key = known[name], f"{prefix}{name}"
+        tp = hints[name]
+        if is_dataclass(tp):
+            kwargs[name] = build_config(tp, value or {}, f"{key}.")
+            continue
+        value = _coerce(value, tp, key)
+        _check_rules(value, dict(f.metadata), key)
+        kwargs[name] = value
+    for name, f in known.items():  # defaults obey the rules too, but are not re-checked against registries
+        if name not in kwargs and f.default is _NO_DEFAULT and f.default_factory is _NO_DEFAULT:
+            raise ConfigError(f"config key {prefix}{name} is required")
+    cfg = cls(**kwargs)
+    check = getattr(cfg, "check", None)
+    if callable(check):
+        check()  # cross-field rules (a ConfigError naming the keys)
+    return cfg
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        pos = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where} is not valid YAML{pos}: {problem}") from None
 
 
 def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
@@ -116,31 +273,73 @@ def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str,
     data = json.loads(json.dumps(data))
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value; write e.g. --set views.count=4")
+            raise ConfigError(f"--set {item!r} is not key=value; write e.g. --set views.count=4")
         key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = data
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {key!r}: {p} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        value = _parse_yaml(raw, f"--set {item!r}") if raw.strip() else None
+        set_path(data, key.strip(), value)
     return data
 
 
-def load_config(cls, path: Optional[str] = None, overrides: Sequence[str] = (), where: str = "configs/"):
-    """Any stage's config: YAML file (optional) + ``key=value`` overrides -> frozen dataclass."""
+def set_path(data: Dict[str, Any], key: str, value: Any) -> None:
+    """data["a"]["b"] = value for key "a.b", creating sections as needed."""
+    parts = key.split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+# --- config files: a path, or a config shipped in the package ------------------------------------------
+KINDS = ("extract", "train", "sweep", "synthesize", "serve")
+
+
+def packaged_configs(kind: str) -> Dict[str, str]:
+    """name -> first comment line, for the configs of one kind shipped inside the package."""
+    folder = resources.files("embedcache.configs").joinpath(kind)
+    out = {}
+    if folder.is_dir():
+        for f in sorted(folder.iterdir(), key=lambda p: p.name):
+            if f.name.endswith(".yaml"):
+                first = next((ln for ln in f.read_text().splitlines() if ln.startswith("#")), "#")
+                out[f.name[:-5]] = first.lstrip("# ").strip()
+    return out
+
+
+def config_text(kind: str, name_or_path: str) -> Tuple[str, str]:
+    """(text, where it came from): a file at that path wins, else a packaged config of that name."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p.read_text(), str(p)
+    name = p.name[:-5] if p.name.endswith(".yaml") else p.name
+    res = resources.files("embedcache.configs").joinpath(kind, f"{name}.yaml")
+    if res.is_file() and (p.parent == Path(".") or p.parent == Path("configs") / kind):
+        return res.read_text(), f"{kind} config {name!r} (packaged)"
+    names = ", ".join(packaged_configs(kind)) or "none"
+    raise ConfigError(f"config {name_or_path} not found: no such file, and no packaged {kind} config of that name "
+                      f"(packaged: {names}; `embedcache configs` lists them)")
+
+
+def load_config(cls, path: Optional[str] = None, overrides: Sequence[str] = (), kind: str = "extract",
+                values: Optional[Dict[str, Any]] = None):
+    """Any stage's config: YAML file or packaged name (optional) + ``key=value`` overrides + typed
+    ``values`` (dotted keys, applied as given) -> frozen, validated dataclass."""
     data: Dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {path} not found; pick one under {where}")
-        data = yaml.safe_load(p.read_text()) or {}
-    return build_config(cls, apply_overrides(data, overrides))
+        text, where = config_text(kind, path)
+        data = _parse_yaml(text, where) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where} must hold a mapping of settings, not {type(data).__name__}")
+    data = apply_overrides(data, overrides)
+    for key, value in (values or {}).items():
+        if value is not None:
+            set_path(data, key, value)
+    return build_config(cls, data)
 
 
-def load_extract_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> ExtractConfig:
-    return load_config(ExtractConfig, path, overrides, "configs/extract/")
+def load_extract_config(path: Optional[str] = None, overrides: Sequence[str] = (), values=None) -> ExtractConfig:
+    return load_config(ExtractConfig, path, overrides, "extract", values)
 
 
 def replace(cfg, **changes):

@@ -18,9 +18,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ._registry import Registry
+from .registry import Registry
 from .config import DatasetConfig
 from .errors import DatasetError
+from .images import to_rgb8
 
 DATASETS = Registry("dataset")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -63,12 +64,13 @@ class ImageDataset:
         return p if p.is_absolute() or self.root is None else self.root / p
 
     def load(self, i: int) -> Image.Image:
-        """Sample i as an RGB PIL image; raises on a missing or corrupt file."""
+        """Sample i as an 8-bit RGB PIL image, decoded faithfully (``images.to_rgb8``: EXIF
+        orientation, 16-bit and transparent modes); raises on a missing, corrupt or refused file."""
         if self._loader is not None:
-            return self._loader(i)
+            return to_rgb8(self._loader(i))
         with Image.open(self.source_path(i)) as im:
             im.load()
-            return im.convert("RGB")
+            return to_rgb8(im)
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
@@ -107,7 +109,8 @@ def _require_dir(path: Optional[str], what: str) -> Path:
         raise DatasetError(f"{what} needs dataset.path; set it with --set dataset.path=/path/to/images")
     root = Path(path).expanduser()
     if not root.is_dir():
-        raise DatasetError(f"dataset folder {root} does not exist; check dataset.path")
+        raise DatasetError(f"dataset folder {root} does not exist (relative paths are taken from the working folder "
+                           f"{Path.cwd()}); set it with --set dataset.path=/path/to/images")
     return root
 
 
@@ -142,7 +145,8 @@ def folder(cfg: DatasetConfig) -> ImageDataset:
 def csv_manifest(cfg: DatasetConfig) -> ImageDataset:
     """CSV with header ``path,label[,domain][,split]``; paths relative to the CSV's folder."""
     if not cfg.path or not Path(cfg.path).is_file():
-        raise DatasetError(f"CSV manifest {cfg.path} not found; set dataset.path to a CSV file with columns path,label")
+        raise DatasetError(f"CSV manifest {cfg.path} not found; set it with --set dataset.path=/path/to/manifest.csv "
+                           "(a CSV with columns path,label)")
     csv_path = Path(cfg.path)
     root = csv_path.parent
     with open(csv_path, newline="") as fh:

@@ -1,8 +1,13 @@
-"""Errors a user can cause. Each message is one line: what is wrong, then what to do."""
+"""Errors a user can cause. Each message is one line: what is wrong, then what to do.
+
+The CLI prints them without a traceback and exits with the error's ``exit_code``: 2 for a user
+error, 75 (EX_TEMPFAIL: try again later) for a full disk, where rerunning the same command resumes.
+"""
 
 
 class EmbedcacheError(Exception):
-    """Base class; the CLI prints these as one line and exits with status 2."""
+    """Base class; the CLI prints these as one line and exits with ``exit_code``."""
+    exit_code = 2
 
 
 class DatasetError(EmbedcacheError):
@@ -21,9 +26,26 @@ class StoreMismatchError(StoreError):
     pass
 
 
-class ConfigError(EmbedcacheError):
+class StoreDamagedError(StoreError):
+    """A block or file does not match the checksum written with it (a lost chunk, a truncated file)."""
+
+
+class ConfigError(EmbedcacheError, ValueError):
     pass
 
 
 class EvaluationError(EmbedcacheError, ValueError):
     """An evaluation that cannot be done as asked (empty label set, no unseen class, too few shots)."""
+
+
+class TrainingError(EmbedcacheError):
+    """A run that cannot go on (a NaN loss, a run directory made for another store)."""
+
+
+class DiskFullError(EmbedcacheError, OSError):
+    exit_code = 75
+
+
+class BudgetError(EmbedcacheError):
+    """A paid teacher's query budget or a server's quota ran out: the store is left resumable."""
+    exit_code = 3

@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Sequence
 import numpy as np
 import pandas as pd
 
-from ._registry import Registry
+from .registry import Registry
 from .config import TextConfig
 from .errors import ConfigError
 

@@ -16,12 +16,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .images import to_rgb8
+
 PARAM_FIELDS = ("top", "left", "height", "width", "flip")  # image/view_params[..., k], canvas pixels
 
 
 def make_canvas(image: Image.Image, size: int) -> np.ndarray:
-    """(size, size, 3) uint8: shorter side resized to ``size`` (bicubic), centre crop."""
-    image = image.convert("RGB")
+    """(size, size, 3) uint8: shorter side resized to ``size`` (bicubic), centre crop. The image is
+    first decoded faithfully to 8-bit RGB (EXIF orientation, 16-bit and transparent modes)."""
+    image = to_rgb8(image)
     w, h = image.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
@@ -85,6 +88,12 @@ def render_views(canvas: torch.Tensor, params: torch.Tensor, out_size: int,
                 crop = crop.flip(-1)
             out[i, j] = crop[0]
     return out.clamp_(0.0, 1.0)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Float pixels in [0, 1] -> uint8 (rounded). A teacher's input is an 8-bit image, like any
+    image file, so a view sent losslessly (PNG) to a remote teacher is exactly what a local one sees."""
+    return x.mul(255.0).round_().to(torch.uint8)
 
 
 def normalize(x: torch.Tensor, mean: Tuple[float, ...], std: Tuple[float, ...]) -> torch.Tensor:

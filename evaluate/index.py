@@ -53,3 +53,8 @@ class LabelIndex:
 
     def predict(self, queries: np.ndarray) -> np.ndarray:
         return self.search(queries, 1)[1][:, 0]
+
+
+def search_path() -> str:
+    """Which nearest-label search scored a result (recorded with every result row)."""
+    return "faiss-flat"

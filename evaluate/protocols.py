@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from embedcache._registry import Registry
+from embedcache.registry import Registry
 from embedcache.errors import EvaluationError
 
 from .index import LabelIndex

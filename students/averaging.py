@@ -12,11 +12,14 @@ and floats, so it checkpoints with ``torch.save`` and loads with ``weights_only=
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
+from embedcache.registry import Registry
+
 State = Dict[str, torch.Tensor]
+AVERAGING = Registry("weight averaging")
 
 
 def _is_avg(t: torch.Tensor) -> bool:
@@ -129,3 +132,100 @@ class LossValley:
     def load_state_dict(self, d: Dict) -> None:
         for k, v in d.items():
             setattr(self, k, v)
+
+
+# --- the averaging strategies a run can use (a registry) ---------------------------------------------
+class Averaging:
+    """What a run averages. The trainer calls ``after_step`` every step and ``at_eval`` at each
+    evaluation point (with the validation loss, None without validation rows), then ``final`` once:
+    a state dict to keep instead of the last weights, or None. ``describe`` goes in the summary."""
+    name = "none"
+
+    def __init__(self, model: torch.nn.Module, start_step: int, cfg: Any = None):
+        self.start = start_step
+
+    def after_step(self, step: int, model: torch.nn.Module) -> None:
+        pass
+
+    def at_eval(self, step: int, model: torch.nn.Module, val_loss: Optional[float]) -> None:
+        pass
+
+    def final(self, log=print) -> Optional[State]:
+        return None
+
+    def describe(self) -> Optional[Dict]:
+        return None
+
+    def state_dict(self) -> Dict:
+        return {}
+
+    def load_state_dict(self, state: Dict) -> None:
+        pass
+
+
+AVERAGING.register("none")(Averaging)
+
+
+@AVERAGING.register("swa")
+class SWA(Averaging):
+    """Stochastic weight averaging: the mean of the weights at each evaluation point after ``start``."""
+    name = "swa"
+
+    def __init__(self, model: torch.nn.Module, start_step: int, cfg: Any = None):
+        super().__init__(model, start_step, cfg)
+        self.avg = torch.optim.swa_utils.AveragedModel(model, use_buffers=True)
+
+    def at_eval(self, step: int, model: torch.nn.Module, val_loss: Optional[float]) -> None:
+        if step > self.start:
+            self.avg.update_parameters(model)
+
+    def final(self, log=print) -> Optional[State]:
+        return self.avg.module.state_dict() if int(self.avg.n_averaged) > 0 else None
+
+    def describe(self) -> Optional[Dict]:
+        return {"averaged_evaluations": int(self.avg.n_averaged)}
+
+    def state_dict(self) -> Dict:
+        return {"avg": self.avg.state_dict()}
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.avg.load_state_dict(state["avg"])
+
+
+@AVERAGING.register("swad")
+class SWAD(Averaging):
+    """SWAD's loss valley (Cha et al. 2021): dense averages per evaluation interval, kept from where
+    the validation loss settles until it rises past (1 + tolerance_ratio) x its level."""
+    name = "swad"
+
+    def __init__(self, model: torch.nn.Module, start_step: int, cfg: Any = None):
+        super().__init__(model, start_step, cfg)
+        self.segment = SegmentMean()
+        self.valley = LossValley(cfg.n_converge, cfg.n_tolerance, cfg.tolerance_ratio)
+
+    def after_step(self, step: int, model: torch.nn.Module) -> None:
+        if step > self.start:
+            self.segment.add(model.state_dict())
+
+    def at_eval(self, step: int, model: torch.nn.Module, val_loss: Optional[float]) -> None:
+        seg = self.segment.take()
+        if seg is not None and val_loss is not None:
+            self.valley.update(seg, val_loss)
+
+    def final(self, log=print) -> Optional[State]:
+        state = self.valley.result()
+        if state is None:
+            log("SWAD: the validation loss never settled; keeping the last weights")
+        else:
+            log(f"SWAD averaged evaluation segments {self.valley.chosen}")
+        return state
+
+    def describe(self) -> Optional[Dict]:
+        return {"swad_segments": self.valley.chosen}
+
+    def state_dict(self) -> Dict:
+        return {"valley": self.valley.state_dict(), "segment": {"sum": self.segment.sum, "n": self.segment.n}}
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.valley.load_state_dict(state["valley"])
+        self.segment.sum, self.segment.n = state["segment"]["sum"], state["segment"]["n"]

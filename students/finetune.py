@@ -1,65 +1,93 @@
 """Few-shot fine-tuning of a trained student on k images per unseen class (Li et al.'s few-shot
 protocol, fine-tuning variant). The episodes are evaluate's, so fine-tuning, prototypes and
-Tip-Adapter are compared on the same support and query images."""
+Tip-Adapter are compared on the same support and query images.
+
+Two modes:
+- ``shots``: each step trains on support images only, with L_cls over the unseen classes' text;
+- ``mixed`` (Li et al.'s code): each batch mixes the support images into training images of the
+  seen classes and keeps the run's full recipe loss, with every class's text as the classifier.
+"""
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from typing import Dict, Optional
 
 import numpy as np
 import pandas as pd
 import torch
 
-from embedcache._device import resolve_device
-from evaluate.metrics import mean_per_class, nearest_label, top1
-from evaluate.protocols import episode
+from embedcache.errors import ConfigError, EvaluationError
+from embedcache.evaluate.metrics import mean_per_class, nearest_label, top1
+from embedcache.evaluate.protocols import episode
 
-from .data import SplitConfig, StoreData
-from .embed import load_run
+from .config import TrainConfig
+from .data import StoreData
 from .losses import LOSSES, BatchContext
+from .providers import student_views
+from .recipes import RECIPES
+
+MODES = ("shots", "mixed")
 
 
-def few_shot_finetune(run_dir: str, store: str, shots: int = 5, episodes: int = 3, steps: int = 50, lr: float = 1e-4,
-                      batch_size: int = 32, seed: int = 0, device: str = "cpu",
-                      unseen: Optional[np.ndarray] = None) -> pd.DataFrame:
-    """Per episode: copy the student, train it for ``steps`` on the support images (random stored
-    views) with L_cls over the unseen classes' text embeddings, then score the query images (view 0)
-    by nearest unseen-class text. Returns tidy rows (split "finetune"; episode -1 = the mean)."""
-    base, info = load_run(run_dir, device)
-    split = info["split"]
-    data = StoreData(store, split["text_source"], SplitConfig(val_fraction=0.0))
+def _batch(data: StoreData, support: np.ndarray, train_rows: np.ndarray, mode: str, rng, batch_size: int) -> np.ndarray:
+    if mode == "shots":
+        return rng.choice(support, size=min(batch_size, len(support)), replace=False)
+    k = min(len(support), batch_size // 2 or 1)
+    rest = rng.choice(train_rows, size=max(0, batch_size - k), replace=len(train_rows) < batch_size - k)
+    return np.concatenate([rng.choice(support, size=k, replace=False), rest])
+
+
+def few_shot_finetune(base, cfg: TrainConfig, data: StoreData, split: Dict, shots: int = 5, episodes: int = 3,
+                      steps: int = 50, lr: float = 1e-4, batch_size: int = 32, seed: int = 0, device="cpu",
+                      unseen: Optional[np.ndarray] = None, mode: str = "shots") -> pd.DataFrame:
+    """Per episode: copy the student, train it for ``steps`` (see the modes above), then score the
+    query images (view 0) by nearest unseen-class text. Returns rows (split "finetune" or
+    "finetune_mixed"; episode -1 = the mean)."""
+    if mode not in MODES:
+        raise ConfigError(f"unknown few-shot fine-tuning mode {mode!r}; use one of {', '.join(MODES)}")
     if unseen is None:
         unseen = np.setdiff1d(np.arange(len(data.classes)), split["seen_classes"])
     if len(unseen) == 0:
-        raise ValueError("few-shot fine-tuning needs unseen classes; this run trained on every class")
-    dev = resolve_device(device)
-    ok = (data.reader.meta["status"] == "ok").to_numpy()
+        raise EvaluationError("few-shot fine-tuning needs unseen classes; this run trained on every class")
+    dev = torch.device(device) if not isinstance(device, torch.device) else device
     text_all = data.reader.class_emb(split["text_source"])
-    text = torch.from_numpy(text_all[unseen]).to(dev)
+    recipe = RECIPES.get(cfg.recipe)
+    stage = recipe.stages[-1]
+    seen_rows = np.asarray(split["train_idx"])
+    text = torch.from_numpy(np.array(text_all[unseen] if mode == "shots" else text_all)).to(dev)
     rows = []
     for ep in range(episodes):
-        support, query = episode(data.labels, ok, unseen, shots, seed, ep, data.classes)
+        support, query = episode(data.labels, data.ok, unseen, shots, seed, ep, data.classes)
         model = copy.deepcopy(base).train()
         opt = torch.optim.AdamW(model.parameters(), lr=lr)
         for step in range(steps):
             rng = np.random.default_rng([seed, ep, step, 43])
-            idx = rng.choice(support, size=min(batch_size, len(support)), replace=False)
+            idx = _batch(data, support, seen_rows, mode, rng, batch_size)
             views = rng.integers(0, data.views, size=len(idx))
-            x = data.inputs(idx, views, model.input_size, model.mean, model.std, dev)
-            y = torch.from_numpy(np.searchsorted(unseen, data.labels[idx])).to(dev)
+            x = student_views(data, idx, views, model.input_size, model.mean, model.std, dev)
             out = model(x)
-            loss = LOSSES.get("cls")(BatchContext(out["emb"], out["emb"].detach(), text, y))
+            if mode == "shots":
+                y = torch.from_numpy(np.searchsorted(unseen, data.labels[idx])).to(dev)
+                loss = LOSSES.get("cls")(BatchContext(out["emb"], out["emb"].detach(), text, y))
+            else:
+                t = torch.from_numpy(data.emb[idx, views].astype(np.float32)).to(dev)
+                y = torch.from_numpy(data.labels[idx]).to(dev)
+                # the classifier losses have no outputs for the new classes; L_cls stands in for them
+                losses = {n: w for n, w in stage.losses.items() if n not in ("ce", "kd")} or {"cls": 1.0}
+                ctx = BatchContext(out["emb"], t, text, y, None)
+                loss = sum(w * LOSSES.get(n)(ctx, **stage.loss_args.get(n, {})) for n, w in losses.items())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         model.eval()
         with torch.no_grad():
-            emb = np.concatenate([model(data.inputs(query[i:i + 256], np.zeros(len(query[i:i + 256]), int), model.input_size,
-                                                    model.mean, model.std, dev))["emb"].float().cpu().numpy()
+            emb = np.concatenate([model(student_views(data, query[i:i + 256], np.zeros(len(query[i:i + 256]), int),
+                                                      model.input_size, model.mean, model.std, dev))["emb"].float().cpu().numpy()
                                   for i in range(0, len(query), 256)])
         pred = unseen[nearest_label(emb, text_all[unseen])]
+        name = "finetune" if mode == "shots" else "finetune_mixed"
         for metric, fn in (("top1", top1), ("mean_per_class", mean_per_class)):
-            rows.append({"split": "finetune", "domain": "all", "metric": metric, "value": fn(pred, data.labels[query]),
+            rows.append({"split": name, "domain": "all", "metric": metric, "value": fn(pred, data.labels[query]),
                          "n": len(query), "episode": ep})
     df = pd.DataFrame(rows)
     mean = df.groupby(["split", "metric"], as_index=False).agg(value=("value", "mean"), n=("n", "sum"))

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from embedcache._registry import Registry
+from embedcache.registry import Registry
 
 LOSSES = Registry("loss")
 

@@ -6,36 +6,30 @@ registered by name, and ``openclip_visual`` is the image tower of a smaller CLIP
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from embedcache._registry import Registry, RegistryError
+from embedcache.errors import ConfigError
+from embedcache.registry import Registry
 
-STUDENTS = Registry("student")
+from .config import StudentConfig
 
-
-@dataclass(frozen=True)
-class StudentConfig:
-    name: str = "resnet18"             # registered name, or timm:<any timm model>
-    pretrained: Optional[str] = None   # None: from scratch; a local weights file; 'timm' / a tag: from a hub
-    input_size: Optional[int] = None   # student input side (independent of the teacher's); default: the model's
-    model: Optional[str] = None        # openclip_visual only: open_clip model name or local-dir:/path
+STUDENTS = Registry("student", hint="or timm:<any name in timm.list_models()>", prefixes=("timm:",))
 
 
 class Student(nn.Module):
     """backbone -> (B, F) features -> head -> (B, D) embedding; optional linear classifier on features."""
 
     def __init__(self, name: str, backbone: nn.Module, feat_dim: int, embed_dim: int, num_classes: int,
-                 input_size: int, mean: Tuple[float, ...], std: Tuple[float, ...]):
+                 input_size: int, mean: Tuple[float, ...], std: Tuple[float, ...], head: str = "random"):
         super().__init__()
         self.name, self.feat_dim, self.embed_dim = name, feat_dim, embed_dim
         self.input_size, self.mean, self.std = input_size, tuple(mean), tuple(std)
         self.backbone = backbone
-        self.head = nn.Linear(feat_dim, embed_dim)
+        self.head = _head(head, feat_dim, embed_dim)
         self.classifier = nn.Linear(feat_dim, num_classes) if num_classes else None
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -49,10 +43,26 @@ class Student(nn.Module):
         return self.from_features(self.features(x))
 
 
+def _head(kind: str, feat_dim: int, embed_dim: int) -> nn.Module:
+    """random: a fresh linear projection. identity: the backbone's output is the embedding (a CLIP
+    image tower whose width matches the teacher's, as VL2V-SD trains it); when the widths differ,
+    a linear projection initialised to the (rectangular) identity, so training starts from the tower's
+    own output rather than a random map of it."""
+    if kind == "random":
+        return nn.Linear(feat_dim, embed_dim)
+    if feat_dim == embed_dim:
+        return nn.Identity()
+    head = nn.Linear(feat_dim, embed_dim)
+    with torch.no_grad():
+        nn.init.eye_(head.weight)
+        head.bias.zero_()
+    return head
+
+
 def _load_local(backbone: nn.Module, path: str) -> None:
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"student weights {path} not found; give a .safetensors/.pth file or leave student.pretrained empty")
+        raise ConfigError(f"student weights {path} not found; give a .safetensors/.pth file or leave student.pretrained empty")
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
         state = load_file(str(p))
@@ -62,7 +72,7 @@ def _load_local(backbone: nn.Module, path: str) -> None:
     own = backbone.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not usable:
-        raise ValueError(f"no tensor in {path} matches the student backbone; is it the same architecture?")
+        raise ConfigError(f"no tensor in {path} matches the student backbone; is it the same architecture?")
     backbone.load_state_dict(usable, strict=False)
 
 
@@ -88,9 +98,9 @@ def _timm_student(timm_name: str, cfg: StudentConfig, embed_dim: int, num_classe
         backbone = timm.create_model(timm_name, pretrained=hub, num_classes=0, **kwargs)
     except Exception as exc:
         if hub:
-            raise RuntimeError(f"could not download timm weights for {timm_name} ({str(exc).splitlines()[0]}); "
-                               "pass a local file with student.pretrained=/path/weights.safetensors") from exc
-        raise
+            raise ConfigError(f"could not download timm weights for {timm_name} ({str(exc).splitlines()[0]}); "
+                              "pass a local file with student.pretrained=/path/weights.safetensors") from exc
+        raise ConfigError(f"timm cannot build {timm_name!r} ({str(exc).splitlines()[0]}); check student.name") from exc
     if cfg.pretrained and not hub:
         _load_local(backbone, cfg.pretrained)
     pc = backbone.pretrained_cfg
@@ -114,14 +124,19 @@ def openclip_visual(cfg: StudentConfig, embed_dim: int, num_classes: int) -> Stu
     import open_clip
 
     if not cfg.model:
-        raise ValueError("student openclip_visual needs student.model (an open_clip name or local-dir:/path)")
-    model = open_clip.create_model(cfg.model, pretrained=cfg.pretrained, weights_only=True)
+        raise ConfigError("student openclip_visual needs student.model (an open_clip name or local-dir:/path)")
+    try:
+        model = open_clip.create_model(cfg.model, pretrained=cfg.pretrained, weights_only=True)
+    except Exception as exc:
+        raise ConfigError(f"could not build open_clip model {cfg.model!r} for the student "
+                          f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}); "
+                          "give student.model=local-dir:/folder or a name with local weights") from exc
     visual = model.visual
     pp = open_clip.get_model_preprocess_cfg(model)
     size = pp.get("size", 224)
     size = cfg.input_size or int(size if isinstance(size, int) else size[0])
     return Student("openclip_visual", visual, int(visual.output_dim), embed_dim, num_classes, size,
-                   pp.get("mean", (0.481, 0.458, 0.408)), pp.get("std", (0.269, 0.261, 0.276)))
+                   pp.get("mean", (0.481, 0.458, 0.408)), pp.get("std", (0.269, 0.261, 0.276)), head="identity")
 
 
 def build_student(cfg: StudentConfig, embed_dim: int, num_classes: int = 0) -> Student:
@@ -129,9 +144,4 @@ def build_student(cfg: StudentConfig, embed_dim: int, num_classes: int = 0) -> S
     a linear classifier over the training classes."""
     if cfg.name.startswith("timm:"):
         return _timm_student(cfg.name[len("timm:"):], cfg, embed_dim, num_classes)
-    try:
-        builder = STUDENTS.get(cfg.name)
-    except RegistryError:
-        raise RegistryError(f"unknown student {cfg.name!r}; available: {', '.join(STUDENTS.names())}, "
-                            "or timm:<any name in timm.list_models()>") from None
-    return builder(cfg, embed_dim, num_classes)
+    return STUDENTS.get(cfg.name)(cfg, embed_dim, num_classes)

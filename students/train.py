@@ -1,81 +1,51 @@
-"""Training a student from a store: one function, ``train(cfg)``, writing one run directory.
+"""Training a student from a store: ``train(cfg)`` writes one run directory (see ``rundir.py``).
 
-run_dir/config.json    the resolved config (and the store's key)
-run_dir/metrics.jsonl  one row per evaluation point: step, stage, lr, losses, val_top1
-run_dir/checkpoint.pt  model, optimizer, schedule, weight average, step (resume point)
-run_dir/model.safetensors  final weights (the weight average when averaging is on)
-run_dir/summary.json, run_dir/done   written last
+The run is assembled from parts with seams, each small enough to hold in one's head:
+- data and providers (``data.py``, ``providers.py``): the split, the student's input for each
+  (image, view) pair, and the teacher's target for exactly that view;
+- the recipe (``recipes.py``): stages, each a weighted sum of registered losses;
+- optimizer and schedule (``optim.py``), weight averaging (``averaging.py``), registries all;
+- model selection (``Selection``): the last weights, or the best in-domain validation checkpoint
+  (DomainBed's training-domain validation, as VL2V-ADiP selects);
+- checkpoints and the run directory (``rundir.py``).
 
-Batches are a function of (seed, step) alone and the torch seed is reset every step, so a run
-resumed from its checkpoint ends with the same weights as an uninterrupted one.
+Batches are a function of (seed, step) alone and the dropout generators are reseeded every step,
+so a run resumed from its checkpoint ends with the same weights as an uninterrupted one. Losses
+are summed on the device and read only at evaluation and checkpoint points (no host sync per step);
+a loss that becomes NaN or infinite stops the run there with a clear error, never marked done.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from embedcache._device import resolve_device
-from embedcache.config import to_dict
-from embedcache.errors import ConfigError, StoreMismatchError
-from evaluate.metrics import nearest_label, top1
+from embedcache.config import build_config, to_dict
+from embedcache.device import resolve_device
+from embedcache.errors import ConfigError, StoreMismatchError, TrainingError
+from embedcache.evaluate.metrics import nearest_label, top1
+from embedcache.fileio import disk_full_error, is_disk_full, json_digest
 
-from .averaging import LossValley, SegmentMean
-from .data import SplitConfig, StoreData
+from .averaging import AVERAGING
+from .config import OptimConfig, SplitConfig, StudentConfig, SwadConfig, TrainConfig
+from .data import StoreData
 from .losses import LOSSES, BatchContext
-from .models import Student, StudentConfig, build_student
+from .models import Student, build_student
+from .optim import build_optimizer, build_scheduler
+from .providers import INPUTS, TARGETS
 from .recipes import RECIPES, Recipe, Stage
+from .rundir import RunDir
+
+__all__ = ["train", "TrainConfig", "OptimConfig", "SwadConfig", "SplitConfig", "StudentConfig", "RunResult",
+           "run_name", "RunInterrupted"]
 
 
-@dataclass(frozen=True)
-class OptimConfig:
-    name: str = "adamw"                 # sgd | adamw | adam
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    momentum: float = 0.9               # sgd only
-    schedule: str = "cosine"            # cosine | step | constant
-    milestones: Tuple[float, ...] = (1 / 3, 2 / 3)  # step schedule: fractions of the run
-    gamma: float = 0.1
-    warmup_steps: int = 0
-
-
-@dataclass(frozen=True)
-class SwadConfig:
-    n_converge: int = 3         # evaluations without improvement that start the valley
-    n_tolerance: int = 6        # evaluations a segment waits before it is judged
-    tolerance_ratio: float = 0.3
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    store: Optional[str] = None
-    recipe: str = "li_iccv23"
-    student: StudentConfig = field(default_factory=StudentConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    split: SplitConfig = field(default_factory=SplitConfig)
-    text_source: Optional[str] = None   # default: the recipe's
-    steps: int = 200
-    batch_size: int = 32
-    views_used: Optional[int] = None    # draw from the first k views (None: all stored views)
-    averaging: str = "none"             # none | swa (at each eval point) | swad (loss-valley, students/averaging.py)
-    average_start: float = 0.5          # fraction of the run after which weights are averaged (0 for SWAD as published)
-    swad: SwadConfig = field(default_factory=SwadConfig)
-    eval_every: int = 50
-    ckpt_every: int = 50
-    amp: bool = True                    # bf16 autocast on CUDA; ignored on CPU
-    seed: int = 0
-    device: str = "auto"
-    features: bool = False              # head-only: train on cached student features (embedcache features)
-    out: Optional[str] = None           # run directory (default runs/<recipe>-<student>-<hash>)
-    progress: bool = True
+class RunInterrupted(KeyboardInterrupt):
+    """A stop was requested (Ctrl-C, SIGTERM): the run saved a checkpoint at its current step."""
 
 
 @dataclass
@@ -86,44 +56,20 @@ class RunResult:
     seconds: float                      # the whole call, setup and saving included
     resumed_from: int = 0
     loop_seconds: float = 0.0           # the training steps alone (what a steps/s figure should use)
+    selected: Optional[Dict] = None     # which weights the run kept, and why
+
+
+NOT_IN_NAME = ("out", "progress", "keep_checkpoint")  # settings that cannot change the result
 
 
 def run_name(cfg: TrainConfig) -> str:
     """<recipe>-<student>-<hash of the sorted-key JSON config, output and display settings excluded>."""
-    d = to_dict(cfg)
-    for k in ("out", "progress"):
-        d.pop(k)
-    h = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
-    return f"{cfg.recipe}-{cfg.student.name.replace(':', '_')}-{h}"
+    d = {k: v for k, v in to_dict(cfg).items() if k not in NOT_IN_NAME}
+    return f"{cfg.recipe}-{cfg.student.name.replace(':', '_')}-{json_digest(d, 10)}"
 
 
-def _optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
-    if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    raise ConfigError(f"unknown optimizer {cfg.name!r}; use sgd, adamw or adam")
-
-
-def _lr_factor(cfg: OptimConfig, steps: int) -> Callable[[int], float]:
-    if cfg.schedule not in ("cosine", "step", "constant"):
-        raise ConfigError(f"unknown schedule {cfg.schedule!r}; use cosine, step or constant")
-
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.schedule == "cosine":
-            p = (step - cfg.warmup_steps) / max(1, steps - cfg.warmup_steps)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
-        if cfg.schedule == "step":
-            return cfg.gamma ** sum(step >= m * steps for m in cfg.milestones)
-        return 1.0
-    return factor
-
-
-def _stage_ends(recipe: Recipe, steps: int) -> List[int]:
+def stage_ends(recipe: Recipe, steps: int) -> List[int]:
+    """The step at which each stage ends (the last one at ``steps``)."""
     total = sum(s.fraction for s in recipe.stages)
     ends, acc = [], 0.0
     for s in recipe.stages:
@@ -133,7 +79,7 @@ def _stage_ends(recipe: Recipe, steps: int) -> List[int]:
     return ends
 
 
-def _set_trainable(model: Student, stage: Stage) -> None:
+def set_trainable(model: Student, stage: Stage) -> None:
     """head: backbone frozen (eval mode, BN statistics fixed); backbone: projection frozen."""
     train_backbone = stage.train in ("all", "backbone")
     for p in model.backbone.parameters():
@@ -148,40 +94,63 @@ def _set_trainable(model: Student, stage: Stage) -> None:
         model.backbone.eval()
 
 
-def _forward(model: Student, data: StoreData, feats: Optional[np.ndarray], idx, views, device, frozen: bool):
-    if feats is not None:
-        return model.from_features(torch.from_numpy(feats[idx, views]).to(device))
-    x = data.inputs(idx, views, model.input_size, model.mean, model.std, device)
-    if frozen:  # a frozen backbone needs no graph
+def forward(model: Student, inputs, idx, views, frozen_backbone: bool) -> Dict[str, Optional[torch.Tensor]]:
+    """Student outputs for a batch: from cached features, or from images (no graph through a frozen backbone)."""
+    x = inputs(idx, views)
+    if inputs.kind == "features":
+        return model.from_features(x)
+    if frozen_backbone:
         with torch.no_grad():
             f = model.features(x)
         return model.from_features(f)
     return model(x)
 
 
+def stage_loss(stage: Stage, ctx: BatchContext) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    parts = {n: LOSSES.get(n)(ctx, **stage.loss_args.get(n, {})) for n in stage.losses}
+    return sum(w * parts[n] for n, w in stage.losses.items()), parts
+
+
 @torch.no_grad()
-def validate(model: Student, data: StoreData, rows: np.ndarray, feats: Optional[np.ndarray], predict_with: str,
-             device: torch.device, stage: Optional[Stage] = None, batch: int = 256) -> Tuple[np.ndarray, Optional[float]]:
+def validate(model: Student, inputs, targets, data: StoreData, rows: np.ndarray, predict_with: str, text: torch.Tensor,
+             stage: Optional[Stage] = None, batch: int = 256) -> Tuple[np.ndarray, Optional[float]]:
     """Predicted training-class index of each row (view 0: nearest class text, or the classifier), and
     the mean of ``stage``'s recipe loss over the rows (None without a stage)."""
     modes = [(m, m.training) for m in model.modules()]  # a frozen backbone must stay in eval mode after
     model.eval()
     preds, loss_sum = [], 0.0
-    text = torch.from_numpy(data.text).to(device)
     for i in range(0, len(rows), batch):
         r = rows[i:i + batch]
         v0 = np.zeros(len(r), int)
-        o = _forward(model, data, feats, r, v0, device, frozen=True)
+        o = forward(model, inputs, r, v0, frozen_backbone=True)
         preds.append(o["logits"].argmax(1).cpu().numpy() if predict_with == "linear"
                      else nearest_label(o["emb"].float().cpu().numpy(), data.text))
         if stage is not None:
-            t, y = data.targets_for(r, v0, device)
-            ctx = BatchContext(o["emb"].float(), t, text, y, o["logits"])
-            loss_sum += len(r) * float(sum(w * LOSSES.get(n)(ctx, **stage.loss_args.get(n, {})) for n, w in stage.losses.items()))
+            t, y = targets(r, v0)
+            loss_sum += len(r) * float(stage_loss(stage, BatchContext(o["emb"].float(), t, text, y, o["logits"]))[0])
     for m, mode in modes:
         m.training = mode
     pred = np.concatenate(preds) if preds else np.zeros(0, int)
     return pred, (loss_sum / len(rows) if stage is not None and len(rows) else None)
+
+
+class Selection:
+    """Which weights a run keeps: "last", or "best_val" (the evaluation point with the best
+    in-domain validation top-1; the earliest on ties), kept in memory and in the checkpoint."""
+
+    def __init__(self, rule: str):
+        self.rule, self.best, self.step, self.state = rule, None, None, None
+
+    def update(self, step: int, val: Optional[float], model: torch.nn.Module) -> None:
+        if self.rule == "best_val" and val is not None and (self.best is None or val > self.best):
+            self.best, self.step = val, step
+            self.state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+    def state_dict(self) -> Dict:
+        return {"best": self.best, "step": self.step, "state": self.state}
+
+    def load_state_dict(self, d: Dict) -> None:
+        self.best, self.step, self.state = d["best"], d["step"], d["state"]
 
 
 def _reseed(seed: int, device: torch.device) -> None:
@@ -193,146 +162,214 @@ def _reseed(seed: int, device: torch.device) -> None:
         torch.cuda.manual_seed(seed)
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def selection_rule(cfg: TrainConfig, recipe: Recipe, has_val: bool) -> Tuple[str, str]:
+    """(rule, why) for the weights a run keeps."""
+    if cfg.averaging != "none":
+        return "last", f"averaging={cfg.averaging} defines the final weights"
+    rule = recipe.select if cfg.select == "auto" else cfg.select
+    why = f"the {recipe.name} recipe's default" if cfg.select == "auto" else "select setting"
+    if rule == "best_val" and not has_val:
+        return "last", "no validation rows (split.val_fraction is 0)"
+    return rule, why
 
 
-def train(cfg: TrainConfig, on_step: Optional[Callable[[int], None]] = None, log: Callable[[str], None] = print) -> RunResult:
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
+class Trainer:
+    """One run, from a validated config. ``run()`` trains (or resumes) and finishes it."""
 
-    from .features import load_features
+    def __init__(self, cfg: TrainConfig, teacher=None, log: Callable[[str], None] = print,
+                 on_step: Optional[Callable[[int], None]] = None, should_stop: Optional[Callable[[], bool]] = None):
+        self.cfg, self.log, self.on_step, self.should_stop = cfg, log, on_step, should_stop
+        self.recipe = RECIPES.get(cfg.recipe)
+        self.source = cfg.text_source or self.recipe.text_source
+        self.run_dir = RunDir(cfg.out or Path("runs") / run_name(cfg))
+        self.data = StoreData(cfg.store, self.source, cfg.split)
+        self.device = resolve_device(cfg.device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            n_cls = len(self.data.train_class_ids) if self.recipe.classifier else 0
+            self.model = build_student(cfg.student, self.data.dim, n_cls).to(self.device)
+        self.inputs = INPUTS.get("features" if cfg.features else "canvas")(self.data, self.model, self.device)
+        self.targets = TARGETS.get(cfg.targets)(self.data, self.device, teacher=teacher)
+        self.opt = build_optimizer(cfg.optim, self.model.parameters())
+        self.sched = build_scheduler(cfg.optim, self.opt, cfg.steps)
+        self.averaging = AVERAGING.get(cfg.averaging)(self.model, int(cfg.average_start * cfg.steps), cfg.swad)
+        self.rule, self.rule_why = selection_rule(cfg, self.recipe, len(self.data.val_idx) > 0)
+        self.selection = Selection(self.rule)
+        self.ends = stage_ends(self.recipe, cfg.steps)
+        self.text = torch.from_numpy(self.data.text).to(self.device)
+        self.amp = cfg.amp and self.device.type == "cuda"
+        self.metrics: List[Dict] = []
+        self.running: Dict[str, torch.Tensor] = {}
+        self.n_running = 0
+        self.val: Optional[float] = None
+        self.start = 0
 
-    t0 = time.time()
+    # --- state ------------------------------------------------------------------------------------
+    def resume(self) -> int:
+        state = self.run_dir.load_checkpoint(self.device)
+        if state is None:
+            return 0
+        if state["store_key"] != self.data.key:
+            raise StoreMismatchError(f"run {self.run_dir.path} was trained on another store (key {state['store_key']}, "
+                                     f"this one {self.data.key}); use another --out")
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optim"])
+        self.sched.load_state_dict(state["sched"])
+        self.averaging.load_state_dict(state["averaging"])
+        self.selection.load_state_dict(state["selection"])
+        self.running = {k: v.to(self.device) for k, v in state["running"].items()}
+        self.n_running, self.val = state["n_running"], state["val"]
+        self.metrics = self.run_dir.read_metrics(up_to=int(state["step"]))  # drop rows logged after the checkpoint
+        return int(state["step"])
+
+    def checkpoint(self, step: int) -> None:
+        self.run_dir.save_checkpoint({
+            "model": self.model.state_dict(), "optim": self.opt.state_dict(), "sched": self.sched.state_dict(),
+            "averaging": self.averaging.state_dict(), "selection": self.selection.state_dict(),
+            "running": self.running, "n_running": self.n_running, "val": self.val,
+            "step": step, "store_key": self.data.key})
+
+    def write_run_files(self) -> None:
+        d = self.data
+        self.run_dir.write_config(self.cfg, d.key)
+        self.run_dir.write_split({  # what the run trained on, for evaluation without this package
+            "train_idx": d.train_idx.tolist(), "val_idx": d.val_idx.tolist(), "test_idx": d.test_idx.tolist(),
+            "holdout_domains": list(self.cfg.split.holdout_domains), "seen_classes": d.train_class_ids.tolist(),
+            "text_source": self.source, "predict": self.recipe.predict, "dim": d.dim})
+
+    # --- the loop -----------------------------------------------------------------------------------
+    def step(self, step: int, stage: Stage) -> None:
+        cfg = self.cfg
+        idx, views = self.data.sample(step, cfg.seed, cfg.batch_size, cfg.views_used)
+        _reseed(cfg.seed * 1_000_003 + step, self.device)  # dropout / drop-path draws, reproducible on resume
+        t, y = self.targets(idx, views)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            o = forward(self.model, self.inputs, idx, views, frozen_backbone=stage.train == "head")
+            loss, parts = stage_loss(stage, BatchContext(o["emb"], t, self.text, y, o["logits"]))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        for n, v in {"loss": loss, **parts}.items():  # summed on the device: no host sync per step
+            v = v.detach().float()
+            self.running[n] = self.running[n] + v if n in self.running else v
+        self.n_running += 1
+        self.averaging.after_step(step + 1, self.model)
+
+    def check_finite(self, step: int) -> None:
+        loss = self.running.get("loss")
+        if loss is not None and not bool(torch.isfinite(loss)):
+            last = max((r["step"] for r in self.metrics), default=0)
+            raise TrainingError(f"run {self.run_dir.path}: the loss became {float(loss)} by step {step} (last finite "
+                                f"evaluation: step {last}); lower optim.lr or check the store with `embedcache verify`; "
+                                "the run is not marked done")
+
+    def evaluate(self, step: int, stage_i: int, stage: Stage) -> None:
+        val = val_loss = None
+        if len(self.data.val_idx):
+            pred, val_loss = validate(self.model, self.inputs, self.targets, self.data, self.data.val_idx,
+                                      self.recipe.predict, self.text, stage)
+            val = top1(pred, self.data.targets[self.data.val_idx])
+        self.averaging.at_eval(step, self.model, val_loss)
+        self.selection.update(step, val, self.model)
+        row = {"step": step, "stage": stage_i, "lr": self.sched.get_last_lr()[0], "val_top1": val, "val_loss": val_loss,
+               **{k: float(v) / max(1, self.n_running) for k, v in self.running.items()}}
+        self.metrics.append(row)
+        self.run_dir.write_metrics(self.metrics)
+        self.running, self.n_running, self.val = {}, 0, val
+
+    def loop(self) -> float:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        bar = tqdm(total=cfg.steps, initial=self.start, desc=self.run_dir.name, unit="step", disable=not cfg.progress,
+                   dynamic_ncols=True)
+        stage_i = None
+        t0 = time.time()
+        try:
+            for step in range(self.start, cfg.steps):
+                si = next(i for i, e in enumerate(self.ends) if step < e)
+                stage = self.recipe.stages[si]
+                if si != stage_i:
+                    set_trainable(self.model, stage)
+                    stage_i = si
+                self.step(step, stage)
+                done = step + 1
+                at_eval, at_ckpt = done % cfg.eval_every == 0 or done == cfg.steps, done % cfg.ckpt_every == 0 or done == cfg.steps
+                if at_eval or at_ckpt:
+                    self.check_finite(done)
+                if at_eval:
+                    self.evaluate(done, si, stage)
+                    bar.set_postfix(loss=f"{self.metrics[-1]['loss']:.3f}", val="-" if self.val is None else f"{self.val:.3f}")
+                if at_ckpt:
+                    self.checkpoint(done)
+                bar.update(1)
+                if self.on_step is not None:
+                    self.on_step(done)
+                if self.should_stop is not None and self.should_stop() and done < cfg.steps:
+                    self.check_finite(done)
+                    self.checkpoint(done)
+                    raise RunInterrupted(f"run {self.run_dir.path} stopped at step {done} (checkpoint saved)")
+        finally:
+            bar.close()
+        return time.time() - t0
+
+    # --- the end ------------------------------------------------------------------------------------
+    def final_weights(self) -> Tuple[Dict[str, torch.Tensor], Dict]:
+        averaged = self.averaging.final(self.log)
+        if averaged is not None:
+            own = self.model.state_dict()
+            state = {k: v.to(own[k].dtype) for k, v in averaged.items()}
+            return state, {"rule": f"average ({self.cfg.averaging})", "why": self.rule_why,
+                           **(self.averaging.describe() or {})}
+        if self.rule == "best_val" and self.selection.state is not None:
+            return self.selection.state, {"rule": "best_val", "step": self.selection.step,
+                                          "val_top1": self.selection.best, "why": self.rule_why}
+        return self.model.state_dict(), {"rule": "last", "step": self.cfg.steps, "why": self.rule_why}
+
+    def finish(self, t_start: float, loop_seconds: float) -> RunResult:
+        state, selected = self.final_weights()
+        val = self.val
+        if selected["rule"] != "last" and len(self.data.val_idx):
+            self.model.load_state_dict(state)
+            pred, _ = validate(self.model, self.inputs, self.targets, self.data, self.data.val_idx,
+                               self.recipe.predict, self.text)
+            val = top1(pred, self.data.targets[self.data.val_idx])
+        self.run_dir.save_weights(state)
+        summary = {"val_top1": val, "steps": self.cfg.steps, "selected": selected, "loop_seconds": loop_seconds,
+                   "seconds": time.time() - t_start, "store_key": self.data.key, "recipe": self.recipe.name,
+                   "student": self.cfg.student.name,
+                   "train_classes": [self.data.classes[i] for i in self.data.train_class_ids]}
+        self.run_dir.finish(summary, keep_checkpoint=self.cfg.keep_checkpoint)
+        return RunResult(str(self.run_dir.path), val, self.cfg.steps, time.time() - t_start, self.start, loop_seconds,
+                         selected)
+
+    def run(self) -> RunResult:
+        t0 = time.time()
+        self.run_dir.path.mkdir(parents=True, exist_ok=True)
+        self.start = self.resume()
+        if self.start:
+            self.log(f"resuming {self.run_dir.path} from step {self.start}")
+        self.write_run_files()
+        loop_seconds = self.loop()
+        return self.finish(t0, loop_seconds)
+
+
+def train(cfg: TrainConfig, on_step: Optional[Callable[[int], None]] = None, log: Callable[[str], None] = print,
+          teacher=None, should_stop: Optional[Callable[[], bool]] = None) -> RunResult:
+    """Train (or resume, or skip) one run. ``teacher`` is only for ``targets=teacher_online``;
+    ``should_stop`` is polled after every step (a stop saves a checkpoint, then raises RunInterrupted)."""
+    cfg = build_config(TrainConfig, to_dict(cfg))  # validated even when built in code, before any work
     if not cfg.store:
         raise ConfigError("no store given; pass --store PATH (made by `embedcache extract`)")
-    recipe = RECIPES.get(cfg.recipe)
-    if cfg.averaging not in ("none", "swa", "swad"):
-        raise ConfigError(f"unknown averaging {cfg.averaging!r}; use none, swa or swad")
-    if cfg.averaging == "swad" and cfg.split.val_fraction <= 0:
-        raise ConfigError("averaging=swad picks its window by validation loss; set split.val_fraction > 0")
-    out = Path(cfg.out or Path("runs") / run_name(cfg))
-    if (out / "done").exists():
-        s = json.loads((out / "summary.json").read_text())
-        log(f"{out} is already done (val top-1 {s['val_top1']})")
-        return RunResult(str(out), s["val_top1"], s["steps"], 0.0)
-    data = StoreData(cfg.store, cfg.text_source or recipe.text_source, cfg.split)
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    model = build_student(cfg.student, data.dim, len(data.train_class_ids) if recipe.classifier else 0).to(device)
-    feats = None
-    if cfg.features:
-        if not recipe.head_only:
-            raise ConfigError(f"head-only training (features=true) needs a recipe that trains only the head; "
-                              f"{recipe.name} trains more; head-only recipes: "
-                              f"{', '.join(n for n in RECIPES.names() if RECIPES.get(n).head_only)}")
-        feats = load_features(cfg.store, cfg.student, model)
-    opt = _optimizer(cfg.optim, model.parameters())
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg.optim, cfg.steps))
-    avg = torch.optim.swa_utils.AveragedModel(model, use_buffers=True) if cfg.averaging == "swa" else None
-    segment, valley = SegmentMean(), LossValley(cfg.swad.n_converge, cfg.swad.n_tolerance, cfg.swad.tolerance_ratio)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
-    start = 0
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if state["store_key"] != data.key:
-            raise StoreMismatchError(f"run {out} was trained on another store (key {state['store_key']}, this one "
-                                     f"{data.key}); use another --out")
-        model.load_state_dict(state["model"]); opt.load_state_dict(state["optim"]); sched.load_state_dict(state["sched"])
-        if avg is not None and state.get("avg") is not None:
-            avg.load_state_dict(state["avg"])
-        if state.get("valley") is not None:
-            valley.load_state_dict(state["valley"])
-            segment.sum, segment.n = state["segment"]["sum"], state["segment"]["n"]
-        start = int(state["step"])
-        kept = [ln for ln in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
-                if json.loads(ln)["step"] <= start]
-        metrics_path.write_text("".join(k + "\n" for k in kept))  # drop rows logged after the checkpoint
-        log(f"resuming {out} from step {start}")
-    (out / "config.json").write_text(json.dumps({**to_dict(cfg), "store_key": data.key, "out": str(out)}, indent=2))
-    (out / "split.json").write_text(json.dumps({  # what the run trained on, for evaluation without this package
-        "train_idx": data.train_idx.tolist(), "val_idx": data.val_idx.tolist(), "test_idx": data.test_idx.tolist(),
-        "holdout_domains": list(cfg.split.holdout_domains), "seen_classes": data.train_class_ids.tolist(),
-        "text_source": cfg.text_source or recipe.text_source, "predict": recipe.predict}))
-    ends = _stage_ends(recipe, cfg.steps)
-    amp = cfg.amp and device.type == "cuda"
-    avg_from = int(cfg.average_start * cfg.steps)
-    text = torch.from_numpy(data.text).to(device)
-    bar = tqdm(total=cfg.steps, initial=start, desc=out.name, unit="step", disable=not cfg.progress, dynamic_ncols=True)
-    stage_i, running, n_running, val = None, {}, 0, None
-    t_loop = time.time()
+    run_dir = RunDir(cfg.out or Path("runs") / run_name(cfg))
+    if run_dir.done:
+        s = run_dir.summary
+        log(f"{run_dir.path} is already done (val top-1 {s['val_top1']})")
+        return RunResult(str(run_dir.path), s["val_top1"], s["steps"], 0.0, selected=s.get("selected"))
     try:
-        for step in range(start, cfg.steps):
-            si = next(i for i, e in enumerate(ends) if step < e)
-            stage = recipe.stages[si]
-            if si != stage_i:
-                _set_trainable(model, stage)
-                stage_i = si
-            idx, views = data.sample(step, cfg.seed, cfg.batch_size, cfg.views_used)
-            _reseed(cfg.seed * 1_000_003 + step, device)  # dropout / drop-path draws, reproducible on resume
-            t, y = data.targets_for(idx, views, device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                o = _forward(model, data, feats, idx, views, device, frozen=stage.train == "head")
-                ctx = BatchContext(o["emb"], t, text, y, o["logits"])
-                parts = {n: LOSSES.get(n)(ctx, **stage.loss_args.get(n, {})) for n in stage.losses}
-                loss = sum(w * parts[n] for n, w in stage.losses.items())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            for n, v in {"loss": loss, **parts}.items():
-                running[n] = running.get(n, 0.0) + float(v.detach())
-            n_running += 1
-            last = step + 1 == cfg.steps
-            if avg is not None and step >= avg_from and ((step + 1) % cfg.eval_every == 0 or last):
-                avg.update_parameters(model)
-            if cfg.averaging == "swad" and step >= avg_from:
-                segment.add(model.state_dict())
-            if (step + 1) % cfg.eval_every == 0 or last:
-                val, val_loss = None, None
-                if len(data.val_idx):
-                    pred, val_loss = validate(model, data, data.val_idx, feats, recipe.predict, device, stage)
-                    val = top1(pred, data.targets[data.val_idx])
-                    seg = segment.take() if cfg.averaging == "swad" else None
-                    if seg is not None:
-                        valley.update(seg, val_loss)
-                row = {"step": step + 1, "stage": si, "lr": sched.get_last_lr()[0], "val_top1": val, "val_loss": val_loss,
-                       **{k: v / n_running for k, v in running.items()}}
-                with open(metrics_path, "a") as fh:
-                    fh.write(json.dumps(row) + "\n")
-                running, n_running = {}, 0
-                bar.set_postfix(loss=f"{row['loss']:.3f}", val=f"{val:.3f}" if val is not None else "-")
-            if (step + 1) % cfg.ckpt_every == 0 or last:
-                _atomic_save({"model": model.state_dict(), "optim": opt.state_dict(), "sched": sched.state_dict(),
-                              "avg": avg.state_dict() if avg is not None else None, "step": step + 1,
-                              "valley": valley.state_dict() if cfg.averaging == "swad" else None,
-                              "segment": {"sum": segment.sum, "n": segment.n},
-                              "store_key": data.key}, ckpt_path)
-            bar.update(1)
-            if on_step is not None:
-                on_step(step + 1)
-    finally:
-        bar.close()
-    loop_seconds = time.time() - t_loop
-    final = model
-    if avg is not None and int(avg.n_averaged) > 0:
-        final = avg.module
-    if cfg.averaging == "swad":
-        state = valley.result()
-        if state is None:
-            log(f"SWAD: the validation loss never settled in {cfg.steps} steps; keeping the last weights")
-        else:
-            model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in state.items()})
-            log(f"SWAD averaged evaluation segments {valley.chosen}")
-    if final is not model or (cfg.averaging == "swad" and valley.final is not None):
-        val = top1(validate(final, data, data.val_idx, feats, recipe.predict, device)[0], data.targets[data.val_idx]) \
-            if len(data.val_idx) else None
-    save_file({k: v.detach().contiguous().cpu() for k, v in final.state_dict().items()}, str(out / "model.safetensors"))
-    summary = {"val_top1": val, "steps": cfg.steps, "loop_seconds": loop_seconds, "swad_segments": valley.chosen if cfg.averaging == "swad" else None, "seconds": time.time() - t0, "store_key": data.key,
-               "recipe": recipe.name, "student": cfg.student.name, "train_classes": [data.classes[i] for i in data.train_class_ids]}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "done").write_text("ok\n")  # last: the run is finished
-    return RunResult(str(out), val, cfg.steps, time.time() - t0, start, loop_seconds)
+        return Trainer(cfg, teacher, log, on_step, should_stop).run()
+    except (OSError, RuntimeError) as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(run_dir.path, "free space or choose --out on a larger disk") from exc
+        raise

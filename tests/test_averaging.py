@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from students.averaging import LossValley, SegmentMean
+from embedcache.students.averaging import LossValley, SegmentMean
 
 
 def _run(losses, steps_per_segment=3, **kw):

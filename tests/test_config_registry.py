@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from embedcache._registry import Registry
+from embedcache.registry import Registry
 from embedcache.config import ExtractConfig, load_extract_config
 from embedcache.errors import ConfigError
 
@@ -47,8 +47,8 @@ def test_unknown_key_is_one_line_listing_valid_keys():
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "train").glob("*.yaml")), ids=lambda p: p.stem)
 def test_shipped_train_configs_load(path):
     from embedcache.config import load_config
-    from students.recipes import RECIPES
-    from students.train import TrainConfig
+    from embedcache.students.recipes import RECIPES
+    from embedcache.students.train import TrainConfig
 
     cfg = load_config(TrainConfig, str(path))
     assert cfg.store and cfg.recipe in RECIPES

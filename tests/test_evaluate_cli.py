@@ -2,14 +2,15 @@
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from click.testing import CliRunner
 
 import embedcache
 from embedcache.cli import main
-from evaluate.store_eval import teacher_baselines
-from students.data import SplitConfig
-from students.models import StudentConfig
-from students.train import TrainConfig, train
+from embedcache.evaluate.store_eval import teacher_baselines
+from embedcache.students.data import SplitConfig
+from embedcache.students.models import StudentConfig
+from embedcache.students.train import TrainConfig, train
 
 from conftest import quiet
 
@@ -112,10 +113,12 @@ def test_conse_teacher_baselines_on_pacs(tmp_path):
 
 
 def test_few_shot_finetune_uses_the_protocols_episodes(synthetic_store, tmp_path):
-    from evaluate.metrics import nearest_label
-    from evaluate.protocols import episode
-    from students.embed import embed_store
-    from students.finetune import few_shot_finetune
+    from embedcache.evaluate.metrics import nearest_label
+    from embedcache.evaluate.protocols import episode
+    from embedcache.students.data import StoreData
+    from embedcache.students.finetune import few_shot_finetune
+    from embedcache.students.rundir import RunDir
+    from embedcache.students.scoring import embed_rows
 
     run = train(TrainConfig(store=str(synthetic_store), recipe="feat_kd", steps=4, batch_size=8, eval_every=2,
                             student=StudentConfig(name="test_vit", input_size=32), device="cpu", progress=False,
@@ -124,16 +127,21 @@ def test_few_shot_finetune_uses_the_protocols_episodes(synthetic_store, tmp_path
     labels, ok, unseen = s.meta.label.to_numpy(), (s.meta.status == "ok").to_numpy(), np.array([1, 2])
     # lr = 0 and no BatchNorm: fine-tuning changes nothing, so it must equal scoring the run itself by
     # nearest unseen-class text on the same episode's queries
-    ft = few_shot_finetune(run, str(synthetic_store), shots=3, episodes=2, steps=3, lr=0.0)
-    emb, _ = embed_store(run, str(synthetic_store))
+    model, cfg = RunDir(run).load_student()
+    split = RunDir(run).split
+    data = StoreData(str(synthetic_store), "name", SplitConfig(val_fraction=0.0))
+    ft = few_shot_finetune(model, cfg, data, split, shots=3, episodes=2, steps=3, lr=0.0)
+    emb, _ = embed_rows(model, data, split["seen_classes"], False, torch.device("cpu"))
     text = s.class_emb("name")
     for ep in (0, 1):
         _, query = episode(labels, ok, unseen, 3, 0, ep, s.classes)
         ref = np.mean(unseen[nearest_label(emb[query], text[unseen])] == labels[query])
         got = ft[(ft.episode == ep) & (ft.metric == "top1")].value.iloc[0]
         assert got == pytest.approx(ref) and len(query) == 2 * (16 - 3)
-    moved = few_shot_finetune(run, str(synthetic_store), shots=3, episodes=1, steps=3, lr=1e-2)
+    moved = few_shot_finetune(model, cfg, data, split, shots=3, episodes=1, steps=3, lr=1e-2)
     assert set(moved.split) == {"finetune"} and (moved.value.between(0, 1)).all()
+    mixed = few_shot_finetune(model, cfg, data, split, shots=3, episodes=1, steps=3, lr=1e-2, mode="mixed")
+    assert set(mixed.split) == {"finetune_mixed"} and (mixed.value.between(0, 1)).all()
 
 
 def test_few_shot_cli_includes_finetuning(runs, tmp_path):
@@ -147,13 +155,13 @@ def test_few_shot_cli_includes_finetuning(runs, tmp_path):
 
 
 def test_summary_table_averages_domains_within_each_seed_first():
-    from evaluate.store_eval import summary_table
+    from embedcache.evaluate.store_eval import summary_table
 
     rows = [("ood", "d1", 0, 0.2), ("ood", "d2", 0, 0.4), ("ood", "d1", 1, 0.4), ("ood", "d2", 1, 0.6)]
     df = pd.DataFrame([{"recipe": "r", "student": "s", "source": "name", "split": sp, "domain": d, "seed": sd,
-                        "metric": "top1", "value": v} for sp, d, sd, v in rows])
+                        "replicate": sd, "metric": "top1", "value": v} for sp, d, sd, v in rows])
     df = pd.concat([df, df.assign(domain="avg")], ignore_index=True)  # per-run avg rows, as lodo writes them
     t = summary_table(df)
-    assert t.loc[("r", "s", "name", "ood"), "d1"] == "30.0 ± 14.1"
-    assert t.loc[("r", "s", "name", "ood"), "avg"] == "40.0 ± 14.1"  # seeds: 0.3 and 0.5
+    assert t.loc[("r", "s", "name", "-", "ood"), "d1"] == "30.0 ± 14.1"
+    assert t.loc[("r", "s", "name", "-", "ood"), "avg"] == "40.0 ± 14.1"  # seeds: 0.3 and 0.5
     assert list(t.columns) == ["d1", "d2", "avg"]

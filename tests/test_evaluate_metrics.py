@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from evaluate.index import LabelIndex
-from evaluate.metrics import (m_neigh, m_rel, m_vlalign, mean_per_class, per_group, teacher_student_cosine,
+from embedcache.evaluate.index import LabelIndex
+from embedcache.evaluate.metrics import (m_neigh, m_rel, m_vlalign, mean_per_class, per_group, teacher_student_cosine,
                               text_separability, top1, topk)
 
 

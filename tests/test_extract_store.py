@@ -11,7 +11,7 @@ from embedcache.config import replace
 from embedcache.errors import ConfigError, StoreError, StoreMismatchError
 from embedcache.extract import extract, shard_blocks
 from embedcache.store import Store
-from embedcache.views import normalize, render_views
+from embedcache.views import normalize, render_views, to_uint8
 
 from conftest import quiet, save_tiny_clip
 
@@ -48,7 +48,7 @@ def test_round_trip_layout_and_contents(make_cfg, tiny_teacher, backend_suffix):
         # chunks span whole rows and never split the embedding axis
         assert s._store.b.chunks("image/emb")[1:] == (v, d)
         # the teacher re-encoding the stored view-0 inputs gives the stored embeddings
-        x = normalize(render_views(torch.from_numpy(s.pixels()[:4]), torch.from_numpy(s.view_params()[:4]),
+        x = normalize(render_views(torch.from_numpy(s.pixels()[:4].copy()), torch.from_numpy(s.view_params()[:4].copy()),
                                    tiny_teacher.input_size, tiny_teacher.interpolation), tiny_teacher.mean, tiny_teacher.std)
         again = tiny_teacher.encode_image(x.flatten(0, 1)).view(4, v, d).numpy()
         np.testing.assert_allclose(again, emb[:4].astype(np.float32), atol=2e-3)
@@ -70,17 +70,17 @@ def test_views_rebuilt_from_store_equal_teacher_input(make_cfg, tiny_teacher):
         def __getattr__(self, name):
             return getattr(tiny_teacher, name)
 
-        def encode_image(self, x):
+        def encode_pixels(self, x):
             seen.append(x.clone())
-            return tiny_teacher.encode_image(x)
+            return tiny_teacher.encode_pixels(x)
 
     cfg = make_cfg("spy.zarr", "views.count=4")
     extract(cfg, teacher=Spy(), log=quiet)
     fed = torch.cat(seen).view(-1, 4, 3, tiny_teacher.input_size, tiny_teacher.input_size)
     with embedcache.open_store(cfg.out) as s:
-        rebuilt = render_views(torch.from_numpy(s.pixels()), torch.from_numpy(s.view_params()),
+        rebuilt = render_views(torch.from_numpy(s.pixels().copy()), torch.from_numpy(s.view_params().copy()),
                                tiny_teacher.input_size, tiny_teacher.interpolation)
-    assert torch.equal(normalize(rebuilt, tiny_teacher.mean, tiny_teacher.std), fed)
+    assert fed.dtype == torch.uint8 and torch.equal(to_uint8(rebuilt), fed)  # the teacher sees 8-bit views
     assert not torch.equal(fed[:, 0], fed[:, 1])  # the views really differ
 
 
@@ -174,7 +174,7 @@ def test_corrupt_and_missing_files_are_recorded_and_skipped(tmp_path, make_cfg, 
     with embedcache.open_store(res.path) as s:
         bad = s.meta[s.meta.status == "failed"]
         assert bad.path.tolist() == ["dog/1.jpg"] and "UnidentifiedImageError" in bad.reason.iloc[0]
-        assert not s.image_emb()[bad.index[0]].any()  # no embedding pretends to exist
+        assert np.isnan(s.image_emb()[bad.index[0]].astype(np.float32)).all()  # no embedding pretends to exist
         assert s.summary()["failed"] == 1
 
 
@@ -194,7 +194,8 @@ def test_hdf5_refuses_several_writers_and_bad_shards(make_cfg, tiny_teacher):
 
 
 def test_full_disk_is_a_clear_error_and_never_complete(make_cfg, tiny_teacher, monkeypatch):
-    from embedcache.store._backend import ZarrBackend
+    from embedcache.errors import DiskFullError
+    from embedcache.store.backends import ZarrBackend
 
     real = ZarrBackend.write
     writes = []
@@ -207,7 +208,7 @@ def test_full_disk_is_a_clear_error_and_never_complete(make_cfg, tiny_teacher, m
 
     monkeypatch.setattr(ZarrBackend, "write", flaky)
     cfg = make_cfg("full.zarr")
-    with pytest.raises(StoreError, match="disk full while writing .* rerun the same command to resume"):
+    with pytest.raises(DiskFullError, match="disk full while writing .* rerun the same command to resume"):
         extract(cfg, teacher=tiny_teacher, log=quiet)
     assert not Store(cfg.out).complete
     monkeypatch.setattr(ZarrBackend, "write", real)

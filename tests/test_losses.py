@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from students.losses import LOSSES, BatchContext
+from embedcache.students.losses import LOSSES, BatchContext
 
 
 def _norm(x):

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from evaluate.protocols import PROTOCOLS, EvalData, few_shot, lodo, open_vocab, tip_adapter_logits
+from embedcache.evaluate.protocols import PROTOCOLS, EvalData, few_shot, lodo, open_vocab, tip_adapter_logits
 
 
 def _data(noise=0.05, shuffle=False, n=600, c=6, d=16, seed=0):
@@ -89,7 +89,7 @@ def test_per_class_and_distill():
     vals = dict(zip(ds.metric, ds.value))
     assert vals["m_rel"] == 1.0 and vals["m_neigh@10"] == 1.0 and vals["m_vlalign@5"] == 0.0
     assert vals["teacher_student_cosine"] == pytest.approx(1.0)
-    from evaluate.metrics import text_separability
+    from embedcache.evaluate.metrics import text_separability
     assert vals["text_pairwise_cosine"] == pytest.approx(text_separability(d.class_emb))
     d.teacher = None  # without a teacher, only the text metric
     assert PROTOCOLS.get("distill")(d).metric.tolist() == ["text_pairwise_cosine"]

@@ -9,11 +9,11 @@ from safetensors.torch import load_file
 
 from embedcache.cli import main
 from embedcache.errors import ConfigError, StoreError
-from embedcache.views import normalize, render_views
-from students.data import SplitConfig, StoreData
-from students.models import StudentConfig, build_student
-from students.recipes import RECIPES
-from students.train import TrainConfig, train
+from embedcache.views import render_views, to_uint8
+from embedcache.students.data import SplitConfig, StoreData
+from embedcache.students.models import StudentConfig, build_student
+from embedcache.students.recipes import RECIPES
+from embedcache.students.train import TrainConfig, train
 
 from conftest import quiet
 
@@ -28,29 +28,34 @@ def _cfg(store, tmp_path, recipe="li_iccv23", name="run", **kw):
 
 @pytest.mark.parametrize("recipe", RECIPES.names())
 def test_every_recipe_trains_and_its_loss_goes_down(recipe, synthetic_store, tmp_path):
-    from students.train import OptimConfig
+    from embedcache.students.train import OptimConfig
 
     res = train(_cfg(synthetic_store, tmp_path, recipe, optim=OptimConfig(lr=3e-3, schedule="constant")), log=quiet)
     rows = [json.loads(ln) for ln in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [10, 20, 30]
     assert rows[-1]["loss"] < rows[0]["loss"], rows
     assert res.val_top1 is not None and 0.0 <= res.val_top1 <= 1.0
-    for f in ("config.json", "model.safetensors", "summary.json", "done", "checkpoint.pt"):
+    for f in ("config.json", "split.json", "model.safetensors", "summary.json", "done"):
         assert (tmp_path / "run" / f).exists()
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()  # resume state is dropped once the run is done
     assert json.loads((tmp_path / "run" / "config.json").read_text())["recipe"] == recipe
 
 
 def test_student_view_is_the_teachers_view(synthetic_store, tiny_teacher):
+    from embedcache.students.providers import TARGETS, student_views
+
     data = StoreData(str(synthetic_store), "name")
     idx, views = data.sample(step=3, seed=0, batch_size=6)
     assert (views > 0).any()
-    x = data.inputs(idx, views, tiny_teacher.input_size, tiny_teacher.mean, tiny_teacher.std, torch.device("cpu"))
-    ref = normalize(render_views(torch.from_numpy(data.pixels[idx]), torch.from_numpy(data.params[idx, views][:, None]),
-                                 tiny_teacher.input_size)[:, 0], tiny_teacher.mean, tiny_teacher.std)
+    x = student_views(data, idx, views, tiny_teacher.input_size, (0, 0, 0), (1, 1, 1), torch.device("cpu"))
+    ref = render_views(torch.from_numpy(data.pixels[idx]), torch.from_numpy(data.params[idx, views][:, None]),
+                       tiny_teacher.input_size)[:, 0]
     assert torch.equal(x, ref)
-    t, _ = data.targets_for(idx, views, torch.device("cpu"))
-    # re-encoding the student's view with the teacher gives exactly the stored target of that view
-    torch.testing.assert_close(tiny_teacher.encode_image(x), t, atol=2e-3, rtol=0)
+    t, _ = TARGETS.get("store")(data, torch.device("cpu"))(idx, views)
+    # the teacher re-encoding the student's view (as 8-bit pixels) gives the stored target of that view
+    torch.testing.assert_close(tiny_teacher.encode_pixels(to_uint8(x)), t, atol=2e-3, rtol=0)
+    online, _ = TARGETS.get("teacher_online")(data, torch.device("cpu"), teacher=tiny_teacher)(idx, views)
+    torch.testing.assert_close(online, t, atol=2e-3, rtol=0)
 
 
 def test_same_seed_same_weights_other_seed_differs(synthetic_store, tmp_path):
@@ -93,7 +98,7 @@ def test_head_only_on_cached_features_matches_frozen_backbone_training(synthetic
     save_file({k: v.contiguous() for k, v in pre.backbone.state_dict().items()}, str(weights))
     scfg = StudentConfig(name="test_resnet", input_size=32, pretrained=str(weights))
     res = CliRunner().invoke(main, ["features", "--store", str(store), "--student", "test_resnet", "--no-progress",
-                                    "--set", f"pretrained={weights}", "--set", "input_size=32", "--set", "device=cpu"])
+                                    "--set", f"pretrained={weights}", "--set", "input_size=32", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     for recipe in ("vl2v_adip_align", "linear_probe"):
         head = train(_cfg(store, tmp_path, recipe, name=f"{recipe}-h", student=scfg, features=True, steps=20), log=quiet)
@@ -120,11 +125,11 @@ def test_splits_follow_the_store_metadata(synthetic_store):
 
 
 def test_bad_input_is_refused_with_the_options(synthetic_store, tmp_path):
-    with pytest.raises(KeyError, match="unknown recipe 'distill'; available: ce, feat_kd"):
+    with pytest.raises(ConfigError, match="recipe='distill' is not valid: choose one of ce, feat_kd"):
         train(_cfg(synthetic_store, tmp_path, "distill"), log=quiet)
     with pytest.raises(KeyError, match="unknown student 'resnet9'; available: .*test_resnet.*timm:<any name"):
         build_student(StudentConfig(name="resnet9"), 32)
-    with pytest.raises(ConfigError, match="head-only training .* head-only recipes: linear_probe, vl2v_adip_align"):
+    with pytest.raises(ConfigError, match="head-only training.* head-only recipes: linear_probe, vl2v_adip_align"):
         train(_cfg(synthetic_store, tmp_path, "li_iccv23", features=True), log=quiet)
     with pytest.raises(StoreError, match="holdout domain 'sketch' is not in the store"):
         StoreData(str(synthetic_store), "name", SplitConfig(holdout_domains=("sketch",)))
@@ -148,7 +153,7 @@ def test_store_without_the_recipes_text_or_incomplete_is_refused(make_cfg, tiny_
         train(_cfg(part.out, tmp_path, "feat_kd"), log=quiet)
 
 
-@pytest.mark.parametrize("name", [n for n in __import__("students.models", fromlist=["STUDENTS"]).STUDENTS.names()
+@pytest.mark.parametrize("name", [n for n in __import__("embedcache.students.models", fromlist=["STUDENTS"]).STUDENTS.names()
                                   if n != "openclip_visual"])
 def test_every_registered_student_builds_and_projects(name):
     """Every registered backbone, from scratch at a small input: features, projection, classifier."""
@@ -177,18 +182,20 @@ def test_train_cli(synthetic_store, tmp_path):
     assert res.exit_code == 0, res.output
     assert "validation top-1" in res.output and (tmp_path / "cli" / "done").exists()
     bad = CliRunner().invoke(main, ["train", "--store", str(synthetic_store), "--recipe", "nope", "--student", "test_resnet"])
-    assert bad.exit_code != 0 and "unknown recipe 'nope'" in str(bad.exception or bad.output)
+    assert bad.exit_code == 2 and bad.output.strip().count("\n") == 0, bad.output
+    assert "recipe='nope' is not valid: choose one of ce, feat_kd" in bad.output
 
 
 def test_swad_through_training(synthetic_store, tmp_path):
-    from students.train import OptimConfig, SwadConfig
+    from embedcache.students.train import OptimConfig, SwadConfig
 
     flat = _cfg(synthetic_store, tmp_path, "feat_kd", name="swad", steps=12, eval_every=2, averaging="swad",
                 average_start=0.0, optim=OptimConfig(lr=0.0, weight_decay=0.0, schedule="constant"),
                 swad=SwadConfig(n_converge=2, n_tolerance=2, tolerance_ratio=0.3))
     res = train(flat, log=quiet)
     summary = json.loads((tmp_path / "swad" / "summary.json").read_text())
-    assert summary["swad_segments"] == list(range(6))  # flat loss: the valley spans every segment
+    assert summary["selected"]["swad_segments"] == list(range(6))  # flat loss: the valley spans every segment
+    assert summary["selected"]["rule"] == "average (swad)"
     rows = [json.loads(ln) for ln in open(tmp_path / "swad" / "metrics.jsonl")]
     assert all(r["val_loss"] is not None for r in rows)
     torch.manual_seed(0)

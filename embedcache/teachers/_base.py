@@ -1,30 +1,16 @@
 """What every teacher provides: image and text encoders into one L2-normalised space."""
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 import torch
 
-from .._device import resolve_device  # noqa: F401  (re-exported for the teachers)
-from .._registry import Registry
+from ..device import resolve_device  # noqa: F401  (re-exported for the teachers)
+from ..fileio import file_sha256  # noqa: F401  (re-exported for the teachers)
+from ..registry import Registry
+from ..views import normalize
 
 TEACHERS = Registry("teacher")
-
-
-def file_sha256(path: Path, _cache: Dict[Tuple[str, int, float], str] = {}) -> str:
-    """Content hash of a weights file (16 hex chars). Keys use contents, not paths, so moving a
-    checkpoint keeps its stores valid. Memoised per (path, size, mtime) within a process."""
-    st = path.stat()
-    memo = (str(path.resolve()), st.st_size, st.st_mtime)
-    if memo not in _cache:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
-        _cache[memo] = h.hexdigest()[:16]
-    return _cache[memo]
 
 
 class Teacher:
@@ -47,6 +33,13 @@ class Teacher:
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, 3, H, W) float, already normalised. Returns (B, D) float32, L2-normalised, CPU."""
         raise NotImplementedError
+
+    def encode_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, 3, H, W) uint8 views at ``input_size``. Returns (B, D) float32, L2-normalised, CPU.
+        Extraction calls this: the teacher's input is an 8-bit image (a remote teacher sends it as
+        PNG, losslessly), normalised here with the teacher's own mean and std."""
+        x = x.to(self.device, non_blocking=True).float().div_(255.0)
+        return self.encode_image(normalize(x, self.mean, self.std))
 
     def encode_text(self, texts: List[str]) -> torch.Tensor:
         """Returns (T, D) float32, L2-normalised, CPU."""

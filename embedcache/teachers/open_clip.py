@@ -38,13 +38,13 @@ class OpenClipTeacher(Teacher):
                 raise TeacherLoadError(f"teacher.model_config {cfg_path} not found; give a JSON architecture file")
             open_clip.add_model_config(cfg_path)
             self._config_hash = file_sha256(cfg_path)
-        if self.pretrained is None:
-            torch.manual_seed(0)  # random weights, but the same ones every time
         try:
-            model = open_clip.create_model(
-                self.model_name, pretrained=self.pretrained, precision=self.precision, device=self.device,
-                require_pretrained=self.pretrained is not None or self.model_name.startswith(("hf-hub:", "local-dir:")),
-                weights_only=True)
+            with torch.random.fork_rng(devices=[]):  # random weights are the same every time; the caller's RNG is untouched
+                torch.manual_seed(0)
+                model = open_clip.create_model(
+                    self.model_name, pretrained=self.pretrained, precision=self.precision, device=self.device,
+                    require_pretrained=self.pretrained is not None or self.model_name.startswith(("hf-hub:", "local-dir:")),
+                    weights_only=True)
             self.tokenizer = open_clip.get_tokenizer(self.model_name)
         except Exception as exc:  # open_clip raises many types; the user needs one line
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

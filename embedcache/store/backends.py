@@ -1,29 +1,26 @@
-"""Storage backends: the few operations the store contract needs, for Zarr v3 and HDF5.
+"""Storage backends (a registry): the few operations the store contract needs, for Zarr v3 and HDF5.
 
-Arrays are addressed by slash paths ("image/emb"), written in whole-row slabs and read whole.
-Blobs are small byte strings (parquet tables, per-block failure records): files inside a Zarr
-store's folder, uint8 datasets inside an HDF5 file. Attributes hold JSON.
+Arrays are addressed by slash paths ("image/emb"), written in whole-row slabs and read whole or by
+row range. Blobs are small byte strings (parquet tables, per-block failure records): files inside a
+Zarr store's folder, uint8 datasets inside an HDF5 file. Attributes hold JSON. Nothing outside
+``embedcache.store`` touches a backend: the ``Store`` is the only door to a store.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .._registry import Registry
+from ..errors import StoreDamagedError, StoreError
+from ..fileio import atomic_write_bytes
+from ..registry import Registry
 
 BACKENDS = Registry("store backend")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 @BACKENDS.register("zarr")
@@ -36,7 +33,11 @@ class ZarrBackend:
 
         self.path = Path(path)
         self.mode = mode
-        self.group = zarr.open_group(str(self.path), mode="r" if mode == "r" else "a")
+        try:
+            self.group = zarr.open_group(str(self.path), mode="r" if mode == "r" else "a")
+        except Exception as exc:  # an unreadable zarr.json
+            raise StoreDamagedError(f"store {path} cannot be opened ({type(exc).__name__}: {_first_line(exc)}); "
+                                    "delete it and rerun its extract command") from None
 
     @staticmethod
     def exists(path: str) -> bool:
@@ -46,14 +47,13 @@ class ZarrBackend:
     def create_atomic(cls, path: str, init) -> bool:
         """Build a new store in a temporary folder with ``init(backend)``, then rename it into
         place, so concurrent workers never see half a store. False if another worker won."""
-        import shutil
-
         target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.creating")
-        b = cls(str(tmp), "a")
-        init(b)
-        b.close()
         try:
+            b = cls(str(tmp), "a")
+            init(b)
+            b.close()
             os.rename(tmp, target)
             return True
         except OSError:
@@ -61,13 +61,20 @@ class ZarrBackend:
             if cls.exists(path):
                 return False
             raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
-    def create_array(self, name: str, shape: Sequence[int], dtype, chunks: Sequence[int]) -> None:
+    def create_array(self, name: str, shape: Sequence[int], dtype, chunks: Sequence[int], codec: str = "zstd") -> None:
+        from zarr.codecs import ZstdCodec
+
         parent, _, leaf = name.rpartition("/")
         g = self.group.require_group(parent) if parent else self.group
         # write_empty_chunks: skip zarr's per-chunk "is it all fill value?" scan (1.4 s of a 10 s
-        # GPU extraction when measured); every chunk we write holds data.
+        # GPU extraction when measured); every chunk we write holds data, and a chunk that is
+        # missing on disk must stay missing (the checksums then find it), never "equal to zeros".
         g.create_array(leaf, shape=tuple(shape), dtype=np.dtype(dtype), chunks=tuple(chunks), fill_value=0,
+                       compressors=None if codec == "none" else ZstdCodec(level=0),
                        config={"write_empty_chunks": True})
 
     def has(self, name: str) -> bool:
@@ -96,7 +103,7 @@ class ZarrBackend:
         return self.group.attrs.get(key, default)
 
     def put_blob(self, name: str, data: bytes) -> None:
-        _atomic_write(self.path / name, data)
+        atomic_write_bytes(self.path / name, data)
 
     def get_blob(self, name: str) -> Optional[bytes]:
         p = self.path / name
@@ -104,7 +111,7 @@ class ZarrBackend:
 
     def list_blobs(self, prefix: str) -> list:
         folder = self.path / prefix
-        return sorted(f"{prefix}/{p.name}" for p in folder.iterdir()) if folder.is_dir() else []
+        return sorted(f"{prefix}/{p.name}" for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
 
     def flush(self) -> None:
         pass
@@ -126,7 +133,16 @@ class HDF5Backend:
 
         self.path = Path(path)
         self.mode = mode
-        self.file = h5py.File(self.path, "r" if mode == "r" else "a")
+        self.file = None
+        try:
+            self.file = h5py.File(self.path, "r" if mode == "r" else "a")
+        except (OSError, BlockingIOError) as exc:
+            text = str(exc)
+            if "lock" in text.lower() or isinstance(exc, BlockingIOError):
+                raise StoreError(f"HDF5 store {path} is open in another process (HDF5 allows one writer and no reader "
+                                 "beside it); wait for that process to finish, or use a .zarr store") from None
+            raise StoreDamagedError(f"HDF5 store {path} is damaged or truncated ({_first_line(exc)}); delete it and "
+                                    "rerun its extract command to rebuild it") from None
 
     @staticmethod
     def exists(path: str) -> bool:
@@ -135,17 +151,23 @@ class HDF5Backend:
     @classmethod
     def create_atomic(cls, path: str, init) -> bool:
         target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.creating")
-        b = cls(str(tmp), "a")
-        init(b)
-        b.close()
+        try:
+            b = cls(str(tmp), "a")
+            init(b)
+            b.close()
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         if target.exists():
             tmp.unlink()
             return False
         os.replace(tmp, target)
         return True
 
-    def create_array(self, name: str, shape: Sequence[int], dtype, chunks: Sequence[int]) -> None:
+    def create_array(self, name: str, shape: Sequence[int], dtype, chunks: Sequence[int], codec: str = "zstd") -> None:
+        # h5py has no zstd without plugins; arrays stay uncompressed (embeddings do not compress anyway)
         self.file.create_dataset(name, shape=tuple(shape), dtype=np.dtype(dtype), chunks=tuple(chunks), fillvalue=0)
 
     def has(self, name: str) -> bool:
@@ -200,9 +222,16 @@ class HDF5Backend:
     def close(self) -> None:
         if self.file:
             self.file.close()
+            self.file = None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def backend_name_for(path: str, backend: Optional[str] = None) -> str:
+    """The backend named, else HDF5 for .h5/.hdf5 paths, else Zarr."""
     if backend:
-        return BACKENDS.get(backend) and backend
+        return BACKENDS.check(backend)
     return "hdf5" if str(path).endswith((".h5", ".hdf5")) else "zarr"

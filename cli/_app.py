@@ -1,0 +1,37 @@
+"""The ``embedcache`` click group: user errors as one line, Ctrl-C as one line, with exit codes.
+
+Exit codes: 0 ok; 1 some sweep runs failed; 2 a user error (bad setting, unknown name, mismatched
+or damaged store); 3 a paid teacher's budget or quota ran out (resumable); 75 a full disk
+(resumable: free space and rerun); 130 interrupted (resumable: rerun the same command).
+"""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from embedcache.errors import EmbedcacheError
+
+
+class Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except EmbedcacheError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt as exc:
+            msg = str(exc) if str(exc) and " " in str(exc) else "interrupted; rerun the same command to resume"
+            click.echo(msg, err=True)
+            sys.exit(130)
+
+
+@click.group(cls=Group)
+@click.version_option(package_name="embedcache")
+def main() -> None:
+    """Cache a vision-language teacher's embeddings once; distil students from the cache."""
+
+
+def overrides_option(fn):
+    return click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                        help="override a config key (value parsed as YAML), e.g. --set views.count=4")(fn)

@@ -1,0 +1,137 @@
+"""Commands on stores: extract, inspect, verify, features, configs."""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Optional, Sequence
+
+import click
+
+from ._app import main, overrides_option
+
+
+@main.command()
+@click.option("--config", "config_path", help="a YAML file, or the name of a packaged config (`embedcache configs`)")
+@click.option("--out", help="store path (.zarr folder, or .h5 for HDF5)")
+@overrides_option
+@click.option("--shard", type=int, help="this worker's index (default: $RANK, else 0)")
+@click.option("--num-shards", type=int, help="number of workers filling the store (default: $WORLD_SIZE, else 1)")
+@click.option("--no-progress", is_flag=True, help="no progress bar")
+def extract(config_path: Optional[str], out: Optional[str], overrides: Sequence[str], shard, num_shards, no_progress) -> None:
+    """Run the teacher once over a dataset and write a store (resumes if interrupted, repairs if damaged).
+    Without --config: the synthetic demo with the offline teacher."""
+    from embedcache.config import load_extract_config
+    from embedcache.extract import extract as run
+
+    values = {"out": out, "shard": shard, "num_shards": num_shards, "progress": False if no_progress else None}
+    cfg = load_extract_config(config_path or "demo", overrides, values)
+    if config_path is None:
+        click.echo("no --config given: extracting the demo (`embedcache configs show demo` prints its settings)")
+    res = run(cfg, log=click.echo)
+    if not res.skipped:
+        rate = res.images / res.seconds if res.seconds > 0 else 0.0
+        click.echo(f"{res.images} images encoded in {res.seconds:.1f}s ({rate:.1f} images/s); "
+                   f"{res.failed} unreadable; store {'complete' if res.complete else 'partial'}: {res.path}")
+
+
+@main.command()
+@click.argument("store", type=click.Path(exists=True))
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+def inspect(store: str, as_json: bool) -> None:
+    """Summarise a store: teacher, images, views, domains, classes, failures, disk size."""
+    from embedcache.api import StoreReader
+    from embedcache.store import Store
+
+    with Store(store) as st:
+        if not st.complete:
+            done = int(st.blocks_done().sum())
+            click.echo(f"{store}: incomplete ({done} of {st.num_blocks} blocks); rerun its extract command to finish")
+            sys.exit(1)
+        summary = StoreReader(st).summary()
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    width = max(len(k) for k in summary)
+    for k, v in summary.items():
+        click.echo(f"{k:<{width}}  {v}")
+
+
+@main.command()
+@click.argument("store", type=click.Path(exists=True))
+@click.option("--repair", is_flag=True, help="re-do the damaged blocks and files (runs the store's own extraction again)")
+@click.option("--no-progress", is_flag=True)
+def verify(store: str, repair: bool, no_progress: bool) -> None:
+    """Check every block and table of a store against the checksums written with it."""
+    from embedcache.store import Store
+
+    with Store(store) as st:
+        report = st.verify(progress=not no_progress)
+        manifest = st.manifest
+    if report.ok:
+        click.echo(f"{store}: {report.blocks_checked} blocks and {len(manifest.get('checksums', {}))} files intact")
+        return
+    for line in report.lines():
+        click.echo(f"damaged: {line}")
+    if not repair:
+        click.echo(f"{store}: {len(report.damaged_blocks)} damaged block(s), {len(report.files)} damaged file(s); "
+                   f"`embedcache verify --repair {store}` (or the store's extract command) re-does exactly those")
+        sys.exit(1)
+    from embedcache.config import ExtractConfig, build_config
+    from embedcache.extract import extract as run
+
+    cfg = build_config(ExtractConfig, {**manifest["config"], "out": store, "progress": not no_progress,
+                                       "shard": None, "num_shards": None})
+    res = run(cfg, log=click.echo)
+    click.echo(f"{store}: repaired ({res.repaired} block(s) re-done)")
+
+
+@main.command()
+@click.option("--store", required=True, help="store to add the features to")
+@click.option("--student", required=True, help="student backbone name")
+@overrides_option
+@click.option("--seed", type=int, default=0, show_default=True, help="seed the backbone is built under")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--no-progress", is_flag=True)
+def features(store, student, overrides, seed, batch_size, device, no_progress) -> None:
+    """Cache frozen student-backbone features per view in a store, for head-only training
+    (--set pretrained=/path input_size=160 ...: student settings)."""
+    from embedcache.config import apply_overrides, build_config
+    from embedcache.students.features import cache_features
+    from embedcache.students.models import StudentConfig
+
+    cfg = build_config(StudentConfig, {**apply_overrides({}, overrides), "name": student}, prefix="student.")
+    cache_features(store, cfg, seed=seed, batch_size=batch_size, device=device, progress=not no_progress, log=click.echo)
+
+
+@main.group(invoke_without_command=True)
+@click.pass_context
+def configs(ctx) -> None:
+    """List the configs shipped with the package, per command (`configs show NAME` prints one)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from embedcache.config import KINDS, packaged_configs
+
+    for kind in KINDS:
+        found = packaged_configs(kind)
+        if found:
+            click.echo(f"{kind} (embedcache {kind} --config NAME):")
+            width = max(len(n) for n in found)
+            for name, doc in found.items():
+                click.echo(f"  {name:<{width}}  {doc}")
+
+
+@configs.command("show")
+@click.argument("name")
+@click.option("--kind", type=click.Choice(["extract", "train", "sweep", "synthesize", "serve"]),
+              help="which command's config (default: the first with that name)")
+def configs_show(name: str, kind: Optional[str]) -> None:
+    """Print a packaged config, to copy and edit."""
+    from embedcache.config import KINDS, config_text, packaged_configs
+    from embedcache.errors import ConfigError
+
+    for k in ([kind] if kind else KINDS):
+        if name in packaged_configs(k):
+            click.echo(config_text(k, name)[0], nl=False)
+            return
+    raise ConfigError(f"no packaged config named {name!r}; `embedcache configs` lists them")

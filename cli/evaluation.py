@@ -1,0 +1,72 @@
+"""Commands that score: evaluate, report."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ._app import main
+
+
+@main.command()
+@click.argument("runs", nargs=-1, type=click.Path(exists=True, file_okay=False))
+@click.option("--store", help="store to score (required for teacher baselines; default for runs: their own)")
+@click.option("--protocol", "protocols", multiple=True, default=("lodo",), show_default=True,
+              help="lodo | open_vocab | few_shot | per_class | distill (repeatable)")
+@click.option("--source", "sources", multiple=True, help="text sources for teacher baselines (default: all)")
+@click.option("--out", default="results.parquet", show_default=True,
+              help="tidy results file (updated: rows of the same run, protocol, split, domain and metric are replaced)")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--finetune-steps", default=50, show_default=True,
+              help="with few_shot on runs: also fine-tune the student on the shots for this many steps (0: skip)")
+@click.option("--finetune-mode", type=click.Choice(["shots", "mixed"]), default="shots", show_default=True,
+              help="shots: L_cls on the shots; mixed: shots mixed into training batches, full loss (Li et al.)")
+def evaluate(runs, store, protocols, sources, out, device, finetune_steps, finetune_mode) -> None:
+    """Score finished runs (or, with only --store, the teacher's zero-shot baselines)."""
+    import pandas as pd
+
+    from embedcache.evaluate.protocols import PROTOCOLS
+    from embedcache.evaluate.report import markdown
+    from embedcache.evaluate.results import upsert
+    from embedcache.evaluate.store_eval import summary_table, teacher_baselines
+    from embedcache.students.rundir import RunDir
+    from embedcache.students.scoring import score_run
+
+    for p in protocols:
+        PROTOCOLS.check(p)
+    frames = []
+    if not runs:
+        if not store:
+            raise click.UsageError("give run directories, or --store for the teacher's baselines")
+        frames.append(teacher_baselines(store, sources or None, protocols))
+    for run in RunDir.find(runs):
+        if not run.done:
+            click.echo(f"skipping {run.path}: not finished", err=True)
+            continue
+        ft = finetune_steps if "few_shot" in protocols else 0
+        frames.append(score_run(run, protocols, store, device, finetune_steps=ft, finetune_mode=finetune_mode))
+    if not frames:
+        raise click.UsageError("nothing to evaluate: no finished run found")
+    new = pd.concat(frames, ignore_index=True)
+    table = upsert(out, new)
+    click.echo(markdown(summary_table(new)))
+    click.echo(f"\n{len(new)} rows scored; {len(table)} rows in {out}")
+
+
+@main.command()
+@click.argument("results", type=click.Path(exists=True))
+@click.option("--out", "out_dir", help="folder for report.md and PNG plots (default: report/, or SWEEP_DIR/report)")
+def report(results, out_dir) -> None:
+    """Turn a results file, or a sweep directory, into markdown tables (methods x domains, mean ± std) and plots."""
+    import pandas as pd
+
+    from embedcache.evaluate.report import write_report
+
+    if Path(results).is_dir():
+        from embedcache.students.sweep import collect
+
+        df, out_dir = collect(results), out_dir or str(Path(results) / "report")
+    else:
+        df, out_dir = pd.read_parquet(results), out_dir or "report"
+    for f in write_report(df, out_dir):
+        click.echo(str(f))

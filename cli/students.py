@@ -1,0 +1,85 @@
+"""Commands that train students: train, sweep."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from ._app import main, overrides_option
+
+MAIN_SPLIT = {"lodo": "out_of_domain", "open_vocab": "unseen_zero_shot", "few_shot": "prototype"}
+DEMO_SWEEP, DEMO_STORE = "demo", "stores/demo.zarr"
+
+
+@main.command()
+@click.option("--store", help="store made by `embedcache extract`")
+@click.option("--recipe", help="recipe name (ce, naive_kd, feat_kd, li_iccv23, vl2v_adip, ...)")
+@click.option("--student", help="student name (resnet18, test_resnet, timm:<name>, openclip_visual)")
+@click.option("--config", "config_path", help="a YAML file, or the name of a packaged train config")
+@click.option("--out", help="run directory (default runs/<recipe>-<student>-<hash>)")
+@click.option("--device", help="auto | cpu | cuda | cuda:N (default: the config's, auto)")
+@overrides_option
+@click.option("--no-progress", is_flag=True)
+def train(store, recipe, student, config_path, out, device, overrides, no_progress) -> None:
+    """Train a student from a store (never runs the teacher); resumes an interrupted run."""
+    from embedcache import interrupt
+    from embedcache.config import load_config
+    from embedcache.students.train import TrainConfig, train as run
+
+    values = {"store": store, "recipe": recipe, "student.name": student, "out": out, "device": device,
+              "progress": False if no_progress else None}
+    cfg = load_config(TrainConfig, config_path, overrides, "train", values)
+    with interrupt.graceful():
+        res = run(cfg, log=click.echo, should_stop=interrupt.requested)
+    val = "n/a" if res.val_top1 is None else f"{res.val_top1:.4f}"
+    sel = res.selected or {}
+    kept = f"; kept {sel.get('rule')}" + (f" (step {sel['step']})" if sel.get("step") else "") if sel else ""
+    click.echo(f"run {res.out}: {res.steps} steps, validation top-1 {val}{kept}, {res.seconds:.1f}s")
+
+
+@main.command()
+@click.argument("sweep_file", required=False)
+@click.option("--out", help="sweep directory (default sweeps/<file name>)")
+@click.option("--launcher", help="serial | local | ray (default: the sweep file's)")
+@click.option("--workers", type=int, help="local launcher: worker processes")
+@click.option("--address", help="ray launcher: cluster address (default: a local Ray instance)")
+@click.option("--device", default="auto", show_default=True)
+@overrides_option
+@click.option("--no-progress", is_flag=True)
+def sweep(sweep_file, out, launcher, workers, address, device, overrides, no_progress) -> None:
+    """Run a grid of student runs over a store (resumable; finished runs are skipped), then report.
+    SWEEP_FILE is a YAML file or a packaged sweep name; without one, the demo sweep over the demo store."""
+    from embedcache.evaluate.report import markdown
+    from embedcache.evaluate.store_eval import summary_table
+    from embedcache.students.sweep import load_sweep, run_sweep
+
+    if sweep_file is None:
+        sweep_file = DEMO_SWEEP
+        click.echo(f"no sweep file given: running the demo sweep ({DEMO_SWEEP}) over {DEMO_STORE}")
+        _ensure_demo_store(no_progress)
+    spec = load_sweep(sweep_file, overrides)
+    out = out or str(Path("sweeps") / Path(sweep_file).stem)
+    res = run_sweep(spec, out, launcher, device, progress=not no_progress, log=click.echo,
+                    workers=workers, address=address)
+    click.echo(f"{res['runs']} runs: {res['done']} done now, {res['skipped']} already done, {res['failed']} failed, "
+               f"{res['busy']} left to other workers")
+    if res["results"] is not None:
+        click.echo(markdown(summary_table(res["results"], MAIN_SPLIT[spec.protocol])))
+        click.echo(f"results: {out}/results.parquet; report: {out}/report/report.md")
+    if res["failed"]:
+        sys.exit(1)
+
+
+def _ensure_demo_store(no_progress: bool) -> None:
+    from embedcache.config import load_extract_config
+    from embedcache.extract import extract
+    from embedcache.store import Store
+
+    if Store.exists(DEMO_STORE):
+        with Store(DEMO_STORE) as st:
+            if st.complete:
+                return
+    click.echo(f"{DEMO_STORE} is missing: extracting the demo store first (embedcache extract --config demo)")
+    extract(load_extract_config("demo", values={"out": DEMO_STORE, "progress": False if no_progress else None}),
+            log=click.echo)

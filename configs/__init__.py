@@ -1,0 +1,1 @@
+"""Named configs shipped with the package (`embedcache configs` lists them; `--config NAME` loads one)."""

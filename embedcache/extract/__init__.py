@@ -1,0 +1,169 @@
+"""Extraction: one pass of the teacher over a dataset into a store (resumable, shardable, repairable).
+
+``extract(cfg)`` builds the parts (``parts.py``): a reader decodes images into canvases in
+DataLoader workers, the embedder runs the teacher in the main thread, and a writer thread stores
+finished row blocks, so decoding and writing overlap encoding. A block's rows are written with
+their checksums, then the block is marked done; the manifest's ``complete`` is set last. A killed
+run resumes at the first unfinished block; a damaged store (a lost chunk, a missing table) is
+repaired by the same command, which re-does exactly the damaged blocks and files.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+
+from ..config import ExtractConfig
+from ..datasets import ImageDataset, build_dataset
+from ..errors import ConfigError
+from ..fileio import disk_full_error, is_disk_full
+from ..store import BACKENDS, STATUS_OK, Store, add_text_arrays, backend_name_for, plan_layout
+from ..teachers import Teacher, build_teacher
+from ..text import build_prompts, encode_sources
+from .manifest import build_manifest
+from .parts import (Batch, Block, BlockAssembler, BlockWriter, Embedder, LoaderReader, ViewPolicy, block_batches,
+                    resolve_shard, shard_blocks)
+
+__all__ = ["extract", "ExtractResult", "Batch", "Block", "ViewPolicy", "shard_blocks", "resolve_shard", "finalize"]
+
+
+@dataclass
+class ExtractResult:
+    path: str
+    key: str
+    complete: bool
+    images: int           # rows encoded by this call
+    failed: int           # unreadable images in the whole store (when complete) or this call
+    seconds: float
+    skipped: bool = False  # the store was already complete and intact
+    repaired: int = 0      # damaged blocks re-done by this call
+
+
+def policy_of(cfg: ExtractConfig) -> ViewPolicy:
+    v = cfg.views
+    return ViewPolicy(cfg.canvas.size, v.count, v.scale, v.ratio, v.flip, v.seed)
+
+
+def open_or_create(cfg: ExtractConfig, manifest: Dict, layout: Dict) -> Store:
+    backend = backend_name_for(cfg.out, cfg.backend)
+    advice = "use another --out path, or delete that store if it is no longer needed"
+    if Store.exists(cfg.out, backend):
+        return Store(cfg.out, "a", backend).require(manifest["key"], complete=False, advice=advice)
+    if os.path.exists(cfg.out):
+        raise ConfigError(f"--out {cfg.out} exists and is not a {backend} store; choose another path")
+    return Store.create(cfg.out, manifest, layout, backend).require(manifest["key"], complete=False, advice=advice)
+
+
+def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done: Optional[Callable[[int], None]] = None,
+            log: Callable[[str], None] = print, reader=None) -> ExtractResult:
+    """Run, resume, repair or skip one extraction. ``teacher`` may be passed to reuse a loaded one;
+    ``reader`` replaces the PIL reader (a GPU decoder, a synthesiser)."""
+    t0 = time.time()
+    if not cfg.out:
+        raise ConfigError("no output store given; pass --out PATH (e.g. stores/demo.zarr)")
+    shard, num_shards = resolve_shard(cfg.shard, cfg.num_shards)
+    backend = backend_name_for(cfg.out, cfg.backend)
+    if num_shards > 1 and not BACKENDS.get(backend).multi_writer:
+        raise ConfigError(f"{backend} stores take one writer; use a .zarr store for --num-shards {num_shards}")
+    dataset = build_dataset(cfg.dataset)
+    teacher = teacher or build_teacher(cfg.teacher)
+    prompts = build_prompts(dataset.classes, cfg.text)
+    manifest = build_manifest(cfg, dataset, teacher, prompts)
+    layout = plan_layout(len(dataset), cfg.views.count, teacher.embed_dim, cfg.canvas.size, cfg.canvas.store, cfg.block_rows)
+    add_text_arrays(layout, {s: sum(len(p) for p in pc) for s, pc in prompts.items()}, len(dataset.classes), teacher.embed_dim)
+    try:
+        store = open_or_create(cfg, manifest, layout)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(cfg.out, "free space or choose --out on a larger disk") from exc
+        raise
+    try:
+        repaired = 0
+        if store.complete:
+            report = store.verify(progress=cfg.progress)
+            if report.ok:
+                log(f"{cfg.out} is already complete and intact (key {store.key}); nothing to do")
+                return ExtractResult(cfg.out, store.key, True, 0, int(store.manifest.get("failed", 0)), time.time() - t0, True)
+            repaired = len(report.damaged_blocks)
+            log(f"{cfg.out} is damaged ({'; '.join(report.lines()[:3])}{' ...' if len(report.lines()) > 3 else ''}); "
+                f"re-doing {repaired} block(s) and rewriting its tables")
+            store.reopen_blocks(report.damaged_blocks)
+        done = store.blocks_done()
+        mine = [b for b in shard_blocks(store.num_blocks, shard, num_shards) if not done[b]]
+        reader = reader or LoaderReader(dataset, policy_of(cfg), teacher.input_size, teacher.interpolation,
+                                        render=teacher.device.type != "cuda", num_workers=cfg.num_workers,
+                                        pin_memory=teacher.device.type == "cuda")
+        encoded, failed = run_blocks(store, mine, reader, Embedder(teacher, cfg.views.count), cfg.batch_size,
+                                     progress=cfg.progress, on_block_done=on_block_done)
+        if store.blocks_done().all():
+            failed = _finalize_or_disk_full(store, dataset, teacher, prompts)
+            log(f"wrote {cfg.out}: {len(dataset)} images x {cfg.views.count} views, "
+                f"{failed} unreadable image(s) skipped (listed in meta.parquet)")
+        else:
+            log(f"shard {shard}/{num_shards} done; the store completes when every shard has finished")
+        return ExtractResult(cfg.out, store.key, store.complete, encoded, failed, time.time() - t0, repaired=repaired)
+    finally:
+        store.close()
+
+
+def run_blocks(store: Store, blocks: List[int], reader, embedder, batch_size: int, progress: bool = True,
+               on_block_done: Optional[Callable[[int], None]] = None) -> tuple:
+    """Read, embed, assemble and write the given blocks. Returns (rows encoded, rows unreadable)."""
+    from tqdm.auto import tqdm
+
+    batches = block_batches(blocks, store, batch_size)
+    if not batches:
+        return 0, 0
+    assembler = BlockAssembler(store, bool(store.layout["store_pixels"]))
+    writer = BlockWriter(store, on_block_done)
+    writer.start()
+    bar = tqdm(total=sum(len(b) for b in batches), unit="img", desc=f"extract {os.path.basename(store.path)}",
+               disable=not progress, dynamic_ncols=True)
+    encoded = failed = 0
+    try:
+        for batch in reader.batches(batches):
+            writer.check()
+            block = assembler.add(batch, embedder(batch))
+            failed += int((~batch.ok).sum())
+            encoded += len(batch.rows)
+            bar.update(len(batch.rows))
+            if block is not None:
+                writer.put(block)
+    finally:
+        bar.close()
+        writer.close()
+    writer.check()
+    return encoded, failed
+
+
+def _finalize_or_disk_full(store: Store, dataset: ImageDataset, teacher, prompts) -> int:
+    try:
+        return finalize(store, dataset, teacher, prompts)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(store.path, "free space or choose --out on a larger disk") from exc
+        raise
+
+
+def finalize(store: Store, dataset: ImageDataset, teacher, prompts) -> int:
+    """Text embeddings, meta.parquet, text.parquet, their checksums, then complete=True (last)."""
+    import pandas as pd
+
+    tables = encode_sources(lambda t: teacher.encode_text(t).numpy(), teacher.count_tokens, teacher.context_length,
+                            dataset.classes, prompts)
+    for src, tab in tables.items():
+        store.write_array(f"text/{src}/emb", tab.emb)
+        store.write_array(f"text/{src}/class_emb", tab.class_emb)
+    store.put_table("text.parquet", pd.concat([t.frame for t in tables.values()], ignore_index=True))
+    meta = dataset.frame()
+    status = store.read("image/status")
+    reasons = store.failures()
+    meta["status"] = np.where(status == STATUS_OK, "ok", "failed")
+    meta["reason"] = [reasons.get(i, "") for i in range(len(meta))]
+    store.put_table("meta.parquet", meta)
+    failed = int((status != STATUS_OK).sum())
+    store.finish(failed=failed)
+    return failed

@@ -1,0 +1,50 @@
+"""The manifest of a store: what made it (teacher, dataset, views, canvas, text, pipeline,
+library versions) and the cache key, the hash of the parts of it that change the data."""
+from __future__ import annotations
+
+import platform
+from datetime import datetime, timezone
+from typing import Any, Dict
+
+from ..config import ExtractConfig, to_dict
+from ..datasets import ImageDataset
+from ..store import SCHEMA_VERSION, cache_key
+from ..text import prompts_digest
+
+# How pixels reach the teacher. Part of the cache key: another decoder or renderer changes pixels.
+PIPELINE = {"decoder": "pil", "canvas": "bicubic-shorter-side-centre-crop", "views": "render_views-antialias-uint8"}
+
+
+def library_versions() -> Dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("embedcache", "torch", "open_clip_torch", "timm", "zarr", "h5py", "numpy", "pillow"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def build_manifest(cfg: ExtractConfig, dataset: ImageDataset, teacher, prompts,
+                   pipeline: Dict[str, Any] = PIPELINE) -> Dict[str, Any]:
+    key_parts = {
+        "teacher": teacher.identity(), "preprocessing": teacher.preprocessing(),
+        "dataset": dataset.fingerprint(), "views": to_dict(cfg.views), "canvas": to_dict(cfg.canvas),
+        "text": {"sources": list(cfg.text.sources), "prompts": prompts_digest(prompts)},
+        "pipeline": pipeline,
+    }
+    return {
+        "schema": SCHEMA_VERSION, "key": cache_key(key_parts), "complete": False,
+        "teacher": teacher.describe(),
+        "dataset": {"name": dataset.name, "root": str(dataset.root) if dataset.root else None,
+                    "fingerprint": dataset.fingerprint(), "n": len(dataset), "classes": dataset.classes,
+                    "domains": dataset.domains},
+        "views": {**to_dict(cfg.views), "params": ["top", "left", "height", "width", "flip"], "view0": "whole canvas"},
+        "canvas": to_dict(cfg.canvas),
+        "text": {"sources": list(cfg.text.sources), "templates": cfg.text.templates, "attributes": cfg.text.attributes},
+        "pipeline": pipeline,
+        "config": to_dict(cfg), "versions": library_versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }

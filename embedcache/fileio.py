@@ -1,0 +1,87 @@
+"""Files written whole or not at all, content digests, and a full disk as one line.
+
+Every file a run, a sweep or an extraction writes goes through ``atomic_write``: the bytes go to
+a temporary file beside the target, which replaces the target only once complete; on any error
+the temporary file is removed, so a full disk or a kill never leaves half a file behind.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Dict, Tuple, Union
+
+from .errors import DiskFullError
+
+PathLike = Union[str, Path]
+
+
+def atomic_write(path: PathLike, write: Callable[[Path], None]) -> Path:
+    """``write(tmp)`` creates the file at ``tmp``; it then replaces ``path`` in one rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_text(path: PathLike, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_write_json(path: PathLike, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def json_digest(obj: Any, n: int = 16) -> str:
+    """sha256 of the sorted-key compact JSON of ``obj``, first ``n`` hex characters."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:n]
+
+
+def file_sha256(path: Path, _cache: Dict[Tuple[str, int, float], str] = {}) -> str:
+    """Content hash of a file (16 hex chars): keys use contents, not paths, so moving a checkpoint
+    keeps its stores valid. Memoised per (path, size, mtime) within a process."""
+    path = Path(path)
+    st = path.stat()
+    memo = (str(path.resolve()), st.st_size, st.st_mtime)
+    if memo not in _cache:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+        _cache[memo] = h.hexdigest()[:16]
+    return _cache[memo]
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC / EDQUOT anywhere in an exception's chain (torch.save wraps it in a RuntimeError
+    whose message is all that is left of it)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, DiskFullError):
+            return True
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(exc)
+        if "No space left on device" in text or "Disk quota exceeded" in text or "errno 28" in text.lower():
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def disk_full_error(where: PathLike, fix: str = "free space or write to a larger disk") -> DiskFullError:
+    return DiskFullError(f"disk full while writing {where}; {fix}, then rerun the same command to resume")

@@ -1,0 +1,60 @@
+"""Stopping long work on request: the first Ctrl-C (SIGINT) or SIGTERM asks work to stop at its next
+step boundary (a training step, a run of a sweep); a second one stops at once.
+
+``with graceful():`` installs the handlers (main thread only) and restores the old ones on exit;
+``requested()`` is what loops poll. Work that stops on request raises a ``KeyboardInterrupt``
+subclass, so the CLI prints one line and exits 130 either way.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
+
+_stop = threading.Event()
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def requested() -> bool:
+    return _stop.is_set()
+
+
+def request() -> None:
+    _stop.set()
+
+
+def reset() -> None:
+    _stop.clear()
+
+
+@contextmanager
+def graceful(on_request: Optional[Callable[[int], None]] = None) -> Iterator[None]:
+    """First signal: set the stop flag (and call ``on_request(signum)``); second: KeyboardInterrupt now."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, _frame):
+        if _stop.is_set():
+            raise KeyboardInterrupt("stopped at once (second interrupt)")
+        _stop.set()
+        if on_request is not None:
+            on_request(signum)
+
+    old = {s: signal.getsignal(s) for s in SIGNALS}
+    for s in SIGNALS:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        _stop.clear()
+
+
+def stop_on_signal() -> None:
+    """For worker processes: every SIGINT/SIGTERM only sets the stop flag; the worker's own loop
+    decides when to leave (after saving its state)."""
+    for s in SIGNALS:
+        signal.signal(s, lambda *_: _stop.set())

@@ -1,0 +1,48 @@
+"""Checksums of what a store holds, and the report of a verification.
+
+Every row block records the CRC-32C of each block array's rows, written with the block and before
+it is marked done; tables and text arrays get theirs in the manifest when the store is finished.
+A chunk that is lost reads back as zeros, a truncated one fails to decode: both disagree with the
+checksum, so a store can never be "complete" with rows that silently read as something else.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List
+
+import numpy as np
+
+
+def checksum(data) -> int:
+    """CRC-32C of an array's bytes in C order (bytes objects too); hardware-accelerated, ~10 GB/s."""
+    from google_crc32c import cext
+
+    if isinstance(data, (bytes, bytearray)):
+        return int(cext.value(bytes(data)))
+    a = np.ascontiguousarray(data)
+    if a.size == 0:
+        return 0
+    v = a.view()
+    v.flags.writeable = False  # the C extension reads read-only buffers without a copy
+    return int(cext.value(v))
+
+
+@dataclass
+class IntegrityReport:
+    """What ``Store.verify`` found: damaged row blocks (block -> arrays) and damaged files."""
+    path: str
+    blocks_checked: int = 0
+    damaged: Dict[int, List[str]] = field(default_factory=dict)
+    files: Dict[str, str] = field(default_factory=dict)  # name -> what is wrong with it
+
+    @property
+    def ok(self) -> bool:
+        return not self.damaged and not self.files
+
+    @property
+    def damaged_blocks(self) -> List[int]:
+        return sorted(self.damaged)
+
+    def lines(self) -> List[str]:
+        out = [f"block {b}: {', '.join(arrs)}" for b, arrs in sorted(self.damaged.items())]
+        return out + [f"{name}: {why}" for name, why in sorted(self.files.items())]

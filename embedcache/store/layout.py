@@ -1,0 +1,55 @@
+"""Store layout: array shapes, chunks and codecs, the schema version and the cache key.
+
+Chunks span whole rows and tile each row block exactly, so each chunk is written by one block (one
+worker) and the embedding axis is never split. Embeddings are stored without compression: float16
+unit vectors do not compress, and a codec would only slow the load-all reads training makes.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+from ..fileio import json_digest
+
+SCHEMA_VERSION = 2  # 2: per-block checksums (blocks/crc32c) and checksummed tables
+STATUS_OK, STATUS_FAILED = 1, 2
+# arrays with one row per image, written by row block and checksummed per block
+BLOCK_ARRAYS = ("image/emb", "image/view_params", "image/status", "image/pixels")
+
+
+def cache_key(parts: Dict[str, Any]) -> str:
+    """sha256 of the sorted-key JSON of what changes the data (16 hex chars)."""
+    return json_digest({"schema": SCHEMA_VERSION, **parts})
+
+
+def _divisor_at_most(n: int, cap: int) -> int:
+    """Largest divisor of n that is <= cap (chunks must tile a block exactly)."""
+    cap = max(1, min(n, cap))
+    return next(d for d in range(cap, 0, -1) if n % d == 0)
+
+
+def plan_layout(n: int, views: int, dim: int, canvas: int, store_pixels: bool, block_rows: int) -> Dict[str, Any]:
+    """Array specs (shape, dtype, chunks, codec) and the row-block geometry of a store."""
+    block_rows = max(1, min(block_rows, n))
+    px_rows = _divisor_at_most(block_rows, max(1, (4 << 20) // (canvas * canvas * 3)))  # ~4 MB pixel chunks
+    arrays = {
+        "image/emb": ((n, views, dim), "float16", (block_rows, views, dim), "none"),
+        "image/view_params": ((n, views, 5), "int32", (block_rows, views, 5), "zstd"),
+        "image/status": ((n,), "uint8", (block_rows,), "zstd"),
+    }
+    if store_pixels:
+        arrays["image/pixels"] = ((n, canvas, canvas, 3), "uint8", (px_rows, canvas, canvas, 3), "zstd")
+    block_arrays = [a for a in BLOCK_ARRAYS if a in arrays]
+    num_blocks = -(-n // block_rows)
+    arrays["blocks/done"] = ((num_blocks,), "uint8", (1,), "none")
+    arrays["blocks/crc32c"] = ((num_blocks, len(block_arrays)), "uint32", (1, len(block_arrays)), "none")
+    return {"n": n, "views": views, "dim": dim, "canvas": canvas, "store_pixels": store_pixels,
+            "block_rows": block_rows, "num_blocks": num_blocks, "block_arrays": block_arrays,
+            "arrays": {k: {"shape": list(s), "dtype": d, "chunks": list(c), "codec": z}
+                       for k, (s, d, c, z) in arrays.items()}}
+
+
+def add_text_arrays(layout: Dict[str, Any], prompt_counts: Dict[str, int], num_classes: int, dim: int) -> None:
+    """Text arrays are created with the store, so finishing shards never race to make them."""
+    for src, n_prompts in prompt_counts.items():
+        for name, shape in (("emb", [n_prompts, dim]), ("class_emb", [num_classes, dim])):
+            layout["arrays"][f"text/{src}/{name}"] = {"shape": shape, "dtype": "float32", "chunks": shape, "codec": "none"}

@@ -1,0 +1,327 @@
+"""The ``Store``: the only door to a store, for writers (extraction, synthesis, features) and readers.
+
+Layout (Zarr; HDF5 mirrors it):
+  attrs ``manifest``       schema, key, teacher, dataset, views, canvas, text, versions, complete,
+                           and ``checksums`` of the tables and text arrays once complete
+  attrs ``layout``         N, V, D, canvas size, block_rows, number of blocks, array specs
+  ``image/emb``            (N, V, D) float16, L2-normalised teacher view embeddings
+  ``image/view_params``    (N, V, 5) int32 (top, left, height, width, flip) on the canvas
+  ``image/pixels``         (N, S, S, 3) uint8 canvas (absent when canvas.store is false)
+  ``image/status``         (N,) uint8: 1 ok, 2 failed (0: not written yet)
+  ``text/<source>/emb``    (P, D) float32 prompt embeddings; ``text/<source>/class_emb`` (C, D)
+  ``blocks/done``          (num_blocks,) uint8, one chunk per block, set after its rows are written
+  ``blocks/crc32c``        (num_blocks, A) uint32: CRC-32C of each block array's rows in that block
+  ``derived/<name>``       arrays computed from the store later (cached student features), each
+                           with its own completeness flag and checksum in attrs ``derived``
+  ``meta.parquet``         one row per image (index, path, class_name, label, domain, split, status, reason)
+  ``text.parquet``         one row per prompt (source, label, class_name, prompt, n_tokens, truncated)
+"""
+from __future__ import annotations
+
+import io
+import json
+from datetime import datetime, timezone
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+import numpy as np
+import pandas as pd
+
+from ..errors import StoreDamagedError, StoreError, StoreMismatchError
+from .backends import BACKENDS, backend_name_for
+from .integrity import IntegrityReport, checksum
+from .layout import SCHEMA_VERSION
+
+TABLES = ("meta.parquet", "text.parquet")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class Store:
+    """A store on disk. ``Store(path)`` opens for reading, ``Store(path, "a")`` for writing;
+    ``Store.create`` makes a new one. Analysts use ``embedcache.open_store``, which wraps this."""
+
+    def __init__(self, path: str, mode: str = "r", backend: Optional[str] = None):
+        self.path = str(path)
+        self.mode = mode
+        self.backend_name = backend_name_for(path, backend)
+        cls = BACKENDS.get(self.backend_name)
+        if not cls.exists(self.path):
+            raise StoreError(f"no {self.backend_name} store at {self.path}; run `embedcache extract` to make one")
+        self.b = cls(self.path, mode)
+        self.manifest: Dict[str, Any] = self.b.get_attr("manifest") or {}
+        self.layout: Dict[str, Any] = self.b.get_attr("layout") or {}
+        if self.manifest.get("schema") != SCHEMA_VERSION:
+            self.close()
+            raise StoreMismatchError(f"store {self.path} has schema {self.manifest.get('schema')!r}, this embedcache reads "
+                                     f"schema {SCHEMA_VERSION}; re-extract it with this version (use a new --out)")
+
+    # --- making one ---------------------------------------------------------------------------------
+    @staticmethod
+    def exists(path: str, backend: Optional[str] = None) -> bool:
+        return BACKENDS.get(backend_name_for(path, backend)).exists(str(path))
+
+    @classmethod
+    def create(cls, path: str, manifest: Dict[str, Any], layout: Dict[str, Any], backend: Optional[str] = None) -> "Store":
+        """A new, empty store with every array created (or the one another worker just made)."""
+        name = backend_name_for(path, backend)
+
+        def init(b):
+            for arr, spec in layout["arrays"].items():
+                b.create_array(arr, spec["shape"], spec["dtype"], spec["chunks"], spec.get("codec", "zstd"))
+            b.set_attr("layout", layout)
+            b.set_attr("manifest", manifest)
+
+        BACKENDS.get(name).create_atomic(str(path), init)
+        return cls(path, "a", name)
+
+    # --- identity -------------------------------------------------------------------------------------
+    @property
+    def key(self) -> str:
+        return self.manifest.get("key", "")
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest.get("complete"))
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.layout["num_blocks"])
+
+    def block_range(self, block: int) -> Tuple[int, int]:
+        br, n = int(self.layout["block_rows"]), int(self.layout["n"])
+        return block * br, min(n, (block + 1) * br)
+
+    def require(self, key: Optional[str] = None, complete: bool = True, advice: str = "use another --out path") -> "Store":
+        """Refuse a store made from other inputs, or one whose extraction has not finished."""
+        if key is not None and key != self.key:
+            t = self.manifest.get("teacher", {})
+            raise StoreMismatchError(
+                f"store {self.path} was made from other inputs (key {self.key}, teacher {t.get('name')}/"
+                f"{t.get('model') or t.get('classifier')}); expected key {key}: {advice}")
+        if complete and not self.complete:
+            done = int(self.blocks_done().sum())
+            raise StoreError(f"store {self.path} is incomplete ({done} of {self.num_blocks} blocks written); "
+                             "rerun the same `embedcache extract` command to finish it")
+        return self
+
+    # --- row blocks -------------------------------------------------------------------------------------
+    def blocks_done(self) -> np.ndarray:
+        return self.b.read("blocks/done").astype(bool)
+
+    def write_block(self, block: int, arrays: Dict[str, np.ndarray], failures: Optional[Dict[int, str]] = None) -> None:
+        """Write one row block of every block array, its failure records and checksums, then mark
+        it done (last, so a block is either durable or redone on resume)."""
+        names = self.layout["block_arrays"]
+        missing = set(names) - set(arrays)
+        if missing:
+            raise ValueError(f"block {block} lacks arrays {sorted(missing)}")
+        start, stop = self.block_range(block)
+        sums = np.zeros((1, len(names)), np.uint32)
+        for j, name in enumerate(names):
+            data = arrays[name]
+            if len(data) != stop - start:
+                raise ValueError(f"block {block} of {name} has {len(data)} rows, expected {stop - start}")
+            self.b.write(name, start, data)
+            sums[0, j] = checksum(data)
+        if failures:
+            self.b.put_blob(f"failures/block_{block:06d}.json", json.dumps({str(k): v for k, v in failures.items()},
+                                                                            sort_keys=True).encode())
+        self.b.flush()
+        self.b.write("blocks/crc32c", block, sums)
+        self.b.flush()
+        self.b.write("blocks/done", block, np.ones(1, np.uint8))
+        self.b.flush()
+
+    def reopen_blocks(self, blocks: Iterable[int]) -> None:
+        """Mark blocks as not done (and the store as not complete) so extraction redoes them."""
+        for blk in blocks:
+            self.b.write("blocks/done", int(blk), np.zeros(1, np.uint8))
+        self.write_manifest({**self.manifest, "complete": False})
+        self.b.flush()
+
+    def failures(self) -> Dict[int, str]:
+        out: Dict[int, str] = {}
+        for name in self.b.list_blobs("failures"):
+            out.update({int(k): v for k, v in json.loads(self.b.get_blob(name)).items()})
+        return out
+
+    # --- arrays -------------------------------------------------------------------------------------
+    def has(self, name: str) -> bool:
+        return self.b.has(name)
+
+    def shape(self, name: str) -> tuple:
+        return self.b.shape(name)
+
+    def chunks(self, name: str) -> tuple:
+        return self.b.chunks(name)
+
+    def read(self, name: str, verify: bool = True) -> np.ndarray:
+        """The whole array, checked against its checksums (refused with a one-line error if damaged)."""
+        if not self.b.has(name):
+            raise StoreError(f"store {self.path} has no array {name}")
+        try:
+            data = self.b.read(name)
+        except Exception as exc:  # a chunk that no longer decodes
+            raise self._damaged(name, f"it cannot be decoded ({type(exc).__name__})") from None
+        if verify:
+            self._check(name, data)
+        return data
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        return self.b.read(name, start, stop)
+
+    def write_array(self, name: str, data: np.ndarray) -> None:
+        """A whole non-block array (text embeddings), recorded for the manifest's checksums."""
+        self.b.write(name, 0, data)
+        self._pending_sums[name] = checksum(data)
+
+    @property
+    def _pending_sums(self) -> Dict[str, int]:
+        return self.__dict__.setdefault("_sums", {})
+
+    def _check(self, name: str, data: np.ndarray) -> None:
+        if name in self.layout.get("block_arrays", ()):
+            sums, done = self.b.read("blocks/crc32c"), self.blocks_done()
+            col = self.layout["block_arrays"].index(name)
+            for blk in np.flatnonzero(done):
+                start, stop = self.block_range(int(blk))
+                if checksum(data[start:stop]) != int(sums[blk, col]):
+                    raise self._damaged(name, f"rows {start}-{stop - 1} (block {blk}) do not match their checksum")
+            return
+        want = self.manifest.get("checksums", {}).get(name)
+        if want is not None and checksum(data) != int(want):
+            raise self._damaged(name, "it does not match its checksum")
+
+    def _damaged(self, name: str, why: str) -> StoreDamagedError:
+        return StoreDamagedError(f"store {self.path} is damaged: {name}: {why}; run `embedcache verify {self.path}` "
+                                 "to list what is damaged, then `embedcache verify --repair` (or the store's extract "
+                                 "command) redoes exactly that")
+
+    # --- tables -------------------------------------------------------------------------------------
+    def put_table(self, name: str, df: pd.DataFrame) -> None:
+        buf = io.BytesIO()
+        df.to_parquet(buf, index=False)
+        data = buf.getvalue()
+        self.b.put_blob(name, data)
+        self._pending_sums[name] = checksum(data)
+
+    def table(self, name: str) -> pd.DataFrame:
+        raw = self.b.get_blob(name)
+        if raw is None:
+            if self.complete:
+                raise self._damaged(name, "the file is missing")
+            raise StoreError(f"store {self.path} has no {name} yet: its extraction has not finished; rerun the same "
+                             "`embedcache extract` command to finish it")
+        want = self.manifest.get("checksums", {}).get(name)
+        if want is not None and checksum(raw) != int(want):
+            raise self._damaged(name, "the file is truncated or altered")
+        return pd.read_parquet(io.BytesIO(raw))
+
+    # --- finishing -------------------------------------------------------------------------------------
+    def write_manifest(self, manifest: Dict[str, Any]) -> None:
+        self.b.set_attr("manifest", manifest)
+        self.manifest = manifest
+
+    def finish(self, **fields: Any) -> None:
+        """Record the checksums of the tables and arrays written since opening, then complete=True (last)."""
+        self.b.flush()
+        sums = {**self.manifest.get("checksums", {}), **self._pending_sums}
+        self.write_manifest({**self.manifest, **fields, "checksums": sums, "complete": True, "finished": _now()})
+        self.b.flush()
+
+    # --- verification ---------------------------------------------------------------------------------
+    def verify(self, progress: bool = False, on_block: Optional[Callable[[int], None]] = None) -> IntegrityReport:
+        """Check every finished block of every block array, every text array and table, block by block."""
+        from tqdm.auto import tqdm
+
+        report = IntegrityReport(self.path)
+        names = self.layout["block_arrays"]
+        sums, done = self.b.read("blocks/crc32c"), self.blocks_done()
+        blocks = np.flatnonzero(done)
+        for blk in tqdm(blocks, desc=f"verify {self.path}", unit="block", disable=not progress, dynamic_ncols=True):
+            start, stop = self.block_range(int(blk))
+            for j, name in enumerate(names):
+                try:
+                    ok = checksum(self.b.read(name, start, stop)) == int(sums[blk, j])
+                except Exception:
+                    ok = False
+                if not ok:
+                    report.damaged.setdefault(int(blk), []).append(name)
+            report.blocks_checked += 1
+            if on_block is not None:
+                on_block(int(blk))
+        if self.complete:
+            for name, want in self.manifest.get("checksums", {}).items():
+                why = self._file_problem(name, int(want))
+                if why:
+                    report.files[name] = why
+            for name in TABLES:
+                if name not in self.manifest.get("checksums", {}) and self.b.get_blob(name) is None:
+                    report.files[name] = "missing"
+        for name, info in self.derived().items():
+            if info.get("complete") and self._file_problem(f"derived/{name}", int(info["crc32c"])):
+                report.files[f"derived/{name}"] = "does not match its checksum (recompute it)"
+        return report
+
+    def _file_problem(self, name: str, want: int) -> str:
+        if name in TABLES:
+            raw = self.b.get_blob(name)
+            return "missing" if raw is None else ("truncated or altered" if checksum(raw) != want else "")
+        if not self.b.has(name):
+            return "missing"
+        try:
+            return "" if checksum(self.b.read(name)) == want else "does not match its checksum"
+        except Exception as exc:
+            return f"cannot be decoded ({type(exc).__name__})"
+
+    # --- derived arrays (computed from a finished store, e.g. cached student features) ---------------------
+    def derived(self) -> Dict[str, Dict[str, Any]]:
+        """name -> info (shape, what made it, ``complete``) of every derived array."""
+        return dict(self.b.get_attr("derived") or {})
+
+    def put_derived(self, name: str, data: np.ndarray, info: Dict[str, Any]) -> str:
+        """Write ``derived/<name>`` whole, then mark it complete with its checksum (last)."""
+        path = f"derived/{name}"
+        meta = self.derived()
+        meta[name] = {**info, "shape": list(data.shape), "dtype": str(data.dtype), "complete": False}
+        self.b.set_attr("derived", meta)
+        if not self.b.has(path):
+            rows = max(1, min(len(data), (8 << 20) // max(1, data[:1].nbytes)))
+            self.b.create_array(path, data.shape, data.dtype, (rows,) + tuple(data.shape[1:]), "none")
+        elif tuple(self.b.shape(path)) != tuple(data.shape):
+            raise StoreError(f"derived array {name} in {self.path} has shape {self.b.shape(path)}, not {data.shape}")
+        self.b.write(path, 0, data)
+        self.b.flush()
+        meta[name].update(complete=True, crc32c=checksum(data))
+        self.b.set_attr("derived", meta)
+        self.b.flush()
+        return path
+
+    def read_derived(self, name: str) -> np.ndarray:
+        info = self.derived().get(name)
+        if not info or not info.get("complete"):
+            raise StoreError(f"store {self.path} has no complete derived array {name}")
+        data = self.read(f"derived/{name}", verify=False)
+        if checksum(data) != int(info["crc32c"]):
+            raise self._damaged(f"derived/{name}", "it does not match its checksum (recompute it)")
+        return data
+
+    # --- housekeeping -------------------------------------------------------------------------------------
+    def disk_bytes(self) -> int:
+        return self.b.disk_bytes()
+
+    def close(self) -> None:
+        self.b.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def blocks_of(store: Store, rows: List[int]) -> List[int]:
+    br = int(store.layout["block_rows"])
+    return sorted({int(r) // br for r in rows})

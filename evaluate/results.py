@@ -1,0 +1,58 @@
+"""The results schema every scored row follows, and the one way to write a results file.
+
+One row per (run, protocol, split, domain, class_name, episode, metric): ``value`` and ``n`` (rows
+scored), with the run's settings as columns. Rows from ``embedcache evaluate`` and from sweeps
+share this schema, so they combine in one report. Writing a results file *updates* it: rows with
+the same key are replaced, so scoring the same run twice leaves the same rows.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import pandas as pd
+
+from embedcache.fileio import atomic_write
+
+KEY = ["run", "protocol", "split", "domain", "class_name", "episode", "metric"]
+TAGS: Dict[str, object] = {  # run settings, with the value a row gets when it has none
+    "recipe": "-", "student": "-", "seed": -1, "replicate": -1, "source": "-", "variant": "-", "holdout": "-",
+    "store_key": "-", "search": "-",
+}
+COLUMNS: List[str] = ["run", "recipe", "student", "seed", "replicate", "source", "variant", "holdout", "protocol",
+                      "split", "domain", "class_name", "episode", "metric", "value", "n", "store_key", "search"]
+
+
+def conform(df: pd.DataFrame) -> pd.DataFrame:
+    """Every column of the schema, in order, with defaults where a row has none (episode -1 is the
+    aggregate over episodes, and the only row of protocols without episodes; class_name '' means
+    all classes); columns outside the schema are kept after it."""
+    df = df.copy()
+    defaults = {**TAGS, "run": "-", "protocol": "-", "split": "-", "domain": "all", "class_name": "", "episode": -1,
+                "n": 0}
+    for col, default in defaults.items():
+        if col not in df.columns:
+            df[col] = default
+        else:
+            df[col] = df[col].fillna(default) if not isinstance(default, str) else df[col].fillna(default).astype(str)
+    for col in ("seed", "replicate", "episode", "n"):
+        df[col] = df[col].astype(np.int64)
+    df["value"] = df["value"].astype(np.float64)
+    return df[COLUMNS + [c for c in df.columns if c not in COLUMNS]]
+
+
+def upsert(path: str, rows: pd.DataFrame) -> pd.DataFrame:
+    """Merge ``rows`` into the results file at ``path`` (replacing rows with the same key) and write
+    it atomically; returns the whole table."""
+    rows = conform(rows)
+    dup = rows.duplicated(KEY, keep="last")
+    rows = rows[~dup]
+    p = Path(path)
+    if p.exists():
+        old = conform(pd.read_parquet(p))
+        merged = old.merge(rows[KEY], on=KEY, how="left", indicator=True)
+        old = old[(merged["_merge"] == "left_only").to_numpy()]
+        rows = pd.concat([old, rows], ignore_index=True)
+    atomic_write(p, lambda tmp: rows.to_parquet(tmp, index=False))
+    return rows

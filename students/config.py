@@ -1,0 +1,97 @@
+"""The training stage's frozen, validated config: what a run trains on, with what, for how long.
+
+Every field is checked when the config is built (types from the annotations, ranges and registry
+names from ``setting``), so a sweep refuses a bad setting before its first run and a run never
+starts from one. See ``embedcache.config`` for the rules.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+from embedcache.config import setting
+from embedcache.errors import ConfigError
+
+
+def _reg(module: str, name: str):
+    def names():
+        import importlib
+
+        return getattr(importlib.import_module(f"embedcache.students.{module}"), name)
+    return names
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    name: str = setting("resnet18", choices=_reg("models", "STUDENTS"))  # or timm:<any timm model>
+    pretrained: Optional[str] = None   # None: from scratch; a local weights file; 'timm' / a tag: from a hub
+    input_size: Optional[int] = setting(None, min=16)  # student input side (independent of the teacher's)
+    model: Optional[str] = None        # openclip_visual: open_clip model name or local-dir:/path
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = setting("adamw", choices=_reg("optim", "OPTIMIZERS"))
+    lr: float = setting(1e-3, min=0.0)
+    weight_decay: float = setting(0.01, min=0.0)
+    momentum: float = setting(0.9, min=0.0, max=1.0)        # sgd only
+    schedule: str = setting("cosine", choices=_reg("optim", "SCHEDULES"))
+    milestones: Tuple[float, ...] = setting((1 / 3, 2 / 3), gt=0.0, max=1.0)  # step schedule: fractions of the run
+    gamma: float = setting(0.1, gt=0.0)
+    warmup_steps: int = setting(0, min=0)
+
+
+@dataclass(frozen=True)
+class SwadConfig:
+    n_converge: int = setting(3, min=1)      # evaluations without improvement that start the valley
+    n_tolerance: int = setting(6, min=1)     # evaluations a segment waits before it is judged
+    tolerance_ratio: float = setting(0.3, min=0.0)
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    holdout_domains: Tuple[str, ...] = ()    # test domains (leave-one-domain-out); never trained on
+    train_classes: Optional[Tuple[str, ...]] = None  # None: all; else the seen classes (open vocabulary)
+    val_fraction: float = setting(0.2, min=0.0, max=0.9)  # of each training domain, held out for model selection
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    store: Optional[str] = None
+    recipe: str = setting("li_iccv23", choices=_reg("recipes", "RECIPES"))
+    student: StudentConfig = setting(factory=StudentConfig)
+    optim: OptimConfig = setting(factory=OptimConfig)
+    split: SplitConfig = setting(factory=SplitConfig)
+    text_source: Optional[str] = None   # default: the recipe's
+    steps: int = setting(200, min=1)
+    batch_size: int = setting(32, min=1)
+    views_used: Optional[int] = setting(None, min=1)  # draw from the first k views (None: all stored views)
+    averaging: str = setting("none", choices=_reg("averaging", "AVERAGING"))  # none | swa | swad
+    average_start: float = setting(0.5, min=0.0, max=1.0)  # fraction of the run after which weights are averaged
+    swad: SwadConfig = setting(factory=SwadConfig)
+    select: str = setting("auto", choices=("auto", "best_val", "last"))  # which checkpoint the run keeps
+    eval_every: int = setting(50, min=1)
+    ckpt_every: int = setting(50, min=1)
+    amp: bool = True                    # bf16 autocast on CUDA; ignored on CPU
+    seed: int = 0
+    device: str = "auto"
+    features: bool = False              # head-only: train on cached student features (embedcache features)
+    targets: str = setting("store", choices=_reg("providers", "TARGETS"))  # where teacher targets come from
+    keep_checkpoint: bool = False       # keep checkpoint.pt (optimizer state) after the run finished
+    out: Optional[str] = None           # run directory (default runs/<recipe>-<student>-<hash>)
+    progress: bool = True
+
+    def check(self) -> None:
+        if self.averaging == "swad" and self.split.val_fraction <= 0:
+            raise ConfigError("averaging=swad picks its window by validation loss; set split.val_fraction > 0")
+        if self.select == "best_val" and self.split.val_fraction <= 0:
+            raise ConfigError("select=best_val keeps the best in-domain validation checkpoint; set split.val_fraction > 0")
+        if self.features:
+            from .recipes import RECIPES
+
+            recipe = RECIPES.get(self.recipe)
+            if not recipe.head_only:
+                heads = ", ".join(n for n in RECIPES.names() if RECIPES.get(n).head_only)
+                raise ConfigError(f"features=true (head-only training) needs a recipe that trains only the head; "
+                                  f"{self.recipe} trains more; head-only recipes: {heads}")

@@ -1,0 +1,179 @@
+"""A run directory: the one place that reads and writes what a training run leaves behind.
+
+run/config.json        the resolved TrainConfig, the store's key and absolute path
+run/split.json         what the run trained on (rows, held-out domains, seen classes, text source)
+run/metrics.jsonl      one row per evaluation point (step, stage, lr, losses, validation top-1/loss)
+run/checkpoint.pt      resume state (model, optimizer, schedule, averaging, selection, step); removed
+                       when the run is done unless keep_checkpoint is set
+run/model.safetensors  the kept weights (the selected checkpoint or the weight average)
+run/summary.json       validation top-1, which checkpoint was kept and why, timings
+run/done               written last: the run is finished
+Every file is written atomically (a temporary file, then a rename), so a full disk or a kill never
+leaves half a file behind.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import torch
+
+from embedcache.config import build_config, to_dict
+from embedcache.errors import StoreError, TrainingError
+from embedcache.fileio import atomic_write, atomic_write_json, atomic_write_text
+
+from .config import TrainConfig
+
+CONFIG_EXTRAS = ("store_key", "store_path")  # written beside the TrainConfig fields in config.json
+
+
+class RunDir:
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def done(self) -> bool:
+        return self.file("done").exists()
+
+    def require_done(self) -> "RunDir":
+        if not self.done:
+            raise TrainingError(f"run {self.path} has not finished (no done marker); finish it by rerunning the same "
+                                "`embedcache train` or `embedcache sweep` command")
+        return self
+
+    # --- what the run is -------------------------------------------------------------------------
+    def _json(self, name: str) -> Dict[str, Any]:
+        f = self.file(name)
+        if not f.is_file():
+            raise TrainingError(f"run {self.path} has no {name}; is it a run directory?")
+        try:
+            return json.loads(f.read_text())
+        except json.JSONDecodeError:
+            raise TrainingError(f"run {self.path}: {name} is damaged; rerun the run's command to rewrite it") from None
+
+    @property
+    def config(self) -> Dict[str, Any]:
+        """The raw config.json (TrainConfig fields plus store_key and store_path)."""
+        return self._json("config.json")
+
+    @property
+    def train_config(self) -> TrainConfig:
+        return build_config(TrainConfig, {k: v for k, v in self.config.items() if k not in CONFIG_EXTRAS})
+
+    @property
+    def split(self) -> Dict[str, Any]:
+        return self._json("split.json")
+
+    @property
+    def summary(self) -> Dict[str, Any]:
+        return self._json("summary.json")
+
+    @property
+    def store_key(self) -> str:
+        return self.config["store_key"]
+
+    def store_path(self) -> str:
+        """The store the run was trained on: as written in the config if that path exists from here,
+        else the absolute path recorded when the run started (so a run scores from any folder)."""
+        cfg = self.config
+        for p in (cfg.get("store"), cfg.get("store_path")):
+            if p and Path(p).exists():
+                return str(p)
+        raise StoreError(f"the store of run {self.path} ({cfg.get('store_path') or cfg.get('store')}) is not there; "
+                         "pass --store with the store it was trained on")
+
+    # --- writing ---------------------------------------------------------------------------------
+    def write_config(self, cfg: TrainConfig, store_key: str) -> None:
+        atomic_write_json(self.file("config.json"), {**to_dict(cfg), "store_key": store_key,
+                                                     "store_path": str(Path(cfg.store).resolve())})
+
+    def write_split(self, split: Dict[str, Any]) -> None:
+        atomic_write_json(self.file("split.json"), split)
+
+    def read_metrics(self, up_to: Optional[int] = None) -> List[Dict[str, Any]]:
+        rows = []
+        f = self.file("metrics.jsonl")
+        for ln in (f.read_text().splitlines() if f.exists() else []):
+            try:
+                row = json.loads(ln)
+            except json.JSONDecodeError:
+                continue
+            if up_to is None or row["step"] <= up_to:
+                rows.append(row)
+        return rows
+
+    def write_metrics(self, rows: Iterable[Dict[str, Any]]) -> None:
+        atomic_write_text(self.file("metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+
+    def save_checkpoint(self, state: Dict[str, Any]) -> None:
+        atomic_write(self.file("checkpoint.pt"), lambda tmp: torch.save(state, tmp))
+
+    def load_checkpoint(self, device) -> Optional[Dict[str, Any]]:
+        f = self.file("checkpoint.pt")
+        if not f.exists():
+            return None
+        try:
+            return torch.load(f, map_location=device, weights_only=True)
+        except Exception as exc:
+            raise TrainingError(f"run {self.path}: checkpoint.pt cannot be read ({type(exc).__name__}); delete it "
+                                "to restart the run from step 0") from None
+
+    def drop_checkpoint(self) -> None:
+        self.file("checkpoint.pt").unlink(missing_ok=True)
+
+    def save_weights(self, state: Dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        atomic_write(self.file("model.safetensors"), lambda tmp: save_file(tensors, str(tmp)))
+
+    def weights(self) -> Dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.file("model.safetensors")))
+
+    def finish(self, summary: Dict[str, Any], keep_checkpoint: bool = False) -> None:
+        atomic_write_json(self.file("summary.json"), summary)
+        atomic_write_text(self.file("done"), "ok\n")  # last: the run is finished
+        if not keep_checkpoint:
+            self.drop_checkpoint()
+
+    # --- the trained student -----------------------------------------------------------------------
+    def load_student(self, device="cpu") -> Tuple[torch.nn.Module, TrainConfig]:
+        """The finished student (eval mode) and its config."""
+        from .models import build_student
+        from .recipes import RECIPES
+
+        self.require_done()
+        cfg = self.train_config
+        n_cls = len(self.split["seen_classes"]) if RECIPES.get(cfg.recipe).classifier else 0
+        weights = self.weights()
+        dim = int(weights["head.weight"].shape[0]) if "head.weight" in weights else int(self.split["dim"])
+        model = build_student(cfg.student, dim, n_cls)
+        model.load_state_dict(weights)
+        return model.to(device).eval(), cfg
+
+    # --- finding runs ------------------------------------------------------------------------------
+    @staticmethod
+    def find(paths: Iterable) -> List["RunDir"]:
+        """Run directories among ``paths``: each path is a run (has config.json) or a folder of runs
+        (searched one level down, and in a sweep's runs/ folder)."""
+        out: List[RunDir] = []
+        for p in map(Path, paths):
+            if (p / "config.json").exists():
+                out.append(RunDir(p))
+                continue
+            found = sorted(q.parent for q in p.glob("*/config.json")) or sorted(q.parent for q in p.glob("runs/*/config.json"))
+            out += [RunDir(q) for q in found]
+        return out

@@ -1,0 +1,78 @@
+"""One way to score a finished run: ``score_run`` (the CLI and sweeps both call it).
+
+It checks the store's key *before* any work (a run scored on a store made by another teacher is
+refused in one line), loads the store's arrays once, embeds every image's centre view with the
+student, runs the evaluation protocols on those embeddings, optionally fine-tunes on few-shot
+episodes, and returns rows in the results schema (``embedcache.evaluate.results``).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import pandas as pd
+import torch
+
+from embedcache.api import StoreReader
+from embedcache.device import resolve_device
+from embedcache.evaluate.results import conform
+from embedcache.evaluate.store_eval import eval_data, run_protocols
+
+from .config import SplitConfig
+from .data import StoreData
+from .providers import student_views
+from .rundir import RunDir
+
+
+@torch.no_grad()
+def embed_rows(model, data: StoreData, seen_classes: Sequence[int], linear: bool, device: torch.device,
+               batch: int = 256) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """Student outputs for view 0 (the centre view) of every readable image: (N, D) float32 embeddings
+    (NaN for unreadable rows), and for runs that predict with a linear classifier (N, C) logits over
+    the store's classes (-inf for classes the run never saw), else None."""
+    n = len(data.labels)
+    emb = np.full((n, data.dim), np.nan, np.float32)
+    scores = np.full((n, len(data.classes)), -np.inf, np.float32) if linear else None
+    seen = np.asarray(seen_classes)
+    rows = np.flatnonzero(data.ok)
+    for i in range(0, len(rows), batch):
+        idx = rows[i:i + batch]
+        x = student_views(data, idx, np.zeros(len(idx), int), model.input_size, model.mean, model.std, device)
+        out = model(x)
+        emb[idx] = out["emb"].float().cpu().numpy()
+        if linear:
+            scores[np.ix_(idx, seen)] = out["logits"].float().cpu().numpy()
+    return emb, scores
+
+
+def run_tags(run: RunDir) -> Dict:
+    cfg, split = run.config, run.split
+    return {"run": run.name, "recipe": cfg["recipe"], "student": cfg["student"]["name"], "seed": cfg["seed"],
+            "replicate": cfg["seed"], "source": split["text_source"], "store_key": cfg["store_key"],
+            "holdout": ",".join(split.get("holdout_domains") or []) or "-"}
+
+
+def score_run(run: Union[str, RunDir], protocols: Sequence[str] = ("lodo",), store: Optional[str] = None,
+              device: str = "auto", options: Optional[Dict] = None, finetune_steps: int = 0,
+              finetune_mode: str = "shots", tags: Optional[Dict] = None) -> pd.DataFrame:
+    """Tidy result rows of one finished run on its own store (or ``store``, which must have its key)."""
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    run.require_done()
+    path = store or run.store_path()
+    reader = StoreReader(path, expect_key=run.store_key,
+                         key_advice=f"score run {run.name} on the store it was trained on ({run.config.get('store_path')}), "
+                                    "or pass --store with a store of the same key")
+    with reader:
+        dev = resolve_device(device)
+        model, cfg = run.load_student(dev)
+        split = run.split
+        data = StoreData(reader, split["text_source"], SplitConfig(val_fraction=0.0))
+        emb, scores = embed_rows(model, data, split["seen_classes"], split["predict"] == "linear", dev)
+        all_tags = {**run_tags(run), **(tags or {})}
+        frames = [run_protocols(eval_data(reader, split["text_source"], emb, split, scores), protocols, all_tags, options)]
+        if "few_shot" in protocols and finetune_steps > 0:
+            from .finetune import few_shot_finetune
+
+            ft = few_shot_finetune(model, cfg, data, split, steps=finetune_steps, device=dev, mode=finetune_mode)
+            frames.append(conform(ft.assign(protocol="few_shot", **all_tags)))
+    return pd.concat(frames, ignore_index=True)

@@ -1,0 +1,184 @@
+"""Sweeps: a grid of student runs over one store, each trained then scored, resumable.
+
+A sweep directory holds ``sweep.yaml`` (the resolved spec), ``runs/<name>/`` (one training run
+each, named by the hash of its resolved config), ``results/<name>.parquet`` (that run's tidy result
+rows, written atomically and last) and, once finished, ``results.parquet`` and ``report/``.
+Relaunching skips runs whose results exist and resumes unfinished ones from their checkpoints. A
+run is claimed with a kernel lock (``claim.py``), so concurrent workers never run the same run
+twice. The training seed of each run is derived from (base seed, the run's identity), so adding a
+variant to the grid changes no other run's seed or name. Every run's config is built and
+validated before the first run starts.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import pandas as pd
+import yaml
+
+from embedcache import interrupt, open_store
+from embedcache.config import _parse_yaml, apply_overrides, build_config, config_text, setting, to_dict
+from embedcache.errors import ConfigError, DiskFullError
+from embedcache.evaluate.protocols import seeded_class_split
+from embedcache.fileio import atomic_write, atomic_write_text, disk_full_error, is_disk_full
+
+from ..config import TrainConfig
+from ..train import run_name
+from .launchers import LAUNCHERS, check_options
+from .worker import SweepPoint, result_path, run_one, variant
+
+__all__ = ["SweepSpec", "SweepPoint", "SweepInterrupted", "load_sweep", "expand", "run_sweep", "collect",
+           "LAUNCHERS", "run_one", "variant", "derive_seed"]
+PROTOCOLS_TRAINED = ("lodo", "open_vocab", "few_shot")
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """The sweep stopped on request; the message says how far it got and how to resume."""
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    store: str
+    protocol: str = setting("lodo", choices=PROTOCOLS_TRAINED)  # lodo: one run per held-out domain
+    base: Dict[str, Any] = field(default_factory=dict)   # TrainConfig settings shared by every run
+    grid: Dict[str, Any] = field(default_factory=dict)  # dotted TrainConfig key -> values to cross
+    holdout_domains: Optional[List[str]] = None  # lodo: default every domain of the store
+    unseen_fraction: float = setting(0.5, gt=0.0, max=0.99)  # open_vocab / few_shot: share of classes held out
+    split_seed: int = 0
+    base_seed: int = 0
+    finetune_steps: int = setting(0, min=0)  # few_shot: also fine-tune the student on the shots
+    launcher: str = setting("local", choices=LAUNCHERS)
+    workers: int = setting(1, min=1)
+    resources: Dict[str, Any] = field(default_factory=lambda: {"num_cpus": 1, "num_gpus": 0})
+
+
+def load_sweep(path: str, overrides=()) -> SweepSpec:
+    text, where = config_text("sweep", path)
+    data = _parse_yaml(text, where) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must hold a mapping of sweep settings")
+    data = apply_overrides(data, overrides)
+    if "store" not in data:
+        raise ConfigError(f"{where} needs `store:` (a store made by `embedcache extract`)")
+    return build_config(SweepSpec, data)
+
+
+def derive_seed(base_seed: int, identity: Dict) -> int:
+    """A run's training seed from (base seed, its config with the replicate index as `seed`)."""
+    blob = json.dumps({"base_seed": base_seed, **identity}, sort_keys=True)
+    return int(hashlib.sha256(blob.encode()).hexdigest()[:8], 16) % (2**31 - 1)
+
+
+def _splits(spec: SweepSpec, reader) -> List[Dict]:
+    if spec.protocol == "lodo":
+        domains = spec.holdout_domains or reader.domains
+        unknown = sorted(set(domains) - set(reader.domains))
+        if unknown:
+            raise ConfigError(f"holdout domain {unknown[0]!r} is not in the store; domains: {', '.join(reader.domains)}")
+        return [{"holdout_domains": [d]} for d in domains]
+    seen = seeded_class_split(len(reader.classes), spec.unseen_fraction, spec.split_seed)
+    return [{"train_classes": [reader.classes[i] for i in seen]}]
+
+
+def expand(spec: SweepSpec, sweep_dir: str) -> List[SweepPoint]:
+    """Every run of the grid, each config built and validated (types, ranges, registry names, text
+    source), before anything runs; an incomplete or damaged store is refused here too."""
+    keys = sorted(spec.grid)
+    for k in keys:
+        if not isinstance(spec.grid[k], list) or not spec.grid[k]:
+            raise ConfigError(f"sweep grid entry {k!r} must be a non-empty list of values")
+    with open_store(spec.store) as reader:  # refuses an incomplete store
+        splits = _splits(spec, reader)
+        sources = set(reader.text_sources)
+    out = []
+    for values in itertools.product(*(spec.grid[k] for k in keys)):
+        for split in splits:
+            data = apply_overrides({**spec.base, "store": spec.store}, [])
+            data.setdefault("split", {}).update(split)
+            data = apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in zip(keys, values)])
+            data["progress"] = False
+            where = ", ".join(f"{k}={v}" for k, v in zip(keys, values)) or "base"
+            try:
+                cfg = build_config(TrainConfig, data)
+            except ConfigError as exc:
+                raise ConfigError(f"sweep run ({where}): {exc}") from None
+            from ..recipes import RECIPES
+
+            src = cfg.text_source or RECIPES.get(cfg.recipe).text_source
+            if src not in sources:
+                raise ConfigError(f"sweep run ({where}): text source {src!r} is not in {spec.store} "
+                                  f"(it has {', '.join(sorted(sources))})")
+            ident = {k: v for k, v in to_dict(cfg).items() if k not in ("out", "progress")}
+            replicate = cfg.seed
+            cfg = build_config(TrainConfig, {**data, "seed": derive_seed(spec.base_seed, ident)})
+            cfg = build_config(TrainConfig, {**to_dict(cfg), "out": str(Path(sweep_dir) / "runs" / run_name(cfg))})
+            out.append(SweepPoint(cfg, replicate))
+    names = [Path(p.cfg.out).name for p in out]
+    if len(set(names)) != len(names):
+        raise ConfigError("two grid points resolve to the same run; remove the duplicate values from the grid")
+    return out
+
+
+def collect(sweep_dir: str) -> pd.DataFrame:
+    files = sorted((Path(sweep_dir) / "results").glob("*.parquet"))
+    if not files:
+        raise ConfigError(f"no results in {sweep_dir}/results yet; run the sweep first")
+    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+
+
+def _write_outputs(sweep_dir: str) -> Optional[pd.DataFrame]:
+    from embedcache.evaluate.report import write_report
+
+    if not any((Path(sweep_dir) / "results").glob("*.parquet")):
+        return None
+    results = collect(sweep_dir)
+    atomic_write(Path(sweep_dir) / "results.parquet", lambda tmp: results.to_parquet(tmp, index=False))
+    write_report(results, str(Path(sweep_dir) / "report"))
+    return results
+
+
+def run_sweep(spec: SweepSpec, sweep_dir: str, launcher: Optional[str] = None, device: str = "auto",
+              progress: bool = True, log: Callable[[str], None] = print, **launcher_args) -> Dict[str, Any]:
+    """Validate and expand the grid, run what is not finished, then write results.parquet and the report.
+    Stops on request (Ctrl-C / SIGTERM) with ``SweepInterrupted``; on a full disk with ``DiskFullError``."""
+    name = launcher or spec.launcher
+    launcher_args = {k: v for k, v in launcher_args.items() if v is not None}
+    check_options(name, launcher_args)
+    points = expand(spec, sweep_dir)
+    try:
+        Path(sweep_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(sweep_dir) / "sweep.yaml", yaml.safe_dump(to_dict(spec), sort_keys=True))
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(sweep_dir, "free space or choose --out on a larger disk") from exc
+        raise
+    finished = sum(result_path(sweep_dir, Path(p.cfg.out).name).exists() for p in points)
+    log(f"sweep {sweep_dir}: {len(points)} runs ({spec.protocol}), {finished} already finished, launcher {name}")
+    with interrupt.graceful(lambda _s: log("stopping: no new run starts; running runs save a checkpoint "
+                                           "(Ctrl-C again to stop at once)")):
+        statuses = LAUNCHERS.get(name)(points, spec, sweep_dir, device=device, progress=progress, **launcher_args)
+        stopped = interrupt.requested()
+    counts = {s: sum(1 for x in statuses if x["status"] == s)
+              for s in ("done", "skipped", "failed", "busy", "interrupted", "disk_full")}
+    for x in statuses:
+        if x["status"] == "failed":
+            log(f"failed: {x['run']}: {x.get('error', '')} (traceback in runs/{x['run']}/error.txt)")
+    finished = sum(result_path(sweep_dir, Path(p.cfg.out).name).exists() for p in points)
+    if counts["disk_full"]:
+        raise DiskFullError(f"disk full while writing {sweep_dir}: {finished} of {len(points)} runs finished, the "
+                            "rest are resumable; free space, then rerun the same command to resume")
+    if stopped or counts["interrupted"]:
+        raise SweepInterrupted(f"interrupted: {finished} of {len(points)} runs finished; rerun the same command "
+                               "to resume")
+    try:
+        results = _write_outputs(sweep_dir)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(sweep_dir, "free space or choose --out on a larger disk") from exc
+        raise
+    return {"runs": len(points), **counts, "results": results}

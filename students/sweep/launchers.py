@@ -1,0 +1,248 @@
+"""Launchers (a registry): how the runs of a sweep are executed. Each declares the options it takes,
+and refuses any other, so an option meant for another launcher is never silently ignored.
+
+All of them stop on request (Ctrl-C / SIGTERM): no new run starts, running runs stop at their next
+step with a checkpoint, and worker processes exit; a second Ctrl-C stops at once.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import time
+from typing import Callable, Dict, List, Optional
+
+from embedcache import interrupt
+from embedcache.config import build_config, to_dict
+from embedcache.errors import ConfigError
+from embedcache.registry import Registry
+
+from ..config import TrainConfig
+from .worker import SweepPoint, run_one
+
+LAUNCHERS = Registry("launcher")
+STOP_STATUSES = ("interrupted", "disk_full")  # after one of these, no new run starts
+
+
+class Progress:
+    """One-screen live summary: done, running, failed, skipped and an ETA."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        from tqdm.auto import tqdm
+
+        self.counts: Dict[str, int] = {}
+        self.bar = tqdm(total=total, unit="run", desc="sweep", disable=not enabled, dynamic_ncols=True)
+
+    def update(self, status: Dict[str, str], running: int) -> None:
+        self.counts[status["status"]] = self.counts.get(status["status"], 0) + 1
+        self.bar.update(1)
+        self.bar.set_postfix(running=running, **self.counts)
+        if status["status"] == "failed":
+            self.bar.write(f"run {status['run']} failed: {status.get('error', '')}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def launcher(name: str, options: tuple = (), hooks: tuple = ()):
+    """Register a launcher function taking (points, spec, sweep_dir, device, progress, **its options);
+    ``options`` are what a user may set (command-line flags), ``hooks`` what code may pass (tests)."""
+    def deco(fn: Callable) -> Callable:
+        fn.options, fn.hooks = tuple(options), tuple(hooks)
+        return LAUNCHERS.register(name)(fn)
+    return deco
+
+
+def check_options(name: str, given: Dict) -> None:
+    fn = LAUNCHERS.get(name)
+    extra = sorted(k for k, v in given.items() if v is not None and k not in fn.options + fn.hooks)
+    if extra:
+        takes = ", ".join(f"--{o}" for o in fn.options) or "no options"
+        raise ConfigError(f"--{extra[0]} does not apply to the {name} launcher (it takes {takes}); "
+                          f"leave it out or pick a launcher that uses it")
+
+
+@launcher("serial", hooks=("on_run", "teacher"))
+def serial(points: List[SweepPoint], spec, sweep_dir, device="auto", progress=True, on_run=None, teacher=None):
+    """In this process, one run after another (tests, debugging; ``teacher`` serves the
+    teacher_online target provider of benchmarks)."""
+    bar, out = Progress(len(points), progress), []
+    try:
+        for p in points:
+            st = run_one(p, spec, sweep_dir, device, teacher=teacher)
+            out.append(st)
+            bar.update(st, 0)
+            if on_run is not None:
+                on_run(st)
+            if st["status"] in STOP_STATUSES or interrupt.requested():
+                break
+    finally:
+        bar.close()
+    return out
+
+
+# --- local: a pool of worker processes ------------------------------------------------------------------
+def _worker_main(tasks, results, spec_dict: Dict, sweep_dir: str, device: str, threads: int) -> None:
+    """A spawned worker: takes runs until told to stop; a signal only sets the stop flag, so the
+    run in progress saves a checkpoint at its next step and the worker leaves cleanly."""
+    import torch
+
+    from . import SweepSpec
+
+    interrupt.stop_on_signal()
+    torch.set_num_threads(threads)
+    spec = SweepSpec(**spec_dict)
+    while not interrupt.requested():
+        try:
+            item = tasks.get(timeout=0.2)
+        except queue.Empty:
+            continue
+        if item is None:
+            return
+        cfg_dict, replicate = item
+        st = run_one(SweepPoint(build_config(TrainConfig, cfg_dict), replicate), spec, sweep_dir, device)
+        results.put(st)
+        if st["status"] in STOP_STATUSES:
+            return
+
+
+def _stop_workers(procs, grace: float) -> None:
+    """SIGTERM every worker (they checkpoint at their next step), wait ``grace`` seconds, then kill."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.time() + grace
+    for p in procs:
+        p.join(max(0.0, deadline - time.time()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+
+
+@launcher("local", options=("workers",))
+def local(points: List[SweepPoint], spec, sweep_dir, device="auto", progress=True, workers=None, grace=30.0):
+    """A pool of worker processes on this machine (spawned, so no forked OpenMP state)."""
+    import multiprocessing as mp
+
+    from embedcache.config import to_dict as as_dict
+
+    n = max(1, min(workers or spec.workers, len(points) or 1))
+    threads = max(1, (os.cpu_count() or 1) // n)
+    ctx = mp.get_context("spawn")
+    tasks, results = ctx.Queue(), ctx.Queue()
+    for p in points:
+        tasks.put((as_dict(p.cfg), p.replicate))
+    for _ in range(n):
+        tasks.put(None)
+    procs = [ctx.Process(target=_worker_main, args=(tasks, results, as_dict(spec), sweep_dir, device, threads),
+                         daemon=True) for _ in range(n)]
+    for p in procs:
+        p.start()
+    bar, out = Progress(len(points), progress), []
+    try:
+        while len(out) < len(points):
+            if interrupt.requested():
+                break
+            try:
+                st = results.get(timeout=0.2)
+            except queue.Empty:
+                if not any(p.is_alive() for p in procs):
+                    break
+                continue
+            out.append(st)
+            bar.update(st, sum(p.is_alive() for p in procs))
+            if st["status"] in STOP_STATUSES:
+                interrupt.request()
+        _stop_workers(procs, grace if interrupt.requested() else 60.0)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now
+        _stop_workers(procs, 0.0)
+        raise
+    finally:
+        bar.close()
+        while True:  # statuses of runs that ended while we were stopping
+            try:
+                out.append(results.get_nowait())
+            except queue.Empty:
+                break
+    return out
+
+
+# --- ray ---------------------------------------------------------------------------------------------
+def _check_reachable(address: str, timeout: float = 3.0) -> None:
+    """Fail in seconds, in one line, when nothing listens at a Ray address (ray.init itself waits
+    minutes). Accepts host:port, ray://host:port (client, default port 10001) and 'auto'."""
+    if address == "auto":
+        return
+    client = address.startswith("ray://")
+    rest = address[len("ray://"):] if client else address
+    host, _, port = rest.rpartition(":") if ":" in rest else (rest, "", "10001" if client else "6379")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except (OSError, ValueError):
+        raise ConfigError(f"cannot reach a Ray cluster at {address!r}; check --address (ray://host:10001 or "
+                          "host:6379) or leave it out for a local Ray instance") from None
+
+
+def _ray_task(cfg_dict: Dict, replicate: int, spec_dict: Dict, sweep_dir: str, device: str, threads: int,
+              cwd: Optional[str] = None) -> Dict[str, str]:
+    import torch
+
+    from . import SweepSpec
+
+    if cwd:
+        os.chdir(cwd)  # Ray workers start elsewhere; stores and sweep dirs may be relative paths
+    torch.set_num_threads(threads)
+    return run_one(SweepPoint(build_config(TrainConfig, cfg_dict), replicate), SweepSpec(**spec_dict), sweep_dir, device)
+
+
+@launcher("ray", options=("address",))
+def ray_launcher(points: List[SweepPoint], spec, sweep_dir, device="auto", progress=True, address=None):
+    """The same runs as Ray tasks (per-run CPU/GPU request from ``resources``; fractional GPUs pack
+    several runs on one GPU) on a cluster at ``address``, or on a local Ray instance started here
+    and shut down at the end. Needs ``pip install '.[ray]'``."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("the ray launcher needs Ray: pip install 'embedcache[ray]'") from None
+    started = not ray.is_initialized()
+    if address:
+        _check_reachable(address)
+    try:
+        if started:
+            ray.init(address=address, num_cpus=None if address else os.cpu_count(), include_dashboard=False,
+                     log_to_driver=False, ignore_reinit_error=True,
+                     **({} if address else {"_node_ip_address": "127.0.0.1"}))
+    except Exception as exc:
+        raise ConfigError(f"cannot reach a Ray cluster at {address!r} ({type(exc).__name__}); check --address "
+                          "(ray://host:10001 or host:6379) or leave it out for a local Ray instance") from None
+    res = dict(spec.resources)
+    task = ray.remote(num_cpus=res.get("num_cpus", 1), num_gpus=res.get("num_gpus", 0), max_retries=0)(_ray_task)
+    threads = max(1, int(res.get("num_cpus", 1)))
+    pending = [task.remote(to_dict(p.cfg), p.replicate, to_dict(spec), sweep_dir, device, threads, os.getcwd())
+               for p in points]
+    bar, out = Progress(len(points), progress), []
+    try:
+        while pending:
+            if interrupt.requested():
+                for ref in pending:
+                    ray.cancel(ref, force=False)  # pending ones never start; running ones are interrupted
+                deadline = time.time() + 20
+                while pending and time.time() < deadline:
+                    ready, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+                for ref in pending:
+                    ray.cancel(ref, force=True)
+                out += [{"run": "?", "status": "interrupted"}]
+                break
+            ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)
+            for ref in ready:
+                st = ray.get(ref)
+                out.append(st)
+                bar.update(st, len(pending))
+                if st["status"] in STOP_STATUSES:
+                    interrupt.request()
+    finally:
+        bar.close()
+        if started:
+            ray.shutdown()
+    return out

@@ -1,0 +1,84 @@
+"""One run of a sweep: claim it, train or resume it, score it, write its result rows (atomically, last).
+
+Statuses: done (trained and scored now), skipped (its results already exist), busy (another worker
+holds it), failed (its own error, recorded in error.txt; the others go on), interrupted (a stop was
+requested: it saved a checkpoint and is resumable), disk_full (it is resumable; the sweep stops
+scheduling and says so).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict
+
+import pandas as pd
+
+from embedcache import interrupt
+from embedcache.config import to_dict
+from embedcache.fileio import atomic_write, atomic_write_text, is_disk_full
+
+from ..config import TrainConfig
+from ..rundir import RunDir
+from .claim import Claim
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One run of the grid: its resolved config and its replicate index (the grid's `seed` value,
+    from which the training seed was derived)."""
+    cfg: TrainConfig
+    replicate: int
+
+
+def variant(cfg: TrainConfig, grid_keys) -> str:
+    """The grid values of a run other than its replicate seed, e.g. 'optim.lr=0.001'."""
+    flat = pd.json_normalize(to_dict(cfg), sep=".").iloc[0].to_dict()
+    parts = [f"{k}={flat[k]}" for k in sorted(grid_keys) if k not in ("seed", "recipe", "student.name")]
+    return ", ".join(parts) or "-"
+
+
+def result_path(sweep_dir: str, run_name: str) -> Path:
+    return Path(sweep_dir) / "results" / f"{run_name}.parquet"
+
+
+def run_one(point: SweepPoint, spec, sweep_dir: str, device: str = "auto", teacher=None) -> Dict[str, str]:
+    """Train (or resume) and score one run; returns {"run", "status", "error"}."""
+    from ..scoring import score_run
+    from ..train import RunInterrupted, train
+
+    cfg = point.cfg
+    run = RunDir(cfg.out)
+    result = result_path(sweep_dir, run.name)
+    if result.exists():
+        return {"run": run.name, "status": "skipped"}
+    if interrupt.requested():
+        return {"run": run.name, "status": "interrupted"}
+    with Claim(run.path) as mine:
+        if not mine:
+            return {"run": run.name, "status": "busy"}
+        if result.exists():  # finished by another worker between our check and the claim
+            return {"run": run.name, "status": "skipped"}
+        try:
+            with open(run.file("attempts.jsonl"), "a") as fh:
+                fh.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}) + "\n")
+            train(cfg, log=lambda _m: None, should_stop=interrupt.requested, teacher=teacher)
+            df = score_run(run, [spec.protocol], cfg.store, device, finetune_steps=spec.finetune_steps,
+                           tags={"variant": variant(cfg, spec.grid), "replicate": point.replicate})
+            atomic_write(result, lambda tmp: df.to_parquet(tmp, index=False))
+            run.file("error.txt").unlink(missing_ok=True)
+            return {"run": run.name, "status": "done"}
+        except KeyboardInterrupt:
+            return {"run": run.name, "status": "interrupted"}
+        except Exception as exc:  # a failed run is recorded and does not stop the others
+            if is_disk_full(exc):
+                return {"run": run.name, "status": "disk_full", "error": str(exc)}
+            try:
+                atomic_write_text(run.file("error.txt"), "".join(traceback.format_exception(exc)))
+            except OSError:
+                pass
+            return {"run": run.name, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}

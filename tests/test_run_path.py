@@ -1,0 +1,242 @@
+"""One run path (issue 8): typed CLI options, one-line errors, model selection, scoring once into
+an updated results file, the teacher-online target provider, the paper fidelity fixes, and every
+store operation on every backend."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+import embedcache
+from embedcache.cli import main
+from embedcache.errors import StoreDamagedError, StoreError
+from embedcache.store import BACKENDS, Store, plan_layout
+from embedcache.students.config import OptimConfig, SplitConfig, StudentConfig, TrainConfig
+from embedcache.students.train import train
+
+from conftest import quiet
+
+
+def _cfg(store, out, **kw):
+    base = dict(store=str(store), recipe="feat_kd", student=StudentConfig(name="test_resnet", input_size=32), steps=6,
+                batch_size=8, eval_every=3, ckpt_every=3, out=str(out), progress=False, device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_a_store_path_with_a_hash_is_used_as_given(synthetic_store, tmp_path):
+    odd = tmp_path / "my #1 stores" / "s.zarr"
+    shutil.copytree(synthetic_store, odd)
+    res = CliRunner().invoke(main, ["train", "--store", str(odd), "--recipe", "feat_kd", "--student", "test_resnet",
+                                    "--out", str(tmp_path / "run"), "--no-progress", "--device", "cpu",
+                                    "--set", "steps=2", "--set", "student.input_size=32"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["store"] == str(odd)
+
+
+def test_unknown_names_and_bad_values_are_one_line_everywhere(synthetic_store, tmp_path):
+    cases = [
+        (["train", "--store", str(synthetic_store), "--recipe", "nope"], "recipe='nope' is not valid"),
+        (["train", "--store", str(synthetic_store), "--set", "optim.name=adamz"], "optim.name='adamz' is not valid"),
+        (["train", "--store", str(synthetic_store), "--set", "steps=abc"], "steps='abc' is not valid: expected an integer"),
+        (["extract", "--set", "teacher.name=gpt"], "teacher.name='gpt' is not valid: choose one of"),
+        (["extract", "--set", "views.count=four"], "views.count='four' is not valid: expected an integer"),
+        (["evaluate", "--store", str(synthetic_store), "--protocol", "zero"], "unknown protocol 'zero'; available:"),
+        (["features", "--store", str(synthetic_store), "--student", "resnet9"], "student.name='resnet9' is not valid"),
+    ]
+    for args, msg in cases:
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 2, (args, res.output)
+        assert res.output.strip().count("\n") == 0 and msg in res.output, (args, res.output)
+
+
+def test_a_launcher_refuses_options_it_does_not_use(synthetic_store, tmp_path):
+    spec = {"store": str(synthetic_store), "base": {"student": {"name": "test_resnet", "input_size": 32}, "steps": 2},
+            "grid": {"recipe": ["feat_kd"]}, "launcher": "serial"}
+    f = tmp_path / "s.yaml"
+    f.write_text(json.dumps(spec))
+    for extra, msg in ((["--launcher", "ray", "--workers", "2"], "--workers does not apply to the ray launcher"),
+                       (["--launcher", "local", "--address", "h:1"], "--address does not apply to the local launcher"),
+                       (["--workers", "2"], "--workers does not apply to the serial launcher")):
+        res = CliRunner().invoke(main, ["sweep", str(f), "--out", str(tmp_path / "sw"), *extra])
+        assert res.exit_code == 2 and msg in res.output and res.output.strip().count("\n") == 0, res.output
+    assert not (tmp_path / "sw").exists()
+
+
+def test_devices_default_to_auto_in_every_command():
+    for name in ("sweep", "evaluate", "features"):
+        opts = {o.name: o for o in main.commands[name].params}
+        assert opts["device"].default == "auto", name
+    train_opts = {o.name: o for o in main.commands["train"].params}
+    assert "device" in train_opts and train_opts["device"].default != "cpu"  # unset: the config's, auto
+    assert TrainConfig().device == "auto"
+
+
+def test_best_validation_checkpoint_is_kept_and_said(synthetic_store, tmp_path):
+    flat = OptimConfig(lr=5e-3, schedule="constant")
+    res = train(_cfg(synthetic_store, tmp_path / "best", recipe="vl2v_sd", steps=12, eval_every=3, optim=flat,
+                     select="best_val"), log=quiet)
+    rows = [json.loads(ln) for ln in open(tmp_path / "best" / "metrics.jsonl")]
+    vals = [r["val_top1"] for r in rows]
+    best_step = rows[int(np.argmax(vals))]["step"]  # the earliest of the best
+    summary = json.loads((tmp_path / "best" / "summary.json").read_text())
+    assert summary["selected"]["rule"] == "best_val" and summary["selected"]["step"] == best_step
+    assert res.val_top1 == pytest.approx(max(vals))
+    # batches depend on (seed, step) alone and the schedule is constant, so a run stopped at the
+    # selected step has exactly the kept weights
+    short = train(_cfg(synthetic_store, tmp_path / "short", recipe="vl2v_sd", steps=best_step, eval_every=3, optim=flat,
+                       select="last"), log=quiet)
+    a, b = load_file(f"{res.out}/model.safetensors"), load_file(f"{short.out}/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the recipe decides by default: VL2V-ADiP selects by validation, Li et al. keep the last weights
+    li = train(_cfg(synthetic_store, tmp_path / "li", recipe="li_iccv23"), log=quiet)
+    assert li.selected["rule"] == "last" and "li_iccv23 recipe's default" in li.selected["why"]
+
+
+def test_scoring_twice_updates_the_results_instead_of_appending(synthetic_store, tmp_path):
+    train(_cfg(synthetic_store, tmp_path / "r", split=SplitConfig(holdout_domains=("outline",))), log=quiet)
+    out = tmp_path / "results.parquet"
+    for _ in range(2):
+        res = CliRunner().invoke(main, ["evaluate", str(tmp_path / "r"), "--protocol", "lodo", "--protocol", "per_class",
+                                        "--out", str(out), "--device", "cpu"])
+        assert res.exit_code == 0, res.output
+    once = pd.read_parquet(out)
+    keys = ["run", "protocol", "split", "domain", "class_name", "episode", "metric"]
+    assert not once.duplicated(keys).any() and len(once) > 0
+    # teacher rows go in the same file, with the same columns, and are kept beside the run's
+    res = CliRunner().invoke(main, ["evaluate", "--store", str(synthetic_store), "--out", str(out)])
+    both = pd.read_parquet(out)
+    assert res.exit_code == 0 and list(both.columns) == list(once.columns)
+    assert len(both) > len(once) and set(both.recipe) == {"feat_kd", "teacher"}
+
+
+def test_a_run_scored_on_another_teachers_store_is_refused_before_any_work(synthetic_store, make_cfg, tiny_clip_dir,
+                                                                            tmp_path):
+    from embedcache.extract import extract
+
+    from conftest import save_tiny_clip
+
+    train(_cfg(synthetic_store, tmp_path / "r"), log=quiet)
+    other = make_cfg("other.zarr", f"teacher.model=local-dir:{save_tiny_clip(tmp_path / 'clip2', seed=3)}")
+    extract(other, log=quiet)
+    res = CliRunner().invoke(main, ["evaluate", str(tmp_path / "r"), "--store", other.out, "--out", str(tmp_path / "x.parquet")])
+    assert res.exit_code == 2 and res.output.strip().count("\n") == 0
+    assert "was made from other inputs" in res.output and "the store it was trained on" in res.output
+    assert "delete" not in res.output
+
+
+def test_a_run_scores_from_another_working_folder(synthetic_store, tmp_path, monkeypatch):
+    monkeypatch.chdir(synthetic_store.parent)
+    train(_cfg(synthetic_store.name, tmp_path / "r"), log=quiet)  # a relative store path
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(main, ["evaluate", str(tmp_path / "r"), "--out", str(tmp_path / "x.parquet")])
+    assert res.exit_code == 0, res.output
+
+
+def test_li_iccv23_filters_l_vlalign_like_the_authors_commands():
+    from embedcache.students.recipes import RECIPES
+
+    assert RECIPES.get("li_iccv23").stages[0].loss_args["vlalign"] == {"correct_only": True}
+    assert RECIPES.get("li_iccv23_attr").stages[0].loss_args["vlalign"] == {"correct_only": True}
+    assert "vlalign" not in RECIPES.get("li_iccv23_nofilter").stages[0].loss_args
+
+
+def test_vl2v_sd_uses_the_clip_towers_own_output(tiny_clip_dir):
+    import open_clip
+
+    from embedcache.students.models import build_student
+
+    scfg = StudentConfig(name="openclip_visual", model=f"local-dir:{tiny_clip_dir}")
+    same = build_student(scfg, 32).eval()  # the tiny tower's output width is 32, as the teacher's
+    assert isinstance(same.head, torch.nn.Identity)
+    ref = open_clip.create_model(f"local-dir:{tiny_clip_dir}").visual.eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(same(x)["emb"], ref(x))
+    wider = build_student(scfg, 48).eval()  # another width: a projection that starts as the identity
+    out = wider(x)["emb"]
+    torch.testing.assert_close(out[:, :32], ref(x))
+    assert torch.equal(out[:, 32:], torch.zeros(2, 16))
+
+
+def test_building_teachers_leaves_global_state_alone(tiny_teacher_cfg):
+    from embedcache.teachers import build_teacher
+
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    env = dict(os.environ)
+    build_teacher(tiny_teacher_cfg)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert dict(os.environ) == env
+
+
+def test_features_on_an_hdf5_store(make_cfg, tiny_teacher, tmp_path):
+    from embedcache.extract import extract
+
+    cfg = make_cfg("s.h5")
+    extract(cfg, teacher=tiny_teacher, log=quiet)
+    res = CliRunner().invoke(main, ["features", "--store", cfg.out, "--student", "test_resnet", "--no-progress",
+                                    "--set", "input_size=32", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    with Store(cfg.out) as st:
+        (name, info), = st.derived().items()
+        assert info["complete"] and st.read_derived(name).shape == (30, 3, info["feat_dim"])
+    run = train(_cfg(cfg.out, tmp_path / "h", recipe="linear_probe", features=True), log=quiet)
+    assert run.val_top1 is not None
+
+
+# --- every store operation, on every backend ------------------------------------------------------
+@pytest.fixture(params=BACKENDS.names())
+def blank_store(request, tmp_path):
+    suffix = {"zarr": "zarr", "hdf5": "h5"}[request.param]
+    layout = plan_layout(10, 2, 4, 8, True, 4)
+    manifest = {"schema": embedcache.store.SCHEMA_VERSION, "key": "k", "complete": False}
+    return Store.create(str(tmp_path / f"s.{suffix}"), manifest, layout, request.param)
+
+
+def _block(store, b, seed):
+    start, stop = store.block_range(b)
+    rng = np.random.default_rng(seed)
+    n = stop - start
+    return {"image/emb": rng.standard_normal((n, 2, 4)).astype(np.float16),
+            "image/view_params": rng.integers(0, 8, (n, 2, 5)).astype(np.int32),
+            "image/status": np.ones(n, np.uint8), "image/pixels": rng.integers(0, 255, (n, 8, 8, 3)).astype(np.uint8)}
+
+
+def test_store_operations_on_every_backend(blank_store):
+    st = blank_store
+    blocks = {b: _block(st, b, b) for b in range(st.num_blocks)}
+    for b, arrays in blocks.items():
+        st.write_block(b, arrays, {b * 4: "broken"} if b == 1 else None)
+    assert st.blocks_done().all() and st.failures() == {4: "broken"}
+    for name in st.layout["block_arrays"]:
+        np.testing.assert_array_equal(st.read(name), np.concatenate([blocks[b][name] for b in range(st.num_blocks)]))
+    st.put_table("meta.parquet", pd.DataFrame({"index": range(10)}))
+    st.put_table("text.parquet", pd.DataFrame({"source": ["name"]}))
+    st.finish(failed=1)
+    assert st.complete and st.verify().ok and st.table("meta.parquet")["index"].tolist() == list(range(10))
+    feats = np.arange(10 * 2 * 3, dtype=np.float32).reshape(10, 2, 3)
+    st.put_derived("student-x", feats, {"kind": "test"})
+    np.testing.assert_array_equal(st.read_derived("student-x"), feats)
+    assert st.derived()["student-x"]["complete"]
+    st.reopen_blocks([1])
+    assert not st.complete and st.blocks_done().tolist() == [True, False, True]
+    st.write_block(1, blocks[1])
+    assert st.blocks_done().all()
+
+
+def test_a_damaged_block_is_refused_on_every_backend(blank_store):
+    st = blank_store
+    for b in range(st.num_blocks):
+        st.write_block(b, _block(st, b, b))
+    st.b.write("image/emb", 5, np.zeros((1, 2, 4), np.float16))  # rows change behind the checksum's back
+    with pytest.raises(StoreDamagedError, match=r"image/emb: rows 4-7 \(block 1\) do not match .*embedcache verify"):
+        st.read("image/emb")
+    report = st.verify()
+    assert report.damaged == {1: ["image/emb"]}
+    with pytest.raises(StoreError, match="no array image/nope"):
+        st.read("image/nope")
