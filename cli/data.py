@@ -17,7 +17,9 @@ from ._app import main, overrides_option
 @click.option("--shard", type=int, help="this worker's index (default: $RANK, else 0)")
 @click.option("--num-shards", type=int, help="number of workers filling the store (default: $WORLD_SIZE, else 1)")
 @click.option("--no-progress", is_flag=True, help="no progress bar")
-def extract(config_path: Optional[str], out: Optional[str], overrides: Sequence[str], shard, num_shards, no_progress) -> None:
+@click.option("--dry-run", is_flag=True, help="say what the extraction would encode and cost; write and pay nothing")
+def extract(config_path: Optional[str], out: Optional[str], overrides: Sequence[str], shard, num_shards, no_progress,
+            dry_run) -> None:
     """Run the teacher once over a dataset and write a store (resumes if interrupted, repairs if damaged).
     Without --config: the synthetic demo with the offline teacher."""
     from embedcache.config import load_extract_config
@@ -27,7 +29,11 @@ def extract(config_path: Optional[str], out: Optional[str], overrides: Sequence[
     cfg = load_extract_config(config_path or "demo", overrides, values)
     if config_path is None:
         click.echo("no --config given: extracting the demo (`embedcache configs show demo` prints its settings)")
-    res = run(cfg, log=click.echo)
+    res = run(cfg, log=click.echo, dry_run=dry_run)
+    if dry_run:
+        cost = ", ".join(f"{k} {v:,}" for k, v in sorted(res.cost.items())) or "no paid queries (a local teacher)"
+        click.echo(f"dry run for {res.path}: {res.rows:,} images x views = {res.views:,} views to encode; {cost}")
+        return
     if not res.skipped:
         rate = res.images / res.seconds if res.seconds > 0 else 0.0
         click.echo(f"{res.images} images encoded in {res.seconds:.1f}s ({rate:.1f} images/s); "

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
+import torch
 
 from ..config import ExtractConfig
 from ..datasets import ImageDataset, build_dataset
@@ -27,7 +28,8 @@ from .manifest import build_manifest
 from .parts import (Batch, Block, BlockAssembler, BlockWriter, Embedder, LoaderReader, ViewPolicy, block_batches,
                     resolve_shard, shard_blocks)
 
-__all__ = ["extract", "ExtractResult", "Batch", "Block", "ViewPolicy", "shard_blocks", "resolve_shard", "finalize"]
+__all__ = ["extract", "ExtractResult", "DryRun", "Batch", "Block", "ViewPolicy", "shard_blocks", "resolve_shard",
+           "finalize", "run_blocks", "policy_of"]
 
 
 @dataclass
@@ -57,10 +59,23 @@ def open_or_create(cfg: ExtractConfig, manifest: Dict, layout: Dict) -> Store:
     return Store.create(cfg.out, manifest, layout, backend).require(manifest["key"], complete=False, advice=advice)
 
 
+@dataclass
+class DryRun:
+    """What an extraction would do, before it pays anything: rows and views left to encode, and the
+    teacher's own estimate of its cost (a remote teacher: requests, bytes, views its ledger holds)."""
+    path: str
+    rows: int
+    views: int
+    cost: Dict[str, int]
+
+
 def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done: Optional[Callable[[int], None]] = None,
-            log: Callable[[str], None] = print, reader=None) -> ExtractResult:
-    """Run, resume, repair or skip one extraction. ``teacher`` may be passed to reuse a loaded one;
-    ``reader`` replaces the PIL reader (a GPU decoder, a synthesiser)."""
+            log: Callable[[str], None] = print, reader=None, dataset: Optional[ImageDataset] = None,
+            manifest_extra: Optional[Dict] = None, dry_run: bool = False):
+    """Run, resume, repair or skip one extraction (``ExtractResult``), or with ``dry_run`` say what
+    it would cost (``DryRun``) without writing anything. ``teacher`` may be passed to reuse a loaded
+    one; ``reader`` replaces the PIL reader (a GPU decoder, a synthesiser) and ``dataset`` the
+    configured dataset; ``manifest_extra`` adds manifest sections that are part of the cache key."""
     t0 = time.time()
     if not cfg.out:
         raise ConfigError("no output store given; pass --out PATH (e.g. stores/demo.zarr)")
@@ -68,12 +83,17 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
     backend = backend_name_for(cfg.out, cfg.backend)
     if num_shards > 1 and not BACKENDS.get(backend).multi_writer:
         raise ConfigError(f"{backend} stores take one writer; use a .zarr store for --num-shards {num_shards}")
-    dataset = build_dataset(cfg.dataset)
+    dataset = dataset or build_dataset(cfg.dataset)
     teacher = teacher or build_teacher(cfg.teacher)
     prompts = build_prompts(dataset.classes, cfg.text)
-    manifest = build_manifest(cfg, dataset, teacher, prompts)
+    manifest = build_manifest(cfg, dataset, teacher, prompts, extra=manifest_extra)
     layout = plan_layout(len(dataset), cfg.views.count, teacher.embed_dim, cfg.canvas.size, cfg.canvas.store, cfg.block_rows)
     add_text_arrays(layout, {s: sum(len(p) for p in pc) for s, pc in prompts.items()}, len(dataset.classes), teacher.embed_dim)
+    reader = reader or LoaderReader(dataset, policy_of(cfg), teacher.input_size, teacher.interpolation,
+                                    render=teacher.device.type != "cuda", num_workers=cfg.num_workers,
+                                    pin_memory=teacher.device.type == "cuda")
+    if dry_run:
+        return _dry_run(cfg, manifest, layout, reader, teacher, prompts, shard, num_shards, log)
     try:
         store = open_or_create(cfg, manifest, layout)
     except OSError as exc:
@@ -93,9 +113,6 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
             store.reopen_blocks(report.damaged_blocks)
         done = store.blocks_done()
         mine = [b for b in shard_blocks(store.num_blocks, shard, num_shards) if not done[b]]
-        reader = reader or LoaderReader(dataset, policy_of(cfg), teacher.input_size, teacher.interpolation,
-                                        render=teacher.device.type != "cuda", num_workers=cfg.num_workers,
-                                        pin_memory=teacher.device.type == "cuda")
         encoded, failed = run_blocks(store, mine, reader, Embedder(teacher, cfg.views.count), cfg.batch_size,
                                      progress=cfg.progress, on_block_done=on_block_done)
         if store.blocks_done().all():
@@ -107,6 +124,54 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
         return ExtractResult(cfg.out, store.key, store.complete, encoded, failed, time.time() - t0, repaired=repaired)
     finally:
         store.close()
+
+
+def _dry_run(cfg, manifest, layout, reader, teacher, prompts, shard, num_shards, log) -> DryRun:
+    """Render every view still to encode, as the real run would, and ask the teacher what encoding
+    them would cost (``teacher.cost(views) -> {name: count}``; local teachers cost nothing)."""
+    from tqdm.auto import tqdm
+
+    from .parts import render_teacher_views
+
+    backend = backend_name_for(cfg.out, cfg.backend)
+    done = np.zeros(layout["num_blocks"], bool)
+    if Store.exists(cfg.out, backend):
+        with Store(cfg.out, "r", backend) as st:
+            st.require(manifest["key"], complete=False, advice="use another --out path")
+            done = st.blocks_done() if not st.complete else np.ones_like(done)
+    geometry = _Geometry(layout)
+    blocks = [b for b in shard_blocks(layout["num_blocks"], shard, num_shards) if not done[b]]
+    batches = block_batches(blocks, geometry, cfg.batch_size)
+    cost: Dict[str, int] = {}
+    estimate = getattr(teacher, "cost", None)
+    rows = 0
+    for batch in tqdm(reader.batches(batches), total=len(batches), desc="dry run", unit="batch",
+                      disable=not cfg.progress, dynamic_ncols=True):
+        rows += len(batch.rows)
+        if estimate is None or not batch.ok.any():
+            continue
+        x = batch.views
+        if x is None:
+            okt = torch.from_numpy(batch.ok)
+            x = render_teacher_views(batch.canvas[okt].to(teacher.device), batch.params[okt], teacher.input_size,
+                                     teacher.interpolation)
+        for k, v in estimate(x.flatten(0, 1)).items():
+            cost[k] = cost.get(k, 0) + int(v)
+    if estimate is not None and hasattr(teacher, "text_cost"):
+        for k, v in teacher.text_cost([p for pc in prompts.values() for ps in pc for p in ps]).items():
+            cost[f"text_{k}"] = cost.get(f"text_{k}", 0) + int(v)
+    return DryRun(cfg.out, rows, rows * layout["views"], cost)
+
+
+class _Geometry:
+    """Row-block geometry of a layout, for planning batches without a store on disk."""
+
+    def __init__(self, layout: Dict):
+        self.layout = layout
+
+    def block_range(self, block: int):
+        br, n = int(self.layout["block_rows"]), int(self.layout["n"])
+        return block * br, min(n, (block + 1) * br)
 
 
 def run_blocks(store: Store, blocks: List[int], reader, embedder, batch_size: int, progress: bool = True,
@@ -165,5 +230,6 @@ def finalize(store: Store, dataset: ImageDataset, teacher, prompts) -> int:
     meta["reason"] = [reasons.get(i, "") for i in range(len(meta))]
     store.put_table("meta.parquet", meta)
     failed = int((status != STATUS_OK).sum())
-    store.finish(failed=failed)
+    usage = getattr(teacher, "usage", None)  # a paid teacher's running totals (queries, bytes, cache hits)
+    store.finish(failed=failed, **({"teacher_usage": usage()} if callable(usage) else {}))
     return failed

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import platform
 from datetime import datetime, timezone
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from ..config import ExtractConfig, to_dict
 from ..datasets import ImageDataset
@@ -28,12 +28,14 @@ def library_versions() -> Dict[str, str]:
 
 
 def build_manifest(cfg: ExtractConfig, dataset: ImageDataset, teacher, prompts,
-                   pipeline: Dict[str, Any] = PIPELINE) -> Dict[str, Any]:
+                   pipeline: Dict[str, Any] = PIPELINE, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """``extra``: sections another producer adds (synthesis settings): recorded and part of the key."""
+    extra = extra or {}
     key_parts = {
         "teacher": teacher.identity(), "preprocessing": teacher.preprocessing(),
         "dataset": dataset.fingerprint(), "views": to_dict(cfg.views), "canvas": to_dict(cfg.canvas),
         "text": {"sources": list(cfg.text.sources), "prompts": prompts_digest(prompts)},
-        "pipeline": pipeline,
+        "pipeline": pipeline, **extra,
     }
     return {
         "schema": SCHEMA_VERSION, "key": cache_key(key_parts), "complete": False,
@@ -44,7 +46,7 @@ def build_manifest(cfg: ExtractConfig, dataset: ImageDataset, teacher, prompts,
         "views": {**to_dict(cfg.views), "params": ["top", "left", "height", "width", "flip"], "view0": "whole canvas"},
         "canvas": to_dict(cfg.canvas),
         "text": {"sources": list(cfg.text.sources), "templates": cfg.text.templates, "attributes": cfg.text.attributes},
-        "pipeline": pipeline,
+        "pipeline": pipeline, **extra,
         "config": to_dict(cfg), "versions": library_versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

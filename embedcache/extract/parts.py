@@ -230,8 +230,8 @@ class BlockWriter(threading.Thread):
             raise self.error
 
 
-def block_batches(blocks: List[int], store: Store, batch_size: int) -> List[List[int]]:
-    """Row batches of the given blocks; batches never straddle a block."""
+def block_batches(blocks: List[int], store, batch_size: int) -> List[List[int]]:
+    """Row batches of the given blocks (``store`` gives ``block_range``); batches never straddle a block."""
     out = []
     for blk in blocks:
         rows = list(range(*store.block_range(blk)))
