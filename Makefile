@@ -11,10 +11,10 @@ ARGS ?=
 .DEFAULT_GOAL := help
 TRAIN_CONFIG ?= configs/train/demo.yaml
 SWEEP ?= configs/sweep/demo.yaml
-.PHONY: help install extract inspect train sweep report test bench clean
+.PHONY: help install extract inspect train sweep report test bench clean clean-runs clean-stores
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-9s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-13s %s\n", $$1, $$2}'
 	@echo "  variables: CONFIG=configs/extract/<name>.yaml  TRAIN_CONFIG=configs/train/<name>.yaml  ARGS='--set k=v'  STORE=path"
 
 $(VENV)/.installed: pyproject.toml
@@ -52,5 +52,12 @@ bench: $(VENV)/.installed ## run the benchmarks under bench/ (tables printed, JS
 	$(VENV)/bin/embedcache extract --config configs/extract/demo.yaml --no-progress
 	$(PY) bench/sweep.py
 
-clean: ## remove stores/ and caches (keeps .venv)
-	rm -rf stores runs sweeps report bench/results .pytest_cache
+clean: ## remove caches only: .pytest_cache, __pycache__, bench/results (keeps stores, runs, sweeps and .venv)
+	rm -rf .pytest_cache bench/results
+	find . -name __pycache__ -not -path './.venv/*' -prune -exec rm -rf {} +
+
+clean-runs: ## remove trained runs and their results: runs/ sweeps/ report/ results.parquet (compute to redo!)
+	rm -rf runs sweeps report results.parquet
+
+clean-stores: ## remove extracted stores: stores/ (the teacher's work: an hour or more to redo for PACS)
+	rm -rf stores

@@ -21,7 +21,10 @@ from ._app import main
               help="with few_shot on runs: also fine-tune the student on the shots for this many steps (0: skip)")
 @click.option("--finetune-mode", type=click.Choice(["shots", "mixed"]), default="shots", show_default=True,
               help="shots: L_cls on the shots; mixed: shots mixed into training batches, full loss (Li et al.)")
-def evaluate(runs, store, protocols, sources, out, device, finetune_steps, finetune_mode) -> None:
+@click.option("--transfer", is_flag=True,
+              help="score runs on --store, another store of the same teacher and classes (e.g. real images for a "
+                   "student distilled on synthesised ones): every image there is a test image")
+def evaluate(runs, store, protocols, sources, out, device, finetune_steps, finetune_mode, transfer) -> None:
     """Score finished runs (or, with only --store, the teacher's zero-shot baselines)."""
     import pandas as pd
 
@@ -44,7 +47,8 @@ def evaluate(runs, store, protocols, sources, out, device, finetune_steps, finet
             click.echo(f"skipping {run.path}: not finished", err=True)
             continue
         ft = finetune_steps if "few_shot" in protocols else 0
-        frames.append(score_run(run, protocols, store, device, finetune_steps=ft, finetune_mode=finetune_mode))
+        frames.append(score_run(run, protocols, store, device, finetune_steps=ft, finetune_mode=finetune_mode,
+                                transfer=transfer))
     if not frames:
         raise click.UsageError("nothing to evaluate: no finished run found")
     new = pd.concat(frames, ignore_index=True)

@@ -38,6 +38,7 @@ class StoreReader:
         self._store = Store(path, "r", backend) if self._own else path
         try:
             self._store.require(expect_key, complete=require_complete, advice=key_advice)
+            self._store.quick_check()
         except Exception:
             self.close()
             raise

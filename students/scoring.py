@@ -15,6 +15,7 @@ import torch
 
 from embedcache.api import StoreReader
 from embedcache.device import resolve_device
+from embedcache.errors import StoreMismatchError
 from embedcache.evaluate.results import conform
 from embedcache.evaluate.store_eval import eval_data, run_protocols
 
@@ -52,23 +53,55 @@ def run_tags(run: RunDir) -> Dict:
             "holdout": ",".join(split.get("holdout_domains") or []) or "-"}
 
 
+def _open_for(run: RunDir, path: str, transfer: bool) -> StoreReader:
+    """The store to score on: the run's own (same key), or with ``transfer`` any store made by the
+    same teacher with the same classes (a student trained on synthesised images, scored on real ones)."""
+    if not transfer:
+        return StoreReader(path, expect_key=run.store_key,
+                           key_advice=f"score run {run.name} on the store it was trained on "
+                                      f"({run.config.get('store_path')}), or pass --transfer to score it on another "
+                                      "store of the same teacher")
+    reader = StoreReader(path)
+    with StoreReader(run.store_path()) as own:
+        same_teacher = _teacher_identity(own.manifest) == _teacher_identity(reader.manifest)
+        same_classes = own.classes == reader.classes
+    if not (same_teacher and same_classes):
+        reader.close()
+        what = "teacher" if not same_teacher else "classes"
+        raise StoreMismatchError(f"run {run.name} cannot be scored on {path}: its {what} differ from those of the "
+                                 "store the run was trained on; transfer needs the same teacher and classes")
+    return reader
+
+
+def _teacher_identity(manifest: Dict) -> Dict:
+    t = dict(manifest["teacher"])
+    for k in ("source", "server"):  # where it was loaded from is not what it is
+        t.pop(k, None)
+    return t
+
+
 def score_run(run: Union[str, RunDir], protocols: Sequence[str] = ("lodo",), store: Optional[str] = None,
               device: str = "auto", options: Optional[Dict] = None, finetune_steps: int = 0,
-              finetune_mode: str = "shots", tags: Optional[Dict] = None) -> pd.DataFrame:
-    """Tidy result rows of one finished run on its own store (or ``store``, which must have its key)."""
+              finetune_mode: str = "shots", tags: Optional[Dict] = None, transfer: bool = False) -> pd.DataFrame:
+    """Tidy result rows of one finished run on its own store (or ``store``, which must have its key).
+    With ``transfer``, ``store`` may be another store of the same teacher and classes: every image
+    there is unseen by the run, so protocols score it as the teacher's are scored (every domain a
+    test domain) and the rows say ``transfer`` in their ``holdout`` column."""
     run = run if isinstance(run, RunDir) else RunDir(run)
     run.require_done()
     path = store or run.store_path()
-    reader = StoreReader(path, expect_key=run.store_key,
-                         key_advice=f"score run {run.name} on the store it was trained on ({run.config.get('store_path')}), "
-                                    "or pass --store with a store of the same key")
-    with reader:
+    transfer = transfer and path != run.store_path()
+    with _open_for(run, path, transfer) as reader:
         dev = resolve_device(device)
         model, cfg = run.load_student(dev)
         split = run.split
+        if transfer:  # none of these images was trained on or used for selection
+            split = {"text_source": split["text_source"], "predict": split["predict"],
+                     "seen_classes": split["seen_classes"], "holdout_domains": []}
         data = StoreData(reader, split["text_source"], SplitConfig(val_fraction=0.0))
         emb, scores = embed_rows(model, data, split["seen_classes"], split["predict"] == "linear", dev)
-        all_tags = {**run_tags(run), **(tags or {})}
+        all_tags = {**run_tags(run), **({"holdout": "transfer", "store_key": reader.key} if transfer else {}),
+                    **(tags or {})}
         frames = [run_protocols(eval_data(reader, split["text_source"], emb, split, scores), protocols, all_tags, options)]
         if "few_shot" in protocols and finetune_steps > 0:
             from .finetune import few_shot_finetune

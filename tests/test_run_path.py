@@ -240,3 +240,19 @@ def test_a_damaged_block_is_refused_on_every_backend(blank_store):
     assert report.damaged == {1: ["image/emb"]}
     with pytest.raises(StoreError, match="no array image/nope"):
         st.read("image/nope")
+
+
+def test_transfer_scores_a_run_on_another_store_of_the_same_teacher(synthetic_store, make_cfg, tiny_teacher, tmp_path):
+    from embedcache.extract import extract
+    from embedcache.students.scoring import score_run
+
+    train(_cfg(synthetic_store, tmp_path / "r", split=SplitConfig(holdout_domains=("outline",))), log=quiet)
+    other = make_cfg("other.zarr", "views.count=2", "dataset.per_class=3", "text.sources=[name,templates,attributes]",
+                     "text.attributes=synthetic")  # same teacher and classes, other images and views
+    extract(other, teacher=tiny_teacher, log=quiet)
+    with pytest.raises(StoreError, match="was made from other inputs"):
+        score_run(tmp_path / "r", ["lodo"], other.out)
+    rows = score_run(tmp_path / "r", ["lodo"], other.out, transfer=True)
+    top1 = rows[rows.metric == "top1"]
+    assert set(top1.split) == {"zero_shot"} and set(top1.domain) == {"outline", "solid", "avg"}
+    assert set(rows.holdout) == {"transfer"} and int(top1[top1.domain == "solid"].n.iloc[0]) == 9

@@ -102,15 +102,17 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
         raise
     try:
         repaired = 0
-        if store.complete:
+        if store.blocks_done().any():  # finished blocks are checked before anything builds on them
             report = store.verify(progress=cfg.progress)
-            if report.ok:
+            if store.complete and report.ok:
                 log(f"{cfg.out} is already complete and intact (key {store.key}); nothing to do")
                 return ExtractResult(cfg.out, store.key, True, 0, int(store.manifest.get("failed", 0)), time.time() - t0, True)
-            repaired = len(report.damaged_blocks)
-            log(f"{cfg.out} is damaged ({'; '.join(report.lines()[:3])}{' ...' if len(report.lines()) > 3 else ''}); "
-                f"re-doing {repaired} block(s) and rewriting its tables")
-            store.reopen_blocks(report.damaged_blocks)
+            if not report.ok:
+                repaired = len(report.damaged_blocks)
+                lines = report.lines()
+                log(f"{cfg.out} is damaged ({'; '.join(lines[:3])}{' ...' if len(lines) > 3 else ''}); "
+                    f"re-doing {repaired} block(s) and rewriting its tables")
+                store.reopen_blocks(report.damaged_blocks)
         done = store.blocks_done()
         mine = [b for b in shard_blocks(store.num_blocks, shard, num_shards) if not done[b]]
         encoded, failed = run_blocks(store, mine, reader, Embedder(teacher, cfg.views.count), cfg.batch_size,

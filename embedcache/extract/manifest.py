@@ -2,6 +2,7 @@
 library versions) and the cache key, the hash of the parts of it that change the data."""
 from __future__ import annotations
 
+import dataclasses
 import platform
 from datetime import datetime, timezone
 from typing import Any, Dict, Optional
@@ -31,6 +32,9 @@ def build_manifest(cfg: ExtractConfig, dataset: ImageDataset, teacher, prompts,
                    pipeline: Dict[str, Any] = PIPELINE, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """``extra``: sections another producer adds (synthesis settings): recorded and part of the key."""
     extra = extra or {}
+    own = getattr(teacher, "config", None)
+    if own is not None and own != cfg.teacher:  # a teacher passed in: record how *it* was built
+        cfg = dataclasses.replace(cfg, teacher=own)
     key_parts = {
         "teacher": teacher.identity(), "preprocessing": teacher.preprocessing(),
         "dataset": dataset.fingerprint(), "views": to_dict(cfg.views), "canvas": to_dict(cfg.canvas),

@@ -96,6 +96,14 @@ class ZarrBackend:
     def read(self, name: str, start: Optional[int] = None, stop: Optional[int] = None) -> np.ndarray:
         return self.group[name][start:stop]
 
+    def chunk_rows_present(self, name: str) -> Optional[set]:
+        """Indices along axis 0 of the chunks that exist on disk (a listing, no data read): a chunk
+        file that was lost would otherwise read back silently as zeros."""
+        folder = self.path / name / "c"
+        if not folder.is_dir():
+            return set()
+        return {int(p.relative_to(folder).parts[0]) for p in folder.rglob("*") if p.is_file()}
+
     def set_attr(self, key: str, value: Any) -> None:
         self.group.attrs[key] = json.loads(json.dumps(value))
 
@@ -138,7 +146,7 @@ class HDF5Backend:
             self.file = h5py.File(self.path, "r" if mode == "r" else "a")
         except (OSError, BlockingIOError) as exc:
             text = str(exc)
-            if "lock" in text.lower() or isinstance(exc, BlockingIOError):
+            if "unable to lock" in text.lower() or isinstance(exc, BlockingIOError):
                 raise StoreError(f"HDF5 store {path} is open in another process (HDF5 allows one writer and no reader "
                                  "beside it); wait for that process to finish, or use a .zarr store") from None
             raise StoreDamagedError(f"HDF5 store {path} is damaged or truncated ({_first_line(exc)}); delete it and "
@@ -190,6 +198,9 @@ class HDF5Backend:
                 ds.read_direct(out)
             return out
         return ds[start:stop]
+
+    def chunk_rows_present(self, name: str) -> Optional[set]:
+        return None  # chunks live inside one file: damage shows as a checksum or decode error
 
     def set_attr(self, key: str, value: Any) -> None:
         self.file.attrs[key] = json.dumps(value)

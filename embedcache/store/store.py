@@ -232,6 +232,25 @@ class Store:
         self.b.flush()
 
     # --- verification ---------------------------------------------------------------------------------
+    def quick_check(self) -> None:
+        """Cheap structural check readers make on opening (a file listing, no data read): every
+        finished block's chunks exist and every table is there. ``verify`` checks the contents."""
+        done = np.flatnonzero(self.blocks_done())
+        for name in self.layout.get("block_arrays", ()):
+            present = self.b.chunk_rows_present(name)
+            if present is None:
+                continue
+            rows = int(self.b.chunks(name)[0])
+            for blk in done:
+                start, stop = self.block_range(int(blk))
+                missing = set(range(start // rows, -(-stop // rows))) - present
+                if missing:
+                    raise self._damaged(name, f"the chunk files of rows {start}-{stop - 1} (block {blk}) are missing")
+        if self.complete:
+            for name in TABLES:
+                if self.b.get_blob(name) is None:
+                    raise self._damaged(name, "the file is missing")
+
     def verify(self, progress: bool = False, on_block: Optional[Callable[[int], None]] = None) -> IntegrityReport:
         """Check every finished block of every block array, every text array and table, block by block."""
         from tqdm.auto import tqdm

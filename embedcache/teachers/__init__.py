@@ -5,7 +5,9 @@ from . import conse, open_clip  # noqa: F401  (registers them)
 
 
 def build_teacher(cfg: TeacherConfig) -> Teacher:
-    return TEACHERS.get(cfg.name)(cfg)
+    teacher = TEACHERS.get(cfg.name)(cfg)
+    teacher.config = cfg  # how it was built: a store made with it records this, so readers can rebuild it
+    return teacher
 
 
 __all__ = ["TEACHERS", "Teacher", "build_teacher", "resolve_device"]

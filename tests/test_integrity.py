@@ -1,0 +1,388 @@
+"""Nothing silently wrong (issue 9): damaged stores are found and repaired, images decode faithfully,
+unreadable rows never pass for data, bad settings are refused before work, the sweep lock holds."""
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+import embedcache
+from embedcache.cli import main
+from embedcache.errors import ConfigError, StoreDamagedError, StoreError, TrainingError
+from embedcache.extract import extract
+from embedcache.store import Store
+
+from conftest import quiet
+
+ROOT = Path(__file__).resolve().parents[1]
+ARRAYS = ["image/emb", "image/view_params", "image/pixels", "image/status"]
+
+
+def _arrays(path):
+    with Store(path) as st:
+        out = {a: st.read(a, verify=False) for a in ARRAYS}
+        for src in st.manifest["text"]["sources"]:
+            out[f"text/{src}/class_emb"] = st.read(f"text/{src}/class_emb", verify=False)
+        out["meta"] = st.table("meta.parquet")
+    return out
+
+
+def _same(a, b):
+    for k in a:
+        if k == "meta":
+            pd.testing.assert_frame_equal(a[k], b[k])
+        else:
+            assert np.array_equal(a[k], b[k]), k
+
+
+def _damage(path: str, name: str, block: int):
+    """Lose one chunk of ``name`` in ``block`` (Zarr: delete the file; HDF5: overwrite rows in place)."""
+    with Store(path) as st:
+        start, stop = st.block_range(block)
+        rows = st.chunks(name)[0]
+    if path.endswith(".zarr"):
+        victim = next(p for p in (Path(path) / name / "c").rglob("*") if p.is_file()
+                      and int(p.relative_to(Path(path) / name / "c").parts[0]) == start // rows)
+        victim.unlink()
+    else:
+        import h5py
+
+        with h5py.File(path, "a") as f:
+            f[name][start] = 0
+
+
+@pytest.mark.parametrize("suffix", ["zarr", "h5"])
+def test_a_lost_chunk_is_found_refused_and_repaired_exactly(make_cfg, tiny_teacher, suffix):
+    good = make_cfg(f"good.{suffix}")
+    extract(good, teacher=tiny_teacher, log=quiet)
+    cfg = make_cfg(f"hurt.{suffix}")
+    extract(cfg, teacher=tiny_teacher, log=quiet)
+    _damage(cfg.out, "image/emb", 2)
+    _damage(cfg.out, "image/pixels", 0)
+    with pytest.raises(StoreDamagedError, match="embedcache verify"):
+        embedcache.open_store(cfg.out).image_emb()
+    res = CliRunner().invoke(main, ["verify", cfg.out, "--no-progress"])
+    assert res.exit_code == 1 and "block 0: image/pixels" in res.output and "block 2: image/emb" in res.output
+    # a lost Zarr chunk is seen from a file listing when the store is opened; contents need a read
+    cmds = [["evaluate", "--store", cfg.out, "--out", cfg.out + ".parquet"]] + ([["inspect", cfg.out]] if suffix == "zarr" else [])
+    for cmd in cmds:
+        bad = CliRunner().invoke(main, cmd)
+        assert bad.exit_code == 2 and "is damaged" in bad.output and bad.output.strip().count("\n") == 0, bad.output
+    encoded = []
+    again = extract(cfg, teacher=tiny_teacher, log=quiet, on_block_done=encoded.append)  # the same command repairs it
+    assert again.complete and again.repaired == 2 and sorted(encoded) == [0, 2] and again.images == 16
+    _same(_arrays(good.out), _arrays(cfg.out))
+    assert CliRunner().invoke(main, ["verify", cfg.out, "--no-progress"]).exit_code == 0
+
+
+def test_a_lost_table_is_named_and_rebuilt(make_cfg, tiny_teacher):
+    cfg = make_cfg("t.zarr")
+    extract(cfg, teacher=tiny_teacher, log=quiet)
+    before = _arrays(cfg.out)
+    (Path(cfg.out) / "meta.parquet").unlink()
+    raw = (Path(cfg.out) / "text.parquet").read_bytes()
+    (Path(cfg.out) / "text.parquet").write_bytes(raw[: len(raw) // 2])  # truncated
+    with pytest.raises(StoreDamagedError, match="meta.parquet: the file is missing"):
+        embedcache.open_store(cfg.out)
+    res = CliRunner().invoke(main, ["verify", "--repair", cfg.out, "--no-progress", ])
+    assert res.exit_code == 0, res.output
+    assert "repaired" in res.output
+    _same(before, _arrays(cfg.out))
+    assert embedcache.open_store(cfg.out).text_table.equals(embedcache.open_store(cfg.out).text_table)
+
+
+def test_a_truncated_hdf5_file_is_one_line(make_cfg, tiny_teacher, tmp_path):
+    cfg = make_cfg("t.h5")
+    extract(cfg, teacher=tiny_teacher, log=quiet)
+    data = Path(cfg.out).read_bytes()
+    Path(cfg.out).write_bytes(data[: len(data) // 3])
+    res = CliRunner().invoke(main, ["inspect", cfg.out])
+    assert res.exit_code == 2 and res.output.strip().count("\n") == 0
+    assert "damaged or truncated" in res.output and "rerun its extract command" in res.output
+
+
+def test_an_hdf5_store_open_for_writing_elsewhere_is_one_line(make_cfg, tiny_teacher):
+    cfg = make_cfg("busy.h5")
+    extract(cfg, teacher=tiny_teacher, log=quiet)
+    holder = subprocess.Popen([sys.executable, "-c", "import h5py, sys, time; f = h5py.File(sys.argv[1], 'a'); "
+                               "print('open', flush=True); time.sleep(60)", cfg.out], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"open"
+        res = CliRunner().invoke(main, ["inspect", cfg.out])
+        assert res.exit_code == 2 and "is open in another process" in res.output
+        assert res.output.strip().count("\n") == 0
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# --- images decoded as they are meant to be seen -----------------------------------------------------
+def _reference(mode: str, arr: np.ndarray) -> np.ndarray:
+    """What each mode should become, computed by hand (not by the code under test)."""
+    if mode in ("I;16", "I"):
+        return np.repeat(np.rint(arr.astype(np.float64) / 257.0).astype(np.uint8)[..., None], 3, axis=2)
+    if mode == "F":
+        return np.repeat(np.rint(np.clip(arr, 0, 1) * 255).astype(np.uint8)[..., None], 3, axis=2)
+    if mode == "RGBA":
+        a = arr[..., 3:4].astype(np.float64) / 255
+        return np.rint(arr[..., :3] * a + 255 * (1 - a)).astype(np.uint8)
+    if mode == "LA":
+        a = arr[..., 1:2].astype(np.float64) / 255
+        return np.repeat(np.rint(arr[..., :1] * a + 255 * (1 - a)).astype(np.uint8), 3, axis=2)
+    raise AssertionError(mode)
+
+
+def _image(mode: str, rng):
+    if mode == "I;16":
+        arr = rng.integers(0, 65536, (6, 7), dtype=np.uint16)
+        return Image.frombytes("I;16", (7, 6), arr.astype("<u2").tobytes()), arr
+    if mode == "I":
+        arr = rng.integers(0, 65536, (6, 7)).astype(np.int32)
+        return Image.frombytes("I", (7, 6), arr.astype("<i4").tobytes()), arr
+    if mode == "F":
+        arr = rng.random((6, 7)).astype(np.float32)
+        return Image.frombytes("F", (7, 6), arr.astype("<f4").tobytes()), arr
+    if mode == "RGBA":
+        arr = rng.integers(0, 256, (6, 7, 4), dtype=np.uint8)
+        return Image.frombytes("RGBA", (7, 6), arr.tobytes()), arr
+    if mode == "LA":
+        arr = rng.integers(0, 256, (6, 7, 2), dtype=np.uint8)
+        return Image.frombytes("LA", (7, 6), arr.tobytes()), arr
+    raise AssertionError(mode)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F", "RGBA", "LA"])
+def test_wide_and_transparent_modes_against_a_hand_reference(mode):
+    from embedcache.images import to_rgb8
+
+    img, arr = _image(mode, np.random.default_rng(0))
+    got = np.asarray(to_rgb8(img))
+    ref = _reference(mode, arr)
+    assert got.shape == ref.shape and np.abs(got.astype(int) - ref.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "P", "P-transparency", "CMYK", "YCbCr", "RGB"])
+def test_other_modes_match_pillows_own_conversion(mode):
+    from embedcache.images import to_rgb8
+
+    rng = np.random.default_rng(1)
+    rgb = Image.fromarray(rng.integers(0, 256, (6, 7, 3), dtype=np.uint8), "RGB")
+    if mode == "P-transparency":
+        img = rgb.convert("P")
+        img.info["transparency"] = 0
+        ref = np.asarray(img.convert("RGBA"), dtype=np.float64)
+        a = ref[..., 3:4] / 255
+        expected = np.rint(ref[..., :3] * a + 255 * (1 - a)).astype(np.uint8)  # transparent index -> white
+    else:
+        img = rgb.convert(mode)
+        expected = np.asarray(img.convert("RGB"))
+    assert np.array_equal(np.asarray(to_rgb8(img)), expected)
+
+
+def test_a_16_bit_png_is_scaled_not_clipped(tmp_path):
+    from embedcache.datasets import ImageDataset, Sample
+
+    arr = np.full((8, 8), 20000, np.uint16)  # a dark grey in 16 bits
+    Image.frombytes("I;16", (8, 8), arr.astype("<u2").tobytes()).save(tmp_path / "a.png")
+    ds = ImageDataset("folder", tmp_path, [Sample("a.png", "x", "d", "train", 1)])
+    px = np.asarray(ds.load(0))
+    assert px.max() == px.min() == round(20000 / 257)  # 78, not 255 (white)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    from embedcache.datasets import ImageDataset, Sample
+
+    arr = np.zeros((4, 8, 3), np.uint8)
+    arr[:, :4] = 255  # left half white: a landscape image
+    img = Image.fromarray(arr)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to view"
+    img.save(tmp_path / "p.jpg", exif=exif, quality=100)
+    ds = ImageDataset("folder", tmp_path, [Sample("p.jpg", "x", "d", "train", 1)])
+    px = np.asarray(ds.load(0))
+    assert px.shape == (8, 4, 3)  # shown upright: portrait
+    assert px[:3].mean() > 200 and px[-3:].mean() < 50  # the white half is now on top
+
+
+def test_refused_images_are_recorded_not_stored(tmp_path, make_cfg, tiny_teacher):
+    root = tmp_path / "imgs"
+    (root / "a").mkdir(parents=True)
+    Image.fromarray(np.full((20, 20, 3), 100, np.uint8)).save(root / "a" / "ok.png")
+    Image.frombytes("F", (20, 20), np.full((20, 20), 1e6, "<f4").tobytes()).save(root / "a" / "wild.tif")
+    res = extract(make_cfg("f.zarr", "dataset.name=folder", f"dataset.path={root}", "block_rows=2"), teacher=tiny_teacher,
+                  log=quiet)
+    with embedcache.open_store(res.path) as s:
+        bad = s.meta[s.meta.status == "failed"]
+        assert bad.path.tolist() == ["a/wild.tif"] and "outside [0, 1] and [0, 255]" in bad.reason.iloc[0]
+
+
+# --- unreadable rows never score ------------------------------------------------------------------
+def test_unreadable_rows_are_left_out_and_counted(tmp_path, make_cfg, tiny_teacher):
+    root = tmp_path / "imgs"
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for k in range(3):
+            Image.fromarray(np.full((24, 24, 3), 40 * k + (c == "dog") * 100, np.uint8)).save(root / c / f"{k}.png")
+    (root / "dog" / "1.png").write_bytes(b"broken")
+    res = extract(make_cfg("u.zarr", "dataset.name=folder", f"dataset.path={root}"), teacher=tiny_teacher, log=quiet)
+    s = embedcache.open_store(res.path)
+    with pytest.warns(UserWarning, match="1 unreadable image"):
+        hits = s.nearest_images(np.ones(s.dim), k=10)
+    assert len(hits) == 5 and "dog/1.png" not in hits.path.tolist()
+    with pytest.warns(UserWarning, match="1 unreadable image"):
+        df = s.frame(embeddings=True)
+    assert np.isnan(df.emb.iloc[4]).all()
+    with pytest.raises(StoreError, match="could not be read"):
+        s.nearest_classes(4)
+    emb = s.image_emb()
+    with pytest.raises(ValueError):
+        emb[0, 0, 0] = 1.0  # read-only: later calls cannot be changed by editing a result
+    assert s.image_emb() is emb
+
+
+def test_text_queries_load_the_teacher_once(synthetic_store, monkeypatch):
+    import embedcache.teachers as teachers
+
+    calls = []
+    real = teachers.build_teacher
+    monkeypatch.setattr(teachers, "build_teacher", lambda cfg: calls.append(cfg) or real(cfg))
+    s = embedcache.open_store(str(synthetic_store))
+    for q in ("a photo of a circle.", "a photo of a square."):
+        s.nearest_images(q, k=2)
+    s.nearest_classes("a photo of a ring.")
+    assert len(calls) == 1
+
+
+# --- settings checked before any work ---------------------------------------------------------------
+@pytest.mark.parametrize("override,msg", [
+    ("steps=-5", "steps=-5 is not valid: must be at least 1"),
+    ("steps=0", "steps=0 is not valid: must be at least 1"),
+    ("batch_size=0", "batch_size=0 is not valid: must be at least 1"),
+    ("optim.lr=-1", "optim.lr=-1.0 is not valid: must be at least 0"),
+    ("steps=abc", "steps='abc' is not valid: expected an integer"),
+    ("split.val_fraction=2", "split.val_fraction=2.0 is not valid: must be at most 0.9"),
+    ("averaging=ema", "averaging='ema' is not valid: choose one of none, swa, swad"),
+])
+def test_invalid_training_settings_are_refused_before_the_store_is_opened(override, msg, tmp_path):
+    res = CliRunner().invoke(main, ["train", "--store", str(tmp_path / "no-such-store.zarr"), "--set", override])
+    assert res.exit_code == 2 and msg in res.output and res.output.strip().count("\n") == 0, res.output
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("override,msg", [
+    ("views.count=four", "views.count='four' is not valid: expected an integer"),
+    ("views.count=0", "views.count=0 is not valid: must be at least 1"),
+    ("views.scale=[0.9,0.2]", "views.scale=[0.9, 0.2] is not valid"),
+    ("canvas.size=abc", "canvas.size='abc' is not valid"),
+    ("teacher.precision=fp8", "teacher.precision='fp8' is not valid: choose one of fp32, bf16, fp16"),
+    ("batch_size=-1", "batch_size=-1 is not valid"),
+])
+def test_invalid_extraction_settings_are_refused_before_the_teacher_loads(override, msg, tmp_path):
+    res = CliRunner().invoke(main, ["extract", "--out", str(tmp_path / "x.zarr"), "--set", override])
+    assert res.exit_code == 2 and msg in res.output, res.output
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_malformed_yaml_and_bad_set_values_name_the_place(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dataset:\n  name: synthetic\n views: [1\n")
+    res = CliRunner().invoke(main, ["extract", "--config", str(bad)])
+    assert res.exit_code == 2 and f"{bad} is not valid YAML at line" in res.output
+    res = CliRunner().invoke(main, ["extract", "--set", "views.scale=[0.5,"])
+    assert res.exit_code == 2 and "--set 'views.scale=[0.5,' is not valid YAML" in res.output
+
+
+def test_out_pointing_at_a_file_is_one_line(tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("keep me")
+    res = CliRunner().invoke(main, ["extract", "--out", str(f), "--set", "dataset.per_class=1"])
+    assert res.exit_code == 2 and "exists and is not a zarr store" in res.output
+    assert f.read_text() == "keep me"
+
+
+def test_a_nan_loss_stops_the_run_unfinished(synthetic_store, tmp_path):
+    from embedcache.students.config import OptimConfig, StudentConfig, TrainConfig
+    from embedcache.students.train import train
+
+    cfg = TrainConfig(store=str(synthetic_store), recipe="feat_kd", student=StudentConfig(name="test_resnet", input_size=32),
+                      steps=20, batch_size=8, eval_every=5, ckpt_every=5, out=str(tmp_path / "nan"), progress=False,
+                      device="cpu", optim=OptimConfig(name="sgd", lr=1e30, schedule="constant"))
+    with pytest.raises(TrainingError, match="the loss became (nan|inf)"):
+        train(cfg, log=quiet)
+    assert not (tmp_path / "nan" / "done").exists() and not (tmp_path / "nan" / "model.safetensors").exists()
+
+
+# --- the sweep lock ----------------------------------------------------------------------------------
+CLAIMER = """
+import importlib.util, sys, time
+from pathlib import Path
+spec = importlib.util.spec_from_file_location("claim", sys.argv[4])  # the module alone: starts in milliseconds
+claim = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(claim)
+Claim = claim.Claim
+run, go, out = Path(sys.argv[1]), float(sys.argv[2]), Path(sys.argv[3])
+while time.time() < go:
+    pass
+with Claim(run) as mine:
+    if mine:
+        start = time.time()
+        time.sleep(0.05)
+        out.write_text(f"{start} {time.time()}")
+"""
+
+
+def test_two_processes_never_both_win_a_dead_owners_lock(tmp_path):
+    """The takeover race, many times: the lock of a run whose owner died is claimed by two processes
+    released at the same instant; they may win one after the other, never while the other holds it."""
+    script = tmp_path / "claim.py"
+    script.write_text(CLAIMER)
+    for trial in range(60):
+        run = tmp_path / f"run{trial}"
+        run.mkdir()
+        dead = subprocess.run([sys.executable, "-S", "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+        (run / ".lock").write_text(f"{os.uname().nodename} {dead.stdout.strip()}\n")  # a dead owner's lock
+        go = time.time() + 0.3
+        procs = [subprocess.Popen([sys.executable, "-S", str(script), str(run), str(go), str(tmp_path / f"w{trial}-{k}"),
+                                   str(ROOT / "students" / "sweep" / "claim.py")]) for k in range(2)]
+        for p in procs:
+            assert p.wait(timeout=60) == 0
+        held = [tuple(map(float, (tmp_path / f"w{trial}-{k}").read_text().split()))
+                for k in range(2) if (tmp_path / f"w{trial}-{k}").exists()]
+        assert held, f"trial {trial}: nobody took over the dead owner's lock"
+        if len(held) == 2:
+            (a0, a1), (b0, b1) = sorted(held)
+            assert a1 <= b0, f"trial {trial}: both held the lock at once"
+
+
+def test_the_lock_is_released_when_its_holder_dies(tmp_path):
+    from embedcache.students.sweep.claim import Claim
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from embedcache.students.sweep.claim import Claim; c = Claim(Path(sys.argv[1])); "
+                               "assert c.__enter__(); print('held', flush=True); time.sleep(60)", str(tmp_path)],
+                              stdout=subprocess.PIPE)
+    assert holder.stdout.readline().strip() == b"held"
+    with Claim(tmp_path) as mine:
+        assert not mine
+    holder.kill()
+    holder.wait()
+    with Claim(tmp_path) as mine:
+        assert mine
+
+
+# --- make clean keeps what took compute --------------------------------------------------------------
+def test_make_clean_says_what_it_removes_and_keeps_runs_and_stores():
+    text = (ROOT / "Makefile").read_text()
+    recipe = [ln for ln in text.split("\nclean:")[1].split("\n\n")[0].splitlines()[1:] if ln.startswith("\t")]
+    assert recipe and not [ln for ln in recipe if any(w in ln for w in ("stores", "runs", "sweeps"))]
+    help_out = subprocess.run(["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert "clean-runs" in help_out and "clean-stores" in help_out
