@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[offline,test,ray]'
+	$(PY) -m pip install -q -e '.[offline,test,ray,serve]'
 	touch $@
 
 install: $(VENV)/.installed ## create .venv and install embedcache with the offline teacher and test tools

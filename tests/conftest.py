@@ -91,3 +91,14 @@ def synthetic_store(tmp_path_factory, tiny_teacher):
         "out": str(out), "progress": False, "num_workers": 0, "batch_size": 16, "block_rows": 16})
     extract(cfg, teacher=tiny_teacher, log=quiet)
     return out
+
+
+@pytest.fixture(scope="module")
+def remote(tiny_teacher_cfg, tiny_teacher, tmp_path_factory):
+    """The ``remote`` teacher, for tests that parametrize over the teacher registry: the tiny teacher
+    served by ``embedcache serve`` on loopback for the module that asks for it."""
+    pytest.importorskip("fastapi", reason="the remote teacher is tested against embedcache serve: pip install '.[serve]'")
+    from remote_fakes import served_remote_teacher
+
+    with served_remote_teacher(tiny_teacher_cfg, tiny_teacher, tmp_path_factory.mktemp("remote")) as teacher:
+        yield teacher

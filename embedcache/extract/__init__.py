@@ -17,9 +17,9 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from ..config import ExtractConfig
+from ..config import ExtractConfig, replace
 from ..datasets import ImageDataset, build_dataset
-from ..errors import ConfigError
+from ..errors import BudgetError, ConfigError
 from ..fileio import disk_full_error, is_disk_full
 from ..store import BACKENDS, STATUS_OK, Store, add_text_arrays, backend_name_for, plan_layout
 from ..teachers import Teacher, build_teacher
@@ -115,8 +115,12 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
                 store.reopen_blocks(report.damaged_blocks)
         done = store.blocks_done()
         mine = [b for b in shard_blocks(store.num_blocks, shard, num_shards) if not done[b]]
-        encoded, failed = run_blocks(store, mine, reader, Embedder(teacher, cfg.views.count), cfg.batch_size,
-                                     progress=cfg.progress, on_block_done=on_block_done)
+        try:
+            encoded, failed = run_blocks(store, mine, reader, Embedder(teacher, cfg.views.count), cfg.batch_size,
+                                         progress=cfg.progress, on_block_done=on_block_done)
+        except BudgetError as exc:  # a paid teacher stopped: say what finishing the store would cost
+            store.close()
+            raise _budget_stop(exc, cfg, manifest, layout, reader, teacher, prompts, shard, num_shards, log) from None
         if store.blocks_done().all():
             failed = _finalize_or_disk_full(store, dataset, teacher, prompts)
             log(f"wrote {cfg.out}: {len(dataset)} images x {cfg.views.count} views, "
@@ -163,6 +167,16 @@ def _dry_run(cfg, manifest, layout, reader, teacher, prompts, shard, num_shards,
         for k, v in teacher.text_cost([p for pc in prompts.values() for ps in pc for p in ps]).items():
             cost[f"text_{k}"] = cost.get(f"text_{k}", 0) + int(v)
     return DryRun(cfg.out, rows, rows * layout["views"], cost)
+
+
+def _budget_stop(exc, cfg, manifest, layout, reader, teacher, prompts, shard, num_shards, log) -> BudgetError:
+    """The budget error, with the cost of finishing (a dry run over what is left, ledger hits free)."""
+    finish = getattr(teacher, "budget_message", None)
+    if not callable(finish):
+        return exc
+    log(f"{exc}; counting what finishing {cfg.out} would cost ...")
+    left = _dry_run(replace(cfg, progress=False), manifest, layout, reader, teacher, prompts, shard, num_shards, log)
+    return BudgetError(f"{exc}; {finish(left.cost)}")
 
 
 class _Geometry:

@@ -1,7 +1,7 @@
 """Teachers (a registry): ``build_teacher(cfg)`` returns a loaded teacher."""
 from ..config import TeacherConfig
 from ._base import TEACHERS, Teacher, resolve_device
-from . import conse, open_clip  # noqa: F401  (registers them)
+from . import conse, open_clip, remote  # noqa: F401  (registers them)
 
 
 def build_teacher(cfg: TeacherConfig) -> Teacher:

@@ -1,0 +1,55 @@
+"""``embedcache serve``: one registered teacher behind an HTTP embedding service."""
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+import click
+
+from ._app import main, overrides_option
+
+
+@main.group(invoke_without_command=True)
+@click.option("--config", "config_path", help="a YAML file, or the name of a packaged serve config (default: demo)")
+@overrides_option
+@click.option("--host", help="address to listen on (default from the config: 127.0.0.1)")
+@click.option("--port", type=int, help="port (0: any free port)")
+@click.pass_context
+def serve(ctx, config_path: Optional[str], overrides: Sequence[str], host: Optional[str], port: Optional[int]) -> None:
+    """Serve a teacher's embeddings over HTTP: API keys (hashed), quotas, rate limits, a ledger of
+    charges and idempotent retries. Keys come from $EMBEDCACHE_SERVE_KEYS or keys_file."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from embedcache.config import load_config
+    from embedcache.serve import ServeConfig, serve as run
+
+    cfg = load_config(ServeConfig, config_path or "demo", overrides, "serve", {"host": host, "port": port})
+    run(cfg, log=click.echo)
+
+
+@serve.command("hash-key")
+def hash_key() -> None:
+    """Read a key from standard input; print the keys_file line to store instead of it."""
+    from embedcache.serve import key_digest
+
+    key = sys.stdin.readline().strip()
+    if not key:
+        raise click.UsageError("give the key on standard input, e.g. `embedcache serve hash-key < key.txt`")
+    click.echo(f"sha256: {key_digest(key)}")
+
+
+@serve.command("ledger")
+@click.option("--config", "config_path", help="the server's config (its ledger path)")
+@overrides_option
+def ledger(config_path: Optional[str], overrides: Sequence[str]) -> None:
+    """What each key was charged: requests, queries, images, texts, bytes, free replays."""
+    from embedcache.config import load_config
+    from embedcache.serve import ServeConfig
+    from embedcache.serve.ledger import ServerLedger
+
+    cfg = load_config(ServeConfig, config_path or "demo", overrides, "serve")
+    rows = ServerLedger(cfg.ledger).summary()
+    if not rows:
+        click.echo(f"{cfg.ledger}: no charges yet")
+    for r in rows:
+        click.echo("  ".join(f"{k} {v}" for k, v in r.items()))

@@ -1,0 +1,52 @@
+"""``embedcache serve``: one registered teacher behind an HTTP embedding service, with API keys
+(kept hashed), per-key rate limits and quotas, request size limits, a ledger of what each key was
+charged, and idempotent retries (``pip install 'embedcache[serve]'``: FastAPI and uvicorn).
+
+``build_app(cfg)`` loads the teacher and returns the ASGI app; ``serve(cfg)`` runs it with uvicorn.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from ..errors import ConfigError, TeacherLoadError
+from .config import ServeConfig
+from .keys import KeyRing, key_digest
+
+__all__ = ["ServeConfig", "KeyRing", "key_digest", "build_app", "serve"]
+
+
+def _need_fastapi():
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise TeacherLoadError(f"embedcache serve needs the serve extra ({exc.name} is missing); "
+                               f"run: pip install 'embedcache[serve]'") from None
+
+
+def build_app(cfg: ServeConfig, teacher=None, keys: Optional[KeyRing] = None):
+    """The app around ``teacher`` (built from ``cfg.teacher`` if not given)."""
+    _need_fastapi()
+    from ..teachers import build_teacher
+    from .app import create_app
+    from .ledger import ServerLedger
+
+    if cfg.teacher.name == "remote":
+        raise ConfigError("embedcache serve serves a local teacher (open_clip, conse, ...), not teacher.name=remote")
+    keys = keys or KeyRing.load(cfg.keys_file, cfg.keys_env)
+    teacher = teacher or build_teacher(cfg.teacher)
+    return create_app(teacher, cfg, keys, ServerLedger(cfg.ledger))
+
+
+def serve(cfg: ServeConfig, log: Callable[[str], None] = print, teacher=None) -> None:
+    """Run until Ctrl-C. Behind a reverse proxy, set ``root_path`` to its prefix and
+    ``forwarded_allow_ips`` to its address; TLS ends at the proxy."""
+    app = build_app(cfg, teacher)
+    import uvicorn
+
+    service = app.state.service
+    log(f"serving {cfg.teacher.name} teacher as {cfg.model_name!r} (fingerprint {service.fingerprint}, "
+        f"D={service.teacher.embed_dim}, input {service.teacher.input_size} px) on http://{cfg.host}:{cfg.port}"
+        f"{cfg.root_path}; ledger {cfg.ledger}")
+    uvicorn.run(app, host=cfg.host, port=cfg.port, root_path=cfg.root_path, proxy_headers=True,
+                forwarded_allow_ips=cfg.forwarded_allow_ips, log_level=cfg.log_level, server_header=False)

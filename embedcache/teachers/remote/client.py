@@ -1,0 +1,245 @@
+"""One retry loop for every request to an embedding service (openai-python's shape): the decisions
+live in ``retry.py``; this file sends, classifies what came back, paces, and keeps the books.
+
+Outcomes of an attempt:
+- 200: the answer (paid).
+- timeout or dropped connection after the request went out: *lost* (possibly paid; it counts
+  against the budget), retried with the same idempotency key.
+- connection refused: nothing went out; retried, then a one-line error naming the URL.
+- 408/409/429/5xx: retried after the wait the server asks for (or backoff); a wait longer than
+  ``max_retry_wait``, or an ``embedcache`` server's "quota exceeded", stops the run (BudgetError,
+  resumable).
+- 413, or a 400/422 saying the batch is too large: ``TooLarge`` (the caller halves the batch).
+- 401/403: the key was refused (one line naming where the key came from, never the key).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+import httpx
+
+from ... import interrupt
+from .errors import BudgetError, RemoteError, RemoteUnavailableError
+from .ledger import Ledger
+from .protocols import Protocol
+from .ratelimit import RateLimiter
+from .retry import RetryPolicy, TooLongWait, should_retry_status, sleep
+
+log = logging.getLogger("embedcache.remote")
+
+
+class TooLarge(Exception):
+    """The service said the request is too large (413, or a 400 naming the batch size)."""
+
+
+@dataclass
+class Stats:
+    """This run's books (the manifest's ``teacher_usage``)."""
+    requests: int = 0          # answered requests
+    queries: int = 0           # inputs in answered requests (paid)
+    images: int = 0
+    texts: int = 0
+    bytes: int = 0             # encoded image and text bytes in answered requests
+    attempts: int = 0
+    retries: int = 0
+    lost_answers: int = 0      # attempts whose answer never arrived (timeouts, dropped connections)
+    possibly_paid: int = 0     # inputs in those attempts
+    refused: int = 0           # attempts answered with an error status (not paid)
+    cache_hits: int = 0        # inputs answered from the ledger
+    image_cache_hits: int = 0
+    text_cache_hits: int = 0
+    deduplicated: int = 0      # repeated inputs within a call, sent once
+    replayed_requests: int = 0  # pending requests of an earlier run sent again as they were
+    halvings: int = 0
+    rate_limit_wait_s: float = 0.0
+    server_usage: Dict[str, float] = field(default_factory=dict)
+
+    def spent(self) -> int:
+        return self.queries + self.possibly_paid
+
+
+def one_line(text: str, secret: Optional[str] = None, limit: int = 200) -> str:
+    text = " ".join(str(text).split())
+    if secret:
+        text = text.replace(secret, "***")
+    return text[:limit]
+
+
+class Transport:
+    def __init__(self, base_url: str, protocol: Protocol, key: Optional[str], key_source: str, ledger: Ledger,
+                 policy: RetryPolicy, limiter: RateLimiter, timeout: float, max_queries: Optional[int]):
+        self.base_url, self.protocol, self._key, self.key_source = base_url, protocol, key, key_source
+        self.ledger, self.policy, self.limiter, self.max_queries = ledger, policy, limiter, max_queries
+        self.http = httpx.Client(timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)), follow_redirects=False)
+        self.headers = {"User-Agent": "embedcache-remote", **protocol.auth_headers(key)}
+        self.stats = Stats()
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __repr__(self) -> str:  # never show the key
+        return f"Transport({self.base_url!r}, {self.protocol.name!r})"
+
+    # --- messages ------------------------------------------------------------------------------------
+    def _refused(self, status: int) -> RemoteError:
+        if not self._key:
+            return RemoteError(f"the server at {self.base_url} wants an API key ({status}) and none was given; "
+                               f"put it in $EMBEDCACHE_API_KEY, or name its variable or file with "
+                               f"teacher.api_key_env / teacher.api_key_file")
+        return RemoteError(f"the server at {self.base_url} refused the API key from {self.key_source} ({status}); "
+                           f"check that key")
+
+    def _unreachable(self, exc: BaseException) -> RemoteUnavailableError:
+        return RemoteUnavailableError(f"cannot reach the embedding server at {self.base_url} ({type(exc).__name__}); "
+                                      f"check teacher.url and that the server is running, then rerun to resume")
+
+    @staticmethod
+    def _error_text(resp: httpx.Response) -> str:
+        try:
+            body = resp.json()
+        except ValueError:
+            return resp.text
+        if isinstance(body, dict):
+            err = body.get("error", body.get("detail", body.get("message", body)))
+            if isinstance(err, dict):
+                err = err.get("message", err)
+            return err if isinstance(err, str) else json.dumps(err)
+        return json.dumps(body)
+
+    @staticmethod
+    def _error_code(resp: httpx.Response) -> str:
+        try:
+            body = resp.json()
+        except ValueError:
+            return ""
+        err = body.get("error") if isinstance(body, dict) else None
+        return str(err.get("type", "")) if isinstance(err, dict) else ""
+
+    # --- requests ------------------------------------------------------------------------------------
+    def get_json(self, path: str, required: bool) -> Optional[Any]:
+        """A probe (describe, model list): free. Unreachable -> one-line error; an HTTP error is an
+        error only where ``required`` (a refused key always is)."""
+        url = self.base_url + path
+        for attempt in range(3):
+            try:
+                resp = self.http.get(url, headers=self.headers)
+            except httpx.ConnectError as exc:
+                raise self._unreachable(exc) from None
+            except httpx.TransportError as exc:
+                if attempt == 2:
+                    raise self._unreachable(exc) from None
+                sleep(self.policy.initial)
+                continue
+            if resp.status_code in (401, 403):
+                raise self._refused(resp.status_code)
+            if resp.status_code == 200:
+                try:
+                    return resp.json()
+                except ValueError:
+                    return None
+            if should_retry_status(resp.status_code, resp.headers) and attempt < 2:
+                sleep(min(self.policy.wait(attempt, resp.headers), 5.0))
+                continue
+            if required:
+                raise RemoteError(f"the server at {self.base_url} answered {resp.status_code} to GET {path}: "
+                                  f"{one_line(self._error_text(resp), self._key)}")
+            return None
+        return None
+
+    def check_budget(self, n: int) -> None:
+        if self.max_queries is not None and self.stats.spent() + n > self.max_queries:
+            s = self.stats
+            lost = f" ({s.possibly_paid} more possibly paid: answers lost)" if s.possibly_paid else ""
+            raise BudgetError(f"query budget reached: this run paid {s.queries} of teacher.max_queries={self.max_queries}"
+                              f"{lost} and the next request needs {n}")
+
+    def post(self, request_id: str, path: str, body: Dict[str, Any], n: int, tokens: float = 0.0) -> Any:
+        """Send one logical request until answered; returns the answer's JSON. Every attempt reuses
+        ``request_id`` as the idempotency key and is logged in the ledger's ``sends``."""
+        url = self.base_url + path
+        headers = dict(self.headers)
+        if self.protocol.idempotency_header:
+            headers[self.protocol.idempotency_header] = request_id
+        content = json.dumps(body).encode()
+        last = ""
+        for attempt in range(self.policy.max_retries + 1):
+            if interrupt.requested():
+                raise KeyboardInterrupt("interrupted; rerun the same command to resume (paid answers are in the ledger)")
+            self.check_budget(n)
+            before = self.limiter.waited
+            self.limiter.acquire(tokens)
+            self.stats.rate_limit_wait_s += self.limiter.waited - before
+            row = self.ledger.sent(request_id, attempt)
+            self.stats.attempts += 1
+            if attempt:
+                self.stats.retries += 1
+            headers_now = None
+            try:
+                resp = self.http.post(url, content=content, headers={**headers, "Content-Type": "application/json"})
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                # nothing went out: not paid
+                self.ledger.outcome(row, request_id, "unreachable")
+                last = f"{type(exc).__name__}"
+                if attempt == 0 and self.stats.requests == 0:
+                    raise self._unreachable(exc) from None
+            except (httpx.TimeoutException, httpx.TransportError) as exc:
+                # the request went out and its answer was lost: it may have been paid
+                self.ledger.outcome(row, request_id, f"lost:{type(exc).__name__}", lost=True)
+                self.stats.lost_answers += 1
+                self.stats.possibly_paid += n
+                last = f"answer lost ({type(exc).__name__})"
+            else:
+                status = resp.status_code
+                if status == 200:
+                    try:
+                        answer = resp.json()
+                    except ValueError:
+                        self.ledger.outcome(row, request_id, "bad-json")
+                        raise RemoteError(f"the server at {self.base_url} answered 200 with something that is not JSON; "
+                                          f"nothing was written") from None
+                    self.ledger.outcome(row, request_id, "ok")
+                    return answer
+                self.ledger.outcome(row, request_id, f"http:{status}")
+                self.stats.refused += 1
+                text = self._error_text(resp)
+                if status in (401, 403):
+                    raise self._refused(status)
+                if self.protocol.too_large(status, text):
+                    raise TooLarge(one_line(text, self._key))
+                if status == 429 and self._error_code(resp) == "quota_exceeded":
+                    raise BudgetError(f"the server at {self.base_url} says this key's quota is spent "
+                                      f"({one_line(text, self._key)}); rerun the same command to resume once it is raised")
+                if not should_retry_status(status, resp.headers):
+                    raise RemoteError(f"the server at {self.base_url} refused the request ({status}): "
+                                      f"{one_line(text, self._key)}")
+                last = f"{status} {one_line(text, self._key, 80)}"
+                headers_now = resp.headers
+            if attempt == self.policy.max_retries:
+                break
+            try:
+                wait = self.policy.wait(attempt, headers_now)
+            except TooLongWait as exc:
+                raise BudgetError(f"the server at {self.base_url} asks to wait {exc.seconds:.0f} s ({last}), longer than "
+                                  f"teacher.max_retry_wait={self.policy.max_wait:g} s; rerun the same command later "
+                                  f"to resume") from None
+            log.info("retrying %s in %.2f s (%s)", path, wait, last)
+            sleep(wait)
+        raise RemoteUnavailableError(f"the server at {self.base_url} still failed after {self.policy.max_retries} "
+                                     f"retries (last: {last}); rerun the same command to resume")
+
+    def count(self, modality: str, n: int, nbytes: int) -> None:
+        s = self.stats
+        s.requests += 1
+        s.queries += n
+        s.bytes += nbytes
+        if modality == "image":
+            s.images += n
+        else:
+            s.texts += n
+
+    def add_usage(self, usage: Dict[str, float]) -> None:
+        for k, v in usage.items():
+            self.stats.server_usage[k] = self.stats.server_usage.get(k, 0) + v

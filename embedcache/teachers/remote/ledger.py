@@ -1,0 +1,191 @@
+"""The client's ledger (SQLite): every answer a service was paid for, keyed by what was sent.
+
+An entry's key is the sha256 of its *context* (protocol, URL, model, server fingerprint, modality,
+dimensions, image format and quality, the client's rendering) and of the content sent (the pixels of
+a lossless PNG view, the bytes of a JPEG, the UTF-8 of a text). The same view is therefore paid for
+once: within a run, across a resumed run, and across stores that share images and views.
+
+It assumes the server forgives nothing. Before a request goes out, the request and its entries are
+written *pending* in one transaction; an answer is written with the entries' embeddings in one
+transaction. A request whose answer was lost (a timeout, a dropped connection, a kill) stays pending
+and its inputs count as possibly paid; each attempt is logged in ``sends``, so an audit can show
+that no input was sent again after its answer arrived. The API key is never stored.
+
+Tables: contexts(id, spec); entries(key, context, modality, nbytes, status, request, dim, emb,
+created, answered); requests(id, context, modality, n, nbytes, status, attempts, lost, usage,
+created, finished); request_items(request, pos, key); sends(request, attempt, sent, outcome).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS contexts (id TEXT PRIMARY KEY, spec TEXT NOT NULL, created REAL);
+CREATE TABLE IF NOT EXISTS entries (
+    key TEXT PRIMARY KEY, context TEXT NOT NULL, modality TEXT NOT NULL, nbytes INTEGER NOT NULL,
+    status TEXT NOT NULL, request TEXT, dim INTEGER, emb BLOB, created REAL, answered REAL);
+CREATE TABLE IF NOT EXISTS requests (
+    id TEXT PRIMARY KEY, context TEXT NOT NULL, modality TEXT NOT NULL, n INTEGER NOT NULL,
+    nbytes INTEGER NOT NULL, status TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+    lost INTEGER NOT NULL DEFAULT 0, usage TEXT, created REAL, finished REAL);
+CREATE TABLE IF NOT EXISTS request_items (request TEXT NOT NULL, pos INTEGER NOT NULL, key TEXT NOT NULL,
+    PRIMARY KEY (request, pos));
+CREATE INDEX IF NOT EXISTS request_items_key ON request_items (key);
+CREATE TABLE IF NOT EXISTS sends (request TEXT NOT NULL, attempt INTEGER NOT NULL, sent REAL NOT NULL,
+    outcome TEXT NOT NULL);
+"""
+
+
+def default_path() -> Path:
+    env = os.environ.get("EMBEDCACHE_LEDGER")
+    if env:
+        return Path(env)
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "embedcache" / "remote-ledger.sqlite"
+
+
+class Ledger:
+    def __init__(self, path: Optional[os.PathLike] = None):
+        self.path = Path(path) if path else default_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # one connection, used under a lock; other processes share the file through WAL and retries
+        self.db = sqlite3.connect(str(self.path), timeout=60, check_same_thread=False, isolation_level=None)
+        self.lock = threading.RLock()
+        with self.lock:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self.lock:
+            self.db.close()
+
+    # --- transactions ----------------------------------------------------------------------------
+    def _tx(self):
+        ledger = self
+
+        class _Tx:
+            def __enter__(self):
+                ledger.lock.acquire()
+                ledger.db.execute("BEGIN IMMEDIATE")
+                return ledger.db
+
+            def __exit__(self, exc_type, *_):
+                try:
+                    ledger.db.execute("ROLLBACK" if exc_type else "COMMIT")
+                finally:
+                    ledger.lock.release()
+
+        return _Tx()
+
+    def add_context(self, context_id: str, spec: Dict) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO contexts VALUES (?, ?, ?)",
+                       (context_id, json.dumps(spec, sort_keys=True), time.time()))
+
+    # --- reads ---------------------------------------------------------------------------------------
+    def lookup(self, keys: Sequence[str]) -> Dict[str, np.ndarray]:
+        """key -> (D,) float32 for the keys answered already."""
+        out: Dict[str, np.ndarray] = {}
+        uniq = list(dict.fromkeys(keys))
+        with self.lock:
+            for i in range(0, len(uniq), 500):
+                part = uniq[i:i + 500]
+                rows = self.db.execute(
+                    f"SELECT key, emb FROM entries WHERE status='done' AND key IN ({','.join('?' * len(part))})", part)
+                for key, emb in rows:
+                    out[key] = np.frombuffer(emb, dtype="<f4").astype(np.float32)
+        return out
+
+    def any_dim(self, context_id: str) -> Optional[int]:
+        with self.lock:
+            row = self.db.execute("SELECT dim FROM entries WHERE context=? AND status='done' LIMIT 1",
+                                  (context_id,)).fetchone()
+        return int(row[0]) if row else None
+
+    def pending_requests(self, keys: Iterable[str]) -> List[Tuple[str, List[str]]]:
+        """Requests still pending (sent, answer never stored) that carry any of ``keys``: (id, keys in order)."""
+        keys = list(dict.fromkeys(keys))
+        found: Dict[str, None] = {}
+        with self.lock:
+            for i in range(0, len(keys), 500):
+                part = keys[i:i + 500]
+                for (rid,) in self.db.execute(
+                        f"SELECT DISTINCT r.id FROM request_items i JOIN requests r ON r.id = i.request "
+                        f"WHERE r.status='pending' AND i.key IN ({','.join('?' * len(part))})", part):
+                    found[rid] = None
+            out = []
+            for rid in found:
+                items = [k for (k,) in self.db.execute("SELECT key FROM request_items WHERE request=? ORDER BY pos", (rid,))]
+                out.append((rid, items))
+        return out
+
+    def request_status(self, request_id: str) -> Optional[str]:
+        with self.lock:
+            row = self.db.execute("SELECT status FROM requests WHERE id=?", (request_id,)).fetchone()
+        return row[0] if row else None
+
+    # --- writes --------------------------------------------------------------------------------------
+    def begin(self, request_id: str, context_id: str, modality: str, items: Sequence[Tuple[str, int]]) -> None:
+        """Write the request and its entries *pending*, before it goes out."""
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute("SELECT status FROM requests WHERE id=?", (request_id,)).fetchone()
+            if row is None:
+                db.execute("INSERT INTO requests (id, context, modality, n, nbytes, status, created) VALUES (?,?,?,?,?,?,?)",
+                           (request_id, context_id, modality, len(items), sum(n for _, n in items), "pending", now))
+                db.executemany("INSERT INTO request_items VALUES (?, ?, ?)",
+                               [(request_id, i, k) for i, (k, _) in enumerate(items)])
+            elif row[0] != "done":
+                db.execute("UPDATE requests SET status='pending' WHERE id=?", (request_id,))
+            for key, nbytes in items:
+                db.execute("INSERT INTO entries (key, context, modality, nbytes, status, request, created) "
+                           "VALUES (?,?,?,?,?,?,?) ON CONFLICT(key) DO UPDATE SET request=excluded.request "
+                           "WHERE entries.status != 'done'",
+                           (key, context_id, modality, nbytes, "pending", request_id, now))
+
+    def sent(self, request_id: str, attempt: int) -> int:
+        """Log an attempt going out; returns its row id (its outcome is set by ``outcome``)."""
+        with self._tx() as db:
+            db.execute("UPDATE requests SET attempts = attempts + 1 WHERE id=?", (request_id,))
+            cur = db.execute("INSERT INTO sends VALUES (?, ?, ?, ?)", (request_id, attempt, time.time(), "sent"))
+            return int(cur.lastrowid)
+
+    def outcome(self, send_row: int, request_id: str, outcome: str, lost: bool = False) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE sends SET outcome=? WHERE rowid=?", (outcome, send_row))
+            if lost:
+                db.execute("UPDATE requests SET lost = lost + 1 WHERE id=?", (request_id,))
+
+    def finish(self, request_id: str, keys: Sequence[str], emb: np.ndarray, usage: Optional[Dict] = None) -> None:
+        """Store an answer: the entries' embeddings (N, D) and the request done, in one transaction."""
+        now = time.time()
+        emb = np.ascontiguousarray(emb, dtype="<f4")
+        with self._tx() as db:
+            db.executemany("UPDATE entries SET status='done', dim=?, emb=?, answered=?, request=? WHERE key=? AND status != 'done'",
+                           [(emb.shape[1], emb[i].tobytes(), now, request_id, k) for i, k in enumerate(keys)])
+            db.execute("UPDATE requests SET status='done', usage=?, finished=? WHERE id=?",
+                       (json.dumps(usage or {}, sort_keys=True), now, request_id))
+
+    def close_request(self, request_id: str, status: str) -> None:
+        """'failed': refused by the service, nothing paid; 'bad': answered but unusable (paid, nothing stored)."""
+        with self._tx() as db:
+            db.execute("UPDATE requests SET status=?, finished=? WHERE id=?", (status, time.time(), request_id))
+
+    # --- reports -------------------------------------------------------------------------------------
+    def totals(self, context_id: Optional[str] = None) -> Dict[str, int]:
+        where, args = ("WHERE context=?", (context_id,)) if context_id else ("", ())
+        with self.lock:
+            answered, = self.db.execute(f"SELECT COUNT(*) FROM entries {where}{' AND' if where else 'WHERE'} status='done'", args).fetchone()
+            n_req, paid, possibly = self.db.execute(
+                f"SELECT COUNT(*), COALESCE(SUM(CASE WHEN status IN ('done','bad') THEN n END), 0), "
+                f"COALESCE(SUM(n * lost), 0) FROM requests {where}", args).fetchone()
+        return {"entries": int(answered), "requests": int(n_req), "paid_inputs": int(paid), "possibly_paid_inputs": int(possibly)}

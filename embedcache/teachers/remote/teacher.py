@@ -1,0 +1,360 @@
+"""The ``remote`` teacher: a black-box teacher behind an embedding service, paid per query.
+
+Views are rendered on the canvas exactly as for a local teacher, quantised to uint8, and sent as
+PNG (lossless: the service sees the very pixels a local teacher would) or high-quality JPEG. Each
+input is looked up in the ledger first (keyed by what is sent and where), identical inputs in a
+call are sent once, and the rest go out in batches at the protocol's limit with retries, pacing and
+a query budget. Texts (the class prompts) go through the same client and ledger.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import numpy as np
+import torch
+
+from ...config import TeacherConfig
+from ...errors import ConfigError, TeacherLoadError
+from ...fileio import json_digest
+from ...views import to_uint8
+from .._base import TEACHERS, Teacher
+from .client import TooLarge, Transport
+from .codec import encode_views
+from .errors import RemoteError
+from .ledger import Ledger
+from .protocols import PROTOCOLS, Protocol
+from .ratelimit import RateLimiter
+from .retry import RetryPolicy
+
+DEFAULT_KEY_ENV = "EMBEDCACHE_API_KEY"
+DIM_PROBE = "a photo."  # one text embedded once per service to learn its dimension (then kept in the ledger)
+
+
+def clean_url(url: str) -> str:
+    """The base URL without a trailing slash; URLs carrying credentials are refused."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"teacher.url={url!r} is not an http(s) URL; give e.g. http://127.0.0.1:8000")
+    if parts.username or parts.password:
+        raise ConfigError("teacher.url must not carry credentials; put the key in an environment variable "
+                          "(teacher.api_key_env) or a file (teacher.api_key_file)")
+    return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), parts.path.rstrip("/"), parts.query, ""))
+
+
+def read_key(cfg: TeacherConfig) -> Tuple[Optional[str], str]:
+    """(key or None, where it came from: '$VAR' or 'file PATH', never the key itself)."""
+    if cfg.api_key_file:
+        path = Path(cfg.api_key_file).expanduser()
+        if not path.is_file():
+            raise TeacherLoadError(f"teacher.api_key_file {path} not found; give the file holding the API key")
+        key = path.read_text().strip()
+        if not key:
+            raise TeacherLoadError(f"teacher.api_key_file {path} is empty")
+        return key, f"file {path}"
+    if cfg.api_key_env:
+        key = os.environ.get(cfg.api_key_env, "").strip()
+        if not key:
+            raise TeacherLoadError(f"the API key variable ${cfg.api_key_env} (teacher.api_key_env) is not set; "
+                                   f"export it, or use teacher.api_key_file")
+        return key, f"${cfg.api_key_env}"
+    key = os.environ.get(DEFAULT_KEY_ENV, "").strip()
+    return (key or None), f"${DEFAULT_KEY_ENV}"
+
+
+def _sha(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(len(p).to_bytes(8, "little"))
+        h.update(p)
+    return h.hexdigest()
+
+
+@TEACHERS.register("remote")
+class RemoteTeacher(Teacher):
+    registry_name = "remote"
+    # The service normalises. Here "normalised" input is [0, 1] pixels: encode_image(x) sends to_uint8(x).
+    mean = (0.0, 0.0, 0.0)
+    std = (1.0, 1.0, 1.0)
+
+    def __init__(self, cfg: TeacherConfig):
+        if not cfg.url:
+            raise ConfigError("the remote teacher needs teacher.url (e.g. --set teacher.url=http://127.0.0.1:8000)")
+        self.cfg = cfg
+        self.protocol_name = PROTOCOLS.check(cfg.protocol)
+        self.url = clean_url(cfg.url)
+        if cfg.image_format not in PROTOCOLS.get(cfg.protocol).formats:
+            raise ConfigError(f"protocol {cfg.protocol} does not take {cfg.image_format} images")
+        key, key_source = read_key(cfg)
+        self.device = torch.device("cpu")
+        self.ledger = Ledger(cfg.ledger)
+        proto: Protocol = PROTOCOLS.get(cfg.protocol)()
+        self.transport = Transport(self.url, proto, key, key_source, self.ledger,
+                                   RetryPolicy(cfg.max_retries, cfg.retry_backoff, cfg.max_retry_wait),
+                                   RateLimiter(cfg.requests_per_minute, cfg.tokens_per_minute), cfg.timeout, cfg.max_queries)
+        probe = self.transport.get_json(proto.probe_path, required=cfg.protocol == "embedcache") if proto.probe_path else None
+        proto.described = self.server = proto.describe(probe)
+        self.protocol = proto
+        self.fingerprint = self.server.get("fingerprint")
+        self.model = cfg.model or self.server.get("model")  # embedcache serve names its model when not asked
+        served = self.server.get("served_models")
+        if served and self.model not in served:
+            raise ConfigError(f"teacher.model={self.model!r} is not served at {self.url}; it serves: {', '.join(served)}")
+        self.input_size = int(cfg.input_size or self.server.get("input_size") or 224)
+        self.interpolation = cfg.interpolation or self.server.get("interpolation") or "bicubic"
+        self.context_length = int(self.server.get("context_length") or 1_000_000)
+        self.limits = proto.limits(self.model)
+        for k in ("image_batch", "text_batch"):
+            if cfg.request_batch:
+                self.limits[k] = min(self.limits[k], cfg.request_batch)
+        self._ctx: Dict[str, str] = {}
+        for modality in ("image", "text"):
+            spec = self._context_spec(modality)
+            self._ctx[modality] = json_digest(spec, 32)
+            self.ledger.add_context(self._ctx[modality], spec)
+        self._plan = {"image": 0, "text": 0}  # inputs planned by dry runs so far (requests at the batch limit)
+        self._limit_said: set = set()
+        self.embed_dim = int(cfg.dimensions or self.server.get("embed_dim") or self.ledger.any_dim(self._ctx["text"])
+                             or self._probe_dim())
+        if self.server.get("embed_dim") and cfg.dimensions and int(self.server["embed_dim"]) != cfg.dimensions:
+            raise ConfigError(f"teacher.dimensions={cfg.dimensions} but the server at {self.url} embeds in "
+                              f"{self.server['embed_dim']} dimensions")
+
+    # --- identity -------------------------------------------------------------------------------------
+    def _context_spec(self, modality: str) -> Dict[str, Any]:
+        """What an answer depends on, for the ledger key: the URL is in it (the ledger never trusts
+        another server's answer), the key is not."""
+        spec = {"protocol": self.protocol_name, "url": self.url, "model": self.model, "server": self.fingerprint,
+                "modality": modality, "dimensions": self.cfg.dimensions}
+        if modality == "image":
+            spec.update(format=self.cfg.image_format, quality=self.cfg.jpeg_quality if self.cfg.image_format == "jpeg" else None,
+                        input_size=self.input_size, interpolation=self.interpolation, codec="png-pixels-v1")
+        elif self.protocol_name == "cohere-v2":
+            spec["input_type"] = self.protocol.text_input_type
+        return spec
+
+    def identity(self) -> Dict[str, Any]:
+        """The store's cache key: protocol, model, the server's teacher fingerprint (embedcache),
+        dimensions, image format and quality. Not the URL: a location is not an identity (a server
+        that moves, or sits behind a proxy, still gives the same embeddings)."""
+        return {"name": "remote", "protocol": self.protocol_name, "model": self.model, "server": self.fingerprint,
+                "dimensions": self.embed_dim, "image_format": self.cfg.image_format,
+                "jpeg_quality": self.cfg.jpeg_quality if self.cfg.image_format == "jpeg" else None}
+
+    def preprocessing(self) -> Dict[str, Any]:
+        transport = "png (lossless)" if self.cfg.image_format == "png" else f"jpeg q{self.cfg.jpeg_quality}"
+        return {"input_size": self.input_size, "interpolation": self.interpolation, "transport": transport,
+                "normalisation": "by the service"}
+
+    def describe(self) -> Dict[str, Any]:
+        return {**super().describe(), "url": self.url, "server": self.server, "limits": self.limits,
+                "ledger": str(self.ledger.path)}
+
+    # --- encoding -------------------------------------------------------------------------------------
+    def _image_inputs(self, x: torch.Tensor) -> Tuple[List[str], List[bytes]]:
+        payloads = encode_views(x, self.cfg.image_format, self.cfg.jpeg_quality)
+        ctx = self._ctx["image"].encode()
+        if self.cfg.image_format == "png":  # lossless: the pixels are what is sent, whatever zlib made of them
+            arr = x.contiguous().cpu().numpy()
+            keys = [_sha(ctx, str(a.shape).encode(), a.tobytes()) for a in arr]
+        else:
+            keys = [_sha(ctx, p) for p in payloads]
+        return keys, payloads
+
+    def _text_inputs(self, texts: Sequence[str]) -> Tuple[List[str], List[bytes]]:
+        ctx = self._ctx["text"].encode()
+        payloads = [t.encode("utf-8") for t in texts]
+        return [_sha(ctx, p) for p in payloads], payloads
+
+    @torch.no_grad()
+    def encode_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, 3, input_size, input_size) uint8 -> (B, D) float32, L2-normalised, CPU."""
+        keys, payloads = self._image_inputs(x)
+        return torch.from_numpy(self._embed("image", keys, payloads, list(payloads)))
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, 3, H, W) float pixels in [0, 1] (mean 0, std 1), sent as the 8-bit image they round to."""
+        return self.encode_pixels(to_uint8(x.detach().float().clamp(0, 1).cpu()))
+
+    def encode_text(self, texts: List[str]) -> torch.Tensor:
+        keys, payloads = self._text_inputs(texts)
+        return torch.from_numpy(self._embed("text", keys, payloads, list(texts)))
+
+    def count_tokens(self, texts: List[str]) -> List[int]:
+        if self.protocol_name == "embedcache" and texts:  # the served teacher's own tokenizer (free)
+            counted = self._count_tokens_remote(texts)
+            if counted is not None:
+                return counted
+        return [self.protocol.text_tokens(t) for t in texts]
+
+    def _count_tokens_remote(self, texts: List[str]) -> Optional[List[int]]:
+        try:
+            resp = self.transport.http.post(self.url + "/v1/count_tokens", json={"texts": list(texts)},
+                                            headers=self.transport.headers)
+            tokens = resp.json().get("tokens") if resp.status_code == 200 else None
+        except (ValueError, AttributeError, OSError, httpx.HTTPError):
+            return None
+        return [int(t) for t in tokens] if isinstance(tokens, list) and len(tokens) == len(texts) else None
+
+    def _probe_dim(self) -> int:
+        return int(self.encode_text([DIM_PROBE]).shape[1])
+
+    def _embed(self, modality: str, keys: List[str], payloads: List[bytes], wire: List[Any]) -> np.ndarray:
+        """Answers for every input, from the ledger or the service; (N, D) float32."""
+        t = self.transport
+        found = self.ledger.lookup(keys)
+        hits = sum(k in found for k in keys)
+        t.stats.cache_hits += hits
+        setattr(t.stats, f"{modality}_cache_hits", getattr(t.stats, f"{modality}_cache_hits") + hits)
+        todo: Dict[str, int] = {}
+        for i, k in enumerate(keys):
+            if k not in found and k not in todo:
+                todo[k] = i
+        t.stats.deduplicated += sum(k not in found for k in keys) - len(todo)
+        for group, rid in self._batches(modality, list(todo)):
+            self._send(modality, group, {k: (payloads[todo[k]], wire[todo[k]]) for k in group}, rid)
+        found.update(self.ledger.lookup(list(todo)))
+        missing = [k for k in keys if k not in found]
+        if missing:  # cannot happen unless the ledger file was changed under us
+            raise RemoteError(f"{len(missing)} answers are missing from the ledger {self.ledger.path}; rerun to resume")
+        return np.stack([found[k] for k in keys]).astype(np.float32)
+
+    def _batches(self, modality: str, todo: List[str]):
+        """(keys, request id or None) in sending order: requests an earlier run sent without
+        getting their answer are replayed as they were (same idempotency key), the rest chunked."""
+        left = dict.fromkeys(todo)
+        out = []
+        for rid, items in self.ledger.pending_requests(todo):
+            if items and all(k in left for k in items):
+                out.append((items, rid))
+                for k in items:
+                    left.pop(k)
+        rest = list(left)
+        limit = self.limits[f"{modality}_batch"]
+        out += [(rest[i:i + limit], None) for i in range(0, len(rest), limit)]
+        return out
+
+    def _request_id(self, modality: str, keys: Sequence[str]) -> str:
+        # deterministic: the same batch after a kill gets the same idempotency key
+        return _sha(self._ctx[modality].encode(), "\n".join(keys).encode())[:40]
+
+    def _split_by_bytes(self, keys: List[str], items: Dict[str, Tuple[bytes, Any]]) -> List[List[str]]:
+        cap_one, cap_all = self.limits.get("max_image_bytes"), self.limits.get("max_request_bytes")
+        groups, cur, size = [], [], 0
+        for k in keys:
+            n = len(items[k][0])
+            if cap_one and n > cap_one:
+                raise RemoteError(f"an encoded input of {n:,} bytes is larger than the {cap_one:,} bytes "
+                                  f"{self.protocol_name} accepts; use teacher.image_format=jpeg or a smaller teacher.input_size")
+            if cur and cap_all and size + n > cap_all:
+                groups.append(cur)
+                cur, size = [], 0
+            cur.append(k)
+            size += n
+        return groups + ([cur] if cur else [])
+
+    def _send(self, modality: str, keys: List[str], items: Dict[str, Tuple[bytes, Any]], rid: Optional[str]) -> None:
+        groups = self._split_by_bytes(keys, items)
+        if len(groups) > 1:
+            for g in groups:
+                self._send(modality, g, items, None)
+            return
+        t, n = self.transport, len(keys)
+        rid = rid or self._request_id(modality, keys)
+        if rid and self.ledger.request_status(rid) == "pending":
+            t.stats.replayed_requests += 1
+        nbytes = sum(len(items[k][0]) for k in keys)
+        if modality == "image":
+            path, body = self.protocol.image_request(self.model, [items[k][1] for k in keys], self.cfg.image_format,
+                                                     self.cfg.dimensions)
+            tokens = n * self.protocol.image_tokens(self.input_size)
+        else:
+            path, body = self.protocol.text_request(self.model, [items[k][1] for k in keys], self.cfg.dimensions)
+            tokens = sum(self.protocol.text_tokens(items[k][1]) for k in keys)
+        t.check_budget(n)  # before the pending entries are written: a stop here sent nothing
+        self.ledger.begin(rid, self._ctx[modality], modality, [(k, len(items[k][0])) for k in keys])
+        try:
+            answer = t.post(rid, path, body, n, tokens)
+        except TooLarge as exc:
+            self.ledger.close_request(rid, "failed")
+            if n == 1:
+                raise RemoteError(f"the server at {self.url} refuses even a single input as too large ({exc}); "
+                                  f"use teacher.image_format=jpeg or a smaller teacher.input_size") from None
+            half = max(1, n // 2)
+            self.limits[f"{modality}_batch"] = min(self.limits[f"{modality}_batch"], half)
+            t.stats.halvings += 1
+            self._send(modality, keys[:half], items, None)
+            self._send(modality, keys[half:], items, None)
+            return
+        try:
+            emb, usage = self.protocol.parse(answer, n)
+            if getattr(self, "embed_dim", None) and emb.shape[1] != self.embed_dim:
+                raise RemoteError(f"the server at {self.url} answered {emb.shape[1]}-dimensional embeddings, "
+                                  f"expected {self.embed_dim}; nothing was written")
+            if not np.isfinite(emb).all():
+                raise RemoteError(f"the server at {self.url} answered non-finite embeddings; nothing was written")
+        except RemoteError:
+            self.ledger.close_request(rid, "bad")  # answered (so paid), but nothing usable is stored
+            t.count(modality, n, nbytes)
+            raise
+        norms = np.linalg.norm(emb, axis=1, keepdims=True)
+        if np.abs(norms - 1.0).max() > 1e-4:  # a service that does not normalise; normalised answers keep their bits
+            emb = emb / np.where(norms > 0, norms, 1.0)
+        self.ledger.finish(rid, keys, emb, usage)
+        t.count(modality, n, nbytes)
+        t.add_usage(usage)
+
+    # --- cost (dry runs) and usage (manifest) --------------------------------------------------------
+    def _cost(self, modality: str, keys: List[str], payloads: List[bytes]) -> Dict[str, int]:
+        found = self.ledger.lookup(keys)
+        todo: Dict[str, int] = {}
+        for i, k in enumerate(keys):
+            if k not in found and k not in todo:
+                todo[k] = i
+        limit = self.limits[f"{modality}_batch"]
+        before = self._plan[modality]
+        self._plan[modality] += len(todo)
+        first = modality not in self._limit_said
+        self._limit_said.add(modality)
+        unit = "images" if modality == "image" else "texts"
+        order = list(todo)
+        items = {k: (payloads[i], None) for k, i in todo.items()}
+        requests = sum(len(self._split_by_bytes(order[j:j + limit], items)) for j in range(0, len(order), limit))
+        return {"requests": requests, unit: len(todo),
+                "bytes": sum(len(payloads[i]) for i in todo.values()), "ledger_hits": sum(k in found for k in keys),
+                "duplicates": sum(k not in found for k in keys) - len(todo),
+                # summed over calls these give ceil(total / limit) and the limit itself
+                "requests_at_batch_limit": math.ceil(self._plan[modality] / limit) - math.ceil(before / limit),
+                "batch_limit": limit if first else 0}
+
+    def cost(self, x: torch.Tensor) -> Dict[str, int]:
+        """What encoding these (B, 3, H, W) uint8 views would cost: requests, images and bytes sent
+        after the ledger's hits (a dry run sums it over every view still to encode)."""
+        keys, payloads = self._image_inputs(x)
+        return self._cost("image", keys, payloads)
+
+    def text_cost(self, texts: List[str]) -> Dict[str, int]:
+        keys, payloads = self._text_inputs(texts)
+        return self._cost("text", keys, payloads)
+
+    def budget_message(self, cost: Dict[str, int]) -> str:
+        """What a stopped extraction still needs (``cost``: a dry run over what is left)."""
+        n = cost.get("images", 0) + cost.get("text_texts", 0)
+        req = cost.get("requests", 0) + cost.get("text_requests", 0)
+        budget = f" with teacher.max_queries >= {n}" if self.cfg.max_queries is not None else ""
+        return (f"finishing the store needs {n:,} more queries ({req:,} requests, the ledger's answers free); "
+                f"rerun the same command{budget} to resume")
+
+    def usage(self) -> Dict[str, Any]:
+        """This run's books, for the manifest (never the key)."""
+        s = self.transport.stats
+        out = {k: v for k, v in vars(s).items() if k != "server_usage"}
+        out["rate_limit_wait_s"] = round(s.rate_limit_wait_s, 3)
+        out.update(protocol=self.protocol_name, server_reported=dict(s.server_usage),
+                   ledger=self.ledger.totals(self._ctx["image"]))
+        return out

@@ -1,0 +1,365 @@
+"""The remote teacher against loopback services, one per protocol: stores equal to a local
+extraction, faults that change nothing, a ledger that never pays twice, budgets, dry runs, kill -9.
+
+Every service here is on 127.0.0.1 (an ephemeral port), in this process, answering from the tiny
+local teacher: ``embedcache serve`` itself, and fakes of infinity's OpenAI shape and Cohere's v2."""
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("fastapi", reason="embedcache serve needs the serve extra: pip install '.[serve]'")
+
+import embedcache
+from embedcache.config import ExtractConfig, TeacherConfig, apply_overrides, build_config, replace, to_dict
+from embedcache.errors import BudgetError, ConfigError, TeacherLoadError
+from embedcache.extract import extract
+from embedcache.serve import ServeConfig, build_app
+from embedcache.serve.keys import KeyInfo, KeyRing, key_digest
+from embedcache.store import Store
+from embedcache.teachers import build_teacher
+from embedcache.teachers.remote import RemoteError, RemoteUnavailableError
+
+from conftest import quiet
+from remote_fakes import Faults, LiveServer, Tamper, cohere_app, files_containing, openai_app
+
+KEY = "sk-ec-test-9f8e7d6c5b4a-SECRET"
+KEY_ENV = "EMBEDCACHE_TEST_KEY"
+PROTOCOLS = ["embedcache", "openai", "cohere-v2"]
+ARRAYS = ["image/emb", "image/view_params", "image/pixels", "image/status"]
+MODELS = {"embedcache": "", "openai": "fake-clip", "cohere-v2": "embed-v4.0"}
+
+
+def make(folder: Path, out: str, teacher_cfg: TeacherConfig, *overrides: str) -> ExtractConfig:
+    """conftest's make_cfg, for any folder: 30 synthetic images x 3 views, blocks of 8, batches of 4."""
+    base = to_dict(ExtractConfig())
+    base["teacher"] = to_dict(teacher_cfg)
+    base.update({"out": str(folder / out), "progress": False, "num_workers": 0, "batch_size": 4, "block_rows": 8})
+    base["dataset"].update({"name": "synthetic", "num_classes": 3, "num_domains": 2, "per_class": 5, "image_size": 40})
+    base["views"]["count"] = 3
+    base["canvas"]["size"] = 48
+    return build_config(ExtractConfig, apply_overrides(base, overrides))
+
+
+def arrays(path) -> dict:
+    with Store(str(path)) as st:
+        out = {a: st.b.read(a) for a in ARRAYS}
+        for src in st.manifest["text"]["sources"]:
+            out[f"text/{src}/class_emb"] = st.b.read(f"text/{src}/class_emb")
+    return out
+
+
+def assert_same(a: dict, b: dict) -> None:
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory, tiny_teacher_cfg, tiny_teacher):
+    """The same extraction with the tiny teacher locally: the arrays every remote store must equal."""
+    folder = tmp_path_factory.mktemp("local")
+    cfg = make(folder, "local.zarr", tiny_teacher_cfg)
+    extract(cfg, teacher=tiny_teacher, log=quiet)
+    return arrays(cfg.out)
+
+
+@pytest.fixture
+def key_env(monkeypatch):
+    monkeypatch.setenv(KEY_ENV, KEY)
+    monkeypatch.delenv("EMBEDCACHE_API_KEY", raising=False)
+
+
+def serve_app(tiny_teacher_cfg, tiny_teacher, ledger: Path, **settings):
+    cfg = ServeConfig(teacher=tiny_teacher_cfg, ledger=str(ledger), **settings)
+    return build_app(cfg, teacher=tiny_teacher, keys=KeyRing({key_digest(KEY): KeyInfo("alice")}))
+
+
+def service_app(protocol, tiny_teacher_cfg, tiny_teacher, folder: Path, **kw):
+    if protocol == "embedcache":
+        return serve_app(tiny_teacher_cfg, tiny_teacher, folder / "server.sqlite", **kw)
+    if protocol == "openai":
+        return openai_app(tiny_teacher, KEY, **kw)
+    return cohere_app(tiny_teacher, KEY, **kw)
+
+
+def remote(folder: Path, out: str, teacher_cfg, protocol: str, url: str, *overrides: str) -> ExtractConfig:
+    # embedcache serve says its input size; for the others the user gives the model's (here the tiny teacher's)
+    size = [] if protocol == "embedcache" else ["teacher.input_size=32"]
+    return make(folder, out, teacher_cfg, "teacher.name=remote", f"teacher.protocol={protocol}", *size,
+                f"teacher.model={MODELS[protocol]}", f"teacher.url={url}", f"teacher.api_key_env={KEY_ENV}",
+                f"teacher.ledger={folder / 'client.sqlite'}", "teacher.timeout=1.0", "teacher.retry_backoff=0.02",
+                *overrides)
+
+
+def charged(app) -> tuple:
+    """(inputs charged in all, inputs charged twice) by a loopback service."""
+    if hasattr(app.state, "books"):
+        return len(app.state.books.items), app.state.books.doubles()
+    led = app.state.service.ledger
+    return sum(r["queries"] for r in led.summary()), led.double_charges()
+
+
+def resent_after_answer(ledger_path: Path) -> int:
+    """Inputs the client sent again after their answer had arrived (the ledger's audit)."""
+    with sqlite3.connect(str(ledger_path)) as db:
+        (n,) = db.execute("SELECT COUNT(*) FROM sends s JOIN request_items i ON i.request = s.request "
+                          "JOIN entries e ON e.key = i.key WHERE e.answered IS NOT NULL AND s.sent > e.answered").fetchone()
+    return int(n)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_store_equals_local_and_dry_run_counts_the_cost(protocol, tmp_path, local, tiny_teacher_cfg, tiny_teacher,
+                                                        key_env):
+    app = service_app(protocol, tiny_teacher_cfg, tiny_teacher, tmp_path)
+    with LiveServer(app) as url:
+        cfg = remote(tmp_path, "r.zarr", tiny_teacher_cfg, protocol, url)
+        teacher = build_teacher(cfg.teacher)
+        dry = extract(cfg, teacher=teacher, log=quiet, dry_run=True)
+        limit = {"embedcache": 256, "openai": 32, "cohere-v2": 96}[protocol]
+        assert dry.views == 90 and dry.cost["images"] == 90 and dry.cost["ledger_hits"] == 0
+        assert dry.cost["requests"] == 8 and dry.cost["batch_limit"] == limit  # one request per call of 12 views
+        assert dry.cost["requests_at_batch_limit"] == -(-90 // limit) and dry.cost["bytes"] > 0
+        assert dry.cost["text_texts"] == 24 and not Path(cfg.out).exists()  # a dry run writes and pays nothing
+        paid_before = charged(app)[0]
+        res = extract(cfg, teacher=teacher, log=quiet)
+        assert res.complete
+        assert_same(local, arrays(cfg.out))
+        assert charged(app)[0] - paid_before == 90 + 24  # every view and prompt once
+        # another store of the same views would cost nothing: the ledger holds every answer
+        again = extract(replace(cfg, out=str(tmp_path / "other.zarr")), teacher=build_teacher(cfg.teacher), log=quiet,
+                        dry_run=True)
+        assert again.cost["images"] == again.cost["requests"] == again.cost["text_texts"] == 0
+        assert again.cost["ledger_hits"] == 90 and again.cost["text_ledger_hits"] == 24
+    with embedcache.open_store(cfg.out) as s:
+        m = s.manifest
+    usage = m["teacher_usage"]
+    probe = protocol != "embedcache"  # without teacher.dimensions, one text learns the dimension (once: ledger)
+    assert usage["images"] == 90 and usage["texts"] == 24 + probe and usage["retries"] == 0 and usage["bytes"] > 0
+    assert usage["protocol"] == protocol and usage["server_reported"]  # the service's own count beside ours
+    assert m["teacher"]["name"] == "remote" and m["teacher"]["url"] == url and KEY not in str(m)
+    assert not files_containing([tmp_path], KEY.encode())
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_faults_change_nothing_and_nothing_answered_is_sent_again(protocol, tmp_path, local, tiny_teacher_cfg,
+                                                                   tiny_teacher, key_env):
+    inner = service_app(protocol, tiny_teacher_cfg, tiny_teacher, tmp_path)
+    every = ["429-ms", "429-date", "429-none", "500", "drop", "lost"]
+    faulty = Faults(inner, {"500": 0.2, "drop": 0.05, "429-none": 0.05}, seed=1, hold=1.0, script=every)
+    log = tmp_path / "server.log"
+    with LiveServer(faulty, log) as url:
+        cfg = remote(tmp_path, "r.zarr", tiny_teacher_cfg, protocol, url, "teacher.dimensions=32", "teacher.timeout=0.6")
+        res = extract(cfg, log=quiet)
+    assert res.complete and all(faulty.count.get(f) for f in every)
+    assert_same(local, arrays(cfg.out))
+    usage = embedcache.open_store(cfg.out).manifest["teacher_usage"]
+    assert usage["retries"] >= len(every) and usage["lost_answers"] >= 2
+    assert resent_after_answer(tmp_path / "client.sqlite") == 0
+    total, doubles = charged(inner)
+    if protocol == "embedcache":  # idempotency keys: the server charged every distinct input exactly once
+        assert doubles == 0 and total == 90 + 24
+    else:  # no idempotency: only the lost answers (counted as possibly paid) were charged again
+        assert doubles <= usage["possibly_paid"]
+    assert not files_containing([tmp_path], KEY.encode())
+    assert log.stat().st_size > 0
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_too_large_halves_the_batch(protocol, tmp_path, local, tiny_teacher_cfg, tiny_teacher, key_env):
+    if protocol == "embedcache":
+        app = Faults(service_app(protocol, tiny_teacher_cfg, tiny_teacher, tmp_path), script=["413"])
+    else:  # the service takes fewer inputs than the client believes, and says so
+        app = service_app(protocol, tiny_teacher_cfg, tiny_teacher, tmp_path, limit=6)
+    with LiveServer(app) as url:
+        cfg = remote(tmp_path, "r.zarr", tiny_teacher_cfg, protocol, url, "teacher.dimensions=32")
+        assert extract(cfg, log=quiet).complete
+    with embedcache.open_store(cfg.out) as s:
+        assert s.manifest["teacher_usage"]["halvings"] >= 1
+    assert_same(local, arrays(cfg.out))  # batches of 6 give this teacher the same bits as batches of 12
+
+
+@pytest.mark.parametrize("how", ["count", "dim"])
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_wrong_answer_stops_with_one_line_and_writes_nothing(protocol, how, tmp_path, tiny_teacher_cfg, tiny_teacher,
+                                                                key_env):
+    if protocol == "embedcache":
+        app = Tamper(service_app(protocol, tiny_teacher_cfg, tiny_teacher, tmp_path), how)
+    else:
+        app = service_app(protocol, tiny_teacher_cfg, tiny_teacher, tmp_path, tamper=how)
+    with LiveServer(app) as url:
+        cfg = remote(tmp_path, "r.zarr", tiny_teacher_cfg, protocol, url, "teacher.dimensions=32")
+        with pytest.raises(RemoteError) as err:
+            extract(cfg, log=quiet)
+    msg = str(err.value)
+    assert "\n" not in msg and "nothing was written" in msg and KEY not in msg
+    assert ("dimension" in msg) if how == "dim" else ("asked for 12" in msg)
+    with Store(cfg.out) as st:
+        assert not st.blocks_done().any()
+    with sqlite3.connect(str(tmp_path / "client.sqlite")) as db:
+        assert db.execute("SELECT COUNT(*) FROM entries WHERE status='done'").fetchone()[0] == 0
+        assert db.execute("SELECT status FROM requests").fetchall() == [("bad",)]
+
+
+def test_budget_stops_at_a_block_boundary_then_the_same_store_completes(tmp_path, local, tiny_teacher_cfg,
+                                                                        tiny_teacher, key_env):
+    from click.testing import CliRunner
+
+    from embedcache.cli import main
+
+    app = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
+    with LiveServer(app) as url:
+        cfg = remote(tmp_path, "r.zarr", tiny_teacher_cfg, "embedcache", url, "teacher.max_queries=40")
+        conf = tmp_path / "remote.yaml"
+        conf.write_text(yaml.safe_dump(to_dict(cfg)))
+        res = CliRunner().invoke(main, ["extract", "--config", str(conf)])
+        assert res.exit_code == 3, res.output
+        line = res.output.strip().splitlines()[-1]
+        # 3 calls of 12 views were paid (36 <= 40); 54 views and 24 prompts are left
+        assert line.startswith("error: query budget reached: this run paid 36 of teacher.max_queries=40")
+        assert "finishing the store needs 78 more queries" in line and "teacher.max_queries >= 78" in line
+        with Store(cfg.out) as st:
+            assert st.blocks_done().tolist() == [True, False, False, False] and not st.complete
+        assert charged(app)[0] == 36
+        res = CliRunner().invoke(main, ["extract", "--config", str(conf), "--set", "teacher.max_queries=78"])
+        assert res.exit_code == 0, res.output
+    assert_same(local, arrays(cfg.out))
+    assert charged(app) == (90 + 24, 0)  # the partial block's paid views came from the ledger
+
+
+def test_a_second_store_reuses_the_first_ones_views(tmp_path, local, tiny_teacher_cfg, tiny_teacher, key_env):
+    app = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
+    with LiveServer(app) as url:
+        a = remote(tmp_path, "a.zarr", tiny_teacher_cfg, "embedcache", url)
+        extract(a, log=quiet)
+        # another store of the same views: other blocks and batches, HDF5, one text source
+        b = remote(tmp_path, "b.h5", tiny_teacher_cfg, "embedcache", url, "block_rows=16", "batch_size=8",
+                   "text.sources=[name]")
+        extract(b, log=quiet)
+    assert charged(app) == (90 + 24, 0)
+    with embedcache.open_store(b.out) as s:
+        usage = s.manifest["teacher_usage"]
+    assert usage["queries"] == 0 and usage["cache_hits"] == 90 + 3
+    assert np.array_equal(arrays(b.out)["image/emb"], local["image/emb"])
+
+
+def test_kill_9_midway_and_rerun_pays_nothing_twice(tmp_path, local, tiny_teacher_cfg, tiny_teacher):
+    inner = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
+    with LiveServer(Faults(inner, delay=0.15)) as url:
+        cfg = remote(tmp_path, "r.zarr", tiny_teacher_cfg, "embedcache", url)
+        conf = tmp_path / "remote.yaml"
+        conf.write_text(yaml.safe_dump(to_dict(cfg)))
+        env = {**os.environ, KEY_ENV: KEY, "HF_HUB_OFFLINE": "1"}
+        proc = subprocess.Popen([sys.executable, "-m", "embedcache.cli", "extract", "--config", str(conf)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 60
+            while charged(inner)[0] < 36:  # three calls of 12 views paid: block 0 done, block 1 under way
+                assert proc.poll() is None and time.monotonic() < deadline, "client ended before it could be killed"
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        paid_at_kill = charged(inner)[0]
+        with Store(cfg.out) as st:
+            assert not st.complete
+        os.environ[KEY_ENV] = KEY
+        try:
+            res = extract(cfg, log=quiet)
+        finally:
+            del os.environ[KEY_ENV]
+    assert res.complete and paid_at_kill < 90
+    assert_same(local, arrays(cfg.out))
+    assert charged(inner) == (90 + 24, 0)  # nothing the ledger held (or the server answered) was paid again
+
+
+def test_identical_inputs_in_a_call_are_sent_once(tmp_path, tiny_teacher_cfg, tiny_teacher, key_env):
+    app = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
+    with LiveServer(app) as url:
+        cfg = remote(tmp_path, "x.zarr", tiny_teacher_cfg, "embedcache", url).teacher
+        t = build_teacher(cfg)
+        x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+        out = t.encode_pixels(torch.cat([x, x[:2], x]))  # 8 views, 3 distinct
+        assert charged(app) == (3, 0) and t.usage()["deduplicated"] == 5
+        assert torch.equal(out[:3], out[5:]) and torch.equal(out[3:5], out[:2])
+        assert torch.equal(out[:3].half(), tiny_teacher.encode_pixels(x).half())
+        t.encode_pixels(x)  # all in the ledger now
+        assert charged(app) == (3, 0) and t.usage()["cache_hits"] == 3
+
+
+def test_a_lost_answer_counts_against_the_budget(tmp_path, tiny_teacher_cfg, tiny_teacher, key_env):
+    inner = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
+    with LiveServer(Faults(inner, script=["lost"], hold=1.5)) as url:
+        cfg = remote(tmp_path, "x.zarr", tiny_teacher_cfg, "embedcache", url, "teacher.max_queries=20").teacher
+        t = build_teacher(cfg)
+        with pytest.raises(BudgetError, match=r"paid 0 of teacher.max_queries=20 \(12 more possibly paid"):
+            t.encode_pixels(torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8))
+    with sqlite3.connect(str(tmp_path / "client.sqlite")) as db:
+        assert db.execute("SELECT status, lost FROM requests").fetchall() == [("pending", 1)]
+        assert db.execute("SELECT COUNT(*) FROM entries WHERE status='pending'").fetchone()[0] == 12
+
+
+def test_a_long_retry_after_stops_cleanly(tmp_path, tiny_teacher_cfg, tiny_teacher, key_env):
+    inner = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
+    with LiveServer(Faults(inner, script=["429-long"])) as url:
+        t = build_teacher(remote(tmp_path, "x.zarr", tiny_teacher_cfg, "embedcache", url).teacher)
+        t0 = time.monotonic()
+        with pytest.raises(BudgetError, match="asks to wait 3600 s .* longer than teacher.max_retry_wait=120 s"):
+            t.encode_pixels(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
+        assert time.monotonic() - t0 < 5
+
+
+def test_user_mistakes_are_one_line(tmp_path, tiny_teacher_cfg, tiny_teacher, monkeypatch):
+    monkeypatch.delenv("EMBEDCACHE_API_KEY", raising=False)
+    base = {"name": "remote", "url": "http://127.0.0.1:9", "ledger": str(tmp_path / "l.sqlite")}
+    with pytest.raises(ConfigError, match="choose one of cohere-v2, embedcache, openai"):
+        build_config(TeacherConfig, {**base, "protocol": "grpc"}, "teacher.")
+    monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
+    with pytest.raises(TeacherLoadError, match=r"\$NO_SUCH_KEY_VAR \(teacher.api_key_env\) is not set"):
+        build_teacher(TeacherConfig(**base, api_key_env="NO_SUCH_KEY_VAR"))
+    monkeypatch.setenv(KEY_ENV, KEY)
+    with pytest.raises(RemoteUnavailableError, match=r"cannot reach the embedding server at http://127.0.0.1:9 .*check teacher.url"):
+        build_teacher(TeacherConfig(**base, api_key_env=KEY_ENV))
+    with pytest.raises(ConfigError, match="must not carry credentials"):
+        build_teacher(TeacherConfig(**{**base, "url": "http://user:pw@127.0.0.1:9"}))
+    app = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
+    with LiveServer(app) as url:
+        monkeypatch.setenv(KEY_ENV, "sk-wrong-key")
+        with pytest.raises(RemoteError) as err:
+            build_teacher(TeacherConfig(**{**base, "url": url}, api_key_env=KEY_ENV))
+        assert f"refused the API key from ${KEY_ENV} (403)" in str(err.value) and "sk-wrong-key" not in str(err.value)
+        with pytest.raises(RemoteError, match=r"wants an API key \(401\) and none was given"):
+            build_teacher(TeacherConfig(**{**base, "url": url}))
+        (tmp_path / "key.txt").write_text(KEY + "\n")
+        t = build_teacher(TeacherConfig(**{**base, "url": url}, api_key_file=str(tmp_path / "key.txt")))
+        assert t.embed_dim == tiny_teacher.embed_dim and t.input_size == tiny_teacher.input_size
+
+
+def test_cache_key_has_what_changes_embeddings_and_not_the_url(tmp_path, tiny_teacher_cfg, tiny_teacher, key_env):
+    app = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
+    with LiveServer(app) as url1, LiveServer(app) as url2:
+        def ident(url, *ov):
+            return build_teacher(remote(tmp_path, "x.zarr", tiny_teacher_cfg, "embedcache", url, *ov).teacher)
+        png, moved = ident(url1), ident(url2)
+        assert png.identity() == moved.identity() and png.describe()["url"] != moved.describe()["url"]
+        jpeg = ident(url1, "teacher.image_format=jpeg")
+        jpeg80 = ident(url1, "teacher.image_format=jpeg", "teacher.jpeg_quality=80")
+        assert len({str(t.identity()) for t in (png, jpeg, jpeg80)}) == 3
+        assert png.identity()["server"] == app.state.service.fingerprint
+        bigger = ident(url1, "teacher.input_size=48")
+        assert bigger.preprocessing() != png.preprocessing()
+        smooth = torch.nn.functional.interpolate(torch.rand(4, 3, 4, 4), size=32, mode="bilinear")
+        x = (smooth * 255).round().to(torch.uint8)
+        near = jpeg.encode_pixels(x)  # lossy, but the same image
+        assert torch.nn.functional.cosine_similarity(near, png.encode_pixels(x)).min() > 0.9

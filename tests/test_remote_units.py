@@ -1,0 +1,184 @@
+"""The remote teacher's parts on their own: retry decisions, pacing, the ledger, the codec, and each
+protocol's request and answer shapes (parametrized over the registry)."""
+from __future__ import annotations
+
+import base64
+import email.utils
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from embedcache import interrupt
+from embedcache.teachers.remote import PROTOCOLS, Ledger, RemoteError
+from embedcache.teachers.remote.codec import (data_uri, decode_image, encode_views, floats_b64, floats_from_b64,
+                                              parse_data_uri)
+from embedcache.teachers.remote.ratelimit import Bucket, RateLimiter
+from embedcache.teachers.remote.retry import RetryPolicy, TooLongWait, retry_after, should_retry_status, sleep
+
+
+def test_retry_after_reads_ms_then_seconds_then_an_http_date():
+    now = time.time()
+    assert retry_after({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    assert retry_after({"Retry-After": "3"}) == 3.0
+    assert retry_after({"retry-after": "1.5"}) == 1.5
+    date = email.utils.formatdate(now + 30, usegmt=True)
+    assert 28 <= retry_after({"retry-after": date}, now=now) <= 31
+    assert retry_after({"retry-after": "soon"}) is None and retry_after({}) is None and retry_after(None) is None
+
+
+@pytest.mark.parametrize("status,retry", [(408, True), (409, True), (429, True), (500, True), (502, True), (503, True),
+                                          (400, False), (401, False), (403, False), (404, False), (413, False), (422, False)])
+def test_which_statuses_are_retried(status, retry):
+    assert should_retry_status(status) is retry
+
+
+def test_the_server_can_say_retry_or_not():
+    assert should_retry_status(400, {"x-should-retry": "true"}) and not should_retry_status(503, {"x-should-retry": "false"})
+
+
+def test_waits_honour_the_server_then_back_off_with_jitter():
+    p = RetryPolicy(max_retries=8, initial=0.5, max_wait=120)
+    assert p.wait(0, {"retry-after-ms": "40"}) == 0.04
+    assert p.wait(3, {"retry-after": "7"}) == 7.0
+    for retry, top in [(0, 0.5), (1, 1.0), (2, 2.0), (3, 4.0), (4, 8.0), (10, 8.0)]:
+        waits = [p.wait(retry) for _ in range(50)]
+        assert all(0.75 * top <= w <= top for w in waits) and len(set(waits)) > 1  # up to 25% jitter off
+    with pytest.raises(TooLongWait) as err:
+        p.wait(0, {"retry-after": "3600"})
+    assert err.value.seconds == 3600
+    assert p.wait(0, {"retry-after": "-5"}) <= 0.5  # a date in the past: back off instead
+
+
+def test_a_retry_sleep_wakes_up_for_ctrl_c():
+    interrupt.reset()
+    threading.Timer(0.1, interrupt.request).start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt, match="rerun the same command"):
+            sleep(30)
+    finally:
+        interrupt.reset()
+    assert time.monotonic() - t0 < 2
+
+
+def test_rate_limiter_paces_requests_and_tokens():
+    now = [0.0]
+    slept = []
+
+    def fake_sleep(s):
+        slept.append(s)
+        now[0] += s
+
+    lim = RateLimiter(requests_per_minute=60, tokens_per_minute=600, clock=lambda: now[0], sleep=fake_sleep)
+    for _ in range(60):  # a minute's burst goes at once
+        lim.acquire(tokens=1)
+    assert not slept
+    lim.acquire(tokens=1)  # then one a second
+    assert slept and abs(sum(slept) - 1.0) < 1e-6
+    lim.acquire(tokens=600)  # 61 of 600 tokens spent, 10 back after a second: 51 to wait for at 10 a second
+    assert lim.waited == pytest.approx(1.0 + 5.1)
+    b = Bucket(6, clock=lambda: now[0])
+    assert b.take(6) == 0 and b.take(1) == pytest.approx(10.0)
+
+
+def test_codec_png_round_trip_is_exact_and_refuses_garbage():
+    x = torch.randint(0, 256, (3, 3, 17, 23), dtype=torch.uint8)
+    blobs = encode_views(x)
+    assert blobs == encode_views(x.clone())  # deterministic bytes
+    for b, v in zip(blobs, x):
+        assert np.array_equal(decode_image(b), v.permute(1, 2, 0).numpy())
+    jpeg = decode_image(encode_views(x, "jpeg", 95)[0])
+    assert jpeg.shape == (17, 23, 3)
+    mime, raw = parse_data_uri(data_uri(blobs[0], "png"))
+    assert mime == "image/png" and raw == blobs[0]
+    for bad in ["http://example.com/cat.png", "data:image/png,abc", "data:image/png;base64,@@@"]:
+        with pytest.raises(ValueError):
+            parse_data_uri(bad)
+    with pytest.raises(ValueError, match="not a readable image"):
+        decode_image(b"GIF89a garbage")
+    with pytest.raises(ValueError, match="larger than"):
+        decode_image(encode_views(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))[0], max_pixels=100)
+    v = np.random.default_rng(0).standard_normal(7).astype(np.float32)
+    assert np.array_equal(floats_from_b64(floats_b64(v)), v)
+
+
+def test_ledger_pending_then_done_and_its_books(tmp_path):
+    led = Ledger(tmp_path / "l.sqlite")
+    led.add_context("ctx", {"protocol": "x"})
+    led.begin("r1", "ctx", "image", [("a", 10), ("b", 20)])
+    assert led.lookup(["a", "b"]) == {} and led.pending_requests(["b"]) == [("r1", ["a", "b"])]
+    row = led.sent("r1", 0)
+    led.outcome(row, "r1", "lost:ReadTimeout", lost=True)
+    assert led.totals("ctx") == {"entries": 0, "requests": 1, "paid_inputs": 0, "possibly_paid_inputs": 2}
+    led.finish("r1", ["a", "b"], np.array([[1, 0], [0, 1]], np.float32), {"prompt_tokens": 2})
+    got = led.lookup(["b", "a", "zz"])
+    assert set(got) == {"a", "b"} and np.array_equal(got["b"], [0, 1]) and led.any_dim("ctx") == 2
+    assert led.pending_requests(["a"]) == [] and led.request_status("r1") == "done"
+    led.begin("r2", "ctx", "image", [("a", 10), ("c", 5)])  # an answered entry stays answered
+    assert led.lookup(["a"]) and led.pending_requests(["c"]) == [("r2", ["a", "c"])]
+    led.close_request("r2", "failed")
+    assert led.totals() == {"entries": 2, "requests": 2, "paid_inputs": 2, "possibly_paid_inputs": 2}
+    led.close()
+    assert Ledger(tmp_path / "l.sqlite").lookup(["a"])  # it is a file: the next run sees it
+
+
+def _openai_answer(emb, order, b64=True):
+    return {"data": [{"index": i, "embedding": floats_b64(emb[i]) if b64 else emb[i].tolist()} for i in order],
+            "usage": {"prompt_tokens": len(order), "total_tokens": len(order)}}
+
+
+@pytest.mark.parametrize("name", PROTOCOLS.names())
+def test_each_protocol_builds_its_requests(name):
+    proto = PROTOCOLS.get(name)({"max_batch": 64, "max_request_bytes": 1000, "embed_dim": 4})
+    path, body = proto.image_request("m", [b"\x89PNG..."], "png", None)
+    limits = proto.limits("m")
+    assert limits["image_batch"] >= 1 and limits["text_batch"] >= 1
+    if proto.data_uri:
+        images = body.get("input") or body.get("images")
+        assert images == ["data:image/png;base64," + base64.b64encode(b"\x89PNG...").decode()]
+    else:
+        assert body["images"] == [base64.b64encode(b"\x89PNG...").decode()] and body["format"] == "png"
+    tpath, tbody = proto.text_request("m", ["a cat"], None)
+    assert "modality" not in tbody and tpath.startswith("/")
+    assert proto.too_large(413, "") and proto.too_large(400, "too many images, at most 1 per call")
+    assert proto.too_large(422, "List should have at most 32 items after validation") and not proto.too_large(400, "bad model")
+
+
+def test_openai_answers_are_matched_by_index_and_checked():
+    proto = PROTOCOLS.get("openai")()
+    emb = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    got, usage = proto.parse(_openai_answer(emb, [2, 0, 1]), 3)
+    assert np.array_equal(got, emb) and usage == {"prompt_tokens": 3, "total_tokens": 3}
+    assert np.allclose(proto.parse(_openai_answer(emb, [1, 2, 0], b64=False), 3)[0], emb)
+    out_of_range = _openai_answer(emb, [0, 1, 2])
+    out_of_range["data"][2]["index"] = 5
+    for bad, msg in [(_openai_answer(emb, [0, 1]), "asked for 3"), (_openai_answer(emb, [0, 1, 1]), "repeated"),
+                     (out_of_range, "out of range"), ({"nope": 1}, "no 'data'")]:
+        with pytest.raises(RemoteError, match=msg):
+            proto.parse(bad, 3)
+    ragged = _openai_answer(emb, [0, 1, 2])
+    ragged["data"][1]["embedding"] = floats_b64(emb[1][:3])
+    with pytest.raises(RemoteError, match="different dimensions"):
+        proto.parse(ragged, 3)
+
+
+def test_cohere_answers_and_limits():
+    proto = PROTOCOLS.get("cohere-v2")()
+    emb = np.ones((2, 4), np.float32)
+    got, usage = proto.parse({"embeddings": {"float": emb.tolist()}, "meta": {"billed_units": {"images": 2}}}, 2)
+    assert np.array_equal(got, emb) and usage == {"images": 2}
+    with pytest.raises(RemoteError, match="asked for 3"):
+        proto.parse({"embeddings": {"float": emb.tolist()}}, 3)
+    assert proto.limits("embed-english-v3.0")["image_batch"] == 1 and proto.limits("embed-v4.0")["image_batch"] == 96
+    assert proto.image_request("embed-v4.0", [b"x"], "jpeg", 256)[1]["output_dimension"] == 256
+
+
+def test_embedcache_refuses_an_answer_from_another_teacher():
+    proto = PROTOCOLS.get("embedcache")({"fingerprint": "aaa", "embed_dim": 4})
+    ans = _openai_answer(np.ones((1, 4), np.float32), [0])
+    assert proto.parse({**ans, "fingerprint": "aaa"}, 1)[0].shape == (1, 4)
+    with pytest.raises(RemoteError, match="teacher changed"):
+        proto.parse({**ans, "fingerprint": "bbb"}, 1)
