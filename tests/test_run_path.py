@@ -256,3 +256,20 @@ def test_transfer_scores_a_run_on_another_store_of_the_same_teacher(synthetic_st
     top1 = rows[rows.metric == "top1"]
     assert set(top1.split) == {"zero_shot"} and set(top1.domain) == {"outline", "solid", "avg"}
     assert set(rows.holdout) == {"transfer"} and int(top1[top1.domain == "solid"].n.iloc[0]) == 9
+
+
+def test_a_block_of_zeros_is_written_not_taken_for_lost(blank_store):
+    """Zarr skips chunks equal to the fill value unless told otherwise, on every opening of the array:
+    black canvases or a block of unreadable images must still be on disk."""
+    st = blank_store
+    for b in range(st.num_blocks):
+        arrays = _block(st, b, b)
+        if b == 1:
+            arrays = {k: np.zeros_like(v) for k, v in arrays.items()}
+        st.write_block(b, arrays)
+    path, backend = st.path, st.backend_name
+    st.close()
+    with Store(path, "a", backend) as again:  # a reopened store, as a resumed extraction writes it
+        again.write_block(2, {k: np.zeros_like(v) for k, v in _block(again, 2, 2).items()})
+        again.quick_check()
+        assert again.verify().ok

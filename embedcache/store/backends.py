@@ -91,7 +91,10 @@ class ZarrBackend:
         return tuple(self.group[name].chunks)
 
     def write(self, name: str, start: int, data: np.ndarray) -> None:
-        self.group[name][start:start + len(data)] = data
+        # write_empty_chunks is a runtime setting, not stored with the array: without it, a chunk of
+        # zeros (black canvases, a block of unreadable images) is never written and reads as "lost"
+        arr = self.group[name].with_config({"write_empty_chunks": True})
+        arr[start:start + len(data)] = data
 
     def read(self, name: str, start: Optional[int] = None, stop: Optional[int] = None) -> np.ndarray:
         return self.group[name][start:stop]
