@@ -1,12 +1,22 @@
 """Extraction throughput against the teacher's bare forward pass, and store read speed against .npy.
 
-    python bench/extract.py [--images 256] [--model ViT-B-32] [--device auto] [--workers 1]
+    python bench/extract.py [--images 256] [--model ViT-B-32] [--precision fp32|bf16] [--device auto]
+                            [--workers 1] [--views 1 4] [--decoders pil device] [--jpegs 0] [--baseline]
 
-1. bare: the teacher's ``encode_image`` on pre-made tensors (no decoding, no writing).
-2. extract: the full pipeline (decode -> canvas -> views -> teacher -> store) on real PACS
-   images when ../shared/datasets/pacs exists, else synthetic ones; same teacher, same batch size.
-   The figure is extract / bare: how much of the teacher's speed the pipeline keeps.
-3. read: loading a whole (N, 1, 512) float16 embedding array from Zarr and HDF5 against np.load.
+In one run, with one teacher and batch size:
+1. bare: the teacher's ``encode_image`` on pre-made normalised tensors on its device (no decoding,
+   rendering or writing): the hardware's own limit.
+2. extract: the full pipeline (read -> decode -> canvas -> views -> teacher -> checksummed store) on
+   real PACS images when ../shared/datasets/pacs exists, else synthetic ones, for each decoder
+   (``pil``: PIL in DataLoader workers; ``device``: JPEGs decoded on the teacher's device) and view
+   count. The figure is teacher forwards/s (images x views) and its ratio to bare.
+   ``--jpegs N`` first writes N 500x375 JPEGs made from PACS photos (ImageNet-sized files) and
+   extracts those instead.
+3. ``--baseline``: a PIL DataLoader pipeline the way clip-retrieval and the papers' code read
+   images (open, resize, centre crop, to tensor, normalise in workers; the teacher on the batch),
+   one view per image, no store: the reference a user would otherwise run.
+4. read: loading a whole (N, 1, 512) float16 embedding array from Zarr and HDF5 stores (the store's
+   own checksum-verified read) against np.load of the same array.
 Random weights are fine for speed. Prints a table and writes JSON to bench/results/.
 """
 from __future__ import annotations
@@ -34,34 +44,83 @@ from embedcache.teachers import build_teacher  # noqa: E402
 PACS = ROOT.parent / "shared" / "datasets" / "pacs"
 
 
-def bare_forward(teacher, n: int, batch: int) -> float:
-    x = torch.randn(batch, 3, teacher.input_size, teacher.input_size)
-    teacher.encode_image(x)  # warm-up
+def _sync(teacher) -> None:
     if teacher.device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def bare_forward(teacher, n: int, batch: int) -> float:
+    x = torch.randn(batch, 3, teacher.input_size, teacher.input_size, device=teacher.device)
+    teacher.encode_image(x)  # warm-up
+    _sync(teacher)
     t0, done = time.perf_counter(), 0
     while done < n:
         teacher.encode_image(x)
         done += batch
+    _sync(teacher)
     return done / (time.perf_counter() - t0)
 
 
-def pipeline(teacher, teacher_cfg, n: int, batch: int, workers: int, views: int, tmp: Path, pacs: Path,
-             repeat: int = 1) -> float:
-    domains = len([d for d in pacs.iterdir() if d.is_dir()]) if pacs.is_dir() else 4
-    per_class = max(1, -(-n // (7 * domains)))
-    ds = (DatasetConfig(name="domainbed", path=str(pacs), max_per_class=per_class) if pacs.is_dir()
-          else DatasetConfig(name="synthetic", num_classes=7, num_domains=4, per_class=per_class, image_size=227))
-    if repeat > 1 and pacs.is_dir():  # list each image `repeat` times so fast teachers run long enough
-        from embedcache.datasets import build_dataset
-        rows = [f"{(pacs / s.path).resolve()},{s.class_name},{s.domain}" for s in build_dataset(ds).samples] * repeat
-        (tmp / "repeat.csv").write_text("path,label,domain\n" + "\n".join(rows) + "\n")  # never write into the data
-        ds = DatasetConfig(name="csv", path=str(tmp / "repeat.csv"))
+def make_jpegs(pacs: Path, n: int, out: Path) -> Path:
+    """N 500x375 JPEGs (quality 90) upscaled from PACS photos, in a DomainBed layout under ``out``."""
+    from PIL import Image
+
+    photos = sorted((pacs / "photo").rglob("*.jpg"))
+    for k in range(n):
+        src = photos[k % len(photos)]
+        dst = out / "photo" / src.parent.name / f"{k:06d}.jpg"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(src).convert("RGB").resize((500, 375), Image.BICUBIC).save(dst, quality=90)
+    return out
+
+
+def dataset_for(pacs: Path, n: int) -> DatasetConfig:
+    if not pacs.is_dir():
+        return DatasetConfig(name="synthetic", num_classes=7, num_domains=4, per_class=max(1, -(-n // 28)), image_size=227)
+    domains = len([d for d in pacs.iterdir() if d.is_dir()])
+    classes = len({c.name for d in pacs.iterdir() if d.is_dir() for c in d.iterdir() if c.is_dir()})
+    return DatasetConfig(name="domainbed", path=str(pacs), max_per_class=max(1, -(-n // (classes * domains))))
+
+
+def pipeline(teacher, teacher_cfg, ds: DatasetConfig, batch: int, workers: int, views: int, decoder: str,
+             tmp: Path) -> float:
     cfg = ExtractConfig(dataset=ds, teacher=teacher_cfg, views=ViewsConfig(count=views), text=TextConfig(sources=("name",)),
-                        out=str(tmp / f"bench-{views}.zarr"), batch_size=batch, num_workers=workers,
-                        block_rows=batch * 4, progress=False)
+                        out=str(tmp / f"bench-{decoder}-{views}.zarr"), batch_size=batch, num_workers=workers,
+                        block_rows=batch * 4, progress=False, decoder=decoder)
     res = extract(cfg, teacher=teacher, log=lambda _m: None)
     return res.images * views / res.seconds
+
+
+def pil_baseline(teacher, ds: DatasetConfig, batch: int, workers: int) -> float:
+    """What a user's script does without the cache: PIL decode + resize + crop in workers, teacher on GPU."""
+    from PIL import Image
+    from torch.utils.data import DataLoader, Dataset
+
+    from embedcache.datasets import build_dataset
+
+    data = build_dataset(ds)
+    size, mean, std = teacher.input_size, torch.tensor(teacher.mean).view(3, 1, 1), torch.tensor(teacher.std).view(3, 1, 1)
+
+    class Files(Dataset):
+        def __len__(self):
+            return len(data)
+
+        def __getitem__(self, i):
+            im = data.load(i)
+            w, h = im.size
+            s = size / min(w, h)
+            im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+            left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
+            x = torch.from_numpy(np.array(im.crop((left, top, left + size, top + size)))).permute(2, 0, 1).float() / 255
+            return (x - mean) / std
+
+    loader = DataLoader(Files(), batch_size=batch, num_workers=workers, pin_memory=teacher.device.type == "cuda")
+    t0, n = time.perf_counter(), 0
+    for x in loader:
+        teacher.encode_image(x.to(teacher.device, non_blocking=True))
+        n += len(x)
+    _sync(teacher)
+    return n / (time.perf_counter() - t0)
 
 
 def read_speed(tmp: Path, rows: int, dim: int = 512) -> dict:
@@ -98,39 +157,50 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--views", type=int, nargs="+", default=[1])
+    ap.add_argument("--decoders", nargs="+", default=["pil"], choices=["pil", "device"])
+    ap.add_argument("--jpegs", type=int, default=0, help="extract N 500x375 JPEGs made from PACS photos")
+    ap.add_argument("--baseline", action="store_true", help="also time a plain PIL DataLoader + teacher pipeline")
     ap.add_argument("--read-rows", type=int, default=200_000)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    ap.add_argument("--repeat", type=int, default=1, help="list each image this many times (GPU runs)")
     ap.add_argument("--pacs", default=str(PACS), help="DomainBed-layout image folder (default ../shared/datasets/pacs)")
     args = ap.parse_args()
-    pacs = Path(args.pacs)
 
     tcfg = TeacherConfig(name="open_clip", model=args.model, pretrained=None, device=args.device, precision=args.precision)
     teacher = build_teacher(tcfg)
     rows = []
-    bare = bare_forward(teacher, args.images * args.repeat, args.batch)
-    rows.append(("bare forward (pre-made tensors)", bare, 1.0))
     with tempfile.TemporaryDirectory() as d:
-        for v in args.views:
-            rate = pipeline(teacher, tcfg, args.images, args.batch, args.workers, v, Path(d), pacs, args.repeat)
-            rows.append((f"extract, {v} view(s)/image, {args.workers} worker(s)", rate, rate / bare))
-        rd = read_speed(Path(d), args.read_rows)
+        tmp = Path(d)
+        pacs = Path(args.pacs)
+        if args.jpegs:
+            pacs = make_jpegs(pacs, args.jpegs, tmp / "jpegs")
+        ds = dataset_for(pacs, args.jpegs or args.images)
+        n = args.jpegs or args.images
+        bare = bare_forward(teacher, n * max(args.views), args.batch)
+        rows.append(("bare forward (pre-made tensors)", bare, 1.0))
+        if args.baseline:
+            rate = pil_baseline(teacher, ds, args.batch, args.workers)
+            rows.append((f"PIL DataLoader + teacher, 1 view, {args.workers} worker(s)", rate, rate / bare))
+        for dec in args.decoders:
+            for v in args.views:
+                rate = pipeline(teacher, tcfg, ds, args.batch, args.workers, v, dec, tmp)
+                rows.append((f"extract ({dec}), {v} view(s)/image, {args.workers} worker(s)", rate, rate / bare))
+        rd = read_speed(tmp, args.read_rows)
     device = torch.cuda.get_device_name() if teacher.device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
-    print(f"\nteacher {args.model} (random weights, {args.precision}), batch {args.batch}, device {device}, "
-          f"images from {pacs if pacs.is_dir() else 'synthetic'}")
-    print(f"{'what':<44} {'teacher images/s':>16} {'vs bare':>8}")
+    source = f"{args.jpegs} 500x375 JPEGs from PACS photos" if args.jpegs else (pacs if pacs.is_dir() else "synthetic")
+    print(f"\nteacher {args.model} (random weights, {args.precision}), batch {args.batch}, device {device}, images: {source}")
+    print(f"{'what':<52} {'teacher images/s':>16} {'vs bare':>8}")
     for name, rate, ratio in rows:
-        print(f"{name:<44} {rate:>16.1f} {ratio:>8.2f}")
+        print(f"{name:<52} {rate:>16.1f} {ratio:>8.2f}")
     print(f"\nload-all read of a {rd['mb']:.0f} MB (N, 1, 512) float16 array")
     print(f"{'format':<10} {'seconds':>8} {'MB/s':>8} {'vs npy':>8}")
     for k in ("npy", "zarr", "hdf5"):
         s = rd[f"{k}_s"]
         print(f"{k:<10} {s:>8.3f} {rd['mb'] / s:>8.0f} {rd['npy_s'] / s:>8.2f}")
     result = {"device": device, "model": args.model, "precision": args.precision, "batch": args.batch,
-              "workers": args.workers, "images": args.images, "host": platform.node(), "cpus": os.cpu_count(),
-              "throughput": [{"what": n, "images_per_s": r, "ratio_vs_bare": q} for n, r, q in rows], "read": rd}
+              "workers": args.workers, "images": n, "jpegs": args.jpegs, "host": platform.node(), "cpus": os.cpu_count(),
+              "throughput": [{"what": a, "images_per_s": r, "ratio_vs_bare": q} for a, r, q in rows], "read": rd}
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    tag = ("gpu" if teacher.device.type == "cuda" else "cpu") + f"-{args.model}"
+    tag = ("gpu" if teacher.device.type == "cuda" else "cpu") + f"-{args.model}-{args.precision}"
     path = Path(args.out) / f"extract-{tag}.json"
     path.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {path}")

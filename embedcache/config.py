@@ -116,6 +116,9 @@ class ExtractConfig:
     text: TextConfig = setting(factory=TextConfig)
     out: Optional[str] = None        # store path; .h5/.hdf5 picks HDF5 unless backend says otherwise
     backend: Optional[str] = setting(None, choices=("zarr", "hdf5"))
+    # auto: JPEGs decoded and views rendered on the device when the teacher is on a GPU, else PIL.
+    # The pipeline changes pixels slightly, so it is part of the cache key (recorded as `pipeline`).
+    decoder: str = setting("auto", choices=("auto", "pil", "device"))
     # settings below never change the data, so they stay out of the cache key
     batch_size: int = setting(32, min=1)
     num_workers: int = setting(1, min=0)

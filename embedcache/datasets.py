@@ -59,6 +59,11 @@ class ImageDataset:
     def label(self, i: int) -> int:
         return self._class_index[self.samples[i].class_name]
 
+    @property
+    def has_files(self) -> bool:
+        """Samples are files on disk (not generated in memory)."""
+        return self._loader is None
+
     def source_path(self, i: int) -> Path:
         p = Path(self.samples[i].path)
         return p if p.is_absolute() or self.root is None else self.root / p

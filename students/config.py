@@ -74,6 +74,7 @@ class TrainConfig:
     eval_every: int = setting(50, min=1)
     ckpt_every: int = setting(50, min=1)
     amp: bool = True                    # bf16 autocast on CUDA; ignored on CPU
+    compile: bool = False               # torch.compile the backbone's forward (CUDA; helps large students)
     seed: int = 0
     device: str = "auto"
     features: bool = False              # head-only: train on cached student features (embedcache features)

@@ -1,11 +1,17 @@
 """What a training step consumes (registries): input providers give the student's input for a batch
 of (image, view) pairs, target providers give the teacher's embedding of exactly those views.
 
-Inputs: ``canvas`` rebuilds each view from the stored canvas with the same ``render_views`` that
-made the teacher's input (at the student's own size); ``features`` reads cached frozen-backbone
-features (head-only recipes). Targets: ``store`` reads the stored embeddings (the point of the
-cache); ``teacher_online`` renders the view at the teacher's size and runs a teacher that the
-caller passes in (what a cache-less run pays; benchmarks use it). Students never build a teacher.
+Inputs: ``canvas`` rebuilds each view from the stored canvas with the batched renderer, which
+equals the ``render_views`` that made the teacher's input to float32 rounding (at the student's own
+size); ``features`` reads cached frozen-backbone features (head-only recipes). Targets: ``store``
+reads the stored embeddings (the point of the cache); ``teacher_online`` renders the view at the
+teacher's size and runs a teacher that the caller passes in (what a cache-less run pays; benchmarks
+use it). Students never build a teacher.
+
+On a GPU the arrays a run reads live on the device: canvases as uint8 when they fit in free memory
+(PACS at 256 px is 2 GB), else in pinned host memory gathered per batch; view parameters, teacher
+embeddings, labels and cached features too. A step then gathers, crops and resizes a whole batch
+on the device with no host synchronisation.
 """
 from __future__ import annotations
 
@@ -16,33 +22,68 @@ import torch
 
 from embedcache.errors import ConfigError
 from embedcache.registry import Registry
-from embedcache.views import normalize, render_views, to_uint8
+from embedcache.views import normalize, render_views, render_views_batched, to_uint8
 
 from .data import StoreData
 
 INPUTS = Registry("input provider")
 TARGETS = Registry("target provider")
+UPLOAD_ROWS = 1024  # canvases are copied to the device in slices, never doubled in host memory
+
+
+def to_device_array(arr: np.ndarray, device: torch.device, pinned_fallback: bool = False) -> torch.Tensor:
+    """A read-only numpy array as a tensor on ``device`` (copied in row slices). With
+    ``pinned_fallback``, an array that does not fit in the device's free memory goes to pinned host memory."""
+    on_device = device.type == "cuda"
+    if on_device and pinned_fallback:
+        free, _ = torch.cuda.mem_get_info(device)
+        on_device = arr.nbytes < 0.6 * free
+    out = torch.empty(arr.shape, dtype=torch.from_numpy(arr[:0].copy()).dtype,
+                      device=device if on_device else "cpu", pin_memory=not on_device and device.type == "cuda")
+    for i in range(0, len(arr), UPLOAD_ROWS):
+        out[i:i + UPLOAD_ROWS].copy_(torch.from_numpy(np.array(arr[i:i + UPLOAD_ROWS])), non_blocking=False)
+    return out
+
+
+def _index(idx: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(idx, dtype=np.int64)).to(device, non_blocking=True)
 
 
 def student_views(data: StoreData, idx: np.ndarray, views: np.ndarray, size: int, mean, std,
                   device: torch.device) -> torch.Tensor:
-    """(B, 3, size, size) normalised student input: view ``views[b]`` of image ``idx[b]``."""
+    """(B, 3, size, size) normalised student input: view ``views[b]`` of image ``idx[b]`` (CPU arrays)."""
     canvas = torch.from_numpy(data.pixels[idx]).to(device)
     params = torch.from_numpy(data.params[idx, views][:, None])
-    return normalize(render_views(canvas, params, size)[:, 0], mean, std)
+    return normalize(render_views_batched(canvas, params, size)[:, 0], mean, std)
 
 
 @INPUTS.register("canvas")
 class CanvasInputs:
-    """Student views rendered from the stored canvases."""
+    """Student views rendered from the stored canvases, a whole batch in one batched operation."""
     kind = "images"
 
     def __init__(self, data: StoreData, model, device: torch.device):
-        self.data, self.model, self.device = data, model, device
+        self.data, self.device = data, device
+        self.size = model.input_size
+        self.mean = torch.tensor(model.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(model.std, device=device).view(1, 3, 1, 1)
+        self.channels_last = device.type == "cuda"
+        if device.type == "cuda":
+            self.canvas = to_device_array(data.pixels, device, pinned_fallback=True)
+            self.params = to_device_array(data.params, device)
 
     def __call__(self, idx: np.ndarray, views: np.ndarray) -> torch.Tensor:
-        m = self.model
-        return student_views(self.data, idx, views, m.input_size, m.mean, m.std, self.device)
+        if self.device.type != "cuda":
+            return student_views(self.data, idx, views, self.size, tuple(self.mean.flatten().tolist()),
+                                 tuple(self.std.flatten().tolist()), self.device)
+        i, v = _index(idx, self.device), _index(views, self.device)
+        if self.canvas.is_cuda:
+            canvas = self.canvas.index_select(0, i)
+        else:  # pinned host canvases: gather on the host, copy asynchronously
+            canvas = self.canvas.index_select(0, torch.from_numpy(np.asarray(idx))).pin_memory().to(self.device, non_blocking=True)
+        x = render_views_batched(canvas, self.params[i, v][:, None], self.size)[:, 0]
+        x = (x - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
 @INPUTS.register("features")
@@ -53,9 +94,13 @@ class FeatureInputs:
     def __init__(self, data: StoreData, model, device: torch.device):
         from .features import load_features
 
-        self.feats, self.device = load_features(data.reader.store, model), device
+        feats = load_features(data.reader.store, model)
+        self.device = device
+        self.feats = to_device_array(feats, device) if device.type == "cuda" else feats
 
     def __call__(self, idx: np.ndarray, views: np.ndarray) -> torch.Tensor:
+        if isinstance(self.feats, torch.Tensor):
+            return self.feats[_index(idx, self.device), _index(views, self.device)]
         return torch.from_numpy(self.feats[idx, views]).to(self.device)
 
 
@@ -66,12 +111,15 @@ class StoredTargets:
     def __init__(self, data: StoreData, device: torch.device, teacher=None):
         self.data, self.device = data, device
         self.labels = torch.from_numpy(data.targets).to(device)
+        self.emb = to_device_array(data.emb, device) if device.type == "cuda" else None
 
     def embeddings(self, idx: np.ndarray, views: np.ndarray) -> torch.Tensor:
+        if self.emb is not None:
+            return self.emb[_index(idx, self.device), _index(views, self.device)].float()
         return torch.from_numpy(self.data.emb[idx, views].astype(np.float32)).to(self.device)
 
     def __call__(self, idx: np.ndarray, views: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
-        return self.embeddings(idx, views), self.labels[torch.from_numpy(idx).to(self.device)]
+        return self.embeddings(idx, views), self.labels[_index(idx, self.device)]
 
 
 @TARGETS.register("teacher_online")

@@ -177,19 +177,27 @@ class Trainer:
     """One run, from a validated config. ``run()`` trains (or resumes) and finishes it."""
 
     def __init__(self, cfg: TrainConfig, teacher=None, log: Callable[[str], None] = print,
-                 on_step: Optional[Callable[[int], None]] = None, should_stop: Optional[Callable[[], bool]] = None):
+                 on_step: Optional[Callable[[int], None]] = None, should_stop: Optional[Callable[[], bool]] = None,
+                 shared: Optional["Trainer"] = None):
+        """``shared``: another trainer on the same store, split and inputs whose loaded arrays this one
+        reuses (packs of heads, ``heads.py``)."""
         self.cfg, self.log, self.on_step, self.should_stop = cfg, log, on_step, should_stop
         self.recipe = RECIPES.get(cfg.recipe)
         self.source = cfg.text_source or self.recipe.text_source
         self.run_dir = RunDir(cfg.out or Path("runs") / run_name(cfg))
-        self.data = StoreData(cfg.store, self.source, cfg.split)
+        self.data = shared.data if shared is not None else StoreData(cfg.store, self.source, cfg.split)
         self.device = resolve_device(cfg.device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             n_cls = len(self.data.train_class_ids) if self.recipe.classifier else 0
             self.model = build_student(cfg.student, self.data.dim, n_cls).to(self.device)
-        self.inputs = INPUTS.get("features" if cfg.features else "canvas")(self.data, self.model, self.device)
-        self.targets = TARGETS.get(cfg.targets)(self.data, self.device, teacher=teacher)
+        self.inputs = shared.inputs if shared is not None else \
+            INPUTS.get("features" if cfg.features else "canvas")(self.data, self.model, self.device)
+        if self.device.type == "cuda" and self.inputs.kind == "images":
+            self.model = self.model.to(memory_format=torch.channels_last)  # the inputs come channels-last too
+        if cfg.compile:  # the forward only: module names and state dicts stay as they are
+            self.model.backbone.forward = torch.compile(self.model.backbone.forward)
+        self.targets = shared.targets if shared is not None else TARGETS.get(cfg.targets)(self.data, self.device, teacher=teacher)
         self.opt = build_optimizer(cfg.optim, self.model.parameters())
         self.sched = build_scheduler(cfg.optim, self.opt, cfg.steps)
         self.averaging = AVERAGING.get(cfg.averaging)(self.model, int(cfg.average_start * cfg.steps), cfg.swad)
@@ -272,7 +280,7 @@ class Trainer:
             val = top1(pred, self.data.targets[self.data.val_idx])
         self.averaging.at_eval(step, self.model, val_loss)
         self.selection.update(step, val, self.model)
-        row = {"step": step, "stage": stage_i, "lr": self.sched.get_last_lr()[0], "val_top1": val, "val_loss": val_loss,
+        row = {"step": step, "stage": stage_i, "lr": self.opt.param_groups[0]["lr"], "val_top1": val, "val_loss": val_loss,
                **{k: float(v) / max(1, self.n_running) for k, v in self.running.items()}}
         self.metrics.append(row)
         self.run_dir.write_metrics(self.metrics)

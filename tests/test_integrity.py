@@ -1,9 +1,6 @@
 """Nothing silently wrong (issue 9): damaged stores are found and repaired, images decode faithfully,
 unreadable rows never pass for data, bad settings are refused before work, the sweep lock holds."""
-import io
-import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -17,7 +14,7 @@ from PIL import Image
 
 import embedcache
 from embedcache.cli import main
-from embedcache.errors import ConfigError, StoreDamagedError, StoreError, TrainingError
+from embedcache.errors import StoreDamagedError, StoreError, TrainingError
 from embedcache.extract import extract
 from embedcache.store import Store
 

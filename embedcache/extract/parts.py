@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from ..datasets import ImageDataset
 from ..fileio import disk_full_error, is_disk_full
 from ..store import STATUS_FAILED, STATUS_OK, Store
-from ..views import make_canvas, render_views, to_uint8, view_params
+from ..views import make_canvas, render_views, render_views_batched, to_uint8, view_params
 
 
 @dataclass
@@ -142,25 +142,60 @@ class LoaderReader:
 
 
 # --- the embedder ------------------------------------------------------------------------------------
+class Pending:
+    """A batch's embeddings on their way to the host: on a GPU the copy is asynchronous (pinned
+    buffer + event) and only waited for when its block is assembled, so batches never sync."""
+
+    def __init__(self, rows: int, views: int, dim: int, ok: np.ndarray, out: Optional[torch.Tensor] = None):
+        self.shape, self.ok, self.event = (rows, views, dim), ok, None
+        self.host = None
+        if out is not None:
+            out = out.view(int(ok.sum()), views, dim).to(torch.float16)
+            if out.is_cuda:
+                self.host = torch.empty(out.shape, dtype=torch.float16, pin_memory=True)
+                self.host.copy_(out, non_blocking=True)
+                self.event = torch.cuda.Event()
+                self.event.record()
+            else:
+                self.host = out
+
+    def numpy(self) -> np.ndarray:
+        emb = np.zeros(self.shape, np.float16)
+        if self.host is not None:
+            if self.event is not None:
+                self.event.synchronize()
+            emb[self.ok] = self.host.numpy()
+        return emb
+
+
 class Embedder:
-    """A batch's views -> (B, V, D) float16 teacher embeddings (zeros for unreadable rows)."""
+    """A batch's views -> their (B, V, D) float16 teacher embeddings (zeros for unreadable rows).
+    Views the reader did not render are rendered here on the teacher's device, with ``renderer``
+    (``render_views``, or the batched renderer of the device pipeline)."""
 
-    def __init__(self, teacher, views: int):
-        self.teacher, self.views = teacher, views
+    def __init__(self, teacher, views: int, batched: bool = False):
+        self.teacher, self.views, self.batched = teacher, views, batched
 
-    def __call__(self, batch: Batch) -> np.ndarray:
+    def render(self, batch: Batch) -> torch.Tensor:
+        """(B_ok * V, 3, H, W) uint8 teacher input of the readable rows."""
+        t = self.teacher
+        if batch.views is not None:
+            return batch.views.flatten(0, 1)
+        okt = torch.from_numpy(batch.ok)
+        canvas = batch.canvas[okt.to(batch.canvas.device)].to(t.device, non_blocking=True)
+        if self.batched:
+            x = to_uint8(render_views_batched(canvas, batch.params[okt], t.input_size, t.interpolation))
+        else:
+            x = render_teacher_views(canvas, batch.params[okt], t.input_size, t.interpolation)
+        return x.flatten(0, 1)
+
+    def __call__(self, batch: Batch) -> Pending:
         t = self.teacher
         ok = batch.ok
-        emb = np.zeros((len(batch.rows), self.views, t.embed_dim), np.float16)
-        if ok.any():
-            x = batch.views
-            if x is None:
-                okt = torch.from_numpy(ok)
-                canvas = batch.canvas[okt].to(t.device, non_blocking=True)
-                x = render_teacher_views(canvas, batch.params[okt], t.input_size, t.interpolation)
-            out = t.encode_pixels(x.flatten(0, 1))  # (B_ok * V, D)
-            emb[ok] = out.view(int(ok.sum()), self.views, -1).numpy().astype(np.float16)
-        return emb
+        if not ok.any():
+            return Pending(len(batch.rows), self.views, t.embed_dim, ok)
+        encode = getattr(t, "embed_views", t.encode_pixels)  # embed_views may leave the result on the device
+        return Pending(len(batch.rows), self.views, t.embed_dim, ok, encode(self.render(batch)))
 
 
 # --- the assembler -----------------------------------------------------------------------------------
@@ -172,7 +207,7 @@ class BlockAssembler:
         self.block_rows = int(store.layout["block_rows"])
         self.pending: Dict[int, List] = {}
 
-    def add(self, batch: Batch, emb: np.ndarray) -> Optional[Block]:
+    def add(self, batch: Batch, emb: "Pending") -> Optional[Block]:
         blk = int(batch.rows[0]) // self.block_rows
         parts = self.pending.setdefault(blk, [])
         parts.append((batch, emb))
@@ -181,7 +216,7 @@ class BlockAssembler:
             return None
         parts = self.pending.pop(blk)
         ok = np.concatenate([b.ok for b, _ in parts])
-        arrays = {"image/emb": np.concatenate([e for _, e in parts]),
+        arrays = {"image/emb": np.concatenate([e.numpy() for _, e in parts]),
                   "image/view_params": np.concatenate([b.params.numpy() for b, _ in parts]),
                   "image/status": np.where(ok, STATUS_OK, STATUS_FAILED).astype(np.uint8)}
         if self.store_pixels:

@@ -1,0 +1,99 @@
+"""The GPU data path on the CPU (issue 12): the device reader (decoder injected), its fallbacks, its
+place in the cache key, resume with it, and the device-resident student inputs."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import embedcache
+from embedcache.extract import extract
+from embedcache.extract.device import canvas_from_decoded
+from embedcache.store import Store
+from embedcache.views import make_canvas
+
+from conftest import quiet
+
+
+@pytest.fixture
+def photo_folder(tmp_path):
+    """JPEGs of several sizes, a PNG, a corrupt JPEG and a grayscale JPEG, in class folders."""
+    root = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for k, (h, w) in enumerate([(60, 80), (90, 50), (64, 64)]):
+            base = np.linspace(0, 255, w)[None, :, None] * np.ones((h, 1, 3))
+            img = np.clip(base + rng.normal(0, 12, (h, w, 3)) + (40 if c == "b" else 0), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / c / f"{k}.jpg", quality=95)
+    Image.fromarray(rng.integers(0, 255, (40, 52, 3), dtype=np.uint8)).save(root / "a" / "p.png")
+    Image.fromarray(rng.integers(0, 255, (44, 44), dtype=np.uint8)).save(root / "b" / "g.jpg", quality=95)
+    (root / "b" / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return root
+
+
+def test_device_canvases_match_pils_within_a_level_or_two(photo_folder):
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    for path in sorted(photo_folder.rglob("*.jpg"))[:4]:
+        data = torch.from_numpy(np.frombuffer(path.read_bytes(), np.uint8).copy())
+        dev = canvas_from_decoded(decode_jpeg(data, mode=ImageReadMode.RGB), 48).numpy().astype(int)
+        pil = make_canvas(Image.open(path), 48).astype(int)
+        assert dev.shape == pil.shape == (48, 48, 3)
+        assert np.abs(dev - pil).mean() < 2.0 and np.abs(dev - pil).max() <= 24  # another decoder, float resampling
+
+
+def test_the_device_reader_falls_back_and_records_failures(photo_folder, make_cfg, tiny_teacher):
+    cfg = make_cfg("dev.zarr", "dataset.name=folder", f"dataset.path={photo_folder}", "decoder=device", "block_rows=3")
+    res = extract(cfg, teacher=tiny_teacher, log=quiet)
+    assert res.complete and res.failed == 1
+    with embedcache.open_store(res.path) as s:
+        meta = s.meta.set_index("path")
+        assert meta.loc["b/bad.jpg", "status"] == "failed" and meta.loc["b/g.jpg", "status"] == "ok"
+        assert s.manifest["pipeline"]["decoder"].startswith("torchvision-decode_jpeg-cpu")
+        px = s.pixels()[meta.index.get_loc("a/p.png")]
+        assert np.array_equal(px, make_canvas(Image.open(photo_folder / "a" / "p.png"), cfg.canvas.size))  # PNG: PIL
+        pil_key = extract(make_cfg("pil.zarr", "dataset.name=folder", f"dataset.path={photo_folder}", "decoder=pil",
+                                   "block_rows=3"), teacher=tiny_teacher, log=quiet).key
+        assert pil_key != s.key  # another decoder, other pixels: another store
+
+
+def test_a_device_store_resumes_byte_identically(photo_folder, make_cfg, tiny_teacher):
+    opts = ("dataset.name=folder", f"dataset.path={photo_folder}", "decoder=device", "block_rows=3")
+    full = extract(make_cfg("full.zarr", *opts), teacher=tiny_teacher, log=quiet)
+    cut = make_cfg("cut.zarr", *opts)
+
+    def boom(block):
+        if block == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract(cut, teacher=tiny_teacher, log=quiet, on_block_done=boom)
+    extract(cut, teacher=tiny_teacher, log=quiet)
+    with Store(full.path) as a, Store(cut.out) as b:
+        for name in a.layout["block_arrays"]:
+            assert np.array_equal(a.read(name), b.read(name)), name
+
+
+def test_embeddings_copied_asynchronously_equal_the_direct_ones(make_cfg, tiny_teacher):
+    """The embedder's pending copies (pinned + event on a GPU) give the same arrays as encoding directly."""
+    from embedcache.extract.parts import Batch, Embedder
+
+    canvas = torch.from_numpy(np.random.default_rng(2).integers(0, 255, (4, 48, 48, 3), dtype=np.uint8))
+    from embedcache.views import view_params
+
+    params = torch.from_numpy(np.stack([view_params(0, i, 3, 48) for i in range(4)]))
+    batch = Batch(np.arange(4), canvas, params, ["", "bad", "", ""])
+    for batched in (False, True):
+        emb = Embedder(tiny_teacher, 3, batched=batched)(batch).numpy()
+        assert emb.shape == (4, 3, tiny_teacher.embed_dim) and not emb[1].any()
+        direct = tiny_teacher.encode_pixels(Embedder(tiny_teacher, 3, batched=batched).render(batch)).numpy()
+        np.testing.assert_array_equal(emb[[0, 2, 3]].reshape(9, -1), direct.astype(np.float16))
+
+
+def test_arrays_for_the_device_keep_their_contents():
+    from embedcache.students.providers import to_device_array
+
+    arr = np.random.default_rng(0).integers(0, 255, (2500, 4, 3), dtype=np.uint8)
+    arr.flags.writeable = False  # as the store hands arrays out
+    out = to_device_array(arr, torch.device("cpu"))
+    assert out.dtype == torch.uint8 and np.array_equal(out.numpy(), arr)
