@@ -54,6 +54,7 @@ class SweepSpec:
     finetune_steps: int = setting(0, min=0)  # few_shot: also fine-tune the student on the shots
     launcher: str = setting("local", choices=LAUNCHERS)
     workers: int = setting(1, min=1)
+    pack_heads: bool = False                 # head-only runs differing only in seed/lr/weight decay train as one pack
     resources: Dict[str, Any] = field(default_factory=lambda: {"num_cpus": 1, "num_gpus": 0})
 
 
@@ -124,6 +125,27 @@ def expand(spec: SweepSpec, sweep_dir: str) -> List[SweepPoint]:
     return out
 
 
+def make_jobs(points: List[SweepPoint], pack_heads: bool = False) -> List[List[SweepPoint]]:
+    """One job per run; with ``pack_heads``, head-only runs that differ only in seed, learning rate
+    and weight decay form one job each (a pack trained as one vectorised model)."""
+    if not pack_heads:
+        return [[p] for p in points]
+    from ..heads import can_pack, pack_key
+
+    packs: Dict[str, List[SweepPoint]] = {}
+    jobs: List[List[SweepPoint]] = []
+    for p in points:
+        if can_pack(p.cfg):
+            key = pack_key(p.cfg)
+            if key not in packs:
+                packs[key] = []
+                jobs.append(packs[key])
+            packs[key].append(p)
+        else:
+            jobs.append([p])
+    return jobs
+
+
 def collect(sweep_dir: str) -> pd.DataFrame:
     files = sorted((Path(sweep_dir) / "results").glob("*.parquet"))
     if not files:
@@ -159,9 +181,10 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, launcher: Optional[str] = None, d
         raise
     finished = sum(result_path(sweep_dir, Path(p.cfg.out).name).exists() for p in points)
     log(f"sweep {sweep_dir}: {len(points)} runs ({spec.protocol}), {finished} already finished, launcher {name}")
+    jobs = make_jobs(points, spec.pack_heads)
     with interrupt.graceful(lambda _s: log("stopping: no new run starts; running runs save a checkpoint "
                                            "(Ctrl-C again to stop at once)")):
-        statuses = LAUNCHERS.get(name)(points, spec, sweep_dir, device=device, progress=progress, **launcher_args)
+        statuses = LAUNCHERS.get(name)(jobs, spec, sweep_dir, device=device, progress=progress, **launcher_args)
         stopped = interrupt.requested()
     counts = {s: sum(1 for x in statuses if x["status"] == s)
               for s in ("done", "skipped", "failed", "busy", "interrupted", "disk_full")}

@@ -1,8 +1,10 @@
 """Launchers (a registry): how the runs of a sweep are executed. Each declares the options it takes,
 and refuses any other, so an option meant for another launcher is never silently ignored.
 
-All of them stop on request (Ctrl-C / SIGTERM): no new run starts, running runs stop at their next
-step with a checkpoint, and worker processes exit; a second Ctrl-C stops at once.
+A launcher runs *jobs*: a job is one run, or a pack of head-only runs trained together
+(``heads.py``, ``pack_heads: true``). All of them stop on request (Ctrl-C / SIGTERM): no new run
+starts, running runs stop at their next step with a checkpoint, and worker processes exit; a second
+Ctrl-C stops at once.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from embedcache.errors import ConfigError
 from embedcache.registry import Registry
 
 from ..config import TrainConfig
-from .worker import SweepPoint, run_one
+from .worker import SweepPoint, run_job
 
 LAUNCHERS = Registry("launcher")
 STOP_STATUSES = ("interrupted", "disk_full")  # after one of these, no new run starts
@@ -45,7 +47,7 @@ class Progress:
 
 
 def launcher(name: str, options: tuple = (), hooks: tuple = ()):
-    """Register a launcher function taking (points, spec, sweep_dir, device, progress, **its options);
+    """Register a launcher function taking (jobs, spec, sweep_dir, device, progress, **its options);
     ``options`` are what a user may set (command-line flags), ``hooks`` what code may pass (tests)."""
     def deco(fn: Callable) -> Callable:
         fn.options, fn.hooks = tuple(options), tuple(hooks)
@@ -63,22 +65,30 @@ def check_options(name: str, given: Dict) -> None:
 
 
 @launcher("serial", hooks=("on_run", "teacher"))
-def serial(points: List[SweepPoint], spec, sweep_dir, device="auto", progress=True, on_run=None, teacher=None):
-    """In this process, one run after another (tests, debugging; ``teacher`` serves the
+def serial(jobs: List[List[SweepPoint]], spec, sweep_dir, device="auto", progress=True, on_run=None, teacher=None):
+    """In this process, one job after another (tests, debugging; ``teacher`` serves the
     teacher_online target provider of benchmarks)."""
-    bar, out = Progress(len(points), progress), []
+    bar, out = Progress(sum(map(len, jobs)), progress), []
     try:
-        for p in points:
-            st = run_one(p, spec, sweep_dir, device, teacher=teacher)
-            out.append(st)
-            bar.update(st, 0)
-            if on_run is not None:
-                on_run(st)
-            if st["status"] in STOP_STATUSES or interrupt.requested():
+        for job in jobs:
+            for st in run_job(job, spec, sweep_dir, device, teacher=teacher):
+                out.append(st)
+                bar.update(st, 0)
+                if on_run is not None:
+                    on_run(st)
+            if any(st["status"] in STOP_STATUSES for st in out) or interrupt.requested():
                 break
     finally:
         bar.close()
     return out
+
+
+def _points(items) -> List[SweepPoint]:
+    return [SweepPoint(build_config(TrainConfig, cfg), replicate) for cfg, replicate in items]
+
+
+def _as_items(job: List[SweepPoint]) -> list:
+    return [(to_dict(p.cfg), p.replicate) for p in job]
 
 
 # --- local: a pool of worker processes ------------------------------------------------------------------
@@ -99,10 +109,10 @@ def _worker_main(tasks, results, spec_dict: Dict, sweep_dir: str, device: str, t
             continue
         if item is None:
             return
-        cfg_dict, replicate = item
-        st = run_one(SweepPoint(build_config(TrainConfig, cfg_dict), replicate), spec, sweep_dir, device)
-        results.put(st)
-        if st["status"] in STOP_STATUSES:
+        statuses = run_job(_points(item), spec, sweep_dir, device)
+        for st in statuses:
+            results.put(st)
+        if any(st["status"] in STOP_STATUSES for st in statuses):
             return
 
 
@@ -120,28 +130,41 @@ def _stop_workers(procs, grace: float) -> None:
             p.join(5)
 
 
+def worker_devices(device: str, n: int) -> List[str]:
+    """The device of each of ``n`` local workers: on a GPU machine workers are spread round-robin over
+    the visible GPUs, so more workers than GPUs pack several small runs onto each GPU."""
+    import torch
+
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        return [f"cuda:{k % count}" for k in range(n)]
+    return [device] * n
+
+
 @launcher("local", options=("workers",))
-def local(points: List[SweepPoint], spec, sweep_dir, device="auto", progress=True, workers=None, grace=30.0):
+def local(jobs: List[List[SweepPoint]], spec, sweep_dir, device="auto", progress=True, workers=None, grace=30.0):
     """A pool of worker processes on this machine (spawned, so no forked OpenMP state)."""
     import multiprocessing as mp
 
     from embedcache.config import to_dict as as_dict
 
-    n = max(1, min(workers or spec.workers, len(points) or 1))
+    total = sum(map(len, jobs))
+    n = max(1, min(workers or spec.workers, len(jobs) or 1))
     threads = max(1, (os.cpu_count() or 1) // n)
+    devices = worker_devices(device, n)
     ctx = mp.get_context("spawn")
     tasks, results = ctx.Queue(), ctx.Queue()
-    for p in points:
-        tasks.put((as_dict(p.cfg), p.replicate))
+    for job in jobs:
+        tasks.put(_as_items(job))
     for _ in range(n):
         tasks.put(None)
-    procs = [ctx.Process(target=_worker_main, args=(tasks, results, as_dict(spec), sweep_dir, device, threads),
-                         daemon=True) for _ in range(n)]
+    procs = [ctx.Process(target=_worker_main, args=(tasks, results, as_dict(spec), sweep_dir, devices[k], threads),
+                         daemon=True) for k in range(n)]
     for p in procs:
         p.start()
-    bar, out = Progress(len(points), progress), []
+    bar, out = Progress(total, progress), []
     try:
-        while len(out) < len(points):
+        while len(out) < total:
             if interrupt.requested():
                 break
             try:
@@ -184,8 +207,8 @@ def _check_reachable(address: str, timeout: float = 3.0) -> None:
                           "host:6379) or leave it out for a local Ray instance") from None
 
 
-def _ray_task(cfg_dict: Dict, replicate: int, spec_dict: Dict, sweep_dir: str, device: str, threads: int,
-              cwd: Optional[str] = None) -> Dict[str, str]:
+def _ray_task(items: list, spec_dict: Dict, sweep_dir: str, device: str, threads: int,
+              cwd: Optional[str] = None) -> List[Dict[str, str]]:
     import torch
 
     from . import SweepSpec
@@ -193,11 +216,11 @@ def _ray_task(cfg_dict: Dict, replicate: int, spec_dict: Dict, sweep_dir: str, d
     if cwd:
         os.chdir(cwd)  # Ray workers start elsewhere; stores and sweep dirs may be relative paths
     torch.set_num_threads(threads)
-    return run_one(SweepPoint(build_config(TrainConfig, cfg_dict), replicate), SweepSpec(**spec_dict), sweep_dir, device)
+    return run_job(_points(items), SweepSpec(**spec_dict), sweep_dir, device)
 
 
 @launcher("ray", options=("address",))
-def ray_launcher(points: List[SweepPoint], spec, sweep_dir, device="auto", progress=True, address=None):
+def ray_launcher(jobs: List[List[SweepPoint]], spec, sweep_dir, device="auto", progress=True, address=None):
     """The same runs as Ray tasks (per-run CPU/GPU request from ``resources``; fractional GPUs pack
     several runs on one GPU) on a cluster at ``address``, or on a local Ray instance started here
     and shut down at the end. Needs ``pip install '.[ray]'``."""
@@ -219,9 +242,8 @@ def ray_launcher(points: List[SweepPoint], spec, sweep_dir, device="auto", progr
     res = dict(spec.resources)
     task = ray.remote(num_cpus=res.get("num_cpus", 1), num_gpus=res.get("num_gpus", 0), max_retries=0)(_ray_task)
     threads = max(1, int(res.get("num_cpus", 1)))
-    pending = [task.remote(to_dict(p.cfg), p.replicate, to_dict(spec), sweep_dir, device, threads, os.getcwd())
-               for p in points]
-    bar, out = Progress(len(points), progress), []
+    pending = [task.remote(_as_items(job), to_dict(spec), sweep_dir, device, threads, os.getcwd()) for job in jobs]
+    bar, out = Progress(sum(map(len, jobs)), progress), []
     try:
         while pending:
             if interrupt.requested():
@@ -236,11 +258,11 @@ def ray_launcher(points: List[SweepPoint], spec, sweep_dir, device="auto", progr
                 break
             ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)
             for ref in ready:
-                st = ray.get(ref)
-                out.append(st)
-                bar.update(st, len(pending))
-                if st["status"] in STOP_STATUSES:
-                    interrupt.request()
+                for st in ray.get(ref):
+                    out.append(st)
+                    bar.update(st, len(pending))
+                    if st["status"] in STOP_STATUSES:
+                        interrupt.request()
     finally:
         bar.close()
         if started:

@@ -49,7 +49,7 @@ def result_path(sweep_dir: str, run_name: str) -> Path:
 def run_one(point: SweepPoint, spec, sweep_dir: str, device: str = "auto", teacher=None) -> Dict[str, str]:
     """Train (or resume) and score one run; returns {"run", "status", "error"}."""
     from ..scoring import score_run
-    from ..train import RunInterrupted, train
+    from ..train import train
 
     cfg = point.cfg
     run = RunDir(cfg.out)
@@ -82,3 +82,62 @@ def run_one(point: SweepPoint, spec, sweep_dir: str, device: str = "auto", teach
             except OSError:
                 pass
             return {"run": run.name, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+
+
+def run_job(job, spec, sweep_dir: str, device: str = "auto", teacher=None):
+    """A job: one run, or a pack of head-only runs trained together (their statuses, one per run)."""
+    if len(job) == 1:
+        return [run_one(job[0], spec, sweep_dir, device, teacher=teacher)]
+    return run_pack(job, spec, sweep_dir, device)
+
+
+def run_pack(points, spec, sweep_dir: str, device: str = "auto"):
+    """Claim the runs of a pack, train the unfinished ones together (``heads.train_heads``), then
+    score each and write its results, as ``run_one`` does for one run."""
+    from contextlib import ExitStack
+
+    from ..heads import train_heads
+    from ..scoring import score_run
+
+    out, todo = [], []
+    with ExitStack() as stack:
+        for p in points:
+            run = RunDir(p.cfg.out)
+            if result_path(sweep_dir, run.name).exists():
+                out.append({"run": run.name, "status": "skipped"})
+            elif interrupt.requested():
+                out.append({"run": run.name, "status": "interrupted"})
+            elif not stack.enter_context(Claim(run.path)):
+                out.append({"run": run.name, "status": "busy"})
+            else:
+                todo.append(p)
+        try:
+            for p in todo:
+                run = RunDir(p.cfg.out)
+                run.path.mkdir(parents=True, exist_ok=True)
+                with open(run.file("attempts.jsonl"), "a") as fh:
+                    fh.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(),
+                                         "pack": len(todo)}) + "\n")
+            train_heads([p.cfg for p in todo if not RunDir(p.cfg.out).done], log=lambda _m: None,
+                        should_stop=interrupt.requested)
+            for p in todo:
+                run = RunDir(p.cfg.out)
+                df = score_run(run, [spec.protocol], p.cfg.store, device, finetune_steps=spec.finetune_steps,
+                               tags={"variant": variant(p.cfg, spec.grid), "replicate": p.replicate})
+                atomic_write(result_path(sweep_dir, run.name), lambda tmp, df=df: df.to_parquet(tmp, index=False))
+                out.append({"run": run.name, "status": "done"})
+        except KeyboardInterrupt:
+            out += [{"run": RunDir(p.cfg.out).name, "status": "interrupted"} for p in todo
+                    if not result_path(sweep_dir, RunDir(p.cfg.out).name).exists()]
+        except Exception as exc:
+            status = "disk_full" if is_disk_full(exc) else "failed"
+            for p in todo:
+                run = RunDir(p.cfg.out)
+                if not result_path(sweep_dir, run.name).exists():
+                    if status == "failed":
+                        try:
+                            atomic_write_text(run.file("error.txt"), "".join(traceback.format_exception(exc)))
+                        except OSError:
+                            pass
+                    out.append({"run": run.name, "status": status, "error": f"{type(exc).__name__}: {exc}"})
+    return out

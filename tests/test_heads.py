@@ -1,0 +1,92 @@
+"""Packs of heads (issue 12): head-only runs that differ in seed, learning rate and weight decay,
+trained together as one vectorised model, end where separate runs end."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from embedcache.errors import ConfigError
+from embedcache.students.config import OptimConfig, StudentConfig, TrainConfig
+from embedcache.students.features import cache_features
+from embedcache.students.heads import pack_key, train_heads
+from embedcache.students.models import build_student
+from embedcache.students.train import train
+
+from conftest import quiet
+
+
+@pytest.fixture(scope="module")
+def feature_store(synthetic_store, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("heads")
+    store = tmp / "store.zarr"
+    shutil.copytree(synthetic_store, store)
+    torch.manual_seed(5)
+    weights = tmp / "backbone.safetensors"
+    save_file({k: v.contiguous() for k, v in build_student(StudentConfig(name="test_resnet"), 32).backbone.state_dict().items()},
+              str(weights))
+    student = StudentConfig(name="test_resnet", input_size=32, pretrained=str(weights))
+    cache_features(str(store), student, device="cpu", progress=False, log=quiet)
+    return store, student
+
+
+def _cfg(store, student, out, recipe, seed, lr, wd=0.01, name="adamw", batch_size=8):
+    return TrainConfig(store=str(store), recipe=recipe, student=student, features=True, steps=30, batch_size=batch_size,
+                       eval_every=10, ckpt_every=10, seed=seed, optim=OptimConfig(name=name, lr=lr, weight_decay=wd),
+                       out=str(out), progress=False, device="cpu")
+
+
+@pytest.mark.parametrize("recipe,opt", [("vl2v_adip_align", "adamw"), ("linear_probe", "adam"), ("linear_probe", "sgd")])
+def test_a_pack_ends_where_separate_runs_end(feature_store, tmp_path, recipe, opt):
+    store, student = feature_store
+    grid = [(0, 1e-2, 0.01), (1, 3e-3, 0.0), (2, 1e-2, 0.1)]
+    packed = [_cfg(store, student, tmp_path / f"pack{k}", recipe, s, lr, wd, opt) for k, (s, lr, wd) in enumerate(grid)]
+    alone = [_cfg(store, student, tmp_path / f"alone{k}", recipe, s, lr, wd, opt) for k, (s, lr, wd) in enumerate(grid)]
+    assert len({pack_key(c) for c in packed}) == 1
+    got = train_heads(packed, log=quiet)
+    for p, a, r in zip(packed, alone, got):
+        ref = train(a, log=quiet)
+        wp, wa = load_file(f"{p.out}/model.safetensors"), load_file(f"{a.out}/model.safetensors")
+        assert set(wp) == set(wa)
+        for k in wa:
+            torch.testing.assert_close(wp[k], wa[k], atol=2e-5, rtol=1e-4)
+        assert r.val_top1 == pytest.approx(ref.val_top1)
+        mp = [json.loads(ln) for ln in open(f"{p.out}/metrics.jsonl")]
+        ma = [json.loads(ln) for ln in open(f"{a.out}/metrics.jsonl")]
+        assert [m["step"] for m in mp] == [m["step"] for m in ma]
+        for x, y in zip(mp, ma):
+            assert x["lr"] == pytest.approx(y["lr"]) and x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-6)
+        assert (tmp_path / p.out / "done").exists()
+
+
+def test_runs_that_differ_in_more_than_seed_and_lr_do_not_pack(feature_store, tmp_path):
+    store, student = feature_store
+    a = _cfg(store, student, tmp_path / "a", "linear_probe", 0, 1e-2)
+    b = _cfg(store, student, tmp_path / "b", "linear_probe", 0, 1e-2, batch_size=4)
+    assert pack_key(a) != pack_key(b)
+    with pytest.raises(ConfigError, match="differ only in seed, optim.lr, optim.weight_decay"):
+        train_heads([a, b], log=quiet)
+
+
+def test_a_sweep_packs_heads_and_scores_like_one_run_at_a_time(feature_store, tmp_path):
+    import pandas as pd
+    import yaml
+
+    from embedcache.students.sweep import expand, load_sweep, make_jobs, run_sweep
+
+    store, student = feature_store
+    spec = {"store": str(store), "protocol": "lodo", "holdout_domains": ["outline"], "launcher": "serial",
+            "base": {"recipe": "vl2v_adip_align", "features": True, "steps": 20, "batch_size": 8, "eval_every": 10,
+                     "device": "cpu", "student": {"name": "test_resnet", "input_size": 32, "pretrained": student.pretrained}},
+            "grid": {"seed": [0, 1, 2], "optim.lr": [1e-3, 1e-2]}}
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(spec))
+    packed = load_sweep(str(f), ["pack_heads=true"])
+    jobs = make_jobs(expand(packed, str(tmp_path / "a")), True)
+    assert [len(j) for j in jobs] == [6]  # one pack of six heads
+    a = run_sweep(packed, str(tmp_path / "a"), progress=False, log=quiet)["results"]
+    b = run_sweep(load_sweep(str(f)), str(tmp_path / "b"), progress=False, log=quiet)["results"]
+    key = ["run", "protocol", "split", "domain", "metric"]
+    a, b = a.sort_values(key).reset_index(drop=True), b.sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a[key + ["value"]], b[key + ["value"]], atol=1e-6)
