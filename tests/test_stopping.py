@@ -1,0 +1,209 @@
+"""Stopping well (issues 18 and 19): a finished run keeps its result, not its resume state; a full disk
+anywhere is one line, leaves no partial file and stops a sweep resumably; Ctrl-C and SIGTERM stop a
+sweep on every launcher within seconds, leave no process behind, and the same command resumes to the
+results an uninterrupted sweep gives."""
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from embedcache.cli import main
+from embedcache.errors import DiskFullError
+from embedcache.students.config import StudentConfig, TrainConfig
+from embedcache.students.train import train
+
+from conftest import quiet
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = ["run", "protocol", "split", "domain", "metric"]
+
+
+def _cfg(store, out, **kw):
+    base = dict(store=str(store), recipe="feat_kd", student=StudentConfig(name="test_resnet", input_size=32), steps=8,
+                batch_size=8, eval_every=4, ckpt_every=2, out=str(out), progress=False, device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _no_temp_files(folder: Path):
+    return [p.name for p in Path(folder).rglob("*") if p.name.endswith(".tmp") or ".tmp" in p.name]
+
+
+def test_a_finished_run_keeps_its_result_not_its_resume_state(synthetic_store, tmp_path):
+    res = train(_cfg(synthetic_store, tmp_path / "lean"), log=quiet)
+    files = {p.name for p in Path(res.out).iterdir()}
+    assert files == {"config.json", "split.json", "metrics.jsonl", "model.safetensors", "summary.json", "done"}
+    size = sum(p.stat().st_size for p in Path(res.out).iterdir())
+    weights = (Path(res.out) / "model.safetensors").stat().st_size
+    assert size < weights * 1.1  # the run is its weights plus a few kilobytes of text
+    kept = train(_cfg(synthetic_store, tmp_path / "kept", keep_checkpoint=True), log=quiet)
+    assert (Path(kept.out) / "checkpoint.pt").exists()
+
+
+def _full_after(monkeypatch, target, attr, n_ok, match=None):
+    """Make ``target.attr`` raise ENOSPC after ``n_ok`` calls (whose first argument path contains ``match``)."""
+    real = getattr(target, attr)
+    calls = []
+
+    def flaky(*args, **kwargs):
+        where = str(args[1] if len(args) > 1 else kwargs.get("f", kwargs.get("filename", "")))
+        if match is None or match in where:
+            calls.append(where)
+            if len(calls) > n_ok:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(target, attr, flaky)
+    return lambda: monkeypatch.setattr(target, attr, real)
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "weights"])
+def test_a_full_disk_in_training_is_one_line_and_resumable(synthetic_store, tmp_path, monkeypatch, where):
+    import safetensors.torch
+
+    reference = train(_cfg(synthetic_store, tmp_path / "ref"), log=quiet)
+    if where == "checkpoint":
+        free = _full_after(monkeypatch, torch, "save", 2)  # the third checkpoint finds the disk full
+    else:
+        free = _full_after(monkeypatch, safetensors.torch, "save_file", 0)
+    run = tmp_path / "full"
+    with pytest.raises(DiskFullError, match=f"disk full while writing {run}; .* rerun the same command to resume"):
+        train(_cfg(synthetic_store, run), log=quiet)
+    assert not (run / "done").exists() and not _no_temp_files(run)
+    assert (run / "checkpoint.pt").exists()  # the last good checkpoint is kept: resumable
+    free()
+    again = train(_cfg(synthetic_store, run), log=quiet)
+    assert again.resumed_from == (4 if where == "checkpoint" else 8)
+    a, b = load_file(f"{reference.out}/model.safetensors"), load_file(f"{again.out}/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _sweep_file(tmp_path, store, steps=6, every=1, **changes):
+    spec = {"store": str(store), "protocol": "lodo", "holdout_domains": ["outline"],
+            "base": {"student": {"name": "test_resnet", "input_size": 32}, "steps": steps, "batch_size": 8,
+                     "eval_every": 3 * every, "ckpt_every": every, "device": "cpu"},
+            "grid": {"recipe": ["feat_kd", "ce"], "seed": [0]}, "launcher": "serial"}
+    spec.update(changes)
+    path = tmp_path / f"sweep-{steps}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_a_full_disk_at_the_results_table_stops_the_sweep_resumably(synthetic_store, tmp_path, monkeypatch):
+    f = _sweep_file(tmp_path, synthetic_store)
+    ref = CliRunner().invoke(main, ["sweep", str(f), "--out", str(tmp_path / "ref"), "--no-progress"])
+    assert ref.exit_code == 0, ref.output
+    free = _full_after(monkeypatch, pd.DataFrame, "to_parquet", 0, match="results")
+    out = tmp_path / "full"
+    res = CliRunner().invoke(main, ["sweep", str(f), "--out", str(out), "--no-progress"])
+    assert res.exit_code == 75, res.output
+    last = res.output.strip().splitlines()[-1]
+    assert last.startswith("error: disk full while writing") and "0 of 2 runs finished" in last
+    assert not list(out.glob("runs/*/error.txt"))  # not the run's own failure
+    assert len(list(out.glob("runs/*/attempts.jsonl"))) == 1  # no new run was started after it
+    assert not _no_temp_files(out)
+    free()
+    again = CliRunner().invoke(main, ["sweep", str(f), "--out", str(out), "--no-progress"])
+    assert again.exit_code == 0, again.output
+    a = pd.read_parquet(tmp_path / "ref" / "results.parquet").sort_values(KEY).reset_index(drop=True)
+    b = pd.read_parquet(out / "results.parquet").sort_values(KEY).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a[KEY + ["value"]], b[KEY + ["value"]])
+
+
+# --- Ctrl-C and SIGTERM ----------------------------------------------------------------------------
+def _session_alive(sid: int) -> list:
+    """Processes (other than zombies) whose session is ``sid``: the sweep and everything it started."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":  # fields: state, ppid, pgrp, session, ...
+            alive.append(int(stat.parent.name))
+    return alive
+
+
+def _ray_daemons() -> int:
+    n = 0
+    for cmd in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmd.read_bytes().decode(errors="ignore")
+        except OSError:
+            continue
+        n += ("raylet" in text or "gcs_server" in text)
+    return n
+
+
+def _start(f, out, launcher, extra=()):
+    cmd = [sys.executable, "-m", "embedcache.cli", "sweep", str(f), "--out", str(out), "--no-progress",
+           "--launcher", launcher, *extra]
+    # a process started in the background by a non-interactive shell ignores SIGINT: restore the default
+    return subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def _wait_for_training(out: Path, timeout=240):
+    """Until a run has written its split (its training loop starts next), plus a moment."""
+    end = time.time() + timeout
+    while time.time() < end:
+        if list(out.glob("runs/*/split.json")):
+            time.sleep(1.0)
+            return
+        time.sleep(0.1)
+    raise AssertionError("no run started training in time")
+
+
+@pytest.fixture(scope="module")
+def slow_sweep(synthetic_store, tmp_path_factory):
+    """Runs long enough to be stopped mid-training, and their uninterrupted results."""
+    tmp = tmp_path_factory.mktemp("stop")
+    f = _sweep_file(tmp, synthetic_store, steps=200, every=25)
+    ref = CliRunner().invoke(main, ["sweep", str(f), "--out", str(tmp / "ref"), "--no-progress"])
+    assert ref.exit_code == 0, ref.output
+    return f, pd.read_parquet(tmp / "ref" / "results.parquet").sort_values(KEY).reset_index(drop=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher,how", [("serial", "SIGINT"), ("local", "SIGINT"), ("local", "SIGTERM"),
+                                          ("ray", "SIGINT")])
+def test_a_stopped_sweep_exits_in_seconds_leaves_nothing_and_resumes(slow_sweep, tmp_path, launcher, how):
+    if launcher == "ray":
+        pytest.importorskip("ray", reason="Ray is not installed: pip install '.[ray]'")
+    f, ref = slow_sweep
+    out = tmp_path / "sw"
+    extra = ["--workers", "2"] if launcher == "local" else []
+    proc = _start(f, out, launcher, extra)
+    _wait_for_training(out)
+    sent = time.time()
+    if how == "SIGINT":
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
+    else:
+        proc.send_signal(signal.SIGTERM)  # what a scheduler does: the sweep's own process
+    text = proc.communicate(timeout=120)[0].decode()
+    took = time.time() - sent
+    assert proc.returncode == 130, text
+    assert took < 30, f"took {took:.1f} s to stop"
+    assert "interrupted:" in text and "runs finished; rerun the same command to resume" in text
+    deadline = time.time() + 10
+    while _session_alive(proc.pid) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _session_alive(proc.pid), "a process of the sweep is still running"
+    if launcher == "ray":
+        assert _ray_daemons() == 0, "the Ray instance the sweep started is still running"
+    assert not list(out.glob("runs/*/done")) or len(list(out.glob("results/*.parquet"))) < 2
+    again = _start(f, out, launcher, extra)
+    text = again.communicate(timeout=600)[0].decode()
+    assert again.returncode == 0, text
+    got = pd.read_parquet(out / "results.parquet").sort_values(KEY).reset_index(drop=True)
+    pd.testing.assert_frame_equal(ref[KEY + ["value"]], got[KEY + ["value"]])
