@@ -10,9 +10,13 @@ import torch.nn.functional as F
 
 from ..config import TeacherConfig
 from ..errors import TeacherLoadError
+from ..views import normalize
 from ._base import TEACHERS, Teacher, file_sha256, resolve_device
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+# bf16 / fp16 mean the weights themselves in that dtype (open_clip's pure_* modes): measured on an
+# H100, pure bf16 weights run ViT-B/16 at 10,000 images/s against 5,300-6,500 under autocast.
+PURE = {"bf16": "pure_bf16", "fp16": "pure_fp16"}
 
 
 def _load_hint() -> str:
@@ -42,7 +46,8 @@ class OpenClipTeacher(Teacher):
             with torch.random.fork_rng(devices=[]):  # random weights are the same every time; the caller's RNG is untouched
                 torch.manual_seed(0)
                 model = open_clip.create_model(
-                    self.model_name, pretrained=self.pretrained, precision=self.precision, device=self.device,
+                    self.model_name, pretrained=self.pretrained, precision=PURE.get(self.precision, self.precision),
+                    device=self.device,
                     require_pretrained=self.pretrained is not None or self.model_name.startswith(("hf-hub:", "local-dir:")),
                     weights_only=True)
             self.tokenizer = open_clip.get_tokenizer(self.model_name)
@@ -78,7 +83,7 @@ class OpenClipTeacher(Teacher):
     def identity(self) -> Dict[str, Any]:
         return {"name": self.registry_name, "model": self.model_name if not self.model_name.startswith("local-dir:") else "local-dir",
                 "pretrained": self._weights_identity(), "model_config_sha256": self._config_hash,
-                "precision": self.precision}
+                "precision": PURE.get(self.precision, self.precision)}
 
     def describe(self) -> Dict[str, Any]:
         # the path to reload from is recorded for humans and helpers, but kept out of the key
@@ -89,6 +94,13 @@ class OpenClipTeacher(Teacher):
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.model.encode_image(x.to(self.device, self._dtype, non_blocking=True))
         return F.normalize(feats.float(), dim=-1).cpu()
+
+    @torch.no_grad()
+    def embed_views(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) uint8 views -> (B, D) float32, L2-normalised, left on the teacher's device:
+        extraction copies it to the host asynchronously, so a batch never waits for the last one."""
+        x = normalize(x.to(self.device, non_blocking=True).float().div_(255.0), self.mean, self.std)
+        return F.normalize(self.model.encode_image(x.to(self._dtype)).float(), dim=-1)
 
     @torch.no_grad()
     def encode_text(self, texts: List[str]) -> torch.Tensor:
