@@ -167,3 +167,14 @@ def test_ray_launcher_matches_local(synthetic_store, tmp_path, monkeypatch):
     a, b = a.sort_values(key).reset_index(drop=True), b.sort_values(key).reset_index(drop=True)
     pd.testing.assert_frame_equal(a[key + ["value"]], b[key + ["value"]])
     assert set(LAUNCHERS.names()) == {"local", "ray", "serial"}
+
+
+def test_per_recipe_settings_apply_to_that_recipe_only(synthetic_store, tmp_path):
+    spec = load_sweep(str(_sweep_file(tmp_path, synthetic_store, per_recipe={"ce": {"steps": 9, "optim": {"lr": 0.5}}})))
+    points = expand(spec, str(tmp_path / "x"))
+    ce = [p.cfg for p in points if p.cfg.recipe == "ce"]
+    kd = [p.cfg for p in points if p.cfg.recipe == "feat_kd"]
+    assert ce and all(c.steps == 9 and c.optim.lr == 0.5 for c in ce)
+    assert kd and all(c.steps == 4 and c.optim.lr == 1e-3 for c in kd)
+    with pytest.raises(ConfigError, match="unknown recipe 'cee'"):
+        expand(load_sweep(str(_sweep_file(tmp_path, synthetic_store, per_recipe={"cee": {"steps": 1}}))), str(tmp_path / "y"))

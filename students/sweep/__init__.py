@@ -47,6 +47,7 @@ class SweepSpec:
     protocol: str = setting("lodo", choices=PROTOCOLS_TRAINED)  # lodo: one run per held-out domain
     base: Dict[str, Any] = field(default_factory=dict)   # TrainConfig settings shared by every run
     grid: Dict[str, Any] = field(default_factory=dict)  # dotted TrainConfig key -> values to cross
+    per_recipe: Dict[str, Any] = field(default_factory=dict)  # recipe -> settings for its runs only (e.g. features)
     holdout_domains: Optional[List[str]] = None  # lodo: default every domain of the store
     unseen_fraction: float = setting(0.5, gt=0.0, max=0.99)  # open_vocab / few_shot: share of classes held out
     split_seed: int = 0
@@ -86,10 +87,26 @@ def _splits(spec: SweepSpec, reader) -> List[Dict]:
     return [{"train_classes": [reader.classes[i] for i in seen]}]
 
 
+def _flat(d: Dict, prefix: str = "") -> Dict[str, Any]:
+    """{"optim": {"lr": 1}} -> {"optim.lr": 1}."""
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def expand(spec: SweepSpec, sweep_dir: str) -> List[SweepPoint]:
     """Every run of the grid, each config built and validated (types, ranges, registry names, text
     source), before anything runs; an incomplete or damaged store is refused here too."""
+    from ..recipes import RECIPES
+
     keys = sorted(spec.grid)
+    for name in spec.per_recipe:
+        if name not in RECIPES:
+            raise ConfigError(f"per_recipe: {RECIPES.unknown(name)}")
     for k in keys:
         if not isinstance(spec.grid[k], list) or not spec.grid[k]:
             raise ConfigError(f"sweep grid entry {k!r} must be a non-empty list of values")
@@ -102,14 +119,14 @@ def expand(spec: SweepSpec, sweep_dir: str) -> List[SweepPoint]:
             data = apply_overrides({**spec.base, "store": spec.store}, [])
             data.setdefault("split", {}).update(split)
             data = apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in zip(keys, values)])
+            extra = spec.per_recipe.get(data.get("recipe", TrainConfig.recipe), {})
+            data = apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in _flat(extra).items()])
             data["progress"] = False
             where = ", ".join(f"{k}={v}" for k, v in zip(keys, values)) or "base"
             try:
                 cfg = build_config(TrainConfig, data)
             except ConfigError as exc:
                 raise ConfigError(f"sweep run ({where}): {exc}") from None
-            from ..recipes import RECIPES
-
             src = cfg.text_source or RECIPES.get(cfg.recipe).text_source
             if src not in sources:
                 raise ConfigError(f"sweep run ({where}): text source {src!r} is not in {spec.store} "
