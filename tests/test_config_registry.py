@@ -52,3 +52,13 @@ def test_shipped_train_configs_load(path):
 
     cfg = load_config(TrainConfig, str(path))
     assert cfg.store and cfg.recipe in RECIPES
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs" / "sweep").glob("*.yaml")))
+def test_every_shipped_sweep_validates(name, synthetic_store, tmp_path):
+    """Every run of every packaged sweep builds a valid config (on the synthetic store in place of its own)."""
+    from embedcache.students.sweep import expand, load_sweep
+
+    spec = load_sweep(name, [f"store={synthetic_store}"])
+    points = expand(spec, str(tmp_path / "s"))
+    assert points and len({p.cfg.out for p in points}) == len(points)
