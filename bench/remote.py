@@ -125,7 +125,7 @@ def compare(local_cfg: TeacherConfig, tmp: Path, args, reuse: bool) -> dict:
         out["local_views_per_s"] = n_views / min(local_s)
         out["remote_views_per_s"] = n_views / min(remote_s)
         with Store(str(tmp / "local0.zarr")) as a, Store(str(tmp / "remote0.zarr")) as b:
-            out["identical_embeddings"] = bool((a.b.read("image/emb") == b.b.read("image/emb")).all())
+            out["identical_embeddings"] = bool(np.array_equal(a.read("image/emb"), b.read("image/emb")))
             usage = b.manifest["teacher_usage"]
         out["remote_usage"] = {k: usage[k] for k in ("requests", "queries", "images", "bytes", "retries")}
         out["bytes_per_view"] = usage["bytes"] / max(1, usage["images"])
