@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
