@@ -35,10 +35,20 @@ def setting(default: Any = _NO_DEFAULT, *, factory: Optional[Callable[[], Any]] 
     return field(default=default, metadata=meta)
 
 
+def lazy_registry(module: str, name: str) -> Callable[[], Any]:
+    """For ``setting(choices=...)``: the registry ``module.name``, imported only when a value is
+    checked (config modules sit below the modules that define registries)."""
+    def get():
+        import importlib
+
+        return getattr(importlib.import_module(module), name)
+    return get
+
+
 # --- the extraction stage ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DatasetConfig:
-    name: str = setting("synthetic", choices=lambda: _registry("embedcache.datasets", "DATASETS"))
+    name: str = setting("synthetic", choices=lazy_registry("embedcache.datasets", "DATASETS"))
     path: Optional[str] = None       # root folder or CSV file, relative to the working folder
     max_per_class: Optional[int] = setting(None, min=1)  # keep the first k images of each (domain, class)
     # synthetic only
@@ -51,7 +61,7 @@ class DatasetConfig:
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    name: str = setting("conse", choices=lambda: _registry("embedcache.teachers", "TEACHERS"))
+    name: str = setting("conse", choices=lazy_registry("embedcache.teachers", "TEACHERS"))
     model: Optional[str] = None      # open_clip name, 'hf-hub:org/repo' or 'local-dir:/path'; conse: classifier
     pretrained: Optional[str] = None  # tag or local weights file (None: seeded random weights)
     model_config: Optional[str] = None    # a JSON architecture file registered before creating
@@ -60,7 +70,7 @@ class TeacherConfig:
     topk: Optional[int] = setting(None, min=1)  # conse: ImageNet classes mixed per image (None = all)
     # remote: an embedding service (teachers/remote). teacher.model is the model name sent to it. The key
     # is read from the environment variable or file named here, never written in a config or manifest.
-    protocol: str = setting("embedcache", choices=lambda: _registry("embedcache.teachers.remote", "PROTOCOLS"))
+    protocol: str = setting("embedcache", choices=lazy_registry("embedcache.teachers.remote", "PROTOCOLS"))
     url: Optional[str] = None        # base URL: http://host:8000 (embedcache), http://host:7997 (infinity)
     api_key_env: Optional[str] = None  # variable holding the key (None: EMBEDCACHE_API_KEY, if set)
     api_key_file: Optional[str] = None  # or a file holding it
@@ -102,7 +112,7 @@ class CanvasConfig:
 
 @dataclass(frozen=True)
 class TextConfig:
-    sources: Tuple[str, ...] = setting(("name", "templates"), choices=lambda: _registry("embedcache.text", "TEXT_SOURCES"))
+    sources: Tuple[str, ...] = setting(("name", "templates"), choices=lazy_registry("embedcache.text", "TEXT_SOURCES"))
     templates: str = "short7"        # bundled set (openai80 | short7) or a text file, one per line
     attributes: Optional[str] = None  # bundled set (pacs | synthetic) or a JSON file class -> [str]
 
@@ -128,10 +138,6 @@ class ExtractConfig:
     progress: bool = True
 
 
-def _registry(module: str, name: str):
-    import importlib
-
-    return getattr(importlib.import_module(module), name)
 
 
 # --- building and checking ------------------------------------------------------------------------
@@ -281,7 +287,7 @@ def build_config(cls, data: Dict[str, Any], prefix: str = ""):
     return cfg
 
 
-def _parse_yaml(text: str, where: str) -> Any:
+def parse_yaml(text: str, where: str) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -298,7 +304,7 @@ def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str,
         if "=" not in item:
             raise ConfigError(f"--set {item!r} is not key=value; write e.g. --set views.count=4")
         key, raw = item.split("=", 1)
-        value = _parse_yaml(raw, f"--set {item!r}") if raw.strip() else None
+        value = parse_yaml(raw, f"--set {item!r}") if raw.strip() else None
         set_path(data, key.strip(), value)
     return data
 
@@ -344,16 +350,20 @@ def config_text(kind: str, name_or_path: str) -> Tuple[str, str]:
                       f"(packaged: {names}; `embedcache configs` lists them)")
 
 
+def read_config_file(kind: str, name_or_path: str) -> Tuple[Dict[str, Any], str]:
+    """(the settings of a config file or packaged config, where they came from)."""
+    text, where = config_text(kind, name_or_path)
+    data = parse_yaml(text, where) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must hold a mapping of settings, not {type(data).__name__}")
+    return data, where
+
+
 def load_config(cls, path: Optional[str] = None, overrides: Sequence[str] = (), kind: str = "extract",
                 values: Optional[Dict[str, Any]] = None):
     """Any stage's config: YAML file or packaged name (optional) + ``key=value`` overrides + typed
     ``values`` (dotted keys, applied as given) -> frozen, validated dataclass."""
-    data: Dict[str, Any] = {}
-    if path is not None:
-        text, where = config_text(kind, path)
-        data = _parse_yaml(text, where) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{where} must hold a mapping of settings, not {type(data).__name__}")
+    data: Dict[str, Any] = read_config_file(kind, path)[0] if path is not None else {}
     data = apply_overrides(data, overrides)
     for key, value in (values or {}).items():
         if value is not None:

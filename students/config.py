@@ -9,16 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-from embedcache.config import setting
+from embedcache.config import lazy_registry, setting
 from embedcache.errors import ConfigError
 
 
 def _reg(module: str, name: str):
-    def names():
-        import importlib
-
-        return getattr(importlib.import_module(f"embedcache.students.{module}"), name)
-    return names
+    return lazy_registry(f"embedcache.students.{module}", name)
 
 
 @dataclass(frozen=True)

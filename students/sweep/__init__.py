@@ -22,7 +22,7 @@ import pandas as pd
 import yaml
 
 from embedcache import interrupt, open_store
-from embedcache.config import _parse_yaml, apply_overrides, build_config, config_text, setting, to_dict
+from embedcache.config import apply_overrides, build_config, read_config_file, setting, to_dict
 from embedcache.errors import ConfigError, DiskFullError
 from embedcache.evaluate.protocols import seeded_class_split
 from embedcache.fileio import atomic_write, atomic_write_text, disk_full_error, is_disk_full
@@ -60,10 +60,7 @@ class SweepSpec:
 
 
 def load_sweep(path: str, overrides=()) -> SweepSpec:
-    text, where = config_text("sweep", path)
-    data = _parse_yaml(text, where) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where} must hold a mapping of sweep settings")
+    data, where = read_config_file("sweep", path)
     data = apply_overrides(data, overrides)
     if "store" not in data:
         raise ConfigError(f"{where} needs `store:` (a store made by `embedcache extract`)")
