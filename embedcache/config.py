@@ -138,8 +138,6 @@ class ExtractConfig:
     progress: bool = True
 
 
-
-
 # --- building and checking ------------------------------------------------------------------------
 def to_dict(cfg: Any) -> Dict[str, Any]:
     """A JSON-ready nested dict (tuples become lists)."""
