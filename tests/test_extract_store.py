@@ -74,6 +74,10 @@ def test_views_rebuilt_from_store_equal_teacher_input(make_cfg, tiny_teacher):
             seen.append(x.clone())
             return tiny_teacher.encode_pixels(x)
 
+        def embed_views(self, x):  # the path extraction takes when the teacher has it
+            seen.append(x.clone())
+            return tiny_teacher.embed_views(x)
+
     cfg = make_cfg("spy.zarr", "views.count=4")
     extract(cfg, teacher=Spy(), log=quiet)
     fed = torch.cat(seen).view(-1, 4, 3, tiny_teacher.input_size, tiny_teacher.input_size)

@@ -66,7 +66,7 @@ def test_open_clip_bf16_weights_take_fp32_inputs(tiny_teacher_cfg, tiny_teacher)
     t = build_teacher(replace(tiny_teacher_cfg, precision="bf16"))
     x = torch.rand(2, 3, t.input_size, t.input_size)
     got = t.encode_image(x)
-    assert got.dtype == torch.float32 and t.identity()["precision"] == "bf16"
+    assert got.dtype == torch.float32 and t.identity()["precision"] == "pure_bf16"  # weights in bf16, not autocast
     torch.testing.assert_close(got, tiny_teacher.encode_image(x), atol=0.05, rtol=0)
 
 
