@@ -11,7 +11,8 @@ ARGS ?=
 .DEFAULT_GOAL := help
 TRAIN_CONFIG ?= configs/train/demo.yaml
 SWEEP ?= configs/sweep/demo.yaml
-.PHONY: help install extract inspect train sweep report test bench clean clean-runs clean-stores
+SYNTH ?= configs/synthesize/pacs-contrastive.yaml
+.PHONY: help install extract inspect train sweep report test bench clean clean-runs clean-stores synthesize
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-13s %s\n", $$1, $$2}'
@@ -39,6 +40,9 @@ sweep: $(VENV)/.installed ## run a sweep (SWEEP=..., default: the demo over stor
 	$(VENV)/bin/embedcache extract --config configs/extract/demo.yaml --no-progress
 	$(VENV)/bin/embedcache sweep $(SWEEP) $(ARGS)
 
+synthesize: $(VENV)/.installed ## synthesise a store from class names (SYNTH=configs/synthesize/<name>.yaml; ARGS for --set/--out)
+	$(VENV)/bin/embedcache synthesize --config $(SYNTH) $(ARGS)
+
 report: $(VENV)/.installed ## markdown tables and plots of a sweep (SWEEP_DIR=sweeps/demo)
 	$(VENV)/bin/embedcache report $(or $(SWEEP_DIR),sweeps/demo)
 
@@ -51,6 +55,8 @@ bench: $(VENV)/.installed ## run the benchmarks under bench/ (tables printed, JS
 	$(PY) bench/evaluate.py
 	$(VENV)/bin/embedcache extract --config configs/extract/demo.yaml --no-progress
 	$(PY) bench/sweep.py
+	$(PY) bench/remote.py
+	$(PY) bench/synthesize.py
 
 clean: ## remove caches only: .pytest_cache, __pycache__, bench/results (keeps stores, runs, sweeps and .venv)
 	rm -rf .pytest_cache bench/results

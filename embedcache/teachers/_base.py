@@ -1,7 +1,8 @@
 """What every teacher provides: image and text encoders into one L2-normalised space."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List, Tuple
 
 import torch
 
@@ -61,3 +62,67 @@ class Teacher:
         """Manifest entry: identity, embedding dimension, preprocessing and how to reload it."""
         return {**self.identity(), "embed_dim": self.embed_dim, "preprocessing": self.preprocessing(),
                 "context_length": self.context_length}
+
+    # --- gradients, for data-free synthesis (embedcache.synthesis) --------------------------------------
+    # Synthesis optimises images, and learns style pseudo-words, through the teacher's encoders, so it
+    # needs gradients. A teacher that gives them sets ``differentiable = True`` and implements the
+    # methods below; a black box (a remote teacher answers with embeddings only) keeps the default and
+    # synthesis refuses it, saying ``no_gradients_reason``.
+    differentiable: bool = False
+    no_gradients_reason: str = "it gives no gradients through its encoders"
+
+    def encode_image_grad(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, 3, H, W) float on ``device``, normalised. Returns (B, D) float32, L2-normalised, on
+        ``device``, differentiable in x (any size the encoder takes; its weights are not trained)."""
+        raise NotImplementedError(f"teacher {self.registry_name!r}: {self.no_gradients_reason}")
+
+    def _token_embedding(self) -> torch.nn.Module:
+        """The text encoder's input token embedding layer."""
+        raise NotImplementedError(f"teacher {self.registry_name!r}: {self.no_gradients_reason}")
+
+    def _word_ids(self, word: str) -> List[int]:
+        """The token ids of one word, without special tokens."""
+        raise NotImplementedError(f"teacher {self.registry_name!r}: {self.no_gradients_reason}")
+
+    def token_table(self) -> torch.Tensor:
+        """(vocab, W) float32, detached: the text encoder's input token embeddings."""
+        return self._token_embedding().weight.detach().float()
+
+    def word_embeddings(self, words: List[str]) -> torch.Tensor:
+        """(len(words), W) float32, detached: each word's input token embedding (the mean of its
+        sub-word tokens' embeddings when the tokenizer splits it)."""
+        table = self.token_table()
+        return torch.stack([table[self._word_ids(w)].mean(0) for w in words])
+
+    def encode_text_styled(self, texts: List[str], styles: torch.Tensor, placeholder: str = "*") -> torch.Tensor:
+        """Texts with one pseudo-word each: the input token embedding of ``placeholder`` in texts[t]
+        is replaced by styles[t] ((T, W) float). Returns (T, D) float32, L2-normalised, on ``device``,
+        differentiable in ``styles``."""
+        raise NotImplementedError(f"teacher {self.registry_name!r}: {self.no_gradients_reason}")
+
+
+@contextmanager
+def replaced_tokens(embedding: torch.nn.Module, ids: torch.Tensor, placeholder_id: int,
+                    styles: torch.Tensor) -> Iterator[None]:
+    """While inside, ``embedding`` (the text encoder's token embedding layer) returns ``styles[t]``
+    at the position of ``placeholder_id`` in row t of ``ids`` ((T, L) token ids; one placeholder
+    per row), so gradients reach the styles and the rest of the encoder runs unchanged."""
+    mask = ids == placeholder_id
+    counts = mask.sum(1)
+    if not bool((counts == 1).all()):
+        bad = int((counts != 1).nonzero()[0, 0])
+        raise ValueError(f"text {bad} holds the style placeholder {int(counts[bad])} times; it needs it exactly once")
+    if styles.shape[0] != ids.shape[0]:
+        raise ValueError(f"{styles.shape[0]} style vectors for {ids.shape[0]} texts")
+
+    def hook(_module, _inputs, out):
+        if out.shape[:2] != mask.shape:  # not our call
+            return out
+        m = mask.to(out.device)[..., None]
+        return torch.where(m, styles.to(out.device, out.dtype)[:, None, :], out)
+
+    handle = embedding.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..config import TeacherConfig
 from ..errors import ConfigError, TeacherLoadError
 from ..pretrained import LITE_MEAN, LITE_STD, lite_name, load_efficientnet_lite
-from ._base import TEACHERS, Teacher, file_sha256, resolve_device
+from ._base import TEACHERS, Teacher, file_sha256, replaced_tokens, resolve_device
 
 IMAGENET_PROMPT = "a photo of a {}"
 
@@ -31,6 +31,7 @@ class ConseTeacher(Teacher):
     mean = LITE_MEAN
     std = LITE_STD
     interpolation = "bicubic"
+    differentiable = True  # a local classifier and a local sentence encoder
 
     def __init__(self, cfg: TeacherConfig):
         try:
@@ -55,7 +56,8 @@ class ConseTeacher(Teacher):
         self.context_length = int(self.sentence.max_seq_length)
         info = ImageNetInfo()
         names = [info.index_to_description(i).split(",")[0].strip() for i in range(info.num_classes())]
-        self.imagenet_words = self.encode_text([IMAGENET_PROMPT.format(n) for n in names]).to(self.device)  # (1000, D)
+        # (1000, D); cloned out of the sentence encoder's inference mode so image gradients can pass it
+        self.imagenet_words = self.encode_text([IMAGENET_PROMPT.format(n) for n in names]).to(self.device).clone()
         self.embed_dim = int(self.imagenet_words.shape[1])
 
     def identity(self) -> Dict[str, Any]:
@@ -67,11 +69,32 @@ class ConseTeacher(Teacher):
 
     @torch.no_grad()
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encode_image_grad(x).cpu()
+
+    def encode_image_grad(self, x: torch.Tensor) -> torch.Tensor:
         probs = self.classifier(x.to(self.device, torch.float32)).softmax(-1)  # (B, 1000)
         if self.topk is not None and self.topk < probs.shape[1]:
             vals, idx = probs.topk(self.topk, dim=-1)
-            probs = torch.zeros_like(probs).scatter_(-1, idx, vals)
-        return F.normalize(probs @ self.imagenet_words, dim=-1).cpu()
+            probs = torch.zeros_like(probs).scatter(-1, idx, vals)
+        return F.normalize(probs @ self.imagenet_words, dim=-1)
+
+    # the sentence encoder's (a BERT's) word embeddings: a style pseudo-word is injected there, before
+    # the position embeddings and the first LayerNorm, as a token of the vocabulary would be
+    def _token_embedding(self) -> torch.nn.Module:
+        return self.sentence[0].auto_model.get_input_embeddings()
+
+    def _word_ids(self, word: str) -> List[int]:
+        return list(self.sentence.tokenizer(word, add_special_tokens=False)["input_ids"])
+
+    def encode_text_styled(self, texts: List[str], styles: torch.Tensor, placeholder: str = "*") -> torch.Tensor:
+        ids = self._word_ids(placeholder)
+        if len(ids) != 1:
+            raise ConfigError(f"style placeholder {placeholder!r} is {len(ids)} tokens for this tokenizer; pick one that is one")
+        prep = getattr(self.sentence, "preprocess", None) or self.sentence.tokenize
+        features = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in prep(list(texts)).items()}
+        with replaced_tokens(self._token_embedding(), features["input_ids"], ids[0], styles):
+            out = self.sentence(features)["sentence_embedding"]
+        return F.normalize(out.float(), dim=-1)
 
     @torch.no_grad()
     def encode_text(self, texts: List[str]) -> torch.Tensor:

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from ..config import TeacherConfig
-from ..errors import TeacherLoadError
+from ..errors import ConfigError, TeacherLoadError
 from ..views import normalize
-from ._base import TEACHERS, Teacher, file_sha256, resolve_device
+from ._base import TEACHERS, Teacher, file_sha256, replaced_tokens, resolve_device
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # bf16 / fp16 mean the weights themselves in that dtype (open_clip's pure_* modes): measured on an
@@ -27,6 +27,7 @@ def _load_hint() -> str:
 @TEACHERS.register("open_clip")
 class OpenClipTeacher(Teacher):
     registry_name = "open_clip"
+    differentiable = True  # image and text towers are local torch modules
 
     def __init__(self, cfg: TeacherConfig):
         import open_clip
@@ -106,6 +107,35 @@ class OpenClipTeacher(Teacher):
     def encode_text(self, texts: List[str]) -> torch.Tensor:
         tokens = self.tokenizer(texts).to(self.device)
         return F.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu()
+
+    # --- gradients (data-free synthesis) -------------------------------------------------------------
+    def encode_image_grad(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.model.encode_image(x.to(self.device, self._dtype)).float(), dim=-1)
+
+    def _token_embedding(self) -> torch.nn.Module:
+        for owner in (self.model, getattr(self.model, "text", None)):
+            emb = getattr(owner, "token_embedding", None)
+            if isinstance(emb, torch.nn.Embedding):
+                return emb
+        text = getattr(self.model, "text", None)
+        if text is not None and hasattr(getattr(text, "transformer", None), "get_input_embeddings"):
+            return text.transformer.get_input_embeddings()  # a Hugging Face text tower
+        raise TeacherLoadError(f"open_clip model {self.model_name!r}: cannot find its text token embeddings, "
+                               "so style pseudo-words cannot be injected; use a CLIP-style text tower")
+
+    def _word_ids(self, word: str) -> List[int]:
+        tok = self.tokenizer
+        if hasattr(tok, "encode") and hasattr(tok, "sot_token_id"):
+            return list(tok.encode(word))
+        return list(tok.tokenizer(word, add_special_tokens=False)["input_ids"])
+
+    def encode_text_styled(self, texts: List[str], styles: torch.Tensor, placeholder: str = "*") -> torch.Tensor:
+        ids = self._word_ids(placeholder)
+        if len(ids) != 1:
+            raise ConfigError(f"style placeholder {placeholder!r} is {len(ids)} tokens for this tokenizer; pick one that is one")
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        with replaced_tokens(self._token_embedding(), tokens, ids[0], styles):
+            return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
 
     def count_tokens(self, texts: List[str]) -> List[int]:
         tok = self.tokenizer

@@ -1,0 +1,30 @@
+"""``embedcache synthesize``: a store of synthesised images from class names (data-free distillation)."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import click
+
+from ._app import main, overrides_option
+
+
+@main.command()
+@click.option("--config", "config_path", required=True,
+              help="a YAML file, or the name of a packaged synthesize config (`embedcache configs`)")
+@click.option("--out", help="store path (.zarr folder, or .h5 for HDF5)")
+@overrides_option
+@click.option("--no-progress", is_flag=True, help="no progress bars")
+def synthesize(config_path: str, out: Optional[str], overrides: Sequence[str], no_progress: bool) -> None:
+    """Synthesise images for class names with diversified prompts, optimised against the teacher, and
+    write them as an ordinary store (resumes if interrupted; a complete store is a no-op)."""
+    from embedcache import interrupt
+    from embedcache.synthesis import load_synthesize_config, synthesize as run
+
+    cfg = load_synthesize_config(config_path, overrides, {"out": out, "progress": False if no_progress else None})
+    with interrupt.graceful(lambda _s: click.echo("stopping after this batch's iteration; finished blocks are kept "
+                                                  "(Ctrl-C again to stop at once)", err=True)):
+        res = run(cfg, log=click.echo)
+    if not res.skipped:
+        rate = res.images / res.seconds if res.seconds > 0 else 0.0
+        click.echo(f"{res.images} images synthesised in {res.seconds:.1f}s ({rate:.3f} images/s); "
+                   f"store {'complete' if res.complete else 'partial'}: {res.path}")

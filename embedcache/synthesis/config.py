@@ -1,0 +1,112 @@
+"""The synthesis stage's frozen, validated config (``embedcache synthesize --config NAME``).
+
+Everything that changes the synthesised images goes into the store's cache key (the manifest's
+``synthesis`` section, see ``run.key_settings``); batch size, block size, output path and progress do not.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+from ..config import CanvasConfig, TeacherConfig, TextConfig, ViewsConfig, lazy_registry, setting
+from ..errors import ConfigError
+
+# Domain names of the usual domain-generalisation benchmarks (PACS, DomainNet, OfficeHome): a style
+# word naming one of them describes a test domain, so a store made with it says so in its manifest.
+DEFAULT_TEST_DOMAINS = ("art_painting", "cartoon", "photo", "sketch", "clipart", "infograph", "quickdraw",
+                        "painting", "product")
+
+
+def _registry(module: str, name: str):
+    return lazy_registry(f"embedcache.synthesis.{module}", name)
+
+
+@dataclass(frozen=True)
+class PromptsConfig:
+    """How prompts are diversified (``prompts.py``). Every method but ``plain`` puts a style
+    pseudo-word ``placeholder`` into ``template``; its token embedding is a style vector."""
+    method: str = setting("contrastive", choices=_registry("prompts", "PROMPTS"))
+    k: int = setting(16, min=1)                    # styles (plain: 1); image j of a class gets style j mod k
+    template: str = "a * style of a {}"            # '*' is the style pseudo-word, {} the class name
+    placeholder: str = "*"
+    plain_template: str = "a photo of a {}"        # the `plain` method's prompt
+    words: Optional[Tuple[str, ...]] = None        # mix: style words (None: prompts.STYLE_WORDS, no domain names)
+    mix_words: int = setting(2, min=1)             # mix: words per mixture, weights ~ Dirichlet(1)
+    mix_level: str = setting("token", choices=("token", "sentence"))  # mix token embeddings, or sentence embeddings
+    random_sigma: Optional[float] = setting(None, gt=0.0)  # random: N(0, sigma^2 I); None: the token table's std
+    steps: int = setting(200, min=0)               # contrastive: Adam steps of the style vectors
+    lr: float = setting(0.01, gt=0.0)
+    tau: float = setting(0.07, gt=0.0)
+    content_weight: float = setting(1.0, min=0.0)  # weight of the term keeping each styled prompt its class
+    content_template: str = "{}"                   # contrastive: the class prompt the content term aims at
+    init_std: float = setting(0.02, gt=0.0)        # contrastive: styles start ~ N(0, init_std^2 I) (PromptStyler)
+    test_domains: Tuple[str, ...] = DEFAULT_TEST_DOMAINS  # words naming these are flagged as leaks
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.template.count(self.placeholder) != 1 or self.template.count("{}") != 1:
+            raise ConfigError(f"prompts.template={self.template!r} needs the placeholder {self.placeholder!r} once "
+                              "and one {} for the class name, e.g. 'a * style of a {}'")
+        for key in ("plain_template", "content_template"):
+            if getattr(self, key).count("{}") != 1:
+                raise ConfigError(f"prompts.{key}={getattr(self, key)!r} needs one {{}} for the class name")
+        if self.words is not None and not self.words:
+            raise ConfigError("prompts.words is empty; give style words, or leave it unset for the default list")
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """How each image is made and optimised (``image.py``, ``generators.py``)."""
+    generator: str = setting("fourier", choices=_registry("generators", "GENERATORS"))
+    decay: float = setting(1.0, min=0.0)           # fourier: spectrum scaled by 1 / frequency^decay
+    decorrelate: bool = True                       # fourier: colour-decorrelated channels
+    init_std: float = setting(0.01, min=0.0)       # fourier: initial spectrum ~ N(0, init_std^2)
+    iterations: int = setting(200, min=0)
+    lr: float = setting(0.05, gt=0.0)              # Adam on the generator's parameters
+    cutouts: int = setting(8, min=1)               # augmented views per image per iteration
+    cut_size: Optional[int] = setting(None, min=16)  # side the teacher sees them at (None: its input size)
+    cut_scale: Tuple[float, float] = setting((0.5, 1.0), gt=0.0, max=1.0)  # crop area fraction
+    cut_ratio: Tuple[float, float] = setting((3 / 4, 4 / 3), gt=0.0)
+    flip: bool = True
+    rotate: float = setting(10.0, min=0.0, max=180.0)  # degrees, uniform in +-rotate
+    translate: float = setting(0.05, min=0.0, max=0.5)  # fraction of the side, uniform in +-translate
+    noise: float = setting(0.05, min=0.0)          # Gaussian pixel noise, std ~ U(0, noise) per cutout
+    model: Optional[str] = None                    # diffusers_vae: a local diffusers folder (or its vae/ subfolder)
+    seed: int = 0
+
+    def check(self) -> None:
+        for name, (lo, hi) in (("cut_scale", self.cut_scale), ("cut_ratio", self.cut_ratio)):
+            if lo > hi:
+                raise ConfigError(f"image.{name}={[lo, hi]} is not valid: the first value must not exceed the second")
+
+
+@dataclass(frozen=True)
+class SynthesizeConfig:
+    classes: Tuple[str, ...] = ()                  # the class names: the only "data"
+    per_class: int = setting(16, min=1)            # images per class (balanced)
+    prompts: PromptsConfig = setting(factory=PromptsConfig)
+    image: ImageConfig = setting(factory=ImageConfig)
+    teacher: TeacherConfig = setting(factory=TeacherConfig)
+    views: ViewsConfig = setting(factory=ViewsConfig)
+    canvas: CanvasConfig = setting(factory=lambda: CanvasConfig(size=96))  # images are synthesised at this side
+    text: TextConfig = setting(factory=TextConfig)
+    out: Optional[str] = None
+    backend: Optional[str] = setting(None, choices=("zarr", "hdf5"))
+    # settings below never change the data, so they stay out of the cache key
+    batch_size: int = setting(8, min=1)            # images optimised together (each on its own)
+    block_rows: int = setting(64, min=1)           # rows written and marked done together (resume granularity)
+    progress: bool = True
+
+    def check(self) -> None:
+        names = [c.strip() for c in self.classes]
+        if not names:
+            raise ConfigError("classes is empty; give the class names to synthesise, e.g. --set classes=[dog,horse]")
+        if any(not c for c in names):
+            raise ConfigError("classes holds an empty name; every class needs a name")
+        seen = set()
+        for c in names:
+            if c in seen:
+                raise ConfigError(f"classes lists {c!r} twice; each class once (images per class: per_class)")
+            seen.add(c)
+        if not self.canvas.store:
+            raise ConfigError("canvas.store=false would drop the synthesised pixels, their only copy; keep canvas.store=true")

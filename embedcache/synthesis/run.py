@@ -1,0 +1,183 @@
+"""Synthesis as an extraction: ``synthesize(cfg)`` writes an ordinary store from class names alone.
+
+The "dataset" is a list of class names, ``per_class`` rows each (class-major, classes sorted as
+every store sorts them); row j of a class is synthesised towards style j mod K, and its domain says
+which style (``contrastive-03``). The reader (``SynthesisReader``) synthesises each batch's canvases
+and hands them to ``embedcache.extract.extract``, which draws and embeds the views, writes the row
+blocks, the class text embeddings and the manifest exactly as for real images. Row i depends on
+(seed, i) alone and batches never straddle a row block, so a killed synthesis resumes block-wise
+and ends with the same arrays. Every setting that changes the images is in the manifest's
+``synthesis`` section, which is part of the cache key; batch size and block size are not.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+
+from .. import interrupt
+from ..config import DatasetConfig, ExtractConfig, to_dict
+from ..datasets import ImageDataset, Sample
+from ..errors import ConfigError
+from ..extract import Batch, ExtractResult, ViewPolicy, extract, policy_of
+from ..extract.manifest import build_manifest
+from ..store import Store
+from ..teachers import TEACHERS, Teacher, build_teacher
+from ..text import build_prompts
+from ..views import to_uint8
+from .config import SynthesizeConfig
+from .generators import build_generator
+from .image import optimise
+from .prompts import StylePlan, build_plan
+
+SYNTHESIS_VERSION = 1  # bump when the same settings would make other images
+
+
+def require_gradients(teacher_or_name: Any) -> None:
+    """One line refusing a teacher without gradients (a black box), before it is loaded when given a name."""
+    cls = TEACHERS.get(teacher_or_name) if isinstance(teacher_or_name, str) else teacher_or_name
+    if not getattr(cls, "differentiable", False):
+        name = getattr(cls, "registry_name", "") or str(teacher_or_name)
+        reason = getattr(cls, "no_gradients_reason", "it gives no gradients")
+        raise ConfigError(f"teacher {name!r} cannot synthesise images: {reason}, and synthesis optimises images "
+                          "through the teacher's image encoder; use a local teacher (open_clip or conse)")
+
+
+def style_of(per_class: int, k: int, row: int) -> int:
+    return (row % per_class) % k
+
+
+def class_dataset(cfg: SynthesizeConfig, plan: StylePlan, section: Dict[str, Any]) -> ImageDataset:
+    """One sample per synthesised image: path '<method>/<class>/<j>.png' (no file), its class, and its
+    style as the domain."""
+    classes = sorted(c.strip() for c in cfg.classes)
+    width = max(2, len(str(plan.k - 1)))
+    samples = [Sample(f"{plan.method}/{c}/{j:05d}.png", c, f"{plan.method}-{j % plan.k:0{width}d}", "train", 0)
+               for c in classes for j in range(cfg.per_class)]
+
+    def no_file(i: int):
+        raise ConfigError("a synthesised store has no source images; its pixels are in the store (image/pixels)")
+
+    return ImageDataset("synthesis", None, samples, loader=no_file, extra_fingerprint={"synthesis": section})
+
+
+def key_settings(cfg: SynthesizeConfig, plan: StylePlan, generator, cut_size: int) -> Dict[str, Any]:
+    """The manifest's ``synthesis`` section: every setting that changes the images (in the cache key)."""
+    im = cfg.image
+    return {
+        "version": SYNTHESIS_VERSION,
+        "classes": sorted(c.strip() for c in cfg.classes),
+        "per_class": cfg.per_class,
+        "assignment": "rows class-major; image j of a class -> style j mod k",
+        "prompts": {**to_dict(cfg.prompts), "k": plan.k, "method": plan.method,
+                    "words": list(cfg.prompts.words) if cfg.prompts.words else None},
+        "plan": {**plan.info, "styles_digest": plan.digest(), "styles": plan.describe},
+        "leaks_test_domains": plan.info.get("leaks_test_domains", []),
+        "image": {"generator": generator.identity(), "synthesis_size": cfg.canvas.size,
+                  "iterations": im.iterations, "lr": im.lr, "optimizer": "adam", "seed": im.seed,
+                  "loss": "squared spherical distance, mean over cutouts, summed over images",
+                  "augment": {"cutouts": im.cutouts, "cut_size": cut_size, "cut_scale": list(im.cut_scale),
+                              "cut_ratio": list(im.cut_ratio), "flip": im.flip, "rotate_deg": im.rotate,
+                              "translate": im.translate, "noise": im.noise, "padding": "reflection",
+                              "resample": "bilinear"}},
+    }
+
+
+class SynthesisReader:
+    """An extraction reader: for each batch of rows, synthesise the canvases ((B, S, S, 3) uint8)
+    and draw the view parameters with the store's view policy, as ``LoaderReader`` does for files."""
+
+    def __init__(self, teacher: Teacher, plan: StylePlan, labels: np.ndarray, cfg: SynthesizeConfig,
+                 policy: ViewPolicy, generator, cut_size: int,
+                 on_batch: Optional[Callable[[np.ndarray, Any], None]] = None):
+        self.teacher, self.plan, self.labels, self.cfg, self.policy = teacher, plan, labels, cfg, policy
+        self.generator, self.cut_size, self.on_batch = generator, cut_size, on_batch
+
+    def batches(self, batches: List[List[int]]) -> Iterator[Batch]:
+        for rows in batches:
+            rows = np.asarray(rows, dtype=np.int64)
+            styles = np.array([style_of(self.cfg.per_class, self.plan.k, int(r)) for r in rows])
+            targets = self.plan.targets[torch.from_numpy(styles), torch.from_numpy(self.labels[rows])]
+            out = optimise(self.teacher, self.generator, targets, rows.tolist(), self.cfg.image, self.cut_size,
+                           should_stop=interrupt.requested, progress=self.cfg.progress)
+            if self.on_batch is not None:
+                self.on_batch(rows, out)
+            canvas = to_uint8(out.images.clamp(0, 1)).permute(0, 2, 3, 1).contiguous().cpu()
+            params = torch.from_numpy(np.stack([self.policy.params(int(i)) for i in rows]))
+            yield Batch(rows=rows, canvas=canvas, params=params, errors=[""] * len(rows))
+
+
+def extract_config(cfg: SynthesizeConfig) -> ExtractConfig:
+    """The extraction settings of a synthesis (its dataset section is unused: the rows are class names)."""
+    return ExtractConfig(dataset=DatasetConfig(), teacher=cfg.teacher, views=cfg.views, canvas=cfg.canvas,
+                         text=cfg.text, out=cfg.out, backend=cfg.backend, batch_size=cfg.batch_size,
+                         num_workers=0, block_rows=cfg.block_rows, progress=cfg.progress)
+
+
+@dataclass
+class Prepared:
+    """Everything a synthesis needs before it writes: the style plan, the generator, the manifest's
+    ``synthesis`` section, the class-name dataset, the extraction config and the reader."""
+    teacher: Teacher
+    plan: StylePlan
+    section: Dict[str, Any]
+    dataset: ImageDataset
+    ecfg: ExtractConfig
+    reader: SynthesisReader
+
+    def key(self) -> str:
+        """The cache key the store will have (without writing anything)."""
+        prompts = build_prompts(self.dataset.classes, self.ecfg.text)
+        return build_manifest(self.ecfg, self.dataset, self.teacher, prompts, extra={"synthesis": self.section})["key"]
+
+
+def prepare(cfg: SynthesizeConfig, teacher: Optional[Teacher] = None, log: Callable[[str], None] = print,
+            on_batch: Optional[Callable[[np.ndarray, Any], None]] = None) -> Prepared:
+    """Check the config and the teacher, plan the styles (learning them for ``contrastive``) and build
+    the parts; a teacher without gradients is refused before it is loaded."""
+    cfg.check()  # also for configs built in code, not by build_config
+    if not cfg.out:
+        raise ConfigError("no output store given; pass --out PATH (e.g. stores/pacs-contrastive.zarr)")
+    require_gradients(teacher if teacher is not None else cfg.teacher.name)
+    teacher = teacher or build_teacher(cfg.teacher)
+    require_gradients(teacher)
+    classes = sorted(c.strip() for c in cfg.classes)
+    plan = build_plan(teacher, classes, cfg.prompts, log)
+    if plan.info["leaks_test_domains"]:
+        log(f"note: the prompts name evaluation domains ({', '.join(plan.info['leaks_test_domains'])}); "
+            "the manifest records it (synthesis.leaks_test_domains)")
+    cut_size = cfg.image.cut_size or teacher.input_size
+    generator = build_generator(cfg.image, cfg.canvas.size, teacher.device)
+    section = key_settings(cfg, plan, generator, cut_size)
+    dataset = class_dataset(cfg, plan, section)
+    labels = np.array([dataset.label(i) for i in range(len(dataset))], dtype=np.int64)
+    ecfg = extract_config(cfg)
+    reader = SynthesisReader(teacher, plan, labels, cfg, policy_of(ecfg), generator, cut_size, on_batch)
+    return Prepared(teacher, plan, section, dataset, ecfg, reader)
+
+
+def synthesize(cfg: SynthesizeConfig, teacher: Optional[Teacher] = None,
+               on_block_done: Optional[Callable[[int], None]] = None, log: Callable[[str], None] = print,
+               on_batch: Optional[Callable[[np.ndarray, Any], None]] = None) -> ExtractResult:
+    """Write (resume, repair or skip) the store of synthesised images ``cfg`` describes.
+    ``on_batch(rows, Synthesised)`` sees each batch's images and losses (tests, benchmarks)."""
+    p = prepare(cfg, teacher, log, on_batch)
+    res = extract(p.ecfg, teacher=p.teacher, reader=p.reader, dataset=p.dataset,
+                  manifest_extra={"synthesis": p.section}, on_block_done=on_block_done, log=log)
+    if res.complete:
+        _keep_styles(res.path, cfg.backend, p.plan)
+    return res
+
+
+def _keep_styles(path: str, backend: Optional[str], plan: StylePlan) -> None:
+    """Derived arrays for analysts: ``synthesis_targets`` (K, C, D) and ``synthesis_styles`` (K, W)."""
+    with Store(path, "a", backend) as st:
+        have = st.derived()
+        if not have.get("synthesis_targets", {}).get("complete"):
+            st.put_derived("synthesis_targets", plan.targets.numpy().astype(np.float32),
+                           {"what": "text embedding each (style, class) image was pulled towards"})
+        if plan.styles is not None and not have.get("synthesis_styles", {}).get("complete"):
+            st.put_derived("synthesis_styles", plan.styles.numpy().astype(np.float32),
+                           {"what": "style pseudo-word token embeddings"})

@@ -1,0 +1,382 @@
+"""Data-free synthesis (embedcache.synthesis): prompt diversification, the image optimiser, and
+stores of synthesised images, on the tiny random open_clip teacher."""
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import embedcache
+from embedcache.config import apply_overrides, build_config, to_dict
+from embedcache.errors import ConfigError
+from embedcache.store import Store
+from embedcache.synthesis import (GENERATORS, PROMPTS, STYLE_WORDS, ImageConfig, PromptsConfig, SynthesizeConfig,
+                                  build_generator, build_plan, leaked_words, optimise, prepare, spherical_distance,
+                                  synthesize)
+from embedcache.synthesis.config import DEFAULT_TEST_DOMAINS
+from embedcache.synthesis.image import affine_thetas, augment
+from embedcache.synthesis.prompts import style_spread
+from embedcache.teachers import TEACHERS, Teacher
+from embedcache.views import normalize, render_views
+
+from conftest import quiet
+
+CLASSES = ["circle", "square", "triangle"]  # the synthetic dataset's first three classes
+ARRAYS = ["image/emb", "image/view_params", "image/pixels", "image/status"]
+
+
+@pytest.fixture
+def synth_cfg(tmp_path, tiny_teacher_cfg):
+    """synth_cfg(out, *overrides) -> SynthesizeConfig: 3 classes x 2 images, tiny sizes."""
+    def make(out: str = "syn.zarr", *overrides: str) -> SynthesizeConfig:
+        base = {"classes": CLASSES, "per_class": 2, "teacher": to_dict(tiny_teacher_cfg),
+                "prompts": {"method": "random", "k": 2, "steps": 3},
+                "image": {"iterations": 4, "cutouts": 2, "lr": 0.1},
+                "views": {"count": 2}, "canvas": {"size": 32}, "text": {"sources": ["name"]},
+                "out": str(tmp_path / out), "batch_size": 2, "block_rows": 2, "progress": False}
+        return build_config(SynthesizeConfig, apply_overrides(base, overrides))
+    return make
+
+
+@pytest.fixture(scope="module")
+def pooled_teacher(tmp_path_factory):
+    """The tiny random CLIP with average-pooled patch tokens. The conftest one reads its class token,
+    which in a random one-layer ViT barely depends on the pixels, so no image can move its embedding
+    far; pooling the patch tokens lets synthesis steer it, as a trained encoder's can be steered."""
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    from conftest import TINY_CLIP
+    from embedcache.config import TeacherConfig
+    from embedcache.teachers import build_teacher
+
+    cfg = json.loads(json.dumps(TINY_CLIP))
+    cfg["vision_cfg"]["pool_type"] = "avg"
+    folder = tmp_path_factory.mktemp("pooled_clip")
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**cfg)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {
+        "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "interpolation": "bicubic"}}))
+    return build_teacher(TeacherConfig(name="open_clip", model=f"local-dir:{folder}", device="cpu"))
+
+
+def _plan(teacher, method, **kw):
+    return build_plan(teacher, CLASSES, build_config(PromptsConfig, {"method": method, "k": 4, **kw}), quiet)
+
+
+# --- prompt diversification ----------------------------------------------------------------------------
+@pytest.mark.parametrize("method", PROMPTS.names())
+def test_each_method_gives_one_target_per_style_and_class(tiny_teacher, method):
+    plan = _plan(tiny_teacher, method, steps=3)
+    k = 1 if method == "plain" else 4
+    d, w = tiny_teacher.embed_dim, tiny_teacher.token_table().shape[1]
+    assert plan.targets.shape == (k, len(CLASSES), d) and plan.k == k
+    np.testing.assert_allclose(plan.targets.norm(dim=-1).numpy(), 1.0, atol=1e-5)
+    if method == "plain":
+        assert plan.styles is None
+    else:
+        assert plan.styles.shape == (k, w) and plan.styles.dtype == torch.float32
+    assert len(plan.describe) == k and len(plan.digest()) == 16
+    assert 0.0 <= plan.info["class_fidelity"] <= 1.0 and "leaks_test_domains" in plan.info
+
+
+def test_mix_weights_are_convex_and_sentence_level_has_no_pseudo_word(tiny_teacher):
+    plan = _plan(tiny_teacher, "mix", mix_words=3)
+    for line in plan.describe:
+        weights = [float(part.split()[0]) for part in line.split(" + ")]
+        assert len(weights) == 3 and all(w >= 0 for w in weights) and abs(sum(weights) - 1) < 2e-3
+    sent = _plan(tiny_teacher, "mix", mix_words=3, mix_level="sentence")
+    assert sent.styles is None and sent.targets.shape == plan.targets.shape
+    assert sent.describe == plan.describe  # same mixtures, mixed at another level
+    assert not torch.allclose(sent.targets, plan.targets)
+
+
+def test_contrastive_lowers_its_loss_and_spreads_the_styles(tiny_teacher):
+    plan = _plan(tiny_teacher, "contrastive", steps=25, lr=0.02)
+    info = plan.info
+    assert info["loss_end"] < info["loss_start"]
+    assert info["spread_end"] > info["spread_start"] + 0.05
+    assert info["spread"] == pytest.approx(info["spread_end"])
+
+
+def test_style_spread_is_zero_for_identical_styles_and_positive_otherwise():
+    same = F.normalize(torch.randn(1, 3, 8), dim=-1).expand(4, 3, 8)
+    assert style_spread(same) == pytest.approx(0.0, abs=1e-6)
+    assert style_spread(F.normalize(torch.randn(4, 3, 8), dim=-1)) > 0.5
+
+
+def test_injected_word_equals_the_word_and_gradients_reach_the_style(tiny_teacher):
+    word = tiny_teacher.word_embeddings(["circle"])  # one BPE token
+    styled = tiny_teacher.encode_text_styled(["a * style of a dog"], word)
+    plain = tiny_teacher.encode_text(["a circle style of a dog"]).to(styled.device)
+    torch.testing.assert_close(styled, plain, atol=1e-5, rtol=1e-5)
+    s = torch.zeros(1, word.shape[1], requires_grad=True)
+    (g,) = torch.autograd.grad(tiny_teacher.encode_text_styled(["a * style of a dog"], s).sum(), [s])
+    assert g.abs().sum() > 0
+    assert all(p.grad is None for p in tiny_teacher.model.parameters())
+
+
+def test_default_style_words_name_no_evaluation_domain_and_leaks_are_found():
+    assert leaked_words(STYLE_WORDS, DEFAULT_TEST_DOMAINS) == []
+    assert leaked_words(["neon", "sketchy", "oil painting", "Cartoon", "photograph", "art deco", "clay"],
+                        ["art_painting", "cartoon", "photo", "sketch"]) == \
+        ["Cartoon", "art deco", "oil painting", "photograph", "sketchy"]
+
+
+def test_a_store_made_with_leaking_words_says_so(tiny_teacher, synth_cfg):
+    p = prepare(synth_cfg("leak.zarr", "prompts.method=mix", "prompts.words=[neon,sketch,cartoon]"), tiny_teacher, quiet)
+    assert p.section["leaks_test_domains"] == ["cartoon", "sketch"]
+    clean = prepare(synth_cfg("clean.zarr", "prompts.method=mix"), tiny_teacher, quiet)
+    assert clean.section["leaks_test_domains"] == []
+    assert prepare(synth_cfg("plain.zarr", "prompts.method=plain"), tiny_teacher, quiet).section[
+        "leaks_test_domains"] == ["photo"]  # 'a photo of a {c}' names the photo domain
+
+
+# --- the image side ----------------------------------------------------------------------------------
+def test_spherical_distance_matches_numpy():
+    a, b = torch.randn(5, 7), torch.randn(5, 7)
+    an = a.numpy() / np.linalg.norm(a.numpy(), axis=1, keepdims=True)
+    bn = b.numpy() / np.linalg.norm(b.numpy(), axis=1, keepdims=True)
+    want = 2 * np.arcsin(np.linalg.norm(an - bn, axis=1) / 2) ** 2
+    np.testing.assert_allclose(spherical_distance(a, b).numpy(), want, rtol=1e-5, atol=1e-6)
+    assert float(spherical_distance(a[:1], a[:1])) == pytest.approx(0.0, abs=1e-6)
+    assert float(spherical_distance(a[:1], -a[:1])) == pytest.approx(math.pi ** 2 / 2, rel=1e-5)
+
+
+def test_identity_and_flip_cutouts_resample_exactly():
+    img = torch.rand(1, 3, 16, 16)
+    grid = lambda p: F.grid_sample(img, F.affine_grid(affine_thetas(np.array([p])), [1, 3, 16, 16], align_corners=False),
+                                   align_corners=False, padding_mode="reflection")
+    torch.testing.assert_close(grid([1, 1, 0, 0, 1, 0, 0]), img, atol=1e-5, rtol=0)
+    torch.testing.assert_close(grid([1, 1, 0, 0, -1, 0, 0]), img.flip(-1), atol=1e-5, rtol=0)
+
+
+def test_augmentations_depend_on_seed_row_and_iteration_only():
+    cfg = build_config(ImageConfig, {"cutouts": 3})
+    img = torch.rand(2, 3, 24, 24)
+    both = augment(img, [5, 9], 2, cfg, 0, 20)
+    assert both.shape == (6, 3, 20, 20)
+    torch.testing.assert_close(augment(img[1:], [9], 2, cfg, 0, 20), both[3:])  # batch-mates change nothing
+    assert not torch.equal(augment(img[1:], [9], 3, cfg, 0, 20), both[3:])
+
+
+@pytest.mark.parametrize("name", GENERATORS.names())
+def test_generators_render_images_from_per_image_seeds(name, tiny_teacher, tmp_path):
+    cfg = build_config(ImageConfig, {"generator": name})
+    if name == "diffusers_vae":
+        pytest.importorskip("diffusers", reason="diffusers is not installed (pip install diffusers)")
+        from diffusers import AutoencoderKL
+
+        AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                      up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=2, norm_num_groups=4,
+                      layers_per_block=1).save_pretrained(tmp_path / "vae")
+        cfg = build_config(ImageConfig, {"generator": name, "model": str(tmp_path / "vae")})
+    gen = build_generator(cfg, 16, torch.device("cpu"))
+    img = gen.render(gen.init([3, 4]))
+    assert img.shape == (2, 3, 16, 16) and float(img.detach().min()) >= 0 and float(img.detach().max()) <= 1
+    torch.testing.assert_close(gen.render(gen.init([4])), img[1:])
+    assert gen.identity()["name"] == name
+
+
+def test_each_image_ignores_its_batch_mates(pooled_teacher):
+    cfg = build_config(ImageConfig, {"iterations": 6, "cutouts": 2, "lr": 0.1})
+    gen = build_generator(cfg, 32, pooled_teacher.device)
+    targets = _plan(pooled_teacher, "plain").targets[0, :2]
+    two = optimise(pooled_teacher, gen, targets, [0, 1], cfg, 32)
+    assert two.images.shape == (2, 3, 32, 32) and (two.loss_end < two.loss_start).all()
+    one = optimise(pooled_teacher, gen, targets[1:], [1], cfg, 32)
+    torch.testing.assert_close(one.images, two.images[1:], atol=1e-4, rtol=0)
+
+
+# --- stores of synthesised images ---------------------------------------------------------------------
+def _arrays(path):
+    with embedcache.open_store(path) as s:
+        return {a: s.store.b.read(a) for a in ARRAYS}
+
+
+def test_synthesis_lowers_the_loss_and_the_teacher_recognises_its_images(pooled_teacher, synth_cfg):
+    """Above chance on a few classes: the teacher's zero-shot top-1 on the stored images, over the
+    class prompts they were made for (class names alone: 'a photo of a {c}.' embeddings of this
+    random text tower are 0.98 alike, too close for any image to tell apart)."""
+    cfg = synth_cfg("acc.zarr", "prompts.method=plain", "prompts.plain_template='{}'", "image.iterations=20",
+                    "batch_size=6", "block_rows=6")
+    losses = []
+    synthesize(cfg, teacher=pooled_teacher, log=quiet, on_batch=lambda rows, out: losses.append(out))
+    assert all((o.loss_end < o.loss_start - 0.2).all() for o in losses)
+    with embedcache.open_store(cfg.out) as s:
+        targets = s.store.read_derived("synthesis_targets")[0]  # (C, D): T('{c}')
+        emb = s.image_emb().astype(np.float32)
+        top1 = ((emb[:, 0] @ targets.T).argmax(1) == s.meta.label.to_numpy()).mean()
+    assert top1 >= 2 / 3  # chance: 1/3
+
+
+def test_synthesised_store_passes_the_store_checks_of_an_extracted_one(tiny_teacher, synth_cfg):
+    cfg = synth_cfg("full.zarr", "prompts.method=mix", "image.iterations=2")
+    res = synthesize(cfg, teacher=tiny_teacher, log=quiet)
+    assert res.complete and res.images == 6 and res.failed == 0
+    with embedcache.open_store(cfg.out) as s:
+        assert s.store.verify().ok
+        n, d = 6, tiny_teacher.embed_dim
+        emb = s.image_emb()
+        assert emb.shape == (n, 2, d) and emb.dtype == np.float16 and s.pixels().shape == (n, 32, 32, 3)
+        np.testing.assert_allclose(np.linalg.norm(emb.astype(np.float32), axis=-1), 1.0, atol=2e-3)
+        assert list(s.meta.columns) == ["index", "path", "class_name", "label", "domain", "split", "status", "reason"]
+        assert s.classes == CLASSES and (s.meta.groupby("class_name").size() == 2).all()
+        assert s.domains == ["mix-00", "mix-01"] and s.meta.path[1] == "mix/circle/00001.png"
+        assert s.meta.domain.tolist()[:2] == ["mix-00", "mix-01"]  # styles round-robin within a class
+        m = s.manifest
+        assert m["dataset"]["name"] == "synthesis" and m["synthesis"]["per_class"] == 2
+        assert m["synthesis"]["image"]["augment"]["cut_size"] == tiny_teacher.input_size
+        assert m["synthesis"]["prompts"]["k"] == 2 and len(m["synthesis"]["plan"]["styles"]) == 2
+        assert set(s.store.derived()) == {"synthesis_targets", "synthesis_styles"}
+        assert s.store.read_derived("synthesis_styles").shape == (2, tiny_teacher.token_table().shape[1])
+        # views were drawn and embedded as for real images: the teacher re-encoding them agrees
+        x = render_views(torch.from_numpy(s.pixels().copy()), torch.from_numpy(s.view_params().copy()),
+                         tiny_teacher.input_size, tiny_teacher.interpolation)
+        again = tiny_teacher.encode_image(normalize(x, tiny_teacher.mean, tiny_teacher.std).flatten(0, 1)).view(n, 2, d)
+        np.testing.assert_allclose(again.numpy(), emb.astype(np.float32), atol=3e-3)
+    assert synthesize(cfg, teacher=tiny_teacher, log=quiet).skipped  # a complete store is a no-op
+
+
+def test_a_recipe_trains_on_a_synthesised_store_and_is_scored_on_real_images(tiny_teacher, synth_cfg, synthetic_store,
+                                                                            tmp_path):
+    from embedcache.students.scoring import score_run
+    from embedcache.students.train import StudentConfig, TrainConfig, train
+
+    cfg = synth_cfg("train.zarr", "text.sources=[name,templates,attributes]", "text.attributes=synthetic")
+    synthesize(cfg, teacher=tiny_teacher, log=quiet)
+    run = tmp_path / "run"
+    train(TrainConfig(store=cfg.out, recipe="li_iccv23", student=StudentConfig(name="test_resnet", input_size=32),
+                      steps=3, batch_size=4, eval_every=3, ckpt_every=3, out=str(run), progress=False), log=quiet)
+    rows = score_run(str(run), ["lodo"], str(synthetic_store), transfer=True)
+    top1 = rows[rows.metric == "top1"]
+    assert set(top1.split) == {"zero_shot"} and set(top1.domain) == {"solid", "outline", "avg"}
+
+
+def test_a_killed_or_stopped_synthesis_resumes_to_the_same_arrays(tiny_teacher, synth_cfg):
+    from embedcache import interrupt
+    from embedcache.synthesis import SynthesisInterrupted
+
+    full = synth_cfg("full.zarr")
+    synthesize(full, teacher=tiny_teacher, log=quiet)
+    cut = synth_cfg("cut.zarr")
+
+    def kill(block):
+        raise KeyboardInterrupt  # after the first block is written, as a crash would
+
+    with pytest.raises(KeyboardInterrupt):
+        synthesize(cut, teacher=tiny_teacher, on_block_done=kill, log=quiet)
+    with Store(cut.out) as st:
+        assert not st.complete and st.blocks_done().tolist() == [True, False, False]
+    try:  # Ctrl-C: a stop request, seen at the next optimisation step
+        with pytest.raises(SynthesisInterrupted, match="rerun the same command to resume"):
+            synthesize(cut, teacher=tiny_teacher, on_batch=lambda rows, out: interrupt.request(), log=quiet)
+    finally:
+        interrupt.reset()
+    with Store(cut.out) as st:
+        assert st.blocks_done().tolist() == [True, True, False]
+    res = synthesize(cut, teacher=tiny_teacher, log=quiet)
+    assert res.complete and res.images == 2  # only the unfinished block was synthesised
+    a, b = _arrays(full.out), _arrays(cut.out)
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+    # a damaged store (a lost pixel chunk) is repaired by the same command: that block alone, same bytes
+    pixels = Path(cut.out) / "image" / "pixels"
+    chunk = next(p for p in sorted(pixels.rglob("*")) if p.is_file() and p.relative_to(pixels).parts[:2] == ("c", "1"))
+    chunk.unlink()
+    res = synthesize(cut, teacher=tiny_teacher, log=quiet)
+    assert res.repaired == 1 and res.images == 2
+    assert np.array_equal(_arrays(cut.out)["image/pixels"], a["image/pixels"])
+
+
+KEY_CHANGES = ["per_class=3", "classes=[circle,square,star]", "prompts.method=mix", "prompts.k=3", "prompts.seed=1",
+               "prompts.template='a * kind of a {}'", "prompts.random_sigma=0.5", "image.iterations=5",
+               "image.lr=0.2", "image.cutouts=3", "image.cut_size=24", "image.cut_scale=[0.6,1.0]", "image.flip=false",
+               "image.rotate=5", "image.translate=0.1", "image.noise=0.0", "image.decay=0.5",
+               "image.decorrelate=false", "image.init_std=0.02", "image.seed=1", "canvas.size=24", "views.count=3",
+               "prompts.test_domains=[sketch]"]
+
+
+def test_cache_key_changes_with_every_synthesis_setting_and_not_with_batch_size(tiny_teacher, synth_cfg):
+    base = prepare(synth_cfg(), tiny_teacher, quiet).key()
+    same = prepare(synth_cfg("other.zarr", "batch_size=5", "block_rows=3", "progress=true"), tiny_teacher, quiet).key()
+    assert same == base
+    keys = {c: prepare(synth_cfg("s.zarr", c), tiny_teacher, quiet).key() for c in KEY_CHANGES}
+    assert base not in keys.values()
+    assert len(set(keys.values())) == len(keys), [c for c in keys if list(keys.values()).count(keys[c]) > 1]
+    mix = {lvl: prepare(synth_cfg("m.zarr", "prompts.method=mix", f"prompts.mix_level={lvl}"), tiny_teacher,
+                        quiet).key() for lvl in ("token", "sentence")}
+    words = prepare(synth_cfg("m.zarr", "prompts.method=mix", "prompts.words=[neon,clay]"), tiny_teacher, quiet).key()
+    con = [prepare(synth_cfg("c.zarr", "prompts.method=contrastive", f"prompts.steps={s}"), tiny_teacher, quiet).key()
+           for s in (1, 2)]
+    assert len({*mix.values(), words, *con}) == 5
+
+
+# --- bad input ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("override,match", [
+    ("prompts.method=fancy", "prompts.method='fancy' is not valid: choose one of contrastive, mix, plain, random"),
+    ("classes=[]", "classes is empty"),
+    ("classes=[dog,cat,dog]", "classes lists 'dog' twice"),
+    ("image.generator=gan", "image.generator='gan' is not valid: choose one of diffusers_vae, fourier"),
+    ("prompts.template='a style of a {}'", "needs the placeholder '\\*' once"),
+])
+def test_bad_settings_are_one_line_errors(synth_cfg, override, match):
+    with pytest.raises(ConfigError, match=match) as err:
+        synth_cfg("x.zarr", override)
+    assert "\n" not in str(err.value)
+
+
+def test_contrastive_needs_two_classes(tiny_teacher, synth_cfg):
+    with pytest.raises(ConfigError, match="at least two classes"):
+        prepare(synth_cfg("x.zarr", "classes=[dog]", "prompts.method=contrastive"), tiny_teacher, quiet)
+
+
+def test_a_teacher_without_gradients_is_refused_in_one_line(synth_cfg, tiny_teacher):
+    class BlackBox(Teacher):
+        registry_name = "black_box"
+        no_gradients_reason = "it is a black box behind an HTTP API that answers embeddings only"
+
+        def __init__(self):
+            self.embed_dim, self.input_size, self.device = 32, 32, torch.device("cpu")
+
+    with pytest.raises(ConfigError, match="teacher 'black_box' cannot synthesise images: it is a black box .* use a "
+                                          "local teacher") as err:
+        synthesize(synth_cfg(), teacher=BlackBox(), log=quiet)
+    assert "\n" not in str(err.value)
+    if "remote" in TEACHERS:  # refused by name, before it is built (no server is contacted)
+        with pytest.raises(ConfigError, match="teacher 'remote' cannot synthesise images"):
+            synthesize(synth_cfg("r.zarr", "teacher.name=remote"), log=quiet)
+    assert tiny_teacher.differentiable and TEACHERS.get("conse").differentiable
+
+
+def test_cli_synthesize_writes_a_store_and_reports_errors_in_one_line(tmp_path, tiny_clip_dir):
+    from click.testing import CliRunner
+
+    from embedcache.cli import main
+
+    cfg = tmp_path / "syn.yaml"
+    cfg.write_text(f"""# tiny
+classes: [circle, square]
+per_class: 2
+prompts: {{method: mix, k: 2}}
+image: {{iterations: 2, cutouts: 2}}
+teacher: {{name: open_clip, model: 'local-dir:{tiny_clip_dir}', device: cpu}}
+views: {{count: 2}}
+canvas: {{size: 32}}
+text: {{sources: [name]}}
+""")
+    out = tmp_path / "cli.zarr"
+    res = CliRunner().invoke(main, ["synthesize", "--config", str(cfg), "--out", str(out), "--no-progress",
+                                    "--set", "batch_size=4"])
+    assert res.exit_code == 0, res.output
+    assert "4 images synthesised" in res.output and "store complete" in res.output
+    with embedcache.open_store(str(out)) as s:
+        assert s.manifest["synthesis"]["prompts"]["method"] == "mix" and len(s.meta) == 4
+    bad = CliRunner().invoke(main, ["synthesize", "--config", str(cfg), "--out", str(tmp_path / "b.zarr"),
+                                    "--set", "classes=[circle,circle]"])
+    assert bad.exit_code == 2 and bad.output.strip().count("\n") == 0 and "twice" in bad.output
