@@ -51,7 +51,7 @@ def inspect(store: str, as_json: bool) -> None:
     with Store(store) as st:
         if not st.complete:
             done = int(st.blocks_done().sum())
-            click.echo(f"{store}: incomplete ({done} of {st.num_blocks} blocks); rerun its extract command to finish")
+            click.echo(f"{store}: incomplete ({done} of {st.num_blocks} blocks); rerun its {st.producer} command to finish")
             sys.exit(1)
         summary = StoreReader(st).summary()
     if as_json:

@@ -232,7 +232,8 @@ def test_synthesised_store_passes_the_store_checks_of_an_extracted_one(tiny_teac
         m = s.manifest
         assert m["dataset"]["name"] == "synthesis" and m["synthesis"]["per_class"] == 2
         assert m["synthesis"]["image"]["augment"]["cut_size"] == tiny_teacher.input_size
-        assert m["synthesis"]["prompts"]["k"] == 2 and len(m["synthesis"]["plan"]["styles"]) == 2
+        assert m["synthesis"]["prompts"]["k"] == 2 and len(m["synthesis"]["styles"]) == 2
+        assert {"spread", "class_fidelity", "styles_digest"} <= set(m["synthesis_plan"])  # recorded, not keyed
         assert set(s.store.derived()) == {"synthesis_targets", "synthesis_styles"}
         assert s.store.read_derived("synthesis_styles").shape == (2, tiny_teacher.token_table().shape[1])
         # views were drawn and embedded as for real images: the teacher re-encoding them agrees
@@ -273,6 +274,8 @@ def test_a_killed_or_stopped_synthesis_resumes_to_the_same_arrays(tiny_teacher, 
         synthesize(cut, teacher=tiny_teacher, on_block_done=kill, log=quiet)
     with Store(cut.out) as st:
         assert not st.complete and st.blocks_done().tolist() == [True, False, False]
+    with pytest.raises(embedcache.EmbedcacheError, match="rerun the same `embedcache synthesize` command"):
+        embedcache.open_store(cut.out)  # a reader names the command that finishes it
     try:  # Ctrl-C: a stop request, seen at the next optimisation step
         with pytest.raises(SynthesisInterrupted, match="rerun the same command to resume"):
             synthesize(cut, teacher=tiny_teacher, on_batch=lambda rows, out: interrupt.request(), log=quiet)
@@ -315,6 +318,26 @@ def test_cache_key_changes_with_every_synthesis_setting_and_not_with_batch_size(
     con = [prepare(synth_cfg("c.zarr", "prompts.method=contrastive", f"prompts.steps={s}"), tiny_teacher, quiet).key()
            for s in (1, 2)]
     assert len({*mix.values(), words, *con}) == 5
+
+
+def test_cache_key_holds_settings_not_the_numbers_style_learning_computes(tiny_teacher, synth_cfg, monkeypatch):
+    """Learned styles differ in their last bits with the thread count; a resumed synthesis on another
+    machine must still find its store (the key names settings, as an extraction's names the teacher)."""
+    import embedcache.synthesis.run as run
+
+    cfg = synth_cfg("c.zarr", "prompts.method=contrastive")
+    base = prepare(cfg, tiny_teacher, quiet).key()
+    real = run.build_plan
+
+    def nudged(*args, **kw):
+        plan = real(*args, **kw)
+        plan.styles = plan.styles * (1 + 1e-6)
+        plan.targets = plan.targets * (1 + 1e-6)
+        plan.info = {k: v + 1e-9 if isinstance(v, float) else v for k, v in plan.info.items()}
+        return plan
+
+    monkeypatch.setattr(run, "build_plan", nudged)
+    assert prepare(cfg, tiny_teacher, quiet).key() == base
 
 
 # --- bad input ---------------------------------------------------------------------------------------------

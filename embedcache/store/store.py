@@ -103,8 +103,13 @@ class Store:
         if complete and not self.complete:
             done = int(self.blocks_done().sum())
             raise StoreError(f"store {self.path} is incomplete ({done} of {self.num_blocks} blocks written); "
-                             "rerun the same `embedcache extract` command to finish it")
+                             f"rerun the same `embedcache {self.producer}` command to finish it")
         return self
+
+    @property
+    def producer(self) -> str:
+        """The command that writes (and resumes) this store: ``synthesize`` or ``extract``."""
+        return "synthesize" if "synthesis" in self.manifest else "extract"
 
     # --- row blocks -------------------------------------------------------------------------------------
     def blocks_done(self) -> np.ndarray:

@@ -64,7 +64,10 @@ def class_dataset(cfg: SynthesizeConfig, plan: StylePlan, section: Dict[str, Any
 
 
 def key_settings(cfg: SynthesizeConfig, plan: StylePlan, generator, cut_size: int) -> Dict[str, Any]:
-    """The manifest's ``synthesis`` section: every setting that changes the images (in the cache key)."""
+    """The manifest's ``synthesis`` section: every setting that changes the images (in the cache key).
+    Settings only, never computed numbers: learned styles and their statistics differ in their last
+    bits with the thread count, as teacher embeddings do, and must not make a resumed run's store
+    "made from other inputs". They are recorded beside it (``plan_record``), outside the key."""
     im = cfg.image
     return {
         "version": SYNTHESIS_VERSION,
@@ -73,7 +76,7 @@ def key_settings(cfg: SynthesizeConfig, plan: StylePlan, generator, cut_size: in
         "assignment": "rows class-major; image j of a class -> style j mod k",
         "prompts": {**to_dict(cfg.prompts), "k": plan.k, "method": plan.method,
                     "words": list(cfg.prompts.words) if cfg.prompts.words else None},
-        "plan": {**plan.info, "styles_digest": plan.digest(), "styles": plan.describe},
+        "styles": plan.describe,
         "leaks_test_domains": plan.info.get("leaks_test_domains", []),
         "image": {"generator": generator.identity(), "synthesis_size": cfg.canvas.size,
                   "iterations": im.iterations, "lr": im.lr, "optimizer": "adam", "seed": im.seed,
@@ -171,9 +174,18 @@ def synthesize(cfg: SynthesizeConfig, teacher: Optional[Teacher] = None,
     return res
 
 
+def plan_record(plan: StylePlan) -> Dict[str, Any]:
+    """What the style plan computed (statistics, a digest of the style vectors): the manifest's
+    ``synthesis_plan``, recorded but not in the cache key."""
+    return {**plan.info, "styles_digest": plan.digest(), "styles": plan.describe}
+
+
 def _keep_styles(path: str, backend: Optional[str], plan: StylePlan) -> None:
-    """Derived arrays for analysts: ``synthesis_targets`` (K, C, D) and ``synthesis_styles`` (K, W)."""
+    """The plan's record in the manifest, and derived arrays for analysts: ``synthesis_targets``
+    (K, C, D) and ``synthesis_styles`` (K, W)."""
     with Store(path, "a", backend) as st:
+        if "synthesis_plan" not in st.manifest:
+            st.write_manifest({**st.manifest, "synthesis_plan": plan_record(plan)})
         have = st.derived()
         if not have.get("synthesis_targets", {}).get("complete"):
             st.put_derived("synthesis_targets", plan.targets.numpy().astype(np.float32),
