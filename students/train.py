@@ -347,6 +347,9 @@ class Trainer:
         summary = {"val_top1": val, "steps": self.cfg.steps, "selected": selected, "loop_seconds": loop_seconds,
                    "seconds": time.time() - t_start, "store_key": self.data.key, "recipe": self.recipe.name,
                    "student": self.cfg.student.name,
+                   # float reductions split over another thread count round differently: runs compare bit
+                   # for bit only at equal thread counts (and torch versions)
+                   "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(self.device),
                    "train_classes": [self.data.classes[i] for i in self.data.train_class_ids]}
         self.run_dir.finish(summary, keep_checkpoint=self.cfg.keep_checkpoint)
         return RunResult(str(self.run_dir.path), val, self.cfg.steps, time.time() - t_start, self.start, loop_seconds,

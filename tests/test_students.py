@@ -39,6 +39,8 @@ def test_every_recipe_trains_and_its_loss_goes_down(recipe, synthetic_store, tmp
         assert (tmp_path / "run" / f).exists()
     assert not (tmp_path / "run" / "checkpoint.pt").exists()  # resume state is dropped once the run is done
     assert json.loads((tmp_path / "run" / "config.json").read_text())["recipe"] == recipe
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["torch_threads"] == torch.get_num_threads() and summary["device"] == "cpu"  # what the bits depend on
 
 
 def test_student_view_is_the_teachers_view(synthetic_store, tiny_teacher):
