@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -30,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from embedcache.store import SCHEMA_VERSION, Store, add_text_arrays, plan_layout  # noqa: E402
 from embedcache.evaluate.index import SEARCH_ENV, LabelIndex, torch_blas_info, search_plan  # noqa: E402
 from embedcache.evaluate.store_eval import teacher_baselines  # noqa: E402
+from _common import write_json  # noqa: E402  (bench/ is on sys.path when a benchmark runs)
 
 
 def unit(x):
@@ -136,12 +136,10 @@ def main() -> None:
               f"{min(r['project_same_argmax'], r['faiss_same_argmax']):>12.4f}")
     print(f"\nend-to-end evaluation of a {args.queries:,}-image store (lodo + per_class + open_vocab): {e2e:.2f} s "
           f"(zero-shot top-1 {acc:.3f}, results record search = {', '.join(recorded)})")
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    out = Path(args.out) / "evaluate-cpu.json"
-    out.write_text(json.dumps({"index": rows, "end_to_end_s": e2e, "queries": args.queries, "dim": args.dim,
-                               "cpu": plan.cpu, "cores": cores, "search_path": rows[0]["path"],
-                               "search_reason": plan.reason, "blas": blas, "recorded_search": recorded}, indent=2))
-    print(f"wrote {out}")
+    write_json(Path(args.out) / "evaluate-cpu.json",
+               {"index": rows, "end_to_end_s": e2e, "queries": args.queries, "dim": args.dim, "cpu": plan.cpu,
+                "cores": cores, "search_path": rows[0]["path"], "search_reason": plan.reason, "blas": blas,
+                "recorded_search": recorded})
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ Random weights are fine for speed. Prints a table and writes JSON to bench/resul
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -40,6 +39,7 @@ from embedcache.config import DatasetConfig, ExtractConfig, TeacherConfig, TextC
 from embedcache.extract import extract  # noqa: E402
 from embedcache.store import SCHEMA_VERSION, Store, plan_layout  # noqa: E402
 from embedcache.teachers import build_teacher  # noqa: E402
+from _common import write_json  # noqa: E402  (bench/ is on sys.path when a benchmark runs)
 
 PACS = ROOT.parent / "shared" / "datasets" / "pacs"
 
@@ -199,11 +199,8 @@ def main() -> None:
     result = {"device": device, "model": args.model, "precision": args.precision, "batch": args.batch,
               "workers": args.workers, "images": n, "jpegs": args.jpegs, "host": platform.node(), "cpus": os.cpu_count(),
               "throughput": [{"what": a, "images_per_s": r, "ratio_vs_bare": q} for a, r, q in rows], "read": rd}
-    Path(args.out).mkdir(parents=True, exist_ok=True)
     tag = ("gpu" if teacher.device.type == "cuda" else "cpu") + f"-{args.model}-{args.precision}"
-    path = Path(args.out) / f"extract-{tag}.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {path}")
+    write_json(Path(args.out) / f"extract-{tag}.json", result)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from embedcache.config import DatasetConfig, ExtractConfig, TeacherConfig, TextC
 from embedcache.extract import extract  # noqa: E402
 from embedcache.store import Store  # noqa: E402
 from embedcache.teachers import build_teacher  # noqa: E402
+from _common import write_json  # noqa: E402  (bench/ is on sys.path when a benchmark runs)
 
 KEY = "sk-bench-remote-loopback"
 
@@ -182,9 +183,7 @@ def main() -> None:
     ru = r["reuse"]
     print(f"second store, {args.views + 1} views: {ru['views_needed']} views needed, {ru['image_queries_paid']} paid, "
           f"{ru['ledger_hits']} from the ledger ({100 * ru['saved_fraction']:.0f}% saved)")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, results)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ features of a fixed backbone. Needs the demo store (`make extract`). Prints a ta
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ from embedcache.config import to_dict  # noqa: E402
 from embedcache.students.features import cache_features  # noqa: E402
 from embedcache.students.models import StudentConfig, build_student  # noqa: E402
 from embedcache.students.sweep import SweepSpec, run_sweep  # noqa: E402
+from _common import write_json  # noqa: E402  (bench/ is on sys.path when a benchmark runs)
 
 
 def timed(spec: SweepSpec, out: str, teacher=None) -> tuple:
@@ -72,10 +72,8 @@ def main() -> None:
     for name, runs, sec in rows:
         print(f"{name:<44} {runs:>5} {sec:>9.1f} {3600 * runs / sec:>10.0f}")
     print(f"\nthe cached sweep takes {cached_s / online_s:.2f} of the online sweep's time ({online_s / cached_s:.1f}x faster)")
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    path = Path(args.out) / "sweep-cpu.json"
-    path.write_text(json.dumps({"rows": [{"what": a, "runs": b, "seconds": c} for a, b, c in rows], **vars(args)}, indent=2))
-    print(f"wrote {path}")
+    write_json(Path(args.out) / "sweep-cpu.json",
+               {"rows": [{"what": a, "runs": b, "seconds": c} for a, b, c in rows], **vars(args)})
 
 
 if __name__ == "__main__":

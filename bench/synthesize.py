@@ -18,7 +18,6 @@ Prints a table and writes JSON to bench/results/.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -35,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from embedcache.config import TeacherConfig, build_config, to_dict  # noqa: E402
 from embedcache.synthesis import ImageConfig, SynthesizeConfig, build_generator, optimise, synthesize  # noqa: E402
 from embedcache.teachers import build_teacher  # noqa: E402
+from _common import write_json  # noqa: E402  (bench/ is on sys.path when a benchmark runs)
 
 
 def sync(teacher) -> None:
@@ -123,11 +123,8 @@ def main() -> None:
               "batch": args.batch, "cutouts": args.cutouts, "cut_size": cut, "canvas": args.canvas,
               "iterations": args.iterations, "host": platform.node(), "cpus": os.cpu_count(),
               "bare_teacher_passes_per_s": passes, "loop": lp, "store": st}
-    Path(args.out).mkdir(parents=True, exist_ok=True)
     tag = ("gpu" if teacher.device.type == "cuda" else "cpu") + f"-{args.teacher}-{model}-{cut}px"
-    path = Path(args.out) / f"synthesize-{tag}.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {path}")
+    write_json(Path(args.out) / f"synthesize-{tag}.json", result)
 
 
 if __name__ == "__main__":

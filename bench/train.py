@@ -13,7 +13,6 @@ every head's step). Random weights. Prints a table and writes JSON to bench/resu
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -34,6 +33,7 @@ from embedcache.students.heads import train_heads  # noqa: E402
 from embedcache.students.losses import LOSSES, BatchContext  # noqa: E402
 from embedcache.students.models import StudentConfig, build_student  # noqa: E402
 from embedcache.students.train import TrainConfig, train  # noqa: E402
+from _common import write_json  # noqa: E402  (bench/ is on sys.path when a benchmark runs)
 
 
 def steps_per_s(cfg: TrainConfig, teacher=None) -> float:
@@ -142,11 +142,8 @@ def main() -> None:
         print(f"{name:<52} {rate:>10.2f} {ratio:>8.3f}")
     print(f"cached training is {cached / on:.1f}x faster than running the teacher online; "
           f"the pack trains {rows[-1][1] / head:.1f}x more head-steps/s than one head at a time")
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    path = Path(args.out) / f"train-{'gpu' if device.type == 'cuda' else 'cpu'}.json"
-    path.write_text(json.dumps({"device": dev, **vars(args), "rows": [
-        {"what": n, "steps_per_s": r, "ratio_vs_bare": q} for n, r, q in rows]}, indent=2))
-    print(f"wrote {path}")
+    write_json(Path(args.out) / f"train-{'gpu' if device.type == 'cuda' else 'cpu'}.json",
+               {"device": dev, **vars(args), "rows": [{"what": n, "steps_per_s": r, "ratio_vs_bare": q} for n, r, q in rows]})
 
 
 if __name__ == "__main__":
