@@ -1,6 +1,6 @@
 """The results schema every scored row follows, and the one way to write a results file.
 
-One row per (run, protocol, split, domain, class_name, episode, metric): ``value`` and ``n`` (rows
+One row per (run, source, protocol, split, domain, class_name, episode, metric): ``value`` and ``n`` (rows
 scored), with the run's settings as columns. Rows from ``embedcache evaluate`` and from sweeps
 share this schema, so they combine in one report. Writing a results file *updates* it: rows with
 the same key are replaced, so scoring the same run twice leaves the same rows.
@@ -15,7 +15,8 @@ import pandas as pd
 
 from embedcache.fileio import atomic_write
 
-KEY = ["run", "protocol", "split", "domain", "class_name", "episode", "metric"]
+# the text source is part of a row's identity: a teacher's zero-shot rows differ in nothing else
+KEY = ["run", "source", "protocol", "split", "domain", "class_name", "episode", "metric"]
 TAGS: Dict[str, object] = {  # run settings, with the value a row gets when it has none
     "recipe": "-", "student": "-", "seed": -1, "replicate": -1, "source": "-", "variant": "-", "holdout": "-",
     "store_key": "-", "search": "-",
@@ -46,8 +47,11 @@ def upsert(path: str, rows: pd.DataFrame) -> pd.DataFrame:
     """Merge ``rows`` into the results file at ``path`` (replacing rows with the same key) and write
     it atomically; returns the whole table."""
     rows = conform(rows)
-    dup = rows.duplicated(KEY, keep="last")
-    rows = rows[~dup]
+    clash = rows[rows.duplicated(KEY, keep=False)].groupby(KEY).value.nunique()
+    if (clash > 1).any():  # two different values under one key: the key misses a setting (a bug)
+        raise ValueError(f"results rows with the same key {dict(zip(KEY, clash[clash > 1].index[0]))} differ in "
+                         "value; the results key is missing a column that tells them apart")
+    rows = rows[~rows.duplicated(KEY, keep="last")]
     p = Path(path)
     if p.exists():
         old = conform(pd.read_parquet(p))

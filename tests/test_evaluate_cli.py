@@ -85,6 +85,16 @@ def test_teacher_baseline_cli(synthetic_store, tmp_path):
     assert "teacher" in res.output and "zero_shot" in res.output
 
 
+def test_teacher_baselines_of_every_text_source_are_all_kept(synthetic_store, tmp_path):
+    """The teacher's rows differ only in their text source: each source's rows must survive the write."""
+    out = tmp_path / "t.parquet"
+    res = CliRunner().invoke(main, ["evaluate", "--store", str(synthetic_store), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    got = pd.read_parquet(out)
+    assert sorted(got.source.unique()) == ["attributes", "name", "templates"]
+    assert got.groupby("source").size().nunique() == 1 and f"{len(got)} rows in" in res.output
+
+
 def test_open_vocab_refuses_a_run_that_saw_every_class(synthetic_store, tmp_path):
     run = train(TrainConfig(store=str(synthetic_store), recipe="feat_kd", steps=2, batch_size=4, eval_every=2,
                             student=StudentConfig(name="test_resnet", input_size=32), device="cpu", progress=False,

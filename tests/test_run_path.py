@@ -115,6 +115,17 @@ def test_scoring_twice_updates_the_results_instead_of_appending(synthetic_store,
     assert len(both) > len(once) and set(both.recipe) == {"feat_kd", "teacher"}
 
 
+def test_rows_that_collide_with_different_values_are_refused_not_dropped(tmp_path):
+    from embedcache.evaluate.results import upsert
+
+    row = {"run": "r", "protocol": "lodo", "split": "out_of_domain", "domain": "photo", "metric": "top1"}
+    upsert(str(tmp_path / "ok.parquet"), pd.DataFrame([{**row, "value": 0.5}, {**row, "value": 0.5}]))  # the same row twice
+    assert len(pd.read_parquet(tmp_path / "ok.parquet")) == 1
+    with pytest.raises(ValueError, match="same key .* differ in value"):
+        upsert(str(tmp_path / "bad.parquet"), pd.DataFrame([{**row, "value": 0.5}, {**row, "value": 0.6}]))
+    assert not (tmp_path / "bad.parquet").exists()
+
+
 def test_a_run_scored_on_another_teachers_store_is_refused_before_any_work(synthetic_store, make_cfg, tiny_clip_dir,
                                                                             tmp_path):
     from embedcache.extract import extract
