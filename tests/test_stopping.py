@@ -214,3 +214,20 @@ def test_a_stopped_sweep_exits_in_seconds_leaves_nothing_and_resumes(slow_sweep,
     assert again.returncode == 0, text
     got = pd.read_parquet(out / "results.parquet").sort_values(KEY).reset_index(drop=True)
     pd.testing.assert_frame_equal(ref[KEY + ["value"]], got[KEY + ["value"]])
+
+
+@pytest.mark.slow
+def test_a_stopped_sweep_with_many_queued_runs_exits(synthetic_store, tmp_path):
+    """More runs than the task pipe holds (64 KB): the runs no worker took must not hold the stopped
+    sweep at exit (the queue's feeder thread blocks on the full pipe once the workers are gone)."""
+    f = _sweep_file(tmp_path, synthetic_store, steps=400, every=50, launcher="local",
+                    grid={"recipe": ["feat_kd", "ce"], "seed": list(range(60))})
+    proc = _start(f, tmp_path / "sw", "local", ["--workers", "2"])
+    _wait_for_training(tmp_path / "sw")
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        text = proc.communicate(timeout=60)[0].decode()
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("the stopped sweep did not exit within 60 s") from None
+    assert proc.returncode == 130, text

@@ -188,6 +188,10 @@ def local(jobs: List[List[SweepPoint]], spec, sweep_dir, device="auto", progress
                 out.append(results.get_nowait())
             except queue.Empty:
                 break
+        # runs no worker took are still in the task pipe; without this the queue's feeder thread,
+        # blocked on a full pipe that nobody reads any more, would hold the process at exit forever
+        tasks.cancel_join_thread()
+        tasks.close()
     return out
 
 
