@@ -338,7 +338,9 @@ class Trainer:
     def finish(self, t_start: float, loop_seconds: float) -> RunResult:
         state, selected = self.final_weights()
         val = self.val
-        if selected["rule"] != "last" and len(self.data.val_idx):
+        if selected["rule"] == "best_val" and self.selection.best is not None:
+            val = self.selection.best  # measured on these very weights when they were selected
+        elif selected["rule"] != "last" and len(self.data.val_idx):  # averaged weights: not measured yet
             self.model.load_state_dict(state)
             pred, _ = validate(self.model, self.inputs, self.targets, self.data, self.data.val_idx,
                                self.recipe.predict, self.text)

@@ -100,7 +100,9 @@ def expand(spec: SweepSpec, sweep_dir: str) -> List[SweepPoint]:
     source), before anything runs; an incomplete or damaged store is refused here too."""
     from ..recipes import RECIPES
 
-    keys = sorted(spec.grid)
+    # replicates outermost: a sweep stopped early has every variant of its first replicates, not
+    # every replicate of its first variants
+    keys = sorted(spec.grid, key=lambda k: (k != "seed", k))
     for name in spec.per_recipe:
         if name not in RECIPES:
             raise ConfigError(f"per_recipe: {RECIPES.unknown(name)}")
