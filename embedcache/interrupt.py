@@ -20,6 +20,13 @@ def requested() -> bool:
     return _stop.is_set()
 
 
+def check(what: str) -> None:
+    """For long loops with no step to checkpoint (scoring, validation): stop at once when a stop was
+    requested, by raising KeyboardInterrupt, which callers already treat as "interrupted, resumable"."""
+    if requested():
+        raise KeyboardInterrupt(f"stopped while {what}; rerun the same command to resume")
+
+
 def request() -> None:
     _stop.set()
 

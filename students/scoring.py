@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from embedcache import interrupt
 from embedcache.api import StoreReader
 from embedcache.device import resolve_device
 from embedcache.errors import StoreMismatchError
@@ -37,6 +38,7 @@ def embed_rows(model, data: StoreData, seen_classes: Sequence[int], linear: bool
     seen = np.asarray(seen_classes)
     rows = np.flatnonzero(data.ok)
     for i in range(0, len(rows), batch):
+        interrupt.check("scoring a run")
         idx = rows[i:i + batch]
         x = student_views(data, idx, np.zeros(len(idx), int), model.input_size, model.mean, model.std, device)
         out = model(x)

@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from embedcache import interrupt
 from embedcache.config import build_config, to_dict
 from embedcache.device import resolve_device
 from embedcache.errors import ConfigError, StoreMismatchError, TrainingError
@@ -120,6 +121,7 @@ def validate(model: Student, inputs, targets, data: StoreData, rows: np.ndarray,
     model.eval()
     preds, loss_sum = [], 0.0
     for i in range(0, len(rows), batch):
+        interrupt.check("validating")  # the last checkpoint stands; a resumed run redoes the steps since
         r = rows[i:i + batch]
         v0 = np.zeros(len(r), int)
         o = forward(model, inputs, r, v0, frozen_backbone=True)

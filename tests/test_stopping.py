@@ -35,6 +35,35 @@ def _cfg(store, out, **kw):
     return TrainConfig(**base)
 
 
+def test_a_stop_requested_while_scoring_stops_it_at_once(synthetic_store, tmp_path, monkeypatch):
+    """Scoring has no step to checkpoint: a stop request ends it at the next batch, and a sweep
+    worker reports the run interrupted with no result written (rerunning scores it)."""
+    import embedcache.students.train as train_module
+    from embedcache import interrupt
+    from embedcache.students.scoring import score_run
+    from embedcache.students.sweep.worker import SweepPoint, run_one
+
+    def train_then_stop(*args, **kw):  # the stop arrives once training is over, while the run is scored
+        out = train(*args, **kw)
+        interrupt.request()
+        return out
+
+    monkeypatch.setattr(train_module, "train", train_then_stop)
+
+    class Spec:
+        protocol, finetune_steps, grid = "lodo", 0, {}
+
+    cfg = _cfg(synthetic_store, tmp_path / "r")
+    try:
+        st = run_one(SweepPoint(cfg, 0), Spec(), str(tmp_path / "sweep"), "cpu")
+        assert st["status"] == "interrupted" and not list((tmp_path / "sweep").rglob("*.parquet"))
+        assert (tmp_path / "r" / "done").exists()  # trained; only the scoring was cut short
+        with pytest.raises(KeyboardInterrupt, match="stopped while scoring a run"):
+            score_run(str(tmp_path / "r"), ["lodo"], str(synthetic_store), "cpu")
+    finally:
+        interrupt.reset()
+
+
 def _no_temp_files(folder: Path):
     return [p.name for p in Path(folder).rglob("*") if p.name.endswith(".tmp") or ".tmp" in p.name]
 
