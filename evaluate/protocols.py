@@ -86,6 +86,24 @@ def lodo(d: EvalData, holdout_domains: Optional[Sequence[str]] = None) -> pd.Dat
     return pd.DataFrame(rows)
 
 
+def lodo_rows(domains: np.ndarray, ok: np.ndarray, holdout_domains: Sequence[str],
+              val_idx: Optional[Sequence[int]]) -> np.ndarray:
+    """The rows ``lodo`` reads for a run: its held-out domains' and its validation rows."""
+    wanted = np.isin(domains, list(holdout_domains))
+    if val_idx is not None:
+        wanted[np.asarray(val_idx, dtype=np.int64)] = True
+    return np.flatnonzero(wanted & ok)
+
+
+def rows_read(protocols: Sequence[str], domains: np.ndarray, ok: np.ndarray,
+              holdout_domains: Optional[Sequence[str]], val_idx: Optional[Sequence[int]]) -> Optional[np.ndarray]:
+    """The rows whose student embeddings the protocols read, so scoring embeds no other image; None
+    when some protocol reads them all (every protocol but ``lodo`` with held-out domains)."""
+    if set(protocols) != {"lodo"} or not holdout_domains:
+        return None
+    return lodo_rows(domains, ok, holdout_domains, val_idx)
+
+
 def seeded_class_split(num_classes: int, unseen_fraction: float = 0.5, seed: int = 0) -> np.ndarray:
     """Seen class ids: a seeded random (1 - unseen_fraction) of the classes."""
     rng = np.random.default_rng([seed, 23])

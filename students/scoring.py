@@ -17,6 +17,7 @@ from embedcache import interrupt
 from embedcache.api import StoreReader
 from embedcache.device import resolve_device
 from embedcache.errors import StoreMismatchError
+from embedcache.evaluate.protocols import rows_read
 from embedcache.evaluate.results import conform
 from embedcache.evaluate.store_eval import eval_data, run_protocols
 
@@ -28,15 +29,15 @@ from .rundir import RunDir
 
 @torch.no_grad()
 def embed_rows(model, data: StoreData, seen_classes: Sequence[int], linear: bool, device: torch.device,
-               batch: int = 256) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-    """Student outputs for view 0 (the centre view) of every readable image: (N, D) float32 embeddings
-    (NaN for unreadable rows), and for runs that predict with a linear classifier (N, C) logits over
-    the store's classes (-inf for classes the run never saw), else None."""
+               batch: int = 256, rows: Optional[np.ndarray] = None) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """Student outputs for view 0 (the centre view) of every readable image (or of ``rows``): (N, D)
+    float32 embeddings (NaN for rows not embedded), and for runs that predict with a linear classifier
+    (N, C) logits over the store's classes (-inf for classes the run never saw), else None."""
     n = len(data.labels)
     emb = np.full((n, data.dim), np.nan, np.float32)
     scores = np.full((n, len(data.classes)), -np.inf, np.float32) if linear else None
     seen = np.asarray(seen_classes)
-    rows = np.flatnonzero(data.ok)
+    rows = np.flatnonzero(data.ok) if rows is None else np.asarray(rows, dtype=np.int64)
     for i in range(0, len(rows), batch):
         interrupt.check("scoring a run")
         idx = rows[i:i + batch]
@@ -101,7 +102,9 @@ def score_run(run: Union[str, RunDir], protocols: Sequence[str] = ("lodo",), sto
             split = {"text_source": split["text_source"], "predict": split["predict"],
                      "seen_classes": split["seen_classes"], "holdout_domains": []}
         data = StoreData(reader, split["text_source"], SplitConfig(val_fraction=0.0))
-        emb, scores = embed_rows(model, data, split["seen_classes"], split["predict"] == "linear", dev)
+        needed = rows_read(protocols, reader.meta["domain"].to_numpy(), data.ok, split.get("holdout_domains"),
+                           split.get("val_idx"))  # lodo: the held-out and validation rows, not the training images
+        emb, scores = embed_rows(model, data, split["seen_classes"], split["predict"] == "linear", dev, rows=needed)
         all_tags = {**run_tags(run), **({"holdout": "transfer", "store_key": reader.key} if transfer else {}),
                     **(tags or {})}
         frames = [run_protocols(eval_data(reader, split["text_source"], emb, split, scores), protocols, all_tags, options)]

@@ -115,6 +115,29 @@ def test_scoring_twice_updates_the_results_instead_of_appending(synthetic_store,
     assert len(both) > len(once) and set(both.recipe) == {"feat_kd", "teacher"}
 
 
+def test_lodo_scoring_embeds_only_the_rows_it_reads_and_scores_the_same(synthetic_store, tmp_path, monkeypatch):
+    import embedcache.students.scoring as scoring
+    from embedcache.students.scoring import score_run
+
+    train(_cfg(synthetic_store, tmp_path / "r", split=SplitConfig(holdout_domains=("outline",), val_fraction=0.25)),
+          log=quiet)
+    embedded = []
+    real = scoring.embed_rows
+
+    def spy(*args, **kw):
+        emb, scores = real(*args, **kw)
+        embedded.append(int(np.isfinite(emb[:, 0]).sum()))
+        return emb, scores
+
+    monkeypatch.setattr(scoring, "embed_rows", spy)
+    few = score_run(str(tmp_path / "r"), ["lodo"], device="cpu")
+    monkeypatch.setattr(scoring, "rows_read", lambda *a, **k: None)  # every row, as before
+    every = score_run(str(tmp_path / "r"), ["lodo"], device="cpu")
+    pd.testing.assert_frame_equal(few, every)
+    split = json.loads((tmp_path / "r" / "split.json").read_text())
+    assert embedded[0] == len(split["test_idx"]) + len(split["val_idx"]) < embedded[1]
+
+
 def test_rows_that_collide_with_different_values_are_refused_not_dropped(tmp_path):
     from embedcache.evaluate.results import upsert
 
