@@ -116,7 +116,7 @@ class StoredTargets:
     def embeddings(self, idx: np.ndarray, views: np.ndarray) -> torch.Tensor:
         if self.emb is not None:
             return self.emb[_index(idx, self.device), _index(views, self.device)].float()
-        return torch.from_numpy(self.data.emb[idx, views].astype(np.float32)).to(self.device)
+        return torch.from_numpy(self.data.emb[idx, views]).to(self.device).float()  # torch's half->float is vectorised, numpy's is not
 
     def __call__(self, idx: np.ndarray, views: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
         return self.embeddings(idx, views), self.labels[_index(idx, self.device)]

@@ -108,8 +108,14 @@ def forward(model: Student, inputs, idx, views, frozen_backbone: bool) -> Dict[s
 
 
 def stage_loss(stage: Stage, ctx: BatchContext) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """The stage's weighted sum of losses and each loss. A weight of 1 multiplies nothing and the sum
+    starts at its first term (the same number as ``sum(w * part)``, with fewer operations to record)."""
     parts = {n: LOSSES.get(n)(ctx, **stage.loss_args.get(n, {})) for n in stage.losses}
-    return sum(w * parts[n] for n, w in stage.losses.items()), parts
+    terms = [parts[n] if w == 1 else w * parts[n] for n, w in stage.losses.items()]
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total, parts
 
 
 @torch.no_grad()
