@@ -6,9 +6,11 @@ In one run, on one synthetic store: (1) a bare student step (forward, loss, back
 pre-made tensors already on the device: the hardware's own limit; (2) the cached ``train`` loop
 (inputs rebuilt from the stored canvases, targets from the store); (3) the same loop with the
 ``teacher_online`` target provider (each view rendered at the teacher's size and encoded every
-step: what a cache-less run pays); (4) head-only steps on cached features (VL2V-ADiP's align step);
+step: what a cache-less run pays); (4) a bare head step (linear head, VL2V-ADiP's align loss,
+fused AdamW on pre-made tensors) and the ``train`` loop's head-only steps on cached features;
 (5) a pack of ``--heads`` head-only runs trained as one vectorised model (head-steps/s counts
-every head's step). Random weights. Prints a table and writes JSON to bench/results/.
+every head's step). "vs bare" compares student steps with the bare student step and head steps
+with the bare head step. Random weights. Prints a table and writes JSON to bench/results/.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from embedcache.students.features import cache_features  # noqa: E402
 from embedcache.students.heads import train_heads  # noqa: E402
 from embedcache.students.losses import LOSSES, BatchContext  # noqa: E402
 from embedcache.students.models import StudentConfig, build_student  # noqa: E402
+from embedcache.students.optim import build_optimizer  # noqa: E402
 from embedcache.students.train import TrainConfig, train  # noqa: E402
 from _common import write_json  # noqa: E402  (bench/ is on sys.path when a benchmark runs)
 
@@ -64,6 +67,28 @@ def bare_steps_per_s(student: StudentConfig, dim: int, batch: int, steps: int, d
         loss.backward()
         opt.step()
 
+    return _timed(step, steps, device)
+
+
+def bare_head_steps_per_s(feat_dim: int, dim: int, batch: int, steps: int, device: torch.device) -> float:
+    """VL2V-ADiP's align step on tensors made once: a linear head, its loss and fused AdamW, nothing else."""
+    head = torch.nn.Linear(feat_dim, dim).to(device)
+    opt = build_optimizer(OptimConfig(), head.parameters())
+    x = torch.randn(batch, feat_dim, device=device)
+    t = torch.nn.functional.normalize(torch.randn(batch, dim, device=device), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(8, dim, device=device), dim=-1)
+    y = torch.randint(0, 8, (batch,), device=device)
+
+    def step():
+        loss = LOSSES.get("vl2v_adip")(BatchContext(head(x), t, text, y))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return _timed(step, steps, device)
+
+
+def _timed(step, steps: int, device: torch.device) -> float:
     for _ in range(3):
         step()
     if device.type == "cuda":
@@ -124,15 +149,18 @@ def main() -> None:
         save_file({k: v.contiguous() for k, v in build_student(scfg, 8).backbone.state_dict().items()}, str(weights))
         fixed = StudentConfig(name=args.student, input_size=args.size, pretrained=str(weights))
         cache_features(store, fixed, device=args.device, progress=False, log=lambda _m: None)
+        feat_dim = build_student(fixed, teacher.embed_dim).feat_dim
+        bare_head = bare_head_steps_per_s(feat_dim, teacher.embed_dim, args.batch, args.head_steps, device)
+        rows.append((f"bare head step ({feat_dim} -> {teacher.embed_dim}), tensors in place", bare_head, 1.0))
         head = steps_per_s(cfg("head", recipe="vl2v_adip_align", student=fixed, features=True, steps=args.head_steps))
-        rows.append(("head-only step on cached features", head, head / bare))
+        rows.append(("head-only step on cached features", head, head / bare_head))
         pack = [cfg(f"pack{k}", recipe="vl2v_adip_align", student=fixed, features=True, steps=args.head_steps,
                     seed=k, optim=OptimConfig(lr=10 ** (-2 - k % 3))) for k in range(args.heads)]
         t0 = time.perf_counter()
         res = train_heads(pack, log=lambda _m: None)
         loop = res[0].loop_seconds or (time.perf_counter() - t0)
         rows.append((f"head-only steps in a pack of {args.heads} heads", args.heads * args.head_steps / loop,
-                     args.heads * args.head_steps / loop / bare))
+                     args.heads * args.head_steps / loop / bare_head))
 
     dev = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
     print(f"\nstudent {args.student} at {args.size}px, batch {args.batch}, recipe li_iccv23, teacher {args.teacher} "
