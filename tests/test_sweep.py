@@ -178,3 +178,17 @@ def test_per_recipe_settings_apply_to_that_recipe_only(synthetic_store, tmp_path
     assert kd and all(c.steps == 4 and c.optim.lr == 1e-3 for c in kd)
     with pytest.raises(ConfigError, match="unknown recipe 'cee'"):
         expand(load_sweep(str(_sweep_file(tmp_path, synthetic_store, per_recipe={"cee": {"steps": 1}}))), str(tmp_path / "y"))
+
+
+def test_local_workers_are_spread_round_robin_over_the_gpus(monkeypatch):
+    """More local workers than GPUs pack several runs onto each GPU (issue 12); a CPU device is kept."""
+    import torch
+
+    from embedcache.students.sweep.launchers import worker_devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert worker_devices("auto", 5) == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]
+    assert worker_devices("cuda", 2) == ["cuda:0", "cuda:1"]
+    assert worker_devices("cpu", 3) == ["cpu"] * 3
+    assert worker_devices("cuda:1", 2) == ["cuda:1", "cuda:1"]
