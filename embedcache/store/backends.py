@@ -90,7 +90,7 @@ class ZarrBackend:
 
     def has(self, name: str) -> bool:
         try:
-            self.group[name]
+            self._array(name)
             return True
         except KeyError:
             return False
