@@ -26,7 +26,7 @@ from .config import TrainConfig
 from .features import features_key
 from .losses import BatchContext
 from .recipes import RECIPES
-from .train import RunResult, Trainer, set_trainable, stage_loss
+from .train import RunResult, Trainer, add_running, set_trainable, stage_loss
 
 FREE = ("seed", "optim.lr", "optim.weight_decay")  # what may differ between the heads of a pack
 
@@ -122,9 +122,7 @@ def train_heads(cfgs: List[TrainConfig], log: Callable[[str], None] = print,
         for t in trainers:
             t.opt.step()
             t.sched.step()
-        for name, v in parts.items():  # (H,) sums on the device, handed to each head at evaluation
-            v = v.detach().float()
-            running[name] = running[name] + v if name in running else v
+        add_running(running, parts)  # (H,) sums, handed to each head at evaluation
         count += 1
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:

@@ -118,6 +118,13 @@ def stage_loss(stage: Stage, ctx: BatchContext) -> Tuple[torch.Tensor, Dict[str,
     return total, parts
 
 
+def add_running(running: Dict[str, torch.Tensor], parts: Dict[str, torch.Tensor]) -> None:
+    """Add a step's losses to the running sums, on the device: no host sync per step."""
+    for n, v in parts.items():
+        v = v.detach().float()
+        running[n] = running[n] + v if n in running else v
+
+
 @torch.no_grad()
 def validate(model: Student, inputs, targets, data: StoreData, rows: np.ndarray, predict_with: str, text: torch.Tensor,
              stage: Optional[Stage] = None, batch: int = 256) -> Tuple[np.ndarray, Optional[float]]:
@@ -266,9 +273,7 @@ class Trainer:
         loss.backward()
         self.opt.step()
         self.sched.step()
-        for n, v in {"loss": loss, **parts}.items():  # summed on the device: no host sync per step
-            v = v.detach().float()
-            self.running[n] = self.running[n] + v if n in self.running else v
+        add_running(self.running, {"loss": loss, **parts})
         self.n_running += 1
         self.averaging.after_step(step + 1, self.model)
 

@@ -34,6 +34,14 @@ def _read_exact(fh, dest: np.ndarray) -> bool:
     return True
 
 
+def _read_rows(backend, arr, name: str, start: Optional[int], stop: Optional[int]) -> np.ndarray:
+    """Rows ``start:stop`` of array ``arr`` (a zarr array or h5py dataset), through ``backend.read_into``."""
+    start, stop = 0 if start is None else start, arr.shape[0] if stop is None else min(stop, arr.shape[0])
+    out = np.empty((max(0, stop - start),) + tuple(arr.shape[1:]), dtype=arr.dtype)
+    backend.read_into(name, start, out)
+    return out
+
+
 @BACKENDS.register("zarr")
 class ZarrBackend:
     """A folder: zarr v3 group + ``meta.parquet`` / ``text.parquet`` files beside ``zarr.json``."""
@@ -44,6 +52,7 @@ class ZarrBackend:
 
         self.path = Path(path)
         self.mode = mode
+        self._arrays: dict = {}
         try:
             self.group = zarr.open_group(str(self.path), mode="r" if mode == "r" else "a")
         except Exception as exc:  # an unreadable zarr.json
@@ -97,10 +106,9 @@ class ZarrBackend:
 
     def _array(self, name: str):
         """The array's handle, opened once (opening one reads its metadata: milliseconds each)."""
-        arrays = self.__dict__.setdefault("_arrays", {})
-        if name not in arrays:
-            arrays[name] = self.group[name]
-        return arrays[name]
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
 
     def shape(self, name: str) -> tuple:
         return tuple(self._array(name).shape)
@@ -115,11 +123,7 @@ class ZarrBackend:
         arr[start:start + len(data)] = data
 
     def read(self, name: str, start: Optional[int] = None, stop: Optional[int] = None) -> np.ndarray:
-        arr = self._array(name)
-        start, stop = 0 if start is None else start, arr.shape[0] if stop is None else min(stop, arr.shape[0])
-        out = np.empty((max(0, stop - start),) + tuple(arr.shape[1:]), dtype=arr.dtype)
-        self.read_into(name, start, out)
-        return out
+        return _read_rows(self, self._array(name), name, start, stop)
 
     def read_into(self, name: str, start: int, out: np.ndarray) -> None:
         """Rows ``start:start + len(out)`` into ``out`` (C-contiguous, the array's dtype)."""
@@ -247,11 +251,7 @@ class HDF5Backend:
         self.file[name][start:start + len(data)] = data
 
     def read(self, name: str, start: Optional[int] = None, stop: Optional[int] = None) -> np.ndarray:
-        ds = self.file[name]
-        start, stop = 0 if start is None else start, ds.shape[0] if stop is None else min(stop, ds.shape[0])
-        out = np.empty((max(0, stop - start),) + tuple(ds.shape[1:]), ds.dtype)
-        self.read_into(name, start, out)
-        return out
+        return _read_rows(self, self.file[name], name, start, stop)
 
     def read_into(self, name: str, start: int, out: np.ndarray) -> None:
         """Rows ``start:start + len(out)`` into ``out`` (C-contiguous, the dataset's dtype)."""
