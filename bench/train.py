@@ -50,7 +50,7 @@ def bare_steps_per_s(student: StudentConfig, dim: int, batch: int, steps: int, d
     model = build_student(student, dim).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = build_optimizer(OptimConfig(), model.parameters())  # the loop's own optimizer (fused AdamW)
     x = torch.randn(batch, 3, model.input_size, model.input_size, device=device)
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
