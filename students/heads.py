@@ -26,6 +26,7 @@ from .config import TrainConfig
 from .features import features_key
 from .losses import BatchContext
 from .recipes import RECIPES
+from .optim import optimizer_step
 from .train import RunResult, Trainer, add_running, set_trainable, stage_loss
 
 FREE = ("seed", "optim.lr", "optim.weight_decay")  # what may differ between the heads of a pack
@@ -120,7 +121,7 @@ def train_heads(cfgs: List[TrainConfig], log: Callable[[str], None] = print,
         for st in stacks:
             st.hand_out_grads()
         for t in trainers:
-            t.opt.step()
+            optimizer_step(t.opt)
             t.sched.step()
         add_running(running, parts)  # (H,) sums, handed to each head at evaluation
         count += 1

@@ -36,7 +36,7 @@ from .config import OptimConfig, SplitConfig, StudentConfig, SwadConfig, TrainCo
 from .data import StoreData
 from .losses import LOSSES, BatchContext
 from .models import Student, build_student
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, optimizer_step
 from .providers import INPUTS, TARGETS
 from .recipes import RECIPES, Recipe, Stage
 from .rundir import RunDir
@@ -271,7 +271,7 @@ class Trainer:
             loss, parts = stage_loss(stage, BatchContext(o["emb"], t, self.text, y, o["logits"]))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        self.opt.step()
+        optimizer_step(self.opt)
         self.sched.step()
         add_running(self.running, {"loss": loss, **parts})
         self.n_running += 1

@@ -1,0 +1,57 @@
+"""optimizer_step: torch's fused Adam/AdamW kernel called directly must be exactly torch's own step()."""
+import pytest
+import torch
+
+from embedcache.students.config import OptimConfig
+from embedcache.students.optim import _direct_fused_calls, build_optimizer, build_scheduler, optimizer_step
+
+
+def _model_and_opt(name, seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 9), torch.nn.Linear(9, 4), torch.nn.Linear(4, 3))
+    cfg = OptimConfig(name=name, lr=3e-2, weight_decay=0.05, warmup_steps=3, schedule="cosine")
+    opt = build_optimizer(cfg, model.parameters())
+    return model, opt, build_scheduler(cfg, opt, 20)
+
+
+def _grads(model, step):
+    g = torch.Generator().manual_seed(100 + step)
+    for i, p in enumerate(model.parameters()):
+        p.grad = None if (i == 5 and step % 3 == 0) else torch.randn(p.shape, generator=g)  # one layer skips steps
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_the_direct_kernel_call_is_torchs_step_bit_for_bit(name):
+    (m1, o1, s1), (m2, o2, s2) = _model_and_opt(name), _model_and_opt(name)
+    assert o1.param_groups[0]["fused"]
+    direct = 0
+    for step in range(20):
+        _grads(m1, step), _grads(m2, step)
+        o1.step()
+        direct += _direct_fused_calls(o2) is not None
+        optimizer_step(o2)
+        s1.step(), s2.step()
+    assert direct == 18  # all but steps 0 and 1: torch creates the state (layer 5 gets its first gradient at step 1)
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+    st1, st2 = o1.state_dict(), o2.state_dict()
+    assert st1["param_groups"] == st2["param_groups"]
+    for k in st1["state"]:
+        for field in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(st1["state"][k][field], st2["state"][k][field]), (k, field)
+
+
+def test_hooks_and_other_optimizers_go_through_step():
+    model, opt, _ = _model_and_opt("adamw")
+    calls = []
+    opt.register_step_pre_hook(lambda *a: calls.append(1))
+    for step in range(3):
+        _grads(model, step)
+        optimizer_step(opt)
+    assert len(calls) == 3
+    model, sgd, _ = _model_and_opt("sgd")
+    _grads(model, 1)
+    assert _direct_fused_calls(sgd) is None
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer_step(sgd)
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
