@@ -7,10 +7,11 @@ pre-made tensors already on the device: the hardware's own limit; (2) the cached
 (inputs rebuilt from the stored canvases, targets from the store); (3) the same loop with the
 ``teacher_online`` target provider (each view rendered at the teacher's size and encoded every
 step: what a cache-less run pays); (4) a bare head step (linear head, VL2V-ADiP's align loss,
-fused AdamW on pre-made tensors) and the ``train`` loop's head-only steps on cached features;
+fused AdamW on pre-made tensors) through autograd and in closed form (``headstep.py``, the math the
+loop uses), and the ``train`` loop's head-only steps on cached features;
 (5) a pack of ``--heads`` head-only runs trained as one vectorised model (head-steps/s counts
 every head's step). "vs bare" compares student steps with the bare student step and head steps
-with the bare head step. Random weights. Prints a table and writes JSON to bench/results/.
+with the closed-form bare head step. Random weights. Prints a table and writes JSON to bench/results/.
 """
 from __future__ import annotations
 
@@ -32,9 +33,11 @@ from embedcache.teachers import build_teacher  # noqa: E402
 from embedcache.students.config import OptimConfig  # noqa: E402
 from embedcache.students.features import cache_features  # noqa: E402
 from embedcache.students.heads import train_heads  # noqa: E402
+from embedcache.students.headstep import HeadStep  # noqa: E402
 from embedcache.students.losses import LOSSES, BatchContext  # noqa: E402
 from embedcache.students.models import StudentConfig, build_student  # noqa: E402
 from embedcache.students.optim import build_optimizer  # noqa: E402
+from embedcache.students.recipes import RECIPES  # noqa: E402
 from embedcache.students.train import TrainConfig, train  # noqa: E402
 from _common import write_json  # noqa: E402  (bench/ is on sys.path when a benchmark runs)
 
@@ -70,19 +73,24 @@ def bare_steps_per_s(student: StudentConfig, dim: int, batch: int, steps: int, d
     return _timed(step, steps, device)
 
 
-def bare_head_steps_per_s(feat_dim: int, dim: int, batch: int, steps: int, device: torch.device) -> float:
-    """VL2V-ADiP's align step on tensors made once: a linear head, its loss and fused AdamW, nothing else."""
+def bare_head_steps_per_s(feat_dim: int, dim: int, batch: int, steps: int, device: torch.device, closed: bool) -> float:
+    """VL2V-ADiP's align step on tensors made once: a linear head, its loss and fused AdamW, nothing else;
+    through autograd (what a plain PyTorch step costs) or in closed form (the loop's own math, headstep.py)."""
     head = torch.nn.Linear(feat_dim, dim).to(device)
     opt = build_optimizer(OptimConfig(), head.parameters())
     x = torch.randn(batch, feat_dim, device=device)
     t = torch.nn.functional.normalize(torch.randn(batch, dim, device=device), dim=-1)
     text = torch.nn.functional.normalize(torch.randn(8, dim, device=device), dim=-1)
     y = torch.randint(0, 8, (batch,), device=device)
+    closed_step = HeadStep(head, None, RECIPES.get("vl2v_adip_align").stages[0], text)
 
     def step():
-        loss = LOSSES.get("vl2v_adip")(BatchContext(head(x), t, text, y))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if closed:
+            closed_step(x, t, y)
+        else:
+            loss = LOSSES.get("vl2v_adip")(BatchContext(head(x), t, text, y))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
         opt.step()
 
     return _timed(step, steps, device)
@@ -150,8 +158,10 @@ def main() -> None:
         fixed = StudentConfig(name=args.student, input_size=args.size, pretrained=str(weights))
         cache_features(store, fixed, device=args.device, progress=False, log=lambda _m: None)
         feat_dim = build_student(fixed, teacher.embed_dim).feat_dim
-        bare_head = bare_head_steps_per_s(feat_dim, teacher.embed_dim, args.batch, args.head_steps, device)
-        rows.append((f"bare head step ({feat_dim} -> {teacher.embed_dim}), tensors in place", bare_head, 1.0))
+        autograd_head = bare_head_steps_per_s(feat_dim, teacher.embed_dim, args.batch, args.head_steps, device, closed=False)
+        bare_head = bare_head_steps_per_s(feat_dim, teacher.embed_dim, args.batch, args.head_steps, device, closed=True)
+        rows.append((f"bare head step ({feat_dim} -> {teacher.embed_dim}), autograd", autograd_head, autograd_head / bare_head))
+        rows.append(("bare head step, closed form (the loop's math)", bare_head, 1.0))
         head = steps_per_s(cfg("head", recipe="vl2v_adip_align", student=fixed, features=True, steps=args.head_steps))
         rows.append(("head-only step on cached features", head, head / bare_head))
         pack = [cfg(f"pack{k}", recipe="vl2v_adip_align", student=fixed, features=True, steps=args.head_steps,
@@ -169,6 +179,7 @@ def main() -> None:
     for name, rate, ratio in rows:
         print(f"{name:<52} {rate:>10.2f} {ratio:>8.3f}")
     print(f"cached training is {cached / on:.1f}x faster than running the teacher online; "
+          f"head-only training is {head / autograd_head:.1f}x a plain autograd head step; "
           f"the pack trains {rows[-1][1] / head:.1f}x more head-steps/s than one head at a time")
     write_json(Path(args.out) / f"train-{'gpu' if device.type == 'cuda' else 'cpu'}.json",
                {"device": dev, **vars(args), "rows": [{"what": n, "steps_per_s": r, "ratio_vs_bare": q} for n, r, q in rows]})

@@ -2,8 +2,9 @@
 rate or weight decay, trained together on the same cached features as one vectorised model.
 
 Small heads leave a GPU (and a CPU's BLAS) mostly idle; stacking H of them turns H tiny matrix
-products per step into one batched product, and the loss of every head is one vectorised
-(``torch.func.vmap``) call of the recipe's own loss. Each head is a ``Trainer``: its model's head
+products per step into one batched product, and the loss of every head is one vectorised call: the
+closed forms of ``headstep.py`` on (H, B, D) tensors where the stage has them, else a
+``torch.func.vmap`` of the recipe's own loss through autograd. Each head is a ``Trainer``: its model's head
 parameters are views of the stack, so its own optimizer (the fused AdamW of a separate run) and
 learning-rate schedule update them in place, and it is evaluated, selected and written exactly as a
 separate run. Each head draws its own batches from its own seed and ends with the weights a
@@ -24,6 +25,7 @@ from embedcache.fileio import json_digest
 
 from .config import TrainConfig
 from .features import features_key
+from .headstep import HeadStep, linear
 from .losses import BatchContext
 from .recipes import RECIPES
 from .optim import optimizer_step
@@ -58,7 +60,7 @@ class _Stack:
             m.weight.data, m.bias.data = self.weight.detach()[h], self.bias.detach()[h]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (H, B, in) -> (H, B, out)
-        return torch.baddbmm(self.bias[:, None, :], x, self.weight.transpose(1, 2))
+        return linear(x, self.weight, self.bias)
 
     def zero_grad(self) -> None:
         self.weight.grad = self.bias.grad = None
@@ -104,6 +106,7 @@ def train_heads(cfgs: List[TrainConfig], log: Callable[[str], None] = print,
     cls = _Stack([t.model.classifier for t in trainers]) if first.model.classifier is not None else None
     stacks = [s for s in (heads, cls) if s is not None]
     data, n = first.data, len(trainers)
+    closed = HeadStep(heads, cls, stage, first.text) if HeadStep.applies(first.model, stage, first.inputs.kind) else None
     losses = _vectorised_loss(stage, first.text, cls is not None)
     running: Dict[str, torch.Tensor] = {}
     count = 0
@@ -113,11 +116,15 @@ def train_heads(cfgs: List[TrainConfig], log: Callable[[str], None] = print,
         idx, views = np.concatenate([d[0] for d in draws]), np.concatenate([d[1] for d in draws])
         x = first.inputs(idx, views).view(n, cfg.batch_size, -1)
         tgt, y = first.targets(idx, views)
-        parts = losses(heads(x) if heads is not None else x, tgt.view(n, cfg.batch_size, -1), y.view(n, cfg.batch_size),
-                       cls(x) if cls is not None else None)
-        for st in stacks:
-            st.zero_grad()
-        parts["loss"].sum().backward()
+        tgt, y = tgt.view(n, cfg.batch_size, -1), y.view(n, cfg.batch_size)
+        if closed is not None:
+            total, parts = closed(x, tgt, y)
+            parts = {"loss": total, **parts}
+        else:
+            parts = losses(heads(x) if heads is not None else x, tgt, y, cls(x) if cls is not None else None)
+            for st in stacks:
+                st.zero_grad()
+            parts["loss"].sum().backward()
         for st in stacks:
             st.hand_out_grads()
         for t in trainers:

@@ -34,6 +34,7 @@ from embedcache.fileio import disk_full_error, is_disk_full, json_digest
 from .averaging import AVERAGING
 from .config import OptimConfig, SplitConfig, StudentConfig, SwadConfig, TrainConfig
 from .data import StoreData
+from .headstep import HeadStep
 from .losses import LOSSES, BatchContext
 from .models import Student, build_student
 from .optim import build_optimizer, build_scheduler, optimizer_step
@@ -226,6 +227,7 @@ class Trainer:
         self.n_running = 0
         self.val: Optional[float] = None
         self.start = 0
+        self._closed: Dict[int, Optional[HeadStep]] = {}
 
     # --- state ------------------------------------------------------------------------------------
     def resume(self) -> int:
@@ -266,16 +268,28 @@ class Trainer:
         idx, views = self.data.sample(step, cfg.seed, cfg.batch_size, cfg.views_used)
         _reseed(cfg.seed * 1_000_003 + step, self.device)  # dropout / drop-path draws, reproducible on resume
         t, y = self.targets(idx, views)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            o = forward(self.model, self.inputs, idx, views, frozen_backbone=stage.train == "head")
-            loss, parts = stage_loss(stage, BatchContext(o["emb"], t, self.text, y, o["logits"]))
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        closed = self.closed_form(stage)
+        if closed is not None:  # head-only on cached features: gradients in closed form, float32
+            loss, parts = closed(self.inputs(idx, views), t, y)
+        else:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                o = forward(self.model, self.inputs, idx, views, frozen_backbone=stage.train == "head")
+                loss, parts = stage_loss(stage, BatchContext(o["emb"], t, self.text, y, o["logits"]))
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
         optimizer_step(self.opt)
         self.sched.step()
         add_running(self.running, {"loss": loss, **parts})
         self.n_running += 1
         self.averaging.after_step(step + 1, self.model)
+
+    def closed_form(self, stage: Stage) -> Optional[HeadStep]:
+        """The stage's closed-form head step (``headstep.py``) where it has one, else None (autograd)."""
+        key = id(stage)
+        if key not in self._closed:
+            ok = HeadStep.applies(self.model, stage, self.inputs.kind)
+            self._closed[key] = HeadStep(self.model.head, self.model.classifier, stage, self.text) if ok else None
+        return self._closed[key]
 
     def check_finite(self, step: int) -> None:
         loss = self.running.get("loss")
