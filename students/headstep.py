@@ -191,13 +191,12 @@ class HeadStep:
 
     @staticmethod
     def applies(model, stage: Stage, inputs_kind: str) -> bool:
-        """A head-only stage on cached features, every loss with a closed form, and a trainable linear
-        layer under every output a loss uses (``set_trainable`` has run)."""
+        """A head-only stage on cached features, every loss with a closed form, and a linear layer under
+        every output a loss uses (a head stage trains the head and the classifier: ``set_trainable``)."""
         if inputs_kind != "features" or stage.train != "head" or not has_closed_form(stage):
             return False
-        head_ok = isinstance(model.head, torch.nn.Linear) and model.head.weight.requires_grad
-        cls_ok = model.classifier is not None and model.classifier.weight.requires_grad
-        return (head_ok or not uses_embedding(stage)) and (cls_ok or not uses_logits(stage))
+        head_ok = isinstance(model.head, torch.nn.Linear)
+        return (head_ok or not uses_embedding(stage)) and (model.classifier is not None or not uses_logits(stage))
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor):

@@ -379,6 +379,9 @@ class Trainer:
                    # float reductions split over another thread count round differently: runs compare bit
                    # for bit only at equal thread counts (and torch versions)
                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(self.device),
+                   # how each stage took its gradients: the two agree to float32 rounding, not bit for bit
+                   "gradients": ["closed form" if HeadStep.applies(self.model, st, self.inputs.kind) else "autograd"
+                                 for st in self.recipe.stages],
                    "train_classes": [self.data.classes[i] for i in self.data.train_class_ids]}
         self.run_dir.finish(summary, keep_checkpoint=self.cfg.keep_checkpoint)
         return RunResult(str(self.run_dir.path), val, self.cfg.steps, time.time() - t_start, self.start, loop_seconds,

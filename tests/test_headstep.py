@@ -125,6 +125,8 @@ def test_a_closed_form_run_ends_where_autograd_ends(feature_store, tmp_path, mon
     assert set(got) == set(want)
     for k in want:
         torch.testing.assert_close(got[k], want[k], atol=2e-5, rtol=1e-4)
+    assert json.load(open(f"{cfg.out}/summary.json"))["gradients"] == ["closed form"]
+    assert json.load(open(f"{ref.out}/summary.json"))["gradients"] == ["autograd"]
     mg = [json.loads(ln) for ln in open(f"{cfg.out}/metrics.jsonl")]
     mw = [json.loads(ln) for ln in open(f"{ref.out}/metrics.jsonl")]
     assert [m["loss"] for m in mg] == pytest.approx([m["loss"] for m in mw], rel=1e-4, abs=1e-6)
@@ -145,3 +147,4 @@ def test_a_head_only_recipe_without_closed_form_still_trains_and_packs(feature_s
     for k in w_alone:
         torch.testing.assert_close(w_pack[k], w_alone[k], atol=2e-5, rtol=1e-4)
     assert packed[1].val_top1 == pytest.approx(alone.val_top1)
+    assert json.load(open(f"{tmp_path}/alone/summary.json"))["gradients"] == ["autograd"]
