@@ -1,6 +1,6 @@
 """Student training speed from the cache, against a bare student step and against the teacher run online.
 
-    python bench/train.py [--student resnet18] [--size 112] [--teacher ViT-B-32] [--steps 30] [--heads 16]
+    python bench/train.py [--student resnet18] [--size 112] [--teacher ViT-B-32] [--steps 30] [--heads 16] [--rounds 3]
 
 In one run, on one synthetic store: (1) a bare student step (forward, loss, backward, optimizer) on
 pre-made tensors already on the device: the hardware's own limit; (2) the cached ``train`` loop
@@ -8,14 +8,18 @@ pre-made tensors already on the device: the hardware's own limit; (2) the cached
 ``teacher_online`` target provider (each view rendered at the teacher's size and encoded every
 step: what a cache-less run pays); (4) a bare head step (linear head, VL2V-ADiP's align loss,
 fused AdamW on pre-made tensors) through autograd and in closed form (``headstep.py``, the math the
-loop uses), and the ``train`` loop's head-only steps on cached features;
+loop uses), and the ``train`` loop's head-only steps on cached features, also with closed forms
+and the direct optimizer call switched off (the loop as it was);
 (5) a pack of ``--heads`` head-only runs trained as one vectorised model (head-steps/s counts
-every head's step). "vs bare" compares student steps with the bare student step and head steps
-with the closed-form bare head step. Random weights. Prints a table and writes JSON to bench/results/.
+every head's step). The head-step arms (4, 5) take turns over ``--rounds`` rounds, medians
+reported. "vs bare" compares student steps with the bare student step and head steps with the
+closed-form bare head step. Random weights. Prints a table and writes JSON to bench/results/.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import statistics
 import sys
 import tempfile
 import time
@@ -96,6 +100,28 @@ def bare_head_steps_per_s(feat_dim: int, dim: int, batch: int, steps: int, devic
     return _timed(step, steps, device)
 
 
+@contextlib.contextmanager
+def autograd_heads():
+    """The train loop as it was before closed-form head steps: autograd and torch's own optimizer step()."""
+    import embedcache.students.train as loop
+
+    applies, step = HeadStep.__dict__["applies"], loop.optimizer_step  # the staticmethod itself
+    HeadStep.applies, loop.optimizer_step = staticmethod(lambda *a: False), lambda opt: opt.step()
+    try:
+        yield
+    finally:
+        HeadStep.applies, loop.optimizer_step = applies, step
+
+
+def interleaved(arms, rounds: int) -> dict:
+    """Each arm's median steps/s over ``rounds`` rounds in which the arms take turns."""
+    got = {k: [] for k in arms}
+    for r in range(rounds):
+        for k, arm in arms.items():
+            got[k].append(arm(r))
+    return {k: statistics.median(v) for k, v in got.items()}
+
+
 def _timed(step, steps: int, device: torch.device) -> float:
     for _ in range(3):
         step()
@@ -116,8 +142,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=112, help="student input size")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--head-steps", type=int, default=3000)
+    ap.add_argument("--head-steps", type=int, default=1500)
     ap.add_argument("--heads", type=int, default=16, help="heads in the vectorised pack")
+    ap.add_argument("--rounds", type=int, default=3, help="turns the head-step arms take (medians reported)")
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--canvas", type=int, default=128)
     ap.add_argument("--device", default="auto")
@@ -158,19 +185,30 @@ def main() -> None:
         fixed = StudentConfig(name=args.student, input_size=args.size, pretrained=str(weights))
         cache_features(store, fixed, device=args.device, progress=False, log=lambda _m: None)
         feat_dim = build_student(fixed, teacher.embed_dim).feat_dim
-        autograd_head = bare_head_steps_per_s(feat_dim, teacher.embed_dim, args.batch, args.head_steps, device, closed=False)
-        bare_head = bare_head_steps_per_s(feat_dim, teacher.embed_dim, args.batch, args.head_steps, device, closed=True)
-        rows.append((f"bare head step ({feat_dim} -> {teacher.embed_dim}), autograd", autograd_head, autograd_head / bare_head))
+        head_cfg = dict(recipe="vl2v_adip_align", student=fixed, features=True, steps=args.head_steps)
+
+        def loop_as_before(r):
+            with autograd_heads():
+                return steps_per_s(cfg(f"head_ag{r}", **head_cfg))
+
+        def pack(r):
+            runs = [cfg(f"pack{r}-{k}", seed=k, optim=OptimConfig(lr=10 ** (-2 - k % 3)), **head_cfg) for k in range(args.heads)]
+            return args.heads * args.head_steps / train_heads(runs, log=lambda _m: None)[0].loop_seconds
+
+        # head-step figures move with this machine's load from one second to the next: the arms take
+        # turns over --rounds rounds and each row is the median of its rounds
+        m = interleaved({
+            "autograd": lambda r: bare_head_steps_per_s(feat_dim, teacher.embed_dim, args.batch, args.head_steps, device, closed=False),
+            "bare": lambda r: bare_head_steps_per_s(feat_dim, teacher.embed_dim, args.batch, args.head_steps, device, closed=True),
+            "head": lambda r: steps_per_s(cfg(f"head{r}", **head_cfg)),
+            "head_ag": loop_as_before,
+            "pack": pack}, args.rounds)
+        bare_head, head, head_ag = m["bare"], m["head"], m["head_ag"]
+        rows.append((f"bare head step ({feat_dim} -> {teacher.embed_dim}), autograd", m["autograd"], m["autograd"] / bare_head))
         rows.append(("bare head step, closed form (the loop's math)", bare_head, 1.0))
-        head = steps_per_s(cfg("head", recipe="vl2v_adip_align", student=fixed, features=True, steps=args.head_steps))
         rows.append(("head-only step on cached features", head, head / bare_head))
-        pack = [cfg(f"pack{k}", recipe="vl2v_adip_align", student=fixed, features=True, steps=args.head_steps,
-                    seed=k, optim=OptimConfig(lr=10 ** (-2 - k % 3))) for k in range(args.heads)]
-        t0 = time.perf_counter()
-        res = train_heads(pack, log=lambda _m: None)
-        loop = res[0].loop_seconds or (time.perf_counter() - t0)
-        rows.append((f"head-only steps in a pack of {args.heads} heads", args.heads * args.head_steps / loop,
-                     args.heads * args.head_steps / loop / bare_head))
+        rows.append(("same, autograd and torch's step() (as before)", head_ag, head_ag / bare_head))
+        rows.append((f"head-only steps in a pack of {args.heads} heads", m["pack"], m["pack"] / bare_head))
 
     dev = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
     print(f"\nstudent {args.student} at {args.size}px, batch {args.batch}, recipe li_iccv23, teacher {args.teacher} "
@@ -179,10 +217,10 @@ def main() -> None:
     for name, rate, ratio in rows:
         print(f"{name:<52} {rate:>10.2f} {ratio:>8.3f}")
     print(f"cached training is {cached / on:.1f}x faster than running the teacher online; "
-          f"head-only training is {head / autograd_head:.1f}x a plain autograd head step; "
+          f"closed-form head-only training is {head / head_ag:.2f}x the autograd loop; "
           f"the pack trains {rows[-1][1] / head:.1f}x more head-steps/s than one head at a time")
     write_json(Path(args.out) / f"train-{'gpu' if device.type == 'cuda' else 'cpu'}.json",
-               {"device": dev, **vars(args), "rows": [{"what": n, "steps_per_s": r, "ratio_vs_bare": q} for n, r, q in rows]})
+               {**vars(args), "device": dev, "rows": [{"what": n, "steps_per_s": r, "ratio_vs_bare": q} for n, r, q in rows]})
 
 
 if __name__ == "__main__":
