@@ -27,8 +27,8 @@ from .config import TrainConfig
 from .features import features_key
 from .headstep import HeadStep, linear
 from .losses import BatchContext
-from .recipes import RECIPES
 from .optim import optimizer_step
+from .recipes import RECIPES
 from .train import RunResult, Trainer, add_running, set_trainable, stage_loss
 
 FREE = ("seed", "optim.lr", "optim.weight_decay")  # what may differ between the heads of a pack
@@ -107,7 +107,7 @@ def train_heads(cfgs: List[TrainConfig], log: Callable[[str], None] = print,
     stacks = [s for s in (heads, cls) if s is not None]
     data, n = first.data, len(trainers)
     closed = HeadStep(heads, cls, stage, first.text) if HeadStep.applies(first.model, stage, first.inputs.kind) else None
-    losses = _vectorised_loss(stage, first.text, cls is not None)
+    losses = _vectorised_loss(stage, first.text, cls is not None) if closed is None else None
     running: Dict[str, torch.Tensor] = {}
     count = 0
     t_loop = time.time()
