@@ -7,7 +7,9 @@ normalised embedding s_hat (or of a linear classifier's logits), and their gradi
 operations each. Every closed form here mirrors the loss of the same name in ``losses.py`` (same
 arguments and defaults; value and gradient tested against autograd of that loss). A head-only stage
 on cached features whose losses all have one trains this way; every other stage uses autograd.
-The numbers agree with autograd's to float32 rounding, not bit for bit.
+The numbers agree with autograd's to float32 rounding, not bit for bit. The step runs in float32
+whatever ``amp`` says (a head's product is too small for bf16 to pay; packs never used autocast
+either), and a run's ``summary.json`` records which stages took it.
 
 Tensors may carry leading dimensions (a pack of H heads: (H, B, D)); batch means are over dim -2.
 """
@@ -110,6 +112,8 @@ def vl2v_sd(b: Batch) -> Terms:
 
 def has_closed_form(stage: Stage) -> bool:
     """Every loss of the stage has a closed form that takes the stage's arguments for it."""
+    if not stage.losses:
+        return False
     for name in stage.losses:
         if name not in GRADS:
             return False
@@ -200,6 +204,8 @@ class HeadStep:
         logits = linear(x, self.classifier.weight, self.classifier.bias) if self.logits else None
         total, parts, d_s, d_logits = stage_terms(self.stage, s, t, self.text_hat, labels, logits)
         for layer, d in ((self.head, d_s), (self.classifier, d_logits)):
-            if layer is not None and hasattr(layer, "weight"):
-                layer.weight.grad, layer.bias.grad = linear_grads(d, x) if d is not None else (None, None)
+            if layer is None or not hasattr(layer, "weight"):  # no classifier; an identity head (no loss uses it: applies)
+                continue
+            # a layer no loss uses gets no gradient, as autograd leaves it (and none left by an earlier stage)
+            layer.weight.grad, layer.bias.grad = linear_grads(d, x) if d is not None else (None, None)
         return total, parts

@@ -80,8 +80,10 @@ def optimizer_step(opt: torch.optim.Optimizer) -> None:
 def _direct_fused_calls(opt: torch.optim.Optimizer):
     """(kernel, state steps, arguments, keywords) for each parameter group, or None where the direct
     call would not be exactly what ``step()`` does."""
-    if not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)) or _has_hooks(opt):
-        return None
+    if type(opt) not in (torch.optim.Adam, torch.optim.AdamW) or _has_hooks(opt):
+        return None  # exact types: a subclass may override step()
+    if getattr(opt, "grad_scale", None) is not None or getattr(opt, "found_inf", None) is not None:
+        return None  # a GradScaler's arguments: step() passes them to the kernel
     calls = []
     for g in opt.param_groups:
         if not g.get("fused") or any(g.get(k) for k in ("amsgrad", "maximize", "capturable", "differentiable")):

@@ -269,7 +269,7 @@ class Trainer:
         _reseed(cfg.seed * 1_000_003 + step, self.device)  # dropout / drop-path draws, reproducible on resume
         t, y = self.targets(idx, views)
         closed = self.closed_form(stage)
-        if closed is not None:  # head-only on cached features: gradients in closed form, float32
+        if closed is not None:  # head-only on cached features: gradients in closed form, float32 even with amp
             loss, parts = closed(self.inputs(idx, views), t, y)
         else:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
@@ -284,7 +284,8 @@ class Trainer:
         self.averaging.after_step(step + 1, self.model)
 
     def closed_form(self, stage: Stage) -> Optional[HeadStep]:
-        """The stage's closed-form head step (``headstep.py``) where it has one, else None (autograd)."""
+        """The stage's closed-form head step (``headstep.py``) where it has one, else None (autograd).
+        Cached by ``id(stage)``: stages live as long as their recipe."""
         key = id(stage)
         if key not in self._closed:
             ok = HeadStep.applies(self.model, stage, self.inputs.kind)
@@ -380,8 +381,8 @@ class Trainer:
                    # for bit only at equal thread counts (and torch versions)
                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(self.device),
                    # how each stage took its gradients: the two agree to float32 rounding, not bit for bit
-                   "gradients": ["closed form" if HeadStep.applies(self.model, st, self.inputs.kind) else "autograd"
-                                 for st in self.recipe.stages],
+                   "gradients": ["closed form, float32" if HeadStep.applies(self.model, st, self.inputs.kind)
+                                 else "autograd, bf16 autocast" if self.amp else "autograd" for st in self.recipe.stages],
                    "train_classes": [self.data.classes[i] for i in self.data.train_class_ids]}
         self.run_dir.finish(summary, keep_checkpoint=self.cfg.keep_checkpoint)
         return RunResult(str(self.run_dir.path), val, self.cfg.steps, time.time() - t_start, self.start, loop_seconds,

@@ -81,6 +81,7 @@ def test_closed_forms_take_the_losses_own_arguments_and_defaults():
 
 
 def test_stages_without_a_closed_form_are_left_to_autograd():
+    assert not has_closed_form(Stage({}, train="head"))
     assert not has_closed_form(Stage({"vlalign": 1.0}, train="head"))
     assert not has_closed_form(Stage({"vl2v_adip": 1.0, "kd": 1.0}, train="head"))
     assert not has_closed_form(Stage({"vl2v_adip": 1.0}, train="head", loss_args={"vl2v_adip": {"gamma": 2}}))
@@ -125,7 +126,7 @@ def test_a_closed_form_run_ends_where_autograd_ends(feature_store, tmp_path, mon
     assert set(got) == set(want)
     for k in want:
         torch.testing.assert_close(got[k], want[k], atol=2e-5, rtol=1e-4)
-    assert json.load(open(f"{cfg.out}/summary.json"))["gradients"] == ["closed form"]
+    assert json.load(open(f"{cfg.out}/summary.json"))["gradients"] == ["closed form, float32"]
     assert json.load(open(f"{ref.out}/summary.json"))["gradients"] == ["autograd"]
     mg = [json.loads(ln) for ln in open(f"{cfg.out}/metrics.jsonl")]
     mw = [json.loads(ln) for ln in open(f"{ref.out}/metrics.jsonl")]

@@ -55,3 +55,25 @@ def test_hooks_and_other_optimizers_go_through_step():
     before = [p.detach().clone() for p in model.parameters()]
     optimizer_step(sgd)
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_a_subclass_or_a_grad_scaler_goes_through_step():
+    class Clipped(torch.optim.AdamW):  # a plugin that changes step(): the direct call must not bypass it
+        def step(self, closure=None):
+            for g in self.param_groups:
+                torch.nn.utils.clip_grad_norm_(g["params"], 1e-3)
+            return super().step(closure)
+
+    model = torch.nn.Linear(6, 3)
+    opt = Clipped(model.parameters(), lr=1e-2, fused=True)
+    for step in range(3):
+        _grads(model, step)
+        optimizer_step(opt)
+        assert _direct_fused_calls(opt) is None
+    model, opt, _ = _model_and_opt("adamw")
+    for step in range(2):
+        _grads(model, step)
+        optimizer_step(opt)
+    assert _direct_fused_calls(opt) is not None
+    opt.grad_scale = torch.ones(())
+    assert _direct_fused_calls(opt) is None
