@@ -15,4 +15,4 @@ run bench/extract.py --model ViT-B-16 --precision bf16 --views 1 4 --decoders pi
 run bench/train.py --student resnet18 --size 224 --batch 128 --canvas 256 --teacher ViT-B-16 --steps 60 \
     --images 2048 --head-steps 2000 --heads 32
 run bench/train.py --student resnet18 --size 224 --batch 128 --canvas 256 --teacher ViT-L-14 --steps 40 \
-    --images 1024 --head-steps 500 --heads 8
+    --images 1024 --head-steps 500 --heads 8 --rounds 1
