@@ -86,10 +86,10 @@ def bare_head_steps_per_s(feat_dim: int, dim: int, batch: int, steps: int, devic
     t = torch.nn.functional.normalize(torch.randn(batch, dim, device=device), dim=-1)
     text = torch.nn.functional.normalize(torch.randn(8, dim, device=device), dim=-1)
     y = torch.randint(0, 8, (batch,), device=device)
-    closed_step = HeadStep(head, None, RECIPES.get("vl2v_adip_align").stages[0], text)
+    closed_step = HeadStep(head, None, RECIPES.get("vl2v_adip_align").stages[0], text) if closed else None
 
     def step():
-        if closed:
+        if closed_step is not None:
             closed_step(x, t, y)
         else:
             loss = LOSSES.get("vl2v_adip")(BatchContext(head(x), t, text, y))

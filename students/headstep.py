@@ -18,13 +18,14 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from embedcache.registry import Registry
 
+from .losses import weighted_sum
 from .recipes import Stage
 
 GRADS = Registry("closed-form loss")
@@ -140,22 +141,12 @@ def stage_terms(stage: Stage, s: Optional[torch.Tensor], t: torch.Tensor, text_h
         norm = s.norm(dim=-1, keepdim=True)
         s_hat = s / norm.clamp_min(EPS)
     b = Batch(s_hat, F.normalize(t, dim=-1), text_hat, labels, logits)
-    parts: Dict[str, torch.Tensor] = {}
-    total = d_hat = d_logits = None
-    for name, w in stage.losses.items():
-        r = GRADS.get(name)(b, **stage.loss_args.get(name, {}))
-        parts[name] = r.value
-        total = _add(total, r.value, w)
-        d_hat = _add(d_hat, r.d_s_hat, w)
-        d_logits = _add(d_logits, r.d_logits, w)
-    return total, parts, _through_normalize(d_hat, s_hat, norm), d_logits
-
-
-def _add(acc: Optional[torch.Tensor], x: Optional[torch.Tensor], w: float) -> Optional[torch.Tensor]:
-    if x is None:
-        return acc
-    x = x if w == 1 else x * w
-    return x if acc is None else acc + x
+    terms = {n: GRADS.get(n)(b, **stage.loss_args.get(n, {})) for n in stage.losses}
+    weights = stage.losses.items()
+    total = weighted_sum((w, terms[n].value) for n, w in weights)
+    d_hat = weighted_sum((w, terms[n].d_s_hat) for n, w in weights)
+    d_logits = weighted_sum((w, terms[n].d_logits) for n, w in weights)
+    return total, {n: r.value for n, r in terms.items()}, _through_normalize(d_hat, s_hat, norm), d_logits
 
 
 def _through_normalize(d_hat, s_hat, norm):

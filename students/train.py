@@ -35,7 +35,7 @@ from .averaging import AVERAGING
 from .config import OptimConfig, SplitConfig, StudentConfig, SwadConfig, TrainConfig
 from .data import StoreData
 from .headstep import HeadStep
-from .losses import LOSSES, BatchContext
+from .losses import LOSSES, BatchContext, weighted_sum
 from .models import Student, build_student
 from .optim import build_optimizer, build_scheduler, optimizer_step
 from .providers import INPUTS, TARGETS
@@ -109,14 +109,9 @@ def forward(model: Student, inputs, idx, views, frozen_backbone: bool) -> Dict[s
 
 
 def stage_loss(stage: Stage, ctx: BatchContext) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """The stage's weighted sum of losses and each loss. A weight of 1 multiplies nothing and the sum
-    starts at its first term (the same number as ``sum(w * part)``, with fewer operations to record)."""
+    """The stage's weighted sum of losses and each loss."""
     parts = {n: LOSSES.get(n)(ctx, **stage.loss_args.get(n, {})) for n in stage.losses}
-    terms = [parts[n] if w == 1 else w * parts[n] for n, w in stage.losses.items()]
-    total = terms[0]
-    for term in terms[1:]:
-        total = total + term
-    return total, parts
+    return weighted_sum((w, parts[n]) for n, w in stage.losses.items()), parts
 
 
 def add_running(running: Dict[str, torch.Tensor], parts: Dict[str, torch.Tensor]) -> None:
