@@ -11,7 +11,7 @@ HDF5 stores (one writer, no reader beside it) work too.
 from __future__ import annotations
 
 import hashlib
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -48,7 +48,7 @@ def cache_features(store: str, cfg: StudentConfig, seed: int = 0, batch_size: in
             torch.manual_seed(seed)
             model = build_student(cfg, reader.dim).to(dev).eval()
         key = features_key(model)
-        if st.derived().get(key, {}).get("complete"):
+        if has_features(st, key):
             log(f"features {key} already cached in {store}")
             return key
         data = StoreData(reader, reader.text_sources[0], SplitConfig(val_fraction=0.0))
@@ -65,10 +65,15 @@ def cache_features(store: str, cfg: StudentConfig, seed: int = 0, batch_size: in
         return key
 
 
-def load_features(store: Store, model: Student) -> np.ndarray:
-    """(N, V, F) float32 features of exactly this backbone, or a one-line error saying how to make them."""
-    key = features_key(model)
-    if not store.derived().get(key, {}).get("complete"):
+def has_features(store: Store, key: str) -> bool:
+    return bool(store.derived().get(key, {}).get("complete"))
+
+
+def load_features(store: Store, model: Student, key: Optional[str] = None) -> np.ndarray:
+    """(N, V, F) float32 features of exactly this backbone (``key``: its ``features_key``, when known),
+    or a one-line error saying how to make them."""
+    key = key or features_key(model)
+    if not has_features(store, key):
         raise StoreError(f"store {store.path} has no cached features for this {model.name} backbone ({key}); run "
                          f"`embedcache features --store {store.path} --student {model.name}` with the same student "
                          "settings and seed")

@@ -24,7 +24,6 @@ from embedcache.errors import ConfigError
 from embedcache.fileio import json_digest
 
 from .config import TrainConfig
-from .features import features_key
 from .headstep import HeadStep, linear
 from .losses import BatchContext
 from .optim import optimizer_step
@@ -94,7 +93,7 @@ def train_heads(cfgs: List[TrainConfig], log: Callable[[str], None] = print,
     t0 = time.time()
     first = Trainer(cfgs[0], log=log)
     trainers = [first] + [Trainer(c, log=log, shared=first) for c in cfgs[1:]]
-    if len({features_key(t.model) for t in trainers}) > 1:
+    if len({t.backbone_key for t in trainers}) > 1:
         raise ConfigError("the heads of a pack must share one frozen backbone (the same student weights); "
                           "give student.pretrained, or train these runs separately")
     cfg, stage = first.cfg, first.recipe.stages[0]

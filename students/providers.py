@@ -88,13 +88,15 @@ class CanvasInputs:
 
 @INPUTS.register("features")
 class FeatureInputs:
-    """Cached features of this exact frozen backbone (``embedcache features``), (B, F) float32."""
+    """Cached features of this exact frozen backbone (``embedcache features``), (B, F) float32;
+    ``key`` names them (it hashes the backbone's weights and input size)."""
     kind = "features"
 
     def __init__(self, data: StoreData, model, device: torch.device):
-        from .features import load_features
+        from .features import features_key, load_features
 
-        feats = load_features(data.reader.store, model)
+        self.key = features_key(model)
+        feats = load_features(data.reader.store, model, self.key)
         self.device = device
         self.feats = to_device_array(feats, device) if device.type == "cuda" else feats
 

@@ -1,11 +1,14 @@
 """A run directory: the one place that reads and writes what a training run leaves behind.
 
 run/config.json        the resolved TrainConfig, the store's key and absolute path
-run/split.json         what the run trained on (rows, held-out domains, seen classes, text source)
+run/split.json         what the run trained on (rows, held-out domains, seen classes, text source, and
+                       for a run on cached features the key of their frozen backbone)
 run/metrics.jsonl      one row per evaluation point (step, stage, lr, losses, validation top-1/loss)
 run/checkpoint.pt      resume state (model, optimizer, schedule, averaging, selection, step); removed
                        when the run is done unless keep_checkpoint is set
-run/model.safetensors  the kept weights (the selected checkpoint or the weight average)
+run/model.safetensors  the kept weights (the selected checkpoint or the weight average); a run on
+                       cached features keeps its head(s) only: its frozen backbone is the student
+                       settings' own, named by split.json's backbone_key (checked on loading)
 run/summary.json       validation top-1, which checkpoint was kept and why, timings
 run/done               written last: the run is finished
 Every file is written atomically (a temporary file, then a rename), so a full disk or a kill never
@@ -151,18 +154,38 @@ class RunDir:
 
     # --- the trained student -----------------------------------------------------------------------
     def load_student(self, device="cpu") -> Tuple[torch.nn.Module, TrainConfig]:
-        """The finished student (eval mode) and its config."""
-        from .models import build_student
+        """The finished student (eval mode) and its config. A run on cached features saved no backbone:
+        it is rebuilt from the run's student settings (built under the run's seed, as training built it)
+        and must hash to the key the run recorded, else the run is refused in one line."""
+        from .models import build_student, load_weights
         from .recipes import RECIPES
 
         self.require_done()
-        cfg = self.train_config
-        n_cls = len(self.split["seen_classes"]) if RECIPES.get(cfg.recipe).classifier else 0
+        cfg, split = self.train_config, self.split
+        n_cls = len(split["seen_classes"]) if RECIPES.get(cfg.recipe).classifier else 0
         weights = self.weights()
-        dim = int(weights["head.weight"].shape[0]) if "head.weight" in weights else int(self.split["dim"])
-        model = build_student(cfg.student, dim, n_cls)
-        model.load_state_dict(weights)
+        dim = int(weights["head.weight"].shape[0]) if "head.weight" in weights else int(split["dim"])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            model = build_student(cfg.student, dim, n_cls)
+        backbone_saved = any(k.startswith("backbone.") for k in weights)
+        if not backbone_saved:
+            self._check_backbone(model, split.get("backbone_key"))
+        load_weights(model, weights, backbone_saved)
         return model.to(device).eval(), cfg
+
+    def _check_backbone(self, model, key: Optional[str]) -> None:
+        from .features import features_key
+
+        if key is None:
+            raise TrainingError(f"run {self.path}: model.safetensors holds no backbone and the run names none; "
+                                "the run is damaged: rerun it into another --out")
+        got = features_key(model)
+        if got != key:
+            raise TrainingError(f"run {self.path} trained a head on the features of backbone {key}, whose weights runs "
+                                f"on cached features do not save; its student settings now build {got} "
+                                f"(student.pretrained={self.train_config.student.pretrained} changed or moved?): restore "
+                                "that file, or retrain the run")
 
     # --- finding runs ------------------------------------------------------------------------------
     @staticmethod

@@ -29,10 +29,13 @@ from .rundir import RunDir
 
 @torch.no_grad()
 def embed_rows(model, data: StoreData, seen_classes: Sequence[int], linear: bool, device: torch.device,
-               batch: int = 256, rows: Optional[np.ndarray] = None) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+               batch: int = 256, rows: Optional[np.ndarray] = None,
+               features: Optional[np.ndarray] = None) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """Student outputs for view 0 (the centre view) of every readable image (or of ``rows``): (N, D)
     float32 embeddings (NaN for rows not embedded), and for runs that predict with a linear classifier
-    (N, C) logits over the store's classes (-inf for classes the run never saw), else None."""
+    (N, C) logits over the store's classes (-inf for classes the run never saw), else None.
+    ``features``: the store's cached (N, V, F) features of this model's own frozen backbone; the heads
+    then run on them instead of the backbone on rendered views (the same view, the same weights)."""
     n = len(data.labels)
     emb = np.full((n, data.dim), np.nan, np.float32)
     scores = np.full((n, len(data.classes)), -np.inf, np.float32) if linear else None
@@ -41,12 +44,25 @@ def embed_rows(model, data: StoreData, seen_classes: Sequence[int], linear: bool
     for i in range(0, len(rows), batch):
         interrupt.check("scoring a run")
         idx = rows[i:i + batch]
-        x = student_views(data, idx, np.zeros(len(idx), int), model.input_size, model.mean, model.std, device)
-        out = model(x)
+        if features is not None:
+            out = model.from_features(torch.from_numpy(features[idx, 0]).to(device))
+        else:
+            x = student_views(data, idx, np.zeros(len(idx), int), model.input_size, model.mean, model.std, device)
+            out = model(x)
         emb[idx] = out["emb"].float().cpu().numpy()
         if linear:
             scores[np.ix_(idx, seen)] = out["logits"].float().cpu().numpy()
     return emb, scores
+
+
+def cached_features(reader: StoreReader, key: Optional[str]) -> Optional[np.ndarray]:
+    """The store's cached features named ``key`` (a run on cached features records its backbone's),
+    or None: the run is then scored through its backbone on the rendered views."""
+    from .features import has_features
+
+    if key is None or not has_features(reader.store, key):
+        return None
+    return reader.store.read_derived(key)
 
 
 def run_tags(run: RunDir) -> Dict:
@@ -104,7 +120,8 @@ def score_run(run: Union[str, RunDir], protocols: Sequence[str] = ("lodo",), sto
         data = StoreData(reader, split["text_source"], SplitConfig(val_fraction=0.0))
         needed = rows_read(protocols, reader.meta["domain"].to_numpy(), data.ok, split.get("holdout_domains"),
                            split.get("val_idx"))  # lodo: the held-out and validation rows, not the training images
-        emb, scores = embed_rows(model, data, split["seen_classes"], split["predict"] == "linear", dev, rows=needed)
+        emb, scores = embed_rows(model, data, split["seen_classes"], split["predict"] == "linear", dev, rows=needed,
+                                 features=cached_features(reader, run.split.get("backbone_key")))
         all_tags = {**run_tags(run), **({"holdout": "transfer", "store_key": reader.key} if transfer else {}),
                     **(tags or {})}
         frames = [run_protocols(eval_data(reader, split["text_source"], emb, split, scores), protocols, all_tags, options)]

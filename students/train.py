@@ -36,7 +36,7 @@ from .config import OptimConfig, SplitConfig, StudentConfig, SwadConfig, TrainCo
 from .data import StoreData
 from .headstep import HeadStep
 from .losses import LOSSES, BatchContext, weighted_sum
-from .models import Student, build_student
+from .models import Student, build_student, load_weights, without_backbone
 from .optim import build_optimizer, build_scheduler, optimizer_step
 from .providers import INPUTS, TARGETS
 from .recipes import RECIPES, Recipe, Stage
@@ -149,13 +149,14 @@ class Selection:
     """Which weights a run keeps: "last", or "best_val" (the evaluation point with the best
     in-domain validation top-1; the earliest on ties), kept in memory and in the checkpoint."""
 
-    def __init__(self, rule: str):
-        self.rule, self.best, self.step, self.state = rule, None, None, None
+    def __init__(self, rule: str, kept: Callable[[], Dict[str, torch.Tensor]]):
+        """``kept``: the weights the run saves (``Trainer.kept_state``)."""
+        self.rule, self.kept, self.best, self.step, self.state = rule, kept, None, None, None
 
-    def update(self, step: int, val: Optional[float], model: torch.nn.Module) -> None:
+    def update(self, step: int, val: Optional[float]) -> None:
         if self.rule == "best_val" and val is not None and (self.best is None or val > self.best):
             self.best, self.step = val, step
-            self.state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            self.state = {k: v.detach().cpu().clone() for k, v in self.kept().items()}
 
     def state_dict(self) -> Dict:
         return {"best": self.best, "step": self.step, "state": self.state}
@@ -171,6 +172,18 @@ def _reseed(seed: int, device: torch.device) -> None:
     torch.random.default_generator.manual_seed(seed)
     if device.type == "cuda":
         torch.cuda.manual_seed(seed)
+
+
+def _backbone_key(model: Student, inputs, shared: Optional["Trainer"]) -> Optional[str]:
+    """The features key of a run on cached features (None for runs on images). A trainer that shares
+    another's inputs (a head pack) hashes its own backbone: the pack checks that they agree."""
+    if inputs.kind != "features":
+        return None
+    if shared is None:
+        return inputs.key
+    from .features import features_key
+
+    return features_key(model)
 
 
 def selection_rule(cfg: TrainConfig, recipe: Recipe, has_val: bool) -> Tuple[str, str]:
@@ -209,11 +222,12 @@ class Trainer:
         if cfg.compile:  # the forward only: module names and state dicts stay as they are
             self.model.backbone.forward = torch.compile(self.model.backbone.forward)
         self.targets = shared.targets if shared is not None else TARGETS.get(cfg.targets)(self.data, self.device, teacher=teacher)
+        self.backbone_key = _backbone_key(self.model, self.inputs, shared)
         self.opt = build_optimizer(cfg.optim, self.model.parameters())
         self.sched = build_scheduler(cfg.optim, self.opt, cfg.steps)
         self.averaging = AVERAGING.get(cfg.averaging)(self.model, int(cfg.average_start * cfg.steps), cfg.swad)
         self.rule, self.rule_why = selection_rule(cfg, self.recipe, len(self.data.val_idx) > 0)
-        self.selection = Selection(self.rule)
+        self.selection = Selection(self.rule, self.kept_state)
         self.ends = stage_ends(self.recipe, cfg.steps)
         self.text = torch.from_numpy(self.data.text).to(self.device)
         self.amp = cfg.amp and self.device.type == "cuda"
@@ -225,6 +239,12 @@ class Trainer:
         self._closed: Dict[int, Optional[HeadStep]] = {}
 
     # --- state ------------------------------------------------------------------------------------
+    def kept_state(self) -> Dict[str, torch.Tensor]:
+        """The weights this run checkpoints, selects and saves: the model's, less the frozen backbone
+        of a run on cached features (``backbone_key`` names it)."""
+        state = self.model.state_dict()
+        return state if self.backbone_key is None else without_backbone(state)
+
     def resume(self) -> int:
         state = self.run_dir.load_checkpoint(self.device)
         if state is None:
@@ -232,7 +252,12 @@ class Trainer:
         if state["store_key"] != self.data.key:
             raise StoreMismatchError(f"run {self.run_dir.path} was trained on another store (key {state['store_key']}, "
                                      f"this one {self.data.key}); use another --out")
-        self.model.load_state_dict(state["model"])
+        saved_key = state.get("backbone_key")
+        if saved_key is not None and saved_key != self.backbone_key:
+            raise TrainingError(f"run {self.run_dir.path} was trained on the features of backbone {saved_key}; the "
+                                f"student settings now give {self.backbone_key} (student.pretrained changed?): "
+                                "restore them, or use another --out")
+        load_weights(self.model, state["model"], backbone_saved=saved_key is None)
         self.opt.load_state_dict(state["optim"])
         self.sched.load_state_dict(state["sched"])
         self.averaging.load_state_dict(state["averaging"])
@@ -244,7 +269,7 @@ class Trainer:
 
     def checkpoint(self, step: int) -> None:
         self.run_dir.save_checkpoint({
-            "model": self.model.state_dict(), "optim": self.opt.state_dict(), "sched": self.sched.state_dict(),
+            "model": self.kept_state(), "backbone_key": self.backbone_key, "optim": self.opt.state_dict(), "sched": self.sched.state_dict(),
             "averaging": self.averaging.state_dict(), "selection": self.selection.state_dict(),
             "running": self.running, "n_running": self.n_running, "val": self.val,
             "step": step, "store_key": self.data.key})
@@ -255,7 +280,9 @@ class Trainer:
         self.run_dir.write_split({  # what the run trained on, for evaluation without this package
             "train_idx": d.train_idx.tolist(), "val_idx": d.val_idx.tolist(), "test_idx": d.test_idx.tolist(),
             "holdout_domains": list(self.cfg.split.holdout_domains), "seen_classes": d.train_class_ids.tolist(),
-            "text_source": self.source, "predict": self.recipe.predict, "dim": d.dim})
+            "text_source": self.source, "predict": self.recipe.predict, "dim": d.dim,
+            # a run on cached features saves no backbone: this key (a hash of its weights) names it
+            "backbone_key": self.backbone_key})
 
     # --- the loop -----------------------------------------------------------------------------------
     def step(self, step: int, stage: Stage) -> None:
@@ -302,7 +329,7 @@ class Trainer:
                                       self.recipe.predict, self.text, stage)
             val = top1(pred, self.data.targets[self.data.val_idx])
         self.averaging.at_eval(step, self.model, val_loss)
-        self.selection.update(step, val, self.model)
+        self.selection.update(step, val)
         row = {"step": step, "stage": stage_i, "lr": self.opt.param_groups[0]["lr"], "val_top1": val, "val_loss": val_loss,
                **{k: float(v) / max(1, self.n_running) for k, v in self.running.items()}}
         self.metrics.append(row)
@@ -349,14 +376,14 @@ class Trainer:
     def final_weights(self) -> Tuple[Dict[str, torch.Tensor], Dict]:
         averaged = self.averaging.final(self.log)
         if averaged is not None:
-            own = self.model.state_dict()
-            state = {k: v.to(own[k].dtype) for k, v in averaged.items()}
+            own = self.kept_state()
+            state = {k: v.to(own[k].dtype) for k, v in averaged.items() if k in own}
             return state, {"rule": f"average ({self.cfg.averaging})", "why": self.rule_why,
                            **(self.averaging.describe() or {})}
         if self.rule == "best_val" and self.selection.state is not None:
             return self.selection.state, {"rule": "best_val", "step": self.selection.step,
                                           "val_top1": self.selection.best, "why": self.rule_why}
-        return self.model.state_dict(), {"rule": "last", "step": self.cfg.steps, "why": self.rule_why}
+        return self.kept_state(), {"rule": "last", "step": self.cfg.steps, "why": self.rule_why}
 
     def finish(self, t_start: float, loop_seconds: float) -> RunResult:
         state, selected = self.final_weights()
@@ -364,7 +391,7 @@ class Trainer:
         if selected["rule"] == "best_val" and self.selection.best is not None:
             val = self.selection.best  # measured on these very weights when they were selected
         elif selected["rule"] != "last" and len(self.data.val_idx):  # averaged weights: not measured yet
-            self.model.load_state_dict(state)
+            load_weights(self.model, state, backbone_saved=self.backbone_key is None)
             pred, _ = validate(self.model, self.inputs, self.targets, self.data, self.data.val_idx,
                                self.recipe.predict, self.text)
             val = top1(pred, self.data.targets[self.data.val_idx])

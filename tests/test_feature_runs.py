@@ -1,0 +1,152 @@
+"""Runs on cached features save their heads, not the frozen backbone: the backbone is named by the
+features' key, rebuilt from the run's student settings when the run is loaded (and refused if it no
+longer hashes to that key), and the run is scored from the store's cached features."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from embedcache.errors import TrainingError
+from embedcache.students import scoring
+from embedcache.students.config import StudentConfig, TrainConfig
+from embedcache.students.features import cache_features, features_key
+from embedcache.students.models import build_student
+from embedcache.students.rundir import RunDir
+from embedcache.students.scoring import score_run
+from embedcache.students.train import train
+
+from conftest import quiet
+
+
+@pytest.fixture(scope="module")
+def feature_store(synthetic_store, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("feature_runs")
+    store = tmp / "store.zarr"
+    shutil.copytree(synthetic_store, store)
+    torch.manual_seed(7)
+    weights = tmp / "backbone.safetensors"
+    save_file({k: v.contiguous() for k, v in build_student(StudentConfig(name="test_resnet"), 32).backbone.state_dict().items()},
+              str(weights))
+    student = StudentConfig(name="test_resnet", input_size=32, pretrained=str(weights))
+    key = cache_features(str(store), student, device="cpu", progress=False, log=quiet)
+    return store, student, key
+
+
+def _cfg(store, student, out, recipe="vl2v_adip_align", **kw):
+    base = dict(store=str(store), recipe=recipe, student=student, features=True, steps=30, batch_size=8,
+                eval_every=10, ckpt_every=10, out=str(out), progress=False, device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("recipe,select", [("vl2v_adip_align", "last"), ("linear_probe", "best_val")])
+def test_a_feature_run_saves_its_heads_and_loads_with_its_own_backbone(feature_store, tmp_path, recipe, select):
+    store, student, key = feature_store
+    res = train(_cfg(store, student, tmp_path / "run", recipe, select=select, keep_checkpoint=True), log=quiet)
+    saved = load_file(f"{res.out}/model.safetensors")
+    assert saved and not [k for k in saved if k.startswith("backbone.")]
+    assert ("classifier.weight" in saved) == (recipe == "linear_probe") and "head.weight" in saved
+    ckpt = torch.load(f"{res.out}/checkpoint.pt", weights_only=True)
+    assert ckpt["backbone_key"] == key and not [k for k in ckpt["model"] if k.startswith("backbone.")]
+    if select == "best_val":
+        assert not [k for k in ckpt["selection"]["state"] if k.startswith("backbone.")]
+    run = RunDir(res.out)
+    assert run.split["backbone_key"] == key
+    model, _ = run.load_student()
+    assert features_key(model) == key
+    for k, v in load_file(student.pretrained).items():  # the backbone is the pretrained file's, BN statistics too
+        assert torch.equal(model.backbone.state_dict()[k], v), k
+    for k, v in saved.items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_image_runs_still_save_the_whole_student(feature_store, tmp_path):
+    store, student, _ = feature_store
+    res = train(_cfg(store, student, tmp_path / "img", features=False, steps=10, eval_every=10, ckpt_every=10), log=quiet)
+    assert any(k.startswith("backbone.") for k in load_file(f"{res.out}/model.safetensors"))
+    assert RunDir(res.out).split["backbone_key"] is None
+    RunDir(res.out).load_student()
+
+
+@pytest.mark.parametrize("recipe", ["vl2v_adip_align", "linear_probe"])
+def test_scoring_from_cached_features_equals_scoring_through_the_backbone(feature_store, tmp_path, monkeypatch, recipe):
+    store, student, _ = feature_store
+    res = train(_cfg(store, student, tmp_path / "run", recipe), log=quiet)
+    calls = []
+    real = scoring.cached_features
+    monkeypatch.setattr(scoring, "cached_features", lambda *a: calls.append(1) or real(*a))
+    fast = score_run(res.out, protocols=("lodo", "per_class"), device="cpu")
+    assert calls  # the cached features were used
+    monkeypatch.setattr(scoring, "cached_features", lambda *a: None)  # the backbone on rendered views
+    slow = score_run(res.out, protocols=("lodo", "per_class"), device="cpu")
+    assert len(fast) and list(fast.columns) == list(slow.columns)
+    num = fast.select_dtypes("number").columns
+    np.testing.assert_allclose(fast[num].to_numpy(float), slow[num].to_numpy(float), atol=1e-6)
+    assert fast.drop(columns=num).equals(slow.drop(columns=num))
+
+
+def test_embeddings_from_cached_features_match_the_backbone(feature_store, tmp_path):
+    from embedcache.api import StoreReader
+    from embedcache.students.config import SplitConfig
+    from embedcache.students.data import StoreData
+
+    store, student, key = feature_store
+    res = train(_cfg(store, student, tmp_path / "run", "linear_probe"), log=quiet)
+    model, _ = RunDir(res.out).load_student()
+    with StoreReader(str(store)) as reader:
+        data = StoreData(reader, "name", SplitConfig(val_fraction=0.0))
+        seen = RunDir(res.out).split["seen_classes"]
+        a = scoring.embed_rows(model, data, seen, True, torch.device("cpu"), features=scoring.cached_features(reader, key))
+        b = scoring.embed_rows(model, data, seen, True, torch.device("cpu"))
+    assert np.isfinite(a[0]).all()
+    np.testing.assert_allclose(a[0], b[0], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(a[1], b[1], atol=1e-5, rtol=1e-5)
+
+
+def test_a_changed_backbone_file_is_refused_when_loading_and_resuming(feature_store, tmp_path):
+    store, student, key = feature_store
+    weights = tmp_path / "backbone.safetensors"
+    shutil.copy(student.pretrained, weights)
+    own = StudentConfig(name="test_resnet", input_size=32, pretrained=str(weights))
+    res = train(_cfg(store, own, tmp_path / "run"), log=quiet)
+    cut = _cfg(store, own, tmp_path / "cut")
+
+    def stop(step):
+        if step == 15:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cut, on_step=stop, log=quiet)
+    state = load_file(str(weights))
+    first = next(k for k in sorted(state) if state[k].is_floating_point())
+    state[first] = state[first] + 1.0
+    save_file(state, str(weights))
+    with pytest.raises(TrainingError, match="trained a head on the features of backbone .* restore that file, or retrain"):
+        RunDir(res.out).load_student()
+    with pytest.raises(TrainingError, match="changed or moved"):
+        score_run(res.out, device="cpu")
+    cache_features(str(store), own, device="cpu", progress=False, log=quiet)  # features of the changed file exist too
+    with pytest.raises(TrainingError, match=f"trained on the features of backbone {key}; the student settings now give"):
+        train(cut, log=quiet)
+
+
+def test_a_resumed_feature_run_ends_where_an_uninterrupted_one_ends(feature_store, tmp_path):
+    store, student, _ = feature_store
+    full = train(_cfg(store, student, tmp_path / "full", "linear_probe", select="best_val"), log=quiet)
+    cut = _cfg(store, student, tmp_path / "cut", "linear_probe", select="best_val")
+
+    def stop(step):
+        if step == 25:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cut, on_step=stop, log=quiet)
+    res = train(cut, log=quiet)
+    assert res.resumed_from == 20
+    a, b = load_file(f"{full.out}/model.safetensors"), load_file(f"{res.out}/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "full" / "summary.json").read_text())["selected"] == \
+        json.loads((tmp_path / "cut" / "summary.json").read_text())["selected"]
