@@ -7,8 +7,8 @@ pre-made tensors already on the device: the hardware's own limit; (2) the cached
 (inputs rebuilt from the stored canvases, targets from the store); (3) the same loop with the
 ``teacher_online`` target provider (each view rendered at the teacher's size and encoded every
 step: what a cache-less run pays); (4) a bare head step (linear head, VL2V-ADiP's align loss,
-fused AdamW on pre-made tensors) through autograd and in closed form (``headstep.py``, the math the
-loop uses), and the ``train`` loop's head-only steps on cached features, also with closed forms
+fused AdamW on pre-made tensors) through autograd and ``step()``, and in closed form with the direct
+fused-kernel call (``headstep.py``, ``optim.py``: the loop's own math), and the ``train`` loop's head-only steps on cached features, also with closed forms
 and the direct optimizer call switched off (the loop as it was);
 (5) a pack of ``--heads`` head-only runs trained as one vectorised model (head-steps/s counts
 every head's step). The head-step arms (4, 5) take turns over ``--rounds`` rounds, medians
@@ -40,7 +40,7 @@ from embedcache.students.heads import train_heads  # noqa: E402
 from embedcache.students.headstep import HeadStep  # noqa: E402
 from embedcache.students.losses import LOSSES, BatchContext  # noqa: E402
 from embedcache.students.models import StudentConfig, build_student  # noqa: E402
-from embedcache.students.optim import build_optimizer  # noqa: E402
+from embedcache.students.optim import build_optimizer, optimizer_step  # noqa: E402
 from embedcache.students.recipes import RECIPES  # noqa: E402
 from embedcache.students.train import TrainConfig, train  # noqa: E402
 from _common import write_json  # noqa: E402  (bench/ is on sys.path when a benchmark runs)
@@ -79,7 +79,8 @@ def bare_steps_per_s(student: StudentConfig, dim: int, batch: int, steps: int, d
 
 def bare_head_steps_per_s(feat_dim: int, dim: int, batch: int, steps: int, device: torch.device, closed: bool) -> float:
     """VL2V-ADiP's align step on tensors made once: a linear head, its loss and fused AdamW, nothing else;
-    through autograd (what a plain PyTorch step costs) or in closed form (the loop's own math, headstep.py)."""
+    through autograd and torch's ``step()`` (what a plain PyTorch step costs) or in closed form with the
+    direct optimizer call (the loop's own math, headstep.py and optim.py)."""
     head = torch.nn.Linear(feat_dim, dim).to(device)
     opt = build_optimizer(OptimConfig(), head.parameters())
     x = torch.randn(batch, feat_dim, device=device)
@@ -89,13 +90,14 @@ def bare_head_steps_per_s(feat_dim: int, dim: int, batch: int, steps: int, devic
     closed_step = HeadStep(head, None, RECIPES.get("vl2v_adip_align").stages[0], text) if closed else None
 
     def step():
-        if closed_step is not None:
+        if closed_step is not None:  # the loop's math and its direct fused-kernel call
             closed_step(x, t, y)
+            optimizer_step(opt)
         else:
             loss = LOSSES.get("vl2v_adip")(BatchContext(head(x), t, text, y))
             opt.zero_grad(set_to_none=True)
             loss.backward()
-        opt.step()
+            opt.step()
 
     return _timed(step, steps, device)
 
