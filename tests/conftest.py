@@ -93,6 +93,27 @@ def synthetic_store(tmp_path_factory, tiny_teacher):
     return out
 
 
+def store_with_features(synthetic_store: Path, tmp: Path, seed: int):
+    """A copy of the synthetic store with cached features of a test_resnet backbone (random weights
+    under ``seed``, saved to a file as a user's pretrained backbone would be): (store, student, key)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    from embedcache.students.features import cache_features
+    from embedcache.students.models import StudentConfig, build_student
+
+    store = tmp / "store.zarr"
+    shutil.copytree(synthetic_store, store)
+    torch.manual_seed(seed)
+    weights = tmp / "backbone.safetensors"
+    save_file({k: v.contiguous() for k, v in build_student(StudentConfig(name="test_resnet"), 32).backbone.state_dict().items()},
+              str(weights))
+    student = StudentConfig(name="test_resnet", input_size=32, pretrained=str(weights))
+    return store, student, cache_features(str(store), student, device="cpu", progress=False, log=quiet)
+
+
 @pytest.fixture(scope="module")
 def remote(tiny_teacher_cfg, tiny_teacher, tmp_path_factory):
     """The ``remote`` teacher, for tests that parametrize over the teacher registry: the tiny teacher

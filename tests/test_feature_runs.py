@@ -13,26 +13,16 @@ from embedcache.errors import TrainingError
 from embedcache.students import scoring
 from embedcache.students.config import StudentConfig, TrainConfig
 from embedcache.students.features import cache_features, features_key
-from embedcache.students.models import build_student
 from embedcache.students.rundir import RunDir
 from embedcache.students.scoring import score_run
 from embedcache.students.train import train
 
-from conftest import quiet
+from conftest import quiet, store_with_features
 
 
 @pytest.fixture(scope="module")
 def feature_store(synthetic_store, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("feature_runs")
-    store = tmp / "store.zarr"
-    shutil.copytree(synthetic_store, store)
-    torch.manual_seed(7)
-    weights = tmp / "backbone.safetensors"
-    save_file({k: v.contiguous() for k, v in build_student(StudentConfig(name="test_resnet"), 32).backbone.state_dict().items()},
-              str(weights))
-    student = StudentConfig(name="test_resnet", input_size=32, pretrained=str(weights))
-    key = cache_features(str(store), student, device="cpu", progress=False, log=quiet)
-    return store, student, key
+    return store_with_features(synthetic_store, tmp_path_factory.mktemp("feature_runs"), seed=7)
 
 
 def _cfg(store, student, out, recipe="vl2v_adip_align", **kw):

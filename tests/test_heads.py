@@ -1,33 +1,22 @@
 """Packs of heads (issue 12): head-only runs that differ in seed, learning rate and weight decay,
 trained together as one vectorised model, end where separate runs end."""
 import json
-import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from embedcache.errors import ConfigError
-from embedcache.students.config import OptimConfig, StudentConfig, TrainConfig
-from embedcache.students.features import cache_features
+from embedcache.students.config import OptimConfig, TrainConfig
 from embedcache.students.heads import pack_key, train_heads
-from embedcache.students.models import build_student
 from embedcache.students.train import train
 
-from conftest import quiet
+from conftest import quiet, store_with_features
 
 
 @pytest.fixture(scope="module")
 def feature_store(synthetic_store, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("heads")
-    store = tmp / "store.zarr"
-    shutil.copytree(synthetic_store, store)
-    torch.manual_seed(5)
-    weights = tmp / "backbone.safetensors"
-    save_file({k: v.contiguous() for k, v in build_student(StudentConfig(name="test_resnet"), 32).backbone.state_dict().items()},
-              str(weights))
-    student = StudentConfig(name="test_resnet", input_size=32, pretrained=str(weights))
-    cache_features(str(store), student, device="cpu", progress=False, log=quiet)
+    store, student, _ = store_with_features(synthetic_store, tmp_path_factory.mktemp("heads"), seed=5)
     return store, student
 
 
