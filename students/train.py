@@ -254,9 +254,10 @@ class Trainer:
                                      f"this one {self.data.key}); use another --out")
         saved_key = state.get("backbone_key")
         if saved_key is not None and saved_key != self.backbone_key:
+            now = f"give {self.backbone_key}" if self.backbone_key else "train on images (features=false)"
             raise TrainingError(f"run {self.run_dir.path} was trained on the features of backbone {saved_key}; the "
-                                f"student settings now give {self.backbone_key} (student.pretrained changed?): "
-                                "restore them, or use another --out")
+                                f"student settings now {now} (student.pretrained changed?): restore them, or use "
+                                "another --out")
         load_weights(self.model, state["model"], backbone_saved=saved_key is None)
         self.opt.load_state_dict(state["optim"])
         self.sched.load_state_dict(state["sched"])
@@ -269,7 +270,8 @@ class Trainer:
 
     def checkpoint(self, step: int) -> None:
         self.run_dir.save_checkpoint({
-            "model": self.kept_state(), "backbone_key": self.backbone_key, "optim": self.opt.state_dict(), "sched": self.sched.state_dict(),
+            "model": self.kept_state(), "backbone_key": self.backbone_key,
+            "optim": self.opt.state_dict(), "sched": self.sched.state_dict(),
             "averaging": self.averaging.state_dict(), "selection": self.selection.state_dict(),
             "running": self.running, "n_running": self.n_running, "val": self.val,
             "step": step, "store_key": self.data.key})
