@@ -55,6 +55,7 @@ bench: $(VENV)/.installed ## run the benchmarks under bench/ (tables printed, JS
 	$(PY) bench/evaluate.py
 	$(VENV)/bin/embedcache extract --config configs/extract/demo.yaml --no-progress
 	$(PY) bench/sweep.py
+	$(PY) bench/pack.py
 	$(PY) bench/remote.py
 	$(PY) bench/synthesize.py
 
