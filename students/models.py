@@ -43,15 +43,9 @@ class Student(nn.Module):
         return self.from_features(self.features(x))
 
 
-def without_backbone(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """A student's state minus its backbone: what a run on cached features saves (its frozen backbone is
-    named by the features' key, which hashes its weights, instead of being written with every run)."""
-    return {k: v for k, v in state.items() if not k.startswith("backbone.")}
-
-
 def load_weights(model: Student, state: Dict[str, torch.Tensor], backbone_saved: bool = True) -> None:
     """Load saved weights into ``model``; with ``backbone_saved=False`` exactly the backbone's keys are
-    absent (``without_backbone``) and the model's own backbone stays."""
+    absent (a run on cached features saves its heads only) and the model's own backbone stays."""
     missing, unexpected = model.load_state_dict(state, strict=False)
     wrong = sorted(unexpected) + [k for k in missing if backbone_saved or not k.startswith("backbone.")]
     if wrong:

@@ -36,7 +36,7 @@ from .config import OptimConfig, SplitConfig, StudentConfig, SwadConfig, TrainCo
 from .data import StoreData
 from .headstep import HeadStep
 from .losses import LOSSES, BatchContext, weighted_sum
-from .models import Student, build_student, load_weights, without_backbone
+from .models import Student, build_student, load_weights
 from .optim import build_optimizer, build_scheduler, optimizer_step
 from .providers import INPUTS, TARGETS
 from .recipes import RECIPES, Recipe, Stage
@@ -174,6 +174,15 @@ def _reseed(seed: int, device: torch.device) -> None:
         torch.cuda.manual_seed(seed)
 
 
+class Heads(torch.nn.Module):
+    """A student's head and classifier (the same modules, not copies): the part of a run on cached
+    features that trains, and all that it saves; state-dict keys as in the whole student."""
+
+    def __init__(self, model: Student):
+        super().__init__()
+        self.head, self.classifier = model.head, model.classifier
+
+
 def _backbone_key(model: Student, inputs, shared: Optional["Trainer"]) -> Optional[str]:
     """The features key of a run on cached features (None for runs on images). A trainer that shares
     another's inputs (a head pack) hashes its own backbone: the pack checks that they agree."""
@@ -223,9 +232,12 @@ class Trainer:
             self.model.backbone.forward = torch.compile(self.model.backbone.forward)
         self.targets = shared.targets if shared is not None else TARGETS.get(cfg.targets)(self.data, self.device, teacher=teacher)
         self.backbone_key = _backbone_key(self.model, self.inputs, shared)
+        # what the run checkpoints, selects, averages and saves: a run on cached features leaves out
+        # the frozen backbone (``backbone_key`` names it)
+        self.kept = self.model if self.backbone_key is None else Heads(self.model)
         self.opt = build_optimizer(cfg.optim, self.model.parameters())
         self.sched = build_scheduler(cfg.optim, self.opt, cfg.steps)
-        self.averaging = AVERAGING.get(cfg.averaging)(self.model, int(cfg.average_start * cfg.steps), cfg.swad)
+        self.averaging = AVERAGING.get(cfg.averaging)(self.kept, int(cfg.average_start * cfg.steps), cfg.swad)
         self.rule, self.rule_why = selection_rule(cfg, self.recipe, len(self.data.val_idx) > 0)
         self.selection = Selection(self.rule, self.kept_state)
         self.ends = stage_ends(self.recipe, cfg.steps)
@@ -240,10 +252,8 @@ class Trainer:
 
     # --- state ------------------------------------------------------------------------------------
     def kept_state(self) -> Dict[str, torch.Tensor]:
-        """The weights this run checkpoints, selects and saves: the model's, less the frozen backbone
-        of a run on cached features (``backbone_key`` names it)."""
-        state = self.model.state_dict()
-        return state if self.backbone_key is None else without_backbone(state)
+        """The weights this run checkpoints, selects, averages and saves (``self.kept``)."""
+        return self.kept.state_dict()
 
     def resume(self) -> int:
         state = self.run_dir.load_checkpoint(self.device)
@@ -259,6 +269,12 @@ class Trainer:
                                 f"student settings now {now} (student.pretrained changed?): restore them, or use "
                                 "another --out")
         load_weights(self.model, state["model"], backbone_saved=saved_key is None)
+        if saved_key is None and self.backbone_key is not None:  # a checkpoint that saved its backbone
+            from .features import features_key
+
+            if features_key(self.model) != self.backbone_key:
+                raise TrainingError(f"run {self.run_dir.path}: its checkpoint's backbone is not the one whose cached "
+                                    f"features this run reads ({self.backbone_key}); use another --out")
         self.opt.load_state_dict(state["optim"])
         self.sched.load_state_dict(state["sched"])
         self.averaging.load_state_dict(state["averaging"])
@@ -305,7 +321,7 @@ class Trainer:
         self.sched.step()
         add_running(self.running, {"loss": loss, **parts})
         self.n_running += 1
-        self.averaging.after_step(step + 1, self.model)
+        self.averaging.after_step(step + 1, self.kept)
 
     def closed_form(self, stage: Stage) -> Optional[HeadStep]:
         """The stage's closed-form head step (``headstep.py``) where it has one, else None (autograd).
@@ -330,7 +346,7 @@ class Trainer:
             pred, val_loss = validate(self.model, self.inputs, self.targets, self.data, self.data.val_idx,
                                       self.recipe.predict, self.text, stage)
             val = top1(pred, self.data.targets[self.data.val_idx])
-        self.averaging.at_eval(step, self.model, val_loss)
+        self.averaging.at_eval(step, self.kept, val_loss)
         self.selection.update(step, val)
         row = {"step": step, "stage": stage_i, "lr": self.opt.param_groups[0]["lr"], "val_top1": val, "val_loss": val_loss,
                **{k: float(v) / max(1, self.n_running) for k, v in self.running.items()}}
@@ -379,7 +395,7 @@ class Trainer:
         averaged = self.averaging.final(self.log)
         if averaged is not None:
             own = self.kept_state()
-            state = {k: v.to(own[k].dtype) for k, v in averaged.items() if k in own}
+            state = {k: v.to(own[k].dtype) for k, v in averaged.items()}
             return state, {"rule": f"average ({self.cfg.averaging})", "why": self.rule_why,
                            **(self.averaging.describe() or {})}
         if self.rule == "best_val" and self.selection.state is not None:

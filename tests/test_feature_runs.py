@@ -9,10 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from embedcache.errors import TrainingError
+from embedcache.errors import StoreError, TrainingError
 from embedcache.students import scoring
 from embedcache.students.config import StudentConfig, TrainConfig
 from embedcache.students.features import cache_features, features_key
+from embedcache.students.models import build_student
 from embedcache.students.rundir import RunDir
 from embedcache.students.scoring import score_run
 from embedcache.students.train import train
@@ -65,11 +66,17 @@ def test_image_runs_still_save_the_whole_student(feature_store, tmp_path):
 def test_scoring_from_cached_features_equals_scoring_through_the_backbone(feature_store, tmp_path, monkeypatch, recipe):
     store, student, _ = feature_store
     res = train(_cfg(store, student, tmp_path / "run", recipe), log=quiet)
-    calls = []
+    used = []
     real = scoring.cached_features
-    monkeypatch.setattr(scoring, "cached_features", lambda *a: calls.append(1) or real(*a))
+
+    def spy(*a):
+        got = real(*a)
+        used.append(got is not None)
+        return got
+
+    monkeypatch.setattr(scoring, "cached_features", spy)
     fast = score_run(res.out, protocols=("lodo", "per_class"), device="cpu")
-    assert calls  # the cached features were used
+    assert used == [True]  # scored from the cached features
     monkeypatch.setattr(scoring, "cached_features", lambda *a: None)  # the backbone on rendered views
     slow = score_run(res.out, protocols=("lodo", "per_class"), device="cpu")
     assert len(fast) and list(fast.columns) == list(slow.columns)
@@ -140,3 +147,65 @@ def test_a_resumed_feature_run_ends_where_an_uninterrupted_one_ends(feature_stor
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((tmp_path / "full" / "summary.json").read_text())["selected"] == \
         json.loads((tmp_path / "cut" / "summary.json").read_text())["selected"]
+
+
+def _keys(obj, prefix=""):
+    """Every dict key in a nested checkpoint, dotted."""
+    if isinstance(obj, dict):
+        return [k for key, v in obj.items() for k in [f"{prefix}{key}"] + _keys(v, f"{prefix}{key}.")]
+    if isinstance(obj, (list, tuple)):
+        return [k for v in obj for k in _keys(v, prefix)]
+    return []
+
+
+@pytest.mark.parametrize("averaging", ["swa", "swad"])
+def test_averaging_a_feature_run_averages_its_heads_as_the_frozen_backbone_run_does(feature_store, tmp_path, averaging):
+    store, student, _ = feature_store
+    kw = dict(averaging=averaging, steps=40, eval_every=5, ckpt_every=5, average_start=0.2, keep_checkpoint=True)
+    head = train(_cfg(store, student, tmp_path / "head", "linear_probe", **kw), log=quiet)
+    full = train(_cfg(store, student, tmp_path / "full", "linear_probe", features=False, **kw), log=quiet)
+    ckpt = torch.load(f"{head.out}/checkpoint.pt", weights_only=True)
+    assert not [k for k in _keys(ckpt) if "backbone." in k]  # neither the model nor the averages hold it
+    assert [k for k in _keys(torch.load(f"{full.out}/checkpoint.pt", weights_only=True)) if "backbone." in k]
+    summary = json.loads((tmp_path / "head" / "summary.json").read_text())
+    assert summary["selected"]["rule"] == f"average ({averaging})"
+    assert summary["selected"] == json.loads((tmp_path / "full" / "summary.json").read_text())["selected"]
+    wh, wf = load_file(f"{head.out}/model.safetensors"), load_file(f"{full.out}/model.safetensors")
+    assert set(wh) == {"head.weight", "head.bias", "classifier.weight", "classifier.bias"}
+    for k in wh:  # the closed-form head steps agree with autograd's to float32 rounding
+        torch.testing.assert_close(wh[k], wf[k], atol=1e-5, rtol=1e-4)
+    RunDir(head.out).load_student()
+
+
+def test_a_feature_run_on_a_seeded_random_backbone_loads_under_its_seed(feature_store, tmp_path):
+    store, _, _ = feature_store
+    student = StudentConfig(name="test_resnet", input_size=32)  # no file: the backbone is the seed's
+    key = cache_features(str(store), student, seed=3, device="cpu", progress=False, log=quiet)
+    res = train(_cfg(store, student, tmp_path / "run", "linear_probe", seed=3), log=quiet)
+    assert RunDir(res.out).split["backbone_key"] == key
+    model, _ = RunDir(res.out).load_student()
+    assert features_key(model) == key
+    with pytest.raises(StoreError, match="no cached features"):  # another seed builds another backbone
+        train(_cfg(store, student, tmp_path / "other", "linear_probe", seed=4), log=quiet)
+
+
+def test_an_old_checkpoint_with_another_backbone_is_refused(feature_store, tmp_path):
+    """Checkpoints written before runs on cached features left out their backbone hold one and no key:
+    the one they hold must be the backbone whose features the run reads."""
+    store, student, _ = feature_store
+    cut = _cfg(store, student, tmp_path / "cut")
+
+    def stop(step):
+        if step == 15:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cut, on_step=stop, log=quiet)
+    path = tmp_path / "cut" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    other = build_student(StudentConfig(name="test_resnet", input_size=32), 8)
+    ckpt["model"].update({f"backbone.{k}": v for k, v in other.backbone.state_dict().items()})
+    del ckpt["backbone_key"]
+    torch.save(ckpt, path)
+    with pytest.raises(TrainingError, match="checkpoint's backbone is not the one whose cached features this run reads"):
+        train(cut, log=quiet)
