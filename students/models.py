@@ -43,6 +43,35 @@ class Student(nn.Module):
         return self.from_features(self.features(x))
 
 
+class Heads(nn.Module):
+    """A student's head and classifier without its backbone: the part of a run on cached features
+    that trains and all that it saves (state-dict keys as in the whole student)."""
+
+    def __init__(self, head: nn.Module, classifier: Optional[nn.Module]):
+        super().__init__()
+        self.head, self.classifier = head, classifier
+
+    @classmethod
+    def of(cls, model: Student) -> "Heads":
+        """The student's own head and classifier modules (shared, not copied)."""
+        return cls(model.head, model.classifier)
+
+    @classmethod
+    def from_weights(cls, weights: Dict[str, torch.Tensor]) -> "Heads":
+        """Linear layers shaped and filled from a run's saved weights (no head weights: the identity)."""
+        def layer(name: str) -> Optional[nn.Module]:
+            if f"{name}.weight" not in weights:
+                return None
+            out_dim, in_dim = weights[f"{name}.weight"].shape
+            return nn.Linear(in_dim, out_dim, bias=f"{name}.bias" in weights)
+
+        heads = cls(layer("head") or nn.Identity(), layer("classifier"))
+        heads.load_state_dict({k: v for k, v in weights.items() if not k.startswith("backbone.")})
+        return heads
+
+    from_features = Student.from_features
+
+
 def load_weights(model: Student, state: Dict[str, torch.Tensor], backbone_saved: bool = True) -> None:
     """Load saved weights into ``model``; with ``backbone_saved=False`` exactly the backbone's keys are
     absent (a run on cached features saves its heads only) and the model's own backbone stays."""

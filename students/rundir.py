@@ -174,6 +174,14 @@ class RunDir:
         load_weights(model, weights, backbone_saved)
         return model.to(device).eval(), cfg
 
+    def load_heads(self, device="cpu") -> torch.nn.Module:
+        """The finished run's head and classifier alone (eval mode, ``models.Heads``): all a run on
+        cached features needs to be scored from them."""
+        from .models import Heads
+
+        self.require_done()
+        return Heads.from_weights(self.weights()).to(device).eval()
+
     def _check_backbone(self, model, key: Optional[str]) -> None:
         from .features import features_key
 

@@ -112,8 +112,11 @@ def score_run(run: Union[str, RunDir], protocols: Sequence[str] = ("lodo",), sto
     transfer = transfer and path != run.store_path()
     with _open_for(run, path, transfer) as reader:
         dev = resolve_device(device)
-        model, cfg = run.load_student(dev)
         split = run.split
+        features = cached_features(reader, split.get("backbone_key"))
+        finetune = "few_shot" in protocols and finetune_steps > 0  # trains the whole student
+        # scored from the very features the run trained on: its heads are all that is needed
+        model, cfg = (run.load_heads(dev), run.train_config) if features is not None and not finetune else run.load_student(dev)
         if transfer:  # none of these images was trained on or used for selection
             split = {"text_source": split["text_source"], "predict": split["predict"],
                      "seen_classes": split["seen_classes"], "holdout_domains": []}
@@ -121,11 +124,11 @@ def score_run(run: Union[str, RunDir], protocols: Sequence[str] = ("lodo",), sto
         needed = rows_read(protocols, reader.meta["domain"].to_numpy(), data.ok, split.get("holdout_domains"),
                            split.get("val_idx"))  # lodo: the held-out and validation rows, not the training images
         emb, scores = embed_rows(model, data, split["seen_classes"], split["predict"] == "linear", dev, rows=needed,
-                                 features=cached_features(reader, run.split.get("backbone_key")))
+                                 features=features)
         all_tags = {**run_tags(run), **({"holdout": "transfer", "store_key": reader.key} if transfer else {}),
                     **(tags or {})}
         frames = [run_protocols(eval_data(reader, split["text_source"], emb, split, scores), protocols, all_tags, options)]
-        if "few_shot" in protocols and finetune_steps > 0:
+        if finetune:
             from .finetune import few_shot_finetune
 
             ft = few_shot_finetune(model, cfg, data, split, steps=finetune_steps, device=dev, mode=finetune_mode)

@@ -36,7 +36,7 @@ from .config import OptimConfig, SplitConfig, StudentConfig, SwadConfig, TrainCo
 from .data import StoreData
 from .headstep import HeadStep
 from .losses import LOSSES, BatchContext, weighted_sum
-from .models import Student, build_student, load_weights
+from .models import Heads, Student, build_student, load_weights
 from .optim import build_optimizer, build_scheduler, optimizer_step
 from .providers import INPUTS, TARGETS
 from .recipes import RECIPES, Recipe, Stage
@@ -174,22 +174,19 @@ def _reseed(seed: int, device: torch.device) -> None:
         torch.cuda.manual_seed(seed)
 
 
-class Heads(torch.nn.Module):
-    """A student's head and classifier (the same modules, not copies): the part of a run on cached
-    features that trains, and all that it saves; state-dict keys as in the whole student."""
-
-    def __init__(self, model: Student):
-        super().__init__()
-        self.head, self.classifier = model.head, model.classifier
-
-
 def _backbone_key(model: Student, inputs, shared: Optional["Trainer"]) -> Optional[str]:
     """The features key of a run on cached features (None for runs on images). A trainer that shares
-    another's inputs (a head pack) hashes its own backbone: the pack checks that they agree."""
+    another's inputs (a head pack) has its own backbone: equal to that trainer's, it takes that
+    trainer's key and module (one frozen copy in memory for the pack); else its own hash, which the
+    pack refuses."""
     if inputs.kind != "features":
         return None
     if shared is None:
         return inputs.key
+    own, theirs = model.backbone.state_dict(), shared.model.backbone.state_dict()
+    if own.keys() == theirs.keys() and all(torch.equal(own[k], theirs[k]) for k in own):
+        model.backbone = shared.model.backbone
+        return shared.backbone_key
     from .features import features_key
 
     return features_key(model)
@@ -234,7 +231,7 @@ class Trainer:
         self.backbone_key = _backbone_key(self.model, self.inputs, shared)
         # what the run checkpoints, selects, averages and saves: a run on cached features leaves out
         # the frozen backbone (``backbone_key`` names it)
-        self.kept = self.model if self.backbone_key is None else Heads(self.model)
+        self.kept = self.model if self.backbone_key is None else Heads.of(self.model)
         self.opt = build_optimizer(cfg.optim, self.model.parameters())
         self.sched = build_scheduler(cfg.optim, self.opt, cfg.steps)
         self.averaging = AVERAGING.get(cfg.averaging)(self.kept, int(cfg.average_start * cfg.steps), cfg.swad)

@@ -103,7 +103,7 @@ def test_embeddings_from_cached_features_match_the_backbone(feature_store, tmp_p
     np.testing.assert_allclose(a[1], b[1], atol=1e-5, rtol=1e-5)
 
 
-def test_a_changed_backbone_file_is_refused_when_loading_and_resuming(feature_store, tmp_path):
+def test_a_changed_backbone_file_is_refused_when_loading_and_resuming(feature_store, tmp_path, monkeypatch):
     store, student, key = feature_store
     weights = tmp_path / "backbone.safetensors"
     shutil.copy(student.pretrained, weights)
@@ -117,14 +117,18 @@ def test_a_changed_backbone_file_is_refused_when_loading_and_resuming(feature_st
 
     with pytest.raises(KeyboardInterrupt):
         train(cut, on_step=stop, log=quiet)
+    before = score_run(res.out, device="cpu")
     state = load_file(str(weights))
     first = next(k for k in sorted(state) if state[k].is_floating_point())
     state[first] = state[first] + 1.0
     save_file(state, str(weights))
     with pytest.raises(TrainingError, match="trained a head on the features of backbone .* restore that file, or retrain"):
         RunDir(res.out).load_student()
-    with pytest.raises(TrainingError, match="changed or moved"):
+    assert score_run(res.out, device="cpu").equals(before)  # from the cached features: no backbone needed
+    with pytest.raises(TrainingError, match="changed or moved"):  # through the backbone it is refused
+        monkeypatch.setattr(scoring, "cached_features", lambda *a: None)
         score_run(res.out, device="cpu")
+    monkeypatch.undo()
     cache_features(str(store), own, device="cpu", progress=False, log=quiet)  # features of the changed file exist too
     with pytest.raises(TrainingError, match=f"trained on the features of backbone {key}; the student settings now give student-"):
         train(cut, log=quiet)
@@ -209,3 +213,17 @@ def test_an_old_checkpoint_with_another_backbone_is_refused(feature_store, tmp_p
     torch.save(ckpt, path)
     with pytest.raises(TrainingError, match="checkpoint's backbone is not the one whose cached features this run reads"):
         train(cut, log=quiet)
+
+
+def test_few_shot_fine_tuning_of_a_feature_run_trains_its_whole_student(feature_store, tmp_path, monkeypatch):
+    from embedcache.students.config import SplitConfig
+
+    store, student, _ = feature_store
+    res = train(_cfg(store, student, tmp_path / "run", split=SplitConfig(train_classes=("circle", "triangle"))), log=quiet)
+    loaded = []
+    real = RunDir.load_student
+    monkeypatch.setattr(RunDir, "load_student", lambda self, *a: loaded.append(1) or real(self, *a))
+    rows = score_run(res.out, protocols=("few_shot",), finetune_steps=2, device="cpu")
+    assert loaded and (rows["split"] == "finetune").any()  # the rebuilt backbone, fine-tuned on the shots
+    loaded.clear()
+    assert len(score_run(res.out, protocols=("few_shot",), device="cpu")) and not loaded  # heads alone

@@ -79,3 +79,19 @@ def test_a_sweep_packs_heads_and_scores_like_one_run_at_a_time(feature_store, tm
     key = ["run", "protocol", "split", "domain", "metric"]
     a, b = a.sort_values(key).reset_index(drop=True), b.sort_values(key).reset_index(drop=True)
     pd.testing.assert_frame_equal(a[key + ["value"]], b[key + ["value"]], atol=1e-6)
+
+
+def test_heads_on_different_backbones_do_not_pack_and_equal_ones_share_one(feature_store, tmp_path):
+    from embedcache.students.config import StudentConfig
+    from embedcache.students.features import cache_features
+    from embedcache.students.train import Trainer
+
+    store, student = feature_store
+    seeded = StudentConfig(name="test_resnet", input_size=32)  # no file: each seed builds its own backbone
+    cache_features(str(store), seeded, seed=0, device="cpu", progress=False, log=quiet)
+    runs = [_cfg(store, seeded, tmp_path / f"r{k}", "linear_probe", k, 1e-2) for k in (0, 1)]
+    with pytest.raises(ConfigError, match="must share one frozen backbone"):
+        train_heads(runs, log=quiet)
+    first = Trainer(_cfg(store, student, tmp_path / "s0", "linear_probe", 0, 1e-2), log=quiet)
+    other = Trainer(_cfg(store, student, tmp_path / "s1", "linear_probe", 1, 1e-2), log=quiet, shared=first)
+    assert other.model.backbone is first.model.backbone and other.backbone_key == first.backbone_key
