@@ -33,6 +33,16 @@ def _cfg(store, student, out, recipe="vl2v_adip_align", **kw):
     return TrainConfig(**base)
 
 
+def _interrupt(cfg, at: int) -> None:
+    """Start ``cfg``'s run and kill it (Ctrl-C) after step ``at``: its last checkpoint stays."""
+    def stop(step):
+        if step == at:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, on_step=stop, log=quiet)
+
+
 @pytest.mark.parametrize("recipe,select", [("vl2v_adip_align", "last"), ("linear_probe", "best_val")])
 def test_a_feature_run_saves_its_heads_and_loads_with_its_own_backbone(feature_store, tmp_path, recipe, select):
     store, student, key = feature_store
@@ -110,13 +120,7 @@ def test_a_changed_backbone_file_is_refused_when_loading_and_resuming(feature_st
     own = StudentConfig(name="test_resnet", input_size=32, pretrained=str(weights))
     res = train(_cfg(store, own, tmp_path / "run"), log=quiet)
     cut = _cfg(store, own, tmp_path / "cut")
-
-    def stop(step):
-        if step == 15:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(cut, on_step=stop, log=quiet)
+    _interrupt(cut, 15)
     before = score_run(res.out, device="cpu")
     state = load_file(str(weights))
     first = next(k for k in sorted(state) if state[k].is_floating_point())
@@ -138,13 +142,7 @@ def test_a_resumed_feature_run_ends_where_an_uninterrupted_one_ends(feature_stor
     store, student, _ = feature_store
     full = train(_cfg(store, student, tmp_path / "full", "linear_probe", select="best_val"), log=quiet)
     cut = _cfg(store, student, tmp_path / "cut", "linear_probe", select="best_val")
-
-    def stop(step):
-        if step == 25:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(cut, on_step=stop, log=quiet)
+    _interrupt(cut, 25)
     res = train(cut, log=quiet)
     assert res.resumed_from == 20
     a, b = load_file(f"{full.out}/model.safetensors"), load_file(f"{res.out}/model.safetensors")
@@ -198,13 +196,7 @@ def test_an_old_checkpoint_with_another_backbone_is_refused(feature_store, tmp_p
     the one they hold must be the backbone whose features the run reads."""
     store, student, _ = feature_store
     cut = _cfg(store, student, tmp_path / "cut")
-
-    def stop(step):
-        if step == 15:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(cut, on_step=stop, log=quiet)
+    _interrupt(cut, 15)
     path = tmp_path / "cut" / "checkpoint.pt"
     ckpt = torch.load(path, weights_only=True)
     other = build_student(StudentConfig(name="test_resnet", input_size=32), 8)
