@@ -5,7 +5,8 @@
 Both arms run the demo store's leave-one-domain-out sweep in this process (serial launcher), the
 online arm using the ``teacher_online`` target provider (each view rendered and encoded by the
 store's own teacher every step). Then head-only runs/hour: the VL2V-ADiP align step on cached
-features of a fixed backbone. Needs the demo store (`make extract`). Prints a table, writes JSON.
+features of a fixed backbone, one run at a time and with each held-out domain's seeds trained as one
+pack of heads. Needs the demo store (`make extract`). Prints a table, writes JSON.
 """
 from __future__ import annotations
 
@@ -68,6 +69,9 @@ def main() -> None:
                                "steps": args.head_steps, "eval_every": args.head_steps, "ckpt_every": args.head_steps})
         head_s, hn = timed(head, f"{d}/head")
         rows.append((f"head-only sweep ({args.head_steps} steps per run)", hn, head_s))
+        packed = SweepSpec(**{**to_dict(head), "pack_heads": True})
+        pack_s, pn = timed(packed, f"{d}/pack")
+        rows.append(("same, seeds packed (pack_heads: true)", pn, pack_s))
     print(f"\n{'what':<44} {'runs':>5} {'seconds':>9} {'runs/hour':>10}")
     for name, runs, sec in rows:
         print(f"{name:<44} {runs:>5} {sec:>9.1f} {3600 * runs / sec:>10.0f}")
