@@ -191,6 +191,37 @@ def test_a_feature_run_on_a_seeded_random_backbone_loads_under_its_seed(feature_
         train(_cfg(store, student, tmp_path / "other", "linear_probe", seed=4), log=quiet)
 
 
+@pytest.mark.parametrize("averaging,select", [("swa", "auto"), ("swad", "auto"), ("none", "best_val")])
+def test_an_old_checkpoint_that_saved_its_backbone_resumes_and_saves_heads_only(feature_store, tmp_path, averaging, select):
+    """Checkpoints written before runs on cached features left out their backbone hold it in the model,
+    the weight averages and the selected weights: the run resumes from one and ends as if uninterrupted."""
+    store, student, _ = feature_store
+    kw = dict(averaging=averaging, select=select, steps=40, eval_every=5, ckpt_every=5, average_start=0.2)
+    full = train(_cfg(store, student, tmp_path / "full", "linear_probe", **kw), log=quiet)
+    cut = _cfg(store, student, tmp_path / "cut", "linear_probe", **kw)
+    _interrupt(cut, 22)
+    path = tmp_path / "cut" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    backbone = {f"backbone.{k}": v for k, v in load_file(student.pretrained).items()}
+    ckpt["model"].update(backbone)
+    del ckpt["backbone_key"]
+    if averaging == "swa":
+        ckpt["averaging"]["avg"].update({f"module.{k}": v for k, v in backbone.items()})
+    elif averaging == "swad":  # the valley's segments (sums, not means) and the final average
+        valley = ckpt["averaging"]["valley"]
+        sums = [seg["sum"] for seg in valley["segments"]] + ([valley["final"]["sum"]] if valley["final"] else [])
+        assert sums
+        for total in sums:
+            total.update({k: v.double() for k, v in backbone.items()})
+    else:
+        ckpt["selection"]["state"].update(backbone)
+    torch.save(ckpt, path)
+    res = train(cut, log=quiet)
+    a, b = load_file(f"{full.out}/model.safetensors"), load_file(f"{res.out}/model.safetensors")
+    assert a.keys() == b.keys() and not [k for k in b if k.startswith("backbone.")]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_an_old_checkpoint_with_another_backbone_is_refused(feature_store, tmp_path):
     """Checkpoints written before runs on cached features left out their backbone hold one and no key:
     the one they hold must be the backbone whose features the run reads."""
