@@ -28,7 +28,7 @@ from .headstep import HeadStep, linear
 from .losses import BatchContext
 from .optim import optimizer_step
 from .recipes import RECIPES
-from .train import RunResult, Trainer, add_running, set_trainable, stage_loss
+from .train import RunResult, Trainer, add_running, set_trainable, settled_time, stage_loss
 
 FREE = ("seed", "optim.lr", "optim.weight_decay")  # what may differ between the heads of a pack
 
@@ -109,7 +109,7 @@ def train_heads(cfgs: List[TrainConfig], log: Callable[[str], None] = print,
     losses = _vectorised_loss(stage, first.text, cls is not None) if closed is None else None
     running: Dict[str, torch.Tensor] = {}
     count = 0
-    t_loop = time.time()
+    t_loop, paused = time.time(), 0.0
     for step in range(cfg.steps):
         draws = [data.sample(step, t.cfg.seed, cfg.batch_size, cfg.views_used) for t in trainers]
         idx, views = np.concatenate([d[0] for d in draws]), np.concatenate([d[1] for d in draws])
@@ -133,14 +133,16 @@ def train_heads(cfgs: List[TrainConfig], log: Callable[[str], None] = print,
         count += 1
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:
+            t_pause = settled_time(first.device)
             for h, t in enumerate(trainers):
                 t.running, t.n_running = {name: v[h] for name, v in running.items()}, count
                 t.check_finite(done)
                 t.evaluate(done, 0, stage)
             running, count = {}, 0
+            paused += time.time() - t_pause
         if should_stop is not None and should_stop() and done < cfg.steps:
             from .train import RunInterrupted
 
             raise RunInterrupted(f"head pack stopped at step {done}; rerun to train it again")
-    loop = time.time() - t_loop
+    loop = time.time() - t_loop - paused  # the steps alone, as a single run counts them
     return [t.finish(t0, loop) for t in trainers]

@@ -57,7 +57,8 @@ class RunResult:
     steps: int
     seconds: float                      # the whole call, setup and saving included
     resumed_from: int = 0
-    loop_seconds: float = 0.0           # the training steps alone (what a steps/s figure should use)
+    loop_seconds: float = 0.0           # the training steps alone, evaluations and checkpoints excluded
+                                        # (what a steps/s figure should use)
     selected: Optional[Dict] = None     # which weights the run kept, and why
 
 
@@ -163,6 +164,14 @@ class Selection:
 
     def load_state_dict(self, d: Dict) -> None:
         self.best, self.step, self.state = d["best"], d["step"], d["state"]
+
+
+def settled_time(device: torch.device) -> float:
+    """time.time() once the device has finished the work queued on it (a GPU runs behind the host), so
+    that a pause timed from here starts where the training steps end."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.time()
 
 
 def _reseed(seed: int, device: torch.device) -> None:
@@ -370,7 +379,7 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.start, desc=self.run_dir.name, unit="step", disable=not cfg.progress,
                    dynamic_ncols=True)
         stage_i = None
-        t0 = time.time()
+        t0, paused = time.time(), 0.0
         try:
             for step in range(self.start, cfg.steps):
                 si = next(i for i, e in enumerate(self.ends) if step < e)
@@ -382,12 +391,15 @@ class Trainer:
                 done = step + 1
                 at_eval, at_ckpt = done % cfg.eval_every == 0 or done == cfg.steps, done % cfg.ckpt_every == 0 or done == cfg.steps
                 if at_eval or at_ckpt:
+                    t_pause = settled_time(self.device)
                     self.check_finite(done)
-                if at_eval:
-                    self.evaluate(done, si, stage)
-                    bar.set_postfix(loss=f"{self.metrics[-1]['loss']:.3f}", val="-" if self.val is None else f"{self.val:.3f}")
-                if at_ckpt:
-                    self.checkpoint(done)
+                    if at_eval:
+                        self.evaluate(done, si, stage)
+                        bar.set_postfix(loss=f"{self.metrics[-1]['loss']:.3f}",
+                                        val="-" if self.val is None else f"{self.val:.3f}")
+                    if at_ckpt:
+                        self.checkpoint(done)
+                    paused += time.time() - t_pause
                 bar.update(1)
                 if self.on_step is not None:
                     self.on_step(done)
@@ -397,7 +409,7 @@ class Trainer:
                     raise RunInterrupted(f"run {self.run_dir.path} stopped at step {done} (checkpoint saved)")
         finally:
             bar.close()
-        return time.time() - t0
+        return time.time() - t0 - paused
 
     # --- the end ------------------------------------------------------------------------------------
     def final_weights(self) -> Tuple[Dict[str, torch.Tensor], Dict]:

@@ -95,3 +95,16 @@ def test_heads_on_different_backbones_do_not_pack_and_equal_ones_share_one(featu
     first = Trainer(_cfg(store, student, tmp_path / "s0", "linear_probe", 0, 1e-2), log=quiet)
     other = Trainer(_cfg(store, student, tmp_path / "s1", "linear_probe", 1, 1e-2), log=quiet, shared=first)
     assert other.model.backbone is first.model.backbone and other.backbone_key == first.backbone_key
+
+
+def test_a_packs_loop_seconds_count_the_steps_not_evaluations(feature_store, tmp_path, monkeypatch):
+    import time
+
+    from embedcache.students.train import Trainer
+
+    store, student = feature_store
+    real_eval = Trainer.evaluate
+    monkeypatch.setattr(Trainer, "evaluate", lambda self, *a: (time.sleep(0.5), real_eval(self, *a)))
+    runs = [_cfg(store, student, tmp_path / f"r{k}", "linear_probe", k, 1e-2) for k in (0, 1)]
+    res = train_heads(runs, log=quiet)  # 3 evaluations of 2 heads: 3 s
+    assert all(r.loop_seconds < 3.0 and r.seconds > 3.0 for r in res)

@@ -208,3 +208,15 @@ def test_swad_through_training(synthetic_store, tmp_path):
             torch.testing.assert_close(final[k], v)
     with pytest.raises(ConfigError, match="swad picks its window by validation loss"):
         train(_cfg(synthetic_store, tmp_path, name="noval", averaging="swad", split=SplitConfig(val_fraction=0.0)), log=quiet)
+
+
+def test_loop_seconds_count_the_steps_not_evaluations_or_checkpoints(synthetic_store, tmp_path, monkeypatch):
+    import time
+
+    from embedcache.students.train import Trainer
+
+    real_ckpt, real_eval = Trainer.checkpoint, Trainer.evaluate
+    monkeypatch.setattr(Trainer, "checkpoint", lambda self, *a: (time.sleep(0.5), real_ckpt(self, *a)))
+    monkeypatch.setattr(Trainer, "evaluate", lambda self, *a: (time.sleep(0.5), real_eval(self, *a)))
+    res = train(_cfg(synthetic_store, tmp_path, steps=30), log=quiet)  # 3 evaluations + 3 checkpoints: 3 s
+    assert res.loop_seconds < 3.0 and res.seconds > 3.0
