@@ -17,20 +17,33 @@ from typing import Any, Callable, Dict, Tuple, Union
 from .errors import DiskFullError
 
 PathLike = Union[str, Path]
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK  # what open() gives a new file under this process's umask
 
 
 def atomic_write(path: PathLike, write: Callable[[Path], None]) -> Path:
-    """``write(tmp)`` creates the file at ``tmp``; it then replaces ``path`` in one rename."""
+    """``write(tmp)`` creates the file at ``tmp``; it then replaces ``path`` in one rename, with the
+    mode a new file gets (safetensors writes owner-only files: a shared sweep's weights would be
+    unreadable to the rest of a group)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         write(tmp)
+        _set_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _set_mode(path: Path) -> None:
+    try:
+        os.chmod(path, FILE_MODE)
+    except OSError:  # file systems without POSIX modes: the file is written all the same
+        pass
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> Path:

@@ -220,3 +220,22 @@ def test_loop_seconds_count_the_steps_not_evaluations_or_checkpoints(synthetic_s
     monkeypatch.setattr(Trainer, "evaluate", lambda self, *a: (time.sleep(0.5), real_eval(self, *a)))
     res = train(_cfg(synthetic_store, tmp_path, steps=30), log=quiet)  # 3 evaluations + 3 checkpoints: 3 s
     assert res.loop_seconds < 3.0 and res.seconds > 3.0
+
+
+def test_a_runs_files_take_the_umasks_mode(synthetic_store, tmp_path):
+    """safetensors writes owner-only files; a run's weights must be as readable as its other files
+    (a shared sweep directory on a cluster)."""
+    import os
+    import stat
+
+    from embedcache.fileio import FILE_MODE, atomic_write
+
+    res = train(_cfg(synthetic_store, tmp_path, steps=10, eval_every=10, ckpt_every=10, keep_checkpoint=True), log=quiet)
+    for f in ("model.safetensors", "checkpoint.pt", "summary.json", "split.json"):
+        assert stat.S_IMODE(os.stat(f"{res.out}/{f}").st_mode) == FILE_MODE, f
+
+    def private(tmp):
+        tmp.write_text("x")
+        os.chmod(tmp, 0o600)
+
+    assert stat.S_IMODE(os.stat(atomic_write(tmp_path / "p.txt", private)).st_mode) == FILE_MODE
