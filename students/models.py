@@ -43,6 +43,21 @@ class Student(nn.Module):
         return self.from_features(self.features(x))
 
 
+def is_backbone(key) -> bool:
+    """A state-dict key of a student's backbone (``module.`` prefixed: inside SWA's averaged copy)."""
+    return isinstance(key, str) and (key.startswith("backbone.") or key.startswith("module.backbone."))
+
+
+def without_backbone(obj):
+    """A state dict, or a checkpoint of nested dicts and lists, without the backbone's entries wherever
+    they sit (the model, SWA's and SWAD's averages, the selected weights)."""
+    if isinstance(obj, dict):
+        return {k: without_backbone(v) for k, v in obj.items() if not is_backbone(k)}
+    if isinstance(obj, list):
+        return [without_backbone(v) for v in obj]
+    return obj
+
+
 class Heads(nn.Module):
     """A student's head and classifier without its backbone: the part of a run on cached features
     that trains and all that it saves (state-dict keys as in the whole student)."""
@@ -66,7 +81,7 @@ class Heads(nn.Module):
             return nn.Linear(in_dim, out_dim, bias=f"{name}.bias" in weights)
 
         heads = cls(layer("head") or nn.Identity(), layer("classifier"))
-        heads.load_state_dict({k: v for k, v in weights.items() if not k.startswith("backbone.")})
+        heads.load_state_dict(without_backbone(weights))
         return heads
 
     from_features = Student.from_features
@@ -76,7 +91,7 @@ def load_weights(model: Student, state: Dict[str, torch.Tensor], backbone_saved:
     """Load saved weights into ``model``; with ``backbone_saved=False`` exactly the backbone's keys are
     absent (a run on cached features saves its heads only) and the model's own backbone stays."""
     missing, unexpected = model.load_state_dict(state, strict=False)
-    wrong = sorted(unexpected) + [k for k in missing if backbone_saved or not k.startswith("backbone.")]
+    wrong = sorted(unexpected) + [k for k in missing if backbone_saved or not is_backbone(k)]
     if wrong:
         raise RuntimeError(f"saved weights do not fit the {model.name} student: {', '.join(wrong[:3])}")
 

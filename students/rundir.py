@@ -157,7 +157,7 @@ class RunDir:
         """The finished student (eval mode) and its config. A run on cached features saved no backbone:
         it is rebuilt from the run's student settings (built under the run's seed, as training built it)
         and must hash to the key the run recorded, else the run is refused in one line."""
-        from .models import build_student, load_weights
+        from .models import build_student, is_backbone, load_weights
         from .recipes import RECIPES
 
         self.require_done()
@@ -168,7 +168,7 @@ class RunDir:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             model = build_student(cfg.student, dim, n_cls)
-        backbone_saved = any(k.startswith("backbone.") for k in weights)
+        backbone_saved = any(is_backbone(k) for k in weights)
         if not backbone_saved:
             self._check_backbone(model, split.get("backbone_key"))
         load_weights(model, weights, backbone_saved)

@@ -36,7 +36,8 @@ from .config import OptimConfig, SplitConfig, StudentConfig, SwadConfig, TrainCo
 from .data import StoreData
 from .headstep import HeadStep
 from .losses import LOSSES, BatchContext, weighted_sum
-from .models import Heads, Student, build_student, load_weights
+from .features import features_key
+from .models import Heads, Student, build_student, load_weights, without_backbone
 from .optim import build_optimizer, build_scheduler, optimizer_step
 from .providers import INPUTS, TARGETS
 from .recipes import RECIPES, Recipe, Stage
@@ -183,17 +184,6 @@ def _reseed(seed: int, device: torch.device) -> None:
         torch.cuda.manual_seed(seed)
 
 
-def _without_backbone(obj):
-    """A checkpoint (nested dicts and lists) without the frozen backbone's entries, wherever they sit:
-    the model's ``backbone.*``, SWA's ``module.backbone.*``, SWAD's and selection's sums and states."""
-    if isinstance(obj, dict):
-        return {k: _without_backbone(v) for k, v in obj.items()
-                if not (isinstance(k, str) and (k.startswith("backbone.") or k.startswith("module.backbone.")))}
-    if isinstance(obj, list):
-        return [_without_backbone(v) for v in obj]
-    return obj
-
-
 def _backbone_key(model: Student, inputs, shared: Optional["Trainer"]) -> Optional[str]:
     """The features key of a run on cached features (None for runs on images). A trainer that shares
     another's inputs (a head pack) has its own backbone: equal to that trainer's, it takes that
@@ -207,8 +197,6 @@ def _backbone_key(model: Student, inputs, shared: Optional["Trainer"]) -> Option
     if own.keys() == theirs.keys() and all(torch.equal(own[k], theirs[k]) for k in own):
         model.backbone = shared.model.backbone
         return shared.backbone_key
-    from .features import features_key
-
     return features_key(model)
 
 
@@ -287,12 +275,10 @@ class Trainer:
                                 "another --out")
         load_weights(self.model, state["model"], backbone_saved=saved_key is None)
         if saved_key is None and self.backbone_key is not None:  # a checkpoint that saved its backbone
-            from .features import features_key
-
             if features_key(self.model) != self.backbone_key:
                 raise TrainingError(f"run {self.run_dir.path}: its checkpoint's backbone is not the one whose cached "
                                     f"features this run reads ({self.backbone_key}); use another --out")
-            state = _without_backbone(state)  # its averages and selected weights hold the backbone too
+            state = without_backbone(state)  # its averages and selected weights hold the backbone too
         self.opt.load_state_dict(state["optim"])
         self.sched.load_state_dict(state["sched"])
         self.averaging.load_state_dict(state["averaging"])
