@@ -84,6 +84,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
+    if min(args.workers) < 1 or args.steps < 1 or args.seeds < 1:
+        sys.exit("--workers, --steps and --seeds take counts of 1 or more")
     if args.full_steps < args.steps:
         sys.exit(f"--full-steps ({args.full_steps}) must be at least --steps ({args.steps})")
     device = resolve_device(args.device)
