@@ -88,6 +88,20 @@ def test_views_rebuilt_from_store_equal_teacher_input(make_cfg, tiny_teacher):
     assert not torch.equal(fed[:, 0], fed[:, 1])  # the views really differ
 
 
+class _NoDecode:
+    """The reader an extraction would use, refusing to decode: a local teacher's dry run only counts rows."""
+
+    def __init__(self, cfg, teacher):
+        from embedcache.datasets import build_dataset
+        from embedcache.extract import make_reader
+        from embedcache.extract.manifest import PIPELINE
+
+        self.pipeline = getattr(make_reader(cfg, build_dataset(cfg.dataset), teacher), "pipeline", PIPELINE)
+
+    def batches(self, batches):
+        raise AssertionError("a dry run with a local teacher decoded images")
+
+
 @pytest.mark.parametrize("suffix", ["zarr", "h5"])
 def test_resume_after_interruption_is_byte_identical(make_cfg, tiny_teacher, suffix):
     full = make_cfg(f"full.{suffix}")
@@ -107,8 +121,10 @@ def test_resume_after_interruption_is_byte_identical(make_cfg, tiny_teacher, suf
     st.close()
     with pytest.raises(StoreError, match="incomplete .* rerun the same"):
         embedcache.open_store(cut.out)
+    dry = extract(cut, teacher=tiny_teacher, log=quiet, dry_run=True, reader=_NoDecode(cut, tiny_teacher))
     res = extract(cut, teacher=tiny_teacher, log=quiet)
     assert res.complete and 0 < res.images < 30  # only the unfinished blocks were encoded
+    assert (dry.rows, dry.views, dry.cost) == (res.images, 3 * res.images, {})  # counted, not decoded
     a, b = _arrays(full.out), _arrays(cut.out)
     for k in a:
         assert np.array_equal(a[k], b[k]), k

@@ -149,15 +149,18 @@ def _dry_run(cfg, manifest, layout, reader, embedder, prompts, shard, num_shards
     batches = block_batches(blocks, geometry, cfg.batch_size)
     cost: Dict[str, int] = {}
     estimate = getattr(teacher, "cost", None)
+    if estimate is None:  # a local teacher costs nothing: counting the rows needs no image decoded
+        rows = sum(len(b) for b in batches)
+        return DryRun(cfg.out, rows, rows * layout["views"], cost)
     rows = 0
     for batch in tqdm(reader.batches(batches), total=len(batches), desc="dry run", unit="batch",
                       disable=not cfg.progress, dynamic_ncols=True):
         rows += len(batch.rows)
-        if estimate is None or not batch.ok.any():
+        if not batch.ok.any():
             continue
         for k, v in estimate(embedder.render(batch)).items():
             cost[k] = cost.get(k, 0) + int(v)
-    if estimate is not None and hasattr(teacher, "text_cost"):
+    if hasattr(teacher, "text_cost"):
         for k, v in teacher.text_cost([p for pc in prompts.values() for ps in pc for p in ps]).items():
             cost[f"text_{k}"] = cost.get(f"text_{k}", 0) + int(v)
     return DryRun(cfg.out, rows, rows * layout["views"], cost)
