@@ -65,13 +65,14 @@ def _average(df: pd.DataFrame, split: str) -> List[Dict]:
 @PROTOCOLS.register("lodo")
 def lodo(d: EvalData, holdout_domains: Optional[Sequence[str]] = None) -> pd.DataFrame:
     """DomainBed leave-one-domain-out. Out-of-domain: each held-out domain. In-domain: the validation
-    rows of each training domain. Without held-out domains (the teacher), every domain is scored
-    zero-shot (split "zero_shot")."""
+    rows of each training domain (a run that held out no domain has only these). The teacher
+    (no held-out domains, no validation rows) is scored zero-shot on every domain (split "zero_shot")."""
     held = list(holdout_domains if holdout_domains is not None else (d.holdout_domains or []))
+    student = bool(held) or d.val_idx is not None
     rows: List[Dict] = []
     for dom in sorted(set(d.domains[d.ok])):
         rows_dom = np.flatnonzero(d.ok & (d.domains == dom))
-        if held and dom not in held:
+        if student and dom not in held:
             if d.val_idx is None:
                 continue
             rows_dom = np.intersect1d(rows_dom, d.val_idx)
@@ -80,6 +81,12 @@ def lodo(d: EvalData, holdout_domains: Optional[Sequence[str]] = None) -> pd.Dat
             split = "out_of_domain" if held else "zero_shot"
         if len(rows_dom):
             rows += _rows(_predict(d, rows_dom), d.labels[rows_dom], split=split, domain=dom)
+    if not rows and student:
+        raise EvaluationError("lodo has nothing to score: this run held out no domain and kept no validation "
+                              "rows (every image was trained on); train with split.holdout_domains=[...] or "
+                              "split.val_fraction > 0")
+    if not rows:
+        raise EvaluationError("lodo has nothing to score: the store has no usable image")
     df = pd.DataFrame(rows)
     for split in df["split"].unique():
         rows += _average(df, split)
@@ -89,7 +96,7 @@ def lodo(d: EvalData, holdout_domains: Optional[Sequence[str]] = None) -> pd.Dat
 def lodo_rows(domains: np.ndarray, ok: np.ndarray, holdout_domains: Sequence[str],
               val_idx: Optional[Sequence[int]]) -> np.ndarray:
     """The rows ``lodo`` reads for a run: its held-out domains' and its validation rows."""
-    wanted = np.isin(domains, list(holdout_domains))
+    wanted = np.isin(domains, list(holdout_domains or []))
     if val_idx is not None:
         wanted[np.asarray(val_idx, dtype=np.int64)] = True
     return np.flatnonzero(wanted & ok)
@@ -98,8 +105,8 @@ def lodo_rows(domains: np.ndarray, ok: np.ndarray, holdout_domains: Sequence[str
 def rows_read(protocols: Sequence[str], domains: np.ndarray, ok: np.ndarray,
               holdout_domains: Optional[Sequence[str]], val_idx: Optional[Sequence[int]]) -> Optional[np.ndarray]:
     """The rows whose student embeddings the protocols read, so scoring embeds no other image; None
-    when some protocol reads them all (every protocol but ``lodo`` with held-out domains)."""
-    if set(protocols) != {"lodo"} or not holdout_domains:
+    when some protocol reads them all (every protocol but ``lodo`` on a run's own store)."""
+    if set(protocols) != {"lodo"} or (not holdout_domains and val_idx is None):
         return None
     return lodo_rows(domains, ok, holdout_domains, val_idx)
 

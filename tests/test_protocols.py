@@ -42,6 +42,20 @@ def test_lodo_with_a_held_out_domain():
     assert int(ind[(ind.domain == "d0") & (ind.metric == "top1")].n.iloc[0]) == int(np.sum((np.arange(0, 600, 5) % 3) == 0))
 
 
+def test_lodo_of_a_run_that_held_out_no_domain_scores_only_its_validation_rows():
+    d = _data(shuffle=True)
+    d.val_idx = np.arange(0, 600, 4)
+    d.labels[d.val_idx] = np.argmax(d.emb[d.val_idx] @ d.class_emb.T, axis=1)  # right on validation rows only
+    df = lodo(d)
+    assert set(df.split) == {"in_domain"} and _value(df, "in_domain") == 1.0  # never the trained rows
+    assert df[df.domain != "avg"].query("metric == 'top1'").n.sum() == len(d.val_idx)
+    from embedcache.evaluate.protocols import rows_read
+    assert np.array_equal(rows_read(["lodo"], d.domains, d.ok, [], d.val_idx), d.val_idx)
+    d.val_idx = np.array([], dtype=np.int64)  # every image trained on: nothing unseen to score
+    with pytest.raises(ValueError, match="held out no domain and kept no validation rows"):
+        lodo(d)
+
+
 def test_open_vocab_restricts_labels_and_reports_harmonic_mean():
     d = _data(noise=0.6, seed=1)
     df = open_vocab(d, seen_classes=[0, 1, 2])
