@@ -107,4 +107,4 @@ def test_a_packs_loop_seconds_count_the_steps_not_evaluations(feature_store, tmp
     monkeypatch.setattr(Trainer, "evaluate", lambda self, *a: (time.sleep(0.5), real_eval(self, *a)))
     runs = [_cfg(store, student, tmp_path / f"r{k}", "linear_probe", k, 1e-2) for k in (0, 1)]
     res = train_heads(runs, log=quiet)  # 3 evaluations of 2 heads: 3 s
-    assert all(r.loop_seconds < 3.0 and r.seconds > 3.0 for r in res)
+    assert all(0 < r.loop_seconds <= r.seconds - 3.0 for r in res)  # whatever the machine's speed

@@ -219,7 +219,7 @@ def test_loop_seconds_count_the_steps_not_evaluations_or_checkpoints(synthetic_s
     monkeypatch.setattr(Trainer, "checkpoint", lambda self, *a: (time.sleep(0.5), real_ckpt(self, *a)))
     monkeypatch.setattr(Trainer, "evaluate", lambda self, *a: (time.sleep(0.5), real_eval(self, *a)))
     res = train(_cfg(synthetic_store, tmp_path, steps=30), log=quiet)  # 3 evaluations + 3 checkpoints: 3 s
-    assert res.loop_seconds < 3.0 and res.seconds > 3.0
+    assert 0 < res.loop_seconds <= res.seconds - 3.0  # whatever the machine's speed: the 3 s are left out
 
 
 def test_a_runs_files_take_the_umasks_mode(synthetic_store, tmp_path):
