@@ -46,7 +46,12 @@ def _predict(d: EvalData, rows: np.ndarray, labels: Optional[Sequence[int]] = No
     """Label id of each row: nearest class text (FAISS), or the classifier's best, within ``labels``."""
     if d.scores is not None:
         allowed = np.arange(d.scores.shape[1]) if labels is None else np.asarray(sorted(set(labels)))
-        return allowed[np.argmax(d.scores[rows][:, allowed], axis=1)]
+        scores = d.scores[rows][:, allowed]
+        if len(rows) and np.isneginf(scores).all():  # -inf: a class the classifier never trained on
+            raise EvaluationError("this run predicts with a linear classifier over its training classes, and none of "
+                                  "the labels asked for is one of them (unseen classes); score open_vocab with a "
+                                  "recipe that predicts by nearest class text")
+        return allowed[np.argmax(scores, axis=1)]
     index = LabelIndex(d.class_emb) if labels is None else LabelIndex.subset(d.class_emb, labels)
     return index.predict(d.emb[rows])
 

@@ -17,6 +17,7 @@ from embedcache import interrupt
 from embedcache.api import StoreReader
 from embedcache.device import resolve_device
 from embedcache.errors import StoreMismatchError
+from embedcache.evaluate.metrics import require_finite
 from embedcache.evaluate.protocols import rows_read
 from embedcache.evaluate.results import conform
 from embedcache.evaluate.store_eval import eval_data, run_protocols
@@ -52,6 +53,9 @@ def embed_rows(model, data: StoreData, seen_classes: Sequence[int], linear: bool
         emb[idx] = out["emb"].float().cpu().numpy()
         if linear:
             scores[np.ix_(idx, seen)] = out["logits"].float().cpu().numpy()
+    require_finite(emb[rows], "images' student embeddings")
+    if linear:
+        require_finite(scores[np.ix_(rows, seen)], "images' classifier outputs")
     return emb, scores
 
 

@@ -123,11 +123,20 @@ def add_running(running: Dict[str, torch.Tensor], parts: Dict[str, torch.Tensor]
         running[n] = running[n] + v if n in running else v
 
 
+class NonFiniteOutputs(ArithmeticError):
+    """The student's outputs hold NaN or inf (its weights diverged, or overflow in its forward)."""
+
+
+def finite_outputs(o: Dict[str, Optional[torch.Tensor]]) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in (o["emb"], o["logits"]) if v is not None)
+
+
 @torch.no_grad()
 def validate(model: Student, inputs, targets, data: StoreData, rows: np.ndarray, predict_with: str, text: torch.Tensor,
              stage: Optional[Stage] = None, batch: int = 256) -> Tuple[np.ndarray, Optional[float]]:
     """Predicted training-class index of each row (view 0: nearest class text, or the classifier), and
-    the mean of ``stage``'s recipe loss over the rows (None without a stage)."""
+    the mean of ``stage``'s recipe loss over the rows (None without a stage). Raises ``NonFiniteOutputs``
+    rather than predict from NaN or inf."""
     modes = [(m, m.training) for m in model.modules()]  # a frozen backbone must stay in eval mode after
     model.eval()
     preds, loss_sum = [], 0.0
@@ -136,6 +145,8 @@ def validate(model: Student, inputs, targets, data: StoreData, rows: np.ndarray,
         r = rows[i:i + batch]
         v0 = np.zeros(len(r), int)
         o = forward(model, inputs, r, v0, frozen_backbone=True)
+        if not finite_outputs(o):
+            raise NonFiniteOutputs
         preds.append(o["logits"].argmax(1).cpu().numpy() if predict_with == "linear"
                      else nearest_label(o["emb"].float().cpu().numpy(), data.text))
         if stage is not None:
@@ -336,20 +347,32 @@ class Trainer:
             self._closed[key] = HeadStep(self.model.head, self.model.classifier, stage, self.text) if ok else None
         return self._closed[key]
 
+    def diverged(self, what: str, step: int) -> TrainingError:
+        last = max((r["step"] for r in self.metrics), default=0)
+        return TrainingError(f"run {self.run_dir.path}: {what} by step {step} (last finite evaluation: step {last}); "
+                             "lower optim.lr or check the store with `embedcache verify`; the run is not marked done")
+
     def check_finite(self, step: int) -> None:
         loss = self.running.get("loss")
         if loss is not None and not bool(torch.isfinite(loss)):
-            last = max((r["step"] for r in self.metrics), default=0)
-            raise TrainingError(f"run {self.run_dir.path}: the loss became {float(loss)} by step {step} (last finite "
-                                f"evaluation: step {last}); lower optim.lr or check the store with `embedcache verify`; "
-                                "the run is not marked done")
+            raise self.diverged(f"the loss became {float(loss)}", step)
+
+    def validate(self, step: int, stage: Optional[Stage] = None) -> Tuple[float, Optional[float]]:
+        """Validation top-1 and loss (without ``stage``: None) of the model as it is; a TrainingError
+        when its outputs or its loss are not finite."""
+        try:
+            pred, val_loss = validate(self.model, self.inputs, self.targets, self.data, self.data.val_idx,
+                                      self.recipe.predict, self.text, stage)
+        except NonFiniteOutputs:
+            raise self.diverged("the student's outputs on validation images became NaN or inf", step) from None
+        if val_loss is not None and not np.isfinite(val_loss):
+            raise self.diverged(f"the validation loss became {val_loss}", step)
+        return top1(pred, self.data.targets[self.data.val_idx]), val_loss
 
     def evaluate(self, step: int, stage_i: int, stage: Stage) -> None:
         val = val_loss = None
         if len(self.data.val_idx):
-            pred, val_loss = validate(self.model, self.inputs, self.targets, self.data, self.data.val_idx,
-                                      self.recipe.predict, self.text, stage)
-            val = top1(pred, self.data.targets[self.data.val_idx])
+            val, val_loss = self.validate(step, stage)
         self.averaging.at_eval(step, self.kept, val_loss)
         self.selection.update(step, val)
         row = {"step": step, "stage": stage_i, "lr": self.opt.param_groups[0]["lr"], "val_top1": val, "val_loss": val_loss,
@@ -417,9 +440,9 @@ class Trainer:
             val = self.selection.best  # measured on these very weights when they were selected
         elif selected["rule"] != "last" and len(self.data.val_idx):  # averaged weights: not measured yet
             load_weights(self.model, state, backbone_saved=self.backbone_key is None)
-            pred, _ = validate(self.model, self.inputs, self.targets, self.data, self.data.val_idx,
-                               self.recipe.predict, self.text)
-            val = top1(pred, self.data.targets[self.data.val_idx])
+            val, _ = self.validate(self.cfg.steps)
+        if not all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()):
+            raise self.diverged(f"its final weights ({selected['rule']}) hold NaN or inf", self.cfg.steps)
         self.run_dir.save_weights(state)
         summary = {"val_top1": val, "steps": self.cfg.steps, "selected": selected, "loop_seconds": loop_seconds,
                    "seconds": time.time() - t_start, "store_key": self.data.key, "recipe": self.recipe.name,

@@ -138,6 +138,23 @@ def test_empty_queries_and_bad_input():
         LabelIndex(lab, backend="gpu")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_queries_are_refused_not_given_a_label(backend):
+    """NaN scores against every label: FAISS answered -1 (taken as the last label), argmax row 0."""
+    from embedcache.evaluate.metrics import nearest_label
+
+    lab = np.random.default_rng(0).normal(size=(5, 4))
+    q = np.ones((3, 4), np.float32)
+    q[1, 2] = np.nan
+    index = LabelIndex(lab, backend=backend)
+    for ask in (index.predict, index.search):
+        with pytest.raises(EvaluationError, match="1 of 3 queries hold NaN or inf"):
+            ask(q)
+    q[1, 2] = np.inf
+    with pytest.raises(EvaluationError, match="1 of 3 embeddings hold NaN or inf"):
+        nearest_label(q, lab)
+
+
 # --- which path, and why ------------------------------------------------------------------------
 
 SKYLAKEX = {"internal_api": "openblas", "version": "0.3.31", "architecture": "SkylakeX"}

@@ -359,6 +359,28 @@ def test_a_nan_loss_stops_the_run_unfinished(synthetic_store, tmp_path):
     assert not (tmp_path / "nan" / "done").exists() and not (tmp_path / "nan" / "model.safetensors").exists()
 
 
+def test_outputs_that_overflow_are_refused_in_training_and_in_scoring(synthetic_store, tmp_path):
+    """One step at lr=1e30 leaves finite weights whose outputs overflow: the validation that follows
+    refuses them; a run without validation rows finishes, and scoring refuses its embeddings."""
+    from embedcache.errors import EvaluationError
+    from embedcache.students.config import OptimConfig, SplitConfig, StudentConfig, TrainConfig
+    from embedcache.students.scoring import score_run
+    from embedcache.students.train import train
+
+    def cfg(name, **split):
+        return TrainConfig(store=str(synthetic_store), recipe="feat_kd", steps=1, batch_size=8, eval_every=1,
+                           student=StudentConfig(name="test_resnet", input_size=32), ckpt_every=1, progress=False,
+                           out=str(tmp_path / name), device="cpu", split=SplitConfig(holdout_domains=("solid",), **split),
+                           optim=OptimConfig(name="sgd", lr=1e30, momentum=0.0, weight_decay=0.0, schedule="constant"))
+
+    with pytest.raises(TrainingError, match="outputs on validation images became NaN or inf by step 1"):
+        train(cfg("val"), log=quiet)
+    assert not (tmp_path / "val" / "done").exists()
+    train(cfg("noval", val_fraction=0.0), log=quiet)
+    with pytest.raises(EvaluationError, match="of .* images' student embeddings hold NaN or inf"):
+        score_run(str(tmp_path / "noval"), ["lodo"])
+
+
 # --- the sweep lock ----------------------------------------------------------------------------------
 CLAIMER = """
 import importlib.util, sys, time

@@ -117,3 +117,7 @@ def test_classifier_scores_replace_nearest_text():
     assert _value(lodo(d), "zero_shot") == pytest.approx(1 - np.mean(d.labels == 5), abs=1e-9)
     d.emb = -d.emb  # embeddings are ignored when scores exist
     assert _value(lodo(d), "zero_shot") == pytest.approx(1 - np.mean(d.labels == 5), abs=1e-9)
+    # a classifier cannot answer zero-shot over classes it never trained on (it gave the first unseen class)
+    d.scores[:, 3:] = -np.inf
+    with pytest.raises(ValueError, match="linear classifier over its training classes"):
+        open_vocab(d, seen_classes=[0, 1, 2])
