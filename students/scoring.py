@@ -85,15 +85,23 @@ def _open_for(run: RunDir, path: str, transfer: bool) -> StoreReader:
                                       f"({run.config.get('store_path')}), or pass --transfer to score it on another "
                                       "store of the same teacher")
     reader = StoreReader(path)
+    source = run.split["text_source"]
     with StoreReader(run.store_path()) as own:
-        same_teacher = _teacher_identity(own.manifest) == _teacher_identity(reader.manifest)
-        same_classes = own.classes == reader.classes
-    if not (same_teacher and same_classes):
+        same = {"teacher": _teacher_identity(own.manifest) == _teacher_identity(reader.manifest),
+                "classes": own.classes == reader.classes,
+                f"{source!r} prompts": source in reader.text_sources and _prompts(own, source).equals(_prompts(reader, source))}
+    differ = [what for what, ok in same.items() if not ok]
+    if differ:
         reader.close()
-        what = "teacher" if not same_teacher else "classes"
-        raise StoreMismatchError(f"run {run.name} cannot be scored on {path}: its {what} differ from those of the "
-                                 "store the run was trained on; transfer needs the same teacher and classes")
+        raise StoreMismatchError(f"run {run.name} cannot be scored on {path}: its {differ[0]} differ from those of the "
+                                 "store the run was trained on; transfer needs the same teacher, classes and prompts "
+                                 f"of the run's text source (extract {path} with the same text settings)")
     return reader
+
+
+def _prompts(reader: StoreReader, source: str) -> pd.DataFrame:
+    """A source's prompts and their classes: the text classifier a run predicts with, before encoding."""
+    return reader.text(source)[["label", "prompt"]]
 
 
 def _teacher_identity(manifest: Dict) -> Dict:

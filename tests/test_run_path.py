@@ -290,6 +290,15 @@ def test_transfer_scores_a_run_on_another_store_of_the_same_teacher(synthetic_st
     top1 = rows[rows.metric == "top1"]
     assert set(top1.split) == {"zero_shot"} and set(top1.domain) == {"outline", "solid", "avg"}
     assert set(rows.holdout) == {"transfer"} and int(top1[top1.domain == "solid"].n.iloc[0]) == 9
+    # the same source name made from other prompts is another text classifier: refused
+    train(_cfg(synthetic_store, tmp_path / "t", text_source="templates", split=SplitConfig(holdout_domains=("outline",))),
+          log=quiet)
+    assert score_run(tmp_path / "t", ["lodo"], other.out, transfer=True)["source"].eq("templates").all()
+    reworded = make_cfg("reworded.zarr", "dataset.per_class=3", "text.sources=[name,templates]",
+                        "text.templates=openai80")
+    extract(reworded, teacher=tiny_teacher, log=quiet)
+    with pytest.raises(StoreError, match="its 'templates' prompts differ from those of the store the run was trained on"):
+        score_run(tmp_path / "t", ["lodo"], reworded.out, transfer=True)
 
 
 def test_a_block_of_zeros_is_written_not_taken_for_lost(blank_store):
