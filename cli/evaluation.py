@@ -21,10 +21,15 @@ from ._app import main
               help="with few_shot on runs: also fine-tune the student on the shots for this many steps (0: skip)")
 @click.option("--finetune-mode", type=click.Choice(["shots", "mixed"]), default="shots", show_default=True,
               help="shots: L_cls on the shots; mixed: shots mixed into training batches, full loss (Li et al.)")
+@click.option("--unseen-fraction", type=click.FloatRange(0.0, 0.99, min_open=True), default=0.5, show_default=True,
+              help="teacher baselines of open_vocab/few_shot: share of classes held out, as the sweep's unseen_fraction")
+@click.option("--split-seed", type=int, default=0, show_default=True,
+              help="teacher baselines of open_vocab/few_shot: the class split's seed, as the sweep's split_seed")
 @click.option("--transfer", is_flag=True,
               help="score runs on --store, another store of the same teacher and classes (e.g. real images for a "
                    "student distilled on synthesised ones): every image there is a test image")
-def evaluate(runs, store, protocols, sources, out, device, finetune_steps, finetune_mode, transfer) -> None:
+def evaluate(runs, store, protocols, sources, out, device, finetune_steps, finetune_mode, unseen_fraction, split_seed,
+             transfer) -> None:
     """Score finished runs (or, with only --store, the teacher's zero-shot baselines)."""
     import pandas as pd
 
@@ -41,7 +46,11 @@ def evaluate(runs, store, protocols, sources, out, device, finetune_steps, finet
     if not runs:
         if not store:
             raise click.UsageError("give run directories, or --store for the teacher's baselines")
-        frames.append(teacher_baselines(store, sources or None, protocols))
+        frames.append(teacher_baselines(store, sources or None, protocols, unseen_fraction=unseen_fraction,
+                                        split_seed=split_seed))
+    elif (unseen_fraction, split_seed) != (0.5, 0):
+        raise click.UsageError("--unseen-fraction and --split-seed set the teacher's class split; runs are scored on "
+                               "the classes they held out themselves")
     for run in RunDir.find(runs):
         if not run.done:
             click.echo(f"skipping {run.path}: not finished", err=True)

@@ -1,6 +1,6 @@
 """The results schema every scored row follows, and the one way to write a results file.
 
-One row per (run, source, protocol, split, domain, class_name, episode, metric): ``value`` and ``n`` (rows
+One row per (run, source, store, holdout, protocol, split, domain, class_name, episode, metric): ``value`` and ``n`` (rows
 scored), with the run's settings as columns. Rows from ``embedcache evaluate`` and from sweeps
 share this schema, so they combine in one report. Writing a results file *updates* it: rows with
 the same key are replaced, so scoring the same run twice leaves the same rows.
@@ -8,21 +8,31 @@ the same key are replaced, so scoring the same run twice leaves the same rows.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import numpy as np
 import pandas as pd
 
 from embedcache.fileio import atomic_write
 
-# the text source is part of a row's identity: a teacher's zero-shot rows differ in nothing else
-KEY = ["run", "source", "protocol", "split", "domain", "class_name", "episode", "metric"]
+# the text source is part of a row's identity: a teacher's zero-shot rows differ in nothing else; so are
+# the store (the teacher on two datasets, a run on its own store and with --transfer) and what was held out
+# (the teacher on two class splits)
+KEY = ["run", "source", "store_key", "holdout", "protocol", "split", "domain", "class_name", "episode", "metric"]
 TAGS: Dict[str, object] = {  # run settings, with the value a row gets when it has none
     "recipe": "-", "student": "-", "seed": -1, "replicate": -1, "source": "-", "variant": "-", "holdout": "-",
     "store_key": "-", "search": "-",
 }
 COLUMNS: List[str] = ["run", "recipe", "student", "seed", "replicate", "source", "variant", "holdout", "protocol",
                       "split", "domain", "class_name", "episode", "metric", "value", "n", "store_key", "search"]
+
+
+def holdout_tag(domains: Sequence[str] = (), unseen_classes: Sequence[str] = ()) -> str:
+    """A row's ``holdout``: what the scored model never trained on (domains; "unseen: " classes), or "-"."""
+    parts = [",".join(domains)] if len(domains) else []
+    if len(unseen_classes):
+        parts.append("unseen: " + ",".join(unseen_classes))
+    return "; ".join(parts) or "-"
 
 
 def conform(df: pd.DataFrame) -> pd.DataFrame:

@@ -16,8 +16,8 @@ from embedcache import open_store
 from embedcache.api import StoreReader
 
 from .index import search_path
-from .protocols import PROTOCOLS, EvalData
-from .results import conform
+from .protocols import CLASS_SPLIT, PROTOCOLS, EvalData, seeded_class_split
+from .results import conform, holdout_tag
 
 
 def eval_data(reader: StoreReader, source: str, emb: np.ndarray, split: Optional[Dict] = None,
@@ -42,18 +42,24 @@ def run_protocols(data: EvalData, protocols: Sequence[str], tags: Dict, options:
 
 
 def teacher_baselines(store: str, sources: Optional[Sequence[str]] = None, protocols: Sequence[str] = ("lodo",),
-                      options: Optional[Dict] = None) -> pd.DataFrame:
-    """The teacher's own zero-shot accuracy from the store's view-0 embeddings: no model is loaded."""
+                      options: Optional[Dict] = None, unseen_fraction: float = 0.5, split_seed: int = 0) -> pd.DataFrame:
+    """The teacher's own zero-shot accuracy from the store's view-0 embeddings: no model is loaded.
+    open_vocab and few_shot hold out the classes a sweep with the same ``unseen_fraction`` and
+    ``split_seed`` holds out (``seeded_class_split``); their rows name them in ``holdout``."""
     with open_store(store) as reader:
         emb = reader.image_emb(0).astype(np.float32)
         t = reader.manifest["teacher"]
         name = f"teacher:{t.get('name')}:{t.get('model') or t.get('classifier')}"
+        seen = seeded_class_split(len(reader.classes), unseen_fraction, split_seed)
+        unseen = holdout_tag(unseen_classes=[c for i, c in enumerate(reader.classes) if i not in set(seen.tolist())])
         frames = []
         for src in sources or reader.text_sources:
             # with_teacher=False: teacher-vs-teacher distillation metrics are trivially perfect; keep the text ones
-            data = eval_data(reader, src, emb, with_teacher=False)
+            data = eval_data(reader, src, emb, {"seen_classes": seen.tolist()}, with_teacher=False)
             tags = {"run": name, "recipe": "teacher", "student": "-", "source": src, "store_key": reader.key}
-            frames.append(run_protocols(data, protocols, tags, options))
+            for p in protocols:
+                held = unseen if p in CLASS_SPLIT else "-"
+                frames.append(run_protocols(data, [p], {**tags, "holdout": held}, options))
     return pd.concat(frames, ignore_index=True)
 
 

@@ -19,7 +19,7 @@ from embedcache.device import resolve_device
 from embedcache.errors import StoreMismatchError
 from embedcache.evaluate.metrics import require_finite
 from embedcache.evaluate.protocols import rows_read
-from embedcache.evaluate.results import conform
+from embedcache.evaluate.results import conform, holdout_tag
 from embedcache.evaluate.store_eval import eval_data, run_protocols
 
 from .config import SplitConfig
@@ -69,11 +69,16 @@ def cached_features(reader: StoreReader, key: Optional[str]) -> Optional[np.ndar
     return reader.store.read_derived(key)
 
 
-def run_tags(run: RunDir) -> Dict:
+def run_tags(run: RunDir, reader: StoreReader, transfer: bool = False) -> Dict:
+    """The run's columns of its result rows on ``reader``'s store (with ``transfer``: another store,
+    every image of it unseen, so its ``holdout`` says ``transfer``)."""
     cfg, split = run.config, run.split
+    seen = set(split["seen_classes"])
+    unseen = [c for i, c in enumerate(reader.classes) if i not in seen]
+    held = ["transfer"] if transfer else split.get("holdout_domains") or []
     return {"run": run.name, "recipe": cfg["recipe"], "student": cfg["student"]["name"], "seed": cfg["seed"],
-            "replicate": cfg["seed"], "source": split["text_source"], "store_key": cfg["store_key"],
-            "holdout": ",".join(split.get("holdout_domains") or []) or "-"}
+            "replicate": cfg["seed"], "source": split["text_source"], "store_key": reader.key,
+            "holdout": holdout_tag(held, unseen)}
 
 
 def _open_for(run: RunDir, path: str, transfer: bool) -> StoreReader:
@@ -137,8 +142,7 @@ def score_run(run: Union[str, RunDir], protocols: Sequence[str] = ("lodo",), sto
                            split.get("val_idx"))  # lodo: the held-out and validation rows, not the training images
         emb, scores = embed_rows(model, data, split["seen_classes"], split["predict"] == "linear", dev, rows=needed,
                                  features=features)
-        all_tags = {**run_tags(run), **({"holdout": "transfer", "store_key": reader.key} if transfer else {}),
-                    **(tags or {})}
+        all_tags = {**run_tags(run, reader, transfer), **(tags or {})}
         frames = [run_protocols(eval_data(reader, split["text_source"], emb, split, scores), protocols, all_tags, options)]
         if finetune:
             from .finetune import few_shot_finetune

@@ -54,9 +54,10 @@ def test_evaluate_runs_and_report(runs, tmp_path):
     ov = df[df.protocol == "open_vocab"]
     assert {"unseen_zero_shot", "gzsl_harmonic"} <= set(ov.split)
     assert int(ov[(ov.split == "gzsl_unseen") & (ov.metric == "top1")].n.iloc[0]) == 16  # the triangles
-    # a linear classifier never predicts the class it did not see
+    # a linear classifier never predicts the class it did not see, and has no unseen-only answer
     ce_unseen = ov[(ov.recipe == "ce") & (ov.split == "gzsl_unseen") & (ov.metric == "top1")]
-    assert (ce_unseen.value == 0.0).all()
+    assert (ce_unseen.value == 0.0).all() and "unseen_zero_shot" not in set(ov[ov.recipe == "ce"].split)
+    assert set(df.holdout) == {"outline; unseen: triangle"}  # what every row's model never trained on
     assert "±" in res.output and "feat_kd" in res.output
     rep = CliRunner().invoke(main, ["report", str(out), "--out", str(tmp_path / "rep")])
     assert rep.exit_code == 0, rep.output
@@ -93,6 +94,46 @@ def test_teacher_baselines_of_every_text_source_are_all_kept(synthetic_store, tm
     got = pd.read_parquet(out)
     assert sorted(got.source.unique()) == ["attributes", "name", "templates"]
     assert got.groupby("source").size().nunique() == 1 and f"{len(got)} rows in" in res.output
+
+
+def test_teacher_baselines_hold_out_the_classes_a_sweep_holds_out(synthetic_store, tmp_path):
+    """A sweep with split_seed/unseen_fraction trains on seeded_class_split's classes: the teacher's
+    open-vocabulary rows must score the same unseen classes, and say which."""
+    from embedcache.evaluate.protocols import seeded_class_split
+
+    s = embedcache.open_store(str(synthetic_store))
+    emb, text, labels = s.image_emb(0).astype(np.float32), s.class_emb("name"), s.meta.label.to_numpy()
+    out = tmp_path / "t.parquet"
+    for seed in (0, 1, 2):
+        res = CliRunner().invoke(main, ["evaluate", "--store", str(synthetic_store), "--source", "name", "--protocol",
+                                        "open_vocab", "--protocol", "lodo", "--split-seed", str(seed),
+                                        "--unseen-fraction", "0.34", "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        unseen = np.setdiff1d(np.arange(3), seeded_class_split(3, 0.34, seed))
+        rows = np.isin(labels, unseen)
+        ref = np.mean(unseen[np.argmax(emb[rows] @ text[unseen].T, axis=1)] == labels[rows])
+        got = pd.read_parquet(out).query("split == 'unseen_zero_shot' and metric == 'top1'")
+        tag = "unseen: " + ",".join(s.classes[i] for i in unseen)
+        assert got[got.holdout == tag].value.tolist() == [pytest.approx(ref)]
+    table = pd.read_parquet(out)  # each split's rows kept beside the others; lodo rows hold nothing out
+    assert table.query("split == 'unseen_zero_shot' and metric == 'top1'").holdout.nunique() == len(
+        {tuple(np.setdiff1d(np.arange(3), seeded_class_split(3, 0.34, k))) for k in (0, 1, 2)})
+    assert set(table[table.protocol == "lodo"].holdout) == {"-"}
+    res = CliRunner().invoke(main, ["evaluate", str(tmp_path), "--split-seed", "1", "--out", str(out)])
+    assert res.exit_code == 2 and "runs are scored on the classes they held out themselves" in res.output
+
+
+def test_the_teacher_on_two_stores_keeps_both_stores_rows(synthetic_store, make_cfg, tiny_teacher, tmp_path):
+    """Same teacher, same domain names: the rows differ only in their store, and both must survive."""
+    from embedcache.extract import extract
+
+    other = make_cfg("other.zarr", "dataset.per_class=3", "dataset.seed=7")
+    extract(other, teacher=tiny_teacher, log=quiet)
+    out = tmp_path / "t.parquet"
+    for store in (str(synthetic_store), other.out):
+        assert CliRunner().invoke(main, ["evaluate", "--store", store, "--source", "name", "--out", str(out)]).exit_code == 0
+    avg = pd.read_parquet(out).query("domain == 'avg' and metric == 'top1'")
+    assert len(avg) == 2 and avg.store_key.nunique() == 2 and set(avg.n) == {3 * 2 * 8, 3 * 2 * 3}
 
 
 def test_open_vocab_refuses_a_run_that_saw_every_class(synthetic_store, tmp_path):

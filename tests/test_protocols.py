@@ -117,7 +117,11 @@ def test_classifier_scores_replace_nearest_text():
     assert _value(lodo(d), "zero_shot") == pytest.approx(1 - np.mean(d.labels == 5), abs=1e-9)
     d.emb = -d.emb  # embeddings are ignored when scores exist
     assert _value(lodo(d), "zero_shot") == pytest.approx(1 - np.mean(d.labels == 5), abs=1e-9)
-    # a classifier cannot answer zero-shot over classes it never trained on (it gave the first unseen class)
+    # a classifier has no zero-shot answer over classes it never trained on (it gave the first unseen
+    # class, and the share of that class as its "accuracy"): generalised rows only, unseen accuracy 0
     d.scores[:, 3:] = -np.inf
+    ov = open_vocab(d, seen_classes=[0, 1, 2])
+    assert set(ov.split) == {"gzsl_seen", "gzsl_unseen", "gzsl_harmonic"} and _value(ov, "gzsl_unseen", "all") == 0.0
+    from embedcache.evaluate.protocols import _predict
     with pytest.raises(ValueError, match="linear classifier over its training classes"):
-        open_vocab(d, seen_classes=[0, 1, 2])
+        _predict(d, np.arange(10), [3, 4, 5])

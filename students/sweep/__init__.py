@@ -126,10 +126,6 @@ def expand(spec: SweepSpec, sweep_dir: str) -> List[SweepPoint]:
                 cfg = build_config(TrainConfig, data)
             except ConfigError as exc:
                 raise ConfigError(f"sweep run ({where}): {exc}") from None
-            if spec.protocol == "open_vocab" and RECIPES.get(cfg.recipe).predict == "linear":
-                raise ConfigError(f"sweep run ({where}): recipe {cfg.recipe} predicts with a linear classifier over "
-                                  "its training classes and cannot score unseen classes (open_vocab); take it out "
-                                  "of the grid or use protocol lodo or few_shot")
             src = cfg.text_source or RECIPES.get(cfg.recipe).text_source
             if src not in sources:
                 raise ConfigError(f"sweep run ({where}): text source {src!r} is not in {spec.store} "
