@@ -32,6 +32,7 @@ def main() -> None:
     """Cache a vision-language teacher's embeddings once; distil students from the cache."""
 
 
-def overrides_option(fn):
+def overrides_option(example: str):
+    """The repeatable ``--set KEY=VALUE`` option; ``example`` is a key of this command's own config."""
     return click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                        help="override a config key (value parsed as YAML), e.g. --set views.count=4")(fn)
+                        help=f"override a config key (value parsed as YAML), e.g. --set {example}")

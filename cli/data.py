@@ -13,7 +13,7 @@ from ._app import main, overrides_option
 @main.command()
 @click.option("--config", "config_path", help="a YAML file, or the name of a packaged config (`embedcache configs`)")
 @click.option("--out", help="store path (.zarr folder, or .h5 for HDF5)")
-@overrides_option
+@overrides_option("views.count=4")
 @click.option("--shard", type=int, help="this worker's index (default: $RANK, else 0)")
 @click.option("--num-shards", type=int, help="number of workers filling the store (default: $WORLD_SIZE, else 1)")
 @click.option("--no-progress", is_flag=True, help="no progress bar")
@@ -94,7 +94,7 @@ def verify(store: str, repair: bool, no_progress: bool) -> None:
 @main.command()
 @click.option("--store", required=True, help="store to add the features to")
 @click.option("--student", required=True, help="student backbone name")
-@overrides_option
+@overrides_option("input_size=64")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed the backbone is built under")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--device", default="auto", show_default=True)
@@ -121,7 +121,7 @@ def configs(ctx) -> None:
     for kind in KINDS:
         found = packaged_configs(kind)
         if found:
-            click.echo(f"{kind} (embedcache {kind} --config NAME):")
+            click.echo(f"{kind} (embedcache {kind} {'NAME' if kind == 'sweep' else '--config NAME'}):")
             width = max(len(n) for n in found)
             for name, doc in found.items():
                 click.echo(f"  {name:<{width}}  {doc}")

@@ -11,7 +11,7 @@ from ._app import main, overrides_option
 
 @main.group(invoke_without_command=True)
 @click.option("--config", "config_path", help="a YAML file, or the name of a packaged serve config (default: demo)")
-@overrides_option
+@overrides_option("port=8001")
 @click.option("--host", help="address to listen on (default from the config: 127.0.0.1)")
 @click.option("--port", type=int, help="port (0: any free port)")
 @click.pass_context
@@ -40,7 +40,7 @@ def hash_key() -> None:
 
 @serve.command("ledger")
 @click.option("--config", "config_path", help="the server's config (its ledger path)")
-@overrides_option
+@overrides_option("ledger=serve-ledger.sqlite")
 def ledger(config_path: Optional[str], overrides: Sequence[str]) -> None:
     """What each key was charged: requests, queries, images, texts, bytes, free replays."""
     from embedcache.config import load_config

@@ -19,7 +19,7 @@ DEMO_SWEEP, DEMO_STORE = "demo", "stores/demo.zarr"
 @click.option("--config", "config_path", help="a YAML file, or the name of a packaged train config")
 @click.option("--out", help="run directory (default runs/<recipe>-<student>-<hash>)")
 @click.option("--device", help="auto | cpu | cuda | cuda:N (default: the config's, auto)")
-@overrides_option
+@overrides_option("steps=500")
 @click.option("--no-progress", is_flag=True)
 def train(store, recipe, student, config_path, out, device, overrides, no_progress) -> None:
     """Train a student from a store (never runs the teacher); resumes an interrupted run."""
@@ -45,7 +45,7 @@ def train(store, recipe, student, config_path, out, device, overrides, no_progre
 @click.option("--workers", type=int, help="local launcher: worker processes")
 @click.option("--address", help="ray launcher: cluster address (default: a local Ray instance)")
 @click.option("--device", default="auto", show_default=True)
-@overrides_option
+@overrides_option("grid.seed=[0,1]")
 @click.option("--no-progress", is_flag=True)
 def sweep(sweep_file, out, launcher, workers, address, device, overrides, no_progress) -> None:
     """Run a grid of student runs over a store (resumable; finished runs are skipped), then report.

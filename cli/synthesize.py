@@ -12,7 +12,7 @@ from ._app import main, overrides_option
 @click.option("--config", "config_path", required=True,
               help="a YAML file, or the name of a packaged synthesize config (`embedcache configs`)")
 @click.option("--out", help="store path (.zarr folder, or .h5 for HDF5)")
-@overrides_option
+@overrides_option("per_class=4")
 @click.option("--no-progress", is_flag=True, help="no progress bars")
 def synthesize(config_path: str, out: Optional[str], overrides: Sequence[str], no_progress: bool) -> None:
     """Synthesise images for class names with diversified prompts, optimised against the teacher, and

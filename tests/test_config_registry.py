@@ -62,3 +62,32 @@ def test_every_shipped_sweep_validates(name, synthetic_store, tmp_path):
     spec = load_sweep(name, [f"store={synthetic_store}"])
     points = expand(spec, str(tmp_path / "s"))
     assert points and len({p.cfg.out for p in points}) == len(points)
+
+
+def test_every_commands_set_example_is_a_key_of_its_own_config():
+    """`--help` showed `--set views.count=4` on train, sweep and serve, whose configs have no views."""
+    from click.testing import CliRunner
+
+    from embedcache.cli import main
+    from embedcache.config import apply_overrides, build_config
+    from embedcache.serve.config import ServeConfig
+    from embedcache.students.config import StudentConfig, TrainConfig
+    from embedcache.students.sweep import SweepSpec
+    from embedcache.synthesis.config import SynthesizeConfig
+
+    commands = {("extract",): (ExtractConfig, {}), ("features",): (StudentConfig, {"name": "test_resnet"}),
+                ("train",): (TrainConfig, {}), ("sweep",): (SweepSpec, {"store": "s.zarr"}),
+                ("serve",): (ServeConfig, {}), ("serve", "ledger"): (ServeConfig, {}),
+                ("synthesize",): (SynthesizeConfig, {"classes": ["dog"]})}
+    for cmd, (cls, required) in commands.items():
+        text = " ".join(CliRunner().invoke(main, [*cmd, "--help"], terminal_width=200).output.split())
+        example = text.split("e.g. --set ")[1].split()[0]
+        build_config(cls, {**required, **apply_overrides({}, [example])})  # an unknown key raises ConfigError
+
+
+def test_every_packaged_config_describes_itself_in_one_whole_sentence():
+    from embedcache.config import KINDS, packaged_configs
+
+    for kind in KINDS:
+        for name, doc in packaged_configs(kind).items():
+            assert doc.endswith((".", ")")) and len(doc) > 20, f"{kind}/{name}: {doc!r}"
