@@ -71,15 +71,14 @@ def evaluate(runs, store, protocols, sources, out, device, finetune_steps, finet
 @click.option("--out", "out_dir", help="folder for report.md and PNG plots (default: report/, or SWEEP_DIR/report)")
 def report(results, out_dir) -> None:
     """Turn a results file, or a sweep directory, into markdown tables (methods x domains, mean ± std) and plots."""
-    import pandas as pd
-
     from embedcache.evaluate.report import write_report
+    from embedcache.evaluate.results import read_results
 
     if Path(results).is_dir():
         from embedcache.students.sweep import collect
 
         df, out_dir = collect(results), out_dir or str(Path(results) / "report")
     else:
-        df, out_dir = pd.read_parquet(results), out_dir or "report"
+        df, out_dir = read_results(results), out_dir or "report"
     for f in write_report(df, out_dir):
         click.echo(str(f))

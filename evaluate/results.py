@@ -13,6 +13,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 import pandas as pd
 
+from embedcache.errors import EvaluationError
 from embedcache.fileio import atomic_write
 
 # the text source is part of a row's identity: a teacher's zero-shot rows differ in nothing else; so are
@@ -53,6 +54,15 @@ def conform(df: pd.DataFrame) -> pd.DataFrame:
     return df[COLUMNS + [c for c in df.columns if c not in COLUMNS]]
 
 
+def read_results(path) -> pd.DataFrame:
+    """A results file in the schema, or a one-line error when the file is not one."""
+    try:
+        return conform(pd.read_parquet(path))
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError, its IO errors OSErrors
+        raise EvaluationError(f"{path} is not a results file (not readable as parquet: {type(exc).__name__}); give "
+                              "a parquet file written by `embedcache evaluate --out`, or a sweep directory") from None
+
+
 def upsert(path: str, rows: pd.DataFrame) -> pd.DataFrame:
     """Merge ``rows`` into the results file at ``path`` (replacing rows with the same key) and write
     it atomically; returns the whole table."""
@@ -64,7 +74,7 @@ def upsert(path: str, rows: pd.DataFrame) -> pd.DataFrame:
     rows = rows[~rows.duplicated(KEY, keep="last")]
     p = Path(path)
     if p.exists():
-        old = conform(pd.read_parquet(p))
+        old = read_results(p)
         merged = old.merge(rows[KEY], on=KEY, how="left", indicator=True)
         old = old[(merged["_merge"] == "left_only").to_numpy()]
         rows = pd.concat([old, rows], ignore_index=True)

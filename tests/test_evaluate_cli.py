@@ -84,6 +84,12 @@ def test_teacher_baseline_cli(synthetic_store, tmp_path):
                                     "--out", str(tmp_path / "t.parquet")])
     assert res.exit_code == 0, res.output
     assert "teacher" in res.output and "zero_shot" in res.output
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    for args in (["report", str(notes)], ["evaluate", "--store", str(synthetic_store), "--out", str(notes)]):
+        res = CliRunner().invoke(main, args)  # a file that is not parquet: one line, and it is left as it was
+        assert res.exit_code == 2 and "is not a results file" in res.output and res.output.count("\n") == 1, res.output
+    assert notes.read_text() == "keep me"
 
 
 def test_teacher_baselines_of_every_text_source_are_all_kept(synthetic_store, tmp_path):
