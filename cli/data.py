@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from typing import Optional, Sequence
 
 import click
+
+from embedcache.errors import StoreError
 
 from ._app import main, overrides_option
 
@@ -40,6 +41,11 @@ def extract(config_path: Optional[str], out: Optional[str], overrides: Sequence[
                    f"{res.failed} unreadable; store {'complete' if res.complete else 'partial'}: {res.path}")
 
 
+def _incomplete(st) -> str:
+    return (f"incomplete ({int(st.blocks_done().sum())} of {st.num_blocks} blocks); rerun its {st.producer} "
+            "command to finish")
+
+
 @main.command()
 @click.argument("store", type=click.Path(exists=True))
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
@@ -50,9 +56,7 @@ def inspect(store: str, as_json: bool) -> None:
 
     with Store(store) as st:
         if not st.complete:
-            done = int(st.blocks_done().sum())
-            click.echo(f"{store}: incomplete ({done} of {st.num_blocks} blocks); rerun its {st.producer} command to finish")
-            sys.exit(1)
+            raise StoreError(f"{store}: {_incomplete(st)}")
         summary = StoreReader(st).summary()
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -73,15 +77,16 @@ def verify(store: str, repair: bool, no_progress: bool) -> None:
     with Store(store) as st:
         report = st.verify(progress=not no_progress)
         manifest = st.manifest
+        unfinished = "" if st.complete else f"; {_incomplete(st)}"
     if report.ok:
-        click.echo(f"{store}: {report.blocks_checked} blocks and {len(manifest.get('checksums', {}))} files intact")
+        click.echo(f"{store}: {report.blocks_checked} blocks and {len(manifest.get('checksums', {}))} files intact"
+                   f"{unfinished}")
         return
     for line in report.lines():
         click.echo(f"damaged: {line}")
     if not repair:
-        click.echo(f"{store}: {len(report.damaged_blocks)} damaged block(s), {len(report.files)} damaged file(s); "
-                   f"`embedcache verify --repair {store}` (or the store's extract command) re-does exactly those")
-        sys.exit(1)
+        raise StoreError(f"{store}: {len(report.damaged_blocks)} damaged block(s), {len(report.files)} damaged file(s); "
+                         f"`embedcache verify --repair {store}` (or the store's extract command) re-does exactly those")
     from embedcache.config import ExtractConfig, build_config
     from embedcache.extract import extract as run
 

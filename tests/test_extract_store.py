@@ -121,6 +121,14 @@ def test_resume_after_interruption_is_byte_identical(make_cfg, tiny_teacher, suf
     st.close()
     with pytest.raises(StoreError, match="incomplete .* rerun the same"):
         embedcache.open_store(cut.out)
+    from click.testing import CliRunner
+
+    from embedcache.cli import main
+
+    seen = CliRunner().invoke(main, ["verify", cut.out, "--no-progress"])  # intact, and says it is unfinished
+    assert seen.exit_code == 0 and "intact; incomplete (" in seen.output and "rerun its extract command" in seen.output
+    seen = CliRunner().invoke(main, ["inspect", cut.out])
+    assert seen.exit_code == 2 and seen.output.startswith("error: ") and "incomplete (" in seen.output
     dry = extract(cut, teacher=tiny_teacher, log=quiet, dry_run=True, reader=_NoDecode(cut, tiny_teacher))
     res = extract(cut, teacher=tiny_teacher, log=quiet)
     assert res.complete and 0 < res.images < 30  # only the unfinished blocks were encoded

@@ -68,7 +68,7 @@ def test_a_lost_chunk_is_found_refused_and_repaired_exactly(make_cfg, tiny_teach
     with pytest.raises(StoreDamagedError, match="embedcache verify"):
         embedcache.open_store(cfg.out).image_emb()
     res = CliRunner().invoke(main, ["verify", cfg.out, "--no-progress"])
-    assert res.exit_code == 1 and "block 0: image/pixels" in res.output and "block 2: image/emb" in res.output
+    assert res.exit_code == 2 and "block 0: image/pixels" in res.output and "block 2: image/emb" in res.output
     # a lost Zarr chunk is seen from a file listing when the store is opened; contents need a read
     cmds = [["evaluate", "--store", cfg.out, "--out", cfg.out + ".parquet"]] + ([["inspect", cfg.out]] if suffix == "zarr" else [])
     for cmd in cmds:
