@@ -340,11 +340,14 @@ def test_malformed_yaml_and_bad_set_values_name_the_place(tmp_path):
 
 
 def test_out_pointing_at_a_file_is_one_line(tmp_path):
-    f = tmp_path / "notes.txt"
+    f = tmp_path / "notes"
     f.write_text("keep me")
     res = CliRunner().invoke(main, ["extract", "--out", str(f), "--set", "dataset.per_class=1"])
     assert res.exit_code == 2 and "exists and is not a zarr store" in res.output
     assert f.read_text() == "keep me"
+    res = CliRunner().invoke(main, ["extract", "--out", str(tmp_path / "s.hd5"), "--set", "dataset.per_class=1"])
+    assert res.exit_code == 2 and "ends in .zarr (a Zarr folder) or .h5/.hdf5 (one HDF5 file), not .hd5" in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]  # a typo'd suffix made nothing
 
 
 def test_a_nan_loss_stops_the_run_unfinished(synthetic_store, tmp_path):
