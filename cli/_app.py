@@ -13,7 +13,31 @@ import click
 from embedcache.errors import EmbedcacheError
 
 
+NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
+
+
 class Group(click.Group):
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        """Click's own usage errors (a missing path, an unknown option) as one line too."""
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except NO_ARGS as exc:  # a bare `embedcache` (or group): its help
+            click.echo(exc.format_message())
+            sys.exit(0)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else "embedcache"
+            click.echo(f"error: {exc.format_message()} (`{where} --help` lists what it takes)", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("interrupted; rerun the same command to resume", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)

@@ -39,6 +39,14 @@ def test_cli_errors_are_one_line(tmp_path):
     assert "does not exist" in res.output and "--set dataset.path=" in res.output
     res = CliRunner().invoke(main, ["extract", "--config", "configs/extract/demo.yaml", "--set", "viewz.count=2"])
     assert res.exit_code == 2 and "unknown config key viewz" in res.output
+    # click's own usage errors too: a path that is not there, an unknown option or command
+    for args, says in ((["evaluate", str(tmp_path / "nope")], "does not exist"), (["inspect", "nope"], "does not exist"),
+                       (["train", "--bogus"], "No such option '--bogus'"), (["nosuch"], "No such command 'nosuch'")):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 2 and res.output.startswith("error: ") and says in res.output, res.output
+        assert res.output.strip().count("\n") == 0 and "--help` lists what it takes" in res.output
+    res = CliRunner().invoke(main, [])
+    assert res.exit_code == 0 and res.output.startswith("Usage: ") and "extract" in res.output
 
 
 def test_open_store_frames_and_neighbours(cli_store, tiny_teacher):
