@@ -37,8 +37,7 @@ def extract(config_path: Optional[str], out: Optional[str], overrides: Sequence[
         return
     if not res.skipped:
         rate = res.images / res.seconds if res.seconds > 0 else 0.0
-        click.echo(f"{res.images} images encoded in {res.seconds:.1f}s ({rate:.1f} images/s); "
-                   f"{res.failed} unreadable; store {'complete' if res.complete else 'partial'}: {res.path}")
+        click.echo(f"{res.images} images encoded in {res.seconds:.1f}s ({rate:.1f} images/s)")
 
 
 def _incomplete(st) -> str:

