@@ -14,8 +14,10 @@ DEMO_SWEEP, DEMO_STORE = "demo", "stores/demo.zarr"
 
 @main.command()
 @click.option("--store", help="store made by `embedcache extract`")
-@click.option("--recipe", help="recipe name (ce, naive_kd, feat_kd, li_iccv23, vl2v_adip, ...)")
-@click.option("--student", help="student name (resnet18, test_resnet, timm:<name>, openclip_visual)")
+@click.option("--recipe", help="recipe name (ce, naive_kd, feat_kd, li_iccv23, vl2v_adip, ...; default: the "
+                                 "config's, else li_iccv23)")
+@click.option("--student", help="student name (resnet18, test_resnet, timm:<name>, openclip_visual; default: the "
+                                  "config's, else resnet18)")
 @click.option("--config", "config_path", help="a YAML file, or the name of a packaged train config")
 @click.option("--out", help="run directory (default runs/<recipe>-<student>-<hash>)")
 @click.option("--device", help="auto | cpu | cuda | cuda:N (default: the config's, auto)")
