@@ -66,6 +66,9 @@ class TrainConfig:
     averaging: str = setting("none", choices=_reg("averaging", "AVERAGING"))  # none | swa | swad
     average_start: float = setting(0.5, min=0.0, max=1.0)  # fraction of the run after which weights are averaged
     swad: SwadConfig = setting(factory=SwadConfig)
+    # averaged weights get BatchNorm statistics of their own: recomputed over this many training batches
+    # (SWA's update_bn; SWAD's code uses 500 steps); 0 keeps the average of the statistics
+    average_bn_batches: int = setting(100, min=0)
     select: str = setting("auto", choices=("auto", "best_val", "last"))  # which checkpoint the run keeps
     eval_every: int = setting(50, min=1)
     ckpt_every: int = setting(50, min=1)

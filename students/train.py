@@ -433,13 +433,43 @@ class Trainer:
                                           "val_top1": self.selection.best, "why": self.rule_why}
         return self.kept_state(), {"rule": "last", "step": self.cfg.steps, "why": self.rule_why}
 
+    def refresh_bn(self) -> Optional[str]:
+        """Averaged weights with the averaged BatchNorm statistics are not a network that ever ran: the
+        statistics are recomputed for them (cumulative mean over ``average_bn_batches`` training
+        batches, drawn as steps after the last, in the last stage's modes). Not when the last stage
+        kept the backbone frozen (its statistics never moved) or the run has no BatchNorm."""
+        last, n = self.recipe.stages[-1], self.cfg.average_bn_batches
+        bns = [m for m in self.model.modules()
+               if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        if n == 0 or not bns or last.train == "head" or self.inputs.kind == "features":
+            return None
+        set_trainable(self.model, last)
+        momenta = [m.momentum for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative mean over the batches
+        cfg = self.cfg
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            for i in range(cfg.steps, cfg.steps + n):
+                interrupt.check("recomputing BatchNorm statistics")  # the checkpoint stands; a rerun redoes this
+                idx, views = self.data.sample(i, cfg.seed, cfg.batch_size, cfg.views_used)
+                _reseed(cfg.seed * 1_000_003 + i, self.device)
+                self.model(self.inputs(idx, views))
+        for m, momentum in zip(bns, momenta):
+            m.momentum = momentum
+        return f"recomputed over {n} training batches"
+
     def finish(self, t_start: float, loop_seconds: float) -> RunResult:
         state, selected = self.final_weights()
         val = self.val
+        if selected["rule"].startswith("average"):
+            load_weights(self.model, state, backbone_saved=self.backbone_key is None)
+            bn = self.refresh_bn()
+            if bn is not None:
+                state, selected = self.kept_state(), {**selected, "batchnorm": bn}
         if selected["rule"] == "best_val" and self.selection.best is not None:
             val = self.selection.best  # measured on these very weights when they were selected
         elif selected["rule"] != "last" and len(self.data.val_idx):  # averaged weights: not measured yet
-            load_weights(self.model, state, backbone_saved=self.backbone_key is None)
             val, _ = self.validate(self.cfg.steps)
         if not all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()):
             raise self.diverged(f"its final weights ({selected['rule']}) hold NaN or inf", self.cfg.steps)

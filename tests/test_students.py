@@ -8,6 +8,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from embedcache.cli import main
+from embedcache.config import replace
 from embedcache.errors import ConfigError, StoreError
 from embedcache.views import render_views, to_uint8
 from embedcache.students.data import SplitConfig, StoreData
@@ -208,6 +209,30 @@ def test_swad_through_training(synthetic_store, tmp_path):
             torch.testing.assert_close(final[k], v)
     with pytest.raises(ConfigError, match="swad picks its window by validation loss"):
         train(_cfg(synthetic_store, tmp_path, name="noval", averaging="swad", split=SplitConfig(val_fraction=0.0)), log=quiet)
+
+
+def test_averaged_weights_get_their_own_batchnorm_statistics(synthetic_store, tmp_path):
+    """The average of BatchNorm statistics belongs to no network: after SWA, the run's statistics
+    are those torch's own update_bn computes for the averaged weights over the same batches."""
+    from torch.optim.swa_utils import update_bn
+
+    from embedcache.students.train import Trainer
+
+    cfg = _cfg(synthetic_store, tmp_path, "feat_kd", name="swa", steps=8, eval_every=4, averaging="swa",
+               average_start=0.0, average_bn_batches=5)
+    res = train(cfg, log=quiet)
+    saved = load_file(f"{res.out}/model.safetensors")
+    summary = json.loads((tmp_path / "swa" / "summary.json").read_text())
+    assert summary["selected"]["batchnorm"] == "recomputed over 5 training batches"
+    ref = Trainer(replace(cfg, out=str(tmp_path / "ref")), log=quiet)
+    ref.model.load_state_dict({k: v for k, v in saved.items()})
+    batches = [ref.inputs(*ref.data.sample(8 + i, cfg.seed, cfg.batch_size)) for i in range(5)]
+    update_bn(batches, ref.model)
+    stats = {k: v for k, v in ref.model.state_dict().items() if "running" in k}
+    assert stats and all(torch.allclose(saved[k], v, rtol=1e-5, atol=1e-6) for k, v in stats.items())
+    averaged = train(replace(cfg, out=str(tmp_path / "kept"), average_bn_batches=0), log=quiet)  # 0: the average
+    kept = load_file(f"{averaged.out}/model.safetensors")
+    assert not all(torch.allclose(kept[k], v, rtol=1e-5, atol=1e-6) for k, v in stats.items())
 
 
 def test_loop_seconds_count_the_steps_not_evaluations_or_checkpoints(synthetic_store, tmp_path, monkeypatch):
