@@ -147,6 +147,8 @@ def score_run(run: Union[str, RunDir], protocols: Sequence[str] = ("lodo",), sto
         if finetune:
             from .finetune import few_shot_finetune
 
-            ft = few_shot_finetune(model, cfg, data, split, steps=finetune_steps, device=dev, mode=finetune_mode)
+            episodes = {k: v for k, v in (options or {}).get("few_shot", {}).items() if k in ("shots", "episodes", "seed")}
+            ft = few_shot_finetune(model, cfg, data, split, steps=finetune_steps, device=dev, mode=finetune_mode,
+                                   **episodes)  # the episodes the few_shot protocol scored
             frames.append(conform(ft.assign(protocol="few_shot", **all_tags)))
     return pd.concat(frames, ignore_index=True)
