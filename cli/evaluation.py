@@ -15,19 +15,21 @@ from ._app import main
               help="lodo | open_vocab | few_shot | per_class | distill (repeatable)")
 @click.option("--source", "sources", multiple=True, help="text sources for teacher baselines (default: all)")
 @click.option("--out", default="results.parquet", show_default=True,
-              help="tidy results file (updated: rows of the same run, protocol, split, domain and metric are replaced)")
+              help="tidy results file (updated: rows of the same run, store, holdout, protocol, split, domain and "
+                   "metric are replaced)")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--finetune-steps", default=50, show_default=True,
               help="with few_shot on runs: also fine-tune the student on the shots for this many steps (0: skip)")
 @click.option("--finetune-mode", type=click.Choice(["shots", "mixed"]), default="shots", show_default=True,
               help="shots: L_cls on the shots; mixed: shots mixed into training batches, full loss (Li et al.)")
 @click.option("--unseen-fraction", type=click.FloatRange(0.0, 0.99, min_open=True), default=0.5, show_default=True,
-              help="teacher baselines of open_vocab/few_shot: share of classes held out, as the sweep's unseen_fraction")
+              help="teacher baselines of open_vocab/few_shot: the share of classes held out "
+                   "(the sweep's unseen_fraction)")
 @click.option("--split-seed", type=int, default=0, show_default=True,
               help="teacher baselines of open_vocab/few_shot: the class split's seed, as the sweep's split_seed")
 @click.option("--transfer", is_flag=True,
-              help="score runs on --store, another store of the same teacher and classes (e.g. real images for a "
-                   "student distilled on synthesised ones): every image there is a test image")
+              help="score runs on --store, another store of the same teacher, classes and prompts (e.g. real "
+                   "images for a student distilled on synthesised ones): every image there is a test image")
 def evaluate(runs, store, protocols, sources, out, device, finetune_steps, finetune_mode, unseen_fraction, split_seed,
              transfer) -> None:
     """Score finished runs (or, with only --store, the teacher's zero-shot baselines)."""
