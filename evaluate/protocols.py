@@ -43,12 +43,17 @@ class EvalData:
     teacher: Optional[np.ndarray] = None  # (N, D) the teacher's view-0 embeddings (distillation metrics)
 
 
+def _unanswerable(d: EvalData, rows: np.ndarray, labels: np.ndarray) -> bool:
+    """A classifier (``scores``) has no output for any of ``labels`` (-inf: classes it never trained on)."""
+    return d.scores is not None and len(rows) > 0 and bool(np.isneginf(d.scores[np.ix_(rows, labels)]).all())
+
+
 def _predict(d: EvalData, rows: np.ndarray, labels: Optional[Sequence[int]] = None) -> np.ndarray:
     """Label id of each row: nearest class text (FAISS), or the classifier's best, within ``labels``."""
     if d.scores is not None:
         allowed = np.arange(d.scores.shape[1]) if labels is None else np.asarray(sorted(set(labels)))
         scores = d.scores[rows][:, allowed]
-        if len(rows) and np.isneginf(scores).all():  # -inf: a class the classifier never trained on
+        if _unanswerable(d, rows, allowed):
             raise EvaluationError("this run predicts with a linear classifier over its training classes, and none of "
                                   "the labels asked for is one of them: it has no answer to score")
         return allowed[np.argmax(scores, axis=1)]
@@ -141,7 +146,7 @@ def open_vocab(d: EvalData, seen_classes: Optional[Sequence[int]] = None, unseen
     if d.val_idx is not None:
         s_rows = np.intersect1d(s_rows, d.val_idx)  # seen classes: only images not trained on
     rows: List[Dict] = []
-    if d.scores is None or not np.isneginf(d.scores[:, unseen]).all():  # a classifier has no unseen-only answer
+    if not _unanswerable(d, u_rows, unseen):  # a classifier has no answer among unseen labels only
         rows += _rows(_predict(d, u_rows, unseen), d.labels[u_rows], split="unseen_zero_shot", domain="all")
     acc = {}
     for name, r in (("gzsl_seen", s_rows), ("gzsl_unseen", u_rows)):

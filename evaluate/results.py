@@ -1,7 +1,7 @@
 """The results schema every scored row follows, and the one way to write a results file.
 
-One row per (run, source, store, holdout, protocol, split, domain, class_name, episode, metric): ``value`` and ``n`` (rows
-scored), with the run's settings as columns. Rows from ``embedcache evaluate`` and from sweeps
+One row per (run, source, store, holdout, protocol, split, domain, class_name, episode, metric):
+``value`` and ``n`` (rows scored), with the run's settings as columns. Rows from ``embedcache evaluate`` and from sweeps
 share this schema, so they combine in one report. Writing a results file *updates* it: rows with
 the same key are replaced, so scoring the same run twice leaves the same rows.
 """
@@ -28,11 +28,13 @@ COLUMNS: List[str] = ["run", "recipe", "student", "seed", "replicate", "source",
                       "split", "domain", "class_name", "episode", "metric", "value", "n", "store_key", "search"]
 
 
-def holdout_tag(domains: Sequence[str] = (), unseen_classes: Sequence[str] = ()) -> str:
-    """A row's ``holdout``: what the scored model never trained on (domains; "unseen: " classes), or "-"."""
+def holdout_tag(domains: Sequence[str] = (), classes: Sequence[str] = (), seen: Sequence[int] = ()) -> str:
+    """A row's ``holdout``: what the scored model never trained on (domains; "unseen: " the ``classes``
+    whose ids are not in ``seen``), or "-"."""
     parts = [",".join(domains)] if len(domains) else []
-    if len(unseen_classes):
-        parts.append("unseen: " + ",".join(unseen_classes))
+    unseen = [c for i, c in enumerate(classes) if i not in set(int(k) for k in seen)]
+    if unseen:
+        parts.append("unseen: " + ",".join(unseen))
     return "; ".join(parts) or "-"
 
 

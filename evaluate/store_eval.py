@@ -51,7 +51,7 @@ def teacher_baselines(store: str, sources: Optional[Sequence[str]] = None, proto
         t = reader.manifest["teacher"]
         name = f"teacher:{t.get('name')}:{t.get('model') or t.get('classifier')}"
         seen = seeded_class_split(len(reader.classes), unseen_fraction, split_seed)
-        unseen = holdout_tag(unseen_classes=[c for i, c in enumerate(reader.classes) if i not in set(seen.tolist())])
+        unseen = holdout_tag(classes=reader.classes, seen=seen)
         frames = []
         for src in sources or reader.text_sources:
             # with_teacher=False: teacher-vs-teacher distillation metrics are trivially perfect; keep the text ones

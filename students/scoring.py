@@ -73,12 +73,10 @@ def run_tags(run: RunDir, reader: StoreReader, transfer: bool = False) -> Dict:
     """The run's columns of its result rows on ``reader``'s store (with ``transfer``: another store,
     every image of it unseen, so its ``holdout`` says ``transfer``)."""
     cfg, split = run.config, run.split
-    seen = set(split["seen_classes"])
-    unseen = [c for i, c in enumerate(reader.classes) if i not in seen]
     held = ["transfer"] if transfer else split.get("holdout_domains") or []
     return {"run": run.name, "recipe": cfg["recipe"], "student": cfg["student"]["name"], "seed": cfg["seed"],
             "replicate": cfg["seed"], "source": split["text_source"], "store_key": reader.key,
-            "holdout": holdout_tag(held, unseen)}
+            "holdout": holdout_tag(held, reader.classes, split["seen_classes"])}
 
 
 def _open_for(run: RunDir, path: str, transfer: bool) -> StoreReader:

@@ -79,12 +79,8 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
     t0 = time.time()
     if not cfg.out:
         raise ConfigError("no output store given; pass --out PATH (e.g. stores/demo.zarr)")
-    suffix = os.path.splitext(str(cfg.out).rstrip("/"))[1]
-    if suffix and suffix not in (".zarr", ".h5", ".hdf5") and not cfg.backend:
-        raise ConfigError(f"--out {cfg.out}: a store path ends in .zarr (a Zarr folder) or .h5/.hdf5 (one HDF5 file), "
-                          f"not {suffix}; rename it, or choose the format with --set backend=zarr|hdf5")
+    backend = backend_name_for(cfg.out, cfg.backend, new=True)
     shard, num_shards = resolve_shard(cfg.shard, cfg.num_shards)
-    backend = backend_name_for(cfg.out, cfg.backend)
     if num_shards > 1 and not BACKENDS.get(backend).multi_writer:
         raise ConfigError(f"{backend} stores take one writer; use a .zarr store for --num-shards {num_shards}")
     dataset = dataset or build_dataset(cfg.dataset)

@@ -321,8 +321,18 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
-def backend_name_for(path: str, backend: Optional[str] = None) -> str:
-    """The backend named, else HDF5 for .h5/.hdf5 paths, else Zarr."""
+SUFFIXES = {".zarr": "zarr", ".h5": "hdf5", ".hdf5": "hdf5"}  # a store path's suffix -> its backend
+
+
+def backend_name_for(path: str, backend: Optional[str] = None, new: bool = False) -> str:
+    """The backend named, else HDF5 for .h5/.hdf5 paths, else Zarr. A ``new`` store's path with another
+    suffix is refused (a typo such as .hd5 would silently make a Zarr folder)."""
     if backend:
         return BACKENDS.check(backend)
-    return "hdf5" if str(path).endswith((".h5", ".hdf5")) else "zarr"
+    suffix = os.path.splitext(str(path).rstrip("/"))[1]
+    if new and suffix and suffix not in SUFFIXES:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"--out {path}: a store path ends in .zarr (a Zarr folder) or .h5/.hdf5 (one HDF5 file), "
+                          f"not {suffix}; rename it, or choose the format with --set backend=zarr|hdf5")
+    return SUFFIXES.get(suffix, "zarr")
