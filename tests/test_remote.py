@@ -64,6 +64,19 @@ def assert_same(a: dict, b: dict) -> None:
         assert np.array_equal(a[k], b[k]), k
 
 
+def assert_same_up_to_batching(a: dict, b: dict) -> None:
+    """A teacher run on other batch sizes may round differently (CPU kernels are picked per shape:
+    on an AVX-512 machine batches of 6 and 12 differ in the last bit): embeddings within two steps
+    of their stored dtype, everything else bit for bit."""
+    for k in a:
+        if k.endswith("emb"):
+            assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+            step = np.spacing(np.abs(a[k])).astype(np.float64)  # one step of the stored dtype at each value
+            assert (np.abs(a[k].astype(np.float64) - b[k].astype(np.float64)) <= 2 * step).all(), k
+        else:
+            assert np.array_equal(a[k], b[k]), k
+
+
 @pytest.fixture(scope="module")
 def local(tmp_path_factory, tiny_teacher_cfg, tiny_teacher):
     """The same extraction with the tiny teacher locally: the arrays every remote store must equal."""
@@ -185,7 +198,7 @@ def test_too_large_halves_the_batch(protocol, tmp_path, local, tiny_teacher_cfg,
         assert extract(cfg, log=quiet).complete
     with embedcache.open_store(cfg.out) as s:
         assert s.manifest["teacher_usage"]["halvings"] >= 1
-    assert_same(local, arrays(cfg.out))  # batches of 6 give this teacher the same bits as batches of 12
+    assert_same_up_to_batching(local, arrays(cfg.out))
 
 
 @pytest.mark.parametrize("how", ["count", "dim"])
