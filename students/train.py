@@ -253,10 +253,14 @@ class Trainer:
         self.kept = self.model if self.backbone_key is None else Heads.of(self.model)
         self.opt = build_optimizer(cfg.optim, self.model.parameters())
         self.sched = build_scheduler(cfg.optim, self.opt, cfg.steps)
-        self.averaging = AVERAGING.get(cfg.averaging)(self.kept, int(cfg.average_start * cfg.steps), cfg.swad)
+        self.ends = stage_ends(self.recipe, cfg.steps)
+        # earlier stages prepare the last (VL2V-ADiP's Align fits the head on the untouched backbone):
+        # only the last stage's weights are selected or averaged
+        self.last_stage_start = self.ends[-2] if len(self.ends) > 1 else 0
+        self.averaging = AVERAGING.get(cfg.averaging)(self.kept, max(int(cfg.average_start * cfg.steps),
+                                                                     self.last_stage_start), cfg.swad)
         self.rule, self.rule_why = selection_rule(cfg, self.recipe, len(self.data.val_idx) > 0)
         self.selection = Selection(self.rule, self.kept_state)
-        self.ends = stage_ends(self.recipe, cfg.steps)
         self.text = torch.from_numpy(self.data.text).to(self.device)
         self.amp = cfg.amp and self.device.type == "cuda"
         self.metrics: List[Dict] = []
@@ -374,7 +378,8 @@ class Trainer:
         if len(self.data.val_idx):
             val, val_loss = self.validate(step, stage)
         self.averaging.at_eval(step, self.kept, val_loss)
-        self.selection.update(step, val)
+        if step > self.last_stage_start:
+            self.selection.update(step, val)
         row = {"step": step, "stage": stage_i, "lr": self.opt.param_groups[0]["lr"], "val_top1": val, "val_loss": val_loss,
                **{k: float(v) / max(1, self.n_running) for k, v in self.running.items()}}
         self.metrics.append(row)
@@ -427,7 +432,7 @@ class Trainer:
             own = self.kept_state()
             state = {k: v.to(own[k].dtype) for k, v in averaged.items()}
             return state, {"rule": f"average ({self.cfg.averaging})", "why": self.rule_why,
-                           **(self.averaging.describe() or {})}
+                           "start_step": self.averaging.start, **(self.averaging.describe() or {})}
         if self.rule == "best_val" and self.selection.state is not None:
             return self.selection.state, {"rule": "best_val", "step": self.selection.step,
                                           "val_top1": self.selection.best, "why": self.rule_why}

@@ -98,6 +98,25 @@ def test_best_validation_checkpoint_is_kept_and_said(synthetic_store, tmp_path):
     assert li.selected["rule"] == "last" and "li_iccv23 recipe's default" in li.selected["why"]
 
 
+def test_a_two_stage_recipe_selects_and_averages_within_its_last_stage(synthetic_store, tmp_path):
+    """VL2V-ADiP selects its checkpoint in stage 2 (Distill): stage-1 weights (a projection fitted on
+    the untouched backbone) are never the answer, however well they validate."""
+    stage_one_won = False
+    for seed in range(4):
+        res = train(_cfg(synthetic_store, tmp_path / f"adip{seed}", recipe="vl2v_adip", steps=40, eval_every=5,
+                         ckpt_every=40, seed=seed, select="best_val", split=SplitConfig(val_fraction=0.3)), log=quiet)
+        rows = [json.loads(ln) for ln in open(tmp_path / f"adip{seed}" / "metrics.jsonl")]
+        last = [r for r in rows if r["stage"] == 1]
+        best = max(r["val_top1"] for r in last)
+        assert res.selected["step"] == next(r["step"] for r in last if r["val_top1"] == best)  # the earliest of the best
+        assert res.selected["step"] > 20  # stage 1 ends at step 20
+        stage_one_won |= max(r["val_top1"] for r in rows if r["stage"] == 0) >= best
+    assert stage_one_won  # else this test could not tell the rule from selecting over the whole run
+    swa = train(_cfg(synthetic_store, tmp_path / "swa", recipe="vl2v_adip", steps=40, eval_every=5, ckpt_every=40,
+                     averaging="swa", average_start=0.1), log=quiet)
+    assert swa.selected["start_step"] == 20
+
+
 def test_scoring_twice_updates_the_results_instead_of_appending(synthetic_store, tmp_path):
     train(_cfg(synthetic_store, tmp_path / "r", split=SplitConfig(holdout_domains=("outline",))), log=quiet)
     out = tmp_path / "results.parquet"
