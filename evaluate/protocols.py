@@ -8,7 +8,7 @@ embeddings: no model is loaded.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -41,6 +41,7 @@ class EvalData:
     seen_classes: Optional[Sequence[int]] = None
     scores: Optional[np.ndarray] = None   # (N, C) classifier logits; when set, predictions come from them
     teacher: Optional[np.ndarray] = None  # (N, D) the teacher's view-0 embeddings (distillation metrics)
+    teacher_views: Optional[np.ndarray] = None  # (N, V, D) the teacher's embeddings of every stored view (Tip-Adapter keys)
 
 
 def _unanswerable(d: EvalData, rows: np.ndarray, labels: np.ndarray) -> bool:
@@ -185,11 +186,25 @@ def tip_adapter_logits(q: np.ndarray, keys: np.ndarray, key_labels: np.ndarray, 
     return 100.0 * q @ t.T + alpha * np.exp(-beta * (1.0 - q @ keys.T)) @ onehot
 
 
+def tip_adapter_keys(d: EvalData, support: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(S * V, D) keys and their label ids: the teacher's embeddings of every stored view of the
+    support images, as Li et al.'s retrieval keys them (PAPERS.md)."""
+    if d.teacher_views is None:
+        raise EvaluationError("Tip-Adapter needs the teacher's embeddings of the support images (EvalData.teacher_views); "
+                              "score from a store, which holds them")
+    keys = np.asarray(d.teacher_views[support], dtype=np.float32)
+    if keys.shape[-1] != d.emb.shape[1]:
+        raise EvaluationError(f"Tip-Adapter compares the scored embeddings ({d.emb.shape[1]}-d) with the teacher's "
+                              f"({keys.shape[-1]}-d): only a student that embeds into the teacher's space can be scored so")
+    return keys.reshape(-1, keys.shape[-1]), np.repeat(d.labels[support], keys.shape[1])
+
+
 @PROTOCOLS.register("few_shot")
 def few_shot(d: EvalData, shots: int = 5, episodes: int = 3, seen_classes: Optional[Sequence[int]] = None,
              unseen_fraction: float = 0.5, beta: float = 5.5, alpha: float = 1.0, seed: int = 0) -> pd.DataFrame:
     """k labelled images per unseen class (seeded episodes): a prototype classifier (FAISS over the
-    class means of the shots) and Tip-Adapter logits, scored on the remaining unseen images."""
+    class means of the shots) and Tip-Adapter logits (keys: the teacher's views of the shots), scored
+    on the remaining unseen images."""
     seen = np.asarray(seen_classes if seen_classes is not None else
                       (d.seen_classes if d.seen_classes is not None else seeded_class_split(len(d.classes), unseen_fraction, seed)))
     unseen = np.setdiff1d(np.arange(len(d.classes)), seen)
@@ -199,8 +214,8 @@ def few_shot(d: EvalData, shots: int = 5, episodes: int = 3, seen_classes: Optio
         protos = np.stack([d.emb[support][d.labels[support] == c].mean(0) for c in unseen])
         pred = LabelIndex(protos, unseen).predict(d.emb[query])
         rows += _rows(pred, d.labels[query], split="prototype", domain="all", episode=ep)
-        logits = tip_adapter_logits(d.emb[query], d.emb[support], np.searchsorted(unseen, d.labels[support]),
-                                    d.class_emb[unseen], beta, alpha)
+        keys, key_labels = tip_adapter_keys(d, support)
+        logits = tip_adapter_logits(d.emb[query], keys, np.searchsorted(unseen, key_labels), d.class_emb[unseen], beta, alpha)
         rows += _rows(unseen[logits.argmax(1)], d.labels[query], split="tip_adapter", domain="all", episode=ep)
     df = pd.DataFrame(rows)
     mean = df.groupby(["split", "metric"], as_index=False).agg(value=("value", "mean"), n=("n", "sum"))

@@ -29,7 +29,8 @@ def eval_data(reader: StoreReader, source: str, emb: np.ndarray, split: Optional
                     val_idx=np.asarray(split["val_idx"]) if "val_idx" in split else None,
                     holdout_domains=split.get("holdout_domains") or None,
                     seen_classes=split.get("seen_classes"),  # a run's own: never a made-up split
-                    scores=scores, teacher=reader.image_emb(0).astype(np.float32) if with_teacher else None)
+                    scores=scores, teacher=reader.image_emb(0).astype(np.float32) if with_teacher else None,
+                    teacher_views=reader.image_emb())
 
 
 def run_protocols(data: EvalData, protocols: Sequence[str], tags: Dict, options: Optional[Dict] = None) -> pd.DataFrame:

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from embedcache.evaluate.protocols import PROTOCOLS, EvalData, few_shot, lodo, open_vocab, tip_adapter_logits
+from embedcache.evaluate.protocols import PROTOCOLS, EvalData, episode, few_shot, lodo, open_vocab, tip_adapter_logits
 
 
 def _data(noise=0.05, shuffle=False, n=600, c=6, d=16, seed=0):
@@ -14,7 +14,8 @@ def _data(noise=0.05, shuffle=False, n=600, c=6, d=16, seed=0):
     if shuffle:
         labels = rng.permutation(labels)
     domains = np.array(["d0", "d1", "d2"])[np.arange(n) % 3]
-    return EvalData(emb, labels, domains, np.ones(n, bool), text, [f"c{i}" for i in range(c)])
+    views = text[labels][:, None] + noise * rng.normal(size=(n, 3, d))  # the teacher's 3 views of each image
+    return EvalData(emb, labels, domains, np.ones(n, bool), text, [f"c{i}" for i in range(c)], teacher_views=views)
 
 
 def _value(df, split, domain="avg", metric="top1"):
@@ -76,6 +77,33 @@ def test_few_shot_perfect_and_too_few_images():
     small = _data(n=30)
     with pytest.raises(ValueError, match="fewer than 5 shots \\+ 1 to test"):
         few_shot(small, shots=5, seen_classes=[0, 1, 2])
+
+
+def test_tip_adapter_keys_are_the_teachers_views_of_the_support_images():
+    """Li et al.'s retrieval: the student's embedding of a query against the teacher's embeddings of
+    every stored view of the support images (PAPERS.md), not the student's own support embeddings."""
+    d = _data(noise=0.6, d=8, seed=3)
+    d.teacher_views = np.random.default_rng(9).normal(size=d.teacher_views.shape)  # keys unlike the student
+    unseen = np.array([3, 4, 5])
+    df = few_shot(d, shots=5, episodes=1, seen_classes=[0, 1, 2], beta=1.0, alpha=50.0)
+    support, query = episode(d.labels, d.ok, unseen, 5, 0, 0, d.classes)
+    un = lambda x: x / np.linalg.norm(x)  # noqa: E731
+    def accuracy(keys_of):
+        right = 0
+        for i in query:
+            score = {c: 100 * un(d.emb[i]) @ un(d.class_emb[c]) for c in unseen}
+            for j in support:
+                for key in keys_of(j):
+                    score[d.labels[j]] += 50.0 * np.exp(-1.0 * (1 - un(d.emb[i]) @ un(key)))
+            right += max(score, key=score.get) == d.labels[i]
+        return right / len(query)
+
+    got = df[(df.split == "tip_adapter") & (df.episode == 0) & (df.metric == "top1")].value.item()
+    assert got == pytest.approx(accuracy(lambda j: d.teacher_views[j]))
+    assert got != pytest.approx(accuracy(lambda j: [d.emb[j]]))  # the student's own keys give other answers here
+    d.teacher_views = None
+    with pytest.raises(ValueError, match="teacher's embeddings of the support images"):
+        few_shot(d, shots=5, episodes=1, seen_classes=[0, 1, 2])
 
 
 def test_tip_adapter_against_a_loop():
