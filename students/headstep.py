@@ -78,9 +78,9 @@ def _against(b: Batch, c: torch.Tensor) -> Terms:
 
 
 @GRADS.register("ce")
-def ce(b: Batch) -> Terms:
-    value, dz = _ce(b.logits, b.labels)
-    return Terms(value, d_logits=dz)
+def ce(b: Batch, temperature: float = 1.0) -> Terms:
+    value, dz = _ce(b.logits / temperature, b.labels)
+    return Terms(value, d_logits=dz / temperature)
 
 
 @GRADS.register("cls")

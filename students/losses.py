@@ -61,11 +61,11 @@ class BatchContext:
 
 
 @LOSSES.register("ce")
-def ce(ctx: BatchContext) -> torch.Tensor:
-    """Supervised cross-entropy on the student's linear classifier (labels only)."""
+def ce(ctx: BatchContext, temperature: float = 1.0) -> torch.Tensor:
+    """Supervised cross-entropy on the student's linear classifier logits / ``temperature`` (labels only)."""
     if ctx.logits is None:
         raise ValueError("loss 'ce' needs a student with a linear classifier (recipe.classifier: true)")
-    return F.cross_entropy(_full(ctx.logits), ctx.labels)
+    return F.cross_entropy(_full(ctx.logits) / temperature, ctx.labels)
 
 
 @LOSSES.register("cls")

@@ -49,8 +49,10 @@ _LI = {"cls": 1.0, "vlalign": 1.0, "mse": 1.0, "imcst": 1.0}
 # Li et al.'s example commands all switch on the correct-teacher-prediction filter for L_vlalign.
 _LI_FILTER = {"vlalign": {"correct_only": True}}
 _add(Recipe("ce", (Stage({"ce": 1.0}),), classifier=True, predict="linear", doc="labels only"))
-_add(Recipe("naive_kd", (Stage({"ce": 1.0, "kd": 1.0}, loss_args={"kd": {"student": "linear"}}),),
-            classifier=True, predict="linear", doc="CE + logit KD from the teacher's zero-shot classifier"))
+_add(Recipe("naive_kd", (Stage({"ce": 1.0, "kd": 0.5}, loss_args={"ce": {"temperature": 0.1}, "kd": {"student": "linear"}}),),
+            classifier=True, predict="linear",
+            doc="VL2V-ADiP's KD baseline as its code weighs it: CE on logits / 0.1 + 0.5 x logit KD from the "
+                "teacher's zero-shot classifier, the KL corrected (log-probabilities, T^2)"))
 _add(Recipe("feat_kd", (Stage({"cos": 1.0}),), doc="feature distillation only (1 - cos(s, t))"))
 _add(Recipe("li_iccv23", (Stage(dict(_LI), loss_args=_LI_FILTER),), select="last",
             doc="Li et al. 2023 as their commands run it: L_cls + L_vlalign (correct teacher predictions only) "

@@ -39,6 +39,7 @@ def _autograd(stage, s, t, text, y, logits):
 
 STAGES = [Stage({name: 1.0}, train="head") for name in GRADS.names()] + [
     Stage({"vl2v_adip": 1.0}, train="head", loss_args={"vl2v_adip": {"lam": 0.3}}),
+    Stage({"ce": 1.0}, train="head", loss_args={"ce": {"temperature": 0.1}}),
     Stage({"cls": 0.7, "mse": 1.0, "ce": 0.5, "cos": 2.0}, train="head", loss_args={"cls": {"tau": 0.2}}),
 ]
 

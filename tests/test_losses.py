@@ -90,9 +90,22 @@ def test_loss_options_against_numpy():
                                _ref_vlalign(s, t, text, y, correct_only=True), rtol=1e-5)
     np.testing.assert_allclose(float(LOSSES.get("kd")(ctx, student="linear", temperature=2.0)),
                                _ref_kd(s, t, text, y, logits, T=2.0, student="linear"), rtol=1e-5)
+    np.testing.assert_allclose(float(LOSSES.get("ce")(ctx, temperature=0.1)), _ce(logits / 0.1, y), rtol=1e-6)
     lam = 0.3
     ref = float((lam * -(_norm(s) * t).sum(1) + (1 - lam) * -(_norm(s) * text[y]).sum(1)).mean())
     np.testing.assert_allclose(float(LOSSES.get("vl2v_adip")(ctx, lam=lam)), ref, rtol=1e-6)
+
+
+def test_naive_kd_weighs_its_losses_as_vl2v_adips_baseline():
+    """PAPERS.md: CE on logits / 0.1 plus 0.5 x KL (here the corrected KL, with T^2)."""
+    from embedcache.students.recipes import RECIPES
+    from embedcache.students.train import stage_loss
+
+    s, t, text, y, logits = _batch(5, b=8, c=7)
+    (stage,) = RECIPES.get("naive_kd").stages
+    total, _ = stage_loss(stage, _ctx(s, t, text, y, logits))
+    ref = _ce(logits / 0.1, y) + 0.5 * _ref_kd(s, t, text, y, logits, student="linear")
+    np.testing.assert_allclose(float(total), ref, rtol=1e-6)
 
 
 def test_losses_vanish_or_bottom_out_when_student_equals_teacher():
