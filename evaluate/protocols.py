@@ -123,9 +123,10 @@ def rows_read(protocols: Sequence[str], domains: np.ndarray, ok: np.ndarray,
 
 
 def seeded_class_split(num_classes: int, unseen_fraction: float = 0.5, seed: int = 0) -> np.ndarray:
-    """Seen class ids: a seeded random (1 - unseen_fraction) of the classes."""
+    """Seen class ids: a seeded random (1 - unseen_fraction) of the classes, halves rounded up as
+    Li et al. split (Food-101: 51 seen, 50 unseen), at least one class on each side."""
     rng = np.random.default_rng([seed, 23])
-    n_seen = max(1, int(round(num_classes * (1 - unseen_fraction))))
+    n_seen = min(num_classes - 1, max(1, int(np.floor(num_classes * (1 - unseen_fraction) + 0.5))))
     return np.sort(rng.permutation(num_classes)[:n_seen])
 
 

@@ -153,3 +153,15 @@ def test_classifier_scores_replace_nearest_text():
     from embedcache.evaluate.protocols import _predict
     with pytest.raises(ValueError, match="linear classifier over its training classes"):
         _predict(d, np.arange(10), [3, 4, 5])
+
+
+def test_the_class_split_halves_as_li_et_al_do():
+    """Li et al.'s halves: Birds 100/100, Flowers 51/51, Food 51/50, Cars 98/98 (the larger half
+    trains); SUN's 200/197 is no fraction of 397 (train_classes gives exact lists)."""
+    from embedcache.evaluate.protocols import seeded_class_split
+
+    for c, seen in ((200, 100), (102, 51), (101, 51), (196, 98), (7, 4), (397, 199)):
+        got = seeded_class_split(c, 0.5, seed=1)
+        assert len(got) == seen and len(set(got)) == seen and got.max() < c, c
+    assert len(seeded_class_split(7, 0.01)) == 6  # at least one class stays unseen
+    assert len(seeded_class_split(7, 0.99)) == 1  # and at least one is seen
