@@ -62,6 +62,7 @@ class TrainConfig:
     text_source: Optional[str] = None   # default: the recipe's
     steps: int = setting(200, min=1)
     batch_size: int = setting(32, min=1)
+    batch_per_domain: bool = False  # DomainBed / VL2V-ADiP: batch_size rows from each training domain per step
     views_used: Optional[int] = setting(None, min=1)  # draw from the first k views (None: all stored views)
     averaging: str = setting("none", choices=_reg("averaging", "AVERAGING"))  # none | swa | swad
     average_start: float = setting(0.5, min=0.0, max=1.0)  # fraction of the run after which weights are averaged

@@ -8,7 +8,7 @@ one of the first ``views_used`` views, as a function of (seed, step) alone; the 
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -100,10 +100,19 @@ class StoreData:
                     out[i] = make_canvas(im, size)
         return out
 
-    def sample(self, step: int, seed: int, batch_size: int, views_used: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+    @cached_property
+    def train_by_domain(self) -> List[np.ndarray]:
+        """The training rows of each training domain, domains in sorted order."""
+        dom = self.reader.meta["domain"].to_numpy()[self.train_idx]
+        return [self.train_idx[dom == d] for d in sorted(set(dom))]
+
+    def sample(self, step: int, seed: int, batch_size: int, views_used: Optional[int] = None,
+               per_domain: bool = False) -> Tuple[np.ndarray, np.ndarray]:
         """Row indices and view indices of step ``step``: a function of (seed, step) alone, so a
-        resumed run draws exactly the batches an uninterrupted one would."""
+        resumed run draws exactly the batches an uninterrupted one would. ``per_domain``: batch_size
+        rows from each training domain (DomainBed's batches), else batch_size from the pooled rows."""
         rng = np.random.default_rng([seed, step])
-        idx = rng.choice(self.train_idx, size=batch_size, replace=len(self.train_idx) < batch_size)
-        views = rng.integers(0, min(views_used or self.views, self.views), size=batch_size)
+        pools = self.train_by_domain if per_domain else [self.train_idx]
+        idx = np.concatenate([rng.choice(p, size=batch_size, replace=len(p) < batch_size) for p in pools])
+        views = rng.integers(0, min(views_used or self.views, self.views), size=len(idx))
         return idx, views

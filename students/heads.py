@@ -104,18 +104,19 @@ def train_heads(cfgs: List[TrainConfig], log: Callable[[str], None] = print,
     heads = _Stack([t.model.head for t in trainers]) if isinstance(first.model.head, torch.nn.Linear) else None
     cls = _Stack([t.model.classifier for t in trainers]) if first.model.classifier is not None else None
     stacks = [s for s in (heads, cls) if s is not None]
-    data, n = first.data, len(trainers)
+    n = len(trainers)
     closed = HeadStep(heads, cls, stage, first.text) if HeadStep.applies(first.model, stage, first.inputs.kind) else None
     losses = _vectorised_loss(stage, first.text, cls is not None) if closed is None else None
     running: Dict[str, torch.Tensor] = {}
     count = 0
     t_loop, paused = time.time(), 0.0
     for step in range(cfg.steps):
-        draws = [data.sample(step, t.cfg.seed, cfg.batch_size, cfg.views_used) for t in trainers]
+        draws = [t.draw(step) for t in trainers]
         idx, views = np.concatenate([d[0] for d in draws]), np.concatenate([d[1] for d in draws])
-        x = first.inputs(idx, views).view(n, cfg.batch_size, -1)
+        b = len(draws[0][0])  # batch_size, or batch_size per training domain
+        x = first.inputs(idx, views).view(n, b, -1)
         tgt, y = first.targets(idx, views)
-        tgt, y = tgt.view(n, cfg.batch_size, -1), y.view(n, cfg.batch_size)
+        tgt, y = tgt.view(n, b, -1), y.view(n, b)
         if closed is not None:
             total, parts = closed(x, tgt, y)
             parts = {"loss": total, **parts}

@@ -322,9 +322,19 @@ class Trainer:
             "backbone_key": self.backbone_key})
 
     # --- the loop -----------------------------------------------------------------------------------
+    @property
+    def batch_rows(self) -> int:
+        """Images per step: batch_size, times the training domains with batch_per_domain."""
+        return self.cfg.batch_size * (len(self.data.train_by_domain) if self.cfg.batch_per_domain else 1)
+
+    def draw(self, step: int) -> Tuple[np.ndarray, np.ndarray]:
+        """The rows and views of step ``step`` (past the last step: the BatchNorm refresh's batches)."""
+        cfg = self.cfg
+        return self.data.sample(step, cfg.seed, cfg.batch_size, cfg.views_used, cfg.batch_per_domain)
+
     def step(self, step: int, stage: Stage) -> None:
         cfg = self.cfg
-        idx, views = self.data.sample(step, cfg.seed, cfg.batch_size, cfg.views_used)
+        idx, views = self.draw(step)
         _reseed(cfg.seed * 1_000_003 + step, self.device)  # dropout / drop-path draws, reproducible on resume
         t, y = self.targets(idx, views)
         closed = self.closed_form(stage)
@@ -457,7 +467,7 @@ class Trainer:
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             for i in range(cfg.steps, cfg.steps + n):
                 interrupt.check("recomputing BatchNorm statistics")  # the checkpoint stands; a rerun redoes this
-                idx, views = self.data.sample(i, cfg.seed, cfg.batch_size, cfg.views_used)
+                idx, views = self.draw(i)
                 _reseed(cfg.seed * 1_000_003 + i, self.device)
                 self.model(self.inputs(idx, views))
         for m, momentum in zip(bns, momenta):
@@ -479,7 +489,8 @@ class Trainer:
         if not all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()):
             raise self.diverged(f"its final weights ({selected['rule']}) hold NaN or inf", self.cfg.steps)
         self.run_dir.save_weights(state)
-        summary = {"val_top1": val, "steps": self.cfg.steps, "selected": selected, "loop_seconds": loop_seconds,
+        summary = {"val_top1": val, "steps": self.cfg.steps, "batch_rows": self.batch_rows, "selected": selected,
+                   "loop_seconds": loop_seconds,
                    "seconds": time.time() - t_start, "store_key": self.data.key, "recipe": self.recipe.name,
                    "student": self.cfg.student.name,
                    # float reductions split over another thread count round differently: runs compare bit

@@ -2,6 +2,8 @@
 import json
 import shutil
 
+import numpy as np
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -125,6 +127,22 @@ def test_splits_follow_the_store_metadata(synthetic_store):
     o = StoreData(str(synthetic_store), "attributes", SplitConfig(train_classes=("circle", "triangle")))
     assert o.text.shape[0] == 2 and set(o.targets[o.train_idx]) == {0, 1}
     assert set(o.reader.meta["class_name"].to_numpy()[o.test_idx]) == {"square"}
+
+
+def test_batches_per_domain_draw_batch_size_rows_from_each_training_domain(synthetic_store, tmp_path):
+    """DomainBed / VL2V-ADiP: "batch 32 per source domain", not one draw from the pooled rows."""
+    d = StoreData(str(synthetic_store), "name", SplitConfig(val_fraction=0.25))
+    dom = d.reader.meta["domain"].to_numpy()
+    for step in range(5):
+        idx, views = d.sample(step, seed=3, batch_size=4, per_domain=True)
+        assert len(idx) == len(views) == 8 and set(idx) <= set(d.train_idx)
+        assert list(dom[idx]) == ["outline"] * 4 + ["solid"] * 4  # sorted domains, 4 each
+        again = d.sample(step, seed=3, batch_size=4, per_domain=True)
+        assert np.array_equal(idx, again[0]) and np.array_equal(views, again[1])  # a function of (seed, step)
+    pooled = [dom[d.sample(s, seed=3, batch_size=8)[0]].tolist().count("outline") for s in range(40)]
+    assert min(pooled) != max(pooled)  # a pooled draw varies its domain mix: the two are not the same thing
+    train(_cfg(synthetic_store, tmp_path, "vl2v_sd", name="perdom", batch_size=4, batch_per_domain=True), log=quiet)
+    assert json.loads((tmp_path / "perdom" / "summary.json").read_text())["batch_rows"] == 8
 
 
 def test_bad_input_is_refused_with_the_options(synthetic_store, tmp_path):
