@@ -33,7 +33,8 @@ def extract(config_path: Optional[str], out: Optional[str], overrides: Sequence[
     res = run(cfg, log=click.echo, dry_run=dry_run)
     if dry_run:
         cost = ", ".join(f"{k} {v:,}" for k, v in sorted(res.cost.items())) or "no paid queries (a local teacher)"
-        click.echo(f"dry run for {res.path}: {res.rows:,} images x views = {res.views:,} views to encode; {cost}")
+        per = f"{res.views // res.rows} views" if res.rows else "views"
+        click.echo(f"dry run for {res.path}: {res.rows:,} images x {per} = {res.views:,} views to encode; {cost}")
         return
     if not res.skipped:
         rate = res.images / res.seconds if res.seconds > 0 else 0.0

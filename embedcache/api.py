@@ -28,7 +28,7 @@ class StoreReader:
 
     manifest: dict. meta: DataFrame, one row per image. classes / domains: lists.
     image_emb(): (N, V, D) float16, L2-normalised; rows of unreadable images are NaN.
-    pixels(): (N, S, S, 3) uint8. view_params(): (N, V, 5) int32. class_emb(source): (C, D) float32.
+    pixels(): (N, S, S, 3) uint8. view_params(): (N, V, 5) int32 (11 with colour: views.param_fields). class_emb(source): (C, D) float32.
     text(source): prompts. Every array returned is read-only and shared between calls.
     """
 

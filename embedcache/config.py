@@ -97,6 +97,22 @@ class ViewsConfig:
     ratio: Tuple[float, float] = setting((3 / 4, 4 / 3), gt=0.0)
     flip: bool = True
     seed: int = 0
+    # colour augmentation of views 1..V-1 (DomainBed / VL2V-ADiP: 0.3 and 0.1): ColorJitter(j, j, j, j)
+    # then RandomGrayscale(p), drawn per view and stored with the crop, so teacher and student see it alike
+    color_jitter: float = setting(0.0, min=0.0, max=0.5)
+    grayscale: float = setting(0.0, min=0.0, max=1.0)
+
+    @property
+    def color(self) -> bool:
+        return bool(self.color_jitter or self.grayscale)
+
+    def key(self) -> dict:
+        """What of the views goes into the cache key: the colour settings only when in use, so the
+        keys of stores made before they existed still match."""
+        d = to_dict(self)
+        if not self.color:
+            d.pop("color_jitter"), d.pop("grayscale")
+        return d
 
     def check(self) -> None:
         for name, (lo, hi) in (("scale", self.scale), ("ratio", self.ratio)):

@@ -2,12 +2,15 @@
 
 Each image is decoded once into a square uint8 canvas (shorter side resized to S, centre crop).
 View v of image i is a crop box and a flip on that canvas, drawn from a random generator seeded by
-(views.seed, i, v) alone, so it does not depend on batch size, worker count or sharding. The same
-``render_views`` call makes the teacher's input at extraction time and the student's input at
-training time, so a student rebuilds exactly the crop whose teacher embedding it is matched to.
+(views.seed, i, v) alone, so it does not depend on batch size, worker count or sharding; with
+``views.color_jitter`` / ``views.grayscale`` also a colour jitter and a grayscale draw (DomainBed's
+and VL2V-ADiP's augmentation), from a generator of its own so the crops stay those of a store without.
+The same ``render_views`` call makes the teacher's input at extraction time and the student's input
+at training time, so a student rebuilds exactly the view whose teacher embedding it is matched to.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Sequence, Tuple
 
@@ -19,6 +22,18 @@ from PIL import Image
 from .images import to_rgb8
 
 PARAM_FIELDS = ("top", "left", "height", "width", "flip")  # image/view_params[..., k], canvas pixels
+# with colour augmentation, image/view_params[..., 5:]: torchvision ColorJitter's factors x COLOR_SCALE
+# (brightness, contrast, saturation, hue), the index in ORDERS of the order they are applied in, and a
+# grayscale flag (RandomGrayscale, applied after the jitter)
+COLOR_FIELDS = ("brightness", "contrast", "saturation", "hue", "order", "gray")
+COLOR_SCALE = 10_000
+ORDERS = tuple(itertools.permutations(range(4)))  # 24 orders of (brightness, contrast, saturation, hue)
+IDENTITY_COLOR = (COLOR_SCALE, COLOR_SCALE, COLOR_SCALE, 0, 0, 0)
+
+
+def param_fields(color: bool) -> Tuple[str, ...]:
+    """The fields of image/view_params[..., k] for a store with or without colour augmentation."""
+    return PARAM_FIELDS + COLOR_FIELDS if color else PARAM_FIELDS
 
 
 def make_canvas(image: Image.Image, size: int) -> np.ndarray:
@@ -33,16 +48,34 @@ def make_canvas(image: Image.Image, size: int) -> np.ndarray:
     return np.array(image.crop((left, top, left + size, top + size)), dtype=np.uint8)  # writable
 
 
+def color_params(seed: int, index: int, view: int, jitter: float, grayscale: float) -> Tuple[int, ...]:
+    """One view's colour draw (COLOR_FIELDS) as torchvision's ColorJitter(jitter, jitter, jitter,
+    jitter) then RandomGrayscale(grayscale) draw it: factors uniform in [max(0, 1 - j), 1 + j], hue
+    in [-j, j], the four in a random order; from the generator of (seed, index, view, 7)."""
+    rng = np.random.default_rng([seed, index, view, 7])
+    factors = [rng.uniform(max(0.0, 1.0 - jitter), 1.0 + jitter) for _ in range(3)] + [rng.uniform(-jitter, jitter)]
+    order = int(rng.integers(0, len(ORDERS)))
+    gray = int(rng.uniform() < grayscale)
+    return (*(int(round(f * COLOR_SCALE)) for f in factors), order, gray)
+
+
 def view_params(seed: int, index: int, count: int, canvas: int,
                 scale: Sequence[float] = (0.35, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
-                flip: bool = True) -> np.ndarray:
+                flip: bool = True, color_jitter: float = 0.0, grayscale: float = 0.0) -> np.ndarray:
     """(count, 5) int32 rows (top, left, height, width, flip); row 0 is the whole canvas unflipped.
+    With ``color_jitter`` or ``grayscale``, (count, 11): the colour fields follow (COLOR_FIELDS; row 0
+    unchanged colours).
 
     Random-resized-crop sampling as torchvision does it (10 tries, then the centre crop of the
     nearest allowed ratio), with its own generator per (seed, index, view).
     """
-    out = np.zeros((count, 5), dtype=np.int32)
-    out[0] = (0, 0, canvas, canvas, 0)
+    color = bool(color_jitter or grayscale)
+    out = np.zeros((count, len(param_fields(color))), dtype=np.int32)
+    out[0, :5] = (0, 0, canvas, canvas, 0)
+    if color:
+        out[:, 5:] = IDENTITY_COLOR
+        for v in range(1, count):
+            out[v, 5:] = color_params(seed, index, v, color_jitter, grayscale)
     area = canvas * canvas
     log_r = (math.log(ratio[0]), math.log(ratio[1]))
     for v in range(1, count):
@@ -62,15 +95,70 @@ def view_params(seed: int, index: int, count: int, canvas: int,
             w = h = canvas
             box = ((canvas - h) // 2, (canvas - w) // 2, h, w)
         do_flip = int(flip and rng.uniform() < 0.5)
-        out[v] = (*box, do_flip)
+        out[v, :5] = (*box, do_flip)
     return out
+
+
+# --- colour: torchvision's ColorJitter and RandomGrayscale on float images, batched over views -------------
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """(..., 3, H, W) -> (..., 1, H, W): ITU-R 601-2 luma, as torchvision's rgb_to_grayscale."""
+    return (0.2989 * x[..., 0:1, :, :] + 0.587 * x[..., 1:2, :, :] + 0.114 * x[..., 2:3, :, :])
+
+
+def _blend(a: torch.Tensor, b: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    return (ratio * a + (1.0 - ratio) * b).clamp(0.0, 1.0)
+
+
+def _hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue by ``shift`` turns: RGB -> HSV, h + shift (mod 1), HSV -> RGB."""
+    r, g, b = x.unbind(-3)
+    maxc, minc = x.max(-3).values, x.min(-3).values
+    chroma = maxc - minc
+    sat = chroma / torch.where(maxc == 0, torch.ones_like(maxc), maxc)
+    div = torch.where(chroma == 0, torch.ones_like(chroma), chroma)
+    rc, gc, bc = (maxc - r) / div, (maxc - g) / div, (maxc - b) / div
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.remainder(h / 6.0 + 1.0 + shift[..., None, None], 1.0)
+    i6 = h * 6.0
+    i = torch.floor(i6)
+    f, i = i6 - i, i.to(torch.int64) % 6
+    v = maxc
+    p, q, t = (v * (1.0 - sat)).clamp(0, 1), (v * (1.0 - sat * f)).clamp(0, 1), (v * (1.0 - sat * (1.0 - f))).clamp(0, 1)
+    table = torch.stack([torch.stack(c, -3) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))])
+    return torch.gather(table, 0, i[None, ..., None, :, :].expand(1, *x.shape))[0]
+
+
+def _color_op(k: int, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """ColorJitter's k-th adjustment (brightness, contrast, saturation, hue) with per-view factors."""
+    f = factor[..., None, None, None]
+    if k == 0:
+        return _blend(x, torch.zeros_like(x), f)
+    if k == 1:
+        return _blend(x, _gray(x).mean((-3, -2, -1), keepdim=True), f)
+    if k == 2:
+        return _blend(x, _gray(x), f)
+    return _hue(x, factor)
+
+
+def apply_color(x: torch.Tensor, color: torch.Tensor) -> torch.Tensor:
+    """(..., 3, H, W) float in [0, 1] and (..., 6) int colour fields -> the jittered views: each view's
+    four adjustments in its own order, then its grayscale flag. Batched: every adjustment is computed
+    for every view at each of the four positions and selected per view (no loop over views)."""
+    factors = color[..., :4].to(x.dtype) / COLOR_SCALE
+    orders = torch.tensor(ORDERS, device=x.device)[color[..., 4].long()]  # (..., 4)
+    sel = (...,) + (None,) * 3
+    for pos in range(4):
+        op = orders[..., pos]
+        x = sum(torch.where((op == k)[sel], _color_op(k, x, factors[..., k]), 0.0) for k in range(4))
+    gray = color[..., 5].bool()[sel]
+    return torch.where(gray, _gray(x).expand_as(x), x)
 
 
 def render_views(canvas: torch.Tensor, params: torch.Tensor, out_size: int,
                  interpolation: str = "bicubic") -> torch.Tensor:
     """Crop, resize and flip views from canvases.
 
-    canvas: (B, S, S, 3) uint8; params: (B, V, 5) int (see PARAM_FIELDS).
+    canvas: (B, S, S, 3) uint8; params: (B, V, 5) int (see PARAM_FIELDS), or (B, V, 11) with colour.
     Returns (B, V, 3, out_size, out_size) float32 in [0, 1]. Deterministic on a given device.
     """
     if canvas.dim() == 3:
@@ -81,13 +169,14 @@ def render_views(canvas: torch.Tensor, params: torch.Tensor, out_size: int,
     mode = "bicubic" if interpolation == "bicubic" else "bilinear"
     for i in range(b):
         for j in range(v):
-            top, left, h, w, flip = (int(x) for x in params[i, j])
+            top, left, h, w, flip = (int(x) for x in params[i, j, :5])
             crop = img[i:i + 1, :, top:top + h, left:left + w]
             crop = F.interpolate(crop, size=(out_size, out_size), mode=mode, antialias=True, align_corners=False)
             if flip:
                 crop = crop.flip(-1)
             out[i, j] = crop[0]
-    return out.clamp_(0.0, 1.0)
+    out = out.clamp_(0.0, 1.0)
+    return apply_color(out, params[..., 5:].to(out.device)) if params.shape[-1] > 5 else out
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -143,15 +232,16 @@ def render_views_batched(canvas: torch.Tensor, params: torch.Tensor, out_size: i
     canvas's device. Equal to ``render_views`` to float32 rounding (max |diff| < 1e-4 on [0, 1],
     tested), so a student's crop is the view whose teacher embedding it is matched to.
 
-    canvas: (B, S, S, 3) uint8; params: (B, V, 5) int. Returns (B, V, 3, out, out) float32 in [0, 1]."""
+    canvas: (B, S, S, 3) uint8; params: (B, V, 5 or 11) int. Returns (B, V, 3, out, out) float32 in [0, 1]."""
     if canvas.dim() == 3:
         canvas, params = canvas[None], params[None]
     s = canvas.shape[1]
     p = params.to(canvas.device, torch.int64)
-    top, left, h, w, flip = p.unbind(-1)
+    top, left, h, w, flip = p[..., :5].unbind(-1)
     wy = resample_weights(top, h, s, out_size, interpolation)          # (B, V, out, S)
     wx = resample_weights(left, w, s, out_size, interpolation)
     wx = torch.where(flip.bool()[..., None, None], wx.flip(-2), wx)
     img = canvas.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)    # (B, 3, S, S)
     rows = torch.matmul(wy[:, :, None], img[:, None])                  # (B, V, 3, out, S)
-    return torch.matmul(rows, wx[:, :, None].transpose(-1, -2)).clamp_(0.0, 1.0)
+    out = torch.matmul(rows, wx[:, :, None].transpose(-1, -2)).clamp_(0.0, 1.0)
+    return apply_color(out, p[..., 5:]) if p.shape[-1] > 5 else out

@@ -38,7 +38,7 @@ def test_overrides_follow_structure_and_parse_values():
 
 
 def test_unknown_key_is_one_line_listing_valid_keys():
-    with pytest.raises(ConfigError, match=r"unknown config key views\.cuont; valid keys under views\.: count, flip"):
+    with pytest.raises(ConfigError, match=r"unknown config key views\.cuont; valid keys under views\.: color_jitter, count, flip"):
         load_extract_config(None, ["views.cuont=3"])
     with pytest.raises(ConfigError, match="not key=value"):
         load_extract_config(None, ["views.count"])

@@ -63,6 +63,31 @@ def test_student_view_is_the_teachers_view(synthetic_store, tiny_teacher):
     torch.testing.assert_close(online, t, atol=2e-3, rtol=0)
 
 
+def test_a_colour_augmented_store_gives_the_student_the_teachers_view(make_cfg, tiny_teacher):
+    """views.color_jitter / views.grayscale (DomainBed's augmentation): stored with each crop, rendered
+    alike for teacher and student, and part of the store's key only when in use."""
+    from embedcache.extract import extract
+    from embedcache.students.providers import TARGETS, student_views
+
+    cfg = make_cfg("color.zarr", "views.color_jitter=0.3", "views.grayscale=0.5", "views.count=4")
+    extract(cfg, teacher=tiny_teacher, log=quiet)
+    plain = make_cfg("plain.zarr", "views.count=4")
+    extract(plain, teacher=tiny_teacher, log=quiet)
+    data, base = StoreData(cfg.out, "name"), StoreData(plain.out, "name")
+    assert data.params.shape[-1] == 11 and base.params.shape[-1] == 5 and data.key != base.key
+    assert data.reader.manifest["views"]["params"][5:] == ["brightness", "contrast", "saturation", "hue", "order", "gray"]
+    assert np.array_equal(data.params[..., :5], base.params) and np.array_equal(data.emb[:, 0], base.emb[:, 0])
+    assert "color_jitter" not in plain.views.key() and cfg.views.key()["color_jitter"] == 0.3
+    idx, views = data.sample(step=1, seed=0, batch_size=12)
+    assert (views > 0).any() and (data.params[idx, views, 10] == 1).any()  # grayscale views are drawn
+    x = student_views(data, idx, views, tiny_teacher.input_size, (0, 0, 0), (1, 1, 1), torch.device("cpu"))
+    t, _ = TARGETS.get("store")(data, torch.device("cpu"))(idx, views)
+    torch.testing.assert_close(tiny_teacher.encode_pixels(to_uint8(x)), t, atol=2e-3, rtol=0)
+    crop_only = student_views(base, idx, views, tiny_teacher.input_size, (0, 0, 0), (1, 1, 1), torch.device("cpu"))
+    assert float((x - crop_only).abs().max()) > 0.05  # the student sees the colour too
+    assert float((tiny_teacher.encode_pixels(to_uint8(crop_only)) - t).abs().max()) > 2e-2  # and the targets are of it
+
+
 def test_same_seed_same_weights_other_seed_differs(synthetic_store, tmp_path):
     a = train(_cfg(synthetic_store, tmp_path, name="a", steps=12), log=quiet)
     b = train(_cfg(synthetic_store, tmp_path, name="b", steps=12), log=quiet)

@@ -100,3 +100,45 @@ def test_batched_views_equal_render_views(size, out, interpolation):
     assert float((got - ref).abs().max()) < 1e-4
     diff = (to_uint8(got).int() - to_uint8(ref).int()).abs()
     assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 1e-3
+
+
+def _torchvision_color(img: torch.Tensor, fields) -> torch.Tensor:
+    """The reference: torchvision's own ColorJitter adjustments in the drawn order, then grayscale."""
+    import torchvision.transforms.functional as TF
+
+    from embedcache.views import COLOR_SCALE, ORDERS
+
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    for k in ORDERS[int(fields[4])]:
+        img = ops[k](img, float(fields[k]) / COLOR_SCALE)
+    return TF.rgb_to_grayscale(img, 3) if int(fields[5]) else img
+
+
+def test_color_views_are_torchvisions_colorjitter_and_grayscale():
+    """Colour draws as ColorJitter(0.3, 0.3, 0.3, 0.3) + RandomGrayscale(0.1) draw them, applied as
+    torchvision applies them (checked image by image against torchvision.transforms.functional), by
+    both renderers; the crops stay those of a store without colour, and view 0 stays the plain view."""
+    from embedcache.views import COLOR_FIELDS, ORDERS, render_views_batched
+
+    p = np.stack([view_params(3, i, 6, 48, color_jitter=0.3, grayscale=0.1) for i in range(60)])
+    assert p.shape == (60, 6, 5 + len(COLOR_FIELDS))
+    assert np.array_equal(p[..., :5], np.stack([view_params(3, i, 6, 48) for i in range(60)]))
+    assert (p[:, 0, 5:] == (10_000, 10_000, 10_000, 0, 0, 0)).all()
+    f = p[:, 1:, 5:9] / 10_000
+    assert (f[..., :3] >= 0.7).all() and (f[..., :3] <= 1.3).all() and (np.abs(f[..., 3]) <= 0.3).all()
+    assert 0.03 < p[:, 1:, 10].mean() < 0.2 and len(set(p[:, 1:, 9].ravel())) > 12 and p[:, 1:, 9].max() < len(ORDERS)
+    rng = np.random.default_rng(2)
+    canvas = torch.from_numpy(rng.integers(0, 256, (4, 48, 48, 3), dtype=np.uint8))
+    params = torch.from_numpy(p[:4])
+    ref = render_views(canvas, params, 24)
+    plain = render_views(canvas, params[..., :5], 24)
+    for i in range(4):
+        for v in range(6):
+            expect = _torchvision_color(plain[i, v], params[i, v, 5:])
+            assert float((ref[i, v] - expect).abs().max()) < 1e-5, (i, v)
+    assert float((ref[:, 1:] - plain[:, 1:]).abs().max()) > 0.05  # the colour did change the views
+    got = render_views_batched(canvas, params, 24)
+    assert float((got - ref).abs().max()) < 1e-4
+    with pytest.raises(ConfigError, match="views.color_jitter"):
+        from embedcache.config import ExtractConfig, build_config
+        build_config(ExtractConfig, {"views": {"color_jitter": 0.8}})

@@ -23,6 +23,7 @@ from ..fileio import disk_full_error, is_disk_full
 from ..store import BACKENDS, STATUS_OK, Store, add_text_arrays, backend_name_for, plan_layout
 from ..teachers import Teacher, build_teacher
 from ..text import build_prompts, encode_sources
+from ..views import param_fields
 from .device import DeviceDecodeReader
 from .manifest import PIPELINE, build_manifest
 from .parts import (Batch, Block, BlockAssembler, BlockWriter, Embedder, LoaderReader, ViewPolicy, block_batches,
@@ -46,7 +47,7 @@ class ExtractResult:
 
 def policy_of(cfg: ExtractConfig) -> ViewPolicy:
     v = cfg.views
-    return ViewPolicy(cfg.canvas.size, v.count, v.scale, v.ratio, v.flip, v.seed)
+    return ViewPolicy(cfg.canvas.size, v.count, v.scale, v.ratio, v.flip, v.seed, v.color_jitter, v.grayscale)
 
 
 def open_or_create(cfg: ExtractConfig, manifest: Dict, layout: Dict) -> Store:
@@ -90,7 +91,8 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
     pipeline = getattr(reader, "pipeline", PIPELINE)
     embedder = Embedder(teacher, cfg.views.count, batched=pipeline["views"] == "batched-resample-uint8")
     manifest = build_manifest(cfg, dataset, teacher, prompts, pipeline=pipeline, extra=manifest_extra)
-    layout = plan_layout(len(dataset), cfg.views.count, teacher.embed_dim, cfg.canvas.size, cfg.canvas.store, cfg.block_rows)
+    layout = plan_layout(len(dataset), cfg.views.count, teacher.embed_dim, cfg.canvas.size, cfg.canvas.store, cfg.block_rows,
+                         param_width=len(param_fields(cfg.views.color)))
     add_text_arrays(layout, {s: sum(len(p) for p in pc) for s, pc in prompts.items()}, len(dataset.classes), teacher.embed_dim)
     if dry_run:
         return _dry_run(cfg, manifest, layout, reader, embedder, prompts, shard, num_shards, log)

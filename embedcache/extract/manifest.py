@@ -11,6 +11,7 @@ from ..config import ExtractConfig, to_dict
 from ..datasets import ImageDataset
 from ..store import SCHEMA_VERSION, cache_key
 from ..text import prompts_digest
+from ..views import param_fields
 
 # How pixels reach the teacher. Part of the cache key: another decoder or renderer changes pixels.
 PIPELINE = {"decoder": "pil", "canvas": "bicubic-shorter-side-centre-crop", "views": "render_views-antialias-uint8"}
@@ -37,7 +38,7 @@ def build_manifest(cfg: ExtractConfig, dataset: ImageDataset, teacher, prompts,
         cfg = dataclasses.replace(cfg, teacher=own)
     key_parts = {
         "teacher": teacher.identity(), "preprocessing": teacher.preprocessing(),
-        "dataset": dataset.fingerprint(), "views": to_dict(cfg.views), "canvas": to_dict(cfg.canvas),
+        "dataset": dataset.fingerprint(), "views": cfg.views.key(), "canvas": to_dict(cfg.canvas),
         "text": {"sources": list(cfg.text.sources), "prompts": prompts_digest(prompts)},
         "pipeline": pipeline, **extra,
     }
@@ -47,7 +48,7 @@ def build_manifest(cfg: ExtractConfig, dataset: ImageDataset, teacher, prompts,
         "dataset": {"name": dataset.name, "root": str(dataset.root) if dataset.root else None,
                     "fingerprint": dataset.fingerprint(), "n": len(dataset), "classes": dataset.classes,
                     "domains": dataset.domains},
-        "views": {**to_dict(cfg.views), "params": ["top", "left", "height", "width", "flip"], "view0": "whole canvas"},
+        "views": {**to_dict(cfg.views), "params": list(param_fields(cfg.views.color)), "view0": "whole canvas"},
         "canvas": to_dict(cfg.canvas),
         "text": {"sources": list(cfg.text.sources), "templates": cfg.text.templates, "attributes": cfg.text.attributes},
         "pipeline": pipeline, **extra,

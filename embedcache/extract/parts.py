@@ -31,21 +31,24 @@ from ..views import make_canvas, render_views, render_views_batched, to_uint8, v
 
 @dataclass
 class ViewPolicy:
-    """Where and how views are drawn: canvas side, view count and random-resized-crop ranges."""
+    """Where and how views are drawn: canvas side, view count, random-resized-crop ranges, colour."""
     canvas: int
     count: int
     scale: Sequence[float]
     ratio: Sequence[float]
     flip: bool
     seed: int
+    color_jitter: float = 0.0
+    grayscale: float = 0.0
 
     def params(self, index: int) -> np.ndarray:
-        return view_params(self.seed, index, self.count, self.canvas, self.scale, self.ratio, self.flip)
+        return view_params(self.seed, index, self.count, self.canvas, self.scale, self.ratio, self.flip,
+                           self.color_jitter, self.grayscale)
 
 
 @dataclass
 class Batch:
-    """rows (B,) store rows; canvas (B, S, S, 3) uint8; params (B, V, 5) int32; errors: '' or why a
+    """rows (B,) store rows; canvas (B, S, S, 3) uint8; params (B, V, k) int32 (views.param_fields); errors: '' or why a
     row could not be read; views: (B_ok, V, 3, H, W) uint8 teacher input when the reader rendered
     it (CPU teachers), else None and the embedder renders on the teacher's device."""
     rows: np.ndarray

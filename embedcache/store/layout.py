@@ -27,13 +27,15 @@ def _divisor_at_most(n: int, cap: int) -> int:
     return next(d for d in range(cap, 0, -1) if n % d == 0)
 
 
-def plan_layout(n: int, views: int, dim: int, canvas: int, store_pixels: bool, block_rows: int) -> Dict[str, Any]:
-    """Array specs (shape, dtype, chunks, codec) and the row-block geometry of a store."""
+def plan_layout(n: int, views: int, dim: int, canvas: int, store_pixels: bool, block_rows: int,
+                param_width: int = 5) -> Dict[str, Any]:
+    """Array specs (shape, dtype, chunks, codec) and the row-block geometry of a store. ``param_width``:
+    the fields of a view's parameters (5: crop and flip; 11 with colour, see views.param_fields)."""
     block_rows = max(1, min(block_rows, n))
     px_rows = _divisor_at_most(block_rows, max(1, (4 << 20) // (canvas * canvas * 3)))  # ~4 MB pixel chunks
     arrays = {
         "image/emb": ((n, views, dim), "float16", (block_rows, views, dim), "none"),
-        "image/view_params": ((n, views, 5), "int32", (block_rows, views, 5), "zstd"),
+        "image/view_params": ((n, views, param_width), "int32", (block_rows, views, param_width), "zstd"),
         "image/status": ((n,), "uint8", (block_rows,), "zstd"),
     }
     if store_pixels:
