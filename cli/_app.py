@@ -7,6 +7,7 @@ or damaged store); 3 a paid teacher's budget or quota ran out (resumable); 75 a 
 from __future__ import annotations
 
 import sys
+import warnings
 
 import click
 
@@ -21,6 +22,11 @@ class Group(click.Group):
         """Click's own usage errors (a missing path, an unknown option) as one line too."""
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            return self._main(*args, **kwargs)
+
+    def _main(self, *args, **kwargs):
         try:
             code = super().main(*args, standalone_mode=False, **kwargs)
         except NO_ARGS as exc:  # a bare `embedcache` (or group): its help
@@ -48,6 +54,11 @@ class Group(click.Group):
             msg = str(exc) if str(exc) and " " in str(exc) else "interrupted; rerun the same command to resume"
             click.echo(msg, err=True)
             sys.exit(130)
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A library warning as the user reads it: one ``warning:`` line, not a file, line and source."""
+    click.echo(f"warning: {message}", err=True)
 
 
 @click.group(cls=Group)

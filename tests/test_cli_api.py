@@ -23,6 +23,17 @@ def cli_store(tmp_path_factory, tiny_clip_dir):
     return out
 
 
+def test_a_library_warning_is_one_line_and_bf16_on_a_cpu_is_warned(tmp_path, tiny_clip_dir):
+    res = CliRunner().invoke(main, [
+        "extract", "--config", "configs/extract/demo.yaml", "--out", str(tmp_path / "bf16.zarr"), "--no-progress",
+        "--set", "teacher.name=open_clip", "--set", f"teacher.model=local-dir:{tiny_clip_dir}", "--set", "teacher.device=cpu",
+        "--set", "teacher.precision=bf16", "--set", "num_workers=0", "--set", "dataset.per_class=1"])
+    assert res.exit_code == 0, res.output
+    lines = [ln for ln in res.output.splitlines() if "precision=bf16" in ln]
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and "teacher.precision=fp32" in lines[0]
+    assert "UserWarning" not in res.output and ".py:" not in res.output
+
+
 def test_inspect_summarises(cli_store):
     res = CliRunner().invoke(main, ["inspect", str(cli_store)])
     assert res.exit_code == 0, res.output
