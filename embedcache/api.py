@@ -204,6 +204,17 @@ class StoreReader:
         self._teacher = teacher
         return teacher
 
+    def view_policy(self) -> str:
+        """How views 1..V-1 were drawn, in words (view 0 is the whole canvas)."""
+        v = self.manifest.get("views", {})
+        lo, hi = v.get("scale", (0, 1))
+        parts = [f"crops {lo:g}-{hi:g} of the canvas"] + (["flips"] if v.get("flip") else [])
+        if v.get("color_jitter"):
+            parts.append(f"colour jitter {v['color_jitter']:g}")
+        if v.get("grayscale"):
+            parts.append(f"grayscale p {v['grayscale']:g}")
+        return ", ".join(parts) + f", seed {v.get('seed', 0)}"
+
     def summary(self) -> Dict:
         meta = self.meta
         t = self.manifest["teacher"]
@@ -211,7 +222,7 @@ class StoreReader:
             "path": self.path, "backend": self._store.backend_name, "key": self.key,
             "complete": self._store.complete,
             "teacher": f"{t.get('name')} {t.get('model') or t.get('classifier', '')} {t.get('pretrained') or ''}".strip(),
-            "embed_dim": self.dim, "images": len(meta), "views": self.views,
+            "embed_dim": self.dim, "images": len(meta), "views": self.views, "view_policy": self.view_policy(),
             "canvas": self.layout["canvas"], "pixels_stored": bool(self.layout.get("store_pixels")),
             "classes": len(self.classes), "domains": ", ".join(f"{d} ({n})" for d, n in meta["domain"].value_counts().sort_index().items()),
             "text_sources": ", ".join(f"{s} ({(self.text_table['source'] == s).sum()} prompts)" for s in self.text_sources),

@@ -37,7 +37,8 @@ def test_a_library_warning_is_one_line_and_bf16_on_a_cpu_is_warned(tmp_path, tin
 def test_inspect_summarises(cli_store):
     res = CliRunner().invoke(main, ["inspect", str(cli_store)])
     assert res.exit_code == 0, res.output
-    for word in ("open_clip", "images", "36", "outline (12)", "templates (28 prompts)", "disk_mb"):
+    for word in ("open_clip", "images", "36", "outline (12)", "templates (28 prompts)", "disk_mb",
+                 "crops 0.35-1 of the canvas, flips, seed 0"):
         assert word in res.output
     js = json.loads(CliRunner().invoke(main, ["inspect", str(cli_store), "--json"]).output)
     assert js["views"] == 3 and js["classes"] == 4 and js["failed"] == 0

@@ -78,6 +78,7 @@ def test_a_colour_augmented_store_gives_the_student_the_teachers_view(make_cfg, 
     assert data.reader.manifest["views"]["params"][5:] == ["brightness", "contrast", "saturation", "hue", "order", "gray"]
     assert np.array_equal(data.params[..., :5], base.params) and np.array_equal(data.emb[:, 0], base.emb[:, 0])
     assert "color_jitter" not in plain.views.key() and cfg.views.key()["color_jitter"] == 0.3
+    assert data.reader.summary()["view_policy"].endswith("flips, colour jitter 0.3, grayscale p 0.5, seed 0")
     idx, views = data.sample(step=1, seed=0, batch_size=12)
     assert (views > 0).any() and (data.params[idx, views, 10] == 1).any()  # grayscale views are drawn
     x = student_views(data, idx, views, tiny_teacher.input_size, (0, 0, 0), (1, 1, 1), torch.device("cpu"))
