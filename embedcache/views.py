@@ -233,6 +233,11 @@ def render_views_batched(canvas: torch.Tensor, params: torch.Tensor, out_size: i
     tested), so a student's crop is the view whose teacher embedding it is matched to.
 
     canvas: (B, S, S, 3) uint8; params: (B, V, 5 or 11) int. Returns (B, V, 3, out, out) float32 in [0, 1]."""
+    with torch.autocast(canvas.device.type, enabled=False):  # float32 even inside a caller's bf16 autocast:
+        return _render_batched(canvas, params, out_size, interpolation)  # the teacher's views were float32
+
+
+def _render_batched(canvas: torch.Tensor, params: torch.Tensor, out_size: int, interpolation: str) -> torch.Tensor:
     if canvas.dim() == 3:
         canvas, params = canvas[None], params[None]
     s = canvas.shape[1]

@@ -27,7 +27,7 @@ class StoreData:
 
     labels (N,) in the store's class order; targets (N,) index into the training classes (-1 for
     unseen ones); text (C_train, D) float32 class text of the training classes; emb (N, V, D) float16
-    teacher view embeddings; params (N, V, 5); pixels (N, S, S, 3) uint8 (loaded on first use).
+    teacher view embeddings; params (N, V, 5 or 11: views.param_fields); pixels (N, S, S, 3) uint8 (loaded on first use).
     train_idx / val_idx / test_idx: usable rows the run trains on / selects with / never sees."""
 
     def __init__(self, store: Union[str, StoreReader], text_source: str, split: SplitConfig = SplitConfig()):

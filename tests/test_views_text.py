@@ -139,6 +139,10 @@ def test_color_views_are_torchvisions_colorjitter_and_grayscale():
     assert float((ref[:, 1:] - plain[:, 1:]).abs().max()) > 0.05  # the colour did change the views
     got = render_views_batched(canvas, params, 24)
     assert float((got - ref).abs().max()) < 1e-4
+    # a student's step runs under bf16 autocast on a GPU (here its CPU twin): its views stay float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = render_views_batched(canvas, params, 24)
+    assert under.dtype == torch.float32 and torch.equal(under, got)
     with pytest.raises(ConfigError, match="views.color_jitter"):
         from embedcache.config import ExtractConfig, build_config
         build_config(ExtractConfig, {"views": {"color_jitter": 0.8}})
