@@ -188,8 +188,9 @@ def tip_adapter_logits(q: np.ndarray, keys: np.ndarray, key_labels: np.ndarray, 
 
 
 def tip_adapter_keys(d: EvalData, support: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """(S * V, D) keys and their label ids: the teacher's embeddings of every stored view of the
-    support images, as Li et al.'s retrieval keys them (PAPERS.md)."""
+    """(S, D) keys and their label ids: the teacher's embeddings of the support images, as Li et al.'s
+    retrieval keys them (PAPERS.md), each the mean of its stored views as Tip-Adapter's cache averages a
+    shot's augmented features (so the cache term does not grow with the number of views)."""
     if d.teacher_views is None:
         raise EvaluationError("Tip-Adapter needs the teacher's embeddings of the support images (EvalData.teacher_views); "
                               "score from a store, which holds them")
@@ -197,7 +198,7 @@ def tip_adapter_keys(d: EvalData, support: np.ndarray) -> Tuple[np.ndarray, np.n
     if keys.shape[-1] != d.emb.shape[1]:
         raise EvaluationError(f"Tip-Adapter compares the scored embeddings ({d.emb.shape[1]}-d) with the teacher's "
                               f"({keys.shape[-1]}-d): only a student that embeds into the teacher's space can be scored so")
-    return keys.reshape(-1, keys.shape[-1]), np.repeat(d.labels[support], keys.shape[1])
+    return keys.mean(1), d.labels[support]
 
 
 @PROTOCOLS.register("few_shot")
