@@ -48,7 +48,8 @@ def cosine(cfg: OptimConfig, steps: int) -> Callable[[int], float]:
 
 @SCHEDULES.register("step")
 def step_decay(cfg: OptimConfig, steps: int) -> Callable[[int], float]:
-    return lambda step: cfg.gamma ** sum(step >= m * steps for m in cfg.milestones)
+    at = [round(m * steps) for m in cfg.milestones]  # fractions written rounded (0.6666667) still land on their step
+    return lambda step: cfg.gamma ** sum(step >= a for a in at)
 
 
 @SCHEDULES.register("constant")

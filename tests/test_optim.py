@@ -77,3 +77,13 @@ def test_a_subclass_or_a_grad_scaler_goes_through_step():
     assert _direct_fused_calls(opt) is not None
     opt.grad_scale = torch.ones(())
     assert _direct_fused_calls(opt) is None
+
+
+def test_step_milestones_fall_on_the_nearest_step():
+    """A milestone written as a rounded fraction (0.6666667 of 4,500 steps = 3000.00015) decays at
+    step 3000, not one step late; the default thirds fall exactly on 1500 and 3000."""
+    from embedcache.students.optim import SCHEDULES
+
+    for milestones in ((0.3333333, 0.6666667), (1 / 3, 2 / 3)):
+        f = SCHEDULES.get("step")(OptimConfig(schedule="step", milestones=milestones), 4500)
+        assert [f(s) for s in (1499, 1500, 2999, 3000)] == [1.0, pytest.approx(0.1), pytest.approx(0.1), pytest.approx(0.01)]
