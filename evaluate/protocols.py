@@ -125,8 +125,11 @@ def rows_read(protocols: Sequence[str], domains: np.ndarray, ok: np.ndarray,
 def seeded_class_split(num_classes: int, unseen_fraction: float = 0.5, seed: int = 0) -> np.ndarray:
     """Seen class ids: a seeded random (1 - unseen_fraction) of the classes, halves rounded up as
     Li et al. split (Food-101: 51 seen, 50 unseen), at least one class on each side."""
+    if num_classes < 2:
+        raise EvaluationError(f"a seen/unseen class split needs at least 2 classes; the store has {num_classes}")
     rng = np.random.default_rng([seed, 23])
-    n_seen = min(num_classes - 1, max(1, int(np.floor(num_classes * (1 - unseen_fraction) + 0.5))))
+    half_up = np.floor(num_classes * (1 - unseen_fraction) + 0.5 + 1e-9)  # 1e-9: 45 x 0.7 is 31.499999... in floats
+    n_seen = min(num_classes - 1, max(1, int(half_up)))
     return np.sort(rng.permutation(num_classes)[:n_seen])
 
 
