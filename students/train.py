@@ -64,11 +64,15 @@ class RunResult:
 
 
 NOT_IN_NAME = ("out", "progress", "keep_checkpoint")  # settings that cannot change the result
+# settings added after runs were named: in a run's name only when not at their default, so a sweep
+# started before them still finds its finished runs
+NAMED_WHEN_SET = {"batch_per_domain": False}
 
 
 def run_name(cfg: TrainConfig) -> str:
     """<recipe>-<student>-<hash of the sorted-key JSON config, output and display settings excluded>."""
-    d = {k: v for k, v in to_dict(cfg).items() if k not in NOT_IN_NAME}
+    d = {k: v for k, v in to_dict(cfg).items()
+         if k not in NOT_IN_NAME and not (k in NAMED_WHEN_SET and v == NAMED_WHEN_SET[k])}
     return f"{cfg.recipe}-{cfg.student.name.replace(':', '_')}-{json_digest(d, 10)}"
 
 

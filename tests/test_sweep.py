@@ -192,3 +192,15 @@ def test_local_workers_are_spread_round_robin_over_the_gpus(monkeypatch):
     assert worker_devices("cuda", 2) == ["cuda:0", "cuda:1"]
     assert worker_devices("cpu", 3) == ["cpu"] * 3
     assert worker_devices("cuda:1", 2) == ["cuda:1", "cuda:1"]
+
+
+def test_a_run_keeps_its_name_when_settings_are_added():
+    """A sweep started before a new setting existed must still find its finished runs: the name of a
+    run at the new setting's default is the name it had before (computed with the code of 1db5533)."""
+    from embedcache.config import replace
+    from embedcache.students.config import StudentConfig, TrainConfig
+    from embedcache.students.train import run_name
+
+    cfg = TrainConfig(store="s.zarr", recipe="li_iccv23", student=StudentConfig(name="resnet18"))
+    assert run_name(cfg) == "li_iccv23-resnet18-56163929bb"
+    assert run_name(replace(cfg, batch_per_domain=True)) != run_name(cfg)  # a set one still names its run
