@@ -57,9 +57,12 @@ def test_the_device_reader_falls_back_and_records_failures(photo_folder, make_cf
         assert pil_key != s.key  # another decoder, other pixels: another store
 
 
-def test_a_device_store_resumes_byte_identically(photo_folder, make_cfg, tiny_teacher):
-    opts = ("dataset.name=folder", f"dataset.path={photo_folder}", "decoder=device", "block_rows=3")
+@pytest.mark.parametrize("colour", [(), ("views.color_jitter=0.3", "views.grayscale=0.5")], ids=["crops", "colour"])
+def test_a_device_store_resumes_byte_identically(photo_folder, make_cfg, tiny_teacher, colour):
+    opts = ("dataset.name=folder", f"dataset.path={photo_folder}", "decoder=device", "block_rows=3", *colour)
     full = extract(make_cfg("full.zarr", *opts), teacher=tiny_teacher, log=quiet)
+    with Store(full.path) as a:
+        assert a.manifest["pipeline"]["views"].startswith("batched") and a.read("image/view_params").shape[-1] == 5 + 6 * bool(colour)
     cut = make_cfg("cut.zarr", *opts)
 
     def boom(block):
