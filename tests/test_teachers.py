@@ -63,7 +63,8 @@ def test_open_clip_local_weights_file_with_a_json_architecture(tiny_clip_dir, tm
 def test_open_clip_bf16_weights_take_fp32_inputs(tiny_teacher_cfg, tiny_teacher):
     from embedcache.config import replace
 
-    t = build_teacher(replace(tiny_teacher_cfg, precision="bf16"))
+    with pytest.warns(UserWarning, match="precision=bf16 on a CPU.*teacher.precision=fp32"):
+        t = build_teacher(replace(tiny_teacher_cfg, precision="bf16"))
     x = torch.rand(2, 3, t.input_size, t.input_size)
     got = t.encode_image(x)
     assert got.dtype == torch.float32 and t.identity()["precision"] == "pure_bf16"  # weights in bf16, not autocast
