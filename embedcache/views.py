@@ -140,6 +140,11 @@ def _color_op(k: int, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return _hue(x, factor)
 
 
+def _with_color(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """Rendered views, coloured where their parameters carry colour fields (a colour-augmented store)."""
+    return apply_color(x, params[..., 5:].to(x.device)) if params.shape[-1] > 5 else x
+
+
 def apply_color(x: torch.Tensor, color: torch.Tensor) -> torch.Tensor:
     """(..., 3, H, W) float in [0, 1] and (..., 6) int colour fields -> the jittered views: each view's
     four adjustments in its own order, then its grayscale flag. Batched: every adjustment is computed
@@ -175,8 +180,7 @@ def render_views(canvas: torch.Tensor, params: torch.Tensor, out_size: int,
             if flip:
                 crop = crop.flip(-1)
             out[i, j] = crop[0]
-    out = out.clamp_(0.0, 1.0)
-    return apply_color(out, params[..., 5:].to(out.device)) if params.shape[-1] > 5 else out
+    return _with_color(out.clamp_(0.0, 1.0), params)
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -248,5 +252,4 @@ def _render_batched(canvas: torch.Tensor, params: torch.Tensor, out_size: int, i
     wx = torch.where(flip.bool()[..., None, None], wx.flip(-2), wx)
     img = canvas.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)    # (B, 3, S, S)
     rows = torch.matmul(wy[:, :, None], img[:, None])                  # (B, V, 3, out, S)
-    out = torch.matmul(rows, wx[:, :, None].transpose(-1, -2)).clamp_(0.0, 1.0)
-    return apply_color(out, p[..., 5:]) if p.shape[-1] > 5 else out
+    return _with_color(torch.matmul(rows, wx[:, :, None].transpose(-1, -2)).clamp_(0.0, 1.0), p)

@@ -106,13 +106,16 @@ class StoreData:
         dom = self.reader.meta["domain"].to_numpy()[self.train_idx]
         return [self.train_idx[dom == d] for d in sorted(set(dom))]
 
+    def pools(self, per_domain: bool) -> List[np.ndarray]:
+        """The row pools a step draws batch_size rows from each of: every training domain, or all rows."""
+        return self.train_by_domain if per_domain else [self.train_idx]
+
     def sample(self, step: int, seed: int, batch_size: int, views_used: Optional[int] = None,
                per_domain: bool = False) -> Tuple[np.ndarray, np.ndarray]:
         """Row indices and view indices of step ``step``: a function of (seed, step) alone, so a
         resumed run draws exactly the batches an uninterrupted one would. ``per_domain``: batch_size
         rows from each training domain (DomainBed's batches), else batch_size from the pooled rows."""
         rng = np.random.default_rng([seed, step])
-        pools = self.train_by_domain if per_domain else [self.train_idx]
-        idx = np.concatenate([rng.choice(p, size=batch_size, replace=len(p) < batch_size) for p in pools])
+        idx = np.concatenate([rng.choice(p, size=batch_size, replace=len(p) < batch_size) for p in self.pools(per_domain)])
         views = rng.integers(0, min(views_used or self.views, self.views), size=len(idx))
         return idx, views

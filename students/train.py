@@ -329,7 +329,7 @@ class Trainer:
     @property
     def batch_rows(self) -> int:
         """Images per step: batch_size, times the training domains with batch_per_domain."""
-        return self.cfg.batch_size * (len(self.data.train_by_domain) if self.cfg.batch_per_domain else 1)
+        return self.cfg.batch_size * len(self.data.pools(self.cfg.batch_per_domain))
 
     def draw(self, step: int) -> Tuple[np.ndarray, np.ndarray]:
         """The rows and views of step ``step`` (past the last step: the BatchNorm refresh's batches)."""

@@ -46,8 +46,7 @@ class ExtractResult:
 
 
 def policy_of(cfg: ExtractConfig) -> ViewPolicy:
-    v = cfg.views
-    return ViewPolicy(cfg.canvas.size, v.count, v.scale, v.ratio, v.flip, v.seed, v.color_jitter, v.grayscale)
+    return ViewPolicy(cfg.canvas.size, cfg.views)
 
 
 def open_or_create(cfg: ExtractConfig, manifest: Dict, layout: Dict) -> Store:

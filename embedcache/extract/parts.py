@@ -17,12 +17,13 @@ import os
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Protocol, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ..config import ViewsConfig
 from ..datasets import ImageDataset
 from ..fileio import disk_full_error, is_disk_full
 from ..store import STATUS_FAILED, STATUS_OK, Store
@@ -31,19 +32,13 @@ from ..views import make_canvas, render_views, render_views_batched, to_uint8, v
 
 @dataclass
 class ViewPolicy:
-    """Where and how views are drawn: canvas side, view count, random-resized-crop ranges, colour."""
+    """Where and how views are drawn: the canvas side and the views settings."""
     canvas: int
-    count: int
-    scale: Sequence[float]
-    ratio: Sequence[float]
-    flip: bool
-    seed: int
-    color_jitter: float = 0.0
-    grayscale: float = 0.0
+    views: ViewsConfig
 
     def params(self, index: int) -> np.ndarray:
-        return view_params(self.seed, index, self.count, self.canvas, self.scale, self.ratio, self.flip,
-                           self.color_jitter, self.grayscale)
+        v = self.views
+        return view_params(v.seed, index, v.count, self.canvas, v.scale, v.ratio, v.flip, v.color_jitter, v.grayscale)
 
 
 @dataclass
