@@ -204,3 +204,15 @@ def test_a_run_keeps_its_name_when_settings_are_added():
     cfg = TrainConfig(store="s.zarr", recipe="li_iccv23", student=StudentConfig(name="resnet18"))
     assert run_name(cfg) == "li_iccv23-resnet18-56163929bb"
     assert run_name(replace(cfg, batch_per_domain=True)) != run_name(cfg)  # a set one still names its run
+
+
+def test_a_few_shot_sweep_fine_tunes_in_the_mode_it_names(synthetic_store, tmp_path):
+    """Li et al. mix the shots into training batches (``mixed``); a sweep can ask for it."""
+    f = _sweep_file(tmp_path, synthetic_store, protocol="few_shot", finetune_steps=1, finetune_mode="mixed",
+                    grid={"recipe": ["feat_kd"], "seed": [0]})
+    res = CliRunner().invoke(main, ["sweep", str(f), "--out", str(tmp_path / "sw"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    splits = set(pd.read_parquet(tmp_path / "sw" / "results.parquet").split)
+    assert "finetune_mixed" in splits and "finetune" not in splits
+    with pytest.raises(ConfigError, match="finetune_mode='mix' is not valid: choose one of shots, mixed"):
+        load_sweep(str(_sweep_file(tmp_path, synthetic_store, finetune_mode="mix")))

@@ -28,6 +28,7 @@ from embedcache.evaluate.protocols import seeded_class_split
 from embedcache.fileio import atomic_write, atomic_write_text, disk_full_error, is_disk_full
 
 from ..config import TrainConfig
+from ..finetune import MODES as FINETUNE_MODES
 from ..train import run_name
 from .launchers import LAUNCHERS, check_options
 from .worker import SweepPoint, result_path, run_one, variant
@@ -53,6 +54,7 @@ class SweepSpec:
     split_seed: int = 0
     base_seed: int = 0
     finetune_steps: int = setting(0, min=0)  # few_shot: also fine-tune the student on the shots
+    finetune_mode: str = setting("shots", choices=FINETUNE_MODES)  # mixed: Li et al.'s (shots in training batches)
     launcher: str = setting("local", choices=LAUNCHERS)
     workers: int = setting(1, min=1)
     pack_heads: bool = False                 # head-only runs differing only in seed/lr/weight decay train as one pack

@@ -46,9 +46,17 @@ def result_path(sweep_dir: str, run_name: str) -> Path:
     return Path(sweep_dir) / "results" / f"{run_name}.parquet"
 
 
+def _score(run: RunDir, spec, point: SweepPoint, device: str):
+    """A finished run's result rows under the sweep's protocol (one place for sweeps and packs)."""
+    from ..scoring import score_run
+
+    return score_run(run, [spec.protocol], point.cfg.store, device, finetune_steps=spec.finetune_steps,
+                     finetune_mode=spec.finetune_mode,
+                     tags={"variant": variant(point.cfg, spec.grid), "replicate": point.replicate})
+
+
 def run_one(point: SweepPoint, spec, sweep_dir: str, device: str = "auto", teacher=None) -> Dict[str, str]:
     """Train (or resume) and score one run; returns {"run", "status", "error"}."""
-    from ..scoring import score_run
     from ..train import train
 
     cfg = point.cfg
@@ -67,8 +75,7 @@ def run_one(point: SweepPoint, spec, sweep_dir: str, device: str = "auto", teach
             with open(run.file("attempts.jsonl"), "a") as fh:
                 fh.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}) + "\n")
             train(cfg, log=lambda _m: None, should_stop=interrupt.requested, teacher=teacher)
-            df = score_run(run, [spec.protocol], cfg.store, device, finetune_steps=spec.finetune_steps,
-                           tags={"variant": variant(cfg, spec.grid), "replicate": point.replicate})
+            df = _score(run, spec, point, device)
             atomic_write(result, lambda tmp: df.to_parquet(tmp, index=False))
             run.file("error.txt").unlink(missing_ok=True)
             return {"run": run.name, "status": "done"}
@@ -97,7 +104,6 @@ def run_pack(points, spec, sweep_dir: str, device: str = "auto"):
     from contextlib import ExitStack
 
     from ..heads import train_heads
-    from ..scoring import score_run
 
     out, todo = [], []
     with ExitStack() as stack:
@@ -122,8 +128,7 @@ def run_pack(points, spec, sweep_dir: str, device: str = "auto"):
                         should_stop=interrupt.requested)
             for p in todo:
                 run = RunDir(p.cfg.out)
-                df = score_run(run, [spec.protocol], p.cfg.store, device, finetune_steps=spec.finetune_steps,
-                               tags={"variant": variant(p.cfg, spec.grid), "replicate": p.replicate})
+                df = _score(run, spec, p, device)
                 atomic_write(result_path(sweep_dir, run.name), lambda tmp, df=df: df.to_parquet(tmp, index=False))
                 out.append({"run": run.name, "status": "done"})
         except KeyboardInterrupt:
