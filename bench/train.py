@@ -6,7 +6,8 @@ In one run, on one synthetic store: (1) a bare student step (forward, loss, back
 pre-made tensors already on the device: the hardware's own limit; (2) the cached ``train`` loop
 (inputs rebuilt from the stored canvases, targets from the store); (3) the same loop with the
 ``teacher_online`` target provider (each view rendered at the teacher's size and encoded every
-step: what a cache-less run pays); (4) a bare head step (linear head, VL2V-ADiP's align loss,
+step: what a cache-less run pays), and the cached loop on views with colour jitter and grayscale
+(the student renders each view's stored colour change too); (4) a bare head step (linear head, VL2V-ADiP's align loss,
 fused AdamW on pre-made tensors) through autograd and ``step()``, and in closed form with the direct
 fused-kernel call (``headstep.py``, ``optim.py``: the loop's own math), and the ``train`` loop's head-only steps on cached features, also with closed forms
 and the direct optimizer call switched off (the loop as it was);
@@ -159,12 +160,15 @@ def main() -> None:
     teacher = build_teacher(tcfg)
     rows = []
     with tempfile.TemporaryDirectory() as d:
-        store = f"{d}/bench.zarr"
-        extract(ExtractConfig(dataset=DatasetConfig(name="synthetic", num_classes=8, num_domains=4,
-                                                    per_class=max(1, args.images // 32), image_size=args.canvas),
-                              teacher=tcfg, views=ViewsConfig(count=2), text=TextConfig(sources=("name",)),
-                              canvas=CanvasConfig(size=args.canvas),
-                              out=store, progress=False, batch_size=32), teacher=teacher, log=lambda _m: None)
+        def make_store(name: str, views: ViewsConfig) -> str:
+            extract(ExtractConfig(dataset=DatasetConfig(name="synthetic", num_classes=8, num_domains=4,
+                                                        per_class=max(1, args.images // 32), image_size=args.canvas),
+                                  teacher=tcfg, views=views, text=TextConfig(sources=("name",)),
+                                  canvas=CanvasConfig(size=args.canvas),
+                                  out=f"{d}/{name}", progress=False, batch_size=32), teacher=teacher, log=lambda _m: None)
+            return f"{d}/{name}"
+
+        store = make_store("bench.zarr", ViewsConfig(count=2))
         scfg = StudentConfig(name=args.student, input_size=args.size)
 
         def cfg(name, **kw):
@@ -177,6 +181,11 @@ def main() -> None:
         rows.append(("bare student step, tensors already on the device", bare, 1.0))
         cached = steps_per_s(cfg("cached"))
         rows.append(("student step, teacher targets from the store", cached, cached / bare))
+        # the same views with VL2V-ADiP's colour augmentation (configs/extract/pacs-conse-dg.yaml): the student's
+        # renderer applies each view's stored jitter and grayscale too
+        colour = make_store("colour.zarr", ViewsConfig(count=2, color_jitter=0.3, grayscale=0.1))
+        coloured = steps_per_s(cfg("colour", store=colour))
+        rows.append(("same, views with colour jitter and grayscale", coloured, coloured / bare))
         on = steps_per_s(cfg("online", targets="teacher_online", steps=max(3, args.steps // 3)), teacher=teacher)
         rows.append((f"student step + {args.teacher} teacher online", on, on / bare))
 
