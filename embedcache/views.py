@@ -128,16 +128,20 @@ def _hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return torch.gather(table, 0, i[None, ..., None, :, :].expand(1, *x.shape))[0]
 
 
-def _color_op(k: int, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """ColorJitter's k-th adjustment (brightness, contrast, saturation, hue) with per-view factors."""
-    f = factor[..., None, None, None]
-    if k == 0:
-        return _blend(x, torch.zeros_like(x), f)
-    if k == 1:
-        return _blend(x, _gray(x).mean((-3, -2, -1), keepdim=True), f)
-    if k == 2:
-        return _blend(x, _gray(x), f)
-    return _hue(x, factor)
+# per order (ORDERS): its three blend adjustments in the order applied, and where the hue rotation falls
+_BLENDS = tuple(tuple(k for k in order if k != 3) for order in ORDERS)
+_HUE_AT = tuple(order.index(3) for order in ORDERS)
+
+
+def _adjust(x: torch.Tensor, op: torch.Tensor, factors: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """One of ColorJitter's blend adjustments per view (op 0 brightness: towards black, 1 contrast:
+    towards the mean gray, 2 saturation: towards the gray image), where ``active``; elsewhere the
+    factor is 1, which leaves the view exactly as it is."""
+    sel = (...,) + (None,) * 3
+    f = torch.where(active, factors.gather(-1, op[..., None])[..., 0], torch.ones_like(factors[..., 0]))
+    g = _gray(x)
+    target = torch.where((op == 2)[sel], g, torch.where((op == 1)[sel], g.mean((-3, -2, -1), keepdim=True), 0.0))
+    return _blend(x, target, f[sel])
 
 
 def _with_color(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
@@ -147,14 +151,20 @@ def _with_color(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
 
 def apply_color(x: torch.Tensor, color: torch.Tensor) -> torch.Tensor:
     """(..., 3, H, W) float in [0, 1] and (..., 6) int colour fields -> the jittered views: each view's
-    four adjustments in its own order, then its grayscale flag. Batched: every adjustment is computed
-    for every view at each of the four positions and selected per view (no loop over views)."""
-    factors = color[..., :4].to(x.dtype) / COLOR_SCALE
-    orders = torch.tensor(ORDERS, device=x.device)[color[..., 4].long()]  # (..., 4)
+    four adjustments in its own order, then its grayscale flag. Batched without a loop over views:
+    every view takes three blend steps (its adjustments before the hue rotation, the others at factor
+    1), the rotation, then three more (those after it); a hue shift of 0 leaves a view as it is."""
     sel = (...,) + (None,) * 3
-    for pos in range(4):
-        op = orders[..., pos]
-        x = sum(torch.where((op == k)[sel], _color_op(k, x, factors[..., k]), 0.0) for k in range(4))
+    factors = color[..., :4].to(x.dtype) / COLOR_SCALE
+    order = color[..., 4].long()
+    blends = torch.tensor(_BLENDS, device=x.device)[order]  # (..., 3)
+    hue_at = torch.tensor(_HUE_AT, device=x.device)[order]  # (...,)
+    for j in range(3):
+        x = _adjust(x, blends[..., j], factors, j < hue_at)
+    shift = factors[..., 3]
+    x = torch.where((shift == 0)[sel], x, _hue(x, shift))
+    for j in range(3):
+        x = _adjust(x, blends[..., j], factors, j >= hue_at)
     gray = color[..., 5].bool()[sel]
     return torch.where(gray, _gray(x).expand_as(x), x)
 

@@ -137,6 +137,11 @@ def test_color_views_are_torchvisions_colorjitter_and_grayscale():
             expect = _torchvision_color(plain[i, v], params[i, v, 5:])
             assert float((ref[i, v] - expect).abs().max()) < 1e-5, (i, v)
     assert float((ref[:, 1:] - plain[:, 1:]).abs().max()) > 0.05  # the colour did change the views
+    assert torch.equal(ref[:, 0], plain[:, 0])  # identity colours leave view 0 exactly as rendered
+    # grayscale alone (ColorJitter(0) is no transform at all): the other views stay exactly plain
+    only = torch.from_numpy(np.stack([view_params(3, i, 6, 48, grayscale=0.5) for i in range(4)]))
+    gray_only, flag = render_views(canvas, only, 24), only[..., 10].bool()
+    assert flag.any() and torch.equal(gray_only[~flag], plain[~flag])
     got = render_views_batched(canvas, params, 24)
     assert float((got - ref).abs().max()) < 1e-4
     # a student's step runs under bf16 autocast on a GPU (here its CPU twin): its views stay float32
