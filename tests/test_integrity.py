@@ -81,6 +81,33 @@ def test_a_lost_chunk_is_found_refused_and_repaired_exactly(make_cfg, tiny_teach
     assert CliRunner().invoke(main, ["verify", cfg.out, "--no-progress"]).exit_code == 0
 
 
+@pytest.mark.parametrize("suffix", ["zarr", "h5"])
+def test_a_complete_store_that_lost_a_done_flag_is_damaged_not_unchecked(make_cfg, tiny_teacher, suffix):
+    """Checks run over finished blocks; in a complete store every block is finished, so a lost done
+    flag (with the block's rows gone too) is damage to refuse and repair, not a block to skip."""
+    good = make_cfg(f"good.{suffix}")
+    extract(good, teacher=tiny_teacher, log=quiet)
+    cfg = make_cfg(f"hurt.{suffix}")
+    extract(cfg, teacher=tiny_teacher, log=quiet)
+    _damage(cfg.out, "image/emb", 1)
+    if suffix == "zarr":
+        (Path(cfg.out) / "blocks" / "done" / "c" / "1").unlink()
+    else:
+        import h5py
+
+        with h5py.File(cfg.out, "a") as f:
+            f["blocks/done"][1] = 0
+    with pytest.raises(StoreDamagedError, match="block 1"):
+        embedcache.open_store(cfg.out).image_emb()
+    res = CliRunner().invoke(main, ["verify", cfg.out, "--no-progress"])
+    assert res.exit_code == 2 and "block 1: blocks/done" in res.output, res.output
+    encoded = []
+    again = extract(cfg, teacher=tiny_teacher, log=quiet, on_block_done=encoded.append)
+    assert again.complete and again.repaired == 1 and encoded == [1]
+    _same(_arrays(good.out), _arrays(cfg.out))
+    assert CliRunner().invoke(main, ["verify", cfg.out, "--no-progress"]).exit_code == 0
+
+
 @pytest.mark.parametrize("backend", ["zarr", "hdf5"])
 def test_a_verified_read_is_exact_and_names_the_block_whose_bytes_changed(tmp_path, backend):
     """Store.read reads uncompressed chunks straight from the files: the whole array comes back exactly

@@ -115,6 +115,18 @@ class Store:
     def blocks_done(self) -> np.ndarray:
         return self.b.read("blocks/done").astype(bool)
 
+    def _unmarked(self, done: np.ndarray) -> np.ndarray:
+        """Blocks a complete store has not marked done: every block of a complete store was finished,
+        so these lost their done flag, and their rows would go unchecked."""
+        return np.flatnonzero(~done) if self.complete else np.empty(0, np.int64)
+
+    def _refuse_unmarked(self, done: np.ndarray) -> None:
+        lost = self._unmarked(done)
+        if len(lost):
+            start, stop = self.block_range(int(lost[0]))
+            raise self._damaged("blocks/done", f"block {lost[0]} (rows {start}-{stop - 1}) is not marked done in a "
+                                               "complete store, so its rows cannot be trusted")
+
     def write_block(self, block: int, arrays: Dict[str, np.ndarray], failures: Optional[Dict[int, str]] = None) -> None:
         """Write one row block of every block array, its failure records and checksums, then mark
         it done (last, so a block is either durable or redone on resume)."""
@@ -189,6 +201,7 @@ class Store:
     def _check(self, name: str, data: np.ndarray) -> None:
         if name in self.layout.get("block_arrays", ()):
             sums, done = self.b.read("blocks/crc32c"), self.blocks_done()
+            self._refuse_unmarked(done)
             col = self.layout["block_arrays"].index(name)
             for blk in np.flatnonzero(done):
                 start, stop = self.block_range(int(blk))
@@ -240,7 +253,9 @@ class Store:
     def quick_check(self) -> None:
         """Cheap structural check readers make on opening (a file listing, no data read): every
         finished block's chunks exist and every table is there. ``verify`` checks the contents."""
-        done = np.flatnonzero(self.blocks_done())
+        flags = self.blocks_done()
+        self._refuse_unmarked(flags)
+        done = np.flatnonzero(flags)
         for name in self.layout.get("block_arrays", ()):
             present = self.b.chunk_rows_present(name)
             if present is None:
@@ -264,6 +279,8 @@ class Store:
         names = self.layout["block_arrays"]
         sums, done = self.b.read("blocks/crc32c"), self.blocks_done()
         blocks = np.flatnonzero(done)
+        for blk in self._unmarked(done):  # redone by a repair like any damaged block
+            report.damaged[int(blk)] = ["blocks/done"]
         for blk in tqdm(blocks, desc=f"verify {self.path}", unit="block", disable=not progress, dynamic_ncols=True):
             start, stop = self.block_range(int(blk))
             for j, name in enumerate(names):
