@@ -18,6 +18,10 @@ class TeacherLoadError(EmbedcacheError):
     pass
 
 
+class TeacherOutputError(EmbedcacheError):
+    """A teacher answered with NaN or inf (damaged weights, a precision that overflows): never stored."""
+
+
 class StoreError(EmbedcacheError):
     pass
 

@@ -43,7 +43,7 @@ import numpy as np
 
 from embedcache.errors import EvaluationError
 
-from .metrics import require_finite, unit
+from .metrics import BAD_TEXT, require_finite, unit
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +267,7 @@ class LabelIndex:
         self.ids = np.arange(len(class_emb)) if ids is None else np.asarray(ids)
         if len(self.ids) != len(class_emb):
             raise EvaluationError(f"{len(self.ids)} label ids for {len(class_emb)} class embeddings")
+        require_finite(class_emb, "class embeddings", BAD_TEXT)
         self.dim = class_emb.shape[1]
         self.labels = unit(class_emb)  # (C, D) float32, L2-normalised
         self.path = resolve_backend(backend)

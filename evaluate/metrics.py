@@ -19,18 +19,23 @@ def unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def require_finite(x: np.ndarray, what: str) -> None:
+DIVERGED = "the model's outputs are not finite (its weights diverged); retrain it with a lower optim.lr"
+BAD_TEXT = ("the store's teacher gave non-finite text embeddings (a damaged checkpoint or an overflowing precision); "
+            "extract the store again with a sound teacher")
+
+
+def require_finite(x: np.ndarray, what: str, why: str = DIVERGED) -> None:
     """A nearest-label answer from NaN or inf would be a made-up label: refused in one line."""
     bad = ~np.isfinite(x)
     if bad.any():
         rows = int(bad.reshape(len(x), -1).any(axis=1).sum()) if x.ndim > 1 else int(bad.sum())
-        raise EvaluationError(f"{rows} of {len(x)} {what} hold NaN or inf: the model's outputs are not finite "
-                              "(its weights diverged); retrain it with a lower optim.lr")
+        raise EvaluationError(f"{rows} of {len(x)} {what} hold NaN or inf: {why}")
 
 
 def nearest_label(emb: np.ndarray, class_emb: np.ndarray) -> np.ndarray:
     """(N, D) embeddings, (C, D) class embeddings -> (N,) index of the most cosine-similar class."""
     require_finite(emb, "embeddings")
+    require_finite(class_emb, "class embeddings", BAD_TEXT)
     return np.argmax(unit(emb) @ unit(class_emb).T, axis=1)
 
 

@@ -108,6 +108,47 @@ def test_a_complete_store_that_lost_a_done_flag_is_damaged_not_unchecked(make_cf
     assert CliRunner().invoke(main, ["verify", cfg.out, "--no-progress"]).exit_code == 0
 
 
+@pytest.mark.parametrize("where", ["image", "text"])
+def test_a_teacher_that_answers_nan_is_refused_before_the_store(make_cfg, tiny_teacher, monkeypatch, where):
+    """A damaged checkpoint's NaN would be stored as every student's target and score the teacher at
+    chance: extraction stops in one line, keeps the finished blocks, and the rerun finishes the store."""
+    from embedcache.errors import TeacherOutputError
+
+    cfg = make_cfg("nan.zarr")
+    name = "embed_views" if where == "image" else "encode_text"
+    real, calls = getattr(tiny_teacher, name), []
+
+    def bad(x):
+        out = real(x).clone()
+        calls.append(1)
+        if len(calls) == 3 or where == "text":
+            out[1, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(tiny_teacher, name, bad)
+    with pytest.raises(TeacherOutputError, match=r"NaN or inf for 1 of \d+ .*teacher.precision=fp32"):
+        extract(cfg, teacher=tiny_teacher, log=quiet)
+    with Store(cfg.out) as st:
+        done = st.blocks_done()
+        assert not st.complete and done[0] and done.all() == (where == "text")
+        assert np.isfinite(st.read("image/emb", verify=False)).all()
+    monkeypatch.undo()
+    again = extract(cfg, teacher=tiny_teacher, log=quiet)
+    assert again.complete and np.isfinite(embedcache.open_store(cfg.out).class_emb("name")).all()
+
+
+def test_non_finite_class_embeddings_are_refused_by_the_label_search():
+    from embedcache.errors import EvaluationError
+    from embedcache.evaluate.index import LabelIndex
+    from embedcache.evaluate.metrics import nearest_label
+
+    text = np.eye(3, 4, dtype=np.float32)
+    text[2, 1] = np.nan
+    for search in (lambda: LabelIndex(text), lambda: nearest_label(np.ones((2, 4), np.float32), text)):
+        with pytest.raises(EvaluationError, match="1 of 3 class embeddings hold NaN or inf: the store's teacher"):
+            search()
+
+
 @pytest.mark.parametrize("backend", ["zarr", "hdf5"])
 def test_a_verified_read_is_exact_and_names_the_block_whose_bytes_changed(tmp_path, backend):
     """Store.read reads uncompressed chunks straight from the files: the whole array comes back exactly

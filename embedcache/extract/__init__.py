@@ -27,7 +27,7 @@ from ..views import param_fields
 from .device import DeviceDecodeReader
 from .manifest import PIPELINE, build_manifest
 from .parts import (Batch, Block, BlockAssembler, BlockWriter, Embedder, LoaderReader, ViewPolicy, block_batches,
-                    resolve_shard, shard_blocks)
+                    refuse_nonfinite, resolve_shard, shard_blocks)
 
 __all__ = ["extract", "ExtractResult", "DryRun", "Batch", "Block", "ViewPolicy", "shard_blocks", "resolve_shard",
            "finalize", "run_blocks", "policy_of"]
@@ -244,8 +244,8 @@ def finalize(store: Store, dataset: ImageDataset, teacher, prompts) -> int:
     tables = encode_sources(lambda t: teacher.encode_text(t).numpy(), teacher.count_tokens, teacher.context_length,
                             dataset.classes, prompts)
     for src, tab in tables.items():
-        store.write_array(f"text/{src}/emb", tab.emb)
-        store.write_array(f"text/{src}/class_emb", tab.class_emb)
+        store.write_array(f"text/{src}/emb", refuse_nonfinite(tab.emb, f"prompts' embeddings (text source {src})"))
+        store.write_array(f"text/{src}/class_emb", refuse_nonfinite(tab.class_emb, f"class embeddings (text source {src})"))
     store.put_table("text.parquet", pd.concat([t.frame for t in tables.values()], ignore_index=True))
     meta = dataset.frame()
     status = store.read("image/status")

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from ..config import ViewsConfig
 from ..datasets import ImageDataset
+from ..errors import TeacherOutputError
 from ..fileio import disk_full_error, is_disk_full
 from ..store import STATUS_FAILED, STATUS_OK, Store
 from ..views import make_canvas, render_views, render_views_batched, to_uint8, view_params
@@ -196,6 +197,18 @@ class Embedder:
         return Pending(len(batch.rows), self.views, t.embed_dim, ok, encode(self.render(batch)))
 
 
+def refuse_nonfinite(emb: np.ndarray, what: str) -> np.ndarray:
+    """Teacher outputs with NaN or inf would be stored as every student's targets (and score the
+    teacher at chance): refused in one line before they reach the store."""
+    bad = ~np.isfinite(emb)
+    if bad.any():
+        rows = int(bad.reshape(len(emb), -1).any(axis=1).sum())
+        raise TeacherOutputError(f"the teacher gave NaN or inf for {rows} of {len(emb)} {what}: its weights are damaged "
+                                 "or its precision overflows; check the checkpoint or set teacher.precision=fp32, then "
+                                 "rerun (finished blocks are kept)")
+    return emb
+
+
 # --- the assembler -----------------------------------------------------------------------------------
 class BlockAssembler:
     """Collects batches of one block; ``add`` returns the ``Block`` once its last row arrived."""
@@ -214,7 +227,7 @@ class BlockAssembler:
             return None
         parts = self.pending.pop(blk)
         ok = np.concatenate([b.ok for b, _ in parts])
-        arrays = {"image/emb": np.concatenate([e.numpy() for _, e in parts]),
+        arrays = {"image/emb": refuse_nonfinite(np.concatenate([e.numpy() for _, e in parts]), "images' embeddings"),
                   "image/view_params": np.concatenate([b.params.numpy() for b, _ in parts]),
                   "image/status": np.where(ok, STATUS_OK, STATUS_FAILED).astype(np.uint8)}
         if self.store_pixels:
