@@ -146,6 +146,10 @@ def folder(cfg: DatasetConfig) -> ImageDataset:
     return ImageDataset("folder", root, _limit(samples, cfg.max_per_class))
 
 
+# a sample's split: trained on (train), the validation rows (val), or never trained on nor selected with (test)
+SPLITS = ("train", "val", "test")
+
+
 @DATASETS.register("csv")
 def csv_manifest(cfg: DatasetConfig) -> ImageDataset:
     """CSV with header ``path,label[,domain][,split]``; paths relative to the CSV's folder."""
@@ -160,7 +164,10 @@ def csv_manifest(cfg: DatasetConfig) -> ImageDataset:
         if not {"path", "label"} <= cols:
             raise DatasetError(f"CSV manifest {csv_path} has columns {sorted(cols)}; it needs at least path,label")
         samples = []
-        for row in reader:
+        for line, row in enumerate(reader, start=2):
+            if (row.get("split") or "train") not in SPLITS:
+                raise DatasetError(f"CSV manifest {csv_path} row {line}: split {row['split']!r}; use train, val or test "
+                                   "(empty means train)")
             rel = row["path"]
             f = Path(rel) if Path(rel).is_absolute() else root / rel
             size = f.stat().st_size if f.is_file() else -1

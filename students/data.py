@@ -59,18 +59,24 @@ class StoreData:
             raise StoreError(f"no training images left in {reader.path} after the split; check holdout_domains and train_classes")
 
     def _split(self, meta, split: SplitConfig) -> None:
+        """Training, validation and test rows. The dataset's own split (a CSV's split column) is kept:
+        its test rows are never trained on or selected with, and its val rows, where it has any, are
+        the validation rows; else val_fraction of each training domain's rows is held out."""
         held = meta["domain"].isin(split.holdout_domains).to_numpy()
         seen = self.targets >= 0
-        pool = np.flatnonzero(self.ok & ~held & seen)
-        rng = np.random.default_rng([split.seed, 17])
-        val_mask = np.zeros(len(meta), bool)
-        domains = meta["domain"].to_numpy()
-        for dom in sorted(set(domains[pool])):  # val_fraction of each training domain
-            rows = pool[domains[pool] == dom]
-            val_mask[rng.permutation(rows)[: int(round(len(rows) * split.val_fraction))]] = True
+        given = meta["split"].to_numpy() if "split" in meta else np.full(len(meta), "train")
+        usable = self.ok & ~held & seen
+        pool = np.flatnonzero(usable & (given == "train"))
+        val_mask = usable & (given == "val")
+        if not val_mask.any():
+            rng = np.random.default_rng([split.seed, 17])
+            domains = meta["domain"].to_numpy()
+            for dom in sorted(set(domains[pool])):  # val_fraction of each training domain
+                rows = pool[domains[pool] == dom]
+                val_mask[rng.permutation(rows)[: int(round(len(rows) * split.val_fraction))]] = True
         self.train_idx = np.setdiff1d(pool, np.flatnonzero(val_mask))
         self.val_idx = np.flatnonzero(val_mask)
-        self.test_idx = np.flatnonzero(self.ok & (held | ~seen))
+        self.test_idx = np.flatnonzero(self.ok & ~np.isin(np.arange(len(meta)), np.concatenate([pool, self.val_idx])))
 
     @property
     def emb(self) -> np.ndarray:

@@ -62,6 +62,12 @@ def test_missing_or_empty_folder_is_a_clear_error(tmp_path, name):
         build_dataset(DatasetConfig(name=name, path=str(tmp_path / "empty")))
 
 
+def test_csv_split_names_are_checked(tmp_path):
+    (tmp_path / "x.csv").write_text("path,label,split\na.png,cat,train\nb.png,dog,holdout\n")
+    with pytest.raises(DatasetError, match=r"x.csv row 3: split 'holdout'; use train, val or test"):
+        build_dataset(DatasetConfig(name="csv", path=str(tmp_path / "x.csv")))
+
+
 def test_csv_missing_columns(tmp_path):
     (tmp_path / "x.csv").write_text("file,cls\na.png,cat\n")
     with pytest.raises(DatasetError, match="needs at least path,label"):

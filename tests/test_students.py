@@ -155,6 +155,29 @@ def test_splits_follow_the_store_metadata(synthetic_store):
     assert set(o.reader.meta["class_name"].to_numpy()[o.test_idx]) == {"square"}
 
 
+def test_a_datasets_own_split_is_kept(make_cfg, tiny_teacher, tmp_path):
+    """A CSV's split column: its test rows are never trained on or selected with; its val rows are
+    the validation rows (none carved from the training rows then)."""
+    from PIL import Image
+
+    from embedcache.extract import extract
+
+    kinds = ["train"] * 8 + ["val"] * 4 + ["test"] * 4 + ["train"] * 8  # d0: rows 0-15, d1: rows 16-23
+    lines = ["path,label,domain,split"]
+    for i, kind in enumerate(kinds):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        lines.append(f"{i}.png,{'ab'[i % 2]},{'d0' if i < 16 else 'd1'},{kind}")
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    cfg = make_cfg("csv.zarr", "dataset.name=csv", f"dataset.path={tmp_path / 'm.csv'}")
+    extract(cfg, teacher=tiny_teacher, log=quiet)
+    d = StoreData(cfg.out, "name", SplitConfig(holdout_domains=("d1",), val_fraction=0.25))
+    assert d.train_idx.tolist() == list(range(8)) and d.val_idx.tolist() == [8, 9, 10, 11]
+    assert d.test_idx.tolist() == list(range(12, 24))
+    every = StoreData(cfg.out, "name", SplitConfig(val_fraction=0.25))
+    assert every.train_idx.tolist() == list(range(8)) + list(range(16, 24)) and every.val_idx.tolist() == [8, 9, 10, 11]
+    assert every.test_idx.tolist() == [12, 13, 14, 15]
+
+
 def test_batches_per_domain_draw_batch_size_rows_from_each_training_domain(synthetic_store, tmp_path):
     """DomainBed / VL2V-ADiP: "batch 32 per source domain", not one draw from the pooled rows."""
     d = StoreData(str(synthetic_store), "name", SplitConfig(val_fraction=0.25))
