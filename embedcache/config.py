@@ -160,6 +160,17 @@ def to_dict(cfg: Any) -> Dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
+def flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """{"optim": {"lr": 1}} -> {"optim.lr": 1}: the dotted keys ``--set`` takes."""
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def _type_name(tp) -> str:
     origin = typing.get_origin(tp)
     if origin is typing.Union:

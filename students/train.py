@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from embedcache import interrupt
-from embedcache.config import build_config, to_dict
+from embedcache.config import build_config, flatten, to_dict
 from embedcache.device import resolve_device
 from embedcache.errors import ConfigError, StoreMismatchError, TrainingError
 from embedcache.evaluate.metrics import nearest_label, top1
@@ -74,6 +74,26 @@ def run_name(cfg: TrainConfig) -> str:
     d = {k: v for k, v in to_dict(cfg).items()
          if k not in NOT_IN_NAME and not (k in NAMED_WHEN_SET and v == NAMED_WHEN_SET[k])}
     return f"{cfg.recipe}-{cfg.student.name.replace(':', '_')}-{json_digest(d, 10)}"
+
+
+# settings a run may be resumed (or found finished) with other values of: where it is written and
+# shown, and where it runs (the store is checked by its key)
+RESUMABLE_WITH = ("out", "progress", "keep_checkpoint", "device", "store")
+
+
+def require_same_settings(run_dir: RunDir, cfg: TrainConfig) -> None:
+    """A run directory holds one run: resuming it with other settings would mix two runs in one
+    student (another held-out domain: trained on what it claims to hold out), and a finished one
+    would hand back its result for settings it was not trained with."""
+    if not run_dir.file("config.json").exists():
+        return
+    old, new = flatten(to_dict(run_dir.train_config)), flatten(to_dict(cfg))
+    changed = [k for k in sorted(set(old) | set(new)) if k.split(".")[0] not in RESUMABLE_WITH and old.get(k) != new.get(k)]
+    if changed:
+        shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:3])
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise TrainingError(f"run {run_dir.path} was made with other settings ({shown}{more}); use another --out, "
+                            "or its own settings to resume it")
 
 
 def stage_ends(recipe: Recipe, steps: int) -> List[int]:
@@ -527,6 +547,7 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int], None]] = None, log
     if not cfg.store:
         raise ConfigError("no store given; pass --store PATH (made by `embedcache extract`)")
     run_dir = RunDir(cfg.out or Path("runs") / run_name(cfg))
+    require_same_settings(run_dir, cfg)
     if run_dir.done:
         s = run_dir.summary
         log(f"{run_dir.path} is already done (val top-1 {s['val_top1']})")

@@ -119,6 +119,30 @@ def test_resume_continues_from_the_last_checkpoint(synthetic_store, tmp_path, av
     assert train(cut, log=quiet).seconds == 0.0  # a finished run is skipped
 
 
+def test_a_run_directory_is_not_resumed_or_reused_with_other_settings(synthetic_store, tmp_path):
+    """A stopped run resumed with another held-out domain would have trained on the domain it then
+    claims to hold out (and split.json would be rewritten to hide it); a finished one would hand back
+    the old result for the new settings. Both are refused; the device and display settings may change."""
+    from embedcache.errors import TrainingError
+    from embedcache.students.config import SplitConfig
+
+    def cfg(hold, **kw):
+        return _cfg(synthetic_store, tmp_path, split=SplitConfig(holdout_domains=(hold,)), **kw)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg("outline"), on_step=lambda step: (_ for _ in ()).throw(KeyboardInterrupt) if step == 12 else None,
+              log=quiet)
+    with pytest.raises(TrainingError, match=r"was made with other settings \(split.holdout_domains: \['outline'\] -> "
+                                            r"\['solid'\]\); use another --out"):
+        train(cfg("solid"), log=quiet)
+    assert json.loads((tmp_path / "run" / "split.json").read_text())["holdout_domains"] == ["outline"]
+    done = train(cfg("outline", device="auto", progress=True), log=quiet)
+    assert done.resumed_from == 10
+    with pytest.raises(TrainingError, match=r"\(averaging: 'none' -> 'swa'\)"):
+        train(cfg("outline", averaging="swa"), log=quiet)
+    assert train(cfg("outline"), log=quiet).seconds == 0.0
+
+
 def test_head_only_on_cached_features_matches_frozen_backbone_training(synthetic_store, tmp_path):
     store = tmp_path / "store.zarr"
     shutil.copytree(synthetic_store, store)

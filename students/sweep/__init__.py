@@ -22,7 +22,7 @@ import pandas as pd
 import yaml
 
 from embedcache import interrupt, open_store
-from embedcache.config import apply_overrides, build_config, read_config_file, setting, to_dict
+from embedcache.config import apply_overrides, build_config, flatten, read_config_file, setting, to_dict
 from embedcache.errors import ConfigError, DiskFullError
 from embedcache.evaluate.protocols import seeded_class_split
 from embedcache.fileio import atomic_write, atomic_write_text, disk_full_error, is_disk_full
@@ -86,17 +86,6 @@ def _splits(spec: SweepSpec, reader) -> List[Dict]:
     return [{"train_classes": [reader.classes[i] for i in seen]}]
 
 
-def _flat(d: Dict, prefix: str = "") -> Dict[str, Any]:
-    """{"optim": {"lr": 1}} -> {"optim.lr": 1}."""
-    out: Dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def expand(spec: SweepSpec, sweep_dir: str) -> List[SweepPoint]:
     """Every run of the grid, each config built and validated (types, ranges, registry names, text
     source), before anything runs; an incomplete or damaged store is refused here too."""
@@ -121,7 +110,7 @@ def expand(spec: SweepSpec, sweep_dir: str) -> List[SweepPoint]:
             data.setdefault("split", {}).update(split)
             data = apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in zip(keys, values)])
             extra = spec.per_recipe.get(data.get("recipe", TrainConfig.recipe), {})
-            data = apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in _flat(extra).items()])
+            data = apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in flatten(extra).items()])
             data["progress"] = False
             where = ", ".join(f"{k}={v}" for k, v in zip(keys, values)) or "base"
             try:
