@@ -149,6 +149,24 @@ def test_non_finite_class_embeddings_are_refused_by_the_label_search():
             search()
 
 
+def test_a_manifest_whose_class_list_was_edited_is_refused(synthetic_store, tmp_path):
+    """The manifest carries no checksum of its own; its class and domain lists must agree with the
+    checksummed meta.parquet, or train_classes would pick the rows of other classes."""
+    import shutil
+
+    from embedcache.students.data import SplitConfig, StoreData
+
+    path = str(tmp_path / "edited.zarr")
+    shutil.copytree(synthetic_store, path)
+    with Store(path, "a") as st:
+        ds = st.manifest["dataset"]
+        st.write_manifest({**st.manifest, "dataset": {**ds, "classes": ds["classes"][::-1]}})
+    with pytest.raises(StoreError, match=r"manifest's class list disagrees with meta.parquet .*restore the manifest"):
+        StoreData(path, "name", SplitConfig(train_classes=("circle",)))
+    res = CliRunner().invoke(main, ["evaluate", "--store", path, "--out", str(tmp_path / "e.parquet")])
+    assert res.exit_code == 2 and "class list disagrees" in res.output
+
+
 @pytest.mark.parametrize("backend", ["zarr", "hdf5"])
 def test_a_verified_read_is_exact_and_names_the_block_whose_bytes_changed(tmp_path, backend):
     """Store.read reads uncompressed chunks straight from the files: the whole array comes back exactly
