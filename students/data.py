@@ -16,6 +16,7 @@ from embedcache import open_store
 from embedcache.api import StoreReader
 from embedcache.errors import StoreError
 from embedcache.views import make_canvas
+from embedcache.store import checksum
 
 from .config import SplitConfig
 
@@ -99,11 +100,16 @@ class StoreData:
         root, size = reader.manifest["dataset"]["root"], int(reader.layout["canvas"])
         if not root:
             raise StoreError("the store keeps no pixels and its dataset has no files to re-decode; re-extract with canvas.store=true")
+        crc = reader.store.read("image/canvas_crc32c") if reader.store.has("image/canvas_crc32c") else None
         out = np.zeros((len(reader.meta), size, size, 3), np.uint8)
         for i, (path, status) in enumerate(zip(reader.meta["path"], reader.meta["status"])):
             if status == "ok":
                 with Image.open(f"{root}/{path}") as im:
                     out[i] = make_canvas(im, size)
+                if crc is not None and checksum(out[i]) != int(crc[i]):
+                    raise StoreError(f"{root}/{path} (row {i}) is not the image the teacher saw: the file changed since "
+                                     "the store was made, or decodes differently here; restore it, or extract again "
+                                     "(canvas.store=true keeps the canvases in the store)")
         return out
 
     @cached_property

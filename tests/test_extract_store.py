@@ -214,6 +214,29 @@ def test_canvas_can_stay_out_of_the_store(make_cfg, tiny_teacher):
             s.pixels()
 
 
+def test_canvases_rebuilt_from_the_files_must_be_the_ones_the_teacher_saw(make_cfg, tiny_teacher, tmp_path):
+    """canvas.store=false: students rebuild canvases from the source files; each is checked against
+    the CRC-32C of the canvas the teacher saw, so a file changed since is refused, not trained on."""
+    from PIL import Image
+
+    from embedcache.students.data import StoreData
+
+    for c in "ab":
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(3):
+            img = np.random.default_rng([ord(c), i]).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+            Image.fromarray(img).save(tmp_path / "data" / c / f"{i}.png")
+    res = extract(make_cfg("nopix.zarr", "dataset.name=folder", f"dataset.path={tmp_path / 'data'}", "canvas.store=false"),
+                  teacher=tiny_teacher, log=quiet)
+    with_pixels = extract(make_cfg("pix.zarr", "dataset.name=folder", f"dataset.path={tmp_path / 'data'}"),
+                          teacher=tiny_teacher, log=quiet)
+    with embedcache.open_store(with_pixels.path) as s:
+        assert np.array_equal(StoreData(res.path, "name").pixels, s.pixels())
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(tmp_path / "data" / "b" / "1.png")  # changed since
+    with pytest.raises(StoreError, match=r"b/1.png .*is not the image the teacher saw.*canvas.store=true"):
+        StoreData(res.path, "name").pixels
+
+
 def test_hdf5_refuses_several_writers_and_bad_shards(make_cfg, tiny_teacher):
     with pytest.raises(ConfigError, match="hdf5 stores take one writer; use a .zarr store"):
         extract(replace(make_cfg("x.h5"), shard=0, num_shards=2), teacher=tiny_teacher, log=quiet)

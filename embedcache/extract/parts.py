@@ -27,7 +27,7 @@ from ..config import ViewsConfig
 from ..datasets import ImageDataset
 from ..errors import TeacherOutputError
 from ..fileio import disk_full_error, is_disk_full
-from ..store import STATUS_FAILED, STATUS_OK, Store
+from ..store import STATUS_FAILED, STATUS_OK, Store, checksum
 from ..views import make_canvas, render_views, render_views_batched, to_uint8, view_params
 
 
@@ -232,6 +232,9 @@ class BlockAssembler:
                   "image/status": np.where(ok, STATUS_OK, STATUS_FAILED).astype(np.uint8)}
         if self.store_pixels:
             arrays["image/pixels"] = np.concatenate([b.canvas.cpu().numpy() for b, _ in parts])
+        elif "image/canvas_crc32c" in self.store.layout["block_arrays"]:  # stores made since it exists
+            arrays["image/canvas_crc32c"] = np.array([checksum(c) for b, _ in parts for c in b.canvas.cpu().numpy()],
+                                                     np.uint32)
         failures = {int(r): e for b, _ in parts for r, e in zip(b.rows, b.errors) if e}
         return Block(blk, arrays, failures)
 

@@ -13,7 +13,9 @@ from ..fileio import json_digest
 SCHEMA_VERSION = 2  # 2: per-block checksums (blocks/crc32c) and checksummed tables
 STATUS_OK, STATUS_FAILED = 1, 2
 # arrays with one row per image, written by row block and checksummed per block
-BLOCK_ARRAYS = ("image/emb", "image/view_params", "image/status", "image/pixels")
+# (image/canvas_crc32c: a store without pixels keeps each canvas's CRC-32C, so canvases rebuilt from
+# the source files are checked to be the ones the teacher saw)
+BLOCK_ARRAYS = ("image/emb", "image/view_params", "image/status", "image/pixels", "image/canvas_crc32c")
 
 
 def cache_key(parts: Dict[str, Any]) -> str:
@@ -40,6 +42,8 @@ def plan_layout(n: int, views: int, dim: int, canvas: int, store_pixels: bool, b
     }
     if store_pixels:
         arrays["image/pixels"] = ((n, canvas, canvas, 3), "uint8", (px_rows, canvas, canvas, 3), "zstd")
+    else:
+        arrays["image/canvas_crc32c"] = ((n,), "uint32", (block_rows,), "none")
     block_arrays = [a for a in BLOCK_ARRAYS if a in arrays]
     num_blocks = -(-n // block_rows)
     arrays["blocks/done"] = ((num_blocks,), "uint8", (1,), "none")
