@@ -6,7 +6,8 @@ from typing import List
 
 import pandas as pd
 
-from .store_eval import summary_table
+from .results import conform
+from .store_eval import method_keys, summary_table
 
 
 def markdown(table: pd.DataFrame) -> str:
@@ -20,6 +21,12 @@ def markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def _method(df: pd.DataFrame, several_stores: bool) -> pd.Series:
+    """A plot's label of each row's method (its store's key first when there are several stores)."""
+    name = df["recipe"] + " / " + df["student"]
+    return (df["store_key"].str[:8] + ": " + name) if several_stores else name
+
+
 def write_report(results: pd.DataFrame, out_dir: str) -> List[Path]:
     """report.md with one table per split, and PNG plots: per-domain bars per split, and in-domain
     vs out-of-domain accuracy per method when both exist."""
@@ -29,16 +36,19 @@ def write_report(results: pd.DataFrame, out_dir: str) -> List[Path]:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    results = conform(results)
+    keys = method_keys(results)  # rows of other variants or stores are never averaged together
+    several = "store_key" in keys
     parts, files = ["# Results\n"], []
     special = {"per_class", "distill", "text"}
     if "per_class" in set(results["split"]):
         pc = results[results["split"] == "per_class"]
-        tab = (100 * pc.pivot_table(index=["recipe", "student", "source"], columns="class_name", values="value",
+        tab = (100 * pc.pivot_table(index=keys, columns="class_name", values="value",
                                     aggfunc="mean")).round(1)
         parts += ["## per class (top-1, %, mean over seeds)\n", markdown(tab), ""]
     dist = results[results["split"].isin(["distill", "text"])]
     if not dist.empty:
-        tab = dist.pivot_table(index=["recipe", "student", "source"], columns="metric", values="value", aggfunc="mean").round(3)
+        tab = dist.pivot_table(index=keys, columns="metric", values="value", aggfunc="mean").round(3)
         parts += ["## distillation metrics (mean over seeds)\n", markdown(tab), ""]
     for split in sorted(set(results["split"].unique()) - special):
         parts += [f"## {split} (top-1, %)\n", markdown(summary_table(results, split)), ""]
@@ -47,7 +57,7 @@ def write_report(results: pd.DataFrame, out_dir: str) -> List[Path]:
             top = top[top["episode"].isna() | (top["episode"] == -1)]
         if top.empty:
             continue
-        pv = top.assign(method=top["recipe"] + " / " + top["student"]).pivot_table(
+        pv = top.assign(method=_method(top, several)).pivot_table(
             index="domain", columns="method", values="value", aggfunc="mean")
         ax = (100 * pv).plot.bar(figsize=(max(6, 1.2 * len(pv)), 4), rot=0)
         ax.set_ylabel("top-1 (%)"); ax.set_title(split); ax.legend(fontsize=7)
@@ -57,7 +67,7 @@ def write_report(results: pd.DataFrame, out_dir: str) -> List[Path]:
         files.append(f)
     t1 = results[(results["metric"] == "top1") & (results["domain"] == "avg")]
     if {"in_domain", "out_of_domain"} <= set(t1["split"]):
-        m = t1.assign(method=t1["recipe"] + " / " + t1["student"]).pivot_table(
+        m = t1.assign(method=_method(t1, several)).pivot_table(
             index="method", columns="split", values="value", aggfunc="mean").dropna()
         fig, ax = plt.subplots(figsize=(5, 5))
         ax.scatter(100 * m["in_domain"], 100 * m["out_of_domain"])

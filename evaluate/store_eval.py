@@ -64,6 +64,13 @@ def teacher_baselines(store: str, sources: Optional[Sequence[str]] = None, proto
     return pd.concat(frames, ignore_index=True)
 
 
+def method_keys(results: pd.DataFrame) -> list:
+    """The columns that name a method in a table: recipe, student, text source, variant, and the store
+    first when the results span several stores (their rows are never averaged together)."""
+    keys = ["recipe", "student", "source", "variant"]
+    return (["store_key"] + keys) if results["store_key"].nunique() > 1 else keys
+
+
 def summary_table(results: pd.DataFrame, split: Optional[str] = None, metric: str = "top1") -> pd.DataFrame:
     """Methods x domains, mean +- std over replicates, as the papers lay them out (percent)."""
     results = conform(results)
@@ -71,7 +78,7 @@ def summary_table(results: pd.DataFrame, split: Optional[str] = None, metric: st
     if split is not None:
         df = df[df["split"] == split]
     df = df[df["episode"] == -1]
-    keys = ["recipe", "student", "source", "variant"]
+    keys = method_keys(results)
     doms = df[df["domain"] != "avg"]
     # "avg": each replicate's mean over domains first, then mean ± std over replicates (as the papers
     # report; in leave-one-domain-out each run scores one domain, so per-run "avg" rows would mix the two).

@@ -138,8 +138,18 @@ def test_the_teacher_on_two_stores_keeps_both_stores_rows(synthetic_store, make_
     out = tmp_path / "t.parquet"
     for store in (str(synthetic_store), other.out):
         assert CliRunner().invoke(main, ["evaluate", "--store", store, "--source", "name", "--out", str(out)]).exit_code == 0
-    avg = pd.read_parquet(out).query("domain == 'avg' and metric == 'top1'")
+    rows = pd.read_parquet(out)
+    avg = rows.query("domain == 'avg' and metric == 'top1'")
     assert len(avg) == 2 and avg.store_key.nunique() == 2 and set(avg.n) == {3 * 2 * 8, 3 * 2 * 3}
+    # the report keeps them apart too: one row per store, never their mean ± std
+    from embedcache.evaluate.store_eval import summary_table
+
+    table = summary_table(rows)
+    assert table.index.names[0] == "store_key" and len(table) == 2
+    for key, value in zip(avg.store_key, avg.value):
+        assert table.loc[key, "avg"].item() == f"{100 * value:.1f}"
+    res = CliRunner().invoke(main, ["report", str(out), "--out", str(tmp_path / "rep")])
+    assert res.exit_code == 0 and "±" not in (tmp_path / "rep" / "report.md").read_text()
 
 
 def test_open_vocab_refuses_a_run_that_saw_every_class(synthetic_store, tmp_path):
@@ -222,3 +232,15 @@ def test_summary_table_averages_domains_within_each_seed_first():
     assert t.loc[("r", "s", "name", "-", "ood"), "d1"] == "30.0 ± 14.1"
     assert t.loc[("r", "s", "name", "-", "ood"), "avg"] == "40.0 ± 14.1"  # seeds: 0.3 and 0.5
     assert list(t.columns) == ["d1", "d2", "avg"]
+
+
+def test_report_tables_keep_variants_apart(tmp_path):
+    """A sweep over optim.lr: the per-class and distillation tables show each variant, never their mean."""
+    from embedcache.evaluate.report import write_report
+
+    rows = [{"recipe": "r", "student": "s", "source": "name", "variant": f"optim.lr={lr}", "split": split,
+             "class_name": "cat" if split == "per_class" else "", "metric": "top1" if split == "per_class" else "m_rel",
+             "domain": "all", "value": v} for lr, v in (("0.1", 0.2), ("0.01", 0.8)) for split in ("per_class", "distill")]
+    write_report(pd.DataFrame(rows), str(tmp_path))
+    text = (tmp_path / "report.md").read_text()
+    assert "20.0" in text and "80.0" in text and "50.0" not in text and "0.5 " not in text
