@@ -14,13 +14,19 @@ import numpy as np
 
 from embedcache import open_store
 from embedcache.api import StoreReader
-from embedcache.errors import StoreError
+from embedcache.errors import ConfigError, StoreError
 from embedcache.views import make_canvas
 from embedcache.store import checksum
 
 from .config import SplitConfig
 
 __all__ = ["StoreData", "SplitConfig"]
+
+
+def check_views_used(views_used: Optional[int], views: int, store: str) -> None:
+    """Drawing from more views than a store holds would be recorded as done while fewer were drawn."""
+    if views_used is not None and views_used > views:
+        raise ConfigError(f"views_used={views_used} but store {store} holds {views} views per image; use at most {views}")
 
 
 class StoreData:

@@ -33,7 +33,7 @@ from embedcache.fileio import disk_full_error, is_disk_full, json_digest
 
 from .averaging import AVERAGING
 from .config import OptimConfig, SplitConfig, StudentConfig, SwadConfig, TrainConfig
-from .data import StoreData
+from .data import StoreData, check_views_used
 from .headstep import HeadStep
 from .losses import LOSSES, BatchContext, weighted_sum
 from .features import features_key
@@ -259,6 +259,7 @@ class Trainer:
         self.source = cfg.text_source or self.recipe.text_source
         self.run_dir = RunDir(cfg.out or Path("runs") / run_name(cfg))
         self.data = shared.data if shared is not None else StoreData(cfg.store, self.source, cfg.split)
+        check_views_used(cfg.views_used, self.data.views, cfg.store)
         self.device = resolve_device(cfg.device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)

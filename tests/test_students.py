@@ -229,6 +229,13 @@ def test_bad_input_is_refused_with_the_options(synthetic_store, tmp_path):
         StoreData(str(synthetic_store), "name", SplitConfig(holdout_domains=("sketch",)))
 
 
+def test_more_views_than_the_store_holds_are_refused(synthetic_store, tmp_path):
+    """views_used above the stored count would be recorded as used while fewer were drawn."""
+    with pytest.raises(ConfigError, match=r"views_used=8 but store .* holds 3 views per image; use at most 3"):
+        train(_cfg(synthetic_store, tmp_path, views_used=8), log=quiet)
+    assert not (tmp_path / "run").exists()
+
+
 def test_store_without_the_recipes_text_or_incomplete_is_refused(make_cfg, tiny_teacher, tmp_path):
     from embedcache.extract import extract
 

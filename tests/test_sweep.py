@@ -126,7 +126,8 @@ def test_bad_sweep_files_are_rejected_before_any_run(synthetic_store, tmp_path, 
              ({"base": {"batch_size": "abc"}}, "batch_size='abc' is not valid: expected an integer"),
              ({"grid": {"text_source": ["colours"]}}, "text source 'colours' is not in"),
              ({"protocol": "zero_shot"}, "protocol='zero_shot' is not valid: choose one of lodo"),
-             ({"launcher": "slurm"}, "launcher='slurm' is not valid: choose one of local, ray, serial")]
+             ({"launcher": "slurm"}, "launcher='slurm' is not valid: choose one of local, ray, serial"),
+             ({"grid": {"views_used": [2, 4]}}, r"sweep run \(views_used=4\): views_used=4 but store .* holds 3 views")]
     for change, msg in cases:
         with pytest.raises(ConfigError, match=msg):
             expand(load_sweep(str(_sweep_file(tmp_path, synthetic_store, **change))), str(tmp_path / "none"))

@@ -28,6 +28,7 @@ from embedcache.evaluate.protocols import seeded_class_split
 from embedcache.fileio import atomic_write, atomic_write_text, disk_full_error, is_disk_full
 
 from ..config import TrainConfig
+from ..data import check_views_used
 from ..finetune import MODES as FINETUNE_MODES
 from ..train import run_name
 from .launchers import LAUNCHERS, check_options
@@ -102,7 +103,7 @@ def expand(spec: SweepSpec, sweep_dir: str) -> List[SweepPoint]:
             raise ConfigError(f"sweep grid entry {k!r} must be a non-empty list of values")
     with open_store(spec.store) as reader:  # refuses an incomplete store
         splits = _splits(spec, reader)
-        sources = set(reader.text_sources)
+        sources, views = set(reader.text_sources), reader.views
     out = []
     for values in itertools.product(*(spec.grid[k] for k in keys)):
         for split in splits:
@@ -121,6 +122,10 @@ def expand(spec: SweepSpec, sweep_dir: str) -> List[SweepPoint]:
             if src not in sources:
                 raise ConfigError(f"sweep run ({where}): text source {src!r} is not in {spec.store} "
                                   f"(it has {', '.join(sorted(sources))})")
+            try:
+                check_views_used(cfg.views_used, views, spec.store)
+            except ConfigError as exc:
+                raise ConfigError(f"sweep run ({where}): {exc}") from None
             ident = {k: v for k, v in to_dict(cfg).items() if k not in ("out", "progress")}
             replicate = cfg.seed
             cfg = build_config(TrainConfig, {**data, "seed": derive_seed(spec.base_seed, ident)})
