@@ -170,7 +170,7 @@ class StoreReader:
 
     def _query(self, query: Union[str, np.ndarray], teacher=None) -> np.ndarray:
         if isinstance(query, str):
-            teacher = teacher or self.load_teacher()
+            teacher = self.require_teacher(teacher) if teacher is not None else self.load_teacher()
             return teacher.encode_text([query]).numpy()[0]
         q = np.asarray(query, dtype=np.float32).reshape(-1)
         if q.shape[0] != self.dim:
@@ -210,11 +210,14 @@ class StoreReader:
         from .teachers import build_teacher
 
         cfg = TeacherConfig(**self.manifest["config"]["teacher"])
-        teacher = build_teacher(cfg)
+        self._teacher = self.require_teacher(build_teacher(cfg), "pass the original teacher or an embedding as the query")
+        return self._teacher
+
+    def require_teacher(self, teacher, fix: str = "pass the teacher that made it"):
+        """``teacher``, refused unless it is the one that made this store (same weights, model and precision)."""
         if teacher.identity() != _ident(self.manifest):
-            raise StoreError(f"the teacher at {cfg.model or cfg.name} differs from the one that made {self.path}; "
-                             "pass the original teacher or an embedding as the query")
-        self._teacher = teacher
+            t = teacher.identity()
+            raise StoreError(f"the teacher {t.get('name')}/{t.get('model')} differs from the one that made {self.path}; {fix}")
         return teacher
 
     def view_policy(self) -> str:

@@ -134,7 +134,7 @@ class TeacherOnlineTargets(StoredTargets):
             raise ConfigError("targets=teacher_online needs a loaded teacher passed to train(teacher=...); "
                               "a student run never builds a teacher itself")
         super().__init__(data, device)
-        self.teacher = teacher
+        self.teacher = data.reader.require_teacher(teacher, "online targets must come from the store's own teacher")
 
     @torch.no_grad()
     def embeddings(self, idx: np.ndarray, views: np.ndarray) -> torch.Tensor:

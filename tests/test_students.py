@@ -63,6 +63,22 @@ def test_student_view_is_the_teachers_view(synthetic_store, tiny_teacher):
     torch.testing.assert_close(online, t, atol=2e-3, rtol=0)
 
 
+def test_online_targets_and_text_queries_take_only_the_stores_own_teacher(synthetic_store, tmp_path):
+    from conftest import save_tiny_clip
+
+    from embedcache.config import TeacherConfig
+    from embedcache.students.providers import TARGETS
+    from embedcache.teachers import build_teacher
+
+    other = build_teacher(TeacherConfig(name="open_clip", model=f"local-dir:{save_tiny_clip(tmp_path / 'c', seed=1)}",
+                                        device="cpu"))
+    data = StoreData(str(synthetic_store), "name")
+    with pytest.raises(StoreError, match="differs from the one that made .*online targets must come from the store's"):
+        TARGETS.get("teacher_online")(data, torch.device("cpu"), teacher=other)
+    with pytest.raises(StoreError, match="differs from the one that made"):
+        data.reader.nearest_images("a circle", teacher=other)
+
+
 def test_a_colour_augmented_store_gives_the_student_the_teachers_view(make_cfg, tiny_teacher):
     """views.color_jitter / views.grayscale (DomainBed's augmentation): stored with each crop, rendered
     alike for teacher and student, and part of the store's key only when in use."""
