@@ -10,6 +10,8 @@ run/model.safetensors  the kept weights (the selected checkpoint or the weight a
                        cached features keeps its head(s) only: its frozen backbone is the student
                        settings' own, named by split.json's backbone_key (checked on loading)
 run/summary.json       validation top-1, which checkpoint was kept and why, timings
+run/sweep.json         a sweep's run only: its variant and replicate (the grid's seed), the columns
+                       its result rows carry however they are scored
 run/done               written last: the run is finished
 Every file is written atomically (a temporary file, then a rename), so a full disk or a kill never
 leaves half a file behind.
@@ -96,7 +98,16 @@ class RunDir:
         raise StoreError(f"the store of run {self.path} ({cfg.get('store_path') or cfg.get('store')}) is not there; "
                          "pass --store with the store it was trained on")
 
+    @property
+    def sweep_tags(self) -> Dict[str, Any]:
+        """A sweep's run: its variant and replicate ({} for a run trained on its own)."""
+        return self._json("sweep.json") if self.file("sweep.json").is_file() else {}
+
     # --- writing ---------------------------------------------------------------------------------
+    def write_sweep_tags(self, tags: Dict[str, Any]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.file("sweep.json"), tags)
+
     def write_config(self, cfg: TrainConfig, store_key: str) -> None:
         atomic_write_json(self.file("config.json"), {**to_dict(cfg), "store_key": store_key,
                                                      "store_path": str(Path(cfg.store).resolve())})

@@ -76,7 +76,7 @@ def run_tags(run: RunDir, reader: StoreReader, transfer: bool = False) -> Dict:
     held = ["transfer"] if transfer else split.get("holdout_domains") or []
     return {"run": run.name, "recipe": cfg["recipe"], "student": cfg["student"]["name"], "seed": cfg["seed"],
             "replicate": cfg["seed"], "source": split["text_source"], "store_key": reader.key,
-            "holdout": holdout_tag(held, reader.classes, split["seen_classes"])}
+            "holdout": holdout_tag(held, reader.classes, split["seen_classes"]), **run.sweep_tags}
 
 
 def _open_for(run: RunDir, path: str, transfer: bool) -> StoreReader:

@@ -217,3 +217,21 @@ def test_a_few_shot_sweep_fine_tunes_in_the_mode_it_names(synthetic_store, tmp_p
     assert "finetune_mixed" in splits and "finetune" not in splits
     with pytest.raises(ConfigError, match="finetune_mode='mix' is not valid: choose one of shots, mixed"):
         load_sweep(str(_sweep_file(tmp_path, synthetic_store, finetune_mode="mix")))
+
+
+def test_scoring_a_sweeps_runs_again_keeps_their_variant_and_replicate(synthetic_store, tmp_path):
+    """`evaluate sweeps/x/runs` gives the rows the sweep gave: a grid over optim.lr keeps its variants
+    apart and each run its replicate (the grid's seed), so a report's ± stays the spread over seeds."""
+    f = _sweep_file(tmp_path, synthetic_store, holdout_domains=["outline"],
+                    grid={"optim.lr": [0.001, 0.01], "seed": [0, 1]}, base={
+                        "recipe": "feat_kd", "student": {"name": "test_resnet", "input_size": 32}, "steps": 2,
+                        "batch_size": 8, "eval_every": 2, "ckpt_every": 2, "device": "cpu"})
+    out = tmp_path / "sw"
+    assert CliRunner().invoke(main, ["sweep", str(f), "--out", str(out), "--no-progress"]).exit_code == 0
+    res = CliRunner().invoke(main, ["evaluate", str(out / "runs"), "--out", str(tmp_path / "again.parquet")])
+    assert res.exit_code == 0, res.output
+    cols = ["run", "variant", "replicate"]
+    swept = pd.read_parquet(out / "results.parquet")[cols].drop_duplicates().sort_values("run")
+    again = pd.read_parquet(tmp_path / "again.parquet")[cols].drop_duplicates().sort_values("run")
+    assert len(swept) == 4 and set(swept.variant) == {"optim.lr=0.001", "optim.lr=0.01"} and set(swept.replicate) == {0, 1}
+    pd.testing.assert_frame_equal(swept.reset_index(drop=True), again.reset_index(drop=True))

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict
 
-import pandas as pd
 
 from embedcache import interrupt
-from embedcache.config import to_dict
+from embedcache.config import flatten, to_dict
 from embedcache.fileio import atomic_write, atomic_write_text, is_disk_full
 
 from ..config import TrainConfig
@@ -37,7 +36,7 @@ class SweepPoint:
 
 def variant(cfg: TrainConfig, grid_keys) -> str:
     """The grid values of a run other than its replicate seed, e.g. 'optim.lr=0.001'."""
-    flat = pd.json_normalize(to_dict(cfg), sep=".").iloc[0].to_dict()
+    flat = flatten(to_dict(cfg))
     parts = [f"{k}={flat[k]}" for k in sorted(grid_keys) if k not in ("seed", "recipe", "student.name")]
     return ", ".join(parts) or "-"
 
@@ -51,8 +50,14 @@ def _score(run: RunDir, spec, point: SweepPoint, device: str):
     from ..scoring import score_run
 
     return score_run(run, [spec.protocol], point.cfg.store, device, finetune_steps=spec.finetune_steps,
-                     finetune_mode=spec.finetune_mode,
-                     tags={"variant": variant(point.cfg, spec.grid), "replicate": point.replicate})
+                     finetune_mode=spec.finetune_mode)
+
+
+def _start(run: RunDir, spec, point: SweepPoint, **attempt) -> None:
+    """Before a run of the sweep trains: its tags (sweep.json, which scoring reads) and an attempt record."""
+    run.write_sweep_tags({"variant": variant(point.cfg, spec.grid), "replicate": point.replicate})
+    with open(run.file("attempts.jsonl"), "a") as fh:
+        fh.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(), **attempt}) + "\n")
 
 
 def run_one(point: SweepPoint, spec, sweep_dir: str, device: str = "auto", teacher=None) -> Dict[str, str]:
@@ -72,8 +77,7 @@ def run_one(point: SweepPoint, spec, sweep_dir: str, device: str = "auto", teach
         if result.exists():  # finished by another worker between our check and the claim
             return {"run": run.name, "status": "skipped"}
         try:
-            with open(run.file("attempts.jsonl"), "a") as fh:
-                fh.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}) + "\n")
+            _start(run, spec, point)
             train(cfg, log=lambda _m: None, should_stop=interrupt.requested, teacher=teacher)
             df = _score(run, spec, point, device)
             atomic_write(result, lambda tmp: df.to_parquet(tmp, index=False))
@@ -119,11 +123,7 @@ def run_pack(points, spec, sweep_dir: str, device: str = "auto"):
                 todo.append(p)
         try:
             for p in todo:
-                run = RunDir(p.cfg.out)
-                run.path.mkdir(parents=True, exist_ok=True)
-                with open(run.file("attempts.jsonl"), "a") as fh:
-                    fh.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(),
-                                         "pack": len(todo)}) + "\n")
+                _start(RunDir(p.cfg.out), spec, p, pack=len(todo))
             train_heads([p.cfg for p in todo if not RunDir(p.cfg.out).done], log=lambda _m: None,
                         should_stop=interrupt.requested)
             for p in todo:
