@@ -235,3 +235,19 @@ def test_scoring_a_sweeps_runs_again_keeps_their_variant_and_replicate(synthetic
     again = pd.read_parquet(tmp_path / "again.parquet")[cols].drop_duplicates().sort_values("run")
     assert len(swept) == 4 and set(swept.variant) == {"optim.lr=0.001", "optim.lr=0.01"} and set(swept.replicate) == {0, 1}
     pd.testing.assert_frame_equal(swept.reset_index(drop=True), again.reset_index(drop=True))
+
+
+def test_a_sweep_directory_holds_the_runs_of_one_store(synthetic_store, make_cfg, tiny_teacher, tmp_path):
+    """Relaunching a sweep's --out on another store would pool both stores' runs in one table."""
+    from embedcache.extract import extract
+
+    other = make_cfg("other.zarr", "dataset.per_class=3", "dataset.seed=7")
+    extract(other, teacher=tiny_teacher, log=lambda m: None)
+    f = _sweep_file(tmp_path, synthetic_store, holdout_domains=["outline"], grid={"recipe": ["ce"], "seed": [0]})
+    out = tmp_path / "sw"
+    assert CliRunner().invoke(main, ["sweep", str(f), "--out", str(out), "--no-progress"]).exit_code == 0
+    before = (out / "results.parquet").read_bytes()
+    res = CliRunner().invoke(main, ["sweep", str(f), "--out", str(out), "--no-progress", "--set", f"store={other.out}"])
+    assert res.exit_code == 2 and "holds the runs of store" in res.output and "use another --out" in res.output
+    assert res.output.strip().count("\n") == 0 and (out / "results.parquet").read_bytes() == before
+    assert len(list((out / "runs").iterdir())) == 1

@@ -176,6 +176,26 @@ def _write_outputs(sweep_dir: str) -> Optional[pd.DataFrame]:
     return results
 
 
+def _require_one_store(sweep_dir: str, store: str) -> None:
+    """A sweep directory holds the runs of one store (store.json names it): relaunched on another
+    store, its results table would pool two stores' runs."""
+    with open_store(store) as reader:
+        key = reader.key
+    f = Path(sweep_dir) / "store.json"
+    if f.is_file():
+        first = json.loads(f.read_text())
+    else:  # the first launch, or a sweep made before store.json (its results name their store)
+        seen = {k for r in Path(sweep_dir).glob("results/*.parquet")
+                for k in pd.read_parquet(r, columns=["store_key"]).store_key}
+        others = sorted(seen - {key})
+        first = {"store_key": others[0], "store": "(named in its results)"} if others else {"store_key": key, "store": store}
+        if not others:
+            atomic_write_text(f, json.dumps(first))
+    if first["store_key"] != key:
+        raise ConfigError(f"sweep {sweep_dir} holds the runs of store {first['store']} (key {first['store_key']}), not of "
+                          f"{store} (key {key}); use another --out for a sweep over {store}")
+
+
 def run_sweep(spec: SweepSpec, sweep_dir: str, launcher: Optional[str] = None, device: str = "auto",
               progress: bool = True, log: Callable[[str], None] = print, **launcher_args) -> Dict[str, Any]:
     """Validate and expand the grid, run what is not finished, then write results.parquet and the report.
@@ -186,6 +206,7 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, launcher: Optional[str] = None, d
     points = expand(spec, sweep_dir)
     try:
         Path(sweep_dir).mkdir(parents=True, exist_ok=True)
+        _require_one_store(sweep_dir, spec.store)
         atomic_write_text(Path(sweep_dir) / "sweep.yaml", yaml.safe_dump(to_dict(spec), sort_keys=True))
     except OSError as exc:
         if is_disk_full(exc):
