@@ -21,6 +21,7 @@ from ..datasets import ImageDataset, build_dataset
 from ..errors import BudgetError, ConfigError
 from ..fileio import disk_full_error, is_disk_full
 from ..store import BACKENDS, STATUS_OK, Store, add_text_arrays, backend_name_for, plan_layout
+from ..store.store import is_counter
 from ..teachers import Teacher, build_teacher
 from ..text import build_prompts, encode_sources
 from ..views import param_fields
@@ -84,6 +85,7 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
     if num_shards > 1 and not BACKENDS.get(backend).multi_writer:
         raise ConfigError(f"{backend} stores take one writer; use a .zarr store for --num-shards {num_shards}")
     dataset = dataset or build_dataset(cfg.dataset)
+    books_from = teacher  # a teacher passed in may have spent before this call; one built here has not
     teacher = teacher or build_teacher(cfg.teacher)
     prompts = build_prompts(dataset.classes, cfg.text)
     reader = reader or make_reader(cfg, dataset, teacher)
@@ -101,6 +103,7 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
         if is_disk_full(exc):
             raise disk_full_error(cfg.out, "free space or choose --out on a larger disk") from exc
         raise
+    books = _Books(teacher, since_built=books_from is None)
     try:
         repaired = 0
         if store.blocks_done().any():  # finished blocks are checked before anything builds on them
@@ -120,17 +123,46 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
             encoded, failed = run_blocks(store, mine, reader, embedder, cfg.batch_size,
                                          progress=cfg.progress, on_block_done=on_block_done)
         except BudgetError as exc:  # a paid teacher stopped: say what finishing the store would cost
+            books.record(store)
             store.close()
             raise _budget_stop(exc, cfg, manifest, layout, reader, embedder, prompts, shard, num_shards, log) from None
         if store.blocks_done().all():
-            failed = _finalize_or_disk_full(store, dataset, teacher, prompts)
+            failed = _finalize_or_disk_full(store, dataset, teacher, prompts, books)
             log(f"wrote {cfg.out}: {len(dataset)} images x {cfg.views.count} views, "
                 f"{failed} unreadable image(s) skipped (listed in meta.parquet)")
         else:
             log(f"shard {shard}/{num_shards} done; the store completes when every shard has finished")
         return ExtractResult(cfg.out, store.key, store.complete, encoded, failed, time.time() - t0, repaired=repaired)
     finally:
+        books.record(store, quietly=True)  # a stop or an error: what this call paid is still counted
         store.close()
+
+
+class _Books:
+    """What a paid teacher spent in one extract call (its ``usage()`` now, less at the start), kept
+    in the store as one entry per call: the manifest's ``teacher_usage`` sums them, so a store stopped
+    by its budget and finished by a second call says what both paid."""
+
+    def __init__(self, teacher, since_built: bool):
+        """``since_built``: the teacher was built for this call (its probes on loading count too)."""
+        usage = getattr(teacher, "usage", None)
+        self.usage = usage if callable(usage) else None
+        self.start = {} if since_built else self.usage() if self.usage else None
+        self.recorded = False
+
+    def record(self, store: Store, quietly: bool = False) -> None:
+        if self.usage is None or self.recorded:
+            return
+        self.recorded = True
+        now = self.usage()
+        spent = {k: v - self.start.get(k, 0) if is_counter(v) else v for k, v in now.items()}
+        if not any(v for v in spent.values() if is_counter(v)):
+            return  # nothing asked of the teacher in this call (an intact store)
+        try:
+            store.add_usage(spent)
+        except OSError:
+            if not quietly:  # on the way out of a failure (a full disk), the failure is what to report
+                raise
 
 
 def _dry_run(cfg, manifest, layout, reader, embedder, prompts, shard, num_shards, log) -> DryRun:
@@ -228,16 +260,16 @@ def run_blocks(store: Store, blocks: List[int], reader, embedder, batch_size: in
     return encoded, failed
 
 
-def _finalize_or_disk_full(store: Store, dataset: ImageDataset, teacher, prompts) -> int:
+def _finalize_or_disk_full(store: Store, dataset: ImageDataset, teacher, prompts, books: Optional[_Books] = None) -> int:
     try:
-        return finalize(store, dataset, teacher, prompts)
+        return finalize(store, dataset, teacher, prompts, books)
     except OSError as exc:
         if is_disk_full(exc):
             raise disk_full_error(store.path, "free space or choose --out on a larger disk") from exc
         raise
 
 
-def finalize(store: Store, dataset: ImageDataset, teacher, prompts) -> int:
+def finalize(store: Store, dataset: ImageDataset, teacher, prompts, books: Optional[_Books] = None) -> int:
     """Text embeddings, meta.parquet, text.parquet, their checksums, then complete=True (last)."""
     import pandas as pd
 
@@ -254,6 +286,8 @@ def finalize(store: Store, dataset: ImageDataset, teacher, prompts) -> int:
     meta["reason"] = [reasons.get(i, "") for i in range(len(meta))]
     store.put_table("meta.parquet", meta)
     failed = int((status != STATUS_OK).sum())
-    usage = getattr(teacher, "usage", None)  # a paid teacher's running totals (queries, bytes, cache hits)
-    store.finish(failed=failed, **({"teacher_usage": usage()} if callable(usage) else {}))
+    if books is not None:
+        books.record(store)  # this call's spending, the text included, before the totals are written
+    usage = store.usage()  # a paid teacher's books over every call (queries, bytes, cache hits)
+    store.finish(failed=failed, **({"teacher_usage": usage} if usage else {}))
     return failed

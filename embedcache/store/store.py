@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import time
 from datetime import datetime, timezone
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -32,6 +34,10 @@ from .integrity import IntegrityReport, checksum
 from .layout import SCHEMA_VERSION
 
 TABLES = ("meta.parquet", "text.parquet")
+
+
+def is_counter(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _now() -> str:
@@ -157,6 +163,23 @@ class Store:
             self.b.write("blocks/done", int(blk), np.zeros(1, np.uint8))
         self.write_manifest({**self.manifest, "complete": False})
         self.b.flush()
+
+    # --- a paid teacher's books: one entry per extraction call, so every call's spending is counted ---
+    def add_usage(self, spent: Dict[str, Any]) -> None:
+        self.b.put_blob(f"usage/{time.time_ns():020d}-{os.getpid()}.json", json.dumps(spent, sort_keys=True).encode())
+        self.b.flush()
+
+    def usage(self) -> Optional[Dict[str, Any]]:
+        """Every call's counters summed (``calls``: how many), the last call's other entries (protocol,
+        the service's own report); None when no call recorded any."""
+        entries = [json.loads(self.b.get_blob(n)) for n in sorted(self.b.list_blobs("usage"))]
+        if not entries:
+            return None
+        total: Dict[str, Any] = {"calls": len(entries)}
+        for e in entries:
+            for k, v in e.items():
+                total[k] = total.get(k, 0) + v if is_counter(v) else v
+        return total
 
     def failures(self) -> Dict[int, str]:
         out: Dict[int, str] = {}
