@@ -28,14 +28,16 @@ def serve(ctx, config_path: Optional[str], overrides: Sequence[str], host: Optio
 
 
 @serve.command("hash-key")
-def hash_key() -> None:
-    """Read a key from standard input; print the keys_file line to store instead of it."""
+@click.option("--name", default="NAME", show_default=True, help="the key holder's name in the keys file")
+def hash_key(name: str) -> None:
+    """Read a key from standard input; print the keys_file line to store instead of it (add quota or
+    requests_per_minute inside the braces)."""
     from embedcache.serve import key_digest
 
     key = sys.stdin.readline().strip()
     if not key:
         raise click.UsageError("give the key on standard input, e.g. `embedcache serve hash-key < key.txt`")
-    click.echo(f"sha256: {key_digest(key)}")
+    click.echo(f"{name}: {{sha256: {key_digest(key)}}}")
 
 
 @serve.command("ledger")

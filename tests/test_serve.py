@@ -241,9 +241,9 @@ def test_cli_serve_starts_with_one_command_and_a_config(tmp_path, tiny_teacher_c
 
     from embedcache.cli import main
 
-    res = CliRunner().invoke(main, ["serve", "hash-key"], input=KEY + "\n")
-    assert res.exit_code == 0 and res.output.strip() == f"sha256: {key_digest(KEY)}"
-    (tmp_path / "keys.yaml").write_text(f"alice: {{{res.output.strip()}}}\n")
+    res = CliRunner().invoke(main, ["serve", "hash-key", "--name", "alice"], input=KEY + "\n")
+    assert res.exit_code == 0 and res.output.strip() == f"alice: {{sha256: {key_digest(KEY)}}}"
+    (tmp_path / "keys.yaml").write_text(res.output)  # the keys file line, as printed
     port = _free_port()
     conf = tmp_path / "serve.yaml"
     conf.write_text(json.dumps({"teacher": to_dict(tiny_teacher_cfg), "port": port, "keys_file": str(tmp_path / "keys.yaml"),
