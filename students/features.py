@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from embedcache.api import StoreReader
+from embedcache.config import to_dict
 from embedcache.device import resolve_device
 from embedcache.errors import StoreError
 from embedcache.store import Store
@@ -67,6 +68,26 @@ def cache_features(store: str, cfg: StudentConfig, seed: int = 0, batch_size: in
 
 def has_features(store: Store, key: str) -> bool:
     return bool(store.derived().get(key, {}).get("complete"))
+
+
+def missing_features(reader: StoreReader, cfgs) -> Optional[str]:
+    """Before a sweep's first run: the first head-only run (``features=true``) whose backbone, built
+    as its run will build it (its student settings, under its seed), has no cached features in the
+    store, as a one-line fix; None when every such run has them."""
+    keys: dict = {}  # student settings -> {seed: key}; the same key under two seeds: weights the seed does not touch
+    for cfg in cfgs:
+        seen = keys.setdefault(repr(sorted(to_dict(cfg.student).items())), {})
+        if not cfg.features or cfg.seed in seen or (len(seen) > 1 and len(set(seen.values())) == 1):
+            continue
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            model = build_student(cfg.student, reader.dim, 0)
+        key = seen[cfg.seed] = features_key(model)
+        if not has_features(reader.store, key):
+            return (f"store {reader.path} has no cached features for the {model.name} backbone of the head-only runs "
+                    f"({key}); run `embedcache features --store {reader.path} --student {model.name} --set "
+                    f"input_size={model.input_size}` (with their other student settings) first")
+    return None
 
 
 def load_features(store: Store, model: Student, key: Optional[str] = None) -> np.ndarray:

@@ -58,6 +58,23 @@ def test_runs_that_differ_in_more_than_seed_and_lr_do_not_pack(feature_store, tm
         train_heads([a, b], log=quiet)
 
 
+def test_a_sweep_of_head_only_runs_without_their_cached_features_is_refused_before_any_run(synthetic_store, tmp_path):
+    """The full-backbone runs of a grid used to train first; then every head-only run failed alone."""
+    import yaml
+
+    from embedcache.students.sweep import load_sweep, run_sweep
+
+    spec = {"store": str(synthetic_store), "protocol": "lodo", "holdout_domains": ["outline"], "launcher": "serial",
+            "base": {"steps": 2, "batch_size": 8, "device": "cpu", "student": {"name": "test_resnet", "input_size": 32}},
+            "grid": {"recipe": ["ce", "vl2v_adip_align"], "seed": [0]},
+            "per_recipe": {"vl2v_adip_align": {"features": True}}}
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match=r"no cached features for the test_resnet backbone .*`embedcache features --store"):
+        run_sweep(load_sweep(str(f)), str(tmp_path / "sw"), progress=False, log=quiet)
+    assert not (tmp_path / "sw").exists()
+
+
 def test_a_sweep_packs_heads_and_scores_like_one_run_at_a_time(feature_store, tmp_path):
     import pandas as pd
     import yaml

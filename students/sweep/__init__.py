@@ -29,6 +29,7 @@ from embedcache.fileio import atomic_write, atomic_write_text, disk_full_error, 
 
 from ..config import TrainConfig
 from ..data import check_views_used
+from ..features import missing_features
 from ..finetune import MODES as FINETUNE_MODES
 from ..train import run_name
 from .launchers import LAUNCHERS, check_options
@@ -134,6 +135,10 @@ def expand(spec: SweepSpec, sweep_dir: str) -> List[SweepPoint]:
     names = [Path(p.cfg.out).name for p in out]
     if len(set(names)) != len(names):
         raise ConfigError("two grid points resolve to the same run; remove the duplicate values from the grid")
+    with open_store(spec.store) as reader:  # head-only runs read cached features: there before any run starts
+        missing = missing_features(reader, [p.cfg for p in out])
+    if missing:
+        raise ConfigError(missing)
     return out
 
 
