@@ -59,7 +59,7 @@ class TrainConfig:
     student: StudentConfig = setting(factory=StudentConfig)
     optim: OptimConfig = setting(factory=OptimConfig)
     split: SplitConfig = setting(factory=SplitConfig)
-    text_source: Optional[str] = None   # default: the recipe's
+    text_source: Optional[str] = setting(None, choices=lazy_registry("embedcache.text", "TEXT_SOURCES"))  # default: the recipe's
     steps: int = setting(200, min=1)
     batch_size: int = setting(32, min=1)
     batch_per_domain: bool = False  # DomainBed / VL2V-ADiP: batch_size rows from each training domain per step

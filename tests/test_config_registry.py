@@ -81,10 +81,21 @@ def test_the_shipped_paper_configs_train_as_the_papers_do():
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs" / "sweep").glob("*.yaml")))
 def test_every_shipped_sweep_validates(name, synthetic_store, tmp_path):
-    """Every run of every packaged sweep builds a valid config (on the synthetic store in place of its own)."""
+    """Every run of every packaged sweep builds a valid config (on the synthetic store in place of its own,
+    with the cached features its head-only runs read)."""
+    import shutil
+
+    from embedcache.config import build_config
+    from embedcache.students.features import cache_features
+    from embedcache.students.models import StudentConfig
     from embedcache.students.sweep import expand, load_sweep
 
-    spec = load_sweep(name, [f"store={synthetic_store}"])
+    store = tmp_path / "store.zarr"
+    shutil.copytree(synthetic_store, store)
+    spec = load_sweep(name, [f"store={store}"])
+    if spec.base.get("features") or any(extra.get("features") for extra in spec.per_recipe.values()):
+        cache_features(str(store), build_config(StudentConfig, spec.base["student"]), device="cpu", progress=False,
+                       log=lambda m: None)
     points = expand(spec, str(tmp_path / "s"))
     assert points and len({p.cfg.out for p in points}) == len(points)
 

@@ -245,6 +245,13 @@ def test_bad_input_is_refused_with_the_options(synthetic_store, tmp_path):
         StoreData(str(synthetic_store), "name", SplitConfig(holdout_domains=("sketch",)))
 
 
+def test_a_misspelt_text_source_is_named_as_such():
+    from embedcache.config import build_config
+
+    with pytest.raises(ConfigError, match="text_source='attribute' is not valid: choose one of attributes, name, templates"):
+        build_config(TrainConfig, {"store": "x", "text_source": "attribute"})
+
+
 def test_more_views_than_the_store_holds_are_refused(synthetic_store, tmp_path):
     """views_used above the stored count would be recorded as used while fewer were drawn."""
     with pytest.raises(ConfigError, match=r"views_used=8 but store .* holds 3 views per image; use at most 3"):

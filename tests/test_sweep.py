@@ -124,7 +124,7 @@ def test_bad_sweep_files_are_rejected_before_any_run(synthetic_store, tmp_path, 
              ({"grid": {"steps": [10, -5]}}, "steps=-5 is not valid: must be at least 1"),
              ({"grid": {"optim.lr": [-1]}}, "optim.lr=-1.0 is not valid: must be at least 0"),
              ({"base": {"batch_size": "abc"}}, "batch_size='abc' is not valid: expected an integer"),
-             ({"grid": {"text_source": ["colours"]}}, "text source 'colours' is not in"),
+             ({"grid": {"text_source": ["colours"]}}, "text_source='colours' is not valid: choose one of attributes"),
              ({"protocol": "zero_shot"}, "protocol='zero_shot' is not valid: choose one of lodo"),
              ({"launcher": "slurm"}, "launcher='slurm' is not valid: choose one of local, ray, serial"),
              ({"grid": {"views_used": [2, 4]}}, r"sweep run \(views_used=4\): views_used=4 but store .* holds 3 views")]
