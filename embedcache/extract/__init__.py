@@ -26,7 +26,7 @@ from ..teachers import Teacher, build_teacher
 from ..text import build_prompts, encode_sources
 from ..views import param_fields
 from .device import DeviceDecodeReader
-from .manifest import PIPELINE, build_manifest
+from .manifest import PIPELINE, build_manifest, differing_parts
 from .parts import (Batch, Block, BlockAssembler, BlockWriter, Embedder, LoaderReader, ViewPolicy, block_batches,
                     refuse_nonfinite, resolve_shard, shard_blocks)
 
@@ -54,7 +54,13 @@ def open_or_create(cfg: ExtractConfig, manifest: Dict, layout: Dict) -> Store:
     backend = backend_name_for(cfg.out, cfg.backend)
     advice = "use another --out path, or delete that store if it is no longer needed"
     if Store.exists(cfg.out, backend):
-        return Store(cfg.out, "a", backend).require(manifest["key"], complete=False, advice=advice)
+        store = Store(cfg.out, "a", backend)
+        try:
+            return store.require(manifest["key"], complete=False, advice=advice,
+                                 differs=differing_parts(store.manifest, manifest))
+        except Exception:
+            store.close()
+            raise
     if os.path.exists(cfg.out):
         raise ConfigError(f"--out {cfg.out} exists and is not a {backend} store; choose another path")
     return Store.create(cfg.out, manifest, layout, backend).require(manifest["key"], complete=False, advice=advice)

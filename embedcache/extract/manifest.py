@@ -9,6 +9,7 @@ from typing import Any, Dict, Optional
 
 from ..config import ExtractConfig, to_dict
 from ..datasets import ImageDataset
+from ..fileio import json_digest
 from ..store import SCHEMA_VERSION, cache_key
 from ..text import prompts_digest
 from ..views import param_fields
@@ -44,6 +45,8 @@ def build_manifest(cfg: ExtractConfig, dataset: ImageDataset, teacher, prompts,
     }
     return {
         "schema": SCHEMA_VERSION, "key": cache_key(key_parts), "complete": False,
+        # a digest of each part of the key, so a store made from other inputs can say which differ
+        "key_parts": {name: json_digest(part, 12) for name, part in key_parts.items()},
         "teacher": teacher.describe(),
         "dataset": {"name": dataset.name, "root": str(dataset.root) if dataset.root else None,
                     "fingerprint": dataset.fingerprint(), "n": len(dataset), "classes": dataset.classes,
@@ -55,3 +58,16 @@ def build_manifest(cfg: ExtractConfig, dataset: ImageDataset, teacher, prompts,
         "config": to_dict(cfg), "versions": library_versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def differing_parts(stored: Dict[str, Any], wanted: Dict[str, Any]) -> str:
+    """'its teacher differs', 'its dataset and views differ': the parts of the key in which a store's
+    manifest and the one asked for disagree ('' for a store made before manifests named them)."""
+    a, b = stored.get("key_parts"), wanted.get("key_parts")
+    if not a or not b:
+        return ""
+    names = [n for n in sorted(set(a) | set(b)) if a.get(n) != b.get(n)]
+    if not names:
+        return ""
+    joined = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return f"its {joined} {'differs' if len(names) == 1 else 'differ'}"

@@ -99,13 +99,15 @@ class Store:
         br, n = int(self.layout["block_rows"]), int(self.layout["n"])
         return block * br, min(n, (block + 1) * br)
 
-    def require(self, key: Optional[str] = None, complete: bool = True, advice: str = "use another --out path") -> "Store":
-        """Refuse a store made from other inputs, or one whose extraction has not finished."""
+    def require(self, key: Optional[str] = None, complete: bool = True, advice: str = "use another --out path",
+                differs: str = "") -> "Store":
+        """Refuse a store made from other inputs (``differs``: which, when known), or one whose
+        extraction has not finished."""
         if key is not None and key != self.key:
             t = self.manifest.get("teacher", {})
             raise StoreMismatchError(
-                f"store {self.path} was made from other inputs (key {self.key}, teacher {t.get('name')}/"
-                f"{t.get('model') or t.get('classifier')}); expected key {key}: {advice}")
+                f"store {self.path} was made from other inputs ({differs + '; ' if differs else ''}key {self.key}, "
+                f"teacher {t.get('name')}/{t.get('model') or t.get('classifier')}); expected key {key}: {advice}")
         if complete and not self.complete:
             done = int(self.blocks_done().sum())
             raise StoreError(f"store {self.path} is incomplete ({done} of {self.num_blocks} blocks written); "
