@@ -551,7 +551,8 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int], None]] = None, log
     require_same_settings(run_dir, cfg)
     if run_dir.done:
         s = run_dir.summary
-        log(f"{run_dir.path} is already done (val top-1 {s['val_top1']})")
+        val = s["val_top1"]
+        log(f"{run_dir.path} is already done" + (f" (val top-1 {100 * val:.1f}%)" if val is not None else ""))
         return RunResult(str(run_dir.path), s["val_top1"], s["steps"], 0.0, selected=s.get("selected"))
     try:
         return Trainer(cfg, teacher, log, on_step, should_stop).run()

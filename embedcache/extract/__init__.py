@@ -210,7 +210,7 @@ def _budget_stop(exc, cfg, manifest, layout, reader, embedder, prompts, shard, n
     finish = getattr(embedder.teacher, "budget_message", None)
     if not callable(finish):
         return exc
-    log(f"{exc}; counting what finishing {cfg.out} would cost ...")
+    log(f"the paid teacher stopped; counting what finishing {cfg.out} would cost ...")  # the error line says why
     left = _dry_run(replace(cfg, progress=False), manifest, layout, reader, embedder, prompts, shard, num_shards, log)
     return BudgetError(f"{exc}; {finish(left.cost)}")
 
