@@ -7,6 +7,7 @@ one of the first ``views_used`` views, as a function of (seed, step) alone; the 
 """
 from __future__ import annotations
 
+import warnings
 from functools import cached_property
 from typing import List, Optional, Tuple, Union
 
@@ -64,6 +65,11 @@ class StoreData:
         self._split(meta, split)
         if len(self.train_idx) == 0:
             raise StoreError(f"no training images left in {reader.path} after the split; check holdout_domains and train_classes")
+        untrained = np.setdiff1d(self.train_class_ids, self.labels[self.train_idx])
+        if len(untrained):
+            names = ", ".join(self.classes[c] for c in untrained[:5]) + (" ..." if len(untrained) > 5 else "")
+            warnings.warn(f"{len(untrained)} of {len(self.train_class_ids)} seen classes have no training image after the "
+                          f"split ({names}): the student never trains on them; lower split.val_fraction or give them images")
 
     def _split(self, meta, split: SplitConfig) -> None:
         """Training, validation and test rows. The dataset's own split (a CSV's split column) is kept:

@@ -245,6 +245,18 @@ def test_bad_input_is_refused_with_the_options(synthetic_store, tmp_path):
         StoreData(str(synthetic_store), "name", SplitConfig(holdout_domains=("sketch",)))
 
 
+def test_seen_classes_left_without_training_images_are_warned_about(make_cfg, tiny_teacher):
+    """A tiny store: validation rows can take a class's only images, so it counts as seen untrained."""
+    from embedcache.extract import extract
+
+    cfg = make_cfg("tiny.zarr", "dataset.per_class=1")
+    extract(cfg, teacher=tiny_teacher, log=quiet)
+    with pytest.warns(UserWarning, match=r"1 of 3 seen classes have no training image after the split \(square\): the "
+                                         r"student never trains on them; lower split.val_fraction"):
+        d = StoreData(cfg.out, "name", SplitConfig(val_fraction=0.5))
+    assert set(d.labels[d.train_idx]) == {0, 2}
+
+
 def test_a_misspelt_text_source_is_named_as_such():
     from embedcache.config import build_config
 
