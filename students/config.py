@@ -6,8 +6,8 @@ starts from one. See ``embedcache.config`` for the rules.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
 
 from embedcache.config import lazy_registry, setting
 from embedcache.errors import ConfigError
@@ -64,6 +64,10 @@ class TrainConfig:
     batch_size: int = setting(32, min=1)
     batch_per_domain: bool = False  # DomainBed / VL2V-ADiP: batch_size rows from each training domain per step
     views_used: Optional[int] = setting(None, min=1)  # draw from the first k views (None: all stored views)
+    # loss ablations: the recipe's loss weights (name -> weight; 0 drops one, a new name adds one) and
+    # arguments (name -> {argument: value}), in every stage
+    loss_weights: Dict[str, float] = field(default_factory=dict)
+    loss_args: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     averaging: str = setting("none", choices=_reg("averaging", "AVERAGING"))  # none | swa | swad
     average_start: float = setting(0.5, min=0.0, max=1.0)  # fraction of the run after which weights are averaged
     swad: SwadConfig = setting(factory=SwadConfig)
@@ -88,6 +92,10 @@ class TrainConfig:
             raise ConfigError("averaging=swad picks its window by validation loss; set split.val_fraction > 0")
         if self.select == "best_val" and self.split.val_fraction <= 0:
             raise ConfigError("select=best_val keeps the best in-domain validation checkpoint; set split.val_fraction > 0")
+        if self.loss_weights or self.loss_args:
+            from .recipes import check_losses
+
+            check_losses(self)
         if self.features:
             from .recipes import RECIPES
 

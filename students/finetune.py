@@ -24,7 +24,7 @@ from .config import TrainConfig
 from .data import StoreData
 from .losses import LOSSES, BatchContext
 from .providers import student_views
-from .recipes import RECIPES
+from .recipes import recipe_of
 
 MODES = ("shots", "mixed")
 
@@ -51,7 +51,7 @@ def few_shot_finetune(base, cfg: TrainConfig, data: StoreData, split: Dict, shot
         raise EvaluationError("few-shot fine-tuning needs unseen classes; this run trained on every class")
     dev = torch.device(device) if not isinstance(device, torch.device) else device
     text_all = data.reader.class_emb(split["text_source"])
-    recipe = RECIPES.get(cfg.recipe)
+    recipe = recipe_of(cfg)
     stage = recipe.stages[-1]
     seen_rows = np.asarray(split["train_idx"])
     text = torch.from_numpy(np.array(text_all[unseen] if mode == "shots" else text_all)).to(dev)

@@ -10,9 +10,12 @@ the domain-generalisation baselines are run) or "last" (Li et al. train a fixed 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import inspect
+import math
+from dataclasses import dataclass, field, replace
 from typing import Dict, Tuple
 
+from embedcache.errors import ConfigError
 from embedcache.registry import Registry
 
 RECIPES = Registry("recipe")
@@ -69,3 +72,57 @@ _add(Recipe("vl2v_adip_align", (Stage({"vl2v_adip": 1.0}, train="head"),),
 _add(Recipe("vl2v_sd", (Stage({"vl2v_sd": 1.0}),), doc="VL2V-SD: -0.5 [cos(s, T_y) + cos(s, t)]"))
 _add(Recipe("linear_probe", (Stage({"ce": 1.0}, train="head"),), classifier=True, predict="linear",
             doc="a linear classifier on frozen features"))
+
+
+# --- a run's own loss weights and arguments (loss ablations without a new recipe) ------------------------
+def with_losses(recipe: Recipe, weights: Dict[str, float], args: Dict[str, Dict]) -> Recipe:
+    """``recipe`` with every stage's losses overridden: ``weights`` name -> weight (0 drops a loss, a
+    new name adds one), ``args`` name -> keyword arguments merged into that loss's own."""
+    if not weights and not args:
+        return recipe
+    stages = []
+    for st in recipe.stages:
+        losses = {n: float(w) for n, w in {**st.losses, **weights}.items() if w != 0}
+        loss_args = {n: {**st.loss_args.get(n, {}), **args.get(n, {})} for n in losses
+                     if st.loss_args.get(n) or args.get(n)}
+        stages.append(replace(st, losses=losses, loss_args=loss_args))
+    return replace(recipe, stages=tuple(stages))
+
+
+def recipe_of(cfg) -> Recipe:
+    """The recipe a run trains with: its registered recipe, with the run's ``loss_weights`` and ``loss_args``."""
+    return with_losses(RECIPES.get(cfg.recipe), cfg.loss_weights, cfg.loss_args)
+
+
+def check_losses(cfg) -> None:
+    """A run's loss overrides, refused in one line before any work: unknown losses or arguments,
+    weights that are not finite non-negative numbers, a stage left with no loss, a classifier loss
+    on a recipe whose student has no classifier."""
+    from .losses import LOSSES
+
+    for name, w in {**cfg.loss_weights, **cfg.loss_args}.items():
+        if name not in LOSSES:
+            raise ConfigError(f"loss_weights/loss_args: {LOSSES.unknown(name)}")
+    for name, w in cfg.loss_weights.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise ConfigError(f"loss_weights.{name}={w!r} is not valid: expected a number >= 0 (0 drops the loss)")
+    recipe = recipe_of(cfg)
+    used = {n for st in recipe.stages for n in st.losses}
+    for name, a in cfg.loss_args.items():
+        if not isinstance(a, dict):
+            raise ConfigError(f"loss_args.{name}={a!r} is not valid: expected a mapping of its arguments")
+        if name not in used:
+            raise ConfigError(f"loss_args.{name}: recipe {cfg.recipe} (with loss_weights) has no loss {name}; "
+                              f"its losses: {', '.join(sorted(used))}")
+        takes = [p for p in inspect.signature(LOSSES.get(name)).parameters if p != "ctx"]
+        for k in a:
+            if k not in takes:
+                raise ConfigError(f"loss_args.{name}.{k} is not an argument of {name}; it takes "
+                                  f"{', '.join(takes) or 'none'}")
+    for i, st in enumerate(recipe.stages):
+        if not st.losses:
+            raise ConfigError(f"loss_weights leave stage {i + 1} of recipe {cfg.recipe} with no loss")
+        logits = "ce" in st.losses or ("kd" in st.losses and st.loss_args.get("kd", {}).get("student") == "linear")
+        if logits and not recipe.classifier:
+            raise ConfigError(f"recipe {cfg.recipe}'s student has no linear classifier for ce or kd on logits; "
+                              "start from a recipe with one (ce, naive_kd, linear_probe)")

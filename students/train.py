@@ -40,7 +40,7 @@ from .features import features_key
 from .models import Heads, Student, build_student, load_weights, without_backbone
 from .optim import build_optimizer, build_scheduler, optimizer_step
 from .providers import INPUTS, TARGETS
-from .recipes import RECIPES, Recipe, Stage
+from .recipes import Recipe, Stage, recipe_of
 from .rundir import RunDir
 
 __all__ = ["train", "TrainConfig", "OptimConfig", "SwadConfig", "SplitConfig", "StudentConfig", "RunResult",
@@ -66,7 +66,7 @@ class RunResult:
 NOT_IN_NAME = ("out", "progress", "keep_checkpoint")  # settings that cannot change the result
 # settings added after runs were named: in a run's name only when not at their default, so a sweep
 # started before them still finds its finished runs
-NAMED_WHEN_SET = {"batch_per_domain": False}
+NAMED_WHEN_SET = {"batch_per_domain": False, "loss_weights": {}, "loss_args": {}}
 
 
 def run_name(cfg: TrainConfig) -> str:
@@ -255,7 +255,7 @@ class Trainer:
         """``shared``: another trainer on the same store, split and inputs whose loaded arrays this one
         reuses (packs of heads, ``heads.py``)."""
         self.cfg, self.log, self.on_step, self.should_stop = cfg, log, on_step, should_stop
-        self.recipe = RECIPES.get(cfg.recipe)
+        self.recipe = recipe_of(cfg)
         self.source = cfg.text_source or self.recipe.text_source
         self.run_dir = RunDir(cfg.out or Path("runs") / run_name(cfg))
         self.data = shared.data if shared is not None else StoreData(cfg.store, self.source, cfg.split)

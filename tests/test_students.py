@@ -397,3 +397,31 @@ def test_a_runs_files_take_the_umasks_mode(synthetic_store, tmp_path):
         os.chmod(tmp, 0o600)
 
     assert stat.S_IMODE(os.stat(atomic_write(tmp_path / "p.txt", private)).st_mode) == FILE_MODE
+
+
+def test_loss_weights_and_arguments_of_a_run(synthetic_store, tmp_path):
+    """A loss ablation without a new recipe: weights (0 drops a loss) and arguments merge into every
+    stage; the run trains with them, its name changes, a default run's name does not."""
+    from embedcache.config import build_config
+    from embedcache.students.recipes import RECIPES, recipe_of
+    from embedcache.students.train import run_name
+
+    cfg = _cfg(synthetic_store, tmp_path, loss_weights={"imcst": 0, "mse": 2.0}, loss_args={"vlalign": {"k": 2}},
+               steps=4, eval_every=2, ckpt_every=2)
+    st = recipe_of(cfg).stages[0]
+    assert st.losses == {"cls": 1.0, "vlalign": 1.0, "mse": 2.0}
+    assert st.loss_args == {"vlalign": {"correct_only": True, "k": 2}}
+    assert RECIPES.get("li_iccv23").stages[0].losses["imcst"] == 1.0  # the registered recipe is untouched
+    assert run_name(cfg) != run_name(_cfg(synthetic_store, tmp_path))
+    res = train(cfg, log=quiet)
+    rows = [json.loads(ln) for ln in open(f"{res.out}/metrics.jsonl")]
+    assert "imcst" not in rows[-1] and "mse" in rows[-1]
+    bad = [({"loss_weights": {"vlalignn": 1}}, "unknown loss 'vlalignn'"),
+           ({"loss_weights": {"mse": -1}}, r"loss_weights.mse=-1 is not valid: expected a number >= 0"),
+           ({"loss_weights": {"cls": 0, "vlalign": 0, "mse": 0, "imcst": 0}}, "leave stage 1 of recipe li_iccv23 with no loss"),
+           ({"loss_args": {"vlalign": {"topk": 3}}}, r"loss_args.vlalign.topk is not an argument of vlalign; it takes tau, k"),
+           ({"loss_args": {"cos": {}}}, "recipe li_iccv23 \\(with loss_weights\\) has no loss cos"),
+           ({"loss_weights": {"ce": 1}}, "has no linear classifier for ce")]
+    for change, msg in bad:
+        with pytest.raises(ConfigError, match=msg):
+            build_config(TrainConfig, {"store": "x", **change})
