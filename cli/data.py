@@ -32,9 +32,10 @@ def extract(config_path: Optional[str], out: Optional[str], overrides: Sequence[
         click.echo("no --config given: extracting the demo (`embedcache configs show demo` prints its settings)")
     res = run(cfg, log=click.echo, dry_run=dry_run)
     if dry_run:
-        cost = ", ".join(f"{k} {v:,}" for k, v in sorted(res.cost.items())) or "no paid queries (a local teacher)"
         per = f"{res.views // res.rows} views" if res.rows else "views"
-        click.echo(f"dry run for {res.path}: {res.rows:,} images x {per} = {res.views:,} views to encode; {cost}")
+        click.echo(f"dry run for {res.path}: {res.rows:,} images x {per} = {res.views:,} views to encode")
+        for line in _cost_lines(res.cost):
+            click.echo(f"  {line}")
         return
     if not res.skipped:
         rate = res.images / res.seconds if res.seconds > 0 else 0.0
@@ -44,6 +45,23 @@ def extract(config_path: Optional[str], out: Optional[str], overrides: Sequence[
 def _incomplete(st) -> str:
     return (f"incomplete ({int(st.blocks_done().sum())} of {st.num_blocks} blocks); rerun its {st.producer} "
             "command to finish")
+
+
+def _cost_lines(cost) -> list:
+    """A dry run's cost in words: per modality, what is sent, what the ledger answers free, in how
+    many requests as extraction batches them, and in how many at the service's own batch limit."""
+    if not cost:
+        return ["no paid queries (a local teacher)"]
+    lines = []
+    for unit, p in (("views", ""), ("prompts", "text_")):
+        sent = cost.get(f"{p}images" if not p else f"{p}texts", 0)
+        if not sent and not cost.get(f"{p}ledger_hits"):
+            continue
+        limit = cost.get(f"{p}batch_limit") or 0
+        at_limit = f", {cost.get(f'{p}requests_at_batch_limit', 0):,} if batched at the service's limit of {limit:,}" if limit else ""
+        lines.append(f"{unit}: {sent:,} to pay for ({cost.get(f'{p}bytes', 0):,} bytes), {cost.get(f'{p}ledger_hits', 0):,} "
+                     f"answered free by the ledger; {cost.get(f'{p}requests', 0):,} requests as extraction sends them{at_limit}")
+    return lines
 
 
 @main.command()

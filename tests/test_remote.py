@@ -235,6 +235,10 @@ def test_budget_stops_at_a_block_boundary_then_the_same_store_completes(tmp_path
         cfg = remote(tmp_path, "r.zarr", tiny_teacher_cfg, "embedcache", url, "teacher.max_queries=40")
         conf = tmp_path / "remote.yaml"
         conf.write_text(yaml.safe_dump(to_dict(cfg)))
+        dry = CliRunner().invoke(main, ["extract", "--config", str(conf), "--dry-run"])
+        assert dry.exit_code == 0 and "30 images x 3 views = 90 views to encode" in dry.output, dry.output
+        assert "views: 90 to pay for" in dry.output and "prompts: 24 to pay for" in dry.output
+        assert not Path(cfg.out).exists() and charged(app)[0] == 0
         res = CliRunner().invoke(main, ["extract", "--config", str(conf)])
         assert res.exit_code == 3, res.output
         line = res.output.strip().splitlines()[-1]
