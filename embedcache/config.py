@@ -153,6 +153,11 @@ class ExtractConfig:
     num_shards: Optional[int] = setting(None, min=1)
     progress: bool = True
 
+    def check(self) -> None:
+        if self.decoder == "device" and not self.canvas.store:
+            raise ConfigError("decoder=device with canvas.store=false: students rebuild the canvases from the files "
+                              "with PIL, whose pixels differ from the device decoder's; set canvas.store=true or decoder=pil")
+
 
 # --- building and checking ------------------------------------------------------------------------
 def to_dict(cfg: Any) -> Dict[str, Any]:

@@ -100,3 +100,23 @@ def test_arrays_for_the_device_keep_their_contents():
     arr.flags.writeable = False  # as the store hands arrays out
     out = to_device_array(arr, torch.device("cpu"))
     assert out.dtype == torch.uint8 and np.array_equal(out.numpy(), arr)
+
+
+def test_a_store_without_canvases_is_read_with_the_decoder_students_rebuild_them_with(make_cfg):
+    """Students rebuild a pixel-less store's canvases with PIL: the teacher must see PIL's canvases,
+    so `auto` on a GPU keeps PIL there and `device` is refused in one line."""
+    from types import SimpleNamespace
+
+    from embedcache.config import ExtractConfig, build_config, to_dict
+    from embedcache.datasets import build_dataset
+    from embedcache.errors import ConfigError
+    from embedcache.extract import make_reader
+    from embedcache.extract.device import DeviceDecodeReader
+
+    with pytest.raises(ConfigError, match="decoder=device with canvas.store=false: .*set canvas.store=true or decoder=pil"):
+        build_config(ExtractConfig, {"decoder": "device", "canvas": {"store": False}})
+    gpu = SimpleNamespace(device=torch.device("cuda"), input_size=32, interpolation="bicubic")
+    for store, device_reader in ((True, True), (False, False)):
+        cfg = make_cfg("x.zarr", f"canvas.store={str(store).lower()}")
+        reader = make_reader(cfg, build_dataset(cfg.dataset), gpu)
+        assert isinstance(reader, DeviceDecodeReader) == device_reader, to_dict(cfg.canvas)
