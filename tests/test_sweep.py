@@ -127,7 +127,9 @@ def test_bad_sweep_files_are_rejected_before_any_run(synthetic_store, tmp_path, 
              ({"grid": {"text_source": ["colours"]}}, "text_source='colours' is not valid: choose one of attributes"),
              ({"protocol": "zero_shot"}, "protocol='zero_shot' is not valid: choose one of lodo"),
              ({"launcher": "slurm"}, "launcher='slurm' is not valid: choose one of local, ray, serial"),
-             ({"grid": {"views_used": [2, 4]}}, r"sweep run \(views_used=4\): views_used=4 but store .* holds 3 views")]
+             ({"grid": {"views_used": [2, 4]}}, r"sweep run \(views_used=4\): views_used=4 but store .* holds 3 views"),
+             ({"grid": {"loss_weights": [{"cos": 1}]}}, r"grid entry 'loss_weights' lists mappings; grid over their "
+                                                         r"entries instead \(loss_weights.<key>: \[values\]\)")]
     for change, msg in cases:
         with pytest.raises(ConfigError, match=msg):
             expand(load_sweep(str(_sweep_file(tmp_path, synthetic_store, **change))), str(tmp_path / "none"))
@@ -251,3 +253,14 @@ def test_a_sweep_directory_holds_the_runs_of_one_store(synthetic_store, make_cfg
     assert res.exit_code == 2 and "holds the runs of store" in res.output and "use another --out" in res.output
     assert res.output.strip().count("\n") == 0 and (out / "results.parquet").read_bytes() == before
     assert len(list((out / "runs").iterdir())) == 1
+
+
+def test_a_sweep_runs_seed_is_the_one_earlier_code_derived():
+    """Settings added since (loss_weights, loss_args) stay out of the seed at their defaults: a sweep
+    relaunched after an upgrade finds its runs (the value was computed by the code of 0951d50)."""
+    from embedcache.students.config import TrainConfig
+    from embedcache.students.sweep import derive_seed, seed_identity
+
+    cfg = TrainConfig(store="stores/x.zarr", recipe="ce")
+    assert derive_seed(0, seed_identity(cfg)) == 311852142
+    assert derive_seed(0, seed_identity(TrainConfig(store="stores/x.zarr", recipe="ce", loss_weights={"ce": 2.0}))) != 311852142

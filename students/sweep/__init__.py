@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -71,6 +72,18 @@ def load_sweep(path: str, overrides=()) -> SweepSpec:
     return build_config(SweepSpec, data)
 
 
+# settings added after sweeps derived seeds from a run's identity: left out of it while at their
+# default, so a sweep started before them keeps its runs' seeds and names (batch_per_domain was part
+# of the identity from the day it was added, so it stays in)
+SEEDED_WHEN_SET = {"loss_weights": {}, "loss_args": {}}
+
+
+def seed_identity(cfg: TrainConfig) -> Dict:
+    """What a sweep run's training seed is derived from: its settings, output and display excluded."""
+    return {k: v for k, v in to_dict(cfg).items()
+            if k not in ("out", "progress") and not (k in SEEDED_WHEN_SET and v == SEEDED_WHEN_SET[k])}
+
+
 def derive_seed(base_seed: int, identity: Dict) -> int:
     """A run's training seed from (base seed, its config with the replicate index as `seed`)."""
     blob = json.dumps({"base_seed": base_seed, **identity}, sort_keys=True)
@@ -102,6 +115,9 @@ def expand(spec: SweepSpec, sweep_dir: str) -> List[SweepPoint]:
     for k in keys:
         if not isinstance(spec.grid[k], list) or not spec.grid[k]:
             raise ConfigError(f"sweep grid entry {k!r} must be a non-empty list of values")
+        if any(isinstance(v, dict) for v in spec.grid[k]):  # a run's variant names flat keys
+            raise ConfigError(f"sweep grid entry {k!r} lists mappings; grid over their entries instead "
+                              f"({k}.<key>: [values])")
     with open_store(spec.store) as reader:  # refuses an incomplete store
         splits = _splits(spec, reader)
         sources, views = set(reader.text_sources), reader.views
@@ -127,9 +143,8 @@ def expand(spec: SweepSpec, sweep_dir: str) -> List[SweepPoint]:
                 check_views_used(cfg.views_used, views, spec.store)
             except ConfigError as exc:
                 raise ConfigError(f"sweep run ({where}): {exc}") from None
-            ident = {k: v for k, v in to_dict(cfg).items() if k not in ("out", "progress")}
             replicate = cfg.seed
-            cfg = build_config(TrainConfig, {**data, "seed": derive_seed(spec.base_seed, ident)})
+            cfg = build_config(TrainConfig, {**data, "seed": derive_seed(spec.base_seed, seed_identity(cfg))})
             cfg = build_config(TrainConfig, {**to_dict(cfg), "out": str(Path(sweep_dir) / "runs" / run_name(cfg))})
             out.append(SweepPoint(cfg, replicate))
     names = [Path(p.cfg.out).name for p in out]
@@ -183,22 +198,28 @@ def _write_outputs(sweep_dir: str) -> Optional[pd.DataFrame]:
 
 def _require_one_store(sweep_dir: str, store: str) -> None:
     """A sweep directory holds the runs of one store (store.json names it): relaunched on another
-    store, its results table would pool two stores' runs."""
+    store, its results table would pool two stores' runs. The first launch creates store.json
+    exclusively, so of two launches racing on a fresh directory one wins and the other compares."""
     with open_store(store) as reader:
         key = reader.key
     f = Path(sweep_dir) / "store.json"
-    if f.is_file():
-        first = json.loads(f.read_text())
-    else:  # the first launch, or a sweep made before store.json (its results name their store)
+    if not f.is_file():
+        # a sweep made before store.json: its results name the store they scored
         seen = {k for r in Path(sweep_dir).glob("results/*.parquet")
                 for k in pd.read_parquet(r, columns=["store_key"]).store_key}
-        others = sorted(seen - {key})
-        first = {"store_key": others[0], "store": "(named in its results)"} if others else {"store_key": key, "store": store}
-        if not others:
-            atomic_write_text(f, json.dumps(first))
+        first = {"store_key": sorted(seen)[0] if seen else key, "store": "(named in its results)" if seen else store}
+        tmp = f.with_name(f"store.json.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(first))
+        try:
+            os.link(tmp, f)  # atomic and exclusive: a complete file, or FileExistsError
+        except FileExistsError:
+            pass  # another launch wrote it first: compare with that one
+        finally:
+            tmp.unlink()
+    first = json.loads(f.read_text())
     if first["store_key"] != key:
-        raise ConfigError(f"sweep {sweep_dir} holds the runs of store {first['store']} (key {first['store_key']}), not of "
-                          f"{store} (key {key}); use another --out for a sweep over {store}")
+        raise ConfigError(f"sweep {sweep_dir} holds the runs of store {first['store']} (key {first['store_key']}), "
+                          f"not of {store} (key {key}); use another --out for a sweep over {store}")
 
 
 def run_sweep(spec: SweepSpec, sweep_dir: str, launcher: Optional[str] = None, device: str = "auto",
