@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import StoreError
+from .fileio import json_digest
 from .store import Store
 
 
@@ -215,10 +216,20 @@ class StoreReader:
 
     def require_teacher(self, teacher, fix: str = "pass the teacher that made it"):
         """``teacher``, refused unless it is the one that made this store (same weights, model and precision)."""
-        if teacher.identity() != _ident(self.manifest):
+        if not self._made_by(teacher.identity()):
             t = teacher.identity()
             raise StoreError(f"the teacher {t.get('name')}/{t.get('model')} differs from the one that made {self.path}; {fix}")
         return teacher
+
+    def _made_by(self, identity: Dict) -> bool:
+        """Whether a teacher of this identity made the store: the digest of the key's teacher part, or
+        for a store made before manifests kept those digests, the identity's fields as the manifest
+        records them (a remote teacher's ``server`` there describes the service, not its fingerprint)."""
+        parts = self.manifest.get("key_parts", {})
+        if "teacher" in parts:
+            return json_digest(identity, 12) == parts["teacher"]
+        recorded = self.manifest["teacher"]
+        return all(recorded.get(k) == v for k, v in identity.items() if k != "server")
 
     def view_policy(self) -> str:
         """How views 1..V-1 were drawn, in words (view 0 is the whole canvas)."""
@@ -258,11 +269,6 @@ class StoreReader:
         self.close()
 
 
-def _ident(manifest: Dict) -> Dict:
-    t = dict(manifest["teacher"])
-    for k in ("embed_dim", "preprocessing", "context_length", "source", "server"):
-        t.pop(k, None)
-    return t
 
 
 def open_store(path: str, backend: Optional[str] = None, require_complete: bool = True,

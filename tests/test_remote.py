@@ -147,6 +147,8 @@ def test_store_equals_local_and_dry_run_counts_the_cost(protocol, tmp_path, loca
         res = extract(cfg, teacher=teacher, log=quiet)
         assert res.complete
         assert_same(local, arrays(cfg.out))
+        with embedcache.open_store(cfg.out) as s:  # the teacher that made it is its own (online targets, queries)
+            assert s.require_teacher(teacher) is teacher
         assert charged(app)[0] - paid_before == 90 + 24  # every view and prompt once
         # another store of the same views would cost nothing: the ledger holds every answer
         again = extract(replace(cfg, out=str(tmp_path / "other.zarr")), teacher=build_teacher(cfg.teacher), log=quiet,
