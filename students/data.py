@@ -15,6 +15,7 @@ import numpy as np
 
 from embedcache import open_store
 from embedcache.api import StoreReader
+from embedcache.datasets import SPLITS
 from embedcache.errors import ConfigError, StoreError
 from embedcache.views import make_canvas
 from embedcache.store import checksum
@@ -38,7 +39,10 @@ class StoreData:
     teacher view embeddings; params (N, V, 5 or 11: views.param_fields); pixels (N, S, S, 3) uint8 (loaded on first use).
     train_idx / val_idx / test_idx: usable rows the run trains on / selects with / never sees."""
 
-    def __init__(self, store: Union[str, StoreReader], text_source: str, split: SplitConfig = SplitConfig()):
+    def __init__(self, store: Union[str, StoreReader], text_source: str, split: SplitConfig = SplitConfig(),
+                 training: bool = True):
+        """``training``: False for scoring and feature caching, which read a store whose rows may all be
+        test rows (an evaluation-only store scored with --transfer)."""
         reader = store if isinstance(store, StoreReader) else open_store(store)
         self.reader, self.key = reader, reader.key
         if text_source not in reader.text_sources:
@@ -63,6 +67,11 @@ class StoreData:
         to_train[self.train_class_ids] = np.arange(len(self.train_class_ids))
         self.targets = to_train[self.labels]
         self._split(meta, split)
+        if training:
+            self._require_training_rows()
+
+    def _require_training_rows(self) -> None:
+        reader = self.reader
         if len(self.train_idx) == 0:
             raise StoreError(f"no training images left in {reader.path} after the split; check holdout_domains and train_classes")
         untrained = np.setdiff1d(self.train_class_ids, self.labels[self.train_idx])
@@ -78,6 +87,10 @@ class StoreData:
         held = meta["domain"].isin(split.holdout_domains).to_numpy()
         seen = self.targets >= 0
         given = meta["split"].to_numpy() if "split" in meta else np.full(len(meta), "train")
+        odd = sorted(set(given) - set(SPLITS))
+        if odd:  # a store made before split names were checked
+            raise StoreError(f"store {self.reader.path} has rows whose dataset split is {odd[0]!r}, not one of "
+                             f"{', '.join(SPLITS)}; fix the split column and extract the store again")
         usable = self.ok & ~held & seen
         pool = np.flatnonzero(usable & (given == "train"))
         val_mask = usable & (given == "val")

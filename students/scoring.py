@@ -135,7 +135,7 @@ def score_run(run: Union[str, RunDir], protocols: Sequence[str] = ("lodo",), sto
         if transfer:  # none of these images was trained on or used for selection
             split = {"text_source": split["text_source"], "predict": split["predict"],
                      "seen_classes": split["seen_classes"], "holdout_domains": []}
-        data = StoreData(reader, split["text_source"], SplitConfig(val_fraction=0.0))
+        data = StoreData(reader, split["text_source"], SplitConfig(val_fraction=0.0), training=False)
         needed = rows_read(protocols, reader.meta["domain"].to_numpy(), data.ok, split.get("holdout_domains"),
                            split.get("val_idx"))  # lodo: the held-out and validation rows, not the training images
         emb, scores = embed_rows(model, data, split["seen_classes"], split["predict"] == "linear", dev, rows=needed,

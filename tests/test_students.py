@@ -218,6 +218,43 @@ def test_a_datasets_own_split_is_kept(make_cfg, tiny_teacher, tmp_path):
     assert every.test_idx.tolist() == [12, 13, 14, 15]
 
 
+def _csv_store(make_cfg, tiny_teacher, tmp_path, kinds, name="csv.zarr"):
+    from PIL import Image
+
+    from embedcache.extract import extract
+
+    lines = ["path,label,domain,split"]
+    for i, kind in enumerate(kinds):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        lines.append(f"{i}.png,{'ab'[i % 2]},d0,{kind}")
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    return extract(make_cfg(name, "dataset.name=csv", f"dataset.path={tmp_path / 'm.csv'}"), teacher=tiny_teacher,
+                   log=quiet).path
+
+
+def test_an_evaluation_only_store_is_scored_not_trained_on(make_cfg, tiny_teacher, tmp_path):
+    """Every row a test row (a store scored with --transfer, or features cached for it): readable for
+    scoring and features, refused for training."""
+    from embedcache.students.features import cache_features
+
+    path = _csv_store(make_cfg, tiny_teacher, tmp_path, ["test"] * 6)
+    d = StoreData(path, "name", SplitConfig(val_fraction=0.0), training=False)
+    assert len(d.train_idx) == 0 and d.test_idx.tolist() == list(range(6))
+    cache_features(path, StudentConfig(name="test_resnet", input_size=32), device="cpu", progress=False, log=quiet)
+    with pytest.raises(StoreError, match="no training images left"):
+        StoreData(path, "name")
+
+
+def test_a_store_with_a_split_name_from_before_the_check_is_refused(make_cfg, tiny_teacher, tmp_path, monkeypatch):
+    import embedcache.datasets as datasets
+
+    monkeypatch.setattr(datasets, "SPLITS", ("train", "valid"))  # as a store made before split names were checked
+    path = _csv_store(make_cfg, tiny_teacher, tmp_path, ["train", "valid"] * 3)
+    monkeypatch.undo()
+    with pytest.raises(StoreError, match="dataset split is 'valid', not one of train, val, test; fix the split column"):
+        StoreData(path, "name")
+
+
 def test_batches_per_domain_draw_batch_size_rows_from_each_training_domain(synthetic_store, tmp_path):
     """DomainBed / VL2V-ADiP: "batch 32 per source domain", not one draw from the pooled rows."""
     d = StoreData(str(synthetic_store), "name", SplitConfig(val_fraction=0.25))
