@@ -21,10 +21,14 @@ def markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _method(df: pd.DataFrame, several_stores: bool) -> pd.Series:
-    """A plot's label of each row's method (its store's key first when there are several stores)."""
-    name = df["recipe"] + " / " + df["student"]
-    return (df["store_key"].str[:8] + ": " + name) if several_stores else name
+def _method(df: pd.DataFrame, keys: List[str]) -> pd.Series:
+    """A plot's label of each row's method: recipe / student, then whatever else tells methods apart
+    in this file (store, text source, variant), so a bar or point never averages two methods."""
+    label = df["recipe"] + " / " + df["student"]
+    for k in keys:
+        if k not in ("recipe", "student") and df[k].nunique() > 1:
+            label = label + " / " + (df[k].str[:8] if k == "store_key" else df[k].astype(str))
+    return label
 
 
 def write_report(results: pd.DataFrame, out_dir: str) -> List[Path]:
@@ -38,7 +42,6 @@ def write_report(results: pd.DataFrame, out_dir: str) -> List[Path]:
     out.mkdir(parents=True, exist_ok=True)
     results = conform(results)
     keys = method_keys(results)  # rows of other variants or stores are never averaged together
-    several = "store_key" in keys
     parts, files = ["# Results\n"], []
     special = {"per_class", "distill", "text"}
     if "per_class" in set(results["split"]):
@@ -57,7 +60,7 @@ def write_report(results: pd.DataFrame, out_dir: str) -> List[Path]:
             top = top[top["episode"].isna() | (top["episode"] == -1)]
         if top.empty:
             continue
-        pv = top.assign(method=_method(top, several)).pivot_table(
+        pv = top.assign(method=_method(top, keys)).pivot_table(
             index="domain", columns="method", values="value", aggfunc="mean")
         ax = (100 * pv).plot.bar(figsize=(max(6, 1.2 * len(pv)), 4), rot=0)
         ax.set_ylabel("top-1 (%)"); ax.set_title(split); ax.legend(fontsize=7)
@@ -67,7 +70,7 @@ def write_report(results: pd.DataFrame, out_dir: str) -> List[Path]:
         files.append(f)
     t1 = results[(results["metric"] == "top1") & (results["domain"] == "avg")]
     if {"in_domain", "out_of_domain"} <= set(t1["split"]):
-        m = t1.assign(method=_method(t1, several)).pivot_table(
+        m = t1.assign(method=_method(t1, keys)).pivot_table(
             index="method", columns="split", values="value", aggfunc="mean").dropna()
         fig, ax = plt.subplots(figsize=(5, 5))
         ax.scatter(100 * m["in_domain"], 100 * m["out_of_domain"])

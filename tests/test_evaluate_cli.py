@@ -244,3 +244,18 @@ def test_report_tables_keep_variants_apart(tmp_path):
     write_report(pd.DataFrame(rows), str(tmp_path))
     text = (tmp_path / "report.md").read_text()
     assert "20.0" in text and "80.0" in text and "50.0" not in text and "0.5 " not in text
+
+
+def test_report_plots_keep_variants_apart(tmp_path, monkeypatch):
+    """The bar plots label methods as the tables do: two learning rates are two bars, not their mean."""
+    import pandas.plotting._core as core
+
+    from embedcache.evaluate.report import write_report
+
+    plotted, bar = [], core.PlotAccessor.bar
+    monkeypatch.setattr(core.PlotAccessor, "bar", lambda self, *a, **k: plotted.append(self._parent.copy()) or bar(self, *a, **k))
+    rows = [{"recipe": "r", "student": "s", "source": "name", "variant": f"optim.lr={lr}", "split": "out_of_domain",
+             "metric": "top1", "domain": "d1", "value": v} for lr, v in (("0.1", 0.2), ("0.01", 0.8))]
+    write_report(pd.DataFrame(rows), str(tmp_path))
+    assert sorted(plotted[0].loc["d1"].round(3)) == [20.0, 80.0]  # percent
+    assert list(plotted[0].columns) == ["r / s / optim.lr=0.01", "r / s / optim.lr=0.1"]
