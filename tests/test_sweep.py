@@ -253,6 +253,11 @@ def test_a_sweep_directory_holds_the_runs_of_one_store(synthetic_store, make_cfg
     assert res.exit_code == 2 and "holds the runs of store" in res.output and "use another --out" in res.output
     assert res.output.strip().count("\n") == 0 and (out / "results.parquet").read_bytes() == before
     assert len(list((out / "runs").iterdir())) == 1
+    (out / "store.json").unlink()  # a sweep made before store.json: its results name their store
+    res = CliRunner().invoke(main, ["sweep", str(f), "--out", str(out), "--no-progress", "--set", f"store={other.out}"])
+    assert res.exit_code == 2 and "holds the runs of store (named in its results)" in res.output
+    again = CliRunner().invoke(main, ["sweep", str(f), "--out", str(out), "--no-progress"])
+    assert again.exit_code == 0 and "1 already done" in again.output
 
 
 def test_a_sweep_runs_seed_is_the_one_earlier_code_derived():
