@@ -34,7 +34,7 @@ def train(store, recipe, student, config_path, out, device, overrides, no_progre
     cfg = load_config(TrainConfig, config_path, overrides, "train", values)
     with interrupt.graceful():
         res = run(cfg, log=click.echo, should_stop=interrupt.requested)
-    val = "n/a" if res.val_top1 is None else f"{res.val_top1:.4f}"
+    val = "n/a" if res.val_top1 is None else f"{100 * res.val_top1:.1f}%"
     sel = res.selected or {}
     kept = f"; kept {sel.get('rule')}" + (f" (step {sel['step']})" if sel.get("step") else "") if sel else ""
     click.echo(f"run {res.out}: {res.steps} steps, validation top-1 {val}{kept}, {res.seconds:.1f}s")
