@@ -52,7 +52,8 @@ def fake_store(path: str, n: int, classes: int, dim: int) -> None:
         for b in range(st.num_blocks):
             start, stop = st.block_range(b)
             st.write_block(b, {"image/emb": emb[start:stop], "image/status": np.ones(stop - start, np.uint8),
-                               "image/view_params": np.tile(np.array([0, 0, 8, 8, 0], np.int32), (stop - start, 1, 1))})
+                               "image/view_params": np.tile(np.array([0, 0, 8, 8, 0], np.int32), (stop - start, 1, 1)),
+                               "image/canvas_crc32c": np.zeros(stop - start, np.uint32)})  # a store without pixels
         st.write_array("text/name/emb", text)
         st.write_array("text/name/class_emb", text)
         st.put_table("text.parquet", pd.DataFrame({"source": "name", "label": np.arange(classes), "class_name": names,
