@@ -216,8 +216,8 @@ class StoreReader:
 
     def require_teacher(self, teacher, fix: str = "pass the teacher that made it"):
         """``teacher``, refused unless it is the one that made this store (same weights, model and precision)."""
-        if not self._made_by(teacher.identity()):
-            t = teacher.identity()
+        t = teacher.identity()
+        if not self._made_by(t):
             raise StoreError(f"the teacher {t.get('name')}/{t.get('model')} differs from the one that made {self.path}; {fix}")
         return teacher
 
@@ -267,8 +267,6 @@ class StoreReader:
 
     def __exit__(self, *exc):
         self.close()
-
-
 
 
 def open_store(path: str, backend: Optional[str] = None, require_complete: bool = True,

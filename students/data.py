@@ -17,8 +17,8 @@ from embedcache import open_store
 from embedcache.api import StoreReader
 from embedcache.datasets import SPLITS
 from embedcache.errors import ConfigError, StoreError
-from embedcache.views import make_canvas
 from embedcache.store import checksum
+from embedcache.views import make_canvas
 
 from .config import SplitConfig
 
@@ -92,8 +92,8 @@ class StoreData:
             raise StoreError(f"store {self.reader.path} has rows whose dataset split is {odd[0]!r}, not one of "
                              f"{', '.join(SPLITS)}; fix the split column and extract the store again")
         usable = self.ok & ~held & seen
-        pool = np.flatnonzero(usable & (given == "train"))
-        val_mask = usable & (given == "val")
+        train_mask, val_mask = usable & (given == "train"), usable & (given == "val")
+        pool = np.flatnonzero(train_mask)
         if not val_mask.any():
             rng = np.random.default_rng([split.seed, 17])
             domains = meta["domain"].to_numpy()
@@ -102,7 +102,7 @@ class StoreData:
                 val_mask[rng.permutation(rows)[: int(round(len(rows) * split.val_fraction))]] = True
         self.train_idx = np.setdiff1d(pool, np.flatnonzero(val_mask))
         self.val_idx = np.flatnonzero(val_mask)
-        self.test_idx = np.flatnonzero(self.ok & ~np.isin(np.arange(len(meta)), np.concatenate([pool, self.val_idx])))
+        self.test_idx = np.flatnonzero(self.ok & ~train_mask & ~val_mask)
 
     @property
     def emb(self) -> np.ndarray:

@@ -100,7 +100,7 @@ def check_losses(cfg) -> None:
     on a recipe whose student has no classifier."""
     from .losses import LOSSES
 
-    for name, w in {**cfg.loss_weights, **cfg.loss_args}.items():
+    for name in sorted(set(cfg.loss_weights) | set(cfg.loss_args)):
         if name not in LOSSES:
             raise ConfigError(f"loss_weights/loss_args: {LOSSES.unknown(name)}")
     for name, w in cfg.loss_weights.items():

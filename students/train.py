@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -69,10 +69,17 @@ NOT_IN_NAME = ("out", "progress", "keep_checkpoint")  # settings that cannot cha
 NAMED_WHEN_SET = {"batch_per_domain": False, "loss_weights": {}, "loss_args": {}}
 
 
+def settings_identity(cfg: TrainConfig, leave_out: Tuple[str, ...], omitted_at_default: Dict[str, Any]) -> Dict:
+    """A run's settings to hash (its name, a sweep's seed for it): ``leave_out`` dropped, and settings
+    added after such hashes were first taken dropped while at their default (``omitted_at_default``:
+    name -> default), so runs named or seeded before them keep their names and seeds."""
+    return {k: v for k, v in to_dict(cfg).items()
+            if k not in leave_out and not (k in omitted_at_default and v == omitted_at_default[k])}
+
+
 def run_name(cfg: TrainConfig) -> str:
     """<recipe>-<student>-<hash of the sorted-key JSON config, output and display settings excluded>."""
-    d = {k: v for k, v in to_dict(cfg).items()
-         if k not in NOT_IN_NAME and not (k in NAMED_WHEN_SET and v == NAMED_WHEN_SET[k])}
+    d = settings_identity(cfg, NOT_IN_NAME, NAMED_WHEN_SET)
     return f"{cfg.recipe}-{cfg.student.name.replace(':', '_')}-{json_digest(d, 10)}"
 
 

@@ -20,8 +20,7 @@ from ..config import ExtractConfig, replace
 from ..datasets import ImageDataset, build_dataset
 from ..errors import BudgetError, ConfigError
 from ..fileio import disk_full_error, is_disk_full
-from ..store import BACKENDS, STATUS_OK, Store, add_text_arrays, backend_name_for, plan_layout
-from ..store.store import is_counter
+from ..store import BACKENDS, STATUS_OK, Store, add_text_arrays, backend_name_for, is_counter, plan_layout
 from ..teachers import Teacher, build_teacher
 from ..text import build_prompts, encode_sources
 from ..views import param_fields

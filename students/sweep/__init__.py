@@ -32,7 +32,7 @@ from ..config import TrainConfig
 from ..data import check_views_used
 from ..features import missing_features
 from ..finetune import MODES as FINETUNE_MODES
-from ..train import run_name
+from ..train import run_name, settings_identity
 from .launchers import LAUNCHERS, check_options
 from .worker import SweepPoint, result_path, run_one, variant
 
@@ -80,8 +80,7 @@ SEEDED_WHEN_SET = {"loss_weights": {}, "loss_args": {}}
 
 def seed_identity(cfg: TrainConfig) -> Dict:
     """What a sweep run's training seed is derived from: its settings, output and display excluded."""
-    return {k: v for k, v in to_dict(cfg).items()
-            if k not in ("out", "progress") and not (k in SEEDED_WHEN_SET and v == SEEDED_WHEN_SET[k])}
+    return settings_identity(cfg, ("out", "progress"), SEEDED_WHEN_SET)
 
 
 def derive_seed(base_seed: int, identity: Dict) -> int:
@@ -119,8 +118,21 @@ def expand(spec: SweepSpec, sweep_dir: str) -> List[SweepPoint]:
             raise ConfigError(f"sweep grid entry {k!r} lists mappings; grid over their entries instead "
                               f"({k}.<key>: [values])")
     with open_store(spec.store) as reader:  # refuses an incomplete store
-        splits = _splits(spec, reader)
-        sources, views = set(reader.text_sources), reader.views
+        out = _points(spec, sweep_dir, keys, reader)
+        missing = missing_features(reader, [p.cfg for p in out])  # head-only runs' cached features, before any run
+    if missing:
+        raise ConfigError(missing)
+    names = [Path(p.cfg.out).name for p in out]
+    if len(set(names)) != len(names):
+        raise ConfigError("two grid points resolve to the same run; remove the duplicate values from the grid")
+    return out
+
+
+def _points(spec: SweepSpec, sweep_dir: str, keys: List[str], reader) -> List[SweepPoint]:
+    """Each grid point x split as a validated run config, checked against the store (``reader``)."""
+    from ..recipes import RECIPES
+
+    splits, sources = _splits(spec, reader), set(reader.text_sources)
     out = []
     for values in itertools.product(*(spec.grid[k] for k in keys)):
         for split in splits:
@@ -133,27 +145,17 @@ def expand(spec: SweepSpec, sweep_dir: str) -> List[SweepPoint]:
             where = ", ".join(f"{k}={v}" for k, v in zip(keys, values)) or "base"
             try:
                 cfg = build_config(TrainConfig, data)
+                check_views_used(cfg.views_used, reader.views, spec.store)
             except ConfigError as exc:
                 raise ConfigError(f"sweep run ({where}): {exc}") from None
             src = cfg.text_source or RECIPES.get(cfg.recipe).text_source
             if src not in sources:
                 raise ConfigError(f"sweep run ({where}): text source {src!r} is not in {spec.store} "
                                   f"(it has {', '.join(sorted(sources))})")
-            try:
-                check_views_used(cfg.views_used, views, spec.store)
-            except ConfigError as exc:
-                raise ConfigError(f"sweep run ({where}): {exc}") from None
             replicate = cfg.seed
             cfg = build_config(TrainConfig, {**data, "seed": derive_seed(spec.base_seed, seed_identity(cfg))})
             cfg = build_config(TrainConfig, {**to_dict(cfg), "out": str(Path(sweep_dir) / "runs" / run_name(cfg))})
             out.append(SweepPoint(cfg, replicate))
-    names = [Path(p.cfg.out).name for p in out]
-    if len(set(names)) != len(names):
-        raise ConfigError("two grid points resolve to the same run; remove the duplicate values from the grid")
-    with open_store(spec.store) as reader:  # head-only runs read cached features: there before any run starts
-        missing = missing_features(reader, [p.cfg for p in out])
-    if missing:
-        raise ConfigError(missing)
     return out
 
 
