@@ -56,11 +56,13 @@ def sweep(sweep_file, out, launcher, workers, address, device, overrides, no_pro
     from embedcache.evaluate.store_eval import summary_table
     from embedcache.students.sweep import load_sweep, run_sweep
 
-    if sweep_file is None:
+    demo = sweep_file is None
+    if demo:
         sweep_file = DEMO_SWEEP
         click.echo(f"no sweep file given: running the demo sweep ({DEMO_SWEEP}) over {DEMO_STORE}")
+    spec = load_sweep(sweep_file, overrides)  # every setting checked before the demo store is made
+    if demo:
         _ensure_demo_store(no_progress)
-    spec = load_sweep(sweep_file, overrides)
     out = out or str(Path("sweeps") / Path(sweep_file).stem)
     res = run_sweep(spec, out, launcher, device, progress=not no_progress, log=click.echo,
                     workers=workers, address=address)

@@ -269,3 +269,10 @@ def test_a_sweep_runs_seed_is_the_one_earlier_code_derived():
     cfg = TrainConfig(store="stores/x.zarr", recipe="ce")
     assert derive_seed(0, seed_identity(cfg)) == 311852142
     assert derive_seed(0, seed_identity(TrainConfig(store="stores/x.zarr", recipe="ce", loss_weights={"ce": 2.0}))) != 311852142
+
+
+def test_a_bad_setting_of_the_demo_sweep_is_refused_before_its_store_is_made(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(main, ["sweep", "--set", "finetune_mode=mix", "--no-progress"])
+    assert res.exit_code == 2 and "finetune_mode='mix' is not valid" in res.output
+    assert not (tmp_path / "stores").exists()
