@@ -67,3 +67,15 @@ def test_the_installed_package_lists_and_runs_its_configs(fresh_env):
     assert swept.returncode == 0, swept.stdout + swept.stderr
     assert "running the demo sweep" in swept.stdout and "1 runs: 1 done now" in swept.stdout
     assert (work / "sweeps" / "demo" / "results.parquet").exists()
+
+
+def test_the_declared_setuptools_can_read_this_pyproject():
+    """`license = "Apache-2.0"` (an SPDX expression, PEP 639) needs setuptools 77: an older one that
+    the build requirement allowed refused the whole pyproject ("project.license must be valid")."""
+    import re
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    needs = 77 if isinstance(meta["project"].get("license"), str) else 64
+    declared = meta["build-system"]["requires"] + meta["project"]["optional-dependencies"]["test"]
+    floors = [int(m.group(1)) for r in declared if (m := re.fullmatch(r"setuptools>=(\d+).*", r))]
+    assert floors and min(floors) >= needs, declared
