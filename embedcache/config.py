@@ -108,7 +108,7 @@ class ViewsConfig:
 
     def key(self) -> dict:
         """What of the views goes into the cache key: the colour settings only when in use, so the
-        keys of stores made before they existed still match."""
+        keys of stores made before they existed still match (both, when either is on)."""
         d = to_dict(self)
         if not self.color:
             d.pop("color_jitter"), d.pop("grayscale")
@@ -163,6 +163,13 @@ class ExtractConfig:
 def to_dict(cfg: Any) -> Dict[str, Any]:
     """A JSON-ready nested dict (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def without_defaults(d: Dict[str, Any], added: Dict[str, Any]) -> Dict[str, Any]:
+    """``d`` less the settings of ``added`` (name -> default) while they hold their default: settings
+    added after hashes of ``d`` were first taken (a cache key, a run's name, a sweep's seed) stay out
+    of them until used, so what was hashed before them keeps its hash."""
+    return {k: v for k, v in d.items() if not (k in added and v == added[k])}
 
 
 def flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from embedcache import interrupt
-from embedcache.config import build_config, flatten, to_dict
+from embedcache.config import build_config, flatten, to_dict, without_defaults
 from embedcache.device import resolve_device
 from embedcache.errors import ConfigError, StoreMismatchError, TrainingError
 from embedcache.evaluate.metrics import nearest_label, top1
@@ -73,8 +73,7 @@ def settings_identity(cfg: TrainConfig, leave_out: Tuple[str, ...], omitted_at_d
     """A run's settings to hash (its name, a sweep's seed for it): ``leave_out`` dropped, and settings
     added after such hashes were first taken dropped while at their default (``omitted_at_default``:
     name -> default), so runs named or seeded before them keep their names and seeds."""
-    return {k: v for k, v in to_dict(cfg).items()
-            if k not in leave_out and not (k in omitted_at_default and v == omitted_at_default[k])}
+    return without_defaults({k: v for k, v in to_dict(cfg).items() if k not in leave_out}, omitted_at_default)
 
 
 def run_name(cfg: TrainConfig) -> str:

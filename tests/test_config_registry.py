@@ -127,3 +127,15 @@ def test_every_packaged_config_describes_itself_in_one_whole_sentence():
     for kind in KINDS:
         for name, doc in packaged_configs(kind).items():
             assert doc.endswith((".", ")")) and len(doc) > 20, f"{kind}/{name}: {doc!r}"
+
+
+def test_the_views_part_of_the_cache_key_keeps_its_shape():
+    """Stores made before colour views keep their key (no colour fields at all), and a store with
+    one colour setting on keeps both in its key (dropping the other at its default would change the
+    key of every colour store already made)."""
+    from embedcache.config import ViewsConfig
+    plain = ViewsConfig().key()
+    assert "color_jitter" not in plain and "grayscale" not in plain
+    jitter_only = ViewsConfig(color_jitter=0.3).key()
+    assert jitter_only["color_jitter"] == 0.3 and jitter_only["grayscale"] == 0.0
+    assert ViewsConfig(grayscale=0.1).key()["color_jitter"] == 0.0
