@@ -1,4 +1,5 @@
 """Sweeps: end to end through the CLI, kill and relaunch, concurrent workers, Ray, seed stability."""
+import json
 import os
 import socket
 import subprocess
@@ -276,3 +277,45 @@ def test_a_bad_setting_of_the_demo_sweep_is_refused_before_its_store_is_made(tmp
     res = CliRunner().invoke(main, ["sweep", "--set", "finetune_mode=mix", "--no-progress"])
     assert res.exit_code == 2 and "finetune_mode='mix' is not valid" in res.output
     assert not (tmp_path / "stores").exists()
+
+
+def test_a_relaunch_with_other_settings_is_refused_and_the_table_holds_the_current_grid(synthetic_store, tmp_path):
+    """A sweep folder's table is its current grid: relaunched with other base settings it pooled the
+    old and new runs as if they were replicates; with a seed dropped it kept the dropped seed's rows."""
+    f = _sweep_file(tmp_path, synthetic_store, holdout_domains=["outline"], grid={"recipe": ["ce"], "seed": [0, 1]})
+    out = tmp_path / "sw"
+    assert CliRunner().invoke(main, ["sweep", str(f), "--out", str(out), "--no-progress"]).exit_code == 0
+    for change in ("base.steps=6", "finetune_steps=2", "base_seed=3"):
+        res = CliRunner().invoke(main, ["sweep", str(f), "--out", str(out), "--no-progress", "--set", change])
+        assert res.exit_code == 2 and "was launched with other settings" in res.output, res.output
+        assert change.split("=")[0] in res.output and "use another --out" in res.output
+        assert res.output.strip().count("\n") == 0
+    assert len(list((out / "runs").iterdir())) == 2
+    fewer = CliRunner().invoke(main, ["sweep", str(f), "--out", str(out), "--no-progress", "--set", "grid.seed=[1]",
+                                      "--set", "workers=2"])
+    assert fewer.exit_code == 0 and "1 already done" in fewer.output, fewer.output
+    assert set(pd.read_parquet(out / "results.parquet").replicate) == {1}
+    rep = CliRunner().invoke(main, ["report", str(out), "--out", str(tmp_path / "rep")])
+    assert rep.exit_code == 0 and "± " not in (tmp_path / "rep" / "report.md").read_text()  # one replicate: no spread
+
+
+def test_how_the_store_is_spelled_changes_no_run(synthetic_store, tmp_path, monkeypatch):
+    """The same store named by another path (relative, absolute, a copy) is the same sweep: its runs
+    were named and seeded by the path's spelling, so a relaunch from another folder trained them all
+    again with other seeds and pooled the duplicates."""
+    import shutil
+
+    f = _sweep_file(tmp_path, synthetic_store, holdout_domains=["outline"], grid={"recipe": ["ce"], "seed": [0]})
+    out = tmp_path / "sw"
+    monkeypatch.chdir(Path(synthetic_store).parent)
+    rel = CliRunner().invoke(main, ["sweep", str(f), "--out", str(out), "--no-progress", "--set",
+                                    f"store={Path(synthetic_store).name}"])
+    assert rel.exit_code == 0, rel.output
+    seeds = {p.parent.name: json.loads(p.read_text())["seed"] for p in out.glob("runs/*/config.json")}
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(synthetic_store, copy)
+    for spelling in (str(Path(synthetic_store).resolve()), str(copy)):
+        again = CliRunner().invoke(main, ["sweep", str(f), "--out", str(out), "--no-progress", "--set", f"store={spelling}"])
+        assert again.exit_code == 0 and "1 already done" in again.output, again.output
+    spec = load_sweep(str(f), [f"store={copy}"])
+    assert {Path(p.cfg.out).name: p.cfg.seed for p in expand(spec, str(out))} == seeds

@@ -15,7 +15,7 @@ import hashlib
 import itertools
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -118,7 +118,7 @@ def expand(spec: SweepSpec, sweep_dir: str) -> List[SweepPoint]:
             raise ConfigError(f"sweep grid entry {k!r} lists mappings; grid over their entries instead "
                               f"({k}.<key>: [values])")
     with open_store(spec.store) as reader:  # refuses an incomplete store
-        out = _points(spec, sweep_dir, keys, reader)
+        out = _points(spec, sweep_dir, keys, reader, _named_as(sweep_dir, spec.store))
         missing = missing_features(reader, [p.cfg for p in out])  # head-only runs' cached features, before any run
     if missing:
         raise ConfigError(missing)
@@ -128,8 +128,10 @@ def expand(spec: SweepSpec, sweep_dir: str) -> List[SweepPoint]:
     return out
 
 
-def _points(spec: SweepSpec, sweep_dir: str, keys: List[str], reader) -> List[SweepPoint]:
-    """Each grid point x split as a validated run config, checked against the store (``reader``)."""
+def _points(spec: SweepSpec, sweep_dir: str, keys: List[str], reader, named_as: str) -> List[SweepPoint]:
+    """Each grid point x split as a validated run config, checked against the store (``reader``).
+    Runs are named and seeded with the store spelled ``named_as`` (as the sweep first named it), so
+    the same store by another path (relative, absolute, a copy) is the same sweep."""
     from ..recipes import RECIPES
 
     splits, sources = _splits(spec, reader), set(reader.text_sources)
@@ -153,8 +155,10 @@ def _points(spec: SweepSpec, sweep_dir: str, keys: List[str], reader) -> List[Sw
                 raise ConfigError(f"sweep run ({where}): text source {src!r} is not in {spec.store} "
                                   f"(it has {', '.join(sorted(sources))})")
             replicate = cfg.seed
-            cfg = build_config(TrainConfig, {**data, "seed": derive_seed(spec.base_seed, seed_identity(cfg))})
-            cfg = build_config(TrainConfig, {**to_dict(cfg), "out": str(Path(sweep_dir) / "runs" / run_name(cfg))})
+            seed = derive_seed(spec.base_seed, seed_identity(replace(cfg, store=named_as)))
+            cfg = build_config(TrainConfig, {**data, "seed": seed})
+            name = run_name(replace(cfg, store=named_as))
+            cfg = build_config(TrainConfig, {**to_dict(cfg), "out": str(Path(sweep_dir) / "runs" / name)})
             out.append(SweepPoint(cfg, replicate))
     return out
 
@@ -181,16 +185,22 @@ def make_jobs(points: List[SweepPoint], pack_heads: bool = False) -> List[List[S
 
 
 def collect(sweep_dir: str) -> pd.DataFrame:
+    """The result rows of the sweep's current grid (``runs.json``, written at each launch): runs of
+    grid values since dropped stay on disk but out of its table."""
+    listed = Path(sweep_dir) / "runs.json"
     files = sorted((Path(sweep_dir) / "results").glob("*.parquet"))
+    if listed.is_file():  # a sweep launched before runs.json: every result is of its grid
+        current = set(json.loads(listed.read_text()))
+        files = [f for f in files if f.stem in current]
     if not files:
         raise ConfigError(f"no results in {sweep_dir}/results yet; run the sweep first")
     return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
 
 
-def _write_outputs(sweep_dir: str) -> Optional[pd.DataFrame]:
+def _write_outputs(sweep_dir: str, points: List[SweepPoint]) -> Optional[pd.DataFrame]:
     from embedcache.evaluate.report import write_report
 
-    if not any((Path(sweep_dir) / "results").glob("*.parquet")):
+    if not any(result_path(sweep_dir, Path(p.cfg.out).name).exists() for p in points):
         return None
     results = collect(sweep_dir)
     atomic_write(Path(sweep_dir) / "results.parquet", lambda tmp: results.to_parquet(tmp, index=False))
@@ -209,7 +219,8 @@ def _require_one_store(sweep_dir: str, store: str) -> None:
         # a sweep made before store.json: its results name the store they scored
         seen = {k for r in Path(sweep_dir).glob("results/*.parquet")
                 for k in pd.read_parquet(r, columns=["store_key"]).store_key}
-        first = {"store_key": sorted(seen)[0] if seen else key, "store": "(named in its results)" if seen else store}
+        first = {"store_key": sorted(seen)[0] if seen else key, "store": "(named in its results)" if seen else store,
+                 "named_as": _named_as(sweep_dir, store)}
         tmp = f.with_name(f"store.json.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(first))
         try:
@@ -224,6 +235,42 @@ def _require_one_store(sweep_dir: str, store: str) -> None:
                           f"not of {store} (key {key}); use another --out for a sweep over {store}")
 
 
+def _named_as(sweep_dir: str, store: str) -> str:
+    """How the sweep first spelled its store (the spelling its runs' names and seeds were derived
+    from): store.json's, else a run's config (a sweep made before store.json kept it), else ``store``."""
+    f = Path(sweep_dir) / "store.json"
+    if f.is_file():
+        first = json.loads(f.read_text())
+        if first.get("named_as") or first["store"] != "(named in its results)":
+            return first.get("named_as") or first["store"]
+    for cfg in sorted(Path(sweep_dir).glob("runs/*/config.json")):
+        return json.loads(cfg.read_text())["store"]
+    return store
+
+
+# sweep settings a relaunch may change: its grid and held-out domains (the table holds the current
+# grid's runs), how runs are launched, and the store's path (store.json pins the store by its key)
+RELAUNCH_MAY_CHANGE = ("grid", "holdout_domains", "launcher", "workers", "resources", "pack_heads", "store")
+
+
+def _require_same_spec(sweep_dir: str, spec: SweepSpec) -> None:
+    """A sweep folder holds the runs of one spec: relaunched with other base settings its table pooled
+    the old and new runs as replicates, and scoring settings (finetune_steps) changed nothing of runs
+    already scored while sweep.yaml claimed them."""
+    f = Path(sweep_dir) / "sweep.yaml"
+    if not f.is_file():
+        return
+    defaults = flatten(to_dict(SweepSpec(store="")))  # settings added since that sweep.yaml was written
+    old = {**defaults, **flatten(yaml.safe_load(f.read_text()) or {})}
+    new = flatten(to_dict(spec))
+    changed = [k for k in sorted(set(old) | set(new))
+               if k.split(".")[0] not in RELAUNCH_MAY_CHANGE and old.get(k) != new.get(k)]
+    if changed:
+        shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:3])
+        raise ConfigError(f"sweep {sweep_dir} was launched with other settings ({shown}); relaunch it with its "
+                          f"own (its sweep.yaml), or use another --out for these")
+
+
 def run_sweep(spec: SweepSpec, sweep_dir: str, launcher: Optional[str] = None, device: str = "auto",
               progress: bool = True, log: Callable[[str], None] = print, **launcher_args) -> Dict[str, Any]:
     """Validate and expand the grid, run what is not finished, then write results.parquet and the report.
@@ -231,11 +278,16 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, launcher: Optional[str] = None, d
     name = launcher or spec.launcher
     launcher_args = {k: v for k, v in launcher_args.items() if v is not None}
     check_options(name, launcher_args)
+    _require_same_spec(sweep_dir, spec)
     points = expand(spec, sweep_dir)
     try:
         Path(sweep_dir).mkdir(parents=True, exist_ok=True)
+        named_as = _named_as(sweep_dir, spec.store)
         _require_one_store(sweep_dir, spec.store)
+        if _named_as(sweep_dir, spec.store) != named_as:  # another launch created store.json first
+            points = expand(spec, sweep_dir)
         atomic_write_text(Path(sweep_dir) / "sweep.yaml", yaml.safe_dump(to_dict(spec), sort_keys=True))
+        atomic_write_text(Path(sweep_dir) / "runs.json", json.dumps(sorted(Path(p.cfg.out).name for p in points)))
     except OSError as exc:
         if is_disk_full(exc):
             raise disk_full_error(sweep_dir, "free space or choose --out on a larger disk") from exc
@@ -260,7 +312,7 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, launcher: Optional[str] = None, d
         raise SweepInterrupted(f"interrupted: {finished} of {len(points)} runs finished; rerun the same command "
                                "to resume")
     try:
-        results = _write_outputs(sweep_dir)
+        results = _write_outputs(sweep_dir, points)
     except OSError as exc:
         if is_disk_full(exc):
             raise disk_full_error(sweep_dir, "free space or choose --out on a larger disk") from exc
