@@ -88,6 +88,8 @@ def _open_for(run: RunDir, path: str, transfer: bool) -> StoreReader:
                                       f"({run.config.get('store_path')}), or pass --transfer to score it on another "
                                       "store of the same teacher")
     reader = StoreReader(path)
+    if reader.key == run.store_key:  # its own store by another path: scored with its own split
+        return reader
     source = run.split["text_source"]
     with StoreReader(run.store_path()) as own:
         same = {"teacher": _teacher_identity(own.manifest) == _teacher_identity(reader.manifest),
@@ -120,12 +122,13 @@ def score_run(run: Union[str, RunDir], protocols: Sequence[str] = ("lodo",), sto
     """Tidy result rows of one finished run on its own store (or ``store``, which must have its key).
     With ``transfer``, ``store`` may be another store of the same teacher and classes: every image
     there is unseen by the run, so protocols score it as the teacher's are scored (every domain a
-    test domain) and the rows say ``transfer`` in their ``holdout`` column."""
+    test domain) and the rows say ``transfer`` in their ``holdout`` column; the run's own store (its
+    key), by whatever path, keeps the run's split."""
     run = run if isinstance(run, RunDir) else RunDir(run)
     run.require_done()
     path = store or run.store_path()
-    transfer = transfer and path != run.store_path()
     with _open_for(run, path, transfer) as reader:
+        transfer = transfer and reader.key != run.store_key  # its own store, by any path: never a transfer
         dev = resolve_device(device)
         split = run.split
         features = cached_features(reader, split.get("backbone_key"))

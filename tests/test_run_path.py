@@ -335,3 +335,20 @@ def test_a_block_of_zeros_is_written_not_taken_for_lost(blank_store):
         again.write_block(2, {k: np.zeros_like(v) for k, v in _block(again, 2, 2).items()})
         again.quick_check()
         assert again.verify().ok
+
+
+def test_transfer_to_the_runs_own_store_by_another_path_keeps_its_split(synthetic_store, tmp_path):
+    """The run's own store named by another path (a copy) is still its own: scored as a transfer
+    store, the domains it trained on counted as unseen test images."""
+    import shutil
+
+    from embedcache.students.scoring import score_run
+
+    train(_cfg(synthetic_store, tmp_path / "r", split=SplitConfig(holdout_domains=("outline",))), log=quiet)
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(synthetic_store, copy)
+    own = score_run(tmp_path / "r", ["lodo"])
+    again = score_run(tmp_path / "r", ["lodo"], str(copy), transfer=True)
+    assert set(again.holdout) == {"outline"} and "zero_shot" not in set(again.split)
+    cols = ["split", "domain", "metric", "value", "n"]
+    pd.testing.assert_frame_equal(own[cols].reset_index(drop=True), again[cols].reset_index(drop=True))
