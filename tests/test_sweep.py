@@ -319,3 +319,32 @@ def test_how_the_store_is_spelled_changes_no_run(synthetic_store, tmp_path, monk
         assert again.exit_code == 0 and "1 already done" in again.output, again.output
     spec = load_sweep(str(f), [f"store={copy}"])
     assert {Path(p.cfg.out).name: p.cfg.seed for p in expand(spec, str(out))} == seeds
+
+
+def test_a_worker_killed_from_outside_fails_its_runs_instead_of_losing_them(synthetic_store, tmp_path):
+    """The OOM killer or a segfault takes a worker without a status for its run: the sweep reported
+    fewer runs than it had, wrote a table short of them and exited 0."""
+    import multiprocessing
+    import signal
+    import threading
+    import time
+
+    f = _sweep_file(tmp_path, synthetic_store, holdout_domains=["outline"], grid={"recipe": ["ce"], "seed": [0, 1]},
+                    launcher="local", workers=1)
+    spec = load_sweep(str(f), ["base.steps=400", "base.eval_every=400", "base.ckpt_every=400"])
+    out = tmp_path / "sw"
+
+    def kill_the_worker():
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(out.glob("runs/*/attempts.jsonl")):
+            time.sleep(0.1)
+        for child in multiprocessing.active_children():
+            os.kill(child.pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_the_worker, daemon=True)
+    killer.start()
+    logged = []
+    res = run_sweep(spec, str(out), progress=False, log=logged.append)
+    killer.join(5)
+    assert res["failed"] == 2 and res["done"] == 0, res
+    assert any("a worker process died (exit code -9)" in m and "rerun the same command" in m for m in logged), logged

@@ -303,7 +303,9 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, launcher: Optional[str] = None, d
               for s in ("done", "skipped", "failed", "busy", "interrupted", "disk_full")}
     for x in statuses:
         if x["status"] == "failed":
-            log(f"failed: {x['run']}: {x.get('error', '')} (traceback in runs/{x['run']}/error.txt)")
+            where = Path(sweep_dir) / "runs" / x["run"] / "error.txt"
+            log(f"failed: {x['run']}: {x.get('error', '')}" + (f" (traceback in runs/{x['run']}/error.txt)"
+                                                                if where.exists() else ""))
     finished = sum(result_path(sweep_dir, Path(p.cfg.out).name).exists() for p in points)
     if counts["disk_full"]:
         raise DiskFullError(f"disk full while writing {sweep_dir}: {finished} of {len(points)} runs finished, the "

@@ -12,6 +12,7 @@ import os
 import queue
 import socket
 import time
+from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from embedcache import interrupt
@@ -192,7 +193,20 @@ def local(jobs: List[List[SweepPoint]], spec, sweep_dir, device="auto", progress
         # blocked on a full pipe that nobody reads any more, would hold the process at exit forever
         tasks.cancel_join_thread()
         tasks.close()
-    return out
+    return out + ([] if interrupt.requested() else _lost_to_dead_workers(jobs, out, procs))
+
+
+def _lost_to_dead_workers(jobs: List[List[SweepPoint]], out: List[Dict], procs) -> List[Dict]:
+    """A worker killed from outside (the OOM killer, a segfault) sends no status for the run it held,
+    and runs still queued may find no worker left: each such run is failed, so the sweep says so and
+    exits 1 instead of writing a table short of them. Rerunning resumes them."""
+    died = sorted({p.exitcode for p in procs if p.exitcode not in (0, None)})
+    if not died:
+        return []
+    seen = {st["run"] for st in out}
+    why = f"a worker process died (exit code {died[0]}) before this run finished; rerun the same command to resume it"
+    return [{"run": Path(p.cfg.out).name, "status": "failed", "error": why}
+            for job in jobs for p in job if Path(p.cfg.out).name not in seen]
 
 
 # --- ray ---------------------------------------------------------------------------------------------
