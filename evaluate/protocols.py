@@ -133,6 +133,19 @@ def seeded_class_split(num_classes: int, unseen_fraction: float = 0.5, seed: int
     return np.sort(rng.permutation(num_classes)[:n_seen])
 
 
+def class_split(d: EvalData, protocol: str, seen_classes: Optional[Sequence[int]], unseen_fraction: float,
+                seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(seen, unseen) class ids: those given, else the run's own, else the seeded split; a run that
+    trained on every class has no unseen class to score."""
+    seen = np.asarray(seen_classes if seen_classes is not None else
+                      (d.seen_classes if d.seen_classes is not None else seeded_class_split(len(d.classes), unseen_fraction, seed)))
+    unseen = np.setdiff1d(np.arange(len(d.classes)), seen)
+    if len(unseen) == 0:
+        raise EvaluationError(f"{protocol} needs at least one unseen class, and this run trained on every class; "
+                              "train with split.train_classes=[...] to hold classes out")
+    return seen, unseen
+
+
 @PROTOCOLS.register("open_vocab")
 def open_vocab(d: EvalData, seen_classes: Optional[Sequence[int]] = None, unseen_fraction: float = 0.5,
                seed: int = 0) -> pd.DataFrame:
@@ -140,12 +153,7 @@ def open_vocab(d: EvalData, seen_classes: Optional[Sequence[int]] = None, unseen
     over seen + unseen labels with the harmonic mean of seen and unseen accuracy. A run predicting with
     a linear classifier over its training classes gets the generalised rows only (it never predicts
     an unseen class: unseen accuracy 0)."""
-    seen = np.asarray(seen_classes if seen_classes is not None else
-                      (d.seen_classes if d.seen_classes is not None else seeded_class_split(len(d.classes), unseen_fraction, seed)))
-    unseen = np.setdiff1d(np.arange(len(d.classes)), seen)
-    if len(unseen) == 0:
-        raise EvaluationError("open_vocab needs at least one unseen class, and this run trained on every class; "
-                         "train with split.train_classes=[...] to hold classes out")
+    seen, unseen = class_split(d, "open_vocab", seen_classes, unseen_fraction, seed)
     u_rows = np.flatnonzero(d.ok & np.isin(d.labels, unseen))
     s_rows = np.flatnonzero(d.ok & np.isin(d.labels, seen))
     if d.val_idx is not None:
@@ -210,9 +218,7 @@ def few_shot(d: EvalData, shots: int = 5, episodes: int = 3, seen_classes: Optio
     """k labelled images per unseen class (seeded episodes): a prototype classifier (FAISS over the
     class means of the shots) and Tip-Adapter logits (keys: the teacher's views of the shots), scored
     on the remaining unseen images."""
-    seen = np.asarray(seen_classes if seen_classes is not None else
-                      (d.seen_classes if d.seen_classes is not None else seeded_class_split(len(d.classes), unseen_fraction, seed)))
-    unseen = np.setdiff1d(np.arange(len(d.classes)), seen)
+    _, unseen = class_split(d, "few_shot", seen_classes, unseen_fraction, seed)
     rows: List[Dict] = []
     for ep in range(episodes):
         support, query = episode(d.labels, d.ok, unseen, shots, seed, ep, d.classes)
