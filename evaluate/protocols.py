@@ -265,6 +265,8 @@ def distill(d: EvalData, k_neigh: int = 10, k_vl: int = 5, max_rows: int = 2000,
         if len(r) > max_rows:
             r = np.sort(np.random.default_rng([seed, 41]).choice(r, max_rows, replace=False))
         s, t = d.emb[r], d.teacher[r]
+        # named by the k used: no more labels than classes, no more neighbours than other images
+        k_neigh, k_vl = min(k_neigh, len(r) - 1), min(k_vl, len(d.class_emb))
         for name, value in (("m_rel", m_rel(s, t)), (f"m_neigh@{k_neigh}", m_neigh(s, t, k_neigh)),
                             (f"m_vlalign@{k_vl}", m_vlalign(s, t, d.class_emb, k_vl)),
                             ("teacher_student_cosine", teacher_student_cosine(s, t))):
