@@ -6,8 +6,7 @@ from typing import List
 
 import pandas as pd
 
-from .results import conform
-from .store_eval import method_keys, summary_table
+from .store_eval import method_frame, method_keys, summary_table
 
 
 def markdown(table: pd.DataFrame) -> str:
@@ -40,8 +39,8 @@ def write_report(results: pd.DataFrame, out_dir: str) -> List[Path]:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results = conform(results)
-    keys = method_keys(results)  # rows of other variants or stores are never averaged together
+    results = method_frame(results)
+    keys = method_keys(results)  # rows of other variants, class splits or stores are never averaged together
     parts, files = ["# Results\n"], []
     special = {"per_class", "distill", "text"}
     if "per_class" in set(results["split"]):

@@ -64,31 +64,63 @@ def teacher_baselines(store: str, sources: Optional[Sequence[str]] = None, proto
     return pd.concat(frames, ignore_index=True)
 
 
+def method_frame(results: pd.DataFrame) -> pd.DataFrame:
+    """The results in the schema, with ``unseen``: the classes a row's model never trained on (the
+    class part of its ``holdout``; '' for none), which a method's rows share. Held-out domains are
+    not part of a method: a leave-one-domain-out method's runs each hold out one."""
+    results = conform(results)
+    return results.assign(unseen=results["holdout"].astype(str).str.extract(r"unseen: (.*)$", expand=False).fillna(""))
+
+
 def method_keys(results: pd.DataFrame) -> list:
-    """The columns that name a method in a table: recipe, student, text source, variant, and the store
-    first when the results span several stores (their rows are never averaged together)."""
-    keys = ["recipe", "student", "source", "variant"]
+    """The columns that name a method in a table (``results`` from ``method_frame``): recipe, student,
+    text source, variant; the class split when the results hold several; and the store first when
+    they span several stores. Rows of different methods are never averaged together."""
+    keys = ["recipe", "student", "source", "variant"] + (["unseen"] if results["unseen"].nunique() > 1 else [])
     return (["store_key"] + keys) if results["store_key"].nunique() > 1 else keys
+
+
+def _cell(mean: float, std: float, count: int) -> str:
+    return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if count > 1 and std == std else "")
+
+
+def _avg_cells(doms: pd.DataFrame, keys: list) -> pd.DataFrame:
+    """"avg": each replicate's mean over the split's domains, then mean ± std over replicates (as the
+    papers report). A replicate lacking one of the split's domains (a failed or unfinished run) has
+    no avg: a mean over fewer domains is not comparable, and the cell says how many replicates count."""
+    real = doms[doms["domain"] != "all"]  # splits with real domains
+    wanted = real.groupby("split")["domain"].nunique()
+    per_rep = real.groupby(keys + ["split", "replicate"], as_index=False).agg(
+        value=("value", "mean"), k=("domain", "nunique"))
+    per_rep["complete"] = per_rep["k"] == per_rep["split"].map(wanted)
+    cells = []
+    for key, g in per_rep.groupby(keys + ["split"]):
+        ok = g[g["complete"]]["value"]
+        if ok.empty:
+            cell = "incomplete (no replicate has every domain)"
+        else:
+            cell = _cell(ok.mean(), ok.std(), len(ok))
+            if len(ok) < len(g):
+                cell += f" ({len(ok)} of {len(g)} replicates have every domain)"
+        cells.append({**dict(zip(keys + ["split"], key)), "domain": "avg", "cell": cell})
+    return pd.DataFrame(cells, columns=keys + ["split", "domain", "cell"])
 
 
 def summary_table(results: pd.DataFrame, split: Optional[str] = None, metric: str = "top1") -> pd.DataFrame:
     """Methods x domains, mean +- std over replicates, as the papers lay them out (percent)."""
-    results = conform(results)
+    results = method_frame(results)
     df = results[(results["metric"] == metric) & ~results["split"].isin(["per_class", "distill", "text"])]
     if split is not None:
         df = df[df["split"] == split]
     df = df[df["episode"] == -1]
     keys = method_keys(results)
-    doms = df[df["domain"] != "avg"]
-    # "avg": each replicate's mean over domains first, then mean ± std over replicates (as the papers
-    # report; in leave-one-domain-out each run scores one domain, so per-run "avg" rows would mix the two).
-    per_rep = doms.groupby(keys + ["split", "replicate"], as_index=False)["value"].mean().assign(domain="avg")
-    by_domain = doms[doms["domain"] != "all"][keys + ["split"]].drop_duplicates()  # splits with real domains
-    df = pd.concat([doms, per_rep.merge(by_domain, on=keys + ["split"])], ignore_index=True)
-    g = df.groupby(keys + ["split", "domain"])["value"]
-    stats = g.agg(["mean", "std", "count"]).reset_index()
-    stats["cell"] = [f"{100 * m:.1f}" + (f" ± {100 * s:.1f}" if c > 1 and s == s else "")
-                     for m, s, c in zip(stats["mean"], stats["std"], stats["count"])]
-    table = stats.pivot_table(index=keys + ["split"], columns="domain", values="cell", aggfunc="first")
+    # one value per replicate and domain: in leave-one-domain-out each run scores the validation rows
+    # of its training domains, so a replicate scores a domain in-domain once per other held-out domain;
+    # their mean is the replicate's value, and ± stays a spread over replicates
+    doms = df[df["domain"] != "avg"].groupby(keys + ["split", "domain", "replicate"], as_index=False)["value"].mean()
+    stats = doms.groupby(keys + ["split", "domain"])["value"].agg(["mean", "std", "count"]).reset_index()
+    stats["cell"] = [_cell(m, s, c) for m, s, c in zip(stats["mean"], stats["std"], stats["count"])]
+    cells = pd.concat([stats[keys + ["split", "domain", "cell"]], _avg_cells(doms, keys)], ignore_index=True)
+    table = cells.pivot_table(index=keys + ["split"], columns="domain", values="cell", aggfunc="first")
     cols = [c for c in table.columns if c != "avg"] + (["avg"] if "avg" in table.columns else [])
     return table[cols]

@@ -262,3 +262,60 @@ def test_report_plots_keep_variants_apart(tmp_path, monkeypatch):
     write_report(pd.DataFrame(rows), str(tmp_path))
     assert sorted(plotted[0].loc["d1"].round(3)) == [20.0, 80.0]  # percent
     assert list(plotted[0].columns) == ["r / s / optim.lr=0.01", "r / s / optim.lr=0.1"]
+
+
+def _top1_rows(rows, **tags):
+    return pd.DataFrame([{"recipe": "r", "student": "s", "source": "name", "split": sp, "domain": d, "replicate": rep,
+                          "metric": "top1", "value": v, **tags, **extra} for sp, d, rep, v, extra in rows])
+
+
+def test_an_avg_over_fewer_domains_is_never_shown_as_comparable():
+    """A replicate missing a domain (a failed or unfinished run) made its avg a mean over fewer
+    domains: two methods with the same per-domain accuracies got 63.3 and 74.2."""
+    from embedcache.evaluate.store_eval import summary_table
+
+    acc = {"d1": 0.9, "d2": 0.8, "d3": 0.2}
+    full = [("ood", d, rep, v, {"recipe": "a"}) for rep in (0, 1) for d, v in acc.items()]
+    short = [("ood", d, rep, v, {"recipe": "b"}) for rep in (0, 1) for d, v in acc.items() if (rep, d) != (1, "d3")]
+    t = summary_table(_top1_rows(full + short))
+    assert t.loc[("a", "s", "name", "-", "ood"), "avg"] == "63.3 ± 0.0"
+    assert t.loc[("b", "s", "name", "-", "ood"), "avg"] == "63.3 (1 of 2 replicates have every domain)"
+    none = [("ood", d, 0, v, {"recipe": "c"}) for d, v in acc.items() if d != "d2"]
+    t = summary_table(_top1_rows(full + none))
+    assert t.loc[("c", "s", "name", "-", "ood"), "avg"] == "incomplete (no replicate has every domain)"
+
+
+def test_a_domain_scored_by_several_runs_of_one_replicate_is_one_value_of_it():
+    """Leave-one-domain-out: each run scores the validation rows of its training domains, so one
+    seed gives a domain several in-domain values; their spread is not a spread over seeds."""
+    from embedcache.evaluate.store_eval import summary_table
+
+    rows = [("in_domain", "d1", 0, 0.2, {"holdout": "d2"}), ("in_domain", "d1", 0, 0.4, {"holdout": "d3"}),
+            ("in_domain", "d1", 1, 0.6, {"holdout": "d2"}), ("in_domain", "d1", 1, 0.8, {"holdout": "d3"})]
+    t = summary_table(_top1_rows(rows))
+    assert t.loc[("r", "s", "name", "-", "in_domain"), "d1"] == "50.0 ± 28.3"  # seeds: 0.3 and 0.7
+    one_seed = summary_table(_top1_rows([r for r in rows if r[2] == 0]))
+    assert one_seed.loc[("r", "s", "name", "-", "in_domain"), "d1"] == "30.0"  # one seed: no ± at all
+
+
+def test_rows_of_different_class_splits_are_different_methods():
+    """The teacher scored on two seeded class splits: its unseen accuracy on each is a number of its
+    own, not two replicates of one (their mean ± std was shown as such)."""
+    from embedcache.evaluate.store_eval import summary_table
+
+    rows = [("unseen_zero_shot", "all", 0, 1.0, {"holdout": "unseen: cat"}),
+            ("unseen_zero_shot", "all", 0, 0.5, {"holdout": "unseen: dog"})]
+    t = summary_table(_top1_rows(rows))
+    assert sorted(t["all"]) == ["100.0", "50.0"] and "unseen" in t.index.names
+    lodo = [("ood", "d1", 0, 0.2, {"holdout": "d1"}), ("ood", "d2", 0, 0.4, {"holdout": "d2"})]
+    assert "unseen" not in summary_table(_top1_rows(lodo)).index.names  # held-out domains stay one method
+
+
+def test_report_of_two_class_splits_keeps_them_apart(tmp_path):
+    from embedcache.evaluate.report import write_report
+
+    rows = _top1_rows([("unseen_zero_shot", "all", 0, 1.0, {"holdout": "unseen: cat"}),
+                       ("unseen_zero_shot", "all", 0, 0.5, {"holdout": "unseen: dog"})])
+    write_report(rows, str(tmp_path))
+    text = (tmp_path / "report.md").read_text()
+    assert "100.0" in text and "50.0" in text and "75.0" not in text and "±" not in text
