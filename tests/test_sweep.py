@@ -130,7 +130,9 @@ def test_bad_sweep_files_are_rejected_before_any_run(synthetic_store, tmp_path, 
              ({"launcher": "slurm"}, "launcher='slurm' is not valid: choose one of local, ray, serial"),
              ({"grid": {"views_used": [2, 4]}}, r"sweep run \(views_used=4\): views_used=4 but store .* holds 3 views"),
              ({"grid": {"loss_weights": [{"cos": 1}]}}, r"grid entry 'loss_weights' lists mappings; grid over their "
-                                                         r"entries instead \(loss_weights.<key>: \[values\]\)")]
+                                                         r"entries instead \(loss_weights.<key>: \[values\]\)"),
+             ({"holdout_domains": []}, r"holdout_domains=\[\] holds no domain out"),  # was: every domain
+             ({"holdout_domains": ["solid", "solid"]}, r"holdout_domains=\['solid', 'solid'\] names a domain twice")]
     for change, msg in cases:
         with pytest.raises(ConfigError, match=msg):
             expand(load_sweep(str(_sweep_file(tmp_path, synthetic_store, **change))), str(tmp_path / "none"))

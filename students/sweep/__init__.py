@@ -91,6 +91,11 @@ def derive_seed(base_seed: int, identity: Dict) -> int:
 
 def _splits(spec: SweepSpec, reader) -> List[Dict]:
     if spec.protocol == "lodo":
+        if spec.holdout_domains is not None and len(set(spec.holdout_domains)) != len(spec.holdout_domains):
+            raise ConfigError(f"holdout_domains={list(spec.holdout_domains)} names a domain twice; list each once")
+        if spec.holdout_domains is not None and not spec.holdout_domains:
+            raise ConfigError("holdout_domains=[] holds no domain out, and a lodo sweep trains one run per held-out "
+                              "domain; leave holdout_domains out for every domain of the store, or list some")
         domains = spec.holdout_domains or reader.domains
         unknown = sorted(set(domains) - set(reader.domains))
         if unknown:
