@@ -1,7 +1,7 @@
 """The remote teacher over loopback against the same teacher locally, in one run, and the queries
 the ledger saves when a second store reuses the first one's views.
 
-    python bench/remote.py [--model ViT-B-32] [--images 64] [--views 2] [--batch 32] [--format png]
+    python bench/remote.py [--model ViT-B-32] [--images 56] [--views 2] [--batch 16] [--format png]
 
 1. local: ``extract`` with the teacher in this process.
 2. remote: the same extraction through ``embedcache serve`` (the same teacher, in a subprocess on
