@@ -7,6 +7,8 @@ embeddings: no model is loaded.
 """
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -28,8 +30,9 @@ CLASS_SPLIT = ("open_vocab", "few_shot")  # the protocols that score classes hel
 class EvalData:
     """emb (N, D) embeddings to score (view 0); labels (N,) store label ids; domains (N,); ok (N,)
     usable rows; class_emb (C, D) class text embeddings; classes (C,) names. val_idx: rows held out
-    from the training domains (in-domain accuracy); holdout_domains / seen_classes: what the run
-    did not train on (None for the teacher)."""
+    from the training domains (in-domain accuracy); test_idx: the other rows the run never trained on
+    (held-out domains and classes, a dataset's own test rows); holdout_domains / seen_classes: what
+    the run did not train on (None for the teacher)."""
     emb: np.ndarray
     labels: np.ndarray
     domains: np.ndarray
@@ -37,6 +40,7 @@ class EvalData:
     class_emb: np.ndarray
     classes: List[str]
     val_idx: Optional[np.ndarray] = None
+    test_idx: Optional[np.ndarray] = None
     holdout_domains: Optional[Sequence[str]] = None
     seen_classes: Optional[Sequence[int]] = None
     scores: Optional[np.ndarray] = None   # (N, C) classifier logits; when set, predictions come from them
@@ -156,8 +160,12 @@ def open_vocab(d: EvalData, seen_classes: Optional[Sequence[int]] = None, unseen
     seen, unseen = class_split(d, "open_vocab", seen_classes, unseen_fraction, seed)
     u_rows = np.flatnonzero(d.ok & np.isin(d.labels, unseen))
     s_rows = np.flatnonzero(d.ok & np.isin(d.labels, seen))
-    if d.val_idx is not None:
-        s_rows = np.intersect1d(s_rows, d.val_idx)  # seen classes: only images not trained on
+    if d.val_idx is not None:  # seen classes: only images not trained on
+        s_rows = np.intersect1d(s_rows, _unseen_by_run(d))
+        if not len(s_rows):
+            warnings.warn("open_vocab: the run trained on every seen-class image (no validation rows: "
+                          "split.val_fraction=0, and no test rows in the store), so gzsl_seen and gzsl_harmonic left "
+                          "out; train with split.val_fraction > 0, or extract a dataset with a test split")
     rows: List[Dict] = []
     if not _unanswerable(d, u_rows, unseen):  # a classifier has no answer among unseen labels only
         rows += _rows(_predict(d, u_rows, unseen), d.labels[u_rows], split="unseen_zero_shot", domain="all")
@@ -234,15 +242,21 @@ def few_shot(d: EvalData, shots: int = 5, episodes: int = 3, seen_classes: Optio
     return pd.concat([df, mean], ignore_index=True)
 
 
+def _unseen_by_run(d: EvalData) -> np.ndarray:
+    """The rows a run never trained on: its validation rows and its test rows (held-out domains and
+    classes, a dataset's own test split)."""
+    parts = [p for p in (d.val_idx, d.test_idx) if p is not None]
+    return np.union1d(*parts) if len(parts) == 2 else (parts[0] if parts else np.zeros(0, np.int64))
+
+
 def _scored_rows(d: EvalData) -> np.ndarray:
-    """Rows a run did not train on (held-out domains, validation rows), else every usable row."""
+    """Rows a run did not train on (held-out domains, validation and test rows), else every usable row."""
     if d.val_idx is None and not d.holdout_domains:
         return np.flatnonzero(d.ok)
     held = np.isin(d.domains, list(d.holdout_domains or []))
-    val = np.zeros(len(d.ok), bool)
-    if d.val_idx is not None:
-        val[d.val_idx] = True
-    return np.flatnonzero(d.ok & (held | val))
+    unseen = np.zeros(len(d.ok), bool)
+    unseen[_unseen_by_run(d)] = True
+    return np.flatnonzero(d.ok & (held | unseen))
 
 
 @PROTOCOLS.register("per_class")

@@ -20,13 +20,18 @@ from .protocols import CLASS_SPLIT, PROTOCOLS, EvalData, seeded_class_split
 from .results import conform, holdout_tag
 
 
+def _rows_of(split: Dict, name: str) -> Optional[np.ndarray]:
+    """A run's row list as integer indices (an empty list would otherwise be read as floats)."""
+    return np.asarray(split[name], dtype=np.int64) if name in split else None
+
+
 def eval_data(reader: StoreReader, source: str, emb: np.ndarray, split: Optional[Dict] = None,
               scores: Optional[np.ndarray] = None, with_teacher: bool = True) -> EvalData:
     meta = reader.meta
     split = split or {}
     return EvalData(emb=emb, labels=meta["label"].to_numpy(), domains=meta["domain"].to_numpy(),
                     ok=reader.ok, class_emb=reader.class_emb(source), classes=reader.classes,
-                    val_idx=np.asarray(split["val_idx"]) if "val_idx" in split else None,
+                    val_idx=_rows_of(split, "val_idx"), test_idx=_rows_of(split, "test_idx"),
                     holdout_domains=split.get("holdout_domains") or None,
                     seen_classes=split.get("seen_classes"),  # a run's own: never a made-up split
                     scores=scores, teacher=reader.image_emb(0).astype(np.float32) if with_teacher else None,

@@ -319,3 +319,32 @@ def test_report_of_two_class_splits_keeps_them_apart(tmp_path):
     write_report(rows, str(tmp_path))
     text = (tmp_path / "report.md").read_text()
     assert "100.0" in text and "50.0" in text and "75.0" not in text and "±" not in text
+
+
+def test_a_run_without_validation_rows_is_scored_on_the_rows_it_never_saw(synthetic_store):
+    """Li et al.'s config keeps no validation rows (split.val_fraction=0): per_class and distill
+    ended in a traceback (an empty index list read as floats), and open_vocab left out gzsl_seen and
+    the harmonic mean without a word, although a test split's seen-class rows were never trained on."""
+    import warnings
+
+    import embedcache
+    from embedcache.evaluate.protocols import PROTOCOLS
+    from embedcache.evaluate.store_eval import eval_data
+
+    with embedcache.open_store(str(synthetic_store)) as reader:
+        emb = reader.image_emb(0).astype(np.float32)
+        labels = reader.meta["label"].to_numpy()
+        seen = [0, 1]
+        test_rows = [i for i in range(len(labels)) if labels[i] in seen][:5]  # a dataset's own test rows
+        d = eval_data(reader, "name", emb, {"val_idx": [], "test_idx": test_rows, "seen_classes": seen})
+        for name in ("per_class", "distill"):
+            assert len(PROTOCOLS.get(name)(d))
+        ov = PROTOCOLS.get("open_vocab")(d)
+        assert {"gzsl_seen", "gzsl_harmonic"} <= set(ov.split)
+        assert int(ov[(ov.split == "gzsl_seen") & (ov.metric == "top1")].n.iloc[0]) == 5
+        none = eval_data(reader, "name", emb, {"val_idx": [], "test_idx": [], "seen_classes": seen})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ov = PROTOCOLS.get("open_vocab")(none)
+        assert "gzsl_seen" not in set(ov.split) and "unseen_zero_shot" in set(ov.split)
+        assert any("gzsl_seen and gzsl_harmonic left out" in str(w.message) for w in caught)
