@@ -39,7 +39,7 @@ def extract(config_path: Optional[str], out: Optional[str], overrides: Sequence[
         return
     if not res.skipped:
         rate = res.images / res.seconds if res.seconds > 0 else 0.0
-        click.echo(f"{res.images} images encoded in {res.seconds:.1f}s ({rate:.1f} images/s)")
+        click.echo(f"{res.images} images read in {res.seconds:.1f}s ({rate:.1f} images/s, start-up included)")
 
 
 def _incomplete(st) -> str:

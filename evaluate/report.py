@@ -47,11 +47,11 @@ def write_report(results: pd.DataFrame, out_dir: str) -> List[Path]:
         pc = results[results["split"] == "per_class"]
         tab = (100 * pc.pivot_table(index=keys, columns="class_name", values="value",
                                     aggfunc="mean")).round(1)
-        parts += ["## per class (top-1, %, mean over seeds)\n", markdown(tab), ""]
+        parts += ["## per class (top-1, %, mean over runs: seeds and held-out splits)\n", markdown(tab), ""]
     dist = results[results["split"].isin(["distill", "text"])]
     if not dist.empty:
         tab = dist.pivot_table(index=keys, columns="metric", values="value", aggfunc="mean").round(3)
-        parts += ["## distillation metrics (mean over seeds)\n", markdown(tab), ""]
+        parts += ["## distillation metrics (mean over runs: seeds and held-out splits)\n", markdown(tab), ""]
     for split in sorted(set(results["split"].unique()) - special):
         parts += [f"## {split} (top-1, %)\n", markdown(summary_table(results, split)), ""]
         top = results[(results["split"] == split) & (results["metric"] == "top1") & (results["domain"] != "avg")]

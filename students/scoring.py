@@ -98,7 +98,8 @@ def _open_for(run: RunDir, path: str, transfer: bool) -> StoreReader:
     differ = [what for what, ok in same.items() if not ok]
     if differ:
         reader.close()
-        raise StoreMismatchError(f"run {run.name} cannot be scored on {path}: its {differ[0]} differ from those of the "
+        verb = "differs from that" if differ[0] == "teacher" else "differ from those"
+        raise StoreMismatchError(f"run {run.name} cannot be scored on {path}: its {differ[0]} {verb} of the "
                                  "store the run was trained on; transfer needs the same teacher, classes and prompts "
                                  f"of the run's text source (extract {path} with the same text settings)")
     return reader

@@ -17,7 +17,7 @@ def cli_store(tmp_path_factory, tiny_clip_dir):
             "--set", "teacher.device=cpu", "--set", "num_workers=0", "--set", "dataset.per_class=3"]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
-    assert "wrote" in res.output and "36 images encoded" in res.output
+    assert "wrote" in res.output and "36 images read in" in res.output
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0 and "already complete" in again.output
     return out

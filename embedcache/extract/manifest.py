@@ -70,4 +70,4 @@ def differing_parts(stored: Dict[str, Any], wanted: Dict[str, Any]) -> str:
     if not names:
         return ""
     joined = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-    return f"its {joined} {'differs' if len(names) == 1 else 'differ'}"
+    return f"its {joined} {'differs' if len(names) == 1 and names[0] != 'views' else 'differ'}"

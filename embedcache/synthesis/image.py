@@ -117,7 +117,7 @@ def optimise(teacher, generator, targets: torch.Tensor, rows: Sequence[int], cfg
         opt.step()
         opt.zero_grad(set_to_none=True)
         if progress and it % 10 == 0:
-            bar.set_postfix(loss=f"{float(loss.mean()):.4f}")
+            bar.set_postfix(loss=f"{float(loss.detach().mean()):.4f}")
     bar.close()
     with torch.no_grad():
         images = generator.render(params).float()
