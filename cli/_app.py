@@ -1,8 +1,8 @@
 """The ``embedcache`` click group: user errors as one line, Ctrl-C as one line, with exit codes.
 
 Exit codes: 0 ok; 1 some sweep runs failed; 2 a user error (bad setting, unknown name, mismatched
-or damaged store); 3 a paid teacher's budget or quota ran out (resumable); 75 a full disk
-(resumable: free space and rerun); 130 interrupted (resumable: rerun the same command).
+or damaged store); 3 a paid teacher's budget or quota ran out (resumable); 75 a full disk or an unreachable
+remote teacher (resumable: free space or wait, and rerun); 130 interrupted (resumable: rerun the same command).
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Errors a user can cause. Each message is one line: what is wrong, then what to do.
 
 The CLI prints them without a traceback and exits with the error's ``exit_code``: 2 for a user
-error, 75 (EX_TEMPFAIL: try again later) for a full disk, where rerunning the same command resumes.
+error, 75 (EX_TEMPFAIL: try again later) for a full disk or an unreachable remote teacher, where rerunning
+the same command resumes.
 """
 
 
