@@ -319,6 +319,15 @@ def test_identical_inputs_in_a_call_are_sent_once(tmp_path, tiny_teacher_cfg, ti
         assert torch.equal(out[:3].half(), tiny_teacher.encode_pixels(x).half())
         t.encode_pixels(x)  # all in the ledger now
         assert charged(app) == (3, 0) and t.usage()["cache_hits"] == 3
+        # a dry run counts each input once, paid or free: 3 distinct views answered free, 5 repeats
+        # (it said 8 answered free after saying 3 to pay for: the repeats were counted on one side only)
+        cost = t.cost(torch.cat([x, x[:2], x]))
+        assert cost["ledger_hits"] == 3 and cost["images"] == 0 and cost["duplicates"] == 5
+        fresh = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(9))
+        cost = t.cost(torch.cat([fresh, fresh]))
+        assert cost["ledger_hits"] == 0 and cost["images"] == 2 and cost["duplicates"] == 2
+        from embedcache.cli.data import _cost_lines
+        assert "(5 repeated, each counted once)" in _cost_lines({"images": 0, "ledger_hits": 3, "duplicates": 5})[0]
 
 
 def test_a_lost_answer_counts_against_the_budget(tmp_path, tiny_teacher_cfg, tiny_teacher, key_env):

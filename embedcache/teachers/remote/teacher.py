@@ -326,8 +326,9 @@ class RemoteTeacher(Teacher):
         items = {k: (payloads[i], None) for k, i in todo.items()}
         requests = sum(len(self._split_by_bytes(order[j:j + limit], items)) for j in range(0, len(order), limit))
         return {"requests": requests, unit: len(todo),
-                "bytes": sum(len(payloads[i]) for i in todo.values()), "ledger_hits": sum(k in found for k in keys),
-                "duplicates": sum(k not in found for k in keys) - len(todo),
+                # each input once: a prompt repeated (the name prompt is also a template) is paid or answered once
+                "bytes": sum(len(payloads[i]) for i in todo.values()), "ledger_hits": len(set(keys) & set(found)),
+                "duplicates": len(keys) - len(set(keys)),
                 # summed over calls these give ceil(total / limit) and the limit itself
                 "requests_at_batch_limit": math.ceil(self._plan[modality] / limit) - math.ceil(before / limit),
                 "batch_limit": limit if first else 0}
