@@ -132,6 +132,8 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
             store.close()
             raise _budget_stop(exc, cfg, manifest, layout, reader, embedder, prompts, shard, num_shards, log) from None
         if store.blocks_done().all():
+            n_prompts = sum(len(p) for per_class in prompts.values() for p in per_class)
+            log(f"images done; encoding {n_prompts:,} prompts ({', '.join(prompts)}) and writing the tables")
             failed = _finalize_or_disk_full(store, dataset, teacher, prompts, books)
             log(f"wrote {cfg.out}: {len(dataset)} images x {cfg.views.count} views, "
                 f"{failed} unreadable image(s) skipped (listed in meta.parquet)")
