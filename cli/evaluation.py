@@ -64,7 +64,11 @@ def evaluate(runs, store, protocols, sources, out, device, finetune_steps, finet
         raise click.UsageError("nothing to evaluate: no finished run found")
     new = pd.concat(frames, ignore_index=True)
     table = upsert(out, new)
-    click.echo(markdown(summary_table(new)))
+    summary = summary_table(new)
+    if len(summary):
+        click.echo(markdown(summary))
+    else:  # per_class and distill rows only: no methods x domains table to print
+        click.echo(f"no accuracy-by-domain table for {', '.join(protocols)}; `embedcache report {out}` shows their tables")
     click.echo(f"\n{len(new)} rows scored; {len(table)} rows in {out}")
 
 

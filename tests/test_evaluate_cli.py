@@ -348,3 +348,12 @@ def test_a_run_without_validation_rows_is_scored_on_the_rows_it_never_saw(synthe
             ov = PROTOCOLS.get("open_vocab")(none)
         assert "gzsl_seen" not in set(ov.split) and "unseen_zero_shot" in set(ov.split)
         assert any("gzsl_seen and gzsl_harmonic left out" in str(w.message) for w in caught)
+
+
+def test_protocols_without_a_domain_table_say_where_their_numbers_are(synthetic_store, tmp_path):
+    out = tmp_path / "pc.parquet"
+    res = CliRunner().invoke(main, ["evaluate", "--store", str(synthetic_store), "--protocol", "per_class",
+                                    "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert f"no accuracy-by-domain table for per_class; `embedcache report {out}`" in res.output
+    assert "| recipe |" not in res.output  # an empty table's header was all it printed
