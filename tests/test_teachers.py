@@ -78,6 +78,14 @@ def test_weights_that_cannot_be_fetched_name_the_alternatives():
         build_teacher(TeacherConfig(name="open_clip", model="local-dir:/nowhere/at/all", device="cpu"))
 
 
+def test_a_weights_file_of_another_architecture_says_so(tiny_clip_dir):
+    """The message told a user who had passed local weights to pass local weights."""
+    weights = tiny_clip_dir / "open_clip_model.safetensors"
+    with pytest.raises(TeacherLoadError, match=r"the file is there but does not fit teacher.model='ViT-B-32': set "
+                                               r"teacher.model to the architecture it was saved from"):
+        build_teacher(TeacherConfig(name="open_clip", model="ViT-B-32", pretrained=str(weights), device="cpu"))
+
+
 def test_unknown_teacher_lists_the_registry():
     with pytest.raises(KeyError, match="unknown teacher 'clap'; available: conse, open_clip"):
         build_teacher(TeacherConfig(name="clap"))

@@ -55,9 +55,12 @@ class OpenClipTeacher(Teacher):
             self.tokenizer = open_clip.get_tokenizer(self.model_name)
         except Exception as exc:  # open_clip raises many types; the user needs one line
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            hint = (f"the file is there but does not fit teacher.model={self.model_name!r}: set teacher.model to the "
+                    "architecture it was saved from (or local-dir:/folder for a folder with its config)"
+                    if self.pretrained and Path(self.pretrained).is_file() else _load_hint())
             raise TeacherLoadError(
                 f"could not load open_clip model {self.model_name!r} with weights {self.pretrained!r} ({first}); "
-                + _load_hint()) from exc
+                + hint) from exc
         self.model = model.eval()
         if self.device.type == "cpu" and self.precision in PURE:
             warnings.warn(f"teacher.precision={self.precision} on a CPU: most CPUs have no fast {self.precision} "
