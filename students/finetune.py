@@ -41,8 +41,8 @@ def few_shot_finetune(base, cfg: TrainConfig, data: StoreData, split: Dict, shot
                       steps: int = 50, lr: float = 1e-4, batch_size: int = 32, seed: int = 0, device="cpu",
                       unseen: Optional[np.ndarray] = None, mode: str = "shots") -> pd.DataFrame:
     """Per episode: copy the student, train it for ``steps`` (see the modes above), then score the
-    query images (view 0) by nearest unseen-class text. Returns rows (split "finetune" or
-    "finetune_mixed"; episode -1 = the mean)."""
+    query images (view 0) by nearest unseen-class text. Returns rows (split "finetune@<steps>" or
+    "finetune_mixed@<steps>"; episode -1 = the mean)."""
     if mode not in MODES:
         raise ConfigError(f"unknown few-shot fine-tuning mode {mode!r}; use one of {', '.join(MODES)}")
     if unseen is None:
@@ -85,7 +85,8 @@ def few_shot_finetune(base, cfg: TrainConfig, data: StoreData, split: Dict, shot
                                                       model.input_size, model.mean, model.std, dev))["emb"].float().cpu().numpy()
                                   for i in range(0, len(query), 256)])
         pred = unseen[nearest_label(emb, text_all[unseen])]
-        name = "finetune" if mode == "shots" else "finetune_mixed"
+        # the steps in the name: fine-tuning for 2 and for 50 steps are two measurements, not one replaced by the other
+        name = f"{'finetune' if mode == 'shots' else 'finetune_mixed'}@{steps}"
         for metric, fn in (("top1", top1), ("mean_per_class", mean_per_class)):
             rows.append({"split": name, "domain": "all", "metric": metric, "value": fn(pred, data.labels[query]),
                          "n": len(query), "episode": ep})

@@ -209,9 +209,9 @@ def test_few_shot_finetune_uses_the_protocols_episodes(synthetic_store, tmp_path
         got = ft[(ft.episode == ep) & (ft.metric == "top1")].value.iloc[0]
         assert got == pytest.approx(ref) and len(query) == 2 * (16 - 3)
     moved = few_shot_finetune(model, cfg, data, split, shots=3, episodes=1, steps=3, lr=1e-2)
-    assert set(moved.split) == {"finetune"} and (moved.value.between(0, 1)).all()
+    assert set(moved.split) == {"finetune@3"} and (moved.value.between(0, 1)).all()
     mixed = few_shot_finetune(model, cfg, data, split, shots=3, episodes=1, steps=3, lr=1e-2, mode="mixed")
-    assert set(mixed.split) == {"finetune_mixed"} and (mixed.value.between(0, 1)).all()
+    assert set(mixed.split) == {"finetune_mixed@3"} and (mixed.value.between(0, 1)).all()
 
 
 def test_few_shot_cli_includes_finetuning(runs, tmp_path):
@@ -220,8 +220,11 @@ def test_few_shot_cli_includes_finetuning(runs, tmp_path):
                                     "--out", str(out)])
     assert res.exit_code == 0, res.output
     df = pd.read_parquet(out)
-    assert {"prototype", "tip_adapter", "finetune"} == set(df.split)
-    assert set(df[df.split == "finetune"].recipe) == {"feat_kd"}
+    assert {"prototype", "tip_adapter", "finetune@2"} == set(df.split)
+    assert set(df[df.split == "finetune@2"].recipe) == {"feat_kd"}
+    again = CliRunner().invoke(main, ["evaluate", str(runs / "feat_kd-0"), "--protocol", "few_shot", "--finetune-steps",
+                                      "1", "--out", str(out)])
+    assert again.exit_code == 0 and {"finetune@1", "finetune@2"} <= set(pd.read_parquet(out).split)  # both kept
 
 
 def test_summary_table_averages_domains_within_each_seed_first():

@@ -247,11 +247,11 @@ def test_few_shot_fine_tuning_of_a_feature_run_trains_its_whole_student(feature_
     real = RunDir.load_student
     monkeypatch.setattr(RunDir, "load_student", lambda self, *a: loaded.append(1) or real(self, *a))
     rows = score_run(res.out, protocols=("few_shot",), finetune_steps=2, device="cpu")
-    assert loaded and (rows["split"] == "finetune").any()  # the rebuilt backbone, fine-tuned on the shots
+    assert loaded and (rows["split"] == "finetune@2").any()  # the rebuilt backbone, fine-tuned on the shots
     loaded.clear()
     assert len(score_run(res.out, protocols=("few_shot",), device="cpu")) and not loaded  # heads alone
     # the protocol's episodes, also for fine-tuning: the same query images under every method
     rows = score_run(res.out, protocols=("few_shot",), finetune_steps=1, device="cpu",
                      options={"few_shot": {"shots": 2, "episodes": 1}})
     top1 = rows[(rows.metric == "top1") & (rows.episode == 0)].set_index("split").n
-    assert set(rows.episode) == {0, -1} and top1["finetune"] == top1["prototype"] == top1["tip_adapter"]
+    assert set(rows.episode) == {0, -1} and top1["finetune@1"] == top1["prototype"] == top1["tip_adapter"]

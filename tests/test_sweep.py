@@ -219,7 +219,7 @@ def test_a_few_shot_sweep_fine_tunes_in_the_mode_it_names(synthetic_store, tmp_p
     res = CliRunner().invoke(main, ["sweep", str(f), "--out", str(tmp_path / "sw"), "--no-progress"])
     assert res.exit_code == 0, res.output
     splits = set(pd.read_parquet(tmp_path / "sw" / "results.parquet").split)
-    assert "finetune_mixed" in splits and "finetune" not in splits
+    assert "finetune_mixed@1" in splits and "finetune@1" not in splits
     with pytest.raises(ConfigError, match="finetune_mode='mix' is not valid: choose one of shots, mixed"):
         load_sweep(str(_sweep_file(tmp_path, synthetic_store, finetune_mode="mix")))
 
