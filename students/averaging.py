@@ -88,7 +88,10 @@ class LossValley:
             recent = self.segments[-self.n_converge:]
             if len(recent) == self.n_converge and min(range(len(recent)), key=lambda i: recent[i]["loss"]) == 0:
                 self.start = recent[0]["index"]
-                self.threshold = sum(s["loss"] for s in recent) / len(recent) * (1.0 + self.ratio)
+                mean = sum(s["loss"] for s in recent) / len(recent)
+                # Cha et al.'s mean * (1 + ratio) for a positive loss; above the plateau for a negative one
+                # too (vl2v_adip's -cos: mean * (1 + ratio) fell below it and ended every valley at once)
+                self.threshold = mean + self.ratio * abs(mean)
                 earlier = [s for s in self.segments[-keep:] if s["index"] < self.start]
                 back = []
                 for s in reversed(earlier):  # walk back while still under the threshold

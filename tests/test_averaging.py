@@ -1,5 +1,6 @@
 """SWAD's loss-valley rule on hand-worked loss sequences, and its average against numpy."""
 import numpy as np
+import pytest
 import torch
 
 from embedcache.students.averaging import LossValley, SegmentMean
@@ -58,3 +59,16 @@ def test_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
         resumed.update(seg.take(), loss)
     assert resumed.chosen == [2, 3, 4, 5]
     torch.testing.assert_close(resumed.result()["w"], full.result()["w"])
+
+
+def test_a_negative_loss_gets_its_tolerance_above_the_plateau():
+    """vl2v_adip's loss is a negative cosine: mean * (1 + ratio) put the threshold below the plateau,
+    so a flat valley ended at its first judged segment. The tolerance is ratio * |mean| above it."""
+    plateau = [-0.50, -0.60, -0.63, -0.62, -0.625, -0.63, -0.628, -0.631, -0.629, -0.63]
+    valley, _ = _run(plateau, n_converge=3, n_tolerance=3, tolerance_ratio=0.3)
+    valley.result()
+    # start 2 (the minimum of -0.63, -0.62, -0.625), threshold -0.625 + 0.3 * 0.625 = -0.4375: every segment from the start
+    assert valley.chosen == list(range(2, 10)) and valley.threshold == pytest.approx(-0.4375)
+    # the same rule as before for a positive loss: mean(3.0, 3.5, 3.2) * 1.5 = 4.85
+    positive, _ = _run([5.0, 4.0, 3.0, 3.5, 3.2, 3.1, 9.0, 9.0, 9.0], n_converge=3, n_tolerance=3, tolerance_ratio=0.5)
+    assert positive.threshold == pytest.approx(4.85)
