@@ -51,6 +51,13 @@ class SplitConfig:
     val_fraction: float = setting(0.2, min=0.0, max=0.9)  # of each training domain, held out for model selection
     seed: int = 0
 
+    def check(self) -> None:
+        for name in ("holdout_domains", "train_classes"):
+            values = list(getattr(self, name) or ())
+            twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+            if twice is not None:
+                raise ConfigError(f"split.{name} names {twice!r} twice; list each once")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -87,7 +94,24 @@ class TrainConfig:
     out: Optional[str] = None           # run directory (default runs/<recipe>-<student>-<hash>)
     progress: bool = True
 
+    def _check_stages(self) -> None:
+        """Every stage of the recipe gets at least one step (vl2v_adip with steps=1 skipped its Align stage)."""
+        from .recipes import RECIPES
+        from .train import stage_ends
+
+        recipe = RECIPES.get(self.recipe)
+        ends = [0] + stage_ends(recipe, self.steps)
+        empty = next((i for i in range(1, len(ends)) if ends[i] <= ends[i - 1]), None)
+        if empty is not None:
+            need = next(n for n in range(self.steps + 1, 100 * len(ends))
+                        if all(b > a for a, b in zip([0] + stage_ends(recipe, n), stage_ends(recipe, n))))
+            raise ConfigError(f"steps={self.steps} leaves stage {empty} of recipe {self.recipe} no step; use steps >= {need}")
+
     def check(self) -> None:
+        if self.optim.warmup_steps >= self.steps and self.optim.warmup_steps:
+            raise ConfigError(f"optim.warmup_steps={self.optim.warmup_steps} but the run has {self.steps} steps: the "
+                              "learning rate would never reach optim.lr; lower optim.warmup_steps")
+        self._check_stages()
         if self.averaging == "swad" and self.split.val_fraction <= 0:
             raise ConfigError("averaging=swad picks its window by validation loss; set split.val_fraction > 0")
         if self.select == "best_val" and self.split.val_fraction <= 0:

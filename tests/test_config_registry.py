@@ -139,3 +139,23 @@ def test_the_views_part_of_the_cache_key_keeps_its_shape():
     jitter_only = ViewsConfig(color_jitter=0.3).key()
     assert jitter_only["color_jitter"] == 0.3 and jitter_only["grayscale"] == 0.0
     assert ViewsConfig(grayscale=0.1).key()["color_jitter"] == 0.0
+
+
+@pytest.mark.parametrize("sets, msg", [
+    # a class listed twice got two text rows; its targets pointed at the second, ties went to the first:
+    # a perfect predictor scored 0.5
+    (["split.train_classes=[circle,circle,square]"], r"split.train_classes names 'circle' twice; list each once"),
+    (["split.holdout_domains=[solid,solid]"], r"split.holdout_domains names 'solid' twice; list each once"),
+    # the learning rate never reached optim.lr
+    (["optim.warmup_steps=100", "steps=6"], r"optim.warmup_steps=100 but the run has 6 steps: the learning rate "
+                                            r"would never reach optim.lr; lower optim.warmup_steps"),
+    # one of vl2v_adip's two stages got no step at all
+    (["recipe=vl2v_adip", "steps=1"], r"steps=1 leaves stage 1 of recipe vl2v_adip no step; use steps >= 2"),
+])
+def test_settings_that_would_train_something_else_are_refused(sets, msg):
+    from embedcache.config import apply_overrides, build_config
+    from embedcache.errors import ConfigError
+    from embedcache.students.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=msg):
+        build_config(TrainConfig, apply_overrides({"store": "s.zarr"}, sets))
