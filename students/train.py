@@ -242,13 +242,18 @@ def _backbone_key(model: Student, inputs, shared: Optional["Trainer"]) -> Option
 
 
 def selection_rule(cfg: TrainConfig, recipe: Recipe, has_val: bool) -> Tuple[str, str]:
-    """(rule, why) for the weights a run keeps."""
+    """(rule, why) for the weights a run keeps. A setting that needs validation rows, on a split left
+    with none (split.val_fraction rounds to no row of a domain), is refused rather than replaced."""
+    if not has_val and (cfg.averaging == "swad" or cfg.select == "best_val"):
+        what = "averaging=swad" if cfg.averaging == "swad" else "select=best_val"
+        raise ConfigError(f"{what} needs validation rows, and split.val_fraction={cfg.split.val_fraction} leaves "
+                          "none (too few images per training domain); raise split.val_fraction")
     if cfg.averaging != "none":
         return "last", f"averaging={cfg.averaging} defines the final weights"
     rule = recipe.select if cfg.select == "auto" else cfg.select
     why = f"the {recipe.name} recipe's default" if cfg.select == "auto" else "select setting"
     if rule == "best_val" and not has_val:
-        return "last", "no validation rows (split.val_fraction is 0)"
+        return "last", f"no validation rows (split.val_fraction={cfg.split.val_fraction} leaves none)"
     return rule, why
 
 
@@ -477,7 +482,10 @@ class Trainer:
         if self.rule == "best_val" and self.selection.state is not None:
             return self.selection.state, {"rule": "best_val", "step": self.selection.step,
                                           "val_top1": self.selection.best, "why": self.rule_why}
-        return self.kept_state(), {"rule": "last", "step": self.cfg.steps, "why": self.rule_why}
+        why = self.rule_why
+        if self.cfg.averaging == "swad":  # the valley never formed: nothing was averaged
+            why = "averaging=swad: the validation loss never settled, so the last weights"
+        return self.kept_state(), {"rule": "last", "step": self.cfg.steps, "why": why}
 
     def refresh_bn(self) -> Optional[str]:
         """Averaged weights with the averaged BatchNorm statistics are not a network that ever ran: the

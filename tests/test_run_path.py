@@ -352,3 +352,17 @@ def test_transfer_to_the_runs_own_store_by_another_path_keeps_its_split(syntheti
     assert set(again.holdout) == {"outline"} and "zero_shot" not in set(again.split)
     cols = ["split", "domain", "metric", "value", "n"]
     pd.testing.assert_frame_equal(own[cols].reset_index(drop=True), again[cols].reset_index(drop=True))
+
+
+def test_settings_that_need_validation_rows_are_refused_when_the_split_leaves_none(synthetic_store, tmp_path):
+    """val_fraction=0.01 rounds to no row of a domain: SWAD and an explicit best_val silently kept the
+    last weights, their summaries saying SWAD defined them or that val_fraction was 0."""
+    from embedcache.errors import ConfigError
+
+    for change in ({"averaging": "swad"}, {"select": "best_val"}):
+        with pytest.raises(ConfigError, match=r"needs validation rows, and split.val_fraction=0.01 leaves none"):
+            train(_cfg(synthetic_store, tmp_path / "r", split=SplitConfig(val_fraction=0.01), **change), log=quiet)
+    assert not (tmp_path / "r" / "config.json").exists()  # nothing written: the fixed command starts afresh
+    res = train(_cfg(synthetic_store, tmp_path / "s", averaging="swad", average_start=0.0, steps=2, eval_every=1),
+                log=quiet)  # two evaluations: too few for a valley
+    assert res.selected["rule"] == "last" and "never settled" in res.selected["why"]
