@@ -122,11 +122,31 @@ def _load_local(backbone: nn.Module, path: str) -> None:
     else:
         state = torch.load(p, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state) if isinstance(state, dict) else state
+    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     own = backbone.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not usable:
         raise ConfigError(f"no tensor in {path} matches the student backbone; is it the same architecture?")
+    misfit = _misfit(backbone, own, state)
+    if misfit:  # a part of the backbone left random, or another architecture's tensors dropped
+        raise ConfigError(f"student.pretrained {path} does not fit the student backbone: {misfit}; give weights "
+                          "saved from this architecture")
     backbone.load_state_dict(usable, strict=False)
+
+
+def _misfit(backbone: nn.Module, own: Dict[str, torch.Tensor], state: Dict[str, torch.Tensor]) -> str:
+    """What of a weights file does not fit the backbone, in words ('' when it fits): its tensors the
+    file lacks (BatchNorm's step counters aside), those of another shape, and the file's tensors with
+    no place in it (a checkpoint's classifier aside: the backbone has none)."""
+    classifier = ((getattr(backbone, "pretrained_cfg", None) or {}).get("classifier") or "").strip()
+    spare = lambda k: bool(classifier) and (k == classifier or k.startswith(classifier + "."))  # noqa: E731
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    shaped = [k for k in own if k in state and state[k].shape != own[k].shape]
+    extra = [k for k in state if k not in own and not spare(k)]
+    parts = [f"{len(missing)} of its {len(own)} tensors are not in the file ({missing[0]}, ...)" if missing else "",
+             f"{len(shaped)} have another shape ({shaped[0]}, ...)" if shaped else "",
+             f"{len(extra)} tensors of the file have no place in it ({extra[0]}, ...)" if extra else ""]
+    return "; ".join(p for p in parts if p)
 
 
 @torch.no_grad()

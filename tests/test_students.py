@@ -462,3 +462,30 @@ def test_loss_weights_and_arguments_of_a_run(synthetic_store, tmp_path):
     for change, msg in bad:
         with pytest.raises(ConfigError, match=msg):
             build_config(TrainConfig, {"store": "x", **change})
+
+
+def test_a_weights_file_that_does_not_fit_the_backbone_is_refused(tmp_path):
+    """A file covering part of the backbone left the rest random, and a deeper network's file filled
+    a shallower one with the wrong blocks; both loaded without a word."""
+    from safetensors.torch import save_file
+
+    from embedcache.errors import ConfigError
+
+    full = {k: v.contiguous() for k, v in build_student(StudentConfig(name="test_resnet"), 32).backbone.state_dict().items()}
+    cases = {
+        "part": ({k: v for i, (k, v) in enumerate(full.items()) if i < 3}, r"tensors are not in the file"),
+        "deeper": ({**full, "layer9.0.conv1.weight": torch.zeros(2, 2)}, r"1 tensors of the file have no place in it "
+                                                                           r"\(layer9.0.conv1.weight"),
+        "shape": ({**full, next(iter(full)): torch.zeros(1, 1, 1, 1)}, rf"1 have another shape \({next(iter(full))}"),
+    }
+    for name, (state, msg) in cases.items():
+        save_file(state, str(tmp_path / f"{name}.safetensors"))
+        with pytest.raises(ConfigError, match=rf"student.pretrained .*{name}.safetensors does not fit the student "
+                                              rf"backbone: .*{msg}"):
+            build_student(StudentConfig(name="test_resnet", pretrained=str(tmp_path / f"{name}.safetensors")), 32)
+    # a checkpoint with its classifier (the backbone has none) and without BatchNorm's step counters loads
+    ok = {k: v for k, v in full.items() if not k.endswith("num_batches_tracked")}
+    save_file({**ok, "fc.weight": torch.zeros(10, 4), "fc.bias": torch.zeros(10)}, str(tmp_path / "ok.safetensors"))
+    s = build_student(StudentConfig(name="test_resnet", pretrained=str(tmp_path / "ok.safetensors")), 32)
+    first = next(iter(full))
+    assert torch.equal(s.backbone.state_dict()[first], full[first])
