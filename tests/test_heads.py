@@ -125,3 +125,16 @@ def test_a_packs_loop_seconds_count_the_steps_not_evaluations(feature_store, tmp
     runs = [_cfg(store, student, tmp_path / f"r{k}", "linear_probe", k, 1e-2) for k in (0, 1)]
     res = train_heads(runs, log=quiet)  # 3 evaluations of 2 heads: 3 s
     assert all(0 < r.loop_seconds <= r.seconds - 3.0 for r in res)  # whatever the machine's speed
+
+
+def test_a_head_only_run_trains_in_float32_alone_as_in_a_pack():
+    """A pack of heads runs its vectorised loss in float32; a solo head-only run under bf16 autocast
+    ended 0.02 away from its packed twin on a GPU."""
+    from embedcache.students.config import TrainConfig
+    from embedcache.students.train import autocast_on
+
+    cfg = TrainConfig(store="s.zarr")
+    assert autocast_on(cfg, "cuda", "images") and not autocast_on(cfg, "cuda", "features")
+    assert not autocast_on(cfg, "cpu", "images")
+    from embedcache.config import replace
+    assert not autocast_on(replace(cfg, amp=False), "cuda", "images")
