@@ -129,6 +129,7 @@ def train_heads(cfgs: List[TrainConfig], log: Callable[[str], None] = print,
             st.hand_out_grads()
         for t in trainers:
             optimizer_step(t.opt)
+            t.last_lr = t.opt.param_groups[0]["lr"]  # as Trainer.step records it
             t.sched.step()
         add_running(running, parts)  # (H,) sums, handed to each head at evaluation
         count += 1

@@ -178,7 +178,13 @@ def _timm_student(timm_name: str, cfg: StudentConfig, embed_dim: int, num_classe
         _load_local(backbone, cfg.pretrained)
     pc = backbone.pretrained_cfg
     size = cfg.input_size or int(pc.get("input_size", (3, 224, 224))[-1])
-    return Student(timm_name, backbone, _feature_width(backbone, size), embed_dim, num_classes, size,
+    try:
+        width = _feature_width(backbone, size)
+    except (AssertionError, RuntimeError, ValueError) as exc:  # e.g. a ViT's size not a multiple of its patch
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"student {timm_name} cannot take {size} px inputs ({first}); choose another "
+                          "student.input_size") from exc
+    return Student(timm_name, backbone, width, embed_dim, num_classes, size,
                    pc.get("mean", (0.485, 0.456, 0.406)), pc.get("std", (0.229, 0.224, 0.225)))
 
 

@@ -303,6 +303,7 @@ class Trainer:
         self.averaging = AVERAGING.get(cfg.averaging)(self.kept, max(int(cfg.average_start * cfg.steps),
                                                                      self.last_stage_start), cfg.swad)
         self.rule, self.rule_why = selection_rule(cfg, self.recipe, len(self.data.val_idx) > 0)
+        self._check_batch_for_batchnorm()
         self.selection = Selection(self.rule, self.kept_state)
         self.text = torch.from_numpy(self.data.text).to(self.device)
         self.amp = autocast_on(cfg, self.device.type, self.inputs.kind)
@@ -364,6 +365,14 @@ class Trainer:
             # a run on cached features saves no backbone: this key (a hash of its weights) names it
             "backbone_key": self.backbone_key})
 
+    def _check_batch_for_batchnorm(self) -> None:
+        """BatchNorm in training mode needs two images a batch (torch fails the step with a traceback)."""
+        trains_backbone = self.inputs.kind != "features" and any(st.train != "head" for st in self.recipe.stages)
+        has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.backbone.modules())
+        if trains_backbone and has_bn and self.batch_rows < 2:
+            raise ConfigError(f"batch_size={self.cfg.batch_size} gives {self.batch_rows} image a step, and the "
+                              f"{self.cfg.student.name} student's BatchNorm needs at least 2 in training; use batch_size >= 2")
+
     # --- the loop -----------------------------------------------------------------------------------
     @property
     def batch_rows(self) -> int:
@@ -390,6 +399,7 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
         optimizer_step(self.opt)
+        self.last_lr = self.opt.param_groups[0]["lr"]  # the rate this step used (metrics), before the schedule moves
         self.sched.step()
         add_running(self.running, {"loss": loss, **parts})
         self.n_running += 1
@@ -405,8 +415,9 @@ class Trainer:
         return self._closed[key]
 
     def diverged(self, what: str, step: int) -> TrainingError:
-        last = max((r["step"] for r in self.metrics), default=0)
-        return TrainingError(f"run {self.run_dir.path}: {what} by step {step} (last finite evaluation: step {last}); "
+        last = max((r["step"] for r in self.metrics), default=None)
+        before = f"last finite evaluation: step {last}" if last is not None else "no evaluation before it"
+        return TrainingError(f"run {self.run_dir.path}: {what} by step {step} ({before}); "
                              "lower optim.lr or check the store with `embedcache verify`; the run is not marked done")
 
     def check_finite(self, step: int) -> None:
@@ -433,7 +444,8 @@ class Trainer:
         self.averaging.at_eval(step, self.kept, val_loss)
         if step > self.last_stage_start:
             self.selection.update(step, val)
-        row = {"step": step, "stage": stage_i, "lr": self.opt.param_groups[0]["lr"], "val_top1": val, "val_loss": val_loss,
+        lr = getattr(self, "last_lr", self.opt.param_groups[0]["lr"])  # of the last step taken
+        row = {"step": step, "stage": stage_i, "lr": lr, "val_top1": val, "val_loss": val_loss,
                **{k: float(v) / max(1, self.n_running) for k, v in self.running.items()}}
         self.metrics.append(row)
         self.run_dir.write_metrics(self.metrics)

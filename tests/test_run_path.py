@@ -366,3 +366,24 @@ def test_settings_that_need_validation_rows_are_refused_when_the_split_leaves_no
     res = train(_cfg(synthetic_store, tmp_path / "s", averaging="swad", average_start=0.0, steps=2, eval_every=1),
                 log=quiet)  # two evaluations: too few for a valley
     assert res.selected["rule"] == "last" and "never settled" in res.selected["why"]
+
+
+def test_the_logged_learning_rate_is_the_one_the_last_step_used(synthetic_store, tmp_path):
+    """metrics.jsonl logged the next step's rate: 0.0 at the end of a cosine run whose last step used
+    lr * (1 + cos(pi * 3/4)) / 2."""
+    import math
+
+    train(_cfg(synthetic_store, tmp_path / "r", steps=4, eval_every=2, ckpt_every=4), log=quiet)
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    lr = 1e-3  # OptimConfig's default
+    expected = {2: lr * (1 + math.cos(math.pi * 1 / 4)) / 2, 4: lr * (1 + math.cos(math.pi * 3 / 4)) / 2}
+    got = {r["step"]: r["lr"] for r in rows}
+    assert got.keys() == expected.keys() and all(got[k] == pytest.approx(v, rel=1e-6) for k, v in expected.items())
+
+
+def test_a_batch_of_one_for_a_batchnorm_student_is_one_line(synthetic_store, tmp_path):
+    from embedcache.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"batch_size=1 gives 1 image a step, and the test_resnet student's "
+                                          r"BatchNorm needs at least 2 in training; use batch_size >= 2"):
+        train(_cfg(synthetic_store, tmp_path / "r", batch_size=1), log=quiet)

@@ -489,3 +489,11 @@ def test_a_weights_file_that_does_not_fit_the_backbone_is_refused(tmp_path):
     s = build_student(StudentConfig(name="test_resnet", pretrained=str(tmp_path / "ok.safetensors")), 32)
     first = next(iter(full))
     assert torch.equal(s.backbone.state_dict()[first], full[first])
+
+
+def test_an_input_size_a_student_cannot_take_is_one_line():
+    from embedcache.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"student test_vit cannot take 20 px inputs \(.*\); choose another "
+                                          r"student.input_size"):
+        build_student(StudentConfig(name="test_vit", input_size=20), 32)
