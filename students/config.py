@@ -112,6 +112,12 @@ class TrainConfig:
             raise ConfigError(f"optim.warmup_steps={self.optim.warmup_steps} but the run has {self.steps} steps: the "
                               "learning rate would never reach optim.lr; lower optim.warmup_steps")
         self._check_stages()
+        if self.select == "best_val" and self.averaging != "none":
+            raise ConfigError(f"select=best_val and averaging={self.averaging} both choose the final weights; "
+                              "set one of them (select=auto with averaging)")
+        if self.averaging != "none" and self.average_start >= 1.0:
+            raise ConfigError(f"average_start={self.average_start} leaves no step to average; lower it "
+                              "(0 averages from the first step, as SWAD was published)")
         if self.averaging == "swad" and self.split.val_fraction <= 0:
             raise ConfigError("averaging=swad picks its window by validation loss; set split.val_fraction > 0")
         if self.select == "best_val" and self.split.val_fraction <= 0:

@@ -151,6 +151,9 @@ def test_the_views_part_of_the_cache_key_keeps_its_shape():
                                             r"would never reach optim.lr; lower optim.warmup_steps"),
     # one of vl2v_adip's two stages got no step at all
     (["recipe=vl2v_adip", "steps=1"], r"steps=1 leaves stage 1 of recipe vl2v_adip no step; use steps >= 2"),
+    # averaging decided the weights and the explicit select was dropped without a word
+    (["select=best_val", "averaging=swa"], r"select=best_val and averaging=swa both choose the final weights"),
+    (["averaging=swa", "average_start=1.0"], r"average_start=1.0 leaves no step to average"),
 ])
 def test_settings_that_would_train_something_else_are_refused(sets, msg):
     from embedcache.config import apply_overrides, build_config
