@@ -51,13 +51,6 @@ class SplitConfig:
     val_fraction: float = setting(0.2, min=0.0, max=0.9)  # of each training domain, held out for model selection
     seed: int = 0
 
-    def check(self) -> None:
-        for name in ("holdout_domains", "train_classes"):
-            values = list(getattr(self, name) or ())
-            twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
-            if twice is not None:
-                raise ConfigError(f"split.{name} names {twice!r} twice; list each once")
-
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -94,30 +87,7 @@ class TrainConfig:
     out: Optional[str] = None           # run directory (default runs/<recipe>-<student>-<hash>)
     progress: bool = True
 
-    def _check_stages(self) -> None:
-        """Every stage of the recipe gets at least one step (vl2v_adip with steps=1 skipped its Align stage)."""
-        from .recipes import RECIPES
-        from .train import stage_ends
-
-        recipe = RECIPES.get(self.recipe)
-        ends = [0] + stage_ends(recipe, self.steps)
-        empty = next((i for i in range(1, len(ends)) if ends[i] <= ends[i - 1]), None)
-        if empty is not None:
-            need = next(n for n in range(self.steps + 1, 100 * len(ends))
-                        if all(b > a for a, b in zip([0] + stage_ends(recipe, n), stage_ends(recipe, n))))
-            raise ConfigError(f"steps={self.steps} leaves stage {empty} of recipe {self.recipe} no step; use steps >= {need}")
-
     def check(self) -> None:
-        if self.optim.warmup_steps >= self.steps and self.optim.warmup_steps:
-            raise ConfigError(f"optim.warmup_steps={self.optim.warmup_steps} but the run has {self.steps} steps: the "
-                              "learning rate would never reach optim.lr; lower optim.warmup_steps")
-        self._check_stages()
-        if self.select == "best_val" and self.averaging != "none":
-            raise ConfigError(f"select=best_val and averaging={self.averaging} both choose the final weights; "
-                              "set one of them (select=auto with averaging)")
-        if self.averaging != "none" and self.average_start >= 1.0:
-            raise ConfigError(f"average_start={self.average_start} leaves no step to average; lower it "
-                              "(0 averages from the first step, as SWAD was published)")
         if self.averaging == "swad" and self.split.val_fraction <= 0:
             raise ConfigError("averaging=swad picks its window by validation loss; set split.val_fraction > 0")
         if self.select == "best_val" and self.split.val_fraction <= 0:
@@ -134,3 +104,37 @@ class TrainConfig:
                 heads = ", ".join(n for n in RECIPES.names() if RECIPES.get(n).head_only)
                 raise ConfigError(f"features=true (head-only training) needs a recipe that trains only the head; "
                                   f"{self.recipe} trains more; head-only recipes: {heads}")
+
+
+def check_trainable(cfg: TrainConfig) -> None:
+    """Settings that would train something other than asked, refused before a run starts (not when a
+    finished run's config is read back: runs made before these checks still load and score)."""
+    for name in ("holdout_domains", "train_classes"):
+        values = list(getattr(cfg.split, name) or ())
+        twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        if twice is not None:  # a class listed twice: its targets pointed at one text row, ties went to the other
+            raise ConfigError(f"split.{name} names {twice!r} twice; list each once")
+    if cfg.optim.warmup_steps and cfg.optim.warmup_steps >= cfg.steps:
+        raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} but the run has {cfg.steps} steps: the "
+                          "learning rate would never reach optim.lr; lower optim.warmup_steps")
+    _check_stages(cfg)
+    if cfg.select == "best_val" and cfg.averaging != "none":
+        raise ConfigError(f"select=best_val and averaging={cfg.averaging} both choose the final weights; "
+                          "set one of them (select=auto with averaging)")
+    if cfg.averaging != "none" and cfg.average_start >= 1.0:
+        raise ConfigError(f"average_start={cfg.average_start} leaves no step to average; lower it "
+                          "(0 averages from the first step, as SWAD was published)")
+
+
+def _check_stages(cfg: TrainConfig) -> None:
+    """Every stage of the recipe gets at least one step (vl2v_adip with steps=1 skipped a stage)."""
+    from .recipes import RECIPES
+    from .train import stage_ends
+
+    recipe = RECIPES.get(cfg.recipe)
+    ends = [0] + stage_ends(recipe, cfg.steps)
+    empty = next((i for i in range(1, len(ends)) if ends[i] <= ends[i - 1]), None)
+    if empty is not None:
+        need = next(n for n in range(cfg.steps + 1, 100 * len(ends))
+                    if all(b > a for a, b in zip([0] + stage_ends(recipe, n), stage_ends(recipe, n))))
+        raise ConfigError(f"steps={cfg.steps} leaves stage {empty} of recipe {cfg.recipe} no step; use steps >= {need}")

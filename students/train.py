@@ -32,7 +32,7 @@ from embedcache.evaluate.metrics import nearest_label, top1
 from embedcache.fileio import disk_full_error, is_disk_full, json_digest
 
 from .averaging import AVERAGING
-from .config import OptimConfig, SplitConfig, StudentConfig, SwadConfig, TrainConfig
+from .config import OptimConfig, SplitConfig, StudentConfig, SwadConfig, TrainConfig, check_trainable
 from .data import StoreData, check_views_used
 from .headstep import HeadStep
 from .losses import LOSSES, BatchContext, weighted_sum
@@ -587,6 +587,7 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int], None]] = None, log
         val = s["val_top1"]
         log(f"{run_dir.path} is already done" + (f" (val top-1 {100 * val:.1f}%)" if val is not None else ""))
         return RunResult(str(run_dir.path), s["val_top1"], s["steps"], 0.0, selected=s.get("selected"))
+    check_trainable(cfg)
     try:
         return Trainer(cfg, teacher, log, on_step, should_stop).run()
     except (OSError, RuntimeError) as exc:

@@ -156,9 +156,12 @@ def test_the_views_part_of_the_cache_key_keeps_its_shape():
     (["averaging=swa", "average_start=1.0"], r"average_start=1.0 leaves no step to average"),
 ])
 def test_settings_that_would_train_something_else_are_refused(sets, msg):
+    """Refused before a run trains; a finished run's config with them still reads back (runs made
+    before these checks must still load and score)."""
     from embedcache.config import apply_overrides, build_config
     from embedcache.errors import ConfigError
-    from embedcache.students.config import TrainConfig
+    from embedcache.students.config import TrainConfig, check_trainable
 
+    cfg = build_config(TrainConfig, apply_overrides({"store": "s.zarr"}, sets))
     with pytest.raises(ConfigError, match=msg):
-        build_config(TrainConfig, apply_overrides({"store": "s.zarr"}, sets))
+        check_trainable(cfg)

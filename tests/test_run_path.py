@@ -387,3 +387,20 @@ def test_a_batch_of_one_for_a_batchnorm_student_is_one_line(synthetic_store, tmp
     with pytest.raises(ConfigError, match=r"batch_size=1 gives 1 image a step, and the test_resnet student's "
                                           r"BatchNorm needs at least 2 in training; use batch_size >= 2"):
         train(_cfg(synthetic_store, tmp_path / "r", batch_size=1), log=quiet)
+
+
+def test_a_run_finished_before_a_new_refusal_still_loads_scores_and_is_found_done(synthetic_store, tmp_path, monkeypatch):
+    """Refusals added later apply when a run starts: a finished run made with such settings (by an
+    earlier version) was refused when scored, and its sweep could no longer find it."""
+    import embedcache.students.train as train_module
+    from embedcache.errors import ConfigError
+    from embedcache.students.scoring import score_run
+
+    cfg = _cfg(synthetic_store, tmp_path / "old", select="best_val", averaging="swa", average_start=0.0,
+               split=SplitConfig(holdout_domains=("outline",)))
+    with pytest.raises(ConfigError, match="both choose the final weights"):
+        train(cfg, log=quiet)
+    monkeypatch.setattr(train_module, "check_trainable", lambda cfg: None)  # as the earlier version trained it
+    train(cfg, log=quiet)
+    monkeypatch.undo()
+    assert len(score_run(tmp_path / "old", ["lodo"])) and train(cfg, log=quiet).steps == cfg.steps  # found done

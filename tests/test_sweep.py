@@ -132,6 +132,8 @@ def test_bad_sweep_files_are_rejected_before_any_run(synthetic_store, tmp_path, 
              ({"grid": {"loss_weights": [{"cos": 1}]}}, r"grid entry 'loss_weights' lists mappings; grid over their "
                                                          r"entries instead \(loss_weights.<key>: \[values\]\)"),
              ({"holdout_domains": []}, r"holdout_domains=\[\] holds no domain out"),  # was: every domain
+             ({"grid": {"optim.warmup_steps": [0, 9]}}, r"sweep run \(optim.warmup_steps=9\): optim.warmup_steps=9 "
+                                                        r"but the run has 4 steps"),
              ({"holdout_domains": ["solid", "solid"]}, r"holdout_domains=\['solid', 'solid'\] names a domain twice")]
     for change, msg in cases:
         with pytest.raises(ConfigError, match=msg):

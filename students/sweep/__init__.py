@@ -28,10 +28,11 @@ from embedcache.errors import ConfigError, DiskFullError
 from embedcache.evaluate.protocols import seeded_class_split
 from embedcache.fileio import atomic_write, atomic_write_text, disk_full_error, is_disk_full
 
-from ..config import TrainConfig
+from ..config import TrainConfig, check_trainable
 from ..data import check_views_used
 from ..features import missing_features
 from ..finetune import MODES as FINETUNE_MODES
+from ..rundir import RunDir
 from ..train import run_name, settings_identity
 from .launchers import LAUNCHERS, check_options
 from .worker import SweepPoint, result_path, run_one, variant
@@ -164,6 +165,11 @@ def _points(spec: SweepSpec, sweep_dir: str, keys: List[str], reader, named_as: 
             cfg = build_config(TrainConfig, {**data, "seed": seed})
             name = run_name(replace(cfg, store=named_as))
             cfg = build_config(TrainConfig, {**to_dict(cfg), "out": str(Path(sweep_dir) / "runs" / name)})
+            if not (result_path(sweep_dir, name).exists() or RunDir(cfg.out).done):  # finished runs stay as made
+                try:
+                    check_trainable(cfg)
+                except ConfigError as exc:
+                    raise ConfigError(f"sweep run ({where}): {exc}") from None
             out.append(SweepPoint(cfg, replicate))
     return out
 
