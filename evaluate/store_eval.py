@@ -94,10 +94,11 @@ def _avg_cells(doms: pd.DataFrame, keys: list) -> pd.DataFrame:
     papers report). A replicate lacking one of the split's domains (a failed or unfinished run) has
     no avg: a mean over fewer domains is not comparable, and the cell says how many replicates count."""
     real = doms[doms["domain"] != "all"]  # splits with real domains
-    wanted = real.groupby("split")["domain"].nunique()
+    scope = (["store_key"] if "store_key" in keys else []) + ["split"]  # each store has its own domains
+    wanted = real.groupby(scope)["domain"].nunique().rename("wanted").reset_index()
     per_rep = real.groupby(keys + ["split", "replicate"], as_index=False).agg(
-        value=("value", "mean"), k=("domain", "nunique"))
-    per_rep["complete"] = per_rep["k"] == per_rep["split"].map(wanted)
+        value=("value", "mean"), k=("domain", "nunique")).merge(wanted, on=scope)
+    per_rep["complete"] = per_rep["k"] == per_rep["wanted"]
     cells = []
     for key, g in per_rep.groupby(keys + ["split"]):
         ok = g[g["complete"]]["value"]

@@ -360,3 +360,14 @@ def test_protocols_without_a_domain_table_say_where_their_numbers_are(synthetic_
     assert res.exit_code == 0, res.output
     assert f"no accuracy-by-domain table for per_class; `embedcache report {out}`" in res.output
     assert "| recipe |" not in res.output  # an empty table's header was all it printed
+
+
+def test_each_store_has_its_own_domains_in_the_avg():
+    """Rows of a 2-domain store and a 3-domain store in one file: every avg read 'incomplete'."""
+    from embedcache.evaluate.store_eval import summary_table
+
+    a = [("ood", d, rep, v, {"store_key": "A"}) for rep in (0, 1) for d, v in (("d1", 0.2 + rep / 10), ("d2", 0.6))]
+    b = [("ood", d, rep, v, {"store_key": "B"}) for rep in (0, 1) for d, v in (("e1", 0.9), ("e2", 0.7), ("e3", 0.5))]
+    t = summary_table(_top1_rows(a + b))
+    assert t.loc[("A", "r", "s", "name", "-", "ood"), "avg"] == "42.5 ± 3.5"  # (0.2+0.6)/2, (0.3+0.6)/2
+    assert t.loc[("B", "r", "s", "name", "-", "ood"), "avg"] == "70.0 ± 0.0"
