@@ -138,8 +138,9 @@ def _misfit(backbone: nn.Module, own: Dict[str, torch.Tensor], state: Dict[str, 
     """What of a weights file does not fit the backbone, in words ('' when it fits): its tensors the
     file lacks (BatchNorm's step counters aside), those of another shape, and the file's tensors with
     no place in it (a checkpoint's classifier aside: the backbone has none)."""
-    classifier = ((getattr(backbone, "pretrained_cfg", None) or {}).get("classifier") or "").strip()
-    spare = lambda k: bool(classifier) and (k == classifier or k.startswith(classifier + "."))  # noqa: E731
+    named = (getattr(backbone, "pretrained_cfg", None) or {}).get("classifier") or ()
+    heads = [named] if isinstance(named, str) else list(named)  # distilled DeiT, LeViT: ("head", "head_dist")
+    spare = lambda k: any(k == h or k.startswith(h + ".") for h in heads if h)  # noqa: E731
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     shaped = [k for k in own if k in state and state[k].shape != own[k].shape]
     extra = [k for k in state if k not in own and not spare(k)]

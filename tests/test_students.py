@@ -497,3 +497,15 @@ def test_an_input_size_a_student_cannot_take_is_one_line():
     with pytest.raises(ConfigError, match=r"student test_vit cannot take 20 px inputs \(.*\); choose another "
                                           r"student.input_size"):
         build_student(StudentConfig(name="test_vit", input_size=20), 32)
+
+
+def test_a_checkpoint_with_two_classifier_heads_loads(tmp_path):
+    """Distilled DeiT names two classifiers (head, head_dist): a tuple, which ended in a traceback."""
+    import timm
+    from safetensors.torch import save_file
+
+    name = "deit_tiny_distilled_patch16_224"
+    full = timm.create_model(name, num_classes=10)
+    save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    s = build_student(StudentConfig(name=f"timm:{name}", input_size=224, pretrained=str(tmp_path / "w.safetensors")), 16)
+    assert torch.equal(s.backbone.state_dict()["cls_token"], full.state_dict()["cls_token"])
