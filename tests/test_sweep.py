@@ -352,3 +352,18 @@ def test_a_worker_killed_from_outside_fails_its_runs_instead_of_losing_them(synt
     killer.join(5)
     assert res["failed"] == 2 and res["done"] == 0, res
     assert any("a worker process died (exit code -9)" in m and "rerun the same command" in m for m in logged), logged
+
+
+def test_a_launch_writes_the_table_of_its_own_grid(synthetic_store, tmp_path):
+    """Two launches on one folder with different grids: the last to write runs.json decided what the
+    other's table held, so a launch could finish without the runs it had just trained in its table."""
+    from embedcache.students.sweep import _write_outputs
+
+    f = _sweep_file(tmp_path, synthetic_store, holdout_domains=["outline"], grid={"recipe": ["ce", "feat_kd"], "seed": [0]})
+    out = tmp_path / "sw"
+    spec = load_sweep(str(f))
+    run_sweep(spec, str(out), progress=False, log=lambda m: None)
+    points = expand(spec, str(out))
+    ce_only = [Path(p.cfg.out).name for p in points if p.cfg.recipe == "ce"]
+    (out / "runs.json").write_text(json.dumps(ce_only))  # another launch, over [ce], wrote it meanwhile
+    assert set(_write_outputs(str(out), points).recipe) == {"ce", "feat_kd"}

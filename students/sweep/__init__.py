@@ -195,13 +195,15 @@ def make_jobs(points: List[SweepPoint], pack_heads: bool = False) -> List[List[S
     return jobs
 
 
-def collect(sweep_dir: str) -> pd.DataFrame:
-    """The result rows of the sweep's current grid (``runs.json``, written at each launch): runs of
-    grid values since dropped stay on disk but out of its table."""
+def collect(sweep_dir: str, names: Optional[List[str]] = None) -> pd.DataFrame:
+    """The result rows of the runs ``names``, by default the sweep's current grid (``runs.json``,
+    written at each launch): runs of grid values since dropped stay on disk but out of its table."""
     listed = Path(sweep_dir) / "runs.json"
     files = sorted((Path(sweep_dir) / "results").glob("*.parquet"))
-    if listed.is_file():  # a sweep launched before runs.json: every result is of its grid
-        current = set(json.loads(listed.read_text()))
+    if names is None and listed.is_file():  # a sweep launched before runs.json: every result is of its grid
+        names = json.loads(listed.read_text())
+    if names is not None:
+        current = set(names)
         files = [f for f in files if f.stem in current]
     if not files:
         raise ConfigError(f"no results in {sweep_dir}/results yet; run the sweep first")
@@ -211,9 +213,10 @@ def collect(sweep_dir: str) -> pd.DataFrame:
 def _write_outputs(sweep_dir: str, points: List[SweepPoint]) -> Optional[pd.DataFrame]:
     from embedcache.evaluate.report import write_report
 
-    if not any(result_path(sweep_dir, Path(p.cfg.out).name).exists() for p in points):
+    names = [Path(p.cfg.out).name for p in points]
+    if not any(result_path(sweep_dir, n).exists() for n in names):
         return None
-    results = collect(sweep_dir)
+    results = collect(sweep_dir, names)  # this launch's grid (another launch may have rewritten runs.json)
     atomic_write(Path(sweep_dir) / "results.parquet", lambda tmp: results.to_parquet(tmp, index=False))
     write_report(results, str(Path(sweep_dir) / "report"))
     return results
