@@ -367,3 +367,28 @@ def test_a_launch_writes_the_table_of_its_own_grid(synthetic_store, tmp_path):
     ce_only = [Path(p.cfg.out).name for p in points if p.cfg.recipe == "ce"]
     (out / "runs.json").write_text(json.dumps(ce_only))  # another launch, over [ce], wrote it meanwhile
     assert set(_write_outputs(str(out), points).recipe) == {"ce", "feat_kd"}
+
+
+def test_a_relaunch_may_add_a_recipe_with_its_settings_or_move_a_base_setting_into_the_grid(synthetic_store, tmp_path):
+    from embedcache.students.sweep import _require_same_spec
+
+    out = tmp_path / "sw"
+    (out / "results").mkdir(parents=True)
+    first = {"store": str(synthetic_store), "base": {"steps": 4, "recipe": "ce"}, "grid": {"seed": [0]}}
+    (out / "sweep.yaml").write_text(yaml.safe_dump(first))
+
+    def relaunch(**changes):
+        f = tmp_path / "next.yaml"
+        f.write_text(yaml.safe_dump({**first, **changes}))
+        _require_same_spec(str(out), load_sweep(str(f)))
+
+    relaunch(base={"steps": 6, "recipe": "ce"})  # nothing finished yet: nothing to pool with
+    (out / "results" / "ce-x.parquet").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"base.steps: 4 -> 6"):
+        relaunch(base={"steps": 6, "recipe": "ce"})
+    relaunch(grid={"recipe": ["ce", "feat_kd"], "seed": [0]}, per_recipe={"feat_kd": {"optim": {"lr": 0.01}}})
+    with pytest.raises(ConfigError, match=r"per_recipe.ce.optim.lr"):  # the runs already made would change
+        relaunch(per_recipe={"ce": {"optim": {"lr": 0.01}}})
+    relaunch(base={"recipe": "ce"}, grid={"steps": [4, 6], "seed": [0]})  # base.steps 4 moved into the grid
+    with pytest.raises(ConfigError, match=r"base.steps: 4 -> None"):
+        relaunch(base={"recipe": "ce"}, grid={"steps": [6], "seed": [0]})

@@ -272,17 +272,34 @@ def _require_same_spec(sweep_dir: str, spec: SweepSpec) -> None:
     the old and new runs as replicates, and scoring settings (finetune_steps) changed nothing of runs
     already scored while sweep.yaml claimed them."""
     f = Path(sweep_dir) / "sweep.yaml"
-    if not f.is_file():
-        return
+    if not f.is_file() or not any(Path(sweep_dir).glob("results/*.parquet")):
+        return  # nothing finished yet: nothing a changed spec could be pooled with
+    raw = yaml.safe_load(f.read_text()) or {}
     defaults = flatten(to_dict(SweepSpec(store="")))  # settings added since that sweep.yaml was written
-    old = {**defaults, **flatten(yaml.safe_load(f.read_text()) or {})}
+    old = {**defaults, **flatten(raw)}
     new = flatten(to_dict(spec))
-    changed = [k for k in sorted(set(old) | set(new))
-               if k.split(".")[0] not in RELAUNCH_MAY_CHANGE and old.get(k) != new.get(k)]
+    changed = [k for k in sorted(set(old) | set(new)) if k.split(".")[0] not in RELAUNCH_MAY_CHANGE
+               and old.get(k) != new.get(k) and not _same_runs(k, old, new, raw, spec)]
     if changed:
         shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:3])
         raise ConfigError(f"sweep {sweep_dir} was launched with other settings ({shown}); relaunch it with its "
                           f"own (its sweep.yaml), or use another --out for these")
+
+
+def _same_runs(key: str, old: Dict, new: Dict, raw: Dict, spec: SweepSpec) -> bool:
+    """A spec change that leaves the runs already made as they are: settings of a recipe the sweep did
+    not have (added to the grid with its per_recipe entry), and a base setting moved into the grid
+    with its value among the grid's (or out of it, keeping one of the grid's values)."""
+    if key.startswith("per_recipe."):
+        grid, base = raw.get("grid") or {}, raw.get("base") or {}
+        had = grid.get("recipe") or [base.get("recipe", TrainConfig.recipe)]
+        return key.split(".")[1] not in had
+    if key.startswith("base."):
+        name, before, after = key[len("base."):], old.get(key), new.get(key)
+        if after is None and before in (spec.grid.get(name) or []):
+            return True
+        return before is None and after in ((raw.get("grid") or {}).get(name) or [])
+    return False
 
 
 def run_sweep(spec: SweepSpec, sweep_dir: str, launcher: Optional[str] = None, device: str = "auto",
