@@ -256,7 +256,11 @@ def _scored_rows(d: EvalData) -> np.ndarray:
     held = np.isin(d.domains, list(d.holdout_domains or []))
     unseen = np.zeros(len(d.ok), bool)
     unseen[_unseen_by_run(d)] = True
-    return np.flatnonzero(d.ok & (held | unseen))
+    rows = np.flatnonzero(d.ok & (held | unseen))
+    if not len(rows):
+        raise EvaluationError("the run trained on every usable image (no held-out domain or class, no validation "
+                              "or test row): nothing is left to score; train with split.val_fraction > 0")
+    return rows
 
 
 @PROTOCOLS.register("per_class")

@@ -351,6 +351,12 @@ def test_a_run_without_validation_rows_is_scored_on_the_rows_it_never_saw(synthe
             ov = PROTOCOLS.get("open_vocab")(none)
         assert "gzsl_seen" not in set(ov.split) and "unseen_zero_shot" in set(ov.split)
         assert any("gzsl_seen and gzsl_harmonic left out" in str(w.message) for w in caught)
+        # a run that trained on every image: one line, not an argmax of nothing or an empty results file
+        every = eval_data(reader, "name", emb, {"val_idx": [], "test_idx": []})
+        from embedcache.errors import EvaluationError
+        for name in ("per_class", "distill"):
+            with pytest.raises(EvaluationError, match="the run trained on every usable image"):
+                PROTOCOLS.get(name)(every)
 
 
 def test_protocols_without_a_domain_table_say_where_their_numbers_are(synthetic_store, tmp_path):

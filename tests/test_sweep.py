@@ -392,3 +392,19 @@ def test_a_relaunch_may_add_a_recipe_with_its_settings_or_move_a_base_setting_in
     relaunch(base={"recipe": "ce"}, grid={"steps": [4, 6], "seed": [0]})  # base.steps 4 moved into the grid
     with pytest.raises(ConfigError, match=r"base.steps: 4 -> None"):
         relaunch(base={"recipe": "ce"}, grid={"steps": [6], "seed": [0]})
+
+
+def test_a_run_whose_results_were_written_before_its_worker_died_is_done(synthetic_store, tmp_path):
+    from types import SimpleNamespace
+
+    from embedcache.students.sweep.launchers import _lost_to_dead_workers
+
+    spec = load_sweep(str(_sweep_file(tmp_path, synthetic_store, holdout_domains=["outline"],
+                                      grid={"recipe": ["ce"], "seed": [0, 1]})))
+    points = expand(spec, str(tmp_path / "sw"))
+    names = [Path(p.cfg.out).name for p in points]
+    (tmp_path / "sw" / "results").mkdir(parents=True)
+    (tmp_path / "sw" / "results" / f"{names[0]}.parquet").write_bytes(b"")  # written, then the worker was killed
+    got = _lost_to_dead_workers([[p] for p in points], [], [SimpleNamespace(exitcode=-9)], str(tmp_path / "sw"))
+    assert [(g["run"], g["status"]) for g in got] == [(names[0], "done"), (names[1], "failed")]
+    assert _lost_to_dead_workers([[p] for p in points], [], [SimpleNamespace(exitcode=0)], str(tmp_path / "sw")) == []

@@ -21,7 +21,7 @@ from embedcache.errors import ConfigError
 from embedcache.registry import Registry
 
 from ..config import TrainConfig
-from .worker import SweepPoint, run_job
+from .worker import SweepPoint, result_path, run_job
 
 LAUNCHERS = Registry("launcher")
 STOP_STATUSES = ("interrupted", "disk_full")  # after one of these, no new run starts
@@ -193,20 +193,22 @@ def local(jobs: List[List[SweepPoint]], spec, sweep_dir, device="auto", progress
         # blocked on a full pipe that nobody reads any more, would hold the process at exit forever
         tasks.cancel_join_thread()
         tasks.close()
-    return out + ([] if interrupt.requested() else _lost_to_dead_workers(jobs, out, procs))
+    return out + ([] if interrupt.requested() else _lost_to_dead_workers(jobs, out, procs, sweep_dir))
 
 
-def _lost_to_dead_workers(jobs: List[List[SweepPoint]], out: List[Dict], procs) -> List[Dict]:
+def _lost_to_dead_workers(jobs: List[List[SweepPoint]], out: List[Dict], procs, sweep_dir: str) -> List[Dict]:
     """A worker killed from outside (the OOM killer, a segfault) sends no status for the run it held,
     and runs still queued may find no worker left: each such run is failed, so the sweep says so and
-    exits 1 instead of writing a table short of them. Rerunning resumes them."""
+    exits 1 instead of writing a table short of them (one whose results were written before its worker
+    died is done). Rerunning resumes them."""
     died = sorted({p.exitcode for p in procs if p.exitcode not in (0, None)})
     if not died:
         return []
     seen = {st["run"] for st in out}
     why = f"a worker process died (exit code {died[0]}) before this run finished; rerun the same command to resume it"
-    return [{"run": Path(p.cfg.out).name, "status": "failed", "error": why}
-            for job in jobs for p in job if Path(p.cfg.out).name not in seen]
+    lost = [Path(p.cfg.out).name for job in jobs for p in job if Path(p.cfg.out).name not in seen]
+    return [{"run": n, "status": "done"} if result_path(sweep_dir, n).exists() else
+            {"run": n, "status": "failed", "error": why} for n in lost]
 
 
 # --- ray ---------------------------------------------------------------------------------------------
