@@ -327,7 +327,7 @@ def test_identical_inputs_in_a_call_are_sent_once(tmp_path, tiny_teacher_cfg, ti
         cost = t.cost(torch.cat([fresh, fresh]))
         assert cost["ledger_hits"] == 0 and cost["images"] == 2 and cost["duplicates"] == 2
         from embedcache.cli.data import _cost_lines
-        assert "(5 repeated, each counted once)" in _cost_lines({"images": 0, "ledger_hits": 3, "duplicates": 5})[0]
+        assert "(5 repeats within a batch, each counted once)" in _cost_lines({"images": 0, "ledger_hits": 3, "duplicates": 5})[0]
 
 
 def test_a_lost_answer_counts_against_the_budget(tmp_path, tiny_teacher_cfg, tiny_teacher, key_env):
