@@ -107,3 +107,31 @@ def test_conse_zero_shot_on_pacs_photos_is_real(conse):
     txt = conse.encode_text([f"a photo of a {c}." for c in ds.classes])
     acc = float(((img @ txt.T).argmax(1).numpy() == np.array([ds.label(i) for i in idx])).mean())
     assert len(idx) == 42 and acc >= 0.5, acc
+
+
+def test_a_failed_load_is_one_line_and_a_loaded_models_warnings_are_shown(tiny_teacher_cfg, monkeypatch, caplog):
+    """open_clip and huggingface_hub logged a failed download in several lines before embedcache's
+    own one-line message said it all again; a model that loads keeps its library's warnings."""
+    import logging
+
+    import open_clip
+
+    real = open_clip.create_model
+
+    def failing(*a, **k):
+        logging.error("Failed to download weights for tag 'openai'")
+        logging.getLogger("huggingface_hub.utils._http").warning("thrown while requesting HEAD")
+        raise RuntimeError("Failed to download weights for tag 'openai'")
+
+    def warning_then_load(*a, **k):
+        logging.warning("QuickGELU mismatch between final model config and pretrained config")
+        return real(*a, **k)
+
+    caplog.set_level(logging.WARNING)
+    monkeypatch.setattr(open_clip, "create_model", failing)
+    with pytest.raises(TeacherLoadError, match="Failed to download weights"):
+        build_teacher(tiny_teacher_cfg)
+    assert not caplog.records
+    monkeypatch.setattr(open_clip, "create_model", warning_then_load)
+    build_teacher(tiny_teacher_cfg)
+    assert [r.getMessage() for r in caplog.records] == ["QuickGELU mismatch between final model config and pretrained config"]

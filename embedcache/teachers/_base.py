@@ -1,6 +1,7 @@
 """What every teacher provides: image and text encoders into one L2-normalised space."""
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Tuple
 
@@ -126,3 +127,35 @@ def replaced_tokens(embedding: torch.nn.Module, ids: torch.Tensor, placeholder_i
         yield
     finally:
         handle.remove()
+
+
+# libraries that print through handlers of their own rather than the root logger's
+OWN_HANDLERS = ("huggingface_hub",)
+
+
+@contextmanager
+def held_log_records() -> Iterator[List[logging.LogRecord]]:
+    """Log records inside are held, not shown: a library reports a failed download itself in several
+    lines before it raises, and the caller turns the raise into one line of its own (the records are
+    then dropped). After a success the caller passes them on with ``release``, so a library's warnings
+    about a model that did load are still seen."""
+    held: List[logging.LogRecord] = []
+
+    class _Hold(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            held.append(record)
+
+    loggers = [logging.getLogger()] + [logging.getLogger(n) for n in OWN_HANDLERS if logging.getLogger(n).handlers]
+    saved = [lg.handlers for lg in loggers]
+    for lg in loggers:
+        lg.handlers = [_Hold()]
+    try:
+        yield held
+    finally:
+        for lg, handlers in zip(loggers, saved):
+            lg.handlers = handlers
+
+
+def release(held: List[logging.LogRecord]) -> None:
+    for record in held:
+        logging.getLogger(record.name).handle(record)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ..config import TeacherConfig
 from ..errors import ConfigError, TeacherLoadError
 from ..views import normalize
-from ._base import TEACHERS, Teacher, file_sha256, replaced_tokens, resolve_device
+from ._base import TEACHERS, Teacher, file_sha256, held_log_records, release, replaced_tokens, resolve_device
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # bf16 / fp16 mean the weights themselves in that dtype (open_clip's pure_* modes): measured on an
@@ -45,15 +45,16 @@ class OpenClipTeacher(Teacher):
             open_clip.add_model_config(cfg_path)
             self._config_hash = file_sha256(cfg_path)
         try:
-            with torch.random.fork_rng(devices=[]):  # random weights are the same every time; the caller's RNG is untouched
-                torch.manual_seed(0)
-                model = open_clip.create_model(
+            with held_log_records() as held, torch.random.fork_rng(devices=[]):  # random weights are the same
+                torch.manual_seed(0)                                               # every time; the caller's RNG
+                model = open_clip.create_model(                                    # is untouched
                     self.model_name, pretrained=self.pretrained, precision=PURE.get(self.precision, self.precision),
                     device=self.device,
                     require_pretrained=self.pretrained is not None or self.model_name.startswith(("hf-hub:", "local-dir:")),
                     weights_only=True)
-            self.tokenizer = open_clip.get_tokenizer(self.model_name)
-        except Exception as exc:  # open_clip raises many types; the user needs one line
+                self.tokenizer = open_clip.get_tokenizer(self.model_name)
+            release(held)  # a model that loaded: its library's warnings are shown
+        except Exception as exc:  # open_clip raises many types; the user needs one line (its own log lines dropped)
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             hint = (f"the file is there but does not fit teacher.model={self.model_name!r}: set teacher.model to the "
                     "architecture it was saved from (or local-dir:/folder for a folder with its config)"
