@@ -89,44 +89,64 @@ def _cell(mean: float, std: float, count: int) -> str:
     return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if count > 1 and std == std else "")
 
 
-def _avg_cells(doms: pd.DataFrame, keys: list) -> pd.DataFrame:
-    """"avg": each replicate's mean over the split's domains, then mean ± std over replicates (as the
-    papers report). A replicate lacking one of the split's domains (a failed or unfinished run) has
-    no avg: a mean over fewer domains is not comparable, and the cell says how many replicates count."""
-    real = doms[doms["domain"] != "all"]  # splits with real domains
+def _held_domains(holdout: pd.Series) -> pd.Series:
+    """The domain part of each row's ``holdout`` ('' for none: the teacher, a transfer store, a class split)."""
+    part = holdout.astype(str).str.split(";").str[0].str.strip()
+    return part.where(~part.isin(["-", "transfer"]) & ~part.str.startswith("unseen"), "")
+
+
+def _replicates(df: pd.DataFrame, keys: list) -> pd.DataFrame:
+    """(keys, split, replicate, complete): a replicate is complete when it has the run of every domain
+    held out in its split (in this store) and a value for every domain: a failed or unfinished run
+    leaves its replicate short, and a short replicate's cells would average fewer runs or domains."""
     scope = (["store_key"] if "store_key" in keys else []) + ["split"]  # each store has its own domains
-    wanted = real.groupby(scope)["domain"].nunique().rename("wanted").reset_index()
-    per_rep = real.groupby(keys + ["split", "replicate"], as_index=False).agg(
-        value=("value", "mean"), k=("domain", "nunique")).merge(wanted, on=scope)
-    per_rep["complete"] = per_rep["k"] == per_rep["wanted"]
-    cells = []
-    for key, g in per_rep.groupby(keys + ["split"]):
-        ok = g[g["complete"]]["value"]
-        if ok.empty:
-            cell = "incomplete (no replicate has every domain)"
-        else:
-            cell = _cell(ok.mean(), ok.std(), len(ok))
-            if len(ok) < len(g):
-                cell += f" ({len(ok)} of {len(g)} replicates have every domain)"
-        cells.append({**dict(zip(keys + ["split"], key)), "domain": "avg", "cell": cell})
-    return pd.DataFrame(cells, columns=keys + ["split", "domain", "cell"])
+    rows = df.assign(held=_held_domains(df["holdout"]))
+    real = rows[rows["domain"] != "all"]
+    wanted = (rows[rows["held"] != ""].groupby(scope)["held"].nunique().rename("want_h").reset_index(),
+              real.groupby(scope)["domain"].nunique().rename("want_d").reset_index())
+    have = rows.groupby(keys + ["split", "replicate"], as_index=False).agg(
+        h=("held", lambda x: x[x != ""].nunique()), d=("domain", lambda x: x[x != "all"].nunique()))
+    for w in wanted:
+        have = have.merge(w, on=scope, how="left")
+    have = have.fillna({"want_h": 0, "want_d": 0})
+    have["complete"] = (have["h"] >= have["want_h"]) & (have["d"] >= have["want_d"])
+    return have[keys + ["split", "replicate", "complete"]]
 
 
 def summary_table(results: pd.DataFrame, split: Optional[str] = None, metric: str = "top1") -> pd.DataFrame:
-    """Methods x domains, mean +- std over replicates, as the papers lay them out (percent)."""
+    """Methods x domains, mean +- std over replicates, as the papers lay them out (percent), and how
+    many replicates the cells hold. Only complete replicates count when a method has any (a replicate
+    short of a run would average fewer runs in-domain and fewer domains in ``avg``); a method with none
+    shows all it has, and its ``avg`` says it is incomplete."""
     results = method_frame(results)
     df = results[(results["metric"] == metric) & ~results["split"].isin(["per_class", "distill", "text"])]
     if split is not None:
         df = df[df["split"] == split]
-    df = df[df["episode"] == -1]
+    df = df[(df["episode"] == -1) & (df["domain"] != "avg")]
     keys = method_keys(results)
+    if df.empty:
+        return pd.DataFrame(index=pd.MultiIndex.from_tuples([], names=keys + ["split"]))
+    status = _replicates(df, keys)
+    counts = status.groupby(keys + ["split"], as_index=False).agg(n=("complete", "size"), k=("complete", "sum"))
     # one value per replicate and domain: in leave-one-domain-out each run scores the validation rows
     # of its training domains, so a replicate scores a domain in-domain once per other held-out domain;
     # their mean is the replicate's value, and ± stays a spread over replicates
-    doms = df[df["domain"] != "avg"].groupby(keys + ["split", "domain", "replicate"], as_index=False)["value"].mean()
+    doms = df.groupby(keys + ["split", "domain", "replicate"], as_index=False)["value"].mean()
+    doms = doms.merge(status, on=keys + ["split", "replicate"]).merge(counts, on=keys + ["split"])
+    doms = doms[doms["complete"] | (doms["k"] == 0)]
     stats = doms.groupby(keys + ["split", "domain"])["value"].agg(["mean", "std", "count"]).reset_index()
     stats["cell"] = [_cell(m, s, c) for m, s, c in zip(stats["mean"], stats["std"], stats["count"])]
-    cells = pd.concat([stats[keys + ["split", "domain", "cell"]], _avg_cells(doms, keys)], ignore_index=True)
+    real = doms[(doms["domain"] != "all") & (doms["k"] > 0)]
+    per_rep = real.groupby(keys + ["split", "replicate"], as_index=False)["value"].mean()
+    avg = per_rep.groupby(keys + ["split"])["value"].agg(["mean", "std", "count"]).reset_index()
+    avg["cell"] = [_cell(m, s, c) for m, s, c in zip(avg["mean"], avg["std"], avg["count"])]
+    with_domains = doms[doms["domain"] != "all"][keys + ["split"]].drop_duplicates()
+    short = counts[counts["k"] == 0].merge(with_domains, on=keys + ["split"])  # no complete replicate: no avg
+    notes = counts.assign(domain="replicates", cell=[f"{n}" if k == n else f"{k} of {n} complete"
+                                                    for n, k in zip(counts["n"], counts["k"])])
+    cells = pd.concat([stats[keys + ["split", "domain", "cell"]], avg.assign(domain="avg")[keys + ["split", "domain", "cell"]],
+                       short.assign(domain="avg", cell="incomplete")[keys + ["split", "domain", "cell"]],
+                       notes[keys + ["split", "domain", "cell"]]], ignore_index=True)
     table = cells.pivot_table(index=keys + ["split"], columns="domain", values="cell", aggfunc="first")
-    cols = [c for c in table.columns if c != "avg"] + (["avg"] if "avg" in table.columns else [])
-    return table[cols]
+    tail = [c for c in ("avg", "replicates") if c in table.columns]
+    return table[[c for c in table.columns if c not in tail] + tail]

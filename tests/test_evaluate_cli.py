@@ -237,7 +237,7 @@ def test_summary_table_averages_domains_within_each_seed_first():
     t = summary_table(df)
     assert t.loc[("r", "s", "name", "-", "ood"), "d1"] == "30.0 ± 14.1"
     assert t.loc[("r", "s", "name", "-", "ood"), "avg"] == "40.0 ± 14.1"  # seeds: 0.3 and 0.5
-    assert list(t.columns) == ["d1", "d2", "avg"]
+    assert list(t.columns) == ["d1", "d2", "avg", "replicates"] and t.loc[("r", "s", "name", "-", "ood"), "replicates"] == "2"
 
 
 def test_report_tables_keep_variants_apart(tmp_path):
@@ -282,10 +282,12 @@ def test_an_avg_over_fewer_domains_is_never_shown_as_comparable():
     short = [("ood", d, rep, v, {"recipe": "b"}) for rep in (0, 1) for d, v in acc.items() if (rep, d) != (1, "d3")]
     t = summary_table(_top1_rows(full + short))
     assert t.loc[("a", "s", "name", "-", "ood"), "avg"] == "63.3 ± 0.0"
-    assert t.loc[("b", "s", "name", "-", "ood"), "avg"] == "63.3 (1 of 2 replicates have every domain)"
+    b = t.loc[("b", "s", "name", "-", "ood")]  # every cell from the complete replicate only
+    assert (b["avg"], b["d1"], b["d3"], b["replicates"]) == ("63.3", "90.0", "20.0", "1 of 2 complete")
     none = [("ood", d, 0, v, {"recipe": "c"}) for d, v in acc.items() if d != "d2"]
     t = summary_table(_top1_rows(full + none))
-    assert t.loc[("c", "s", "name", "-", "ood"), "avg"] == "incomplete (no replicate has every domain)"
+    c = t.loc[("c", "s", "name", "-", "ood")]
+    assert (c["avg"], c["d1"], c["replicates"]) == ("incomplete", "90.0", "0 of 1 complete")
 
 
 def test_a_domain_scored_by_several_runs_of_one_replicate_is_one_value_of_it():
@@ -299,6 +301,10 @@ def test_a_domain_scored_by_several_runs_of_one_replicate_is_one_value_of_it():
     assert t.loc[("r", "s", "name", "-", "in_domain"), "d1"] == "50.0 ± 28.3"  # seeds: 0.3 and 0.7
     one_seed = summary_table(_top1_rows([r for r in rows if r[2] == 0]))
     assert one_seed.loc[("r", "s", "name", "-", "in_domain"), "d1"] == "30.0"  # one seed: no ± at all
+    # seed 1 lost its run holding out d3: its in-domain value would be one run's, the other seed's two
+    short = summary_table(_top1_rows(rows[:3]))
+    assert short.loc[("r", "s", "name", "-", "in_domain"), "d1"] == "30.0"
+    assert short.loc[("r", "s", "name", "-", "in_domain"), "replicates"] == "1 of 2 complete"
 
 
 def test_rows_of_different_class_splits_are_different_methods():
@@ -309,7 +315,7 @@ def test_rows_of_different_class_splits_are_different_methods():
     rows = [("unseen_zero_shot", "all", 0, 1.0, {"holdout": "unseen: cat"}),
             ("unseen_zero_shot", "all", 0, 0.5, {"holdout": "unseen: dog"})]
     t = summary_table(_top1_rows(rows))
-    assert sorted(t["all"]) == ["100.0", "50.0"] and "unseen" in t.index.names
+    assert sorted(t["all"]) == ["100.0", "50.0"] and "unseen" in t.index.names and set(t["replicates"]) == {"1"}
     lodo = [("ood", "d1", 0, 0.2, {"holdout": "d1"}), ("ood", "d2", 0, 0.4, {"holdout": "d2"})]
     assert "unseen" not in summary_table(_top1_rows(lodo)).index.names  # held-out domains stay one method
 
