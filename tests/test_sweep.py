@@ -390,7 +390,8 @@ def test_a_relaunch_may_add_a_recipe_with_its_settings_or_move_a_base_setting_in
     with pytest.raises(ConfigError, match=r"per_recipe.ce.optim.lr"):  # the runs already made would change
         relaunch(per_recipe={"ce": {"optim": {"lr": 0.01}}})
     relaunch(base={"recipe": "ce"}, grid={"steps": [4, 6], "seed": [0]})  # base.steps 4 moved into the grid
-    with pytest.raises(ConfigError, match=r"base.steps: 4 -> None"):
+    with pytest.raises(ConfigError, match=r"base.steps: 4 -> None\) \(a base setting moved into the grid keeps its "
+                                          r"base value among the grid's\)"):
         relaunch(base={"recipe": "ce"}, grid={"steps": [6], "seed": [0]})
 
 
@@ -408,3 +409,16 @@ def test_a_run_whose_results_were_written_before_its_worker_died_is_done(synthet
     got = _lost_to_dead_workers([[p] for p in points], [], [SimpleNamespace(exitcode=-9)], str(tmp_path / "sw"))
     assert [(g["run"], g["status"]) for g in got] == [(names[0], "done"), (names[1], "failed")]
     assert _lost_to_dead_workers([[p] for p in points], [], [SimpleNamespace(exitcode=0)], str(tmp_path / "sw")) == []
+
+
+def test_two_grid_points_made_one_run_name_what_made_them(synthetic_store, tmp_path):
+    """A per_recipe setting overriding the grid's own key made two points one run; the message blamed
+    duplicate grid values the grid did not have."""
+    f = _sweep_file(tmp_path, synthetic_store, holdout_domains=["outline"],
+                    grid={"recipe": ["ce"], "optim.lr": [0.001, 0.002]}, per_recipe={"ce": {"optim": {"lr": 0.005}}})
+    with pytest.raises(ConfigError, match=r"grid points \(optim.lr=0.001, recipe=ce\) and \(optim.lr=0.002, recipe=ce\) "
+                                          r"resolve to the same run: .*a per_recipe setting overrides the grid key"):
+        expand(load_sweep(str(f)), str(tmp_path / "sw"))
+    twice = _sweep_file(tmp_path, synthetic_store, holdout_domains=["outline"], grid={"optim.lr": [0.001, 0.001]})
+    with pytest.raises(ConfigError, match=r"the grid repeats a value"):
+        expand(load_sweep(str(twice)), str(tmp_path / "sw"))

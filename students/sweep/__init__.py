@@ -128,9 +128,6 @@ def expand(spec: SweepSpec, sweep_dir: str) -> List[SweepPoint]:
         missing = missing_features(reader, [p.cfg for p in out])  # head-only runs' cached features, before any run
     if missing:
         raise ConfigError(missing)
-    names = [Path(p.cfg.out).name for p in out]
-    if len(set(names)) != len(names):
-        raise ConfigError("two grid points resolve to the same run; remove the duplicate values from the grid")
     return out
 
 
@@ -141,7 +138,7 @@ def _points(spec: SweepSpec, sweep_dir: str, keys: List[str], reader, named_as: 
     from ..recipes import RECIPES
 
     splits, sources = _splits(spec, reader), set(reader.text_sources)
-    out = []
+    out, made_by = [], {}
     for values in itertools.product(*(spec.grid[k] for k in keys)):
         for split in splits:
             data = apply_overrides({**spec.base, "store": spec.store}, [])
@@ -164,6 +161,10 @@ def _points(spec: SweepSpec, sweep_dir: str, keys: List[str], reader, named_as: 
             seed = derive_seed(spec.base_seed, seed_identity(replace(cfg, store=named_as)))
             cfg = build_config(TrainConfig, {**data, "seed": seed})
             name = run_name(replace(cfg, store=named_as))
+            if name in made_by:
+                raise ConfigError(f"grid points ({made_by[name]}) and ({where}) resolve to the same run: the grid "
+                                  "repeats a value, or a per_recipe setting overrides the grid key that tells them apart")
+            made_by[name] = where
             cfg = build_config(TrainConfig, {**to_dict(cfg), "out": str(Path(sweep_dir) / "runs" / name)})
             if not (result_path(sweep_dir, name).exists() or RunDir(cfg.out).done):  # finished runs stay as made
                 try:
@@ -282,8 +283,10 @@ def _require_same_spec(sweep_dir: str, spec: SweepSpec) -> None:
                and old.get(k) != new.get(k) and not _same_runs(k, old, new, raw, spec)]
     if changed:
         shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:3])
-        raise ConfigError(f"sweep {sweep_dir} was launched with other settings ({shown}); relaunch it with its "
-                          f"own (its sweep.yaml), or use another --out for these")
+        moved = any(k.startswith("base.") and new.get(k) is None and k[len("base."):] in spec.grid for k in changed)
+        hint = " (a base setting moved into the grid keeps its base value among the grid's)" if moved else ""
+        raise ConfigError(f"sweep {sweep_dir} was launched with other settings ({shown}){hint}; relaunch it with "
+                          f"its own (its sweep.yaml), or use another --out for these")
 
 
 def _same_runs(key: str, old: Dict, new: Dict, raw: Dict, spec: SweepSpec) -> bool:
