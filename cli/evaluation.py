@@ -35,6 +35,7 @@ def evaluate(runs, store, protocols, sources, out, device, finetune_steps, finet
     """Score finished runs (or, with only --store, the teacher's zero-shot baselines)."""
     import pandas as pd
 
+    from embedcache.errors import EvaluationError
     from embedcache.evaluate.protocols import PROTOCOLS
     from embedcache.evaluate.report import markdown
     from embedcache.evaluate.results import upsert
@@ -53,13 +54,19 @@ def evaluate(runs, store, protocols, sources, out, device, finetune_steps, finet
     elif (unseen_fraction, split_seed) != (0.5, 0):
         raise click.UsageError("--unseen-fraction and --split-seed set the teacher's class split; runs are scored on "
                                "the classes they held out themselves")
-    for run in RunDir.find(runs):
+    found = list(RunDir.find(runs))
+    for run in found:
         if not run.done:
             click.echo(f"skipping {run.path}: not finished", err=True)
             continue
         ft = finetune_steps if "few_shot" in protocols else 0
-        frames.append(score_run(run, protocols, store, device, finetune_steps=ft, finetune_mode=finetune_mode,
-                                transfer=transfer))
+        try:
+            frames.append(score_run(run, protocols, store, device, finetune_steps=ft, finetune_mode=finetune_mode,
+                                    transfer=transfer))
+        except EvaluationError as exc:  # a run these protocols cannot score: named, and the others still scored
+            if len(found) == 1:
+                raise EvaluationError(f"run {run.path}: {exc}") from None
+            click.echo(f"skipping {run.path}: {exc}", err=True)
     if not frames:
         raise click.UsageError("nothing to evaluate: no finished run found")
     new = pd.concat(frames, ignore_index=True)

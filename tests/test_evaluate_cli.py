@@ -1,4 +1,6 @@
 """Teacher baselines, run evaluation and reports through the CLI, on the synthetic store."""
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -160,7 +162,14 @@ def test_class_split_protocols_refuse_a_run_that_saw_every_class(synthetic_store
     for protocol in ("open_vocab", "few_shot"):  # few_shot ended in a traceback (nothing to concatenate)
         res = CliRunner().invoke(main, ["evaluate", run.out, "--protocol", protocol, "--out", str(tmp_path / "r.parquet")])
         assert res.exit_code == 2 and "trained on every class" in res.output and res.output.count("\n") == 1, res.output
-        assert res.output.startswith(f"error: {protocol} needs at least one unseen class")
+        assert res.output.startswith(f"error: run {run.out}: {protocol} needs at least one unseen class")
+    # in a folder of runs, the one that cannot be scored is named and skipped; the others are scored
+    held = train(TrainConfig(store=str(synthetic_store), recipe="feat_kd", steps=2, batch_size=4, eval_every=2,
+                             student=StudentConfig(name="test_resnet", input_size=32), device="cpu", progress=False,
+                             split=SplitConfig(train_classes=("circle", "square")), out=str(tmp_path / "held")), log=quiet)
+    res = CliRunner().invoke(main, ["evaluate", str(tmp_path), "--protocol", "open_vocab", "--out", str(tmp_path / "r.parquet")])
+    assert res.exit_code == 0 and f"skipping {run.out}: open_vocab needs at least one unseen class" in res.output
+    assert set(pd.read_parquet(tmp_path / "r.parquet").run) == {Path(held.out).name}
 
 
 @pytest.mark.skipif(not (__import__("conftest").PACS.is_dir()), reason="PACS is not at ../shared/datasets/pacs")
