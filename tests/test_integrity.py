@@ -535,3 +535,14 @@ def test_make_clean_says_what_it_removes_and_keeps_runs_and_stores():
     assert recipe and not [ln for ln in recipe if any(w in ln for w in ("stores", "runs", "sweeps"))]
     help_out = subprocess.run(["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True).stdout
     assert "clean-runs" in help_out and "clean-stores" in help_out
+
+
+def test_a_missing_store_says_where_a_relative_path_was_taken_from(tmp_path, monkeypatch):
+    """A sweep file's relative store path, launched from another folder, read as 'make the store'."""
+    from embedcache.errors import StoreError
+    from embedcache.store import Store
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StoreError, match=rf"no zarr store at stores/x.zarr \(a relative path, taken from {tmp_path}\); "
+                                         r"give its path, or run `embedcache extract`"):
+        Store("stores/x.zarr")

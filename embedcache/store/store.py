@@ -23,6 +23,7 @@ import json
 import os
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
@@ -54,7 +55,9 @@ class Store:
         self.backend_name = backend_name_for(path, backend)
         cls = BACKENDS.get(self.backend_name)
         if not cls.exists(self.path):
-            raise StoreError(f"no {self.backend_name} store at {self.path}; run `embedcache extract` to make one")
+            where = "" if Path(self.path).is_absolute() else f" (a relative path, taken from {Path.cwd()})"
+            raise StoreError(f"no {self.backend_name} store at {self.path}{where}; give its path, or run "
+                             "`embedcache extract` to make one")
         self.b = cls(self.path, mode)
         self.manifest: Dict[str, Any] = self.b.get_attr("manifest") or {}
         self.layout: Dict[str, Any] = self.b.get_attr("layout") or {}
