@@ -243,20 +243,36 @@ class StoreReader:
         return ", ".join(parts) + f", seed {v.get('seed', 0)}"
 
     def summary(self) -> Dict:
-        meta = self.meta
-        t = self.manifest["teacher"]
-        return {
-            "path": self.path, "backend": self._store.backend_name, "key": self.key,
-            "complete": self._store.complete,
+        """What ``embedcache inspect`` prints. A store still being written (opened with
+        ``require_complete=False``) is described from its manifest, with how far it got."""
+        st, t = self._store, self.manifest["teacher"]
+        head = {
+            "path": self.path, "backend": st.backend_name, "key": self.key,
+            "complete": True if st.complete else self._progress(),
             "teacher": f"{t.get('name')} {t.get('model') or t.get('classifier', '')} {t.get('pretrained') or ''}".strip(),
-            "embed_dim": self.dim, "images": len(meta), "views": self.views, "view_policy": self.view_policy(),
+            "embed_dim": self.dim, "images": int(self.layout["n"]), "views": self.views, "view_policy": self.view_policy(),
             "canvas": self.layout["canvas"], "pixels_stored": bool(self.layout.get("store_pixels")),
-            "classes": len(self.classes), "domains": ", ".join(f"{d} ({n})" for d, n in meta["domain"].value_counts().sort_index().items()),
+            "classes": len(self.classes),
+        }
+        if not st.complete:
+            return {**head, "domains": ", ".join(self.domains), "failed": f"{len(st.failures())} so far",
+                    "disk_mb": round(st.disk_bytes() / 2**20, 2)}
+        meta = self.meta
+        return {
+            **head, "images": len(meta),
+            "domains": ", ".join(f"{d} ({n})" for d, n in meta["domain"].value_counts().sort_index().items()),
             "text_sources": ", ".join(f"{s} ({(self.text_table['source'] == s).sum()} prompts)" for s in self.text_sources),
             "failed": self.n_failed,
-            "derived": ", ".join(self._store.derived()) or "-",
-            "disk_mb": round(self._store.disk_bytes() / 2**20, 2),
+            "derived": ", ".join(st.derived()) or "-",
+            "disk_mb": round(st.disk_bytes() / 2**20, 2),
         }
+
+    def _progress(self) -> str:
+        st = self._store
+        done = st.blocks_done()
+        rows = sum(b - a for a, b in map(st.block_range, np.flatnonzero(done).tolist()))
+        return (f"no: {int(done.sum())} of {st.num_blocks} blocks written ({rows} of {self.layout['n']} images); "
+                f"rerun its `embedcache {st.producer}` command to finish")
 
     def close(self) -> None:
         if self._own:
