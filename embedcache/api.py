@@ -272,7 +272,7 @@ class StoreReader:
         done = st.blocks_done()
         rows = sum(b - a for a, b in map(st.block_range, np.flatnonzero(done).tolist()))
         return (f"no: {int(done.sum())} of {st.num_blocks} blocks written ({rows} of {self.layout['n']} images); "
-                f"rerun its `embedcache {st.producer}` command to finish")
+                f"if its `embedcache {st.producer}` command is no longer running, rerun it to finish")
 
     def close(self) -> None:
         if self._own:

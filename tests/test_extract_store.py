@@ -131,7 +131,7 @@ def test_resume_after_interruption_is_byte_identical(make_cfg, tiny_teacher, suf
     seen = CliRunner().invoke(main, ["inspect", cut.out, "--json"])  # how far it got, from the manifest
     assert seen.exit_code == 0, seen.output
     part = json.loads(seen.output)
-    assert part["complete"].startswith(f"no: 2 of {st.layout['num_blocks']} blocks written (16 of 30 images); rerun")
+    assert part["complete"].startswith(f"no: 2 of {st.layout['num_blocks']} blocks written (16 of 30 images); if its `embedcache extract`")
     assert (part["images"], part["views"], part["failed"], part["domains"]) == (30, 3, "0 so far", "outline, solid")
     dry = extract(cut, teacher=tiny_teacher, log=quiet, dry_run=True, reader=_NoDecode(cut, tiny_teacher))
     res = extract(cut, teacher=tiny_teacher, log=quiet)
