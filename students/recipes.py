@@ -52,10 +52,13 @@ _LI = {"cls": 1.0, "vlalign": 1.0, "mse": 1.0, "imcst": 1.0}
 # Li et al.'s example commands all switch on the correct-teacher-prediction filter for L_vlalign.
 _LI_FILTER = {"vlalign": {"correct_only": True}}
 _add(Recipe("ce", (Stage({"ce": 1.0}),), classifier=True, predict="linear", doc="labels only"))
-_add(Recipe("naive_kd", (Stage({"ce": 1.0, "kd": 0.5}, loss_args={"ce": {"temperature": 0.1}, "kd": {"student": "linear"}}),),
+# VL2V-ADiP's code (DFC_STAGE36) divides the student's and the teacher's logits (100 cos) by one tmp,
+# 0.1, before both its CE and its KL: the KD term runs at that temperature too.
+_add(Recipe("naive_kd", (Stage({"ce": 1.0, "kd": 0.5}, loss_args={"ce": {"temperature": 0.1},
+                                                                  "kd": {"student": "linear", "temperature": 0.1}}),),
             classifier=True, predict="linear",
-            doc="VL2V-ADiP's KD baseline as its code weighs it: CE on logits / 0.1 + 0.5 x logit KD from the "
-                "teacher's zero-shot classifier, the KL corrected (log-probabilities, T^2)"))
+            doc="VL2V-ADiP's KD baseline as its code weighs it: CE on logits / 0.1 + 0.5 x logit KD at temperature "
+                "0.1 from the teacher's zero-shot classifier, the KL corrected (log-probabilities, T^2)"))
 _add(Recipe("feat_kd", (Stage({"cos": 1.0}),), doc="feature distillation only (1 - cos(s, t))"))
 _add(Recipe("li_iccv23", (Stage(dict(_LI), loss_args=_LI_FILTER),), select="last",
             doc="Li et al. 2023 as their commands run it: L_cls + L_vlalign (correct teacher predictions only) "
@@ -72,6 +75,47 @@ _add(Recipe("vl2v_adip_align", (Stage({"vl2v_adip": 1.0}, train="head"),),
 _add(Recipe("vl2v_sd", (Stage({"vl2v_sd": 1.0}),), doc="VL2V-SD: -0.5 [cos(s, T_y) + cos(s, t)]"))
 _add(Recipe("linear_probe", (Stage({"ce": 1.0}, train="head"),), classifier=True, predict="linear",
             doc="a linear classifier on frozen features"))
+
+
+# --- what a run trained with, recorded with it ------------------------------------------------------------
+# Recipes whose definition changed after runs of them were made without a record of it (before
+# 2026-12-03): such a run trained under the earlier definition, said here.
+REDEFINED = {"naive_kd": "its KD term ran at temperature 4, not VL2V-ADiP's 0.1"}
+
+
+def definition(recipe: Recipe) -> Dict:
+    """What a recipe trains with, every loss argument resolved (defaults included), as JSON values:
+    written into each run's config.json, so a run made under another definition of its recipe (by an
+    earlier version of this package) is never resumed, or counted in a sweep, as one of this one."""
+    import json
+
+    from .losses import LOSSES
+
+    def args(name: str, given: Dict) -> Dict:
+        params = list(inspect.signature(LOSSES.get(name)).parameters.values())[1:]
+        return {p.name: given.get(p.name, p.default) for p in params}
+
+    d = {"stages": [{"losses": dict(sorted(st.losses.items())), "train": st.train, "fraction": st.fraction,
+                     "args": {n: args(n, st.loss_args.get(n, {})) for n in sorted(st.losses)}} for st in recipe.stages],
+         "text_source": recipe.text_source, "classifier": recipe.classifier, "predict": recipe.predict,
+         "select": recipe.select}
+    return json.loads(json.dumps(d))
+
+
+def definition_change(name: str, recorded, current: Dict) -> str:
+    """'' when a run of recipe ``name`` that recorded ``recorded`` (None: made before records) trained
+    under ``current``; else what differs, in words."""
+    from embedcache.config import flatten
+
+    if recorded is None:
+        return REDEFINED.get(name, "")
+    def keyed(d: Dict) -> Dict:  # stage i's settings under "stage<i+1>."
+        return {**d, **{f"stage{i + 1}": st for i, st in enumerate(d.get("stages", []))}, "stages": None}
+
+    old, new = flatten(keyed(recorded)), flatten(keyed(current))
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:3]) + \
+        (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
 
 
 # --- a run's own loss weights and arguments (loss ablations without a new recipe) ------------------------

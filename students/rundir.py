@@ -30,7 +30,8 @@ from embedcache.fileio import atomic_write, atomic_write_json, atomic_write_text
 
 from .config import TrainConfig
 
-CONFIG_EXTRAS = ("store_key", "store_path")  # written beside the TrainConfig fields in config.json
+# written beside the TrainConfig fields in config.json
+CONFIG_EXTRAS = ("store_key", "store_path", "recipe_definition")
 
 
 class RunDir:
@@ -108,9 +109,10 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.file("sweep.json"), tags)
 
-    def write_config(self, cfg: TrainConfig, store_key: str) -> None:
+    def write_config(self, cfg: TrainConfig, store_key: str, recipe_definition: Dict[str, Any]) -> None:
         atomic_write_json(self.file("config.json"), {**to_dict(cfg), "store_key": store_key,
-                                                     "store_path": str(Path(cfg.store).resolve())})
+                                                     "store_path": str(Path(cfg.store).resolve()),
+                                                     "recipe_definition": recipe_definition})
 
     def write_split(self, split: Dict[str, Any]) -> None:
         atomic_write_json(self.file("split.json"), split)

@@ -40,7 +40,7 @@ from .features import features_key
 from .models import Heads, Student, build_student, load_weights, without_backbone
 from .optim import build_optimizer, build_scheduler, optimizer_step
 from .providers import INPUTS, TARGETS
-from .recipes import Recipe, Stage, recipe_of
+from .recipes import Recipe, Stage, definition, definition_change, recipe_of
 from .rundir import RunDir
 
 __all__ = ["train", "TrainConfig", "OptimConfig", "SwadConfig", "SplitConfig", "StudentConfig", "RunResult",
@@ -100,6 +100,10 @@ def require_same_settings(run_dir: RunDir, cfg: TrainConfig) -> None:
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
         raise TrainingError(f"run {run_dir.path} was made with other settings ({shown}{more}); use another --out, "
                             "or its own settings to resume it")
+    changed = definition_change(cfg.recipe, run_dir.config.get("recipe_definition"), definition(recipe_of(cfg)))
+    if changed:
+        raise TrainingError(f"run {run_dir.path} was trained under another definition of recipe {cfg.recipe} "
+                            f"({changed}); use another --out to train it as the recipe is now")
 
 
 def stage_ends(recipe: Recipe, steps: int) -> List[int]:
@@ -357,7 +361,7 @@ class Trainer:
 
     def write_run_files(self) -> None:
         d = self.data
-        self.run_dir.write_config(self.cfg, d.key)
+        self.run_dir.write_config(self.cfg, d.key, definition(self.recipe))
         self.run_dir.write_split({  # what the run trained on, for evaluation without this package
             "train_idx": d.train_idx.tolist(), "val_idx": d.val_idx.tolist(), "test_idx": d.test_idx.tolist(),
             "holdout_domains": list(self.cfg.split.holdout_domains), "seen_classes": d.train_class_ids.tolist(),

@@ -303,6 +303,22 @@ def test_a_relaunch_with_other_settings_is_refused_and_the_table_holds_the_curre
     assert rep.exit_code == 0 and "± " not in (tmp_path / "rep" / "report.md").read_text()  # one replicate: no spread
 
 
+def test_finished_runs_of_an_earlier_recipe_definition_are_not_pooled_with_new_ones(synthetic_store, tmp_path):
+    """Relaunched after the package redefined a recipe, a sweep kept its finished runs' results and
+    trained the rest under the new definition, one table pooling both: refused, naming the change."""
+    f = _sweep_file(tmp_path, synthetic_store, holdout_domains=["outline"], grid={"recipe": ["ce"], "seed": [0, 1]})
+    out = tmp_path / "sw"
+    assert CliRunner().invoke(main, ["sweep", str(f), "--out", str(out), "--no-progress"]).exit_code == 0
+    cfg = next((out / "runs").iterdir()) / "config.json"
+    d = json.loads(cfg.read_text())
+    d["recipe_definition"]["stages"][0]["args"]["ce"]["temperature"] = 0.5
+    cfg.write_text(json.dumps(d))
+    res = CliRunner().invoke(main, ["sweep", str(f), "--out", str(out), "--no-progress"])
+    assert res.exit_code == 2 and res.output.strip().count("\n") == 0, res.output
+    assert ("1 finished run(s)" in res.output and "another definition of recipe ce (stage1.args.ce.temperature: "
+            "0.5 -> 1.0)" in res.output and "another --out" in res.output), res.output
+
+
 def test_how_the_store_is_spelled_changes_no_run(synthetic_store, tmp_path, monkeypatch):
     """The same store named by another path (relative, absolute, a copy) is the same sweep: its runs
     were named and seeded by the path's spelling, so a relaunch from another folder trained them all

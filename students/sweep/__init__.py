@@ -32,6 +32,7 @@ from ..config import TrainConfig, check_trainable
 from ..data import check_views_used
 from ..features import missing_features
 from ..finetune import MODES as FINETUNE_MODES
+from ..recipes import definition, definition_change, recipe_of
 from ..rundir import RunDir
 from ..train import run_name, settings_identity
 from .launchers import LAUNCHERS, check_options
@@ -305,6 +306,23 @@ def _same_runs(key: str, old: Dict, new: Dict, raw: Dict, spec: SweepSpec) -> bo
     return False
 
 
+def _require_current_recipes(sweep_dir: str, points: List[SweepPoint]) -> None:
+    """Finished runs trained under an earlier definition of their recipe (an older version of this
+    package) would share the sweep's table with runs of the recipe as it is now."""
+    stale = []
+    for p in points:
+        run = RunDir(p.cfg.out)
+        if result_path(sweep_dir, run.name).exists() and run.file("config.json").is_file():
+            changed = definition_change(p.cfg.recipe, run.config.get("recipe_definition"), definition(recipe_of(p.cfg)))
+            if changed:
+                stale.append((run.name, p.cfg.recipe, changed))
+    if stale:
+        name, recipe, changed = stale[0]
+        raise ConfigError(f"sweep {sweep_dir}: {len(stale)} finished run(s) ({name} first) were trained under another "
+                          f"definition of recipe {recipe} ({changed}); launch the sweep with another --out, or delete "
+                          "those runs' folders under runs/ and results/ to train them again here")
+
+
 def run_sweep(spec: SweepSpec, sweep_dir: str, launcher: Optional[str] = None, device: str = "auto",
               progress: bool = True, log: Callable[[str], None] = print, **launcher_args) -> Dict[str, Any]:
     """Validate and expand the grid, run what is not finished, then write results.parquet and the report.
@@ -314,6 +332,7 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, launcher: Optional[str] = None, d
     check_options(name, launcher_args)
     _require_same_spec(sweep_dir, spec)
     points = expand(spec, sweep_dir)
+    _require_current_recipes(sweep_dir, points)
     try:
         Path(sweep_dir).mkdir(parents=True, exist_ok=True)
         named_as = _named_as(sweep_dir, spec.store)
