@@ -1,6 +1,7 @@
 """Packs of heads (issue 12): head-only runs that differ in seed, learning rate and weight decay,
 trained together as one vectorised model, end where separate runs end."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,7 +59,8 @@ def test_runs_that_differ_in_more_than_seed_and_lr_do_not_pack(feature_store, tm
         train_heads([a, b], log=quiet)
 
 
-def test_a_sweep_of_head_only_runs_without_their_cached_features_is_refused_before_any_run(synthetic_store, tmp_path):
+def test_a_sweep_of_head_only_runs_without_their_cached_features_is_refused_before_any_run(synthetic_store, tmp_path,
+                                                                                         monkeypatch):
     """The full-backbone runs of a grid used to train first; then every head-only run failed alone."""
     import yaml
 
@@ -73,6 +75,17 @@ def test_a_sweep_of_head_only_runs_without_their_cached_features_is_refused_befo
     with pytest.raises(ConfigError, match=r"no cached features for the test_resnet backbone .*`embedcache features --store"):
         run_sweep(load_sweep(str(f)), str(tmp_path / "sw"), progress=False, log=quiet)
     assert not (tmp_path / "sw").exists()
+    # once the head-only run has its results, a relaunch (to train the others) does not need its features
+    import embedcache.students.sweep as sweep_mod
+    from embedcache.students.sweep.worker import result_path
+
+    with monkeypatch.context() as m:
+        m.setattr(sweep_mod, "missing_features", lambda reader, cfgs: None)
+        head = next(p for p in sweep_mod.expand(load_sweep(str(f)), str(tmp_path / "sw")) if p.cfg.features)
+    done = result_path(str(tmp_path / "sw"), Path(head.cfg.out).name)
+    done.parent.mkdir(parents=True)
+    done.write_bytes(b"")
+    assert len(sweep_mod.expand(load_sweep(str(f)), str(tmp_path / "sw"))) == 2
 
 
 def test_a_sweep_packs_heads_and_scores_like_one_run_at_a_time(feature_store, tmp_path):

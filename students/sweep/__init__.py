@@ -126,7 +126,9 @@ def expand(spec: SweepSpec, sweep_dir: str) -> List[SweepPoint]:
                               f"({k}.<key>: [values])")
     with open_store(spec.store) as reader:  # refuses an incomplete store
         out = _points(spec, sweep_dir, keys, reader, _named_as(sweep_dir, spec.store))
-        missing = missing_features(reader, [p.cfg for p in out])  # head-only runs' cached features, before any run
+        # head-only runs' cached features, before any run (runs with results need none)
+        missing = missing_features(reader, [p.cfg for p in out
+                                            if not result_path(sweep_dir, Path(p.cfg.out).name).exists()])
     if missing:
         raise ConfigError(missing)
     return out
