@@ -145,9 +145,11 @@ def forward(model: Student, inputs, idx, views, frozen_backbone: bool) -> Dict[s
 
 
 def stage_loss(stage: Stage, ctx: BatchContext) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """The stage's weighted sum of losses and each loss."""
-    parts = {n: LOSSES.get(n)(ctx, **stage.loss_args.get(n, {})) for n in stage.losses}
-    return weighted_sum((w, parts[n]) for n, w in stage.losses.items()), parts
+    """The stage's weighted sum of losses and each loss, in float32 even inside the step's bf16
+    autocast (its matmuls would round class logits at tau 0.07 and flip near-tied argmaxes)."""
+    with torch.autocast(ctx.s.device.type, enabled=False):
+        parts = {n: LOSSES.get(n)(ctx, **stage.loss_args.get(n, {})) for n in stage.losses}
+        return weighted_sum((w, parts[n]) for n, w in stage.losses.items()), parts
 
 
 def add_running(running: Dict[str, torch.Tensor], parts: Dict[str, torch.Tensor]) -> None:

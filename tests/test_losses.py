@@ -97,14 +97,15 @@ def test_loss_options_against_numpy():
 
 
 def test_naive_kd_weighs_its_losses_as_vl2v_adips_baseline():
-    """PAPERS.md: CE on logits / 0.1 plus 0.5 x KL (here the corrected KL, with T^2)."""
+    """PAPERS.md: CE on logits / 0.1 plus 0.5 x KL (here the corrected KL, with T^2); VL2V-ADiP's code
+    divides both the student's and the teacher's logits by the same 0.1 before both terms."""
     from embedcache.students.recipes import RECIPES
     from embedcache.students.train import stage_loss
 
     s, t, text, y, logits = _batch(5, b=8, c=7)
     (stage,) = RECIPES.get("naive_kd").stages
     total, _ = stage_loss(stage, _ctx(s, t, text, y, logits))
-    ref = _ce(logits / 0.1, y) + 0.5 * _ref_kd(s, t, text, y, logits, student="linear")
+    ref = _ce(logits / 0.1, y) + 0.5 * _ref_kd(s, t, text, y, logits, T=0.1, student="linear")
     np.testing.assert_allclose(float(total), ref, rtol=1e-6)
 
 
@@ -120,3 +121,20 @@ def test_ce_without_classifier_is_a_clear_error():
     ctx = BatchContext(torch.tensor(s), torch.tensor(t), torch.tensor(text), torch.tensor(y), logits=None)
     with pytest.raises(ValueError, match="needs a student with a linear classifier"):
         LOSSES.get("ce")(ctx)
+
+
+def test_losses_are_float32_under_bf16_autocast():
+    """A GPU step runs under bf16 autocast; the losses' own matmuls (class logits at tau 0.07, the
+    correct-teacher filter's argmax, KD at temperature 0.1) stay float32: equal to the loss without."""
+    from embedcache.students.recipes import RECIPES
+    from embedcache.students.train import stage_loss
+
+    s, t, text, y, logits = _batch(6, b=16, c=9, d=32)
+    f32 = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+    ctx = BatchContext(f32(s), f32(t), f32(text), torch.tensor(y), f32(logits))
+    for recipe in ("li_iccv23", "naive_kd", "vl2v_sd"):
+        stage = RECIPES.get(recipe).stages[0]
+        want, _ = stage_loss(stage, ctx)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, parts = stage_loss(stage, ctx)
+        assert got.dtype == torch.float32 and float(got) == float(want), recipe
