@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from embedcache import interrupt
 from embedcache.config import build_config, flatten, to_dict, without_defaults
@@ -169,13 +170,15 @@ def finite_outputs(o: Dict[str, Optional[torch.Tensor]]) -> bool:
 
 @torch.no_grad()
 def validate(model: Student, inputs, targets, data: StoreData, rows: np.ndarray, predict_with: str, text: torch.Tensor,
-             stage: Optional[Stage] = None, batch: int = 256) -> Tuple[np.ndarray, Optional[float]]:
-    """Predicted training-class index of each row (view 0: nearest class text, or the classifier), and
-    the mean of ``stage``'s recipe loss over the rows (None without a stage). Raises ``NonFiniteOutputs``
-    rather than predict from NaN or inf."""
+             stage: Optional[Stage] = None, batch: int = 256) -> Tuple[np.ndarray, Optional[float], Optional[float]]:
+    """Predicted training-class index of each row (view 0: nearest class text, or the classifier); with
+    ``stage``, the mean of its recipe loss over the rows and the cross-entropy of the prediction logits
+    (100 cos to the class text, or the classifier's: the validation loss of DomainBed's evaluator,
+    which SWAD's valley follows), both None without. Raises ``NonFiniteOutputs`` rather than
+    predict from NaN or inf."""
     modes = [(m, m.training) for m in model.modules()]  # a frozen backbone must stay in eval mode after
     model.eval()
-    preds, loss_sum = [], 0.0
+    preds, loss_sum, ce_sum = [], 0.0, 0.0
     for i in range(0, len(rows), batch):
         interrupt.check("validating")  # the last checkpoint stands; a resumed run redoes the steps since
         r = rows[i:i + batch]
@@ -187,11 +190,24 @@ def validate(model: Student, inputs, targets, data: StoreData, rows: np.ndarray,
                      else nearest_label(o["emb"].float().cpu().numpy(), data.text))
         if stage is not None:
             t, y = targets(r, v0)
+            ce_sum += len(r) * float(prediction_ce(o, text, y, predict_with))
             loss_sum += len(r) * float(stage_loss(stage, BatchContext(o["emb"].float(), t, text, y, o["logits"]))[0])
     for m, mode in modes:
         m.training = mode
     pred = np.concatenate(preds) if preds else np.zeros(0, int)
-    return pred, (loss_sum / len(rows) if stage is not None and len(rows) else None)
+    n = len(rows)
+    return pred, *((loss_sum / n, ce_sum / n) if stage is not None and n else (None, None))
+
+
+def prediction_ce(outputs: Dict[str, torch.Tensor], text: torch.Tensor, y: torch.Tensor, predict_with: str) -> torch.Tensor:
+    """Mean cross-entropy of the logits a student predicts with: its classifier's, or CLIP's 100 x
+    cosine to the training classes' text embeddings (the teacher's zero-shot classifier head)."""
+    with torch.autocast(text.device.type, enabled=False):
+        if predict_with == "linear":
+            logits = outputs["logits"].float()
+        else:
+            logits = 100.0 * F.normalize(outputs["emb"].float(), dim=-1) @ F.normalize(text.float(), dim=-1).T
+        return F.cross_entropy(logits, y)
 
 
 class Selection:
@@ -431,27 +447,28 @@ class Trainer:
         if loss is not None and not bool(torch.isfinite(loss)):
             raise self.diverged(f"the loss became {float(loss)}", step)
 
-    def validate(self, step: int, stage: Optional[Stage] = None) -> Tuple[float, Optional[float]]:
-        """Validation top-1 and loss (without ``stage``: None) of the model as it is; a TrainingError
-        when its outputs or its loss are not finite."""
+    def validate(self, step: int, stage: Optional[Stage] = None) -> Tuple[float, Optional[float], Optional[float]]:
+        """Validation top-1, recipe loss (without ``stage``: None) and prediction cross-entropy of the
+        model as it is; a TrainingError when its outputs or its losses are not finite."""
         try:
-            pred, val_loss = validate(self.model, self.inputs, self.targets, self.data, self.data.val_idx,
-                                      self.recipe.predict, self.text, stage)
+            pred, val_loss, val_ce = validate(self.model, self.inputs, self.targets, self.data, self.data.val_idx,
+                                              self.recipe.predict, self.text, stage)
         except NonFiniteOutputs:
             raise self.diverged("the student's outputs on validation images became NaN or inf", step) from None
-        if val_loss is not None and not np.isfinite(val_loss):
-            raise self.diverged(f"the validation loss became {val_loss}", step)
-        return top1(pred, self.data.targets[self.data.val_idx]), val_loss
+        for what, v in (("loss", val_loss), ("cross-entropy", val_ce)):
+            if v is not None and not np.isfinite(v):
+                raise self.diverged(f"the validation {what} became {v}", step)
+        return top1(pred, self.data.targets[self.data.val_idx]), val_loss, val_ce
 
     def evaluate(self, step: int, stage_i: int, stage: Stage) -> None:
-        val = val_loss = None
+        val = val_loss = val_ce = None
         if len(self.data.val_idx):
-            val, val_loss = self.validate(step, stage)
-        self.averaging.at_eval(step, self.kept, val_loss)
+            val, val_loss, val_ce = self.validate(step, stage)
+        self.averaging.at_eval(step, self.kept, val_ce)  # SWAD's valley: the evaluator's cross-entropy
         if step > self.last_stage_start:
             self.selection.update(step, val)
         lr = getattr(self, "last_lr", self.opt.param_groups[0]["lr"])  # of the last step taken
-        row = {"step": step, "stage": stage_i, "lr": lr, "val_top1": val, "val_loss": val_loss,
+        row = {"step": step, "stage": stage_i, "lr": lr, "val_top1": val, "val_loss": val_loss, "val_ce": val_ce,
                **{k: float(v) / max(1, self.n_running) for k, v in self.running.items()}}
         self.metrics.append(row)
         self.run_dir.write_metrics(self.metrics)
@@ -549,7 +566,7 @@ class Trainer:
         if selected["rule"] == "best_val" and self.selection.best is not None:
             val = self.selection.best  # measured on these very weights when they were selected
         elif selected["rule"] != "last" and len(self.data.val_idx):  # averaged weights: not measured yet
-            val, _ = self.validate(self.cfg.steps)
+            val = self.validate(self.cfg.steps)[0]
         if not all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()):
             raise self.diverged(f"its final weights ({selected['rule']}) hold NaN or inf", self.cfg.steps)
         self.run_dir.save_weights(state)

@@ -401,10 +401,16 @@ def test_swad_through_training(synthetic_store, tmp_path):
                 swad=SwadConfig(n_converge=2, n_tolerance=2, tolerance_ratio=0.3))
     res = train(flat, log=quiet)
     summary = json.loads((tmp_path / "swad" / "summary.json").read_text())
-    assert summary["selected"]["swad_segments"] == list(range(6))  # flat loss: the valley spans every segment
     assert summary["selected"]["rule"] == "average (swad)"
     rows = [json.loads(ln) for ln in open(tmp_path / "swad" / "metrics.jsonl")]
     assert all(r["val_loss"] is not None for r in rows)
+    from embedcache.students.averaging import LossValley
+
+    valley = LossValley(2, 2, 0.3)  # the segments the logged validation cross-entropy picks
+    for r in rows:
+        valley.update({"sum": {"w": torch.zeros(1)}, "n": 1}, r["val_ce"])
+    valley.result()
+    assert summary["selected"]["swad_segments"] == valley.chosen and len(valley.chosen) >= 2
     torch.manual_seed(0)
     init = build_student(StudentConfig(name="test_resnet", input_size=32), 32).state_dict()
     final = load_file(f"{res.out}/model.safetensors")
@@ -413,6 +419,33 @@ def test_swad_through_training(synthetic_store, tmp_path):
             torch.testing.assert_close(final[k], v)
     with pytest.raises(ConfigError, match="swad picks its window by validation loss"):
         train(_cfg(synthetic_store, tmp_path, name="noval", averaging="swad", split=SplitConfig(val_fraction=0.0)), log=quiet)
+
+
+def test_swads_valley_follows_the_validation_cross_entropy_of_the_predictions(synthetic_store, tmp_path, monkeypatch):
+    """SWAD (and VL2V-ADiP's use of it) finds its valley on the evaluator's loss, the cross-entropy of the
+    logits the model predicts with, not on the recipe's training loss (vl2v_adip's is a negative -cos)."""
+    from embedcache.students import averaging
+    from embedcache.students.train import prediction_ce
+
+    seen = []
+    real = averaging.SWAD.at_eval
+    monkeypatch.setattr(averaging.SWAD, "at_eval", lambda self, step, model, loss: seen.append(loss) or real(self, step, model, loss))
+    train(_cfg(synthetic_store, tmp_path, "vl2v_adip", steps=8, eval_every=2, averaging="swad", average_start=0.0), log=quiet)
+    rows = [json.loads(ln) for ln in open(tmp_path / "run" / "metrics.jsonl")]
+    assert seen == [r["val_ce"] for r in rows] and all(r["val_ce"] > 0 > r["val_loss"] for r in rows)
+
+    g = torch.Generator().manual_seed(1)
+    emb, text, logits = torch.randn(6, 5, generator=g), torch.randn(3, 5, generator=g), torch.randn(6, 3, generator=g)
+    y = torch.tensor([0, 1, 2, 2, 1, 0])
+
+    def ce(z):
+        z = z - z.max(1, keepdims=True)
+        return float(-(z - np.log(np.exp(z).sum(1, keepdims=True)))[np.arange(6), y.numpy()].mean())
+
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    out = {"emb": emb, "logits": logits}
+    assert float(prediction_ce(out, text, y, "text")) == pytest.approx(ce(100 * unit(emb.numpy()) @ unit(text.numpy()).T), rel=1e-5)
+    assert float(prediction_ce(out, text, y, "linear")) == pytest.approx(ce(logits.numpy()), rel=1e-6)
 
 
 def test_averaged_weights_get_their_own_batchnorm_statistics(synthetic_store, tmp_path):
