@@ -78,15 +78,18 @@ _add(Recipe("linear_probe", (Stage({"ce": 1.0}, train="head"),), classifier=True
 
 
 # --- what a run trained with, recorded with it ------------------------------------------------------------
-# Recipes whose definition changed after runs of them were made without a record of it (before
-# 2026-12-03): such a run trained under the earlier definition, said here.
-REDEFINED = {"naive_kd": "its KD term ran at temperature 4, not VL2V-ADiP's 0.1"}
+# Rules that changed after runs were made without a record of them (before 2026-12-03): such a run
+# trained under the earlier rule, said here. Recipes by name; "swad" for runs averaged with SWAD.
+REDEFINED = {"naive_kd": "its KD term ran at temperature 4, not VL2V-ADiP's 0.1",
+             "swad": "its SWAD valley followed the recipe's loss, not the prediction cross-entropy"}
+SWAD_LOSS = "prediction_ce"  # what SWAD's valley follows (recorded, as above)
 
 
-def definition(recipe: Recipe) -> Dict:
-    """What a recipe trains with, every loss argument resolved (defaults included), as JSON values:
-    written into each run's config.json, so a run made under another definition of its recipe (by an
-    earlier version of this package) is never resumed, or counted in a sweep, as one of this one."""
+def definition(recipe: Recipe, averaging: str = "none") -> Dict:
+    """What a run trains with: its recipe, every loss argument resolved (defaults included), and with
+    SWAD the loss its valley follows, as JSON values. Written into each run's config.json, so a run
+    made under another definition (by an earlier version of this package) is never resumed, or
+    counted in a sweep, as one of this one."""
     import json
 
     from .losses import LOSSES
@@ -98,21 +101,22 @@ def definition(recipe: Recipe) -> Dict:
     d = {"stages": [{"losses": dict(sorted(st.losses.items())), "train": st.train, "fraction": st.fraction,
                      "args": {n: args(n, st.loss_args.get(n, {})) for n in sorted(st.losses)}} for st in recipe.stages],
          "text_source": recipe.text_source, "classifier": recipe.classifier, "predict": recipe.predict,
-         "select": recipe.select}
+         "select": recipe.select, **({"swad_loss": SWAD_LOSS} if averaging == "swad" else {})}
     return json.loads(json.dumps(d))
 
 
-def definition_change(name: str, recorded, current: Dict) -> str:
-    """'' when a run of recipe ``name`` that recorded ``recorded`` (None: made before records) trained
-    under ``current``; else what differs, in words."""
+def definition_change(cfg, recorded) -> str:
+    """'' when a run of ``cfg`` that recorded ``recorded`` (None: made before records) trained as
+    ``cfg`` trains now; else what differs, in words."""
     from embedcache.config import flatten
 
     if recorded is None:
-        return REDEFINED.get(name, "")
+        return "; ".join(REDEFINED[k] for k in (cfg.recipe, cfg.averaging) if k in REDEFINED)
+
     def keyed(d: Dict) -> Dict:  # stage i's settings under "stage<i+1>."
         return {**d, **{f"stage{i + 1}": st for i, st in enumerate(d.get("stages", []))}, "stages": None}
 
-    old, new = flatten(keyed(recorded)), flatten(keyed(current))
+    old, new = flatten(keyed(recorded)), flatten(keyed(definition(recipe_of(cfg), cfg.averaging)))
     changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:3]) + \
         (f" and {len(changed) - 3} more" if len(changed) > 3 else "")

@@ -101,7 +101,7 @@ def require_same_settings(run_dir: RunDir, cfg: TrainConfig) -> None:
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
         raise TrainingError(f"run {run_dir.path} was made with other settings ({shown}{more}); use another --out, "
                             "or its own settings to resume it")
-    changed = definition_change(cfg.recipe, run_dir.config.get("recipe_definition"), definition(recipe_of(cfg)))
+    changed = definition_change(cfg, run_dir.config.get("recipe_definition"))
     if changed:
         raise TrainingError(f"run {run_dir.path} was trained under another definition of recipe {cfg.recipe} "
                             f"({changed}); use another --out to train it as the recipe is now")
@@ -379,7 +379,7 @@ class Trainer:
 
     def write_run_files(self) -> None:
         d = self.data
-        self.run_dir.write_config(self.cfg, d.key, definition(self.recipe))
+        self.run_dir.write_config(self.cfg, d.key, definition(self.recipe, self.cfg.averaging))
         self.run_dir.write_split({  # what the run trained on, for evaluation without this package
             "train_idx": d.train_idx.tolist(), "val_idx": d.val_idx.tolist(), "test_idx": d.test_idx.tolist(),
             "holdout_domains": list(self.cfg.split.holdout_domains), "seen_classes": d.train_class_ids.tolist(),

@@ -191,6 +191,13 @@ def test_a_run_made_under_another_definition_of_its_recipe_is_not_resumed_or_reu
     edit("old_ce", lambda d: d.pop("recipe_definition"))
     assert train(_cfg(synthetic_store, tmp_path, "ce", name="old_ce", steps=10), log=quiet).seconds == 0.0
     assert "ce" not in recipes.REDEFINED
+    # SWAD's valley now follows the prediction cross-entropy: a SWAD run from before the records trained otherwise
+    swad = _cfg(synthetic_store, tmp_path, "ce", averaging="swad")
+    assert recipes.definition_change(swad, None).startswith("its SWAD valley followed the recipe's loss")
+    now = recipes.definition(recipes.recipe_of(swad), "swad")
+    assert now["swad_loss"] == "prediction_ce" and recipes.definition_change(swad, now) == ""
+    assert recipes.definition_change(swad, {k: v for k, v in now.items() if k != "swad_loss"}) == \
+        "swad_loss: None -> 'prediction_ce'"
 
 
 def test_head_only_on_cached_features_matches_frozen_backbone_training(synthetic_store, tmp_path):

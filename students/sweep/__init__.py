@@ -32,7 +32,7 @@ from ..config import TrainConfig, check_trainable
 from ..data import check_views_used
 from ..features import missing_features
 from ..finetune import MODES as FINETUNE_MODES
-from ..recipes import definition, definition_change, recipe_of
+from ..recipes import definition_change
 from ..rundir import RunDir
 from ..train import run_name, settings_identity
 from .launchers import LAUNCHERS, check_options
@@ -315,7 +315,7 @@ def _require_current_recipes(sweep_dir: str, points: List[SweepPoint]) -> None:
     for p in points:
         run = RunDir(p.cfg.out)
         if result_path(sweep_dir, run.name).exists() and run.file("config.json").is_file():
-            changed = definition_change(p.cfg.recipe, run.config.get("recipe_definition"), definition(recipe_of(p.cfg)))
+            changed = definition_change(p.cfg, run.config.get("recipe_definition"))
             if changed:
                 stale.append((run.name, p.cfg.recipe, changed))
     if stale:
