@@ -152,7 +152,8 @@ class Faults:
 
 class Tamper:
     """ASGI middleware that spoils the answers of POST /v1/embed/images: "count" drops a row,
-    "dim" cuts every vector short (the server has charged either way)."""
+    "dim" cuts every vector short, "zero" zeroes one vector, "strings" sends one as a list of
+    strings, "notjson" answers 200 with a body that is not JSON (the server has charged each way)."""
 
     def __init__(self, app, how: str):
         self.app, self.how = app, how
@@ -168,12 +169,17 @@ class Tamper:
         await self.app(scope, receive, capture)
         start = next(m for m in held if m["type"] == "http.response.start")
         answer = json.loads(b"".join(m.get("body", b"") for m in held if m["type"] == "http.response.body"))
+        first = np.frombuffer(base64.b64decode(answer["data"][0]["embedding"]), "<f4")
         if self.how == "count":
             answer["data"] = answer["data"][:-1]
-        else:
+        elif self.how == "zero":
+            answer["data"][0]["embedding"] = floats_b64(np.zeros_like(first))
+        elif self.how == "strings":
+            answer["data"][0]["embedding"] = ["x"] * len(first)
+        elif self.how == "dim":
             for row in answer["data"]:
                 row["embedding"] = floats_b64(np.frombuffer(base64.b64decode(row["embedding"]), "<f4")[:-1])
-        body = json.dumps(answer).encode()
+        body = b"<html>502 Bad Gateway</html>" if self.how == "notjson" else json.dumps(answer).encode()
         headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
         await send({"type": "http.response.start", "status": start["status"],
                     "headers": headers + [(b"content-length", str(len(body)).encode())]})

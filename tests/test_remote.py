@@ -226,6 +226,25 @@ def test_a_wrong_answer_stops_with_one_line_and_writes_nothing(protocol, how, tm
         assert db.execute("SELECT status FROM requests").fetchall() == [("bad",)]
 
 
+@pytest.mark.parametrize("how", ["zero", "strings", "notjson"])
+def test_an_unusable_answer_is_refused_in_one_line_and_counted_as_paid(how, tmp_path, tiny_teacher_cfg, tiny_teacher,
+                                                                      key_env):
+    """An all-zero vector was stored (and cached in the ledger for every later store); a vector of
+    strings or a 200 that is not JSON ended in a traceback, or was paid and counted nowhere."""
+    app = Tamper(service_app("embedcache", tiny_teacher_cfg, tiny_teacher, tmp_path), how)
+    with LiveServer(app) as url:
+        cfg = remote(tmp_path, "r.zarr", tiny_teacher_cfg, "embedcache", url, "teacher.dimensions=32")
+        with pytest.raises(RemoteError) as err:
+            extract(cfg, log=quiet)
+    msg = str(err.value)
+    assert "\n" not in msg and "nothing was written" in msg and KEY not in msg, msg
+    with Store(cfg.out) as st:
+        assert not st.blocks_done().any() and st.usage()["queries"] == 12  # the spoilt answer was paid
+    with sqlite3.connect(str(tmp_path / "client.sqlite")) as db:
+        assert db.execute("SELECT COUNT(*) FROM entries WHERE status='done'").fetchone()[0] == 0
+        assert db.execute("SELECT status FROM requests").fetchall() == [("bad",)]
+
+
 def test_budget_stops_at_a_block_boundary_then_the_same_store_completes(tmp_path, local, tiny_teacher_cfg,
                                                                         tiny_teacher, key_env):
     from click.testing import CliRunner

@@ -22,7 +22,7 @@ from typing import Any, Dict, Optional
 import httpx
 
 from ... import interrupt
-from .errors import BudgetError, RemoteError, RemoteUnavailableError
+from .errors import BudgetError, RemoteError, RemoteUnavailableError, UnreadableAnswer
 from .ledger import Ledger
 from .protocols import Protocol
 from .ratelimit import RateLimiter
@@ -198,7 +198,7 @@ class Transport:
                         answer = resp.json()
                     except ValueError:
                         self.ledger.outcome(row, request_id, "bad-json")
-                        raise RemoteError(f"the server at {self.base_url} answered 200 with something that is not JSON; "
+                        raise UnreadableAnswer(f"the server at {self.base_url} answered 200 with something that is not JSON; "
                                           f"nothing was written") from None
                     self.ledger.outcome(row, request_id, "ok")
                     return answer

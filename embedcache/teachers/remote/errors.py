@@ -3,11 +3,15 @@ from __future__ import annotations
 
 from ...errors import BudgetError, EmbedcacheError
 
-__all__ = ["RemoteError", "RemoteUnavailableError", "BudgetError"]
+__all__ = ["RemoteError", "UnreadableAnswer", "RemoteUnavailableError", "BudgetError"]
 
 
 class RemoteError(EmbedcacheError):
     """A request the service refused or answered wrongly (a refused key, a wrong count or dimension)."""
+
+
+class UnreadableAnswer(RemoteError):
+    """The service answered (so charged) with something that cannot be read."""
 
 
 class RemoteUnavailableError(EmbedcacheError):

@@ -26,7 +26,7 @@ from ...views import to_uint8
 from .._base import TEACHERS, Teacher
 from .client import TooLarge, Transport
 from .codec import encode_views
-from .errors import RemoteError
+from .errors import RemoteError, UnreadableAnswer
 from .ledger import Ledger
 from .protocols import PROTOCOLS, Protocol
 from .ratelimit import RateLimiter
@@ -280,6 +280,9 @@ class RemoteTeacher(Teacher):
         self.ledger.begin(rid, self._ctx[modality], modality, [(k, len(items[k][0])) for k in keys])
         try:
             answer = t.post(rid, path, body, n, tokens)
+        except UnreadableAnswer:
+            self._paid_for_nothing(rid, modality, n, nbytes)
+            raise
         except TooLarge as exc:
             self.ledger.close_request(rid, "failed")
             if n == 1:
@@ -292,22 +295,39 @@ class RemoteTeacher(Teacher):
             self._send(modality, keys[half:], items, None)
             return
         try:
-            emb, usage = self.protocol.parse(answer, n)
-            if getattr(self, "embed_dim", None) and emb.shape[1] != self.embed_dim:
-                raise RemoteError(f"the server at {self.url} answered {emb.shape[1]}-dimensional embeddings, "
-                                  f"expected {self.embed_dim}; nothing was written")
-            if not np.isfinite(emb).all():
-                raise RemoteError(f"the server at {self.url} answered non-finite embeddings; nothing was written")
+            emb, usage = self._usable(answer, n)
         except RemoteError:
-            self.ledger.close_request(rid, "bad")  # answered (so paid), but nothing usable is stored
-            t.count(modality, n, nbytes)
+            self._paid_for_nothing(rid, modality, n, nbytes)
             raise
         norms = np.linalg.norm(emb, axis=1, keepdims=True)
         if np.abs(norms - 1.0).max() > 1e-4:  # a service that does not normalise; normalised answers keep their bits
-            emb = emb / np.where(norms > 0, norms, 1.0)
+            emb = emb / norms
         self.ledger.finish(rid, keys, emb, usage)
         t.count(modality, n, nbytes)
         t.add_usage(usage)
+
+    def _usable(self, answer: Any, n: int) -> Tuple[np.ndarray, Dict[str, float]]:
+        """The answer's (n, D) embeddings and usage, or a RemoteError saying why they cannot be kept:
+        unreadable, of another dimension, not finite, or all zero (no direction to normalise)."""
+        try:
+            emb, usage = self.protocol.parse(answer, n)
+        except (ValueError, TypeError) as exc:  # e.g. a vector of strings, bad base64
+            raise RemoteError(f"the server at {self.url} answered embeddings that cannot be read ({type(exc).__name__}); "
+                              "nothing was written") from None
+        if getattr(self, "embed_dim", None) and emb.shape[1] != self.embed_dim:
+            raise RemoteError(f"the server at {self.url} answered {emb.shape[1]}-dimensional embeddings, "
+                              f"expected {self.embed_dim}; nothing was written")
+        if not np.isfinite(emb).all():
+            raise RemoteError(f"the server at {self.url} answered non-finite embeddings; nothing was written")
+        zero = np.flatnonzero(np.linalg.norm(emb, axis=1) < 1e-6)
+        if len(zero):
+            raise RemoteError(f"the server at {self.url} answered {len(zero)} all-zero embedding(s); nothing was written")
+        return emb, usage
+
+    def _paid_for_nothing(self, rid: str, modality: str, n: int, nbytes: int) -> None:
+        """An answer that came (so was paid) but gave nothing to keep: counted, its request closed."""
+        self.ledger.close_request(rid, "bad")
+        self.transport.count(modality, n, nbytes)
 
     # --- cost (dry runs) and usage (manifest) --------------------------------------------------------
     def _cost(self, modality: str, keys: List[str], payloads: List[bytes]) -> Dict[str, int]:
