@@ -80,7 +80,7 @@ class Faults:
     """ASGI middleware that breaks some POST answers on purpose, from a seeded plan.
 
     plan: fault name -> probability, among: "500", "413", "429-ms", "429-date", "429-none",
-    "429-long" (Retry-After: 3600) (all before the app runs: nothing charged), "lost" (after the app
+    "429-long" (Retry-After: 3600), "429-credit" (OpenAI's insufficient_quota) (all before the app runs: nothing charged), "lost" (after the app
     answered and charged: the answer is held past the client's timeout), "drop" (after: the
     connection is cut mid-answer). ``script`` gives exact faults for the first POSTs (then the plan
     applies); ``delay`` slows every POST answer down (seconds).
@@ -113,7 +113,7 @@ class Faults:
             self.count[fault] = self.count.get(fault, 0) + 1
         if self.delay:
             await asyncio.sleep(self.delay)
-        if fault in ("500", "413", "429-ms", "429-date", "429-none", "429-long"):
+        if fault in ("500", "413", "429-ms", "429-date", "429-none", "429-long", "429-credit"):
             while (await receive()).get("more_body"):
                 pass
             status = int(fault[:3])
@@ -124,7 +124,8 @@ class Faults:
                 headers.append((b"retry-after", email.utils.formatdate(time.time() + 1, usegmt=True).encode()))
             elif fault == "429-long":
                 headers.append((b"retry-after", b"3600"))
-            body = json.dumps({"error": {"message": "injected", "type": "server_error"}}).encode()
+            kind = "insufficient_quota" if fault == "429-credit" else "server_error"  # OpenAI's out-of-credit 429
+            body = json.dumps({"error": {"message": "injected", "type": kind, "code": kind}}).encode()
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": body})
             return

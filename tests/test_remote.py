@@ -371,6 +371,18 @@ def test_a_long_retry_after_stops_cleanly(tmp_path, tiny_teacher_cfg, tiny_teach
         assert time.monotonic() - t0 < 5
 
 
+def test_a_spent_credit_stops_at_once(tmp_path, tiny_teacher_cfg, tiny_teacher, key_env):
+    """OpenAI answers 429 insufficient_quota when the account's credit is spent: retrying it 8 times
+    then exiting 75 (try again later) misreads it."""
+    inner = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
+    faults = Faults(inner, script=["429-credit"])
+    with LiveServer(faults) as url:
+        t = build_teacher(remote(tmp_path, "x.zarr", tiny_teacher_cfg, "embedcache", url).teacher)
+        with pytest.raises(BudgetError, match="quota is spent"):
+            t.encode_pixels(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
+    assert t.transport.stats.retries == 0
+
+
 def test_user_mistakes_are_one_line(tmp_path, tiny_teacher_cfg, tiny_teacher, monkeypatch):
     monkeypatch.delenv("EMBEDCACHE_API_KEY", raising=False)
     base = {"name": "remote", "url": "http://127.0.0.1:9", "ledger": str(tmp_path / "l.sqlite")}
@@ -384,6 +396,14 @@ def test_user_mistakes_are_one_line(tmp_path, tiny_teacher_cfg, tiny_teacher, mo
         build_teacher(TeacherConfig(**base, api_key_env=KEY_ENV))
     with pytest.raises(ConfigError, match="must not carry credentials"):
         build_teacher(TeacherConfig(**{**base, "url": "http://user:pw@127.0.0.1:9"}))
+    with pytest.raises(ConfigError, match="must not carry a query or fragment") as err:  # a key there was printed
+        build_teacher(TeacherConfig(**{**base, "url": f"http://127.0.0.1:9/v1?api_key={KEY}"}))
+    assert KEY not in str(err.value)
+    for bad in (f"{KEY}\nsecond-line", f"{KEY} trailing words", "sk-caf\u00e9"):  # a file of two lines; non-ASCII
+        (tmp_path / "bad.txt").write_text(bad)
+        with pytest.raises(TeacherLoadError, match=r"the API key in file .*bad.txt is not one printable ASCII token") as err:
+            build_teacher(TeacherConfig(**base, api_key_file=str(tmp_path / "bad.txt")))
+        assert KEY not in str(err.value)
     app = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
     with LiveServer(app) as url:
         monkeypatch.setenv(KEY_ENV, "sk-wrong-key")

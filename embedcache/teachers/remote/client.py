@@ -31,6 +31,9 @@ from .retry import RetryPolicy, TooLongWait, should_retry_status, sleep
 log = logging.getLogger("embedcache.remote")
 
 
+QUOTA_SPENT = ("quota_exceeded", "insufficient_quota")  # embedcache serve's and OpenAI's 429 for a spent quota
+
+
 class TooLarge(Exception):
     """The service said the request is too large (413, or a 400 naming the batch size)."""
 
@@ -116,7 +119,7 @@ class Transport:
         except ValueError:
             return ""
         err = body.get("error") if isinstance(body, dict) else None
-        return str(err.get("type", "")) if isinstance(err, dict) else ""
+        return str(err.get("type") or err.get("code") or "") if isinstance(err, dict) else ""
 
     # --- requests ------------------------------------------------------------------------------------
     def get_json(self, path: str, required: bool) -> Optional[Any]:
@@ -209,7 +212,7 @@ class Transport:
                     raise self._refused(status)
                 if self.protocol.too_large(status, text):
                     raise TooLarge(one_line(text, self._key))
-                if status == 429 and self._error_code(resp) == "quota_exceeded":
+                if status == 429 and self._error_code(resp) in QUOTA_SPENT:
                     raise BudgetError(f"the server at {self.base_url} says this key's quota is spent "
                                       f"({one_line(text, self._key)}); rerun the same command to resume once it is raised")
                 if not should_retry_status(status, resp.headers):

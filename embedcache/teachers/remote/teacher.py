@@ -44,11 +44,22 @@ def clean_url(url: str) -> str:
     if parts.username or parts.password:
         raise ConfigError("teacher.url must not carry credentials; put the key in an environment variable "
                           "(teacher.api_key_env) or a file (teacher.api_key_file)")
-    return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), parts.path.rstrip("/"), parts.query, ""))
+    if parts.query or parts.fragment:  # not echoed: a key is often put there
+        raise ConfigError("teacher.url must not carry a query or fragment (the API paths are appended to it); give "
+                          "the base URL, and a key by teacher.api_key_env or teacher.api_key_file")
+    return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), parts.path.rstrip("/"), "", ""))
 
 
 def read_key(cfg: TeacherConfig) -> Tuple[Optional[str], str]:
     """(key or None, where it came from: '$VAR' or 'file PATH', never the key itself)."""
+    key, where = _key_and_source(cfg)
+    if key is not None and not (key.isascii() and key.isprintable() and not any(c.isspace() for c in key)):
+        raise TeacherLoadError(f"the API key in {where} is not one printable ASCII token (a second line, a space, "
+                               "or a non-ASCII character); keep only the key there")
+    return key, where
+
+
+def _key_and_source(cfg: TeacherConfig) -> Tuple[Optional[str], str]:
     if cfg.api_key_file:
         path = Path(cfg.api_key_file).expanduser()
         if not path.is_file():
