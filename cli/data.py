@@ -18,7 +18,8 @@ from ._app import main, overrides_option
 @click.option("--shard", type=int, help="this worker's index (default: $RANK, else 0)")
 @click.option("--num-shards", type=int, help="number of workers filling the store (default: $WORLD_SIZE, else 1)")
 @click.option("--no-progress", is_flag=True, help="no progress bar")
-@click.option("--dry-run", is_flag=True, help="say what the extraction would encode and cost; write and pay nothing")
+@click.option("--dry-run", is_flag=True, help="say what the extraction would encode and cost; write nothing and pay "
+                                              "nothing (but, said when made, one query to learn a service's dimension)")
 def extract(config_path: Optional[str], out: Optional[str], overrides: Sequence[str], shard, num_shards, no_progress,
             dry_run) -> None:
     """Run the teacher once over a dataset and write a store (resumes if interrupted, repairs if damaged).
@@ -53,6 +54,9 @@ def _cost_lines(cost) -> list:
     if not cost:
         return ["no paid queries (a local teacher)"]
     lines = []
+    if cost.get("probe_queries"):
+        lines.append(f"paid now: {cost['probe_queries']} query to learn the service's embedding dimension (kept in the "
+                     "ledger; teacher.dimensions skips it)")
     for unit, p in (("views", ""), ("prompts", "text_")):
         sent = cost.get(f"{p}images" if not p else f"{p}texts", 0)
         if not sent and not cost.get(f"{p}ledger_hits"):

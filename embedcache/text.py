@@ -105,6 +105,12 @@ class TextTable:
     class_emb: np.ndarray
 
 
+def text_calls(flat: List[str], size: int = 256) -> List[List[str]]:
+    """The prompts of one source in the calls ``encode_sources`` makes of them (a paid teacher's dry
+    run costs these same calls)."""
+    return [flat[i:i + size] for i in range(0, len(flat), size)]
+
+
 def encode_sources(encode: Callable[[List[str]], np.ndarray], count_tokens: Callable[[List[str]], List[int]],
                    context_length: int, classes: Sequence[str], prompts: Dict[str, Prompts]) -> Dict[str, TextTable]:
     tables = {}
@@ -116,7 +122,7 @@ def encode_sources(encode: Callable[[List[str]], np.ndarray], count_tokens: Call
         if truncated.any():
             warnings.warn(f"text source {src!r}: {int(truncated.sum())} of {len(flat)} prompts exceed the teacher's "
                           f"{context_length}-token context and were truncated (see text.parquet, column truncated)")
-        emb = np.concatenate([np.asarray(encode(flat[i:i + 256]), dtype=np.float32) for i in range(0, len(flat), 256)])
+        emb = np.concatenate([np.asarray(encode(chunk), dtype=np.float32) for chunk in text_calls(flat)])
         frame = pd.DataFrame({"source": src, "label": labels, "class_name": [classes[c] for c in labels],
                               "prompt": flat, "n_tokens": n_tok, "truncated": truncated})
         tables[src] = TextTable(src, frame, emb, aggregate(emb, labels, len(classes)))

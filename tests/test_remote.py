@@ -150,6 +150,8 @@ def test_store_equals_local_and_dry_run_counts_the_cost(protocol, tmp_path, loca
         with embedcache.open_store(cfg.out) as s:  # the teacher that made it is its own (online targets, queries)
             assert s.require_teacher(teacher) is teacher
         assert charged(app)[0] - paid_before == 90 + 24  # every view and prompt once
+        sent = embedcache.open_store(cfg.out).manifest["teacher_usage"]["requests"]
+        assert dry.cost["requests"] + dry.cost["text_requests"] == sent  # prompts: one call per text source
         # another store of the same views would cost nothing: the ledger holds every answer
         again = extract(replace(cfg, out=str(tmp_path / "other.zarr")), teacher=build_teacher(cfg.teacher), log=quiet,
                         dry_run=True)
@@ -164,6 +166,21 @@ def test_store_equals_local_and_dry_run_counts_the_cost(protocol, tmp_path, loca
     assert usage["protocol"] == protocol and usage["server_reported"]  # the service's own count beside ours
     assert m["teacher"]["name"] == "remote" and m["teacher"]["url"] == url and KEY not in str(m)
     assert not files_containing([tmp_path], KEY.encode())
+
+
+def test_a_dry_run_says_the_one_query_that_learnt_the_dimension(tmp_path, tiny_teacher_cfg, tiny_teacher, key_env):
+    """An openai-style service does not say its dimension: building the teacher pays one text to learn
+    it. "Write and pay nothing" hid that; the dry run now says it, and teacher.dimensions skips it."""
+    app = service_app("openai", tiny_teacher_cfg, tiny_teacher, tmp_path)
+    with LiveServer(app) as url:
+        dry = extract(remote(tmp_path, "r.zarr", tiny_teacher_cfg, "openai", url), log=quiet, dry_run=True)
+        assert dry.cost["probe_queries"] == 1 == charged(app)[0]
+        dry = extract(remote(tmp_path, "r.zarr", tiny_teacher_cfg, "openai", url, "teacher.dimensions=32"), log=quiet,
+                      dry_run=True)
+        assert "probe_queries" not in dry.cost and charged(app)[0] == 1
+    from cli.data import _cost_lines
+
+    assert _cost_lines({"probe_queries": 1, "images": 3})[0].startswith("paid now: 1 query to learn the service's")
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)

@@ -22,7 +22,7 @@ from ..errors import BudgetError, ConfigError
 from ..fileio import disk_full_error, is_disk_full
 from ..store import BACKENDS, STATUS_OK, Store, add_text_arrays, backend_name_for, is_counter, plan_layout
 from ..teachers import Teacher, build_teacher
-from ..text import build_prompts, encode_sources
+from ..text import build_prompts, encode_sources, text_calls
 from ..views import param_fields
 from .device import DeviceDecodeReader
 from .manifest import PIPELINE, build_manifest, differing_parts
@@ -101,7 +101,8 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
                          param_width=len(param_fields(cfg.views.color)))
     add_text_arrays(layout, {s: sum(len(p) for p in pc) for s, pc in prompts.items()}, len(dataset.classes), teacher.embed_dim)
     if dry_run:
-        return _dry_run(cfg, manifest, layout, reader, embedder, prompts, shard, num_shards, log)
+        paid = 0 if books_from is not None else int((getattr(teacher, "usage", dict)() or {}).get("queries", 0))
+        return _dry_run(cfg, manifest, layout, reader, embedder, prompts, shard, num_shards, log, probe_paid=paid)
     try:
         store = open_or_create(cfg, manifest, layout)
     except OSError as exc:
@@ -172,9 +173,10 @@ class _Books:
                 raise
 
 
-def _dry_run(cfg, manifest, layout, reader, embedder, prompts, shard, num_shards, log) -> DryRun:
+def _dry_run(cfg, manifest, layout, reader, embedder, prompts, shard, num_shards, log, probe_paid: int = 0) -> DryRun:
     """Render every view still to encode, as the real run would, and ask the teacher what encoding
-    them would cost (``teacher.cost(views) -> {name: count}``; local teachers cost nothing)."""
+    them would cost (``teacher.cost(views) -> {name: count}``; local teachers cost nothing).
+    ``probe_paid``: queries building the teacher paid (a service's dimension learnt by one text)."""
     from tqdm.auto import tqdm
 
     teacher = embedder.teacher
@@ -200,9 +202,13 @@ def _dry_run(cfg, manifest, layout, reader, embedder, prompts, shard, num_shards
             continue
         for k, v in estimate(embedder.render(batch)).items():
             cost[k] = cost.get(k, 0) + int(v)
-    if hasattr(teacher, "text_cost"):
-        for k, v in teacher.text_cost([p for pc in prompts.values() for ps in pc for p in ps]).items():
-            cost[f"text_{k}"] = cost.get(f"text_{k}", 0) + int(v)
+    if hasattr(teacher, "text_cost"):  # in the calls extraction makes: per source, in chunks
+        for per_class in prompts.values():
+            for call in text_calls([p for ps in per_class for p in ps]):
+                for k, v in teacher.text_cost(call).items():
+                    cost[f"text_{k}"] = cost.get(f"text_{k}", 0) + int(v)
+    if probe_paid:
+        cost["probe_queries"] = probe_paid
     return DryRun(cfg.out, rows, rows * layout["views"], cost)
 
 

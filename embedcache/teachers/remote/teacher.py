@@ -129,6 +129,7 @@ class RemoteTeacher(Teacher):
             self._ctx[modality] = json_digest(spec, 32)
             self.ledger.add_context(self._ctx[modality], spec)
         self._plan = {"image": 0, "text": 0}  # inputs planned by dry runs so far (requests at the batch limit)
+        self._planned_texts: set = set()
         self._limit_said: set = set()
         self.embed_dim = int(cfg.dimensions or self.server.get("embed_dim") or self.ledger.any_dim(self._ctx["text"])
                              or self._probe_dim())
@@ -343,10 +344,15 @@ class RemoteTeacher(Teacher):
     # --- cost (dry runs) and usage (manifest) --------------------------------------------------------
     def _cost(self, modality: str, keys: List[str], payloads: List[bytes]) -> Dict[str, int]:
         found = self.ledger.lookup(keys)
+        # prompts an earlier call of this dry run costs: in the ledger by the time extraction asks again
+        # (views are not remembered: a dataset's worth of keys, for the rare repeated image)
+        planned = self._planned_texts if modality == "text" else set()
+        free = {k for k in keys if k in found or k in planned}
         todo: Dict[str, int] = {}
         for i, k in enumerate(keys):
-            if k not in found and k not in todo:
+            if k not in free and k not in todo:
                 todo[k] = i
+        planned.update(todo)
         limit = self.limits[f"{modality}_batch"]
         before = self._plan[modality]
         self._plan[modality] += len(todo)
@@ -358,7 +364,8 @@ class RemoteTeacher(Teacher):
         requests = sum(len(self._split_by_bytes(order[j:j + limit], items)) for j in range(0, len(order), limit))
         return {"requests": requests, unit: len(todo),
                 # each input once: a prompt repeated (the name prompt is also a template) is paid or answered once
-                "bytes": sum(len(payloads[i]) for i in todo.values()), "ledger_hits": len(set(keys) & set(found)),
+                "bytes": sum(len(payloads[i]) for i in todo.values()),
+                "ledger_hits": len(free),
                 "duplicates": len(keys) - len(set(keys)),
                 # summed over calls these give ceil(total / limit) and the limit itself
                 "requests_at_batch_limit": math.ceil(self._plan[modality] / limit) - math.ceil(before / limit),
