@@ -274,3 +274,34 @@ def test_full_disk_is_a_clear_error_and_never_complete(make_cfg, tiny_teacher, m
     assert not Store(cfg.out).complete
     monkeypatch.setattr(ZarrBackend, "write", real)
     assert extract(cfg, teacher=tiny_teacher, log=quiet).complete
+
+
+def test_an_hdf5_store_stops_short_of_a_full_disk_and_resumes_identical(make_cfg, tiny_teacher, monkeypatch):
+    """HDF5 does not recover from a full disk mid-write: its error surfaced when a dataset handle was
+    freed (swallowed), and closing the file then crashed the process (exit 139 on a 2 MB tmpfs). The
+    backend refuses a write the disk has no room for, keeping a reserve to close the file cleanly."""
+    import shutil
+    from collections import namedtuple
+
+    from embedcache.errors import DiskFullError
+    from embedcache.store import backends
+
+    full = make_cfg("full.h5")
+    extract(make_cfg("ref.h5"), teacher=tiny_teacher, log=quiet)
+    real, calls = shutil.disk_usage, []
+    usage = namedtuple("usage", "total used free")
+
+    def filling(path):  # room for the first writes, then less than the reserve
+        calls.append(path)
+        return real(path) if len(calls) < 10 else usage(1, 1, backends.HDF5_RESERVE - 1)
+
+    monkeypatch.setattr(backends.shutil, "disk_usage", filling)
+    with pytest.raises(DiskFullError, match="disk full while writing .* rerun the same command to resume"):
+        extract(full, teacher=tiny_teacher, log=quiet)
+    monkeypatch.setattr(backends.shutil, "disk_usage", real)
+    with Store(full.out) as st:
+        assert not st.complete and 0 < st.blocks_done().sum() < st.num_blocks
+    assert extract(full, teacher=tiny_teacher, log=quiet).complete
+    with Store(full.out) as a, Store(make_cfg("ref.h5").out) as b:
+        for name in ("image/emb", "image/pixels", "image/view_params"):
+            assert np.array_equal(a.read(name), b.read(name)), name

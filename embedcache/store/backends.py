@@ -7,6 +7,7 @@ Zarr store's folder, uint8 datasets inside an HDF5 file. Attributes hold JSON. N
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -191,6 +192,9 @@ class ZarrBackend:
         pass
 
 
+HDF5_RESERVE = 8 * 2**20  # bytes an HDF5 store leaves free on its disk: room to write its metadata and close
+
+
 @BACKENDS.register("hdf5")
 class HDF5Backend:
     """One .h5 file; blobs are uint8 datasets under ``_blobs/``. One writer process at a time."""
@@ -202,6 +206,7 @@ class HDF5Backend:
         self.path = Path(path)
         self.mode = mode
         self.file = None
+        self._datasets: dict = {}
         try:
             self.file = h5py.File(self.path, "r" if mode == "r" else "a")
         except (OSError, BlockingIOError) as exc:
@@ -247,8 +252,23 @@ class HDF5Backend:
     def chunks(self, name: str) -> tuple:
         return tuple(self.file[name].chunks)
 
+    def _dataset(self, name: str):
+        """The dataset's handle, kept open: a write through a handle freed at once left its chunks to be
+        written when h5py dropped it, where a full disk's error was swallowed (and later segfaulted)."""
+        if name not in self._datasets:
+            self._datasets[name] = self.file[name]
+        return self._datasets[name]
+
+    def _room_for(self, nbytes: int) -> None:
+        """Refuse a write the disk has no room for, before it starts: HDF5 does not recover from a full
+        disk mid-write (its error surfaces when a handle is freed, and closing the file then crashes)."""
+        if shutil.disk_usage(self.path.parent).free < nbytes + HDF5_RESERVE:
+            raise OSError(errno.ENOSPC, f"No space left on device for {self.path} (HDF5 keeps "
+                                        f"{HDF5_RESERVE // 2**20} MiB free to close the file cleanly)")
+
     def write(self, name: str, start: int, data: np.ndarray) -> None:
-        self.file[name][start:start + len(data)] = data
+        self._room_for(data.nbytes)
+        self._dataset(name)[start:start + len(data)] = data
 
     def read(self, name: str, start: Optional[int] = None, stop: Optional[int] = None) -> np.ndarray:
         return _read_rows(self, self.file[name], name, start, stop)
@@ -290,6 +310,7 @@ class HDF5Backend:
         return default if raw is None else json.loads(raw)
 
     def put_blob(self, name: str, data: bytes) -> None:
+        self._room_for(len(data))
         key = f"_blobs/{name}"
         if key in self.file:
             del self.file[key]
@@ -312,6 +333,7 @@ class HDF5Backend:
 
     def close(self) -> None:
         if self.file:
+            self._datasets.clear()
             self.file.close()
             self.file = None
 
