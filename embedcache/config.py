@@ -132,6 +132,11 @@ class TextConfig:
     templates: str = "short7"        # bundled set (openai80 | short7) or a text file, one per line
     attributes: Optional[str] = None  # bundled set (pacs | synthetic) or a JSON file class -> [str]
 
+    def check(self) -> None:
+        if not self.sources:
+            raise ConfigError("text.sources=[] is not valid: a store needs at least one text source (its class "
+                              "embeddings are what students are scored against); e.g. text.sources=[name]")
+
 
 @dataclass(frozen=True)
 class ExtractConfig:

@@ -44,6 +44,13 @@ def test_unknown_key_is_one_line_listing_valid_keys():
         load_extract_config(None, ["views.count"])
 
 
+def test_a_store_without_text_sources_is_refused_before_any_image_is_encoded():
+    """text.sources=[] passed, encoded every image (a paid teacher billed them), then failed at the
+    end on every rerun: the store could never complete."""
+    with pytest.raises(ConfigError, match=r"text.sources=\[\] is not valid: a store needs at least one text source"):
+        load_extract_config(None, ["text.sources=[]"])
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "train").glob("*.yaml")), ids=lambda p: p.stem)
 def test_shipped_train_configs_load(path):
     from embedcache.config import load_config

@@ -247,6 +247,22 @@ def test_canvases_rebuilt_from_the_files_must_be_the_ones_the_teacher_saw(make_c
         StoreData(res.path, "name").pixels
 
 
+def test_a_store_opens_by_what_it_is_not_by_its_name(make_cfg, tiny_teacher):
+    """`--set backend=hdf5 --out nosuffix` made a store that inspect, verify and open_store then looked
+    for as Zarr (by its name) and could not open."""
+    from click.testing import CliRunner
+
+    from embedcache.cli import main
+
+    for out, backend in (("nosuffix", "hdf5"), ("folder.h5", "zarr")):
+        cfg = make_cfg(out, f"backend={backend}")
+        extract(cfg, teacher=tiny_teacher, log=quiet)
+        with embedcache.open_store(cfg.out) as s:
+            assert s.store.backend_name == backend and s.image_emb().shape[0] == 30
+        seen = CliRunner().invoke(main, ["verify", cfg.out, "--no-progress"])
+        assert seen.exit_code == 0 and "intact" in seen.output, seen.output
+
+
 def test_hdf5_refuses_several_writers_and_bad_shards(make_cfg, tiny_teacher):
     with pytest.raises(ConfigError, match="hdf5 stores take one writer; use a .zarr store"):
         extract(replace(make_cfg("x.h5"), shard=0, num_shards=2), teacher=tiny_teacher, log=quiet)

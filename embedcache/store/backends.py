@@ -347,10 +347,15 @@ SUFFIXES = {".zarr": "zarr", ".h5": "hdf5", ".hdf5": "hdf5"}  # a store path's s
 
 
 def backend_name_for(path: str, backend: Optional[str] = None, new: bool = False) -> str:
-    """The backend named, else HDF5 for .h5/.hdf5 paths, else Zarr. A ``new`` store's path with another
-    suffix is refused (a typo such as .hd5 would silently make a Zarr folder)."""
+    """The backend named, else what is at ``path`` (a file: HDF5, a folder: Zarr, whatever its name),
+    else HDF5 for .h5/.hdf5 paths and Zarr for others. A ``new`` store's path with another suffix is
+    refused (a typo such as .hd5 would silently make a Zarr folder)."""
     if backend:
         return BACKENDS.check(backend)
+    if Path(path).is_file():
+        return "hdf5"
+    if Path(path).is_dir() and (Path(path) / "zarr.json").is_file():
+        return "zarr"
     suffix = os.path.splitext(str(path).rstrip("/"))[1]
     if new and suffix and suffix not in SUFFIXES:
         from ..errors import ConfigError
