@@ -216,6 +216,26 @@ def test_corrupt_and_missing_files_are_recorded_and_skipped(tmp_path, make_cfg, 
         assert s.summary()["failed"] == 1
 
 
+def test_a_block_redone_without_failures_drops_its_old_failure_records(tmp_path, make_cfg, tiny_teacher):
+    """A file damaged in place (same size, same key) failed; restored, and its block redone by a
+    repair, the row read status ok with the old failure's reason beside it."""
+    root = tmp_path / "imgs"
+    (root / "cat").mkdir(parents=True)
+    for k in range(3):
+        Image.fromarray(np.full((24, 24, 3), 40 * k, np.uint8)).save(root / "cat" / f"{k}.jpg")
+    good = (root / "cat" / "1.jpg").read_bytes()
+    (root / "cat" / "1.jpg").write_bytes(b"\0" * len(good))
+    cfg = make_cfg("bitrot.zarr", "dataset.name=folder", f"dataset.path={root}")
+    assert extract(cfg, teacher=tiny_teacher, log=quiet).failed == 1
+    (root / "cat" / "1.jpg").write_bytes(good)
+    with Store(cfg.out, "a") as st:
+        st.reopen_blocks([0])  # what a repair does to a damaged block
+    res = extract(cfg, teacher=tiny_teacher, log=quiet)
+    assert res.complete and res.failed == 0
+    with embedcache.open_store(res.path) as s:
+        assert (s.meta.status == "ok").all() and (s.meta.reason.fillna("") == "").all(), s.meta
+
+
 def test_canvas_can_stay_out_of_the_store(make_cfg, tiny_teacher):
     res = extract(make_cfg("nopix.zarr", "canvas.store=false"), teacher=tiny_teacher, log=quiet)
     with embedcache.open_store(res.path) as s:

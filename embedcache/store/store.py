@@ -153,9 +153,9 @@ class Store:
                 raise ValueError(f"block {block} of {name} has {len(data)} rows, expected {stop - start}")
             self.b.write(name, start, data)
             sums[0, j] = checksum(data)
-        if failures:
-            self.b.put_blob(f"failures/block_{block:06d}.json", json.dumps({str(k): v for k, v in failures.items()},
-                                                                            sort_keys=True).encode())
+        blob = f"failures/block_{block:06d}.json"
+        if failures or self.b.get_blob(blob) is not None:  # a block redone clean clears its old records
+            self.b.put_blob(blob, json.dumps({str(k): v for k, v in (failures or {}).items()}, sort_keys=True).encode())
         self.b.flush()
         self.b.write("blocks/crc32c", block, sums)
         self.b.flush()
