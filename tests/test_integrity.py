@@ -57,6 +57,19 @@ def _damage(path: str, name: str, block: int):
             f[name][start] = 0
 
 
+def test_stray_files_beside_zarr_chunks_are_not_chunks(make_cfg, tiny_teacher):
+    """Zarr's own `<chunk>.<hex>.partial` left by a kill -9 (or a macOS copy's `._1`) in a chunk
+    folder made the store unopenable with a traceback while verify called it intact."""
+    cfg = make_cfg("stray.zarr")
+    extract(cfg, teacher=tiny_teacher, log=quiet)
+    for name in ("image/status", "image/emb"):
+        (Path(cfg.out) / name / "c" / "1.0f3a9c2b.partial").write_bytes(b"")
+        (Path(cfg.out) / name / "c" / "._1").write_bytes(b"")
+    with embedcache.open_store(cfg.out) as s:
+        assert s.image_emb().shape[0] == 30
+    assert CliRunner().invoke(main, ["inspect", cfg.out]).exit_code == 0
+
+
 @pytest.mark.parametrize("suffix", ["zarr", "h5"])
 def test_a_lost_chunk_is_found_refused_and_repaired_exactly(make_cfg, tiny_teacher, suffix):
     good = make_cfg(f"good.{suffix}")

@@ -163,7 +163,10 @@ class ZarrBackend:
         folder = self.path / name / "c"
         if not folder.is_dir():
             return set()
-        return {int(p.relative_to(folder).parts[0]) for p in folder.rglob("*") if p.is_file()}
+        # chunk files only: c/<i>[/<j>...], every part a number (zarr's own `.partial` files left by a
+        # kill, or a copy's `._name`, are not chunks)
+        parts = (p.relative_to(folder).parts for p in folder.rglob("*") if p.is_file())
+        return {int(q[0]) for q in parts if all(x.isdigit() for x in q)}
 
     def set_attr(self, key: str, value: Any) -> None:
         self.group.attrs[key] = json.loads(json.dumps(value))
