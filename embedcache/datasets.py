@@ -165,6 +165,11 @@ def csv_manifest(cfg: DatasetConfig) -> ImageDataset:
             raise DatasetError(f"CSV manifest {csv_path} has columns {sorted(cols)}; it needs at least path,label")
         samples = []
         for line, row in enumerate(reader, start=2):
+            short = [k for k in ("path", "label") if not (row.get(k) or "").strip()]
+            if short or row.get(None):  # a short row (missing fields read None) or one with extra fields
+                what = f"no {' and no '.join(short)}" if short else f"{len(row[None])} field(s) more than the header"
+                raise DatasetError(f"CSV manifest {csv_path} row {line}: {what}; give every row its "
+                                   f"{','.join(reader.fieldnames)}")
             if (row.get("split") or "train") not in SPLITS:
                 raise DatasetError(f"CSV manifest {csv_path} row {line}: split {row['split']!r}; use train, val or test "
                                    "(empty means train)")

@@ -68,6 +68,16 @@ def test_csv_split_names_are_checked(tmp_path):
         build_dataset(DatasetConfig(name="csv", path=str(tmp_path / "x.csv")))
 
 
+@pytest.mark.parametrize("rows,said", [("a.png,cat\n1.jpg\n", "row 3: no label"), ("a.png,cat\n2.jpg,\n", "row 3: no label"),
+                                       (",cat\n", "row 2: no path"), ("a.png,cat,extra\n", "row 2: 1 field\\(s\\) more")])
+def test_csv_rows_short_of_a_field_are_refused_by_row(tmp_path, rows, said):
+    """A short row became class "None", an empty label class "", an extra column was dropped, and a
+    row without its path was a traceback."""
+    (tmp_path / "x.csv").write_text("path,label\n" + rows)
+    with pytest.raises(DatasetError, match=f"x.csv {said}.*give every row its path,label"):
+        build_dataset(DatasetConfig(name="csv", path=str(tmp_path / "x.csv")))
+
+
 def test_csv_missing_columns(tmp_path):
     (tmp_path / "x.csv").write_text("file,cls\na.png,cat\n")
     with pytest.raises(DatasetError, match="needs at least path,label"):
