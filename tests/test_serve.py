@@ -116,6 +116,11 @@ def test_size_limits_are_413(server, views):
         r = c.post("/v1/embed/images", json={"images": png(huge)}, headers=auth())
         assert r.status_code == 413
         assert c.post("/v1/embed/images", json={"images": png(views[:4])}, headers=auth()).status_code == 200
+        # a sliver of few pixels would be resized to width x 32 (the teacher's input) on its shorter side:
+        # 600 x 1 -> 19,200 x 32 pixels; refused before the resize (8000 x 1, 102 bytes, took 2 GB)
+        sliver = torch.zeros(1, 3, 1, 600, dtype=torch.uint8)
+        r = c.post("/v1/embed/images", json={"images": png(sliver)}, headers=auth())
+        assert r.status_code == 413 and "crop it closer to square" in r.json()["error"]["message"]
 
 
 def test_rate_limit_and_quota_are_429_with_retry_after(server, views):

@@ -103,6 +103,12 @@ class Service:
                 raise ServeError(status, f"image {i}: {exc}") from None
             sizes.append((arr.shape[1], arr.shape[0]))
             if arr.shape[:2] != (size, size):  # not a rendered view: shorter side to the input size, centre crop
+                h, w = arr.shape[:2]
+                resized = round(w * size / min(w, h)) * round(h * size / min(w, h))
+                if resized > self.cfg.max_image_pixels:  # an 8000 x 1 PNG of 100 bytes resized to 1.8 G pixels
+                    raise ServeError(413, f"image {i}: {w} x {h} resized to {size} px on its shorter side would be "
+                                          f"{resized:,} pixels, more than {self.cfg.max_image_pixels:,}; crop it "
+                                          "closer to square", "request_too_large")
                 arr = make_canvas(Image.fromarray(arr), size)
             arrs.append(arr)
             shas.append(hashlib.sha256(arr.tobytes()).hexdigest())
