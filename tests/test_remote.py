@@ -293,6 +293,7 @@ def test_budget_stops_at_a_block_boundary_then_the_same_store_completes(tmp_path
     # the store's books count both calls: what the stopped one paid too, not only the last
     usage = embedcache.open_store(cfg.out).manifest["teacher_usage"]
     assert usage["queries"] == 90 + 24 and usage["calls"] == 2 and usage["protocol"] == "embedcache"
+    assert usage["server_reported"]["queries"] == 90 + 24  # the service's own count, summed over both calls too
 
 
 def test_a_second_store_reuses_the_first_ones_views(tmp_path, local, tiny_teacher_cfg, tiny_teacher, key_env):
@@ -341,6 +342,12 @@ def test_kill_9_midway_and_rerun_pays_nothing_twice(tmp_path, local, tiny_teache
     assert res.complete and paid_at_kill < 90
     assert_same(local, arrays(cfg.out))
     assert charged(inner) == (90 + 24, 0)  # nothing the ledger held (or the server answered) was paid again
+    # the store's books say what the server billed: the killed call's spending up to its last block is in
+    # them, and an answer the server replayed free after the kill is not counted as paid again
+    usage = embedcache.open_store(cfg.out).manifest["teacher_usage"]
+    unbooked = (90 + 24) - usage["queries"]  # at most the views the killed call paid after its last finished block
+    assert usage["calls"] == 2 and 0 <= unbooked <= 12 and usage["queries"] >= 90 + 24 - 12, usage
+    assert usage["server_reported"]["queries"] == usage["queries"]
 
 
 def test_identical_inputs_in_a_call_are_sent_once(tmp_path, tiny_teacher_cfg, tiny_teacher, key_env):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -126,8 +126,13 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
         done = store.blocks_done()
         mine = [b for b in shard_blocks(store.num_blocks, shard, num_shards) if not done[b]]
         try:
+            def block_done(block: int) -> None:
+                books.record(store)  # what was paid so far is in the store, even if the call is killed later
+                if on_block_done is not None:
+                    on_block_done(block)
+
             encoded, failed = run_blocks(store, mine, reader, embedder, cfg.batch_size,
-                                         progress=cfg.progress, on_block_done=on_block_done)
+                                         progress=cfg.progress, on_block_done=block_done)
         except BudgetError as exc:  # a paid teacher stopped: say what finishing the store would cost
             books.record(store)
             store.close()
@@ -148,29 +153,49 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
 
 class _Books:
     """What a paid teacher spent in one extract call (its ``usage()`` now, less at the start), kept
-    in the store as one entry per call: the manifest's ``teacher_usage`` sums them, so a store stopped
-    by its budget and finished by a second call says what both paid."""
+    in the store as it goes: after every finished block and at the end, an entry of what was spent
+    since the last (tagged with the call), so a call killed with -9 has its spending to its last
+    block in the store, and the manifest's ``teacher_usage`` sums every call's."""
+
+    SNAPSHOTS = ("ledger",)  # entries that are totals at a moment (the shared ledger's), not spending
 
     def __init__(self, teacher, since_built: bool):
         """``since_built``: the teacher was built for this call (its probes on loading count too)."""
+        import uuid
+
         usage = getattr(teacher, "usage", None)
         self.usage = usage if callable(usage) else None
-        self.start = {} if since_built else self.usage() if self.usage else None
-        self.recorded = False
+        self.last = {} if since_built else self.usage() if self.usage else None
+        self.call = uuid.uuid4().hex[:12]
 
     def record(self, store: Store, quietly: bool = False) -> None:
-        if self.usage is None or self.recorded:
+        if self.usage is None:
             return
-        self.recorded = True
         now = self.usage()
-        spent = {k: v - self.start.get(k, 0) if is_counter(v) else v for k, v in now.items()}
-        if not any(v for v in spent.values() if is_counter(v)):
-            return  # nothing asked of the teacher in this call (an intact store)
+        spent = {k: v if k in self.SNAPSHOTS else _minus(v, self.last.get(k)) for k, v in now.items()}
+        if not any(_nonzero(v) for k, v in spent.items() if k not in self.SNAPSHOTS):
+            return  # nothing asked of the teacher since the last entry (an intact store)
         try:
-            store.add_usage(spent)
+            store.add_usage({**spent, "call": self.call})
         except OSError:
             if not quietly:  # on the way out of a failure (a full disk), the failure is what to report
                 raise
+            return
+        self.last = now
+
+
+def _nonzero(v: Any) -> bool:
+    return bool(v) if is_counter(v) else isinstance(v, dict) and any(_nonzero(x) for x in v.values())
+
+
+def _minus(now: Any, before: Any) -> Any:
+    """Counters (and dicts of them, the service's own usage) less their earlier values; others as now."""
+    if is_counter(now):
+        return now - (before if is_counter(before) else 0)
+    if isinstance(now, dict):
+        before = before if isinstance(before, dict) else {}
+        return {k: _minus(v, before.get(k)) for k, v in now.items()}
+    return now
 
 
 def _dry_run(cfg, manifest, layout, reader, embedder, prompts, shard, num_shards, log, probe_paid: int = 0) -> DryRun:

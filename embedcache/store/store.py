@@ -41,6 +41,19 @@ def is_counter(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _plus(total: Any, v: Any, key: str) -> Any:
+    """Usage entries summed: counters, and the service's own usage key by key; the ledger's totals
+    (a snapshot) and words as the last entry says."""
+    if is_counter(v):
+        return (total if is_counter(total) else 0) + v
+    if isinstance(v, dict) and key != "ledger":
+        total = dict(total) if isinstance(total, dict) else {}
+        for k, x in v.items():
+            total[k] = _plus(total.get(k), x, k)
+        return total
+    return v
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -175,16 +188,19 @@ class Store:
         self.b.flush()
 
     def usage(self) -> Optional[Dict[str, Any]]:
-        """Every call's counters summed (``calls``: how many), the last call's other entries (protocol,
-        the service's own report); None when no call recorded any."""
+        """Every entry's counters summed, the service's own usage key by key (``calls``: how many
+        extract calls wrote entries), the last entry's other values (protocol, the ledger's totals
+        then); None when no call recorded any."""
         entries = [json.loads(self.b.get_blob(n)) for n in sorted(self.b.list_blobs("usage"))]
         if not entries:
             return None
-        total: Dict[str, Any] = {"calls": len(entries)}
+        calls = {e.get("call") or f"entry-{i}" for i, e in enumerate(entries)}  # older stores: an entry per call
+        total: Dict[str, Any] = {}
         for e in entries:
             for k, v in e.items():
-                total[k] = total.get(k, 0) + v if is_counter(v) else v
-        return total
+                if k != "call":
+                    total[k] = _plus(total.get(k), v, k)
+        return {"calls": len(calls), **total}
 
     def failures(self) -> Dict[int, str]:
         out: Dict[int, str] = {}

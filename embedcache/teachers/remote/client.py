@@ -56,6 +56,7 @@ class Stats:
     text_cache_hits: int = 0
     deduplicated: int = 0      # repeated inputs within a call, sent once
     replayed_requests: int = 0  # pending requests of an earlier run sent again as they were
+    replayed_free: int = 0     # inputs the service answered as a replay of a request it had charged (free now)
     halvings: int = 0
     rate_limit_wait_s: float = 0.0
     server_usage: Dict[str, float] = field(default_factory=dict)
@@ -79,6 +80,7 @@ class Transport:
         self.http = httpx.Client(timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)), follow_redirects=False)
         self.headers = {"User-Agent": "embedcache-remote", **protocol.auth_headers(key)}
         self.stats = Stats()
+        self.last_replayed = False  # whether the last answer was a free replay (Idempotent-Replayed)
 
     def close(self) -> None:
         self.http.close()
@@ -163,6 +165,7 @@ class Transport:
         """Send one logical request until answered; returns the answer's JSON. Every attempt reuses
         ``request_id`` as the idempotency key and is logged in the ledger's ``sends``."""
         url = self.base_url + path
+        self.last_replayed = False
         headers = dict(self.headers)
         if self.protocol.idempotency_header:
             headers[self.protocol.idempotency_header] = request_id
@@ -204,6 +207,8 @@ class Transport:
                         raise UnreadableAnswer(f"the server at {self.base_url} answered 200 with something that is not JSON; "
                                           f"nothing was written") from None
                     self.ledger.outcome(row, request_id, "ok")
+                    # the service answered a request it had charged before (a lost answer, a killed run)
+                    self.last_replayed = resp.headers.get("Idempotent-Replayed", "").lower() == "true"
                     return answer
                 self.ledger.outcome(row, request_id, f"http:{status}")
                 self.stats.refused += 1
@@ -233,9 +238,13 @@ class Transport:
         raise RemoteUnavailableError(f"the server at {self.base_url} still failed after {self.policy.max_retries} "
                                      f"retries (last: {last}); rerun the same command to resume")
 
-    def count(self, modality: str, n: int, nbytes: int) -> None:
+    def count(self, modality: str, n: int, nbytes: int, free: bool = False) -> None:
+        """An answered request of ``n`` inputs; ``free``: a replay the service charged before."""
         s = self.stats
         s.requests += 1
+        if free:
+            s.replayed_free += n
+            return
         s.queries += n
         s.bytes += nbytes
         if modality == "image":

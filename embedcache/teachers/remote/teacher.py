@@ -315,8 +315,9 @@ class RemoteTeacher(Teacher):
         if np.abs(norms - 1.0).max() > 1e-4:  # a service that does not normalise; normalised answers keep their bits
             emb = emb / norms
         self.ledger.finish(rid, keys, emb, usage)
-        t.count(modality, n, nbytes)
-        t.add_usage(usage)
+        t.count(modality, n, nbytes, free=t.last_replayed)
+        if not t.last_replayed:  # a replay repeats the usage of the charge it replays
+            t.add_usage(usage)
 
     def _usable(self, answer: Any, n: int) -> Tuple[np.ndarray, Dict[str, float]]:
         """The answer's (n, D) embeddings and usage, or a RemoteError saying why they cannot be kept:
@@ -339,7 +340,7 @@ class RemoteTeacher(Teacher):
     def _paid_for_nothing(self, rid: str, modality: str, n: int, nbytes: int) -> None:
         """An answer that came (so was paid) but gave nothing to keep: counted, its request closed."""
         self.ledger.close_request(rid, "bad")
-        self.transport.count(modality, n, nbytes)
+        self.transport.count(modality, n, nbytes, free=self.transport.last_replayed)
 
     # --- cost (dry runs) and usage (manifest) --------------------------------------------------------
     def _cost(self, modality: str, keys: List[str], payloads: List[bytes]) -> Dict[str, int]:
