@@ -22,10 +22,13 @@ from embedcache.fileio import atomic_write
 KEY = ["run", "source", "store_key", "holdout", "protocol", "split", "domain", "class_name", "episode", "metric"]
 TAGS: Dict[str, object] = {  # run settings, with the value a row gets when it has none
     "recipe": "-", "student": "-", "seed": -1, "replicate": -1, "source": "-", "variant": "-", "holdout": "-",
-    "store_key": "-", "search": "-",
+    "store_key": "-", "search": "-", "settings": "-",
 }
+# settings: a digest of the run's training settings but its seed and what it held out ("-": a teacher, or rows
+# scored before the column existed): runs that differ in it are not replicates of one method
 COLUMNS: List[str] = ["run", "recipe", "student", "seed", "replicate", "source", "variant", "holdout", "protocol",
-                      "split", "domain", "class_name", "episode", "metric", "value", "n", "store_key", "search"]
+                      "split", "domain", "class_name", "episode", "metric", "value", "n", "store_key", "search",
+                      "settings"]
 
 
 def holdout_tag(domains: Sequence[str] = (), classes: Sequence[str] = (), seen: Sequence[int] = ()) -> str:

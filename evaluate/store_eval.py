@@ -69,19 +69,32 @@ def teacher_baselines(store: str, sources: Optional[Sequence[str]] = None, proto
     return pd.concat(frames, ignore_index=True)
 
 
+NAMED_BY = ["store_key", "recipe", "student", "source", "variant", "unseen"]  # a method, but for its settings
+
+
 def method_frame(results: pd.DataFrame) -> pd.DataFrame:
     """The results in the schema, with ``unseen``: the classes a row's model never trained on (the
     class part of its ``holdout``; '' for none), which a method's rows share. Held-out domains are
-    not part of a method: a leave-one-domain-out method's runs each hold out one."""
+    not part of a method: a leave-one-domain-out method's runs each hold out one. Rows scored before
+    runs recorded their ``settings`` take those of the method's other runs where they all agree."""
     results = conform(results)
-    return results.assign(unseen=results["holdout"].astype(str).str.extract(r"unseen: (.*)$", expand=False).fillna(""))
+    results = results.assign(unseen=results["holdout"].astype(str).str.extract(r"unseen: (.*)$", expand=False).fillna(""))
+    known = results[results["settings"] != "-"].groupby(NAMED_BY)["settings"].agg(
+        lambda x: x.iloc[0] if x.nunique() == 1 else "-").rename("only").reset_index()
+    results = results.merge(known, on=NAMED_BY, how="left")
+    unknown = (results["settings"] == "-") & (results["recipe"] != "teacher") & results["only"].notna()
+    return results.assign(settings=results["settings"].where(~unknown, results["only"])).drop(columns="only")
 
 
 def method_keys(results: pd.DataFrame) -> list:
     """The columns that name a method in a table (``results`` from ``method_frame``): recipe, student,
-    text source, variant; the class split when the results hold several; and the store first when
-    they span several stores. Rows of different methods are never averaged together."""
+    text source, variant; the class split when the results hold several; the training settings (a
+    digest) when runs of one recipe, student, source and variant were trained otherwise (runs trained
+    one by one with another val_fraction or select: never replicates of one method); and the store
+    first when they span several stores. Rows of different methods are never averaged together."""
     keys = ["recipe", "student", "source", "variant"] + (["unseen"] if results["unseen"].nunique() > 1 else [])
+    if (results.groupby(NAMED_BY)["settings"].nunique() > 1).any():
+        keys.append("settings")
     return (["store_key"] + keys) if results["store_key"].nunique() > 1 else keys
 
 

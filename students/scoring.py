@@ -26,6 +26,7 @@ from .config import SplitConfig
 from .data import StoreData
 from .providers import student_views
 from .rundir import RunDir
+from .train import settings_digest
 
 
 @torch.no_grad()
@@ -76,7 +77,8 @@ def run_tags(run: RunDir, reader: StoreReader, transfer: bool = False) -> Dict:
     held = ["transfer"] if transfer else split.get("holdout_domains") or []
     return {"run": run.name, "recipe": cfg["recipe"], "student": cfg["student"]["name"], "seed": cfg["seed"],
             "replicate": cfg["seed"], "source": split["text_source"], "store_key": reader.key,
-            "holdout": holdout_tag(held, reader.classes, split["seen_classes"]), **run.sweep_tags}
+            "holdout": holdout_tag(held, reader.classes, split["seen_classes"]),
+            "settings": settings_digest(run.train_config), **run.sweep_tags}
 
 
 def _open_for(run: RunDir, path: str, transfer: bool) -> StoreReader:

@@ -77,6 +77,15 @@ def settings_identity(cfg: TrainConfig, leave_out: Tuple[str, ...], omitted_at_d
     return without_defaults({k: v for k, v in to_dict(cfg).items() if k not in leave_out}, omitted_at_default)
 
 
+def settings_digest(cfg: TrainConfig) -> str:
+    """What makes runs replicates of one method: every setting that changes the result but the seeds
+    (the run's, its validation split's) and what it held out (domains, classes: in the results' own
+    columns), as a short digest."""
+    d = settings_identity(cfg, NOT_IN_NAME + ("seed", "device", "store"), NAMED_WHEN_SET)
+    d["split"] = {k: v for k, v in d["split"].items() if k not in ("holdout_domains", "train_classes", "seed")}
+    return json_digest(d, 8)
+
+
 def run_name(cfg: TrainConfig) -> str:
     """<recipe>-<student>-<hash of the sorted-key JSON config, output and display settings excluded>."""
     d = settings_identity(cfg, NOT_IN_NAME, NAMED_WHEN_SET)

@@ -392,3 +392,28 @@ def test_each_store_has_its_own_domains_in_the_avg():
     t = summary_table(_top1_rows(a + b))
     assert t.loc[("A", "r", "s", "name", "-", "ood"), "avg"] == "42.5 ± 3.5"  # (0.2+0.6)/2, (0.3+0.6)/2
     assert t.loc[("B", "r", "s", "name", "-", "ood"), "avg"] == "70.0 ± 0.0"
+
+
+def test_runs_trained_with_other_settings_are_never_one_methods_replicates(runs, synthetic_store, tmp_path):
+    """Two runs trained one by one, same recipe, student and seed but another val_fraction, were
+    pooled into one cell (1.2%: the mean of 0% and 2.4%, shown as one replicate). Their settings
+    digest tells them apart; rows scored before it existed take their method's runs' settings."""
+    from embedcache.evaluate.store_eval import summary_table
+
+    other = tmp_path / "ce-0-val0"
+    train(TrainConfig(store=str(synthetic_store), recipe="ce", seed=0, steps=6, batch_size=8, eval_every=3,
+                      student=StudentConfig(name="test_resnet", input_size=32), device="cpu", progress=False,
+                      split=SplitConfig(holdout_domains=("outline",), train_classes=("circle", "square"), val_fraction=0.0),
+                      out=str(other)), log=quiet)
+    out = tmp_path / "r.parquet"
+    res = CliRunner().invoke(main, ["evaluate", str(runs / "ce-0"), str(runs / "ce-1"), str(other), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    df = pd.read_parquet(out)
+    assert df.groupby("run").settings.first().nunique() == 2  # ce-0 and ce-1 share theirs
+    table = summary_table(df, "out_of_domain")
+    assert "settings" in table.index.names and len(table) == 2
+    assert sorted(table["replicates"]) == ["1", "2"]  # the seeds 0 and 1 of one setting; the other alone
+    # rows from before the column (ce-1's): the method's only known settings are taken; with two known, none is
+    old = df.assign(settings=np.where(df.run == "ce-1", "-", df.settings))
+    assert list(summary_table(old[old.run != other.name], "out_of_domain")["replicates"]) == ["2"]
+    assert sorted(summary_table(old, "out_of_domain")["replicates"]) == ["1", "1", "1"]
