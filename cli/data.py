@@ -100,17 +100,34 @@ def verify(store: str, repair: bool, no_progress: bool) -> None:
 
     with Store(store) as st:
         report = st.verify(progress=not no_progress)
-        manifest = st.manifest
+        manifest, producer = st.manifest, st.producer
         unfinished = "" if st.complete else f"; {_incomplete(st)}"
-    if report.ok:
+    if report.ok and not report.derived:
         click.echo(f"{store}: {report.blocks_checked} blocks and {len(manifest.get('checksums', {}))} files intact"
                    f"{unfinished}")
         return
     for line in report.lines():
         click.echo(f"damaged: {line}")
+    for name, why in sorted(report.derived.items()):
+        click.echo(f"damaged: derived/{name}: {why} (computed from the store later: recomputed by the command that made it)")
     if not repair:
-        raise StoreError(f"{store}: {len(report.damaged_blocks)} damaged block(s), {len(report.files)} damaged file(s); "
-                         f"`embedcache verify --repair {store}` (or the store's extract command) re-does exactly those")
+        raise StoreError(f"{store}: {len(report.damaged_blocks)} damaged block(s), {len(report.files)} damaged file(s), "
+                         f"{len(report.derived)} damaged derived array(s); `embedcache verify --repair {store}` (or the "
+                         f"store's {producer} command) re-does exactly those")
+    features = sorted(n for n in report.derived if n.startswith("student-"))  # what `embedcache features` makes
+    if features:
+        with Store(store, "a") as st:
+            st.forget_derived(features)
+        click.echo(f"{store}: cached features {', '.join(features)} marked to be recomputed; rerun the `embedcache "
+                   "features --store ... --student ...` command that made them")
+    for name in sorted(set(report.derived) - set(features)):  # a synthesiser's records: made with the store
+        click.echo(f"{store}: derived/{name} cannot be recomputed apart from the store; the store's other data is "
+                   "intact (make the store again to have it back)", err=True)
+    if report.ok:
+        return
+    if producer != "extract":  # the synthesiser's own command re-does its blocks (verify cannot rebuild its reader)
+        raise StoreError(f"{store} was made by `embedcache {producer}`: rerun that command with the same config; it "
+                         f"re-does exactly the {len(report.damaged_blocks)} damaged block(s) and file(s)")
     from embedcache.config import ExtractConfig, build_config
     from embedcache.extract import extract as run
 
@@ -165,8 +182,11 @@ def configs_show(name: str, kind: Optional[str]) -> None:
     from embedcache.config import KINDS, config_text, packaged_configs
     from embedcache.errors import ConfigError
 
-    for k in ([kind] if kind else KINDS):
-        if name in packaged_configs(k):
-            click.echo(config_text(k, name)[0], nl=False)
-            return
+    kinds = [k for k in ([kind] if kind else KINDS) if name in packaged_configs(k)]
+    if kinds:
+        if len(kinds) > 1:  # on stderr: stdout stays the file to copy
+            click.echo(f"# the {kinds[0]} config {name}; there is also a {', '.join(kinds[1:])} config of that name "
+                       f"(--kind to choose)", err=True)
+        click.echo(config_text(kinds[0], name)[0], nl=False)
+        return
     raise ConfigError(f"no packaged config named {name!r}; `embedcache configs` lists them")

@@ -176,3 +176,20 @@ def test_settings_that_would_train_something_else_are_refused(sets, msg):
     cfg = build_config(TrainConfig, apply_overrides({"store": "s.zarr"}, sets))
     with pytest.raises(ConfigError, match=msg):
         check_trainable(cfg)
+
+
+def test_configs_show_says_when_a_name_is_several_kinds_config():
+    """Four kinds of config are called demo: `configs show demo` printed the extract one and said nothing."""
+    from click.testing import CliRunner
+
+    from embedcache.cli import main
+
+    try:
+        runner = CliRunner(mix_stderr=False)  # click 8.1; from 8.2 stderr is always apart
+    except TypeError:
+        runner = CliRunner()
+    res = runner.invoke(main, ["configs", "show", "demo"])
+    assert res.exit_code == 0 and "there is also a" in res.stderr and "serve" in res.stderr and "--kind" in res.stderr
+    assert not res.stdout.startswith("# the extract config demo")  # stdout stays the file to copy
+    served = runner.invoke(main, ["configs", "show", "demo", "--kind", "serve"])
+    assert served.exit_code == 0 and served.stderr == ""

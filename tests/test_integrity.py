@@ -559,3 +559,32 @@ def test_a_missing_store_says_where_a_relative_path_was_taken_from(tmp_path, mon
     with pytest.raises(StoreError, match=rf"no zarr store at stores/x.zarr \(a relative path, taken from {tmp_path}\); "
                                          r"give its path, or run `embedcache extract`"):
         Store("stores/x.zarr")
+
+
+def test_a_damaged_derived_array_is_reported_apart_and_marked_for_recomputation(synthetic_store, tmp_path):
+    """Damage to cached features was listed with the store's own files: `--repair` then re-encoded the
+    text and rewrote the tables (every later extract too), claimed success, and the damage stayed."""
+    import numpy as np
+
+    from conftest import store_with_features
+    from embedcache.errors import StoreDamagedError
+    from embedcache.students.features import cache_features, has_features
+
+    store, student, key = store_with_features(synthetic_store, tmp_path, 0)
+    with Store(str(store), "a") as st:
+        good = st.read_derived(key)
+        st.b.write(f"derived/{key}", 0, np.zeros_like(good[:1]))
+        st.b.flush()
+        with pytest.raises(StoreDamagedError, match="verify --repair .* marks it to be recomputed"):
+            st.read_derived(key)
+        report = st.verify()
+        assert report.ok and list(report.derived) == [key]  # the store's own data is intact
+    seen = CliRunner().invoke(main, ["verify", str(store), "--no-progress"])
+    assert seen.exit_code == 2 and f"damaged: derived/{key}" in seen.output and "1 damaged derived array" in seen.output
+    fixed = CliRunner().invoke(main, ["verify", str(store), "--no-progress", "--repair"])
+    assert fixed.exit_code == 0 and "marked to be recomputed" in fixed.output and "repaired" not in fixed.output
+    with Store(str(store)) as st:
+        assert not has_features(st, key)
+    assert cache_features(str(store), student, device="cpu", progress=False, log=quiet) == key
+    with Store(str(store)) as st:
+        assert np.array_equal(st.read_derived(key), good) and st.verify().derived == {}

@@ -246,6 +246,17 @@ def test_synthesised_store_passes_the_store_checks_of_an_extracted_one(tiny_teac
         again = tiny_teacher.encode_image(normalize(x, tiny_teacher.mean, tiny_teacher.std).flatten(0, 1)).view(n, 2, d)
         np.testing.assert_allclose(again.numpy(), emb.astype(np.float32), atol=3e-3)
     assert synthesize(cfg, teacher=tiny_teacher, log=quiet).skipped  # a complete store is a no-op
+    # damage: `verify --repair` cannot rebuild a synthesiser; it says to rerun synthesize, which re-does the block
+    from click.testing import CliRunner
+
+    from embedcache.cli import main
+
+    next(p for p in (Path(cfg.out) / "image" / "pixels" / "c").rglob("*") if p.is_file()).unlink()
+    seen = CliRunner().invoke(main, ["verify", cfg.out, "--no-progress", "--repair"])
+    assert seen.exit_code == 2 and "was made by `embedcache synthesize`: rerun that command" in seen.output, seen.output
+    assert synthesize(cfg, teacher=tiny_teacher, log=quiet).repaired == 1
+    with Store(cfg.out) as st:
+        assert st.verify().ok
 
 
 def test_a_recipe_trains_on_a_synthesised_store_and_is_scored_on_real_images(tiny_teacher, synth_cfg, synthetic_store,

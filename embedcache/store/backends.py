@@ -349,13 +349,22 @@ def _first_line(exc: BaseException) -> str:
 SUFFIXES = {".zarr": "zarr", ".h5": "hdf5", ".hdf5": "hdf5"}  # a store path's suffix -> its backend
 
 
+def _is_hdf5_file(path: Path) -> bool:
+    """A file that starts with HDF5's signature (another file: judged by its name, and refused there)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(8) == b"\x89HDF\r\n\x1a\n"
+    except OSError:  # not a file, or unreadable
+        return False
+
+
 def backend_name_for(path: str, backend: Optional[str] = None, new: bool = False) -> str:
-    """The backend named, else what is at ``path`` (a file: HDF5, a folder: Zarr, whatever its name),
+    """The backend named, else what is at ``path`` (an HDF5 file, a Zarr folder, whatever its name),
     else HDF5 for .h5/.hdf5 paths and Zarr for others. A ``new`` store's path with another suffix is
     refused (a typo such as .hd5 would silently make a Zarr folder)."""
     if backend:
         return BACKENDS.check(backend)
-    if Path(path).is_file():
+    if _is_hdf5_file(Path(path)):
         return "hdf5"
     if Path(path).is_dir() and (Path(path) / "zarr.json").is_file():
         return "zarr"

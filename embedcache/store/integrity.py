@@ -29,11 +29,14 @@ def checksum(data) -> int:
 
 @dataclass
 class IntegrityReport:
-    """What ``Store.verify`` found: damaged row blocks (block -> arrays) and damaged files."""
+    """What ``Store.verify`` found: damaged row blocks (block -> arrays) and damaged files of the store
+    itself (``ok`` is about these: what extraction re-does), and damaged derived arrays apart (what
+    was computed from the store later, recomputed by the command that made it)."""
     path: str
     blocks_checked: int = 0
     damaged: Dict[int, List[str]] = field(default_factory=dict)
     files: Dict[str, str] = field(default_factory=dict)  # name -> what is wrong with it
+    derived: Dict[str, str] = field(default_factory=dict)  # derived array name -> what is wrong with it
 
     @property
     def ok(self) -> bool:

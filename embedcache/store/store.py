@@ -258,7 +258,7 @@ class Store:
 
     def _damaged(self, name: str, why: str) -> StoreDamagedError:
         return StoreDamagedError(f"store {self.path} is damaged: {name}: {why}; run `embedcache verify {self.path}` "
-                                 "to list what is damaged, then `embedcache verify --repair` (or the store's extract "
+                                 f"to list what is damaged, then `embedcache verify --repair` (or the store's {self.producer} "
                                  "command) redoes exactly that")
 
     # --- tables -------------------------------------------------------------------------------------
@@ -346,8 +346,10 @@ class Store:
                 if name not in self.manifest.get("checksums", {}) and self.b.get_blob(name) is None:
                     report.files[name] = "missing"
         for name, info in self.derived().items():
-            if info.get("complete") and self._file_problem(f"derived/{name}", int(info["crc32c"])):
-                report.files[f"derived/{name}"] = "does not match its checksum (recompute it)"
+            if info.get("complete"):
+                why = self._file_problem(f"derived/{name}", int(info["crc32c"]))
+                if why:
+                    report.derived[name] = why
         return report
 
     def _file_problem(self, name: str, want: int) -> str:
@@ -390,8 +392,19 @@ class Store:
             raise StoreError(f"store {self.path} has no complete derived array {name}")
         data = self.read(f"derived/{name}", verify=False)
         if checksum(data) != int(info["crc32c"]):
-            raise self._damaged(f"derived/{name}", "it does not match its checksum (recompute it)")
+            raise StoreDamagedError(f"store {self.path}: derived/{name} does not match its checksum; `embedcache verify "
+                                    f"--repair {self.path}` marks it to be recomputed, then rerun the command that "
+                                    "made it (`embedcache features` for cached features)")
         return data
+
+    def forget_derived(self, names: Iterable[str]) -> None:
+        """Mark derived arrays not complete, so the command that made them computes them again."""
+        meta = self.derived()
+        for name in names:
+            if name in meta:
+                meta[name] = {**meta[name], "complete": False}
+        self.b.set_attr("derived", meta)
+        self.b.flush()
 
     # --- housekeeping -------------------------------------------------------------------------------------
     def disk_bytes(self) -> int:
