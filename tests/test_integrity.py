@@ -588,3 +588,41 @@ def test_a_damaged_derived_array_is_reported_apart_and_marked_for_recomputation(
     assert cache_features(str(store), student, device="cpu", progress=False, log=quiet) == key
     with Store(str(store)) as st:
         assert np.array_equal(st.read_derived(key), good) and st.verify().derived == {}
+
+
+@pytest.mark.parametrize("name", ["blocks/done", "blocks/crc32c"])
+def test_a_damaged_bookkeeping_chunk_is_a_block_to_redo(make_cfg, tiny_teacher, name):
+    """An emptied blocks/done or blocks/crc32c chunk made inspect, verify and extract fail with a
+    reshape traceback: its block now counts as not done (or unchecked), and a repair redoes it."""
+    good = make_cfg("good.zarr")
+    extract(good, teacher=tiny_teacher, log=quiet)
+    cfg = make_cfg("hurt.zarr")
+    extract(cfg, teacher=tiny_teacher, log=quiet)
+    chunk = next(p for p in (Path(cfg.out) / name / "c").rglob("*") if p.is_file() and p.relative_to(Path(cfg.out) / name / "c").parts[0] == "1")
+    chunk.write_bytes(b"")
+    with pytest.raises(StoreDamagedError, match="embedcache verify"):
+        embedcache.open_store(cfg.out).image_emb()
+    res = CliRunner().invoke(main, ["verify", cfg.out, "--no-progress"])
+    assert res.exit_code == 2 and "damaged: block 1" in res.output, res.output
+    fixed = CliRunner().invoke(main, ["verify", cfg.out, "--no-progress", "--repair"])
+    assert fixed.exit_code == 0 and "repaired (1 block(s) re-done)" in fixed.output, fixed.output
+    _same(_arrays(good.out), _arrays(cfg.out))
+
+
+def test_damaged_store_metadata_is_one_line(make_cfg, tiny_teacher):
+    """A truncated zarr.json of an array, and HDF5 headers overwritten with zeros, gave JSONDecodeError,
+    KeyError, OSError or RuntimeError tracebacks from inspect, verify and extract."""
+    z = make_cfg("meta.zarr")
+    extract(z, teacher=tiny_teacher, log=quiet)
+    meta = Path(z.out) / "image" / "emb" / "zarr.json"
+    meta.write_bytes(meta.read_bytes()[:100])
+    h = make_cfg("meta.h5")
+    extract(h, teacher=tiny_teacher, log=quiet)
+    raw = bytearray(Path(h.out).read_bytes())
+    raw[1024:1024 + 4096] = bytes(4096)  # past the superblock: the root group's headers and B-tree
+    Path(h.out).write_bytes(bytes(raw))
+    for out in (z.out, h.out):
+        for cmd in (["verify", out, "--no-progress"], ["verify", out, "--no-progress", "--repair"], ["inspect", out]):
+            res = CliRunner().invoke(main, cmd)
+            assert res.exit_code == 2 and isinstance(res.exception, SystemExit), (cmd, res.output)
+            assert res.output.strip().splitlines()[-1].startswith("error: "), (cmd, res.output)

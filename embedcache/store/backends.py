@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -108,7 +109,13 @@ class ZarrBackend:
     def _array(self, name: str):
         """The array's handle, opened once (opening one reads its metadata: milliseconds each)."""
         if name not in self._arrays:
-            self._arrays[name] = self.group[name]
+            try:
+                self._arrays[name] = self.group[name]
+            except KeyError:
+                raise
+            except Exception as exc:  # its zarr.json truncated or altered
+                raise StoreDamagedError(f"store {self.path}: the metadata of {name} (its zarr.json) cannot be read "
+                                        f"({type(exc).__name__}); delete the store and rerun its extract command") from None
         return self._arrays[name]
 
     def shape(self, name: str) -> tuple:
@@ -246,14 +253,27 @@ class HDF5Backend:
         # h5py has no zstd without plugins; arrays stay uncompressed (embeddings do not compress anyway)
         self.file.create_dataset(name, shape=tuple(shape), dtype=np.dtype(dtype), chunks=tuple(chunks), fillvalue=0)
 
+    @contextmanager
+    def _reading(self, what: str):
+        """HDF5's own structures (the B-trees and headers that find a dataset or attribute) damaged:
+        one line, not h5py's KeyError, OSError or RuntimeError."""
+        try:
+            yield
+        except (KeyError, OSError, RuntimeError, ValueError) as exc:
+            raise StoreDamagedError(f"HDF5 store {self.path}: {what} cannot be read ({_first_line(exc)}): the file's "
+                                    "own structure is damaged; delete it and rerun its extract command") from None
+
     def has(self, name: str) -> bool:
-        return name in self.file
+        with self._reading(name):
+            return name in self.file
 
     def shape(self, name: str) -> tuple:
-        return tuple(self.file[name].shape)
+        with self._reading(name):
+            return tuple(self.file[name].shape)
 
     def chunks(self, name: str) -> tuple:
-        return tuple(self.file[name].chunks)
+        with self._reading(name):
+            return tuple(self.file[name].chunks)
 
     def _dataset(self, name: str):
         """The dataset's handle, kept open: a write through a handle freed at once left its chunks to be
@@ -309,8 +329,9 @@ class HDF5Backend:
         self.file.attrs[key] = json.dumps(value)
 
     def get_attr(self, key: str, default: Any = None) -> Any:
-        raw = self.file.attrs.get(key)
-        return default if raw is None else json.loads(raw)
+        with self._reading(f"its {key}"):
+            raw = self.file.attrs.get(key)
+            return default if raw is None else json.loads(raw)
 
     def put_blob(self, name: str, data: bytes) -> None:
         self._room_for(len(data))
@@ -322,11 +343,13 @@ class HDF5Backend:
 
     def get_blob(self, name: str) -> Optional[bytes]:
         key = f"_blobs/{name}"
-        return self.file[key][()].tobytes() if key in self.file else None
+        with self._reading(name):
+            return self.file[key][()].tobytes() if key in self.file else None
 
     def list_blobs(self, prefix: str) -> list:
         key = f"_blobs/{prefix}"
-        return sorted(f"{prefix}/{n}" for n in self.file[key]) if key in self.file else []
+        with self._reading(prefix):
+            return sorted(f"{prefix}/{n}" for n in self.file[key]) if key in self.file else []
 
     def flush(self) -> None:
         self.file.flush()
