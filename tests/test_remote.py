@@ -385,6 +385,23 @@ def test_a_lost_answer_counts_against_the_budget(tmp_path, tiny_teacher_cfg, tin
         assert db.execute("SELECT COUNT(*) FROM entries WHERE status='pending'").fetchone()[0] == 12
 
 
+def test_a_cut_off_request_resent_in_other_batches_is_counted_as_possibly_paid_twice(tmp_path, tiny_teacher_cfg,
+                                                                                     tiny_teacher, key_env):
+    """A request whose answer was lost is replayed free only whole, under its own idempotency key; a
+    resumed run that batches its inputs otherwise (batch_size changed) sends them under a new key and
+    the service charges them again. That was silent; it is counted and said."""
+    inner = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
+    views = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8)
+    with LiveServer(Faults(inner, script=["lost"], hold=1.5)) as url:
+        cfg = remote(tmp_path, "x.zarr", tiny_teacher_cfg, "embedcache", url, "teacher.max_queries=20").teacher
+        with pytest.raises(BudgetError):
+            build_teacher(cfg).encode_pixels(views)  # answered (charged) but the answer was lost: pending
+        again = build_teacher(replace(cfg, max_queries=None))
+        with pytest.warns(UserWarning, match="may be paid twice"):
+            again.encode_pixels(views[:6])  # half of the cut-off request, in a batch of its own
+    assert again.transport.stats.possibly_paid_twice == 6 and charged(inner) == (18, 6)
+
+
 def test_a_long_retry_after_stops_cleanly(tmp_path, tiny_teacher_cfg, tiny_teacher, key_env):
     inner = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
     with LiveServer(Faults(inner, script=["429-long"])) as url:

@@ -57,6 +57,7 @@ class Stats:
     deduplicated: int = 0      # repeated inputs within a call, sent once
     replayed_requests: int = 0  # pending requests of an earlier run sent again as they were
     replayed_free: int = 0     # inputs the service answered as a replay of a request it had charged (free now)
+    possibly_paid_twice: int = 0  # inputs of an earlier run's cut-off request sent again in another batch
     halvings: int = 0
     rate_limit_wait_s: float = 0.0
     server_usage: Dict[str, float] = field(default_factory=dict)

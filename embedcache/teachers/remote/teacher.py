@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import urlsplit, urlunsplit
@@ -246,10 +247,23 @@ class RemoteTeacher(Teacher):
                 out.append((items, rid))
                 for k in items:
                     left.pop(k)
+            else:  # its inputs come in other batches now (batch_size changed): sent under a new key
+                self._resent_apart(sum(k in left for k in items))
         rest = list(left)
         limit = self.limits[f"{modality}_batch"]
         out += [(rest[i:i + limit], None) for i in range(0, len(rest), limit)]
         return out
+
+    def _resent_apart(self, n: int) -> None:
+        """Inputs of a request an earlier run sent without getting its answer, going out again in
+        another batch: the service cannot tell it has answered them, so they may be paid twice."""
+        if not n:
+            return
+        if not self.transport.stats.possibly_paid_twice:
+            warnings.warn(f"inputs of a request cut off in an earlier run go out again in other batches (was batch_size "
+                          f"changed?): they may be paid twice (counted as possibly_paid_twice); resume with the batch "
+                          f"size it had to have such requests replayed free")
+        self.transport.stats.possibly_paid_twice += n
 
     def _request_id(self, modality: str, keys: Sequence[str]) -> str:
         # deterministic: the same batch after a kill gets the same idempotency key
