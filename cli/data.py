@@ -93,10 +93,14 @@ def inspect(store: str, as_json: bool) -> None:
 @main.command()
 @click.argument("store", type=click.Path(exists=True))
 @click.option("--repair", is_flag=True, help="re-do the damaged blocks and files (runs the store's own extraction again)")
+@overrides_option("dataset.path=/path/to/pacs (with --repair: where the images are now)")
 @click.option("--no-progress", is_flag=True)
-def verify(store: str, repair: bool, no_progress: bool) -> None:
+def verify(store: str, repair: bool, overrides: Sequence[str], no_progress: bool) -> None:
     """Check every block and table of a store against the checksums written with it."""
     from embedcache.store import Store
+
+    if overrides and not repair:
+        raise click.UsageError("--set changes the extraction a repair runs; give it with --repair")
 
     with Store(store) as st:
         report = st.verify(progress=not no_progress)
@@ -128,11 +132,11 @@ def verify(store: str, repair: bool, no_progress: bool) -> None:
     if producer != "extract":  # the synthesiser's own command re-does its blocks (verify cannot rebuild its reader)
         raise StoreError(f"{store} was made by `embedcache {producer}`: rerun that command with the same config; it "
                          f"re-does exactly the {len(report.damaged_blocks)} damaged block(s) and file(s)")
-    from embedcache.config import ExtractConfig, build_config
+    from embedcache.config import ExtractConfig, apply_overrides, build_config
     from embedcache.extract import extract as run
 
-    cfg = build_config(ExtractConfig, {**manifest["config"], "out": store, "progress": not no_progress,
-                                       "shard": None, "num_shards": None})
+    cfg = build_config(ExtractConfig, apply_overrides({**manifest["config"], "out": store, "progress": not no_progress,
+                                                       "shard": None, "num_shards": None}, overrides))
     res = run(cfg, log=click.echo)
     click.echo(f"{store}: repaired ({res.repaired} block(s) re-done)")
 

@@ -626,3 +626,38 @@ def test_damaged_store_metadata_is_one_line(make_cfg, tiny_teacher):
             res = CliRunner().invoke(main, cmd)
             assert res.exit_code == 2 and isinstance(res.exception, SystemExit), (cmd, res.output)
             assert res.output.strip().splitlines()[-1].startswith("error: "), (cmd, res.output)
+
+
+def test_a_path_inside_a_store_names_the_store(make_cfg, tiny_teacher):
+    """`verify s.zarr/image/emb` said "delete it and rerun its extract command", which would destroy a
+    healthy store."""
+    cfg = make_cfg("whole.zarr")
+    extract(cfg, teacher=tiny_teacher, log=quiet)
+    for inner in ("image/emb", "image"):
+        res = CliRunner().invoke(main, ["verify", str(Path(cfg.out) / inner), "--no-progress"])
+        assert res.exit_code == 2 and f"is inside the store {Path(cfg.out).resolve()}; give the store's own path" in res.output
+        assert "delete" not in res.output
+    assert CliRunner().invoke(main, ["verify", cfg.out, "--no-progress"]).exit_code == 0
+
+
+def test_a_repair_takes_where_the_images_are_now(make_cfg, tiny_teacher, tmp_path):
+    """The images moved since the store was made: `verify --repair` said to set dataset.path with
+    --set, an option verify did not have."""
+    root = tmp_path / "imgs"
+    (root / "cat").mkdir(parents=True)
+    for k in range(4):
+        Image.fromarray(np.full((24, 24, 3), 50 * k, np.uint8)).save(root / "cat" / f"{k}.png")
+    cfg = make_cfg("moved.zarr", "dataset.name=folder", f"dataset.path={root}", "block_rows=2")
+    extract(cfg, teacher=tiny_teacher, log=quiet)
+    good = _arrays(cfg.out)
+    (tmp_path / "elsewhere").mkdir()
+    root.rename(tmp_path / "elsewhere" / "imgs")  # same folder name: a folder dataset's domain is its name
+    _damage(cfg.out, "image/emb", 1)
+    lost = CliRunner().invoke(main, ["verify", cfg.out, "--no-progress", "--repair"])
+    assert lost.exit_code == 2 and "--set dataset.path=" in lost.output
+    res = CliRunner().invoke(main, ["verify", cfg.out, "--no-progress", "--repair", "--set",
+                                    f"dataset.path={tmp_path / 'elsewhere' / 'imgs'}"])
+    assert res.exit_code == 0 and "repaired (1 block(s) re-done)" in res.output, res.output
+    _same(good, _arrays(cfg.out))
+    alone = CliRunner().invoke(main, ["verify", cfg.out, "--set", "dataset.path=x"])
+    assert alone.exit_code == 2 and "give it with --repair" in alone.output

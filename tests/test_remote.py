@@ -178,7 +178,7 @@ def test_a_dry_run_says_the_one_query_that_learnt_the_dimension(tmp_path, tiny_t
         dry = extract(remote(tmp_path, "r.zarr", tiny_teacher_cfg, "openai", url, "teacher.dimensions=32"), log=quiet,
                       dry_run=True)
         assert "probe_queries" not in dry.cost and charged(app)[0] == 1
-    from cli.data import _cost_lines
+    from embedcache.cli.data import _cost_lines
 
     assert _cost_lines({"probe_queries": 1, "images": 3})[0].startswith("paid now: 1 query to learn the service's")
 

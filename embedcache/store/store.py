@@ -54,6 +54,21 @@ def _plus(total: Any, v: Any, key: str) -> Any:
     return v
 
 
+def _store_above(path: str) -> Optional[Path]:
+    """The Zarr store a path lies inside (a folder above it whose zarr.json holds a manifest), or None."""
+    for p in Path(path).resolve().parents:
+        meta = p / "zarr.json"
+        if meta.is_file():
+            try:
+                if '"manifest"' in meta.read_text(errors="replace"):
+                    return p
+            except OSError:
+                return None
+        else:
+            return None  # a store's folders each have their zarr.json: above the first without, no store
+    return None
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -71,6 +86,9 @@ class Store:
             where = "" if Path(self.path).is_absolute() else f" (a relative path, taken from {Path.cwd()})"
             raise StoreError(f"no {self.backend_name} store at {self.path}{where}; give its path, or run "
                              "`embedcache extract` to make one")
+        root = _store_above(self.path)
+        if root is not None:
+            raise StoreError(f"{self.path} is inside the store {root}; give the store's own path")
         self.b = cls(self.path, mode)
         self.manifest: Dict[str, Any] = self.b.get_attr("manifest") or {}
         self.layout: Dict[str, Any] = self.b.get_attr("layout") or {}

@@ -260,9 +260,9 @@ class RemoteTeacher(Teacher):
         if not n:
             return
         if not self.transport.stats.possibly_paid_twice:
-            warnings.warn(f"inputs of a request cut off in an earlier run go out again in other batches (was batch_size "
-                          f"changed?): they may be paid twice (counted as possibly_paid_twice); resume with the batch "
-                          f"size it had to have such requests replayed free")
+            warnings.warn("inputs of a request cut off in an earlier run go out again in other batches (was batch_size "
+                          "changed?): they may be paid twice (counted as possibly_paid_twice); resume with the batch "
+                          "size it had to have such requests replayed free")
         self.transport.stats.possibly_paid_twice += n
 
     def _request_id(self, modality: str, keys: Sequence[str]) -> str:
