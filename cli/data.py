@@ -124,10 +124,11 @@ def verify(store: str, repair: bool, overrides: Sequence[str], no_progress: bool
             st.forget_derived(features)
         click.echo(f"{store}: cached features {', '.join(features)} marked to be recomputed; rerun the `embedcache "
                    "features --store ... --student ...` command that made them")
-    for name in sorted(set(report.derived) - set(features)):  # a synthesiser's records: made with the store
-        click.echo(f"{store}: derived/{name} cannot be recomputed apart from the store; the store's other data is "
-                   "intact (make the store again to have it back)", err=True)
+    kept = sorted(set(report.derived) - set(features))  # a synthesiser's records: made with the store
     if report.ok:
+        if kept:
+            raise StoreError(f"{store}: derived array(s) {', '.join(kept)} cannot be recomputed apart from the store; "
+                             "its other data is intact (make the store again to have them back)")
         return
     if producer != "extract":  # the synthesiser's own command re-does its blocks (verify cannot rebuild its reader)
         raise StoreError(f"{store} was made by `embedcache {producer}`: rerun that command with the same config; it "

@@ -166,8 +166,9 @@ def csv_manifest(cfg: DatasetConfig) -> ImageDataset:
         samples = []
         for line, row in enumerate(reader, start=2):
             short = [k for k in ("path", "label") if not (row.get(k) or "").strip()]
-            if short or row.get(None):  # a short row (missing fields read None) or one with extra fields
-                what = f"no {' and no '.join(short)}" if short else f"{len(row[None])} field(s) more than the header"
+            extra = [v for v in row.get(None) or [] if (v or "").strip()]  # a trailing comma adds an empty one
+            if short or extra:  # a short row (missing fields read None) or one with more fields than the header
+                what = f"no {' and no '.join(short)}" if short else f"{len(extra)} field(s) more than the header"
                 raise DatasetError(f"CSV manifest {csv_path} row {line}: {what}; give every row its "
                                    f"{','.join(reader.fieldnames)}")
             if (row.get("split") or "train") not in SPLITS:

@@ -76,14 +76,10 @@ def method_frame(results: pd.DataFrame) -> pd.DataFrame:
     """The results in the schema, with ``unseen``: the classes a row's model never trained on (the
     class part of its ``holdout``; '' for none), which a method's rows share. Held-out domains are
     not part of a method: a leave-one-domain-out method's runs each hold out one. Rows scored before
-    runs recorded their ``settings`` take those of the method's other runs where they all agree."""
+    runs recorded their ``settings`` ('-') are a method of their own: what they were trained with is
+    not known (a naive_kd run of then ran another KD)."""
     results = conform(results)
-    results = results.assign(unseen=results["holdout"].astype(str).str.extract(r"unseen: (.*)$", expand=False).fillna(""))
-    known = results[results["settings"] != "-"].groupby(NAMED_BY)["settings"].agg(
-        lambda x: x.iloc[0] if x.nunique() == 1 else "-").rename("only").reset_index()
-    results = results.merge(known, on=NAMED_BY, how="left")
-    unknown = (results["settings"] == "-") & (results["recipe"] != "teacher") & results["only"].notna()
-    return results.assign(settings=results["settings"].where(~unknown, results["only"])).drop(columns="only")
+    return results.assign(unseen=results["holdout"].astype(str).str.extract(r"unseen: (.*)$", expand=False).fillna(""))
 
 
 def method_keys(results: pd.DataFrame) -> list:

@@ -77,12 +77,16 @@ def settings_identity(cfg: TrainConfig, leave_out: Tuple[str, ...], omitted_at_d
     return without_defaults({k: v for k, v in to_dict(cfg).items() if k not in leave_out}, omitted_at_default)
 
 
-def settings_digest(cfg: TrainConfig) -> str:
+def settings_digest(cfg: TrainConfig, recorded_definition: Any = None) -> str:
     """What makes runs replicates of one method: every setting that changes the result but the seeds
     (the run's, its validation split's) and what it held out (domains, classes: in the results' own
-    columns), as a short digest."""
+    columns), and how its recipe's definition differs from today's when it does (``recorded_definition``:
+    the run's record; a naive_kd run from before the records ran another KD), as a short digest."""
     d = settings_identity(cfg, NOT_IN_NAME + ("seed", "device", "store"), NAMED_WHEN_SET)
     d["split"] = {k: v for k, v in d["split"].items() if k not in ("holdout_domains", "train_classes", "seed")}
+    changed = definition_change(cfg, recorded_definition)
+    if changed:
+        d["recipe_definition_differs"] = changed
     return json_digest(d, 8)
 
 

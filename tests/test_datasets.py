@@ -72,10 +72,12 @@ def test_csv_split_names_are_checked(tmp_path):
                                        (",cat\n", "row 2: no path"), ("a.png,cat,extra\n", "row 2: 1 field\\(s\\) more")])
 def test_csv_rows_short_of_a_field_are_refused_by_row(tmp_path, rows, said):
     """A short row became class "None", an empty label class "", an extra column was dropped, and a
-    row without its path was a traceback."""
+    row without its path was a traceback. A trailing comma (an empty extra field) is fine."""
     (tmp_path / "x.csv").write_text("path,label\n" + rows)
     with pytest.raises(DatasetError, match=f"x.csv {said}.*give every row its path,label"):
         build_dataset(DatasetConfig(name="csv", path=str(tmp_path / "x.csv")))
+    (tmp_path / "y.csv").write_text("path,label\na.png,cat,\nb.png,dog\n")
+    assert build_dataset(DatasetConfig(name="csv", path=str(tmp_path / "y.csv"))).classes == ["cat", "dog"]
 
 
 def test_csv_missing_columns(tmp_path):

@@ -143,6 +143,7 @@ def test_store_equals_local_and_dry_run_counts_the_cost(protocol, tmp_path, loca
         assert dry.cost["requests"] == 8 and dry.cost["batch_limit"] == limit  # one request per call of 12 views
         assert dry.cost["requests_at_batch_limit"] == -(-90 // limit) and dry.cost["bytes"] > 0
         assert dry.cost["text_texts"] == 24 and not Path(cfg.out).exists()  # a dry run writes and pays nothing
+        assert extract(cfg, teacher=teacher, log=quiet, dry_run=True).cost == dry.cost  # a second one counts afresh
         paid_before = charged(app)[0]
         res = extract(cfg, teacher=teacher, log=quiet)
         assert res.complete
@@ -348,6 +349,7 @@ def test_kill_9_midway_and_rerun_pays_nothing_twice(tmp_path, local, tiny_teache
     unbooked = (90 + 24) - usage["queries"]  # at most the views the killed call paid after its last finished block
     assert usage["calls"] == 2 and 0 <= unbooked <= 12 and usage["queries"] >= 90 + 24 - 12, usage
     assert usage["server_reported"]["queries"] == usage["queries"]
+    assert usage.get("replayed_free", 0) == 0  # the killed call's cut-off request, replayed now, is paid once here
 
 
 def test_identical_inputs_in_a_call_are_sent_once(tmp_path, tiny_teacher_cfg, tiny_teacher, key_env):

@@ -315,7 +315,7 @@ def test_finished_runs_of_an_earlier_recipe_definition_are_not_pooled_with_new_o
     cfg.write_text(json.dumps(d))
     res = CliRunner().invoke(main, ["sweep", str(f), "--out", str(out), "--no-progress"])
     assert res.exit_code == 2 and res.output.strip().count("\n") == 0, res.output
-    assert ("1 finished run(s)" in res.output and "another definition of recipe ce (stage1.args.ce.temperature: "
+    assert ("1 run(s)" in res.output and "another definition of recipe ce (stage1.args.ce.temperature: "
             "0.5 -> 1.0)" in res.output and "another --out" in res.output), res.output
 
 

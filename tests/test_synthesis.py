@@ -255,8 +255,11 @@ def test_synthesised_store_passes_the_store_checks_of_an_extracted_one(tiny_teac
     seen = CliRunner().invoke(main, ["verify", cfg.out, "--no-progress", "--repair"])
     assert seen.exit_code == 2 and "was made by `embedcache synthesize`: rerun that command" in seen.output, seen.output
     assert synthesize(cfg, teacher=tiny_teacher, log=quiet).repaired == 1
-    with Store(cfg.out) as st:
+    with Store(cfg.out, "a") as st:
         assert st.verify().ok
+        st.b.write("derived/synthesis_styles", 0, np.zeros((1,) + st.b.shape("derived/synthesis_styles")[1:], np.float32))
+    kept = CliRunner().invoke(main, ["verify", cfg.out, "--no-progress", "--repair"])  # a record made with the store
+    assert kept.exit_code == 2 and "synthesis_styles cannot be recomputed apart from the store" in kept.output
 
 
 def test_a_recipe_trains_on_a_synthesised_store_and_is_scored_on_real_images(tiny_teacher, synth_cfg, synthetic_store,

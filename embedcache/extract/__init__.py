@@ -216,6 +216,8 @@ def _dry_run(cfg, manifest, layout, reader, embedder, prompts, shard, num_shards
     batches = block_batches(blocks, geometry, cfg.batch_size)
     cost: Dict[str, int] = {}
     estimate = getattr(teacher, "cost", None)
+    if hasattr(teacher, "begin_plan"):  # a teacher reused for several dry runs (a budget stop's estimate too)
+        teacher.begin_plan()
     if estimate is None:  # a local teacher costs nothing: counting the rows needs no image decoded
         rows = sum(len(b) for b in batches)
         return DryRun(cfg.out, rows, rows * layout["views"], cost)

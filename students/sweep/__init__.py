@@ -309,20 +309,21 @@ def _same_runs(key: str, old: Dict, new: Dict, raw: Dict, spec: SweepSpec) -> bo
 
 
 def _require_current_recipes(sweep_dir: str, points: List[SweepPoint]) -> None:
-    """Finished runs trained under an earlier definition of their recipe (an older version of this
-    package) would share the sweep's table with runs of the recipe as it is now."""
+    """Runs (finished or not) trained under an earlier definition of their recipe (an older version
+    of this package) would share the sweep's table with runs of the recipe as it is now, or fail one
+    by one when resumed."""
     stale = []
     for p in points:
         run = RunDir(p.cfg.out)
-        if result_path(sweep_dir, run.name).exists() and run.file("config.json").is_file():
+        if run.file("config.json").is_file():
             changed = definition_change(p.cfg, run.config.get("recipe_definition"))
             if changed:
                 stale.append((run.name, p.cfg.recipe, changed))
     if stale:
         name, recipe, changed = stale[0]
-        raise ConfigError(f"sweep {sweep_dir}: {len(stale)} finished run(s) ({name} first) were trained under another "
+        raise ConfigError(f"sweep {sweep_dir}: {len(stale)} run(s) ({name} first) were trained under another "
                           f"definition of recipe {recipe} ({changed}); launch the sweep with another --out, or delete "
-                          "those runs' folders under runs/ and results/ to train them again here")
+                          "those runs' folders under runs/ and their results/<run>.parquet to train them again here")
 
 
 def run_sweep(spec: SweepSpec, sweep_dir: str, launcher: Optional[str] = None, device: str = "auto",

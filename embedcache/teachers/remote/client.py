@@ -56,7 +56,7 @@ class Stats:
     text_cache_hits: int = 0
     deduplicated: int = 0      # repeated inputs within a call, sent once
     replayed_requests: int = 0  # pending requests of an earlier run sent again as they were
-    replayed_free: int = 0     # inputs the service answered as a replay of a request it had charged (free now)
+    replayed_free: int = 0     # inputs of a request whose answer this run lost, answered again as a free replay
     possibly_paid_twice: int = 0  # inputs of an earlier run's cut-off request sent again in another batch
     halvings: int = 0
     rate_limit_wait_s: float = 0.0
@@ -82,6 +82,7 @@ class Transport:
         self.headers = {"User-Agent": "embedcache-remote", **protocol.auth_headers(key)}
         self.stats = Stats()
         self.last_replayed = False  # whether the last answer was a free replay (Idempotent-Replayed)
+        self._lost_here: set = set()  # request ids whose answer this run lost (counted as possibly paid)
 
     def close(self) -> None:
         self.http.close()
@@ -195,6 +196,7 @@ class Transport:
             except (httpx.TimeoutException, httpx.TransportError) as exc:
                 # the request went out and its answer was lost: it may have been paid
                 self.ledger.outcome(row, request_id, f"lost:{type(exc).__name__}", lost=True)
+                self._lost_here.add(request_id)
                 self.stats.lost_answers += 1
                 self.stats.possibly_paid += n
                 last = f"answer lost ({type(exc).__name__})"
@@ -208,8 +210,10 @@ class Transport:
                         raise UnreadableAnswer(f"the server at {self.base_url} answered 200 with something that is not JSON; "
                                           f"nothing was written") from None
                     self.ledger.outcome(row, request_id, "ok")
-                    # the service answered a request it had charged before (a lost answer, a killed run)
-                    self.last_replayed = resp.headers.get("Idempotent-Replayed", "").lower() == "true"
+                    # a replay of a charge this run already counted as possibly paid (its lost answer) is free;
+                    # one of a request an earlier, killed run sent was never counted there: paid, counted now
+                    self.last_replayed = (resp.headers.get("Idempotent-Replayed", "").lower() == "true"
+                                          and request_id in self._lost_here)
                     return answer
                 self.ledger.outcome(row, request_id, f"http:{status}")
                 self.stats.refused += 1

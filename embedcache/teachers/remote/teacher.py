@@ -386,6 +386,12 @@ class RemoteTeacher(Teacher):
                 "requests_at_batch_limit": math.ceil(self._plan[modality] / limit) - math.ceil(before / limit),
                 "batch_limit": limit if first else 0}
 
+    def begin_plan(self) -> None:
+        """Start a dry run's count afresh (what an earlier dry run planned was never sent)."""
+        self._plan = {"image": 0, "text": 0}
+        self._planned_texts = set()
+        self._limit_said = set()
+
     def cost(self, x: torch.Tensor) -> Dict[str, int]:
         """What encoding these (B, 3, H, W) uint8 views would cost: requests, images and bytes sent
         after the ledger's hits (a dry run sums it over every view still to encode)."""
