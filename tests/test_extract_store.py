@@ -133,6 +133,16 @@ def test_resume_after_interruption_is_byte_identical(make_cfg, tiny_teacher, suf
     part = json.loads(seen.output)
     assert part["complete"].startswith(f"no: 2 of {st.layout['num_blocks']} blocks written (16 of 30 images); if its `embedcache extract`")
     assert (part["images"], part["views"], part["failed"], part["domains"]) == (30, 3, "0 so far", "outline, solid")
+    said = []
+
+    def stop_when_said(line):  # resumed with another batch size: said (with the one to keep) before any block
+        said.append(line)
+        if "began with" in line:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract(replace(cut, batch_size=3), teacher=tiny_teacher, log=stop_when_said)
+    assert "the store began with 4" in said[-1] and "--set batch_size=4" in said[-1], said
     dry = extract(cut, teacher=tiny_teacher, log=quiet, dry_run=True, reader=_NoDecode(cut, tiny_teacher))
     res = extract(cut, teacher=tiny_teacher, log=quiet)
     assert res.complete and 0 < res.images < 30  # only the unfinished blocks were encoded

@@ -125,6 +125,11 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
                 store.reopen_blocks(report.damaged_blocks)
         done = store.blocks_done()
         mine = [b for b in shard_blocks(store.num_blocks, shard, num_shards) if not done[b]]
+        began = store.manifest.get("config", {}).get("batch_size")
+        if mine and done.any() and began not in (None, cfg.batch_size):
+            log(f"resuming with batch_size={cfg.batch_size}; the store began with {began}: blocks encoded now may differ "
+                "from theirs by float rounding (and a paid teacher's cut-off request is replayed free only at the "
+                f"same batching); --set batch_size={began} keeps the store byte-identical")
         try:
             def block_done(block: int) -> None:
                 books.record(store)  # what was paid so far is in the store, even if the call is killed later
