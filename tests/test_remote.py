@@ -387,6 +387,17 @@ def test_a_lost_answer_counts_against_the_budget(tmp_path, tiny_teacher_cfg, tin
         assert db.execute("SELECT COUNT(*) FROM entries WHERE status='pending'").fetchone()[0] == 12
 
 
+def test_an_answer_lost_then_replayed_free_is_counted_once(tmp_path, tiny_teacher_cfg, tiny_teacher, key_env):
+    """The service charged the request, its answer was lost (possibly paid), the retry under the same
+    idempotency key is answered as a free replay: counted once, as possibly paid then replayed_free."""
+    inner = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
+    with LiveServer(Faults(inner, script=["lost"], hold=1.5)) as url:
+        t = build_teacher(remote(tmp_path, "x.zarr", tiny_teacher_cfg, "embedcache", url).teacher)
+        t.encode_pixels(torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8))
+    s = t.transport.stats
+    assert (s.possibly_paid, s.replayed_free, s.queries, s.spent()) == (12, 12, 0, 12) and charged(inner) == (12, 0)
+
+
 def test_a_cut_off_request_resent_in_other_batches_is_counted_as_possibly_paid_twice(tmp_path, tiny_teacher_cfg,
                                                                                      tiny_teacher, key_env):
     """A request whose answer was lost is replayed free only whole, under its own idempotency key; a
