@@ -118,17 +118,13 @@ def verify(store: str, repair: bool, overrides: Sequence[str], no_progress: bool
         raise StoreError(f"{store}: {len(report.damaged_blocks)} damaged block(s), {len(report.files)} damaged file(s), "
                          f"{len(report.derived)} damaged derived array(s); `embedcache verify --repair {store}` (or the "
                          f"store's {producer} command) re-does exactly those")
-    features = sorted(n for n in report.derived if n.startswith("student-"))  # what `embedcache features` makes
-    if features:
+    if report.derived:
         with Store(store, "a") as st:
-            st.forget_derived(features)
-        click.echo(f"{store}: cached features {', '.join(features)} marked to be recomputed; rerun the `embedcache "
-                   "features --store ... --student ...` command that made them")
-    kept = sorted(set(report.derived) - set(features))  # a synthesiser's records: made with the store
+            st.forget_derived(report.derived)
+        click.echo(f"{store}: derived array(s) {', '.join(sorted(report.derived))} marked to be recomputed; rerun the "
+                   f"command that made them (`embedcache features` for cached features, the store's `embedcache "
+                   f"{producer}` for its own)")
     if report.ok:
-        if kept:
-            raise StoreError(f"{store}: derived array(s) {', '.join(kept)} cannot be recomputed apart from the store; "
-                             "its other data is intact (make the store again to have them back)")
         return
     if producer != "extract":  # the synthesiser's own command re-does its blocks (verify cannot rebuild its reader)
         raise StoreError(f"{store} was made by `embedcache {producer}`: rerun that command with the same config; it "

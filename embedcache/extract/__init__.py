@@ -100,16 +100,16 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
     layout = plan_layout(len(dataset), cfg.views.count, teacher.embed_dim, cfg.canvas.size, cfg.canvas.store, cfg.block_rows,
                          param_width=len(param_fields(cfg.views.color)))
     add_text_arrays(layout, {s: sum(len(p) for p in pc) for s, pc in prompts.items()}, len(dataset.classes), teacher.embed_dim)
-    if dry_run:
-        paid = 0 if books_from is not None else int((getattr(teacher, "usage", dict)() or {}).get("queries", 0))
-        return _dry_run(cfg, manifest, layout, reader, embedder, prompts, shard, num_shards, log, probe_paid=paid)
+    books = _Books(teacher, since_built=books_from is None)
+    if dry_run:  # building the teacher may have paid (one text to learn a service's dimension)
+        return _dry_run(cfg, manifest, layout, reader, embedder, prompts, shard, num_shards, log,
+                        probe_paid=books.queries())
     try:
         store = open_or_create(cfg, manifest, layout)
     except OSError as exc:
         if is_disk_full(exc):
             raise disk_full_error(cfg.out, "free space or choose --out on a larger disk") from exc
         raise
-    books = _Books(teacher, since_built=books_from is None)
     try:
         repaired = 0
         if store.blocks_done().any():  # finished blocks are checked before anything builds on them
@@ -172,6 +172,10 @@ class _Books:
         self.usage = usage if callable(usage) else None
         self.last = {} if since_built else self.usage() if self.usage else None
         self.call = uuid.uuid4().hex[:12]
+
+    def queries(self) -> int:
+        """Queries paid in this call so far, not yet recorded."""
+        return int(self.usage().get("queries", 0) - self.last.get("queries", 0)) if self.usage else 0
 
     def record(self, store: Store, quietly: bool = False) -> None:
         if self.usage is None:

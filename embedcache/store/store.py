@@ -425,10 +425,9 @@ class Store:
             raise StoreError(f"store {self.path} has no complete derived array {name}")
         data = self.read(f"derived/{name}", verify=False)
         if checksum(data) != int(info["crc32c"]):
-            fix = (f"`embedcache verify --repair {self.path}` marks it to be recomputed, then rerun the `embedcache "
-                   "features` command that made it") if name.startswith("student-") else \
-                "it cannot be recomputed apart from the store (make the store again to have it back)"
-            raise StoreDamagedError(f"store {self.path}: derived/{name} does not match its checksum; {fix}")
+            raise StoreDamagedError(f"store {self.path}: derived/{name} does not match its checksum; `embedcache verify "
+                                    f"--repair {self.path}` marks it to be recomputed, then rerun the command that made "
+                                    "it (`embedcache features`, or the store's own)")
         return data
 
     def forget_derived(self, names: Iterable[str]) -> None:

@@ -129,9 +129,7 @@ class RemoteTeacher(Teacher):
             spec = self._context_spec(modality)
             self._ctx[modality] = json_digest(spec, 32)
             self.ledger.add_context(self._ctx[modality], spec)
-        self._plan = {"image": 0, "text": 0}  # inputs planned by dry runs so far (requests at the batch limit)
-        self._planned_texts: set = set()
-        self._limit_said: set = set()
+        self.begin_plan()
         self.embed_dim = int(cfg.dimensions or self.server.get("embed_dim") or self.ledger.any_dim(self._ctx["text"])
                              or self._probe_dim())
         if self.server.get("embed_dim") and cfg.dimensions and int(self.server["embed_dim"]) != cfg.dimensions:
@@ -388,9 +386,9 @@ class RemoteTeacher(Teacher):
 
     def begin_plan(self) -> None:
         """Start a dry run's count afresh (what an earlier dry run planned was never sent)."""
-        self._plan = {"image": 0, "text": 0}
-        self._planned_texts = set()
-        self._limit_said = set()
+        self._plan = {"image": 0, "text": 0}  # inputs planned so far (requests at the batch limit)
+        self._planned_texts: set = set()     # prompts planned so far (free when asked again)
+        self._limit_said: set = set()        # modalities whose batch limit the plan has said
 
     def cost(self, x: torch.Tensor) -> Dict[str, int]:
         """What encoding these (B, 3, H, W) uint8 views would cost: requests, images and bytes sent
