@@ -79,9 +79,9 @@ _add(Recipe("linear_probe", (Stage({"ce": 1.0}, train="head"),), classifier=True
 
 # --- what a run trained with, recorded with it ------------------------------------------------------------
 # Rules that changed after runs were made without a record of them (before 2026-12-03): such a run
-# trained under the earlier rule, said here. Recipes by name; "swad" for runs averaged with SWAD.
-REDEFINED = {"naive_kd": "its KD term ran at temperature 4, not VL2V-ADiP's 0.1",
-             "swad": "its SWAD valley followed the recipe's loss, not the prediction cross-entropy"}
+# trained under the earlier rule, said here: by recipe name, and by weight averaging.
+REDEFINED_RECIPES = {"naive_kd": "its KD term ran at temperature 4, not VL2V-ADiP's 0.1"}
+REDEFINED_AVERAGING = {"swad": "its SWAD valley followed the recipe's loss, not the prediction cross-entropy"}
 SWAD_LOSS = "prediction_ce"  # what SWAD's valley follows (recorded, as above)
 
 
@@ -111,7 +111,8 @@ def definition_change(cfg, recorded) -> str:
     from embedcache.config import flatten
 
     if recorded is None:
-        return "; ".join(REDEFINED[k] for k in (cfg.recipe, cfg.averaging) if k in REDEFINED)
+        said = (REDEFINED_RECIPES.get(cfg.recipe), REDEFINED_AVERAGING.get(cfg.averaging))
+        return "; ".join(s for s in said if s)
 
     def keyed(d: Dict) -> Dict:  # stage i's settings under "stage<i+1>."
         return {**d, **{f"stage{i + 1}": st for i, st in enumerate(d.get("stages", []))}, "stages": None}

@@ -190,7 +190,11 @@ def test_a_run_made_under_another_definition_of_its_recipe_is_not_resumed_or_reu
     train(_cfg(synthetic_store, tmp_path, "ce", name="old_ce", steps=10), log=quiet)
     edit("old_ce", lambda d: d.pop("recipe_definition"))
     assert train(_cfg(synthetic_store, tmp_path, "ce", name="old_ce", steps=10), log=quiet).seconds == 0.0
-    assert "ce" not in recipes.REDEFINED
+    assert "ce" not in recipes.REDEFINED_RECIPES
+    # recipe names and averaging names are apart: a recipe called "swad" is not SWAD averaging
+    from types import SimpleNamespace
+    assert recipes.definition_change(SimpleNamespace(recipe="swad", averaging="none"), None) == ""
+    assert recipes.definition_change(SimpleNamespace(recipe="naive_kd", averaging="swad"), None).count("its ") == 2
     # SWAD's valley now follows the prediction cross-entropy: a SWAD run from before the records trained otherwise
     swad = _cfg(synthetic_store, tmp_path, "ce", averaging="swad")
     assert recipes.definition_change(swad, None).startswith("its SWAD valley followed the recipe's loss")
