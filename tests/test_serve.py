@@ -274,10 +274,16 @@ def test_cli_serve_starts_with_one_command_and_a_config(tmp_path, tiny_teacher_c
         assert d["model"] == "tiny" and d["embed_dim"] == 32
         r = httpx.post(f"http://127.0.0.1:{port}/v1/embed/texts", json={"texts": ["a"]}, headers=auth(), timeout=10)
         assert r.status_code == 200
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: the server's normal stop, exit 0, no traceback
+        assert proc.wait(timeout=20) == 0, log.read_text()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=20)
-    assert "serving open_clip teacher as 'tiny'" in log.read_text()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=20)
+    text = log.read_text()
+    assert "serving open_clip teacher as 'tiny'" in text and "Traceback" not in text, text
+    assert text.rstrip().endswith(f"stopped; every charge is in the ledger {tmp_path / 'ledger.sqlite'} "
+                                    "(`embedcache serve ledger` prints them)"), text
     res = CliRunner().invoke(main, ["serve", "ledger", "--config", str(conf)])
     assert res.exit_code == 0 and "key alice  requests 1  queries 1" in res.output
     assert not files_containing([tmp_path], KEY.encode())

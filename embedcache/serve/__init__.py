@@ -48,5 +48,9 @@ def serve(cfg: ServeConfig, log: Callable[[str], None] = print, teacher=None) ->
     log(f"serving {cfg.teacher.name} teacher as {cfg.model_name!r} (fingerprint {service.fingerprint}, "
         f"D={service.teacher.embed_dim}, input {service.teacher.input_size} px) on http://{cfg.host}:{cfg.port}"
         f"{cfg.root_path}; ledger {cfg.ledger}")
-    uvicorn.run(app, host=cfg.host, port=cfg.port, root_path=cfg.root_path, proxy_headers=True,
-                forwarded_allow_ips=cfg.forwarded_allow_ips, log_level=cfg.log_level, server_header=False)
+    try:  # Ctrl-C or SIGTERM: uvicorn answers the requests in flight, then returns (or re-raises Ctrl-C)
+        uvicorn.run(app, host=cfg.host, port=cfg.port, root_path=cfg.root_path, proxy_headers=True,
+                    forwarded_allow_ips=cfg.forwarded_allow_ips, log_level=cfg.log_level, server_header=False)
+    except KeyboardInterrupt:
+        pass
+    log(f"stopped; every charge is in the ledger {cfg.ledger} (`embedcache serve ledger` prints them)")
