@@ -39,7 +39,7 @@ from embedcache.config import DatasetConfig, ExtractConfig, TeacherConfig, TextC
 from embedcache.extract import extract  # noqa: E402
 from embedcache.store import SCHEMA_VERSION, Store, plan_layout  # noqa: E402
 from embedcache.teachers import build_teacher  # noqa: E402
-from _common import write_json  # noqa: E402  (bench/ is on sys.path when a benchmark runs)
+from _common import measured, write_json  # noqa: E402  (bench/ is on sys.path when a benchmark runs)
 
 PACS = ROOT.parent / "shared" / "datasets" / "pacs"
 
@@ -61,16 +61,27 @@ def bare_forward(teacher, n: int, batch: int) -> float:
     return done / (time.perf_counter() - t0)
 
 
-def make_jpegs(pacs: Path, n: int, out: Path) -> Path:
-    """N 500x375 JPEGs (quality 90) upscaled from PACS photos, in a DomainBed layout under ``out``."""
+def _make_jpeg(job) -> None:
     from PIL import Image
 
+    src, dst = job
+    Image.open(src).convert("RGB").resize((500, 375), Image.BICUBIC).save(dst, quality=90)
+
+
+def make_jpegs(pacs: Path, n: int, out: Path) -> Path:
+    """N 500x375 JPEGs (quality 90) upscaled from PACS photos, in a DomainBed layout under ``out``
+    (made by every core: a GPU host's device time is short)."""
+    from multiprocessing import get_context
+
     photos = sorted((pacs / "photo").rglob("*.jpg"))
-    for k in range(n):
-        src = photos[k % len(photos)]
-        dst = out / "photo" / src.parent.name / f"{k:06d}.jpg"
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        Image.open(src).convert("RGB").resize((500, 375), Image.BICUBIC).save(dst, quality=90)
+    if not photos:
+        sys.exit(f"--jpegs: no photo/*/*.jpg under {pacs} (bench/prepare_gpu.sh copies some into .gpu/pacs)")
+    jobs = [(photos[k % len(photos)], out / "photo" / photos[k % len(photos)].parent.name / f"{k:06d}.jpg")
+            for k in range(n)]
+    for folder in {dst.parent for _, dst in jobs}:
+        folder.mkdir(parents=True, exist_ok=True)
+    with get_context("spawn").Pool(min(16, os.cpu_count() or 1)) as pool:
+        pool.map(_make_jpeg, jobs, chunksize=32)
     return out
 
 
@@ -182,14 +193,14 @@ def main() -> None:
         ds = dataset_for(pacs, args.jpegs or args.images)
         n = args.jpegs or args.images
         bare = bare_forward(teacher, n * max(args.views), args.batch)
-        rows.append(("bare forward (pre-made tensors)", bare, 1.0))
+        measured(rows, "bare forward (pre-made tensors)", bare, 1.0)
         if args.baseline:
             rate = pil_baseline(teacher, ds, args.batch, args.workers)
-            rows.append((f"PIL DataLoader + teacher, 1 view, {args.workers} worker(s)", rate, rate / bare))
+            measured(rows, f"PIL DataLoader + teacher, 1 view, {args.workers} worker(s)", rate, rate / bare)
         for dec in args.decoders:
             for v in args.views:
                 rate = pipeline(teacher, tcfg, ds, args.batch, args.workers, v, dec, tmp)
-                rows.append((f"extract ({dec}), {v} view(s)/image, {args.workers} worker(s)", rate, rate / bare))
+                measured(rows, f"extract ({dec}), {v} view(s)/image, {args.workers} worker(s)", rate, rate / bare)
         rd = read_speed(tmp, args.read_rows)
     device = torch.cuda.get_device_name() if teacher.device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
     source = f"{args.jpegs} 500x375 JPEGs from PACS photos" if args.jpegs else (pacs if pacs.is_dir() else "synthetic")

@@ -93,7 +93,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         store = f"{d}/pack.zarr"
         make_store(store, args, device)
-        rows = [arm(store, f"{d}/w{k}", k, args) for k in counts]
+        rows = []
+        for k in counts:
+            rows.append(arm(store, f"{d}/w{k}", k, args))
+            print(f"  measured: {k} run(s) at once: {rows[-1]['runs_per_hour']:,.0f} runs/hour, "
+                  f"{rows[-1]['projected_runs_per_hour']:,.1f} at {args.full_steps} steps", flush=True)
     dev = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
     print(f"\nleave-one-domain-out sweep ({rows[0]['runs']} runs), {args.recipe}, resnet18 at {args.size}px, batch "
           f"{args.batch}, {args.steps} steps per run, device {dev}")

@@ -3,7 +3,7 @@
 # torch, torchvision, timm, h5py, pandas and click, no package index, and no ../shared. This copies
 # the offline wheels the host lacks, downloads the few more this project needs (httpx and its
 # dependencies, threadpoolctl) for Python 3.12, and copies a few hundred PACS photos to make JPEGs
-# from. Then: run(command="bash bench/gpu_run.sh", carry=[".gpu"]) through the device tool.
+# from. Then the two device calls at the head of bench/gpu_run.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf .gpu && mkdir -p .gpu/wheels .gpu/pacs/photo

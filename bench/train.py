@@ -44,7 +44,7 @@ from embedcache.students.models import StudentConfig, build_student  # noqa: E40
 from embedcache.students.optim import build_optimizer, optimizer_step  # noqa: E402
 from embedcache.students.recipes import RECIPES  # noqa: E402
 from embedcache.students.train import TrainConfig, train  # noqa: E402
-from _common import write_json  # noqa: E402  (bench/ is on sys.path when a benchmark runs)
+from _common import measured, write_json  # noqa: E402  (bench/ is on sys.path when a benchmark runs)
 
 
 def steps_per_s(cfg: TrainConfig, teacher=None) -> float:
@@ -178,16 +178,16 @@ def main() -> None:
             return TrainConfig(**base)
 
         bare = bare_steps_per_s(scfg, teacher.embed_dim, args.batch, args.steps, device)
-        rows.append(("bare student step, tensors already on the device", bare, 1.0))
+        measured(rows, "bare student step, tensors already on the device", bare, 1.0)
         cached = steps_per_s(cfg("cached"))
-        rows.append(("student step, teacher targets from the store", cached, cached / bare))
+        measured(rows, "student step, teacher targets from the store", cached, cached / bare)
         # the same views with VL2V-ADiP's colour augmentation (configs/extract/pacs-conse-dg.yaml): the student's
         # renderer applies each view's stored jitter and grayscale too
         colour = make_store("colour.zarr", ViewsConfig(count=2, color_jitter=0.3, grayscale=0.1))
         coloured = steps_per_s(cfg("colour", store=colour))
-        rows.append(("same, views with colour jitter and grayscale", coloured, coloured / bare))
+        measured(rows, "same, views with colour jitter and grayscale", coloured, coloured / bare)
         on = steps_per_s(cfg("online", targets="teacher_online", steps=max(3, args.steps // 3)), teacher=teacher)
-        rows.append((f"student step + {args.teacher} teacher online", on, on / bare))
+        measured(rows, f"student step + {args.teacher} teacher online", on, on / bare)
 
         from safetensors.torch import save_file
 
@@ -215,11 +215,11 @@ def main() -> None:
             "head_ag": loop_as_before,
             "pack": pack}, args.rounds)
         bare_head, head, head_ag = m["bare"], m["head"], m["head_ag"]
-        rows.append((f"bare head step ({feat_dim} -> {teacher.embed_dim}), autograd", m["autograd"], m["autograd"] / bare_head))
-        rows.append(("bare head step, closed form (the loop's math)", bare_head, 1.0))
-        rows.append(("head-only step on cached features", head, head / bare_head))
-        rows.append(("same, autograd and torch's step() (as before)", head_ag, head_ag / bare_head))
-        rows.append((f"head-only steps in a pack of {args.heads} heads", m["pack"], m["pack"] / bare_head))
+        measured(rows, f"bare head step ({feat_dim} -> {teacher.embed_dim}), autograd", m["autograd"], m["autograd"] / bare_head)
+        measured(rows, "bare head step, closed form (the loop's math)", bare_head, 1.0)
+        measured(rows, "head-only step on cached features", head, head / bare_head)
+        measured(rows, "same, autograd and torch's step() (as before)", head_ag, head_ag / bare_head)
+        measured(rows, f"head-only steps in a pack of {args.heads} heads", m["pack"], m["pack"] / bare_head)
 
     dev = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
     print(f"\nstudent {args.student} at {args.size}px, batch {args.batch}, recipe li_iccv23, teacher {args.teacher} "
