@@ -21,7 +21,7 @@ from PIL import Image
 from .registry import Registry
 from .config import DatasetConfig
 from .errors import DatasetError
-from .images import to_rgb8
+from .images import read_rgb8, to_rgb8
 
 DATASETS = Registry("dataset")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -65,17 +65,14 @@ class ImageDataset:
         return self._loader is None
 
     def source_path(self, i: int) -> Path:
-        p = Path(self.samples[i].path)
-        return p if p.is_absolute() or self.root is None else self.root / p
+        return source_file(self.root, self.samples[i].path)
 
     def load(self, i: int) -> Image.Image:
         """Sample i as an 8-bit RGB PIL image, decoded faithfully (``images.to_rgb8``: EXIF
         orientation, 16-bit and transparent modes); raises on a missing, corrupt or refused file."""
         if self._loader is not None:
             return to_rgb8(self._loader(i))
-        with Image.open(self.source_path(i)) as im:
-            im.load()
-            return to_rgb8(im)
+        return read_rgb8(self.source_path(i))
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
@@ -94,6 +91,12 @@ class ImageDataset:
             "domain": [s.domain for s in self.samples],
             "split": [s.split for s in self.samples],
         })
+
+
+def source_file(root, path: str) -> Path:
+    """Where a sample's file is: its path as listed, under the dataset's root unless absolute."""
+    p = Path(path)
+    return p if p.is_absolute() or root is None else Path(root) / p
 
 
 def _limit(samples: List[Sample], k: Optional[int]) -> List[Sample]:

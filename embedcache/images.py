@@ -63,3 +63,11 @@ def to_rgb8(image: Image.Image) -> Image.Image:
         page = Image.new("RGBA", rgba.size, WHITE + (255,))
         return Image.alpha_composite(page, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def read_rgb8(path) -> Image.Image:
+    """The image file at ``path`` as an 8-bit RGB image (``to_rgb8``); raises on a missing, corrupt or
+    refused file."""
+    with Image.open(path) as im:
+        im.load()
+        return to_rgb8(im)

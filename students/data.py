@@ -15,7 +15,8 @@ import numpy as np
 
 from embedcache import open_store
 from embedcache.api import StoreReader
-from embedcache.datasets import SPLITS
+from embedcache.datasets import SPLITS, source_file
+from embedcache.images import read_rgb8
 from embedcache.errors import ConfigError, StoreError
 from embedcache.store import checksum
 from embedcache.views import make_canvas
@@ -119,9 +120,8 @@ class StoreData:
 
     @staticmethod
     def _decode_canvases(reader) -> np.ndarray:
-        """canvas.store was false: rebuild every canvas from the source files, once, the same way."""
-        from PIL import Image
-
+        """canvas.store was false: rebuild every canvas from the source files, once, the same way
+        (the dataset's own path rule and decoder, the extraction's canvas)."""
         root, size = reader.manifest["dataset"]["root"], int(reader.layout["canvas"])
         if not root:
             raise StoreError("the store keeps no pixels and its dataset has no files to re-decode; re-extract with canvas.store=true")
@@ -129,10 +129,15 @@ class StoreData:
         out = np.zeros((len(reader.meta), size, size, 3), np.uint8)
         for i, (path, status) in enumerate(zip(reader.meta["path"], reader.meta["status"])):
             if status == "ok":
-                with Image.open(f"{root}/{path}") as im:
-                    out[i] = make_canvas(im, size)
+                file = source_file(root, path)
+                try:
+                    out[i] = make_canvas(read_rgb8(file), size)
+                except OSError as exc:
+                    raise StoreError(f"cannot read {file} (row {i}: {type(exc).__name__}): the store keeps no pixels "
+                                     "(canvas.store=false), so students re-decode its images; put it back, or extract "
+                                     "again with canvas.store=true") from None
                 if crc is not None and checksum(out[i]) != int(crc[i]):
-                    raise StoreError(f"{root}/{path} (row {i}) is not the image the teacher saw: the file changed since "
+                    raise StoreError(f"{file} (row {i}) is not the image the teacher saw: the file changed since "
                                      "the store was made, or decodes differently here; restore it, or extract again "
                                      "(canvas.store=true keeps the canvases in the store)")
         return out

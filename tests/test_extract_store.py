@@ -275,6 +275,15 @@ def test_canvases_rebuilt_from_the_files_must_be_the_ones_the_teacher_saw(make_c
     Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(tmp_path / "data" / "b" / "1.png")  # changed since
     with pytest.raises(StoreError, match=r"b/1.png .*is not the image the teacher saw.*canvas.store=true"):
         StoreData(res.path, "name").pixels
+    # a CSV of absolute paths: the canvases are rebuilt from the files the CSV names
+    (tmp_path / "abs.csv").write_text("path,label\n" + "".join(f"{tmp_path / 'data' / c / f'{i}.png'},{c}\n"
+                                                               for c in "ab" for i in (0, 2)))
+    csv = extract(make_cfg("csv.zarr", "dataset.name=csv", f"dataset.path={tmp_path / 'abs.csv'}", "canvas.store=false"),
+                  teacher=tiny_teacher, log=quiet)
+    assert StoreData(csv.path, "name").pixels.shape[0] == 4
+    (tmp_path / "data" / "a" / "2.png").unlink()  # moved or deleted since: one line naming the file and the fix
+    with pytest.raises(StoreError, match=r"cannot read .*a/2.png \(row 1: FileNotFoundError\).*canvas.store=false.*put it back"):
+        StoreData(csv.path, "name").pixels
 
 
 def test_a_store_opens_by_what_it_is_not_by_its_name(make_cfg, tiny_teacher):
