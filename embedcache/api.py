@@ -229,7 +229,7 @@ class StoreReader:
         if "teacher" in parts:
             return json_digest(identity, 12) == parts["teacher"]
         recorded = self.manifest["teacher"]
-        return all(recorded.get(k) == v for k, v in identity.items() if k != "server")
+        return all(recorded.get(k) == v for k, v in identity.items() if k not in _WHERE_REACHED)
 
     def view_policy(self) -> str:
         """How views 1..V-1 were drawn, in words (view 0 is the whole canvas)."""
@@ -289,3 +289,22 @@ def open_store(path: str, backend: Optional[str] = None, require_complete: bool 
                expect_key: Optional[str] = None) -> StoreReader:
     """Open a store for reading; refuses an incomplete store or one whose key differs."""
     return StoreReader(path, backend, require_complete, expect_key)
+
+
+# Where a teacher was loaded from or reached (a checkpoint's path, a service's URL, limits and ledger):
+# recorded in manifests, but not what the teacher is.
+_WHERE_REACHED = ("source", "server", "url", "limits", "ledger")
+
+
+def same_teacher(a: Dict, b: Dict) -> bool:
+    """Whether the stores of manifests ``a`` and ``b`` were made by one teacher (one embedding space):
+    the digests of their keys' teacher parts, or for stores made before manifests kept them, the
+    recorded teachers but for where each was reached."""
+    da, db = a.get("key_parts", {}).get("teacher"), b.get("key_parts", {}).get("teacher")
+    if da and db:
+        return da == db
+
+    def what(m: Dict) -> Dict:
+        return {k: v for k, v in m["teacher"].items() if k not in _WHERE_REACHED}
+
+    return what(a) == what(b)

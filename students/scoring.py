@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from embedcache import interrupt
-from embedcache.api import StoreReader
+from embedcache.api import StoreReader, same_teacher
 from embedcache.device import resolve_device
 from embedcache.errors import StoreMismatchError
 from embedcache.evaluate.metrics import require_finite
@@ -94,7 +94,7 @@ def _open_for(run: RunDir, path: str, transfer: bool) -> StoreReader:
         return reader
     source = run.split["text_source"]
     with StoreReader(run.store_path()) as own:
-        same = {"teacher": _teacher_identity(own.manifest) == _teacher_identity(reader.manifest),
+        same = {"teacher": same_teacher(own.manifest, reader.manifest),
                 "classes": own.classes == reader.classes,
                 f"{source!r} prompts": source in reader.text_sources and _prompts(own, source).equals(_prompts(reader, source))}
     differ = [what for what, ok in same.items() if not ok]
@@ -110,13 +110,6 @@ def _open_for(run: RunDir, path: str, transfer: bool) -> StoreReader:
 def _prompts(reader: StoreReader, source: str) -> pd.DataFrame:
     """A source's prompts and their classes: the text classifier a run predicts with, before encoding."""
     return reader.text(source)[["label", "prompt"]]
-
-
-def _teacher_identity(manifest: Dict) -> Dict:
-    t = dict(manifest["teacher"])
-    for k in ("source", "server"):  # where it was loaded from is not what it is
-        t.pop(k, None)
-    return t
 
 
 def score_run(run: Union[str, RunDir], protocols: Sequence[str] = ("lodo",), store: Optional[str] = None,

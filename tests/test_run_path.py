@@ -337,6 +337,21 @@ def test_a_block_of_zeros_is_written_not_taken_for_lost(blank_store):
         assert again.verify().ok
 
 
+def test_one_teacher_reached_two_ways_is_one_teacher():
+    """A transfer between two stores of one paid service, reached by another URL or kept in another
+    ledger, was refused as "its teacher differs": the recorded URL, limits and ledger were compared."""
+    from embedcache.api import same_teacher
+
+    def manifest(url, ledger, digest="d1"):
+        return {"key_parts": {"teacher": digest}, "teacher": {"name": "remote", "model": "m", "url": url, "ledger": ledger,
+                                                              "limits": {"url": url}, "server": {"fingerprint": "f"}}}
+
+    a, b = manifest("http://a/v1", "/x/ledger.sqlite"), manifest("https://proxy/v1", "/y/ledger.sqlite")
+    assert same_teacher(a, b) and not same_teacher(a, manifest("http://a/v1", "/x/ledger.sqlite", "d2"))
+    old = [{k: v for k, v in m.items() if k != "key_parts"} for m in (a, b)]  # stores from before the digests
+    assert same_teacher(*old) and not same_teacher(old[0], {"teacher": {**old[1]["teacher"], "model": "m2"}})
+
+
 def test_transfer_to_the_runs_own_store_by_another_path_keeps_its_split(synthetic_store, tmp_path):
     """The run's own store named by another path (a copy) is still its own: scored as a transfer
     store, the domains it trained on counted as unseen test images."""
