@@ -1,12 +1,18 @@
 """Device names shared by teachers and students ('auto' = CUDA when available, else CPU)."""
+import os
+
 import torch
 
 from .errors import ConfigError
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    """'auto': CUDA when available (under torchrun, the process's own GPU, cuda:LOCAL_RANK), else CPU."""
     if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        local = os.environ.get("LOCAL_RANK", "")
+        return torch.device(f"cuda:{int(local) % torch.cuda.device_count()}" if local.isdigit() else "cuda")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):

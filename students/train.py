@@ -257,7 +257,8 @@ def _reseed(seed: int, device: torch.device) -> None:
     step, and a queue that grows for the whole run)."""
     torch.random.default_generator.manual_seed(seed)
     if device.type == "cuda":
-        torch.cuda.manual_seed(seed)
+        with torch.cuda.device(device):  # the run's own GPU (a sweep worker's cuda:k), not the current one
+            torch.cuda.manual_seed(seed)
 
 
 def _backbone_key(model: Student, inputs, shared: Optional["Trainer"]) -> Optional[str]:

@@ -120,3 +120,85 @@ def test_a_store_without_canvases_is_read_with_the_decoder_students_rebuild_them
         cfg = make_cfg("x.zarr", f"canvas.store={str(store).lower()}")
         reader = make_reader(cfg, build_dataset(cfg.dataset), gpu)
         assert isinstance(reader, DeviceDecodeReader) == device_reader, to_dict(cfg.canvas)
+
+
+def _jpeg(path, img, **kw):
+    Image.fromarray(img).save(path, "JPEG", quality=95, **kw)
+    return path.read_bytes()
+
+
+def test_files_the_device_decoder_would_read_unlike_pil_go_to_pil(tmp_path):
+    """torchvision applies EXIF orientation on the CPU only, takes no CMYK, and nvJPEG may leave a
+    cut-off file's rows unwritten: such files are decoded by PIL, decided from the header."""
+    from embedcache.extract.device import device_decodes
+
+    img = np.random.default_rng(1).integers(0, 255, (30, 40, 3), dtype=np.uint8)
+    plain = _jpeg(tmp_path / "a.jpg", img)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = _jpeg(tmp_path / "r.jpg", img, exif=exif.tobytes())
+    exif[0x0112] = 1
+    upright = _jpeg(tmp_path / "u.jpg", img, exif=exif.tobytes())
+    Image.fromarray(img).convert("CMYK").save(tmp_path / "c.jpg", "JPEG")
+    Image.fromarray(img).save(tmp_path / "p.png")
+    assert device_decodes(plain) and device_decodes(upright) and device_decodes(plain + b"\0\0\n")
+    assert not device_decodes(rotated) and not device_decodes((tmp_path / "c.jpg").read_bytes())
+    assert not device_decodes(plain[:-40]) and not device_decodes((tmp_path / "p.png").read_bytes())
+    assert device_decodes(_jpeg(tmp_path / "g.jpg", img[..., 0]))  # grey
+
+
+def test_an_exif_rotated_photo_is_upright_with_the_cuda_decoders_semantics(tmp_path, make_cfg, tiny_teacher, monkeypatch):
+    import torchvision.io
+
+    real = torchvision.io.decode_jpeg
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", lambda data, **kw: real(data, **{**kw, "apply_exif_orientation": False}))
+    root = tmp_path / "imgs"
+    (root / "a").mkdir(parents=True)
+    img = np.random.default_rng(2).integers(0, 255, (40, 64, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees when shown
+    _jpeg(root / "a" / "r.jpg", img, exif=exif.tobytes())
+    _jpeg(root / "a" / "s.jpg", img)
+    res = extract(make_cfg("dev.zarr", "dataset.name=folder", f"dataset.path={root}", "decoder=device"),
+                  teacher=tiny_teacher, log=quiet)
+    with embedcache.open_store(res.path) as s:
+        px = s.pixels()[s.meta.set_index("path").index.get_loc("a/r.jpg")]
+    assert np.array_equal(px, make_canvas(Image.open(root / "a" / "r.jpg"), px.shape[0]))
+
+
+def test_a_device_decoder_that_does_not_work_is_said_not_replaced_by_pil(photo_folder, make_cfg, tiny_teacher, monkeypatch):
+    import torchvision.io
+
+    from embedcache.errors import ConfigError
+
+    real = torchvision.io.decode_jpeg
+
+    def broken(data, **kw):
+        raise RuntimeError("nvjpeg: not supported")
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", broken)
+    opts = ("dataset.name=folder", f"dataset.path={photo_folder}", "decoder=device")
+    with pytest.raises(ConfigError, match="does not decode JPEGs on cpu here; set decoder=pil"):
+        extract(make_cfg("a.zarr", *opts), teacher=tiny_teacher, log=quiet)
+
+    def fails_later(data, **kw):  # works for the first small image, then fails for every file (e.g. out of memory)
+        blobs = data if isinstance(data, list) else [data]
+        if any(len(b) > 1000 for b in blobs):
+            raise RuntimeError("CUDA out of memory")
+        return real(data, **kw)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", fails_later)
+    with pytest.raises(ConfigError, match=r"rejected all \d+ JPEGs of a batch that PIL reads"):
+        extract(make_cfg("b.zarr", *opts), teacher=tiny_teacher, log=quiet)
+
+
+def test_auto_under_torchrun_is_the_processs_own_gpu(monkeypatch):
+    """torchrun shards each took cuda:0 with device auto: every shard on one GPU."""
+    from embedcache.device import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert resolve_device("auto") == torch.device("cuda")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("auto") == torch.device("cuda:1") and resolve_device("cpu") == torch.device("cpu")

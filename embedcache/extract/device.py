@@ -1,7 +1,9 @@
 """The device reader: JPEGs decoded on the teacher's device in batches, canvases resized there.
 
-DataLoader workers only read file bytes (and decode what the device decoder cannot take: PNG and
-other formats, CMYK JPEGs, files it rejects), so on a GPU the pipeline is no longer bound by PIL
+DataLoader workers only read file bytes (and decode what the device decoder cannot take as PIL
+would: PNG and other formats, CMYK JPEGs, JPEGs with an EXIF rotation, which torchvision applies on
+the CPU only, files that do not end where a JPEG ends, files it rejects; the header alone tells),
+so on a GPU the pipeline is no longer bound by PIL
 (measured on an H100 host: PIL in 15 workers 1,500 images/s, ``torchvision.io.decode_jpeg`` on the
 GPU in batches 19,500). A batch's JPEGs go to one ``decode_jpeg`` call; if the call rejects the
 batch, each file is retried alone and the ones it still rejects fall back to PIL, where a truly
@@ -11,10 +13,15 @@ uint8. The pixels differ slightly from PIL's (another JPEG decoder and float res
 decoder is part of the store's cache key (``pipeline``); a store resumes byte-identically with the
 same decoder, and is refused, in one line, with another.
 
+The reader decodes a small JPEG on its device before it starts, and a batch whose every JPEG the
+device rejects while PIL reads them all stops the extraction: a decoder that does not work is said,
+not replaced by PIL file by file under the device decoder's name.
+
 The decoder is injected (``device``), so the same code runs on the CPU in tests.
 """
 from __future__ import annotations
 
+import io
 from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -23,14 +30,16 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ..datasets import ImageDataset
+from ..errors import ConfigError
 from ..views import make_canvas
 from .parts import Batch, ViewPolicy, _one_thread
 
-JPEG_MAGIC = b"\xff\xd8\xff"
+JPEG_MAGIC, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
+EXIF_ORIENTATION = 0x0112
 
 
 def device_pipeline(device: torch.device) -> dict:
-    return {"decoder": f"torchvision-decode_jpeg-{device.type}+pil-fallback",
+    return {"decoder": f"torchvision-decode_jpeg-{device.type}+pil-for-cmyk-exif-unended",
             "canvas": "torch-antialias-bicubic-shorter-side-centre-crop", "views": "batched-resample-uint8"}
 
 
@@ -47,11 +56,26 @@ class _Files(torch.utils.data.Dataset):
         try:
             if self.dataset.has_files:
                 data = self.dataset.source_path(i).read_bytes()
-                if data[:3] == JPEG_MAGIC:
+                if device_decodes(data):
                     return i, np.frombuffer(data, np.uint8).copy(), None, ""
             return i, None, make_canvas(self.dataset.load(i), self.policy.canvas), ""
         except Exception as exc:
             return i, None, None, _why(exc)
+
+
+def device_decodes(data: bytes) -> bool:
+    """Whether the device decoder gives this file's pixels as PIL does, from its header: a JPEG in
+    grey or YCbCr (not CMYK), without an EXIF rotation (torchvision applies it on the CPU only), that
+    ends where a JPEG ends (nvJPEG may leave a cut-off file's rows unwritten instead of failing)."""
+    from PIL import Image
+
+    if data[:3] != JPEG_MAGIC or not data.rstrip(b"\x00\r\n ").endswith(JPEG_END):
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.mode in ("L", "RGB") and im.getexif().get(EXIF_ORIENTATION, 1) == 1
+    except Exception:  # PIL will say what is wrong with it
+        return False
 
 
 def _why(exc: BaseException) -> str:
@@ -77,8 +101,21 @@ class DeviceDecodeReader:
     def __init__(self, dataset: ImageDataset, policy: ViewPolicy, device: torch.device, num_workers: int = 1):
         self.files, self.policy, self.device, self.num_workers = _Files(dataset, policy), policy, device, num_workers
         self.pipeline = device_pipeline(device)
+        self.rescued = 0  # JPEGs the device decoder rejected and PIL read
+
+    def _probe(self) -> None:
+        """Decode a small JPEG on the device: a decoder that does not work here is one line, before any file."""
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 12), (200, 30, 90)).save(buf, "JPEG", quality=95)
+        got = self._decode([torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)])[0]
+        if got is None or tuple(got.shape) != (3, 12, 16):
+            raise ConfigError(f"decoder=device: torchvision's decode_jpeg does not decode JPEGs on {self.device} here; "
+                              "set decoder=pil")
 
     def batches(self, batches: List[List[int]]) -> Iterator[Batch]:
+        self._probe()
         loader = DataLoader(self.files, batch_sampler=batches, collate_fn=list, num_workers=self.num_workers,
                             prefetch_factor=4 if self.num_workers > 0 else None, worker_init_fn=_one_thread)
         for items in loader:
@@ -107,14 +144,20 @@ class DeviceDecodeReader:
         errors = [it[3] for it in items]
         jpeg = [k for k, it in enumerate(items) if it[1] is not None]
         decoded = self._decode([torch.from_numpy(items[k][1]) for k in jpeg])
+        rescued = 0
         for k, img in zip(jpeg, decoded):
             if img is not None:
                 canvas[k] = canvas_from_decoded(img, s)
                 continue
             try:  # rejected by the device decoder: PIL decides whether the file is really corrupt
                 canvas[k] = torch.from_numpy(make_canvas(self.files.dataset.load(int(rows[k])), s)).to(self.device)
+                rescued += 1
             except Exception as exc:
                 errors[k] = _why(exc)
+        if len(jpeg) > 1 and rescued == len(jpeg):
+            raise ConfigError(f"decoder=device rejected all {len(jpeg)} JPEGs of a batch that PIL reads (the device's "
+                              "decoder is failing here, e.g. out of memory); set decoder=pil, or a smaller batch_size")
+        self.rescued += rescued
         for k, it in enumerate(items):
             if it[2] is not None:
                 canvas[k] = torch.from_numpy(it[2]).to(self.device)

@@ -154,7 +154,7 @@ class Pending:
                 self.host = torch.empty(out.shape, dtype=torch.float16, pin_memory=True)
                 self.host.copy_(out, non_blocking=True)
                 self.event = torch.cuda.Event()
-                self.event.record()
+                self.event.record(torch.cuda.current_stream(out.device))  # the copy's stream, not cuda:0's
             else:
                 self.host = out
 
@@ -180,12 +180,15 @@ class Embedder:
         t = self.teacher
         if batch.views is not None:
             return batch.views.flatten(0, 1)
-        okt = torch.from_numpy(batch.ok)
-        canvas = batch.canvas[okt.to(batch.canvas.device)].to(t.device, non_blocking=True)
+        canvas, params = batch.canvas, batch.params
+        if not batch.ok.all():  # by index, not a mask: a mask on a device tensor waits for the device
+            keep = torch.from_numpy(np.flatnonzero(batch.ok))
+            canvas, params = canvas.index_select(0, keep.to(canvas.device, non_blocking=True)), params[keep]
+        canvas = canvas.to(t.device, non_blocking=True)
         if self.batched:
-            x = to_uint8(render_views_batched(canvas, batch.params[okt], t.input_size, t.interpolation))
+            x = to_uint8(render_views_batched(canvas, params, t.input_size, t.interpolation))
         else:
-            x = render_teacher_views(canvas, batch.params[okt], t.input_size, t.interpolation)
+            x = render_teacher_views(canvas, params, t.input_size, t.interpolation)
         return x.flatten(0, 1)
 
     def __call__(self, batch: Batch) -> Pending:
