@@ -4,8 +4,8 @@
                             [--workers 1] [--views 1 4] [--decoders pil device] [--jpegs 0] [--baseline]
 
 In one run, with one teacher and batch size:
-1. bare: the teacher's ``encode_image`` on pre-made normalised tensors on its device (no decoding,
-   rendering or writing): the hardware's own limit.
+1. bare: the teacher's own call on pre-made uint8 views on its device (``embed_views``, as extraction
+   calls it; no decoding, rendering, copying back or writing): the hardware's own limit.
 2. extract: the full pipeline (read -> decode -> canvas -> views -> teacher -> checksummed store) on
    real PACS images when ../shared/datasets/pacs exists, else synthetic ones, for each decoder
    (``pil``: PIL in DataLoader workers; ``device``: JPEGs decoded on the teacher's device) and view
@@ -50,12 +50,16 @@ def _sync(teacher) -> None:
 
 
 def bare_forward(teacher, n: int, batch: int) -> float:
-    x = torch.randn(batch, 3, teacher.input_size, teacher.input_size, device=teacher.device)
-    teacher.encode_image(x)  # warm-up
+    """The teacher's own call on pre-made uint8 views already on its device, as extraction makes it
+    (``embed_views``: normalisation and forward, the result left on the device; no sync per batch)."""
+    s = teacher.input_size
+    x = torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8, device=teacher.device)
+    encode = getattr(teacher, "embed_views", teacher.encode_pixels)
+    encode(x)  # warm-up
     _sync(teacher)
     t0, done = time.perf_counter(), 0
     while done < n:
-        teacher.encode_image(x)
+        encode(x)
         done += batch
     _sync(teacher)
     return done / (time.perf_counter() - t0)

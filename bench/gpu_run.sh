@@ -9,15 +9,18 @@
 # against a baseline measured in the same run and prints each figure as soon as it has it; each part
 # stops at its own time limit, so a slow part costs only its own figures.
 set -uo pipefail
+export PYTHONUNBUFFERED=1  # a part stopped by its limit still shows what it printed
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(extract train-b16 pack train-l14)
-python3 -m pip install -q --no-index --no-deps .gpu/wheels/*.whl 2>&1 | tail -2
-python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
+# setuptools >= 77 (pyproject's SPDX licence) comes with the wheels: the editable install needs it
+python3 -m pip install -q --no-index --no-deps .gpu/wheels/*.whl 2>&1 | tail -5
+python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -5
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee -a "$OUT/gpu.txt"
+df -h /dev/shm | tee -a "$OUT/gpu.txt"  # DataLoader workers pass batches through it
 python3 -c "import embedcache, embedcache.students, zarr, faiss, open_clip, httpx; print('imports ok')" || exit 1
-run() { local limit=$1; shift; echo "== $*"; timeout --kill-after=10 "$limit" python3 "$@" --out "$OUT" 2>&1 | grep -v WARNING | tee -a "$OUT/gpu.log"; }
+run() { local limit=$1; shift; echo "== $*"; timeout --kill-after=10 "$limit" python3 "$@" --out "$OUT" 2>&1 | grep --line-buffered -v WARNING | tee -a "$OUT/gpu.log"; }
 for part in "${parts[@]}"; do
     case $part in
     extract) run 150 bench/extract.py --model ViT-B-16 --precision bf16 --views 1 4 --decoders pil device --baseline \

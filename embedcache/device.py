@@ -20,3 +20,10 @@ def resolve_device(device: str = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} asked for, but no CUDA device is visible; use --device auto or cpu")
     return dev
+
+
+def device_name(device: torch.device) -> str:
+    """'cpu', or 'cuda (NVIDIA H200)': the kind of device whose float rounding a store's numbers have."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type

@@ -137,12 +137,22 @@ def test_resume_after_interruption_is_byte_identical(make_cfg, tiny_teacher, suf
 
     def stop_when_said(line):  # resumed with another batch size: said (with the one to keep) before any block
         said.append(line)
-        if "began with" in line:
+        if "the store began" in line:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         extract(replace(cut, batch_size=3), teacher=tiny_teacher, log=stop_when_said)
     assert "the store began with 4" in said[-1] and "--set batch_size=4" in said[-1], said
+    import embedcache.extract as extraction
+    from embedcache.extract.manifest import build_manifest
+
+    assert st.manifest["device"] == "cpu" and "torchvision" in st.manifest["versions"]
+    with pytest.MonkeyPatch.context() as mp:  # resumed on a GPU: said likewise (its kernels round otherwise)
+        mp.setattr(extraction, "build_manifest", lambda *a, **k: {**build_manifest(*a, **k), "device": "cuda (NVIDIA H200)"})
+        with pytest.raises(KeyboardInterrupt):
+            extract(cut, teacher=tiny_teacher, log=stop_when_said)
+    assert said[-1] == ("resuming on cuda (NVIDIA H200); the store began on cpu: blocks encoded now may differ from theirs "
+                        "by float rounding (another device's kernels); resuming on cpu keeps the store byte-identical"), said
     dry = extract(cut, teacher=tiny_teacher, log=quiet, dry_run=True, reader=_NoDecode(cut, tiny_teacher))
     res = extract(cut, teacher=tiny_teacher, log=quiet)
     assert res.complete and 0 < res.images < 30  # only the unfinished blocks were encoded

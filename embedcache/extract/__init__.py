@@ -125,11 +125,8 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
                 store.reopen_blocks(report.damaged_blocks)
         done = store.blocks_done()
         mine = [b for b in shard_blocks(store.num_blocks, shard, num_shards) if not done[b]]
-        began = store.manifest.get("config", {}).get("batch_size")
-        if mine and done.any() and began not in (None, cfg.batch_size):
-            log(f"resuming with batch_size={cfg.batch_size}; the store began with {began}: blocks encoded now may differ "
-                "from theirs by float rounding (and a paid teacher's cut-off request is replayed free only at the "
-                f"same batching); --set batch_size={began} keeps the store byte-identical")
+        if mine and done.any():
+            _say_resumed_otherwise(store.manifest, cfg, manifest, log)
         try:
             def block_done(block: int) -> None:
                 books.record(store)  # what was paid so far is in the store, even if the call is killed later
@@ -154,6 +151,21 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
     finally:
         books.record(store, quietly=True)  # a stop or an error: what this call paid is still counted
         store.close()
+
+
+def _say_resumed_otherwise(began: Dict, cfg: ExtractConfig, now: Dict, log: Callable[[str], None]) -> None:
+    """A store resumed with another batch size or on another kind of device keeps its key, but the
+    blocks encoded now may differ from the earlier ones by float rounding: said, with what keeps it
+    byte-identical."""
+    size = began.get("config", {}).get("batch_size")
+    if size not in (None, cfg.batch_size):
+        log(f"resuming with batch_size={cfg.batch_size}; the store began with {size}: blocks encoded now may differ "
+            "from theirs by float rounding (and a paid teacher's cut-off request is replayed free only at the "
+            f"same batching); --set batch_size={size} keeps the store byte-identical")
+    device = began.get("device")
+    if device not in (None, now["device"]) and now["teacher"].get("name") != "remote":
+        log(f"resuming on {now['device']}; the store began on {device}: blocks encoded now may differ from theirs by "
+            f"float rounding (another device's kernels); resuming on {device} keeps the store byte-identical")
 
 
 class _Books:

@@ -9,6 +9,7 @@ from typing import Any, Dict, Optional
 
 from ..config import ExtractConfig, to_dict
 from ..datasets import ImageDataset
+from ..device import device_name
 from ..fileio import json_digest
 from ..store import SCHEMA_VERSION, cache_key
 from ..text import prompts_digest
@@ -22,7 +23,7 @@ def library_versions() -> Dict[str, str]:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for pkg in ("embedcache", "torch", "open_clip_torch", "timm", "zarr", "h5py", "numpy", "pillow"):
+    for pkg in ("embedcache", "torch", "torchvision", "open_clip_torch", "timm", "zarr", "h5py", "numpy", "pillow"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -55,7 +56,7 @@ def build_manifest(cfg: ExtractConfig, dataset: ImageDataset, teacher, prompts,
         "canvas": to_dict(cfg.canvas),
         "text": {"sources": list(cfg.text.sources), "templates": cfg.text.templates, "attributes": cfg.text.attributes},
         "pipeline": pipeline, **extra,
-        "config": to_dict(cfg), "versions": library_versions(),
+        "config": to_dict(cfg), "versions": library_versions(), "device": device_name(teacher.device),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
