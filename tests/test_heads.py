@@ -151,3 +151,42 @@ def test_a_head_only_run_trains_in_float32_alone_as_in_a_pack():
     assert not autocast_on(cfg, "cpu", "images")
     from embedcache.config import replace
     assert not autocast_on(replace(cfg, amp=False), "cuda", "images")
+
+
+def test_a_pack_rerun_clears_old_failures_and_skips_runs_finished_meanwhile(feature_store, tmp_path, monkeypatch):
+    """A pack (as one run) rechecks for results once it holds a claim, and a run scored now loses its
+    old error.txt: the pack did neither (a run finished by another worker was scored again)."""
+    import yaml
+
+    from embedcache.students.sweep import claim, expand, load_sweep, make_jobs, run_sweep
+    from embedcache.students.rundir import RunDir
+    from embedcache.students.sweep.worker import result_path, run_pack
+
+    store, student = feature_store
+    spec = {"store": str(store), "protocol": "lodo", "holdout_domains": ["outline"], "launcher": "serial",
+            "base": {"recipe": "linear_probe", "features": True, "steps": 10, "batch_size": 8, "eval_every": 10,
+                     "device": "cpu", "student": {"name": "test_resnet", "input_size": 32, "pretrained": student.pretrained}},
+            "grid": {"seed": [0, 1]}, "pack_heads": True}
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(spec))
+    sweep = load_sweep(str(f))
+    out = str(tmp_path / "sw")
+    run_sweep(sweep, out, progress=False, log=quiet)
+    points = make_jobs(expand(sweep, out), True)[0]
+    first, second = (RunDir(p.cfg.out) for p in points)
+    (first.path / "error.txt").write_text("an old failure")
+    result_path(out, first.name).unlink()
+    kept = result_path(out, second.name)
+    kept_bytes = kept.read_bytes()
+    kept.unlink()
+    real_enter = claim.Claim.__enter__
+
+    def finished_meanwhile(self):  # another worker writes the second run's results just before we claim it
+        if self.path.parent == second.path:
+            kept.write_bytes(kept_bytes)
+        return real_enter(self)
+
+    monkeypatch.setattr(claim.Claim, "__enter__", finished_meanwhile)
+    statuses = {r["run"]: r["status"] for r in run_pack(points, sweep, out, "cpu")}
+    assert statuses == {first.name: "done", second.name: "skipped"}
+    assert not (first.path / "error.txt").exists() and kept.read_bytes() == kept_bytes

@@ -58,6 +58,15 @@ def test_tiny_sweep_end_to_end(synthetic_store, tmp_path):
     again = CliRunner().invoke(main, ["sweep", str(f), "--out", str(out), "--no-progress"])
     assert again.exit_code == 0 and "8 already done" in again.output
     assert set(_attempts(out).values()) == {1}
+    damaged = sorted((out / "results").glob("*.parquet"))[0]
+    damaged.write_bytes(b"PAR1 not a table")  # a run's results damaged: one line, and the way back
+    seen = CliRunner().invoke(main, ["report", str(out)])
+    assert seen.exit_code == 2 and f"{damaged} is damaged" in seen.output and "delete it and relaunch" in seen.output, \
+        seen.output
+    damaged.unlink()
+    again = CliRunner().invoke(main, ["sweep", str(f), "--out", str(out), "--no-progress"])
+    assert again.exit_code == 0 and "7 already done" in again.output, again.output
+    assert pd.read_parquet(out / "results.parquet").run.nunique() == 8
 
 
 def test_killed_sweep_completes_each_run_exactly_once(synthetic_store, tmp_path):

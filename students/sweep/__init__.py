@@ -24,8 +24,9 @@ import yaml
 
 from embedcache import interrupt, open_store
 from embedcache.config import apply_overrides, build_config, flatten, read_config_file, setting, to_dict
-from embedcache.errors import ConfigError, DiskFullError
+from embedcache.errors import ConfigError, DiskFullError, EvaluationError
 from embedcache.evaluate.protocols import seeded_class_split
+from embedcache.evaluate.results import read_results
 from embedcache.fileio import atomic_write, atomic_write_text, disk_full_error, is_disk_full
 
 from ..config import TrainConfig, check_trainable
@@ -211,7 +212,16 @@ def collect(sweep_dir: str, names: Optional[List[str]] = None) -> pd.DataFrame:
         files = [f for f in files if f.stem in current]
     if not files:
         raise ConfigError(f"no results in {sweep_dir}/results yet; run the sweep first")
-    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    return pd.concat([_run_results(f) for f in files], ignore_index=True)
+
+
+def _run_results(path: Path) -> pd.DataFrame:
+    """One run's result rows; a damaged file is one line saying how to have the run scored again."""
+    try:
+        return read_results(path)
+    except EvaluationError:
+        raise EvaluationError(f"{path} is damaged (not readable as parquet); delete it and relaunch the sweep: "
+                              "it scores that run again (its trained weights are kept)") from None
 
 
 def _write_outputs(sweep_dir: str, points: List[SweepPoint]) -> Optional[pd.DataFrame]:

@@ -12,6 +12,7 @@ import os
 import socket
 import time
 import traceback
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict
@@ -60,39 +61,58 @@ def _start(run: RunDir, spec, point: SweepPoint, **attempt) -> None:
         fh.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(), **attempt}) + "\n")
 
 
+def _claim(stack, run: RunDir, sweep_dir: str):
+    """None when this worker now holds ``run`` and it still needs work; else the run's status
+    (the claim is held by ``stack`` until it closes)."""
+    result = result_path(sweep_dir, run.name)
+    if result.exists():
+        return "skipped"
+    if interrupt.requested():
+        return "interrupted"
+    if not stack.enter_context(Claim(run.path)):
+        return "busy"
+    if result.exists():  # finished by another worker between our check and the claim
+        return "skipped"
+    return None
+
+
+def _finish(run: RunDir, spec, point: SweepPoint, device: str, sweep_dir: str) -> Dict[str, str]:
+    """Score a trained run, write its result rows (atomically, last) and clear an old failure record."""
+    df = _score(run, spec, point, device)
+    atomic_write(result_path(sweep_dir, run.name), lambda tmp: df.to_parquet(tmp, index=False))
+    run.file("error.txt").unlink(missing_ok=True)
+    return {"run": run.name, "status": "done"}
+
+
+def _failure(run: RunDir, exc: BaseException) -> Dict[str, str]:
+    """A run's failure: a full disk (resumable, the sweep stops scheduling), or its own error,
+    recorded in error.txt (the other runs go on)."""
+    if is_disk_full(exc):
+        return {"run": run.name, "status": "disk_full", "error": str(exc)}
+    try:
+        atomic_write_text(run.file("error.txt"), "".join(traceback.format_exception(exc)))
+    except OSError:
+        pass
+    return {"run": run.name, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+
+
 def run_one(point: SweepPoint, spec, sweep_dir: str, device: str = "auto", teacher=None) -> Dict[str, str]:
     """Train (or resume) and score one run; returns {"run", "status", "error"}."""
     from ..train import train
 
-    cfg = point.cfg
-    run = RunDir(cfg.out)
-    result = result_path(sweep_dir, run.name)
-    if result.exists():
-        return {"run": run.name, "status": "skipped"}
-    if interrupt.requested():
-        return {"run": run.name, "status": "interrupted"}
-    with Claim(run.path) as mine:
-        if not mine:
-            return {"run": run.name, "status": "busy"}
-        if result.exists():  # finished by another worker between our check and the claim
-            return {"run": run.name, "status": "skipped"}
+    run = RunDir(point.cfg.out)
+    with ExitStack() as stack:
+        status = _claim(stack, run, sweep_dir)
+        if status is not None:
+            return {"run": run.name, "status": status}
         try:
             _start(run, spec, point)
-            train(cfg, log=lambda _m: None, should_stop=interrupt.requested, teacher=teacher)
-            df = _score(run, spec, point, device)
-            atomic_write(result, lambda tmp: df.to_parquet(tmp, index=False))
-            run.file("error.txt").unlink(missing_ok=True)
-            return {"run": run.name, "status": "done"}
+            train(point.cfg, log=lambda _m: None, should_stop=interrupt.requested, teacher=teacher)
+            return _finish(run, spec, point, device, sweep_dir)
         except KeyboardInterrupt:
             return {"run": run.name, "status": "interrupted"}
         except Exception as exc:  # a failed run is recorded and does not stop the others
-            if is_disk_full(exc):
-                return {"run": run.name, "status": "disk_full", "error": str(exc)}
-            try:
-                atomic_write_text(run.file("error.txt"), "".join(traceback.format_exception(exc)))
-            except OSError:
-                pass
-            return {"run": run.name, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+            return _failure(run, exc)
 
 
 def run_job(job, spec, sweep_dir: str, device: str = "auto", teacher=None):
@@ -105,44 +125,28 @@ def run_job(job, spec, sweep_dir: str, device: str = "auto", teacher=None):
 def run_pack(points, spec, sweep_dir: str, device: str = "auto"):
     """Claim the runs of a pack, train the unfinished ones together (``heads.train_heads``), then
     score each and write its results, as ``run_one`` does for one run."""
-    from contextlib import ExitStack
-
     from ..heads import train_heads
 
     out, todo = [], []
     with ExitStack() as stack:
         for p in points:
             run = RunDir(p.cfg.out)
-            if result_path(sweep_dir, run.name).exists():
-                out.append({"run": run.name, "status": "skipped"})
-            elif interrupt.requested():
-                out.append({"run": run.name, "status": "interrupted"})
-            elif not stack.enter_context(Claim(run.path)):
-                out.append({"run": run.name, "status": "busy"})
-            else:
+            status = _claim(stack, run, sweep_dir)
+            if status is None:
                 todo.append(p)
+            else:
+                out.append({"run": run.name, "status": status})
         try:
             for p in todo:
                 _start(RunDir(p.cfg.out), spec, p, pack=len(todo))
             train_heads([p.cfg for p in todo if not RunDir(p.cfg.out).done], log=lambda _m: None,
                         should_stop=interrupt.requested)
             for p in todo:
-                run = RunDir(p.cfg.out)
-                df = _score(run, spec, p, device)
-                atomic_write(result_path(sweep_dir, run.name), lambda tmp, df=df: df.to_parquet(tmp, index=False))
-                out.append({"run": run.name, "status": "done"})
+                out.append(_finish(RunDir(p.cfg.out), spec, p, device, sweep_dir))
         except KeyboardInterrupt:
             out += [{"run": RunDir(p.cfg.out).name, "status": "interrupted"} for p in todo
                     if not result_path(sweep_dir, RunDir(p.cfg.out).name).exists()]
         except Exception as exc:
-            status = "disk_full" if is_disk_full(exc) else "failed"
-            for p in todo:
-                run = RunDir(p.cfg.out)
-                if not result_path(sweep_dir, run.name).exists():
-                    if status == "failed":
-                        try:
-                            atomic_write_text(run.file("error.txt"), "".join(traceback.format_exception(exc)))
-                        except OSError:
-                            pass
-                    out.append({"run": run.name, "status": status, "error": f"{type(exc).__name__}: {exc}"})
+            out += [_failure(RunDir(p.cfg.out), exc) for p in todo
+                    if not result_path(sweep_dir, RunDir(p.cfg.out).name).exists()]
     return out
