@@ -143,6 +143,30 @@ def recipe_of(cfg) -> Recipe:
     return with_losses(RECIPES.get(cfg.recipe), cfg.loss_weights, cfg.loss_args)
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# Loss arguments whose valid values are not told by their default's type (below).
+_ARG_RULES = {("kd", "student"): (lambda v: v in ("text", "linear"), "text or linear"),
+              ("vl2v_adip", "lam"): (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]")}
+
+
+def _arg_problem(loss: str, arg: str, value, default) -> str:
+    """'' when ``value`` is valid for the argument; else what it should be. By the default's type:
+    temperatures, scales and the like are numbers > 0 (0 divides by zero), counts whole numbers >= 1."""
+    if (loss, arg) in _ARG_RULES:
+        ok, want = _ARG_RULES[(loss, arg)]
+        return "" if ok(value) else want
+    if isinstance(default, bool):
+        return "" if isinstance(value, bool) else "true or false"
+    if isinstance(default, int):
+        return "" if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else "a whole number >= 1"
+    if isinstance(default, float):
+        return "" if _number(value) and value > 0 else "a number > 0"
+    return "" if isinstance(value, type(default)) else f"a {type(default).__name__}"
+
+
 def check_losses(cfg) -> None:
     """A run's loss overrides, refused in one line before any work: unknown losses or arguments,
     weights that are not finite non-negative numbers, a stage left with no loss, a classifier loss
@@ -163,11 +187,14 @@ def check_losses(cfg) -> None:
         if name not in used:
             raise ConfigError(f"loss_args.{name}: recipe {cfg.recipe} (with loss_weights) has no loss {name}; "
                               f"its losses: {', '.join(sorted(used))}")
-        takes = [p for p in inspect.signature(LOSSES.get(name)).parameters if p != "ctx"]
-        for k in a:
+        takes = {p.name: p.default for p in inspect.signature(LOSSES.get(name)).parameters.values() if p.name != "ctx"}
+        for k, v in a.items():
             if k not in takes:
                 raise ConfigError(f"loss_args.{name}.{k} is not an argument of {name}; it takes "
                                   f"{', '.join(takes) or 'none'}")
+            want = _arg_problem(name, k, v, takes[k])
+            if want:
+                raise ConfigError(f"loss_args.{name}.{k}={v!r} is not valid: expected {want}")
     for i, st in enumerate(recipe.stages):
         if not st.losses:
             raise ConfigError(f"loss_weights leave stage {i + 1} of recipe {cfg.recipe} with no loss")

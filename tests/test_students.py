@@ -536,7 +536,14 @@ def test_loss_weights_and_arguments_of_a_run(synthetic_store, tmp_path):
            ({"loss_weights": {"cls": 0, "vlalign": 0, "mse": 0, "imcst": 0}}, "leave stage 1 of recipe li_iccv23 with no loss"),
            ({"loss_args": {"vlalign": {"topk": 3}}}, r"loss_args.vlalign.topk is not an argument of vlalign; it takes tau, k"),
            ({"loss_args": {"cos": {}}}, "recipe li_iccv23 \\(with loss_weights\\) has no loss cos"),
-           ({"loss_weights": {"ce": 1}}, "has no linear classifier for ce")]
+           ({"loss_weights": {"ce": 1}}, "has no linear classifier for ce"),
+           # argument values (a string where a number goes was a TypeError mid-run, tau=0 a NaN loss)
+           ({"loss_args": {"cls": {"tau": "abc"}}}, r"loss_args.cls.tau='abc' is not valid: expected a number > 0"),
+           ({"loss_args": {"imcst": {"tau": 0}}}, r"loss_args.imcst.tau=0 is not valid: expected a number > 0"),
+           ({"loss_args": {"vlalign": {"k": -1}}}, r"loss_args.vlalign.k=-1 is not valid: expected a whole number >= 1"),
+           ({"loss_args": {"vlalign": {"correct_only": "yes"}}}, r"correct_only='yes' is not valid: expected true or false"),
+           ({"recipe": "naive_kd", "loss_args": {"kd": {"student": "Linear"}}}, r"expected text or linear"),
+           ({"recipe": "vl2v_adip", "loss_args": {"vl2v_adip": {"lam": 2}}}, r"lam=2 is not valid: expected a number in \[0, 1\]")]
     for change, msg in bad:
         with pytest.raises(ConfigError, match=msg):
             build_config(TrainConfig, {"store": "x", **change})
