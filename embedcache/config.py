@@ -356,7 +356,9 @@ def set_path(data: Dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     node = data
     for p in parts[:-1]:
-        node = node.setdefault(p, {})
+        if node.get(p) is None:  # absent, or a section left empty in YAML (`teacher:`)
+            node[p] = {}
+        node = node[p]
         if not isinstance(node, dict):
             raise ConfigError(f"override {key!r}: {p} is not a section")
     node[parts[-1]] = value

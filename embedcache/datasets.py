@@ -160,8 +160,15 @@ def csv_manifest(cfg: DatasetConfig) -> ImageDataset:
         raise DatasetError(f"CSV manifest {cfg.path} not found; set it with --set dataset.path=/path/to/manifest.csv "
                            "(a CSV with columns path,label)")
     csv_path = Path(cfg.path)
+    try:
+        return _csv_dataset(csv_path, cfg)
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"CSV manifest {csv_path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+
+
+def _csv_dataset(csv_path: Path, cfg: DatasetConfig) -> ImageDataset:
     root = csv_path.parent
-    with open(csv_path, newline="") as fh:
+    with open(csv_path, newline="", encoding="utf-8-sig") as fh:  # -sig: a spreadsheet's byte-order mark is no column name
         reader = csv.DictReader(fh)
         cols = set(reader.fieldnames or [])
         if not {"path", "label"} <= cols:
@@ -178,7 +185,7 @@ def csv_manifest(cfg: DatasetConfig) -> ImageDataset:
                 raise DatasetError(f"CSV manifest {csv_path} row {line}: split {row['split']!r}; use train, val or test "
                                    "(empty means train)")
             rel = row["path"]
-            f = Path(rel) if Path(rel).is_absolute() else root / rel
+            f = source_file(root, rel)
             size = f.stat().st_size if f.is_file() else -1
             samples.append(Sample(rel, str(row["label"]), row.get("domain") or csv_path.stem,
                                   row.get("split") or "train", size))

@@ -37,6 +37,14 @@ def test_overrides_follow_structure_and_parse_values():
     assert cfg.text.sources == ("name", "templates") and cfg.dataset.max_per_class == 2
 
 
+def test_a_section_left_empty_in_yaml_takes_overrides(tmp_path):
+    """`teacher:` with nothing under it, then --set teacher.x=...: it said "teacher is not a section"."""
+    f = tmp_path / "x.yaml"
+    f.write_text("dataset:\n  name: synthetic\nteacher:\nviews:\n  count: 2\n")
+    cfg = load_extract_config(str(f), ["teacher.name=conse", "teacher.model=efficientnet_lite0"])
+    assert (cfg.teacher.name, cfg.teacher.model, cfg.views.count) == ("conse", "efficientnet_lite0", 2)
+
+
 def test_unknown_key_is_one_line_listing_valid_keys():
     with pytest.raises(ConfigError, match=r"unknown config key views\.cuont; valid keys under views\.: color_jitter, count, flip"):
         load_extract_config(None, ["views.cuont=3"])

@@ -100,3 +100,14 @@ def test_synthetic_is_seeded():
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
     assert len(a.domains) == 3 and len(a.classes) == 4
     assert set(DATASETS.names()) >= {"synthetic", "csv", "folder", "domainbed"}
+
+
+def test_csv_text_encodings(tmp_path):
+    """A spreadsheet's UTF-8 byte-order mark is no part of the first column's name, and a CSV in
+    another encoding is one line (a UnicodeDecodeError traceback before)."""
+    (tmp_path / "bom.csv").write_bytes("path,label\na.png,caf\u00e9\n".encode("utf-8-sig"))
+    ds = build_dataset(DatasetConfig(name="csv", path=str(tmp_path / "bom.csv")))
+    assert ds.classes == ["caf\u00e9"]
+    (tmp_path / "latin.csv").write_bytes("path,label\na.png,caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(DatasetError, match=r"latin.csv is not UTF-8 text \(byte \d+\); save it as UTF-8"):
+        build_dataset(DatasetConfig(name="csv", path=str(tmp_path / "latin.csv")))

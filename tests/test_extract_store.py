@@ -192,6 +192,9 @@ def test_torchrun_env_picks_the_shard(make_cfg, tiny_teacher, monkeypatch):
     st = Store(res.path)
     done = st.blocks_done()
     assert not done[0] and done[-1] and not res.complete
+    monkeypatch.setenv("RANK", "a")  # not a rank: one line, not a ValueError
+    with pytest.raises(ConfigError, match=r"RANK='a' and WORLD_SIZE='2' \(torchrun's\) must be whole numbers"):
+        extract(make_cfg("env2.zarr"), teacher=tiny_teacher, log=quiet)
 
 
 def test_cache_key_follows_teacher_not_batch_size(make_cfg, tiny_teacher, tmp_path):

@@ -301,7 +301,11 @@ def resolve_shard(shard: Optional[int], num_shards: Optional[int]):
     from ..errors import ConfigError
 
     if num_shards is None and shard is None and "WORLD_SIZE" in os.environ:
-        shard, num_shards = int(os.environ.get("RANK", 0)), int(os.environ["WORLD_SIZE"])
+        rank, world = os.environ.get("RANK", "0"), os.environ["WORLD_SIZE"]
+        if not (rank.isdigit() and world.isdigit()):
+            raise ConfigError(f"RANK={rank!r} and WORLD_SIZE={world!r} (torchrun's) must be whole numbers; unset them, "
+                              "or give --shard and --num-shards")
+        shard, num_shards = int(rank), int(world)
     shard, num_shards = shard or 0, num_shards or 1
     if num_shards < 1 or not 0 <= shard < num_shards:
         raise ConfigError(f"shard index {shard} is out of range for {num_shards} shards; use 0..{num_shards - 1}")

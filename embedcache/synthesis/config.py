@@ -107,6 +107,9 @@ class SynthesizeConfig:
         for c in names:
             if c in seen:
                 raise ConfigError(f"classes lists {c!r} twice; each class once (images per class: per_class)")
+            if self.prompts.placeholder in c:
+                raise ConfigError(f"class {c!r} holds the style placeholder {self.prompts.placeholder!r} of the prompts; "
+                                  "rename the class, or set prompts.placeholder (and prompts.template) to another symbol")
             seen.add(c)
         if not self.canvas.store:
             raise ConfigError("canvas.store=false would drop the synthesised pixels, their only copy; keep canvas.store=true")
