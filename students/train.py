@@ -17,7 +17,7 @@ a loss that becomes NaN or infinite stops the run there with a clear error, neve
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -94,6 +94,21 @@ def run_name(cfg: TrainConfig) -> str:
     """<recipe>-<student>-<hash of the sorted-key JSON config, output and display settings excluded>."""
     d = settings_identity(cfg, NOT_IN_NAME, NAMED_WHEN_SET)
     return f"{cfg.recipe}-{cfg.student.name.replace(':', '_')}-{json_digest(d, 10)}"
+
+
+def default_out(cfg: TrainConfig) -> str:
+    """Where a run without ``out`` goes: runs/<name>, named with the store's key for its path and
+    without the device, so the same run started from another folder (``./stores/x.zarr``, an absolute
+    path, a copy) or on another device is found again, not trained twice and pooled as two
+    replicates. A folder named the earlier way (by the path as spelled) is used when it exists."""
+    from embedcache.store import Store
+
+    earlier = Path("runs") / run_name(cfg)
+    if earlier.exists():
+        return str(earlier)
+    with Store(cfg.store) as st:
+        key = st.key
+    return str(Path("runs") / run_name(replace(cfg, store=f"key:{key}", device="auto")))
 
 
 # settings a run may be resumed (or found finished) with other values of: where it is written and
@@ -311,7 +326,7 @@ class Trainer:
         self.cfg, self.log, self.on_step, self.should_stop = cfg, log, on_step, should_stop
         self.recipe = recipe_of(cfg)
         self.source = cfg.text_source or self.recipe.text_source
-        self.run_dir = RunDir(cfg.out or Path("runs") / run_name(cfg))
+        self.run_dir = RunDir(cfg.out or default_out(cfg))
         self.data = shared.data if shared is not None else StoreData(cfg.store, self.source, cfg.split)
         check_views_used(cfg.views_used, self.data.views, cfg.store)
         self.device = resolve_device(cfg.device)
@@ -617,7 +632,9 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int], None]] = None, log
     cfg = build_config(TrainConfig, to_dict(cfg))  # validated even when built in code, before any work
     if not cfg.store:
         raise ConfigError("no store given; pass --store PATH (made by `embedcache extract`)")
-    run_dir = RunDir(cfg.out or Path("runs") / run_name(cfg))
+    if not cfg.out:
+        cfg = replace(cfg, out=default_out(cfg))
+    run_dir = RunDir(cfg.out)
     require_same_settings(run_dir, cfg)
     if run_dir.done:
         s = run_dir.summary

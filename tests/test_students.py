@@ -594,3 +594,29 @@ def test_a_checkpoint_with_two_classifier_heads_loads(tmp_path):
     save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(tmp_path / "w.safetensors"))
     s = build_student(StudentConfig(name=f"timm:{name}", input_size=224, pretrained=str(tmp_path / "w.safetensors")), 16)
     assert torch.equal(s.backbone.state_dict()["cls_token"], full.state_dict()["cls_token"])
+
+
+def test_a_run_without_out_is_found_again_however_its_store_is_spelled(synthetic_store, tmp_path, monkeypatch):
+    """`embedcache train --store stores/x.zarr` then `--store ./stores/x.zarr` (or --device cpu) trained
+    the run again under another name: two identical runs pooled later as two replicates."""
+    import shutil
+
+    from dataclasses import replace
+    from pathlib import Path
+
+    from embedcache.students.train import default_out, run_name
+
+    work = tmp_path / "work"
+    shutil.copytree(synthetic_store, work / "stores" / "s.zarr")
+    monkeypatch.chdir(work)
+    first = train(_cfg("stores/s.zarr", tmp_path, "ce", out=None, steps=4, eval_every=2, ckpt_every=2, device="auto"),
+                  log=quiet)
+    assert first.seconds > 0 and Path(first.out).parent == Path("runs")
+    for spelling, device in (("./stores/s.zarr", "auto"), (str(work / "stores" / "s.zarr"), "cpu")):
+        again = train(_cfg(spelling, tmp_path, "ce", out=None, steps=4, eval_every=2, ckpt_every=2, device=device),
+                      log=quiet)
+        assert again.out == first.out and again.seconds == 0.0
+    # a run named the earlier way (by the path as spelled) is still found there
+    earlier = _cfg("stores/s.zarr", tmp_path, "ce", out=None, steps=6)
+    (Path("runs") / run_name(earlier)).mkdir()
+    assert default_out(earlier) == str(Path("runs") / run_name(earlier)) != default_out(replace(earlier, steps=7))
