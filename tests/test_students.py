@@ -598,7 +598,7 @@ def test_a_checkpoint_with_two_classifier_heads_loads(tmp_path):
 
 def test_a_run_without_out_is_found_again_however_its_store_is_spelled(synthetic_store, tmp_path, monkeypatch):
     """`embedcache train --store stores/x.zarr` then `--store ./stores/x.zarr` (or --device cpu) trained
-    the run again under another name: two identical runs pooled later as two replicates."""
+    the run again from scratch under another name."""
     import shutil
 
     from dataclasses import replace
