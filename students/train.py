@@ -99,7 +99,8 @@ def run_name(cfg: TrainConfig) -> str:
 def default_out(cfg: TrainConfig) -> str:
     """Where a run without ``out`` goes: runs/<name>, named with the store's key for its path and
     without the device, so the same run started from another folder (``./stores/x.zarr``, an absolute
-    path, a copy) or on another device is found again, not trained twice. A folder named the earlier way (by the path as spelled) is used when it exists."""
+    path, a copy) or on another device is found again, not trained twice. A folder named the
+    earlier way (by the path as spelled) is used when it exists."""
     from embedcache.store import Store
 
     earlier = Path("runs") / run_name(cfg)
