@@ -5,7 +5,6 @@ labels (N,). Embeddings need not be normalised; every function normalises what i
 """
 from __future__ import annotations
 
-from typing import Dict
 
 import numpy as np
 import pandas as pd
@@ -117,7 +116,3 @@ def text_separability(class_emb: np.ndarray) -> float:
 def teacher_student_cosine(s: np.ndarray, t: np.ndarray) -> float:
     """Mean cosine between each image's student and teacher embedding."""
     return float(np.mean(np.sum(unit(s) * unit(t), axis=1)))
-
-
-def accuracy_table(pred: np.ndarray, labels: np.ndarray) -> Dict[str, float]:
-    return {"top1": top1(pred, labels), "mean_per_class": mean_per_class(pred, labels)}

@@ -244,7 +244,7 @@ def test_a_truncated_hdf5_file_is_one_line(make_cfg, tiny_teacher, tmp_path):
     Path(cfg.out).write_bytes(data[: len(data) // 3])
     res = CliRunner().invoke(main, ["inspect", cfg.out])
     assert res.exit_code == 2 and res.output.strip().count("\n") == 0
-    assert "damaged or truncated" in res.output and "rerun its extract command" in res.output
+    assert "damaged or truncated" in res.output and "rerun the command that made it (its extract or synthesize)" in res.output
 
 
 def test_an_hdf5_store_open_for_writing_elsewhere_is_one_line(make_cfg, tiny_teacher):

@@ -24,7 +24,7 @@ import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import numpy as np
 import pandas as pd
@@ -263,9 +263,6 @@ class Store:
             self._check(name, data)
         return data
 
-    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        return self.b.read(name, start, stop)
-
     def write_array(self, name: str, data: np.ndarray) -> None:
         """A whole non-block array (text embeddings), recorded for the manifest's checksums."""
         self.b.write(name, 0, data)
@@ -307,8 +304,8 @@ class Store:
         if raw is None:
             if self.complete:
                 raise self._damaged(name, "the file is missing")
-            raise StoreError(f"store {self.path} has no {name} yet: its extraction has not finished; rerun the same "
-                             "`embedcache extract` command to finish it")
+            raise StoreError(f"store {self.path} has no {name} yet: it is not finished; rerun the same "
+                             f"`embedcache {self.producer}` command to finish it")
         want = self.manifest.get("checksums", {}).get(name)
         if want is not None and checksum(raw) != int(want):
             raise self._damaged(name, "the file is truncated or altered")
@@ -451,8 +448,3 @@ class Store:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def blocks_of(store: Store, rows: List[int]) -> List[int]:
-    br = int(store.layout["block_rows"])
-    return sorted({int(r) // br for r in rows})
