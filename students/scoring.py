@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Sequence, Tuple, Union
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import torch
@@ -85,10 +87,14 @@ def _open_for(run: RunDir, path: str, transfer: bool) -> StoreReader:
     """The store to score on: the run's own (same key), or with ``transfer`` any store made by the
     same teacher with the same classes (a student trained on synthesised images, scored on real ones)."""
     if not transfer:
-        return StoreReader(path, expect_key=run.store_key,
-                           key_advice=f"score run {run.name} on the store it was trained on "
-                                      f"({run.config.get('store_path')}), or pass --transfer to score it on another "
-                                      "store of the same teacher")
+        trained_on = run.config.get("store_path")
+        if trained_on and Path(path).resolve() == Path(trained_on).resolve():  # the same path, another store now
+            advice = (f"the store at {path} has changed since run {run.name} was trained on it (re-extracted?); "
+                      "score the run on a store with its key, or train it again with another --out")
+        else:
+            advice = (f"score run {run.name} on the store it was trained on ({trained_on}), or pass --transfer to "
+                      "score it on another store of the same teacher")
+        return StoreReader(path, expect_key=run.store_key, key_advice=advice)
     reader = StoreReader(path)
     if reader.key == run.store_key:  # its own store by another path: scored with its own split
         return reader

@@ -133,6 +133,23 @@ def require_same_settings(run_dir: RunDir, cfg: TrainConfig) -> None:
     if changed:
         raise TrainingError(f"run {run_dir.path} was trained under another definition of recipe {cfg.recipe} "
                             f"({changed}); use another --out to train it as the recipe is now")
+    _require_same_store(run_dir, cfg)
+
+
+def _require_same_store(run_dir: RunDir, cfg: TrainConfig) -> None:
+    """The store given is the one the run was trained on, by key (a finished run answered "already
+    done" for a store re-extracted since, or another teacher's)."""
+    from embedcache.store import Store
+
+    recorded = run_dir.config.get("store_key")
+    if recorded is None:
+        return
+    with Store(cfg.store) as st:
+        key = st.key
+    if key != recorded:
+        raise StoreMismatchError(f"run {run_dir.path} was trained on another store (key {recorded}; {cfg.store} has "
+                                 f"key {key}: another store, or re-extracted since); use another --out, or the store "
+                                 "the run was trained on")
 
 
 def stage_ends(recipe: Recipe, steps: int) -> List[int]:

@@ -620,3 +620,33 @@ def test_a_run_without_out_is_found_again_however_its_store_is_spelled(synthetic
     earlier = _cfg("stores/s.zarr", tmp_path, "ce", out=None, steps=6)
     (Path("runs") / run_name(earlier)).mkdir()
     assert default_out(earlier) == str(Path("runs") / run_name(earlier)) != default_out(replace(earlier, steps=7))
+
+
+def test_a_finished_run_asked_for_with_another_store_is_refused(synthetic_store, make_cfg, tiny_teacher, tmp_path):
+    """A finished run answered "already done" for any store at all (re-extracted with another teacher,
+    other classes): its result stood for a store it never saw."""
+    from embedcache.errors import StoreMismatchError
+    from embedcache.extract import extract
+
+    train(_cfg(synthetic_store, tmp_path, "ce", steps=4, eval_every=2, ckpt_every=2), log=quiet)
+    other = extract(make_cfg("other.zarr", "views.count=2"), teacher=tiny_teacher, log=quiet)
+    with pytest.raises(StoreMismatchError, match=r"run .*run was trained on another store \(key \w+; .*other.zarr has key "
+                                                 r"\w+: another store, or re-extracted since\); use another --out"):
+        train(_cfg(other.path, tmp_path, "ce", steps=4, eval_every=2, ckpt_every=2), log=quiet)
+    assert train(_cfg(synthetic_store, tmp_path, "ce", steps=4, eval_every=2, ckpt_every=2), log=quiet).seconds == 0.0
+
+
+def test_a_run_whose_store_was_re_extracted_says_so_when_scored(synthetic_store, make_cfg, tiny_teacher, tmp_path):
+    import shutil
+
+    from embedcache.errors import StoreError
+    from embedcache.extract import extract
+    from embedcache.students.scoring import score_run
+
+    store = tmp_path / "s.zarr"
+    shutil.copytree(synthetic_store, store)
+    res = train(_cfg(store, tmp_path, "ce", steps=4, eval_every=2, ckpt_every=2), log=quiet)
+    shutil.rmtree(store)
+    extract(make_cfg(str(store), "views.count=2"), teacher=tiny_teacher, log=quiet)  # another store at its path
+    with pytest.raises(StoreError, match=r"has changed since run run was trained on it \(re-extracted\?\)"):
+        score_run(res.out, ["lodo"])
