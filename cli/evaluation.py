@@ -87,11 +87,14 @@ def report(results, out_dir) -> None:
     from embedcache.evaluate.report import write_report
     from embedcache.evaluate.results import read_results
 
+    note = ""
     if Path(results).is_dir():
-        from embedcache.students.sweep import collect
+        from embedcache.students.sweep import collect, partial_note
 
-        df, out_dir = collect(results), out_dir or str(Path(results) / "report")
+        df, out_dir, note = collect(results), out_dir or str(Path(results) / "report"), partial_note(results)
     else:
         df, out_dir = read_results(results), out_dir or "report"
-    for f in write_report(df, out_dir):
+    if note:
+        click.echo(f"warning: {note}", err=True)
+    for f in write_report(df, out_dir, note=note):
         click.echo(str(f))

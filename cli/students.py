@@ -54,7 +54,7 @@ def sweep(sweep_file, out, launcher, workers, address, device, overrides, no_pro
     SWEEP_FILE is a YAML file or a packaged sweep name; without one, the demo sweep over the demo store."""
     from embedcache.evaluate.report import markdown
     from embedcache.evaluate.store_eval import summary_table
-    from embedcache.students.sweep import load_sweep, run_sweep
+    from embedcache.students.sweep import load_sweep, partial_note, run_sweep
 
     demo = sweep_file is None
     if demo:
@@ -69,6 +69,9 @@ def sweep(sweep_file, out, launcher, workers, address, device, overrides, no_pro
     click.echo(f"{res['runs']} runs: {res['done']} done now, {res['skipped']} already done, {res['failed']} failed, "
                f"{res['busy']} left to other workers")
     if res["results"] is not None:
+        note = partial_note(out, [Path(p).name for p in res["run_dirs"]])
+        if note:
+            click.echo(f"warning: {note}")
         click.echo(markdown(summary_table(res["results"], MAIN_SPLIT[spec.protocol])))
         click.echo(f"results: {out}/results.parquet; report: {out}/report/report.md")
     if res["failed"]:

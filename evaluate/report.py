@@ -30,9 +30,9 @@ def _method(df: pd.DataFrame, keys: List[str]) -> pd.Series:
     return label
 
 
-def write_report(results: pd.DataFrame, out_dir: str) -> List[Path]:
+def write_report(results: pd.DataFrame, out_dir: str, note: str = "") -> List[Path]:
     """report.md with one table per split, and PNG plots: per-domain bars per split, and in-domain
-    vs out-of-domain accuracy per method when both exist."""
+    vs out-of-domain accuracy per method when both exist. ``note``: a line said first (a partial sweep)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -41,7 +41,7 @@ def write_report(results: pd.DataFrame, out_dir: str) -> List[Path]:
     out.mkdir(parents=True, exist_ok=True)
     results = method_frame(results)
     keys = method_keys(results)  # rows of other variants, class splits or stores are never averaged together
-    parts, files = ["# Results\n"], []
+    parts, files = ["# Results\n"] + ([f"**{note}**\n"] if note else []), []
     special = {"per_class", "distill", "text"}
     if "per_class" in set(results["split"]):
         pc = results[results["split"] == "per_class"]
@@ -53,7 +53,8 @@ def write_report(results: pd.DataFrame, out_dir: str) -> List[Path]:
         tab = dist.pivot_table(index=keys, columns="metric", values="value", aggfunc="mean").round(3)
         parts += ["## distillation metrics (mean over runs: seeds and held-out splits)\n", markdown(tab), ""]
     for split in sorted(set(results["split"].unique()) - special):
-        parts += [f"## {split} (top-1, %)\n", markdown(summary_table(results, split)), ""]
+        parts += [f"## {split} (top-1, %; mean ± sample std (ddof 1) over replicates)\n",
+                  markdown(summary_table(results, split)), ""]
         top = results[(results["split"] == split) & (results["metric"] == "top1") & (results["domain"] != "avg")]
         if "episode" in top.columns:
             top = top[top["episode"].isna() | (top["episode"] == -1)]

@@ -37,10 +37,10 @@ from ..recipes import definition_change
 from ..rundir import RunDir
 from ..train import run_name, settings_identity
 from .launchers import LAUNCHERS, check_options
-from .worker import SweepPoint, result_path, run_one, variant
+from .worker import SweepPoint, result_path, run_one, sweep_tags, variant
 
 __all__ = ["SweepSpec", "SweepPoint", "SweepInterrupted", "load_sweep", "expand", "run_sweep", "collect",
-           "LAUNCHERS", "run_one", "variant", "derive_seed"]
+           "unscored", "partial_note", "LAUNCHERS", "run_one", "variant", "derive_seed"]
 PROTOCOLS_TRAINED = ("lodo", "open_vocab", "few_shot")
 
 
@@ -202,17 +202,45 @@ def make_jobs(points: List[SweepPoint], pack_heads: bool = False) -> List[List[S
 
 def collect(sweep_dir: str, names: Optional[List[str]] = None) -> pd.DataFrame:
     """The result rows of the runs ``names``, by default the sweep's current grid (``runs.json``,
-    written at each launch): runs of grid values since dropped stay on disk but out of its table."""
-    listed = Path(sweep_dir) / "runs.json"
+    written at each launch): runs of grid values since dropped stay on disk but out of its table.
+    Each run's variant and replicate are those of the current grid (``tags.json``): a run scored
+    under an earlier grid (before a base value moved into the grid) is one method with its peers."""
     files = sorted((Path(sweep_dir) / "results").glob("*.parquet"))
-    if names is None and listed.is_file():  # a sweep launched before runs.json: every result is of its grid
-        names = json.loads(listed.read_text())
+    names = _grid_runs(sweep_dir) if names is None else names
     if names is not None:
         current = set(names)
         files = [f for f in files if f.stem in current]
     if not files:
         raise ConfigError(f"no results in {sweep_dir}/results yet; run the sweep first")
-    return pd.concat([_run_results(f) for f in files], ignore_index=True)
+    df = pd.concat([_run_results(f) for f in files], ignore_index=True)
+    tags_file = Path(sweep_dir) / "tags.json"
+    if tags_file.is_file():
+        tags = json.loads(tags_file.read_text())
+        for col in ("variant", "replicate"):
+            df[col] = [tags.get(r, {}).get(col, v) for r, v in zip(df["run"], df[col])]
+    return df
+
+
+def _grid_runs(sweep_dir: str) -> Optional[List[str]]:
+    """The run names of the sweep's current grid (None for a sweep launched before runs.json)."""
+    listed = Path(sweep_dir) / "runs.json"
+    return json.loads(listed.read_text()) if listed.is_file() else None
+
+
+def unscored(sweep_dir: str, names: Optional[List[str]] = None) -> List[str]:
+    """The runs of the sweep's current grid (or ``names``) without results: failed, unfinished, or
+    running elsewhere. A table without them is partial."""
+    names = _grid_runs(sweep_dir) if names is None else names
+    return sorted(n for n in names or [] if not result_path(sweep_dir, n).exists())
+
+
+def partial_note(sweep_dir: str, names: Optional[List[str]] = None) -> str:
+    """'' for a sweep whose every run has results; else a line saying the tables are partial."""
+    missing, total = unscored(sweep_dir, names), len(names if names is not None else _grid_runs(sweep_dir) or [])
+    if not missing:
+        return ""
+    return (f"partial: {total - len(missing)} of {total} runs of this sweep have results ({len(missing)} failed, "
+            "unfinished or running elsewhere); cells and averages below are over the runs that have them")
 
 
 def _run_results(path: Path) -> pd.DataFrame:
@@ -232,7 +260,7 @@ def _write_outputs(sweep_dir: str, points: List[SweepPoint]) -> Optional[pd.Data
         return None
     results = collect(sweep_dir, names)  # this launch's grid (another launch may have rewritten runs.json)
     atomic_write(Path(sweep_dir) / "results.parquet", lambda tmp: results.to_parquet(tmp, index=False))
-    write_report(results, str(Path(sweep_dir) / "report"))
+    write_report(results, str(Path(sweep_dir) / "report"), note=partial_note(sweep_dir, names))
     return results
 
 
@@ -354,6 +382,8 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, launcher: Optional[str] = None, d
             points = expand(spec, sweep_dir)
         atomic_write_text(Path(sweep_dir) / "sweep.yaml", yaml.safe_dump(to_dict(spec), sort_keys=True))
         atomic_write_text(Path(sweep_dir) / "runs.json", json.dumps(sorted(Path(p.cfg.out).name for p in points)))
+        atomic_write_text(Path(sweep_dir) / "tags.json",  # each run's variant and replicate in this launch's grid
+                          json.dumps({Path(p.cfg.out).name: sweep_tags(spec, p) for p in points}, sort_keys=True))
     except OSError as exc:
         if is_disk_full(exc):
             raise disk_full_error(sweep_dir, "free space or choose --out on a larger disk") from exc
@@ -385,4 +415,4 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, launcher: Optional[str] = None, d
         if is_disk_full(exc):
             raise disk_full_error(sweep_dir, "free space or choose --out on a larger disk") from exc
         raise
-    return {"runs": len(points), **counts, "results": results}
+    return {"runs": len(points), **counts, "results": results, "run_dirs": [p.cfg.out for p in points]}

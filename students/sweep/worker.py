@@ -42,6 +42,18 @@ def variant(cfg: TrainConfig, grid_keys) -> str:
     return ", ".join(parts) or "-"
 
 
+# Replicates of two sweeps with other base seeds are other replicates: a replicate is numbered by the
+# grid's seed value, plus base_seed x REPLICATES_PER_BASE_SEED when base_seed is not 0 (so sweeps of the
+# default base seed keep their numbers).
+REPLICATES_PER_BASE_SEED = 1_000_000
+
+
+def sweep_tags(spec, point: SweepPoint) -> Dict:
+    """What a sweep's run is in its tables: its variant (grid values but the seed) and its replicate."""
+    return {"variant": variant(point.cfg, spec.grid),
+            "replicate": spec.base_seed * REPLICATES_PER_BASE_SEED + point.replicate}
+
+
 def result_path(sweep_dir: str, run_name: str) -> Path:
     return Path(sweep_dir) / "results" / f"{run_name}.parquet"
 
@@ -56,7 +68,7 @@ def _score(run: RunDir, spec, point: SweepPoint, device: str):
 
 def _start(run: RunDir, spec, point: SweepPoint, **attempt) -> None:
     """Before a run of the sweep trains: its tags (sweep.json, which scoring reads) and an attempt record."""
-    run.write_sweep_tags({"variant": variant(point.cfg, spec.grid), "replicate": point.replicate})
+    run.write_sweep_tags(sweep_tags(spec, point))
     with open(run.file("attempts.jsonl"), "a") as fh:
         fh.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(), **attempt}) + "\n")
 
