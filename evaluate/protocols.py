@@ -81,12 +81,16 @@ def _average(df: pd.DataFrame, split: str) -> List[Dict]:
 def lodo(d: EvalData, holdout_domains: Optional[Sequence[str]] = None) -> pd.DataFrame:
     """DomainBed leave-one-domain-out. Out-of-domain: each held-out domain. In-domain: the validation
     rows of each training domain (a run that held out no domain has only these). The teacher
-    (no held-out domains, no validation rows) is scored zero-shot on every domain (split "zero_shot")."""
+    (no held-out domains, no validation rows) is scored zero-shot on every domain (split "zero_shot").
+    A run that also held out classes is scored on the classes it trained on, among their labels (as
+    its own validation): its unseen classes are ``open_vocab``'s."""
     held = list(holdout_domains if holdout_domains is not None else (d.holdout_domains or []))
     student = bool(held) or d.val_idx is not None
+    seen = None if d.seen_classes is None or not student else np.asarray(d.seen_classes)  # the teacher: all
+    usable = d.ok if seen is None else d.ok & np.isin(d.labels, seen)
     rows: List[Dict] = []
-    for dom in sorted(set(d.domains[d.ok])):
-        rows_dom = np.flatnonzero(d.ok & (d.domains == dom))
+    for dom in sorted(set(d.domains[usable])):
+        rows_dom = np.flatnonzero(usable & (d.domains == dom))
         if student and dom not in held:
             if d.val_idx is None:
                 continue
@@ -95,7 +99,7 @@ def lodo(d: EvalData, holdout_domains: Optional[Sequence[str]] = None) -> pd.Dat
         else:
             split = "out_of_domain" if held else "zero_shot"
         if len(rows_dom):
-            rows += _rows(_predict(d, rows_dom), d.labels[rows_dom], split=split, domain=dom)
+            rows += _rows(_predict(d, rows_dom, seen), d.labels[rows_dom], split=split, domain=dom)
     if not rows and student:
         raise EvaluationError("lodo has nothing to score: this run held out no domain and kept no validation "
                               "rows (every image was trained on); train with split.holdout_domains=[...] or "
@@ -263,13 +267,36 @@ def _scored_rows(d: EvalData) -> np.ndarray:
     return rows
 
 
+def _per_class_scopes(d: EvalData) -> List[Tuple[str, np.ndarray, Optional[np.ndarray]]]:
+    """(scope, rows, labels predicted among) of per-class accuracy, as the run's other protocols score
+    them: out of domain and in domain apart (lodo), a run's seen classes among its seen labels, its
+    unseen classes among the unseen labels only (Li et al.'s zero-shot); the teacher: every row, "all"."""
+    if d.val_idx is None and not d.holdout_domains:  # the teacher (its class split is open_vocab's)
+        return [("all", np.flatnonzero(d.ok), None)]
+    rows = _scored_rows(d)
+    held = np.isin(d.domains[rows], list(d.holdout_domains or []))
+    if d.seen_classes is None:
+        scopes = [("out_of_domain", rows[held], None), ("in_domain", rows[~held], None)]
+    else:
+        seen = np.asarray(d.seen_classes)
+        is_seen = np.isin(d.labels[rows], seen)
+        unseen = np.setdiff1d(np.arange(len(d.classes)), seen)
+        scopes = [("out_of_domain", rows[is_seen & held], seen), ("in_domain", rows[is_seen & ~held], seen),
+                  ("unseen_zero_shot", rows[~is_seen], unseen)]
+    return [(name, r, labels) for name, r, labels in scopes
+            if len(r) and not _unanswerable(d, r, labels if labels is not None else np.arange(len(d.classes)))]
+
+
 @PROTOCOLS.register("per_class")
 def per_class(d: EvalData) -> pd.DataFrame:
-    """Top-1 of each class over the rows the run did not train on (all rows for the teacher)."""
-    rows = _scored_rows(d)
-    tab = per_group(_predict(d, rows), d.labels[rows], np.array(d.classes)[d.labels[rows]], "class_name")
-    return pd.DataFrame({"split": "per_class", "domain": "all", "class_name": tab["class_name"], "metric": "top1",
-                         "value": tab["top1"], "n": tab["n"]})
+    """Top-1 of each class over the rows the run did not train on, in the scopes its other protocols
+    score (``domain``: out_of_domain, in_domain, unseen_zero_shot; "all" for the teacher)."""
+    parts = []
+    for scope, rows, labels in _per_class_scopes(d):
+        tab = per_group(_predict(d, rows, labels), d.labels[rows], np.array(d.classes)[d.labels[rows]], "class_name")
+        parts.append(pd.DataFrame({"split": "per_class", "domain": scope, "class_name": tab["class_name"],
+                                   "metric": "top1", "value": tab["top1"], "n": tab["n"]}))
+    return pd.concat(parts, ignore_index=True)
 
 
 @PROTOCOLS.register("distill")

@@ -45,9 +45,10 @@ def write_report(results: pd.DataFrame, out_dir: str, note: str = "") -> List[Pa
     special = {"per_class", "distill", "text"}
     if "per_class" in set(results["split"]):
         pc = results[results["split"] == "per_class"]
-        tab = (100 * pc.pivot_table(index=keys, columns="class_name", values="value",
+        tab = (100 * pc.pivot_table(index=keys + ["domain"], columns="class_name", values="value",
                                     aggfunc="mean")).round(1)
-        parts += ["## per class (top-1, %, mean over runs: seeds and held-out splits)\n", markdown(tab), ""]
+        parts += ["## per class (top-1, %, mean over runs: seeds and held-out splits; `domain`: the scope "
+                  "scored, out_of_domain, in_domain, unseen_zero_shot, or all for the teacher)\n", markdown(tab), ""]
     dist = results[results["split"].isin(["distill", "text"])]
     if not dist.empty:
         tab = dist.pivot_table(index=keys, columns="metric", values="value", aggfunc="mean").round(3)

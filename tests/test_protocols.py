@@ -170,3 +170,53 @@ def test_the_class_split_halves_as_li_et_al_do():
     assert len(seeded_class_split(7, 0.99)) == 1  # and at least one is seen
     with pytest.raises(ValueError, match="at least 2 classes"):
         seeded_class_split(1)
+
+
+def _noisy_run(seed=3):
+    """A run that held out domain d1 and classes 4, 5, on embeddings noisy enough to confuse classes."""
+    d = _data(noise=0.9, seed=seed)
+    d.holdout_domains, d.seen_classes = ["d1"], [0, 1, 2, 3]
+    train = np.isin(d.labels, d.seen_classes) & (d.domains != "d1")
+    d.val_idx = np.flatnonzero(train)[::4]
+    d.test_idx = np.flatnonzero(~train)
+    return d
+
+
+def _among(d, rows, labels):
+    """Brute force: the nearest class text among ``labels`` for each row."""
+    labels = np.asarray(labels)
+    return labels[np.argmax(d.emb[rows] @ d.class_emb[labels].T, axis=1)]
+
+
+def test_a_run_that_held_out_classes_is_scored_by_lodo_on_its_classes_among_their_labels():
+    """lodo scored a class-held-out run over every label and every class: in-domain 0% on the rows
+    its own validation scored 46% (it predicted a class it never trained on)."""
+    d = _noisy_run()
+    df = lodo(d)
+    seen = np.asarray(d.seen_classes)
+    for split, dom in (("in_domain", "d0"), ("out_of_domain", "d1")):
+        rows = np.flatnonzero(d.ok & (d.domains == dom) & np.isin(d.labels, seen))
+        if split == "in_domain":
+            rows = np.intersect1d(rows, d.val_idx)
+        want = np.mean(_among(d, rows, seen) == d.labels[rows])
+        got = df[(df.split == split) & (df.domain == dom) & (df.metric == "top1")]
+        assert int(got.n.iloc[0]) == len(rows) and float(got.value.iloc[0]) == pytest.approx(want)
+
+
+def test_per_class_scores_each_scope_as_the_runs_other_protocols_do():
+    """per_class pooled held-out-domain and validation rows, and scored unseen classes among every label
+    (Li et al. score them among the unseen labels only)."""
+    from embedcache.evaluate.protocols import per_class
+
+    d = _noisy_run(seed=4)
+    df = per_class(d)
+    assert set(df.domain) == {"out_of_domain", "in_domain", "unseen_zero_shot"}
+    seen, unseen = np.asarray(d.seen_classes), np.array([4, 5])
+    scopes = {"out_of_domain": (d.test_idx[np.isin(d.labels[d.test_idx], seen)], seen),
+              "in_domain": (d.val_idx, seen), "unseen_zero_shot": (d.test_idx[np.isin(d.labels[d.test_idx], unseen)], unseen)}
+    for scope, (rows, labels) in scopes.items():
+        pred = _among(d, rows, labels)
+        for c in np.unique(d.labels[rows]):
+            m = d.labels[rows] == c
+            got = df[(df.domain == scope) & (df.class_name == f"c{c}")]
+            assert int(got.n.iloc[0]) == m.sum() and float(got.value.iloc[0]) == pytest.approx(np.mean(pred[m] == c))
