@@ -52,7 +52,7 @@ def train(store, recipe, student, config_path, out, device, overrides, no_progre
 def sweep(sweep_file, out, launcher, workers, address, device, overrides, no_progress) -> None:
     """Run a grid of student runs over a store (resumable; finished runs are skipped), then report.
     SWEEP_FILE is a YAML file or a packaged sweep name; without one, the demo sweep over the demo store."""
-    from embedcache.evaluate.report import markdown
+    from embedcache.evaluate.report import headline_metric, markdown
     from embedcache.evaluate.store_eval import summary_table
     from embedcache.students.sweep import load_sweep, partial_note, run_sweep
 
@@ -72,7 +72,10 @@ def sweep(sweep_file, out, launcher, workers, address, device, overrides, no_pro
         note = partial_note(out, [Path(p).name for p in res["run_dirs"]])
         if note:
             click.echo(f"warning: {note}")
-        click.echo(markdown(summary_table(res["results"], MAIN_SPLIT[spec.protocol])))
+        split = MAIN_SPLIT[spec.protocol]
+        if headline_metric(split) == "mean_per_class":
+            click.echo(f"{split}: mean per-class accuracy (%), as Li et al. report it")
+        click.echo(markdown(summary_table(res["results"], split, headline_metric(split))))
         click.echo(f"results: {out}/results.parquet; report: {out}/report/report.md")
     if res["failed"]:
         sys.exit(1)

@@ -71,6 +71,10 @@ def test_evaluate_runs_and_report(runs, tmp_path):
         assert word in text
     assert (tmp_path / "rep" / "id_vs_ood.png").stat().st_size > 1000
     assert (tmp_path / "rep" / "out_of_domain_domains.png").exists()
+    # the class-held-out splits are reported as Li et al. report them: mean per-class accuracy
+    assert "## unseen_zero_shot (mean per-class accuracy, %" in text and "## out_of_domain (top-1, %" in text
+    assert "mean per-class accuracy (%), the open-vocabulary and few-shot papers' metric" in res.output
+    assert set(df[df.split == "per_class"].domain) == {"out_of_domain", "in_domain", "unseen_zero_shot"}
 
 
 def test_a_run_is_refused_on_another_store(runs, make_cfg, tiny_teacher, tmp_path):
