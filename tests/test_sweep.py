@@ -143,7 +143,12 @@ def test_bad_sweep_files_are_rejected_before_any_run(synthetic_store, tmp_path, 
              ({"holdout_domains": []}, r"holdout_domains=\[\] holds no domain out"),  # was: every domain
              ({"grid": {"optim.warmup_steps": [0, 9]}}, r"sweep run \(optim.warmup_steps=9\): optim.warmup_steps=9 "
                                                         r"but the run has 4 steps"),
-             ({"holdout_domains": ["solid", "solid"]}, r"holdout_domains=\['solid', 'solid'\] names a domain twice")]
+             ({"holdout_domains": ["solid", "solid"]}, r"holdout_domains=\['solid', 'solid'\] names a domain twice"),
+             # the sweep sets each run's split: a base one was silently overridden
+             ({"base": {"split": {"holdout_domains": ["solid"]}}}, r"split.holdout_domains in a sweep's base or "
+                                                                  r"per_recipe is set by the sweep itself"),
+             ({"resources": {"gpus": 0.5}}, r"resources.gpus is not a per-run request; use num_cpus, num_gpus, memory"),
+             ({"resources": {"num_gpus": "half"}}, r"resources.num_gpus='half' is not valid: expected a number >= 0")]
     for change, msg in cases:
         with pytest.raises(ConfigError, match=msg):
             expand(load_sweep(str(_sweep_file(tmp_path, synthetic_store, **change))), str(tmp_path / "none"))
@@ -477,3 +482,36 @@ def test_tables_follow_the_current_grid_and_say_when_they_are_partial(synthetic_
     again = load_sweep(str(f), ["base_seed=3"])
     point = expand(again, str(tmp_path / "other"))[0]
     assert sweep_tags(again, point)["replicate"] == 3 * REPLICATES_PER_BASE_SEED + point.replicate
+
+
+def test_a_worker_whose_sweep_died_stops_and_a_dead_ray_task_fails_only_its_runs(tmp_path):
+    """After kill -9 of the sweep, its local workers went through the whole queue; a Ray task whose
+    worker died stopped the whole sweep with a traceback."""
+    import time
+
+    from types import SimpleNamespace
+
+    from embedcache import interrupt
+    from embedcache.students.sweep.launchers import _ray_statuses, _stop_when_orphaned
+    from embedcache.students.sweep.worker import result_path
+
+    interrupt.reset()
+    _stop_when_orphaned(os.getppid() + 12345, every=0.05)  # not our parent: as if ours had died
+    deadline = time.monotonic() + 5
+    while not interrupt.requested() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert interrupt.requested()
+    interrupt.reset()
+
+    class WorkerCrashedError(Exception):
+        pass
+
+    def dead(_ref):
+        raise WorkerCrashedError("the worker died unexpectedly")
+
+    job = [SimpleNamespace(cfg=SimpleNamespace(out=str(tmp_path / "runs" / n))) for n in ("a", "b")]
+    result_path(str(tmp_path), "a").parent.mkdir(parents=True)
+    result_path(str(tmp_path), "a").write_bytes(b"x")  # written before the worker died: done
+    got = _ray_statuses(SimpleNamespace(get=dead), "ref", job, str(tmp_path))
+    assert got[0] == {"run": "a", "status": "done"} and got[1]["status"] == "failed"
+    assert "WorkerCrashedError: a worker died or was killed" in got[1]["error"] and "rerun" in got[1]["error"]

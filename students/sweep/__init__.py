@@ -44,6 +44,10 @@ __all__ = ["SweepSpec", "SweepPoint", "SweepInterrupted", "load_sweep", "expand"
 PROTOCOLS_TRAINED = ("lodo", "open_vocab", "few_shot")
 
 
+SET_BY_THE_SWEEP = ("holdout_domains", "train_classes")  # each run's split, from the protocol
+RESOURCES = ("num_cpus", "num_gpus", "memory")  # Ray's per-task requests
+
+
 class SweepInterrupted(KeyboardInterrupt):
     """The sweep stopped on request; the message says how far it got and how to resume."""
 
@@ -65,6 +69,21 @@ class SweepSpec:
     workers: int = setting(1, min=1)
     pack_heads: bool = False                 # head-only runs differing only in seed/lr/weight decay train as one pack
     resources: Dict[str, Any] = field(default_factory=lambda: {"num_cpus": 1, "num_gpus": 0})
+
+    def check(self) -> None:
+        """What the sweep sets itself is not also taken from ``base`` (it was silently overridden), and
+        ``resources`` are Ray's per-run requests, numbers >= 0 (a typo ran every run without its GPU)."""
+        for where in (self.base, *self.per_recipe.values()):
+            for key in SET_BY_THE_SWEEP:
+                if key in (where.get("split") or {}) or f"split.{key}" in where:
+                    raise ConfigError(f"split.{key} in a sweep's base or per_recipe is set by the sweep itself; use the "
+                                      "top-level holdout_domains: (lodo) or unseen_fraction / split_seed (open_vocab, few_shot)")
+        for key, value in self.resources.items():
+            if key not in RESOURCES:
+                raise ConfigError(f"resources.{key} is not a per-run request; use {', '.join(RESOURCES)}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"resources.{key}={value!r} is not valid: expected a number >= 0 (fractions of a GPU "
+                                  "pack runs on it)")
 
 
 def load_sweep(path: str, overrides=()) -> SweepSpec:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import queue
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -101,6 +102,7 @@ def _worker_main(tasks, results, spec_dict: Dict, sweep_dir: str, device: str, t
     from . import SweepSpec
 
     interrupt.stop_on_signal()
+    _stop_when_orphaned(os.getppid())
     torch.set_num_threads(threads)
     spec = SweepSpec(**spec_dict)
     while not interrupt.requested():
@@ -115,6 +117,20 @@ def _worker_main(tasks, results, spec_dict: Dict, sweep_dir: str, device: str, t
             results.put(st)
         if any(st["status"] in STOP_STATUSES for st in statuses):
             return
+
+
+def _stop_when_orphaned(parent: int, every: float = 1.0) -> None:
+    """A worker whose sweep process died (kill -9) stops as on Ctrl-C: its run checkpoints at the next
+    step and it takes no other (orphans went through the whole queue while a relaunch counted their
+    runs as running elsewhere)."""
+    def watch() -> None:
+        while not interrupt.requested():
+            if os.getppid() != parent:
+                interrupt.request()
+                return
+            time.sleep(every)
+
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
 
 
 def _stop_workers(procs, grace: float) -> None:
@@ -212,6 +228,18 @@ def _lost_to_dead_workers(jobs: List[List[SweepPoint]], out: List[Dict], procs, 
 
 
 # --- ray ---------------------------------------------------------------------------------------------
+def _ray_statuses(ray, ref, job: List[SweepPoint], sweep_dir: str) -> List[Dict]:
+    """A Ray task's run statuses; a task whose worker died (killed, out of memory) fails its runs that
+    have no results, as a dead local worker does, and the sweep goes on (it stopped with a traceback)."""
+    try:
+        return ray.get(ref)
+    except Exception as exc:  # the task's own runs catch their errors: this is Ray's (a dead worker)
+        why = (f"its Ray task failed ({type(exc).__name__}: a worker died or was killed) before this run finished; "
+               "rerun the same command to resume it")
+        names = [Path(p.cfg.out).name for p in job]
+        return [{"run": n, "status": "done"} if result_path(sweep_dir, n).exists() else
+                {"run": n, "status": "failed", "error": why} for n in names]
+
 def _check_reachable(address: str, timeout: float = 3.0) -> None:
     """Fail in seconds, in one line, when nothing listens at a Ray address (ray.init itself waits
     minutes). Accepts host:port, ray://host:port (client, default port 10001) and 'auto'."""
@@ -262,7 +290,8 @@ def ray_launcher(jobs: List[List[SweepPoint]], spec, sweep_dir, device="auto", p
     res = dict(spec.resources)
     task = ray.remote(num_cpus=res.get("num_cpus", 1), num_gpus=res.get("num_gpus", 0), max_retries=0)(_ray_task)
     threads = max(1, int(res.get("num_cpus", 1)))
-    pending = [task.remote(_as_items(job), to_dict(spec), sweep_dir, device, threads, os.getcwd()) for job in jobs]
+    job_of = {task.remote(_as_items(job), to_dict(spec), sweep_dir, device, threads, os.getcwd()): job for job in jobs}
+    pending = list(job_of)
     bar, out = Progress(sum(map(len, jobs)), progress), []
     try:
         while pending:
@@ -278,7 +307,7 @@ def ray_launcher(jobs: List[List[SweepPoint]], spec, sweep_dir, device="auto", p
                 break
             ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)
             for ref in ready:
-                for st in ray.get(ref):
+                for st in _ray_statuses(ray, ref, job_of[ref], sweep_dir):
                     out.append(st)
                     bar.update(st, len(pending))
                     if st["status"] in STOP_STATUSES:
