@@ -661,3 +661,18 @@ def test_a_repair_takes_where_the_images_are_now(make_cfg, tiny_teacher, tmp_pat
     _same(good, _arrays(cfg.out))
     alone = CliRunner().invoke(main, ["verify", cfg.out, "--set", "dataset.path=x"])
     assert alone.exit_code == 2 and "give it with --repair" in alone.output
+
+
+def test_an_existing_file_that_is_no_store_is_named_so(make_cfg, tiny_teacher, tmp_path):
+    """--out on an empty file said 'has schema None, ... re-extract it with this version'."""
+    from embedcache.errors import StoreMismatchError
+
+    import h5py
+
+    (tmp_path / "empty.h5").write_bytes(b"")
+    with h5py.File(tmp_path / "other.h5", "w") as f:  # somebody else's HDF5 file
+        f["x"] = np.zeros(3)
+    for target in ("empty.h5", "other.h5"):
+        with pytest.raises(StoreMismatchError, match=rf"{target} is not an embedcache store \(it has no manifest\); "
+                                                     r"give a store's path, or another --out"):
+            extract(make_cfg(str(tmp_path / target)), teacher=tiny_teacher, log=quiet)

@@ -92,6 +92,10 @@ class Store:
         self.b = cls(self.path, mode)
         self.manifest: Dict[str, Any] = self.b.get_attr("manifest") or {}
         self.layout: Dict[str, Any] = self.b.get_attr("layout") or {}
+        if not self.manifest:
+            self.close()
+            raise StoreMismatchError(f"{self.path} is not an embedcache store (it has no manifest); give a store's path, "
+                                     "or another --out for a new one (a store whose creation was cut off: delete it)")
         if self.manifest.get("schema") != SCHEMA_VERSION:
             self.close()
             raise StoreMismatchError(f"store {self.path} has schema {self.manifest.get('schema')!r}, this embedcache reads "
