@@ -38,13 +38,18 @@ def evaluate(runs, store, protocols, sources, out, device, finetune_steps, finet
     from embedcache.errors import EvaluationError
     from embedcache.evaluate.protocols import PROTOCOLS
     from embedcache.evaluate.report import headline_metric, markdown
-    from embedcache.evaluate.results import upsert
+    from embedcache.evaluate.results import read_results, upsert
     from embedcache.evaluate.store_eval import summary_table, teacher_baselines
     from embedcache.students.rundir import RunDir
     from embedcache.students.scoring import score_run
 
     for p in protocols:
         PROTOCOLS.check(p)
+    if Path(out).suffix != ".parquet":
+        raise click.UsageError(f"--out {out}: results are one parquet table; give a .parquet file (pandas reads it "
+                               "with pd.read_parquet; `embedcache report` makes markdown tables of it)")
+    if Path(out).exists():
+        read_results(out)  # a file that is not a results table is refused now, not after the scoring
     frames = []
     if not runs:
         if not store:

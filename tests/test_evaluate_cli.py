@@ -91,12 +91,16 @@ def test_teacher_baseline_cli(synthetic_store, tmp_path):
                                     "--out", str(tmp_path / "t.parquet")])
     assert res.exit_code == 0, res.output
     assert "teacher" in res.output and "zero_shot" in res.output
-    notes = tmp_path / "notes.txt"
+    notes, fake = tmp_path / "notes.txt", tmp_path / "fake.parquet"
     notes.write_text("keep me")
-    for args in (["report", str(notes)], ["evaluate", "--store", str(synthetic_store), "--out", str(notes)]):
+    fake.write_text("keep me too")
+    for args in (["report", str(notes)], ["evaluate", "--store", str(synthetic_store), "--out", str(fake)]):
         res = CliRunner().invoke(main, args)  # a file that is not parquet: one line, and it is left as it was
         assert res.exit_code == 2 and "is not a results file" in res.output and res.output.count("\n") == 1, res.output
-    assert notes.read_text() == "keep me"
+    for name in ("notes.txt", "results.csv"):  # parquet written under another suffix: refused before any scoring
+        res = CliRunner().invoke(main, ["evaluate", "--store", str(synthetic_store), "--out", str(tmp_path / name)])
+        assert res.exit_code == 2 and "results are one parquet table; give a .parquet file" in res.output, res.output
+    assert notes.read_text() == "keep me" and fake.read_text() == "keep me too" and not (tmp_path / "results.csv").exists()
 
 
 def test_teacher_baselines_of_every_text_source_are_all_kept(synthetic_store, tmp_path):
