@@ -58,6 +58,13 @@ def test_open_clip_local_weights_file_with_a_json_architecture(tiny_clip_dir, tm
     assert t.identity()["pretrained"]["file_sha256"] == ref.identity()["pretrained"]["open_clip_model.safetensors"]
     # normalisation comes from the model: OpenAI defaults here, the folder's own config there
     assert t.mean != ref.mean == (0.5, 0.5, 0.5)
+    # the JSON's file name names the architecture: another teacher.model is said so (it blamed the weights)
+    other = tmp_path / "tiny-test-clip-v2.json"
+    other.write_text(json.dumps(TINY_CLIP))
+    with pytest.raises(TeacherLoadError, match=r"registers its architecture as 'tiny-test-clip-v2' \(open_clip names it "
+                                               r"by the file's name\), not 'tiny-clp'; set teacher.model=tiny-test-clip-v2"):
+        build_teacher(TeacherConfig(name="open_clip", model="tiny-clp", model_config=str(other),
+                                    pretrained=str(tiny_clip_dir / "open_clip_model.safetensors"), device="cpu"))
 
 
 def test_open_clip_bf16_weights_take_fp32_inputs(tiny_teacher_cfg, tiny_teacher):

@@ -44,6 +44,10 @@ class OpenClipTeacher(Teacher):
                 raise TeacherLoadError(f"teacher.model_config {cfg_path} not found; give a JSON architecture file")
             open_clip.add_model_config(cfg_path)
             self._config_hash = file_sha256(cfg_path)
+            if self.model_name != cfg_path.stem and self.model_name not in open_clip.list_models():
+                raise TeacherLoadError(f"teacher.model_config {cfg_path} registers its architecture as {cfg_path.stem!r} "
+                                       f"(open_clip names it by the file's name), not {self.model_name!r}; set "
+                                       f"teacher.model={cfg_path.stem}")
         try:
             with held_log_records() as held, torch.random.fork_rng(devices=[]):  # random weights are the same
                 torch.manual_seed(0)                                               # every time; the caller's RNG
