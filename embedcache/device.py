@@ -18,7 +18,8 @@ def resolve_device(device: str = "auto") -> torch.device:
     except (RuntimeError, TypeError):
         raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} asked for, but no CUDA device is visible; set it to auto or cpu (--device; teacher.device for a teacher)")
+        raise ConfigError(f"device {device!r} asked for, but no CUDA device is visible; set it to auto or cpu "
+                          "(--device; teacher.device for a teacher)")
     return dev
 
 
