@@ -98,3 +98,17 @@ def is_disk_full(exc: BaseException) -> bool:
 
 def disk_full_error(where: PathLike, fix: str = "free space or write to a larger disk") -> DiskFullError:
     return DiskFullError(f"disk full while writing {where}; {fix}, then rerun the same command to resume")
+
+
+def try_exclusive_lock(path: PathLike):
+    """An open file descriptor holding an exclusive ``flock`` on ``path`` (created if needed), or None
+    when another process holds it. The kernel releases it when the holder closes it, exits or dies."""
+    import fcntl
+
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd

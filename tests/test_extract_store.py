@@ -373,3 +373,33 @@ def test_an_hdf5_store_stops_short_of_a_full_disk_and_resumes_identical(make_cfg
     with Store(full.out) as a, Store(make_cfg("ref.h5").out) as b:
         for name in ("image/emb", "image/pixels", "image/view_params"):
             assert np.array_equal(a.read(name), b.read(name)), name
+
+
+def test_a_second_extraction_of_the_same_blocks_is_refused_while_the_first_runs(make_cfg, tiny_teacher):
+    """A second `extract` on a Zarr store being written encoded the same blocks again beside the first,
+    silently (and a paid teacher would have been paid twice)."""
+    import os
+
+    from embedcache.fileio import try_exclusive_lock
+
+    cfg = make_cfg("busy.zarr", "block_rows=8")
+
+    def stop(block):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract(cfg, teacher=tiny_teacher, on_block_done=stop, log=quiet)
+    held = try_exclusive_lock(os.path.join(cfg.out, ".writer-0-of-1.lock"))  # as the first extraction holds it
+    assert held is not None
+    try:
+        with pytest.raises(StoreError, match=r"another extraction is writing .*busy.zarr now \(shard 0 of 1\); wait"):
+            extract(cfg, teacher=tiny_teacher, log=quiet)
+    finally:
+        os.close(held)
+    assert extract(cfg, teacher=tiny_teacher, log=quiet).complete  # its lock gone: it resumes
+    from click.testing import CliRunner
+
+    from embedcache.cli import main
+
+    seen = CliRunner().invoke(main, ["verify", cfg.out, "--no-progress"])
+    assert seen.exit_code == 0 and "intact" in seen.output, seen.output

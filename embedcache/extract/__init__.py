@@ -18,8 +18,8 @@ import numpy as np
 
 from ..config import ExtractConfig, replace
 from ..datasets import ImageDataset, build_dataset
-from ..errors import BudgetError, ConfigError
-from ..fileio import disk_full_error, is_disk_full
+from ..errors import BudgetError, ConfigError, StoreError
+from ..fileio import disk_full_error, is_disk_full, try_exclusive_lock
 from ..store import BACKENDS, STATUS_OK, Store, add_text_arrays, backend_name_for, is_counter, plan_layout
 from ..teachers import Teacher, build_teacher
 from ..text import build_prompts, encode_sources, text_calls
@@ -110,7 +110,9 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
         if is_disk_full(exc):
             raise disk_full_error(cfg.out, "free space or choose --out on a larger disk") from exc
         raise
+    lock = None
     try:
+        lock = _writer_lock(store, shard, num_shards)
         repaired = 0
         if store.blocks_done().any():  # finished blocks are checked before anything builds on them
             report = store.verify(progress=cfg.progress)
@@ -151,6 +153,20 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
     finally:
         books.record(store, quietly=True)  # a stop or an error: what this call paid is still counted
         store.close()
+        if lock is not None:
+            os.close(lock)
+
+
+def _writer_lock(store: Store, shard: int, num_shards: int):
+    """One writer per shard of a Zarr store (HDF5 locks its file itself): a second extraction of the
+    same blocks would encode them again beside the first (and pay for them twice with a paid teacher)."""
+    if store.backend_name != "zarr":
+        return None
+    fd = try_exclusive_lock(os.path.join(store.path, f".writer-{shard}-of-{num_shards}.lock"))
+    if fd is None:
+        raise StoreError(f"another extraction is writing {store.path} now (shard {shard} of {num_shards}); wait for it to "
+                         "finish (rerunning then resumes or finds it complete), or give another --out")
+    return fd
 
 
 def _say_resumed_otherwise(began: Dict, cfg: ExtractConfig, now: Dict, log: Callable[[str], None]) -> None:
