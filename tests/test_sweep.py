@@ -415,6 +415,7 @@ def test_a_relaunch_may_add_a_recipe_with_its_settings_or_move_a_base_setting_in
 
     relaunch(base={"steps": 6, "recipe": "ce"})  # nothing finished yet: nothing to pool with
     (out / "results" / "ce-x.parquet").write_bytes(b"")
+    relaunch(base={"steps": "4.0", "recipe": "ce"})  # the same number written otherwise (YAML's 1e-3 is a string)
     with pytest.raises(ConfigError, match=r"base.steps: 4 -> 6"):
         relaunch(base={"steps": 6, "recipe": "ce"})
     relaunch(grid={"recipe": ["ce", "feat_kd"], "seed": [0]}, per_recipe={"feat_kd": {"optim": {"lr": 0.01}}})

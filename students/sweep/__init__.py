@@ -328,6 +328,21 @@ def _named_as(sweep_dir: str, store: str) -> str:
 RELAUNCH_MAY_CHANGE = ("grid", "holdout_domains", "launcher", "workers", "resources", "pack_heads", "store")
 
 
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal, or the same number written two ways (YAML reads 1e-3 as a string and 0.001 as a float;
+    the runs' configs read both as 0.001)."""
+    if a == b:
+        return True
+
+    def number(v):
+        try:
+            return None if isinstance(v, bool) else float(v)
+        except (TypeError, ValueError):
+            return None
+
+    return number(a) is not None and number(a) == number(b)
+
+
 def _require_same_spec(sweep_dir: str, spec: SweepSpec) -> None:
     """A sweep folder holds the runs of one spec: relaunched with other base settings its table pooled
     the old and new runs as replicates, and scoring settings (finetune_steps) changed nothing of runs
@@ -340,7 +355,7 @@ def _require_same_spec(sweep_dir: str, spec: SweepSpec) -> None:
     old = {**defaults, **flatten(raw)}
     new = flatten(to_dict(spec))
     changed = [k for k in sorted(set(old) | set(new)) if k.split(".")[0] not in RELAUNCH_MAY_CHANGE
-               and old.get(k) != new.get(k) and not _same_runs(k, old, new, raw, spec)]
+               and not _same_value(old.get(k), new.get(k)) and not _same_runs(k, old, new, raw, spec)]
     if changed:
         shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:3])
         moved = any(k.startswith("base.") and new.get(k) is None and k[len("base."):] in spec.grid for k in changed)
