@@ -1,2 +1,2 @@
 """Evaluation on embeddings and labels (issue 4): FAISS nearest-label accuracy and the papers' metrics.
-Imports only embedcache's store API."""
+Imports only the core (stores, registries, errors), never the students or the teachers."""

@@ -51,7 +51,7 @@ def test_a_stop_requested_while_scoring_stops_it_at_once(synthetic_store, tmp_pa
     monkeypatch.setattr(train_module, "train", train_then_stop)
 
     class Spec:
-        protocol, finetune_steps, finetune_mode, grid = "lodo", 0, "shots", {}
+        protocol, finetune_steps, finetune_mode, grid, base_seed = "lodo", 0, "shots", {}, 0
 
     cfg = _cfg(synthetic_store, tmp_path / "r")
     try:

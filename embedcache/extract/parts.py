@@ -169,8 +169,8 @@ class Pending:
 
 class Embedder:
     """A batch's views -> their (B, V, D) float16 teacher embeddings (zeros for unreadable rows).
-    Views the reader did not render are rendered here on the teacher's device, with ``renderer``
-    (``render_views``, or the batched renderer of the device pipeline)."""
+    Views the reader did not render are rendered here on the teacher's device: crop by crop
+    (``render_views``), or with ``batched`` by the device pipeline's batched renderer."""
 
     def __init__(self, teacher, views: int, batched: bool = False):
         self.teacher, self.views, self.batched = teacher, views, batched
