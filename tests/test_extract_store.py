@@ -215,6 +215,8 @@ def test_store_from_another_teacher_is_refused(make_cfg, tiny_teacher, tmp_path)
         extract(replace(cfg, teacher=replace(cfg.teacher, model=f"local-dir:{other_dir}")), log=quiet)
     with pytest.raises(StoreMismatchError, match=r"\(its views differ; "):  # plural, alone too
         extract(make_cfg("mine.zarr", "views.count=2"), teacher=tiny_teacher, log=quiet)
+    with pytest.raises(StoreMismatchError, match=r"\(its views differ; .*use another --out"):  # a dry run says it too
+        extract(make_cfg("mine.zarr", "views.count=2"), teacher=tiny_teacher, log=quiet, dry_run=True)
     with pytest.raises(StoreMismatchError, match=r"\(its dataset and views differ; "):  # a subset, other views
         extract(make_cfg("mine.zarr", "dataset.max_per_class=2", "views.count=2"), teacher=tiny_teacher, log=quiet)
     key = embedcache.open_store(cfg.out).key

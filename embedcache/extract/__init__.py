@@ -49,9 +49,12 @@ def policy_of(cfg: ExtractConfig) -> ViewPolicy:
     return ViewPolicy(cfg.canvas.size, cfg.views)
 
 
+OTHER_STORE_ADVICE = "use another --out path, or delete that store if it is no longer needed"
+
+
 def open_or_create(cfg: ExtractConfig, manifest: Dict, layout: Dict) -> Store:
     backend = backend_name_for(cfg.out, cfg.backend)
-    advice = "use another --out path, or delete that store if it is no longer needed"
+    advice = OTHER_STORE_ADVICE
     if Store.exists(cfg.out, backend):
         store = Store(cfg.out, "a", backend)
         try:
@@ -245,8 +248,9 @@ def _dry_run(cfg, manifest, layout, reader, embedder, prompts, shard, num_shards
     backend = backend_name_for(cfg.out, cfg.backend)
     done = np.zeros(layout["num_blocks"], bool)
     if Store.exists(cfg.out, backend):
-        with Store(cfg.out, "r", backend) as st:
-            st.require(manifest["key"], complete=False, advice="use another --out path")
+        with Store(cfg.out, "r", backend) as st:  # refused as the real run refuses it, naming what differs
+            st.require(manifest["key"], complete=False, advice=OTHER_STORE_ADVICE,
+                       differs=differing_parts(st.manifest, manifest))
             done = st.blocks_done() if not st.complete else np.ones_like(done)
     geometry = _Geometry(layout)
     blocks = [b for b in shard_blocks(layout["num_blocks"], shard, num_shards) if not done[b]]
