@@ -59,23 +59,27 @@ def evaluate(runs, store, protocols, sources, out, device, finetune_steps, finet
     elif (unseen_fraction, split_seed) != (0.5, 0):
         raise click.UsageError("--unseen-fraction and --split-seed set the teacher's class split; runs are scored on "
                                "the classes they held out themselves")
-    found = list(RunDir.find(runs))
+    found, unscored = list(RunDir.find(runs)), []
     for run in found:
         if not run.done:
             click.echo(f"skipping {run.path}: not finished", err=True)
             continue
         ft = finetune_steps if "few_shot" in protocols else 0
-        try:
-            frames.append(score_run(run, protocols, store, device, finetune_steps=ft, finetune_mode=finetune_mode,
-                                    transfer=transfer))
-        except EvaluationError as exc:  # a run these protocols cannot score: named, and the others still scored
-            if len(found) == 1:
-                raise EvaluationError(f"run {run.path}: {exc}") from None
-            click.echo(f"skipping {run.path}: {exc}", err=True)
+        scored, failed = _score_each(score_run, run, protocols, store=store, device=device, finetune_steps=ft,
+                                     finetune_mode=finetune_mode, transfer=transfer)
+        frames += scored
+        for protocol, exc in failed:  # what these protocols cannot score: named, and the rest still scored
+            what = f"{run.path}: {exc}" if len(failed) == len(protocols) else f"{run.path}, {protocol}: {exc}"
+            if len(found) == 1 and not scored:
+                raise EvaluationError(f"run {what}")
+            unscored.append(f"run {what}")
+            click.echo(f"skipping {what}", err=True)
     if not frames:
         raise click.UsageError("nothing to evaluate: no finished run found")
     new = pd.concat(frames, ignore_index=True)
     table = upsert(out, new)
+    if len(found) == 1 and unscored:  # the other protocols' rows are written; the one that failed is the error
+        raise EvaluationError(f"{unscored[0]} (the rows of the other protocols are in {out})")
     summary = summary_table(new)
     if len(summary):
         click.echo(markdown(summary))
@@ -86,6 +90,25 @@ def evaluate(runs, store, protocols, sources, out, device, finetune_steps, finet
     else:  # per_class and distill rows only: no methods x domains table to print
         click.echo(f"no accuracy-by-domain table for {', '.join(protocols)}; `embedcache report {out}` shows their tables")
     click.echo(f"\n{len(new)} rows scored; {len(table)} rows in {out}")
+
+
+def _score_each(score_run, run, protocols, **options):
+    """(frames, [(protocol, error)]): the run scored under every protocol at once, or, when one of
+    them cannot score it, under each alone, so the others' rows are kept."""
+    from embedcache.errors import EvaluationError
+
+    try:
+        return [score_run(run, list(protocols), **options)], []
+    except EvaluationError as exc:
+        if len(protocols) == 1:
+            return [], [(protocols[0], exc)]
+    frames, failed = [], []
+    for protocol in protocols:
+        try:
+            frames.append(score_run(run, [protocol], **options))
+        except EvaluationError as exc:
+            failed.append((protocol, exc))
+    return frames, failed
 
 
 @main.command()

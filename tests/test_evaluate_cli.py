@@ -435,3 +435,18 @@ def test_runs_trained_with_other_settings_are_never_one_methods_replicates(runs,
     assert settings_digest(nkd, None) != settings_digest(nkd, definition(recipe_of(nkd)))
     ce = TrainConfig(store=str(synthetic_store), recipe="ce")
     assert settings_digest(ce, None) == settings_digest(ce, definition(recipe_of(ce)))
+
+
+def test_a_protocol_that_cannot_score_a_run_keeps_the_others_rows(synthetic_store, tmp_path):
+    """`evaluate --protocol open_vocab --protocol lodo` on a run lodo cannot score (it held out no domain
+    and kept no validation rows) wrote nothing: the open_vocab rows already scored were lost."""
+    run = tmp_path / "ov"
+    train(TrainConfig(store=str(synthetic_store), recipe="feat_kd", steps=4, batch_size=8, eval_every=2, out=str(run),
+                      student=StudentConfig(name="test_resnet", input_size=32), device="cpu", progress=False,
+                      split=SplitConfig(val_fraction=0.0, train_classes=("circle", "square"))), log=quiet)
+    out = tmp_path / "r.parquet"
+    res = CliRunner().invoke(main, ["evaluate", str(run), "--protocol", "open_vocab", "--protocol", "lodo",
+                                    "--out", str(out)])
+    assert res.exit_code == 2 and f"run {run}, lodo: lodo has nothing to score" in res.output, res.output
+    assert f"(the rows of the other protocols are in {out})" in res.output
+    assert set(pd.read_parquet(out).protocol) == {"open_vocab"}
