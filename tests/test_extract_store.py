@@ -405,3 +405,14 @@ def test_a_second_extraction_of_the_same_blocks_is_refused_while_the_first_runs(
 
     seen = CliRunner().invoke(main, ["verify", cfg.out, "--no-progress"])
     assert seen.exit_code == 0 and "intact" in seen.output, seen.output
+    import errno
+
+    import embedcache.extract as extraction
+
+    def read_only(path):
+        raise OSError(errno.EROFS, "Read-only file system", path)
+
+    with pytest.MonkeyPatch.context() as mp:  # a complete store on read-only storage is still confirmed
+        mp.setattr(extraction, "try_exclusive_lock", read_only)
+        said = []
+        assert extract(cfg, teacher=tiny_teacher, log=said.append).complete and "nothing to do" in said[-1]

@@ -9,6 +9,7 @@ repaired by the same command, which re-does exactly the damaged blocks and files
 """
 from __future__ import annotations
 
+import errno
 import os
 import time
 from dataclasses import dataclass
@@ -165,7 +166,12 @@ def _writer_lock(store: Store, shard: int, num_shards: int):
     same blocks would encode them again beside the first (and pay for them twice with a paid teacher)."""
     if store.backend_name != "zarr":
         return None
-    fd = try_exclusive_lock(os.path.join(store.path, f".writer-{shard}-of-{num_shards}.lock"))
+    try:
+        fd = try_exclusive_lock(os.path.join(store.path, f".writer-{shard}-of-{num_shards}.lock"))
+    except OSError as exc:  # a store on read-only storage: nothing can be written to it, twice or once
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return None
+        raise
     if fd is None:
         raise StoreError(f"another extraction is writing {store.path} now (shard {shard} of {num_shards}); wait for it to "
                          "finish (rerunning then resumes or finds it complete), or give another --out")
