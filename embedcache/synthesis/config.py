@@ -14,7 +14,7 @@ from ..errors import ConfigError
 # Domain names of the usual domain-generalisation benchmarks (PACS, DomainNet, OfficeHome): a style
 # word naming one of them describes a test domain, so a store made with it says so in its manifest.
 DEFAULT_TEST_DOMAINS = ("art_painting", "cartoon", "photo", "sketch", "clipart", "infograph", "quickdraw",
-                        "painting", "product", "real")
+                        "painting", "product")
 
 
 def _registry(module: str, name: str):
