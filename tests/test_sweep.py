@@ -153,6 +153,12 @@ def test_bad_sweep_files_are_rejected_before_any_run(synthetic_store, tmp_path, 
         with pytest.raises(ConfigError, match=msg):
             expand(load_sweep(str(_sweep_file(tmp_path, synthetic_store, **change))), str(tmp_path / "none"))
         assert not (tmp_path / "none").exists()
+    # the split setting a protocol does not set stays the sweep's to give (a lodo sweep holding classes out)
+    lodo_ov = {"base": {"split": {"train_classes": ["circle", "square"]}}}
+    points = expand(load_sweep(str(_sweep_file(tmp_path, synthetic_store, **lodo_ov))), str(tmp_path / "none"))
+    assert all(p.cfg.split.train_classes == ("circle", "square") for p in points)
+    with pytest.raises(ConfigError, match=r"split.train_classes in a sweep's base or per_recipe is set by the sweep"):
+        load_sweep(str(_sweep_file(tmp_path, synthetic_store, protocol="open_vocab", **lodo_ov)))
     from embedcache.extract import extract
 
     def boom(block):
@@ -422,6 +428,7 @@ def test_a_relaunch_may_add_a_recipe_with_its_settings_or_move_a_base_setting_in
     with pytest.raises(ConfigError, match=r"per_recipe.ce.optim.lr"):  # the runs already made would change
         relaunch(per_recipe={"ce": {"optim": {"lr": 0.01}}})
     relaunch(base={"recipe": "ce"}, grid={"steps": [4, 6], "seed": [0]})  # base.steps 4 moved into the grid
+    relaunch(base={"recipe": "ce"}, grid={"steps": ["4.0", 6], "seed": [0]})  # ... written another way
     with pytest.raises(ConfigError, match=r"base.steps: 4 -> None\) \(a base setting moved into the grid keeps its "
                                           r"base value among the grid's\)"):
         relaunch(base={"recipe": "ce"}, grid={"steps": [6], "seed": [0]})
@@ -516,3 +523,13 @@ def test_a_worker_whose_sweep_died_stops_and_a_dead_ray_task_fails_only_its_runs
     got = _ray_statuses(SimpleNamespace(get=dead), "ref", job, str(tmp_path))
     assert got[0] == {"run": "a", "status": "done"} and got[1]["status"] == "failed"
     assert "WorkerCrashedError: a worker died or was killed" in got[1]["error"] and "rerun" in got[1]["error"]
+
+    class RayTaskError(Exception):
+        pass
+
+    def cannot_run(_ref):  # not a dead worker: the task's own cause, not "rerun to resume"
+        raise RayTaskError("FileNotFoundError: /work/x is not on this node")
+
+    got = _ray_statuses(SimpleNamespace(get=cannot_run), "ref", job[1:], str(tmp_path))
+    assert got[0]["error"] == ("its Ray task failed (RayTaskError: FileNotFoundError: /work/x is not on this node); "
+                               "see the Ray worker's log")

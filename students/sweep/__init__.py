@@ -44,8 +44,10 @@ __all__ = ["SweepSpec", "SweepPoint", "SweepInterrupted", "load_sweep", "expand"
 PROTOCOLS_TRAINED = ("lodo", "open_vocab", "few_shot")
 
 
-SET_BY_THE_SWEEP = ("holdout_domains", "train_classes")  # each run's split, from the protocol
-RESOURCES = ("num_cpus", "num_gpus", "memory")  # Ray's per-task requests
+# each run's split setting that the protocol sets (a lodo sweep may hold classes out in base, and a
+# class-split sweep domains)
+SET_BY_THE_SWEEP = {"lodo": ("holdout_domains",), "open_vocab": ("train_classes",), "few_shot": ("train_classes",)}
+RESOURCES = ("num_cpus", "num_gpus", "memory")  # Ray's per-task requests (memory in bytes)
 
 
 class SweepInterrupted(KeyboardInterrupt):
@@ -74,7 +76,7 @@ class SweepSpec:
         """What the sweep sets itself is not also taken from ``base`` (it was silently overridden), and
         ``resources`` are Ray's per-run requests, numbers >= 0 (a typo ran every run without its GPU)."""
         for where in (self.base, *self.per_recipe.values()):
-            for key in SET_BY_THE_SWEEP:
+            for key in SET_BY_THE_SWEEP[self.protocol]:
                 if key in (where.get("split") or {}) or f"split.{key}" in where:
                     raise ConfigError(f"split.{key} in a sweep's base or per_recipe is set by the sweep itself; use the "
                                       "top-level holdout_domains: (lodo) or unseen_fraction / split_seed (open_vocab, few_shot)")
@@ -374,9 +376,9 @@ def _same_runs(key: str, old: Dict, new: Dict, raw: Dict, spec: SweepSpec) -> bo
         return key.split(".")[1] not in had
     if key.startswith("base."):
         name, before, after = key[len("base."):], old.get(key), new.get(key)
-        if after is None and before in (spec.grid.get(name) or []):
+        if after is None and any(_same_value(before, v) for v in spec.grid.get(name) or []):
             return True
-        return before is None and after in ((raw.get("grid") or {}).get(name) or [])
+        return before is None and any(_same_value(after, v) for v in (raw.get("grid") or {}).get(name) or [])
     return False
 
 

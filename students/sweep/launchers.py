@@ -228,14 +228,21 @@ def _lost_to_dead_workers(jobs: List[List[SweepPoint]], out: List[Dict], procs, 
 
 
 # --- ray ---------------------------------------------------------------------------------------------
+DEAD_WORKER = ("WorkerCrashedError", "NodeDiedError", "OutOfMemoryError", "ActorDiedError")  # ray.exceptions
+
+
 def _ray_statuses(ray, ref, job: List[SweepPoint], sweep_dir: str) -> List[Dict]:
     """A Ray task's run statuses; a task whose worker died (killed, out of memory) fails its runs that
     have no results, as a dead local worker does, and the sweep goes on (it stopped with a traceback)."""
     try:
         return ray.get(ref)
-    except Exception as exc:  # the task's own runs catch their errors: this is Ray's (a dead worker)
-        why = (f"its Ray task failed ({type(exc).__name__}: a worker died or was killed) before this run finished; "
-               "rerun the same command to resume it")
+    except Exception as exc:  # the task's own runs catch their errors: this is Ray's
+        if type(exc).__name__ in DEAD_WORKER:
+            why = (f"its Ray task failed ({type(exc).__name__}: a worker died or was killed) before this run finished; "
+                   "rerun the same command to resume it")
+        else:  # the task could not run (a folder missing on its node, an import error): its own first line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            why = f"its Ray task failed ({type(exc).__name__}: {first[:300]}); see the Ray worker's log"
         names = [Path(p.cfg.out).name for p in job]
         return [{"run": n, "status": "done"} if result_path(sweep_dir, n).exists() else
                 {"run": n, "status": "failed", "error": why} for n in names]
@@ -288,7 +295,8 @@ def ray_launcher(jobs: List[List[SweepPoint]], spec, sweep_dir, device="auto", p
         raise ConfigError(f"cannot reach a Ray cluster at {address!r} ({type(exc).__name__}); check --address "
                           "(ray://host:10001 or host:6379) or leave it out for a local Ray instance") from None
     res = dict(spec.resources)
-    task = ray.remote(num_cpus=res.get("num_cpus", 1), num_gpus=res.get("num_gpus", 0), max_retries=0)(_ray_task)
+    task = ray.remote(num_cpus=res.get("num_cpus", 1), num_gpus=res.get("num_gpus", 0), max_retries=0,
+                      **({"memory": res["memory"]} if res.get("memory") else {}))(_ray_task)
     threads = max(1, int(res.get("num_cpus", 1)))
     job_of = {task.remote(_as_items(job), to_dict(spec), sweep_dir, device, threads, os.getcwd()): job for job in jobs}
     pending = list(job_of)
