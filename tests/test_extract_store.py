@@ -385,20 +385,22 @@ def test_a_second_extraction_of_the_same_blocks_is_refused_while_the_first_runs(
     from embedcache.fileio import try_exclusive_lock
 
     cfg = make_cfg("busy.zarr", "block_rows=8")
+    refused = []
 
-    def stop(block):
+    def second_while_first_runs(block):  # a second extraction of the same store, while the first writes it
+        if block == 0:
+            with pytest.raises(StoreError, match=r"another extraction is writing .*busy.zarr now \(shard 0 of 1\); wait"):
+                extract(cfg, teacher=tiny_teacher, log=quiet)
+            refused.append(block)
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        extract(cfg, teacher=tiny_teacher, on_block_done=stop, log=quiet)
-    held = try_exclusive_lock(os.path.join(cfg.out, ".writer-0-of-1.lock"))  # as the first extraction holds it
+        extract(cfg, teacher=tiny_teacher, on_block_done=second_while_first_runs, log=quiet)
+    assert refused == [0]
+    held = try_exclusive_lock(os.path.join(cfg.out, ".writer-0-of-1.lock"))  # the first one's lock is released
     assert held is not None
-    try:
-        with pytest.raises(StoreError, match=r"another extraction is writing .*busy.zarr now \(shard 0 of 1\); wait"):
-            extract(cfg, teacher=tiny_teacher, log=quiet)
-    finally:
-        os.close(held)
-    assert extract(cfg, teacher=tiny_teacher, log=quiet).complete  # its lock gone: it resumes
+    os.close(held)
+    assert extract(cfg, teacher=tiny_teacher, log=quiet).complete  # it resumes
     from click.testing import CliRunner
 
     from embedcache.cli import main

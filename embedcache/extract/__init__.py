@@ -155,10 +155,12 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
             log(f"shard {shard}/{num_shards} done; the store completes when every shard has finished")
         return ExtractResult(cfg.out, store.key, store.complete, encoded, failed, time.time() - t0, repaired=repaired)
     finally:
-        books.record(store, quietly=True)  # a stop or an error: what this call paid is still counted
-        store.close()
-        if lock is not None:
-            os.close(lock)
+        try:
+            books.record(store, quietly=True)  # a stop or an error: what this call paid is still counted
+            store.close()
+        finally:
+            if lock is not None:
+                os.close(lock)
 
 
 def _writer_lock(store: Store, shard: int, num_shards: int):
