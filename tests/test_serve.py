@@ -241,7 +241,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_cli_serve_starts_with_one_command_and_a_config(tmp_path, tiny_teacher_cfg):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_cli_serve_starts_with_one_command_and_a_config(tmp_path, tiny_teacher_cfg, stop):
     from click.testing import CliRunner
 
     from embedcache.cli import main
@@ -274,7 +275,7 @@ def test_cli_serve_starts_with_one_command_and_a_config(tmp_path, tiny_teacher_c
         assert d["model"] == "tiny" and d["embed_dim"] == 32
         r = httpx.post(f"http://127.0.0.1:{port}/v1/embed/texts", json={"texts": ["a"]}, headers=auth(), timeout=10)
         assert r.status_code == 200
-        proc.send_signal(signal.SIGINT)  # Ctrl-C: the server's normal stop, exit 0, no traceback
+        proc.send_signal(stop)  # Ctrl-C or SIGTERM (systemd, docker): the server's normal stop, exit 0, no traceback
         assert proc.wait(timeout=20) == 0, log.read_text()
     finally:
         if proc.poll() is None:

@@ -6,6 +6,8 @@ charged, and idempotent retries (``pip install 'embedcache[serve]'``: FastAPI an
 """
 from __future__ import annotations
 
+import signal
+import threading
 from typing import Callable, Optional
 
 from ..errors import ConfigError, TeacherLoadError
@@ -48,9 +50,19 @@ def serve(cfg: ServeConfig, log: Callable[[str], None] = print, teacher=None) ->
     log(f"serving {cfg.teacher.name} teacher as {cfg.model_name!r} (fingerprint {service.fingerprint}, "
         f"D={service.teacher.embed_dim}, input {service.teacher.input_size} px) on http://{cfg.host}:{cfg.port}"
         f"{cfg.root_path}; ledger {cfg.ledger}")
-    try:  # Ctrl-C or SIGTERM: uvicorn answers the requests in flight, then returns (or re-raises Ctrl-C)
+    # Ctrl-C or SIGTERM: uvicorn answers the requests in flight, then re-raises the signal into the handler
+    # it found; SIGTERM's default would end the process (-15) before this last line
+    previous = signal.signal(signal.SIGTERM, _stop) if threading.current_thread() is threading.main_thread() else None
+    try:
         uvicorn.run(app, host=cfg.host, port=cfg.port, root_path=cfg.root_path, proxy_headers=True,
                     forwarded_allow_ips=cfg.forwarded_allow_ips, log_level=cfg.log_level, server_header=False)
     except KeyboardInterrupt:
         pass
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     log(f"stopped; every charge is in the ledger {cfg.ledger} (`embedcache serve ledger` prints them)")
+
+
+def _stop(_signum, _frame) -> None:
+    raise KeyboardInterrupt
