@@ -275,13 +275,14 @@ def _per_class_scopes(d: EvalData) -> List[Tuple[str, np.ndarray, Optional[np.nd
         return [("all", np.flatnonzero(d.ok), None)]
     rows = _scored_rows(d)
     held = np.isin(d.domains[rows], list(d.holdout_domains or []))
+    val = np.isin(rows, d.val_idx if d.val_idx is not None else [])  # in domain: validation rows, as lodo
     if d.seen_classes is None:
-        scopes = [("out_of_domain", rows[held], None), ("in_domain", rows[~held], None)]
+        scopes = [("out_of_domain", rows[held], None), ("in_domain", rows[~held & val], None)]
     else:
         seen = np.asarray(d.seen_classes)
         is_seen = np.isin(d.labels[rows], seen)
         unseen = np.setdiff1d(np.arange(len(d.classes)), seen)
-        scopes = [("out_of_domain", rows[is_seen & held], seen), ("in_domain", rows[is_seen & ~held], seen),
+        scopes = [("out_of_domain", rows[is_seen & held], seen), ("in_domain", rows[is_seen & ~held & val], seen),
                   ("unseen_zero_shot", rows[~is_seen], unseen)]
     return [(name, r, labels) for name, r, labels in scopes
             if len(r) and not _unanswerable(d, r, labels if labels is not None else np.arange(len(d.classes)))]
@@ -296,6 +297,10 @@ def per_class(d: EvalData) -> pd.DataFrame:
         tab = per_group(_predict(d, rows, labels), d.labels[rows], np.array(d.classes)[d.labels[rows]], "class_name")
         parts.append(pd.DataFrame({"split": "per_class", "domain": scope, "class_name": tab["class_name"],
                                    "metric": "top1", "value": tab["top1"], "n": tab["n"]}))
+    if not parts:
+        raise EvaluationError("per_class has nothing to score: the rows this run never trained on are of classes its "
+                              "linear classifier cannot answer (no validation rows: split.val_fraction=0); train with "
+                              "split.val_fraction > 0")
     return pd.concat(parts, ignore_index=True)
 
 

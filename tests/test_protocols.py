@@ -209,10 +209,12 @@ def test_per_class_scores_each_scope_as_the_runs_other_protocols_do():
     from embedcache.evaluate.protocols import per_class
 
     d = _noisy_run(seed=4)
+    d.test_idx = np.union1d(d.test_idx, np.flatnonzero((d.domains == "d0") & np.isin(d.labels, d.seen_classes))[:7])
     df = per_class(d)
     assert set(df.domain) == {"out_of_domain", "in_domain", "unseen_zero_shot"}
     seen, unseen = np.asarray(d.seen_classes), np.array([4, 5])
-    scopes = {"out_of_domain": (d.test_idx[np.isin(d.labels[d.test_idx], seen)], seen),
+    # test rows of a training domain (a dataset's own test split) are in no scope: lodo's in-domain is validation rows
+    scopes = {"out_of_domain": (d.test_idx[np.isin(d.labels[d.test_idx], seen) & (d.domains[d.test_idx] == "d1")], seen),
               "in_domain": (d.val_idx, seen), "unseen_zero_shot": (d.test_idx[np.isin(d.labels[d.test_idx], unseen)], unseen)}
     for scope, (rows, labels) in scopes.items():
         pred = _among(d, rows, labels)
@@ -220,3 +222,17 @@ def test_per_class_scores_each_scope_as_the_runs_other_protocols_do():
             m = d.labels[rows] == c
             got = df[(df.domain == scope) & (df.class_name == f"c{c}")]
             assert int(got.n.iloc[0]) == m.sum() and float(got.value.iloc[0]) == pytest.approx(np.mean(pred[m] == c))
+
+
+def test_per_class_of_a_classifier_run_with_nothing_it_can_answer_is_one_line():
+    """A linear-classifier run that held out classes and kept no validation rows: every row it did not
+    train on is of a class it cannot answer (pd.concat of nothing raised a bare ValueError)."""
+    from embedcache.errors import EvaluationError
+    from embedcache.evaluate.protocols import per_class
+
+    d = _data()
+    d.seen_classes, d.val_idx = [0, 1, 2, 3], np.zeros(0, np.int64)
+    d.test_idx = np.flatnonzero(~np.isin(d.labels, d.seen_classes))
+    d.scores = np.where(np.arange(6) < 4, 1.0, -np.inf) * np.ones((len(d.labels), 6))
+    with pytest.raises(EvaluationError, match="per_class has nothing to score"):
+        per_class(d)
