@@ -482,6 +482,8 @@ def test_tables_follow_the_current_grid_and_say_when_they_are_partial(synthetic_
     assert res.exit_code == 0 and "1 already done" in res.output, res.output
     df = pd.read_parquet(out / "results.parquet")
     assert set(df.variant) == {"steps=4", "steps=6"}, set(df.variant)
+    again = CliRunner().invoke(main, ["evaluate", str(out / "runs"), "--out", str(tmp_path / "again.parquet")])
+    assert again.exit_code == 0 and set(pd.read_parquet(tmp_path / "again.parquet").variant) == {"steps=4", "steps=6"}
     assert "partial" not in (out / "report" / "report.md").read_text()
     next(out.glob("results/*.parquet")).unlink()  # a run without results: the tables say they are partial
     seen = CliRunner().invoke(main, ["report", str(out)])

@@ -418,8 +418,12 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, launcher: Optional[str] = None, d
             points = expand(spec, sweep_dir)
         atomic_write_text(Path(sweep_dir) / "sweep.yaml", yaml.safe_dump(to_dict(spec), sort_keys=True))
         atomic_write_text(Path(sweep_dir) / "runs.json", json.dumps(sorted(Path(p.cfg.out).name for p in points)))
-        atomic_write_text(Path(sweep_dir) / "tags.json",  # each run's variant and replicate in this launch's grid
-                          json.dumps({Path(p.cfg.out).name: sweep_tags(spec, p) for p in points}, sort_keys=True))
+        tags = {Path(p.cfg.out).name: sweep_tags(spec, p) for p in points}
+        atomic_write_text(Path(sweep_dir) / "tags.json", json.dumps(tags, sort_keys=True))  # this launch's grid
+        for p in points:  # runs made under an earlier grid (or version) carry today's tags, for `evaluate runs/`
+            run = RunDir(p.cfg.out)
+            if run.file("sweep.json").is_file() and run.sweep_tags != tags[run.name]:
+                run.write_sweep_tags(tags[run.name])
     except OSError as exc:
         if is_disk_full(exc):
             raise disk_full_error(sweep_dir, "free space or choose --out on a larger disk") from exc
