@@ -247,6 +247,7 @@ def _ray_statuses(ray, ref, job: List[SweepPoint], sweep_dir: str) -> List[Dict]
         return [{"run": n, "status": "done"} if result_path(sweep_dir, n).exists() else
                 {"run": n, "status": "failed", "error": why} for n in names]
 
+
 def _check_reachable(address: str, timeout: float = 3.0) -> None:
     """Fail in seconds, in one line, when nothing listens at a Ray address (ray.init itself waits
     minutes). Accepts host:port, ray://host:port (client, default port 10001) and 'auto'."""
