@@ -270,19 +270,21 @@ def _scored_rows(d: EvalData) -> np.ndarray:
 def _per_class_scopes(d: EvalData) -> List[Tuple[str, np.ndarray, Optional[np.ndarray]]]:
     """(scope, rows, labels predicted among) of per-class accuracy, as the run's other protocols score
     them: out of domain and in domain apart (lodo), a run's seen classes among its seen labels, its
-    unseen classes among the unseen labels only (Li et al.'s zero-shot); the teacher: every row, "all"."""
+    unseen classes among the unseen labels only (Li et al.'s zero-shot); the teacher: every row, "all".
+    In domain holds a dataset's own test rows of the training domains too (lodo scores validation rows)."""
     if d.val_idx is None and not d.holdout_domains:  # the teacher (its class split is open_vocab's)
         return [("all", np.flatnonzero(d.ok), None)]
     rows = _scored_rows(d)
     held = np.isin(d.domains[rows], list(d.holdout_domains or []))
-    val = np.isin(rows, d.val_idx if d.val_idx is not None else [])  # in domain: validation rows, as lodo
+    # in domain: the training domains' rows it never trained on (validation rows, and a dataset's own test
+    # rows: with split.val_fraction=0, as Li et al. train, these are all there is)
     if d.seen_classes is None:
-        scopes = [("out_of_domain", rows[held], None), ("in_domain", rows[~held & val], None)]
+        scopes = [("out_of_domain", rows[held], None), ("in_domain", rows[~held], None)]
     else:
         seen = np.asarray(d.seen_classes)
         is_seen = np.isin(d.labels[rows], seen)
         unseen = np.setdiff1d(np.arange(len(d.classes)), seen)
-        scopes = [("out_of_domain", rows[is_seen & held], seen), ("in_domain", rows[is_seen & ~held & val], seen),
+        scopes = [("out_of_domain", rows[is_seen & held], seen), ("in_domain", rows[is_seen & ~held], seen),
                   ("unseen_zero_shot", rows[~is_seen], unseen)]
     return [(name, r, labels) for name, r, labels in scopes
             if len(r) and not _unanswerable(d, r, labels if labels is not None else np.arange(len(d.classes)))]
