@@ -24,7 +24,7 @@ from embedcache.store import Store
 
 from .config import SplitConfig, StudentConfig
 from .data import StoreData
-from .models import Student, build_student
+from .models import Student, build_seeded
 from .providers import student_views
 
 
@@ -45,9 +45,7 @@ def cache_features(store: str, cfg: StudentConfig, seed: int = 0, batch_size: in
     dev = resolve_device(device)
     with Store(store, "a") as st:
         reader = StoreReader(st)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = build_student(cfg, reader.dim).to(dev).eval()
+        model = build_seeded(cfg, reader.dim, 0, seed).to(dev).eval()
         key = features_key(model)
         if has_features(st, key):
             log(f"features {key} already cached in {store}")
@@ -79,9 +77,7 @@ def missing_features(reader: StoreReader, cfgs) -> Optional[str]:
         seen = keys.setdefault(repr(sorted(to_dict(cfg.student).items())), {})
         if not cfg.features or cfg.seed in seen or (len(seen) > 1 and len(set(seen.values())) == 1):
             continue
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            model = build_student(cfg.student, reader.dim, 0)
+        model = build_seeded(cfg.student, reader.dim, 0, cfg.seed)
         key = seen[cfg.seed] = features_key(model)
         if not has_features(reader.store, key):
             return (f"store {reader.path} has no cached features for the {model.name} backbone of the head-only runs "

@@ -239,6 +239,15 @@ class _PooledLite(nn.Module):
         return self.net.extract_features(x).mean((2, 3))
 
 
+
+def build_seeded(cfg: StudentConfig, dim: int, n_classes: int, seed: int) -> "Student":
+    """The student a run of ``seed`` starts from, built under torch's generator seeded with ``seed``
+    (the caller's generator untouched): one place, so a run, its cached features and its saved heads
+    always agree on the backbone a seed gives (the features key hashes its weights)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_student(cfg, dim, n_classes)
+
 def _lite_student(variant: str, cfg: StudentConfig, embed_dim: int, num_classes: int) -> Student:
     from embedcache.pretrained import LITE_MEAN, LITE_STD, load_efficientnet_lite
 

@@ -170,7 +170,7 @@ class RunDir:
         """The finished student (eval mode) and its config. A run on cached features saved no backbone:
         it is rebuilt from the run's student settings (built under the run's seed, as training built it)
         and must hash to the key the run recorded, else the run is refused in one line."""
-        from .models import build_student, is_backbone, load_weights
+        from .models import build_seeded, is_backbone, load_weights
         from .recipes import RECIPES
 
         self.require_done()
@@ -178,9 +178,7 @@ class RunDir:
         n_cls = len(split["seen_classes"]) if RECIPES.get(cfg.recipe).classifier else 0
         weights = self.weights()
         dim = int(weights["head.weight"].shape[0]) if "head.weight" in weights else int(split["dim"])
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            model = build_student(cfg.student, dim, n_cls)
+        model = build_seeded(cfg.student, dim, n_cls, cfg.seed)
         backbone_saved = any(is_backbone(k) for k in weights)
         if not backbone_saved:
             self._check_backbone(model, split.get("backbone_key"))

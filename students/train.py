@@ -38,7 +38,7 @@ from .data import StoreData, check_views_used
 from .headstep import HeadStep
 from .losses import LOSSES, BatchContext, weighted_sum
 from .features import features_key
-from .models import Heads, Student, build_student, load_weights, without_backbone
+from .models import Heads, Student, build_seeded, load_weights, without_backbone
 from .optim import build_optimizer, build_scheduler, optimizer_step
 from .providers import INPUTS, TARGETS
 from .recipes import Recipe, Stage, definition, definition_change, recipe_of
@@ -347,10 +347,8 @@ class Trainer:
         self.data = shared.data if shared is not None else StoreData(cfg.store, self.source, cfg.split)
         check_views_used(cfg.views_used, self.data.views, cfg.store)
         self.device = resolve_device(cfg.device)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            n_cls = len(self.data.train_class_ids) if self.recipe.classifier else 0
-            self.model = build_student(cfg.student, self.data.dim, n_cls).to(self.device)
+        n_cls = len(self.data.train_class_ids) if self.recipe.classifier else 0
+        self.model = build_seeded(cfg.student, self.data.dim, n_cls, cfg.seed).to(self.device)
         self.inputs = shared.inputs if shared is not None else \
             INPUTS.get("features" if cfg.features else "canvas")(self.data, self.model, self.device)
         if self.device.type == "cuda" and self.inputs.kind == "images":
