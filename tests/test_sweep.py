@@ -153,6 +153,9 @@ def test_bad_sweep_files_are_rejected_before_any_run(synthetic_store, tmp_path, 
         with pytest.raises(ConfigError, match=msg):
             expand(load_sweep(str(_sweep_file(tmp_path, synthetic_store, **change))), str(tmp_path / "none"))
         assert not (tmp_path / "none").exists()
+    # `--set grid.optim.lr=[...]` nests the key: it is the dotted grid entry optim.lr
+    nested = load_sweep(str(_sweep_file(tmp_path, synthetic_store)), ["grid.optim.lr=[0.01, 0.001]"])
+    assert nested.grid["optim.lr"] == [0.01, 0.001] and "optim" not in nested.grid
     # the split setting a protocol does not set stays the sweep's to give (a lodo sweep holding classes out)
     lodo_ov = {"base": {"split": {"train_classes": ["circle", "square"]}}}
     points = expand(load_sweep(str(_sweep_file(tmp_path, synthetic_store, **lodo_ov))), str(tmp_path / "none"))

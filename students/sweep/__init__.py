@@ -91,9 +91,22 @@ class SweepSpec:
 def load_sweep(path: str, overrides=()) -> SweepSpec:
     data, where = read_config_file("sweep", path)
     data = apply_overrides(data, overrides)
+    if isinstance(data.get("grid"), dict):  # `--set grid.optim.lr=[...]` nests: the grid's keys are dotted
+        data["grid"] = _dotted(data["grid"])
     if "store" not in data:
         raise ConfigError(f"{where} needs `store:` (a store made by `embedcache extract`)")
     return build_config(SweepSpec, data)
+
+
+def _dotted(grid: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """{"optim": {"lr": [...]}} -> {"optim.lr": [...]}: a grid entry is a dotted key and its list."""
+    out: Dict[str, Any] = {}
+    for k, v in grid.items():
+        if isinstance(v, dict):
+            out.update(_dotted(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 # settings added after sweeps derived seeds from a run's identity: left out of it while at their
