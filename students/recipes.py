@@ -177,7 +177,7 @@ def check_losses(cfg) -> None:
         if name not in LOSSES:
             raise ConfigError(f"loss_weights/loss_args: {LOSSES.unknown(name)}")
     for name, w in cfg.loss_weights.items():
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+        if not _number(w) or w < 0:
             raise ConfigError(f"loss_weights.{name}={w!r} is not valid: expected a number >= 0 (0 drops the loss)")
     recipe = recipe_of(cfg)
     used = {n for st in recipe.stages for n in st.losses}

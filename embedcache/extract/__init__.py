@@ -21,7 +21,8 @@ from ..config import ExtractConfig, replace
 from ..datasets import ImageDataset, build_dataset
 from ..errors import BudgetError, ConfigError, StoreError
 from ..fileio import disk_full_error, is_disk_full, try_exclusive_lock
-from ..store import BACKENDS, STATUS_OK, Store, add_text_arrays, backend_name_for, is_counter, plan_layout
+from ..store import (BACKENDS, STATUS_OK, USAGE_SNAPSHOTS, Store, add_text_arrays, backend_name_for, is_counter,
+                     plan_layout)
 from ..teachers import Teacher, build_teacher
 from ..text import build_prompts, encode_sources, text_calls
 from ..views import param_fields
@@ -50,23 +51,25 @@ def policy_of(cfg: ExtractConfig) -> ViewPolicy:
     return ViewPolicy(cfg.canvas.size, cfg.views)
 
 
-OTHER_STORE_ADVICE = "use another --out path, or delete that store if it is no longer needed"
+def made_so(store: Store, manifest: Dict) -> Store:
+    """``store``, refused in one line unless it was made from the inputs of ``manifest`` (naming what
+    differs): the one check of the real run and its dry run."""
+    return store.require(manifest["key"], complete=False, differs=differing_parts(store.manifest, manifest),
+                         advice="use another --out path, or delete that store if it is no longer needed")
 
 
 def open_or_create(cfg: ExtractConfig, manifest: Dict, layout: Dict) -> Store:
     backend = backend_name_for(cfg.out, cfg.backend)
-    advice = OTHER_STORE_ADVICE
     if Store.exists(cfg.out, backend):
         store = Store(cfg.out, "a", backend)
         try:
-            return store.require(manifest["key"], complete=False, advice=advice,
-                                 differs=differing_parts(store.manifest, manifest))
+            return made_so(store, manifest)
         except Exception:
             store.close()
             raise
     if os.path.exists(cfg.out):
         raise ConfigError(f"--out {cfg.out} exists and is not a {backend} store; choose another path")
-    return Store.create(cfg.out, manifest, layout, backend).require(manifest["key"], complete=False, advice=advice)
+    return made_so(Store.create(cfg.out, manifest, layout, backend), manifest)
 
 
 @dataclass
@@ -201,8 +204,6 @@ class _Books:
     since the last (tagged with the call), so a call killed with -9 has its spending to its last
     block in the store, and the manifest's ``teacher_usage`` sums every call's."""
 
-    SNAPSHOTS = ("ledger",)  # entries that are totals at a moment (the shared ledger's), not spending
-
     def __init__(self, teacher, since_built: bool):
         """``since_built``: the teacher was built for this call (its probes on loading count too)."""
         import uuid
@@ -220,8 +221,8 @@ class _Books:
         if self.usage is None:
             return
         now = self.usage()
-        spent = {k: v if k in self.SNAPSHOTS else _minus(v, self.last.get(k)) for k, v in now.items()}
-        if not any(_nonzero(v) for k, v in spent.items() if k not in self.SNAPSHOTS):
+        spent = {k: v if k in USAGE_SNAPSHOTS else _minus(v, self.last.get(k)) for k, v in now.items()}
+        if not any(_nonzero(v) for k, v in spent.items() if k not in USAGE_SNAPSHOTS):
             return  # nothing asked of the teacher since the last entry (an intact store)
         try:
             store.add_usage({**spent, "call": self.call})
@@ -256,9 +257,8 @@ def _dry_run(cfg, manifest, layout, reader, embedder, prompts, shard, num_shards
     backend = backend_name_for(cfg.out, cfg.backend)
     done = np.zeros(layout["num_blocks"], bool)
     if Store.exists(cfg.out, backend):
-        with Store(cfg.out, "r", backend) as st:  # refused as the real run refuses it, naming what differs
-            st.require(manifest["key"], complete=False, advice=OTHER_STORE_ADVICE,
-                       differs=differing_parts(st.manifest, manifest))
+        with Store(cfg.out, "r", backend) as st:  # refused as the real run refuses it
+            made_so(st, manifest)
             done = st.blocks_done() if not st.complete else np.ones_like(done)
     geometry = _Geometry(layout)
     blocks = [b for b in shard_blocks(layout["num_blocks"], shard, num_shards) if not done[b]]

@@ -101,7 +101,6 @@ class DeviceDecodeReader:
     def __init__(self, dataset: ImageDataset, policy: ViewPolicy, device: torch.device, num_workers: int = 1):
         self.files, self.policy, self.device, self.num_workers = _Files(dataset, policy), policy, device, num_workers
         self.pipeline = device_pipeline(device)
-        self.rescued = 0  # JPEGs the device decoder rejected and PIL read
 
     def _probe(self) -> None:
         """Decode a small JPEG on the device: a decoder that does not work here is one line, before any file."""
@@ -157,7 +156,6 @@ class DeviceDecodeReader:
         if len(jpeg) > 1 and rescued == len(jpeg):
             raise ConfigError(f"decoder=device rejected all {len(jpeg)} JPEGs of a batch that PIL reads (the device's "
                               "decoder is failing here, e.g. out of memory); set decoder=pil, or a smaller batch_size")
-        self.rescued += rescued
         for k, it in enumerate(items):
             if it[2] is not None:
                 canvas[k] = torch.from_numpy(it[2]).to(self.device)

@@ -36,6 +36,9 @@ def _read_exact(fh, dest: np.ndarray) -> bool:
     return True
 
 
+REMAKE = "the command that made it (its extract or synthesize)"  # how a damaged store is made again
+
+
 def _read_rows(backend, arr, name: str, start: Optional[int], stop: Optional[int]) -> np.ndarray:
     """Rows ``start:stop`` of array ``arr`` (a zarr array or h5py dataset), through ``backend.read_into``."""
     start, stop = 0 if start is None else start, arr.shape[0] if stop is None else min(stop, arr.shape[0])
@@ -59,7 +62,7 @@ class ZarrBackend:
             self.group = zarr.open_group(str(self.path), mode="r" if mode == "r" else "a")
         except Exception as exc:  # an unreadable zarr.json
             raise StoreDamagedError(f"store {path} cannot be opened ({type(exc).__name__}: {_first_line(exc)}); "
-                                    "delete it and rerun the command that made it (its extract or synthesize)") from None
+                                    f"delete it and rerun {REMAKE}") from None
 
     @staticmethod
     def exists(path: str) -> bool:
@@ -115,7 +118,7 @@ class ZarrBackend:
                 raise
             except Exception as exc:  # its zarr.json truncated or altered
                 raise StoreDamagedError(f"store {self.path}: the metadata of {name} (its zarr.json) cannot be read "
-                                        f"({type(exc).__name__}); delete the store and rerun the command that made it (its extract or synthesize)") from None
+                                        f"({type(exc).__name__}); delete the store and rerun {REMAKE}") from None
         return self._arrays[name]
 
     def shape(self, name: str) -> tuple:
@@ -225,7 +228,7 @@ class HDF5Backend:
                 raise StoreError(f"HDF5 store {path} is open in another process (HDF5 allows one writer and no reader "
                                  "beside it); wait for that process to finish, or use a .zarr store") from None
             raise StoreDamagedError(f"HDF5 store {path} is damaged or truncated ({_first_line(exc)}); delete it and "
-                                    "rerun the command that made it (its extract or synthesize) to rebuild it") from None
+                                    f"rerun {REMAKE} to rebuild it") from None
 
     @staticmethod
     def exists(path: str) -> bool:
@@ -261,7 +264,7 @@ class HDF5Backend:
             yield
         except (KeyError, OSError, RuntimeError, ValueError) as exc:
             raise StoreDamagedError(f"HDF5 store {self.path}: {what} cannot be read ({_first_line(exc)}): the file's "
-                                    "own structure is damaged; delete it and rerun the command that made it (its extract or synthesize)") from None
+                                    f"own structure is damaged; delete it and rerun {REMAKE}") from None
 
     def has(self, name: str) -> bool:
         with self._reading(name):

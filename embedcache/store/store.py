@@ -41,12 +41,16 @@ def is_counter(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+# usage entries that are totals at a moment (the shared ledger's), not spending: never summed
+USAGE_SNAPSHOTS = ("ledger",)
+
+
 def _plus(total: Any, v: Any, key: str) -> Any:
     """Usage entries summed: counters, and the service's own usage key by key; the ledger's totals
     (a snapshot) and words as the last entry says."""
     if is_counter(v):
         return (total if is_counter(total) else 0) + v
-    if isinstance(v, dict) and key != "ledger":
+    if isinstance(v, dict) and key not in USAGE_SNAPSHOTS:
         total = dict(total) if isinstance(total, dict) else {}
         for k, x in v.items():
             total[k] = _plus(total.get(k), x, k)

@@ -92,21 +92,10 @@ def load_sweep(path: str, overrides=()) -> SweepSpec:
     data, where = read_config_file("sweep", path)
     data = apply_overrides(data, overrides)
     if isinstance(data.get("grid"), dict):  # `--set grid.optim.lr=[...]` nests: the grid's keys are dotted
-        data["grid"] = _dotted(data["grid"])
+        data["grid"] = flatten(data["grid"])
     if "store" not in data:
         raise ConfigError(f"{where} needs `store:` (a store made by `embedcache extract`)")
     return build_config(SweepSpec, data)
-
-
-def _dotted(grid: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    """{"optim": {"lr": [...]}} -> {"optim.lr": [...]}: a grid entry is a dotted key and its list."""
-    out: Dict[str, Any] = {}
-    for k, v in grid.items():
-        if isinstance(v, dict):
-            out.update(_dotted(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 # settings added after sweeps derived seeds from a run's identity: left out of it while at their
@@ -270,7 +259,8 @@ def unscored(sweep_dir: str, names: Optional[List[str]] = None) -> List[str]:
 
 def partial_note(sweep_dir: str, names: Optional[List[str]] = None) -> str:
     """'' for a sweep whose every run has results; else a line saying the tables are partial."""
-    missing, total = unscored(sweep_dir, names), len(names if names is not None else _grid_runs(sweep_dir) or [])
+    names = (_grid_runs(sweep_dir) or []) if names is None else names
+    missing, total = unscored(sweep_dir, names), len(names)
     if not missing:
         return ""
     return (f"partial: {total - len(missing)} of {total} runs of this sweep have results ({len(missing)} failed, "
