@@ -138,7 +138,7 @@ def pil_baseline(teacher, ds: DatasetConfig, batch: int, workers: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def read_speed(tmp: Path, rows: int, dim: int = 512, rounds: int = 5) -> dict:
+def read_speed(tmp: Path, rows: int, dim: int = 512, rounds: int = 11) -> dict:
     """Seconds to load a whole (rows, 1, dim) float16 array: np.load against each backend's own
     checksum-verified read, each the median of ``rounds`` interleaved reads (files in the page cache)."""
     rng = np.random.default_rng(0)

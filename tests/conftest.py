@@ -72,6 +72,28 @@ def make_cfg(tmp_path, tiny_teacher_cfg):
     return make
 
 
+def block_store(tmp_path: Path, backend: str, n: int = 10):
+    """A store written block by block without a teacher: blocks of 4 rows (a short last one) and two
+    pixel chunks per block, random contents; returns its path and the arrays written."""
+    import numpy as np
+
+    from embedcache.store import Store
+    from embedcache.store.layout import SCHEMA_VERSION, plan_layout
+
+    rng = np.random.default_rng(0)
+    arrays = {"image/emb": rng.standard_normal((n, 2, 8)).astype(np.float16),
+              "image/view_params": rng.integers(0, 99, (n, 2, 5)).astype(np.int32),
+              "image/status": np.ones(n, np.uint8), "image/pixels": rng.integers(0, 255, (n, 8, 8, 3)).astype(np.uint8)}
+    path = str(tmp_path / ("s.zarr" if backend == "zarr" else "s.h5"))
+    layout = plan_layout(n, 2, 8, 8, True, 4)
+    layout["arrays"]["image/pixels"]["chunks"][0] = 2  # two pixel chunks per block
+    with Store.create(path, {"schema": SCHEMA_VERSION, "key": "t", "complete": False}, layout, backend) as st:
+        for b in range(st.num_blocks):
+            start, stop = st.block_range(b)
+            st.write_block(b, {k: v[start:stop] for k, v in arrays.items()})
+    return path, arrays
+
+
 def quiet(_msg: str) -> None:
     pass
 

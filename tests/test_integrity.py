@@ -18,7 +18,7 @@ from embedcache.errors import StoreDamagedError, StoreError, TrainingError
 from embedcache.extract import extract
 from embedcache.store import Store
 
-from conftest import quiet
+from conftest import block_store, quiet
 
 ROOT = Path(__file__).resolve().parents[1]
 ARRAYS = ["image/emb", "image/view_params", "image/pixels", "image/status"]
@@ -185,20 +185,7 @@ def test_a_verified_read_is_exact_and_names_the_block_whose_bytes_changed(tmp_pa
     """Store.read reads uncompressed chunks straight from the files: the whole array comes back exactly
     (blocks of 4 rows, a short last block, pixel chunks smaller than a block), and one flipped byte in
     the middle of a file is refused, naming its block."""
-    from embedcache.store.layout import SCHEMA_VERSION, plan_layout
-
-    rng = np.random.default_rng(0)
-    n = 10
-    arrays = {"image/emb": rng.standard_normal((n, 2, 8)).astype(np.float16),
-              "image/view_params": rng.integers(0, 99, (n, 2, 5)).astype(np.int32),
-              "image/status": np.ones(n, np.uint8), "image/pixels": rng.integers(0, 255, (n, 8, 8, 3)).astype(np.uint8)}
-    path = str(tmp_path / ("s.zarr" if backend == "zarr" else "s.h5"))
-    layout = plan_layout(n, 2, 8, 8, True, 4)
-    layout["arrays"]["image/pixels"]["chunks"][0] = 2  # two pixel chunks per block
-    with Store.create(path, {"schema": SCHEMA_VERSION, "key": "t", "complete": False}, layout, backend) as st:
-        for b in range(st.num_blocks):
-            start, stop = st.block_range(b)
-            st.write_block(b, {k: v[start:stop] for k, v in arrays.items()})
+    path, arrays = block_store(tmp_path, backend)
     with Store(path) as st:
         for name, want in arrays.items():
             assert np.array_equal(st.read(name), want), name

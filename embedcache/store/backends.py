@@ -127,6 +127,9 @@ class ZarrBackend:
     def chunks(self, name: str) -> tuple:
         return tuple(self._array(name).chunks)
 
+    def dtype(self, name: str) -> np.dtype:
+        return np.dtype(self._array(name).dtype)
+
     def write(self, name: str, start: int, data: np.ndarray) -> None:
         # write_empty_chunks is a runtime setting, not stored with the array: without it, a chunk of
         # zeros (black canvases, a block of unreadable images) is never written and reads as "lost"
@@ -278,6 +281,10 @@ class HDF5Backend:
         with self._reading(name):
             return tuple(self.file[name].chunks)
 
+    def dtype(self, name: str) -> np.dtype:
+        with self._reading(name):
+            return np.dtype(self.file[name].dtype)
+
     def _dataset(self, name: str):
         """The dataset's handle, kept open: a write through a handle freed at once left its chunks to be
         written when h5py dropped it, where a full disk's error was swallowed (and later segfaulted)."""
@@ -301,7 +308,7 @@ class HDF5Backend:
 
     def read_into(self, name: str, start: int, out: np.ndarray) -> None:
         """Rows ``start:start + len(out)`` into ``out`` (C-contiguous, the dataset's dtype)."""
-        ds = self.file[name]
+        ds = self._dataset(name)
         if out.size and not self._raw_read_into(ds, start, out):
             ds.read_direct(out, np.s_[start:start + len(out)])
 

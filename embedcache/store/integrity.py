@@ -13,18 +13,20 @@ from typing import Dict, List
 import numpy as np
 
 
-def checksum(data) -> int:
-    """CRC-32C of an array's bytes in C order (bytes objects too); hardware-accelerated, ~10 GB/s."""
+def checksum(data, crc: int = 0) -> int:
+    """CRC-32C of an array's bytes in C order (bytes objects too); hardware-accelerated, ~10 GB/s from
+    memory, ~25 GB/s from the CPU's cache. ``crc``: the checksum of the bytes before these, so
+    ``checksum(b, checksum(a)) == checksum(a + b)`` (an array checked piece by piece)."""
     from google_crc32c import cext
 
     if isinstance(data, (bytes, bytearray)):
-        return int(cext.value(bytes(data)))
+        return int(cext.extend(crc, bytes(data)))
     a = np.ascontiguousarray(data)
     if a.size == 0:
-        return 0
+        return crc
     v = a.view()
     v.flags.writeable = False  # the C extension reads read-only buffers without a copy
-    return int(cext.value(v))
+    return int(cext.extend(crc, v))
 
 
 @dataclass

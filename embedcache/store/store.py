@@ -33,6 +33,7 @@ from ..errors import StoreDamagedError, StoreError, StoreMismatchError
 from .backends import BACKENDS, backend_name_for
 from .integrity import IntegrityReport, checksum
 from .layout import SCHEMA_VERSION
+from .readahead import Piece, plan_pieces, read_parts
 
 TABLES = ("meta.parquet", "text.parquet")
 
@@ -260,16 +261,52 @@ class Store:
         return self.b.chunks(name)
 
     def read(self, name: str, verify: bool = True) -> np.ndarray:
-        """The whole array, checked against its checksums (refused with a one-line error if damaged)."""
+        """The whole array, checked against its checksums (refused with a one-line error if damaged):
+        each row block read and checked piece by piece, blocks on a few threads (readahead)."""
         if not self.b.has(name):
             raise StoreError(f"store {self.path} has no array {name}")
-        try:
-            data = self.b.read(name)
-        except Exception as exc:  # a chunk that no longer decodes
-            raise self._damaged(name, f"it cannot be decoded ({type(exc).__name__})") from None
-        if verify:
-            self._check(name, data)
-        return data
+        shape = self.b.shape(name)
+        out = np.empty(shape, self.b.dtype(name))
+        parts, sums = self._checked_parts(name, len(out), verify)
+        pieces = plan_pieces(parts, out[:1].nbytes, int((self.b.chunks(name) or shape)[0] or 1),
+                             whole_chunks=self.layout.get("arrays", {}).get(name, {}).get("codec", "zstd") != "none")
+        crc = [0] * len(parts)
+
+        def fill(lo: int, hi: int) -> None:
+            try:
+                self.b.read_into(name, lo, out[lo:hi])
+            except Exception as exc:  # a chunk that no longer decodes
+                raise self._damaged(name, f"it cannot be decoded ({type(exc).__name__})") from None
+
+        def check(p: Piece) -> None:
+            if sums[p.part] is None:
+                return
+            crc[p.part] = checksum(out[p.lo:p.hi], crc[p.part])
+            if p.last and crc[p.part] != sums[p.part]:
+                start, stop = parts[p.part]
+                raise self._damaged(name, f"rows {start}-{stop - 1} (block {p.part}) do not match their checksum"
+                                    if self._is_block_array(name) else "it does not match its checksum")
+
+        read_parts(pieces, fill, check)
+        return out
+
+    def _is_block_array(self, name: str) -> bool:
+        return name in self.layout.get("block_arrays", ())
+
+    def _checked_parts(self, name: str, n: int, verify: bool = True) -> Tuple[list, list]:
+        """The parts an array is read and checked by, and each one's expected CRC-32C (None: not
+        checked): a block array's row blocks (unfinished ones unchecked), or the whole array against
+        the manifest's checksum."""
+        if not self._is_block_array(name):
+            want = self.manifest.get("checksums", {}).get(name) if verify else None
+            return [(0, n)], [None if want is None else int(want)]
+        parts = [self.block_range(b) for b in range(self.num_blocks)]
+        if not verify:
+            return parts, [None] * len(parts)
+        sums, done = self._bookkeeping("blocks/crc32c"), self.blocks_done()
+        self._refuse_unmarked(done)
+        col = self.layout["block_arrays"].index(name)
+        return parts, [int(sums[b, col]) if done[b] else None for b in range(self.num_blocks)]
 
     def write_array(self, name: str, data: np.ndarray) -> None:
         """A whole non-block array (text embeddings), recorded for the manifest's checksums."""
@@ -279,20 +316,6 @@ class Store:
     @property
     def _pending_sums(self) -> Dict[str, int]:
         return self.__dict__.setdefault("_sums", {})
-
-    def _check(self, name: str, data: np.ndarray) -> None:
-        if name in self.layout.get("block_arrays", ()):
-            sums, done = self._bookkeeping("blocks/crc32c"), self.blocks_done()
-            self._refuse_unmarked(done)
-            col = self.layout["block_arrays"].index(name)
-            for blk in np.flatnonzero(done):
-                start, stop = self.block_range(int(blk))
-                if checksum(data[start:stop]) != int(sums[blk, col]):
-                    raise self._damaged(name, f"rows {start}-{stop - 1} (block {blk}) do not match their checksum")
-            return
-        want = self.manifest.get("checksums", {}).get(name)
-        if want is not None and checksum(data) != int(want):
-            raise self._damaged(name, "it does not match its checksum")
 
     def _damaged(self, name: str, why: str) -> StoreDamagedError:
         return StoreDamagedError(f"store {self.path} is damaged: {name}: {why}; run `embedcache verify {self.path}` "
