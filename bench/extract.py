@@ -16,7 +16,8 @@ In one run, with one teacher and batch size:
    images (open, resize, centre crop, to tensor, normalise in workers; the teacher on the batch),
    one view per image, no store: the reference a user would otherwise run.
 4. read: loading a whole (N, 1, 512) float16 embedding array from Zarr and HDF5 stores (the store's
-   own checksum-verified read) against np.load of the same array.
+   own checksum-verified read) against np.load of the same array, for stores of 256-row blocks
+   (extraction's default) and of 4096-row blocks (``--read-block-rows``).
 Random weights are fine for speed. Prints a table and writes JSON to bench/results/.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -138,15 +140,16 @@ def pil_baseline(teacher, ds: DatasetConfig, batch: int, workers: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def read_speed(tmp: Path, rows: int, dim: int = 512, rounds: int = 11) -> dict:
+def read_speed(tmp: Path, rows: int, block_rows: int, dim: int = 512, rounds: int = 11) -> dict:
     """Seconds to load a whole (rows, 1, dim) float16 array: np.load against each backend's own
-    checksum-verified read, each the median of ``rounds`` interleaved reads (files in the page cache)."""
+    checksum-verified read of a store of ``block_rows``-row blocks (one chunk file per block in Zarr),
+    each the median of ``rounds`` interleaved reads (files in the page cache)."""
     rng = np.random.default_rng(0)
     arr = rng.standard_normal((rows, 1, dim)).astype(np.float16)
     np.save(tmp / "emb.npy", arr)
-    layout = plan_layout(rows, 1, dim, 8, False, 4096)
+    layout = plan_layout(rows, 1, dim, 8, False, block_rows)
     manifest = {"schema": SCHEMA_VERSION, "key": "bench", "complete": False}
-    paths = {"zarr": tmp / "r.zarr", "hdf5": tmp / "r.h5"}
+    paths = {"zarr": tmp / f"r{block_rows}.zarr", "hdf5": tmp / f"r{block_rows}.h5"}
     for name, path in paths.items():
         with Store.create(str(path), manifest, layout, name) as st:
             for b in range(st.num_blocks):
@@ -154,6 +157,7 @@ def read_speed(tmp: Path, rows: int, dim: int = 512, rounds: int = 11) -> dict:
                 st.write_block(b, {"image/emb": arr[start:stop], "image/status": np.ones(stop - start, np.uint8),
                                    "image/view_params": np.zeros((stop - start, 1, 5), np.int32),
                                    "image/canvas_crc32c": np.zeros(stop - start, np.uint32)})  # a store without pixels
+            st.finish()  # complete, as training reads it
         with Store(str(path)) as st:
             assert np.array_equal(st.read("image/emb"), arr)
     times = {k: [] for k in ("npy", *paths)}
@@ -166,7 +170,9 @@ def read_speed(tmp: Path, rows: int, dim: int = 512, rounds: int = 11) -> dict:
                 t0 = time.perf_counter()
                 st.read("image/emb")
                 times[name].append(time.perf_counter() - t0)
-    return {**{f"{k}_s": float(np.median(v)) for k, v in times.items()}, "mb": arr.nbytes / 2**20}
+    for path in paths.values():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return {**{f"{k}_s": float(np.median(v)) for k, v in times.items()}, "mb": arr.nbytes / 2**20, "block_rows": block_rows}
 
 
 def main() -> None:
@@ -182,6 +188,8 @@ def main() -> None:
     ap.add_argument("--jpegs", type=int, default=0, help="extract N 500x375 JPEGs made from PACS photos")
     ap.add_argument("--baseline", action="store_true", help="also time a plain PIL DataLoader + teacher pipeline")
     ap.add_argument("--read-rows", type=int, default=200_000)
+    ap.add_argument("--read-block-rows", type=int, nargs="+", default=[256, 4096],
+                    help="store block sizes to read (256: extraction's default)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--pacs", default=str(PACS), help="DomainBed-layout image folder (default ../shared/datasets/pacs)")
     args = ap.parse_args()
@@ -205,21 +213,22 @@ def main() -> None:
             for v in args.views:
                 rate = pipeline(teacher, tcfg, ds, args.batch, args.workers, v, dec, tmp)
                 measured(rows, f"extract ({dec}), {v} view(s)/image, {args.workers} worker(s)", rate, rate / bare)
-        rd = read_speed(tmp, args.read_rows)
+        reads = [read_speed(tmp, args.read_rows, br) for br in args.read_block_rows]
     device = torch.cuda.get_device_name() if teacher.device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
     source = f"{args.jpegs} 500x375 JPEGs from PACS photos" if args.jpegs else (pacs if pacs.is_dir() else "synthetic")
     print(f"\nteacher {args.model} (random weights, {args.precision}), batch {args.batch}, device {device}, images: {source}")
     print(f"{'what':<52} {'teacher images/s':>16} {'vs bare':>8}")
     for name, rate, ratio in rows:
         print(f"{name:<52} {rate:>16.1f} {ratio:>8.2f}")
-    print(f"\nload-all read of a {rd['mb']:.0f} MB (N, 1, 512) float16 array")
-    print(f"{'format':<10} {'seconds':>8} {'MB/s':>8} {'vs npy':>8}")
-    for k in ("npy", "zarr", "hdf5"):
-        s = rd[f"{k}_s"]
-        print(f"{k:<10} {s:>8.3f} {rd['mb'] / s:>8.0f} {rd['npy_s'] / s:>8.2f}")
+    print(f"\nload-all read of a {reads[0]['mb']:.0f} MB (N, 1, 512) float16 array, checksums verified")
+    print(f"{'format':<10} {'block rows':>10} {'seconds':>8} {'MB/s':>8} {'vs npy':>8}")
+    for rd in reads:
+        for k in ("npy", "zarr", "hdf5"):
+            s = rd[f"{k}_s"]
+            print(f"{k:<10} {rd['block_rows']:>10} {s:>8.3f} {rd['mb'] / s:>8.0f} {rd['npy_s'] / s:>8.2f}")
     result = {"device": device, "model": args.model, "precision": args.precision, "batch": args.batch,
               "workers": args.workers, "images": n, "jpegs": args.jpegs, "host": platform.node(), "cpus": os.cpu_count(),
-              "throughput": [{"what": a, "images_per_s": r, "ratio_vs_bare": q} for a, r, q in rows], "read": rd}
+              "throughput": [{"what": a, "images_per_s": r, "ratio_vs_bare": q} for a, r, q in rows], "read": reads}
     tag = ("gpu" if teacher.device.type == "cuda" else "cpu") + f"-{args.model}-{args.precision}"
     write_json(Path(args.out) / f"extract-{tag}.json", result)
 

@@ -24,7 +24,7 @@ run() { local limit=$1; shift; echo "== $*"; timeout --kill-after=10 "$limit" py
 for part in "${parts[@]}"; do
     case $part in
     extract) run 150 bench/extract.py --model ViT-B-16 --precision bf16 --views 1 4 --decoders pil device --baseline \
-        --workers 15 --batch 256 --jpegs 3000 --pacs .gpu/pacs --read-rows 500000 ;;
+        --workers 15 --batch 256 --jpegs 3000 --pacs .gpu/pacs --read-rows 200000 ;;
     train-b16) run 140 bench/train.py --student resnet18 --size 224 --batch 128 --canvas 256 --teacher ViT-B-16 --steps 60 \
         --images 2048 --head-steps 1000 --heads 32 ;;
     # ViT-L-14 for the online arm's 10x target; one round of head arms (train-b16 measures them over three)

@@ -580,20 +580,28 @@ def test_a_damaged_derived_array_is_reported_apart_and_marked_for_recomputation(
 @pytest.mark.parametrize("name", ["blocks/done", "blocks/crc32c"])
 def test_a_damaged_bookkeeping_chunk_is_a_block_to_redo(make_cfg, tiny_teacher, name):
     """An emptied blocks/done or blocks/crc32c chunk made inspect, verify and extract fail with a
-    reshape traceback: its block now counts as not done (or unchecked), and a repair redoes it."""
+    reshape traceback: its block now counts as not done (or unchecked), and a repair redoes it.
+    Readers of the complete store check its rows against the blocks' summary (still intact), and
+    refuse them once that is damaged too."""
     good = make_cfg("good.zarr")
     extract(good, teacher=tiny_teacher, log=quiet)
     cfg = make_cfg("hurt.zarr")
     extract(cfg, teacher=tiny_teacher, log=quiet)
     chunk = next(p for p in (Path(cfg.out) / name / "c").rglob("*") if p.is_file() and p.relative_to(Path(cfg.out) / name / "c").parts[0] == "1")
     chunk.write_bytes(b"")
-    with pytest.raises(StoreDamagedError, match="embedcache verify"):
-        embedcache.open_store(cfg.out).image_emb()
+    assert np.array_equal(embedcache.open_store(cfg.out).image_emb(), embedcache.open_store(good.out).image_emb())
     res = CliRunner().invoke(main, ["verify", cfg.out, "--no-progress"])
     assert res.exit_code == 2 and "damaged: block 1" in res.output, res.output
+    assert "damaged: blocks.npz: disagrees with the blocks' own blocks/done and blocks/crc32c" in res.output, res.output
+    summary = Path(cfg.out) / "blocks.npz"
+    summary.write_bytes(summary.read_bytes()[:-1])
+    with pytest.raises(StoreDamagedError, match="embedcache verify"):
+        embedcache.open_store(cfg.out).image_emb()
+    assert "damaged: blocks.npz: truncated or altered" in CliRunner().invoke(main, ["verify", cfg.out, "--no-progress"]).output
     fixed = CliRunner().invoke(main, ["verify", cfg.out, "--no-progress", "--repair"])
     assert fixed.exit_code == 0 and "repaired (1 block(s) re-done)" in fixed.output, fixed.output
     _same(_arrays(good.out), _arrays(cfg.out))
+    assert CliRunner().invoke(main, ["verify", cfg.out, "--no-progress"]).exit_code == 0  # the summary rewritten
 
 
 def test_damaged_store_metadata_is_one_line(make_cfg, tiny_teacher):

@@ -130,6 +130,10 @@ class ZarrBackend:
     def dtype(self, name: str) -> np.dtype:
         return np.dtype(self._array(name).dtype)
 
+    def compressed(self, name: str) -> bool:
+        """Whether chunks are decoded whole (a codec besides the plain bytes one)."""
+        return bool(self._array(name).compressors)
+
     def write(self, name: str, start: int, data: np.ndarray) -> None:
         # write_empty_chunks is a runtime setting, not stored with the array: without it, a chunk of
         # zeros (black canvases, a block of unreadable images) is never written and reads as "lost"
@@ -284,6 +288,10 @@ class HDF5Backend:
     def dtype(self, name: str) -> np.dtype:
         with self._reading(name):
             return np.dtype(self.file[name].dtype)
+
+    def compressed(self, name: str) -> bool:
+        with self._reading(name):
+            return bool(self.file[name]._filters)
 
     def _dataset(self, name: str):
         """The dataset's handle, kept open: a write through a handle freed at once left its chunks to be

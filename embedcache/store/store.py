@@ -11,6 +11,8 @@ Layout (Zarr; HDF5 mirrors it):
   ``text/<source>/emb``    (P, D) float32 prompt embeddings; ``text/<source>/class_emb`` (C, D)
   ``blocks/done``          (num_blocks,) uint8, one chunk per block, set after its rows are written
   ``blocks/crc32c``        (num_blocks, A) uint32: CRC-32C of each block array's rows in that block
+  ``blocks.npz``           both of the above in one file, written as the store completes (readers of a
+                           complete store read it instead of two files per block)
   ``derived/<name>``       arrays computed from the store later (cached student features), each
                            with its own completeness flag and checksum in attrs ``derived``
   ``meta.parquet``         one row per image (index, path, class_name, label, domain, split, status, reason)
@@ -33,9 +35,12 @@ from ..errors import StoreDamagedError, StoreError, StoreMismatchError
 from .backends import BACKENDS, backend_name_for
 from .integrity import IntegrityReport, checksum
 from .layout import SCHEMA_VERSION
-from .readahead import Piece, plan_pieces, read_parts
+from .readahead import plan_pieces
 
 TABLES = ("meta.parquet", "text.parquet")
+# every block's done flag and checksums in one file, written as a store completes: a reader of a
+# complete store reads it instead of two files per block (blocks/done, blocks/crc32c)
+BLOCKS_SUMMARY = "blocks.npz"
 
 
 def is_counter(v: Any) -> bool:
@@ -166,10 +171,14 @@ class Store:
     def blocks_done(self) -> np.ndarray:
         return self._bookkeeping("blocks/done").astype(bool)
 
-    def _bookkeeping(self, name: str) -> np.ndarray:
-        """``blocks/done`` or ``blocks/crc32c`` (one chunk per block). A chunk that no longer decodes
+    def _bookkeeping(self, name: str, summary: bool = True) -> np.ndarray:
+        """``blocks/done`` or ``blocks/crc32c``: from a complete store's summary when it is intact
+        (``summary``), else block by block (one chunk per block). A chunk that no longer decodes
         reads as zeros: its block counts as not done (or unchecked), so a repair redoes it, and
         writing the block rewrites the chunk whole."""
+        kept = self._summary() if summary and self.complete else None
+        if kept is not None:
+            return kept[name]
         try:
             return self.b.read(name)
         except Exception:
@@ -180,6 +189,30 @@ class Store:
                 except Exception:
                     pass
             return out
+
+    def _summary(self) -> Optional[Dict[str, np.ndarray]]:
+        """The bookkeeping a complete store summarised as it completed, read once per finish; None where
+        it is missing or does not match its checksum (the blocks' own arrays are read then, and
+        ``verify`` names the file)."""
+        when = self.manifest.get("finished")
+        cached = self.__dict__.get("_kept")
+        if cached is not None and cached[0] == when:
+            return cached[1]
+        want, kept = self.manifest.get("checksums", {}).get(BLOCKS_SUMMARY), None
+        raw = self.b.get_blob(BLOCKS_SUMMARY) if want is not None else None
+        if raw is not None and checksum(raw) == int(want):
+            with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+                kept = {"blocks/done": z["done"], "blocks/crc32c": z["crc32c"]}
+            for a in kept.values():
+                a.flags.writeable = False
+        self.__dict__["_kept"] = (when, kept)
+        return kept
+
+    def _summary_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        np.savez(buf, done=self._bookkeeping("blocks/done", summary=False),
+                 crc32c=self._bookkeeping("blocks/crc32c", summary=False))
+        return buf.getvalue()
 
     def _unmarked(self, done: np.ndarray) -> np.ndarray:
         """Blocks a complete store has not marked done: every block of a complete store was finished,
@@ -262,44 +295,49 @@ class Store:
 
     def read(self, name: str, verify: bool = True) -> np.ndarray:
         """The whole array, checked against its checksums (refused with a one-line error if damaged):
-        each row block read and checked piece by piece, blocks on a few threads (readahead)."""
+        read in pieces, each checked right after it is read (readahead)."""
         if not self.b.has(name):
             raise StoreError(f"store {self.path} has no array {name}")
-        shape = self.b.shape(name)
-        out = np.empty(shape, self.b.dtype(name))
+        out = np.empty(self.b.shape(name), self.b.dtype(name))
         parts, sums = self._checked_parts(name, len(out), verify)
-        pieces = plan_pieces(parts, out[:1].nbytes, int((self.b.chunks(name) or shape)[0] or 1),
-                             whole_chunks=self.layout.get("arrays", {}).get(name, {}).get("codec", "zstd") != "none")
-        crc = [0] * len(parts)
-
-        def fill(lo: int, hi: int) -> None:
+        crc, first = [0] * len(parts), 0
+        for lo, hi in plan_pieces(parts, out[:1].nbytes, self.b.chunks(name)[0], self.b.compressed(name)):
             try:
                 self.b.read_into(name, lo, out[lo:hi])
             except Exception as exc:  # a chunk that no longer decodes
                 raise self._damaged(name, f"it cannot be decoded ({type(exc).__name__})") from None
-
-        def check(p: Piece) -> None:
-            if sums[p.part] is None:
-                return
-            crc[p.part] = checksum(out[p.lo:p.hi], crc[p.part])
-            if p.last and crc[p.part] != sums[p.part]:
-                start, stop = parts[p.part]
-                raise self._damaged(name, f"rows {start}-{stop - 1} (block {p.part}) do not match their checksum"
-                                    if self._is_block_array(name) else "it does not match its checksum")
-
-        read_parts(pieces, fill, check)
+            first = self._check_rows(name, out, lo, hi, parts, sums, crc, first)
         return out
+
+    def _check_rows(self, name: str, out: np.ndarray, lo: int, hi: int, parts: list, sums: list, crc: list,
+                    first: int) -> int:
+        """Continue the checksums of parts ``first``, ... with rows lo:hi (pieces come in row order) and
+        compare each part that ends here; returns the first part not yet ended."""
+        while first < len(parts) and parts[first][0] <= hi:
+            start, stop = parts[first]
+            if sums[first] is not None:
+                crc[first] = checksum(out[max(lo, start):min(hi, stop)], crc[first])
+            if stop > hi:
+                return first
+            if sums[first] is not None and crc[first] != sums[first]:
+                raise self._damaged(name, f"rows {start}-{stop - 1} (block {first}) do not match their checksum"
+                                    if self._is_block_array(name) else "it does not match its checksum")
+            first += 1
+        return first
 
     def _is_block_array(self, name: str) -> bool:
         return name in self.layout.get("block_arrays", ())
 
-    def _checked_parts(self, name: str, n: int, verify: bool = True) -> Tuple[list, list]:
-        """The parts an array is read and checked by, and each one's expected CRC-32C (None: not
-        checked): a block array's row blocks (unfinished ones unchecked), or the whole array against
-        the manifest's checksum."""
+    def _checked_parts(self, name: str, n: int, verify: bool) -> Tuple[list, list]:
+        """The parts an array is checked by, and each one's expected CRC-32C (None: not checked): a
+        block array's row blocks (unfinished ones unchecked), or the whole array against the
+        manifest's checksum."""
         if not self._is_block_array(name):
             want = self.manifest.get("checksums", {}).get(name) if verify else None
             return [(0, n)], [None if want is None else int(want)]
+        if n != int(self.layout["n"]):  # rows past n would never be read or checked
+            raise self._damaged(name, f"it holds {n} rows where the store has {self.layout['n']} (its zarr.json or "
+                                      "HDF5 header was altered)")
         parts = [self.block_range(b) for b in range(self.num_blocks)]
         if not verify:
             return parts, [None] * len(parts)
@@ -326,7 +364,10 @@ class Store:
     def put_table(self, name: str, df: pd.DataFrame) -> None:
         buf = io.BytesIO()
         df.to_parquet(buf, index=False)
-        data = buf.getvalue()
+        self._put_file(name, buf.getvalue())
+
+    def _put_file(self, name: str, data: bytes) -> None:
+        """A file of the store (a table, the blocks' summary), recorded for the manifest's checksums."""
         self.b.put_blob(name, data)
         self._pending_sums[name] = checksum(data)
 
@@ -348,8 +389,10 @@ class Store:
         self.manifest = manifest
 
     def finish(self, **fields: Any) -> None:
-        """Record the checksums of the tables and arrays written since opening, then complete=True (last)."""
+        """Summarise the blocks' bookkeeping, record the checksums of the tables and arrays written since
+        opening, then complete=True (last)."""
         self.b.flush()
+        self._put_file(BLOCKS_SUMMARY, self._summary_bytes())
         sums = {**self.manifest.get("checksums", {}), **self._pending_sums}
         self.write_manifest({**self.manifest, **fields, "checksums": sums, "complete": True, "finished": _now()})
         self.b.flush()
@@ -382,7 +425,8 @@ class Store:
 
         report = IntegrityReport(self.path)
         names = self.layout["block_arrays"]
-        sums, done = self._bookkeeping("blocks/crc32c"), self.blocks_done()
+        sums, done = self._bookkeeping("blocks/crc32c", summary=False), self._bookkeeping("blocks/done", summary=False)
+        done = done.astype(bool)
         blocks = np.flatnonzero(done)
         for blk in self._unmarked(done):  # redone by a repair like any damaged block
             report.damaged[int(blk)] = ["blocks/done"]
@@ -406,6 +450,10 @@ class Store:
             for name in TABLES:
                 if name not in self.manifest.get("checksums", {}) and self.b.get_blob(name) is None:
                     report.files[name] = "missing"
+            kept = self._summary()
+            if kept is not None and not (np.array_equal(kept["blocks/done"], done.astype(np.uint8))
+                                         and np.array_equal(kept["blocks/crc32c"], sums)):
+                report.files[BLOCKS_SUMMARY] = "disagrees with the blocks' own blocks/done and blocks/crc32c"
         for name, info in self.derived().items():
             if info.get("complete"):
                 why = self._file_problem(f"derived/{name}", int(info["crc32c"]))
@@ -414,7 +462,7 @@ class Store:
         return report
 
     def _file_problem(self, name: str, want: int) -> str:
-        if name in TABLES:
+        if name in TABLES or name == BLOCKS_SUMMARY:
             raw = self.b.get_blob(name)
             return "missing" if raw is None else ("truncated or altered" if checksum(raw) != want else "")
         if not self.b.has(name):
