@@ -39,8 +39,9 @@ from .readahead import plan_pieces
 
 TABLES = ("meta.parquet", "text.parquet")
 # every block's done flag and checksums in one file, written as a store completes: a reader of a
-# complete store reads it instead of two files per block (blocks/done, blocks/crc32c)
-BLOCKS_SUMMARY = "blocks.npz"
+# complete store reads it instead of two files per block (blocks/done, blocks/crc32c). Its checksum has
+# a manifest key of its own: versions before it look up every name in "checksums" as a table or array.
+BLOCKS_SUMMARY, SUMMARY_KEY = "blocks.npz", "blocks_summary_crc32c"
 
 
 def is_counter(v: Any) -> bool:
@@ -191,22 +192,36 @@ class Store:
             return out
 
     def _summary(self) -> Optional[Dict[str, np.ndarray]]:
-        """The bookkeeping a complete store summarised as it completed, read once per finish; None where
-        it is missing or does not match its checksum (the blocks' own arrays are read then, and
-        ``verify`` names the file)."""
-        when = self.manifest.get("finished")
+        """The bookkeeping a complete store summarised as it completed, read once per summary written;
+        None where it is missing, does not match its checksum, or was found stale (the blocks' own
+        arrays are read then, and ``verify`` names the file)."""
+        want = self.manifest.get(SUMMARY_KEY)
         cached = self.__dict__.get("_kept")
-        if cached is not None and cached[0] == when:
-            return cached[1]
-        want, kept = self.manifest.get("checksums", {}).get(BLOCKS_SUMMARY), None
+        if cached is None or cached[0] != want:
+            self.__dict__["_kept"] = cached = (want, self._load_summary())
+        return cached[1]
+
+    def _load_summary(self) -> Optional[Dict[str, np.ndarray]]:
+        want = self.manifest.get(SUMMARY_KEY)
         raw = self.b.get_blob(BLOCKS_SUMMARY) if want is not None else None
-        if raw is not None and checksum(raw) == int(want):
-            with np.load(io.BytesIO(raw), allow_pickle=False) as z:
-                kept = {"blocks/done": z["done"], "blocks/crc32c": z["crc32c"]}
-            for a in kept.values():
-                a.flags.writeable = False
-        self.__dict__["_kept"] = (when, kept)
+        if raw is None or checksum(raw) != int(want):
+            return None
+        with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+            kept = {"blocks/done": z["done"], "blocks/crc32c": z["crc32c"]}
+        for a in kept.values():
+            a.flags.writeable = False
         return kept
+
+    def _own_sum(self, name: str, block: int) -> Optional[int]:
+        """A finished block's checksum of ``name`` as the block's own bookkeeping records it (None if
+        not done or unreadable): what a row block is held to when the summary disagrees (a store a
+        repair by an older version re-did a block of, a repair by another process since opening)."""
+        try:
+            if not self.b.read("blocks/done", block, block + 1)[0]:
+                return None
+            return int(self.b.read("blocks/crc32c", block, block + 1)[0, self.layout["block_arrays"].index(name)])
+        except Exception:
+            return None
 
     def _summary_bytes(self) -> bytes:
         buf = io.BytesIO()
@@ -320,8 +335,11 @@ class Store:
             if stop > hi:
                 return first
             if sums[first] is not None and crc[first] != sums[first]:
-                raise self._damaged(name, f"rows {start}-{stop - 1} (block {first}) do not match their checksum"
-                                    if self._is_block_array(name) else "it does not match its checksum")
+                if not self._is_block_array(name):
+                    raise self._damaged(name, "it does not match its checksum")
+                if self._own_sum(name, first) != crc[first]:
+                    raise self._damaged(name, f"rows {start}-{stop - 1} (block {first}) do not match their checksum")
+                self.__dict__["_kept"] = (self.manifest.get(SUMMARY_KEY), None)  # stale: read block by block from now
             first += 1
         return first
 
@@ -338,6 +356,9 @@ class Store:
         if n != int(self.layout["n"]):  # rows past n would never be read or checked
             raise self._damaged(name, f"it holds {n} rows where the store has {self.layout['n']} (its zarr.json or "
                                       "HDF5 header was altered)")
+        if self.num_blocks != -(-n // int(self.layout["block_rows"])):  # blocks that do not cover the rows
+            raise self._damaged("layout", f"{self.num_blocks} blocks of {self.layout['block_rows']} rows do not hold "
+                                          f"its {n} rows (its zarr.json or HDF5 attributes were altered)")
         parts = [self.block_range(b) for b in range(self.num_blocks)]
         if not verify:
             return parts, [None] * len(parts)
@@ -364,10 +385,7 @@ class Store:
     def put_table(self, name: str, df: pd.DataFrame) -> None:
         buf = io.BytesIO()
         df.to_parquet(buf, index=False)
-        self._put_file(name, buf.getvalue())
-
-    def _put_file(self, name: str, data: bytes) -> None:
-        """A file of the store (a table, the blocks' summary), recorded for the manifest's checksums."""
+        data = buf.getvalue()
         self.b.put_blob(name, data)
         self._pending_sums[name] = checksum(data)
 
@@ -392,9 +410,11 @@ class Store:
         """Summarise the blocks' bookkeeping, record the checksums of the tables and arrays written since
         opening, then complete=True (last)."""
         self.b.flush()
-        self._put_file(BLOCKS_SUMMARY, self._summary_bytes())
+        summary = self._summary_bytes()
+        self.b.put_blob(BLOCKS_SUMMARY, summary)
         sums = {**self.manifest.get("checksums", {}), **self._pending_sums}
-        self.write_manifest({**self.manifest, **fields, "checksums": sums, "complete": True, "finished": _now()})
+        self.write_manifest({**self.manifest, **fields, "checksums": sums, SUMMARY_KEY: checksum(summary),
+                             "complete": True, "finished": _now()})
         self.b.flush()
 
     # --- verification ---------------------------------------------------------------------------------
@@ -450,7 +470,11 @@ class Store:
             for name in TABLES:
                 if name not in self.manifest.get("checksums", {}) and self.b.get_blob(name) is None:
                     report.files[name] = "missing"
-            kept = self._summary()
+            if self.manifest.get(SUMMARY_KEY) is not None:
+                why = self._file_problem(BLOCKS_SUMMARY, int(self.manifest[SUMMARY_KEY]))
+                if why:
+                    report.files[BLOCKS_SUMMARY] = why
+            kept = self._load_summary()
             if kept is not None and not (np.array_equal(kept["blocks/done"], done.astype(np.uint8))
                                          and np.array_equal(kept["blocks/crc32c"], sums)):
                 report.files[BLOCKS_SUMMARY] = "disagrees with the blocks' own blocks/done and blocks/crc32c"
