@@ -223,3 +223,28 @@ def test_a_layout_whose_blocks_do_not_cover_the_rows_is_refused(tmp_path):
     group.attrs["layout"] = {**group.attrs["layout"], "num_blocks": 2}  # rows 8-9 would be left unread
     with Store(path) as st, pytest.raises(StoreDamagedError, match=r"layout: 2 blocks of 4 rows do not hold its 10 rows"):
         st.read("image/emb")
+
+
+def test_hdf5_chunk_offsets_are_listed_once_both_ways_alike_and_unwritten_chunks_read_as_unwritten(tmp_path):
+    """The HDF5 raw read takes every chunk's offset from one listing per dataset (a lookup per chunk
+    cost as much as the read itself at 256-row blocks); chunks never written go through h5py."""
+    import h5py
+
+    from embedcache.store.backends import _chunk_table
+
+    path, arrays = block_store(tmp_path, "hdf5", n=12)
+    with h5py.File(path, "a") as f:  # block 1 never written: its chunk is absent from the file
+        del f["image/emb"]
+        f.create_dataset("image/emb", shape=(12, 2, 8), dtype="float16", chunks=(4, 2, 8), fillvalue=0)
+        f["image/emb"][0:4], f["image/emb"][8:12] = arrays["image/emb"][0:4], arrays["image/emb"][8:12]
+    with h5py.File(path, "r") as f:
+        dsid = f["image/emb"].id
+        table = _chunk_table(dsid, iterate=True)
+        assert table == _chunk_table(dsid, iterate=False) and sorted(table) == [0, 8]
+    with Store(path) as st:
+        got = st.read("image/emb", verify=False)
+        assert np.array_equal(got[0:4], arrays["image/emb"][0:4]) and np.array_equal(got[8:], arrays["image/emb"][8:])
+        assert not got[4:8].any()
+        listed = st.b._offsets["image/emb"]
+        st.read("image/emb", verify=False)
+        assert st.b._offsets["image/emb"] is listed  # not listed again

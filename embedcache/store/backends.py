@@ -215,6 +215,19 @@ class ZarrBackend:
 HDF5_RESERVE = 8 * 2**20  # bytes an HDF5 store leaves free on its disk: room to write its metadata and close
 
 
+def _chunk_table(dsid, iterate: bool) -> dict:
+    """First row of each written chunk of an HDF5 dataset -> (byte offset, filter mask): in one pass in
+    C (``iterate``), else chunk by chunk."""
+    found: dict = {}
+    if iterate:
+        dsid.chunk_iter(lambda info: found.__setitem__(info.chunk_offset[0], (info.byte_offset, info.filter_mask)))
+    else:
+        for i in range(dsid.get_num_chunks()):
+            info = dsid.get_chunk_info(i)
+            found[info.chunk_offset[0]] = (info.byte_offset, info.filter_mask)
+    return found
+
+
 @BACKENDS.register("hdf5")
 class HDF5Backend:
     """One .h5 file; blobs are uint8 datasets under ``_blobs/``. One writer process at a time."""
@@ -227,6 +240,7 @@ class HDF5Backend:
         self.mode = mode
         self.file = None
         self._datasets: dict = {}
+        self._offsets: dict = {}  # dataset -> {first row of a chunk: (byte offset, filter mask)}, read-only files
         try:
             self.file = h5py.File(self.path, "r" if mode == "r" else "a")
         except (OSError, BlockingIOError) as exc:
@@ -317,10 +331,10 @@ class HDF5Backend:
     def read_into(self, name: str, start: int, out: np.ndarray) -> None:
         """Rows ``start:start + len(out)`` into ``out`` (C-contiguous, the dataset's dtype)."""
         ds = self._dataset(name)
-        if out.size and not self._raw_read_into(ds, start, out):
+        if out.size and not self._raw_read_into(ds, name, start, out):
             ds.read_direct(out, np.s_[start:start + len(out)])
 
-    def _raw_read_into(self, ds, start: int, out: np.ndarray) -> bool:
+    def _raw_read_into(self, ds, name: str, start: int, out: np.ndarray) -> bool:
         """Unfiltered datasets whose chunks span whole rows, in a file opened read-only: each chunk's
         bytes are read straight into the output from the offset HDF5 reports for it (HDF5's own
         chunk-by-chunk copy reached 0.3x of np.load here). Anything else, and a chunk never written,
@@ -329,16 +343,24 @@ class HDF5Backend:
                 or ds.dtype.byteorder == ">"):
             return False
         rows, stop, row_bytes = int(ds.chunks[0]), start + len(out), out[:1].nbytes
+        offsets = self._chunk_offsets(ds, name)
         with open(self.path, "rb", buffering=0) as fh:
             for c in range(start // rows, -(-stop // rows)):
-                info = ds.id.get_chunk_info_by_coord((c * rows,) + (0,) * (ds.ndim - 1))
-                if info.byte_offset is None or info.filter_mask:
+                offset, mask = offsets.get(c * rows, (None, 0))
+                if offset is None or mask:  # never written, or filtered
                     return False
                 lo, hi = max(start, c * rows), min(stop, (c + 1) * rows)
-                fh.seek(info.byte_offset + (lo - c * rows) * row_bytes)
+                fh.seek(offset + (lo - c * rows) * row_bytes)
                 if not _read_exact(fh, out[lo - start:hi - start]):
                     return False
         return True
+
+    def _chunk_offsets(self, ds, name: str) -> dict:
+        """Every written chunk's file offset by its first row, listed once per dataset (the file is open
+        read-only, so they cannot move): one pass in C instead of a lookup per chunk."""
+        if name not in self._offsets:
+            self._offsets[name] = _chunk_table(ds.id, iterate=hasattr(ds.id, "chunk_iter"))  # chunk_iter: HDF5 >= 1.12.3
+        return self._offsets[name]
 
     def chunk_rows_present(self, name: str) -> Optional[set]:
         return None  # chunks live inside one file: damage shows as a checksum or decode error
@@ -378,6 +400,7 @@ class HDF5Backend:
     def close(self) -> None:
         if self.file:
             self._datasets.clear()
+            self._offsets.clear()
             self.file.close()
             self.file = None
 
