@@ -35,7 +35,7 @@ from ..errors import StoreDamagedError, StoreError, StoreMismatchError
 from .backends import BACKENDS, backend_name_for
 from .integrity import IntegrityReport, checksum
 from .layout import SCHEMA_VERSION
-from .readahead import plan_pieces
+from .pieces import plan_pieces
 
 TABLES = ("meta.parquet", "text.parquet")
 # every block's done flag and checksums in one file, written as a store completes: a reader of a
@@ -310,7 +310,7 @@ class Store:
 
     def read(self, name: str, verify: bool = True) -> np.ndarray:
         """The whole array, checked against its checksums (refused with a one-line error if damaged):
-        read in pieces, each checked right after it is read (readahead)."""
+        read in pieces, each checked right after it is read (pieces.py)."""
         if not self.b.has(name):
             raise StoreError(f"store {self.path} has no array {name}")
         out = np.empty(self.b.shape(name), self.b.dtype(name))

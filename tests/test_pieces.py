@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from embedcache.errors import StoreDamagedError
-from embedcache.store import Store, readahead
+from embedcache.store import Store
+from embedcache.store import pieces as planner
 from embedcache.store.integrity import checksum
-from embedcache.store.readahead import plan_pieces
+from embedcache.store.pieces import plan_pieces
 
 from conftest import block_store
 
@@ -37,7 +38,7 @@ def test_a_checksum_continued_piece_by_piece_is_the_whole_arrays():
 @pytest.mark.parametrize("seed", range(40))
 def test_pieces_tile_the_array_in_order_and_each_block_lies_in_one_piece_or_is_cut_into_whole_pieces(seed, monkeypatch):
     rng = np.random.default_rng(seed)
-    monkeypatch.setattr(readahead, "PIECE_BYTES", int(rng.integers(1, 400)))
+    monkeypatch.setattr(planner, "PIECE_BYTES", int(rng.integers(1, 400)))
     chunk_rows, row_bytes = int(rng.integers(1, 6)), int(rng.integers(1, 50))
     block_rows = chunk_rows * int(rng.integers(1, 5))  # blocks tile chunks
     n = int(rng.integers(1, 60))
@@ -48,7 +49,7 @@ def test_pieces_tile_the_array_in_order_and_each_block_lies_in_one_piece_or_is_c
     for start, stop in parts:  # inside one piece, or exactly the union of the pieces inside it
         holding = [(lo, hi) for lo, hi in pieces if lo < stop and hi > start]
         assert len(holding) == 1 or (holding[0][0] == start and holding[-1][1] == stop)
-    most = max(1, readahead.PIECE_BYTES // row_bytes)
+    most = max(1, planner.PIECE_BYTES // row_bytes)
     if whole:  # a piece starts and ends on a chunk boundary (or at the array's end)
         most = max(chunk_rows, most // chunk_rows * chunk_rows)
         assert all(lo % chunk_rows == 0 and (hi % chunk_rows == 0 or hi == n) for lo, hi in pieces)
@@ -75,7 +76,7 @@ def test_many_small_blocks_are_read_in_one_call(tmp_path):
 @pytest.mark.parametrize("backend", ["zarr", "hdf5"])
 def test_a_read_in_many_pieces_is_exact_and_names_the_damaged_block(tmp_path, backend, monkeypatch):
     path, arrays = block_store(tmp_path, backend)
-    monkeypatch.setattr(readahead, "PIECE_BYTES", 40)  # an embedding row is 32 bytes: one row per piece
+    monkeypatch.setattr(planner, "PIECE_BYTES", 40)  # an embedding row is 32 bytes: one row per piece
     calls = []
     with Store(path) as st:
         real = st.b.read_into
@@ -107,7 +108,7 @@ def test_a_read_in_many_pieces_is_exact_and_names_the_damaged_block(tmp_path, ba
 
 def test_a_chunk_that_does_not_decode_is_one_damaged_line(tmp_path, monkeypatch):
     path, _ = block_store(tmp_path, "zarr")
-    monkeypatch.setattr(readahead, "PIECE_BYTES", 40)
+    monkeypatch.setattr(planner, "PIECE_BYTES", 40)
     with Store(path) as st:
         real = st.b.read_into
 
