@@ -94,6 +94,25 @@ def block_store(tmp_path: Path, backend: str, n: int = 10):
     return path, arrays
 
 
+def alter_emb(path: str, row: int, view: int, col: int) -> None:
+    """Change one stored embedding value of a ``block_store`` in place, behind the store's back: in a
+    Zarr chunk file (one byte flipped) or through h5py (the value negated, minus one)."""
+    if path.endswith(".zarr"):
+        import zarr
+
+        emb = zarr.open_array(str(Path(path) / "image" / "emb"), mode="r")
+        rows, (_, views, dim) = emb.chunks[0], emb.shape
+        chunk = Path(path) / "image" / "emb" / "c" / str(row // rows) / "0" / "0"
+        raw = bytearray(chunk.read_bytes())
+        raw[(((row % rows) * views + view) * dim + col) * 2 + 1] ^= 0x01
+        chunk.write_bytes(bytes(raw))
+    else:
+        import h5py
+
+        with h5py.File(path, "a") as f:
+            f["image/emb"][row, view, col] = -f["image/emb"][row, view, col] - 1
+
+
 def quiet(_msg: str) -> None:
     pass
 

@@ -13,7 +13,7 @@ from embedcache.store import pieces as planner
 from embedcache.store.integrity import checksum
 from embedcache.store.pieces import plan_pieces
 
-from conftest import block_store
+from conftest import alter_emb, block_store
 
 
 def _crc32c_reference(data: bytes, crc: int = 0) -> int:
@@ -92,16 +92,7 @@ def test_a_read_in_many_pieces_is_exact_and_names_the_damaged_block(tmp_path, ba
     px = [(lo, hi) for name, lo, hi in calls if name == "image/pixels"]
     compressed = backend == "zarr"  # HDF5 stores are not compressed: pixel pieces need not be whole chunks
     assert px == ([(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)] if compressed else [(i, i + 1) for i in range(10)])
-    if backend == "zarr":
-        chunk = Path(path) / "image" / "emb" / "c" / "2" / "0" / "0"  # rows 8-9, the short last block
-        raw = bytearray(chunk.read_bytes())
-        raw[2 * 32 - 1] ^= 0x01  # the last byte of row 9 (the chunk is padded to 4 rows)
-        chunk.write_bytes(bytes(raw))
-    else:
-        import h5py
-
-        with h5py.File(path, "a") as f:
-            f["image/emb"][9, 1, 7] = -f["image/emb"][9, 1, 7] - 1
+    alter_emb(path, row=9, view=1, col=7)  # in the short last block
     with Store(path) as st, pytest.raises(StoreDamagedError, match=r"image/emb: rows 8-9 \(block 2\) do not match"):
         st.read("image/emb")
 

@@ -201,6 +201,10 @@ class Store:
             self.__dict__["_kept"] = cached = (want, self._load_summary())
         return cached[1]
 
+    def _distrust_summary(self) -> None:
+        """The summary was found stale: this Store reads the blocks' own bookkeeping from now on."""
+        self.__dict__["_kept"] = (self.manifest.get(SUMMARY_KEY), None)
+
     def _load_summary(self) -> Optional[Dict[str, np.ndarray]]:
         want = self.manifest.get(SUMMARY_KEY)
         raw = self.b.get_blob(BLOCKS_SUMMARY) if want is not None else None
@@ -339,7 +343,7 @@ class Store:
                     raise self._damaged(name, "it does not match its checksum")
                 if self._own_sum(name, first) != crc[first]:
                     raise self._damaged(name, f"rows {start}-{stop - 1} (block {first}) do not match their checksum")
-                self.__dict__["_kept"] = (self.manifest.get(SUMMARY_KEY), None)  # stale: read block by block from now
+                self._distrust_summary()
             first += 1
         return first
 
@@ -470,20 +474,27 @@ class Store:
             for name in TABLES:
                 if name not in self.manifest.get("checksums", {}) and self.b.get_blob(name) is None:
                     report.files[name] = "missing"
-            if self.manifest.get(SUMMARY_KEY) is not None:
-                why = self._file_problem(BLOCKS_SUMMARY, int(self.manifest[SUMMARY_KEY]))
-                if why:
-                    report.files[BLOCKS_SUMMARY] = why
-            kept = self._load_summary()
-            if kept is not None and not (np.array_equal(kept["blocks/done"], done.astype(np.uint8))
-                                         and np.array_equal(kept["blocks/crc32c"], sums)):
-                report.files[BLOCKS_SUMMARY] = "disagrees with the blocks' own blocks/done and blocks/crc32c"
+            why = self._summary_problem(done, sums)
+            if why:
+                report.files[BLOCKS_SUMMARY] = why
         for name, info in self.derived().items():
             if info.get("complete"):
                 why = self._file_problem(f"derived/{name}", int(info["crc32c"]))
                 if why:
                     report.derived[name] = why
         return report
+
+    def _summary_problem(self, done: np.ndarray, sums: np.ndarray) -> str:
+        """What is wrong with a complete store's blocks.npz against the blocks' own bookkeeping ("" if
+        nothing, or if the store was finished before it existed)."""
+        if self.manifest.get(SUMMARY_KEY) is None:
+            return ""
+        kept = self._load_summary()
+        if kept is None:
+            return self._file_problem(BLOCKS_SUMMARY, int(self.manifest[SUMMARY_KEY]))
+        if not (np.array_equal(kept["blocks/done"], done.astype(np.uint8)) and np.array_equal(kept["blocks/crc32c"], sums)):
+            return "disagrees with the blocks' own blocks/done and blocks/crc32c"
+        return ""
 
     def _file_problem(self, name: str, want: int) -> str:
         if name in TABLES or name == BLOCKS_SUMMARY:
