@@ -193,6 +193,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--pacs", default=str(PACS), help="DomainBed-layout image folder (default ../shared/datasets/pacs)")
     args = ap.parse_args()
+    if min(args.read_block_rows) < 1 or args.read_rows < 1:
+        ap.error("--read-rows and --read-block-rows must be at least 1")
 
     tcfg = TeacherConfig(name="open_clip", model=args.model, pretrained=None, device=args.device, precision=args.precision)
     teacher = build_teacher(tcfg)
