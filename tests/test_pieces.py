@@ -9,6 +9,7 @@ import pytest
 
 from embedcache.errors import StoreDamagedError
 from embedcache.store import Store
+from embedcache.store import integrity
 from embedcache.store import pieces as planner
 from embedcache.store.integrity import checksum
 from embedcache.store.pieces import plan_pieces
@@ -26,9 +27,15 @@ def _crc32c_reference(data: bytes, crc: int = 0) -> int:
     return crc ^ 0xFFFFFFFF
 
 
-def test_a_checksum_continued_piece_by_piece_is_the_whole_arrays():
+@pytest.mark.parametrize("impl", sorted(integrity.CRC32C))
+def test_a_checksum_continued_piece_by_piece_is_the_whole_arrays(impl, monkeypatch):
+    monkeypatch.setattr(integrity, "_extend", integrity.CRC32C[impl])  # each library the store may use
     rng = np.random.default_rng(0)
     a = rng.standard_normal((7, 3)).astype(np.float16)
+    big = rng.integers(0, 256, 3 << 20, dtype=np.uint8)  # past the libraries' small-buffer paths
+    assert checksum(big) == int(integrity.CRC32C["google_crc32c"](0, big.tobytes()))
+    assert checksum(big[100:], checksum(big[:100])) == checksum(big)
+    assert checksum(bytearray(b"123456789")) == checksum(np.frombuffer(b"123456789", np.uint8))
     assert checksum(a) == _crc32c_reference(a.tobytes())
     assert checksum(a[4:], checksum(a[:4])) == checksum(a) == _crc32c_reference(a[4:].tobytes(), _crc32c_reference(a[:4].tobytes()))
     assert checksum(a[:0], 12345) == 12345
