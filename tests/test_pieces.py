@@ -247,3 +247,18 @@ def test_hdf5_chunk_offsets_are_listed_once_both_ways_alike_and_unwritten_chunks
         listed = st.b._offsets["image/emb"]
         st.read("image/emb", verify=False)
         assert st.b._offsets["image/emb"] is listed  # not listed again
+
+
+@pytest.mark.parametrize("cut", ["short", "missing"])
+def test_a_zarr_chunk_file_cut_short_or_lost_is_refused_not_read_as_garbage(tmp_path, cut):
+    """The raw read takes chunk files straight into the output; a file that ends early (or is gone)
+    goes through zarr, which cannot decode it (short) or reads zeros the block's checksum refuses (lost)."""
+    path, _ = block_store(tmp_path, "zarr")
+    chunk = Path(path) / "image" / "emb" / "c" / "1" / "0" / "0"
+    if cut == "short":
+        chunk.write_bytes(chunk.read_bytes()[:20])
+    else:
+        chunk.unlink()
+    why = "it cannot be decoded" if cut == "short" else r"rows 4-7 \(block 1\) do not match"
+    with Store(path) as st, pytest.raises(StoreDamagedError, match=f"damaged: image/emb: {why}"):
+        st.read("image/emb")

@@ -25,11 +25,13 @@ from ..registry import Registry
 BACKENDS = Registry("store backend")
 
 
-def _read_exact(fh, dest: np.ndarray) -> bool:
-    """Fill ``dest`` (a contiguous array) from an unbuffered file; False if the file ends early."""
+def _pread_exact(fd: int, dest: np.ndarray, offset: int) -> bool:
+    """Fill ``dest`` (a contiguous array) from byte ``offset`` of an open file; False if the file ends
+    early. No file object and no seek: a whole-array read makes a call per chunk, so what a call costs
+    besides its copy counts."""
     view, got = memoryview(dest.reshape(-1).view(np.uint8)), 0
     while got < len(view):
-        n = fh.readinto(view[got:])
+        n = os.preadv(fd, [view[got:]], offset + got)
         if not n:
             return False
         got += n
@@ -162,16 +164,19 @@ class ZarrBackend:
             return False
         rows, stop = int(arr.chunks[0]), start + len(out)
         row_bytes = out[:1].nbytes if len(out) else 0
+        # paths as strings: building a path object per chunk cost more than the chunk's read
+        folder, encode = f"{self.path}/{name}/", meta.chunk_key_encoding.encode_chunk_key
         for c in range(start // rows, -(-stop // rows)):
-            f = self.path / name / meta.chunk_key_encoding.encode_chunk_key((c,) + (0,) * (arr.ndim - 1))
             lo, hi = max(start, c * rows), min(stop, (c + 1) * rows)
             try:
-                with open(f, "rb", buffering=0) as fh:
-                    fh.seek((lo - c * rows) * row_bytes)
-                    if not _read_exact(fh, out[lo - start:hi - start]):
-                        return False  # a short file: let zarr (and the checksums) decide
+                fd = os.open(folder + encode((c,) + (0,) * (arr.ndim - 1)), os.O_RDONLY)
             except FileNotFoundError:
                 return False
+            try:
+                if not _pread_exact(fd, out[lo - start:hi - start], (lo - c * rows) * row_bytes):
+                    return False  # a short file: let zarr (and the checksums) decide
+            finally:
+                os.close(fd)
         return True
 
     def chunk_rows_present(self, name: str) -> Optional[set]:
@@ -344,15 +349,17 @@ class HDF5Backend:
             return False
         rows, stop, row_bytes = int(ds.chunks[0]), start + len(out), out[:1].nbytes
         offsets = self._chunk_offsets(ds, name)
-        with open(self.path, "rb", buffering=0) as fh:
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
             for c in range(start // rows, -(-stop // rows)):
                 offset, mask = offsets.get(c * rows, (None, 0))
                 if offset is None or mask:  # never written, or filtered
                     return False
                 lo, hi = max(start, c * rows), min(stop, (c + 1) * rows)
-                fh.seek(offset + (lo - c * rows) * row_bytes)
-                if not _read_exact(fh, out[lo - start:hi - start]):
+                if not _pread_exact(fd, out[lo - start:hi - start], offset + (lo - c * rows) * row_bytes):
                     return False
+        finally:
+            os.close(fd)
         return True
 
     def _chunk_offsets(self, ds, name: str) -> dict:
