@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Tuple, Union
 
@@ -98,6 +99,19 @@ def is_disk_full(exc: BaseException) -> bool:
 
 def disk_full_error(where: PathLike, fix: str = "free space or write to a larger disk") -> DiskFullError:
     return DiskFullError(f"disk full while writing {where}; {fix}, then rerun the same command to resume")
+
+
+@contextmanager
+def exclusive_lock(path: PathLike):
+    """Hold an exclusive ``flock`` on ``path`` (created if needed) for the block, waiting for it."""
+    import fcntl
+
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def try_exclusive_lock(path: PathLike):

@@ -42,14 +42,22 @@ def _same(a, b):
 
 
 def _damage(path: str, name: str, block: int):
-    """Lose one chunk of ``name`` in ``block`` (Zarr: delete the file; HDF5: overwrite rows in place)."""
+    """Lose one chunk of ``name`` in ``block`` (Zarr: delete the file, or zero the block's rows in a
+    chunk of several blocks, as a finished store packs raw arrays; HDF5: overwrite rows in place)."""
     with Store(path) as st:
         start, stop = st.block_range(block)
         rows = st.chunks(name)[0]
+        row_bytes = int(np.prod(st.shape(name)[1:])) * np.dtype(st.b.dtype(name)).itemsize
     if path.endswith(".zarr"):
         victim = next(p for p in (Path(path) / name / "c").rglob("*") if p.is_file()
                       and int(p.relative_to(Path(path) / name / "c").parts[0]) == start // rows)
-        victim.unlink()
+        if stop - start < rows:
+            raw = bytearray(victim.read_bytes())
+            lo = (start % rows) * row_bytes
+            raw[lo:lo + (stop - start) * row_bytes] = bytes((stop - start) * row_bytes)
+            victim.write_bytes(bytes(raw))
+        else:
+            victim.unlink()
     else:
         import h5py
 
