@@ -17,7 +17,8 @@ In one run, with one teacher and batch size:
    one view per image, no store: the reference a user would otherwise run.
 4. read: loading a whole (N, 1, 512) float16 embedding array from Zarr and HDF5 stores (the store's
    own checksum-verified read) against np.load of the same array, for stores of 256-row blocks
-   (extraction's default) and of 4096-row blocks (``--read-block-rows``).
+   (extraction's default) and of 4096-row blocks (``--read-block-rows``); with the seconds it took
+   to write the blocks and to finish the store (Zarr packs the embeddings into ~8 MB chunks then).
 Random weights are fine for speed. Prints a table and writes JSON to bench/results/.
 """
 from __future__ import annotations
@@ -142,22 +143,27 @@ def pil_baseline(teacher, ds: DatasetConfig, batch: int, workers: int) -> float:
 
 def read_speed(tmp: Path, rows: int, block_rows: int, dim: int = 512, rounds: int = 11) -> dict:
     """Seconds to load a whole (rows, 1, dim) float16 array: np.load against each backend's own
-    checksum-verified read of a store of ``block_rows``-row blocks (one chunk file per block in Zarr),
-    each the median of ``rounds`` interleaved reads (files in the page cache)."""
+    checksum-verified read of a finished store of ``block_rows``-row blocks (Zarr packs its embeddings
+    into chunks of whole blocks of ~8 MB as it finishes), each the median of ``rounds`` interleaved
+    reads (files in the page cache)."""
     rng = np.random.default_rng(0)
     arr = rng.standard_normal((rows, 1, dim)).astype(np.float16)
     np.save(tmp / "emb.npy", arr)
     layout = plan_layout(rows, 1, dim, 8, False, block_rows)
     manifest = {"schema": SCHEMA_VERSION, "key": "bench", "complete": False}
     paths = {"zarr": tmp / f"r{block_rows}.zarr", "hdf5": tmp / f"r{block_rows}.h5"}
+    spent = {}
     for name, path in paths.items():
         with Store.create(str(path), manifest, layout, name) as st:
+            t0 = time.perf_counter()
             for b in range(st.num_blocks):
                 start, stop = st.block_range(b)
                 st.write_block(b, {"image/emb": arr[start:stop], "image/status": np.ones(stop - start, np.uint8),
                                    "image/view_params": np.zeros((stop - start, 1, 5), np.int32),
                                    "image/canvas_crc32c": np.zeros(stop - start, np.uint32)})  # a store without pixels
-            st.finish()  # complete, as training reads it
+            t1 = time.perf_counter()
+            st.finish()  # complete, as training reads it (Zarr: the embeddings packed into ~8 MB chunks)
+            spent.update({f"{name}_write_s": t1 - t0, f"{name}_finish_s": time.perf_counter() - t1})
         with Store(str(path)) as st:
             assert np.array_equal(st.read("image/emb"), arr)
     times = {k: [] for k in ("npy", *paths)}
@@ -172,7 +178,8 @@ def read_speed(tmp: Path, rows: int, block_rows: int, dim: int = 512, rounds: in
                 times[name].append(time.perf_counter() - t0)
     for path in paths.values():
         shutil.rmtree(path) if path.is_dir() else path.unlink()
-    return {**{f"{k}_s": float(np.median(v)) for k, v in times.items()}, "mb": arr.nbytes / 2**20, "block_rows": block_rows}
+    return {**{f"{k}_s": float(np.median(v)) for k, v in times.items()}, **spent, "mb": arr.nbytes / 2**20,
+            "block_rows": block_rows}
 
 
 def main() -> None:
@@ -223,11 +230,11 @@ def main() -> None:
     for name, rate, ratio in rows:
         print(f"{name:<52} {rate:>16.1f} {ratio:>8.2f}")
     print(f"\nload-all read of a {reads[0]['mb']:.0f} MB (N, 1, 512) float16 array, checksums verified")
-    print(f"{'format':<10} {'block rows':>10} {'seconds':>8} {'MB/s':>8} {'vs npy':>8}")
+    print(f"{'format':<10} {'block rows':>10} {'seconds':>8} {'MB/s':>8} {'vs npy':>8} {'write s':>8} {'finish s':>8}")
     for rd in reads:
         for k in ("npy", "zarr", "hdf5"):
-            s = rd[f"{k}_s"]
-            print(f"{k:<10} {rd['block_rows']:>10} {s:>8.3f} {rd['mb'] / s:>8.0f} {rd['npy_s'] / s:>8.2f}")
+            s, made = rd[f"{k}_s"], (f"{rd[f'{k}_write_s']:>8.2f} {rd[f'{k}_finish_s']:>8.2f}" if k != "npy" else "")
+            print(f"{k:<10} {rd['block_rows']:>10} {s:>8.3f} {rd['mb'] / s:>8.0f} {rd['npy_s'] / s:>8.2f} {made}")
     result = {"device": device, "model": args.model, "precision": args.precision, "batch": args.batch,
               "workers": args.workers, "images": n, "jpegs": args.jpegs, "host": platform.node(), "cpus": os.cpu_count(),
               "throughput": [{"what": a, "images_per_s": r, "ratio_vs_bare": q} for a, r, q in rows], "read": reads}

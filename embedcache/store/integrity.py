@@ -13,30 +13,30 @@ from typing import Dict, List
 import numpy as np
 
 
-def _fastcrc(crc: int, buf) -> int:
+def _fastcrc():
     from fastcrc import crc32
 
-    return crc32.iscsi(buf, crc)
+    return lambda crc, buf: crc32.iscsi(buf, crc)
 
 
-def _google(crc: int, buf) -> int:
+def _google():
     from google_crc32c import cext
 
-    return cext.extend(crc, buf)
+    # it takes read-only arrays without a copy, but no memoryviews
+    return lambda crc, buf: cext.extend(crc, np.frombuffer(buf, np.uint8) if isinstance(buf, memoryview) else buf)
 
 
-# Libraries that compute CRC-32C (the same numbers: a store checked by one reads under the other), the
-# first importable is used. fastcrc folds with carry-less multiplies (about 55 GB/s from the CPU's
-# cache on the AMD EPYC, twice google_crc32c's crc32 instruction) and lets other threads run meanwhile;
-# google_crc32c comes with zarr, so it is always there.
+# Libraries that compute CRC-32C (the same numbers: a store checked by one reads under the other), each
+# as a loader of its ``extend(crc, buffer)``; the first importable is used. fastcrc folds with carry-less
+# multiplies (about 55 GB/s from the CPU's cache on the AMD EPYC, twice google_crc32c's crc32
+# instruction) and lets other threads run meanwhile; google_crc32c comes with zarr, so it is always there.
 CRC32C = {"fastcrc": _fastcrc, "google_crc32c": _google}
 
 
 def _first_importable():
-    for extend in CRC32C.values():
+    for load in CRC32C.values():
         try:
-            extend(0, b"")
-            return extend
+            return load()
         except ImportError:
             continue
     raise ImportError("no CRC-32C library: pip install fastcrc (or google-crc32c)")
@@ -46,12 +46,14 @@ _extend = None  # chosen on first use
 
 
 def checksum(data, crc: int = 0) -> int:
-    """CRC-32C of an array's bytes in C order (bytes objects too); hardware-accelerated. ``crc``: the
-    checksum of the bytes before these, so ``checksum(b, checksum(a)) == checksum(a + b)`` (an array
-    checked piece by piece)."""
+    """CRC-32C of an array's bytes in C order (bytes and C-contiguous memoryviews too), hardware-
+    accelerated. ``crc``: the checksum of the bytes before these, so ``checksum(b, checksum(a)) ==
+    checksum(a + b)`` (an array checked piece by piece)."""
     global _extend
     if _extend is None:
         _extend = _first_importable()
+    if isinstance(data, memoryview):  # a read-only byte view of rows being read (no array made per block)
+        return int(_extend(crc, data)) if data.nbytes else crc
     if isinstance(data, (bytes, bytearray)):
         return int(_extend(crc, bytes(data)))
     a = np.ascontiguousarray(data)

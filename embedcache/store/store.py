@@ -363,22 +363,24 @@ class Store:
         out = np.empty(self.b.shape(name), self.b.dtype(name))
         parts, sums = self._checked_parts(name, len(out), verify)
         crc, first = [0] * len(parts), 0
-        for lo, hi in plan_pieces(parts, out[:1].nbytes, self.b.chunks(name)[0], self.b.compressed(name)):
+        rows = memoryview(out.reshape(-1).view(np.uint8)).toreadonly()  # its bytes, sliced per block unchecked
+        row_bytes = out[:1].nbytes
+        for lo, hi in plan_pieces(parts, row_bytes, self.b.chunks(name)[0], self.b.compressed(name)):
             try:
                 self.b.read_into(name, lo, out[lo:hi])
             except Exception as exc:  # a chunk that no longer decodes
                 raise self._damaged(name, f"it cannot be decoded ({type(exc).__name__})") from None
-            first = self._check_rows(name, out, lo, hi, parts, sums, crc, first)
+            first = self._check_rows(name, rows, row_bytes, lo, hi, parts, sums, crc, first)
         return out
 
-    def _check_rows(self, name: str, out: np.ndarray, lo: int, hi: int, parts: list, sums: list, crc: list,
-                    first: int) -> int:
-        """Continue the checksums of parts ``first``, ... with rows lo:hi (pieces come in row order) and
-        compare each part that ends here; returns the first part not yet ended."""
+    def _check_rows(self, name: str, rows: memoryview, row_bytes: int, lo: int, hi: int, parts: list, sums: list,
+                    crc: list, first: int) -> int:
+        """Continue the checksums of parts ``first``, ... with rows lo:hi (pieces come in row order; ``rows``:
+        the array's bytes) and compare each part that ends here; returns the first part not yet ended."""
         while first < len(parts) and parts[first][0] <= hi:
             start, stop = parts[first]
             if sums[first] is not None:
-                crc[first] = checksum(out[max(lo, start):min(hi, stop)], crc[first])
+                crc[first] = checksum(rows[max(lo, start) * row_bytes:min(hi, stop) * row_bytes], crc[first])
             if stop > hi:
                 return first
             if sums[first] is not None and crc[first] != sums[first]:
