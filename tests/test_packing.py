@@ -3,6 +3,9 @@ blocks, so a load-all read opens a few files instead of one per block (issue 12,
 written a chunk per block (so a block is written once, by one writer) and packed as the store
 completes. A damaged block stops the packing, a repair unpacks before blocks are rewritten, and a
 kill at any point of the swap is put right by the next writer."""
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -92,22 +95,33 @@ def test_a_repair_unpacks_before_rewriting_a_block_and_finishing_packs_again(tmp
         assert np.array_equal(st.read("image/emb"), arrays["image/emb"])
 
 
+KILLED_AT_RENAME = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+import embedcache.store.store as store_mod
+from embedcache.store import Store, rechunk
+store_mod.PACK_BYTES = {pack}
+calls, real = [], os.rename
+def rename(src, dst):
+    calls.append(src)
+    if len(calls) == {kill_at}:
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no finally: as kill -9 leaves it
+    real(src, dst)
+rechunk.os.rename = rename
+from test_packing import _tables
+with Store({path!r}, "a") as st:
+    _tables(st)
+    st.finish()
+"""
+
+
 @pytest.mark.parametrize("kill_at", [1, 2, 3])  # the renames: new -> ready, array -> old, ready -> array
-def test_a_kill_during_the_swap_is_put_right_by_the_next_writer(tmp_path, monkeypatch, kill_at):
+def test_a_kill_9_during_the_packing_is_put_right_by_the_next_writer(tmp_path, kill_at):
     path, arrays = block_store(tmp_path, "zarr", n=N)
-    calls, real = [], rechunk_mod.os.rename
-
-    def rename(src, dst):
-        calls.append(src)
-        if len(calls) == kill_at:
-            raise KeyboardInterrupt  # killed right before this rename
-        real(src, dst)
-
-    monkeypatch.setattr(rechunk_mod.os, "rename", rename)
-    with Store(path, "a") as st, pytest.raises(KeyboardInterrupt):
-        _tables(st)
-        st.finish()
-    monkeypatch.setattr(rechunk_mod.os, "rename", real)
+    code = KILLED_AT_RENAME.format(tests=str(Path(__file__).parent), pack=3 * EMB_BLOCK_BYTES, kill_at=kill_at, path=path)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == -signal.SIGKILL, res.stderr
+    assert (Path(path) / rechunk_mod.WORK).is_dir()  # the work was left as the kill found it
     with Store(path) as st:
         assert not st.complete  # nothing reads it as finished meanwhile
     with Store(path, "a") as st:  # the next writer (a rerun of the extraction) recovers, then finishes
@@ -117,6 +131,93 @@ def test_a_kill_during_the_swap_is_put_right_by_the_next_writer(tmp_path, monkey
         assert st.complete and st.chunks("image/emb")[0] == 3 * BLOCK_ROWS and st.verify().ok
         assert np.array_equal(st.read("image/emb"), arrays["image/emb"])
     assert not (Path(path) / rechunk_mod.WORK).exists()
+
+
+def test_ctrl_c_while_copying_leaves_the_array_as_it_was(tmp_path, monkeypatch):
+    path, arrays = block_store(tmp_path, "zarr", n=N)
+    monkeypatch.setattr(rechunk_mod, "_read_back", lambda staged, lo, hi: (_ for _ in ()).throw(KeyboardInterrupt))
+    with Store(path, "a") as st, pytest.raises(KeyboardInterrupt):
+        st.finish()
+    assert not (Path(path) / rechunk_mod.WORK).exists()
+    with Store(path) as st:
+        assert st.chunks("image/emb")[0] == BLOCK_ROWS and np.array_equal(st.read("image/emb"), arrays["image/emb"])
+
+
+FINISH = """
+import sys
+import embedcache.store.store as store_mod
+from embedcache.store import Store
+store_mod.PACK_BYTES = {pack}
+with Store({path!r}, "a") as st:
+    st.finish()
+"""
+
+
+def test_shards_finishing_at_once_pack_the_store_once_and_it_reads_back_exactly(tmp_path):
+    path, arrays = block_store(tmp_path, "zarr", n=240)  # 20 packed chunks: time for the processes to meet
+    with Store(path, "a") as st:
+        _tables(st)
+    code = FINISH.format(pack=3 * EMB_BLOCK_BYTES, path=path)
+    procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stderr.read()
+    with Store(path) as st:
+        assert st.complete and st.chunks("image/emb")[0] == 3 * BLOCK_ROWS and st.verify().ok
+        assert np.array_equal(st.read("image/emb"), arrays["image/emb"])
+    assert not (Path(path) / rechunk_mod.WORK).exists()
+
+
+def test_a_store_opened_before_another_process_packed_or_unpacked_it_still_reads_the_right_rows(tmp_path):
+    path, arrays = block_store(tmp_path, "zarr", n=N)
+    with Store(path, "a") as st:
+        _tables(st)
+    early = Store(path, "a")  # as a shard that started while another finishes
+    assert np.array_equal(early.b.read("image/emb", 4, 8), arrays["image/emb"][4:8])  # its chunk size now known
+    with Store(path, "a") as st:
+        st.finish()
+    assert np.array_equal(early.b.read("image/emb", 4, 8), arrays["image/emb"][4:8])
+    assert early.verify().damaged == {}
+    assert early.reopen_blocks([1], recheck=True) == []  # seen intact under the lock: nothing reopened
+    with Store(path) as st:
+        assert st.complete and st.chunks("image/emb")[0] == 3 * BLOCK_ROWS
+    alter_emb(path, row=5, view=1, col=3)
+    with Store(path, "a") as st:
+        assert st.reopen_blocks([1], recheck=True) == [1]  # unpacked
+    assert np.array_equal(early.b.read("image/emb", 12, 16), arrays["image/emb"][12:16])
+    early.close()
+
+
+def test_a_repair_of_the_tables_alone_leaves_the_embeddings_packed(tmp_path):
+    path, _ = _finished(tmp_path)
+    with Store(path, "a") as st:
+        assert st.reopen_blocks([]) == [] and not st.complete
+        assert st.chunks("image/emb")[0] == 3 * BLOCK_ROWS
+
+
+def test_a_packed_chunk_file_cut_short_is_repaired(tmp_path):
+    """Unpacking for the repair read the short chunk through zarr, which cannot decode it: every
+    repair failed with a ValueError."""
+    path, arrays = _finished(tmp_path)
+    chunk = Path(path) / "image" / "emb" / "c" / "1" / "0" / "0"  # blocks 3, 4 and 5
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    with Store(path, "a") as st:
+        report = st.verify()
+        assert report.damaged_blocks == [3, 4, 5]
+        assert st.reopen_blocks(report.damaged_blocks, recheck=True) == [3, 4, 5]
+        for blk in report.damaged_blocks:
+            start, stop = st.block_range(blk)
+            st.write_block(blk, {k: v[start:stop] for k, v in arrays.items()})
+        st.finish()
+    with Store(path) as st:
+        assert st.verify().ok and np.array_equal(st.read("image/emb"), arrays["image/emb"])
+
+
+def test_a_chunk_that_no_longer_decodes_stops_the_packing_in_one_line(tmp_path):
+    path, _ = block_store(tmp_path, "zarr", n=N)
+    chunk = Path(path) / "image" / "emb" / "c" / "4" / "0" / "0"  # block 4, a chunk of its own before packing
+    chunk.write_bytes(chunk.read_bytes()[:10])
+    with Store(path, "a") as st, pytest.raises(StoreDamagedError, match=r"rows 16-19 \(block 4\) cannot be decoded"):
+        st.finish()
 
 
 def test_a_chunk_that_reads_back_differently_from_what_was_written_stops_the_packing(tmp_path, monkeypatch):

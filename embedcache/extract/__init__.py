@@ -127,11 +127,11 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
                 log(f"{cfg.out} is already complete and intact (key {store.key}); nothing to do")
                 return ExtractResult(cfg.out, store.key, True, 0, int(store.manifest.get("failed", 0)), time.time() - t0, True)
             if not report.ok:
-                repaired = len(report.damaged_blocks)
-                lines = report.lines()
-                log(f"{cfg.out} is damaged ({'; '.join(lines[:3])}{' ...' if len(lines) > 3 else ''}); "
-                    f"re-doing {repaired} block(s) and rewriting its tables")
-                store.reopen_blocks(report.damaged_blocks)
+                repaired = _reopen(store, report, cfg, log)
+                if store.complete and not report.files:  # the blocks checked out on a second look: another
+                    # process was packing the store while this one verified it
+                    log(f"{cfg.out} is complete and intact (another process was finishing it); nothing to do")
+                    return ExtractResult(cfg.out, store.key, True, 0, int(store.manifest.get("failed", 0)), time.time() - t0, True)
         done = store.blocks_done()
         mine = [b for b in shard_blocks(store.num_blocks, shard, num_shards) if not done[b]]
         if mine and done.any():
@@ -164,6 +164,22 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
         finally:
             if lock is not None:
                 os.close(lock)
+
+
+def _reopen(store: Store, report, cfg: ExtractConfig, log) -> int:
+    """The damaged blocks marked to be redone (those that still check out as damaged under the store's
+    lock), and the store to be finished again; returns how many blocks."""
+    try:
+        redo = store.reopen_blocks(report.damaged_blocks, recheck=True)
+    except OSError as exc:  # packed arrays are unpacked first: a copy of the embeddings
+        if is_disk_full(exc):
+            raise disk_full_error(cfg.out, "free space or choose --out on a larger disk") from exc
+        raise
+    if redo or report.files:
+        lines = report.lines()
+        log(f"{cfg.out} is damaged ({'; '.join(lines[:3])}{' ...' if len(lines) > 3 else ''}); "
+            f"re-doing {len(redo)} block(s) and rewriting its tables")
+    return len(redo)
 
 
 def _writer_lock(store: Store, shard: int, num_shards: int):

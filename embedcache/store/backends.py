@@ -38,6 +38,10 @@ def _pread_exact(fd: int, dest: np.ndarray, offset: int) -> bool:
     return True
 
 
+class _Rechunked(Exception):
+    """A chunk file whose size is not the array's chunk: re-chunked since its metadata was read."""
+
+
 REMAKE = "the command that made it (its extract or synthesize)"  # how a damaged store is made again
 
 
@@ -60,6 +64,7 @@ class ZarrBackend:
         self.path = Path(path)
         self.mode = mode
         self._arrays: dict = {}
+        self._exclusive = False  # holding the re-chunk lock
         try:
             self.group = zarr.open_group(str(self.path), mode="r" if mode == "r" else "a")
         except Exception as exc:  # an unreadable zarr.json
@@ -148,14 +153,24 @@ class ZarrBackend:
     def read_into(self, name: str, start: int, out: np.ndarray) -> None:
         """Rows ``start:start + len(out)`` into ``out`` (C-contiguous, the array's dtype)."""
         arr = self._array(name)
-        if not self._raw_read_into(arr, name, start, out):
+        try:
+            raw = self._raw_read_into(arr, name, start, out)
+        except _Rechunked:  # by another process since this one read the array's metadata: read it again
+            self.refresh()
+            arr = self._array(name)
+            try:
+                raw = self._raw_read_into(arr, name, start, out)
+            except _Rechunked:
+                raw = False  # a file of the wrong size after all: zarr (and the checksums) decide
+        if not raw:
             out[...] = arr[start:start + len(out)]
 
     def _raw_read_into(self, arr, name: str, start: int, out: np.ndarray) -> bool:
         """Uncompressed arrays whose chunks span whole rows (the embeddings): each chunk file holds
         its rows' little-endian bytes in C order (the zarr v3 bytes codec), so it is read straight
         into the output, at the disk's speed (zarr's own path reached 0.4x of np.load here). Other
-        arrays, and any chunk file that is missing or short, go through zarr (False)."""
+        arrays, and a chunk file that is missing, go through zarr (False). Every chunk file is a whole
+        chunk (zarr pads the last one): one of another size raises _Rechunked."""
         meta = arr.metadata
         codecs = getattr(meta, "codecs", ())
         if (len(codecs) != 1 or type(codecs[0]).__name__ != "BytesCodec"
@@ -173,11 +188,35 @@ class ZarrBackend:
             except FileNotFoundError:
                 return False
             try:
+                if os.fstat(fd).st_size != rows * row_bytes:
+                    raise _Rechunked(name)
                 if not _pread_exact(fd, out[lo - start:hi - start], (lo - c * rows) * row_bytes):
-                    return False  # a short file: let zarr (and the checksums) decide
+                    return False
             finally:
                 os.close(fd)
         return True
+
+    def refresh(self) -> None:
+        """Metadata read again: another process may have re-chunked arrays or finished the store since."""
+        import zarr
+
+        self._arrays.clear()
+        self.group = zarr.open_group(str(self.path), mode="r" if self.mode == "r" else "a")
+
+    @contextmanager
+    def exclusive(self):
+        """The store's re-chunk lock, held by one process at a time (re-entrant within this one)."""
+        from . import rechunk as work
+
+        if self._exclusive:
+            yield
+            return
+        with exclusive_lock(self.path / work.LOCK):
+            self._exclusive = True
+            try:
+                yield
+            finally:
+                self._exclusive = False
 
     def rechunk(self, name: str, rows: int, source) -> bool:
         """Rewrite array ``name`` in chunks of ``rows`` rows with the rows ``source(lo, hi)`` gives
@@ -185,7 +224,7 @@ class ZarrBackend:
         finishing together wait for each other, and the later one finds the work done."""
         from . import rechunk as work
 
-        with exclusive_lock(self.path / work.LOCK):
+        with self.exclusive():
             work.recover(self.path, name)
             self._arrays.pop(name, None)  # another process may have re-chunked it since this one opened it
             arr = self._array(name)
@@ -202,7 +241,7 @@ class ZarrBackend:
         from . import rechunk as work
 
         if (self.path / work.WORK).is_dir():
-            with exclusive_lock(self.path / work.LOCK):
+            with self.exclusive():
                 for name in names:
                     work.recover(self.path, name)
                 self._arrays.clear()

@@ -24,9 +24,10 @@ import io
 import json
 import os
 import time
+from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import pandas as pd
@@ -274,15 +275,54 @@ class Store:
         self.b.write("blocks/done", block, np.ones(1, np.uint8))
         self.b.flush()
 
-    def reopen_blocks(self, blocks: Iterable[int]) -> None:
-        """Mark blocks as not done (and the store as not complete) so extraction redoes them; packed
-        arrays get a chunk per block again first, so that each block is rewritten alone."""
-        blocks = [int(b) for b in blocks]
-        self.write_manifest({**self.manifest, "complete": False})
-        self._rechunk(packed=False, unchecked=set(blocks))
-        for blk in blocks:
-            self.b.write("blocks/done", blk, np.zeros(1, np.uint8))
-        self.b.flush()
+    def reopen_blocks(self, blocks: Iterable[int], recheck: bool = False) -> List[int]:
+        """Mark blocks as not done (and the store as not complete) so extraction redoes them; returns
+        them. Under the store's re-chunk lock, with its metadata read again; ``recheck`` (a repair):
+        blocks that check out now were seen mid-swap while another process packed the store, and are
+        left alone (all of them: nothing is changed). Packed arrays get a chunk per block again first,
+        so that each block is rewritten alone (by separate processes, if sharded)."""
+        with self._exclusive():
+            self._refresh()
+            asked = [int(b) for b in blocks]
+            blocks = [b for b in asked if not recheck or self._block_damage(b)]
+            if asked and not blocks:
+                return []
+            self.write_manifest({**self.manifest, "complete": False})
+            if blocks:
+                self._rechunk(packed=False, unchecked=set(blocks))
+            for blk in blocks:
+                self.b.write("blocks/done", blk, np.zeros(1, np.uint8))
+            self.b.flush()
+            return blocks
+
+    def _exclusive(self):
+        return self.b.exclusive() if hasattr(self.b, "exclusive") else nullcontext()
+
+    def _refresh(self) -> None:
+        """The store's metadata read again (another process may have packed or finished it)."""
+        if hasattr(self.b, "refresh"):
+            self.b.refresh()
+        self.manifest = self.b.get_attr("manifest") or {}
+        self.__dict__.pop("_kept", None)
+
+    def _block_damage(self, blk: int, sums: Optional[np.ndarray] = None, done: Optional[np.ndarray] = None) -> List[str]:
+        """The block arrays whose rows in block ``blk`` do not match their checksum (a block a complete
+        store has not marked done: all of them)."""
+        names = self.layout["block_arrays"]
+        done = self._bookkeeping("blocks/done", summary=False) if done is None else done
+        if not done[blk]:
+            return list(names) if self.complete else []
+        sums = self._bookkeeping("blocks/crc32c", summary=False) if sums is None else sums
+        start, stop = self.block_range(blk)
+        bad = []
+        for j, name in enumerate(names):
+            try:
+                ok = checksum(self.b.read(name, start, stop)) == int(sums[blk, j])
+            except Exception:
+                ok = False
+            if not ok:
+                bad.append(name)
+        return bad
 
     # --- packing: a chunk per block while blocks are written, chunks of many blocks once finished ----
     def _packable(self) -> list:
@@ -308,14 +348,24 @@ class Store:
             j = self.layout["block_arrays"].index(name)
 
             def source(lo: int, hi: int, name=name, j=j) -> np.ndarray:
-                data = self.b.read(name, lo, hi)
+                try:
+                    data = self.b.read(name, lo, hi)
+                except Exception:  # a chunk that no longer decodes: block by block, below
+                    data = None
+                out = np.zeros((hi - lo, *spec["shape"][1:]), spec["dtype"]) if data is None else data
                 for blk in range(lo // br, -(-hi // br)):
                     start, stop = self.block_range(blk)
-                    if blk in unchecked or not done[blk]:  # to be redone, or never written
+                    if blk in unchecked or not done[blk]:  # to be redone (zeros if unreadable), or never written
                         continue
-                    if checksum(data[start - lo:stop - lo]) != int(sums[blk, j]):
+                    rows = out[start - lo:stop - lo]
+                    if data is None:
+                        try:
+                            rows[...] = self.b.read(name, start, stop)
+                        except Exception:
+                            raise self._damaged(name, f"rows {start}-{stop - 1} (block {blk}) cannot be decoded") from None
+                    if checksum(rows) != int(sums[blk, j]):
                         raise self._damaged(name, f"rows {start}-{stop - 1} (block {blk}) do not match their checksum")
-                return data
+                return out
 
             self.b.rechunk(name, rows, source)
 
@@ -459,13 +509,14 @@ class Store:
         """Pack the raw block arrays, summarise the blocks' bookkeeping, record the checksums of the
         tables and arrays written since opening, then complete=True (last)."""
         self.b.flush()
-        self._rechunk(packed=True)
-        summary = self._summary_bytes()
-        self.b.put_blob(BLOCKS_SUMMARY, summary)
-        sums = {**self.manifest.get("checksums", {}), **self._pending_sums}
-        self.write_manifest({**self.manifest, **fields, "checksums": sums, SUMMARY_KEY: checksum(summary),
-                             "complete": True, "finished": _now()})
-        self.b.flush()
+        with self._exclusive():  # a shard that checks the store meanwhile waits, then finds it complete
+            self._rechunk(packed=True)
+            summary = self._summary_bytes()
+            self.b.put_blob(BLOCKS_SUMMARY, summary)
+            sums = {**self.manifest.get("checksums", {}), **self._pending_sums}
+            self.write_manifest({**self.manifest, **fields, "checksums": sums, SUMMARY_KEY: checksum(summary),
+                                 "complete": True, "finished": _now()})
+            self.b.flush()
 
     # --- verification ---------------------------------------------------------------------------------
     def quick_check(self) -> None:
@@ -494,21 +545,15 @@ class Store:
         from tqdm.auto import tqdm
 
         report = IntegrityReport(self.path)
-        names = self.layout["block_arrays"]
         sums, done = self._bookkeeping("blocks/crc32c", summary=False), self._bookkeeping("blocks/done", summary=False)
         done = done.astype(bool)
         blocks = np.flatnonzero(done)
         for blk in self._unmarked(done):  # redone by a repair like any damaged block
             report.damaged[int(blk)] = ["blocks/done"]
         for blk in tqdm(blocks, desc=f"verify {self.path}", unit="block", disable=not progress, dynamic_ncols=True):
-            start, stop = self.block_range(int(blk))
-            for j, name in enumerate(names):
-                try:
-                    ok = checksum(self.b.read(name, start, stop)) == int(sums[blk, j])
-                except Exception:
-                    ok = False
-                if not ok:
-                    report.damaged.setdefault(int(blk), []).append(name)
+            bad = self._block_damage(int(blk), sums, done)
+            if bad:
+                report.damaged[int(blk)] = bad
             report.blocks_checked += 1
             if on_block is not None:
                 on_block(int(blk))
