@@ -28,7 +28,7 @@ def _google():
 
 # Libraries that compute CRC-32C (the same numbers: a store checked by one reads under the other), each
 # as a loader of its ``extend(crc, buffer)``; the first importable is used. fastcrc folds with carry-less
-# multiplies (about 55 GB/s from the CPU's cache on the AMD EPYC, twice google_crc32c's crc32
+# multiplies (about 58 GB/s from the CPU's cache on the AMD EPYC, twice google_crc32c's crc32
 # instruction) and lets other threads run meanwhile; google_crc32c comes with zarr, so it is always there.
 CRC32C = {"fastcrc": _fastcrc, "google_crc32c": _google}
 
