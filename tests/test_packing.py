@@ -39,6 +39,21 @@ def _finished(tmp_path, backend: str = "zarr"):
     return path, arrays
 
 
+def _repair(path: str, arrays: dict, damaged: list) -> None:
+    """What a repair does: verify, reopen the damaged blocks (re-checked), rewrite them, finish; then
+    the store reads back exactly."""
+    with Store(path, "a") as st:
+        report = st.verify()
+        assert report.damaged_blocks == damaged
+        assert st.reopen_blocks(report.damaged_blocks, recheck=True) == damaged
+        for blk in damaged:
+            start, stop = st.block_range(blk)
+            st.write_block(blk, {k: v[start:stop] for k, v in arrays.items()})
+        st.finish()
+    with Store(path) as st:
+        assert st.verify().ok and np.array_equal(st.read("image/emb"), arrays["image/emb"])
+
+
 def _tables(st: Store) -> None:
     for name in ("meta.parquet", "text.parquet"):
         st.put_table(name, pd.DataFrame({"i": range(3)}))
@@ -200,16 +215,7 @@ def test_a_packed_chunk_file_cut_short_is_repaired(tmp_path):
     path, arrays = _finished(tmp_path)
     chunk = Path(path) / "image" / "emb" / "c" / "1" / "0" / "0"  # blocks 3, 4 and 5
     chunk.write_bytes(chunk.read_bytes()[:100])
-    with Store(path, "a") as st:
-        report = st.verify()
-        assert report.damaged_blocks == [3, 4, 5]
-        assert st.reopen_blocks(report.damaged_blocks, recheck=True) == [3, 4, 5]
-        for blk in report.damaged_blocks:
-            start, stop = st.block_range(blk)
-            st.write_block(blk, {k: v[start:stop] for k, v in arrays.items()})
-        st.finish()
-    with Store(path) as st:
-        assert st.verify().ok and np.array_equal(st.read("image/emb"), arrays["image/emb"])
+    _repair(path, arrays, [3, 4, 5])
 
 
 def test_a_chunk_that_no_longer_decodes_stops_the_packing_in_one_line(tmp_path):
@@ -236,13 +242,4 @@ def test_a_lost_packed_chunk_file_is_found_on_opening_and_every_block_in_it_is_r
     (Path(path) / "image" / "emb" / "c" / "1" / "0" / "0").unlink()  # rows 12-23: blocks 3, 4 and 5
     with Store(path) as st, pytest.raises(StoreDamagedError, match=r"rows 12-15 \(block 3\) are missing"):
         st.quick_check()
-    with Store(path, "a") as st:
-        report = st.verify()
-        assert report.damaged_blocks == [3, 4, 5]
-        st.reopen_blocks(report.damaged_blocks)  # unpacked with the lost rows as zeros, to be rewritten
-        for blk in report.damaged_blocks:
-            start, stop = st.block_range(blk)
-            st.write_block(blk, {k: v[start:stop] for k, v in arrays.items()})
-        st.finish()
-    with Store(path) as st:
-        assert st.verify().ok and np.array_equal(st.read("image/emb"), arrays["image/emb"])
+    _repair(path, arrays, [3, 4, 5])  # unpacked with the lost rows as zeros, to be rewritten

@@ -284,7 +284,11 @@ class Store:
         with self._exclusive():
             self._refresh()
             asked = [int(b) for b in blocks]
-            blocks = [b for b in asked if not recheck or self._block_damage(b)]
+            if recheck:
+                sums, done = self._bookkeeping("blocks/crc32c", summary=False), self._bookkeeping("blocks/done", summary=False)
+                blocks = [b for b in asked if self._block_damage(b, sums, done)]
+            else:
+                blocks = asked
             if asked and not blocks:
                 return []
             self.write_manifest({**self.manifest, "complete": False})
