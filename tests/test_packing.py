@@ -15,16 +15,16 @@ import pytest
 from embedcache.errors import StoreDamagedError
 from embedcache.store import Store
 from embedcache.store import rechunk as rechunk_mod
-from embedcache.store import store as store_mod
+from embedcache.store import layout as layout_mod
 
-from conftest import alter_emb, block_store
+from conftest import alter_emb, block_store, quiet
 
 N, BLOCK_ROWS, EMB_BLOCK_BYTES = 30, 4, 4 * 2 * 8 * 2  # block_store: (n, 2, 8) float16, blocks of 4 rows
 
 
 @pytest.fixture(autouse=True)
 def three_blocks_a_chunk(monkeypatch):
-    monkeypatch.setattr(store_mod, "PACK_BYTES", 3 * EMB_BLOCK_BYTES)
+    monkeypatch.setattr(layout_mod, "PACK_BYTES", 3 * EMB_BLOCK_BYTES)
 
 
 def _chunk_files(path: str, name: str) -> list:
@@ -76,11 +76,26 @@ def test_finishing_packs_the_embeddings_into_chunks_of_whole_blocks_and_they_rea
         assert st.chunks("image/emb")[0] == 3 * BLOCK_ROWS
 
 
-def test_hdf5_stores_keep_a_chunk_per_block(tmp_path):
-    path, arrays = _finished(tmp_path, "hdf5")
+def test_an_hdf5_store_is_made_packed_and_each_block_writes_its_own_rows_in_place(tmp_path):
+    """One writer: chunks of three blocks from the start, a block's rows written in part of its chunk
+    (no fill written around them), resumed by another writer half way; every row reads back exactly."""
+    path, arrays = block_store(tmp_path, "hdf5", n=N)  # written block by block
     with Store(path) as st:
-        assert st.chunks("image/emb")[0] == BLOCK_ROWS
-        assert np.array_equal(st.read("image/emb"), arrays["image/emb"])
+        assert st.chunks("image/emb")[0] == 3 * BLOCK_ROWS and st.chunks("image/status")[0] == BLOCK_ROWS
+        assert np.array_equal(st.read("image/emb"), arrays["image/emb"]) and not st.verify().damaged
+    import h5py
+
+    with h5py.File(path, "a") as f:  # blocks 4 and 6 lost, as a killed writer leaves them
+        f["blocks/done"][4] = f["blocks/done"][6] = 0
+        f["image/emb"][16:20] = f["image/emb"][24:28] = 7.0
+    with Store(path, "a") as st:  # the resume rewrites them alone, and leaves their neighbours as they are
+        for blk in (4, 6):
+            start, stop = st.block_range(blk)
+            st.write_block(blk, {k: v[start:stop] for k, v in arrays.items()})
+        _tables(st)
+        st.finish()
+    with Store(path) as st:
+        assert st.verify().ok and np.array_equal(st.read("image/emb"), arrays["image/emb"])
 
 
 def test_a_block_damaged_before_finishing_stops_the_packing_and_the_array_is_left_as_it_was(tmp_path):
@@ -113,9 +128,9 @@ def test_a_repair_unpacks_before_rewriting_a_block_and_finishing_packs_again(tmp
 KILLED_AT_RENAME = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
-import embedcache.store.store as store_mod
+import embedcache.store.layout as layout_mod
 from embedcache.store import Store, rechunk
-store_mod.PACK_BYTES = {pack}
+layout_mod.PACK_BYTES = {pack}
 calls, real = [], os.rename
 def rename(src, dst):
     calls.append(src)
@@ -160,9 +175,9 @@ def test_ctrl_c_while_copying_leaves_the_array_as_it_was(tmp_path, monkeypatch):
 
 FINISH = """
 import sys
-import embedcache.store.store as store_mod
+import embedcache.store.layout as layout_mod
 from embedcache.store import Store
-store_mod.PACK_BYTES = {pack}
+layout_mod.PACK_BYTES = {pack}
 with Store({path!r}, "a") as st:
     st.finish()
 """
@@ -243,3 +258,30 @@ def test_a_lost_packed_chunk_file_is_found_on_opening_and_every_block_in_it_is_r
     with Store(path) as st, pytest.raises(StoreDamagedError, match=r"rows 12-15 \(block 3\) are missing"):
         st.quick_check()
     _repair(path, arrays, [3, 4, 5])  # unpacked with the lost rows as zeros, to be rewritten
+
+
+@pytest.mark.parametrize("suffix", ["zarr", "h5"])
+def test_an_extraction_killed_and_resumed_ends_packed_and_byte_identical(make_cfg, tiny_teacher, suffix, monkeypatch):
+    """The embeddings packed (Zarr as it finishes, HDF5 from the start) by a real extraction, killed
+    half way through a chunk and resumed: the same arrays as one uninterrupted run."""
+    from embedcache.extract import extract
+
+    monkeypatch.setattr(layout_mod, "PACK_BYTES", 2 * 8 * 3 * tiny_teacher.embed_dim * 2)  # 2 blocks of 8 images, 3 views
+
+    full = make_cfg(f"full.{suffix}")
+    extract(full, teacher=tiny_teacher, log=quiet)
+    cut, calls = make_cfg(f"cut.{suffix}"), []
+
+    def kill(block):
+        calls.append(block)
+        if len(calls) == 3:  # the second chunk half written
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract(cut, teacher=tiny_teacher, on_block_done=kill, log=quiet)
+    assert extract(cut, teacher=tiny_teacher, log=quiet).complete
+    with Store(full.out) as a, Store(cut.out) as b:
+        assert a.chunks("image/emb")[0] == b.chunks("image/emb")[0] == 16
+        for name in a.layout["block_arrays"]:
+            assert np.array_equal(a.read(name), b.read(name)), name
+        assert b.verify().ok

@@ -35,7 +35,7 @@ import pandas as pd
 from ..errors import StoreDamagedError, StoreError, StoreMismatchError
 from .backends import BACKENDS, backend_name_for
 from .integrity import IntegrityReport, checksum
-from .layout import SCHEMA_VERSION
+from .layout import SCHEMA_VERSION, packable, packed_rows
 from .pieces import plan_pieces
 
 TABLES = ("meta.parquet", "text.parquet")
@@ -43,9 +43,6 @@ TABLES = ("meta.parquet", "text.parquet")
 # complete store reads it instead of two files per block (blocks/done, blocks/crc32c). Its checksum has
 # a manifest key of its own: versions before it look up every name in "checksums" as a table or array.
 BLOCKS_SUMMARY, SUMMARY_KEY = "blocks.npz", "blocks_summary_crc32c"
-# a finished Zarr store's raw block arrays (the embeddings) are packed into chunks of whole blocks of
-# about this size: a load-all read of 200,000 rows opens 25 files instead of 782 (issue 12)
-PACK_BYTES = 8 << 20
 
 
 def is_counter(v: Any) -> bool:
@@ -128,13 +125,18 @@ class Store:
         """A new, empty store with every array created (or the one another worker just made)."""
         name = backend_name_for(path, backend)
 
+        cls_b = BACKENDS.get(name)
+        in_place = {a: packed_rows(layout, a) for a in packable(layout) if cls_b.packs_in_place}
+        in_place = {a: rows for a, rows in in_place.items() if rows > int(layout["block_rows"])}
+
         def init(b):
             for arr, spec in layout["arrays"].items():
-                b.create_array(arr, spec["shape"], spec["dtype"], spec["chunks"], spec.get("codec", "zstd"))
+                chunks = [in_place[arr], *spec["chunks"][1:]] if arr in in_place else spec["chunks"]
+                b.create_array(arr, spec["shape"], spec["dtype"], chunks, spec.get("codec", "zstd"), fill=arr not in in_place)
             b.set_attr("layout", layout)
             b.set_attr("manifest", manifest)
 
-        BACKENDS.get(name).create_atomic(str(path), init)
+        cls_b.create_atomic(str(path), init)
         return cls(path, "a", name)
 
     # --- identity -------------------------------------------------------------------------------------
@@ -329,26 +331,18 @@ class Store:
         return bad
 
     # --- packing: a chunk per block while blocks are written, chunks of many blocks once finished ----
-    def _packable(self) -> list:
-        """Block arrays stored raw in a chunk per block (the embeddings); compressed ones stay so, as
-        verify decodes them block by block."""
-        spec, br = self.layout["arrays"], int(self.layout["block_rows"])
-        return [a for a in self.layout.get("block_arrays", ())
-                if spec[a].get("codec", "zstd") == "none" and int(spec[a]["chunks"][0]) == br]
-
     def _rechunk(self, packed: bool, unchecked: frozenset = frozenset()) -> None:
-        """Packable arrays in chunks of whole blocks of about PACK_BYTES (``packed``) or of one block,
+        """Packable arrays in chunks of whole blocks (``packed``: layout.packed_rows) or of one block,
         every finished block but ``unchecked`` checked against its checksum as it is copied (backends
         that cannot re-chunk keep a chunk per block)."""
         if not hasattr(self.b, "rechunk"):
             return
-        br, n = int(self.layout["block_rows"]), int(self.layout["n"])
+        br = int(self.layout["block_rows"])
         sums = self._bookkeeping("blocks/crc32c", summary=False)
         done = self._bookkeeping("blocks/done", summary=False)
-        for name in self._packable():
+        for name in packable(self.layout):
             spec = self.layout["arrays"][name]
-            block_bytes = br * int(np.prod(spec["shape"][1:])) * np.dtype(spec["dtype"]).itemsize
-            rows = min(n, max(1, PACK_BYTES // max(1, block_bytes)) * br) if packed else br
+            rows = packed_rows(self.layout, name) if packed else br
             j = self.layout["block_arrays"].index(name)
 
             def source(lo: int, hi: int, name=name, j=j) -> np.ndarray:
