@@ -98,6 +98,22 @@ def test_an_hdf5_store_is_made_packed_and_each_block_writes_its_own_rows_in_plac
         assert st.verify().ok and np.array_equal(st.read("image/emb"), arrays["image/emb"])
 
 
+def test_an_hdf5_store_made_by_an_h5py_without_fill_time_is_packed_alike(tmp_path, monkeypatch):
+    import h5py
+
+    real = h5py.Group.create_dataset
+
+    def old_h5py(self, name, *args, **kwargs):  # before h5py 3.12
+        if "fill_time" in kwargs:
+            raise TypeError("unexpected keyword argument 'fill_time'")
+        return real(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", old_h5py)
+    path, arrays = block_store(tmp_path, "hdf5", n=N)
+    with Store(path) as st:
+        assert st.chunks("image/emb")[0] == 3 * BLOCK_ROWS and np.array_equal(st.read("image/emb"), arrays["image/emb"])
+
+
 def test_a_block_damaged_before_finishing_stops_the_packing_and_the_array_is_left_as_it_was(tmp_path):
     path, _ = block_store(tmp_path, "zarr", n=N)
     alter_emb(path, row=5, view=1, col=3)

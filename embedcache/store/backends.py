@@ -360,9 +360,11 @@ class HDF5Backend:
         gets only that block's rows written, no fill around them. Such an array's unwritten rows (and a
         chunk never written) read as whatever the file holds, not zeros: only finished blocks, held to
         their checksums, are read from it."""
-        never = {} if fill else {"fill_time": "never"}
-        self.file.create_dataset(name, shape=tuple(shape), dtype=np.dtype(dtype), chunks=tuple(chunks), fillvalue=0,
-                                 **never)
+        make = dict(shape=tuple(shape), dtype=np.dtype(dtype), chunks=tuple(chunks), fillvalue=0)
+        try:
+            self.file.create_dataset(name, **make, **({} if fill else {"fill_time": "never"}))
+        except TypeError:  # h5py < 3.12 has no fill_time: a chunk's fill is written once, as it is allocated
+            self.file.create_dataset(name, **make)
 
     @contextmanager
     def _reading(self, what: str):
