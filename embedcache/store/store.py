@@ -4,7 +4,9 @@ Layout (Zarr; HDF5 mirrors it):
   attrs ``manifest``       schema, key, teacher, dataset, views, canvas, text, versions, complete,
                            and ``checksums`` of the tables and text arrays once complete
   attrs ``layout``         N, V, D, canvas size, block_rows, number of blocks, array specs
-  ``image/emb``            (N, V, D) float16, L2-normalised teacher view embeddings
+  ``image/emb``            (N, V, D) float16, L2-normalised teacher view embeddings, raw, in chunks of
+                           whole blocks of ~8 MB (Zarr: a chunk per block until finished, then packed,
+                           rechunk.py; HDF5: from the start, written in place)
   ``image/view_params``    (N, V, 5) int32 (top, left, height, width, flip) on the canvas; 11 with colour
   ``image/pixels``         (N, S, S, 3) uint8 canvas (absent when canvas.store is false)
   ``image/status``         (N,) uint8: 1 ok, 2 failed (0: not written yet)
