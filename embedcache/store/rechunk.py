@@ -7,7 +7,7 @@ repair rewrites blocks (separate processes may then write neighbouring blocks ag
 The new array is built beside the store, in ``.rechunk/<name>.new``, each chunk read back and
 compared as it is written; renamed ``.ready`` once whole; then swapped in by two renames (the old
 array to ``.old`` first). ``recover`` puts back whichever copy is whole after a kill between them.
-The caller holds the store's rechunk lock (``lock_path``) around both.
+The caller holds the store's re-chunk lock (the file ``LOCK`` in the store) around both.
 """
 from __future__ import annotations
 

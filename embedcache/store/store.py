@@ -28,6 +28,7 @@ import os
 import time
 from contextlib import nullcontext
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -128,8 +129,8 @@ class Store:
         name = backend_name_for(path, backend)
 
         cls_b = BACKENDS.get(name)
-        in_place = {a: packed_rows(layout, a) for a in packable(layout) if cls_b.packs_in_place}
-        in_place = {a: rows for a, rows in in_place.items() if rows > int(layout["block_rows"])}
+        in_place = {a: rows for a in (packable(layout) if cls_b.packs_in_place else ())
+                    if (rows := packed_rows(layout, a)) > int(layout["block_rows"])}
 
         def init(b):
             for arr, spec in layout["arrays"].items():
@@ -237,10 +238,10 @@ class Store:
         except Exception:
             return None
 
-    def _summary_bytes(self) -> bytes:
+    @staticmethod
+    def _summary_bytes(sums: np.ndarray, done: np.ndarray) -> bytes:
         buf = io.BytesIO()
-        np.savez(buf, done=self._bookkeeping("blocks/done", summary=False),
-                 crc32c=self._bookkeeping("blocks/crc32c", summary=False))
+        np.savez(buf, done=done, crc32c=sums)
         return buf.getvalue()
 
     def _unmarked(self, done: np.ndarray) -> np.ndarray:
@@ -287,21 +288,19 @@ class Store:
         so that each block is rewritten alone (by separate processes, if sharded)."""
         with self._exclusive():
             self._refresh()
-            asked = [int(b) for b in blocks]
-            if recheck:
-                sums, done = self._bookkeeping("blocks/crc32c", summary=False), self._bookkeeping("blocks/done", summary=False)
-                blocks = [b for b in asked if self._block_damage(b, sums, done)]
-            else:
-                blocks = asked
-            if asked and not blocks:
-                return []
-            self.write_manifest({**self.manifest, "complete": False})
-            if blocks:
-                self._rechunk(packed=False, unchecked=set(blocks))
-            for blk in blocks:
+            redo = [int(b) for b in blocks]
+            sums, done = self._own_bookkeeping() if redo else (None, None)  # none: only tables are redone
+            if recheck and redo:
+                redo = [b for b in redo if self._block_damage(b, sums, done)]
+                if not redo:
+                    return []
+            self.write_manifest({**self.manifest, "complete": False})  # first: no reader trusts it meanwhile
+            if redo:
+                self._rechunk(False, sums, done, unchecked=frozenset(redo))
+            for blk in redo:
                 self.b.write("blocks/done", blk, np.zeros(1, np.uint8))
             self.b.flush()
-            return blocks
+            return redo
 
     def _exclusive(self):
         return self.b.exclusive() if hasattr(self.b, "exclusive") else nullcontext()
@@ -313,14 +312,16 @@ class Store:
         self.manifest = self.b.get_attr("manifest") or {}
         self.__dict__.pop("_kept", None)
 
-    def _block_damage(self, blk: int, sums: Optional[np.ndarray] = None, done: Optional[np.ndarray] = None) -> List[str]:
+    def _own_bookkeeping(self) -> Tuple[np.ndarray, np.ndarray]:
+        """Every block's checksums and done flag from the blocks' own arrays (not the summary)."""
+        return self._bookkeeping("blocks/crc32c", summary=False), self._bookkeeping("blocks/done", summary=False)
+
+    def _block_damage(self, blk: int, sums: np.ndarray, done: np.ndarray) -> List[str]:
         """The block arrays whose rows in block ``blk`` do not match their checksum (a block a complete
         store has not marked done: all of them)."""
         names = self.layout["block_arrays"]
-        done = self._bookkeeping("blocks/done", summary=False) if done is None else done
         if not done[blk]:
             return list(names) if self.complete else []
-        sums = self._bookkeeping("blocks/crc32c", summary=False) if sums is None else sums
         start, stop = self.block_range(blk)
         bad = []
         for j, name in enumerate(names):
@@ -333,41 +334,41 @@ class Store:
         return bad
 
     # --- packing: a chunk per block while blocks are written, chunks of many blocks once finished ----
-    def _rechunk(self, packed: bool, unchecked: frozenset = frozenset()) -> None:
+    def _rechunk(self, packed: bool, sums: np.ndarray, done: np.ndarray, unchecked: frozenset = frozenset()) -> None:
         """Packable arrays in chunks of whole blocks (``packed``: layout.packed_rows) or of one block,
         every finished block but ``unchecked`` checked against its checksum as it is copied (backends
         that cannot re-chunk keep a chunk per block)."""
         if not hasattr(self.b, "rechunk"):
             return
-        br = int(self.layout["block_rows"])
-        sums = self._bookkeeping("blocks/crc32c", summary=False)
-        done = self._bookkeeping("blocks/done", summary=False)
         for name in packable(self.layout):
-            spec = self.layout["arrays"][name]
-            rows = packed_rows(self.layout, name) if packed else br
-            j = self.layout["block_arrays"].index(name)
+            rows = packed_rows(self.layout, name) if packed else int(self.layout["block_rows"])
+            self.b.rechunk(name, rows, partial(self._copied_rows, name, sums, done, unchecked))
 
-            def source(lo: int, hi: int, name=name, j=j) -> np.ndarray:
+    def _copied_rows(self, name: str, sums: np.ndarray, done: np.ndarray, unchecked: frozenset, lo: int,
+                     hi: int) -> np.ndarray:
+        """Rows lo:hi (whole blocks) of ``name`` as a re-chunk copies them: every finished block but
+        ``unchecked`` held to its checksum; a chunk that no longer decodes is read block by block, and
+        the rows of blocks to be redone that cannot be read are zeros."""
+        try:
+            data = self.b.read(name, lo, hi)
+        except Exception:
+            data = None
+        spec, j = self.layout["arrays"][name], self.layout["block_arrays"].index(name)
+        out = np.zeros((hi - lo, *spec["shape"][1:]), spec["dtype"]) if data is None else data
+        br = int(self.layout["block_rows"])
+        for blk in range(lo // br, -(-hi // br)):
+            if blk in unchecked or not done[blk]:  # to be redone, or never written
+                continue
+            start, stop = self.block_range(blk)
+            block = out[start - lo:stop - lo]
+            if data is None:
                 try:
-                    data = self.b.read(name, lo, hi)
-                except Exception:  # a chunk that no longer decodes: block by block, below
-                    data = None
-                out = np.zeros((hi - lo, *spec["shape"][1:]), spec["dtype"]) if data is None else data
-                for blk in range(lo // br, -(-hi // br)):
-                    start, stop = self.block_range(blk)
-                    if blk in unchecked or not done[blk]:  # to be redone (zeros if unreadable), or never written
-                        continue
-                    rows = out[start - lo:stop - lo]
-                    if data is None:
-                        try:
-                            rows[...] = self.b.read(name, start, stop)
-                        except Exception:
-                            raise self._damaged(name, f"rows {start}-{stop - 1} (block {blk}) cannot be decoded") from None
-                    if checksum(rows) != int(sums[blk, j]):
-                        raise self._damaged(name, f"rows {start}-{stop - 1} (block {blk}) do not match their checksum")
-                return out
-
-            self.b.rechunk(name, rows, source)
+                    block[...] = self.b.read(name, start, stop)
+                except Exception:
+                    raise self._damaged(name, f"rows {start}-{stop - 1} (block {blk}) cannot be decoded") from None
+            if checksum(block) != int(sums[blk, j]):
+                raise self._damaged(name, f"rows {start}-{stop - 1} (block {blk}) do not match their checksum")
+        return out
 
     # --- a paid teacher's books: one entry per extraction call, so every call's spending is counted ---
     def add_usage(self, spent: Dict[str, Any]) -> None:
@@ -510,8 +511,9 @@ class Store:
         tables and arrays written since opening, then complete=True (last)."""
         self.b.flush()
         with self._exclusive():  # a shard that checks the store meanwhile waits, then finds it complete
-            self._rechunk(packed=True)
-            summary = self._summary_bytes()
+            sums, done = self._own_bookkeeping()
+            self._rechunk(True, sums, done)
+            summary = self._summary_bytes(sums, done)
             self.b.put_blob(BLOCKS_SUMMARY, summary)
             sums = {**self.manifest.get("checksums", {}), **self._pending_sums}
             self.write_manifest({**self.manifest, **fields, "checksums": sums, SUMMARY_KEY: checksum(summary),
@@ -545,7 +547,7 @@ class Store:
         from tqdm.auto import tqdm
 
         report = IntegrityReport(self.path)
-        sums, done = self._bookkeeping("blocks/crc32c", summary=False), self._bookkeeping("blocks/done", summary=False)
+        sums, done = self._own_bookkeeping()
         done = done.astype(bool)
         blocks = np.flatnonzero(done)
         for blk in self._unmarked(done):  # redone by a repair like any damaged block
