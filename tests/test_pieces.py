@@ -2,6 +2,8 @@
 the array comes back exactly, every finished block is still checked (a large block over several
 pieces, small blocks sharing one), compressed chunks are read whole, and what cannot be trusted is
 refused in one line."""
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +49,7 @@ def test_a_checksum_continued_piece_by_piece_is_the_whole_arrays(impl, monkeypat
 def test_pieces_tile_the_array_in_order_and_each_block_lies_in_one_piece_or_is_cut_into_whole_pieces(seed, monkeypatch):
     rng = np.random.default_rng(seed)
     monkeypatch.setattr(planner, "PIECE_BYTES", int(rng.integers(1, 400)))
+    monkeypatch.setattr(planner, "DECODED_PIECE_BYTES", int(rng.integers(1, 400)))
     chunk_rows, row_bytes = int(rng.integers(1, 6)), int(rng.integers(1, 50))
     block_rows = chunk_rows * int(rng.integers(1, 5))  # blocks tile chunks
     n = int(rng.integers(1, 60))
@@ -57,7 +60,7 @@ def test_pieces_tile_the_array_in_order_and_each_block_lies_in_one_piece_or_is_c
     for start, stop in parts:  # inside one piece, or exactly the union of the pieces inside it
         holding = [(lo, hi) for lo, hi in pieces if lo < stop and hi > start]
         assert len(holding) == 1 or (holding[0][0] == start and holding[-1][1] == stop)
-    most = max(1, planner.PIECE_BYTES // row_bytes)
+    most = max(1, (planner.DECODED_PIECE_BYTES if whole else planner.PIECE_BYTES) // row_bytes)
     if whole:  # a piece starts and ends on a chunk boundary (or at the array's end)
         most = max(chunk_rows, most // chunk_rows * chunk_rows)
         assert all(lo % chunk_rows == 0 and (hi % chunk_rows == 0 or hi == n) for lo, hi in pieces)
@@ -66,14 +69,37 @@ def test_pieces_tile_the_array_in_order_and_each_block_lies_in_one_piece_or_is_c
         assert len(pieces) < len(parts)
 
 
+@pytest.mark.parametrize("seed", range(30))
+def test_part_checks_over_any_pieces_find_exactly_the_parts_whose_bytes_differ(seed, monkeypatch):
+    """Against a brute-force reference: each checked part's CRC of its own rows, whatever pieces the
+    rows come in (parts cut over several pieces, several parts in one, empty parts, unchecked ones)."""
+    from embedcache.store.store import _PartChecks
+
+    rng = np.random.default_rng(seed)
+    monkeypatch.setattr(planner, "PIECE_BYTES", int(rng.integers(1, 300)))
+    row_bytes, block_rows = int(rng.integers(1, 20)), int(rng.integers(1, 9))
+    n = int(rng.integers(0, 50))
+    data = rng.integers(0, 256, n * row_bytes, dtype=np.uint8)
+    parts = [(s, min(n, s + block_rows)) for s in range(0, n, block_rows)] or [(0, 0)]
+    sums = [None if rng.random() < 0.2 else checksum(data[a * row_bytes:b * row_bytes]) for a, b in parts]
+    wrong = {i for i, want in enumerate(sums) if want is not None and rng.random() < 0.3}
+    sums = [(want ^ 1) if i in wrong else want for i, want in enumerate(sums)]
+    found = []
+    check = _PartChecks(memoryview(data).toreadonly(), row_bytes, parts, sums, lambda part, crc: found.append(part))
+    for lo, hi in plan_pieces(parts, row_bytes, 1, False):
+        check(lo, hi)
+    assert found == sorted(wrong) and check.first == len(parts)
+
+
 def test_many_small_blocks_are_read_in_one_call(tmp_path):
     path, arrays = block_store(tmp_path, "zarr", n=40)  # 10 blocks of 4 rows; status is zstd-compressed
     calls = []
     with Store(path) as st:
         real = st.b.read_into
-        st.b.read_into = lambda name, start, out: (calls.append((name, start, len(out))), real(name, start, out))
+        st.b.read_into = lambda name, start, out, pieces=None, after=None: (calls.append((name, pieces)),
+                                                                           real(name, start, out, pieces, after))
         assert np.array_equal(st.read("image/status"), arrays["image/status"])
-        assert [c for c in calls if c[0] == "image/status"] == [("image/status", 0, 40)]
+        assert [c for c in calls if c[0] == "image/status"] == [("image/status", [(0, 40)])]
         import zarr
 
         zarr.open_array(str(Path(path) / "image" / "status"), mode="r+")[21] = 7  # still checked block by block
@@ -85,13 +111,14 @@ def test_many_small_blocks_are_read_in_one_call(tmp_path):
 def test_a_read_in_many_pieces_is_exact_and_names_the_damaged_block(tmp_path, backend, monkeypatch):
     path, arrays = block_store(tmp_path, backend)
     monkeypatch.setattr(planner, "PIECE_BYTES", 40)  # an embedding row is 32 bytes: one row per piece
+    monkeypatch.setattr(planner, "DECODED_PIECE_BYTES", 40)
     calls = []
     with Store(path) as st:
         real = st.b.read_into
 
-        def spy(name, start, out):
-            calls.append((name, start, start + len(out)))
-            real(name, start, out)
+        def spy(name, start, out, pieces=None, after=None):
+            calls.extend((name, lo, hi) for lo, hi in pieces)
+            real(name, start, out, pieces, after)
 
         st.b.read_into = spy
         for name, want in arrays.items():
@@ -111,14 +138,66 @@ def test_a_chunk_that_does_not_decode_is_one_damaged_line(tmp_path, monkeypatch)
     with Store(path) as st:
         real = st.b.read_into
 
-        def broken(name, start, out):
-            if start >= 5:
-                raise ValueError("zstd: corrupted frame")
-            real(name, start, out)
+        def broken(name, start, out, pieces=None, after=None):
+            def failing(lo, hi):
+                if hi > 5:
+                    raise ValueError("zstd: corrupted frame")
+                after(lo, hi)
+
+            real(name, start, out, pieces, failing)
 
         st.b.read_into = broken
         with pytest.raises(StoreDamagedError, match=r"image/emb: it cannot be decoded \(ValueError\); run `embedcache verify"):
             st.read("image/emb")
+
+
+def test_an_error_inside_the_check_is_raised_as_the_bug_it_is_not_reported_as_damage(tmp_path, monkeypatch):
+    path, _ = block_store(tmp_path, "zarr")
+
+    def buggy(*args):
+        raise TypeError("a bug in the check")
+
+    with Store(path) as st:
+        monkeypatch.setattr("embedcache.store.store.checksum", buggy)
+        with pytest.raises(TypeError, match="a bug in the check"):
+            st.read("image/emb")
+
+
+@pytest.mark.parametrize("backend", ["zarr", "hdf5"])
+def test_each_piece_is_checked_as_it_comes_in_and_each_chunk_file_is_opened_once_per_read(tmp_path, backend, monkeypatch):
+    """Raw pieces are small (checked while their bytes are in the CPU's cache), so the chunk files stay
+    open across a read's pieces: an open per piece cost more than the piece."""
+    from embedcache.store import backends
+
+    path, arrays = block_store(tmp_path, backend, n=40)
+    with Store(path, "a") as st:
+        st.finish()  # packed: Zarr's 10 blocks of 4 rows in chunks of whole blocks
+    monkeypatch.setattr(planner, "PIECE_BYTES", 100)  # an embedding row is 32 bytes: three rows per piece
+    events, opened = [], []
+    real_read, real_open = backends._pread_exact, os.open
+    monkeypatch.setattr(backends, "_pread_exact", lambda fd, view, offset: (events.append("read"), real_read(fd, view, offset))[1])
+    monkeypatch.setattr("embedcache.store.store.checksum", lambda data, crc=0: (events.append("check"), checksum(data, crc))[1])
+    with Store(path) as st:
+        monkeypatch.setattr(backends.os, "open", lambda p, *a, **k: (opened.append(p), real_open(p, *a, **k))[1])
+        events.clear()
+        assert np.array_equal(st.read("image/emb"), arrays["image/emb"])
+        files = st.b.chunks("image/emb")[0]
+    pieces = plan_pieces([(s, min(40, s + 4)) for s in range(0, 40, 4)], 32, files, False)
+    assert len(pieces) == 20  # each block of 4 rows in a piece of 3 and one of 1
+    runs = "".join("r" if e == "read" else "c" for e in events)  # the blocks' summary checked first, then:
+    assert re.fullmatch(r"c?(rc){20}", runs), runs  # each piece checked as it comes in
+    want = -(-40 // files) if backend == "zarr" else 1  # Zarr: a file per chunk; HDF5: the one file
+    assert files > 4 and len(opened) == want and len(set(opened)) == want, opened
+
+
+def test_pieces_that_do_not_tile_the_rows_are_refused():
+    from embedcache.store.backends import _tiling
+
+    out = np.empty((10, 2))
+    assert _tiling(0, out, [(0, 4), (4, 4), (4, 10)]) == [(0, 4), (4, 4), (4, 10)]
+    for bad in ([(0, 4), (5, 10)], [(0, 4)], [(0, 6), (4, 10)], [(1, 10)], [(0, 4), (4, 3), (3, 10)]):
+        with pytest.raises(ValueError, match="do not tile"):
+            _tiling(0, out, bad)
 
 
 def test_an_unverified_read_is_not_checked(tmp_path, monkeypatch):
@@ -166,8 +245,8 @@ def test_a_complete_store_is_checked_against_its_blocks_summary_and_an_older_one
     bookkeeping = []
     with Store(path) as st:
         real = st.b.read_into
-        st.b.read_into = lambda name, start, out: (bookkeeping.append(name) if name.startswith("blocks/") else None,
-                                                   real(name, start, out))
+        st.b.read_into = lambda name, start, out, pieces=None, after=None: (
+            bookkeeping.append(name) if name.startswith("blocks/") else None, real(name, start, out, pieces, after))
         assert np.array_equal(st.read("image/emb"), arrays["image/emb"]) and bookkeeping == []
         report = st.verify()  # reads the blocks' own bookkeeping (this store has no tables: those are missing)
         assert sorted(bookkeeping) == ["blocks/crc32c", "blocks/done"] and not report.damaged and "blocks.npz" not in report.files

@@ -14,7 +14,7 @@ import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -25,11 +25,11 @@ from ..registry import Registry
 BACKENDS = Registry("store backend")
 
 
-def _pread_exact(fd: int, dest: np.ndarray, offset: int) -> bool:
-    """Fill ``dest`` (a contiguous array) from byte ``offset`` of an open file; False if the file ends
-    early. No file object and no seek: a whole-array read makes a call per chunk, so what a call costs
-    besides its copy counts."""
-    view, got = memoryview(dest.reshape(-1).view(np.uint8)), 0
+def _pread_exact(fd: int, view: memoryview, offset: int) -> bool:
+    """Fill ``view`` (bytes) from byte ``offset`` of an open file; False if the file ends early. No file
+    object and no seek: a whole-array read makes a call per piece, so what a call costs besides its
+    copy counts."""
+    got = 0
     while got < len(view):
         n = os.preadv(fd, [view[got:]], offset + got)
         if not n:
@@ -40,6 +40,70 @@ def _pread_exact(fd: int, dest: np.ndarray, offset: int) -> bool:
 
 class _Rechunked(Exception):
     """A chunk file whose size is not the array's chunk: re-chunked since its metadata was read."""
+
+
+Range = Tuple[int, int]  # rows lo:hi
+
+
+def _tiling(start: int, out: np.ndarray, pieces: Optional[Sequence[Range]]) -> Sequence[Range]:
+    """The pieces a read comes in, checked to tile rows ``start:start + len(out)`` in order."""
+    if pieces is None:
+        return [(start, start + len(out))]
+    ends = [start] + [b for piece in pieces for b in piece] + [start + len(out)]
+    if any(a != b for a, b in zip(ends[::2], ends[1::2])) or any(lo > hi for lo, hi in pieces):
+        raise ValueError(f"pieces {list(pieces)[:4]}... do not tile rows {start}:{start + len(out)} in order")
+    return pieces
+
+
+def _bytes_of(out: np.ndarray) -> memoryview:
+    """A C-contiguous array's bytes, writable (raw reads land there)."""
+    return memoryview(out.reshape(-1).view(np.uint8))
+
+
+class _ChunkFiles:
+    """Raw reads of an array whose chunks span whole rows, straight from the bytes on disk: Zarr (a
+    file per chunk, each a whole chunk: zarr pads the last one; a file of another size raises
+    _Rechunked) or HDF5 (one file; ``offsets``: each written chunk's byte offset and filter mask by its
+    first row). Each file is opened once while a read lasts: a whole array comes in pieces of about
+    1 MB, and an open per piece cost more than its read."""
+
+    def __init__(self, path_of: Callable[[int], str], rows: int, row_bytes: int, offsets: Optional[dict] = None):
+        self.path_of, self.rows, self.row_bytes, self.offsets = path_of, rows, row_bytes, offsets
+        self.fds: Dict[int, int] = {}  # by chunk (Zarr) or 0 (HDF5's one file)
+
+    def read(self, lo: int, hi: int, out: memoryview, start: int) -> bool:
+        """Rows ``lo:hi`` into their place in ``out`` (the bytes of rows ``start:``); False if a chunk is
+        missing, never written, filtered, or its file ends early (the caller's library then reads them)."""
+        rows, row_bytes = self.rows, self.row_bytes
+        for c in range(lo // rows, -(-hi // rows)):
+            a, b = max(lo, c * rows), min(hi, (c + 1) * rows)
+            offset = 0
+            if self.offsets is not None:
+                offset, mask = self.offsets.get(c * rows, (None, 0))
+                if offset is None or mask:
+                    return False
+            fd = self._open(c)
+            if fd is None or not _pread_exact(fd, out[(a - start) * row_bytes:(b - start) * row_bytes],
+                                              offset + (a - c * rows) * row_bytes):
+                return False
+        return True
+
+    def _open(self, c: int) -> Optional[int]:
+        key = c if self.offsets is None else 0
+        if key not in self.fds:
+            try:
+                fd = os.open(self.path_of(c), os.O_RDONLY)
+            except FileNotFoundError:
+                return None
+            self.fds[key] = fd
+            if self.offsets is None and os.fstat(fd).st_size != self.rows * self.row_bytes:
+                raise _Rechunked(self.path_of(c))
+        return self.fds[key]
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
 
 
 REMAKE = "the command that made it (its extract or synthesize)"  # how a damaged store is made again
@@ -153,51 +217,48 @@ class ZarrBackend:
     def read(self, name: str, start: Optional[int] = None, stop: Optional[int] = None) -> np.ndarray:
         return _read_rows(self, self._array(name), name, start, stop)
 
-    def read_into(self, name: str, start: int, out: np.ndarray) -> None:
-        """Rows ``start:start + len(out)`` into ``out`` (C-contiguous, the array's dtype)."""
-        arr = self._array(name)
+    def read_into(self, name: str, start: int, out: np.ndarray, pieces: Optional[Sequence[Range]] = None,
+                  after: Optional[Callable[[int, int], None]] = None) -> None:
+        """Rows ``start:start + len(out)`` into ``out`` (C-contiguous, the array's dtype), piece by piece
+        (``pieces``: row ranges tiling them in order; default one), ``after(lo, hi)`` called as each piece
+        is in. Uncompressed arrays whose chunks span whole rows (the embeddings) are read straight from
+        their chunk files (each file holds its rows' little-endian bytes in C order, the zarr v3 bytes
+        codec; zarr's own path reached 0.4x of np.load here), each file opened once per call; other
+        arrays, and a chunk file that is missing, go through zarr."""
+        files, view = self._chunk_files(name, out), _bytes_of(out)
         try:
-            raw = self._raw_read_into(arr, name, start, out)
-        except _Rechunked:  # by another process since this one read the array's metadata: read it again
-            self.refresh()
-            arr = self._array(name)
-            try:
-                raw = self._raw_read_into(arr, name, start, out)
-            except _Rechunked:
-                raw = False  # a file of the wrong size after all: zarr (and the checksums) decide
-        if not raw:
-            out[...] = arr[start:start + len(out)]
+            for lo, hi in _tiling(start, out, pieces):
+                try:
+                    raw = files is not None and files.read(lo, hi, view, start)
+                except _Rechunked:  # by another process since this one read the array's metadata: read it again
+                    files.close()
+                    self.refresh()
+                    files = self._chunk_files(name, out)
+                    try:
+                        raw = files is not None and files.read(lo, hi, view, start)
+                    except _Rechunked:
+                        raw = False  # a file of the wrong size after all: zarr (and the checksums) decide
+                if not raw:
+                    out[lo - start:hi - start] = self._array(name)[lo:hi]
+                if after is not None:
+                    after(lo, hi)
+        finally:
+            if files is not None:
+                files.close()
 
-    def _raw_read_into(self, arr, name: str, start: int, out: np.ndarray) -> bool:
-        """Uncompressed arrays whose chunks span whole rows (the embeddings): each chunk file holds
-        its rows' little-endian bytes in C order (the zarr v3 bytes codec), so it is read straight
-        into the output, at the disk's speed (zarr's own path reached 0.4x of np.load here). Other
-        arrays, and a chunk file that is missing, go through zarr (False). Every chunk file is a whole
-        chunk (zarr pads the last one): one of another size raises _Rechunked."""
+    def _chunk_files(self, name: str, out: np.ndarray) -> Optional[_ChunkFiles]:
+        """The raw reader of an uncompressed array whose chunks span whole rows, little-endian; None for
+        any other."""
+        arr = self._array(name)
         meta = arr.metadata
         codecs = getattr(meta, "codecs", ())
         if (len(codecs) != 1 or type(codecs[0]).__name__ != "BytesCodec"
                 or getattr(codecs[0].endian, "value", "little") != "little" or tuple(arr.chunks[1:]) != tuple(arr.shape[1:])
                 or arr.dtype.byteorder == ">"):
-            return False
-        rows, stop = int(arr.chunks[0]), start + len(out)
-        row_bytes = out[:1].nbytes if len(out) else 0
+            return None
         # paths as strings: building a path object per chunk cost more than the chunk's read
-        folder, encode = f"{self.path}/{name}/", meta.chunk_key_encoding.encode_chunk_key
-        for c in range(start // rows, -(-stop // rows)):
-            lo, hi = max(start, c * rows), min(stop, (c + 1) * rows)
-            try:
-                fd = os.open(folder + encode((c,) + (0,) * (arr.ndim - 1)), os.O_RDONLY)
-            except FileNotFoundError:
-                return False
-            try:
-                if os.fstat(fd).st_size != rows * row_bytes:
-                    raise _Rechunked(name)
-                if not _pread_exact(fd, out[lo - start:hi - start], (lo - c * rows) * row_bytes):
-                    return False
-            finally:
-                os.close(fd)
-        return True
+        folder, encode, tail = f"{self.path}/{name}/", meta.chunk_key_encoding.encode_chunk_key, (0,) * (arr.ndim - 1)
+        return _ChunkFiles(lambda c: folder + encode((c,) + tail), int(arr.chunks[0]), out[:1].nbytes)
 
     def refresh(self) -> None:
         """Metadata read again: another process may have re-chunked arrays or finished the store since."""
@@ -417,34 +478,32 @@ class HDF5Backend:
     def read(self, name: str, start: Optional[int] = None, stop: Optional[int] = None) -> np.ndarray:
         return _read_rows(self, self.file[name], name, start, stop)
 
-    def read_into(self, name: str, start: int, out: np.ndarray) -> None:
-        """Rows ``start:start + len(out)`` into ``out`` (C-contiguous, the dataset's dtype)."""
+    def read_into(self, name: str, start: int, out: np.ndarray, pieces: Optional[Sequence[Range]] = None,
+                  after: Optional[Callable[[int, int], None]] = None) -> None:
+        """Rows ``start:start + len(out)`` into ``out`` (C-contiguous, the dataset's dtype), piece by
+        piece (``pieces``: row ranges tiling them in order; default one), ``after(lo, hi)`` called as
+        each piece is in. Unfiltered datasets whose chunks span whole rows, in a file opened read-only,
+        are read straight from the file at the offset HDF5 reports for each chunk (HDF5's own
+        chunk-by-chunk copy reached 0.3x of np.load here); anything else, and a chunk never written,
+        goes through h5py."""
         ds = self._dataset(name)
-        if out.size and not self._raw_read_into(ds, name, start, out):
-            ds.read_direct(out, np.s_[start:start + len(out)])
+        raw, view = self._raw_chunks(ds, name, out), _bytes_of(out)
+        try:
+            for lo, hi in _tiling(start, out, pieces):
+                if hi > lo and out.size and not (raw is not None and raw.read(lo, hi, view, start)):
+                    ds.read_direct(out[lo - start:hi - start], np.s_[lo:hi])
+                if after is not None:
+                    after(lo, hi)
+        finally:
+            if raw is not None:
+                raw.close()
 
-    def _raw_read_into(self, ds, name: str, start: int, out: np.ndarray) -> bool:
-        """Unfiltered datasets whose chunks span whole rows, in a file opened read-only: each chunk's
-        bytes are read straight into the output from the offset HDF5 reports for it (HDF5's own
-        chunk-by-chunk copy reached 0.3x of np.load here). Anything else, and a chunk never written,
-        goes through h5py (False)."""
+    def _raw_chunks(self, ds, name: str, out: np.ndarray) -> Optional[_ChunkFiles]:
         if (self.mode != "r" or ds.chunks is None or ds._filters or tuple(ds.chunks[1:]) != tuple(ds.shape[1:])
                 or ds.dtype.byteorder == ">"):
-            return False
-        rows, stop, row_bytes = int(ds.chunks[0]), start + len(out), out[:1].nbytes
-        offsets = self._chunk_offsets(ds, name)
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            for c in range(start // rows, -(-stop // rows)):
-                offset, mask = offsets.get(c * rows, (None, 0))
-                if offset is None or mask:  # never written, or filtered
-                    return False
-                lo, hi = max(start, c * rows), min(stop, (c + 1) * rows)
-                if not _pread_exact(fd, out[lo - start:hi - start], offset + (lo - c * rows) * row_bytes):
-                    return False
-        finally:
-            os.close(fd)
-        return True
+            return None
+        rows, offsets = int(ds.chunks[0]), self._chunk_offsets(ds, name)
+        return _ChunkFiles(lambda c: str(self.path), rows, out[:1].nbytes, offsets=offsets)
 
     def _chunk_offsets(self, ds, name: str) -> dict:
         """Every written chunk's file offset by its first row, listed once per dataset (the file is open

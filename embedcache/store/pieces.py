@@ -1,24 +1,26 @@
 """How a whole array is read and checked: in pieces of about PIECE_BYTES, each piece checked right
-after it is read (its bytes are still in the CPU's cache, where the CRC-32C runs at about 25 GB/s
-against 10 GB/s from memory), with the per-block checksums continued piece by piece. A large row
-block is cut into several pieces; small neighbouring blocks share one, so an array of many small
-blocks is still read in a few calls (a compressed array's chunks are decoded in one call per piece).
+after it is read (its bytes are still in the core's cache: read and check of 1 to 2 MB pieces measured
+0.76 to 0.84x of np.load against 0.69 to 0.76x for 8 MB, whose bytes had left the 2 MB L2), with the
+per-block checksums continued piece by piece. A large row block is cut into several pieces; small
+neighbouring blocks share one. Raw reads keep each chunk file open across its pieces (backends.py); a
+compressed array is decoded in pieces of whole chunks of about DECODED_PIECE_BYTES, one call each.
 """
 from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
 
-PIECE_BYTES = 8 << 20  # a piece costs far more than its call; 4-16 MB measured alike
+PIECE_BYTES = 1 << 20  # raw reads: a piece stays in a core's L2 (1-2 MB on current x86) for its check
+DECODED_PIECE_BYTES = 8 << 20  # compressed reads: a decoder call costs more, and decoding is the slow part
 Range = Tuple[int, int]  # rows lo:hi
 
 
 def plan_pieces(parts: Sequence[Range], row_bytes: int, chunk_rows: int, whole_chunks: bool) -> List[Range]:
     """Row ranges covering ``parts`` (consecutive ``(start, stop)`` row blocks) in order, each at most
     about PIECE_BYTES: a large part is cut into several, small neighbouring parts are joined into
-    one. ``whole_chunks``: pieces of whole chunks (a compressed chunk is decoded whole, so one cut in
-    two would be decoded twice); parts then start on chunk boundaries (blocks tile chunks). An empty
-    part is an empty piece of its own, so its check still runs."""
-    rows = max(1, PIECE_BYTES // max(1, row_bytes))
+    one. ``whole_chunks``: pieces of whole chunks of about DECODED_PIECE_BYTES (a compressed chunk is
+    decoded whole, so one cut in two would be decoded twice); parts then start on chunk boundaries
+    (blocks tile chunks). An empty part is an empty piece of its own, so its check still runs."""
+    rows = max(1, (DECODED_PIECE_BYTES if whole_chunks else PIECE_BYTES) // max(1, row_bytes))
     if whole_chunks:
         rows = max(chunk_rows, rows // chunk_rows * chunk_rows)
     pieces: List[Range] = []

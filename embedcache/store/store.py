@@ -88,6 +88,33 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+class _PartChecks:
+    """The checksums of an array's parts (row blocks; None: unchecked) continued as its pieces come in,
+    in row order (``rows``: the array's bytes), each part compared as it ends; ``mismatch(part, crc)``
+    is told of one that does not match. ``busy``: an error came from inside a check (a bug, not damage)."""
+
+    def __init__(self, rows: memoryview, row_bytes: int, parts: list, sums: list, mismatch):
+        self.rows, self.row_bytes, self.mismatch = rows, row_bytes, mismatch
+        self.parts, self.sums, self.crc, self.first, self.busy = parts, sums, 0, 0, False
+
+    def __call__(self, lo: int, hi: int) -> None:
+        self.busy = True
+        parts, sums, rows, row_bytes, first = self.parts, self.sums, self.rows, self.row_bytes, self.first
+        while first < len(parts):
+            start, stop = parts[first]
+            want = sums[first]
+            if stop > hi:  # a part that goes on in the next piece
+                if want is not None and start < hi:
+                    self.crc = checksum(rows[(start if start > lo else lo) * row_bytes:hi * row_bytes], self.crc)
+                break
+            if want is not None:
+                crc = checksum(rows[(start if start > lo else lo) * row_bytes:stop * row_bytes], self.crc)
+                if crc != want:
+                    self.mismatch(first, crc)
+            self.crc, first = 0, first + 1
+        self.first, self.busy = first, False
+
+
 class Store:
     """A store on disk. ``Store(path)`` opens for reading, ``Store(path, "a")`` for writing;
     ``Store.create`` makes a new one. Analysts use ``embedcache.open_store``, which wraps this."""
@@ -413,35 +440,28 @@ class Store:
             raise StoreError(f"store {self.path} has no array {name}")
         out = np.empty(self.b.shape(name), self.b.dtype(name))
         parts, sums = self._checked_parts(name, len(out), verify)
-        crc, first = [0] * len(parts), 0
-        rows = memoryview(out.reshape(-1).view(np.uint8)).toreadonly()  # its bytes, sliced per block unchecked
-        row_bytes = out[:1].nbytes
-        for lo, hi in plan_pieces(parts, row_bytes, self.b.chunks(name)[0], self.b.compressed(name)):
-            try:
-                self.b.read_into(name, lo, out[lo:hi])
-            except Exception as exc:  # a chunk that no longer decodes
-                raise self._damaged(name, f"it cannot be decoded ({type(exc).__name__})") from None
-            first = self._check_rows(name, rows, row_bytes, lo, hi, parts, sums, crc, first)
+        check = _PartChecks(memoryview(out.reshape(-1).view(np.uint8)).toreadonly(), out[:1].nbytes, parts, sums,
+                            lambda part, crc: self._mismatch(name, parts, part, crc))
+        try:
+            self.b.read_into(name, 0, out, plan_pieces(parts, out[:1].nbytes, self.b.chunks(name)[0],
+                                                       self.b.compressed(name)), check)
+        except StoreDamagedError:
+            raise
+        except Exception as exc:  # a chunk that no longer decodes (an error inside the check is a bug: raised)
+            if check.busy:
+                raise
+            raise self._damaged(name, f"it cannot be decoded ({type(exc).__name__})") from None
         return out
 
-    def _check_rows(self, name: str, rows: memoryview, row_bytes: int, lo: int, hi: int, parts: list, sums: list,
-                    crc: list, first: int) -> int:
-        """Continue the checksums of parts ``first``, ... with rows lo:hi (pieces come in row order; ``rows``:
-        the array's bytes) and compare each part that ends here; returns the first part not yet ended."""
-        while first < len(parts) and parts[first][0] <= hi:
-            start, stop = parts[first]
-            if sums[first] is not None:
-                crc[first] = checksum(rows[max(lo, start) * row_bytes:min(hi, stop) * row_bytes], crc[first])
-            if stop > hi:
-                return first
-            if sums[first] is not None and crc[first] != sums[first]:
-                if not self._is_block_array(name):
-                    raise self._damaged(name, "it does not match its checksum")
-                if self._own_sum(name, first) != crc[first]:
-                    raise self._damaged(name, f"rows {start}-{stop - 1} (block {first}) do not match their checksum")
-                self._distrust_summary()
-            first += 1
-        return first
+    def _mismatch(self, name: str, parts: list, part: int, crc: int) -> None:
+        """Part ``part`` of array ``name`` read back as ``crc``, not its checksum: refused, unless only the
+        blocks' summary was wrong (the block's own checksum then matches: the summary is distrusted)."""
+        if not self._is_block_array(name):
+            raise self._damaged(name, "it does not match its checksum")
+        if self._own_sum(name, part) != crc:
+            start, stop = parts[part]
+            raise self._damaged(name, f"rows {start}-{stop - 1} (block {part}) do not match their checksum")
+        self._distrust_summary()
 
     def _is_block_array(self, name: str) -> bool:
         return name in self.layout.get("block_arrays", ())
@@ -459,7 +479,8 @@ class Store:
         if self.num_blocks != -(-n // int(self.layout["block_rows"])):  # blocks that do not cover the rows
             raise self._damaged("layout", f"{self.num_blocks} blocks of {self.layout['block_rows']} rows do not hold "
                                           f"its {n} rows (its zarr.json or HDF5 attributes were altered)")
-        parts = [self.block_range(b) for b in range(self.num_blocks)]
+        block_rows = int(self.layout["block_rows"])
+        parts = [(start, min(n, start + block_rows)) for start in range(0, n, block_rows)]  # block_range's, at once
         if not verify:
             return parts, [None] * len(parts)
         sums, done = self._bookkeeping("blocks/crc32c"), self.blocks_done()
