@@ -190,6 +190,32 @@ def test_each_piece_is_checked_as_it_comes_in_and_each_chunk_file_is_opened_once
     assert files > 4 and len(opened) == want and len(set(opened)) == want, opened
 
 
+@pytest.fixture
+def few_fds():
+    """A soft open-file limit 40 above what the process holds (1024 is a common default, 256 on macOS)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 40, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_an_array_of_more_chunk_files_than_the_open_file_limit_reads_back(tmp_path, monkeypatch, few_fds):
+    """A read keeps one chunk file open at a time: holding them all open until the read ended made an
+    intact store of large arrays "damaged: it cannot be decoded (OSError)"."""
+    from embedcache.store import layout as layout_mod
+
+    monkeypatch.setattr(layout_mod, "PACK_BYTES", 4 * 2 * 8 * 2)  # packed chunks of one block: 100 chunk files
+    path, arrays = block_store(tmp_path, "zarr", n=400)
+    with Store(path, "a") as st:
+        st.finish()
+    with Store(path) as st:
+        assert st.complete and st.chunks("image/emb")[0] == 4
+        assert np.array_equal(st.read("image/emb"), arrays["image/emb"])
+        assert st.b.read("blocks/done").all()  # a chunk per block
+
+
 def test_pieces_that_do_not_tile_the_rows_are_refused():
     from embedcache.store.backends import _tiling
 

@@ -39,7 +39,11 @@ def _pread_exact(fd: int, view: memoryview, offset: int) -> bool:
 
 
 class _Rechunked(Exception):
-    """A chunk file whose size is not the array's chunk: re-chunked since its metadata was read."""
+    """A chunk file missing or of another size than the array's chunk: perhaps re-chunked by another
+    process since this one read the array's metadata."""
+
+
+REFRESHES = 3  # metadata re-reads a whole-array read may make (a store re-chunked under it; a missing file)
 
 
 Range = Tuple[int, int]  # rows lo:hi
@@ -65,15 +69,16 @@ class _ChunkFiles:
     file per chunk, each a whole chunk: zarr pads the last one; a file of another size raises
     _Rechunked) or HDF5 (one file; ``offsets``: each written chunk's byte offset and filter mask by its
     first row). Each file is opened once while a read lasts: a whole array comes in pieces of about
-    1 MB, and an open per piece cost more than its read."""
+    1 MB, and an open per piece cost more than its read. Pieces come in row order, so a Zarr chunk's
+    file is closed as the next one opens: one file open at a time, however many chunks."""
 
     def __init__(self, path_of: Callable[[int], str], rows: int, row_bytes: int, offsets: Optional[dict] = None):
         self.path_of, self.rows, self.row_bytes, self.offsets = path_of, rows, row_bytes, offsets
         self.fds: Dict[int, int] = {}  # by chunk (Zarr) or 0 (HDF5's one file)
 
     def read(self, lo: int, hi: int, out: memoryview, start: int) -> bool:
-        """Rows ``lo:hi`` into their place in ``out`` (the bytes of rows ``start:``); False if a chunk is
-        missing, never written, filtered, or its file ends early (the caller's library then reads them)."""
+        """Rows ``lo:hi`` into their place in ``out`` (the bytes of rows ``start:``); False if a chunk was
+        never written, is filtered, or its file ends early (the caller's library then reads them)."""
         rows, row_bytes = self.rows, self.row_bytes
         for c in range(lo // rows, -(-hi // rows)):
             a, b = max(lo, c * rows), min(hi, (c + 1) * rows)
@@ -83,21 +88,25 @@ class _ChunkFiles:
                 if offset is None or mask:
                     return False
             fd = self._open(c)
-            if fd is None or not _pread_exact(fd, out[(a - start) * row_bytes:(b - start) * row_bytes],
+            if not _pread_exact(fd, out[(a - start) * row_bytes:(b - start) * row_bytes],
                                               offset + (a - c * rows) * row_bytes):
                 return False
         return True
 
-    def _open(self, c: int) -> Optional[int]:
+    def _open(self, c: int) -> int:
         key = c if self.offsets is None else 0
         if key not in self.fds:
+            self.close()
             try:
                 fd = os.open(self.path_of(c), os.O_RDONLY)
             except FileNotFoundError:
-                return None
-            self.fds[key] = fd
+                if self.offsets is not None:  # HDF5's one file
+                    raise
+                raise _Rechunked(self.path_of(c)) from None
             if self.offsets is None and os.fstat(fd).st_size != self.rows * self.row_bytes:
+                os.close(fd)
                 raise _Rechunked(self.path_of(c))
+            self.fds[key] = fd
         return self.fds[key]
 
     def close(self) -> None:
@@ -224,20 +233,22 @@ class ZarrBackend:
         is in. Uncompressed arrays whose chunks span whole rows (the embeddings) are read straight from
         their chunk files (each file holds its rows' little-endian bytes in C order, the zarr v3 bytes
         codec; zarr's own path reached 0.4x of np.load here), each file opened once per call; other
-        arrays, and a chunk file that is missing, go through zarr."""
-        files, view = self._chunk_files(name, out), _bytes_of(out)
+        arrays, and a chunk file still missing or of another size once the metadata is read again, go
+        through zarr (whose rows the checksums then judge)."""
+        files, view, refreshes = self._chunk_files(name, out), _bytes_of(out), REFRESHES
         try:
             for lo, hi in _tiling(start, out, pieces):
-                try:
-                    raw = files is not None and files.read(lo, hi, view, start)
-                except _Rechunked:  # by another process since this one read the array's metadata: read it again
-                    files.close()
-                    self.refresh()
-                    files = self._chunk_files(name, out)
+                raw = False
+                while files is not None:
                     try:
-                        raw = files is not None and files.read(lo, hi, view, start)
-                    except _Rechunked:
-                        raw = False  # a file of the wrong size after all: zarr (and the checksums) decide
+                        raw = files.read(lo, hi, view, start)
+                        break
+                    except _Rechunked:  # perhaps by another process since this one read the metadata: read it again
+                        if not refreshes:
+                            break  # a file missing or of the wrong size after all: zarr (and the checksums) decide
+                        files.close()
+                        self.refresh()
+                        files, refreshes = self._chunk_files(name, out), refreshes - 1
                 if not raw:
                     out[lo - start:hi - start] = self._array(name)[lo:hi]
                 if after is not None:
