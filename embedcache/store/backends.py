@@ -14,7 +14,7 @@ import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -74,7 +74,8 @@ class _ChunkFiles:
 
     def __init__(self, path_of: Callable[[int], str], rows: int, row_bytes: int, offsets: Optional[dict] = None):
         self.path_of, self.rows, self.row_bytes, self.offsets = path_of, rows, row_bytes, offsets
-        self.fds: Dict[int, int] = {}  # by chunk (Zarr) or 0 (HDF5's one file)
+        self.key: Optional[int] = None  # the open file's chunk (Zarr) or 0 (HDF5's one file)
+        self.fd = -1
 
     def read(self, lo: int, hi: int, out: memoryview, start: int) -> bool:
         """Rows ``lo:hi`` into their place in ``out`` (the bytes of rows ``start:``); False if a chunk was
@@ -87,15 +88,15 @@ class _ChunkFiles:
                 offset, mask = self.offsets.get(c * rows, (None, 0))
                 if offset is None or mask:
                     return False
-            fd = self._open(c)
-            if not _pread_exact(fd, out[(a - start) * row_bytes:(b - start) * row_bytes],
-                                              offset + (a - c * rows) * row_bytes):
+            view = out[(a - start) * row_bytes:(b - start) * row_bytes]
+            if not _pread_exact(self._open(c), view, offset + (a - c * rows) * row_bytes):
                 return False
         return True
 
     def _open(self, c: int) -> int:
+        """The file descriptor of chunk ``c``'s file, the one before it closed."""
         key = c if self.offsets is None else 0
-        if key not in self.fds:
+        if key != self.key:
             self.close()
             try:
                 fd = os.open(self.path_of(c), os.O_RDONLY)
@@ -106,13 +107,13 @@ class _ChunkFiles:
             if self.offsets is None and os.fstat(fd).st_size != self.rows * self.row_bytes:
                 os.close(fd)
                 raise _Rechunked(self.path_of(c))
-            self.fds[key] = fd
-        return self.fds[key]
+            self.key, self.fd = key, fd
+        return self.fd
 
     def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
+        if self.key is not None:
+            os.close(self.fd)
+            self.key, self.fd = None, -1
 
 
 REMAKE = "the command that made it (its extract or synthesize)"  # how a damaged store is made again
@@ -510,6 +511,8 @@ class HDF5Backend:
                 raw.close()
 
     def _raw_chunks(self, ds, name: str, out: np.ndarray) -> Optional[_ChunkFiles]:
+        """The raw reader of an unfiltered dataset whose chunks span whole rows, little-endian, in a file
+        opened read-only (its chunks cannot move); None for any other."""
         if (self.mode != "r" or ds.chunks is None or ds._filters or tuple(ds.chunks[1:]) != tuple(ds.shape[1:])
                 or ds.dtype.byteorder == ">"):
             return None
