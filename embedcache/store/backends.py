@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Tuple
 
@@ -528,6 +528,20 @@ class HDF5Backend:
 
     def chunk_rows_present(self, name: str) -> Optional[set]:
         return None  # chunks live inside one file: damage shows as a checksum or decode error
+
+    # One writer, its raw block arrays packed in place from the start (packs_in_place): nothing is ever
+    # re-chunked, so there is no re-chunk lock to take, no swap to recover and no metadata to re-read.
+    def refresh(self) -> None:
+        pass
+
+    def exclusive(self):
+        return nullcontext()
+
+    def rechunk(self, name: str, rows: int, source) -> bool:
+        return False
+
+    def recover(self, names) -> None:
+        pass
 
     def set_attr(self, key: str, value: Any) -> None:
         self.file.attrs[key] = json.dumps(value)

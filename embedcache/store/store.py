@@ -26,7 +26,6 @@ import io
 import json
 import os
 import time
-from contextlib import nullcontext
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -134,7 +133,7 @@ class Store:
         self.b = cls(self.path, mode)
         self.manifest: Dict[str, Any] = self.b.get_attr("manifest") or {}
         self.layout: Dict[str, Any] = self.b.get_attr("layout") or {}
-        if mode != "r" and hasattr(self.b, "recover"):  # a re-chunk a kill cut off, put right first
+        if mode != "r":  # a re-chunk a kill cut off, put right first
             self.b.recover(self.layout.get("block_arrays", ()))
         if not self.manifest:
             self.close()
@@ -313,7 +312,7 @@ class Store:
         blocks that check out now were seen mid-swap while another process packed the store, and are
         left alone (all of them: nothing is changed). Packed arrays get a chunk per block again first,
         so that each block is rewritten alone (by separate processes, if sharded)."""
-        with self._exclusive():
+        with self.b.exclusive():
             self._refresh()
             redo = [int(b) for b in blocks]
             sums, done = self._own_bookkeeping() if redo else (None, None)  # none: only tables are redone
@@ -329,13 +328,9 @@ class Store:
             self.b.flush()
             return redo
 
-    def _exclusive(self):
-        return self.b.exclusive() if hasattr(self.b, "exclusive") else nullcontext()
-
     def _refresh(self) -> None:
         """The store's metadata read again (another process may have packed or finished it)."""
-        if hasattr(self.b, "refresh"):
-            self.b.refresh()
+        self.b.refresh()
         self.manifest = self.b.get_attr("manifest") or {}
         self.__dict__.pop("_kept", None)
 
@@ -364,9 +359,7 @@ class Store:
     def _rechunk(self, packed: bool, sums: np.ndarray, done: np.ndarray, unchecked: frozenset = frozenset()) -> None:
         """Packable arrays in chunks of whole blocks (``packed``: layout.packed_rows) or of one block,
         every finished block but ``unchecked`` checked against its checksum as it is copied (backends
-        that cannot re-chunk keep a chunk per block)."""
-        if not hasattr(self.b, "rechunk"):
-            return
+        that pack in place keep their chunks)."""
         for name in packable(self.layout):
             rows = packed_rows(self.layout, name) if packed else int(self.layout["block_rows"])
             self.b.rechunk(name, rows, partial(self._copied_rows, name, sums, done, unchecked))
@@ -531,7 +524,7 @@ class Store:
         """Pack the raw block arrays, summarise the blocks' bookkeeping, record the checksums of the
         tables and arrays written since opening, then complete=True (last)."""
         self.b.flush()
-        with self._exclusive():  # a shard that checks the store meanwhile waits, then finds it complete
+        with self.b.exclusive():  # a shard that checks the store meanwhile waits, then finds it complete
             sums, done = self._own_bookkeeping()
             self._rechunk(True, sums, done)
             summary = self._summary_bytes(sums, done)
