@@ -104,11 +104,8 @@ def disk_full_error(where: PathLike, fix: str = "free space or write to a larger
 @contextmanager
 def exclusive_lock(path: PathLike):
     """Hold an exclusive ``flock`` on ``path`` (created if needed) for the block, waiting for it."""
-    import fcntl
-
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    fd = _flocked(path, wait=True)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # releases the lock
@@ -117,12 +114,21 @@ def exclusive_lock(path: PathLike):
 def try_exclusive_lock(path: PathLike):
     """An open file descriptor holding an exclusive ``flock`` on ``path`` (created if needed), or None
     when another process holds it. The kernel releases it when the holder closes it, exits or dies."""
+    return _flocked(path, wait=False)
+
+
+def _flocked(path: PathLike, wait: bool):
+    """An fd of ``path`` (created if needed) holding its exclusive ``flock``; None when ``wait`` is False
+    and another process holds it."""
     import fcntl
 
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         return None
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
