@@ -21,6 +21,7 @@ import numpy as np
 from ..errors import StoreDamagedError, StoreError
 from ..fileio import atomic_write_bytes, exclusive_lock
 from ..registry import Registry
+from .pieces import bytes_of
 
 BACKENDS = Registry("store backend")
 
@@ -57,11 +58,6 @@ def _tiling(start: int, out: np.ndarray, pieces: Optional[Sequence[Range]]) -> S
     if any(a != b for a, b in zip(ends[::2], ends[1::2])) or any(lo > hi for lo, hi in pieces):
         raise ValueError(f"pieces {list(pieces)[:4]}... do not tile rows {start}:{start + len(out)} in order")
     return pieces
-
-
-def _bytes_of(out: np.ndarray) -> memoryview:
-    """A C-contiguous array's bytes, writable (raw reads land there)."""
-    return memoryview(out.reshape(-1).view(np.uint8))
 
 
 class _ChunkFiles:
@@ -236,7 +232,7 @@ class ZarrBackend:
         codec; zarr's own path reached 0.4x of np.load here), each file opened once per call; other
         arrays, and a chunk file still missing or of another size once the metadata is read again, go
         through zarr (whose rows the checksums then judge)."""
-        files, view, refreshes = self._chunk_files(name, out), _bytes_of(out), REFRESHES
+        files, view, refreshes = self._chunk_files(name, out), bytes_of(out), REFRESHES
         try:
             for lo, hi in _tiling(start, out, pieces):
                 raw = False
@@ -499,7 +495,7 @@ class HDF5Backend:
         chunk-by-chunk copy reached 0.3x of np.load here); anything else, and a chunk never written,
         goes through h5py."""
         ds = self._dataset(name)
-        raw, view = self._raw_chunks(ds, name, out), _bytes_of(out)
+        raw, view = self._raw_chunks(ds, name, out), bytes_of(out)
         try:
             for lo, hi in _tiling(start, out, pieces):
                 if hi > lo and out.size and not (raw is not None and raw.read(lo, hi, view, start)):

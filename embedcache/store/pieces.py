@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
+
 PIECE_BYTES = 1 << 20  # raw reads: a piece stays in a core's L2 (1-2 MB on current x86) for its check
 DECODED_PIECE_BYTES = 8 << 20  # compressed reads: a decoder call costs more, and decoding is the slow part
 Range = Tuple[int, int]  # rows lo:hi
@@ -37,3 +39,8 @@ def plan_pieces(parts: Sequence[Range], row_bytes: int, chunk_rows: int, whole_c
         else:
             small = (start, stop)
     return pieces + ([small] if small is not None else [])
+
+
+def bytes_of(out: np.ndarray) -> memoryview:
+    """A C-contiguous array's bytes, writable: raw reads land there (a read-only view of it checks them)."""
+    return memoryview(out.reshape(-1).view(np.uint8))

@@ -38,7 +38,7 @@ from ..errors import StoreDamagedError, StoreError, StoreMismatchError
 from .backends import BACKENDS, backend_name_for
 from .integrity import IntegrityReport, checksum
 from .layout import SCHEMA_VERSION, packable, packed_rows
-from .pieces import plan_pieces
+from .pieces import bytes_of, plan_pieces
 
 TABLES = ("meta.parquet", "text.parquet")
 # every block's done flag and checksums in one file, written as a store completes: a reader of a
@@ -433,7 +433,7 @@ class Store:
             raise StoreError(f"store {self.path} has no array {name}")
         out = np.empty(self.b.shape(name), self.b.dtype(name))
         parts, sums = self._checked_parts(name, len(out), verify)
-        check = _PartChecks(memoryview(out.reshape(-1).view(np.uint8)).toreadonly(), out[:1].nbytes, parts, sums,
+        check = _PartChecks(bytes_of(out).toreadonly(), out[:1].nbytes, parts, sums,
                             lambda part, crc: self._mismatch(name, parts, part, crc))
         try:
             self.b.read_into(name, 0, out, plan_pieces(parts, out[:1].nbytes, self.b.chunks(name)[0],
