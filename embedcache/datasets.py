@@ -22,6 +22,7 @@ from .registry import Registry
 from .config import DatasetConfig
 from .errors import DatasetError
 from .images import read_rgb8, to_rgb8
+from .text import prompt_clash
 
 DATASETS = Registry("dataset")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -48,6 +49,9 @@ class ImageDataset:
         self.root = root
         self.samples = list(samples)
         self.classes = sorted({s.class_name for s in self.samples})
+        clash = prompt_clash(self.classes)
+        if clash:
+            raise DatasetError(f"dataset {name!r} at {root}: {clash}")
         self.domains = sorted({s.domain for s in self.samples})
         self._class_index = {c: i for i, c in enumerate(self.classes)}
         self._loader = loader

@@ -13,7 +13,7 @@ import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -28,6 +28,20 @@ Prompts = List[List[str]]  # prompts[c] = the prompts of class c
 
 def display_name(class_name: str) -> str:
     return class_name.replace("_", " ").strip()
+
+
+def prompt_clash(classes: Sequence[str]) -> Optional[str]:
+    """A one-line refusal when two different class names read as one prompt to the teacher (display
+    names alike once its tokenizer has lowered the case and collapsed runs of spaces), else None: such
+    classes get identical text embeddings, and nearest-label search could never predict the later one."""
+    seen: Dict[str, str] = {}
+    for c in classes:
+        first = seen.setdefault(" ".join(display_name(c).split()).casefold(), c)
+        if first != c:
+            return (f"classes {first!r} and {c!r} give the same prompt text ({display_name(c)!r}: the teacher's "
+                    "tokenizer ignores case and extra spaces), so their text embeddings would be identical and one "
+                    "could never be predicted; rename one of them (or merge them into one class)")
+    return None
 
 
 def _bundled(kind: str, name: str, suffix: str) -> str:

@@ -80,6 +80,20 @@ def test_csv_rows_short_of_a_field_are_refused_by_row(tmp_path, rows, said):
     assert build_dataset(DatasetConfig(name="csv", path=str(tmp_path / "y.csv"))).classes == ["cat", "dog"]
 
 
+@pytest.mark.parametrize("a,b", [("hot_dog", "hot dog"), ("Cat", "cat"), ("cat ", "cat"), ("sea  lion", "sea_lion")])
+def test_classes_that_give_one_prompt_are_refused(tmp_path, a, b):
+    """Two labels whose prompts the teacher reads alike (underscores shown as spaces; case and runs of
+    spaces lost in its tokenizer) got identical text embeddings: the later class could never be
+    predicted and scored 0 with exit 0."""
+    (tmp_path / "x.csv").write_text(f"path,label\na.png,{a}\nb.png,{b}\nc.png,dog\n")
+    first, later = sorted([a, b])  # classes are sorted
+    with pytest.raises(DatasetError, match=f"classes '{first}' and '{later}' give the same prompt text.*rename one") as err:
+        build_dataset(DatasetConfig(name="csv", path=str(tmp_path / "x.csv")))
+    assert "\n" not in str(err.value)
+    (tmp_path / "y.csv").write_text(f"path,label\na.png,{a}\nb.png,dog\nc.png,hotdog\n")
+    assert len(build_dataset(DatasetConfig(name="csv", path=str(tmp_path / "y.csv"))).classes) == 3
+
+
 def test_csv_missing_columns(tmp_path):
     (tmp_path / "x.csv").write_text("file,cls\na.png,cat\n")
     with pytest.raises(DatasetError, match="needs at least path,label"):

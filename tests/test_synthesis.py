@@ -366,6 +366,7 @@ def test_cache_key_holds_settings_not_the_numbers_style_learning_computes(tiny_t
     ("prompts.method=fancy", "prompts.method='fancy' is not valid: choose one of contrastive, mix, plain, random"),
     ("classes=[]", "classes is empty"),
     ("classes=[dog,cat,dog]", "classes lists 'dog' twice"),
+    ("classes=[hot_dog,cat,'Hot dog']", "classes 'hot_dog' and 'Hot dog' give the same prompt text"),
     ("classes=['dog*2',cat]", "class 'dog\\*2' holds the style placeholder '\\*' of the prompts"),
     ("image.generator=gan", "image.generator='gan' is not valid: choose one of diffusers_vae, fourier"),
     ("prompts.template='a style of a {}'", "needs the placeholder '\\*' once"),

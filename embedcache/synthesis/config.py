@@ -10,6 +10,7 @@ from typing import Optional, Tuple
 
 from ..config import CanvasConfig, TeacherConfig, TextConfig, ViewsConfig, lazy_registry, setting
 from ..errors import ConfigError
+from ..text import prompt_clash
 
 # Domain names of the usual domain-generalisation benchmarks (PACS, DomainNet, OfficeHome): a style
 # word naming one of them describes a test domain, so a store made with it says so in its manifest.
@@ -113,5 +114,8 @@ class SynthesizeConfig:
                 raise ConfigError(f"class {c!r} holds the style placeholder {self.prompts.placeholder!r} of the prompts; "
                                   "rename the class, or set prompts.placeholder (and prompts.template) to another symbol")
             seen.add(c)
+        clash = prompt_clash(names)
+        if clash:
+            raise ConfigError(clash)
         if not self.canvas.store:
             raise ConfigError("canvas.store=false would drop the synthesised pixels, their only copy; keep canvas.store=true")
