@@ -243,6 +243,13 @@ def test_few_shot_cli_includes_finetuning(runs, tmp_path):
     again = CliRunner().invoke(main, ["evaluate", str(runs / "feat_kd-0"), "--protocol", "few_shot", "--finetune-steps",
                                       "1", "--out", str(out)])
     assert again.exit_code == 0 and {"finetune@1", "finetune@2"} <= set(pd.read_parquet(out).split)  # both kept
+    # one protocol, one metric: fine-tuning is reported by mean per-class accuracy as its prototype and
+    # Tip-Adapter neighbours are (it was top-1 beside them)
+    assert "mean per-class accuracy" in res.output and "finetune@2" in res.output.split("mean per-class accuracy")[-1]
+    rep = CliRunner().invoke(main, ["report", str(out), "--out", str(tmp_path / "rep")])
+    text = (tmp_path / "rep" / "report.md").read_text()
+    for split in ("prototype", "tip_adapter", "finetune@1", "finetune@2"):
+        assert f"## {split} (mean per-class accuracy, %" in text, rep.output
 
 
 def test_summary_table_averages_domains_within_each_seed_first():
