@@ -21,12 +21,15 @@ from embedcache.fileio import atomic_write
 # (the teacher on two class splits)
 KEY = ["run", "source", "store_key", "holdout", "protocol", "split", "domain", "class_name", "episode", "metric"]
 TAGS: Dict[str, object] = {  # run settings, with the value a row gets when it has none
-    "recipe": "-", "student": "-", "seed": -1, "replicate": -1, "source": "-", "variant": "-", "holdout": "-",
+    "recipe": "-", "student": "-", "run_seed": -1, "replicate": -1, "source": "-", "variant": "-", "holdout": "-",
     "store_key": "-", "search": "-", "settings": "-",
 }
+# run_seed: the seed the run trained with (a sweep derives one per run, held-out domain included, from
+# its grid's seed); the grid's seed is the replicate, the column to group replicates by. Files written
+# before the column was renamed from "seed" read the same way.
 # settings: a digest of the run's training settings but its seed and what it held out ("-": a teacher, or rows
 # scored before the column existed): runs that differ in it are not replicates of one method
-COLUMNS: List[str] = ["run", "recipe", "student", "seed", "replicate", "source", "variant", "holdout", "protocol",
+COLUMNS: List[str] = ["run", "recipe", "student", "run_seed", "replicate", "source", "variant", "holdout", "protocol",
                       "split", "domain", "class_name", "episode", "metric", "value", "n", "store_key", "search",
                       "settings"]
 
@@ -45,7 +48,7 @@ def conform(df: pd.DataFrame) -> pd.DataFrame:
     """Every column of the schema, in order, with defaults where a row has none (episode -1 is the
     aggregate over episodes, and the only row of protocols without episodes; class_name '' means
     all classes); columns outside the schema are kept after it."""
-    df = df.copy()
+    df = df.rename(columns={"seed": "run_seed"}) if "seed" in df.columns and "run_seed" not in df.columns else df.copy()
     defaults = {**TAGS, "run": "-", "protocol": "-", "split": "-", "domain": "all", "class_name": "", "episode": -1,
                 "n": 0}
     for col, default in defaults.items():
@@ -53,7 +56,7 @@ def conform(df: pd.DataFrame) -> pd.DataFrame:
             df[col] = default
         else:
             df[col] = df[col].fillna(default) if not isinstance(default, str) else df[col].fillna(default).astype(str)
-    for col in ("seed", "replicate", "episode", "n"):
+    for col in ("run_seed", "replicate", "episode", "n"):
         df[col] = df[col].astype(np.int64)
     df["value"] = df["value"].astype(np.float64)
     return df[COLUMNS + [c for c in df.columns if c not in COLUMNS]]

@@ -77,7 +77,7 @@ def run_tags(run: RunDir, reader: StoreReader, transfer: bool = False) -> Dict:
     every image of it unseen, so its ``holdout`` says ``transfer``)."""
     cfg, split = run.config, run.split
     held = ["transfer"] if transfer else split.get("holdout_domains") or []
-    return {"run": run.name, "recipe": cfg["recipe"], "student": cfg["student"]["name"], "seed": cfg["seed"],
+    return {"run": run.name, "recipe": cfg["recipe"], "student": cfg["student"]["name"], "run_seed": cfg["seed"],
             "replicate": cfg["seed"], "source": split["text_source"], "store_key": reader.key,
             "holdout": holdout_tag(held, reader.classes, split["seen_classes"]),
             "settings": settings_digest(run.train_config, cfg.get("recipe_definition")), **run.sweep_tags}

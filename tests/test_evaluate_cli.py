@@ -49,7 +49,7 @@ def test_evaluate_runs_and_report(runs, tmp_path):
                                     "--protocol", "distill", "--protocol", "per_class", "--out", str(out)])
     assert res.exit_code == 0, res.output
     df = pd.read_parquet(out)
-    assert set(df.recipe) == {"feat_kd", "ce"} and set(df.seed) == {0, 1}
+    assert set(df.recipe) == {"feat_kd", "ce"} and set(df.run_seed) == {0, 1}
     lodo = df[df.protocol == "lodo"]
     assert set(lodo[lodo.split == "out_of_domain"].domain) == {"outline", "avg"}
     assert set(lodo[lodo.split == "in_domain"].domain) == {"solid", "avg"}

@@ -419,3 +419,16 @@ def test_a_run_finished_before_a_new_refusal_still_loads_scores_and_is_found_don
     train(cfg, log=quiet)
     monkeypatch.undo()
     assert len(score_run(tmp_path / "old", ["lodo"])) and train(cfg, log=quiet).steps == cfg.steps  # found done
+
+
+def test_results_written_before_run_seed_read_with_it(tmp_path):
+    """A results file whose run seed column is still named "seed" is read, and merged into, under the
+    current name: no column of NaN seeds beside it."""
+    from embedcache.evaluate.results import read_results, upsert
+
+    row = {"run": "r", "protocol": "lodo", "split": "out_of_domain", "domain": "photo", "metric": "top1", "value": 0.5}
+    pd.DataFrame([{**row, "seed": 1234, "replicate": 0}]).to_parquet(tmp_path / "old.parquet")
+    old = read_results(tmp_path / "old.parquet")
+    assert list(old.run_seed) == [1234] and "seed" not in old.columns
+    both = upsert(str(tmp_path / "old.parquet"), pd.DataFrame([{**row, "domain": "sketch", "run_seed": 99, "replicate": 0}]))
+    assert sorted(both.run_seed) == [99, 1234] and "seed" not in both.columns

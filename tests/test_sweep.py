@@ -312,6 +312,12 @@ def test_a_relaunch_with_other_settings_is_refused_and_the_table_holds_the_curre
     f = _sweep_file(tmp_path, synthetic_store, holdout_domains=["outline"], grid={"recipe": ["ce"], "seed": [0, 1]})
     out = tmp_path / "sw"
     assert CliRunner().invoke(main, ["sweep", str(f), "--out", str(out), "--no-progress"]).exit_code == 0
+    # the grid's seed is the replicate; each run trains with a seed derived from it, named run_seed (a
+    # column "seed" holding it was the one a user grouped replicates by, with a spread 6x too large)
+    first = pd.read_parquet(out / "results.parquet")
+    assert set(first.replicate) == {0, 1} and "seed" not in first.columns
+    seeds = {json.loads(p.read_text())["seed"] for p in out.glob("runs/*/config.json")}
+    assert set(first.run_seed) == seeds and len(seeds) == 2 and not seeds & {0, 1}
     for change in ("base.steps=6", "finetune_steps=2", "base_seed=3"):
         res = CliRunner().invoke(main, ["sweep", str(f), "--out", str(out), "--no-progress", "--set", change])
         assert res.exit_code == 2 and "was launched with other settings" in res.output, res.output
