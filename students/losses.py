@@ -111,11 +111,15 @@ def imcst(ctx: BatchContext, tau: float = 0.07) -> torch.Tensor:
 
 
 @LOSSES.register("kd")
-def kd(ctx: BatchContext, temperature: float = 4.0, scale: float = 100.0, student: str = "text") -> torch.Tensor:
+def kd(ctx: BatchContext, temperature: float = 4.0, scale: float = 100.0, student: str = "text",
+       t_squared: bool = True) -> torch.Tensor:
     """Logit KD done right: KL(softmax(z_t/T) || softmax(z_s/T)) * T^2, with log-probabilities for
     the student (VL2V-ADiP's baseline passed probabilities). z_t = scale * cos(t, T_c) is the
     teacher's zero-shot classifier; z_s is ``scale * cos(s, T_c)`` (student="text") or the
-    student's linear classifier logits (student="linear")."""
+    student's linear classifier logits (student="linear"). ``t_squared=False`` where T is the logits'
+    own scale, shared with a CE term on z_s / T (VL2V-ADiP's tmp 0.1), not a softening for distillation:
+    Hinton's T^2 keeps a softened KL's gradients at the size of T=1's, and at T=0.1 it cut the term's
+    gradient to 0.5% of that CE's."""
     zt = scale * ctx.t_hat @ ctx.text_hat.T
     if student == "linear":
         if ctx.logits is None:
@@ -125,7 +129,7 @@ def kd(ctx: BatchContext, temperature: float = 4.0, scale: float = 100.0, studen
         zs = scale * ctx.s_hat @ ctx.text_hat.T
     log_ps = F.log_softmax(zs / temperature, dim=1)
     log_pt = F.log_softmax(zt / temperature, dim=1)
-    return F.kl_div(log_ps, log_pt, log_target=True, reduction="batchmean") * temperature ** 2
+    return F.kl_div(log_ps, log_pt, log_target=True, reduction="batchmean") * (temperature ** 2 if t_squared else 1.0)
 
 
 @LOSSES.register("vl2v_adip")

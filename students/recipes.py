@@ -53,12 +53,15 @@ _LI = {"cls": 1.0, "vlalign": 1.0, "mse": 1.0, "imcst": 1.0}
 _LI_FILTER = {"vlalign": {"correct_only": True}}
 _add(Recipe("ce", (Stage({"ce": 1.0}),), classifier=True, predict="linear", doc="labels only"))
 # VL2V-ADiP's code (DFC_STAGE36) divides the student's and the teacher's logits (100 cos) by one tmp,
-# 0.1, before both its CE and its KL: the KD term runs at that temperature too.
+# 0.1, before both its CE and its KL: the KD term runs at that temperature too, a scale of the logits
+# both terms share, with no T^2 (which cut the KD term's gradient to 0.5% of the CE term's).
 _add(Recipe("naive_kd", (Stage({"ce": 1.0, "kd": 0.5}, loss_args={"ce": {"temperature": 0.1},
-                                                                  "kd": {"student": "linear", "temperature": 0.1}}),),
+                                                                  "kd": {"student": "linear", "temperature": 0.1,
+                                                                         "t_squared": False}}),),
             classifier=True, predict="linear",
-            doc="VL2V-ADiP's KD baseline as its code weighs it: CE on logits / 0.1 + 0.5 x logit KD at temperature "
-                "0.1 from the teacher's zero-shot classifier, the KL corrected (log-probabilities, T^2)"))
+            doc="VL2V-ADiP's KD baseline as its code weighs it: CE on logits / 0.1 + 0.5 x logit KD on the same "
+                "logits / 0.1 from the teacher's zero-shot classifier, the KL corrected (log-probabilities, batch "
+                "mean) and, as in its code, not rescaled by T^2"))
 _add(Recipe("feat_kd", (Stage({"cos": 1.0}),), doc="feature distillation only (1 - cos(s, t))"))
 _add(Recipe("li_iccv23", (Stage(dict(_LI), loss_args=_LI_FILTER),), select="last",
             doc="Li et al. 2023 as their commands run it: L_cls + L_vlalign (correct teacher predictions only) "

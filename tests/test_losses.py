@@ -43,11 +43,11 @@ def _ref_vlalign(s, t, text, y, tau=0.07, k=256, correct_only=False):
     return float((out * keep).sum() / max(keep.sum(), 1)) if correct_only else float(out.mean())
 
 
-def _ref_kd(s, t, text, y, logits, T=4.0, scale=100.0, student="text"):
+def _ref_kd(s, t, text, y, logits, T=4.0, scale=100.0, student="text", t_squared=True):
     zt = scale * t @ text.T
     zs = logits if student == "linear" else scale * _norm(s) @ text.T
     lpt, lps = _log_softmax(zt / T), _log_softmax(zs / T)
-    return float((np.exp(lpt) * (lpt - lps)).sum(1).mean() * T * T)
+    return float((np.exp(lpt) * (lpt - lps)).sum(1).mean() * (T * T if t_squared else 1.0))
 
 
 REFERENCES = {
@@ -90,6 +90,8 @@ def test_loss_options_against_numpy():
                                _ref_vlalign(s, t, text, y, correct_only=True), rtol=1e-5)
     np.testing.assert_allclose(float(LOSSES.get("kd")(ctx, student="linear", temperature=2.0)),
                                _ref_kd(s, t, text, y, logits, T=2.0, student="linear"), rtol=1e-5)
+    np.testing.assert_allclose(float(LOSSES.get("kd")(ctx, student="linear", temperature=0.1, t_squared=False)),
+                               _ref_kd(s, t, text, y, logits, T=0.1, student="linear", t_squared=False), rtol=1e-5)
     np.testing.assert_allclose(float(LOSSES.get("ce")(ctx, temperature=0.1)), _ce(logits / 0.1, y), rtol=1e-6)
     lam = 0.3
     ref = float((lam * -(_norm(s) * t).sum(1) + (1 - lam) * -(_norm(s) * text[y]).sum(1)).mean())
@@ -97,16 +99,27 @@ def test_loss_options_against_numpy():
 
 
 def test_naive_kd_weighs_its_losses_as_vl2v_adips_baseline():
-    """PAPERS.md: CE on logits / 0.1 plus 0.5 x KL (here the corrected KL, with T^2); VL2V-ADiP's code
-    divides both the student's and the teacher's logits by the same 0.1 before both terms."""
+    """PAPERS.md: CE on logits / 0.1 plus 0.5 x KL (here the corrected KL: log-probabilities, batch
+    mean); VL2V-ADiP's code divides both the student's and the teacher's logits by the same 0.1 before
+    both terms, a scale of the logits, not a distillation temperature, and rescales neither by T^2.
+    With T^2 the KD term's gradient was 0.5% of the CE term's: the recipe trained as CE alone."""
     from embedcache.students.recipes import RECIPES
     from embedcache.students.train import stage_loss
 
     s, t, text, y, logits = _batch(5, b=8, c=7)
     (stage,) = RECIPES.get("naive_kd").stages
     total, _ = stage_loss(stage, _ctx(s, t, text, y, logits))
-    ref = _ce(logits / 0.1, y) + 0.5 * _ref_kd(s, t, text, y, logits, T=0.1, student="linear")
+    ref = _ce(logits / 0.1, y) + 0.5 * _ref_kd(s, t, text, y, logits, T=0.1, student="linear", t_squared=False)
     np.testing.assert_allclose(float(total), ref, rtol=1e-6)
+
+    def grad_norm(name):  # the gradient one weighted term sends into the student's logits
+        lg = torch.tensor(logits, dtype=torch.float64, requires_grad=True)
+        ctx = _ctx(s, t, text, y, logits)
+        ctx.logits = lg
+        (stage.losses[name] * LOSSES.get(name)(ctx, **stage.loss_args.get(name, {}))).backward()
+        return float(lg.grad.norm())
+
+    assert grad_norm("kd") > 0.2 * grad_norm("ce")
 
 
 def test_losses_vanish_or_bottom_out_when_student_equals_teacher():

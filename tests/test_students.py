@@ -177,7 +177,8 @@ def test_a_run_made_under_another_definition_of_its_recipe_is_not_resumed_or_reu
         train(_cfg(synthetic_store, tmp_path, "naive_kd", name="stopped"),
               on_step=lambda step: (_ for _ in ()).throw(KeyboardInterrupt) if step == 12 else None, log=quiet)
     recorded = json.loads((tmp_path / "stopped" / "config.json").read_text())["recipe_definition"]
-    assert recorded["stages"][0]["args"]["kd"] == {"temperature": 0.1, "scale": 100.0, "student": "linear"}
+    assert recorded["stages"][0]["args"]["kd"] == {"temperature": 0.1, "scale": 100.0, "student": "linear",
+                                                          "t_squared": False}
     edit("stopped", lambda d: d["recipe_definition"]["stages"][0]["args"]["kd"].update(temperature=4.0))
     with pytest.raises(TrainingError, match=r"stopped was trained under another definition of recipe naive_kd "
                                             r"\(stage1.args.kd.temperature: 4.0 -> 0.1\); use another --out"):
