@@ -64,6 +64,9 @@ class TrainConfig:
     batch_size: int = setting(32, min=1)
     batch_per_domain: bool = False  # DomainBed / VL2V-ADiP: batch_size rows from each training domain per step
     views_used: Optional[int] = setting(None, min=1)  # draw from the first k views (None: all stored views)
+    # view 0 is the whole canvas, unflipped, colours untouched: drawn among the others, 1/k of the training
+    # images are un-augmented; true draws from views 1..k-1 only (a paper that augments every training image)
+    skip_plain_view: bool = False
     # loss ablations: the recipe's loss weights (name -> weight; 0 drops one, a new name adds one) and
     # arguments (name -> {argument: value}), in every stage
     loss_weights: Dict[str, float] = field(default_factory=dict)

@@ -26,10 +26,15 @@ from .config import SplitConfig
 __all__ = ["StoreData", "SplitConfig"]
 
 
-def check_views_used(views_used: Optional[int], views: int, store: str) -> None:
-    """Drawing from more views than a store holds would be recorded as done while fewer were drawn."""
+def check_views_used(views_used: Optional[int], views: int, store: str, skip_plain: bool = False) -> None:
+    """Drawing from more views than a store holds would be recorded as done while fewer were drawn; with
+    ``skip_plain`` (no view 0) at least one augmented view must be left to draw."""
     if views_used is not None and views_used > views:
         raise ConfigError(f"views_used={views_used} but store {store} holds {views} views per image; use at most {views}")
+    if skip_plain and min(views_used or views, views) < 2:
+        raise ConfigError(f"skip_plain_view=true needs augmented views to draw, but store {store} holds {views} view(s) "
+                          f"per image and views_used={views_used}; use views_used >= 2 and a store made with "
+                          "views.count >= 2, or skip_plain_view=false")
 
 
 class StoreData:
@@ -153,11 +158,12 @@ class StoreData:
         return self.train_by_domain if per_domain else [self.train_idx]
 
     def sample(self, step: int, seed: int, batch_size: int, views_used: Optional[int] = None,
-               per_domain: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+               per_domain: bool = False, skip_plain: bool = False) -> Tuple[np.ndarray, np.ndarray]:
         """Row indices and view indices of step ``step``: a function of (seed, step) alone, so a
         resumed run draws exactly the batches an uninterrupted one would. ``per_domain``: batch_size
-        rows from each training domain (DomainBed's batches), else batch_size from the pooled rows."""
+        rows from each training domain (DomainBed's batches), else batch_size from the pooled rows.
+        ``skip_plain``: views 1.. only (view 0 is the un-augmented canvas)."""
         rng = np.random.default_rng([seed, step])
         idx = np.concatenate([rng.choice(p, size=batch_size, replace=len(p) < batch_size) for p in self.pools(per_domain)])
-        views = rng.integers(0, min(views_used or self.views, self.views), size=len(idx))
+        views = rng.integers(int(skip_plain), min(views_used or self.views, self.views), size=len(idx))
         return idx, views

