@@ -37,7 +37,12 @@ class Student(nn.Module):
         return self.backbone(x)
 
     def from_features(self, feat: torch.Tensor) -> Dict[str, Optional[torch.Tensor]]:
-        return {"emb": self.head(feat), "logits": self.classifier(feat) if self.classifier is not None else None}
+        """Head and classifier in float32 even inside a step's bf16 autocast: the losses divide their
+        outputs by temperatures of 0.07 to 0.1, which would multiply bf16's rounding (cheap: two small
+        Linear layers against the backbone)."""
+        with torch.autocast(feat.device.type, enabled=False):
+            feat = feat.float() if feat.dtype in (torch.float16, torch.bfloat16) else feat
+            return {"emb": self.head(feat), "logits": self.classifier(feat) if self.classifier is not None else None}
 
     def forward(self, x: torch.Tensor) -> Dict[str, Optional[torch.Tensor]]:
         return self.from_features(self.features(x))
