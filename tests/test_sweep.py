@@ -544,3 +544,18 @@ def test_a_worker_whose_sweep_died_stops_and_a_dead_ray_task_fails_only_its_runs
     got = _ray_statuses(SimpleNamespace(get=cannot_run), "ref", job[1:], str(tmp_path))
     assert got[0]["error"] == ("its Ray task failed (RayTaskError: FileNotFoundError: /work/x is not on this node); "
                                "see the Ray worker's log")
+
+
+def test_a_sweep_whose_recipes_keep_checkpoints_by_different_rules_says_so(synthetic_store, tmp_path):
+    """select: auto keeps li_iccv23's last weights and ce's best validation checkpoint: a sweep comparing
+    them mixed model selection into the loss comparison without a word."""
+    from embedcache.students.sweep import expand, load_sweep, selection_note
+
+    mixed = _sweep_file(tmp_path, synthetic_store, holdout_domains=["outline"], grid={"recipe": ["ce", "li_iccv23"], "seed": [0]})
+    note = selection_note(expand(load_sweep(str(mixed)), str(tmp_path / "x")))
+    assert note and "last: li_iccv23" in note and "best_val: ce" in note and "base.select" in note
+    res = CliRunner().invoke(main, ["sweep", str(mixed), "--out", str(tmp_path / "sw"), "--no-progress", "--set", "base.steps=2"])
+    assert res.exit_code == 0 and note in res.output, res.output
+    one = _sweep_file(tmp_path, synthetic_store, grid={"recipe": ["ce", "li_iccv23"], "seed": [0]},
+                      base={"student": {"name": "test_resnet", "input_size": 32}, "select": "best_val"})
+    assert selection_note(expand(load_sweep(str(one)), str(tmp_path / "y"))) is None

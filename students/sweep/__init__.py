@@ -33,9 +33,9 @@ from ..config import TrainConfig, check_trainable
 from ..data import check_views_used
 from ..features import missing_features
 from ..finetune import MODES as FINETUNE_MODES
-from ..recipes import definition_change
+from ..recipes import RECIPES, definition_change
 from ..rundir import RunDir
-from ..train import run_name, settings_identity
+from ..train import run_name, selection_rule, settings_identity
 from .launchers import LAUNCHERS, check_options
 from .worker import SweepPoint, result_path, run_one, sweep_tags, variant
 
@@ -403,6 +403,20 @@ def _require_current_recipes(sweep_dir: str, points: List[SweepPoint]) -> None:
                           "those runs' folders under runs/ and their results/<run>.parquet to train them again here")
 
 
+def selection_note(points: List[SweepPoint]) -> Optional[str]:
+    """A line when the runs keep their weights by different rules (select: auto follows each recipe:
+    li_iccv23 keeps its last weights, the others their best validation checkpoint), else None."""
+    rules: Dict[str, set] = {}
+    for p in points:
+        rule, _ = selection_rule(p.cfg, RECIPES.get(p.cfg.recipe), has_val=True)
+        rules.setdefault(rule, set()).add(p.cfg.recipe)
+    if len(rules) < 2:
+        return None
+    said = "; ".join(f"{rule}: {', '.join(sorted(recipes))}" for rule, recipes in sorted(rules.items()))
+    return (f"note: the runs keep their weights by different rules ({said}), so the table compares model selection "
+            "along with the losses; set base.select (best_val or last) to compare the losses alone")
+
+
 def run_sweep(spec: SweepSpec, sweep_dir: str, launcher: Optional[str] = None, device: str = "auto",
               progress: bool = True, log: Callable[[str], None] = print, **launcher_args) -> Dict[str, Any]:
     """Validate and expand the grid, run what is not finished, then write results.parquet and the report.
@@ -433,6 +447,9 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, launcher: Optional[str] = None, d
         raise
     finished = sum(result_path(sweep_dir, Path(p.cfg.out).name).exists() for p in points)
     log(f"sweep {sweep_dir}: {len(points)} runs ({spec.protocol}), {finished} already finished, launcher {name}")
+    note = selection_note(points)
+    if note:
+        log(note)
     jobs = make_jobs(points, spec.pack_heads)
     with interrupt.graceful(lambda _s: log("stopping: no new run starts; running runs save a checkpoint "
                                            "(Ctrl-C again to stop at once)")):
