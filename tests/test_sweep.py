@@ -289,7 +289,7 @@ def test_a_sweep_directory_holds_the_runs_of_one_store(synthetic_store, make_cfg
 
 
 def test_a_sweep_runs_seed_is_the_one_earlier_code_derived():
-    """Settings added since (loss_weights, loss_args) stay out of the seed at their defaults: a sweep
+    """Settings added since (loss_weights, loss_args, skip_plain_view) stay out of the seed at their defaults: a sweep
     relaunched after an upgrade finds its runs (the value was computed by the code of 0951d50)."""
     from embedcache.students.config import TrainConfig
     from embedcache.students.sweep import derive_seed, seed_identity
@@ -297,6 +297,7 @@ def test_a_sweep_runs_seed_is_the_one_earlier_code_derived():
     cfg = TrainConfig(store="stores/x.zarr", recipe="ce")
     assert derive_seed(0, seed_identity(cfg)) == 311852142
     assert derive_seed(0, seed_identity(TrainConfig(store="stores/x.zarr", recipe="ce", loss_weights={"ce": 2.0}))) != 311852142
+    assert derive_seed(0, seed_identity(TrainConfig(store="stores/x.zarr", recipe="ce", skip_plain_view=True))) != 311852142
 
 
 def test_a_bad_setting_of_the_demo_sweep_is_refused_before_its_store_is_made(tmp_path, monkeypatch):

@@ -35,7 +35,7 @@ from ..features import missing_features
 from ..finetune import MODES as FINETUNE_MODES
 from ..recipes import RECIPES, definition_change
 from ..rundir import RunDir
-from ..train import run_name, selection_rule, settings_identity
+from ..train import NAMED_WHEN_SET, run_name, selection_rule, settings_identity
 from .launchers import LAUNCHERS, check_options
 from .worker import SweepPoint, result_path, run_one, sweep_tags, variant
 
@@ -99,9 +99,9 @@ def load_sweep(path: str, overrides=()) -> SweepSpec:
 
 
 # settings added after sweeps derived seeds from a run's identity: left out of it while at their
-# default, so a sweep started before them keeps its runs' seeds and names (batch_per_domain was part
-# of the identity from the day it was added, so it stays in)
-SEEDED_WHEN_SET = {"loss_weights": {}, "loss_args": {}}
+# default, so a sweep started before them keeps its runs' seeds and names. The run name's list, but for
+# batch_per_domain, part of the identity from the day it was added (so it stays in)
+SEEDED_WHEN_SET = {k: v for k, v in NAMED_WHEN_SET.items() if k != "batch_per_domain"}
 
 
 def seed_identity(cfg: TrainConfig) -> Dict:
