@@ -79,7 +79,7 @@ class TeacherConfig:
     input_size: Optional[int] = setting(None, min=8)  # views rendered at this size (None: the server's, else 224)
     interpolation: Optional[str] = setting(None, choices=("bicubic", "bilinear"))  # None: the server's, else bicubic
     dimensions: Optional[int] = setting(None, min=1)  # embedding size asked of the service (None: its own)
-    max_queries: Optional[int] = setting(None, min=0)  # inputs this run may pay for (lost answers count too)
+    max_queries: Optional[int] = setting(None, min=0)  # inputs the store may pay for over every extract call (lost answers count too)
     request_batch: Optional[int] = setting(None, min=1)  # inputs per request (None: the protocol's limit)
     timeout: float = setting(60.0, gt=0)  # seconds per request
     max_retries: int = setting(8, min=0)

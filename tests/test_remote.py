@@ -282,18 +282,24 @@ def test_budget_stops_at_a_block_boundary_then_the_same_store_completes(tmp_path
         assert res.exit_code == 3, res.output
         line = res.output.strip().splitlines()[-1]
         # 3 calls of 12 views were paid (36 <= 40); 54 views and 24 prompts are left
-        assert line.startswith("error: query budget reached: this run paid 36 of teacher.max_queries=40")
-        assert "finishing the store needs 78 more queries" in line and "teacher.max_queries >= 78" in line
+        assert line.startswith("error: query budget reached: paid 36 of teacher.max_queries=40")
+        assert "finishing the store needs 78 more queries" in line and "teacher.max_queries >= 114" in line
         with Store(cfg.out) as st:
             assert st.blocks_done().tolist() == [True, False, False, False] and not st.complete
         assert charged(app)[0] == 36
-        res = CliRunner().invoke(main, ["extract", "--config", str(conf), "--set", "teacher.max_queries=78"])
+        # the budget is the store's, over every call: the same command again pays nothing more (each
+        # call spent up to its limit afresh: 36 + 36 + ... on a fixed budget of 40)
+        again = CliRunner().invoke(main, ["extract", "--config", str(conf)])
+        assert again.exit_code == 3 and charged(app)[0] == 36, again.output
+        assert "paid 36 of teacher.max_queries=40, 36 of them by earlier extract calls of this store" in again.output
+        assert "teacher.max_queries >= 114" in again.output
+        res = CliRunner().invoke(main, ["extract", "--config", str(conf), "--set", "teacher.max_queries=114"])
         assert res.exit_code == 0, res.output
     assert_same(local, arrays(cfg.out))
     assert charged(app) == (90 + 24, 0)  # the partial block's paid views came from the ledger
     # the store's books count both calls: what the stopped one paid too, not only the last
     usage = embedcache.open_store(cfg.out).manifest["teacher_usage"]
-    assert usage["queries"] == 90 + 24 and usage["calls"] == 2 and usage["protocol"] == "embedcache"
+    assert usage["queries"] == 90 + 24 and usage["calls"] == 3 and usage["protocol"] == "embedcache"  # the one that paid nothing looked the partial block up
     assert usage["server_reported"]["queries"] == 90 + 24  # the service's own count, summed over both calls too
 
 

@@ -120,6 +120,7 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
     lock = None
     try:
         lock = _writer_lock(store, shard, num_shards)
+        _count_earlier_spending(store, teacher)
         repaired = 0
         if store.blocks_done().any():  # finished blocks are checked before anything builds on them
             report = store.verify(progress=cfg.progress)
@@ -212,6 +213,16 @@ def _say_resumed_otherwise(began: Dict, cfg: ExtractConfig, now: Dict, log: Call
     if device not in (None, now["device"]) and now["teacher"].get("name") != "remote":
         log(f"resuming on {now['device']}; the store began on {device}: blocks encoded now may differ from theirs by "
             f"float rounding (another device's kernels); resuming on {device} keeps the store byte-identical")
+
+
+def _count_earlier_spending(store: Store, teacher) -> None:
+    """A paid teacher's budget (teacher.max_queries) is the store's: what its earlier calls paid or
+    possibly paid (the books in the store) counts against it, so rerunning a stopped command does not
+    spend the limit afresh. Shards count what the store had paid when each started."""
+    count = getattr(teacher, "count_spent_before", None)
+    if callable(count):
+        earlier = store.usage() or {}
+        count(int(earlier.get("queries", 0)) + int(earlier.get("possibly_paid", 0)))
 
 
 class _Books:

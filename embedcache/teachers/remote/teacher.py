@@ -400,11 +400,17 @@ class RemoteTeacher(Teacher):
         keys, payloads = self._text_inputs(texts)
         return self._cost("text", keys, payloads)
 
+    def count_spent_before(self, queries: int) -> None:
+        """The store's earlier calls paid (or possibly paid) ``queries``: teacher.max_queries is the store's
+        budget over every call, so a rerun of a stopped command does not spend its limit afresh."""
+        self.transport.count_from(queries)
+
     def budget_message(self, cost: Dict[str, int]) -> str:
         """What a stopped extraction still needs (``cost``: a dry run over what is left)."""
         n = cost.get("images", 0) + cost.get("text_texts", 0)
         req = cost.get("requests", 0) + cost.get("text_requests", 0)
-        budget = f" with teacher.max_queries >= {n}" if self.cfg.max_queries is not None else ""
+        total = self.transport.budget_used() + n
+        budget = f" with teacher.max_queries >= {total}" if self.cfg.max_queries is not None else ""
         return (f"finishing the store needs {n:,} more queries ({req:,} requests, the ledger's answers free); "
                 f"rerun the same command{budget} to resume")
 
