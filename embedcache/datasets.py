@@ -60,6 +60,13 @@ class ImageDataset:
     def __len__(self) -> int:
         return len(self.samples)
 
+    def require_files(self) -> None:
+        """Refuse a dataset none of whose files exists (before a teacher is paid for nothing but failures)."""
+        if self.has_files and all(s.size < 0 for s in self.samples):
+            raise DatasetError(f"dataset {self.name!r} at {self.root}: none of its {len(self.samples)} image files "
+                               f"exists (first: {self.source_path(0)}); paths in a CSV are read relative to the "
+                               "CSV's folder unless absolute: fix the paths or dataset.path")
+
     def label(self, i: int) -> int:
         return self._class_index[self.samples[i].class_name]
 

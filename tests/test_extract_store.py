@@ -1,6 +1,7 @@
 """Extraction into stores: round trips, resume, shards, cache keys, failures, bad input."""
 import errno
 import json
+import os
 
 import numpy as np
 import pytest
@@ -239,6 +240,33 @@ def test_corrupt_and_missing_files_are_recorded_and_skipped(tmp_path, make_cfg, 
         assert bad.path.tolist() == ["dog/1.jpg"] and "UnidentifiedImageError" in bad.reason.iloc[0]
         assert np.isnan(s.image_emb()[bad.index[0]].astype(np.float32)).all()  # no embedding pretends to exist
         assert s.summary()["failed"] == 1
+
+
+def test_a_dataset_whose_every_image_fails_is_refused_not_written_complete(tmp_path, make_cfg, tiny_teacher):
+    """A CSV whose paths were written relative to another folder gave a store of nothing but failures,
+    'complete' with exit 0, found out only at training time (its hint pointing at holdout settings)."""
+    from embedcache.datasets import build_dataset
+    from embedcache.config import DatasetConfig
+    from embedcache.errors import DatasetError
+
+    (tmp_path / "x.csv").write_text("path,label\nimgs/a.jpg,cat\nimgs/b.jpg,dog\n")
+    missing = make_cfg("none.zarr", "dataset.name=csv", f"dataset.path={tmp_path / 'x.csv'}")
+    for dry_run in (True, False):  # refused before the teacher is asked anything
+        with pytest.raises(DatasetError, match=r"none of its 2 image files exists \(first: .*imgs/a.jpg\).*relative "
+                                               r"to the CSV's folder") as err:
+            extract(missing, teacher=tiny_teacher, log=quiet, dry_run=dry_run)
+        assert "\n" not in str(err.value) and not os.path.exists(missing.out)
+    assert build_dataset(DatasetConfig(name="csv", path=str(tmp_path / "x.csv"))).classes == ["cat", "dog"]
+    root = tmp_path / "imgs"
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        (root / c / "0.jpg").write_bytes(b"this is not a jpeg")
+    cfg = make_cfg("bad.zarr", "dataset.name=folder", f"dataset.path={root}")
+    with pytest.raises(DatasetError, match=r"all 2 images failed to read \(cat/0.jpg: UnidentifiedImageError.*\); "
+                                           r"fix the images or dataset.path, then delete .*bad.zarr and rerun"):
+        extract(cfg, teacher=tiny_teacher, log=quiet)
+    with Store(cfg.out) as st:
+        assert not st.complete  # never handed to training as a finished store
 
 
 def test_a_block_redone_without_failures_drops_its_old_failure_records(tmp_path, make_cfg, tiny_teacher):

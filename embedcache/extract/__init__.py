@@ -19,7 +19,7 @@ import numpy as np
 
 from ..config import ExtractConfig, replace
 from ..datasets import ImageDataset, build_dataset
-from ..errors import BudgetError, ConfigError, StoreError
+from ..errors import BudgetError, ConfigError, DatasetError, StoreError
 from ..fileio import disk_full_error, is_disk_full, try_exclusive_lock
 from ..store import (BACKENDS, STATUS_OK, USAGE_SNAPSHOTS, Store, add_text_arrays, backend_name_for, is_counter,
                      plan_layout)
@@ -97,6 +97,7 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
     if num_shards > 1 and not BACKENDS.get(backend).multi_writer:
         raise ConfigError(f"{backend} stores take one writer; use a .zarr store for --num-shards {num_shards}")
     dataset = dataset or build_dataset(cfg.dataset)
+    dataset.require_files()
     books_from = teacher  # a teacher passed in may have spent before this call; one built here has not
     teacher = teacher or build_teacher(cfg.teacher)
     prompts = build_prompts(dataset.classes, cfg.text)
@@ -150,6 +151,7 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
             store.close()
             raise _budget_stop(exc, cfg, manifest, layout, reader, embedder, prompts, shard, num_shards, log) from None
         if store.blocks_done().all():
+            _refuse_all_failed(store, dataset, cfg.out)
             n_prompts = sum(len(p) for per_class in prompts.values() for p in per_class)
             log(f"images done; encoding {n_prompts:,} prompts ({', '.join(prompts)}) and writing the tables")
             failed = _finalize_or_disk_full(store, dataset, teacher, prompts, books)
@@ -213,6 +215,15 @@ def _say_resumed_otherwise(began: Dict, cfg: ExtractConfig, now: Dict, log: Call
     if device not in (None, now["device"]) and now["teacher"].get("name") != "remote":
         log(f"resuming on {now['device']}; the store began on {device}: blocks encoded now may differ from theirs by "
             f"float rounding (another device's kernels); resuming on {device} keeps the store byte-identical")
+
+
+def _refuse_all_failed(store: Store, dataset: ImageDataset, out: str) -> None:
+    """A store of nothing but failed images is never finished as if it held a dataset."""
+    failures = store.failures()
+    if len(failures) >= len(dataset):
+        first = min(failures)
+        raise DatasetError(f"all {len(dataset)} images failed to read ({dataset.samples[first].path}: "
+                           f"{failures[first]}); fix the images or dataset.path, then delete {out} and rerun")
 
 
 def _count_earlier_spending(store: Store, teacher) -> None:
