@@ -66,9 +66,28 @@ def _predict(d: EvalData, rows: np.ndarray, labels: Optional[Sequence[int]] = No
     return index.predict(d.emb[rows])
 
 
-def _rows(pred, labels, **tags) -> List[Dict]:
+def _rows(pred, labels, classes: Sequence[str], **tags) -> List[Dict]:
+    _warn_if_collapsed(pred, labels, classes, tags)
     return [{**tags, "metric": "top1", "value": top1(pred, labels), "n": len(labels)},
             {**tags, "metric": "mean_per_class", "value": mean_per_class(pred, labels), "n": len(labels)}]
+
+
+COLLAPSED = 0.95  # a model answering one class for this share of images (of mixed classes) has collapsed
+
+
+def _warn_if_collapsed(pred: np.ndarray, labels: np.ndarray, classes: Sequence[str], tags: Dict) -> None:
+    """A model that answers one class for nearly every image of mixed classes: its accuracy is that
+    class's share of them, a number that reads like a result; said, not left to be found."""
+    if len(pred) < 20:
+        return
+    answer, count = np.unique(pred, return_counts=True)
+    _, truth = np.unique(labels, return_counts=True)
+    share = count.max() / len(pred)
+    if share >= COLLAPSED and truth.max() / len(labels) < 0.5:
+        name = classes[int(answer[np.argmax(count)])]
+        where = f"{tags.get('split')} on {tags.get('domain')}" + (f", episode {tags['episode']}" if "episode" in tags else "")
+        warnings.warn(f"{where}: the model predicts {name!r} for {share:.0%} of the {len(pred)} images (a collapsed "
+                      "model: its top-1 is that class's share of them)")
 
 
 def _average(df: pd.DataFrame, split: str) -> List[Dict]:
@@ -99,7 +118,7 @@ def lodo(d: EvalData, holdout_domains: Optional[Sequence[str]] = None) -> pd.Dat
         else:
             split = "out_of_domain" if held else "zero_shot"
         if len(rows_dom):
-            rows += _rows(_predict(d, rows_dom, seen), d.labels[rows_dom], split=split, domain=dom)
+            rows += _rows(_predict(d, rows_dom, seen), d.labels[rows_dom], d.classes, split=split, domain=dom)
     if not rows and student:
         raise EvaluationError("lodo has nothing to score: this run held out no domain and kept no validation "
                               "rows (every image was trained on); train with split.holdout_domains=[...] or "
@@ -172,11 +191,11 @@ def open_vocab(d: EvalData, seen_classes: Optional[Sequence[int]] = None, unseen
                           "out; train with split.val_fraction > 0, or extract a dataset with a test split")
     rows: List[Dict] = []
     if not _unanswerable(d, u_rows, unseen):  # a classifier has no answer among unseen labels only
-        rows += _rows(_predict(d, u_rows, unseen), d.labels[u_rows], split="unseen_zero_shot", domain="all")
+        rows += _rows(_predict(d, u_rows, unseen), d.labels[u_rows], d.classes, split="unseen_zero_shot", domain="all")
     acc = {}
     for name, r in (("gzsl_seen", s_rows), ("gzsl_unseen", u_rows)):
         if len(r):
-            part = _rows(_predict(d, r), d.labels[r], split=name, domain="all")
+            part = _rows(_predict(d, r), d.labels[r], d.classes, split=name, domain="all")
             rows += part
             acc[name] = {p["metric"]: p["value"] for p in part}
     if len(acc) == 2:
@@ -236,10 +255,10 @@ def few_shot(d: EvalData, shots: int = 5, episodes: int = 3, seen_classes: Optio
         support, query = episode(d.labels, d.ok, unseen, shots, seed, ep, d.classes)
         protos = np.stack([d.emb[support][d.labels[support] == c].mean(0) for c in unseen])
         pred = LabelIndex(protos, unseen).predict(d.emb[query])
-        rows += _rows(pred, d.labels[query], split="prototype", domain="all", episode=ep)
+        rows += _rows(pred, d.labels[query], d.classes, split="prototype", domain="all", episode=ep)
         keys, key_labels = tip_adapter_keys(d, support)
         logits = tip_adapter_logits(d.emb[query], keys, np.searchsorted(unseen, key_labels), d.class_emb[unseen], beta, alpha)
-        rows += _rows(unseen[logits.argmax(1)], d.labels[query], split="tip_adapter", domain="all", episode=ep)
+        rows += _rows(unseen[logits.argmax(1)], d.labels[query], d.classes, split="tip_adapter", domain="all", episode=ep)
     df = pd.DataFrame(rows)
     mean = df.groupby(["split", "metric"], as_index=False).agg(value=("value", "mean"), n=("n", "sum"))
     mean["domain"], mean["episode"] = "all", -1  # -1: the mean over episodes

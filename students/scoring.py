@@ -7,6 +7,8 @@ episodes, and returns rows in the results schema (``embedcache.evaluate.results`
 """
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 from pathlib import Path
@@ -118,6 +120,17 @@ def _prompts(reader: StoreReader, source: str) -> pd.DataFrame:
     return reader.text(source)[["label", "prompt"]]
 
 
+@contextmanager
+def _named_warnings(who: str):
+    """The protocols' warnings (a collapsed model, rows left out) said with the run they are about:
+    `evaluate runs/` scores many."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        warnings.warn(f"{who}: {w.message}", w.category, stacklevel=3)
+
+
 def score_run(run: Union[str, RunDir], protocols: Sequence[str] = ("lodo",), store: Optional[str] = None,
               device: str = "auto", options: Optional[Dict] = None, finetune_steps: int = 0,
               finetune_mode: str = "shots", tags: Optional[Dict] = None, transfer: bool = False) -> pd.DataFrame:
@@ -146,7 +159,9 @@ def score_run(run: Union[str, RunDir], protocols: Sequence[str] = ("lodo",), sto
         emb, scores = embed_rows(model, data, split["seen_classes"], split["predict"] == "linear", dev, rows=needed,
                                  features=features)
         all_tags = {**run_tags(run, reader, transfer), **(tags or {})}
-        frames = [run_protocols(eval_data(reader, split["text_source"], emb, split, scores), protocols, all_tags, options)]
+        with _named_warnings(f"run {run.name}"):
+            frames = [run_protocols(eval_data(reader, split["text_source"], emb, split, scores), protocols, all_tags,
+                                    options)]
         if finetune:
             from .finetune import few_shot_finetune
 

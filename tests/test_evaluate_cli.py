@@ -457,3 +457,22 @@ def test_a_protocol_that_cannot_score_a_run_keeps_the_others_rows(synthetic_stor
     assert res.exit_code == 2 and f"run {run}, lodo: lodo has nothing to score" in res.output, res.output
     assert f"(the rows of the other protocols are in {out})" in res.output
     assert set(pd.read_parquet(out).protocol) == {"open_vocab"}
+
+
+def test_a_protocols_warning_names_the_run_it_is_about(runs, tmp_path, monkeypatch):
+    """`evaluate runs/` scores many runs: a collapsed model's warning said which split, not which run."""
+    import warnings
+
+    from embedcache.evaluate import protocols
+
+    def flag(pred, labels, classes, tags):
+        if tags.get("split") == "out_of_domain":
+            warnings.warn(f"{tags['split']} on {tags['domain']}: flagged")
+
+    monkeypatch.setattr(protocols, "_warn_if_collapsed", flag)
+    res = CliRunner().invoke(main, ["evaluate", str(runs / "feat_kd-0"), str(runs / "ce-1"), "--protocol",
+                                    "lodo", "--out", str(tmp_path / "r.parquet")])
+    assert res.exit_code == 0, res.output
+    said = [ln for ln in res.output.splitlines() if ln.startswith("warning:")]
+    assert said == ["warning: run feat_kd-0: out_of_domain on outline: flagged",
+                    "warning: run ce-1: out_of_domain on outline: flagged"], res.output

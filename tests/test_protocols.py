@@ -237,3 +237,21 @@ def test_per_class_of_a_classifier_run_with_nothing_it_can_answer_is_one_line():
     d.scores = np.where(np.arange(6) < 4, 1.0, -np.inf) * np.ones((len(d.labels), 6))
     with pytest.raises(EvaluationError, match="per_class has nothing to score"):
         per_class(d)
+
+
+def test_a_model_that_predicts_one_class_is_named_collapsed():
+    """A student that had learned the teacher's mean embedding answered 'person' for every image: its
+    top-1 was each domain's share of person images, read as a result with no word said."""
+    import warnings
+
+    d = _data()
+    d.emb = np.repeat(d.class_emb[2:3], len(d.labels), axis=0)  # every image nearest class c2
+    with pytest.warns(UserWarning, match=r"zero_shot on d0: the model predicts 'c2' for 100% of the 200 images \(a "
+                                         r"collapsed model: its top-1 is that class's share of them\)"):
+        df = lodo(d)
+    share = float(np.mean(d.labels[d.domains == "d0"] == 2))
+    assert _value(df, "zero_shot", "d0") == pytest.approx(share)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a model that answers: no warning
+        lodo(_data())
+        lodo(_data(shuffle=True))  # at chance but not collapsed
