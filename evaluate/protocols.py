@@ -8,6 +8,7 @@ embeddings: no model is loaded.
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -70,6 +71,17 @@ def _rows(pred, labels, classes: Sequence[str], **tags) -> List[Dict]:
     _warn_if_collapsed(pred, labels, classes, tags)
     return [{**tags, "metric": "top1", "value": top1(pred, labels), "n": len(labels)},
             {**tags, "metric": "mean_per_class", "value": mean_per_class(pred, labels), "n": len(labels)}]
+
+
+@contextmanager
+def named_warnings(who: str):
+    """The protocols' warnings (a collapsed model, rows left out) said with the model they are about:
+    `evaluate runs/` scores many runs, `evaluate --store` the teacher with each text source."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        warnings.warn(f"{who}: {w.message}", w.category, stacklevel=3)
 
 
 COLLAPSED = 0.95  # a model answering one class for this share of images (of mixed classes) has collapsed

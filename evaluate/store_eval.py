@@ -16,7 +16,7 @@ from embedcache import open_store
 from embedcache.api import StoreReader
 
 from .index import search_path
-from .protocols import CLASS_SPLIT, PROTOCOLS, EvalData, seeded_class_split
+from .protocols import CLASS_SPLIT, PROTOCOLS, EvalData, named_warnings, seeded_class_split
 from .results import conform, holdout_tag
 
 
@@ -65,7 +65,8 @@ def teacher_baselines(store: str, sources: Optional[Sequence[str]] = None, proto
             tags = {"run": name, "recipe": "teacher", "student": "-", "source": src, "store_key": reader.key}
             for p in protocols:
                 held = unseen if p in CLASS_SPLIT else "-"
-                frames.append(run_protocols(data, [p], {**tags, "holdout": held}, options))
+                with named_warnings(f"teacher, {src} text"):
+                    frames.append(run_protocols(data, [p], {**tags, "holdout": held}, options))
     return pd.concat(frames, ignore_index=True)
 
 

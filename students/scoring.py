@@ -7,8 +7,6 @@ episodes, and returns rows in the results schema (``embedcache.evaluate.results`
 """
 from __future__ import annotations
 
-import warnings
-from contextlib import contextmanager
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 from pathlib import Path
@@ -22,7 +20,7 @@ from embedcache.api import StoreReader, same_teacher
 from embedcache.device import resolve_device
 from embedcache.errors import StoreMismatchError
 from embedcache.evaluate.metrics import require_finite
-from embedcache.evaluate.protocols import rows_read
+from embedcache.evaluate.protocols import named_warnings, rows_read
 from embedcache.evaluate.results import conform, holdout_tag
 from embedcache.evaluate.store_eval import eval_data, run_protocols
 
@@ -120,17 +118,6 @@ def _prompts(reader: StoreReader, source: str) -> pd.DataFrame:
     return reader.text(source)[["label", "prompt"]]
 
 
-@contextmanager
-def _named_warnings(who: str):
-    """The protocols' warnings (a collapsed model, rows left out) said with the run they are about:
-    `evaluate runs/` scores many."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        yield
-    for w in caught:
-        warnings.warn(f"{who}: {w.message}", w.category, stacklevel=3)
-
-
 def score_run(run: Union[str, RunDir], protocols: Sequence[str] = ("lodo",), store: Optional[str] = None,
               device: str = "auto", options: Optional[Dict] = None, finetune_steps: int = 0,
               finetune_mode: str = "shots", tags: Optional[Dict] = None, transfer: bool = False) -> pd.DataFrame:
@@ -159,7 +146,7 @@ def score_run(run: Union[str, RunDir], protocols: Sequence[str] = ("lodo",), sto
         emb, scores = embed_rows(model, data, split["seen_classes"], split["predict"] == "linear", dev, rows=needed,
                                  features=features)
         all_tags = {**run_tags(run, reader, transfer), **(tags or {})}
-        with _named_warnings(f"run {run.name}"):
+        with named_warnings(f"run {run.name}"):
             frames = [run_protocols(eval_data(reader, split["text_source"], emb, split, scores), protocols, all_tags,
                                     options)]
         if finetune:
