@@ -153,6 +153,8 @@ def features(store, student, overrides, seed, batch_size, device, no_progress) -
     from embedcache.students.features import cache_features
     from embedcache.students.models import StudentConfig
 
+    # `student.input_size=64` as train spells it, or `input_size=64`
+    overrides = [o[len("student."):] if o.startswith("student.") else o for o in overrides]
     cfg = build_config(StudentConfig, {**apply_overrides({}, overrides), "name": student}, prefix="student.")
     cache_features(store, cfg, seed=seed, batch_size=batch_size, device=device, progress=not no_progress, log=click.echo)
 

@@ -11,6 +11,7 @@ HDF5 stores (one writer, no reader beside it) work too.
 from __future__ import annotations
 
 import hashlib
+import shlex
 from typing import Callable, Optional
 
 import numpy as np
@@ -81,8 +82,7 @@ def missing_features(reader: StoreReader, cfgs) -> Optional[str]:
         key = seen[cfg.seed] = features_key(model)
         if not has_features(reader.store, key):
             return (f"store {reader.path} has no cached features for the {model.name} backbone of the head-only runs "
-                    f"({key}); run `embedcache features --store {reader.path} --student {model.name} --set "
-                    f"input_size={model.input_size}` (with their other student settings) first")
+                    f"({key}); run `{features_command(reader.path, model)}` first")
     return None
 
 
@@ -92,6 +92,16 @@ def load_features(store: Store, model: Student, key: Optional[str] = None) -> np
     key = key or features_key(model)
     if not has_features(store, key):
         raise StoreError(f"store {store.path} has no cached features for this {model.name} backbone ({key}); run "
-                         f"`embedcache features --store {store.path} --student {model.name}` with the same student "
-                         "settings and seed")
+                         f"`{features_command(store.path, model)}` first")
     return store.read_derived(key)
+
+
+def features_command(store_path, model: Student) -> str:
+    """The `embedcache features` command that caches this backbone's features: its student settings
+    and the seed it was built under (``build_seeded`` records them), spelled as that command takes them."""
+    cfg, seed = getattr(model, "made_from", (None, 0))
+    q = shlex.quote
+    words = ["embedcache features", f"--store {q(str(store_path))}", f"--student {q(cfg.name if cfg else model.name)}",
+             f"--set input_size={model.input_size}"]
+    words += [f"--set {q(f'{k}={getattr(cfg, k)}')}" for k in ("pretrained", "model") if cfg and getattr(cfg, k) is not None]
+    return " ".join(words + ([f"--seed {seed}"] if seed else []))

@@ -251,7 +251,9 @@ def build_seeded(cfg: StudentConfig, dim: int, n_classes: int, seed: int) -> "St
     always agree on the backbone a seed gives (the features key hashes its weights)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build_student(cfg, dim, n_classes)
+        model = build_student(cfg, dim, n_classes)
+    model.made_from = (cfg, seed)  # what builds it again (the features command a refusal names)
+    return model
 
 def _lite_student(variant: str, cfg: StudentConfig, embed_dim: int, num_classes: int) -> Student:
     from embedcache.pretrained import LITE_MEAN, LITE_STD, load_efficientnet_lite

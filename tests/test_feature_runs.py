@@ -255,3 +255,29 @@ def test_few_shot_fine_tuning_of_a_feature_run_trains_its_whole_student(feature_
                      options={"few_shot": {"shots": 2, "episodes": 1}})
     top1 = rows[(rows.metric == "top1") & (rows.episode == 0)].set_index("split").n
     assert set(rows.episode) == {0, -1} and top1["finetune@1"] == top1["prototype"] == top1["tip_adapter"]
+
+
+def test_the_command_named_for_missing_features_makes_them(feature_store, tmp_path):
+    """The refusal named `embedcache features --store S --student X` without the run's input size or
+    seed: run as given, it cached another backbone's features and the same refusal came back."""
+    import re
+    import shlex
+
+    from click.testing import CliRunner
+
+    from embedcache.cli import main
+
+    store, _, _ = feature_store
+    student = StudentConfig(name="test_resnet", input_size=40)
+    cfg = _cfg(store, student, tmp_path / "run", "linear_probe", seed=5)
+    with pytest.raises(StoreError, match="no cached features") as err:
+        train(cfg, log=quiet)
+    said = re.search(r"`(embedcache features [^`]*)`", str(err.value)).group(1)
+    assert "--set input_size=40" in said and "--seed 5" in said, said
+    made = CliRunner().invoke(main, shlex.split(said)[1:] + ["--device", "cpu", "--no-progress"])
+    assert made.exit_code == 0, made.output
+    assert train(cfg, log=quiet).steps == cfg.steps
+    # a train-style spelling of the student setting works there too
+    again = CliRunner().invoke(main, ["features", "--store", str(store), "--student", "test_resnet", "--set",
+                                      "student.input_size=40", "--seed", "5", "--device", "cpu", "--no-progress"])
+    assert again.exit_code == 0, again.output
