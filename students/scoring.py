@@ -103,14 +103,25 @@ def _open_for(run: RunDir, path: str, transfer: bool) -> StoreReader:
         same = {"teacher": same_teacher(own.manifest, reader.manifest),
                 "classes": own.classes == reader.classes,
                 f"{source!r} prompts": source in reader.text_sources and _prompts(own, source).equals(_prompts(reader, source))}
+        teacher = _teacher_words(own.manifest)
     differ = [what for what, ok in same.items() if not ok]
     if differ:
         reader.close()
         verb = "differs from that" if differ[0] == "teacher" else "differ from those"
+        fix = {"teacher": f"extract the store to score on with the run's teacher ({teacher}; a remote teacher and the "
+                          "model behind it count as two)",
+               "classes": "extract it with the class names the run's store has"}.get(
+            differ[0], f"extract it with the text settings of the run's store (text source {source!r})")
         raise StoreMismatchError(f"run {run.name} cannot be scored on {path}: its {differ[0]} {verb} of the "
-                                 "store the run was trained on; transfer needs the same teacher, classes and prompts "
-                                 f"of the run's text source (extract {path} with the same text settings)")
+                                 f"store the run was trained on; {fix}")
     return reader
+
+
+def _teacher_words(manifest: Dict) -> str:
+    """A store's teacher as a user names it: its registered name and model, where it has one."""
+    t = manifest.get("teacher", {})
+    model = t.get("model") or t.get("classifier")
+    return f"teacher.name={t.get('name')}" + (f", model {model}" if model else "")
 
 
 def _prompts(reader: StoreReader, source: str) -> pd.DataFrame:

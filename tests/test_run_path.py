@@ -316,8 +316,16 @@ def test_transfer_scores_a_run_on_another_store_of_the_same_teacher(synthetic_st
     reworded = make_cfg("reworded.zarr", "dataset.per_class=3", "text.sources=[name,templates]",
                         "text.templates=openai80")
     extract(reworded, teacher=tiny_teacher, log=quiet)
-    with pytest.raises(StoreError, match="its 'templates' prompts differ from those of the store the run was trained on"):
+    with pytest.raises(StoreError, match="its 'templates' prompts differ from those of the store the run was trained on; "
+                                         "extract it with the text settings of the run's store"):
         score_run(tmp_path / "t", ["lodo"], reworded.out, transfer=True)
+    # another teacher: the fix names the run's teacher, not the text settings it used to name
+    import embedcache.students.scoring as scoring
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(scoring, "same_teacher", lambda a, b: False)
+        with pytest.raises(StoreError, match=r"its teacher differs .*; extract the store to score on with the run's "
+                                             r"teacher \(teacher.name=open_clip"):
+            score_run(tmp_path / "r", ["lodo"], other.out, transfer=True)
 
 
 def test_a_block_of_zeros_is_written_not_taken_for_lost(blank_store):
