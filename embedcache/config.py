@@ -412,7 +412,14 @@ def load_config(cls, path: Optional[str] = None, overrides: Sequence[str] = (), 
     for key, value in (values or {}).items():
         if value is not None:
             set_path(data, key, value)
-    return build_config(cls, data)
+    try:
+        return build_config(cls, data)
+    except ConfigError as exc:
+        other = next((k for k in Path(str(path or "")).parent.parts[::-1] if k in KINDS), kind)
+        if str(exc).startswith("unknown config key") and other != kind:  # configs/train/x.yaml given to extract
+            raise ConfigError(f"{exc} ({path} sits in a {other} folder: is it a {other} config? this command "
+                              f"reads {kind} configs)") from None
+        raise
 
 
 def load_extract_config(path: Optional[str] = None, overrides: Sequence[str] = (), values=None) -> ExtractConfig:

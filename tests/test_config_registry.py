@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from embedcache.registry import Registry
-from embedcache.config import ExtractConfig, load_extract_config
+from embedcache.config import ExtractConfig, load_config, load_extract_config
 from embedcache.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,3 +202,14 @@ def test_configs_show_says_when_a_name_is_several_kinds_config():
     assert not res.stdout.startswith("# the extract config demo")  # stdout stays the file to copy
     served = runner.invoke(main, ["configs", "show", "demo", "--kind", "serve"])
     assert served.exit_code == 0 and served.stderr == ""
+
+
+def test_a_config_of_another_command_says_so():
+    """`extract --config configs/train/demo.yaml` said only "unknown config key ckpt_every"."""
+    with pytest.raises(ConfigError, match=r"unknown config key .*sits in a train folder: is it a train config\? this "
+                                          r"command reads extract configs") as err:
+        load_config(ExtractConfig, str(ROOT / "configs" / "train" / "demo.yaml"))
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"unknown config key bogus; valid keys") as plain:
+        load_config(ExtractConfig, None, ["bogus=1"])
+    assert "folder" not in str(plain.value)
