@@ -104,8 +104,14 @@ def cos(ctx: BatchContext) -> torch.Tensor:
 
 @LOSSES.register("imcst")
 def imcst(ctx: BatchContext, tau: float = 0.07) -> torch.Tensor:
-    """Li et al. L_im-cst: 0.5 [CE(M) + CE(M^T)], M = s_hat t_hat^T / tau, diagonal targets."""
-    m = ctx.s_hat @ ctx.t_hat.T / tau
+    """Li et al. L_im-cst: 0.5 [CE(M) + CE(M^T)], M = s_hat t_hat^T / tau, diagonal targets. A row drawn
+    twice (a pool smaller than the batch is drawn with replacement) is left out of its copy's softmax:
+    as a negative of itself it was a contradictory target."""
+    t = ctx.t_hat
+    m = ctx.s_hat @ t.T / tau
+    with torch.no_grad():  # copies: the same teacher embedding (one image, one view), off the diagonal
+        copy = (t @ t.T > 1 - 1e-6) & ~torch.eye(m.shape[0], dtype=torch.bool, device=m.device)
+    m = m.masked_fill(copy, float("-inf"))
     target = torch.arange(m.shape[0], device=m.device)
     return 0.5 * (F.cross_entropy(m, target) + F.cross_entropy(m.T, target))
 

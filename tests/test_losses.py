@@ -151,3 +151,21 @@ def test_losses_are_float32_under_bf16_autocast():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             got, parts = stage_loss(stage, ctx)
         assert got.dtype == torch.float32 and float(got) == float(want), recipe
+
+
+def test_imcst_does_not_push_an_image_away_from_its_own_copy():
+    """A pool smaller than the batch is drawn with replacement: a row drawn twice (same image, same view)
+    was a negative of its own copy, a contradictory target (loss 0.17 instead of 0.0003 with s = t).
+    Copies are left out of each other's softmax; the rest of the batch is as before."""
+    s, t, text, y, logits = _batch(6, b=8)
+    s[5], t[5], y[5] = s[2], t[2], y[2]  # row 5 is row 2 drawn again
+
+    def ref(s, t, tau=0.07, mask=True):
+        m = _norm(s) @ t.T / tau
+        copy = (t @ t.T > 1 - 1e-6) & ~np.eye(len(t), dtype=bool)
+        m = np.where(copy & mask, -np.inf, m)
+        return 0.5 * (_ce(m, np.arange(len(t))) + _ce(m.T, np.arange(len(t))))
+
+    np.testing.assert_allclose(float(LOSSES.get("imcst")(_ctx(s, t, text, y, logits))), ref(s, t), rtol=1e-6)
+    same = float(LOSSES.get("imcst")(_ctx(t * 2.0, t, text, y, logits)))  # a student equal to its teacher
+    assert same == pytest.approx(ref(t, t)) and ref(t, t, mask=False) > 50 * same
