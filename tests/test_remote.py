@@ -303,6 +303,30 @@ def test_budget_stops_at_a_block_boundary_then_the_same_store_completes(tmp_path
     assert usage["server_reported"]["queries"] == 90 + 24  # the service's own count, summed over both calls too
 
 
+def test_a_budget_that_runs_out_in_the_text_stage_says_what_finishing_needs(tmp_path, tiny_teacher_cfg, tiny_teacher,
+                                                                             key_env):
+    """The prompts are encoded after the last block, outside the block loop's budget handling: a stop
+    there said only "query budget reached", with no cost of finishing and no limit that would."""
+    from click.testing import CliRunner
+
+    from embedcache.cli import main
+
+    app = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
+    with LiveServer(app) as url:
+        cfg = remote(tmp_path, "r.zarr", tiny_teacher_cfg, "embedcache", url, "teacher.max_queries=100")
+        conf = tmp_path / "remote.yaml"
+        conf.write_text(yaml.safe_dump(to_dict(cfg)))
+        res = CliRunner().invoke(main, ["extract", "--config", str(conf)])
+        assert res.exit_code == 3, res.output
+        line = res.output.strip().splitlines()[-1]
+        assert "query budget reached" in line and "teacher.max_queries >= 114" in line, line
+        with Store(cfg.out) as st:
+            assert st.blocks_done().all() and not st.complete
+        done = CliRunner().invoke(main, ["extract", "--config", str(conf), "--set", "teacher.max_queries=114"])
+        assert done.exit_code == 0, done.output
+    assert charged(app)[0] == 90 + 24
+
+
 def test_a_second_store_reuses_the_first_ones_views(tmp_path, local, tiny_teacher_cfg, tiny_teacher, key_env):
     app = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
     with LiveServer(app) as url:

@@ -146,19 +146,19 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
 
             encoded, failed = run_blocks(store, mine, reader, embedder, cfg.batch_size,
                                          progress=cfg.progress, on_block_done=block_done)
-        except BudgetError as exc:  # a paid teacher stopped: say what finishing the store would cost
+            if store.blocks_done().all():
+                _refuse_all_failed(store, dataset, cfg.out)
+                n_prompts = sum(len(p) for per_class in prompts.values() for p in per_class)
+                log(f"images done; encoding {n_prompts:,} prompts ({', '.join(prompts)}) and writing the tables")
+                failed = _finalize_or_disk_full(store, dataset, teacher, prompts, books)
+                log(f"wrote {cfg.out}: {len(dataset)} images x {cfg.views.count} views, "
+                    f"{failed} unreadable image(s) skipped (listed in meta.parquet)")
+            else:
+                log(f"shard {shard}/{num_shards} done; the store completes when every shard has finished")
+        except BudgetError as exc:  # a paid teacher stopped (images or prompts): say what finishing would cost
             books.record(store)
             store.close()
             raise _budget_stop(exc, cfg, manifest, layout, reader, embedder, prompts, shard, num_shards, log) from None
-        if store.blocks_done().all():
-            _refuse_all_failed(store, dataset, cfg.out)
-            n_prompts = sum(len(p) for per_class in prompts.values() for p in per_class)
-            log(f"images done; encoding {n_prompts:,} prompts ({', '.join(prompts)}) and writing the tables")
-            failed = _finalize_or_disk_full(store, dataset, teacher, prompts, books)
-            log(f"wrote {cfg.out}: {len(dataset)} images x {cfg.views.count} views, "
-                f"{failed} unreadable image(s) skipped (listed in meta.parquet)")
-        else:
-            log(f"shard {shard}/{num_shards} done; the store completes when every shard has finished")
         return ExtractResult(cfg.out, store.key, store.complete, encoded, failed, time.time() - t0, repaired=repaired)
     finally:
         try:
