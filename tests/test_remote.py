@@ -282,7 +282,7 @@ def test_budget_stops_at_a_block_boundary_then_the_same_store_completes(tmp_path
         assert res.exit_code == 3, res.output
         line = res.output.strip().splitlines()[-1]
         # 3 calls of 12 views were paid (36 <= 40); 54 views and 24 prompts are left
-        assert line.startswith("error: query budget reached: paid 36 of teacher.max_queries=40")
+        assert line.startswith("error: query budget reached: this store has sent 36 queries of teacher.max_queries=40")
         assert "finishing the store needs 78 more queries" in line and "teacher.max_queries >= 114" in line
         with Store(cfg.out) as st:
             assert st.blocks_done().tolist() == [True, False, False, False] and not st.complete
@@ -291,7 +291,7 @@ def test_budget_stops_at_a_block_boundary_then_the_same_store_completes(tmp_path
         # call spent up to its limit afresh: 36 + 36 + ... on a fixed budget of 40)
         again = CliRunner().invoke(main, ["extract", "--config", str(conf)])
         assert again.exit_code == 3 and charged(app)[0] == 36, again.output
-        assert "paid 36 of teacher.max_queries=40, 36 of them by earlier extract calls of this store" in again.output
+        assert "this store has sent 36 queries of teacher.max_queries=40 (every extract call and shard" in again.output
         assert "teacher.max_queries >= 114" in again.output
         res = CliRunner().invoke(main, ["extract", "--config", str(conf), "--set", "teacher.max_queries=114"])
         assert res.exit_code == 0, res.output
@@ -325,6 +325,40 @@ def test_a_budget_that_runs_out_in_the_text_stage_says_what_finishing_needs(tmp_
         done = CliRunner().invoke(main, ["extract", "--config", str(conf), "--set", "teacher.max_queries=114"])
         assert done.exit_code == 0, done.output
     assert charged(app)[0] == 90 + 24
+
+
+def test_the_budget_is_claimed_in_the_store_before_requests_go_out(tmp_path):
+    """Shards running together each counted what the store had paid when they started (72 charged on a
+    budget of 40), and a call killed with -9 left its requests out of the books: claims are written in
+    the store under a lock before a request is sent, one count for every process."""
+    import threading
+
+    from conftest import block_store
+    from embedcache.extract.budget import StoreBudget
+
+    path, _ = block_store(tmp_path, "zarr")
+    with Store(path, "a") as st:
+        budgets = [StoreBudget(st, 50) for _ in range(6)]  # as six processes would, each with its own lock fd
+        refused = []
+
+        def spend(b):
+            for _ in range(20):
+                try:
+                    b(1)
+                except BudgetError:
+                    refused.append(1)
+
+        threads = [threading.Thread(target=spend, args=(b,)) for b in budgets]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert budgets[0].claimed() == 50 and len(refused) == 6 * 20 - 50
+    with Store(path, "a") as again:  # a later call (the first killed after sending) sees every claim
+        with pytest.raises(BudgetError, match="this store has sent 50 queries of teacher.max_queries=60 .* needs 12"):
+            StoreBudget(again, 60)(12)
+        StoreBudget(again, 62)(12)
+        assert StoreBudget(again, 0).claimed() == 62
 
 
 def test_a_second_store_reuses_the_first_ones_views(tmp_path, local, tiny_teacher_cfg, tiny_teacher, key_env):

@@ -26,6 +26,7 @@ from ..store import (BACKENDS, STATUS_OK, USAGE_SNAPSHOTS, Store, add_text_array
 from ..teachers import Teacher, build_teacher
 from ..text import build_prompts, encode_sources, text_calls
 from ..views import param_fields
+from .budget import StoreBudget
 from .device import DeviceDecodeReader
 from .manifest import PIPELINE, build_manifest, differing_parts
 from .parts import (Batch, Block, BlockAssembler, BlockWriter, Embedder, LoaderReader, ViewPolicy, block_batches,
@@ -121,7 +122,7 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
     lock = None
     try:
         lock = _writer_lock(store, shard, num_shards)
-        _count_earlier_spending(store, teacher)
+        _budget_in_store(store, teacher, cfg.teacher)
         repaired = 0
         if store.blocks_done().any():  # finished blocks are checked before anything builds on them
             report = store.verify(progress=cfg.progress)
@@ -226,14 +227,12 @@ def _refuse_all_failed(store: Store, dataset: ImageDataset, out: str) -> None:
                            f"{failures[first]}); fix the images or dataset.path, then delete {out} and rerun")
 
 
-def _count_earlier_spending(store: Store, teacher) -> None:
-    """A paid teacher's budget (teacher.max_queries) is the store's: what its earlier calls paid or
-    possibly paid (the books in the store) counts against it, so rerunning a stopped command does not
-    spend the limit afresh. Shards count what the store had paid when each started."""
-    count = getattr(teacher, "count_spent_before", None)
-    if callable(count):
-        earlier = store.usage() or {}
-        count(int(earlier.get("queries", 0)) + int(earlier.get("possibly_paid", 0)))
+def _budget_in_store(store: Store, teacher, teacher_cfg) -> None:
+    """A paid teacher's teacher.max_queries as the store's budget (``StoreBudget``)."""
+    use = getattr(teacher, "budget_from", None)
+    limit = getattr(teacher_cfg, "max_queries", None)
+    if callable(use) and limit is not None:
+        use(StoreBudget(store, limit))
 
 
 class _Books:

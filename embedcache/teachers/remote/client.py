@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field, replace
-from typing import Any, Dict, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional
 
 import httpx
 
@@ -81,8 +81,8 @@ class Transport:
         self.http = httpx.Client(timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)), follow_redirects=False)
         self.headers = {"User-Agent": "embedcache-remote", **protocol.auth_headers(key)}
         self.stats = Stats()
-        # the budget counts what the store paid in earlier calls, and this object's spending from `base` on
-        self.spent_before, self.base = 0, Stats()
+        # set by an extraction: claims each request's inputs against the store's budget before they are sent
+        self.claimer: Optional[Callable[[int], None]] = None
         self.last_replayed = False  # whether the last answer was a free replay (Idempotent-Replayed)
         self._lost_here: set = set()  # request ids whose answer this run lost (counted as possibly paid)
 
@@ -158,22 +158,19 @@ class Transport:
             return None
         return None
 
-    def count_from(self, spent_before: int) -> None:
-        """Count ``spent_before`` (queries the store paid in earlier calls) against max_queries, and this
-        transport's own spending from now on."""
-        self.spent_before, self.base = spent_before, replace(self.stats, server_usage={})
-
-    def budget_used(self) -> int:
-        """Queries paid or possibly paid against max_queries: the store's earlier calls' and this call's."""
-        return self.spent_before + self.stats.spent() - self.base.spent()
+    def claim(self, n: int) -> None:
+        """Before ``n`` inputs are sent: claimed against the store's budget (``claimer``: every call and
+        shard of the store), or, for a teacher used on its own, checked against this object's spending."""
+        if self.claimer is not None and self.max_queries is not None:
+            self.claimer(n)
+        else:
+            self.check_budget(n)
 
     def check_budget(self, n: int) -> None:
-        if self.max_queries is not None and self.budget_used() + n > self.max_queries:
-            s, b = self.stats, self.base
-            paid, lost = self.spent_before + s.queries - b.queries, s.possibly_paid - b.possibly_paid
-            earlier = f", {self.spent_before} of them by earlier extract calls of this store" if self.spent_before else ""
-            lost = f" ({lost} more possibly paid: answers lost)" if lost else ""
-            raise BudgetError(f"query budget reached: paid {paid} of teacher.max_queries={self.max_queries}{earlier}"
+        if self.max_queries is not None and self.stats.spent() + n > self.max_queries:
+            s = self.stats
+            lost = f" ({s.possibly_paid} more possibly paid: answers lost)" if s.possibly_paid else ""
+            raise BudgetError(f"query budget reached: paid {s.queries} of teacher.max_queries={self.max_queries}"
                               f"{lost} and the next request needs {n}")
 
     def post(self, request_id: str, path: str, body: Dict[str, Any], n: int, tokens: float = 0.0) -> Any:

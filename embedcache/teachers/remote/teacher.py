@@ -300,7 +300,7 @@ class RemoteTeacher(Teacher):
         else:
             path, body = self.protocol.text_request(self.model, [items[k][1] for k in keys], self.cfg.dimensions)
             tokens = sum(self.protocol.text_tokens(items[k][1]) for k in keys)
-        t.check_budget(n)  # before the pending entries are written: a stop here sent nothing
+        t.claim(n)  # before the pending entries are written: a stop here sent nothing
         self.ledger.begin(rid, self._ctx[modality], modality, [(k, len(items[k][0])) for k in keys])
         try:
             answer = t.post(rid, path, body, n, tokens)
@@ -400,16 +400,17 @@ class RemoteTeacher(Teacher):
         keys, payloads = self._text_inputs(texts)
         return self._cost("text", keys, payloads)
 
-    def count_spent_before(self, queries: int) -> None:
-        """The store's earlier calls paid (or possibly paid) ``queries``: teacher.max_queries is the store's
-        budget over every call, so a rerun of a stopped command does not spend its limit afresh."""
-        self.transport.count_from(queries)
+    def budget_from(self, claimer) -> None:
+        """teacher.max_queries as a store's budget: ``claimer(n)`` claims each request's inputs in the
+        store before they are sent (``claimer.claimed()``: the store's total), or raises BudgetError."""
+        self.transport.claimer = claimer
 
     def budget_message(self, cost: Dict[str, int]) -> str:
         """What a stopped extraction still needs (``cost``: a dry run over what is left)."""
         n = cost.get("images", 0) + cost.get("text_texts", 0)
         req = cost.get("requests", 0) + cost.get("text_requests", 0)
-        total = self.transport.budget_used() + n
+        claimer = self.transport.claimer
+        total = (claimer.claimed() if claimer is not None else self.transport.stats.spent()) + n
         budget = f" with teacher.max_queries >= {total}" if self.cfg.max_queries is not None else ""
         return (f"finishing the store needs {n:,} more queries ({req:,} requests, the ledger's answers free); "
                 f"rerun the same command{budget} to resume")

@@ -1,0 +1,40 @@
+"""A paid teacher's budget (teacher.max_queries) kept in the store it fills, over every call and shard."""
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from pathlib import Path
+
+from ..errors import BudgetError
+from ..fileio import exclusive_lock
+from ..store import Store
+
+
+class StoreBudget:
+    """teacher.max_queries over every extract call and shard of a store: each request's inputs are
+    claimed in the store, under a lock, before they are sent, so shards running together share one
+    count and a call killed with -9 has its requests counted (the books, written per finished block,
+    had neither). Claims count what was sent, answered or not, free replays included: never less than
+    the bill. A store from before the claims starts from its books."""
+    BLOB = "budget/claimed.json"
+
+    def __init__(self, store: Store, limit: int):
+        self.store, self.limit = store, int(limit)
+        self._lock = Path(store.path) / ".budget.lock" if store.b.multi_writer else None
+
+    def claimed(self) -> int:
+        raw = self.store.b.get_blob(self.BLOB)
+        if raw is not None:
+            return int(json.loads(raw)["claimed"])
+        books = self.store.usage() or {}
+        return int(books.get("queries", 0)) + int(books.get("possibly_paid", 0))
+
+    def __call__(self, n: int) -> None:
+        with exclusive_lock(self._lock) if self._lock is not None else nullcontext():
+            claimed = self.claimed()
+            if claimed + n > self.limit:
+                raise BudgetError(f"query budget reached: this store has sent {claimed} queries of "
+                                  f"teacher.max_queries={self.limit} (every extract call and shard, answered or not) "
+                                  f"and the next request needs {n}")
+            self.store.b.put_blob(self.BLOB, json.dumps({"claimed": claimed + n}).encode())
+            self.store.b.flush()
