@@ -479,6 +479,31 @@ def test_a_cut_off_request_resent_in_other_batches_is_counted_as_possibly_paid_t
     assert again.transport.stats.possibly_paid_twice == 6 and charged(inner) == (18, 6)
 
 
+def test_a_cut_off_request_replayed_to_a_service_without_idempotency_keys_is_counted_as_possibly_paid_twice(
+        tmp_path, tiny_teacher_cfg, tiny_teacher, key_env):
+    """OpenAI's and Cohere's embedding APIs take no idempotency key: a request a stopped run sent (and
+    the service charged) is charged again when the resumed run replays it. That was counted as paid
+    once, by nobody as a double, and the budget allowed it; it is counted and said."""
+    inner = service_app("openai", tiny_teacher_cfg, tiny_teacher, tmp_path)
+    views = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8)
+    with LiveServer(inner) as url:
+        cfg = remote(tmp_path, "x.zarr", tiny_teacher_cfg, "openai", url).teacher
+        first = build_teacher(cfg)
+        post = first.transport.post
+
+        def killed_once_answered(*args, **kw):  # the service charged and answered; the run died before storing it
+            post(*args, **kw)
+            raise KeyboardInterrupt
+
+        first.transport.post = killed_once_answered
+        with pytest.raises(KeyboardInterrupt):
+            first.encode_pixels(views)
+        again = build_teacher(cfg)
+        with pytest.warns(UserWarning, match="takes no idempotency key.*may be paid twice"):
+            again.encode_pixels(views)  # the same request, replayed whole
+    assert again.transport.stats.possibly_paid_twice == 12 and charged(inner)[1] == 12  # (and a dimension probe)
+
+
 def test_a_long_retry_after_stops_cleanly(tmp_path, tiny_teacher_cfg, tiny_teacher, key_env):
     inner = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
     with LiveServer(Faults(inner, script=["429-long"])) as url:

@@ -263,6 +263,15 @@ class RemoteTeacher(Teacher):
                           "size it had to have such requests replayed free")
         self.transport.stats.possibly_paid_twice += n
 
+    def _replayed_without_key(self, n: int) -> None:
+        """A request an earlier run sent without storing its answer goes out again to a service that
+        takes no idempotency key (OpenAI's and Cohere's APIs): if it was charged, it is charged again."""
+        if not self.transport.stats.possibly_paid_twice:
+            warnings.warn(f"a request cut off in an earlier run goes out again, and the {self.protocol_name} protocol "
+                          "takes no idempotency key: if the service charged it then, its inputs may be paid twice "
+                          "(counted as possibly_paid_twice)")
+        self.transport.stats.possibly_paid_twice += n
+
     def _request_id(self, modality: str, keys: Sequence[str]) -> str:
         # deterministic: the same batch after a kill gets the same idempotency key
         return _sha(self._ctx[modality].encode(), "\n".join(keys).encode())[:40]
@@ -292,6 +301,8 @@ class RemoteTeacher(Teacher):
         rid = rid or self._request_id(modality, keys)
         if rid and self.ledger.request_status(rid) == "pending":
             t.stats.replayed_requests += 1
+            if not self.protocol.idempotency_header:
+                self._replayed_without_key(n)
         nbytes = sum(len(items[k][0]) for k in keys)
         if modality == "image":
             path, body = self.protocol.image_request(self.model, [items[k][1] for k in keys], self.cfg.image_format,
