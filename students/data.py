@@ -148,6 +148,13 @@ class StoreData:
         return out
 
     @cached_property
+    def interpolation(self) -> str:
+        """How the teacher's views were resampled (the student's views are resampled alike): its
+        manifest's preprocessing, bicubic for stores that did not record it."""
+        pre = self.reader.manifest.get("teacher", {}).get("preprocessing", {})
+        return "bilinear" if pre.get("interpolation") == "bilinear" else "bicubic"
+
+    @cached_property
     def train_by_domain(self) -> List[np.ndarray]:
         """The training rows of each training domain, domains in sorted order."""
         dom = self.reader.meta["domain"].to_numpy()[self.train_idx]

@@ -54,7 +54,7 @@ def student_views(data: StoreData, idx: np.ndarray, views: np.ndarray, size: int
     """(B, 3, size, size) normalised student input: view ``views[b]`` of image ``idx[b]`` (CPU arrays)."""
     canvas = torch.from_numpy(data.pixels[idx]).to(device)
     params = torch.from_numpy(data.params[idx, views][:, None])
-    return normalize(render_views_batched(canvas, params, size)[:, 0], mean, std)
+    return normalize(render_views_batched(canvas, params, size, data.interpolation)[:, 0], mean, std)
 
 
 @INPUTS.register("canvas")
@@ -81,7 +81,7 @@ class CanvasInputs:
             canvas = self.canvas.index_select(0, i)
         else:  # pinned host canvases: gather on the host, copy asynchronously
             canvas = self.canvas.index_select(0, torch.from_numpy(np.asarray(idx))).pin_memory().to(self.device, non_blocking=True)
-        x = render_views_batched(canvas, self.params[i, v][:, None], self.size)[:, 0]
+        x = render_views_batched(canvas, self.params[i, v][:, None], self.size, self.data.interpolation)[:, 0]
         x = (x - self.mean) / self.std
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 

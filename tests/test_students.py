@@ -46,6 +46,30 @@ def test_every_recipe_trains_and_its_loss_goes_down(recipe, synthetic_store, tmp
     assert summary["torch_threads"] == torch.get_num_threads() and summary["device"] == "cpu"  # what the bits depend on
 
 
+def test_student_view_is_resampled_as_the_teachers_was(make_cfg, tiny_teacher, tmp_path):
+    """A teacher that resizes bilinear (open_clip's MobileCLIP, DFN and PE models; a remote teacher so
+    set): the student's views were always bicubic, up to 0.13 off the view whose embedding is its target."""
+    import copy
+
+    from embedcache.extract import extract
+    from embedcache.students.providers import TARGETS, student_views
+
+    bilinear = copy.copy(tiny_teacher)
+    bilinear.interpolation = "bilinear"
+    cfg = make_cfg("bilinear.zarr", "views.count=3", "views.scale=[0.2,0.5]")  # small crops: resized a lot
+    extract(cfg, teacher=bilinear, log=quiet)
+    data = StoreData(cfg.out, "name")
+    assert data.interpolation == "bilinear"
+    idx, views = data.sample(step=1, seed=0, batch_size=6)
+    x = student_views(data, idx, views, tiny_teacher.input_size, (0, 0, 0), (1, 1, 1), torch.device("cpu"))
+    canvas, params = torch.from_numpy(data.pixels[idx]), torch.from_numpy(data.params[idx, views][:, None])
+    ref = render_views(canvas, params, tiny_teacher.input_size, "bilinear")[:, 0]
+    torch.testing.assert_close(x, ref, atol=1e-4, rtol=0)
+    assert float((render_views(canvas, params, tiny_teacher.input_size)[:, 0] - ref).abs().max()) > 1e-2  # it matters
+    t, _ = TARGETS.get("store")(data, torch.device("cpu"))(idx, views)
+    torch.testing.assert_close(bilinear.encode_pixels(to_uint8(x)), t, atol=2e-3, rtol=0)
+
+
 def test_student_view_is_the_teachers_view(synthetic_store, tiny_teacher):
     from embedcache.students.providers import TARGETS, student_views
 
