@@ -36,13 +36,27 @@ def param_fields(color: bool) -> Tuple[str, ...]:
     return PARAM_FIELDS + COLOR_FIELDS if color else PARAM_FIELDS
 
 
+# the whole image is resized before the centre crop: past this many pixels (an 8000 x 1 PNG of 24 KB at
+# 256 px took 2.75 GB) an image is refused, a failed row, rather than a worker killed for memory
+MAX_RESIZED_PIXELS = 32_000_000
+
+
+def canvas_resize(w: int, h: int, size: int) -> Tuple[int, int]:
+    """(width, height) an image of ``w`` x ``h`` is resized to before the centre crop: shorter side
+    ``size``; ValueError past MAX_RESIZED_PIXELS."""
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if nw * nh > MAX_RESIZED_PIXELS:
+        raise ValueError(f"{w} x {h} resized to {size} px on its shorter side would be {nw * nh:,} pixels, more than "
+                         f"{MAX_RESIZED_PIXELS:,}; crop it closer to square")
+    return nw, nh
+
+
 def make_canvas(image: Image.Image, size: int) -> np.ndarray:
     """(size, size, 3) uint8: shorter side resized to ``size`` (bicubic), centre crop. The image is
     first decoded faithfully to 8-bit RGB (EXIF orientation, 16-bit and transparent modes)."""
     image = to_rgb8(image)
-    w, h = image.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    nw, nh = canvas_resize(*image.size, size)
     image = image.resize((nw, nh), Image.BICUBIC)
     left, top = (nw - size) // 2, (nh - size) // 2
     return np.array(image.crop((left, top, left + size, top + size)), dtype=np.uint8)  # writable

@@ -269,6 +269,27 @@ def test_a_dataset_whose_every_image_fails_is_refused_not_written_complete(tmp_p
         assert not st.complete  # never handed to training as a finished store
 
 
+def test_an_image_too_elongated_for_a_canvas_is_recorded_not_fatal(tmp_path, make_cfg, tiny_teacher, monkeypatch):
+    """The whole image was resized before the centre crop: an 8000 x 1 PNG of 24 KB took 2.75 GB at
+    256 px, enough to get a worker killed and the extraction stopped. Past MAX_RESIZED_PIXELS it is a
+    failed row, with the reason (the limit lowered here to keep the test small)."""
+    from embedcache import views
+
+    monkeypatch.setattr(views, "MAX_RESIZED_PIXELS", 50_000)
+    with pytest.raises(ValueError, match=r"2000 x 10 resized to 48 px on its shorter side would be 460,800 pixels"):
+        views.make_canvas(Image.new("RGB", (2000, 10)), 48)
+    root = tmp_path / "imgs"
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        Image.fromarray(np.full((24, 24, 3), 90, np.uint8)).save(root / c / "0.png")
+    Image.new("RGB", (2000, 10)).save(root / "dog" / "1.png")
+    res = extract(make_cfg("long.zarr", "dataset.name=folder", f"dataset.path={root}"), teacher=tiny_teacher, log=quiet)
+    assert res.complete and res.failed == 1
+    with embedcache.open_store(res.path) as s:
+        bad = s.meta[s.meta.status == "failed"]
+        assert bad.path.tolist() == ["dog/1.png"] and "crop it closer to square" in bad.reason.iloc[0]
+
+
 def test_a_block_redone_without_failures_drops_its_old_failure_records(tmp_path, make_cfg, tiny_teacher):
     """A file damaged in place (same size, same key) failed; restored, and its block redone by a
     repair, the row read status ok with the old failure's reason beside it."""

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from ..datasets import ImageDataset
 from ..errors import ConfigError
-from ..views import make_canvas
+from ..views import canvas_resize, make_canvas
 from .parts import Batch, ViewPolicy, _one_thread
 
 JPEG_MAGIC, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
@@ -87,8 +87,7 @@ def canvas_from_decoded(img: torch.Tensor, size: int) -> torch.Tensor:
     """(3, H, W) uint8 -> (size, size, 3) uint8 on the same device: shorter side to ``size``
     (antialiased bicubic), centre crop; the same geometry as ``views.make_canvas``."""
     _, h, w = img.shape
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    nw, nh = canvas_resize(w, h, size)
     x = F.interpolate(img[None].float(), size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
     top, left = (nh - size) // 2, (nw - size) // 2
     x = x[0, :, top:top + size, left:left + size].clamp_(0, 255).round_()
@@ -146,7 +145,10 @@ class DeviceDecodeReader:
         rescued = 0
         for k, img in zip(jpeg, decoded):
             if img is not None:
-                canvas[k] = canvas_from_decoded(img, s)
+                try:
+                    canvas[k] = canvas_from_decoded(img, s)
+                except ValueError as exc:  # decoded, but too elongated for a canvas
+                    errors[k] = _why(exc)
                 continue
             try:  # rejected by the device decoder: PIL decides whether the file is really corrupt
                 canvas[k] = torch.from_numpy(make_canvas(self.files.dataset.load(int(rows[k])), s)).to(self.device)
