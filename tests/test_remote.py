@@ -504,6 +504,53 @@ def test_a_cut_off_request_replayed_to_a_service_without_idempotency_keys_is_cou
     assert again.transport.stats.possibly_paid_twice == 12 and charged(inner)[1] == 12  # (and a dimension probe)
 
 
+def test_inputs_another_live_process_is_sending_are_waited_for_not_paid_twice(tmp_path, tiny_teacher_cfg, tiny_teacher,
+                                                                              key_env):
+    """Two stores of the same images extracted at once, sharing a ledger: the second sent the inputs the
+    first had in flight (pending) and the service charged them twice (102 of 216, without a word). It
+    waits for the live owner's answer instead; a request cut off by a kill (its owner gone) is replayed."""
+    import threading
+
+    inner = service_app("openai", tiny_teacher_cfg, tiny_teacher, tmp_path)
+    views = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8)
+    with LiveServer(inner) as url:
+        from embedcache.teachers.remote.ledger import Ledger
+
+        cfg = remote(tmp_path, "x.zarr", tiny_teacher_cfg, "openai", url).teacher
+        first, second = build_teacher(cfg), build_teacher(cfg)
+        first.ledger = first.transport.ledger = Ledger(tmp_path / "client.sqlite", owner="another-process")
+        probes = charged(inner)[0]
+        in_flight, release = threading.Event(), threading.Event()
+        post = first.transport.post
+
+        def slow(*args, **kw):
+            in_flight.set()
+            release.wait(10)
+            return post(*args, **kw)
+
+        first.transport.post = slow
+        out = {}
+        worker = threading.Thread(target=lambda: out.setdefault("first", first.encode_pixels(views)))
+        worker.start()
+        assert in_flight.wait(10)
+        threading.Timer(0.5, release.set).start()
+        got = second.encode_pixels(views)  # waits for the first one's answer
+        worker.join(10)
+        torch.testing.assert_close(got, out["first"])
+        assert charged(inner) == (probes + 12, 0) and second.transport.stats.queries == 0
+        assert second.transport.stats.image_cache_hits == 12
+        # a pending request is waited for while its owner lives; once it is gone (a kill -9 releases its
+        # lock and leaves the file) it is an earlier run's cut-off request, replayed
+        other = Ledger(tmp_path / "client.sqlite", owner="a-third-process")
+        other.begin("r-dead", "ctx", "image", [("k-dead", 10)])
+        assert second.ledger.held_elsewhere(["k-dead", "k-none"]) == ["k-dead"]
+        os.close(other._owner_fd)  # killed: the lock is released, its file stays
+        assert second.ledger.held_elsewhere(["k-dead"]) == [] and not (other.owners / other.owner).exists()
+        # this process's own pending requests (a call stopped here, rerun in the same session) are never waited for
+        Ledger(tmp_path / "client.sqlite").begin("r-mine", "ctx", "image", [("k-mine", 10)])
+        assert second.ledger.held_elsewhere(["k-mine"]) == []
+
+
 def test_a_long_retry_after_stops_cleanly(tmp_path, tiny_teacher_cfg, tiny_teacher, key_env):
     inner = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
     with LiveServer(Faults(inner, script=["429-long"])) as url:

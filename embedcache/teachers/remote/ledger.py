@@ -22,10 +22,13 @@ import os
 import sqlite3
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from ...fileio import try_exclusive_lock
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS contexts (id TEXT PRIMARY KEY, spec TEXT NOT NULL, created REAL);
@@ -52,8 +55,15 @@ def default_path() -> Path:
     return base / "embedcache" / "remote-ledger.sqlite"
 
 
+# a request's owner is the process that sent it: its pending requests are another live process's while
+# that process holds its owner file's lock (released when it exits or is killed), an earlier run's after
+_PROCESS_OWNER = uuid.uuid4().hex[:16]
+_PROCESS_LOCKS: Dict[str, Optional[int]] = {}  # owner file -> this process's fd holding it (for its lifetime)
+
+
 class Ledger:
-    def __init__(self, path: Optional[os.PathLike] = None):
+    def __init__(self, path: Optional[os.PathLike] = None, owner: Optional[str] = None):
+        """``owner``: another id than this process's (tests standing in for another process)."""
         self.path = Path(path) if path else default_path()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # one connection, used under a lock; other processes share the file through WAL and retries
@@ -63,10 +73,53 @@ class Ledger:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
+            if "owner" not in {row[1] for row in self.db.execute("PRAGMA table_info(requests)")}:
+                self.db.execute("ALTER TABLE requests ADD COLUMN owner TEXT")  # ledgers from before owners
+        # the owner's lock file: another process tells a pending request of a live owner (wait for its
+        # answer) from one cut off by a kill (replay it)
+        self.owners = self.path.with_name(self.path.name + ".owners")
+        self.owners.mkdir(exist_ok=True)
+        self.owner, self._owner_fd = owner or _PROCESS_OWNER, None
+        held = str(self.owners / self.owner)
+        if owner is not None:
+            self._owner_fd = try_exclusive_lock(held)
+        elif held not in _PROCESS_LOCKS:
+            _PROCESS_LOCKS[held] = try_exclusive_lock(held)
 
     def close(self) -> None:
         with self.lock:
             self.db.close()
+            if self._owner_fd is not None:  # an owner of its own (the process's stays held while it lives)
+                os.close(self._owner_fd)
+                self._owner_fd = None
+                (self.owners / self.owner).unlink(missing_ok=True)
+
+    def _alive(self, owner: str) -> bool:
+        """Whether the ledger ``owner`` is open in a live process (its lock file held)."""
+        path = self.owners / owner
+        if not path.exists():
+            return False
+        fd = try_exclusive_lock(path)
+        if fd is None:
+            return True
+        os.close(fd)
+        path.unlink(missing_ok=True)  # its process died (kill -9): the kernel released the lock
+        return False
+
+    def held_elsewhere(self, keys: Sequence[str]) -> List[str]:
+        """Those of ``keys`` pending in a request of another live process (another store's extraction
+        sending the same inputs now): their answers are coming, sending them again would pay twice."""
+        keys = list(dict.fromkeys(keys))
+        owners: Dict[str, List[str]] = {}
+        with self.lock:
+            for i in range(0, len(keys), 500):
+                part = keys[i:i + 500]
+                for key, owner in self.db.execute(
+                        f"SELECT DISTINCT i.key, r.owner FROM request_items i JOIN requests r ON r.id = i.request "
+                        f"WHERE r.status='pending' AND r.owner IS NOT NULL AND r.owner != ? "
+                        f"AND i.key IN ({','.join('?' * len(part))})", [self.owner, *part]):
+                    owners.setdefault(owner, []).append(key)
+        return [k for owner, ks in owners.items() if self._alive(owner) for k in ks]
 
     # --- transactions ----------------------------------------------------------------------------
     def _tx(self):
@@ -140,12 +193,13 @@ class Ledger:
         with self._tx() as db:
             row = db.execute("SELECT status FROM requests WHERE id=?", (request_id,)).fetchone()
             if row is None:
-                db.execute("INSERT INTO requests (id, context, modality, n, nbytes, status, created) VALUES (?,?,?,?,?,?,?)",
-                           (request_id, context_id, modality, len(items), sum(n for _, n in items), "pending", now))
+                db.execute("INSERT INTO requests (id, context, modality, n, nbytes, status, created, owner) "
+                           "VALUES (?,?,?,?,?,?,?,?)", (request_id, context_id, modality, len(items),
+                                                        sum(n for _, n in items), "pending", now, self.owner))
                 db.executemany("INSERT INTO request_items VALUES (?, ?, ?)",
                                [(request_id, i, k) for i, (k, _) in enumerate(items)])
             elif row[0] != "done":
-                db.execute("UPDATE requests SET status='pending' WHERE id=?", (request_id,))
+                db.execute("UPDATE requests SET status='pending', owner=? WHERE id=?", (self.owner, request_id))
             for key, nbytes in items:
                 db.execute("INSERT INTO entries (key, context, modality, nbytes, status, request, created) "
                            "VALUES (?,?,?,?,?,?,?) ON CONFLICT(key) DO UPDATE SET request=excluded.request "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -20,6 +21,7 @@ import httpx
 import numpy as np
 import torch
 
+from ... import interrupt
 from ...config import TeacherConfig
 from ...errors import ConfigError, TeacherLoadError
 from ...fileio import json_digest
@@ -32,6 +34,8 @@ from .ledger import Ledger
 from .protocols import PROTOCOLS, Protocol
 from .ratelimit import RateLimiter
 from .retry import RetryPolicy
+
+WAIT_POLL_S = 0.2  # how often answers another process is fetching are looked for
 
 DEFAULT_KEY_ENV = "EMBEDCACHE_API_KEY"
 DIM_PROBE = "a photo."  # one text embedded once per service to learn its dimension (then kept in the ledger)
@@ -227,6 +231,12 @@ class RemoteTeacher(Teacher):
             if k not in found and k not in todo:
                 todo[k] = i
         t.stats.deduplicated += sum(k not in found for k in keys) - len(todo)
+        arrived = self._wait_for_others(list(todo))  # another live process is sending some of them now
+        if arrived:
+            found.update(arrived)
+            t.stats.cache_hits += len(arrived)
+            setattr(t.stats, f"{modality}_cache_hits", getattr(t.stats, f"{modality}_cache_hits") + len(arrived))
+            todo = {k: i for k, i in todo.items() if k not in arrived}
         for group, rid in self._batches(modality, list(todo)):
             self._send(modality, group, {k: (payloads[todo[k]], wire[todo[k]]) for k in group}, rid)
         found.update(self.ledger.lookup(list(todo)))
@@ -234,6 +244,21 @@ class RemoteTeacher(Teacher):
         if missing:  # cannot happen unless the ledger file was changed under us
             raise RemoteError(f"{len(missing)} answers are missing from the ledger {self.ledger.path}; rerun to resume")
         return np.stack([found[k] for k in keys]).astype(np.float32)
+
+    def _wait_for_others(self, keys: List[str]) -> Dict[str, np.ndarray]:
+        """Answers to ``keys`` that another live process (another store's extraction, sharing this
+        ledger) has pending: waited for, not sent again and paid twice. Bounded by the time its request
+        may take (retries included); what is still pending after that goes out from here."""
+        waiting = set(self.ledger.held_elsewhere(keys))
+        got: Dict[str, np.ndarray] = {}
+        deadline = time.monotonic() + max(60.0, 4 * self.cfg.timeout * (self.cfg.max_retries + 1))
+        while waiting and time.monotonic() < deadline:
+            if interrupt.requested():
+                raise KeyboardInterrupt("interrupted; rerun the same command to resume (paid answers are in the ledger)")
+            time.sleep(WAIT_POLL_S)
+            got.update(self.ledger.lookup(list(waiting)))
+            waiting = set(self.ledger.held_elsewhere([k for k in waiting if k not in got]))
+        return got
 
     def _batches(self, modality: str, todo: List[str]):
         """(keys, request id or None) in sending order: requests an earlier run sent without
