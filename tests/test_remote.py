@@ -327,6 +327,24 @@ def test_a_budget_that_runs_out_in_the_text_stage_says_what_finishing_needs(tmp_
     assert charged(app)[0] == 90 + 24
 
 
+def test_a_budget_stop_on_an_hdf5_store_says_what_finishing_needs(tmp_path, tiny_teacher_cfg, tiny_teacher, key_env):
+    """The stop's message read the store's count after the store was closed (for the dry run that
+    prices what is left): an HDF5 store ended in a TypeError traceback (a helper's review)."""
+    from click.testing import CliRunner
+
+    from embedcache.cli import main
+
+    app = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
+    with LiveServer(app) as url:
+        cfg = remote(tmp_path, "r.h5", tiny_teacher_cfg, "embedcache", url, "teacher.max_queries=40")
+        conf = tmp_path / "remote.yaml"
+        conf.write_text(yaml.safe_dump(to_dict(cfg)))
+        res = CliRunner().invoke(main, ["extract", "--config", str(conf)])
+        assert res.exit_code == 3, res.output
+        assert "teacher.max_queries >= 114" in res.output.strip().splitlines()[-1], res.output
+    assert charged(app)[0] == 36
+
+
 def test_the_budget_is_claimed_in_the_store_before_requests_go_out(tmp_path):
     """Shards running together each counted what the store had paid when they started (72 charged on a
     budget of 40), and a call killed with -9 left its requests out of the books: claims are written in

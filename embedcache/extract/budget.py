@@ -15,26 +15,29 @@ class StoreBudget:
     claimed in the store, under a lock, before they are sent, so shards running together share one
     count and a call killed with -9 has its requests counted (the books, written per finished block,
     had neither). Claims count what was sent, answered or not, free replays included: never less than
-    the bill. A store from before the claims starts from its books."""
+    the bill. The books count too (a store from before the claims, a call run without a budget): the
+    larger of the two is what was sent. ``sent``: the count as this process last saw it (messages after
+    the store is closed)."""
     BLOB = "budget/claimed.json"
 
     def __init__(self, store: Store, limit: int):
         self.store, self.limit = store, int(limit)
         self._lock = Path(store.path) / ".budget.lock" if store.b.multi_writer else None
+        self.sent = self.claimed()
 
     def claimed(self) -> int:
         raw = self.store.b.get_blob(self.BLOB)
-        if raw is not None:
-            return int(json.loads(raw)["claimed"])
         books = self.store.usage() or {}
-        return int(books.get("queries", 0)) + int(books.get("possibly_paid", 0))
+        spent = int(books.get("queries", 0)) + int(books.get("possibly_paid", 0))
+        return max(spent, int(json.loads(raw)["claimed"]) if raw is not None else 0)
 
     def __call__(self, n: int) -> None:
         with exclusive_lock(self._lock) if self._lock is not None else nullcontext():
-            claimed = self.claimed()
+            claimed = self.sent = self.claimed()
             if claimed + n > self.limit:
                 raise BudgetError(f"query budget reached: this store has sent {claimed} queries of "
                                   f"teacher.max_queries={self.limit} (every extract call and shard, answered or not) "
                                   f"and the next request needs {n}")
             self.store.b.put_blob(self.BLOB, json.dumps({"claimed": claimed + n}).encode())
             self.store.b.flush()
+            self.sent = claimed + n

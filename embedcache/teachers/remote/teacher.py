@@ -446,7 +446,7 @@ class RemoteTeacher(Teacher):
         n = cost.get("images", 0) + cost.get("text_texts", 0)
         req = cost.get("requests", 0) + cost.get("text_requests", 0)
         claimer = self.transport.claimer
-        total = (claimer.claimed() if claimer is not None else self.transport.stats.spent()) + n
+        total = (claimer.sent if claimer is not None else self.transport.stats.spent()) + n
         budget = f" with teacher.max_queries >= {total}" if self.cfg.max_queries is not None else ""
         return (f"finishing the store needs {n:,} more queries ({req:,} requests, the ledger's answers free); "
                 f"rerun the same command{budget} to resume")
