@@ -534,16 +534,17 @@ def test_inputs_another_live_process_is_sending_are_waited_for_not_paid_twice(tm
     with LiveServer(inner) as url:
         from embedcache.teachers.remote.ledger import Ledger
 
-        cfg = remote(tmp_path, "x.zarr", tiny_teacher_cfg, "openai", url).teacher
+        # three requests of 4 each: the two calls go through the same inputs request by request
+        cfg = remote(tmp_path, "x.zarr", tiny_teacher_cfg, "openai", url, "teacher.request_batch=4").teacher
         first, second = build_teacher(cfg), build_teacher(cfg)
         first.ledger = first.transport.ledger = Ledger(tmp_path / "client.sqlite", owner="another-process")
         probes = charged(inner)[0]
-        in_flight, release = threading.Event(), threading.Event()
+        in_flight = threading.Event()
         post = first.transport.post
 
         def slow(*args, **kw):
             in_flight.set()
-            release.wait(10)
+            time.sleep(0.4)
             return post(*args, **kw)
 
         first.transport.post = slow
@@ -551,8 +552,7 @@ def test_inputs_another_live_process_is_sending_are_waited_for_not_paid_twice(tm
         worker = threading.Thread(target=lambda: out.setdefault("first", first.encode_pixels(views)))
         worker.start()
         assert in_flight.wait(10)
-        threading.Timer(0.5, release.set).start()
-        got = second.encode_pixels(views)  # waits for the first one's answer
+        got = second.encode_pixels(views)  # waits for each of the first one's answers in turn
         worker.join(10)
         torch.testing.assert_close(got, out["first"])
         assert charged(inner) == (probes + 12, 0) and second.transport.stats.queries == 0

@@ -74,7 +74,11 @@ class Ledger:
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
             if "owner" not in {row[1] for row in self.db.execute("PRAGMA table_info(requests)")}:
-                self.db.execute("ALTER TABLE requests ADD COLUMN owner TEXT")  # ledgers from before owners
+                try:
+                    self.db.execute("ALTER TABLE requests ADD COLUMN owner TEXT")  # ledgers from before owners
+                except sqlite3.OperationalError as exc:  # another process added it first
+                    if "duplicate column" not in str(exc):
+                        raise
         # the owner's lock file: another process tells a pending request of a live owner (wait for its
         # answer) from one cut off by a kill (replay it)
         self.owners = self.path.with_name(self.path.name + ".owners")
@@ -228,6 +232,12 @@ class Ledger:
                            [(emb.shape[1], emb[i].tobytes(), now, request_id, k) for i, k in enumerate(keys)])
             db.execute("UPDATE requests SET status='done', usage=?, finished=? WHERE id=?",
                        (json.dumps(usage or {}, sort_keys=True), now, request_id))
+
+    def disown(self, request_id: str) -> None:
+        """A pending request this process stopped fetching (it failed or was interrupted mid-request):
+        no live owner, so another process replays it instead of waiting for it."""
+        with self._tx() as db:
+            db.execute("UPDATE requests SET owner=NULL WHERE id=? AND status='pending'", (request_id,))
 
     def close_request(self, request_id: str, status: str) -> None:
         """'failed': refused by the service, nothing paid; 'bad': answered but unusable (paid, nothing stored)."""

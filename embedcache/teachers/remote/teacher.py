@@ -23,7 +23,7 @@ import torch
 
 from ... import interrupt
 from ...config import TeacherConfig
-from ...errors import ConfigError, TeacherLoadError
+from ...errors import BudgetError, ConfigError, TeacherLoadError
 from ...fileio import json_digest
 from ...views import to_uint8
 from .._base import TEACHERS, Teacher
@@ -231,12 +231,6 @@ class RemoteTeacher(Teacher):
             if k not in found and k not in todo:
                 todo[k] = i
         t.stats.deduplicated += sum(k not in found for k in keys) - len(todo)
-        arrived = self._wait_for_others(list(todo))  # another live process is sending some of them now
-        if arrived:
-            found.update(arrived)
-            t.stats.cache_hits += len(arrived)
-            setattr(t.stats, f"{modality}_cache_hits", getattr(t.stats, f"{modality}_cache_hits") + len(arrived))
-            todo = {k: i for k, i in todo.items() if k not in arrived}
         for group, rid in self._batches(modality, list(todo)):
             self._send(modality, group, {k: (payloads[todo[k]], wire[todo[k]]) for k in group}, rid)
         found.update(self.ledger.lookup(list(todo)))
@@ -322,7 +316,15 @@ class RemoteTeacher(Teacher):
             for g in groups:
                 self._send(modality, g, items, None)
             return
-        t, n = self.transport, len(keys)
+        t = self.transport
+        arrived = self._wait_for_others(keys)  # inputs another live process is sending now: waited for
+        if arrived:
+            t.stats.cache_hits += len(arrived)
+            setattr(t.stats, f"{modality}_cache_hits", getattr(t.stats, f"{modality}_cache_hits") + len(arrived))
+            keys, rid = [k for k in keys if k not in arrived], None  # what is left is a request of its own
+            if not keys:
+                return
+        n = len(keys)
         rid = rid or self._request_id(modality, keys)
         if rid and self.ledger.request_status(rid) == "pending":
             t.stats.replayed_requests += 1
@@ -354,6 +356,11 @@ class RemoteTeacher(Teacher):
             self._send(modality, keys[:half], items, None)
             self._send(modality, keys[half:], items, None)
             return
+        except (KeyboardInterrupt, BudgetError, RemoteError, OSError):
+            # left pending (it may have been charged), but not as this live process's: another process
+            # replays it rather than waiting for an answer this one no longer fetches
+            self.ledger.disown(rid)
+            raise
         try:
             emb, usage = self._usable(answer, n)
         except RemoteError:
