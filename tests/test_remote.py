@@ -469,6 +469,23 @@ def test_a_lost_answer_counts_against_the_budget(tmp_path, tiny_teacher_cfg, tin
         assert db.execute("SELECT COUNT(*) FROM entries WHERE status='pending'").fetchone()[0] == 12
 
 
+def test_a_resend_after_a_lost_answer_is_claimed_against_the_stores_budget(tmp_path, tiny_teacher_cfg, tiny_teacher,
+                                                                           key_env):
+    """A request is claimed once before it goes out; its resend after a lost answer (which may be charged
+    again) was checked against this call's spending only, so the store's total could pass its limit."""
+    from conftest import block_store
+    from embedcache.extract.budget import StoreBudget
+
+    path, _ = block_store(tmp_path, "zarr")
+    inner = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
+    with LiveServer(Faults(inner, script=["lost"], hold=1.5)) as url, Store(path, "a") as st:
+        StoreBudget(st, 100)(10)  # an earlier call of this store sent 10
+        t = build_teacher(remote(tmp_path, "x.zarr", tiny_teacher_cfg, "embedcache", url, "teacher.max_queries=30").teacher)
+        t.budget_from(StoreBudget(st, 30))
+        with pytest.raises(BudgetError, match="this store has sent 22 queries of teacher.max_queries=30 .* needs 12"):
+            t.encode_pixels(torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8))
+
+
 def test_an_answer_lost_then_replayed_free_is_counted_once(tmp_path, tiny_teacher_cfg, tiny_teacher, key_env):
     """The service charged the request, its answer was lost (possibly paid), the retry under the same
     idempotency key is answered as a free replay: counted once, as possibly paid then replayed_free."""

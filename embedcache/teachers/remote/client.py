@@ -182,11 +182,15 @@ class Transport:
         if self.protocol.idempotency_header:
             headers[self.protocol.idempotency_header] = request_id
         content = json.dumps(body).encode()
-        last = ""
+        last, lost = "", False
         for attempt in range(self.policy.max_retries + 1):
             if interrupt.requested():
                 raise KeyboardInterrupt("interrupted; rerun the same command to resume (paid answers are in the ledger)")
-            self.check_budget(n)
+            if lost and self.claimer is not None and self.max_queries is not None:
+                self.claimer(n)  # resending a request whose answer was lost (it may have been charged): claimed again
+            else:
+                self.check_budget(n)
+            lost = False
             before = self.limiter.waited
             self.limiter.acquire(tokens)
             self.stats.rate_limit_wait_s += self.limiter.waited - before
@@ -209,6 +213,7 @@ class Transport:
                 self._lost_here.add(request_id)
                 self.stats.lost_answers += 1
                 self.stats.possibly_paid += n
+                lost = True
                 last = f"answer lost ({type(exc).__name__})"
             else:
                 status = resp.status_code
