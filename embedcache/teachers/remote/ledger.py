@@ -17,6 +17,7 @@ created, finished); request_items(request, pos, key); sends(request, attempt, se
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import sqlite3
@@ -58,7 +59,20 @@ def default_path() -> Path:
 # a request's owner is the process that sent it: its pending requests are another live process's while
 # that process holds its owner file's lock (released when it exits or is killed), an earlier run's after
 _PROCESS_OWNER = uuid.uuid4().hex[:16]
+_OWNER_PID = os.getpid()
 _PROCESS_LOCKS: Dict[str, Optional[int]] = {}  # owner file -> this process's fd holding it (for its lifetime)
+
+
+@atexit.register
+def _release_owner_files() -> None:
+    """On a normal exit the owner files go (a killed process's stay until another finds them unlocked)."""
+    if os.getpid() != _OWNER_PID:  # a forked child shares the parent's: it leaves them
+        return
+    for path, fd in _PROCESS_LOCKS.items():
+        if fd is not None:
+            os.close(fd)
+            Path(path).unlink(missing_ok=True)
+    _PROCESS_LOCKS.clear()
 
 
 class Ledger:
