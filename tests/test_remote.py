@@ -122,6 +122,22 @@ def charged(app) -> tuple:
     return sum(r["queries"] for r in led.summary()), led.double_charges()
 
 
+def config_file(folder: Path, cfg: ExtractConfig) -> Path:
+    """``cfg`` written as the YAML an `extract --config` reads."""
+    conf = folder / "remote.yaml"
+    conf.write_text(yaml.safe_dump(to_dict(cfg)))
+    return conf
+
+
+def extract_cli(conf: Path, *args: str):
+    """`embedcache extract --config conf ARGS` in this process (its result: exit code and output)."""
+    from click.testing import CliRunner
+
+    from embedcache.cli import main
+
+    return CliRunner().invoke(main, ["extract", "--config", str(conf), *args])
+
+
 def resent_after_answer(ledger_path: Path) -> int:
     """Inputs the client sent again after their answer had arrived (the ledger's audit)."""
     with sqlite3.connect(str(ledger_path)) as db:
@@ -265,20 +281,15 @@ def test_an_unusable_answer_is_refused_in_one_line_and_counted_as_paid(how, tmp_
 
 def test_budget_stops_at_a_block_boundary_then_the_same_store_completes(tmp_path, local, tiny_teacher_cfg,
                                                                         tiny_teacher, key_env):
-    from click.testing import CliRunner
-
-    from embedcache.cli import main
-
     app = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
     with LiveServer(app) as url:
         cfg = remote(tmp_path, "r.zarr", tiny_teacher_cfg, "embedcache", url, "teacher.max_queries=40")
-        conf = tmp_path / "remote.yaml"
-        conf.write_text(yaml.safe_dump(to_dict(cfg)))
-        dry = CliRunner().invoke(main, ["extract", "--config", str(conf), "--dry-run"])
+        conf = config_file(tmp_path, cfg)
+        dry = extract_cli(conf, "--dry-run")
         assert dry.exit_code == 0 and "30 images x 3 views = 90 views to encode" in dry.output, dry.output
         assert "views: 90 to pay for" in dry.output and "prompts: 24 to pay for" in dry.output
         assert not Path(cfg.out).exists() and charged(app)[0] == 0
-        res = CliRunner().invoke(main, ["extract", "--config", str(conf)])
+        res = extract_cli(conf)
         assert res.exit_code == 3, res.output
         line = res.output.strip().splitlines()[-1]
         # 3 calls of 12 views were paid (36 <= 40); 54 views and 24 prompts are left
@@ -289,11 +300,11 @@ def test_budget_stops_at_a_block_boundary_then_the_same_store_completes(tmp_path
         assert charged(app)[0] == 36
         # the budget is the store's, over every call: the same command again pays nothing more (each
         # call spent up to its limit afresh: 36 + 36 + ... on a fixed budget of 40)
-        again = CliRunner().invoke(main, ["extract", "--config", str(conf)])
+        again = extract_cli(conf)
         assert again.exit_code == 3 and charged(app)[0] == 36, again.output
         assert "this store has sent 36 queries of teacher.max_queries=40 (every extract call and shard" in again.output
         assert "teacher.max_queries >= 114" in again.output
-        res = CliRunner().invoke(main, ["extract", "--config", str(conf), "--set", "teacher.max_queries=114"])
+        res = extract_cli(conf, "--set", "teacher.max_queries=114")
         assert res.exit_code == 0, res.output
     assert_same(local, arrays(cfg.out))
     assert charged(app) == (90 + 24, 0)  # the partial block's paid views came from the ledger
@@ -307,22 +318,17 @@ def test_a_budget_that_runs_out_in_the_text_stage_says_what_finishing_needs(tmp_
                                                                              key_env):
     """The prompts are encoded after the last block, outside the block loop's budget handling: a stop
     there said only "query budget reached", with no cost of finishing and no limit that would."""
-    from click.testing import CliRunner
-
-    from embedcache.cli import main
-
     app = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
     with LiveServer(app) as url:
         cfg = remote(tmp_path, "r.zarr", tiny_teacher_cfg, "embedcache", url, "teacher.max_queries=100")
-        conf = tmp_path / "remote.yaml"
-        conf.write_text(yaml.safe_dump(to_dict(cfg)))
-        res = CliRunner().invoke(main, ["extract", "--config", str(conf)])
+        conf = config_file(tmp_path, cfg)
+        res = extract_cli(conf)
         assert res.exit_code == 3, res.output
         line = res.output.strip().splitlines()[-1]
         assert "query budget reached" in line and "teacher.max_queries >= 114" in line, line
         with Store(cfg.out) as st:
             assert st.blocks_done().all() and not st.complete
-        done = CliRunner().invoke(main, ["extract", "--config", str(conf), "--set", "teacher.max_queries=114"])
+        done = extract_cli(conf, "--set", "teacher.max_queries=114")
         assert done.exit_code == 0, done.output
     assert charged(app)[0] == 90 + 24
 
@@ -330,16 +336,11 @@ def test_a_budget_that_runs_out_in_the_text_stage_says_what_finishing_needs(tmp_
 def test_a_budget_stop_on_an_hdf5_store_says_what_finishing_needs(tmp_path, tiny_teacher_cfg, tiny_teacher, key_env):
     """The stop's message read the store's count after the store was closed (for the dry run that
     prices what is left): an HDF5 store ended in a TypeError traceback (a helper's review)."""
-    from click.testing import CliRunner
-
-    from embedcache.cli import main
-
     app = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
     with LiveServer(app) as url:
         cfg = remote(tmp_path, "r.h5", tiny_teacher_cfg, "embedcache", url, "teacher.max_queries=40")
-        conf = tmp_path / "remote.yaml"
-        conf.write_text(yaml.safe_dump(to_dict(cfg)))
-        res = CliRunner().invoke(main, ["extract", "--config", str(conf)])
+        conf = config_file(tmp_path, cfg)
+        res = extract_cli(conf)
         assert res.exit_code == 3, res.output
         assert "teacher.max_queries >= 114" in res.output.strip().splitlines()[-1], res.output
     assert charged(app)[0] == 36
@@ -399,8 +400,7 @@ def test_kill_9_midway_and_rerun_pays_nothing_twice(tmp_path, local, tiny_teache
     inner = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
     with LiveServer(Faults(inner, delay=0.15)) as url:
         cfg = remote(tmp_path, "r.zarr", tiny_teacher_cfg, "embedcache", url)
-        conf = tmp_path / "remote.yaml"
-        conf.write_text(yaml.safe_dump(to_dict(cfg)))
+        conf = config_file(tmp_path, cfg)
         env = {**os.environ, KEY_ENV: KEY, "HF_HUB_OFFLINE": "1"}
         proc = subprocess.Popen([sys.executable, "-m", "embedcache.cli", "extract", "--config", str(conf)], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

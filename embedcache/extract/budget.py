@@ -23,13 +23,13 @@ class StoreBudget:
     def __init__(self, store: Store, limit: int):
         self.store, self.limit = store, int(limit)
         self._lock = Path(store.path) / ".budget.lock" if store.b.multi_writer else None
+        books = store.usage() or {}  # read once: earlier calls' books; this call's claims cover its own
+        self._books = int(books.get("queries", 0)) + int(books.get("possibly_paid", 0))
         self.sent = self.claimed()
 
     def claimed(self) -> int:
         raw = self.store.b.get_blob(self.BLOB)
-        books = self.store.usage() or {}
-        spent = int(books.get("queries", 0)) + int(books.get("possibly_paid", 0))
-        return max(spent, int(json.loads(raw)["claimed"]) if raw is not None else 0)
+        return max(self._books, int(json.loads(raw)["claimed"]) if raw is not None else 0)
 
     def __call__(self, n: int) -> None:
         with exclusive_lock(self._lock) if self._lock is not None else nullcontext():

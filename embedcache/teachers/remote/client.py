@@ -186,8 +186,8 @@ class Transport:
         for attempt in range(self.policy.max_retries + 1):
             if interrupt.requested():
                 raise KeyboardInterrupt("interrupted; rerun the same command to resume (paid answers are in the ledger)")
-            if lost and self.claimer is not None and self.max_queries is not None:
-                self.claimer(n)  # resending a request whose answer was lost (it may have been charged): claimed again
+            if lost:
+                self.claim(n)  # resending a request whose answer was lost (it may have been charged): claimed again
             else:
                 self.check_budget(n)
             lost = False
