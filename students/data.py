@@ -37,6 +37,13 @@ def check_views_used(views_used: Optional[int], views: int, store: str, skip_pla
                           "views.count >= 2, or skip_plain_view=false")
 
 
+def store_interpolation(manifest: dict) -> str:
+    """How a store's teacher views were resampled, from its manifest's preprocessing (bicubic for
+    stores that did not record it): the student's views are resampled alike."""
+    pre = manifest.get("teacher", {}).get("preprocessing", {})
+    return "bilinear" if pre.get("interpolation") == "bilinear" else "bicubic"
+
+
 class StoreData:
     """One store's arrays plus a run's index sets.
 
@@ -151,8 +158,7 @@ class StoreData:
     def interpolation(self) -> str:
         """How the teacher's views were resampled (the student's views are resampled alike): its
         manifest's preprocessing, bicubic for stores that did not record it."""
-        pre = self.reader.manifest.get("teacher", {}).get("preprocessing", {})
-        return "bilinear" if pre.get("interpolation") == "bilinear" else "bicubic"
+        return store_interpolation(self.reader.manifest)
 
     @cached_property
     def train_by_domain(self) -> List[np.ndarray]:

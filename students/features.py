@@ -3,7 +3,9 @@
 ``cache_features`` renders every view of every image at the student's input size, runs the
 frozen backbone (eval mode) and writes the derived array ``student-<key>`` (N, V, F) float32
 through the store's derived-array API (its own completeness flag and checksum), where the key
-hashes the backbone's actual weights and input size: features of other weights never match.
+hashes the backbone's actual weights and input size: features of other weights never match. The
+array records how its views were resampled; features rendered otherwise than the store's views
+(cached by an embedcache that always resampled bicubic) are refused and remade.
 Recipes that train only the head (VL2V-ADiP's align step, linear probes) then read these arrays
 and run thousands of steps per second on a CPU. One store handle is opened, in write mode, so
 HDF5 stores (one writer, no reader beside it) work too.
@@ -24,7 +26,7 @@ from embedcache.errors import StoreError
 from embedcache.store import Store
 
 from .config import SplitConfig, StudentConfig
-from .data import StoreData
+from .data import StoreData, store_interpolation
 from .models import Student, build_seeded
 from .providers import student_views
 
@@ -60,13 +62,21 @@ def cache_features(store: str, cfg: StudentConfig, seed: int = 0, batch_size: in
                 x = student_views(data, idx, np.full(len(idx), view), model.input_size, model.mean, model.std, dev)
                 out[idx, view] = model.features(x).float().cpu().numpy()
         st.put_derived(key, out, {"kind": "student_features", "student": cfg.name, "input_size": model.input_size,
-                                  "feat_dim": model.feat_dim, "pretrained": cfg.pretrained, "seed": seed})
+                                  "feat_dim": model.feat_dim, "pretrained": cfg.pretrained, "seed": seed,
+                                  "interpolation": data.interpolation})
         log(f"cached {n} x {v} features of {key} in {store}")
         return key
 
 
 def has_features(store: Store, key: str) -> bool:
-    return bool(store.derived().get(key, {}).get("complete"))
+    """Features of this key are cached complete and rendered as the store's views are now."""
+    info = store.derived().get(key, {})
+    return bool(info.get("complete")) and _rendered(info) == store_interpolation(store.manifest)
+
+
+def _rendered(info: dict) -> str:
+    """How cached features' views were resampled: embedcache before it recorded this always bicubic."""
+    return info.get("interpolation", "bicubic")
 
 
 def missing_features(reader: StoreReader, cfgs) -> Optional[str]:
@@ -90,6 +100,11 @@ def load_features(store: Store, model: Student, key: Optional[str] = None) -> np
     """(N, V, F) float32 features of exactly this backbone (``key``: its ``features_key``, when known),
     or a one-line error saying how to make them."""
     key = key or features_key(model)
+    info, want = store.derived().get(key, {}), store_interpolation(store.manifest)
+    if info.get("complete") and _rendered(info) != want:
+        raise StoreError(f"store {store.path}: the cached features {key} were rendered {_rendered(info)} (an older "
+                         f"embedcache), the store's views are {want}; run `{features_command(store.path, model)}` to "
+                         "remake them")
     if not has_features(store, key):
         raise StoreError(f"store {store.path} has no cached features for this {model.name} backbone ({key}); run "
                          f"`{features_command(store.path, model)}` first")

@@ -325,6 +325,45 @@ def test_a_store_with_a_split_name_from_before_the_check_is_refused(make_cfg, ti
         StoreData(path, "name")
 
 
+def test_features_rendered_another_way_than_the_stores_views_are_not_used(make_cfg, tiny_teacher, tmp_path):
+    """Features cached before the student's views followed the store's interpolation were rendered
+    bicubic; on a bilinear store they are refused with the command that remakes them, and that
+    command recomputes them (it does not answer "already cached")."""
+    import copy
+
+    from embedcache.extract import extract
+    from embedcache.store import Store
+    from embedcache.students.features import cache_features, load_features
+    from embedcache.students.models import build_seeded
+    from embedcache.students.providers import student_views
+
+    bilinear = copy.copy(tiny_teacher)
+    bilinear.interpolation = "bilinear"
+    cfg = make_cfg("bilinear-feats.zarr", "views.count=2", "views.scale=[0.2,0.5]")
+    extract(cfg, teacher=bilinear, log=quiet)
+    student = StudentConfig(name="test_resnet", input_size=32)
+    key = cache_features(cfg.out, student, device="cpu", progress=False, log=quiet)
+    with Store(cfg.out, "a") as st:
+        info = st.derived()
+        assert info[key]["interpolation"] == "bilinear"
+        info[key].pop("interpolation")  # as an older embedcache wrote them: rendered bicubic
+        st.b.set_attr("derived", info)
+        st.b.flush()
+        model = build_seeded(student, StoreData(cfg.out, "name").reader.dim, 0, 0).eval()
+        with pytest.raises(StoreError, match=r"rendered bicubic.*bilinear.*embedcache features"):
+            load_features(st, model)
+    said = []
+    assert cache_features(cfg.out, student, device="cpu", progress=False, log=said.append) == key
+    assert "already cached" not in said[-1]
+    data = StoreData(cfg.out, "name", SplitConfig(val_fraction=0.0), training=False)
+    idx = np.arange(len(data.labels))
+    with Store(cfg.out, "r") as st, torch.no_grad():
+        got = load_features(st, model)
+        want = model.features(student_views(data, idx, np.ones(len(idx), int), 32, model.mean, model.std,
+                                            torch.device("cpu")))
+    torch.testing.assert_close(torch.from_numpy(got[:, 1]), want, atol=1e-4, rtol=0)
+
+
 def test_batches_per_domain_draw_batch_size_rows_from_each_training_domain(synthetic_store, tmp_path):
     """DomainBed / VL2V-ADiP: "batch 32 per source domain", not one draw from the pooled rows."""
     d = StoreData(str(synthetic_store), "name", SplitConfig(val_fraction=0.25))
