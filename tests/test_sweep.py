@@ -560,3 +560,6 @@ def test_a_sweep_whose_recipes_keep_checkpoints_by_different_rules_says_so(synth
     one = _sweep_file(tmp_path, synthetic_store, grid={"recipe": ["ce", "li_iccv23"], "seed": [0]},
                       base={"student": {"name": "test_resnet", "input_size": 32}, "select": "best_val"})
     assert selection_note(expand(load_sweep(str(one)), str(tmp_path / "y"))) is None
+    no_val = _sweep_file(tmp_path, synthetic_store, grid={"recipe": ["ce", "li_iccv23"], "seed": [0]},
+                         base={"student": {"name": "test_resnet", "input_size": 32}, "split": {"val_fraction": 0.0}})
+    assert selection_note(expand(load_sweep(str(no_val)), str(tmp_path / "z"))) is None  # no validation: all keep the last

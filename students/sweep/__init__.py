@@ -405,10 +405,12 @@ def _require_current_recipes(sweep_dir: str, points: List[SweepPoint]) -> None:
 
 def selection_note(points: List[SweepPoint]) -> Optional[str]:
     """A line when the runs keep their weights by different rules (select: auto follows each recipe:
-    li_iccv23 keeps its last weights, the others their best validation checkpoint), else None."""
+    li_iccv23 keeps its last weights, the others their best validation checkpoint), else None. A run
+    whose split.val_fraction is 0 has no validation rows and keeps its last weights; a positive one
+    is taken to leave some (the run itself refuses or says so when it rounds to none)."""
     rules: Dict[str, set] = {}
     for p in points:
-        rule, _ = selection_rule(p.cfg, RECIPES.get(p.cfg.recipe), has_val=True)
+        rule, _ = selection_rule(p.cfg, RECIPES.get(p.cfg.recipe), has_val=p.cfg.split.val_fraction > 0)
         rules.setdefault(rule, set()).add(p.cfg.recipe)
     if len(rules) < 2:
         return None
