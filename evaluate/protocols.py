@@ -77,11 +77,14 @@ def _rows(pred, labels, classes: Sequence[str], **tags) -> List[Dict]:
 def named_warnings(who: str):
     """The protocols' warnings (a collapsed model, rows left out) said with the model they are about:
     `evaluate runs/` scores many runs, `evaluate --store` the teacher with each text source."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        yield
-    for w in caught:
-        warnings.warn(f"{who}: {w.message}", w.category, stacklevel=3)
+    caught: list = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:  # said also when the block fails after warning
+        for w in caught:
+            warnings.warn(f"{who}: {w.message}", w.category, stacklevel=3)
 
 
 COLLAPSED = 0.95  # a model answering one class for this share of images (of mixed classes) has collapsed

@@ -255,3 +255,18 @@ def test_a_model_that_predicts_one_class_is_named_collapsed():
         warnings.simplefilter("error")  # a model that answers: no warning
         lodo(_data())
         lodo(_data(shuffle=True))  # at chance but not collapsed
+
+
+def test_warnings_said_before_a_failure_keep_the_model_they_are_about():
+    """A protocol that warns (a collapsed model) and then fails: the warning is still said, named."""
+    import warnings
+
+    from embedcache.evaluate.protocols import named_warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match="later"):
+            with named_warnings("run r7"):
+                warnings.warn("zero_shot on d0: the model predicts 'c1' for 99% of the 40 images")
+                raise ValueError("a later protocol failed")
+    assert [str(w.message) for w in caught] == ["run r7: zero_shot on d0: the model predicts 'c1' for 99% of the 40 images"]
