@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -41,14 +41,15 @@ def param_fields(color: bool) -> Tuple[str, ...]:
 MAX_RESIZED_PIXELS = 32_000_000
 
 
-def canvas_resize(w: int, h: int, size: int) -> Tuple[int, int]:
+def canvas_resize(w: int, h: int, size: int, limit: Optional[int] = None) -> Tuple[int, int]:
     """(width, height) an image of ``w`` x ``h`` is resized to before the centre crop: shorter side
-    ``size``; ValueError past MAX_RESIZED_PIXELS."""
+    ``size``; ValueError past ``limit`` pixels (MAX_RESIZED_PIXELS, or a caller's smaller one)."""
+    limit = MAX_RESIZED_PIXELS if limit is None else min(limit, MAX_RESIZED_PIXELS)
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    if nw * nh > MAX_RESIZED_PIXELS:
+    if nw * nh > limit:
         raise ValueError(f"{w} x {h} resized to {size} px on its shorter side would be {nw * nh:,} pixels, more than "
-                         f"{MAX_RESIZED_PIXELS:,}; crop it closer to square")
+                         f"{limit:,}; crop it closer to square")
     return nw, nh
 
 

@@ -123,6 +123,16 @@ def test_size_limits_are_413(server, views):
         assert r.status_code == 413 and "crop it closer to square" in r.json()["error"]["message"]
 
 
+def test_a_sliver_past_the_resize_limit_is_413_under_any_pixel_setting(server):
+    """max_image_pixels set above the canvas resize limit (32 M pixels): 1 x 40,000 -> 1,280,000 x 32
+    is refused as too large, not a 500 from the resize's own check."""
+    url, _ = server(max_image_pixels=10**9)
+    with httpx.Client(base_url=url, timeout=10) as c:
+        sliver = torch.zeros(1, 3, 1, 40_000, dtype=torch.uint8)
+        r = c.post("/v1/embed/images", json={"images": png(sliver)}, headers=auth())
+        assert r.status_code == 413 and "crop it closer to square" in r.json()["error"]["message"], r.text
+
+
 def test_rate_limit_and_quota_are_429_with_retry_after(server, views):
     url, app = server(requests_per_minute=2)
     with httpx.Client(base_url=url, timeout=10) as c:

@@ -23,7 +23,7 @@ from ..fileio import json_digest
 from ..teachers import Teacher
 from ..teachers.remote.codec import decode_image
 from ..teachers.remote.ratelimit import Bucket
-from ..views import make_canvas
+from ..views import canvas_resize, make_canvas
 from .config import ServeConfig
 from .keys import KeyInfo
 from .ledger import ServerLedger
@@ -103,12 +103,10 @@ class Service:
                 raise ServeError(status, f"image {i}: {exc}") from None
             sizes.append((arr.shape[1], arr.shape[0]))
             if arr.shape[:2] != (size, size):  # not a rendered view: shorter side to the input size, centre crop
-                h, w = arr.shape[:2]
-                resized = round(w * size / min(w, h)) * round(h * size / min(w, h))
-                if resized > self.cfg.max_image_pixels:  # an 8000 x 1 PNG of 100 bytes resized to 1.8 G pixels
-                    raise ServeError(413, f"image {i}: {w} x {h} resized to {size} px on its shorter side would be "
-                                          f"{resized:,} pixels, more than {self.cfg.max_image_pixels:,}; crop it "
-                                          "closer to square", "request_too_large")
+                try:  # an 8000 x 1 PNG of 100 bytes resized to 1.8 G pixels: refused before the resize
+                    canvas_resize(arr.shape[1], arr.shape[0], size, self.cfg.max_image_pixels)
+                except ValueError as exc:
+                    raise ServeError(413, f"image {i}: {exc}", "request_too_large") from None
                 arr = make_canvas(Image.fromarray(arr), size)
             arrs.append(arr)
             shas.append(hashlib.sha256(arr.tobytes()).hexdigest())
