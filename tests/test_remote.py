@@ -586,6 +586,56 @@ def test_inputs_another_live_process_is_sending_are_waited_for_not_paid_twice(tm
         assert second.ledger.held_elsewhere(["k-mine"]) == []
 
 
+def test_a_request_begun_elsewhere_between_the_check_and_the_send_is_waited_for(tmp_path, tiny_teacher_cfg,
+                                                                                tiny_teacher, key_env):
+    """Checking for inputs another process is sending and writing this request pending were two steps:
+    a process that began the same inputs between them was not seen, and both paid for them. Writing
+    the request refuses inputs another live process has begun (or answered) since, and waits for them."""
+    import threading
+
+    from embedcache.teachers.remote.ledger import Ledger
+
+    a = Ledger(tmp_path / "unit.sqlite", owner="process-a")
+    b = Ledger(tmp_path / "unit.sqlite", owner="process-b")
+    assert a.begin("r1", "ctx", "image", [("k1", 10), ("k2", 10)]) == []
+    assert b.begin("r1", "ctx", "image", [("k1", 10), ("k2", 10)]) == ["k1", "k2"]  # a lives: not taken over
+    assert b.begin("r2", "ctx", "image", [("k2", 10), ("k3", 10)]) == ["k2"]
+    assert b.request_status("r2") is None and a.pending_requests(["k3"]) == []  # refused: nothing written
+    a.finish("r1", ["k1", "k2"], np.ones((2, 4), np.float32))
+    assert b.begin("r3", "ctx", "image", [("k1", 10), ("k3", 10)]) == ["k1"]  # answered meanwhile
+    assert b.begin("r4", "ctx", "image", [("k3", 10)]) == []
+    assert a.begin("r5", "ctx", "image", [("k5", 10)]) == []
+    assert b.begin("r6", "ctx", "image", [("k5", 10)], waited_out=["k5"]) == []  # waited for in vain: sent from here
+
+    inner = service_app("openai", tiny_teacher_cfg, tiny_teacher, tmp_path)
+    views = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    with LiveServer(inner) as url:
+        cfg = remote(tmp_path, "x.zarr", tiny_teacher_cfg, "openai", url, "teacher.request_batch=4").teacher
+        first, second = build_teacher(cfg), build_teacher(cfg)
+        first.ledger = first.transport.ledger = Ledger(tmp_path / "client.sqlite", owner="another-process")
+        probes = charged(inner)[0]
+        in_flight = threading.Event()
+        post = first.transport.post
+
+        def slow(*args, **kw):
+            in_flight.set()
+            time.sleep(0.4)
+            return post(*args, **kw)
+
+        first.transport.post = slow
+        checks = []
+        held = second.ledger.held_elsewhere
+        second.ledger.held_elsewhere = lambda keys: held(keys) if checks.append(1) or len(checks) > 1 else []
+        out = {}
+        worker = threading.Thread(target=lambda: out.setdefault("first", first.encode_pixels(views)))
+        worker.start()
+        assert in_flight.wait(10)
+        got = second.encode_pixels(views)  # its first check missed the first one's pending request
+        worker.join(10)
+        torch.testing.assert_close(got, out["first"])
+        assert len(checks) > 1 and charged(inner) == (probes + 4, 0) and second.transport.stats.queries == 0
+
+
 def test_a_long_retry_after_stops_cleanly(tmp_path, tiny_teacher_cfg, tiny_teacher, key_env):
     inner = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
     with LiveServer(Faults(inner, script=["429-long"])) as url:

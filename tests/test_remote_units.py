@@ -117,8 +117,9 @@ def test_ledger_pending_then_done_and_its_books(tmp_path):
     got = led.lookup(["b", "a", "zz"])
     assert set(got) == {"a", "b"} and np.array_equal(got["b"], [0, 1]) and led.any_dim("ctx") == 2
     assert led.pending_requests(["a"]) == [] and led.request_status("r1") == "done"
-    led.begin("r2", "ctx", "image", [("a", 10), ("c", 5)])  # an answered entry stays answered
-    assert led.lookup(["a"]) and led.pending_requests(["c"]) == [("r2", ["a", "c"])]
+    assert led.begin("r2", "ctx", "image", [("a", 10), ("c", 5)]) == ["a"]  # answered since: not sent again
+    assert led.lookup(["a"]) and led.pending_requests(["c"]) == [] and led.request_status("r2") is None
+    assert led.begin("r2", "ctx", "image", [("c", 5)]) == [] and led.pending_requests(["c"]) == [("r2", ["c"])]
     led.close_request("r2", "failed")
     assert led.totals() == {"entries": 2, "requests": 2, "paid_inputs": 2, "possibly_paid_inputs": 2}
     led.close()

@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Collection, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -61,6 +61,16 @@ def default_path() -> Path:
 _PROCESS_OWNER = uuid.uuid4().hex[:16]
 _OWNER_PID = os.getpid()
 _PROCESS_LOCKS: Dict[str, Optional[int]] = {}  # owner file -> this process's fd holding it (for its lifetime)
+
+
+def _parts(keys: Sequence[str], n: int = 500) -> List[List[str]]:
+    """``keys`` in parts small enough for one SQL ``IN (...)`` list."""
+    keys = list(keys)
+    return [keys[i:i + n] for i in range(0, len(keys), n)]
+
+
+def _marks(part: Sequence[str]) -> str:
+    return ",".join("?" * len(part))
 
 
 @atexit.register
@@ -130,14 +140,21 @@ class Ledger:
         keys = list(dict.fromkeys(keys))
         owners: Dict[str, List[str]] = {}
         with self.lock:
-            for i in range(0, len(keys), 500):
-                part = keys[i:i + 500]
+            for part in _parts(keys):
                 for key, owner in self.db.execute(
                         f"SELECT DISTINCT i.key, r.owner FROM request_items i JOIN requests r ON r.id = i.request "
                         f"WHERE r.status='pending' AND r.owner IS NOT NULL AND r.owner != ? "
-                        f"AND i.key IN ({','.join('?' * len(part))})", [self.owner, *part]):
+                        f"AND i.key IN ({_marks(part)})", [self.owner, *part]):
                     owners.setdefault(owner, []).append(key)
         return [k for owner, ks in owners.items() if self._alive(owner) for k in ks]
+
+    def _taken(self, keys: Sequence[str], waited_out: Collection[str]) -> List[str]:
+        """Those of ``keys`` answered already, or pending in another live process's request and not
+        among ``waited_out`` (waited for as long as its request may take: sent from here after all)."""
+        done = [k for part in _parts(keys)
+                for (k,) in self.db.execute(f"SELECT key FROM entries WHERE status='done' AND key IN ({_marks(part)})", part)]
+        held = set(self.held_elsewhere(keys)) - set(waited_out)
+        return sorted(set(done) | held)
 
     # --- transactions ----------------------------------------------------------------------------
     def _tx(self):
@@ -168,10 +185,8 @@ class Ledger:
         out: Dict[str, np.ndarray] = {}
         uniq = list(dict.fromkeys(keys))
         with self.lock:
-            for i in range(0, len(uniq), 500):
-                part = uniq[i:i + 500]
-                rows = self.db.execute(
-                    f"SELECT key, emb FROM entries WHERE status='done' AND key IN ({','.join('?' * len(part))})", part)
+            for part in _parts(uniq):
+                rows = self.db.execute(f"SELECT key, emb FROM entries WHERE status='done' AND key IN ({_marks(part)})", part)
                 for key, emb in rows:
                     out[key] = np.frombuffer(emb, dtype="<f4").astype(np.float32)
         return out
@@ -187,11 +202,10 @@ class Ledger:
         keys = list(dict.fromkeys(keys))
         found: Dict[str, None] = {}
         with self.lock:
-            for i in range(0, len(keys), 500):
-                part = keys[i:i + 500]
+            for part in _parts(keys):
                 for (rid,) in self.db.execute(
                         f"SELECT DISTINCT r.id FROM request_items i JOIN requests r ON r.id = i.request "
-                        f"WHERE r.status='pending' AND i.key IN ({','.join('?' * len(part))})", part):
+                        f"WHERE r.status='pending' AND i.key IN ({_marks(part)})", part):
                     found[rid] = None
             out = []
             for rid in found:
@@ -205,10 +219,17 @@ class Ledger:
         return row[0] if row else None
 
     # --- writes --------------------------------------------------------------------------------------
-    def begin(self, request_id: str, context_id: str, modality: str, items: Sequence[Tuple[str, int]]) -> None:
-        """Write the request and its entries *pending*, before it goes out."""
+    def begin(self, request_id: str, context_id: str, modality: str, items: Sequence[Tuple[str, int]],
+              waited_out: Collection[str] = ()) -> List[str]:
+        """Write the request and its entries *pending*, before it goes out; returns []. When another live
+        process has begun (or answered) some of its inputs since the caller checked, nothing is written
+        and those keys are returned: checked and written in one transaction, two processes never both
+        send the same inputs (``waited_out``: keys the caller waited for in vain, taken over)."""
         now = time.time()
         with self._tx() as db:
+            taken = self._taken([k for k, _ in items], waited_out)
+            if taken:
+                return taken
             row = db.execute("SELECT status FROM requests WHERE id=?", (request_id,)).fetchone()
             if row is None:
                 db.execute("INSERT INTO requests (id, context, modality, n, nbytes, status, created, owner) "
@@ -223,6 +244,7 @@ class Ledger:
                            "VALUES (?,?,?,?,?,?,?) ON CONFLICT(key) DO UPDATE SET request=excluded.request "
                            "WHERE entries.status != 'done'",
                            (key, context_id, modality, nbytes, "pending", request_id, now))
+        return []
 
     def sent(self, request_id: str, attempt: int) -> int:
         """Log an attempt going out; returns its row id (its outcome is set by ``outcome``)."""

@@ -239,12 +239,13 @@ class RemoteTeacher(Teacher):
             raise RemoteError(f"{len(missing)} answers are missing from the ledger {self.ledger.path}; rerun to resume")
         return np.stack([found[k] for k in keys]).astype(np.float32)
 
-    def _wait_for_others(self, keys: List[str]) -> Dict[str, np.ndarray]:
+    def _wait_for_others(self, keys: List[str]) -> Tuple[Dict[str, np.ndarray], List[str]]:
         """Answers to ``keys`` that another live process (another store's extraction, sharing this
-        ledger) has pending: waited for, not sent again and paid twice. Bounded by the time its request
-        may take (retries included); what is still pending after that goes out from here."""
-        waiting = set(self.ledger.held_elsewhere(keys))
-        got: Dict[str, np.ndarray] = {}
+        ledger) has pending: waited for, not sent again and paid twice; and the keys still pending
+        there when the wait, bounded by the time its request may take (retries included), ran out:
+        those go out from here."""
+        got = self.ledger.lookup(keys)  # answered meanwhile (found taken when this request was written)
+        waiting = set(self.ledger.held_elsewhere([k for k in keys if k not in got]))
         deadline = time.monotonic() + max(60.0, 4 * self.cfg.timeout * (self.cfg.max_retries + 1))
         while waiting and time.monotonic() < deadline:
             if interrupt.requested():
@@ -252,7 +253,7 @@ class RemoteTeacher(Teacher):
             time.sleep(WAIT_POLL_S)
             got.update(self.ledger.lookup(list(waiting)))
             waiting = set(self.ledger.held_elsewhere([k for k in waiting if k not in got]))
-        return got
+        return got, sorted(waiting)
 
     def _batches(self, modality: str, todo: List[str]):
         """(keys, request id or None) in sending order: requests an earlier run sent without
@@ -317,7 +318,7 @@ class RemoteTeacher(Teacher):
                 self._send(modality, g, items, None)
             return
         t = self.transport
-        arrived = self._wait_for_others(keys)  # inputs another live process is sending now: waited for
+        arrived, waited_out = self._wait_for_others(keys)  # inputs another live process is sending now
         if arrived:
             t.stats.cache_hits += len(arrived)
             setattr(t.stats, f"{modality}_cache_hits", getattr(t.stats, f"{modality}_cache_hits") + len(arrived))
@@ -339,7 +340,11 @@ class RemoteTeacher(Teacher):
             path, body = self.protocol.text_request(self.model, [items[k][1] for k in keys], self.cfg.dimensions)
             tokens = sum(self.protocol.text_tokens(items[k][1]) for k in keys)
         t.claim(n)  # before the pending entries are written: a stop here sent nothing
-        self.ledger.begin(rid, self._ctx[modality], modality, [(k, len(items[k][0])) for k in keys])
+        if self.ledger.begin(rid, self._ctx[modality], modality, [(k, len(items[k][0])) for k in keys], waited_out):
+            # another process began (or answered) some of these since the wait above: wait for them, send
+            # the rest (the claim above stays counted: a rare race, counted high rather than low)
+            self._send(modality, keys, items, None)
+            return
         try:
             answer = t.post(rid, path, body, n, tokens)
         except UnreadableAnswer:
