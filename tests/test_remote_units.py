@@ -126,6 +126,41 @@ def test_ledger_pending_then_done_and_its_books(tmp_path):
     assert Ledger(tmp_path / "l.sqlite").lookup(["a"])  # it is a file: the next run sees it
 
 
+def _forked_sender(path, said, go_on):
+    led = Ledger(path)
+    led.begin("r-child", "ctx", "image", [("k-child", 10)])
+    said.put(led.owner)
+    go_on.wait(30)
+
+
+def test_a_forked_child_is_an_owner_of_its_own_and_a_process_leaves_no_owner_file(tmp_path):
+    """A forked child shared its parent's owner id: the parent took the child's pending requests for
+    its own (never waited for, sent again and paid twice). And a process that exits normally removes
+    its owner file (a killed one's is removed by the next process that finds it unlocked)."""
+    import multiprocessing
+    import subprocess
+    import sys
+
+    path = tmp_path / "l.sqlite"
+    parent = Ledger(path)
+    ctx = multiprocessing.get_context("fork")
+    said, go_on = ctx.Queue(), ctx.Event()
+    child = ctx.Process(target=_forked_sender, args=(path, said, go_on))
+    child.start()
+    try:
+        owner = said.get(timeout=30)
+        assert owner != parent.owner and parent.held_elsewhere(["k-child"]) == ["k-child"]
+    finally:
+        go_on.set()
+        child.join(30)
+    assert child.exitcode == 0 and parent.held_elsewhere(["k-child"]) == []  # its lock went with it
+    assert (parent.owners / parent.owner).exists()  # the parent's own stays held
+    before = set(parent.owners.iterdir())
+    subprocess.run([sys.executable, "-c", f"from embedcache.teachers.remote import Ledger; Ledger({str(path)!r})"],
+                   check=True, timeout=120)
+    assert set(parent.owners.iterdir()) == before
+
+
 def _openai_answer(emb, order, b64=True):
     return {"data": [{"index": i, "embedding": floats_b64(emb[i]) if b64 else emb[i].tolist()} for i in order],
             "usage": {"prompt_tokens": len(order), "total_tokens": len(order)}}

@@ -58,9 +58,13 @@ def default_path() -> Path:
 
 # a request's owner is the process that sent it: its pending requests are another live process's while
 # that process holds its owner file's lock (released when it exits or is killed), an earlier run's after
-_PROCESS_OWNER = uuid.uuid4().hex[:16]
-_OWNER_PID = os.getpid()
-_PROCESS_LOCKS: Dict[str, Optional[int]] = {}  # owner file -> this process's fd holding it (for its lifetime)
+_OWNERS: Dict[int, str] = {}  # pid -> that process's owner id
+_PROCESS_LOCKS: Dict[str, Tuple[int, Optional[int]]] = {}  # owner file -> (pid, the fd holding it for its lifetime)
+
+
+def process_owner() -> str:
+    """This process's owner id; a forked child gets its own (its requests are not its parent's)."""
+    return _OWNERS.setdefault(os.getpid(), uuid.uuid4().hex[:16])
 
 
 def _parts(keys: Sequence[str], n: int = 500) -> List[List[str]]:
@@ -76,13 +80,12 @@ def _marks(part: Sequence[str]) -> str:
 @atexit.register
 def _release_owner_files() -> None:
     """On a normal exit the owner files go (a killed process's stay until another finds them unlocked)."""
-    if os.getpid() != _OWNER_PID:  # a forked child shares the parent's: it leaves them
-        return
-    for path, fd in _PROCESS_LOCKS.items():
-        if fd is not None:
-            os.close(fd)
-            Path(path).unlink(missing_ok=True)
-    _PROCESS_LOCKS.clear()
+    for path, (pid, fd) in list(_PROCESS_LOCKS.items()):
+        if pid == os.getpid():  # a forked child leaves its parent's
+            if fd is not None:
+                os.close(fd)
+                Path(path).unlink(missing_ok=True)
+            del _PROCESS_LOCKS[path]
 
 
 class Ledger:
@@ -107,12 +110,12 @@ class Ledger:
         # answer) from one cut off by a kill (replay it)
         self.owners = self.path.with_name(self.path.name + ".owners")
         self.owners.mkdir(exist_ok=True)
-        self.owner, self._owner_fd = owner or _PROCESS_OWNER, None
+        self.owner, self._owner_fd = owner or process_owner(), None
         held = str(self.owners / self.owner)
         if owner is not None:
             self._owner_fd = try_exclusive_lock(held)
         elif held not in _PROCESS_LOCKS:
-            _PROCESS_LOCKS[held] = try_exclusive_lock(held)
+            _PROCESS_LOCKS[held] = (os.getpid(), try_exclusive_lock(held))
 
     def close(self) -> None:
         with self.lock:
