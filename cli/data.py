@@ -35,7 +35,7 @@ def extract(config_path: Optional[str], out: Optional[str], overrides: Sequence[
     if dry_run:
         per = f"{res.views // res.rows} views" if res.rows else "views"
         click.echo(f"dry run for {res.path}: {res.rows:,} images x {per} = {res.views:,} views to encode")
-        for line in _cost_lines(res.cost):
+        for line in _cost_lines(res.cost) + _budget_lines(res):
             click.echo(f"  {line}")
         return
     if not res.skipped:
@@ -46,6 +46,20 @@ def extract(config_path: Optional[str], out: Optional[str], overrides: Sequence[
 def _incomplete(st) -> str:
     return (f"incomplete ({int(st.blocks_done().sum())} of {st.num_blocks} blocks); rerun its {st.producer} "
             "command to finish")
+
+
+def _budget_lines(res) -> list:
+    """A dry run's paid queries against teacher.max_queries (the store's budget, over every call)."""
+    if res.budget is None:
+        return []
+    from embedcache.teachers.remote.teacher import queries_in
+
+    (limit, sent), need = res.budget, queries_in(res.cost)
+    said = (f"budget: this extraction needs {need:,} more queries and this store has sent {sent:,} of "
+            f"teacher.max_queries={limit:,}: ")
+    if sent + need <= limit:
+        return [said + f"within it ({limit - sent - need:,} to spare)"]
+    return [said + f"it would stop before finishing; rerun with teacher.max_queries >= {sent + need:,} to finish"]
 
 
 def _cost_lines(cost) -> list:

@@ -289,6 +289,8 @@ def test_budget_stops_at_a_block_boundary_then_the_same_store_completes(tmp_path
         assert dry.exit_code == 0 and "30 images x 3 views = 90 views to encode" in dry.output, dry.output
         assert "views: 90 to pay for" in dry.output and "prompts: 24 to pay for" in dry.output
         assert not Path(cfg.out).exists() and charged(app)[0] == 0
+        assert ("budget: this extraction needs 114 more queries and this store has sent 0 of teacher.max_queries=40: "
+                "it would stop before finishing; rerun with teacher.max_queries >= 114 to finish") in dry.output
         res = extract_cli(conf)
         assert res.exit_code == 3, res.output
         line = res.output.strip().splitlines()[-1]
@@ -304,6 +306,10 @@ def test_budget_stops_at_a_block_boundary_then_the_same_store_completes(tmp_path
         assert again.exit_code == 3 and charged(app)[0] == 36, again.output
         assert "this store has sent 36 queries of teacher.max_queries=40 (every extract call and shard" in again.output
         assert "teacher.max_queries >= 114" in again.output
+        dry = extract_cli(conf, "--dry-run")  # the store's sent queries count; the partial block's are free
+        assert "needs 78 more queries and this store has sent 36 of teacher.max_queries=40" in dry.output, dry.output
+        dry = extract_cli(conf, "--dry-run", "--set", "teacher.max_queries=114")
+        assert "sent 36 of teacher.max_queries=114: within it (0 to spare)" in dry.output, dry.output
         res = extract_cli(conf, "--set", "teacher.max_queries=114")
         assert res.exit_code == 0, res.output
     assert_same(local, arrays(cfg.out))

@@ -13,7 +13,7 @@ import errno
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -81,6 +81,7 @@ class DryRun:
     rows: int
     views: int
     cost: Dict[str, int]
+    budget: Optional[Tuple[int, int]] = None  # (teacher.max_queries, queries the store has sent) when a limit is set
 
 
 def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done: Optional[Callable[[int], None]] = None,
@@ -293,10 +294,14 @@ def _dry_run(cfg, manifest, layout, reader, embedder, prompts, shard, num_shards
     teacher = embedder.teacher
     backend = backend_name_for(cfg.out, cfg.backend)
     done = np.zeros(layout["num_blocks"], bool)
+    limit = getattr(cfg.teacher, "max_queries", None)
+    budget = (int(limit), 0) if limit is not None and hasattr(teacher, "cost") else None
     if Store.exists(cfg.out, backend):
         with Store(cfg.out, "r", backend) as st:  # refused as the real run refuses it
             made_so(st, manifest)
             done = st.blocks_done() if not st.complete else np.ones_like(done)
+            if budget:
+                budget = (budget[0], StoreBudget(st, budget[0]).claimed())
     geometry = _Geometry(layout)
     blocks = [b for b in shard_blocks(layout["num_blocks"], shard, num_shards) if not done[b]]
     batches = block_batches(blocks, geometry, cfg.batch_size)
@@ -306,7 +311,7 @@ def _dry_run(cfg, manifest, layout, reader, embedder, prompts, shard, num_shards
         teacher.begin_plan()
     if estimate is None:  # a local teacher costs nothing: counting the rows needs no image decoded
         rows = sum(len(b) for b in batches)
-        return DryRun(cfg.out, rows, rows * layout["views"], cost)
+        return DryRun(cfg.out, rows, rows * layout["views"], cost, budget)
     rows = 0
     for batch in tqdm(reader.batches(batches), total=len(batches), desc="dry run", unit="batch",
                       disable=not cfg.progress, dynamic_ncols=True):
@@ -322,7 +327,7 @@ def _dry_run(cfg, manifest, layout, reader, embedder, prompts, shard, num_shards
                     cost[f"text_{k}"] = cost.get(f"text_{k}", 0) + int(v)
     if probe_paid:
         cost["probe_queries"] = probe_paid
-    return DryRun(cfg.out, rows, rows * layout["views"], cost)
+    return DryRun(cfg.out, rows, rows * layout["views"], cost, budget)
 
 
 def _budget_stop(exc, cfg, manifest, layout, reader, embedder, prompts, shard, num_shards, log) -> BudgetError:

@@ -91,6 +91,11 @@ def _sha(*parts: bytes) -> str:
     return h.hexdigest()
 
 
+def queries_in(cost: Dict[str, int]) -> int:
+    """The paid queries of a dry run's ``cost`` (its views and prompts to pay for; the ledger's are free)."""
+    return cost.get("images", 0) + cost.get("text_texts", 0)
+
+
 @TEACHERS.register("remote")
 class RemoteTeacher(Teacher):
     registry_name = "remote"
@@ -455,7 +460,7 @@ class RemoteTeacher(Teacher):
 
     def budget_message(self, cost: Dict[str, int]) -> str:
         """What a stopped extraction still needs (``cost``: a dry run over what is left)."""
-        n = cost.get("images", 0) + cost.get("text_texts", 0)
+        n = queries_in(cost)
         req = cost.get("requests", 0) + cost.get("text_requests", 0)
         claimer = self.transport.claimer
         total = (claimer.sent if claimer is not None else self.transport.stats.spent()) + n
