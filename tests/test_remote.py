@@ -664,6 +664,26 @@ def test_a_spent_credit_stops_at_once(tmp_path, tiny_teacher_cfg, tiny_teacher, 
     assert t.transport.stats.retries == 0
 
 
+def test_a_refused_request_is_not_replayed_as_possibly_paid(tmp_path, tiny_teacher_cfg, tiny_teacher, key_env):
+    """A request the service refused (out of credit) was left pending: the next run replayed it to a
+    service without idempotency keys and warned its inputs may be paid twice, though nothing was
+    charged. Refused at every attempt, it is closed as failed; one whose answer was lost stays pending."""
+    import warnings
+
+    inner = service_app("openai", tiny_teacher_cfg, tiny_teacher, tmp_path)
+    views = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    with LiveServer(Faults(inner, script=["429-credit"])) as url:
+        cfg = remote(tmp_path, "x.zarr", tiny_teacher_cfg, "openai", url, "teacher.dimensions=32").teacher
+        with pytest.raises(BudgetError, match="quota is spent"):
+            build_teacher(cfg).encode_pixels(views)
+        again = build_teacher(cfg)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "may be paid twice"
+            again.encode_pixels(views)
+    assert again.transport.stats.possibly_paid_twice == 0 and again.transport.stats.replayed_requests == 0
+    assert charged(inner)[0] == 4
+
+
 def test_user_mistakes_are_one_line(tmp_path, tiny_teacher_cfg, tiny_teacher, monkeypatch):
     monkeypatch.delenv("EMBEDCACHE_API_KEY", raising=False)
     base = {"name": "remote", "url": "http://127.0.0.1:9", "ledger": str(tmp_path / "l.sqlite")}

@@ -278,6 +278,18 @@ class Ledger:
         with self._tx() as db:
             db.execute("UPDATE requests SET owner=NULL WHERE id=? AND status='pending'", (request_id,))
 
+    def close_if_uncharged(self, request_id: str) -> bool:
+        """A pending request none of whose sends, in any run, can have been charged (never sent, or every
+        attempt unreachable or answered with an HTTP error) is closed 'failed': the next run sends its
+        inputs afresh rather than replaying it as possibly paid. True if it was closed."""
+        with self._tx() as db:
+            outcomes = [o for (o,) in db.execute("SELECT outcome FROM sends WHERE request=?", (request_id,))]
+            if any(o in ("sent", "ok", "bad-json") or o.startswith("lost:") for o in outcomes):
+                return False
+            db.execute("UPDATE requests SET status='failed', finished=? WHERE id=? AND status='pending'",
+                       (time.time(), request_id))
+            return True
+
     def close_request(self, request_id: str, status: str) -> None:
         """'failed': refused by the service, nothing paid; 'bad': answered but unusable (paid, nothing stored)."""
         with self._tx() as db:

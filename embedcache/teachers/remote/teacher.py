@@ -367,9 +367,11 @@ class RemoteTeacher(Teacher):
             self._send(modality, keys[half:], items, None)
             return
         except (KeyboardInterrupt, BudgetError, RemoteError, OSError):
-            # left pending (it may have been charged), but not as this live process's: another process
-            # replays it rather than waiting for an answer this one no longer fetches
-            self.ledger.disown(rid)
+            # refused or never sent: closed, nothing was paid. Else left pending (it may have been charged),
+            # but not as this live process's: another process replays it rather than waiting for an
+            # answer this one no longer fetches
+            if not self.ledger.close_if_uncharged(rid):
+                self.ledger.disown(rid)
             raise
         try:
             emb, usage = self._usable(answer, n)
