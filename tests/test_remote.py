@@ -352,6 +352,20 @@ def test_a_budget_stop_on_an_hdf5_store_says_what_finishing_needs(tmp_path, tiny
     assert charged(app)[0] == 36
 
 
+def test_a_shards_budget_stop_names_the_limit_that_finishes_the_whole_store(tmp_path, tiny_teacher_cfg, tiny_teacher,
+                                                                           key_env):
+    """A shard's stop priced only its own blocks left: the limit it named was too low to finish the
+    store (the other shards' blocks still to pay)."""
+    app = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
+    with LiveServer(app) as url:
+        cfg = remote(tmp_path, "r.zarr", tiny_teacher_cfg, "embedcache", url, "teacher.max_queries=40")
+        conf = config_file(tmp_path, cfg)
+        res = extract_cli(conf, "--shard", "0", "--num-shards", "2")
+        assert res.exit_code == 3, res.output
+        line = res.output.strip().splitlines()[-1]
+        assert "this store has sent 36 queries" in line and "teacher.max_queries >= 114" in line, line
+
+
 def test_the_budget_is_claimed_in_the_store_before_requests_go_out(tmp_path):
     """Shards running together each counted what the store had paid when they started (72 charged on a
     budget of 40), and a call killed with -9 left its requests out of the books: claims are written in
