@@ -57,6 +57,9 @@ def _budget_lines(res) -> list:
     (limit, sent), need = res.budget, queries_in(res.cost)
     said = (f"budget: this extraction needs {need:,} more queries and this store has sent {sent:,} of "
             f"teacher.max_queries={limit:,}: ")
+    if res.shards > 1:
+        return [said.replace("this extraction", "this shard") + f"the other {res.shards - 1} shard(s)' queries are not "
+                "counted here; a dry run without --shard/--num-shards prices the whole store"]
     if sent + need <= limit:
         return [said + f"within it ({limit - sent - need:,} to spare)"]
     return [said + f"it would stop before finishing; rerun with teacher.max_queries >= {sent + need:,} to finish"]

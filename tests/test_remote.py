@@ -360,6 +360,8 @@ def test_a_shards_budget_stop_names_the_limit_that_finishes_the_whole_store(tmp_
     with LiveServer(app) as url:
         cfg = remote(tmp_path, "r.zarr", tiny_teacher_cfg, "embedcache", url, "teacher.max_queries=40")
         conf = config_file(tmp_path, cfg)
+        dry = extract_cli(conf, "--dry-run", "--shard", "0", "--num-shards", "2")
+        assert "this shard needs" in dry.output and "a dry run without --shard/--num-shards" in dry.output, dry.output
         res = extract_cli(conf, "--shard", "0", "--num-shards", "2")
         assert res.exit_code == 3, res.output
         line = res.output.strip().splitlines()[-1]

@@ -82,6 +82,7 @@ class DryRun:
     views: int
     cost: Dict[str, int]
     budget: Optional[Tuple[int, int]] = None  # (teacher.max_queries, queries the store has sent) when a limit is set
+    shards: int = 1  # the workers filling the store: the rows and cost are this one's share
 
 
 def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done: Optional[Callable[[int], None]] = None,
@@ -311,7 +312,7 @@ def _dry_run(cfg, manifest, layout, reader, embedder, prompts, shard, num_shards
         teacher.begin_plan()
     if estimate is None:  # a local teacher costs nothing: counting the rows needs no image decoded
         rows = sum(len(b) for b in batches)
-        return DryRun(cfg.out, rows, rows * layout["views"], cost, budget)
+        return DryRun(cfg.out, rows, rows * layout["views"], cost, budget, num_shards)
     rows = 0
     for batch in tqdm(reader.batches(batches), total=len(batches), desc="dry run", unit="batch",
                       disable=not cfg.progress, dynamic_ncols=True):
@@ -327,7 +328,7 @@ def _dry_run(cfg, manifest, layout, reader, embedder, prompts, shard, num_shards
                     cost[f"text_{k}"] = cost.get(f"text_{k}", 0) + int(v)
     if probe_paid:
         cost["probe_queries"] = probe_paid
-    return DryRun(cfg.out, rows, rows * layout["views"], cost, budget)
+    return DryRun(cfg.out, rows, rows * layout["views"], cost, budget, num_shards)
 
 
 def _budget_stop(exc, cfg, manifest, layout, reader, embedder, prompts, log) -> BudgetError:
