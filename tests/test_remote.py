@@ -698,6 +698,21 @@ def test_a_refused_request_is_not_replayed_as_possibly_paid(tmp_path, tiny_teach
             again.encode_pixels(views)
     assert again.transport.stats.possibly_paid_twice == 0 and again.transport.stats.replayed_requests == 0
     assert charged(inner)[0] == 4
+    # killed after the request was written pending and before it went out: replayed free of warnings too
+    more = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    with LiveServer(inner) as url:
+        cfg = replace(cfg, url=url)
+        killed = build_teacher(cfg)
+        killed.ledger.close_if_uncharged = lambda rid: False  # a kill -9 runs nothing after the begin
+        killed.transport.post = lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt())
+        with pytest.raises(KeyboardInterrupt):
+            killed.encode_pixels(more)
+        assert killed.ledger.db.execute("SELECT COUNT(*) FROM requests WHERE status='pending'").fetchone() == (1,)
+        again = build_teacher(cfg)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            again.encode_pixels(more)
+    assert again.transport.stats.possibly_paid_twice == 0 and again.transport.stats.replayed_requests == 0
 
 
 def test_user_mistakes_are_one_line(tmp_path, tiny_teacher_cfg, tiny_teacher, monkeypatch):

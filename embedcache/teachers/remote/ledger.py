@@ -278,13 +278,19 @@ class Ledger:
         with self._tx() as db:
             db.execute("UPDATE requests SET owner=NULL WHERE id=? AND status='pending'", (request_id,))
 
+    def may_be_charged(self, request_id: str) -> bool:
+        """Whether a send of this request, in any run, went out and may have been charged: answered,
+        its answer lost, or cut off before its outcome was written (not: unreachable, an HTTP error)."""
+        with self.lock:
+            outcomes = [o for (o,) in self.db.execute("SELECT outcome FROM sends WHERE request=?", (request_id,))]
+        return any(o in ("sent", "ok", "bad-json") or o.startswith("lost:") for o in outcomes)
+
     def close_if_uncharged(self, request_id: str) -> bool:
         """A pending request none of whose sends, in any run, can have been charged (never sent, or every
         attempt unreachable or answered with an HTTP error) is closed 'failed': the next run sends its
         inputs afresh rather than replaying it as possibly paid. True if it was closed."""
         with self._tx() as db:
-            outcomes = [o for (o,) in db.execute("SELECT outcome FROM sends WHERE request=?", (request_id,))]
-            if any(o in ("sent", "ok", "bad-json") or o.startswith("lost:") for o in outcomes):
+            if self.may_be_charged(request_id):
                 return False
             db.execute("UPDATE requests SET status='failed', finished=? WHERE id=? AND status='pending'",
                        (time.time(), request_id))

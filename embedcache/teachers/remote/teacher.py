@@ -332,7 +332,7 @@ class RemoteTeacher(Teacher):
                 return
         n = len(keys)
         rid = rid or self._request_id(modality, keys)
-        if rid and self.ledger.request_status(rid) == "pending":
+        if rid and self.ledger.request_status(rid) == "pending" and self.ledger.may_be_charged(rid):
             t.stats.replayed_requests += 1
             if not self.protocol.idempotency_header:
                 self._replayed_without_key(n)
