@@ -690,12 +690,15 @@ def test_a_refused_request_is_not_replayed_as_possibly_paid(tmp_path, tiny_teach
     views = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     with LiveServer(Faults(inner, script=["429-credit"])) as url:
         cfg = remote(tmp_path, "x.zarr", tiny_teacher_cfg, "openai", url, "teacher.dimensions=32").teacher
+        refused = build_teacher(cfg)
         with pytest.raises(BudgetError, match="quota is spent"):
-            build_teacher(cfg).encode_pixels(views)
+            refused.encode_pixels(views)
+        refused.transport.close()
         again = build_teacher(cfg)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no "may be paid twice"
             again.encode_pixels(views)
+        again.transport.close()
     assert again.transport.stats.possibly_paid_twice == 0 and again.transport.stats.replayed_requests == 0
     assert charged(inner)[0] == 4
     # killed after the request was written pending and before it went out: replayed free of warnings too
@@ -707,11 +710,13 @@ def test_a_refused_request_is_not_replayed_as_possibly_paid(tmp_path, tiny_teach
         killed.transport.post = lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt())
         with pytest.raises(KeyboardInterrupt):
             killed.encode_pixels(more)
+        killed.transport.close()
         assert killed.ledger.db.execute("SELECT COUNT(*) FROM requests WHERE status='pending'").fetchone() == (1,)
         again = build_teacher(cfg)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             again.encode_pixels(more)
+        again.transport.close()
     assert again.transport.stats.possibly_paid_twice == 0 and again.transport.stats.replayed_requests == 0
 
 
