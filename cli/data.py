@@ -6,8 +6,6 @@ from typing import Optional, Sequence
 
 import click
 
-from embedcache.errors import StoreError
-
 from ._app import main, overrides_option
 
 
@@ -41,11 +39,6 @@ def extract(config_path: Optional[str], out: Optional[str], overrides: Sequence[
     if not res.skipped:
         rate = res.images / res.seconds if res.seconds > 0 else 0.0
         click.echo(f"{res.images} images read in {res.seconds:.1f}s ({rate:.1f} images/s, start-up included)")
-
-
-def _incomplete(st) -> str:
-    return (f"incomplete ({int(st.blocks_done().sum())} of {st.num_blocks} blocks); rerun its {st.producer} "
-            "command to finish")
 
 
 def _budget_lines(res) -> list:
@@ -114,45 +107,16 @@ def inspect(store: str, as_json: bool) -> None:
 @click.option("--no-progress", is_flag=True)
 def verify(store: str, repair: bool, overrides: Sequence[str], no_progress: bool) -> None:
     """Check every block and table of a store against the checksums written with it."""
-    from embedcache.store import Store
+    from embedcache.extract.verify import verify_store
 
     if overrides and not repair:
         raise click.UsageError("--set changes the extraction a repair runs; give it with --repair")
-
-    with Store(store) as st:
-        report = st.verify(progress=not no_progress)
-        manifest, producer = st.manifest, st.producer
-        unfinished = "" if st.complete else f"; {_incomplete(st)}"
-    if report.ok and not report.derived:
-        click.echo(f"{store}: {report.blocks_checked} blocks and {len(manifest.get('checksums', {}))} files intact"
-                   f"{unfinished}")
-        return
-    for line in report.lines():
-        click.echo(f"damaged: {line}")
-    for name, why in sorted(report.derived.items()):
-        click.echo(f"damaged: derived/{name}: {why} (computed from the store later: recomputed by the command that made it)")
-    if not repair:
-        raise StoreError(f"{store}: {len(report.damaged_blocks)} damaged block(s), {len(report.files)} damaged file(s), "
-                         f"{len(report.derived)} damaged derived array(s); `embedcache verify --repair {store}` (or the "
-                         f"store's {producer} command) re-does exactly those")
-    if report.derived:
-        with Store(store, "a") as st:
-            st.forget_derived(report.derived)
-        click.echo(f"{store}: derived array(s) {', '.join(sorted(report.derived))} marked to be recomputed; rerun the "
-                   f"command that made them (`embedcache features` for cached features, the store's `embedcache "
-                   f"{producer}` for its own)")
-    if report.ok:
-        return
-    if producer != "extract":  # the synthesiser's own command re-does its blocks (verify cannot rebuild its reader)
-        raise StoreError(f"{store} was made by `embedcache {producer}`: rerun that command with the same config; it "
-                         f"re-does exactly the {len(report.damaged_blocks)} damaged block(s) and file(s)")
-    from embedcache.config import ExtractConfig, apply_overrides, build_config
-    from embedcache.extract import extract as run
-
-    cfg = build_config(ExtractConfig, apply_overrides({**manifest["config"], "out": store, "progress": not no_progress,
-                                                       "shard": None, "num_shards": None}, overrides))
-    res = run(cfg, log=click.echo)
-    click.echo(f"{store}: repaired ({res.repaired} block(s) re-done)")
+    res = verify_store(store, repair, overrides, progress=not no_progress, log=click.echo)
+    if res.report.ok and not res.report.derived:
+        unfinished = f"; {res.unfinished}" if res.unfinished else ""
+        click.echo(f"{store}: {res.report.blocks_checked} blocks and {res.files_checked} files intact{unfinished}")
+    elif res.repaired is not None:
+        click.echo(f"{store}: repaired ({res.repaired} block(s) re-done)")
 
 
 @main.command()

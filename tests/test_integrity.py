@@ -225,6 +225,28 @@ def test_a_lost_table_is_named_and_rebuilt(make_cfg, tiny_teacher):
     assert embedcache.open_store(cfg.out).text_table.equals(embedcache.open_store(cfg.out).text_table)
 
 
+def test_verify_and_repair_from_python(make_cfg, tiny_teacher):
+    """`embedcache verify [--repair]` is ``verify_store``: a notebook checks and repairs a store too."""
+    from embedcache.errors import ConfigError
+    from embedcache.extract.verify import verify_store
+
+    cfg = make_cfg("py.zarr")
+    extract(cfg, teacher=tiny_teacher, log=quiet)
+    before = _arrays(cfg.out)
+    intact = verify_store(cfg.out, progress=False, log=quiet)
+    assert intact.report.ok and intact.unfinished == "" and intact.files_checked > 0 and intact.repaired is None
+    alter_emb(cfg.out, row=5, view=1, col=3)
+    said = []
+    with pytest.raises(StoreError, match="1 damaged block.*verify --repair"):
+        verify_store(cfg.out, progress=False, log=said.append)
+    assert said == ["damaged: block 0: image/emb"]  # the block holding row 5
+    with pytest.raises(ConfigError, match="give them with a repair"):
+        verify_store(cfg.out, overrides=["dataset.path=/elsewhere"], log=quiet)
+    assert verify_store(cfg.out, repair=True, progress=False, log=quiet).repaired == 1
+    _same(before, _arrays(cfg.out))
+    assert verify_store(cfg.out, progress=False, log=quiet).report.ok
+
+
 def test_a_truncated_hdf5_file_is_one_line(make_cfg, tiny_teacher, tmp_path):
     cfg = make_cfg("t.h5")
     extract(cfg, teacher=tiny_teacher, log=quiet)

@@ -1,0 +1,64 @@
+"""Check a store against the checksums written with it, and repair it: damaged derived arrays are
+marked to be recomputed by the command that made them, damaged blocks and files are re-done by the
+store's own extraction (its manifest's config), exactly those and nothing else."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+from ..errors import ConfigError, StoreError
+from ..store import IntegrityReport, Store
+
+
+@dataclass
+class Verified:
+    """What ``verify_store`` found and did: the report, whether the store is complete, and with a
+    repair the blocks re-done (None: no extraction ran)."""
+    report: IntegrityReport
+    files_checked: int
+    unfinished: str  # "" for a complete store, else how far it got and how to finish it
+    repaired: Optional[int] = None
+
+
+def verify_store(path: str, repair: bool = False, overrides: Sequence[str] = (), progress: bool = True,
+                 log: Callable[[str], None] = print) -> Verified:
+    """Verify ``path``; damage is said line by line through ``log``. Without ``repair`` damage raises
+    StoreError naming the repair; with it, derived arrays are marked to be recomputed and an
+    extracted store's damaged blocks and files re-done (``overrides``: ``key=value`` changes to the
+    extraction it runs, e.g. where the images are now)."""
+    if overrides and not repair:
+        raise ConfigError("overrides change the extraction a repair runs; give them with a repair (verify --repair)")
+    with Store(path) as st:
+        report = st.verify(progress=progress)
+        manifest, producer = st.manifest, st.producer
+        unfinished = "" if st.complete else (f"incomplete ({int(st.blocks_done().sum())} of {st.num_blocks} blocks); "
+                                             f"rerun its {producer} command to finish")
+    out = Verified(report, len(manifest.get("checksums", {})), unfinished)
+    if report.ok and not report.derived:
+        return out
+    for line in report.lines():
+        log(f"damaged: {line}")
+    for name, why in sorted(report.derived.items()):
+        log(f"damaged: derived/{name}: {why} (computed from the store later: recomputed by the command that made it)")
+    if not repair:
+        raise StoreError(f"{path}: {len(report.damaged_blocks)} damaged block(s), {len(report.files)} damaged file(s), "
+                         f"{len(report.derived)} damaged derived array(s); `embedcache verify --repair {path}` (or the "
+                         f"store's {producer} command) re-does exactly those")
+    if report.derived:
+        with Store(path, "a") as st:
+            st.forget_derived(report.derived)
+        log(f"{path}: derived array(s) {', '.join(sorted(report.derived))} marked to be recomputed; rerun the "
+            f"command that made them (`embedcache features` for cached features, the store's `embedcache "
+            f"{producer}` for its own)")
+    if report.ok:
+        return out
+    if producer != "extract":  # the synthesiser's own command re-does its blocks (verify cannot rebuild its reader)
+        raise StoreError(f"{path} was made by `embedcache {producer}`: rerun that command with the same config; it "
+                         f"re-does exactly the {len(report.damaged_blocks)} damaged block(s) and file(s)")
+    from ..config import ExtractConfig, apply_overrides, build_config
+    from . import extract
+
+    cfg = build_config(ExtractConfig, apply_overrides({**manifest["config"], "out": path, "progress": progress,
+                                                       "shard": None, "num_shards": None}, overrides))
+    out.repaired = extract(cfg, log=log).repaired
+    return out
