@@ -77,6 +77,21 @@ def _marks(part: Sequence[str]) -> str:
     return ",".join("?" * len(part))
 
 
+def _drop_inherited_locks() -> None:
+    """In a forked child: its copies of the parent's owner-file descriptors closed. A flock is held
+    while any copy of its descriptor is open: kept, a parent killed while its child lives looked alive
+    (its requests waited for to the deadline). Closing a copy leaves the parent's own lock held."""
+    for path, (pid, fd) in list(_PROCESS_LOCKS.items()):
+        if pid != os.getpid():
+            if fd is not None:
+                os.close(fd)
+            del _PROCESS_LOCKS[path]
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 @atexit.register
 def _release_owner_files() -> None:
     """On a normal exit the owner files go (a killed process's stay until another finds them unlocked)."""
@@ -275,8 +290,8 @@ class Ledger:
     def disown(self, request_id: str) -> None:
         """A pending request this process stopped fetching (it failed or was interrupted mid-request):
         no live owner, so another process replays it instead of waiting for it."""
-        with self._tx() as db:
-            db.execute("UPDATE requests SET owner=NULL WHERE id=? AND status='pending'", (request_id,))
+        with self._tx() as db:  # only while it is this process's: another may have taken it over since
+            db.execute("UPDATE requests SET owner=NULL WHERE id=? AND status='pending' AND owner=?", (request_id, self.owner))
 
     def may_be_charged(self, request_id: str) -> bool:
         """Whether a send of this request, in any run, went out and may have been charged: answered,
@@ -288,18 +303,20 @@ class Ledger:
     def close_if_uncharged(self, request_id: str) -> bool:
         """A pending request none of whose sends, in any run, can have been charged (never sent, or every
         attempt unreachable or answered with an HTTP error) is closed 'failed': the next run sends its
-        inputs afresh rather than replaying it as possibly paid. True if it was closed."""
+        inputs afresh rather than replaying it as possibly paid. True if it was closed. Only this
+        process's own: one another process has taken over since is its to close."""
         with self._tx() as db:
             if self.may_be_charged(request_id):
                 return False
-            db.execute("UPDATE requests SET status='failed', finished=? WHERE id=? AND status='pending'",
-                       (time.time(), request_id))
-            return True
+            cur = db.execute("UPDATE requests SET status='failed', finished=? WHERE id=? AND status='pending' AND owner=?",
+                             (time.time(), request_id, self.owner))
+            return cur.rowcount > 0
 
     def close_request(self, request_id: str, status: str) -> None:
         """'failed': refused by the service, nothing paid; 'bad': answered but unusable (paid, nothing stored)."""
-        with self._tx() as db:
-            db.execute("UPDATE requests SET status=?, finished=? WHERE id=?", (status, time.time(), request_id))
+        with self._tx() as db:  # only while it is this process's (another may have taken it over since)
+            db.execute("UPDATE requests SET status=?, finished=? WHERE id=? AND owner=?",
+                       (status, time.time(), request_id, self.owner))
 
     # --- reports -------------------------------------------------------------------------------------
     def totals(self, context_id: Optional[str] = None) -> Dict[str, int]:

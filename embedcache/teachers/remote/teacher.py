@@ -244,13 +244,20 @@ class RemoteTeacher(Teacher):
             raise RemoteError(f"{len(missing)} answers are missing from the ledger {self.ledger.path}; rerun to resume")
         return np.stack([found[k] for k in keys]).astype(np.float32)
 
-    def _wait_for_others(self, keys: List[str]) -> Tuple[Dict[str, np.ndarray], List[str]]:
+    def _release(self, rid: str) -> None:
+        """A request this process stops fetching: refused at every attempt or never sent, it is closed
+        (nothing was paid); else left pending (it may have been charged) but not as this live process's,
+        so another process replays it rather than waiting for an answer this one no longer fetches."""
+        if not self.ledger.close_if_uncharged(rid):
+            self.ledger.disown(rid)
+
+    def _wait_for_others(self, keys: List[str], waited: Sequence[str] = ()) -> Tuple[Dict[str, np.ndarray], List[str]]:
         """Answers to ``keys`` that another live process (another store's extraction, sharing this
         ledger) has pending: waited for, not sent again and paid twice; and the keys still pending
-        there when the wait, bounded by the time its request may take (retries included), ran out:
-        those go out from here."""
+        there when the wait, bounded by the time its request may take (retries included), ran out
+        (with ``waited``, keys an earlier wait ran out on, not waited for again): those go out from here."""
         got = self.ledger.lookup(keys)  # answered meanwhile (found taken when this request was written)
-        waiting = set(self.ledger.held_elsewhere([k for k in keys if k not in got]))
+        waiting = set(self.ledger.held_elsewhere([k for k in keys if k not in got])) - set(waited)
         deadline = time.monotonic() + max(60.0, 4 * self.cfg.timeout * (self.cfg.max_retries + 1))
         while waiting and time.monotonic() < deadline:
             if interrupt.requested():
@@ -258,7 +265,7 @@ class RemoteTeacher(Teacher):
             time.sleep(WAIT_POLL_S)
             got.update(self.ledger.lookup(list(waiting)))
             waiting = set(self.ledger.held_elsewhere([k for k in waiting if k not in got]))
-        return got, sorted(waiting)
+        return got, sorted(waiting | set(waited))
 
     def _batches(self, modality: str, todo: List[str]):
         """(keys, request id or None) in sending order: requests an earlier run sent without
@@ -270,7 +277,9 @@ class RemoteTeacher(Teacher):
                 out.append((items, rid))
                 for k in items:
                     left.pop(k)
-            else:  # its inputs come in other batches now (batch_size changed): sent under a new key
+            elif self.ledger.may_be_charged(rid) and not self.ledger.held_elsewhere(items):
+                # its inputs come in other batches now (batch_size changed): sent under a new key (inputs
+                # another live process is sending are waited for, not sent)
                 self._resent_apart(sum(k in left for k in items))
         rest = list(left)
         limit = self.limits[f"{modality}_batch"]
@@ -316,26 +325,29 @@ class RemoteTeacher(Teacher):
             size += n
         return groups + ([cur] if cur else [])
 
-    def _send(self, modality: str, keys: List[str], items: Dict[str, Tuple[bytes, Any]], rid: Optional[str]) -> None:
+    def _send(self, modality: str, keys: List[str], items: Dict[str, Tuple[bytes, Any]], rid: Optional[str],
+              waited: Sequence[str] = (), from_replay: bool = False) -> None:
+        """Send ``keys`` as one request (``rid``: an earlier run's, replayed) and store the answer.
+        ``waited``: keys already waited for in vain; ``from_replay``: ``keys`` are what is left of an
+        earlier run's possibly charged request, going out apart from it."""
         groups = self._split_by_bytes(keys, items)
         if len(groups) > 1:
             for g in groups:
-                self._send(modality, g, items, None)
+                self._send(modality, g, items, None, waited)
             return
         t = self.transport
-        arrived, waited_out = self._wait_for_others(keys)  # inputs another live process is sending now
+        arrived, waited_out = self._wait_for_others(keys, waited)  # inputs another live process is sending now
         if arrived:
             t.stats.cache_hits += len(arrived)
             setattr(t.stats, f"{modality}_cache_hits", getattr(t.stats, f"{modality}_cache_hits") + len(arrived))
             keys, rid = [k for k in keys if k not in arrived], None  # what is left is a request of its own
             if not keys:
                 return
+            if from_replay:
+                self._resent_apart(len(keys))
         n = len(keys)
         rid = rid or self._request_id(modality, keys)
-        if rid and self.ledger.request_status(rid) == "pending" and self.ledger.may_be_charged(rid):
-            t.stats.replayed_requests += 1
-            if not self.protocol.idempotency_header:
-                self._replayed_without_key(n)
+        replay = self.ledger.request_status(rid) == "pending" and self.ledger.may_be_charged(rid)
         nbytes = sum(len(items[k][0]) for k in keys)
         if modality == "image":
             path, body = self.protocol.image_request(self.model, [items[k][1] for k in keys], self.cfg.image_format,
@@ -344,19 +356,22 @@ class RemoteTeacher(Teacher):
         else:
             path, body = self.protocol.text_request(self.model, [items[k][1] for k in keys], self.cfg.dimensions)
             tokens = sum(self.protocol.text_tokens(items[k][1]) for k in keys)
-        t.claim(n)  # before the pending entries are written: a stop here sent nothing
         if self.ledger.begin(rid, self._ctx[modality], modality, [(k, len(items[k][0])) for k in keys], waited_out):
-            # another process began (or answered) some of these since the wait above: wait for them, send
-            # the rest (the claim above stays counted: a rare race, counted high rather than low)
-            self._send(modality, keys, items, None)
+            # another process began (or answered) some of these since the wait above: wait for them, send the rest
+            self._send(modality, keys, items, None, waited_out, from_replay=replay)
             return
+        if replay:
+            t.stats.replayed_requests += 1
+            if not self.protocol.idempotency_header:
+                self._replayed_without_key(n)
         try:
+            t.claim(n)  # written pending first: a stop here closes it (nothing was sent)
             answer = t.post(rid, path, body, n, tokens)
         except UnreadableAnswer:
             self._paid_for_nothing(rid, modality, n, nbytes)
             raise
         except TooLarge as exc:
-            self.ledger.close_request(rid, "failed")
+            self._release(rid)
             if n == 1:
                 raise RemoteError(f"the server at {self.url} refuses even a single input as too large ({exc}); "
                                   f"use teacher.image_format=jpeg or a smaller teacher.input_size") from None
@@ -367,11 +382,7 @@ class RemoteTeacher(Teacher):
             self._send(modality, keys[half:], items, None)
             return
         except (KeyboardInterrupt, BudgetError, RemoteError, OSError):
-            # refused or never sent: closed, nothing was paid. Else left pending (it may have been charged),
-            # but not as this live process's: another process replays it rather than waiting for an
-            # answer this one no longer fetches
-            if not self.ledger.close_if_uncharged(rid):
-                self.ledger.disown(rid)
+            self._release(rid)
             raise
         try:
             emb, usage = self._usable(answer, n)
@@ -460,13 +471,18 @@ class RemoteTeacher(Teacher):
         store before they are sent (``claimer.claimed()``: the store's total), or raises BudgetError."""
         self.transport.claimer = claimer
 
-    def budget_message(self, cost: Dict[str, int]) -> str:
-        """What a stopped extraction still needs (``cost``: a dry run over what is left)."""
+    def budget_message(self, cost: Dict[str, int], shards: int = 1) -> str:
+        """What a stopped extraction still needs (``cost``: a dry run over what is left; of one of
+        ``shards`` workers' blocks when there are several)."""
         n = queries_in(cost)
         req = cost.get("requests", 0) + cost.get("text_requests", 0)
         claimer = self.transport.claimer
         total = (claimer.sent if claimer is not None else self.transport.stats.spent()) + n
         budget = f" with teacher.max_queries >= {total}" if self.cfg.max_queries is not None else ""
+        if shards > 1:
+            return (f"finishing this shard needs {n:,} more queries ({req:,} requests, the ledger's answers free), the "
+                    f"other {shards - 1} shard(s)' not counted (`extract --dry-run --num-shards 1` prices the whole "
+                    f"store); rerun the same command{budget} to finish this shard")
         return (f"finishing the store needs {n:,} more queries ({req:,} requests, the ledger's answers free); "
                 f"rerun the same command{budget} to resume")
 
