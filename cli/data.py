@@ -52,9 +52,9 @@ def _budget_lines(res) -> list:
             f"teacher.max_queries={limit:,}: ")
     if res.shards > 1:
         return [said.replace("this extraction", "this shard") + f"the other {res.shards - 1} shard(s)' queries are not "
-                "counted here; a dry run without --shard/--num-shards prices the whole store"]
-    if sent + need <= limit:
-        return [said + f"within it ({limit - sent - need:,} to spare)"]
+                "counted here; a dry run with --num-shards 1 prices the whole store"]
+    if need == 0 or sent + need <= limit:  # nothing to send claims nothing: it finishes
+        return [said + f"within it ({max(0, limit - sent - need):,} to spare)"]
     return [said + f"it would stop before finishing; rerun with teacher.max_queries >= {sent + need:,} to finish"]
 
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -310,6 +311,8 @@ def test_budget_stops_at_a_block_boundary_then_the_same_store_completes(tmp_path
         assert "needs 78 more queries and this store has sent 36 of teacher.max_queries=40" in dry.output, dry.output
         dry = extract_cli(conf, "--dry-run", "--set", "teacher.max_queries=114")
         assert "sent 36 of teacher.max_queries=114: within it (0 to spare)" in dry.output, dry.output
+        from embedcache.cli.data import _budget_lines  # nothing left to pay claims nothing: never "would stop"
+        assert "within it" in _budget_lines(SimpleNamespace(budget=(30, 36), cost={"images": 0}, shards=1))[0]
         res = extract_cli(conf, "--set", "teacher.max_queries=114")
         assert res.exit_code == 0, res.output
     assert_same(local, arrays(cfg.out))
@@ -352,20 +355,23 @@ def test_a_budget_stop_on_an_hdf5_store_says_what_finishing_needs(tmp_path, tiny
     assert charged(app)[0] == 36
 
 
-def test_a_shards_budget_stop_names_the_limit_that_finishes_the_whole_store(tmp_path, tiny_teacher_cfg, tiny_teacher,
-                                                                           key_env):
-    """A shard's stop priced only its own blocks left: the limit it named was too low to finish the
-    store (the other shards' blocks still to pay)."""
+def test_a_shards_budget_stop_says_it_prices_this_shard_only(tmp_path, tiny_teacher_cfg, tiny_teacher, key_env):
+    """A shard's stop priced only its own blocks left and named a limit "to resume" as if it finished
+    the store (the other shards' blocks still to pay). Pricing the whole store in every shard would
+    render it once per shard (shards stop together on a shared budget): it says what it priced."""
     app = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
     with LiveServer(app) as url:
         cfg = remote(tmp_path, "r.zarr", tiny_teacher_cfg, "embedcache", url, "teacher.max_queries=40")
         conf = config_file(tmp_path, cfg)
         dry = extract_cli(conf, "--dry-run", "--shard", "0", "--num-shards", "2")
-        assert "this shard needs" in dry.output and "a dry run without --shard/--num-shards" in dry.output, dry.output
+        assert "this shard needs" in dry.output and "a dry run with --num-shards 1 prices the whole store" in dry.output, dry.output
         res = extract_cli(conf, "--shard", "0", "--num-shards", "2")
         assert res.exit_code == 3, res.output
         line = res.output.strip().splitlines()[-1]
-        assert "this store has sent 36 queries" in line and "teacher.max_queries >= 114" in line, line
+        assert "this store has sent 36 queries" in line and "finishing this shard needs" in line, line
+        assert "`extract --dry-run --num-shards 1` prices the whole store" in line and "to finish this shard" in line
+        whole = extract_cli(conf, "--dry-run", "--num-shards", "1")
+        assert "needs 78 more queries and this store has sent 36 of teacher.max_queries=40" in whole.output, whole.output
 
 
 def test_the_budget_is_claimed_in_the_store_before_requests_go_out(tmp_path):

@@ -161,7 +161,7 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
         except BudgetError as exc:  # a paid teacher stopped (images or prompts): say what finishing would cost
             books.record(store)
             store.close()
-            raise _budget_stop(exc, cfg, manifest, layout, reader, embedder, prompts, log) from None
+            raise _budget_stop(exc, cfg, manifest, layout, reader, embedder, prompts, shard, num_shards, log) from None
         return ExtractResult(cfg.out, store.key, store.complete, encoded, failed, time.time() - t0, repaired=repaired)
     finally:
         try:
@@ -331,15 +331,16 @@ def _dry_run(cfg, manifest, layout, reader, embedder, prompts, shard, num_shards
     return DryRun(cfg.out, rows, rows * layout["views"], cost, budget, num_shards)
 
 
-def _budget_stop(exc, cfg, manifest, layout, reader, embedder, prompts, log) -> BudgetError:
-    """The budget error, with the cost of finishing the store (a dry run over what is left of every
-    shard's blocks, not only this one's: the limit it names must finish the store; ledger hits free)."""
+def _budget_stop(exc, cfg, manifest, layout, reader, embedder, prompts, shard, num_shards, log) -> BudgetError:
+    """The budget error, with the cost of finishing (a dry run over what is left, ledger hits free):
+    of this shard's blocks, said so when the store has others (shards stop together on a shared
+    budget: each pricing the whole store would render it that many times)."""
     finish = getattr(embedder.teacher, "budget_message", None)
     if not callable(finish):
         return exc
     log(f"the paid teacher stopped; counting what finishing {cfg.out} would cost ...")  # the error line says why
-    left = _dry_run(replace(cfg, progress=False), manifest, layout, reader, embedder, prompts, 0, 1, log)
-    return BudgetError(f"{exc}; {finish(left.cost)}")
+    left = _dry_run(replace(cfg, progress=False), manifest, layout, reader, embedder, prompts, shard, num_shards, log)
+    return BudgetError(f"{exc}; {finish(left.cost, num_shards)}")
 
 
 class _Geometry:
