@@ -8,7 +8,7 @@ embeddings: no model is loaded.
 from __future__ import annotations
 
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -82,9 +82,16 @@ def named_warnings(who: str):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             yield
-    finally:  # said also when the block fails after warning
-        for w in caught:
-            warnings.warn(f"{who}: {w.message}", w.category, stacklevel=3)
+    except BaseException:  # said also when the block fails after warning, never in place of its error
+        with suppress(Warning):  # (warnings turned into errors)
+            _rewarn(who, caught)
+        raise
+    _rewarn(who, caught)
+
+
+def _rewarn(who: str, caught: list) -> None:
+    for w in caught:
+        warnings.warn(f"{who}: {w.message}", w.category, stacklevel=4)
 
 
 COLLAPSED = 0.95  # a model answering one class for this share of images (of mixed classes) has collapsed

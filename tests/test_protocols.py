@@ -270,3 +270,16 @@ def test_warnings_said_before_a_failure_keep_the_model_they_are_about():
                 warnings.warn("zero_shot on d0: the model predicts 'c1' for 99% of the 40 images")
                 raise ValueError("a later protocol failed")
     assert [str(w.message) for w in caught] == ["run r7: zero_shot on d0: the model predicts 'c1' for 99% of the 40 images"]
+
+
+def test_warnings_turned_errors_never_replace_the_blocks_own_error():
+    import warnings
+
+    from embedcache.evaluate.protocols import named_warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # -W error, or pytest's filterwarnings=error
+        with pytest.raises(ZeroDivisionError):
+            with named_warnings("run x"):
+                warnings.warn("rows left out")
+                1 / 0
