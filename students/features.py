@@ -102,9 +102,10 @@ def load_features(store: Store, model: Student, key: Optional[str] = None) -> np
     key = key or features_key(model)
     info, want = store.derived().get(key, {}), store_interpolation(store.manifest)
     if info.get("complete") and _rendered(info) != want:
-        raise StoreError(f"store {store.path}: the cached features {key} were rendered {_rendered(info)} (an older "
-                         f"embedcache), the store's views are {want}; run `{features_command(store.path, model)}` to "
-                         "remake them")
+        how = (f"were rendered {info['interpolation']}" if "interpolation" in info else
+               "do not record how their views were resampled (an older embedcache, which may have rendered bicubic)")
+        raise StoreError(f"store {store.path}: the cached features {key} {how}, the store's views are {want}; run "
+                         f"`{features_command(store.path, model)}` to remake them")
     if not has_features(store, key):
         raise StoreError(f"store {store.path} has no cached features for this {model.name} backbone ({key}); run "
                          f"`{features_command(store.path, model)}` first")

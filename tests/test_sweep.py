@@ -15,6 +15,8 @@ from embedcache.cli import main
 from embedcache.errors import ConfigError
 from embedcache.students.sweep import LAUNCHERS, expand, load_sweep, run_sweep
 
+from conftest import quiet
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -547,7 +549,8 @@ def test_a_worker_whose_sweep_died_stops_and_a_dead_ray_task_fails_only_its_runs
                                "see the Ray worker's log")
 
 
-def test_a_sweep_whose_recipes_keep_checkpoints_by_different_rules_says_so(synthetic_store, tmp_path):
+def test_a_sweep_whose_recipes_keep_checkpoints_by_different_rules_says_so(synthetic_store, tmp_path, make_cfg,
+                                                                             tiny_teacher):
     """select: auto keeps li_iccv23's last weights and ce's best validation checkpoint: a sweep comparing
     them mixed model selection into the loss comparison without a word."""
     from embedcache.students.sweep import expand, load_sweep, selection_note
@@ -563,3 +566,19 @@ def test_a_sweep_whose_recipes_keep_checkpoints_by_different_rules_says_so(synth
     no_val = _sweep_file(tmp_path, synthetic_store, grid={"recipe": ["ce", "li_iccv23"], "seed": [0]},
                          base={"student": {"name": "test_resnet", "input_size": 32}, "split": {"val_fraction": 0.0}})
     assert selection_note(expand(load_sweep(str(no_val)), str(tmp_path / "z"))) is None  # no validation: all keep the last
+    # a dataset's own val rows are validation rows whatever val_fraction is: the rules differ again
+    import numpy as np
+    from PIL import Image
+
+    from embedcache.extract import extract
+
+    lines = ["path,label,domain,split"]
+    for i, kind in enumerate(["train"] * 8 + ["val"] * 4):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        lines.append(f"{i}.png,{'ab'[i // 2 % 2]},d{i % 2},{kind}")
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    own = extract(make_cfg("own-val.zarr", "dataset.name=csv", f"dataset.path={tmp_path / 'm.csv'}"), teacher=tiny_teacher,
+                  log=quiet).path
+    with_val = _sweep_file(tmp_path, own, grid={"recipe": ["ce", "li_iccv23"], "seed": [0]},
+                           base={"student": {"name": "test_resnet", "input_size": 32}, "split": {"val_fraction": 0.0}})
+    assert "best_val: ce" in selection_note(expand(load_sweep(str(with_val)), str(tmp_path / "w")))

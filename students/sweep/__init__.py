@@ -30,7 +30,7 @@ from embedcache.evaluate.results import read_results
 from embedcache.fileio import atomic_write, atomic_write_text, disk_full_error, is_disk_full
 
 from ..config import TrainConfig, check_trainable
-from ..data import check_views_used
+from ..data import StoreData, check_views_used
 from ..features import missing_features
 from ..finetune import MODES as FINETUNE_MODES
 from ..recipes import RECIPES, definition_change
@@ -406,17 +406,36 @@ def _require_current_recipes(sweep_dir: str, points: List[SweepPoint]) -> None:
 def selection_note(points: List[SweepPoint]) -> Optional[str]:
     """A line when the runs keep their weights by different rules (select: auto follows each recipe:
     li_iccv23 keeps its last weights, the others their best validation checkpoint), else None. A run
-    whose split.val_fraction is 0 has no validation rows and keeps its last weights; a positive one
-    is taken to leave some (the run itself refuses or says so when it rounds to none)."""
+    whose split leaves no validation rows keeps its last weights (the store's rows decide: a
+    dataset's own val rows are validation rows whatever split.val_fraction is)."""
+    has_val = _validation_rows(points)
     rules: Dict[str, set] = {}
     for p in points:
-        rule, _ = selection_rule(p.cfg, RECIPES.get(p.cfg.recipe), has_val=p.cfg.split.val_fraction > 0)
+        rule, _ = selection_rule(p.cfg, RECIPES.get(p.cfg.recipe), has_val=has_val[_split_key(p)])
         rules.setdefault(rule, set()).add(p.cfg.recipe)
     if len(rules) < 2:
         return None
     said = "; ".join(f"{rule}: {', '.join(sorted(recipes))}" for rule, recipes in sorted(rules.items()))
     return (f"note: the runs keep their weights by different rules ({said}), so the table compares model selection "
             "along with the losses; set base.select (best_val or last) to compare the losses alone")
+
+
+def _split_key(p: SweepPoint) -> str:
+    return repr((p.cfg.store, sorted(to_dict(p.cfg.split).items())))
+
+
+def _validation_rows(points: List[SweepPoint]) -> Dict[str, bool]:
+    """Whether each run's split of its store leaves validation rows, once per distinct split."""
+    readers: Dict[str, Any] = {}
+    out: Dict[str, bool] = {}
+    for p in points:
+        key = _split_key(p)
+        if key not in out:
+            if p.cfg.store not in readers:
+                readers[p.cfg.store] = open_store(p.cfg.store)
+            reader = readers[p.cfg.store]
+            out[key] = len(StoreData(reader, reader.text_sources[0], p.cfg.split, training=False).val_idx) > 0
+    return out
 
 
 def run_sweep(spec: SweepSpec, sweep_dir: str, launcher: Optional[str] = None, device: str = "auto",
