@@ -146,7 +146,25 @@ def domainbed(cfg: DatasetConfig) -> ImageDataset:
         for cls in sorted(c for c in dom.iterdir() if c.is_dir()):
             for f in _images_in(cls):
                 samples.append(Sample(f.relative_to(root).as_posix(), cls.name, dom.name, "train", f.stat().st_size))
+    if samples and min(_depth(s) for s in samples) > 3:  # root/x/domain/class/image: the domains read as classes
+        top = root / Path(samples[0].path).parts[0]
+        raise DatasetError(f"dataset.path {root} holds its images one level deeper than domain/class/image (e.g. "
+                           f"{samples[0].path}); point it at the folder holding the domain folders: "
+                           f"--set dataset.path={top}")
+    if not samples and _has_images_at_depth(root, 2):
+        raise DatasetError(f"dataset.path {root} holds class folders of images (class/image), not domain folders "
+                           f"(domain/class/image): --set dataset.path={root.parent} for all domains, or "
+                           "--set dataset.name=folder for this one")
     return ImageDataset("domainbed", root, _limit(samples, cfg.max_per_class))
+
+
+def _depth(sample: Sample) -> int:
+    return len(Path(sample.path).parts)
+
+
+def _has_images_at_depth(root: Path, depth: int) -> bool:
+    """Whether some image file lies exactly ``depth`` folders-and-file deep under ``root``."""
+    return any(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS for p in root.glob("/".join(["*"] * depth)))
 
 
 @DATASETS.register("folder")
@@ -157,6 +175,9 @@ def folder(cfg: DatasetConfig) -> ImageDataset:
     for cls in sorted(c for c in root.iterdir() if c.is_dir()):
         for f in _images_in(cls):
             samples.append(Sample(f.relative_to(root).as_posix(), cls.name, root.name, "train", f.stat().st_size))
+    if samples and min(_depth(s) for s in samples) > 2:  # root/domain/class/image: the domains read as classes
+        raise DatasetError(f"dataset.path {root} holds domain/class/image folders (e.g. {samples[0].path}), not "
+                           "class/image: --set dataset.name=domainbed, or point dataset.path at one domain's folder")
     return ImageDataset("folder", root, _limit(samples, cfg.max_per_class))
 
 

@@ -62,6 +62,22 @@ def test_missing_or_empty_folder_is_a_clear_error(tmp_path, name):
         build_dataset(DatasetConfig(name=name, path=str(tmp_path / "empty")))
 
 
+def test_a_domainbed_path_a_level_off_is_refused_with_the_right_path(tmp_path):
+    """dataset.path one level too high (datasets/ above pacs/) made a store whose classes were the
+    domains and whose one domain was "pacs", without a word; one level too low said "holds no images"
+    of a folder full of them."""
+    root = _make_domainbed(tmp_path / "datasets" / "pacs")
+    with pytest.raises(DatasetError, match=r"one level deeper than domain/class/image .*dataset.path=.*datasets/pacs\b"):
+        build_dataset(DatasetConfig(name="domainbed", path=str(tmp_path / "datasets")))
+    with pytest.raises(DatasetError, match=r"holds class folders of images .*dataset.path=.*datasets/pacs\b.*dataset.name=folder"):
+        build_dataset(DatasetConfig(name="domainbed", path=str(root / "art")))
+    with pytest.raises(DatasetError, match=r"domain/class/image .*dataset.name=domainbed"):
+        build_dataset(DatasetConfig(name="folder", path=str(root)))
+    (root / "art" / "cat" / "more").mkdir()  # a class folder with a subfolder of its own: still a class
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "art" / "cat" / "more" / "x.png")
+    assert len(build_dataset(DatasetConfig(name="domainbed", path=str(root)))) == 13
+
+
 def test_csv_split_names_are_checked(tmp_path):
     (tmp_path / "x.csv").write_text("path,label,split\na.png,cat,train\nb.png,dog,holdout\n")
     with pytest.raises(DatasetError, match=r"x.csv row 3: split 'holdout'; use train, val or test"):
