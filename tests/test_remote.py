@@ -323,6 +323,21 @@ def test_budget_stops_at_a_block_boundary_then_the_same_store_completes(tmp_path
     assert usage["server_reported"]["queries"] == 90 + 24  # the service's own count, summed over both calls too
 
 
+def test_a_complete_store_reruns_as_nothing_to_do_with_its_service_down(tmp_path, tiny_teacher_cfg, tiny_teacher,
+                                                                         key_env):
+    """Rerunning a finished remote store needed the server (exit 75, "rerun to resume" of a complete
+    store): with the same settings and images it is nothing to do; with others the server is needed."""
+    app = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
+    with LiveServer(app) as url:
+        cfg = remote(tmp_path, "r.zarr", tiny_teacher_cfg, "embedcache", url)
+        conf = config_file(tmp_path, cfg)
+        assert extract_cli(conf).exit_code == 0
+    again = extract_cli(conf)  # the server is gone
+    assert again.exit_code == 0 and "already complete and intact" in again.output, again.output
+    other = extract_cli(conf, "--set", "views.count=2")
+    assert other.exit_code == 75 and "cannot reach" in other.output, other.output
+
+
 def test_a_budget_that_runs_out_in_the_text_stage_says_what_finishing_needs(tmp_path, tiny_teacher_cfg, tiny_teacher,
                                                                              key_env):
     """The prompts are encoded after the last block, outside the block loop's budget handling: a stop

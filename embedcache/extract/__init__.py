@@ -17,9 +17,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..config import ExtractConfig, replace
+from ..config import ExtractConfig, replace, to_dict
 from ..datasets import ImageDataset, build_dataset
-from ..errors import BudgetError, ConfigError, DatasetError, StoreError
+from ..errors import BudgetError, ConfigError, DatasetError, EmbedcacheError, StoreError
 from ..fileio import disk_full_error, is_disk_full, try_exclusive_lock
 from ..store import (BACKENDS, STATUS_OK, USAGE_SNAPSHOTS, Store, add_text_arrays, backend_name_for, is_counter,
                      plan_layout)
@@ -102,7 +102,13 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
     dataset = dataset or build_dataset(cfg.dataset)
     dataset.require_files()
     books_from = teacher  # a teacher passed in may have spent before this call; one built here has not
-    teacher = teacher or build_teacher(cfg.teacher)
+    try:
+        teacher = teacher or build_teacher(cfg.teacher)
+    except EmbedcacheError as exc:
+        done = None if dry_run else _complete_as_configured(exc, cfg, dataset, log, t0)
+        if done is None:
+            raise
+        return done
     prompts = build_prompts(dataset.classes, cfg.text)
     reader = reader or make_reader(cfg, dataset, teacher)
     pipeline = getattr(reader, "pipeline", PIPELINE)
@@ -284,6 +290,26 @@ def _minus(now: Any, before: Any) -> Any:
         before = before if isinstance(before, dict) else {}
         return {k: _minus(v, before.get(k)) for k, v in now.items()}
     return now
+
+
+def _complete_as_configured(exc, cfg: ExtractConfig, dataset: ImageDataset, log, t0: float) -> Optional[ExtractResult]:
+    """A rerun whose remote teacher cannot be reached (``exc``): a complete, intact store made with
+    these very settings and images has nothing to do, as it would with the teacher there (whose
+    identity cannot be confirmed, so the store's recorded settings are compared instead); else None."""
+    from ..teachers.remote.errors import RemoteUnavailableError
+
+    backend = backend_name_for(cfg.out, cfg.backend)
+    if not isinstance(exc, RemoteUnavailableError) or not Store.exists(cfg.out, backend):
+        return None
+    with Store(cfg.out, "r", backend) as st:
+        made, want = st.manifest.get("config", {}), to_dict(cfg)
+        same = (st.complete and st.manifest.get("dataset", {}).get("fingerprint") == dataset.fingerprint()
+                and all(made.get(k) == want[k] for k in ("teacher", "views", "canvas", "text", "decoder")))
+        if not same or not st.verify(progress=cfg.progress).ok:
+            return None
+        log(f"{cfg.out} is already complete and intact (key {st.key}); nothing to do (the teacher could not be "
+            "reached to confirm its identity: the store's recorded settings and images were compared instead)")
+        return ExtractResult(cfg.out, st.key, True, 0, int(st.manifest.get("failed", 0)), time.time() - t0, True)
 
 
 def _dry_run(cfg, manifest, layout, reader, embedder, prompts, shard, num_shards, log, probe_paid: int = 0) -> DryRun:
