@@ -11,7 +11,7 @@ import warnings
 
 import click
 
-from embedcache.errors import EmbedcacheError
+from embedcache.errors import EmbedcacheError, one_line_warning
 
 
 NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
@@ -23,7 +23,7 @@ class Group(click.Group):
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
         with warnings.catch_warnings():
-            warnings.showwarning = _one_line_warning
+            warnings.showwarning = one_line_warning
             return self._main(*args, **kwargs)
 
     def _main(self, *args, **kwargs):
@@ -54,11 +54,6 @@ class Group(click.Group):
             msg = str(exc) if str(exc) and " " in str(exc) else "interrupted; rerun the same command to resume"
             click.echo(msg, err=True)
             sys.exit(130)
-
-
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """A library warning as the user reads it: one ``warning:`` line, not a file, line and source."""
-    click.echo(f"warning: {message}", err=True)
 
 
 @click.group(cls=Group)

@@ -54,3 +54,11 @@ class DiskFullError(EmbedcacheError, OSError):
 class BudgetError(EmbedcacheError):
     """A paid teacher's query budget or a server's quota ran out: the store is left resumable."""
     exit_code = 3
+
+
+def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A library warning as the user reads it: one ``warning:`` line, not a file, line and source
+    (``warnings.showwarning`` of the CLI and of the processes it starts)."""
+    import sys
+
+    print(f"warning: {message}", file=file or sys.stderr, flush=True)

@@ -13,12 +13,13 @@ import queue
 import socket
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from embedcache import interrupt
 from embedcache.config import build_config, to_dict
-from embedcache.errors import ConfigError
+from embedcache.errors import ConfigError, one_line_warning
 from embedcache.registry import Registry
 
 from ..config import TrainConfig
@@ -102,6 +103,7 @@ def _worker_main(tasks, results, spec_dict: Dict, sweep_dir: str, device: str, t
     from . import SweepSpec
 
     interrupt.stop_on_signal()
+    warnings.showwarning = one_line_warning  # its runs' warnings as the CLI says them: one line each
     _stop_when_orphaned(os.getppid())
     torch.set_num_threads(threads)
     spec = SweepSpec(**spec_dict)
@@ -272,6 +274,7 @@ def _ray_task(items: list, spec_dict: Dict, sweep_dir: str, device: str, threads
     if cwd:
         os.chdir(cwd)  # Ray workers start elsewhere; stores and sweep dirs may be relative paths
     torch.set_num_threads(threads)
+    warnings.showwarning = one_line_warning
     return run_job(_points(items), SweepSpec(**spec_dict), sweep_dir, device)
 
 
