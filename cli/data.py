@@ -31,8 +31,11 @@ def extract(config_path: Optional[str], out: Optional[str], overrides: Sequence[
         click.echo("no --config given: extracting the demo (`embedcache configs show demo` prints its settings)")
     res = run(cfg, log=click.echo, dry_run=dry_run)
     if dry_run:
-        per = f"{res.views // res.rows} views" if res.rows else "views"
-        click.echo(f"dry run for {res.path}: {res.rows:,} images x {per} = {res.views:,} views to encode")
+        if res.complete:
+            click.echo(f"dry run for {res.path}: the store is complete: nothing to encode or pay for "
+                       "(`embedcache verify` checks it)")
+            return
+        click.echo(f"dry run for {res.path}: {res.rows:,} images x {res.views_per_image} views = {res.views:,} views to encode")
         for line in _cost_lines(res.cost) + _budget_lines(res):
             click.echo(f"  {line}")
         return

@@ -158,6 +158,8 @@ def test_resume_after_interruption_is_byte_identical(make_cfg, tiny_teacher, suf
     res = extract(cut, teacher=tiny_teacher, log=quiet)
     assert res.complete and 0 < res.images < 30  # only the unfinished blocks were encoded
     assert (dry.rows, dry.views, dry.cost) == (res.images, 3 * res.images, {})  # counted, not decoded
+    done = extract(cut, teacher=tiny_teacher, log=quiet, dry_run=True, reader=_NoDecode(cut, tiny_teacher))
+    assert done.complete and (done.rows, done.views, done.cost) == (0, 0, {})  # "0 images x views" said nothing
     seen = CliRunner().invoke(main, ["inspect", cut.out, "--json"])
     assert seen.exit_code == 0 and json.loads(seen.output)["complete"] is True
     a, b = _arrays(full.out), _arrays(cut.out)

@@ -334,6 +334,8 @@ def test_a_complete_store_reruns_as_nothing_to_do_with_its_service_down(tmp_path
         assert extract_cli(conf).exit_code == 0
     again = extract_cli(conf)  # the server is gone
     assert again.exit_code == 0 and "already complete and intact" in again.output, again.output
+    dry = extract_cli(conf, "--dry-run")
+    assert dry.exit_code == 0 and "the store is complete: nothing to encode or pay for" in dry.output, dry.output
     other = extract_cli(conf, "--set", "views.count=2")
     assert other.exit_code == 75 and "cannot reach" in other.output, other.output
 

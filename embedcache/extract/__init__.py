@@ -83,6 +83,8 @@ class DryRun:
     cost: Dict[str, int]
     budget: Optional[Tuple[int, int]] = None  # (teacher.max_queries, queries the store has sent) when a limit is set
     shards: int = 1  # the workers filling the store: the rows and cost are this one's share
+    views_per_image: int = 0
+    complete: bool = False  # the store is complete already: nothing to encode
 
 
 def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done: Optional[Callable[[int], None]] = None,
@@ -105,10 +107,10 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
     try:
         teacher = teacher or build_teacher(cfg.teacher)
     except EmbedcacheError as exc:
-        done = None if dry_run else _complete_as_configured(exc, cfg, dataset, log, t0)
+        done = _complete_as_configured(exc, cfg, dataset, log, t0)
         if done is None:
             raise
-        return done
+        return DryRun(cfg.out, 0, 0, {}, views_per_image=cfg.views.count, complete=True) if dry_run else done
     prompts = build_prompts(dataset.classes, cfg.text)
     reader = reader or make_reader(cfg, dataset, teacher)
     pipeline = getattr(reader, "pipeline", PIPELINE)
@@ -326,9 +328,11 @@ def _dry_run(cfg, manifest, layout, reader, embedder, prompts, shard, num_shards
     if Store.exists(cfg.out, backend):
         with Store(cfg.out, "r", backend) as st:  # refused as the real run refuses it
             made_so(st, manifest)
-            done = st.blocks_done() if not st.complete else np.ones_like(done)
             if budget:
                 budget = (budget[0], StoreBudget(st, budget[0]).claimed())
+            if st.complete:  # prompts included
+                return DryRun(cfg.out, 0, 0, {}, budget, num_shards, layout["views"], complete=True)
+            done = st.blocks_done()
     geometry = _Geometry(layout)
     blocks = [b for b in shard_blocks(layout["num_blocks"], shard, num_shards) if not done[b]]
     batches = block_batches(blocks, geometry, cfg.batch_size)
@@ -338,7 +342,7 @@ def _dry_run(cfg, manifest, layout, reader, embedder, prompts, shard, num_shards
         teacher.begin_plan()
     if estimate is None:  # a local teacher costs nothing: counting the rows needs no image decoded
         rows = sum(len(b) for b in batches)
-        return DryRun(cfg.out, rows, rows * layout["views"], cost, budget, num_shards)
+        return DryRun(cfg.out, rows, rows * layout["views"], cost, budget, num_shards, layout["views"])
     rows = 0
     for batch in tqdm(reader.batches(batches), total=len(batches), desc="dry run", unit="batch",
                       disable=not cfg.progress, dynamic_ncols=True):
@@ -354,7 +358,7 @@ def _dry_run(cfg, manifest, layout, reader, embedder, prompts, shard, num_shards
                     cost[f"text_{k}"] = cost.get(f"text_{k}", 0) + int(v)
     if probe_paid:
         cost["probe_queries"] = probe_paid
-    return DryRun(cfg.out, rows, rows * layout["views"], cost, budget, num_shards)
+    return DryRun(cfg.out, rows, rows * layout["views"], cost, budget, num_shards, layout["views"])
 
 
 def _budget_stop(exc, cfg, manifest, layout, reader, embedder, prompts, shard, num_shards, log) -> BudgetError:
