@@ -380,6 +380,18 @@ def packaged_configs(kind: str) -> Dict[str, str]:
     return out
 
 
+def packaged_maker(store_path: str) -> Optional[str]:
+    """The command that makes this store from a packaged config (an extract or synthesize config whose
+    ``out`` is this path), or None."""
+    want = Path(store_path).expanduser().absolute()
+    for kind in ("extract", "synthesize"):
+        for name in packaged_configs(kind):
+            out = (yaml.safe_load(config_text(kind, name)[0]) or {}).get("out")
+            if out and Path(out).expanduser().absolute() == want:
+                return f"embedcache {kind} --config {name}"
+    return None
+
+
 def config_text(kind: str, name_or_path: str) -> Tuple[str, str]:
     """(text, where it came from): a file at that path wins, else a packaged config of that name."""
     p = Path(name_or_path)

@@ -567,8 +567,13 @@ def test_a_missing_store_says_where_a_relative_path_was_taken_from(tmp_path, mon
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(StoreError, match=rf"no zarr store at stores/x.zarr \(a relative path, taken from {tmp_path}\); "
-                                         r"give its path, or run `embedcache extract`"):
+                                         r"give its path, or run `embedcache extract` to make one"):
         Store("stores/x.zarr")
+    # the store of a packaged config (a shipped train or sweep config names it): that config's command
+    with pytest.raises(StoreError, match=r"run `embedcache extract --config pacs-conse-lite2` to make one"):
+        Store("stores/pacs-conse-lite2.zarr")
+    with pytest.raises(StoreError, match=r"run `embedcache synthesize --config pacs-contrastive` to make one"):
+        Store("stores/pacs-contrastive.zarr")
 
 
 def test_a_damaged_derived_array_is_reported_apart_and_marked_for_recomputation(synthetic_store, tmp_path):

@@ -124,9 +124,11 @@ class Store:
         self.backend_name = backend_name_for(path, backend)
         cls = BACKENDS.get(self.backend_name)
         if not cls.exists(self.path):
+            from ..config import packaged_maker
+
             where = "" if Path(self.path).is_absolute() else f" (a relative path, taken from {Path.cwd()})"
             raise StoreError(f"no {self.backend_name} store at {self.path}{where}; give its path, or run "
-                             "`embedcache extract` to make one")
+                             f"`{packaged_maker(self.path) or 'embedcache extract'}` to make one")
         root = _store_above(self.path)
         if root is not None:
             raise StoreError(f"{self.path} is inside the store {root}; give the store's own path")
