@@ -16,7 +16,8 @@ SYNTH ?= configs/synthesize/pacs-contrastive.yaml
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-13s %s\n", $$1, $$2}'
-	@echo "  variables: CONFIG=configs/extract/<name>.yaml  TRAIN_CONFIG=configs/train/<name>.yaml  ARGS='--set k=v'  STORE=path"
+	@echo "  variables: CONFIG=configs/extract/<name>.yaml  TRAIN_CONFIG=configs/train/<name>.yaml  SWEEP=configs/sweep/<name>.yaml"
+	@echo "             SYNTH=configs/synthesize/<name>.yaml  SWEEP_DIR=sweeps/<name>  STORE=path  ARGS='--set k=v'"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
