@@ -188,6 +188,12 @@ def flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
+def _plural(tp) -> str:
+    """'numbers', 'strings': the elements of a list of ``tp``."""
+    return {int: "integers", float: "numbers", str: "strings", bool: "booleans (true or false)"}.get(
+        tp, f"values of type {_type_name(tp)}")
+
+
 def _type_name(tp) -> str:
     origin = typing.get_origin(tp)
     if origin is typing.Union:
@@ -196,8 +202,8 @@ def _type_name(tp) -> str:
     if origin in (tuple, Tuple):
         args = typing.get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of {_type_name(args[0])}"
-        return f"a list of {len(args)} {_type_name(args[0])}s"
+            return f"a list of {_plural(args[0])}"
+        return f"a list of {len(args)} {_plural(args[0])}"
     if origin in (dict, Dict):
         return "a mapping"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, getattr(tp, "__name__", str(tp)))
@@ -306,7 +312,7 @@ def build_config(cls, data: Dict[str, Any], prefix: str = ""):
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]}; valid keys under {prefix or 'the top level'}: "
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]}; valid keys under {prefix.rstrip('.') or 'the top level'}: "
                           f"{', '.join(sorted(known))}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -366,6 +372,10 @@ def set_path(data: Dict[str, Any], key: str, value: Any) -> None:
 
 # --- config files: a path, or a config shipped in the package ------------------------------------------
 KINDS = ("extract", "train", "sweep", "synthesize", "serve")
+
+
+def _a(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
 
 
 def packaged_configs(kind: str) -> Dict[str, str]:
@@ -429,8 +439,8 @@ def load_config(cls, path: Optional[str] = None, overrides: Sequence[str] = (), 
     except ConfigError as exc:
         other = next((k for k in Path(str(path or "")).parent.parts[::-1] if k in KINDS), kind)
         if str(exc).startswith("unknown config key") and other != kind:  # configs/train/x.yaml given to extract
-            raise ConfigError(f"{exc} ({path} sits in a {other} folder: is it a {other} config? this command "
-                              f"reads {kind} configs)") from None
+            raise ConfigError(f"{exc} ({path} sits in {_a(other)} {other} folder: is it {_a(other)} {other} config? "
+                              f"this command reads {kind} configs)") from None
         raise
 
 

@@ -46,10 +46,12 @@ def test_a_section_left_empty_in_yaml_takes_overrides(tmp_path):
 
 
 def test_unknown_key_is_one_line_listing_valid_keys():
-    with pytest.raises(ConfigError, match=r"unknown config key views\.cuont; valid keys under views\.: color_jitter, count, flip"):
+    with pytest.raises(ConfigError, match=r"unknown config key views\.cuont; valid keys under views: color_jitter, count, flip"):
         load_extract_config(None, ["views.cuont=3"])
     with pytest.raises(ConfigError, match="not key=value"):
         load_extract_config(None, ["views.count"])
+    with pytest.raises(ConfigError, match=r"views.scale=0.5 is not valid: expected a list of 2 numbers"):
+        load_extract_config(None, ["views.scale=0.5"])
 
 
 def test_a_store_without_text_sources_is_refused_before_any_image_is_encoded():
@@ -210,6 +212,10 @@ def test_a_config_of_another_command_says_so():
                                           r"command reads extract configs") as err:
         load_config(ExtractConfig, str(ROOT / "configs" / "train" / "demo.yaml"))
     assert "\n" not in str(err.value)
+    from embedcache.students.train import TrainConfig
+
+    with pytest.raises(ConfigError, match=r"sits in an extract folder: is it an extract config\? this command reads train"):
+        load_config(TrainConfig, str(ROOT / "configs" / "extract" / "demo.yaml"), kind="train")
     with pytest.raises(ConfigError, match=r"unknown config key bogus; valid keys") as plain:
         load_config(ExtractConfig, None, ["bogus=1"])
     assert "folder" not in str(plain.value)
