@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 
@@ -22,6 +23,7 @@ from embedcache.teachers.remote.ledger import Ledger
 from embedcache.teachers.remote.protocols import PROTOCOLS
 from embedcache.teachers.remote.ratelimit import RateLimiter
 from embedcache.teachers.remote.retry import RetryPolicy
+from embedcache.teachers.remote import teacher as teacher_mod
 from embedcache.teachers.remote.teacher import RemoteTeacher
 
 DIM = 4
@@ -167,3 +169,114 @@ time.sleep(30)
         parent.kill()
         parent.wait(10)
         subprocess.run(["pkill", "-f", str(tmp_path / "l.sqlite")], check=False)
+
+
+def _dead_request(path, keys, rid="r-old"):
+    dead = Ledger(path, owner="killed-run")
+    dead.begin(rid, "ctx-text", "text", [(k, 1) for k in keys])
+    dead.outcome(dead.sent(rid, 0), rid, "lost:ReadTimeout", lost=True)
+    dead.close()
+
+
+def test_a_replay_refused_by_the_budget_is_not_counted_as_replayed_or_paid_twice(tmp_path):
+    """An earlier run's possibly charged request is written pending again, then the budget refuses it:
+    nothing went out, yet it is counted replayed and (openai: no idempotency key) possibly paid twice."""
+    path = tmp_path / "l.sqlite"
+    t = _teacher(Ledger(path, owner="me"), max_queries=1)
+    keys, _ = t._text_inputs(["a", "b"])
+    _dead_request(path, keys)
+    t.budget_from(lambda n: (_ for _ in ()).throw(BudgetError("query budget reached")))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        with pytest.raises(BudgetError):
+            t.encode_text(["a", "b"])
+    s = t.transport.stats
+    assert t.ledger.request_status("r-old") == "pending"  # still possibly charged: fine
+    assert (s.replayed_requests, s.possibly_paid_twice) == (0, 0), (s, [str(x.message) for x in w])
+
+
+def test_inputs_of_a_charged_request_left_after_a_wait_are_counted_paid_twice(tmp_path):
+    """A killed run's request R(a, b, c) was possibly charged; another live process is sending 'a' and
+    answers it during our wait. b, c go out under a new id (R is not replayed) yet are not counted."""
+    path = tmp_path / "l.sqlite"
+    t = _teacher(Ledger(path, owner="me"))
+    keys, _ = t._text_inputs(["a", "b", "c"])
+    _dead_request(path, keys)
+    other = Ledger(path, owner="other")
+    assert other.begin("r-other", "ctx-text", "text", [(keys[0], 1)]) == []
+
+    def answer_later():
+        time.sleep(0.6)
+        other.finish("r-other", [keys[0]], np.ones((1, DIM), np.float32))
+
+    th = threading.Thread(target=answer_later)
+    th.start()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.encode_text(["a", "b", "c"])
+    th.join()
+    s = t.transport.stats
+    assert s.queries == 2 and t.ledger.request_status("r-old") == "pending"  # b, c sent under a new id
+    assert s.possibly_paid_twice == 2, s
+
+
+class _FakeTime:
+    """time for the teacher module: every poll sleep jumps past the wait deadline."""
+    def __init__(self):
+        self.now, self.sleeps = 0.0, 0
+
+    def monotonic(self):
+        return self.now
+
+    def sleep(self, s):
+        self.sleeps += 1
+        self.now += 10_000.0
+
+    def time(self):
+        return time.time()
+
+
+def test_waited_out_keys_are_not_waited_for_again_after_a_too_large_halving(tmp_path, monkeypatch):
+    """Another live process holds 'a' pending and never answers. The wait for it runs out once; the
+    request (a, b, c, d) gets 413 and is halved: the half holding 'a' waits the whole deadline again."""
+    path = tmp_path / "l.sqlite"
+    t = _teacher(Ledger(path, owner="me"))
+
+    def answer(request):
+        if len(json.loads(request.content)["input"]) > 1:
+            return httpx.Response(413, json={"error": {"message": "too many inputs"}})
+        return _answer(request)
+
+    t.transport.http = httpx.Client(transport=httpx.MockTransport(answer))
+    keys, _ = t._text_inputs(["a", "b", "c", "d"])
+    other = Ledger(path, owner="other")
+    zkey, _ = t._text_inputs(["z"])  # not ours: its request is not replayed from here as a whole
+    assert other.begin("r-stuck", "ctx-text", "text", [(keys[0], 1), (zkey[0], 1)]) == []
+    fake = _FakeTime()
+    monkeypatch.setattr(teacher_mod, "time", fake)
+    t.encode_text(["a", "b", "c", "d"])
+    assert t.transport.stats.halvings >= 1
+    assert fake.sleeps == 1, f"waited out the deadline {fake.sleeps} times for the same key"
+
+
+def test_a_budget_stop_on_resending_a_bad_request_keeps_it_counted_as_paid(tmp_path):
+    """A request answered with something unusable is closed 'bad' (paid). The rerun writes the same
+    request id pending again (begin), then the budget refuses it: it is disowned, left 'pending', and
+    the ledger's paid_inputs no longer counts what was paid; the next run replays it as 'possibly paid'."""
+    path = tmp_path / "l.sqlite"
+    led = Ledger(path, owner="me")
+    t = _teacher(led)
+    bad = httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(200, json={"data": []})))
+    t.transport.http = bad
+    with pytest.raises(Exception):
+        t.encode_text(["a", "b"])
+    before = led.totals()
+    assert before["paid_inputs"] == 2
+    t2 = _teacher(led, max_queries=2)
+    t2.budget_from(lambda n: (_ for _ in ()).throw(BudgetError("query budget reached")))
+    with pytest.raises(BudgetError):
+        t2.encode_text(["a", "b"])
+    assert led.totals()["paid_inputs"] == 2, (led.totals(), led.db.execute("SELECT status, owner FROM requests").fetchall())
+    # sent again under an id of its own (the same idempotency key would get the bad answer replayed)
+    assert _teacher(led).encode_text(["a", "b"]).shape == (2, DIM)
+    assert sorted(r for (r,) in led.db.execute("SELECT status FROM requests")) == ["bad", "done"]

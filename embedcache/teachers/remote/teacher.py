@@ -244,6 +244,22 @@ class RemoteTeacher(Teacher):
             raise RemoteError(f"{len(missing)} answers are missing from the ledger {self.ledger.path}; rerun to resume")
         return np.stack([found[k] for k in keys]).astype(np.float32)
 
+    def _count_replay(self, replay: bool, n: int) -> None:
+        """An earlier run's possibly charged request that went out again from here: counted (and, to a
+        service without idempotency keys, possibly paid twice)."""
+        if replay:
+            self.transport.stats.replayed_requests += 1
+            if not self.protocol.idempotency_header:
+                self._replayed_without_key(n)
+
+    def _fresh_id(self, rid: str) -> str:
+        """``rid``, or when a request of that id was answered unusably ('bad': paid, nothing kept), the
+        next id of a deterministic chain: its inputs go out anew (a service would replay the bad answer
+        to the same idempotency key) and the paid request keeps its books."""
+        while self.ledger.request_status(rid) == "bad":
+            rid = _sha(rid.encode(), b"sent again after an unusable answer")[:40]
+        return rid
+
     def _release(self, rid: str) -> None:
         """A request this process stops fetching: refused at every attempt or never sent, it is closed
         (nothing was paid); else left pending (it may have been charged) but not as this live process's,
@@ -277,10 +293,11 @@ class RemoteTeacher(Teacher):
                 out.append((items, rid))
                 for k in items:
                     left.pop(k)
-            elif self.ledger.may_be_charged(rid) and not self.ledger.held_elsewhere(items):
+            elif self.ledger.may_be_charged(rid):
                 # its inputs come in other batches now (batch_size changed): sent under a new key (inputs
                 # another live process is sending are waited for, not sent)
-                self._resent_apart(sum(k in left for k in items))
+                held = set(self.ledger.held_elsewhere(items))
+                self._resent_apart(sum(k in left and k not in held for k in items))
         rest = list(left)
         limit = self.limits[f"{modality}_batch"]
         out += [(rest[i:i + limit], None) for i in range(0, len(rest), limit)]
@@ -288,11 +305,12 @@ class RemoteTeacher(Teacher):
 
     def _resent_apart(self, n: int) -> None:
         """Inputs of a request an earlier run sent without getting its answer, going out again in
-        another batch: the service cannot tell it has answered them, so they may be paid twice."""
+        another request (another batch size, a request split, some of its inputs answered elsewhere
+        meanwhile): the service cannot tell it has answered them, so they may be paid twice."""
         if not n:
             return
         if not self.transport.stats.possibly_paid_twice:
-            warnings.warn("inputs of a request cut off in an earlier run go out again in other batches (was batch_size "
+            warnings.warn("inputs of a request cut off in an earlier run go out again in other requests (was batch_size "
                           "changed?): they may be paid twice (counted as possibly_paid_twice); resume with the batch "
                           "size it had to have such requests replayed free")
         self.transport.stats.possibly_paid_twice += n
@@ -328,14 +346,17 @@ class RemoteTeacher(Teacher):
     def _send(self, modality: str, keys: List[str], items: Dict[str, Tuple[bytes, Any]], rid: Optional[str],
               waited: Sequence[str] = (), from_replay: bool = False) -> None:
         """Send ``keys`` as one request (``rid``: an earlier run's, replayed) and store the answer.
-        ``waited``: keys already waited for in vain; ``from_replay``: ``keys`` are what is left of an
-        earlier run's possibly charged request, going out apart from it."""
+        ``waited``: keys already waited for in vain (not waited for again); ``from_replay``: ``keys`` are
+        inputs of an earlier run's possibly charged request, going out apart from it."""
+        t = self.transport
+        charged = from_replay or (rid is not None and self.ledger.request_status(rid) == "pending"
+                                  and self.ledger.may_be_charged(rid))
         groups = self._split_by_bytes(keys, items)
-        if len(groups) > 1:
+        if len(groups) > 1:  # each under an id of its own
+            self._resent_apart(len(keys) if charged else 0)
             for g in groups:
                 self._send(modality, g, items, None, waited)
             return
-        t = self.transport
         arrived, waited_out = self._wait_for_others(keys, waited)  # inputs another live process is sending now
         if arrived:
             t.stats.cache_hits += len(arrived)
@@ -343,10 +364,10 @@ class RemoteTeacher(Teacher):
             keys, rid = [k for k in keys if k not in arrived], None  # what is left is a request of its own
             if not keys:
                 return
-            if from_replay:
-                self._resent_apart(len(keys))
+            self._resent_apart(len(keys) if charged else 0)
+            charged = False
         n = len(keys)
-        rid = rid or self._request_id(modality, keys)
+        rid = self._fresh_id(rid or self._request_id(modality, keys))
         replay = self.ledger.request_status(rid) == "pending" and self.ledger.may_be_charged(rid)
         nbytes = sum(len(items[k][0]) for k in keys)
         if modality == "image":
@@ -358,16 +379,14 @@ class RemoteTeacher(Teacher):
             tokens = sum(self.protocol.text_tokens(items[k][1]) for k in keys)
         if self.ledger.begin(rid, self._ctx[modality], modality, [(k, len(items[k][0])) for k in keys], waited_out):
             # another process began (or answered) some of these since the wait above: wait for them, send the rest
-            self._send(modality, keys, items, None, waited_out, from_replay=replay)
+            self._send(modality, keys, items, None, waited_out, from_replay=charged or replay)
             return
-        if replay:
-            t.stats.replayed_requests += 1
-            if not self.protocol.idempotency_header:
-                self._replayed_without_key(n)
+        sends = t.stats.attempts
         try:
             t.claim(n)  # written pending first: a stop here closes it (nothing was sent)
             answer = t.post(rid, path, body, n, tokens)
         except UnreadableAnswer:
+            self._count_replay(replay, n)
             self._paid_for_nothing(rid, modality, n, nbytes)
             raise
         except TooLarge as exc:
@@ -378,12 +397,15 @@ class RemoteTeacher(Teacher):
             half = max(1, n // 2)
             self.limits[f"{modality}_batch"] = min(self.limits[f"{modality}_batch"], half)
             t.stats.halvings += 1
-            self._send(modality, keys[:half], items, None)
-            self._send(modality, keys[half:], items, None)
+            self._resent_apart(n if charged or replay else 0)  # the halves go under ids of their own
+            self._send(modality, keys[:half], items, None, waited_out)
+            self._send(modality, keys[half:], items, None, waited_out)
             return
         except (KeyboardInterrupt, BudgetError, RemoteError, OSError):
             self._release(rid)
+            self._count_replay(replay and t.stats.attempts > sends, n)  # only if it went out again
             raise
+        self._count_replay(replay, n)
         try:
             emb, usage = self._usable(answer, n)
         except RemoteError:
