@@ -146,7 +146,9 @@ def domainbed(cfg: DatasetConfig) -> ImageDataset:
         for cls in sorted(c for c in dom.iterdir() if c.is_dir()):
             for f in _images_in(cls):
                 samples.append(Sample(f.relative_to(root).as_posix(), cls.name, dom.name, "train", f.stat().st_size))
-    if samples and min(_depth(s) for s in samples) > 3:  # root/x/domain/class/image: the domains read as classes
+    doms = [d for d in root.iterdir() if d.is_dir()]
+    if samples and min(_depth(s) for s in samples) > 3 and any(_like_domains(d) for d in doms):
+        # root/x/domain/class/image: the domains read as classes
         top = root / Path(samples[0].path).parts[0]
         raise DatasetError(f"dataset.path {root} holds its images one level deeper than domain/class/image (e.g. "
                            f"{samples[0].path}); point it at the folder holding the domain folders: "
@@ -156,6 +158,14 @@ def domainbed(cfg: DatasetConfig) -> ImageDataset:
                            f"(domain/class/image): --set dataset.path={root.parent} for all domains, or "
                            "--set dataset.name=folder for this one")
     return ImageDataset("domainbed", root, _limit(samples, cfg.max_per_class))
+
+
+def _like_domains(folder: Path) -> bool:
+    """Whether ``folder``'s sub-folders look like domain folders: two of them hold at least two
+    sub-folders of the same names (the classes, repeated per domain). Class folders that keep their
+    images in a sub-folder of their own (Tiny-ImageNet's class/images/) share at most one name."""
+    names = [{c.name for c in d.iterdir() if c.is_dir()} for d in folder.iterdir() if d.is_dir()]
+    return any(len(a & b) >= 2 for i, a in enumerate(names) for b in names[i + 1:])
 
 
 def _depth(sample: Sample) -> int:
@@ -175,7 +185,7 @@ def folder(cfg: DatasetConfig) -> ImageDataset:
     for cls in sorted(c for c in root.iterdir() if c.is_dir()):
         for f in _images_in(cls):
             samples.append(Sample(f.relative_to(root).as_posix(), cls.name, root.name, "train", f.stat().st_size))
-    if samples and min(_depth(s) for s in samples) > 2:  # root/domain/class/image: the domains read as classes
+    if samples and min(_depth(s) for s in samples) > 2 and _like_domains(root):  # root/domain/class/image
         raise DatasetError(f"dataset.path {root} holds domain/class/image folders (e.g. {samples[0].path}), not "
                            "class/image: --set dataset.name=domainbed, or point dataset.path at one domain's folder")
     return ImageDataset("folder", root, _limit(samples, cfg.max_per_class))

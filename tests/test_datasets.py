@@ -78,6 +78,23 @@ def test_a_domainbed_path_a_level_off_is_refused_with_the_right_path(tmp_path):
     assert len(build_dataset(DatasetConfig(name="domainbed", path=str(root)))) == 13
 
 
+def test_a_folder_dataset_whose_classes_keep_images_in_a_subfolder_is_accepted(tmp_path):
+    """Tiny-ImageNet's train/ layout: class/images/x.JPEG was refused as
+    'domain/class/image' by a check that took any nesting for domain folders."""
+    from PIL import Image
+    from embedcache.config import DatasetConfig
+    from embedcache.datasets import build_dataset
+
+    for cls in ("n01443537", "n01629819"):
+        d = tmp_path / "train" / cls / "images"
+        d.mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(d / f"{cls}_{i}.JPEG")
+        (tmp_path / "train" / cls / f"{cls}_boxes.txt").write_text("")
+    ds = build_dataset(DatasetConfig(name="folder", path=str(tmp_path / "train")))
+    assert ds.classes == ["n01443537", "n01629819"] and len(ds) == 4
+
+
 def test_csv_split_names_are_checked(tmp_path):
     (tmp_path / "x.csv").write_text("path,label,split\na.png,cat,train\nb.png,dog,holdout\n")
     with pytest.raises(DatasetError, match=r"x.csv row 3: split 'holdout'; use train, val or test"):
