@@ -90,6 +90,11 @@ class TeacherConfig:
     ledger: Optional[str] = None     # SQLite ledger of paid answers (None: $EMBEDCACHE_LEDGER or ~/.cache/embedcache)
 
 
+# teacher settings that change how a paid service is called and paid for, never what it answers
+TEACHER_CALL_SETTINGS = ("api_key_env", "api_key_file", "max_queries", "request_batch", "timeout", "max_retries",
+                         "retry_backoff", "max_retry_wait", "requests_per_minute", "tokens_per_minute", "ledger")
+
+
 @dataclass(frozen=True)
 class ViewsConfig:
     count: int = setting(4, min=1)   # views per image; view 0 is the plain centre (whole canvas)
@@ -396,7 +401,11 @@ def packaged_maker(store_path: str) -> Optional[str]:
     want = Path(store_path).expanduser().absolute()
     for kind in ("extract", "synthesize"):
         for name in packaged_configs(kind):
-            out = (yaml.safe_load(config_text(kind, name)[0]) or {}).get("out")
+            try:  # the packaged file itself (a file of that name in the working folder is not it)
+                data = yaml.safe_load(resources.files("embedcache.configs").joinpath(kind, f"{name}.yaml").read_text())
+                out = data.get("out") if isinstance(data, dict) else None
+            except Exception:  # a message helper: never the error
+                continue
             if out and Path(out).expanduser().absolute() == want:
                 return f"embedcache {kind} --config {name}"
     return None

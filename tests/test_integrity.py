@@ -574,6 +574,9 @@ def test_a_missing_store_says_where_a_relative_path_was_taken_from(tmp_path, mon
         Store("stores/pacs-conse-lite2.zarr")
     with pytest.raises(StoreError, match=r"run `embedcache synthesize --config pacs-contrastive` to make one"):
         Store("stores/pacs-contrastive.zarr")
+    (tmp_path / "pacs-conse-lite2").write_text("#!/bin/sh\necho: [unclosed\n")  # a file named like the config
+    with pytest.raises(StoreError, match=r"run `embedcache extract --config pacs-conse-lite2` to make one"):
+        Store("stores/pacs-conse-lite2.zarr")
 
 
 def test_a_damaged_derived_array_is_reported_apart_and_marked_for_recomputation(synthetic_store, tmp_path):

@@ -329,10 +329,11 @@ def test_a_complete_store_reruns_as_nothing_to_do_with_its_service_down(tmp_path
     store): with the same settings and images it is nothing to do; with others the server is needed."""
     app = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
     with LiveServer(app) as url:
-        cfg = remote(tmp_path, "r.zarr", tiny_teacher_cfg, "embedcache", url)
+        cfg = remote(tmp_path, "r.zarr", tiny_teacher_cfg, "embedcache", url, "teacher.max_queries=40")
         conf = config_file(tmp_path, cfg)
-        assert extract_cli(conf).exit_code == 0
-    again = extract_cli(conf)  # the server is gone
+        assert extract_cli(conf).exit_code == 3  # a budget stop; the store is finished with a raised limit
+        assert extract_cli(conf, "--set", "teacher.max_queries=200").exit_code == 0
+    again = extract_cli(conf, "--set", "teacher.max_queries=200")  # the finishing command again; the server is gone
     assert again.exit_code == 0 and "already complete and intact" in again.output, again.output
     dry = extract_cli(conf, "--dry-run")
     assert dry.exit_code == 0 and "the store is complete: nothing to encode or pay for" in dry.output, dry.output

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..config import ExtractConfig, replace, to_dict
+from ..config import TEACHER_CALL_SETTINGS, ExtractConfig, replace, to_dict
 from ..datasets import ImageDataset, build_dataset
 from ..errors import BudgetError, ConfigError, DatasetError, EmbedcacheError, StoreError
 from ..fileio import disk_full_error, is_disk_full, try_exclusive_lock
@@ -304,7 +304,9 @@ def _complete_as_configured(exc, cfg: ExtractConfig, dataset: ImageDataset, log,
     if not isinstance(exc, RemoteUnavailableError) or not Store.exists(cfg.out, backend):
         return None
     with Store(cfg.out, "r", backend) as st:
-        made, want = st.manifest.get("config", {}), to_dict(cfg)
+        made, want = dict(st.manifest.get("config", {})), to_dict(cfg)
+        for c in (made, want):  # how the service is called and paid for (a raised budget) changes no answer
+            c["teacher"] = {k: v for k, v in (c.get("teacher") or {}).items() if k not in TEACHER_CALL_SETTINGS}
         same = (st.complete and st.manifest.get("dataset", {}).get("fingerprint") == dataset.fingerprint()
                 and all(made.get(k) == want[k] for k in ("teacher", "views", "canvas", "text", "decoder")))
         if not same or not st.verify(progress=cfg.progress).ok:
