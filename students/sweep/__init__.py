@@ -428,13 +428,17 @@ def _validation_rows(points: List[SweepPoint]) -> Dict[str, bool]:
     """Whether each run's split of its store leaves validation rows, once per distinct split."""
     readers: Dict[str, Any] = {}
     out: Dict[str, bool] = {}
-    for p in points:
-        key = _split_key(p)
-        if key not in out:
-            if p.cfg.store not in readers:
-                readers[p.cfg.store] = open_store(p.cfg.store)
-            reader = readers[p.cfg.store]
-            out[key] = len(StoreData(reader, reader.text_sources[0], p.cfg.split, training=False).val_idx) > 0
+    try:
+        for p in points:
+            key = _split_key(p)
+            if key not in out:
+                if p.cfg.store not in readers:
+                    readers[p.cfg.store] = open_store(p.cfg.store)
+                reader = readers[p.cfg.store]
+                out[key] = len(StoreData(reader, reader.text_sources[0], p.cfg.split, training=False).val_idx) > 0
+    finally:
+        for reader in readers.values():
+            reader.close()
     return out
 
 
