@@ -57,6 +57,51 @@ def test_the_device_reader_falls_back_and_records_failures(photo_folder, make_cf
         assert pil_key != s.key  # another decoder, other pixels: another store
 
 
+def test_a_jpeg_the_device_decoder_rejects_goes_to_pil_and_one_both_reject_is_recorded(photo_folder, make_cfg,
+                                                                                     tiny_teacher, monkeypatch):
+    """The corrupt fixture never reaches the device decoder (its header sends it to PIL): here the
+    decoder itself rejects two well-formed JPEGs inside batched calls. The batch is decoded file by
+    file, the rejected one is read by PIL (its canvas exactly PIL's), its batch-mates keep the device's
+    pixels, and one PIL cannot read either is recorded as failed while the store completes."""
+    import torchvision.io as tvio
+    from torchvision.io import ImageReadMode
+
+    import embedcache.datasets as datasets
+
+    real, read = tvio.decode_jpeg, datasets.read_rgb8
+    refused = {(photo_folder / "a" / "1.jpg").read_bytes(), (photo_folder / "b" / "2.jpg").read_bytes()}
+    calls = []
+
+    def picky(data, *args, **kw):
+        items = data if isinstance(data, list) else [data]
+        calls.append(len(items))
+        if any(x.numpy().tobytes() in refused for x in items):
+            raise RuntimeError("unsupported JPEG")
+        return real(data, *args, **kw)
+
+    def pil_cannot(path):
+        if path.parent.name == "b" and path.name == "2.jpg":
+            raise OSError("broken data stream when reading image file")
+        return read(path)
+
+    monkeypatch.setattr(tvio, "decode_jpeg", picky)
+    monkeypatch.setattr(datasets, "read_rgb8", pil_cannot)
+    cfg = make_cfg("picky.zarr", "dataset.name=folder", f"dataset.path={photo_folder}", "decoder=device", "block_rows=3")
+    res = extract(cfg, teacher=tiny_teacher, log=quiet)
+    assert res.complete and max(calls) > 1  # batched calls, retried file by file
+    with embedcache.open_store(res.path) as s:
+        meta, px = s.meta.set_index("path"), s.pixels()
+        assert meta.loc["a/1.jpg", "status"] == "ok" and meta.loc["b/2.jpg", "status"] == "failed"
+        assert "broken data stream" in meta.loc["b/2.jpg", "reason"]
+        size = cfg.canvas.size
+        rescued = px[meta.index.get_loc("a/1.jpg")]
+        assert np.array_equal(rescued, make_canvas(Image.open(photo_folder / "a" / "1.jpg"), size))
+        mate = photo_folder / "a" / "0.jpg"
+        dev = canvas_from_decoded(real(torch.from_numpy(np.frombuffer(mate.read_bytes(), np.uint8).copy()),
+                                       mode=ImageReadMode.RGB), size)
+        assert np.array_equal(px[meta.index.get_loc("a/0.jpg")], dev.numpy())
+
+
 @pytest.mark.parametrize("colour", [(), ("views.color_jitter=0.3", "views.grayscale=0.5")], ids=["crops", "colour"])
 def test_a_device_store_resumes_byte_identically(photo_folder, make_cfg, tiny_teacher, colour):
     opts = ("dataset.name=folder", f"dataset.path={photo_folder}", "decoder=device", "block_rows=3", *colour)
