@@ -75,7 +75,11 @@ def test_open_clip_bf16_weights_take_fp32_inputs(tiny_teacher_cfg, tiny_teacher)
     x = torch.rand(2, 3, t.input_size, t.input_size)
     got = t.encode_image(x)
     assert got.dtype == torch.float32 and t.identity()["precision"] == "pure_bf16"  # weights in bf16, not autocast
-    torch.testing.assert_close(got, tiny_teacher.encode_image(x), atol=0.05, rtol=0)
+    weights = {p.dtype for p in t.model.visual.parameters()} | {p.dtype for p in t.model.transformer.parameters()}
+    assert weights == {torch.bfloat16}  # the model itself, not only what identity() says
+    want = tiny_teacher.encode_image(x)
+    torch.testing.assert_close(got, want, atol=0.05, rtol=0)
+    assert not torch.equal(got, want)  # bf16 arithmetic: close to fp32's, not it
 
 
 def test_weights_that_cannot_be_fetched_name_the_alternatives():
