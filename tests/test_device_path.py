@@ -247,3 +247,42 @@ def test_auto_under_torchrun_is_the_processs_own_gpu(monkeypatch):
     assert resolve_device("auto") == torch.device("cuda")
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert resolve_device("auto") == torch.device("cuda:1") and resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("features", [False, True], ids=["images", "head-only"])
+def test_no_step_reads_a_value_back_from_the_device(synthetic_store, tmp_path, features):
+    """Running losses stay tensors between evaluation points: a step that reads a scalar back (an
+    .item(), a float() of a loss, a bool() of a check) waits for the GPU on every step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from conftest import store_with_features
+    from embedcache.students.config import StudentConfig, TrainConfig
+    from embedcache.students.train import Trainer, train
+
+    class Reads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "_local_scalar_dense" in str(func) or "is_nonzero" in str(func):
+                self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    store, student = str(synthetic_store), StudentConfig(name="test_resnet", input_size=32)
+    if features:
+        store, student, _ = store_with_features(synthetic_store, tmp_path, seed=1)
+    reads, steps, step = Reads(), [], Trainer.step
+
+    def watched(self, *args, **kw):
+        steps.append(1)
+        with reads:
+            return step(self, *args, **kw)
+
+    cfg = TrainConfig(store=str(store), recipe="vl2v_adip_align" if features else "li_iccv23", student=student,
+                      features=features, steps=12, batch_size=8, eval_every=6, ckpt_every=6, out=str(tmp_path / "run"),
+                      progress=False, device="cpu")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Trainer, "step", watched)
+        train(cfg, log=quiet)
+    assert len(steps) == 12 and reads.ops == []
