@@ -15,7 +15,7 @@ on the device with no host synchronisation.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -59,28 +59,42 @@ def student_views(data: StoreData, idx: np.ndarray, views: np.ndarray, size: int
 
 @INPUTS.register("canvas")
 class CanvasInputs:
-    """Student views rendered from the stored canvases, a whole batch in one batched operation."""
+    """Student views rendered from the stored canvases, a whole batch in one batched operation.
+    ``mode``: ``arrays`` renders from the store's arrays (a CPU run); ``device`` gathers from canvases
+    held as a tensor on the run's device; ``host`` gathers from canvases in (pinned) host memory and
+    copies the batch over. Default: ``arrays`` on a CPU; on a GPU ``device`` when the canvases fit in
+    its free memory, else ``host``. Tests run the tensor modes on a CPU."""
     kind = "images"
+    MODES = ("arrays", "device", "host")
 
-    def __init__(self, data: StoreData, model, device: torch.device):
+    def __init__(self, data: StoreData, model, device: torch.device, mode: Optional[str] = None):
+        if mode not in (None, *self.MODES):
+            raise ConfigError(f"canvas input mode {mode!r}: choose one of {', '.join(self.MODES)}")
         self.data, self.device = data, device
         self.size = model.input_size
         self.mean = torch.tensor(model.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(model.std, device=device).view(1, 3, 1, 1)
         self.channels_last = device.type == "cuda"
-        if device.type == "cuda":
-            self.canvas = to_device_array(data.pixels, device, pinned_fallback=True)
+        self.mode = mode or ("arrays" if device.type != "cuda" else None)
+        if self.mode != "arrays":
+            if self.mode == "host":
+                self.canvas = to_device_array(data.pixels, torch.device("cpu"))
+            else:  # on the device; a GPU's falls back to pinned host memory when they do not fit
+                self.canvas = to_device_array(data.pixels, device, pinned_fallback=self.mode is None)
+            self.mode = self.mode or ("device" if self.canvas.device.type == device.type else "host")
             self.params = to_device_array(data.params, device)
 
     def __call__(self, idx: np.ndarray, views: np.ndarray) -> torch.Tensor:
-        if self.device.type != "cuda":
+        if self.mode == "arrays":
             return student_views(self.data, idx, views, self.size, tuple(self.mean.flatten().tolist()),
                                  tuple(self.std.flatten().tolist()), self.device)
         i, v = _index(idx, self.device), _index(views, self.device)
-        if self.canvas.is_cuda:
+        if self.mode == "device":
             canvas = self.canvas.index_select(0, i)
-        else:  # pinned host canvases: gather on the host, copy asynchronously
-            canvas = self.canvas.index_select(0, torch.from_numpy(np.asarray(idx))).pin_memory().to(self.device, non_blocking=True)
+        else:  # host canvases: gathered on the host, the batch copied asynchronously from pinned memory
+            canvas = self.canvas.index_select(0, torch.from_numpy(np.asarray(idx, dtype=np.int64)))
+            if self.device.type == "cuda":
+                canvas = canvas.pin_memory().to(self.device, non_blocking=True)
         x = render_views_batched(canvas, self.params[i, v][:, None], self.size, self.data.interpolation)[:, 0]
         x = (x - self.mean) / self.std
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x

@@ -286,3 +286,24 @@ def test_no_step_reads_a_value_back_from_the_device(synthetic_store, tmp_path, f
         mp.setattr(Trainer, "step", watched)
         train(cfg, log=quiet)
     assert len(steps) == 12 and reads.ops == []
+
+
+@pytest.mark.parametrize("mode", ["device", "host"])
+def test_the_gpu_input_modes_give_the_view_whose_embedding_is_the_target(synthetic_store, mode):
+    """Canvases held as a tensor (on the device, or in host memory gathered per batch) were used on a
+    GPU only, so no test ran them: here on the CPU, against render_views of the same canvases."""
+    from embedcache.students.data import SplitConfig, StoreData
+    from embedcache.students.models import StudentConfig, build_student
+    from embedcache.students.providers import CanvasInputs
+    from embedcache.views import normalize, render_views
+
+    data = StoreData(str(synthetic_store), "name", SplitConfig(val_fraction=0.25))
+    model = build_student(StudentConfig(name="test_resnet", input_size=32), data.dim)
+    inputs = CanvasInputs(data, model, torch.device("cpu"), mode=mode)
+    assert inputs.mode == mode and isinstance(inputs.canvas, torch.Tensor)
+    idx, views = data.sample(step=3, seed=1, batch_size=8)
+    got = inputs(idx, views)
+    canvas, params = torch.from_numpy(data.pixels[idx]), torch.from_numpy(data.params[idx, views][:, None])
+    want = normalize(render_views(canvas, params, 32, data.interpolation)[:, 0], model.mean, model.std)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got, CanvasInputs(data, model, torch.device("cpu"))(idx, views), atol=1e-5, rtol=0)
