@@ -204,6 +204,28 @@ def test_ray_launcher_matches_local(synthetic_store, tmp_path, monkeypatch):
     assert set(LAUNCHERS.names()) == {"local", "ray", "serial"}
 
 
+def test_ray_packs_runs_on_a_gpu_by_fractional_requests_and_runs_each_once(synthetic_store, tmp_path, monkeypatch):
+    """resources.num_gpus=0.5: each run asks Ray for half a GPU, so two share one (a node declaring one
+    GPU here; the runs themselves on the CPU); every run is attempted exactly once."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed: pip install '.[ray]'")
+    spec = load_sweep(str(_sweep_file(tmp_path, synthetic_store, grid={"recipe": ["feat_kd", "ce"], "seed": [0, 1]},
+                                      holdout_domains=["outline"], resources={"num_cpus": 1, "num_gpus": 0.5})))
+    asked, remote = [], ray.remote
+
+    def recording(*args, **kw):
+        asked.append(kw)
+        return remote(*args, **kw)
+
+    monkeypatch.setattr(ray, "remote", recording)
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    try:
+        res = run_sweep(spec, str(tmp_path / "sw"), "ray", device="cpu", progress=False, log=lambda m: None)
+    finally:
+        ray.shutdown()
+    assert [a["num_gpus"] for a in asked if "num_gpus" in a] == [0.5] and res["done"] == 4, asked
+    assert set(_attempts(tmp_path / "sw").values()) == {1} and len(_attempts(tmp_path / "sw")) == 4
+
+
 def test_per_recipe_settings_apply_to_that_recipe_only(synthetic_store, tmp_path):
     spec = load_sweep(str(_sweep_file(tmp_path, synthetic_store, per_recipe={"ce": {"steps": 9, "optim": {"lr": 0.5}}})))
     points = expand(spec, str(tmp_path / "x"))
