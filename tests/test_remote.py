@@ -585,6 +585,27 @@ def test_a_cut_off_request_replayed_to_a_service_without_idempotency_keys_is_cou
     assert again.transport.stats.possibly_paid_twice == 12 and charged(inner)[1] == 12  # (and a dimension probe)
 
 
+def _two_processes(tmp_path, tiny_teacher_cfg, url):
+    """Two remote teachers (openai protocol, requests of 4) sharing a ledger as two processes would,
+    the first's requests held in flight 0.4 s: (first, second, an event set once the first sends)."""
+    import threading
+
+    from embedcache.teachers.remote.ledger import Ledger
+
+    cfg = remote(tmp_path, "x.zarr", tiny_teacher_cfg, "openai", url, "teacher.request_batch=4").teacher
+    first, second = build_teacher(cfg), build_teacher(cfg)
+    first.ledger = first.transport.ledger = Ledger(tmp_path / "client.sqlite", owner="another-process")
+    in_flight, post = threading.Event(), first.transport.post
+
+    def slow(*args, **kw):
+        in_flight.set()
+        time.sleep(0.4)
+        return post(*args, **kw)
+
+    first.transport.post = slow
+    return first, second, in_flight
+
+
 def test_inputs_another_live_process_is_sending_are_waited_for_not_paid_twice(tmp_path, tiny_teacher_cfg, tiny_teacher,
                                                                               key_env):
     """Two stores of the same images extracted at once, sharing a ledger: the second sent the inputs the
@@ -598,19 +619,8 @@ def test_inputs_another_live_process_is_sending_are_waited_for_not_paid_twice(tm
         from embedcache.teachers.remote.ledger import Ledger
 
         # three requests of 4 each: the two calls go through the same inputs request by request
-        cfg = remote(tmp_path, "x.zarr", tiny_teacher_cfg, "openai", url, "teacher.request_batch=4").teacher
-        first, second = build_teacher(cfg), build_teacher(cfg)
-        first.ledger = first.transport.ledger = Ledger(tmp_path / "client.sqlite", owner="another-process")
+        first, second, in_flight = _two_processes(tmp_path, tiny_teacher_cfg, url)
         probes = charged(inner)[0]
-        in_flight = threading.Event()
-        post = first.transport.post
-
-        def slow(*args, **kw):
-            in_flight.set()
-            time.sleep(0.4)
-            return post(*args, **kw)
-
-        first.transport.post = slow
         out = {}
         worker = threading.Thread(target=lambda: out.setdefault("first", first.encode_pixels(views)))
         worker.start()
@@ -656,19 +666,8 @@ def test_a_request_begun_elsewhere_between_the_check_and_the_send_is_waited_for(
     inner = service_app("openai", tiny_teacher_cfg, tiny_teacher, tmp_path)
     views = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     with LiveServer(inner) as url:
-        cfg = remote(tmp_path, "x.zarr", tiny_teacher_cfg, "openai", url, "teacher.request_batch=4").teacher
-        first, second = build_teacher(cfg), build_teacher(cfg)
-        first.ledger = first.transport.ledger = Ledger(tmp_path / "client.sqlite", owner="another-process")
+        first, second, in_flight = _two_processes(tmp_path, tiny_teacher_cfg, url)
         probes = charged(inner)[0]
-        in_flight = threading.Event()
-        post = first.transport.post
-
-        def slow(*args, **kw):
-            in_flight.set()
-            time.sleep(0.4)
-            return post(*args, **kw)
-
-        first.transport.post = slow
         checks = []
         held = second.ledger.held_elsewhere
         second.ledger.held_elsewhere = lambda keys: held(keys) if checks.append(1) or len(checks) > 1 else []
