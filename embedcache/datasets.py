@@ -146,8 +146,7 @@ def domainbed(cfg: DatasetConfig) -> ImageDataset:
         for cls in sorted(c for c in dom.iterdir() if c.is_dir()):
             for f in _images_in(cls):
                 samples.append(Sample(f.relative_to(root).as_posix(), cls.name, dom.name, "train", f.stat().st_size))
-    doms = [d for d in root.iterdir() if d.is_dir()]
-    if samples and min(_depth(s) for s in samples) > 3 and any(_like_domains(d) for d in doms):
+    if samples and min(_depth(s) for s in samples) > 3 and any(_like_domains(d) for d in root.iterdir() if d.is_dir()):
         # root/x/domain/class/image: the domains read as classes
         top = root / Path(samples[0].path).parts[0]
         raise DatasetError(f"dataset.path {root} holds its images one level deeper than domain/class/image (e.g. "

@@ -244,6 +244,10 @@ class RemoteTeacher(Teacher):
             raise RemoteError(f"{len(missing)} answers are missing from the ledger {self.ledger.path}; rerun to resume")
         return np.stack([found[k] for k in keys]).astype(np.float32)
 
+    def _replayable(self, rid: str) -> bool:
+        """An earlier run's request, still pending, a send of which may have been charged."""
+        return self.ledger.request_status(rid) == "pending" and self.ledger.may_be_charged(rid)
+
     def _count_replay(self, replay: bool, n: int) -> None:
         """An earlier run's possibly charged request that went out again from here: counted (and, to a
         service without idempotency keys, possibly paid twice)."""
@@ -349,8 +353,7 @@ class RemoteTeacher(Teacher):
         ``waited``: keys already waited for in vain (not waited for again); ``from_replay``: ``keys`` are
         inputs of an earlier run's possibly charged request, going out apart from it."""
         t = self.transport
-        charged = from_replay or (rid is not None and self.ledger.request_status(rid) == "pending"
-                                  and self.ledger.may_be_charged(rid))
+        charged = from_replay or (rid is not None and self._replayable(rid))
         groups = self._split_by_bytes(keys, items)
         if len(groups) > 1:  # each under an id of its own
             self._resent_apart(len(keys) if charged else 0)
@@ -368,7 +371,7 @@ class RemoteTeacher(Teacher):
             charged = False
         n = len(keys)
         rid = self._fresh_id(rid or self._request_id(modality, keys))
-        replay = self.ledger.request_status(rid) == "pending" and self.ledger.may_be_charged(rid)
+        replay = self._replayable(rid)
         nbytes = sum(len(items[k][0]) for k in keys)
         if modality == "image":
             path, body = self.protocol.image_request(self.model, [items[k][1] for k in keys], self.cfg.image_format,
