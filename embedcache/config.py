@@ -51,6 +51,9 @@ class DatasetConfig:
     name: str = setting("synthetic", choices=lazy_registry("embedcache.datasets", "DATASETS"))
     path: Optional[str] = None       # root folder or CSV file, relative to the working folder
     max_per_class: Optional[int] = setting(None, min=1)  # keep the first k images of each (domain, class)
+    # a CSV (label,name) or JSON ({label: name}) naming each label (folder name, CSV label, id): the
+    # names the prompts use, in the file's order (the labels' indices)
+    class_names: Optional[str] = None
     # synthetic only
     num_classes: int = setting(4, min=1)
     num_domains: int = setting(3, min=1)

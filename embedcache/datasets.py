@@ -7,6 +7,7 @@ absolute paths or modification times, so moving a dataset keeps its stores valid
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import math
@@ -38,17 +39,20 @@ class Sample:
 
 
 class ImageDataset:
-    """Samples plus a loader. ``classes`` is sorted; ``label`` is the index into it."""
+    """Samples plus a loader. ``classes`` is sorted, or in ``class_order`` (a class-names file's
+    order) where given; ``label`` is the index into it."""
 
     def __init__(self, name: str, root: Optional[Path], samples: Sequence[Sample],
                  loader: Optional[Callable[[int], Image.Image]] = None,
-                 extra_fingerprint: Optional[dict] = None):
+                 extra_fingerprint: Optional[dict] = None, class_order: Optional[Sequence[str]] = None):
         if not samples:
             raise DatasetError(f"dataset {name!r} at {root} holds no images; point dataset.path at a folder or CSV with images")
         self.name = name
         self.root = root
         self.samples = list(samples)
-        self.classes = sorted({s.class_name for s in self.samples})
+        present = {s.class_name for s in self.samples}
+        self.classes = [c for c in class_order if c in present] if class_order is not None else sorted(present)
+        self._class_order = class_order is not None
         clash = prompt_clash(self.classes)
         if clash:
             raise DatasetError(f"dataset {name!r} at {root}: {clash}")
@@ -88,6 +92,8 @@ class ImageDataset:
     def fingerprint(self) -> str:
         h = hashlib.sha256()
         h.update(json.dumps({"name": self.name, **self._extra}, sort_keys=True).encode())
+        if self._class_order:  # the order gives the labels (unsorted names make a store of their own)
+            h.update(json.dumps(self.classes).encode())
         for s in self.samples:
             h.update(f"{s.path}\t{s.size}\t{s.class_name}\t{s.domain}\t{s.split}\n".encode())
         return h.hexdigest()[:16]
@@ -304,4 +310,70 @@ def synthetic(cfg: DatasetConfig) -> ImageDataset:
 
 
 def build_dataset(cfg: DatasetConfig) -> ImageDataset:
-    return DATASETS.get(cfg.name)(cfg)
+    dataset = DATASETS.get(cfg.name)(cfg)
+    return named_classes(dataset, cfg.class_names) if cfg.class_names else dataset
+
+
+# --- class names: what a dataset's labels (ids, folder names) stand for --------------------------
+def read_class_names(path: str) -> Dict[str, str]:
+    """label -> name, in the file's order: a CSV with columns label,name or a JSON object {label: name}."""
+    f = Path(path).expanduser()
+    if not f.is_file():
+        raise DatasetError(f"class-names file {f} not found; set dataset.class_names to a CSV (label,name) or JSON "
+                           "({label: name}) file")
+    try:
+        pairs = _json_names(f) if f.suffix.lower() == ".json" else _csv_names(f)
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"class-names file {f} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    names: Dict[str, str] = {}
+    for label, name in pairs:
+        label, name = str(label).strip(), str(name).strip()
+        if not label or not name:
+            raise DatasetError(f"class-names file {f}: label {label!r} has no name ({name!r}); give every label a name")
+        if names.setdefault(label, name) != name:
+            raise DatasetError(f"class-names file {f} names label {label!r} twice ({names[label]!r} and {name!r}); "
+                               "keep one")
+    if not names:
+        raise DatasetError(f"class-names file {f} names no label; give one label,name per line")
+    return names
+
+
+def _json_names(f: Path) -> List[tuple]:
+    try:
+        table = json.loads(f.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"class-names file {f} is not valid JSON (line {exc.lineno}: {exc.msg}); fix it") from None
+    if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
+        raise DatasetError(f"class-names file {f} must hold one JSON object {{label: name}} with string names")
+    return list(table.items())
+
+
+def _csv_names(f: Path) -> List[tuple]:
+    with open(f, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        if not {"label", "name"} <= set(reader.fieldnames or []):
+            raise DatasetError(f"class-names file {f} has columns {reader.fieldnames}; it needs a header label,name "
+                               "(or use a .json file {label: name})")
+        return [(row["label"] or "", row["name"] or "") for row in reader]
+
+
+def named_classes(dataset: ImageDataset, path: str) -> ImageDataset:
+    """``dataset`` with each label replaced by its name from the class-names file at ``path``, its
+    classes in the file's order (so a file listed in a dataset's class-index order keeps its indices)."""
+    names = read_class_names(path)
+    labels = list(dict.fromkeys(s.class_name for s in dataset.samples))
+    missing = [c for c in labels if c not in names]
+    if missing:
+        raise DatasetError(f"class-names file {path} has no name for label {missing[0]!r} ({len(missing)} of the "
+                           f"dataset's {len(labels)} labels unnamed); add a line {missing[0]},<name>")
+    first: Dict[str, str] = {}
+    for c in labels:
+        other = first.setdefault(names[c], c)
+        if other != c:
+            raise DatasetError(f"class-names file {path} gives labels {other!r} and {c!r} the same name "
+                               f"{names[c]!r}; their text embeddings would be identical: give them different names")
+    samples = [dataclasses.replace(s, class_name=names[s.class_name]) for s in dataset.samples]
+    present = set(labels)
+    order = [names[c] for c in names if c in present]
+    return ImageDataset(dataset.name, dataset.root, samples, loader=dataset._loader,
+                        extra_fingerprint=dataset._extra, class_order=order)

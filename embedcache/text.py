@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import warnings
 from dataclasses import dataclass
 from importlib import resources
@@ -42,6 +43,20 @@ def prompt_clash(classes: Sequence[str]) -> Optional[str]:
                     "tokenizer ignores case and extra spaces), so their text embeddings would be identical and one "
                     "could never be predicted; rename one of them (or merge them into one class)")
     return None
+
+
+# labels that name nothing to a text encoder: numbers and WordNet ids (ImageNet's folder names)
+_ID = re.compile(r"\d+|n\d{8}")
+
+
+def id_names(classes: Sequence[str]) -> Optional[str]:
+    """A one-line refusal when every class name is an id (a number, a WordNet id), else None: the
+    teacher would embed the ids, not what they stand for, and zero-shot scores would mean nothing."""
+    if not classes or not all(_ID.fullmatch(c.strip()) for c in classes):
+        return None
+    shown = ", ".join(repr(c) for c in classes[:3]) + (", ..." if len(classes) > 3 else "")
+    return (f"the class names are ids ({shown}), which the teacher's text encoder would embed as they are; "
+            "name them with dataset.class_names=FILE (a CSV with columns label,name, or a JSON {label: name})")
 
 
 def _bundled(kind: str, name: str, suffix: str) -> str:
@@ -91,6 +106,9 @@ def attributes_source(classes: Sequence[str], cfg: TextConfig) -> Prompts:
 
 
 def build_prompts(classes: Sequence[str], cfg: TextConfig) -> Dict[str, Prompts]:
+    refusal = id_names(classes)
+    if refusal:
+        raise ConfigError(refusal)
     return {src: TEXT_SOURCES.get(src)(classes, cfg) for src in cfg.sources}
 
 

@@ -158,3 +158,60 @@ def test_csv_text_encodings(tmp_path):
     (tmp_path / "latin.csv").write_bytes("path,label\na.png,caf\u00e9\n".encode("latin-1"))
     with pytest.raises(DatasetError, match=r"latin.csv is not UTF-8 text \(byte \d+\); save it as UTF-8"):
         build_dataset(DatasetConfig(name="csv", path=str(tmp_path / "latin.csv")))
+
+
+def _numbered_csv(tmp_path, labels=("2", "10", "1")):
+    """A CSV whose labels are numbers (as many datasets ship them), one image per label."""
+    for k in range(len(labels)):
+        Image.fromarray(np.full((8, 8, 3), k, np.uint8)).save(tmp_path / f"{k}.png")
+    rows = "".join(f"{k}.png,{lab}\n" for k, lab in enumerate(labels))
+    (tmp_path / "x.csv").write_text("path,label\n" + rows)
+    return str(tmp_path / "x.csv")
+
+
+def test_class_names_file_names_the_labels_in_its_own_order(tmp_path):
+    """Numeric labels and WordNet ids name nothing to the teacher's text encoder: a class-names file
+    replaces them by names, and its order gives the labels' indices (a file listed 1, 2, 10 keeps 1 at
+    index 0, not the string order 1, 10, 2)."""
+    csv_path = _numbered_csv(tmp_path)
+    names = tmp_path / "names.csv"
+    names.write_text("label,name\n1,tench\n2,goldfish\n3,great white shark\n10,tiger shark\n")
+    ds = build_dataset(DatasetConfig(name="csv", path=csv_path, class_names=str(names)))
+    assert ds.classes == ["tench", "goldfish", "tiger shark"]  # label 3 has no image: no class
+    assert [ds.label(i) for i in range(3)] == [1, 2, 0]
+    assert list(ds.frame().class_name) == ["goldfish", "tiger shark", "tench"]
+    (tmp_path / "names.json").write_text('{"10": "tiger shark", "2": "goldfish", "1": "tench"}')
+    by_json = build_dataset(DatasetConfig(name="csv", path=csv_path, class_names=str(tmp_path / "names.json")))
+    assert by_json.classes == ["tiger shark", "goldfish", "tench"]
+    # the order is part of what the store holds: another order is another dataset
+    assert by_json.fingerprint() != ds.fingerprint()
+    plain = build_dataset(DatasetConfig(name="csv", path=csv_path))
+    assert plain.classes == ["1", "10", "2"] and plain.fingerprint() != ds.fingerprint()
+
+
+def test_class_names_that_would_pass_wrong_data_are_refused(tmp_path):
+    csv_path = _numbered_csv(tmp_path)
+
+    def build(text, suffix=".csv"):
+        f = tmp_path / f"names{suffix}"
+        f.write_text(text)
+        return build_dataset(DatasetConfig(name="csv", path=csv_path, class_names=str(f)))
+
+    with pytest.raises(DatasetError, match=r"no name for label '10' \(1 of the dataset's 3 labels unnamed\); add a line 10,"):
+        build("label,name\n1,tench\n2,goldfish\n")
+    with pytest.raises(DatasetError, match="gives labels '2' and '10' the same name 'crane'"):
+        build("label,name\n1,tench\n2,crane\n10,crane\n")
+    with pytest.raises(DatasetError, match="names label '2' twice"):
+        build("label,name\n1,tench\n2,goldfish\n2,carp\n10,shark\n")
+    with pytest.raises(DatasetError, match="label '2' has no name"):
+        build("label,name\n1,tench\n2,\n10,shark\n")
+    with pytest.raises(DatasetError, match="it needs a header label,name"):
+        build("1,tench\n2,goldfish\n10,shark\n")
+    with pytest.raises(DatasetError, match="not valid JSON"):
+        build('{"1": "tench",}', ".json")
+    with pytest.raises(DatasetError, match="one JSON object"):
+        build('["tench", "goldfish"]', ".json")
+    with pytest.raises(DatasetError, match="not found; set dataset.class_names"):
+        build_dataset(DatasetConfig(name="csv", path=csv_path, class_names=str(tmp_path / "nope.csv")))
+    # a name shared only with a label the dataset does not hold is no clash
+    assert len(build("label,name\n1,tench\n2,crane\n10,shark\n77,crane\n").classes) == 3

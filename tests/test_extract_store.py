@@ -352,6 +352,35 @@ def test_canvases_rebuilt_from_the_files_must_be_the_ones_the_teacher_saw(make_c
         StoreData(csv.path, "name").pixels
 
 
+def test_numbered_labels_need_names_before_the_teacher_is_built(tmp_path, make_cfg, tiny_teacher, monkeypatch):
+    """A CSV labelled 0..C-1 made a store whose text embeddings were those of "a photo of a 10." and
+    whose label indices followed the string order (1, 10, 2); now it is refused before any teacher is
+    built or paid, and a class-names file gives the names and, by its order, the indices."""
+    (tmp_path / "imgs").mkdir()
+    labels = [str(k % 11) for k in range(22)]
+    for k in range(22):
+        Image.fromarray(np.full((24, 24, 3), 10 * k, np.uint8)).save(tmp_path / "imgs" / f"{k}.png")
+    (tmp_path / "x.csv").write_text("path,label\n" + "".join(f"imgs/{k}.png,{lab}\n" for k, lab in enumerate(labels)))
+    numbered = make_cfg("ids.zarr", "dataset.name=csv", f"dataset.path={tmp_path / 'x.csv'}")
+
+    def no_teacher(cfg):
+        raise AssertionError("the teacher was built for a store that is refused")
+
+    monkeypatch.setattr("embedcache.extract.build_teacher", no_teacher)
+    with pytest.raises(ConfigError, match=r"class names are ids \('0', '1', '10', ...\).*dataset.class_names=FILE"):
+        extract(numbered, log=quiet)
+    assert not (tmp_path / "ids.zarr").exists()
+    names = [f"thing {chr(97 + k)}" for k in range(11)]
+    (tmp_path / "names.csv").write_text("label,name\n" + "".join(f"{k},{n}\n" for k, n in enumerate(names)))
+    named = make_cfg("ids.zarr", "dataset.name=csv", f"dataset.path={tmp_path / 'x.csv'}",
+                     f"dataset.class_names={tmp_path / 'names.csv'}")
+    res = extract(named, teacher=tiny_teacher, log=quiet)
+    with embedcache.open_store(res.path) as s:
+        assert s.classes == names
+        assert s.meta.label.tolist() == [int(lab) for lab in labels]
+        assert s.text("name").prompt.iloc[10] == "a photo of a thing k."
+
+
 def test_a_store_opens_by_what_it_is_not_by_its_name(make_cfg, tiny_teacher):
     """`--set backend=hdf5 --out nosuffix` made a store that inspect, verify and open_store then looked
     for as Zarr (by its name) and could not open."""

@@ -151,3 +151,12 @@ def test_color_views_are_torchvisions_colorjitter_and_grayscale():
     with pytest.raises(ConfigError, match="views.color_jitter"):
         from embedcache.config import ExtractConfig, build_config
         build_config(ExtractConfig, {"views": {"color_jitter": 0.8}})
+
+
+@pytest.mark.parametrize("classes", [["0", "1", "10"], ["n01443537", "n01629819"], [" 3 ", "4"]])
+def test_class_names_that_are_ids_are_refused(classes):
+    """A dataset labelled by numbers or WordNet ids gave prompts like "a photo of a 417." and text
+    embeddings that mean nothing; zero-shot scores came out near chance with exit 0."""
+    with pytest.raises(ConfigError, match=r"class names are ids \(.*dataset.class_names=FILE"):
+        build_prompts(classes, TextConfig(sources=("name",)))
+    assert build_prompts(["n01443537", "goldfish"], TextConfig(sources=("name",)))["name"][1] == ["a photo of a goldfish."]

@@ -103,6 +103,7 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
         raise ConfigError(f"{backend} stores take one writer; use a .zarr store for --num-shards {num_shards}")
     dataset = dataset or build_dataset(cfg.dataset)
     dataset.require_files()
+    prompts = build_prompts(dataset.classes, cfg.text)  # before the teacher: a bad class name costs nothing
     books_from = teacher  # a teacher passed in may have spent before this call; one built here has not
     try:
         teacher = teacher or build_teacher(cfg.teacher)
@@ -111,7 +112,6 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
         if done is None:
             raise
         return DryRun(cfg.out, 0, 0, {}, views_per_image=cfg.views.count, complete=True) if dry_run else done
-    prompts = build_prompts(dataset.classes, cfg.text)
     reader = reader or make_reader(cfg, dataset, teacher)
     pipeline = getattr(reader, "pipeline", PIPELINE)
     embedder = Embedder(teacher, cfg.views.count, batched=pipeline["views"] == "batched-resample-uint8")
