@@ -7,7 +7,7 @@ episodes, and returns rows in the results schema (``embedcache.evaluate.results`
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from pathlib import Path
 
@@ -103,18 +103,27 @@ def _open_for(run: RunDir, path: str, transfer: bool) -> StoreReader:
         same = {"teacher": same_teacher(own.manifest, reader.manifest),
                 "classes": own.classes == reader.classes,
                 f"{source!r} prompts": source in reader.text_sources and _prompts(own, source).equals(_prompts(reader, source))}
-        teacher = _teacher_words(own.manifest)
+        teacher, own_classes = _teacher_words(own.manifest), own.classes
     differ = [what for what, ok in same.items() if not ok]
     if differ:
         reader.close()
         verb = "differs from that" if differ[0] == "teacher" else "differ from those"
         fix = {"teacher": f"extract the store to score on with the run's teacher ({teacher}; a remote teacher and the "
                           "model behind it count as two)",
-               "classes": "extract it with the class names the run's store has"}.get(
+               "classes": _classes_fix(own_classes, reader.classes)}.get(
             differ[0], f"extract it with the text settings of the run's store (text source {source!r})")
         raise StoreMismatchError(f"run {run.name} cannot be scored on {path}: its {differ[0]} {verb} of the "
                                  f"store the run was trained on; {fix}")
     return reader
+
+
+def _classes_fix(own: List[str], other: List[str]) -> str:
+    """How to extract a store whose classes the run can be scored on (the run predicts indices into
+    its own store's classes, so the order counts too)."""
+    if sorted(own) == sorted(other):
+        return (f"they are the same classes in another order (the run's store: {', '.join(own[:3])}...); extract it "
+                "with dataset.class_names listing them in the run's store's order")
+    return "extract it with the class names the run's store has"
 
 
 def _teacher_words(manifest: Dict) -> str:
