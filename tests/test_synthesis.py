@@ -318,6 +318,42 @@ def test_a_killed_or_stopped_synthesis_resumes_to_the_same_arrays(tiny_teacher, 
     assert np.array_equal(_arrays(cut.out)["image/pixels"], a["image/pixels"])
 
 
+@pytest.mark.parametrize("method", ["contrastive", "mix", "plain"])
+def test_a_complete_synthesis_is_found_without_learning_its_styles_again(tiny_teacher, synth_cfg, monkeypatch, method):
+    """A rerun of a complete synthesis learned every style again (minutes with a real teacher) before
+    saying "nothing to do"; the key's style lines now come from the settings, and the plan is asked
+    for only when something has to be made: an unfinished block or a lost record of the styles."""
+    import embedcache.synthesis.run as run
+
+    cfg = synth_cfg(f"{method}.zarr", f"prompts.method={method}")
+    made = synthesize(cfg, teacher=tiny_teacher, log=quiet)
+    real, calls = run.build_plan, []
+
+    def counted(*args, **kw):
+        calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(run, "build_plan", counted)
+    again = synthesize(cfg, teacher=tiny_teacher, log=quiet)
+    assert again.skipped and again.key == made.key and calls == []
+    with Store(cfg.out, "a") as st:  # its record of the styles lost: the plan is learned again to remake it
+        targets = st.read_derived("synthesis_targets")
+        st.write_manifest({k: v for k, v in st.manifest.items() if k != "synthesis_plan"})
+    assert synthesize(cfg, teacher=tiny_teacher, log=quiet).skipped and calls == [1]
+    with Store(cfg.out) as st:
+        assert "synthesis_plan" in st.manifest and np.array_equal(st.read_derived("synthesis_targets"), targets)
+    # a store left unfinished learns them before it is opened, as before
+    cut = synth_cfg(f"{method}-cut.zarr", f"prompts.method={method}")
+
+    def kill(block):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        synthesize(cut, teacher=tiny_teacher, on_block_done=kill, log=quiet)
+    calls.clear()
+    assert synthesize(cut, teacher=tiny_teacher, log=quiet).complete and calls == [1]
+
+
 KEY_CHANGES = ["per_class=3", "classes=[circle,square,star]", "prompts.method=mix", "prompts.k=3", "prompts.seed=1",
                "prompts.template='a * kind of a {}'", "prompts.random_sigma=0.5", "image.iterations=5",
                "image.lr=0.2", "image.cutouts=3", "image.cut_size=24", "image.cut_scale=[0.6,1.0]", "image.flip=false",

@@ -156,17 +156,8 @@ def encode_plain(teacher, texts: List[str]) -> torch.Tensor:
 
 
 # --- the methods --------------------------------------------------------------------------------------
-@PROMPTS.register("plain")
-def plain(teacher, classes: Sequence[str], cfg: PromptsConfig, log: Callable[[str], None] = print) -> StylePlan:
-    """One style: the teacher's embedding of 'a photo of a {c}' (the baseline, no diversification)."""
-    texts = [cfg.plain_template.format(display_name(c)) for c in classes]
-    targets = encode_plain(teacher, texts)[None]
-    return StylePlan("plain", targets, None, [cfg.plain_template], {"template": cfg.plain_template, "k": 1})
-
-
-@PROMPTS.register("mix")
-def mix(teacher, classes: Sequence[str], cfg: PromptsConfig, log: Callable[[str], None] = print) -> StylePlan:
-    """Mix-Prompt: style k is a Dirichlet(1)-weighted mixture of J style words."""
+def _mixtures(cfg: PromptsConfig):
+    """Mix-Prompt's styles: (words, J, the J word indices of each style, their Dirichlet(1) weights)."""
     words = list(cfg.words or STYLE_WORDS)
     j = min(cfg.mix_words, len(words))
     picks, weights = [], []
@@ -174,7 +165,35 @@ def mix(teacher, classes: Sequence[str], cfg: PromptsConfig, log: Callable[[str]
         rng = np.random.default_rng([cfg.seed, k, 11])
         picks.append(sorted(int(i) for i in rng.choice(len(words), size=j, replace=False)))
         weights.append(rng.dirichlet(np.ones(j)))
-    describe = [" + ".join(f"{w:.3f} {words[i]}" for i, w in zip(p, ws)) for p, ws in zip(picks, weights)]
+    return words, j, picks, weights
+
+
+def style_lines(cfg: PromptsConfig) -> Optional[List[str]]:
+    """A plan's ``describe`` (one line per style) from the settings alone, before any style is
+    learned: the built-in methods' lines depend on nothing else. None for a method registered
+    elsewhere, whose plan must be built to know them."""
+    if cfg.method == "plain":
+        return [cfg.plain_template]
+    if cfg.method == "mix":
+        words, _, picks, weights = _mixtures(cfg)
+        return [" + ".join(f"{w:.3f} {words[i]}" for i, w in zip(p, ws)) for p, ws in zip(picks, weights)]
+    named = {"random": "random style", "contrastive": "learned style"}.get(cfg.method)
+    return [f"{named} {k}" for k in range(cfg.k)] if named else None
+
+
+@PROMPTS.register("plain")
+def plain(teacher, classes: Sequence[str], cfg: PromptsConfig, log: Callable[[str], None] = print) -> StylePlan:
+    """One style: the teacher's embedding of 'a photo of a {c}' (the baseline, no diversification)."""
+    texts = [cfg.plain_template.format(display_name(c)) for c in classes]
+    targets = encode_plain(teacher, texts)[None]
+    return StylePlan("plain", targets, None, style_lines(cfg), {"template": cfg.plain_template, "k": 1})
+
+
+@PROMPTS.register("mix")
+def mix(teacher, classes: Sequence[str], cfg: PromptsConfig, log: Callable[[str], None] = print) -> StylePlan:
+    """Mix-Prompt: style k is a Dirichlet(1)-weighted mixture of J style words."""
+    words, j, picks, weights = _mixtures(cfg)
+    describe = style_lines(cfg)
     info = {"template": cfg.template, "k": cfg.k, "words": words, "mix_words": j, "level": cfg.mix_level,
             "mixtures": describe}
     if cfg.mix_level == "token":
@@ -201,7 +220,7 @@ def random_styles(teacher, classes: Sequence[str], cfg: PromptsConfig, log: Call
     styles = torch.randn(cfg.k, width, generator=gen) * sigma
     targets = styled_targets(teacher, classes, cfg.template, styles, cfg.placeholder).cpu()
     info = {"template": cfg.template, "k": cfg.k, "sigma": sigma}
-    return StylePlan("random", targets, styles, [f"random style {k}" for k in range(cfg.k)], info)
+    return StylePlan("random", targets, styles, style_lines(cfg), info)
 
 
 def contrastive_loss(anchor: torch.Tensor, positive: torch.Tensor, content: torch.Tensor, m: int, m2: int,
@@ -265,7 +284,7 @@ def contrastive(teacher, classes: Sequence[str], cfg: PromptsConfig, log: Callab
                                                                                   cfg.content_weight),
             "spread_start": style_spread(start.cpu()), "spread_end": style_spread(targets),
             "style_norm_mean": float(final.norm(dim=1).mean()), "token_norm_mean": table_norm}
-    return StylePlan("contrastive", targets, final, [f"learned style {k}" for k in range(cfg.k)], info)
+    return StylePlan("contrastive", targets, final, style_lines(cfg), info)
 
 
 def class_fidelity(targets: torch.Tensor, class_emb: torch.Tensor) -> float:

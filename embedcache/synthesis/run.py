@@ -12,7 +12,7 @@ and ends with the same arrays. Every setting that changes the images is in the m
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -20,17 +20,17 @@ import torch
 from .. import interrupt
 from ..config import DatasetConfig, ExtractConfig, to_dict
 from ..datasets import ImageDataset, Sample
-from ..errors import ConfigError
+from ..errors import ConfigError, EmbedcacheError
 from ..extract import Batch, ExtractResult, ViewPolicy, extract, policy_of
 from ..extract.manifest import build_manifest
-from ..store import Store
+from ..store import Store, backend_name_for
 from ..teachers import TEACHERS, Teacher, build_teacher
 from ..text import build_prompts
 from ..views import to_uint8
-from .config import SynthesizeConfig
+from .config import PromptsConfig, SynthesizeConfig
 from .generators import build_generator
 from .image import optimise
-from .prompts import StylePlan, build_plan
+from .prompts import StylePlan, build_plan, leaked_words, prompt_vocabulary, style_lines
 
 SYNTHESIS_VERSION = 1  # bump when the same settings would make other images
 
@@ -49,12 +49,38 @@ def style_of(per_class: int, k: int, row: int) -> int:
     return (row % per_class) % k
 
 
-def class_dataset(cfg: SynthesizeConfig, plan: StylePlan, section: Dict[str, Any]) -> ImageDataset:
+@dataclass(frozen=True)
+class Outline:
+    """What the cache key needs of a style plan: its method, one line per style, and the evaluation
+    domains its prompts name. The built-in methods' are known from the settings alone
+    (``of_settings``), so a complete store is found without learning its styles again."""
+    method: str
+    describe: Tuple[str, ...]
+    leaks: Tuple[str, ...]
+
+    @property
+    def k(self) -> int:
+        return len(self.describe)
+
+    @classmethod
+    def of_plan(cls, plan: StylePlan) -> "Outline":
+        return cls(plan.method, tuple(plan.describe), tuple(plan.info.get("leaks_test_domains", [])))
+
+    @classmethod
+    def of_settings(cls, cfg: PromptsConfig) -> Optional["Outline"]:
+        lines = style_lines(cfg)
+        if lines is None:
+            return None
+        return cls(cfg.method, tuple(lines), tuple(leaked_words(prompt_vocabulary(cfg), cfg.test_domains)))
+
+
+def class_dataset(cfg: SynthesizeConfig, outline: Outline, section: Dict[str, Any]) -> ImageDataset:
     """One sample per synthesised image: path '<method>/<class>/<j>.png' (no file), its class, and its
     style as the domain."""
     classes = sorted(c.strip() for c in cfg.classes)
-    width = max(2, len(str(plan.k - 1)))
-    samples = [Sample(f"{plan.method}/{c}/{j:05d}.png", c, f"{plan.method}-{j % plan.k:0{width}d}", "train", 0)
+    width = max(2, len(str(outline.k - 1)))
+    method = outline.method
+    samples = [Sample(f"{method}/{c}/{j:05d}.png", c, f"{method}-{j % outline.k:0{width}d}", "train", 0)
                for c in classes for j in range(cfg.per_class)]
 
     def no_file(i: int):
@@ -63,7 +89,7 @@ def class_dataset(cfg: SynthesizeConfig, plan: StylePlan, section: Dict[str, Any
     return ImageDataset("synthesis", None, samples, loader=no_file, extra_fingerprint={"synthesis": section})
 
 
-def key_settings(cfg: SynthesizeConfig, plan: StylePlan, generator, cut_size: int) -> Dict[str, Any]:
+def key_settings(cfg: SynthesizeConfig, outline: Outline, generator, cut_size: int) -> Dict[str, Any]:
     """The manifest's ``synthesis`` section: every setting that changes the images (in the cache key).
     Settings only, never computed numbers: learned styles and their statistics differ in their last
     bits with the thread count, as teacher embeddings do, and must not make a resumed run's store
@@ -74,10 +100,10 @@ def key_settings(cfg: SynthesizeConfig, plan: StylePlan, generator, cut_size: in
         "classes": sorted(c.strip() for c in cfg.classes),
         "per_class": cfg.per_class,
         "assignment": "rows class-major; image j of a class -> style j mod k",
-        "prompts": {**to_dict(cfg.prompts), "k": plan.k, "method": plan.method,
+        "prompts": {**to_dict(cfg.prompts), "k": outline.k, "method": outline.method,
                     "words": list(cfg.prompts.words) if cfg.prompts.words else None},
-        "styles": plan.describe,
-        "leaks_test_domains": plan.info.get("leaks_test_domains", []),
+        "styles": list(outline.describe),
+        "leaks_test_domains": list(outline.leaks),
         "image": {"generator": generator.identity(), "synthesis_size": cfg.canvas.size,
                   "iterations": im.iterations, "lr": im.lr, "optimizer": "adam", "seed": im.seed,
                   "loss": "squared spherical distance, mean over cutouts, summed over images",
@@ -92,7 +118,7 @@ class SynthesisReader:
     """An extraction reader: for each batch of rows, synthesise the canvases ((B, S, S, 3) uint8)
     and draw the view parameters with the store's view policy, as ``LoaderReader`` does for files."""
 
-    def __init__(self, teacher: Teacher, plan: StylePlan, labels: np.ndarray, cfg: SynthesizeConfig,
+    def __init__(self, teacher: Teacher, plan: Callable[[], StylePlan], labels: np.ndarray, cfg: SynthesizeConfig,
                  policy: ViewPolicy, generator, cut_size: int,
                  on_batch: Optional[Callable[[np.ndarray, Any], None]] = None):
         self.teacher, self.plan, self.labels, self.cfg, self.policy = teacher, plan, labels, cfg, policy
@@ -100,9 +126,10 @@ class SynthesisReader:
 
     def batches(self, batches: List[List[int]]) -> Iterator[Batch]:
         for rows in batches:
+            plan = self.plan()  # learned on first use: a complete store never asks for it
             rows = np.asarray(rows, dtype=np.int64)
-            styles = np.array([style_of(self.cfg.per_class, self.plan.k, int(r)) for r in rows])
-            targets = self.plan.targets[torch.from_numpy(styles), torch.from_numpy(self.labels[rows])]
+            styles = np.array([style_of(self.cfg.per_class, plan.k, int(r)) for r in rows])
+            targets = plan.targets[torch.from_numpy(styles), torch.from_numpy(self.labels[rows])]
             out = optimise(self.teacher, self.generator, targets, rows.tolist(), self.cfg.image, self.cut_size,
                            should_stop=interrupt.requested, progress=self.cfg.progress)
             if self.on_batch is not None:
@@ -119,21 +146,46 @@ def extract_config(cfg: SynthesizeConfig) -> ExtractConfig:
                          num_workers=0, block_rows=cfg.block_rows, progress=cfg.progress)
 
 
-@dataclass
 class Prepared:
-    """Everything a synthesis needs before it writes: the style plan, the generator, the manifest's
-    ``synthesis`` section, the class-name dataset, the extraction config and the reader."""
-    teacher: Teacher
-    plan: StylePlan
-    section: Dict[str, Any]
-    dataset: ImageDataset
-    ecfg: ExtractConfig
-    reader: SynthesisReader
+    """Everything a synthesis needs before it writes: the manifest's ``synthesis`` section, the
+    class-name dataset, the extraction config, the reader, and the style plan (``plan``, learned
+    once, when first asked for)."""
+
+    def __init__(self, cfg: SynthesizeConfig, teacher: Teacher, outline: Outline, generator, cut_size: int,
+                 log: Callable[[str], None], on_batch=None, plan: Optional[StylePlan] = None):
+        self.cfg, self.teacher, self.outline, self.log, self._plan = cfg, teacher, outline, log, plan
+        self.section = key_settings(cfg, outline, generator, cut_size)
+        self.dataset = class_dataset(cfg, outline, self.section)
+        self.ecfg = extract_config(cfg)
+        labels = np.array([self.dataset.label(i) for i in range(len(self.dataset))], dtype=np.int64)
+        self.reader = SynthesisReader(teacher, lambda: self.plan, labels, cfg, policy_of(self.ecfg), generator,
+                                      cut_size, on_batch)
+
+    @property
+    def plan(self) -> StylePlan:
+        if self._plan is None:
+            plan = build_plan(self.teacher, sorted(c.strip() for c in self.cfg.classes), self.cfg.prompts, self.log)
+            if Outline.of_plan(plan) != self.outline:  # the key was made from the outline
+                raise RuntimeError(f"bug: the {plan.method!r} plan's styles differ from those its settings "
+                                   "announced (prompts.style_lines)")
+            self._plan = plan
+        return self._plan
 
     def key(self) -> str:
         """The cache key the store will have (without writing anything)."""
         prompts = build_prompts(self.dataset.classes, self.ecfg.text)
         return build_manifest(self.ecfg, self.dataset, self.teacher, prompts, extra={"synthesis": self.section})["key"]
+
+    def already_made(self) -> bool:
+        """Whether the store is there, complete, with this key (extraction still verifies it)."""
+        backend = backend_name_for(self.cfg.out, self.cfg.backend)
+        if not Store.exists(self.cfg.out, backend):
+            return False
+        try:
+            with Store(self.cfg.out, "r", backend) as st:
+                return bool(st.complete) and st.key == self.key()
+        except EmbedcacheError:  # damaged or another store: extraction says what is wrong with it
+            return False
 
 
 def prepare(cfg: SynthesizeConfig, teacher: Optional[Teacher] = None, log: Callable[[str], None] = print,
@@ -146,19 +198,19 @@ def prepare(cfg: SynthesizeConfig, teacher: Optional[Teacher] = None, log: Calla
     require_gradients(teacher if teacher is not None else cfg.teacher.name)
     teacher = teacher or build_teacher(cfg.teacher)
     require_gradients(teacher)
-    classes = sorted(c.strip() for c in cfg.classes)
-    plan = build_plan(teacher, classes, cfg.prompts, log)
-    if plan.info["leaks_test_domains"]:
-        log(f"note: the prompts name evaluation domains ({', '.join(plan.info['leaks_test_domains'])}); "
-            "the manifest records it (synthesis.leaks_test_domains)")
     cut_size = cfg.image.cut_size or teacher.input_size
     generator = build_generator(cfg.image, cfg.canvas.size, teacher.device)
-    section = key_settings(cfg, plan, generator, cut_size)
-    dataset = class_dataset(cfg, plan, section)
-    labels = np.array([dataset.label(i) for i in range(len(dataset))], dtype=np.int64)
-    ecfg = extract_config(cfg)
-    reader = SynthesisReader(teacher, plan, labels, cfg, policy_of(ecfg), generator, cut_size, on_batch)
-    return Prepared(teacher, plan, section, dataset, ecfg, reader)
+    outline, plan = Outline.of_settings(cfg.prompts), None
+    if outline is None:  # a method registered elsewhere: its styles are known once its plan is built
+        plan = build_plan(teacher, sorted(c.strip() for c in cfg.classes), cfg.prompts, log)
+        outline = Outline.of_plan(plan)
+    if outline.leaks:
+        log(f"note: the prompts name evaluation domains ({', '.join(outline.leaks)}); "
+            "the manifest records it (synthesis.leaks_test_domains)")
+    prepared = Prepared(cfg, teacher, outline, generator, cut_size, log, on_batch, plan)
+    if not prepared.already_made():
+        prepared.plan  # the styles are learned now, before the store is opened
+    return prepared
 
 
 def synthesize(cfg: SynthesizeConfig, teacher: Optional[Teacher] = None,
@@ -170,7 +222,7 @@ def synthesize(cfg: SynthesizeConfig, teacher: Optional[Teacher] = None,
     res = extract(p.ecfg, teacher=p.teacher, reader=p.reader, dataset=p.dataset,
                   manifest_extra={"synthesis": p.section}, on_block_done=on_block_done, log=log)
     if res.complete:
-        _keep_styles(res.path, cfg.backend, p.plan)
+        _keep_styles(res.path, cfg.backend, lambda: p.plan)
     return res
 
 
@@ -180,16 +232,21 @@ def plan_record(plan: StylePlan) -> Dict[str, Any]:
     return {**plan.info, "styles_digest": plan.digest(), "styles": plan.describe}
 
 
-def _keep_styles(path: str, backend: Optional[str], plan: StylePlan) -> None:
-    """The plan's record in the manifest, and derived arrays for analysts: ``synthesis_targets``
-    (K, C, D) and ``synthesis_styles`` (K, W)."""
+def _keep_styles(path: str, backend: Optional[str], plan: Callable[[], StylePlan]) -> None:
+    """Derived arrays for analysts, ``synthesis_targets`` (K, C, D) and ``synthesis_styles`` (K, W),
+    then the plan's record in the manifest (last: a store with the record has its arrays). The plan is
+    asked for (learned again, for a store already complete) only when one of them is missing."""
     with Store(path, "a", backend) as st:
-        if "synthesis_plan" not in st.manifest:
-            st.write_manifest({**st.manifest, "synthesis_plan": plan_record(plan)})
         have = st.derived()
+        kept = {n: i for n, i in have.items() if n in ("synthesis_targets", "synthesis_styles")}
+        if "synthesis_plan" in st.manifest and "synthesis_targets" in kept and all(i.get("complete") for i in kept.values()):
+            return
+        made = plan()
         if not have.get("synthesis_targets", {}).get("complete"):
-            st.put_derived("synthesis_targets", plan.targets.numpy().astype(np.float32),
+            st.put_derived("synthesis_targets", made.targets.numpy().astype(np.float32),
                            {"what": "text embedding each (style, class) image was pulled towards"})
-        if plan.styles is not None and not have.get("synthesis_styles", {}).get("complete"):
-            st.put_derived("synthesis_styles", plan.styles.numpy().astype(np.float32),
+        if made.styles is not None and not have.get("synthesis_styles", {}).get("complete"):
+            st.put_derived("synthesis_styles", made.styles.numpy().astype(np.float32),
                            {"what": "style pseudo-word token embeddings"})
+        if "synthesis_plan" not in st.manifest:
+            st.write_manifest({**st.manifest, "synthesis_plan": plan_record(made)})
