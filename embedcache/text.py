@@ -47,6 +47,7 @@ def prompt_clash(classes: Sequence[str]) -> Optional[str]:
 
 # labels that name nothing to a text encoder: numbers and WordNet ids (ImageNet's folder names)
 _ID = re.compile(r"\d+|n\d{8}")
+_NUMBERED = re.compile(r"\d+[._\- ]+[^\W\d_]")  # a numbered name: 001.Black_footed_Albatross
 
 
 def id_names(classes: Sequence[str]) -> Optional[str]:
@@ -109,6 +110,9 @@ def build_prompts(classes: Sequence[str], cfg: TextConfig) -> Dict[str, Prompts]
     refusal = id_names(classes)
     if refusal:
         raise ConfigError(refusal)
+    if classes and all(_NUMBERED.match(c) for c in classes):  # CUB's folders: 001.Black_footed_Albatross
+        warnings.warn(f"every class name starts with a number ({display_name(classes[0])!r}), which the prompts "
+                      "keep; name the classes without it with dataset.class_names=FILE if that is not meant")
     return {src: TEXT_SOURCES.get(src)(classes, cfg) for src in cfg.sources}
 
 

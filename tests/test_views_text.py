@@ -160,3 +160,15 @@ def test_class_names_that_are_ids_are_refused(classes):
     with pytest.raises(ConfigError, match=r"class names are ids \(.*dataset.class_names=FILE"):
         build_prompts(classes, TextConfig(sources=("name",)))
     assert build_prompts(["n01443537", "goldfish"], TextConfig(sources=("name",)))["name"][1] == ["a photo of a goldfish."]
+
+
+def test_numbered_class_names_are_kept_with_a_warning():
+    """CUB's folders (001.Black_footed_Albatross) put their number into every prompt: said once, kept."""
+    with pytest.warns(UserWarning, match=r"every class name starts with a number \('001.Black footed Albatross'\).*"
+                                         "dataset.class_names=FILE"):
+        prompts = build_prompts(["001.Black_footed_Albatross", "002.Laysan_Albatross"], TextConfig(sources=("name",)))
+    assert prompts["name"][0] == ["a photo of a 001.Black footed Albatross."]
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_prompts(["001.Black_footed_Albatross", "dog", "7up"], TextConfig(sources=("name",)))
