@@ -11,9 +11,10 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -23,7 +24,7 @@ from .registry import Registry
 from .config import DatasetConfig
 from .errors import DatasetError
 from .images import read_rgb8, to_rgb8
-from .text import prompt_clash
+from .text import prompt_clash, prompt_key
 
 DATASETS = Registry("dataset")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -39,8 +40,8 @@ class Sample:
 
 
 class ImageDataset:
-    """Samples plus a loader. ``classes`` is sorted, or in ``class_order`` (a class-names file's
-    order) where given; ``label`` is the index into it."""
+    """Samples plus a loader. ``classes`` is sorted, or in ``class_order`` (the order of the labels a
+    class-names file names) where given; ``label`` is the index into it."""
 
     def __init__(self, name: str, root: Optional[Path], samples: Sequence[Sample],
                  loader: Optional[Callable[[int], Image.Image]] = None,
@@ -52,7 +53,7 @@ class ImageDataset:
         self.samples = list(samples)
         present = {s.class_name for s in self.samples}
         self.classes = [c for c in class_order if c in present] if class_order is not None else sorted(present)
-        self._class_order = class_order is not None
+        self._class_order = self.classes != sorted(self.classes)
         clash = prompt_clash(self.classes)
         if clash:
             raise DatasetError(f"dataset {name!r} at {root}: {clash}")
@@ -92,7 +93,7 @@ class ImageDataset:
     def fingerprint(self) -> str:
         h = hashlib.sha256()
         h.update(json.dumps({"name": self.name, **self._extra}, sort_keys=True).encode())
-        if self._class_order:  # the order gives the labels (unsorted names make a store of their own)
+        if self._class_order:  # the order gives the labels (classes out of name order make a store of their own)
             h.update(json.dumps(self.classes).encode())
         for s in self.samples:
             h.update(f"{s.path}\t{s.size}\t{s.class_name}\t{s.domain}\t{s.split}\n".encode())
@@ -133,6 +134,10 @@ def _require_dir(path: Optional[str], what: str) -> Path:
     if not path:
         raise DatasetError(f"{what} needs dataset.path; set it with --set dataset.path=/path/to/images")
     root = Path(path).expanduser()
+    if root.is_file():
+        fix = ("a CSV manifest takes --set dataset.name=csv" if root.suffix.lower() == ".csv" else
+               "point dataset.path at the folder of the images")
+        raise DatasetError(f"dataset.path {root} is a file, not the folder {what} needs; {fix}")
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist (relative paths are taken from the working folder "
                            f"{Path.cwd()}); set it with --set dataset.path=/path/to/images")
@@ -316,11 +321,13 @@ def build_dataset(cfg: DatasetConfig) -> ImageDataset:
 
 # --- class names: what a dataset's labels (ids, folder names) stand for --------------------------
 def read_class_names(path: str) -> Dict[str, str]:
-    """label -> name, in the file's order: a CSV with columns label,name or a JSON object {label: name}."""
+    """label -> name: a CSV with columns label,name or a JSON object {label: name}. A label named twice,
+    or two labels named alike (to the teacher's eye), is refused."""
     f = Path(path).expanduser()
     if not f.is_file():
-        raise DatasetError(f"class-names file {f} not found; set dataset.class_names to a CSV (label,name) or JSON "
-                           "({label: name}) file")
+        where = "" if f.is_absolute() else f" (a relative path, taken from the working folder {Path.cwd()})"
+        raise DatasetError(f"class-names file {f} not found{where}; set dataset.class_names to a CSV (label,name) or "
+                           "JSON ({label: name}) file")
     try:
         pairs = _json_names(f) if f.suffix.lower() == ".json" else _csv_names(f)
     except UnicodeDecodeError as exc:
@@ -335,17 +342,24 @@ def read_class_names(path: str) -> Dict[str, str]:
                                "keep one")
     if not names:
         raise DatasetError(f"class-names file {f} names no label; give one label,name per line")
+    first: Dict[str, str] = {}
+    for label, name in names.items():
+        other = first.setdefault(prompt_key(name), label)
+        if other != label:
+            raise DatasetError(f"class-names file {f} gives labels {other!r} and {label!r} the same name "
+                               f"({names[other]!r}, {name!r}); their text embeddings would be identical: give them "
+                               "different names")
     return names
 
 
 def _json_names(f: Path) -> List[tuple]:
-    try:
-        table = json.loads(f.read_text(encoding="utf-8-sig"))
+    try:  # pairs, not a dict: a label given twice must not silently keep its last name
+        table = json.loads(f.read_text(encoding="utf-8-sig"), object_pairs_hook=lambda pairs: pairs)
     except json.JSONDecodeError as exc:
         raise DatasetError(f"class-names file {f} is not valid JSON (line {exc.lineno}: {exc.msg}); fix it") from None
-    if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
+    if not isinstance(table, list) or not all(isinstance(p, tuple) and isinstance(p[1], str) for p in table):
         raise DatasetError(f"class-names file {f} must hold one JSON object {{label: name}} with string names")
-    return list(table.items())
+    return table
 
 
 def _csv_names(f: Path) -> List[tuple]:
@@ -357,23 +371,25 @@ def _csv_names(f: Path) -> List[tuple]:
         return [(row["label"] or "", row["name"] or "") for row in reader]
 
 
+def label_order(labels: Iterable[str]) -> List[str]:
+    """Labels in the order of their indices: by number when every label is a whole number (ids 0..C-1
+    keep their values; 1..C become 0..C-1), else as text (WordNet ids: ImageNet's class order)."""
+    labels = sorted(set(labels))
+    if all(re.fullmatch(r"[+-]?\d+", c) for c in labels):
+        return sorted(labels, key=int)
+    return labels
+
+
 def named_classes(dataset: ImageDataset, path: str) -> ImageDataset:
-    """``dataset`` with each label replaced by its name from the class-names file at ``path``, its
-    classes in the file's order (so a file listed in a dataset's class-index order keeps its indices)."""
+    """``dataset`` with each label replaced by its name from the class-names file at ``path``; the
+    classes keep the order of their labels (``label_order``), whatever the order of the file."""
     names = read_class_names(path)
-    labels = list(dict.fromkeys(s.class_name for s in dataset.samples))
+    labels = label_order(s.class_name for s in dataset.samples)
     missing = [c for c in labels if c not in names]
     if missing:
+        add = f'"{missing[0]}": "<name>"' if Path(path).suffix.lower() == ".json" else f"a line {missing[0]},<name>"
         raise DatasetError(f"class-names file {path} has no name for label {missing[0]!r} ({len(missing)} of the "
-                           f"dataset's {len(labels)} labels unnamed); add a line {missing[0]},<name>")
-    first: Dict[str, str] = {}
-    for c in labels:
-        other = first.setdefault(names[c], c)
-        if other != c:
-            raise DatasetError(f"class-names file {path} gives labels {other!r} and {c!r} the same name "
-                               f"{names[c]!r}; their text embeddings would be identical: give them different names")
+                           f"dataset's {len(labels)} labels unnamed); add {add}")
     samples = [dataclasses.replace(s, class_name=names[s.class_name]) for s in dataset.samples]
-    present = set(labels)
-    order = [names[c] for c in names if c in present]
     return ImageDataset(dataset.name, dataset.root, samples, loader=dataset._loader,
-                        extra_fingerprint=dataset._extra, class_order=order)
+                        extra_fingerprint=dataset._extra, class_order=[names[c] for c in labels])

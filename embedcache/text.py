@@ -31,13 +31,18 @@ def display_name(class_name: str) -> str:
     return class_name.replace("_", " ").strip()
 
 
+def prompt_key(class_name: str) -> str:
+    """A class name as the teacher reads it in a prompt: underscores as spaces, case and runs of spaces lost."""
+    return " ".join(display_name(class_name).split()).casefold()
+
+
 def prompt_clash(classes: Sequence[str]) -> Optional[str]:
     """A one-line refusal when two different class names read as one prompt to the teacher (display
     names alike once its tokenizer has lowered the case and collapsed runs of spaces), else None: such
     classes get identical text embeddings, and nearest-label search could never predict the later one."""
     seen: Dict[str, str] = {}
     for c in classes:
-        first = seen.setdefault(" ".join(display_name(c).split()).casefold(), c)
+        first = seen.setdefault(prompt_key(c), c)
         if first != c:
             return (f"classes {first!r} and {c!r} give the same prompt text ({display_name(c)!r}: the teacher's "
                     "tokenizer ignores case and extra spaces), so their text embeddings would be identical and one "
@@ -51,13 +56,13 @@ _NUMBERED = re.compile(r"\d+[._\- ]+[^\W\d_]")  # a numbered name: 001.Black_foo
 
 
 def id_names(classes: Sequence[str]) -> Optional[str]:
-    """A one-line refusal when every class name is an id (a number, a WordNet id), else None: the
-    teacher would embed the ids, not what they stand for, and zero-shot scores would mean nothing."""
+    """What is wrong when every class name is an id (a number, a WordNet id), else None: the teacher
+    would embed the ids, not what they stand for, and zero-shot scores would mean nothing. Callers
+    add the fix their settings take."""
     if not classes or not all(_ID.fullmatch(c.strip()) for c in classes):
         return None
     shown = ", ".join(repr(c) for c in classes[:3]) + (", ..." if len(classes) > 3 else "")
-    return (f"the class names are ids ({shown}), which the teacher's text encoder would embed as they are; "
-            "name them with dataset.class_names=FILE (a CSV with columns label,name, or a JSON {label: name})")
+    return f"the class names are ids ({shown}), which the teacher's text encoder would embed as they are"
 
 
 def _bundled(kind: str, name: str, suffix: str) -> str:
@@ -102,14 +107,14 @@ def attributes_source(classes: Sequence[str], cfg: TextConfig) -> Prompts:
     table: Dict[str, List[str]] = json.loads(_bundled("attributes", cfg.attributes, ".json"))
     missing = [c for c in classes if not table.get(c)]
     if missing:
-        raise ConfigError(f"attributes {cfg.attributes!r} have no descriptions for class {missing[0]!r}; add them to the JSON file")
+        fix = ("add them to the JSON file" if Path(cfg.attributes).is_file() else
+               f"the bundled set describes other classes ({', '.join(sorted(table)[:3])}, ...): give "
+               "text.attributes=FILE.json describing yours, or leave attributes out of text.sources")
+        raise ConfigError(f"attributes {cfg.attributes!r} have no descriptions for class {missing[0]!r}; {fix}")
     return [[f"a photo of a {display_name(c)}, {d}" for d in table[c]] for c in classes]
 
 
 def build_prompts(classes: Sequence[str], cfg: TextConfig) -> Dict[str, Prompts]:
-    refusal = id_names(classes)
-    if refusal:
-        raise ConfigError(refusal)
     if classes and all(_NUMBERED.match(c) for c in classes):  # CUB's folders: 001.Black_footed_Albatross
         warnings.warn(f"every class name starts with a number ({display_name(classes[0])!r}), which the prompts "
                       "keep; name the classes without it with dataset.class_names=FILE if that is not meant")

@@ -121,8 +121,9 @@ def _classes_fix(own: List[str], other: List[str]) -> str:
     """How to extract a store whose classes the run can be scored on (the run predicts indices into
     its own store's classes, so the order counts too)."""
     if sorted(own) == sorted(other):
-        return (f"they are the same classes in another order (the run's store: {', '.join(own[:3])}...); extract it "
-                "with dataset.class_names listing them in the run's store's order")
+        shown = ", ".join(own[:3]) + (", ..." if len(own) > 3 else "")
+        return (f"they are the same classes in another order (the run's store: {shown}; all in its manifest's "
+                "dataset.classes); extract it with labels that dataset.class_names names in that order")
     return "extract it with the class names the run's store has"
 
 

@@ -169,27 +169,43 @@ def _numbered_csv(tmp_path, labels=("2", "10", "1")):
     return str(tmp_path / "x.csv")
 
 
-def test_class_names_file_names_the_labels_in_its_own_order(tmp_path):
+def test_class_names_name_the_labels_whose_order_gives_the_indices(tmp_path):
     """Numeric labels and WordNet ids name nothing to the teacher's text encoder: a class-names file
-    replaces them by names, and its order gives the labels' indices (a file listed 1, 2, 10 keeps 1 at
-    index 0, not the string order 1, 10, 2)."""
+    replaces them by names. The indices follow the labels, by number when they are numbers (1, 2, 10;
+    not the text order 1, 10, 2), whatever the order of the file's lines."""
     csv_path = _numbered_csv(tmp_path)
     names = tmp_path / "names.csv"
-    names.write_text("label,name\n1,tench\n2,goldfish\n3,great white shark\n10,tiger shark\n")
+    names.write_text("label,name\n10,tiger shark\n3,great white shark\n1,tench\n2,goldfish\n")
     ds = build_dataset(DatasetConfig(name="csv", path=csv_path, class_names=str(names)))
     assert ds.classes == ["tench", "goldfish", "tiger shark"]  # label 3 has no image: no class
     assert [ds.label(i) for i in range(3)] == [1, 2, 0]
     assert list(ds.frame().class_name) == ["goldfish", "tiger shark", "tench"]
-    (tmp_path / "names.json").write_text('{"10": "tiger shark", "2": "goldfish", "1": "tench"}')
+    (tmp_path / "names.json").write_text('{"1": "tench", "2": "goldfish", "10": "tiger shark"}')
     by_json = build_dataset(DatasetConfig(name="csv", path=csv_path, class_names=str(tmp_path / "names.json")))
-    assert by_json.classes == ["tiger shark", "goldfish", "tench"]
-    # the order is part of what the store holds: another order is another dataset
-    assert by_json.fingerprint() != ds.fingerprint()
+    assert by_json.classes == ds.classes and by_json.fingerprint() == ds.fingerprint()
+    # the order is part of what the store holds: classes out of name order are another dataset than sorted ones
+    (tmp_path / "sorted.csv").write_text("label,name\n1,a tench\n2,b goldfish\n10,c tiger shark\n")
+    in_order = build_dataset(DatasetConfig(name="csv", path=csv_path, class_names=str(tmp_path / "sorted.csv")))
+    assert in_order.classes == ["a tench", "b goldfish", "c tiger shark"]
     plain = build_dataset(DatasetConfig(name="csv", path=csv_path))
     assert plain.classes == ["1", "10", "2"] and plain.fingerprint() != ds.fingerprint()
+    # WordNet ids keep their text order (ImageNet's class indices)
+    (tmp_path / "w.csv").write_text("path,label\n0.png,n02\n1.png,n10\n2.png,n01\n")
+    (tmp_path / "wn.csv").write_text("label,name\nn10,zebra\nn01,tench\nn02,goldfish\n")
+    wn = build_dataset(DatasetConfig(name="csv", path=str(tmp_path / "w.csv"), class_names=str(tmp_path / "wn.csv")))
+    assert wn.classes == ["tench", "goldfish", "zebra"]
 
 
-def test_class_names_that_would_pass_wrong_data_are_refused(tmp_path):
+def test_a_class_names_file_that_names_each_label_itself_keeps_the_store(tmp_path):
+    """Same images, names and labels: the same fingerprint (the order is hashed only where it is not
+    the names' own)."""
+    (tmp_path / "n.json").write_text('{"triangle": "triangle", "circle": "circle", "square": "square"}')
+    plain = build_dataset(DatasetConfig(num_classes=3))
+    named = build_dataset(DatasetConfig(num_classes=3, class_names=str(tmp_path / "n.json")))
+    assert named.classes == plain.classes and named.fingerprint() == plain.fingerprint()
+
+
+def test_class_names_that_would_pass_wrong_data_are_refused(tmp_path, monkeypatch):
     csv_path = _numbered_csv(tmp_path)
 
     def build(text, suffix=".csv"):
@@ -199,10 +215,17 @@ def test_class_names_that_would_pass_wrong_data_are_refused(tmp_path):
 
     with pytest.raises(DatasetError, match=r"no name for label '10' \(1 of the dataset's 3 labels unnamed\); add a line 10,"):
         build("label,name\n1,tench\n2,goldfish\n")
-    with pytest.raises(DatasetError, match="gives labels '2' and '10' the same name 'crane'"):
-        build("label,name\n1,tench\n2,crane\n10,crane\n")
+    with pytest.raises(DatasetError, match=r"no name for label '10' .*; add \"10\": \"<name>\""):
+        build('{"1": "tench", "2": "goldfish"}', ".json")
+    with pytest.raises(DatasetError, match=r"gives labels '2' and '10' the same name \('crane', 'Crane'\)"):
+        build("label,name\n1,tench\n2,crane\n10,Crane\n")
+    # two labels named alike are refused even where one has no image: the file itself is ambiguous
+    with pytest.raises(DatasetError, match="gives labels '2' and '77' the same name"):
+        build("label,name\n1,tench\n2,crane\n10,shark\n77,crane\n")
     with pytest.raises(DatasetError, match="names label '2' twice"):
         build("label,name\n1,tench\n2,goldfish\n2,carp\n10,shark\n")
+    with pytest.raises(DatasetError, match="names label '1' twice"):  # JSON keeps a repeated key's last value
+        build('{"1": "tench", "2": "goldfish", "10": "shark", "1": "carp"}', ".json")
     with pytest.raises(DatasetError, match="label '2' has no name"):
         build("label,name\n1,tench\n2,\n10,shark\n")
     with pytest.raises(DatasetError, match="it needs a header label,name"):
@@ -211,7 +234,15 @@ def test_class_names_that_would_pass_wrong_data_are_refused(tmp_path):
         build('{"1": "tench",}', ".json")
     with pytest.raises(DatasetError, match="one JSON object"):
         build('["tench", "goldfish"]', ".json")
-    with pytest.raises(DatasetError, match="not found; set dataset.class_names"):
-        build_dataset(DatasetConfig(name="csv", path=csv_path, class_names=str(tmp_path / "nope.csv")))
-    # a name shared only with a label the dataset does not hold is no clash
-    assert len(build("label,name\n1,tench\n2,crane\n10,shark\n77,crane\n").classes) == 3
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DatasetError, match=f"nope.csv not found \\(a relative path, taken from the working folder "
+                                           f"{tmp_path}\\); set dataset.class_names"):
+        build_dataset(DatasetConfig(name="csv", path=csv_path, class_names="nope.csv"))
+
+
+@pytest.mark.parametrize("name", ["domainbed", "folder"])
+def test_a_folder_dataset_given_a_file_says_so(tmp_path, name):
+    """A CSV given to a folder dataset was said not to exist."""
+    csv_path = _numbered_csv(tmp_path)
+    with pytest.raises(DatasetError, match=r"x.csv is a file, not the folder .*; a CSV manifest takes --set dataset.name=csv"):
+        build_dataset(DatasetConfig(name=name, path=csv_path))

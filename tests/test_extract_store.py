@@ -379,6 +379,28 @@ def test_numbered_labels_need_names_before_the_teacher_is_built(tmp_path, make_c
         assert s.classes == names
         assert s.meta.label.tolist() == [int(lab) for lab in labels]
         assert s.text("name").prompt.iloc[10] == "a photo of a thing k."
+    (tmp_path / "same.csv").write_text("label,name\n" + "".join(f"{k},{k}\n" for k in range(11)))
+    with pytest.raises(ConfigError, match=r"dataset.class_names=\S*same.csv names the labels with ids: give each label a name"):
+        extract(make_cfg("same.zarr", "dataset.name=csv", f"dataset.path={tmp_path / 'x.csv'}",
+                         f"dataset.class_names={tmp_path / 'same.csv'}"), log=quiet)
+
+
+def test_a_store_made_with_id_names_before_they_were_refused_is_still_found(tmp_path, make_cfg, tiny_teacher,
+                                                                             monkeypatch):
+    """Refusing ids for new stores must not strand the stores made before: a complete one is found
+    (with a warning saying what its text embeddings are), as a half-done one is resumed."""
+    (tmp_path / "imgs").mkdir()
+    for k in range(6):
+        Image.fromarray(np.full((24, 24, 3), 30 * k, np.uint8)).save(tmp_path / "imgs" / f"{k}.png")
+    (tmp_path / "x.csv").write_text("path,label\n" + "".join(f"imgs/{k}.png,{k % 3}\n" for k in range(6)))
+    cfg = make_cfg("old.zarr", "dataset.name=csv", f"dataset.path={tmp_path / 'x.csv'}")
+    with monkeypatch.context() as mp:  # as extraction made it before
+        mp.setattr("embedcache.extract.id_names", lambda classes: None)
+        made = extract(cfg, teacher=tiny_teacher, log=quiet)
+    with pytest.warns(UserWarning, match=r"old.zarr: the class names are ids .*text embeddings are of the ids.*"
+                                         r"for a new store, name them with dataset.class_names"):
+        again = extract(cfg, teacher=tiny_teacher, log=quiet)
+    assert again.skipped and again.key == made.key
 
 
 def test_a_store_opens_by_what_it_is_not_by_its_name(make_cfg, tiny_teacher):

@@ -320,11 +320,13 @@ def test_transfer_scores_a_run_on_another_store_of_the_same_teacher(synthetic_st
                                          "extract it with the text settings of the run's store"):
         score_run(tmp_path / "t", ["lodo"], reworded.out, transfer=True)
     # the same classes in another order (a class-names file's): the run's label indices would name others
-    (tmp_path / "order.json").write_text('{"triangle": "triangle", "square": "square", "circle": "circle"}')
+    # (labels are ordered by label: swapping two names is what gives the names another order here)
+    (tmp_path / "order.json").write_text('{"circle": "triangle", "square": "square", "triangle": "circle"}')
     reordered = make_cfg("reordered.zarr", "dataset.per_class=3", f"dataset.class_names={tmp_path / 'order.json'}")
     extract(reordered, teacher=tiny_teacher, log=quiet)
     with pytest.raises(StoreError, match=r"its classes differ .*same classes in another order \(the run's store: "
-                                         r"circle, square, triangle...\); extract it with dataset.class_names"):
+                                         r"circle, square, triangle; all in its manifest's dataset.classes\); extract it with labels "
+                                         r"that dataset.class_names names in that order"):
         score_run(tmp_path / "r", ["lodo"], reordered.out, transfer=True)
     # another teacher: the fix names the run's teacher, not the text settings it used to name
     import embedcache.students.scoring as scoring

@@ -342,6 +342,14 @@ def test_a_complete_synthesis_is_found_without_learning_its_styles_again(tiny_te
     assert synthesize(cfg, teacher=tiny_teacher, log=quiet).skipped and calls == [1]
     with Store(cfg.out) as st:
         assert "synthesis_plan" in st.manifest and np.array_equal(st.read_derived("synthesis_targets"), targets)
+    if method != "plain":  # a store killed between the record and the styles (the order before): styles remade
+        with Store(cfg.out, "a") as st:
+            kept = st.derived()
+            assert kept.pop("synthesis_styles", {}).get("complete") == (method == "contrastive" or method == "mix")
+            st.b.set_attr("derived", kept)
+        synthesize(cfg, teacher=tiny_teacher, log=quiet)
+        with Store(cfg.out) as st:
+            assert st.derived()["synthesis_styles"]["complete"] and calls == [1, 1]
     # a store left unfinished learns them before it is opened, as before
     cut = synth_cfg(f"{method}-cut.zarr", f"prompts.method={method}")
 
@@ -403,6 +411,7 @@ def test_cache_key_holds_settings_not_the_numbers_style_learning_computes(tiny_t
     ("classes=[]", "classes is empty"),
     ("classes=[dog,cat,dog]", "classes lists 'dog' twice"),
     ("classes=[hot_dog,cat,'Hot dog']", "classes 'hot_dog' and 'Hot dog' give the same prompt text"),
+    ("classes=['0','1','2']", r"class names are ids \('0', '1', '2'\).*--set classes=\[dog,horse"),
     ("classes=['dog*2',cat]", "class 'dog\\*2' holds the style placeholder '\\*' of the prompts"),
     ("image.generator=gan", "image.generator='gan' is not valid: choose one of diffusers_vae, fourier"),
     ("prompts.template='a style of a {}'", "needs the placeholder '\\*' once"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -24,7 +25,7 @@ from ..fileio import disk_full_error, is_disk_full, try_exclusive_lock
 from ..store import (BACKENDS, STATUS_OK, USAGE_SNAPSHOTS, Store, add_text_arrays, backend_name_for, is_counter,
                      plan_layout)
 from ..teachers import Teacher, build_teacher
-from ..text import build_prompts, encode_sources, text_calls
+from ..text import build_prompts, encode_sources, id_names, text_calls
 from ..views import param_fields
 from .budget import StoreBudget
 from .device import DeviceDecodeReader
@@ -103,7 +104,8 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
         raise ConfigError(f"{backend} stores take one writer; use a .zarr store for --num-shards {num_shards}")
     dataset = dataset or build_dataset(cfg.dataset)
     dataset.require_files()
-    prompts = build_prompts(dataset.classes, cfg.text)  # before the teacher: a bad class name costs nothing
+    _require_names(cfg, dataset, backend)  # before the teacher: a bad class name costs nothing
+    prompts = build_prompts(dataset.classes, cfg.text)
     books_from = teacher  # a teacher passed in may have spent before this call; one built here has not
     try:
         teacher = teacher or build_teacher(cfg.teacher)
@@ -292,6 +294,22 @@ def _minus(now: Any, before: Any) -> Any:
         before = before if isinstance(before, dict) else {}
         return {k: _minus(v, before.get(k)) for k, v in now.items()}
     return now
+
+
+def _require_names(cfg: ExtractConfig, dataset: ImageDataset, backend: str) -> None:
+    """Refuse class names that are ids for a new store; a store already made with them (before they
+    were refused) is resumed, repaired or found complete as before, with a warning."""
+    wrong = id_names(dataset.classes)
+    if not wrong:
+        return
+    if cfg.dataset.class_names:
+        fix = f"dataset.class_names={cfg.dataset.class_names} names the labels with ids: give each label a name"
+    else:
+        fix = "name them with dataset.class_names=FILE (a CSV with columns label,name, or a JSON {label: name})"
+    if not Store.exists(cfg.out, backend):
+        raise ConfigError(f"{wrong}; {fix}")
+    warnings.warn(f"{cfg.out}: {wrong}, and its text embeddings are of the ids (it was made before they were "
+                  f"refused); for a new store, {fix}")
 
 
 def _complete_as_configured(exc, cfg: ExtractConfig, dataset: ImageDataset, log, t0: float) -> Optional[ExtractResult]:

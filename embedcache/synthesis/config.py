@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 
 from ..config import CanvasConfig, TeacherConfig, TextConfig, ViewsConfig, lazy_registry, setting
 from ..errors import ConfigError
-from ..text import prompt_clash
+from ..text import id_names, prompt_clash
 
 # Domain names of the usual domain-generalisation benchmarks (PACS, DomainNet, OfficeHome): a style
 # word naming one of them describes a test domain, so a store made with it says so in its manifest.
@@ -117,5 +117,8 @@ class SynthesizeConfig:
         clash = prompt_clash(names)
         if clash:
             raise ConfigError(clash)
+        ids = id_names(names)
+        if ids:
+            raise ConfigError(f"{ids}; give the classes by what they are (--set classes=[dog,horse,...])")
         if not self.canvas.store:
             raise ConfigError("canvas.store=false would drop the synthesised pixels, their only copy; keep canvas.store=true")
