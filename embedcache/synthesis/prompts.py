@@ -168,6 +168,11 @@ def _mixtures(cfg: PromptsConfig):
     return words, j, picks, weights
 
 
+def has_style_vectors(cfg: PromptsConfig) -> bool:
+    """Whether a built-in method's plan has style vectors (pseudo-word embeddings) to keep."""
+    return cfg.method in ("random", "contrastive") or (cfg.method == "mix" and cfg.mix_level == "token")
+
+
 def style_lines(cfg: PromptsConfig) -> Optional[List[str]]:
     """A plan's ``describe`` (one line per style) from the settings alone, before any style is
     learned: the built-in methods' lines depend on nothing else. None for a method registered

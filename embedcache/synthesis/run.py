@@ -20,7 +20,7 @@ import torch
 from .. import interrupt
 from ..config import DatasetConfig, ExtractConfig, to_dict
 from ..datasets import ImageDataset, Sample
-from ..errors import ConfigError, EmbedcacheError
+from ..errors import ConfigError, StoreError
 from ..extract import Batch, ExtractResult, ViewPolicy, extract, policy_of
 from ..extract.manifest import build_manifest
 from ..store import Store, backend_name_for
@@ -30,7 +30,7 @@ from ..views import to_uint8
 from .config import PromptsConfig, SynthesizeConfig
 from .generators import build_generator
 from .image import optimise
-from .prompts import StylePlan, build_plan, leaked_words, prompt_vocabulary, style_lines
+from .prompts import StylePlan, build_plan, has_style_vectors, leaked_words, prompt_vocabulary, style_lines
 
 SYNTHESIS_VERSION = 1  # bump when the same settings would make other images
 
@@ -57,6 +57,7 @@ class Outline:
     method: str
     describe: Tuple[str, ...]
     leaks: Tuple[str, ...]
+    vectors: bool  # whether the plan has style vectors (kept as ``synthesis_styles``)
 
     @property
     def k(self) -> int:
@@ -64,14 +65,16 @@ class Outline:
 
     @classmethod
     def of_plan(cls, plan: StylePlan) -> "Outline":
-        return cls(plan.method, tuple(plan.describe), tuple(plan.info.get("leaks_test_domains", [])))
+        return cls(plan.method, tuple(plan.describe), tuple(plan.info.get("leaks_test_domains", [])),
+                   plan.styles is not None)
 
     @classmethod
     def of_settings(cls, cfg: PromptsConfig) -> Optional["Outline"]:
         lines = style_lines(cfg)
         if lines is None:
             return None
-        return cls(cfg.method, tuple(lines), tuple(leaked_words(prompt_vocabulary(cfg), cfg.test_domains)))
+        return cls(cfg.method, tuple(lines), tuple(leaked_words(prompt_vocabulary(cfg), cfg.test_domains)),
+                   has_style_vectors(cfg))
 
 
 def class_dataset(cfg: SynthesizeConfig, outline: Outline, section: Dict[str, Any]) -> ImageDataset:
@@ -184,7 +187,7 @@ class Prepared:
         try:
             with Store(self.cfg.out, "r", backend) as st:
                 return bool(st.complete) and st.key == self.key()
-        except EmbedcacheError:  # damaged or another store: extraction says what is wrong with it
+        except StoreError:  # damaged or another store: extraction says what is wrong with it
             return False
 
 
@@ -222,7 +225,7 @@ def synthesize(cfg: SynthesizeConfig, teacher: Optional[Teacher] = None,
     res = extract(p.ecfg, teacher=p.teacher, reader=p.reader, dataset=p.dataset,
                   manifest_extra={"synthesis": p.section}, on_block_done=on_block_done, log=log)
     if res.complete:
-        _keep_styles(res.path, cfg.backend, lambda: p.plan)
+        _keep_styles(res.path, cfg.backend, p.outline, lambda: p.plan)
     return res
 
 
@@ -232,14 +235,14 @@ def plan_record(plan: StylePlan) -> Dict[str, Any]:
     return {**plan.info, "styles_digest": plan.digest(), "styles": plan.describe}
 
 
-def _keep_styles(path: str, backend: Optional[str], plan: Callable[[], StylePlan]) -> None:
+def _keep_styles(path: str, backend: Optional[str], outline: Outline, plan: Callable[[], StylePlan]) -> None:
     """Derived arrays for analysts, ``synthesis_targets`` (K, C, D) and ``synthesis_styles`` (K, W),
     then the plan's record in the manifest (last: a store with the record has its arrays). The plan is
     asked for (learned again, for a store already complete) only when one of them is missing."""
     with Store(path, "a", backend) as st:
         have = st.derived()
-        kept = {n: i for n, i in have.items() if n in ("synthesis_targets", "synthesis_styles")}
-        if "synthesis_plan" in st.manifest and "synthesis_targets" in kept and all(i.get("complete") for i in kept.values()):
+        wanted = ["synthesis_targets"] + (["synthesis_styles"] if outline.vectors else [])
+        if "synthesis_plan" in st.manifest and all(have.get(n, {}).get("complete") for n in wanted):
             return
         made = plan()
         if not have.get("synthesis_targets", {}).get("complete"):
