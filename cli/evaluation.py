@@ -27,11 +27,13 @@ from ._app import main
                    "(the sweep's unseen_fraction)")
 @click.option("--split-seed", type=int, default=0, show_default=True,
               help="teacher baselines of open_vocab/few_shot: the class split's seed, as the sweep's split_seed")
+@click.option("--seen-classes", help="teacher baselines of open_vocab/few_shot: the seen classes, comma-separated "
+                                     "(a run's split.train_classes), instead of the seeded split; the rest are held out")
 @click.option("--transfer", is_flag=True,
               help="score runs on --store, another store of the same teacher, classes and prompts (e.g. real "
                    "images for a student distilled on synthesised ones): every image there is a test image")
 def evaluate(runs, store, protocols, sources, out, device, finetune_steps, finetune_mode, unseen_fraction, split_seed,
-             transfer) -> None:
+             seen_classes, transfer) -> None:
     """Score finished runs (or, with only --store, the teacher's zero-shot baselines)."""
     import pandas as pd
 
@@ -54,11 +56,15 @@ def evaluate(runs, store, protocols, sources, out, device, finetune_steps, finet
     if not runs:
         if not store:
             raise click.UsageError("give run directories, or --store for the teacher's baselines")
+        if seen_classes and (unseen_fraction, split_seed) != (0.5, 0):
+            raise click.UsageError("--seen-classes names the class split; --unseen-fraction and --split-seed draw one: "
+                                   "give one or the other")
+        seen = [c.strip() for c in seen_classes.split(",") if c.strip()] if seen_classes else None
         frames.append(teacher_baselines(store, sources or None, protocols, unseen_fraction=unseen_fraction,
-                                        split_seed=split_seed))
-    elif (unseen_fraction, split_seed) != (0.5, 0):
-        raise click.UsageError("--unseen-fraction and --split-seed set the teacher's class split; runs are scored on "
-                               "the classes they held out themselves")
+                                        split_seed=split_seed, seen_classes=seen))
+    elif (unseen_fraction, split_seed) != (0.5, 0) or seen_classes:
+        raise click.UsageError("--unseen-fraction, --split-seed and --seen-classes set the teacher's class split; runs "
+                               "are scored on the classes they held out themselves")
     found, unscored = list(RunDir.find(runs)), []
     for run in found:
         if not run.done:

@@ -14,6 +14,7 @@ import pandas as pd
 
 from embedcache import open_store
 from embedcache.api import StoreReader
+from embedcache.errors import EvaluationError
 
 from .index import search_path
 from .protocols import CLASS_SPLIT, PROTOCOLS, EvalData, named_warnings, seeded_class_split
@@ -48,15 +49,18 @@ def run_protocols(data: EvalData, protocols: Sequence[str], tags: Dict, options:
 
 
 def teacher_baselines(store: str, sources: Optional[Sequence[str]] = None, protocols: Sequence[str] = ("lodo",),
-                      options: Optional[Dict] = None, unseen_fraction: float = 0.5, split_seed: int = 0) -> pd.DataFrame:
+                      options: Optional[Dict] = None, unseen_fraction: float = 0.5, split_seed: int = 0,
+                      seen_classes: Optional[Sequence[str]] = None) -> pd.DataFrame:
     """The teacher's own zero-shot accuracy from the store's view-0 embeddings: no model is loaded.
     open_vocab and few_shot hold out the classes a sweep with the same ``unseen_fraction`` and
-    ``split_seed`` holds out (``seeded_class_split``); their rows name them in ``holdout``."""
+    ``split_seed`` holds out (``seeded_class_split``), or all but ``seen_classes`` (names, as a run's
+    ``split.train_classes``); their rows name them in ``holdout``."""
     with open_store(store) as reader:
         emb = reader.image_emb(0).astype(np.float32)
         t = reader.manifest["teacher"]
         name = f"teacher:{t.get('name')}:{t.get('model') or t.get('classifier')}"
-        seen = seeded_class_split(len(reader.classes), unseen_fraction, split_seed)
+        seen = (class_ids(reader.classes, seen_classes) if seen_classes is not None else
+                seeded_class_split(len(reader.classes), unseen_fraction, split_seed))
         unseen = holdout_tag(classes=reader.classes, seen=seen)
         frames = []
         for src in sources or reader.text_sources:
@@ -68,6 +72,18 @@ def teacher_baselines(store: str, sources: Optional[Sequence[str]] = None, proto
                 with named_warnings(f"teacher, {src} text"):
                     frames.append(run_protocols(data, [p], {**tags, "holdout": held}, options))
     return pd.concat(frames, ignore_index=True)
+
+
+def class_ids(classes: Sequence[str], names: Sequence[str]) -> np.ndarray:
+    """Sorted ids of the class ``names`` (a seen half: at least one class, not all)."""
+    unknown = [n for n in names if n not in classes]
+    if unknown:
+        raise EvaluationError(f"class {unknown[0]!r} is not in the store; its classes: {', '.join(classes)}")
+    ids = np.unique([classes.index(n) for n in names])
+    if not 0 < len(ids) < len(classes):
+        raise EvaluationError(f"the seen classes must leave some unseen: give 1 to {len(classes) - 1} of the store's "
+                              f"{len(classes)} classes")
+    return ids
 
 
 NAMED_BY = ["store_key", "recipe", "student", "source", "variant", "unseen"]  # a method, but for its settings

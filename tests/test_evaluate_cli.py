@@ -140,6 +140,28 @@ def test_teacher_baselines_hold_out_the_classes_a_sweep_holds_out(synthetic_stor
     assert res.exit_code == 2 and "runs are scored on the classes they held out themselves" in res.output
 
 
+def test_teacher_baselines_hold_out_the_classes_a_run_names(synthetic_store, tmp_path):
+    """A run trained with split.train_classes: the teacher is scored on the same unseen classes with
+    --seen-classes (before, only a seeded split could be asked for, and the classes copied by hand)."""
+    s = embedcache.open_store(str(synthetic_store))
+    emb, text, labels = s.image_emb(0).astype(np.float32), s.class_emb("name"), s.meta.label.to_numpy()
+    out = tmp_path / "t.parquet"
+    res = CliRunner().invoke(main, ["evaluate", "--store", str(synthetic_store), "--source", "name", "--protocol",
+                                    "open_vocab", "--seen-classes", f"{s.classes[2]}, {s.classes[0]}", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    unseen = np.array([1])
+    rows = np.isin(labels, unseen)
+    ref = np.mean(unseen[np.argmax(emb[rows] @ text[unseen].T, axis=1)] == labels[rows])
+    got = pd.read_parquet(out).query("split == 'unseen_zero_shot' and metric == 'top1'")
+    assert got.holdout.tolist() == [f"unseen: {s.classes[1]}"] and got.value.tolist() == [pytest.approx(ref)]
+    for args, said in [(["--seen-classes", "dragon"], f"class 'dragon' is not in the store; its classes: {s.classes[0]}"),
+                       (["--seen-classes", ",".join(s.classes)], "the seen classes must leave some unseen: give 1 to 2"),
+                       (["--seen-classes", s.classes[0], "--split-seed", "3"], "give one or the other")]:
+        bad = CliRunner().invoke(main, ["evaluate", "--store", str(synthetic_store), "--protocol", "open_vocab",
+                                        "--out", str(out), *args])
+        assert bad.exit_code == 2 and said in bad.output, bad.output
+
+
 def test_the_teacher_on_two_stores_keeps_both_stores_rows(synthetic_store, make_cfg, tiny_teacher, tmp_path):
     """Same teacher, same domain names: the rows differ only in their store, and both must survive."""
     from embedcache.extract import extract
