@@ -88,6 +88,7 @@ def evaluate(runs, store, protocols, sources, out, device, finetune_steps, finet
         raise EvaluationError(f"{unscored[0]} (the rows of the other protocols are in {out})")
     summary = summary_table(new)
     if len(summary):
+        click.echo("top-1 accuracy (%), mean ± std over replicates:")
         click.echo(markdown(summary))
         by_class = new[new["split"].map(headline_metric) == "mean_per_class"]
         if len(by_class):  # the class-held-out splits as Li et al. report them

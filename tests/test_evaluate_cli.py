@@ -91,6 +91,7 @@ def test_teacher_baseline_cli(synthetic_store, tmp_path):
                                     "--out", str(tmp_path / "t.parquet")])
     assert res.exit_code == 0, res.output
     assert "teacher" in res.output and "zero_shot" in res.output
+    assert "\ntop-1 accuracy (%), mean ± std over replicates:\n| " in res.output  # the table says what it holds
     notes, fake = tmp_path / "notes.txt", tmp_path / "fake.parquet"
     notes.write_text("keep me")
     fake.write_text("keep me too")
