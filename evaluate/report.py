@@ -41,6 +41,18 @@ def _method(df: pd.DataFrame, keys: List[str]) -> pd.Series:
     return label
 
 
+def id_vs_ood(results: pd.DataFrame, keys: List[str]) -> pd.DataFrame:
+    """Methods x (in_domain, out_of_domain) average top-1: the methods scored on both (the teacher's
+    zero_shot rows, or a run scored on one side only, have no point)."""
+    t1 = results[(results["metric"] == "top1") & (results["domain"] == "avg")
+                 & results["split"].isin(["in_domain", "out_of_domain"])]
+    if t1.empty:
+        return pd.DataFrame(columns=["in_domain", "out_of_domain"])
+    m = t1.assign(method=_method(t1, keys)).pivot_table(index="method", columns="split", values="value",
+                                                         aggfunc="mean")
+    return m.reindex(columns=["in_domain", "out_of_domain"]).dropna()
+
+
 def write_report(results: pd.DataFrame, out_dir: str, note: str = "") -> List[Path]:
     """report.md with one table per split, and PNG plots: per-domain bars per split, and in-domain
     vs out-of-domain accuracy per method when both exist. ``note``: a line said first (a partial sweep)."""
@@ -84,14 +96,13 @@ def write_report(results: pd.DataFrame, out_dir: str, note: str = "") -> List[Pa
         f = out / f"{split}_domains.png"
         plt.savefig(f, dpi=110); plt.close()
         files.append(f)
-    t1 = results[(results["metric"] == "top1") & (results["domain"] == "avg")]
-    if {"in_domain", "out_of_domain"} <= set(t1["split"]):
-        m = t1.assign(method=_method(t1, keys)).pivot_table(
-            index="method", columns="split", values="value", aggfunc="mean").dropna()
-        fig, ax = plt.subplots(figsize=(5, 5))
+    m = id_vs_ood(results, keys)
+    if len(m):
+        fig, ax = plt.subplots(figsize=(6, 5))
         ax.scatter(100 * m["in_domain"], 100 * m["out_of_domain"])
         for name, r in m.iterrows():
             ax.annotate(name, (100 * r["in_domain"], 100 * r["out_of_domain"]), fontsize=7)
+        ax.margins(x=0.35, y=0.1)  # room for the labels of the rightmost points
         ax.set_xlabel("in-domain top-1 (%)"); ax.set_ylabel("out-of-domain top-1 (%)")
         plt.tight_layout()
         f = out / "id_vs_ood.png"

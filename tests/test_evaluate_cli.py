@@ -315,6 +315,27 @@ def test_report_plots_keep_variants_apart(tmp_path, monkeypatch):
     assert list(plotted[0].columns) == ["r / s / optim.lr=0.01", "r / s / optim.lr=0.1"]
 
 
+def test_the_in_vs_out_of_domain_plot_keeps_its_methods_beside_teacher_rows(tmp_path):
+    """Teacher baselines (zero_shot rows) in the same results file emptied the plot: the pivot over
+    every split left each method a missing cell, and dropna took them all."""
+    from embedcache.evaluate.report import id_vs_ood, write_report
+    from embedcache.evaluate.store_eval import method_frame, method_keys
+
+    rows = [{"recipe": r, "student": st, "source": "name", "split": sp, "domain": "avg", "metric": "top1", "value": v}
+            for r, st, sp, v in [("li", "resnet18", "in_domain", 0.9), ("li", "resnet18", "out_of_domain", 0.6),
+                                 ("kd", "resnet18", "in_domain", 0.8), ("kd", "resnet18", "out_of_domain", 0.7),
+                                 ("kd", "vit", "in_domain", 0.5),  # one side only: no point
+                                 ("teacher", "-", "zero_shot", 0.95)]]
+    results = method_frame(pd.DataFrame(rows))
+    points = id_vs_ood(results, method_keys(results))
+    assert points.round(3).to_dict("index") == {"kd / resnet18": {"in_domain": 0.8, "out_of_domain": 0.7},
+                                                "li / resnet18": {"in_domain": 0.9, "out_of_domain": 0.6}}
+    write_report(pd.DataFrame(rows), str(tmp_path / "with"))
+    assert (tmp_path / "with" / "id_vs_ood.png").exists()
+    write_report(pd.DataFrame(rows[-2:]), str(tmp_path / "without"))  # no method scored on both sides: no empty plot
+    assert not (tmp_path / "without" / "id_vs_ood.png").exists()
+
+
 def _top1_rows(rows, **tags):
     return pd.DataFrame([{"recipe": "r", "student": "s", "source": "name", "split": sp, "domain": d, "replicate": rep,
                           "metric": "top1", "value": v, **tags, **extra} for sp, d, rep, v, extra in rows])
