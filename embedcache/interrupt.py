@@ -1,5 +1,6 @@
 """Stopping long work on request: the first Ctrl-C (SIGINT) or SIGTERM asks work to stop at its next
-step boundary (a training step, a run of a sweep); a second one stops at once.
+step boundary (a training step, a run of a sweep); a second one, half a second or more later, stops at
+once (one sent twice together, as `timeout` sends it to the child and its process group, is one request).
 
 ``with graceful():`` installs the handlers (main thread only) and restores the old ones on exit;
 ``requested()`` is what loops poll. Work that stops on request raises a ``KeyboardInterrupt``
@@ -9,11 +10,13 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
 _stop = threading.Event()
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+ONE_REQUEST_S = 0.5  # signals this close together are one request (a person's second Ctrl-C comes later)
 
 
 def requested() -> bool:
@@ -42,9 +45,14 @@ def graceful(on_request: Optional[Callable[[int], None]] = None) -> Iterator[Non
         yield
         return
 
+    first = []  # when the stop was first asked for (time.monotonic)
+
     def handler(signum, _frame):
         if _stop.is_set():
+            if first and time.monotonic() - first[0] < ONE_REQUEST_S:
+                return  # the same request delivered twice (`timeout` signals the child and then its group)
             raise KeyboardInterrupt("stopped at once (second interrupt)")
+        first[:] = [time.monotonic()]
         _stop.set()
         if on_request is not None:
             on_request(signum)

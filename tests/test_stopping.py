@@ -260,3 +260,23 @@ def test_a_stopped_sweep_with_many_queued_runs_exits(synthetic_store, tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         raise AssertionError("the stopped sweep did not exit within 60 s") from None
     assert proc.returncode == 130, text
+
+
+def test_one_stop_request_delivered_twice_is_one_request(monkeypatch):
+    """`timeout -s INT` signals the child and then its whole process group: the sweep said "stopped at
+    once (second interrupt)" after one request. Two signals within ONE_REQUEST_S are one; a later
+    one still stops at once."""
+    from embedcache import interrupt
+
+    clock = [100.0]
+    monkeypatch.setattr(interrupt.time, "monotonic", lambda: clock[0])
+    asked = []
+    with interrupt.graceful(asked.append):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # the same request, again
+        assert interrupt.requested() and asked == [signal.SIGINT]
+        clock[0] += interrupt.ONE_REQUEST_S
+        with pytest.raises(KeyboardInterrupt, match="second interrupt"):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)  # the handler runs at the next bytecode boundary
+    assert not interrupt.requested()
