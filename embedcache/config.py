@@ -179,10 +179,15 @@ def to_dict(cfg: Any) -> Dict[str, Any]:
 
 
 def without_defaults(d: Dict[str, Any], added: Dict[str, Any]) -> Dict[str, Any]:
-    """``d`` less the settings of ``added`` (name -> default) while they hold their default: settings
-    added after hashes of ``d`` were first taken (a cache key, a run's name, a sweep's seed) stay out
-    of them until used, so what was hashed before them keeps its hash."""
-    return {k: v for k, v in d.items() if not (k in added and v == added[k])}
+    """``d`` less the settings of ``added`` (name -> default; a dotted name for a nested one) while they
+    hold their default: settings added after hashes of ``d`` were first taken (a cache key, a run's name,
+    a sweep's seed) stay out of them until used, so what was hashed before them keeps its hash."""
+    out = {k: v for k, v in d.items() if not (k in added and v == added[k])}
+    for name, default in added.items():
+        head, _, rest = name.partition(".")
+        if rest and isinstance(out.get(head), dict):
+            out[head] = without_defaults(out[head], {rest: default})
+    return out
 
 
 def flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:

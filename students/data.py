@@ -7,6 +7,7 @@ one of the first ``views_used`` views, as a function of (seed, step) alone; the 
 """
 from __future__ import annotations
 
+import hashlib
 import warnings
 from functools import cached_property
 from typing import List, Optional, Tuple, Union
@@ -22,6 +23,12 @@ from embedcache.store import checksum
 from embedcache.views import make_canvas
 
 from .config import SplitConfig
+
+
+def name_seed(name: str) -> int:
+    """A seed from a name, the same on every machine and Python (``hash`` of a str is salted per process)."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
+
 
 __all__ = ["StoreData", "SplitConfig"]
 
@@ -112,7 +119,8 @@ class StoreData:
             domains = meta["domain"].to_numpy()
             for dom in sorted(set(domains[pool])):  # val_fraction of each training domain
                 rows = pool[domains[pool] == dom]
-                val_mask[rng.permutation(rows)[: int(round(len(rows) * split.val_fraction))]] = True
+                draw = np.random.default_rng([split.seed, 17, name_seed(dom)]) if split.val_by_domain else rng
+                val_mask[draw.permutation(rows)[: int(round(len(rows) * split.val_fraction))]] = True
         self.train_idx = np.setdiff1d(pool, np.flatnonzero(val_mask))
         self.val_idx = np.flatnonzero(val_mask)
         self.test_idx = np.flatnonzero(self.ok & ~train_mask & ~val_mask)

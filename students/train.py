@@ -67,7 +67,8 @@ class RunResult:
 NOT_IN_NAME = ("out", "progress", "keep_checkpoint")  # settings that cannot change the result
 # settings added after runs were named: in a run's name only when not at their default, so a sweep
 # started before them still finds its finished runs
-NAMED_WHEN_SET = {"batch_per_domain": False, "loss_weights": {}, "loss_args": {}, "skip_plain_view": False}
+NAMED_WHEN_SET = {"batch_per_domain": False, "loss_weights": {}, "loss_args": {}, "skip_plain_view": False,
+                  "split.val_by_domain": False}
 
 
 def settings_identity(cfg: TrainConfig, leave_out: Tuple[str, ...], omitted_at_default: Dict[str, Any]) -> Dict:

@@ -265,6 +265,40 @@ def test_splits_follow_the_store_metadata(synthetic_store):
     assert set(o.reader.meta["class_name"].to_numpy()[o.test_idx]) == {"square"}
 
 
+def test_validation_rows_drawn_by_domain_stay_whichever_domain_is_held_out(make_cfg, tiny_teacher):
+    """One draw through the training domains in turn gave a domain other validation rows for each
+    held-out domain (a new user's DomainBed-style sweep); split.val_by_domain draws each domain's from
+    its own seed, as DomainBed fixes them. The default keeps the draw the earlier runs were made with."""
+    from embedcache.extract import extract
+    from embedcache.students.train import run_name
+
+    res = extract(make_cfg("three.zarr", "dataset.num_domains=3", "dataset.per_class=5"), teacher=tiny_teacher, log=quiet)
+    domains = ["noisy", "outline", "solid"]
+
+    def val_rows(held, by_domain):
+        d = StoreData(res.path, "name", SplitConfig(holdout_domains=(held,), val_fraction=0.4, val_by_domain=by_domain))
+        dom = d.reader.meta["domain"].to_numpy()
+        return {x: sorted(d.val_idx[dom[d.val_idx] == x]) for x in domains if x != held}, dom
+
+    for a, b in [("noisy", "outline"), ("noisy", "solid"), ("outline", "solid")]:
+        shared = next(x for x in domains if x not in (a, b))
+        assert val_rows(a, True)[0][shared] == val_rows(b, True)[0][shared]
+    for held in domains:  # the default: numpy's draw through the sorted training domains, as before
+        got, dom = val_rows(held, False)
+        rng, want = np.random.default_rng([0, 17]), {}
+        for x in sorted(set(domains) - {held}):
+            rows = np.flatnonzero(dom == x)
+            want[x] = sorted(rng.permutation(rows)[: int(round(len(rows) * 0.4))])
+        assert got == want
+    # what the option is for: outline is drawn first with noisy held out, second with solid held out
+    assert val_rows("noisy", False)[0]["outline"] != val_rows("solid", False)[0]["outline"]
+    # runs made before the option keep their names; the option names its runs apart
+    cfg = TrainConfig(store=res.path, split=SplitConfig(holdout_domains=("noisy",)))
+    named = run_name(cfg)
+    assert named == run_name(replace(cfg, split=SplitConfig(holdout_domains=("noisy",), val_by_domain=False)))
+    assert named != run_name(replace(cfg, split=SplitConfig(holdout_domains=("noisy",), val_by_domain=True)))
+
+
 def test_a_datasets_own_split_is_kept(make_cfg, tiny_teacher, tmp_path):
     """A CSV's split column: its test rows are never trained on or selected with; its val rows are
     the validation rows (none carved from the training rows then)."""
