@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Optional
 _stop = threading.Event()
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 ONE_REQUEST_S = 0.5  # signals this close together are one request (a person's second Ctrl-C comes later)
+_clock = time.monotonic  # when a handler runs (tests set it)
 
 
 def requested() -> bool:
@@ -49,10 +50,10 @@ def graceful(on_request: Optional[Callable[[int], None]] = None) -> Iterator[Non
 
     def handler(signum, _frame):
         if _stop.is_set():
-            if first and time.monotonic() - first[0] < ONE_REQUEST_S:
+            if first and _clock() - first[0] < ONE_REQUEST_S:
                 return  # the same request delivered twice (`timeout` signals the child and then its group)
             raise KeyboardInterrupt("stopped at once (second interrupt)")
-        first[:] = [time.monotonic()]
+        first[:] = [_clock()]
         _stop.set()
         if on_request is not None:
             on_request(signum)

@@ -230,7 +230,7 @@ def test_a_stopped_sweep_exits_in_seconds_leaves_nothing_and_resumes(slow_sweep,
     took = time.time() - sent
     assert proc.returncode == 130, text
     assert took < 30, f"took {took:.1f} s to stop"
-    assert "interrupted:" in text and "runs finished; rerun the same command to resume" in text
+    assert "interrupted:" in text and "runs finished (trained and scored); rerun the same command to resume" in text
     deadline = time.time() + 10
     while _session_alive(proc.pid) and time.time() < deadline:
         time.sleep(0.2)
@@ -269,7 +269,7 @@ def test_one_stop_request_delivered_twice_is_one_request(monkeypatch):
     from embedcache import interrupt
 
     clock = [100.0]
-    monkeypatch.setattr(interrupt.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(interrupt, "_clock", lambda: clock[0])
     asked = []
     with interrupt.graceful(asked.append):
         os.kill(os.getpid(), signal.SIGINT)

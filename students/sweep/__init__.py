@@ -492,8 +492,8 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, launcher: Optional[str] = None, d
         raise DiskFullError(f"disk full while writing {sweep_dir}: {finished} of {len(points)} runs finished, the "
                             "rest are resumable; free space, then rerun the same command to resume")
     if stopped or counts["interrupted"]:
-        raise SweepInterrupted(f"interrupted: {finished} of {len(points)} runs finished; rerun the same command "
-                               "to resume")
+        raise SweepInterrupted(f"interrupted: {finished} of {len(points)} runs finished (trained and scored); rerun "
+                               "the same command to resume")
     try:
         results = _write_outputs(sweep_dir, points)
     except OSError as exc:
