@@ -362,6 +362,22 @@ def test_a_complete_synthesis_is_found_without_learning_its_styles_again(tiny_te
     assert synthesize(cut, teacher=tiny_teacher, log=quiet).complete and calls == [1]
 
 
+def test_ctrl_c_stops_the_learning_of_contrastive_styles(tiny_teacher, synth_cfg):
+    """A stop request while Contrastive-Prompt learned its styles was seen only once they were learned
+    (10 minutes later with prompts.steps=20000)."""
+    from embedcache import interrupt
+    from embedcache.synthesis import SynthesisInterrupted
+
+    cfg = synth_cfg("stop.zarr", "prompts.method=contrastive", "prompts.steps=100000")
+    interrupt.request()
+    try:
+        with pytest.raises(SynthesisInterrupted, match=r"interrupted while learning the styles \(step 0 of 100000"):
+            synthesize(cfg, teacher=tiny_teacher, log=quiet)
+    finally:
+        interrupt.reset()
+    assert not Path(cfg.out).exists()
+
+
 KEY_CHANGES = ["per_class=3", "classes=[circle,square,star]", "prompts.method=mix", "prompts.k=3", "prompts.seed=1",
                "prompts.template='a * kind of a {}'", "prompts.random_sigma=0.5", "image.iterations=5",
                "image.lr=0.2", "image.cutouts=3", "image.cut_size=24", "image.cut_scale=[0.6,1.0]", "image.flip=false",
@@ -411,7 +427,9 @@ def test_cache_key_holds_settings_not_the_numbers_style_learning_computes(tiny_t
     ("classes=[]", "classes is empty"),
     ("classes=[dog,cat,dog]", "classes lists 'dog' twice"),
     ("classes=[hot_dog,cat,'Hot dog']", "classes 'hot_dog' and 'Hot dog' give the same prompt text"),
-    ("classes=['0','1','2']", r"class names are ids \('0', '1', '2'\).*--set classes=\[dog,horse"),
+    ("classes=['0','1','2']", r"class '0' is an id, not a name.*--set classes=\[dog,horse"),
+    ("classes=[dog,'3']", r"class '3' is an id, not a name"),
+    ("classes=[dog,n02084071]", r"class 'n02084071' is an id, not a name"),
     ("classes=['dog*2',cat]", "class 'dog\\*2' holds the style placeholder '\\*' of the prompts"),
     ("image.generator=gan", "image.generator='gan' is not valid: choose one of diffusers_vae, fourier"),
     ("prompts.template='a style of a {}'", "needs the placeholder '\\*' once"),

@@ -117,8 +117,9 @@ class SynthesizeConfig:
         clash = prompt_clash(names)
         if clash:
             raise ConfigError(clash)
-        ids = id_names(names)
+        ids = [c for c in names if id_names([c])]  # one is enough: these names are typed, not a dataset's
         if ids:
-            raise ConfigError(f"{ids}; give the classes by what they are (--set classes=[dog,horse,...])")
+            raise ConfigError(f"class {ids[0]!r} is an id, not a name: the teacher's text encoder would embed it as it "
+                              "is; give the classes by what they are (--set classes=[dog,horse,...])")
         if not self.canvas.store:
             raise ConfigError("canvas.store=false would drop the synthesised pixels, their only copy; keep canvas.store=true")

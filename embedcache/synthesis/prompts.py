@@ -31,10 +31,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import interrupt
 from ..errors import ConfigError
 from ..registry import Registry
 from ..text import display_name
 from .config import PromptsConfig
+from .image import SynthesisInterrupted
 
 PROMPTS = Registry("prompt diversification method")
 
@@ -268,6 +270,9 @@ def contrastive(teacher, classes: Sequence[str], cfg: PromptsConfig, log: Callab
     history = []
     tpl = [cfg.template.format(display_name(c)) for c in classes]
     for step in range(cfg.steps):
+        if interrupt.requested():  # Ctrl-C: the styles are learned again on the rerun, from the start
+            raise SynthesisInterrupted(f"interrupted while learning the styles (step {step} of {cfg.steps}; no image "
+                                       "was made yet): rerun the same command")
         rng = np.random.default_rng([cfg.seed, step, 31])
         m, m2 = (int(v) for v in rng.choice(len(classes), size=2, replace=False))
         a = teacher.encode_text_styled([tpl[m]] * cfg.k, styles, cfg.placeholder)
