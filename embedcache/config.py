@@ -239,8 +239,8 @@ def _coerce(value: Any, tp, key: str) -> Any:
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise bad()
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(args) == 2 and args[1] is Ellipsis:  # a bad item is named by its place: classes[2]=True
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
             raise bad()
         return tuple(_coerce(v, a, key) for v, a in zip(value, args))
@@ -288,6 +288,9 @@ def _coerce(value: Any, tp, key: str) -> Any:
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
+        if isinstance(value, bool):  # YAML reads true, false, yes, no, on, off as booleans
+            raise ConfigError(f"{key}={value!r} is not valid: expected a string; quote it ('{str(value).lower()}') "
+                              "where a word is meant")
         raise bad()
     return value
 

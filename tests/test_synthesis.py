@@ -426,6 +426,7 @@ def test_cache_key_holds_settings_not_the_numbers_style_learning_computes(tiny_t
     ("prompts.method=fancy", "prompts.method='fancy' is not valid: choose one of contrastive, mix, plain, random"),
     ("classes=[]", "classes is empty"),
     ("classes=[dog,cat,dog]", "classes lists 'dog' twice"),
+    ("classes=[dog,cat,true]", r"classes\[2\]=True is not valid: expected a string; quote it \('true'\)"),
     ("classes=[hot_dog,cat,'Hot dog']", "classes 'hot_dog' and 'Hot dog' give the same prompt text"),
     ("classes=['0','1','2']", r"class '0' is an id, not a name.*--set classes=\[dog,horse"),
     ("classes=[dog,'3']", r"class '3' is an id, not a name"),
