@@ -79,6 +79,14 @@ class StoreReader:
     def classes(self) -> List[str]:
         return list(self.manifest["dataset"]["classes"])
 
+    def class_ids(self, names, what: str = "class") -> np.ndarray:
+        """Sorted ids of the class ``names``; a name the store lacks is a one-line error naming its classes."""
+        classes = self.classes
+        unknown = [n for n in names if n not in classes]
+        if unknown:
+            raise StoreError(f"{what} {unknown[0]!r} is not in the store; its classes: {', '.join(classes)}")
+        return np.unique([classes.index(n) for n in names]).astype(np.int64)
+
     @property
     def domains(self) -> List[str]:
         return list(self.manifest["dataset"]["domains"])

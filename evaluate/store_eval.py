@@ -59,7 +59,7 @@ def teacher_baselines(store: str, sources: Optional[Sequence[str]] = None, proto
         emb = reader.image_emb(0).astype(np.float32)
         t = reader.manifest["teacher"]
         name = f"teacher:{t.get('name')}:{t.get('model') or t.get('classifier')}"
-        seen = (class_ids(reader.classes, seen_classes) if seen_classes is not None else
+        seen = (seen_ids(reader, seen_classes) if seen_classes is not None else
                 seeded_class_split(len(reader.classes), unseen_fraction, split_seed))
         unseen = holdout_tag(classes=reader.classes, seen=seen)
         frames = []
@@ -74,12 +74,9 @@ def teacher_baselines(store: str, sources: Optional[Sequence[str]] = None, proto
     return pd.concat(frames, ignore_index=True)
 
 
-def class_ids(classes: Sequence[str], names: Sequence[str]) -> np.ndarray:
-    """Sorted ids of the class ``names`` (a seen half: at least one class, not all)."""
-    unknown = [n for n in names if n not in classes]
-    if unknown:
-        raise EvaluationError(f"class {unknown[0]!r} is not in the store; its classes: {', '.join(classes)}")
-    ids = np.unique([classes.index(n) for n in names])
+def seen_ids(reader: StoreReader, names: Sequence[str]) -> np.ndarray:
+    """Sorted ids of the seen class ``names``: at least one class, not all."""
+    ids, classes = reader.class_ids(names), reader.classes
     if not 0 < len(ids) < len(classes):
         raise EvaluationError(f"the seen classes must leave some unseen: give 1 to {len(classes) - 1} of the store's "
                               f"{len(classes)} classes")

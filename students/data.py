@@ -77,11 +77,7 @@ class StoreData:
         unknown = set(split.holdout_domains) - set(reader.domains)
         if unknown:
             raise StoreError(f"holdout domain {sorted(unknown)[0]!r} is not in the store; domains: {', '.join(reader.domains)}")
-        names = split.train_classes or tuple(self.classes)
-        bad = [c for c in names if c not in self.classes]
-        if bad:
-            raise StoreError(f"train class {bad[0]!r} is not in the store; classes: {', '.join(self.classes)}")
-        self.train_class_ids = np.array(sorted(self.classes.index(c) for c in names))
+        self.train_class_ids = reader.class_ids(split.train_classes or tuple(self.classes), "train class")
         self.text = np.ascontiguousarray(reader.class_emb(text_source)[self.train_class_ids])
         to_train = np.full(len(self.classes), -1)
         to_train[self.train_class_ids] = np.arange(len(self.train_class_ids))
