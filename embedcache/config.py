@@ -54,12 +54,41 @@ class DatasetConfig:
     # a CSV (label,name) or JSON ({label: name}) naming each label (folder name, CSV label, id): the
     # names the prompts use, in the file's order (the labels' indices)
     class_names: Optional[str] = None
-    # synthetic only
+    # synthetic only (SYNTHETIC_ONLY): set on another dataset, they are refused rather than ignored
     num_classes: int = setting(4, min=1)
     num_domains: int = setting(3, min=1)
     per_class: int = setting(8, min=1)   # images per (domain, class)
     image_size: int = setting(64, min=8)
     seed: int = 0
+
+    def unread(self) -> List[str]:
+        """The settings this dataset would ignore: ``path`` on the seeded shapes, the shapes' own
+        settings away from their defaults on any other dataset."""
+        if self.name == "synthetic":
+            return ["path"] if self.path is not None else []
+        defaults = DatasetConfig(name="synthetic")
+        return [k for k in SYNTHETIC_ONLY if getattr(self, k) != getattr(defaults, k)]
+
+    def check(self) -> None:
+        unread = self.unread()
+        if unread == ["path"] and self.name == "synthetic":
+            raise ConfigError("dataset.path is not read by dataset.name=synthetic (seeded shapes made in memory); "
+                              "set dataset.name to domainbed, folder or csv to read it")
+        if unread:
+            k = unread[0]
+            raise ConfigError(f"dataset.{k}={getattr(self, k)} applies to dataset.name=synthetic only, and "
+                              f"dataset.name={self.name} would ignore it; remove it (dataset.max_per_class=k keeps "
+                              "the first k images of each domain and class)")
+
+
+SYNTHETIC_ONLY = ("num_classes", "num_domains", "per_class", "image_size", "seed")
+
+
+def without_unread(dataset: Dict[str, Any]) -> Dict[str, Any]:
+    """A dataset section with the settings its dataset ignores taken out: a store made before they were
+    refused still repairs (its cache key never held them)."""
+    drop = ("path",) if dataset.get("name", "synthetic") == "synthetic" else SYNTHETIC_ONLY
+    return {k: v for k, v in dataset.items() if k not in drop}
 
 
 @dataclass(frozen=True)

@@ -219,3 +219,24 @@ def test_a_config_of_another_command_says_so():
     with pytest.raises(ConfigError, match=r"unknown config key bogus; valid keys") as plain:
         load_config(ExtractConfig, None, ["bogus=1"])
     assert "folder" not in str(plain.value)
+
+
+@pytest.mark.parametrize("sets, msg", [
+    # the seeded shapes never read a path: a user who forgot dataset.name got the demo shapes, exit 0
+    (["dataset.path=/data/pacs"], r"dataset.path is not read by dataset.name=synthetic.*set dataset.name"),
+    # a folder's classes come from its folders: num_classes was dropped without a word
+    (["dataset.name=folder", "dataset.path=x", "dataset.num_classes=3"],
+     r"dataset.num_classes=3 applies to dataset.name=synthetic only.*remove it"),
+    (["dataset.name=csv", "dataset.path=x.csv", "dataset.seed=5"], r"dataset.seed=5 applies to dataset.name=synthetic only"),
+    (["dataset.name=domainbed", "dataset.path=x", "dataset.per_class=2"],
+     r"dataset.per_class=2 .*dataset.max_per_class=k keeps the first k images"),
+])
+def test_dataset_settings_the_dataset_does_not_read_are_refused(sets, msg):
+    with pytest.raises(ConfigError, match=msg):
+        load_extract_config(None, sets)
+
+
+def test_dataset_settings_at_their_defaults_are_fine_on_any_dataset():
+    cfg = load_extract_config(None, ["dataset.name=folder", "dataset.path=x", "dataset.num_classes=4"])
+    assert cfg.dataset.name == "folder"
+    assert load_extract_config(None, ["dataset.num_classes=2"]).dataset.num_classes == 2

@@ -702,3 +702,21 @@ def test_an_existing_file_that_is_no_store_is_named_so(make_cfg, tiny_teacher, t
         with pytest.raises(StoreMismatchError, match=rf"{target} is not an embedcache store \(it has no manifest\); "
                                                      r"give a store's path, or another --out"):
             extract(make_cfg(str(tmp_path / target)), teacher=tiny_teacher, log=quiet)
+
+
+def test_a_store_made_with_a_setting_its_dataset_ignored_still_repairs(make_cfg, tiny_teacher):
+    """dataset.path on the seeded shapes is refused now; a store made before that check still repairs
+    (the ignored setting is dropped from the manifest's config, the cache key never held it)."""
+    from embedcache.extract.verify import verify_store
+    from embedcache.store import Store
+
+    cfg = make_cfg("old.zarr")
+    extract(cfg, teacher=tiny_teacher, log=quiet)
+    before = _arrays(cfg.out)
+    with Store(cfg.out, "a") as st:
+        manifest = dict(st.manifest)
+        manifest["config"] = {**manifest["config"], "dataset": {**manifest["config"]["dataset"], "path": "/data/pacs"}}
+        st.write_manifest(manifest)
+    alter_emb(cfg.out, row=5, view=1, col=3)
+    assert verify_store(cfg.out, repair=True, progress=False, log=quiet).repaired == 1
+    _same(before, _arrays(cfg.out))

@@ -55,10 +55,11 @@ def verify_store(path: str, repair: bool = False, overrides: Sequence[str] = (),
     if producer != "extract":  # the synthesiser's own command re-does its blocks (verify cannot rebuild its reader)
         raise StoreError(f"{path} was made by `embedcache {producer}`: rerun that command with the same config; it "
                          f"re-does exactly the {len(report.damaged_blocks)} damaged block(s) and file(s)")
-    from ..config import ExtractConfig, apply_overrides, build_config
+    from ..config import ExtractConfig, apply_overrides, build_config, without_unread
     from . import extract
 
-    cfg = build_config(ExtractConfig, apply_overrides({**manifest["config"], "out": path, "progress": progress,
+    made = {**manifest["config"], "dataset": without_unread(manifest["config"]["dataset"])}
+    cfg = build_config(ExtractConfig, apply_overrides({**made, "out": path, "progress": progress,
                                                        "shard": None, "num_shards": None}, overrides))
     out.repaired = extract(cfg, log=log).repaired
     return out
