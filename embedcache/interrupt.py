@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
 _stop = threading.Event()
+_depth = [0]  # graceful() contexts open: only the outermost clears the request on exit
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 ONE_REQUEST_S = 0.5  # signals this close together are one request (a person's second Ctrl-C comes later)
 _clock = time.monotonic  # when a handler runs (tests set it)
@@ -61,12 +62,15 @@ def graceful(on_request: Optional[Callable[[int], None]] = None) -> Iterator[Non
     old = {s: signal.getsignal(s) for s in SIGNALS}
     for s in SIGNALS:
         signal.signal(s, handler)
+    _depth[0] += 1
     try:
         yield
     finally:
+        _depth[0] -= 1
         for s, h in old.items():
             signal.signal(s, h)
-        _stop.clear()
+        if not _depth[0]:  # a request made inside a nested context still stops the loops around it
+            _stop.clear()
 
 
 def stop_on_signal() -> None:

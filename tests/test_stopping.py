@@ -280,3 +280,17 @@ def test_one_stop_request_delivered_twice_is_one_request(monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.1)  # the handler runs at the next bytecode boundary
     assert not interrupt.requested()
+
+
+def test_a_stop_asked_inside_nested_graceful_reaches_the_outer_loop():
+    """An inner ``graceful()`` (a helper that guards its own loop) cleared the flag on its exit, so the
+    outer loop never saw the request and ran on."""
+    from embedcache import interrupt
+
+    with interrupt.graceful():
+        with interrupt.graceful():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            assert interrupt.requested()
+        assert interrupt.requested()  # the outer loop stops too
+    assert not interrupt.requested()
