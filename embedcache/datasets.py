@@ -41,11 +41,13 @@ class Sample:
 
 class ImageDataset:
     """Samples plus a loader. ``classes`` is sorted, or in ``class_order`` (the order of the labels a
-    class-names file names) where given; ``label`` is the index into it."""
+    class-names file names) where given; ``label`` is the index into it. ``class_ids`` maps each name to
+    the dataset's own label for it (folder name, CSV label, id) where a class-names file renamed them."""
 
     def __init__(self, name: str, root: Optional[Path], samples: Sequence[Sample],
                  loader: Optional[Callable[[int], Image.Image]] = None,
-                 extra_fingerprint: Optional[dict] = None, class_order: Optional[Sequence[str]] = None):
+                 extra_fingerprint: Optional[dict] = None, class_order: Optional[Sequence[str]] = None,
+                 class_ids: Optional[Dict[str, str]] = None):
         if not samples:
             raise DatasetError(f"dataset {name!r} at {root} holds no images; point dataset.path at a folder or CSV with images")
         self.name = name
@@ -61,6 +63,7 @@ class ImageDataset:
         self._class_index = {c: i for i, c in enumerate(self.classes)}
         self._loader = loader
         self._extra = extra_fingerprint or {}
+        self._class_ids = class_ids
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -100,11 +103,14 @@ class ImageDataset:
         return h.hexdigest()[:16]
 
     def frame(self) -> pd.DataFrame:
-        """One row per image: index, path, class_name, label, domain, split."""
+        """One row per image: index, path, class_name, [class_id,] label, domain, split (class_id: the
+        dataset's own label, where a class-names file renamed it)."""
+        ids = {"class_id": [self._class_ids[s.class_name] for s in self.samples]} if self._class_ids else {}
         return pd.DataFrame({
             "index": np.arange(len(self), dtype=np.int64),
             "path": [s.path for s in self.samples],
             "class_name": [s.class_name for s in self.samples],
+            **ids,
             "label": np.array([self._class_index[s.class_name] for s in self.samples], dtype=np.int64),
             "domain": [s.domain for s in self.samples],
             "split": [s.split for s in self.samples],
@@ -392,4 +398,5 @@ def named_classes(dataset: ImageDataset, path: str) -> ImageDataset:
                            f"dataset's {len(labels)} labels unnamed); add {add}")
     samples = [dataclasses.replace(s, class_name=names[s.class_name]) for s in dataset.samples]
     return ImageDataset(dataset.name, dataset.root, samples, loader=dataset._loader,
-                        extra_fingerprint=dataset._extra, class_order=[names[c] for c in labels])
+                        extra_fingerprint=dataset._extra, class_order=[names[c] for c in labels],
+                        class_ids={names[c]: c for c in labels})

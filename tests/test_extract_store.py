@@ -378,6 +378,8 @@ def test_numbered_labels_need_names_before_the_teacher_is_built(tmp_path, make_c
     with embedcache.open_store(res.path) as s:
         assert s.classes == names
         assert s.meta.label.tolist() == [int(lab) for lab in labels]
+        assert s.meta.class_id.tolist() == labels  # the dataset's own label, row by row, as the CSV wrote it
+        assert list(s.meta.columns[:5]) == ["index", "path", "class_name", "class_id", "label"]
         assert s.text("name").prompt.iloc[10] == "a photo of a thing k."
     (tmp_path / "same.csv").write_text("label,name\n" + "".join(f"{k},{k}\n" for k in range(11)))
     with pytest.raises(ConfigError, match=r"dataset.class_names=\S*same.csv names the labels with ids: give each label a name"):

@@ -17,7 +17,7 @@ Layout (Zarr; HDF5 mirrors it):
                            complete store read it instead of two files per block)
   ``derived/<name>``       arrays computed from the store later (cached student features), each
                            with its own completeness flag and checksum in attrs ``derived``
-  ``meta.parquet``         one row per image (index, path, class_name, label, domain, split, status, reason)
+  ``meta.parquet``         one row per image (index, path, class_name, [class_id,] label, domain, split, status, reason)
   ``text.parquet``         one row per prompt (source, label, class_name, prompt, n_tokens, truncated)
 """
 from __future__ import annotations
