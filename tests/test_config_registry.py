@@ -136,7 +136,7 @@ def test_every_commands_set_example_is_a_key_of_its_own_config():
     commands = {("extract",): (ExtractConfig, {}), ("features",): (StudentConfig, {"name": "test_resnet"}),
                 ("train",): (TrainConfig, {}), ("sweep",): (SweepSpec, {"store": "s.zarr"}),
                 ("serve",): (ServeConfig, {}), ("serve", "ledger"): (ServeConfig, {}),
-                ("synthesize",): (SynthesizeConfig, {"classes": ["dog"]})}
+                ("synthesize",): (SynthesizeConfig, {"classes": ["dog", "cat"]})}
     for cmd, (cls, required) in commands.items():
         text = " ".join(CliRunner().invoke(main, [*cmd, "--help"], terminal_width=200).output.split())
         example = text.split("e.g. --set ")[1].split()[0]

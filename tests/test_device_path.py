@@ -199,11 +199,12 @@ def test_an_exif_rotated_photo_is_upright_with_the_cuda_decoders_semantics(tmp_p
     monkeypatch.setattr(torchvision.io, "decode_jpeg", lambda data, **kw: real(data, **{**kw, "apply_exif_orientation": False}))
     root = tmp_path / "imgs"
     (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
     img = np.random.default_rng(2).integers(0, 255, (40, 64, 3), dtype=np.uint8)
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees when shown
     _jpeg(root / "a" / "r.jpg", img, exif=exif.tobytes())
-    _jpeg(root / "a" / "s.jpg", img)
+    _jpeg(root / "b" / "s.jpg", img)
     res = extract(make_cfg("dev.zarr", "dataset.name=folder", f"dataset.path={root}", "decoder=device"),
                   teacher=tiny_teacher, log=quiet)
     with embedcache.open_store(res.path) as s:

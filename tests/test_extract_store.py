@@ -297,8 +297,10 @@ def test_a_block_redone_without_failures_drops_its_old_failure_records(tmp_path,
     repair, the row read status ok with the old failure's reason beside it."""
     root = tmp_path / "imgs"
     (root / "cat").mkdir(parents=True)
+    (root / "dog").mkdir()
     for k in range(3):
         Image.fromarray(np.full((24, 24, 3), 40 * k, np.uint8)).save(root / "cat" / f"{k}.jpg")
+    Image.fromarray(np.full((24, 24, 3), 200, np.uint8)).save(root / "dog" / "0.jpg")
     good = (root / "cat" / "1.jpg").read_bytes()
     (root / "cat" / "1.jpg").write_bytes(b"\0" * len(good))
     cfg = make_cfg("bitrot.zarr", "dataset.name=folder", f"dataset.path={root}")
@@ -522,3 +524,22 @@ def test_a_second_extraction_of_the_same_blocks_is_refused_while_the_first_runs(
         mp.setattr(extraction, "try_exclusive_lock", read_only)
         said = []
         assert extract(cfg, teacher=tiny_teacher, log=said.append).complete and "nothing to do" in said[-1]
+
+
+def test_a_dataset_of_one_class_is_refused_before_the_teacher_is_built(tmp_path, make_cfg, monkeypatch):
+    """dataset.path one level too deep (a folder holding one class folder) made a store on which every
+    nearest-label score, teacher and student alike, was 100% by construction, with exit 0."""
+    (tmp_path / "data" / "dog").mkdir(parents=True)
+    for k in range(3):
+        Image.fromarray(np.full((24, 24, 3), 40 * k, np.uint8)).save(tmp_path / "data" / "dog" / f"{k}.png")
+
+    def no_teacher(cfg):
+        raise AssertionError("the teacher was built for a store that is refused")
+
+    monkeypatch.setattr("embedcache.extract.build_teacher", no_teacher)
+    with pytest.raises(ConfigError, match=r"dataset 'folder' at \S*data holds one class \('dog'\): every nearest-label "
+                                          r"score .*100% by construction; point dataset.path at a folder of two or more"):
+        extract(make_cfg("one.zarr", "dataset.name=folder", f"dataset.path={tmp_path / 'data'}"), log=quiet)
+    with pytest.raises(ConfigError, match=r"dataset 'synthetic' holds one class \('circle'\).*dataset.num_classes"):
+        extract(make_cfg("one.zarr", "dataset.num_classes=1"), log=quiet)
+    assert not (tmp_path / "one.zarr").exists()

@@ -363,7 +363,9 @@ def test_exif_orientation_is_applied(tmp_path):
 def test_refused_images_are_recorded_not_stored(tmp_path, make_cfg, tiny_teacher):
     root = tmp_path / "imgs"
     (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
     Image.fromarray(np.full((20, 20, 3), 100, np.uint8)).save(root / "a" / "ok.png")
+    Image.fromarray(np.full((20, 20, 3), 50, np.uint8)).save(root / "b" / "ok.png")
     Image.frombytes("F", (20, 20), np.full((20, 20), 1e6, "<f4").tobytes()).save(root / "a" / "wild.tif")
     res = extract(make_cfg("f.zarr", "dataset.name=folder", f"dataset.path={root}", "block_rows=2"), teacher=tiny_teacher,
                   log=quiet)
@@ -670,9 +672,10 @@ def test_a_repair_takes_where_the_images_are_now(make_cfg, tiny_teacher, tmp_pat
     """The images moved since the store was made: `verify --repair` said to set dataset.path with
     --set, an option verify did not have."""
     root = tmp_path / "imgs"
-    (root / "cat").mkdir(parents=True)
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
     for k in range(4):
-        Image.fromarray(np.full((24, 24, 3), 50 * k, np.uint8)).save(root / "cat" / f"{k}.png")
+        Image.fromarray(np.full((24, 24, 3), 50 * k, np.uint8)).save(root / ("cat" if k < 2 else "dog") / f"{k}.png")
     cfg = make_cfg("moved.zarr", "dataset.name=folder", f"dataset.path={root}", "block_rows=2")
     extract(cfg, teacher=tiny_teacher, log=quiet)
     good = _arrays(cfg.out)

@@ -441,9 +441,12 @@ def test_bad_settings_are_one_line_errors(synth_cfg, override, match):
     assert "\n" not in str(err.value)
 
 
-def test_contrastive_needs_two_classes(tiny_teacher, synth_cfg):
-    with pytest.raises(ConfigError, match="at least two classes"):
-        prepare(synth_cfg("x.zarr", "classes=[dog]", "prompts.method=contrastive"), tiny_teacher, quiet)
+@pytest.mark.parametrize("method", ["plain", "contrastive"])
+def test_one_class_is_refused(synth_cfg, method):
+    """A one-class store scored 100% on every nearest-label protocol, by construction, with exit 0."""
+    with pytest.raises(ConfigError, match=r"classes=\['dog'\] is one class: .*100% by construction; give at least "
+                                          "two classes"):
+        synth_cfg("x.zarr", "classes=[dog]", f"prompts.method={method}")
 
 
 def test_a_teacher_without_gradients_is_refused_in_one_line(synth_cfg, tiny_teacher):

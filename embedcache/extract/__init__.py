@@ -104,7 +104,7 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
         raise ConfigError(f"{backend} stores take one writer; use a .zarr store for --num-shards {num_shards}")
     dataset = dataset or build_dataset(cfg.dataset)
     dataset.require_files()
-    _require_names(cfg, dataset, backend)  # before the teacher: a bad class name costs nothing
+    _require_classes(cfg, dataset, backend)  # before the teacher: a bad class list costs nothing
     prompts = build_prompts(dataset.classes, cfg.text)
     books_from = teacher  # a teacher passed in may have spent before this call; one built here has not
     try:
@@ -296,9 +296,19 @@ def _minus(now: Any, before: Any) -> Any:
     return now
 
 
-def _require_names(cfg: ExtractConfig, dataset: ImageDataset, backend: str) -> None:
-    """Refuse class names that are ids for a new store; a store already made with them (before they
-    were refused) is resumed, repaired or found complete as before, with a warning."""
+ONE_CLASS_FIX = {"synthetic": "set dataset.num_classes to 2 or more",
+                 "csv": "give the CSV rows of two or more labels"}
+
+
+def _require_classes(cfg: ExtractConfig, dataset: ImageDataset, backend: str) -> None:
+    """Refuse, for a new store, one class (every nearest-label score would be 100%) and class names that
+    are ids; a store already made with ids (before they were refused) is resumed, repaired or found
+    complete as before, with a warning."""
+    if len(dataset.classes) == 1 and not Store.exists(cfg.out, backend):
+        where = f" at {dataset.root}" if dataset.root is not None else ""
+        fix = ONE_CLASS_FIX.get(dataset.name, "point dataset.path at a folder of two or more class folders")
+        raise ConfigError(f"dataset {dataset.name!r}{where} holds one class ({dataset.classes[0]!r}): every nearest-label "
+                          f"score over it would be 100% by construction; {fix}")
     wrong = id_names(dataset.classes)
     if not wrong:
         return

@@ -106,6 +106,9 @@ class SynthesizeConfig:
             raise ConfigError("classes is empty; give the class names to synthesise, e.g. --set classes=[dog,horse]")
         if any(not c for c in names):
             raise ConfigError("classes holds an empty name; every class needs a name")
+        if len(names) == 1:
+            raise ConfigError(f"classes={names} is one class: every nearest-label score over its store would be 100% "
+                              "by construction; give at least two classes")
         seen = set()
         for c in names:
             if c in seen:
