@@ -6,6 +6,7 @@ remote teacher (resumable: free space or wait, and rerun); 130 interrupted (resu
 """
 from __future__ import annotations
 
+import gc
 import sys
 import warnings
 
@@ -45,6 +46,9 @@ class Group(click.Group):
         sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx):
+        from embedcache import interrupt
+
+        interrupt.one_request_per_signal()
         try:
             return super().invoke(ctx)
         except EmbedcacheError as exc:
@@ -52,6 +56,8 @@ class Group(click.Group):
             sys.exit(exc.exit_code)
         except KeyboardInterrupt as exc:
             msg = str(exc) if str(exc) and " " in str(exc) else "interrupted; rerun the same command to resume"
+            exc.__traceback__ = None  # the interrupted frames go now (DataLoader workers shut down in __del__),
+            gc.collect()              # not at the exit, where a repeated signal would cut them into a traceback
             click.echo(msg, err=True)
             sys.exit(130)
 

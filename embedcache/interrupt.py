@@ -73,6 +73,28 @@ def graceful(on_request: Optional[Callable[[int], None]] = None) -> Iterator[Non
             _stop.clear()
 
 
+def one_request_per_signal() -> None:
+    """For the CLI's process: Ctrl-C raises KeyboardInterrupt at once, as Python's own handler does, but
+    the same request delivered twice (within ONE_REQUEST_S: a terminal and `timeout` both signal the
+    process group) raises once, so the unwinding (DataLoader workers shut down, the exit) is not cut
+    into a traceback or a death by signal. Left installed: it only ever replaces Python's default, and
+    a ``graceful()`` context puts it back on exit."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:  # ignored, or someone's own
+        return
+    last = []
+
+    def handler(signum, _frame):
+        now = _clock()
+        if last and now - last[0] < ONE_REQUEST_S:
+            return
+        last[:] = [now]
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+
+
 def stop_on_signal() -> None:
     """For worker processes: every SIGINT/SIGTERM only sets the stop flag; the worker's own loop
     decides when to leave (after saving its state)."""

@@ -294,3 +294,38 @@ def test_a_stop_asked_inside_nested_graceful_reaches_the_outer_loop():
             assert interrupt.requested()
         assert interrupt.requested()  # the outer loop stops too
     assert not interrupt.requested()
+
+
+def test_a_ctrl_c_delivered_twice_unwinds_without_a_traceback(monkeypatch):
+    """`timeout` and the terminal both signal the process group: the second SIGINT landed in the
+    DataLoader's shutdown (in its iterator's __del__) as a 20-line "Exception ignored" traceback, or in
+    the exit, which then died by signal instead of exiting 130."""
+    import embedcache.extract
+    from embedcache import interrupt
+
+    class Workers:  # stands in for a DataLoader iterator, which shuts its workers down when collected
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)  # the same request, delivered again while unwinding
+            time.sleep(0.1)
+
+    def extract(cfg, **kw):
+        workers = Workers()  # noqa: F841 (held by the frame the interrupt unwinds)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+
+    import gc
+
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: unraisable.append(repr(u.exc_value)))
+    monkeypatch.setattr(interrupt, "_clock", lambda: 100.0)
+    monkeypatch.setattr(embedcache.extract, "extract", extract)
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        res = CliRunner().invoke(main, ["extract", "--out", "x.zarr", "--no-progress"])
+        assert res.exit_code == 130, res.output
+        assert res.output.strip().splitlines()[-1] == "interrupted; rerun the same command to resume"
+        del res  # what the process's exit does: the frames still held go, and with them the workers
+        gc.collect()
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert unraisable == []  # "Exception ignored in: <function Workers.__del__>": a KeyboardInterrupt
