@@ -341,6 +341,20 @@ def test_a_complete_store_reruns_as_nothing_to_do_with_its_service_down(tmp_path
     assert other.exit_code == 75 and "cannot reach" in other.output, other.output
 
 
+def test_a_spent_quota_under_a_limit_not_reached_does_not_ask_to_raise_the_limit(tmp_path, tiny_teacher_cfg,
+                                                                                  tiny_teacher, key_env):
+    """The service's quota ran out with teacher.max_queries=1000 far from reached: the stop said
+    "rerun ... with teacher.max_queries >= 114", which cannot help (a new user's trial)."""
+    app = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
+    with LiveServer(Faults(app, script=[None, None, "429-credit"])) as url:
+        cfg = remote(tmp_path, "r.zarr", tiny_teacher_cfg, "embedcache", url, "teacher.max_queries=1000")
+        res = extract_cli(config_file(tmp_path, cfg))
+    assert res.exit_code == 3, res.output
+    line = res.output.strip().splitlines()[-1]
+    assert "quota is spent" in line and "finishing the store needs" in line, line
+    assert "max_queries" not in line.split("quota is spent")[1], line
+
+
 def test_a_budget_that_runs_out_in_the_text_stage_says_what_finishing_needs(tmp_path, tiny_teacher_cfg, tiny_teacher,
                                                                              key_env):
     """The prompts are encoded after the last block, outside the block loop's budget handling: a stop
@@ -751,6 +765,11 @@ def test_user_mistakes_are_one_line(tmp_path, tiny_teacher_cfg, tiny_teacher, mo
     monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
     with pytest.raises(TeacherLoadError, match=r"\$NO_SUCH_KEY_VAR \(teacher.api_key_env\) is not set"):
         build_teacher(TeacherConfig(**base, api_key_env="NO_SUCH_KEY_VAR"))
+    for misplaced in ("sk-live-abc123", "sekret-KEY-12345"):  # the key itself where its variable's name goes
+        with pytest.raises(TeacherLoadError, match=r"teacher.api_key_env is not a variable name \(not shown: it may "
+                                                   r"be the key itself\)") as err:
+            build_teacher(TeacherConfig(**base, api_key_env=misplaced))
+        assert misplaced not in str(err.value)
     monkeypatch.setenv(KEY_ENV, KEY)
     with pytest.raises(RemoteUnavailableError, match=r"cannot reach the embedding server at http://127.0.0.1:9 .*check teacher.url"):
         build_teacher(TeacherConfig(**base, api_key_env=KEY_ENV))

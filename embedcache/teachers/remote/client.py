@@ -239,7 +239,8 @@ class Transport:
                     raise TooLarge(one_line(text, self._key))
                 if status == 429 and self._error_code(resp) in QUOTA_SPENT:
                     raise BudgetError(f"the server at {self.base_url} says this key's quota is spent "
-                                      f"({one_line(text, self._key)}); rerun the same command to resume once it is raised")
+                                      f"({one_line(text, self._key)}): have the service raise it, then rerun the same "
+                                      "command to resume")
                 if not should_retry_status(status, resp.headers):
                     raise RemoteError(f"the server at {self.base_url} refused the request ({status}): "
                                       f"{one_line(text, self._key)}")

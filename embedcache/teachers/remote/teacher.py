@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 import time
 import warnings
 from pathlib import Path
@@ -75,6 +76,10 @@ def _key_and_source(cfg: TeacherConfig) -> Tuple[Optional[str], str]:
         return key, f"file {path}"
     if cfg.api_key_env:
         key = os.environ.get(cfg.api_key_env, "").strip()
+        if not key and not re.fullmatch(r"[A-Z_][A-Z0-9_]*", cfg.api_key_env):  # never echo what may be the key
+            raise TeacherLoadError("teacher.api_key_env is not a variable name (not shown: it may be the key itself); "
+                                   "give the name of the variable holding the key, e.g. teacher.api_key_env=OPENAI_API_KEY, "
+                                   "and never the key in a config or command line")
         if not key:
             raise TeacherLoadError(f"the API key variable ${cfg.api_key_env} (teacher.api_key_env) is not set; "
                                    f"export it, or use teacher.api_key_file")
@@ -498,18 +503,20 @@ class RemoteTeacher(Teacher):
 
     def budget_message(self, cost: Dict[str, int], shards: int = 1) -> str:
         """What a stopped extraction still needs (``cost``: a dry run over what is left; of one of
-        ``shards`` workers' blocks when there are several)."""
+        ``shards`` workers' blocks when there are several), and the limit that finishes it when
+        teacher.max_queries stopped it (other stops, such as the service's quota, say their own fix)."""
         n = queries_in(cost)
         req = cost.get("requests", 0) + cost.get("text_requests", 0)
         claimer = self.transport.claimer
         total = (claimer.sent if claimer is not None else self.transport.stats.spent()) + n
-        budget = f" with teacher.max_queries >= {total}" if self.cfg.max_queries is not None else ""
+        short = self.cfg.max_queries is not None and total > self.cfg.max_queries
         if shards > 1:
-            return (f"finishing this shard needs {n:,} more queries ({req:,} requests, the ledger's answers free), the "
-                    f"other {shards - 1} shard(s)' not counted (`extract --dry-run --num-shards 1` prices the whole "
-                    f"store); rerun the same command{budget} to finish this shard")
-        return (f"finishing the store needs {n:,} more queries ({req:,} requests, the ledger's answers free); "
-                f"rerun the same command{budget} to resume")
+            need = (f"finishing this shard needs {n:,} more queries ({req:,} requests, the ledger's answers free), the "
+                    f"other {shards - 1} shard(s)' not counted (`extract --dry-run --num-shards 1` prices the whole store)")
+            return need + (f"; rerun the same command with teacher.max_queries >= {total} to finish this shard"
+                           if short else "")
+        need = f"finishing the store needs {n:,} more queries ({req:,} requests, the ledger's answers free)"
+        return need + (f"; rerun the same command with teacher.max_queries >= {total} to resume" if short else "")
 
     def usage(self) -> Dict[str, Any]:
         """This run's books, for the manifest (never the key)."""
