@@ -319,6 +319,7 @@ def test_budget_stops_at_a_block_boundary_then_the_same_store_completes(tmp_path
     assert charged(app) == (90 + 24, 0)  # the partial block's paid views came from the ledger
     # the store's books count both calls: what the stopped one paid too, not only the last
     usage = embedcache.open_store(cfg.out).manifest["teacher_usage"]
+    assert "calls_cut_short" not in usage  # each call closed its books, the stopped ones too
     assert usage["queries"] == 90 + 24 and usage["calls"] == 3 and usage["protocol"] == "embedcache"  # the one that paid nothing looked the partial block up
     assert usage["server_reported"]["queries"] == 90 + 24  # the service's own count, summed over both calls too
 
@@ -479,7 +480,9 @@ def test_kill_9_midway_and_rerun_pays_nothing_twice(tmp_path, local, tiny_teache
             assert not st.complete
         os.environ[KEY_ENV] = KEY
         try:
-            res = extract(cfg, log=quiet)
+            with pytest.warns(UserWarning, match=r"r.zarr: 1 earlier extract call\(s\) ended without closing their "
+                                                 r"books \(killed with -9.*the service's own bill is the exact figure"):
+                res = extract(cfg, log=quiet)
         finally:
             del os.environ[KEY_ENV]
     assert res.complete and paid_at_kill < 90
@@ -490,6 +493,7 @@ def test_kill_9_midway_and_rerun_pays_nothing_twice(tmp_path, local, tiny_teache
     usage = embedcache.open_store(cfg.out).manifest["teacher_usage"]
     unbooked = (90 + 24) - usage["queries"]  # at most the views the killed call paid after its last finished block
     assert usage["calls"] == 2 and 0 <= unbooked <= 12 and usage["queries"] >= 90 + 24 - 12, usage
+    assert usage["calls_cut_short"] == 1  # said, since the books may be low (the bill is the exact figure)
     assert usage["server_reported"]["queries"] == usage["queries"]
     assert usage.get("replayed_free", 0) == 0  # the killed call's cut-off request, replayed now, is paid once here
 

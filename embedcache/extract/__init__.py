@@ -151,6 +151,7 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
         mine = [b for b in shard_blocks(store.num_blocks, shard, num_shards) if not done[b]]
         if mine and done.any():
             _say_resumed_otherwise(store.manifest, cfg, manifest, log)
+        books.open(store)
         try:
             def block_done(block: int) -> None:
                 books.record(store)  # what was paid so far is in the store, even if the call is killed later
@@ -176,6 +177,7 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
     finally:
         try:
             books.record(store, quietly=True)  # a stop or an error: what this call paid is still counted
+            books.close(store)
             store.close()
         finally:
             if lock is not None:
@@ -261,6 +263,21 @@ class _Books:
         self.usage = usage if callable(usage) else None
         self.last = {} if since_built else self.usage() if self.usage else None
         self.call = uuid.uuid4().hex[:12]
+        self.opened = False
+
+    def open(self, store: Store) -> None:
+        """Mark this call open in the store (closed by ``close``): a call killed with -9 stays open,
+        and the store's finish says its books may be low."""
+        if self.usage is not None:
+            store.open_call(self.call)
+            self.opened = True
+
+    def close(self, store: Store) -> None:
+        if self.opened:
+            try:
+                store.close_call(self.call)
+            except OSError:  # on the way out of a failure (a full disk): that failure is what to report
+                pass
 
     def queries(self) -> int:
         """Queries paid in this call so far, not yet recorded."""
@@ -484,5 +501,11 @@ def finalize(store: Store, dataset: ImageDataset, teacher, prompts, books: Optio
     if books is not None:
         books.record(store)  # this call's spending, the text included, before the totals are written
     usage = store.usage()  # a paid teacher's books over every call (queries, bytes, cache hits)
+    cut = store.calls_cut_short(books.call) if usage and books is not None else 0
+    if cut:
+        usage["calls_cut_short"] = cut
+        warnings.warn(f"{store.path}: {cut} earlier extract call(s) ended without closing their books (killed with -9 "
+                      f"or the machine lost): teacher_usage.queries ({usage.get('queries', 0):,}) leaves out what "
+                      "they paid after their last finished block; the service's own bill is the exact figure")
     store.finish(failed=failed, **({"teacher_usage": usage} if usage else {}))
     return failed

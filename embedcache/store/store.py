@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import time
 from datetime import datetime, timezone
 from functools import partial
@@ -412,6 +413,27 @@ class Store:
                     total[k] = _plus(total.get(k), v, k)
         return {"calls": len(calls), **total}
 
+    # extract calls that pay a teacher: marked open when they start, closed when they end (stopped,
+    # failed or done); one killed with -9 stays open, its spending since its last finished block in no books
+    def open_call(self, call: str) -> None:
+        self.b.put_blob(f"calls/{call}.json", json.dumps({"open": True, "pid": os.getpid(),
+                                                          "host": socket.gethostname()}).encode())
+        self.b.flush()
+
+    def close_call(self, call: str) -> None:
+        self.b.put_blob(f"calls/{call}.json", json.dumps({"open": False}).encode())
+        self.b.flush()
+
+    def calls_cut_short(self, running: str) -> int:
+        """Calls of this store that never closed, other than ``running`` and any still alive on this host."""
+        host, out = socket.gethostname(), 0
+        for name in self.b.list_blobs("calls"):
+            mark = json.loads(self.b.get_blob(name))
+            if mark.get("open") and name != f"calls/{running}.json" and not (mark.get("host") == host
+                                                                               and _alive(mark.get("pid"))):
+                out += 1
+        return out
+
     def failures(self) -> Dict[int, str]:
         out: Dict[int, str] = {}
         for name in self.b.list_blobs("failures"):
@@ -671,3 +693,15 @@ class Store:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process of that number
+        return True
+    return True
