@@ -6,7 +6,7 @@ from typing import List
 
 import pandas as pd
 
-from .store_eval import method_frame, method_keys, summary_table
+from .store_eval import domain_stats, method_frame, method_keys, summary_table
 
 
 # The splits of class-held-out protocols, reported as Li et al. report them: mean per-class accuracy
@@ -83,15 +83,15 @@ def write_report(results: pd.DataFrame, out_dir: str, note: str = "") -> List[Pa
         shown = "mean per-class accuracy" if metric == "mean_per_class" else "top-1"
         parts += [f"## {split} ({shown}, %; mean ± sample std (ddof 1) over replicates)\n",
                   markdown(summary_table(results, split, metric)), ""]
-        top = results[(results["split"] == split) & (results["metric"] == metric) & (results["domain"] != "avg")]
-        if "episode" in top.columns:
-            top = top[top["episode"].isna() | (top["episode"] == -1)]
+        top = domain_stats(results, split, metric)  # the table's numbers: its replicates, mean and spread
         if top.empty:
             continue
-        pv = top.assign(method=_method(top, keys)).pivot_table(
-            index="domain", columns="method", values="value", aggfunc="mean")
-        ax = (100 * pv).plot.bar(figsize=(max(6, 1.2 * len(pv)), 4), rot=0)
-        ax.set_ylabel(f"{shown} (%)"); ax.set_title(split); ax.legend(fontsize=7)
+        top = top.assign(method=_method(top, keys))
+        pv = top.pivot_table(index="domain", columns="method", values="mean", aggfunc="first")
+        spread = top.pivot_table(index="domain", columns="method", values="std", aggfunc="first", dropna=False)
+        spread = spread.reindex(index=pv.index, columns=pv.columns).fillna(0.0)  # one replicate: no bar
+        ax = (100 * pv).plot.bar(figsize=(max(6, 1.2 * len(pv)), 4), rot=0, yerr=100 * spread, capsize=2)
+        ax.set_ylabel(f"{shown} (%), mean ± std over replicates"); ax.set_title(split); ax.legend(fontsize=7)
         plt.tight_layout()
         f = out / f"{split}_domains.png"
         plt.savefig(f, dpi=110); plt.close()

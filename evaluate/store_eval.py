@@ -136,11 +136,10 @@ def _replicates(df: pd.DataFrame, keys: list) -> pd.DataFrame:
     return have[keys + ["split", "replicate", "complete"]]
 
 
-def summary_table(results: pd.DataFrame, split: Optional[str] = None, metric: str = "top1") -> pd.DataFrame:
-    """Methods x domains, mean +- std over replicates, as the papers lay them out (percent), and how
-    many replicates the cells hold. Only complete replicates count when a method has any (a replicate
-    short of a run would average fewer runs in-domain and fewer domains in ``avg``); a method with none
-    shows all it has, and its ``avg`` says it is incomplete."""
+def _per_replicate(results: pd.DataFrame, split: Optional[str], metric: str):
+    """(keys, doms, counts): one value per method, split, domain and replicate, of the replicates that
+    count (the complete ones, when a method has any), and each method's replicates (n) and complete
+    ones (k); doms is None when nothing is scored."""
     results = method_frame(results)
     df = results[(results["metric"] == metric) & ~results["split"].isin(["per_class", "distill", "text"])]
     if split is not None:
@@ -148,7 +147,7 @@ def summary_table(results: pd.DataFrame, split: Optional[str] = None, metric: st
     df = df[(df["episode"] == -1) & (df["domain"] != "avg")]
     keys = method_keys(results)
     if df.empty:
-        return pd.DataFrame(index=pd.MultiIndex.from_tuples([], names=keys + ["split"]))
+        return keys, None, None
     status = _replicates(df, keys)
     counts = status.groupby(keys + ["split"], as_index=False).agg(n=("complete", "size"), k=("complete", "sum"))
     # one value per replicate and domain: in leave-one-domain-out each run scores the validation rows
@@ -156,8 +155,31 @@ def summary_table(results: pd.DataFrame, split: Optional[str] = None, metric: st
     # their mean is the replicate's value, and ± stays a spread over replicates
     doms = df.groupby(keys + ["split", "domain", "replicate"], as_index=False)["value"].mean()
     doms = doms.merge(status, on=keys + ["split", "replicate"]).merge(counts, on=keys + ["split"])
-    doms = doms[doms["complete"] | (doms["k"] == 0)]
-    stats = doms.groupby(keys + ["split", "domain"])["value"].agg(["mean", "std", "count"]).reset_index()
+    return keys, doms[doms["complete"] | (doms["k"] == 0)], counts
+
+
+def domain_stats(results: pd.DataFrame, split: Optional[str] = None, metric: str = "top1") -> pd.DataFrame:
+    """The numbers behind ``summary_table``'s domain cells: mean, sample std (ddof 1) and count over
+    the replicates that count, per method, split and domain (fractions, not percent)."""
+    keys, doms, _ = _per_replicate(results, split, metric)
+    if doms is None:
+        return pd.DataFrame(columns=keys + ["split", "domain", "mean", "std", "count"])
+    return _stats(doms, keys)
+
+
+def _stats(doms: pd.DataFrame, keys: list) -> pd.DataFrame:
+    return doms.groupby(keys + ["split", "domain"])["value"].agg(["mean", "std", "count"]).reset_index()
+
+
+def summary_table(results: pd.DataFrame, split: Optional[str] = None, metric: str = "top1") -> pd.DataFrame:
+    """Methods x domains, mean +- std over replicates, as the papers lay them out (percent), and how
+    many replicates the cells hold. Only complete replicates count when a method has any (a replicate
+    short of a run would average fewer runs in-domain and fewer domains in ``avg``); a method with none
+    shows all it has, and its ``avg`` says it is incomplete."""
+    keys, doms, counts = _per_replicate(results, split, metric)
+    if doms is None:
+        return pd.DataFrame(index=pd.MultiIndex.from_tuples([], names=keys + ["split"]))
+    stats = _stats(doms, keys)
     stats["cell"] = [_cell(m, s, c) for m, s, c in zip(stats["mean"], stats["std"], stats["count"])]
     real = doms[(doms["domain"] != "all") & (doms["k"] > 0)]
     per_rep = real.groupby(keys + ["split", "replicate"], as_index=False)["value"].mean()

@@ -520,3 +520,23 @@ def test_a_protocols_warning_names_the_run_it_is_about(runs, tmp_path, monkeypat
     said = [ln for ln in res.output.splitlines() if ln.startswith("warning:")]
     assert said == ["warning: run feat_kd-0: out_of_domain on outline: flagged",
                     "warning: run ce-1: out_of_domain on outline: flagged"], res.output
+
+
+def test_report_bars_are_the_tables_numbers_with_their_spread(tmp_path, monkeypatch):
+    """The bars averaged every row, short replicates too, where the table keeps the complete ones: a
+    bar of 55% beside a cell of 20.0; and they had no error bars, though the cells show ± std."""
+    import pandas.plotting._core as core
+
+    from embedcache.evaluate.report import write_report
+
+    plotted, bar = [], core.PlotAccessor.bar
+    monkeypatch.setattr(core.PlotAccessor, "bar",
+                        lambda self, *a, **k: plotted.append((self._parent.copy(), k.get("yerr"))) or bar(self, *a, **k))
+    rows = [("d1", 0, 0.2), ("d2", 0, 0.4), ("d1", 1, 0.4), ("d2", 1, 0.6), ("d1", 2, 0.9)]  # replicate 2 is short of d2
+    df = pd.DataFrame([{"recipe": "r", "student": "s", "source": "name", "split": "out_of_domain", "domain": d,
+                        "seed": rep, "replicate": rep, "metric": "top1", "value": v} for d, rep, v in rows])
+    write_report(df, str(tmp_path))
+    means, err = plotted[0]
+    assert means["r / s"].round(6).to_dict() == {"d1": 30.0, "d2": 50.0}  # the table's cells: 30.0 ± 14.1, 50.0 ± 14.1
+    assert err is not None and err["r / s"].round(1).to_dict() == {"d1": 14.1, "d2": 14.1}
+    assert "| 30.0 ± 14.1 | 50.0 ± 14.1 |" in (tmp_path / "report.md").read_text()
