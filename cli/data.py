@@ -39,7 +39,7 @@ def extract(config_path: Optional[str], out: Optional[str], overrides: Sequence[
         for line in _cost_lines(res.cost) + _budget_lines(res):
             click.echo(f"  {line}")
         return
-    if not res.skipped:
+    if not res.skipped and res.images:  # none: a call that only finished the prompts and tables
         rate = res.images / res.seconds if res.seconds > 0 else 0.0
         click.echo(f"{res.images} images read in {res.seconds:.1f}s ({rate:.1f} images/s, start-up included)")
 

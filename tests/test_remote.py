@@ -372,6 +372,7 @@ def test_a_budget_that_runs_out_in_the_text_stage_says_what_finishing_needs(tmp_
             assert st.blocks_done().all() and not st.complete
         done = extract_cli(conf, "--set", "teacher.max_queries=114")
         assert done.exit_code == 0, done.output
+        assert "images read" not in done.output  # it read none: no "0 images read in 3.0s (0.0 images/s)"
     assert charged(app)[0] == 90 + 24
 
 
