@@ -77,7 +77,7 @@ def _cost_lines(cost) -> list:
         limit = cost.get(f"{p}batch_limit") or 0
         at_limit = f", {cost.get(f'{p}requests_at_batch_limit', 0):,} if batched at the service's limit of {limit:,}" if limit else ""
         repeats = cost.get(f"{p}duplicates", 0)
-        once = f" ({repeats:,} repeats within a batch, each counted once)" if repeats else ""
+        once = f" ({repeats:,} repeats of an input counted already, each paid once)" if repeats else ""
         lines.append(f"{unit}: {sent:,} to pay for ({cost.get(f'{p}bytes', 0):,} bytes), {cost.get(f'{p}ledger_hits', 0):,} "
                      f"answered free by the ledger{once}; {cost.get(f'{p}requests', 0):,} requests as extraction sends "
                      f"them{at_limit}")

@@ -519,7 +519,14 @@ def test_identical_inputs_in_a_call_are_sent_once(tmp_path, tiny_teacher_cfg, ti
         cost = t.cost(torch.cat([fresh, fresh]))
         assert cost["ledger_hits"] == 0 and cost["images"] == 2 and cost["duplicates"] == 2
         from embedcache.cli.data import _cost_lines
-        assert "(5 repeats within a batch, each counted once)" in _cost_lines({"images": 0, "ledger_hits": 3, "duplicates": 5})[0]
+        assert "(5 repeats of an input counted already, each paid once)" in _cost_lines({"images": 0, "ledger_hits": 3,
+                                                                                          "duplicates": 5})[0]
+        # the same prompt in two text sources (the name prompt is also a template), on an empty ledger: a
+        # repeat, not an answer of the ledger (the dry run said "answered free by the ledger")
+        t.begin_plan()
+        first = t.text_cost(["a photo of a newt.", "a newt"])
+        again = t.text_cost(["a photo of a newt.", "a sketch of a newt."])
+        assert first["texts"] == 2 and again["texts"] == 1 and again["ledger_hits"] == 0 and again["duplicates"] == 1
 
 
 def test_a_lost_answer_counts_against_the_budget(tmp_path, tiny_teacher_cfg, tiny_teacher, key_env):

@@ -456,10 +456,11 @@ class RemoteTeacher(Teacher):
         # prompts an earlier call of this dry run costs: in the ledger by the time extraction asks again
         # (views are not remembered: a dataset's worth of keys, for the rare repeated image)
         planned = self._planned_texts if modality == "text" else set()
-        free = {k for k in keys if k in found or k in planned}
+        free = {k for k in keys if k in found}
+        counted = {k for k in keys if k in planned and k not in free}  # the same prompt in two text sources
         todo: Dict[str, int] = {}
         for i, k in enumerate(keys):
-            if k not in free and k not in todo:
+            if k not in free and k not in counted and k not in todo:
                 todo[k] = i
         planned.update(todo)
         limit = self.limits[f"{modality}_batch"]
@@ -475,7 +476,7 @@ class RemoteTeacher(Teacher):
                 # each input once: a prompt repeated (the name prompt is also a template) is paid or answered once
                 "bytes": sum(len(payloads[i]) for i in todo.values()),
                 "ledger_hits": len(free),
-                "duplicates": len(keys) - len(set(keys)),
+                "duplicates": len(keys) - len(set(keys)) + len(counted),
                 # summed over calls these give ceil(total / limit) and the limit itself
                 "requests_at_batch_limit": math.ceil(self._plan[modality] / limit) - math.ceil(before / limit),
                 "batch_limit": limit if first else 0}
