@@ -171,7 +171,8 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
                 log(f"shard {shard}/{num_shards} done; the store completes when every shard has finished")
         except BudgetError as exc:  # a paid teacher stopped (images or prompts): say what finishing would cost
             books.record(store)
-            store.close()
+            books.close(store)
+            store.close()  # closed here: the cost of finishing is counted by a dry run (which opens none)
             raise _budget_stop(exc, cfg, manifest, layout, reader, embedder, prompts, shard, num_shards, log) from None
         return ExtractResult(cfg.out, store.key, store.complete, encoded, failed, time.time() - t0, repaired=repaired)
     finally:
@@ -278,6 +279,7 @@ class _Books:
                 store.close_call(self.call)
             except OSError:  # on the way out of a failure (a full disk): that failure is what to report
                 pass
+            self.opened = False
 
     def queries(self) -> int:
         """Queries paid in this call so far, not yet recorded."""
