@@ -723,3 +723,26 @@ def test_a_store_made_with_a_setting_its_dataset_ignored_still_repairs(make_cfg,
     alter_emb(cfg.out, row=5, view=1, col=3)
     assert verify_store(cfg.out, repair=True, progress=False, log=quiet).repaired == 1
     _same(before, _arrays(cfg.out))
+
+
+@pytest.mark.parametrize("lost", ["image/view_params", "image/emb/zarr.json", "blocks/crc32c", "text/name"])
+def test_a_whole_array_lost_is_one_line_everywhere(make_cfg, tiny_teacher, lost):
+    """A deleted array (not a damaged block) was a KeyError traceback in open_store, evaluate, verify,
+    `verify --repair` (which also un-finished the store) and the extract rerun."""
+    import shutil
+
+    cfg = make_cfg("lost.zarr")
+    extract(cfg, teacher=tiny_teacher, log=quiet)
+    target = Path(cfg.out) / lost
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    name = lost.removesuffix("/zarr.json")
+    says = rf"lost.zarr: array {name}\S* is missing .*delete the store and rerun the command that made it"
+    with pytest.raises(StoreDamagedError, match=says):
+        embedcache.open_store(cfg.out)
+    with pytest.raises(StoreDamagedError, match=says):
+        extract(cfg, teacher=tiny_teacher, log=quiet)
+    for args in (["verify", cfg.out, "--no-progress"], ["verify", "--repair", cfg.out, "--no-progress"],
+                 ["evaluate", "--store", cfg.out]):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+        assert res.output.strip().splitlines()[-1].startswith("error: ") and "is missing" in res.output, res.output

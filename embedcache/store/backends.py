@@ -308,6 +308,12 @@ class ZarrBackend:
                 self._arrays.pop(name, None)
             return True
 
+    def swap_pending(self) -> bool:
+        """A re-chunk a kill cut off, its arrays still mid-swap (the next writer puts them back)."""
+        from . import rechunk as work
+
+        return (self.path / work.WORK).is_dir()
+
     def recover(self, names) -> None:
         """Arrays left mid-swap by a kill during a re-chunk put back (a writer's first step)."""
         from . import rechunk as work
@@ -538,6 +544,9 @@ class HDF5Backend:
 
     def recover(self, names) -> None:
         pass
+
+    def swap_pending(self) -> bool:
+        return False
 
     def set_attr(self, key: str, value: Any) -> None:
         self.file.attrs[key] = json.dumps(value)

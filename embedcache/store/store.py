@@ -146,6 +146,27 @@ class Store:
             self.close()
             raise StoreMismatchError(f"store {self.path} has schema {self.manifest.get('schema')!r}, this embedcache reads "
                                      f"schema {SCHEMA_VERSION}; re-extract it with this version (use a new --out)")
+        self._refuse_missing_arrays()
+
+    def _refuse_missing_arrays(self) -> None:
+        """An array of the layout gone as a whole (deleted, its metadata lost) cannot be re-done block by
+        block: refused in one line (a re-chunk's swap seen midway is waited out under its lock first)."""
+        missing = [a for a in self.layout.get("arrays", {}) if not self.b.has(a)]
+        if missing and self.b.swap_pending():  # a re-chunk a kill cut off: the next writer puts it back
+            return
+        if missing:
+            try:
+                with self.b.exclusive():
+                    self._refresh()
+                    missing = [a for a in missing if not self.b.has(a)]
+            except OSError:  # read-only storage: no lock to take, and nothing moves there either
+                pass
+        if missing:
+            self.close()
+            raise StoreDamagedError(f"{self.path}: array {missing[0]} is missing ({len(missing)} of the store's "
+                                    f"{len(self.layout['arrays'])} arrays lost as a whole), so it cannot be repaired "
+                                    "block by block; delete the store and rerun the command that made it (a paid "
+                                    "teacher's answers come from its ledger free)")
 
     # --- making one ---------------------------------------------------------------------------------
     @staticmethod
