@@ -746,3 +746,31 @@ def test_a_whole_array_lost_is_one_line_everywhere(make_cfg, tiny_teacher, lost)
         res = CliRunner().invoke(main, args)
         assert res.exit_code == 2 and "Traceback" not in res.output, res.output
         assert res.output.strip().splitlines()[-1].startswith("error: ") and "is missing" in res.output, res.output
+
+
+def test_a_repair_refuses_a_source_image_changed_since_the_store_was_made(make_cfg, tiny_teacher, tmp_path):
+    """An image edited in place (same size: the dataset's fingerprint the same) was re-encoded by a
+    repair of its damaged block, and the store said intact, its rows no longer what the teacher saw
+    (a new user's trial). The re-done block must give the pixels the store recorded."""
+    from embedcache.errors import DatasetError
+
+    root = tmp_path / "imgs"
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for k in range(4):
+            Image.fromarray(np.full((24, 24, 3), 30 * k + (c == "dog") * 100, np.uint8)).save(root / c / f"{k}.bmp")
+    cfg = make_cfg("src.zarr", "dataset.name=folder", f"dataset.path={root}", "block_rows=4")
+    extract(cfg, teacher=tiny_teacher, log=quiet)
+    good = _arrays(cfg.out)
+    original = (root / "cat" / "1.bmp").read_bytes()
+    Image.fromarray(np.full((24, 24, 3), 222, np.uint8)).save(root / "cat" / "1.bmp")  # edited, same size
+    assert len((root / "cat" / "1.bmp").read_bytes()) == len(original)
+    _damage(cfg.out, "image/emb", 0)
+    with pytest.raises(DatasetError, match=r"src.zarr: block 0 \(rows 0-3\) re-done from the source files gives other "
+                                           r"image/pixels than the store recorded: a source image changed since .*restore"):
+        extract(cfg, teacher=tiny_teacher, log=quiet)
+    with pytest.raises(StoreError):
+        embedcache.open_store(cfg.out)  # never read as complete meanwhile
+    (root / "cat" / "1.bmp").write_bytes(original)  # the original back: the same repair completes, exactly
+    assert extract(cfg, teacher=tiny_teacher, log=quiet).complete
+    _same(good, _arrays(cfg.out))

@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import numpy as np
 import pandas as pd
 
-from ..errors import StoreDamagedError, StoreError, StoreMismatchError
+from ..errors import DatasetError, StoreDamagedError, StoreError, StoreMismatchError
 from .backends import BACKENDS, backend_name_for
 from .integrity import IntegrityReport, checksum
 from .layout import SCHEMA_VERSION, packable, packed_rows
@@ -321,6 +321,7 @@ class Store:
                 raise ValueError(f"block {block} of {name} has {len(data)} rows, expected {stop - start}")
             self.b.write(name, start, data)
             sums[0, j] = checksum(data)
+        self._hold_to_expected(block, sums)  # a repaired block: what its source files gave the first time
         blob = f"failures/block_{block:06d}.json"
         if failures or self.b.get_blob(blob) is not None:  # a block redone clean clears its old records
             self.b.put_blob(blob, json.dumps({str(k): v for k, v in (failures or {}).items()}, sort_keys=True).encode())
@@ -328,6 +329,8 @@ class Store:
         self.b.write("blocks/crc32c", block, sums)
         self.b.flush()
         self.b.write("blocks/done", block, np.ones(1, np.uint8))
+        if self.b.get_blob(_expected_blob(block)):
+            self.b.put_blob(_expected_blob(block), b"")  # held to it: done
         self.b.flush()
 
     def reopen_blocks(self, blocks: Iterable[int], recheck: bool = False) -> List[int]:
@@ -344,6 +347,7 @@ class Store:
                 redo = [b for b in redo if self._block_damage(b, sums, done)]
                 if not redo:
                     return []
+                self._expect_inputs(redo, sums, done)
             self.write_manifest({**self.manifest, "complete": False})  # first: no reader trusts it meanwhile
             if redo:
                 self._rechunk(False, sums, done, unchecked=frozenset(redo))
@@ -351,6 +355,32 @@ class Store:
                 self.b.write("blocks/done", blk, np.zeros(1, np.uint8))
             self.b.flush()
             return redo
+
+    def _expect_inputs(self, blocks: List[int], sums: np.ndarray, done: np.ndarray) -> None:
+        """A repair re-does blocks from the source files: what those files gave when the store was made
+        (each finished block's checksums of every block array but the embeddings, where the complete
+        store's summary confirms them) is kept, and ``write_block`` holds the re-done block to it."""
+        summary = self._summary() if self.complete else None
+        if summary is None or self.producer == "synthesize":  # no second record to confirm the block's own (never
+            return  # a false refusal); synthesised images are made anew, as valid as the first (not a dataset's)
+        names = self.layout["block_arrays"]
+        for blk in blocks:
+            want = {name: int(sums[blk, j]) for j, name in enumerate(names)
+                    if name != "image/emb" and done[blk] and int(summary["blocks/crc32c"][blk, j]) == int(sums[blk, j])}
+            if want:
+                self.b.put_blob(_expected_blob(blk), json.dumps(want, sort_keys=True).encode())
+
+    def _hold_to_expected(self, block: int, sums: np.ndarray) -> None:
+        raw = self.b.get_blob(_expected_blob(block))
+        want = json.loads(raw) if raw else {}
+        for j, name in enumerate(self.layout["block_arrays"]):
+            if name in want and int(sums[0, j]) != int(want[name]):
+                start, stop = self.block_range(block)
+                raise DatasetError(f"{self.path}: block {block} (rows {start}-{stop - 1}) re-done from the source files "
+                                   f"gives other {name} than the store recorded: a source image changed since the store "
+                                   "was made (an edit in place, bit rot), or this machine decodes it otherwise; restore "
+                                   "the original files and rerun (the repair then re-does the block as it was), or "
+                                   "delete the store and re-extract")
 
     def _refresh(self) -> None:
         """The store's metadata read again (another process may have packed or finished it)."""
@@ -726,3 +756,7 @@ def _alive(pid: Any) -> bool:
     except PermissionError:  # another user's process of that number
         return True
     return True
+
+
+def _expected_blob(block: int) -> str:
+    return f"repair/block_{block:06d}.json"
