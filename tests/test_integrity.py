@@ -774,3 +774,18 @@ def test_a_repair_refuses_a_source_image_changed_since_the_store_was_made(make_c
     (root / "cat" / "1.bmp").write_bytes(original)  # the original back: the same repair completes, exactly
     assert extract(cfg, teacher=tiny_teacher, log=quiet).complete
     _same(good, _arrays(cfg.out))
+
+
+def test_a_shards_rerun_repairs_a_finished_store_whole(make_cfg, tiny_teacher):
+    """Shard 1's command on a finished store damaged in shard 0's blocks re-opened them, did none (not
+    its own), said "shard 1/2 done" and left the finished store unfinished (a new user's trial). A
+    finished store has no other writer: the call that finds its damage repairs all of it."""
+    cfg = make_cfg("sh.zarr")
+    extract(cfg, teacher=tiny_teacher, log=quiet)
+    good = _arrays(cfg.out)
+    _damage(cfg.out, "image/emb", 0)  # block 0: shard 0's of 2
+    from dataclasses import replace
+
+    res = extract(replace(cfg, shard=1, num_shards=2), teacher=tiny_teacher, log=quiet)
+    assert res.complete and res.repaired == 1
+    _same(good, _arrays(cfg.out))

@@ -135,20 +135,23 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
     try:
         lock = _writer_lock(store, shard, num_shards)
         _budget_in_store(store, teacher, cfg.teacher)
-        repaired = 0
+        repaired, finished, reopened = 0, store.complete, []
         if store.blocks_done().any():  # finished blocks are checked before anything builds on them
             report = store.verify(progress=cfg.progress)
             if store.complete and report.ok:
                 log(f"{cfg.out} is already complete and intact (key {store.key}); nothing to do")
                 return ExtractResult(cfg.out, store.key, True, 0, int(store.manifest.get("failed", 0)), time.time() - t0, True)
             if not report.ok:
-                repaired = _reopen(store, report, cfg, log)
+                reopened = _reopen(store, report, cfg, log)
+                repaired = len(reopened)
                 if store.complete and not report.files:  # the blocks checked out on a second look: another
                     # process was packing the store while this one verified it
                     log(f"{cfg.out} is complete and intact (another process was finishing it); nothing to do")
                     return ExtractResult(cfg.out, store.key, True, 0, int(store.manifest.get("failed", 0)), time.time() - t0, True)
         done = store.blocks_done()
-        mine = [b for b in shard_blocks(store.num_blocks, shard, num_shards) if not done[b]]
+        # a finished store has no writer but this call: the blocks it re-opened are its own, whichever shard's
+        ours = set(shard_blocks(store.num_blocks, shard, num_shards)) | set(reopened if finished else ())
+        mine = [b for b in sorted(ours) if not done[b]]
         if mine and done.any():
             _say_resumed_otherwise(store.manifest, cfg, manifest, log)
         books.open(store)
@@ -185,9 +188,9 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
                 os.close(lock)
 
 
-def _reopen(store: Store, report, cfg: ExtractConfig, log) -> int:
+def _reopen(store: Store, report, cfg: ExtractConfig, log) -> List[int]:
     """The damaged blocks marked to be redone (those that still check out as damaged under the store's
-    lock), and the store to be finished again; returns how many blocks."""
+    lock), and the store to be finished again; returns those blocks."""
     try:
         redo = store.reopen_blocks(report.damaged_blocks, recheck=True)
     except OSError as exc:  # packed arrays are unpacked first: a copy of the embeddings
@@ -198,7 +201,7 @@ def _reopen(store: Store, report, cfg: ExtractConfig, log) -> int:
         lines = report.lines()
         log(f"{cfg.out} is damaged ({'; '.join(lines[:3])}{' ...' if len(lines) > 3 else ''}); "
             f"re-doing {len(redo)} block(s) and rewriting its tables")
-    return len(redo)
+    return redo
 
 
 def _writer_lock(store: Store, shard: int, num_shards: int):
