@@ -81,6 +81,12 @@ def evaluate(runs, store, protocols, sources, out, device, finetune_steps, finet
             unscored.append(f"run {what}")
             click.echo(f"skipping {what}", err=True)
     if not frames:
+        from embedcache.store import Store
+
+        stores = [r for r in runs if Store.exists(r)]
+        if stores:
+            raise click.UsageError(f"{stores[0]} is a store, not a run: give it as --store {stores[0]} for the teacher's "
+                                   "baselines, or give the runs trained on it")
         raise click.UsageError("nothing to evaluate: no finished run found")
     new = pd.concat(frames, ignore_index=True)
     table = upsert(out, new)
@@ -127,6 +133,7 @@ def report(results, out_dir) -> None:
     from embedcache.evaluate.results import read_results
 
     note = ""
+    _require_results(results, out_dir)
     if Path(results).is_dir():
         from embedcache.students.sweep import collect, partial_note
 
@@ -137,3 +144,21 @@ def report(results, out_dir) -> None:
         click.echo(f"warning: {note}", err=True)
     for f in write_report(df, out_dir, note=note):
         click.echo(str(f))
+
+
+TAKES = "report takes a results .parquet file (`embedcache evaluate ... --out results.parquet`) or a sweep folder"
+
+
+def _require_results(results: str, out_dir) -> None:
+    """A store, a run or another folder given to ``report``, or an --out that is a file: one line each."""
+    from embedcache.store import Store
+
+    p = Path(results)
+    if out_dir and Path(out_dir).is_file():
+        raise click.UsageError(f"--out {out_dir} is a file; report writes a folder (report.md and its plots): give a "
+                               "folder path")
+    if Store.exists(results):
+        raise click.UsageError(f"{results} is a store, not results: {TAKES}; `embedcache evaluate --store {results} "
+                               "--out results.parquet` scores its teacher")
+    if p.is_dir() and not any((p / x).exists() for x in ("results", "runs", "runs.json")):
+        raise click.UsageError(f"{results} is not a sweep folder (no results/ in it): {TAKES}")

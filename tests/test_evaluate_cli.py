@@ -1,4 +1,5 @@
 """Teacher baselines, run evaluation and reports through the CLI, on the synthetic store."""
+import re
 from pathlib import Path
 
 import numpy as np
@@ -540,3 +541,24 @@ def test_report_bars_are_the_tables_numbers_with_their_spread(tmp_path, monkeypa
     assert means["r / s"].round(6).to_dict() == {"d1": 30.0, "d2": 50.0}  # the table's cells: 30.0 ± 14.1, 50.0 ± 14.1
     assert err is not None and err["r / s"].round(1).to_dict() == {"d1": 14.1, "d2": 14.1}
     assert "| 30.0 ± 14.1 | 50.0 ± 14.1 |" in (tmp_path / "report.md").read_text()
+
+
+def test_report_and_evaluate_given_the_wrong_thing_say_what_they_take(synthetic_store, tmp_path):
+    """A store or a run folder given to `report` said "no results in .../results yet; run the sweep
+    first"; `--out` naming a file was a FileExistsError traceback; a store given to `evaluate`
+    without --store said "no finished run found" (a new user's trial)."""
+    rows = pd.DataFrame([{"recipe": "r", "student": "s", "source": "name", "split": "out_of_domain",
+                          "domain": "d1", "metric": "top1", "value": 0.5}])
+    rows.to_parquet(tmp_path / "res.parquet")
+    store = str(synthetic_store)
+    cases = [(["report", store], r"is a store, not results: report takes a results \.parquet file .*or a sweep "
+                                           r"folder; `embedcache evaluate --store \S+ --out results.parquet` scores"),
+             (["report", str(tmp_path)], r"is not a sweep folder \(no results/ in it\): report takes a results \.parquet"),
+             (["report", str(tmp_path / "res.parquet"), "--out", str(tmp_path / "res.parquet")],
+              r"--out \S+res.parquet is a file; report writes a folder \(report.md and its plots\)"),
+             (["evaluate", store], r"\S+ is a store, not a run: give it as --store \S+ for the teacher's "
+                                             r"baselines, or give the runs trained on it")]
+    for args, says in cases:
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+        assert re.search(says, " ".join(res.output.split())), res.output
