@@ -75,7 +75,9 @@ def write_report(results: pd.DataFrame, out_dir: str, note: str = "") -> List[Pa
     dist = results[results["split"].isin(["distill", "text"])]
     if not dist.empty:
         tab = dist.pivot_table(index=keys, columns="metric", values="value", aggfunc="mean").round(3)
-        parts += ["## distillation metrics (mean over runs: seeds and held-out splits)\n", markdown(tab), ""]
+        parts += ["## distillation metrics (mean over runs: seeds and held-out splits; higher is better, but for "
+                  "m_vlalign, the share of the teacher's top-k label pairs the student ranks inverted, and "
+                  "text_pairwise_cosine, between class texts, where lower is)\n", markdown(tab), ""]
     for split in sorted(set(results["split"].unique()) - special):
         metric = headline_metric(split)
         if not ((results["split"] == split) & (results["metric"] == metric)).any():
