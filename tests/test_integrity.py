@@ -789,3 +789,30 @@ def test_a_shards_rerun_repairs_a_finished_store_whole(make_cfg, tiny_teacher):
     res = extract(replace(cfg, shard=1, num_shards=2), teacher=tiny_teacher, log=quiet)
     assert res.complete and res.repaired == 1
     _same(good, _arrays(cfg.out))
+
+
+def test_a_repair_of_a_block_that_had_an_unreadable_image_is_not_held_to_it(make_cfg, tiny_teacher, tmp_path,
+                                                                            monkeypatch):
+    """An image that failed to read once (a passing I/O error) reads now: its block's status and pixels
+    differ from the record, rightly; the repair refused forever and left the store unfinished (a review)."""
+    import embedcache.datasets as datasets_mod
+
+    root = tmp_path / "imgs"
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for k in range(2):
+            Image.fromarray(np.full((24, 24, 3), 40 * k + (c == "dog") * 90, np.uint8)).save(root / c / f"{k}.png")
+    cfg = make_cfg("flaky.zarr", "dataset.name=folder", f"dataset.path={root}", "block_rows=2", "num_workers=0")
+    real = datasets_mod.read_rgb8
+
+    def flaky(path):
+        if Path(path).name == "1.png" and Path(path).parent.name == "cat":
+            raise OSError("input/output error")
+        return real(path)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(datasets_mod, "read_rgb8", flaky)
+        assert extract(cfg, teacher=tiny_teacher, log=quiet).failed == 1
+    _damage(cfg.out, "image/emb", 0)
+    res = extract(cfg, teacher=tiny_teacher, log=quiet)
+    assert res.complete and res.failed == 0

@@ -218,3 +218,26 @@ def test_embedcache_refuses_an_answer_from_another_teacher():
     assert proto.parse({**ans, "fingerprint": "aaa"}, 1)[0].shape == (1, 4)
     with pytest.raises(RemoteError, match="teacher changed"):
         proto.parse({**ans, "fingerprint": "bbb"}, 1)
+
+
+def test_call_marks_tell_a_cut_off_call_from_a_live_or_closed_one(tmp_path):
+    """An empty mark (a machine lost while writing it) crashed the store's finish; a mark of a process
+    of the same number as a live one but started at another time (a container's PID 1 again) hid a
+    killed call (a review)."""
+    import json
+    import os
+
+    from conftest import block_store
+    from embedcache.store import Store
+    from embedcache.store.store import _started
+
+    path, _ = block_store(tmp_path, "zarr")
+    with Store(path, "a") as st:
+        st.open_call("live")       # this process: alive
+        st.open_call("closed")
+        st.close_call("closed")
+        st.b.put_blob("calls/empty.json", b"")  # cut off while written
+        st.b.put_blob("calls/reused.json", json.dumps({"open": True, "pid": os.getpid(), "host": __import__("socket")
+                                                       .gethostname(), "start": str(int(_started(os.getpid())) - 1)}).encode())
+        assert st.calls_cut_short(running="none") == 2  # empty and reused; never live or closed
+        assert st.calls_cut_short(running="reused") == 1

@@ -509,8 +509,8 @@ def finalize(store: Store, dataset: ImageDataset, teacher, prompts, books: Optio
     cut = store.calls_cut_short(books.call) if usage and books is not None else 0
     if cut:
         usage["calls_cut_short"] = cut
-        warnings.warn(f"{store.path}: {cut} earlier extract call(s) ended without closing their books (killed with -9 "
-                      f"or the machine lost): teacher_usage.queries ({usage.get('queries', 0):,}) leaves out what "
+        warnings.warn(f"{store.path}: {cut} earlier extract call(s) ended without closing their books (killed: SIGTERM, "
+                      f"kill -9, or the machine lost): teacher_usage.queries ({usage.get('queries', 0):,}) leaves out what "
                       "they paid after their last finished block; the service's own bill is the exact figure")
     store.finish(failed=failed, **({"teacher_usage": usage} if usage else {}))
     return failed

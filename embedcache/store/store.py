@@ -365,6 +365,9 @@ class Store:
             return  # a false refusal); synthesised images are made anew, as valid as the first (not a dataset's)
         names = self.layout["block_arrays"]
         for blk in blocks:
+            failures = self.b.get_blob(f"failures/block_{blk:06d}.json")
+            if failures and _json_or(failures, {"unreadable": True}):
+                continue  # an image that failed to read may read now (a passing I/O error): nothing to hold it to
             want = {name: int(sums[blk, j]) for j, name in enumerate(names)
                     if name != "image/emb" and done[blk] and int(summary["blocks/crc32c"][blk, j]) == int(sums[blk, j])}
             if want:
@@ -467,8 +470,8 @@ class Store:
     # extract calls that pay a teacher: marked open when they start, closed when they end (stopped,
     # failed or done); one killed with -9 stays open, its spending since its last finished block in no books
     def open_call(self, call: str) -> None:
-        self.b.put_blob(f"calls/{call}.json", json.dumps({"open": True, "pid": os.getpid(),
-                                                          "host": socket.gethostname()}).encode())
+        self.b.put_blob(f"calls/{call}.json", json.dumps({"open": True, "pid": os.getpid(), "host": socket.gethostname(),
+                                                          "start": _started(os.getpid())}).encode())
         self.b.flush()
 
     def close_call(self, call: str) -> None:
@@ -479,9 +482,9 @@ class Store:
         """Calls of this store that never closed, other than ``running`` and any still alive on this host."""
         host, out = socket.gethostname(), 0
         for name in self.b.list_blobs("calls"):
-            mark = json.loads(self.b.get_blob(name))
-            if mark.get("open") and name != f"calls/{running}.json" and not (mark.get("host") == host
-                                                                               and _alive(mark.get("pid"))):
+            mark = _json_or(self.b.get_blob(name), {"open": True})  # unreadable (the machine lost): counted
+            if mark.get("open") and name != f"calls/{running}.json" and not (
+                    mark.get("host") == host and _alive(mark.get("pid"), mark.get("start"))):
                 out += 1
         return out
 
@@ -746,7 +749,9 @@ class Store:
         self.close()
 
 
-def _alive(pid: Any) -> bool:
+def _alive(pid: Any, start: Any = None) -> bool:
+    """Process ``pid`` lives, and is the one that started at ``start`` (where known: a container's
+    process often has the same number every time)."""
     if not isinstance(pid, int):
         return False
     try:
@@ -754,8 +759,24 @@ def _alive(pid: Any) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process of that number
-        return True
-    return True
+        pass
+    return start is None or _started(pid) in (None, start)
+
+
+def _started(pid: int) -> Optional[str]:
+    """When process ``pid`` started (clock ticks since boot, Linux), or None where unknown."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _json_or(raw: Optional[bytes], default: Any) -> Any:
+    """A small JSON blob, or ``default`` where it is missing or unreadable (cut off by a lost machine)."""
+    try:
+        return json.loads(raw) if raw else default
+    except ValueError:
+        return default
 
 
 def _expected_blob(block: int) -> str:
