@@ -16,6 +16,16 @@ from typing import Callable, Iterator, Optional
 
 _stop = threading.Event()
 _depth = [0]  # graceful() contexts open: only the outermost clears the request on exit
+_last = []  # when the last request began (every handler's, so a repeat is one whichever handler gets it)
+
+
+def _repeat() -> bool:
+    """Whether this signal repeats a request made less than ONE_REQUEST_S ago; else it starts one."""
+    now = _clock()
+    if _last and now - _last[0] < ONE_REQUEST_S:
+        return True
+    _last[:] = [now]
+    return False
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 ONE_REQUEST_S = 0.5  # signals this close together are one request (a person's second Ctrl-C comes later)
 _clock = time.monotonic  # when a handler runs (tests set it)
@@ -47,14 +57,11 @@ def graceful(on_request: Optional[Callable[[int], None]] = None) -> Iterator[Non
         yield
         return
 
-    first = []  # when the stop was first asked for (time.monotonic)
-
     def handler(signum, _frame):
+        if _repeat():
+            return  # the same request delivered twice (`timeout` signals the child and then its group)
         if _stop.is_set():
-            if first and _clock() - first[0] < ONE_REQUEST_S:
-                return  # the same request delivered twice (`timeout` signals the child and then its group)
             raise KeyboardInterrupt("stopped at once (second interrupt)")
-        first[:] = [_clock()]
         _stop.set()
         if on_request is not None:
             on_request(signum)
@@ -83,14 +90,9 @@ def one_request_per_signal() -> None:
         return
     if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:  # ignored, or someone's own
         return
-    last = []
-
     def handler(signum, _frame):
-        now = _clock()
-        if last and now - last[0] < ONE_REQUEST_S:
-            return
-        last[:] = [now]
-        raise KeyboardInterrupt
+        if not _repeat():
+            raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, handler)
 

@@ -270,6 +270,7 @@ def test_one_stop_request_delivered_twice_is_one_request(monkeypatch):
 
     clock = [100.0]
     monkeypatch.setattr(interrupt, "_clock", lambda: clock[0])
+    monkeypatch.setattr(interrupt, "_last", [])  # no request before this test's
     asked = []
     with interrupt.graceful(asked.append):
         os.kill(os.getpid(), signal.SIGINT)
@@ -318,6 +319,7 @@ def test_a_ctrl_c_delivered_twice_unwinds_without_a_traceback(monkeypatch):
     unraisable = []
     monkeypatch.setattr(sys, "unraisablehook", lambda u: unraisable.append(repr(u.exc_value)))
     monkeypatch.setattr(interrupt, "_clock", lambda: 100.0)
+    monkeypatch.setattr(interrupt, "_last", [])  # no request before this test's
     monkeypatch.setattr(embedcache.extract, "extract", extract)
     old = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
@@ -329,3 +331,27 @@ def test_a_ctrl_c_delivered_twice_unwinds_without_a_traceback(monkeypatch):
     finally:
         signal.signal(signal.SIGINT, old)
     assert unraisable == []  # "Exception ignored in: <function Workers.__del__>": a KeyboardInterrupt
+
+
+def test_a_request_delivered_again_after_an_inner_context_exits_is_still_one(monkeypatch):
+    """Each handler kept its own time of the first signal: the repeat landing after a nested context
+    (or graceful() in the CLI) had exited stopped "at once", skipping the outer loop's save (a review)."""
+    from embedcache import interrupt
+
+    monkeypatch.setattr(interrupt, "_clock", lambda: 100.0)
+
+    monkeypatch.setattr(interrupt, "_last", [])  # no request before this test's
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        interrupt.one_request_per_signal()
+        with interrupt.graceful():
+            with interrupt.graceful():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGINT)  # the same request again, now under the outer handler
+            time.sleep(0.05)
+            assert interrupt.requested()
+        os.kill(os.getpid(), signal.SIGINT)  # and again under the CLI's own handler
+        time.sleep(0.05)
+    finally:
+        signal.signal(signal.SIGINT, old)
