@@ -73,7 +73,7 @@ class DatasetConfig:
         unread = self.unread()
         if unread == ["path"] and self.name == "synthetic":
             raise ConfigError("dataset.path is not read by dataset.name=synthetic (seeded shapes made in memory); "
-                              "set dataset.name to domainbed, folder or csv to read it")
+                              "remove it, or set dataset.name to domainbed, folder or csv to read it")
         if unread:
             k = unread[0]
             raise ConfigError(f"dataset.{k}={getattr(self, k)} applies to dataset.name=synthetic only, and "

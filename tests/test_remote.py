@@ -777,7 +777,7 @@ def test_user_mistakes_are_one_line(tmp_path, tiny_teacher_cfg, tiny_teacher, mo
     monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
     with pytest.raises(TeacherLoadError, match=r"\$NO_SUCH_KEY_VAR \(teacher.api_key_env\) is not set"):
         build_teacher(TeacherConfig(**base, api_key_env="NO_SUCH_KEY_VAR"))
-    for misplaced in ("sk-live-abc123", "sekret-KEY-12345"):  # the key itself where its variable's name goes
+    for misplaced in ("sk-live-abc123", "sekret-KEY-12345", "AKIAIOSFODNN7EXAMPLE"):  # the key where its variable's name goes
         with pytest.raises(TeacherLoadError, match=r"teacher.api_key_env is not a variable name \(not shown: it may "
                                                    r"be the key itself\)") as err:
             build_teacher(TeacherConfig(**base, api_key_env=misplaced))

@@ -449,6 +449,19 @@ def test_one_class_is_refused(synth_cfg, method):
         synth_cfg("x.zarr", "classes=[dog]", f"prompts.method={method}")
 
 
+def test_one_class_stays_refused_for_the_api_and_a_store_made_before_still_resumes(synth_cfg, tiny_teacher, tmp_path):
+    """build_plan is public: one class for contrastive styles is a ConfigError there, not numpy's
+    ValueError; a store synthesised with one class before the check still resumes (a review)."""
+    from conftest import block_store
+    from embedcache.synthesis.config import PromptsConfig
+    from embedcache.synthesis.prompts import build_plan
+
+    with pytest.raises(ConfigError, match="at least two classes"):
+        build_plan(tiny_teacher, ["dog"], PromptsConfig(method="contrastive"), log=quiet)
+    path, _ = block_store(tmp_path, "zarr")  # a store already at --out
+    assert synth_cfg(path, "classes=[dog]").classes == ("dog",)
+
+
 def test_a_teacher_without_gradients_is_refused_in_one_line(synth_cfg, tiny_teacher):
     class BlackBox(Teacher):
         registry_name = "black_box"

@@ -100,13 +100,21 @@ class SynthesizeConfig:
     block_rows: int = setting(64, min=1)           # rows written and marked done together (resume granularity)
     progress: bool = True
 
+    def _made(self) -> bool:
+        from ..store import Store
+
+        try:
+            return bool(self.out) and Store.exists(self.out, self.backend)
+        except ConfigError:  # an --out of no store format: said where the store is made
+            return False
+
     def check(self) -> None:
         names = [c.strip() for c in self.classes]
         if not names:
             raise ConfigError("classes is empty; give the class names to synthesise, e.g. --set classes=[dog,horse]")
         if any(not c for c in names):
             raise ConfigError("classes holds an empty name; every class needs a name")
-        if len(names) == 1:
+        if len(names) == 1 and not self._made():  # a store made before one class was refused still resumes
             raise ConfigError(f"classes={names} is one class: every nearest-label score over its store would be 100% "
                               "by construction; give at least two classes")
         seen = set()

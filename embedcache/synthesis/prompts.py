@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import interrupt
+from ..errors import ConfigError
 from ..registry import Registry
 from ..text import display_name
 from .config import PromptsConfig
@@ -255,6 +256,8 @@ def all_pairs_loss(targets: torch.Tensor, content: torch.Tensor, tau: float, con
 @PROMPTS.register("contrastive")
 def contrastive(teacher, classes: Sequence[str], cfg: PromptsConfig, log: Callable[[str], None] = print) -> StylePlan:
     """Contrastive-Prompt: K style vectors learned with the text encoder only (Adam, ``steps``)."""
+    if len(classes) < 2:  # SynthesizeConfig refuses one class; this is for callers of build_plan
+        raise ConfigError("contrastive styles are learned across pairs of classes; give at least two classes")
     dev = teacher.device
     width = teacher.token_table().shape[1]
     gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, 29]).generate_state(1)[0]))

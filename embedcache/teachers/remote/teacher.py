@@ -65,6 +65,12 @@ def read_key(cfg: TeacherConfig) -> Tuple[Optional[str], str]:
     return key, where
 
 
+def _variable_like(name: str) -> bool:
+    """Shaped like an API key's variable (OPENAI_API_KEY, TOKEN), not like a key: upper case, and words
+    joined by _ where it holds digits (AKIAIOSFODNN7EXAMPLE is a key)."""
+    return bool(re.fullmatch(r"[A-Z][A-Z0-9_]{0,63}", name)) and ("_" in name or not any(c.isdigit() for c in name))
+
+
 def _key_and_source(cfg: TeacherConfig) -> Tuple[Optional[str], str]:
     if cfg.api_key_file:
         path = Path(cfg.api_key_file).expanduser()
@@ -76,7 +82,7 @@ def _key_and_source(cfg: TeacherConfig) -> Tuple[Optional[str], str]:
         return key, f"file {path}"
     if cfg.api_key_env:
         key = os.environ.get(cfg.api_key_env, "").strip()
-        if not key and not re.fullmatch(r"[A-Z_][A-Z0-9_]*", cfg.api_key_env):  # never echo what may be the key
+        if not key and not _variable_like(cfg.api_key_env):  # never echo what may be the key itself
             raise TeacherLoadError("teacher.api_key_env is not a variable name (not shown: it may be the key itself); "
                                    "give the name of the variable holding the key, e.g. teacher.api_key_env=OPENAI_API_KEY, "
                                    "and never the key in a config or command line")
