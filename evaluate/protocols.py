@@ -68,9 +68,14 @@ def _predict(d: EvalData, rows: np.ndarray, labels: Optional[Sequence[int]] = No
 
 
 def _rows(pred, labels, classes: Sequence[str], **tags) -> List[Dict]:
-    _warn_if_collapsed(pred, labels, classes, tags)
-    return [{**tags, "metric": "top1", "value": top1(pred, labels), "n": len(labels)},
+    rows = [{**tags, "metric": "top1", "value": top1(pred, labels), "n": len(labels)},
             {**tags, "metric": "mean_per_class", "value": mean_per_class(pred, labels), "n": len(labels)}]
+    collapsed = _collapsed(pred, labels, classes)
+    if collapsed is not None:  # warned now, and kept in the results for the report (a warning scrolls away)
+        name, share = collapsed
+        _warn_collapsed(name, share, len(pred), tags)
+        rows.append({**tags, "metric": "collapsed_share", "value": share, "n": len(labels), "class_name": name})
+    return rows
 
 
 @contextmanager
@@ -97,23 +102,27 @@ def _rewarn(who: str, caught: list) -> None:
 COLLAPSED = 0.95  # a model answering one class for this share of images (of mixed classes) has collapsed
 
 
-def _warn_if_collapsed(pred: np.ndarray, labels: np.ndarray, classes: Sequence[str], tags: Dict) -> None:
-    """A model that answers one class for nearly every image of mixed classes: its accuracy is that
-    class's share of them, a number that reads like a result; said, not left to be found."""
+def _collapsed(pred: np.ndarray, labels: np.ndarray, classes: Sequence[str]):
+    """(class, share) of a model that answers one class for nearly every image of mixed classes (its
+    accuracy is that class's share of them, a number that reads like a result), else None."""
     if len(pred) < 20:
-        return
+        return None
     answer, count = np.unique(pred, return_counts=True)
     _, truth = np.unique(labels, return_counts=True)
     share = count.max() / len(pred)
     if share >= COLLAPSED and truth.max() / len(labels) < 0.5:
-        name = classes[int(answer[np.argmax(count)])]
-        where = f"{tags.get('split')} on {tags.get('domain')}" + (f", episode {tags['episode']}" if "episode" in tags else "")
-        warnings.warn(f"{where}: the model predicts {name!r} for {share:.0%} of the {len(pred)} images (a collapsed "
-                      "model: its top-1 is that class's share of them)")
+        return classes[int(answer[np.argmax(count)])], float(share)
+    return None
+
+
+def _warn_collapsed(name: str, share: float, n: int, tags: Dict) -> None:
+    where = f"{tags.get('split')} on {tags.get('domain')}" + (f", episode {tags['episode']}" if "episode" in tags else "")
+    warnings.warn(f"{where}: the model predicts {name!r} for {share:.0%} of the {n} images (a collapsed "
+                  "model: its top-1 is that class's share of them)")
 
 
 def _average(df: pd.DataFrame, split: str) -> List[Dict]:
-    sub = df[(df["split"] == split) & (df["domain"] != "avg")]
+    sub = df[(df["split"] == split) & (df["domain"] != "avg") & (df["metric"] != "collapsed_share")]
     return [{"split": split, "domain": "avg", "metric": m, "value": float(g["value"].mean()), "n": int(g["n"].sum())}
             for m, g in sub.groupby("metric")]
 

@@ -41,6 +41,25 @@ def _method(df: pd.DataFrame, keys: List[str]) -> pd.Series:
     return label
 
 
+def _collapse_lines(results: pd.DataFrame, split: str, keys: List[str]) -> List[str]:
+    """The cells of ``split`` where a model answered one class for nearly every image (evaluate's
+    ``collapsed_share`` rows): said under the table, whose figure there is only that class's share."""
+    here = results[results["split"] == split]
+    hit = here[here["metric"] == "collapsed_share"]
+    if hit.empty:
+        return []
+    hit, top = hit.assign(method=_method(hit, keys)), here[here["metric"] == "top1"]
+    top = top.assign(method=_method(top, keys))
+    count = (lambda g: g["run"].nunique()) if "run" in here.columns else len
+    said = []
+    for (method, domain), g in hit.groupby(["method", "domain"], sort=True):
+        runs = count(top[(top["method"] == method) & (top["domain"] == domain)])
+        names = ", ".join(repr(c) for c in sorted(set(g["class_name"].astype(str))))
+        said.append(f"{method} on {domain} answers {names} for {g['value'].mean():.0%} of the images in {count(g)} "
+                    f"of its {runs} runs")
+    return ["collapsed: " + "; ".join(said) + " (its top-1 there is that class's share)", ""]
+
+
 def id_vs_ood(results: pd.DataFrame, keys: List[str]) -> pd.DataFrame:
     """Methods x (in_domain, out_of_domain) average top-1: the methods scored on both (the teacher's
     zero_shot rows, or a run scored on one side only, have no point)."""
@@ -84,7 +103,7 @@ def write_report(results: pd.DataFrame, out_dir: str, note: str = "") -> List[Pa
             metric = "top1"  # results without that metric (made by hand): their top-1
         shown = "mean per-class accuracy" if metric == "mean_per_class" else "top-1"
         parts += [f"## {split} ({shown}, %; mean ± sample std (ddof 1) over replicates)\n",
-                  markdown(summary_table(results, split, metric)), ""]
+                  markdown(summary_table(results, split, metric)), ""] + _collapse_lines(results, split, keys)
         top = domain_stats(results, split, metric)  # the table's numbers: its replicates, mean and spread
         if top.empty:
             continue

@@ -510,11 +510,12 @@ def test_a_protocols_warning_names_the_run_it_is_about(runs, tmp_path, monkeypat
 
     from embedcache.evaluate import protocols
 
-    def flag(pred, labels, classes, tags):
+    def flag(name, share, n, tags):
         if tags.get("split") == "out_of_domain":
             warnings.warn(f"{tags['split']} on {tags['domain']}: flagged")
 
-    monkeypatch.setattr(protocols, "_warn_if_collapsed", flag)
+    monkeypatch.setattr(protocols, "_collapsed", lambda pred, labels, classes: ("c", 1.0))
+    monkeypatch.setattr(protocols, "_warn_collapsed", flag)
     res = CliRunner().invoke(main, ["evaluate", str(runs / "feat_kd-0"), str(runs / "ce-1"), "--protocol",
                                     "lodo", "--out", str(tmp_path / "r.parquet")])
     assert res.exit_code == 0, res.output
@@ -562,3 +563,18 @@ def test_report_and_evaluate_given_the_wrong_thing_say_what_they_take(synthetic_
         res = CliRunner().invoke(main, args)
         assert res.exit_code == 2 and "Traceback" not in res.output, res.output
         assert re.search(says, " ".join(res.output.split())), res.output
+
+
+def test_the_report_names_collapsed_models(tmp_path):
+    """evaluate warned that a model answered one class for 98% of the images; report.md showed its
+    20.8% as a plain figure (a new user's trial)."""
+    from embedcache.evaluate.report import write_report
+
+    base = {"recipe": "feat_kd", "student": "s", "source": "name", "split": "out_of_domain", "domain": "sketch"}
+    rows = [{**base, "run": f"r{k}", "replicate": k, "metric": "top1", "value": 0.208} for k in range(3)]
+    rows += [{**base, "run": f"r{k}", "replicate": k, "metric": "collapsed_share", "value": 0.98, "class_name": "person"}
+             for k in range(2)]
+    write_report(pd.DataFrame(rows), str(tmp_path))
+    text = " ".join((tmp_path / "report.md").read_text().split())
+    assert ("collapsed: feat_kd / s on sketch answers 'person' for 98% of the images in 2 of its 3 runs "
+            "(its top-1 there is that class's share)") in text, text

@@ -251,9 +251,13 @@ def test_a_model_that_predicts_one_class_is_named_collapsed():
         df = lodo(d)
     share = float(np.mean(d.labels[d.domains == "d0"] == 2))
     assert _value(df, "zero_shot", "d0") == pytest.approx(share)
+    # kept in the results too, so the report says it (a warning scrolls away): the share and the class
+    said = df[(df["metric"] == "collapsed_share") & (df["domain"] == "d0")]
+    assert said[["value", "class_name"]].values.tolist() == [[1.0, "c2"]]
+    assert not ((df["metric"] == "collapsed_share") & (df["domain"] == "avg")).any()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a model that answers: no warning
-        lodo(_data())
+        assert "collapsed_share" not in set(lodo(_data())["metric"])
         lodo(_data(shuffle=True))  # at chance but not collapsed
 
 
