@@ -78,7 +78,10 @@ def _cost_lines(cost) -> list:
         at_limit = f", {cost.get(f'{p}requests_at_batch_limit', 0):,} if batched at the service's limit of {limit:,}" if limit else ""
         repeats = cost.get(f"{p}duplicates", 0)
         once = f" ({repeats:,} repeats of an input counted already, each paid once)" if repeats else ""
-        lines.append(f"{unit}: {sent:,} to pay for ({cost.get(f'{p}bytes', 0):,} bytes), {cost.get(f'{p}ledger_hits', 0):,} "
+        replay = cost.get(f"{p}replayable", 0)
+        again = (f" ({replay:,} of them in requests a stopped call sent, which the service answers again free under "
+                 "their idempotency keys while it keeps them)") if replay else ""
+        lines.append(f"{unit}: {sent:,} to pay for{again} ({cost.get(f'{p}bytes', 0):,} bytes), {cost.get(f'{p}ledger_hits', 0):,} "
                      f"answered free by the ledger{once}; {cost.get(f'{p}requests', 0):,} requests as extraction sends "
                      f"them{at_limit}")
     return lines

@@ -541,6 +541,24 @@ def test_a_lost_answer_counts_against_the_budget(tmp_path, tiny_teacher_cfg, tin
         assert db.execute("SELECT COUNT(*) FROM entries WHERE status='pending'").fetchone()[0] == 12
 
 
+def test_a_dry_run_says_which_inputs_a_cut_off_request_may_get_free(tmp_path, tiny_teacher_cfg, tiny_teacher,
+                                                                     key_env):
+    """After a stop, a dry run priced a request the service had charged (its answer lost) as all to pay;
+    the resume got it replayed free under its idempotency key and paid less (a new user's trial)."""
+    from embedcache.cli.data import _cost_lines
+
+    inner = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
+    views = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8)
+    with LiveServer(Faults(inner, script=["lost"], hold=1.5)) as url:
+        cfg = remote(tmp_path, "x.zarr", tiny_teacher_cfg, "embedcache", url, "teacher.max_queries=20").teacher
+        with pytest.raises(BudgetError):
+            build_teacher(cfg).encode_pixels(views)  # charged, the answer lost: pending
+        cost = build_teacher(replace(cfg, max_queries=None)).cost(torch.cat([views, views[:0]]))
+    assert cost["images"] == 12 and cost["replayable"] == 12  # priced, and said to come back free where kept
+    line = _cost_lines(cost)[0]
+    assert "12 of them in requests a stopped call sent, which the service answers again free" in line, line
+
+
 def test_a_resend_after_a_lost_answer_is_claimed_against_the_stores_budget(tmp_path, tiny_teacher_cfg, tiny_teacher,
                                                                            key_env):
     """A request is claimed once before it goes out; its resend after a lost answer (which may be charged

@@ -469,6 +469,7 @@ class RemoteTeacher(Teacher):
             if k not in free and k not in counted and k not in todo:
                 todo[k] = i
         planned.update(todo)
+        replayable = self._free_replays(todo)
         limit = self.limits[f"{modality}_batch"]
         before = self._plan[modality]
         self._plan[modality] += len(todo)
@@ -482,10 +483,23 @@ class RemoteTeacher(Teacher):
                 # each input once: a prompt repeated (the name prompt is also a template) is paid or answered once
                 "bytes": sum(len(payloads[i]) for i in todo.values()),
                 "ledger_hits": len(free),
+                "replayable": replayable,
                 "duplicates": len(keys) - len(set(keys)) + len(counted),
                 # summed over calls these give ceil(total / limit) and the limit itself
                 "requests_at_batch_limit": math.ceil(self._plan[modality] / limit) - math.ceil(before / limit),
                 "batch_limit": limit if first else 0}
+
+    def _free_replays(self, todo: Dict[str, int]) -> int:
+        """Of the inputs to pay for, those in whole requests a stopped call sent and the service may have
+        charged: replayed under their idempotency key, the service answers them free where it still
+        holds the answer (priced all the same: it may not)."""
+        if not self.protocol.idempotency_header:
+            return 0
+        n = 0
+        for rid, items in self.ledger.pending_requests(list(todo)):
+            if items and all(k in todo for k in items) and self._replayable(rid):
+                n += len(set(items))
+        return n
 
     def begin_plan(self) -> None:
         """Start a dry run's count afresh (what an earlier dry run planned was never sent)."""
