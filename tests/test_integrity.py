@@ -725,7 +725,7 @@ def test_a_store_made_with_a_setting_its_dataset_ignored_still_repairs(make_cfg,
     _same(before, _arrays(cfg.out))
 
 
-@pytest.mark.parametrize("lost", ["image/view_params", "image/emb/zarr.json", "blocks/crc32c", "text/name"])
+@pytest.mark.parametrize("lost", ["image/view_params", "image/emb/zarr.json", "blocks/crc32c"])
 def test_a_whole_array_lost_is_one_line_everywhere(make_cfg, tiny_teacher, lost):
     """A deleted array (not a damaged block) was a KeyError traceback in open_store, evaluate, verify,
     `verify --repair` (which also un-finished the store) and the extract rerun."""
@@ -816,3 +816,30 @@ def test_a_repair_of_a_block_that_had_an_unreadable_image_is_not_held_to_it(make
     _damage(cfg.out, "image/emb", 0)
     res = extract(cfg, teacher=tiny_teacher, log=quiet)
     assert res.complete and res.failed == 0
+
+
+
+@pytest.mark.parametrize("how", ["extract", "verify --repair"])
+def test_lost_prompt_arrays_are_encoded_again(make_cfg, tiny_teacher, how):
+    """The prompts' arrays are written whole at the finish: lost, they are made again there (with every
+    image kept), not "delete the store and re-extract" (a review)."""
+    import shutil
+
+    from embedcache.extract.verify import verify_store
+
+    cfg = make_cfg("text.zarr")
+    extract(cfg, teacher=tiny_teacher, log=quiet)
+    good = _arrays(cfg.out)
+    shutil.rmtree(Path(cfg.out) / "text" / "name")
+    with pytest.raises(StoreDamagedError, match=r"text.zarr: array text/name/\S+ is missing \(the prompts' embeddings, "
+                                                r"lost as a whole\); `embedcache verify --repair \S+text.zarr`"):
+        embedcache.open_store(cfg.out)
+    encoded = []
+    if how == "extract":
+        res = extract(cfg, teacher=tiny_teacher, log=quiet, on_block_done=encoded.append)
+        assert res.complete
+    else:
+        verify_store(cfg.out, repair=True, progress=False, log=quiet)
+    assert encoded == []  # no image encoded again
+    _same(good, _arrays(cfg.out))
+    assert verify_store(cfg.out, progress=False, log=quiet).report.ok

@@ -63,9 +63,11 @@ def made_so(store: Store, manifest: Dict) -> Store:
 def open_or_create(cfg: ExtractConfig, manifest: Dict, layout: Dict) -> Store:
     backend = backend_name_for(cfg.out, cfg.backend)
     if Store.exists(cfg.out, backend):
-        store = Store(cfg.out, "a", backend)
+        store = Store(cfg.out, "a", backend, rebuild_text=True)
         try:
-            return made_so(store, manifest)
+            made_so(store, manifest)
+            store.rebuild_lost_text()  # the store wanted: its prompts are encoded again at the finish
+            return store
         except Exception:
             store.close()
             raise

@@ -28,15 +28,17 @@ def verify_store(path: str, repair: bool = False, overrides: Sequence[str] = (),
     extraction it runs, e.g. where the images are now)."""
     if overrides and not repair:
         raise ConfigError("overrides change the extraction a repair runs; give them with a repair (verify --repair)")
-    with Store(path) as st:
+    with Store(path, "a" if repair else "r", rebuild_text=repair) as st:
+        lost_text = list(st.lost_text)
+        st.rebuild_lost_text()  # made again empty, the store unfinished: the extraction below encodes them
         report = st.verify(progress=progress)
         manifest, producer = st.manifest, st.producer
         unfinished = "" if st.complete else (f"incomplete ({int(st.blocks_done().sum())} of {st.num_blocks} blocks); "
                                              f"rerun its {producer} command to finish")
     out = Verified(report, len(manifest.get("checksums", {})), unfinished)
-    if report.ok and not report.derived:
+    if report.ok and not report.derived and not lost_text:
         return out
-    for line in report.lines():
+    for line in report.lines() + [f"{a}: lost as a whole (encoded again)" for a in lost_text]:
         log(f"damaged: {line}")
     for name, why in sorted(report.derived.items()):
         log(f"damaged: derived/{name}: {why} (computed from the store later: recomputed by the command that made it)")
@@ -50,7 +52,7 @@ def verify_store(path: str, repair: bool = False, overrides: Sequence[str] = (),
         log(f"{path}: derived array(s) {', '.join(sorted(report.derived))} marked to be recomputed; rerun the "
             f"command that made them (`embedcache features` for cached features, the store's `embedcache "
             f"{producer}` for its own)")
-    if report.ok:
+    if report.ok and not lost_text:
         return out
     if producer != "extract":  # the synthesiser's own command re-does its blocks (verify cannot rebuild its reader)
         raise StoreError(f"{path} was made by `embedcache {producer}`: rerun that command with the same config; it "

@@ -119,7 +119,10 @@ class Store:
     """A store on disk. ``Store(path)`` opens for reading, ``Store(path, "a")`` for writing;
     ``Store.create`` makes a new one. Analysts use ``embedcache.open_store``, which wraps this."""
 
-    def __init__(self, path: str, mode: str = "r", backend: Optional[str] = None):
+    def __init__(self, path: str, mode: str = "r", backend: Optional[str] = None, rebuild_text: bool = False):
+        """``rebuild_text`` (the store's own command, a repair): prompt arrays lost as a whole are let
+        through, for ``rebuild_lost_text`` to make again once the store is known to be the one wanted."""
+        self.lost_text: List[str] = []
         self.path = str(path)
         self.mode = mode
         self.backend_name = backend_name_for(path, backend)
@@ -146,9 +149,20 @@ class Store:
             self.close()
             raise StoreMismatchError(f"store {self.path} has schema {self.manifest.get('schema')!r}, this embedcache reads "
                                      f"schema {SCHEMA_VERSION}; re-extract it with this version (use a new --out)")
-        self._refuse_missing_arrays()
+        self._refuse_missing_arrays(rebuild_text and mode != "r")
 
-    def _refuse_missing_arrays(self) -> None:
+    def rebuild_lost_text(self) -> None:
+        """The prompt arrays lost as a whole made again, empty, and the store marked unfinished: finishing
+        it encodes the prompts again (a paid teacher's answers come from its ledger)."""
+        for a in self.lost_text:
+            spec = self.layout["arrays"][a]
+            self.b.create_array(a, spec["shape"], spec["dtype"], spec["chunks"], spec.get("codec", "zstd"))
+        if self.lost_text:
+            self.write_manifest({**self.manifest, "complete": False})
+            self.b.flush()
+            self.lost_text = []
+
+    def _refuse_missing_arrays(self, rebuild_text: bool = False) -> None:
         """An array of the layout gone as a whole (deleted, its metadata lost) cannot be re-done block by
         block: refused in one line (a re-chunk's swap seen midway is waited out under its lock first)."""
         missing = [a for a in self.layout.get("arrays", {}) if not self.b.has(a)]
@@ -161,6 +175,14 @@ class Store:
                     missing = [a for a in missing if not self.b.has(a)]
             except OSError:  # read-only storage: no lock to take, and nothing moves there either
                 pass
+        if missing and all(a.startswith("text/") for a in missing):  # the prompts: encoded again at the finish
+            if rebuild_text:
+                self.lost_text = missing
+                return
+            self.close()
+            raise StoreDamagedError(f"{self.path}: array {missing[0]} is missing (the prompts' embeddings, lost as a "
+                                    f"whole); `embedcache verify --repair {self.path}` (or the store's own command) "
+                                    "encodes the prompts again")
         if missing:
             self.close()
             raise StoreDamagedError(f"{self.path}: array {missing[0]} is missing ({len(missing)} of the store's "
