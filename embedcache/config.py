@@ -64,14 +64,12 @@ class DatasetConfig:
     def unread(self) -> List[str]:
         """The settings this dataset would ignore: ``path`` on the seeded shapes, the shapes' own
         settings away from their defaults on any other dataset."""
-        if self.name == "synthetic":
-            return ["path"] if self.path is not None else []
-        defaults = DatasetConfig(name="synthetic")
-        return [k for k in SYNTHETIC_ONLY if getattr(self, k) != getattr(defaults, k)]
+        defaults = DatasetConfig(name=self.name)
+        return [k for k in ignored_by(self.name) if getattr(self, k) != getattr(defaults, k)]
 
     def check(self) -> None:
         unread = self.unread()
-        if unread == ["path"] and self.name == "synthetic":
+        if unread and self.name == "synthetic":  # its only unread setting: path
             raise ConfigError("dataset.path is not read by dataset.name=synthetic (seeded shapes made in memory); "
                               "remove it, or set dataset.name to domainbed, folder or csv to read it")
         if unread:
@@ -84,10 +82,15 @@ class DatasetConfig:
 SYNTHETIC_ONLY = ("num_classes", "num_domains", "per_class", "image_size", "seed")
 
 
+def ignored_by(name: str) -> Tuple[str, ...]:
+    """The dataset settings dataset ``name`` does not read."""
+    return ("path",) if name == "synthetic" else SYNTHETIC_ONLY
+
+
 def without_unread(dataset: Dict[str, Any]) -> Dict[str, Any]:
     """A dataset section with the settings its dataset ignores taken out: a store made before they were
     refused still repairs (its cache key never held them)."""
-    drop = ("path",) if dataset.get("name", "synthetic") == "synthetic" else SYNTHETIC_ONLY
+    drop = ignored_by(dataset.get("name", "synthetic"))
     return {k: v for k, v in dataset.items() if k not in drop}
 
 

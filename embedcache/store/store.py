@@ -343,7 +343,7 @@ class Store:
                 raise ValueError(f"block {block} of {name} has {len(data)} rows, expected {stop - start}")
             self.b.write(name, start, data)
             sums[0, j] = checksum(data)
-        self._hold_to_expected(block, sums)  # a repaired block: what its source files gave the first time
+        held = self._hold_to_expected(block, sums)  # a repaired block: what its source files gave the first time
         blob = f"failures/block_{block:06d}.json"
         if failures or self.b.get_blob(blob) is not None:  # a block redone clean clears its old records
             self.b.put_blob(blob, json.dumps({str(k): v for k, v in (failures or {}).items()}, sort_keys=True).encode())
@@ -351,7 +351,7 @@ class Store:
         self.b.write("blocks/crc32c", block, sums)
         self.b.flush()
         self.b.write("blocks/done", block, np.ones(1, np.uint8))
-        if self.b.get_blob(_expected_blob(block)):
+        if held:
             self.b.put_blob(_expected_blob(block), b"")  # held to it: done
         self.b.flush()
 
@@ -395,7 +395,8 @@ class Store:
             if want:
                 self.b.put_blob(_expected_blob(blk), json.dumps(want, sort_keys=True).encode())
 
-    def _hold_to_expected(self, block: int, sums: np.ndarray) -> None:
+    def _hold_to_expected(self, block: int, sums: np.ndarray) -> bool:
+        """Refuse a re-done block whose checksums differ from those a repair kept; whether any were kept."""
         raw = self.b.get_blob(_expected_blob(block))
         want = json.loads(raw) if raw else {}
         for j, name in enumerate(self.layout["block_arrays"]):
@@ -406,6 +407,7 @@ class Store:
                                    "was made (an edit in place, bit rot), or this machine decodes it otherwise; restore "
                                    "the original files and rerun (the repair then re-does the block as it was), or "
                                    "delete the store and re-extract")
+        return bool(want)
 
     def _refresh(self) -> None:
         """The store's metadata read again (another process may have packed or finished it)."""
