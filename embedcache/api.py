@@ -272,6 +272,7 @@ class StoreReader:
             "text_sources": ", ".join(f"{s} ({(self.text_table['source'] == s).sum()} prompts)" for s in self.text_sources),
             "failed": self.n_failed,
             "derived": ", ".join(st.derived()) or "-",
+            "calls": _calls_line(self.manifest.get("calls")),
             "disk_mb": round(st.disk_bytes() / 2**20, 2),
         }
 
@@ -291,6 +292,20 @@ class StoreReader:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _calls_line(calls: Optional[List[Dict]]) -> str:
+    """The extract calls that wrote a store (its manifest's ``calls``), on which devices, and the
+    settings and versions in which any differed from the call that made it ('-': not recorded)."""
+    if not calls:
+        return "-"
+    devices = sorted({str(c.get("device")) for c in calls})
+    parts = [f"{len(calls)} on {', '.join(devices)}"]
+    for c in calls:
+        other = {**(c.get("settings") or {}), **(c.get("versions") or {})}
+        if other:
+            parts.append(f"{c.get('began')}: " + ", ".join(f"{k}={v}" for k, v in other.items()))
+    return "; ".join(parts)
 
 
 def open_store(path: str, backend: Optional[str] = None, require_complete: bool = True,

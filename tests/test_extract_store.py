@@ -105,6 +105,42 @@ class _NoDecode:
 
 
 @pytest.mark.parametrize("suffix", ["zarr", "h5"])
+def test_manifest_lists_each_call_and_how_it_differed(make_cfg, tiny_teacher, monkeypatch, suffix):
+    """A store resumed with another batch size says so in its manifest, not only in a log line; a
+    call killed with -9 (its end never written) is listed with the blocks it finished."""
+    from click.testing import CliRunner
+
+    from embedcache.cli import main
+    from embedcache.extract.history import CallRecord
+
+    cfg = make_cfg(f"calls.{suffix}")
+    ends = []
+
+    def killed(block):
+        ends.append(block)
+        if len(ends) == 2:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as mp:  # as kill -9 leaves it: no end written
+        mp.setattr(CallRecord, "close", lambda self, finished=False: None)
+        with pytest.raises(KeyboardInterrupt):
+            extract(cfg, teacher=tiny_teacher, on_block_done=killed, log=quiet)
+    res = extract(replace(cfg, batch_size=3), teacher=tiny_teacher, log=quiet)
+    st = Store(cfg.out)
+    first, second = st.manifest["calls"]
+    assert st.manifest["config"]["batch_size"] == 4
+    assert (first["blocks"], first["ended"], first["finished"], first["settings"]) == (2, None, False, {})
+    assert second["blocks"] == st.num_blocks - 2 == res.images // 8 + (res.images % 8 > 0) and second["finished"]
+    assert second["settings"] == {"batch_size": 3} and second["ended"] >= second["began"] >= first["began"]
+    assert first["device"] == second["device"] == "cpu" and first["versions"] == second["versions"] == {}
+    st.close()
+    seen = CliRunner().invoke(main, ["inspect", cfg.out])
+    assert seen.exit_code == 0 and "2 on cpu; " in seen.output and ": batch_size=3" in seen.output, seen.output
+    assert extract(cfg, teacher=tiny_teacher, log=quiet).skipped  # an intact store: no call recorded
+    assert len(Store(cfg.out).call_history()) == 2
+
+
+@pytest.mark.parametrize("suffix", ["zarr", "h5"])
 def test_resume_after_interruption_is_byte_identical(make_cfg, tiny_teacher, suffix):
     full = make_cfg(f"full.{suffix}")
     extract(full, teacher=tiny_teacher, log=quiet)

@@ -29,6 +29,7 @@ from ..text import build_prompts, encode_sources, id_names, text_calls
 from ..views import param_fields
 from .budget import StoreBudget
 from .device import DeviceDecodeReader
+from .history import CallRecord, calls_of
 from .manifest import PIPELINE, build_manifest, differing_parts
 from .parts import (Batch, Block, BlockAssembler, BlockWriter, Embedder, LoaderReader, ViewPolicy, block_batches,
                     refuse_nonfinite, resolve_shard, shard_blocks)
@@ -124,6 +125,7 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
                          param_width=len(param_fields(cfg.views.color)))
     add_text_arrays(layout, {s: sum(len(p) for p in pc) for s, pc in prompts.items()}, len(dataset.classes), teacher.embed_dim)
     books = _Books(teacher, since_built=books_from is None)
+    record = CallRecord(books.call, manifest)
     if dry_run:  # building the teacher may have paid (one text to learn a service's dimension)
         return _dry_run(cfg, manifest, layout, reader, embedder, prompts, shard, num_shards, log,
                         probe_paid=books.queries())
@@ -157,9 +159,12 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
         if mine and done.any():
             _say_resumed_otherwise(store.manifest, cfg, manifest, log)
         books.open(store)
+        if mine or done.all():  # this call writes: its settings, device and blocks go in the store's history
+            record.open(store)
         try:
             def block_done(block: int) -> None:
                 books.record(store)  # what was paid so far is in the store, even if the call is killed later
+                record.block_done()
                 if on_block_done is not None:
                     on_block_done(block)
 
@@ -169,7 +174,7 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
                 _refuse_all_failed(store, dataset, cfg.out)
                 n_prompts = sum(len(p) for per_class in prompts.values() for p in per_class)
                 log(f"images done; encoding {n_prompts:,} prompts ({', '.join(prompts)}) and writing the tables")
-                failed = _finalize_or_disk_full(store, dataset, teacher, prompts, books)
+                failed = _finalize_or_disk_full(store, dataset, teacher, prompts, books, record)
                 log(f"wrote {cfg.out}: {len(dataset)} images x {cfg.views.count} views, "
                     f"{failed} unreadable image(s) skipped (listed in meta.parquet)")
             else:
@@ -184,6 +189,7 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
         try:
             books.record(store, quietly=True)  # a stop or an error: what this call paid is still counted
             books.close(store)
+            record.close()
             store.close()
         finally:
             if lock is not None:
@@ -479,17 +485,20 @@ def run_blocks(store: Store, blocks: List[int], reader, embedder, batch_size: in
     return encoded, failed
 
 
-def _finalize_or_disk_full(store: Store, dataset: ImageDataset, teacher, prompts, books: Optional[_Books] = None) -> int:
+def _finalize_or_disk_full(store: Store, dataset: ImageDataset, teacher, prompts, books: Optional[_Books] = None,
+                           record: Optional[CallRecord] = None) -> int:
     try:
-        return finalize(store, dataset, teacher, prompts, books)
+        return finalize(store, dataset, teacher, prompts, books, record)
     except OSError as exc:
         if is_disk_full(exc):
             raise disk_full_error(store.path, "free space or choose --out on a larger disk") from exc
         raise
 
 
-def finalize(store: Store, dataset: ImageDataset, teacher, prompts, books: Optional[_Books] = None) -> int:
-    """Text embeddings, meta.parquet, text.parquet, their checksums, then complete=True (last)."""
+def finalize(store: Store, dataset: ImageDataset, teacher, prompts, books: Optional[_Books] = None,
+             record: Optional[CallRecord] = None) -> int:
+    """Text embeddings, meta.parquet, text.parquet, their checksums, the calls that wrote the store
+    (``record``: this one's entry), then complete=True (last)."""
     import pandas as pd
 
     tables = encode_sources(lambda t: teacher.encode_text(t).numpy(), teacher.count_tokens, teacher.context_length,
@@ -514,5 +523,8 @@ def finalize(store: Store, dataset: ImageDataset, teacher, prompts, books: Optio
         warnings.warn(f"{store.path}: {cut} earlier extract call(s) ended without closing their books (killed: SIGTERM, "
                       f"kill -9, or the machine lost): teacher_usage.queries ({usage.get('queries', 0):,}) leaves out what "
                       "they paid after their last finished block; the service's own bill is the exact figure")
-    store.finish(failed=failed, **({"teacher_usage": usage} if usage else {}))
+    if record is not None:
+        record.close(finished=True)
+    calls = calls_of(store.call_history(), store.manifest.get("config", {}), store.manifest.get("versions", {}))
+    store.finish(failed=failed, **({"teacher_usage": usage} if usage else {}), **({"calls": calls} if calls else {}))
     return failed

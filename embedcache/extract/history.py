@@ -1,0 +1,81 @@
+"""The extract calls that wrote a store, for its manifest's ``calls``: when each ran, on what device,
+how many blocks it encoded, whether it finished the store, and the settings in which it differed from
+the call that made the store (the manifest's ``config``). A store resumed with another batch size, on
+another device or under other library versions says so in its manifest, not only in a log line.
+
+Each call keeps its entry under ``history/`` in the store, rewritten as its blocks finish, so a call
+killed with -9 is still listed (with the blocks it finished and no end time)."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Dict, List
+
+# settings that never change what a call writes or pays
+_UNRECORDED = ("progress",)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class CallRecord:
+    """One extract call's entry in a store's history."""
+
+    def __init__(self, call: str, manifest: Dict[str, Any]):
+        """``manifest``: the one this call built (its config, device and versions)."""
+        self.store = None
+        self.entry: Dict[str, Any] = {
+            "call": call, "began": _now(), "ended": None, "blocks": 0, "finished": False,
+            "device": manifest["device"], "versions": manifest["versions"],
+            "config": {k: v for k, v in manifest["config"].items() if k not in _UNRECORDED},
+        }
+
+    def open(self, store) -> None:
+        self.store = store
+        self._write()
+
+    def block_done(self) -> None:
+        self.entry["blocks"] += 1
+        self._write()
+
+    def close(self, finished: bool = False) -> None:
+        """The call's end (``finished``: it wrote the store's tables and completed it)."""
+        if self.store is None:
+            return
+        self.entry["ended"] = _now()
+        self.entry["finished"] = self.entry["finished"] or finished
+        try:
+            self._write()
+        except OSError:  # on the way out of a failure (a full disk): that failure is what to report
+            pass
+
+    def _write(self) -> None:
+        if self.store is not None:
+            self.store.record_call(self.entry["call"], self.entry)
+
+
+def calls_of(history: List[Dict[str, Any]], made: Dict[str, Any], versions: Dict[str, str]) -> List[Dict[str, Any]]:
+    """The manifest's ``calls``: each entry of ``history`` (oldest first) with, instead of its whole
+    config and versions, only the settings and versions in which it differs from ``made`` (the
+    manifest's config) and ``versions`` (the manifest's)."""
+    made = {k: v for k, v in made.items() if k not in _UNRECORDED}
+    out = []
+    for e in history:
+        row = {k: e.get(k) for k in ("began", "ended", "device", "blocks", "finished")}
+        row["settings"] = differing(made, e.get("config", {}))
+        row["versions"] = {k: v for k, v in (e.get("versions") or {}).items() if versions.get(k) != v}
+        out.append(row)
+    return out
+
+
+def differing(a: Dict[str, Any], b: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """``b``'s values, by dotted key, where they differ from ``a``'s (None: a key ``b`` lacks)."""
+    out: Dict[str, Any] = {}
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out.update(differing(x, y, f"{prefix}{k}."))
+        elif x != y:
+            out[f"{prefix}{k}"] = y
+    return out
+
