@@ -49,6 +49,7 @@ class Group(click.Group):
         from embedcache import interrupt
 
         interrupt.one_request_per_signal()
+        interrupt.say_on_terminate()
         try:
             return super().invoke(ctx)
         except EmbedcacheError as exc:

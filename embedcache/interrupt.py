@@ -8,6 +8,7 @@ subclass, so the CLI prints one line and exits 130 either way.
 """
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -95,6 +96,29 @@ def one_request_per_signal() -> None:
             raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, handler)
+
+
+def say_on_terminate(line: str = "terminated (SIGTERM); rerun the same command to resume") -> None:
+    """For the CLI's process: SIGTERM (a scheduler's stop, `kill PID`) still ends it at once and by that
+    signal (exit 143), as it did with no handler, but with ``line`` on stderr first instead of
+    nothing. Processes forked from this one (DataLoader workers) inherit the handler and die silently.
+    Only where SIGTERM had its default action; a ``graceful()`` context takes SIGTERM over meanwhile."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+    owner = os.getpid()
+
+    def handler(signum, _frame):
+        if os.getpid() == owner:
+            try:
+                os.write(2, f"\n{line}\n".encode())
+            except OSError:
+                pass
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def stop_on_signal() -> None:

@@ -355,3 +355,47 @@ def test_a_request_delivered_again_after_an_inner_context_exits_is_still_one(mon
         time.sleep(0.05)
     finally:
         signal.signal(signal.SIGINT, old)
+
+
+_TERMINATED = """
+import os, signal, sys, time
+from embedcache import interrupt
+interrupt.say_on_terminate()
+child = os.fork()
+if child == 0:  # a DataLoader worker, forked after the handler was installed
+    time.sleep(30)
+    os._exit(0)
+print(child, flush=True)
+time.sleep(30)
+"""
+
+
+def test_sigterm_says_one_line_and_still_ends_the_command_by_that_signal():
+    """`extract` stopped by SIGTERM (a scheduler, `kill PID`) exited 143 with nothing said. Now one line
+    on stderr says to rerun, once (the forked workers die silently), and it still dies by SIGTERM."""
+    proc = subprocess.Popen([sys.executable, "-c", _TERMINATED], start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child = int(proc.stdout.readline())
+    os.killpg(proc.pid, signal.SIGTERM)  # the whole group, as `timeout` and schedulers do
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == -signal.SIGTERM
+    assert err.decode().strip() == "terminated (SIGTERM); rerun the same command to resume"
+    deadline = time.time() + 10
+    while Path(f"/proc/{child}").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{child}").exists()
+
+
+def test_the_cli_says_why_it_ended_at_sigterm(tmp_path):
+    """Through the real command: `extract` of the demo, SIGTERM once its store exists."""
+    out = tmp_path / "demo.zarr"
+    proc = subprocess.Popen([sys.executable, "-m", "embedcache.cli", "extract", "--config", "demo", "--out", str(out),
+                             "--no-progress"], start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not out.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, "the extraction ended before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGTERM
+    assert err.decode().strip().splitlines()[-1] == "terminated (SIGTERM); rerun the same command to resume"
