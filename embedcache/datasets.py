@@ -14,7 +14,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -226,28 +226,36 @@ def csv_manifest(cfg: DatasetConfig) -> ImageDataset:
 
 def _csv_dataset(csv_path: Path, cfg: DatasetConfig) -> ImageDataset:
     root = csv_path.parent
-    with open(csv_path, newline="", encoding="utf-8-sig") as fh:  # -sig: a spreadsheet's byte-order mark is no column name
+    samples = []
+    for line, row in csv_rows(csv_path, ("path", "label"), "CSV manifest"):
+        if (row.get("split") or "train") not in SPLITS:
+            raise DatasetError(f"CSV manifest {csv_path} row {line}: split {row['split']!r}; use train, val or test "
+                               "(empty means train)")
+        rel = row["path"]
+        f = source_file(root, rel)
+        size = f.stat().st_size if f.is_file() else -1
+        samples.append(Sample(rel, str(row["label"]), row.get("domain") or csv_path.stem,
+                              row.get("split") or "train", size))
+    return ImageDataset("csv", root, _limit(samples, cfg.max_per_class))
+
+
+def csv_rows(path: Path, needed: Sequence[str], what: str, hint: str = "") -> Iterator[Tuple[int, Dict[str, str]]]:
+    """(line, row) of a UTF-8 CSV file with a header naming at least ``needed``, each row holding a
+    value for each of them and no more fields than the header (an unquoted comma in a value would
+    otherwise split it silently); ``what`` names the file in errors, ``hint`` adds what else it may be."""
+    with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: a spreadsheet's byte-order mark is no column name
         reader = csv.DictReader(fh)
-        cols = set(reader.fieldnames or [])
-        if not {"path", "label"} <= cols:
-            raise DatasetError(f"CSV manifest {csv_path} has columns {sorted(cols)}; it needs at least path,label")
-        samples = []
+        cols = list(reader.fieldnames or [])
+        if not set(needed) <= set(cols):
+            raise DatasetError(f"{what} {path} has columns {cols}; it needs a header with {','.join(needed)}{hint}")
         for line, row in enumerate(reader, start=2):
-            short = [k for k in ("path", "label") if not (row.get(k) or "").strip()]
+            short = [k for k in needed if not (row.get(k) or "").strip()]
             extra = [v for v in row.get(None) or [] if (v or "").strip()]  # a trailing comma adds an empty one
             if short or extra:  # a short row (missing fields read None) or one with more fields than the header
-                what = f"no {' and no '.join(short)}" if short else f"{len(extra)} field(s) more than the header"
-                raise DatasetError(f"CSV manifest {csv_path} row {line}: {what}; give every row its "
-                                   f"{','.join(reader.fieldnames)}")
-            if (row.get("split") or "train") not in SPLITS:
-                raise DatasetError(f"CSV manifest {csv_path} row {line}: split {row['split']!r}; use train, val or test "
-                                   "(empty means train)")
-            rel = row["path"]
-            f = source_file(root, rel)
-            size = f.stat().st_size if f.is_file() else -1
-            samples.append(Sample(rel, str(row["label"]), row.get("domain") or csv_path.stem,
-                                  row.get("split") or "train", size))
-    return ImageDataset("csv", root, _limit(samples, cfg.max_per_class))
+                said = f"no {' and no '.join(short)}" if short else f"{len(extra)} field(s) more than the header"
+                raise DatasetError(f"{what} {path} row {line}: {said}; give every row its {','.join(cols)}"
+                                   f"{' (quote a value that holds a comma)' if extra else ''}")
+            yield line, row
 
 
 # --- synthetic: coloured shapes whose domains differ in style (no files, no download) ---------
@@ -369,12 +377,8 @@ def _json_names(f: Path) -> List[tuple]:
 
 
 def _csv_names(f: Path) -> List[tuple]:
-    with open(f, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        if not {"label", "name"} <= set(reader.fieldnames or []):
-            raise DatasetError(f"class-names file {f} has columns {reader.fieldnames}; it needs a header label,name "
-                               "(or use a .json file {label: name})")
-        return [(row["label"] or "", row["name"] or "") for row in reader]
+    rows = csv_rows(f, ("label", "name"), "class-names file", " (or use a .json file {label: name})")
+    return [(row["label"], row["name"]) for _, row in rows]
 
 
 def label_order(labels: Iterable[str]) -> List[str]:

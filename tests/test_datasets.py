@@ -129,7 +129,7 @@ def test_classes_that_give_one_prompt_are_refused(tmp_path, a, b):
 
 def test_csv_missing_columns(tmp_path):
     (tmp_path / "x.csv").write_text("file,cls\na.png,cat\n")
-    with pytest.raises(DatasetError, match="needs at least path,label"):
+    with pytest.raises(DatasetError, match="needs a header with path,label"):
         build_dataset(DatasetConfig(name="csv", path=str(tmp_path / "x.csv")))
 
 
@@ -226,9 +226,11 @@ def test_class_names_that_would_pass_wrong_data_are_refused(tmp_path, monkeypatc
         build("label,name\n1,tench\n2,goldfish\n2,carp\n10,shark\n")
     with pytest.raises(DatasetError, match="names label '1' twice"):  # JSON keeps a repeated key's last value
         build('{"1": "tench", "2": "goldfish", "10": "shark", "1": "carp"}', ".json")
-    with pytest.raises(DatasetError, match="label '2' has no name"):
+    with pytest.raises(DatasetError, match="row 3: no name; give every row its label,name"):
         build("label,name\n1,tench\n2,\n10,shark\n")
-    with pytest.raises(DatasetError, match="it needs a header label,name"):
+    with pytest.raises(DatasetError, match=r"row 3: 1 field\(s\) more than the header; .*quote a value that holds a comma"):
+        build("label,name\n1,tench\n2,hot dog, sausage\n10,shark\n")  # was named 'hot dog', the rest dropped
+    with pytest.raises(DatasetError, match="it needs a header with label,name"):
         build("1,tench\n2,goldfish\n10,shark\n")
     with pytest.raises(DatasetError, match="not valid JSON"):
         build('{"1": "tench",}', ".json")
