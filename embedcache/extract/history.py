@@ -7,6 +7,7 @@ Each call keeps its entry under ``history/`` in the store, rewritten as its bloc
 killed with -9 is still listed (with the blocks it finished and no end time)."""
 from __future__ import annotations
 
+import time
 from datetime import datetime, timezone
 from typing import Any, Dict, List
 
@@ -24,6 +25,7 @@ class CallRecord:
     def __init__(self, call: str, manifest: Dict[str, Any]):
         """``manifest``: the one this call built (its config, device and versions)."""
         self.store = None
+        self.name = f"{time.time_ns():020d}-{call}"  # sorts by start, finer than the recorded seconds
         self.entry: Dict[str, Any] = {
             "call": call, "began": _now(), "ended": None, "blocks": 0, "finished": False,
             "device": manifest["device"], "versions": manifest["versions"],
@@ -51,7 +53,7 @@ class CallRecord:
 
     def _write(self) -> None:
         if self.store is not None:
-            self.store.record_call(self.entry["call"], self.entry)
+            self.store.record_call(self.name, self.entry)
 
 
 def calls_of(history: List[Dict[str, Any]], made: Dict[str, Any], versions: Dict[str, str]) -> List[Dict[str, Any]]:
