@@ -182,6 +182,7 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
         except BudgetError as exc:  # a paid teacher stopped (images or prompts): say what finishing would cost
             books.record(store)
             books.close(store)
+            record.close()
             store.close()  # closed here: the cost of finishing is counted by a dry run (which opens none)
             raise _budget_stop(exc, cfg, manifest, layout, reader, embedder, prompts, shard, num_shards, log) from None
         return ExtractResult(cfg.out, store.key, store.complete, encoded, failed, time.time() - t0, repaired=repaired)

@@ -50,6 +50,7 @@ class CallRecord:
             self._write()
         except OSError:  # on the way out of a failure (a full disk): that failure is what to report
             pass
+        self.store = None  # ended: nothing more is written (the store may be closed next)
 
     def _write(self) -> None:
         if self.store is not None:
