@@ -302,7 +302,8 @@ def _calls_line(calls: Optional[List[Dict]]) -> str:
     devices = sorted({str(c.get("device")) for c in calls})
     parts = [f"{len(calls)} on {', '.join(devices)}"]
     for c in calls:
-        other = {**(c.get("settings") or {}), **(c.get("versions") or {})}
+        threads = {"threads": c.get("threads")} if c.get("threads") != calls[0].get("threads") else {}
+        other = {**(c.get("settings") or {}), **(c.get("versions") or {}), **threads}
         if other:
             parts.append(f"{c.get('began')}: " + ", ".join(f"{k}={v}" for k, v in other.items()))
     return "; ".join(parts)

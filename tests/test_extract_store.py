@@ -190,6 +190,14 @@ def test_resume_after_interruption_is_byte_identical(make_cfg, tiny_teacher, suf
             extract(cut, teacher=tiny_teacher, log=stop_when_said)
     assert said[-1] == ("resuming on cuda (NVIDIA H200); the store began on cpu: blocks encoded now may differ from theirs "
                         "by float rounding (another device's kernels); resuming on cpu keeps the store byte-identical"), said
+    began = st.manifest["threads"]
+    assert began == torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:  # on the CPU with another thread count: float reductions split otherwise
+        mp.setattr(extraction, "build_manifest", lambda *a, **k: {**build_manifest(*a, **k), "threads": began + 3})
+        with pytest.raises(KeyboardInterrupt):
+            extract(cut, teacher=tiny_teacher, log=stop_when_said)
+    assert said[-1] == (f"resuming with {began + 3} CPU threads; the store began with {began}: blocks encoded now may "
+                        f"differ from theirs by float rounding; OMP_NUM_THREADS={began} keeps the store byte-identical"), said
     dry = extract(cut, teacher=tiny_teacher, log=quiet, dry_run=True, reader=_NoDecode(cut, tiny_teacher))
     res = extract(cut, teacher=tiny_teacher, log=quiet)
     assert res.complete and 0 < res.images < 30  # only the unfinished blocks were encoded

@@ -318,6 +318,34 @@ def test_a_killed_or_stopped_synthesis_resumes_to_the_same_arrays(tiny_teacher, 
     assert np.array_equal(_arrays(cut.out)["image/pixels"], a["image/pixels"])
 
 
+def test_a_synthesis_resumed_under_another_thread_count_says_its_images_will_differ(tiny_teacher, synth_cfg):
+    """Images optimised under another CPU thread count drift far apart (up to 59/255 in a helper's
+    trial), and the resume mixed the two syntheses with exit 0 and no word."""
+    cut = synth_cfg("threads.zarr")
+
+    def kill(block):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        synthesize(cut, teacher=tiny_teacher, on_block_done=kill, log=quiet)
+    began, said = torch.get_num_threads(), []
+
+    def stop_when_said(line):
+        said.append(line)
+        if "the store began" in line:
+            raise KeyboardInterrupt
+
+    torch.set_num_threads(began + 1)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            synthesize(cut, teacher=tiny_teacher, log=stop_when_said)
+    finally:
+        torch.set_num_threads(began)
+    assert said[-1] == (f"resuming with {began + 1} CPU threads; the store began with {began}: images synthesised now "
+                        f"will differ from theirs (the rounding grows over the iterations); OMP_NUM_THREADS={began} "
+                        "keeps the store byte-identical"), said
+
+
 @pytest.mark.parametrize("method", ["contrastive", "mix", "plain"])
 def test_a_complete_synthesis_is_found_without_learning_its_styles_again(tiny_teacher, synth_cfg, monkeypatch, method):
     """A rerun of a complete synthesis learned every style again (minutes with a real teacher) before

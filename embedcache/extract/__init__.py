@@ -239,10 +239,17 @@ def _say_resumed_otherwise(began: Dict, cfg: ExtractConfig, now: Dict, log: Call
         log(f"resuming with batch_size={cfg.batch_size}; the store began with {size}: blocks encoded now may differ "
             "from theirs by float rounding (and a paid teacher's cut-off request is replayed free only at the "
             f"same batching); --set batch_size={size} keeps the store byte-identical")
-    device = began.get("device")
-    if device not in (None, now["device"]) and now["teacher"].get("name") != "remote":
+    if now["teacher"].get("name") == "remote":  # the service computes: this machine rounds nothing
+        return
+    device, threads = began.get("device"), began.get("threads")
+    if device not in (None, now["device"]):
         log(f"resuming on {now['device']}; the store began on {device}: blocks encoded now may differ from theirs by "
             f"float rounding (another device's kernels); resuming on {device} keeps the store byte-identical")
+    elif device == "cpu" and threads not in (None, now["threads"]):
+        what = ("images synthesised now will differ from theirs (the rounding grows over the iterations)"
+                if "synthesis" in now else "blocks encoded now may differ from theirs by float rounding")
+        log(f"resuming with {now['threads']} CPU threads; the store began with {threads}: {what}; "
+            f"OMP_NUM_THREADS={threads} keeps the store byte-identical")
 
 
 def _refuse_all_failed(store: Store, dataset: ImageDataset, out: str) -> None:

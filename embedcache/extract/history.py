@@ -28,7 +28,7 @@ class CallRecord:
         self.name = f"{time.time_ns():020d}-{call}"  # sorts by start, finer than the recorded seconds
         self.entry: Dict[str, Any] = {
             "call": call, "began": _now(), "ended": None, "blocks": 0, "finished": False,
-            "device": manifest["device"], "versions": manifest["versions"],
+            "device": manifest["device"], "threads": manifest.get("threads"), "versions": manifest["versions"],
             "config": {k: v for k, v in manifest["config"].items() if k not in _UNRECORDED},
         }
 
@@ -64,7 +64,7 @@ def calls_of(history: List[Dict[str, Any]], made: Dict[str, Any], versions: Dict
     made = {k: v for k, v in made.items() if k not in _UNRECORDED}
     out = []
     for e in history:
-        row = {k: e.get(k) for k in ("began", "ended", "device", "blocks", "finished")}
+        row = {k: e.get(k) for k in ("began", "ended", "device", "threads", "blocks", "finished")}
         row["settings"] = differing(made, e.get("config", {}))
         row["versions"] = {k: v for k, v in (e.get("versions") or {}).items() if versions.get(k) != v}
         out.append(row)

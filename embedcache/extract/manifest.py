@@ -7,6 +7,8 @@ import platform
 from datetime import datetime, timezone
 from typing import Any, Dict, Optional
 
+import torch
+
 from ..config import ExtractConfig, to_dict
 from ..datasets import ImageDataset
 from ..device import device_name
@@ -57,6 +59,7 @@ def build_manifest(cfg: ExtractConfig, dataset: ImageDataset, teacher, prompts,
         "text": {"sources": list(cfg.text.sources), "templates": cfg.text.templates, "attributes": cfg.text.attributes},
         "pipeline": pipeline, **extra,
         "config": to_dict(cfg), "versions": library_versions(), "device": device_name(teacher.device),
+        "threads": torch.get_num_threads(),  # CPU float reductions round by how they are split
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
