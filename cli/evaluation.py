@@ -52,19 +52,12 @@ def evaluate(runs, store, protocols, sources, out, device, finetune_steps, finet
                                "with pd.read_parquet; `embedcache report` makes markdown tables of it)")
     if Path(out).exists():
         read_results(out)  # a file that is not a results table is refused now, not after the scoring
+    _refuse_unused(runs, store, protocols, transfer, seen_classes, (unseen_fraction, split_seed) != (0.5, 0))
     frames = []
     if not runs:
-        if not store:
-            raise click.UsageError("give run directories, or --store for the teacher's baselines")
-        if seen_classes and (unseen_fraction, split_seed) != (0.5, 0):
-            raise click.UsageError("--seen-classes names the class split; --unseen-fraction and --split-seed draw one: "
-                                   "give one or the other")
-        seen = [c.strip() for c in seen_classes.split(",") if c.strip()] if seen_classes else None
+        seen = _seen_list(seen_classes)
         frames.append(teacher_baselines(store, sources or None, protocols, unseen_fraction=unseen_fraction,
                                         split_seed=split_seed, seen_classes=seen))
-    elif (unseen_fraction, split_seed) != (0.5, 0) or seen_classes:
-        raise click.UsageError("--unseen-fraction, --split-seed and --seen-classes set the teacher's class split; runs "
-                               "are scored on the classes they held out themselves")
     found, unscored = list(RunDir.find(runs)), []
     for run in found:
         if not run.done:
@@ -103,6 +96,42 @@ def evaluate(runs, store, protocols, sources, out, device, finetune_steps, finet
     else:  # per_class and distill rows only: no methods x domains table to print
         click.echo(f"no accuracy-by-domain table for {', '.join(protocols)}; `embedcache report {out}` shows their tables")
     click.echo(f"\n{len(new)} rows scored; {len(table)} rows in {out}")
+
+
+def _refuse_unused(runs, store, protocols, transfer: bool, seen_classes, drawn: bool) -> None:
+    """Options that would be ignored in this call are refused: the result would not be what was asked."""
+    from embedcache.evaluate.protocols import CLASS_SPLIT
+
+    if not runs and not store:
+        raise click.UsageError("give run directories, or --store for the teacher's baselines")
+    if transfer and not (runs and store):
+        raise click.UsageError("--transfer scores runs on another store: give it as --store PATH, with the runs"
+                               if runs else "--transfer scores runs on another store; the teacher's baselines score "
+                               "--store itself: drop --transfer, or give the runs")
+    split = seen_classes is not None or drawn
+    if split and runs:
+        raise click.UsageError("--unseen-fraction, --split-seed and --seen-classes set the teacher's class split; runs "
+                               "are scored on the classes they held out themselves")
+    if split and not set(protocols) & set(CLASS_SPLIT):
+        raise click.UsageError(f"--unseen-fraction, --split-seed and --seen-classes hold classes out, which only "
+                               f"{' and '.join(CLASS_SPLIT)} score; add --protocol open_vocab, or drop them")
+    if seen_classes is not None and drawn:
+        raise click.UsageError("--seen-classes names the class split; --unseen-fraction and --split-seed draw one: "
+                               "give one or the other")
+
+
+def _seen_list(seen_classes):
+    """The classes named by --seen-classes (None: not given), each once."""
+    if seen_classes is None:
+        return None
+    seen = [c.strip() for c in seen_classes.split(",") if c.strip()]
+    if not seen:
+        raise click.UsageError(f"--seen-classes names no class ({seen_classes!r}); give them comma-separated, "
+                               "e.g. --seen-classes dog,horse")
+    twice = sorted({c for c in seen if seen.count(c) > 1})
+    if twice:
+        raise click.UsageError(f"--seen-classes names {twice[0]!r} twice; name each seen class once")
+    return seen
 
 
 def _score_each(score_run, run, protocols, **options):

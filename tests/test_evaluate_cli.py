@@ -158,10 +158,19 @@ def test_teacher_baselines_hold_out_the_classes_a_run_names(synthetic_store, tmp
     assert got.holdout.tolist() == [f"unseen: {s.classes[1]}"] and got.value.tolist() == [pytest.approx(ref)]
     for args, said in [(["--seen-classes", "dragon"], f"class 'dragon' is not in the store; its classes: {s.classes[0]}"),
                        (["--seen-classes", ",".join(s.classes)], "the seen classes must leave some unseen: give 1 to 2"),
-                       (["--seen-classes", s.classes[0], "--split-seed", "3"], "give one or the other")]:
-        bad = CliRunner().invoke(main, ["evaluate", "--store", str(synthetic_store), "--protocol", "open_vocab",
+                       (["--seen-classes", s.classes[0], "--split-seed", "3"], "give one or the other"),
+                       # each of these was ignored with exit 0 (a trial): the seeded split scored instead, a class
+                       # named twice, a split for protocols that hold no class out, --transfer with no run
+                       (["--seen-classes", ""], "--seen-classes names no class"),
+                       (["--seen-classes", f"{s.classes[0]},{s.classes[0]}"], f"names {s.classes[0]!r} twice"),
+                       (["--seen-classes", s.classes[0], "--protocol", "lodo"], "add --protocol open_vocab"),
+                       (["--transfer"], "--transfer scores runs")]:
+        protocols = [] if "--protocol" in args else ["--protocol", "open_vocab"]
+        bad = CliRunner().invoke(main, ["evaluate", "--store", str(synthetic_store), *protocols,
                                         "--out", str(out), *args])
-        assert bad.exit_code == 2 and said in bad.output, bad.output
+        assert bad.exit_code == 2 and said in bad.output, (args, bad.output)
+    ran = CliRunner().invoke(main, ["evaluate", str(tmp_path), "--transfer", "--out", str(out)])
+    assert ran.exit_code == 2 and "--transfer scores runs on another store: give it as --store PATH" in ran.output
 
 
 def test_the_teacher_on_two_stores_keeps_both_stores_rows(synthetic_store, make_cfg, tiny_teacher, tmp_path):
