@@ -55,12 +55,29 @@ class Group(click.Group):
         except EmbedcacheError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except (FileExistsError, NotADirectoryError) as exc:  # a path through a file: --out a/b with a a file
+            click.echo(f"error: {exc.strerror}: {exc.filename} (a file stands where the path needs a folder); "
+                       "give another path, or move that file", err=True)
+            sys.exit(2)
         except KeyboardInterrupt as exc:
             msg = str(exc) if str(exc) and " " in str(exc) else "interrupted; rerun the same command to resume"
             exc.__traceback__ = None  # the interrupted frames go now (DataLoader workers shut down in __del__),
             gc.collect()              # not at the exit, where a repeated signal would cut them into a traceback
             click.echo(msg, err=True)
             sys.exit(130)
+
+
+def refuse_path_through_file(option: str, path: str) -> None:
+    """Before long work whose result goes to ``path``: refused now when a file stands where ``path``
+    needs a folder, not once the work is done."""
+    from pathlib import Path
+
+    for above in Path(path).parents:
+        if above.exists():
+            if not above.is_dir():
+                raise click.UsageError(f"{option} {path}: {above} is a file, where the path needs a folder; give "
+                                       "another path")
+            return
 
 
 @click.group(cls=Group)

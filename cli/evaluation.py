@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from ._app import main
+from ._app import main, refuse_path_through_file
 
 
 @main.command()
@@ -50,6 +50,7 @@ def evaluate(runs, store, protocols, sources, out, device, finetune_steps, finet
     if Path(out).suffix != ".parquet":
         raise click.UsageError(f"--out {out}: results are one parquet table; give a .parquet file (pandas reads it "
                                "with pd.read_parquet; `embedcache report` makes markdown tables of it)")
+    refuse_path_through_file("--out", out)
     if Path(out).exists():
         read_results(out)  # a file that is not a results table is refused now, not after the scoring
     _refuse_unused(runs, store, protocols, transfer, seen_classes, (unseen_fraction, split_seed) != (0.5, 0))

@@ -61,6 +61,23 @@ def test_cli_errors_are_one_line(tmp_path):
     assert res.exit_code == 0 and res.output.startswith("Usage: ") and "extract" in res.output
 
 
+def test_a_path_through_a_file_is_one_line(cli_store, tmp_path):
+    """`--out afile/x` with afile a plain file: a FileExistsError or NotADirectoryError traceback; and
+    evaluate found out only after scoring everything."""
+    (tmp_path / "afile").write_text("")
+    bad = str(tmp_path / "afile" / "run")
+    for args in (["train", "--store", str(cli_store), "--recipe", "ce", "--student", "test_resnet", "--out", bad,
+                  "--set", "steps=1"],
+                 ["extract", "--config", "configs/extract/demo.yaml", "--out", bad + ".zarr", "--no-progress",
+                  "--set", "dataset.per_class=1"]):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 2 and res.output.strip().count("\n") == 0, res.output
+        assert res.output.startswith("error: ") and "a file stands where the path needs a folder" in res.output
+    res = CliRunner().invoke(main, ["evaluate", "--store", str(cli_store), "--out", bad + ".parquet"])
+    assert res.exit_code == 2 and "afile is a file, where the path needs a folder" in res.output
+    assert "top-1" not in res.output  # refused before any scoring
+
+
 def test_open_store_frames_and_neighbours(cli_store, tiny_teacher):
     s = embedcache.open_store(str(cli_store))
     df = s.frame(embeddings=True)
