@@ -116,6 +116,15 @@ class StoreReader:
     def n_failed(self) -> int:
         return int((~self.ok).sum())
 
+    def scoring_facts(self, source: str) -> Dict:
+        """What a student trained on this store with text ``source`` asks of another store to be scored
+        on it (``evaluate --transfer``): the same teacher, the same classes in the same order, the same
+        prompts of ``source`` (their digest). Kept with the run, so it scores without this store."""
+        prompts = self.text(source)[["label", "prompt"]].values.tolist() if source in self.text_sources else None
+        return {"teacher": self.manifest["teacher"], "key_parts": {"teacher": self.manifest.get("key_parts", {}).get("teacher")},
+                "classes": list(self.classes), "text": self.manifest.get("text", {}), "text_source": source,
+                "prompts": json_digest(prompts) if prompts is not None else None, "producer": self._store.producer}
+
     def text(self, source: str = "name") -> pd.DataFrame:
         """One row per prompt of ``source``: label, class_name, prompt, n_tokens, truncated."""
         self._check_source(source)

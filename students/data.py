@@ -67,7 +67,8 @@ class StoreData:
         self.reader, self.key = reader, reader.key
         if text_source not in reader.text_sources:
             raise StoreError(f"store {reader.path} has no text source {text_source!r} (it has "
-                             f"{', '.join(reader.text_sources)}); re-extract with --set text.sources=[...,{text_source}]")
+                             f"{', '.join(reader.text_sources)}); {_remake(reader)} with --set "
+                             f"text.sources=[...,{text_source}]")
         meta = reader.meta
         self.text_source = text_source
         self.dim, self.views = reader.dim, reader.views
@@ -140,7 +141,8 @@ class StoreData:
         (the dataset's own path rule and decoder, the extraction's canvas)."""
         root, size = reader.manifest["dataset"]["root"], int(reader.layout["canvas"])
         if not root:
-            raise StoreError("the store keeps no pixels and its dataset has no files to re-decode; re-extract with canvas.store=true")
+            raise StoreError(f"the store keeps no pixels and its dataset has no files to re-decode; {_remake(reader)} "
+                             "with canvas.store=true")
         crc = reader.store.read("image/canvas_crc32c") if reader.store.has("image/canvas_crc32c") else None
         out = np.zeros((len(reader.meta), size, size, 3), np.uint8)
         for i, (path, status) in enumerate(zip(reader.meta["path"], reader.meta["status"])):
@@ -184,3 +186,8 @@ class StoreData:
         idx = np.concatenate([rng.choice(p, size=batch_size, replace=len(p) < batch_size) for p in self.pools(per_domain)])
         views = rng.integers(int(skip_plain), min(views_used or self.views, self.views), size=len(idx))
         return idx, views
+
+
+def _remake(reader: StoreReader) -> str:
+    """How a store is made again with other settings: by the command that made it."""
+    return "synthesise it again" if reader.manifest.get("synthesis") else "re-extract"

@@ -18,7 +18,7 @@ import torch
 from embedcache import interrupt
 from embedcache.api import StoreReader, same_teacher
 from embedcache.device import resolve_device
-from embedcache.errors import StoreMismatchError
+from embedcache.errors import StoreError, StoreMismatchError
 from embedcache.evaluate.metrics import require_finite
 from embedcache.evaluate.protocols import named_warnings, rows_read
 from embedcache.evaluate.results import conform, holdout_tag
@@ -98,33 +98,87 @@ def _open_for(run: RunDir, path: str, transfer: bool) -> StoreReader:
     reader = StoreReader(path)
     if reader.key == run.store_key:  # its own store by another path: scored with its own split
         return reader
-    source = run.split["text_source"]
-    with StoreReader(run.store_path()) as own:
-        same = {"teacher": same_teacher(own.manifest, reader.manifest),
-                "classes": own.classes == reader.classes,
-                f"{source!r} prompts": source in reader.text_sources and _prompts(own, source).equals(_prompts(reader, source))}
-        teacher, own_classes = _teacher_words(own.manifest), own.classes
-    differ = [what for what, ok in same.items() if not ok]
+    try:
+        source = run.split["text_source"]
+        own = run.split.get("trained_on") or _facts_of_own_store(run, path, source)
+        differ = _differences(own, reader, source)
+    except Exception:
+        reader.close()
+        raise
     if differ:
         reader.close()
-        verb = "differs from that" if differ[0] == "teacher" else "differ from those"
-        fix = {"teacher": f"extract the store to score on with the run's teacher ({teacher}; a remote teacher and the "
-                          "model behind it count as two)",
-               "classes": _classes_fix(own_classes, reader.classes)}.get(
-            differ[0], f"extract it with the text settings of the run's store (text source {source!r})")
-        raise StoreMismatchError(f"run {run.name} cannot be scored on {path}: its {differ[0]} {verb} of the "
-                                 f"store the run was trained on; {fix}")
+        what, fix = differ[0]
+        raise StoreMismatchError(f"run {run.name} cannot be scored on {path}: {what}; {fix}")
     return reader
 
 
-def _classes_fix(own: List[str], other: List[str]) -> str:
-    """How to extract a store whose classes the run can be scored on (the run predicts indices into
-    its own store's classes, so the order counts too)."""
+def _facts_of_own_store(run: RunDir, path: str, source: str) -> Dict:
+    """A run from before runs kept their store's ``scoring_facts``: read from that store, which must be
+    where the run recorded it."""
+    try:
+        own_path = run.store_path()
+    except StoreError:
+        raise StoreMismatchError(
+            f"run {run.name} was trained before runs kept what --transfer checks, and its store is not at "
+            f"{run.config.get('store_path') or run.config.get('store')}: put that store back there (or link it "
+            f"there) to score the run on {path}") from None
+    with StoreReader(own_path) as own:
+        return own.scoring_facts(source)
+
+
+def _differences(own: Dict, reader: StoreReader, source: str) -> List[Tuple[str, str]]:
+    """(what differs, how to make a store the run can be scored on), for each way ``reader``'s store
+    differs from the run's (``own``: its ``scoring_facts``)."""
+    out = []
+    made = {"teacher": own["teacher"], **({"key_parts": own["key_parts"]} if own["key_parts"].get("teacher") else {})}
+    if not same_teacher(made, reader.manifest):
+        out.append(("its teacher differs from that of the store the run was trained on",
+                    f"extract the store to score on with the run's teacher ({_teacher_words(made)}; a remote "
+                    "teacher and the model behind it count as two)"))
+    if own["classes"] != reader.classes:
+        out.append(_classes_differ(own["classes"], reader.classes, own.get("producer")))
+    settings = _text_words(own.get("text", {}), source)
+    if source not in reader.text_sources:
+        out.append((f"it has no {source!r} text source, which the run predicts with",
+                    f"extract it with the text settings of the run's store ({settings})"))
+    elif own["prompts"] != reader.scoring_facts(source)["prompts"]:
+        out.append((f"its {source!r} prompts differ from those of the store the run was trained on",
+                    f"extract it with the text settings of the run's store ({settings})"))
+    return out
+
+
+def _text_words(text: Dict, source: str) -> str:
+    """The text settings that make ``source``'s prompts, as --set spells them."""
+    words = [f"text.sources including {source}"]
+    if source == "templates" and text.get("templates"):
+        words.append(f"text.templates={text['templates']}")
+    if source == "attributes" and text.get("attributes"):
+        words.append(f"text.attributes={text['attributes']}")
+    return ", ".join(words)
+
+
+def _classes_differ(own: List[str], other: List[str], producer: Optional[str]) -> Tuple[str, str]:
+    """What differs between the run's store's classes and another's, and how to make a store the run
+    can be scored on (the run predicts indices into its own store's classes, so the order counts too)."""
     if sorted(own) == sorted(other):
         shown = ", ".join(own[:3]) + (", ..." if len(own) > 3 else "")
-        return (f"they are the same classes in another order (the run's store: {shown}; all in its manifest's "
-                "dataset.classes); extract it with labels that dataset.class_names names in that order")
-    return "extract it with the class names the run's store has"
+        return ("its classes are the run's store's in another order",
+                f"the run's store has {shown} (all in its manifest's dataset.classes); extract it with labels "
+                "that dataset.class_names names in that order")
+    lacks, extra = [c for c in own if c not in other], [c for c in other if c not in own]
+    said = "its classes differ from the run's store's: " + "; ".join(
+        part for part in (f"the run's store has {_few(lacks)}, which it lacks" if lacks else "",
+                          f"it has {_few(extra)}, which the run's store lacks" if extra else "") if part)
+    if not lacks:
+        return said, "score the run on a store of the run's classes alone (a csv dataset listing only their images)"
+    if producer == "synthesize":
+        return said, (f"synthesise the run's store again with this store's class names (classes=[{', '.join(other)}]) "
+                      "and train again")
+    return said, "extract both with the same class names (dataset.class_names renames a dataset's labels)"
+
+
+def _few(names: List[str]) -> str:
+    return ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def _teacher_words(manifest: Dict) -> str:
@@ -132,11 +186,6 @@ def _teacher_words(manifest: Dict) -> str:
     t = manifest.get("teacher", {})
     model = t.get("model") or t.get("classifier")
     return f"teacher.name={t.get('name')}" + (f", model {model}" if model else "")
-
-
-def _prompts(reader: StoreReader, source: str) -> pd.DataFrame:
-    """A source's prompts and their classes: the text classifier a run predicts with, before encoding."""
-    return reader.text(source)[["label", "prompt"]]
 
 
 def score_run(run: Union[str, RunDir], protocols: Sequence[str] = ("lodo",), store: Optional[str] = None,

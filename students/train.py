@@ -430,7 +430,9 @@ class Trainer:
             "holdout_domains": list(self.cfg.split.holdout_domains), "seen_classes": d.train_class_ids.tolist(),
             "text_source": self.source, "predict": self.recipe.predict, "dim": d.dim,
             # a run on cached features saves no backbone: this key (a hash of its weights) names it
-            "backbone_key": self.backbone_key})
+            "backbone_key": self.backbone_key,
+            # what another store must share with this one for the run to be scored on it (--transfer)
+            "trained_on": d.reader.scoring_facts(self.source)})
 
     def _check_batch_for_batchnorm(self) -> None:
         """BatchNorm in training mode needs two images a batch (torch fails the step with a traceback)."""

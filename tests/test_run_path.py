@@ -324,10 +324,25 @@ def test_transfer_scores_a_run_on_another_store_of_the_same_teacher(synthetic_st
     (tmp_path / "order.json").write_text('{"circle": "triangle", "square": "square", "triangle": "circle"}')
     reordered = make_cfg("reordered.zarr", "dataset.per_class=3", f"dataset.class_names={tmp_path / 'order.json'}")
     extract(reordered, teacher=tiny_teacher, log=quiet)
-    with pytest.raises(StoreError, match=r"its classes differ .*same classes in another order \(the run's store: "
-                                         r"circle, square, triangle; all in its manifest's dataset.classes\); extract it with labels "
-                                         r"that dataset.class_names names in that order"):
+    with pytest.raises(StoreError, match=r"its classes are the run's store's in another order; the run's store has "
+                                         r"circle, square, triangle \(all in its manifest's dataset.classes\); extract it "
+                                         r"with labels that dataset.class_names names in that order"):
         score_run(tmp_path / "r", ["lodo"], reordered.out, transfer=True)
+    # other names: said which (a misspelt synthesis class was told to re-extract the real store with them)
+    (tmp_path / "typo.json").write_text('{"circle": "circle", "square": "square", "triangle": "trianglee"}')
+    typo = make_cfg("typo.zarr", "dataset.per_class=3", f"dataset.class_names={tmp_path / 'typo.json'}")
+    extract(typo, teacher=tiny_teacher, log=quiet)
+    with pytest.raises(StoreError, match=r"its classes differ from the run's store's: the run's store has 'triangle', "
+                                         r"which it lacks; it has 'trianglee', which the run's store lacks; extract both "
+                                         r"with the same class names"):
+        score_run(tmp_path / "r", ["lodo"], typo.out, transfer=True)
+    # a store without the run's text source is said to lack it, with the settings that make it
+    names_only = make_cfg("names.zarr", "dataset.per_class=3", "text.sources=[name]")
+    extract(names_only, teacher=tiny_teacher, log=quiet)
+    with pytest.raises(StoreError, match=r"it has no 'templates' text source, which the run predicts with; extract it "
+                                         r"with the text settings of the run's store \(text.sources including templates, "
+                                         r"text.templates="):
+        score_run(tmp_path / "t", ["lodo"], names_only.out, transfer=True)
     # another teacher: the fix names the run's teacher, not the text settings it used to name
     import embedcache.students.scoring as scoring
     with pytest.MonkeyPatch.context() as mp:
@@ -335,6 +350,22 @@ def test_transfer_scores_a_run_on_another_store_of_the_same_teacher(synthetic_st
         with pytest.raises(StoreError, match=r"its teacher differs .*; extract the store to score on with the run's "
                                              r"teacher \(teacher.name=open_clip"):
             score_run(tmp_path / "r", ["lodo"], other.out, transfer=True)
+    # the run's store moved away (a run folder copied to another machine): the run still scores on another
+    # store, from what it kept of its own; a run from before it kept them names where to put the store back
+    conf = tmp_path / "r" / "config.json"
+    moved = {**json.loads(conf.read_text()), "store": str(tmp_path / "gone.zarr"), "store_path": str(tmp_path / "gone.zarr")}
+    conf.write_text(json.dumps(moved))
+    again = score_run(tmp_path / "r", ["lodo"], other.out, transfer=True)
+    pd.testing.assert_frame_equal(again.drop(columns=["scored"], errors="ignore"), rows.drop(columns=["scored"], errors="ignore"))
+    split = tmp_path / "r" / "split.json"
+    split.write_text(json.dumps({k: v for k, v in json.loads(split.read_text()).items() if k != "trained_on"}))
+    with pytest.raises(StoreError, match=f"trained before runs kept what --transfer checks, and its store is not at "
+                                         f"{tmp_path / 'gone.zarr'}: put that store back there"):
+        score_run(tmp_path / "r", ["lodo"], other.out, transfer=True)
+    conf.write_text(json.dumps({**moved, "store": str(synthetic_store), "store_path": str(synthetic_store)}))
+    with pytest.raises(StoreError, match="its classes differ"):  # such a run's checks read its store, back in place
+        score_run(tmp_path / "r", ["lodo"], typo.out, transfer=True)
+    assert len(score_run(tmp_path / "r", ["lodo"], other.out, transfer=True)) == len(rows)
 
 
 def test_a_block_of_zeros_is_written_not_taken_for_lost(blank_store):

@@ -278,6 +278,12 @@ def test_a_recipe_trains_on_a_synthesised_store_and_is_scored_on_real_images(tin
     rows = score_run(str(run), ["lodo"], str(synthetic_store), transfer=True)
     top1 = rows[rows.metric == "top1"]
     assert set(top1.split) == {"zero_shot"} and set(top1.domain) == {"solid", "outline", "avg"}
+    from embedcache.errors import StoreError
+    from embedcache.students.data import StoreData
+
+    with pytest.raises(StoreError, match=r"no text source 'descriptions' .*; synthesise it again with --set "
+                                         r"text.sources=\[...,descriptions\]"):  # it said re-extract
+        StoreData(cfg.out, "descriptions")
 
 
 def test_a_killed_or_stopped_synthesis_resumes_to_the_same_arrays(tiny_teacher, synth_cfg):
