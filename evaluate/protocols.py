@@ -246,7 +246,8 @@ def episode(labels: np.ndarray, ok: np.ndarray, classes_in: np.ndarray, shots: i
         n = int((labels[rows_all] == c).sum())
         if n <= shots:
             raise EvaluationError(f"class {names[c]!r} has {n} usable images, fewer than {shots} shots + 1 to test; "
-                                  "lower shots or choose other unseen classes")
+                                  f"few_shot needs {shots + 1} usable images in every unseen class: hold out other "
+                                  "classes (--seen-classes for the teacher, split.train_classes for a run)")
     rng = np.random.default_rng([seed, ep, 31])
     support = np.concatenate([rng.choice(rows_all[labels[rows_all] == c], shots, replace=False) for c in classes_in])
     return support, np.setdiff1d(rows_all, support)
