@@ -324,6 +324,18 @@ def test_a_killed_or_stopped_synthesis_resumes_to_the_same_arrays(tiny_teacher, 
     assert np.array_equal(_arrays(cut.out)["image/pixels"], a["image/pixels"])
 
 
+def test_fewer_images_per_class_than_styles_is_said(tiny_teacher, synth_cfg):
+    """per_class below prompts.k left most styles without an image, with no word (a trial)."""
+    from embedcache.synthesis.run import prepare
+
+    said = []
+    prepare(synth_cfg("few.zarr", "prompts.k=4"), teacher=tiny_teacher, log=said.append)
+    assert any(line.startswith("note: per_class=2 uses 2 of the 4 styles") for line in said), said
+    said.clear()
+    prepare(synth_cfg("enough.zarr"), teacher=tiny_teacher, log=said.append)
+    assert not any("of the 2 styles" in line for line in said), said
+
+
 def test_a_synthesis_resumed_under_another_thread_count_says_its_images_will_differ(tiny_teacher, synth_cfg):
     """Images optimised under another CPU thread count drift far apart (up to 59/255 in a helper's
     trial), and the resume mixed the two syntheses with exit 0 and no word."""

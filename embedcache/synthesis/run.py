@@ -207,6 +207,9 @@ def prepare(cfg: SynthesizeConfig, teacher: Optional[Teacher] = None, log: Calla
     if outline is None:  # a method registered elsewhere: its styles are known once its plan is built
         plan = build_plan(teacher, sorted(c.strip() for c in cfg.classes), cfg.prompts, log)
         outline = Outline.of_plan(plan)
+    if cfg.per_class < outline.k:  # image j of a class takes style j mod k: the later styles make no image
+        log(f"note: per_class={cfg.per_class} uses {cfg.per_class} of the {outline.k} styles (image j of a class "
+            f"takes style j mod k); per_class={outline.k} or more uses them all, or lower prompts.k")
     if outline.leaks:
         log(f"note: the prompts name evaluation domains ({', '.join(outline.leaks)}); "
             "the manifest records it (synthesis.leaks_test_domains)")
