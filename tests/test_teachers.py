@@ -89,6 +89,13 @@ def test_weights_that_cannot_be_fetched_name_the_alternatives():
         build_teacher(TeacherConfig(name="open_clip", model="local-dir:/nowhere/at/all", device="cpu"))
 
 
+def test_an_unknown_architecture_names_the_closest_in_one_short_line():
+    """open_clip's own error listed every architecture it knows: one line of about 4,000 characters."""
+    with pytest.raises(TeacherLoadError, match=r"open_clip has no model 'ViT-B-61' \(closest: ViT-B-16") as err:
+        build_teacher(TeacherConfig(name="open_clip", model="ViT-B-61", device="cpu"))
+    assert len(str(err.value)) < 300 and "\n" not in str(err.value)
+
+
 def test_a_weights_file_of_another_architecture_says_so(tiny_clip_dir):
     """The message told a user who had passed local weights to pass local weights."""
     weights = tiny_clip_dir / "open_clip_model.safetensors"

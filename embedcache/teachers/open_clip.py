@@ -25,6 +25,19 @@ def _load_hint() -> str:
             "or teacher.model=local-dir:/folder) or use the offline teacher (--set teacher.name=conse)")
 
 
+def _require_known_model(name: str, known: list) -> None:
+    """An architecture open_clip has no config for is one line naming the closest ones (open_clip's own
+    error lists all of them, a few thousand characters)."""
+    if name.startswith(("hf-hub:", "local-dir:")) or name in known:
+        return
+    import difflib
+
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    raise TeacherLoadError(f"open_clip has no model {name!r}" + (f" (closest: {', '.join(close)})" if close else "")
+                           + "; `python -c \"import open_clip; print(open_clip.list_models())\"` lists them, or "
+                           "teacher.model=local-dir:/folder loads a saved one")
+
+
 @TEACHERS.register("open_clip")
 class OpenClipTeacher(Teacher):
     registry_name = "open_clip"
@@ -48,6 +61,7 @@ class OpenClipTeacher(Teacher):
                 raise TeacherLoadError(f"teacher.model_config {cfg_path} registers its architecture as {cfg_path.stem!r} "
                                        f"(open_clip names it by the file's name), not {self.model_name!r}; set "
                                        f"teacher.model={cfg_path.stem}")
+        _require_known_model(self.model_name, open_clip.list_models())
         try:
             with held_log_records() as held, torch.random.fork_rng(devices=[]):  # random weights are the same
                 torch.manual_seed(0)                                               # every time; the caller's RNG
