@@ -450,6 +450,22 @@ def test_malformed_yaml_and_bad_set_values_name_the_place(tmp_path):
     assert res.exit_code == 2 and "--set 'views.scale=[0.5,' is not valid YAML" in res.output
 
 
+def test_an_empty_folder_made_for_the_store_is_used_and_one_with_files_refused(make_cfg, tiny_teacher):
+    """`mkdir stores/x.zarr` before the extract was refused as 'exists and is not a zarr store' (a trial)."""
+    from embedcache.errors import ConfigError
+    from embedcache.extract import extract
+
+    cfg = make_cfg("made.zarr", "dataset.per_class=1")
+    os.makedirs(cfg.out)
+    assert extract(cfg, teacher=tiny_teacher, log=quiet).complete
+    busy = make_cfg("busy.zarr", "dataset.per_class=1")
+    os.makedirs(busy.out)
+    (Path(busy.out) / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="exists and is not a zarr store"):
+        extract(busy, teacher=tiny_teacher, log=quiet)
+    assert (Path(busy.out) / "notes.txt").read_text() == "keep me"
+
+
 def test_out_pointing_at_a_file_is_one_line(tmp_path):
     f = tmp_path / "notes"
     f.write_text("keep me")

@@ -72,7 +72,8 @@ def open_or_create(cfg: ExtractConfig, manifest: Dict, layout: Dict) -> Store:
         except Exception:
             store.close()
             raise
-    if os.path.exists(cfg.out):
+    made_for_it = backend == "zarr" and os.path.isdir(cfg.out) and not os.listdir(cfg.out)  # `mkdir` first: fine
+    if os.path.exists(cfg.out) and not made_for_it:
         raise ConfigError(f"--out {cfg.out} exists and is not a {backend} store; choose another path")
     return made_so(Store.create(cfg.out, manifest, layout, backend), manifest)
 
