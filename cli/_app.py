@@ -56,8 +56,9 @@ class Group(click.Group):
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
         except (FileExistsError, NotADirectoryError) as exc:  # a path through a file: --out a/b with a a file
-            click.echo(f"error: {exc.strerror}: {exc.filename} (a file stands where the path needs a folder); "
-                       "give another path, or move that file", err=True)
+            said = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else str(exc)
+            click.echo(f"error: {said} (a file stands where the path needs a folder); give another path, or move "
+                       "that file", err=True)
             sys.exit(2)
         except KeyboardInterrupt as exc:
             msg = str(exc) if str(exc) and " " in str(exc) else "interrupted; rerun the same command to resume"

@@ -99,9 +99,9 @@ def one_request_per_signal() -> None:
 
 
 def say_on_terminate(line: str = "terminated (SIGTERM); rerun the same command to resume") -> None:
-    """For the CLI's process: SIGTERM (a scheduler's stop, `kill PID`) still ends it at once and by that
-    signal (exit 143), as it did with no handler, but with ``line`` on stderr first instead of
-    nothing. Processes forked from this one (DataLoader workers) inherit the handler and die silently.
+    """For the CLI's process: SIGTERM (a scheduler's stop, `kill PID`) still ends it by that signal (exit
+    143), as it did with no handler, but with ``line`` on stderr first instead of nothing, once the main
+    thread next runs Python (at once in a wait; a long computation in a C library finishes first). Processes forked from this one (DataLoader workers) inherit the handler and die silently.
     Only where SIGTERM had its default action; a ``graceful()`` context takes SIGTERM over meanwhile."""
     if threading.current_thread() is not threading.main_thread():
         return

@@ -190,4 +190,4 @@ class StoreData:
 
 def _remake(reader: StoreReader) -> str:
     """How a store is made again with other settings: by the command that made it."""
-    return "synthesise it again" if reader.manifest.get("synthesis") else "re-extract"
+    return "synthesise it again" if reader.store.producer == "synthesize" else "re-extract"

@@ -140,6 +140,30 @@ def test_manifest_lists_each_call_and_how_it_differed(make_cfg, tiny_teacher, mo
     assert len(Store(cfg.out).call_history()) == 2
 
 
+def test_a_call_whose_finish_failed_is_not_recorded_as_finishing(make_cfg, tiny_teacher, monkeypatch):
+    """The call's entry said finished before the store's finish ran: a finish that then failed (a full
+    disk) left a call 'finished' in the store's history though the store never completed (a review)."""
+    from embedcache.errors import DiskFullError
+
+    cfg = make_cfg("unfinished.zarr", "dataset.per_class=1")
+    real = Store.finish
+
+    def full(self, **fields):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Store, "finish", full)
+    with pytest.raises(DiskFullError):
+        extract(cfg, teacher=tiny_teacher, log=quiet)
+    with Store(cfg.out) as st:
+        (entry,) = st.call_history()
+        assert not st.complete and not entry["finished"] and entry["blocks"] == st.num_blocks
+    monkeypatch.setattr(Store, "finish", real)
+    assert extract(cfg, teacher=tiny_teacher, log=quiet).complete
+    with Store(cfg.out) as st:
+        assert [c["finished"] for c in st.manifest["calls"]] == [False, True]
+        assert [e["finished"] for e in st.call_history()] == [False, True]
+
+
 @pytest.mark.parametrize("suffix", ["zarr", "h5"])
 def test_resume_after_interruption_is_byte_identical(make_cfg, tiny_teacher, suffix):
     full = make_cfg(f"full.{suffix}")
@@ -518,6 +542,9 @@ def test_an_hdf5_store_stops_short_of_a_full_disk_and_resumes_identical(make_cfg
     monkeypatch.setattr(backends.shutil, "disk_usage", filling)
     with pytest.raises(DiskFullError, match="disk full while writing .* rerun the same command to resume"):
         extract(full, teacher=tiny_teacher, log=quiet)
+    with pytest.raises(DiskFullError, match="disk full while writing .* rerun the same command to resume"):
+        extract(full, teacher=tiny_teacher, log=quiet)  # the resume, still full: its first write (the call's
+                                                        # history entry) was a raw OSError traceback (a review)
     monkeypatch.setattr(backends.shutil, "disk_usage", real)
     with Store(full.out) as st:
         assert not st.complete and 0 < st.blocks_done().sum() < st.num_blocks

@@ -94,6 +94,8 @@ def test_an_unknown_architecture_names_the_closest_in_one_short_line():
     with pytest.raises(TeacherLoadError, match=r"open_clip has no model 'ViT-B-61' \(closest: ViT-B-16") as err:
         build_teacher(TeacherConfig(name="open_clip", model="ViT-B-61", device="cpu"))
     assert len(str(err.value)) < 300 and "\n" not in str(err.value)
+    assert build_teacher(TeacherConfig(name="open_clip", model="ViT-B/32", device="cpu")).embed_dim == 512  # open_clip's
+    # own spelling of ViT-B-32 (a review: refused by the first version of this check)
 
 
 def test_a_weights_file_of_another_architecture_says_so(tiny_clip_dir):

@@ -159,9 +159,7 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
         mine = [b for b in sorted(ours) if not done[b]]
         if mine and done.any():
             _say_resumed_otherwise(store.manifest, cfg, manifest, log)
-        books.open(store)
-        if mine or done.all():  # this call writes: its settings, device and blocks go in the store's history
-            record.open(store)
+        _opening_marks(store, books, record if mine or done.all() else None, cfg.out)
         try:
             def block_done(block: int) -> None:
                 books.record(store)  # what was paid so far is in the store, even if the call is killed later
@@ -212,6 +210,19 @@ def _reopen(store: Store, report, cfg: ExtractConfig, log) -> List[int]:
         log(f"{cfg.out} is damaged ({'; '.join(lines[:3])}{' ...' if len(lines) > 3 else ''}); "
             f"re-doing {len(redo)} block(s) and rewriting its tables")
     return redo
+
+
+def _opening_marks(store: Store, books: "_Books", record: Optional[CallRecord], out: str) -> None:
+    """A paid call's open mark and this call's history entry, written before any block (a full disk
+    here is the same one line as in the blocks)."""
+    try:
+        books.open(store)
+        if record is not None:  # this call writes: its settings, device and blocks go in the store's history
+            record.open(store)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(out, "free space or choose --out on a larger disk") from exc
+        raise
 
 
 def _writer_lock(store: Store, shard: int, num_shards: int):
@@ -532,8 +543,11 @@ def finalize(store: Store, dataset: ImageDataset, teacher, prompts, books: Optio
         warnings.warn(f"{store.path}: {cut} earlier extract call(s) ended without closing their books (killed: SIGTERM, "
                       f"kill -9, or the machine lost): teacher_usage.queries ({usage.get('queries', 0):,}) leaves out what "
                       "they paid after their last finished block; the service's own bill is the exact figure")
+    history = store.call_history()
+    if record is not None:  # this call as it will end: finishing the store (its own entry says so once it has)
+        history = [record.finishing() if e.get("call") == record.entry["call"] else e for e in history]
+    calls = calls_of(history, store.manifest.get("config", {}), store.manifest.get("versions", {}))
+    store.finish(failed=failed, **({"teacher_usage": usage} if usage else {}), **({"calls": calls} if calls else {}))
     if record is not None:
         record.close(finished=True)
-    calls = calls_of(store.call_history(), store.manifest.get("config", {}), store.manifest.get("versions", {}))
-    store.finish(failed=failed, **({"teacher_usage": usage} if usage else {}), **({"calls": calls} if calls else {}))
     return failed

@@ -40,6 +40,10 @@ class CallRecord:
         self.entry["blocks"] += 1
         self._write()
 
+    def finishing(self) -> Dict[str, Any]:
+        """This call's entry as it ends by finishing the store (for the manifest written as it does)."""
+        return {**self.entry, "ended": _now(), "finished": True}
+
     def close(self, finished: bool = False) -> None:
         """The call's end (``finished``: it wrote the store's tables and completed it)."""
         if self.store is None:

@@ -28,8 +28,8 @@ def _load_hint() -> str:
 def _require_known_model(name: str, known: list) -> None:
     """An architecture open_clip has no config for is one line naming the closest ones (open_clip's own
     error lists all of them, a few thousand characters)."""
-    if name.startswith(("hf-hub:", "local-dir:")) or name in known:
-        return
+    if name.startswith(("hf-hub:", "local-dir:")) or name.replace("/", "-") in known:  # open_clip reads ViT-B/32
+        return                                                                            # as ViT-B-32
     import difflib
 
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
