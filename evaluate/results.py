@@ -62,13 +62,23 @@ def conform(df: pd.DataFrame) -> pd.DataFrame:
     return df[COLUMNS + [c for c in df.columns if c not in COLUMNS]]
 
 
+# columns every results file has had: a file without one is not a results file (without ``replicate``
+# its seeds would be pooled as one replicate, silently)
+REQUIRED = ["run", "replicate", "protocol", "split", "domain", "metric", "value"]
+
+
 def read_results(path) -> pd.DataFrame:
     """A results file in the schema, or a one-line error when the file is not one."""
     try:
-        return conform(pd.read_parquet(path))
+        df = pd.read_parquet(path)
     except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError, its IO errors OSErrors
         raise EvaluationError(f"{path} is not a results file (not readable as parquet: {type(exc).__name__}); give "
                               "a parquet file written by `embedcache evaluate --out`, or a sweep directory") from None
+    lacks = [c for c in REQUIRED if c not in df.columns]
+    if lacks:
+        raise EvaluationError(f"{path} is not a results file (it has no {', '.join(lacks)} column); give a parquet "
+                              "file written by `embedcache evaluate --out`, or a sweep directory")
+    return conform(df)
 
 
 def upsert(path: str, rows: pd.DataFrame) -> pd.DataFrame:

@@ -99,6 +99,15 @@ def test_teacher_baseline_cli(synthetic_store, tmp_path):
     for args in (["report", str(notes)], ["evaluate", "--store", str(synthetic_store), "--out", str(fake)]):
         res = CliRunner().invoke(main, args)  # a file that is not parquet: one line, and it is left as it was
         assert res.exit_code == 2 and "is not a results file" in res.output and res.output.count("\n") == 1, res.output
+    # parquet, but not results: a KeyError traceback; without its replicate column, seeds pooled as one replicate
+    other, pooled = tmp_path / "other.parquet", tmp_path / "pooled.parquet"
+    pd.DataFrame({"a": [1]}).to_parquet(other)
+    pd.read_parquet(tmp_path / "t.parquet").drop(columns=["replicate"]).to_parquet(pooled)
+    for args, lacks in ((["report", str(other)], "run, replicate, protocol"), (["report", str(pooled)], "replicate"),
+                        (["evaluate", "--store", str(synthetic_store), "--out", str(pooled)], "replicate")):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 2 and f"is not a results file (it has no {lacks}" in res.output, res.output
+        assert res.output.count("\n") == 1, res.output
     for name in ("notes.txt", "results.csv"):  # parquet written under another suffix: refused before any scoring
         res = CliRunner().invoke(main, ["evaluate", "--store", str(synthetic_store), "--out", str(tmp_path / name)])
         assert res.exit_code == 2 and "results are one parquet table; give a .parquet file" in res.output, res.output
