@@ -155,9 +155,16 @@ class RunDir:
         atomic_write(self.file("model.safetensors"), lambda tmp: save_file(tensors, str(tmp)))
 
     def weights(self) -> Dict[str, torch.Tensor]:
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(self.file("model.safetensors")))
+        f = self.file("model.safetensors")
+        try:
+            return load_file(str(f))
+        except (SafetensorError, OSError) as exc:  # truncated, altered or missing: the run must be trained again
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise TrainingError(f"run {self.path}: its weights {f.name} cannot be read ({first}); delete the run's "
+                                "`done` file and rerun its train or sweep command to train it again") from None
 
     def finish(self, summary: Dict[str, Any], keep_checkpoint: bool = False) -> None:
         atomic_write_json(self.file("summary.json"), summary)

@@ -480,3 +480,21 @@ def test_results_written_before_run_seed_read_with_it(tmp_path):
     assert list(old.run_seed) == [1234] and "seed" not in old.columns
     both = upsert(str(tmp_path / "old.parquet"), pd.DataFrame([{**row, "domain": "sketch", "run_seed": 99, "replicate": 0}]))
     assert sorted(both.run_seed) == [99, 1234] and "seed" not in both.columns
+
+
+def test_a_damaged_weights_file_is_one_line_whose_fix_works(synthetic_store, tmp_path):
+    """A truncated model.safetensors was a SafetensorError traceback (a trial)."""
+    from embedcache.students.scoring import score_run
+
+    run = tmp_path / "r"
+    train(_cfg(synthetic_store, run), log=quiet)
+    good = score_run(run, ["lodo"])
+    weights = run / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    res = CliRunner().invoke(main, ["evaluate", str(run), "--out", str(tmp_path / "r.parquet")])
+    assert res.exit_code == 2 and "model.safetensors cannot be read" in res.output, res.output
+    assert "delete the run's `done` file and rerun" in res.output and res.output.count("\n") == 1, res.output
+    (run / "done").unlink()  # the fix it names
+    train(_cfg(synthetic_store, run), log=quiet)
+    again = score_run(run, ["lodo"])
+    pd.testing.assert_frame_equal(good[["split", "domain", "metric", "value"]], again[["split", "domain", "metric", "value"]])
