@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import shlex
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 import torch
@@ -79,21 +79,39 @@ def _rendered(info: dict) -> str:
     return info.get("interpolation", "bicubic")
 
 
-def missing_features(reader: StoreReader, cfgs) -> Optional[str]:
-    """Before a sweep's first run: the first head-only run (``features=true``) whose backbone, built
-    as its run will build it (its student settings, under its seed), has no cached features in the
-    store, as a one-line fix; None when every such run has them."""
-    keys: dict = {}  # student settings -> {seed: key}; the same key under two seeds: weights the seed does not touch
+def backbones(dim: int, cfgs) -> List[Optional[str]]:
+    """Each head-only run's backbone (``features_key``; None for other runs), built as its run will
+    build it (its student settings, under its seed); once two seeds give one key, the seed does not
+    touch the weights and the rest are not built."""
+    keys: dict = {}  # student settings -> {seed: key}
+    out: List[Optional[str]] = []
     for cfg in cfgs:
-        seen = keys.setdefault(repr(sorted(to_dict(cfg.student).items())), {})
-        if not cfg.features or cfg.seed in seen or (len(seen) > 1 and len(set(seen.values())) == 1):
+        if not cfg.features:
+            out.append(None)
             continue
-        model = build_seeded(cfg.student, reader.dim, 0, cfg.seed)
-        key = seen[cfg.seed] = features_key(model)
-        if not has_features(reader.store, key):
-            return (f"store {reader.path} has no cached features for the {model.name} backbone of the head-only runs "
-                    f"({key}); run `{features_command(reader.path, model)}` first")
-    return None
+        seen = keys.setdefault(repr(sorted(to_dict(cfg.student).items())), {})
+        if cfg.seed not in seen:
+            fixed = len(seen) > 1 and len(set(seen.values())) == 1
+            seen[cfg.seed] = next(iter(seen.values())) if fixed else features_key(build_seeded(cfg.student, dim, 0, cfg.seed))
+        out.append(seen[cfg.seed])
+    return out
+
+
+def missing_features(reader: StoreReader, cfgs) -> Optional[str]:
+    """Before a sweep's first run: the backbones of head-only runs (``features=true``) that have no
+    cached features in the store, as a one-line fix naming every command it needs; None when every
+    such run has them."""
+    cfgs = list(cfgs)
+    missing: dict = {}  # key -> the first run that needs it
+    for cfg, key in zip(cfgs, backbones(reader.dim, cfgs)):
+        if key is not None and key not in missing and not has_features(reader.store, key):
+            missing[key] = cfg
+    if not missing:
+        return None
+    models = [build_seeded(c.student, reader.dim, 0, c.seed) for c in missing.values()]
+    commands = " && ".join(f"`{features_command(reader.path, m)}`" for m in models)
+    return (f"store {reader.path} has no cached features for {len(models)} {models[0].name} backbone(s) of the head-only "
+            f"runs ({', '.join(missing)}); run {commands} first")
 
 
 def load_features(store: Store, model: Student, key: Optional[str] = None) -> np.ndarray:

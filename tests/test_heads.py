@@ -72,7 +72,7 @@ def test_a_sweep_of_head_only_runs_without_their_cached_features_is_refused_befo
             "per_recipe": {"vl2v_adip_align": {"features": True}}}
     f = tmp_path / "s.yaml"
     f.write_text(yaml.safe_dump(spec))
-    with pytest.raises(ConfigError, match=r"no cached features for the test_resnet backbone .*`embedcache features --store"):
+    with pytest.raises(ConfigError, match=r"no cached features for 1 test_resnet backbone\(s\) .*`embedcache features --store"):
         run_sweep(load_sweep(str(f)), str(tmp_path / "sw"), progress=False, log=quiet)
     assert not (tmp_path / "sw").exists()
     # once the head-only run has its results, a relaunch (to train the others) does not need its features
@@ -86,6 +86,47 @@ def test_a_sweep_of_head_only_runs_without_their_cached_features_is_refused_befo
     done.parent.mkdir(parents=True)
     done.write_bytes(b"")
     assert len(sweep_mod.expand(load_sweep(str(f)), str(tmp_path / "sw"))) == 2
+
+
+def test_packed_heads_of_a_student_the_seed_builds_pack_by_backbone(synthetic_store, tmp_path):
+    """A random-weights student (no student.pretrained) is another backbone under every run's seed: the
+    sweep asked for one backbone's features per launch, then every pack failed ('must share one frozen
+    backbone') after passing every check (a trial). All missing commands are named at once; packs form
+    per backbone."""
+    import shutil
+
+    import yaml
+
+    from embedcache.students.features import cache_features
+    from embedcache.students.models import StudentConfig
+    from embedcache.students.sweep import _backbones, expand, load_sweep, make_jobs, run_sweep
+
+    store = tmp_path / "store.zarr"
+    shutil.copytree(synthetic_store, store)
+    spec = {"store": str(store), "protocol": "lodo", "holdout_domains": ["outline"], "launcher": "serial",
+            "pack_heads": True,
+            "base": {"recipe": "vl2v_adip_align", "features": True, "steps": 4, "batch_size": 8, "eval_every": 4,
+                     "device": "cpu", "student": {"name": "test_resnet", "input_size": 32}},
+            "grid": {"seed": [0, 1], "optim.lr": [1e-3, 1e-2]}}
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(spec))
+    # each run's own seed (derived from its grid point) builds its own backbone: four of them, all named
+    with pytest.raises(ConfigError, match=r"no cached features for 4 test_resnet backbone\(s\) .*; run `embedcache "
+                                          r"features .*` && `embedcache features .*` && .* first"):
+        run_sweep(load_sweep(str(f)), str(tmp_path / "sw"), progress=False, log=quiet)
+    student = StudentConfig(name="test_resnet", input_size=32)
+    import embedcache.students.sweep as sweep_mod
+    with pytest.MonkeyPatch.context() as m:  # the runs and their own seeds (the sweep derives them), features aside
+        m.setattr(sweep_mod, "missing_features", lambda reader, cfgs: None)
+        points = expand(load_sweep(str(f)), str(tmp_path / "sw"))
+    for seed in sorted({p.cfg.seed for p in points}):
+        cache_features(str(store), student, seed=seed, device="cpu", progress=False, log=quiet)
+    spec_ = load_sweep(str(f))
+    jobs = make_jobs(points, True, _backbones(spec_, points))
+    assert [len(j) for j in jobs] == [1, 1, 1, 1]  # no two share a backbone: nothing to pack, nothing fails
+    assert [len(j) for j in make_jobs(points, True)] == [4]  # without the backbones: one pack, which failed
+    res = run_sweep(spec_, str(tmp_path / "sw"), progress=False, log=quiet)
+    assert res["results"]["run"].nunique() == 4
 
 
 def test_a_sweep_packs_heads_and_scores_like_one_run_at_a_time(feature_store, tmp_path):

@@ -202,18 +202,21 @@ def _points(spec: SweepSpec, sweep_dir: str, keys: List[str], reader, named_as: 
     return out
 
 
-def make_jobs(points: List[SweepPoint], pack_heads: bool = False) -> List[List[SweepPoint]]:
+def make_jobs(points: List[SweepPoint], pack_heads: bool = False,
+              backbones: Optional[List[Optional[str]]] = None) -> List[List[SweepPoint]]:
     """One job per run; with ``pack_heads``, head-only runs that differ only in seed, learning rate
-    and weight decay form one job each (a pack trained as one vectorised model)."""
+    and weight decay form one job each (a pack trained as one vectorised model). ``backbones``: each
+    point's backbone (``features.backbones``): a pack's heads share one, so a student the seed builds
+    differently (random weights) packs only runs of one seed."""
     if not pack_heads:
         return [[p] for p in points]
     from ..heads import can_pack, pack_key
 
     packs: Dict[str, List[SweepPoint]] = {}
     jobs: List[List[SweepPoint]] = []
-    for p in points:
+    for i, p in enumerate(points):
         if can_pack(p.cfg):
-            key = pack_key(p.cfg)
+            key = pack_key(p.cfg) + (f"/{backbones[i]}" if backbones is not None else "")
             if key not in packs:
                 packs[key] = []
                 jobs.append(packs[key])
@@ -221,6 +224,13 @@ def make_jobs(points: List[SweepPoint], pack_heads: bool = False) -> List[List[S
         else:
             jobs.append([p])
     return jobs
+
+
+def _backbones(spec: SweepSpec, points: List[SweepPoint]) -> List[Optional[str]]:
+    from ..features import backbones
+
+    with open_store(spec.store) as reader:
+        return backbones(reader.dim, [p.cfg for p in points])
 
 
 def collect(sweep_dir: str, names: Optional[List[str]] = None) -> pd.DataFrame:
@@ -475,7 +485,7 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, launcher: Optional[str] = None, d
     note = selection_note(points)
     if note:
         log(note)
-    jobs = make_jobs(points, spec.pack_heads)
+    jobs = make_jobs(points, spec.pack_heads, _backbones(spec, points) if spec.pack_heads else None)
     with interrupt.graceful(lambda _s: log("stopping: no new run starts; running runs save a checkpoint "
                                            "(Ctrl-C again to stop at once)")):
         statuses = LAUNCHERS.get(name)(jobs, spec, sweep_dir, device=device, progress=progress, **launcher_args)
