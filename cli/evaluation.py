@@ -18,7 +18,7 @@ from ._app import main, refuse_path_through_file
               help="tidy results file (updated: rows of the same run, store, holdout, protocol, split, domain and "
                    "metric are replaced)")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--finetune-steps", default=50, show_default=True,
+@click.option("--finetune-steps", type=click.IntRange(min=0), default=50, show_default=True,
               help="with few_shot on runs: also fine-tune the student on the shots for this many steps (0: skip)")
 @click.option("--finetune-mode", type=click.Choice(["shots", "mixed"]), default="shots", show_default=True,
               help="shots: L_cls on the shots; mixed: shots mixed into training batches, full loss (Li et al.)")

@@ -44,7 +44,7 @@ def train(store, recipe, student, config_path, out, device, overrides, no_progre
 @click.argument("sweep_file", required=False)
 @click.option("--out", help="sweep directory (default sweeps/<file name>)")
 @click.option("--launcher", help="serial | local | ray (default: the sweep file's)")
-@click.option("--workers", type=int, help="local launcher: worker processes")
+@click.option("--workers", type=click.IntRange(min=1), help="local launcher: worker processes")
 @click.option("--address", help="ray launcher: cluster address (default: a local Ray instance)")
 @click.option("--device", default="auto", show_default=True)
 @overrides_option("grid.seed=[0,1]")

@@ -178,6 +178,10 @@ def test_teacher_baselines_hold_out_the_classes_a_run_names(synthetic_store, tmp
         bad = CliRunner().invoke(main, ["evaluate", "--store", str(synthetic_store), *protocols,
                                         "--out", str(out), *args])
         assert bad.exit_code == 2 and said in bad.output, (args, bad.output)
+    for args, said in ((["evaluate", str(tmp_path), "--finetune-steps", "-5"], "--finetune-steps"),
+                       (["sweep", "demo", "--workers", "0"], "--workers")):  # both accepted before (a trial)
+        bad = CliRunner().invoke(main, args)
+        assert bad.exit_code == 2 and said in bad.output and "not in the range" in bad.output, bad.output
     ran = CliRunner().invoke(main, ["evaluate", str(tmp_path), "--transfer", "--out", str(out)])
     assert ran.exit_code == 2 and "--transfer scores runs on another store: give it as --store PATH" in ran.output
 
