@@ -12,6 +12,7 @@ import json
 import os
 import uuid
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, Tuple, Union
 
@@ -132,3 +133,8 @@ def _flocked(path: PathLike, wait: bool):
         os.close(fd)
         raise
     return fd
+
+
+def utc_now() -> str:
+    """Now, as the manifests and store records write it (UTC, ISO 8601, to the second)."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

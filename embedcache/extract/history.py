@@ -8,15 +8,13 @@ killed with -9 is still listed (with the blocks it finished and no end time)."""
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
 from typing import Any, Dict, List
+
+from ..config import flatten
+from ..fileio import utc_now
 
 # settings that never change what a call writes or pays
 _UNRECORDED = ("progress",)
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 class CallRecord:
@@ -27,7 +25,7 @@ class CallRecord:
         self.store = None
         self.name = f"{time.time_ns():020d}-{call}"  # sorts by start, finer than the recorded seconds
         self.entry: Dict[str, Any] = {
-            "call": call, "began": _now(), "ended": None, "blocks": 0, "finished": False,
+            "call": call, "began": utc_now(), "ended": None, "blocks": 0, "finished": False,
             "device": manifest["device"], "threads": manifest.get("threads"), "versions": manifest["versions"],
             "config": {k: v for k, v in manifest["config"].items() if k not in _UNRECORDED},
         }
@@ -42,13 +40,13 @@ class CallRecord:
 
     def finishing(self) -> Dict[str, Any]:
         """This call's entry as it ends by finishing the store (for the manifest written as it does)."""
-        return {**self.entry, "ended": _now(), "finished": True}
+        return {**self.entry, "ended": utc_now(), "finished": True}
 
     def close(self, finished: bool = False) -> None:
         """The call's end (``finished``: it wrote the store's tables and completed it)."""
         if self.store is None:
             return
-        self.entry["ended"] = _now()
+        self.entry["ended"] = utc_now()
         self.entry["finished"] = self.entry["finished"] or finished
         try:
             self._write()
@@ -75,14 +73,8 @@ def calls_of(history: List[Dict[str, Any]], made: Dict[str, Any], versions: Dict
     return out
 
 
-def differing(a: Dict[str, Any], b: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    """``b``'s values, by dotted key, where they differ from ``a``'s (None: a key ``b`` lacks)."""
-    out: Dict[str, Any] = {}
-    for k in sorted(set(a) | set(b)):
-        x, y = a.get(k), b.get(k)
-        if isinstance(x, dict) and isinstance(y, dict):
-            out.update(differing(x, y, f"{prefix}{k}."))
-        elif x != y:
-            out[f"{prefix}{k}"] = y
-    return out
-
+def differing(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Any]:
+    """``b``'s values, by dotted key (as ``--set`` takes them), where they differ from ``a``'s (None: a
+    key ``b`` lacks)."""
+    fa, fb = flatten(a), flatten(b)
+    return {k: fb.get(k) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}

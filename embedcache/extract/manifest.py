@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import platform
-from datetime import datetime, timezone
 from typing import Any, Dict, Optional
 
 import torch
@@ -12,7 +11,7 @@ import torch
 from ..config import ExtractConfig, to_dict
 from ..datasets import ImageDataset
 from ..device import device_name
-from ..fileio import json_digest
+from ..fileio import json_digest, utc_now
 from ..store import SCHEMA_VERSION, cache_key
 from ..text import prompts_digest
 from ..views import param_fields
@@ -60,7 +59,7 @@ def build_manifest(cfg: ExtractConfig, dataset: ImageDataset, teacher, prompts,
         "pipeline": pipeline, **extra,
         "config": to_dict(cfg), "versions": library_versions(), "device": device_name(teacher.device),
         "threads": torch.get_num_threads(),  # CPU float reductions round by how they are split
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": utc_now(),
     }
 
 

@@ -27,7 +27,6 @@ import json
 import os
 import socket
 import time
-from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
@@ -36,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import DatasetError, StoreDamagedError, StoreError, StoreMismatchError
+from ..fileio import utc_now
 from .backends import BACKENDS, backend_name_for
 from .integrity import IntegrityReport, checksum
 from .layout import SCHEMA_VERSION, packable, packed_rows
@@ -82,10 +82,6 @@ def _store_above(path: str) -> Optional[Path]:
         else:
             return None  # a store's folders each have their zarr.json: above the first without, no store
     return None
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 class _PartChecks:
@@ -644,7 +640,7 @@ class Store:
             self.b.put_blob(BLOCKS_SUMMARY, summary)
             sums = {**self.manifest.get("checksums", {}), **self._pending_sums}
             self.write_manifest({**self.manifest, **fields, "checksums": sums, SUMMARY_KEY: checksum(summary),
-                                 "complete": True, "finished": _now()})
+                                 "complete": True, "finished": utc_now()})
             self.b.flush()
 
     # --- verification ---------------------------------------------------------------------------------
