@@ -310,7 +310,7 @@ def test_a_block_redone_behind_the_summarys_back_is_held_to_its_own_checksum(tmp
         got = reader.read("image/emb")
         assert np.array_equal(got[4:8], new) and np.array_equal(got[8:], arrays["image/emb"][8:])
         assert reader.verify().files.get("blocks.npz") == "disagrees with the blocks' own blocks/done and blocks/crc32c"
-    monkeypatch.setattr("embedcache.store.store._now", lambda: "2026-12-03T00:00:00Z")
+    monkeypatch.setattr("embedcache.store.store.utc_now", lambda: "2026-12-03T00:00:00Z")
     with Store(path, "a") as st:
         st.finish()
         assert np.array_equal(st.read("image/emb")[4:8], new)
