@@ -606,3 +606,40 @@ def test_a_sweep_whose_recipes_keep_checkpoints_by_different_rules_says_so(synth
     with_val = _sweep_file(tmp_path, own, grid={"recipe": ["ce", "li_iccv23"], "seed": [0]},
                            base={"student": {"name": "test_resnet", "input_size": 32}, "split": {"val_fraction": 0.0}})
     assert "best_val: ce" in selection_note(expand(load_sweep(str(with_val)), str(tmp_path / "w")))
+
+
+def test_a_launch_with_other_settings_while_another_runs_is_refused(synthetic_store, tmp_path):
+    """Two launches into one folder with other settings, the second before the first had a result,
+    were both accepted: each scored runs under its own settings into one table, and sweep.yaml
+    named the last. A launch that is still running pins the folder's settings."""
+    import threading
+
+    f = _sweep_file(tmp_path, synthetic_store, holdout_domains=["outline"], grid={"recipe": ["ce"], "seed": [0, 1]})
+    out = tmp_path / "sw"
+    started, release, errors = threading.Event(), threading.Event(), []
+
+    def hold(status):
+        started.set()
+        release.wait(60)
+
+    def first():
+        try:
+            run_sweep(load_sweep(str(f)), str(out), progress=False, log=lambda m: None, on_run=hold)
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    try:
+        assert started.wait(120)
+        (out / "results").mkdir(exist_ok=True)
+        for p in (out / "results").glob("*.parquet"):
+            p.unlink()  # as if the first launch had no result yet: its settings still hold
+        with pytest.raises(ConfigError, match=r"another launch of sweep .* is running with other settings "
+                                              r"\(base.steps: 4 -> 6\); wait for it to end, or use another --out"):
+            run_sweep(load_sweep(str(f), ["base.steps=6"]), str(out), progress=False, log=lambda m: None)
+    finally:
+        release.set()
+        thread.join(120)
+    assert not errors, errors
+    assert yaml.safe_load((out / "sweep.yaml").read_text())["base"]["steps"] == 4

@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -36,6 +37,7 @@ from ..finetune import MODES as FINETUNE_MODES
 from ..recipes import RECIPES, definition_change
 from ..rundir import RunDir
 from ..train import NAMED_WHEN_SET, run_name, selection_rule, settings_identity
+from .claim import Launch
 from .launchers import LAUNCHERS, check_options
 from .worker import SweepPoint, result_path, run_one, sweep_tags, variant
 
@@ -358,13 +360,14 @@ def _same_value(a: Any, b: Any) -> bool:
     return number(a) is not None and number(a) == number(b)
 
 
-def _require_same_spec(sweep_dir: str, spec: SweepSpec) -> None:
+def _require_same_spec(sweep_dir: str, spec: SweepSpec, others_live: bool = False) -> None:
     """A sweep folder holds the runs of one spec: relaunched with other base settings its table pooled
     the old and new runs as replicates, and scoring settings (finetune_steps) changed nothing of runs
-    already scored while sweep.yaml claimed them."""
+    already scored while sweep.yaml claimed them. ``others_live``: another launch is running, so its
+    settings hold even before any run of it finished (two launches scored into one table)."""
     f = Path(sweep_dir) / "sweep.yaml"
-    if not f.is_file() or not any(Path(sweep_dir).glob("results/*.parquet")):
-        return  # nothing finished yet: nothing a changed spec could be pooled with
+    if not f.is_file() or not (others_live or any(Path(sweep_dir).glob("results/*.parquet"))):
+        return  # nothing finished and nothing running: nothing a changed spec could be pooled with
     raw = yaml.safe_load(f.read_text()) or {}
     defaults = flatten(to_dict(SweepSpec(store="")))  # settings added since that sweep.yaml was written
     old = {**defaults, **flatten(raw)}
@@ -375,6 +378,9 @@ def _require_same_spec(sweep_dir: str, spec: SweepSpec) -> None:
         shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:3])
         moved = any(k.startswith("base.") and new.get(k) is None and k[len("base."):] in spec.grid for k in changed)
         hint = " (a base setting moved into the grid keeps its base value among the grid's)" if moved else ""
+        if others_live:
+            raise ConfigError(f"another launch of sweep {sweep_dir} is running with other settings ({shown}){hint}; "
+                              "wait for it to end, or use another --out for these")
         raise ConfigError(f"sweep {sweep_dir} was launched with other settings ({shown}){hint}; relaunch it with "
                           f"its own (its sweep.yaml), or use another --out for these")
 
@@ -459,27 +465,51 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, launcher: Optional[str] = None, d
     name = launcher or spec.launcher
     launcher_args = {k: v for k, v in launcher_args.items() if v is not None}
     check_options(name, launcher_args)
-    _require_same_spec(sweep_dir, spec)
+    _require_same_spec(sweep_dir, spec)  # before expanding: a clearer line than what the changed grid fails on
     points = expand(spec, sweep_dir)
     _require_current_recipes(sweep_dir, points)
-    try:
+    with _one_line_when_full(sweep_dir):
         Path(sweep_dir).mkdir(parents=True, exist_ok=True)
-        named_as = _named_as(sweep_dir, spec.store)
-        _require_one_store(sweep_dir, spec.store)
-        if _named_as(sweep_dir, spec.store) != named_as:  # another launch created store.json first
-            points = expand(spec, sweep_dir)
-        atomic_write_text(Path(sweep_dir) / "sweep.yaml", yaml.safe_dump(to_dict(spec), sort_keys=True))
-        atomic_write_text(Path(sweep_dir) / "runs.json", json.dumps(sorted(Path(p.cfg.out).name for p in points)))
-        tags = {Path(p.cfg.out).name: sweep_tags(spec, p) for p in points}
-        atomic_write_text(Path(sweep_dir) / "tags.json", json.dumps(tags, sort_keys=True))  # this launch's grid
-        for p in points:  # runs made under an earlier grid (or version) carry today's tags, for `evaluate runs/`
-            run = RunDir(p.cfg.out)
-            if run.file("sweep.json").is_file() and run.sweep_tags != tags[run.name]:
-                run.write_sweep_tags(tags[run.name])
+        with Launch(sweep_dir) as launch:
+            points = _settle(spec, sweep_dir, points, launch.others_live)
+            launch.settle()
+            return _launch(spec, sweep_dir, points, name, device, progress, log, launcher_args)
+
+
+def _settle(spec: SweepSpec, sweep_dir: str, points: List[SweepPoint], others_live: bool) -> List[SweepPoint]:
+    """Behind the launch gate: the folder's store and settings are checked, then this launch's grid
+    written (sweep.yaml, runs.json, tags). Returns the points, named as the folder names its store."""
+    named_as = _named_as(sweep_dir, spec.store)
+    _require_one_store(sweep_dir, spec.store)
+    _require_same_spec(sweep_dir, spec, others_live)
+    if _named_as(sweep_dir, spec.store) != named_as:  # another launch created store.json first
+        points = expand(spec, sweep_dir)
+    atomic_write_text(Path(sweep_dir) / "sweep.yaml", yaml.safe_dump(to_dict(spec), sort_keys=True))
+    atomic_write_text(Path(sweep_dir) / "runs.json", json.dumps(sorted(Path(p.cfg.out).name for p in points)))
+    tags = {Path(p.cfg.out).name: sweep_tags(spec, p) for p in points}
+    atomic_write_text(Path(sweep_dir) / "tags.json", json.dumps(tags, sort_keys=True))  # this launch's grid
+    for p in points:  # runs made under an earlier grid (or version) carry today's tags, for `evaluate runs/`
+        run = RunDir(p.cfg.out)
+        if run.file("sweep.json").is_file() and run.sweep_tags != tags[run.name]:
+            run.write_sweep_tags(tags[run.name])
+    return points
+
+
+@contextmanager
+def _one_line_when_full(sweep_dir: str):
+    try:
+        yield
+    except DiskFullError:
+        raise  # already one line (how many runs finished)
     except OSError as exc:
         if is_disk_full(exc):
             raise disk_full_error(sweep_dir, "free space or choose --out on a larger disk") from exc
         raise
+
+
+def _launch(spec: SweepSpec, sweep_dir: str, points: List[SweepPoint], name: str, device: str, progress: bool,
+            log: Callable[[str], None], launcher_args: Dict) -> Dict[str, Any]:
+    """Run the jobs not finished, then write the table and report of this launch's grid."""
     finished = sum(result_path(sweep_dir, Path(p.cfg.out).name).exists() for p in points)
     log(f"sweep {sweep_dir}: {len(points)} runs ({spec.protocol}), {finished} already finished, launcher {name}")
     note = selection_note(points)
@@ -504,10 +534,5 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, launcher: Optional[str] = None, d
     if stopped or counts["interrupted"]:
         raise SweepInterrupted(f"interrupted: {finished} of {len(points)} runs finished (trained and scored); rerun "
                                "the same command to resume")
-    try:
-        results = _write_outputs(sweep_dir, points)
-    except OSError as exc:
-        if is_disk_full(exc):
-            raise disk_full_error(sweep_dir, "free space or choose --out on a larger disk") from exc
-        raise
+    results = _write_outputs(sweep_dir, points)
     return {"runs": len(points), **counts, "results": results, "run_dirs": [p.cfg.out for p in points]}

@@ -1,4 +1,5 @@
-"""An exclusive claim on a run directory that two processes can never both hold.
+"""Kernel locks: an exclusive claim on a run directory that two processes can never both hold, and
+a sweep launch's hold on its folder (``Launch``).
 
 ``flock`` on a lock file: the kernel releases it when the holder exits or dies, so a dead worker's
 claim needs no staleness check and no takeover race (the old check-pid-then-unlink takeover let
@@ -49,3 +50,44 @@ class Claim:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+
+
+class Launch:
+    """A sweep launch's hold on its folder, so two launches never both decide its settings.
+
+    Every launch takes ``.launch.lock`` exclusively while it compares its settings with the folder's
+    and writes them (``settle()`` lets it go), and holds ``.live.lock`` shared until it ends, so
+    launches of one spec run side by side. ``others_live`` says whether another launch held the live
+    lock when this one came: its settings are then the folder's, whether or not a run has finished.
+    Works with ``with``; the kernel drops both locks if the process dies.
+    """
+
+    def __init__(self, sweep_dir: Path):
+        self.dir = Path(sweep_dir)
+        self.gate = self.live = None
+        self.others_live = False
+
+    def __enter__(self) -> "Launch":
+        self.gate = os.open(self.dir / ".launch.lock", os.O_CREAT | os.O_RDWR, 0o644)
+        fcntl.flock(self.gate, fcntl.LOCK_EX)  # launches wait here only while one compares and writes
+        self.live = os.open(self.dir / ".live.lock", os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(self.live, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.others_live = True
+        fcntl.flock(self.live, fcntl.LOCK_SH)  # an exclusive live lock is only ever held behind the gate
+        return self
+
+    def settle(self) -> None:
+        """This launch's settings are written: the next launch may compare with them."""
+        if self.gate is not None:
+            fcntl.flock(self.gate, fcntl.LOCK_UN)
+            os.close(self.gate)
+            self.gate = None
+
+    def __exit__(self, *exc) -> None:
+        self.settle()
+        if self.live is not None:
+            fcntl.flock(self.live, fcntl.LOCK_UN)
+            os.close(self.live)
+            self.live = None
