@@ -7,9 +7,10 @@ episodes, and returns rows in the results schema (``embedcache.evaluate.results`
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple, Union
-
+import warnings
+from dataclasses import replace
 from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -26,6 +27,7 @@ from embedcache.evaluate.store_eval import eval_data, run_protocols
 
 from .config import SplitConfig
 from .data import StoreData
+from .leakage import seen_rows
 from .providers import student_views
 from .rundir import RunDir
 from .train import settings_digest
@@ -188,6 +190,22 @@ def _teacher_words(manifest: Dict) -> str:
     return f"teacher.name={t.get('name')}" + (f", model {model}" if model else "")
 
 
+def _unseen_only(run: RunDir, reader: StoreReader, path: str) -> np.ndarray:
+    """The transfer store's usable rows less the images the run trained on or selected with (a
+    warning says how many were left out); refused when that leaves none."""
+    seen = seen_rows(run, reader)
+    if seen is None or not seen.any():
+        return reader.ok
+    left = reader.ok & ~seen
+    if not left.any():
+        raise StoreMismatchError(f"every image of {path} is one run {run.name} trained on or selected its weights "
+                                 "with; score it on its own store without --transfer (its split scores the images "
+                                 "it never saw)")
+    warnings.warn(f"run {run.name}: {int(seen.sum())} of {int(reader.ok.sum())} images of {path} are images it trained "
+                  "on or selected its weights with (the same canvases); its transfer scores leave them out")
+    return left
+
+
 def score_run(run: Union[str, RunDir], protocols: Sequence[str] = ("lodo",), store: Optional[str] = None,
               device: str = "auto", options: Optional[Dict] = None, finetune_steps: int = 0,
               finetune_mode: str = "shots", tags: Optional[Dict] = None, transfer: bool = False) -> pd.DataFrame:
@@ -211,14 +229,16 @@ def score_run(run: Union[str, RunDir], protocols: Sequence[str] = ("lodo",), sto
             split = {"text_source": split["text_source"], "predict": split["predict"],
                      "seen_classes": split["seen_classes"], "holdout_domains": []}
         data = StoreData(reader, split["text_source"], SplitConfig(val_fraction=0.0), training=False)
+        if transfer:
+            data.ok = _unseen_only(run, reader, path)
         needed = rows_read(protocols, reader.meta["domain"].to_numpy(), data.ok, split.get("holdout_domains"),
                            split.get("val_idx"))  # lodo: the held-out and validation rows, not the training images
         emb, scores = embed_rows(model, data, split["seen_classes"], split["predict"] == "linear", dev, rows=needed,
                                  features=features)
         all_tags = {**run_tags(run, reader, transfer), **(tags or {})}
         with named_warnings(f"run {run.name}"):
-            frames = [run_protocols(eval_data(reader, split["text_source"], emb, split, scores), protocols, all_tags,
-                                    options)]
+            scored = replace(eval_data(reader, split["text_source"], emb, split, scores), ok=data.ok)
+            frames = [run_protocols(scored, protocols, all_tags, options)]
         if finetune:
             from .finetune import few_shot_finetune
 

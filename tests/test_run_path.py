@@ -2,6 +2,7 @@
 an updated results file, the teacher-online target provider, the paper fidelity fixes, and every
 store operation on every backend."""
 import json
+import warnings
 import os
 import shutil
 
@@ -300,12 +301,16 @@ def test_transfer_scores_a_run_on_another_store_of_the_same_teacher(synthetic_st
     from embedcache.students.scoring import score_run
 
     train(_cfg(synthetic_store, tmp_path / "r", split=SplitConfig(holdout_domains=("outline",))), log=quiet)
-    other = make_cfg("other.zarr", "views.count=2", "dataset.per_class=3", "text.sources=[name,templates,attributes]",
+    other = make_cfg("other.zarr", "views.count=2", "dataset.per_class=3", "dataset.seed=1",
+                     "text.sources=[name,templates,attributes]",
                      "text.attributes=synthetic")  # same teacher and classes, other images and views
     extract(other, teacher=tiny_teacher, log=quiet)
     with pytest.raises(StoreError, match="was made from other inputs"):
         score_run(tmp_path / "r", ["lodo"], other.out)
-    rows = score_run(tmp_path / "r", ["lodo"], other.out, transfer=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # other images: none is taken for a training image
+        warnings.filterwarnings("ignore", message=".*collapsed model")
+        rows = score_run(tmp_path / "r", ["lodo"], other.out, transfer=True)
     top1 = rows[rows.metric == "top1"]
     assert set(top1.split) == {"zero_shot"} and set(top1.domain) == {"outline", "solid", "avg"}
     assert set(rows.holdout) == {"transfer"} and int(top1[top1.domain == "solid"].n.iloc[0]) == 9
@@ -398,6 +403,39 @@ def test_one_teacher_reached_two_ways_is_one_teacher():
     assert same_teacher(a, b) and not same_teacher(a, manifest("http://a/v1", "/x/ledger.sqlite", "d2"))
     old = [{k: v for k, v in m.items() if k != "key_parts"} for m in (a, b)]  # stores from before the digests
     assert same_teacher(*old) and not same_teacher(old[0], {"teacher": {**old[1]["teacher"], "model": "m2"}})
+
+
+def test_transfer_leaves_out_the_images_the_run_trained_on(synthetic_store, make_cfg, tiny_teacher, tmp_path):
+    """A transfer store holding the run's own training images (its dataset extracted again with other
+    views) scored them as unseen test images: 90-100% in a trial. They are matched by canvas content
+    and left out, with a warning; a store of nothing else is refused."""
+    from embedcache.extract import extract
+    from embedcache.students.scoring import score_run
+
+    train(_cfg(synthetic_store, tmp_path / "r", split=SplitConfig(holdout_domains=("outline",))), log=quiet)
+    again = make_cfg("again.zarr", "views.count=2", "dataset.per_class=8", "text.sources=[name,templates,attributes]",
+                     "text.attributes=synthetic")  # the same images (and canvas size), other views: another key
+    extract(again, teacher=tiny_teacher, log=quiet)
+    split = json.loads((tmp_path / "r" / "split.json").read_text())
+    used = len(split["train_idx"]) + len(split["val_idx"])
+    with pytest.warns(UserWarning, match=rf"run .*: {used} of 48 images of .*again.zarr are images it trained on or "
+                                         r"selected its weights with \(the same canvases\); its transfer scores leave "
+                                         r"them out"):
+        rows = score_run(tmp_path / "r", ["lodo"], again.out, transfer=True)
+    top1 = rows[(rows.metric == "top1") & (rows.domain != "avg")]
+    assert dict(zip(top1.domain, top1.n)) == {"outline": 24}  # every solid image was trained or selected on
+    own = score_run(tmp_path / "r", ["lodo"])  # the same held-out images as on its own store, the same scores
+    own_top1 = own[(own.metric == "top1") & (own.split == "out_of_domain") & (own.domain == "outline")]
+    assert float(own_top1.value.iloc[0]) == pytest.approx(float(top1.value.iloc[0]))
+    train(_cfg(synthetic_store, tmp_path / "all"), log=quiet)  # every domain: nothing left to transfer to
+    with pytest.raises(StoreError, match=r"every image of .*again.zarr is one run .* trained on or selected its weights "
+                                         r"with; score it on its own store without --transfer"):
+        score_run(tmp_path / "all", ["lodo"], again.out, transfer=True)
+    bigger = make_cfg("bigger.zarr", "canvas.size=56", "dataset.per_class=8")
+    extract(bigger, teacher=tiny_teacher, log=quiet)
+    with pytest.warns(UserWarning, match=r"holds images the run trained on cannot be checked: their canvases differ in "
+                                         r"size \(48 and 56 pixels\); its transfer scores count every image as unseen"):
+        score_run(tmp_path / "r", ["lodo"], bigger.out, transfer=True)
 
 
 def test_transfer_to_the_runs_own_store_by_another_path_keeps_its_split(synthetic_store, tmp_path):

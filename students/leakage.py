@@ -1,0 +1,79 @@
+"""Which images of another store a run has already seen (``evaluate --transfer``).
+
+A transfer store's images all count as unseen, so one that holds the run's own training or
+validation images (the whole dataset, when the run trained on one domain's CSV; the same dataset
+extracted again with other views) scored them as test images. Images are matched by content: the
+CRC-32C of each image's canvas (the pixels the teacher saw, or the ``image/canvas_crc32c`` a store
+without pixels keeps) joined with its class name's CRC-32, a 64-bit identity that paths, copies and
+machines leave alone. Canvases of two sizes are never equal, so stores with other canvas sizes
+cannot be compared: the caller is told so.
+"""
+from __future__ import annotations
+
+import warnings
+import zlib
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+
+from embedcache import interrupt
+from embedcache.api import StoreReader
+from embedcache.errors import StoreError
+from embedcache.store import checksum
+
+from .rundir import RunDir
+
+_DIGESTS: Dict[Tuple[str, str], Optional[np.ndarray]] = {}  # (path, key) -> digests: a store read once per process
+
+
+def canvas_digests(reader: StoreReader) -> Optional[np.ndarray]:
+    """(N,) uint64: each image's canvas CRC-32C (high half) and class name CRC-32 (low half); 0 for
+    unreadable rows. None for a store that keeps neither pixels nor canvas checksums (made before them)."""
+    cached = (str(reader.path), reader.key)
+    if cached not in _DIGESTS:
+        _DIGESTS[cached] = _digests(reader)
+    return _DIGESTS[cached]
+
+
+def _digests(reader: StoreReader) -> Optional[np.ndarray]:
+    ok = reader.ok
+    if reader.layout.get("store_pixels"):
+        pixels, crc = reader.pixels(), np.zeros(len(ok), np.uint64)
+        for i in np.flatnonzero(ok):
+            if i % 1024 == 0:
+                interrupt.check("comparing the stores' images")
+            crc[i] = checksum(pixels[i])
+    elif reader.store.has("image/canvas_crc32c"):
+        crc = reader.store.read("image/canvas_crc32c").astype(np.uint64)
+    else:
+        return None
+    names = np.array([zlib.crc32(c.encode()) for c in reader.classes], np.uint64)[reader.meta["label"].to_numpy()]
+    return np.where(ok, (crc << np.uint64(32)) | names, np.uint64(0))
+
+
+def seen_rows(run: RunDir, reader: StoreReader) -> Optional[np.ndarray]:
+    """(N,) bool over ``reader``'s rows: images the run trained on or selected its weights with
+    (split.json's train_idx and val_idx on its own store). None, with a warning saying why, when the
+    two stores cannot be compared."""
+    try:
+        own_path = run.store_path()
+    except StoreError:
+        return _cannot(run, reader, f"its store is not at {run.config.get('store_path') or run.config.get('store')} "
+                                    "(put it back there to have them compared)")
+    with StoreReader(own_path) as own:
+        if int(own.layout["canvas"]) != int(reader.layout["canvas"]):
+            return _cannot(run, reader, f"their canvases differ in size ({own.layout['canvas']} and "
+                                        f"{reader.layout['canvas']} pixels)")
+        own_digests, other = canvas_digests(own), canvas_digests(reader)
+        if own_digests is None or other is None:
+            return _cannot(run, reader, "one keeps neither pixels nor canvas checksums (a store made before them)")
+        split = run.split
+        used = np.asarray(list(split.get("train_idx") or []) + list(split.get("val_idx") or []), np.int64)
+        seen = own_digests[used]
+    return np.isin(other, seen[seen != 0]) & reader.ok
+
+
+def _cannot(run: RunDir, reader: StoreReader, why: str) -> None:
+    warnings.warn(f"run {run.name}: whether {reader.path} holds images the run trained on cannot be checked: {why}; "
+                  "its transfer scores count every image as unseen")
+    return None
