@@ -60,6 +60,12 @@ class BatchContext:
         return F.normalize(_full(self.text), dim=-1)
 
 
+def reads_embedding(name: str, args: dict) -> bool:
+    """Whether loss ``name`` (with ``args``) trains the student's embedding s: all but ``ce`` and a
+    ``kd`` on the linear classifier's logits, which read the logits alone."""
+    return not (name == "ce" or (name == "kd" and args.get("student") == "linear"))
+
+
 @LOSSES.register("ce")
 def ce(ctx: BatchContext, temperature: float = 1.0) -> torch.Tensor:
     """Supervised cross-entropy on the student's linear classifier logits / ``temperature`` (labels only)."""

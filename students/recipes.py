@@ -108,6 +108,15 @@ def definition(recipe: Recipe, averaging: str = "none") -> Dict:
     return json.loads(json.dumps(d))
 
 
+def trains_embedding(recorded: Dict) -> bool:
+    """Whether a run's losses (its recorded ``definition``) train its embedding, the projection the
+    distillation metrics compare with the teacher's: a classifier recipe (ce, naive_kd, linear_probe)
+    trains its linear classifier alone and leaves the projection as it was initialised."""
+    from .losses import reads_embedding
+
+    return any(w and reads_embedding(n, st["args"].get(n, {})) for st in recorded["stages"] for n, w in st["losses"].items())
+
+
 def definition_change(cfg, recorded) -> str:
     """'' when a run of ``cfg`` that recorded ``recorded`` (None: made before records) trained as
     ``cfg`` trains now; else what differs, in words."""

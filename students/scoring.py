@@ -206,6 +206,19 @@ def _unseen_only(run: RunDir, reader: StoreReader, path: str) -> np.ndarray:
     return left
 
 
+def _embedding_trained(run: RunDir) -> bool:
+    """Whether the run's losses trained the embedding the distill protocol measures; if not, a warning
+    says its distill rows are left out (they measured a projection as it was initialised)."""
+    from .recipes import definition, recipe_of, trains_embedding
+
+    cfg = run.train_config
+    if trains_embedding(run.config.get("recipe_definition") or definition(recipe_of(cfg), cfg.averaging)):
+        return True
+    warnings.warn(f"run {run.name}: no loss of recipe {cfg.recipe} trains its embedding (it trains a linear classifier), "
+                  "so the distill rows, which compare that embedding with the teacher's, are left out")
+    return False
+
+
 def score_run(run: Union[str, RunDir], protocols: Sequence[str] = ("lodo",), store: Optional[str] = None,
               device: str = "auto", options: Optional[Dict] = None, finetune_steps: int = 0,
               finetune_mode: str = "shots", tags: Optional[Dict] = None, transfer: bool = False) -> pd.DataFrame:
@@ -237,7 +250,8 @@ def score_run(run: Union[str, RunDir], protocols: Sequence[str] = ("lodo",), sto
                                  features=features)
         all_tags = {**run_tags(run, reader, transfer), **(tags or {})}
         with named_warnings(f"run {run.name}"):
-            scored = replace(eval_data(reader, split["text_source"], emb, split, scores), ok=data.ok)
+            with_teacher = "distill" not in protocols or _embedding_trained(run)
+            scored = replace(eval_data(reader, split["text_source"], emb, split, scores, with_teacher), ok=data.ok)
             frames = [run_protocols(scored, protocols, all_tags, options)]
         if finetune:
             from .finetune import few_shot_finetune

@@ -536,3 +536,26 @@ def test_a_damaged_weights_file_is_one_line_whose_fix_works(synthetic_store, tmp
     train(_cfg(synthetic_store, run), log=quiet)
     again = score_run(run, ["lodo"])
     pd.testing.assert_frame_equal(good[["split", "domain", "metric", "value"]], again[["split", "domain", "metric", "value"]])
+
+
+def test_distill_rows_are_left_out_for_runs_whose_losses_never_train_the_embedding(synthetic_store, tmp_path):
+    """A classifier recipe (ce, naive_kd, linear_probe) trains its linear classifier alone: its distill
+    rows measured the projection head as it was initialised, and read as a method's distillation."""
+    from embedcache.students.recipes import RECIPES, definition, trains_embedding
+    from embedcache.students.scoring import score_run
+
+    untrained = {n for n in RECIPES.names() if not trains_embedding(definition(RECIPES.get(n)))}
+    assert untrained == {"ce", "naive_kd", "linear_probe"}
+    for recipe in ("ce", "feat_kd"):
+        train(_cfg(synthetic_store, tmp_path / recipe, recipe=recipe, split=SplitConfig(holdout_domains=("outline",))),
+              log=quiet)
+    with pytest.warns(UserWarning, match=r"run ce: no loss of recipe ce trains its embedding .* the distill rows, which "
+                                         r"compare that embedding with the teacher's, are left out"):
+        ce = score_run(tmp_path / "ce", ["distill"])
+    assert set(ce.split) == {"text"}  # the store's own text separability stays
+    kd = score_run(tmp_path / "feat_kd", ["distill"])
+    assert {"m_rel", "teacher_student_cosine"} <= set(kd[kd.split == "distill"].metric)
+    # the run's own loss weights count: ce with a cosine term trains the embedding too
+    train(_cfg(synthetic_store, tmp_path / "ce_cos", recipe="ce", loss_weights={"cos": 1.0},
+               split=SplitConfig(holdout_domains=("outline",))), log=quiet)
+    assert "distill" in set(score_run(tmp_path / "ce_cos", ["distill"]).split)
