@@ -461,6 +461,14 @@ def test_a_relaunch_may_add_a_recipe_with_its_settings_or_move_a_base_setting_in
     with pytest.raises(ConfigError, match=r"base.steps: 4 -> 6"):
         relaunch(base={"steps": 6, "recipe": "ce"})
     relaunch(grid={"recipe": ["ce", "feat_kd"], "seed": [0]}, per_recipe={"feat_kd": {"optim": {"lr": 0.01}}})
+    # a recipe dropped from the grid takes its per_recipe block along (kept, it would name no run)
+    first = {**first, "grid": {"recipe": ["ce", "feat_kd"], "seed": [0]}, "per_recipe": {"feat_kd": {"optim": {"lr": 0.01}}}}
+    (out / "sweep.yaml").write_text(yaml.safe_dump(first))
+    relaunch(grid={"recipe": ["ce"], "seed": [0]}, per_recipe={})
+    with pytest.raises(ConfigError, match=r"per_recipe.feat_kd.optim.lr"):  # still in the grid: its runs would change
+        relaunch(per_recipe={})
+    first = {k: v for k, v in first.items() if k != "per_recipe"} | {"grid": {"seed": [0]}}
+    (out / "sweep.yaml").write_text(yaml.safe_dump(first))
     with pytest.raises(ConfigError, match=r"per_recipe.ce.optim.lr"):  # the runs already made would change
         relaunch(per_recipe={"ce": {"optim": {"lr": 0.01}}})
     relaunch(base={"recipe": "ce"}, grid={"steps": [4, 6], "seed": [0]})  # base.steps 4 moved into the grid
@@ -643,3 +651,13 @@ def test_a_launch_with_other_settings_while_another_runs_is_refused(synthetic_st
         thread.join(120)
     assert not errors, errors
     assert yaml.safe_load((out / "sweep.yaml").read_text())["base"]["steps"] == 4
+
+
+def test_a_per_recipe_block_for_a_recipe_no_run_trains_is_refused(synthetic_store, tmp_path):
+    """per_recipe settings for a recipe the grid does not train were ignored without a word (a block
+    meant for the runs of a recipe left out of the grid, or under the wrong recipe's name)."""
+    f = _sweep_file(tmp_path, synthetic_store, holdout_domains=["outline"], grid={"recipe": ["ce", "feat_kd"]},
+                    per_recipe={"li_iccv23": {"optim": {"lr": 0.01}}})
+    with pytest.raises(ConfigError, match=r"per_recipe.li_iccv23 sets runs of a recipe the grid does not train \(it "
+                                          r"trains ce, feat_kd\); add li_iccv23 to grid.recipe, or remove its block"):
+        expand(load_sweep(str(f)), str(tmp_path / "sw"))

@@ -152,12 +152,22 @@ def expand(spec: SweepSpec, sweep_dir: str) -> List[SweepPoint]:
                               f"({k}.<key>: [values])")
     with open_store(spec.store) as reader:  # refuses an incomplete store
         out = _points(spec, sweep_dir, keys, reader, _named_as(sweep_dir, spec.store))
+        _require_used(spec.per_recipe, sorted({p.cfg.recipe for p in out}))
         # head-only runs' cached features, before any run (runs with results need none)
         missing = missing_features(reader, [p.cfg for p in out
                                             if not result_path(sweep_dir, Path(p.cfg.out).name).exists()])
     if missing:
         raise ConfigError(missing)
     return out
+
+
+def _require_used(per_recipe: Dict[str, Any], trained: List[str]) -> None:
+    """A per_recipe block sets the runs of its recipe: one for a recipe the grid does not train was
+    ignored without a word."""
+    for name in per_recipe:
+        if name not in trained:
+            raise ConfigError(f"per_recipe.{name} sets runs of a recipe the grid does not train (it trains "
+                              f"{', '.join(trained)}); add {name} to grid.recipe, or remove its block")
 
 
 def _points(spec: SweepSpec, sweep_dir: str, keys: List[str], reader, named_as: str) -> List[SweepPoint]:
@@ -387,12 +397,15 @@ def _require_same_spec(sweep_dir: str, spec: SweepSpec, others_live: bool = Fals
 
 def _same_runs(key: str, old: Dict, new: Dict, raw: Dict, spec: SweepSpec) -> bool:
     """A spec change that leaves the runs already made as they are: settings of a recipe the sweep did
-    not have (added to the grid with its per_recipe entry), and a base setting moved into the grid
-    with its value among the grid's (or out of it, keeping one of the grid's values)."""
+    not have (added to the grid with its per_recipe entry) or no longer has (dropped from the grid with
+    it), and a base setting moved into the grid with its value among the grid's (or out of it, keeping
+    one of the grid's values)."""
     if key.startswith("per_recipe."):
-        grid, base = raw.get("grid") or {}, raw.get("base") or {}
-        had = grid.get("recipe") or [base.get("recipe", TrainConfig.recipe)]
-        return key.split(".")[1] not in had
+        def recipes(grid: Dict, base: Dict) -> List[str]:
+            return (grid or {}).get("recipe") or [(base or {}).get("recipe", TrainConfig.recipe)]
+
+        name = key.split(".")[1]
+        return name not in recipes(raw.get("grid"), raw.get("base")) or name not in recipes(spec.grid, spec.base)
     if key.startswith("base."):
         name, before, after = key[len("base."):], old.get(key), new.get(key)
         if after is None and any(_same_value(before, v) for v in spec.grid.get(name) or []):
