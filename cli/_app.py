@@ -2,7 +2,8 @@
 
 Exit codes: 0 ok; 1 some sweep runs failed; 2 a user error (bad setting, unknown name, mismatched
 or damaged store); 3 a paid teacher's budget or quota ran out (resumable); 75 a full disk or an unreachable
-remote teacher (resumable: free space or wait, and rerun); 130 interrupted (resumable: rerun the same command).
+remote teacher (resumable: free space or wait, and rerun); 130 interrupted by Ctrl-C, 143 by SIGTERM (resumable:
+rerun the same command).
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ class Group(click.Group):
             exc.__traceback__ = None  # the interrupted frames go now (DataLoader workers shut down in __del__),
             gc.collect()              # not at the exit, where a repeated signal would cut them into a traceback
             click.echo(msg, err=True)
-            sys.exit(130)
+            sys.exit(128 + interrupt.stopped_by())  # 130 after Ctrl-C, 143 after SIGTERM
 
 
 def refuse_path_through_file(option: str, path: str) -> None:

@@ -21,8 +21,8 @@ def synthesize(config_path: str, out: Optional[str], overrides: Sequence[str], n
     from embedcache.synthesis import load_synthesize_config, synthesize as run
 
     cfg = load_synthesize_config(config_path, overrides, {"out": out, "progress": False if no_progress else None})
-    with interrupt.graceful(lambda _s: click.echo("stopping after this batch's iteration; finished blocks are kept "
-                                                  "(Ctrl-C again to stop at once)", err=True)):
+    what = "stopping after this batch's iteration; finished blocks are kept"
+    with interrupt.graceful(lambda signum: click.echo(interrupt.stop_notice(signum, what), err=True)):
         res = run(cfg, log=click.echo)
     if not res.skipped:
         rate = res.images / res.seconds if res.seconds > 0 else 0.0

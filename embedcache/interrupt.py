@@ -4,7 +4,7 @@ once (one sent twice together, as `timeout` sends it to the child and its proces
 
 ``with graceful():`` installs the handlers (main thread only) and restores the old ones on exit;
 ``requested()`` is what loops poll. Work that stops on request raises a ``KeyboardInterrupt``
-subclass, so the CLI prints one line and exits 130 either way.
+subclass, so the CLI prints one line and exits 128 + the signal: 130 after Ctrl-C, 143 after SIGTERM.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Optional
 _stop = threading.Event()
 _depth = [0]  # graceful() contexts open: only the outermost clears the request on exit
 _last = []  # when the last request began (every handler's, so a repeat is one whichever handler gets it)
+_by = [signal.SIGINT]  # the signal of the last request: the CLI exits 128 + it (130 Ctrl-C, 143 SIGTERM)
 
 
 def _repeat() -> bool:
@@ -43,6 +44,19 @@ def check(what: str) -> None:
         raise KeyboardInterrupt(f"stopped while {what}; rerun the same command to resume")
 
 
+def stopped_by() -> int:
+    """The signal of the last stop request (SIGINT when none came by signal)."""
+    return _by[0]
+
+
+def stop_notice(signum: int, what: str) -> str:
+    """The line a stop request prints: ``what`` happens now, and, to a person at a terminal, how to
+    stop at once (a scheduler's SIGTERM is followed by its own SIGKILL, not by a second Ctrl-C)."""
+    if signum == signal.SIGTERM:
+        return f"terminated (SIGTERM): {what}"
+    return f"{what} (Ctrl-C again to stop at once)"
+
+
 def request() -> None:
     _stop.set()
 
@@ -63,6 +77,7 @@ def graceful(on_request: Optional[Callable[[int], None]] = None) -> Iterator[Non
             return  # the same request delivered twice (`timeout` signals the child and then its group)
         if _stop.is_set():
             raise KeyboardInterrupt("stopped at once (second interrupt)")
+        _by[0] = signum
         _stop.set()
         if on_request is not None:
             on_request(signum)
@@ -93,6 +108,7 @@ def one_request_per_signal() -> None:
         return
     def handler(signum, _frame):
         if not _repeat():
+            _by[0] = signum
             raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, handler)

@@ -529,8 +529,10 @@ def _launch(spec: SweepSpec, sweep_dir: str, points: List[SweepPoint], name: str
     if note:
         log(note)
     jobs = make_jobs(points, spec.pack_heads, _backbones(spec, points) if spec.pack_heads else None)
-    with interrupt.graceful(lambda _s: log("stopping: no new run starts; running runs save a checkpoint "
-                                           "(Ctrl-C again to stop at once)")):
+    packs = any(len(job) > 1 for job in jobs)
+    what = ("stopping: no new run starts; running runs save a checkpoint" +
+            (" (a head pack has none: it trains again whole)" if packs else ""))
+    with interrupt.graceful(lambda signum: log(interrupt.stop_notice(signum, what))):
         statuses = LAUNCHERS.get(name)(jobs, spec, sweep_dir, device=device, progress=progress, **launcher_args)
         stopped = interrupt.requested()
     counts = {s: sum(1 for x in statuses if x["status"] == s)
