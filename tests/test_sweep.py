@@ -352,7 +352,7 @@ def test_a_relaunch_with_other_settings_is_refused_and_the_table_holds_the_curre
         assert res.output.strip().count("\n") == 0
     assert len(list((out / "runs").iterdir())) == 2
     fewer = CliRunner().invoke(main, ["sweep", str(f), "--out", str(out), "--no-progress", "--set", "grid.seed=[1]",
-                                      "--set", "workers=2"])
+                                      "--set", "launcher=local", "--set", "workers=2"])
     assert fewer.exit_code == 0 and "1 already done" in fewer.output, fewer.output
     assert set(pd.read_parquet(out / "results.parquet").replicate) == {1}
     rep = CliRunner().invoke(main, ["report", str(out), "--out", str(tmp_path / "rep")])
@@ -661,3 +661,19 @@ def test_a_per_recipe_block_for_a_recipe_no_run_trains_is_refused(synthetic_stor
     with pytest.raises(ConfigError, match=r"per_recipe.li_iccv23 sets runs of a recipe the grid does not train \(it "
                                           r"trains ce, feat_kd\); add li_iccv23 to grid.recipe, or remove its block"):
         expand(load_sweep(str(f)), str(tmp_path / "sw"))
+
+
+def test_launcher_settings_the_sweeps_launcher_would_not_read_are_refused(synthetic_store, tmp_path):
+    """`workers: 4` in a serial sweep's file (or Ray's `resources` under the local launcher) was ignored
+    without a word; chosen on the command line, another launcher runs with a note saying so."""
+    for launcher, setting in (("serial", {"workers": 4}), ("local", {"resources": {"num_cpus": 2}})):
+        f = _sweep_file(tmp_path, synthetic_store, holdout_domains=["outline"], grid={"recipe": ["ce"]},
+                        launcher=launcher, **setting)
+        with pytest.raises(ConfigError, match=rf"{next(iter(setting))}=.* in the sweep file does not apply to its "
+                                              rf"launcher {launcher}; leave it out, or choose the launcher that reads it"):
+            run_sweep(load_sweep(str(f)), str(tmp_path / "sw"), progress=False, log=lambda m: None)
+    f = _sweep_file(tmp_path, synthetic_store, holdout_domains=["outline"], grid={"recipe": ["ce"]}, launcher="local",
+                    workers=2)
+    said = []
+    run_sweep(load_sweep(str(f)), str(tmp_path / "sw"), launcher="serial", progress=False, log=said.append)
+    assert said[0] == "note: workers=2 in the sweep file does not apply to the serial launcher, which runs without it"

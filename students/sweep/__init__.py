@@ -38,7 +38,7 @@ from ..recipes import RECIPES, definition_change
 from ..rundir import RunDir
 from ..train import NAMED_WHEN_SET, run_name, selection_rule, settings_identity
 from .claim import Launch
-from .launchers import LAUNCHERS, check_options
+from .launchers import LAUNCHERS, check_options, unread_settings
 from .worker import SweepPoint, result_path, run_one, sweep_tags, variant
 
 __all__ = ["SweepSpec", "SweepPoint", "SweepInterrupted", "load_sweep", "expand", "run_sweep", "collect",
@@ -478,6 +478,12 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, launcher: Optional[str] = None, d
     name = launcher or spec.launcher
     launcher_args = {k: v for k, v in launcher_args.items() if v is not None}
     check_options(name, launcher_args)
+    unread = unread_settings(name, spec, SweepSpec(store=""))
+    if unread and launcher is None:
+        raise ConfigError(f"{', '.join(unread)} in the sweep file does not apply to its launcher {name}; leave it out, "
+                          "or choose the launcher that reads it (workers: local, resources: ray)")
+    if unread:
+        log(f"note: {', '.join(unread)} in the sweep file does not apply to the {name} launcher, which runs without it")
     _require_same_spec(sweep_dir, spec)  # before expanding: a clearer line than what the changed grid fails on
     points = expand(spec, sweep_dir)
     _require_current_recipes(sweep_dir, points)

@@ -49,13 +49,25 @@ class Progress:
         self.bar.close()
 
 
-def launcher(name: str, options: tuple = (), hooks: tuple = ()):
+SPEC_SETTINGS = ("workers", "resources")  # sweep-file settings that only some launchers read
+
+
+def launcher(name: str, options: tuple = (), hooks: tuple = (), reads: tuple = ()):
     """Register a launcher function taking (jobs, spec, sweep_dir, device, progress, **its options);
-    ``options`` are what a user may set (command-line flags), ``hooks`` what code may pass (tests)."""
+    ``options`` are what a user may set (command-line flags), ``hooks`` what code may pass (tests),
+    ``reads`` which of the sweep file's SPEC_SETTINGS it uses."""
     def deco(fn: Callable) -> Callable:
-        fn.options, fn.hooks = tuple(options), tuple(hooks)
+        fn.options, fn.hooks, fn.reads = tuple(options), tuple(hooks), tuple(reads)
         return LAUNCHERS.register(name)(fn)
     return deco
+
+
+def unread_settings(name: str, spec, defaults) -> List[str]:
+    """The sweep file's launcher settings (``SPEC_SETTINGS``, set away from ``defaults``) that launcher
+    ``name`` would not read, as 'key=value'."""
+    fn = LAUNCHERS.get(name)
+    return [f"{k}={getattr(spec, k)!r}" for k in SPEC_SETTINGS
+            if k not in fn.reads and getattr(spec, k) != getattr(defaults, k)]
 
 
 def check_options(name: str, given: Dict) -> None:
@@ -160,7 +172,7 @@ def worker_devices(device: str, n: int) -> List[str]:
     return [device] * n
 
 
-@launcher("local", options=("workers",))
+@launcher("local", options=("workers",), reads=("workers",))
 def local(jobs: List[List[SweepPoint]], spec, sweep_dir, device="auto", progress=True, workers=None, grace=30.0):
     """A pool of worker processes on this machine (spawned, so no forked OpenMP state)."""
     import multiprocessing as mp
@@ -278,7 +290,7 @@ def _ray_task(items: list, spec_dict: Dict, sweep_dir: str, device: str, threads
     return run_job(_points(items), SweepSpec(**spec_dict), sweep_dir, device)
 
 
-@launcher("ray", options=("address",))
+@launcher("ray", options=("address",), reads=("resources",))
 def ray_launcher(jobs: List[List[SweepPoint]], spec, sweep_dir, device="auto", progress=True, address=None):
     """The same runs as Ray tasks (per-run CPU/GPU request from ``resources``; fractional GPUs pack
     several runs on one GPU) on a cluster at ``address``, or on a local Ray instance started here
