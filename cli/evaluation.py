@@ -53,7 +53,7 @@ def evaluate(runs, store, protocols, sources, out, device, finetune_steps, finet
     refuse_path_through_file("--out", out)
     if Path(out).exists():
         read_results(out)  # a file that is not a results table is refused now, not after the scoring
-    _refuse_unused(runs, store, protocols, transfer, seen_classes, (unseen_fraction, split_seed) != (0.5, 0))
+    _refuse_unused(runs, store, protocols, sources, transfer, seen_classes, (unseen_fraction, split_seed) != (0.5, 0))
     frames = []
     if not runs:
         seen = _seen_list(seen_classes)
@@ -62,7 +62,8 @@ def evaluate(runs, store, protocols, sources, out, device, finetune_steps, finet
     found, unscored = list(RunDir.find(runs)), []
     for run in found:
         if not run.done:
-            click.echo(f"skipping {run.path}: not finished", err=True)
+            why = f"failed ({run.failure}; its error.txt has the traceback)" if run.failure else "not finished"
+            click.echo(f"skipping {run.path}: {why}", err=True)
             continue
         ft = finetune_steps if "few_shot" in protocols else 0
         scored, failed = _score_each(score_run, run, protocols, store=store, device=device, finetune_steps=ft,
@@ -81,6 +82,10 @@ def evaluate(runs, store, protocols, sources, out, device, finetune_steps, finet
         if stores:
             raise click.UsageError(f"{stores[0]} is a store, not a run: give it as --store {stores[0]} for the teacher's "
                                    "baselines, or give the runs trained on it")
+        if unscored:
+            done = sum(run.done for run in found)
+            raise EvaluationError(f"none of the {done} runs could be scored: {unscored[0]}"
+                                  + (" (the others' reasons are above)" if len(unscored) > 1 else ""))
         raise click.UsageError("nothing to evaluate: no finished run found")
     new = pd.concat(frames, ignore_index=True)
     table = upsert(out, new)
@@ -99,7 +104,7 @@ def evaluate(runs, store, protocols, sources, out, device, finetune_steps, finet
     click.echo(f"\n{len(new)} rows scored; {len(table)} rows in {out}")
 
 
-def _refuse_unused(runs, store, protocols, transfer: bool, seen_classes, drawn: bool) -> None:
+def _refuse_unused(runs, store, protocols, sources, transfer: bool, seen_classes, drawn: bool) -> None:
     """Options that would be ignored in this call are refused: the result would not be what was asked."""
     from embedcache.evaluate.protocols import CLASS_SPLIT
 
@@ -109,6 +114,9 @@ def _refuse_unused(runs, store, protocols, transfer: bool, seen_classes, drawn: 
         raise click.UsageError("--transfer scores runs on another store: give it as --store PATH, with the runs"
                                if runs else "--transfer scores runs on another store; the teacher's baselines score "
                                "--store itself: drop --transfer, or give the runs")
+    if sources and runs:
+        raise click.UsageError("--source sets the teacher's baselines' text sources; a run predicts with the text "
+                               "source it trained with: drop --source, or score the teacher with --store alone")
     split = seen_classes is not None or drawn
     if split and runs:
         raise click.UsageError("--unseen-fraction, --split-seed and --seen-classes set the teacher's class split; runs "

@@ -32,6 +32,7 @@ from .config import TrainConfig
 
 # written beside the TrainConfig fields in config.json
 CONFIG_EXTRAS = ("store_key", "store_path", "recipe_definition")
+MARKS = ("config.json", "error.txt")  # what makes a folder a run: its config, or a sweep's record of its failure
 
 
 class RunDir:
@@ -216,13 +217,25 @@ class RunDir:
     # --- finding runs ------------------------------------------------------------------------------
     @staticmethod
     def find(paths: Iterable) -> List["RunDir"]:
-        """Run directories among ``paths``: each path is a run (has config.json) or a folder of runs
-        (searched one level down, and in a sweep's runs/ folder)."""
+        """Run directories among ``paths``: each path is a run (has config.json, or a sweep's error.txt
+        from a run that failed before writing it) or a folder of runs (searched one level down, and in a
+        sweep's runs/ folder)."""
+        def runs_in(pattern: str, p: Path) -> List[Path]:
+            return sorted({q.parent for mark in MARKS for q in p.glob(f"{pattern}/{mark}")})
+
         out: List[RunDir] = []
         for p in map(Path, paths):
-            if (p / "config.json").exists():
+            if any((p / mark).exists() for mark in MARKS):
                 out.append(RunDir(p))
                 continue
-            found = sorted(q.parent for q in p.glob("*/config.json")) or sorted(q.parent for q in p.glob("runs/*/config.json"))
-            out += [RunDir(q) for q in found]
+            out += [RunDir(q) for q in runs_in("*", p) or runs_in("runs/*", p)]
         return out
+
+    @property
+    def failure(self) -> Optional[str]:
+        """The last line of the run's error.txt (a sweep's record of its failure), or None."""
+        f = self.file("error.txt")
+        if not f.is_file():
+            return None
+        lines = [ln.strip() for ln in f.read_text(errors="replace").splitlines() if ln.strip()]
+        return lines[-1] if lines else "no message"

@@ -600,3 +600,36 @@ def test_the_report_names_collapsed_models(tmp_path):
     text = " ".join((tmp_path / "report.md").read_text().split())
     assert ("collapsed: feat_kd / s on sketch answers 'person' for 98% of the images in 2 of its 3 runs "
             "(its top-1 there is that class's share)") in text, text
+
+
+def test_evaluate_says_why_runs_were_not_scored(runs, synthetic_store, tmp_path):
+    """Runs that failed were skipped without a word (one that failed before its config was written was
+    not even found), --source was ignored for runs, and a folder of runs none of which a protocol
+    could score ended "no finished run found"."""
+    import shutil
+
+    folder = tmp_path / "runs"
+    shutil.copytree(runs / "feat_kd-0", folder / "ok")
+    (folder / "early").mkdir()  # failed before writing its config, as a sweep records it
+    (folder / "early" / "error.txt").write_text("Traceback (most recent call last):\n  ...\nStoreError: store gone\n")
+    shutil.copytree(runs / "ce-0", folder / "late")
+    (folder / "late" / "done").unlink()
+    (folder / "late" / "error.txt").write_text("Traceback (most recent call last):\nTrainingError: loss is NaN\n")
+    res = CliRunner().invoke(main, ["evaluate", str(folder), "--out", str(tmp_path / "r.parquet")])
+    assert res.exit_code == 0, res.output
+    assert f"skipping {folder / 'early'}: failed (StoreError: store gone; its error.txt has the traceback)" in res.output
+    assert f"skipping {folder / 'late'}: failed (TrainingError: loss is NaN; its error.txt has the traceback)" in res.output
+    assert set(pd.read_parquet(tmp_path / "r.parquet").run) == {"ok"}
+    said = CliRunner().invoke(main, ["evaluate", str(folder), "--source", "templates", "--out", str(tmp_path / "s.parquet")])
+    assert said.exit_code == 2 and "--source sets the teacher's baselines' text sources; a run predicts with the " \
+                                   "text source it trained with" in said.output, said.output
+    # every run of the folder saw every class: what stopped each is said, not "no finished run found"
+    full = tmp_path / "full"
+    for name in ("a", "b"):
+        train(TrainConfig(store=str(synthetic_store), recipe="feat_kd", steps=2, batch_size=4, eval_every=2, seed=len(name),
+                          student=StudentConfig(name="test_resnet", input_size=32), device="cpu", progress=False,
+                          out=str(full / name)), log=quiet)
+    none = CliRunner().invoke(main, ["evaluate", str(full), "--protocol", "open_vocab", "--out", str(tmp_path / "t.parquet")])
+    assert none.exit_code == 2 and "no finished run found" not in none.output, none.output
+    assert none.output.strip().splitlines()[-1].startswith(f"error: none of the 2 runs could be scored: run {full / 'a'}: "
+                                                           "open_vocab needs at least one unseen class")
