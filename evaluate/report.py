@@ -6,7 +6,7 @@ from typing import List
 
 import pandas as pd
 
-from .store_eval import domain_stats, method_frame, method_keys, summary_table
+from .store_eval import domain_stats, method_frame, method_keys, per_class_table, summary_table
 
 
 # The splits of class-held-out protocols, reported as Li et al. report them: mean per-class accuracy
@@ -86,11 +86,9 @@ def write_report(results: pd.DataFrame, out_dir: str, note: str = "") -> List[Pa
     parts, files = ["# Results\n"] + ([f"**{note}**\n"] if note else []), []
     special = {"per_class", "distill", "text"}
     if "per_class" in set(results["split"]):
-        pc = results[results["split"] == "per_class"]
-        tab = (100 * pc.pivot_table(index=keys + ["domain"], columns="class_name", values="value",
-                                    aggfunc="mean")).round(1)
-        parts += ["## per class (top-1, %, mean over runs: seeds and held-out splits; `domain`: the scope "
-                  "scored, out_of_domain, in_domain, unseen_zero_shot, or all for the teacher)\n", markdown(tab), ""]
+        parts += ["## per class (top-1, %, mean over replicates of each replicate's mean over its held-out splits, "
+                  "complete replicates only where a method has any; `domain`: the scope scored, out_of_domain, "
+                  "in_domain, unseen_zero_shot, or all for the teacher)\n", markdown(per_class_table(results)), ""]
     dist = results[results["split"].isin(["distill", "text"])]
     if not dist.empty:
         tab = dist.pivot_table(index=keys, columns="metric", values="value", aggfunc="mean").round(3)

@@ -195,3 +195,28 @@ def summary_table(results: pd.DataFrame, split: Optional[str] = None, metric: st
     table = cells.pivot_table(index=keys + ["split"], columns="domain", values="cell", aggfunc="first")
     tail = [c for c in ("avg", "replicates") if c in table.columns]
     return table[[c for c in table.columns if c not in tail] + tail]
+
+
+def per_class_table(results: pd.DataFrame) -> pd.DataFrame:
+    """Methods x scopes (``domain``: out_of_domain, in_domain, unseen_zero_shot, or all for the teacher)
+    x classes: top-1 (%) of each class, the mean over replicates of each replicate's mean over its runs,
+    of the complete replicates when a method has any (as ``summary_table``: a replicate short of a
+    held-out domain would weigh the domains it has more), and how many replicates count."""
+    results = method_frame(results)
+    keys = method_keys(results)
+    pc = results[(results["split"] == "per_class") & (results["metric"] == "top1")]
+    if pc.empty:
+        return pd.DataFrame(index=pd.MultiIndex.from_tuples([], names=keys + ["domain"]))
+    df = pc.assign(split=pc["domain"], domain=pc["class_name"].astype(str))  # each scope is one split of classes
+    status = _replicates(df, keys)
+    counts = status.groupby(keys + ["split"], as_index=False).agg(n=("complete", "size"), k=("complete", "sum"))
+    reps = df.groupby(keys + ["split", "domain", "replicate"], as_index=False)["value"].mean()
+    reps = reps.merge(status, on=keys + ["split", "replicate"]).merge(counts, on=keys + ["split"])
+    reps = reps[reps["complete"] | (reps["k"] == 0)]
+    table = (100 * reps.pivot_table(index=keys + ["split"], columns="domain", values="value", aggfunc="mean")).round(1)
+    said = counts.set_index(keys + ["split"])
+    table["replicates"] = [f"{n}" if k == n else f"{k} of {n} complete" for n, k in zip(said.loc[table.index, "n"],
+                                                                                         said.loc[table.index, "k"])]
+    table.index = table.index.set_names(keys + ["domain"])
+    table.columns.name = "class_name"
+    return table

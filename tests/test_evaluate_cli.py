@@ -633,3 +633,23 @@ def test_evaluate_says_why_runs_were_not_scored(runs, synthetic_store, tmp_path)
     assert none.exit_code == 2 and "no finished run found" not in none.output, none.output
     assert none.output.strip().splitlines()[-1].startswith(f"error: none of the 2 runs could be scored: run {full / 'a'}: "
                                                            "open_vocab needs at least one unseen class")
+
+
+def test_the_per_class_table_counts_complete_replicates_each_once():
+    """The per-class table averaged every run's row: a replicate short of a held-out domain (a failed
+    run) weighed the domains it had more, and a replicate with more runs counted more."""
+    from embedcache.evaluate.store_eval import per_class_table
+
+    def rows(rep, held, value, recipe="r"):
+        return {"recipe": recipe, "student": "s", "source": "name", "split": "per_class", "domain": "out_of_domain",
+                "class_name": "dog", "replicate": rep, "holdout": held, "metric": "top1", "value": value}
+
+    full = [rows(0, "d1", 1.0), rows(0, "d2", 0.0), rows(1, "d1", 0.8), rows(1, "d2", 0.2)]
+    short = [rows(2, "d1", 1.0)]  # replicate 2 lost its run holding out d2
+    t = per_class_table(pd.DataFrame(full + short))
+    assert t.loc[("r", "s", "name", "-", "out_of_domain"), "dog"] == 50.0  # (0.5 + 0.5) / 2; all runs gave 60.0
+    assert t.loc[("r", "s", "name", "-", "out_of_domain"), "replicates"] == "2 of 3 complete"
+    # a method with no complete replicate shows what it has, and says so
+    t = per_class_table(pd.DataFrame(full + [rows(0, "d1", 0.4, recipe="q")]))
+    assert t.loc[("q", "s", "name", "-", "out_of_domain"), "dog"] == 40.0
+    assert t.loc[("q", "s", "name", "-", "out_of_domain"), "replicates"] == "0 of 1 complete"
