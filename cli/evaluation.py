@@ -60,9 +60,11 @@ def evaluate(runs, store, protocols, sources, out, device, finetune_steps, finet
         frames.append(teacher_baselines(store, sources or None, protocols, unseen_fraction=unseen_fraction,
                                         split_seed=split_seed, seen_classes=seen))
     found, unscored = list(RunDir.find(runs)), []
+    finished = sum(run.done for run in found)  # one finished run: what stops it is the error
     for run in found:
         if not run.done:
-            why = f"failed ({run.failure}; its error.txt has the traceback)" if run.failure else "not finished"
+            why = (f"not finished; its last attempt failed ({run.failure}; its error.txt has the traceback)"
+                   if run.failure else "not finished")
             click.echo(f"skipping {run.path}: {why}", err=True)
             continue
         ft = finetune_steps if "few_shot" in protocols else 0
@@ -71,7 +73,7 @@ def evaluate(runs, store, protocols, sources, out, device, finetune_steps, finet
         frames += scored
         for protocol, exc in failed:  # what these protocols cannot score: named, and the rest still scored
             what = f"{run.path}: {exc}" if len(failed) == len(protocols) else f"{run.path}, {protocol}: {exc}"
-            if len(found) == 1 and not scored:
+            if finished == 1 and not scored:
                 raise EvaluationError(f"run {what}")
             unscored.append(f"run {what}")
             click.echo(f"skipping {what}", err=True)
@@ -83,13 +85,12 @@ def evaluate(runs, store, protocols, sources, out, device, finetune_steps, finet
             raise click.UsageError(f"{stores[0]} is a store, not a run: give it as --store {stores[0]} for the teacher's "
                                    "baselines, or give the runs trained on it")
         if unscored:
-            done = sum(run.done for run in found)
-            raise EvaluationError(f"none of the {done} runs could be scored: {unscored[0]}"
-                                  + (" (the others' reasons are above)" if len(unscored) > 1 else ""))
+            raise EvaluationError(f"none of the {finished} finished runs could be scored: {unscored[0]}"
+                                  " (the others' reasons are above)")
         raise click.UsageError("nothing to evaluate: no finished run found")
     new = pd.concat(frames, ignore_index=True)
     table = upsert(out, new)
-    if len(found) == 1 and unscored:  # the other protocols' rows are written; the one that failed is the error
+    if finished == 1 and unscored:  # the other protocols' rows are written; the one that failed is the error
         raise EvaluationError(f"{unscored[0]} (the rows of the other protocols are in {out})")
     summary = summary_table(new)
     if len(summary):

@@ -85,6 +85,8 @@ def graceful(on_request: Optional[Callable[[int], None]] = None) -> Iterator[Non
     old = {s: signal.getsignal(s) for s in SIGNALS}
     for s in SIGNALS:
         signal.signal(s, handler)
+    if not _depth[0]:
+        _by[0] = signal.SIGINT  # an earlier command's SIGTERM (in a long-lived process) is not this one's
     _depth[0] += 1
     try:
         yield

@@ -81,9 +81,16 @@ def read_results(path) -> pd.DataFrame:
     return conform(df)
 
 
+# what one scoring replaces as a whole: a run's rows of one protocol, text source, store and holdout
+SCOPE = ["run", "source", "store_key", "holdout", "protocol"]
+
+
 def upsert(path: str, rows: pd.DataFrame) -> pd.DataFrame:
-    """Merge ``rows`` into the results file at ``path`` (replacing rows with the same key) and write
-    it atomically; returns the whole table."""
+    """Merge ``rows`` into the results file at ``path`` and write it atomically; returns the whole
+    table. Each scope of ``rows`` (a run's rows of one protocol on one store: ``SCOPE``) replaces that
+    scope's old rows whole, so a row a rescoring no longer gives (an image left out since, a metric
+    dropped) does not linger; only old rows of another setting (a split named with one, such as
+    ``finetune@50``) that this scoring did not compute stay."""
     rows = conform(rows)
     clash = rows[rows.duplicated(KEY, keep=False)].groupby(KEY).value.nunique()
     if (clash > 1).any():  # two different values under one key: the key misses a setting (a bug)
@@ -93,8 +100,9 @@ def upsert(path: str, rows: pd.DataFrame) -> pd.DataFrame:
     p = Path(path)
     if p.exists():
         old = read_results(p)
-        merged = old.merge(rows[KEY], on=KEY, how="left", indicator=True)
-        old = old[(merged["_merge"] == "left_only").to_numpy()]
+        redone = old.merge(rows[SCOPE].drop_duplicates(), on=SCOPE, how="left", indicator=True)["_merge"] == "both"
+        other_setting = old["split"].astype(str).str.contains("@") & ~old["split"].isin(set(rows["split"]))
+        old = old[(~redone.to_numpy()) | other_setting.to_numpy()]
         rows = pd.concat([old, rows], ignore_index=True)
     atomic_write(p, lambda tmp: rows.to_parquet(tmp, index=False))
     return rows

@@ -208,7 +208,8 @@ def per_class_table(results: pd.DataFrame) -> pd.DataFrame:
     if pc.empty:
         return pd.DataFrame(index=pd.MultiIndex.from_tuples([], names=keys + ["domain"]))
     df = pc.assign(split=pc["domain"], domain=pc["class_name"].astype(str))  # each scope is one split of classes
-    status = _replicates(df, keys)
+    # complete: every held-out domain's run (each method's class split has classes of its own to count)
+    status = _replicates(df.assign(domain=df["split"]), keys)
     counts = status.groupby(keys + ["split"], as_index=False).agg(n=("complete", "size"), k=("complete", "sum"))
     reps = df.groupby(keys + ["split", "domain", "replicate"], as_index=False)["value"].mean()
     reps = reps.merge(status, on=keys + ["split", "replicate"]).merge(counts, on=keys + ["split"])

@@ -6,7 +6,8 @@ extracted again with other views) scored them as test images. Images are matched
 CRC-32C of each image's canvas (the pixels the teacher saw, or the ``image/canvas_crc32c`` a store
 without pixels keeps) joined with its class name's CRC-32, a 64-bit identity that paths, copies and
 machines leave alone. Canvases of two sizes are never equal, so stores with other canvas sizes
-cannot be compared: the caller is told so.
+cannot be compared: the caller is told so. Canvases of one size made otherwise (another decoder) do
+not match either, and are not told apart from other images.
 """
 from __future__ import annotations
 
@@ -68,7 +69,9 @@ def seen_rows(run: RunDir, reader: StoreReader) -> Optional[np.ndarray]:
         if own_digests is None or other is None:
             return _cannot(run, reader, "one keeps neither pixels nor canvas checksums (a store made before them)")
         split = run.split
-        used = np.asarray(list(split.get("train_idx") or []) + list(split.get("val_idx") or []), np.int64)
+        if "train_idx" not in split:
+            return _cannot(run, reader, "its split.json does not list the rows it trained on")
+        used = np.asarray(list(split["train_idx"]) + list(split.get("val_idx") or []), np.int64)
         seen = own_digests[used]
     return np.isin(other, seen[seen != 0]) & reader.ok
 

@@ -29,6 +29,7 @@ class Student(nn.Module):
         self.name, self.feat_dim, self.embed_dim = name, feat_dim, embed_dim
         self.input_size, self.mean, self.std = input_size, tuple(mean), tuple(std)
         self.backbone = backbone
+        self.head_kind = head  # identity: the embedding is the backbone's own output (what its training moves)
         self.head = _head(head, feat_dim, embed_dim)
         self.classifier = nn.Linear(feat_dim, num_classes) if num_classes else None
 

@@ -206,16 +206,21 @@ def _unseen_only(run: RunDir, reader: StoreReader, path: str) -> np.ndarray:
     return left
 
 
-def _embedding_trained(run: RunDir) -> bool:
-    """Whether the run's losses trained the embedding the distill protocol measures; if not, a warning
-    says its distill rows are left out (they measured a projection as it was initialised)."""
+def _embedding_trained(run: RunDir, model) -> bool:
+    """Whether the run trained the embedding the distill protocol measures: a loss of it does, or the
+    embedding is the backbone's own output (an identity head) and a stage trains the backbone. If not, a
+    warning says its distill rows are left out (they measured a projection as it was initialised)."""
     from .recipes import definition, recipe_of, trains_embedding
 
     cfg = run.train_config
-    if trains_embedding(run.config.get("recipe_definition") or definition(recipe_of(cfg), cfg.averaging)):
+    recorded = run.config.get("recipe_definition") or definition(recipe_of(cfg), cfg.averaging)
+    moved_backbone = getattr(model, "head_kind", "random") == "identity" and any(
+        st["train"] in ("all", "backbone") for st in recorded["stages"])
+    if trains_embedding(recorded) or moved_backbone:
         return True
-    warnings.warn(f"run {run.name}: no loss of recipe {cfg.recipe} trains its embedding (it trains a linear classifier), "
-                  "so the distill rows, which compare that embedding with the teacher's, are left out")
+    warnings.warn(f"run {run.name}: no loss of recipe {cfg.recipe} trains its embedding (it trains a linear classifier; "
+                  "the projection to the embedding stays as initialised), so the distill rows, which compare that "
+                  "embedding with the teacher's, are left out")
     return False
 
 
@@ -250,7 +255,7 @@ def score_run(run: Union[str, RunDir], protocols: Sequence[str] = ("lodo",), sto
                                  features=features)
         all_tags = {**run_tags(run, reader, transfer), **(tags or {})}
         with named_warnings(f"run {run.name}"):
-            with_teacher = "distill" not in protocols or _embedding_trained(run)
+            with_teacher = "distill" not in protocols or _embedding_trained(run, model)
             scored = replace(eval_data(reader, split["text_source"], emb, split, scores, with_teacher), ok=data.ok)
             frames = [run_protocols(scored, protocols, all_tags, options)]
         if finetune:

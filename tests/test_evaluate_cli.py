@@ -617,8 +617,10 @@ def test_evaluate_says_why_runs_were_not_scored(runs, synthetic_store, tmp_path)
     (folder / "late" / "error.txt").write_text("Traceback (most recent call last):\nTrainingError: loss is NaN\n")
     res = CliRunner().invoke(main, ["evaluate", str(folder), "--out", str(tmp_path / "r.parquet")])
     assert res.exit_code == 0, res.output
-    assert f"skipping {folder / 'early'}: failed (StoreError: store gone; its error.txt has the traceback)" in res.output
-    assert f"skipping {folder / 'late'}: failed (TrainingError: loss is NaN; its error.txt has the traceback)" in res.output
+    assert (f"skipping {folder / 'early'}: not finished; its last attempt failed (StoreError: store gone; its error.txt "
+            "has the traceback)") in res.output
+    assert (f"skipping {folder / 'late'}: not finished; its last attempt failed (TrainingError: loss is NaN; its "
+            "error.txt has the traceback)") in res.output
     assert set(pd.read_parquet(tmp_path / "r.parquet").run) == {"ok"}
     said = CliRunner().invoke(main, ["evaluate", str(folder), "--source", "templates", "--out", str(tmp_path / "s.parquet")])
     assert said.exit_code == 2 and "--source sets the teacher's baselines' text sources; a run predicts with the " \
@@ -631,7 +633,7 @@ def test_evaluate_says_why_runs_were_not_scored(runs, synthetic_store, tmp_path)
                           out=str(full / name)), log=quiet)
     none = CliRunner().invoke(main, ["evaluate", str(full), "--protocol", "open_vocab", "--out", str(tmp_path / "t.parquet")])
     assert none.exit_code == 2 and "no finished run found" not in none.output, none.output
-    assert none.output.strip().splitlines()[-1].startswith(f"error: none of the 2 runs could be scored: run {full / 'a'}: "
+    assert none.output.strip().splitlines()[-1].startswith(f"error: none of the 2 finished runs could be scored: run {full / 'a'}: "
                                                            "open_vocab needs at least one unseen class")
 
 
@@ -653,3 +655,34 @@ def test_the_per_class_table_counts_complete_replicates_each_once():
     t = per_class_table(pd.DataFrame(full + [rows(0, "d1", 0.4, recipe="q")]))
     assert t.loc[("q", "s", "name", "-", "out_of_domain"), "dog"] == 40.0
     assert t.loc[("q", "s", "name", "-", "out_of_domain"), "replicates"] == "0 of 1 complete"
+
+
+def test_per_class_replicates_of_two_class_splits_are_both_complete():
+    """Completeness counted classes across methods: two open_vocab methods with their own unseen
+    classes each lacked the other's, so every replicate read incomplete (and short ones then counted)."""
+    from embedcache.evaluate.store_eval import per_class_table
+
+    rows = [{"recipe": "r", "student": "s", "source": "name", "split": "per_class", "domain": "unseen_zero_shot",
+             "class_name": c, "replicate": rep, "holdout": f"unseen: {', '.join(split)}", "metric": "top1", "value": 0.5}
+            for split in (("a", "b"), ("c", "d")) for rep in (0, 1) for c in split]
+    t = per_class_table(pd.DataFrame(rows))
+    assert set(t["replicates"]) == {"2"}, t
+
+
+def test_rescoring_replaces_a_runs_rows_whole(tmp_path):
+    """upsert replaced rows key by key: rows a rescoring no longer gives (images since left out of a
+    transfer score, distill rows since dropped) stayed in the file, and in its tables."""
+    from embedcache.evaluate.results import upsert
+
+    def rows(domains, splits=("zero_shot",)):
+        return pd.DataFrame([{"run": "r", "recipe": "ce", "student": "s", "replicate": 0, "protocol": "lodo", "split": sp,
+                              "domain": d, "metric": "top1", "value": 0.5, "holdout": "transfer"}
+                             for sp in splits for d in domains])
+
+    out = str(tmp_path / "r.parquet")
+    upsert(out, rows(["solid", "outline"], ("zero_shot", "finetune@50")))
+    upsert(out, pd.DataFrame([{**rows(["x"]).iloc[0].to_dict(), "run": "other"}]))
+    got = upsert(out, rows(["outline"]))
+    assert sorted(zip(got.run, got.split, got.domain)) == [
+        ("other", "zero_shot", "x"), ("r", "finetune@50", "outline"), ("r", "finetune@50", "solid"),
+        ("r", "zero_shot", "outline")]  # solid's stale zero_shot row is gone; fine-tuning of 50 steps, not redone, stays

@@ -559,3 +559,18 @@ def test_distill_rows_are_left_out_for_runs_whose_losses_never_train_the_embeddi
     train(_cfg(synthetic_store, tmp_path / "ce_cos", recipe="ce", loss_weights={"cos": 1.0},
                split=SplitConfig(holdout_domains=("outline",))), log=quiet)
     assert "distill" in set(score_run(tmp_path / "ce_cos", ["distill"]).split)
+
+
+def test_distill_rows_stay_for_a_ce_run_whose_embedding_is_its_trained_backbones_output(tiny_clip_dir, synthetic_store,
+                                                                                        tmp_path):
+    """An open_clip image tower's embedding is its own output (an identity head): ce training moves it,
+    and how far it drifts from the teacher is what the distill rows measure."""
+    from embedcache.students.scoring import score_run
+
+    tower = StudentConfig(name="openclip_visual", model=f"local-dir:{tiny_clip_dir}")
+    train(_cfg(synthetic_store, tmp_path / "tower", recipe="ce", student=tower, steps=2, eval_every=2,
+               split=SplitConfig(holdout_domains=("outline",))), log=quiet)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*trains its embedding")
+        rows = score_run(tmp_path / "tower", ["distill"])
+    assert "teacher_student_cosine" in set(rows[rows.split == "distill"].metric)

@@ -439,7 +439,11 @@ def test_a_launch_writes_the_table_of_its_own_grid(synthetic_store, tmp_path):
     points = expand(spec, str(out))
     ce_only = [Path(p.cfg.out).name for p in points if p.cfg.recipe == "ce"]
     (out / "runs.json").write_text(json.dumps(ce_only))  # another launch, over [ce], wrote it meanwhile
-    assert set(_write_outputs(str(out), points).recipe) == {"ce", "feat_kd"}
+    (out / "results.parquet").unlink()
+    said = []
+    assert set(_write_outputs(str(out), points, said.append).recipe) == {"ce", "feat_kd"}
+    # ... and owns the folder's table: this launch's is not written over it (runs.json would not match it)
+    assert not (out / "results.parquet").exists() and "a later launch" in said[0] and "changed its grid" in said[0]
 
 
 def test_a_relaunch_may_add_a_recipe_with_its_settings_or_move_a_base_setting_into_the_grid(synthetic_store, tmp_path):

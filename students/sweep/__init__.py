@@ -167,7 +167,8 @@ def _require_used(per_recipe: Dict[str, Any], trained: List[str]) -> None:
     for name in per_recipe:
         if name not in trained:
             raise ConfigError(f"per_recipe.{name} sets runs of a recipe the grid does not train (it trains "
-                              f"{', '.join(trained)}); add {name} to grid.recipe, or remove its block")
+                              f"{', '.join(trained)}); add {name} to grid.recipe, or remove its block (`--set "
+                              "per_recipe={}` drops every block)")
 
 
 def _points(spec: SweepSpec, sweep_dir: str, keys: List[str], reader, named_as: str) -> List[SweepPoint]:
@@ -298,13 +299,19 @@ def _run_results(path: Path) -> pd.DataFrame:
                               "it scores that run again (its trained weights are kept)") from None
 
 
-def _write_outputs(sweep_dir: str, points: List[SweepPoint]) -> Optional[pd.DataFrame]:
+def _write_outputs(sweep_dir: str, points: List[SweepPoint], log: Callable[[str], None] = print) -> Optional[pd.DataFrame]:
+    """This launch's table (its own grid's runs). Written as the folder's results.parquet and report
+    only while its grid is still the folder's (runs.json): a later launch with another grid owns them."""
     from embedcache.evaluate.report import write_report
 
     names = [Path(p.cfg.out).name for p in points]
     if not any(result_path(sweep_dir, n).exists() for n in names):
         return None
     results = collect(sweep_dir, names)  # this launch's grid (another launch may have rewritten runs.json)
+    if sorted(_grid_runs(sweep_dir) or names) != sorted(names):
+        log(f"note: a later launch into {sweep_dir} changed its grid, so its results.parquet and report/ are that "
+            f"launch's; this launch's table is below (`embedcache report {sweep_dir}` writes the current grid's)")
+        return results
     atomic_write(Path(sweep_dir) / "results.parquet", lambda tmp: results.to_parquet(tmp, index=False))
     write_report(results, str(Path(sweep_dir) / "report"), note=partial_note(sweep_dir, names))
     return results
@@ -481,7 +488,8 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, launcher: Optional[str] = None, d
     unread = unread_settings(name, spec, SweepSpec(store=""))
     if unread and launcher is None:
         raise ConfigError(f"{', '.join(unread)} in the sweep file does not apply to its launcher {name}; leave it out, "
-                          "or choose the launcher that reads it (workers: local, resources: ray)")
+                          "or choose the launcher that reads it (workers: local, resources: ray; --launcher NAME runs "
+                          "another launcher for one launch)")
     if unread:
         log(f"note: {', '.join(unread)} in the sweep file does not apply to the {name} launcher, which runs without it")
     _require_same_spec(sweep_dir, spec)  # before expanding: a clearer line than what the changed grid fails on
@@ -555,5 +563,5 @@ def _launch(spec: SweepSpec, sweep_dir: str, points: List[SweepPoint], name: str
     if stopped or counts["interrupted"]:
         raise SweepInterrupted(f"interrupted: {finished} of {len(points)} runs finished (trained and scored); rerun "
                                "the same command to resume")
-    results = _write_outputs(sweep_dir, points)
+    results = _write_outputs(sweep_dir, points, log)
     return {"runs": len(points), **counts, "results": results, "run_dirs": [p.cfg.out for p in points]}

@@ -68,14 +68,18 @@ class Launch:
         self.others_live = False
 
     def __enter__(self) -> "Launch":
-        self.gate = os.open(self.dir / ".launch.lock", os.O_CREAT | os.O_RDWR, 0o644)
-        fcntl.flock(self.gate, fcntl.LOCK_EX)  # launches wait here only while one compares and writes
-        self.live = os.open(self.dir / ".live.lock", os.O_CREAT | os.O_RDWR, 0o644)
         try:
-            fcntl.flock(self.live, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.others_live = True
-        fcntl.flock(self.live, fcntl.LOCK_SH)  # an exclusive live lock is only ever held behind the gate
+            self.gate = os.open(self.dir / ".launch.lock", os.O_CREAT | os.O_RDWR, 0o644)
+            fcntl.flock(self.gate, fcntl.LOCK_EX)  # launches wait here only while one compares and writes
+            self.live = os.open(self.dir / ".live.lock", os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                fcntl.flock(self.live, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.others_live = True
+            fcntl.flock(self.live, fcntl.LOCK_SH)  # an exclusive live lock is only ever held behind the gate
+        except BaseException:
+            self.__exit__()  # a lock file that cannot be made (a full disk) leaves no gate held
+            raise
         return self
 
     def settle(self) -> None:
