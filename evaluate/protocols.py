@@ -368,12 +368,17 @@ def distill(d: EvalData, k_neigh: int = 10, k_vl: int = 5, max_rows: int = 2000,
         if len(r) > max_rows:
             r = np.sort(np.random.default_rng([seed, 41]).choice(r, max_rows, replace=False))
         s, t = d.emb[r], d.teacher[r]
-        # named by the k used: no more labels than classes, no more neighbours than other images
-        k_neigh, k_vl = min(k_neigh, len(r) - 1), min(k_vl, len(d.class_emb))
-        for name, value in (("m_rel", m_rel(s, t)), (f"m_neigh@{k_neigh}", m_neigh(s, t, k_neigh)),
-                            (f"m_vlalign@{k_vl}", m_vlalign(s, t, d.class_emb, k_vl)),
-                            ("teacher_student_cosine", teacher_student_cosine(s, t))):
-            rows.append({"split": "distill", "domain": "all", "metric": name, "value": value, "n": len(r)})
+        # named by the k used: no more labels than classes
+        k_vl = min(k_vl, len(d.class_emb))
+        metrics = [("m_rel", lambda: m_rel(s, t)), (f"m_vlalign@{k_vl}", lambda: m_vlalign(s, t, d.class_emb, k_vl)),
+                   ("teacher_student_cosine", lambda: teacher_student_cosine(s, t))]
+        if len(r) - 1 > k_neigh:
+            metrics.insert(1, (f"m_neigh@{k_neigh}", lambda: m_neigh(s, t, k_neigh)))
+        else:  # every other image a neighbour: 1 by construction
+            warnings.warn(f"distill: m_neigh@{k_neigh} is left out: {len(r)} images scored leave no more than "
+                          f"{len(r) - 1} others, so all would be neighbours and it would be 1 by construction")
+        for name, value in metrics:
+            rows.append({"split": "distill", "domain": "all", "metric": name, "value": value(), "n": len(r)})
     rows.append({"split": "text", "domain": "all", "metric": "text_pairwise_cosine",
                  "value": text_separability(d.class_emb), "n": len(d.class_emb)})
     return pd.DataFrame(rows)

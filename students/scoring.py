@@ -218,7 +218,7 @@ def _embedding_trained(run: RunDir, model) -> bool:
         st["train"] in ("all", "backbone") for st in recorded["stages"])
     if trains_embedding(recorded) or moved_backbone:
         return True
-    warnings.warn(f"run {run.name}: no loss of recipe {cfg.recipe} trains its embedding (it trains a linear classifier; "
+    warnings.warn(f"no loss of recipe {cfg.recipe} trains its embedding (it trains a linear classifier; "
                   "the projection to the embedding stays as initialised), so the distill rows, which compare that "
                   "embedding with the teacher's, are left out")
     return False
@@ -255,7 +255,7 @@ def score_run(run: Union[str, RunDir], protocols: Sequence[str] = ("lodo",), sto
                                  features=features)
         all_tags = {**run_tags(run, reader, transfer), **(tags or {})}
         with named_warnings(f"run {run.name}"):
-            with_teacher = "distill" not in protocols or _embedding_trained(run, model)
+            with_teacher = "distill" not in protocols or _embedding_trained(run, model)  # warns as the run's
             scored = replace(eval_data(reader, split["text_source"], emb, split, scores, with_teacher), ok=data.ok)
             frames = [run_protocols(scored, protocols, all_tags, options)]
         if finetune:

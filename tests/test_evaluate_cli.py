@@ -686,3 +686,17 @@ def test_rescoring_replaces_a_runs_rows_whole(tmp_path):
     assert sorted(zip(got.run, got.split, got.domain)) == [
         ("other", "zero_shot", "x"), ("r", "finetune@50", "outline"), ("r", "finetune@50", "solid"),
         ("r", "zero_shot", "outline")]  # solid's stale zero_shot row is gone; fine-tuning of 50 steps, not redone, stays
+
+
+def test_a_method_that_holds_no_domain_out_is_not_short_of_held_out_runs():
+    """Runs trained on every domain, scored beside a run holding a domain out, read "0 of 1 complete"
+    with no avg: the other method's held-out domain was counted as a run they lacked."""
+    from embedcache.evaluate.store_eval import summary_table
+
+    every = [("in_domain", d, 0, 0.5, {"recipe": "a", "holdout": "-"}) for d in ("d1", "d2", "d3")]
+    held = [("in_domain", d, 0, 0.5, {"recipe": "b", "holdout": "d3"}) for d in ("d1", "d2")]
+    t = summary_table(_top1_rows(every + held))
+    assert (t.loc[("a", "s", "name", "-", "in_domain"), "replicates"], t.loc[("a", "s", "name", "-", "in_domain"), "avg"]) \
+        == ("1", "50.0")
+    # the run holding d3 out has in-domain values of two of the three domains: its avg is not comparable
+    assert t.loc[("b", "s", "name", "-", "in_domain"), "avg"] == "incomplete"

@@ -288,3 +288,16 @@ def test_warnings_turned_errors_never_replace_the_blocks_own_error():
             with named_warnings("run x"):
                 warnings.warn("rows left out")
                 1 / 0
+
+
+def test_m_neigh_is_left_out_when_every_other_image_would_be_a_neighbour():
+    """With fewer images than k + 2, k was cut to n - 1: every other image was a neighbour of each in
+    both spaces and M_neigh was 1.0 by construction, shown beside real values."""
+    d = _data()
+    rng = np.random.default_rng(0)
+    d.teacher = rng.normal(size=d.emb.shape).astype(np.float32)  # unrelated to the student: M_neigh would be low
+    with pytest.warns(UserWarning, match=r"m_neigh@10 is left out: 8 images scored leave no more than 7 others"):
+        ds = PROTOCOLS.get("distill")(d, max_rows=8)
+    assert not any(m.startswith("m_neigh") for m in ds.metric) and "m_rel" in set(ds.metric)
+    ds = PROTOCOLS.get("distill")(d, max_rows=12, k_neigh=10)
+    assert "m_neigh@10" in set(ds.metric)

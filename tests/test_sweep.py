@@ -503,9 +503,13 @@ def test_two_grid_points_made_one_run_name_what_made_them(synthetic_store, tmp_p
     duplicate grid values the grid did not have."""
     f = _sweep_file(tmp_path, synthetic_store, holdout_domains=["outline"],
                     grid={"recipe": ["ce"], "optim.lr": [0.001, 0.002]}, per_recipe={"ce": {"optim": {"lr": 0.005}}})
-    with pytest.raises(ConfigError, match=r"grid points \(optim.lr=0.001, recipe=ce\) and \(optim.lr=0.002, recipe=ce\) "
-                                          r"resolve to the same run: .*a per_recipe setting overrides the grid key"):
+    with pytest.raises(ConfigError, match=r"per_recipe.ce.optim.lr overrides the grid's optim.lr for the runs of ce, so "
+                                          r"the grid's values of it never run for them"):
         expand(load_sweep(str(f)), str(tmp_path / "sw"))
+    one = _sweep_file(tmp_path, synthetic_store, holdout_domains=["outline"],  # one grid value: it never ran either
+                      grid={"recipe": ["ce"], "optim.lr": [0.001]}, per_recipe={"ce": {"optim": {"lr": 0.5}}})
+    with pytest.raises(ConfigError, match=r"per_recipe.ce.optim.lr overrides the grid's optim.lr"):
+        expand(load_sweep(str(one)), str(tmp_path / "sw"))
     twice = _sweep_file(tmp_path, synthetic_store, holdout_domains=["outline"], grid={"optim.lr": [0.001, 0.001]})
     with pytest.raises(ConfigError, match=r"the grid repeats a value"):
         expand(load_sweep(str(twice)), str(tmp_path / "sw"))
@@ -673,11 +677,11 @@ def test_launcher_settings_the_sweeps_launcher_would_not_read_are_refused(synthe
     for launcher, setting in (("serial", {"workers": 4}), ("local", {"resources": {"num_cpus": 2}})):
         f = _sweep_file(tmp_path, synthetic_store, holdout_domains=["outline"], grid={"recipe": ["ce"]},
                         launcher=launcher, **setting)
-        with pytest.raises(ConfigError, match=rf"{next(iter(setting))}=.* in the sweep file does not apply to its "
-                                              rf"launcher {launcher}; leave it out, or choose the launcher that reads it"):
+        with pytest.raises(ConfigError, match=rf"{next(iter(setting))}=.* \(in the sweep file or --set\) does not apply "
+                                              rf"to its launcher {launcher}; leave it out, or choose the launcher that reads it"):
             run_sweep(load_sweep(str(f)), str(tmp_path / "sw"), progress=False, log=lambda m: None)
     f = _sweep_file(tmp_path, synthetic_store, holdout_domains=["outline"], grid={"recipe": ["ce"]}, launcher="local",
                     workers=2)
     said = []
     run_sweep(load_sweep(str(f)), str(tmp_path / "sw"), launcher="serial", progress=False, log=said.append)
-    assert said[0] == "note: workers=2 in the sweep file does not apply to the serial launcher, which runs without it"
+    assert said[0] == "note: workers=2 (in the sweep file or --set) does not apply to the serial launcher, which runs without it"

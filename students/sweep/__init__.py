@@ -144,6 +144,11 @@ def expand(spec: SweepSpec, sweep_dir: str) -> List[SweepPoint]:
     for name in spec.per_recipe:
         if name not in RECIPES:
             raise ConfigError(f"per_recipe: {RECIPES.unknown(name)}")
+        crossed = sorted(set(flatten(spec.per_recipe[name] or {})) & set(spec.grid))
+        if crossed:  # the grid's values of it never ran for that recipe (two of them made one run, refused below)
+            raise ConfigError(f"per_recipe.{name}.{crossed[0]} overrides the grid's {crossed[0]} for the runs of {name}, "
+                              f"so the grid's values of it never run for them; set it in one place: the grid, or "
+                              f"per_recipe (with {crossed[0]} out of the grid)")
     for k in keys:
         if not isinstance(spec.grid[k], list) or not spec.grid[k]:
             raise ConfigError(f"sweep grid entry {k!r} must be a non-empty list of values")
@@ -203,7 +208,7 @@ def _points(spec: SweepSpec, sweep_dir: str, keys: List[str], reader, named_as: 
             name = run_name(replace(cfg, store=named_as))
             if name in made_by:
                 raise ConfigError(f"grid points ({made_by[name]}) and ({where}) resolve to the same run: the grid "
-                                  "repeats a value, or a per_recipe setting overrides the grid key that tells them apart")
+                                  "repeats a value; list each once")
             made_by[name] = where
             cfg = build_config(TrainConfig, {**to_dict(cfg), "out": str(Path(sweep_dir) / "runs" / name)})
             if not (result_path(sweep_dir, name).exists() or RunDir(cfg.out).done):  # finished runs stay as made
@@ -487,11 +492,12 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, launcher: Optional[str] = None, d
     check_options(name, launcher_args)
     unread = unread_settings(name, spec, SweepSpec(store=""))
     if unread and launcher is None:
-        raise ConfigError(f"{', '.join(unread)} in the sweep file does not apply to its launcher {name}; leave it out, "
+        raise ConfigError(f"{', '.join(unread)} (in the sweep file or --set) does not apply to its launcher {name}; leave it out, "
                           "or choose the launcher that reads it (workers: local, resources: ray; --launcher NAME runs "
                           "another launcher for one launch)")
     if unread:
-        log(f"note: {', '.join(unread)} in the sweep file does not apply to the {name} launcher, which runs without it")
+        log(f"note: {', '.join(unread)} (in the sweep file or --set) does not apply to the {name} launcher, which runs "
+            "without it")
     _require_same_spec(sweep_dir, spec)  # before expanding: a clearer line than what the changed grid fails on
     points = expand(spec, sweep_dir)
     _require_current_recipes(sweep_dir, points)
