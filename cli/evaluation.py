@@ -18,6 +18,9 @@ from ._app import main, refuse_path_through_file
               help="tidy results file (updated: rows of the same run, store, holdout, protocol, split, domain and "
                    "metric are replaced)")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--shots", type=click.IntRange(min=1), default=5, show_default=True,
+              help="few_shot: labelled images per unseen class (Li et al.: 5; rows of other counts carry theirs in "
+                   "their split, e.g. prototype@1shot)")
 @click.option("--finetune-steps", type=click.IntRange(min=0), default=50, show_default=True,
               help="with few_shot on runs: also fine-tune the student on the shots for this many steps (0: skip)")
 @click.option("--finetune-mode", type=click.Choice(["shots", "mixed"]), default="shots", show_default=True,
@@ -32,8 +35,8 @@ from ._app import main, refuse_path_through_file
 @click.option("--transfer", is_flag=True,
               help="score runs on --store, another store of the same teacher, classes and prompts (e.g. real "
                    "images for a student distilled on synthesised ones): every image there is a test image")
-def evaluate(runs, store, protocols, sources, out, device, finetune_steps, finetune_mode, unseen_fraction, split_seed,
-             seen_classes, transfer) -> None:
+def evaluate(runs, store, protocols, sources, out, device, shots, finetune_steps, finetune_mode, unseen_fraction,
+             split_seed, seen_classes, transfer) -> None:
     """Score finished runs (or, with only --store, the teacher's zero-shot baselines)."""
     import pandas as pd
 
@@ -54,10 +57,13 @@ def evaluate(runs, store, protocols, sources, out, device, finetune_steps, finet
     if Path(out).exists():
         read_results(out)  # a file that is not a results table is refused now, not after the scoring
     _refuse_unused(runs, store, protocols, sources, transfer, seen_classes, (unseen_fraction, split_seed) != (0.5, 0))
+    if shots != 5 and "few_shot" not in protocols:
+        raise click.UsageError(f"--shots {shots} sets the few_shot protocol's shots; add --protocol few_shot, or drop it")
+    options = {"few_shot": {"shots": shots}}
     frames = []
     if not runs:
         seen = _seen_list(seen_classes)
-        frames.append(teacher_baselines(store, sources or None, protocols, unseen_fraction=unseen_fraction,
+        frames.append(teacher_baselines(store, sources or None, protocols, options, unseen_fraction=unseen_fraction,
                                         split_seed=split_seed, seen_classes=seen))
     found, unscored = list(RunDir.find(runs)), []
     finished = sum(run.done for run in found)  # one finished run: what stops it is the error
@@ -68,8 +74,8 @@ def evaluate(runs, store, protocols, sources, out, device, finetune_steps, finet
             click.echo(f"skipping {run.path}: {why}", err=True)
             continue
         ft = finetune_steps if "few_shot" in protocols else 0
-        scored, failed = _score_each(score_run, run, protocols, store=store, device=device, finetune_steps=ft,
-                                     finetune_mode=finetune_mode, transfer=transfer)
+        scored, failed = _score_each(score_run, run, protocols, store=store, device=device, options=options,
+                                     finetune_steps=ft, finetune_mode=finetune_mode, transfer=transfer)
         frames += scored
         for protocol, exc in failed:  # what these protocols cannot score: named, and the rest still scored
             what = f"{run.path}: {exc}" if len(failed) == len(protocols) else f"{run.path}, {protocol}: {exc}"

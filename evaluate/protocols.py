@@ -275,8 +275,16 @@ def tip_adapter_keys(d: EvalData, support: np.ndarray) -> Tuple[np.ndarray, np.n
     return keys.mean(1), d.labels[support]
 
 
+DEFAULT_SHOTS = 5  # Li et al.'s: rows of other shot counts name theirs in their split ("prototype@1shot")
+
+
+def shots_tag(shots: int) -> str:
+    """What a few-shot split's name carries of its shot count: nothing for Li et al.'s 5."""
+    return "" if shots == DEFAULT_SHOTS else f"@{shots}shot"
+
+
 @PROTOCOLS.register("few_shot")
-def few_shot(d: EvalData, shots: int = 5, episodes: int = 3, seen_classes: Optional[Sequence[int]] = None,
+def few_shot(d: EvalData, shots: int = DEFAULT_SHOTS, episodes: int = 3, seen_classes: Optional[Sequence[int]] = None,
              unseen_fraction: float = 0.5, beta: float = 5.5, alpha: float = 1.0, seed: int = 0) -> pd.DataFrame:
     """k labelled images per unseen class (seeded episodes): a prototype classifier (FAISS over the
     class means of the shots) and Tip-Adapter logits (keys: the teacher's views of the shots), scored
@@ -287,10 +295,11 @@ def few_shot(d: EvalData, shots: int = 5, episodes: int = 3, seen_classes: Optio
         support, query = episode(d.labels, d.ok, unseen, shots, seed, ep, d.classes)
         protos = np.stack([d.emb[support][d.labels[support] == c].mean(0) for c in unseen])
         pred = LabelIndex(protos, unseen).predict(d.emb[query])
-        rows += _rows(pred, d.labels[query], d.classes, split="prototype", domain="all", episode=ep)
+        rows += _rows(pred, d.labels[query], d.classes, split="prototype" + shots_tag(shots), domain="all", episode=ep)
         keys, key_labels = tip_adapter_keys(d, support)
         logits = tip_adapter_logits(d.emb[query], keys, np.searchsorted(unseen, key_labels), d.class_emb[unseen], beta, alpha)
-        rows += _rows(unseen[logits.argmax(1)], d.labels[query], d.classes, split="tip_adapter", domain="all", episode=ep)
+        rows += _rows(unseen[logits.argmax(1)], d.labels[query], d.classes, split="tip_adapter" + shots_tag(shots),
+                      domain="all", episode=ep)
     df = pd.DataFrame(rows)
     mean = df.groupby(["split", "metric"], as_index=False).agg(value=("value", "mean"), n=("n", "sum"))
     mean["domain"], mean["episode"] = "all", -1  # -1: the mean over episodes

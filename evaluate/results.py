@@ -89,8 +89,9 @@ def upsert(path: str, rows: pd.DataFrame) -> pd.DataFrame:
     """Merge ``rows`` into the results file at ``path`` and write it atomically; returns the whole
     table. Each scope of ``rows`` (a run's rows of one protocol on one store: ``SCOPE``) replaces that
     scope's old rows whole, so a row a rescoring no longer gives (an image left out since, a metric
-    dropped) does not linger; only old rows of another setting (a split named with one, such as
-    ``finetune@50``) that this scoring did not compute stay."""
+    dropped) does not linger; only old rows of a setting this scoring did not compute stay (the part
+    of a split's name after its first "@": fine-tuning steps, a shot count: ``finetune@50``,
+    ``prototype@1shot``)."""
     rows = conform(rows)
     clash = rows[rows.duplicated(KEY, keep=False)].groupby(KEY).value.nunique()
     if (clash > 1).any():  # two different values under one key: the key misses a setting (a bug)
@@ -101,7 +102,10 @@ def upsert(path: str, rows: pd.DataFrame) -> pd.DataFrame:
     if p.exists():
         old = read_results(p)
         redone = old.merge(rows[SCOPE].drop_duplicates(), on=SCOPE, how="left", indicator=True)["_merge"] == "both"
-        other_setting = old["split"].astype(str).str.contains("@") & ~old["split"].isin(set(rows["split"]))
+        def setting(split: pd.Series) -> pd.Series:
+            return split.astype(str).str.partition("@")[2]
+
+        other_setting = ~setting(old["split"]).isin(set(setting(rows["split"])))
         old = old[(~redone.to_numpy()) | other_setting.to_numpy()]
         rows = pd.concat([old, rows], ignore_index=True)
     atomic_write(p, lambda tmp: rows.to_parquet(tmp, index=False))

@@ -18,7 +18,7 @@ import torch
 
 from embedcache.errors import ConfigError, EvaluationError
 from embedcache.evaluate.metrics import mean_per_class, nearest_label, top1
-from embedcache.evaluate.protocols import episode
+from embedcache.evaluate.protocols import DEFAULT_SHOTS, episode, shots_tag
 
 from .config import TrainConfig
 from .data import StoreData
@@ -37,18 +37,23 @@ def _batch(data: StoreData, support: np.ndarray, train_rows: np.ndarray, mode: s
     return np.concatenate([rng.choice(support, size=k, replace=False), rest])
 
 
-def few_shot_finetune(base, cfg: TrainConfig, data: StoreData, split: Dict, shots: int = 5, episodes: int = 3,
+def few_shot_finetune(base, cfg: TrainConfig, data: StoreData, split: Dict, shots: int = DEFAULT_SHOTS, episodes: int = 3,
                       steps: int = 50, lr: float = 1e-4, batch_size: int = 32, seed: int = 0, device="cpu",
                       unseen: Optional[np.ndarray] = None, mode: str = "shots") -> pd.DataFrame:
     """Per episode: copy the student, train it for ``steps`` (see the modes above), then score the
     query images (view 0) by nearest unseen-class text. Returns rows (split "finetune@<steps>" or
-    "finetune_mixed@<steps>"; episode -1 = the mean)."""
+    "finetune_mixed@<steps>", with "@<k>shot" after it for other than 5 shots; episode -1 = the mean)."""
     if mode not in MODES:
         raise ConfigError(f"unknown few-shot fine-tuning mode {mode!r}; use one of {', '.join(MODES)}")
     if unseen is None:
         unseen = np.setdiff1d(np.arange(len(data.classes)), split["seen_classes"])
     if len(unseen) == 0:
         raise EvaluationError("few-shot fine-tuning needs unseen classes; this run trained on every class")
+    if mode == "shots" and shots * len(unseen) < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                                                            for m in base.modules()):
+        raise EvaluationError(f"few-shot fine-tuning on the shots alone trains on batches of {shots * len(unseen)} "
+                              "image (shots x unseen classes), and this student's BatchNorm needs 2 or more; use more "
+                              "shots, --finetune-mode mixed, or --finetune-steps 0")
     dev = torch.device(device) if not isinstance(device, torch.device) else device
     text_all = data.reader.class_emb(split["text_source"])
     recipe = recipe_of(cfg)
@@ -86,7 +91,7 @@ def few_shot_finetune(base, cfg: TrainConfig, data: StoreData, split: Dict, shot
                                   for i in range(0, len(query), 256)])
         pred = unseen[nearest_label(emb, text_all[unseen])]
         # the steps in the name: fine-tuning for 2 and for 50 steps are two measurements, not one replaced by the other
-        name = f"{'finetune' if mode == 'shots' else 'finetune_mixed'}@{steps}"
+        name = f"{'finetune' if mode == 'shots' else 'finetune_mixed'}@{steps}{shots_tag(shots)}"
         for metric, fn in (("top1", top1), ("mean_per_class", mean_per_class)):
             rows.append({"split": name, "domain": "all", "metric": metric, "value": fn(pred, data.labels[query]),
                          "n": len(query), "episode": ep})

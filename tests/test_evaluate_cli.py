@@ -273,9 +273,9 @@ def test_few_shot_finetune_uses_the_protocols_episodes(synthetic_store, tmp_path
         got = ft[(ft.episode == ep) & (ft.metric == "top1")].value.iloc[0]
         assert got == pytest.approx(ref) and len(query) == 2 * (16 - 3)
     moved = few_shot_finetune(model, cfg, data, split, shots=3, episodes=1, steps=3, lr=1e-2)
-    assert set(moved.split) == {"finetune@3"} and (moved.value.between(0, 1)).all()
+    assert set(moved.split) == {"finetune@3@3shot"} and (moved.value.between(0, 1)).all()  # 3 shots, not 5
     mixed = few_shot_finetune(model, cfg, data, split, shots=3, episodes=1, steps=3, lr=1e-2, mode="mixed")
-    assert set(mixed.split) == {"finetune_mixed@3"} and (mixed.value.between(0, 1)).all()
+    assert set(mixed.split) == {"finetune_mixed@3@3shot"} and (mixed.value.between(0, 1)).all()
 
 
 def test_few_shot_cli_includes_finetuning(runs, tmp_path):
@@ -700,3 +700,32 @@ def test_a_method_that_holds_no_domain_out_is_not_short_of_held_out_runs():
         == ("1", "50.0")
     # the run holding d3 out has in-domain values of two of the three domains: its avg is not comparable
     assert t.loc[("b", "s", "name", "-", "in_domain"), "avg"] == "incomplete"
+
+
+def test_few_shot_takes_a_shot_count_and_keeps_each_counts_rows(runs, synthetic_store, tmp_path):
+    """evaluate had no --shots: few-shot results were Li et al.'s 5 shots only, and rows of two shot
+    counts would have had one key. Other counts name theirs in the split, and both stay in one file."""
+    from embedcache.evaluate.protocols import episode
+
+    out = tmp_path / "fs.parquet"
+    args = ["evaluate", str(runs / "feat_kd-0"), "--protocol", "few_shot", "--finetune-steps", "1", "--out", str(out)]
+    five = CliRunner().invoke(main, args)
+    two = CliRunner().invoke(main, args + ["--shots", "2"])
+    assert five.exit_code == 0 and two.exit_code == 0, two.output
+    df = pd.read_parquet(out)
+    assert {"prototype", "tip_adapter", "finetune@1", "prototype@2shot", "tip_adapter@2shot",
+            "finetune@1@2shot"} == set(df.split)
+    # each 2-shot episode scored the unseen class's images less two support images
+    s = embedcache.open_store(str(synthetic_store))
+    unseen = np.array([s.classes.index("triangle")])
+    _, query = episode(s.meta.label.to_numpy(), s.ok, unseen, 2, 0, 0, s.classes)
+    row = df[(df.split == "prototype@2shot") & (df.episode == 0) & (df.metric == "top1")]
+    assert int(row.n.iloc[0]) == len(query) == int((s.meta.class_name == "triangle").sum()) - 2
+    # one shot of one unseen class: a batch of one image, which BatchNorm cannot train on (a ValueError)
+    one = CliRunner().invoke(main, args + ["--shots", "1"])
+    assert one.exit_code == 2 and "trains on batches of 1 image (shots x unseen classes)" in one.output, one.output
+    teacher = CliRunner().invoke(main, ["evaluate", "--store", str(synthetic_store), "--protocol", "few_shot",
+                                        "--shots", "2", "--out", str(tmp_path / "t.parquet")])
+    assert teacher.exit_code == 0 and {"prototype@2shot"} <= set(pd.read_parquet(tmp_path / "t.parquet").split)
+    unused = CliRunner().invoke(main, ["evaluate", str(runs / "feat_kd-0"), "--shots", "1", "--out", str(out)])
+    assert unused.exit_code == 2 and "--shots 1 sets the few_shot protocol's shots" in unused.output
