@@ -265,14 +265,19 @@ def test_a_run_keeps_its_name_when_settings_are_added():
 
 def test_a_few_shot_sweep_fine_tunes_in_the_mode_it_names(synthetic_store, tmp_path):
     """Li et al. mix the shots into training batches (``mixed``); a sweep can ask for it."""
-    f = _sweep_file(tmp_path, synthetic_store, protocol="few_shot", finetune_steps=1, finetune_mode="mixed",
+    f = _sweep_file(tmp_path, synthetic_store, protocol="few_shot", finetune_steps=1, finetune_mode="mixed", shots=2,
                     grid={"recipe": ["feat_kd"], "seed": [0]})
     res = CliRunner().invoke(main, ["sweep", str(f), "--out", str(tmp_path / "sw"), "--no-progress"])
     assert res.exit_code == 0, res.output
     splits = set(pd.read_parquet(tmp_path / "sw" / "results.parquet").split)
-    assert "finetune_mixed@1" in splits and "finetune@1" not in splits
+    assert {"finetune_mixed@1@2shot", "prototype@2shot"} <= splits and not {"finetune@1", "prototype"} & splits
     with pytest.raises(ConfigError, match="finetune_mode='mix' is not valid: choose one of shots, mixed"):
         load_sweep(str(_sweep_file(tmp_path, synthetic_store, finetune_mode="mix")))
+    # few-shot settings on another protocol's sweep were ignored
+    for setting in ({"finetune_steps": 5}, {"shots": 1}, {"finetune_mode": "mixed"}):
+        with pytest.raises(ConfigError, match=rf"{next(iter(setting))}=.* sets few-shot scoring, which a lodo sweep "
+                                              r"does not do; leave it out, or use protocol: few_shot"):
+            load_sweep(str(_sweep_file(tmp_path, synthetic_store, **setting)))
 
 
 def test_scoring_a_sweeps_runs_again_keeps_their_variant_and_replicate(synthetic_store, tmp_path):
@@ -345,7 +350,7 @@ def test_a_relaunch_with_other_settings_is_refused_and_the_table_holds_the_curre
     assert set(first.replicate) == {0, 1} and "seed" not in first.columns
     seeds = {json.loads(p.read_text())["seed"] for p in out.glob("runs/*/config.json")}
     assert set(first.run_seed) == seeds and len(seeds) == 2 and not seeds & {0, 1}
-    for change in ("base.steps=6", "finetune_steps=2", "base_seed=3"):
+    for change in ("base.steps=6", "per_recipe.ce.steps=5", "base_seed=3"):
         res = CliRunner().invoke(main, ["sweep", str(f), "--out", str(out), "--no-progress", "--set", change])
         assert res.exit_code == 2 and "was launched with other settings" in res.output, res.output
         assert change.split("=")[0] in res.output and "use another --out" in res.output

@@ -26,7 +26,7 @@ import yaml
 from embedcache import interrupt, open_store
 from embedcache.config import apply_overrides, build_config, flatten, read_config_file, setting, to_dict
 from embedcache.errors import ConfigError, DiskFullError, EvaluationError
-from embedcache.evaluate.protocols import seeded_class_split
+from embedcache.evaluate.protocols import DEFAULT_SHOTS, seeded_class_split
 from embedcache.evaluate.results import read_results
 from embedcache.fileio import atomic_write, atomic_write_text, disk_full_error, is_disk_full
 
@@ -69,14 +69,21 @@ class SweepSpec:
     base_seed: int = 0
     finetune_steps: int = setting(0, min=0)  # few_shot: also fine-tune the student on the shots
     finetune_mode: str = setting("shots", choices=FINETUNE_MODES)  # mixed: Li et al.'s (shots in training batches)
+    shots: int = setting(DEFAULT_SHOTS, min=1)  # few_shot: labelled images per unseen class (Li et al.'s 5)
     launcher: str = setting("local", choices=LAUNCHERS)
     workers: int = setting(1, min=1)
     pack_heads: bool = False                 # head-only runs differing only in seed/lr/weight decay train as one pack
     resources: Dict[str, Any] = field(default_factory=lambda: {"num_cpus": 1, "num_gpus": 0})
 
     def check(self) -> None:
-        """What the sweep sets itself is not also taken from ``base`` (it was silently overridden), and
-        ``resources`` are Ray's per-run requests, numbers >= 0 (a typo ran every run without its GPU)."""
+        """What the sweep sets itself is not also taken from ``base`` (it was silently overridden),
+        ``resources`` are Ray's per-run requests, numbers >= 0 (a typo ran every run without its GPU), and
+        the few-shot settings are set only on a few_shot sweep (other protocols ignored them)."""
+        if self.protocol != "few_shot":
+            for key, default in (("finetune_steps", 0), ("finetune_mode", "shots"), ("shots", DEFAULT_SHOTS)):
+                if getattr(self, key) != default:
+                    raise ConfigError(f"{key}={getattr(self, key)!r} sets few-shot scoring, which a {self.protocol} "
+                                      "sweep does not do; leave it out, or use protocol: few_shot")
         for where in (self.base, *self.per_recipe.values()):
             for key in SET_BY_THE_SWEEP[self.protocol]:
                 if key in (where.get("split") or {}) or f"split.{key}" in where:

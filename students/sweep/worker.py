@@ -62,8 +62,8 @@ def _score(run: RunDir, spec, point: SweepPoint, device: str):
     """A finished run's result rows under the sweep's protocol (one place for sweeps and packs)."""
     from ..scoring import score_run
 
-    return score_run(run, [spec.protocol], point.cfg.store, device, finetune_steps=spec.finetune_steps,
-                     finetune_mode=spec.finetune_mode)
+    return score_run(run, [spec.protocol], point.cfg.store, device, options={"few_shot": {"shots": spec.shots}},
+                     finetune_steps=spec.finetune_steps, finetune_mode=spec.finetune_mode)
 
 
 def _start(run: RunDir, spec, point: SweepPoint, **attempt) -> None:
