@@ -690,3 +690,14 @@ def test_launcher_settings_the_sweeps_launcher_would_not_read_are_refused(synthe
     said = []
     run_sweep(load_sweep(str(f)), str(tmp_path / "sw"), launcher="serial", progress=False, log=said.append)
     assert said[0] == "note: workers=2 (in the sweep file or --set) does not apply to the serial launcher, which runs without it"
+
+
+def test_split_settings_of_another_protocol_are_refused(synthetic_store, tmp_path):
+    """A lodo sweep ignored unseen_fraction and split_seed, and a class-split sweep holdout_domains."""
+    for changes, said in (({"unseen_fraction": 0.3}, r"unseen_fraction=0.3 sets the class split of open_vocab and "
+                                                      r"few_shot sweeps, which a lodo sweep does not make"),
+                          ({"split_seed": 2}, r"split_seed=2 sets the class split"),
+                          ({"protocol": "open_vocab", "holdout_domains": ["outline"]},
+                           r"holdout_domains sets the runs of a lodo sweep; protocol open_vocab holds classes out")):
+        with pytest.raises(ConfigError, match=said):
+            load_sweep(str(_sweep_file(tmp_path, synthetic_store, **changes)))

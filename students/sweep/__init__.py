@@ -84,6 +84,16 @@ class SweepSpec:
                 if getattr(self, key) != default:
                     raise ConfigError(f"{key}={getattr(self, key)!r} sets few-shot scoring, which a {self.protocol} "
                                       "sweep does not do; leave it out, or use protocol: few_shot")
+        if self.protocol == "lodo":
+            for key, default in (("unseen_fraction", 0.5), ("split_seed", 0)):
+                if getattr(self, key) != default:
+                    raise ConfigError(f"{key}={getattr(self, key)!r} sets the class split of open_vocab and few_shot "
+                                      "sweeps, which a lodo sweep does not make; leave it out, or use one of those "
+                                      "protocols (a class held out of a lodo sweep: base.split.train_classes)")
+        elif self.holdout_domains is not None:
+            raise ConfigError(f"holdout_domains sets the runs of a lodo sweep; protocol {self.protocol} holds classes "
+                              "out, not domains: leave it out, or hold domains out of every run with "
+                              "base.split.holdout_domains")
         for where in (self.base, *self.per_recipe.values()):
             for key in SET_BY_THE_SWEEP[self.protocol]:
                 if key in (where.get("split") or {}) or f"split.{key}" in where:
