@@ -254,7 +254,7 @@ def test_few_shot_fine_tuning_of_a_feature_run_trains_its_whole_student(feature_
     rows = score_run(res.out, protocols=("few_shot",), finetune_steps=1, device="cpu",
                      options={"few_shot": {"shots": 2, "episodes": 1}})
     top1 = rows[(rows.metric == "top1") & (rows.episode == 0)].set_index("split").n
-    assert set(rows.episode) == {0, -1} and top1["finetune@1"] == top1["prototype"] == top1["tip_adapter"]
+    assert set(rows.episode) == {0, -1} and top1["finetune@1@2shot"] == top1["prototype@2shot"] == top1["tip_adapter@2shot"]
 
 
 def test_the_command_named_for_missing_features_makes_them(feature_store, tmp_path):

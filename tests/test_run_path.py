@@ -516,7 +516,7 @@ def test_results_written_before_run_seed_read_with_it(tmp_path):
     pd.DataFrame([{**row, "seed": 1234, "replicate": 0}]).to_parquet(tmp_path / "old.parquet")
     old = read_results(tmp_path / "old.parquet")
     assert list(old.run_seed) == [1234] and "seed" not in old.columns
-    both = upsert(str(tmp_path / "old.parquet"), pd.DataFrame([{**row, "domain": "sketch", "run_seed": 99, "replicate": 0}]))
+    both = upsert(str(tmp_path / "old.parquet"), pd.DataFrame([{**row, "run": "r2", "run_seed": 99, "replicate": 0}]))
     assert sorted(both.run_seed) == [99, 1234] and "seed" not in both.columns
 
 
