@@ -15,8 +15,8 @@ from ._app import main, refuse_path_through_file
               help="lodo | open_vocab | few_shot | per_class | distill (repeatable)")
 @click.option("--source", "sources", multiple=True, help="text sources for teacher baselines (default: all)")
 @click.option("--out", default="results.parquet", show_default=True,
-              help="tidy results file (updated: rows of the same run, store, holdout, protocol, split, domain and "
-                   "metric are replaced)")
+              help="tidy results file (updated: a run's rows of each protocol, store and holdout it scores are "
+                   "replaced whole; rows of other fine-tuning steps or shot counts stay)")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--shots", type=click.IntRange(min=1), default=5, show_default=True,
               help="few_shot: labelled images per unseen class (Li et al.: 5; rows of other counts carry theirs in "

@@ -52,6 +52,7 @@ def train(store, recipe, student, config_path, out, device, overrides, no_progre
 def sweep(sweep_file, out, launcher, workers, address, device, overrides, no_progress) -> None:
     """Run a grid of student runs over a store (resumable; finished runs are skipped), then report.
     SWEEP_FILE is a YAML file or a packaged sweep name; without one, the demo sweep over the demo store."""
+    from embedcache.evaluate.protocols import shots_tag
     from embedcache.evaluate.report import headline_metric, markdown
     from embedcache.evaluate.store_eval import summary_table
     from embedcache.students.sweep import load_sweep, partial_note, run_sweep
@@ -72,7 +73,7 @@ def sweep(sweep_file, out, launcher, workers, address, device, overrides, no_pro
         note = partial_note(out, [Path(p).name for p in res["run_dirs"]])
         if note:
             click.echo(f"warning: {note}")
-        split = MAIN_SPLIT[spec.protocol]
+        split = MAIN_SPLIT[spec.protocol] + (shots_tag(spec.shots) if spec.protocol == "few_shot" else "")
         if headline_metric(split) == "mean_per_class":
             click.echo(f"{split}: mean per-class accuracy (%), as Li et al. report it")
         click.echo(markdown(summary_table(res["results"], split, headline_metric(split))))

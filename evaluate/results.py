@@ -2,8 +2,9 @@
 
 One row per (run, source, store, holdout, protocol, split, domain, class_name, episode, metric):
 ``value`` and ``n`` (rows scored), with the run's settings as columns. Rows from ``embedcache evaluate`` and from sweeps
-share this schema, so they combine in one report. Writing a results file *updates* it: rows with
-the same key are replaced, so scoring the same run twice leaves the same rows.
+share this schema, so they combine in one report. Writing a results file *updates* it: a run's rows
+of one protocol, store and setting are replaced whole (``upsert``), so scoring the same run twice
+leaves the same rows, and a row a rescoring no longer gives does not linger.
 """
 from __future__ import annotations
 
@@ -81,17 +82,25 @@ def read_results(path) -> pd.DataFrame:
     return conform(df)
 
 
-# what one scoring replaces as a whole: a run's rows of one protocol, text source, store and holdout
+# what one scoring replaces as a whole: a run's rows of one protocol, text source, store and holdout, of
+# one setting (``_setting``)
 SCOPE = ["run", "source", "store_key", "holdout", "protocol"]
+
+
+def _setting(split: pd.Series) -> pd.Series:
+    """The setting a split's name carries: a fine-tuning split's whole name (its mode, steps and shots:
+    finetune@50, finetune_mixed@50@1shot), else what follows its "@" (a shot count: prototype@1shot
+    is "1shot"; plain splits "")."""
+    split = split.astype(str)
+    return split.where(split.str.startswith("finetune"), split.str.partition("@")[2])
 
 
 def upsert(path: str, rows: pd.DataFrame) -> pd.DataFrame:
     """Merge ``rows`` into the results file at ``path`` and write it atomically; returns the whole
-    table. Each scope of ``rows`` (a run's rows of one protocol on one store: ``SCOPE``) replaces that
-    scope's old rows whole, so a row a rescoring no longer gives (an image left out since, a metric
-    dropped) does not linger; only old rows of a setting this scoring did not compute stay (the part
-    of a split's name after its first "@": fine-tuning steps, a shot count: ``finetune@50``,
-    ``prototype@1shot``)."""
+    table. Each scope of ``rows`` (a run's rows of one protocol on one store, of one setting: ``SCOPE``
+    and ``_setting``) replaces that scope's old rows whole, so a row a rescoring no longer gives (an
+    image left out since, a metric dropped) does not linger, while rows of settings it did not compute
+    (fine-tuning of other steps or mode, other shot counts) stay."""
     rows = conform(rows)
     clash = rows[rows.duplicated(KEY, keep=False)].groupby(KEY).value.nunique()
     if (clash > 1).any():  # two different values under one key: the key misses a setting (a bug)
@@ -101,12 +110,8 @@ def upsert(path: str, rows: pd.DataFrame) -> pd.DataFrame:
     p = Path(path)
     if p.exists():
         old = read_results(p)
-        redone = old.merge(rows[SCOPE].drop_duplicates(), on=SCOPE, how="left", indicator=True)["_merge"] == "both"
-        def setting(split: pd.Series) -> pd.Series:
-            return split.astype(str).str.partition("@")[2]
-
-        other_setting = ~setting(old["split"]).isin(set(setting(rows["split"])))
-        old = old[(~redone.to_numpy()) | other_setting.to_numpy()]
-        rows = pd.concat([old, rows], ignore_index=True)
+        done = rows[SCOPE].assign(setting=_setting(rows["split"])).drop_duplicates()
+        redone = old[SCOPE].assign(setting=_setting(old["split"])).merge(done, how="left", indicator=True)["_merge"]
+        rows = pd.concat([old[(redone != "both").to_numpy()], rows], ignore_index=True)
     atomic_write(p, lambda tmp: rows.to_parquet(tmp, index=False))
     return rows

@@ -729,3 +729,23 @@ def test_few_shot_takes_a_shot_count_and_keeps_each_counts_rows(runs, synthetic_
     assert teacher.exit_code == 0 and {"prototype@2shot"} <= set(pd.read_parquet(tmp_path / "t.parquet").split)
     unused = CliRunner().invoke(main, ["evaluate", str(runs / "feat_kd-0"), "--shots", "1", "--out", str(out)])
     assert unused.exit_code == 2 and "--shots 1 sets the few_shot protocol's shots" in unused.output
+
+
+def test_rescoring_keeps_the_rows_of_settings_it_did_not_compute_scope_by_scope(tmp_path):
+    """Settings were compared across the whole call: scoring lodo and 2-shot few_shot together dropped
+    the 5-shot rows (lodo's rows count as the plain setting), and fine-tuning in the mixed mode
+    dropped the shots mode's rows of the same step count."""
+    from embedcache.evaluate.results import upsert
+
+    def rows(protocol, splits):
+        return pd.DataFrame([{"run": "r", "recipe": "ce", "student": "s", "replicate": 0, "protocol": protocol,
+                              "split": sp, "domain": "all", "metric": "top1", "value": 0.5} for sp in splits])
+
+    out = str(tmp_path / "r.parquet")
+    upsert(out, rows("few_shot", ["prototype", "tip_adapter", "finetune@50"]))
+    got = upsert(out, pd.concat([rows("lodo", ["in_domain"]), rows("few_shot", ["prototype@2shot"])]))
+    assert set(got.split) == {"prototype", "tip_adapter", "finetune@50", "in_domain", "prototype@2shot"}
+    got = upsert(out, rows("few_shot", ["prototype", "tip_adapter", "finetune_mixed@50"]))
+    assert {"finetune@50", "finetune_mixed@50", "prototype@2shot"} <= set(got.split)
+    got = upsert(out, rows("few_shot", ["prototype"]))  # tip_adapter's plain row is this scoring's setting: gone
+    assert "tip_adapter" not in set(got.split) and "finetune@50" in set(got.split)

@@ -271,6 +271,11 @@ def test_a_few_shot_sweep_fine_tunes_in_the_mode_it_names(synthetic_store, tmp_p
     assert res.exit_code == 0, res.output
     splits = set(pd.read_parquet(tmp_path / "sw" / "results.parquet").split)
     assert {"finetune_mixed@1@2shot", "prototype@2shot"} <= splits and not {"finetune@1", "prototype"} & splits
+    table = res.output.split("prototype@2shot: mean per-class accuracy")[1]  # the summary of its 2-shot rows
+    assert "feat_kd" in table, res.output
+    again = CliRunner().invoke(main, ["sweep", str(f), "--out", str(tmp_path / "sw"), "--no-progress", "--set",
+                                      "finetune_steps=3"])
+    assert again.exit_code == 2 and "finetune_steps: 1 -> 3" in again.output, again.output
     with pytest.raises(ConfigError, match="finetune_mode='mix' is not valid: choose one of shots, mixed"):
         load_sweep(str(_sweep_file(tmp_path, synthetic_store, finetune_mode="mix")))
     # few-shot settings on another protocol's sweep were ignored
@@ -701,3 +706,23 @@ def test_split_settings_of_another_protocol_are_refused(synthetic_store, tmp_pat
                            r"holdout_domains sets the runs of a lodo sweep; protocol open_vocab holds classes out")):
         with pytest.raises(ConfigError, match=said):
             load_sweep(str(_sweep_file(tmp_path, synthetic_store, **changes)))
+
+
+def test_a_lodo_sweep_saved_with_settings_it_never_read_relaunches_without_them(synthetic_store, tmp_path):
+    """An older version saved a lodo sweep's finetune_steps and unseen_fraction (ignored then): refused
+    now, and a relaunch without them was refused as launched with other settings, so the folder could
+    not be resumed either way."""
+    from embedcache.students.sweep import _require_same_spec
+
+    out = tmp_path / "sw"
+    (out / "results").mkdir(parents=True)
+    (out / "results" / "x.parquet").write_bytes(b"")
+    saved = {"store": str(synthetic_store), "protocol": "lodo", "base": {"steps": 4}, "grid": {"seed": [0]},
+             "finetune_steps": 5, "unseen_fraction": 0.3}
+    (out / "sweep.yaml").write_text(yaml.safe_dump(saved))
+    f = tmp_path / "now.yaml"
+    f.write_text(yaml.safe_dump({k: v for k, v in saved.items() if k not in ("finetune_steps", "unseen_fraction")}))
+    _require_same_spec(str(out), load_sweep(str(f)))
+    f.write_text(yaml.safe_dump({**saved, "base": {"steps": 6}}))
+    with pytest.raises(ConfigError, match="finetune_steps=5 sets few-shot scoring"):
+        load_sweep(str(f))

@@ -50,6 +50,11 @@ PROTOCOLS_TRAINED = ("lodo", "open_vocab", "few_shot")
 # class-split sweep domains)
 SET_BY_THE_SWEEP = {"lodo": ("holdout_domains",), "open_vocab": ("train_classes",), "few_shot": ("train_classes",)}
 RESOURCES = ("num_cpus", "num_gpus", "memory")  # Ray's per-task requests (memory in bytes)
+FEW_SHOT_SETTINGS = ("finetune_steps", "finetune_mode", "shots")
+# each protocol's sweep settings that a sweep of another does not read (refused there; an older sweep.yaml
+# may hold them, ignored then: a relaunch is not compared on them)
+UNREAD_BY = {"lodo": FEW_SHOT_SETTINGS + ("unseen_fraction", "split_seed"), "open_vocab": FEW_SHOT_SETTINGS + ("holdout_domains",),
+             "few_shot": ("holdout_domains",)}
 
 
 class SweepInterrupted(KeyboardInterrupt):
@@ -79,18 +84,15 @@ class SweepSpec:
         """What the sweep sets itself is not also taken from ``base`` (it was silently overridden),
         ``resources`` are Ray's per-run requests, numbers >= 0 (a typo ran every run without its GPU), and
         the few-shot settings are set only on a few_shot sweep (other protocols ignored them)."""
-        if self.protocol != "few_shot":
-            for key, default in (("finetune_steps", 0), ("finetune_mode", "shots"), ("shots", DEFAULT_SHOTS)):
-                if getattr(self, key) != default:
-                    raise ConfigError(f"{key}={getattr(self, key)!r} sets few-shot scoring, which a {self.protocol} "
-                                      "sweep does not do; leave it out, or use protocol: few_shot")
-        if self.protocol == "lodo":
-            for key, default in (("unseen_fraction", 0.5), ("split_seed", 0)):
-                if getattr(self, key) != default:
-                    raise ConfigError(f"{key}={getattr(self, key)!r} sets the class split of open_vocab and few_shot "
-                                      "sweeps, which a lodo sweep does not make; leave it out, or use one of those "
-                                      "protocols (a class held out of a lodo sweep: base.split.train_classes)")
-        elif self.holdout_domains is not None:
+        for key in UNREAD_BY[self.protocol]:
+            if key != "holdout_domains" and getattr(self, key) != getattr(SweepSpec, key):
+                what = ("sets few-shot scoring, which a {} sweep does not do; leave it out, or use protocol: few_shot"
+                        if key in FEW_SHOT_SETTINGS else
+                        "sets the class split of open_vocab and few_shot sweeps, which a {} sweep does not make; leave "
+                        "it out, or use one of those protocols (a class held out of a lodo sweep: "
+                        "base.split.train_classes)")
+                raise ConfigError(f"{key}={getattr(self, key)!r} " + what.format(self.protocol))
+        if self.protocol != "lodo" and self.holdout_domains is not None:
             raise ConfigError(f"holdout_domains sets the runs of a lodo sweep; protocol {self.protocol} holds classes "
                               "out, not domains: leave it out, or hold domains out of every run with "
                               "base.split.holdout_domains")
@@ -411,7 +413,8 @@ def _require_same_spec(sweep_dir: str, spec: SweepSpec, others_live: bool = Fals
     defaults = flatten(to_dict(SweepSpec(store="")))  # settings added since that sweep.yaml was written
     old = {**defaults, **flatten(raw)}
     new = flatten(to_dict(spec))
-    changed = [k for k in sorted(set(old) | set(new)) if k.split(".")[0] not in RELAUNCH_MAY_CHANGE
+    unread = UNREAD_BY.get(raw.get("protocol", spec.protocol), ())  # an older sweep.yaml may hold them, unread
+    changed = [k for k in sorted(set(old) | set(new)) if k.split(".")[0] not in RELAUNCH_MAY_CHANGE + unread
                and not _same_value(old.get(k), new.get(k)) and not _same_runs(k, old, new, raw, spec)]
     if changed:
         shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:3])
