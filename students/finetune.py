@@ -37,6 +37,15 @@ def _batch(data: StoreData, support: np.ndarray, train_rows: np.ndarray, mode: s
     return np.concatenate([rng.choice(support, size=k, replace=False), rest])
 
 
+def require_trainable_batches(model, shots: int, unseen: int, mode: str) -> None:
+    """On the shots alone a batch holds shots x unseen classes images: one, BatchNorm cannot train on."""
+    if mode == "shots" and shots * unseen < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                                                       for m in model.modules()):
+        raise EvaluationError(f"few-shot fine-tuning on the shots alone trains on batches of {shots * unseen} "
+                              "image (shots x unseen classes), and this student's BatchNorm needs 2 or more; use more "
+                              "shots, --finetune-mode mixed, or --finetune-steps 0")
+
+
 def few_shot_finetune(base, cfg: TrainConfig, data: StoreData, split: Dict, shots: int = DEFAULT_SHOTS, episodes: int = 3,
                       steps: int = 50, lr: float = 1e-4, batch_size: int = 32, seed: int = 0, device="cpu",
                       unseen: Optional[np.ndarray] = None, mode: str = "shots") -> pd.DataFrame:
@@ -49,11 +58,7 @@ def few_shot_finetune(base, cfg: TrainConfig, data: StoreData, split: Dict, shot
         unseen = np.setdiff1d(np.arange(len(data.classes)), split["seen_classes"])
     if len(unseen) == 0:
         raise EvaluationError("few-shot fine-tuning needs unseen classes; this run trained on every class")
-    if mode == "shots" and shots * len(unseen) < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-                                                            for m in base.modules()):
-        raise EvaluationError(f"few-shot fine-tuning on the shots alone trains on batches of {shots * len(unseen)} "
-                              "image (shots x unseen classes), and this student's BatchNorm needs 2 or more; use more "
-                              "shots, --finetune-mode mixed, or --finetune-steps 0")
+    require_trainable_batches(base, shots, len(unseen), mode)
     dev = torch.device(device) if not isinstance(device, torch.device) else device
     text_all = data.reader.class_emb(split["text_source"])
     recipe = recipe_of(cfg)

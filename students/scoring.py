@@ -21,7 +21,7 @@ from embedcache.api import StoreReader, same_teacher
 from embedcache.device import resolve_device
 from embedcache.errors import StoreError, StoreMismatchError
 from embedcache.evaluate.metrics import require_finite
-from embedcache.evaluate.protocols import named_warnings, rows_read
+from embedcache.evaluate.protocols import DEFAULT_SHOTS, named_warnings, rows_read
 from embedcache.evaluate.results import conform, holdout_tag
 from embedcache.evaluate.store_eval import eval_data, run_protocols
 
@@ -243,6 +243,11 @@ def score_run(run: Union[str, RunDir], protocols: Sequence[str] = ("lodo",), sto
         finetune = "few_shot" in protocols and finetune_steps > 0  # trains the whole student
         # scored from the very features the run trained on: its heads are all that is needed
         model, cfg = (run.load_heads(dev), run.train_config) if features is not None and not finetune else run.load_student(dev)
+        if finetune:  # before the protocols' work, not after it
+            from .finetune import require_trainable_batches
+
+            shots = (options or {}).get("few_shot", {}).get("shots", DEFAULT_SHOTS)
+            require_trainable_batches(model, shots, len(reader.classes) - len(split["seen_classes"]), finetune_mode)
         if transfer:  # none of these images was trained on or used for selection
             split = {"text_source": split["text_source"], "predict": split["predict"],
                      "seen_classes": split["seen_classes"], "holdout_domains": []}
