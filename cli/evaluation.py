@@ -57,8 +57,7 @@ def evaluate(runs, store, protocols, sources, out, device, shots, finetune_steps
     if Path(out).exists():
         read_results(out)  # a file that is not a results table is refused now, not after the scoring
     _refuse_unused(runs, store, protocols, sources, transfer, seen_classes, (unseen_fraction, split_seed) != (0.5, 0))
-    if shots != 5 and "few_shot" not in protocols:
-        raise click.UsageError(f"--shots {shots} sets the few_shot protocol's shots; add --protocol few_shot, or drop it")
+    _refuse_unused_few_shot(runs, protocols)
     options = {"few_shot": {"shots": shots}}
     frames = []
     if not runs:
@@ -134,6 +133,21 @@ def _refuse_unused(runs, store, protocols, sources, transfer: bool, seen_classes
     if seen_classes is not None and drawn:
         raise click.UsageError("--seen-classes names the class split; --unseen-fraction and --split-seed draw one: "
                                "give one or the other")
+
+
+def _refuse_unused_few_shot(runs, protocols) -> None:
+    """--shots sets the few_shot protocol; --finetune-steps and --finetune-mode fine-tune runs under it
+    (the teacher has no student to fine-tune). Given where nothing reads them, they are refused."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    given = [f"--{p.replace('_', '-')}" for p in ("shots", "finetune_steps", "finetune_mode")
+             if ctx.get_parameter_source(p) is ParameterSource.COMMANDLINE]
+    if "few_shot" not in protocols and given:
+        raise click.UsageError(f"{given[0]} sets few-shot scoring; add --protocol few_shot, or drop it")
+    tuning = [g for g in given if g != "--shots"]
+    if not runs and tuning:
+        raise click.UsageError(f"{tuning[0]} fine-tunes runs; the teacher's baselines have none to fine-tune: drop it")
 
 
 def _seen_list(seen_classes):

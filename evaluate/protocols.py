@@ -283,6 +283,14 @@ def shots_tag(shots: int) -> str:
     return "" if shots == DEFAULT_SHOTS else f"@{shots}shot"
 
 
+def episode_mean(df: pd.DataFrame) -> pd.DataFrame:
+    """Each split's metrics averaged over its episodes (their rows summed in ``n``). A collapse stays a
+    row of the episode it happened in: averaged over the episodes that had one, it read as the whole
+    run's, with no class."""
+    scored = df[df["metric"] != "collapsed_share"]
+    return scored.groupby(["split", "metric"], as_index=False).agg(value=("value", "mean"), n=("n", "sum"))
+
+
 @PROTOCOLS.register("few_shot")
 def few_shot(d: EvalData, shots: int = DEFAULT_SHOTS, episodes: int = 3, seen_classes: Optional[Sequence[int]] = None,
              unseen_fraction: float = 0.5, beta: float = 5.5, alpha: float = 1.0, seed: int = 0) -> pd.DataFrame:
@@ -301,7 +309,7 @@ def few_shot(d: EvalData, shots: int = DEFAULT_SHOTS, episodes: int = 3, seen_cl
         rows += _rows(unseen[logits.argmax(1)], d.labels[query], d.classes, split="tip_adapter" + shots_tag(shots),
                       domain="all", episode=ep)
     df = pd.DataFrame(rows)
-    mean = df.groupby(["split", "metric"], as_index=False).agg(value=("value", "mean"), n=("n", "sum"))
+    mean = episode_mean(df)
     mean["domain"], mean["episode"] = "all", -1  # -1: the mean over episodes
     return pd.concat([df, mean], ignore_index=True)
 

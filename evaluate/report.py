@@ -45,7 +45,7 @@ def _collapse_lines(results: pd.DataFrame, split: str, keys: List[str]) -> List[
     """The cells of ``split`` where a model answered one class for nearly every image (evaluate's
     ``collapsed_share`` rows): said under the table, whose figure there is only that class's share."""
     here = results[results["split"] == split]
-    hit = here[here["metric"] == "collapsed_share"]
+    hit = here[(here["metric"] == "collapsed_share") & (here["episode"] == -1)]  # a run's, not one episode's
     if hit.empty:
         return []
     hit, top = hit.assign(method=_method(hit, keys)), here[here["metric"] == "top1"]

@@ -18,7 +18,7 @@ import torch
 
 from embedcache.errors import ConfigError, EvaluationError
 from embedcache.evaluate.metrics import mean_per_class, nearest_label, top1
-from embedcache.evaluate.protocols import DEFAULT_SHOTS, episode, shots_tag
+from embedcache.evaluate.protocols import DEFAULT_SHOTS, episode, episode_mean, shots_tag
 
 from .config import TrainConfig
 from .data import StoreData
@@ -101,6 +101,6 @@ def few_shot_finetune(base, cfg: TrainConfig, data: StoreData, split: Dict, shot
             rows.append({"split": name, "domain": "all", "metric": metric, "value": fn(pred, data.labels[query]),
                          "n": len(query), "episode": ep})
     df = pd.DataFrame(rows)
-    mean = df.groupby(["split", "metric"], as_index=False).agg(value=("value", "mean"), n=("n", "sum"))
+    mean = episode_mean(df)
     mean["domain"], mean["episode"] = "all", -1
     return pd.concat([df, mean], ignore_index=True)

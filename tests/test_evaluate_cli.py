@@ -728,7 +728,14 @@ def test_few_shot_takes_a_shot_count_and_keeps_each_counts_rows(runs, synthetic_
                                         "--shots", "2", "--out", str(tmp_path / "t.parquet")])
     assert teacher.exit_code == 0 and {"prototype@2shot"} <= set(pd.read_parquet(tmp_path / "t.parquet").split)
     unused = CliRunner().invoke(main, ["evaluate", str(runs / "feat_kd-0"), "--shots", "1", "--out", str(out)])
-    assert unused.exit_code == 2 and "--shots 1 sets the few_shot protocol's shots" in unused.output
+    assert unused.exit_code == 2 and "--shots sets few-shot scoring; add --protocol few_shot" in unused.output
+    for extra in (["--finetune-steps", "7"], ["--finetune-mode", "mixed"], ["--shots", "5"]):  # explicit, even at 5
+        said = CliRunner().invoke(main, ["evaluate", str(runs / "feat_kd-0"), "--protocol", "open_vocab", *extra,
+                                         "--out", str(out)])
+        assert said.exit_code == 2 and f"{extra[0]} sets few-shot scoring" in said.output, said.output
+    said = CliRunner().invoke(main, ["evaluate", "--store", str(synthetic_store), "--protocol", "few_shot",
+                                     "--finetune-steps", "7", "--out", str(tmp_path / "t.parquet")])
+    assert said.exit_code == 2 and "--finetune-steps fine-tunes runs; the teacher's baselines have none" in said.output
 
 
 def test_rescoring_keeps_the_rows_of_settings_it_did_not_compute_scope_by_scope(tmp_path):

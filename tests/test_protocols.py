@@ -301,3 +301,25 @@ def test_m_neigh_is_left_out_when_every_other_image_would_be_a_neighbour():
     assert not any(m.startswith("m_neigh") for m in ds.metric) and "m_rel" in set(ds.metric)
     ds = PROTOCOLS.get("distill")(d, max_rows=12, k_neigh=10)
     assert "m_neigh@10" in set(ds.metric)
+
+
+def test_a_collapse_in_one_episode_is_not_said_of_the_run(tmp_path):
+    """One of three few-shot episodes collapsed: the episodes' mean averaged the collapsed_share rows of
+    the episodes that had one (that one), with no class, and the report said the run answered '' and
+    'circle' for 96% of the images."""
+    import pandas as pd
+
+    from embedcache.evaluate.protocols import episode_mean
+    from embedcache.evaluate.report import write_report
+
+    rows = [{"split": "prototype", "domain": "all", "metric": m, "value": v, "n": 48, "episode": ep}
+            for ep in range(3) for m, v in (("top1", 0.5), ("mean_per_class", 0.5))]
+    rows.append({"split": "prototype", "domain": "all", "metric": "collapsed_share", "value": 0.96, "n": 48,
+                 "episode": 2, "class_name": "circle"})
+    df = pd.DataFrame(rows)
+    mean = episode_mean(df)
+    assert set(mean.metric) == {"top1", "mean_per_class"} and set(mean.n) == {144}
+    results = pd.concat([df, mean.assign(domain="all", episode=-1)], ignore_index=True).assign(
+        run="r", recipe="ce", student="s", replicate=0, protocol="few_shot")
+    write_report(results, str(tmp_path / "rep"))
+    assert "collapsed:" not in (tmp_path / "rep" / "report.md").read_text()
