@@ -95,7 +95,7 @@ def _open_for(run: RunDir, path: str, transfer: bool) -> StoreReader:
                       "score the run on a store with its key, or train it again with another --out")
         else:
             advice = (f"score run {run.name} on the store it was trained on ({trained_on}), or pass --transfer to "
-                      "score it on another store of the same teacher")
+                      "score it on another store of the same teacher (on the images of it the run never trained on)")
         return StoreReader(path, expect_key=run.store_key, key_advice=advice)
     reader = StoreReader(path)
     if reader.key == run.store_key:  # its own store by another path: scored with its own split
