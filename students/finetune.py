@@ -39,7 +39,7 @@ def _batch(data: StoreData, support: np.ndarray, train_rows: np.ndarray, mode: s
 
 def require_trainable_batches(model, shots: int, unseen: int, mode: str) -> None:
     """On the shots alone a batch holds shots x unseen classes images: one, BatchNorm cannot train on."""
-    if mode == "shots" and shots * unseen < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+    if mode == "shots" and shots * unseen == 1 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
                                                        for m in model.modules()):
         raise EvaluationError(f"few-shot fine-tuning on the shots alone trains on batches of {shots * unseen} "
                               "image (shots x unseen classes), and this student's BatchNorm needs 2 or more; use more "

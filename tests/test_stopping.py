@@ -51,7 +51,7 @@ def test_a_stop_requested_while_scoring_stops_it_at_once(synthetic_store, tmp_pa
     monkeypatch.setattr(train_module, "train", train_then_stop)
 
     class Spec:
-        protocol, finetune_steps, finetune_mode, grid, base_seed = "lodo", 0, "shots", {}, 0
+        protocol, finetune_steps, finetune_mode, shots, grid, base_seed = "lodo", 0, "shots", 5, {}, 0
 
     cfg = _cfg(synthetic_store, tmp_path / "r")
     try:
@@ -398,6 +398,8 @@ def test_the_cli_says_why_it_ended_at_sigterm(tmp_path):
         time.sleep(0.1)
     assert proc.poll() is None, "the extraction ended before it could be stopped"
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    # the pipes close once every process holding them has gone, its forked workers too (seconds; once over
+    # 60 s in a full suite, with the line already said)
+    _, err = proc.communicate(timeout=180)
     assert proc.returncode == -signal.SIGTERM
     assert err.decode().strip().splitlines()[-1] == "terminated (SIGTERM); rerun the same command to resume"
