@@ -54,14 +54,19 @@ def _digests(reader: StoreReader) -> Optional[np.ndarray]:
 
 def seen_rows(run: RunDir, reader: StoreReader) -> Optional[np.ndarray]:
     """(N,) bool over ``reader``'s rows: images the run trained on or selected its weights with
-    (split.json's train_idx and val_idx on its own store). None, with a warning saying why, when the
-    two stores cannot be compared."""
+    (split.json's train_idx and val_idx on its own store). None when no image can be shared (one store
+    synthesised, the other extracted), and, with a warning saying why, when the two cannot be compared."""
+    made_by = (run.split.get("trained_on") or {}).get("producer")  # kept with the run: no store needed to know it
+    if made_by is not None and made_by != reader.store.producer:
+        return None
     try:
         own_path = run.store_path()
     except StoreError:
         return _cannot(run, reader, f"its store is not at {run.config.get('store_path') or run.config.get('store')} "
                                     "(put it back there to have them compared)")
     with StoreReader(own_path) as own:
+        if own.store.producer != reader.store.producer:  # synthesised images are never real ones, nor real ones synthesised
+            return None
         if int(own.layout["canvas"]) != int(reader.layout["canvas"]):
             return _cannot(run, reader, f"their canvases differ in size ({own.layout['canvas']} and "
                                         f"{reader.layout['canvas']} pixels)")
