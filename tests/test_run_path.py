@@ -574,3 +574,19 @@ def test_distill_rows_stay_for_a_ce_run_whose_embedding_is_its_trained_backbones
         warnings.filterwarnings("error", message=".*trains its embedding")
         rows = score_run(tmp_path / "tower", ["distill"])
     assert "teacher_student_cosine" in set(rows[rows.split == "distill"].metric)
+
+
+def test_canvas_digests_agree_between_a_store_with_pixels_and_one_without(make_cfg, tiny_teacher, tmp_path):
+    """--transfer matches images by canvas checksum: a store keeping pixels (checksummed now) and one
+    keeping only each canvas's CRC-32C (canvas.store=false) must give one image one digest."""
+    from embedcache import open_store
+    from embedcache.extract import extract
+    from embedcache.students.leakage import canvas_digests
+
+    kept, dropped = make_cfg("kept.zarr"), make_cfg("dropped.zarr", "canvas.store=false")
+    for cfg in (kept, dropped):
+        extract(cfg, teacher=tiny_teacher, log=quiet)
+    with open_store(kept.out) as a, open_store(dropped.out) as b:
+        da, db = canvas_digests(a), canvas_digests(b)
+        assert len(set(da.tolist())) == len(da)  # every image its own digest
+        np.testing.assert_array_equal(da, db)
