@@ -373,6 +373,20 @@ def test_transfer_scores_a_run_on_another_store_of_the_same_teacher(synthetic_st
     assert len(score_run(tmp_path / "r", ["lodo"], other.out, transfer=True)) == len(rows)
 
 
+def test_an_array_read_block_by_block_is_the_array_and_a_damaged_block_is_refused(blank_store):
+    """read_blocks (the --transfer check's pixels, a block in memory at a time) gives what read gives,
+    each block held to its checksum as read holds it."""
+    st = blank_store
+    for b in range(st.num_blocks):
+        st.write_block(b, _block(st, b, b))
+    blocks = list(st.read_blocks("image/pixels"))
+    assert [start for start, _ in blocks] == [st.block_range(b)[0] for b in range(st.num_blocks)]
+    np.testing.assert_array_equal(np.concatenate([rows for _, rows in blocks]), st.read("image/pixels"))
+    st.b.write("image/pixels", 5, np.zeros((1, 8, 8, 3), np.uint8))  # rows change behind the checksum's back
+    with pytest.raises(StoreDamagedError, match=r"image/pixels: rows 4-7 \(block 1\) do not match"):
+        list(st.read_blocks("image/pixels"))
+
+
 def test_a_block_of_zeros_is_written_not_taken_for_lost(blank_store):
     """Zarr skips chunks equal to the fill value unless told otherwise, on every opening of the array:
     black canvases or a block of unreadable images must still be on disk."""

@@ -29,7 +29,7 @@ import socket
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import pandas as pd
@@ -554,6 +554,25 @@ class Store:
                 raise
             raise self._damaged(name, f"it cannot be decoded ({type(exc).__name__})") from None
         return out
+
+    def read_blocks(self, name: str) -> Iterator[Tuple[int, np.ndarray]]:
+        """(first row, rows) of an array one row block at a time, each block checked against its
+        checksum as ``read`` checks it: for an array too large to hold whole (a large store's pixels)."""
+        if not self.b.has(name):
+            raise StoreError(f"store {self.path} has no array {name}")
+        shape, dtype = self.b.shape(name), self.b.dtype(name)
+        parts, sums = self._checked_parts(name, shape[0], True)
+        for part, (start, stop) in enumerate(parts):
+            out = np.empty((stop - start, *shape[1:]), dtype)
+            try:
+                self.b.read_into(name, start, out)
+            except Exception as exc:  # a chunk that no longer decodes
+                raise self._damaged(name, f"it cannot be decoded ({type(exc).__name__})") from None
+            if sums[part] is not None:
+                crc = checksum(out)
+                if crc != sums[part]:
+                    self._mismatch(name, parts, part, crc)
+            yield start, out
 
     def _mismatch(self, name: str, parts: list, part: int, crc: int) -> None:
         """Part ``part`` of array ``name`` read back as ``crc``, not its checksum: refused, unless only the
