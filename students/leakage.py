@@ -52,7 +52,7 @@ def _digests(reader: StoreReader) -> Optional[np.ndarray]:
 
 
 def seen_rows(run: RunDir, reader: StoreReader) -> Optional[np.ndarray]:
-    """(N,) bool over ``reader``'s rows: images the run trained on or selected its weights with
+    """(N,) bool over ``reader``'s rows: images the run trained or validated on
     (split.json's train_idx and val_idx on its own store). None when no image can be shared (one store
     synthesised, the other extracted), and, with a warning saying why, when the two cannot be compared."""
     made_by = (run.split.get("trained_on") or {}).get("producer")  # kept with the run: no store needed to know it

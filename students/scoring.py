@@ -191,18 +191,17 @@ def _teacher_words(manifest: Dict) -> str:
 
 
 def _unseen_only(run: RunDir, reader: StoreReader, path: str) -> np.ndarray:
-    """The transfer store's usable rows less the images the run trained on or selected with (a
+    """The transfer store's usable rows less the images the run trained or validated on (a
     warning says how many were left out); refused when that leaves none."""
     seen = seen_rows(run, reader)
     if seen is None or not seen.any():
         return reader.ok
     left = reader.ok & ~seen
     if not left.any():
-        raise StoreMismatchError(f"every image of {path} is one run {run.name} trained on or selected its weights "
-                                 "with; score it on its own store without --transfer (its split scores the images "
-                                 "it never saw)")
+        raise StoreMismatchError(f"every image of {path} is one run {run.name} trained or validated on; score it "
+                                 "on its own store without --transfer (its split scores the images it never saw)")
     warnings.warn(f"run {run.name}: {int(seen.sum())} of {int(reader.ok.sum())} images of {path} are images it trained "
-                  "on or selected its weights with (the same canvases); its transfer scores leave them out")
+                  "or validated on (the same canvases); its transfer scores leave them out")
     return left
 
 

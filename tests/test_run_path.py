@@ -432,9 +432,8 @@ def test_transfer_leaves_out_the_images_the_run_trained_on(synthetic_store, make
     extract(again, teacher=tiny_teacher, log=quiet)
     split = json.loads((tmp_path / "r" / "split.json").read_text())
     used = len(split["train_idx"]) + len(split["val_idx"])
-    with pytest.warns(UserWarning, match=rf"run .*: {used} of 48 images of .*again.zarr are images it trained on or "
-                                         r"selected its weights with \(the same canvases\); its transfer scores leave "
-                                         r"them out"):
+    with pytest.warns(UserWarning, match=rf"run .*: {used} of 48 images of .*again.zarr are images it trained or "
+                                         r"validated on \(the same canvases\); its transfer scores leave them out"):
         rows = score_run(tmp_path / "r", ["lodo"], again.out, transfer=True)
     top1 = rows[(rows.metric == "top1") & (rows.domain != "avg")]
     assert dict(zip(top1.domain, top1.n)) == {"outline": 24}  # every solid image was trained or selected on
@@ -442,8 +441,8 @@ def test_transfer_leaves_out_the_images_the_run_trained_on(synthetic_store, make
     own_top1 = own[(own.metric == "top1") & (own.split == "out_of_domain") & (own.domain == "outline")]
     assert float(own_top1.value.iloc[0]) == pytest.approx(float(top1.value.iloc[0]))
     train(_cfg(synthetic_store, tmp_path / "all"), log=quiet)  # every domain: nothing left to transfer to
-    with pytest.raises(StoreError, match=r"every image of .*again.zarr is one run .* trained on or selected its weights "
-                                         r"with; score it on its own store without --transfer"):
+    with pytest.raises(StoreError, match=r"every image of .*again.zarr is one run .* trained or validated on; score it "
+                                         r"on its own store without --transfer"):
         score_run(tmp_path / "all", ["lodo"], again.out, transfer=True)
     bigger = make_cfg("bigger.zarr", "canvas.size=56", "dataset.per_class=8")
     extract(bigger, teacher=tiny_teacher, log=quiet)
