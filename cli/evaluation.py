@@ -148,6 +148,9 @@ def _refuse_unused_few_shot(runs, protocols) -> None:
     tuning = [g for g in given if g != "--shots"]
     if not runs and tuning:
         raise click.UsageError(f"{tuning[0]} fine-tunes runs; the teacher's baselines have none to fine-tune: drop it")
+    if "--finetune-mode" in given and ctx.params["finetune_steps"] == 0:
+        raise click.UsageError("--finetune-mode sets how runs are fine-tuned, and --finetune-steps 0 fine-tunes none: "
+                               "give --finetune-steps, or drop --finetune-mode")
 
 
 def _seen_list(seen_classes):

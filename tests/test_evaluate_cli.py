@@ -736,6 +736,9 @@ def test_few_shot_takes_a_shot_count_and_keeps_each_counts_rows(runs, synthetic_
     said = CliRunner().invoke(main, ["evaluate", "--store", str(synthetic_store), "--protocol", "few_shot",
                                      "--finetune-steps", "7", "--out", str(tmp_path / "t.parquet")])
     assert said.exit_code == 2 and "--finetune-steps fine-tunes runs; the teacher's baselines have none" in said.output
+    said = CliRunner().invoke(main, ["evaluate", str(runs / "feat_kd-0"), "--protocol", "few_shot", "--finetune-steps",
+                                     "0", "--finetune-mode", "mixed", "--out", str(out)])
+    assert said.exit_code == 2 and "--finetune-steps 0 fine-tunes none" in said.output, said.output
 
 
 def test_rescoring_keeps_the_rows_of_settings_it_did_not_compute_scope_by_scope(tmp_path):

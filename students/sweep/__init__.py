@@ -92,6 +92,9 @@ class SweepSpec:
                         "it out, or use one of those protocols (a class held out of a lodo sweep: "
                         "base.split.train_classes)")
                 raise ConfigError(f"{key}={getattr(self, key)!r} " + what.format(self.protocol))
+        if self.finetune_steps == 0 and self.finetune_mode != SweepSpec.finetune_mode:
+            raise ConfigError(f"finetune_mode={self.finetune_mode!r} sets how runs are fine-tuned, and finetune_steps=0 "
+                              "fine-tunes none: set finetune_steps, or leave finetune_mode out")
         if self.protocol != "lodo" and self.holdout_domains is not None:
             raise ConfigError(f"holdout_domains sets the runs of a lodo sweep; protocol {self.protocol} holds classes "
                               "out, not domains: leave it out, or hold domains out of every run with "
