@@ -45,19 +45,24 @@ def _collapse_lines(results: pd.DataFrame, split: str, keys: List[str]) -> List[
     """The cells of ``split`` where a model answered one class for nearly every image (evaluate's
     ``collapsed_share`` rows): said under the table, whose figure there is only that class's share."""
     here = results[results["split"] == split]
-    hit = here[(here["metric"] == "collapsed_share") & (here["episode"] == -1)]  # a run's, not one episode's
-    if hit.empty:
-        return []
-    hit, top = hit.assign(method=_method(hit, keys)), here[here["metric"] == "top1"]
-    top = top.assign(method=_method(top, keys))
-    count = (lambda g: g["run"].nunique()) if "run" in here.columns else len
-    said = []
-    for (method, domain), g in hit.groupby(["method", "domain"], sort=True):
-        runs = count(top[(top["method"] == method) & (top["domain"] == domain)])
-        names = ", ".join(repr(c) for c in sorted(set(g["class_name"].astype(str))))
-        said.append(f"{method} on {domain} answers {names} for {g['value'].mean():.0%} of the images in {count(g)} "
-                    f"of its {runs} runs")
-    return ["collapsed: " + "; ".join(said) + " (its top-1 there is that class's share)", ""]
+    lines = []
+    for episodes, said_as in ((False, "collapsed"), (True, "collapsed episodes")):  # a run's; one few-shot episode's
+        rows = here[(here["episode"] >= 0) == episodes]
+        hit = rows[rows["metric"] == "collapsed_share"]
+        if hit.empty:
+            continue
+        hit, top = hit.assign(method=_method(hit, keys)), rows[rows["metric"] == "top1"]
+        top = top.assign(method=_method(top, keys))
+        count = len if episodes else ((lambda g: g["run"].nunique()) if "run" in here.columns else len)
+        unit = "episodes" if episodes else "runs"
+        said = []
+        for (method, domain), g in hit.groupby(["method", "domain"], sort=True):
+            of = count(top[(top["method"] == method) & (top["domain"] == domain)])
+            names = ", ".join(repr(c) for c in sorted(set(g["class_name"].astype(str))))
+            said.append(f"{method} on {domain} answers {names} for {g['value'].mean():.0%} of the images in "
+                        f"{count(g)} of its {of} {unit}")
+        lines += [f"{said_as}: " + "; ".join(said) + " (its top-1 there is that class's share)", ""]
+    return lines
 
 
 def id_vs_ood(results: pd.DataFrame, keys: List[str]) -> pd.DataFrame:
