@@ -209,9 +209,10 @@ def per_class_table(results: pd.DataFrame) -> pd.DataFrame:
     pc = results[(results["split"] == "per_class") & (results["metric"] == "top1")]
     if pc.empty:
         return pd.DataFrame(index=pd.MultiIndex.from_tuples([], names=keys + ["domain"]))
-    df = pc.assign(split=pc["domain"], domain=pc["class_name"].astype(str))  # each scope is one split of classes
-    # complete: every held-out domain's run (each method's class split has classes of its own to count)
-    status = _replicates(df.assign(domain=df["split"]), keys)
+    # complete: every held-out domain's run, each scope a split of its own (and its classes not counted: each
+    # method's class split has classes of its own)
+    status = _replicates(pc.assign(split=pc["domain"]), keys)
+    df = pc.assign(split=pc["domain"], domain=pc["class_name"].astype(str))  # the classes, as a table's domains
     counts = status.groupby(keys + ["split"], as_index=False).agg(n=("complete", "size"), k=("complete", "sum"))
     reps = df.groupby(keys + ["split", "domain", "replicate"], as_index=False)["value"].mean()
     reps = reps.merge(status, on=keys + ["split", "replicate"]).merge(counts, on=keys + ["split"])
