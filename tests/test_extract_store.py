@@ -597,6 +597,40 @@ def test_a_second_extraction_of_the_same_blocks_is_refused_while_the_first_runs(
         assert extract(cfg, teacher=tiny_teacher, log=said.append).complete and "nothing to do" in said[-1]
 
 
+def test_an_extraction_with_another_shard_count_is_refused_while_one_writes(make_cfg, tiny_teacher):
+    """Writers of one store with different --num-shards split it into ranges that overlap (shard 0 of 2
+    and shard 1 of 3 share blocks): each encoded the shared blocks beside the other (a paid teacher was
+    paid twice), since each took only the lock of its own shard-of-count."""
+    import os
+
+    from embedcache.fileio import try_exclusive_lock
+
+    cfg = make_cfg("mixed.zarr", "block_rows=2")  # 30 images: 15 blocks
+    seen = []
+
+    def others_while_first_runs(block):
+        if not seen:
+            with pytest.raises(StoreError, match=r"another extraction is writing .*mixed.zarr with --num-shards 2 now; "
+                                                 r"give --num-shards 2 to join it"):
+                extract(replace(cfg, shard=1, num_shards=3), teacher=tiny_teacher, log=quiet)
+            with pytest.raises(StoreError, match=r"with --num-shards 2 now"):
+                extract(cfg, teacher=tiny_teacher, log=quiet)  # one writer for the whole store overlaps it too
+            joined = extract(replace(cfg, shard=1, num_shards=2), teacher=tiny_teacher, log=quiet)
+            assert not joined.complete and joined.images > 0  # the same count still writes side by side
+            seen.append(block)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract(replace(cfg, shard=0, num_shards=2), teacher=tiny_teacher, on_block_done=others_while_first_runs,
+                log=quiet)
+    assert seen
+    gate = try_exclusive_lock(os.path.join(cfg.out, ".writers.lock"))  # no gate is left held
+    assert gate is not None
+    os.close(gate)
+    assert extract(replace(cfg, shard=0, num_shards=3), teacher=tiny_teacher, log=quiet).images > 0  # once it stopped
+    assert extract(cfg, teacher=tiny_teacher, log=quiet).complete
+
+
 def test_a_dataset_of_one_class_is_refused_before_the_teacher_is_built(tmp_path, make_cfg, monkeypatch):
     """dataset.path one level too deep (a folder holding one class folder) made a store on which every
     nearest-label score, teacher and student alike, was 100% by construction, with exit 0."""

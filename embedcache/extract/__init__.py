@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import numpy as np
 from ..config import TEACHER_CALL_SETTINGS, ExtractConfig, replace, to_dict
 from ..datasets import ImageDataset, build_dataset
 from ..errors import BudgetError, ConfigError, DatasetError, EmbedcacheError, StoreError
-from ..fileio import disk_full_error, is_disk_full, try_exclusive_lock
+from ..fileio import disk_full_error, exclusive_lock, is_disk_full, try_exclusive_lock
 from ..store import (BACKENDS, STATUS_OK, USAGE_SNAPSHOTS, Store, add_text_arrays, backend_name_for, is_counter,
                      plan_layout)
 from ..teachers import Teacher, build_teacher
@@ -227,11 +228,15 @@ def _opening_marks(store: Store, books: "_Books", record: Optional[CallRecord], 
 
 def _writer_lock(store: Store, shard: int, num_shards: int):
     """One writer per shard of a Zarr store (HDF5 locks its file itself): a second extraction of the
-    same blocks would encode them again beside the first (and pay for them twice with a paid teacher)."""
+    same blocks would encode them again beside the first (and pay for them twice with a paid teacher).
+    Writers with another shard count are refused while they write (their ranges overlap this one's);
+    ``.writers.lock`` makes looking for them and taking this shard's lock one step."""
     if store.backend_name != "zarr":
         return None
     try:
-        fd = try_exclusive_lock(os.path.join(store.path, f".writer-{shard}-of-{num_shards}.lock"))
+        with exclusive_lock(os.path.join(store.path, ".writers.lock")):
+            _refuse_other_shard_counts(store, num_shards)
+            fd = try_exclusive_lock(os.path.join(store.path, f".writer-{shard}-of-{num_shards}.lock"))
     except OSError as exc:  # a store on read-only storage: nothing can be written to it, twice or once
         if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
             return None
@@ -240,6 +245,20 @@ def _writer_lock(store: Store, shard: int, num_shards: int):
         raise StoreError(f"another extraction is writing {store.path} now (shard {shard} of {num_shards}); wait for it to "
                          "finish (rerunning then resumes or finds it complete), or give another --out")
     return fd
+
+
+def _refuse_other_shard_counts(store: Store, num_shards: int) -> None:
+    """Refuses while a writer holds the lock of a shard of another count (called behind the gate)."""
+    for name in sorted(os.listdir(store.path)):
+        found = re.fullmatch(r"\.writer-(\d+)-of-(\d+)\.lock", name)
+        if found is None or int(found.group(2)) == num_shards:
+            continue
+        probe = try_exclusive_lock(os.path.join(store.path, name))
+        if probe is None:
+            count = found.group(2)
+            raise StoreError(f"another extraction is writing {store.path} with --num-shards {count} now; give "
+                             f"--num-shards {count} to join it, or wait for it to finish (rerunning then resumes)")
+        os.close(probe)
 
 
 def _say_resumed_otherwise(began: Dict, cfg: ExtractConfig, now: Dict, log: Callable[[str], None]) -> None:
