@@ -286,6 +286,9 @@ def test_a_few_shot_sweep_fine_tunes_in_the_mode_it_names(synthetic_store, tmp_p
         with pytest.raises(ConfigError, match=rf"{next(iter(setting))}=.* sets few-shot scoring, which a lodo sweep "
                                               r"does not do; leave it out, or use protocol: few_shot"):
             load_sweep(str(_sweep_file(tmp_path, synthetic_store, **setting)))
+    with pytest.raises(ConfigError, match=r"--set shots=5 sets few-shot scoring, which a lodo sweep does not do"):
+        load_sweep(str(_sweep_file(tmp_path, synthetic_store)), ["shots=5"])  # at its default, it was accepted
+    assert load_sweep(str(_sweep_file(tmp_path, synthetic_store, shots=5))).shots == 5  # a saved sweep.yaml holds it
 
 
 def test_scoring_a_sweeps_runs_again_keeps_their_variant_and_replicate(synthetic_store, tmp_path):

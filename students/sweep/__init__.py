@@ -86,12 +86,7 @@ class SweepSpec:
         the few-shot settings are set only on a few_shot sweep (other protocols ignored them)."""
         for key in UNREAD_BY[self.protocol]:
             if key != "holdout_domains" and getattr(self, key) != getattr(SweepSpec, key):
-                what = ("sets few-shot scoring, which a {} sweep does not do; leave it out, or use protocol: few_shot"
-                        if key in FEW_SHOT_SETTINGS else
-                        "sets the class split of open_vocab and few_shot sweeps, which a {} sweep does not make; leave "
-                        "it out, or use one of those protocols (a class held out of a lodo sweep: "
-                        "base.split.train_classes)")
-                raise ConfigError(f"{key}={getattr(self, key)!r} " + what.format(self.protocol))
+                raise ConfigError(_unread_by(key, getattr(self, key), self.protocol))
         if self.finetune_steps == 0 and self.finetune_mode != SweepSpec.finetune_mode:
             raise ConfigError(f"finetune_mode={self.finetune_mode!r} sets how runs are fine-tuned, and finetune_steps=0 "
                               "fine-tunes none: set finetune_steps, or leave finetune_mode out")
@@ -112,6 +107,15 @@ class SweepSpec:
                                   "pack runs on it)")
 
 
+def _unread_by(key: str, value: Any, protocol: str) -> str:
+    """The line refusing a sweep setting that a ``protocol`` sweep does not read."""
+    what = ("sets few-shot scoring, which a {} sweep does not do; leave it out, or use protocol: few_shot"
+            if key in FEW_SHOT_SETTINGS else
+            "sets the class split of open_vocab and few_shot sweeps, which a {} sweep does not make; leave "
+            "it out, or use one of those protocols (a class held out of a lodo sweep: base.split.train_classes)")
+    return f"{key}={value!r} " + what.format(protocol)
+
+
 def load_sweep(path: str, overrides=()) -> SweepSpec:
     data, where = read_config_file("sweep", path)
     data = apply_overrides(data, overrides)
@@ -119,7 +123,12 @@ def load_sweep(path: str, overrides=()) -> SweepSpec:
         data["grid"] = flatten(data["grid"])
     if "store" not in data:
         raise ConfigError(f"{where} needs `store:` (a store made by `embedcache extract`)")
-    return build_config(SweepSpec, data)
+    spec = build_config(SweepSpec, data)
+    for item in overrides:  # `--set` of an unread setting, even at its default (a saved sweep.yaml holds them all)
+        key = item.split("=", 1)[0].strip()
+        if key in UNREAD_BY[spec.protocol] and key != "holdout_domains":
+            raise ConfigError("--set " + _unread_by(key, getattr(spec, key), spec.protocol))
+    return spec
 
 
 # settings added after sweeps derived seeds from a run's identity: left out of it while at their
