@@ -13,6 +13,7 @@ HDF5 stores (one writer, no reader beside it) work too.
 from __future__ import annotations
 
 import hashlib
+import os
 import shlex
 from typing import Callable, List, Optional
 
@@ -83,18 +84,30 @@ def backbones(dim: int, cfgs) -> List[Optional[str]]:
     """Each head-only run's backbone (``features_key``; None for other runs), built as its run will
     build it (its student settings, under its seed); once two seeds give one key, the seed does not
     touch the weights and the rest are not built."""
-    keys: dict = {}  # student settings -> {seed: key}
     out: List[Optional[str]] = []
     for cfg in cfgs:
         if not cfg.features:
             out.append(None)
             continue
-        seen = keys.setdefault(repr(sorted(to_dict(cfg.student).items())), {})
+        seen = _KEYS.setdefault((repr(sorted(to_dict(cfg.student).items())), _file_state(cfg.student.pretrained), dim), {})
         if cfg.seed not in seen:
             fixed = len(seen) > 1 and len(set(seen.values())) == 1
             seen[cfg.seed] = next(iter(seen.values())) if fixed else features_key(build_seeded(cfg.student, dim, 0, cfg.seed))
         out.append(seen[cfg.seed])
     return out
+
+
+# (student settings, its weights file's state, dim) -> {seed: key}: a launch asks twice (missing
+# features, then packs); a student is built once per process (its weights are a function of these and the seed)
+_KEYS: dict = {}
+
+
+def _file_state(path: Optional[str]):
+    try:
+        st = os.stat(path)
+    except (TypeError, OSError):  # no file (from scratch, a hub tag): its building tells
+        return None
+    return st.st_mtime_ns, st.st_size
 
 
 def missing_features(reader: StoreReader, cfgs) -> Optional[str]:

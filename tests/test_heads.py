@@ -98,7 +98,7 @@ def test_packed_heads_of_a_student_the_seed_builds_pack_by_backbone(synthetic_st
     import yaml
 
     from embedcache.students.features import cache_features
-    from embedcache.students.models import StudentConfig
+    from embedcache.students.models import StudentConfig, build_seeded
     from embedcache.students.sweep import _backbones, expand, load_sweep, make_jobs, run_sweep
 
     store = tmp_path / "store.zarr"
@@ -127,6 +127,14 @@ def test_packed_heads_of_a_student_the_seed_builds_pack_by_backbone(synthetic_st
     assert [len(j) for j in make_jobs(points, True)] == [4]  # without the backbones: one pack, which failed
     res = run_sweep(spec_, str(tmp_path / "sw"), progress=False, log=quiet)
     assert res["results"]["run"].nunique() == 4
+    import embedcache.students.features as features_mod
+
+    built = []
+    with pytest.MonkeyPatch.context() as m:  # a launch asked for every backbone twice (missing features, packs)
+        m.setattr(features_mod, "_KEYS", {}, raising=False)
+        m.setattr(features_mod, "build_seeded", lambda *a: built.append(a) or build_seeded(*a))
+        run_sweep(spec_, str(tmp_path / "sw2"), progress=False, log=quiet)
+    assert len(built) == 4
 
 
 def test_a_sweep_packs_heads_and_scores_like_one_run_at_a_time(feature_store, tmp_path):
