@@ -2,8 +2,10 @@
 
     python bench/extract.py [--images 256] [--model ViT-B-32] [--precision fp32|bf16] [--device auto]
                             [--workers 1] [--views 1 4] [--decoders pil device] [--jpegs 0] [--baseline]
+                            [--rounds 3]
 
-In one run, with one teacher and batch size:
+In one run, with one teacher and batch size, in ``--rounds`` rounds (each measures bare again beside the
+pipelines; medians of the rates and of the ratios within a round are reported):
 1. bare: the teacher's own call on pre-made uint8 views on its device (``embed_views``, as extraction
    calls it; no decoding, rendering, copying back or writing): the hardware's own limit.
 2. extract: the full pipeline (read -> decode -> canvas -> views -> teacher -> checksummed store) on
@@ -193,6 +195,8 @@ def main() -> None:
     ap.add_argument("--views", type=int, nargs="+", default=[1])
     ap.add_argument("--decoders", nargs="+", default=["pil"], choices=["pil", "device"])
     ap.add_argument("--jpegs", type=int, default=0, help="extract N 500x375 JPEGs made from PACS photos")
+    ap.add_argument("--rounds", type=int, default=0,
+                    help="rounds of bare + pipelines, medians reported (default 3 on a CPU, 1 on a GPU)")
     ap.add_argument("--baseline", action="store_true", help="also time a plain PIL DataLoader + teacher pipeline")
     ap.add_argument("--read-rows", type=int, default=200_000)
     ap.add_argument("--read-block-rows", type=int, nargs="+", default=[256, 4096],
@@ -213,15 +217,21 @@ def main() -> None:
             pacs = make_jpegs(pacs, args.jpegs, tmp / "jpegs")
         ds = dataset_for(pacs, args.jpegs or args.images)
         n = args.jpegs or args.images
-        bare = bare_forward(teacher, n * max(args.views), args.batch)
-        measured(rows, "bare forward (pre-made tensors)", bare, 1.0)
-        if args.baseline:
-            rate = pil_baseline(teacher, ds, args.batch, args.workers)
-            measured(rows, f"PIL DataLoader + teacher, 1 view, {args.workers} worker(s)", rate, rate / bare)
-        for dec in args.decoders:
-            for v in args.views:
-                rate = pipeline(teacher, tcfg, ds, args.batch, args.workers, v, dec, tmp)
-                measured(rows, f"extract ({dec}), {v} view(s)/image, {args.workers} worker(s)", rate, rate / bare)
+        rounds = args.rounds or (1 if teacher.device.type == "cuda" else 3)
+        arms = {}  # what -> [(rate, bare of its round)]
+        for r in range(rounds):  # each round measures bare beside the pipelines: a shared CPU's speed drifts
+            bare = bare_forward(teacher, n * max(args.views), args.batch)
+            arms.setdefault("bare forward (pre-made tensors)", []).append((bare, bare))
+            if args.baseline:
+                rate = pil_baseline(teacher, ds, args.batch, args.workers)
+                arms.setdefault(f"PIL DataLoader + teacher, 1 view, {args.workers} worker(s)", []).append((rate, bare))
+            for dec in args.decoders:
+                for v in args.views:
+                    rate = pipeline(teacher, tcfg, ds, args.batch, args.workers, v, dec, tmp / f"round{r}")
+                    arms.setdefault(f"extract ({dec}), {v} view(s)/image, {args.workers} worker(s)", []).append((rate, bare))
+            print(f"  round {r + 1} of {rounds}: " + ", ".join(f"{q[-1][0] / q[-1][1]:.2f}" for q in arms.values()), flush=True)
+        for what, runs in arms.items():  # medians over rounds: of the rate, and of its ratio within its round
+            measured(rows, what, float(np.median([a for a, _ in runs])), float(np.median([a / b for a, b in runs])))
         reads = [read_speed(tmp, args.read_rows, br) for br in args.read_block_rows]
     device = torch.cuda.get_device_name() if teacher.device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
     source = f"{args.jpegs} 500x375 JPEGs from PACS photos" if args.jpegs else (pacs if pacs.is_dir() else "synthetic")
@@ -236,7 +246,7 @@ def main() -> None:
             s, made = rd[f"{k}_s"], (f"{rd[f'{k}_write_s']:>8.2f} {rd[f'{k}_finish_s']:>8.2f}" if k != "npy" else "")
             print(f"{k:<10} {rd['block_rows']:>10} {s:>8.3f} {rd['mb'] / s:>8.0f} {rd['npy_s'] / s:>8.2f} {made}")
     result = {"device": device, "model": args.model, "precision": args.precision, "batch": args.batch,
-              "workers": args.workers, "images": n, "jpegs": args.jpegs, "host": platform.node(), "cpus": os.cpu_count(),
+              "workers": args.workers, "rounds": rounds, "images": n, "jpegs": args.jpegs, "host": platform.node(), "cpus": os.cpu_count(),
               "throughput": [{"what": a, "images_per_s": r, "ratio_vs_bare": q} for a, r, q in rows], "read": reads}
     tag = ("gpu" if teacher.device.type == "cuda" else "cpu") + f"-{args.model}-{args.precision}"
     write_json(Path(args.out) / f"extract-{tag}.json", result)
