@@ -33,7 +33,9 @@ class EvalData:
     usable rows; class_emb (C, D) class text embeddings; classes (C,) names. val_idx: rows held out
     from the training domains (in-domain accuracy); test_idx: the other rows the run never trained on
     (held-out domains and classes, a dataset's own test rows); holdout_domains / seen_classes: what
-    the run did not train on (None for the teacher)."""
+    the run did not train on (None for the teacher). student: the embeddings are a trained run's (on
+    another store, --transfer, it has no split there, yet a run that held classes out is scored on
+    its own classes as on its own store)."""
     emb: np.ndarray
     labels: np.ndarray
     domains: np.ndarray
@@ -47,6 +49,7 @@ class EvalData:
     scores: Optional[np.ndarray] = None   # (N, C) classifier logits; when set, predictions come from them
     teacher: Optional[np.ndarray] = None  # (N, D) the teacher's view-0 embeddings (distillation metrics)
     teacher_views: Optional[np.ndarray] = None  # (N, V, D) the teacher's embeddings of every stored view (Tip-Adapter keys)
+    student: bool = False
 
 
 def _unanswerable(d: EvalData, rows: np.ndarray, labels: np.ndarray) -> bool:
@@ -135,8 +138,8 @@ def lodo(d: EvalData, holdout_domains: Optional[Sequence[str]] = None) -> pd.Dat
     A run that also held out classes is scored on the classes it trained on, among their labels (as
     its own validation): its unseen classes are ``open_vocab``'s."""
     held = list(holdout_domains if holdout_domains is not None else (d.holdout_domains or []))
-    student = bool(held) or d.val_idx is not None
-    seen = None if d.seen_classes is None or not student else np.asarray(d.seen_classes)  # the teacher: all
+    student = bool(held) or d.val_idx is not None  # on its own store: out of / in domain
+    seen = None if d.seen_classes is None or not (student or d.student) else np.asarray(d.seen_classes)  # the teacher: all
     usable = d.ok if seen is None else d.ok & np.isin(d.labels, seen)
     rows: List[Dict] = []
     for dom in sorted(set(d.domains[usable])):
@@ -340,8 +343,14 @@ def _per_class_scopes(d: EvalData) -> List[Tuple[str, np.ndarray, Optional[np.nd
     them: out of domain and in domain apart (lodo), a run's seen classes among its seen labels, its
     unseen classes among the unseen labels only (Li et al.'s zero-shot); the teacher: every row, "all".
     In domain holds a dataset's own test rows of the training domains too (lodo scores validation rows)."""
-    if d.val_idx is None and not d.holdout_domains:  # the teacher (its class split is open_vocab's)
-        return [("all", np.flatnonzero(d.ok), None)]
+    if d.val_idx is None and not d.holdout_domains:  # the teacher (its class split is open_vocab's), a transfer store
+        if not d.student or d.seen_classes is None:
+            return [("all", np.flatnonzero(d.ok), None)]
+        seen = np.asarray(d.seen_classes)  # a transfer store's rows of a run that held classes out: as lodo's, open_vocab's
+        is_seen = np.isin(d.labels, seen)
+        scopes = [("zero_shot", np.flatnonzero(d.ok & is_seen), seen),
+                  ("unseen_zero_shot", np.flatnonzero(d.ok & ~is_seen), np.setdiff1d(np.arange(len(d.classes)), seen))]
+        return [(name, r, labels) for name, r, labels in scopes if len(r) and not _unanswerable(d, r, labels)]
     rows = _scored_rows(d)
     held = np.isin(d.domains[rows], list(d.holdout_domains or []))
     # in domain: the training domains' rows it never trained on (validation rows, and a dataset's own test
@@ -361,7 +370,8 @@ def _per_class_scopes(d: EvalData) -> List[Tuple[str, np.ndarray, Optional[np.nd
 @PROTOCOLS.register("per_class")
 def per_class(d: EvalData) -> pd.DataFrame:
     """Top-1 of each class over the rows the run did not train on, in the scopes its other protocols
-    score (``domain``: out_of_domain, in_domain, unseen_zero_shot; "all" for the teacher)."""
+    score (``domain``: out_of_domain, in_domain, unseen_zero_shot; "all" for the teacher; on a transfer
+    store "all", or zero_shot and unseen_zero_shot for a run that held classes out)."""
     parts = []
     for scope, rows, labels in _per_class_scopes(d):
         tab = per_group(_predict(d, rows, labels), d.labels[rows], np.array(d.classes)[d.labels[rows]], "class_name")

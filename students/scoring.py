@@ -260,7 +260,8 @@ def score_run(run: Union[str, RunDir], protocols: Sequence[str] = ("lodo",), sto
         all_tags = {**run_tags(run, reader, transfer), **(tags or {})}
         with named_warnings(f"run {run.name}"):
             with_teacher = "distill" not in protocols or _embedding_trained(run, model)  # warns as the run's
-            scored = replace(eval_data(reader, split["text_source"], emb, split, scores, with_teacher), ok=data.ok)
+            scored = replace(eval_data(reader, split["text_source"], emb, split, scores, with_teacher), ok=data.ok,
+                             student=True)
             frames = [run_protocols(scored, protocols, all_tags, options)]
         if finetune:
             from .finetune import few_shot_finetune

@@ -451,6 +451,32 @@ def test_transfer_leaves_out_the_images_the_run_trained_on(synthetic_store, make
         score_run(tmp_path / "r", ["lodo"], bigger.out, transfer=True)
 
 
+def test_transfer_scores_a_run_that_held_classes_out_on_its_own_classes(synthetic_store, make_cfg, tiny_teacher, tmp_path):
+    """A run that held classes out is scored by lodo on the classes it trained on, among their labels
+    (its unseen ones are open_vocab's), on its own store and with --transfer alike: a trial's transfer
+    rows scored every class among every label, as the teacher is scored."""
+    from embedcache.api import StoreReader
+    from embedcache.extract import extract
+    from embedcache.students.scoring import score_run
+
+    train(_cfg(synthetic_store, tmp_path / "r", split=SplitConfig(train_classes=("circle", "square"))), log=quiet)
+    other = make_cfg("other.zarr", "dataset.per_class=3", "dataset.seed=1")
+    extract(other, teacher=tiny_teacher, log=quiet)
+    rows = score_run(tmp_path / "r", ["lodo", "open_vocab", "per_class"], other.out, transfer=True)
+    with StoreReader(other.out) as reader:
+        labels, domains = reader.meta["label"].to_numpy(), reader.meta["domain"].to_numpy()
+        seen = [reader.classes.index(c) for c in ("circle", "square")]
+    top1 = rows[(rows.protocol == "lodo") & (rows.metric == "top1") & (rows.domain != "avg")]
+    assert set(top1.split) == {"zero_shot"}
+    for dom, n in zip(top1.domain, top1.n):  # the seen classes' images only
+        assert n == int(((domains == dom) & np.isin(labels, seen)).sum()), dom
+    per = rows[rows.protocol == "per_class"]
+    assert set(per.domain) == {"zero_shot", "unseen_zero_shot"}
+    assert set(per[per.domain == "zero_shot"].class_name) == {"circle", "square"}
+    assert set(per[per.domain == "unseen_zero_shot"].class_name) == {"triangle"}
+    assert "unseen_zero_shot" in set(rows[rows.protocol == "open_vocab"].split)
+
+
 def test_transfer_to_the_runs_own_store_by_another_path_keeps_its_split(synthetic_store, tmp_path):
     """The run's own store named by another path (a copy) is still its own: scored as a transfer
     store, the domains it trained on counted as unseen test images."""
