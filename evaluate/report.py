@@ -37,7 +37,8 @@ def _method(df: pd.DataFrame, keys: List[str]) -> pd.Series:
     label = df["recipe"] + " / " + df["student"]
     for k in keys:
         if k not in ("recipe", "student") and df[k].nunique() > 1:
-            label = label + " / " + (df[k].str[:8] if k == "store_key" else df[k].astype(str))
+            label = label + " / " + (df[k].str[:8] if k == "store_key" else
+                                     "trained on " + df[k].str[:8] if k == "trained_on" else df[k].astype(str))
     return label
 
 

@@ -23,16 +23,18 @@ from embedcache.fileio import atomic_write
 KEY = ["run", "source", "store_key", "holdout", "protocol", "split", "domain", "class_name", "episode", "metric"]
 TAGS: Dict[str, object] = {  # run settings, with the value a row gets when it has none
     "recipe": "-", "student": "-", "run_seed": -1, "replicate": -1, "source": "-", "variant": "-", "holdout": "-",
-    "store_key": "-", "search": "-", "settings": "-",
+    "store_key": "-", "search": "-", "settings": "-", "trained_on": "-",
 }
 # run_seed: the seed the run trained with (a sweep derives one per run, held-out domain included, from
 # its grid's seed); the grid's seed is the replicate, the column to group replicates by. Files written
 # before the column was renamed from "seed" read the same way.
 # settings: a digest of the run's training settings but its seed and what it held out ("-": a teacher, or rows
 # scored before the column existed): runs that differ in it are not replicates of one method
+# trained_on: the key of the store the run trained on (its store_key, but on a --transfer store; "-": the
+# teacher, or rows scored before the column existed): runs trained on two stores are two methods there
 COLUMNS: List[str] = ["run", "recipe", "student", "run_seed", "replicate", "source", "variant", "holdout", "protocol",
                       "split", "domain", "class_name", "episode", "metric", "value", "n", "store_key", "search",
-                      "settings"]
+                      "settings", "trained_on"]
 
 
 def holdout_tag(domains: Sequence[str] = (), classes: Sequence[str] = (), seen: Sequence[int] = ()) -> str:

@@ -91,8 +91,11 @@ def method_frame(results: pd.DataFrame) -> pd.DataFrame:
     class part of its ``holdout``; '' for none), which a method's rows share. Held-out domains are
     not part of a method: a leave-one-domain-out method's runs each hold out one. Rows scored before
     runs recorded their ``settings`` ('-') are a method of their own: what they were trained with is
-    not known (a naive_kd run of then ran another KD)."""
+    not known (a naive_kd run of then ran another KD). Rows scored before ``trained_on`` was recorded
+    on their run's own store get that store's key (a transfer row's stays unknown, "-")."""
     results = conform(results)
+    own = (results["trained_on"] == "-") & ~results["holdout"].astype(str).str.startswith("transfer")
+    results["trained_on"] = results["trained_on"].where(~own, results["store_key"])  # older rows: their own store's
     return results.assign(unseen=results["holdout"].astype(str).str.extract(r"unseen: (.*)$", expand=False).fillna(""))
 
 
@@ -100,11 +103,14 @@ def method_keys(results: pd.DataFrame) -> list:
     """The columns that name a method in a table (``results`` from ``method_frame``): recipe, student,
     text source, variant; the class split when the results hold several; the training settings (a
     digest) when runs of one recipe, student, source and variant were trained otherwise (runs trained
-    one by one with another val_fraction or select: never replicates of one method); and the store
-    first when they span several stores. Rows of different methods are never averaged together."""
+    one by one with another val_fraction or select: never replicates of one method); the store they
+    trained on when runs of two stores were scored on one (--transfer); and the store first when they
+    span several stores. Rows of different methods are never averaged together."""
     keys = ["recipe", "student", "source", "variant"] + (["unseen"] if results["unseen"].nunique() > 1 else [])
     if (results.groupby(NAMED_BY)["settings"].nunique() > 1).any():
         keys.append("settings")
+    if (results.groupby(NAMED_BY)["trained_on"].nunique() > 1).any():  # --transfer rows of runs of two stores
+        keys.append("trained_on")
     return (["store_key"] + keys) if results["store_key"].nunique() > 1 else keys
 
 

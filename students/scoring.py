@@ -82,7 +82,8 @@ def run_tags(run: RunDir, reader: StoreReader, transfer: bool = False) -> Dict:
     return {"run": run.name, "recipe": cfg["recipe"], "student": cfg["student"]["name"], "run_seed": cfg["seed"],
             "replicate": cfg["seed"], "source": split["text_source"], "store_key": reader.key,
             "holdout": holdout_tag(held, reader.classes, split["seen_classes"]),
-            "settings": settings_digest(run.train_config, cfg.get("recipe_definition")), **run.sweep_tags}
+            "settings": settings_digest(run.train_config, cfg.get("recipe_definition")), "trained_on": run.store_key,
+            **run.sweep_tags}
 
 
 def _open_for(run: RunDir, path: str, transfer: bool) -> StoreReader:

@@ -477,6 +477,42 @@ def test_transfer_scores_a_run_that_held_classes_out_on_its_own_classes(syntheti
     assert "unseen_zero_shot" in set(rows[rows.protocol == "open_vocab"].split)
 
 
+def test_runs_trained_on_two_stores_are_two_methods_on_a_transfer_store(synthetic_store, make_cfg, tiny_teacher,
+                                                                       tmp_path):
+    """Runs of one recipe and settings trained on two stores (a plain and a contrastive synthesis),
+    scored with --transfer on one real store, were one method: each replicate averaged a run of each
+    store (a trial). The store a run trained on is a column of its rows, and tells methods apart."""
+    from embedcache.api import StoreReader
+    from embedcache.evaluate.results import upsert
+    from embedcache.evaluate.store_eval import method_frame, method_keys, summary_table
+    from embedcache.extract import extract
+    from embedcache.students.scoring import score_run
+
+    alt = make_cfg("alt.zarr", "dataset.seed=2")  # the same teacher, classes and prompts: other images
+    extract(alt, teacher=tiny_teacher, log=quiet)
+    real = make_cfg("real.zarr", "dataset.per_class=3", "dataset.seed=1")
+    extract(real, teacher=tiny_teacher, log=quiet)
+    rows = []
+    for store, name in ((synthetic_store, "a"), (alt.out, "b")):
+        for seed in (0, 1):
+            train(_cfg(store, tmp_path / f"{name}{seed}", seed=seed, split=SplitConfig(holdout_domains=("outline",))),
+                  log=quiet)
+            rows.append(score_run(tmp_path / f"{name}{seed}", ["lodo"], real.out, transfer=True))
+    with StoreReader(synthetic_store) as a, StoreReader(alt.out) as b:
+        keys = {a.key, b.key}
+    results = pd.concat(rows, ignore_index=True)
+    assert set(results.trained_on) == keys
+    upsert(str(tmp_path / "res.parquet"), results)
+    frame = method_frame(pd.read_parquet(tmp_path / "res.parquet"))
+    assert "trained_on" in method_keys(frame)
+    table = summary_table(frame)
+    assert len(table) == 2 and set(table["replicates"]) == {"2"}
+    own = pd.concat([score_run(tmp_path / f"{n}0", ["lodo"]) for n in "ab"], ignore_index=True)
+    assert (own.trained_on == own.store_key).all()  # on its own store: the store it was scored on
+    legacy = method_frame(own.assign(trained_on="-"))  # rows scored before the column: their own store's
+    assert (legacy.trained_on == legacy.store_key).all() and "trained_on" not in method_keys(legacy)
+
+
 def test_transfer_to_the_runs_own_store_by_another_path_keeps_its_split(synthetic_store, tmp_path):
     """The run's own store named by another path (a copy) is still its own: scored as a transfer
     store, the domains it trained on counted as unseen test images."""
