@@ -576,15 +576,26 @@ def test_a_resend_after_a_lost_answer_is_claimed_against_the_stores_budget(tmp_p
             t.encode_pixels(torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8))
 
 
-def test_an_answer_lost_then_replayed_free_is_counted_once(tmp_path, tiny_teacher_cfg, tiny_teacher, key_env):
+def test_an_answer_lost_then_replayed_free_is_counted_once_as_paid(tmp_path, tiny_teacher_cfg, tiny_teacher, key_env):
     """The service charged the request, its answer was lost (possibly paid), the retry under the same
-    idempotency key is answered as a free replay: counted once, as possibly paid then replayed_free."""
+    idempotency key is answered as a free replay, which proves the charge: counted once, as paid. It
+    stayed "possibly paid" (a trial's manifest said 8 queries against a bill of 168), and the store's
+    budget held the resend's claim too (a job stopped at half its limit)."""
+    from conftest import block_store
+    from embedcache.extract.budget import StoreBudget
+
+    path, _ = block_store(tmp_path, "zarr")
     inner = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
-    with LiveServer(Faults(inner, script=["lost"], hold=1.5)) as url:
-        t = build_teacher(remote(tmp_path, "x.zarr", tiny_teacher_cfg, "embedcache", url).teacher)
+    with LiveServer(Faults(inner, script=["lost", "lost"], hold=1.5)) as url, Store(path, "a") as st:
+        t = build_teacher(remote(tmp_path, "x.zarr", tiny_teacher_cfg, "embedcache", url, "teacher.max_queries=100").teacher)
+        budget = StoreBudget(st, 100)
+        t.budget_from(budget)
         t.encode_pixels(torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8))
+        assert budget.claimed() == 12  # the request's own claim; the resends' were released
     s = t.transport.stats
-    assert (s.possibly_paid, s.replayed_free, s.queries, s.spent()) == (12, 12, 0, 12) and charged(inner) == (12, 0)
+    assert (s.possibly_paid, s.replayed_free, s.queries, s.images, s.spent()) == (0, 12, 12, 12, 12)
+    assert s.lost_answers == 2 and charged(inner) == (12, 0)
+    assert s.server_usage["queries"] == 12  # the service's own count of the charge (its first answer was lost)
 
 
 def test_a_cut_off_request_resent_in_other_batches_is_counted_as_possibly_paid_twice(tmp_path, tiny_teacher_cfg,

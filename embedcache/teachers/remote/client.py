@@ -84,7 +84,8 @@ class Transport:
         # set by an extraction: claims each request's inputs against the store's budget before they are sent
         self.claimer: Optional[Callable[[int], None]] = None
         self.last_replayed = False  # whether the last answer was a free replay (Idempotent-Replayed)
-        self._lost_here: set = set()  # request ids whose answer this run lost (counted as possibly paid)
+        self._lost_here: Dict[str, int] = {}  # request id -> inputs of its attempts whose answer this run lost
+        # (counted as possibly paid)
 
     def close(self) -> None:
         self.http.close()
@@ -182,12 +183,13 @@ class Transport:
         if self.protocol.idempotency_header:
             headers[self.protocol.idempotency_header] = request_id
         content = json.dumps(body).encode()
-        last, lost = "", False
+        last, lost, reclaimed = "", False, 0
         for attempt in range(self.policy.max_retries + 1):
             if interrupt.requested():
                 raise KeyboardInterrupt("interrupted; rerun the same command to resume (paid answers are in the ledger)")
             if lost:
                 self.claim(n)  # resending a request whose answer was lost (it may have been charged): claimed again
+                reclaimed += n
             else:
                 self.check_budget(n)
             lost = False
@@ -210,7 +212,7 @@ class Transport:
             except (httpx.TimeoutException, httpx.TransportError) as exc:
                 # the request went out and its answer was lost: it may have been paid
                 self.ledger.outcome(row, request_id, f"lost:{type(exc).__name__}", lost=True)
-                self._lost_here.add(request_id)
+                self._lost_here[request_id] = self._lost_here.get(request_id, 0) + n
                 self.stats.lost_answers += 1
                 self.stats.possibly_paid += n
                 lost = True
@@ -225,10 +227,12 @@ class Transport:
                         raise UnreadableAnswer(f"the server at {self.base_url} answered 200 with something that is not JSON; "
                                           f"nothing was written") from None
                     self.ledger.outcome(row, request_id, "ok")
-                    # a replay of a charge this run already counted as possibly paid (its lost answer) is free;
-                    # one of a request an earlier, killed run sent was never counted there: paid, counted now
+                    # a replay of a charge this run counted as possibly paid (its lost answer) is free; one of a
+                    # request an earlier, killed run sent was never counted there: paid, counted now
                     self.last_replayed = (resp.headers.get("Idempotent-Replayed", "").lower() == "true"
                                           and request_id in self._lost_here)
+                    if self.last_replayed:
+                        self._charged_once(request_id, reclaimed)
                     return answer
                 self.ledger.outcome(row, request_id, f"http:{status}")
                 self.stats.refused += 1
@@ -259,13 +263,21 @@ class Transport:
         raise RemoteUnavailableError(f"the server at {self.base_url} still failed after {self.policy.max_retries} "
                                      f"retries (last: {last}); rerun the same command to resume")
 
+    def _charged_once(self, request_id: str, reclaimed: int) -> None:
+        """A free replay under ``request_id``'s idempotency key proves the service charged the request,
+        once: its lost attempts are no longer possibly paid (``count`` counts the charge as paid), and the
+        budget's claims for its resends (``reclaimed`` inputs) are given back."""
+        self.stats.possibly_paid -= self._lost_here.pop(request_id)
+        if reclaimed and self.claimer is not None and self.max_queries is not None:
+            self.claimer(-reclaimed)
+
     def count(self, modality: str, n: int, nbytes: int, free: bool = False) -> None:
-        """An answered request of ``n`` inputs; ``free``: a replay the service charged before."""
+        """An answered request of ``n`` inputs; ``free``: a replay of a charge whose answer this run lost
+        (counted as paid now, and as ``replayed_free``)."""
         s = self.stats
         s.requests += 1
         if free:
             s.replayed_free += n
-            return
         s.queries += n
         s.bytes += nbytes
         if modality == "image":

@@ -430,8 +430,7 @@ class RemoteTeacher(Teacher):
             emb = emb / norms
         self.ledger.finish(rid, keys, emb, usage)
         t.count(modality, n, nbytes, free=t.last_replayed)
-        if not t.last_replayed:  # a replay repeats the usage of the charge it replays
-            t.add_usage(usage)
+        t.add_usage(usage)  # a free replay's is the usage of the charge whose answer was lost: counted once, now
 
     def _usable(self, answer: Any, n: int) -> Tuple[np.ndarray, Dict[str, float]]:
         """The answer's (n, D) embeddings and usage, or a RemoteError saying why they cannot be kept:
