@@ -298,3 +298,27 @@ def test_cli_serve_starts_with_one_command_and_a_config(tmp_path, tiny_teacher_c
     res = CliRunner().invoke(main, ["serve", "ledger", "--config", str(conf)])
     assert res.exit_code == 0 and "key alice  requests 1  queries 1" in res.output
     assert not files_containing([tmp_path], KEY.encode())
+
+
+def test_serve_on_a_port_in_use_is_one_line_before_the_teacher_loads(tmp_path, tiny_teacher_cfg, monkeypatch):
+    """A second `serve` on a busy port said "serving ... on" that port, loaded the teacher, then exited 3
+    (the budget's code) on uvicorn's bind error (a trial)."""
+    import socket
+
+    from click.testing import CliRunner
+
+    import embedcache.serve as serving
+    from embedcache.cli import main
+
+    monkeypatch.setattr(serving, "build_app", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        conf = tmp_path / "serve.yaml"
+        conf.write_text(json.dumps({"teacher": to_dict(tiny_teacher_cfg), "port": port, "keys_env": None,
+                                    "ledger": str(tmp_path / "ledger.sqlite"), "model_name": "tiny"}))
+        res = CliRunner().invoke(main, ["serve", "--config", str(conf)])
+    assert res.exit_code == 2, res.output
+    assert f"port {port} on 127.0.0.1 is in use (another `embedcache serve`?); give another --port" in res.output
+    assert "serving" not in res.output and "Traceback" not in res.output

@@ -6,7 +6,9 @@ charged, and idempotent retries (``pip install 'embedcache[serve]'``: FastAPI an
 """
 from __future__ import annotations
 
+import errno
 import signal
+import socket
 import threading
 from typing import Callable, Optional
 
@@ -43,6 +45,7 @@ def build_app(cfg: ServeConfig, teacher=None, keys: Optional[KeyRing] = None):
 def serve(cfg: ServeConfig, log: Callable[[str], None] = print, teacher=None) -> None:
     """Run until Ctrl-C. Behind a reverse proxy, set ``root_path`` to its prefix and
     ``forwarded_allow_ips`` to its address; TLS ends at the proxy."""
+    _require_free_port(cfg.host, cfg.port)  # before the teacher loads and "serving" is said
     app = build_app(cfg, teacher)
     import uvicorn
 
@@ -62,6 +65,23 @@ def serve(cfg: ServeConfig, log: Callable[[str], None] = print, teacher=None) ->
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     log(f"stopped; every charge is in the ledger {cfg.ledger} (`embedcache serve ledger` prints them)")
+
+
+def _require_free_port(host: str, port: int) -> None:
+    """A one-line error when another process listens on ``port`` (uvicorn's bind error came after the
+    teacher had loaded and "serving" was said, as exit 3). Port 0 takes any free one."""
+    if not port:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(f"port {port} on {host} is in use (another `embedcache serve`?); give another --port, "
+                                  "or stop what listens there") from None
+            raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}); give another --host or --port") from None
 
 
 def _stop(_signum, _frame) -> None:
