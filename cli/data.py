@@ -36,7 +36,10 @@ def extract(config_path: Optional[str], out: Optional[str], overrides: Sequence[
                        "(`embedcache verify` checks it)")
             return
         click.echo(f"dry run for {res.path}: {res.rows:,} images x {res.views_per_image} views = {res.views:,} views to encode")
-        for line in _cost_lines(res.cost) + _budget_lines(res):
+        if res.writing:
+            click.echo("  another extraction is writing this store now: these are what it has not finished yet, its "
+                       "requests in flight among them")
+        for line in _cost_lines(res.cost, res.writing) + _budget_lines(res):
             click.echo(f"  {line}")
         return
     if not res.skipped and res.images:  # none: a call that only finished the prompts and tables
@@ -61,9 +64,10 @@ def _budget_lines(res) -> list:
     return [said + f"it would stop before finishing; rerun with teacher.max_queries >= {sent + need:,} to finish"]
 
 
-def _cost_lines(cost) -> list:
+def _cost_lines(cost, writing: bool = False) -> list:
     """A dry run's cost in words: per modality, what is sent, what the ledger answers free, in how
-    many requests as extraction batches them, and in how many at the service's own batch limit."""
+    many requests as extraction batches them, and in how many at the service's own batch limit.
+    ``writing``: an extraction writes the store now (its requests in flight are not a stopped call's)."""
     if not cost:
         return ["no paid queries (a local teacher)"]
     lines = []
@@ -79,7 +83,8 @@ def _cost_lines(cost) -> list:
         repeats = cost.get(f"{p}duplicates", 0)
         once = f" ({repeats:,} repeats of an input counted already, each paid once)" if repeats else ""
         replay = cost.get(f"{p}replayable", 0)
-        again = (f" ({replay:,} of them in requests a stopped call sent, which the service answers again free under "
+        sender = "a running or stopped call" if writing else "a stopped call"
+        again = (f" ({replay:,} of them in requests {sender} sent, which the service answers again free under "
                  "their idempotency keys while it keeps them)") if replay else ""
         lines.append(f"{unit}: {sent:,} to pay for{again} ({cost.get(f'{p}bytes', 0):,} bytes), {cost.get(f'{p}ledger_hits', 0):,} "
                      f"answered free by the ledger{once}; {cost.get(f'{p}requests', 0):,} requests as extraction sends "

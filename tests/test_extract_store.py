@@ -631,6 +631,26 @@ def test_an_extraction_with_another_shard_count_is_refused_while_one_writes(make
     assert extract(cfg, teacher=tiny_teacher, log=quiet).complete
 
 
+def test_a_dry_run_beside_a_running_extraction_says_so(make_cfg, tiny_teacher):
+    """A dry run while an extraction wrote the store priced its requests in flight as "a stopped call"'s,
+    and said nothing of the running one (a trial)."""
+    from embedcache.cli.data import _cost_lines
+
+    cfg = make_cfg("live.zarr", "block_rows=2")
+    seen = []
+
+    def dry_run_while_writing(block):
+        seen.append(extract(cfg, teacher=tiny_teacher, log=quiet, dry_run=True))
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract(cfg, teacher=tiny_teacher, on_block_done=dry_run_while_writing, log=quiet)
+    assert seen[0].writing and seen[0].rows == 30 - 2
+    assert not extract(cfg, teacher=tiny_teacher, log=quiet, dry_run=True).writing  # the writer stopped
+    line = _cost_lines({"images": 4, "replayable": 2}, writing=True)[0]
+    assert "2 of them in requests a running or stopped call sent" in line, line
+
+
 def test_a_dataset_of_one_class_is_refused_before_the_teacher_is_built(tmp_path, make_cfg, monkeypatch):
     """dataset.path one level too deep (a folder holding one class folder) made a store on which every
     nearest-label score, teacher and student alike, was 100% by construction, with exit 0."""

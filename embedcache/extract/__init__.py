@@ -91,6 +91,7 @@ class DryRun:
     shards: int = 1  # the workers filling the store: the rows and cost are this one's share
     views_per_image: int = 0
     complete: bool = False  # the store is complete already: nothing to encode
+    writing: bool = False  # another extraction writes the store now: the figures are what it has not finished
 
 
 def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done: Optional[Callable[[int], None]] = None,
@@ -249,16 +250,25 @@ def _writer_lock(store: Store, shard: int, num_shards: int):
 
 def _refuse_other_shard_counts(store: Store, num_shards: int) -> None:
     """Refuses while a writer holds the lock of a shard of another count (called behind the gate)."""
-    for name in sorted(os.listdir(store.path)):
-        found = re.fullmatch(r"\.writer-(\d+)-of-(\d+)\.lock", name)
-        if found is None or int(found.group(2)) == num_shards:
-            continue
-        probe = try_exclusive_lock(os.path.join(store.path, name))
-        if probe is None:
-            count = found.group(2)
+    for _, count in _live_writers(store.path):
+        if count != num_shards:
             raise StoreError(f"another extraction is writing {store.path} with --num-shards {count} now; give "
                              f"--num-shards {count} to join it, or wait for it to finish (rerunning then resumes)")
-        os.close(probe)
+
+
+def _live_writers(path: str) -> List[Tuple[int, int]]:
+    """(shard, shard count) of each extraction writing the Zarr store at ``path`` now (holding its lock)."""
+    live = []
+    for name in sorted(os.listdir(path)):
+        found = re.fullmatch(r"\.writer-(\d+)-of-(\d+)\.lock", name)
+        if found is None:
+            continue
+        probe = try_exclusive_lock(os.path.join(path, name))
+        if probe is None:
+            live.append((int(found.group(1)), int(found.group(2))))
+        else:
+            os.close(probe)
+    return live
 
 
 def _say_resumed_otherwise(began: Dict, cfg: ExtractConfig, now: Dict, log: Callable[[str], None]) -> None:
@@ -424,6 +434,7 @@ def _dry_run(cfg, manifest, layout, reader, embedder, prompts, shard, num_shards
     done = np.zeros(layout["num_blocks"], bool)
     limit = getattr(cfg.teacher, "max_queries", None)
     budget = (int(limit), 0) if limit is not None and hasattr(teacher, "cost") else None
+    writing = False
     if Store.exists(cfg.out, backend):
         with Store(cfg.out, "r", backend) as st:  # refused as the real run refuses it
             made_so(st, manifest)
@@ -432,6 +443,7 @@ def _dry_run(cfg, manifest, layout, reader, embedder, prompts, shard, num_shards
             if st.complete:  # prompts included
                 return DryRun(cfg.out, 0, 0, {}, budget, num_shards, layout["views"], complete=True)
             done = st.blocks_done()
+            writing = _writing_now(st)
     geometry = _Geometry(layout)
     blocks = [b for b in shard_blocks(layout["num_blocks"], shard, num_shards) if not done[b]]
     batches = block_batches(blocks, geometry, cfg.batch_size)
@@ -441,7 +453,7 @@ def _dry_run(cfg, manifest, layout, reader, embedder, prompts, shard, num_shards
         teacher.begin_plan()
     if estimate is None:  # a local teacher costs nothing: counting the rows needs no image decoded
         rows = sum(len(b) for b in batches)
-        return DryRun(cfg.out, rows, rows * layout["views"], cost, budget, num_shards, layout["views"])
+        return DryRun(cfg.out, rows, rows * layout["views"], cost, budget, num_shards, layout["views"], writing=writing)
     rows = 0
     for batch in tqdm(reader.batches(batches), total=len(batches), desc="dry run", unit="batch",
                       disable=not cfg.progress, dynamic_ncols=True):
@@ -457,7 +469,17 @@ def _dry_run(cfg, manifest, layout, reader, embedder, prompts, shard, num_shards
                     cost[f"text_{k}"] = cost.get(f"text_{k}", 0) + int(v)
     if probe_paid:
         cost["probe_queries"] = probe_paid
-    return DryRun(cfg.out, rows, rows * layout["views"], cost, budget, num_shards, layout["views"])
+    return DryRun(cfg.out, rows, rows * layout["views"], cost, budget, num_shards, layout["views"], writing=writing)
+
+
+def _writing_now(store: Store) -> bool:
+    """Whether an extraction writes ``store`` now (a dry run beside it prices what it has not finished)."""
+    if store.backend_name != "zarr":
+        return False  # an HDF5 store being written cannot be opened beside its writer
+    try:
+        return bool(_live_writers(store.path))
+    except OSError:  # read-only storage: no lock can be probed, and nothing writes there
+        return False
 
 
 def _budget_stop(exc, cfg, manifest, layout, reader, embedder, prompts, shard, num_shards, log) -> BudgetError:
