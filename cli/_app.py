@@ -8,6 +8,7 @@ rerun the same command).
 from __future__ import annotations
 
 import gc
+import signal
 import sys
 import warnings
 
@@ -50,7 +51,6 @@ class Group(click.Group):
         from embedcache import interrupt
 
         interrupt.one_request_per_signal()
-        interrupt.say_on_terminate()
         try:
             return super().invoke(ctx)
         except EmbedcacheError as exc:
@@ -62,7 +62,8 @@ class Group(click.Group):
                        "that file", err=True)
             sys.exit(2)
         except KeyboardInterrupt as exc:
-            msg = str(exc) if str(exc) and " " in str(exc) else "interrupted; rerun the same command to resume"
+            said = ("terminated (SIGTERM)" if interrupt.stopped_by() == signal.SIGTERM else "interrupted")
+            msg = str(exc) if str(exc) and " " in str(exc) else f"{said}; rerun the same command to resume"
             exc.__traceback__ = None  # the interrupted frames go now (DataLoader workers shut down in __del__),
             gc.collect()              # not at the exit, where a repeated signal would cut them into a traceback
             click.echo(msg, err=True)

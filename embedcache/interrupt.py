@@ -8,7 +8,6 @@ subclass, so the CLI prints one line and exits 128 + the signal: 130 after Ctrl-
 """
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
@@ -99,44 +98,25 @@ def graceful(on_request: Optional[Callable[[int], None]] = None) -> Iterator[Non
 
 
 def one_request_per_signal() -> None:
-    """For the CLI's process: Ctrl-C raises KeyboardInterrupt at once, as Python's own handler does, but
-    the same request delivered twice (within ONE_REQUEST_S: a terminal and `timeout` both signal the
-    process group) raises once, so the unwinding (DataLoader workers shut down, the exit) is not cut
-    into a traceback or a death by signal. Left installed: it only ever replaces Python's default, and
-    a ``graceful()`` context puts it back on exit."""
+    """For the CLI's process: Ctrl-C raises KeyboardInterrupt at once, as Python's own handler does, and
+    so does SIGTERM (a scheduler's stop, `kill PID`), so either unwinds the same way (a paid call's books
+    and its history entry written, its locks let go; the CLI then exits 130 or 143); the same request
+    delivered twice (within ONE_REQUEST_S: a terminal and `timeout` both signal the process group) raises
+    once, so the unwinding (DataLoader workers shut down, the exit) is not cut into a traceback. Left
+    installed: it only ever replaces Python's defaults (Ctrl-C's KeyboardInterrupt, SIGTERM's death by
+    the signal, which wrote no books), and a ``graceful()`` context puts it back on exit. Forked
+    DataLoader workers inherit it: torch's worker loop ends quietly on KeyboardInterrupt."""
     if threading.current_thread() is not threading.main_thread():
         return
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:  # ignored, or someone's own
-        return
+
     def handler(signum, _frame):
         if not _repeat():
             _by[0] = signum
             raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, handler)
-
-
-def say_on_terminate(line: str = "terminated (SIGTERM); rerun the same command to resume") -> None:
-    """For the CLI's process: SIGTERM (a scheduler's stop, `kill PID`) still ends it by that signal (exit
-    143), as it did with no handler, but with ``line`` on stderr first instead of nothing, once the main
-    thread next runs Python (at once in a wait; a long computation in a C library finishes first). Processes forked from this one (DataLoader workers) inherit the handler and die silently.
-    Only where SIGTERM had its default action; a ``graceful()`` context takes SIGTERM over meanwhile."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        return
-    owner = os.getpid()
-
-    def handler(signum, _frame):
-        if os.getpid() == owner:
-            try:
-                os.write(2, f"\n{line}\n".encode())
-            except OSError:
-                pass
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-
-    signal.signal(signal.SIGTERM, handler)
+    for signum, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+        if signal.getsignal(signum) is default:  # not ignored, nor someone's own
+            signal.signal(signum, handler)
 
 
 def stop_on_signal() -> None:
