@@ -282,6 +282,7 @@ class StoreReader:
             "failed": self.n_failed,
             "derived": ", ".join(st.derived()) or "-",
             "calls": _calls_line(self.manifest.get("calls")),
+            **({"teacher_usage": _usage_line(self.manifest["teacher_usage"])} if self.manifest.get("teacher_usage") else {}),
             "disk_mb": round(st.disk_bytes() / 2**20, 2),
         }
 
@@ -301,6 +302,19 @@ class StoreReader:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _usage_line(usage: Dict) -> str:
+    """A paid teacher's books (the manifest's ``teacher_usage``) in one line: what was paid, what may
+    have been, and what was answered free."""
+    said = [f"{usage.get('queries', 0):,} queries paid ({usage.get('images', 0):,} images, {usage.get('texts', 0):,} "
+            f"texts, {usage.get('bytes', 0):,} bytes) in {usage.get('requests', 0):,} requests"]
+    for key, what in (("possibly_paid", "possibly paid (answers lost)"), ("possibly_paid_twice", "possibly paid twice"),
+                      ("calls_cut_short", "call(s) cut short (their last block's queries not counted)"),
+                      ("cache_hits", "answered free by the ledger"), ("replayed_free", "replayed free")):
+        if usage.get(key):
+            said.append(f"{usage[key]:,} {what}")
+    return "; ".join(said)
 
 
 def _calls_line(calls: Optional[List[Dict]]) -> str:

@@ -184,6 +184,10 @@ def test_store_equals_local_and_dry_run_counts_the_cost(protocol, tmp_path, loca
     assert usage["protocol"] == protocol and usage["server_reported"]  # the service's own count beside ours
     assert m["teacher"]["name"] == "remote" and m["teacher"]["url"] == url and KEY not in str(m)
     assert not files_containing([tmp_path], KEY.encode())
+    with embedcache.open_store(cfg.out) as s:  # `inspect` says what was paid (the manifest alone did)
+        said = s.summary()["teacher_usage"]
+    assert said.startswith(f"{usage['queries']:,} queries paid (90 images, 24 texts, {usage['bytes']:,} bytes) in "
+                           f"{usage['requests']:,} requests"), said
 
 
 def test_a_dry_run_says_the_one_query_that_learnt_the_dimension(tmp_path, tiny_teacher_cfg, tiny_teacher, key_env):
@@ -854,3 +858,14 @@ def test_cache_key_has_what_changes_embeddings_and_not_the_url(tmp_path, tiny_te
         x = (smooth * 255).round().to(torch.uint8)
         near = jpeg.encode_pixels(x)  # lossy, but the same image
         assert torch.nn.functional.cosine_similarity(near, png.encode_pixels(x)).min() > 0.9
+
+
+def test_a_refused_path_is_named_with_a_hint(tmp_path, tiny_teacher_cfg, tiny_teacher, key_env):
+    """A service that has no such path (an OpenAI-style base URL given without its /v1) answered "refused
+    the request (404): Not Found", naming neither the path posted to nor the likely fix (a trial)."""
+
+    with LiveServer(openai_app(tiny_teacher, KEY)) as url:
+        cfg = remote(tmp_path, "r.zarr", tiny_teacher_cfg, "openai", url + "/nope", "teacher.dimensions=32").teacher
+        with pytest.raises(RemoteError, match=r"refused the request to POST /embeddings \(404\): .* \(is teacher.url the "
+                                              r"API's base, e.g. ending in /v1"):
+            build_teacher(cfg).encode_pixels(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))

@@ -246,8 +246,10 @@ class Transport:
                                       f"({one_line(text, self._key)}): have the service raise it, then rerun the same "
                                       "command to resume")
                 if not should_retry_status(status, resp.headers):
-                    raise RemoteError(f"the server at {self.base_url} refused the request ({status}): "
-                                      f"{one_line(text, self._key)}")
+                    hint = (" (is teacher.url the API's base, e.g. ending in /v1, and teacher.protocol its protocol?)"
+                            if status in (404, 405) else "")
+                    raise RemoteError(f"the server at {self.base_url} refused the request to POST {path} ({status}): "
+                                      f"{one_line(text, self._key)}{hint}")
                 last = f"{status} {one_line(text, self._key, 80)}"
                 headers_now = resp.headers
             if attempt == self.policy.max_retries:
