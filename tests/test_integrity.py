@@ -617,6 +617,21 @@ def test_a_damaged_derived_array_is_reported_apart_and_marked_for_recomputation(
         assert report.ok and list(report.derived) == [key]  # the store's own data is intact
     seen = CliRunner().invoke(main, ["verify", str(store), "--no-progress"])
     assert seen.exit_code == 2 and f"damaged: derived/{key}" in seen.output and "1 damaged derived array" in seen.output
+    # the fix it names: not the store's extract command, which finds the store intact and does nothing (a trial)
+    assert (f"`embedcache verify --repair {store}` marks them to be recomputed, then the command that made them "
+            "remakes them (`embedcache features` for cached features") in seen.output, seen.output
+    assert "extract command" not in seen.output
+    with Store(str(store)) as st:  # the store's own extraction, rerun, says so rather than only "intact"
+        from embedcache.config import ExtractConfig, build_config, without_unread
+
+        cfg = st.manifest["config"]
+        cfg = build_config(ExtractConfig, {**cfg, "dataset": without_unread(cfg["dataset"]), "out": str(store),
+                                           "progress": False, "shard": None, "num_shards": None})
+    said = []
+    from embedcache.extract import extract
+
+    assert extract(cfg, log=said.append).skipped
+    assert any(f"derived array(s) {key} of {store} are damaged" in line for line in said), said
     fixed = CliRunner().invoke(main, ["verify", str(store), "--no-progress", "--repair"])
     assert fixed.exit_code == 0 and "marked to be recomputed" in fixed.output and "repaired" not in fixed.output
     with Store(str(store)) as st:

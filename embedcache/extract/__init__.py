@@ -145,6 +145,9 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
         repaired, finished, reopened = 0, store.complete, []
         if store.blocks_done().any():  # finished blocks are checked before anything builds on them
             report = store.verify(progress=cfg.progress)
+            if report.derived:  # computed from the store later, not by this command: said, left to their own
+                log(f"note: derived array(s) {', '.join(sorted(report.derived))} of {cfg.out} are damaged; `embedcache "
+                    f"verify --repair {cfg.out}` marks them to be recomputed, then the command that made them remakes them")
             if store.complete and report.ok:
                 log(f"{cfg.out} is already complete and intact (key {store.key}); nothing to do")
                 return ExtractResult(cfg.out, store.key, True, 0, int(store.manifest.get("failed", 0)), time.time() - t0, True)

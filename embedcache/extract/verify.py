@@ -42,10 +42,17 @@ def verify_store(path: str, repair: bool = False, overrides: Sequence[str] = (),
         log(f"damaged: {line}")
     for name, why in sorted(report.derived.items()):
         log(f"damaged: derived/{name}: {why} (computed from the store later: recomputed by the command that made it)")
+    remake = (f"the command that made them remakes them (`embedcache features` for cached features, the store's "
+              f"`embedcache {producer}` for its own)")
     if not repair:
+        fixes = []
+        if not report.ok or lost_text:
+            fixes.append(f"`embedcache verify --repair {path}` (or the store's {producer} command) re-does exactly the "
+                         "blocks and files")
+        if report.derived:
+            fixes.append(f"`embedcache verify --repair {path}` marks them to be recomputed, then {remake}")
         raise StoreError(f"{path}: {len(report.damaged_blocks)} damaged block(s), {len(report.files)} damaged file(s), "
-                         f"{len(report.derived)} damaged derived array(s); `embedcache verify --repair {path}` (or the "
-                         f"store's {producer} command) re-does exactly those")
+                         f"{len(report.derived)} damaged derived array(s); " + "; ".join(fixes))
     if report.derived:
         with Store(path, "a") as st:
             st.forget_derived(report.derived)
