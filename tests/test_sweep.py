@@ -732,3 +732,40 @@ def test_a_lodo_sweep_saved_with_settings_it_never_read_relaunches_without_them(
     f.write_text(yaml.safe_dump({**saved, "base": {"steps": 6}}))
     with pytest.raises(ConfigError, match="finetune_steps=5 sets few-shot scoring"):
         load_sweep(str(f))
+
+
+def test_a_sweep_trains_on_every_domain_and_scores_on_transfer_stores(synthetic_store, make_cfg, tiny_teacher, tmp_path):
+    """The data-free setting as a sweep: runs trained on every image of a (synthesised) store, scored on a
+    real store with --transfer. A lodo sweep held out one of the store's domains (a synthesis's styles) in
+    each run, and `holdout_domains: []` was refused, so there was no way to train on all (a trial)."""
+    from embedcache.api import StoreReader
+    from embedcache.extract import extract
+
+    real = make_cfg("real.zarr", "dataset.per_class=3", "dataset.seed=1")
+    extract(real, teacher=tiny_teacher, log=quiet)
+    with pytest.raises(ConfigError, match=r"holdout_domains=\[\] holds no domain out.*; or give transfer: stores"):
+        run_sweep(load_sweep(str(_sweep_file(tmp_path, synthetic_store, holdout_domains=[]))), str(tmp_path / "x"),
+                  progress=False, log=quiet)
+    f = _sweep_file(tmp_path, synthetic_store, holdout_domains=[], transfer=[real.out],
+                    grid={"recipe": ["feat_kd"], "seed": [0, 1]})
+    f.write_text(f.read_text().replace("device: cpu", "device: cpu\n  split: {val_fraction: 0.0}"))
+    res = run_sweep(load_sweep(str(f)), str(tmp_path / "sw"), progress=False, log=quiet)
+    rows = res["results"]
+    with StoreReader(real.out) as r, StoreReader(str(synthetic_store)) as own:
+        assert set(rows.store_key) == {r.key} and set(rows.trained_on) == {own.key}
+        n_real = int(r.ok.sum())
+    assert rows.run.nunique() == 2 and set(rows.holdout) == {"transfer"}  # one run per grid point, on every domain
+    top1 = rows[(rows.metric == "top1") & (rows.domain != "avg")]
+    assert set(top1.split) == {"zero_shot"} and top1.groupby("run").n.sum().eq(n_real).all()
+    for run in rows.run.unique():
+        assert json.loads((tmp_path / "sw" / "runs" / run / "split.json").read_text())["holdout_domains"] == []
+    assert "zero_shot" in (tmp_path / "sw" / "report" / "report.md").read_text()
+    # a transfer store the runs cannot be scored on is refused before any run trains
+    typo = tmp_path / "typo.json"
+    typo.write_text('{"circle": "circle", "square": "square", "triangle": "trianglee"}')
+    other = make_cfg("other.zarr", "dataset.per_class=3", f"dataset.class_names={typo}")
+    extract(other, teacher=tiny_teacher, log=quiet)
+    g = _sweep_file(tmp_path, synthetic_store, holdout_domains=[], transfer=[other.out])
+    with pytest.raises(ConfigError, match=r"transfer store .*other.zarr: its classes differ"):
+        run_sweep(load_sweep(str(g)), str(tmp_path / "sw2"), progress=False, log=quiet)
+    assert not (tmp_path / "sw2" / "runs").exists() or not any((tmp_path / "sw2" / "runs").iterdir())

@@ -68,7 +68,10 @@ class SweepSpec:
     base: Dict[str, Any] = field(default_factory=dict)   # TrainConfig settings shared by every run
     grid: Dict[str, Any] = field(default_factory=dict)  # dotted TrainConfig key -> values to cross
     per_recipe: Dict[str, Any] = field(default_factory=dict)  # recipe -> settings for its runs only (e.g. features)
-    holdout_domains: Optional[List[str]] = None  # lodo: default every domain of the store
+    holdout_domains: Optional[List[str]] = None  # lodo: default every domain of the store ([] with transfer: none)
+    # stores of the same teacher and classes every run is also scored on, as `evaluate --transfer` scores (a
+    # student distilled on synthesised images, scored on real ones)
+    transfer: List[str] = field(default_factory=list)
     unseen_fraction: float = setting(0.5, gt=0.0, max=0.99)  # open_vocab / few_shot: share of classes held out
     split_seed: int = 0
     base_seed: int = 0
@@ -153,8 +156,12 @@ def _splits(spec: SweepSpec, reader) -> List[Dict]:
         if spec.holdout_domains is not None and len(set(spec.holdout_domains)) != len(spec.holdout_domains):
             raise ConfigError(f"holdout_domains={list(spec.holdout_domains)} names a domain twice; list each once")
         if spec.holdout_domains is not None and not spec.holdout_domains:
+            if spec.transfer:  # one run per grid point on every domain, scored on the transfer stores
+                return [{"holdout_domains": []}]
             raise ConfigError("holdout_domains=[] holds no domain out, and a lodo sweep trains one run per held-out "
-                              "domain; leave holdout_domains out for every domain of the store, or list some")
+                              "domain; leave holdout_domains out for every domain of the store, or list some; or give "
+                              "transfer: stores to score runs trained on every domain on (a synthesised store's runs "
+                              "on real images)")
         domains = spec.holdout_domains or reader.domains
         unknown = sorted(set(domains) - set(reader.domains))
         if unknown:
@@ -189,12 +196,28 @@ def expand(spec: SweepSpec, sweep_dir: str) -> List[SweepPoint]:
     with open_store(spec.store) as reader:  # refuses an incomplete store
         out = _points(spec, sweep_dir, keys, reader, _named_as(sweep_dir, spec.store))
         _require_used(spec.per_recipe, sorted({p.cfg.recipe for p in out}))
+        _require_transferable(spec.transfer, reader, sorted({p.cfg.text_source or RECIPES.get(p.cfg.recipe).text_source
+                                                             for p in out}))
         # head-only runs' cached features, before any run (runs with results need none)
         missing = missing_features(reader, [p.cfg for p in out
                                             if not result_path(sweep_dir, Path(p.cfg.out).name).exists()])
     if missing:
         raise ConfigError(missing)
     return out
+
+
+def _require_transferable(stores: List[str], reader, sources: List[str]) -> None:
+    """Each transfer store is one the runs can be scored on (the checks of `evaluate --transfer`), before
+    any run trains."""
+    from ..scoring import _differences
+
+    for path in stores:
+        with open_store(path) as other:  # refuses an incomplete store
+            for src in sources:
+                differ = _differences(reader.scoring_facts(src), other, src)
+                if differ:
+                    what, fix = differ[0]
+                    raise ConfigError(f"transfer store {path}: {what}; {fix}")
 
 
 def _require_used(per_recipe: Dict[str, Any], trained: List[str]) -> None:

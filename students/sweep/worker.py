@@ -59,11 +59,20 @@ def result_path(sweep_dir: str, run_name: str) -> Path:
 
 
 def _score(run: RunDir, spec, point: SweepPoint, device: str):
-    """A finished run's result rows under the sweep's protocol (one place for sweeps and packs)."""
+    """A finished run's result rows under the sweep's protocol (one place for sweeps and packs): on its
+    own store, unless it trained on every image there (a lodo run holding no domain out and keeping no
+    validation rows), and on each transfer store."""
+    import pandas as pd
+
     from ..scoring import score_run
 
-    return score_run(run, [spec.protocol], point.cfg.store, device, options={"few_shot": {"shots": spec.shots}},
-                     finetune_steps=spec.finetune_steps, finetune_mode=spec.finetune_mode)
+    how = dict(options={"few_shot": {"shots": spec.shots}}, finetune_steps=spec.finetune_steps,
+               finetune_mode=spec.finetune_mode)
+    split = run.split
+    own = spec.protocol != "lodo" or split.get("holdout_domains") or split.get("val_idx")
+    frames = [score_run(run, [spec.protocol], point.cfg.store, device, **how)] if own else []
+    frames += [score_run(run, [spec.protocol], store, device, transfer=True, **how) for store in spec.transfer]
+    return pd.concat(frames, ignore_index=True)
 
 
 def _start(run: RunDir, spec, point: SweepPoint, **attempt) -> None:
