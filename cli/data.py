@@ -29,7 +29,12 @@ def extract(config_path: Optional[str], out: Optional[str], overrides: Sequence[
     cfg = load_extract_config(config_path or "demo", overrides, values)
     if config_path is None:
         click.echo("no --config given: extracting the demo (`embedcache configs show demo` prints its settings)")
-    res = run(cfg, log=click.echo, dry_run=dry_run)
+    try:
+        res = run(cfg, log=click.echo, dry_run=dry_run)
+    except KeyboardInterrupt as exc:
+        if dry_run and not (str(exc) and " " in str(exc)):  # nothing to resume: a dry run writes and pays nothing
+            raise KeyboardInterrupt("interrupted: a dry run writes nothing; rerun it for its figures") from None
+        raise
     if dry_run:
         if res.complete:
             click.echo(f"dry run for {res.path}: the store is complete: nothing to encode or pay for "

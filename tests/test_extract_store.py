@@ -668,3 +668,21 @@ def test_a_dataset_of_one_class_is_refused_before_the_teacher_is_built(tmp_path,
     with pytest.raises(ConfigError, match=r"dataset 'synthetic' holds one class \('circle'\).*dataset.num_classes"):
         extract(make_cfg("one.zarr", "dataset.num_classes=1"), log=quiet)
     assert not (tmp_path / "one.zarr").exists()
+
+
+def test_a_dry_run_stopped_says_it_left_nothing_to_resume(monkeypatch):
+    """Ctrl-C on `extract --dry-run` said "rerun the same command to resume", of a command that writes nothing."""
+    from click.testing import CliRunner
+
+    import embedcache.extract as extraction
+    from embedcache.cli import main
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(extraction, "extract", stopped)
+    res = CliRunner().invoke(main, ["extract", "--dry-run", "--no-progress"])
+    assert res.exit_code == 130 and "interrupted: a dry run writes nothing; rerun it for its figures" in res.output
+    assert "resume" not in res.output
+    res = CliRunner().invoke(main, ["extract", "--no-progress", "--out", "never.zarr"])
+    assert res.exit_code == 130 and "rerun the same command to resume" in res.output  # a real run resumes
