@@ -52,6 +52,14 @@ class Group(click.Group):
 
         interrupt.one_request_per_signal()
         try:
+            return self._invoke(ctx)
+        finally:
+            interrupt.end_of_command()
+
+    def _invoke(self, ctx):
+        from embedcache import interrupt
+
+        try:
             return super().invoke(ctx)
         except EmbedcacheError as exc:
             click.echo(f"error: {exc}", err=True)
@@ -62,8 +70,10 @@ class Group(click.Group):
                        "that file", err=True)
             sys.exit(2)
         except KeyboardInterrupt as exc:
-            said = ("terminated (SIGTERM)" if interrupt.stopped_by() == signal.SIGTERM else "interrupted")
-            msg = str(exc) if str(exc) and " " in str(exc) else f"{said}; rerun the same command to resume"
+            term = interrupt.stopped_by() == signal.SIGTERM
+            msg = str(exc) if str(exc) and " " in str(exc) else "interrupted; rerun the same command to resume"
+            if term and not msg.startswith("terminated"):  # a scheduler's log says what stopped it
+                msg = "terminated (SIGTERM): " + msg.removeprefix("interrupted; ")
             exc.__traceback__ = None  # the interrupted frames go now (DataLoader workers shut down in __del__),
             gc.collect()              # not at the exit, where a repeated signal would cut them into a traceback
             click.echo(msg, err=True)

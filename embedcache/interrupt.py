@@ -104,19 +104,29 @@ def one_request_per_signal() -> None:
     delivered twice (within ONE_REQUEST_S: a terminal and `timeout` both signal the process group) raises
     once, so the unwinding (DataLoader workers shut down, the exit) is not cut into a traceback. Left
     installed: it only ever replaces Python's defaults (Ctrl-C's KeyboardInterrupt, SIGTERM's death by
-    the signal, which wrote no books), and a ``graceful()`` context puts it back on exit. Forked
-    DataLoader workers inherit it: torch's worker loop ends quietly on KeyboardInterrupt."""
+    the signal, which wrote no books), and a ``graceful()`` context puts it back on exit. It also sets
+    the stop flag, which extraction's loops poll: a KeyboardInterrupt raised while an at-fork hook runs
+    (a DataLoader worker starting) is printed and dropped by Python. ``end_of_command()`` clears it.
+    DataLoader workers take SIGTERM as SIGINT (``extract.parts._init_worker``): torch's worker loop
+    ends quietly on KeyboardInterrupt, where its own SIGTERM handler died by the signal."""
     if threading.current_thread() is not threading.main_thread():
         return
 
     def handler(signum, _frame):
         if not _repeat():
             _by[0] = signum
+            _stop.set()  # for loops that poll: an exception raised inside an at-fork hook or a __del__ is lost
             raise KeyboardInterrupt
 
     for signum, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
         if signal.getsignal(signum) is default:  # not ignored, nor someone's own
             signal.signal(signum, handler)
+
+
+def end_of_command() -> None:
+    """A CLI command has ended: a stop request it received is not the next in-process command's (tests)."""
+    if not _depth[0]:
+        _stop.clear()
 
 
 def stop_on_signal() -> None:

@@ -22,6 +22,7 @@ import numpy as np
 from ..config import TEACHER_CALL_SETTINGS, ExtractConfig, replace, to_dict
 from ..datasets import ImageDataset, build_dataset
 from ..errors import BudgetError, ConfigError, DatasetError, EmbedcacheError, StoreError
+from .. import interrupt
 from ..fileio import disk_full_error, exclusive_lock, is_disk_full, try_exclusive_lock
 from ..store import (BACKENDS, STATUS_OK, USAGE_SNAPSHOTS, Store, add_text_arrays, backend_name_for, is_counter,
                      plan_layout)
@@ -535,6 +536,7 @@ def run_blocks(store: Store, blocks: List[int], reader, embedder, batch_size: in
     encoded = failed = 0
     try:
         for batch in reader.batches(batches):
+            interrupt.check("extracting")  # a stop whose KeyboardInterrupt was lost (raised in an at-fork hook)
             writer.check()
             block = assembler.add(batch, embedder(batch))
             failed += int((~batch.ok).sum())

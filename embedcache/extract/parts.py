@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Protocol
@@ -113,8 +114,12 @@ class _Collate:
         return batch
 
 
-def _one_thread(_worker_id: int) -> None:
-    torch.set_num_threads(1)  # workers decode and crop; the teacher keeps the other cores
+def _init_worker(_worker_id: int) -> None:
+    """A DataLoader worker: one thread (workers decode and crop; the teacher keeps the other cores), and
+    SIGTERM taken as SIGINT: torch's own handler died by a SIGTERM sent to the whole process group (by
+    `timeout`, a scheduler), and the unwinding command then failed on the dead worker."""
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGINT))
 
 
 class LoaderReader:
@@ -133,7 +138,7 @@ class LoaderReader:
     def batches(self, batches: List[List[int]]) -> Iterator[Batch]:
         loader = DataLoader(self.items, batch_sampler=batches, collate_fn=self.collate, num_workers=self.num_workers,
                             prefetch_factor=4 if self.num_workers > 0 else None, persistent_workers=False,
-                            worker_init_fn=_one_thread)
+                            worker_init_fn=_init_worker)
         for batch in loader:
             if self.pin_memory:
                 batch.canvas = batch.canvas.pin_memory()
