@@ -33,7 +33,7 @@ def extract(config_path: Optional[str], out: Optional[str], overrides: Sequence[
         res = run(cfg, log=click.echo, dry_run=dry_run)
     except KeyboardInterrupt as exc:
         if dry_run and not (str(exc) and " " in str(exc)):  # nothing to resume: a dry run writes and pays nothing
-            raise KeyboardInterrupt("interrupted: a dry run writes nothing; rerun it for its figures") from None
+            raise KeyboardInterrupt("stopped: a dry run writes nothing; rerun it for its figures") from None
         raise
     if dry_run:
         if res.complete:

@@ -344,7 +344,7 @@ def _per_class_scopes(d: EvalData) -> List[Tuple[str, np.ndarray, Optional[np.nd
     unseen classes among the unseen labels only (Li et al.'s zero-shot); the teacher: every row, "all".
     In domain holds a dataset's own test rows of the training domains too (lodo scores validation rows)."""
     if d.val_idx is None and not d.holdout_domains:  # the teacher (its class split is open_vocab's), a transfer store
-        if not d.student or d.seen_classes is None:
+        if not d.student or d.seen_classes is None or len(set(d.seen_classes)) == len(d.classes):  # none held out
             return [("all", np.flatnonzero(d.ok), None)]
         seen = np.asarray(d.seen_classes)  # a transfer store's rows of a run that held classes out: as lodo's, open_vocab's
         is_seen = np.isin(d.labels, seen)

@@ -682,7 +682,7 @@ def test_a_dry_run_stopped_says_it_left_nothing_to_resume(monkeypatch):
 
     monkeypatch.setattr(extraction, "extract", stopped)
     res = CliRunner().invoke(main, ["extract", "--dry-run", "--no-progress"])
-    assert res.exit_code == 130 and "interrupted: a dry run writes nothing; rerun it for its figures" in res.output
+    assert res.exit_code == 130 and "stopped: a dry run writes nothing; rerun it for its figures" in res.output
     assert "resume" not in res.output
     res = CliRunner().invoke(main, ["extract", "--no-progress", "--out", "never.zarr"])
     assert res.exit_code == 130 and "rerun the same command to resume" in res.output  # a real run resumes

@@ -475,6 +475,9 @@ def test_transfer_scores_a_run_that_held_classes_out_on_its_own_classes(syntheti
     assert set(per[per.domain == "zero_shot"].class_name) == {"circle", "square"}
     assert set(per[per.domain == "unseen_zero_shot"].class_name) == {"triangle"}
     assert "unseen_zero_shot" in set(rows[rows.protocol == "open_vocab"].split)
+    train(_cfg(synthetic_store, tmp_path / "all", split=SplitConfig(holdout_domains=("outline",))), log=quiet)
+    every = score_run(tmp_path / "all", ["per_class"], other.out, transfer=True)  # a run that saw every class
+    assert set(every.domain) == {"all"}
 
 
 def test_runs_trained_on_two_stores_are_two_methods_on_a_transfer_store(synthetic_store, make_cfg, tiny_teacher,
