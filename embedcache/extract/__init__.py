@@ -481,7 +481,8 @@ def _writing_now(store: Store) -> bool:
     if store.backend_name != "zarr":
         return False  # an HDF5 store being written cannot be opened beside its writer
     try:
-        return bool(_live_writers(store.path))
+        with exclusive_lock(os.path.join(store.path, ".writers.lock")):  # a probe outside the gate could make a
+            return bool(_live_writers(store.path))                      # writer taking its lock then refuse
     except OSError:  # read-only storage: no lock can be probed, and nothing writes there
         return False
 

@@ -14,10 +14,11 @@ class StoreBudget:
     """teacher.max_queries over every extract call and shard of a store: each request's inputs are
     claimed in the store, under a lock, before they are sent, so shards running together share one
     count and a call killed with -9 has its requests counted (the books, written per finished block,
-    had neither). Claims count what was sent, answered or not, free replays included: never less than
-    the bill. The books count too (a store from before the claims, a call run without a budget): the
-    larger of the two is what was sent. ``sent``: the count as this process last saw it (messages after
-    the store is closed)."""
+    had neither). Claims count what was sent, answered or not: never less than the bill. The books
+    count too (a store from before the claims, a call run without a budget): the larger of the two is
+    what was sent. ``sent``: the count as this process last saw it (messages after
+    the store is closed). A resend whose request the service then answers as a free replay is given
+    back (``release``): the replay proves one charge, which the first send's claim holds."""
     BLOB = "budget/claimed.json"
 
     def __init__(self, store: Store, limit: int):
@@ -38,6 +39,14 @@ class StoreBudget:
                 raise BudgetError(f"query budget reached: this store has sent {claimed} queries of "
                                   f"teacher.max_queries={self.limit} (every extract call and shard, answered or not) "
                                   f"and the next request needs {n}")
-            self.store.b.put_blob(self.BLOB, json.dumps({"claimed": claimed + n}).encode())
-            self.store.b.flush()
-            self.sent = claimed + n
+            self._write(claimed + n)
+
+    def release(self, n: int) -> None:
+        """Give back ``n`` inputs claimed for resends that turned out free (never refused by the limit)."""
+        with exclusive_lock(self._lock) if self._lock is not None else nullcontext():
+            self._write(max(self._books, self.claimed() - n))
+
+    def _write(self, claimed: int) -> None:
+        self.store.b.put_blob(self.BLOB, json.dumps({"claimed": claimed}).encode())
+        self.store.b.flush()
+        self.sent = claimed

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional
 
@@ -270,8 +271,13 @@ class Transport:
         once: its lost attempts are no longer possibly paid (``count`` counts the charge as paid), and the
         budget's claims for its resends (``reclaimed`` inputs) are given back."""
         self.stats.possibly_paid -= self._lost_here.pop(request_id)
-        if reclaimed and self.claimer is not None and self.max_queries is not None:
-            self.claimer(-reclaimed)
+        release = getattr(self.claimer, "release", None)
+        if reclaimed and release is not None and self.max_queries is not None:
+            try:
+                release(reclaimed)
+            except OSError as exc:  # the answer came and is kept: the budget only stays higher than the bill
+                warnings.warn(f"could not give back {reclaimed} budget claim(s) of free replays ({exc.strerror or exc}); "
+                              "the store's count of sent queries stays that much above the bill")
 
     def count(self, modality: str, n: int, nbytes: int, free: bool = False) -> None:
         """An answered request of ``n`` inputs; ``free``: a replay of a charge whose answer this run lost
