@@ -20,7 +20,8 @@ from embedcache.fileio import atomic_write
 # the text source is part of a row's identity: a teacher's zero-shot rows differ in nothing else; so are
 # the store (the teacher on two datasets, a run on its own store and with --transfer) and what was held out
 # (the teacher on two class splits)
-KEY = ["run", "source", "store_key", "holdout", "protocol", "split", "domain", "class_name", "episode", "metric"]
+KEY = ["run", "source", "store_key", "holdout", "protocol", "split", "domain", "class_name", "episode", "metric",
+       "trained_on"]  # two runs of one folder name (plain/r0, contrastive/r0) trained on two stores: two runs
 TAGS: Dict[str, object] = {  # run settings, with the value a row gets when it has none
     "recipe": "-", "student": "-", "run_seed": -1, "replicate": -1, "source": "-", "variant": "-", "holdout": "-",
     "store_key": "-", "search": "-", "settings": "-", "trained_on": "-",
@@ -86,7 +87,7 @@ def read_results(path) -> pd.DataFrame:
 
 # what one scoring replaces as a whole: a run's rows of one protocol, text source, store and holdout, of
 # one setting (``_setting``)
-SCOPE = ["run", "source", "store_key", "holdout", "protocol"]
+SCOPE = ["run", "source", "store_key", "holdout", "protocol", "trained_on"]
 
 
 def _setting(split: pd.Series) -> pd.Series:
@@ -112,8 +113,19 @@ def upsert(path: str, rows: pd.DataFrame) -> pd.DataFrame:
     p = Path(path)
     if p.exists():
         old = read_results(p)
-        done = rows[SCOPE].assign(setting=_setting(rows["split"])).drop_duplicates()
-        redone = old[SCOPE].assign(setting=_setting(old["split"])).merge(done, how="left", indicator=True)["_merge"]
-        rows = pd.concat([old[(redone != "both").to_numpy()], rows], ignore_index=True)
+        rows = pd.concat([old[~_redone(old, rows)], rows], ignore_index=True)
     atomic_write(p, lambda tmp: rows.to_parquet(tmp, index=False))
     return rows
+
+
+def _redone(old: pd.DataFrame, rows: pd.DataFrame) -> np.ndarray:
+    """Which ``old`` rows ``rows`` replace: those of a scope and setting it gives, an old row of no
+    recorded ``trained_on`` ("-", scored before the column) taken for any store its run trained on."""
+    on = [c for c in SCOPE if c != "trained_on"] + ["setting"]
+    done = rows[SCOPE].assign(setting=_setting(rows["split"])).drop_duplicates()
+    was = old[SCOPE].assign(setting=_setting(old["split"]), row=np.arange(len(old)))
+    pairs = was.merge(done, on=on, suffixes=("", "_now"))
+    hit = pairs[(pairs["trained_on"] == pairs["trained_on_now"]) | (pairs["trained_on"] == "-")]["row"]
+    out = np.zeros(len(old), bool)
+    out[hit.to_numpy()] = True
+    return out

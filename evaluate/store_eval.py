@@ -109,8 +109,8 @@ def method_keys(results: pd.DataFrame) -> list:
     keys = ["recipe", "student", "source", "variant"] + (["unseen"] if results["unseen"].nunique() > 1 else [])
     if (results.groupby(NAMED_BY)["settings"].nunique() > 1).any():
         keys.append("settings")
-    if (results.groupby(NAMED_BY)["trained_on"].nunique() > 1).any():  # --transfer rows of runs of two stores
-        keys.append("trained_on")
+    if (results.groupby(NAMED_BY)["trained_on"].nunique() > 1).any():  # --transfer rows of runs of two stores,
+        keys.append("trained_on")  # or of runs whose store is not known ("-", scored before the column): apart
     return (["store_key"] + keys) if results["store_key"].nunique() > 1 else keys
 
 

@@ -497,20 +497,29 @@ def test_runs_trained_on_two_stores_are_two_methods_on_a_transfer_store(syntheti
     extract(real, teacher=tiny_teacher, log=quiet)
     rows = []
     for store, name in ((synthetic_store, "a"), (alt.out, "b")):
-        for seed in (0, 1):
-            train(_cfg(store, tmp_path / f"{name}{seed}", seed=seed, split=SplitConfig(holdout_domains=("outline",))),
+        for seed in (0, 1):  # runs named alike in two folders (plain/r0, contrastive/r0): one name, two runs
+            train(_cfg(store, tmp_path / name / f"r{seed}", seed=seed, split=SplitConfig(holdout_domains=("outline",))),
                   log=quiet)
-            rows.append(score_run(tmp_path / f"{name}{seed}", ["lodo"], real.out, transfer=True))
+            rows.append(score_run(tmp_path / name / f"r{seed}", ["lodo"], real.out, transfer=True))
     with StoreReader(synthetic_store) as a, StoreReader(alt.out) as b:
         keys = {a.key, b.key}
     results = pd.concat(rows, ignore_index=True)
     assert set(results.trained_on) == keys
-    upsert(str(tmp_path / "res.parquet"), results)
-    frame = method_frame(pd.read_parquet(tmp_path / "res.parquet"))
+    res = tmp_path / "res.parquet"
+    upsert(str(res), results.assign(trained_on="-").iloc[: len(rows[0])])  # a file of the rows of before the column
+    upsert(str(res), results)  # rescored: they replace those (no duplicate), and the two r0 runs keep their rows
+    assert len(pd.read_parquet(res)) == len(results)
+    upsert(str(res), rows[0])  # one run rescored: its rows alone replaced
+    pd.testing.assert_frame_equal(pd.read_parquet(res).sort_values(["trained_on", "run", "domain", "metric"]).reset_index(
+        drop=True)[["run", "trained_on", "value"]], results.sort_values(["trained_on", "run", "domain", "metric"]).reset_index(
+        drop=True)[["run", "trained_on", "value"]])
+    frame = method_frame(pd.read_parquet(res))
     assert "trained_on" in method_keys(frame)
     table = summary_table(frame)
     assert len(table) == 2 and set(table["replicates"]) == {"2"}
-    own = pd.concat([score_run(tmp_path / f"{n}0", ["lodo"]) for n in "ab"], ignore_index=True)
+    unknown = method_frame(pd.concat([results, results.iloc[: len(rows[0])].assign(trained_on="-", run="old")]))
+    assert "trained_on" in method_keys(unknown)  # rows whose store is unknown are a method of their own
+    own = pd.concat([score_run(tmp_path / n / "r0", ["lodo"]) for n in "ab"], ignore_index=True)
     assert (own.trained_on == own.store_key).all()  # on its own store: the store it was scored on
     legacy = method_frame(own.assign(trained_on="-"))  # rows scored before the column: their own store's
     assert (legacy.trained_on == legacy.store_key).all() and "trained_on" not in method_keys(legacy)
