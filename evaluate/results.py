@@ -1,6 +1,7 @@
 """The results schema every scored row follows, and the one way to write a results file.
 
-One row per (run, source, store, holdout, protocol, split, domain, class_name, episode, metric):
+One row per (run, source, store, holdout, protocol, split, domain, class_name, episode, metric, the
+store the run trained on):
 ``value`` and ``n`` (rows scored), with the run's settings as columns. Rows from ``embedcache evaluate`` and from sweeps
 share this schema, so they combine in one report. Writing a results file *updates* it: a run's rows
 of one protocol, store and setting are replaced whole (``upsert``), so scoring the same run twice
