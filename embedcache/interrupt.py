@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
 _stop = threading.Event()
+_signalled = threading.Event()  # the CLI's handler took a signal (``one_request_per_signal``)
 _depth = [0]  # graceful() contexts open: only the outermost clears the request on exit
 _last = []  # when the last request began (every handler's, so a repeat is one whichever handler gets it)
 _by = [signal.SIGINT]  # the signal of the last request: the CLI exits 128 + it (130 Ctrl-C, 143 SIGTERM)
@@ -62,6 +63,7 @@ def request() -> None:
 
 def reset() -> None:
     _stop.clear()
+    _signalled.clear()
 
 
 @contextmanager
@@ -104,9 +106,10 @@ def one_request_per_signal() -> None:
     delivered twice (within ONE_REQUEST_S: a terminal and `timeout` both signal the process group) raises
     once, so the unwinding (DataLoader workers shut down, the exit) is not cut into a traceback. Left
     installed: it only ever replaces Python's defaults (Ctrl-C's KeyboardInterrupt, SIGTERM's death by
-    the signal, which wrote no books), and a ``graceful()`` context puts it back on exit. It also sets
-    the stop flag, which extraction's loops poll: a KeyboardInterrupt raised while an at-fork hook runs
-    (a DataLoader worker starting) is printed and dropped by Python. ``end_of_command()`` clears it.
+    the signal, which wrote no books), and a ``graceful()`` context puts it back on exit. It also notes
+    the signal, which extraction's loop polls (``check_signalled``): a KeyboardInterrupt raised while an
+    at-fork hook runs (a DataLoader worker starting) is printed and dropped by Python. ``end_of_command()``
+    clears the note.
     DataLoader workers take SIGTERM as SIGINT (``extract.parts._init_worker``): torch's worker loop
     ends quietly on KeyboardInterrupt, where its own SIGTERM handler died by the signal."""
     if threading.current_thread() is not threading.main_thread():
@@ -115,7 +118,7 @@ def one_request_per_signal() -> None:
     def handler(signum, _frame):
         if not _repeat():
             _by[0] = signum
-            _stop.set()  # for loops that poll: an exception raised inside an at-fork hook or a __del__ is lost
+            _signalled.set()  # for extraction's loop: an exception raised in an at-fork hook or a __del__ is lost
             raise KeyboardInterrupt
 
     for signum, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
@@ -123,10 +126,16 @@ def one_request_per_signal() -> None:
             signal.signal(signum, handler)
 
 
+def check_signalled(what: str) -> None:
+    """Raise KeyboardInterrupt when the CLI's handler took a signal whose KeyboardInterrupt Python dropped
+    (raised in an at-fork hook); a stop requested otherwise (``request()``) is for loops that poll it."""
+    if _signalled.is_set():
+        raise KeyboardInterrupt(f"stopped while {what}; rerun the same command to resume")
+
+
 def end_of_command() -> None:
-    """A CLI command has ended: a stop request it received is not the next in-process command's (tests)."""
-    if not _depth[0]:
-        _stop.clear()
+    """A CLI command has ended: a signal it took is not the next in-process command's (tests)."""
+    _signalled.clear()
 
 
 def stop_on_signal() -> None:

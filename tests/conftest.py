@@ -19,6 +19,16 @@ TINY_CLIP = {
 PACS = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "pacs"
 
 
+@pytest.fixture(autouse=True)
+def _no_stop_request_left():
+    """A stop request a test made (a signal under the CLI's handler, a launcher's own request) is not the
+    next test's: one process runs them all, where a command has a process of its own."""
+    from embedcache import interrupt
+
+    interrupt.reset()
+    yield
+
+
 def save_tiny_clip(folder: Path, seed: int = 0) -> Path:
     """A random tiny open_clip model as open_clip's local-dir layout (config + safetensors)."""
     import open_clip

@@ -537,7 +537,7 @@ def run_blocks(store: Store, blocks: List[int], reader, embedder, batch_size: in
     encoded = failed = 0
     try:
         for batch in reader.batches(batches):
-            interrupt.check("extracting")  # a stop whose KeyboardInterrupt was lost (raised in an at-fork hook)
+            interrupt.check_signalled("extracting")  # a CLI stop whose KeyboardInterrupt Python dropped
             writer.check()
             block = assembler.add(batch, embedder(batch))
             failed += int((~batch.ok).sum())
