@@ -138,13 +138,13 @@ def lodo(d: EvalData, holdout_domains: Optional[Sequence[str]] = None) -> pd.Dat
     A run that also held out classes is scored on the classes it trained on, among their labels (as
     its own validation): its unseen classes are ``open_vocab``'s."""
     held = list(holdout_domains if holdout_domains is not None else (d.holdout_domains or []))
-    student = bool(held) or d.val_idx is not None  # on its own store: out of / in domain
-    seen = None if d.seen_classes is None or not (student or d.student) else np.asarray(d.seen_classes)  # the teacher: all
+    own_split = bool(held) or d.val_idx is not None  # a run on its own store: out of / in domain
+    seen = None if d.seen_classes is None or not (own_split or d.student) else np.asarray(d.seen_classes)  # teacher: all
     usable = d.ok if seen is None else d.ok & np.isin(d.labels, seen)
     rows: List[Dict] = []
     for dom in sorted(set(d.domains[usable])):
         rows_dom = np.flatnonzero(usable & (d.domains == dom))
-        if student and dom not in held:
+        if own_split and dom not in held:
             if d.val_idx is None:
                 continue
             rows_dom = np.intersect1d(rows_dom, d.val_idx)
@@ -153,7 +153,7 @@ def lodo(d: EvalData, holdout_domains: Optional[Sequence[str]] = None) -> pd.Dat
             split = "out_of_domain" if held else "zero_shot"
         if len(rows_dom):
             rows += _rows(_predict(d, rows_dom, seen), d.labels[rows_dom], d.classes, split=split, domain=dom)
-    if not rows and student:
+    if not rows and own_split:
         raise EvaluationError("lodo has nothing to score: this run held out no domain and kept no validation "
                               "rows (every image was trained on); train with split.holdout_domains=[...] or "
                               "split.val_fraction > 0")

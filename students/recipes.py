@@ -155,6 +155,11 @@ def recipe_of(cfg) -> Recipe:
     return with_losses(RECIPES.get(cfg.recipe), cfg.loss_weights, cfg.loss_args)
 
 
+def text_source_of(cfg) -> str:
+    """The text source a run predicts with: its own ``text_source``, else its recipe's."""
+    return cfg.text_source or RECIPES.get(cfg.recipe).text_source
+
+
 def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 

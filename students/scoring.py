@@ -104,7 +104,7 @@ def _open_for(run: RunDir, path: str, transfer: bool) -> StoreReader:
     try:
         source = run.split["text_source"]
         own = run.split.get("trained_on") or _facts_of_own_store(run, path, source)
-        differ = _differences(own, reader, source)
+        differ = transfer_differences(own, reader, source)
     except Exception:
         reader.close()
         raise
@@ -129,7 +129,7 @@ def _facts_of_own_store(run: RunDir, path: str, source: str) -> Dict:
         return own.scoring_facts(source)
 
 
-def _differences(own: Dict, reader: StoreReader, source: str) -> List[Tuple[str, str]]:
+def transfer_differences(own: Dict, reader: StoreReader, source: str) -> List[Tuple[str, str]]:
     """(what differs, how to make a store the run can be scored on), for each way ``reader``'s store
     differs from the run's (``own``: its ``scoring_facts``)."""
     out = []

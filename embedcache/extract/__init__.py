@@ -231,15 +231,18 @@ def _opening_marks(store: Store, books: "_Books", record: Optional[CallRecord], 
         raise
 
 
+WRITERS_GATE = ".writers.lock"  # held while a writer looks for others and takes its own shard's lock
+
+
 def _writer_lock(store: Store, shard: int, num_shards: int):
     """One writer per shard of a Zarr store (HDF5 locks its file itself): a second extraction of the
     same blocks would encode them again beside the first (and pay for them twice with a paid teacher).
     Writers with another shard count are refused while they write (their ranges overlap this one's);
-    ``.writers.lock`` makes looking for them and taking this shard's lock one step."""
+    the gate makes looking for them and taking this shard's lock one step."""
     if store.backend_name != "zarr":
         return None
     try:
-        with exclusive_lock(os.path.join(store.path, ".writers.lock")):
+        with exclusive_lock(os.path.join(store.path, WRITERS_GATE)):
             _refuse_other_shard_counts(store, num_shards)
             fd = try_exclusive_lock(os.path.join(store.path, f".writer-{shard}-of-{num_shards}.lock"))
     except OSError as exc:  # a store on read-only storage: nothing can be written to it, twice or once
@@ -254,22 +257,22 @@ def _writer_lock(store: Store, shard: int, num_shards: int):
 
 def _refuse_other_shard_counts(store: Store, num_shards: int) -> None:
     """Refuses while a writer holds the lock of a shard of another count (called behind the gate)."""
-    for _, count in _live_writers(store.path):
+    for count in _live_writers(store.path):
         if count != num_shards:
             raise StoreError(f"another extraction is writing {store.path} with --num-shards {count} now; give "
                              f"--num-shards {count} to join it, or wait for it to finish (rerunning then resumes)")
 
 
-def _live_writers(path: str) -> List[Tuple[int, int]]:
-    """(shard, shard count) of each extraction writing the Zarr store at ``path`` now (holding its lock)."""
+def _live_writers(path: str) -> List[int]:
+    """The shard count of each extraction writing the Zarr store at ``path`` now (holding its lock)."""
     live = []
     for name in sorted(os.listdir(path)):
-        found = re.fullmatch(r"\.writer-(\d+)-of-(\d+)\.lock", name)
+        found = re.fullmatch(r"\.writer-\d+-of-(\d+)\.lock", name)
         if found is None:
             continue
         probe = try_exclusive_lock(os.path.join(path, name))
         if probe is None:
-            live.append((int(found.group(1)), int(found.group(2))))
+            live.append(int(found.group(1)))
         else:
             os.close(probe)
     return live
@@ -481,7 +484,7 @@ def _writing_now(store: Store) -> bool:
     if store.backend_name != "zarr":
         return False  # an HDF5 store being written cannot be opened beside its writer
     try:
-        with exclusive_lock(os.path.join(store.path, ".writers.lock")):  # a probe outside the gate could make a
+        with exclusive_lock(os.path.join(store.path, WRITERS_GATE)):  # a probe outside the gate could make a
             return bool(_live_writers(store.path))                      # writer taking its lock then refuse
     except OSError:  # read-only storage: no lock can be probed, and nothing writes there
         return False

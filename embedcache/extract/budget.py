@@ -16,9 +16,9 @@ class StoreBudget:
     count and a call killed with -9 has its requests counted (the books, written per finished block,
     had neither). Claims count what was sent, answered or not: never less than the bill. The books
     count too (a store from before the claims, a call run without a budget): the larger of the two is
-    what was sent. ``sent``: the count as this process last saw it (messages after
-    the store is closed). A resend whose request the service then answers as a free replay is given
-    back (``release``): the replay proves one charge, which the first send's claim holds."""
+    what was sent. ``sent``: the count as this process last saw it (messages after the store is
+    closed). A resend whose request the service then answers as a free replay is given back
+    (``release``): the replay proves one charge, which the first send's claim holds."""
     BLOB = "budget/claimed.json"
 
     def __init__(self, store: Store, limit: int):

@@ -34,7 +34,7 @@ from ..config import TrainConfig, check_trainable
 from ..data import StoreData, check_views_used
 from ..features import missing_features
 from ..finetune import MODES as FINETUNE_MODES
-from ..recipes import RECIPES, definition_change
+from ..recipes import RECIPES, definition_change, text_source_of
 from ..rundir import RunDir
 from ..train import NAMED_WHEN_SET, run_name, selection_rule, settings_identity
 from .claim import Launch
@@ -196,8 +196,7 @@ def expand(spec: SweepSpec, sweep_dir: str) -> List[SweepPoint]:
     with open_store(spec.store) as reader:  # refuses an incomplete store
         out = _points(spec, sweep_dir, keys, reader, _named_as(sweep_dir, spec.store))
         _require_used(spec.per_recipe, sorted({p.cfg.recipe for p in out}))
-        _require_transferable(spec.transfer, reader, sorted({p.cfg.text_source or RECIPES.get(p.cfg.recipe).text_source
-                                                             for p in out}))
+        _require_transferable(spec.transfer, reader, sorted({text_source_of(p.cfg) for p in out}))
         # head-only runs' cached features, before any run (runs with results need none)
         missing = missing_features(reader, [p.cfg for p in out
                                             if not result_path(sweep_dir, Path(p.cfg.out).name).exists()])
@@ -209,12 +208,12 @@ def expand(spec: SweepSpec, sweep_dir: str) -> List[SweepPoint]:
 def _require_transferable(stores: List[str], reader, sources: List[str]) -> None:
     """Each transfer store is one the runs can be scored on (the checks of `evaluate --transfer`), before
     any run trains."""
-    from ..scoring import _differences
+    from ..scoring import transfer_differences
 
     for path in stores:
         with open_store(path) as other:  # refuses an incomplete store
             for src in sources:
-                differ = _differences(reader.scoring_facts(src), other, src)
+                differ = transfer_differences(reader.scoring_facts(src), other, src)
                 if differ:
                     what, fix = differ[0]
                     raise ConfigError(f"transfer store {path}: {what}; {fix}")
@@ -234,8 +233,6 @@ def _points(spec: SweepSpec, sweep_dir: str, keys: List[str], reader, named_as: 
     """Each grid point x split as a validated run config, checked against the store (``reader``).
     Runs are named and seeded with the store spelled ``named_as`` (as the sweep first named it), so
     the same store by another path (relative, absolute, a copy) is the same sweep."""
-    from ..recipes import RECIPES
-
     splits, sources = _splits(spec, reader), set(reader.text_sources)
     out, made_by = [], {}
     for values in itertools.product(*(spec.grid[k] for k in keys)):
@@ -252,7 +249,7 @@ def _points(spec: SweepSpec, sweep_dir: str, keys: List[str], reader, named_as: 
                 check_views_used(cfg.views_used, reader.views, spec.store, cfg.skip_plain_view)
             except ConfigError as exc:
                 raise ConfigError(f"sweep run ({where}): {exc}") from None
-            src = cfg.text_source or RECIPES.get(cfg.recipe).text_source
+            src = text_source_of(cfg)
             if src not in sources:
                 raise ConfigError(f"sweep run ({where}): text source {src!r} is not in {spec.store} "
                                   f"(it has {', '.join(sorted(sources))})")
