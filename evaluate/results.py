@@ -23,6 +23,7 @@ from embedcache.fileio import atomic_write
 # (the teacher on two class splits)
 KEY = ["run", "source", "store_key", "holdout", "protocol", "split", "domain", "class_name", "episode", "metric",
        "trained_on"]  # two runs of one folder name (plain/r0, contrastive/r0) trained on two stores: two runs
+TRANSFER, TRAINED_WITHOUT = "transfer", "trained without: "  # a --transfer row's holdout (``holdout_tag``)
 TAGS: Dict[str, object] = {  # run settings, with the value a row gets when it has none
     "recipe": "-", "student": "-", "run_seed": -1, "replicate": -1, "source": "-", "variant": "-", "holdout": "-",
     "store_key": "-", "search": "-", "settings": "-", "trained_on": "-",
@@ -39,14 +40,29 @@ COLUMNS: List[str] = ["run", "recipe", "student", "run_seed", "replicate", "sour
                       "settings", "trained_on"]
 
 
-def holdout_tag(domains: Sequence[str] = (), classes: Sequence[str] = (), seen: Sequence[int] = ()) -> str:
+def holdout_tag(domains: Sequence[str] = (), classes: Sequence[str] = (), seen: Sequence[int] = (),
+                transfer: bool = False) -> str:
     """A row's ``holdout``: what the scored model never trained on (domains; "unseen: " the ``classes``
-    whose ids are not in ``seen``), or "-"."""
-    parts = [",".join(domains)] if len(domains) else []
+    whose ids are not in ``seen``), or "-". With ``transfer`` (scored on another store, none of whose
+    images it trained on): "transfer", and "trained without: " the ``domains`` its own store's split
+    held out, which tell a lodo replicate's runs apart there as they do on its own store."""
+    parts = ([TRANSFER] + ([TRAINED_WITHOUT + ",".join(domains)] if len(domains) else [])) if transfer \
+        else ([",".join(domains)] if len(domains) else [])
     unseen = [c for i, c in enumerate(classes) if i not in set(int(k) for k in seen)]
     if unseen:
         parts.append("unseen: " + ",".join(unseen))
     return "; ".join(parts) or "-"
+
+
+def held_domains(holdout: pd.Series) -> pd.Series:
+    """The domains each row's run held out of its training store ('' for none: the teacher, a class
+    split, a transfer row of a run trained on every domain, or one scored before transfer rows named
+    them)."""
+    text = holdout.astype(str)
+    first = text.str.split(";").str[0].str.strip()
+    own = first.where(~first.isin(["-", TRANSFER]) & ~first.str.startswith("unseen"), "")
+    without = text.str.extract(TRAINED_WITHOUT + r"([^;]*)", expand=False).fillna("").str.strip()
+    return own.where(first != TRANSFER, without)
 
 
 def conform(df: pd.DataFrame) -> pd.DataFrame:
@@ -119,12 +135,19 @@ def upsert(path: str, rows: pd.DataFrame) -> pd.DataFrame:
     return rows
 
 
+def _scoped(holdout: pd.Series) -> pd.Series:
+    """A row's holdout as a scope: a transfer row's without the domains its run held out, which rows
+    scored before transfer rows named them lack (one run has one split: nothing else differs there)."""
+    return holdout.astype(str).str.replace("; " + TRAINED_WITHOUT + "[^;]*", "", regex=True)
+
+
 def _redone(old: pd.DataFrame, rows: pd.DataFrame) -> np.ndarray:
     """Which ``old`` rows ``rows`` replace: those of a scope and setting it gives, an old row of no
-    recorded ``trained_on`` ("-", scored before the column) taken for any store its run trained on."""
+    recorded ``trained_on`` ("-", scored before the column) taken for any store its run trained on, and an
+    old transfer row's bare "transfer" for the domains its run held out."""
     on = [c for c in SCOPE if c != "trained_on"] + ["setting"]
-    done = rows[SCOPE].assign(setting=_setting(rows["split"])).drop_duplicates()
-    was = old[SCOPE].assign(setting=_setting(old["split"]), row=np.arange(len(old)))
+    done = rows[SCOPE].assign(setting=_setting(rows["split"]), holdout=_scoped(rows["holdout"])).drop_duplicates()
+    was = old[SCOPE].assign(setting=_setting(old["split"]), holdout=_scoped(old["holdout"]), row=np.arange(len(old)))
     pairs = was.merge(done, on=on, suffixes=("", "_now"))
     hit = pairs[(pairs["trained_on"] == pairs["trained_on_now"]) | (pairs["trained_on"] == "-")]["row"]
     out = np.zeros(len(old), bool)

@@ -18,7 +18,7 @@ from embedcache.errors import EvaluationError
 
 from .index import search_path
 from .protocols import CLASS_SPLIT, PROTOCOLS, EvalData, named_warnings, seeded_class_split
-from .results import conform, holdout_tag
+from .results import conform, held_domains, holdout_tag
 
 
 def _rows_of(split: Dict, name: str) -> Optional[np.ndarray]:
@@ -118,22 +118,18 @@ def _cell(mean: float, std: float, count: int) -> str:
     return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if count > 1 and std == std else "")
 
 
-def _held_domains(holdout: pd.Series) -> pd.Series:
-    """The domain part of each row's ``holdout`` ('' for none: the teacher, a transfer store, a class split)."""
-    part = holdout.astype(str).str.split(";").str[0].str.strip()
-    return part.where(~part.isin(["-", "transfer"]) & ~part.str.startswith("unseen"), "")
-
-
 def _replicates(df: pd.DataFrame, keys: list) -> pd.DataFrame:
     """(keys, split, replicate, complete): a replicate is complete when it has the run of every domain
     held out in its split (in this store) and a value for every domain: a failed or unfinished run
     leaves its replicate short, and a short replicate's cells would average fewer runs or domains."""
-    scope = (["store_key"] if "store_key" in keys else []) + ["split"]  # each store has its own domains
-    rows = df.assign(held=_held_domains(df["holdout"]))
+    # each store has its own domains, and a transfer store's rows hold out the domains of the store trained on
+    scope = ["store_key", "trained_on", "split"]
+    rows = df.assign(held=held_domains(df["holdout"]))
     real = rows[rows["domain"] != "all"]
     wanted = (rows[rows["held"] != ""].groupby(scope)["held"].nunique().rename("want_h").reset_index(),
               real.groupby(scope)["domain"].nunique().rename("want_d").reset_index())
-    have = rows.groupby(keys + ["split", "replicate"], as_index=False).agg(
+    by = keys + [c for c in scope if c not in keys]  # one store and one trained on per method unless in keys
+    have = rows.groupby(by + ["replicate"], as_index=False).agg(
         h=("held", lambda x: x[x != ""].nunique()), d=("domain", lambda x: x[x != "all"].nunique()))
     for w in wanted:
         have = have.merge(w, on=scope, how="left")

@@ -76,12 +76,13 @@ def cached_features(reader: StoreReader, key: Optional[str]) -> Optional[np.ndar
 
 def run_tags(run: RunDir, reader: StoreReader, transfer: bool = False) -> Dict:
     """The run's columns of its result rows on ``reader``'s store (with ``transfer``: another store,
-    every image of it unseen, so its ``holdout`` says ``transfer``)."""
+    every image of it unseen, so its ``holdout`` says ``transfer`` and the domains the run held out of
+    its own store)."""
     cfg, split = run.config, run.split
-    held = ["transfer"] if transfer else split.get("holdout_domains") or []
+    held = split.get("holdout_domains") or []
     return {"run": run.name, "recipe": cfg["recipe"], "student": cfg["student"]["name"], "run_seed": cfg["seed"],
             "replicate": cfg["seed"], "source": split["text_source"], "store_key": reader.key,
-            "holdout": holdout_tag(held, reader.classes, split["seen_classes"]),
+            "holdout": holdout_tag(held, reader.classes, split["seen_classes"], transfer),
             "settings": settings_digest(run.train_config, cfg.get("recipe_definition")), "trained_on": run.store_key,
             **run.sweep_tags}
 

@@ -702,6 +702,40 @@ def test_a_method_that_holds_no_domain_out_is_not_short_of_held_out_runs():
     assert t.loc[("b", "s", "name", "-", "in_domain"), "avg"] == "incomplete"
 
 
+def test_transfer_rows_of_a_replicate_short_of_a_held_out_run_are_incomplete():
+    """A lodo sweep that held domains out and also scored its runs on a transfer store: the transfer
+    rows said only "transfer", so a replicate that lost its run holding out d2 read complete and its
+    cells averaged the one run it had."""
+    from embedcache.evaluate.results import holdout_tag
+    from embedcache.evaluate.store_eval import summary_table
+
+    acc = {"d1": 0.9, "d2": 0.3}  # the run trained without d1 scores 0.9 on the transfer store, without d2 0.3
+    rows = [("zero_shot", t, rep, acc[h], {"holdout": holdout_tag([h], transfer=True), "store_key": "T",
+                                           "trained_on": "S"})
+            for rep in (0, 1) for h in acc for t in ("t1", "t2") if (rep, h) != (1, "d2")]
+    assert {r[4]["holdout"] for r in rows} == {"transfer; trained without: d1", "transfer; trained without: d2"}
+    t = summary_table(_top1_rows(rows))
+    key = ("r", "s", "name", "-", "zero_shot")
+    assert (t.loc[key, "replicates"], t.loc[key, "avg"], t.loc[key, "t1"]) == ("1 of 2 complete", "60.0", "60.0")
+    # runs trained on every domain and scored on a transfer store hold nothing out: complete
+    every = [("zero_shot", t, rep, 0.5, {"holdout": holdout_tag([], transfer=True)}) for rep in (0, 1) for t in ("t1", "t2")]
+    assert summary_table(_top1_rows(every)).loc[key, "replicates"] == "2"
+
+
+def test_transfer_rows_scored_before_they_named_the_held_out_domains_are_replaced_by_a_rescoring(tmp_path):
+    from embedcache.evaluate.results import holdout_tag, upsert
+
+    def rows(holdout, value):
+        return pd.DataFrame([{"run": "r", "recipe": "ce", "student": "s", "replicate": 0, "protocol": "lodo",
+                              "split": "zero_shot", "domain": "t1", "metric": "top1", "value": value,
+                              "holdout": holdout, "store_key": "T", "trained_on": "S"}])
+
+    out = str(tmp_path / "r.parquet")
+    upsert(out, rows("transfer", 0.1))
+    got = upsert(out, rows(holdout_tag(["d1"], transfer=True), 0.2))
+    assert list(got.value) == [0.2] and list(got.holdout) == ["transfer; trained without: d1"]
+
+
 def test_few_shot_takes_a_shot_count_and_keeps_each_counts_rows(runs, synthetic_store, tmp_path):
     """evaluate had no --shots: few-shot results were Li et al.'s 5 shots only, and rows of two shot
     counts would have had one key. Other counts name theirs in the split, and both stay in one file."""

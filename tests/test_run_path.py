@@ -313,7 +313,7 @@ def test_transfer_scores_a_run_on_another_store_of_the_same_teacher(synthetic_st
         rows = score_run(tmp_path / "r", ["lodo"], other.out, transfer=True)
     top1 = rows[rows.metric == "top1"]
     assert set(top1.split) == {"zero_shot"} and set(top1.domain) == {"outline", "solid", "avg"}
-    assert set(rows.holdout) == {"transfer"} and int(top1[top1.domain == "solid"].n.iloc[0]) == 9
+    assert set(rows.holdout) == {"transfer; trained without: outline"} and int(top1[top1.domain == "solid"].n.iloc[0]) == 9
     # the same source name made from other prompts is another text classifier: refused
     train(_cfg(synthetic_store, tmp_path / "t", text_source="templates", split=SplitConfig(holdout_domains=("outline",))),
           log=quiet)
