@@ -99,7 +99,8 @@ def _cost_lines(cost, writing: bool = False) -> list:
 
 @main.command()
 @click.argument("store", type=click.Path(exists=True))
-@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON data (counts, the calls and a paid "
+              "teacher's usage as the manifest records them)")
 def inspect(store: str, as_json: bool) -> None:
     """Summarise a store: teacher, images, views, domains, classes, failures, disk size (and how far
     an unfinished one got)."""
@@ -107,10 +108,11 @@ def inspect(store: str, as_json: bool) -> None:
     from embedcache.store import Store
 
     with Store(store) as st:
-        summary = StoreReader(st, require_complete=False).summary()
-    if as_json:
-        click.echo(json.dumps(summary, indent=2))
-        return
+        reader = StoreReader(st, require_complete=False)
+        if as_json:
+            click.echo(json.dumps(reader.facts(), indent=2))
+            return
+        summary = reader.summary()
     width = max(len(k) for k in summary)
     for k, v in summary.items():
         click.echo(f"{k:<{width}}  {v}")

@@ -259,39 +259,53 @@ class StoreReader:
             parts.append(f"grayscale p {v['grayscale']:g}")
         return ", ".join(parts) + f", seed {v.get('seed', 0)}"
 
-    def summary(self) -> Dict:
-        """What ``embedcache inspect`` prints. A store still being written (opened with
-        ``require_complete=False``) is described from its manifest, with how far it got."""
+    def facts(self) -> Dict:
+        """What ``embedcache inspect --json`` prints: the store's description as data (counts per domain
+        and per text source, the manifest's ``calls`` and ``teacher_usage`` as recorded). A store still
+        being written (opened with ``require_complete=False``) has ``complete`` false and ``progress``."""
         st, t = self._store, self.manifest["teacher"]
         head = {
-            "path": self.path, "backend": st.backend_name, "key": self.key,
-            "complete": True if st.complete else self._progress(),
+            "path": self.path, "backend": st.backend_name, "key": self.key, "complete": bool(st.complete),
             "teacher": f"{t.get('name')} {t.get('model') or t.get('classifier', '')} {t.get('pretrained') or ''}".strip(),
             "embed_dim": self.dim, "images": int(self.layout["n"]), "views": self.views, "view_policy": self.view_policy(),
             "canvas": self.layout["canvas"], "pixels_stored": bool(self.layout.get("store_pixels")),
             "classes": len(self.classes),
         }
         if not st.complete:
-            return {**head, "domains": ", ".join(self.domains), "failed": f"{len(st.failures())} so far",
-                    "disk_mb": round(st.disk_bytes() / 2**20, 2)}
-        meta = self.meta
+            return {**head, "progress": self._progress(), "domains": list(self.domains),
+                    "failed": len(st.failures()), "disk_mb": round(st.disk_bytes() / 2**20, 2)}
+        meta, text = self.meta, self.text_table
         return {
             **head, "images": len(meta),
-            "domains": ", ".join(f"{d} ({n})" for d, n in meta["domain"].value_counts().sort_index().items()),
-            "text_sources": ", ".join(f"{s} ({(self.text_table['source'] == s).sum()} prompts)" for s in self.text_sources),
-            "failed": self.n_failed,
-            "derived": ", ".join(st.derived()) or "-",
-            "calls": _calls_line(self.manifest.get("calls")),
-            **({"teacher_usage": _usage_line(self.manifest["teacher_usage"])} if self.manifest.get("teacher_usage") else {}),
+            "domains": {str(d): int(n) for d, n in meta["domain"].value_counts().sort_index().items()},
+            "text_sources": {s: int((text["source"] == s).sum()) for s in self.text_sources},
+            "failed": self.n_failed, "derived": list(st.derived()), "calls": self.manifest.get("calls") or [],
+            **({"teacher_usage": self.manifest["teacher_usage"]} if self.manifest.get("teacher_usage") else {}),
             "disk_mb": round(st.disk_bytes() / 2**20, 2),
         }
 
-    def _progress(self) -> str:
+    def summary(self) -> Dict:
+        """What ``embedcache inspect`` prints, one line per key: ``facts`` in words."""
+        f = self.facts()
+        said = {k: v for k, v in f.items() if k != "progress"}
+        if not f["complete"]:
+            p = f["progress"]
+            said["complete"] = (f"no: {p['blocks_written']} of {p['blocks']} blocks written ({p['images_written']} of "
+                                f"{f['images']} images); if its `embedcache {self._store.producer}` command is no "
+                                "longer running, rerun it to finish")
+            return {**said, "domains": ", ".join(f["domains"]), "failed": f"{f['failed']} so far"}
+        said.update(domains=", ".join(f"{d} ({n})" for d, n in f["domains"].items()),
+                    text_sources=", ".join(f"{s} ({n} prompts)" for s, n in f["text_sources"].items()),
+                    derived=", ".join(f["derived"]) or "-", calls=_calls_line(f["calls"]))
+        if "teacher_usage" in f:
+            said["teacher_usage"] = _usage_line(f["teacher_usage"])
+        return said
+
+    def _progress(self) -> Dict:
         st = self._store
         done = st.blocks_done()
         rows = sum(b - a for a, b in map(st.block_range, np.flatnonzero(done).tolist()))
-        return (f"no: {int(done.sum())} of {st.num_blocks} blocks written ({rows} of {self.layout['n']} images); "
-                f"if its `embedcache {st.producer}` command is no longer running, rerun it to finish")
+        return {"blocks_written": int(done.sum()), "blocks": int(st.num_blocks), "images_written": int(rows)}
 
     def close(self) -> None:
         if self._own:
@@ -305,10 +319,12 @@ class StoreReader:
 
 
 def _usage_line(usage: Dict) -> str:
-    """A paid teacher's books (the manifest's ``teacher_usage``) in one line: what was paid, what may
-    have been, and what was answered free."""
+    """A paid teacher's books (the manifest's ``teacher_usage``) in one line: what was paid (by how many
+    extract calls: those that spent or looked anything up, fewer than ``calls`` lists when one had nothing
+    to send), what may have been, and what was answered free."""
     said = [f"{usage.get('queries', 0):,} queries paid ({usage.get('images', 0):,} images, {usage.get('texts', 0):,} "
-            f"texts, {usage.get('bytes', 0):,} bytes) in {usage.get('requests', 0):,} requests"]
+            f"texts, {usage.get('bytes', 0):,} bytes) in {usage.get('requests', 0):,} requests"
+            + (f" by {usage['calls']} extract call{'s' if usage['calls'] != 1 else ''} that spent" if usage.get("calls") else "")]
     for key, what in (("possibly_paid", "possibly paid (answers lost)"), ("possibly_paid_twice", "possibly paid twice"),
                       ("calls_cut_short", "call(s) cut short (their last block's queries not counted)"),
                       ("cache_hits", "answered free by the ledger"), ("replayed_free", "replayed free")):

@@ -192,8 +192,12 @@ def test_resume_after_interruption_is_byte_identical(make_cfg, tiny_teacher, suf
     seen = CliRunner().invoke(main, ["inspect", cut.out, "--json"])  # how far it got, from the manifest
     assert seen.exit_code == 0, seen.output
     part = json.loads(seen.output)
-    assert part["complete"].startswith(f"no: 2 of {st.layout['num_blocks']} blocks written (16 of 30 images); if its `embedcache extract`")
-    assert (part["images"], part["views"], part["failed"], part["domains"]) == (30, 3, "0 so far", "outline, solid")
+    assert part["complete"] is False
+    assert part["progress"] == {"blocks_written": 2, "blocks": st.layout["num_blocks"], "images_written": 16}
+    assert (part["images"], part["views"], part["failed"], part["domains"]) == (30, 3, 0, ["outline", "solid"])
+    seen = CliRunner().invoke(main, ["inspect", cut.out])  # in words
+    assert f"no: 2 of {st.layout['num_blocks']} blocks written (16 of 30 images); if its `embedcache extract`" in seen.output
+    assert "0 so far" in seen.output and "outline, solid" in seen.output
     said = []
 
     def stop_when_said(line):  # resumed with another batch size: said (with the one to keep) before any block

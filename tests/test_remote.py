@@ -185,9 +185,11 @@ def test_store_equals_local_and_dry_run_counts_the_cost(protocol, tmp_path, loca
     assert m["teacher"]["name"] == "remote" and m["teacher"]["url"] == url and KEY not in str(m)
     assert not files_containing([tmp_path], KEY.encode())
     with embedcache.open_store(cfg.out) as s:  # `inspect` says what was paid (the manifest alone did)
-        said = s.summary()["teacher_usage"]
+        said, facts = s.summary()["teacher_usage"], s.facts()
     assert said.startswith(f"{usage['queries']:,} queries paid (90 images, 24 texts, {usage['bytes']:,} bytes) in "
-                           f"{usage['requests']:,} requests"), said
+                           f"{usage['requests']:,} requests by 1 extract call that spent"), said
+    # as data, the books as the manifest keeps them; the calls that spent apart from every call listed
+    assert facts["teacher_usage"] == usage and usage["calls"] == 1 and len(facts["calls"]) == 1
 
 
 def test_a_dry_run_says_the_one_query_that_learnt_the_dimension(tmp_path, tiny_teacher_cfg, tiny_teacher, key_env):
