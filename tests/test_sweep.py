@@ -769,3 +769,35 @@ def test_a_sweep_trains_on_every_domain_and_scores_on_transfer_stores(synthetic_
     with pytest.raises(ConfigError, match=r"transfer store .*other.zarr: its classes differ"):
         run_sweep(load_sweep(str(g)), str(tmp_path / "sw2"), progress=False, log=quiet)
     assert not (tmp_path / "sw2" / "runs").exists() or not any((tmp_path / "sw2" / "runs").iterdir())
+
+
+def test_report_of_a_sweep_folder_keeps_rows_added_to_its_results_file(tmp_path):
+    """Teacher rows scored into SWEEP_DIR/results.parquet (`evaluate --store ... --out`) were silently
+    left out of `report SWEEP_DIR`, and the next launch's rewrite of the file dropped them (a trial).
+    Rows of the sweep's own runs come from their results/ files; any others in the file are kept, and
+    rows of its runs that their files lack (scored into it by hand) are said to be left out."""
+    from embedcache.evaluate.results import upsert
+    from embedcache.students.sweep import collect
+
+    def rows(run, value, protocol="lodo", recipe="feat_kd"):
+        return pd.DataFrame([{"run": run, "recipe": recipe, "student": "s", "replicate": 0, "protocol": protocol,
+                              "split": "out_of_domain", "domain": "d1", "metric": "top1", "value": value,
+                              "store_key": "K", "trained_on": "K", "source": "name"}])
+
+    sweep = tmp_path / "sw"
+    (sweep / "results").mkdir(parents=True)
+    (sweep / "runs" / "a").mkdir(parents=True)
+    (sweep / "runs" / "dropped").mkdir(parents=True)
+    (sweep / "runs.json").write_text(json.dumps(["a"]))
+    upsert(str(sweep / "results" / "a.parquet"), rows("a", 0.5))
+    upsert(str(sweep / "results" / "dropped.parquet"), rows("dropped", 0.1))
+    upsert(str(sweep / "results.parquet"), pd.concat([rows("a", 0.4), rows("dropped", 0.1)]))  # an earlier launch's
+    upsert(str(sweep / "results.parquet"), rows("teacher:open_clip:ViT", 0.9, recipe="teacher"))  # added by hand
+    upsert(str(sweep / "results.parquet"), rows("a", 0.7, protocol="open_vocab"))  # a sweep run, scored by hand
+    got = collect(str(sweep))
+    assert sorted(zip(got.run, got.protocol, got.value)) == [("a", "lodo", 0.5), ("teacher:open_clip:ViT", "lodo", 0.9)]
+    res = CliRunner().invoke(main, ["report", str(sweep)])
+    assert res.exit_code == 0, res.output
+    assert "| teacher |" in (sweep / "report" / "report.md").read_text()
+    said = [ln for ln in res.output.splitlines() if "results.parquet" in ln]
+    assert len(said) == 1 and "1 row of the sweep's runs" in said[0] and "--out" in said[0], res.output

@@ -320,7 +320,44 @@ def collect(sweep_dir: str, names: Optional[List[str]] = None) -> pd.DataFrame:
         tags = json.loads(tags_file.read_text())
         for col in ("variant", "replicate"):
             df[col] = [tags.get(r, {}).get(col, v) for r, v in zip(df["run"], df[col])]
-    return df
+    folder = _folder_rows(sweep_dir)
+    if folder is None:
+        return df
+    added = folder[~folder["run"].isin(_sweep_runs(sweep_dir, names))]  # the teacher's, another folder's runs
+    return pd.concat([df, added], ignore_index=True) if len(added) else df
+
+
+def _folder_rows(sweep_dir: str) -> Optional[pd.DataFrame]:
+    """The rows of the folder's results.parquet (the last table written, and rows scored into it with
+    ``evaluate --out``), or None when it has none."""
+    path = Path(sweep_dir) / "results.parquet"
+    return read_results(str(path)) if path.is_file() else None
+
+
+def _sweep_runs(sweep_dir: str, names: Optional[List[str]]) -> set:
+    """Every run name of the sweep: of its grid, of its run folders and of its results files (runs of
+    grids since dropped included): their rows come from their results/ files, or not at all."""
+    d = Path(sweep_dir)
+    found = {p.name for p in (d / "runs").glob("*") if p.is_dir()} | {p.stem for p in (d / "results").glob("*.parquet")}
+    return found | set(names or []) | set(_grid_runs(sweep_dir) or [])
+
+
+def hand_scored_note(sweep_dir: str, table: pd.DataFrame) -> str:
+    """'' unless the folder's results.parquet holds rows of runs in ``table`` (``collect``'s) that their
+    results/ files lack (scored into it with ``evaluate --out``): a table says it leaves them out."""
+    from embedcache.evaluate.results import KEY
+
+    folder = _folder_rows(sweep_dir)
+    if folder is None:
+        return ""
+    ours = folder[folder["run"].isin(set(table["run"]) & _sweep_runs(sweep_dir, None))]
+    n = len(ours.merge(table[KEY].drop_duplicates(), on=KEY, how="left", indicator=True).query("_merge == 'left_only'"))
+    if not n:
+        return ""
+    return (f"{Path(sweep_dir) / 'results.parquet'} holds {n} row{'s' if n != 1 else ''} of the sweep's runs that their "
+            "results/ files lack (scored into it by hand, or under a protocol since changed), left out of this table (a "
+            "launch rewrites that file): "
+            "score them with `embedcache evaluate ... --out OTHER.parquet` and report that file")
 
 
 def _grid_runs(sweep_dir: str) -> Optional[List[str]]:
@@ -368,6 +405,9 @@ def _write_outputs(sweep_dir: str, points: List[SweepPoint], log: Callable[[str]
         log(f"note: a later launch into {sweep_dir} changed its grid, so its results.parquet and report/ are that "
             f"launch's; this launch's table is below (`embedcache report {sweep_dir}` writes the current grid's)")
         return results
+    dropped = hand_scored_note(sweep_dir, results)
+    if dropped:
+        log(f"warning: {dropped}")
     atomic_write(Path(sweep_dir) / "results.parquet", lambda tmp: results.to_parquet(tmp, index=False))
     write_report(results, str(Path(sweep_dir) / "report"), note=partial_note(sweep_dir, names))
     return results
