@@ -801,3 +801,6 @@ def test_report_of_a_sweep_folder_keeps_rows_added_to_its_results_file(tmp_path)
     assert "| teacher |" in (sweep / "report" / "report.md").read_text()
     said = [ln for ln in res.output.splitlines() if "results.parquet" in ln]
     assert len(said) == 1 and "1 row of the sweep's runs" in said[0] and "--out" in said[0], res.output
+    (sweep / "results.parquet").write_bytes(b"PAR1 cut short")
+    res = CliRunner().invoke(main, ["report", str(sweep)])
+    assert res.exit_code != 0 and "results.parquet is damaged" in res.output and "delete it" in res.output, res.output

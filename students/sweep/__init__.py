@@ -331,7 +331,13 @@ def _folder_rows(sweep_dir: str) -> Optional[pd.DataFrame]:
     """The rows of the folder's results.parquet (the last table written, and rows scored into it with
     ``evaluate --out``), or None when it has none."""
     path = Path(sweep_dir) / "results.parquet"
-    return read_results(str(path)) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return read_results(str(path))
+    except EvaluationError:
+        raise EvaluationError(f"{path} is damaged (not a readable results file); delete it (rows scored into it by "
+                              "hand go with it): the sweep's runs' rows are in results/, and its next launch writes it again") from None
 
 
 def _sweep_runs(sweep_dir: str, names: Optional[List[str]]) -> set:
