@@ -387,8 +387,16 @@ def test_a_complete_synthesis_is_found_without_learning_its_styles_again(tiny_te
     monkeypatch.setattr(run, "build_plan", counted)
     again = synthesize(cfg, teacher=tiny_teacher, log=quiet)
     assert again.skipped and again.key == made.key and calls == []
-    with Store(cfg.out, "a") as st:  # its record of the styles lost: the plan is learned again to remake it
-        targets = st.read_derived("synthesis_targets")
+    with Store(cfg.out, "a") as st:  # its record of the styles lost: remade from the plan kept in the store
+        targets, record = st.read_derived("synthesis_targets"), st.manifest["synthesis_plan"]
+        st.write_manifest({k: v for k, v in st.manifest.items() if k != "synthesis_plan"})
+    assert synthesize(cfg, teacher=tiny_teacher, log=quiet).skipped and calls == []
+    with Store(cfg.out) as st:
+        assert st.manifest["synthesis_plan"] == record
+    with Store(cfg.out, "a") as st:  # a store whose targets were kept without the plan's lines (before): learned
+        info = st.derived()
+        info["synthesis_targets"] = {k: v for k, v in info["synthesis_targets"].items() if k != "describe"}
+        st.b.set_attr("derived", info)
         st.write_manifest({k: v for k, v in st.manifest.items() if k != "synthesis_plan"})
     assert synthesize(cfg, teacher=tiny_teacher, log=quiet).skipped and calls == [1]
     with Store(cfg.out) as st:
@@ -409,8 +417,49 @@ def test_a_complete_synthesis_is_found_without_learning_its_styles_again(tiny_te
 
     with pytest.raises(KeyboardInterrupt):
         synthesize(cut, teacher=tiny_teacher, on_block_done=kill, log=quiet)
-    calls.clear()
-    assert synthesize(cut, teacher=tiny_teacher, log=quiet).complete and calls == [1]
+    calls.clear()  # resumed: with the styles it began with, kept in the store (test below)
+    assert synthesize(cut, teacher=tiny_teacher, log=quiet).complete and calls == []
+
+
+@pytest.mark.parametrize("backend", ["zarr", "hdf5"])
+def test_a_resumed_synthesis_pulls_its_images_towards_the_styles_it_began_with(tiny_teacher, synth_cfg, monkeypatch,
+                                                                                backend):
+    """A resume learned the styles again, and their last bits vary with the thread count: its images
+    were pulled towards other targets than the first call's, and the store recorded the second plan
+    only. The plan is kept in the store as it is opened, and a resume takes it from there."""
+    import embedcache.synthesis.run as run
+
+    cut = synth_cfg(f"began.{'zarr' if backend == 'zarr' else 'h5'}", "prompts.method=contrastive")
+
+    def kill(block):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        synthesize(cut, teacher=tiny_teacher, on_block_done=kill, log=quiet)
+    with Store(cut.out) as st:
+        began = st.read_derived("synthesis_targets"), st.read_derived("synthesis_styles")
+    real = run.build_plan
+
+    def drifted(*args, **kw):  # learned again under another thread count
+        plan = real(*args, **kw)
+        plan.styles = plan.styles + 1e-3
+        plan.targets = torch.nn.functional.normalize(plan.targets + 1e-3, dim=-1)
+        return plan
+
+    monkeypatch.setattr(run, "build_plan", drifted)
+    assert synthesize(cut, teacher=tiny_teacher, log=quiet).complete
+    with Store(cut.out) as st:
+        assert np.array_equal(st.read_derived("synthesis_targets"), began[0])
+        assert np.array_equal(st.read_derived("synthesis_styles"), began[1])
+        digest = st.manifest["synthesis_plan"]["styles_digest"]
+    monkeypatch.setattr(run, "build_plan", real)
+    full = synth_cfg(f"whole.{'zarr' if backend == 'zarr' else 'h5'}", "prompts.method=contrastive")
+    synthesize(full, teacher=tiny_teacher, log=quiet)  # one call on this machine: the same plan, the same images
+    with Store(full.out) as st:
+        assert st.manifest["synthesis_plan"]["styles_digest"] == digest
+    a, b = _arrays(full.out), _arrays(cut.out)
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
 
 
 def test_ctrl_c_stops_the_learning_of_contrastive_styles(tiny_teacher, synth_cfg):

@@ -14,6 +14,7 @@ import os
 import re
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -97,11 +98,15 @@ class DryRun:
 
 def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done: Optional[Callable[[int], None]] = None,
             log: Callable[[str], None] = print, reader=None, dataset: Optional[ImageDataset] = None,
-            manifest_extra: Optional[Dict] = None, dry_run: bool = False):
+            manifest_extra: Optional[Dict] = None, dry_run: bool = False,
+            on_open: Optional[Callable[[Store], None]] = None):
     """Run, resume, repair or skip one extraction (``ExtractResult``), or with ``dry_run`` say what
     it would cost (``DryRun``) without writing anything. ``teacher`` may be passed to reuse a loaded
     one; ``reader`` replaces the PIL reader (a GPU decoder, a synthesiser) and ``dataset`` the
-    configured dataset; ``manifest_extra`` adds manifest sections that are part of the cache key."""
+    configured dataset; ``manifest_extra`` adds manifest sections that are part of the cache key.
+    ``on_open(store)`` runs once the store is open for this call's blocks, before the first (behind the
+    writers' gate, so of shards starting together one runs it at a time): what the blocks are made
+    from that must not change between calls (a synthesis's style plan) is kept there."""
     t0 = time.time()
     if not cfg.out:
         raise ConfigError("no output store given; pass --out PATH (e.g. stores/demo.zarr)")
@@ -165,6 +170,8 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
         mine = [b for b in sorted(ours) if not done[b]]
         if mine and done.any():
             _say_resumed_otherwise(store.manifest, cfg, manifest, log)
+        if mine and on_open is not None:
+            _on_open(store, on_open, cfg.out)
         _opening_marks(store, books, record if mine or done.all() else None, cfg.out)
         try:
             def block_done(block: int) -> None:
@@ -231,6 +238,16 @@ def _opening_marks(store: Store, books: "_Books", record: Optional[CallRecord], 
         raise
 
 
+def _on_open(store: Store, on_open: Callable[[Store], None], out: str) -> None:
+    try:
+        with _writers_gate(store):
+            on_open(store)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(out, "free space or choose --out on a larger disk") from exc
+        raise
+
+
 WRITERS_GATE = ".writers.lock"  # held while a writer looks for others and takes its own shard's lock
 
 
@@ -242,7 +259,7 @@ def _writer_lock(store: Store, shard: int, num_shards: int):
     if store.backend_name != "zarr":
         return None
     try:
-        with exclusive_lock(os.path.join(store.path, WRITERS_GATE)):
+        with _writers_gate(store):
             _refuse_other_shard_counts(store, num_shards)
             fd = try_exclusive_lock(os.path.join(store.path, f".writer-{shard}-of-{num_shards}.lock"))
     except OSError as exc:  # a store on read-only storage: nothing can be written to it, twice or once
@@ -253,6 +270,16 @@ def _writer_lock(store: Store, shard: int, num_shards: int):
         raise StoreError(f"another extraction is writing {store.path} now (shard {shard} of {num_shards}); wait for it to "
                          "finish (rerunning then resumes or finds it complete), or give another --out")
     return fd
+
+
+@contextmanager
+def _writers_gate(store: Store):
+    """The writers' gate of a Zarr store held (HDF5 has one writer: nothing to hold)."""
+    if store.backend_name != "zarr":
+        yield
+        return
+    with exclusive_lock(os.path.join(store.path, WRITERS_GATE)):
+        yield
 
 
 def _refuse_other_shard_counts(store: Store, num_shards: int) -> None:

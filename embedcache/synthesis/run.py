@@ -166,13 +166,40 @@ class Prepared:
 
     @property
     def plan(self) -> StylePlan:
+        """The plan an unfinished store of these settings began with (kept in it), else learned."""
         if self._plan is None:
-            plan = build_plan(self.teacher, sorted(c.strip() for c in self.cfg.classes), self.cfg.prompts, self.log)
-            if Outline.of_plan(plan) != self.outline:  # the key was made from the outline
-                raise RuntimeError(f"bug: the {plan.method!r} plan's styles differ from those its settings "
-                                   "announced (prompts.style_lines)")
-            self._plan = plan
+            self._plan = self._kept() or self.learn()
         return self._plan
+
+    def learn(self) -> StylePlan:
+        plan = build_plan(self.teacher, sorted(c.strip() for c in self.cfg.classes), self.cfg.prompts, self.log)
+        if Outline.of_plan(plan) != self.outline:  # the key was made from the outline
+            raise RuntimeError(f"bug: the {plan.method!r} plan's styles differ from those its settings "
+                               "announced (prompts.style_lines)")
+        self._plan = plan
+        return plan
+
+    def _kept(self) -> Optional[StylePlan]:
+        backend = backend_name_for(self.cfg.out, self.cfg.backend)
+        if not Store.exists(self.cfg.out, backend):
+            return None
+        try:
+            with Store(self.cfg.out, "r", backend) as st:
+                return kept_plan(st) if st.key == self.key() else None
+        except StoreError:  # damaged or another store: extraction says what is wrong with it
+            return None
+
+    def pin(self, store: Store) -> None:
+        """``extract``'s ``on_open``: the plan the store began with, kept in it, is the one its blocks are
+        made with (learned again, its last bits follow the thread count); a new store keeps this one."""
+        kept = kept_plan(store)
+        if kept is None:
+            keep_plan(store, self.plan)
+            return
+        if self._plan is not None and self._plan.digest() != kept.digest():
+            self.log("note: the styles learned now differ from those the store began with (another thread count "
+                     "or device); its images are made with the store's")
+        self._plan = kept
 
     def key(self) -> str:
         """The cache key the store will have (without writing anything)."""
@@ -226,9 +253,9 @@ def synthesize(cfg: SynthesizeConfig, teacher: Optional[Teacher] = None,
     ``on_batch(rows, Synthesised)`` sees each batch's images and losses (tests, benchmarks)."""
     p = prepare(cfg, teacher, log, on_batch)
     res = extract(p.ecfg, teacher=p.teacher, reader=p.reader, dataset=p.dataset,
-                  manifest_extra={"synthesis": p.section}, on_block_done=on_block_done, log=log)
+                  manifest_extra={"synthesis": p.section}, on_block_done=on_block_done, log=log, on_open=p.pin)
     if res.complete:
-        _keep_styles(res.path, cfg.backend, p.outline, lambda: p.plan)
+        _keep_styles(res.path, cfg.backend, p.outline, lambda: p._plan or p.learn())
     return res
 
 
@@ -238,21 +265,47 @@ def plan_record(plan: StylePlan) -> Dict[str, Any]:
     return {**plan.info, "styles_digest": plan.digest(), "styles": plan.describe}
 
 
+def keep_plan(st: Store, plan: StylePlan, missing_only: bool = False) -> None:
+    """The plan as derived arrays, for analysts and for the calls that resume the store: the style
+    vectors (K, W), then the targets (K, C, D) with the plan's method, lines and statistics (last: a
+    store with complete targets has the whole plan). ``missing_only``: those the store lacks."""
+    have = st.derived() if missing_only else {}
+    if plan.styles is not None and not have.get("synthesis_styles", {}).get("complete"):
+        st.put_derived("synthesis_styles", plan.styles.detach().cpu().numpy().astype(np.float32),
+                       {"what": "style pseudo-word token embeddings"})
+    if have.get("synthesis_targets", {}).get("complete"):
+        return
+    st.put_derived("synthesis_targets", plan.targets.detach().cpu().numpy().astype(np.float32),
+                   {"what": "text embedding each (style, class) image was pulled towards", "method": plan.method,
+                    "describe": list(plan.describe), "info": plan.info, "styles": plan.styles is not None})
+
+
+def kept_plan(st: Store) -> Optional[StylePlan]:
+    """The plan ``keep_plan`` kept in ``st``, or None (none kept, one kept before the plan's lines were,
+    or an array of it damaged or marked to be redone)."""
+    info = st.derived().get("synthesis_targets") or {}
+    if not info.get("complete") or "describe" not in info:
+        return None
+    try:
+        targets = torch.from_numpy(st.read_derived("synthesis_targets"))
+        styles = torch.from_numpy(st.read_derived("synthesis_styles")) if info["styles"] else None
+    except StoreError:
+        return None
+    return StylePlan(info["method"], targets, styles, list(info["describe"]), dict(info["info"]))
+
+
 def _keep_styles(path: str, backend: Optional[str], outline: Outline, plan: Callable[[], StylePlan]) -> None:
-    """Derived arrays for analysts, ``synthesis_targets`` (K, C, D) and ``synthesis_styles`` (K, W),
-    then the plan's record in the manifest (last: a store with the record has its arrays). The plan is
-    asked for (learned again, for a store already complete) only when one of them is missing."""
+    """The plan's derived arrays (``keep_plan``) and its record in the manifest (last: a store with the
+    record has its arrays), where missing. The plan is the one kept in the store, or asked for
+    (learned again) when none is."""
     with Store(path, "a", backend) as st:
         have = st.derived()
         wanted = ["synthesis_targets"] + (["synthesis_styles"] if outline.vectors else [])
         if "synthesis_plan" in st.manifest and all(have.get(n, {}).get("complete") for n in wanted):
             return
-        made = plan()
-        if not have.get("synthesis_targets", {}).get("complete"):
-            st.put_derived("synthesis_targets", made.targets.numpy().astype(np.float32),
-                           {"what": "text embedding each (style, class) image was pulled towards"})
-        if made.styles is not None and not have.get("synthesis_styles", {}).get("complete"):
-            st.put_derived("synthesis_styles", made.styles.numpy().astype(np.float32),
-                           {"what": "style pseudo-word token embeddings"})
+        made = kept_plan(st)
+        if made is None:  # learned again: what the store has of its own plan stays
+            made = plan()
+            keep_plan(st, made, missing_only=True)
         if "synthesis_plan" not in st.manifest:
             st.write_manifest({**st.manifest, "synthesis_plan": plan_record(made)})
