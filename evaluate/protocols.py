@@ -103,12 +103,13 @@ def _rewarn(who: str, caught: list) -> None:
 
 
 COLLAPSED = 0.95  # a model answering one class for this share of images (of mixed classes) has collapsed
+COLLAPSE_MIN_IMAGES = 10  # of fewer images, one answer for all may be chance: not judged
 
 
 def _collapsed(pred: np.ndarray, labels: np.ndarray, classes: Sequence[str]):
     """(class, share) of a model that answers one class for nearly every image of mixed classes (its
     accuracy is that class's share of them, a number that reads like a result), else None."""
-    if len(pred) < 20:
+    if len(pred) < COLLAPSE_MIN_IMAGES:
         return None
     answer, count = np.unique(pred, return_counts=True)
     _, truth = np.unique(labels, return_counts=True)

@@ -262,6 +262,19 @@ def test_a_model_that_predicts_one_class_is_named_collapsed():
         lodo(_data(shuffle=True))  # at chance but not collapsed
 
 
+def test_a_collapse_on_a_small_domain_is_named_too():
+    """A domain of 13 sketches, every one answered 'horse', was not named: groups under 20 images were
+    never judged, and the README said no minimum (a trial)."""
+    from embedcache.evaluate.protocols import COLLAPSE_MIN_IMAGES, _collapsed
+
+    classes = ["dog", "horse", "guitar", "person"]
+    labels = np.arange(13) % 4  # mixed classes
+    assert _collapsed(np.full(13, 1), labels, classes) == ("horse", 1.0)
+    assert _collapsed(labels, labels, classes) is None  # a model that answers
+    few = COLLAPSE_MIN_IMAGES - 1  # too few images to tell a collapse from chance: not judged
+    assert _collapsed(np.full(few, 1), np.arange(few) % 4, classes) is None
+
+
 def test_warnings_said_before_a_failure_keep_the_model_they_are_about():
     """A protocol that warns (a collapsed model) and then fails: the warning is still said, named."""
     import warnings
