@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -150,19 +151,66 @@ def _require_dir(path: Optional[str], what: str) -> Path:
     return root
 
 
-def _images_in(folder: Path) -> List[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+def _subfolders(folder: Path) -> List[Path]:
+    """The visible sub-folders (a hidden one, .ipynb_checkpoints or .git, is never a domain or class)."""
+    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _images_in(folder: Path, others: List[Path]) -> List[Path]:
+    """The image files under ``folder``, hidden folders and files left out; files of other types are
+    added to ``others``."""
+    images = []
+    for p in sorted(folder.rglob("*")):
+        if any(part.startswith(".") for part in p.relative_to(folder).parts) or not p.is_file():
+            continue
+        (images if p.suffix.lower() in IMAGE_EXTENSIONS else others).append(p)
+    return images
+
+
+# image formats a folder may hold that are not read (annotation files beside images are not said)
+UNREAD_IMAGES = {".heic", ".heif", ".avif", ".jfif", ".jxl", ".jp2", ".j2k", ".ppm", ".pgm", ".pbm", ".ico", ".svg",
+                 ".psd", ".dng", ".cr2", ".nef", ".arw", ".exr", ".hdr"}
+
+
+def _say_left_out(root: Path, others: List[Path]) -> None:
+    unread = [p for p in others if p.suffix.lower() in UNREAD_IMAGES]
+    if unread:
+        names = ", ".join(p.name for p in unread[:3]) + (", ..." if len(unread) > 3 else "")
+        warnings.warn(f"{root}: {len(unread)} image file{'s' if len(unread) != 1 else ''} of a type not read left out "
+                      f"({names}); images are read from {', '.join(sorted(IMAGE_EXTENSIONS))} files: convert the "
+                      "others to one of these to include them")
+
+
+def _say_uneven_classes(root: Path, samples: List["Sample"]) -> None:
+    """A class missing from some domains (a folder name misspelt in one domain makes a class of its own
+    there): said, not refused (a dataset may be uneven on purpose)."""
+    where: Dict[str, set] = {}
+    for s in samples:
+        where.setdefault(s.class_name, set()).add(s.domain)
+    domains = sorted(set().union(*where.values())) if where else []
+    said = []
+    for c, present in sorted(where.items()):
+        if len(present) == len(domains):
+            continue
+        missing = [d for d in domains if d not in present]
+        said.append(f"class {c!r} is only in domain{'s' if len(present) > 1 else ''} {', '.join(sorted(present))}"
+                    if len(present) <= len(missing) else f"{c!r} is not in {', '.join(missing)}")
+    if said:
+        warnings.warn(f"{root}: not every class is in every domain: {'; '.join(said)} (a misspelt folder name? rename it "
+                      "and extract again; a dataset uneven on purpose can ignore this)")
 
 
 @DATASETS.register("domainbed")
 def domainbed(cfg: DatasetConfig) -> ImageDataset:
     """DomainBed layout ``root/domain/class/image`` (PACS, VLCS, OfficeHome, ...)."""
     root = _require_dir(cfg.path, "the domainbed dataset")
-    samples = []
-    for dom in sorted(d for d in root.iterdir() if d.is_dir()):
-        for cls in sorted(c for c in dom.iterdir() if c.is_dir()):
-            for f in _images_in(cls):
+    samples, others = [], []
+    for dom in _subfolders(root):
+        for cls in _subfolders(dom):
+            for f in _images_in(cls, others):
                 samples.append(Sample(f.relative_to(root).as_posix(), cls.name, dom.name, "train", f.stat().st_size))
+    _say_left_out(root, others)
+    _say_uneven_classes(root, samples)
     if samples and min(_depth(s) for s in samples) > 3 and any(_like_domains(d) for d in root.iterdir() if d.is_dir()):
         # root/x/domain/class/image: the domains read as classes
         top = root / Path(samples[0].path).parts[0]
@@ -197,10 +245,11 @@ def _has_images_at_depth(root: Path, depth: int) -> bool:
 def folder(cfg: DatasetConfig) -> ImageDataset:
     """Flat layout ``root/class/image``: one domain, named after the root folder."""
     root = _require_dir(cfg.path, "the folder dataset")
-    samples = []
-    for cls in sorted(c for c in root.iterdir() if c.is_dir()):
-        for f in _images_in(cls):
+    samples, others = [], []
+    for cls in _subfolders(root):
+        for f in _images_in(cls, others):
             samples.append(Sample(f.relative_to(root).as_posix(), cls.name, root.name, "train", f.stat().st_size))
+    _say_left_out(root, others)
     if samples and min(_depth(s) for s in samples) > 2 and _like_domains(root):  # root/domain/class/image
         raise DatasetError(f"dataset.path {root} holds domain/class/image folders (e.g. {samples[0].path}), not "
                            "class/image: --set dataset.name=domainbed, or point dataset.path at one domain's folder")

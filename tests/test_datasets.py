@@ -27,6 +27,29 @@ def test_domainbed_layout(tmp_path):
     assert ds.load(0).size == (30, 20)
 
 
+def test_hidden_folders_are_not_classes_and_a_class_missing_from_a_domain_is_said(tmp_path):
+    """A .ipynb_checkpoints folder became a class ("a photo of a .ipynb checkpoints."), and a class
+    folder misspelt in one domain made a class of its own while its class lacked that domain, with no
+    word; images of a type not read (HEIC) were left out uncounted (a trial)."""
+    root = _make_domainbed(tmp_path / "db", domains=("art", "photo", "sketch"))
+    (root / "sketch" / "dog").rename(root / "sketch" / "dgo")
+    for hidden in (root / "art" / ".ipynb_checkpoints", root / "art" / "cat" / ".ipynb_checkpoints"):
+        hidden.mkdir()
+        Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(hidden / "0.png")
+    (root / "art" / "cat" / "notes.txt").write_text("not an image")
+    (root / "art" / "cat" / "photo.heic").write_bytes(b"\0" * 10)
+    with pytest.warns(UserWarning) as said:
+        ds = build_dataset(DatasetConfig(name="domainbed", path=str(root)))
+    assert ds.classes == ["cat", "dgo", "dog"] and len(ds) == 18  # no hidden folder's image, as a class or in one
+    lines = [str(w.message) for w in said]
+    assert any("class 'dgo' is only in domain sketch" in ln and "'dog' is not in sketch" in ln for ln in lines), lines
+    assert any("1 image file of a type not read left out (photo.heic)" in ln for ln in lines), lines  # not notes.txt
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a dataset with every class in every domain: nothing said
+        build_dataset(DatasetConfig(name="domainbed", path=str(_make_domainbed(tmp_path / "ok"))))
+
+
 def test_fingerprint_ignores_location_but_not_labels(tmp_path):
     a = _make_domainbed(tmp_path / "a")
     b = tmp_path / "elsewhere" / "b"
