@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import warnings
 from functools import cached_property
+from pathlib import Path
 from typing import List, Optional, Tuple, Union
 
 import numpy as np
@@ -151,9 +152,13 @@ class StoreData:
                 try:
                     out[i] = make_canvas(read_rgb8(file), size)
                 except OSError as exc:
+                    where = "" if Path(root).is_absolute() else (
+                        f"; its dataset folder {root} was recorded relative (a store made before they were recorded "
+                        f"absolute), so it is taken from the working folder {Path.cwd()}: run from the folder it was "
+                        "extracted in")
                     raise StoreError(f"cannot read {file} (row {i}: {type(exc).__name__}): the store keeps no pixels "
                                      "(canvas.store=false), so students re-decode its images; put it back, or extract "
-                                     "again with canvas.store=true") from None
+                                     f"again with canvas.store=true{where}") from None
                 if crc is not None and checksum(out[i]) != int(crc[i]):
                     raise StoreError(f"{file} (row {i}) is not the image the teacher saw: the file changed since "
                                      "the store was made, or decodes differently here; restore it, or extract again "

@@ -2,6 +2,7 @@
 import errno
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -426,6 +427,39 @@ def test_canvases_rebuilt_from_the_files_must_be_the_ones_the_teacher_saw(make_c
         StoreData(csv.path, "name").pixels
 
 
+def test_a_store_made_from_relative_paths_is_read_from_any_folder(make_cfg, tiny_clip_dir, tmp_path, monkeypatch):
+    """dataset.path=data and teacher.model=local-dir:tinyclip were recorded as given: a store without
+    pixels could not be trained on from another folder ("cannot read data/...", the file being there),
+    and its teacher not reloaded for a text search (a trial). The manifest records them absolute."""
+    from PIL import Image
+
+    from embedcache.students.data import StoreData
+
+    work = tmp_path / "work"
+    for c in "ab":
+        (work / "data" / c).mkdir(parents=True)
+        for i in range(3):
+            img = np.random.default_rng([ord(c), i]).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+            Image.fromarray(img).save(work / "data" / c / f"{i}.png")
+    shutil.copytree(tiny_clip_dir, work / "tinyclip")
+    monkeypatch.chdir(work)
+    cfg = make_cfg("nopix.zarr", "dataset.name=folder", "dataset.path=data", "canvas.store=false",
+                   "teacher.model=local-dir:tinyclip")
+    res = extract(cfg, log=quiet)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert StoreData(res.path, "name").pixels.shape == (6, 48, 48, 3)
+    with embedcache.open_store(res.path) as s:
+        assert s.manifest["dataset"]["root"] == str(work / "data")
+        assert s.manifest["config"]["teacher"]["model"] == f"local-dir:{work / 'tinyclip'}"
+        assert len(s.nearest_images("a photo of a b", k=2)) == 2  # the teacher reloaded from the manifest
+    with Store(res.path, "a") as st:  # a store made before: its relative folder is named in the error
+        st.write_manifest({**st.manifest, "dataset": {**st.manifest["dataset"], "root": "data"}})
+    with pytest.raises(StoreError, match=r"cannot read data/a/0.png .*its dataset folder data was recorded relative.*"
+                                         r"run from the folder it was extracted in"):
+        StoreData(res.path, "name").pixels
+
+
 def test_numbered_labels_need_names_before_the_teacher_is_built(tmp_path, make_cfg, tiny_teacher, monkeypatch):
     """A CSV labelled 0..C-1 made a store whose text embeddings were those of "a photo of a 10." and
     whose label indices followed the string order (1, 10, 2); now it is refused before any teacher is
@@ -528,7 +562,6 @@ def test_an_hdf5_store_stops_short_of_a_full_disk_and_resumes_identical(make_cfg
     """HDF5 does not recover from a full disk mid-write: its error surfaced when a dataset handle was
     freed (swallowed), and closing the file then crashed the process (exit 139 on a 2 MB tmpfs). The
     backend refuses a write the disk has no room for, keeping a reserve to close the file cleanly."""
-    import shutil
     from collections import namedtuple
 
     from embedcache.errors import DiskFullError

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import platform
+from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
@@ -50,17 +51,40 @@ def build_manifest(cfg: ExtractConfig, dataset: ImageDataset, teacher, prompts,
         # a digest of each part of the key, so a store made from other inputs can say which differ
         "key_parts": {name: json_digest(part, 12) for name, part in key_parts.items()},
         "teacher": teacher.describe(),
-        "dataset": {"name": dataset.name, "root": str(dataset.root) if dataset.root else None,
+        "dataset": {"name": dataset.name, "root": str(Path(dataset.root).absolute()) if dataset.root else None,
                     "fingerprint": dataset.fingerprint(), "n": len(dataset), "classes": dataset.classes,
                     "domains": dataset.domains},
         "views": {**to_dict(cfg.views), "params": list(param_fields(cfg.views.color)), "view0": "whole canvas"},
         "canvas": to_dict(cfg.canvas),
         "text": {"sources": list(cfg.text.sources), "templates": cfg.text.templates, "attributes": cfg.text.attributes},
         "pipeline": pipeline, **extra,
-        "config": to_dict(cfg), "versions": library_versions(), "device": device_name(teacher.device),
+        "config": absolute_paths(to_dict(cfg)), "versions": library_versions(), "device": device_name(teacher.device),
         "threads": torch.get_num_threads(),  # CPU float reductions round by how they are split
         "created": utc_now(),
     }
+
+
+# the settings that name files (a relative one is taken from the working folder of the call)
+PATH_SETTINGS = {"dataset": ("path", "class_names"), "teacher": ("model", "pretrained", "model_config", "api_key_file",
+                                                                 "ledger"),
+                 "text": ("templates", "attributes")}
+
+
+def absolute_paths(config: Dict[str, Any]) -> Dict[str, Any]:
+    """``config`` (a resolved extraction config, as a dict) with each relative path to a file or folder
+    that exists made absolute (``local-dir:`` folders too): a store read, repaired or asked for its
+    teacher from another folder finds them. Names (a bundled template set, a model) stay as given."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
+    for section, keys in PATH_SETTINGS.items():
+        for key in keys:
+            value = out.get(section, {}).get(key)
+            if isinstance(value, str) and value:
+                prefix = "local-dir:" if value.startswith("local-dir:") else ""
+                path = Path(value[len(prefix):]).expanduser()
+                found = path.is_file() if section == "text" else path.exists()  # a file before a bundled set
+                if not path.is_absolute() and found:
+                    out[section][key] = prefix + str(path.absolute())
+    return out
 
 
 def differing_parts(stored: Dict[str, Any], wanted: Dict[str, Any]) -> str:
