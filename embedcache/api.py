@@ -260,45 +260,52 @@ class StoreReader:
         return ", ".join(parts) + f", seed {v.get('seed', 0)}"
 
     def facts(self) -> Dict:
-        """What ``embedcache inspect --json`` prints: the store's description as data (counts per domain
-        and per text source, the manifest's ``calls`` and ``teacher_usage`` as recorded). A store still
-        being written (opened with ``require_complete=False``) has ``complete`` false and ``progress``."""
-        st, t = self._store, self.manifest["teacher"]
-        head = {
-            "path": self.path, "backend": st.backend_name, "key": self.key, "complete": bool(st.complete),
-            "teacher": f"{t.get('name')} {t.get('model') or t.get('classifier', '')} {t.get('pretrained') or ''}".strip(),
+        """What ``embedcache inspect --json`` prints: the store's description as data, the same keys
+        for a finished store and one still being written (``complete`` false, with ``progress``): the
+        teacher as its manifest records it, domain and text-source names, the extract calls and a paid
+        teacher's usage so far; a finished store adds images per domain, prompts per source and its
+        derived arrays."""
+        st, m = self._store, self.manifest
+        done = bool(st.complete)
+        out = {
+            "path": self.path, "backend": st.backend_name, "key": self.key, "complete": done, "teacher": m["teacher"],
             "embed_dim": self.dim, "images": int(self.layout["n"]), "views": self.views, "view_policy": self.view_policy(),
             "canvas": self.layout["canvas"], "pixels_stored": bool(self.layout.get("store_pixels")),
-            "classes": len(self.classes),
+            "classes": len(self.classes), "domains": list(self.domains), "text_sources": list(self.text_sources),
+            "failed": self.n_failed if done else len(st.failures()),
         }
-        if not st.complete:
-            return {**head, "progress": self._progress(), "domains": list(self.domains),
-                    "failed": len(st.failures()), "disk_mb": round(st.disk_bytes() / 2**20, 2)}
-        meta, text = self.meta, self.text_table
-        return {
-            **head, "images": len(meta),
-            "domains": {str(d): int(n) for d, n in meta["domain"].value_counts().sort_index().items()},
-            "text_sources": {s: int((text["source"] == s).sum()) for s in self.text_sources},
-            "failed": self.n_failed, "derived": list(st.derived()), "calls": self.manifest.get("calls") or [],
-            **({"teacher_usage": self.manifest["teacher_usage"]} if self.manifest.get("teacher_usage") else {}),
-            "disk_mb": round(st.disk_bytes() / 2**20, 2),
-        }
+        if done:
+            meta, text = self.meta, self.text_table
+            out.update(images_per_domain={str(d): int(n) for d, n in meta["domain"].value_counts().sort_index().items()},
+                       prompts_per_source={s: int((text["source"] == s).sum()) for s in self.text_sources},
+                       derived=list(st.derived()), calls=m.get("calls") or [])
+            usage = m.get("teacher_usage")
+        else:
+            from .extract.history import calls_of
+
+            out.update(progress=self._progress(),
+                       calls=calls_of(st.call_history(), m.get("config", {}), m.get("versions", {})))
+            usage = st.usage()
+        return {**out, **({"teacher_usage": usage} if usage else {}), "disk_mb": round(st.disk_bytes() / 2**20, 2)}
 
     def summary(self) -> Dict:
         """What ``embedcache inspect`` prints, one line per key: ``facts`` in words."""
-        f = self.facts()
-        said = {k: v for k, v in f.items() if k != "progress"}
+        f, t = self.facts(), self.manifest["teacher"]
+        said = {k: v for k, v in f.items() if k not in ("progress", "images_per_domain", "prompts_per_source")}
+        said["teacher"] = f"{t.get('name')} {t.get('model') or t.get('classifier', '')} {t.get('pretrained') or ''}".strip()
+        said["calls"] = _calls_line(f["calls"])
+        if "teacher_usage" in f:
+            said["teacher_usage"] = _usage_line(f["teacher_usage"])
         if not f["complete"]:
             p = f["progress"]
             said["complete"] = (f"no: {p['blocks_written']} of {p['blocks']} blocks written ({p['images_written']} of "
                                 f"{f['images']} images); if its `embedcache {self._store.producer}` command is no "
                                 "longer running, rerun it to finish")
-            return {**said, "domains": ", ".join(f["domains"]), "failed": f"{f['failed']} so far"}
-        said.update(domains=", ".join(f"{d} ({n})" for d, n in f["domains"].items()),
-                    text_sources=", ".join(f"{s} ({n} prompts)" for s, n in f["text_sources"].items()),
-                    derived=", ".join(f["derived"]) or "-", calls=_calls_line(f["calls"]))
-        if "teacher_usage" in f:
-            said["teacher_usage"] = _usage_line(f["teacher_usage"])
+            return {**said, "domains": ", ".join(f["domains"]), "text_sources": ", ".join(f["text_sources"]),
+                    "failed": f"{f['failed']} so far"}
+        said.update(domains=", ".join(f"{d} ({n})" for d, n in f["images_per_domain"].items()),
+                    text_sources=", ".join(f"{s} ({n} prompts)" for s, n in f["prompts_per_source"].items()),
+                    derived=", ".join(f["derived"]) or "-")
         return said
 
     def _progress(self) -> Dict:

@@ -43,8 +43,10 @@ def test_inspect_summarises(cli_store):
     js = json.loads(CliRunner().invoke(main, ["inspect", str(cli_store), "--json"]).output)
     assert js["views"] == 3 and js["classes"] == 4 and js["failed"] == 0
     # data, not the lines above in quotes (a trial: domains, text sources and calls were preformatted strings)
-    assert js["domains"]["outline"] == 12 and sum(js["domains"].values()) == 36 and js["text_sources"]["templates"] == 28
+    assert js["images_per_domain"]["outline"] == 12 and sum(js["images_per_domain"].values()) == 36
+    assert js["prompts_per_source"]["templates"] == 28 and "templates" in js["text_sources"]
     assert [c["finished"] for c in js["calls"]] == [True] and js["derived"] == [] and js["complete"] is True
+    assert js["teacher"]["name"] == "open_clip" and isinstance(js["teacher"], dict)  # as the manifest records it
 
 
 def test_cli_errors_are_one_line(tmp_path):

@@ -196,6 +196,9 @@ def test_resume_after_interruption_is_byte_identical(make_cfg, tiny_teacher, suf
     assert part["complete"] is False
     assert part["progress"] == {"blocks_written": 2, "blocks": st.layout["num_blocks"], "images_written": 16}
     assert (part["images"], part["views"], part["failed"], part["domains"]) == (30, 3, 0, ["outline", "solid"])
+    # the keys of a finished store's (a trial: calls and text sources were missing here), less its counts
+    assert part["text_sources"] == list(cut.text.sources) and len(part["calls"]) == 1 and part["calls"][0]["blocks"] == 2
+    assert part["teacher"] == st.manifest["teacher"]
     seen = CliRunner().invoke(main, ["inspect", cut.out])  # in words
     assert f"no: 2 of {st.layout['num_blocks']} blocks written (16 of 30 images); if its `embedcache extract`" in seen.output
     assert "0 so far" in seen.output and "outline, solid" in seen.output
