@@ -726,3 +726,16 @@ def test_a_dry_run_stopped_says_it_left_nothing_to_resume(monkeypatch):
     assert "resume" not in res.output
     res = CliRunner().invoke(main, ["extract", "--no-progress", "--out", "never.zarr"])
     assert res.exit_code == 130 and "rerun the same command to resume" in res.output  # a real run resumes
+
+
+def test_a_canvas_smaller_than_the_teachers_input_is_said(make_cfg, tiny_teacher):
+    """canvas.size=16 for a 64 px teacher: every view upscaled from 16 px, with no word (a trial)."""
+    small = tiny_teacher.input_size // 2
+    with pytest.warns(UserWarning, match=rf"canvas.size={small} is smaller than the teacher's {tiny_teacher.input_size} px "
+                                         rf"input: .*canvas.size={tiny_teacher.input_size} or more"):
+        extract(make_cfg("small.zarr", f"canvas.size={small}"), teacher=tiny_teacher, log=quiet, dry_run=True)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        extract(make_cfg("big.zarr", f"canvas.size={tiny_teacher.input_size}"), teacher=tiny_teacher, log=quiet,
+                dry_run=True)

@@ -126,6 +126,7 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
         if done is None:
             raise
         return DryRun(cfg.out, 0, 0, {}, views_per_image=cfg.views.count, complete=True) if dry_run else done
+    _say_small_canvas(cfg, teacher)
     reader = reader or make_reader(cfg, dataset, teacher)
     pipeline = getattr(reader, "pipeline", PIPELINE)
     embedder = Embedder(teacher, cfg.views.count, batched=pipeline["views"] == "batched-resample-uint8")
@@ -207,6 +208,14 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
         finally:
             if lock is not None:
                 os.close(lock)
+
+
+def _say_small_canvas(cfg: ExtractConfig, teacher: Teacher) -> None:
+    size = getattr(teacher, "input_size", None)
+    if size and cfg.canvas.size < size:
+        warnings.warn(f"canvas.size={cfg.canvas.size} is smaller than the teacher's {size} px input: every view is "
+                      f"upscaled from at most {cfg.canvas.size} px, and the teacher sees blurred images; "
+                      f"canvas.size={size} or more keeps the detail it can see")
 
 
 def _reopen(store: Store, report, cfg: ExtractConfig, log) -> List[int]:
