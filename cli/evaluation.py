@@ -197,10 +197,10 @@ def report(results, out_dir) -> None:
     note = ""
     _require_results(results, out_dir)
     if Path(results).is_dir():
-        from embedcache.students.sweep import collect, hand_scored_note, partial_note
+        from embedcache.students.sweep import collect, left_out_note, partial_note
 
         df, out_dir, note = collect(results), out_dir or str(Path(results) / "report"), partial_note(results)
-        left_out = hand_scored_note(results, df)
+        left_out = left_out_note(results, df)
         if left_out:
             click.echo(f"warning: {left_out}", err=True)
     else:

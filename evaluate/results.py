@@ -129,10 +129,16 @@ def upsert(path: str, rows: pd.DataFrame) -> pd.DataFrame:
     rows = rows[~rows.duplicated(KEY, keep="last")]
     p = Path(path)
     if p.exists():
-        old = read_results(p)
-        rows = pd.concat([old[~_redone(old, rows)], rows], ignore_index=True)
+        rows = merge(read_results(p), rows)
     atomic_write(p, lambda tmp: rows.to_parquet(tmp, index=False))
     return rows
+
+
+def merge(old: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
+    """``old`` updated with ``rows`` as ``upsert`` updates a file: each scope ``rows`` gives replaces
+    that scope's old rows whole; old rows of other scopes stay."""
+    old, rows = conform(old), conform(rows)
+    return pd.concat([old[~_redone(old, rows)], rows], ignore_index=True)
 
 
 def _scoped(holdout: pd.Series) -> pd.Series:

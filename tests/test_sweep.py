@@ -87,6 +87,15 @@ def test_killed_sweep_completes_each_run_exactly_once(synthetic_store, tmp_path)
     res = run_sweep(spec, out, progress=False, log=lambda m: None)
     assert res["skipped"] == 3 and res["done"] == 5
     assert len(_attempts(out)) == 8 and set(_attempts(out).values()) == {1}
+    # the teacher's rows and the runs' per_class rows scored into the sweep's results.parquet outlive a
+    # relaunch with nothing to run (it erased them)
+    for args in (["--store", str(synthetic_store)], [f"{out}/runs", "--protocol", "per_class"]):
+        scored = CliRunner().invoke(main, ["evaluate", *args, "--out", f"{out}/results.parquet"])
+        assert scored.exit_code == 0, scored.output
+    n = len(pd.read_parquet(f"{out}/results.parquet"))
+    assert run_sweep(spec, out, progress=False, log=lambda m: None)["skipped"] == 8
+    again = pd.read_parquet(f"{out}/results.parquet")
+    assert len(again) == n and (again["recipe"] == "teacher").any() and (again["split"] == "per_class").any()
 
 
 def test_two_workers_on_one_sweep_lose_nothing_and_duplicate_nothing(synthetic_store, tmp_path):
@@ -772,10 +781,11 @@ def test_a_sweep_trains_on_every_domain_and_scores_on_transfer_stores(synthetic_
 
 
 def test_report_of_a_sweep_folder_keeps_rows_added_to_its_results_file(tmp_path):
-    """Teacher rows scored into SWEEP_DIR/results.parquet (`evaluate --store ... --out`) were silently
-    left out of `report SWEEP_DIR`, and the next launch's rewrite of the file dropped them (a trial).
-    Rows of the sweep's own runs come from their results/ files; any others in the file are kept, and
-    rows of its runs that their files lack (scored into it by hand) are said to be left out."""
+    """Rows scored into SWEEP_DIR/results.parquet (`evaluate --out`: the teacher's, the runs' per_class)
+    were silently left out of `report SWEEP_DIR`, and the next launch's rewrite of the file, even one
+    with nothing to run, erased them (two trials). They are kept, but where the runs' results/ files
+    give the same scope (those are the runs' own), and rows of runs with no results now are said to be
+    left out."""
     from embedcache.evaluate.results import upsert
     from embedcache.students.sweep import collect
 
@@ -786,21 +796,23 @@ def test_report_of_a_sweep_folder_keeps_rows_added_to_its_results_file(tmp_path)
 
     sweep = tmp_path / "sw"
     (sweep / "results").mkdir(parents=True)
-    (sweep / "runs" / "a").mkdir(parents=True)
-    (sweep / "runs" / "dropped").mkdir(parents=True)
-    (sweep / "runs.json").write_text(json.dumps(["a"]))
+    for run in ("a", "b", "dropped"):
+        (sweep / "runs" / run).mkdir(parents=True)
+    (sweep / "runs.json").write_text(json.dumps(["a", "b"]))
     upsert(str(sweep / "results" / "a.parquet"), rows("a", 0.5))
     upsert(str(sweep / "results" / "dropped.parquet"), rows("dropped", 0.1))
     upsert(str(sweep / "results.parquet"), pd.concat([rows("a", 0.4), rows("dropped", 0.1)]))  # an earlier launch's
     upsert(str(sweep / "results.parquet"), rows("teacher:open_clip:ViT", 0.9, recipe="teacher"))  # added by hand
-    upsert(str(sweep / "results.parquet"), rows("a", 0.7, protocol="open_vocab"))  # a sweep run, scored by hand
+    upsert(str(sweep / "results.parquet"), rows("a", 0.7, protocol="open_vocab"))  # a sweep run, another protocol
+    upsert(str(sweep / "results.parquet"), rows("b", 0.3, protocol="open_vocab"))  # a run that has no results now
     got = collect(str(sweep))
-    assert sorted(zip(got.run, got.protocol, got.value)) == [("a", "lodo", 0.5), ("teacher:open_clip:ViT", "lodo", 0.9)]
+    assert sorted(zip(got.run, got.protocol, got.value)) == [
+        ("a", "lodo", 0.5), ("a", "open_vocab", 0.7), ("teacher:open_clip:ViT", "lodo", 0.9)]
     res = CliRunner().invoke(main, ["report", str(sweep)])
     assert res.exit_code == 0, res.output
     assert "| teacher |" in (sweep / "report" / "report.md").read_text()
     said = [ln for ln in res.output.splitlines() if "results.parquet" in ln]
-    assert len(said) == 1 and "1 row of the sweep's runs" in said[0] and "--out" in said[0], res.output
+    assert len(said) == 1 and "1 row of run b, which has no results now" in said[0], res.output
     (sweep / "results.parquet").write_bytes(b"PAR1 cut short")
     res = CliRunner().invoke(main, ["report", str(sweep)])
     assert res.exit_code != 0 and "results.parquet is damaged" in res.output and "delete it" in res.output, res.output

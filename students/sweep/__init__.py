@@ -27,7 +27,7 @@ from embedcache import interrupt, open_store
 from embedcache.config import apply_overrides, build_config, flatten, read_config_file, setting, to_dict
 from embedcache.errors import ConfigError, DiskFullError, EvaluationError
 from embedcache.evaluate.protocols import DEFAULT_SHOTS, seeded_class_split
-from embedcache.evaluate.results import read_results
+from embedcache.evaluate.results import merge, read_results
 from embedcache.fileio import atomic_write, atomic_write_text, disk_full_error, is_disk_full
 
 from ..config import TrainConfig, check_trainable
@@ -315,16 +315,16 @@ def collect(sweep_dir: str, names: Optional[List[str]] = None) -> pd.DataFrame:
     if not files:
         raise ConfigError(f"no results in {sweep_dir}/results yet; run the sweep first")
     df = pd.concat([_run_results(f) for f in files], ignore_index=True)
+    folder = _folder_rows(sweep_dir)
+    if folder is not None:  # rows scored into the folder's file: the teacher's, and the runs' other protocols
+        foreign = folder[~folder["run"].isin(_sweep_runs(sweep_dir, names))]
+        df = merge(pd.concat([foreign, folder[folder["run"].isin(set(df["run"]))]], ignore_index=True), df)
     tags_file = Path(sweep_dir) / "tags.json"
     if tags_file.is_file():
         tags = json.loads(tags_file.read_text())
         for col in ("variant", "replicate"):
             df[col] = [tags.get(r, {}).get(col, v) for r, v in zip(df["run"], df[col])]
-    folder = _folder_rows(sweep_dir)
-    if folder is None:
-        return df
-    added = folder[~folder["run"].isin(_sweep_runs(sweep_dir, names))]  # the teacher's, another folder's runs
-    return pd.concat([df, added], ignore_index=True) if len(added) else df
+    return df
 
 
 def _folder_rows(sweep_dir: str) -> Optional[pd.DataFrame]:
@@ -348,22 +348,22 @@ def _sweep_runs(sweep_dir: str, names: Optional[List[str]]) -> set:
     return found | set(names or []) | set(_grid_runs(sweep_dir) or [])
 
 
-def hand_scored_note(sweep_dir: str, table: pd.DataFrame) -> str:
-    """'' unless the folder's results.parquet holds rows of runs in ``table`` (``collect``'s) that their
-    results/ files lack (scored into it with ``evaluate --out``): a table says it leaves them out."""
-    from embedcache.evaluate.results import KEY
-
+def left_out_note(sweep_dir: str, table: pd.DataFrame) -> str:
+    """'' unless the folder's results.parquet holds rows of runs of the sweep that ``table`` (``collect``'s)
+    has none of: runs without results now (failed or unfinished since they were scored into it), whose
+    rows a table leaves out and a launch's rewrite of the file drops."""
     folder = _folder_rows(sweep_dir)
     if folder is None:
         return ""
-    ours = folder[folder["run"].isin(set(table["run"]) & _sweep_runs(sweep_dir, None))]
-    n = len(ours.merge(table[KEY].drop_duplicates(), on=KEY, how="left", indicator=True).query("_merge == 'left_only'"))
-    if not n:
+    grid = set(_grid_runs(sweep_dir) or table["run"])
+    gone = folder[folder["run"].isin(grid - set(table["run"]))]
+    if gone.empty:
         return ""
-    return (f"{Path(sweep_dir) / 'results.parquet'} holds {n} row{'s' if n != 1 else ''} of the sweep's runs that their "
-            "results/ files lack (scored into it by hand, or under a protocol since changed), left out of this table (a "
-            "launch rewrites that file): "
-            "score them with `embedcache evaluate ... --out OTHER.parquet` and report that file")
+    runs = sorted(gone["run"].unique())
+    return (f"{Path(sweep_dir) / 'results.parquet'} holds {len(gone)} row{'s' if len(gone) != 1 else ''} of run"
+            f"{'s' if len(runs) != 1 else ''} {', '.join(runs[:3])}{' ...' if len(runs) > 3 else ''}, which "
+            f"{'have' if len(runs) != 1 else 'has'} no results now (failed or unfinished): left out of this table, "
+            "and a launch rewrites that file without them")
 
 
 def _grid_runs(sweep_dir: str) -> Optional[List[str]]:
@@ -411,7 +411,7 @@ def _write_outputs(sweep_dir: str, points: List[SweepPoint], log: Callable[[str]
         log(f"note: a later launch into {sweep_dir} changed its grid, so its results.parquet and report/ are that "
             f"launch's; this launch's table is below (`embedcache report {sweep_dir}` writes the current grid's)")
         return results
-    dropped = hand_scored_note(sweep_dir, results)
+    dropped = left_out_note(sweep_dir, results)
     if dropped:
         log(f"warning: {dropped}")
     atomic_write(Path(sweep_dir) / "results.parquet", lambda tmp: results.to_parquet(tmp, index=False))
