@@ -46,14 +46,14 @@ def _collapse_lines(results: pd.DataFrame, split: str, keys: List[str]) -> List[
     """The cells of ``split`` where a model answered one class for nearly every image (evaluate's
     ``collapsed_share`` rows): said under the table, whose figure there is only that class's share."""
     here = results[results["split"] == split]
+    here = here.assign(method=_method(here, keys))  # one label per method: told apart over the split's rows
     lines = []
     for episodes, said_as in ((False, "collapsed"), (True, "collapsed episodes")):  # a run's; one few-shot episode's
         rows = here[(here["episode"] >= 0) == episodes]
         hit = rows[rows["metric"] == "collapsed_share"]
         if hit.empty:
             continue
-        hit, top = hit.assign(method=_method(hit, keys)), rows[rows["metric"] == "top1"]
-        top = top.assign(method=_method(top, keys))
+        top = rows[rows["metric"] == "top1"]
         count = len if episodes else ((lambda g: g["run"].nunique()) if "run" in here.columns else len)
         unit = "episodes" if episodes else "runs"
         said = []

@@ -600,6 +600,12 @@ def test_the_report_names_collapsed_models(tmp_path):
     text = " ".join((tmp_path / "report.md").read_text().split())
     assert ("collapsed: feat_kd / s on sketch answers 'person' for 98% of the images in 2 of its 3 runs "
             "(its top-1 there is that class's share)") in text, text
+    # a column telling methods apart among the top-1 rows only (the text source) named the collapsed rows'
+    # method otherwise: "in 1 of its 0 runs" (a trial)
+    rows += [{**base, "source": "attributes", "run": "q", "replicate": 0, "metric": "top1", "value": 0.5}]
+    write_report(pd.DataFrame(rows), str(tmp_path))
+    text = " ".join((tmp_path / "report.md").read_text().split())
+    assert "collapsed: feat_kd / s / name on sketch answers 'person' for 98% of the images in 2 of its 3 runs" in text, text
 
 
 def test_evaluate_says_why_runs_were_not_scored(runs, synthetic_store, tmp_path):
