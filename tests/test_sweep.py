@@ -133,6 +133,8 @@ def test_a_failed_run_is_recorded_and_the_others_finish(synthetic_store, tmp_pat
     assert res.exit_code == 1 and "2 done now" in res.output and "2 failed" in res.output
     errors = list(out.glob("runs/*/error.txt"))
     assert len(errors) == 2 and "no_such_net" in errors[0].read_text()
+    assert "no run of feat_kd / timm:no_such_net has results: it is not in the tables" in res.output, res.output
+    assert "no run of feat_kd / timm:no_such_net" in (out / "report" / "report.md").read_text()
 
 
 def test_bad_sweep_files_are_rejected_before_any_run(synthetic_store, tmp_path, make_cfg, tiny_teacher):
@@ -816,3 +818,21 @@ def test_report_of_a_sweep_folder_keeps_rows_added_to_its_results_file(tmp_path)
     (sweep / "results.parquet").write_bytes(b"PAR1 cut short")
     res = CliRunner().invoke(main, ["report", str(sweep)])
     assert res.exit_code != 0 and "results.parquet is damaged" in res.output and "delete it" in res.output, res.output
+
+
+def test_the_partial_note_names_a_method_none_of_whose_runs_has_results(tmp_path):
+    """Every run of one grid point failed (a learning rate of 1e12): the method was simply missing from
+    the tables, and the note said only "6 of 12 runs" (a trial)."""
+    from embedcache.evaluate.results import upsert
+    from embedcache.students.sweep import partial_note
+
+    sweep = tmp_path / "sw"
+    tags = {f"{lr}-{rep}": {"variant": f"optim.lr={lr}", "replicate": rep, "recipe": "li_iccv23", "student": "resnet18"}
+            for lr in ("0.001", "1e+12") for rep in (0, 1)}
+    (sweep / "results").mkdir(parents=True)
+    (sweep / "runs.json").write_text(json.dumps(sorted(tags)))
+    (sweep / "tags.json").write_text(json.dumps(tags))
+    upsert(str(sweep / "results" / "0.001-0.parquet"), pd.DataFrame([{"run": "0.001-0", "metric": "top1", "value": 0.5}]))
+    note = partial_note(str(sweep))
+    assert note.startswith("partial: 1 of 4 runs of this sweep have results"), note
+    assert "no run of li_iccv23 / resnet18 / optim.lr=1e+12 has results: it is not in the tables" in note, note

@@ -385,8 +385,28 @@ def partial_note(sweep_dir: str, names: Optional[List[str]] = None) -> str:
     missing, total = unscored(sweep_dir, names), len(names)
     if not missing:
         return ""
-    return (f"partial: {total - len(missing)} of {total} runs of this sweep have results ({len(missing)} failed, "
+    note = (f"partial: {total - len(missing)} of {total} runs of this sweep have results ({len(missing)} failed, "
             "unfinished or running elsewhere); cells and averages below are over the runs that have them")
+    absent = _methods_without_results(sweep_dir, names, set(missing))
+    if absent:
+        note += "; " + "; ".join(f"no run of {m} has results: it is not in the tables" for m in absent)
+    return note
+
+
+def _methods_without_results(sweep_dir: str, names: List[str], missing: set) -> List[str]:
+    """The grid points (recipe / student / variant, from tags.json) none of whose runs has results: a
+    table leaves them out whole, where a method short of some runs reads incomplete."""
+    listed = Path(sweep_dir) / "tags.json"
+    tags = json.loads(listed.read_text()) if listed.is_file() else {}
+    if not all("recipe" in tags.get(n, {}) for n in names):  # a launch from before tags.json named them
+        return []
+
+    def method(n: str) -> str:
+        t = tags[n]
+        return " / ".join([t["recipe"], t["student"]] + ([t["variant"]] if t["variant"] != "-" else []))
+
+    scored = {method(n) for n in names if n not in missing}
+    return sorted({method(n) for n in missing} - scored)
 
 
 def _run_results(path: Path) -> pd.DataFrame:
@@ -618,7 +638,9 @@ def _settle(spec: SweepSpec, sweep_dir: str, points: List[SweepPoint], others_li
     atomic_write_text(Path(sweep_dir) / "sweep.yaml", yaml.safe_dump(to_dict(spec), sort_keys=True))
     atomic_write_text(Path(sweep_dir) / "runs.json", json.dumps(sorted(Path(p.cfg.out).name for p in points)))
     tags = {Path(p.cfg.out).name: sweep_tags(spec, p) for p in points}
-    atomic_write_text(Path(sweep_dir) / "tags.json", json.dumps(tags, sort_keys=True))  # this launch's grid
+    named = {Path(p.cfg.out).name: {"recipe": p.cfg.recipe, "student": p.cfg.student.name} for p in points}
+    atomic_write_text(Path(sweep_dir) / "tags.json",  # this launch's grid, and each run's method (for the notes)
+                      json.dumps({n: {**t, **named[n]} for n, t in tags.items()}, sort_keys=True))
     for p in points:  # runs made under an earlier grid (or version) carry today's tags, for `evaluate runs/`
         run = RunDir(p.cfg.out)
         if run.file("sweep.json").is_file() and run.sweep_tags != tags[run.name]:
