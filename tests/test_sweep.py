@@ -134,6 +134,8 @@ def test_a_failed_run_is_recorded_and_the_others_finish(synthetic_store, tmp_pat
     errors = list(out.glob("runs/*/error.txt"))
     assert len(errors) == 2 and "no_such_net" in errors[0].read_text()
     assert "no run of feat_kd / timm:no_such_net has results: it is not in the tables" in res.output, res.output
+    # the base's student is the grid's to set: said (a base recipe the grid also set was dropped unsaid: a trial)
+    assert "note: the grid sets student.name in every run, so base.student.name='test_resnet' is not used" in res.output
     assert "no run of feat_kd / timm:no_such_net" in (out / "report" / "report.md").read_text()
 
 

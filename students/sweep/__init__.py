@@ -618,6 +618,8 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, launcher: Optional[str] = None, d
             "without it")
     _require_same_spec(sweep_dir, spec)  # before expanding: a clearer line than what the changed grid fails on
     points = expand(spec, sweep_dir)
+    for line in overridden_by_grid(spec):
+        log(f"note: {line}")
     _require_current_recipes(sweep_dir, points)
     with _one_line_when_full(sweep_dir):
         Path(sweep_dir).mkdir(parents=True, exist_ok=True)
@@ -625,6 +627,12 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, launcher: Optional[str] = None, d
             points = _settle(spec, sweep_dir, points, launch.others_live)
             launch.settle()
             return _launch(spec, sweep_dir, points, name, device, progress, log, launcher_args)
+
+
+def overridden_by_grid(spec: SweepSpec) -> List[str]:
+    """A line for each base setting the grid also sets: the grid's values run, the base's never does."""
+    base = flatten(spec.base or {})
+    return [f"the grid sets {k} in every run, so base.{k}={base[k]!r} is not used" for k in sorted(set(base) & set(spec.grid))]
 
 
 def _settle(spec: SweepSpec, sweep_dir: str, points: List[SweepPoint], others_live: bool) -> List[SweepPoint]:
