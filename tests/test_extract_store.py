@@ -523,13 +523,22 @@ def test_a_store_opens_by_what_it_is_not_by_its_name(make_cfg, tiny_teacher):
 
     from embedcache.cli import main
 
-    for out, backend in (("nosuffix", "hdf5"), ("folder.h5", "zarr")):
+    for out, backend in (("nosuffix", "hdf5"), ("folder", "zarr")):
         cfg = make_cfg(out, f"backend={backend}")
         extract(cfg, teacher=tiny_teacher, log=quiet)
         with embedcache.open_store(cfg.out) as s:
             assert s.store.backend_name == backend and s.image_emb().shape[0] == 30
         seen = CliRunner().invoke(main, ["verify", cfg.out, "--no-progress"])
         assert seen.exit_code == 0 and "intact" in seen.output, seen.output
+    # a new store whose name says the other format: refused (an HDF5 file named .zarr confused a trial);
+    # one made so before still opens by what it is
+    for out, backend, fix in (("x.zarr", "hdf5", "x.h5"), ("y.h5", "zarr", "y.zarr")):
+        with pytest.raises(ConfigError, match=rf"--out .*{out} names a {'Zarr' if backend == 'hdf5' else 'HDF5'} store, "
+                                              rf"but backend={backend}: .*--out .*{fix}"):
+            extract(make_cfg(out, f"backend={backend}"), teacher=tiny_teacher, log=quiet)
+    made = make_cfg("made-before.h5", "backend=zarr")
+    os.rename(extract(make_cfg("folder", "backend=zarr"), teacher=tiny_teacher, log=quiet).path, made.out)
+    assert extract(made, teacher=tiny_teacher, log=quiet).skipped
 
 
 def test_hdf5_refuses_several_writers_and_bad_shards(make_cfg, tiny_teacher):

@@ -610,7 +610,16 @@ def backend_name_for(path: str, backend: Optional[str] = None, new: bool = False
     else HDF5 for .h5/.hdf5 paths and Zarr for others. A ``new`` store's path with another suffix is
     refused (a typo such as .hd5 would silently make a Zarr folder)."""
     if backend:
-        return BACKENDS.check(backend)
+        backend = BACKENDS.check(backend)
+        named = SUFFIXES.get(os.path.splitext(str(path).rstrip("/"))[1])
+        if new and named and named != backend and not os.path.exists(path):  # one made so before still opens
+            from ..errors import ConfigError
+
+            kinds = {"zarr": "Zarr", "hdf5": "HDF5"}
+            fix = os.path.splitext(str(path).rstrip("/"))[0] + (".h5" if backend == "hdf5" else ".zarr")
+            raise ConfigError(f"--out {path} names a {kinds[named]} store, but backend={backend}: give --out {fix}, or "
+                              f"leave backend out")
+        return backend
     if _is_hdf5_file(Path(path)):
         return "hdf5"
     if Path(path).is_dir() and (Path(path) / "zarr.json").is_file():
