@@ -292,7 +292,7 @@ class StoreReader:
         """What ``embedcache inspect`` prints, one line per key: ``facts`` in words."""
         f, t = self.facts(), self.manifest["teacher"]
         said = {k: v for k, v in f.items() if k not in ("progress", "images_per_domain", "prompts_per_source")}
-        said["teacher"] = f"{t.get('name')} {t.get('model') or t.get('classifier', '')} {t.get('pretrained') or ''}".strip()
+        said["teacher"] = teacher_line(t)
         said["calls"] = _calls_line(f["calls"])
         if "teacher_usage" in f:
             said["teacher_usage"] = _usage_line(f["teacher_usage"])
@@ -323,6 +323,23 @@ class StoreReader:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def teacher_line(t: Dict) -> str:
+    """A manifest's teacher in words: name, model (a local-dir's folder) and its weights: a tag, the
+    weight file's digest, or random (an open_clip model built without teacher.pretrained)."""
+    model = (t.get("source") or {}).get("model") if t.get("model") == "local-dir" else t.get("model")
+    weights = t.get("pretrained")
+    if isinstance(weights, dict):  # local files by content: the weights, not the config beside them
+        files = {k: v for k, v in weights.items() if not k.endswith(".json")} or weights
+        said = " (weights " + ", ".join(f"{k} {str(v)[:12]}" for k, v in files.items()) + ")"
+    elif weights:
+        said = f" {weights}"
+    elif t.get("name") == "open_clip" and not str(model or "").startswith("hf-hub:"):
+        said = " (random weights: no teacher.pretrained)"
+    else:
+        said = ""
+    return f"{t.get('name')} {model or t.get('classifier', '')}".strip() + said
 
 
 def _usage_line(usage: Dict) -> str:

@@ -100,3 +100,17 @@ def test_open_store_frames_and_neighbours(cli_store, tiny_teacher):
         s.class_emb("colours")
     with pytest.raises(embedcache.EmbedcacheError, match="dimension 3"):
         s.nearest_images(np.ones(3))
+
+
+def test_inspect_names_the_teachers_weights_in_words():
+    """A local-dir teacher printed a Python dict of file hashes, and a teacher of random weights (no
+    teacher.pretrained) read like any other (a trial)."""
+    from embedcache.api import teacher_line
+
+    local = {"name": "open_clip", "model": "local-dir", "source": {"model": "local-dir:/w/tiny"},
+             "pretrained": {"open_clip_config.json": "876d0a1b2c3d4e5f", "open_clip_model.safetensors": "abcdef0123456789"}}
+    assert teacher_line(local) == "open_clip local-dir:/w/tiny (weights open_clip_model.safetensors abcdef012345)"
+    random = {"name": "open_clip", "model": "tiny", "pretrained": None}
+    assert teacher_line(random) == "open_clip tiny (random weights: no teacher.pretrained)"
+    assert teacher_line({"name": "open_clip", "model": "ViT-B-32", "pretrained": "openai"}) == "open_clip ViT-B-32 openai"
+    assert teacher_line({"name": "conse", "classifier": "efficientnet-lite0"}) == "conse efficientnet-lite0"

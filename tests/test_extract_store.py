@@ -737,14 +737,24 @@ def test_a_dry_run_stopped_says_it_left_nothing_to_resume(monkeypatch):
     assert res.exit_code == 130 and "rerun the same command to resume" in res.output  # a real run resumes
 
 
-def test_a_canvas_smaller_than_the_teachers_input_is_said(make_cfg, tiny_teacher):
+def test_a_canvas_smaller_than_the_teachers_input_is_said(make_cfg, tiny_teacher, tmp_path):
     """canvas.size=16 for a 64 px teacher: every view upscaled from 16 px, with no word (a trial)."""
+    import warnings
+
+    from PIL import Image
+
+    for c in "ab":
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((80, 90, 3), 40 * i, np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
+    files = ("dataset.name=folder", f"dataset.path={tmp_path / 'data'}")
     small = tiny_teacher.input_size // 2
     with pytest.warns(UserWarning, match=rf"canvas.size={small} is smaller than the teacher's {tiny_teacher.input_size} px "
                                          rf"input: .*canvas.size={tiny_teacher.input_size} or more"):
-        extract(make_cfg("small.zarr", f"canvas.size={small}"), teacher=tiny_teacher, log=quiet, dry_run=True)
-    import warnings
+        extract(make_cfg("small.zarr", *files, f"canvas.size={small}"), teacher=tiny_teacher, log=quiet, dry_run=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        extract(make_cfg("big.zarr", f"canvas.size={tiny_teacher.input_size}"), teacher=tiny_teacher, log=quiet,
+        extract(make_cfg("big.zarr", *files, f"canvas.size={tiny_teacher.input_size}"), teacher=tiny_teacher, log=quiet,
                 dry_run=True)
+        # generated shapes are drawn at their own small size: no canvas would hold more of them
+        extract(make_cfg("shapes.zarr", f"canvas.size={small}"), teacher=tiny_teacher, log=quiet, dry_run=True)

@@ -211,8 +211,9 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
 
 
 def _say_small_canvas(cfg: ExtractConfig, teacher: Teacher) -> None:
+    """A canvas smaller than the teacher's input, said for files (generated shapes are drawn small)."""
     size = getattr(teacher, "input_size", None)
-    if size and cfg.canvas.size < size:
+    if size and cfg.canvas.size < size and cfg.dataset.name != "synthetic":
         warnings.warn(f"canvas.size={cfg.canvas.size} is smaller than the teacher's {size} px input: every view is "
                       f"upscaled from at most {cfg.canvas.size} px, and the teacher sees blurred images; "
                       f"canvas.size={size} or more keeps the detail it can see")
