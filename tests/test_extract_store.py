@@ -463,6 +463,25 @@ def test_a_store_made_from_relative_paths_is_read_from_any_folder(make_cfg, tiny
         StoreData(res.path, "name").pixels
 
 
+def test_recorded_paths_leave_names_as_given(tmp_path, monkeypatch):
+    """A working folder holding ViT-B-32/ or openai/ made the recorded model name and pretrained tag
+    paths, and the store's teacher could not be rebuilt from its manifest (a review)."""
+    from embedcache.extract.manifest import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    for folder in ("ViT-B-32", "openai", "short7", "tiny", "data"):
+        (tmp_path / folder).mkdir()
+    for f in ("w.safetensors", "tpl.txt"):
+        (tmp_path / f).write_text("x")
+    names = {"dataset": {"path": "data"}, "teacher": {"model": "ViT-B-32", "pretrained": "openai"},
+             "text": {"templates": "short7", "attributes": None}}
+    assert absolute_paths(names) == {**names, "dataset": {"path": str(tmp_path / "data")}}
+    files = {"teacher": {"model": "local-dir:tiny", "pretrained": "w.safetensors"}, "text": {"templates": "tpl.txt"}}
+    assert absolute_paths(files) == {"teacher": {"model": f"local-dir:{tmp_path / 'tiny'}",
+                                                 "pretrained": str(tmp_path / "w.safetensors")},
+                                     "text": {"templates": str(tmp_path / "tpl.txt")}}
+
+
 def test_numbered_labels_need_names_before_the_teacher_is_built(tmp_path, make_cfg, tiny_teacher, monkeypatch):
     """A CSV labelled 0..C-1 made a store whose text embeddings were those of "a photo of a 10." and
     whose label indices followed the string order (1, 10, 2); now it is refused before any teacher is

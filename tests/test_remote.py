@@ -348,6 +348,22 @@ def test_a_complete_store_reruns_as_nothing_to_do_with_its_service_down(tmp_path
     assert other.exit_code == 75 and "cannot reach" in other.output, other.output
 
 
+def test_a_complete_store_of_a_relative_templates_file_reruns_as_nothing_to_do(tmp_path, tiny_teacher_cfg, tiny_teacher,
+                                                                               key_env, monkeypatch):
+    """The manifest records a relative file absolute; compared with the call's relative one, the store
+    read as made otherwise, and a rerun with the service down failed (a review)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tpl.txt").write_text("a photo of a {}.\na drawing of a {}.\n")
+    app = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
+    with LiveServer(app) as url:
+        cfg = remote(tmp_path, "r.zarr", tiny_teacher_cfg, "embedcache", url, "text.sources=[name,templates]",
+                     "text.templates=tpl.txt")
+        conf = config_file(tmp_path, cfg)
+        assert extract_cli(conf).exit_code == 0
+    again = extract_cli(conf)
+    assert again.exit_code == 0 and "already complete and intact" in again.output, again.output
+
+
 def test_a_spent_quota_under_a_limit_not_reached_does_not_ask_to_raise_the_limit(tmp_path, tiny_teacher_cfg,
                                                                                   tiny_teacher, key_env):
     """The service's quota ran out with teacher.max_queries=1000 far from reached: the stop said

@@ -33,7 +33,7 @@ from ..views import param_fields
 from .budget import StoreBudget
 from .device import DeviceDecodeReader
 from .history import CallRecord, calls_of
-from .manifest import PIPELINE, build_manifest, differing_parts
+from .manifest import PIPELINE, absolute_paths, build_manifest, differing_parts
 from .parts import (Batch, Block, BlockAssembler, BlockWriter, Embedder, LoaderReader, ViewPolicy, block_batches,
                     refuse_nonfinite, resolve_shard, shard_blocks)
 
@@ -455,7 +455,7 @@ def _complete_as_configured(exc, cfg: ExtractConfig, dataset: ImageDataset, log,
     if not isinstance(exc, RemoteUnavailableError) or not Store.exists(cfg.out, backend):
         return None
     with Store(cfg.out, "r", backend) as st:
-        made, want = dict(st.manifest.get("config", {})), to_dict(cfg)
+        made, want = dict(st.manifest.get("config", {})), absolute_paths(to_dict(cfg))  # as the manifest records
         for c in (made, want):  # how the service is called and paid for (a raised budget) changes no answer
             c["teacher"] = {k: v for k, v in (c.get("teacher") or {}).items() if k not in TEACHER_CALL_SETTINGS}
         same = (st.complete and st.manifest.get("dataset", {}).get("fingerprint") == dataset.fingerprint()

@@ -64,26 +64,32 @@ def build_manifest(cfg: ExtractConfig, dataset: ImageDataset, teacher, prompts,
     }
 
 
-# the settings that name files (a relative one is taken from the working folder of the call)
-PATH_SETTINGS = {"dataset": ("path", "class_names"), "teacher": ("model", "pretrained", "model_config", "api_key_file",
-                                                                 "ledger"),
-                 "text": ("templates", "attributes")}
+# the settings that name files or folders (a relative one is taken from the working folder of the call),
+# and what each must be there to count as one: a model is a folder only as local-dir:, a pretrained tag
+# ('openai') is a name unless a file of it exists, a bundled template set is a name unless a file is
+PATH_SETTINGS = {("dataset", "path"): "exists", ("dataset", "class_names"): "file", ("teacher", "model"): "local-dir",
+                 ("teacher", "pretrained"): "file", ("teacher", "model_config"): "file",
+                 ("teacher", "api_key_file"): "file", ("teacher", "ledger"): "file", ("text", "templates"): "file",
+                 ("text", "attributes"): "file"}
 
 
 def absolute_paths(config: Dict[str, Any]) -> Dict[str, Any]:
-    """``config`` (a resolved extraction config, as a dict) with each relative path to a file or folder
-    that exists made absolute (``local-dir:`` folders too): a store read, repaired or asked for its
-    teacher from another folder finds them. Names (a bundled template set, a model) stay as given."""
+    """``config`` (a resolved extraction config, as a dict) with each relative path it names made
+    absolute: a store read, repaired or asked for its teacher from another folder finds them. Names (a
+    model, a pretrained tag, a bundled template set) stay as given, whatever folders the working folder
+    holds."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
-    for section, keys in PATH_SETTINGS.items():
-        for key in keys:
-            value = out.get(section, {}).get(key)
-            if isinstance(value, str) and value:
-                prefix = "local-dir:" if value.startswith("local-dir:") else ""
-                path = Path(value[len(prefix):]).expanduser()
-                found = path.is_file() if section == "text" else path.exists()  # a file before a bundled set
-                if not path.is_absolute() and found:
-                    out[section][key] = prefix + str(path.absolute())
+    for (section, key), kind in PATH_SETTINGS.items():
+        value = out.get(section, {}).get(key)
+        if not isinstance(value, str) or not value:
+            continue
+        prefix = "local-dir:" if kind == "local-dir" else ""
+        if not value.startswith(prefix):
+            continue
+        path = Path(value[len(prefix):]).expanduser()
+        there = path.is_file() if kind == "file" else path.exists()
+        if not path.is_absolute() and there:
+            out[section][key] = prefix + str(path.absolute())
     return out
 
 
