@@ -193,8 +193,8 @@ class Prepared:
         """``extract``'s ``on_open``: the plan the store began with, kept in it, is the one its blocks are
         made with (learned again, its last bits follow the thread count); a new store keeps this one."""
         kept = kept_plan(store)
-        if kept is None:
-            keep_plan(store, self.plan)
+        if kept is None:  # arrays a store made before kept (with no record of its plan) are not overwritten
+            keep_plan(store, self.plan, missing_only=True)
             return
         if self._plan is not None and self._plan.digest() != kept.digest():
             self.log("note: the styles learned now differ from those the store began with (another thread count "
@@ -281,17 +281,26 @@ def keep_plan(st: Store, plan: StylePlan, missing_only: bool = False) -> None:
 
 
 def kept_plan(st: Store) -> Optional[StylePlan]:
-    """The plan ``keep_plan`` kept in ``st``, or None (none kept, one kept before the plan's lines were,
-    or an array of it damaged or marked to be redone)."""
+    """The plan kept in ``st`` (``keep_plan``), or of a store made before the plan's lines were kept
+    with its targets, the plan its arrays and manifest record hold (checked against the record's
+    digest); None when there is none, or an array of it is damaged or marked to be redone."""
     info = st.derived().get("synthesis_targets") or {}
-    if not info.get("complete") or "describe" not in info:
+    if not info.get("complete"):
         return None
+    has_styles = info["styles"] if "styles" in info else bool(st.derived().get("synthesis_styles", {}).get("complete"))
     try:
         targets = torch.from_numpy(st.read_derived("synthesis_targets"))
-        styles = torch.from_numpy(st.read_derived("synthesis_styles")) if info["styles"] else None
+        styles = torch.from_numpy(st.read_derived("synthesis_styles")) if has_styles else None
     except StoreError:
         return None
-    return StylePlan(info["method"], targets, styles, list(info["describe"]), dict(info["info"]))
+    if "describe" in info:
+        return StylePlan(info["method"], targets, styles, list(info["describe"]), dict(info["info"]))
+    record = st.manifest.get("synthesis_plan")
+    if not record:
+        return None
+    plan = StylePlan(st.manifest["synthesis"]["prompts"]["method"], targets, styles, list(record["styles"]),
+                     {k: v for k, v in record.items() if k not in ("styles", "styles_digest")})
+    return plan if plan.digest() == record.get("styles_digest") else None
 
 
 def _keep_styles(path: str, backend: Optional[str], outline: Outline, plan: Callable[[], StylePlan]) -> None:
