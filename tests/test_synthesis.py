@@ -462,6 +462,59 @@ def test_a_resumed_synthesis_pulls_its_images_towards_the_styles_it_began_with(t
         assert np.array_equal(a[k], b[k]), k
 
 
+def test_a_store_made_before_its_plan_was_kept_is_repaired_with_its_own_styles(tiny_teacher, synth_cfg, monkeypatch):
+    """A store of the version before keeps its targets without the plan's lines: a repair learned the
+    styles again and overwrote its arrays, while its manifest named the old plan (a review). Its plan is
+    rebuilt from its arrays and its manifest's record, checked against the record's digest."""
+    import embedcache.synthesis.run as run
+
+    cfg = synth_cfg("before.zarr", "prompts.method=contrastive")
+    synthesize(cfg, teacher=tiny_teacher, log=quiet)
+    with Store(cfg.out, "a") as st:  # as the version before left it
+        info = st.derived()
+        info["synthesis_targets"] = {k: v for k, v in info["synthesis_targets"].items()
+                                     if k not in ("describe", "method", "info", "styles")}
+        st.b.set_attr("derived", info)
+        kept = st.read_derived("synthesis_targets"), st.read_derived("synthesis_styles")
+        digest = st.manifest["synthesis_plan"]["styles_digest"]
+    before = _arrays(cfg.out)
+    pixels = Path(cfg.out) / "image" / "pixels"
+    next(p for p in sorted(pixels.rglob("*")) if p.is_file() and p.relative_to(pixels).parts[:2] == ("c", "1")).unlink()
+    calls = []
+
+    def drifted(*args, **kw):
+        calls.append(1)
+        plan = real(*args, **kw)
+        plan.targets = torch.nn.functional.normalize(plan.targets + 1e-3, dim=-1)
+        return plan
+
+    real = run.build_plan
+    monkeypatch.setattr(run, "build_plan", drifted)
+    assert synthesize(cfg, teacher=tiny_teacher, log=quiet).repaired == 1 and calls == []
+    with Store(cfg.out) as st:
+        assert np.array_equal(st.read_derived("synthesis_targets"), kept[0])
+        assert np.array_equal(st.read_derived("synthesis_styles"), kept[1])
+        assert st.manifest["synthesis_plan"]["styles_digest"] == digest
+    after = _arrays(cfg.out)
+    for k in before:
+        assert np.array_equal(before[k], after[k]), k
+
+
+def test_the_open_hook_sees_what_another_shard_kept_before_it(tiny_teacher, synth_cfg):
+    """A Zarr handle caches its attributes: a shard that opened the store before another kept its plan
+    there would not see it behind the writers' gate, and keep its own over it (a review)."""
+    from embedcache.extract import _on_open
+
+    cfg = synth_cfg("shards.zarr")
+    synthesize(cfg, teacher=tiny_teacher, log=quiet)
+    seen = []
+    with Store(cfg.out, "a") as late, Store(cfg.out, "a") as first:
+        late.derived()  # read (and cached) before the other shard writes
+        first.put_derived("kept_by_the_other", np.zeros(3, np.float32), {"what": "x"})
+        _on_open(late, lambda st: seen.append(st.derived().get("kept_by_the_other", {}).get("complete")), cfg.out)
+    assert seen == [True]
+
+
 def test_ctrl_c_stops_the_learning_of_contrastive_styles(tiny_teacher, synth_cfg):
     """A stop request while Contrastive-Prompt learned its styles was seen only once they were learned
     (10 minutes later with prompts.steps=20000)."""

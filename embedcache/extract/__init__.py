@@ -251,6 +251,7 @@ def _opening_marks(store: Store, books: "_Books", record: Optional[CallRecord], 
 def _on_open(store: Store, on_open: Callable[[Store], None], out: str) -> None:
     try:
         with _writers_gate(store):
+            store.refresh()  # what another shard wrote behind the gate before this one took it
             on_open(store)
     except OSError as exc:
         if is_disk_full(exc):

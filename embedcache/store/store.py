@@ -167,7 +167,7 @@ class Store:
         if missing:
             try:
                 with self.b.exclusive():
-                    self._refresh()
+                    self.refresh()
                     missing = [a for a in missing if not self.b.has(a)]
             except OSError:  # read-only storage: no lock to take, and nothing moves there either
                 pass
@@ -358,7 +358,7 @@ class Store:
         left alone (all of them: nothing is changed). Packed arrays get a chunk per block again first,
         so that each block is rewritten alone (by separate processes, if sharded)."""
         with self.b.exclusive():
-            self._refresh()
+            self.refresh()
             redo = [int(b) for b in blocks]
             sums, done = self._own_bookkeeping() if redo else (None, None)  # none: only tables are redone
             if recheck and redo:
@@ -405,7 +405,7 @@ class Store:
                                    "delete the store and re-extract")
         return bool(want)
 
-    def _refresh(self) -> None:
+    def refresh(self) -> None:
         """The store's metadata read again (another process may have packed or finished it)."""
         self.b.refresh()
         self.manifest = self.b.get_attr("manifest") or {}
