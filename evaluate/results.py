@@ -141,21 +141,23 @@ def merge(old: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([old[~_redone(old, rows)], rows], ignore_index=True)
 
 
-def _scoped(holdout: pd.Series) -> pd.Series:
-    """A row's holdout as a scope: a transfer row's without the domains its run held out, which rows
-    scored before transfer rows named them lack (one run has one split: nothing else differs there)."""
+def _bare(holdout: pd.Series) -> pd.Series:
+    """A transfer row's holdout as rows scored before transfer rows named their run's held-out domains
+    have it ("transfer", with its classes part); other rows' as they are."""
     return holdout.astype(str).str.replace("; " + TRAINED_WITHOUT + "[^;]*", "", regex=True)
 
 
 def _redone(old: pd.DataFrame, rows: pd.DataFrame) -> np.ndarray:
     """Which ``old`` rows ``rows`` replace: those of a scope and setting it gives, an old row of no
     recorded ``trained_on`` ("-", scored before the column) taken for any store its run trained on, and an
-    old transfer row's bare "transfer" for the domains its run held out."""
-    on = [c for c in SCOPE if c != "trained_on"] + ["setting"]
-    done = rows[SCOPE].assign(setting=_setting(rows["split"]), holdout=_scoped(rows["holdout"])).drop_duplicates()
-    was = old[SCOPE].assign(setting=_setting(old["split"]), holdout=_scoped(old["holdout"]), row=np.arange(len(old)))
+    old transfer row's bare "transfer" for the domains its run held out (a run of the same name that held
+    out others keeps its rows)."""
+    on = [c for c in SCOPE if c not in ("trained_on", "holdout")] + ["setting"]
+    done = rows[SCOPE].assign(setting=_setting(rows["split"]), bare=_bare(rows["holdout"])).drop_duplicates()
+    was = old[SCOPE].assign(setting=_setting(old["split"]), row=np.arange(len(old)))
     pairs = was.merge(done, on=on, suffixes=("", "_now"))
-    hit = pairs[(pairs["trained_on"] == pairs["trained_on_now"]) | (pairs["trained_on"] == "-")]["row"]
+    same_store = (pairs["trained_on"] == pairs["trained_on_now"]) | (pairs["trained_on"] == "-")
+    same_split = (pairs["holdout"] == pairs["holdout_now"]) | (pairs["holdout"] == pairs["bare"])
     out = np.zeros(len(old), bool)
-    out[hit.to_numpy()] = True
+    out[pairs[same_store & same_split]["row"].to_numpy()] = True
     return out

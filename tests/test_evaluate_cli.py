@@ -740,6 +740,10 @@ def test_transfer_rows_scored_before_they_named_the_held_out_domains_are_replace
     upsert(out, rows("transfer", 0.1))
     got = upsert(out, rows(holdout_tag(["d1"], transfer=True), 0.2))
     assert list(got.value) == [0.2] and list(got.holdout) == ["transfer; trained without: d1"]
+    # a run of the same name that held out another domain (art/r0, photo/r0) keeps its rows (a review)
+    got = upsert(out, rows(holdout_tag(["d2"], transfer=True), 0.3))
+    assert sorted(zip(got.holdout, got.value)) == [("transfer; trained without: d1", 0.2),
+                                                  ("transfer; trained without: d2", 0.3)]
 
 
 def test_few_shot_takes_a_shot_count_and_keeps_each_counts_rows(runs, synthetic_store, tmp_path):
