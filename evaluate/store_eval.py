@@ -18,7 +18,7 @@ from embedcache.errors import EvaluationError
 
 from .index import search_path
 from .protocols import CLASS_SPLIT, PROTOCOLS, EvalData, named_warnings, seeded_class_split
-from .results import conform, held_domains, holdout_tag
+from .results import TRAINED_WITHOUT, TRANSFER, conform, held_domains, holdout_tag
 
 
 def _rows_of(split: Dict, name: str) -> Optional[np.ndarray]:
@@ -96,7 +96,23 @@ def method_frame(results: pd.DataFrame) -> pd.DataFrame:
     results = conform(results)
     own = (results["trained_on"] == "-") & ~results["holdout"].astype(str).str.startswith("transfer")
     results["trained_on"] = results["trained_on"].where(~own, results["store_key"])  # older rows: their own store's
+    results["holdout"] = _with_held_domains(results)
     return results.assign(unseen=results["holdout"].astype(str).str.extract(r"unseen: (.*)$", expand=False).fillna(""))
+
+
+def _with_held_domains(results: pd.DataFrame) -> pd.Series:
+    """Each row's holdout, a bare "transfer" (scored before transfer rows named their run's held-out
+    domains) given the domains its run held out, read from the run's own-store rows: beside rescored
+    rows, a replicate of bare ones would read short of its runs."""
+    holdout = results["holdout"].astype(str)
+    bare = holdout.str.match(TRANSFER + r"($|;)") & ~holdout.str.contains(TRAINED_WITHOUT, regex=False)
+    if not bare.any():
+        return holdout
+    own = results[~holdout.str.startswith(TRANSFER)].assign(held=held_domains(holdout[~holdout.str.startswith(TRANSFER)]))
+    held = own[own["held"] != ""].groupby(["run", "trained_on"])["held"].agg(lambda x: x.iloc[0] if x.nunique() == 1 else "")
+    found = pd.Series([held.get((r, t), "") for r, t in zip(results["run"], results["trained_on"])], index=results.index)
+    named = TRANSFER + "; " + TRAINED_WITHOUT + found + holdout.str[len(TRANSFER):]
+    return holdout.where(~(bare & (found != "")), named)
 
 
 def method_keys(results: pd.DataFrame) -> list:

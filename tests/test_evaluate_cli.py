@@ -728,6 +728,25 @@ def test_transfer_rows_of_a_replicate_short_of_a_held_out_run_are_incomplete():
     assert summary_table(_top1_rows(every)).loc[key, "replicates"] == "2"
 
 
+def test_bare_transfer_rows_beside_tagged_ones_take_their_runs_held_out_domains():
+    """After the upgrade a relaunch rescored only some runs: one run's transfer rows named its held-out
+    domain, the others' said only "transfer", and every replicate of bare rows read incomplete (a
+    review). A bare row takes its run's held-out domains from the run's own-store rows."""
+    from embedcache.evaluate.results import holdout_tag
+    from embedcache.evaluate.store_eval import summary_table
+
+    rows = []
+    for rep in (0, 1):
+        for h in ("d1", "d2"):
+            run = f"{h}-{rep}"
+            tagged = (rep, h) == (0, "d1")  # the one run rescored since
+            rows.append(("zero_shot", "t1", rep, 0.5, {"run": run, "store_key": "T", "trained_on": "S",
+                                                       "holdout": holdout_tag([h], transfer=True) if tagged else "transfer"}))
+            rows.append(("out_of_domain", h, rep, 0.4, {"run": run, "store_key": "S", "trained_on": "S", "holdout": h}))
+    t = summary_table(_top1_rows(rows), split="zero_shot")
+    assert t.loc[("T", "r", "s", "name", "-", "zero_shot"), "replicates"] == "2", t
+
+
 def test_transfer_rows_scored_before_they_named_the_held_out_domains_are_replaced_by_a_rescoring(tmp_path):
     from embedcache.evaluate.results import holdout_tag, upsert
 
