@@ -838,3 +838,22 @@ def test_the_partial_note_names_a_method_none_of_whose_runs_has_results(tmp_path
     note = partial_note(str(sweep))
     assert note.startswith("partial: 1 of 4 runs of this sweep have results"), note
     assert "no run of li_iccv23 / resnet18 / optim.lr=1e+12 has results: it is not in the tables" in note, note
+
+
+def test_a_dropped_run_deleted_from_disk_stays_out_of_the_table(synthetic_store, tmp_path):
+    """A run the grid dropped, whose folder and results file the user then deleted, read as rows added
+    by hand to results.parquet (not a sweep run any more) and came back in every table (a review)."""
+    import shutil
+
+    from embedcache.students.sweep import collect
+
+    out = tmp_path / "sw"
+    both = _sweep_file(tmp_path, synthetic_store, grid={"recipe": ["feat_kd", "ce"], "seed": [0]}, holdout_domains=["solid"])
+    run_sweep(load_sweep(str(both)), str(out), progress=False, log=quiet)
+    ce = sorted(p.stem for p in (out / "results").glob("ce*.parquet"))
+    assert len(ce) == 1
+    one = _sweep_file(tmp_path, synthetic_store, grid={"recipe": ["feat_kd"], "seed": [0]}, holdout_domains=["solid"])
+    shutil.rmtree(out / "runs" / ce[0])
+    (out / "results" / f"{ce[0]}.parquet").unlink()
+    res = run_sweep(load_sweep(str(one)), str(out), progress=False, log=quiet)
+    assert set(res["results"]["recipe"]) == {"feat_kd"} and set(collect(str(out))["recipe"]) == {"feat_kd"}

@@ -340,12 +340,21 @@ def _folder_rows(sweep_dir: str) -> Optional[pd.DataFrame]:
                               "hand go with it): the sweep's runs' rows are in results/, and its next launch writes it again") from None
 
 
+RUNS_EVER = "runs_ever.json"  # every run name any launch's grid held: a sweep run's, whatever was deleted since
+
+
+def _listed(sweep_dir: str, name: str) -> List[str]:
+    path = Path(sweep_dir) / name
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
 def _sweep_runs(sweep_dir: str, names: Optional[List[str]]) -> set:
-    """Every run name of the sweep: of its grid, of its run folders and of its results files (runs of
-    grids since dropped included): their rows come from their results/ files, or not at all."""
+    """Every run name of the sweep: of any launch's grid, of its run folders and of its results files
+    (runs of grids since dropped included, their folders deleted or not): their rows come from their
+    results/ files, or not at all."""
     d = Path(sweep_dir)
     found = {p.name for p in (d / "runs").glob("*") if p.is_dir()} | {p.stem for p in (d / "results").glob("*.parquet")}
-    return found | set(names or []) | set(_grid_runs(sweep_dir) or [])
+    return found | set(names or []) | set(_grid_runs(sweep_dir) or []) | set(_listed(sweep_dir, RUNS_EVER))
 
 
 def left_out_note(sweep_dir: str, table: pd.DataFrame) -> str:
@@ -644,7 +653,10 @@ def _settle(spec: SweepSpec, sweep_dir: str, points: List[SweepPoint], others_li
     if _named_as(sweep_dir, spec.store) != named_as:  # another launch created store.json first
         points = expand(spec, sweep_dir)
     atomic_write_text(Path(sweep_dir) / "sweep.yaml", yaml.safe_dump(to_dict(spec), sort_keys=True))
-    atomic_write_text(Path(sweep_dir) / "runs.json", json.dumps(sorted(Path(p.cfg.out).name for p in points)))
+    ever = set(_grid_runs(sweep_dir) or []) | set(_listed(sweep_dir, RUNS_EVER))  # before runs.json is rewritten
+    names = sorted(Path(p.cfg.out).name for p in points)
+    atomic_write_text(Path(sweep_dir) / RUNS_EVER, json.dumps(sorted(ever | set(names))))
+    atomic_write_text(Path(sweep_dir) / "runs.json", json.dumps(names))
     tags = {Path(p.cfg.out).name: sweep_tags(spec, p) for p in points}
     named = {Path(p.cfg.out).name: {"recipe": p.cfg.recipe, "student": p.cfg.student.name} for p in points}
     atomic_write_text(Path(sweep_dir) / "tags.json",  # this launch's grid, and each run's method (for the notes)
