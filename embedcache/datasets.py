@@ -65,6 +65,7 @@ class ImageDataset:
         self._loader = loader
         self._extra = extra_fingerprint or {}
         self._class_ids = class_ids
+        self.hidden_images = 0  # image files left out as hidden (a folder scan's), recorded in the manifest
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -151,20 +152,46 @@ def _require_dir(path: Optional[str], what: str) -> Path:
     return root
 
 
-def _subfolders(folder: Path) -> List[Path]:
-    """The visible sub-folders (a hidden one, .ipynb_checkpoints or .git, is never a domain or class)."""
-    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+class _Scan:
+    """What a folder scan leaves out: files of other types, and image files that are hidden or lie in
+    hidden folders (.ipynb_checkpoints, .git: never a domain, class or image)."""
 
+    def __init__(self):
+        self.others: List[Path] = []
+        self.hidden: List[Path] = []
 
-def _images_in(folder: Path, others: List[Path]) -> List[Path]:
-    """The image files under ``folder``, hidden folders and files left out; files of other types are
-    added to ``others``."""
-    images = []
-    for p in sorted(folder.rglob("*")):
-        if any(part.startswith(".") for part in p.relative_to(folder).parts) or not p.is_file():
-            continue
-        (images if p.suffix.lower() in IMAGE_EXTENSIONS else others).append(p)
-    return images
+    def subfolders(self, folder: Path) -> List[Path]:
+        """The visible sub-folders of ``folder`` (a hidden one's images counted as left out)."""
+        out = []
+        for d in sorted(d for d in folder.iterdir() if d.is_dir()):
+            if d.name.startswith("."):
+                self.hidden += [p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+            else:
+                out.append(d)
+        return out
+
+    def images(self, folder: Path) -> List[Path]:
+        """The visible image files under ``folder``."""
+        images = []
+        for p in sorted(folder.rglob("*")):
+            if not p.is_file():
+                continue
+            image = p.suffix.lower() in IMAGE_EXTENSIONS
+            if any(part.startswith(".") for part in p.relative_to(folder).parts):
+                if image:
+                    self.hidden.append(p)
+                continue
+            (images if image else self.others).append(p)
+        return images
+
+    def dataset(self, name: str, root: Path, samples: List["Sample"], max_per_class: Optional[int]) -> "ImageDataset":
+        """The dataset of ``samples`` (the layout checked), what was left out said or recorded."""
+        _say_left_out(root, self.others)
+        if name == "domainbed":
+            _say_uneven_classes(root, samples)
+        ds = ImageDataset(name, root, _limit(samples, max_per_class))
+        ds.hidden_images = len(self.hidden)
+        return ds
 
 
 # image formats a folder may hold that are not read (annotation files beside images are not said)
@@ -204,13 +231,11 @@ def _say_uneven_classes(root: Path, samples: List["Sample"]) -> None:
 def domainbed(cfg: DatasetConfig) -> ImageDataset:
     """DomainBed layout ``root/domain/class/image`` (PACS, VLCS, OfficeHome, ...)."""
     root = _require_dir(cfg.path, "the domainbed dataset")
-    samples, others = [], []
-    for dom in _subfolders(root):
-        for cls in _subfolders(dom):
-            for f in _images_in(cls, others):
+    scan, samples = _Scan(), []
+    for dom in scan.subfolders(root):
+        for cls in scan.subfolders(dom):
+            for f in scan.images(cls):
                 samples.append(Sample(f.relative_to(root).as_posix(), cls.name, dom.name, "train", f.stat().st_size))
-    _say_left_out(root, others)
-    _say_uneven_classes(root, samples)
     if samples and min(_depth(s) for s in samples) > 3 and any(_like_domains(d) for d in root.iterdir() if d.is_dir()):
         # root/x/domain/class/image: the domains read as classes
         top = root / Path(samples[0].path).parts[0]
@@ -221,7 +246,7 @@ def domainbed(cfg: DatasetConfig) -> ImageDataset:
         raise DatasetError(f"dataset.path {root} holds class folders of images (class/image), not domain folders "
                            f"(domain/class/image): --set dataset.path={root.parent} for all domains, or "
                            "--set dataset.name=folder for this one")
-    return ImageDataset("domainbed", root, _limit(samples, cfg.max_per_class))
+    return scan.dataset("domainbed", root, samples, cfg.max_per_class)
 
 
 def _like_domains(folder: Path) -> bool:
@@ -245,15 +270,14 @@ def _has_images_at_depth(root: Path, depth: int) -> bool:
 def folder(cfg: DatasetConfig) -> ImageDataset:
     """Flat layout ``root/class/image``: one domain, named after the root folder."""
     root = _require_dir(cfg.path, "the folder dataset")
-    samples, others = [], []
-    for cls in _subfolders(root):
-        for f in _images_in(cls, others):
+    scan, samples = _Scan(), []
+    for cls in scan.subfolders(root):
+        for f in scan.images(cls):
             samples.append(Sample(f.relative_to(root).as_posix(), cls.name, root.name, "train", f.stat().st_size))
-    _say_left_out(root, others)
     if samples and min(_depth(s) for s in samples) > 2 and _like_domains(root):  # root/domain/class/image
         raise DatasetError(f"dataset.path {root} holds domain/class/image folders (e.g. {samples[0].path}), not "
                            "class/image: --set dataset.name=domainbed, or point dataset.path at one domain's folder")
-    return ImageDataset("folder", root, _limit(samples, cfg.max_per_class))
+    return scan.dataset("folder", root, samples, cfg.max_per_class)
 
 
 # a sample's split: trained on (train), the validation rows (val), or never trained on nor selected with (test)
@@ -450,6 +474,8 @@ def named_classes(dataset: ImageDataset, path: str) -> ImageDataset:
         raise DatasetError(f"class-names file {path} has no name for label {missing[0]!r} ({len(missing)} of the "
                            f"dataset's {len(labels)} labels unnamed); add {add}")
     samples = [dataclasses.replace(s, class_name=names[s.class_name]) for s in dataset.samples]
-    return ImageDataset(dataset.name, dataset.root, samples, loader=dataset._loader,
-                        extra_fingerprint=dataset._extra, class_order=[names[c] for c in labels],
-                        class_ids={names[c]: c for c in labels})
+    named = ImageDataset(dataset.name, dataset.root, samples, loader=dataset._loader,
+                         extra_fingerprint=dataset._extra, class_order=[names[c] for c in labels],
+                         class_ids={names[c]: c for c in labels})
+    named.hidden_images = dataset.hidden_images
+    return named

@@ -482,6 +482,31 @@ def test_recorded_paths_leave_names_as_given(tmp_path, monkeypatch):
                                      "text": {"templates": str(tmp_path / "tpl.txt")}}
 
 
+def test_a_store_made_before_hidden_files_were_left_out_is_refused_saying_why(make_cfg, tiny_teacher, tmp_path):
+    """Hidden files are no longer images: a store whose version read them has another dataset key, and
+    the refusal said only "its dataset differs" (a review)."""
+    from PIL import Image
+
+    for c in "ab":
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((30, 40, 3), 60 * i, np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
+    (tmp_path / "data" / "a" / "ipynb_checkpoints").mkdir()
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / "data" / "a" / "ipynb_checkpoints" / "0.png")
+    cfg = make_cfg("before.zarr", "dataset.name=folder", f"dataset.path={tmp_path / 'data'}")
+    extract(cfg, teacher=tiny_teacher, log=quiet)  # 5 images, as the version before read the hidden folder's
+    with Store(cfg.out, "a") as st:  # ... and recorded nothing of hidden files
+        st.write_manifest({**st.manifest, "dataset": {k: v for k, v in st.manifest["dataset"].items()
+                                                      if k != "hidden_images_left_out"}})
+    (tmp_path / "data" / "a" / "ipynb_checkpoints").rename(tmp_path / "data" / "a" / ".ipynb_checkpoints")
+    with pytest.raises(StoreMismatchError, match=r"its dataset differs \(this version leaves out the 1 hidden image "
+                                                  r"file\(s\) of the dataset folder, e.g. in .ipynb_checkpoints"):
+        extract(cfg, teacher=tiny_teacher, log=quiet)
+    with embedcache.open_store(extract(make_cfg("now.zarr", "dataset.name=folder", f"dataset.path={tmp_path / 'data'}"),
+                                       teacher=tiny_teacher, log=quiet).path) as s:
+        assert s.manifest["dataset"]["hidden_images_left_out"] == 1 and len(s.meta) == 4
+
+
 def test_numbered_labels_need_names_before_the_teacher_is_built(tmp_path, make_cfg, tiny_teacher, monkeypatch):
     """A CSV labelled 0..C-1 made a store whose text embeddings were those of "a photo of a 10." and
     whose label indices followed the string order (1, 10, 2); now it is refused before any teacher is

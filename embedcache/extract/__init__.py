@@ -60,7 +60,12 @@ def policy_of(cfg: ExtractConfig) -> ViewPolicy:
 def made_so(store: Store, manifest: Dict) -> Store:
     """``store``, refused in one line unless it was made from the inputs of ``manifest`` (naming what
     differs): the one check of the real run and its dry run."""
-    return store.require(manifest["key"], complete=False, differs=differing_parts(store.manifest, manifest),
+    differs = differing_parts(store.manifest, manifest)
+    hidden = manifest["dataset"].get("hidden_images_left_out", 0)
+    why = "" if "dataset" not in differs or not hidden or "hidden_images_left_out" in store.manifest["dataset"] else (
+        f" (this version leaves out the {hidden} hidden image file(s) of the dataset folder, e.g. in "
+        ".ipynb_checkpoints, which the version that made this store read as images)")
+    return store.require(manifest["key"], complete=False, differs=differs + why,
                          advice="use another --out path, or delete that store if it is no longer needed")
 
 
