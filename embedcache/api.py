@@ -278,7 +278,7 @@ class StoreReader:
             meta, text = self.meta, self.text_table
             out.update(images_per_domain={str(d): int(n) for d, n in meta["domain"].value_counts().sort_index().items()},
                        prompts_per_source={s: int((text["source"] == s).sum()) for s in self.text_sources},
-                       derived=list(st.derived()), calls=m.get("calls") or [])
+                       derived=list(st.derived()), calls=m.get("calls"))  # None: made before calls were recorded
             usage = m.get("teacher_usage")
         else:
             from .extract.history import calls_of

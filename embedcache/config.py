@@ -185,7 +185,7 @@ class ExtractConfig:
     views: ViewsConfig = setting(factory=ViewsConfig)
     canvas: CanvasConfig = setting(factory=CanvasConfig)
     text: TextConfig = setting(factory=TextConfig)
-    out: Optional[str] = None        # store path; .h5/.hdf5 picks HDF5 unless backend says otherwise
+    out: Optional[str] = None        # store path; .h5/.hdf5 picks HDF5, else Zarr (a backend against the suffix is refused)
     backend: Optional[str] = setting(None, choices=("zarr", "hdf5"))
     # auto: JPEGs decoded and views rendered on the device when the teacher is on a GPU, else PIL.
     # The pipeline changes pixels slightly, so it is part of the cache key (recorded as `pipeline`).

@@ -594,6 +594,14 @@ def test_bad_settings_are_one_line_errors(synth_cfg, override, match):
     assert "\n" not in str(err.value)
 
 
+def test_a_store_path_against_its_backend_is_refused_before_styles_are_learned(synth_cfg, tiny_teacher, monkeypatch):
+    import embedcache.synthesis.run as run
+
+    monkeypatch.setattr(run, "build_plan", lambda *a, **k: pytest.fail("styles learned for a store refused"))
+    with pytest.raises(ConfigError, match=r"--out .*x.zarr names a Zarr store, but backend=hdf5"):
+        synthesize(synth_cfg("x.zarr", "backend=hdf5", "prompts.method=contrastive"), teacher=tiny_teacher, log=quiet)
+
+
 @pytest.mark.parametrize("method", ["plain", "contrastive"])
 def test_one_class_is_refused(synth_cfg, method):
     """A one-class store scored 100% on every nearest-label protocol, by construction, with exit 0."""

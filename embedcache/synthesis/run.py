@@ -225,6 +225,7 @@ def prepare(cfg: SynthesizeConfig, teacher: Optional[Teacher] = None, log: Calla
     cfg.check()  # also for configs built in code, not by build_config
     if not cfg.out:
         raise ConfigError("no output store given; pass --out PATH (e.g. stores/pacs-contrastive.zarr)")
+    backend_name_for(cfg.out, cfg.backend, new=True)  # a path the store cannot have: before styles are learned
     require_gradients(teacher if teacher is not None else cfg.teacher.name)
     teacher = teacher or build_teacher(cfg.teacher)
     require_gradients(teacher)
