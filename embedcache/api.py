@@ -126,7 +126,7 @@ class StoreReader:
                 "prompts": json_digest(prompts) if prompts is not None else None, "producer": self._store.producer}
 
     def text(self, source: str = "name") -> pd.DataFrame:
-        """One row per prompt of ``source``: label, class_name, prompt, n_tokens, truncated."""
+        """One row per prompt of ``source``: source, label, class_name, prompt, n_tokens, truncated."""
         self._check_source(source)
         return self.text_table[self.text_table["source"] == source].reset_index(drop=True)
 
