@@ -23,7 +23,7 @@ import torch
 from embedcache.api import StoreReader
 from embedcache.config import to_dict
 from embedcache.device import resolve_device
-from embedcache.errors import StoreError
+from embedcache.errors import ConfigError, StoreError
 from embedcache.store import Store
 
 from .config import SplitConfig, StudentConfig
@@ -46,6 +46,8 @@ def cache_features(store: str, cfg: StudentConfig, seed: int = 0, batch_size: in
     """Write the features of ``cfg``'s backbone (built under ``seed``) into the store; returns the derived name."""
     from tqdm.auto import tqdm
 
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size} is not valid: give 1 or more (--batch-size 64)")
     dev = resolve_device(device)
     with Store(store, "a") as st:
         reader = StoreReader(st)
@@ -70,9 +72,10 @@ def cache_features(store: str, cfg: StudentConfig, seed: int = 0, batch_size: in
 
 
 def has_features(store: Store, key: str) -> bool:
-    """Features of this key are cached complete and rendered as the store's views are now."""
+    """Features of this key are cached complete (their array there) and rendered as the store's views are now."""
     info = store.derived().get(key, {})
-    return bool(info.get("complete")) and _rendered(info) == store_interpolation(store.manifest)
+    return (bool(info.get("complete")) and _rendered(info) == store_interpolation(store.manifest)
+            and store.has(f"derived/{key}"))
 
 
 def _rendered(info: dict) -> str:

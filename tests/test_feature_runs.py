@@ -281,3 +281,51 @@ def test_the_command_named_for_missing_features_makes_them(feature_store, tmp_pa
     again = CliRunner().invoke(main, ["features", "--store", str(store), "--student", "test_resnet", "--set",
                                       "student.input_size=40", "--seed", "5", "--device", "cpu", "--no-progress"])
     assert again.exit_code == 0, again.output
+
+
+def test_features_refuse_a_batch_size_below_one_and_remake_an_array_gone_from_disk(synthetic_store, tmp_path):
+    """`features --batch-size -1` stored all-zero features as complete (exit 0; a linear probe on them
+    trained at chance), and a features array deleted from disk read as "already cached" (a trial)."""
+    from click.testing import CliRunner
+
+    from embedcache.cli import main
+    from embedcache.errors import ConfigError
+    from embedcache.store import Store
+
+    store = tmp_path / "s.zarr"
+    shutil.copytree(synthetic_store, store)
+    student = StudentConfig(name="test_resnet", input_size=32)
+    for bad in (0, -1):
+        with pytest.raises(ConfigError, match=f"batch_size={bad} is not valid: give 1 or more"):
+            cache_features(str(store), student, batch_size=bad, device="cpu", progress=False, log=quiet)
+        said = CliRunner().invoke(main, ["features", "--store", str(store), "--student", "test_resnet", "--set",
+                                         "input_size=32", "--batch-size", str(bad)])
+        assert said.exit_code == 2 and "--batch-size" in said.output, said.output
+    key = cache_features(str(store), student, device="cpu", progress=False, log=quiet)
+    with Store(str(store)) as st:
+        made = st.read_derived(key)
+    assert np.abs(made).max() > 0
+    shutil.rmtree(store / "derived" / key)
+    said = []
+    cache_features(str(store), student, device="cpu", progress=False, log=said.append)
+    assert not any("already cached" in line for line in said), said
+    with Store(str(store)) as st:
+        assert np.array_equal(st.read_derived(key), made)
+
+
+def test_a_stopped_features_command_says_it_starts_again(synthetic_store, tmp_path, monkeypatch):
+    """Ctrl-C said "rerun the same command to resume"; the array is written whole, so a rerun starts
+    from the first batch (a trial)."""
+    from click.testing import CliRunner
+
+    from embedcache.cli import main
+    from embedcache.students import features
+
+    def stop(*args, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(features, "student_views", stop)
+    said = CliRunner().invoke(main, ["features", "--store", str(synthetic_store), "--student", "test_resnet", "--set",
+                                     "input_size=24", "--device", "cpu", "--no-progress"])
+    assert said.exit_code == 130 and "nothing was kept; rerun the same command to compute them from the start" in said.output
+    assert "resume" not in said.output, said.output
