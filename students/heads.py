@@ -14,13 +14,13 @@ restarted whole if interrupted (heads run thousands of steps per second).
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Union
 
 import numpy as np
 import torch
 
 from embedcache.config import to_dict
-from embedcache.errors import ConfigError
+from embedcache.errors import ConfigError, TrainingError
 from embedcache.fileio import json_digest
 
 from .config import TrainConfig
@@ -82,8 +82,11 @@ def _vectorised_loss(stage, text: torch.Tensor, with_logits: bool):
 
 
 def train_heads(cfgs: List[TrainConfig], log: Callable[[str], None] = print,
-                should_stop: Optional[Callable[[], bool]] = None) -> List[RunResult]:
-    """Train the runs of one pack together (see the module docstring); returns one result per run."""
+                should_stop: Optional[Callable[[], bool]] = None) -> List[Union[RunResult, TrainingError]]:
+    """Train the runs of one pack together (see the module docstring); returns one result per run, or
+    for a run whose head diverged its error: that head fails alone (its NaNs stay in its own slice of
+    the stacks, batches and optimizer) and the others train on. A pack whose every head diverged
+    raises the first one's error."""
     if not cfgs:
         return []
     bad = [c for c in cfgs if not can_pack(c)]
@@ -108,6 +111,7 @@ def train_heads(cfgs: List[TrainConfig], log: Callable[[str], None] = print,
     closed = HeadStep(heads, cls, stage, first.text) if HeadStep.applies(first.model, stage, first.inputs.kind) else None
     losses = _vectorised_loss(stage, first.text, cls is not None) if closed is None else None
     running: Dict[str, torch.Tensor] = {}
+    failed: Dict[int, TrainingError] = {}
     count = 0
     t_loop, paused = time.time(), 0.0
     for step in range(cfg.steps):
@@ -137,9 +141,16 @@ def train_heads(cfgs: List[TrainConfig], log: Callable[[str], None] = print,
         if done % cfg.eval_every == 0 or done == cfg.steps:
             t_pause = settled_time(first.device)
             for h, t in enumerate(trainers):
+                if h in failed:
+                    continue
                 t.running, t.n_running = {name: v[h] for name, v in running.items()}, count
-                t.check_finite(done)
-                t.evaluate(done, 0, stage)
+                try:
+                    t.check_finite(done)
+                    t.evaluate(done, 0, stage)
+                except TrainingError as exc:
+                    failed[h] = exc
+            if len(failed) == n:
+                raise failed[min(failed)]
             running, count = {}, 0
             paused += time.time() - t_pause
         if should_stop is not None and should_stop() and done < cfg.steps:
@@ -147,4 +158,4 @@ def train_heads(cfgs: List[TrainConfig], log: Callable[[str], None] = print,
 
             raise RunInterrupted(f"head pack stopped at step {done}; rerun to train it again")
     loop = time.time() - t_loop - paused  # the steps alone, as a single run counts them
-    return [t.finish(t0, loop) for t in trainers]
+    return [failed[h] if h in failed else t.finish(t0, loop) for h, t in enumerate(trainers)]

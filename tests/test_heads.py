@@ -239,3 +239,45 @@ def test_a_pack_rerun_clears_old_failures_and_skips_runs_finished_meanwhile(feat
     statuses = {r["run"]: r["status"] for r in run_pack(points, sweep, out, "cpu")}
     assert statuses == {first.name: "done", second.name: "skipped"}
     assert not (first.path / "error.txt").exists() and kept.read_bytes() == kept_bytes
+
+
+def test_a_diverging_head_fails_alone_and_its_pack_mates_finish(feature_store, tmp_path):
+    """One head of a pack at lr 1e38 made every run of the pack fail, on every relaunch, with the
+    diverged run's error in each one's error.txt (a trial). It fails alone; the others end as they would
+    alone."""
+    from embedcache.errors import TrainingError
+
+    store, student = feature_store
+    good = _cfg(store, student, tmp_path / "good", "linear_probe", 0, 1e-3, name="sgd")
+    bad = _cfg(store, student, tmp_path / "bad", "linear_probe", 0, 1e38, name="sgd")
+    alone = _cfg(store, student, tmp_path / "alone", "linear_probe", 0, 1e-3, name="sgd")
+    got = train_heads([bad, good], log=quiet)
+    assert isinstance(got[0], TrainingError) and "bad" in str(got[0]) and "good" not in str(got[0])
+    assert (tmp_path / "good" / "done").exists() and not (tmp_path / "bad" / "done").exists()
+    ref = train(alone, log=quiet)
+    assert got[1].val_top1 == pytest.approx(ref.val_top1)
+    wg, wa = load_file(f"{good.out}/model.safetensors"), load_file(f"{alone.out}/model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wg[k], wa[k], atol=2e-5, rtol=1e-4)
+    with pytest.raises(TrainingError, match="bad"):  # a pack of diverging heads alone: its first error
+        train_heads([_cfg(store, student, tmp_path / "bad2", "linear_probe", 0, 1e38, name="sgd")], log=quiet)
+
+
+def test_a_packed_sweep_with_a_diverging_learning_rate_finishes_its_other_runs(feature_store, tmp_path):
+    import yaml
+
+    from embedcache.students.sweep import load_sweep, run_sweep
+
+    store, student = feature_store
+    spec = {"store": str(store), "protocol": "lodo", "holdout_domains": ["outline"], "launcher": "serial",
+            "pack_heads": True,
+            "base": {"recipe": "linear_probe", "features": True, "steps": 20, "batch_size": 8, "eval_every": 10,
+                     "device": "cpu", "optim": {"name": "sgd"},
+                     "student": {"name": "test_resnet", "input_size": 32, "pretrained": student.pretrained}},
+            "grid": {"seed": [0], "optim.lr": [1e-3, 1e38]}}
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(spec))
+    res = run_sweep(load_sweep(str(f)), str(tmp_path / "sw"), progress=False, log=quiet)
+    assert (res["done"], res["failed"]) == (1, 1), res
+    errors = list((tmp_path / "sw" / "runs").glob("*/error.txt"))
+    assert len(errors) == 1 and errors[0].parent.name in errors[0].read_text()  # its own error, not another's

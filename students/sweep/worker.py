@@ -160,10 +160,13 @@ def run_pack(points, spec, sweep_dir: str, device: str = "auto"):
         try:
             for p in todo:
                 _start(RunDir(p.cfg.out), spec, p, pack=len(todo))
-            train_heads([p.cfg for p in todo if not RunDir(p.cfg.out).done], log=lambda _m: None,
-                        should_stop=interrupt.requested)
-            for p in todo:
-                out.append(_finish(RunDir(p.cfg.out), spec, p, device, sweep_dir))
+            training = [p for p in todo if not RunDir(p.cfg.out).done]
+            ended = train_heads([p.cfg for p in training], log=lambda _m: None, should_stop=interrupt.requested)
+            diverged = {p.cfg.out: r for p, r in zip(training, ended) if isinstance(r, Exception)}
+            for p in todo:  # a head that diverged fails alone
+                run = RunDir(p.cfg.out)
+                out.append(_failure(run, diverged[p.cfg.out]) if p.cfg.out in diverged else
+                           _finish(run, spec, p, device, sweep_dir))
         except KeyboardInterrupt:
             out += [{"run": RunDir(p.cfg.out).name, "status": "interrupted"} for p in todo
                     if not result_path(sweep_dir, RunDir(p.cfg.out).name).exists()]
