@@ -203,6 +203,21 @@ def test_unreachable_ray_address_is_one_line(synthetic_store, tmp_path):
     assert res.exit_code == 2 and "cannot reach a Ray cluster at '127.0.0.1:" in res.output
 
 
+def test_a_run_asking_ray_for_more_than_it_has_is_refused(synthetic_store, tmp_path):
+    """resources.num_gpus=1 on a machine without a GPU: Ray started and no run ever did, with no word
+    (a trial)."""
+    pytest.importorskip("ray", reason="Ray is not installed: pip install '.[ray]'")
+    from embedcache.students.sweep.launchers import _require_fits
+
+    f = _sweep_file(tmp_path, synthetic_store, grid={"recipe": ["feat_kd"]}, resources={"num_cpus": 1, "num_gpus": 1})
+    res = CliRunner().invoke(main, ["sweep", str(f), "--out", str(tmp_path / "r"), "--launcher", "ray", "--no-progress"])
+    assert res.exit_code == 2 and "resources.num_gpus=1 per run is more than the Ray cluster has (GPU: 0)" in res.output
+    assert not list((tmp_path / "r").glob("runs/*/attempts.jsonl"))
+    _require_fits({"CPU": 2.0, "GPU": 1.0}, {"num_cpus": 1, "num_gpus": 0.5}, None)  # fits: nothing said
+    with pytest.warns(UserWarning, match="an autoscaling cluster may add it"):
+        _require_fits({"CPU": 2.0}, {"num_cpus": 64}, "ray://head:10001")
+
+
 def test_ray_launcher_matches_local(synthetic_store, tmp_path, monkeypatch):
     pytest.importorskip("ray", reason="Ray is not installed: pip install '.[ray]'")
     monkeypatch.chdir(tmp_path)  # relative store and sweep paths, as in the shipped sweep files

@@ -15,7 +15,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from embedcache import interrupt
 from embedcache.config import build_config, to_dict
@@ -290,6 +290,21 @@ def _ray_task(items: list, spec_dict: Dict, sweep_dir: str, device: str, threads
     return run_job(_points(items), SweepSpec(**spec_dict), sweep_dir, device)
 
 
+def _require_fits(have: Dict[str, float], res: Dict[str, Any], address: Optional[str]) -> None:
+    """A run's request more than the Ray cluster has would wait for ever, saying nothing: refused in
+    one line (warned, on a cluster at an address: an autoscaling one may add the resources)."""
+    asks = (("num_cpus", "CPU", res.get("num_cpus", 1)), ("num_gpus", "GPU", res.get("num_gpus", 0)),
+            ("memory", "memory", res.get("memory") or 0))
+    for key, name, want in asks:
+        if want and want > have.get(name, 0):
+            said = (f"resources.{key}={want:g} per run is more than the Ray cluster has ({name}: {have.get(name, 0):g}), "
+                    "so no run would ever start; lower it, or give --address of a cluster that has it")
+            if address:
+                warnings.warn(said + " (an autoscaling cluster may add it; waiting)")
+                return
+            raise ConfigError(said)
+
+
 @launcher("ray", options=("address",), reads=("resources",))
 def ray_launcher(jobs: List[List[SweepPoint]], spec, sweep_dir, device="auto", progress=True, address=None):
     """The same runs as Ray tasks (per-run CPU/GPU request from ``resources``; fractional GPUs pack
@@ -311,6 +326,12 @@ def ray_launcher(jobs: List[List[SweepPoint]], spec, sweep_dir, device="auto", p
         raise ConfigError(f"cannot reach a Ray cluster at {address!r} ({type(exc).__name__}); check --address "
                           "(ray://host:10001 or host:6379) or leave it out for a local Ray instance") from None
     res = dict(spec.resources)
+    try:
+        _require_fits(ray.cluster_resources(), res, address)
+    except ConfigError:
+        if started:
+            ray.shutdown()
+        raise
     task = ray.remote(num_cpus=res.get("num_cpus", 1), num_gpus=res.get("num_gpus", 0), max_retries=0,
                       **({"memory": res["memory"]} if res.get("memory") else {}))(_ray_task)
     threads = max(1, int(res.get("num_cpus", 1)))
