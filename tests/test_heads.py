@@ -125,8 +125,11 @@ def test_packed_heads_of_a_student_the_seed_builds_pack_by_backbone(synthetic_st
     jobs = make_jobs(points, True, _backbones(spec_, points))
     assert [len(j) for j in jobs] == [1, 1, 1, 1]  # no two share a backbone: nothing to pack, nothing fails
     assert [len(j) for j in make_jobs(points, True)] == [4]  # without the backbones: one pack, which failed
-    res = run_sweep(spec_, str(tmp_path / "sw"), progress=False, log=quiet)
+    said = []
+    res = run_sweep(spec_, str(tmp_path / "sw"), progress=False, log=said.append)
     assert res["results"]["run"].nunique() == 4
+    assert any(line.startswith("note: pack_heads is set, but no two runs pack: runs of a pack differ only in seed")
+               and "random weights" in line for line in said), said  # it was ignored without a word (a trial)
     import embedcache.students.features as features_mod
 
     built = []

@@ -295,6 +295,15 @@ def make_jobs(points: List[SweepPoint], pack_heads: bool = False,
     return jobs
 
 
+def _why_no_pack(points: List[SweepPoint]) -> str:
+    from ..heads import FREE, can_pack
+
+    if not any(can_pack(p.cfg) for p in points):
+        return "a pack takes head-only runs on cached features (features=true), with no averaging and one stage"
+    return (f"runs of a pack differ only in {', '.join(FREE)} and share one frozen backbone (a student with random "
+            "weights, no student.pretrained, is another backbone under every seed)")
+
+
 def _backbones(spec: SweepSpec, points: List[SweepPoint]) -> List[Optional[str]]:
     from ..features import backbones
 
@@ -690,6 +699,8 @@ def _launch(spec: SweepSpec, sweep_dir: str, points: List[SweepPoint], name: str
         log(note)
     jobs = make_jobs(points, spec.pack_heads, _backbones(spec, points) if spec.pack_heads else None)
     packs = any(len(job) > 1 for job in jobs)
+    if spec.pack_heads and not packs and len(points) > 1:
+        log(f"note: pack_heads is set, but no two runs pack: {_why_no_pack(points)}; each trains alone")
     what = ("stopping: no new run starts; running runs save a checkpoint" +
             (" (a head pack has none: it trains again whole)" if packs else ""))
     with interrupt.graceful(lambda signum: log(interrupt.stop_notice(signum, what))):
