@@ -18,7 +18,8 @@ DEMO_SWEEP, DEMO_STORE = "demo", "stores/demo.zarr"
                                  "config's, else li_iccv23)")
 @click.option("--student", help="student name (resnet18, test_resnet, timm:<name>, openclip_visual; default: the "
                                   "config's, else resnet18)")
-@click.option("--config", "config_path", help="a YAML file, or the name of a packaged train config")
+@click.option("--config", "config_path", help="a YAML file, the name of a packaged train config, or a run's "
+              "config.json (to train that run again; give --out)")
 @click.option("--out", help="run directory (default runs/<recipe>-<student>-<hash>)")
 @click.option("--device", help="auto | cpu | cuda | cuda:N (default: the config's, auto)")
 @overrides_option("steps=500")
@@ -27,11 +28,12 @@ def train(store, recipe, student, config_path, out, device, overrides, no_progre
     """Train a student from a store (never runs the teacher); resumes an interrupted run."""
     from embedcache import interrupt
     from embedcache.config import load_config
+    from embedcache.students.rundir import settings_of
     from embedcache.students.train import TrainConfig, train as run
 
     values = {"store": store, "recipe": recipe, "student.name": student, "out": out, "device": device,
               "progress": False if no_progress else None}
-    cfg = load_config(TrainConfig, config_path, overrides, "train", values)
+    cfg = load_config(TrainConfig, config_path, overrides, "train", values, adapt=settings_of)
     with interrupt.graceful():
         res = run(cfg, log=click.echo, should_stop=interrupt.requested)
     val = "n/a" if res.val_top1 is None else f"{100 * res.val_top1:.1f}%"

@@ -478,10 +478,13 @@ def read_config_file(kind: str, name_or_path: str) -> Tuple[Dict[str, Any], str]
 
 
 def load_config(cls, path: Optional[str] = None, overrides: Sequence[str] = (), kind: str = "extract",
-                values: Optional[Dict[str, Any]] = None):
-    """Any stage's config: YAML file or packaged name (optional) + ``key=value`` overrides + typed
-    ``values`` (dotted keys, applied as given) -> frozen, validated dataclass."""
+                values: Optional[Dict[str, Any]] = None, adapt: Optional[Callable[[Dict], Dict]] = None):
+    """Any stage's config: YAML file or packaged name (optional; ``adapt`` turns what the file holds
+    into settings) + ``key=value`` overrides + typed ``values`` (dotted keys, applied as given) ->
+    frozen, validated dataclass."""
     data: Dict[str, Any] = read_config_file(kind, path)[0] if path is not None else {}
+    if adapt is not None:
+        data = adapt(data)
     data = apply_overrides(data, overrides)
     for key, value in (values or {}).items():
         if value is not None:

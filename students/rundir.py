@@ -111,6 +111,7 @@ class RunDir:
         atomic_write_json(self.file("sweep.json"), tags)
 
     def write_config(self, cfg: TrainConfig, store_key: str, recipe_definition: Dict[str, Any]) -> None:
+        """The run's settings (``RECORDED`` beside them: `train --config` takes the file back, ``settings_of``)."""
         atomic_write_json(self.file("config.json"), {**to_dict(cfg), "store_key": store_key,
                                                      "store_path": str(Path(cfg.store).resolve()),
                                                      "recipe_definition": recipe_definition})
@@ -239,3 +240,16 @@ class RunDir:
             return None
         lines = [ln.strip() for ln in f.read_text(errors="replace").splitlines() if ln.strip()]
         return lines[-1] if lines else "no message"
+
+
+RECORDED = ("store_key", "store_path", "recipe_definition")  # what a run's config.json holds beside its settings
+
+
+def settings_of(data: Dict[str, Any]) -> Dict[str, Any]:
+    """A config file's settings; a run's config.json (``write_config``) gives its training settings, on
+    the store it recorded by absolute path and without its folder (`train --config RUN/config.json
+    --out NEW` trains the run again, where ``--out`` names the new one)."""
+    if "store_key" not in data:
+        return data
+    settings = {k: v for k, v in data.items() if k not in RECORDED and k != "out"}
+    return {**settings, "store": data.get("store_path") or data.get("store")}

@@ -534,6 +534,12 @@ def test_train_cli(synthetic_store, tmp_path):
     bad = CliRunner().invoke(main, ["train", "--store", str(synthetic_store), "--recipe", "nope", "--student", "test_resnet"])
     assert bad.exit_code == 2 and bad.output.strip().count("\n") == 0, bad.output
     assert "recipe='nope' is not valid: choose one of ce, feat_kd" in bad.output
+    # a run's config.json trains the run again (it was refused: "unknown config key recipe_definition")
+    again = CliRunner().invoke(main, ["train", "--config", str(tmp_path / "cli" / "config.json"), "--out",
+                                      str(tmp_path / "again"), "--no-progress"])
+    assert again.exit_code == 0, again.output
+    a, b = load_file(tmp_path / "cli" / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_swad_through_training(synthetic_store, tmp_path):
