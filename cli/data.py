@@ -132,7 +132,8 @@ def verify(store: str, repair: bool, overrides: Sequence[str], no_progress: bool
     res = verify_store(store, repair, overrides, progress=not no_progress, log=click.echo)
     if res.report.ok and not res.report.derived:
         unfinished = f"; {res.unfinished}" if res.unfinished else ""
-        click.echo(f"{store}: {res.report.blocks_checked} blocks and {res.files_checked} files intact{unfinished}")
+        files = f" and {res.files_checked} files" if res.files_checked or not res.unfinished else ""  # none before the finish
+        click.echo(f"{store}: {res.report.blocks_checked} blocks{files} intact{unfinished}")
     elif res.repaired is not None:
         click.echo(f"{store}: repaired ({res.repaired} block(s) re-done)")
 
