@@ -194,7 +194,7 @@ class Prepared:
         made with (learned again, its last bits follow the thread count); a new store keeps this one."""
         kept = kept_plan(store)
         if kept is None:  # arrays a store made before kept (with no record of its plan) are not overwritten
-            keep_plan(store, self.plan, missing_only=True)
+            keep_plan(store, self._plan or self.learn(), missing_only=True)  # (``plan`` would open the store again)
             return
         if self._plan is not None and self._plan.digest() != kept.digest():
             self.log("note: the styles learned now differ from those the store began with (another thread count "
