@@ -228,6 +228,9 @@ def openclip_visual(cfg: StudentConfig, embed_dim: int, num_classes: int) -> Stu
 def build_student(cfg: StudentConfig, embed_dim: int, num_classes: int = 0) -> Student:
     """``embed_dim`` comes from the store (manifest ``teacher.embed_dim``); ``num_classes`` > 0 adds
     a linear classifier over the training classes."""
+    if cfg.model and cfg.name != "openclip_visual":  # a setting no other student reads: never passed over
+        raise ConfigError(f"student.model={cfg.model!r} is read by the openclip_visual student only; student "
+                          f"{cfg.name} has no use for it: leave it out (student.pretrained gives its weights)")
     if cfg.name.startswith("timm:"):
         return _timm_student(cfg.name[len("timm:"):], cfg, embed_dim, num_classes)
     return STUDENTS.get(cfg.name)(cfg, embed_dim, num_classes)

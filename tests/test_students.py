@@ -809,3 +809,11 @@ def test_head_and_classifier_run_in_float32_inside_bf16_autocast():
         ref = {"emb": model.head, "logits": model.classifier}[k](feat.bfloat16().float())
         torch.testing.assert_close(got[k], ref, rtol=1e-6, atol=1e-6)
     assert want["logits"].abs().max() > 8  # logits of the size the rounding hurt
+
+
+def test_a_student_setting_the_student_does_not_read_is_refused():
+    """`features --student efficientnet_lite0 --set model=foo` passed: model is read by openclip_visual
+    only (a trial)."""
+    with pytest.raises(ConfigError, match=r"student.model='foo' is read by the openclip_visual student only; "
+                                          r"student test_resnet has no use for it: leave it out"):
+        build_student(StudentConfig(name="test_resnet", input_size=32, model="foo"), 16)
