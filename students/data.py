@@ -165,6 +165,15 @@ class StoreData:
                                      "(canvas.store=true keeps the canvases in the store)")
         return out
 
+    def say_if_upscaled(self, input_size: int) -> None:
+        """A student input larger than the store's canvas, said for stores of files (every view the
+        student sees would be upscaled from the canvas; generated shapes are drawn small anyway)."""
+        canvas = int(self.reader.layout["canvas"])
+        if input_size > canvas and self.reader.manifest["dataset"].get("name") != "synthetic":
+            warnings.warn(f"student input_size={input_size} is larger than the store's {canvas} px canvas: every view "
+                          f"the student sees is upscaled from it; a smaller student.input_size, or a store extracted "
+                          f"with canvas.size={input_size} or more, gives it the detail")
+
     @cached_property
     def interpolation(self) -> str:
         """How the teacher's views were resampled (the student's views are resampled alike): its

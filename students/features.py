@@ -57,6 +57,7 @@ def cache_features(store: str, cfg: StudentConfig, seed: int = 0, batch_size: in
             log(f"features {key} already cached in {store}")
             return key
         data = StoreData(reader, reader.text_sources[0], SplitConfig(val_fraction=0.0), training=False)
+        data.say_if_upscaled(model.input_size)
         n, v = len(data.labels), data.views
         out = np.zeros((n, v, model.feat_dim), np.float32)
         for i in tqdm(range(0, n, batch_size), desc=f"features {key}", disable=not progress, unit="batch"):

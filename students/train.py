@@ -350,6 +350,8 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         n_cls = len(self.data.train_class_ids) if self.recipe.classifier else 0
         self.model = build_seeded(cfg.student, self.data.dim, n_cls, cfg.seed).to(self.device)
+        if shared is None:
+            self.data.say_if_upscaled(self.model.input_size)
         self.inputs = shared.inputs if shared is not None else \
             INPUTS.get("features" if cfg.features else "canvas")(self.data, self.model, self.device)
         if self.device.type == "cuda" and self.inputs.kind == "images":

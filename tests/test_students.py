@@ -817,3 +817,26 @@ def test_a_student_setting_the_student_does_not_read_is_refused():
     with pytest.raises(ConfigError, match=r"student.model='foo' is read by the openclip_visual student only; "
                                           r"student test_resnet has no use for it: leave it out"):
         build_student(StudentConfig(name="test_resnet", input_size=32, model="foo"), 16)
+
+
+def test_a_student_input_larger_than_the_canvas_is_said(make_cfg, tiny_teacher, tmp_path):
+    """student input_size 300 on a 96 px canvas trained without a word (a trial): every view upscaled."""
+    import warnings
+
+    from PIL import Image
+
+    from embedcache.extract import extract
+
+    for c in "ab":
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((60, 70, 3), 30 * i + (c == "b") * 100, np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
+    store = extract(make_cfg("files.zarr", "dataset.name=folder", f"dataset.path={tmp_path / 'data'}"),
+                    teacher=tiny_teacher, log=quiet).path  # a 48 px canvas
+    cfg = TrainConfig(store=store, recipe="feat_kd", student=StudentConfig(name="test_resnet", input_size=64), steps=2,
+                      batch_size=4, eval_every=2, device="cpu", progress=False, out=str(tmp_path / "big"))
+    with pytest.warns(UserWarning, match=r"student input_size=64 is larger than the store's 48 px canvas: every view"):
+        train(cfg, log=quiet)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*larger than the store's")
+        train(replace(cfg, student=StudentConfig(name="test_resnet", input_size=48), out=str(tmp_path / "fits")), log=quiet)
