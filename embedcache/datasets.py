@@ -48,7 +48,7 @@ class ImageDataset:
     def __init__(self, name: str, root: Optional[Path], samples: Sequence[Sample],
                  loader: Optional[Callable[[int], Image.Image]] = None,
                  extra_fingerprint: Optional[dict] = None, class_order: Optional[Sequence[str]] = None,
-                 class_ids: Optional[Dict[str, str]] = None):
+                 class_ids: Optional[Dict[str, str]] = None, hidden_images: int = 0):
         if not samples:
             raise DatasetError(f"dataset {name!r} at {root} holds no images; point dataset.path at a folder or CSV with images")
         self.name = name
@@ -65,7 +65,7 @@ class ImageDataset:
         self._loader = loader
         self._extra = extra_fingerprint or {}
         self._class_ids = class_ids
-        self.hidden_images = 0  # image files left out as hidden (a folder scan's), recorded in the manifest
+        self.hidden_images = hidden_images  # image files a folder scan left out as hidden (in the manifest)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -189,9 +189,7 @@ class _Scan:
         _say_left_out(root, self.others)
         if name == "domainbed":
             _say_uneven_classes(root, samples)
-        ds = ImageDataset(name, root, _limit(samples, max_per_class))
-        ds.hidden_images = len(self.hidden)
-        return ds
+        return ImageDataset(name, root, _limit(samples, max_per_class), hidden_images=len(self.hidden))
 
 
 # image formats a folder may hold that are not read (annotation files beside images are not said)
@@ -474,8 +472,6 @@ def named_classes(dataset: ImageDataset, path: str) -> ImageDataset:
         raise DatasetError(f"class-names file {path} has no name for label {missing[0]!r} ({len(missing)} of the "
                            f"dataset's {len(labels)} labels unnamed); add {add}")
     samples = [dataclasses.replace(s, class_name=names[s.class_name]) for s in dataset.samples]
-    named = ImageDataset(dataset.name, dataset.root, samples, loader=dataset._loader,
-                         extra_fingerprint=dataset._extra, class_order=[names[c] for c in labels],
-                         class_ids={names[c]: c for c in labels})
-    named.hidden_images = dataset.hidden_images
-    return named
+    return ImageDataset(dataset.name, dataset.root, samples, loader=dataset._loader,
+                        extra_fingerprint=dataset._extra, class_order=[names[c] for c in labels],
+                        class_ids={names[c]: c for c in labels}, hidden_images=dataset.hidden_images)

@@ -103,6 +103,20 @@ def disk_full_error(where: PathLike, fix: str = "free space or write to a larger
 
 
 @contextmanager
+def one_line_when_full(where: PathLike, fix: str = "free space or choose --out on a larger disk"):
+    """A full disk inside the block (an ``OSError`` of ENOSPC or EDQUOT) as one line naming ``where``
+    and ``fix`` (``DiskFullError``: the command says it, and rerunning resumes); one said already passes."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(where, fix) from exc
+        raise
+
+
+@contextmanager
 def exclusive_lock(path: PathLike):
     """Hold an exclusive ``flock`` on ``path`` (created if needed) for the block, waiting for it."""
     fd = _flocked(path, wait=True)

@@ -108,7 +108,8 @@ def _with_held_domains(results: pd.DataFrame) -> pd.Series:
     bare = holdout.str.match(TRANSFER + r"($|;)") & ~holdout.str.contains(TRAINED_WITHOUT, regex=False)
     if not bare.any():
         return holdout
-    own = results[~holdout.str.startswith(TRANSFER)].assign(held=held_domains(holdout[~holdout.str.startswith(TRANSFER)]))
+    own = ~holdout.str.startswith(TRANSFER)
+    own = results[own].assign(held=held_domains(holdout[own]))
     held = own[own["held"] != ""].groupby(["run", "trained_on"])["held"].agg(lambda x: x.iloc[0] if x.nunique() == 1 else "")
     found = pd.Series([held.get((r, t), "") for r, t in zip(results["run"], results["trained_on"])], index=results.index)
     named = TRANSFER + "; " + TRAINED_WITHOUT + found + holdout.str[len(TRANSFER):]

@@ -24,7 +24,7 @@ from ..config import TEACHER_CALL_SETTINGS, ExtractConfig, replace, to_dict
 from ..datasets import ImageDataset, build_dataset
 from ..errors import BudgetError, ConfigError, DatasetError, EmbedcacheError, StoreError
 from .. import interrupt
-from ..fileio import disk_full_error, exclusive_lock, is_disk_full, try_exclusive_lock
+from ..fileio import exclusive_lock, one_line_when_full, try_exclusive_lock
 from ..store import (BACKENDS, STATUS_OK, USAGE_SNAPSHOTS, Store, add_text_arrays, backend_name_for, is_counter,
                      plan_layout)
 from ..teachers import Teacher, build_teacher
@@ -144,12 +144,8 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
     if dry_run:  # building the teacher may have paid (one text to learn a service's dimension)
         return _dry_run(cfg, manifest, layout, reader, embedder, prompts, shard, num_shards, log,
                         probe_paid=books.queries())
-    try:
+    with one_line_when_full(cfg.out):
         store = open_or_create(cfg, manifest, layout)
-    except OSError as exc:
-        if is_disk_full(exc):
-            raise disk_full_error(cfg.out, "free space or choose --out on a larger disk") from exc
-        raise
     lock = None
     try:
         lock = _writer_lock(store, shard, num_shards)
@@ -227,12 +223,8 @@ def _say_small_canvas(cfg: ExtractConfig, teacher: Teacher) -> None:
 def _reopen(store: Store, report, cfg: ExtractConfig, log) -> List[int]:
     """The damaged blocks marked to be redone (those that still check out as damaged under the store's
     lock), and the store to be finished again; returns those blocks."""
-    try:
+    with one_line_when_full(cfg.out):  # packed arrays are unpacked first: a copy of the embeddings
         redo = store.reopen_blocks(report.damaged_blocks, recheck=True)
-    except OSError as exc:  # packed arrays are unpacked first: a copy of the embeddings
-        if is_disk_full(exc):
-            raise disk_full_error(cfg.out, "free space or choose --out on a larger disk") from exc
-        raise
     if redo or report.files:
         lines = report.lines()
         log(f"{cfg.out} is damaged ({'; '.join(lines[:3])}{' ...' if len(lines) > 3 else ''}); "
@@ -243,25 +235,16 @@ def _reopen(store: Store, report, cfg: ExtractConfig, log) -> List[int]:
 def _opening_marks(store: Store, books: "_Books", record: Optional[CallRecord], out: str) -> None:
     """A paid call's open mark and this call's history entry, written before any block (a full disk
     here is the same one line as in the blocks)."""
-    try:
+    with one_line_when_full(out):
         books.open(store)
         if record is not None:  # this call writes: its settings, device and blocks go in the store's history
             record.open(store)
-    except OSError as exc:
-        if is_disk_full(exc):
-            raise disk_full_error(out, "free space or choose --out on a larger disk") from exc
-        raise
 
 
 def _on_open(store: Store, on_open: Callable[[Store], None], out: str) -> None:
-    try:
-        with _writers_gate(store):
-            store.refresh()  # what another shard wrote behind the gate before this one took it
-            on_open(store)
-    except OSError as exc:
-        if is_disk_full(exc):
-            raise disk_full_error(out, "free space or choose --out on a larger disk") from exc
-        raise
+    with one_line_when_full(out), _writers_gate(store):
+        store.refresh()  # what another shard wrote behind the gate before this one took it
+        on_open(store)
 
 
 WRITERS_GATE = ".writers.lock"  # held while a writer looks for others and takes its own shard's lock
@@ -600,12 +583,8 @@ def run_blocks(store: Store, blocks: List[int], reader, embedder, batch_size: in
 
 def _finalize_or_disk_full(store: Store, dataset: ImageDataset, teacher, prompts, books: Optional[_Books] = None,
                            record: Optional[CallRecord] = None) -> int:
-    try:
+    with one_line_when_full(store.path):
         return finalize(store, dataset, teacher, prompts, books, record)
-    except OSError as exc:
-        if is_disk_full(exc):
-            raise disk_full_error(store.path, "free space or choose --out on a larger disk") from exc
-        raise
 
 
 def finalize(store: Store, dataset: ImageDataset, teacher, prompts, books: Optional[_Books] = None,

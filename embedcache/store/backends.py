@@ -609,14 +609,15 @@ def backend_name_for(path: str, backend: Optional[str] = None, new: bool = False
     """The backend named, else what is at ``path`` (an HDF5 file, a Zarr folder, whatever its name),
     else HDF5 for .h5/.hdf5 paths and Zarr for others. A ``new`` store's path with another suffix is
     refused (a typo such as .hd5 would silently make a Zarr folder)."""
+    stem, suffix = os.path.splitext(str(path).rstrip("/"))
     if backend:
         backend = BACKENDS.check(backend)
-        named = SUFFIXES.get(os.path.splitext(str(path).rstrip("/"))[1])
+        named = SUFFIXES.get(suffix)
         if new and named and named != backend and not os.path.exists(path):  # one made so before still opens
             from ..errors import ConfigError
 
             kinds = {"zarr": "Zarr", "hdf5": "HDF5"}
-            fix = os.path.splitext(str(path).rstrip("/"))[0] + (".h5" if backend == "hdf5" else ".zarr")
+            fix = stem + (".h5" if backend == "hdf5" else ".zarr")
             raise ConfigError(f"--out {path} names a {kinds[named]} store, but backend={backend}: give --out {fix}, or "
                               f"leave backend out")
         return backend
@@ -624,7 +625,6 @@ def backend_name_for(path: str, backend: Optional[str] = None, new: bool = False
         return "hdf5"
     if Path(path).is_dir() and (Path(path) / "zarr.json").is_file():
         return "zarr"
-    suffix = os.path.splitext(str(path).rstrip("/"))[1]
     if new and suffix and suffix not in SUFFIXES:
         from ..errors import ConfigError
 

@@ -157,6 +157,7 @@ class Prepared:
     def __init__(self, cfg: SynthesizeConfig, teacher: Teacher, outline: Outline, generator, cut_size: int,
                  log: Callable[[str], None], on_batch=None, plan: Optional[StylePlan] = None):
         self.cfg, self.teacher, self.outline, self.log, self._plan = cfg, teacher, outline, log, plan
+        self._key: Optional[str] = None
         self.section = key_settings(cfg, outline, generator, cut_size)
         self.dataset = class_dataset(cfg, outline, self.section)
         self.ecfg = extract_config(cfg)
@@ -202,9 +203,13 @@ class Prepared:
         self._plan = kept
 
     def key(self) -> str:
-        """The cache key the store will have (without writing anything)."""
-        prompts = build_prompts(self.dataset.classes, self.ecfg.text)
-        return build_manifest(self.ecfg, self.dataset, self.teacher, prompts, extra={"synthesis": self.section})["key"]
+        """The cache key the store will have (without writing anything; built once: a prepare asks
+        whether the store is made, then for the plan it keeps)."""
+        if self._key is None:
+            prompts = build_prompts(self.dataset.classes, self.ecfg.text)
+            self._key = build_manifest(self.ecfg, self.dataset, self.teacher, prompts,
+                                       extra={"synthesis": self.section})["key"]
+        return self._key
 
     def already_made(self) -> bool:
         """Whether the store is there, complete, with this key (extraction still verifies it)."""

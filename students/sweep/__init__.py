@@ -15,7 +15,6 @@ import hashlib
 import itertools
 import json
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -28,7 +27,7 @@ from embedcache.config import apply_overrides, build_config, flatten, read_confi
 from embedcache.errors import ConfigError, DiskFullError, EvaluationError
 from embedcache.evaluate.protocols import DEFAULT_SHOTS, seeded_class_split
 from embedcache.evaluate.results import merge, read_results
-from embedcache.fileio import atomic_write, atomic_write_text, disk_full_error, is_disk_full
+from embedcache.fileio import atomic_write, atomic_write_text, one_line_when_full
 
 from ..config import TrainConfig, check_trainable
 from ..data import StoreData, check_views_used
@@ -639,7 +638,7 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, launcher: Optional[str] = None, d
     for line in overridden_by_grid(spec):
         log(f"note: {line}")
     _require_current_recipes(sweep_dir, points)
-    with _one_line_when_full(sweep_dir):
+    with one_line_when_full(sweep_dir):
         Path(sweep_dir).mkdir(parents=True, exist_ok=True)
         with Launch(sweep_dir) as launch:
             points = _settle(spec, sweep_dir, points, launch.others_live)
@@ -675,18 +674,6 @@ def _settle(spec: SweepSpec, sweep_dir: str, points: List[SweepPoint], others_li
         if run.file("sweep.json").is_file() and run.sweep_tags != tags[run.name]:
             run.write_sweep_tags(tags[run.name])
     return points
-
-
-@contextmanager
-def _one_line_when_full(sweep_dir: str):
-    try:
-        yield
-    except DiskFullError:
-        raise  # already one line (how many runs finished)
-    except OSError as exc:
-        if is_disk_full(exc):
-            raise disk_full_error(sweep_dir, "free space or choose --out on a larger disk") from exc
-        raise
 
 
 def _launch(spec: SweepSpec, sweep_dir: str, points: List[SweepPoint], name: str, device: str, progress: bool,
