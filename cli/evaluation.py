@@ -1,11 +1,15 @@
 """Commands that score: evaluate, report."""
 from __future__ import annotations
 
+import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
 from ._app import main, refuse_path_through_file
+
+RUN_SAID = re.compile(r"run (\S+): (.*)", re.DOTALL)  # a warning about one run, as protocols.named_warnings says it
 
 
 @main.command()
@@ -66,22 +70,10 @@ def evaluate(runs, store, protocols, sources, out, device, shots, finetune_steps
                                         split_seed=split_seed, seen_classes=seen))
     found, unscored = list(RunDir.find(runs)), []
     finished = sum(run.done for run in found)  # one finished run: what stops it is the error
-    for run in found:
-        if not run.done:
-            why = (f"not finished; its last attempt failed ({run.failure}; its error.txt has the traceback)"
-                   if run.failure else "not finished")
-            click.echo(f"skipping {run.path}: {why}", err=True)
-            continue
-        ft = finetune_steps if "few_shot" in protocols else 0
-        scored, failed = _score_each(score_run, run, protocols, store=store, device=device, options=options,
-                                     finetune_steps=ft, finetune_mode=finetune_mode, transfer=transfer)
-        frames += scored
-        for protocol, exc in failed:  # what these protocols cannot score: named, and the rest still scored
-            what = f"{run.path}: {exc}" if len(failed) == len(protocols) else f"{run.path}, {protocol}: {exc}"
-            if finished == 1 and not scored:
-                raise EvaluationError(f"run {what}")
-            unscored.append(f"run {what}")
-            click.echo(f"skipping {what}", err=True)
+    with _each_run_warning_once():
+        frames += _score_found(found, finished, unscored, score_run, protocols, store=store, device=device,
+                               options=options, finetune_steps=finetune_steps if "few_shot" in protocols else 0,
+                               finetune_mode=finetune_mode, transfer=transfer)
     if not frames:
         from embedcache.store import Store
 
@@ -108,6 +100,60 @@ def evaluate(runs, store, protocols, sources, out, device, shots, finetune_steps
     else:  # per_class and distill rows only: no methods x domains table to print
         click.echo(f"no accuracy-by-domain table for {', '.join(protocols)}; `embedcache report {out}` shows their tables")
     click.echo(f"\n{len(new)} rows scored; {len(table)} rows in {out}")
+
+
+def _score_found(found, finished: int, unscored: list, score_run, protocols, **options) -> list:
+    """The frames of each finished run's protocols; a protocol that cannot score a run is named (and
+    listed in ``unscored``) and the rest still scored, unless that run is the only finished one."""
+    from embedcache.errors import EvaluationError
+
+    frames = []
+    for run in found:
+        if not run.done:
+            why = (f"not finished; its last attempt failed ({run.failure}; its error.txt has the traceback)"
+                   if run.failure else "not finished")
+            click.echo(f"skipping {run.path}: {why}", err=True)
+            continue
+        scored, failed = _score_each(score_run, run, protocols, **options)
+        frames += scored
+        for protocol, exc in failed:  # what these protocols cannot score: named, and the rest still scored
+            what = f"{run.path}: {exc}" if len(failed) == len(protocols) else f"{run.path}, {protocol}: {exc}"
+            if finished == 1 and not scored:
+                raise EvaluationError(f"run {what}")
+            unscored.append(f"run {what}")
+            click.echo(f"skipping {what}", err=True)
+    return frames
+
+
+@contextmanager
+def _each_run_warning_once():
+    """A warning said of many runs alike ("run r3: no loss of recipe linear_probe trains its embedding
+    ...") is shown for the first; the runs it was also said of are named in one line at the end,
+    not the same paragraph once per run."""
+    import warnings
+
+    shown, also = warnings.showwarning, {}
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        said = RUN_SAID.match(str(message))
+        if said is None or said.group(2) not in also:
+            if said is not None:
+                also[said.group(2)] = [said.group(1)]
+            return shown(message, category, filename, lineno, file, line)
+        also[said.group(2)].append(said.group(1))
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+        for text, (first, *runs) in also.items():
+            if runs:
+                named = ", ".join(runs[:5]) + (f" and {len(runs) - 5} more" if len(runs) > 5 else "")
+                gist = re.split(r" \(|[;,:] ", text, maxsplit=1)[0]  # its first clause
+                gist = gist if len(gist) <= 60 else gist[:60].rsplit(" ", 1)[0] + " ..."
+                click.echo(f"warning: run{'s' if len(runs) > 1 else ''} {named}: the same as run {first} above "
+                           f"({gist})", err=True)
 
 
 def _refuse_unused(runs, store, protocols, sources, transfer: bool, seen_classes, drawn: bool) -> None:

@@ -648,6 +648,23 @@ def test_distill_rows_are_left_out_for_runs_whose_losses_never_train_the_embeddi
     assert "distill" in set(score_run(tmp_path / "ce_cos", ["distill"]).split)
 
 
+def test_evaluate_says_a_warning_many_runs_share_once_and_names_the_others(synthetic_store, tmp_path):
+    """`evaluate --protocol distill` over a sweep of linear-probe runs printed the same paragraph once
+    per run (a trial): it is said for the first run, and the others are named in one line."""
+    runs = [tmp_path / "runs" / name for name in ("ce_a", "ce_b", "ce_c")]
+    for run in runs:
+        train(_cfg(synthetic_store, run, recipe="ce", split=SplitConfig(holdout_domains=("outline",))), log=quiet)
+    res = CliRunner().invoke(main, ["evaluate", str(tmp_path / "runs"), "--protocol", "distill",
+                                    "--out", str(tmp_path / "r.parquet")])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("the projection to the embedding stays as initialised") == 1, res.output
+    said = [line for line in res.output.splitlines() if line.startswith("warning:")]
+    first = said[0].split(":")[1].strip()  # "run ce_a"
+    others = sorted({"run ce_a", "run ce_b", "run ce_c"} - {first})
+    assert said[-1] == (f"warning: runs {others[0][4:]}, {others[1][4:]}: the same as {first} above (no loss of "
+                        "recipe ce trains its embedding)"), res.output
+    assert len(pd.read_parquet(tmp_path / "r.parquet").run.unique()) == 3
+
 def test_distill_rows_stay_for_a_ce_run_whose_embedding_is_its_trained_backbones_output(tiny_clip_dir, synthetic_store,
                                                                                         tmp_path):
     """An open_clip image tower's embedding is its own output (an identity head): ce training moves it,
