@@ -142,11 +142,12 @@ def verify(store: str, repair: bool, overrides: Sequence[str], no_progress: bool
 @click.option("--store", required=True, help="store to add the features to")
 @click.option("--student", required=True, help="student backbone name")
 @overrides_option("input_size=64")
-@click.option("--seed", type=int, default=0, show_default=True, help="seed the backbone is built under")
+@click.option("--seed", "seeds", type=int, multiple=True, default=(0,), show_default=True,
+              help="seed the backbone is built under (repeatable: each seed's backbone, one after another)")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--no-progress", is_flag=True)
-def features(store, student, overrides, seed, batch_size, device, no_progress) -> None:
+def features(store, student, overrides, seeds, batch_size, device, no_progress) -> None:
     """Cache frozen student-backbone features per view in a store, for head-only training
     (--set pretrained=/path --set input_size=160 ...: student settings)."""
     from embedcache.config import apply_overrides, build_config
@@ -157,12 +158,14 @@ def features(store, student, overrides, seed, batch_size, device, no_progress) -
     overrides = [o[len("student."):] if o.startswith("student.") else o for o in overrides]
     cfg = build_config(StudentConfig, {**apply_overrides({}, overrides), "name": student}, prefix="student.")
     try:
-        cache_features(store, cfg, seed=seed, batch_size=batch_size, device=device, progress=not no_progress,
-                       log=click.echo)
+        for seed in dict.fromkeys(seeds):
+            cache_features(store, cfg, seed=seed, batch_size=batch_size, device=device, progress=not no_progress,
+                           log=click.echo)
     except KeyboardInterrupt as exc:
         if not (str(exc) and " " in str(exc)):  # nothing kept to resume from: the array is written whole
             raise KeyboardInterrupt("stopped: features are written whole once every batch is done, so nothing was "
-                                    "kept; rerun the same command to compute them from the start") from None
+                                    "kept (backbones already cached stay); rerun the same command to compute the "
+                                    "rest from the start") from None
         raise
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shlex
-from typing import Callable, List, Optional
+from typing import Callable, Iterable, List, Optional
 
 import numpy as np
 import torch
@@ -125,9 +125,12 @@ def missing_features(reader: StoreReader, cfgs) -> Optional[str]:
             missing[key] = cfg
     if not missing:
         return None
-    models = [build_seeded(c.student, reader.dim, 0, c.seed) for c in missing.values()]
-    commands = " && ".join(f"`{features_command(reader.path, m)}`" for m in models)
-    return (f"store {reader.path} has no cached features for {len(models)} {models[0].name} backbone(s) of the head-only "
+    seeds: dict = {}  # one command per student's settings, naming the seeds that move its weights
+    for cfg in missing.values():
+        model = build_seeded(cfg.student, reader.dim, 0, cfg.seed)
+        seeds.setdefault(features_command(reader.path, model, seeds=()), set()).add(weights_seed(model))
+    commands = " && ".join(f"`{words}{_seed_options(found)}`" for words, found in seeds.items())
+    return (f"store {reader.path} has no cached features for {len(missing)} {model.name} backbone(s) of the head-only "
             f"runs ({', '.join(missing)}); run {commands} first")
 
 
@@ -147,12 +150,28 @@ def load_features(store: Store, model: Student, key: Optional[str] = None) -> np
     return store.read_derived(key)
 
 
-def features_command(store_path, model: Student) -> str:
+def features_command(store_path, model: Student, seeds: Optional[Iterable[int]] = None) -> str:
     """The `embedcache features` command that caches this backbone's features: its student settings
-    and the seed it was built under (``build_seeded`` records them), spelled as that command takes them."""
-    cfg, seed = getattr(model, "made_from", (None, 0))
+    (``build_seeded`` records them), spelled as that command takes them, and ``seeds`` (default: the
+    seed it was built under, named only where it moves the backbone's weights: ``weights_seed``)."""
+    cfg = getattr(model, "made_from", (None, 0))[0]
     q = shlex.quote
     words = ["embedcache features", f"--store {q(str(store_path))}", f"--student {q(cfg.name if cfg else model.name)}",
              f"--set input_size={model.input_size}"]
     words += [f"--set {q(f'{k}={getattr(cfg, k)}')}" for k in ("pretrained", "model") if cfg and getattr(cfg, k) is not None]
-    return " ".join(words + ([f"--seed {seed}"] if seed else []))
+    return " ".join(words) + _seed_options({weights_seed(model)} if seeds is None else set(seeds))
+
+
+def weights_seed(model: Student) -> int:
+    """The seed a features command must name for this backbone: the one it was built under, or 0
+    where that seed builds the same weights as seed 0 does (a pretrained backbone: its file's)."""
+    cfg, seed = getattr(model, "made_from", (None, 0))
+    if not seed or cfg is None:
+        return seed
+    same = features_key(build_seeded(cfg, model.embed_dim, 0, 0)) == features_key(model)
+    return 0 if same else seed
+
+
+def _seed_options(seeds: set) -> str:
+    """`` --seed 1 --seed 2``; nothing for seed 0 alone (the command's default)."""
+    return "" if seeds <= {0} else "".join(f" --seed {s}" for s in sorted(seeds))

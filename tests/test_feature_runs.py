@@ -283,6 +283,42 @@ def test_the_command_named_for_missing_features_makes_them(feature_store, tmp_pa
     assert again.exit_code == 0, again.output
 
 
+def test_a_sweeps_missing_features_hint_names_seeds_only_where_they_move_the_weights(feature_store, tmp_path):
+    """The hint gave a pretrained backbone's first run's --seed, irrelevant to its weights, and one
+    command per seed of a random backbone, all in one long line (a trial): now one command per
+    student, naming the seeds that build other weights; run as given, it caches every one."""
+    import re
+    import shlex
+
+    from click.testing import CliRunner
+
+    from embedcache.api import StoreReader
+    from embedcache.cli import main
+    from embedcache.store import Store
+    from embedcache.students.features import missing_features
+
+    store, pretrained, _ = feature_store
+    store = shutil.copytree(store, tmp_path / "s.zarr")
+    fresh = StudentConfig(name="test_resnet", input_size=24)  # random weights: each seed its own
+    runs = [_cfg(store, pretrained, tmp_path / f"p{seed}", seed=seed) for seed in (3, 4)]
+    runs += [_cfg(store, fresh, tmp_path / f"f{seed}", seed=seed) for seed in (0, 1, 2)]
+    with Store(str(store)) as st:
+        hint = missing_features(StoreReader(st), [runs[0], runs[1]])
+        assert hint is None  # the pretrained backbone's features are cached (under seed 7): seeds 3, 4 read them
+        hint = missing_features(StoreReader(st), runs)
+    commands = re.findall(r"`(embedcache features [^`]*)`", hint)
+    assert len(commands) == 1 and commands[0].endswith("--seed 0 --seed 1 --seed 2"), hint
+    assert "for 3 test_resnet backbone(s)" in hint, hint
+    made = CliRunner().invoke(main, shlex.split(commands[0])[1:] + ["--device", "cpu", "--no-progress"])
+    assert made.exit_code == 0 and made.output.count("cached ") == 3, made.output
+    with Store(str(store)) as st:
+        assert missing_features(StoreReader(st), runs) is None
+    # a pretrained backbone whose features are missing: its command names no seed
+    other = StudentConfig(name="test_resnet", input_size=28, pretrained=pretrained.pretrained)
+    with Store(str(store)) as st:
+        hint = missing_features(StoreReader(st), [_cfg(store, other, tmp_path / "o", seed=5)])
+    assert "--set input_size=28" in hint and "--seed" not in hint, hint
+
 def test_features_refuse_a_batch_size_below_one_and_remake_an_array_gone_from_disk(synthetic_store, tmp_path):
     """`features --batch-size -1` stored all-zero features as complete (exit 0; a linear probe on them
     trained at chance), and a features array deleted from disk read as "already cached" (a trial)."""
@@ -327,5 +363,5 @@ def test_a_stopped_features_command_says_it_starts_again(synthetic_store, tmp_pa
     monkeypatch.setattr(features, "student_views", stop)
     said = CliRunner().invoke(main, ["features", "--store", str(synthetic_store), "--student", "test_resnet", "--set",
                                      "input_size=24", "--device", "cpu", "--no-progress"])
-    assert said.exit_code == 130 and "nothing was kept; rerun the same command to compute them from the start" in said.output
+    assert said.exit_code == 130 and "nothing was kept (backbones already cached stay); rerun the same command to compute the rest from the start" in said.output
     assert "resume" not in said.output, said.output
