@@ -194,7 +194,10 @@ def render_views(canvas: torch.Tensor, params: torch.Tensor, out_size: int,
     if canvas.dim() == 3:
         canvas, params = canvas[None], params[None]
     b, v = params.shape[:2]
-    img = canvas.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, S, S)
+    img = canvas.permute(0, 3, 1, 2)  # (B, 3, S, S)
+    if img.device.type == "cpu":  # laid out plane by plane: torch resizes a channels-last image 1.7x slower there
+        img = img.contiguous()    # (the same pixels, tested)
+    img = img.float().div_(255.0)
     out = img.new_empty((b, v, 3, out_size, out_size))
     mode = "bicubic" if interpolation == "bicubic" else "bilinear"
     for i in range(b):

@@ -46,6 +46,24 @@ def test_render_matches_direct_crop_resize_flip():
     assert torch.allclose(same[:, 0], canvas.permute(0, 3, 1, 2).float() / 255, atol=1e-5)
 
 
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_views_are_the_same_pixels_as_stores_were_rendered_with_before(interpolation):
+    """On the CPU the canvases are laid out plane by plane before resizing (1.7x faster than resizing
+    the channels-last image they arrive as); every view must stay the pixels earlier stores hold,
+    bit for bit, or a resumed store would mix two renderings."""
+    rng = np.random.default_rng(5)
+    canvas = torch.from_numpy(rng.integers(0, 256, (6, 64, 64, 3), dtype=np.uint8))
+    params = torch.from_numpy(np.stack([view_params(9, i, 5, 64, flip=True) for i in range(6)]))
+    got = render_views(canvas, params, 40, interpolation)
+    before = canvas.permute(0, 3, 1, 2).float().div_(255.0)  # the layout it had: channels last
+    assert not before.is_contiguous() and before.is_contiguous(memory_format=torch.channels_last)
+    for i in range(6):
+        for j in range(5):
+            t, l, h, w, flip = params[i, j].tolist()
+            ref = F.interpolate(before[i:i + 1, :, t:t + h, l:l + w], size=(40, 40), mode=interpolation,
+                                antialias=True, align_corners=False)[0].clamp(0, 1)
+            assert torch.equal(got[i, j], ref.flip(-1) if flip else ref), (i, j)
+
 def test_aggregate_matches_numpy_reference():
     rng = np.random.default_rng(1)
     emb = rng.normal(size=(7, 5)).astype(np.float32) * rng.uniform(0.5, 3, (7, 1))
