@@ -1,11 +1,11 @@
 """Extraction throughput against the teacher's bare forward pass, and store read speed against .npy.
 
     python bench/extract.py [--images 256] [--model ViT-B-32] [--precision fp32|bf16] [--device auto]
-                            [--workers 1] [--views 1 4] [--decoders pil device] [--jpegs 0] [--baseline]
+                            [--workers N] [--views 1 4] [--decoders pil device] [--jpegs 0] [--baseline]
                             [--rounds 3]
 
-In one run, with one teacher and batch size, in ``--rounds`` rounds (each measures bare again beside the
-pipelines; medians of the rates and of the ratios within a round are reported):
+In one run, with one teacher and batch size, in ``--rounds`` rounds (each measures bare before and after
+its pipelines, and takes their mean; medians of the rates and of the ratios within a round are reported):
 1. bare: the teacher's own call on pre-made uint8 views on its device (``embed_views``, as extraction
    calls it; no decoding, rendering, copying back or writing): the hardware's own limit.
 2. extract: the full pipeline (read -> decode -> canvas -> views -> teacher -> checksummed store) on
@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from embedcache.config import DatasetConfig, ExtractConfig, TeacherConfig, TextConfig, ViewsConfig  # noqa: E402
-from embedcache.extract import extract  # noqa: E402
+from embedcache.extract import extract, reader_workers  # noqa: E402
 from embedcache.store import SCHEMA_VERSION, Store, plan_layout  # noqa: E402
 from embedcache.teachers import build_teacher  # noqa: E402
 from _common import measured, write_json  # noqa: E402  (bench/ is on sys.path when a benchmark runs)
@@ -191,7 +191,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=None,
+                    help="image-reading worker processes (default: extraction's own choice, reader_workers)")
     ap.add_argument("--views", type=int, nargs="+", default=[1])
     ap.add_argument("--decoders", nargs="+", default=["pil"], choices=["pil", "device"])
     ap.add_argument("--jpegs", type=int, default=0, help="extract N 500x375 JPEGs made from PACS photos")
@@ -209,6 +210,7 @@ def main() -> None:
 
     tcfg = TeacherConfig(name="open_clip", model=args.model, pretrained=None, device=args.device, precision=args.precision)
     teacher = build_teacher(tcfg)
+    workers = reader_workers(args.workers, teacher)  # as extraction resolves it
     rows = []
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -219,16 +221,18 @@ def main() -> None:
         n = args.jpegs or args.images
         rounds = args.rounds or (1 if teacher.device.type == "cuda" else 3)
         arms = {}  # what -> [(rate, bare of its round)]
-        for r in range(rounds):  # each round measures bare beside the pipelines: a shared CPU's speed drifts
-            bare = bare_forward(teacher, n * max(args.views), args.batch)
-            arms.setdefault("bare forward (pre-made tensors)", []).append((bare, bare))
+        for r in range(rounds):  # each round measures bare before and after its pipelines: a shared CPU's speed drifts
+            before = bare_forward(teacher, n * max(args.views), args.batch)
+            got = {}
             if args.baseline:
-                rate = pil_baseline(teacher, ds, args.batch, args.workers)
-                arms.setdefault(f"PIL DataLoader + teacher, 1 view, {args.workers} worker(s)", []).append((rate, bare))
+                got[f"PIL DataLoader + teacher, 1 view, {workers} worker(s)"] = pil_baseline(teacher, ds, args.batch, workers)
             for dec in args.decoders:
                 for v in args.views:
                     rate = pipeline(teacher, tcfg, ds, args.batch, args.workers, v, dec, tmp / f"round{r}")
-                    arms.setdefault(f"extract ({dec}), {v} view(s)/image, {args.workers} worker(s)", []).append((rate, bare))
+                    got[f"extract ({dec}), {v} view(s)/image, {workers} worker(s)"] = rate
+            bare = (before + bare_forward(teacher, n * max(args.views), args.batch)) / 2
+            for what, rate in {"bare forward (pre-made tensors)": bare, **got}.items():
+                arms.setdefault(what, []).append((rate, bare))
             print(f"  round {r + 1} of {rounds}: " + ", ".join(f"{q[-1][0] / q[-1][1]:.2f}" for q in arms.values()), flush=True)
         for what, runs in arms.items():  # medians over rounds: of the rate, and of its ratio within its round
             measured(rows, what, float(np.median([a for a, _ in runs])), float(np.median([a / b for a, b in runs])))
@@ -246,7 +250,7 @@ def main() -> None:
             s, made = rd[f"{k}_s"], (f"{rd[f'{k}_write_s']:>8.2f} {rd[f'{k}_finish_s']:>8.2f}" if k != "npy" else "")
             print(f"{k:<10} {rd['block_rows']:>10} {s:>8.3f} {rd['mb'] / s:>8.0f} {rd['npy_s'] / s:>8.2f} {made}")
     result = {"device": device, "model": args.model, "precision": args.precision, "batch": args.batch,
-              "workers": args.workers, "rounds": rounds, "images": n, "jpegs": args.jpegs, "host": platform.node(), "cpus": os.cpu_count(),
+              "workers": workers, "rounds": rounds, "images": n, "jpegs": args.jpegs, "host": platform.node(), "cpus": os.cpu_count(),
               "throughput": [{"what": a, "images_per_s": r, "ratio_vs_bare": q} for a, r, q in rows], "read": reads}
     tag = ("gpu" if teacher.device.type == "cuda" else "cpu") + f"-{args.model}-{args.precision}"
     write_json(Path(args.out) / f"extract-{tag}.json", result)

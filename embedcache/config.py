@@ -192,7 +192,8 @@ class ExtractConfig:
     decoder: str = setting("auto", choices=("auto", "pil", "device"))
     # settings below never change the data, so they stay out of the cache key
     batch_size: int = setting(32, min=1)
-    num_workers: int = setting(1, min=0)
+    # image-reading worker processes; unset: extract.reader_workers picks (none for a CPU teacher on 2 cores)
+    num_workers: Optional[int] = setting(None, min=0)
     block_rows: int = setting(256, min=1)  # rows written and marked done together (resume granularity)
     shard: Optional[int] = setting(None, min=0)
     num_shards: Optional[int] = setting(None, min=1)

@@ -803,3 +803,47 @@ def test_a_canvas_smaller_than_the_teachers_input_is_said(make_cfg, tiny_teacher
                 dry_run=True)
         # generated shapes are drawn at their own small size: no canvas would hold more of them
         extract(make_cfg("shapes.zarr", f"canvas.size={small}"), teacher=tiny_teacher, log=quiet, dry_run=True)
+
+
+def test_images_read_in_process_are_the_stores_a_worker_process_makes(make_cfg, tiny_teacher, tmp_path):
+    """With no worker process (the default for a CPU teacher on 2 cores) a batch's files are decoded by
+    a thread per core: every array, a corrupt file's record included, must be what a DataLoader worker
+    makes, byte for byte."""
+    root = tmp_path / "imgs"
+    rng = np.random.default_rng(3)
+    for k in range(10):
+        cls = root / f"c{k % 2}"
+        cls.mkdir(parents=True, exist_ok=True)
+        arr = rng.integers(0, 256, (30 + k, 41 - k, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(cls / f"{k}.{'png' if k % 3 else 'jpg'}")
+    (root / "c0" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    stores = {}
+    for workers in (0, 1):
+        cfg = make_cfg(f"w{workers}.zarr", "dataset.name=folder", f"dataset.path={root}", f"num_workers={workers}")
+        stores[workers] = extract(cfg, teacher=tiny_teacher, log=quiet).path
+    with Store(stores[0]) as a, Store(stores[1]) as b:
+        assert int((a.read("image/status") != 1).sum()) == 1  # the broken file, recorded
+        for name in ("image/emb", "image/pixels", "image/status", "image/view_params"):
+            assert np.array_equal(a.read(name), b.read(name)), name
+        assert a.table("meta.parquet").equals(b.table("meta.parquet"))
+
+
+def test_the_reader_takes_a_worker_process_only_where_one_has_cores_to_itself(monkeypatch):
+    """Unset, num_workers is none for a teacher computing on 2 CPU threads or fewer (a worker took a core
+    from its forward: 0.78 to 0.85 of the bare forward against 0.84 to 0.90 without, on 2 cores), one for
+    more threads or a remote teacher (whose network waits reading overlaps), and 1..8 beside a GPU."""
+    from types import SimpleNamespace
+
+    from embedcache.extract import reader_workers
+
+    here = SimpleNamespace(device=torch.device("cpu"), computes_here=True)
+    remote = SimpleNamespace(device=torch.device("cpu"), computes_here=False)
+    gpu = SimpleNamespace(device=torch.device("cuda"), computes_here=True)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert (reader_workers(None, here), reader_workers(None, remote), reader_workers(3, here)) == (0, 1, 3)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert reader_workers(None, here) == 1
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert reader_workers(None, gpu) == 8 and reader_workers(0, gpu) == 0
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert reader_workers(None, gpu) == 1

@@ -17,6 +17,7 @@ import os
 import queue
 import signal
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Protocol
 
@@ -136,6 +137,9 @@ class LoaderReader:
         self.num_workers, self.pin_memory = num_workers, pin_memory
 
     def batches(self, batches: List[List[int]]) -> Iterator[Batch]:
+        if self.num_workers == 0:
+            yield from self._in_process(batches)
+            return
         loader = DataLoader(self.items, batch_sampler=batches, collate_fn=self.collate, num_workers=self.num_workers,
                             prefetch_factor=4 if self.num_workers > 0 else None, persistent_workers=False,
                             worker_init_fn=_init_worker)
@@ -143,6 +147,18 @@ class LoaderReader:
             if self.pin_memory:
                 batch.canvas = batch.canvas.pin_memory()
             yield batch
+
+    def _in_process(self, batches: List[List[int]]) -> Iterator[Batch]:
+        """No worker process: each batch read between the teacher's forwards, its files decoded by one
+        thread per core of torch's (PIL lets go of the GIL as it decodes and resizes), its views
+        rendered by torch's own threads. For a CPU teacher on few cores, where a worker process only
+        takes cores from the forward (and stalls its threads as they wait on each other)."""
+        with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+            for idx in batches:
+                batch = self.collate(list(pool.map(self.items.__getitem__, idx)))
+                if self.pin_memory:
+                    batch.canvas = batch.canvas.pin_memory()
+                yield batch
 
 
 # --- the embedder ------------------------------------------------------------------------------------

@@ -21,9 +21,11 @@ class Teacher:
     embed_dim: D. input_size: square side the image encoder takes. mean/std: per-channel
     normalisation applied to [0, 1] pixels. interpolation: 'bicubic' or 'bilinear'.
     context_length: most tokens the text encoder reads; longer prompts are truncated.
+    computes_here: whether its forward runs on this machine's ``device`` (a remote teacher's does not).
     """
 
     registry_name: str = ""
+    computes_here: bool = True
     embed_dim: int
     input_size: int
     mean: Tuple[float, float, float]

@@ -110,6 +110,7 @@ def queries_in(cost: Dict[str, int]) -> int:
 @TEACHERS.register("remote")
 class RemoteTeacher(Teacher):
     registry_name = "remote"
+    computes_here = False  # the service computes; this machine waits on the network
     # The service normalises. Here "normalised" input is [0, 1] pixels: encode_image(x) sends to_uint8(x).
     mean = (0.0, 0.0, 0.0)
     std = (1.0, 1.0, 1.0)
