@@ -275,7 +275,7 @@ def _like_domains(folder: Path) -> bool:
 
 
 def _depth(sample: Sample) -> int:
-    return len(Path(sample.path).parts)
+    return sample.path.count("/") + 1  # a POSIX path relative to the root (a Path per sample took 0.1 s on PACS)
 
 
 def _has_images_at_depth(root: Path, depth: int) -> bool:
