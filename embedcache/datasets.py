@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import shlex
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,9 +202,15 @@ def _walk(folder: str, hidden: bool = False) -> Iterator[Tuple[os.DirEntry, bool
     """(entry, whether it or a folder above it up to ``folder`` is hidden) of everything under
     ``folder``, in the order of ``sorted(Path(folder).rglob("*"))`` (each folder's entries by name,
     a folder's contents right after it), symlinked folders not entered, as rglob does not: a tenth
-    of its time on a 10,000-file tree (``rglob`` builds and compares a Path per file)."""
-    with os.scandir(folder) as it:
-        entries = sorted(it, key=lambda e: e.name)
+    of its time on a 10,000-file tree (``rglob`` builds and compares a Path per file). A folder that
+    cannot be listed is refused (rglob skipped it, and its images, without a word)."""
+    try:
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except PermissionError as exc:
+        raise DatasetError(f"{folder} cannot be read ({exc.strerror}), so its images cannot be listed; give read "
+                           f"access to it (chmod -R u+rX {shlex.quote(folder)}), or move it out of the dataset "
+                           "folder") from None
     for entry in entries:
         inside = hidden or entry.name.startswith(".")
         yield entry, inside

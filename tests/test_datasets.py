@@ -316,3 +316,26 @@ def test_a_folder_scan_lists_what_sorted_rglob_lists_in_its_order(tmp_path):
     assert not any("linked_dir" in s.path for s in ds.samples)
     folder = build_dataset(DatasetConfig(name="folder", path=str(root / "d1")))
     assert [s.path for s in folder.samples] == [p.split("/", 1)[1] for p, _ in expected if p.startswith("d1/")]
+
+
+def test_a_folder_the_scan_cannot_list_is_refused_in_one_line(tmp_path, monkeypatch):
+    """rglob skipped a folder it could not list, and every image in it, without a word."""
+    import os
+
+    from embedcache import datasets
+
+    for name in ("d/c/ok.png", "d/c/locked/x.png"):
+        f = tmp_path / name
+        f.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(f)
+    real = os.scandir
+
+    def scandir(path):
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(datasets.os, "scandir", scandir)
+    with pytest.raises(DatasetError, match=r"locked cannot be read \(Permission denied\), so its images cannot be "
+                                           r"listed; give read access to it \(chmod -R u\+rX .*locked\)"):
+        build_dataset(DatasetConfig(name="domainbed", path=str(tmp_path)))
