@@ -284,7 +284,7 @@ class StoreReader:
             from .extract.history import calls_of
 
             out.update(progress=self._progress(),
-                       calls=calls_of(st.call_history(), m.get("config", {}), m.get("versions", {})))
+                       calls=calls_of(st.call_history(), m))
             usage = st.usage()
         return {**out, **({"teacher_usage": usage} if usage else {}), "disk_mb": round(st.disk_bytes() / 2**20, 2)}
 

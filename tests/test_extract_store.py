@@ -847,3 +847,22 @@ def test_the_reader_takes_a_worker_process_only_where_one_has_cores_to_itself(mo
     assert reader_workers(None, gpu) == 8 and reader_workers(0, gpu) == 0
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert reader_workers(None, gpu) == 1
+
+
+def test_a_store_made_with_a_relative_folder_lists_later_calls_naming_it_absolute_as_the_same():
+    """A store made before paths were recorded absolute holds dataset.path as spelled ("data"); a
+    resume records "/work/data", and its calls listed dataset.path as a setting it changed (a trial)."""
+    from embedcache.extract.history import calls_of
+
+    manifest = {"config": {"dataset": {"name": "folder", "path": "data/./pacs"}, "batch_size": 8}, "versions": {}}
+
+    def changed(path, batch=8):
+        call = {"config": {"dataset": {"name": "folder", "path": path}, "batch_size": batch}, "versions": {}}
+        return calls_of([call], manifest)[0]["settings"]
+
+    assert changed("/home/me/work/data/pacs") == {}
+    assert changed("/home/me/work/data/pacs", batch=16) == {"batch_size": 16}
+    assert changed("/home/me/work/other/pacs") == {"dataset.path": "/home/me/work/other/pacs"}
+    assert changed("/home/me/data") == {"dataset.path": "/home/me/data"}
+    manifest["config"]["dataset"]["path"] = "../pacs"  # not a tail of any path: as spelled
+    assert changed("/home/me/pacs") == {"dataset.path": "/home/me/pacs"}

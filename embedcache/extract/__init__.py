@@ -632,7 +632,7 @@ def finalize(store: Store, dataset: ImageDataset, teacher, prompts, books: Optio
     history = store.call_history()
     if record is not None:  # this call as it will end: finishing the store (its own entry says so once it has)
         history = [record.finishing() if e.get("call") == record.entry["call"] else e for e in history]
-    calls = calls_of(history, store.manifest.get("config", {}), store.manifest.get("versions", {}))
+    calls = calls_of(history, store.manifest)
     store.finish(failed=failed, **({"teacher_usage": usage} if usage else {}), **({"calls": calls} if calls else {}))
     if record is not None:
         record.close(finished=True)

@@ -7,6 +7,7 @@ Each call keeps its entry under ``history/`` in the store, rewritten as its bloc
 killed with -9 is still listed (with the blocks it finished and no end time)."""
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Dict, List
 
@@ -59,18 +60,34 @@ class CallRecord:
             self.store.record_call(self.name, self.entry)
 
 
-def calls_of(history: List[Dict[str, Any]], made: Dict[str, Any], versions: Dict[str, str]) -> List[Dict[str, Any]]:
+def calls_of(history: List[Dict[str, Any]], manifest: Dict[str, Any]) -> List[Dict[str, Any]]:
     """The manifest's ``calls``: each entry of ``history`` (oldest first) with, instead of its whole
-    config and versions, only the settings and versions in which it differs from ``made`` (the
-    manifest's config) and ``versions`` (the manifest's)."""
-    made = {k: v for k, v in made.items() if k not in _UNRECORDED}
+    config and versions, only the settings and versions in which it differs from the manifest's
+    (the call that made the store)."""
+    made = {k: v for k, v in manifest.get("config", {}).items() if k not in _UNRECORDED}
+    versions = manifest.get("versions", {})
     out = []
     for e in history:
         row = {k: e.get(k) for k in ("began", "ended", "device", "threads", "blocks", "finished")}
-        row["settings"] = differing(made, e.get("config", {}))
+        config = e.get("config", {})
+        row["settings"] = differing(_same_folder(made, config), config)
         row["versions"] = {k: v for k, v in (e.get("versions") or {}).items() if versions.get(k) != v}
         out.append(row)
     return out
+
+
+def _same_folder(made: Dict[str, Any], config: Dict[str, Any]) -> Dict[str, Any]:
+    """``made`` with its dataset folder spelled as ``config``'s where both name it: calls record it
+    absolute since 2026-12-05, and a store made before holds it as it was spelled ("data"), so every
+    later call's absolute spelling of that folder read as another setting. Its contents are held to
+    the store's key (the dataset's fingerprint) whatever the spelling."""
+    path, now = (made.get("dataset") or {}).get("path"), (config.get("dataset") or {}).get("path")
+    if not (path and now) or os.path.isabs(path) or not os.path.isabs(now):
+        return made
+    tail = [p for p in os.path.normpath(path).split(os.sep) if p not in ("", ".")]
+    if ".." in tail or os.path.normpath(now).split(os.sep)[-len(tail):] != tail:
+        return made
+    return {**made, "dataset": {**made["dataset"], "path": now}}
 
 
 def differing(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Any]:
