@@ -367,12 +367,12 @@ interrupt.one_request_per_signal()
 child = os.fork()
 if child == 0:  # a DataLoader worker, forked after the handler was installed (torch's loop ends on it)
     try:
-        print("ready", flush=True)  # a signal before the fork's end is dropped by Python's child: wait for this
+        os.write(1, b"ready\\n")  # a signal before the fork's end is dropped by Python's child: wait for this
         time.sleep(30)
     except KeyboardInterrupt:
         os._exit(0)
     os._exit(1)
-print(child, flush=True)
+os.write(1, f"{child}\\n".encode())  # one write each: print's two could interleave with the child's line
 try:
     time.sleep(30)
 except KeyboardInterrupt:  # the CLI's unwinding: books written, then 128 + the signal
