@@ -598,6 +598,33 @@ def test_a_resend_after_a_lost_answer_is_claimed_against_the_stores_budget(tmp_p
             t.encode_pixels(torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8))
 
 
+def test_a_request_that_never_goes_out_or_is_refused_keeps_no_claim(tmp_path, tiny_teacher_cfg, tiny_teacher, key_env):
+    """Requests were claimed before the rate limiter's wait: one stopped there (Ctrl-C) was never sent,
+    and its claim stayed, so a rerun at the same teacher.max_queries stopped short, the store "having
+    sent" queries the service never saw (a trial: claimed 55, billed 47). A request refused as too
+    large kept its claim while its halves claimed theirs: counted twice."""
+    from conftest import block_store
+    from embedcache.extract.budget import StoreBudget
+
+    path, _ = block_store(tmp_path, "zarr")
+    inner = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
+    views = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8)
+    with LiveServer(Faults(inner, script=["413"])) as url, Store(path, "a") as st:
+        cfg = remote(tmp_path, "x.zarr", tiny_teacher_cfg, "embedcache", url, "teacher.max_queries=100").teacher
+        t, budget = build_teacher(cfg), StoreBudget(st, 100)
+        t.budget_from(budget)
+
+        def stopped(tokens=0.0):
+            raise KeyboardInterrupt
+
+        real, t.transport.limiter.acquire = t.transport.limiter.acquire, stopped
+        with pytest.raises(KeyboardInterrupt):
+            t.encode_pixels(views)
+        assert budget.claimed() == 0 and charged(inner) == (0, 0)
+        t.transport.limiter.acquire = real
+        t.encode_pixels(views)  # refused whole as too large (413), then sent in halves
+        assert budget.claimed() == 12 == charged(inner)[0]
+
 def test_an_answer_lost_then_replayed_free_is_counted_once_as_paid(tmp_path, tiny_teacher_cfg, tiny_teacher, key_env):
     """The service charged the request, its answer was lost (possibly paid), the retry under the same
     idempotency key is answered as a free replay, which proves the charge: counted once, as paid. It

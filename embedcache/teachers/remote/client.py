@@ -18,7 +18,7 @@ import json
 import logging
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import httpx
 
@@ -177,26 +177,35 @@ class Transport:
 
     def post(self, request_id: str, path: str, body: Dict[str, Any], n: int, tokens: float = 0.0) -> Any:
         """Send one logical request until answered; returns the answer's JSON. Every attempt reuses
-        ``request_id`` as the idempotency key and is logged in the ledger's ``sends``."""
+        ``request_id`` as the idempotency key and is logged in the ledger's ``sends``. A send that may be
+        charged is claimed against the budget just before it goes out, after the rate limiter's wait; a
+        claim no charge used (a stop in a wait, a refusal, nothing reached the service) is given back."""
         url = self.base_url + path
         self.last_replayed = False
         headers = dict(self.headers)
         if self.protocol.idempotency_header:
             headers[self.protocol.idempotency_header] = request_id
         content = json.dumps(body).encode()
+        held = [0]  # inputs claimed for a send no charge has used yet
+        try:
+            return self._sends(request_id, url, path, content, headers, n, tokens, held)
+        except BaseException:
+            self._give_back(held[0], "a request that was never charged")
+            raise
+
+    def _sends(self, request_id: str, url: str, path: str, content: bytes, headers: Dict[str, str], n: int,
+               tokens: float, held: List[int]) -> Any:
         last, lost, reclaimed = "", False, 0
         for attempt in range(self.policy.max_retries + 1):
             if interrupt.requested():
                 raise KeyboardInterrupt("interrupted; rerun the same command to resume (paid answers are in the ledger)")
-            if lost:
-                self.claim(n)  # resending a request whose answer was lost (it may have been charged): claimed again
-                reclaimed += n
-            else:
-                self.check_budget(n)
-            lost = False
             before = self.limiter.waited
             self.limiter.acquire(tokens)
             self.stats.rate_limit_wait_s += self.limiter.waited - before
+            if not held[0]:  # a resend after a lost answer may be charged again: claimed again
+                self.claim(n)
+                held[0], reclaimed = n, reclaimed + (n if lost else 0)
+            lost = False
             row = self.ledger.sent(request_id, attempt)
             self.stats.attempts += 1
             if attempt:
@@ -216,11 +225,12 @@ class Transport:
                 self._lost_here[request_id] = self._lost_here.get(request_id, 0) + n
                 self.stats.lost_answers += 1
                 self.stats.possibly_paid += n
-                lost = True
+                lost, held[0] = True, 0  # its claim holds the charge it may have made
                 last = f"answer lost ({type(exc).__name__})"
             else:
                 status = resp.status_code
                 if status == 200:
+                    held[0] = 0  # charged: its claim holds it
                     try:
                         answer = resp.json()
                     except ValueError:
@@ -271,13 +281,17 @@ class Transport:
         once: its lost attempts are no longer possibly paid (``count`` counts the charge as paid), and the
         budget's claims for its resends (``reclaimed`` inputs) are given back."""
         self.stats.possibly_paid -= self._lost_here.pop(request_id)
+        self._give_back(reclaimed, "free replays")
+
+    def _give_back(self, n: int, what: str) -> None:
+        """``n`` inputs' claims against the store's budget given back (claims of ``what``)."""
         release = getattr(self.claimer, "release", None)
-        if reclaimed and release is not None and self.max_queries is not None:
+        if n and release is not None and self.max_queries is not None:
             try:
-                release(reclaimed)
-            except OSError as exc:  # the answer came and is kept: the budget only stays higher than the bill
-                warnings.warn(f"could not give back {reclaimed} budget claim(s) of free replays ({exc.strerror or exc}); "
-                              "the store's count of sent queries stays that much above the bill")
+                release(n)
+            except OSError as exc:  # the budget only stays higher than the bill
+                warnings.warn(f"could not give back {n} budget claim(s) of {what} ({exc.strerror or exc}); the store's "
+                              "count of sent queries stays that much above the bill")
 
     def count(self, modality: str, n: int, nbytes: int, free: bool = False) -> None:
         """An answered request of ``n`` inputs; ``free``: a replay of a charge whose answer this run lost

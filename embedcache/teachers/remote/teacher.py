@@ -398,8 +398,7 @@ class RemoteTeacher(Teacher):
             return
         sends = t.stats.attempts
         try:
-            t.claim(n)  # written pending first: a stop here closes it (nothing was sent)
-            answer = t.post(rid, path, body, n, tokens)
+            answer = t.post(rid, path, body, n, tokens)  # claimed there, as it goes out (pending here first)
         except UnreadableAnswer:
             self._count_replay(replay, n)
             self._paid_for_nothing(rid, modality, n, nbytes)
