@@ -78,7 +78,10 @@ def sweep(sweep_file, out, launcher, workers, address, device, overrides, no_pro
         split = MAIN_SPLIT[spec.protocol] + (shots_tag(spec.shots) if spec.protocol == "few_shot" else "")
         if headline_metric(split) == "mean_per_class":
             click.echo(f"{split}: mean per-class accuracy (%), as Li et al. report it")
-        click.echo(markdown(summary_table(res["results"], split, headline_metric(split))))
+        table = summary_table(res["results"], split, headline_metric(split))
+        if not len(table):  # nothing held out of the runs' own store (scored on transfer stores): every split
+            table = summary_table(res["results"])
+        click.echo(markdown(table))
         click.echo(f"results: {out}/results.parquet; report: {out}/report/report.md")
     if res["failed"]:
         sys.exit(1)

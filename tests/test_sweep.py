@@ -789,6 +789,11 @@ def test_a_sweep_trains_on_every_domain_and_scores_on_transfer_stores(synthetic_
     for run in rows.run.unique():
         assert json.loads((tmp_path / "sw" / "runs" / run / "split.json").read_text())["holdout_domains"] == []
     assert "zero_shot" in (tmp_path / "sw" / "report" / "report.md").read_text()
+    # the command's own table: it printed lodo's out_of_domain split, which such a sweep has none of (a trial)
+    said = CliRunner().invoke(main, ["sweep", str(f), "--out", str(tmp_path / "sw"), "--no-progress"])
+    assert said.exit_code == 0, said.output
+    table = [line for line in said.output.splitlines() if line.startswith("| feat_kd")]
+    assert len(table) == 1 and "zero_shot" in table[0] and table[0].count("±") >= 2, said.output
     # a transfer store the runs cannot be scored on is refused before any run trains
     typo = tmp_path / "typo.json"
     typo.write_text('{"circle": "circle", "square": "square", "triangle": "trianglee"}')
