@@ -195,7 +195,7 @@ def test_over_quota_extraction_stops_cleanly_and_resumes(server, make_cfg, tiny_
 
 def test_real_openai_client(server, tiny_teacher, views):
     openai = pytest.importorskip("openai")
-    url, _ = server()
+    url, app = server()
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
     res = client.embeddings.create(model="tiny", input=[data_uri(b, "png") for b in encode_views(views)],
                                    extra_body={"modality": "image"})
@@ -206,6 +206,12 @@ def test_real_openai_client(server, tiny_teacher, views):
     np.testing.assert_allclose(txt.data[0].embedding, tiny_teacher.encode_text(["a photo of a dog."]).numpy()[0],
                                rtol=0, atol=1e-7)
     assert [m.id for m in client.models.list().data] == ["tiny"]
+    # images without modality "image" were embedded as the text of their data URIs, every image alike (a trial)
+    billed = app.state.service.ledger.summary()
+    with pytest.raises(openai.BadRequestError, match=r"input 0 is an image \(a data:image/ URI\) sent as text; send "
+                                                     r"images with \"modality\": \"image\""):
+        client.embeddings.create(model="tiny", input=[data_uri(b, "png") for b in encode_views(views)])
+    assert app.state.service.ledger.summary() == billed  # nothing charged
     with pytest.raises(openai.PermissionDeniedError):
         openai.OpenAI(base_url=f"{url}/v1", api_key="sk-wrong", max_retries=0).embeddings.create(model="tiny", input=["x"])
     with pytest.raises(openai.NotFoundError):

@@ -182,6 +182,14 @@ def create_app(teacher: Teacher, cfg: ServeConfig, keys: KeyRing, ledger: Server
             blobs.append(blob)
         return blobs
 
+    def _refuse_images_as_text(inputs) -> None:
+        """An image's data URI sent without modality "image" (the openai client's default) would be
+        embedded, and billed, as the text of its first tokens: every image alike, with status 200."""
+        for i, text in enumerate(inputs):
+            if text.startswith("data:image/"):
+                raise ServeError(400, f"input {i} is an image (a data:image/ URI) sent as text; send images with "
+                                      "\"modality\": \"image\" (the openai client: extra_body={\"modality\": \"image\"})")
+
     @app.post("/v1/embeddings")
     async def openai_embeddings(req: OpenAIEmbeddingsRequest, key: KeyInfo = Depends(auth),
                                 idempotency_key: Optional[str] = Header(None)):
@@ -193,6 +201,7 @@ def create_app(teacher: Teacher, cfg: ServeConfig, keys: KeyRing, ledger: Server
             shas, nbytes, tokens = images.shas, images.nbytes, len(inputs)
             encode = lambda: service.encode_images(images)  # noqa: E731
         else:
+            _refuse_images_as_text(inputs)
             shas = service.check_texts(inputs)
             nbytes = sum(len(t.encode("utf-8")) for t in inputs)
             tokens = int(sum(teacher.count_tokens(inputs)))
