@@ -325,10 +325,16 @@ class StoreReader:
         self.close()
 
 
+def teacher_model(t: Dict) -> Optional[str]:
+    """A manifest's teacher model as ``teacher.model`` takes it: a local-dir's own folder
+    (``local-dir:/path``, recorded apart from the key, which names only ``local-dir``)."""
+    return (t.get("source") or {}).get("model") if t.get("model") == "local-dir" else t.get("model")
+
+
 def teacher_line(t: Dict) -> str:
     """A manifest's teacher in words: name, model (a local-dir's folder) and its weights: a tag, the
     weight file's digest, or random (an open_clip model built without teacher.pretrained)."""
-    model = (t.get("source") or {}).get("model") if t.get("model") == "local-dir" else t.get("model")
+    model = teacher_model(t)
     weights = t.get("pretrained")
     if isinstance(weights, dict):  # local files by content: the weights, not the config beside them
         files = {k: v for k, v in weights.items() if not k.endswith(".json")} or weights

@@ -187,9 +187,12 @@ def _few(names: List[str]) -> str:
 
 def _teacher_words(manifest: Dict) -> str:
     """A store's teacher as a user names it: its registered name and model, where it has one."""
+    from embedcache.api import teacher_model
+
     t = manifest.get("teacher", {})
-    model = t.get("model") or t.get("classifier")
-    return f"teacher.name={t.get('name')}" + (f", model {model}" if model else "")
+    model = teacher_model(t)
+    said = f", teacher.model={model}" if model else (f", classifier {t['classifier']}" if t.get("classifier") else "")
+    return f"teacher.name={t.get('name')}" + said
 
 
 def _unseen_only(run: RunDir, reader: StoreReader, path: str) -> np.ndarray:

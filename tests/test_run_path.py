@@ -353,7 +353,8 @@ def test_transfer_scores_a_run_on_another_store_of_the_same_teacher(synthetic_st
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(scoring, "same_teacher", lambda a, b: False)
         with pytest.raises(StoreError, match=r"its teacher differs .*; extract the store to score on with the run's "
-                                             r"teacher \(teacher.name=open_clip"):
+                                             r"teacher \(teacher.name=open_clip, teacher.model=local-dir:/.*tiny"):
+            # the model as teacher.model takes it: it said "model local-dir", which nothing takes (a trial)
             score_run(tmp_path / "r", ["lodo"], other.out, transfer=True)
     # the run's store moved away (a run folder copied to another machine): the run still scores on another
     # store, from what it kept of its own; a run from before it kept them names where to put the store back
