@@ -602,6 +602,18 @@ def test_a_store_path_against_its_backend_is_refused_before_styles_are_learned(s
         synthesize(synth_cfg("x.zarr", "backend=hdf5", "prompts.method=contrastive"), teacher=tiny_teacher, log=quiet)
 
 
+def test_a_store_of_other_settings_is_refused_before_styles_are_learned(synth_cfg, tiny_teacher, monkeypatch):
+    """Pointed at a store made with other settings, synthesize learned its styles (minutes with a real
+    teacher), then was refused (a trial); refused first now, naming what differs as extraction does."""
+    import embedcache.synthesis.run as run
+    from embedcache.errors import StoreMismatchError
+
+    synthesize(synth_cfg("x.zarr", "prompts.method=contrastive"), teacher=tiny_teacher, log=quiet)
+    monkeypatch.setattr(run, "build_plan", lambda *a, **k: pytest.fail("styles learned for a store refused"))
+    with pytest.raises(StoreMismatchError, match=r"x.zarr was made from other inputs \(its .*synthesis differ"):
+        synthesize(synth_cfg("x.zarr", "prompts.method=contrastive", "image.iterations=5"), teacher=tiny_teacher,
+                   log=quiet)
+
 @pytest.mark.parametrize("method", ["plain", "contrastive"])
 def test_one_class_is_refused(synth_cfg, method):
     """A one-class store scored 100% on every nearest-label protocol, by construction, with exit 0."""

@@ -21,7 +21,7 @@ from .. import interrupt
 from ..config import DatasetConfig, ExtractConfig, to_dict
 from ..datasets import ImageDataset, Sample
 from ..errors import ConfigError, StoreError
-from ..extract import Batch, ExtractResult, ViewPolicy, extract, policy_of
+from ..extract import Batch, ExtractResult, ViewPolicy, extract, made_so, policy_of
 from ..extract.manifest import build_manifest
 from ..store import Store, backend_name_for
 from ..teachers import TEACHERS, Teacher, build_teacher
@@ -157,7 +157,7 @@ class Prepared:
     def __init__(self, cfg: SynthesizeConfig, teacher: Teacher, outline: Outline, generator, cut_size: int,
                  log: Callable[[str], None], on_batch=None, plan: Optional[StylePlan] = None):
         self.cfg, self.teacher, self.outline, self.log, self._plan = cfg, teacher, outline, log, plan
-        self._key: Optional[str] = None
+        self._manifest: Optional[Dict[str, Any]] = None  # the one extraction will build (its key)
         self.section = key_settings(cfg, outline, generator, cut_size)
         self.dataset = class_dataset(cfg, outline, self.section)
         self.ecfg = extract_config(cfg)
@@ -205,11 +205,27 @@ class Prepared:
     def key(self) -> str:
         """The cache key the store will have (without writing anything; built once: a prepare asks
         whether the store is made, then for the plan it keeps)."""
-        if self._key is None:
+        return self.manifest()["key"]
+
+    def manifest(self) -> Dict[str, Any]:
+        if self._manifest is None:
             prompts = build_prompts(self.dataset.classes, self.ecfg.text)
-            self._key = build_manifest(self.ecfg, self.dataset, self.teacher, prompts,
-                                       extra={"synthesis": self.section})["key"]
-        return self._key
+            self._manifest = build_manifest(self.ecfg, self.dataset, self.teacher, prompts,
+                                            extra={"synthesis": self.section})
+        return self._manifest
+
+    def refuse_another_store(self) -> None:
+        """A store of other inputs at the output path, refused as extraction refuses it (naming what
+        differs), before the styles are learned (minutes, for nothing)."""
+        backend = backend_name_for(self.cfg.out, self.cfg.backend)
+        if not Store.exists(self.cfg.out, backend):
+            return
+        try:
+            st = Store(self.cfg.out, "r", backend)
+        except StoreError:  # damaged: extraction says what is wrong with it
+            return
+        with st:
+            made_so(st, self.manifest())
 
     def already_made(self) -> bool:
         """Whether the store is there, complete, with this key (extraction still verifies it)."""
@@ -247,6 +263,7 @@ def prepare(cfg: SynthesizeConfig, teacher: Optional[Teacher] = None, log: Calla
         log(f"note: the prompts name evaluation domains ({', '.join(outline.leaks)}); "
             "the manifest records it (synthesis.leaks_test_domains)")
     prepared = Prepared(cfg, teacher, outline, generator, cut_size, log, on_batch, plan)
+    prepared.refuse_another_store()
     if not prepared.already_made():
         prepared.plan  # the styles are learned now, before the store is opened
     return prepared
