@@ -21,9 +21,11 @@ def synthesize(config_path: str, out: Optional[str], overrides: Sequence[str], n
     from embedcache.synthesis import load_synthesize_config, synthesize as run
 
     cfg = load_synthesize_config(config_path, overrides, {"out": out, "progress": False if no_progress else None})
-    what = "stopping after this batch's iteration; finished blocks are kept"
-    with interrupt.graceful(lambda signum: click.echo(interrupt.stop_notice(signum, what), err=True)):
-        res = run(cfg, log=click.echo)
+    stage = ["styles"]
+    what = {"styles": "stopping before any image is made (styles are learned again on the rerun)",
+            "images": "stopping after this batch's iteration; finished blocks are kept"}
+    with interrupt.graceful(lambda signum: click.echo(interrupt.stop_notice(signum, what[stage[0]]), err=True)):
+        res = run(cfg, log=click.echo, on_stage=lambda name: stage.__setitem__(0, name))
     if not res.skipped:
         rate = res.images / res.seconds if res.seconds > 0 else 0.0
         click.echo(f"{res.images} images synthesised in {res.seconds:.1f}s ({rate:.3f} images/s); "

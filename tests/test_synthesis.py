@@ -679,3 +679,41 @@ text: {{sources: [name]}}
     bad = CliRunner().invoke(main, ["synthesize", "--config", str(cfg), "--out", str(tmp_path / "b.zarr"),
                                     "--set", "classes=[circle,circle]"])
     assert bad.exit_code == 2 and bad.output.strip().count("\n") == 0 and "twice" in bad.output
+
+
+def test_ctrl_c_while_styles_are_learned_says_no_image_is_made(tmp_path, tiny_clip_dir, monkeypatch):
+    """Ctrl-C while the styles were learned said "stopping after this batch's iteration; finished blocks are
+    kept", then "no image was made yet" (a trial): the notice now says what stops at that stage."""
+    import os
+    import signal
+
+    from click.testing import CliRunner
+
+    import embedcache.synthesis.prompts as prompts
+    from embedcache.cli import main
+
+    cfg = tmp_path / "syn.yaml"
+    cfg.write_text(f"""classes: [circle, square]
+per_class: 2
+prompts: {{method: contrastive, k: 2, steps: 50}}
+image: {{iterations: 2, cutouts: 2}}
+teacher: {{name: open_clip, model: 'local-dir:{tiny_clip_dir}', device: cpu}}
+canvas: {{size: 32}}
+text: {{sources: [name]}}
+""")
+    real = prompts.contrastive_loss
+
+    def stop_at_first_step(*args, **kw):
+        if not stop_at_first_step.sent:
+            stop_at_first_step.sent = True
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kw)
+
+    stop_at_first_step.sent = False
+    monkeypatch.setattr(prompts, "contrastive_loss", stop_at_first_step)
+    res = CliRunner().invoke(main, ["synthesize", "--config", str(cfg), "--out", str(tmp_path / "s.zarr"), "--no-progress"])
+    lines = [ln for ln in res.output.splitlines() if ln.startswith(("stopping", "interrupted"))]
+    assert res.exit_code == 130 and len(lines) == 2, res.output
+    assert lines[0] == ("stopping before any image is made (styles are learned again on the rerun) (Ctrl-C again to "
+                        "stop at once)")
+    assert lines[1].startswith("interrupted while learning the styles (step ") and "no image was made yet" in lines[1]

@@ -271,10 +271,15 @@ def prepare(cfg: SynthesizeConfig, teacher: Optional[Teacher] = None, log: Calla
 
 def synthesize(cfg: SynthesizeConfig, teacher: Optional[Teacher] = None,
                on_block_done: Optional[Callable[[int], None]] = None, log: Callable[[str], None] = print,
-               on_batch: Optional[Callable[[np.ndarray, Any], None]] = None) -> ExtractResult:
+               on_batch: Optional[Callable[[np.ndarray, Any], None]] = None,
+               on_stage: Optional[Callable[[str], None]] = None) -> ExtractResult:
     """Write (resume, repair or skip) the store of synthesised images ``cfg`` describes.
-    ``on_batch(rows, Synthesised)`` sees each batch's images and losses (tests, benchmarks)."""
+    ``on_batch(rows, Synthesised)`` sees each batch's images and losses (tests, benchmarks);
+    ``on_stage`` is told "styles" as the teacher is loaded and the styles planned, then "images"."""
+    stage = on_stage or (lambda _name: None)
+    stage("styles")
     p = prepare(cfg, teacher, log, on_batch)
+    stage("images")
     res = extract(p.ecfg, teacher=p.teacher, reader=p.reader, dataset=p.dataset,
                   manifest_extra={"synthesis": p.section}, on_block_done=on_block_done, log=log, on_open=p.pin)
     if res.complete:
