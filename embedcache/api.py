@@ -273,6 +273,7 @@ class StoreReader:
             "canvas": self.layout["canvas"], "pixels_stored": bool(self.layout.get("store_pixels")),
             "classes": len(self.classes), "domains": list(self.domains), "text_sources": list(self.text_sources),
             "failed": self.n_failed if done else len(st.failures()),
+            "synthesis": _synthesis_facts(m),
         }
         if done:
             meta, text = self.meta, self.text_table
@@ -293,6 +294,9 @@ class StoreReader:
         f, t = self.facts(), self.manifest["teacher"]
         said = {k: v for k, v in f.items() if k not in ("progress", "images_per_domain", "prompts_per_source")}
         said["teacher"] = teacher_line(t)
+        said["synthesis"] = _synthesis_line(f["synthesis"])
+        if said["synthesis"] is None:
+            del said["synthesis"]
         said["calls"] = _calls_line(f["calls"])
         if "teacher_usage" in f:
             said["teacher_usage"] = _usage_line(f["teacher_usage"])
@@ -323,6 +327,32 @@ class StoreReader:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _synthesis_facts(m: Dict) -> Optional[Dict]:
+    """A synthesised store's make (None for one of files): the prompt method, its styles, images per
+    class, the evaluation domains its prompts name, and, once its plan is recorded, the styles' spread
+    and class fidelity (``synthesis_plan``)."""
+    syn = m.get("synthesis")
+    if not syn:
+        return None
+    plan = m.get("synthesis_plan") or {}
+    return {"method": syn.get("prompts", {}).get("method"), "styles": len(syn.get("styles") or []),
+            "per_class": syn.get("per_class"), "leaks_test_domains": plan.get("leaks_test_domains"),
+            "spread": plan.get("spread"), "class_fidelity": plan.get("class_fidelity")}
+
+
+def _synthesis_line(f: Optional[Dict]) -> Optional[str]:
+    if f is None:
+        return None
+    said = f"synthesised from class names: {f['method']} prompts, {f['styles']} style(s), {f['per_class']} images per class"
+    if f["class_fidelity"] is not None:
+        said += f"; style spread {f['spread']:.2f}, class fidelity {f['class_fidelity']:.2f}"
+        if f["class_fidelity"] < 1.0:
+            said += " (some styles pull their images towards another class)"
+    if f["leaks_test_domains"]:
+        said += f"; its prompts name evaluation domains: {', '.join(f['leaks_test_domains'])}"
+    return said
 
 
 def teacher_model(t: Dict) -> Optional[str]:

@@ -47,6 +47,7 @@ def test_inspect_summarises(cli_store):
     assert js["prompts_per_source"]["templates"] == 28 and "templates" in js["text_sources"]
     assert [c["finished"] for c in js["calls"]] == [True] and js["derived"] == [] and js["complete"] is True
     assert js["teacher"]["name"] == "open_clip" and isinstance(js["teacher"], dict)  # as the manifest records it
+    assert js["synthesis"] is None and "synthesised" not in res.output  # a store of image files
 
 
 def test_cli_errors_are_one_line(tmp_path):

@@ -717,3 +717,25 @@ text: {{sources: [name]}}
     assert lines[0] == ("stopping before any image is made (styles are learned again on the rerun) (Ctrl-C again to "
                         "stop at once)")
     assert lines[1].startswith("interrupted while learning the styles (step ") and "no image was made yet" in lines[1]
+
+
+def test_a_synthesised_store_says_what_made_it_and_styles_that_drown_their_class(synth_cfg, tiny_teacher, monkeypatch):
+    """inspect showed nothing of a synthesis (method, styles, leaks), and styles whose targets sit nearer
+    another class's prompt (class fidelity 0.14 in a trial: images pulled towards the wrong class under
+    their own label) were recorded in the manifest without a word."""
+    import embedcache.synthesis.prompts as prompts
+    from embedcache.api import StoreReader
+
+    monkeypatch.setattr(prompts, "class_fidelity", lambda targets, class_emb: 0.5)
+    cfg = synth_cfg("f.zarr", "prompts.method=contrastive", "prompts.test_domains=[sketch]",
+                    "prompts.template='a sketch style * of a {}'")
+    with pytest.warns(UserWarning, match=r"3 of 6 \(style, class\) targets of the 'contrastive' styles are nearer "
+                                         r"another class's plain prompt than their own \(class fidelity 0.50\)"):
+        synthesize(cfg, teacher=tiny_teacher, log=quiet)
+    with StoreReader(cfg.out) as r:
+        facts, said = r.facts(), r.summary()
+    assert facts["synthesis"] == {"method": "contrastive", "styles": 2, "per_class": 2, "leaks_test_domains": ["sketch"],
+                                  "spread": facts["synthesis"]["spread"], "class_fidelity": 0.5}
+    assert said["synthesis"] == (f"synthesised from class names: contrastive prompts, 2 style(s), 2 images per class; "
+                                 f"style spread {facts['synthesis']['spread']:.2f}, class fidelity 0.50 (some styles "
+                                 "pull their images towards another class); its prompts name evaluation domains: sketch")

@@ -11,6 +11,7 @@ and ends with the same arrays. Every setting that changes the images is in the m
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -174,6 +175,7 @@ class Prepared:
 
     def learn(self) -> StylePlan:
         plan = build_plan(self.teacher, sorted(c.strip() for c in self.cfg.classes), self.cfg.prompts, self.log)
+        say_drowned_classes(plan)
         if Outline.of_plan(plan) != self.outline:  # the key was made from the outline
             raise RuntimeError(f"bug: the {plan.method!r} plan's styles differ from those its settings "
                                "announced (prompts.style_lines)")
@@ -237,6 +239,21 @@ class Prepared:
                 return bool(st.complete) and st.key == self.key()
         except StoreError:  # damaged or another store: extraction says what is wrong with it
             return False
+
+
+def say_drowned_classes(plan: StylePlan) -> None:
+    """A warning when some (style, class) targets are nearer another class's plain prompt than their
+    own (``class_fidelity`` below 1): the images made for them are pulled towards that class, under
+    their own label (recorded in the manifest's ``synthesis_plan``, where no one would look)."""
+    fidelity = plan.info.get("class_fidelity")
+    if fidelity is None or fidelity >= 1.0:
+        return
+    total = int(plan.targets.shape[0] * plan.targets.shape[1])
+    off = round((1.0 - fidelity) * total)
+    warnings.warn(f"{off} of {total} (style, class) targets of the {plan.method!r} styles are nearer another class's "
+                  f"plain prompt than their own (class fidelity {fidelity:.2f}): their images are pulled towards "
+                  "another class under their own label; diversify the styles less (the prompts settings), or check "
+                  "the teacher (a random one drowns every class)")
 
 
 def prepare(cfg: SynthesizeConfig, teacher: Optional[Teacher] = None, log: Callable[[str], None] = print,
