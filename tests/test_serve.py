@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import os
 import signal
 import socket
@@ -134,7 +135,7 @@ def test_a_sliver_past_the_resize_limit_is_413_under_any_pixel_setting(server):
 
 
 def test_rate_limit_and_quota_are_429_with_retry_after(server, views):
-    url, app = server(requests_per_minute=2)
+    url, app = server(requests_per_minute=2, quota_period_s=3600)
     with httpx.Client(base_url=url, timeout=10) as c:
         body = {"images": png(views[:1])}
         assert c.post("/v1/embed/images", json=body, headers=auth()).status_code == 200
@@ -147,6 +148,9 @@ def test_rate_limit_and_quota_are_429_with_retry_after(server, views):
         r = c.post("/v1/embed/images", json={"images": png(views[4:6])}, headers=auth(OTHER))
         assert r.status_code == 429 and r.json()["error"]["type"] == "quota_exceeded"
         assert int(r.headers["retry-after"]) > 0 and "4 of 5 queries used" in r.json()["error"]["message"]
+        # when it renews, as a time: it said "in 40290 s" for a daily quota, which reads as 24 h after first use
+        assert re.search(r"it renews at \d{4}-\d\d-\d\d \d\d:00:00 UTC, in \d+ s \(quota periods count from "
+                         r"1970-01-01 00:00 UTC", r.json()["error"]["message"]), r.json()["error"]["message"]
     assert app.state.service.ledger.summary("bob")[0]["queries"] == 4
 
 

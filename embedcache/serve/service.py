@@ -142,7 +142,9 @@ class Service:
         used = self.ledger.used(key.name, start)
         if used + n > quota:
             wait = (start + period - now) if period else 86400.0
-            renews = f"it renews in {wait:.0f} s" if period else "it does not renew; ask for a larger quota"
+            renews = (f"it renews at {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(start + period))} UTC, in "
+                      f"{wait:.0f} s (quota periods count from 1970-01-01 00:00 UTC: 86400 s is each UTC day)"
+                      if period else "it does not renew; ask for a larger quota")
             raise ServeError(429, f"quota exceeded: {used} of {quota} queries used and this request needs {n}; {renews}",
                              "quota_exceeded", _retry_headers(wait))
 
