@@ -674,6 +674,7 @@ text: {{sources: [name]}}
                                     "--set", "batch_size=4"])
     assert res.exit_code == 0, res.output
     assert "4 images synthesised" in res.output and "store complete" in res.output
+    assert "unreadable" not in res.output  # made images: never unreadable (it said "0 unreadable image(s) skipped")
     with embedcache.open_store(str(out)) as s:
         assert s.manifest["synthesis"]["prompts"]["method"] == "mix" and len(s.meta) == 4
     bad = CliRunner().invoke(main, ["synthesize", "--config", str(cfg), "--out", str(tmp_path / "b.zarr"),

@@ -190,8 +190,9 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
                 n_prompts = sum(len(p) for per_class in prompts.values() for p in per_class)
                 log(f"images done; encoding {n_prompts:,} prompts ({', '.join(prompts)}) and writing the tables")
                 failed = _finalize_or_disk_full(store, dataset, teacher, prompts, books, record)
-                log(f"wrote {cfg.out}: {len(dataset)} images x {cfg.views.count} views, "
-                    f"{failed} unreadable image(s) skipped (listed in meta.parquet)")
+                files = dataset.root is not None or dataset.name != "synthesis"  # made images are never unreadable
+                log(f"wrote {cfg.out}: {len(dataset)} images x {cfg.views.count} views"
+                    + (f", {failed} unreadable image(s) skipped (listed in meta.parquet)" if files or failed else ""))
             else:
                 log(f"shard {shard}/{num_shards} done; the store completes when every shard has finished")
         except BudgetError as exc:  # a paid teacher stopped (images or prompts): say what finishing would cost
