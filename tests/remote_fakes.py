@@ -80,7 +80,8 @@ class Faults:
     """ASGI middleware that breaks some POST answers on purpose, from a seeded plan.
 
     plan: fault name -> probability, among: "500", "413", "429-ms", "429-date", "429-none",
-    "429-long" (Retry-After: 3600), "429-credit" (OpenAI's insufficient_quota) (all before the app runs: nothing charged), "lost" (after the app
+    "429-long" (Retry-After: 3600), "429-credit" (OpenAI's insufficient_quota) (all before the app runs: nothing charged),
+    "stall" (never answered, nothing charged: the app never sees it), "lost" (after the app
     answered and charged: the answer is held past the client's timeout), "drop" (after: the
     connection is cut mid-answer). ``script`` gives exact faults for the first POSTs (then the plan
     applies); ``delay`` slows every POST answer down (seconds).
@@ -128,6 +129,9 @@ class Faults:
             body = json.dumps({"error": {"message": "injected", "type": kind, "code": kind}}).encode()
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": body})
+            return
+        if fault == "stall":  # the request never reaches the service: held past the client's timeout, then dropped
+            await asyncio.sleep(self.hold)
             return
         if fault not in ("lost", "drop"):
             return await self.app(scope, receive, send)

@@ -647,6 +647,26 @@ def test_an_answer_lost_then_replayed_free_is_counted_once_as_paid(tmp_path, tin
     assert s.server_usage["queries"] == 12  # the service's own count of the charge (its first answer was lost)
 
 
+def test_a_lost_send_the_service_never_charged_settles_when_its_resend_is_answered(tmp_path, tiny_teacher_cfg,
+                                                                                 tiny_teacher, key_env):
+    """A send that timed out before the service took it (a server paused a few seconds) stayed "possibly
+    paid" for good, with its resend's budget claim, though the resend was answered as the first charge
+    under the same idempotency key (a trial: possibly_paid 12, claimed 264 against a bill of 252). The
+    service charges a key once, so any answer under it settles the lost sends."""
+    from conftest import block_store
+    from embedcache.extract.budget import StoreBudget
+
+    path, _ = block_store(tmp_path, "zarr")
+    inner = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
+    with LiveServer(Faults(inner, script=["stall"], hold=1.5)) as url, Store(path, "a") as st:
+        t = build_teacher(remote(tmp_path, "x.zarr", tiny_teacher_cfg, "embedcache", url, "teacher.max_queries=100").teacher)
+        budget = StoreBudget(st, 100)
+        t.budget_from(budget)
+        t.encode_pixels(torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8))
+        assert budget.claimed() == 12 == charged(inner)[0]
+    s = t.transport.stats
+    assert (s.lost_answers, s.possibly_paid, s.replayed_free, s.queries) == (1, 0, 0, 12)
+
 def test_a_cut_off_request_resent_in_other_batches_is_counted_as_possibly_paid_twice(tmp_path, tiny_teacher_cfg,
                                                                                      tiny_teacher, key_env):
     """A request whose answer was lost is replayed free only whole, under its own idempotency key; a

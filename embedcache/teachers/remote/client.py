@@ -242,8 +242,8 @@ class Transport:
                     # request an earlier, killed run sent was never counted there: paid, counted now
                     self.last_replayed = (resp.headers.get("Idempotent-Replayed", "").lower() == "true"
                                           and request_id in self._lost_here)
-                    if self.last_replayed:
-                        self._charged_once(request_id, reclaimed)
+                    if request_id in self._lost_here and (self.last_replayed or self.protocol.idempotency_header):
+                        self._charged_once(request_id, reclaimed)  # answered afresh: its lost sends were never charged
                     return answer
                 self.ledger.outcome(row, request_id, f"http:{status}")
                 self.stats.refused += 1
@@ -277,9 +277,10 @@ class Transport:
                                      f"retries (last: {last}); rerun the same command to resume")
 
     def _charged_once(self, request_id: str, reclaimed: int) -> None:
-        """A free replay under ``request_id``'s idempotency key proves the service charged the request,
-        once: its lost attempts are no longer possibly paid (``count`` counts the charge as paid), and the
-        budget's claims for its resends (``reclaimed`` inputs) are given back."""
+        """An answer under ``request_id``'s idempotency key settles its lost attempts: a service that
+        takes the key charges it once, so a free replay proves the one charge, and an answer charged afresh
+        proves the lost sends never were. They are no longer possibly paid (``count`` counts the charge as
+        paid), and the budget's claims for its resends (``reclaimed`` inputs) are given back."""
         self.stats.possibly_paid -= self._lost_here.pop(request_id)
         self._give_back(reclaimed, "free replays")
 
