@@ -624,6 +624,18 @@ def test_a_request_that_never_goes_out_or_is_refused_keeps_no_claim(tmp_path, ti
         t.transport.limiter.acquire = real
         t.encode_pixels(views)  # refused whole as too large (413), then sent in halves
         assert budget.claimed() == 12 == charged(inner)[0]
+        # a stop while the request is out (a second Ctrl-C) keeps its claim: the service may have charged it
+        post = t.transport.http.post
+
+        def answered_then_stopped(*args, **kw):
+            post(*args, **kw)
+            raise KeyboardInterrupt
+
+        t.transport.http.post = answered_then_stopped
+        with pytest.raises(KeyboardInterrupt):
+            t.encode_pixels(views + 1)
+        # (a review: it was given back, 12 claimed against 18 billed; batches are of 6 since the 413)
+        assert budget.claimed() == 18 == charged(inner)[0]
 
 def test_an_answer_lost_then_replayed_free_is_counted_once_as_paid(tmp_path, tiny_teacher_cfg, tiny_teacher, key_env):
     """The service charged the request, its answer was lost (possibly paid), the retry under the same

@@ -212,9 +212,10 @@ class Transport:
                 self.stats.retries += 1
             headers_now = None
             try:
+                held[0] = 0  # out now: its claim holds whatever it is charged, unless the outcome says nothing was
                 resp = self.http.post(url, content=content, headers={**headers, "Content-Type": "application/json"})
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                # nothing went out: not paid
+                held[0] = n  # nothing went out, nothing paid: the claim waits for the next attempt (or is given back)
                 self.ledger.outcome(row, request_id, "unreachable")
                 last = f"{type(exc).__name__}"
                 if attempt == 0 and self.stats.requests == 0:
@@ -225,12 +226,11 @@ class Transport:
                 self._lost_here[request_id] = self._lost_here.get(request_id, 0) + n
                 self.stats.lost_answers += 1
                 self.stats.possibly_paid += n
-                lost, held[0] = True, 0  # its claim holds the charge it may have made
+                lost = True  # its claim holds the charge it may have made
                 last = f"answer lost ({type(exc).__name__})"
             else:
                 status = resp.status_code
-                if status == 200:
-                    held[0] = 0  # charged: its claim holds it
+                if status == 200:  # charged: its claim holds it
                     try:
                         answer = resp.json()
                     except ValueError:
@@ -245,6 +245,7 @@ class Transport:
                     if request_id in self._lost_here and (self.last_replayed or self.protocol.idempotency_header):
                         self._charged_once(request_id, reclaimed)  # answered afresh: its lost sends were never charged
                     return answer
+                held[0] = n  # refused, not charged: the claim waits for the next attempt (or is given back)
                 self.ledger.outcome(row, request_id, f"http:{status}")
                 self.stats.refused += 1
                 text = self._error_text(resp)
