@@ -178,7 +178,7 @@ class _Scan:
         images, cut = [], len(os.path.join(str(folder), ""))  # entry.path[cut:]: the path below folder
         above = folder.relative_to(root).as_posix()
         for entry, hidden in _walk(str(folder)):
-            if not entry.is_file():
+            if not _is(entry, "file"):
                 continue
             image = os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS
             if hidden:
@@ -202,20 +202,32 @@ def _walk(folder: str, hidden: bool = False) -> Iterator[Tuple[os.DirEntry, bool
     """(entry, whether it or a folder above it up to ``folder`` is hidden) of everything under
     ``folder``, in the order of ``sorted(Path(folder).rglob("*"))`` (each folder's entries by name,
     a folder's contents right after it), symlinked folders not entered, as rglob does not: a tenth
-    of its time on a 10,000-file tree (``rglob`` builds and compares a Path per file). A folder that
-    cannot be listed is refused (rglob skipped it, and its images, without a word)."""
+    of its time on a 10,000-file tree (``rglob`` builds and compares a Path per file). A visible folder
+    that cannot be listed is refused (rglob skipped it, and its images, without a word); a hidden one,
+    or a file system's ``lost+found``, holds no image of the dataset and is skipped."""
     try:
         with os.scandir(folder) as it:
             entries = sorted(it, key=lambda e: e.name)
     except PermissionError as exc:
+        if hidden or os.path.basename(folder) == "lost+found":
+            return
         raise DatasetError(f"{folder} cannot be read ({exc.strerror}), so its images cannot be listed; give read "
-                           f"access to it (chmod -R u+rX {shlex.quote(folder)}), or move it out of the dataset "
-                           "folder") from None
+                           f"access to it (its owner: chmod -R a+rX {shlex.quote(folder)}), or move it out of the "
+                           "dataset folder") from None
     for entry in entries:
         inside = hidden or entry.name.startswith(".")
         yield entry, inside
-        if entry.is_dir() and not entry.is_symlink():
+        if _is(entry, "dir") and not entry.is_symlink():
             yield from _walk(entry.path, inside)
+
+
+def _is(entry: os.DirEntry, kind: str) -> bool:
+    """``entry.is_file()`` or ``is_dir()``, False where the link cannot be followed (a symlink loop),
+    as ``Path.is_file`` says."""
+    try:
+        return entry.is_file() if kind == "file" else entry.is_dir()
+    except OSError:
+        return False
 
 
 # image formats a folder may hold that are not read (annotation files beside images are not said)
