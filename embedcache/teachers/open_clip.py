@@ -49,7 +49,7 @@ class OpenClipTeacher(Teacher):
         if not cfg.model:
             raise TeacherLoadError("open_clip teacher needs teacher.model (e.g. ViT-B-16, hf-hub:org/repo, local-dir:/path)")
         self.model_name, self.pretrained, self.precision = cfg.model, cfg.pretrained, cfg.precision
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(cfg.device, fix="--set teacher.device=cpu")
         self._config_hash, self._config_path = None, cfg.model_config
         if cfg.model_config:
             cfg_path = Path(cfg.model_config)
