@@ -161,12 +161,17 @@ class _Scan:
     def __init__(self):
         self.others: List[Path] = []
         self.hidden: List[Path] = []
+        self.stray: List[Path] = []  # image files beside the domain or class folders, not in one
 
     def subfolders(self, folder: Path) -> List[Path]:
-        """The visible sub-folders of ``folder`` (a hidden one's images counted as left out)."""
+        """The visible sub-folders of ``folder`` (a hidden one's images counted as left out; image
+        files beside them kept to be said)."""
         out = []
-        for d in sorted(d for d in folder.iterdir() if d.is_dir()):
-            if d.name.startswith("."):
+        for d in sorted(folder.iterdir()):
+            if not d.is_dir():
+                if d.is_file() and d.suffix.lower() in IMAGE_EXTENSIONS and not d.name.startswith("."):
+                    self.stray.append(d)
+            elif d.name.startswith("."):
                 self.hidden += [p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
             else:
                 out.append(d)
@@ -193,6 +198,11 @@ class _Scan:
     def dataset(self, name: str, root: Path, samples: List["Sample"], max_per_class: Optional[int]) -> "ImageDataset":
         """The dataset of ``samples`` (the layout checked), what was left out said or recorded."""
         _say_left_out(root, self.others)
+        if self.stray:
+            names = ", ".join(p.relative_to(root).as_posix() for p in self.stray[:3]) + (", ..." if len(self.stray) > 3 else "")
+            layout = "domain/class/image" if name == "domainbed" else "class/image"
+            warnings.warn(f"{root}: {len(self.stray)} image file{'s' if len(self.stray) != 1 else ''} outside the class "
+                          f"folders left out ({names}); images are read as {layout}: move them into their class's folder")
         if name == "domainbed":
             _say_uneven_classes(root, samples)
         return ImageDataset(name, root, _limit(samples, max_per_class), hidden_images=len(self.hidden))

@@ -358,3 +358,20 @@ def test_a_symlink_loop_in_a_dataset_folder_is_left_out_as_rglob_left_it(tmp_pat
     os.symlink("loop", tmp_path / "d" / "c" / "loop")  # points at itself
     os.symlink("loop.png", tmp_path / "d" / "c" / "loop.png")
     assert [s.path for s in build_dataset(DatasetConfig(name="domainbed", path=str(tmp_path))).samples] == ["d/c/a.png"]
+
+
+def test_images_outside_the_class_folders_are_said_to_be_left_out(tmp_path):
+    """An image at the dataset's root or beside a domain's class folders was left out without a word (a
+    trial), where unread file types and classes missing from a domain are said."""
+    for name in ("d/c/a.png", "d/stray.png", "top.jpg", "d/c/sub/deep.png"):
+        f = tmp_path / name
+        f.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(f)
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.warns(UserWarning, match=r"2 image files outside the class folders left out \(top.jpg, d/stray.png\); "
+                                         r"images are read as domain/class/image"):
+        ds = build_dataset(DatasetConfig(name="domainbed", path=str(tmp_path)))
+    assert [s.path for s in ds.samples] == ["d/c/a.png", "d/c/sub/deep.png"]  # a class's sub-folders are its own
+    with pytest.warns(UserWarning, match=r"1 image file outside the class folders left out \(stray.png\); images are "
+                                         r"read as class/image"):
+        build_dataset(DatasetConfig(name="folder", path=str(tmp_path / "d")))
