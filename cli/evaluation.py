@@ -9,8 +9,6 @@ import click
 
 from ._app import main, refuse_path_through_file
 
-RUN_SAID = re.compile(r"run (\S+): (.*)", re.DOTALL)  # a warning about one run, as protocols.named_warnings says it
-
 
 @main.command()
 @click.argument("runs", nargs=-1, type=click.Path(exists=True, file_okay=False))
@@ -132,10 +130,12 @@ def _each_run_warning_once():
     not the same paragraph once per run."""
     import warnings
 
+    from embedcache.evaluate.protocols import SAID_OF_A_RUN
+
     shown, also = warnings.showwarning, {}
 
     def show(message, category, filename, lineno, file=None, line=None):
-        said = RUN_SAID.match(str(message))
+        said = SAID_OF_A_RUN.match(str(message))
         if said is None or said.group(2) not in also:
             if said is not None:
                 also[said.group(2)] = [said.group(1)]

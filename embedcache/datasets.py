@@ -172,7 +172,8 @@ class _Scan:
                 if d.is_file() and d.suffix.lower() in IMAGE_EXTENSIONS and not d.name.startswith("."):
                     self.stray.append(d)
             elif d.name.startswith("."):
-                self.hidden += [p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+                self.hidden += [Path(e.path) for e, _ in _walk(str(d), hidden=True)
+                                if _is(e, "file") and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS]
             else:
                 out.append(d)
         return out

@@ -7,6 +7,7 @@ embeddings: no model is loaded.
 """
 from __future__ import annotations
 
+import re
 import warnings
 from contextlib import contextmanager, suppress
 
@@ -100,6 +101,9 @@ def named_warnings(who: str):
 def _rewarn(who: str, caught: list) -> None:
     for w in caught:
         warnings.warn(f"{who}: {w.message}", w.category, stacklevel=4)
+
+
+SAID_OF_A_RUN = re.compile(r"run (\S+): (.*)", re.DOTALL)  # a warning named_warnings said of run (1): (2)
 
 
 COLLAPSED = 0.95  # a model answering one class for this share of images (of mixed classes) has collapsed

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from embedcache import interrupt
-from embedcache.api import StoreReader, same_teacher
+from embedcache.api import StoreReader, same_teacher, teacher_model
 from embedcache.device import resolve_device
 from embedcache.errors import StoreError, StoreMismatchError
 from embedcache.evaluate.metrics import require_finite
@@ -187,8 +187,6 @@ def _few(names: List[str]) -> str:
 
 def _teacher_words(manifest: Dict) -> str:
     """A store's teacher as a user names it: its registered name and model, where it has one."""
-    from embedcache.api import teacher_model
-
     t = manifest.get("teacher", {})
     model = teacher_model(t)
     said = f", teacher.model={model}" if model else (f", classifier {t['classifier']}" if t.get("classifier") else "")

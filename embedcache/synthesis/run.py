@@ -216,29 +216,19 @@ class Prepared:
                                             extra={"synthesis": self.section})
         return self._manifest
 
-    def refuse_another_store(self) -> None:
-        """A store of other inputs at the output path, refused as extraction refuses it (naming what
-        differs), before the styles are learned (minutes, for nothing)."""
+    def already_made(self) -> bool:
+        """Whether the store is there and complete (extraction still verifies it); a store of other
+        inputs there is refused now, as extraction refuses it (naming what differs), before the styles
+        are learned (minutes, for nothing)."""
         backend = backend_name_for(self.cfg.out, self.cfg.backend)
         if not Store.exists(self.cfg.out, backend):
-            return
+            return False
         try:
             st = Store(self.cfg.out, "r", backend)
         except StoreError:  # damaged: extraction says what is wrong with it
-            return
+            return False
         with st:
-            made_so(st, self.manifest())
-
-    def already_made(self) -> bool:
-        """Whether the store is there, complete, with this key (extraction still verifies it)."""
-        backend = backend_name_for(self.cfg.out, self.cfg.backend)
-        if not Store.exists(self.cfg.out, backend):
-            return False
-        try:
-            with Store(self.cfg.out, "r", backend) as st:
-                return bool(st.complete) and st.key == self.key()
-        except StoreError:  # damaged or another store: extraction says what is wrong with it
-            return False
+            return bool(made_so(st, self.manifest()).complete)
 
 
 def say_drowned_classes(plan: StylePlan) -> None:
@@ -280,7 +270,6 @@ def prepare(cfg: SynthesizeConfig, teacher: Optional[Teacher] = None, log: Calla
         log(f"note: the prompts name evaluation domains ({', '.join(outline.leaks)}); "
             "the manifest records it (synthesis.leaks_test_domains)")
     prepared = Prepared(cfg, teacher, outline, generator, cut_size, log, on_batch, plan)
-    prepared.refuse_another_store()
     if not prepared.already_made():
         prepared.plan  # the styles are learned now, before the store is opened
     return prepared
