@@ -16,7 +16,7 @@ import pandas as pd
 
 from .errors import StoreError
 from .fileio import json_digest
-from .store import Store
+from .store import Store, teacher_model
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -353,12 +353,6 @@ def _synthesis_line(f: Optional[Dict]) -> Optional[str]:
     if f["leaks_test_domains"]:
         said += f"; its prompts name evaluation domains: {', '.join(f['leaks_test_domains'])}"
     return said
-
-
-def teacher_model(t: Dict) -> Optional[str]:
-    """A manifest's teacher model as ``teacher.model`` takes it: a local-dir's own folder
-    (``local-dir:/path``, recorded apart from the key, which names only ``local-dir``)."""
-    return (t.get("source") or {}).get("model") if t.get("model") == "local-dir" else t.get("model")
 
 
 def teacher_line(t: Dict) -> str:

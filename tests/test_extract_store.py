@@ -3,6 +3,7 @@ import errno
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -291,8 +292,10 @@ def test_store_from_another_teacher_is_refused(make_cfg, tiny_teacher, tmp_path)
     cfg = make_cfg("mine.zarr")
     extract(cfg, teacher=tiny_teacher, log=quiet)
     other_dir = save_tiny_clip(tmp_path / "other_clip", seed=2)
-    with pytest.raises(StoreMismatchError, match=r"made from other inputs \(its teacher differs; .* use another --out"):
+    with pytest.raises(StoreMismatchError, match=r"made from other inputs \(its teacher differs; .* use another --out") as err:
         extract(replace(cfg, teacher=replace(cfg.teacher, model=f"local-dir:{other_dir}")), log=quiet)
+    assert f"teacher open_clip/local-dir:{Path(cfg.teacher.model[10:]).resolve()})" in str(err.value)  # its folder, as
+    # teacher.model takes it, not the key's bare "local-dir"
     with pytest.raises(StoreMismatchError, match=r"\(its views differ; "):  # plural, alone too
         extract(make_cfg("mine.zarr", "views.count=2"), teacher=tiny_teacher, log=quiet)
     with pytest.raises(StoreMismatchError, match=r"\(its views differ; .*use another --out"):  # a dry run says it too

@@ -111,6 +111,12 @@ class _PartChecks:
         self.first, self.busy = first, False
 
 
+def teacher_model(t: Dict) -> Optional[str]:
+    """A manifest's teacher model as ``teacher.model`` takes it: a local-dir's own folder
+    (``local-dir:/path``, recorded apart from the key, which names only ``local-dir``)."""
+    return (t.get("source") or {}).get("model") if t.get("model") == "local-dir" else t.get("model")
+
+
 class Store:
     """A store on disk. ``Store(path)`` opens for reading, ``Store(path, "a")`` for writing;
     ``Store.create`` makes a new one. Analysts use ``embedcache.open_store``, which wraps this."""
@@ -235,7 +241,7 @@ class Store:
             t = self.manifest.get("teacher", {})
             raise StoreMismatchError(
                 f"store {self.path} was made from other inputs ({differs + '; ' if differs else ''}key {self.key}, "
-                f"teacher {t.get('name')}/{t.get('model') or t.get('classifier')}); expected key {key}: {advice}")
+                f"teacher {t.get('name')}/{teacher_model(t) or t.get('classifier')}); expected key {key}: {advice}")
         if complete and not self.complete:
             done = int(self.blocks_done().sum())
             raise StoreError(f"store {self.path} is incomplete ({done} of {self.num_blocks} blocks written); "
