@@ -82,7 +82,8 @@ def make_jpegs(pacs: Path, n: int, out: Path) -> Path:
     (made by every core: a GPU host's device time is short)."""
     from multiprocessing import get_context
 
-    photos = sorted((pacs / "photo").rglob("*.jpg"))
+    by_class = [sorted(c.glob("*.jpg")) for c in sorted((pacs / "photo").iterdir()) if c.is_dir()]
+    photos = [p for turn in zip(*by_class) for p in turn]  # class by class in turn: a few files span every class
     if not photos:
         sys.exit(f"--jpegs: no photo/*/*.jpg under {pacs} (bench/prepare_gpu.sh copies some into .gpu/pacs)")
     jobs = [(photos[k % len(photos)], out / "photo" / photos[k % len(photos)].parent.name / f"{k:06d}.jpg")
