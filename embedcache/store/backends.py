@@ -45,6 +45,7 @@ class _Rechunked(Exception):
 
 
 REFRESHES = 3  # metadata re-reads a whole-array read may make (a store re-chunked under it; a missing file)
+ZSTD_LEVEL = 1  # zstd level of compressed Zarr arrays (pixels, small bookkeeping): see ZarrBackend.create_array
 
 
 Range = Tuple[int, int]  # rows lo:hi
@@ -178,8 +179,11 @@ class ZarrBackend:
         # write_empty_chunks: skip zarr's per-chunk "is it all fill value?" scan (1.4 s of a 10 s
         # GPU extraction when measured); every chunk we write holds data, and a chunk that is
         # missing on disk must stay missing (the checksums then find it), never "equal to zeros".
+        # zstd level 1, not its default 3: on PACS canvases 2.5x faster to write (470 against 190 MB/s on one
+        # core, which a CPU teacher's forward shares with the writer thread) for a few points of size (photos
+        # to 0.88 of raw, not 0.84; cartoons 0.47, not 0.45); reading is no slower.
         g.create_array(leaf, shape=tuple(shape), dtype=np.dtype(dtype), chunks=tuple(chunks), fill_value=0,
-                       compressors=None if codec == "none" else ZstdCodec(level=0),
+                       compressors=None if codec == "none" else ZstdCodec(level=ZSTD_LEVEL),
                        config={"write_empty_chunks": True})
 
     def has(self, name: str) -> bool:
