@@ -112,7 +112,8 @@ def _setting(split: pd.Series) -> pd.Series:
     finetune@50, finetune_mixed@50@1shot), else what follows its "@" (a shot count: prototype@1shot
     is "1shot"; plain splits "")."""
     split = split.astype(str)
-    return split.where(split.str.startswith("finetune"), split.str.partition("@")[2])
+    return split.where(split.str.startswith("finetune"), split.map(lambda s: s.partition("@")[2]))  # (.str.partition
+    # gives an empty frame no columns)
 
 
 def upsert(path: str, rows: pd.DataFrame) -> pd.DataFrame:

@@ -694,6 +694,20 @@ def test_rescoring_replaces_a_runs_rows_whole(tmp_path):
         ("r", "zero_shot", "outline")]  # solid's stale zero_shot row is gone; fine-tuning of 50 steps, not redone, stays
 
 
+def test_merge_into_no_old_rows():
+    """A sweep relaunched with a grid sharing no run with its results file merged its rows into no old
+    rows, and reading an empty frame's split settings raised KeyError: 2 (the folder then stayed
+    broken: every relaunch and `report` crashed the same way)."""
+    from embedcache.evaluate.results import merge
+
+    rows = pd.DataFrame([{"run": "r", "recipe": "ce", "student": "s", "replicate": 0, "protocol": "lodo", "split": sp,
+                          "domain": "solid", "metric": "top1", "value": 0.5, "holdout": "transfer"}
+                         for sp in ("zero_shot", "prototype@1shot")])
+    got = merge(rows.iloc[:0], rows)
+    assert sorted(got.split) == ["prototype@1shot", "zero_shot"]
+    assert list(merge(rows, rows.iloc[:0]).split) == list(rows.split)  # and no new rows into old ones
+
+
 def test_a_method_that_holds_no_domain_out_is_not_short_of_held_out_runs():
     """Runs trained on every domain, scored beside a run holding a domain out, read "0 of 1 complete"
     with no avg: the other method's held-out domain was counted as a run they lacked."""
