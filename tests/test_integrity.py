@@ -1,5 +1,6 @@
 """Nothing silently wrong (issue 9): damaged stores are found and repaired, images decode faithfully,
 unreadable rows never pass for data, bad settings are refused before work, the sweep lock holds."""
+import json
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from PIL import Image
 
 import embedcache
 from embedcache.cli import main
-from embedcache.errors import StoreDamagedError, StoreError, TrainingError
+from embedcache.errors import ConfigError, StoreDamagedError, StoreError, StoreMismatchError, TrainingError
 from embedcache.extract import extract
 from embedcache.store import Store
 
@@ -255,6 +256,38 @@ def test_a_truncated_hdf5_file_is_one_line(make_cfg, tiny_teacher, tmp_path):
     res = CliRunner().invoke(main, ["inspect", cfg.out])
     assert res.exit_code == 2 and res.output.strip().count("\n") == 0
     assert "damaged or truncated" in res.output and "rerun the command that made it (its extract or synthesize)" in res.output
+
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_an_unwritable_out_folder_is_one_line_before_the_teacher(make_cfg, tmp_path, monkeypatch, suffix):
+    """A read-only folder gave, once the teacher had loaded, "store rofs/.s.zarr.<hex>.creating cannot be
+    opened; delete it" (nothing to delete) for Zarr and a traceback for HDF5 (a trial, on a read-only mount;
+    here the folder's access check says so, as it does there: tests run as root, whom permissions let by)."""
+    import embedcache.extract as ex
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == ro and mode == os.W_OK else real(p, mode, **kw))
+    monkeypatch.setattr(ex, "build_teacher", lambda cfg: pytest.fail("the teacher was built"))
+    for out in (ro / f"s{suffix}", ro / "new" / f"s{suffix}"):
+        with pytest.raises(ConfigError, match=f"--out {out}: {ro} is not writable .*; choose another --out"):
+            extract(make_cfg(str(out)), log=quiet)
+    assert not any(ro.iterdir())
+
+
+def test_a_file_that_is_not_hdf5_is_not_called_a_damaged_store(make_cfg, tiny_teacher, tmp_path):
+    """A text file given as --out x.h5 was "a damaged or truncated HDF5 store; delete it": a user's own file."""
+    other = tmp_path / "notes.h5"
+    other.write_text("my notes\n")
+    for cmd in (["inspect", str(other)], ["verify", str(other), "--no-progress"]):
+        res = CliRunner().invoke(main, cmd)
+        assert res.exit_code == 2 and "is not an HDF5 file (no HDF5 signature in it)" in res.output, res.output
+        assert "delete" not in res.output
+    with pytest.raises(StoreError, match="is not an HDF5 file"):
+        extract(make_cfg(str(other)), teacher=tiny_teacher, log=quiet)
+    assert other.read_text() == "my notes\n"
 
 
 def test_an_hdf5_store_open_for_writing_elsewhere_is_one_line(make_cfg, tiny_teacher):
@@ -687,6 +720,30 @@ def test_damaged_store_metadata_is_one_line(make_cfg, tiny_teacher):
             assert res.output.strip().splitlines()[-1].startswith("error: "), (cmd, res.output)
 
 
+@pytest.mark.parametrize("array,change", [("text/name/class_emb", {"data_type": "int32"}),
+                                          ("image/emb", {"data_type": "int16"}),
+                                          ("image/emb", {"shape": "wider"})])
+def test_an_array_whose_metadata_was_altered_is_refused(make_cfg, tiny_teacher, array, change):
+    """An array's zarr.json given another type (the same bytes, so every checksum still held): verify
+    said intact while label scores read as 1e10 or readers crashed; another shape sent `verify --repair`
+    into re-encoding every block, failing, and doing it again on every rerun (a trial)."""
+    cfg = make_cfg("alt.zarr")
+    extract(cfg, teacher=tiny_teacher, log=quiet)
+    meta = Path(cfg.out) / array / "zarr.json"
+    doc = json.loads(meta.read_text())
+    if change.get("shape") == "wider":
+        change = {"shape": doc["shape"][:-1] + [doc["shape"][-1] * 2]}
+    meta.write_text(json.dumps({**doc, **change}))
+    for cmd in (["verify", cfg.out, "--no-progress"], ["verify", cfg.out, "--no-progress", "--repair"], ["inspect", cfg.out]):
+        res = CliRunner().invoke(main, cmd)
+        assert res.exit_code == 2 and f"array {array} reads as" in res.output and "its metadata altered" in res.output, \
+            (cmd, res.output)
+    with pytest.raises(StoreDamagedError, match=f"array {array} reads as"):
+        extract(cfg, teacher=tiny_teacher, log=quiet)
+    with pytest.raises(StoreDamagedError, match="its metadata altered"):
+        embedcache.open_store(cfg.out)
+
+
 def test_a_path_inside_a_store_names_the_store(make_cfg, tiny_teacher):
     """`verify s.zarr/image/emb` said "delete it and rerun its extract command", which would destroy a
     healthy store."""
@@ -802,6 +859,12 @@ def test_a_repair_refuses_a_source_image_changed_since_the_store_was_made(make_c
         extract(cfg, teacher=tiny_teacher, log=quiet)
     with pytest.raises(StoreError):
         embedcache.open_store(cfg.out)  # never read as complete meanwhile
+    Image.fromarray(np.full((30, 30, 3), 222, np.uint8)).save(root / "cat" / "1.bmp")  # another size: the
+    # dataset's fingerprint changed, which was "made from other inputs: use another --out, or delete that store"
+    with pytest.raises(StoreMismatchError, match=r"its dataset differs \(the same settings: image files were added, "
+                                                 r"removed or changed in size since it was made\).*put the dataset's "
+                                                 r"files back as they were to resume or repair it"):
+        extract(cfg, teacher=tiny_teacher, log=quiet)
     (root / "cat" / "1.bmp").write_bytes(original)  # the original back: the same repair completes, exactly
     assert extract(cfg, teacher=tiny_teacher, log=quiet).complete
     _same(good, _arrays(cfg.out))
@@ -869,8 +932,10 @@ def test_lost_prompt_arrays_are_encoded_again(make_cfg, tiny_teacher, how):
     if how == "extract":
         res = extract(cfg, teacher=tiny_teacher, log=quiet, on_block_done=encoded.append)
         assert res.complete
-    else:
-        verify_store(cfg.out, repair=True, progress=False, log=quiet)
+    else:  # said as a repair, not "incomplete (all blocks); rerun its extract command to finish" (a trial)
+        res = CliRunner().invoke(main, ["verify", "--repair", cfg.out, "--no-progress"])
+        assert res.exit_code == 0 and res.output.strip().splitlines()[-1] == (
+            f"{cfg.out}: repaired (0 block(s) re-done, 2 prompt array(s) encoded again)"), res.output
     assert encoded == []  # no image encoded again
     _same(good, _arrays(cfg.out))
     assert verify_store(cfg.out, progress=False, log=quiet).report.ok

@@ -191,6 +191,22 @@ class Store:
                                     f"{len(self.layout['arrays'])} arrays lost as a whole), so it cannot be repaired "
                                     "block by block; delete the store and rerun the command that made it (a paid "
                                     "teacher's answers come from its ledger free)")
+        self._refuse_altered_arrays()
+
+    def _refuse_altered_arrays(self) -> None:
+        """An array whose own metadata gives another type or shape than the store's layout (its zarr.json
+        edited): the bytes, and so their checksums, are unchanged, but every value read would be wrong."""
+        for a, spec in self.layout.get("arrays", {}).items():
+            if not self.b.has(a):
+                continue  # a prompt array lost as a whole, remade when the store finishes
+            want = (np.dtype(spec["dtype"]), tuple(spec["shape"]))
+            got = (self.b.dtype(a), tuple(self.b.shape(a)))
+            if got != want:
+                self.close()
+                raise StoreDamagedError(
+                    f"{self.path}: array {a} reads as {got[0]} {got[1]}, but the store's layout made it {want[0]} "
+                    f"{want[1]} (its metadata altered: every value read would be wrong); put its metadata back, or "
+                    "delete the store and rerun the command that made it")
 
     # --- making one ---------------------------------------------------------------------------------
     @staticmethod
