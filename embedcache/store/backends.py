@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..errors import StoreDamagedError, StoreError
+from ..errors import StoreDamagedError, StoreError, StoreMismatchError
 from ..fileio import atomic_write_bytes, exclusive_lock
 from ..registry import Registry
 from .pieces import bytes_of
@@ -407,6 +407,9 @@ class HDF5Backend:
             if "unable to lock" in text.lower() or isinstance(exc, BlockingIOError):
                 raise StoreError(f"HDF5 store {path} is open in another process (HDF5 allows one writer and no reader "
                                  "beside it); wait for that process to finish, or use a .zarr store") from None
+            if os.path.isfile(path) and not h5py.is_hdf5(path):  # no store to delete: some other file
+                raise StoreMismatchError(f"{path} is not an HDF5 file (no HDF5 signature in it), so not a store; give a "
+                                         "store's path, or another --out for a new one") from None
             raise StoreDamagedError(f"HDF5 store {path} is damaged or truncated ({_first_line(exc)}); delete it and "
                                     f"rerun {REMAKE} to rebuild it") from None
 
