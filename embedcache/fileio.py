@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, Tuple, Union
 
-from .errors import DiskFullError
+from .errors import ConfigError, DiskFullError
 
 PathLike = Union[str, Path]
 _UMASK = os.umask(0o022)
@@ -100,6 +100,17 @@ def is_disk_full(exc: BaseException) -> bool:
 
 def disk_full_error(where: PathLike, fix: str = "free space or write to a larger disk") -> DiskFullError:
     return DiskFullError(f"disk full while writing {where}; {fix}, then rerun the same command to resume")
+
+
+def require_writable(path: PathLike, option: str = "--out") -> None:
+    """Before long work that writes ``path`` (a store, its folder made if missing): refused in one line
+    when it, or the nearest folder above it that exists, cannot be written (read-only storage, another
+    user's folder), not once the teacher has loaded and the store's creation fails on it."""
+    p = Path(os.path.abspath(path))
+    at = next((a for a in (p, *p.parents) if a.exists()), None)
+    if at is not None and not os.access(at, os.W_OK):
+        raise ConfigError(f"{option} {path}: {at} is not writable (read-only storage, or its permissions); choose "
+                          f"another {option}")
 
 
 @contextmanager
