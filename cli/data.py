@@ -130,12 +130,13 @@ def verify(store: str, repair: bool, overrides: Sequence[str], no_progress: bool
     if overrides and not repair:
         raise click.UsageError("--set changes the extraction a repair runs; give it with --repair")
     res = verify_store(store, repair, overrides, progress=not no_progress, log=click.echo)
-    if res.report.ok and not res.report.derived:
+    if res.repaired is not None:
+        remade = f", {len(res.remade)} prompt array(s) encoded again" if res.remade else ""
+        click.echo(f"{store}: repaired ({res.repaired} block(s) re-done{remade})")
+    elif res.report.ok and not res.report.derived:
         unfinished = f"; {res.unfinished}" if res.unfinished else ""
         files = f" and {res.files_checked} files" if res.files_checked or not res.unfinished else ""  # none before the finish
         click.echo(f"{store}: {res.report.blocks_checked} blocks{files} intact{unfinished}")
-    elif res.repaired is not None:
-        click.echo(f"{store}: repaired ({res.repaired} block(s) re-done)")
 
 
 @main.command()

@@ -3,8 +3,8 @@ marked to be recomputed by the command that made them, damaged blocks and files 
 store's own extraction (its manifest's config), exactly those and nothing else."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
 
 from ..errors import ConfigError, StoreError
 from ..store import IntegrityReport, Store
@@ -18,6 +18,7 @@ class Verified:
     files_checked: int
     unfinished: str  # "" for a complete store, else how far it got and how to finish it
     repaired: Optional[int] = None
+    remade: List[str] = field(default_factory=list)  # prompt arrays lost as a whole, encoded again by the repair
 
 
 def verify_store(path: str, repair: bool = False, overrides: Sequence[str] = (), progress: bool = True,
@@ -35,7 +36,7 @@ def verify_store(path: str, repair: bool = False, overrides: Sequence[str] = (),
         manifest, producer = st.manifest, st.producer
         unfinished = "" if st.complete else (f"incomplete ({int(st.blocks_done().sum())} of {st.num_blocks} blocks); "
                                              f"rerun its {producer} command to finish")
-    out = Verified(report, len(manifest.get("checksums", {})), unfinished)
+    out = Verified(report, len(manifest.get("checksums", {})), unfinished, remade=lost_text if repair else [])
     if report.ok and not report.derived and not lost_text:
         return out
     for line in report.lines() + [f"{a}: lost as a whole (encoded again)" for a in lost_text]:
