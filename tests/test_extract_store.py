@@ -292,15 +292,18 @@ def test_store_from_another_teacher_is_refused(make_cfg, tiny_teacher, tmp_path)
     cfg = make_cfg("mine.zarr")
     extract(cfg, teacher=tiny_teacher, log=quiet)
     other_dir = save_tiny_clip(tmp_path / "other_clip", seed=2)
-    with pytest.raises(StoreMismatchError, match=r"made from other inputs \(its teacher differs; .* use another --out") as err:
+    with pytest.raises(StoreMismatchError, match=r"made from other inputs \(its teacher differs \(store: teacher.model='local-dir:.*'; "
+                                                 r"this call: teacher.model='local-dir:.*other_clip'\); .* use another --out") as err:
         extract(replace(cfg, teacher=replace(cfg.teacher, model=f"local-dir:{other_dir}")), log=quiet)
     assert f"teacher open_clip/local-dir:{Path(cfg.teacher.model[10:]).resolve()})" in str(err.value)  # its folder, as
     # teacher.model takes it, not the key's bare "local-dir"
-    with pytest.raises(StoreMismatchError, match=r"\(its views differ; "):  # plural, alone too
+    # plural, alone too; and the setting to restore named (a trial)
+    with pytest.raises(StoreMismatchError, match=r"\(its views differ \(store: views.count=3; this call: views.count=2\); "):
         extract(make_cfg("mine.zarr", "views.count=2"), teacher=tiny_teacher, log=quiet)
-    with pytest.raises(StoreMismatchError, match=r"\(its views differ; .*use another --out"):  # a dry run says it too
+    with pytest.raises(StoreMismatchError, match=r"\(its views differ \(.*\); .*use another --out"):  # a dry run too
         extract(make_cfg("mine.zarr", "views.count=2"), teacher=tiny_teacher, log=quiet, dry_run=True)
-    with pytest.raises(StoreMismatchError, match=r"\(its dataset and views differ; "):  # a subset, other views
+    with pytest.raises(StoreMismatchError, match=r"\(its dataset and views differ \(store: dataset.max_per_class=None, "
+                                                 r"views.count=3; this call: dataset.max_per_class=2, views.count=2\); "):
         extract(make_cfg("mine.zarr", "dataset.max_per_class=2", "views.count=2"), teacher=tiny_teacher, log=quiet)
     key = embedcache.open_store(cfg.out).key
     with pytest.raises(StoreMismatchError):

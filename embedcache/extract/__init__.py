@@ -25,7 +25,7 @@ from ..config import TEACHER_CALL_SETTINGS, ExtractConfig, replace, to_dict
 from ..datasets import ImageDataset, build_dataset
 from ..errors import BudgetError, ConfigError, DatasetError, EmbedcacheError, StoreError
 from .. import interrupt
-from ..fileio import exclusive_lock, one_line_when_full, try_exclusive_lock
+from ..fileio import exclusive_lock, one_line_when_full, require_writable, try_exclusive_lock
 from ..store import (BACKENDS, STATUS_OK, USAGE_SNAPSHOTS, Store, add_text_arrays, backend_name_for, is_counter,
                      plan_layout)
 from ..teachers import Teacher, build_teacher
@@ -66,8 +66,12 @@ def made_so(store: Store, manifest: Dict) -> Store:
     why = "" if "dataset" not in differs or not hidden or "hidden_images_left_out" in store.manifest["dataset"] else (
         f" (this version leaves out the {hidden} hidden image file(s) of the dataset folder, e.g. in "
         ".ipynb_checkpoints, which the version that made this store read as images)")
-    return store.require(manifest["key"], complete=False, differs=differs + why,
-                         advice="use another --out path, or delete that store if it is no longer needed")
+    advice = "use another --out path, or delete that store if it is no longer needed"
+    if differs == "its dataset differs" and not why:  # the same settings: the files under the folder changed
+        differs += " (the same settings: image files were added, removed or changed in size since it was made)"
+        advice = ("put the dataset's files back as they were to resume or repair it; or use another --out path for a "
+                  "store of the files as they are now (or delete that store if it is no longer needed)")
+    return store.require(manifest["key"], complete=False, differs=differs + why, advice=advice)
 
 
 def open_or_create(cfg: ExtractConfig, manifest: Dict, layout: Dict) -> Store:
@@ -123,6 +127,8 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
     dataset = dataset or build_dataset(cfg.dataset)
     dataset.require_files()
     _require_classes(cfg, dataset, backend)  # before the teacher: a bad class list costs nothing
+    if not dry_run and not Store.exists(cfg.out, backend):
+        require_writable(cfg.out)  # before the teacher too
     prompts = build_prompts(dataset.classes, cfg.text)
     books_from = teacher  # a teacher passed in may have spent before this call; one built here has not
     try:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import dataclasses
 import platform
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..config import ExtractConfig, to_dict
+from ..config import ExtractConfig, flatten, to_dict
 from ..datasets import ImageDataset
 from ..device import device_name
 from ..fileio import json_digest, utc_now
@@ -103,4 +103,17 @@ def differing_parts(stored: Dict[str, Any], wanted: Dict[str, Any]) -> str:
     if not names:
         return ""
     joined = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-    return f"its {joined} {'differs' if len(names) == 1 and names[0] != 'views' else 'differ'}"
+    return f"its {joined} {'differs' if len(names) == 1 and names[0] != 'views' else 'differ'}" + _settings_apart(
+        stored.get("config") or {}, wanted.get("config") or {}, names)
+
+
+def _settings_apart(stored: Dict[str, Any], wanted: Dict[str, Any], parts: List[str], most: int = 4) -> str:
+    """' (store: views.count=2; this call: views.count=3)': the settings of the differing parts in which
+    the config that made a store and this call's disagree, so the one to restore is named ('' where none
+    does: the same dataset folder whose files changed)."""
+    a, b = flatten(stored), flatten(wanted)
+    keys = [k for k in sorted(set(a) | set(b)) if k.split(".")[0] in parts and a.get(k) != b.get(k)][:most]
+    if not keys:
+        return ""
+    return (f" (store: {', '.join(f'{k}={a.get(k)!r}' for k in keys)}; "
+            f"this call: {', '.join(f'{k}={b.get(k)!r}' for k in keys)})")
