@@ -16,7 +16,7 @@ import pandas as pd
 
 from .errors import StoreError
 from .fileio import json_digest
-from .store import Store, teacher_model
+from .store import Store, names_disagree, teacher_model
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -63,13 +63,10 @@ class StoreReader:
     def _check_names(self, meta: pd.DataFrame) -> None:
         """The manifest carries no checksum of its own: its class and domain lists must agree with the
         checksummed meta.parquet (a hand-edited class list would make train_classes pick other rows)."""
-        classes, labels = np.asarray(self.classes, dtype=object), meta["label"].to_numpy()
-        inside = (labels >= 0) & (labels < len(classes))
-        wrong = ~inside | (classes[np.where(inside, labels, 0)] != meta["class_name"].to_numpy())
-        what = "class" if wrong.any() else "domain" if not set(meta["domain"]) <= set(self.domains) else ""
-        if what:
-            raise StoreError(f"store {self.path}: the manifest's {what} list disagrees with meta.parquet (edited by "
-                             "hand?); restore the manifest, or extract the store again")
+        why = names_disagree(self.manifest, meta)
+        if why:
+            raise StoreError(f"store {self.path}: the manifest{why} (edited by hand?); restore the manifest, or extract "
+                             "the store again")
 
     @cached_property
     def text_table(self) -> pd.DataFrame:

@@ -187,6 +187,14 @@ def test_a_manifest_whose_class_list_was_edited_is_refused(synthetic_store, tmp_
         StoreData(path, "name", SplitConfig(train_classes=("circle",)))
     res = CliRunner().invoke(main, ["evaluate", "--store", path, "--out", str(tmp_path / "e.parquet")])
     assert res.exit_code == 2 and "class list disagrees" in res.output
+    for repair in ([], ["--repair"]):  # verify said intact, the tool meant to find it (a trial)
+        res = CliRunner().invoke(main, ["verify", path, "--no-progress", *repair])
+        assert res.exit_code == 2 and "the manifest's class list disagrees with meta.parquet (edited by hand?); restore " \
+            "the manifest" in res.output, res.output
+    with Store(path, "a") as st:  # its checksums gone: nothing checked the tables and text arrays, verify said intact
+        st.write_manifest({**{k: v for k, v in st.manifest.items() if k != "checksums"}, "dataset": ds})
+    res = CliRunner().invoke(main, ["verify", path, "--no-progress"])
+    assert res.exit_code == 2 and "the manifest has lost the checksums of its tables and text arrays" in res.output, res.output
 
 
 @pytest.mark.parametrize("backend", ["zarr", "hdf5"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
 
-from ..errors import ConfigError, StoreError
+from ..errors import ConfigError, StoreDamagedError, StoreError
 from ..store import IntegrityReport, Store
 
 
@@ -34,8 +34,12 @@ def verify_store(path: str, repair: bool = False, overrides: Sequence[str] = (),
         st.rebuild_lost_text()  # made again empty, the store unfinished: the extraction below encodes them
         report = st.verify(progress=progress)
         manifest, producer = st.manifest, st.producer
+        edited = "" if "meta.parquet" in report.files else st.manifest_problem()
         unfinished = "" if st.complete else (f"incomplete ({int(st.blocks_done().sum())} of {st.num_blocks} blocks); "
                                              f"rerun its {producer} command to finish")
+    if edited:  # no repair re-does a manifest: the blocks and files are checked against it
+        raise StoreDamagedError(f"{path}: the manifest{edited} (edited by hand?); restore the manifest (its store's "
+                                "zarr.json or HDF5 attribute, from a copy), or extract the store again")
     out = Verified(report, len(manifest.get("checksums", {})), unfinished, remade=lost_text if repair else [])
     if report.ok and not report.derived and not lost_text:
         return out

@@ -111,6 +111,15 @@ class _PartChecks:
         self.first, self.busy = first, False
 
 
+def names_disagree(manifest: Dict, meta: pd.DataFrame) -> str:
+    """'' when the manifest's class and domain lists agree with a store's meta.parquet, else which does not."""
+    classes, labels = np.asarray(manifest["dataset"]["classes"], dtype=object), meta["label"].to_numpy()
+    inside = (labels >= 0) & (labels < len(classes))
+    wrong = ~inside | (classes[np.where(inside, labels, 0)] != meta["class_name"].to_numpy())
+    what = "class" if wrong.any() else "domain" if not set(meta["domain"]) <= set(manifest["dataset"]["domains"]) else ""
+    return f"'s {what} list disagrees with meta.parquet" if what else ""
+
+
 def teacher_model(t: Dict) -> Optional[str]:
     """A manifest's teacher model as ``teacher.model`` takes it: a local-dir's own folder
     (``local-dir:/path``, recorded apart from the key, which names only ``local-dir``)."""
@@ -664,6 +673,17 @@ class Store:
         if want is not None and checksum(raw) != int(want):
             raise self._damaged(name, "the file is truncated or altered")
         return pd.read_parquet(io.BytesIO(raw))
+
+    def manifest_problem(self) -> str:
+        """What is wrong with a complete store's manifest that its data shows ('' if nothing): it carries
+        no checksum of its own, so an edit is found where it disagrees with what does: its checksums gone
+        (nothing then checks the tables and text arrays), its class or domain list against the checksummed
+        meta.parquet (train_classes would pick other rows)."""
+        if not self.complete:
+            return ""
+        if not self.manifest.get("checksums"):
+            return " has lost the checksums of its tables and text arrays"
+        return names_disagree(self.manifest, self.table("meta.parquet"))
 
     # --- finishing -------------------------------------------------------------------------------------
     def write_manifest(self, manifest: Dict[str, Any]) -> None:
