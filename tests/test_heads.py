@@ -239,7 +239,7 @@ def test_a_pack_rerun_clears_old_failures_and_skips_runs_finished_meanwhile(feat
         return real_enter(self)
 
     monkeypatch.setattr(claim.Claim, "__enter__", finished_meanwhile)
-    statuses = {r["run"]: r["status"] for r in run_pack(points, sweep, out, "cpu")}
+    statuses = {r["run"]: r["status"] for r in run_pack(points, sweep, out)}
     assert statuses == {first.name: "done", second.name: "skipped"}
     assert not (first.path / "error.txt").exists() and kept.read_bytes() == kept_bytes
 

@@ -56,7 +56,7 @@ def test_a_stop_requested_while_scoring_stops_it_at_once(synthetic_store, tmp_pa
 
     cfg = _cfg(synthetic_store, tmp_path / "r")
     try:
-        st = run_one(SweepPoint(cfg, 0), Spec(), str(tmp_path / "sweep"), "cpu")
+        st = run_one(SweepPoint(cfg, 0), Spec(), str(tmp_path / "sweep"))
         assert st["status"] == "interrupted" and not list((tmp_path / "sweep").rglob("*.parquet"))
         assert (tmp_path / "r" / "done").exists()  # trained; only the scoring was cut short
         with pytest.raises(KeyboardInterrupt, match="stopped while scoring a run"):

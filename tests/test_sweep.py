@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 
 from embedcache.cli import main
+from embedcache.config import replace
 from embedcache.errors import ConfigError
 from embedcache.students.sweep import LAUNCHERS, expand, load_sweep, run_sweep
 
@@ -163,8 +165,11 @@ def test_bad_sweep_files_are_rejected_before_any_run(synthetic_store, tmp_path, 
                                                         r"but the run has 4 steps"),
              ({"holdout_domains": ["solid", "solid"]}, r"holdout_domains=\['solid', 'solid'\] names a domain twice"),
              # the sweep sets each run's split: a base one was silently overridden
-             ({"base": {"split": {"holdout_domains": ["solid"]}}}, r"split.holdout_domains in a sweep's base or "
-                                                                  r"per_recipe is set by the sweep itself"),
+             ({"base": {"split": {"holdout_domains": ["solid"]}}}, r"split.holdout_domains in a sweep's base, "
+                                                                  r"per_recipe or grid is set by the sweep itself"),
+             # in the grid it silently replaced the sweep's own holdout_domains (a trial)
+             ({"grid": {"split.holdout_domains": [["outline"]]}}, r"split.holdout_domains in a sweep's base, "
+                                                                  r"per_recipe or grid is set by the sweep itself"),
              ({"resources": {"gpus": 0.5}}, r"resources.gpus is not a per-run request; use num_cpus, num_gpus, memory"),
              ({"resources": {"num_gpus": "half"}}, r"resources.num_gpus='half' is not valid: expected a number >= 0")]
     for change, msg in cases:
@@ -178,7 +183,7 @@ def test_bad_sweep_files_are_rejected_before_any_run(synthetic_store, tmp_path, 
     lodo_ov = {"base": {"split": {"train_classes": ["circle", "square"]}}}
     points = expand(load_sweep(str(_sweep_file(tmp_path, synthetic_store, **lodo_ov))), str(tmp_path / "none"))
     assert all(p.cfg.split.train_classes == ("circle", "square") for p in points)
-    with pytest.raises(ConfigError, match=r"split.train_classes in a sweep's base or per_recipe is set by the sweep"):
+    with pytest.raises(ConfigError, match=r"split.train_classes in a sweep's base, per_recipe or grid is set by the sweep"):
         load_sweep(str(_sweep_file(tmp_path, synthetic_store, protocol="open_vocab", **lodo_ov)))
     from embedcache.extract import extract
 
@@ -190,6 +195,16 @@ def test_bad_sweep_files_are_rejected_before_any_run(synthetic_store, tmp_path, 
         extract(part, teacher=tiny_teacher, on_block_done=boom, log=lambda m: None)
     with pytest.raises(Exception, match="incomplete"):
         expand(load_sweep(str(_sweep_file(tmp_path, part.out))), str(tmp_path / "none"))
+    # a device this machine lacks: one line before any run (each run had started and failed on it)
+    spec = load_sweep(str(_sweep_file(tmp_path, synthetic_store)))
+    bad = [("nosuch", r"unknown device 'nosuch'; use auto, cpu, cuda or cuda:N")]
+    if not torch.cuda.is_available():
+        bad.append(("cuda", r"device 'cuda' asked for, but no CUDA device is visible; set it to auto or cpu \(--device cpu\)"))
+    for device, msg in bad:
+        for launcher in ("local", "serial"):
+            with pytest.raises(ConfigError, match=msg):
+                run_sweep(spec, str(tmp_path / "dev"), launcher, device=device, progress=False, log=quiet)
+            assert not (tmp_path / "dev").exists()
 
 
 def test_unreachable_ray_address_is_one_line(synthetic_store, tmp_path):
@@ -264,6 +279,47 @@ def test_per_recipe_settings_apply_to_that_recipe_only(synthetic_store, tmp_path
     assert kd and all(c.steps == 4 and c.optim.lr == 1e-3 for c in kd)
     with pytest.raises(ConfigError, match="unknown recipe 'cee'"):
         expand(load_sweep(str(_sweep_file(tmp_path, synthetic_store, per_recipe={"cee": {"steps": 1}}))), str(tmp_path / "y"))
+
+
+def test_runs_train_and_score_on_the_sweeps_device(synthetic_store, tmp_path, monkeypatch):
+    """A sweep's --device (and each local worker's own GPU) reached only the scoring: its runs trained on
+    their config's device (auto: every worker of a multi-GPU machine on cuda:0; a GPU where --device cpu
+    was asked)."""
+    import embedcache.students.scoring as scoring
+    import embedcache.students.sweep as sweep
+    import embedcache.students.train as train
+    from embedcache.students.sweep import sweep_device
+
+    seen = []
+
+    def spy(device="auto", fix="--device cpu"):
+        seen.append(device)
+        return torch.device("cpu")
+
+    for module in (scoring, sweep, train):
+        monkeypatch.setattr(module, "resolve_device", spy)
+    spec = load_sweep(str(_sweep_file(tmp_path, synthetic_store, holdout_domains=["solid"])),
+                      ["grid.recipe=[ce]", "grid.seed=[0]"])
+    run_sweep(spec, str(tmp_path / "sw"), "serial", device="cuda:1", progress=False, log=quiet)
+    assert seen and set(seen) == {"cuda:1"}, seen  # checked, trained and scored there
+    points = expand(spec, str(tmp_path / "sw"))
+    assert sweep_device("auto", points) == "cpu" and sweep_device("cuda", points) == "cuda"  # base.device, --device
+    mixed = points + [type(points[0])(replace(points[0].cfg, device="cuda"), 0)]
+    assert sweep_device("auto", mixed) is None  # each run on its own
+
+
+def test_the_progress_bar_counts_running_runs_not_live_workers(capsys):
+    """running=2 showed at 18/18 done (workers live a moment after their last run), running=4 with 4
+    workers and 1 run left (a trial)."""
+    from embedcache.students.sweep.launchers import Progress
+
+    bar = Progress(3, enabled=False)
+    bar.update({"run": "a", "status": "done"}, workers=4)
+    assert bar.postfix(4) == {"running": 2, "done": 1}
+    bar.update({"run": "b", "status": "failed", "error": "x"}, workers=4)
+    bar.update({"run": "c", "status": "done"}, workers=2)
+    assert bar.postfix(2) == {"running": 0, "done": 2, "failed": 1}
+    assert "run b failed: x" in capsys.readouterr().out  # a failed run is said as it ends
 
 
 def test_local_workers_are_spread_round_robin_over_the_gpus(monkeypatch):

@@ -26,6 +26,7 @@ from embedcache import interrupt, open_store
 from embedcache.config import apply_overrides, build_config, flatten, read_config_file, setting, to_dict
 from embedcache.errors import ConfigError, DiskFullError, EvaluationError
 from embedcache.evaluate.protocols import DEFAULT_SHOTS, seeded_class_split
+from embedcache.device import resolve_device
 from embedcache.evaluate.results import merge, read_results
 from embedcache.fileio import atomic_write, atomic_write_text, one_line_when_full
 
@@ -41,7 +42,7 @@ from .launchers import LAUNCHERS, check_options, unread_settings
 from .worker import SweepPoint, result_path, run_one, sweep_tags, variant
 
 __all__ = ["SweepSpec", "SweepPoint", "SweepInterrupted", "load_sweep", "expand", "run_sweep", "collect",
-           "unscored", "partial_note", "LAUNCHERS", "run_one", "variant", "derive_seed"]
+           "unscored", "partial_note", "LAUNCHERS", "run_one", "variant", "derive_seed", "sweep_device"]
 PROTOCOLS_TRAINED = ("lodo", "open_vocab", "few_shot")
 
 
@@ -96,10 +97,10 @@ class SweepSpec:
             raise ConfigError(f"holdout_domains sets the runs of a lodo sweep; protocol {self.protocol} holds classes "
                               "out, not domains: leave it out, or hold domains out of every run with "
                               "base.split.holdout_domains")
-        for where in (self.base, *self.per_recipe.values()):
+        for where in (self.base, *self.per_recipe.values(), self.grid):
             for key in SET_BY_THE_SWEEP[self.protocol]:
                 if key in (where.get("split") or {}) or f"split.{key}" in where:
-                    raise ConfigError(f"split.{key} in a sweep's base or per_recipe is set by the sweep itself; use the "
+                    raise ConfigError(f"split.{key} in a sweep's base, per_recipe or grid is set by the sweep itself; use the "
                                       "top-level holdout_domains: (lodo) or unseen_fraction / split_seed (open_vocab, few_shot)")
         for key, value in self.resources.items():
             if key not in RESOURCES:
@@ -635,6 +636,10 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, launcher: Optional[str] = None, d
             "without it")
     _require_same_spec(sweep_dir, spec)  # before expanding: a clearer line than what the changed grid fails on
     points = expand(spec, sweep_dir)
+    device = sweep_device(device, points)
+    if not launcher_args.get("address"):  # runs on this machine (a Ray cluster's workers find their own devices)
+        for d in [device] if device is not None else sorted({p.cfg.device for p in points}):
+            resolve_device(d)
     for line in overridden_by_grid(spec):
         log(f"note: {line}")
     _require_current_recipes(sweep_dir, points)
@@ -644,6 +649,16 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, launcher: Optional[str] = None, d
             points = _settle(spec, sweep_dir, points, launch.others_live)
             launch.settle()
             return _launch(spec, sweep_dir, points, name, device, progress, log, launcher_args)
+
+
+def sweep_device(device: str, points: List[SweepPoint]) -> Optional[str]:
+    """The device a sweep's runs train and are scored on: ``--device`` when given (not auto), else the
+    one their configs name (``base.device``; auto when none does), which a local launcher spreads over a
+    machine's GPUs; None where their configs name several (per recipe or in the grid): each its own."""
+    if device != "auto":
+        return device
+    named = {p.cfg.device for p in points}
+    return named.pop() if len(named) == 1 else None
 
 
 def overridden_by_grid(spec: SweepSpec) -> List[str]:

@@ -36,14 +36,20 @@ class Progress:
         from tqdm.auto import tqdm
 
         self.counts: Dict[str, int] = {}
+        self.total = total
         self.bar = tqdm(total=total, unit="run", desc="sweep", disable=not enabled, dynamic_ncols=True)
 
-    def update(self, status: Dict[str, str], running: int) -> None:
+    def update(self, status: Dict[str, str], workers: int) -> None:
         self.counts[status["status"]] = self.counts.get(status["status"], 0) + 1
         self.bar.update(1)
-        self.bar.set_postfix(running=running, **self.counts)
+        self.bar.set_postfix(**self.postfix(workers))
         if status["status"] == "failed":
             self.bar.write(f"run {status['run']} failed: {status.get('error', '')}")
+
+    def postfix(self, workers: int) -> Dict[str, int]:
+        """The counts shown: runs running (no more than the live workers, nor the runs not yet ended:
+        a worker lives on a moment after its last run) and runs ended by status."""
+        return {"running": max(0, min(workers, self.total - sum(self.counts.values()))), **self.counts}
 
     def close(self) -> None:
         self.bar.close()

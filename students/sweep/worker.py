@@ -15,11 +15,11 @@ import traceback
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 
 from embedcache import interrupt
-from embedcache.config import flatten, to_dict
+from embedcache.config import flatten, replace, to_dict
 from embedcache.fileio import atomic_write, atomic_write_text, is_disk_full
 
 from ..config import TrainConfig
@@ -58,7 +58,7 @@ def result_path(sweep_dir: str, run_name: str) -> Path:
     return Path(sweep_dir) / "results" / f"{run_name}.parquet"
 
 
-def _score(run: RunDir, spec, point: SweepPoint, device: str):
+def _score(run: RunDir, spec, point: SweepPoint):
     """A finished run's result rows under the sweep's protocol (one place for sweeps and packs): on its
     own store, unless it trained on every image there (a lodo run holding no domain out and keeping no
     validation rows), and on each transfer store."""
@@ -70,6 +70,7 @@ def _score(run: RunDir, spec, point: SweepPoint, device: str):
                finetune_mode=spec.finetune_mode)
     split = run.split
     own = spec.protocol != "lodo" or split.get("holdout_domains") or split.get("val_idx")
+    device = point.cfg.device  # where it trained (the worker's)
     frames = [score_run(run, [spec.protocol], point.cfg.store, device, **how)] if own else []
     frames += [score_run(run, [spec.protocol], store, device, transfer=True, **how) for store in spec.transfer]
     return pd.concat(frames, ignore_index=True)
@@ -97,9 +98,9 @@ def _claim(stack, run: RunDir, sweep_dir: str):
     return None
 
 
-def _finish(run: RunDir, spec, point: SweepPoint, device: str, sweep_dir: str) -> Dict[str, str]:
+def _finish(run: RunDir, spec, point: SweepPoint, sweep_dir: str) -> Dict[str, str]:
     """Score a trained run, write its result rows (atomically, last) and clear an old failure record."""
-    df = _score(run, spec, point, device)
+    df = _score(run, spec, point)
     atomic_write(result_path(sweep_dir, run.name), lambda tmp: df.to_parquet(tmp, index=False))
     run.file("error.txt").unlink(missing_ok=True)
     return {"run": run.name, "status": "done"}
@@ -117,8 +118,8 @@ def _failure(run: RunDir, exc: BaseException) -> Dict[str, str]:
     return {"run": run.name, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
 
 
-def run_one(point: SweepPoint, spec, sweep_dir: str, device: str = "auto", teacher=None) -> Dict[str, str]:
-    """Train (or resume) and score one run; returns {"run", "status", "error"}."""
+def run_one(point: SweepPoint, spec, sweep_dir: str, teacher=None) -> Dict[str, str]:
+    """Train (or resume) and score one run, on its config's device; returns {"run", "status", "error"}."""
     from ..train import train
 
     run = RunDir(point.cfg.out)
@@ -129,21 +130,29 @@ def run_one(point: SweepPoint, spec, sweep_dir: str, device: str = "auto", teach
         try:
             _start(run, spec, point)
             train(point.cfg, log=lambda _m: None, should_stop=interrupt.requested, teacher=teacher)
-            return _finish(run, spec, point, device, sweep_dir)
+            return _finish(run, spec, point, sweep_dir)
         except KeyboardInterrupt:
             return {"run": run.name, "status": "interrupted"}
         except Exception as exc:  # a failed run is recorded and does not stop the others
             return _failure(run, exc)
 
 
-def run_job(job, spec, sweep_dir: str, device: str = "auto", teacher=None):
+def on_device(point: SweepPoint, device: Optional[str]) -> SweepPoint:
+    """The run as its worker runs it: trained and scored on the worker's device (the sweep's, a local
+    worker's own GPU of a machine's), or on its own config's where the sweep leaves each run its own
+    (``None``: ``sweep_device``)."""
+    return point if device is None else SweepPoint(replace(point.cfg, device=device), point.replicate)
+
+
+def run_job(job, spec, sweep_dir: str, device: Optional[str] = "auto", teacher=None):
     """A job: one run, or a pack of head-only runs trained together (their statuses, one per run)."""
+    job = [on_device(p, device) for p in job]
     if len(job) == 1:
-        return [run_one(job[0], spec, sweep_dir, device, teacher=teacher)]
-    return run_pack(job, spec, sweep_dir, device)
+        return [run_one(job[0], spec, sweep_dir, teacher=teacher)]
+    return run_pack(job, spec, sweep_dir)
 
 
-def run_pack(points, spec, sweep_dir: str, device: str = "auto"):
+def run_pack(points, spec, sweep_dir: str):
     """Claim the runs of a pack, train the unfinished ones together (``heads.train_heads``), then
     score each and write its results, as ``run_one`` does for one run."""
     from ..heads import train_heads
@@ -166,7 +175,7 @@ def run_pack(points, spec, sweep_dir: str, device: str = "auto"):
             for p in todo:  # a head that diverged fails alone
                 run = RunDir(p.cfg.out)
                 out.append(_failure(run, diverged[p.cfg.out]) if p.cfg.out in diverged else
-                           _finish(run, spec, p, device, sweep_dir))
+                           _finish(run, spec, p, sweep_dir))
         except KeyboardInterrupt:
             out += [{"run": RunDir(p.cfg.out).name, "status": "interrupted"} for p in todo
                     if not result_path(sweep_dir, RunDir(p.cfg.out).name).exists()]
