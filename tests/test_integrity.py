@@ -192,9 +192,19 @@ def test_a_manifest_whose_class_list_was_edited_is_refused(synthetic_store, tmp_
         assert res.exit_code == 2 and "the manifest's class list disagrees with meta.parquet (edited by hand?); restore " \
             "the manifest" in res.output, res.output
     with Store(path, "a") as st:  # its checksums gone: nothing checked the tables and text arrays, verify said intact
-        st.write_manifest({**{k: v for k, v in st.manifest.items() if k != "checksums"}, "dataset": ds})
+        kept = st.manifest
+        st.write_manifest({**{k: v for k, v in kept.items() if k != "checksums"}, "dataset": ds})
     res = CliRunner().invoke(main, ["verify", path, "--no-progress"])
     assert res.exit_code == 2 and "the manifest has lost the checksums of its tables and text arrays" in res.output, res.output
+    for section, change in (("views", {"scale": [0.9, 1.0]}), ("canvas", {"size": 999})):  # inspect showed them as made so
+        with Store(path, "a") as st:
+            st.write_manifest({**kept, "dataset": ds, section: {**kept[section], **change}})
+        res = CliRunner().invoke(main, ["verify", path, "--no-progress"])
+        assert res.exit_code == 2 and f"the manifest's {section} section no longer gives the key it was made under" \
+            in res.output, res.output
+    with Store(path, "a") as st:
+        st.write_manifest({**kept, "dataset": ds})
+    assert CliRunner().invoke(main, ["verify", path, "--no-progress"]).exit_code == 0  # as made: intact
 
 
 @pytest.mark.parametrize("backend", ["zarr", "hdf5"])

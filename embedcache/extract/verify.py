@@ -4,9 +4,11 @@ store's own extraction (its manifest's config), exactly those and nothing else."
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from ..config import ViewsConfig, build_config
 from ..errors import ConfigError, StoreDamagedError, StoreError
+from ..fileio import json_digest
 from ..store import IntegrityReport, Store
 
 
@@ -19,6 +21,25 @@ class Verified:
     unfinished: str  # "" for a complete store, else how far it got and how to finish it
     repaired: Optional[int] = None
     remade: List[str] = field(default_factory=list)  # prompt arrays lost as a whole, encoded again by the repair
+
+
+def sections_apart(manifest: Dict[str, Any]) -> List[str]:
+    """The manifest's sections (views, canvas, pipeline, the dataset's fingerprint) whose digest is no
+    longer the one of the key part it recorded as the store was made: edited by hand since (``inspect``
+    then shows views or a canvas the store was not made with). The teacher and text parts are recorded
+    otherwise than the key takes them, and are not checked here; a store made before ``key_parts``
+    existed has nothing to check."""
+    parts = manifest.get("key_parts")
+    if not parts:
+        return []
+    try:
+        views = build_config(ViewsConfig, {k: v for k, v in manifest.get("views", {}).items()
+                                           if k not in ("params", "view0")}).key()
+    except ConfigError:
+        views = None
+    now = {"views": views, "canvas": manifest.get("canvas"), "pipeline": manifest.get("pipeline"),
+           "dataset": (manifest.get("dataset") or {}).get("fingerprint")}
+    return [name for name, part in now.items() if name in parts and json_digest(part, 12) != parts[name]]
 
 
 def verify_store(path: str, repair: bool = False, overrides: Sequence[str] = (), progress: bool = True,
@@ -35,6 +56,11 @@ def verify_store(path: str, repair: bool = False, overrides: Sequence[str] = (),
         report = st.verify(progress=progress)
         manifest, producer = st.manifest, st.producer
         edited = "" if "meta.parquet" in report.files else st.manifest_problem()
+        apart = sections_apart(st.manifest)
+        if apart and not edited:
+            many = len(apart) > 1
+            edited = (f"'s {' and '.join(apart)} section{'s' if many else ''} no longer give{'' if many else 's'} the "
+                      "key it was made under")
         unfinished = "" if st.complete else (f"incomplete ({int(st.blocks_done().sum())} of {st.num_blocks} blocks); "
                                              f"if its {producer} command is no longer running, rerun it to finish")
     if edited:  # no repair re-does a manifest: the blocks and files are checked against it
