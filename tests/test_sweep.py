@@ -322,6 +322,19 @@ def test_the_progress_bar_counts_running_runs_not_live_workers(capsys):
     assert "run b failed: x" in capsys.readouterr().out  # a failed run is said as it ends
 
 
+def test_more_local_workers_than_cores_is_a_note(monkeypatch):
+    """--workers 50 on 2 cores started 4 single-thread workers (one per job) with no word (a trial)."""
+    from embedcache.students.sweep import crowded_note
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert crowded_note(50, 4, "auto", 2) == ("note: 4 local workers (--workers 50, one per job) share 2 CPU cores, a "
+                                              "thread each: the runs slow each other down; --workers 2 runs as many at "
+                                              "once as this machine has cores for")
+    assert crowded_note(3, 8, "cpu", 2).startswith("note: 3 local workers share 2 CPU cores")
+    assert crowded_note(2, 8, "auto", 2) == "" and crowded_note(8, 1, "cpu", 2) == ""  # they fit
+    assert crowded_note(8, 8, "cuda", 2) == ""  # on GPUs: packing runs there is the point
+
+
 def test_local_workers_are_spread_round_robin_over_the_gpus(monkeypatch):
     """More local workers than GPUs pack several runs onto each GPU (issue 12); a CPU device is kept."""
     import torch

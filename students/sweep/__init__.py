@@ -42,7 +42,7 @@ from .launchers import LAUNCHERS, check_options, unread_settings
 from .worker import SweepPoint, result_path, run_one, sweep_tags, variant
 
 __all__ = ["SweepSpec", "SweepPoint", "SweepInterrupted", "load_sweep", "expand", "run_sweep", "collect",
-           "unscored", "partial_note", "LAUNCHERS", "run_one", "variant", "derive_seed", "sweep_device"]
+           "unscored", "partial_note", "LAUNCHERS", "run_one", "variant", "derive_seed", "sweep_device", "crowded_note"]
 PROTOCOLS_TRAINED = ("lodo", "open_vocab", "few_shot")
 
 
@@ -661,6 +661,20 @@ def sweep_device(device: str, points: List[SweepPoint]) -> Optional[str]:
     return named.pop() if len(named) == 1 else None
 
 
+def crowded_note(workers: int, jobs: int, device: Optional[str], cores: int) -> str:
+    """A note when local workers on the CPU outnumber its cores (each then gets one thread, and the runs
+    slow each other down), saying how many start ('' when they fit, or they use GPUs)."""
+    import torch
+
+    on_gpu = device not in (None, "cpu") and (str(device).startswith("cuda") or torch.cuda.is_available())
+    n = max(1, min(workers, jobs))
+    if on_gpu or n <= cores:
+        return ""
+    started = f"{n} local workers" + (f" (--workers {workers}, one per job)" if n < workers else "")
+    return (f"note: {started} share {cores} CPU cores, a thread each: the runs slow each other down; --workers "
+            f"{cores} runs as many at once as this machine has cores for")
+
+
 def overridden_by_grid(spec: SweepSpec) -> List[str]:
     """A line for each base setting the grid also sets: the grid's values run, the base's never does."""
     base = flatten(spec.base or {})
@@ -703,6 +717,10 @@ def _launch(spec: SweepSpec, sweep_dir: str, points: List[SweepPoint], name: str
     packs = any(len(job) > 1 for job in jobs)
     if spec.pack_heads and not packs and len(points) > 1:
         log(f"note: pack_heads is set, but no two runs pack: {_why_no_pack(points)}; each trains alone")
+    if name == "local":
+        crowd = crowded_note(launcher_args.get("workers") or spec.workers, len(jobs), device, os.cpu_count() or 1)
+        if crowd:
+            log(crowd)
     what = ("stopping: no new run starts; running runs save a checkpoint" +
             (" (a head pack has none: it trains again whole)" if packs else ""))
     with interrupt.graceful(lambda signum: log(interrupt.stop_notice(signum, what))):
