@@ -892,6 +892,12 @@ def test_user_mistakes_are_one_line(tmp_path, tiny_teacher_cfg, tiny_teacher, mo
                                                    r"be the key itself\)") as err:
             build_teacher(TeacherConfig(**base, api_key_env=misplaced))
         assert misplaced not in str(err.value)
+        with pytest.raises(TeacherLoadError, match=r"teacher.api_key_file names no file \(not shown: with no / in it, it "
+                                                   r"may be the key itself\)") as err:  # it was printed (a trial)
+            build_teacher(TeacherConfig(**base, api_key_file=misplaced))
+        assert misplaced not in str(err.value)
+    with pytest.raises(TeacherLoadError, match=r"teacher.api_key_file /no/such/key.txt not found"):  # a path is said
+        build_teacher(TeacherConfig(**base, api_key_file="/no/such/key.txt"))
     monkeypatch.setenv(KEY_ENV, KEY)
     with pytest.raises(RemoteUnavailableError, match=r"cannot reach the embedding server at http://127.0.0.1:9 .*check teacher.url"):
         build_teacher(TeacherConfig(**base, api_key_env=KEY_ENV))

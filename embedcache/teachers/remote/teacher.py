@@ -74,6 +74,10 @@ def _variable_like(name: str) -> bool:
 def _key_and_source(cfg: TeacherConfig) -> Tuple[Optional[str], str]:
     if cfg.api_key_file:
         path = Path(cfg.api_key_file).expanduser()
+        if not path.is_file() and "/" not in cfg.api_key_file and not cfg.api_key_file.startswith("~"):
+            raise TeacherLoadError("teacher.api_key_file names no file (not shown: with no / in it, it may be the key "
+                                   "itself); give the path of the file holding the API key, e.g. ./key.txt, and never "
+                                   "the key in a config or command line")
         if not path.is_file():
             raise TeacherLoadError(f"teacher.api_key_file {path} not found; give the file holding the API key")
         key = path.read_text().strip()
