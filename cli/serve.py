@@ -1,6 +1,7 @@
 """``embedcache serve``: one registered teacher behind an HTTP embedding service."""
 from __future__ import annotations
 
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -46,10 +47,15 @@ def hash_key(name: str) -> None:
 def ledger(config_path: Optional[str], overrides: Sequence[str]) -> None:
     """What each key was charged: requests, queries, images, texts, bytes, free replays."""
     from embedcache.config import load_config
+    from embedcache.errors import ConfigError
     from embedcache.serve import ServeConfig
     from embedcache.serve.ledger import ServerLedger
 
     cfg = load_config(ServeConfig, config_path or "demo", overrides, "serve")
+    if not os.path.isfile(cfg.ledger):  # opening it would make an empty one, and "no charges yet" of the wrong one
+        where = "" if os.path.isabs(cfg.ledger) else f" (a relative path, taken from {os.getcwd()})"
+        raise ConfigError(f"no ledger at {cfg.ledger}{where}; run this where the server runs, or give its "
+                                   "ledger with --set ledger=/absolute/path.sqlite")
     rows = ServerLedger(cfg.ledger).summary()
     if not rows:
         click.echo(f"{cfg.ledger}: no charges yet")

@@ -307,6 +307,10 @@ def test_cli_serve_starts_with_one_command_and_a_config(tmp_path, tiny_teacher_c
                                     "(`embedcache serve ledger` prints them)"), text
     res = CliRunner().invoke(main, ["serve", "ledger", "--config", str(conf)])
     assert res.exit_code == 0 and "key alice  requests 1  queries 1" in res.output
+    res = CliRunner().invoke(main, ["serve", "ledger", "--config", str(conf), "--set", f"ledger={tmp_path / 'no.sqlite'}"])
+    assert res.exit_code == 2 and f"no ledger at {tmp_path / 'no.sqlite'}; run this where the server runs" in res.output, \
+        res.output  # it made an empty one there and said "no charges yet" (a trial)
+    assert not (tmp_path / "no.sqlite").exists()
     assert not files_containing([tmp_path], KEY.encode())
 
 
