@@ -298,6 +298,13 @@ def test_store_from_another_teacher_is_refused(make_cfg, tiny_teacher, tmp_path)
         extract(replace(cfg, teacher=replace(cfg.teacher, model=f"local-dir:{other_dir}")), log=quiet)
     assert f"teacher open_clip/local-dir:{Path(cfg.teacher.model[10:]).resolve()})" in str(err.value)  # its folder, as
     # teacher.model takes it, not the key's bare "local-dir"
+    from embedcache.extract.manifest import differing_parts
+
+    def made(url, parts):  # a remote teacher's store: another model now behind a moved url
+        return {"key_parts": parts, "config": {"teacher": {"name": "remote", "url": url, "max_queries": 5}}}
+
+    said = differing_parts(made("http://a:1", {"teacher": "x"}), made("http://b:2", {"teacher": "y"}))
+    assert said == "its teacher differs"  # not the url's move, which a store may be resumed with (a trial)
     # plural, alone too; and the setting to restore named (a trial)
     with pytest.raises(StoreMismatchError, match=r"\(its views differ \(store: views.count=3; this call: views.count=2\); "):
         extract(make_cfg("mine.zarr", "views.count=2"), teacher=tiny_teacher, log=quiet)

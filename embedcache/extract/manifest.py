@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..config import ExtractConfig, flatten, to_dict
+from ..config import TEACHER_CALL_SETTINGS, ExtractConfig, flatten, to_dict
 from ..datasets import ImageDataset
 from ..device import device_name
 from ..fileio import json_digest, utc_now
@@ -107,12 +107,18 @@ def differing_parts(stored: Dict[str, Any], wanted: Dict[str, Any]) -> str:
         stored.get("config") or {}, wanted.get("config") or {}, names)
 
 
+# settings a store may be resumed with other values of (no part of its key): naming one as the difference
+# would name the wrong cause (another model behind the same url, the dataset's files changed)
+FREE_TO_CHANGE = {"teacher.url", "teacher.device", "dataset.path", *(f"teacher.{k}" for k in TEACHER_CALL_SETTINGS)}
+
+
 def _settings_apart(stored: Dict[str, Any], wanted: Dict[str, Any], parts: List[str], most: int = 4) -> str:
     """' (store: views.count=2; this call: views.count=3)': the settings of the differing parts in which
     the config that made a store and this call's disagree, so the one to restore is named ('' where none
     does: the same dataset folder whose files changed)."""
     a, b = flatten(stored), flatten(wanted)
-    keys = [k for k in sorted(set(a) | set(b)) if k.split(".")[0] in parts and a.get(k) != b.get(k)][:most]
+    keys = [k for k in sorted(set(a) | set(b)) if k.split(".")[0] in parts and k not in FREE_TO_CHANGE
+            and a.get(k) != b.get(k)][:most]
     if not keys:
         return ""
     return (f" (store: {', '.join(f'{k}={a.get(k)!r}' for k in keys)}; "
