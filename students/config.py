@@ -126,8 +126,8 @@ def check_trainable(cfg: TrainConfig) -> None:
         raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} but the run has {cfg.steps} steps: the "
                           "learning rate would never reach optim.lr; lower optim.warmup_steps")
     _check_stages(cfg)
-    if cfg.select == "best_val" and cfg.averaging != "none":
-        raise ConfigError(f"select=best_val and averaging={cfg.averaging} both choose the final weights; "
+    if cfg.select != "auto" and cfg.averaging != "none":  # select=last was silently overridden (a trial)
+        raise ConfigError(f"select={cfg.select} and averaging={cfg.averaging} both choose the final weights; "
                           "set one of them (select=auto with averaging)")
     if cfg.averaging != "none" and cfg.average_start >= 1.0:
         raise ConfigError(f"average_start={cfg.average_start} leaves no step to average; lower it "

@@ -175,6 +175,7 @@ def test_the_views_part_of_the_cache_key_keeps_its_shape():
     (["recipe=vl2v_adip", "steps=1"], r"steps=1 leaves stage 1 of recipe vl2v_adip no step; use steps >= 2"),
     # averaging decided the weights and the explicit select was dropped without a word
     (["select=best_val", "averaging=swa"], r"select=best_val and averaging=swa both choose the final weights"),
+    (["select=last", "averaging=swad"], r"select=last and averaging=swad both choose the final weights"),
     (["averaging=swa", "average_start=1.0"], r"average_start=1.0 leaves no step to average"),
 ])
 def test_settings_that_would_train_something_else_are_refused(sets, msg):
