@@ -51,6 +51,7 @@ class EvalData:
     teacher: Optional[np.ndarray] = None  # (N, D) the teacher's view-0 embeddings (distillation metrics)
     teacher_views: Optional[np.ndarray] = None  # (N, V, D) the teacher's embeddings of every stored view (Tip-Adapter keys)
     student: bool = False
+    embedding_trained: bool = True  # False: a classifier run's projection as initialised (no Tip-Adapter rows)
 
 
 def _unanswerable(d: EvalData, rows: np.ndarray, labels: np.ndarray) -> bool:
@@ -312,6 +313,8 @@ def few_shot(d: EvalData, shots: int = DEFAULT_SHOTS, episodes: int = 3, seen_cl
         protos = np.stack([d.emb[support][d.labels[support] == c].mean(0) for c in unseen])
         pred = LabelIndex(protos, unseen).predict(d.emb[query])
         rows += _rows(pred, d.labels[query], d.classes, split="prototype" + shots_tag(shots), domain="all", episode=ep)
+        if not d.embedding_trained:  # it would compare an untrained projection with the teacher's space (said by
+            continue                 # the scoring)
         keys, key_labels = tip_adapter_keys(d, support)
         logits = tip_adapter_logits(d.emb[query], keys, np.searchsorted(unseen, key_labels), d.class_emb[unseen], beta, alpha)
         rows += _rows(unseen[logits.argmax(1)], d.labels[query], d.classes, split="tip_adapter" + shots_tag(shots),

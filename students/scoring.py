@@ -208,10 +208,11 @@ def _unseen_only(run: RunDir, reader: StoreReader, path: str) -> np.ndarray:
     return left
 
 
-def _embedding_trained(run: RunDir, model) -> bool:
-    """Whether the run trained the embedding the distill protocol measures: a loss of it does, or the
-    embedding is the backbone's own output (an identity head) and a stage trains the backbone. If not, a
-    warning says its distill rows are left out (they measured a projection as it was initialised)."""
+def _embedding_trained(run: RunDir, model, protocols: Sequence[str] = ("distill",)) -> bool:
+    """Whether the run trained the embedding the distill protocol and few_shot's Tip-Adapter compare with
+    the teacher's: a loss of it does, or the embedding is the backbone's own output (an identity head)
+    and a stage trains the backbone. If not, a warning says those rows of ``protocols`` are left out
+    (they measured a projection as it was initialised)."""
     from .recipes import definition, recipe_of, trains_embedding
 
     cfg = run.train_config
@@ -220,8 +221,10 @@ def _embedding_trained(run: RunDir, model) -> bool:
         st["train"] in ("all", "backbone") for st in recorded["stages"])
     if trains_embedding(recorded) or moved_backbone:
         return True
+    which = " and ".join(w for p, w in (("distill", "the distill rows"), ("few_shot", "few_shot's tip_adapter rows"))
+                         if p in protocols)
     warnings.warn(f"no loss of recipe {cfg.recipe} trains its embedding (it trains a linear classifier; "
-                  "the projection to the embedding stays as initialised), so the distill rows, which compare that "
+                  f"the projection to the embedding stays as initialised), so {which}, which compare that "
                   "embedding with the teacher's, are left out")
     return False
 
@@ -262,9 +265,10 @@ def score_run(run: Union[str, RunDir], protocols: Sequence[str] = ("lodo",), sto
                                  features=features)
         all_tags = {**run_tags(run, reader, transfer), **(tags or {})}
         with named_warnings(f"run {run.name}"):
-            with_teacher = "distill" not in protocols or _embedding_trained(run, model)  # warns as the run's
-            scored = replace(eval_data(reader, split["text_source"], emb, split, scores, with_teacher), ok=data.ok,
-                             student=True)
+            compared = [p for p in ("distill", "few_shot") if p in protocols]  # with the teacher's embedding
+            trained = not compared or _embedding_trained(run, model, compared)  # warns as the run's
+            scored = replace(eval_data(reader, split["text_source"], emb, split, scores, trained), ok=data.ok,
+                             student=True, embedding_trained=trained)
             frames = [run_protocols(scored, protocols, all_tags, options)]
         if finetune:
             from .finetune import few_shot_finetune

@@ -649,6 +649,22 @@ def test_distill_rows_are_left_out_for_runs_whose_losses_never_train_the_embeddi
     assert "distill" in set(score_run(tmp_path / "ce_cos", ["distill"]).split)
 
 
+def test_a_classifier_runs_tip_adapter_rows_are_left_out(synthetic_store, tmp_path):
+    """few_shot's Tip-Adapter compares the run's embedding with the teacher's: a ce run's projection as
+    initialised scored 24.7% there, below chance, with no word (a trial). Its prototype rows stay (shots
+    of its own embedding)."""
+    from embedcache.students.scoring import score_run
+
+    train(_cfg(synthetic_store, tmp_path / "ce", recipe="ce", split=SplitConfig(train_classes=("circle",))), log=quiet)
+    opts = {"few_shot": {"shots": 1, "episodes": 1}}
+    with pytest.warns(UserWarning, match=r"^run ce: no loss of recipe ce trains its embedding .* so few_shot's "
+                                         r"tip_adapter rows, which compare that embedding with the teacher's, are left out"):
+        rows = score_run(tmp_path / "ce", ["few_shot"], options=opts)
+    assert set(rows.split) == {"prototype@1shot"}
+    train(_cfg(synthetic_store, tmp_path / "kd", recipe="feat_kd", split=SplitConfig(train_classes=("circle",))), log=quiet)
+    assert set(score_run(tmp_path / "kd", ["few_shot"], options=opts).split) == {"prototype@1shot", "tip_adapter@1shot"}
+
+
 def test_evaluate_says_a_warning_many_runs_share_once_and_names_the_others(synthetic_store, tmp_path):
     """`evaluate --protocol distill` over a sweep of linear-probe runs printed the same paragraph once
     per run (a trial): it is said for the first run, and the others are named in one line."""
