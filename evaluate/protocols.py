@@ -230,6 +230,9 @@ def open_vocab(d: EvalData, seen_classes: Optional[Sequence[int]] = None, unseen
                           "split.val_fraction=0, and no test rows in the store), so gzsl_seen and gzsl_harmonic left "
                           "out; train with split.val_fraction > 0, or extract a dataset with a test split")
     rows: List[Dict] = []
+    if len(unseen) == 1:
+        warnings.warn(f"open_vocab: one unseen class ({d.classes[unseen[0]]!r}): unseen_zero_shot, among the unseen "
+                      "labels only, is 100% by construction; hold two or more classes out")
     if not _unanswerable(d, u_rows, unseen):  # a classifier has no answer among unseen labels only
         rows += _rows(_predict(d, u_rows, unseen), d.labels[u_rows], d.classes, split="unseen_zero_shot", domain="all")
     acc = {}
@@ -307,6 +310,10 @@ def few_shot(d: EvalData, shots: int = DEFAULT_SHOTS, episodes: int = 3, seen_cl
     class means of the shots) and Tip-Adapter logits (keys: the teacher's views of the shots), scored
     on the remaining unseen images."""
     _, unseen = class_split(d, "few_shot", seen_classes, unseen_fraction, seed)
+    if len(unseen) == 1:  # every method names the one class
+        warnings.warn(f"few_shot: one unseen class ({d.classes[unseen[0]]!r}): every query is given it, 100% by "
+                      "construction; hold two or more classes out (--seen-classes for the teacher, "
+                      "split.train_classes for a run)")
     rows: List[Dict] = []
     for ep in range(episodes):
         support, query = episode(d.labels, d.ok, unseen, shots, seed, ep, d.classes)

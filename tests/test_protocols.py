@@ -80,6 +80,18 @@ def test_few_shot_perfect_and_too_few_images():
         few_shot(small, shots=5, seen_classes=[0, 1, 2])
 
 
+def test_one_unseen_class_is_said_to_score_100_by_construction():
+    """A split holding one class out printed 100.0 for unseen_zero_shot, prototype and tip_adapter with no
+    word (the collapse warning needs two classes to tell apart; a trial)."""
+    d = _data(noise=0.6, seed=1)
+    with pytest.warns(UserWarning, match=r"open_vocab: one unseen class \('c5'\): unseen_zero_shot, among the unseen "
+                                         r"labels only, is 100% by construction; hold two or more classes out"):
+        df = open_vocab(d, seen_classes=[0, 1, 2, 3, 4])
+    assert _value(df, "unseen_zero_shot", "all") == 1.0
+    with pytest.warns(UserWarning, match=r"few_shot: one unseen class \('c5'\): every query is given it"):
+        few_shot(d, shots=5, episodes=1, seen_classes=[0, 1, 2, 3, 4])
+
+
 def test_tip_adapter_keys_are_the_teachers_views_of_the_support_images():
     """Li et al.'s retrieval: the student's embedding of a query against the teacher's embeddings of
     the support images (PAPERS.md; each the mean of its views, as Tip-Adapter's cache averages a shot's
