@@ -883,6 +883,14 @@ def test_a_repair_refuses_a_source_image_changed_since_the_store_was_made(make_c
                                                  r"removed or changed in size since it was made\).*put the dataset's "
                                                  r"files back as they were to resume or repair it"):
         extract(cfg, teacher=tiny_teacher, log=quiet)
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(root, moved)  # another folder (a dataset moved), its files not those either: not "the same settings"
+    with pytest.raises(StoreMismatchError, match=rf"its dataset differs \(its files, read from {moved}, are not those it "
+                                                 rf"was made from, read from {root}\)"):
+        extract(make_cfg("src.zarr", "dataset.name=folder", f"dataset.path={moved}", "block_rows=4"),
+                teacher=tiny_teacher, log=quiet)
     (root / "cat" / "1.bmp").write_bytes(original)  # the original back: the same repair completes, exactly
     assert extract(cfg, teacher=tiny_teacher, log=quiet).complete
     _same(good, _arrays(cfg.out))

@@ -67,7 +67,10 @@ def made_so(store: Store, manifest: Dict) -> Store:
         f" (this version leaves out the {hidden} hidden image file(s) of the dataset folder, e.g. in "
         ".ipynb_checkpoints, which the version that made this store read as images)")
     advice = "use another --out path, or delete that store if it is no longer needed"
-    if differs == "its dataset differs" and not why:  # the same settings: the files under the folder changed
+    was, now = (m.get("config", {}).get("dataset", {}).get("path") for m in (store.manifest, manifest))
+    if differs == "its dataset differs" and not why and was != now:  # another folder, which a moved dataset may be
+        differs += f" (its files, read from {now}, are not those it was made from, read from {was})"
+    elif differs == "its dataset differs" and not why:  # the same settings: the files under the folder changed
         differs += " (the same settings: image files were added, removed or changed in size since it was made)"
         advice = ("put the dataset's files back as they were to resume or repair it; or use another --out path for a "
                   "store of the files as they are now (or delete that store if it is no longer needed)")
