@@ -489,8 +489,9 @@ class Trainer:
     def diverged(self, what: str, step: int) -> TrainingError:
         last = max((r["step"] for r in self.metrics), default=None)
         before = f"last finite evaluation: step {last}" if last is not None else "no evaluation before it"
-        return TrainingError(f"run {self.run_dir.path}: {what} by step {step} ({before}); "
-                             "lower optim.lr or check the store with `embedcache verify`; the run is not marked done")
+        return TrainingError(f"run {self.run_dir.path}: {what} by step {step} ({before}); lower optim.lr, with another "
+                             f"--out or after deleting {self.run_dir.path} (a run's folder keeps its settings), or check "
+                             "the store with `embedcache verify`; the run is not marked done")
 
     def check_finite(self, step: int) -> None:
         loss = self.running.get("loss")

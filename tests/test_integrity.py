@@ -535,8 +535,10 @@ def test_a_nan_loss_stops_the_run_unfinished(synthetic_store, tmp_path):
     cfg = TrainConfig(store=str(synthetic_store), recipe="feat_kd", student=StudentConfig(name="test_resnet", input_size=32),
                       steps=20, batch_size=8, eval_every=5, ckpt_every=5, out=str(tmp_path / "nan"), progress=False,
                       device="cpu", optim=OptimConfig(name="sgd", lr=1e30, schedule="constant"))
-    with pytest.raises(TrainingError, match="the loss became (nan|inf)"):
+    with pytest.raises(TrainingError, match="the loss became (nan|inf)") as err:
         train(cfg, log=quiet)
+    # the fix it names works as said: a rerun in that folder at another lr was refused (a trial)
+    assert f"lower optim.lr, with another --out or after deleting {tmp_path / 'nan'}" in str(err.value)
     assert not (tmp_path / "nan" / "done").exists() and not (tmp_path / "nan" / "model.safetensors").exists()
 
 
