@@ -179,7 +179,7 @@ class ZarrBackend:
         # write_empty_chunks: skip zarr's per-chunk "is it all fill value?" scan (1.4 s of a 10 s
         # GPU extraction when measured); every chunk we write holds data, and a chunk that is
         # missing on disk must stay missing (the checksums then find it), never "equal to zeros".
-        # zstd level 1, not its default 3: on PACS canvases 2.5x faster to write (470 against 190 MB/s on one
+        # zstd level 1, not its default 3: on PACS canvases 2.1 to 2.5x faster to write (470 against 190 MB/s on one
         # core, which a CPU teacher's forward shares with the writer thread) for a few points of size (photos
         # to 0.88 of raw, not 0.84; cartoons 0.47, not 0.45); reading is no slower.
         g.create_array(leaf, shape=tuple(shape), dtype=np.dtype(dtype), chunks=tuple(chunks), fill_value=0,
