@@ -181,7 +181,7 @@ class ZarrBackend:
         # missing on disk must stay missing (the checksums then find it), never "equal to zeros".
         # zstd level 1, not its default 3: on PACS canvases 2.1 to 2.5x faster to write (470 against 190 MB/s on one
         # core, which a CPU teacher's forward shares with the writer thread) for a few points of size (photos
-        # to 0.88 of raw, not 0.84; cartoons 0.47, not 0.45); reading is no slower.
+        # to 0.88 of raw, not 0.84; cartoons 0.47, not 0.45); reading about as fast (550 to 860 MB/s, against 610 to 810).
         g.create_array(leaf, shape=tuple(shape), dtype=np.dtype(dtype), chunks=tuple(chunks), fill_value=0,
                        compressors=None if codec == "none" else ZstdCodec(level=ZSTD_LEVEL),
                        config={"write_empty_chunks": True})
