@@ -1,8 +1,10 @@
 """Commands that train students: train, sweep."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 import click
 
@@ -34,12 +36,28 @@ def train(store, recipe, student, config_path, out, device, overrides, no_progre
     values = {"store": store, "recipe": recipe, "student.name": student, "out": out, "device": device,
               "progress": False if no_progress else None}
     cfg = load_config(TrainConfig, config_path, overrides, "train", values, adapt=settings_of)
+    if out is None and _is_run_config(config_path):  # its folder is dropped: said, not left to be found
+        click.echo(f"note: {config_path} is a run's config: that run is trained again in a new folder (its own, "
+                   f"{os.path.dirname(config_path) or '.'}, is neither resumed nor overwritten); --out names the folder")
     with interrupt.graceful():
         res = run(cfg, log=click.echo, should_stop=interrupt.requested)
     val = "n/a" if res.val_top1 is None else f"{100 * res.val_top1:.1f}%"
     sel = res.selected or {}
     kept = f"; kept {sel.get('rule')}" + (f" (step {sel['step']})" if sel.get("step") else "") if sel else ""
     click.echo(f"run {res.out}: {res.steps} steps, validation top-1 {val}{kept}, {res.seconds:.1f}s")
+
+
+def _is_run_config(path: Optional[str]) -> bool:
+    """Whether ``path`` is a run's own config.json (as a run writes it: its store's key recorded)."""
+    import json
+
+    if not path or not path.endswith(".json") or not os.path.isfile(path):
+        return False
+    try:
+        with open(path) as fh:
+            return "store_key" in json.load(fh)
+    except (OSError, ValueError):
+        return False
 
 
 @main.command()

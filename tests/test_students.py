@@ -540,6 +540,23 @@ def test_train_cli(synthetic_store, tmp_path):
     assert again.exit_code == 0, again.output
     a, b = load_file(tmp_path / "cli" / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert "note:" not in again.output  # --out given: the new folder is the user's choice
+
+
+def test_a_runs_config_without_out_says_where_its_run_goes(synthetic_store, tmp_path, monkeypatch):
+    """`train --config RUN/config.json` without --out trained a fresh copy in runs/<name> with no word: the
+    config's own folder is dropped (a trial)."""
+    monkeypatch.chdir(tmp_path)
+    args = ["--no-progress", "--set", "steps=2", "--set", "eval_every=2", "--set", "student.input_size=32", "--set",
+            "device=cpu"]
+    first = CliRunner().invoke(main, ["train", "--store", str(synthetic_store), "--recipe", "feat_kd", "--student",
+                                      "test_resnet", "--out", "ref", *args])
+    assert first.exit_code == 0, first.output
+    again = CliRunner().invoke(main, ["train", "--config", "ref/config.json", "--no-progress"])
+    assert again.exit_code == 0, again.output
+    assert again.output.startswith("note: ref/config.json is a run's config: that run is trained again in a new folder "
+                                   "(its own, ref, is neither resumed nor overwritten); --out names the folder"), again.output
+    assert len(list((tmp_path / "runs").iterdir())) == 1
 
 
 def test_swad_through_training(synthetic_store, tmp_path):
