@@ -54,8 +54,8 @@ def ledger(config_path: Optional[str], overrides: Sequence[str]) -> None:
     cfg = load_config(ServeConfig, config_path or "demo", overrides, "serve")
     if not os.path.isfile(cfg.ledger):  # opening it would make an empty one, and "no charges yet" of the wrong one
         where = "" if os.path.isabs(cfg.ledger) else f" (a relative path, taken from {os.getcwd()})"
-        raise ConfigError(f"no ledger at {cfg.ledger}{where}; run this where the server runs, or give its "
-                                   "ledger with --set ledger=/absolute/path.sqlite")
+        raise ConfigError(f"no ledger at {cfg.ledger}{where}; run this where the server runs, or give its ledger "
+                          "with --set ledger=/absolute/path.sqlite")
     rows = ServerLedger(cfg.ledger).summary()
     if not rows:
         click.echo(f"{cfg.ledger}: no charges yet")

@@ -42,6 +42,15 @@ def sections_apart(manifest: Dict[str, Any]) -> List[str]:
     return [name for name, part in now.items() if name in parts and json_digest(part, 12) != parts[name]]
 
 
+def _apart_line(manifest: Dict[str, Any]) -> str:
+    """"'s views section no longer gives the key it was made under" ('' when every section does)."""
+    apart = sections_apart(manifest)
+    if not apart:
+        return ""
+    many = len(apart) > 1
+    return f"'s {' and '.join(apart)} section{'s' if many else ''} no longer give{'' if many else 's'} the key it was made under"
+
+
 def verify_store(path: str, repair: bool = False, overrides: Sequence[str] = (), progress: bool = True,
                  log: Callable[[str], None] = print) -> Verified:
     """Verify ``path``; damage is said line by line through ``log``. Without ``repair`` damage raises
@@ -55,12 +64,7 @@ def verify_store(path: str, repair: bool = False, overrides: Sequence[str] = (),
         st.rebuild_lost_text()  # made again empty, the store unfinished: the extraction below encodes them
         report = st.verify(progress=progress)
         manifest, producer = st.manifest, st.producer
-        edited = "" if "meta.parquet" in report.files else st.manifest_problem()
-        apart = sections_apart(st.manifest)
-        if apart and not edited:
-            many = len(apart) > 1
-            edited = (f"'s {' and '.join(apart)} section{'s' if many else ''} no longer give{'' if many else 's'} the "
-                      "key it was made under")
+        edited = ("" if "meta.parquet" in report.files else st.manifest_problem()) or _apart_line(st.manifest)
         unfinished = "" if st.complete else (f"incomplete ({int(st.blocks_done().sum())} of {st.num_blocks} blocks); "
                                              f"if its {producer} command is no longer running, rerun it to finish")
     if edited:  # no repair re-does a manifest: the blocks and files are checked against it
