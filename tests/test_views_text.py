@@ -63,6 +63,10 @@ def test_views_are_the_same_pixels_as_stores_were_rendered_with_before(interpola
             ref = F.interpolate(before[i:i + 1, :, t:t + h, l:l + w], size=(40, 40), mode=interpolation,
                                 antialias=True, align_corners=False)[0].clamp(0, 1)
             assert torch.equal(got[i, j], ref.flip(-1) if flip else ref), (i, j)
+    # and the teacher's 8-bit input (scaled in place there) is these pixels rounded, as before
+    from embedcache.extract.parts import render_teacher_views
+    rounded = before.new_empty(got.shape).copy_(got).mul(255.0).round_().to(torch.uint8)
+    assert torch.equal(render_teacher_views(canvas, params, 40, interpolation), rounded)
 
 def test_aggregate_matches_numpy_reference():
     rng = np.random.default_rng(1)

@@ -74,7 +74,7 @@ class Reader(Protocol):
 
 def render_teacher_views(canvas: torch.Tensor, params: torch.Tensor, size: int, interpolation: str) -> torch.Tensor:
     """(B, V, 3, size, size) uint8: the teacher's 8-bit input for each view (see views.to_uint8)."""
-    return to_uint8(render_views(canvas, params, size, interpolation))
+    return to_uint8(render_views(canvas, params, size, interpolation), inplace=True)
 
 
 # --- the PIL reader (DataLoader workers) ------------------------------------------------------------
