@@ -521,6 +521,50 @@ def test_kill_9_midway_and_rerun_pays_nothing_twice(tmp_path, local, tiny_teache
     assert usage.get("replayed_free", 0) == 0  # the killed call's cut-off request, replayed now, is paid once here
 
 
+@pytest.mark.parametrize("protocol", ["embedcache", "openai"])
+def test_a_request_out_at_ctrl_c_is_in_the_stores_books_and_a_resume_settles_it(protocol, tmp_path, local,
+                                                                                tiny_teacher_cfg, tiny_teacher, key_env):
+    """Ctrl-C landed while a request was out, after the service charged it: the store's books said 36
+    queries paid where the service had charged 48, with no word of the other 12, until a resume (a
+    trial). They are possibly paid; the resume's answer under the same idempotency key settles them as
+    paid once. To a service without idempotency keys the resume's send may be a second charge: the
+    first stays possibly paid, and is not counted a second time as possibly paid twice."""
+    app = service_app(protocol, tiny_teacher_cfg, tiny_teacher, tmp_path)
+    with LiveServer(app) as url:
+        cfg = remote(tmp_path, "r.zarr", tiny_teacher_cfg, protocol, url, "teacher.max_queries=500")
+        teacher = build_teacher(cfg.teacher)
+        post, sends = teacher.transport.http.post, []
+
+        def stopped_on_the_fourth(*args, **kw):  # the service answers (charged); Ctrl-C lands before it is read
+            resp = post(*args, **kw)
+            sends.append(resp)
+            if len(sends) == 4:
+                raise KeyboardInterrupt
+            return resp
+
+        teacher.transport.http.post = stopped_on_the_fourth
+        with pytest.raises(KeyboardInterrupt):
+            extract(cfg, teacher=teacher, log=quiet)
+        at_stop = charged(app)[0]
+        with Store(cfg.out) as st:
+            books = st.usage()
+        assert books["queries"] == 36 and books["possibly_paid"] == 12 and len(books["lost_requests"]) == 1
+        assert at_stop - books["queries"] - books["possibly_paid"] in (0, 1)  # (openai: and a dimension probe)
+        res = extract(cfg, log=quiet)  # the resume replays the request cut off
+    usage = embedcache.open_store(cfg.out).manifest["teacher_usage"]
+    assert res.complete
+    assert_same(local, arrays(cfg.out))
+    if protocol == "embedcache":  # replayed free: paid once, counted once, as paid
+        assert charged(app) == (90 + 24, 0)
+        assert usage["queries"] == 90 + 24 and usage["possibly_paid"] == 0 and usage["replayed_free"] == 12
+        assert "lost_requests" not in usage or not usage["lost_requests"]
+        from embedcache.extract.budget import StoreBudget
+        with Store(cfg.out) as st:  # the replay's claim given back: it proved the stopped call's charge
+            assert StoreBudget(st, 500).claimed() == 90 + 24
+    else:  # charged again: 12 paid twice, counted as paid in the resume and possibly paid in the stop
+        assert usage["queries"] == 90 + 24 and usage["possibly_paid"] == 12 and not usage.get("possibly_paid_twice")
+
+
 def test_identical_inputs_in_a_call_are_sent_once(tmp_path, tiny_teacher_cfg, tiny_teacher, key_env):
     app = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
     with LiveServer(app) as url:

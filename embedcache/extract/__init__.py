@@ -160,6 +160,7 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
     try:
         lock = _writer_lock(store, shard, num_shards)
         _budget_in_store(store, teacher, cfg.teacher)
+        _lost_in_store(store, teacher)
         repaired, finished, reopened = 0, store.complete, []
         if store.blocks_done().any():  # finished blocks are checked before anything builds on them
             report = store.verify(progress=cfg.progress)
@@ -352,6 +353,15 @@ def _budget_in_store(store: Store, teacher, teacher_cfg) -> None:
     limit = getattr(teacher_cfg, "max_queries", None)
     if callable(use) and limit is not None:
         use(StoreBudget(store, limit))
+
+
+def _lost_in_store(store: Store, teacher) -> None:
+    """Requests an earlier call of the store counted as possibly paid (stopped with a send out, or its
+    answer lost): handed to a paid teacher, so that this call's answer to them settles those books."""
+    inherit = getattr(teacher, "inherit_lost", None)
+    lost = (store.usage() or {}).get("lost_requests")
+    if callable(inherit) and isinstance(lost, dict) and lost:
+        inherit(lost)
 
 
 class _Books:

@@ -516,6 +516,8 @@ class Store:
             for k, v in e.items():
                 if k != "call":
                     total[k] = _plus(total.get(k), v, k)
+        if isinstance(total.get("lost_requests"), dict):  # requests possibly paid, less those settled since
+            total["lost_requests"] = {k: n for k, n in total["lost_requests"].items() if n}
         return {"calls": len(calls), **total}
 
     # extract calls that pay a teacher: marked open when they start, closed when they end (stopped,

@@ -59,6 +59,9 @@ class Stats:
     replayed_requests: int = 0  # pending requests of an earlier run sent again as they were
     replayed_free: int = 0     # inputs of a request whose answer this run lost, answered again as a free replay
     possibly_paid_twice: int = 0  # inputs of an earlier run's cut-off request sent again in another batch
+    # request id -> inputs of its sends whose answers were lost (possibly paid), less those settled by an
+    # answer under its idempotency key (in this run or a later one: kept in the store's books by id)
+    lost_requests: Dict[str, int] = field(default_factory=dict)
     halvings: int = 0
     rate_limit_wait_s: float = 0.0
     server_usage: Dict[str, float] = field(default_factory=dict)
@@ -86,7 +89,8 @@ class Transport:
         self.claimer: Optional[Callable[[int], None]] = None
         self.last_replayed = False  # whether the last answer was a free replay (Idempotent-Replayed)
         self._lost_here: Dict[str, int] = {}  # request id -> inputs of its attempts whose answer this run lost
-        # (counted as possibly paid)
+        # (counted as possibly paid), or an earlier call of the store did (``inherit_lost``)
+        self.inherited: set = set()  # request ids an earlier call counted as possibly paid
 
     def close(self) -> None:
         self.http.close()
@@ -195,7 +199,8 @@ class Transport:
 
     def _sends(self, request_id: str, url: str, path: str, content: bytes, headers: Dict[str, str], n: int,
                tokens: float, held: List[int]) -> Any:
-        last, lost, reclaimed = "", False, 0
+        # a request an earlier call's books hold as possibly paid: its first send here is a resend too
+        last, lost, reclaimed = "", request_id in self._lost_here, 0
         for attempt in range(self.policy.max_retries + 1):
             if interrupt.requested():
                 raise KeyboardInterrupt("interrupted; rerun the same command to resume (paid answers are in the ledger)")
@@ -213,7 +218,7 @@ class Transport:
             headers_now = None
             try:
                 held[0] = 0  # out now: its claim holds whatever it is charged, unless the outcome says nothing was
-                resp = self.http.post(url, content=content, headers={**headers, "Content-Type": "application/json"})
+                resp = self._post(row, request_id, n, url, content, {**headers, "Content-Type": "application/json"})
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 held[0] = n  # nothing went out, nothing paid: the claim waits for the next attempt (or is given back)
                 self.ledger.outcome(row, request_id, "unreachable")
@@ -221,11 +226,7 @@ class Transport:
                 if attempt == 0 and self.stats.requests == 0:
                     raise self._unreachable(exc) from None
             except (httpx.TimeoutException, httpx.TransportError) as exc:
-                # the request went out and its answer was lost: it may have been paid
-                self.ledger.outcome(row, request_id, f"lost:{type(exc).__name__}", lost=True)
-                self._lost_here[request_id] = self._lost_here.get(request_id, 0) + n
-                self.stats.lost_answers += 1
-                self.stats.possibly_paid += n
+                self._lost(row, request_id, n, type(exc).__name__)
                 lost = True  # its claim holds the charge it may have made
                 last = f"answer lost ({type(exc).__name__})"
             else:
@@ -277,12 +278,39 @@ class Transport:
         raise RemoteUnavailableError(f"the server at {self.base_url} still failed after {self.policy.max_retries} "
                                      f"retries (last: {last}); rerun the same command to resume")
 
+    def _post(self, row: int, request_id: str, n: int, url: str, content: bytes, headers: Dict[str, str]):
+        """One send; a stop (Ctrl-C) while it is out leaves it possibly paid, as a lost answer is: the
+        service may have charged it (the store's books said less than the bill until a resume)."""
+        try:
+            return self.http.post(url, content=content, headers=headers)
+        except KeyboardInterrupt:
+            self._lost(row, request_id, n, "stopped")
+            raise
+
+    def _lost(self, row: int, request_id: str, n: int, why: str) -> None:
+        """A send that went out and whose answer was lost: it may have been paid."""
+        self.ledger.outcome(row, request_id, f"lost:{why}", lost=True)
+        self._lost_here[request_id] = self._lost_here.get(request_id, 0) + n
+        self.stats.lost_requests[request_id] = self.stats.lost_requests.get(request_id, 0) + n
+        self.stats.lost_answers += 1
+        self.stats.possibly_paid += n
+
+    def inherit_lost(self, lost: Dict[str, int]) -> None:
+        """Requests an earlier call of the same store counted as possibly paid (its books' ``lost_requests``,
+        those still pending): an answer under their idempotency key settles them here, moving their
+        inputs from possibly paid to paid in this call's books, and gives back this call's claim."""
+        for request_id, n in lost.items():
+            self._lost_here.setdefault(request_id, n)
+            self.inherited.add(request_id)
+
     def _charged_once(self, request_id: str, reclaimed: int) -> None:
         """An answer under ``request_id``'s idempotency key settles its lost attempts: a service that
         takes the key charges it once, so a free replay proves the one charge, and an answer charged afresh
         proves the lost sends never were. They are no longer possibly paid (``count`` counts the charge as
         paid), and the budget's claims for its resends (``reclaimed`` inputs) are given back."""
-        self.stats.possibly_paid -= self._lost_here.pop(request_id)
+        n = self._lost_here.pop(request_id)
+        self.stats.possibly_paid -= n
+        self.stats.lost_requests[request_id] = self.stats.lost_requests.get(request_id, 0) - n
         self._give_back(reclaimed, "free replays")
 
     def _give_back(self, n: int, what: str) -> None:

@@ -264,13 +264,20 @@ class RemoteTeacher(Teacher):
         """An earlier run's request, still pending, a send of which may have been charged."""
         return self.ledger.request_status(rid) == "pending" and self.ledger.may_be_charged(rid)
 
-    def _count_replay(self, replay: bool, n: int) -> None:
+    def _count_replay(self, replay: bool, n: int, rid: str) -> None:
         """An earlier run's possibly charged request that went out again from here: counted (and, to a
-        service without idempotency keys, possibly paid twice)."""
+        service without idempotency keys, possibly paid twice, unless an earlier call of the store
+        counted it as possibly paid already)."""
         if replay:
             self.transport.stats.replayed_requests += 1
-            if not self.protocol.idempotency_header:
+            if not self.protocol.idempotency_header and rid not in self.transport.inherited:
                 self._replayed_without_key(n)
+
+    def inherit_lost(self, lost: Dict[str, int]) -> None:
+        """The store's requests an earlier call counted as possibly paid (``lost_requests`` of its books):
+        those still pending in the ledger are settled by this call's answer to them (``Transport.inherit_lost``)."""
+        self.transport.inherit_lost({rid: n for rid, n in lost.items()
+                                     if n > 0 and self.ledger.request_status(rid) == "pending"})
 
     def _fresh_id(self, rid: str) -> str:
         """``rid``, or when a request of that id was answered unusably ('bad': paid, nothing kept), the
@@ -404,7 +411,7 @@ class RemoteTeacher(Teacher):
         try:
             answer = t.post(rid, path, body, n, tokens)  # claimed there, as it goes out (pending here first)
         except UnreadableAnswer:
-            self._count_replay(replay, n)
+            self._count_replay(replay, n, rid)
             self._paid_for_nothing(rid, modality, n, nbytes)
             raise
         except TooLarge as exc:
@@ -421,9 +428,9 @@ class RemoteTeacher(Teacher):
             return
         except (KeyboardInterrupt, BudgetError, RemoteError, OSError):
             self._release(rid)
-            self._count_replay(replay and t.stats.attempts > sends, n)  # only if it went out again
+            self._count_replay(replay and t.stats.attempts > sends, n, rid)  # only if it went out again
             raise
-        self._count_replay(replay, n)
+        self._count_replay(replay, n, rid)
         try:
             emb, usage = self._usable(answer, n)
         except RemoteError:
@@ -545,7 +552,8 @@ class RemoteTeacher(Teacher):
     def usage(self) -> Dict[str, Any]:
         """This run's books, for the manifest (never the key)."""
         s = self.transport.stats
-        out = {k: v for k, v in vars(s).items() if k != "server_usage"}
+        out = {k: v for k, v in vars(s).items() if k not in ("server_usage", "lost_requests")}
+        out["lost_requests"] = dict(s.lost_requests)  # a copy: the books subtract the last one they wrote
         out["rate_limit_wait_s"] = round(s.rate_limit_wait_s, 3)
         out.update(protocol=self.protocol_name, server_reported=dict(s.server_usage),
                    ledger=self.ledger.totals(self._ctx["image"]))
