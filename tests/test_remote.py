@@ -5,6 +5,7 @@ Every service here is on 127.0.0.1 (an ephemeral port), in this process, answeri
 local teacher: ``embedcache serve`` itself, and fakes of infinity's OpenAI shape and Cohere's v2."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -190,6 +191,48 @@ def test_store_equals_local_and_dry_run_counts_the_cost(protocol, tmp_path, loca
                            f"{usage['requests']:,} requests by 1 extract call that spent"), said
     # as data, the books as the manifest keeps them; the calls that spent apart from every call listed
     assert facts["teacher_usage"] == usage and usage["calls"] == 1 and len(facts["calls"]) == 1
+
+
+def test_requests_fit_a_body_limit_and_the_dry_run_counts_them(tmp_path, local, tiny_teacher_cfg, tiny_teacher, key_env):
+    """embedcache serve's max_request_bytes limits the request body, where images travel in base64 (a
+    third more than their bytes): requests were split by the images' own bytes, so the service refused
+    them (413) and extraction halved its batches, while the dry run said fewer requests than were sent,
+    and 1 "if batched at the service's limit" (a trial). Split by the body's bytes, nothing is refused."""
+    with LiveServer(serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "sizing.sqlite")) as url:
+        sizing = extract(remote(tmp_path, "r.zarr", tiny_teacher_cfg, "embedcache", url, "teacher.ledger=" +
+                                str(tmp_path / "sizing-client.sqlite")), log=quiet, dry_run=True)
+    cap = int(12 * sizing.cost["bytes"] / 90 * 1.15)  # a call's 12 views fit in their bytes, not in base64
+    app = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite", max_request_bytes=cap)
+    with LiveServer(app) as url:
+        cfg = remote(tmp_path, "r.zarr", tiny_teacher_cfg, "embedcache", url)
+        dry = extract(cfg, log=quiet, dry_run=True)
+        res = extract(cfg, log=quiet)
+    usage = embedcache.open_store(cfg.out).manifest["teacher_usage"]
+    assert res.complete and usage["halvings"] == 0 and usage["refused"] == 0
+    assert_same(local, arrays(cfg.out))
+    assert dry.cost["requests"] + dry.cost["text_requests"] == usage["requests"] > 8 + 2
+    # packed at the limits: no fewer than the base64 bodies need, no more than extraction's own requests
+    assert 4 * dry.cost["bytes"] / 3 / cap <= dry.cost["requests_at_batch_limit"] <= dry.cost["requests"]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_request_bodys_size_is_counted_exactly(protocol, tmp_path, tiny_teacher_cfg, tiny_teacher, key_env):
+    """What extraction counts against a byte limit is the body it sends, to the byte (json.dumps of the
+    protocol's own request, against the counted size), for images and texts."""
+    rng = np.random.default_rng(0)
+    with LiveServer(service_app(protocol, tiny_teacher_cfg, tiny_teacher, tmp_path)) as url:
+        t = build_teacher(remote(tmp_path, "r.zarr", tiny_teacher_cfg, protocol, url).teacher)
+    for modality in ("image", "text"):
+        start, adds = t._body_size(modality)
+        for n in (1, 2, 5):
+            if modality == "image":
+                payloads = [rng.bytes(int(rng.integers(1, 500))) for _ in range(n)]
+                _, body = t.protocol.image_request(t.model, payloads, t.cfg.image_format, t.cfg.dimensions)
+            else:
+                payloads = ['a "quoted" caf\u00e9 of a newt\n'.encode("utf-8")[:int(rng.integers(1, 30))].decode(
+                    "utf-8", "ignore").encode("utf-8") for _ in range(n)]
+                _, body = t.protocol.text_request(t.model, [p.decode("utf-8") for p in payloads], t.cfg.dimensions)
+            assert start + sum(adds(p) for p in payloads) == len(json.dumps(body).encode()), (modality, n)
 
 
 def test_a_dry_run_says_the_one_query_that_learnt_the_dimension(tmp_path, tiny_teacher_cfg, tiny_teacher, key_env):

@@ -9,13 +9,14 @@ a query budget. Texts (the class prompts) go through the same client and ledger.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import re
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -150,6 +151,7 @@ class RemoteTeacher(Teacher):
             if cfg.request_batch:
                 self.limits[k] = min(self.limits[k], cfg.request_batch)
         self._ctx: Dict[str, str] = {}
+        self._sizes: Dict[str, Tuple[int, Callable[[bytes], int]]] = {}  # _body_size's, per modality
         for modality in ("image", "text"):
             spec = self._context_spec(modality)
             self._ctx[modality] = json_digest(spec, 32)
@@ -355,19 +357,48 @@ class RemoteTeacher(Teacher):
         # deterministic: the same batch after a kill gets the same idempotency key
         return _sha(self._ctx[modality].encode(), "\n".join(keys).encode())[:40]
 
-    def _split_by_bytes(self, keys: List[str], items: Dict[str, Tuple[bytes, Any]]) -> List[List[str]]:
+    def _body_size(self, modality: str) -> Tuple[int, Callable[[bytes], int]]:
+        """Exactly what ``Transport.post`` sends, in bytes: the JSON body of an empty request of this
+        modality, and what one input's payload adds to it (base64 or data URI, or the text; quoted and
+        its separator included). A body limit (embedcache serve's max_request_bytes) is one of these:
+        counting the payloads alone had put base64's third more into requests the service refused."""
+        if modality not in self._sizes:
+            def body(payloads) -> int:
+                if modality == "image":
+                    _, req = self.protocol.image_request(self.model, payloads, self.cfg.image_format, self.cfg.dimensions)
+                else:
+                    _, req = self.protocol.text_request(self.model, [p.decode("utf-8") for p in payloads],
+                                                        self.cfg.dimensions)
+                return len(json.dumps(req).encode())
+
+            empty, quoted = body([]), body([b""]) - body([]) + 2  # an empty input: its quotes, prefix and ", "
+            if modality == "image":
+                self._sizes[modality] = (empty - 2, lambda p: quoted + 4 * math.ceil(len(p) / 3))
+            else:
+                self._sizes[modality] = (empty - 2, lambda p: len(json.dumps(p.decode("utf-8")).encode()) + 2)
+        return self._sizes[modality]
+
+    def _split_by_bytes(self, modality: str, keys: List[str], payload: Callable[[str], bytes]) -> List[List[str]]:
+        """``keys`` in order, in groups whose request bodies fit the service's byte limits."""
         cap_one, cap_all = self.limits.get("max_image_bytes"), self.limits.get("max_request_bytes")
-        groups, cur, size = [], [], 0
+        start, adds = self._body_size(modality) if cap_all else (0, len)  # (no body limit: no need to count it)
+        groups, cur, size = [], [], start
         for k in keys:
-            n = len(items[k][0])
-            if cap_one and n > cap_one:
+            raw = payload(k)
+            n, add = len(raw), adds(raw)
+            if modality == "image" and cap_one and n > cap_one:
                 raise RemoteError(f"an encoded input of {n:,} bytes is larger than the {cap_one:,} bytes "
                                   f"{self.protocol_name} accepts; use teacher.image_format=jpeg or a smaller teacher.input_size")
-            if cur and cap_all and size + n > cap_all:
+            if cap_all and start + add > cap_all:
+                fix = ("use teacher.image_format=jpeg or a smaller teacher.input_size" if modality == "image" else
+                       "shorten that prompt")
+                raise RemoteError(f"one {modality} makes a request of {start + add:,} bytes, more than the {cap_all:,} "
+                                  f"{self.protocol_name} accepts; {fix}")
+            if cur and cap_all and size + add > cap_all:
                 groups.append(cur)
-                cur, size = [], 0
+                cur, size = [], start
             cur.append(k)
-            size += n
+            size += add
         return groups + ([cur] if cur else [])
 
     def _send(self, modality: str, keys: List[str], items: Dict[str, Tuple[bytes, Any]], rid: Optional[str],
@@ -377,7 +408,7 @@ class RemoteTeacher(Teacher):
         inputs of an earlier run's possibly charged request, going out apart from it."""
         t = self.transport
         charged = from_replay or (rid is not None and self._replayable(rid))
-        groups = self._split_by_bytes(keys, items)
+        groups = self._split_by_bytes(modality, keys, lambda k: items[k][0])
         if len(groups) > 1:  # each under an id of its own
             self._resent_apart(len(keys) if charged else 0)
             for g in groups:
@@ -481,22 +512,20 @@ class RemoteTeacher(Teacher):
         planned.update(todo)
         replayable = self._free_replays(todo)
         limit = self.limits[f"{modality}_batch"]
-        before = self._plan[modality]
-        self._plan[modality] += len(todo)
         first = modality not in self._limit_said
         self._limit_said.add(modality)
         unit = "images" if modality == "image" else "texts"
         order = list(todo)
-        items = {k: (payloads[i], None) for k, i in todo.items()}
-        requests = sum(len(self._split_by_bytes(order[j:j + limit], items)) for j in range(0, len(order), limit))
+        requests = sum(len(self._split_by_bytes(modality, order[j:j + limit], lambda k: payloads[todo[k]]))
+                       for j in range(0, len(order), limit))
         return {"requests": requests, unit: len(todo),
                 # each input once: a prompt repeated (the name prompt is also a template) is paid or answered once
                 "bytes": sum(len(payloads[i]) for i in todo.values()),
                 "ledger_hits": len(free),
                 "replayable": replayable,
                 "duplicates": len(keys) - len(set(keys)) + len(counted),
-                # summed over calls these give ceil(total / limit) and the limit itself
-                "requests_at_batch_limit": math.ceil(self._plan[modality] / limit) - math.ceil(before / limit),
+                # summed over calls these give the requests of every input packed at the limits, and the limit itself
+                "requests_at_batch_limit": self._pack(modality, [payloads[i] for i in todo.values()], limit),
                 "batch_limit": limit if first else 0}
 
     def _free_replays(self, todo: Dict[str, int]) -> int:
@@ -511,9 +540,23 @@ class RemoteTeacher(Teacher):
                 n += len(set(items))
         return n
 
+    def _pack(self, modality: str, payloads: List[bytes], limit: int) -> int:
+        """Requests these inputs open when every input the plan has met is packed into requests at the
+        service's limits (``limit`` inputs, and its body's bytes), continuing the plan's open request."""
+        cap = self.limits.get("max_request_bytes")
+        start, adds = self._body_size(modality) if cap else (0, len)
+        opened, (count, size) = 0, self._packed[modality]
+        for p in payloads:
+            add = adds(p)
+            if not count or count == limit or (cap and size + add > cap):
+                opened, count, size = opened + 1, 0, start
+            count, size = count + 1, size + add
+        self._packed[modality] = (count, size)
+        return opened
+
     def begin_plan(self) -> None:
         """Start a dry run's count afresh (what an earlier dry run planned was never sent)."""
-        self._plan = {"image": 0, "text": 0}  # inputs planned so far (requests at the batch limit)
+        self._packed = {"image": (0, 0), "text": (0, 0)}  # the plan's open request at the limits: (inputs, bytes)
         self._planned_texts: set = set()     # prompts planned so far (free when asked again)
         self._limit_said: set = set()        # modalities whose batch limit the plan has said
 
