@@ -108,7 +108,7 @@ def _score_found(found, finished: int, unscored: list, score_run, protocols, **o
     frames = []
     for run in found:
         if not run.done:
-            why = (f"not finished; its last attempt failed ({run.failure}; its error.txt has the traceback)"
+            why = (f"not finished; its last attempt failed ({run.failure}; more in its error.txt)"
                    if run.failure else "not finished")
             click.echo(f"skipping {run.path}: {why}", err=True)
             continue

@@ -171,8 +171,18 @@ class RunDir:
     def finish(self, summary: Dict[str, Any], keep_checkpoint: bool = False) -> None:
         atomic_write_json(self.file("summary.json"), summary)
         atomic_write_text(self.file("done"), "ok\n")  # last: the run is finished
+        self.file("error.txt").unlink(missing_ok=True)  # an earlier attempt's failure, no longer the news
         if not keep_checkpoint:
             self.drop_checkpoint()
+
+    def record_failure(self, text: str) -> None:
+        """Why the run stopped unfinished (a traceback, or a one-line error ending it), in error.txt:
+        ``evaluate`` and ``report`` say a run failed, not just that it is not finished. Best effort:
+        a failure to record it never hides the failure itself."""
+        try:
+            atomic_write_text(self.file("error.txt"), text if text.endswith("\n") else text + "\n")
+        except OSError:
+            pass
 
     # --- the trained student -----------------------------------------------------------------------
     def load_student(self, device="cpu") -> Tuple[torch.nn.Module, TrainConfig]:

@@ -489,9 +489,11 @@ class Trainer:
     def diverged(self, what: str, step: int) -> TrainingError:
         last = max((r["step"] for r in self.metrics), default=None)
         before = f"last finite evaluation: step {last}" if last is not None else "no evaluation before it"
-        return TrainingError(f"run {self.run_dir.path}: {what} by step {step} ({before}); lower optim.lr, with another "
-                             f"--out or after deleting {self.run_dir.path} (a run's folder keeps its settings), or check "
-                             "the store with `embedcache verify`; the run is not marked done")
+        err = TrainingError(f"run {self.run_dir.path}: {what} by step {step} ({before}); lower optim.lr, with another "
+                            f"--out or after deleting {self.run_dir.path} (a run's folder keeps its settings), or check "
+                            "the store with `embedcache verify`; the run is not marked done")
+        self.run_dir.record_failure(f"TrainingError: {err}")  # evaluate says it failed, not "not finished"
+        return err
 
     def check_finite(self, step: int) -> None:
         loss = self.running.get("loss")

@@ -540,6 +540,11 @@ def test_a_nan_loss_stops_the_run_unfinished(synthetic_store, tmp_path):
     # the fix it names works as said: a rerun in that folder at another lr was refused (a trial)
     assert f"lower optim.lr, with another --out or after deleting {tmp_path / 'nan'}" in str(err.value)
     assert not (tmp_path / "nan" / "done").exists() and not (tmp_path / "nan" / "model.safetensors").exists()
+    # and the folder says why: evaluate called it "not finished", as if it were still training (a trial)
+    from embedcache.students.rundir import RunDir
+    assert RunDir(tmp_path / "nan").failure == f"TrainingError: {err.value}"
+    res = CliRunner().invoke(main, ["evaluate", str(tmp_path / "nan"), "--out", str(tmp_path / "eval.parquet")])
+    assert "its last attempt failed (TrainingError: run " in res.output and "the loss became" in res.output, res.output
 
 
 def test_outputs_that_overflow_are_refused_in_training_and_in_scoring(synthetic_store, tmp_path):

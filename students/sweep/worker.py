@@ -20,7 +20,7 @@ from typing import Dict, Optional
 
 from embedcache import interrupt
 from embedcache.config import flatten, replace, to_dict
-from embedcache.fileio import atomic_write, atomic_write_text, is_disk_full
+from embedcache.fileio import atomic_write, is_disk_full
 
 from ..config import TrainConfig
 from ..rundir import RunDir
@@ -111,10 +111,7 @@ def _failure(run: RunDir, exc: BaseException) -> Dict[str, str]:
     recorded in error.txt (the other runs go on)."""
     if is_disk_full(exc):
         return {"run": run.name, "status": "disk_full", "error": str(exc)}
-    try:
-        atomic_write_text(run.file("error.txt"), "".join(traceback.format_exception(exc)))
-    except OSError:
-        pass
+    run.record_failure("".join(traceback.format_exception(exc)))
     return {"run": run.name, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
 
 
