@@ -610,9 +610,12 @@ def test_a_store_of_other_settings_is_refused_before_styles_are_learned(synth_cf
 
     synthesize(synth_cfg("x.zarr", "prompts.method=contrastive"), teacher=tiny_teacher, log=quiet)
     monkeypatch.setattr(run, "build_plan", lambda *a, **k: pytest.fail("styles learned for a store refused"))
-    with pytest.raises(StoreMismatchError, match=r"x.zarr was made from other inputs \(its .*synthesis differ"):
+    with pytest.raises(StoreMismatchError, match=r"x.zarr was made from other inputs \(its .*synthesis differ") as err:
         synthesize(synth_cfg("x.zarr", "prompts.method=contrastive", "image.iterations=5"), teacher=tiny_teacher,
                    log=quiet)
+    # the setting to restore is named, as extraction's refusals name theirs (it named none: a trial)
+    assert "(store: synthesis.image.iterations=" in str(err.value) and "this call: synthesis.image.iterations=5)" in str(
+        err.value), str(err.value)
 
 @pytest.mark.parametrize("method", ["plain", "contrastive"])
 def test_one_class_is_refused(synth_cfg, method):

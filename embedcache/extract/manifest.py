@@ -104,7 +104,15 @@ def differing_parts(stored: Dict[str, Any], wanted: Dict[str, Any]) -> str:
         return ""
     joined = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     return f"its {joined} {'differs' if len(names) == 1 and names[0] != 'views' else 'differ'}" + _settings_apart(
-        stored.get("config") or {}, wanted.get("config") or {}, names)
+        _settings(stored, names), _settings(wanted, names), names)
+
+
+def _settings(manifest: Dict[str, Any], parts: List[str]) -> Dict[str, Any]:
+    """The settings a manifest was made with: its extraction config, and the sections another producer
+    added to the key (``build_manifest``'s ``extra``: a synthesis's settings) among ``parts``."""
+    config = manifest.get("config") or {}
+    added = {n: manifest[n] for n in parts if n not in config and isinstance(manifest.get(n), dict)}
+    return {**config, **added}
 
 
 # settings a store may be resumed with other values of (no part of its key): naming one as the difference
