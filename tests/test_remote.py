@@ -986,7 +986,7 @@ def test_user_mistakes_are_one_line(tmp_path, tiny_teacher_cfg, tiny_teacher, mo
     with pytest.raises(TeacherLoadError, match=r"teacher.api_key_file /no/such/key.txt not found"):  # a path is said
         build_teacher(TeacherConfig(**base, api_key_file="/no/such/key.txt"))
     monkeypatch.setenv(KEY_ENV, KEY)
-    with pytest.raises(RemoteUnavailableError, match=r"cannot reach the embedding server at http://127.0.0.1:9 .*check teacher.url"):
+    with pytest.raises(RemoteUnavailableError, match=r"cannot reach the embedding server at http://127.0.0.1:9 .*check teacher.url and that the server is running, then rerun the command$"):  # (a dry run was told "to resume")
         build_teacher(TeacherConfig(**base, api_key_env=KEY_ENV))
     with pytest.raises(ConfigError, match="must not carry credentials"):
         build_teacher(TeacherConfig(**{**base, "url": "http://user:pw@127.0.0.1:9"}))

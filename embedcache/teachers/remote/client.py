@@ -109,7 +109,7 @@ class Transport:
 
     def _unreachable(self, exc: BaseException) -> RemoteUnavailableError:
         return RemoteUnavailableError(f"cannot reach the embedding server at {self.base_url} ({type(exc).__name__}); "
-                                      f"check teacher.url and that the server is running, then rerun to resume")
+                                      f"check teacher.url and that the server is running, then rerun the command")
 
     @staticmethod
     def _error_text(resp: httpx.Response) -> str:
