@@ -235,6 +235,10 @@ def open_vocab(d: EvalData, seen_classes: Optional[Sequence[int]] = None, unseen
                       "labels only, is 100% by construction; hold two or more classes out")
     if not _unanswerable(d, u_rows, unseen):  # a classifier has no answer among unseen labels only
         rows += _rows(_predict(d, u_rows, unseen), d.labels[u_rows], d.classes, split="unseen_zero_shot", domain="all")
+    else:
+        warnings.warn("open_vocab: this run predicts with a linear classifier over its training classes, so it never "
+                      "predicts an unseen class: gzsl_unseen and gzsl_harmonic are 0 by construction and "
+                      "unseen_zero_shot is left out; a distillation recipe (predict=text) scores open-vocabulary")
     acc = {}
     for name, r in (("gzsl_seen", s_rows), ("gzsl_unseen", u_rows)):
         if len(r):
