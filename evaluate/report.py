@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List
+from typing import List, Sequence, Tuple
 
 import pandas as pd
 
@@ -78,6 +78,17 @@ def id_vs_ood(results: pd.DataFrame, keys: List[str]) -> pd.DataFrame:
     return m.reindex(columns=["in_domain", "out_of_domain"]).dropna()
 
 
+def label_lines(points: Sequence[Tuple[float, float]], near_x: float, near_y: float) -> List[int]:
+    """The line, below its point, of each point's label: the first line no label of an earlier point
+    within ``near_x`` and ``near_y`` of it took, so methods at one point (or close) have their names one
+    under another, not printed over each other."""
+    lines: List[int] = []
+    for i, (x, y) in enumerate(points):
+        taken = {lines[j] for j, (a, b) in enumerate(points[:i]) if abs(a - x) <= near_x and abs(b - y) <= near_y}
+        lines.append(next(k for k in range(len(points)) if k not in taken))
+    return lines
+
+
 def write_report(results: pd.DataFrame, out_dir: str, note: str = "") -> List[Path]:
     """report.md with one table per split, and PNG plots: per-domain bars per split, and in-domain
     vs out-of-domain accuracy per method when both exist. ``note``: a line said first (a partial sweep)."""
@@ -124,9 +135,12 @@ def write_report(results: pd.DataFrame, out_dir: str, note: str = "") -> List[Pa
     m = id_vs_ood(results, keys)
     if len(m):
         fig, ax = plt.subplots(figsize=(6, 5))
-        ax.scatter(100 * m["in_domain"], 100 * m["out_of_domain"])
-        for name, r in m.iterrows():
-            ax.annotate(name, (100 * r["in_domain"], 100 * r["out_of_domain"]), fontsize=7)
+        xs, ys = (100 * m["in_domain"]).tolist(), (100 * m["out_of_domain"]).tolist()
+        ax.scatter(xs, ys)
+        span_x, span_y = max(max(xs) - min(xs), 1.0), max(max(ys) - min(ys), 1.0)  # labels near in the plot's scale
+        lines = label_lines(list(zip(xs, ys)), 0.25 * span_x, 0.04 * span_y)
+        for name, x, y, line in zip(m.index, xs, ys, lines):
+            ax.annotate(name, (x, y), xytext=(3, -9 * line), textcoords="offset points", fontsize=7)
         ax.margins(x=0.35, y=0.1)  # room for the labels of the rightmost points
         ax.set_xlabel("in-domain top-1 (%)"); ax.set_ylabel("out-of-domain top-1 (%)")
         plt.tight_layout()

@@ -359,6 +359,15 @@ def test_the_in_vs_out_of_domain_plot_keeps_its_methods_beside_teacher_rows(tmp_
     assert not (tmp_path / "without" / "id_vs_ood.png").exists()
 
 
+def test_labels_of_methods_at_one_point_go_one_under_another():
+    """Two methods at the same in/out-of-domain point had their names printed over each other (a trial)."""
+    from embedcache.evaluate.report import label_lines
+
+    assert label_lines([(80, 70), (80, 70), (80, 70.1), (40, 30)], 5, 1) == [0, 1, 2, 0]
+    assert label_lines([(80, 70), (95, 70)], 5, 1) == [0, 0]  # far enough apart: each on its own first line
+    assert label_lines([(80, 70), (80, 70), (50, 50), (80, 70.5)], 5, 1) == [0, 1, 0, 2]  # the first line free
+
+
 def _top1_rows(rows, **tags):
     return pd.DataFrame([{"recipe": "r", "student": "s", "source": "name", "split": sp, "domain": d, "replicate": rep,
                           "metric": "top1", "value": v, **tags, **extra} for sp, d, rep, v, extra in rows])
