@@ -61,9 +61,10 @@ class StoreReader:
         return meta
 
     def _check_names(self, meta: pd.DataFrame) -> None:
-        """The manifest carries no checksum of its own: its class and domain lists must agree with the
-        checksummed meta.parquet (a hand-edited class list would make train_classes pick other rows)."""
-        why = names_disagree(self.manifest, meta)
+        """The manifest must match its own checksum, and its class and domain lists the checksummed
+        meta.parquet (a hand-edited class list would make train_classes pick other rows; an edit that
+        rewrote the checksum too, or a store made before manifests had one, is still caught there)."""
+        why = self._store.manifest_altered() or names_disagree(self.manifest, meta)
         if why:
             raise StoreError(f"store {self.path}: the manifest{why} (edited by hand?); restore the manifest, or extract "
                              "the store again")

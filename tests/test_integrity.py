@@ -207,6 +207,43 @@ def test_a_manifest_whose_class_list_was_edited_is_refused(synthetic_store, tmp_
     assert CliRunner().invoke(main, ["verify", path, "--no-progress"]).exit_code == 0  # as made: intact
 
 
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_a_manifest_edited_anywhere_is_found_by_its_own_checksum(make_cfg, tiny_teacher, suffix, tmp_path):
+    """An edit of the teacher or text section (or the key) was found nowhere: nothing else in the store
+    says what they were (a trial). The manifest now carries a checksum of its own; a store made before
+    it had one still verifies."""
+    import json
+
+    import h5py
+
+    cfg = make_cfg("m" + suffix)
+    extract(cfg, teacher=tiny_teacher, log=quiet)
+
+    def edit(change):  # by hand, as a person would: the file itself, not through embedcache
+        if suffix == ".zarr":
+            meta = Path(cfg.out) / "zarr.json"
+            doc = json.loads(meta.read_text())
+            change(doc["attributes"]["manifest"])
+            meta.write_text(json.dumps(doc))
+        else:
+            with h5py.File(cfg.out, "a") as f:
+                m = json.loads(f.attrs["manifest"])
+                change(m)
+                f.attrs["manifest"] = json.dumps(m)
+
+    assert CliRunner().invoke(main, ["verify", cfg.out, "--no-progress"]).exit_code == 0
+    edit(lambda m: m["teacher"].update(model="ViT-L-14"))
+    res = CliRunner().invoke(main, ["verify", cfg.out, "--no-progress"])
+    assert res.exit_code == 2 and "the manifest does not match its own checksum: it was changed since embedcache " \
+        "wrote it (edited by hand?); restore the manifest" in res.output, res.output
+    with pytest.raises(StoreError, match="the manifest does not match its own checksum"):  # readers refuse it too
+        embedcache.open_store(cfg.out).meta
+    edit(lambda m: m["teacher"].update(model=tiny_teacher.describe()["model"]))  # put back as it was
+    assert CliRunner().invoke(main, ["verify", cfg.out, "--no-progress"]).exit_code == 0
+    edit(lambda m: m.pop("manifest_crc32c"))  # a store made before manifests had a checksum: verified as before
+    assert CliRunner().invoke(main, ["verify", cfg.out, "--no-progress"]).exit_code == 0
+
+
 @pytest.mark.parametrize("backend", ["zarr", "hdf5"])
 def test_a_verified_read_is_exact_and_names_the_block_whose_bytes_changed(tmp_path, backend):
     """Store.read reads uncompressed chunks straight from the files: the whole array comes back exactly

@@ -46,6 +46,17 @@ TABLES = ("meta.parquet", "text.parquet")
 # complete store reads it instead of two files per block (blocks/done, blocks/crc32c). Its checksum has
 # a manifest key of its own: versions before it look up every name in "checksums" as a table or array.
 BLOCKS_SUMMARY, SUMMARY_KEY = "blocks.npz", "blocks_summary_crc32c"
+MANIFEST_KEY = "manifest_crc32c"  # the manifest's own checksum, of every other field (stores since 2026-12-06)
+
+
+def sealed(manifest: Dict[str, Any]) -> Dict[str, Any]:
+    """``manifest`` with its own checksum (``MANIFEST_KEY``), of its other fields as canonical JSON."""
+    return {**manifest, MANIFEST_KEY: _manifest_sum(manifest)}
+
+
+def _manifest_sum(manifest: Dict[str, Any]) -> int:
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_KEY}
+    return checksum(json.dumps(body, sort_keys=True).encode())
 
 
 def is_counter(v: Any) -> bool:
@@ -236,7 +247,7 @@ class Store:
                 chunks = [in_place[arr], *spec["chunks"][1:]] if arr in in_place else spec["chunks"]
                 b.create_array(arr, spec["shape"], spec["dtype"], chunks, spec.get("codec", "zstd"), fill=arr not in in_place)
             b.set_attr("layout", layout)
-            b.set_attr("manifest", manifest)
+            b.set_attr("manifest", sealed(manifest))
 
         cls_b.create_atomic(str(path), init)
         return cls(path, "a", name)
@@ -677,18 +688,30 @@ class Store:
         return pd.read_parquet(io.BytesIO(raw))
 
     def manifest_problem(self) -> str:
-        """What is wrong with a complete store's manifest that its data shows ('' if nothing): it carries
-        no checksum of its own, so an edit is found where it disagrees with what does: its checksums gone
+        """What is wrong with a complete store's manifest ('' if nothing): it does not match its own checksum
+        (stores made since it has one); or, for an edit that rewrote that too or a store made before, where
+        it disagrees with what its data shows: its checksums gone
         (nothing then checks the tables and text arrays), its class or domain list against the checksummed
         meta.parquet (train_classes would pick other rows)."""
         if not self.complete:
             return ""
+        if self.manifest_altered():
+            return self.manifest_altered()
         if not self.manifest.get("checksums"):
             return " has lost the checksums of its tables and text arrays"
         return names_disagree(self.manifest, self.table("meta.parquet"))
 
+    def manifest_altered(self) -> str:
+        """' does not match its own checksum...' when the manifest was changed since embedcache wrote it
+        ('' if not, or for a store made before manifests had a checksum)."""
+        want = self.manifest.get(MANIFEST_KEY)
+        if want is None or _manifest_sum(self.manifest) == int(want):
+            return ""
+        return " does not match its own checksum: it was changed since embedcache wrote it"
+
     # --- finishing -------------------------------------------------------------------------------------
     def write_manifest(self, manifest: Dict[str, Any]) -> None:
+        manifest = sealed(manifest)
         self.b.set_attr("manifest", manifest)
         self.manifest = manifest
 
