@@ -564,6 +564,39 @@ def test_kill_9_midway_and_rerun_pays_nothing_twice(tmp_path, local, tiny_teache
     assert usage.get("replayed_free", 0) == 0  # the killed call's cut-off request, replayed now, is paid once here
 
 
+def _stopped_with_the_fourth_request_out(cfg: ExtractConfig) -> None:
+    """An extraction stopped by Ctrl-C while its fourth request is out, after the service charged it."""
+    teacher = build_teacher(cfg.teacher)
+    post, sends = teacher.transport.http.post, []
+
+    def stopped_on_the_fourth(*args, **kw):  # the service answers (charged); Ctrl-C lands before it is read
+        resp = post(*args, **kw)
+        sends.append(resp)
+        if len(sends) == 4:
+            raise KeyboardInterrupt
+        return resp
+
+    teacher.transport.http.post = stopped_on_the_fourth
+    with pytest.raises(KeyboardInterrupt):
+        extract(cfg, teacher=teacher, log=quiet)
+
+
+def test_a_request_out_at_ctrl_c_resent_in_other_batches_is_counted_once_as_possibly_paid(tmp_path, tiny_teacher_cfg,
+                                                                                          tiny_teacher, key_env):
+    """Resumed with another batch size, the cut-off request's inputs go out under new keys and are
+    charged again: the stopped call counted them as possibly paid, and the resume does not count them a
+    second time as possibly paid twice (the books' paid + possibly paid is the bill)."""
+    app = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
+    with LiveServer(app) as url:
+        cfg = remote(tmp_path, "r.zarr", tiny_teacher_cfg, "embedcache", url)
+        _stopped_with_the_fourth_request_out(cfg)
+        with pytest.warns(UserWarning, match=r"may be paid twice \(counted as possibly paid by the call cut off\)"):
+            extract(replace(cfg, batch_size=2), log=quiet)
+    usage = embedcache.open_store(cfg.out).manifest["teacher_usage"]
+    assert charged(app)[1] == 12 and usage["possibly_paid"] == 12 and not usage.get("possibly_paid_twice")
+    assert usage["queries"] + usage["possibly_paid"] == charged(app)[0]
+
+
 @pytest.mark.parametrize("protocol", ["embedcache", "openai"])
 def test_a_request_out_at_ctrl_c_is_in_the_stores_books_and_a_resume_settles_it(protocol, tmp_path, local,
                                                                                 tiny_teacher_cfg, tiny_teacher, key_env):
@@ -575,19 +608,7 @@ def test_a_request_out_at_ctrl_c_is_in_the_stores_books_and_a_resume_settles_it(
     app = service_app(protocol, tiny_teacher_cfg, tiny_teacher, tmp_path)
     with LiveServer(app) as url:
         cfg = remote(tmp_path, "r.zarr", tiny_teacher_cfg, protocol, url, "teacher.max_queries=500")
-        teacher = build_teacher(cfg.teacher)
-        post, sends = teacher.transport.http.post, []
-
-        def stopped_on_the_fourth(*args, **kw):  # the service answers (charged); Ctrl-C lands before it is read
-            resp = post(*args, **kw)
-            sends.append(resp)
-            if len(sends) == 4:
-                raise KeyboardInterrupt
-            return resp
-
-        teacher.transport.http.post = stopped_on_the_fourth
-        with pytest.raises(KeyboardInterrupt):
-            extract(cfg, teacher=teacher, log=quiet)
+        _stopped_with_the_fourth_request_out(cfg)
         at_stop = charged(app)[0]
         with Store(cfg.out) as st:
             books = st.usage()

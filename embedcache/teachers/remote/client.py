@@ -91,6 +91,7 @@ class Transport:
         self._lost_here: Dict[str, int] = {}  # request id -> inputs of its attempts whose answer this run lost
         # (counted as possibly paid), or an earlier call of the store did (``inherit_lost``)
         self.inherited: set = set()  # request ids an earlier call counted as possibly paid
+        self.said_apart = False  # whether the teacher warned of inputs of a cut-off request sent apart
 
     def close(self) -> None:
         self.http.close()

@@ -326,23 +326,28 @@ class RemoteTeacher(Teacher):
                 # its inputs come in other batches now (batch_size changed): sent under a new key (inputs
                 # another live process is sending are waited for, not sent)
                 held = set(self.ledger.held_elsewhere(items))
-                self._resent_apart(sum(k in left and k not in held for k in items))
+                self._resent_apart(sum(k in left and k not in held for k in items), rid)
         rest = list(left)
         limit = self.limits[f"{modality}_batch"]
         out += [(rest[i:i + limit], None) for i in range(0, len(rest), limit)]
         return out
 
-    def _resent_apart(self, n: int) -> None:
+    def _resent_apart(self, n: int, rid: Optional[str] = None) -> None:
         """Inputs of a request an earlier run sent without getting its answer, going out again in
         another request (another batch size, a request split, some of its inputs answered elsewhere
-        meanwhile): the service cannot tell it has answered them, so they may be paid twice."""
+        meanwhile): the service cannot tell it has answered them, so they may be paid twice. (Of
+        request ``rid`` an earlier call of the store counted as possibly paid: said, not counted again.)"""
         if not n:
             return
-        if not self.transport.stats.possibly_paid_twice:
+        counted = rid is not None and rid in self.transport.inherited
+        if not self.transport.said_apart:
             warnings.warn("inputs of a request cut off in an earlier run go out again in other requests (was batch_size "
-                          "changed?): they may be paid twice (counted as possibly_paid_twice); resume with the batch "
-                          "size it had to have such requests replayed free")
-        self.transport.stats.possibly_paid_twice += n
+                          "changed?): they may be paid twice (counted as "
+                          f"{'possibly paid by the call cut off' if counted else 'possibly_paid_twice'}); resume with "
+                          "the batch size it had to have such requests replayed free")
+            self.transport.said_apart = True
+        if not counted:
+            self.transport.stats.possibly_paid_twice += n
 
     def _replayed_without_key(self, n: int) -> None:
         """A request an earlier run sent without storing its answer goes out again to a service that
