@@ -136,9 +136,11 @@ def _cell(mean: float, std: float, count: int) -> str:
 
 
 def _replicates(df: pd.DataFrame, keys: list) -> pd.DataFrame:
-    """(keys, split, replicate, complete): a replicate is complete when it has the run of every domain
-    held out in its split (in this store) and a value for every domain: a failed or unfinished run
-    leaves its replicate short, and a short replicate's cells would average fewer runs or domains."""
+    """(keys, split, replicate, complete, own): a replicate is complete when it has the run of every
+    domain held out in its split (in this store) and a value for every domain: a failed or unfinished
+    run leaves its replicate short, and a short replicate's cells would average fewer runs or domains.
+    ``own``: complete by its own method's runs alone (every domain and held-out domain any replicate of
+    the method has): a method that held out fewer domains than others is short of the table, not of a run."""
     # each store has its own domains, and a transfer store's rows hold out the domains of the store trained on
     scope = ["store_key", "trained_on", "split"]
     rows = df.assign(held=held_domains(df["holdout"]))
@@ -154,7 +156,9 @@ def _replicates(df: pd.DataFrame, keys: list) -> pd.DataFrame:
     # a method that holds no domain out (trained on every domain) has no held-out run to miss
     holds_out = have.groupby(keys + ["split"])["h"].transform("max") > 0
     have["complete"] = ((have["h"] >= have["want_h"]) | ~holds_out) & (have["d"] >= have["want_d"])
-    return have[keys + ["split", "replicate", "complete"]]
+    method = have.groupby(keys + ["split"])
+    have["own"] = (have["h"] >= method["h"].transform("max")) & (have["d"] >= method["d"].transform("max"))
+    return have[keys + ["split", "replicate", "complete", "own"]]
 
 
 def _per_replicate(results: pd.DataFrame, split: Optional[str], metric: str):
@@ -170,13 +174,16 @@ def _per_replicate(results: pd.DataFrame, split: Optional[str], metric: str):
     if df.empty:
         return keys, None, None
     status = _replicates(df, keys)
-    counts = status.groupby(keys + ["split"], as_index=False).agg(n=("complete", "size"), k=("complete", "sum"))
+    counts = status.groupby(keys + ["split"], as_index=False).agg(n=("complete", "size"), k=("complete", "sum"),
+                                                                  k_own=("own", "sum"))
     # one value per replicate and domain: in leave-one-domain-out each run scores the validation rows
     # of its training domains, so a replicate scores a domain in-domain once per other held-out domain;
     # their mean is the replicate's value, and ± stays a spread over replicates
     doms = df.groupby(keys + ["split", "domain", "replicate"], as_index=False)["value"].mean()
     doms = doms.merge(status, on=keys + ["split", "replicate"]).merge(counts, on=keys + ["split"])
-    return keys, doms[doms["complete"] | (doms["k"] == 0)], counts
+    # the complete replicates where a method has any, else those complete by its own runs, else all it has
+    keep = doms["complete"] | ((doms["k"] == 0) & (doms["own"] | (doms["k_own"] == 0)))
+    return keys, doms[keep], counts
 
 
 def domain_stats(results: pd.DataFrame, split: Optional[str] = None, metric: str = "top1") -> pd.DataFrame:
@@ -206,16 +213,37 @@ def summary_table(results: pd.DataFrame, split: Optional[str] = None, metric: st
     per_rep = real.groupby(keys + ["split", "replicate"], as_index=False)["value"].mean()
     avg = per_rep.groupby(keys + ["split"])["value"].agg(["mean", "std", "count"]).reset_index()
     avg["cell"] = [_cell(m, s, c) for m, s, c in zip(avg["mean"], avg["std"], avg["count"])]
+    avg = pd.concat([avg, _fewer_domains(doms, keys)], ignore_index=True)
     with_domains = doms[doms["domain"] != "all"][keys + ["split"]].drop_duplicates()
-    short = counts[counts["k"] == 0].merge(with_domains, on=keys + ["split"])  # no complete replicate: no avg
+    # no complete replicate, not even by its own runs: no avg
+    short = counts[(counts["k"] == 0) & (counts["k_own"] == 0)].merge(with_domains, on=keys + ["split"])
+    k_said = counts["k"].where(counts["k"] > 0, counts["k_own"])  # complete by its own runs where none is by all
     notes = counts.assign(domain="replicates", cell=[f"{n}" if k == n else f"{k} of {n} complete"
-                                                    for n, k in zip(counts["n"], counts["k"])])
+                                                    for n, k in zip(counts["n"], k_said)])
     cells = pd.concat([stats[keys + ["split", "domain", "cell"]], avg.assign(domain="avg")[keys + ["split", "domain", "cell"]],
                        short.assign(domain="avg", cell="incomplete")[keys + ["split", "domain", "cell"]],
                        notes[keys + ["split", "domain", "cell"]]], ignore_index=True)
     table = cells.pivot_table(index=keys + ["split"], columns="domain", values="cell", aggfunc="first")
     tail = [c for c in ("avg", "replicates") if c in table.columns]
     return table[[c for c in table.columns if c not in tail] + tail]
+
+
+def _fewer_domains(doms: pd.DataFrame, keys: list) -> pd.DataFrame:
+    """The avg cells of methods complete by their own runs but over fewer domains than the table's (they
+    held out fewer domains than other methods, or none): the mean over their own complete replicates,
+    said with how many of the table's domains it spans, so it is not read as comparable with the others'."""
+    real = doms[doms["domain"] != "all"]
+    table_domains = real.groupby("split")["domain"].nunique()
+    mine = real[(real["k"] == 0) & (real["k_own"] > 0) & real["own"]]
+    if mine.empty:
+        return pd.DataFrame(columns=keys + ["split", "cell"])
+    per_rep = mine.groupby(keys + ["split", "replicate"], as_index=False)["value"].mean()
+    avg = per_rep.groupby(keys + ["split"])["value"].agg(["mean", "std", "count"]).reset_index()
+    spans = mine.groupby(keys + ["split"])["domain"].nunique().reset_index(name="spans")
+    avg = avg.merge(spans, on=keys + ["split"])
+    avg["cell"] = [f"{_cell(m, s, c)} ({d} of {table_domains[sp]} domains)"
+                   for m, s, c, d, sp in zip(avg["mean"], avg["std"], avg["count"], avg["spans"], avg["split"])]
+    return avg
 
 
 def per_class_table(results: pd.DataFrame) -> pd.DataFrame:

@@ -387,8 +387,11 @@ def test_an_avg_over_fewer_domains_is_never_shown_as_comparable():
     assert (b["avg"], b["d1"], b["d3"], b["replicates"]) == ("63.3", "90.0", "20.0", "1 of 2 complete")
     none = [("ood", d, 0, v, {"recipe": "c"}) for d, v in acc.items() if d != "d2"]
     t = summary_table(_top1_rows(full + none))
-    c = t.loc[("c", "s", "name", "-", "ood")]
-    assert (c["avg"], c["d1"], c["replicates"]) == ("incomplete", "90.0", "0 of 1 complete")
+    c = t.loc[("c", "s", "name", "-", "ood")]  # its one replicate has what it has: its avg says over how much
+    assert (c["avg"], c["d1"], c["replicates"]) == ("55.0 (2 of 3 domains)", "90.0", "1")
+    short_of_its_own = none + [("ood", d, 1, v, {"recipe": "c"}) for d, v in acc.items() if d == "d1"]
+    c = summary_table(_top1_rows(full + short_of_its_own)).loc[("c", "s", "name", "-", "ood")]
+    assert (c["avg"], c["d1"], c["d3"], c["replicates"]) == ("55.0 (2 of 3 domains)", "90.0", "20.0", "1 of 2 complete")
 
 
 def test_a_domain_scored_by_several_runs_of_one_replicate_is_one_value_of_it():
@@ -727,8 +730,10 @@ def test_a_method_that_holds_no_domain_out_is_not_short_of_held_out_runs():
     t = summary_table(_top1_rows(every + held))
     assert (t.loc[("a", "s", "name", "-", "in_domain"), "replicates"], t.loc[("a", "s", "name", "-", "in_domain"), "avg"]) \
         == ("1", "50.0")
-    # the run holding d3 out has in-domain values of two of the three domains: its avg is not comparable
-    assert t.loc[("b", "s", "name", "-", "in_domain"), "avg"] == "incomplete"
+    # the run holding d3 out has in-domain values of two of the three domains: its avg is not comparable,
+    # and says so; its replicate is short of no run of its own (it read "0 of 1 complete": a trial)
+    b = t.loc[("b", "s", "name", "-", "in_domain")]
+    assert (b["avg"], b["replicates"]) == ("50.0 (2 of 3 domains)", "1")
 
 
 def test_transfer_rows_of_a_replicate_short_of_a_held_out_run_are_incomplete():

@@ -372,8 +372,8 @@ if child == 0:  # a DataLoader worker, forked after the handler was installed (t
     except KeyboardInterrupt:
         os._exit(0)
     os._exit(1)
-os.write(1, f"{child}\\n".encode())  # one write each: print's two could interleave with the child's line
-try:
+try:  # written inside: a signal right after the line (a loaded machine) lands in the unwinding
+    os.write(1, f"{child}\\n".encode())  # one write each: print's two could interleave with the child's line
     time.sleep(30)
 except KeyboardInterrupt:  # the CLI's unwinding: books written, then 128 + the signal
     sys.exit(128 + interrupt.stopped_by())
