@@ -379,7 +379,8 @@ def _usage_line(usage: Dict) -> str:
             + (f" by {usage['calls']} extract call{'s' if usage['calls'] != 1 else ''} that spent" if usage.get("calls") else "")]
     for key, what in (("possibly_paid", "possibly paid (answers lost)"), ("possibly_paid_twice", "possibly paid twice"),
                       ("calls_cut_short", "call(s) cut short (their last block's queries not counted)"),
-                      ("cache_hits", "answered free by the ledger"), ("replayed_free", "replayed free")):
+                      ("cache_hits", "answered free by the ledger"), ("replayed_free", "replayed free"),
+                      ("replayed_elsewhere", "answered free as replays of another client's requests")):
         if usage.get(key):
             said.append(f"{usage[key]:,} {what}")
     return "; ".join(said)

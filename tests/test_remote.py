@@ -523,6 +523,28 @@ def test_a_second_store_reuses_the_first_ones_views(tmp_path, local, tiny_teache
     assert np.array_equal(arrays(b.out)["image/emb"], local["image/emb"])
 
 
+def test_a_replay_of_another_clients_charge_is_free_here_not_paid(tmp_path, local, tiny_teacher_cfg, tiny_teacher,
+                                                                  key_env):
+    """Two stores of the same views, each with its own client ledger, under one API key: the service
+    answered the second's requests as free replays (the same idempotency keys), and its books counted
+    them as paid (328 queries where the service charged none; every second store's prompts so: a trial)."""
+    app = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
+    with LiveServer(app) as url:
+        a = remote(tmp_path, "a.zarr", tiny_teacher_cfg, "embedcache", url, "teacher.max_queries=500")
+        extract(a, log=quiet)
+        b = remote(tmp_path, "b.zarr", tiny_teacher_cfg, "embedcache", url, "teacher.max_queries=500",
+                   f"teacher.ledger={tmp_path / 'other-client.sqlite'}")
+        extract(b, log=quiet)
+    assert charged(app) == (90 + 24, 0)
+    usage = embedcache.open_store(b.out).manifest["teacher_usage"]
+    assert usage["queries"] == 0 and usage["replayed_elsewhere"] == 90 + 24 and not usage.get("replayed_free")
+    assert "answered free as replays of another client's requests" in embedcache.open_store(b.out).summary()["teacher_usage"]
+    from embedcache.extract.budget import StoreBudget
+    with Store(b.out) as st:  # nothing paid: every claim given back
+        assert StoreBudget(st, 500).claimed() == 0
+    assert_same(local, arrays(b.out))
+
+
 def test_kill_9_midway_and_rerun_pays_nothing_twice(tmp_path, local, tiny_teacher_cfg, tiny_teacher):
     inner = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
     with LiveServer(Faults(inner, delay=0.15)) as url:

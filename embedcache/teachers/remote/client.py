@@ -59,6 +59,9 @@ class Stats:
     replayed_requests: int = 0  # pending requests of an earlier run sent again as they were
     replayed_free: int = 0     # inputs of a request whose answer this run lost, answered again as a free replay
     possibly_paid_twice: int = 0  # inputs of an earlier run's cut-off request sent again in another batch
+    # inputs the service answered as free replays of a request no send in this ledger made: another client
+    # paid it (another store's ledger under the same key, e.g. the same prompts): free here, not queries
+    replayed_elsewhere: int = 0
     # request id -> inputs of its sends whose answers were lost (possibly paid), less those settled by an
     # answer under its idempotency key (in this run or a later one: kept in the store's books by id)
     lost_requests: Dict[str, int] = field(default_factory=dict)
@@ -87,7 +90,8 @@ class Transport:
         self.stats = Stats()
         # set by an extraction: claims each request's inputs against the store's budget before they are sent
         self.claimer: Optional[Callable[[int], None]] = None
-        self.last_replayed = False  # whether the last answer was a free replay (Idempotent-Replayed)
+        self.last_replayed = False  # whether the last answer was a free replay (Idempotent-Replayed) of a lost one
+        self.replayed_unlost = False  # whether it was a free replay of a charge this run did not lose
         self._lost_here: Dict[str, int] = {}  # request id -> inputs of its attempts whose answer this run lost
         # (counted as possibly paid), or an earlier call of the store did (``inherit_lost``)
         self.inherited: set = set()  # request ids an earlier call counted as possibly paid
@@ -186,7 +190,7 @@ class Transport:
         charged is claimed against the budget just before it goes out, after the rate limiter's wait; a
         claim no charge used (a stop in a wait, a refusal, nothing reached the service) is given back."""
         url = self.base_url + path
-        self.last_replayed = False
+        self.last_replayed = self.replayed_unlost = False
         headers = dict(self.headers)
         if self.protocol.idempotency_header:
             headers[self.protocol.idempotency_header] = request_id
@@ -242,8 +246,9 @@ class Transport:
                     self.ledger.outcome(row, request_id, "ok")
                     # a replay of a charge this run counted as possibly paid (its lost answer) is free; one of a
                     # request an earlier, killed run sent was never counted there: paid, counted now
-                    self.last_replayed = (resp.headers.get("Idempotent-Replayed", "").lower() == "true"
-                                          and request_id in self._lost_here)
+                    replayed = resp.headers.get("Idempotent-Replayed", "").lower() == "true"
+                    self.last_replayed = replayed and request_id in self._lost_here
+                    self.replayed_unlost = replayed and request_id not in self._lost_here
                     if request_id in self._lost_here and (self.last_replayed or self.protocol.idempotency_header):
                         self._charged_once(request_id, reclaimed)  # answered afresh: its lost sends were never charged
                     return answer
@@ -323,6 +328,12 @@ class Transport:
             except OSError as exc:  # the budget only stays higher than the bill
                 warnings.warn(f"could not give back {n} budget claim(s) of {what} ({exc.strerror or exc}); the store's "
                               "count of sent queries stays that much above the bill")
+
+    def replayed_from_elsewhere(self, n: int) -> None:
+        """An answer the service replayed free of a charge no send of this ledger made (another client's,
+        under the same key): not paid here, and its claim against the store's budget is given back."""
+        self.stats.replayed_elsewhere += n
+        self._give_back(n, "replays of a charge another client made")
 
     def count(self, modality: str, n: int, nbytes: int, free: bool = False) -> None:
         """An answered request of ``n`` inputs; ``free``: a replay of a charge whose answer this run lost

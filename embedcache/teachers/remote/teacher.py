@@ -476,6 +476,9 @@ class RemoteTeacher(Teacher):
         if np.abs(norms - 1.0).max() > 1e-4:  # a service that does not normalise; normalised answers keep their bits
             emb = emb / norms
         self.ledger.finish(rid, keys, emb, usage)
+        if t.replayed_unlost and not replay:  # no send of this ledger made the charge it replays: another client did
+            t.replayed_from_elsewhere(n)
+            return
         t.count(modality, n, nbytes, free=t.last_replayed)
         t.add_usage(usage)  # a free replay's is the usage of the charge whose answer was lost: counted once, now
 
