@@ -285,6 +285,9 @@ class StoreReader:
             out.update(progress=self._progress(),
                        calls=calls_of(st.call_history(), m))
             usage = st.usage()
+            cut = st.calls_cut_short("")  # killed calls (not one running now): their books may be short, or absent
+            if cut:
+                usage = {**(usage or {}), "calls_cut_short": cut}
         return {**out, **({"teacher_usage": usage} if usage else {}), "disk_mb": round(st.disk_bytes() / 2**20, 2)}
 
     def summary(self) -> Dict:
@@ -378,7 +381,8 @@ def _usage_line(usage: Dict) -> str:
             f"texts, {usage.get('bytes', 0):,} bytes) in {usage.get('requests', 0):,} requests"
             + (f" by {usage['calls']} extract call{'s' if usage['calls'] != 1 else ''} that spent" if usage.get("calls") else "")]
     for key, what in (("possibly_paid", "possibly paid (answers lost)"), ("possibly_paid_twice", "possibly paid twice"),
-                      ("calls_cut_short", "call(s) cut short (their last block's queries not counted)"),
+                      ("calls_cut_short", "call(s) cut short (killed: what they paid after their last finished "
+                                          "block is not counted; the service's bill is the exact figure)"),
                       ("cache_hits", "answered free by the ledger"), ("replayed_free", "replayed free"),
                       ("replayed_elsewhere", "answered free as replays of another client's requests")):
         if usage.get(key):

@@ -566,6 +566,9 @@ def test_kill_9_midway_and_rerun_pays_nothing_twice(tmp_path, local, tiny_teache
         paid_at_kill = charged(inner)[0]
         with Store(cfg.out) as st:
             assert not st.complete
+        with embedcache.open_store(cfg.out, require_complete=False) as s:  # inspect said nothing of it (a trial)
+            assert s.facts()["teacher_usage"]["calls_cut_short"] == 1
+            assert "1 call(s) cut short (killed: what they paid after" in s.summary()["teacher_usage"]
         os.environ[KEY_ENV] = KEY
         try:
             with pytest.warns(UserWarning, match=r"r.zarr: 1 earlier extract call\(s\) ended without closing their "
