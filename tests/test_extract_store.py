@@ -305,6 +305,11 @@ def test_store_from_another_teacher_is_refused(make_cfg, tiny_teacher, tmp_path)
 
     said = differing_parts(made("http://a:1", {"teacher": "x"}), made("http://b:2", {"teacher": "y"}))
     assert said == "its teacher differs"  # not the url's move, which a store may be resumed with (a trial)
+    # the teacher's input size changes its preprocessing part: that setting is named (it was not: a trial)
+    sized = [{"key_parts": {"preprocessing": p}, "config": {"teacher": {"name": "remote", "input_size": n}}}
+             for p, n in (("x", 224), ("y", 112))]
+    assert differing_parts(*sized) == ("its preprocessing differs (store: teacher.input_size=224; this call: "
+                                       "teacher.input_size=112)")
     # plural, alone too; and the setting to restore named (a trial)
     with pytest.raises(StoreMismatchError, match=r"\(its views differ \(store: views.count=3; this call: views.count=2\); "):
         extract(make_cfg("mine.zarr", "views.count=2"), teacher=tiny_teacher, log=quiet)

@@ -120,12 +120,18 @@ def _settings(manifest: Dict[str, Any], parts: List[str]) -> Dict[str, Any]:
 FREE_TO_CHANGE = {"teacher.url", "teacher.device", "dataset.path", *(f"teacher.{k}" for k in TEACHER_CALL_SETTINGS)}
 
 
+# key parts made from settings of another config section: the teacher's input (its preprocessing)
+PART_SETTINGS = {"preprocessing": ("teacher.input_size", "teacher.interpolation", "teacher.image_format",
+                                   "teacher.jpeg_quality")}
+
+
 def _settings_apart(stored: Dict[str, Any], wanted: Dict[str, Any], parts: List[str], most: int = 4) -> str:
     """' (store: views.count=2; this call: views.count=3)': the settings of the differing parts in which
     the config that made a store and this call's disagree, so the one to restore is named ('' where none
     does: the same dataset folder whose files changed)."""
     a, b = flatten(stored), flatten(wanted)
-    keys = [k for k in sorted(set(a) | set(b)) if k.split(".")[0] in parts and k not in FREE_TO_CHANGE
+    named = {k for p in parts for k in PART_SETTINGS.get(p, ())}
+    keys = [k for k in sorted(set(a) | set(b)) if (k.split(".")[0] in parts or k in named) and k not in FREE_TO_CHANGE
             and a.get(k) != b.get(k)][:most]
     if not keys:
         return ""
