@@ -215,6 +215,24 @@ def test_requests_fit_a_body_limit_and_the_dry_run_counts_them(tmp_path, local, 
     assert 4 * dry.cost["bytes"] / 3 / cap <= dry.cost["requests_at_batch_limit"] <= dry.cost["requests"]
 
 
+def test_a_request_limit_below_one_views_size_is_said_before_anything_is_paid(tmp_path, tiny_teacher_cfg,
+                                                                              tiny_teacher, key_env):
+    """A server limit smaller than some views: the dry run refused at once, but the extraction paid for
+    381 queries, then stopped at the first view past it (a trial). Said when the teacher is built."""
+    import warnings
+
+    app = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite", max_request_bytes=2000)
+    with LiveServer(app) as url:
+        cfg = remote(tmp_path, "r.zarr", tiny_teacher_cfg, "embedcache", url)
+        with pytest.warns(UserWarning, match=r"takes requests of at most 2,000 bytes, and one 32 px view sent as PNG can "
+                                             r"take up to 4,\d{3} .*`extract --dry-run` checks every view first"):
+            build_teacher(cfg.teacher)
+    with LiveServer(serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "s2.sqlite")) as url:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the default limit (32 MB) holds any view: nothing said
+            build_teacher(remote(tmp_path, "r2.zarr", tiny_teacher_cfg, "embedcache", url).teacher)
+
+
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_a_request_bodys_size_is_counted_exactly(protocol, tmp_path, tiny_teacher_cfg, tiny_teacher, key_env):
     """What extraction counts against a byte limit is the body it sends, to the byte (json.dumps of the

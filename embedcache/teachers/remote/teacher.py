@@ -157,6 +157,7 @@ class RemoteTeacher(Teacher):
             self._ctx[modality] = json_digest(spec, 32)
             self.ledger.add_context(self._ctx[modality], spec)
         self.begin_plan()
+        self._say_small_request_limit()
         self.embed_dim = int(cfg.dimensions or self.server.get("embed_dim") or self.ledger.any_dim(self._ctx["text"])
                              or self._probe_dim())
         if self.server.get("embed_dim") and cfg.dimensions and int(self.server["embed_dim"]) != cfg.dimensions:
@@ -383,6 +384,23 @@ class RemoteTeacher(Teacher):
                 self._sizes[modality] = (empty - 2, lambda p: len(json.dumps(p.decode("utf-8")).encode()) + 2)
         return self._sizes[modality]
 
+    def _say_small_request_limit(self) -> None:
+        """A request limit below what one view may take (a PNG of noisy pixels hardly compresses) stops an
+        extraction at the first view past it, after paying for the views before: said before anything is
+        sent, with the dry run that checks every view first."""
+        cap = self.limits.get("max_request_bytes")
+        if not cap:
+            return
+        s = self.input_size
+        raw = s * (3 * s + 1)  # PNG scanlines, stored uncompressed at worst (+ zlib's and the chunks' few bytes)
+        start, adds = self._body_size("image")
+        worst = start + adds(bytes(raw + 5 * math.ceil(raw / 65535) + 256))
+        if worst > cap:
+            warnings.warn(f"the service at {self.url} takes requests of at most {cap:,} bytes, and one {s} px view sent as "
+                          f"{self.cfg.image_format.upper()} can take up to {worst:,} (pixels that compress little): a "
+                          "larger view stops the extraction after what it paid for; `extract --dry-run` checks every "
+                          "view first (teacher.image_format=jpeg or a smaller teacher.input_size makes views smaller)")
+
     def _split_by_bytes(self, modality: str, keys: List[str], payload: Callable[[str], bytes]) -> List[List[str]]:
         """``keys`` in order, in groups whose request bodies fit the service's byte limits."""
         cap_one, cap_all = self.limits.get("max_image_bytes"), self.limits.get("max_request_bytes")
@@ -392,13 +410,14 @@ class RemoteTeacher(Teacher):
             raw = payload(k)
             n, add = len(raw), adds(raw)
             if modality == "image" and cap_one and n > cap_one:
-                raise RemoteError(f"an encoded input of {n:,} bytes is larger than the {cap_one:,} bytes "
-                                  f"{self.protocol_name} accepts; use teacher.image_format=jpeg or a smaller teacher.input_size")
+                raise RemoteError(f"an encoded input of {n:,} bytes is larger than the {cap_one:,} bytes the service at "
+                                  f"{self.url} accepts for one image; use teacher.image_format=jpeg or a smaller "
+                                  "teacher.input_size")
             if cap_all and start + add > cap_all:
                 fix = ("use teacher.image_format=jpeg or a smaller teacher.input_size" if modality == "image" else
                        "shorten that prompt")
                 raise RemoteError(f"one {modality} makes a request of {start + add:,} bytes, more than the {cap_all:,} "
-                                  f"{self.protocol_name} accepts; {fix}")
+                                  f"the service at {self.url} accepts in one request; {fix}")
             if cur and cap_all and size + add > cap_all:
                 groups.append(cur)
                 cur, size = [], start
