@@ -563,6 +563,23 @@ def test_a_replay_of_another_clients_charge_is_free_here_not_paid(tmp_path, loca
     assert_same(local, arrays(b.out))
 
 
+def test_a_store_resumed_at_another_url_says_the_ledgers_answers_there_are_not_reused(tmp_path, tiny_teacher_cfg,
+                                                                                     tiny_teacher, key_env):
+    """Resumed at a moved URL of the same service, the views paid at the old one were paid again without
+    a word (the ledger keeps answers by URL: 712 queries for a store of 616, a trial). Said, by the dry run too."""
+    app = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
+    with LiveServer(app) as url:
+        cfg = remote(tmp_path, "r.zarr", tiny_teacher_cfg, "embedcache", url, "teacher.max_queries=30")
+        with pytest.raises(BudgetError):
+            extract(cfg, log=quiet)
+        moved = replace(cfg, teacher=replace(cfg.teacher, url=url.replace("127.0.0.1", "localhost"), max_queries=None))
+        for dry in (True, False):
+            said = []
+            extract(moved, log=said.append, dry_run=dry)
+            assert any(f"resuming at teacher.url={moved.teacher.url}; the store began at {url}. The ledger keeps answers "
+                       "by URL" in line for line in said), (dry, said)
+
+
 def test_kill_9_midway_and_rerun_pays_nothing_twice(tmp_path, local, tiny_teacher_cfg, tiny_teacher):
     inner = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
     with LiveServer(Faults(inner, delay=0.15)) as url:

@@ -326,6 +326,7 @@ def _say_resumed_otherwise(began: Dict, cfg: ExtractConfig, now: Dict, log: Call
             "from theirs by float rounding (and a paid teacher's cut-off request is replayed free only at the "
             f"same batching); --set batch_size={size} keeps the store byte-identical")
     if now["teacher"].get("name") == "remote":  # the service computes: this machine rounds nothing
+        _say_moved_service(began, now, log)
         return
     device, threads = began.get("device"), began.get("threads")
     if device not in (None, now["device"]):
@@ -336,6 +337,17 @@ def _say_resumed_otherwise(began: Dict, cfg: ExtractConfig, now: Dict, log: Call
                 if "synthesis" in now else "blocks encoded now may differ from theirs by float rounding")
         log(f"resuming with {now['threads']} CPU threads; the store began with {threads}: {what}; "
             f"OMP_NUM_THREADS={threads} keeps the store byte-identical")
+
+
+def _say_moved_service(began: Dict, now: Dict, log: Callable[[str], None]) -> None:
+    """A paid store resumed at another teacher.url keeps its key (the same service may have moved), but
+    the ledger keeps answers by URL: views paid at the old one are not looked up there, and requests a
+    stopped call sent there are not replayed free; they are paid again (a trial: 712 for 616). Said."""
+    was, url = ((m.get("config") or {}).get("teacher", {}).get("url") for m in (began, now))
+    if was and url and was != url:
+        log(f"note: resuming at teacher.url={url}; the store began at {was}. The ledger keeps answers by URL, so views "
+            f"paid at {was} are not looked up here and requests cut off there are not replayed free: they are paid "
+            f"again. --set teacher.url={was} reuses them, where it still reaches the same service")
 
 
 def _refuse_all_failed(store: Store, dataset: ImageDataset, out: str) -> None:
@@ -492,6 +504,8 @@ def _dry_run(cfg, manifest, layout, reader, embedder, prompts, shard, num_shards
     if Store.exists(cfg.out, backend):
         with Store(cfg.out, "r", backend) as st:  # refused as the real run refuses it
             made_so(st, manifest)
+            if st.blocks_done().any():
+                _say_moved_service(st.manifest, manifest, log)
             if budget:
                 budget = (budget[0], StoreBudget(st, budget[0]).claimed())
             if st.complete:  # prompts included
