@@ -59,7 +59,10 @@ def _budget_lines(res) -> list:
     from embedcache.teachers.remote.teacher import queries_in
 
     (limit, sent), need = res.budget, queries_in(res.cost)
-    said = (f"budget: this extraction needs {need:,} more queries and this store has sent {sent:,} of "
+    free = res.cost.get("replayable", 0) + res.cost.get("text_replayable", 0)
+    fewer = (f" ({need - free:,} if the service answers the {free:,} a stopped call sent as free replays, as it does "
+             "for those it charged while it keeps them)") if free else ""
+    said = (f"budget: this extraction needs {need:,} more queries{fewer} and this store has sent {sent:,} of "
             f"teacher.max_queries={limit:,}: ")
     if res.shards > 1:
         return [said.replace("this extraction", "this shard") + f"the other {res.shards - 1} shard(s)' queries are not "
@@ -90,7 +93,7 @@ def _cost_lines(cost, writing: bool = False) -> list:
         replay = cost.get(f"{p}replayable", 0)
         sender = "a running or stopped call" if writing else "a stopped call"
         again = (f" ({replay:,} of them in requests {sender} sent, which the service answers again free under "
-                 "their idempotency keys while it keeps them)") if replay else ""
+                 "their idempotency keys if it charged them, while it keeps them)") if replay else ""
         lines.append(f"{unit}: {sent:,} to pay for{again} ({cost.get(f'{p}bytes', 0):,} bytes), {cost.get(f'{p}ledger_hits', 0):,} "
                      f"answered free by the ledger{once}; {cost.get(f'{p}requests', 0):,} requests as extraction sends "
                      f"them{at_limit}")

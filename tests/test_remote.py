@@ -747,6 +747,11 @@ def test_a_dry_run_says_which_inputs_a_cut_off_request_may_get_free(tmp_path, ti
     assert cost["images"] == 12 and cost["replayable"] == 12  # priced, and said to come back free where kept
     line = _cost_lines(cost)[0]
     assert "12 of them in requests a stopped call sent, which the service answers again free" in line, line
+    # the budget line gives both figures: it counted them as to pay, the resume then needed 48 fewer (a trial)
+    from embedcache.cli.data import _budget_lines
+    budget = _budget_lines(SimpleNamespace(budget=(50, 20), cost=cost, shards=1))[0]
+    assert ("needs 12 more queries (0 if the service answers the 12 a stopped call sent as free replays, as it does for "
+            "those it charged while it keeps them) and this store has sent 20 of teacher.max_queries=50") in budget, budget
 
 
 def test_a_resend_after_a_lost_answer_is_claimed_against_the_stores_budget(tmp_path, tiny_teacher_cfg, tiny_teacher,
