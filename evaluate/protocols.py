@@ -119,7 +119,7 @@ def _collapsed(pred: np.ndarray, labels: np.ndarray, classes: Sequence[str]):
     answer, count = np.unique(pred, return_counts=True)
     _, truth = np.unique(labels, return_counts=True)
     share = count.max() / len(pred)
-    if share >= COLLAPSED and truth.max() / len(labels) < 0.5:
+    if share >= COLLAPSED and truth.max() / len(labels) <= 0.5:  # mixed: no class more than half (two balanced too)
         return classes[int(answer[np.argmax(count)])], float(share)
     return None
 

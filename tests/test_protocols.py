@@ -285,6 +285,9 @@ def test_a_collapse_on_a_small_domain_is_named_too():
     labels = np.arange(13) % 4  # mixed classes
     assert _collapsed(np.full(13, 1), labels, classes) == ("horse", 1.0)
     assert _collapsed(labels, labels, classes) is None  # a model that answers
+    # two balanced classes, every image answered with one: its 50% was said nowhere (a trial)
+    assert _collapsed(np.zeros(48, int), np.arange(48) % 2, ["circle", "cross"]) == ("circle", 1.0)
+    assert _collapsed(np.zeros(48, int), (np.arange(48) % 4 == 0).astype(int), ["circle", "cross"]) is None  # 75% one
     few = COLLAPSE_MIN_IMAGES - 1  # too few images to tell a collapse from chance: not judged
     assert _collapsed(np.full(few, 1), np.arange(few) % 4, classes) is None
 
