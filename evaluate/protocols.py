@@ -258,12 +258,14 @@ def episode(labels: np.ndarray, ok: np.ndarray, classes_in: np.ndarray, shots: i
     """Seeded few-shot episode: ``shots`` support rows per class in ``classes_in``, the rest of those
     classes' usable rows as queries. Shared by every few-shot method so they see the same episodes."""
     rows_all = np.flatnonzero(ok & np.isin(labels, classes_in))
-    for c in classes_in:
-        n = int((labels[rows_all] == c).sum())
-        if n <= shots:
-            raise EvaluationError(f"class {names[c]!r} has {n} usable images, fewer than {shots} shots + 1 to test; "
-                                  f"few_shot needs {shots + 1} usable images in every unseen class: hold out other "
-                                  "classes (--seen-classes for the teacher, split.train_classes for a run)")
+    counts = {int(c): int((labels[rows_all] == c).sum()) for c in classes_in}
+    c = min(counts, key=counts.get)
+    if counts[c] <= shots:
+        n = counts[c]
+        fewer = f"--shots {n - 1} or fewer, or " if n > 1 else ""  # (c: the unseen class of fewest usable images)
+        raise EvaluationError(f"class {names[c]!r} has {n} usable images, fewer than {shots} shots + 1 to test; "
+                              f"few_shot needs {shots + 1} usable images in every unseen class: use {fewer}hold out "
+                              "other classes (--seen-classes for the teacher, split.train_classes for a run)")
     rng = np.random.default_rng([seed, ep, 31])
     support = np.concatenate([rng.choice(rows_all[labels[rows_all] == c], shots, replace=False) for c in classes_in])
     return support, np.setdiff1d(rows_all, support)

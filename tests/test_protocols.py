@@ -76,8 +76,8 @@ def test_few_shot_perfect_and_too_few_images():
     assert set(mean.split) == {"prototype", "tip_adapter"} and (mean.value == 1.0).all()
     small = _data(n=30)
     with pytest.raises(ValueError, match="fewer than 5 shots \\+ 1 to test; few_shot needs 6 usable images in every "
-                                         "unseen class: hold out other classes \\(--seen-classes"):  # 'lower shots': no such option
-        few_shot(small, shots=5, seen_classes=[0, 1, 2])
+                                         "unseen class: use --shots 3 or fewer, or hold out other classes \\(--seen-classes"):
+        few_shot(small, shots=5, seen_classes=[0, 1, 2])  # (every class was short: holding others out could not help)
 
 
 def test_one_unseen_class_is_said_to_score_100_by_construction():
