@@ -58,7 +58,10 @@ class BudgetError(EmbedcacheError):
 
 def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """A library warning as the user reads it: one ``warning:`` line, not a file, line and source
-    (``warnings.showwarning`` of the CLI and of the processes it starts)."""
+    (``warnings.showwarning`` of the CLI and of the processes it starts), on a line of its own above any
+    progress bar of this process (printed plainly, it ran on at the end of the bar's line)."""
     import sys
 
-    print(f"warning: {message}", file=file or sys.stderr, flush=True)
+    from tqdm import tqdm
+
+    tqdm.write(f"warning: {message}", file=file or sys.stderr)

@@ -370,3 +370,21 @@ def test_a_zarr_chunk_file_cut_short_or_lost_is_refused_not_read_as_garbage(tmp_
     why = "it cannot be decoded" if cut == "short" else r"rows 4-7 \(block 1\) do not match"
     with Store(path) as st, pytest.raises(StoreDamagedError, match=f"damaged: image/emb: {why}"):
         st.read("image/emb")
+
+
+def test_a_warning_during_a_progress_bar_is_a_line_of_its_own():
+    """A run's warning printed while a sweep's bar was drawn ran on at the end of the bar's line, where a
+    `grep -v run/s` of the log hid it (a trial)."""
+    import io
+
+    from tqdm import tqdm
+
+    from embedcache.errors import one_line_warning
+
+    out = io.StringIO()
+    bar = tqdm(total=3, file=out, desc="sweep")
+    bar.update(1)
+    one_line_warning("run x: the model predicts 'c' for 100% of the images", UserWarning, "f.py", 1, file=out)
+    bar.close()
+    lines = out.getvalue().replace("\r", "\n").split("\n")
+    assert "warning: run x: the model predicts 'c' for 100% of the images" in lines, lines
