@@ -127,7 +127,8 @@ def write_report(results: pd.DataFrame, out_dir: str, note: str = "") -> List[Pa
         spread = top.pivot_table(index="domain", columns="method", values="std", aggfunc="first", dropna=False)
         spread = spread.reindex(index=pv.index, columns=pv.columns).fillna(0.0)  # one replicate: no bar
         ax = (100 * pv).plot.bar(figsize=(max(6, 1.2 * len(pv)), 4), rot=0, yerr=100 * spread, capsize=2)
-        ax.set_ylabel(f"{shown} (%), mean ± std over replicates"); ax.set_title(split); ax.legend(fontsize=7)
+        ax.set_ylabel(f"{shown} (%)"); ax.set_title(f"{split}: mean ± std over replicates"); ax.legend(fontsize=7)
+        ax.set_ylim(bottom=0)  # an accuracy: an error bar past 0 drew a negative axis (and a 0 looked like a dip)
         plt.tight_layout()
         f = out / f"{split}_domains.png"
         plt.savefig(f, dpi=110); plt.close()
