@@ -52,6 +52,8 @@ class ExtractResult:
     seconds: float
     skipped: bool = False  # the store was already complete and intact
     repaired: int = 0      # damaged blocks re-done by this call
+    image_seconds: float = 0.0  # of ``seconds``, the image pass (read, encode, write the blocks); the rest is
+    # the call's own work once per store (the dataset scanned, the store opened, the prompts encoded, the tables)
 
 
 def policy_of(cfg: ExtractConfig) -> ViewPolicy:
@@ -193,8 +195,10 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
                 if on_block_done is not None:
                     on_block_done(block)
 
+            began_images = time.time()
             encoded, failed = run_blocks(store, mine, reader, embedder, cfg.batch_size,
                                          progress=cfg.progress, on_block_done=block_done)
+            image_seconds = time.time() - began_images
             if store.blocks_done().all():
                 _refuse_all_failed(store, dataset, cfg.out)
                 n_prompts = sum(len(p) for per_class in prompts.values() for p in per_class)
@@ -211,7 +215,8 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
             record.close()
             store.close()  # closed here: the cost of finishing is counted by a dry run (which opens none)
             raise _budget_stop(exc, cfg, manifest, layout, reader, embedder, prompts, shard, num_shards, log) from None
-        return ExtractResult(cfg.out, store.key, store.complete, encoded, failed, time.time() - t0, repaired=repaired)
+        return ExtractResult(cfg.out, store.key, store.complete, encoded, failed, time.time() - t0, repaired=repaired,
+                             image_seconds=image_seconds)
     finally:
         try:
             books.record(store, quietly=True)  # a stop or an error: what this call paid is still counted
