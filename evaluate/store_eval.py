@@ -209,11 +209,7 @@ def summary_table(results: pd.DataFrame, split: Optional[str] = None, metric: st
         return pd.DataFrame(index=pd.MultiIndex.from_tuples([], names=keys + ["split"]))
     stats = _stats(doms, keys)
     stats["cell"] = [_cell(m, s, c) for m, s, c in zip(stats["mean"], stats["std"], stats["count"])]
-    real = doms[(doms["domain"] != "all") & (doms["k"] > 0)]
-    per_rep = real.groupby(keys + ["split", "replicate"], as_index=False)["value"].mean()
-    avg = per_rep.groupby(keys + ["split"])["value"].agg(["mean", "std", "count"]).reset_index()
-    avg["cell"] = [_cell(m, s, c) for m, s, c in zip(avg["mean"], avg["std"], avg["count"])]
-    avg = pd.concat([avg, _fewer_domains(doms, keys)], ignore_index=True)
+    avg = _avg(doms, keys)
     with_domains = doms[doms["domain"] != "all"][keys + ["split"]].drop_duplicates()
     # no complete replicate, not even by its own runs: no avg
     short = counts[(counts["k"] == 0) & (counts["k_own"] == 0)].merge(with_domains, on=keys + ["split"])
@@ -226,6 +222,26 @@ def summary_table(results: pd.DataFrame, split: Optional[str] = None, metric: st
     table = cells.pivot_table(index=keys + ["split"], columns="domain", values="cell", aggfunc="first")
     tail = [c for c in ("avg", "replicates") if c in table.columns]
     return table[[c for c in table.columns if c not in tail] + tail]
+
+
+def avg_stats(results: pd.DataFrame, split: str, metric: str = "top1") -> pd.DataFrame:
+    """The numbers behind ``summary_table``'s ``avg`` cells: per method of ``split``, mean, std and count
+    over its replicates that count of each one's mean over the split's domains (fractions); a method
+    with no avg there (incomplete) has no row. The in- vs out-of-domain plot's points."""
+    keys, doms, _ = _per_replicate(results, split, metric)
+    if doms is None:
+        return pd.DataFrame(columns=keys + ["split", "mean", "std", "count", "cell"])
+    return _avg(doms, keys)
+
+
+def _avg(doms: pd.DataFrame, keys: list) -> pd.DataFrame:
+    """Each method's avg (mean, std, count over replicates of their mean over the split's domains, and its
+    cell): of its complete replicates, or, complete by its own runs only, said with the domains it spans."""
+    real = doms[(doms["domain"] != "all") & (doms["k"] > 0)]
+    per_rep = real.groupby(keys + ["split", "replicate"], as_index=False)["value"].mean()
+    avg = per_rep.groupby(keys + ["split"])["value"].agg(["mean", "std", "count"]).reset_index()
+    avg["cell"] = [_cell(m, s, c) for m, s, c in zip(avg["mean"], avg["std"], avg["count"])]
+    return pd.concat([avg, _fewer_domains(doms, keys)], ignore_index=True)
 
 
 def _fewer_domains(doms: pd.DataFrame, keys: list) -> pd.DataFrame:

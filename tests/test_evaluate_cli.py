@@ -344,7 +344,7 @@ def test_the_in_vs_out_of_domain_plot_keeps_its_methods_beside_teacher_rows(tmp_
     from embedcache.evaluate.report import id_vs_ood, write_report
     from embedcache.evaluate.store_eval import method_frame, method_keys
 
-    rows = [{"recipe": r, "student": st, "source": "name", "split": sp, "domain": "avg", "metric": "top1", "value": v}
+    rows = [{"recipe": r, "student": st, "source": "name", "split": sp, "domain": "d1", "metric": "top1", "value": v}
             for r, st, sp, v in [("li", "resnet18", "in_domain", 0.9), ("li", "resnet18", "out_of_domain", 0.6),
                                  ("kd", "resnet18", "in_domain", 0.8), ("kd", "resnet18", "out_of_domain", 0.7),
                                  ("kd", "vit", "in_domain", 0.5),  # one side only: no point
@@ -357,6 +357,29 @@ def test_the_in_vs_out_of_domain_plot_keeps_its_methods_beside_teacher_rows(tmp_
     assert (tmp_path / "with" / "id_vs_ood.png").exists()
     write_report(pd.DataFrame(rows[-2:]), str(tmp_path / "without"))  # no method scored on both sides: no empty plot
     assert not (tmp_path / "without" / "id_vs_ood.png").exists()
+
+
+def test_the_in_vs_out_of_domain_plot_puts_each_method_at_its_tables_avg():
+    """The plot averaged every run's own avg row: a leave-one-domain-out replicate scores a domain
+    in-domain once per other held-out domain, and the table's avg (each domain once per replicate)
+    differed (27.1 plotted, 26.4 in the table: a trial)."""
+    from embedcache.evaluate.report import id_vs_ood
+    from embedcache.evaluate.store_eval import method_frame, method_keys, summary_table
+
+    def row(held, split, domain, value):
+        return {"recipe": "li", "student": "s", "source": "name", "split": split, "domain": domain, "metric": "top1",
+                "value": value, "replicate": 0, "holdout": held}
+
+    rows = [row("d1", "in_domain", "d2", 0.2), row("d1", "in_domain", "d3", 0.4), row("d1", "out_of_domain", "d1", 0.5),
+            row("d2", "in_domain", "d1", 0.6), row("d2", "in_domain", "d3", 0.8), row("d2", "out_of_domain", "d2", 0.1)]
+    rows += [{**r, "domain": "avg", "value": v} for r, v in ((rows[0], 0.3), (rows[3], 0.7), (rows[2], 0.5),
+                                                              (rows[5], 0.1))]  # each run's own avg rows
+    results = method_frame(pd.DataFrame(rows))
+    point = id_vs_ood(results, method_keys(results)).loc["li / s"]
+    assert point["in_domain"] == pytest.approx((0.6 + 0.2 + 0.6) / 3)  # d3 once: the mean of its two runs' values
+    assert point["out_of_domain"] == pytest.approx(0.3)
+    table = summary_table(results, "in_domain")
+    assert table.iloc[0]["avg"] == f"{100 * point['in_domain']:.1f}"  # what the table says, the plot shows
 
 
 def test_labels_of_methods_at_one_point_go_one_under_another():
