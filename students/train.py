@@ -381,6 +381,7 @@ class Trainer:
         self.n_running = 0
         self.val: Optional[float] = None
         self.start = 0
+        self.threads_before: List[int] = []  # torch thread counts of the run's earlier attempts (its checkpoint's)
         self._closed: Dict[int, Optional[HeadStep]] = {}
 
     # --- state ------------------------------------------------------------------------------------
@@ -414,7 +415,23 @@ class Trainer:
         self.running = {k: v.to(self.device) for k, v in state["running"].items()}
         self.n_running, self.val = state["n_running"], state["val"]
         self.metrics = self.run_dir.read_metrics(up_to=int(state["step"]))  # drop rows logged after the checkpoint
+        self.threads_before = [int(n) for n in state.get("torch_threads", [])]  # (checkpoints since 2026-12-06)
         return int(state["step"])
+
+    def threads_used(self) -> List[int]:
+        """The torch thread counts of the run's attempts so far, this one's last (each once)."""
+        now = torch.get_num_threads()
+        return [n for n in self.threads_before if n != now] + [now]
+
+    def say_other_threads(self) -> None:
+        """A run resumed with another CPU thread count: its float reductions now split otherwise, so its
+        weights differ from an uninterrupted run's by rounding; said, with what keeps them bit for bit
+        (the resume said nothing, and the summary named this attempt's count alone: a trial)."""
+        before, now = self.threads_before, torch.get_num_threads()
+        if self.device.type == "cpu" and before and before[-1] != now:
+            self.log(f"resuming with {now} torch threads; the run trained with {before[-1]} so far: its weights will "
+                     f"differ from an uninterrupted run's by float rounding; OMP_NUM_THREADS={before[-1]} keeps them "
+                     "bit for bit")
 
     def checkpoint(self, step: int) -> None:
         self.run_dir.save_checkpoint({
@@ -422,7 +439,7 @@ class Trainer:
             "optim": self.opt.state_dict(), "sched": self.sched.state_dict(),
             "averaging": self.averaging.state_dict(), "selection": self.selection.state_dict(),
             "running": self.running, "n_running": self.n_running, "val": self.val,
-            "step": step, "store_key": self.data.key})
+            "step": step, "store_key": self.data.key, "torch_threads": self.threads_used()})
 
     def write_run_files(self) -> None:
         d = self.data
@@ -630,6 +647,7 @@ class Trainer:
                    # float reductions split over another thread count round differently: runs compare bit
                    # for bit only at equal thread counts (and torch versions)
                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(self.device),
+                   **({"torch_threads_earlier": self.threads_used()[:-1]} if len(self.threads_used()) > 1 else {}),
                    # how each stage took its gradients: the two agree to float32 rounding, not bit for bit
                    "gradients": ["closed form, float32" if HeadStep.applies(self.model, st, self.inputs.kind)
                                  else "autograd, bf16 autocast" if self.amp else "autograd" for st in self.recipe.stages],
@@ -644,6 +662,7 @@ class Trainer:
         self.start = self.resume()
         if self.start:
             self.log(f"resuming {self.run_dir.path} from step {self.start}")
+            self.say_other_threads()
         self.write_run_files()
         loop_seconds = self.loop()
         return self.finish(t0, loop_seconds)

@@ -156,7 +156,33 @@ def test_resume_continues_from_the_last_checkpoint(synthetic_store, tmp_path, av
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     rows = [json.loads(ln)["step"] for ln in open(tmp_path / "cut" / "metrics.jsonl")]
     assert rows == [10, 20, 30]  # rows logged after the checkpoint were dropped, none duplicated
+    assert "torch_threads_earlier" not in json.loads((tmp_path / "cut" / "summary.json").read_text())  # one count
     assert train(cut, log=quiet).seconds == 0.0  # a finished run is skipped
+
+
+def test_a_run_resumed_with_another_thread_count_says_so_and_records_both(synthetic_store, tmp_path):
+    """Resumed with OMP_NUM_THREADS=1 after 2 threads, a run said only "resuming" and its summary named 1
+    thread, though its weights then differed from an uninterrupted run's by rounding (a trial)."""
+    before = torch.get_num_threads()
+
+    def stop(step):
+        if step == 25:
+            raise KeyboardInterrupt
+
+    cut = _cfg(synthetic_store, tmp_path, name="cut")
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(KeyboardInterrupt):
+            train(cut, on_step=stop, log=quiet)
+        torch.set_num_threads(1)
+        said = []
+        train(cut, log=said.append)
+    finally:
+        torch.set_num_threads(before)
+    assert any("resuming with 1 torch threads; the run trained with 2 so far" in line and "OMP_NUM_THREADS=2" in line
+               for line in said), said
+    summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert summary["torch_threads"] == 1 and summary["torch_threads_earlier"] == [2]
 
 
 def test_a_run_directory_is_not_resumed_or_reused_with_other_settings(synthetic_store, tmp_path):
