@@ -506,9 +506,13 @@ class Trainer:
     def diverged(self, what: str, step: int) -> TrainingError:
         last = max((r["step"] for r in self.metrics), default=None)
         before = f"last finite evaluation: step {last}" if last is not None else "no evaluation before it"
-        err = TrainingError(f"run {self.run_dir.path}: {what} by step {step} ({before}); lower optim.lr, with another "
-                            f"--out or after deleting {self.run_dir.path} (a run's folder keeps its settings), or check "
-                            "the store with `embedcache verify`; the run is not marked done")
+        if self.run_dir.file("sweep.json").exists():  # a sweep's run: its settings come from the sweep file
+            fix = "lower optim.lr in the sweep file (another value is another run)"
+        else:
+            fix = (f"lower optim.lr, with another --out or after deleting {self.run_dir.path} (a run's folder keeps its "
+                   "settings)")
+        err = TrainingError(f"run {self.run_dir.path}: {what} by step {step} ({before}); {fix}, or check the store with "
+                            "`embedcache verify`; the run is not marked done")
         self.run_dir.record_failure(f"TrainingError: {err}")  # evaluate says it failed, not "not finished"
         return err
 

@@ -284,3 +284,4 @@ def test_a_packed_sweep_with_a_diverging_learning_rate_finishes_its_other_runs(f
     assert (res["done"], res["failed"]) == (1, 1), res
     errors = list((tmp_path / "sw" / "runs").glob("*/error.txt"))
     assert len(errors) == 1 and errors[0].parent.name in errors[0].read_text()  # its own error, not another's
+    assert "lower optim.lr in the sweep file (another value is another run)" in errors[0].read_text()  # not --out
