@@ -59,9 +59,12 @@ def _collapse_lines(results: pd.DataFrame, split: str, keys: List[str]) -> List[
         said = []
         for (method, domain), g in hit.groupby(["method", "domain"], sort=True):
             of = count(top[(top["method"] == method) & (top["domain"] == domain)])
-            names = ", ".join(repr(c) for c in sorted(set(g["class_name"].astype(str))))
-            said.append(f"{method} on {domain} answers {names} for {g['value'].mean():.0%} of the images in "
-                        f"{count(g)} of its {of} {unit}")
+            classes = sorted(set(g["class_name"].astype(str)))
+            names = repr(classes[0]) if len(classes) == 1 else (  # runs collapsed onto different classes: each one
+                "one class (" + " or ".join(repr(c) for c in classes) + f", by {unit[:-1]})")  # ('circle', 'square' read as both)
+            share = f"{g['value'].mean():.0%}" if len(g) == 1 or g["value"].nunique() == 1 else (
+                f"{g['value'].min():.0%} to {g['value'].max():.0%}")
+            said.append(f"{method} on {domain} answers {names} for {share} of the images in {count(g)} of its {of} {unit}")
         lines += [f"{said_as}: " + "; ".join(said) + " (its top-1 there is that class's share)", ""]
     return lines
 

@@ -641,6 +641,14 @@ def test_the_report_names_collapsed_models(tmp_path):
     write_report(pd.DataFrame(rows), str(tmp_path))
     text = " ".join((tmp_path / "report.md").read_text().split())
     assert "collapsed: feat_kd / s / name on sketch answers 'person' for 98% of the images in 2 of its 3 runs" in text, text
+    # runs collapsed onto different classes, each its own share: said apart, not as if each answered both (a trial)
+    rows = [{**base, "run": f"r{k}", "replicate": k, "metric": "top1", "value": 0.5} for k in range(2)]
+    rows += [{**base, "run": f"r{k}", "replicate": k, "metric": "collapsed_share", "value": v, "class_name": c}
+             for k, (v, c) in enumerate(((0.97, "circle"), (1.0, "square")))]
+    write_report(pd.DataFrame(rows), str(tmp_path))
+    text = " ".join((tmp_path / "report.md").read_text().split())
+    assert ("answers one class ('circle' or 'square', by run) for 97% to 100% of the images in 2 of its 2 runs"
+            in text), text
 
 
 def test_evaluate_says_why_runs_were_not_scored(runs, synthetic_store, tmp_path):
