@@ -41,6 +41,8 @@ def train(store, recipe, student, config_path, out, device, overrides, no_progre
                    f"{os.path.dirname(config_path) or '.'}, is neither resumed nor overwritten); --out names the folder")
     with interrupt.graceful():
         res = run(cfg, log=click.echo, should_stop=interrupt.requested)
+    if getattr(res, "already_done", False):  # said by the run ("is already done"); no 0-second training line
+        return
     val = "n/a" if res.val_top1 is None else f"{100 * res.val_top1:.1f}%"
     sel = res.selected or {}
     kept = f"; kept {sel.get('rule')}" + (f" (step {sel['step']})" if sel.get("step") else "") if sel else ""

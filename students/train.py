@@ -62,6 +62,7 @@ class RunResult:
     loop_seconds: float = 0.0           # the training steps alone, evaluations and checkpoints excluded
                                         # (what a steps/s figure should use)
     selected: Optional[Dict] = None     # which weights the run kept, and why
+    already_done: bool = False          # finished before this call, which trained nothing
 
 
 NOT_IN_NAME = ("out", "progress", "keep_checkpoint")  # settings that cannot change the result
@@ -687,7 +688,7 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int], None]] = None, log
         s = run_dir.summary
         val = s["val_top1"]
         log(f"{run_dir.path} is already done" + (f" (val top-1 {100 * val:.1f}%)" if val is not None else ""))
-        return RunResult(str(run_dir.path), s["val_top1"], s["steps"], 0.0, selected=s.get("selected"))
+        return RunResult(str(run_dir.path), s["val_top1"], s["steps"], 0.0, selected=s.get("selected"), already_done=True)
     check_trainable(cfg)
     try:
         return Trainer(cfg, teacher, log, on_step, should_stop).run()

@@ -567,6 +567,10 @@ def test_train_cli(synthetic_store, tmp_path):
     a, b = load_file(tmp_path / "cli" / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert "note:" not in again.output  # --out given: the new folder is the user's choice
+    done = CliRunner().invoke(main, ["train", "--config", str(tmp_path / "cli" / "config.json"), "--out",
+                                     str(tmp_path / "cli"), "--no-progress"])
+    # a finished run is said done, with no line of a 0-second training after it (a trial)
+    assert done.exit_code == 0 and "is already done" in done.output and "steps, validation top-1" not in done.output
 
 
 def test_a_runs_config_without_out_says_where_its_run_goes(synthetic_store, tmp_path, monkeypatch):
