@@ -59,7 +59,7 @@ class DatasetConfig:
     num_domains: int = setting(3, min=1)
     per_class: int = setting(8, min=1)   # images per (domain, class)
     image_size: int = setting(64, min=8)
-    seed: int = 0
+    seed: int = setting(0, min=0)  # numpy seeds: whole numbers from 0
 
     def unread(self) -> List[str]:
         """The settings this dataset would ignore: ``path`` on the seeded shapes, the shapes' own
@@ -136,7 +136,7 @@ class ViewsConfig:
     scale: Tuple[float, float] = setting((0.35, 1.0), gt=0.0, max=1.0)  # random-resized-crop area fraction
     ratio: Tuple[float, float] = setting((3 / 4, 4 / 3), gt=0.0)
     flip: bool = True
-    seed: int = 0
+    seed: int = setting(0, min=0)  # numpy seeds: whole numbers from 0
     # colour augmentation of views 1..V-1 (DomainBed / VL2V-ADiP: 0.3 and 0.1): ColorJitter(j, j, j, j)
     # then RandomGrayscale(p), drawn per view and stored with the crop, so teacher and student see it alike
     color_jitter: float = setting(0.0, min=0.0, max=0.5)
@@ -162,7 +162,9 @@ class ViewsConfig:
 
 @dataclass(frozen=True)
 class CanvasConfig:
-    size: int = setting(256, min=8)  # images are decoded once into a size x size uint8 canvas
+    # images are decoded once into a size x size uint8 canvas; at most 5656 px, the side of the 32 M pixels
+    # an image may be resized to (views.MAX_RESIZED_PIXELS): past it every image failed, blamed on its shape
+    size: int = setting(256, min=8, max=5656)
     store: bool = True               # keep the canvas in the store (students need no JPEG decode)
 
 

@@ -241,3 +241,16 @@ def test_dataset_settings_at_their_defaults_are_fine_on_any_dataset():
     cfg = load_extract_config(None, ["dataset.name=folder", "dataset.path=x", "dataset.num_classes=4"])
     assert cfg.dataset.name == "folder"
     assert load_extract_config(None, ["dataset.num_classes=2"]).dataset.num_classes == 2
+
+
+@pytest.mark.parametrize("override, said", [("views.seed=-1", "views.seed=-1 is not valid"),
+                                            ("canvas.size=6000", "canvas.size=6000 is not valid")])
+def test_a_negative_seed_and_a_canvas_past_the_resize_limit_are_refused_in_one_line(override, said):
+    """views.seed=-1 passed every check, then extraction died with numpy's traceback; canvas.size=6000 failed
+    every image, each told to be cropped closer to square (a trial)."""
+    from embedcache.config import ExtractConfig, apply_overrides, build_config, to_dict
+
+    with pytest.raises(ConfigError, match=said):
+        build_config(ExtractConfig, apply_overrides(to_dict(ExtractConfig()), [override]))
+    from embedcache.views import MAX_RESIZED_PIXELS
+    assert 5656 ** 2 <= MAX_RESIZED_PIXELS < 5657 ** 2  # the largest canvas any image may be resized to

@@ -44,7 +44,7 @@ class PromptsConfig:
     content_template: str = "{}"                   # contrastive: the class prompt the content term aims at
     init_std: float = setting(0.02, gt=0.0)        # contrastive: styles start ~ N(0, init_std^2 I) (PromptStyler)
     test_domains: Tuple[str, ...] = DEFAULT_TEST_DOMAINS  # words naming these are flagged as leaks
-    seed: int = 0
+    seed: int = setting(0, min=0)  # numpy seeds: whole numbers from 0
 
     def check(self) -> None:
         if self.template.count(self.placeholder) != 1 or self.template.count("{}") != 1:
@@ -75,7 +75,7 @@ class ImageConfig:
     translate: float = setting(0.05, min=0.0, max=0.5)  # fraction of the side, uniform in +-translate
     noise: float = setting(0.05, min=0.0)          # Gaussian pixel noise, std ~ U(0, noise) per cutout
     model: Optional[str] = None                    # diffusers_vae: a local diffusers folder (or its vae/ subfolder)
-    seed: int = 0
+    seed: int = setting(0, min=0)  # numpy seeds: whole numbers from 0
 
     def check(self) -> None:
         for name, (lo, hi) in (("cut_scale", self.cut_scale), ("cut_ratio", self.cut_ratio)):
