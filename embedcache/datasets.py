@@ -162,6 +162,8 @@ class _Scan:
         self.others: List[Path] = []
         self.hidden: List[Path] = []
         self.stray: List[Path] = []  # image files beside the domain or class folders, not in one
+        self.empty: List[Path] = []  # class folders that hold no image file
+        self.empty_domains: List[Path] = []  # domain folders that hold no class folder
 
     def subfolders(self, folder: Path) -> List[Path]:
         """The visible sub-folders of ``folder`` (a hidden one's images counted as left out; image
@@ -196,9 +198,17 @@ class _Scan:
                 self.others.append(Path(entry.path))
         return images
 
+    def images_of(self, folder: Path, root: Path) -> List[Tuple[str, int]]:
+        """``images`` of a class folder, one of none remembered (``empty``)."""
+        found = self.images(folder, root)
+        if not found:
+            self.empty.append(folder)
+        return found
+
     def dataset(self, name: str, root: Path, samples: List["Sample"], max_per_class: Optional[int]) -> "ImageDataset":
         """The dataset of ``samples`` (the layout checked), what was left out said or recorded."""
         _say_left_out(root, self.others)
+        _say_empty(root, self.empty, self.empty_domains, {s.class_name for s in samples})
         if self.stray:
             names = ", ".join(p.relative_to(root).as_posix() for p in self.stray[:3]) + (", ..." if len(self.stray) > 3 else "")
             layout = "domain/class/image" if name == "domainbed" else "class/image"
@@ -246,6 +256,20 @@ UNREAD_IMAGES = {".heic", ".heif", ".avif", ".jfif", ".jxl", ".jp2", ".j2k", ".p
                  ".psd", ".dng", ".cr2", ".nef", ".arw", ".exr", ".hdr"}
 
 
+def _say_empty(root: Path, empty: List[Path], empty_domains: List[Path], classes: set) -> None:
+    """Class (or domain) folders without an image file: a class none of whose folders holds one is not a
+    class of the store, which changes every nearest-label score (they vanished without a word: a trial); said."""
+    if not (empty or empty_domains) or not classes:  # no image at all: refused elsewhere
+        return
+    gone = sorted({p.name for p in empty} - classes)
+    folders = sorted(empty + empty_domains)
+    names = ", ".join(p.relative_to(root).as_posix() for p in folders[:4]) + (", ..." if len(folders) > 4 else "")
+    lost = (f"; so class{'es' if len(gone) > 1 else ''} {', '.join(repr(c) for c in gone)} {'are' if len(gone) > 1 else 'is'} "
+            "not in the store's class list (every nearest-label score is over the classes it has)") if gone else ""
+    warnings.warn(f"{root}: {len(folders)} folder{'s' if len(folders) != 1 else ''} with no image file ({names}){lost}; "
+                  "add its images, or remove the folder to silence this")
+
+
 def _say_left_out(root: Path, others: List[Path]) -> None:
     unread = [p for p in others if p.suffix.lower() in UNREAD_IMAGES]
     if unread:
@@ -280,8 +304,11 @@ def domainbed(cfg: DatasetConfig) -> ImageDataset:
     root = _require_dir(cfg.path, "the domainbed dataset")
     scan, samples = _Scan(), []
     for dom in scan.subfolders(root):
-        for cls in scan.subfolders(dom):
-            for path, size in scan.images(cls, root):
+        classes = scan.subfolders(dom)
+        if not classes:
+            scan.empty_domains.append(dom)  # a domain folder of no class folder: no domain of the store either
+        for cls in classes:
+            for path, size in scan.images_of(cls, root):
                 samples.append(Sample(path, cls.name, dom.name, "train", size))
     if samples and min(_depth(s) for s in samples) > 3 and any(_like_domains(d) for d in root.iterdir() if d.is_dir()):
         # root/x/domain/class/image: the domains read as classes
@@ -319,7 +346,7 @@ def folder(cfg: DatasetConfig) -> ImageDataset:
     root = _require_dir(cfg.path, "the folder dataset")
     scan, samples = _Scan(), []
     for cls in scan.subfolders(root):
-        for path, size in scan.images(cls, root):
+        for path, size in scan.images_of(cls, root):
             samples.append(Sample(path, cls.name, root.name, "train", size))
     if samples and min(_depth(s) for s in samples) > 2 and _like_domains(root):  # root/domain/class/image
         raise DatasetError(f"dataset.path {root} holds domain/class/image folders (e.g. {samples[0].path}), not "

@@ -375,3 +375,27 @@ def test_images_outside_the_class_folders_are_said_to_be_left_out(tmp_path):
     with pytest.warns(UserWarning, match=r"1 image file outside the class folders left out \(stray.png\); images are "
                                          r"read as class/image"):
         build_dataset(DatasetConfig(name="folder", path=str(tmp_path / "d")))
+
+
+def test_folders_with_no_image_are_said_with_the_classes_they_take_out(tmp_path):
+    """Empty class folders (and an empty domain folder) vanished from the class list without a word, and
+    with them a class from every nearest-label score (a trial)."""
+    from PIL import Image
+
+    from embedcache.config import DatasetConfig
+    from embedcache.datasets import build_dataset
+
+    for dom, cls in (("photo", "dog"), ("photo", "horse"), ("sketch", "dog"), ("sketch", "horse")):
+        (tmp_path / dom / cls).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / dom / cls / "a.png")
+    (tmp_path / "photo" / "elephant").mkdir()
+    (tmp_path / "sketch" / "elephant").mkdir()
+    (tmp_path / "cartoon").mkdir()
+    with pytest.warns(UserWarning, match=r"3 folders with no image file \(cartoon, photo/elephant, sketch/elephant\); so "
+                                         r"class 'elephant' is not in the store's class list"):
+        ds = build_dataset(DatasetConfig(name="domainbed", path=str(tmp_path)))
+    assert ds.classes == ["dog", "horse"]
+    (tmp_path / "photo" / "elephant" / "b.png").write_bytes((tmp_path / "photo" / "dog" / "a.png").read_bytes())
+    with pytest.warns(UserWarning, match=r"folders with no image file \(cartoon, sketch/elephant\); add") as got:
+        build_dataset(DatasetConfig(name="domainbed", path=str(tmp_path)))
+    assert not any("class list" in str(w.message) for w in got)  # elephant is a class (of photo): none lost
