@@ -128,7 +128,10 @@ def test_manifest_lists_each_call_and_how_it_differed(make_cfg, tiny_teacher, mo
         mp.setattr(CallRecord, "close", lambda self, finished=False: None)
         with pytest.raises(KeyboardInterrupt):
             extract(cfg, teacher=tiny_teacher, on_block_done=killed, log=quiet)
-    res = extract(replace(cfg, batch_size=3), teacher=tiny_teacher, log=quiet)
+    said = []
+    res = extract(replace(cfg, batch_size=3, block_rows=16), teacher=tiny_teacher, log=said.append)
+    # another block_rows is ignored by a store made with its blocks: said, and not recorded as used (a trial)
+    assert f"note: {cfg.out} keeps the blocks of 8 rows it was made with; block_rows=16 applies to a new store" in said
     st = Store(cfg.out)
     first, second = st.manifest["calls"]
     assert st.manifest["config"]["batch_size"] == 4

@@ -129,6 +129,7 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
     shard, num_shards = resolve_shard(cfg.shard, cfg.num_shards)
     if num_shards > 1 and not BACKENDS.get(backend).multi_writer:
         raise ConfigError(f"{backend} stores take one writer; use a .zarr store for --num-shards {num_shards}")
+    cfg = _kept_blocks(cfg, backend, log)
     dataset = dataset or build_dataset(cfg.dataset)
     dataset.require_files()
     _require_classes(cfg, dataset, backend)  # before the teacher: a bad class list costs nothing
@@ -342,6 +343,24 @@ def _say_resumed_otherwise(began: Dict, cfg: ExtractConfig, now: Dict, log: Call
                 if "synthesis" in now else "blocks encoded now may differ from theirs by float rounding")
         log(f"resuming with {now['threads']} CPU threads; the store began with {threads}: {what}; "
             f"OMP_NUM_THREADS={threads} keeps the store byte-identical")
+
+
+def _kept_blocks(cfg: ExtractConfig, backend: str, log: Callable[[str], None]) -> ExtractConfig:
+    """``cfg`` with the block_rows of the store it resumes: a store keeps the row blocks it was made with.
+    Another value was ignored without a word, and the call's record said it was used (a trial): said,
+    and set back."""
+    if not Store.exists(cfg.out, backend):
+        return cfg
+    try:
+        with Store(cfg.out, "r", backend) as st:
+            kept = int(st.layout["block_rows"])
+    except Exception:  # the store's own open, below, says what is wrong with it
+        return cfg
+    if kept != cfg.block_rows:
+        log(f"note: {cfg.out} keeps the blocks of {kept} rows it was made with; block_rows={cfg.block_rows} applies to "
+            "a new store")
+        cfg = replace(cfg, block_rows=kept)
+    return cfg
 
 
 def _say_moved_service(began: Dict, now: Dict, log: Callable[[str], None]) -> None:
