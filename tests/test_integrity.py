@@ -784,7 +784,10 @@ def test_damaged_store_metadata_is_one_line(make_cfg, tiny_teacher):
 
 @pytest.mark.parametrize("array,change", [("text/name/class_emb", {"data_type": "int32"}),
                                           ("image/emb", {"data_type": "int16"}),
-                                          ("image/emb", {"shape": "wider"})])
+                                          ("image/emb", {"shape": "wider"}),
+                                          # read as damaged blocks, repaired by re-encoding all (a trial):
+                                          ("image/emb", {"endian": "big"}),
+                                          ("image/pixels", {"chunk_shape": "halved"})])
 def test_an_array_whose_metadata_was_altered_is_refused(make_cfg, tiny_teacher, array, change):
     """An array's zarr.json given another type (the same bytes, so every checksum still held): verify
     said intact while label scores read as 1e10 or readers crashed; another shape sent `verify --repair`
@@ -795,6 +798,12 @@ def test_an_array_whose_metadata_was_altered_is_refused(make_cfg, tiny_teacher, 
     doc = json.loads(meta.read_text())
     if change.get("shape") == "wider":
         change = {"shape": doc["shape"][:-1] + [doc["shape"][-1] * 2]}
+    if change.get("endian"):
+        change = {"codecs": [{**c, "configuration": {"endian": "big"}} if c["name"] == "bytes" else c
+                             for c in doc["codecs"]]}
+    if change.get("chunk_shape"):
+        grid = doc["chunk_grid"]["configuration"]["chunk_shape"]
+        change = {"chunk_grid": {**doc["chunk_grid"], "configuration": {"chunk_shape": [grid[0] // 2, *grid[1:]]}}}
     meta.write_text(json.dumps({**doc, **change}))
     for cmd in (["verify", cfg.out, "--no-progress"], ["verify", cfg.out, "--no-progress", "--repair"], ["inspect", cfg.out]):
         res = CliRunner().invoke(main, cmd)

@@ -212,7 +212,12 @@ class ZarrBackend:
         return tuple(self._array(name).chunks)
 
     def dtype(self, name: str) -> np.dtype:
-        return np.dtype(self._array(name).dtype)
+        """Its type with its byte order: Zarr keeps that in the bytes codec, not the data type."""
+        arr = self._array(name)
+        endian = next((getattr(getattr(c, "endian", None), "value", None) for c in getattr(arr.metadata, "codecs", ())
+                       if type(c).__name__ == "BytesCodec"), None)
+        dtype = np.dtype(arr.dtype)
+        return dtype.newbyteorder(">" if endian == "big" else "<") if endian and dtype.itemsize > 1 else dtype
 
     def compressed(self, name: str) -> bool:
         """Whether chunks are decoded whole (a codec besides the plain bytes one)."""

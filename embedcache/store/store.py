@@ -216,16 +216,25 @@ class Store:
     def _refuse_altered_arrays(self) -> None:
         """An array whose own metadata gives another type or shape than the store's layout (its zarr.json
         edited): the bytes, and so their checksums, are unchanged, but every value read would be wrong."""
+        blocks = set(self.layout.get("block_arrays", ()))
         for a, spec in self.layout.get("arrays", {}).items():
             if not self.b.has(a):
                 continue  # a prompt array lost as a whole, remade when the store finishes
-            want = (np.dtype(spec["dtype"]), tuple(spec["shape"]))
-            got = (self.b.dtype(a), tuple(self.b.shape(a)))
+            want = (np.dtype(spec["dtype"]).newbyteorder("<"), tuple(spec["shape"]))
+            got = (self.b.dtype(a).newbyteorder("<") if self.b.dtype(a).byteorder == "=" else self.b.dtype(a),
+                   tuple(self.b.shape(a)))
+            why = "every value read would be wrong"
+            if got == want and a in blocks:  # block arrays: in chunks of a block, or of whole blocks once packed
+                chunks, rows = tuple(self.b.chunks(a)), {int(spec["chunks"][0]), packed_rows(self.layout, a)}
+                if chunks[0] not in rows or list(chunks[1:]) != list(spec["chunks"][1:]):
+                    got, want = (got[0], f"{got[1]} in chunks of {chunks}"), (want[0], f"{want[1]} in chunks of "
+                                                                                     f"{tuple(spec['chunks'])}")
+                    why = "its rows would be read from other chunks"
             if got != want:
                 self.close()
                 raise StoreDamagedError(
                     f"{self.path}: array {a} reads as {got[0]} {got[1]}, but the store's layout made it {want[0]} "
-                    f"{want[1]} (its metadata altered: every value read would be wrong); put its metadata back, or "
+                    f"{want[1]} (its metadata altered: {why}); put its metadata back, or "
                     "delete the store and rerun the command that made it")
 
     # --- making one ---------------------------------------------------------------------------------
