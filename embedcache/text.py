@@ -83,6 +83,11 @@ def load_templates(name: str) -> List[str]:
     bad = [t for t in templates if "{}" not in t]
     if bad or not templates:
         raise ConfigError(f"template file {name!r} needs one template per line with a {{}} slot; bad line: {bad[:1]}")
+    repeated = sorted({t for t in templates if templates.count(t) > 1})
+    if repeated:  # kept (a weighting may be meant), but said: it was silent (a trial)
+        warnings.warn(f"template file {name!r} repeats {len(repeated)} template(s) (e.g. {repeated[0]!r}): each counts in "
+                      "a class's mean embedding as often as it appears; remove the repeats for an ensemble of distinct "
+                      "templates")
     return templates
 
 

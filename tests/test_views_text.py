@@ -193,3 +193,13 @@ def test_numbered_class_names_are_kept_with_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build_prompts(["001.Black_footed_Albatross", "dog", "7up"], TextConfig(sources=("name",)))
+
+
+def test_a_template_file_that_repeats_a_template_says_so(tmp_path):
+    """A template listed twice counted twice in every class's mean embedding without a word (a trial)."""
+    from embedcache.text import load_templates
+
+    f = tmp_path / "tpl.txt"
+    f.write_text("a photo of a {}.\na sketch of a {}.\na photo of a {}.\n")
+    with pytest.warns(UserWarning, match=r"repeats 1 template\(s\) \(e.g. 'a photo of a \{\}.'\): each counts"):
+        assert load_templates(str(f)) == ["a photo of a {}.", "a sketch of a {}.", "a photo of a {}."]  # kept as given
