@@ -403,6 +403,8 @@ def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str,
         if "=" not in item:
             raise ConfigError(f"--set {item!r} is not key=value; write e.g. --set views.count=4")
         key, raw = item.split("=", 1)
+        if not key.strip() or "" in key.strip().split("."):
+            raise ConfigError(f"--set {item!r} names no setting before '='; write e.g. --set views.count=4")
         value = parse_yaml(raw, f"--set {item!r}") if raw.strip() else None
         set_path(data, key.strip(), value)
     return data

@@ -15,6 +15,8 @@ A refused image raises ``ImageDecodeError``; extraction records it as a failed r
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -67,7 +69,9 @@ def to_rgb8(image: Image.Image) -> Image.Image:
 
 def read_rgb8(path) -> Image.Image:
     """The image file at ``path`` as an 8-bit RGB image (``to_rgb8``); raises on a missing, corrupt or
-    refused file."""
+    refused file (an empty one as such: Pillow's "cannot identify image file" said nothing of why)."""
+    if os.path.getsize(path) == 0:
+        raise ValueError("the file is empty (0 bytes)")
     with Image.open(path) as im:
         im.load()
         return to_rgb8(im)

@@ -254,3 +254,12 @@ def test_a_negative_seed_and_a_canvas_past_the_resize_limit_are_refused_in_one_l
         build_config(ExtractConfig, apply_overrides(to_dict(ExtractConfig()), [override]))
     from embedcache.views import MAX_RESIZED_PIXELS
     assert 5656 ** 2 <= MAX_RESIZED_PIXELS < 5657 ** 2  # the largest canvas any image may be resized to
+
+
+def test_a_set_with_no_setting_name_is_one_line():
+    """`--set =3` said "unknown config key ;" (an empty name)."""
+    from embedcache.config import apply_overrides
+
+    for bad in ("=3", "views.=3", " =3"):
+        with pytest.raises(ConfigError, match=r"names no setting before '='; write e.g. --set views.count=4"):
+            apply_overrides({"views": {"count": 1}}, [bad])

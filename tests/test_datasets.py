@@ -399,3 +399,12 @@ def test_folders_with_no_image_are_said_with_the_classes_they_take_out(tmp_path)
     with pytest.warns(UserWarning, match=r"folders with no image file \(cartoon, sketch/elephant\); add") as got:
         build_dataset(DatasetConfig(name="domainbed", path=str(tmp_path)))
     assert not any("class list" in str(w.message) for w in got)  # elephant is a class (of photo): none lost
+
+
+def test_an_empty_image_file_is_said_to_be_empty(tmp_path):
+    """A zero-byte .jpg was recorded as Pillow's "cannot identify image file", which says nothing of why."""
+    from embedcache.images import read_rgb8
+
+    (tmp_path / "a.jpg").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"^the file is empty \(0 bytes\)$"):
+        read_rgb8(tmp_path / "a.jpg")
