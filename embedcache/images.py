@@ -71,7 +71,7 @@ def read_rgb8(path) -> Image.Image:
     """The image file at ``path`` as an 8-bit RGB image (``to_rgb8``); raises on a missing, corrupt or
     refused file (an empty one as such: Pillow's "cannot identify image file" said nothing of why)."""
     if os.path.getsize(path) == 0:
-        raise ValueError("the file is empty (0 bytes)")
+        raise OSError("the file is empty (0 bytes)")  # an OSError, as Pillow's unreadable-file errors are
     with Image.open(path) as im:
         im.load()
         return to_rgb8(im)

@@ -406,5 +406,5 @@ def test_an_empty_image_file_is_said_to_be_empty(tmp_path):
     from embedcache.images import read_rgb8
 
     (tmp_path / "a.jpg").write_bytes(b"")
-    with pytest.raises(ValueError, match=r"^the file is empty \(0 bytes\)$"):
+    with pytest.raises(OSError, match=r"^the file is empty \(0 bytes\)$"):
         read_rgb8(tmp_path / "a.jpg")
