@@ -64,4 +64,6 @@ def one_line_warning(message, category, filename, lineno, file=None, line=None) 
 
     from tqdm import tqdm
 
-    tqdm.write(f"warning: {message}", file=file or sys.stderr)
+    out = file or sys.stderr
+    tqdm.write(f"warning: {message}", file=out)
+    out.flush()  # said where it happens, between the lines around it (tqdm.write does not flush)
