@@ -645,6 +645,7 @@ class Trainer:
         if not all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()):
             raise self.diverged(f"its final weights ({selected['rule']}) hold NaN or inf", self.cfg.steps)
         self.run_dir.save_weights(state)
+        threads = self.threads_used()
         summary = {"val_top1": val, "steps": self.cfg.steps, "batch_rows": self.batch_rows, "selected": selected,
                    "loop_seconds": loop_seconds,
                    "seconds": time.time() - t_start, "store_key": self.data.key, "recipe": self.recipe.name,
@@ -652,7 +653,7 @@ class Trainer:
                    # float reductions split over another thread count round differently: runs compare bit
                    # for bit only at equal thread counts (and torch versions)
                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(self.device),
-                   **({"torch_threads_earlier": self.threads_used()[:-1]} if len(self.threads_used()) > 1 else {}),
+                   **({"torch_threads_earlier": threads[:-1]} if len(threads) > 1 else {}),
                    # how each stage took its gradients: the two agree to float32 rounding, not bit for bit
                    "gradients": ["closed form, float32" if HeadStep.applies(self.model, st, self.inputs.kind)
                                  else "autograd, bf16 autocast" if self.amp else "autograd" for st in self.recipe.stages],

@@ -395,8 +395,10 @@ def _lost_in_store(store: Store, teacher) -> None:
     """Requests an earlier call of the store counted as possibly paid (stopped with a send out, or its
     answer lost): handed to a paid teacher, so that this call's answer to them settles those books."""
     inherit = getattr(teacher, "inherit_lost", None)
+    if not callable(inherit):  # a local teacher: no books to read
+        return
     lost = (store.usage() or {}).get("lost_requests")
-    if callable(inherit) and isinstance(lost, dict) and lost:
+    if isinstance(lost, dict) and lost:
         inherit(lost)
 
 

@@ -220,9 +220,9 @@ class Store:
         for a, spec in self.layout.get("arrays", {}).items():
             if not self.b.has(a):
                 continue  # a prompt array lost as a whole, remade when the store finishes
+            # stores are little-endian ('<' and the native '=' compare equal on a little-endian machine)
             want = (np.dtype(spec["dtype"]).newbyteorder("<"), tuple(spec["shape"]))
-            got = (self.b.dtype(a).newbyteorder("<") if self.b.dtype(a).byteorder == "=" else self.b.dtype(a),
-                   tuple(self.b.shape(a)))
+            got = (self.b.dtype(a), tuple(self.b.shape(a)))
             why = "every value read would be wrong"
             if got == want and a in blocks:  # block arrays: in chunks of a block, or of whole blocks once packed
                 chunks, rows = tuple(self.b.chunks(a)), {int(spec["chunks"][0]), packed_rows(self.layout, a)}
@@ -704,8 +704,9 @@ class Store:
         meta.parquet (train_classes would pick other rows)."""
         if not self.complete:
             return ""
-        if self.manifest_altered():
-            return self.manifest_altered()
+        altered = self.manifest_altered()
+        if altered:
+            return altered
         if not self.manifest.get("checksums"):
             return " has lost the checksums of its tables and text arrays"
         return names_disagree(self.manifest, self.table("meta.parquet"))
