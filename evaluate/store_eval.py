@@ -88,7 +88,7 @@ NAMED_BY = ["store_key", "recipe", "student", "source", "variant", "unseen"]  # 
 
 def method_frame(results: pd.DataFrame) -> pd.DataFrame:
     """The results in the schema, with ``unseen``: the classes a row's model never trained on (the
-    class part of its ``holdout``; '' for none), which a method's rows share. Held-out domains are
+    class part of its ``holdout``; "-" for none), which a method's rows share. Held-out domains are
     not part of a method: a leave-one-domain-out method's runs each hold out one. Rows scored before
     runs recorded their ``settings`` ('-') are a method of their own: what they were trained with is
     not known (a naive_kd run of then ran another KD). Rows scored before ``trained_on`` was recorded
@@ -97,7 +97,7 @@ def method_frame(results: pd.DataFrame) -> pd.DataFrame:
     own = (results["trained_on"] == "-") & ~results["holdout"].astype(str).str.startswith("transfer")
     results["trained_on"] = results["trained_on"].where(~own, results["store_key"])  # older rows: their own store's
     results["holdout"] = _with_held_domains(results)
-    return results.assign(unseen=results["holdout"].astype(str).str.extract(r"unseen: (.*)$", expand=False).fillna(""))
+    return results.assign(unseen=results["holdout"].astype(str).str.extract(r"unseen: (.*)$", expand=False).fillna("-"))
 
 
 def _with_held_domains(results: pd.DataFrame) -> pd.Series:

@@ -881,3 +881,14 @@ def test_rescoring_keeps_the_rows_of_settings_it_did_not_compute_scope_by_scope(
     assert {"finetune@50", "finetune_mixed@50", "prototype@2shot"} <= set(got.split)
     got = upsert(out, rows("few_shot", ["prototype"]))  # tip_adapter's plain row is this scoring's setting: gone
     assert "tip_adapter" not in set(got.split) and "finetune@50" in set(got.split)
+
+
+def test_a_method_of_no_class_split_beside_class_splits_says_so_with_a_dash():
+    """A leave-one-domain-out method in a table beside class-split ones had a blank ``unseen`` cell,
+    which read as a value left out; the other columns say "-" for none."""
+    from embedcache.evaluate.store_eval import summary_table
+
+    rows = [("unseen_zero_shot", "all", 0, 1.0, {"holdout": "unseen: cat"}),
+            ("ood", "d1", 0, 0.2, {"holdout": "d1"})]
+    t = summary_table(_top1_rows(rows))
+    assert sorted(t.index.get_level_values("unseen")) == ["-", "cat"]
