@@ -401,7 +401,8 @@ def _calls_line(calls: Optional[List[Dict]]) -> str:
         threads = {"threads": c.get("threads")} if c.get("threads") != calls[0].get("threads") else {}
         other = {**(c.get("settings") or {}), **(c.get("versions") or {}), **threads}
         if other:
-            parts.append(f"{c.get('began')}: " + ", ".join(f"{k}={v}" for k, v in other.items()))
+            parts.append(f"{c.get('began')}: " + ", ".join(f"{k}={v}" if v is not None else f"{k} not set"
+                                                           for k, v in other.items()))
     return "; ".join(parts)
 
 

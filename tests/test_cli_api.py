@@ -115,3 +115,14 @@ def test_inspect_names_the_teachers_weights_in_words():
     assert teacher_line(random) == "open_clip tiny (random weights: no teacher.pretrained)"
     assert teacher_line({"name": "open_clip", "model": "ViT-B-32", "pretrained": "openai"}) == "open_clip ViT-B-32 openai"
     assert teacher_line({"name": "conse", "classifier": "efficientnet-lite0"}) == "conse efficientnet-lite0"
+
+
+def test_the_calls_line_says_a_setting_a_later_call_did_not_give_as_not_set():
+    """A resume without a setting the first call gave printed ``teacher.limits.rate=None``, a Python
+    value where the line speaks of settings."""
+    from embedcache.api import _calls_line
+
+    calls = [{"began": "t0", "device": "cpu", "threads": 2, "settings": {}, "versions": {}},
+             {"began": "t1", "device": "cpu", "threads": 2, "settings": {"a.b": None, "c": 3}, "versions": {}}]
+    line = _calls_line(calls)
+    assert "None" not in line and "a.b not set" in line and "c=3" in line
