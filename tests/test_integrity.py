@@ -1018,3 +1018,16 @@ def test_lost_prompt_arrays_are_encoded_again(make_cfg, tiny_teacher, how):
     assert encoded == []  # no image encoded again
     _same(good, _arrays(cfg.out))
     assert verify_store(cfg.out, progress=False, log=quiet).report.ok
+
+
+def test_a_lost_chunk_of_a_prompt_array_is_said_missing(make_cfg, tiny_teacher):
+    """A text array's chunk file deleted read back as zarr's zeros and was said as "does not match its
+    checksum": the damage is a missing file, which is what a user looks for."""
+    cfg = make_cfg("chunk.zarr")
+    extract(cfg, teacher=tiny_teacher, log=quiet)
+    chunks = sorted(p for p in (Path(cfg.out) / "text" / "name" / "class_emb" / "c").rglob("*") if p.is_file())
+    chunks[0].unlink()
+    with pytest.raises(StoreDamagedError, match=r"text/name/class_emb: its chunk file of rows 0-\d+ is missing"):
+        embedcache.open_store(cfg.out).class_emb("name")
+    report = Store(cfg.out, mode="r").verify()
+    assert report.files["text/name/class_emb"].startswith("its chunk file of rows 0-"), report.files

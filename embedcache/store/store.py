@@ -631,7 +631,7 @@ class Store:
         """Part ``part`` of array ``name`` read back as ``crc``, not its checksum: refused, unless only the
         blocks' summary was wrong (the block's own checksum then matches: the summary is distrusted)."""
         if not self._is_block_array(name):
-            raise self._damaged(name, "it does not match its checksum")
+            raise self._damaged(name, self._absent_chunks(name) or "it does not match its checksum")
         if self._own_sum(name, part) != crc:
             start, stop = parts[part]
             raise self._damaged(name, f"rows {start}-{stop - 1} (block {part}) do not match their checksum")
@@ -815,9 +815,24 @@ class Store:
         if not self.b.has(name):
             return "missing"
         try:
-            return "" if checksum(self.b.read(name)) == want else "does not match its checksum"
+            return "" if checksum(self.b.read(name)) == want else (self._absent_chunks(name) or
+                                                                    "does not match its checksum")
         except Exception as exc:
             return f"cannot be decoded ({type(exc).__name__})"
+
+    def _absent_chunks(self, name: str) -> str:
+        """Which chunk files of a whole array are gone ('' if none, or the backend keeps no files):
+        zarr reads a lost chunk back as zeros, which the checksum then finds, said as what it is."""
+        present = self.b.chunk_rows_present(name)
+        if present is None:
+            return ""
+        n, rows = self.b.shape(name)[0], self.b.chunks(name)[0]
+        gone = sorted(set(range(-(-n // rows))) - present)
+        if not gone:
+            return ""
+        first, last = gone[0] * rows, min(n, (gone[-1] + 1) * rows) - 1
+        return (f"its chunk file of rows {first}-{last} is missing" if len(gone) == 1 else
+                f"{len(gone)} of its chunk files (rows {first}-{last}) are missing")
 
     # --- derived arrays (computed from a finished store, e.g. cached student features) ---------------------
     def derived(self) -> Dict[str, Dict[str, Any]]:
