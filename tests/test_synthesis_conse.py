@@ -35,3 +35,11 @@ def test_conse_injected_word_equals_the_word_and_gradients_reach_style_and_pixel
     (gx,) = torch.autograd.grad(emb[:, 0].sum(), [x])
     assert gx.abs().sum() > 0
     assert all(p.grad is None for p in conse.classifier.parameters())
+
+
+@pytest.mark.slow
+def test_counting_a_long_prompts_tokens_says_nothing_of_its_own(conse, capfd, caplog):
+    """Counting tokens (for the truncation the store records and warns about) printed transformers'
+    own "Token indices sequence length is longer ..." beside embedcache's warning."""
+    assert conse.count_tokens(["word " * 600]) == [602]
+    assert "sequence length" not in capfd.readouterr().err + caplog.text  # pytest takes the log record

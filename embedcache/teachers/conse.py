@@ -105,7 +105,8 @@ class ConseTeacher(Teacher):
         return emb.float().cpu()
 
     def count_tokens(self, texts: List[str]) -> List[int]:
-        return [len(ids) for ids in self.sentence.tokenizer(list(texts))["input_ids"]]
+        # verbose=False: the count is for embedcache's own truncation warning, not transformers' too
+        return [len(ids) for ids in self.sentence.tokenizer(list(texts), verbose=False)["input_ids"]]
 
 
 def _quietly(load):

@@ -169,5 +169,5 @@ class OpenClipTeacher(Teacher):
         if hasattr(tok, "encode") and hasattr(tok, "sot_token_id"):  # open_clip's SimpleTokenizer
             return [len(tok.encode(t)) + 2 for t in texts]
         if hasattr(tok, "tokenizer"):  # HFTokenizer wraps a transformers tokenizer
-            return [len(ids) for ids in tok.tokenizer(list(texts))["input_ids"]]
+            return [len(ids) for ids in tok.tokenizer(list(texts), verbose=False)["input_ids"]]  # ours warns
         raise TeacherLoadError(f"cannot count tokens for tokenizer {type(tok).__name__}")
