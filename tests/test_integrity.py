@@ -884,17 +884,19 @@ def test_a_store_made_with_a_setting_its_dataset_ignored_still_repairs(make_cfg,
     _same(before, _arrays(cfg.out))
 
 
-@pytest.mark.parametrize("lost", ["image/view_params", "image/emb/zarr.json", "blocks/crc32c"])
+@pytest.mark.parametrize("lost", ["image/view_params", "image/emb/zarr.json", "blocks/crc32c+blocks.npz"])
 def test_a_whole_array_lost_is_one_line_everywhere(make_cfg, tiny_teacher, lost):
     """A deleted array (not a damaged block) was a KeyError traceback in open_store, evaluate, verify,
-    `verify --repair` (which also un-finished the store) and the extract rerun."""
+    `verify --repair` (which also un-finished the store) and the extract rerun. (The blocks' bookkeeping
+    lost with its summary: nothing holds its checksums any more.)"""
     import shutil
 
     cfg = make_cfg("lost.zarr")
     extract(cfg, teacher=tiny_teacher, log=quiet)
-    target = Path(cfg.out) / lost
-    shutil.rmtree(target) if target.is_dir() else target.unlink()
-    name = lost.removesuffix("/zarr.json")
+    for part in lost.split("+"):
+        target = Path(cfg.out) / part
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    name = lost.split("+")[0].removesuffix("/zarr.json")
     says = rf"lost.zarr: array {name}\S* is missing .*delete the store and rerun the command that made it"
     with pytest.raises(StoreDamagedError, match=says):
         embedcache.open_store(cfg.out)
@@ -1031,3 +1033,33 @@ def test_a_lost_chunk_of_a_prompt_array_is_said_missing(make_cfg, tiny_teacher):
         embedcache.open_store(cfg.out).class_emb("name")
     report = Store(cfg.out, mode="r").verify()
     assert report.files["text/name/class_emb"].startswith("its chunk file of rows 0-"), report.files
+
+
+@pytest.mark.parametrize("how", ["verify --repair", "extract"])
+def test_lost_block_bookkeeping_is_restored_from_the_stores_summary(make_cfg, tiny_teacher, how):
+    """A complete store whose blocks/ folder was deleted was condemned ("delete the store and rerun"),
+    though its blocks.npz (checksummed in the manifest) holds the same done flags and checksums."""
+    import shutil
+
+    cfg = make_cfg("books.zarr")
+    extract(cfg, teacher=tiny_teacher, log=quiet)
+    good = _arrays(cfg.out)
+    with Store(cfg.out) as st:
+        done, sums = st.b.read("blocks/done"), st.b.read("blocks/crc32c")
+    shutil.rmtree(Path(cfg.out) / "blocks")
+    with pytest.raises(StoreDamagedError, match=r"array blocks/\S+ is missing \(the blocks' bookkeeping, lost as a "
+                                                r"whole\); `embedcache verify --repair \S+books.zarr` \(or the store's own "
+                                                r"command\) restores it from its blocks.npz"):
+        embedcache.open_store(cfg.out)
+    if how == "extract":
+        encoded = []
+        assert extract(cfg, teacher=tiny_teacher, log=quiet, on_block_done=encoded.append).complete and not encoded
+    else:
+        res = CliRunner().invoke(main, ["verify", "--repair", cfg.out, "--no-progress"])
+        assert res.exit_code == 0 and "restored from blocks.npz" in res.output, res.output
+    with Store(cfg.out) as st:
+        assert np.array_equal(st.b.read("blocks/done"), done) and np.array_equal(st.b.read("blocks/crc32c"), sums)
+        assert st.complete and st.verify().ok
+    _same(good, _arrays(cfg.out))
+    res = CliRunner().invoke(main, ["verify", cfg.out, "--no-progress"])
+    assert res.exit_code == 0, res.output

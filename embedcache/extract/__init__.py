@@ -85,7 +85,7 @@ def open_or_create(cfg: ExtractConfig, manifest: Dict, layout: Dict) -> Store:
         store = Store(cfg.out, "a", backend, rebuild_text=True)
         try:
             made_so(store, manifest)
-            store.rebuild_lost_text()  # the store wanted: its prompts are encoded again at the finish
+            store.rebuild_lost()  # the store wanted: its prompts are encoded again at the finish
             return store
         except Exception:
             store.close()

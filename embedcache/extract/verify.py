@@ -10,6 +10,7 @@ from ..config import ViewsConfig, build_config
 from ..errors import ConfigError, StoreDamagedError, StoreError
 from ..fileio import json_digest
 from ..store import IntegrityReport, Store
+from ..store.store import BLOCKS_SUMMARY
 
 
 @dataclass
@@ -60,8 +61,8 @@ def verify_store(path: str, repair: bool = False, overrides: Sequence[str] = (),
     if overrides and not repair:
         raise ConfigError("overrides change the extraction a repair runs; give them with a repair (verify --repair)")
     with Store(path, "a" if repair else "r", rebuild_text=repair) as st:
-        lost_text = list(st.lost_text)
-        st.rebuild_lost_text()  # made again empty, the store unfinished: the extraction below encodes them
+        lost_text, restored = list(st.lost_text), list(st.lost_books)
+        st.rebuild_lost()  # bookkeeping restored; prompts made again empty, the store unfinished: encoded below
         report = st.verify(progress=progress)
         manifest, producer = st.manifest, st.producer
         edited = ("" if "meta.parquet" in report.files else st.manifest_problem()) or _apart_line(st.manifest)
@@ -71,6 +72,8 @@ def verify_store(path: str, repair: bool = False, overrides: Sequence[str] = (),
         raise StoreDamagedError(f"{path}: the manifest{edited} (edited by hand?); restore the manifest (its store's "
                                 "zarr.json or HDF5 attribute, from a copy), or extract the store again")
     out = Verified(report, len(manifest.get("checksums", {})), unfinished, remade=lost_text if repair else [])
+    for a in restored:
+        log(f"repaired: {a}: lost as a whole (restored from {BLOCKS_SUMMARY}, which holds the same flags and checksums)")
     if report.ok and not report.derived and not lost_text:
         return out
     for line in report.lines() + [f"{a}: lost as a whole (encoded again)" for a in lost_text]:

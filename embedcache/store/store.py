@@ -142,9 +142,11 @@ class Store:
     ``Store.create`` makes a new one. Analysts use ``embedcache.open_store``, which wraps this."""
 
     def __init__(self, path: str, mode: str = "r", backend: Optional[str] = None, rebuild_text: bool = False):
-        """``rebuild_text`` (the store's own command, a repair): prompt arrays lost as a whole are let
-        through, for ``rebuild_lost_text`` to make again once the store is known to be the one wanted."""
+        """``rebuild_text`` (the store's own command, a repair): prompt arrays, and a complete store's
+        block bookkeeping, lost as a whole are let through, for ``rebuild_lost`` to make again once the
+        store is known to be the one wanted."""
         self.lost_text: List[str] = []
+        self.lost_books: List[str] = []  # the blocks' bookkeeping lost as a whole, restored from the summary
         self.path = str(path)
         self.mode = mode
         self.backend_name = backend_name_for(path, backend)
@@ -173,16 +175,24 @@ class Store:
                                      f"schema {SCHEMA_VERSION}; re-extract it with this version (use a new --out)")
         self._refuse_missing_arrays(rebuild_text and mode != "r")
 
-    def rebuild_lost_text(self) -> None:
-        """The prompt arrays lost as a whole made again, empty, and the store marked unfinished: finishing
-        it encodes the prompts again (a paid teacher's answers come from its ledger)."""
+    def rebuild_lost(self) -> None:
+        """The arrays lost as a whole that can be made again: the blocks' bookkeeping written back from a
+        complete store's summary (checksummed in its manifest); the prompt arrays made again, empty, and
+        the store marked unfinished: finishing it encodes the prompts again (a paid teacher's answers
+        come from its ledger)."""
+        kept = self._load_summary() if self.lost_books else None
+        for a in self.lost_books:
+            spec = self.layout["arrays"][a]
+            self.b.create_array(a, spec["shape"], spec["dtype"], spec["chunks"], spec.get("codec", "zstd"))
+            self.b.write(a, 0, np.asarray(kept[a], spec["dtype"]))
         for a in self.lost_text:
             spec = self.layout["arrays"][a]
             self.b.create_array(a, spec["shape"], spec["dtype"], spec["chunks"], spec.get("codec", "zstd"))
         if self.lost_text:
             self.write_manifest({**self.manifest, "complete": False})
+        if self.lost_text or self.lost_books:
             self.b.flush()
-            self.lost_text = []
+        self.lost_text, self.lost_books = [], []
 
     def _refuse_missing_arrays(self, rebuild_text: bool = False) -> None:
         """An array of the layout gone as a whole (deleted, its metadata lost) cannot be re-done block by
@@ -197,14 +207,17 @@ class Store:
                     missing = [a for a in missing if not self.b.has(a)]
             except OSError:  # read-only storage: no lock to take, and nothing moves there either
                 pass
-        if missing and all(a.startswith("text/") for a in missing):  # the prompts: encoded again at the finish
+        text = [a for a in missing if a.startswith("text/")]  # the prompts: encoded again at the finish
+        books = [a for a in missing if a.startswith("blocks/")] if self._load_summary() is not None else []
+        if missing and len(text) + len(books) == len(missing):  # the bookkeeping: from the summary, at once
             if rebuild_text:
-                self.lost_text = missing
+                self.lost_text, self.lost_books = text, books
                 return
             self.close()
-            raise StoreDamagedError(f"{self.path}: array {missing[0]} is missing (the prompts' embeddings, lost as a "
-                                    f"whole); `embedcache verify --repair {self.path}` (or the store's own command) "
-                                    "encodes the prompts again")
+            what, fix = (("the prompts' embeddings", "encodes the prompts again") if text else
+                         ("the blocks' bookkeeping", f"restores it from its {BLOCKS_SUMMARY}"))
+            raise StoreDamagedError(f"{self.path}: array {missing[0]} is missing ({what}, lost as a whole); "
+                                    f"`embedcache verify --repair {self.path}` (or the store's own command) {fix}")
         if missing:
             self.close()
             raise StoreDamagedError(f"{self.path}: array {missing[0]} is missing ({len(missing)} of the store's "
