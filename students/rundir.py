@@ -19,6 +19,8 @@ leaves half a file behind.
 from __future__ import annotations
 
 import json
+import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
@@ -33,6 +35,44 @@ from .config import TrainConfig
 # written beside the TrainConfig fields in config.json
 CONFIG_EXTRAS = ("store_key", "store_path", "recipe_definition")
 MARKS = ("config.json", "error.txt")  # what makes a folder a run: its config, or a sweep's record of its failure
+
+
+WEIGHTS_SUM = "weights_crc32c"  # summary.json: model.safetensors' checksum (safetensors keeps none)
+
+
+def _file_crc(f: Path) -> int:
+    from embedcache.store.integrity import checksum
+
+    crc = 0
+    with open(f, "rb") as fh:
+        for piece in iter(lambda: fh.read(1 << 24), b""):
+            crc = checksum(piece, crc)
+    return crc
+
+
+@contextmanager
+def _zip_checksums():
+    """torch.save writing each record's CRC-32 (its default, which a user may have turned off)."""
+    from torch import serialization
+
+    was = serialization.get_crc32_options() if hasattr(serialization, "get_crc32_options") else True
+    if not was:
+        serialization.set_crc32_options(True)
+    try:
+        yield
+    finally:
+        if not was:
+            serialization.set_crc32_options(False)
+
+
+def _damaged_record(f: Path) -> str:
+    """The first record of a checkpoint (a zip) whose bytes do not match their CRC-32 ('' for none, or
+    for a checkpoint written without CRCs: every one 0)."""
+    with zipfile.ZipFile(f) as z:
+        bad = z.testzip()
+        if bad and all(i.CRC == 0 for i in z.infolist()):
+            return ""
+        return bad or ""
 
 
 class RunDir:
@@ -135,17 +175,27 @@ class RunDir:
         atomic_write_text(self.file("metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
 
     def save_checkpoint(self, state: Dict[str, Any]) -> None:
-        atomic_write(self.file("checkpoint.pt"), lambda tmp: torch.save(state, tmp))
+        with _zip_checksums():
+            atomic_write(self.file("checkpoint.pt"), lambda tmp: torch.save(state, tmp))
 
     def load_checkpoint(self, device) -> Optional[Dict[str, Any]]:
+        """The resume state, its zip records checked against their CRC-32s first: damage that still
+        loads (a tensor's bytes changed) would resume from other weights, silently."""
         f = self.file("checkpoint.pt")
         if not f.exists():
             return None
+        fix = "delete it to restart the run from step 0"
+        try:
+            bad = _damaged_record(f)
+        except Exception as exc:
+            raise TrainingError(f"run {self.path}: checkpoint.pt cannot be read ({type(exc).__name__}); {fix}") from None
+        if bad:
+            raise TrainingError(f"run {self.path}: checkpoint.pt is damaged (its record {bad} does not match its "
+                                f"checksum); {fix}")
         try:
             return torch.load(f, map_location=device, weights_only=True)
         except Exception as exc:
-            raise TrainingError(f"run {self.path}: checkpoint.pt cannot be read ({type(exc).__name__}); delete it "
-                                "to restart the run from step 0") from None
+            raise TrainingError(f"run {self.path}: checkpoint.pt cannot be read ({type(exc).__name__}); {fix}") from None
 
     def drop_checkpoint(self) -> None:
         self.file("checkpoint.pt").unlink(missing_ok=True)
@@ -161,14 +211,21 @@ class RunDir:
         from safetensors.torch import load_file
 
         f = self.file("model.safetensors")
+        again = "delete the run's `done` file and rerun its train or sweep command to train it again"
         try:
-            return load_file(str(f))
+            weights = load_file(str(f))
+            want = self.summary.get(WEIGHTS_SUM) if self.file("summary.json").is_file() else None
+            if want is not None and _file_crc(f) != int(want):  # runs finished before it was kept: unchecked
+                raise TrainingError(f"run {self.path}: its weights {f.name} do not match the checksum its run recorded "
+                                    f"(altered or damaged on disk); {again}")
+            return weights
         except (SafetensorError, OSError) as exc:  # truncated, altered or missing: the run must be trained again
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise TrainingError(f"run {self.path}: its weights {f.name} cannot be read ({first}); delete the run's "
-                                "`done` file and rerun its train or sweep command to train it again") from None
+            raise TrainingError(f"run {self.path}: its weights {f.name} cannot be read ({first}); {again}") from None
 
     def finish(self, summary: Dict[str, Any], keep_checkpoint: bool = False) -> None:
+        """The summary (with the kept weights' CRC-32C, checked whenever they are loaded), then ``done``."""
+        summary = {**summary, WEIGHTS_SUM: _file_crc(self.file("model.safetensors"))}
         atomic_write_json(self.file("summary.json"), summary)
         atomic_write_text(self.file("done"), "ok\n")  # last: the run is finished
         self.file("error.txt").unlink(missing_ok=True)  # an earlier attempt's failure, no longer the news

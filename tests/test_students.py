@@ -1,6 +1,7 @@
 """Student training from a store: recipes, view consistency, determinism, resume, head-only mode."""
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 
@@ -887,3 +888,44 @@ def test_a_student_input_larger_than_the_canvas_is_said(make_cfg, tiny_teacher, 
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*larger than the store's")
         train(replace(cfg, student=StudentConfig(name="test_resnet", input_size=48), out=str(tmp_path / "fits")), log=quiet)
+
+
+def _flip_middle(f: Path) -> None:
+    """64 bytes zeroed mid-file: damage that still loads (a tensor's values changed)."""
+    raw = bytearray(f.read_bytes())
+    mid = len(raw) // 2
+    raw[mid:mid + 64] = bytes(64)
+    f.write_bytes(bytes(raw))
+
+
+def test_a_damaged_checkpoint_that_still_loads_is_refused_not_resumed(synthetic_store, tmp_path):
+    """A checkpoint with 64 bytes zeroed mid-file loaded and the run resumed from changed weights, exit 0
+    (a trial): its zip records' CRC-32s are checked before it is used."""
+    from embedcache.errors import TrainingError
+
+    def stop(step):
+        if step == 25:
+            raise KeyboardInterrupt
+
+    cut = _cfg(synthetic_store, tmp_path, name="cut")
+    with pytest.raises(KeyboardInterrupt):
+        train(cut, on_step=stop, log=quiet)
+    _flip_middle(tmp_path / "cut" / "checkpoint.pt")
+    with pytest.raises(TrainingError, match=r"checkpoint.pt is damaged \(its record \S+ does not match its "
+                                            r"checksum\); delete it to restart the run from step 0"):
+        train(cut, log=quiet)
+
+
+def test_damaged_weights_that_still_load_are_refused(synthetic_store, tmp_path):
+    """model.safetensors has no checksum of its own: bytes changed in a tensor were read as weights.
+    The summary keeps the file's CRC-32C, checked on loading."""
+    from embedcache.errors import TrainingError
+    from embedcache.students.rundir import RunDir
+
+    res = train(_cfg(synthetic_store, tmp_path, name="w"), log=quiet)
+    run = RunDir(res.out)
+    assert run.weights()  # intact
+    _flip_middle(Path(res.out) / "model.safetensors")
+    with pytest.raises(TrainingError, match=r"model.safetensors do not match the checksum its run recorded"):
+        run.weights()
+
