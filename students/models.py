@@ -231,10 +231,27 @@ def openclip_visual(cfg: StudentConfig, embed_dim: int, num_classes: int) -> Stu
                           "give student.model=local-dir:/folder or a name with local weights") from exc
     visual = model.visual
     pp = open_clip.get_model_preprocess_cfg(model)
-    size = pp.get("size", 224)
-    size = cfg.input_size or int(size if isinstance(size, int) else size[0])
+    native = pp.get("size", 224)
+    native = int(native if isinstance(native, int) else native[0])
+    size = cfg.input_size or native
+    if size != native:
+        _refuse_a_size_it_cannot_take(visual, cfg.model, size, native)
     return Student("openclip_visual", visual, int(visual.output_dim), embed_dim, num_classes, size,
                    pp.get("mean", (0.481, 0.458, 0.408)), pp.get("std", (0.269, 0.261, 0.276)), head="identity")
+
+
+def _refuse_a_size_it_cannot_take(visual: nn.Module, model: str, size: int, native: int) -> None:
+    """A CLIP tower's position embeddings (a ViT's grid, a ResNet's attention pool) fix its input size:
+    one image of ``size`` tried now, refused in one line, not a traceback from inside the first step."""
+    was = visual.training
+    try:
+        with torch.no_grad():
+            visual.eval()(torch.zeros(1, 3, size, size))
+    except RuntimeError:
+        raise ConfigError(f"student.input_size={size}: the openclip_visual tower {model} takes {native} px images "
+                          "only (its position embeddings); leave student.input_size out") from None
+    finally:
+        visual.train(was)
 
 
 def build_student(cfg: StudentConfig, embed_dim: int, num_classes: int = 0) -> Student:

@@ -929,3 +929,16 @@ def test_damaged_weights_that_still_load_are_refused(synthetic_store, tmp_path):
     with pytest.raises(TrainingError, match=r"model.safetensors do not match the checksum its run recorded"):
         run.weights()
 
+
+def test_an_input_size_a_clip_tower_cannot_take_is_one_line(tiny_clip_dir):
+    """student.input_size=32 on open_clip's RN50 was a RuntimeError traceback from inside its attention
+    pool (a trial): a CLIP tower's position embeddings fix its input size."""
+    from embedcache.errors import ConfigError
+    from embedcache.students.models import build_student
+
+    native = build_student(StudentConfig(name="openclip_visual", model=f"local-dir:{tiny_clip_dir}"), 32)
+    assert native.input_size == 32
+    with pytest.raises(ConfigError, match=r"student.input_size=48: the openclip_visual tower .* takes 32 px "
+                                          r"images only \(its position embeddings\); leave student.input_size out"):
+        build_student(StudentConfig(name="openclip_visual", model=f"local-dir:{tiny_clip_dir}", input_size=48), 32)
+
