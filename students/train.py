@@ -165,6 +165,25 @@ def stage_ends(recipe: Recipe, steps: int) -> List[int]:
     return ends
 
 
+def schedule_spans_stages(cfg: TrainConfig) -> bool:
+    return len(recipe_of(cfg).stages) > 1 and cfg.optim.schedule != "constant"
+
+
+def stage_schedule_note(cfg: TrainConfig) -> str:
+    """A note when one decaying schedule runs across a recipe's stages ('' otherwise): its last stage,
+    which the kept model comes from, trains at the schedule's tail."""
+    if not schedule_spans_stages(cfg):
+        return ""
+    recipe = recipe_of(cfg)
+    start = stage_ends(recipe, cfg.steps)[-2]
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.optim.lr)
+    factor = build_scheduler(cfg.optim, probe, cfg.steps).lr_lambdas[0]
+    first, last = (cfg.optim.lr * factor(s) for s in (start, cfg.steps - 1))
+    return (f"note: schedule {cfg.optim.schedule} runs across recipe {cfg.recipe}'s {len(recipe.stages)} stages, so "
+            f"its last stage (steps {start + 1}-{cfg.steps}, the kept model's) starts at lr {first:.3g} and ends at "
+            f"{last:.3g} of optim.lr {cfg.optim.lr:g}; `--set optim.schedule=constant` trains every stage at optim.lr")
+
+
 def set_trainable(model: Student, stage: Stage) -> None:
     """head: backbone frozen (eval mode, BN statistics fixed); backbone: projection frozen."""
     train_backbone = stage.train in ("all", "backbone")
@@ -669,6 +688,8 @@ class Trainer:
         if self.start:
             self.log(f"resuming {self.run_dir.path} from step {self.start}")
             self.say_other_threads()
+        elif stage_schedule_note(self.cfg):
+            self.log(stage_schedule_note(self.cfg))
         self.write_run_files()
         loop_seconds = self.loop()
         return self.finish(t0, loop_seconds)

@@ -942,3 +942,23 @@ def test_an_input_size_a_clip_tower_cannot_take_is_one_line(tiny_clip_dir):
                                           r"images only \(its position embeddings\); leave student.input_size out"):
         build_student(StudentConfig(name="openclip_visual", model=f"local-dir:{tiny_clip_dir}", input_size=48), 32)
 
+
+def test_a_schedule_across_a_recipes_stages_is_said_with_the_last_stages_rates(synthetic_store, tmp_path):
+    """vl2v_adip under cosine trained its Distill stage, which the kept model comes from, at the tail of
+    one schedule across both stages (lr 6.7e-5 of 1e-3 at its end) with nothing said (a trial)."""
+    from embedcache.students.train import OptimConfig, stage_ends
+    from embedcache.students.recipes import RECIPES
+
+    said = []
+    cfg = _cfg(synthetic_store, tmp_path, "vl2v_adip", steps=20, optim=OptimConfig(lr=1e-3, schedule="cosine"))
+    train(cfg, log=said.append)
+    rows = {json.loads(ln)["step"]: json.loads(ln)["lr"] for ln in open(tmp_path / "run" / "metrics.jsonl")}
+    start = stage_ends(RECIPES.get("vl2v_adip"), 20)[0]
+    note = [s for s in said if s.startswith("note: schedule cosine runs across recipe vl2v_adip's 2 stages")]
+    assert len(note) == 1 and "optim.schedule=constant" in note[0] and f"steps {start + 1}-20" in note[0], said
+    first = float(note[0].split("starts at lr ")[1].split(" ")[0])
+    assert first < 1e-3 and rows[20] < first  # the stage starts below optim.lr and falls from there
+    quiet_start = []
+    train(_cfg(synthetic_store, tmp_path, "vl2v_adip", name="const", steps=20,
+               optim=OptimConfig(lr=1e-3, schedule="constant")), log=quiet_start.append)
+    assert not any("runs across" in s for s in quiet_start)

@@ -951,3 +951,20 @@ def test_a_dropped_run_deleted_from_disk_stays_out_of_the_table(synthetic_store,
     (out / "results" / f"{ce[0]}.parquet").unlink()
     res = run_sweep(load_sweep(str(one)), str(out), progress=False, log=quiet)
     assert set(res["results"]["recipe"]) == {"feat_kd"} and set(collect(str(out))["recipe"]) == {"feat_kd"}
+
+
+def test_a_sweep_of_a_staged_recipe_under_a_decaying_schedule_says_so(synthetic_store, tmp_path):
+    """A sweep's runs train silently (their log goes nowhere): the note that one schedule runs across a
+    recipe's stages is said once, by the sweep, before its runs start."""
+    from embedcache.students.sweep import expand, load_sweep, stage_schedule_sweep_note
+
+    staged = _sweep_file(tmp_path, synthetic_store, holdout_domains=["outline"],
+                         grid={"recipe": ["vl2v_adip", "li_iccv23"], "seed": [0, 1]})
+    note = stage_schedule_sweep_note(expand(load_sweep(str(staged)), str(tmp_path / "x")))
+    assert note and note.startswith("note: vl2v_adip under cosine:") and "li_iccv23" not in note
+    res = CliRunner().invoke(main, ["sweep", str(staged), "--out", str(tmp_path / "sw"), "--no-progress", "--set",
+                                    "base.steps=2"])
+    assert res.exit_code == 0 and res.output.count(note) == 1, res.output
+    const = _sweep_file(tmp_path, synthetic_store, holdout_domains=["outline"], grid={"recipe": ["vl2v_adip"]},
+                        base={"student": {"name": "test_resnet", "input_size": 32}, "optim": {"schedule": "constant"}})
+    assert stage_schedule_sweep_note(expand(load_sweep(str(const)), str(tmp_path / "y"))) is None

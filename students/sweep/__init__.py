@@ -36,13 +36,14 @@ from ..features import missing_features
 from ..finetune import MODES as FINETUNE_MODES
 from ..recipes import RECIPES, definition_change, text_source_of
 from ..rundir import RunDir
-from ..train import NAMED_WHEN_SET, run_name, selection_rule, settings_identity
+from ..train import NAMED_WHEN_SET, run_name, schedule_spans_stages, selection_rule, settings_identity
 from .claim import Launch
 from .launchers import LAUNCHERS, check_options, unread_settings
 from .worker import SweepPoint, result_path, run_one, sweep_tags, variant
 
 __all__ = ["SweepSpec", "SweepPoint", "SweepInterrupted", "load_sweep", "expand", "run_sweep", "collect",
-           "unscored", "partial_note", "LAUNCHERS", "run_one", "variant", "derive_seed", "sweep_device", "crowded_note"]
+           "unscored", "partial_note", "LAUNCHERS", "run_one", "variant", "derive_seed", "sweep_device", "crowded_note",
+           "stage_schedule_sweep_note"]
 PROTOCOLS_TRAINED = ("lodo", "open_vocab", "few_shot")
 
 
@@ -597,6 +598,17 @@ def selection_note(points: List[SweepPoint]) -> Optional[str]:
             "along with the losses; set base.select (best_val or last) to compare the losses alone")
 
 
+def stage_schedule_sweep_note(points: List[SweepPoint]) -> Optional[str]:
+    """A line when runs train a recipe of several stages under one decaying schedule across them (their
+    last stage, which the kept model comes from, trains at its tail), else None."""
+    spans = sorted({(p.cfg.recipe, p.cfg.optim.schedule) for p in points if schedule_spans_stages(p.cfg)})
+    if not spans:
+        return None
+    said = ", ".join(f"{recipe} under {schedule}" for recipe, schedule in spans)
+    return (f"note: {said}: one schedule runs across the recipe's stages, so its last stage (the kept model's) trains "
+            "at the schedule's tail; base.optim.schedule: constant trains every stage at optim.lr")
+
+
 def _split_key(p: SweepPoint) -> str:
     return repr((p.cfg.store, sorted(to_dict(p.cfg.split).items())))
 
@@ -710,9 +722,9 @@ def _launch(spec: SweepSpec, sweep_dir: str, points: List[SweepPoint], name: str
     """Run the jobs not finished, then write the table and report of this launch's grid."""
     finished = sum(result_path(sweep_dir, Path(p.cfg.out).name).exists() for p in points)
     log(f"sweep {sweep_dir}: {len(points)} runs ({spec.protocol}), {finished} already finished, launcher {name}")
-    note = selection_note(points)
-    if note:
-        log(note)
+    for note in (selection_note(points), stage_schedule_sweep_note(points)):
+        if note:
+            log(note)
     jobs = make_jobs(points, spec.pack_heads, _backbones(spec, points) if spec.pack_heads else None)
     packs = any(len(job) > 1 for job in jobs)
     if spec.pack_heads and not packs and len(points) > 1:
