@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[offline,test,ray,serve]'
 	touch $@
 
-install: $(VENV)/.installed ## create .venv and install embedcache with the offline teacher and test tools
+install: $(VENV)/.installed ## create .venv and install embedcache with its extras: offline teacher, test tools, ray, serve
 
 extract: $(VENV)/.installed ## extract a store (CONFIG=..., default: the synthetic demo; ARGS for --set/--out)
 	$(VENV)/bin/embedcache extract --config $(CONFIG) $(ARGS)
