@@ -422,3 +422,30 @@ def test_the_cli_says_why_it_ended_at_sigterm(tmp_path, group):
     assert last.startswith("terminated (SIGTERM): ") and last.endswith("rerun the same command to resume"), last
     with Store(str(out)) as st:  # it unwound: the call's history entry says when it ended (one killed says none)
         assert st.call_history()[-1]["ended"] is not None
+
+
+def _spawned_worker(sid: int) -> bool:
+    for pid in _session_alive(sid):
+        try:
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return True
+        except OSError:
+            continue
+    return False
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_local_workers_start_is_one_line(synthetic_store, tmp_path):
+    """Ctrl-C while the local workers were still starting (importing torch) printed each worker's
+    multiprocessing traceback ending in KeyboardInterrupt before the sweep's one line (a trial)."""
+    f = _sweep_file(tmp_path, synthetic_store, steps=200, every=25, launcher="local")
+    proc = _start(f, tmp_path / "sw", "local", ["--workers", "2"])
+    end = time.time() + 120
+    while not _spawned_worker(proc.pid) and time.time() < end:
+        time.sleep(0.02)
+    assert not list((tmp_path / "sw").glob("runs/*/split.json")), "a run started before the workers were seen"
+    os.killpg(proc.pid, signal.SIGINT)
+    text = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 130, text
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
+    assert "interrupted: 0 of" in text, text
