@@ -158,4 +158,6 @@ def train_heads(cfgs: List[TrainConfig], log: Callable[[str], None] = print,
 
             raise RunInterrupted(f"head pack stopped at step {done}; rerun to train it again")
     loop = time.time() - t_loop - paused  # the steps alone, as a single run counts them
+    for t in trainers:
+        t.pack_size = n
     return [failed[h] if h in failed else t.finish(t0, loop) for h, t in enumerate(trainers)]

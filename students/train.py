@@ -402,6 +402,9 @@ class Trainer:
         self.val: Optional[float] = None
         self.start = 0
         self.threads_before: List[int] = []  # torch thread counts of the run's earlier attempts (its checkpoint's)
+        self.earlier = {"seconds": 0.0, "loop_seconds": 0.0}  # time the earlier attempts trained, to their checkpoint
+        self.pack_size = 1  # heads trained together as one vectorised model (heads.py), this run's among them
+        self.t_attempt = time.time()
         self._closed: Dict[int, Optional[HeadStep]] = {}
 
     # --- state ------------------------------------------------------------------------------------
@@ -436,6 +439,7 @@ class Trainer:
         self.n_running, self.val = state["n_running"], state["val"]
         self.metrics = self.run_dir.read_metrics(up_to=int(state["step"]))  # drop rows logged after the checkpoint
         self.threads_before = [int(n) for n in state.get("torch_threads", [])]  # (checkpoints since 2026-12-06)
+        self.earlier = {k: float(state.get(k, 0.0)) for k in self.earlier}  # (checkpoints since 2026-12-06)
         return int(state["step"])
 
     def threads_used(self) -> List[int]:
@@ -453,8 +457,12 @@ class Trainer:
                      f"differ from an uninterrupted run's by float rounding; OMP_NUM_THREADS={before[-1]} keeps them "
                      "bit for bit")
 
-    def checkpoint(self, step: int) -> None:
+    def checkpoint(self, step: int, loop_seconds: float) -> None:
+        """The resume state at ``step``, with the time trained so far over every attempt (``loop_seconds``:
+        this attempt's steps so far): a resumed run's summary counts them all."""
         self.run_dir.save_checkpoint({
+            "seconds": self.earlier["seconds"] + time.time() - self.t_attempt,
+            "loop_seconds": self.earlier["loop_seconds"] + loop_seconds,
             "model": self.kept_state(), "backbone_key": self.backbone_key,
             "optim": self.opt.state_dict(), "sched": self.sched.state_dict(),
             "averaging": self.averaging.state_dict(), "selection": self.selection.state_dict(),
@@ -594,14 +602,14 @@ class Trainer:
                         bar.set_postfix(loss=f"{self.metrics[-1]['loss']:.3f}",
                                         val="-" if self.val is None else f"{self.val:.3f}")
                     if at_ckpt:
-                        self.checkpoint(done)
+                        self.checkpoint(done, t_pause - t0 - paused)
                     paused += time.time() - t_pause
                 bar.update(1)
                 if self.on_step is not None:
                     self.on_step(done)
                 if self.should_stop is not None and self.should_stop() and done < cfg.steps:
                     self.check_finite(done)
-                    self.checkpoint(done)
+                    self.checkpoint(done, time.time() - t0 - paused)
                     raise RunInterrupted(f"run {self.run_dir.path} stopped at step {done} (checkpoint saved)")
         finally:
             bar.close()
@@ -666,8 +674,9 @@ class Trainer:
         self.run_dir.save_weights(state)
         threads = self.threads_used()
         summary = {"val_top1": val, "steps": self.cfg.steps, "batch_rows": self.batch_rows, "selected": selected,
-                   "loop_seconds": loop_seconds,
-                   "seconds": time.time() - t_start, "store_key": self.data.key, "recipe": self.recipe.name,
+                   # over every attempt, each stopped one up to its last checkpoint
+                   "loop_seconds": self.earlier["loop_seconds"] + loop_seconds, "heads_packed": self.pack_size,
+                   "seconds": self.earlier["seconds"] + time.time() - t_start, "store_key": self.data.key, "recipe": self.recipe.name,
                    "student": self.cfg.student.name,
                    # float reductions split over another thread count round differently: runs compare bit
                    # for bit only at equal thread counts (and torch versions)
@@ -682,7 +691,7 @@ class Trainer:
                          selected)
 
     def run(self) -> RunResult:
-        t0 = time.time()
+        t0 = self.t_attempt = time.time()
         self.run_dir.path.mkdir(parents=True, exist_ok=True)
         self.start = self.resume()
         if self.start:

@@ -48,6 +48,8 @@ def test_a_pack_ends_where_separate_runs_end(feature_store, tmp_path, recipe, op
         for x, y in zip(mp, ma):
             assert x["lr"] == pytest.approx(y["lr"]) and x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-6)
         assert (tmp_path / p.out / "done").exists()
+        # whether a run was packed is recorded (the weights alone cannot tell: a trial)
+        assert [json.loads((Path(c.out) / "summary.json").read_text())["heads_packed"] for c in (p, a)] == [3, 1]
 
 
 def test_runs_that_differ_in_more_than_seed_and_lr_do_not_pack(feature_store, tmp_path):

@@ -962,3 +962,22 @@ def test_a_schedule_across_a_recipes_stages_is_said_with_the_last_stages_rates(s
     train(_cfg(synthetic_store, tmp_path, "vl2v_adip", name="const", steps=20,
                optim=OptimConfig(lr=1e-3, schedule="constant")), log=quiet_start.append)
     assert not any("runs across" in s for s in quiet_start)
+
+
+def test_a_resumed_runs_summary_counts_the_time_of_every_attempt(synthetic_store, tmp_path):
+    """summary.json's seconds and loop_seconds after a resume covered the last attempt alone (10.6 s of
+    a run that trained 140 s, a trial): each checkpoint keeps the time so far, and the resume adds to it."""
+    import time as clock
+
+    def slow_then_stop(step):
+        clock.sleep(0.1)  # 2 s of training by the step-20 checkpoint
+        if step == 25:
+            raise KeyboardInterrupt
+
+    cut = _cfg(synthetic_store, tmp_path, name="cut")
+    with pytest.raises(KeyboardInterrupt):
+        train(cut, on_step=slow_then_stop, log=quiet)
+    res = train(cut, log=quiet)
+    summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert summary["loop_seconds"] >= res.loop_seconds + 2.0, (summary, res)
+    assert summary["seconds"] >= res.seconds + 2.0, (summary, res)
