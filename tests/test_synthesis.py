@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import embedcache
 from embedcache.config import apply_overrides, build_config, to_dict
-from embedcache.errors import ConfigError
+from embedcache.errors import ConfigError, StoreDamagedError
 from embedcache.store import Store
 from embedcache.synthesis import (GENERATORS, PROMPTS, STYLE_WORDS, ImageConfig, PromptsConfig, SynthesizeConfig,
                                   build_generator, build_plan, leaked_words, optimise, prepare, spherical_distance,
@@ -253,6 +253,13 @@ def test_synthesised_store_passes_the_store_checks_of_an_extracted_one(tiny_teac
     from embedcache.cli import main
 
     next(p for p in (Path(cfg.out) / "image" / "pixels" / "c").rglob("*") if p.is_file()).unlink()
+    # verify and the readers name the fix that works (they named `verify --repair`, which then refused: a trial)
+    listed = CliRunner().invoke(main, ["verify", cfg.out, "--no-progress"])
+    assert listed.exit_code == 2 and "verify --repair" not in listed.output, listed.output
+    assert "rerunning the store's `embedcache synthesize` command with the same config re-does" in listed.output
+    with pytest.raises(StoreDamagedError, match=r"then rerunning the store's `embedcache synthesize` command") as err:
+        embedcache.open_store(cfg.out).pixels()
+    assert "--repair" not in str(err.value)
     seen = CliRunner().invoke(main, ["verify", cfg.out, "--no-progress", "--repair"])
     assert seen.exit_code == 2 and "was made by `embedcache synthesize`: rerun that command" in seen.output, seen.output
     assert synthesize(cfg, teacher=tiny_teacher, log=quiet).repaired == 1
@@ -587,10 +594,21 @@ def test_cache_key_holds_settings_not_the_numbers_style_learning_computes(tiny_t
     ("classes=['dog*2',cat]", "class 'dog\\*2' holds the style placeholder '\\*' of the prompts"),
     ("image.generator=gan", "image.generator='gan' is not valid: choose one of diffusers_vae, fourier"),
     ("prompts.template='a style of a {}'", "needs the placeholder '\\*' once"),
+    # braces a template or word cannot be filled with: a KeyError/IndexError traceback after the teacher loaded
+    ("prompts.plain_template='a {} in {style}'", r"prompts.plain_template='a \{\} in \{style\}' cannot be filled "
+                                                 r"with a class name \(KeyError: 'style'\)"),
+    ("prompts.template='a * {0} of a {}'", r"prompts.template=.* cannot be filled with a class name"),
+    ("prompts.words=['{} art',ink]", r"prompts.words\[0\]='\{\} art' holds a brace"),
+    # mix settings that were quietly capped, or gave every style the same words
+    (("prompts.method=mix", "prompts.words=[watercolor,ink]", "prompts.mix_words=5"),
+     r"prompts.mix_words=5 is more than the 2 prompts.words"),
+    (("prompts.method=mix", "prompts.words=[watercolor]"), r"prompts.words holds one word: every mix style"),
+    ("prompts.words=[watercolor,ink,watercolor]", r"prompts.words lists 'watercolor' twice"),
+    ("image.model=/nowhere", r"image.model is read by image.generator=diffusers_vae only; the fourier generator"),
 ])
 def test_bad_settings_are_one_line_errors(synth_cfg, override, match):
     with pytest.raises(ConfigError, match=match) as err:
-        synth_cfg("x.zarr", override)
+        synth_cfg("x.zarr", *(override if isinstance(override, tuple) else (override,)))
     assert "\n" not in str(err.value)
 
 

@@ -24,6 +24,16 @@ def _registry(module: str, name: str):
     return lazy_registry(f"embedcache.synthesis.{module}", name)
 
 
+def _fills(key: str, given: str, text: str) -> None:
+    """A prompt template whose braces a class name cannot fill ('{style}', '{0} {1}') is refused now, not
+    with a KeyError once the teacher has loaded."""
+    try:
+        text.format("dog")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConfigError(f"prompts.{key}={given!r} cannot be filled with a class name ({type(exc).__name__}: {exc}); "
+                          "give one {} for the name and no other braces") from None
+
+
 @dataclass(frozen=True)
 class PromptsConfig:
     """How prompts are diversified (``prompts.py``). Every method but ``plain`` puts a style
@@ -53,8 +63,28 @@ class PromptsConfig:
         for key in ("plain_template", "content_template"):
             if getattr(self, key).count("{}") != 1:
                 raise ConfigError(f"prompts.{key}={getattr(self, key)!r} needs one {{}} for the class name")
+        for key, text in (("template", self.template.replace(self.placeholder, "x")),
+                          ("plain_template", self.plain_template), ("content_template", self.content_template)):
+            _fills(key, getattr(self, key), text)
+        self._check_words()
+
+    def _check_words(self) -> None:
         if self.words is not None and not self.words:
             raise ConfigError("prompts.words is empty; give style words, or leave it unset for the default list")
+        for i, w in enumerate(self.words or ()):
+            if "{" in w or "}" in w:
+                raise ConfigError(f"prompts.words[{i}]={w!r} holds a brace, which the template's class slot {{}} would "
+                                  "take; give the word without braces")
+            if list(self.words).count(w) > 1:
+                raise ConfigError(f"prompts.words lists {w!r} twice; give each style word once")
+        if self.method != "mix" or self.words is None:
+            return
+        if len(self.words) == 1:
+            raise ConfigError(f"prompts.words holds one word: every mix style would be {self.words[0]!r} alone, the "
+                              f"{self.k} styles one; give two or more words (or prompts.method=plain)")
+        if self.mix_words > len(self.words):
+            raise ConfigError(f"prompts.mix_words={self.mix_words} is more than the {len(self.words)} prompts.words; "
+                              f"set mix_words to at most {len(self.words)}, or give more words")
 
 
 @dataclass(frozen=True)
@@ -78,6 +108,9 @@ class ImageConfig:
     seed: int = setting(0, min=0)  # numpy seeds: whole numbers from 0
 
     def check(self) -> None:
+        if self.model is not None and self.generator != "diffusers_vae":
+            raise ConfigError(f"image.model is read by image.generator=diffusers_vae only; the {self.generator} "
+                              "generator has no use for it: leave it out, or set image.generator=diffusers_vae")
         for name, (lo, hi) in (("cut_scale", self.cut_scale), ("cut_ratio", self.cut_ratio)):
             if lo > hi:
                 raise ConfigError(f"image.{name}={[lo, hi]} is not valid: the first value must not exceed the second")
