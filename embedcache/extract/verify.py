@@ -84,9 +84,12 @@ def verify_store(path: str, repair: bool = False, overrides: Sequence[str] = (),
               f"`embedcache {producer}` for its own)")
     if not repair:
         fixes = []
-        if not report.ok or lost_text:
+        if (not report.ok or lost_text) and producer == "extract":
             fixes.append(f"`embedcache verify --repair {path}` (or the store's {producer} command) re-does exactly the "
                          "blocks and files")
+        elif not report.ok or lost_text:  # verify cannot rebuild a synthesiser: its own command re-does them
+            fixes.append(f"rerunning the store's `embedcache {producer}` command with the same config re-does exactly "
+                         "the blocks and files")
         if report.derived:
             fixes.append(f"`embedcache verify --repair {path}` marks them to be recomputed, then {remake}")
         raise StoreError(f"{path}: {len(report.damaged_blocks)} damaged block(s), {len(report.files)} damaged file(s), "

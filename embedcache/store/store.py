@@ -686,8 +686,15 @@ class Store:
 
     def _damaged(self, name: str, why: str) -> StoreDamagedError:
         return StoreDamagedError(f"store {self.path} is damaged: {name}: {why}; run `embedcache verify {self.path}` "
-                                 f"to list what is damaged, then `embedcache verify --repair` (or the store's {self.producer} "
-                                 "command) redoes exactly that")
+                                 f"to list what is damaged, then {self.redoer} redoes exactly that")
+
+    @property
+    def redoer(self) -> str:
+        """What re-does a damaged store's blocks and files: a repair, or (a synthesised store, whose images
+        only its own command can make again) that command."""
+        if self.producer == "extract":
+            return "`embedcache verify --repair` (or the store's extract command)"
+        return f"rerunning the store's `embedcache {self.producer}` command with the same config"
 
     # --- tables -------------------------------------------------------------------------------------
     def put_table(self, name: str, df: pd.DataFrame) -> None:
