@@ -761,3 +761,23 @@ def test_a_synthesised_store_says_what_made_it_and_styles_that_drown_their_class
     assert said["synthesis"] == (f"synthesised from class names: contrastive prompts, 2 style(s), 2 images per class; "
                                  f"style spread {facts['synthesis']['spread']:.2f}, class fidelity 0.50 (some styles "
                                  "pull their images towards another class); its prompts name evaluation domains: sketch")
+
+
+def test_a_synthesis_resumed_or_written_twice_speaks_of_synthesis(synth_cfg, tiny_teacher):
+    """A second synthesis of a store being written was refused as "another extraction", and a resume with
+    another batch size spoke of a paid teacher's cut-off requests, which synthesis never sends (a trial)."""
+    from embedcache.errors import StoreError
+
+    cfg = synth_cfg("twice.zarr")
+
+    def second_while_first_runs(block):
+        with pytest.raises(StoreError, match=r"another synthesis is writing .*twice.zarr now"):
+            synthesize(cfg, teacher=tiny_teacher, log=quiet)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        synthesize(cfg, teacher=tiny_teacher, on_block_done=second_while_first_runs, log=quiet)
+    said = []
+    synthesize(synth_cfg("twice.zarr", "batch_size=1"), teacher=tiny_teacher, log=said.append)
+    note = [s for s in said if s.startswith("resuming with batch_size=1")]
+    assert note and "paid teacher" not in note[0], said

@@ -284,8 +284,9 @@ def _writer_lock(store: Store, shard: int, num_shards: int):
             return None
         raise
     if fd is None:
-        raise StoreError(f"another extraction is writing {store.path} now (shard {shard} of {num_shards}); wait for it to "
-                         "finish (rerunning then resumes or finds it complete), or give another --out")
+        work = "synthesis" if store.producer == "synthesize" else "extraction"
+        raise StoreError(f"another {work} is writing {store.path} now (shard {shard} of {num_shards}); wait for "
+                         "it to finish (rerunning then resumes or finds it complete), or give another --out")
     return fd
 
 
@@ -328,9 +329,10 @@ def _say_resumed_otherwise(began: Dict, cfg: ExtractConfig, now: Dict, log: Call
     byte-identical."""
     size = began.get("config", {}).get("batch_size")
     if size not in (None, cfg.batch_size):
+        paid = (" (and a paid teacher's cut-off request is replayed free only at the same batching)"
+                if now["teacher"].get("name") == "remote" else "")
         log(f"resuming with batch_size={cfg.batch_size}; the store began with {size}: blocks encoded now may differ "
-            "from theirs by float rounding (and a paid teacher's cut-off request is replayed free only at the "
-            f"same batching); --set batch_size={size} keeps the store byte-identical")
+            f"from theirs by float rounding{paid}; --set batch_size={size} keeps the store byte-identical")
     if now["teacher"].get("name") == "remote":  # the service computes: this machine rounds nothing
         _say_moved_service(began, now, log)
         return
