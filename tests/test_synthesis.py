@@ -781,3 +781,24 @@ def test_a_synthesis_resumed_or_written_twice_speaks_of_synthesis(synth_cfg, tin
     synthesize(synth_cfg("twice.zarr", "batch_size=1"), teacher=tiny_teacher, log=said.append)
     note = [s for s in said if s.startswith("resuming with batch_size=1")]
     assert note and "paid teacher" not in note[0], said
+
+
+def test_an_out_that_cannot_be_a_synthesis_is_refused_before_the_teacher_loads(synth_cfg, tmp_path, monkeypatch,
+                                                                               make_cfg, tiny_teacher):
+    """--out at a file, a folder of other files, or an extracted store of real images was refused only after
+    the teacher loaded (16 to 36 s with a real one), the last as "its canvas, dataset, synthesis and views
+    differ" (a trial)."""
+    import embedcache.synthesis.run as run
+    from embedcache.extract import extract
+
+    real = extract(make_cfg("real.zarr"), teacher=tiny_teacher, log=quiet).path
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("x")
+    (tmp_path / "file.zarr").write_text("x")
+    monkeypatch.setattr(run, "build_teacher", lambda *a, **k: pytest.fail("the teacher loaded for a refused --out"))
+    with pytest.raises(ConfigError, match=r"--out .*real.zarr is a store of real images made by `embedcache extract`, "
+                                          r"not a synthesised one; give another --out"):
+        synthesize(synth_cfg("real.zarr"), log=quiet)
+    for name in ("notes", "file.zarr"):
+        with pytest.raises(ConfigError, match=rf"--out .*{name} exists and is not a zarr store; choose another path"):
+            synthesize(synth_cfg(name), log=quiet)

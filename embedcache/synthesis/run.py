@@ -11,6 +11,7 @@ and ends with the same arrays. Every setting that changes the images is in the m
 """
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -246,6 +247,25 @@ def say_drowned_classes(plan: StylePlan) -> None:
                   "the teacher (a random one drowns every class)")
 
 
+def _refuse_out_of_another_kind(out: str, backend: Optional[str]) -> None:
+    """An --out that can never hold this synthesis, refused before the teacher loads: a file or a folder
+    of other files, or a store of real images (any other mismatch needs the teacher's key)."""
+    name = backend_name_for(out, backend)
+    if Store.exists(out, name):
+        try:
+            with Store(out, "r", name) as st:
+                made_by = st.producer
+        except StoreError:  # damaged, or not finished being made: the store's own checks say what
+            return
+        if made_by != "synthesize":
+            raise ConfigError(f"--out {out} is a store of real images made by `embedcache {made_by}`, not a synthesised "
+                              "one; give another --out")
+        return
+    empty_folder = name == "zarr" and os.path.isdir(out) and not os.listdir(out)
+    if os.path.exists(out) and not empty_folder:
+        raise ConfigError(f"--out {out} exists and is not a {name} store; choose another path")
+
+
 def prepare(cfg: SynthesizeConfig, teacher: Optional[Teacher] = None, log: Callable[[str], None] = print,
             on_batch: Optional[Callable[[np.ndarray, Any], None]] = None) -> Prepared:
     """Check the config and the teacher, plan the styles (learning them for ``contrastive``) and build
@@ -254,6 +274,7 @@ def prepare(cfg: SynthesizeConfig, teacher: Optional[Teacher] = None, log: Calla
     if not cfg.out:
         raise ConfigError("no output store given; pass --out PATH (e.g. stores/pacs-contrastive.zarr)")
     backend_name_for(cfg.out, cfg.backend, new=True)  # a path the store cannot have: before styles are learned
+    _refuse_out_of_another_kind(cfg.out, cfg.backend)
     require_gradients(teacher if teacher is not None else cfg.teacher.name)
     teacher = teacher or build_teacher(cfg.teacher)
     require_gradients(teacher)
