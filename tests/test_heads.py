@@ -114,7 +114,9 @@ def test_packed_heads_of_a_student_the_seed_builds_pack_by_backbone(synthetic_st
     f.write_text(yaml.safe_dump(spec))
     # each run's own seed (derived from its grid point) builds its own backbone: four of them, all named
     with pytest.raises(ConfigError, match=r"no cached features for 4 test_resnet backbone\(s\) .*; run `embedcache "
-                                          r"features [^`]*( --seed \d+){4}` first"):  # one command, four seeds
+                                          r"features [^`]*( --seed \d+){4}` first \(each run's seed builds its own "
+                                          r"random backbone: a pretrained student \(student.pretrained\) shares one "
+                                          r"set of features, and its heads can pack\)"):  # one command, four seeds
         run_sweep(load_sweep(str(f)), str(tmp_path / "sw"), progress=False, log=quiet)
     student = StudentConfig(name="test_resnet", input_size=32)
     import embedcache.students.sweep as sweep_mod
