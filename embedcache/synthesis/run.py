@@ -310,7 +310,7 @@ def synthesize(cfg: SynthesizeConfig, teacher: Optional[Teacher] = None,
     res = extract(p.ecfg, teacher=p.teacher, reader=p.reader, dataset=p.dataset,
                   manifest_extra={"synthesis": p.section}, on_block_done=on_block_done, log=log, on_open=p.pin)
     if res.complete:
-        _keep_styles(res.path, cfg.backend, p.outline, lambda: p._plan or p.learn())
+        _keep_styles(res.path, cfg.backend, p.outline, lambda: p._plan or p.learn(), log)
     return res
 
 
@@ -358,7 +358,8 @@ def kept_plan(st: Store) -> Optional[StylePlan]:
     return plan if plan.digest() == record.get("styles_digest") else None
 
 
-def _keep_styles(path: str, backend: Optional[str], outline: Outline, plan: Callable[[], StylePlan]) -> None:
+def _keep_styles(path: str, backend: Optional[str], outline: Outline, plan: Callable[[], StylePlan],
+                 log: Callable[[str], None] = print) -> None:
     """The plan's derived arrays (``keep_plan``) and its record in the manifest (last: a store with the
     record has its arrays), where missing. The plan is the one kept in the store, or asked for
     (learned again) when none is."""
@@ -371,5 +372,7 @@ def _keep_styles(path: str, backend: Optional[str], outline: Outline, plan: Call
         if made is None:  # learned again: what the store has of its own plan stays
             made = plan()
             keep_plan(st, made, missing_only=True)
+            redone = [n for n in wanted if not have.get(n, {}).get("complete")]
+            log(f"{path}: {' and '.join(redone)} made again (the styles planned again; a store's images keep theirs)")
         if "synthesis_plan" not in st.manifest:
             st.write_manifest({**st.manifest, "synthesis_plan": plan_record(made)})
