@@ -1063,3 +1063,32 @@ def test_lost_block_bookkeeping_is_restored_from_the_stores_summary(make_cfg, ti
     _same(good, _arrays(cfg.out))
     res = CliRunner().invoke(main, ["verify", cfg.out, "--no-progress"])
     assert res.exit_code == 0, res.output
+
+
+def test_lost_bookkeeping_of_a_store_reopened_for_a_repair_is_not_taken_from_its_old_summary(make_cfg, tiny_teacher):
+    """blocks.npz is the bookkeeping of the store as it completed: a store reopened since (a block to
+    re-do) would get that block back as done, its damage skipped (a review)."""
+    import shutil
+
+    cfg = make_cfg("reopened.zarr", "block_rows=8")
+    extract(cfg, teacher=tiny_teacher, log=quiet)
+    with Store(cfg.out, "a") as st:
+        st.reopen_blocks([0])
+    shutil.rmtree(Path(cfg.out) / "blocks")
+    with pytest.raises(StoreDamagedError, match="cannot be repaired block by block"):
+        Store(cfg.out, "a", rebuild_text=True)
+
+
+def test_prompts_and_bookkeeping_lost_together_are_both_named(make_cfg, tiny_teacher):
+    import shutil
+
+    cfg = make_cfg("both.zarr")
+    extract(cfg, teacher=tiny_teacher, log=quiet)
+    shutil.rmtree(Path(cfg.out) / "blocks")
+    shutil.rmtree(Path(cfg.out) / "text" / "name")
+    with pytest.raises(StoreDamagedError, match=r"\(the prompts' embeddings and the blocks' bookkeeping, lost as a "
+                                                r"whole\); .* encodes the prompts again and restores it from its "
+                                                r"blocks.npz"):
+        embedcache.open_store(cfg.out)
+    res = CliRunner().invoke(main, ["verify", "--repair", cfg.out, "--no-progress"])
+    assert res.exit_code == 0 and embedcache.open_store(cfg.out).store.verify().ok, res.output

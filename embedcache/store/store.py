@@ -208,16 +208,21 @@ class Store:
             except OSError:  # read-only storage: no lock to take, and nothing moves there either
                 pass
         text = [a for a in missing if a.startswith("text/")]  # the prompts: encoded again at the finish
-        books = [a for a in missing if a.startswith("blocks/")] if self._load_summary() is not None else []
-        if missing and len(text) + len(books) == len(missing):  # the bookkeeping: from the summary, at once
+        # the bookkeeping of a complete store: from its summary (an unfinished one's blocks may since have been
+        # reopened for a repair, which the summary does not know)
+        books = [a for a in missing if a.startswith("blocks/")] if (
+            missing and self.complete and self._load_summary() is not None) else []
+        if missing and len(text) + len(books) == len(missing):
             if rebuild_text:
                 self.lost_text, self.lost_books = text, books
                 return
             self.close()
-            what, fix = (("the prompts' embeddings", "encodes the prompts again") if text else
-                         ("the blocks' bookkeeping", f"restores it from its {BLOCKS_SUMMARY}"))
-            raise StoreDamagedError(f"{self.path}: array {missing[0]} is missing ({what}, lost as a whole); "
-                                    f"`embedcache verify --repair {self.path}` (or the store's own command) {fix}")
+            said = [part for part, lost in ((("the prompts' embeddings", "encodes the prompts again"), text),
+                                            (("the blocks' bookkeeping", f"restores it from its {BLOCKS_SUMMARY}"), books))
+                    if lost]
+            raise StoreDamagedError(f"{self.path}: array {missing[0]} is missing ({' and '.join(w for w, _ in said)}, lost "
+                                    f"as a whole); `embedcache verify --repair {self.path}` (or the store's own command) "
+                                    f"{' and '.join(f for _, f in said)}")
         if missing:
             self.close()
             raise StoreDamagedError(f"{self.path}: array {missing[0]} is missing ({len(missing)} of the store's "
