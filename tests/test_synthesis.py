@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import embedcache
 from embedcache.config import apply_overrides, build_config, to_dict
-from embedcache.errors import ConfigError, StoreDamagedError
+from embedcache.errors import ConfigError, StoreDamagedError, StoreError
 from embedcache.store import Store
 from embedcache.synthesis import (GENERATORS, PROMPTS, STYLE_WORDS, ImageConfig, PromptsConfig, SynthesizeConfig,
                                   build_generator, build_plan, leaked_words, optimise, prepare, spherical_distance,
@@ -602,6 +602,7 @@ def test_cache_key_holds_settings_not_the_numbers_style_learning_computes(tiny_t
                                                  r"with a class name \(KeyError: 'style'\)"),
     ("prompts.template='a * {0} of a {}'", r"prompts.template=.* cannot be filled with a class name"),
     ("prompts.words=['{} art',ink]", r"prompts.words\[0\]='\{\} art' holds a brace"),
+    (("prompts.placeholder='{s}'", "prompts.template='a {s} style of a {}'"), r"prompts.placeholder='\{s\}' holds a brace"),
     # mix settings that were quietly capped, or gave every style the same words
     (("prompts.method=mix", "prompts.words=[watercolor,ink]", "prompts.mix_words=5"),
      r"prompts.mix_words=5 is more than the 2 prompts.words"),
@@ -794,7 +795,7 @@ def test_an_out_that_cannot_be_a_synthesis_is_refused_before_the_teacher_loads(s
     import embedcache.synthesis.run as run
     from embedcache.extract import extract
 
-    real = extract(make_cfg("real.zarr"), teacher=tiny_teacher, log=quiet).path
+    extract(make_cfg("real.zarr"), teacher=tiny_teacher, log=quiet)  # a store of real images there
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("x")
     (tmp_path / "file.zarr").write_text("x")
@@ -804,4 +805,10 @@ def test_an_out_that_cannot_be_a_synthesis_is_refused_before_the_teacher_loads(s
         synthesize(synth_cfg("real.zarr"), log=quiet)
     for name in ("notes", "file.zarr"):
         with pytest.raises(ConfigError, match=rf"--out .*{name} exists and is not a zarr store; choose another path"):
+            synthesize(synth_cfg(name), log=quiet)
+    (tmp_path / "text.h5").write_text("not hdf5")  # (a review: stores that are not stores passed to the teacher)
+    (tmp_path / "bare.zarr").mkdir()
+    (tmp_path / "bare.zarr" / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
+    for name in ("text.h5", "bare.zarr"):
+        with pytest.raises(StoreError, match=rf"{name}"):
             synthesize(synth_cfg(name), log=quiet)

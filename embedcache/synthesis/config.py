@@ -57,6 +57,9 @@ class PromptsConfig:
     seed: int = setting(0, min=0)  # numpy seeds: whole numbers from 0
 
     def check(self) -> None:
+        if "{" in self.placeholder or "}" in self.placeholder:
+            raise ConfigError(f"prompts.placeholder={self.placeholder!r} holds a brace, which the template's class slot "
+                              "{} would take; give a placeholder without braces (the default '*')")
         if self.template.count(self.placeholder) != 1 or self.template.count("{}") != 1:
             raise ConfigError(f"prompts.template={self.template!r} needs the placeholder {self.placeholder!r} once "
                               "and one {} for the class name, e.g. 'a * style of a {}'")

@@ -22,7 +22,7 @@ import torch
 from .. import interrupt
 from ..config import DatasetConfig, ExtractConfig, to_dict
 from ..datasets import ImageDataset, Sample
-from ..errors import ConfigError, StoreError
+from ..errors import ConfigError, StoreDamagedError, StoreError
 from ..extract import Batch, ExtractResult, ViewPolicy, extract, made_so, policy_of
 from ..extract.manifest import build_manifest
 from ..store import Store, backend_name_for
@@ -255,7 +255,7 @@ def _refuse_out_of_another_kind(out: str, backend: Optional[str]) -> None:
         try:
             with Store(out, "r", name) as st:
                 made_by = st.producer
-        except StoreError:  # damaged, or not finished being made: the store's own checks say what
+        except StoreDamagedError:  # damaged: the store's own command re-does it, once its key is known
             return
         if made_by != "synthesize":
             raise ConfigError(f"--out {out} is a store of real images made by `embedcache {made_by}`, not a synthesised "
@@ -373,6 +373,7 @@ def _keep_styles(path: str, backend: Optional[str], outline: Outline, plan: Call
             made = plan()
             keep_plan(st, made, missing_only=True)
             redone = [n for n in wanted if not have.get(n, {}).get("complete")]
-            log(f"{path}: {' and '.join(redone)} made again (the styles planned again; a store's images keep theirs)")
+            if redone:
+                log(f"{path}: {' and '.join(redone)} made again (the styles planned again; a store's images keep theirs)")
         if "synthesis_plan" not in st.manifest:
             st.write_manifest({**st.manifest, "synthesis_plan": plan_record(made)})
