@@ -130,9 +130,9 @@ def missing_features(reader: StoreReader, cfgs) -> Optional[str]:
         model = build_seeded(cfg.student, reader.dim, 0, cfg.seed)
         seeds.setdefault(features_command(reader.path, model, seeds=()), set()).add(weights_seed(model))
     commands = " && ".join(f"`{words}{_seed_options(found)}`" for words, found in seeds.items())
-    seeded = sum(len(found - {0}) for found in seeds.values())  # random backbones: one per seed
+    seeded = any(len(found) > 1 for found in seeds.values())  # random backbones: one per seed, seed 0 one of them
     why = (" (each run's seed builds its own random backbone: a pretrained student (student.pretrained) shares one set "
-           "of features, and its heads can pack)") if seeded > 1 else ""
+           "of features, and its heads can pack)") if seeded else ""
     return (f"store {reader.path} has no cached features for {len(missing)} {model.name} backbone(s) of the head-only "
             f"runs ({', '.join(missing)}); run {commands} first{why}")
 

@@ -309,6 +309,9 @@ def test_a_sweeps_missing_features_hint_names_seeds_only_where_they_move_the_wei
     commands = re.findall(r"`(embedcache features [^`]*)`", hint)
     assert len(commands) == 1 and commands[0].endswith("--seed 0 --seed 1 --seed 2"), hint
     assert "for 3 test_resnet backbone(s)" in hint, hint
+    assert "each run's seed builds its own random backbone" in hint, hint
+    with Store(str(store)) as st:  # seed 0 builds a random backbone of its own too: 0 and 1 are two (a review)
+        assert "each run's seed builds its own random backbone" in missing_features(StoreReader(st), runs[2:4])
     made = CliRunner().invoke(main, shlex.split(commands[0])[1:] + ["--device", "cpu", "--no-progress"])
     assert made.exit_code == 0 and made.output.count("cached ") == 3, made.output
     with Store(str(store)) as st:
@@ -317,7 +320,7 @@ def test_a_sweeps_missing_features_hint_names_seeds_only_where_they_move_the_wei
     other = StudentConfig(name="test_resnet", input_size=28, pretrained=pretrained.pretrained)
     with Store(str(store)) as st:
         hint = missing_features(StoreReader(st), [_cfg(store, other, tmp_path / "o", seed=5)])
-    assert "--set input_size=28" in hint and "--seed" not in hint, hint
+    assert "--set input_size=28" in hint and "--seed" not in hint and "random backbone" not in hint, hint
 
 def test_features_refuse_a_batch_size_below_one_and_remake_an_array_gone_from_disk(synthetic_store, tmp_path):
     """`features --batch-size -1` stored all-zero features as complete (exit 0; a linear probe on them
