@@ -123,7 +123,8 @@ def _worker_main(tasks, results, spec_dict: Dict, sweep_dir: str, device: str, t
     from . import SweepSpec
 
     interrupt.stop_on_signal()
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, interrupt.SIGNALS)  # held while it started: now the stop flag's
+    if hasattr(signal, "pthread_sigmask"):  # held while it started (POSIX): now the stop flag's
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, interrupt.SIGNALS)
     warnings.showwarning = one_line_warning  # its runs' warnings as the CLI says them: one line each
     _stop_when_orphaned(os.getppid())
     torch.set_num_threads(threads)
@@ -146,7 +147,11 @@ def _worker_main(tasks, results, spec_dict: Dict, sweep_dir: str, device: str, t
 def _signals_held():
     """Ctrl-C and SIGTERM held (blocked, not lost) while workers are started: a worker inherits the mask
     and takes them once its handlers set the stop flag instead (a signal while it was still importing
-    printed its traceback); this process takes a held one as the block ends."""
+    printed its traceback). This thread's mask only: the process's other threads still take a signal
+    for its handler. (POSIX; elsewhere, nothing is held.)"""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
     held = signal.pthread_sigmask(signal.SIG_BLOCK, interrupt.SIGNALS)
     try:
         yield
