@@ -66,6 +66,17 @@ def json_digest(obj: Any, n: int = 16) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:n]
 
 
+def file_crc32c(path: PathLike) -> int:
+    """CRC-32C of a file's bytes, read in 16 MB pieces (as the store checks its arrays)."""
+    from .store.integrity import checksum
+
+    crc = 0
+    with open(path, "rb") as fh:
+        for piece in iter(lambda: fh.read(1 << 24), b""):
+            crc = checksum(piece, crc)
+    return crc
+
+
 def file_sha256(path: Path, _cache: Dict[Tuple[str, int, float], str] = {}) -> str:
     """Content hash of a file (16 hex chars): keys use contents, not paths, so moving a checkpoint
     keeps its stores valid. Memoised per (path, size, mtime) within a process."""

@@ -28,7 +28,7 @@ import torch
 
 from embedcache.config import build_config, to_dict
 from embedcache.errors import StoreError, TrainingError
-from embedcache.fileio import atomic_write, atomic_write_json, atomic_write_text
+from embedcache.fileio import atomic_write, atomic_write_json, atomic_write_text, file_crc32c
 
 from .config import TrainConfig
 
@@ -38,16 +38,6 @@ MARKS = ("config.json", "error.txt")  # what makes a folder a run: its config, o
 
 
 WEIGHTS_SUM = "weights_crc32c"  # summary.json: model.safetensors' checksum (safetensors keeps none)
-
-
-def _file_crc(f: Path) -> int:
-    from embedcache.store.integrity import checksum
-
-    crc = 0
-    with open(f, "rb") as fh:
-        for piece in iter(lambda: fh.read(1 << 24), b""):
-            crc = checksum(piece, crc)
-    return crc
 
 
 @contextmanager
@@ -215,7 +205,7 @@ class RunDir:
         try:
             weights = load_file(str(f))
             want = self.summary.get(WEIGHTS_SUM) if self.file("summary.json").is_file() else None
-            if want is not None and _file_crc(f) != int(want):  # runs finished before it was kept: unchecked
+            if want is not None and file_crc32c(f) != int(want):  # runs finished before it was kept: unchecked
                 raise TrainingError(f"run {self.path}: its weights {f.name} do not match the checksum its run recorded "
                                     f"(altered or damaged on disk); {again}")
             return weights
@@ -225,7 +215,7 @@ class RunDir:
 
     def finish(self, summary: Dict[str, Any], keep_checkpoint: bool = False) -> None:
         """The summary (with the kept weights' CRC-32C, checked whenever they are loaded), then ``done``."""
-        summary = {**summary, WEIGHTS_SUM: _file_crc(self.file("model.safetensors"))}
+        summary = {**summary, WEIGHTS_SUM: file_crc32c(self.file("model.safetensors"))}
         atomic_write_json(self.file("summary.json"), summary)
         atomic_write_text(self.file("done"), "ok\n")  # last: the run is finished
         self.file("error.txt").unlink(missing_ok=True)  # an earlier attempt's failure, no longer the news

@@ -165,23 +165,34 @@ def stage_ends(recipe: Recipe, steps: int) -> List[int]:
     return ends
 
 
-def schedule_spans_stages(cfg: TrainConfig) -> bool:
-    return len(recipe_of(cfg).stages) > 1 and cfg.optim.schedule != "constant"
-
-
-def stage_schedule_note(cfg: TrainConfig) -> str:
-    """A note when one decaying schedule runs across a recipe's stages ('' otherwise): its last stage,
-    which the kept model comes from, trains at the schedule's tail."""
-    if not schedule_spans_stages(cfg):
-        return ""
+def _last_stage_rates(cfg: TrainConfig) -> Optional[Tuple[int, float, float]]:
+    """(first step, first lr, last lr) of a recipe's last stage where it has several and the schedule
+    moves the rate away from optim.lr there; else None."""
     recipe = recipe_of(cfg)
+    if len(recipe.stages) < 2:
+        return None
     start = stage_ends(recipe, cfg.steps)[-2]
     probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.optim.lr)
     factor = build_scheduler(cfg.optim, probe, cfg.steps).lr_lambdas[0]
     first, last = (cfg.optim.lr * factor(s) for s in (start, cfg.steps - 1))
-    return (f"note: schedule {cfg.optim.schedule} runs across recipe {cfg.recipe}'s {len(recipe.stages)} stages, so "
-            f"its last stage (steps {start + 1}-{cfg.steps}, the kept model's) starts at lr {first:.3g} and ends at "
-            f"{last:.3g} of optim.lr {cfg.optim.lr:g}; `--set optim.schedule=constant` trains every stage at optim.lr")
+    return None if first == last == cfg.optim.lr else (start, first, last)
+
+
+def schedule_spans_stages(cfg: TrainConfig) -> bool:
+    return _last_stage_rates(cfg) is not None
+
+
+def stage_schedule_note(cfg: TrainConfig) -> str:
+    """A note when one schedule across a recipe's stages moves the rate of its last stage, which the kept
+    model comes from, away from optim.lr ('' otherwise): under cosine it trains at the schedule's tail."""
+    rates = _last_stage_rates(cfg)
+    if rates is None:
+        return ""
+    start, first, last = rates
+    return (f"note: schedule {cfg.optim.schedule} runs across recipe {cfg.recipe}'s {len(recipe_of(cfg).stages)} "
+            f"stages, so its last stage (steps {start + 1}-{cfg.steps}, the kept model's) starts at lr {first:.3g} and "
+            f"ends at {last:.3g} of optim.lr {cfg.optim.lr:g}; `--set optim.schedule=constant` trains every stage at "
+            "optim.lr")
 
 
 def set_trainable(model: Student, stage: Stage) -> None:
@@ -697,7 +708,7 @@ class Trainer:
         if self.start:
             self.log(f"resuming {self.run_dir.path} from step {self.start}")
             self.say_other_threads()
-        elif stage_schedule_note(self.cfg):
+        elif schedule_spans_stages(self.cfg):  # (a fresh start only: a resume said it when it began)
             self.log(stage_schedule_note(self.cfg))
         self.write_run_files()
         loop_seconds = self.loop()

@@ -916,6 +916,28 @@ def test_a_damaged_checkpoint_that_still_loads_is_refused_not_resumed(synthetic_
         train(cut, log=quiet)
 
 
+def test_a_checkpoint_written_without_zip_checksums_still_resumes(synthetic_store, tmp_path):
+    """torch.save may be told to write no CRC-32s (every one 0): such a checkpoint cannot be checked, and
+    is not called damaged."""
+    from torch import serialization
+
+    def stop(step):
+        if step == 25:
+            raise KeyboardInterrupt
+
+    cut = _cfg(synthetic_store, tmp_path, name="cut")
+    with pytest.raises(KeyboardInterrupt):
+        train(cut, on_step=stop, log=quiet)
+    f = tmp_path / "cut" / "checkpoint.pt"
+    state = torch.load(f, weights_only=True)
+    serialization.set_crc32_options(False)
+    try:
+        torch.save(state, f)
+    finally:
+        serialization.set_crc32_options(True)
+    assert train(cut, log=quiet).resumed_from == 20
+
+
 def test_damaged_weights_that_still_load_are_refused(synthetic_store, tmp_path):
     """model.safetensors has no checksum of its own: bytes changed in a tensor were read as weights.
     The summary keeps the file's CRC-32C, checked on loading."""
@@ -928,6 +950,10 @@ def test_damaged_weights_that_still_load_are_refused(synthetic_store, tmp_path):
     _flip_middle(Path(res.out) / "model.safetensors")
     with pytest.raises(TrainingError, match=r"model.safetensors do not match the checksum its run recorded"):
         run.weights()
+    summary = json.loads(run.file("summary.json").read_text())  # a run finished before the checksum was kept
+    del summary["weights_crc32c"]
+    run.file("summary.json").write_text(json.dumps(summary))
+    assert run.weights()  # read unchecked, as before
 
 
 def test_an_input_size_a_clip_tower_cannot_take_is_one_line(tiny_clip_dir):
@@ -975,9 +1001,12 @@ def test_a_resumed_runs_summary_counts_the_time_of_every_attempt(synthetic_store
             raise KeyboardInterrupt
 
     cut = _cfg(synthetic_store, tmp_path, name="cut")
+    began = clock.time()
     with pytest.raises(KeyboardInterrupt):
         train(cut, on_step=slow_then_stop, log=quiet)
     res = train(cut, log=quiet)
+    both = clock.time() - began
     summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
     assert summary["loop_seconds"] >= res.loop_seconds + 2.0, (summary, res)
     assert summary["seconds"] >= res.seconds + 2.0, (summary, res)
+    assert summary["loop_seconds"] <= summary["seconds"] <= both, (summary, both)  # nothing counted twice
