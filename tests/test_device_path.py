@@ -308,3 +308,16 @@ def test_the_gpu_input_modes_give_the_view_whose_embedding_is_the_target(synthet
     want = normalize(render_views(canvas, params, 32, data.interpolation)[:, 0], model.mean, model.std)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
     torch.testing.assert_close(got, CanvasInputs(data, model, torch.device("cpu"))(idx, views), atol=1e-5, rtol=0)
+
+
+def test_a_store_of_another_decoder_names_the_decoder_that_resumes_it(photo_folder, make_cfg, tiny_teacher):
+    """Resumed with the other decoder, a store was refused with "use another --out path, or delete that
+    store", throwing its blocks away, and two keys whose owners were not said (a trial)."""
+    from embedcache.errors import StoreMismatchError
+
+    args = ("dataset.name=folder", f"dataset.path={photo_folder}", "block_rows=3")
+    extract(make_cfg("dec.zarr", *args, "decoder=pil"), teacher=tiny_teacher, log=quiet)
+    with pytest.raises(StoreMismatchError, match=r"its pipeline differs .*the store's key \w+, teacher .*; this call's "
+                                                 r"key \w+: give --set decoder=pil to resume it with the decoder that "
+                                                 r"made it, or use another --out path"):
+        extract(make_cfg("dec.zarr", *args, "decoder=device"), teacher=tiny_teacher, log=quiet)

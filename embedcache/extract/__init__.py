@@ -69,6 +69,11 @@ def made_so(store: Store, manifest: Dict) -> Store:
         f" (this version leaves out the {hidden} hidden image file(s) of the dataset folder, e.g. in "
         ".ipynb_checkpoints, which the version that made this store read as images)")
     advice = "use another --out path, or delete that store if it is no longer needed"
+    was_pil, now_pil = (str(m.get("pipeline", {}).get("decoder", "pil")).startswith("pil")
+                        for m in (store.manifest, manifest))
+    if differs.startswith("its pipeline differs") and was_pil != now_pil:  # this call's decoder: the store's resumes it
+        advice = (f"give --set decoder={'pil' if was_pil else 'device'} to resume it with the decoder that made it, or "
+                  f"{advice}")
     was, now = (m.get("config", {}).get("dataset", {}).get("path") for m in (store.manifest, manifest))
     if differs == "its dataset differs" and not why and was != now:  # another folder, which a moved dataset may be
         differs += f" (its files, read from {now}, are not those it was made from, read from {was})"

@@ -303,8 +303,9 @@ class Store:
         if key is not None and key != self.key:
             t = self.manifest.get("teacher", {})
             raise StoreMismatchError(
-                f"store {self.path} was made from other inputs ({differs + '; ' if differs else ''}key {self.key}, "
-                f"teacher {t.get('name')}/{teacher_model(t) or t.get('classifier')}); expected key {key}: {advice}")
+                f"store {self.path} was made from other inputs ({differs + '; ' if differs else ''}the store's key "
+                f"{self.key}, teacher {t.get('name')}/{teacher_model(t) or t.get('classifier')}); this call's key {key}: "
+                f"{advice}")
         if complete and not self.complete:
             done = int(self.blocks_done().sum())
             raise StoreError(f"store {self.path} is incomplete ({done} of {self.num_blocks} blocks written); "
