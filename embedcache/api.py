@@ -269,6 +269,7 @@ class StoreReader:
             "path": self.path, "backend": st.backend_name, "key": self.key, "complete": done, "teacher": m["teacher"],
             "embed_dim": self.dim, "images": int(self.layout["n"]), "views": self.views, "view_policy": self.view_policy(),
             "canvas": self.layout["canvas"], "pixels_stored": bool(self.layout.get("store_pixels")),
+            "pipeline": m.get("pipeline"),  # the decoder and renderers that made the pixels (part of the key)
             "classes": len(self.classes), "domains": list(self.domains), "text_sources": list(self.text_sources),
             "failed": self.n_failed if done else len(st.failures()),
             "synthesis": _synthesis_facts(m),
@@ -299,6 +300,7 @@ class StoreReader:
         if said["synthesis"] is None:
             del said["synthesis"]
         said["calls"] = _calls_line(f["calls"])
+        said["pipeline"] = "; ".join(f"{k} {v}" for k, v in (f["pipeline"] or {}).items()) or "-"
         if "teacher_usage" in f:
             said["teacher_usage"] = _usage_line(f["teacher_usage"])
         if not f["complete"]:

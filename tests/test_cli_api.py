@@ -48,6 +48,8 @@ def test_inspect_summarises(cli_store):
     assert [c["finished"] for c in js["calls"]] == [True] and js["derived"] == [] and js["complete"] is True
     assert js["teacher"]["name"] == "open_clip" and isinstance(js["teacher"], dict)  # as the manifest records it
     assert js["synthesis"] is None and "synthesised" not in res.output  # a store of image files
+    # the decoder and renderers that made the pixels, part of the key (inspect never said them: a trial)
+    assert js["pipeline"]["decoder"] == "pil" and "decoder pil; canvas " in res.output
 
 
 def test_cli_errors_are_one_line(tmp_path):
