@@ -104,7 +104,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=100_000)
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for the JSON results")
     args = ap.parse_args()
     rng = np.random.default_rng(1)
     plan = search_plan()

@@ -206,7 +206,7 @@ def main() -> None:
     ap.add_argument("--read-rows", type=int, default=200_000)
     ap.add_argument("--read-block-rows", type=int, nargs="+", default=[256, 4096],
                     help="store block sizes to read (256: extraction's default)")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for the JSON results")
     ap.add_argument("--pacs", default=str(PACS), help="DomainBed-layout image folder (default ../shared/datasets/pacs)")
     args = ap.parse_args()
     if min(args.read_block_rows) < 1 or args.read_rows < 1:

@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--canvas", type=int, default=96)
     ap.add_argument("--teacher", default="ViT-B-32", help="makes the store (random weights)")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for the JSON results")
     args = ap.parse_args()
     if min(args.workers) < 1 or args.steps < 1 or args.seeds < 1:
         sys.exit("--workers, --steps and --seeds take counts of 1 or more")

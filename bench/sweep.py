@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--head-steps", type=int, default=500)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for the JSON results")
     args = ap.parse_args()
     if not Path(args.store).exists():
         sys.exit(f"no store at {args.store}; run `make extract` first")

@@ -94,7 +94,7 @@ def main() -> None:
     ap.add_argument("--canvas", type=int, default=96, help="side the images are synthesised at")
     ap.add_argument("--iterations", type=int, default=10)
     ap.add_argument("--store-images", type=int, default=8, help="images of the end-to-end store (0: skip)")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for the JSON results")
     args = ap.parse_args()
     model = args.model or ("efficientnet-lite0" if args.teacher == "conse" else "ViT-B-16")
     tcfg = TeacherConfig(name=args.teacher, model=model, device=args.device, precision=args.precision)

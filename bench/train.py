@@ -151,7 +151,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--canvas", type=int, default=128)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for the JSON results")
     args = ap.parse_args()
 
     device = resolve_device(args.device)
@@ -227,7 +227,9 @@ def main() -> None:
     print(f"{'what':<52} {'steps/s':>10} {'vs bare':>8}")
     for name, rate, ratio in rows:
         print(f"{name:<52} {rate:>10.2f} {ratio:>8.3f}")
-    print(f"cached training is {cached / on:.1f}x faster than running the teacher online; "
+    speed = cached / on
+    print(f"cached training runs {speed:.1f}x the steps/s of running the teacher online"
+          f"{'' if speed >= 1 else ' (slower: too few steps timed to warm up? raise --steps)'}; "
           f"closed-form head-only training is {head / head_ag:.2f}x the autograd loop; "
           f"the pack trains {rows[-1][1] / head:.1f}x more head-steps/s than one head at a time")
     write_json(Path(args.out) / f"train-{'gpu' if device.type == 'cuda' else 'cpu'}.json",
