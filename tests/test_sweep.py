@@ -135,11 +135,11 @@ def test_a_failed_run_is_recorded_and_the_others_finish(synthetic_store, tmp_pat
     assert res.exit_code == 1 and "2 done now" in res.output and "2 failed" in res.output
     errors = list(out.glob("runs/*/error.txt"))
     assert len(errors) == 2 and "no_such_net" in errors[0].read_text()
-    assert f"(traceback in {errors[0]})" in res.output or f"(traceback in {errors[1]})" in res.output  # a path from here
+    assert f"(its error in {errors[0]})" in res.output or f"(its error in {errors[1]})" in res.output  # a path from here
     # the error is said once, as the run fails; the closing list names the run and its traceback (each was
     # said twice, 16 long lines for 8 failures: a trial)
     closing = [ln for ln in res.output.splitlines() if ln.startswith("failed: ")]
-    assert len(closing) == 2 and all(ln.endswith("error.txt)") and "(traceback in " in ln for ln in closing), closing
+    assert len(closing) == 2 and all(ln.endswith("error.txt)") and "(its error in " in ln for ln in closing), closing
     assert "no run of feat_kd / timm:no_such_net has results: it is not in the tables" in res.output, res.output
     # the base's student is the grid's to set: said (a base recipe the grid also set was dropped unsaid: a trial)
     assert "note: the grid sets student.name in every run, so base.student.name='test_resnet' is not used" in res.output

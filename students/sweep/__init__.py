@@ -744,7 +744,7 @@ def _launch(spec: SweepSpec, sweep_dir: str, points: List[SweepPoint], name: str
         if x["status"] == "failed":
             where = Path(sweep_dir) / "runs" / x["run"] / "error.txt"
             # its error was said as it failed (the progress line): here its name, and where the traceback is
-            log(f"failed: {x['run']}" + (f" (traceback in {where})" if where.exists() else f": {x.get('error', '')}"))
+            log(f"failed: {x['run']}" + (f" (its error in {where})" if where.exists() else f": {x.get('error', '')}"))
     finished = sum(result_path(sweep_dir, Path(p.cfg.out).name).exists() for p in points)
     if counts["disk_full"]:
         raise DiskFullError(f"disk full while writing {sweep_dir}: {finished} of {len(points)} runs finished, the "
