@@ -87,9 +87,14 @@ def test_a_jpeg_the_device_decoder_rejects_goes_to_pil_and_one_both_reject_is_re
     monkeypatch.setattr(tvio, "decode_jpeg", picky)
     monkeypatch.setattr(datasets, "read_rgb8", pil_cannot)
     cfg = make_cfg("picky.zarr", "dataset.name=folder", f"dataset.path={photo_folder}", "decoder=device", "block_rows=3")
-    res = extract(cfg, teacher=tiny_teacher, log=quiet)
+    said = []
+    res = extract(cfg, teacher=tiny_teacher, log=said.append)
     assert res.complete and max(calls) > 1  # batched calls, retried file by file
+    # which rows hold PIL's pixels under decoder=device is said and recorded (nothing said it: a trial)
+    assert any(line.startswith("note: 1 JPEG the device decoder rejected was decoded by PIL") and "a/1.jpg" in line
+               for line in said), said
     with embedcache.open_store(res.path) as s:
+        assert [c.get("decoded_by_pil") for c in s.manifest["calls"]] == [["a/1.jpg"]]
         meta, px = s.meta.set_index("path"), s.pixels()
         assert meta.loc["a/1.jpg", "status"] == "ok" and meta.loc["b/2.jpg", "status"] == "failed"
         assert "broken data stream" in meta.loc["b/2.jpg", "reason"]
@@ -100,6 +105,17 @@ def test_a_jpeg_the_device_decoder_rejects_goes_to_pil_and_one_both_reject_is_re
         dev = canvas_from_decoded(real(torch.from_numpy(np.frombuffer(mate.read_bytes(), np.uint8).copy()),
                                        mode=ImageReadMode.RGB), size)
         assert np.array_equal(px[meta.index.get_loc("a/0.jpg")], dev.numpy())
+        row = meta.index.get_loc("a/1.jpg")
+    # a repair where the device decoder takes that file gives other pixels: the refusal names it
+    from embedcache.errors import DatasetError
+
+    from conftest import alter_emb
+
+    monkeypatch.setattr(tvio, "decode_jpeg", real)
+    alter_emb(res.path, row=row, view=0, col=0)
+    with pytest.raises(DatasetError, match=r"decodes it otherwise \(when it was made, the device decoder rejected "
+                                           r"a/1.jpg, which PIL read"):
+        extract(cfg, teacher=tiny_teacher, log=quiet)
 
 
 @pytest.mark.parametrize("colour", [(), ("views.color_jitter=0.3", "views.grayscale=0.5")], ids=["crops", "colour"])

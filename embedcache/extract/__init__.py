@@ -205,6 +205,7 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
             encoded, failed = run_blocks(store, mine, reader, embedder, cfg.batch_size,
                                          progress=cfg.progress, on_block_done=block_done)
             image_seconds = time.time() - began_images
+            _say_decoded_by_pil(reader, dataset, record, log)
             if store.blocks_done().all():
                 _refuse_all_failed(store, dataset, cfg.out)
                 n_prompts = sum(len(p) for per_class in prompts.values() for p in per_class)
@@ -326,6 +327,20 @@ def _live_writers(path: str) -> List[int]:
         else:
             os.close(probe)
     return live
+
+
+def _say_decoded_by_pil(reader, dataset: ImageDataset, record: CallRecord, log: Callable[[str], None]) -> None:
+    """Under decoder=device, the JPEGs the device decoder rejected and PIL read hold PIL's pixels: said, and
+    kept in this call's history entry (``decoded_by_pil``; a repair elsewhere may decode them otherwise)."""
+    rows = sorted(set(getattr(reader, "decoded_by_pil", ())))
+    if not rows:
+        return
+    paths = [dataset.samples[r].path for r in rows]
+    record.entry["decoded_by_pil"] = paths
+    n = len(paths)
+    log(f"note: {n} JPEG{'s' if n > 1 else ''} the device decoder rejected {'were' if n > 1 else 'was'} decoded by PIL "
+        f"(PIL's pixels; the call's history lists {'them' if n > 1 else 'it'}, decoded_by_pil): "
+        + ", ".join(paths[:5]) + (f" and {n - 5} more" if n > 5 else ""))
 
 
 def _say_resumed_otherwise(began: Dict, cfg: ExtractConfig, now: Dict, log: Callable[[str], None]) -> None:

@@ -100,6 +100,7 @@ class DeviceDecodeReader:
     def __init__(self, dataset: ImageDataset, policy: ViewPolicy, device: torch.device, num_workers: int = 1):
         self.files, self.policy, self.device, self.num_workers = _Files(dataset, policy), policy, device, num_workers
         self.pipeline = device_pipeline(device)
+        self.decoded_by_pil: List[int] = []  # rows of JPEGs the device decoder rejected and PIL read (PIL's pixels)
 
     def _probe(self) -> None:
         """Decode a small JPEG on the device: a decoder that does not work here is one line, before any file."""
@@ -153,6 +154,7 @@ class DeviceDecodeReader:
             try:  # rejected by the device decoder: PIL decides whether the file is really corrupt
                 canvas[k] = torch.from_numpy(make_canvas(self.files.dataset.load(int(rows[k])), s)).to(self.device)
                 rescued += 1
+                self.decoded_by_pil.append(int(rows[k]))
             except Exception as exc:
                 errors[k] = _why(exc)
         if len(jpeg) > 1 and rescued == len(jpeg):

@@ -72,6 +72,8 @@ def calls_of(history: List[Dict[str, Any]], manifest: Dict[str, Any]) -> List[Di
         config = e.get("config", {})
         row["settings"] = differing(_same_folder(made, config), config)
         row["versions"] = {k: v for k, v in (e.get("versions") or {}).items() if versions.get(k) != v}
+        if e.get("decoded_by_pil"):  # decoder=device: files the device decoder rejected, read by PIL
+            row["decoded_by_pil"] = e["decoded_by_pil"]
         out.append(row)
     return out
 

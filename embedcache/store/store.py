@@ -470,10 +470,20 @@ class Store:
                 start, stop = self.block_range(block)
                 raise DatasetError(f"{self.path}: block {block} (rows {start}-{stop - 1}) re-done from the source files "
                                    f"gives other {name} than the store recorded: a source image changed since the store "
-                                   "was made (an edit in place, bit rot), or this machine decodes it otherwise; restore "
-                                   "the original files and rerun (the repair then re-does the block as it was), or "
-                                   "delete the store and re-extract")
+                                   f"was made (an edit in place, bit rot), or this machine decodes it otherwise"
+                                   f"{self._read_by_pil_note()}; restore the original files and rerun (the repair then "
+                                   "re-does the block as it was), or delete the store and re-extract")
         return bool(want)
+
+    def _read_by_pil_note(self) -> str:
+        """' (files the device decoder rejected when the store was made, read by PIL: a, b)' where its calls
+        recorded any: a decoder that accepts them now gives other pixels."""
+        paths = sorted({p for c in self.manifest.get("calls") or [] for p in c.get("decoded_by_pil") or []})
+        if not paths:
+            return ""
+        return (f" (when it was made, the device decoder rejected {', '.join(paths[:5])}"
+                f"{f' and {len(paths) - 5} more' if len(paths) > 5 else ''}, which PIL read; a decoder that accepts "
+                "them gives other pixels)")
 
     def refresh(self) -> None:
         """The store's metadata read again (another process may have packed or finished it)."""
