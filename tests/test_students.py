@@ -898,18 +898,24 @@ def _flip_middle(f: Path) -> None:
     f.write_bytes(bytes(raw))
 
 
+def _stopped_at_step_25(store, tmp_path) -> TrainConfig:
+    """A run stopped by Ctrl-C at step 25 (its checkpoint: step 20), and its config."""
+    def stop(step):
+        if step == 25:
+            raise KeyboardInterrupt
+
+    cut = _cfg(store, tmp_path, name="cut")
+    with pytest.raises(KeyboardInterrupt):
+        train(cut, on_step=stop, log=quiet)
+    return cut
+
+
 def test_a_damaged_checkpoint_that_still_loads_is_refused_not_resumed(synthetic_store, tmp_path):
     """A checkpoint with 64 bytes zeroed mid-file loaded and the run resumed from changed weights, exit 0
     (a trial): its zip records' CRC-32s are checked before it is used."""
     from embedcache.errors import TrainingError
 
-    def stop(step):
-        if step == 25:
-            raise KeyboardInterrupt
-
-    cut = _cfg(synthetic_store, tmp_path, name="cut")
-    with pytest.raises(KeyboardInterrupt):
-        train(cut, on_step=stop, log=quiet)
+    cut = _stopped_at_step_25(synthetic_store, tmp_path)
     _flip_middle(tmp_path / "cut" / "checkpoint.pt")
     with pytest.raises(TrainingError, match=r"checkpoint.pt is damaged \(its record \S+ does not match its "
                                             r"checksum\); delete it to restart the run from step 0"):
@@ -921,13 +927,7 @@ def test_a_checkpoint_written_without_zip_checksums_still_resumes(synthetic_stor
     is not called damaged."""
     from torch import serialization
 
-    def stop(step):
-        if step == 25:
-            raise KeyboardInterrupt
-
-    cut = _cfg(synthetic_store, tmp_path, name="cut")
-    with pytest.raises(KeyboardInterrupt):
-        train(cut, on_step=stop, log=quiet)
+    cut = _stopped_at_step_25(synthetic_store, tmp_path)
     f = tmp_path / "cut" / "checkpoint.pt"
     state = torch.load(f, weights_only=True)
     serialization.set_crc32_options(False)
