@@ -708,8 +708,10 @@ class Trainer:
         if self.start:
             self.log(f"resuming {self.run_dir.path} from step {self.start}")
             self.say_other_threads()
-        elif schedule_spans_stages(self.cfg):  # (a fresh start only: a resume said it when it began)
-            self.log(stage_schedule_note(self.cfg))
+        else:  # a fresh start (a resume said it when the run began)
+            note = stage_schedule_note(self.cfg)
+            if note:
+                self.log(note)
         self.write_run_files()
         loop_seconds = self.loop()
         return self.finish(t0, loop_seconds)

@@ -64,7 +64,7 @@ def verify_store(path: str, repair: bool = False, overrides: Sequence[str] = (),
         lost_text, restored = list(st.lost_text), list(st.lost_books)
         st.rebuild_lost()  # bookkeeping restored; prompts made again empty, the store unfinished: encoded below
         report = st.verify(progress=progress)
-        manifest, producer = st.manifest, st.producer
+        manifest, producer, redoer = st.manifest, st.producer, st.redoer
         edited = ("" if "meta.parquet" in report.files else st.manifest_problem()) or _apart_line(st.manifest)
         unfinished = "" if st.complete else (f"incomplete ({int(st.blocks_done().sum())} of {st.num_blocks} blocks); "
                                              f"if its {producer} command is no longer running, rerun it to finish")
@@ -84,12 +84,8 @@ def verify_store(path: str, repair: bool = False, overrides: Sequence[str] = (),
               f"`embedcache {producer}` for its own)")
     if not repair:
         fixes = []
-        if (not report.ok or lost_text) and producer == "extract":
-            fixes.append(f"`embedcache verify --repair {path}` (or the store's {producer} command) re-does exactly the "
-                         "blocks and files")
-        elif not report.ok or lost_text:  # verify cannot rebuild a synthesiser: its own command re-does them
-            fixes.append(f"rerunning the store's `embedcache {producer}` command with the same config re-does exactly "
-                         "the blocks and files")
+        if not report.ok or lost_text:
+            fixes.append(f"{redoer} re-does exactly the blocks and files")
         if report.derived:
             fixes.append(f"`embedcache verify --repair {path}` marks them to be recomputed, then {remake}")
         raise StoreError(f"{path}: {len(report.damaged_blocks)} damaged block(s), {len(report.files)} damaged file(s), "

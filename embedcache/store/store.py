@@ -709,7 +709,7 @@ class Store:
         """What re-does a damaged store's blocks and files: a repair, or (a synthesised store, whose images
         only its own command can make again) that command."""
         if self.producer == "extract":
-            return "`embedcache verify --repair` (or the store's extract command)"
+            return f"`embedcache verify --repair {self.path}` (or the store's extract command)"
         return f"rerunning the store's `embedcache {self.producer}` command with the same config"
 
     # --- tables -------------------------------------------------------------------------------------

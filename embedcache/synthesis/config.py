@@ -34,6 +34,14 @@ def _fills(key: str, given: str, text: str) -> None:
                           "give one {} for the name and no other braces") from None
 
 
+def _no_braces(key: str, text: str) -> None:
+    """A word set into a template (the placeholder, a style word) cannot hold braces: the template's
+    class slot {} would take them."""
+    if "{" in text or "}" in text:
+        raise ConfigError(f"prompts.{key}={text!r} holds a brace, which the template's class slot {{}} would take; "
+                          "give it without braces")
+
+
 @dataclass(frozen=True)
 class PromptsConfig:
     """How prompts are diversified (``prompts.py``). Every method but ``plain`` puts a style
@@ -57,9 +65,7 @@ class PromptsConfig:
     seed: int = setting(0, min=0)  # numpy seeds: whole numbers from 0
 
     def check(self) -> None:
-        if "{" in self.placeholder or "}" in self.placeholder:
-            raise ConfigError(f"prompts.placeholder={self.placeholder!r} holds a brace, which the template's class slot "
-                              "{} would take; give a placeholder without braces (the default '*')")
+        _no_braces("placeholder", self.placeholder)
         if self.template.count(self.placeholder) != 1 or self.template.count("{}") != 1:
             raise ConfigError(f"prompts.template={self.template!r} needs the placeholder {self.placeholder!r} once "
                               "and one {} for the class name, e.g. 'a * style of a {}'")
@@ -75,9 +81,7 @@ class PromptsConfig:
         if self.words is not None and not self.words:
             raise ConfigError("prompts.words is empty; give style words, or leave it unset for the default list")
         for i, w in enumerate(self.words or ()):
-            if "{" in w or "}" in w:
-                raise ConfigError(f"prompts.words[{i}]={w!r} holds a brace, which the template's class slot {{}} would "
-                                  "take; give the word without braces")
+            _no_braces(f"words[{i}]", w)
             if list(self.words).count(w) > 1:
                 raise ConfigError(f"prompts.words lists {w!r} twice; give each style word once")
         if self.method != "mix" or self.words is None:
