@@ -610,11 +610,13 @@ def test_outputs_that_overflow_are_refused_in_training_and_in_scoring(synthetic_
 CLAIMER = """
 import importlib.util, sys, time
 from pathlib import Path
-spec = importlib.util.spec_from_file_location("claim", sys.argv[4])  # the module alone: starts in milliseconds
+spec = importlib.util.spec_from_file_location("claim", sys.argv[3])  # the module alone: starts in milliseconds
 claim = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(claim)
 Claim = claim.Claim
-run, go, out = Path(sys.argv[1]), float(sys.argv[2]), Path(sys.argv[3])
+run, out = Path(sys.argv[1]), Path(sys.argv[2])
+print("ready", flush=True)
+go = float(sys.stdin.readline())  # one instant for both, sent once both have started
 while time.time() < go:
     pass
 with Claim(run) as mine:
@@ -635,11 +637,18 @@ def test_two_processes_never_both_win_a_dead_owners_lock(tmp_path):
         run.mkdir()
         dead = subprocess.run([sys.executable, "-S", "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
         (run / ".lock").write_text(f"{os.uname().nodename} {dead.stdout.strip()}\n")  # a dead owner's lock
-        go = time.time() + 0.3
-        procs = [subprocess.Popen([sys.executable, "-S", str(script), str(run), str(go), str(tmp_path / f"w{trial}-{k}"),
-                                   str(ROOT / "students" / "sweep" / "claim.py")]) for k in range(2)]
+        procs = [subprocess.Popen([sys.executable, "-S", str(script), str(run), str(tmp_path / f"w{trial}-{k}"),
+                                   str(ROOT / "students" / "sweep" / "claim.py")],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for k in range(2)]
+        for p in procs:
+            assert p.stdout.readline().strip() == "ready"
+        go = f"{time.time() + 0.01}\n"
+        for p in procs:
+            p.stdin.write(go)
+            p.stdin.close()
         for p in procs:
             assert p.wait(timeout=60) == 0
+            p.stdout.close()
         held = [tuple(map(float, (tmp_path / f"w{trial}-{k}").read_text().split()))
                 for k in range(2) if (tmp_path / f"w{trial}-{k}").exists()]
         assert held, f"trial {trial}: nobody took over the dead owner's lock"
