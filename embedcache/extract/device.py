@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from ..datasets import ImageDataset
 from ..errors import ConfigError
 from ..views import canvas_resize, make_canvas
-from .parts import Batch, ViewPolicy, _init_worker
+from .parts import Batch, ViewPolicy, _init_worker, loaded
 
 JPEG_MAGIC, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
 EXIF_ORIENTATION = 0x0112
@@ -117,7 +117,7 @@ class DeviceDecodeReader:
         self._probe()
         loader = DataLoader(self.files, batch_sampler=batches, collate_fn=list, num_workers=self.num_workers,
                             prefetch_factor=4 if self.num_workers > 0 else None, worker_init_fn=_init_worker)
-        for items in loader:
+        for items in loaded(loader):
             yield self._batch(items)
 
     def _decode(self, blobs: List[torch.Tensor]) -> List[Optional[torch.Tensor]]:

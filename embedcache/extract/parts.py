@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from .. import interrupt
 from ..config import ViewsConfig
 from ..datasets import ImageDataset
 from ..errors import TeacherOutputError
@@ -123,6 +124,18 @@ def _init_worker(_worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGINT))
 
 
+def loaded(loader: Iterator) -> Iterator:
+    """A DataLoader's batches. A worker that died while the CLI took a stop signal is the stop: a SIGTERM
+    sent to the whole process group reaches a worker still starting (before ``_init_worker``) through
+    torch's handler, which dies by it, while the command's own KeyboardInterrupt may have been dropped
+    in an at-fork hook; the DataLoader then says the worker "exited unexpectedly"."""
+    try:
+        yield from loader
+    except RuntimeError:
+        interrupt.check_signalled("extracting")
+        raise
+
+
 class LoaderReader:
     """PIL decode -> canvas (-> views, for CPU teachers) in DataLoader worker processes.
 
@@ -143,7 +156,7 @@ class LoaderReader:
         loader = DataLoader(self.items, batch_sampler=batches, collate_fn=self.collate, num_workers=self.num_workers,
                             prefetch_factor=4 if self.num_workers > 0 else None, persistent_workers=False,
                             worker_init_fn=_init_worker)
-        for batch in loader:
+        for batch in loaded(loader):
             if self.pin_memory:
                 batch.canvas = batch.canvas.pin_memory()
             yield batch
