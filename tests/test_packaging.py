@@ -45,7 +45,7 @@ def fresh_env(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_the_installed_package_lists_and_runs_its_configs(fresh_env):
+def test_the_installed_package_lists_and_runs_its_configs(fresh_env, tiny_clip_dir):
     run, work = fresh_env
     listed = run("configs")
     assert listed.returncode == 0, listed.stderr
@@ -56,7 +56,8 @@ def test_the_installed_package_lists_and_runs_its_configs(fresh_env):
     missing = run("extract", "--config", "pacs-conse", "--out", "p.zarr")
     assert missing.returncode == 2 and "--set dataset.path=" in missing.stderr
     assert missing.stderr.strip().count("\n") == 0
-    tiny = ["--set", "dataset.per_class=2", "--set", "dataset.num_classes=2", "--no-progress"]
+    tiny = ["--set", "dataset.per_class=2", "--set", "dataset.num_classes=2", "--no-progress",
+            "--set", "teacher.name=open_clip", "--set", f"teacher.model=local-dir:{tiny_clip_dir}"]  # loads at once
     made = run("extract", "--config", "demo", "--out", "stores/demo.zarr", *tiny)
     assert made.returncode == 0, made.stderr
     assert (work / "stores" / "demo.zarr" / "zarr.json").exists()
