@@ -24,6 +24,9 @@ from embedcache.fileio import atomic_write
 KEY = ["run", "source", "store_key", "holdout", "protocol", "split", "domain", "class_name", "episode", "metric",
        "trained_on"]  # two runs of one folder name (plain/r0, contrastive/r0) trained on two stores: two runs
 TRANSFER, TRAINED_WITHOUT = "transfer", "trained without: "  # a --transfer row's holdout (``holdout_tag``)
+# domain values that name no one domain: every domain at once, and a run's training domains together
+# (open_vocab's generalised rows of a run that held domains out); out of a table's avg and domain count
+NOT_ONE_DOMAIN = ("all", "training_domains")
 TAGS: Dict[str, object] = {  # run settings, with the value a row gets when it has none
     "recipe": "-", "student": "-", "run_seed": -1, "replicate": -1, "source": "-", "variant": "-", "holdout": "-",
     "store_key": "-", "search": "-", "settings": "-", "trained_on": "-",

@@ -18,7 +18,7 @@ from embedcache.errors import EvaluationError
 
 from .index import search_path
 from .protocols import CLASS_SPLIT, PROTOCOLS, EvalData, named_warnings, seeded_class_split
-from .results import TRAINED_WITHOUT, TRANSFER, conform, held_domains, holdout_tag
+from .results import NOT_ONE_DOMAIN, TRAINED_WITHOUT, TRANSFER, conform, held_domains, holdout_tag
 
 
 def _rows_of(split: Dict, name: str) -> Optional[np.ndarray]:
@@ -144,12 +144,12 @@ def _replicates(df: pd.DataFrame, keys: list) -> pd.DataFrame:
     # each store has its own domains, and a transfer store's rows hold out the domains of the store trained on
     scope = ["store_key", "trained_on", "split"]
     rows = df.assign(held=held_domains(df["holdout"]))
-    real = rows[rows["domain"] != "all"]
+    real = rows[~rows["domain"].isin(NOT_ONE_DOMAIN)]
     wanted = (rows[rows["held"] != ""].groupby(scope)["held"].nunique().rename("want_h").reset_index(),
               real.groupby(scope)["domain"].nunique().rename("want_d").reset_index())
     by = keys + [c for c in scope if c not in keys]  # one store and one trained on per method unless in keys
     have = rows.groupby(by + ["replicate"], as_index=False).agg(
-        h=("held", lambda x: x[x != ""].nunique()), d=("domain", lambda x: x[x != "all"].nunique()))
+        h=("held", lambda x: x[x != ""].nunique()), d=("domain", lambda x: x[~x.isin(NOT_ONE_DOMAIN)].nunique()))
     for w in wanted:
         have = have.merge(w, on=scope, how="left")
     have = have.fillna({"want_h": 0, "want_d": 0})
@@ -210,7 +210,7 @@ def summary_table(results: pd.DataFrame, split: Optional[str] = None, metric: st
     stats = _stats(doms, keys)
     stats["cell"] = [_cell(m, s, c) for m, s, c in zip(stats["mean"], stats["std"], stats["count"])]
     avg = _avg(doms, keys)
-    with_domains = doms[doms["domain"] != "all"][keys + ["split"]].drop_duplicates()
+    with_domains = doms[~doms["domain"].isin(NOT_ONE_DOMAIN)][keys + ["split"]].drop_duplicates()
     # no complete replicate, not even by its own runs: no avg
     short = counts[(counts["k"] == 0) & (counts["k_own"] == 0)].merge(with_domains, on=keys + ["split"])
     k_said = counts["k"].where(counts["k"] > 0, counts["k_own"])  # complete by its own runs where none is by all
@@ -237,7 +237,7 @@ def avg_stats(results: pd.DataFrame, split: str, metric: str = "top1") -> pd.Dat
 def _avg(doms: pd.DataFrame, keys: list) -> pd.DataFrame:
     """Each method's avg (mean, std, count over replicates of their mean over the split's domains, and its
     cell): of its complete replicates, or, complete by its own runs only, said with the domains it spans."""
-    real = doms[(doms["domain"] != "all") & (doms["k"] > 0)]
+    real = doms[~doms["domain"].isin(NOT_ONE_DOMAIN) & (doms["k"] > 0)]
     per_rep = real.groupby(keys + ["split", "replicate"], as_index=False)["value"].mean()
     avg = per_rep.groupby(keys + ["split"])["value"].agg(["mean", "std", "count"]).reset_index()
     avg["cell"] = [_cell(m, s, c) for m, s, c in zip(avg["mean"], avg["std"], avg["count"])]
@@ -248,7 +248,7 @@ def _fewer_domains(doms: pd.DataFrame, keys: list) -> pd.DataFrame:
     """The avg cells of methods complete by their own runs but over fewer domains than the table's (they
     held out fewer domains than other methods, or none): the mean over their own complete replicates,
     said with how many of the table's domains it spans, so it is not read as comparable with the others'."""
-    real = doms[doms["domain"] != "all"]
+    real = doms[~doms["domain"].isin(NOT_ONE_DOMAIN)]
     table_domains = real.groupby("split")["domain"].nunique()
     mine = real[(real["k"] == 0) & (real["k_own"] > 0) & real["own"]]
     if mine.empty:

@@ -56,7 +56,9 @@ def test_evaluate_runs_and_report(runs, tmp_path):
     assert set(lodo[lodo.split == "in_domain"].domain) == {"solid", "avg"}
     ov = df[df.protocol == "open_vocab"]
     assert {"unseen_zero_shot", "gzsl_harmonic"} <= set(ov.split)
-    assert int(ov[(ov.split == "gzsl_unseen") & (ov.metric == "top1")].n.iloc[0]) == 16  # the triangles
+    unseen = ov[(ov.split == "gzsl_unseen") & (ov.metric == "top1")]
+    assert set(unseen.domain) == {"outline", "training_domains"}  # each side of a generalised row from like domains
+    assert unseen.groupby(["recipe", "run_seed"]).n.sum().eq(16).all()  # the triangles
     # a linear classifier never predicts the class it did not see, and has no unseen-only answer
     ce_unseen = ov[(ov.recipe == "ce") & (ov.split == "gzsl_unseen") & (ov.metric == "top1")]
     assert (ce_unseen.value == 0.0).all() and "unseen_zero_shot" not in set(ov[ov.recipe == "ce"].split)
@@ -309,6 +311,22 @@ def test_summary_table_averages_domains_within_each_seed_first():
     assert t.loc[("r", "s", "name", "-", "ood"), "d1"] == "30.0 ± 14.1"
     assert t.loc[("r", "s", "name", "-", "ood"), "avg"] == "40.0 ± 14.1"  # seeds: 0.3 and 0.5
     assert list(t.columns) == ["d1", "d2", "avg", "replicates"] and t.loc[("r", "s", "name", "-", "ood"), "replicates"] == "2"
+
+
+def test_a_gzsl_tables_avg_is_over_held_out_domains_only():
+    """A run that held domains out has generalised zero-shot rows per held-out domain and for its
+    training domains together: the table shows that column, and its avg (out-of-domain, as lodo's)
+    never averages it in, nor counts it among the domains a replicate must have."""
+    from embedcache.evaluate.store_eval import summary_table
+
+    rows = [("art", "art", 0, 0.2), ("art", "training_domains", 0, 0.9),
+            ("sketch", "sketch", 0, 0.4), ("sketch", "training_domains", 0, 0.7)]
+    df = pd.DataFrame([{"recipe": "r", "student": "s", "source": "name", "split": "gzsl_harmonic", "domain": d,
+                        "holdout": held, "replicate": sd, "metric": "top1", "value": v} for held, d, sd, v in rows])
+    t = summary_table(df)
+    cell = t.loc[("r", "s", "name", "-", "gzsl_harmonic")]
+    assert cell["avg"] == "30.0" and cell["training_domains"] == "80.0"
+    assert list(t.columns) == ["art", "sketch", "training_domains", "avg", "replicates"] and cell["replicates"] == "1"
 
 
 def test_report_tables_keep_variants_apart(tmp_path):

@@ -24,6 +24,36 @@ def _value(df, split, domain="avg", metric="top1"):
     return float(sel.value.iloc[0])
 
 
+def test_gzsl_of_a_run_that_held_out_a_domain_compares_like_with_like():
+    """A run holding out domain d1: generalised zero-shot's seen side (the images it never trained on)
+    was d1's seen-class images and its validation rows together, labelled "all", while its unseen side
+    held every domain, and the harmonic mean mixed the two (a trial). Now each held-out domain and the
+    training domains are scored apart, both sides from the same domains; brute force agrees."""
+    d = _data(noise=0.7, seed=3)
+    d.holdout_domains = ["d1"]
+    d.val_idx = np.flatnonzero((np.arange(600) % 3 != 1) & (np.arange(600) % 4 == 0))  # in the training domains
+    d.test_idx = np.flatnonzero(d.domains == "d1")
+    df = open_vocab(d, seen_classes=[0, 1, 2])
+    gz = df[df.split.str.startswith("gzsl")]
+    assert set(gz.domain) == {"d1", "training_domains"}
+    guess = np.argmax(d.emb @ d.class_emb.T, axis=1)  # among every label
+    seen, held = np.isin(d.labels, [0, 1, 2]), d.domains == "d1"
+    val = np.zeros(600, bool)
+    val[d.val_idx] = True
+    for domain, s_rows, u_rows in (("d1", seen & held, ~seen & held), ("training_domains", seen & val, ~seen & ~held)):
+        a, b = (float(np.mean(guess[r] == d.labels[r])) for r in (s_rows, u_rows))
+        assert _value(df, "gzsl_seen", domain) == pytest.approx(a) and _value(df, "gzsl_unseen", domain) == pytest.approx(b)
+        assert _value(df, "gzsl_harmonic", domain) == pytest.approx(2 * a * b / (a + b))
+        n = gz[(gz.domain == domain) & (gz.metric == "top1")].set_index("split").n
+        assert (n["gzsl_seen"], n["gzsl_unseen"]) == (s_rows.sum(), u_rows.sum())
+    d.val_idx = np.zeros(0, np.int64)  # Li et al.'s val_fraction=0: the training domains' seen side is empty
+    with pytest.warns(UserWarning, match="every seen-class image of the training domains .* gzsl_harmonic on training_domains left out"):
+        df = open_vocab(d, seen_classes=[0, 1, 2])
+    got = set(zip(df.split, df.domain))
+    assert ("gzsl_harmonic", "d1") in got and ("gzsl_unseen", "training_domains") in got
+    assert ("gzsl_seen", "training_domains") not in got and ("gzsl_harmonic", "training_domains") not in got
+
+
 def test_lodo_perfect_and_chance():
     df = lodo(_data())
     assert set(df.domain) == {"d0", "d1", "d2", "avg"} and set(df.split) == {"zero_shot"}
