@@ -107,6 +107,21 @@ class _NoDecode:
         raise AssertionError("a dry run with a local teacher decoded images")
 
 
+def test_a_store_smaller_than_one_block_reruns_without_a_block_note(make_cfg, tiny_teacher):
+    """30 images at the default block_rows=256 make one block of 30 rows: rerunning the same command said
+    the store "keeps the blocks of 30 rows it was made with; block_rows=256 applies to a new store",
+    about a setting that had not changed (a trial). Any block_rows of at least its rows is the same."""
+    cfg = make_cfg("small.zarr", "block_rows=256")
+    extract(cfg, teacher=tiny_teacher, log=quiet)
+    for rows in (256, 30, 1000):
+        said = []
+        extract(replace(cfg, block_rows=rows), teacher=tiny_teacher, log=said.append)
+        assert not [s for s in said if "keeps the blocks" in s], (rows, said)
+    said = []
+    extract(replace(cfg, block_rows=16), teacher=tiny_teacher, log=said.append)
+    assert f"note: {cfg.out} keeps the blocks of 30 rows it was made with; block_rows=16 applies to a new store" in said
+
+
 @pytest.mark.parametrize("suffix", ["zarr", "h5"])
 def test_manifest_lists_each_call_and_how_it_differed(make_cfg, tiny_teacher, monkeypatch, suffix):
     """A store resumed with another batch size says so in its manifest, not only in a log line; a

@@ -375,10 +375,10 @@ def _kept_blocks(cfg: ExtractConfig, backend: str, log: Callable[[str], None]) -
         return cfg
     try:
         with Store(cfg.out, "r", backend) as st:
-            kept = int(st.layout["block_rows"])
+            kept, n = int(st.layout["block_rows"]), int(st.layout["n"])
     except Exception:  # the store's own open, below, says what is wrong with it
         return cfg
-    if kept != cfg.block_rows:
+    if kept != min(cfg.block_rows, n):  # a block never holds more rows than the store (plan_layout)
         log(f"note: {cfg.out} keeps the blocks of {kept} rows it was made with; block_rows={cfg.block_rows} applies to "
             "a new store")
         cfg = replace(cfg, block_rows=kept)
