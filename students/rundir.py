@@ -130,6 +130,21 @@ class RunDir:
         raise StoreError(f"the store of run {self.path} ({cfg.get('store_path') or cfg.get('store')}) is not there; "
                          "pass --store with the store it was trained on")
 
+    def store_differences(self, other: str) -> str:
+        """How the store at ``other`` differs from the one this run trained on ("its views differ (this
+        store: views.count=2; the run's store: views.count=3)"), told by the run's own store where it
+        still is, with the run's key; '' where it is not, or where the manifests do not say."""
+        from embedcache.extract.manifest import differing_parts
+        from embedcache.store import Store
+
+        try:
+            with Store(self.store_path(), "r") as own, Store(other, "r") as there:
+                if own.key != self.store_key:
+                    return ""
+                return differing_parts(there.manifest, own.manifest, ("this store", "the run's store"))
+        except (StoreError, OSError):
+            return ""
+
     @property
     def sweep_tags(self) -> Dict[str, Any]:
         """A sweep's run: its variant and replicate ({} for a run trained on its own)."""

@@ -98,7 +98,13 @@ def _open_for(run: RunDir, path: str, transfer: bool) -> StoreReader:
         else:
             advice = (f"score run {run.name} on the store it was trained on ({trained_on}), or pass --transfer to "
                       "score it on another store of the same teacher (on the images of it the run never trained on)")
-        return StoreReader(path, expect_key=run.store_key, key_advice=advice)
+        try:
+            return StoreReader(path, expect_key=run.store_key, key_advice=advice)
+        except StoreMismatchError:
+            differs = run.store_differences(path)
+            if not differs:
+                raise
+        return StoreReader(path, expect_key=run.store_key, key_advice=advice, key_differs=differs)  # refused, saying how
     reader = StoreReader(path)
     if reader.key == run.store_key:  # its own store by another path: scored with its own split
         return reader

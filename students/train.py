@@ -149,7 +149,9 @@ def _require_same_store(run_dir: RunDir, cfg: TrainConfig) -> None:
     with Store(cfg.store) as st:
         key = st.key
     if key != recorded:
-        raise StoreMismatchError(f"run {run_dir.path} was trained on another store (key {recorded}; {cfg.store} has "
+        differs = run_dir.store_differences(cfg.store)
+        raise StoreMismatchError(f"run {run_dir.path} was trained on another store ({differs + '; ' if differs else ''}"
+                                 f"key {recorded}; {cfg.store} has "
                                  f"key {key}: another store, or re-extracted since); use another --out, or the store "
                                  "the run was trained on")
 

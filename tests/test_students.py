@@ -816,10 +816,27 @@ def test_a_finished_run_asked_for_with_another_store_is_refused(synthetic_store,
 
     train(_cfg(synthetic_store, tmp_path, "ce", steps=4, eval_every=2, ckpt_every=2), log=quiet)
     other = extract(make_cfg("other.zarr", "views.count=2"), teacher=tiny_teacher, log=quiet)
-    with pytest.raises(StoreMismatchError, match=r"run .*run was trained on another store \(key \w+; .*other.zarr has key "
+    with pytest.raises(StoreMismatchError, match=r"run .*run was trained on another store \(its .* differ .*; key \w+; .*other.zarr has key "
                                                  r"\w+: another store, or re-extracted since\); use another --out"):
         train(_cfg(other.path, tmp_path, "ce", steps=4, eval_every=2, ckpt_every=2), log=quiet)
     assert train(_cfg(synthetic_store, tmp_path, "ce", steps=4, eval_every=2, ckpt_every=2), log=quiet).seconds == 0.0
+
+
+def test_a_run_given_another_store_is_told_what_differs(make_cfg, tiny_teacher, tmp_path):
+    """Scoring (or resuming) a run on another store named both keys and the fix, not what differs, where
+    `extract` names it (a trial): the run's own store, still where it was, tells."""
+    from embedcache.errors import StoreMismatchError
+    from embedcache.extract import extract
+    from embedcache.students.scoring import score_run
+
+    own = extract(make_cfg("own.zarr"), teacher=tiny_teacher, log=quiet)
+    other = extract(make_cfg("other.zarr", "views.count=2"), teacher=tiny_teacher, log=quiet)
+    res = train(_cfg(own.path, tmp_path, "ce", steps=4, eval_every=2, ckpt_every=2), log=quiet)
+    said = r"its views differ \(this store: views.count=2; the run's store: views.count=3\)"
+    with pytest.raises(StoreMismatchError, match=rf"store .*other.zarr was made from other inputs \({said}; the store's key"):
+        score_run(res.out, ["lodo"], store=other.path)
+    with pytest.raises(StoreMismatchError, match=rf"run .* was trained on another store \({said}; key \w+; "):
+        train(_cfg(other.path, tmp_path, "ce", steps=4, eval_every=2, ckpt_every=2), log=quiet)
 
 
 def test_a_run_whose_store_was_re_extracted_says_so_when_scored(synthetic_store, make_cfg, tiny_teacher, tmp_path):

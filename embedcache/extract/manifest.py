@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import platform
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -93,9 +93,10 @@ def absolute_paths(config: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def differing_parts(stored: Dict[str, Any], wanted: Dict[str, Any]) -> str:
+def differing_parts(stored: Dict[str, Any], wanted: Dict[str, Any], said: Tuple[str, str] = ("store", "this call")) -> str:
     """'its teacher differs', 'its dataset and views differ': the parts of the key in which a store's
-    manifest and the one asked for disagree ('' for a store made before manifests named them)."""
+    manifest and the one asked for disagree ('' for a store made before manifests named them), with the
+    settings apart, each side ``said`` so."""
     a, b = stored.get("key_parts"), wanted.get("key_parts")
     if not a or not b:
         return ""
@@ -104,7 +105,7 @@ def differing_parts(stored: Dict[str, Any], wanted: Dict[str, Any]) -> str:
         return ""
     joined = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     return f"its {joined} {'differs' if len(names) == 1 and names[0] != 'views' else 'differ'}" + _settings_apart(
-        _settings(stored, names), _settings(wanted, names), names)
+        _settings(stored, names), _settings(wanted, names), names, said)
 
 
 def _settings(manifest: Dict[str, Any], parts: List[str]) -> Dict[str, Any]:
@@ -125,7 +126,8 @@ PART_SETTINGS = {"preprocessing": ("teacher.input_size", "teacher.interpolation"
                                    "teacher.jpeg_quality")}
 
 
-def _settings_apart(stored: Dict[str, Any], wanted: Dict[str, Any], parts: List[str], most: int = 4) -> str:
+def _settings_apart(stored: Dict[str, Any], wanted: Dict[str, Any], parts: List[str], said: Tuple[str, str],
+                    most: int = 4) -> str:
     """' (store: views.count=2; this call: views.count=3)': the settings of the differing parts in which
     the config that made a store and this call's disagree, so the one to restore is named ('' where none
     does: the same dataset folder whose files changed)."""
@@ -135,5 +137,5 @@ def _settings_apart(stored: Dict[str, Any], wanted: Dict[str, Any], parts: List[
             and a.get(k) != b.get(k)][:most]
     if not keys:
         return ""
-    return (f" (store: {', '.join(f'{k}={a.get(k)!r}' for k in keys)}; "
-            f"this call: {', '.join(f'{k}={b.get(k)!r}' for k in keys)})")
+    return (f" ({said[0]}: {', '.join(f'{k}={a.get(k)!r}' for k in keys)}; "
+            f"{said[1]}: {', '.join(f'{k}={b.get(k)!r}' for k in keys)})")
