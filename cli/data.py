@@ -101,7 +101,7 @@ def _cost_lines(cost, writing: bool = False) -> list:
 
 
 @main.command()
-@click.argument("store", type=click.Path(exists=True))
+@click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON data (counts, the calls and a paid "
               "teacher's usage as the manifest records them)")
 def inspect(store: str, as_json: bool) -> None:
@@ -122,7 +122,7 @@ def inspect(store: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("store", type=click.Path(exists=True))
+@click.argument("store")
 @click.option("--repair", is_flag=True, help="re-do the damaged blocks and files (runs the store's own extraction again)")
 @overrides_option("dataset.path=/path/to/pacs (with --repair: where the images are now)")
 @click.option("--no-progress", is_flag=True)

@@ -60,11 +60,16 @@ def test_cli_errors_are_one_line(tmp_path):
     res = CliRunner().invoke(main, ["extract", "--config", "configs/extract/demo.yaml", "--set", "viewz.count=2"])
     assert res.exit_code == 2 and "unknown config key viewz" in res.output
     # click's own usage errors too: a path that is not there, an unknown option or command
-    for args, says in ((["evaluate", str(tmp_path / "nope")], "does not exist"), (["inspect", "nope"], "does not exist"),
+    for args, says in ((["evaluate", str(tmp_path / "nope")], "does not exist"),
                        (["train", "--bogus"], "No such option '--bogus'"), (["nosuch"], "No such command 'nosuch'")):
         res = CliRunner().invoke(main, args)
         assert res.exit_code == 2 and res.output.startswith("error: ") and says in res.output, res.output
         assert res.output.strip().count("\n") == 0 and "--help` lists what it takes" in res.output
+    # a store that is not there: said as train and evaluate --store say it, with the command that makes one
+    for command in ("inspect", "verify"):
+        res = CliRunner().invoke(main, [command, str(tmp_path / "nope.zarr")])
+        assert res.exit_code == 2 and res.output.strip().count("\n") == 0, res.output
+        assert res.output.startswith(f"error: no zarr store at {tmp_path / 'nope.zarr'}; give its path, or run `embedcache extract`")
     res = CliRunner().invoke(main, [])
     assert res.exit_code == 0 and res.output.startswith("Usage: ") and "extract" in res.output
 
