@@ -194,7 +194,7 @@ def _wait_for_training(out: Path, timeout=240):
     end = time.time() + timeout
     while time.time() < end:
         if list(out.glob("runs/*/split.json")):
-            time.sleep(1.0)
+            time.sleep(0.5)
             return
         time.sleep(0.1)
     raise AssertionError("no run started training in time")
@@ -204,7 +204,7 @@ def _wait_for_training(out: Path, timeout=240):
 def slow_sweep(synthetic_store, tmp_path_factory):
     """Runs long enough to be stopped mid-training, and their uninterrupted results."""
     tmp = tmp_path_factory.mktemp("stop")
-    f = _sweep_file(tmp, synthetic_store, steps=200, every=25)
+    f = _sweep_file(tmp, synthetic_store, steps=120, every=20)  # about 2 s of training per run on 2 cores
     ref = _start(f, tmp / "ref", "serial")
     text = ref.communicate(timeout=600)[0].decode()
     assert ref.returncode == 0, text
