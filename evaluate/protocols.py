@@ -277,7 +277,6 @@ def _gzsl(d: EvalData, domain: str, s_rows: np.ndarray, u_rows: np.ndarray) -> L
             rows.append({"split": "gzsl_harmonic", "domain": domain, "metric": m,
                          "value": 0.0 if a + b == 0 else 2 * a * b / (a + b), "n": len(s_rows) + len(u_rows)})
     return rows
-    return pd.DataFrame(rows)
 
 
 def episode(labels: np.ndarray, ok: np.ndarray, classes_in: np.ndarray, shots: int, seed: int, ep: int,
