@@ -113,7 +113,12 @@ def test_ledger_pending_then_done_and_its_books(tmp_path):
     row = led.sent("r1", 0)
     led.outcome(row, "r1", "lost:ReadTimeout", lost=True)
     assert led.totals("ctx") == {"entries": 0, "requests": 1, "paid_inputs": 0, "possibly_paid_inputs": 2}
+    assert led.totals("ctx", replays_free=True)["possibly_paid_inputs"] == 2  # unsettled either way
     led.finish("r1", ["a", "b"], np.array([[1, 0], [0, 1]], np.float32), {"prompt_tokens": 2})
+    # answered under its idempotency key, the lost send was charged once at most: in paid_inputs (a trial saw
+    # a settled replay counted as possibly paid in every later store's books); without the key it may be twice
+    assert led.totals("ctx", replays_free=True)["possibly_paid_inputs"] == 0
+    assert led.totals("ctx")["possibly_paid_inputs"] == 2
     got = led.lookup(["b", "a", "zz"])
     assert set(got) == {"a", "b"} and np.array_equal(got["b"], [0, 1]) and led.any_dim("ctx") == 2
     assert led.pending_requests(["a"]) == [] and led.request_status("r1") == "done"

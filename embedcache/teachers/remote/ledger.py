@@ -319,11 +319,16 @@ class Ledger:
                        (status, time.time(), request_id, self.owner))
 
     # --- reports -------------------------------------------------------------------------------------
-    def totals(self, context_id: Optional[str] = None) -> Dict[str, int]:
+    def totals(self, context_id: Optional[str] = None, replays_free: bool = False) -> Dict[str, int]:
+        """Answers held, requests, inputs paid, and inputs possibly paid beside them: those of sends whose
+        answers were lost. With ``replays_free`` (a protocol whose idempotency key the service honours)
+        a lost send of a request answered since was charged once at most, in ``paid_inputs``: only the
+        unanswered ones' count."""
         where, args = ("WHERE context=?", (context_id,)) if context_id else ("", ())
+        unsettled = "status NOT IN ('done','bad')" if replays_free else "1"
         with self.lock:
             answered, = self.db.execute(f"SELECT COUNT(*) FROM entries {where}{' AND' if where else 'WHERE'} status='done'", args).fetchone()
             n_req, paid, possibly = self.db.execute(
                 f"SELECT COUNT(*), COALESCE(SUM(CASE WHEN status IN ('done','bad') THEN n END), 0), "
-                f"COALESCE(SUM(n * lost), 0) FROM requests {where}", args).fetchone()
+                f"COALESCE(SUM(CASE WHEN {unsettled} THEN n * lost END), 0) FROM requests {where}", args).fetchone()
         return {"entries": int(answered), "requests": int(n_req), "paid_inputs": int(paid), "possibly_paid_inputs": int(possibly)}

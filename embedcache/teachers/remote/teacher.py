@@ -626,5 +626,5 @@ class RemoteTeacher(Teacher):
         out["lost_requests"] = dict(s.lost_requests)  # a copy: the books subtract the last one they wrote
         out["rate_limit_wait_s"] = round(s.rate_limit_wait_s, 3)
         out.update(protocol=self.protocol_name, server_reported=dict(s.server_usage),
-                   ledger=self.ledger.totals(self._ctx["image"]))
+                   ledger=self.ledger.totals(self._ctx["image"], replays_free=bool(self.protocol.idempotency_header)))
         return out
