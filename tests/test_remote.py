@@ -193,6 +193,32 @@ def test_store_equals_local_and_dry_run_counts_the_cost(protocol, tmp_path, loca
     assert facts["teacher_usage"] == usage and usage["calls"] == 1 and len(facts["calls"]) == 1
 
 
+def test_token_counts_are_the_servers_in_requests_it_takes(tmp_path, tiny_teacher_cfg, tiny_teacher, key_env,
+                                                           monkeypatch):
+    """The client asked embedcache serve to count every prompt of a source in one request: above its
+    max_batch the service refused it (413), and the counts quietly became the client's estimate, so one
+    store held two counts of the same prompt (a trial). Counted in requests of the service's batch; a
+    count that still fails is said, not silent."""
+    import httpx
+
+    texts = [f"a photo of a {w} dog." for w in ("big", "small", "brown", "white", "fast", "old", "young", "wet", "odd")]
+    want = tiny_teacher.count_tokens(texts)
+    assert want != [_estimate(t) for t in texts]  # the estimate tells them apart
+    app = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite", max_batch=4)
+    with LiveServer(app) as url:
+        teacher = build_teacher(remote(tmp_path, "r.zarr", tiny_teacher_cfg, "embedcache", url).teacher)
+        assert teacher.count_tokens(texts) == want
+        monkeypatch.setattr(teacher.transport.http, "post", lambda *a, **k: (_ for _ in ()).throw(httpx.ConnectError("x")))
+        with pytest.warns(UserWarning, match="n_tokens of these 9 prompts are this client's estimate"):
+            assert teacher.count_tokens(texts) == [_estimate(t) for t in texts]
+
+
+def _estimate(text: str) -> int:
+    from embedcache.teachers.remote.protocols import Protocol
+
+    return Protocol.text_tokens(text)
+
+
 def test_requests_fit_a_body_limit_and_the_dry_run_counts_them(tmp_path, local, tiny_teacher_cfg, tiny_teacher, key_env):
     """embedcache serve's max_request_bytes limits the request body, where images travel in base64 (a
     third more than their bytes): requests were split by the images' own bytes, so the service refused

@@ -225,20 +225,33 @@ class RemoteTeacher(Teacher):
         return torch.from_numpy(self._embed("text", keys, payloads, list(texts)))
 
     def count_tokens(self, texts: List[str]) -> List[int]:
-        if self.protocol_name == "embedcache" and texts:  # the served teacher's own tokenizer (free)
-            counted = self._count_tokens_remote(texts)
-            if counted is not None:
+        """Each text's tokens: embedcache serve counts them with the served teacher's tokenizer (free),
+        in requests of its batch (it refuses a longer list); other services by this client's estimate
+        (~4 UTF-8 bytes a token), as is a count the server did not give (said)."""
+        if self.protocol_name == "embedcache" and texts:
+            step, counted = self.limits["text_batch"], []
+            for i in range(0, len(texts), step):
+                part, failed = self._count_tokens_remote(texts[i:i + step])
+                if part is None:
+                    warnings.warn(f"the server at {self.url} did not count the tokens ({failed}): n_tokens of these "
+                                  f"{len(texts)} prompts are this client's estimate, and their `truncated` may be wrong")
+                    break
+                counted += part
+            else:
                 return counted
         return [self.protocol.text_tokens(t) for t in texts]
 
-    def _count_tokens_remote(self, texts: List[str]) -> Optional[List[int]]:
+    def _count_tokens_remote(self, texts: List[str]) -> Tuple[Optional[List[int]], str]:
+        """(the server's counts, or None and why not)."""
         try:
             resp = self.transport.http.post(self.url + "/v1/count_tokens", json={"texts": list(texts)},
                                             headers=self.transport.headers)
             tokens = resp.json().get("tokens") if resp.status_code == 200 else None
-        except (ValueError, AttributeError, OSError, httpx.HTTPError):
-            return None
-        return [int(t) for t in tokens] if isinstance(tokens, list) and len(tokens) == len(texts) else None
+        except (ValueError, AttributeError, OSError, httpx.HTTPError) as exc:
+            return None, type(exc).__name__
+        if not (isinstance(tokens, list) and len(tokens) == len(texts)):
+            return None, f"HTTP {resp.status_code}" if resp.status_code != 200 else "its answer was not a count"
+        return [int(t) for t in tokens], ""
 
     def _probe_dim(self) -> int:
         return int(self.encode_text([DIM_PROBE]).shape[1])
