@@ -94,6 +94,12 @@ def _cost_lines(cost, writing: bool = False) -> list:
         sender = "a running or stopped call" if writing else "a stopped call"
         again = (f" ({replay:,} of them in requests {sender} sent, which the service answers again free under "
                  "their idempotency keys if it charged them, while it keeps them)") if replay else ""
+        apart, keyless = cost.get(f"{p}resent_apart", 0), cost.get(f"{p}resent_without_key", 0)
+        again += (f" ({apart:,} of them in requests a stopped call sent, going out now in other requests (was batch_size "
+                  "changed?): paid twice if the service charged them then; the batch size the store began with replays "
+                  "them free)") if apart else ""
+        again += (f" ({keyless:,} of them in requests a stopped call sent, going out again to a service that takes no "
+                  "idempotency key: paid twice if it charged them then)") if keyless else ""
         lines.append(f"{unit}: {sent:,} to pay for{again} ({cost.get(f'{p}bytes', 0):,} bytes), {cost.get(f'{p}ledger_hits', 0):,} "
                      f"answered free by the ledger{once}; {cost.get(f'{p}requests', 0):,} requests as extraction sends "
                      f"them{at_limit}")

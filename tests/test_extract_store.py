@@ -107,6 +107,21 @@ class _NoDecode:
         raise AssertionError("a dry run with a local teacher decoded images")
 
 
+def test_a_dry_run_of_a_resume_says_what_the_resume_would(make_cfg, tiny_teacher):
+    """A dry run before resuming with another batch size said nothing of it; the resume then said the
+    blocks may differ (and a paid teacher's cut-off requests would not be replayed free): a trial."""
+    cfg = make_cfg("resumed.zarr")
+
+    def stop(block):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract(cfg, teacher=tiny_teacher, on_block_done=stop, log=quiet)
+    said = []
+    extract(replace(cfg, batch_size=3), teacher=tiny_teacher, log=said.append, dry_run=True)
+    assert [s for s in said if s.startswith("resuming with batch_size=3; the store began with 4")], said
+
+
 def test_a_store_smaller_than_one_block_reruns_without_a_block_note(make_cfg, tiny_teacher):
     """30 images at the default block_rows=256 make one block of 30 rows: rerunning the same command said
     the store "keeps the blocks of 30 rows it was made with; block_rows=256 applies to a new store",

@@ -890,6 +890,13 @@ def test_a_cut_off_request_resent_in_other_batches_is_counted_as_possibly_paid_t
         with pytest.raises(BudgetError):
             build_teacher(cfg).encode_pixels(views)  # answered (charged) but the answer was lost: pending
         again = build_teacher(replace(cfg, max_queries=None))
+        # the dry run says it first (it priced them as any other input, without a word: a trial)
+        cost = again.cost(views[:6])
+        assert (cost["images"], cost["replayable"], cost["resent_apart"], cost["resent_without_key"]) == (6, 0, 6, 0)
+        from embedcache.cli.data import _cost_lines
+        assert ("6 of them in requests a stopped call sent, going out now in other requests (was batch_size changed?): "
+                "paid twice if the service charged them then; the batch size the store began with replays them free"
+                ) in _cost_lines(cost)[0]
         with pytest.warns(UserWarning, match="may be paid twice"):
             again.encode_pixels(views[:6])  # half of the cut-off request, in a batch of its own
     assert again.transport.stats.possibly_paid_twice == 6 and charged(inner) == (18, 6)
@@ -915,6 +922,11 @@ def test_a_cut_off_request_replayed_to_a_service_without_idempotency_keys_is_cou
         with pytest.raises(KeyboardInterrupt):
             first.encode_pixels(views)
         again = build_teacher(cfg)
+        cost = again.cost(views)
+        assert (cost["images"], cost["replayable"], cost["resent_apart"], cost["resent_without_key"]) == (12, 0, 0, 12)
+        from embedcache.cli.data import _cost_lines
+        assert ("12 of them in requests a stopped call sent, going out again to a service that takes no idempotency "
+                "key: paid twice if it charged them then") in _cost_lines(cost)[0]
         with pytest.warns(UserWarning, match="takes no idempotency key.*may be paid twice"):
             again.encode_pixels(views)  # the same request, replayed whole
     assert again.transport.stats.possibly_paid_twice == 12 and charged(inner)[1] == 12  # (and a dimension probe)

@@ -552,8 +552,8 @@ def _dry_run(cfg, manifest, layout, reader, embedder, prompts, shard, num_shards
     if Store.exists(cfg.out, backend):
         with Store(cfg.out, "r", backend) as st:  # refused as the real run refuses it
             made_so(st, manifest)
-            if st.blocks_done().any():
-                _say_moved_service(st.manifest, manifest, log)
+            if st.blocks_done().any():  # what the resume will say
+                _say_resumed_otherwise(st.manifest, cfg, manifest, log)
             if budget:
                 budget = (budget[0], StoreBudget(st, budget[0]).claimed())
             if st.complete:  # prompts included

@@ -550,7 +550,7 @@ class RemoteTeacher(Teacher):
             if k not in free and k not in counted and k not in todo:
                 todo[k] = i
         planned.update(todo)
-        replayable = self._free_replays(todo)
+        replayable, apart, without_key = self._replays(todo)
         limit = self.limits[f"{modality}_batch"]
         first = modality not in self._limit_said
         self._limit_said.add(modality)
@@ -562,23 +562,33 @@ class RemoteTeacher(Teacher):
                 # each input once: a prompt repeated (the name prompt is also a template) is paid or answered once
                 "bytes": sum(len(payloads[i]) for i in todo.values()),
                 "ledger_hits": len(free),
-                "replayable": replayable,
+                "replayable": replayable, "resent_apart": apart, "resent_without_key": without_key,
                 "duplicates": len(keys) - len(set(keys)) + len(counted),
                 # summed over calls these give the requests of every input packed at the limits, and the limit itself
                 "requests_at_batch_limit": self._pack(modality, [payloads[i] for i in todo.values()], limit),
                 "batch_limit": limit if first else 0}
 
-    def _free_replays(self, todo: Dict[str, int]) -> int:
-        """Of the inputs to pay for, those in whole requests a stopped call sent and the service may have
-        charged: replayed under their idempotency key, the service answers them free where it still
-        holds the answer (priced all the same: it may not)."""
-        if not self.protocol.idempotency_header:
-            return 0
-        n = 0
+    def _replays(self, todo: Dict[str, int]) -> Tuple[int, int, int]:
+        """Of the inputs to pay for, those in requests a stopped call sent and the service may have charged
+        (priced all the same), as ``_batches`` will send them: (replayed whole under their idempotency key,
+        which the service answers free while it holds the answer; going out in other requests, as after a
+        change of batch_size; going to a service that takes no idempotency key). The last two are paid
+        twice if the service charged them then, unless a live process has them in flight (waited for)."""
+        free = apart = without_key = 0
         for rid, items in self.ledger.pending_requests(list(todo)):
-            if items and all(k in todo for k in items) and self._replayable(rid):
-                n += len(set(items))
-        return n
+            if not self._replayable(rid):
+                continue
+            whole = bool(items) and all(k in todo for k in items)
+            n = len(set(items)) if whole else sum(k in todo for k in set(items))
+            if whole and self.protocol.idempotency_header:
+                free += n
+            elif self.ledger.held_elsewhere(items):
+                continue
+            elif not self.protocol.idempotency_header:
+                without_key += n
+            else:
+                apart += n
+        return free, apart, without_key
 
     def _pack(self, modality: str, payloads: List[bytes], limit: int) -> int:
         """Requests these inputs open when every input the plan has met is packed into requests at the
