@@ -44,7 +44,7 @@ def extract(config_path: Optional[str], out: Optional[str], overrides: Sequence[
         if res.writing:
             click.echo("  another extraction is writing this store now: these are what it has not finished yet, its "
                        "requests in flight among them")
-        for line in _cost_lines(res.cost, res.writing) + _budget_lines(res):
+        for line in _cost_lines(res.cost, res.writing) + _budget_lines(res) + _quota_lines(res):
             click.echo(f"  {line}")
         return
     if not res.skipped and res.images:  # none: a call that only finished the prompts and tables
@@ -70,6 +70,20 @@ def _budget_lines(res) -> list:
     if need == 0 or sent + need <= limit:  # nothing to send claims nothing: it finishes
         return [said + f"within it ({max(0, limit - sent - need):,} to spare)"]
     return [said + f"it would stop before finishing; rerun with teacher.max_queries >= {sent + need:,} to finish"]
+
+
+def _quota_lines(res) -> list:
+    """A dry run's paid queries against the quota the service keeps for this key (where it says it)."""
+    if res.quota is None:
+        return []
+    from embedcache.teachers.remote.teacher import queries_in
+
+    (used, quota), need = res.quota, queries_in(res.cost)
+    said = f"the service's quota for this key: {used:,} of {quota:,} queries used; this extraction needs {need:,}: "
+    if used + need <= quota:
+        return [said + f"within it ({quota - used - need:,} to spare)"]
+    return [said + f"it would stop when the quota is spent, {quota - used:,} queries in; have the service raise it (or "
+                   "rerun once it renews) to finish"]
 
 
 def _cost_lines(cost, writing: bool = False) -> list:

@@ -219,6 +219,24 @@ def _estimate(text: str) -> int:
     return Protocol.text_tokens(text)
 
 
+def test_a_dry_run_weighs_the_cost_against_the_services_quota(tmp_path, tiny_teacher_cfg, tiny_teacher, key_env):
+    """embedcache serve says a key's quota (GET /v1/usage, free): the dry run priced 114 queries without a
+    word of a quota of 100, and the extraction then stopped at it (a trial)."""
+    from embedcache.cli.data import _quota_lines
+
+    for quota, fits in ((100, False), (500, True)):
+        app = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / f"server{quota}.sqlite", quota=quota)
+        with LiveServer(app) as url:
+            cfg = remote(tmp_path, f"q{quota}.zarr", tiny_teacher_cfg, "embedcache", url,
+                         "teacher.dimensions=32", f"teacher.ledger={tmp_path / f'client{quota}.sqlite'}")
+            dry = extract(cfg, log=quiet, dry_run=True)
+        assert dry.quota == (0, quota) and dry.cost["images"] + dry.cost["text_texts"] == 114
+        line = _quota_lines(dry)[0]
+        assert line.startswith(f"the service's quota for this key: 0 of {quota} queries used; this extraction needs 114")
+        assert ("within it" in line) == fits and ("it would stop when the quota is spent" in line) != fits, line
+    assert _quota_lines(SimpleNamespace(quota=None, cost={})) == []  # a service that says none
+
+
 def test_requests_fit_a_body_limit_and_the_dry_run_counts_them(tmp_path, local, tiny_teacher_cfg, tiny_teacher, key_env):
     """embedcache serve's max_request_bytes limits the request body, where images travel in base64 (a
     third more than their bytes): requests were split by the images' own bytes, so the service refused

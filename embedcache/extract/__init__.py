@@ -114,6 +114,7 @@ class DryRun:
     views_per_image: int = 0
     complete: bool = False  # the store is complete already: nothing to encode
     writing: bool = False  # another extraction writes the store now: the figures are what it has not finished
+    quota: Optional[Tuple[int, int]] = None  # (used, quota) of the key, where a paid service says them
 
 
 def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done: Optional[Callable[[int], None]] = None,
@@ -585,7 +586,9 @@ def _dry_run(cfg, manifest, layout, reader, embedder, prompts, shard, num_shards
                     cost[f"text_{k}"] = cost.get(f"text_{k}", 0) + int(v)
     if probe_paid:
         cost["probe_queries"] = probe_paid
-    return DryRun(cfg.out, rows, rows * layout["views"], cost, budget, num_shards, layout["views"], writing=writing)
+    quota = getattr(teacher, "service_quota", None)
+    return DryRun(cfg.out, rows, rows * layout["views"], cost, budget, num_shards, layout["views"], writing=writing,
+                  quota=quota() if quota is not None else None)
 
 
 def _writing_now(store: Store) -> bool:

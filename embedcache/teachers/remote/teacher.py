@@ -620,6 +620,16 @@ class RemoteTeacher(Teacher):
         keys, payloads = self._text_inputs(texts)
         return self._cost("text", keys, payloads)
 
+    def service_quota(self) -> Optional[Tuple[int, int]]:
+        """(queries used this period, the quota) of this key, where the service says them (embedcache
+        serve's GET /v1/usage, free); None where it sets no quota or does not say."""
+        if self.protocol_name != "embedcache":
+            return None
+        got = self.transport.get_json("/v1/usage", required=False)
+        if not isinstance(got, dict) or got.get("quota") is None:
+            return None
+        return int(got.get("quota_used") or 0), int(got["quota"])
+
     def budget_from(self, claimer) -> None:
         """teacher.max_queries as a store's budget: ``claimer(n)`` claims each request's inputs in the
         store before they are sent (``claimer.claimed()``: the store's total), or raises BudgetError."""
