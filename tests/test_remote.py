@@ -761,6 +761,14 @@ def test_identical_inputs_in_a_call_are_sent_once(tmp_path, tiny_teacher_cfg, ti
         first = t.text_cost(["a photo of a newt.", "a newt"])
         again = t.text_cost(["a photo of a newt.", "a sketch of a newt."])
         assert first["texts"] == 2 and again["texts"] == 1 and again["ledger_hits"] == 0 and again["duplicates"] == 1
+        # and the books say so as the dry run does: a repeat of a prompt this run paid for, not a ledger answer
+        # (inspect said "7 answered free by the ledger" of the name prompts met again among the templates: a trial)
+        before = t.usage()
+        t.encode_text(["a photo of a newt.", "a newt"])
+        t.encode_text(["a photo of a newt.", "a sketch of a newt."])
+        after = t.usage()
+        assert after["texts"] - before["texts"] == 3 and after["cache_hits"] == before["cache_hits"]
+        assert after["deduplicated"] - before["deduplicated"] == 1
 
 
 def test_a_lost_answer_counts_against_the_budget(tmp_path, tiny_teacher_cfg, tiny_teacher, key_env):

@@ -151,6 +151,7 @@ class RemoteTeacher(Teacher):
             if cfg.request_batch:
                 self.limits[k] = min(self.limits[k], cfg.request_batch)
         self._ctx: Dict[str, str] = {}
+        self._texts_paid: set = set()  # ledger keys of the texts this teacher sent (``_embed``)
         self._sizes: Dict[str, Tuple[int, Callable[[bytes], int]]] = {}  # _body_size's, per modality
         for modality in ("image", "text"):
             spec = self._context_spec(modality)
@@ -260,14 +261,19 @@ class RemoteTeacher(Teacher):
         """Answers for every input, from the ledger or the service; (N, D) float32."""
         t = self.transport
         found = self.ledger.lookup(keys)
-        hits = sum(k in found for k in keys)
+        # a prompt this teacher paid for already (the name prompt is also a template) is a repeat, as a dry
+        # run counts it, not an answer the ledger held (views repeat too rarely to remember them all)
+        again = sum(k in found and k in self._texts_paid for k in keys) if modality == "text" else 0
+        hits = sum(k in found for k in keys) - again
         t.stats.cache_hits += hits
         setattr(t.stats, f"{modality}_cache_hits", getattr(t.stats, f"{modality}_cache_hits") + hits)
         todo: Dict[str, int] = {}
         for i, k in enumerate(keys):
             if k not in found and k not in todo:
                 todo[k] = i
-        t.stats.deduplicated += sum(k not in found for k in keys) - len(todo)
+        t.stats.deduplicated += sum(k not in found for k in keys) - len(todo) + again
+        if modality == "text":
+            self._texts_paid.update(todo)
         for group, rid in self._batches(modality, list(todo)):
             self._send(modality, group, {k: (payloads[todo[k]], wire[todo[k]]) for k in group}, rid)
         found.update(self.ledger.lookup(list(todo)))
