@@ -48,7 +48,7 @@ def _teacher(ledger: Ledger, max_queries=None) -> RemoteTeacher:
     t.transport.http = httpx.Client(transport=httpx.MockTransport(_answer))
     t.input_size, t.embed_dim, t.fingerprint = 32, DIM, None
     t.limits = {"image_batch": 8, "text_batch": 8, "max_image_bytes": None, "max_request_bytes": None}
-    t._ctx = {"image": "ctx-image", "text": "ctx-text"}
+    t._ctx, t._texts_paid = {"image": "ctx-image", "text": "ctx-text"}, set()
     t.begin_plan()
     return t
 
