@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from functools import cached_property
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -413,6 +413,15 @@ def open_store(path: str, backend: Optional[str] = None, require_complete: bool 
                expect_key: Optional[str] = None) -> StoreReader:
     """Open a store for reading; refuses an incomplete store or one whose key differs."""
     return StoreReader(path, backend, require_complete, expect_key)
+
+
+def how_it_differs(path: str, made_from: str, said: Tuple[str, str] = ("this store", "the other")) -> str:
+    """How the store at ``path`` was made otherwise than the one at ``made_from`` ("its views differ (this
+    store: views.count=2; the other: views.count=3)"), by their manifests; '' where they do not say."""
+    from .extract.manifest import differing_parts
+
+    with Store(path, "r") as there, Store(made_from, "r") as own:
+        return differing_parts(there.manifest, own.manifest, said)
 
 
 # Where a teacher was loaded from or reached (a checkpoint's path, a service's URL, limits and ledger):

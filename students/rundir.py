@@ -134,14 +134,15 @@ class RunDir:
         """How the store at ``other`` differs from the one this run trained on ("its views differ (this
         store: views.count=2; the run's store: views.count=3)"), told by the run's own store where it
         still is, with the run's key; '' where it is not, or where the manifests do not say."""
-        from embedcache.extract.manifest import differing_parts
+        from embedcache.api import how_it_differs
         from embedcache.store import Store
 
         try:
-            with Store(self.store_path(), "r") as own, Store(other, "r") as there:
-                if own.key != self.store_key:
+            own = self.store_path()
+            with Store(own, "r") as st:
+                if st.key != self.store_key:  # re-extracted since: it no longer tells
                     return ""
-                return differing_parts(there.manifest, own.manifest, ("this store", "the run's store"))
+            return how_it_differs(other, own, ("this store", "the run's store"))
         except (StoreError, OSError):
             return ""
 
