@@ -19,6 +19,7 @@ _signalled = threading.Event()  # the CLI's handler took a signal (``one_request
 _depth = [0]  # graceful() contexts open: only the outermost clears the request on exit
 _last = []  # when the last request began (every handler's, so a repeat is one whichever handler gets it)
 _by = [signal.SIGINT]  # the signal of the last request: the CLI exits 128 + it (130 Ctrl-C, 143 SIGTERM)
+_deferred = [0]  # deferred() contexts open: the CLI's handler notes a signal there, raised at their end
 
 
 def _repeat() -> bool:
@@ -119,7 +120,8 @@ def one_request_per_signal() -> None:
         if not _repeat():
             _by[0] = signum
             _signalled.set()  # for extraction's loop: an exception raised in an at-fork hook or a __del__ is lost
-            raise KeyboardInterrupt
+            if not _deferred[0]:  # while worker processes fork: raised once they have (``deferred``)
+                raise KeyboardInterrupt
 
     for signum, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
         if signal.getsignal(signum) is default:  # not ignored, nor someone's own
@@ -131,6 +133,32 @@ def check_signalled(what: str) -> None:
     (raised in an at-fork hook); a stop requested otherwise (``request()``) is for loops that poll it."""
     if _signalled.is_set():
         raise KeyboardInterrupt(f"stopped while {what}; rerun the same command to resume")
+
+
+@contextmanager
+def deferred(what: str) -> Iterator[None]:
+    """Forking worker processes (a DataLoader's): a stop the CLI's handler takes inside is raised as
+    KeyboardInterrupt at the end, not inside, where it lands in an at-fork hook (logging's lock, in the
+    parent and in each child) and Python prints it as "Exception ignored" with a traceback, then drops
+    it. Held by this thread meanwhile (POSIX), so a child forked inside starts with them held and takes a
+    stop only once its own start lets them go (``extract.parts._init_worker``), not in torch's worker
+    handler, which died by a SIGTERM; the deferral it inherits also ends it there (``check_signalled``)."""
+    hold = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS) if hold else None
+    _deferred[0] += 1
+    try:
+        yield
+    finally:
+        _deferred[0] -= 1
+        if hold:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)  # a signal held meanwhile arrives now
+    check_signalled(what)
+
+
+def let_go() -> None:
+    """A child forked inside ``deferred``: the stop signals it started with held, let go."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
 
 
 def end_of_command() -> None:

@@ -450,6 +450,48 @@ def test_a_loader_worker_killed_by_the_stop_the_cli_took_is_the_stop():
         interrupt.end_of_command()
 
 
+def test_a_stop_taken_while_workers_fork_is_raised_once_they_have(monkeypatch):
+    """A Ctrl-C or a group's SIGTERM while DataLoader workers fork lands in an at-fork hook (logging's
+    lock), in the command and in the workers, which inherit its handler: Python printed "Exception
+    ignored in: <function _releaseLock>" with a traceback before the command's one line, and dropped
+    the KeyboardInterrupt. Inside ``interrupt.deferred`` the handler only notes it, and raises at the end;
+    a worker forked inside ends quietly at its init (torch's loop takes a KeyboardInterrupt as the end)."""
+    import torch
+
+    from embedcache import interrupt
+    from embedcache.extract.parts import _init_worker
+
+    handlers, threads = {s: signal.getsignal(s) for s in interrupt.SIGNALS}, torch.get_num_threads()
+    try:
+        for s in interrupt.SIGNALS:
+            signal.signal(s, signal.SIG_DFL if s == signal.SIGTERM else signal.default_int_handler)
+        monkeypatch.setattr(interrupt, "_last", [])
+        monkeypatch.setattr(interrupt, "_by", [signal.SIGINT])  # this test's SIGTERM is no later command's
+        interrupt.one_request_per_signal()
+        inside = []
+        with pytest.raises(KeyboardInterrupt):
+            with interrupt.deferred("forking"):
+                os.kill(os.getpid(), signal.SIGTERM)  # held, or noted by the handler: never raised in here
+                time.sleep(0.05)
+                inside.append("no KeyboardInterrupt inside")
+        assert inside and interrupt.stopped_by() == signal.SIGTERM
+        interrupt.end_of_command()
+        interrupt._signalled.set()  # a worker forked inside, whose inherited handler noted the stop
+        with pytest.raises(KeyboardInterrupt):  # its init ends it
+            _init_worker(0)
+        interrupt.end_of_command()
+        _init_worker(0)  # no signal taken: the worker starts
+        monkeypatch.setattr(interrupt, "_last", [])
+        with pytest.raises(KeyboardInterrupt):  # a signal past its init: torch's loop ends on it
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+    finally:
+        interrupt.end_of_command()
+        torch.set_num_threads(threads)  # the worker's init takes one thread
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
 def _spawned_worker(sid: int) -> bool:
     for pid in _session_alive(sid):
         try:

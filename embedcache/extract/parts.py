@@ -118,19 +118,27 @@ class _Collate:
 
 def _init_worker(_worker_id: int) -> None:
     """A DataLoader worker: one thread (workers decode and crop; the teacher keeps the other cores), and
-    SIGTERM taken as SIGINT: torch's own handler died by a SIGTERM sent to the whole process group (by
-    `timeout`, a scheduler), and the unwinding command then failed on the dead worker."""
+    SIGINT and SIGTERM raise KeyboardInterrupt, which ends torch's worker loop quietly (torch's own SIGTERM
+    handler died by a SIGTERM sent to the whole process group, by `timeout` or a scheduler, and the
+    unwinding command then failed on the dead worker). A stop the worker took as it was forked (the
+    command's handler, inherited inside ``interrupt.deferred``, only notes it there) ends it now."""
     torch.set_num_threads(1)
-    signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGINT))
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.default_int_handler)
+    interrupt.let_go()  # a stop held since the fork arrives now, as KeyboardInterrupt
+    interrupt.check_signalled("starting a DataLoader worker")
 
 
 def loaded(loader: Iterator) -> Iterator:
     """A DataLoader's batches. A worker that died while the CLI took a stop signal is the stop: a SIGTERM
     sent to the whole process group reaches a worker still starting (before ``_init_worker``) through
     torch's handler, which dies by it, while the command's own KeyboardInterrupt may have been dropped
-    in an at-fork hook; the DataLoader then says the worker "exited unexpectedly"."""
+    in an at-fork hook; the DataLoader then says the worker "exited unexpectedly". A stop taken while the
+    workers fork is raised once they have (``interrupt.deferred``)."""
     try:
-        yield from loader
+        with interrupt.deferred("starting the DataLoader's workers"):
+            batches = iter(loader)  # the workers fork here
+        yield from batches
     except RuntimeError:
         interrupt.check_signalled("extracting")
         raise
