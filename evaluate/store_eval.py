@@ -140,7 +140,8 @@ def _replicates(df: pd.DataFrame, keys: list) -> pd.DataFrame:
     domain held out in its split (in this store) and a value for every domain: a failed or unfinished
     run leaves its replicate short, and a short replicate's cells would average fewer runs or domains.
     ``own``: complete by its own method's runs alone (every domain and held-out domain any replicate of
-    the method has): a method that held out fewer domains than others is short of the table, not of a run."""
+    the method has, by name: two replicates each short of another run have as many as each other): a
+    method that held out fewer domains than others is short of the table, not of a run."""
     # each store has its own domains, and a transfer store's rows hold out the domains of the store trained on
     scope = ["store_key", "trained_on", "split"]
     rows = df.assign(held=held_domains(df["holdout"]))
@@ -149,16 +150,25 @@ def _replicates(df: pd.DataFrame, keys: list) -> pd.DataFrame:
               real.groupby(scope)["domain"].nunique().rename("want_d").reset_index())
     by = keys + [c for c in scope if c not in keys]  # one store and one trained on per method unless in keys
     have = rows.groupby(by + ["replicate"], as_index=False).agg(
-        h=("held", lambda x: x[x != ""].nunique()), d=("domain", lambda x: x[~x.isin(NOT_ONE_DOMAIN)].nunique()))
+        h=("held", lambda x: x[x != ""].nunique()), d=("domain", lambda x: x[~x.isin(NOT_ONE_DOMAIN)].nunique()),
+        held_set=("held", lambda x: frozenset(x[x != ""])),
+        domain_set=("domain", lambda x: frozenset(x[~x.isin(NOT_ONE_DOMAIN)])))
     for w in wanted:
         have = have.merge(w, on=scope, how="left")
     have = have.fillna({"want_h": 0, "want_d": 0})
     # a method that holds no domain out (trained on every domain) has no held-out run to miss
     holds_out = have.groupby(keys + ["split"])["h"].transform("max") > 0
     have["complete"] = ((have["h"] >= have["want_h"]) | ~holds_out) & (have["d"] >= have["want_d"])
-    method = have.groupby(keys + ["split"])
-    have["own"] = (have["h"] >= method["h"].transform("max")) & (have["d"] >= method["d"].transform("max"))
+    have["own"] = _has_all_its_methods(have, keys + ["split"], "held_set") & _has_all_its_methods(
+        have, keys + ["split"], "domain_set")
     return have[keys + ["split", "replicate", "complete", "own"]]
+
+
+def _has_all_its_methods(have: pd.DataFrame, method: list, column: str) -> pd.Series:
+    """Whether each replicate's set in ``column`` holds every member any replicate of its method has."""
+    union = {k: frozenset().union(*sets) for k, sets in have.groupby(method)[column]}
+    return pd.Series([mine >= union[k] for mine, k in zip(have[column], zip(*(have[c] for c in method)))],
+                     index=have.index)
 
 
 def _per_replicate(results: pd.DataFrame, split: Optional[str], metric: str):

@@ -433,6 +433,12 @@ def test_an_avg_over_fewer_domains_is_never_shown_as_comparable():
     short_of_its_own = none + [("ood", d, 1, v, {"recipe": "c"}) for d, v in acc.items() if d == "d1"]
     c = summary_table(_top1_rows(full + short_of_its_own)).loc[("c", "s", "name", "-", "ood")]
     assert (c["avg"], c["d1"], c["d3"], c["replicates"]) == ("55.0 (2 of 3 domains)", "90.0", "20.0", "1 of 2 complete")
+    # no replicate whole: seed 0 has only d1's run, seed 1 only d3's. Each had as many domains as the
+    # other, so each passed as complete "by its own runs", and avg compared d1 of one with d3 of another
+    # as "± 0.0 (2 of 3 domains)" over 2 replicates (a trial)
+    apart = [("ood", "d1", 0, 0.9, {"recipe": "e"}), ("ood", "d3", 1, 0.2, {"recipe": "e"})]
+    e = summary_table(_top1_rows(full + apart)).loc[("e", "s", "name", "-", "ood")]
+    assert (e["avg"], e["d1"], e["d3"], e["replicates"]) == ("incomplete", "90.0", "20.0", "0 of 2 complete")
 
 
 def test_a_domain_scored_by_several_runs_of_one_replicate_is_one_value_of_it():
