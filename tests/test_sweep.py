@@ -975,3 +975,23 @@ def test_a_sweep_of_a_staged_recipe_under_a_decaying_schedule_says_so(synthetic_
     const = _sweep_file(tmp_path, synthetic_store, holdout_domains=["outline"], grid={"recipe": ["vl2v_adip"]},
                         base={"student": {"name": "test_resnet", "input_size": 32}, "optim": {"schedule": "constant"}})
     assert stage_schedule_sweep_note(expand(load_sweep(str(const)), str(tmp_path / "y"))) is None
+
+
+def test_a_partial_table_names_the_held_out_domains_no_run_has_results_for(tmp_path):
+    """Every run holding out 'noisy' failed (a killed worker took their pack): the tables had no noisy
+    column and an avg over 'solid' alone, said only as "partial: 12 of 24 runs" (a trial)."""
+    from embedcache.students.sweep import partial_note
+
+    held = {"a": ["solid"], "b": ["solid"], "c": ["noisy"], "d": ["noisy"]}
+    (tmp_path / "runs.json").write_text(json.dumps(sorted(held)))
+    (tmp_path / "tags.json").write_text(json.dumps({n: {"recipe": "ce", "student": "s", "variant": "-", "held": h}
+                                                    for n, h in held.items()}))
+    (tmp_path / "results").mkdir()
+    for n in ("a", "b", "c"):
+        (tmp_path / "results" / f"{n}.parquet").write_bytes(b"")
+    assert "no run holding out" not in partial_note(str(tmp_path))  # c holds noisy out and has results
+    (tmp_path / "results" / "c.parquet").unlink()
+    note = partial_note(str(tmp_path))
+    assert note.startswith("partial: 2 of 4 runs") and ("; no run holding out noisy has results: the tables have no "
+                                                        "noisy column, and their avg is over the other held-out "
+                                                        "domains") in note, note

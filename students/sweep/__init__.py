@@ -329,11 +329,9 @@ def collect(sweep_dir: str, names: Optional[List[str]] = None) -> pd.DataFrame:
     if folder is not None:  # rows scored into the folder's file: the teacher's, and the runs' other protocols
         foreign = folder[~folder["run"].isin(_sweep_runs(sweep_dir, names))]
         df = merge(pd.concat([foreign, folder[folder["run"].isin(set(df["run"]))]], ignore_index=True), df)
-    tags_file = Path(sweep_dir) / "tags.json"
-    if tags_file.is_file():
-        tags = json.loads(tags_file.read_text())
-        for col in ("variant", "replicate"):
-            df[col] = [tags.get(r, {}).get(col, v) for r, v in zip(df["run"], df[col])]
+    tags = _tags(sweep_dir)
+    for col in ("variant", "replicate"):
+        df[col] = [tags.get(r, {}).get(col, v) for r, v in zip(df["run"], df[col])]
     return df
 
 
@@ -409,14 +407,32 @@ def partial_note(sweep_dir: str, names: Optional[List[str]] = None) -> str:
     absent = _methods_without_results(sweep_dir, names, set(missing))
     if absent:
         note += "; " + "; ".join(f"no run of {m} has results: it is not in the tables" for m in absent)
+    unheld = _held_out_without_results(sweep_dir, names, set(missing))
+    if unheld:
+        note += "; " + "; ".join(f"no run holding out {d} has results: the tables have no {d} column, and their avg "
+                                 "is over the other held-out domains" for d in unheld)
     return note
+
+
+def _tags(sweep_dir: str) -> Dict[str, Dict]:
+    listed = Path(sweep_dir) / "tags.json"
+    return json.loads(listed.read_text()) if listed.is_file() else {}
+
+
+def _held_out_without_results(sweep_dir: str, names: List[str], missing: set) -> List[str]:
+    """The domains the grid holds out (tags.json) that no run with results held out: a table has no
+    column for them, and its avg leaves them out (each method alike, so none reads incomplete)."""
+    tags = _tags(sweep_dir)
+    if not all("held" in tags.get(n, {}) for n in names):  # a launch from before tags.json said them
+        return []
+    held = {n: set(tags[n]["held"]) for n in names}
+    return sorted(set().union(*(held[n] for n in missing)) - set().union(*(held[n] for n in names if n not in missing)))
 
 
 def _methods_without_results(sweep_dir: str, names: List[str], missing: set) -> List[str]:
     """The grid points (recipe / student / variant, from tags.json) none of whose runs has results: a
     table leaves them out whole, where a method short of some runs reads incomplete."""
-    listed = Path(sweep_dir) / "tags.json"
-    tags = json.loads(listed.read_text()) if listed.is_file() else {}
+    tags = _tags(sweep_dir)
     if not all("recipe" in tags.get(n, {}) for n in names):  # a launch from before tags.json named them
         return []
 
@@ -707,7 +723,8 @@ def _settle(spec: SweepSpec, sweep_dir: str, points: List[SweepPoint], others_li
     atomic_write_text(Path(sweep_dir) / RUNS_EVER, json.dumps(sorted(ever | set(names))))
     atomic_write_text(Path(sweep_dir) / "runs.json", json.dumps(names))
     tags = {Path(p.cfg.out).name: sweep_tags(spec, p) for p in points}
-    named = {Path(p.cfg.out).name: {"recipe": p.cfg.recipe, "student": p.cfg.student.name} for p in points}
+    named = {Path(p.cfg.out).name: {"recipe": p.cfg.recipe, "student": p.cfg.student.name,
+                                    "held": sorted(p.cfg.split.holdout_domains)} for p in points}
     atomic_write_text(Path(sweep_dir) / "tags.json",  # this launch's grid, and each run's method (for the notes)
                       json.dumps({n: {**t, **named[n]} for n, t in tags.items()}, sort_keys=True))
     for p in points:  # runs made under an earlier grid (or version) carry today's tags, for `evaluate runs/`
