@@ -995,3 +995,14 @@ def test_a_partial_table_names_the_held_out_domains_no_run_has_results_for(tmp_p
     assert note.startswith("partial: 2 of 4 runs") and ("; no run holding out noisy has results: the tables have no "
                                                         "noisy column, and their avg is over the other held-out "
                                                         "domains") in note, note
+
+
+def test_a_run_setting_at_a_sweeps_top_level_names_where_it_goes(synthetic_store, tmp_path):
+    """`sweep --set steps=30` said "unknown config key steps; valid keys under the top level: base, ..."
+    without the base.steps the user meant (a trial)."""
+    f = _sweep_file(tmp_path, synthetic_store)
+    with pytest.raises(ConfigError, match=r"unknown config key steps: a sweep's runs take it under base "
+                                          r"\(base.steps\), or grid.steps to cross its values"):
+        load_sweep(str(f), ["steps=30"])
+    with pytest.raises(ConfigError, match="unknown config key stpes; valid keys under the top level"):
+        load_sweep(str(f), ["stpes=30"])  # not a run setting either: the plain refusal

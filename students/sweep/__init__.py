@@ -15,7 +15,7 @@ import hashlib
 import itertools
 import json
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -127,12 +127,22 @@ def load_sweep(path: str, overrides=()) -> SweepSpec:
         data["grid"] = flatten(data["grid"])
     if "store" not in data:
         raise ConfigError(f"{where} needs `store:` (a store made by `embedcache extract`)")
+    _refuse_run_settings_on_top(data)
     spec = build_config(SweepSpec, data)
     for item in overrides:  # `--set` of an unread setting, even at its default (a saved sweep.yaml holds them all)
         key = item.split("=", 1)[0].strip()
         if key in UNREAD_BY[spec.protocol] and key != "holdout_domains":
             raise ConfigError("--set " + _unread_by(key, getattr(spec, key), spec.protocol))
     return spec
+
+
+def _refuse_run_settings_on_top(data: Dict) -> None:
+    """A run's setting given at the sweep's top level (``--set steps=30``): refused naming where it goes."""
+    own, run = {f.name for f in fields(SweepSpec)}, {f.name for f in fields(TrainConfig)}
+    stray = sorted(k for k in data if k not in own and k in run)
+    if stray:
+        raise ConfigError(f"unknown config key {stray[0]}: a sweep's runs take it under base (base.{stray[0]}), or "
+                          f"grid.{stray[0]} to cross its values")
 
 
 # settings added after sweeps derived seeds from a run's identity: left out of it while at their
