@@ -38,6 +38,7 @@ MARKS = ("config.json", "error.txt")  # what makes a folder a run: its config, o
 
 
 WEIGHTS_SUM = "weights_crc32c"  # summary.json: model.safetensors' checksum (safetensors keeps none)
+SPLIT_SUM = "split_crc32c"  # summary.json: split.json's, as the finished run left it (an edit moves rows)
 
 
 @contextmanager
@@ -110,7 +111,15 @@ class RunDir:
 
     @property
     def split(self) -> Dict[str, Any]:
-        return self._json("split.json")
+        """What the run trained on; a finished run's checked against the CRC-32C it recorded (a split.json
+        edited into valid JSON, rows moved from training to validation, scored the run on its own rows)."""
+        split = self._json("split.json")
+        want = self.summary.get(SPLIT_SUM) if self.done and self.file("summary.json").is_file() else None
+        if want is not None and file_crc32c(self.file("split.json")) != int(want):  # runs from before it: unchecked
+            raise TrainingError(f"run {self.path}: its split.json does not match the checksum its run recorded (edited "
+                                "or damaged since it finished), so its rows cannot be trusted; delete the run's `done` "
+                                "file and rerun its train or sweep command to train it again")
+        return split
 
     @property
     def summary(self) -> Dict[str, Any]:
@@ -231,7 +240,8 @@ class RunDir:
 
     def finish(self, summary: Dict[str, Any], keep_checkpoint: bool = False) -> None:
         """The summary (with the kept weights' CRC-32C, checked whenever they are loaded), then ``done``."""
-        summary = {**summary, WEIGHTS_SUM: file_crc32c(self.file("model.safetensors"))}
+        summary = {**summary, WEIGHTS_SUM: file_crc32c(self.file("model.safetensors")),
+                   SPLIT_SUM: file_crc32c(self.file("split.json"))}
         atomic_write_json(self.file("summary.json"), summary)
         atomic_write_text(self.file("done"), "ok\n")  # last: the run is finished
         self.file("error.txt").unlink(missing_ok=True)  # an earlier attempt's failure, no longer the news

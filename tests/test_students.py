@@ -973,6 +973,27 @@ def test_damaged_weights_that_still_load_are_refused(synthetic_store, tmp_path):
     assert run.weights()  # read unchecked, as before
 
 
+def test_a_finished_runs_edited_split_is_refused(synthetic_store, tmp_path):
+    """split.json as valid JSON with rows moved from training to validation: evaluate scored the run on
+    rows it trained on, 65.7% in-domain for 27.8%, exit 0 (a trial). The summary keeps its CRC-32C."""
+    from embedcache.errors import TrainingError
+    from embedcache.students.rundir import RunDir
+    from embedcache.students.scoring import score_run
+
+    res = train(_cfg(synthetic_store, tmp_path, "ce", name="sp", steps=4, eval_every=2, ckpt_every=2), log=quiet)
+    run = RunDir(res.out)
+    before = score_run(res.out, ["lodo"])
+    split = run.split
+    split["train_idx"], split["val_idx"] = split["train_idx"][5:], split["val_idx"] + split["train_idx"][:5]
+    run.file("split.json").write_text(json.dumps(split))
+    with pytest.raises(TrainingError, match=r"its split.json does not match the checksum its run recorded"):
+        score_run(res.out, ["lodo"])
+    summary = json.loads(run.file("summary.json").read_text())  # a run finished before the checksum was kept
+    del summary["split_crc32c"]
+    run.file("summary.json").write_text(json.dumps(summary))
+    assert len(score_run(res.out, ["lodo"])) == len(before)  # read unchecked, as before
+
+
 def test_an_input_size_a_clip_tower_cannot_take_is_one_line(tiny_clip_dir):
     """student.input_size=32 on open_clip's RN50 was a RuntimeError traceback from inside its attention
     pool (a trial): a CLIP tower's position embeddings fix its input size."""
