@@ -41,6 +41,7 @@ class StoreReader:
         try:
             self._store.require(expect_key, complete=require_complete, advice=key_advice, differs=key_differs)
             self._store.quick_check()
+            self._refuse_manifest(self._store.manifest_altered())  # before its classes or domains are answered
         except Exception:
             self.close()
             raise
@@ -65,10 +66,12 @@ class StoreReader:
         """The manifest must match its own checksum, and its class and domain lists the checksummed
         meta.parquet (a hand-edited class list would make train_classes pick other rows; an edit that
         rewrote the checksum too, or a store made before manifests had one, is still caught there)."""
-        why = self._store.manifest_altered() or names_disagree(self.manifest, meta)
+        self._refuse_manifest(self._store.manifest_altered() or names_disagree(self.manifest, meta))
+
+    def _refuse_manifest(self, why: str) -> None:
         if why:
-            raise StoreError(f"store {self.path}: the manifest{why} (edited by hand?); restore the manifest, or extract "
-                             "the store again")
+            raise StoreError(f"store {self._store.path}: the manifest{why} (edited by hand?); restore the manifest, or "
+                             "extract the store again")
 
     @cached_property
     def text_table(self) -> pd.DataFrame:
