@@ -793,6 +793,9 @@ def test_damaged_store_metadata_is_one_line(make_cfg, tiny_teacher):
 
 @pytest.mark.parametrize("array,change", [("text/name/class_emb", {"data_type": "int32"}),
                                           ("image/emb", {"data_type": "int16"}),
+                                          # the store's layout edited alike: passed every check (a trial)
+                                          ("text/name/class_emb", {"data_type": "int32", "layout": True}),
+                                          ("image/emb", {"data_type": "int16", "layout": True}),
                                           ("image/emb", {"shape": "wider"}),
                                           # read as damaged blocks, repaired by re-encoding all (a trial):
                                           ("image/emb", {"endian": "big"}),
@@ -813,6 +816,10 @@ def test_an_array_whose_metadata_was_altered_is_refused(make_cfg, tiny_teacher, 
     if change.get("chunk_shape"):
         grid = doc["chunk_grid"]["configuration"]["chunk_shape"]
         change = {"chunk_grid": {**doc["chunk_grid"], "configuration": {"chunk_shape": [grid[0] // 2, *grid[1:]]}}}
+    if change.pop("layout", False):
+        root = json.loads((Path(cfg.out) / "zarr.json").read_text())
+        root["attributes"]["layout"]["arrays"][array]["dtype"] = change["data_type"]
+        (Path(cfg.out) / "zarr.json").write_text(json.dumps(root))
     meta.write_text(json.dumps({**doc, **change}))
     for cmd in (["verify", cfg.out, "--no-progress"], ["verify", cfg.out, "--no-progress", "--repair"], ["inspect", cfg.out]):
         res = CliRunner().invoke(main, cmd)

@@ -81,6 +81,21 @@ def plan_layout(n: int, views: int, dim: int, canvas: int, store_pixels: bool, b
                        for k, (s, d, c, z) in arrays.items()}}
 
 
+# the data type embedcache writes each array with, whatever a store's (unsealed) layout says
+WRITTEN_DTYPES = {"image/emb": "float16", "image/view_params": "int32", "image/status": "uint8", "image/pixels": "uint8",
+                  "image/canvas_crc32c": "uint32", "blocks/done": "uint8", "blocks/crc32c": "uint32"}
+
+
+def written_dtype(name: str, spec_dtype: str) -> str:
+    """The data type of array ``name`` as embedcache writes it (a prompt array's: float32); an array of
+    another kind (cached features, derived arrays) keeps the one its layout gives."""
+    if name in WRITTEN_DTYPES:
+        return WRITTEN_DTYPES[name]
+    if name.startswith("text/") and name.rsplit("/", 1)[-1] in ("emb", "class_emb"):
+        return "float32"
+    return spec_dtype
+
+
 def add_text_arrays(layout: Dict[str, Any], prompt_counts: Dict[str, int], num_classes: int, dim: int) -> None:
     """Text arrays are created with the store, so finishing shards never race to make them."""
     for src, n_prompts in prompt_counts.items():

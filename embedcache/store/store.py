@@ -38,7 +38,7 @@ from ..errors import DatasetError, StoreDamagedError, StoreError, StoreMismatchE
 from ..fileio import utc_now
 from .backends import BACKENDS, backend_name_for
 from .integrity import IntegrityReport, checksum
-from .layout import SCHEMA_VERSION, packable, packed_rows
+from .layout import SCHEMA_VERSION, packable, packed_rows, written_dtype
 from .pieces import bytes_of, plan_pieces
 
 TABLES = ("meta.parquet", "text.parquet")
@@ -238,8 +238,9 @@ class Store:
         for a, spec in self.layout.get("arrays", {}).items():
             if not self.b.has(a):
                 continue  # a prompt array lost as a whole, remade when the store finishes
-            # stores are little-endian ('<' and the native '=' compare equal on a little-endian machine)
-            want = (np.dtype(spec["dtype"]).newbyteorder("<"), tuple(spec["shape"]))
+            # stores are little-endian ('<' and the native '=' compare equal on a little-endian machine); the
+            # type embedcache writes, not the layout's alone (edited with the array's zarr.json, it passed)
+            want = (np.dtype(written_dtype(a, spec["dtype"])).newbyteorder("<"), tuple(spec["shape"]))
             got = (self.b.dtype(a), tuple(self.b.shape(a)))
             why = "every value read would be wrong"
             if got == want and a in blocks:  # block arrays: in chunks of a block, or of whole blocks once packed
@@ -251,7 +252,7 @@ class Store:
             if got != want:
                 self.close()
                 raise StoreDamagedError(
-                    f"{self.path}: array {a} reads as {got[0]} {got[1]}, but the store's layout made it {want[0]} "
+                    f"{self.path}: array {a} reads as {got[0]} {got[1]}, but it was written as {want[0]} "
                     f"{want[1]} (its metadata altered: {why}); put its metadata back, or "
                     "delete the store and rerun the command that made it")
 
