@@ -56,34 +56,36 @@ def _divisor_at_most(n: int, cap: int) -> int:
     return next(d for d in range(cap, 0, -1) if n % d == 0)
 
 
+# the data type embedcache writes each array with, whatever a store's (unsealed) layout says
+WRITTEN_DTYPES = {"image/emb": "float16", "image/view_params": "int32", "image/status": "uint8", "image/pixels": "uint8",
+                  "image/canvas_crc32c": "uint32", "blocks/done": "uint8", "blocks/crc32c": "uint32"}
+TEXT_DTYPE = "float32"  # a text source's prompt and class embeddings
+
+
 def plan_layout(n: int, views: int, dim: int, canvas: int, store_pixels: bool, block_rows: int,
                 param_width: int = 5) -> Dict[str, Any]:
     """Array specs (shape, dtype, chunks, codec) and the row-block geometry of a store. ``param_width``:
     the fields of a view's parameters (5: crop and flip; 11 with colour, see views.param_fields)."""
     block_rows = max(1, min(block_rows, n))
     px_rows = _divisor_at_most(block_rows, max(1, (4 << 20) // (canvas * canvas * 3)))  # ~4 MB pixel chunks
+    t = WRITTEN_DTYPES
     arrays = {
-        "image/emb": ((n, views, dim), "float16", (block_rows, views, dim), "none"),
-        "image/view_params": ((n, views, param_width), "int32", (block_rows, views, param_width), "zstd"),
-        "image/status": ((n,), "uint8", (block_rows,), "zstd"),
+        "image/emb": ((n, views, dim), t["image/emb"], (block_rows, views, dim), "none"),
+        "image/view_params": ((n, views, param_width), t["image/view_params"], (block_rows, views, param_width), "zstd"),
+        "image/status": ((n,), t["image/status"], (block_rows,), "zstd"),
     }
     if store_pixels:
-        arrays["image/pixels"] = ((n, canvas, canvas, 3), "uint8", (px_rows, canvas, canvas, 3), "zstd")
+        arrays["image/pixels"] = ((n, canvas, canvas, 3), t["image/pixels"], (px_rows, canvas, canvas, 3), "zstd")
     else:
-        arrays["image/canvas_crc32c"] = ((n,), "uint32", (block_rows,), "none")
+        arrays["image/canvas_crc32c"] = ((n,), t["image/canvas_crc32c"], (block_rows,), "none")
     block_arrays = [a for a in BLOCK_ARRAYS if a in arrays]
     num_blocks = -(-n // block_rows)
-    arrays["blocks/done"] = ((num_blocks,), "uint8", (1,), "none")
-    arrays["blocks/crc32c"] = ((num_blocks, len(block_arrays)), "uint32", (1, len(block_arrays)), "none")
+    arrays["blocks/done"] = ((num_blocks,), t["blocks/done"], (1,), "none")
+    arrays["blocks/crc32c"] = ((num_blocks, len(block_arrays)), t["blocks/crc32c"], (1, len(block_arrays)), "none")
     return {"n": n, "views": views, "dim": dim, "canvas": canvas, "store_pixels": store_pixels,
             "block_rows": block_rows, "num_blocks": num_blocks, "block_arrays": block_arrays,
             "arrays": {k: {"shape": list(s), "dtype": d, "chunks": list(c), "codec": z}
                        for k, (s, d, c, z) in arrays.items()}}
-
-
-# the data type embedcache writes each array with, whatever a store's (unsealed) layout says
-WRITTEN_DTYPES = {"image/emb": "float16", "image/view_params": "int32", "image/status": "uint8", "image/pixels": "uint8",
-                  "image/canvas_crc32c": "uint32", "blocks/done": "uint8", "blocks/crc32c": "uint32"}
 
 
 def written_dtype(name: str, spec_dtype: str) -> str:
@@ -92,7 +94,7 @@ def written_dtype(name: str, spec_dtype: str) -> str:
     if name in WRITTEN_DTYPES:
         return WRITTEN_DTYPES[name]
     if name.startswith("text/") and name.rsplit("/", 1)[-1] in ("emb", "class_emb"):
-        return "float32"
+        return TEXT_DTYPE
     return spec_dtype
 
 
@@ -100,4 +102,4 @@ def add_text_arrays(layout: Dict[str, Any], prompt_counts: Dict[str, int], num_c
     """Text arrays are created with the store, so finishing shards never race to make them."""
     for src, n_prompts in prompt_counts.items():
         for name, shape in (("emb", [n_prompts, dim]), ("class_emb", [num_classes, dim])):
-            layout["arrays"][f"text/{src}/{name}"] = {"shape": shape, "dtype": "float32", "chunks": shape, "codec": "none"}
+            layout["arrays"][f"text/{src}/{name}"] = {"shape": shape, "dtype": TEXT_DTYPE, "chunks": shape, "codec": "none"}
