@@ -136,29 +136,41 @@ def check_signalled(what: str) -> None:
 
 
 @contextmanager
+def held() -> Iterator[None]:
+    """SIGINT and SIGTERM held (blocked, not lost) by this thread while worker processes start: a worker
+    inherits the mask and takes them only once it lets them go (``let_go``), its own handlers set. The
+    process's other threads still take a signal for its handler. (POSIX; elsewhere nothing is held.)"""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)  # a signal held meanwhile arrives now
+
+
+def let_go() -> None:
+    """A worker started inside ``held``: the stop signals it started with held, let go."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+
+
+@contextmanager
 def deferred(what: str) -> Iterator[None]:
     """Forking worker processes (a DataLoader's): a stop the CLI's handler takes inside is raised as
     KeyboardInterrupt at the end, not inside, where it lands in an at-fork hook (logging's lock, in the
     parent and in each child) and Python prints it as "Exception ignored" with a traceback, then drops
-    it. Held by this thread meanwhile (POSIX), so a child forked inside starts with them held and takes a
-    stop only once its own start lets them go (``extract.parts._init_worker``), not in torch's worker
-    handler, which died by a SIGTERM; the deferral it inherits also ends it there (``check_signalled``)."""
-    hold = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS) if hold else None
+    it. The signals are ``held`` meanwhile, so a child forked inside takes a stop only once its own start
+    lets them go (``extract.parts._init_worker``), not in torch's worker handler, which died by a
+    SIGTERM; the deferral it inherits also ends it there (``check_signalled``)."""
     _deferred[0] += 1
     try:
-        yield
+        with held():
+            yield
     finally:
         _deferred[0] -= 1
-        if hold:
-            signal.pthread_sigmask(signal.SIG_SETMASK, before)  # a signal held meanwhile arrives now
     check_signalled(what)
-
-
-def let_go() -> None:
-    """A child forked inside ``deferred``: the stop signals it started with held, let go."""
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
 
 
 def end_of_command() -> None:

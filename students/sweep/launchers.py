@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import os
 import queue
-import signal
 import socket
 import threading
 import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -123,8 +121,7 @@ def _worker_main(tasks, results, spec_dict: Dict, sweep_dir: str, device: str, t
     from . import SweepSpec
 
     interrupt.stop_on_signal()
-    if hasattr(signal, "pthread_sigmask"):  # held while it started (POSIX): now the stop flag's
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, interrupt.SIGNALS)
+    interrupt.let_go()  # held while it started: now the stop flag's
     warnings.showwarning = one_line_warning  # its runs' warnings as the CLI says them: one line each
     _stop_when_orphaned(os.getppid())
     torch.set_num_threads(threads)
@@ -141,22 +138,6 @@ def _worker_main(tasks, results, spec_dict: Dict, sweep_dir: str, device: str, t
             results.put(st)
         if any(st["status"] in STOP_STATUSES for st in statuses):
             return
-
-
-@contextmanager
-def _signals_held():
-    """Ctrl-C and SIGTERM held (blocked, not lost) while workers are started: a worker inherits the mask
-    and takes them once its handlers set the stop flag instead (a signal while it was still importing
-    printed its traceback). This thread's mask only: the process's other threads still take a signal
-    for its handler. (POSIX; elsewhere, nothing is held.)"""
-    if not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, interrupt.SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _stop_when_orphaned(parent: int, every: float = 1.0) -> None:
@@ -217,7 +198,7 @@ def local(jobs: List[List[SweepPoint]], spec, sweep_dir, device="auto", progress
         tasks.put(None)
     procs = [ctx.Process(target=_worker_main, args=(tasks, results, as_dict(spec), sweep_dir, devices[k], threads),
                          daemon=True) for k in range(n)]
-    with _signals_held():
+    with interrupt.held():  # a worker still importing printed its traceback at a Ctrl-C
         for p in procs:
             p.start()
     bar, out = Progress(total, progress), []
