@@ -418,12 +418,16 @@ def open_store(path: str, backend: Optional[str] = None, require_complete: bool 
     return StoreReader(path, backend, require_complete, expect_key)
 
 
-def how_it_differs(path: str, made_from: str, said: Tuple[str, str] = ("this store", "the other")) -> str:
+def how_it_differs(path: str, made_from: str, said: Tuple[str, str] = ("this store", "the other"),
+                   made_from_key: Optional[str] = None) -> str:
     """How the store at ``path`` was made otherwise than the one at ``made_from`` ("its views differ (this
-    store: views.count=2; the other: views.count=3)"), by their manifests; '' where they do not say."""
+    store: views.count=2; the other: views.count=3)"), by their manifests; '' where they do not say, or
+    where ``made_from`` no longer has ``made_from_key`` (made again since: it no longer tells)."""
     from .extract.manifest import differing_parts
 
     with Store(path, "r") as there, Store(made_from, "r") as own:
+        if made_from_key is not None and own.key != made_from_key:
+            return ""
         return differing_parts(there.manifest, own.manifest, said)
 
 

@@ -144,14 +144,9 @@ class RunDir:
         store: views.count=2; the run's store: views.count=3)"), told by the run's own store where it
         still is, with the run's key; '' where it is not, or where the manifests do not say."""
         from embedcache.api import how_it_differs
-        from embedcache.store import Store
 
         try:
-            own = self.store_path()
-            with Store(own, "r") as st:
-                if st.key != self.store_key:  # re-extracted since: it no longer tells
-                    return ""
-            return how_it_differs(other, own, ("this store", "the run's store"))
+            return how_it_differs(other, self.store_path(), ("this store", "the run's store"), self.store_key)
         except (StoreError, OSError):
             return ""
 
