@@ -12,7 +12,8 @@ Layout (Zarr; HDF5 mirrors it):
   ``image/status``         (N,) uint8: 1 ok, 2 failed (0: not written yet)
   ``text/<source>/emb``    (P, D) float32 prompt embeddings; ``text/<source>/class_emb`` (C, D)
   ``blocks/done``          (num_blocks,) uint8, one chunk per block, set after its rows are written
-  ``blocks/crc32c``        (num_blocks, A) uint32: CRC-32C of each block array's rows in that block
+  ``blocks/crc32c``        (num_blocks, A) uint32: CRC-32C of each block array's rows in that block,
+                           started from a seed of the key, the array and the block (``SEEDED_KEY``)
   ``blocks.npz``           both of the above in one file, written as the store completes (readers of a
                            complete store read it instead of two files per block)
   ``derived/<name>``       arrays computed from the store later (cached student features), each
@@ -22,6 +23,7 @@ Layout (Zarr; HDF5 mirrors it):
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -47,6 +49,9 @@ TABLES = ("meta.parquet", "text.parquet")
 # a manifest key of its own: versions before it look up every name in "checksums" as a table or array.
 BLOCKS_SUMMARY, SUMMARY_KEY = "blocks.npz", "blocks_summary_crc32c"
 MANIFEST_KEY = "manifest_crc32c"  # the manifest's own checksum, of every other field (stores since 2026-12-06)
+# a block's checksums start from a seed of the store's key, the array and the block (stores since 2026-12-07): its
+# bookkeeping holds only for the rows it was written with, not for another store's (or block's) copied in with theirs
+SEEDED_KEY = "block_sums_seeded"
 
 
 def sealed(manifest: Dict[str, Any]) -> Dict[str, Any]:
@@ -100,9 +105,13 @@ class _PartChecks:
     in row order (``rows``: the array's bytes), each part compared as it ends; ``mismatch(part, crc)``
     is told of one that does not match. ``busy``: an error came from inside a check (a bug, not damage)."""
 
-    def __init__(self, rows: memoryview, row_bytes: int, parts: list, sums: list, mismatch):
+    def __init__(self, rows: memoryview, row_bytes: int, parts: list, sums: list, mismatch,
+                 seeds: Optional[list] = None):
+        """``seeds``: each part's checksum's starting value (none: 0)."""
         self.rows, self.row_bytes, self.mismatch = rows, row_bytes, mismatch
-        self.parts, self.sums, self.crc, self.first, self.busy = parts, sums, 0, 0, False
+        self.seeds = seeds or [0] * len(parts)
+        self.parts, self.sums, self.first, self.busy = parts, sums, 0, False
+        self.crc = self.seeds[0] if parts else 0
 
     def __call__(self, lo: int, hi: int) -> None:
         self.busy = True
@@ -118,7 +127,8 @@ class _PartChecks:
                 crc = checksum(rows[(start if start > lo else lo) * row_bytes:stop * row_bytes], self.crc)
                 if crc != want:
                     self.mismatch(first, crc)
-            self.crc, first = 0, first + 1
+            first += 1
+            self.crc = self.seeds[first] if first < len(parts) else 0
         self.first, self.busy = first, False
 
 
@@ -275,7 +285,7 @@ class Store:
                 chunks = [in_place[arr], *spec["chunks"][1:]] if arr in in_place else spec["chunks"]
                 b.create_array(arr, spec["shape"], spec["dtype"], chunks, spec.get("codec", "zstd"), fill=arr not in in_place)
             b.set_attr("layout", layout)
-            b.set_attr("manifest", sealed(manifest))
+            b.set_attr("manifest", sealed({**manifest, SEEDED_KEY: True}))
 
         cls_b.create_atomic(str(path), init)
         return cls(path, "a", name)
@@ -292,6 +302,12 @@ class Store:
     @property
     def num_blocks(self) -> int:
         return int(self.layout["num_blocks"])
+
+    def _seed(self, name: str, block: int) -> int:
+        """Where block ``block``'s checksum of array ``name`` starts (0 in stores from before the seeds)."""
+        if not self.manifest.get(SEEDED_KEY) or not self._is_block_array(name):
+            return 0
+        return int.from_bytes(hashlib.blake2b(f"{self.key}/{name}/{block}".encode(), digest_size=4).digest(), "little")
 
     def block_range(self, block: int) -> Tuple[int, int]:
         br, n = int(self.layout["block_rows"]), int(self.layout["n"])
@@ -409,7 +425,7 @@ class Store:
             if len(data) != stop - start:
                 raise ValueError(f"block {block} of {name} has {len(data)} rows, expected {stop - start}")
             self.b.write(name, start, data)
-            sums[0, j] = checksum(data)
+            sums[0, j] = checksum(data, self._seed(name, block))
         held = self._hold_to_expected(block, sums)  # a repaired block: what its source files gave the first time
         blob = f"failures/block_{block:06d}.json"
         if failures or self.b.get_blob(blob) is not None:  # a block redone clean clears its old records
@@ -506,7 +522,7 @@ class Store:
         bad = []
         for j, name in enumerate(names):
             try:
-                ok = checksum(self.b.read(name, start, stop)) == int(sums[blk, j])
+                ok = checksum(self.b.read(name, start, stop), self._seed(name, blk)) == int(sums[blk, j])
             except Exception:
                 ok = False
             if not ok:
@@ -544,7 +560,7 @@ class Store:
                     block[...] = self.b.read(name, start, stop)
                 except Exception:
                     raise self._damaged(name, f"rows {start}-{stop - 1} (block {blk}) cannot be decoded") from None
-            if checksum(block) != int(sums[blk, j]):
+            if checksum(block, self._seed(name, blk)) != int(sums[blk, j]):
                 raise self._damaged(name, f"rows {start}-{stop - 1} (block {blk}) do not match their checksum")
         return out
 
@@ -625,8 +641,9 @@ class Store:
             raise StoreError(f"store {self.path} has no array {name}")
         out = np.empty(self.b.shape(name), self.b.dtype(name))
         parts, sums = self._checked_parts(name, len(out), verify)
+        seeds = [self._seed(name, part) for part in range(len(parts))]
         check = _PartChecks(bytes_of(out).toreadonly(), out[:1].nbytes, parts, sums,
-                            lambda part, crc: self._mismatch(name, parts, part, crc))
+                            lambda part, crc: self._mismatch(name, parts, part, crc), seeds)
         try:
             self.b.read_into(name, 0, out, plan_pieces(parts, out[:1].nbytes, self.b.chunks(name)[0],
                                                        self.b.compressed(name)), check)
@@ -652,7 +669,7 @@ class Store:
             except Exception as exc:  # a chunk that no longer decodes
                 raise self._damaged(name, f"it cannot be decoded ({type(exc).__name__})") from None
             if sums[part] is not None:
-                crc = checksum(out)
+                crc = checksum(out, self._seed(name, part))
                 if crc != sums[part]:
                     self._mismatch(name, parts, part, crc)
             yield start, out
