@@ -49,7 +49,7 @@ TABLES = ("meta.parquet", "text.parquet")
 # a manifest key of its own: versions before it look up every name in "checksums" as a table or array.
 BLOCKS_SUMMARY, SUMMARY_KEY = "blocks.npz", "blocks_summary_crc32c"
 MANIFEST_KEY = "manifest_crc32c"  # the manifest's own checksum, of every other field (stores since 2026-12-06)
-# a block's checksums start from a seed of the store's key, the array and the block (stores since 2026-12-07): its
+# a block's checksums start from a seed of the store's key, the array and the block (stores since 2026-12-06): its
 # bookkeeping holds only for the rows it was written with, not for another store's (or block's) copied in with theirs
 SEEDED_KEY = "block_sums_seeded"
 
