@@ -2,6 +2,7 @@
 unreadable rows never pass for data, bad settings are refused before work, the sweep lock holds."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -240,8 +241,57 @@ def test_a_manifest_edited_anywhere_is_found_by_its_own_checksum(make_cfg, tiny_
         embedcache.open_store(cfg.out)  # at opening: its classes and domains were answered from the edited manifest
     edit(lambda m: m["teacher"].update(model=tiny_teacher.describe()["model"]))  # put back as it was
     assert CliRunner().invoke(main, ["verify", cfg.out, "--no-progress"]).exit_code == 0
-    edit(lambda m: m.pop("manifest_crc32c"))  # a store made before manifests had a checksum: verified as before
+    edit(lambda m: m.pop("manifest_crc32c"))  # deleted from a store made since manifests have one: found
+    res = CliRunner().invoke(main, ["verify", cfg.out, "--no-progress"])
+    assert res.exit_code == 2 and "the manifest has lost its own checksum (manifest_crc32c)" in res.output, res.output
+    with pytest.raises(StoreError, match="the manifest has lost its own checksum"):
+        embedcache.open_store(cfg.out)
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_a_store_made_before_manifest_and_layout_checksums_still_verifies(make_cfg, tiny_teacher, suffix, monkeypatch):
+    import embedcache.store.store as store_mod
+
+    monkeypatch.setattr(store_mod, "sealed", lambda manifest: manifest)  # made as older versions made stores
+    monkeypatch.setattr(store_mod, "new_marks", lambda layout: {})
+    cfg = make_cfg("old" + suffix)
+    extract(cfg, teacher=tiny_teacher, log=quiet)
+    monkeypatch.undo()
+    with Store(cfg.out) as st:
+        assert not {"manifest_crc32c", "layout_crc32c", "block_sums_seeded"} & set(st.manifest)
     assert CliRunner().invoke(main, ["verify", cfg.out, "--no-progress"]).exit_code == 0
+    with embedcache.open_store(cfg.out) as s:
+        assert s.image_emb().shape[0] == 30
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+@pytest.mark.parametrize("field", ["views", "dim", "canvas", "store_pixels"])
+def test_a_layout_edited_by_hand_is_refused(make_cfg, tiny_teacher, suffix, field):
+    """The layout was checked only against the arrays' own metadata: an edited view count, embedding
+    width or canvas size was read and reported as the store's (``views`` picks the views trained on)."""
+    import json
+
+    import h5py
+
+    cfg = make_cfg("lay" + suffix)
+    extract(cfg, teacher=tiny_teacher, log=quiet)
+    change = {"views": 2, "dim": 16, "canvas": 32, "store_pixels": False}[field]
+    if suffix == ".zarr":
+        meta = Path(cfg.out) / "zarr.json"
+        doc = json.loads(meta.read_text())
+        doc["attributes"]["layout"][field] = change
+        meta.write_text(json.dumps(doc))
+    else:
+        with h5py.File(cfg.out, "a") as f:
+            lay = json.loads(f.attrs["layout"])
+            lay[field] = change
+            f.attrs["layout"] = json.dumps(lay)
+    for cmd in (["verify", cfg.out, "--no-progress"], ["inspect", cfg.out]):
+        res = CliRunner().invoke(main, cmd)
+        assert res.exit_code == 2 and "its layout (the store's 'layout' attribute) does not match the checksum its " \
+            "manifest keeps" in res.output and res.output.strip().count("\n") == 0, res.output
+    with pytest.raises(StoreDamagedError, match="its layout"):
+        embedcache.open_store(cfg.out)
 
 
 @pytest.mark.parametrize("backend", ["zarr", "hdf5"])
@@ -816,18 +866,19 @@ def test_an_array_whose_metadata_was_altered_is_refused(make_cfg, tiny_teacher, 
     if change.get("chunk_shape"):
         grid = doc["chunk_grid"]["configuration"]["chunk_shape"]
         change = {"chunk_grid": {**doc["chunk_grid"], "configuration": {"chunk_shape": [grid[0] // 2, *grid[1:]]}}}
-    if change.pop("layout", False):
+    said = f"array {array} reads as .*its metadata altered"
+    if change.pop("layout", False):  # now found by the layout's own checksum first
         root = json.loads((Path(cfg.out) / "zarr.json").read_text())
         root["attributes"]["layout"]["arrays"][array]["dtype"] = change["data_type"]
         (Path(cfg.out) / "zarr.json").write_text(json.dumps(root))
+        said = "its layout .* does not match the checksum its manifest keeps"
     meta.write_text(json.dumps({**doc, **change}))
     for cmd in (["verify", cfg.out, "--no-progress"], ["verify", cfg.out, "--no-progress", "--repair"], ["inspect", cfg.out]):
         res = CliRunner().invoke(main, cmd)
-        assert res.exit_code == 2 and f"array {array} reads as" in res.output and "its metadata altered" in res.output, \
-            (cmd, res.output)
-    with pytest.raises(StoreDamagedError, match=f"array {array} reads as"):
+        assert res.exit_code == 2 and re.search(said, res.output), (cmd, res.output)
+    with pytest.raises(StoreDamagedError, match=said):
         extract(cfg, teacher=tiny_teacher, log=quiet)
-    with pytest.raises(StoreDamagedError, match="its metadata altered"):
+    with pytest.raises(StoreDamagedError, match=said):
         embedcache.open_store(cfg.out)
 
 

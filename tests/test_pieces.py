@@ -322,12 +322,22 @@ def test_a_block_redone_behind_the_summarys_back_is_held_to_its_own_checksum(tmp
         assert np.array_equal(st.read("image/emb"), arrays["image/emb"]) and "blocks.npz" not in st.verify().files
 
 
-def test_a_layout_whose_blocks_do_not_cover_the_rows_is_refused(tmp_path):
-    path, arrays = block_store(tmp_path, "zarr")
+@pytest.mark.parametrize("made", ["now", "before layout checksums"])
+def test_a_layout_whose_blocks_do_not_cover_the_rows_is_refused(tmp_path, made, monkeypatch):
     import zarr
 
+    import embedcache.store.store as store_mod
+
+    if made != "now":
+        monkeypatch.setattr(store_mod, "new_marks", lambda layout: {})
+    path, arrays = block_store(tmp_path, "zarr")
+    monkeypatch.undo()
     group = zarr.open_group(path, mode="r+")
     group.attrs["layout"] = {**group.attrs["layout"], "num_blocks": 2}  # rows 8-9 would be left unread
+    if made == "now":  # refused at opening, by the layout's checksum
+        with pytest.raises(StoreDamagedError, match=r"its layout .* does not match the checksum its manifest keeps"):
+            Store(path)
+        return
     with Store(path) as st, pytest.raises(StoreDamagedError, match=r"layout: 2 blocks of 4 rows do not hold its 10 rows"):
         st.read("image/emb")
 

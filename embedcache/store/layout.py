@@ -56,7 +56,7 @@ def _divisor_at_most(n: int, cap: int) -> int:
     return next(d for d in range(cap, 0, -1) if n % d == 0)
 
 
-# the data type embedcache writes each array with, whatever a store's (unsealed) layout says
+# the data type embedcache writes each array with, whatever a store's layout says (one made before layouts had a checksum)
 WRITTEN_DTYPES = {"image/emb": "float16", "image/view_params": "int32", "image/status": "uint8", "image/pixels": "uint8",
                   "image/canvas_crc32c": "uint32", "blocks/done": "uint8", "blocks/crc32c": "uint32"}
 TEXT_DTYPE = "float32"  # a text source's prompt and class embeddings

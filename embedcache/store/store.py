@@ -52,6 +52,7 @@ MANIFEST_KEY = "manifest_crc32c"  # the manifest's own checksum, of every other 
 # a block's checksums start from a seed of the store's key, the array and the block (stores since 2026-12-06): its
 # bookkeeping holds only for the rows it was written with, not for another store's (or block's) copied in with theirs
 SEEDED_KEY = "block_sums_seeded"
+LAYOUT_KEY = "layout_crc32c"  # the layout's checksum (stores since 2026-12-06): every array is read by the layout
 
 
 def sealed(manifest: Dict[str, Any]) -> Dict[str, Any]:
@@ -62,6 +63,17 @@ def sealed(manifest: Dict[str, Any]) -> Dict[str, Any]:
 def _manifest_sum(manifest: Dict[str, Any]) -> int:
     body = {k: v for k, v in manifest.items() if k != MANIFEST_KEY}
     return checksum(json.dumps(body, sort_keys=True).encode())
+
+
+def _layout_sum(layout: Dict[str, Any]) -> int:
+    return checksum(json.dumps(layout, sort_keys=True).encode())
+
+
+def new_marks(layout: Dict[str, Any]) -> Dict[str, Any]:
+    """What a store made now records in its manifest beyond what it was given: its block checksums are
+    seeded, and its layout's checksum. A store without them was made before them: read as it was made
+    (the seeds cannot be removed unseen: every block's checksum would then disagree)."""
+    return {SEEDED_KEY: True, LAYOUT_KEY: _layout_sum(layout)}
 
 
 def is_counter(v: Any) -> bool:
@@ -183,7 +195,19 @@ class Store:
             self.close()
             raise StoreMismatchError(f"store {self.path} has schema {self.manifest.get('schema')!r}, this embedcache reads "
                                      f"schema {SCHEMA_VERSION}; re-extract it with this version (use a new --out)")
+        self._refuse_altered_layout()
         self._refuse_missing_arrays(rebuild_text and mode != "r")
+
+    def _refuse_altered_layout(self) -> None:
+        """A layout edited since the store was made (its views, dim or canvas, an array's spec): every
+        array is read by it, so every value read would be wrong."""
+        want = self.manifest.get(LAYOUT_KEY)
+        if want is not None and _layout_sum(self.layout) != int(want):
+            self.close()
+            raise StoreDamagedError(f"{self.path}: its layout (the store's 'layout' attribute) does not match the "
+                                    "checksum its manifest keeps: it was changed since embedcache wrote it, and every "
+                                    "array is read by it; put it back, or delete the store and rerun the command "
+                                    "that made it")
 
     def rebuild_lost(self) -> None:
         """The arrays lost as a whole that can be made again: the blocks' bookkeeping written back from a
@@ -285,7 +309,7 @@ class Store:
                 chunks = [in_place[arr], *spec["chunks"][1:]] if arr in in_place else spec["chunks"]
                 b.create_array(arr, spec["shape"], spec["dtype"], chunks, spec.get("codec", "zstd"), fill=arr not in in_place)
             b.set_attr("layout", layout)
-            b.set_attr("manifest", sealed({**manifest, SEEDED_KEY: True}))
+            b.set_attr("manifest", sealed({**manifest, **new_marks(b.get_attr("layout"))}))
 
         cls_b.create_atomic(str(path), init)
         return cls(path, "a", name)
@@ -769,6 +793,8 @@ class Store:
         """' does not match its own checksum...' when the manifest was changed since embedcache wrote it
         ('' if not, or for a store made before manifests had a checksum)."""
         want = self.manifest.get(MANIFEST_KEY)
+        if want is None and self.manifest.get(SEEDED_KEY):  # made since manifests have one: it was deleted
+            return f" has lost its own checksum ({MANIFEST_KEY}): it was changed since embedcache wrote it"
         if want is None or _manifest_sum(self.manifest) == int(want):
             return ""
         return " does not match its own checksum: it was changed since embedcache wrote it"
