@@ -339,7 +339,7 @@ def episode_mean(df: pd.DataFrame) -> pd.DataFrame:
 def few_shot(d: EvalData, shots: int = DEFAULT_SHOTS, episodes: int = 3, seen_classes: Optional[Sequence[int]] = None,
              unseen_fraction: float = 0.5, beta: float = 5.5, alpha: float = 1.0, seed: int = 0) -> pd.DataFrame:
     """k labelled images per unseen class (seeded episodes): a prototype classifier (FAISS over the
-    class means of the shots) and Tip-Adapter logits (keys: the teacher's views of the shots), scored
+    class means of the shots, each a unit vector) and Tip-Adapter logits (keys: the teacher's views of the shots), scored
     on the remaining unseen images."""
     _, unseen = class_split(d, "few_shot", seen_classes, unseen_fraction, seed)
     if len(unseen) == 1:  # every method names the one class
@@ -349,7 +349,8 @@ def few_shot(d: EvalData, shots: int = DEFAULT_SHOTS, episodes: int = 3, seen_cl
     rows: List[Dict] = []
     for ep in range(episodes):
         support, query = episode(d.labels, d.ok, unseen, shots, seed, ep, d.classes)
-        protos = np.stack([d.emb[support][d.labels[support] == c].mean(0) for c in unseen])
+        shot_emb = unit(d.emb[support])  # each shot counts alike: a student's embeddings are not unit vectors
+        protos = np.stack([shot_emb[d.labels[support] == c].mean(0) for c in unseen])
         pred = LabelIndex(protos, unseen).predict(d.emb[query])
         rows += _rows(pred, d.labels[query], d.classes, split="prototype" + shots_tag(shots), domain="all", episode=ep)
         if not d.embedding_trained:  # it would compare an untrained projection with the teacher's space (said by

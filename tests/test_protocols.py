@@ -386,3 +386,25 @@ def test_a_collapse_in_one_episode_is_not_said_of_the_run(tmp_path):
     assert "collapsed:" not in text  # said of the episode it happened in, not of the run
     assert ("collapsed episodes: ce / s on all answers 'circle' for 96% of the images in 1 of its 3 episodes"
             in text), text
+
+
+def test_a_prototype_weighs_each_shot_alike_whatever_its_norm():
+    """A student's embeddings are not unit vectors (norms of 4.9 to 9.1 in a trial): the prototype was the
+    raw mean of its shots, so a shot of larger norm outweighed the others, while the teacher's (unit)
+    shots counted alike. Each shot is now a unit vector in its class's prototype; brute force agrees."""
+    d = _data(noise=0.9, seed=5)
+    rng = np.random.default_rng(1)
+    d.emb = d.emb * rng.uniform(0.2, 20.0, (len(d.emb), 1))  # norms far apart, as a student's
+    df = few_shot(d, shots=5, episodes=3, seen_classes=[0, 1, 2])
+    unseen = np.array([3, 4, 5])
+    unit = d.emb / np.linalg.norm(d.emb, axis=1, keepdims=True)
+    for ep in range(3):
+        support, query = episode(d.labels, d.ok, unseen, 5, 0, ep, d.classes)
+        protos = np.stack([unit[support][d.labels[support] == c].mean(0) for c in unseen])
+        protos /= np.linalg.norm(protos, axis=1, keepdims=True)
+        want = np.mean(unseen[np.argmax(unit[query] @ protos.T, axis=1)] == d.labels[query])
+        got = df[(df.split == "prototype") & (df.episode == ep) & (df.metric == "top1")].value
+        assert float(got.iloc[0]) == pytest.approx(want)
+    raw = np.stack([d.emb[support][d.labels[support] == c].mean(0) for c in unseen])  # the old prototype differs here
+    assert np.mean(unseen[np.argmax(unit[query] @ (raw / np.linalg.norm(raw, axis=1, keepdims=True)).T, axis=1)]
+                   == d.labels[query]) != pytest.approx(want)
