@@ -919,3 +919,17 @@ def test_a_store_made_with_a_relative_folder_lists_later_calls_naming_it_absolut
     assert changed("/home/me/data") == {"dataset.path": "/home/me/data"}
     manifest["config"]["dataset"]["path"] = "../pacs"  # not a tail of any path: as spelled
     assert changed("/home/me/pacs") == {"dataset.path": "/home/me/pacs"}
+
+
+def test_a_teacher_model_left_to_its_default_is_named_by_the_model_it_resolved_to():
+    """A store made with teacher.model unset (conse's default classifier) was described as
+    "teacher.model=None" beside another store's 'efficientnet-lite1' (a trial)."""
+    from embedcache.extract.manifest import differing_parts
+
+    def made(model, classifier):
+        return {"key_parts": {"teacher": classifier}, "config": {"teacher": {"name": "conse", "model": model}},
+                "teacher": {"name": "conse", "classifier": classifier}}
+
+    said = differing_parts(made(None, "efficientnet-lite0"), made("efficientnet-lite1", "efficientnet-lite1"))
+    assert said == ("its teacher differs (store: teacher.model='efficientnet-lite0'; this call: "
+                    "teacher.model='efficientnet-lite1')"), said

@@ -14,6 +14,7 @@ from ..datasets import ImageDataset
 from ..device import device_name
 from ..fileio import json_digest, utc_now
 from ..store import SCHEMA_VERSION, cache_key
+from ..store.store import teacher_model
 from ..text import prompts_digest
 from ..views import param_fields
 
@@ -113,7 +114,16 @@ def _settings(manifest: Dict[str, Any], parts: List[str]) -> Dict[str, Any]:
     added to the key (``build_manifest``'s ``extra``: a synthesis's settings) among ``parts``."""
     config = manifest.get("config") or {}
     added = {n: manifest[n] for n in parts if n not in config and isinstance(manifest.get(n), dict)}
-    return {**config, **added}
+    return {**_resolved_model(config, manifest.get("teacher") or {}), **added}
+
+
+def _resolved_model(config: Dict[str, Any], teacher: Dict[str, Any]) -> Dict[str, Any]:
+    """``config`` with a teacher.model left unset (the teacher's default) given as the model it resolved to."""
+    given = config.get("teacher")
+    resolved = teacher_model(teacher) or teacher.get("classifier")
+    if not isinstance(given, dict) or given.get("model") is not None or not resolved:
+        return config
+    return {**config, "teacher": {**given, "model": resolved}}
 
 
 # settings a store may be resumed with other values of (no part of its key): naming one as the difference
