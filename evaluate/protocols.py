@@ -226,10 +226,11 @@ def open_vocab(d: EvalData, seen_classes: Optional[Sequence[int]] = None, unseen
     if d.val_idx is not None:  # seen classes: only images not trained on
         s_rows = np.intersect1d(s_rows, _unseen_by_run(d))
     rows: List[Dict] = []
-    if len(unseen) == 1:
+    answerable = not _unanswerable(d, u_rows, unseen)  # a classifier has no answer among unseen labels only
+    if answerable and len(unseen) == 1:
         warnings.warn(f"open_vocab: one unseen class ({d.classes[unseen[0]]!r}): unseen_zero_shot, among the unseen "
                       "labels only, is 100% by construction; hold two or more classes out")
-    if not _unanswerable(d, u_rows, unseen):  # a classifier has no answer among unseen labels only
+    if answerable:
         rows += _rows(_predict(d, u_rows, unseen), d.labels[u_rows], d.classes, split="unseen_zero_shot", domain="all")
     else:
         warnings.warn("open_vocab: this run predicts with a linear classifier over its training classes, so it never "

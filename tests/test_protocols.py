@@ -1,4 +1,6 @@
 """Protocols on synthetic data whose answer is known by construction."""
+import warnings
+
 import numpy as np
 import pytest
 
@@ -200,6 +202,11 @@ def test_classifier_scores_replace_nearest_text():
     from embedcache.evaluate.protocols import _predict
     with pytest.raises(ValueError, match="linear classifier over its training classes"):
         _predict(d, np.arange(10), [3, 4, 5])
+    d.scores[:, 3:5] = 0.0  # one unseen class: only "never predicts" is said, not the 100% of a row left out (a trial)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        open_vocab(d, seen_classes=[0, 1, 2, 3, 4])
+    assert [str(w.message)[:40] for w in said] == ["open_vocab: this run predicts with a lin"], [str(w.message) for w in said]
 
 
 def test_the_class_split_halves_as_li_et_al_do():
