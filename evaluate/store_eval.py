@@ -7,6 +7,8 @@ never imports the students.
 """
 from __future__ import annotations
 
+import warnings
+
 from typing import Dict, Optional, Sequence
 
 import numpy as np
@@ -142,6 +144,7 @@ def _replicates(df: pd.DataFrame, keys: list) -> pd.DataFrame:
     ``own``: complete by its own method's runs alone (every domain and held-out domain any replicate of
     the method has, by name: two replicates each short of another run have as many as each other): a
     method that held out fewer domains than others is short of the table, not of a run."""
+    _say_pooled(df, keys)
     # each store has its own domains, and a transfer store's rows hold out the domains of the store trained on
     scope = ["store_key", "trained_on", "split"]
     rows = df.assign(held=held_domains(df["holdout"]))
@@ -162,6 +165,24 @@ def _replicates(df: pd.DataFrame, keys: list) -> pd.DataFrame:
     have["own"] = _has_all_its_methods(have, keys + ["split"], "held_set") & _has_all_its_methods(
         have, keys + ["split"], "domain_set")
     return have[keys + ["split", "replicate", "complete", "own"]]
+
+
+def _say_pooled(df: pd.DataFrame, keys: list) -> None:
+    """A warning where one replicate holds two runs of one held-out split (the same settings and seed
+    trained twice, in other folders): its value is their mean, and the table would count one replicate."""
+    if "run" not in df.columns:
+        return
+    by = keys + [c for c in ("store_key", "trained_on", "split", "replicate", "holdout") if c not in keys and c in df]
+    runs = df.groupby(by)["run"].unique()
+    twice = runs[runs.map(len) > 1]
+    if not len(twice):
+        return
+    first = dict(zip(by, twice.index[0]))
+    a, b = sorted(twice.iloc[0])[:2]
+    warnings.warn(f"{len(twice)} replicate(s) of recipe {first.get('recipe', '-')} hold two or more runs of one held-out "
+                  f"split ({a} and {b}: replicate {first['replicate']}, holdout {first.get('holdout', '-')}): the same "
+                  "settings and seed trained twice; each replicate's value is their mean, counted once. Give the "
+                  "runs other seeds to count them as replicates, or score one of them")
 
 
 def _has_all_its_methods(have: pd.DataFrame, method: list, column: str) -> pd.Series:

@@ -916,3 +916,26 @@ def test_a_method_of_no_class_split_beside_class_splits_says_so_with_a_dash():
             ("ood", "d1", 0, 0.2, {"holdout": "d1"})]
     t = summary_table(_top1_rows(rows))
     assert sorted(t.index.get_level_values("unseen")) == ["-", "cat"]
+
+
+def test_two_runs_of_one_method_seed_and_holdout_are_said_to_be_pooled():
+    """Two runs with the same settings and seed in other folders were one replicate, their mean, and
+    the table said "replicates 1" with no word of the second run (a trial)."""
+    import warnings
+
+    from embedcache.evaluate.store_eval import per_class_table, summary_table
+
+    lodo = [("ood", d, rep, 0.5, {"run": f"r{rep}-{d}", "holdout": d}) for rep in (0, 1) for d in ("d1", "d2")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # runs of one replicate holding out other domains: as it should be
+        summary_table(_top1_rows(lodo))
+    again = lodo + [("ood", "d1", 0, 0.7, {"run": "copy-of-r0-d1", "holdout": "d1"})]
+    with pytest.warns(UserWarning, match=r"1 replicate\(s\) of recipe r hold two or more runs of one held-out split "
+                                         r"\(copy-of-r0-d1 and r0-d1: replicate 0, holdout d1\)"):
+        t = summary_table(_top1_rows(again))
+    assert t.loc[("r", "s", "name", "-", "ood"), "d1"] == "55.0 ± 7.1"  # (0.6 + 0.5) / 2: their mean, as said
+    pc = [{"recipe": "r", "student": "s", "source": "name", "split": "per_class", "domain": "out_of_domain",
+           "class_name": "dog", "replicate": 0, "holdout": "d1", "metric": "top1", "value": 1.0, "run": run}
+          for run in ("a", "b")]
+    with pytest.warns(UserWarning, match=r"\(a and b: replicate 0, holdout d1\)"):
+        per_class_table(pd.DataFrame(pc))
