@@ -812,3 +812,16 @@ def test_an_out_that_cannot_be_a_synthesis_is_refused_before_the_teacher_loads(s
     for name in ("text.h5", "bare.zarr"):
         with pytest.raises(StoreError, match=rf"{name}"):
             synthesize(synth_cfg(name), log=quiet)
+
+
+@pytest.mark.parametrize("change,said", [(("text.sources=[name, attributes]",), "needs text.attributes"),
+                                         (("text.sources=[name, attributes]", "text.attributes=pacs"),
+                                          "have no descriptions for class 'circle'")])
+def test_text_settings_that_cannot_make_the_prompts_are_refused_before_the_teacher_loads(synth_cfg, monkeypatch,
+                                                                                         change, said):
+    """Extraction refuses them in a second; synthesis loaded the teacher and learned the styles first (a trial)."""
+    import embedcache.synthesis.run as run
+
+    monkeypatch.setattr(run, "build_teacher", lambda *a, **k: pytest.fail("the teacher loaded for refused text settings"))
+    with pytest.raises(ConfigError, match=said):
+        synthesize(synth_cfg("syn.zarr", *change), log=quiet)

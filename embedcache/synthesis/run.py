@@ -275,6 +275,7 @@ def prepare(cfg: SynthesizeConfig, teacher: Optional[Teacher] = None, log: Calla
         raise ConfigError("no output store given; pass --out PATH (e.g. stores/pacs-contrastive.zarr)")
     backend_name_for(cfg.out, cfg.backend, new=True)  # a path the store cannot have: before styles are learned
     _refuse_out_of_another_kind(cfg.out, cfg.backend)
+    build_prompts(sorted(c.strip() for c in cfg.classes), cfg.text)  # text settings that cannot make them: now
     require_gradients(teacher if teacher is not None else cfg.teacher.name)
     teacher = teacher or build_teacher(cfg.teacher)
     require_gradients(teacher)
