@@ -177,7 +177,9 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
                 log(f"note: derived array(s) {', '.join(sorted(report.derived))} of {cfg.out} are damaged; `embedcache "
                     f"verify --repair {cfg.out}` marks them to be recomputed, then the command that made them remakes them")
             if store.complete and report.ok:
-                log(f"{cfg.out} is already complete and intact (key {store.key}); nothing to do")
+                log(f"{cfg.out} is already complete and intact (key {store.key}); nothing to do" if not report.derived
+                    else f"{cfg.out} is already complete, its blocks and files intact (key {store.key}); nothing to do "
+                         "here (its derived arrays: the note above)")
                 return ExtractResult(cfg.out, store.key, True, 0, int(store.manifest.get("failed", 0)), time.time() - t0, True)
             if not report.ok:
                 reopened = _reopen(store, report, cfg, log)
