@@ -35,11 +35,12 @@ class StoreReader:
 
     def __init__(self, path: Union[str, Store], backend: Optional[str] = None, require_complete: bool = True,
                  expect_key: Optional[str] = None, key_advice: str = "use the store that made it",
-                 key_differs: str = ""):
+                 key_differs: str = "", key_whose: str = "this call's key"):
         self._own = not isinstance(path, Store)
         self._store = Store(path, "r", backend) if self._own else path
         try:
-            self._store.require(expect_key, complete=require_complete, advice=key_advice, differs=key_differs)
+            self._store.require(expect_key, complete=require_complete, advice=key_advice, differs=key_differs,
+                                whose=key_whose)
             self._store.quick_check()
             self._refuse_manifest(self._store.manifest_altered())  # before its classes or domains are answered
         except Exception:

@@ -98,13 +98,15 @@ def _open_for(run: RunDir, path: str, transfer: bool) -> StoreReader:
         else:
             advice = (f"score run {run.name} on the store it was trained on ({trained_on}), or pass --transfer to "
                       "score it on another store of the same teacher (on the images of it the run never trained on)")
+        whose = "the run's store's key"
         try:
-            return StoreReader(path, expect_key=run.store_key, key_advice=advice)
+            return StoreReader(path, expect_key=run.store_key, key_advice=advice, key_whose=whose)
         except StoreMismatchError:
             differs = run.store_differences(path)
             if not differs:
                 raise
-        return StoreReader(path, expect_key=run.store_key, key_advice=advice, key_differs=differs)  # refused, saying how
+        return StoreReader(path, expect_key=run.store_key, key_advice=advice, key_differs=differs,  # refused, saying how
+                           key_whose=whose)
     reader = StoreReader(path)
     if reader.key == run.store_key:  # its own store by another path: scored with its own split
         return reader

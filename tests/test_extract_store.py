@@ -933,3 +933,19 @@ def test_a_teacher_model_left_to_its_default_is_named_by_the_model_it_resolved_t
     said = differing_parts(made(None, "efficientnet-lite0"), made("efficientnet-lite1", "efficientnet-lite1"))
     assert said == ("its teacher differs (store: teacher.model='efficientnet-lite0'; this call: "
                     "teacher.model='efficientnet-lite1')"), said
+
+
+def test_each_differing_part_names_a_setting_before_any_names_a_second():
+    """Four settings were named in name order: a store of other dataset and synthesis settings and another
+    view count was said to differ in its views too, with no views setting among the four (a trial)."""
+    from embedcache.extract.manifest import differing_parts
+
+    def made(v, count):
+        return {"key_parts": {"dataset": v, "synthesis": v, "views": v},
+                "config": {"dataset": {"a": v, "b": v, "c": v}, "views": {"count": count}},
+                "synthesis": {"classes": v, "per_class": v}}
+
+    said = differing_parts(made("x", 3), made("y", 2))
+    assert said == ("its dataset, synthesis and views differ (store: dataset.a='x', dataset.b='x', synthesis.classes='x', "
+                    "views.count=3, and 2 more; this call: dataset.a='y', dataset.b='y', synthesis.classes='y', "
+                    "views.count=2)"), said

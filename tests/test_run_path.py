@@ -181,7 +181,7 @@ def test_a_run_scored_on_another_teachers_store_is_refused_before_any_work(synth
     res = CliRunner().invoke(main, ["evaluate", str(tmp_path / "r"), "--store", other.out, "--out", str(tmp_path / "x.parquet")])
     assert res.exit_code == 2 and res.output.strip().count("\n") == 0
     assert "was made from other inputs" in res.output and "the store it was trained on" in res.output
-    assert "delete" not in res.output
+    assert "delete" not in res.output and "; the run's store's key " in res.output  # not "this call's key" (a trial)
 
 
 def test_a_run_scores_from_another_working_folder(synthetic_store, tmp_path, monkeypatch):

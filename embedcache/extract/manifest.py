@@ -3,6 +3,7 @@ library versions) and the cache key, the hash of the parts of it that change the
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import platform
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -142,10 +143,15 @@ def _settings_apart(stored: Dict[str, Any], wanted: Dict[str, Any], parts: List[
     the config that made a store and this call's disagree, so the one to restore is named ('' where none
     does: the same dataset folder whose files changed)."""
     a, b = flatten(stored), flatten(wanted)
-    named = {k for p in parts for k in PART_SETTINGS.get(p, ())}
-    keys = [k for k in sorted(set(a) | set(b)) if (k.split(".")[0] in parts or k in named) and k not in FREE_TO_CHANGE
-            and a.get(k) != b.get(k)][:most]
+    part_of = {k: p for p in parts for k in PART_SETTINGS.get(p, ())}
+    apart: Dict[str, List[str]] = {}  # each differing part's settings apart, so each part is named before any twice
+    for k in sorted(set(a) | set(b)):
+        part = part_of.get(k, k.split(".")[0])
+        if part in parts and k not in FREE_TO_CHANGE and a.get(k) != b.get(k):
+            apart.setdefault(part, []).append(k)
+    keys = sorted([k for row in itertools.zip_longest(*apart.values()) for k in row if k][:most])
     if not keys:
         return ""
-    return (f" ({said[0]}: {', '.join(f'{k}={a.get(k)!r}' for k in keys)}; "
+    more = sum(map(len, apart.values())) - len(keys)
+    return (f" ({said[0]}: {', '.join(f'{k}={a.get(k)!r}' for k in keys)}{f', and {more} more' if more else ''}; "
             f"{said[1]}: {', '.join(f'{k}={b.get(k)!r}' for k in keys)})")

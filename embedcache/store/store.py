@@ -338,14 +338,14 @@ class Store:
         return block * br, min(n, (block + 1) * br)
 
     def require(self, key: Optional[str] = None, complete: bool = True, advice: str = "use another --out path",
-                differs: str = "") -> "Store":
-        """Refuse a store made from other inputs (``differs``: which, when known), or one whose
-        extraction has not finished."""
+                differs: str = "", whose: str = "this call's key") -> "Store":
+        """Refuse a store made from other inputs (``differs``: which, when known; ``whose``: what ``key``
+        is said to be), or one whose extraction has not finished."""
         if key is not None and key != self.key:
             t = self.manifest.get("teacher", {})
             raise StoreMismatchError(
                 f"store {self.path} was made from other inputs ({differs + '; ' if differs else ''}the store's key "
-                f"{self.key}, teacher {t.get('name')}/{teacher_model(t) or t.get('classifier')}); this call's key {key}: "
+                f"{self.key}, teacher {t.get('name')}/{teacher_model(t) or t.get('classifier')}); {whose} {key}: "
                 f"{advice}")
         if complete and not self.complete:
             done = int(self.blocks_done().sum())
