@@ -162,7 +162,8 @@ def lodo(d: EvalData, holdout_domains: Optional[Sequence[str]] = None) -> pd.Dat
     if not rows and own_split:
         raise EvaluationError("lodo has nothing to score: this run held out no domain and kept no validation "
                               "rows (every image was trained on); train with split.holdout_domains=[...] or "
-                              "split.val_fraction > 0")
+                              "split.val_fraction > 0, or score it on another store of its teacher and classes "
+                              "(--store STORE --transfer: a run on synthesised images, on real ones)")
     if not rows:
         raise EvaluationError("lodo has nothing to score: the store has no usable image")
     df = pd.DataFrame(rows)

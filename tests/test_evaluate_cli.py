@@ -581,6 +581,8 @@ def test_a_protocol_that_cannot_score_a_run_keeps_the_others_rows(synthetic_stor
     res = CliRunner().invoke(main, ["evaluate", str(run), "--protocol", "open_vocab", "--protocol", "lodo",
                                     "--out", str(out)])
     assert res.exit_code == 2 and f"run {run}, lodo: lodo has nothing to score" in res.output, res.output
+    assert "or score it on another store of its teacher and classes (--store STORE --transfer" in res.output  # the fix
+    # for a run on synthesised images, trained on every image as their paper trains (a trial)
     assert f"(the rows of the other protocols are in {out})" in res.output
     assert set(pd.read_parquet(out).protocol) == {"open_vocab"}
 
