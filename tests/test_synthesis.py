@@ -607,6 +607,7 @@ def test_cache_key_holds_settings_not_the_numbers_style_learning_computes(tiny_t
     (("prompts.method=mix", "prompts.words=[watercolor,ink]", "prompts.mix_words=5"),
      r"prompts.mix_words=5 is more than the 2 prompts.words"),
     (("prompts.method=mix", "prompts.words=[watercolor]"), r"prompts.words holds one word: every mix style"),
+    (("prompts.method=mix", "prompts.mix_words=100"), r"prompts.mix_words=100 is more than the 48 default style words"),
     ("prompts.words=[watercolor,ink,watercolor]", r"prompts.words lists 'watercolor' twice"),
     ("image.model=/nowhere", r"image.model is read by image.generator=diffusers_vae only; the fourier generator"),
 ])

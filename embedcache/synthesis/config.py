@@ -42,6 +42,19 @@ def _no_braces(key: str, text: str) -> None:
                           "give it without braces")
 
 
+# Style descriptors for Mix-Prompt: materials, crafts, techniques, colour schemes and moods. No word
+# names or paraphrases a domain of PACS, DomainNet or OfficeHome (no sketch, drawing, cartoon, comic,
+# painting, watercolour, photo, clipart...); tests check it against config.DEFAULT_TEST_DOMAINS.
+STYLE_WORDS = (
+    "mosaic", "origami", "embroidery", "stained glass", "graffiti", "neon", "pixelated", "woodcut",
+    "engraving", "tapestry", "ceramic", "marble", "bronze", "clay", "plush", "knitted", "lego", "papercraft",
+    "low poly", "blueprint", "x-ray", "thermal", "infrared", "silhouette", "sepia", "monochrome", "pastel",
+    "psychedelic", "vaporwave", "steampunk", "cyberpunk", "gothic", "baroque", "minimalist", "abstract",
+    "surreal", "vintage", "retro", "glitch", "holographic", "chrome", "crystal", "ice", "sand", "wooden",
+    "golden", "candy", "tattoo",
+)
+
+
 @dataclass(frozen=True)
 class PromptsConfig:
     """How prompts are diversified (``prompts.py``). Every method but ``plain`` puts a style
@@ -84,7 +97,12 @@ class PromptsConfig:
             _no_braces(f"words[{i}]", w)
             if list(self.words).count(w) > 1:
                 raise ConfigError(f"prompts.words lists {w!r} twice; give each style word once")
-        if self.method != "mix" or self.words is None:
+        if self.method != "mix":
+            return
+        if self.words is None:
+            if self.mix_words > len(STYLE_WORDS):  # a mixture of every word: the setting is not what made it
+                raise ConfigError(f"prompts.mix_words={self.mix_words} is more than the {len(STYLE_WORDS)} default style "
+                                  f"words; set mix_words to at most {len(STYLE_WORDS)}, or give prompts.words")
             return
         if len(self.words) == 1:
             raise ConfigError(f"prompts.words holds one word: every mix style would be {self.words[0]!r} alone, the "

@@ -35,22 +35,10 @@ from .. import interrupt
 from ..errors import ConfigError
 from ..registry import Registry
 from ..text import display_name
-from .config import PromptsConfig
+from .config import STYLE_WORDS, PromptsConfig
 from .image import SynthesisInterrupted
 
 PROMPTS = Registry("prompt diversification method")
-
-# Style descriptors for Mix-Prompt: materials, crafts, techniques, colour schemes and moods. No word
-# names or paraphrases a domain of PACS, DomainNet or OfficeHome (no sketch, drawing, cartoon, comic,
-# painting, watercolour, photo, clipart...); tests check it against config.DEFAULT_TEST_DOMAINS.
-STYLE_WORDS = (
-    "mosaic", "origami", "embroidery", "stained glass", "graffiti", "neon", "pixelated", "woodcut",
-    "engraving", "tapestry", "ceramic", "marble", "bronze", "clay", "plush", "knitted", "lego", "papercraft",
-    "low poly", "blueprint", "x-ray", "thermal", "infrared", "silhouette", "sepia", "monochrome", "pastel",
-    "psychedelic", "vaporwave", "steampunk", "cyberpunk", "gothic", "baroque", "minimalist", "abstract",
-    "surreal", "vintage", "retro", "glitch", "holographic", "chrome", "crystal", "ice", "sand", "wooden",
-    "golden", "candy", "tattoo",
-)
 
 
 @dataclass
