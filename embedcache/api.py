@@ -312,7 +312,7 @@ class StoreReader:
             p = f["progress"]
             said["complete"] = (f"no: {p['blocks_written']} of {p['blocks']} blocks written ({p['images_written']} of "
                                 f"{f['images']} images); if its `embedcache {self._store.producer}` command is no "
-                                "longer running, rerun it to finish")
+                                f"longer running, rerun it to finish{self._store.held_repair_note()}")
             return {**said, "domains": ", ".join(f["domains"]), "text_sources": ", ".join(f["text_sources"]),
                     "failed": f"{f['failed']} so far"}
         said.update(domains=", ".join(f"{d} ({n})" for d, n in f["images_per_domain"].items()),

@@ -998,8 +998,12 @@ def test_a_repair_refuses_a_source_image_changed_since_the_store_was_made(make_c
     with pytest.raises(DatasetError, match=r"src.zarr: block 0 \(rows 0-3\) re-done from the source files gives other "
                                            r"image/pixels than the store recorded: a source image changed since .*restore"):
         extract(cfg, teacher=tiny_teacher, log=quiet)
-    with pytest.raises(StoreError):
-        embedcache.open_store(cfg.out)  # never read as complete meanwhile
+    held = r"a repair is re-doing block\(s\) 0 from the source files, held to what they gave when the store was made: " \
+        r"restore any source image changed since first, or the rerun refuses it again"
+    with pytest.raises(StoreError, match=held):
+        embedcache.open_store(cfg.out)  # never read as complete meanwhile, and "rerun to finish" not said alone (a trial)
+    for cmd in (["verify", cfg.out, "--no-progress"], ["inspect", cfg.out]):
+        assert re.search(held, CliRunner().invoke(main, cmd).output.replace("\n", " ")), cmd
     Image.fromarray(np.full((30, 30, 3), 222, np.uint8)).save(root / "cat" / "1.bmp")  # another size: the
     # dataset's fingerprint changed, which was "made from other inputs: use another --out, or delete that store"
     with pytest.raises(StoreMismatchError, match=r"its dataset differs \(the same settings: image files were added, "

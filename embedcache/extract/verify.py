@@ -67,7 +67,8 @@ def verify_store(path: str, repair: bool = False, overrides: Sequence[str] = (),
         manifest, producer, redoer = st.manifest, st.producer, st.redoer
         edited = ("" if "meta.parquet" in report.files else st.manifest_problem()) or _apart_line(st.manifest)
         unfinished = "" if st.complete else (f"incomplete ({int(st.blocks_done().sum())} of {st.num_blocks} blocks); "
-                                             f"if its {producer} command is no longer running, rerun it to finish")
+                                             f"if its {producer} command is no longer running, rerun it to finish"
+                                             f"{st.held_repair_note()}")
     if edited:  # no repair re-does a manifest: the blocks and files are checked against it
         raise StoreDamagedError(f"{path}: the manifest{edited} (edited by hand?); restore the manifest (its store's "
                                 "zarr.json or HDF5 attribute, from a copy), or extract the store again")

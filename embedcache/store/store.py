@@ -350,8 +350,23 @@ class Store:
         if complete and not self.complete:
             done = int(self.blocks_done().sum())
             raise StoreError(f"store {self.path} is incomplete ({done} of {self.num_blocks} blocks written); "
-                             f"rerun the same `embedcache {self.producer}` command to finish it")
+                             f"rerun the same `embedcache {self.producer}` command to finish it{self.held_repair_note()}")
         return self
+
+    def held_repair_note(self) -> str:
+        """' (a repair is re-doing block(s) 0 from the source files, held to ...)' for an unfinished store
+        whose blocks a repair reopened and holds to what their files first gave ('' if none): its rerun
+        refuses a source image changed since, again, until the original is back."""
+        done, held = self.blocks_done(), []
+        for name in self.b.list_blobs("repair"):  # repair/block_000000.json, emptied once held to it
+            block = name.removeprefix("repair/block_").removesuffix(".json")
+            if block.isdigit() and int(block) < len(done) and not done[int(block)] and self.b.get_blob(name):
+                held.append(int(block))
+        if not held:
+            return ""
+        shown = ", ".join(map(str, held[:5])) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
+        return (f" (a repair is re-doing block(s) {shown} from the source files, held to what they gave when the store "
+                "was made: restore any source image changed since first, or the rerun refuses it again)")
 
     @property
     def producer(self) -> str:
