@@ -642,8 +642,11 @@ def test_a_store_opens_by_what_it_is_not_by_its_name(make_cfg, tiny_teacher):
 def test_hdf5_refuses_several_writers_and_bad_shards(make_cfg, tiny_teacher):
     with pytest.raises(ConfigError, match="hdf5 stores take one writer; use a .zarr store"):
         extract(replace(make_cfg("x.h5"), shard=0, num_shards=2), teacher=tiny_teacher, log=quiet)
-    with pytest.raises(ConfigError, match="shard index 3 is out of range for 2 shards"):
+    with pytest.raises(ConfigError, match=r"shard index 3 is out of range for 2 shards; use --shard 0 to 1"):
         extract(replace(make_cfg("y.zarr"), shard=3, num_shards=2), teacher=tiny_teacher, log=quiet)
+    with pytest.raises(ConfigError, match=r"shard index 1 is out of range for one shard \(--num-shards 1\); use --shard 0, "
+                                          r"or give --num-shards"):  # not "1 shards; use 0..0" (a trial)
+        extract(replace(make_cfg("y.zarr"), shard=1, num_shards=None), teacher=tiny_teacher, log=quiet)
 
 
 def test_full_disk_is_a_clear_error_and_never_complete(make_cfg, tiny_teacher, monkeypatch):

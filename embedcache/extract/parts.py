@@ -350,5 +350,8 @@ def resolve_shard(shard: Optional[int], num_shards: Optional[int]):
         shard, num_shards = int(rank), int(world)
     shard, num_shards = shard or 0, num_shards or 1
     if num_shards < 1 or not 0 <= shard < num_shards:
-        raise ConfigError(f"shard index {shard} is out of range for {num_shards} shards; use 0..{num_shards - 1}")
+        if num_shards == 1:
+            raise ConfigError(f"shard index {shard} is out of range for one shard (--num-shards 1); use --shard 0, or "
+                              "give --num-shards")
+        raise ConfigError(f"shard index {shard} is out of range for {num_shards} shards; use --shard 0 to {num_shards - 1}")
     return shard, num_shards
