@@ -281,7 +281,9 @@ class StoreReader:
         }
         if done:
             meta, text = self.meta, self.text_table
+            failed = meta.loc[meta["status"] != "ok", "domain"].value_counts()
             out.update(images_per_domain={str(d): int(n) for d, n in meta["domain"].value_counts().sort_index().items()},
+                       failed_per_domain={str(d): int(n) for d, n in failed.sort_index().items()},
                        prompts_per_source={s: int((text["source"] == s).sum()) for s in self.text_sources},
                        derived=list(st.derived()), calls=m.get("calls"))  # None: made before calls were recorded
             usage = m.get("teacher_usage")
@@ -299,7 +301,8 @@ class StoreReader:
     def summary(self) -> Dict:
         """What ``embedcache inspect`` prints, one line per key: ``facts`` in words."""
         f, t = self.facts(), self.manifest["teacher"]
-        said = {k: v for k, v in f.items() if k not in ("progress", "images_per_domain", "prompts_per_source")}
+        said = {k: v for k, v in f.items() if k not in ("progress", "images_per_domain", "failed_per_domain",
+                                                        "prompts_per_source")}
         said["teacher"] = teacher_line(t)
         said["synthesis"] = _synthesis_line(f["synthesis"])
         if said["synthesis"] is None:
@@ -315,7 +318,9 @@ class StoreReader:
                                 f"longer running, rerun it to finish{self._store.held_repair_note()}")
             return {**said, "domains": ", ".join(f["domains"]), "text_sources": ", ".join(f["text_sources"]),
                     "failed": f"{f['failed']} so far"}
-        said.update(domains=", ".join(f"{d} ({n})" for d, n in f["images_per_domain"].items()),
+        failed = f["failed_per_domain"]
+        said.update(domains=", ".join(f"{d} ({n}{f', {failed[d]} failed' if d in failed else ''})"
+                                      for d, n in f["images_per_domain"].items()),
                     text_sources=", ".join(f"{s} ({n} prompts)" for s, n in f["prompts_per_source"].items()),
                     derived=", ".join(f["derived"]) or "-")
         return said

@@ -534,6 +534,9 @@ def test_unreadable_rows_are_left_out_and_counted(tmp_path, make_cfg, tiny_teach
     with pytest.raises(ValueError):
         emb[0, 0, 0] = 1.0  # read-only: later calls cannot be changed by editing a result
     assert s.image_emb() is emb
+    facts = s.facts()  # inspect: a domain's count says how many of its images failed (a trial: counted as images)
+    assert facts["images_per_domain"] == {"imgs": 6} and facts["failed_per_domain"] == {"imgs": 1}
+    assert "imgs (6, 1 failed)" in CliRunner().invoke(main, ["inspect", res.path]).output
 
 
 def test_text_queries_load_the_teacher_once(synthetic_store, monkeypatch):
