@@ -341,8 +341,8 @@ def episode_mean(df: pd.DataFrame) -> pd.DataFrame:
 def few_shot(d: EvalData, shots: int = DEFAULT_SHOTS, episodes: int = 3, seen_classes: Optional[Sequence[int]] = None,
              unseen_fraction: float = 0.5, beta: float = 5.5, alpha: float = 1.0, seed: int = 0) -> pd.DataFrame:
     """k labelled images per unseen class (seeded episodes): a prototype classifier (FAISS over the
-    class means of the shots, each a unit vector) and Tip-Adapter logits (keys: the teacher's views of the shots), scored
-    on the remaining unseen images."""
+    class means of the shots, each a unit vector) and Tip-Adapter logits (keys: the teacher's views of
+    the shots), scored on the remaining unseen images."""
     _, unseen = class_split(d, "few_shot", seen_classes, unseen_fraction, seed)
     if len(unseen) == 1:  # every method names the one class
         warnings.warn(f"few_shot: one unseen class ({d.classes[unseen[0]]!r}): every query is given it, 100% by "

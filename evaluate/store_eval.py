@@ -8,7 +8,6 @@ never imports the students.
 from __future__ import annotations
 
 import warnings
-
 from typing import Dict, Optional, Sequence
 
 import numpy as np
