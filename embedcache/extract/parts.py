@@ -118,14 +118,17 @@ class _Collate:
 
 def _init_worker(_worker_id: int) -> None:
     """A DataLoader worker: one thread (workers decode and crop; the teacher keeps the other cores), and
-    SIGINT and SIGTERM raise KeyboardInterrupt, which ends torch's worker loop quietly (torch's own SIGTERM
-    handler died by a SIGTERM sent to the whole process group, by `timeout` or a scheduler, and the
-    unwinding command then failed on the dead worker). A stop the worker took as it was forked (the
-    command's handler, inherited inside ``interrupt.deferred``, only notes it there) ends it now."""
+    SIGINT and SIGTERM ignored: the command takes the stop and, unwinding, shuts its workers down. Torch's
+    own SIGTERM handler died by a SIGTERM sent to the whole process group (by `timeout` or a scheduler),
+    and the unwinding command then failed on the dead worker; a KeyboardInterrupt raised in the worker
+    could land while it held the lock of the DataLoader's shared done event (taken at every step), which
+    it then waited on itself, as did the command shutting it down: a hang (once in a full suite). A stop
+    the worker took as it was forked (the command's handler, inherited inside ``interrupt.deferred``,
+    only notes it there) ends it now, synchronously."""
     torch.set_num_threads(1)
     for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, signal.default_int_handler)
-    interrupt.let_go()  # a stop held since the fork arrives now, as KeyboardInterrupt
+        signal.signal(s, signal.SIG_IGN)
+    interrupt.let_go()  # a stop held since the fork is dropped now (ignored)
     interrupt.check_signalled("starting a DataLoader worker")
 
 
