@@ -753,7 +753,7 @@ def test_a_synthesised_store_says_what_made_it_and_styles_that_drown_their_class
     import embedcache.synthesis.prompts as prompts
     from embedcache.api import StoreReader
 
-    monkeypatch.setattr(prompts, "class_fidelity", lambda targets, class_emb: 0.5)
+    monkeypatch.setattr(prompts, "drowned", lambda targets, class_emb: torch.tensor([[True, False, True], [False, True, False]]))
     cfg = synth_cfg("f.zarr", "prompts.method=contrastive", "prompts.test_domains=[sketch]",
                     "prompts.template='a sketch style * of a {}'")
     with pytest.warns(UserWarning, match=r"3 of 6 \(style, class\) targets of the 'contrastive' styles are nearer "
@@ -826,3 +826,25 @@ def test_text_settings_that_cannot_make_the_prompts_are_refused_before_the_teach
     monkeypatch.setattr(run, "build_teacher", lambda *a, **k: pytest.fail("the teacher loaded for refused text settings"))
     with pytest.raises(ConfigError, match=said):
         synthesize(synth_cfg("syn.zarr", *change), log=quiet)
+
+
+def test_drowned_targets_are_counted_among_the_styles_that_make_images(synth_cfg, tiny_teacher, monkeypatch):
+    """With per_class below k the later styles make no image, yet their drowned targets were counted:
+    "8 of 12 (style, class) targets" with one style of four in use (a trial)."""
+    import warnings
+
+    import embedcache.synthesis.prompts as prompts
+
+    masks = {"clean first": [[False] * 3, [True] * 3], "drowned first": [[True, False, False], [True] * 3]}
+    for name, mask in masks.items():
+        monkeypatch.setattr(prompts, "drowned", lambda targets, class_emb, m=mask: torch.tensor(m))
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            synthesize(synth_cfg(f"{name}.zarr", "per_class=1"), teacher=tiny_teacher, log=quiet)
+        lines = [str(w.message) for w in said if "targets of the" in str(w.message)]
+        if name == "clean first":
+            assert lines == [], lines
+        else:
+            assert len(lines) == 1 and lines[0].startswith(
+                "1 of 3 (style, class) targets of the 'random' styles (the 1 of its 2 styles that make images at "
+                "per_class=1) are nearer another class's plain prompt than their own (class fidelity 0.67)"), lines

@@ -284,11 +284,17 @@ def contrastive(teacher, classes: Sequence[str], cfg: PromptsConfig, log: Callab
     return StylePlan("contrastive", targets, final, style_lines(cfg), info)
 
 
-def class_fidelity(targets: torch.Tensor, class_emb: torch.Tensor) -> float:
-    """Share of (style, class) targets whose nearest class prompt ((C, D), e.g. 'a photo of a {c}')
-    is their own class: 1.0 when no style has drowned its class."""
+def drowned(targets: torch.Tensor, class_emb: torch.Tensor) -> torch.Tensor:
+    """(K, C) bool: (style, class) targets whose nearest class prompt ((C, D), e.g. 'a photo of a {c}')
+    is another class's."""
     nearest = (targets.float() @ class_emb.float().T).argmax(-1)  # (K, C)
-    return float((nearest == torch.arange(targets.shape[1])[None]).float().mean())
+    return nearest != torch.arange(targets.shape[1])[None]
+
+
+def class_fidelity(targets: torch.Tensor, class_emb: torch.Tensor) -> float:
+    """Share of (style, class) targets whose nearest class prompt is their own class: 1.0 when no style
+    has drowned its class."""
+    return 1.0 - float(drowned(targets, class_emb).float().mean())
 
 
 def build_plan(teacher, classes: Sequence[str], cfg: PromptsConfig, log: Callable[[str], None] = print) -> StylePlan:
@@ -296,5 +302,6 @@ def build_plan(teacher, classes: Sequence[str], cfg: PromptsConfig, log: Callabl
     plan = PROMPTS.get(cfg.method)(teacher, list(classes), cfg, log)
     plain_emb = encode_plain(teacher, [cfg.plain_template.format(display_name(c)) for c in classes])
     plan.info.update(spread=style_spread(plan.targets), class_fidelity=class_fidelity(plan.targets, plain_emb),
+                     drowned_per_style=[int(n) for n in drowned(plan.targets, plain_emb).sum(1)],
                      leaks_test_domains=leaked_words(prompt_vocabulary(cfg), cfg.test_domains))
     return plan

@@ -176,7 +176,7 @@ class Prepared:
 
     def learn(self) -> StylePlan:
         plan = build_plan(self.teacher, sorted(c.strip() for c in self.cfg.classes), self.cfg.prompts, self.log)
-        say_drowned_classes(plan)
+        say_drowned_classes(plan, self.cfg.per_class)
         if Outline.of_plan(plan) != self.outline:  # the key was made from the outline
             raise RuntimeError(f"bug: the {plan.method!r} plan's styles differ from those its settings "
                                "announced (prompts.style_lines)")
@@ -232,17 +232,23 @@ class Prepared:
             return bool(made_so(st, self.manifest()).complete)
 
 
-def say_drowned_classes(plan: StylePlan) -> None:
-    """A warning when some (style, class) targets are nearer another class's plain prompt than their
-    own (``class_fidelity`` below 1): the images made for them are pulled towards that class, under
-    their own label (recorded in the manifest's ``synthesis_plan``, where no one would look)."""
-    fidelity = plan.info.get("class_fidelity")
-    if fidelity is None or fidelity >= 1.0:
+def say_drowned_classes(plan: StylePlan, per_class: int) -> None:
+    """A warning when some (style, class) targets that make images (image j of a class takes style j mod
+    k: the first ``per_class`` styles) are nearer another class's plain prompt than their own: the images
+    made for them are pulled towards that class, under their own label (recorded in the manifest's
+    ``synthesis_plan``, where no one would look)."""
+    per_style = plan.info.get("drowned_per_style")
+    if per_style is None:
         return
-    total = int(plan.targets.shape[0] * plan.targets.shape[1])
-    off = round((1.0 - fidelity) * total)
-    warnings.warn(f"{off} of {total} (style, class) targets of the {plan.method!r} styles are nearer another class's "
-                  f"plain prompt than their own (class fidelity {fidelity:.2f}): their images are pulled towards "
+    used, classes = min(len(per_style), per_class), int(plan.targets.shape[1])
+    off, total = sum(per_style[:used]), used * classes
+    if not off:
+        return
+    fidelity = 1.0 - off / total
+    some = f" (the {used} of its {len(per_style)} styles that make images at per_class={per_class})" if used < len(
+        per_style) else ""
+    warnings.warn(f"{off} of {total} (style, class) targets of the {plan.method!r} styles{some} are nearer another "
+                  f"class's plain prompt than their own (class fidelity {fidelity:.2f}): their images are pulled towards "
                   "another class under their own label; diversify the styles less (the prompts settings), or check "
                   "the teacher (a random one drowns every class)")
 
