@@ -161,9 +161,9 @@ def deferred(what: str) -> Iterator[None]:
     """Forking worker processes (a DataLoader's): a stop the CLI's handler takes inside is raised as
     KeyboardInterrupt at the end, not inside, where it lands in an at-fork hook (logging's lock, in the
     parent and in each child) and Python prints it as "Exception ignored" with a traceback, then drops
-    it. The signals are ``held`` meanwhile, so a child forked inside takes a stop only once its own start
-    lets them go (``extract.parts._init_worker``), not in torch's worker handler, which died by a
-    SIGTERM; the deferral it inherits also ends it there (``check_signalled``)."""
+    it. The signals are ``held`` meanwhile, so a child forked inside meets a stop only once its own start
+    lets them go with its own handlers set (``extract.parts._init_worker``: ignored), not in torch's worker
+    handler, which died by a SIGTERM; the deferral it inherits ends it there (``check_signalled``)."""
     _deferred[0] += 1
     try:
         with held():

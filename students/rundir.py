@@ -114,12 +114,19 @@ class RunDir:
         """What the run trained on; a finished run's checked against the CRC-32C it recorded (a split.json
         edited into valid JSON, rows moved from training to validation, scored the run on its own rows)."""
         split = self._json("split.json")
-        want = self.summary.get(SPLIT_SUM) if self.done and self.file("summary.json").is_file() else None
-        if want is not None and file_crc32c(self.file("split.json")) != int(want):  # runs from before it: unchecked
+        if self._altered_since_finished("split.json", SPLIT_SUM):
             raise TrainingError(f"run {self.path}: its split.json does not match the checksum its run recorded (edited "
                                 "or damaged since it finished), so its rows cannot be trusted; delete the run's `done` "
                                 "file and rerun its train or sweep command to train it again")
         return split
+
+    def _altered_since_finished(self, name: str, key: str) -> bool:
+        """Whether file ``name`` no longer matches the CRC-32C the run's summary recorded under ``key`` as it
+        finished (False for a run not finished, or finished before the summary kept it: unchecked)."""
+        if not self.file("summary.json").is_file():
+            return False
+        want = self.summary.get(key)
+        return want is not None and file_crc32c(self.file(name)) != int(want)
 
     @property
     def summary(self) -> Dict[str, Any]:
@@ -224,8 +231,7 @@ class RunDir:
         again = "delete the run's `done` file and rerun its train or sweep command to train it again"
         try:
             weights = load_file(str(f))
-            want = self.summary.get(WEIGHTS_SUM) if self.file("summary.json").is_file() else None
-            if want is not None and file_crc32c(f) != int(want):  # runs finished before it was kept: unchecked
+            if self._altered_since_finished(f.name, WEIGHTS_SUM):
                 raise TrainingError(f"run {self.path}: its weights {f.name} do not match the checksum its run recorded "
                                     f"(altered or damaged on disk); {again}")
             return weights
