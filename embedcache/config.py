@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from importlib import resources
@@ -257,6 +258,9 @@ def _type_name(tp) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
+_WHOLE = re.compile(r"[+-]?[0-9]+")  # ASCII digits only: str.isdigit() takes '²', which int() refuses
+
+
 def _coerce(value: Any, tp, key: str) -> Any:
     """``value`` as type ``tp`` (the field's annotation), or a one-line ConfigError."""
     def bad() -> ConfigError:
@@ -300,7 +304,7 @@ def _coerce(value: Any, tp, key: str) -> Any:
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        if isinstance(value, str) and _WHOLE.fullmatch(value.strip()):
             return int(value)
         raise bad()
     if tp is float:
@@ -370,8 +374,8 @@ def build_config(cls, data: Dict[str, Any], prefix: str = ""):
     for name, value in data.items():
         f, key = known[name], f"{prefix}{name}"
         tp = hints[name]
-        if is_dataclass(tp):
-            kwargs[name] = build_config(tp, value or {}, f"{key}.")
+        if is_dataclass(tp):  # a section left empty (None) takes its defaults; `views: 0` or `[]` is refused
+            kwargs[name] = build_config(tp, {} if value is None else value, f"{key}.")
             continue
         value = _coerce(value, tp, key)
         _check_rules(value, dict(f.metadata), key)
@@ -386,9 +390,28 @@ def build_config(cls, data: Dict[str, Any], prefix: str = ""):
     return cfg
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as people write settings: a key given twice is refused (the last one silently won), and
+    ``1e-3`` is a number (YAML 1.1 asks for ``1.0e-3`` and reads ``1e-3`` as a string)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice; keep one",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                              list("-+0123456789."))
+
+
 def parse_yaml(text: str, where: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         pos = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -463,7 +486,12 @@ def config_text(kind: str, name_or_path: str) -> Tuple[str, str]:
     """(text, where it came from): a file at that path wins, else a packaged config of that name."""
     p = Path(name_or_path)
     if p.is_file():
-        return p.read_text(), str(p)
+        try:
+            return p.read_text(encoding="utf-8"), str(p)
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config {p} is not UTF-8 text (byte {exc.start}); save it as UTF-8 YAML") from None
+    if p.is_dir():
+        raise ConfigError(f"config {p} is a folder; pass a YAML file in it (or a packaged config's name)")
     name = p.name[:-5] if p.name.endswith(".yaml") else p.name
     res = resources.files("embedcache.configs").joinpath(kind, f"{name}.yaml")
     if res.is_file() and (p.parent == Path(".") or p.parent == Path("configs") / kind):

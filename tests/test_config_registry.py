@@ -263,3 +263,38 @@ def test_a_set_with_no_setting_name_is_one_line():
     for bad in ("=3", "views.=3", " =3"):
         with pytest.raises(ConfigError, match=r"names no setting before '='; write e.g. --set views.count=4"):
             apply_overrides({"views": {"count": 1}}, [bad])
+
+
+def test_a_key_given_twice_is_refused_and_1e_3_is_a_number(tmp_path):
+    """A sweep file with `base:` twice dropped the first block without a word (the last key won), and
+    loss_weights.mse=1e-3 was refused as "expected a number" (YAML 1.1 reads 1e-3 as a string)."""
+    f = tmp_path / "twice.yaml"
+    f.write_text("views:\n  count: 2\nbatch_size: 4\nviews:\n  count: 3\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml is not valid YAML at line 4.*the key 'views' is given twice"):
+        load_extract_config(str(f))
+    from embedcache.config import apply_overrides
+
+    assert apply_overrides({}, ["a=1e-3", "b=[2E+1, -1e0]"]) == {"a": 0.001, "b": [20.0, -1.0]}
+
+
+@pytest.mark.parametrize("sets, said", [
+    (["views.count=+-3"], r"views.count='\+-3' is not valid: expected an integer"),
+    (["views.count='²'"], r"views.count='²' is not valid: expected an integer"),
+    (["views=0"], r"config section views must be a mapping, got 0"),
+    (["views=[]"], r"config section views must be a mapping, got \[\]"),
+    (["views=false"], r"config section views must be a mapping, got False"),
+])
+def test_strings_int_refuses_and_a_falsy_section_are_one_line(sets, said):
+    """`views.count=+-3` was a ValueError traceback from int(); `views=0` took the defaults silently."""
+    with pytest.raises(ConfigError, match=said):
+        load_extract_config(None, sets)
+    assert load_extract_config(None, ["views.count='3'", "views=null"]).views.count == 4  # views=null: defaults
+
+
+def test_a_config_that_is_not_utf8_or_a_folder_is_one_line(tmp_path):
+    bad = tmp_path / "bin.yaml"
+    bad.write_bytes(b"views:\n  count: \xff\n")
+    with pytest.raises(ConfigError, match=r"bin.yaml is not UTF-8 text \(byte 16\); save it as UTF-8 YAML"):
+        load_extract_config(str(bad))
+    with pytest.raises(ConfigError, match=r"is a folder; pass a YAML file in it"):
+        load_extract_config(str(tmp_path))

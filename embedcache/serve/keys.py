@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional
 
-import yaml
-
+from ..config import parse_yaml
 from ..errors import ConfigError
 
 _HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -49,7 +48,7 @@ class KeyRing:
             path = Path(keys_file).expanduser()
             if not path.is_file():
                 raise ConfigError(f"keys_file {path} not found; create it with lines from `embedcache serve hash-key`")
-            data = yaml.safe_load(path.read_text()) or {}
+            data = parse_yaml(path.read_text(), f"keys_file {path}") or {}
             if not isinstance(data, dict):
                 raise ConfigError(f"keys_file {path} must map key names to {{sha256: HEX, quota: N}}")
             for name, spec in data.items():
