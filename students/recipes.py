@@ -196,11 +196,12 @@ def check_losses(cfg) -> None:
     for name, w in cfg.loss_weights.items():
         if not _number(w) or w < 0:
             raise ConfigError(f"loss_weights.{name}={w!r} is not valid: expected a number >= 0 (0 drops the loss)")
+    for name, a in cfg.loss_args.items():  # before the recipe merges them
+        if not isinstance(a, dict):
+            raise ConfigError(f"loss_args.{name}={a!r} is not valid: expected a mapping of its arguments")
     recipe = recipe_of(cfg)
     used = {n for st in recipe.stages for n in st.losses}
     for name, a in cfg.loss_args.items():
-        if not isinstance(a, dict):
-            raise ConfigError(f"loss_args.{name}={a!r} is not valid: expected a mapping of its arguments")
         if name not in used:
             raise ConfigError(f"loss_args.{name}: recipe {cfg.recipe} (with loss_weights) has no loss {name}; "
                               f"its losses: {', '.join(sorted(used))}")

@@ -722,6 +722,8 @@ def test_loss_weights_and_arguments_of_a_run(synthetic_store, tmp_path):
            ({"loss_weights": {"cls": 0, "vlalign": 0, "mse": 0, "imcst": 0}}, "leave stage 1 of recipe li_iccv23 with no loss"),
            ({"loss_args": {"vlalign": {"topk": 3}}}, r"loss_args.vlalign.topk is not an argument of vlalign; it takes tau, k"),
            ({"loss_args": {"cos": {}}}, "recipe li_iccv23 \\(with loss_weights\\) has no loss cos"),
+           # a recipe's own loss given a bare number was a TypeError from merging it
+           ({"loss_args": {"vlalign": 5}}, r"loss_args.vlalign=5 is not valid: expected a mapping of its arguments"),
            ({"loss_weights": {"ce": 1}}, "has no linear classifier for ce"),
            # argument values (a string where a number goes was a TypeError mid-run, tau=0 a NaN loss)
            ({"loss_args": {"cls": {"tau": "abc"}}}, r"loss_args.cls.tau='abc' is not valid: expected a number > 0"),
