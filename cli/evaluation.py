@@ -1,6 +1,7 @@
 """Commands that score: evaluate, report."""
 from __future__ import annotations
 
+import math
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -8,6 +9,16 @@ from pathlib import Path
 import click
 
 from ._app import main, refuse_path_through_file
+
+
+class _Fraction(click.FloatRange):
+    """click's FloatRange lets nan through its bounds (every comparison with nan is false)."""
+
+    def convert(self, value, param, ctx):
+        out = super().convert(value, param, ctx)
+        if math.isnan(out):
+            self.fail(f"{value!r} is not a number; give one between {self.min} and {self.max}", param, ctx)
+        return out
 
 
 @main.command()
@@ -27,10 +38,10 @@ from ._app import main, refuse_path_through_file
               help="with few_shot on runs: also fine-tune the student on the shots for this many steps (0: skip)")
 @click.option("--finetune-mode", type=click.Choice(["shots", "mixed"]), default="shots", show_default=True,
               help="shots: L_cls on the shots; mixed: shots mixed into training batches, full loss (Li et al.)")
-@click.option("--unseen-fraction", type=click.FloatRange(0.0, 0.99, min_open=True), default=0.5, show_default=True,
+@click.option("--unseen-fraction", type=_Fraction(0.0, 0.99, min_open=True), default=0.5, show_default=True,
               help="teacher baselines of open_vocab/few_shot: the share of classes held out "
                    "(the sweep's unseen_fraction)")
-@click.option("--split-seed", type=int, default=0, show_default=True,
+@click.option("--split-seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="teacher baselines of open_vocab/few_shot: the class split's seed, as the sweep's split_seed")
 @click.option("--seen-classes", help="teacher baselines of open_vocab/few_shot: the seen classes, comma-separated "
                                      "(a run's split.train_classes), instead of the seeded split; the rest are held out")

@@ -253,6 +253,8 @@ def _type_name(tp) -> str:
         if len(args) == 2 and args[1] is Ellipsis:
             return f"a list of {_plural(args[0])}"
         return f"a list of {len(args)} {_plural(args[0])}"
+    if origin in (list, List) and typing.get_args(tp):
+        return f"a list of {_plural(typing.get_args(tp)[0])}"
     if origin in (dict, Dict):
         return "a mapping"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, getattr(tp, "__name__", str(tp)))
@@ -263,8 +265,8 @@ _WHOLE = re.compile(r"[+-]?[0-9]+")  # ASCII digits only: str.isdigit() takes 'Â
 
 def _coerce(value: Any, tp, key: str) -> Any:
     """``value`` as type ``tp`` (the field's annotation), or a one-line ConfigError."""
-    def bad() -> ConfigError:
-        return ConfigError(f"{key}={value!r} is not valid: expected {_type_name(tp)}")
+    def bad() -> ConfigError:  # YAML's spelling of None, as it was written
+        return ConfigError(f"{key}={'null' if value is None else repr(value)} is not valid: expected {_type_name(tp)}")
 
     origin = typing.get_origin(tp)
     if origin is typing.Union:
@@ -290,7 +292,8 @@ def _coerce(value: Any, tp, key: str) -> Any:
     if origin in (list, List):
         if not isinstance(value, (list, tuple)):
             raise bad()
-        return list(value)
+        args = typing.get_args(tp)  # a bad item is named by its place, as in a tuple's
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
     if tp is Any:
         return value
     if tp is bool:

@@ -181,9 +181,13 @@ def test_teacher_baselines_hold_out_the_classes_a_run_names(synthetic_store, tmp
                                         "--out", str(out), *args])
         assert bad.exit_code == 2 and said in bad.output, (args, bad.output)
     for args, said in ((["evaluate", str(tmp_path), "--finetune-steps", "-5"], "--finetune-steps"),
-                       (["sweep", "demo", "--workers", "0"], "--workers")):  # both accepted before (a trial)
+                       (["sweep", "demo", "--workers", "0"], "--workers"),  # both accepted before (a trial)
+                       (["evaluate", "--store", str(synthetic_store), "--protocol", "open_vocab", "--split-seed", "-1"],
+                        "--split-seed"),  # numpy's traceback (a trial)
+                       (["evaluate", "--store", str(synthetic_store), "--protocol", "open_vocab", "--unseen-fraction",
+                         "nan"], "'nan' is not a number; give one between 0.0 and 0.99")):
         bad = CliRunner().invoke(main, args)
-        assert bad.exit_code == 2 and said in bad.output and "not in the range" in bad.output, bad.output
+        assert bad.exit_code == 2 and said in bad.output and ("not in the range" in bad.output or "nan" in said), bad.output
     ran = CliRunner().invoke(main, ["evaluate", str(tmp_path), "--transfer", "--out", str(out)])
     assert ran.exit_code == 2 and "--transfer scores runs on another store: give it as --store PATH" in ran.output
 

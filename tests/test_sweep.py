@@ -175,7 +175,15 @@ def test_bad_sweep_files_are_rejected_before_any_run(synthetic_store, tmp_path, 
              ({"grid": {"split.holdout_domains": [["outline"]]}}, r"split.holdout_domains in a sweep's base, "
                                                                   r"per_recipe or grid is set by the sweep itself"),
              ({"resources": {"gpus": 0.5}}, r"resources.gpus is not a per-run request; use num_cpus, num_gpus, memory"),
-             ({"resources": {"num_gpus": "half"}}, r"resources.num_gpus='half' is not valid: expected a number >= 0")]
+             ({"resources": {"num_gpus": "half"}}, r"resources.num_gpus='half' is not valid: expected a number >= 0"),
+             # each of these was a traceback (a trial): numpy's on a negative seed, Ray's on nan, an
+             # AttributeError on a bare number, os.fspath's TypeError on a null store
+             ({"resources": {"num_cpus": float("nan")}}, r"resources.num_cpus=nan is not valid: expected a number >= 0"),
+             ({"split_seed": -1, "protocol": "open_vocab"}, r"split_seed=-1 is not valid: must be at least 0"),
+             ({"base_seed": -1}, r"base_seed=-1 is not valid: must be at least 0"),
+             ({"per_recipe": {"feat_kd": 5}}, r"per_recipe.feat_kd=5 is not valid: expected a mapping of the settings"),
+             ({"transfer": [None]}, r"transfer\[0\]=null is not valid: expected a string"),
+             ({"holdout_domains": "solid"}, r"holdout_domains='solid' is not valid: expected a list of strings")]
     for change, msg in cases:
         with pytest.raises(ConfigError, match=msg):
             expand(load_sweep(str(_sweep_file(tmp_path, synthetic_store, **change))), str(tmp_path / "none"))

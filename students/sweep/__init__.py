@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -74,8 +75,8 @@ class SweepSpec:
     # student distilled on synthesised images, scored on real ones)
     transfer: List[str] = field(default_factory=list)
     unseen_fraction: float = setting(0.5, gt=0.0, max=0.99)  # open_vocab / few_shot: share of classes held out
-    split_seed: int = 0
-    base_seed: int = 0
+    split_seed: int = setting(0, min=0)  # numpy seeds: whole numbers from 0
+    base_seed: int = setting(0, min=0)
     finetune_steps: int = setting(0, min=0)  # few_shot: also fine-tune the student on the shots
     finetune_mode: str = setting("shots", choices=FINETUNE_MODES)  # mixed: Li et al.'s (shots in training batches)
     shots: int = setting(DEFAULT_SHOTS, min=1)  # few_shot: labelled images per unseen class (Li et al.'s 5)
@@ -88,6 +89,10 @@ class SweepSpec:
         """What the sweep sets itself is not also taken from ``base`` (it was silently overridden),
         ``resources`` are Ray's per-run requests, numbers >= 0 (a typo ran every run without its GPU), and
         the few-shot settings are set only on a few_shot sweep (other protocols ignored them)."""
+        for name, settings in self.per_recipe.items():
+            if settings is not None and not isinstance(settings, dict):
+                raise ConfigError(f"per_recipe.{name}={settings!r} is not valid: expected a mapping of the settings of "
+                                  f"{name}'s runs (e.g. per_recipe: {{{name}: {{steps: 100}}}})")
         for key in UNREAD_BY[self.protocol]:
             if key != "holdout_domains" and getattr(self, key) != getattr(SweepSpec, key):
                 raise ConfigError(_unread_by(key, getattr(self, key), self.protocol))
@@ -98,7 +103,7 @@ class SweepSpec:
             raise ConfigError(f"holdout_domains sets the runs of a lodo sweep; protocol {self.protocol} holds classes "
                               "out, not domains: leave it out, or hold domains out of every run with "
                               "base.split.holdout_domains")
-        for where in (self.base, *self.per_recipe.values(), self.grid):
+        for where in (self.base, *(p or {} for p in self.per_recipe.values()), self.grid):
             for key in SET_BY_THE_SWEEP[self.protocol]:
                 if key in (where.get("split") or {}) or f"split.{key}" in where:
                     raise ConfigError(f"split.{key} in a sweep's base, per_recipe or grid is set by the sweep itself; use the "
@@ -106,7 +111,7 @@ class SweepSpec:
         for key, value in self.resources.items():
             if key not in RESOURCES:
                 raise ConfigError(f"resources.{key} is not a per-run request; use {', '.join(RESOURCES)}")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
                 raise ConfigError(f"resources.{key}={value!r} is not valid: expected a number >= 0 (fractions of a GPU "
                                   "pack runs on it)")
 
