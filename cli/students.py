@@ -37,8 +37,7 @@ def train(store, recipe, student, config_path, out, device, overrides, no_progre
               "progress": False if no_progress else None}
     cfg = load_config(TrainConfig, config_path, overrides, "train", values, adapt=settings_of)
     if out is None and _is_run_config(config_path):  # its folder is dropped: said, not left to be found
-        click.echo(f"note: {config_path} is a run's config: that run is trained again in a new folder (its own, "
-                   f"{os.path.dirname(config_path) or '.'}, is neither resumed nor overwritten); --out names the folder")
+        click.echo(_where_a_run_config_trains(config_path, cfg))
     with interrupt.graceful():
         res = run(cfg, log=click.echo, should_stop=interrupt.requested)
     if getattr(res, "already_done", False):  # said by the run ("is already done"); no 0-second training line
@@ -47,6 +46,19 @@ def train(store, recipe, student, config_path, out, device, overrides, no_progre
     sel = res.selected or {}
     kept = f"; kept {sel.get('rule')}" + (f" (step {sel['step']})" if sel.get("step") else "") if sel else ""
     click.echo(f"run {res.out}: {res.steps} steps, validation top-1 {val}{kept}, {res.seconds:.1f}s")
+
+
+def _where_a_run_config_trains(config_path: str, cfg) -> str:
+    """The note for `train --config RUN/config.json` without --out: the run's settings name their own
+    default folder, which is that run's when it was trained without --out."""
+    from embedcache.students.train import default_out
+
+    own, target = os.path.dirname(config_path) or ".", default_out(cfg)
+    if os.path.realpath(own) == os.path.realpath(target):
+        return (f"note: {config_path} is a run's config, and its default folder is that run's own ({own}): it is "
+                "resumed there, or found done; --out NEW trains it again in a new folder")
+    return (f"note: {config_path} is a run's config: that run is trained again in a new folder, {target} (its own, "
+            f"{own}, is neither resumed nor overwritten); --out names the folder")
 
 
 def _is_run_config(path: Optional[str]) -> bool:

@@ -585,9 +585,18 @@ def test_a_runs_config_without_out_says_where_its_run_goes(synthetic_store, tmp_
     assert first.exit_code == 0, first.output
     again = CliRunner().invoke(main, ["train", "--config", "ref/config.json", "--no-progress"])
     assert again.exit_code == 0, again.output
-    assert again.output.startswith("note: ref/config.json is a run's config: that run is trained again in a new folder "
-                                   "(its own, ref, is neither resumed nor overwritten); --out names the folder"), again.output
-    assert len(list((tmp_path / "runs").iterdir())) == 1
+    (made,) = (tmp_path / "runs").iterdir()
+    assert again.output.startswith(f"note: ref/config.json is a run's config: that run is trained again in a new folder, "
+                                   f"runs/{made.name} (its own, ref, is neither resumed nor overwritten); --out names "
+                                   "the folder"), again.output
+    # a run trained without --out: its config's default folder is its own, found done there; the note had
+    # said "trained again in a new folder" before "is already done" (a trial)
+    third = CliRunner().invoke(main, ["train", "--config", f"runs/{made.name}/config.json", "--no-progress"])
+    assert third.exit_code == 0, third.output
+    assert third.output.startswith(f"note: runs/{made.name}/config.json is a run's config, and its default folder is "
+                                   f"that run's own (runs/{made.name}): it is resumed there, or found done; --out NEW "
+                                   "trains it again in a new folder"), third.output
+    assert "is already done" in third.output and len(list((tmp_path / "runs").iterdir())) == 1
 
 
 def test_swad_through_training(synthetic_store, tmp_path):
