@@ -7,6 +7,7 @@ rerun the same command).
 """
 from __future__ import annotations
 
+import errno
 import gc
 import signal
 import sys
@@ -69,6 +70,12 @@ class Group(click.Group):
             click.echo(f"error: {said} (a file stands where the path needs a folder); give another path, or move "
                        "that file", err=True)
             sys.exit(2)
+        except OSError as exc:  # a path the user gave that cannot be written (checked early where it can be)
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            click.echo(f"error: {exc.strerror}: {exc.filename}; give a path you can write, or change its permissions",
+                       err=True)
+            sys.exit(2)
         except KeyboardInterrupt as exc:
             term = interrupt.stopped_by() == signal.SIGTERM
             msg = str(exc) if str(exc) and " " in str(exc) else "interrupted; rerun the same command to resume"
@@ -78,19 +85,6 @@ class Group(click.Group):
             gc.collect()              # not at the exit, where a repeated signal would cut them into a traceback
             click.echo(msg, err=True)
             sys.exit(128 + interrupt.stopped_by())  # 130 after Ctrl-C, 143 after SIGTERM
-
-
-def refuse_path_through_file(option: str, path: str) -> None:
-    """Before long work whose result goes to ``path``: refused now when a file stands where ``path``
-    needs a folder, not once the work is done."""
-    from pathlib import Path
-
-    for above in Path(path).parents:
-        if above.exists():
-            if not above.is_dir():
-                raise click.UsageError(f"{option} {path}: {above} is a file, where the path needs a folder; give "
-                                       "another path")
-            return
 
 
 @click.group(cls=Group)

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import click
 
-from ._app import main, refuse_path_through_file
+from embedcache.fileio import require_writable
+
+from ._app import main
 
 
 class _Fraction(click.FloatRange):
@@ -66,7 +68,7 @@ def evaluate(runs, store, protocols, sources, out, device, shots, finetune_steps
     if Path(out).suffix != ".parquet":
         raise click.UsageError(f"--out {out}: results are one parquet table; give a .parquet file (pandas reads it "
                                "with pd.read_parquet; `embedcache report` makes markdown tables of it)")
-    refuse_path_through_file("--out", out)
+    require_writable(out)  # before the scoring: a file in the way, a folder that cannot be written
     if Path(out).exists():
         read_results(out)  # a file that is not a results table is refused now, not after the scoring
     _refuse_unused(runs, store, protocols, sources, transfer, seen_classes, (unseen_fraction, split_seed) != (0.5, 0))
@@ -279,6 +281,7 @@ def _require_results(results: str, out_dir) -> None:
     if out_dir and Path(out_dir).is_file():
         raise click.UsageError(f"--out {out_dir} is a file; report writes a folder (report.md and its plots): give a "
                                "folder path")
+    require_writable(out_dir or "report")
     if Store.exists(results):
         raise click.UsageError(f"{results} is a store, not results: {TAKES}; `embedcache evaluate --store {results} "
                                "--out results.parquet` scores its teacher")

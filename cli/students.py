@@ -8,6 +8,8 @@ from typing import Optional
 
 import click
 
+from embedcache.fileio import require_writable
+
 from ._app import main, overrides_option
 
 MAIN_SPLIT = {"lodo": "out_of_domain", "open_vocab": "unseen_zero_shot", "few_shot": "prototype"}
@@ -36,6 +38,7 @@ def train(store, recipe, student, config_path, out, device, overrides, no_progre
     values = {"store": store, "recipe": recipe, "student.name": student, "out": out, "device": device,
               "progress": False if no_progress else None}
     cfg = load_config(TrainConfig, config_path, overrides, "train", values, adapt=settings_of)
+    require_writable(cfg.out or "runs")
     if out is None and _is_run_config(config_path):  # its folder is dropped: said, not left to be found
         click.echo(_where_a_run_config_trains(config_path, cfg))
     with interrupt.graceful():
@@ -96,9 +99,10 @@ def sweep(sweep_file, out, launcher, workers, address, device, overrides, no_pro
         sweep_file = DEMO_SWEEP
         click.echo(f"no sweep file given: running the demo sweep ({DEMO_SWEEP}) over {DEMO_STORE}")
     spec = load_sweep(sweep_file, overrides)  # every setting checked before the demo store is made
+    out = out or str(Path("sweeps") / Path(sweep_file).stem)
+    require_writable(out)
     if demo:
         _ensure_demo_store(no_progress)
-    out = out or str(Path("sweeps") / Path(sweep_file).stem)
     res = run_sweep(spec, out, launcher, device, progress=not no_progress, log=click.echo,
                     workers=workers, address=address)
     click.echo(f"{res['runs']} runs: {res['done']} done now, {res['skipped']} already done, {res['failed']} failed, "

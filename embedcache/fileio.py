@@ -119,9 +119,22 @@ def require_writable(path: PathLike, option: str = "--out") -> None:
     user's folder), not once the teacher has loaded and the store's creation fails on it."""
     p = Path(os.path.abspath(path))
     at = next((a for a in (p, *p.parents) if a.exists()), None)
-    if at is not None and not os.access(at, os.W_OK):
-        raise ConfigError(f"{option} {path}: {at} is not writable (read-only storage, or its permissions); choose "
-                          f"another {option}")
+    if at is None:
+        return
+    if at != p and not at.is_dir():
+        raise ConfigError(f"{option} {path}: {at} is a file, where the path needs a folder; give another {option}")
+    problem = "" if os.access(at, os.W_OK) else "read-only storage, or its permissions"
+    if not problem and at.is_dir():  # what access() lets pass may still refuse a file (root on /proc, a quota)
+        probe = at / f".embedcache-probe-{uuid.uuid4().hex}"
+        try:
+            probe.touch(exist_ok=False)
+            probe.unlink()
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise disk_full_error(at, f"free space or choose another {option}") from exc
+            problem = exc.strerror or type(exc).__name__
+    if problem:
+        raise ConfigError(f"{option} {path}: {at} is not writable ({problem}); choose another {option}")
 
 
 @contextmanager

@@ -85,10 +85,26 @@ def test_a_path_through_a_file_is_one_line(cli_store, tmp_path):
                   "--set", "dataset.per_class=1"]):
         res = CliRunner().invoke(main, args)
         assert res.exit_code == 2 and res.output.strip().count("\n") == 0, res.output
-        assert res.output.startswith("error: ") and "a file stands where the path needs a folder" in res.output
-    res = CliRunner().invoke(main, ["evaluate", "--store", str(cli_store), "--out", bad + ".parquet"])
-    assert res.exit_code == 2 and "afile is a file, where the path needs a folder" in res.output
-    assert "top-1" not in res.output  # refused before any scoring
+        assert res.output.startswith("error: --out ") and "afile is a file, where the path needs a folder" in res.output
+    for args in (["evaluate", "--store", str(cli_store), "--out", bad + ".parquet"],
+                 ["report", str(tmp_path), "--out", bad], ["sweep", "demo", "--out", bad]):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 2 and "afile is a file, where the path needs a folder" in res.output, res.output
+        assert "top-1" not in res.output  # refused before any scoring
+
+
+def test_an_out_path_that_cannot_be_written_is_one_line_before_the_work(cli_store, tmp_path):
+    """--out under /proc (a file system that takes no new file, which root's access() lets by) was a
+    FileNotFoundError traceback from train and evaluate and, for extract, "delete it and rerun the command
+    that made it" once the teacher had loaded (a trial)."""
+    bad = "/proc/embedcache-test/run"
+    for args in (["train", "--store", str(cli_store), "--recipe", "ce", "--student", "test_resnet", "--out", bad],
+                 ["evaluate", "--store", str(cli_store), "--out", bad + ".parquet"], ["report", str(tmp_path), "--out", bad],
+                 ["extract", "--config", "demo", "--out", bad + ".zarr", "--no-progress"]):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 2 and res.output.strip().count("\n") == 0, (args, res.output)
+        assert res.output.startswith(f"error: --out {bad}") and "/proc is not writable (" in res.output, res.output
+        assert "choose another --out" in res.output
 
 
 def test_open_store_frames_and_neighbours(cli_store, tiny_teacher):
