@@ -125,6 +125,40 @@ class TeacherConfig:
     tokens_per_minute: Optional[float] = setting(None, gt=0)  # estimated input tokens (text and images)
     ledger: Optional[str] = None     # SQLite ledger of paid answers (None: $EMBEDCACHE_LEDGER or ~/.cache/embedcache)
 
+    def check(self) -> None:
+        """A setting the chosen teacher does not read is refused, as the dataset's are: it was saved
+        with the store (precision: fp16 beside a manifest saying fp32) and some entered its key."""
+        reads = TEACHER_READS.get(self.name)
+        if reads is None:  # a teacher registered elsewhere: what it reads is its own business
+            return
+        reads = reads + (("jpeg_quality",) if self.name == "remote" and self.image_format == "jpeg" else ())
+        defaults = TeacherConfig(name=self.name)
+        for f in fields(self):
+            if f.name not in ("name", "model") + reads and getattr(self, f.name) != getattr(defaults, f.name):
+                why = " (it reads jpeg_quality with image_format=jpeg)" if f.name == "jpeg_quality" else ""
+                raise ConfigError(f"teacher.{f.name}={getattr(self, f.name)} is not read by teacher.name={self.name}"
+                                  f"{why}; remove it (that teacher reads {', '.join(('model',) + reads)})")
+
+
+def teacher_without_unread(teacher: Dict[str, Any]) -> Dict[str, Any]:
+    """A teacher section with the settings its teacher ignores taken out (a store made before they
+    were refused still repairs)."""
+    reads = TEACHER_READS.get(teacher.get("name", "conse"))
+    if reads is None:
+        return teacher
+    keep = ("name", "model") + reads + (("jpeg_quality",) if teacher.get("image_format") == "jpeg" else ())
+    return {k: v for k, v in teacher.items() if k in keep}
+
+
+# what each teacher of the package reads besides name and model (the rest is refused when set)
+TEACHER_READS = {
+    "conse": ("device", "topk"),
+    "open_clip": ("pretrained", "model_config", "precision", "device"),
+    "remote": ("protocol", "url", "api_key_env", "api_key_file", "image_format", "input_size", "interpolation",
+               "dimensions", "max_queries", "request_batch", "timeout", "max_retries", "retry_backoff",
+               "max_retry_wait", "requests_per_minute", "tokens_per_minute", "ledger"),
+}
+
 
 # teacher settings that change how a paid service is called and paid for, never what it answers
 TEACHER_CALL_SETTINGS = ("api_key_env", "api_key_file", "max_queries", "request_batch", "timeout", "max_retries",

@@ -298,3 +298,29 @@ def test_a_config_that_is_not_utf8_or_a_folder_is_one_line(tmp_path):
         load_extract_config(str(bad))
     with pytest.raises(ConfigError, match=r"is a folder; pass a YAML file in it"):
         load_extract_config(str(tmp_path))
+
+
+@pytest.mark.parametrize("sets, said", [
+    # each ran to exit 0, saved beside a manifest that said otherwise (precision fp16, the teacher fp32)
+    (["teacher.precision=fp16"], r"teacher.precision=fp16 is not read by teacher.name=conse; remove it \(that teacher "
+                                 r"reads model, device, topk\)"),
+    (["teacher.url=http://x"], r"teacher.url=http://x is not read by teacher.name=conse"),
+    (["teacher.name=open_clip", "teacher.topk=3"], r"teacher.topk=3 is not read by teacher.name=open_clip"),
+    (["teacher.name=remote", "teacher.url=http://x", "teacher.pretrained=w.bin"],
+     r"teacher.pretrained=w.bin is not read by teacher.name=remote"),
+    (["teacher.name=remote", "teacher.url=http://x", "teacher.jpeg_quality=80"],
+     r"teacher.jpeg_quality=80 is not read by teacher.name=remote \(it reads jpeg_quality with image_format=jpeg\)"),
+])
+def test_teacher_settings_the_teacher_does_not_read_are_refused(sets, said):
+    with pytest.raises(ConfigError, match=said):
+        load_extract_config(None, sets)
+
+
+def test_teacher_settings_it_reads_or_left_at_their_defaults_pass():
+    cfg = load_extract_config(None, ["teacher.name=remote", "teacher.url=http://x", "teacher.image_format=jpeg",
+                                     "teacher.jpeg_quality=80", "teacher.precision=fp32"])
+    assert cfg.teacher.jpeg_quality == 80
+    from embedcache.config import teacher_without_unread
+
+    made = {"name": "conse", "model": None, "precision": "bf16", "topk": 5, "url": "http://x", "jpeg_quality": 80}
+    assert teacher_without_unread(made) == {"name": "conse", "model": None, "topk": 5}

@@ -351,6 +351,12 @@ def test_verify_and_repair_from_python(make_cfg, tiny_teacher):
     assert verify_store(cfg.out, repair=True, progress=False, log=quiet).repaired == 1
     _same(before, _arrays(cfg.out))
     assert verify_store(cfg.out, progress=False, log=quiet).report.ok
+    # an intact store: --set was not looked at, even an unknown key, and "intact" was said (a trial)
+    with pytest.raises(ConfigError, match="unknown config key viewz"):
+        verify_store(cfg.out, repair=True, overrides=["viewz=2"], progress=False, log=quiet)
+    said = []
+    verify_store(cfg.out, repair=True, overrides=["num_workers=0"], progress=False, log=said.append)
+    assert said == [f"note: {cfg.out} has nothing to repair, so --set num_workers=0 changed nothing"]
 
 
 def test_a_truncated_hdf5_file_is_one_line(make_cfg, tiny_teacher, tmp_path):

@@ -72,10 +72,13 @@ def verify_store(path: str, repair: bool = False, overrides: Sequence[str] = (),
     if edited:  # no repair re-does a manifest: the blocks and files are checked against it
         raise StoreDamagedError(f"{path}: the manifest{edited} (edited by hand?); restore the manifest (its store's "
                                 "zarr.json or HDF5 attribute, from a copy), or extract the store again")
+    cfg = _repair_config(manifest, producer, path, progress, overrides) if overrides else None  # checked now
     out = Verified(report, len(manifest.get("checksums", {})), unfinished, remade=lost_text if repair else [])
     for a in restored:
         log(f"repaired: {a}: lost as a whole (restored from {BLOCKS_SUMMARY}, which holds the same flags and checksums)")
     if report.ok and not report.derived and not lost_text:
+        if overrides:
+            log(f"note: {path} has nothing to repair, so --set {' '.join(overrides)} changed nothing")
         return out
     for line in report.lines() + [f"{a}: lost as a whole (encoded again)" for a in lost_text]:
         log(f"damaged: {line}")
@@ -102,11 +105,22 @@ def verify_store(path: str, repair: bool = False, overrides: Sequence[str] = (),
     if producer != "extract":  # the synthesiser's own command re-does its blocks (verify cannot rebuild its reader)
         raise StoreError(f"{path} was made by `embedcache {producer}`: rerun that command with the same config; it "
                          f"re-does exactly the {len(report.damaged_blocks)} damaged block(s) and file(s)")
-    from ..config import ExtractConfig, apply_overrides, build_config, without_unread
     from . import extract
 
-    made = {**manifest["config"], "dataset": without_unread(manifest["config"]["dataset"])}
-    cfg = build_config(ExtractConfig, apply_overrides({**made, "out": path, "progress": progress,
-                                                       "shard": None, "num_shards": None}, overrides))
+    cfg = cfg or _repair_config(manifest, producer, path, progress, overrides)
     out.repaired = extract(cfg, log=log).repaired
     return out
+
+
+def _repair_config(manifest: Dict[str, Any], producer: str, path: str, progress: bool, overrides: Sequence[str]):
+    """The extraction that repairs ``path``: the config it was made with, less the settings its dataset
+    and teacher do not read (a store made before they were refused), with ``overrides``; each checked."""
+    from ..config import ExtractConfig, apply_overrides, build_config, teacher_without_unread, without_unread
+
+    if producer != "extract":
+        raise ConfigError(f"--set changes the extraction a repair runs, and {path} was made by `embedcache "
+                          f"{producer}`: that command re-does its blocks with its own config; leave --set out")
+    made = {**manifest["config"], "dataset": without_unread(manifest["config"]["dataset"]),
+            "teacher": teacher_without_unread(manifest["config"]["teacher"])}
+    return build_config(ExtractConfig, apply_overrides({**made, "out": path, "progress": progress,
+                                                        "shard": None, "num_shards": None}, overrides))
