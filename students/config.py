@@ -6,8 +6,8 @@ starts from one. See ``embedcache.config`` for the rules.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Dict, List, Optional, Tuple
 
 from embedcache.config import lazy_registry, setting
 from embedcache.errors import ConfigError
@@ -114,9 +114,45 @@ class TrainConfig:
                                   f"{self.recipe} trains more; head-only recipes: {heads}")
 
 
+def unread_training(cfg: TrainConfig) -> List[Tuple[str, Any, str]]:
+    """(key, value, the setting that would read it) for each setting away from its default that this
+    run's optimizer, schedule or averaging does not read (momentum with adamw, swad.* without swad)."""
+    found = []
+
+    def away(section, defaults, prefix: str, names, reader: str) -> None:
+        found.extend((f"{prefix}{n}", getattr(section, n), reader) for n in names
+                     if getattr(section, n) != getattr(defaults, n))
+
+    if cfg.optim.name != "sgd":
+        away(cfg.optim, OptimConfig(), "optim.", ("momentum",), "optim.name=sgd")
+    if cfg.optim.schedule != "step":
+        away(cfg.optim, OptimConfig(), "optim.", ("milestones", "gamma"), "optim.schedule=step")
+    if cfg.averaging != "swad":
+        away(cfg.swad, SwadConfig(), "swad.", [f.name for f in fields(SwadConfig)], "averaging=swad")
+    if cfg.averaging == "none":
+        away(cfg, TrainConfig(), "", ("average_start", "average_bn_batches"), "averaging=swa or swad")
+    return found
+
+
+def without_unread_training(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with the settings it does not read (``unread_training``) at their defaults: a sweep's base
+    setting applies to the runs that read it (momentum to its sgd runs), and the others are named and
+    seeded as runs without it."""
+    keys = [k for k, _, _ in unread_training(cfg)]
+    optim = {k[len("optim."):]: getattr(OptimConfig(), k[len("optim."):]) for k in keys if k.startswith("optim.")}
+    top = {k: getattr(TrainConfig(), k) for k in keys if "." not in k}
+    swad = SwadConfig() if any(k.startswith("swad.") for k in keys) else cfg.swad
+    return replace(cfg, optim=replace(cfg.optim, **optim), swad=swad, **top)
+
+
 def check_trainable(cfg: TrainConfig) -> None:
     """Settings that would train something other than asked, refused before a run starts (not when a
     finished run's config is read back: runs made before these checks still load and score)."""
+    for key, value, reader in unread_training(cfg):  # each was ignored without a word (a trial)
+        raise ConfigError(f"{key}={value} is read only with {reader}, which this run does not use; remove it")
+    if cfg.optim.schedule == "step" and cfg.optim.gamma > 1:
+        raise ConfigError(f"optim.gamma={cfg.optim.gamma} multiplies the learning rate at each milestone, so it would "
+                          "grow; use 0 < optim.gamma <= 1")
     for name in ("holdout_domains", "train_classes"):
         values = list(getattr(cfg.split, name) or ())
         twice = next((v for i, v in enumerate(values) if v in values[:i]), None)

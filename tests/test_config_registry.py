@@ -177,6 +177,14 @@ def test_the_views_part_of_the_cache_key_keeps_its_shape():
     (["select=best_val", "averaging=swa"], r"select=best_val and averaging=swa both choose the final weights"),
     (["select=last", "averaging=swad"], r"select=last and averaging=swad both choose the final weights"),
     (["averaging=swa", "average_start=1.0"], r"average_start=1.0 leaves no step to average"),
+    # settings the run's optimizer, schedule or averaging does not read were ignored without a word (a trial)
+    (["optim.momentum=0.1"], r"optim.momentum=0.1 is read only with optim.name=sgd, which this run does not use"),
+    (["optim.milestones=[0.5]"], r"optim.milestones=\(0.5,\) is read only with optim.schedule=step"),
+    (["optim.gamma=0.5"], r"optim.gamma=0.5 is read only with optim.schedule=step"),
+    (["swad.n_converge=5", "averaging=swa"], r"swad.n_converge=5 is read only with averaging=swad"),
+    (["average_start=0.2"], r"average_start=0.2 is read only with averaging=swa or swad"),
+    (["average_bn_batches=0"], r"average_bn_batches=0 is read only with averaging=swa or swad"),
+    (["optim.schedule=step", "optim.gamma=5"], r"optim.gamma=5.0 multiplies the learning rate at each milestone"),
 ])
 def test_settings_that_would_train_something_else_are_refused(sets, msg):
     """Refused before a run trains; a finished run's config with them still reads back (runs made

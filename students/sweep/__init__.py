@@ -31,7 +31,7 @@ from embedcache.device import resolve_device
 from embedcache.evaluate.results import merge, read_results
 from embedcache.fileio import atomic_write, atomic_write_text, one_line_when_full
 
-from ..config import TrainConfig, check_trainable
+from ..config import TrainConfig, check_trainable, unread_training, without_unread_training
 from ..data import StoreData, check_views_used
 from ..features import missing_features
 from ..finetune import MODES as FINETUNE_MODES
@@ -250,7 +250,7 @@ def _points(spec: SweepSpec, sweep_dir: str, keys: List[str], reader, named_as: 
     Runs are named and seeded with the store spelled ``named_as`` (as the sweep first named it), so
     the same store by another path (relative, absolute, a copy) is the same sweep."""
     splits, sources = _splits(spec, reader), set(reader.text_sources)
-    out, made_by = [], {}
+    out, made_by, unread_by_all = [], {}, None
     for values in itertools.product(*(spec.grid[k] for k in keys)):
         for split in splits:
             data = apply_overrides({**spec.base, "store": spec.store}, [])
@@ -265,6 +265,11 @@ def _points(spec: SweepSpec, sweep_dir: str, keys: List[str], reader, named_as: 
                 check_views_used(cfg.views_used, reader.views, spec.store, cfg.skip_plain_view)
             except ConfigError as exc:
                 raise ConfigError(f"sweep run ({where}): {exc}") from None
+            unread = unread_training(cfg)  # a base setting applies to the runs that read it (momentum: sgd's)
+            unread_by_all = set(unread) if unread_by_all is None else unread_by_all & set(unread)
+            if unread:
+                cfg = without_unread_training(cfg)
+                data = to_dict(cfg)
             src = text_source_of(cfg)
             if src not in sources:
                 raise ConfigError(f"sweep run ({where}): text source {src!r} is not in {spec.store} "
@@ -284,6 +289,9 @@ def _points(spec: SweepSpec, sweep_dir: str, keys: List[str], reader, named_as: 
                 except ConfigError as exc:
                     raise ConfigError(f"sweep run ({where}): {exc}") from None
             out.append(SweepPoint(cfg, replicate))
+    if unread_by_all:
+        key, value, reader_setting = sorted(unread_by_all, key=str)[0]
+        raise ConfigError(f"{key}={value} is read only with {reader_setting}, which no run of the sweep uses; remove it")
     return out
 
 
