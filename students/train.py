@@ -366,6 +366,18 @@ def selection_rule(cfg: TrainConfig, recipe: Recipe, has_val: bool) -> Tuple[str
     return rule, why
 
 
+def check_batch_fits(cfg: TrainConfig, data) -> None:
+    """A batch drawn from fewer training images than it holds repeats images in every step: in-batch
+    negatives of the contrastive losses then include the anchor's own copies, and a huge batch_size
+    (a typo) ran out of memory minutes in. Refused before the student is built."""
+    pools = data.pools(cfg.batch_per_domain)
+    fewest = min(len(p) for p in pools)
+    if cfg.batch_size > fewest:
+        where = "the smallest training domain has" if cfg.batch_per_domain else "the split has"
+        raise ConfigError(f"batch_size={cfg.batch_size} is more than the {fewest} training images {where}, so every "
+                          f"batch would repeat images; use batch_size <= {fewest}")
+
+
 class Trainer:
     """One run, from a validated config. ``run()`` trains (or resumes) and finishes it."""
 
@@ -380,6 +392,7 @@ class Trainer:
         self.run_dir = RunDir(cfg.out or default_out(cfg))
         self.data = shared.data if shared is not None else StoreData(cfg.store, self.source, cfg.split)
         check_views_used(cfg.views_used, self.data.views, cfg.store, cfg.skip_plain_view)
+        check_batch_fits(cfg, self.data)
         self.device = resolve_device(cfg.device)
         n_cls = len(self.data.train_class_ids) if self.recipe.classifier else 0
         self.model = build_seeded(cfg.student, self.data.dim, n_cls, cfg.seed).to(self.device)

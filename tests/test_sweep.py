@@ -183,6 +183,9 @@ def test_bad_sweep_files_are_rejected_before_any_run(synthetic_store, tmp_path, 
              ({"base_seed": -1}, r"base_seed=-1 is not valid: must be at least 0"),
              ({"per_recipe": {"feat_kd": 5}}, r"per_recipe.feat_kd=5 is not valid: expected a mapping of the settings"),
              ({"transfer": [None]}, r"transfer\[0\]=null is not valid: expected a string"),
+             # the base's store was overridden without a word; a grid over it said "the grid repeats a value"
+             ({"base": {"store": "/elsewhere.zarr"}}, r"store in a sweep's base, per_recipe or grid is set by the sweep"),
+             ({"grid": {"out": ["a", "b"]}}, r"out in a sweep's base, per_recipe or grid is set by the sweep itself"),
              ({"holdout_domains": "solid"}, r"holdout_domains='solid' is not valid: expected a list of strings")]
     for change, msg in cases:
         with pytest.raises(ConfigError, match=msg):

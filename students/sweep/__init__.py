@@ -104,6 +104,11 @@ class SweepSpec:
                               "out, not domains: leave it out, or hold domains out of every run with "
                               "base.split.holdout_domains")
         for where in (self.base, *(p or {} for p in self.per_recipe.values()), self.grid):
+            for key in ("store", "out"):  # the base's were overridden without a word (a trial)
+                if key in where:
+                    raise ConfigError(f"{key} in a sweep's base, per_recipe or grid is set by the sweep itself: its "
+                                      "runs train on the top-level store: and their folders are the sweep's runs/ "
+                                      "(--out names the sweep's folder); leave it out")
             for key in SET_BY_THE_SWEEP[self.protocol]:
                 if key in (where.get("split") or {}) or f"split.{key}" in where:
                     raise ConfigError(f"split.{key} in a sweep's base, per_recipe or grid is set by the sweep itself; use the "
