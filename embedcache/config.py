@@ -558,6 +558,7 @@ def load_config(cls, path: Optional[str] = None, overrides: Sequence[str] = (), 
     data = apply_overrides(data, overrides)
     for key, value in (values or {}).items():
         if value is not None:
+            _refuse_set_twice(key, value, data, overrides)
             set_path(data, key, value)
     try:
         return build_config(cls, data)
@@ -567,6 +568,18 @@ def load_config(cls, path: Optional[str] = None, overrides: Sequence[str] = (), 
             raise ConfigError(f"{exc} ({path} sits in {_a(other)} {other} folder: is it {_a(other)} {other} config? "
                               f"this command reads {kind} configs)") from None
         raise
+
+
+def _refuse_set_twice(key: str, value: Any, data: Dict[str, Any], overrides: Sequence[str]) -> None:
+    """A setting given by its own option (--student) and by --set (student.name=...): the option won
+    without a word (a trial)."""
+    if not any(item.split("=", 1)[0].strip() == key for item in overrides):
+        return
+    node: Any = data
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    if node != value:
+        raise ConfigError(f"{key} is given twice: {value!r} by its option and {node!r} by --set {key}; give one")
 
 
 def load_extract_config(path: Optional[str] = None, overrides: Sequence[str] = (), values=None) -> ExtractConfig:

@@ -332,3 +332,14 @@ def test_teacher_settings_it_reads_or_left_at_their_defaults_pass():
 
     made = {"name": "conse", "model": None, "precision": "bf16", "topk": 5, "url": "http://x", "jpeg_quality": 80}
     assert teacher_without_unread(made) == {"name": "conse", "model": None, "topk": 5}
+
+
+def test_a_setting_given_by_its_option_and_by_set_is_refused_unless_alike():
+    """`train --student resnet18 --set student.name=test_resnet`: the option won without a word (a trial)."""
+    from embedcache.students.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=r"student.name is given twice: 'resnet18' by its option and 'test_resnet' by "
+                                          r"--set student.name; give one"):
+        load_config(TrainConfig, None, ["student.name=test_resnet"], "train", {"student.name": "resnet18", "store": "s"})
+    same = load_config(TrainConfig, None, ["store=s"], "train", {"store": "s", "student.name": None})
+    assert same.store == "s"
