@@ -213,6 +213,9 @@ class TextConfig:
         if not self.sources:
             raise ConfigError("text.sources=[] is not valid: a store needs at least one text source (its class "
                               "embeddings are what students are scored against); e.g. text.sources=[name]")
+        twice = next((v for i, v in enumerate(self.sources) if v in self.sources[:i]), None)
+        if twice is not None:  # the store encoded it once; the manifest and its key kept it twice (a trial)
+            raise ConfigError(f"text.sources names {twice!r} twice; list each once")
 
 
 @dataclass(frozen=True)

@@ -148,6 +148,9 @@ def without_unread_training(cfg: TrainConfig) -> TrainConfig:
 def check_trainable(cfg: TrainConfig) -> None:
     """Settings that would train something other than asked, refused before a run starts (not when a
     finished run's config is read back: runs made before these checks still load and score)."""
+    if cfg.split.train_classes is not None and not cfg.split.train_classes:  # it trained on every class (a trial)
+        raise ConfigError("split.train_classes=[] names no class; leave it out to train on every class, or list the "
+                          "seen ones")
     for key, value, reader in unread_training(cfg):  # each was ignored without a word (a trial)
         raise ConfigError(f"{key}={value} is read only with {reader}, which this run does not use; remove it")
     if cfg.optim.schedule == "step" and cfg.optim.gamma > 1:

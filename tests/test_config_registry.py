@@ -185,6 +185,7 @@ def test_the_views_part_of_the_cache_key_keeps_its_shape():
     (["average_start=0.2"], r"average_start=0.2 is read only with averaging=swa or swad"),
     (["average_bn_batches=0"], r"average_bn_batches=0 is read only with averaging=swa or swad"),
     (["optim.schedule=step", "optim.gamma=5"], r"optim.gamma=5.0 multiplies the learning rate at each milestone"),
+    (["split.train_classes=[]"], r"split.train_classes=\[\] names no class; leave it out to train on every class"),
 ])
 def test_settings_that_would_train_something_else_are_refused(sets, msg):
     """Refused before a run trains; a finished run's config with them still reads back (runs made
@@ -291,6 +292,7 @@ def test_a_key_given_twice_is_refused_and_1e_3_is_a_number(tmp_path):
     (["views=0"], r"config section views must be a mapping, got 0"),
     (["views=[]"], r"config section views must be a mapping, got \[\]"),
     (["views=false"], r"config section views must be a mapping, got False"),
+    (["text.sources=[name,name]"], r"text.sources names 'name' twice; list each once"),
 ])
 def test_strings_int_refuses_and_a_falsy_section_are_one_line(sets, said):
     """`views.count=+-3` was a ValueError traceback from int(); `views=0` took the defaults silently."""
