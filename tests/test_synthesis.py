@@ -16,7 +16,7 @@ from embedcache.store import Store
 from embedcache.synthesis import (GENERATORS, PROMPTS, STYLE_WORDS, ImageConfig, PromptsConfig, SynthesizeConfig,
                                   build_generator, build_plan, leaked_words, optimise, prepare, spherical_distance,
                                   synthesize)
-from embedcache.synthesis.config import DEFAULT_TEST_DOMAINS
+from embedcache.synthesis.config import DEFAULT_TEST_DOMAINS, prompts_without_unread
 from embedcache.synthesis.image import affine_thetas, augment
 from embedcache.synthesis.prompts import style_spread
 from embedcache.teachers import TEACHERS, Teacher
@@ -37,7 +37,11 @@ def synth_cfg(tmp_path, tiny_teacher_cfg):
                 "image": {"iterations": 4, "cutouts": 2, "lr": 0.1},
                 "views": {"count": 2}, "canvas": {"size": 32}, "text": {"sources": ["name"]},
                 "out": str(tmp_path / out), "batch_size": 2, "block_rows": 2, "progress": False}
-        return build_config(SynthesizeConfig, apply_overrides(base, overrides))
+        data = apply_overrides(base, overrides)
+        given = {o.split("=", 1)[0] for o in overrides}  # the base's k and steps leave when a method reads neither
+        data["prompts"] = {k: v for k, v in data["prompts"].items()
+                           if k in prompts_without_unread(data["prompts"]) or f"prompts.{k}" in given}
+        return build_config(SynthesizeConfig, data)
     return make
 
 
@@ -67,7 +71,8 @@ def pooled_teacher(tmp_path_factory):
 
 
 def _plan(teacher, method, **kw):
-    return build_plan(teacher, CLASSES, build_config(PromptsConfig, {"method": method, "k": 4, **kw}), quiet)
+    settings = prompts_without_unread({"method": method, "k": 4, **kw})  # plain reads no k, only contrastive steps
+    return build_plan(teacher, CLASSES, build_config(PromptsConfig, settings), quiet)
 
 
 # --- prompt diversification ----------------------------------------------------------------------------
@@ -598,17 +603,23 @@ def test_cache_key_holds_settings_not_the_numbers_style_learning_computes(tiny_t
     ("image.generator=gan", "image.generator='gan' is not valid: choose one of diffusers_vae, fourier"),
     ("prompts.template='a style of a {}'", "needs the placeholder '\\*' once"),
     # braces a template or word cannot be filled with: a KeyError/IndexError traceback after the teacher loaded
-    ("prompts.plain_template='a {} in {style}'", r"prompts.plain_template='a \{\} in \{style\}' cannot be filled "
+    (("prompts.method=plain", "prompts.plain_template='a {} in {style}'"), r"prompts.plain_template='a \{\} in \{style\}' cannot be filled "
                                                  r"with a class name \(KeyError: 'style'\)"),
     ("prompts.template='a * {0} of a {}'", r"prompts.template=.* cannot be filled with a class name"),
-    ("prompts.words=['{} art',ink]", r"prompts.words\[0\]='\{\} art' holds a brace"),
+    (("prompts.method=mix", "prompts.words=['{} art',ink]"), r"prompts.words\[0\]='\{\} art' holds a brace"),
     (("prompts.placeholder='{s}'", "prompts.template='a {s} style of a {}'"), r"prompts.placeholder='\{s\}' holds a brace"),
     # mix settings that were quietly capped, or gave every style the same words
     (("prompts.method=mix", "prompts.words=[watercolor,ink]", "prompts.mix_words=5"),
      r"prompts.mix_words=5 is more than the 2 prompts.words"),
     (("prompts.method=mix", "prompts.words=[watercolor]"), r"prompts.words holds one word: every mix style"),
     (("prompts.method=mix", "prompts.mix_words=100"), r"prompts.mix_words=100 is more than the 48 default style words"),
-    ("prompts.words=[watercolor,ink,watercolor]", r"prompts.words lists 'watercolor' twice"),
+    (("prompts.method=mix", "prompts.words=[watercolor,ink,watercolor]"), r"prompts.words lists 'watercolor' twice"),
+    # settings the method does not read (the shipped pacs-plain set k: 8 and made one style)
+    (("prompts.method=plain", "prompts.k=8"), r"prompts.k=8 is not read by prompts.method=plain; remove it \(that "
+                                              r"method reads plain_template\)"),
+    (("prompts.method=mix", "prompts.steps=50"), r"prompts.steps=50 is not read by prompts.method=mix"),
+    (("prompts.method=contrastive", "prompts.random_sigma=0.5"), r"prompts.random_sigma=0.5 is not read by "
+                                                                 r"prompts.method=contrastive"),
     ("image.model=/nowhere", r"image.model is read by image.generator=diffusers_vae only; the fourier generator"),
 ])
 def test_bad_settings_are_one_line_errors(synth_cfg, override, match):
@@ -675,7 +686,7 @@ def test_a_teacher_without_gradients_is_refused_in_one_line(synth_cfg, tiny_teac
     assert "\n" not in str(err.value)
     if "remote" in TEACHERS:  # refused by name, before it is built (no server is contacted)
         with pytest.raises(ConfigError, match="teacher 'remote' cannot synthesise images"):
-            synthesize(synth_cfg("r.zarr", "teacher.name=remote"), log=quiet)
+            synthesize(synth_cfg("r.zarr", "teacher.name=remote", "teacher.device=auto"), log=quiet)
     assert tiny_teacher.differentiable and TEACHERS.get("conse").differentiable
 
 

@@ -5,7 +5,7 @@ Everything that changes the synthesised images goes into the store's cache key (
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional, Tuple
 
 from ..config import CanvasConfig, TeacherConfig, TextConfig, ViewsConfig, lazy_registry, setting
@@ -78,6 +78,7 @@ class PromptsConfig:
     seed: int = setting(0, min=0)  # numpy seeds: whole numbers from 0
 
     def check(self) -> None:
+        self._check_read()
         _no_braces("placeholder", self.placeholder)
         if self.template.count(self.placeholder) != 1 or self.template.count("{}") != 1:
             raise ConfigError(f"prompts.template={self.template!r} needs the placeholder {self.placeholder!r} once "
@@ -89,6 +90,18 @@ class PromptsConfig:
                           ("plain_template", self.plain_template), ("content_template", self.content_template)):
             _fills(key, getattr(self, key), text)
         self._check_words()
+
+    def _check_read(self) -> None:
+        """A setting the method does not read is refused (pacs-plain's k: 8 made one style; mix ignored
+        steps), as the dataset's and the teacher's are."""
+        reads = PROMPT_READS.get(self.method)
+        if reads is None:  # a method registered elsewhere
+            return
+        defaults = PromptsConfig(method=self.method)
+        for name in (f.name for f in fields(self)):
+            if name not in ("method", "test_domains") + reads and getattr(self, name) != getattr(defaults, name):
+                raise ConfigError(f"prompts.{name}={getattr(self, name)} is not read by prompts.method={self.method}; "
+                                  f"remove it (that method reads {', '.join(reads)})")
 
     def _check_words(self) -> None:
         if self.words is not None and not self.words:
@@ -110,6 +123,20 @@ class PromptsConfig:
         if self.mix_words > len(self.words):
             raise ConfigError(f"prompts.mix_words={self.mix_words} is more than the {len(self.words)} prompts.words; "
                               f"set mix_words to at most {len(self.words)}, or give more words")
+
+
+# what each built-in prompt method reads besides method and test_domains (the rest is refused when set)
+_STYLED = ("k", "template", "placeholder", "seed")
+PROMPT_READS = {"plain": ("plain_template",),
+                "mix": _STYLED + ("words", "mix_words", "mix_level"),
+                "random": _STYLED + ("random_sigma",),
+                "contrastive": _STYLED + ("steps", "lr", "tau", "content_weight", "content_template", "init_std")}
+
+
+def prompts_without_unread(prompts: dict) -> dict:
+    """A prompts section less the settings its method does not read."""
+    reads = PROMPT_READS.get(prompts.get("method", PromptsConfig.method))
+    return prompts if reads is None else {k: v for k, v in prompts.items() if k in ("method", "test_domains") + reads}
 
 
 @dataclass(frozen=True)
