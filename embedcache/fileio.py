@@ -35,10 +35,34 @@ def atomic_write(path: PathLike, write: Callable[[Path], None]) -> Path:
         write(tmp)
         _set_mode(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        # a writer's error may not say the disk is full (torch.save: "unexpected pos ...", an iostream
+        # error): the free space, looked at before the half file goes, does
+        full = isinstance(exc, Exception) and not isinstance(exc, DiskFullError) and (
+            is_disk_full(exc) or free_bytes(path.parent) < NEARLY_FULL)
         tmp.unlink(missing_ok=True)
+        if full:
+            raise disk_full_error(path) from exc
         raise
     return path
+
+
+NEARLY_FULL = 1 << 20  # bytes free under which a failed write is put down to a full disk
+
+
+def free_bytes(folder: PathLike) -> int:
+    """Bytes an unprivileged writer may still use on ``folder``'s file system (a large number when it
+    cannot be asked)."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return 1 << 62
+    return st.f_bavail * st.f_frsize
+
+
+def temp_files_of(folder: PathLike, name: str):
+    """The temporary files ``atomic_write`` leaves beside ``name`` when its process is killed mid-write."""
+    return sorted(Path(folder).glob(f".{name}.*.tmp"))
 
 
 def _set_mode(path: Path) -> None:
@@ -103,7 +127,8 @@ def is_disk_full(exc: BaseException) -> bool:
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
         text = str(exc)
-        if "No space left on device" in text or "Disk quota exceeded" in text or "errno 28" in text.lower():
+        if ("No space left on device" in text or "Disk quota exceeded" in text
+                or any(n in text.lower() for n in ("errno 28", "os error 28"))):
             return True
         exc = exc.__cause__ or exc.__context__
     return False

@@ -28,7 +28,7 @@ import torch
 
 from embedcache.config import build_config, to_dict
 from embedcache.errors import StoreError, TrainingError
-from embedcache.fileio import atomic_write, atomic_write_json, atomic_write_text, file_crc32c
+from embedcache.fileio import atomic_write, atomic_write_json, atomic_write_text, file_crc32c, temp_files_of
 
 from .config import TrainConfig
 
@@ -248,6 +248,9 @@ class RunDir:
         self.file("error.txt").unlink(missing_ok=True)  # an earlier attempt's failure, no longer the news
         if not keep_checkpoint:
             self.drop_checkpoint()
+        for name in ("checkpoint.pt", "model.safetensors"):  # half files of an attempt killed mid-write (~100 MB)
+            for f in temp_files_of(self.path, name):
+                f.unlink(missing_ok=True)
 
     def record_failure(self, text: str) -> None:
         """Why the run stopped unfinished (a traceback, or a one-line error ending it), in error.txt:
