@@ -149,3 +149,27 @@ def test_the_calls_line_says_a_setting_a_later_call_did_not_give_as_not_set():
              {"began": "t1", "device": "cpu", "threads": 2, "settings": {"a.b": None, "c": 3}, "versions": {}}]
     line = _calls_line(calls)
     assert "None" not in line and "a.b not set" in line and "c=3" in line
+
+
+def test_a_ctrl_c_while_the_commands_load_is_one_line(monkeypatch, capsys):
+    """Ctrl-C in a command's first half second (pandas and torch loading) was a traceback (a trial)."""
+    import embedcache.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_group", interrupted)
+    with pytest.raises(SystemExit) as exit_:
+        cli.entry()
+    assert exit_.value.code == 130 and capsys.readouterr().err == "interrupted while starting; nothing was done\n"
+
+
+def test_the_package_and_its_command_line_import_light():
+    """`import embedcache.cli` loads no pandas and no torch: what the console script runs before it can
+    take a Ctrl-C as one line."""
+    import subprocess
+    import sys
+
+    code = "import sys, embedcache.cli; print(sorted(m for m in ('pandas', 'torch', 'numpy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
