@@ -64,7 +64,7 @@ def test_the_installed_package_lists_and_runs_its_configs(fresh_env, tiny_clip_d
     swept = run("sweep", "--launcher", "serial", "--no-progress", "--device", "cpu",
                 "--set", "grid.recipe=[feat_kd]", "--set", "grid.seed=[0]", "--set", "holdout_domains=[solid]",
                 "--set", "base.student.name=test_resnet", "--set", "base.student.input_size=32",
-                "--set", "base.steps=2", "--set", "base.eval_every=1")
+                "--set", "base.steps=2", "--set", "base.eval_every=1", "--set", "base.batch_size=4")
     assert swept.returncode == 0, swept.stdout + swept.stderr
     assert "running the demo sweep" in swept.stdout and "1 runs: 1 done now" in swept.stdout
     assert (work / "sweeps" / "demo" / "results.parquet").exists()

@@ -1059,3 +1059,23 @@ def test_a_resumed_runs_summary_counts_the_time_of_every_attempt(synthetic_store
     assert summary["loop_seconds"] >= res.loop_seconds + 2.0, (summary, res)
     assert summary["seconds"] >= res.seconds + 2.0, (summary, res)
     assert summary["loop_seconds"] <= summary["seconds"] <= both, (summary, both)  # nothing counted twice
+
+
+def test_a_batch_larger_than_the_images_it_draws_from_is_refused_before_the_student(synthetic_store, tmp_path,
+                                                                                      monkeypatch):
+    """batch_size=5000 on the 96-image demo drew every batch with repeats and was killed for memory after
+    135 s (a trial); repeats also make an anchor's own copies in-batch negatives of the contrastive losses."""
+    import embedcache.students.train as tr
+    from embedcache.errors import ConfigError
+    from embedcache.students.data import SplitConfig, StoreData
+
+    split = SplitConfig(holdout_domains=("outline",))
+    pool = len(StoreData(str(synthetic_store), "name", split).train_idx)
+    monkeypatch.setattr(tr, "build_seeded", lambda *a, **k: pytest.fail("the student was built"))
+    with pytest.raises(ConfigError, match=rf"batch_size={pool + 1} is more than the {pool} training images the split "
+                                          rf"has, so every batch would repeat images; use batch_size <= {pool}"):
+        train(_cfg(synthetic_store, tmp_path, split=split, batch_size=pool + 1), log=quiet)
+    by_domain = StoreData(str(synthetic_store), "name", SplitConfig()).train_by_domain
+    fewest = min(len(p) for p in by_domain)
+    with pytest.raises(ConfigError, match=rf"more than the {fewest} training images the smallest training domain has"):
+        train(_cfg(synthetic_store, tmp_path, batch_size=fewest + 1, batch_per_domain=True), log=quiet)

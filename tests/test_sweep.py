@@ -1035,3 +1035,12 @@ def test_a_base_setting_applies_to_the_runs_that_read_it(synthetic_store, tmp_pa
     unread = {**base, "optim": {}, "swad": {"n_converge": 5}}
     with pytest.raises(ConfigError, match=r"swad.n_converge=5 is read only with averaging=swad, which no run of the sweep uses"):
         expand(load_sweep(str(_sweep_file(tmp_path, synthetic_store, base=unread))), str(tmp_path / "s"))
+
+
+def test_a_batch_larger_than_a_runs_images_is_refused_before_any_run(synthetic_store, tmp_path):
+    """It failed each run as it came to it (a trial: the packaged demo sweep on a tiny store)."""
+    spec = load_sweep(str(_sweep_file(tmp_path, synthetic_store, grid={"batch_size": [8, 1000], "seed": [0]})))
+    with pytest.raises(ConfigError, match=r"sweep run \(seed=0, batch_size=1000\): batch_size=1000 is more than the "
+                                          r"\d+ training images the split has"):
+        expand(spec, str(tmp_path / "s"))
+    assert not (tmp_path / "s").exists()

@@ -16,6 +16,7 @@ import itertools
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -37,7 +38,7 @@ from ..features import missing_features
 from ..finetune import MODES as FINETUNE_MODES
 from ..recipes import RECIPES, definition_change, text_source_of
 from ..rundir import RunDir
-from ..train import NAMED_WHEN_SET, run_name, schedule_spans_stages, selection_rule, settings_identity
+from ..train import NAMED_WHEN_SET, check_batch_fits, run_name, schedule_spans_stages, selection_rule, settings_identity
 from .claim import Launch
 from .launchers import LAUNCHERS, check_options, unread_settings
 from .worker import SweepPoint, result_path, run_one, sweep_tags, variant
@@ -255,7 +256,7 @@ def _points(spec: SweepSpec, sweep_dir: str, keys: List[str], reader, named_as: 
     Runs are named and seeded with the store spelled ``named_as`` (as the sweep first named it), so
     the same store by another path (relative, absolute, a copy) is the same sweep."""
     splits, sources = _splits(spec, reader), set(reader.text_sources)
-    out, made_by, unread_by_all = [], {}, None
+    out, made_by, unread_by_all, split_rows = [], {}, None, {}
     for values in itertools.product(*(spec.grid[k] for k in keys)):
         for split in splits:
             data = apply_overrides({**spec.base, "store": spec.store}, [])
@@ -291,6 +292,7 @@ def _points(spec: SweepSpec, sweep_dir: str, keys: List[str], reader, named_as: 
             if not (result_path(sweep_dir, name).exists() or RunDir(cfg.out).done):  # finished runs stay as made
                 try:
                     check_trainable(cfg)
+                    check_batch_fits(cfg, _split_rows(reader, src, cfg.split, split_rows))
                 except ConfigError as exc:
                     raise ConfigError(f"sweep run ({where}): {exc}") from None
             out.append(SweepPoint(cfg, replicate))
@@ -298,6 +300,17 @@ def _points(spec: SweepSpec, sweep_dir: str, keys: List[str], reader, named_as: 
         key, value, reader_setting = sorted(unread_by_all, key=str)[0]
         raise ConfigError(f"{key}={value} is read only with {reader_setting}, which no run of the sweep uses; remove it")
     return out
+
+
+def _split_rows(reader, source: str, split, made: Dict) -> StoreData:
+    """A run's rows under ``split`` (``made`` keeps each split's, for the next run of it); its warnings
+    are the run's to give when it trains."""
+    key = (source, json.dumps(to_dict(split), sort_keys=True))
+    if key not in made:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            made[key] = StoreData(reader, source, split)
+    return made[key]
 
 
 def make_jobs(points: List[SweepPoint], pack_heads: bool = False,
