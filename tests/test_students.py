@@ -1079,3 +1079,21 @@ def test_a_batch_larger_than_the_images_it_draws_from_is_refused_before_the_stud
     fewest = min(len(p) for p in by_domain)
     with pytest.raises(ConfigError, match=rf"more than the {fewest} training images the smallest training domain has"):
         train(_cfg(synthetic_store, tmp_path, batch_size=fewest + 1, batch_per_domain=True), log=quiet)
+
+
+def test_a_timm_students_missing_weights_path_is_not_asked_of_the_hub(tmp_path, monkeypatch):
+    """student.pretrained=/path/weights (no suffix) was taken for a hub tag: 50 s of download retries, then
+    "pass a local file", which the user had done (a trial)."""
+    import timm
+
+    from embedcache.errors import ConfigError
+
+    real = timm.create_model
+
+    def offline(name, pretrained=False, **kw):
+        assert not pretrained, "the hub was asked"
+        return real(name, pretrained=False, **kw)
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(ConfigError, match=r"student weights .*nowhere/weights not found"):
+        build_student(StudentConfig(name="timm:resnet10t", pretrained=str(tmp_path / "nowhere" / "weights")), 16)
