@@ -138,10 +138,19 @@ def disk_full_error(where: PathLike, fix: str = "free space or write to a larger
     return DiskFullError(f"disk full while writing {where}; {fix}, then rerun the same command to resume")
 
 
+def require_outside_store(path: PathLike, option: str = "--out") -> None:
+    """An output inside a Zarr store would sit among its arrays, unchecked by verify: refused."""
+    outermost_first = reversed(Path(os.path.abspath(path)).parents)  # the store, not its group image/
+    store = next((a for a in outermost_first if (a / "zarr.json").is_file()), None)
+    if store is not None:
+        raise ConfigError(f"{option} {path} is inside the Zarr store {store}; write it outside the store")
+
+
 def require_writable(path: PathLike, option: str = "--out") -> None:
     """Before long work that writes ``path`` (a store, its folder made if missing): refused in one line
     when it, or the nearest folder above it that exists, cannot be written (read-only storage, another
     user's folder), not once the teacher has loaded and the store's creation fails on it."""
+    require_outside_store(path, option)
     p = Path(os.path.abspath(path))
     at = next((a for a in (p, *p.parents) if a.exists()), None)
     if at is None:

@@ -93,6 +93,17 @@ def test_a_path_through_a_file_is_one_line(cli_store, tmp_path):
         assert "top-1" not in res.output  # refused before any scoring
 
 
+def test_an_out_path_inside_a_store_is_refused(cli_store, tmp_path):
+    """evaluate --out STORE/results.parquet wrote among the store's arrays (verify still said intact), and
+    a store inside a store was accepted (a trial)."""
+    for args in (["evaluate", "--store", str(cli_store), "--out", f"{cli_store}/results.parquet"],
+                 ["extract", "--config", "demo", "--out", f"{cli_store}/inner.zarr", "--dry-run"],
+                 ["report", str(tmp_path), "--out", f"{cli_store}/image/report"]):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 2 and f"is inside the Zarr store {cli_store}; write it outside the store" in res.output, \
+            (args, res.output)
+
+
 def test_an_out_path_that_cannot_be_written_is_one_line_before_the_work(cli_store, tmp_path):
     """--out under /proc (a file system that takes no new file, which root's access() lets by) was a
     FileNotFoundError traceback from train and evaluate and, for extract, "delete it and rerun the command

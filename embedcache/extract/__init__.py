@@ -25,7 +25,7 @@ from ..config import TEACHER_CALL_SETTINGS, ExtractConfig, replace, to_dict
 from ..datasets import ImageDataset, build_dataset
 from ..errors import BudgetError, ConfigError, DatasetError, EmbedcacheError, StoreError
 from .. import interrupt
-from ..fileio import exclusive_lock, one_line_when_full, require_writable, try_exclusive_lock
+from ..fileio import exclusive_lock, one_line_when_full, require_outside_store, require_writable, try_exclusive_lock
 from ..store import (BACKENDS, STATUS_OK, USAGE_SNAPSHOTS, Store, add_text_arrays, backend_name_for, is_counter,
                      plan_layout)
 from ..teachers import Teacher, build_teacher
@@ -139,6 +139,7 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
     dataset = dataset or build_dataset(cfg.dataset)
     dataset.require_files()
     _require_classes(cfg, dataset, backend)  # before the teacher: a bad class list costs nothing
+    require_outside_store(cfg.out)
     if not dry_run and not Store.exists(cfg.out, backend):
         require_writable(cfg.out)  # before the teacher too
     prompts = build_prompts(dataset.classes, cfg.text)
