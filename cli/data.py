@@ -211,13 +211,20 @@ def configs(ctx) -> None:
 
 
 @configs.command("show")
-@click.argument("name")
+@click.argument("name", nargs=-1, required=True)
 @click.option("--kind", type=click.Choice(["extract", "train", "sweep", "synthesize", "serve"]),
               help="which command's config (default: the first with that name)")
-def configs_show(name: str, kind: Optional[str]) -> None:
-    """Print a packaged config, to copy and edit."""
+def configs_show(name: Sequence[str], kind: Optional[str]) -> None:
+    """Print a packaged config, to copy and edit: `configs show NAME`, or `configs show KIND NAME`."""
     from embedcache.config import KINDS, config_text, packaged_configs
     from embedcache.errors import ConfigError
+
+    if len(name) == 2 and name[0] in KINDS and kind in (None, name[0]):  # `configs show train demo`
+        kind, name = name[0], name[1:]
+    if len(name) != 1:
+        raise click.UsageError(f"configs show takes NAME or KIND NAME (KIND one of {', '.join(KINDS)}), not "
+                               f"{' '.join(name)}")
+    name = name[0]
 
     kinds = [k for k in ([kind] if kind else KINDS) if name in packaged_configs(k)]
     if kinds:

@@ -468,9 +468,22 @@ def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str,
         key, raw = item.split("=", 1)
         if not key.strip() or "" in key.strip().split("."):
             raise ConfigError(f"--set {item!r} names no setting before '='; write e.g. --set views.count=4")
-        value = parse_yaml(raw, f"--set {item!r}") if raw.strip() else None
+        value = _parse_set_value(raw, item) if raw.strip() else None
         set_path(data, key.strip(), value)
     return data
+
+
+def _parse_set_value(raw: str, item: str) -> Any:
+    """A --set value as YAML; where YAML reads a word otherwise than meant (`*` an alias, `timm:` a
+    mapping), the line says to quote it."""
+    quote = f"quote it: --set \"{item.split('=', 1)[0]}='{raw.strip()}'\""
+    try:
+        value = parse_yaml(raw, f"--set {item!r}")
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}; if a word is meant, {quote}") from None
+    if isinstance(value, dict) and raw.strip().endswith(":") and list(value.values()) == [None]:
+        raise ConfigError(f"--set {item!r}: YAML reads {raw.strip()!r} as a mapping; if a word is meant, {quote}")
+    return value
 
 
 def set_path(data: Dict[str, Any], key: str, value: Any) -> None:

@@ -345,3 +345,27 @@ def test_a_setting_given_by_its_option_and_by_set_is_refused_unless_alike():
         load_config(TrainConfig, None, ["student.name=test_resnet"], "train", {"student.name": "resnet18", "store": "s"})
     same = load_config(TrainConfig, None, ["store=s"], "train", {"store": "s", "student.name": None})
     assert same.store == "s"
+
+
+def test_a_set_value_yaml_reads_otherwise_says_to_quote_it():
+    """`--set forwarded_allow_ips=*` was a YAML alias error naming '\\x00', and `--set student.name=timm:` said
+    "{'timm': None} ... expected a string" (a trial)."""
+    from embedcache.config import apply_overrides
+
+    with pytest.raises(ConfigError, match=r"""if a word is meant, quote it: --set "forwarded_allow_ips='\*'\""""):
+        apply_overrides({}, ["forwarded_allow_ips=*"])
+    with pytest.raises(ConfigError, match=r"""YAML reads 'timm:' as a mapping; if a word is meant, quote it: --set """
+                                          r""""student.name='timm:'\""""):
+        apply_overrides({}, ["student.name=timm:"])
+    assert apply_overrides({}, ["a='*'", "b={x: 1}"]) == {"a": "*", "b": {"x": 1}}
+
+
+def test_configs_show_takes_a_kind_before_the_name():
+    from click.testing import CliRunner
+
+    from embedcache.cli import main
+
+    res = CliRunner().invoke(main, ["configs", "show", "train", "demo"])  # was "unexpected extra argument"
+    assert res.exit_code == 0 and res.output.startswith("# A small student on the demo store")
+    bad = CliRunner().invoke(main, ["configs", "show", "train", "demo", "x"])
+    assert bad.exit_code == 2 and "configs show takes NAME or KIND NAME" in bad.output
