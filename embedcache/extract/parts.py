@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from .. import interrupt
 from ..config import ViewsConfig
 from ..datasets import ImageDataset
-from ..errors import TeacherOutputError
+from ..errors import DiskFullError, TeacherOutputError
 from ..fileio import disk_full_error, is_disk_full
 from ..store import STATUS_FAILED, STATUS_OK, Store, checksum
 from ..views import make_canvas, render_views, render_views_batched, to_uint8, view_params
@@ -322,7 +322,7 @@ class BlockWriter(threading.Thread):
 
     def check(self) -> None:
         if self.error is not None:
-            if is_disk_full(self.error):
+            if is_disk_full(self.error) and not isinstance(self.error, DiskFullError):  # one said already is kept
                 raise disk_full_error(self.store.path, "free space or choose --out on a larger disk") from self.error
             raise self.error
 

@@ -7,7 +7,6 @@ Zarr store's folder, uint8 datasets inside an HDF5 file. Attributes hold JSON. N
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -18,7 +17,7 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..errors import StoreDamagedError, StoreError, StoreMismatchError
+from ..errors import DiskFullError, StoreDamagedError, StoreError, StoreMismatchError
 from ..fileio import atomic_write_bytes, exclusive_lock
 from ..registry import Registry
 from .pieces import bytes_of
@@ -493,9 +492,11 @@ class HDF5Backend:
     def _room_for(self, nbytes: int) -> None:
         """Refuse a write the disk has no room for, before it starts: HDF5 does not recover from a full
         disk mid-write (its error surfaces when a handle is freed, and closing the file then crashes)."""
-        if shutil.disk_usage(self.path.parent).free < nbytes + HDF5_RESERVE:
-            raise OSError(errno.ENOSPC, f"No space left on device for {self.path} (HDF5 keeps "
-                                        f"{HDF5_RESERVE // 2**20} MiB free to close the file cleanly)")
+        free = shutil.disk_usage(self.path.parent).free
+        if free < nbytes + HDF5_RESERVE:  # the reserve said: a nearly empty small disk is "full" here
+            raise DiskFullError(f"disk full while writing {self.path}: {free / 2**20:.1f} MiB free, and an HDF5 store "
+                                f"keeps {HDF5_RESERVE // 2**20} MiB free to close its file cleanly; free space or "
+                                "choose --out on a larger disk, then rerun the same command to resume")
 
     def write(self, name: str, start: int, data: np.ndarray) -> None:
         self._room_for(data.nbytes)
