@@ -75,16 +75,20 @@ def evaluate(runs, store, protocols, sources, out, device, shots, finetune_steps
     _refuse_unused_few_shot(runs, protocols)
     options = {"few_shot": {"shots": shots}}
     frames = []
-    if not runs:
-        seen = _seen_list(seen_classes)
-        frames.append(teacher_baselines(store, sources or None, protocols, options, unseen_fraction=unseen_fraction,
-                                        split_seed=split_seed, seen_classes=seen))
     found, unscored = list(RunDir.find(runs)), []
     finished = sum(run.done for run in found)  # one finished run: what stops it is the error
-    with _each_run_warning_once():
-        frames += _score_found(found, finished, unscored, score_run, protocols, store=store, device=device,
-                               options=options, finetune_steps=finetune_steps if "few_shot" in protocols else 0,
-                               finetune_mode=finetune_mode, transfer=transfer)
+    try:
+        if not runs:
+            seen = _seen_list(seen_classes)
+            frames.append(teacher_baselines(store, sources or None, protocols, options, unseen_fraction=unseen_fraction,
+                                            split_seed=split_seed, seen_classes=seen))
+        with _each_run_warning_once():
+            frames += _score_found(found, finished, unscored, score_run, protocols, store=store, device=device,
+                                   options=options, finetune_steps=finetune_steps if "few_shot" in protocols else 0,
+                                   finetune_mode=finetune_mode, transfer=transfer)
+    except KeyboardInterrupt:  # "rerun to resume" was said: the table is written once, at the end
+        raise KeyboardInterrupt(f"interrupted; nothing was written to {out} (it is written once everything is "
+                                "scored): rerun the same command to score again") from None
     if not frames:
         from embedcache.store import Store
 

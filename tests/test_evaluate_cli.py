@@ -945,3 +945,19 @@ def test_two_runs_of_one_method_seed_and_holdout_are_said_to_be_pooled():
           for run in ("a", "b")]
     with pytest.warns(UserWarning, match=r"\(a and b: replicate 0, holdout d1\)"):
         per_class_table(pd.DataFrame(pc))
+
+
+def test_an_interrupted_evaluation_says_nothing_was_written(synthetic_store, tmp_path, monkeypatch):
+    """Ctrl-C said "rerun the same command to resume", and evaluate resumes nothing: it writes its table
+    once, at the end (a trial)."""
+    import embedcache.evaluate.store_eval as store_eval
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store_eval, "teacher_baselines", stopped)
+    out = tmp_path / "r.parquet"
+    res = CliRunner().invoke(main, ["evaluate", "--store", str(synthetic_store), "--out", str(out)])
+    assert res.exit_code == 130 and not out.exists()
+    assert res.output.strip() == (f"interrupted; nothing was written to {out} (it is written once everything is "
+                                  "scored): rerun the same command to score again")
