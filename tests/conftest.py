@@ -63,6 +63,16 @@ def tiny_teacher(tiny_teacher_cfg):
     return build_teacher(tiny_teacher_cfg)
 
 
+def teacher_reads(data, overrides):
+    """``data`` (an extract config) with the teacher settings its teacher does not read taken out, but for
+    those ``overrides`` set: the tiny teacher's device leaves a remote teacher made from it."""
+    from embedcache.config import teacher_without_unread
+
+    given = {o.split("=", 1)[0].strip() for o in overrides}
+    kept = teacher_without_unread(data["teacher"])
+    return {**data, "teacher": {k: v for k, v in data["teacher"].items() if k in kept or f"teacher.{k}" in given}}
+
+
 @pytest.fixture
 def make_cfg(tmp_path, tiny_teacher_cfg):
     """make_cfg(out_name, overrides...) -> ExtractConfig on synthetic data with the tiny teacher."""
@@ -80,7 +90,7 @@ def make_cfg(tmp_path, tiny_teacher_cfg):
         data = apply_overrides(base, overrides)
         if data["dataset"]["name"] != "synthetic":  # the shapes' own settings are refused on other datasets
             data["dataset"] = without_unread(data["dataset"])
-        return build_config(ExtractConfig, data)
+        return build_config(ExtractConfig, teacher_reads(data, overrides))
 
     return make
 

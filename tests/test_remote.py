@@ -32,7 +32,7 @@ from embedcache.store import Store
 from embedcache.teachers import build_teacher
 from embedcache.teachers.remote import RemoteError, RemoteUnavailableError
 
-from conftest import quiet
+from conftest import quiet, teacher_reads
 from remote_fakes import Faults, LiveServer, Tamper, cohere_app, files_containing, openai_app
 
 KEY = "sk-ec-test-9f8e7d6c5b4a-SECRET"
@@ -50,7 +50,7 @@ def make(folder: Path, out: str, teacher_cfg: TeacherConfig, *overrides: str) ->
     base["dataset"].update({"name": "synthetic", "num_classes": 3, "num_domains": 2, "per_class": 5, "image_size": 40})
     base["views"]["count"] = 3
     base["canvas"]["size"] = 48
-    return build_config(ExtractConfig, apply_overrides(base, overrides))
+    return build_config(ExtractConfig, teacher_reads(apply_overrides(base, overrides), overrides))
 
 
 def arrays(path) -> dict:
