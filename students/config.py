@@ -6,7 +6,7 @@ starts from one. See ``embedcache.config`` for the rules.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Tuple
 
 from embedcache.config import lazy_registry, setting
@@ -134,15 +134,12 @@ def unread_training(cfg: TrainConfig) -> List[Tuple[str, Any, str]]:
     return found
 
 
-def without_unread_training(cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` with the settings it does not read (``unread_training``) at their defaults: a sweep's base
-    setting applies to the runs that read it (momentum to its sgd runs), and the others are named and
-    seeded as runs without it."""
-    keys = [k for k, _, _ in unread_training(cfg)]
-    optim = {k[len("optim."):]: getattr(OptimConfig(), k[len("optim."):]) for k in keys if k.startswith("optim.")}
-    top = {k: getattr(TrainConfig(), k) for k in keys if "." not in k}
-    swad = SwadConfig() if any(k.startswith("swad.") for k in keys) else cfg.swad
-    return replace(cfg, optim=replace(cfg.optim, **optim), swad=swad, **top)
+def refuse_unread_training(cfg: TrainConfig) -> None:
+    """A fresh run given a setting its optimizer, schedule or averaging does not read: refused (each was
+    ignored without a word, a trial). Not at a resume (a run started before this check keeps its
+    settings) nor per sweep run (a sweep refuses what none of its runs reads: ``sweep.expand``)."""
+    for key, value, reader in unread_training(cfg):
+        raise ConfigError(f"{key}={value} is read only with {reader}, which this run does not use; remove it")
 
 
 def check_trainable(cfg: TrainConfig) -> None:
@@ -151,8 +148,6 @@ def check_trainable(cfg: TrainConfig) -> None:
     if cfg.split.train_classes is not None and not cfg.split.train_classes:  # it trained on every class (a trial)
         raise ConfigError("split.train_classes=[] names no class; leave it out to train on every class, or list the "
                           "seen ones")
-    for key, value, reader in unread_training(cfg):  # each was ignored without a word (a trial)
-        raise ConfigError(f"{key}={value} is read only with {reader}, which this run does not use; remove it")
     if cfg.optim.schedule == "step" and cfg.optim.gamma > 1:
         raise ConfigError(f"optim.gamma={cfg.optim.gamma} multiplies the learning rate at each milestone, so it would "
                           "grow; use 0 < optim.gamma <= 1")

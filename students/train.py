@@ -392,7 +392,8 @@ class Trainer:
         self.run_dir = RunDir(cfg.out or default_out(cfg))
         self.data = shared.data if shared is not None else StoreData(cfg.store, self.source, cfg.split)
         check_views_used(cfg.views_used, self.data.views, cfg.store, cfg.skip_plain_view)
-        check_batch_fits(cfg, self.data)
+        if not self.run_dir.file("checkpoint.pt").exists():  # a run started before the check resumes as it began
+            check_batch_fits(cfg, self.data)
         self.device = resolve_device(cfg.device)
         n_cls = len(self.data.train_class_ids) if self.recipe.classifier else 0
         self.model = build_seeded(cfg.student, self.data.dim, n_cls, cfg.seed).to(self.device)

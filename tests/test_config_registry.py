@@ -177,13 +177,6 @@ def test_the_views_part_of_the_cache_key_keeps_its_shape():
     (["select=best_val", "averaging=swa"], r"select=best_val and averaging=swa both choose the final weights"),
     (["select=last", "averaging=swad"], r"select=last and averaging=swad both choose the final weights"),
     (["averaging=swa", "average_start=1.0"], r"average_start=1.0 leaves no step to average"),
-    # settings the run's optimizer, schedule or averaging does not read were ignored without a word (a trial)
-    (["optim.momentum=0.1"], r"optim.momentum=0.1 is read only with optim.name=sgd, which this run does not use"),
-    (["optim.milestones=[0.5]"], r"optim.milestones=\(0.5,\) is read only with optim.schedule=step"),
-    (["optim.gamma=0.5"], r"optim.gamma=0.5 is read only with optim.schedule=step"),
-    (["swad.n_converge=5", "averaging=swa"], r"swad.n_converge=5 is read only with averaging=swad"),
-    (["average_start=0.2"], r"average_start=0.2 is read only with averaging=swa or swad"),
-    (["average_bn_batches=0"], r"average_bn_batches=0 is read only with averaging=swa or swad"),
     (["optim.schedule=step", "optim.gamma=5"], r"optim.gamma=5.0 multiplies the learning rate at each milestone"),
     (["split.train_classes=[]"], r"split.train_classes=\[\] names no class; leave it out to train on every class"),
 ])
@@ -369,3 +362,22 @@ def test_configs_show_takes_a_kind_before_the_name():
     assert res.exit_code == 0 and res.output.startswith("# A small student on the demo store")
     bad = CliRunner().invoke(main, ["configs", "show", "train", "demo", "x"])
     assert bad.exit_code == 2 and "configs show takes NAME or KIND NAME" in bad.output
+
+
+@pytest.mark.parametrize("sets, msg", [
+    (["optim.momentum=0.1"], r"optim.momentum=0.1 is read only with optim.name=sgd, which this run does not use"),
+    (["optim.milestones=[0.5]"], r"optim.milestones=\(0.5,\) is read only with optim.schedule=step"),
+    (["optim.gamma=0.5"], r"optim.gamma=0.5 is read only with optim.schedule=step"),
+    (["swad.n_converge=5", "averaging=swa"], r"swad.n_converge=5 is read only with averaging=swad"),
+    (["average_start=0.2"], r"average_start=0.2 is read only with averaging=swa or swad"),
+    (["average_bn_batches=0"], r"average_bn_batches=0 is read only with averaging=swa or swad"),
+])
+def test_settings_a_fresh_run_would_not_read_are_refused(sets, msg):
+    """Each was ignored without a word (a trial); `train` refuses them for a run not yet started."""
+    from embedcache.config import apply_overrides, build_config
+    from embedcache.students.config import TrainConfig, refuse_unread_training
+
+    cfg = build_config(TrainConfig, apply_overrides({"store": "s.zarr"}, sets))
+    with pytest.raises(ConfigError, match=msg):
+        refuse_unread_training(cfg)
+    refuse_unread_training(build_config(TrainConfig, {"store": "s.zarr", "optim": {"name": "sgd", "momentum": 0.1}}))

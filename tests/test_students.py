@@ -1097,3 +1097,16 @@ def test_a_timm_students_missing_weights_path_is_not_asked_of_the_hub(tmp_path, 
     monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(ConfigError, match=r"student weights .*nowhere/weights not found"):
         build_student(StudentConfig(name="timm:resnet10t", pretrained=str(tmp_path / "nowhere" / "weights")), 16)
+
+
+def test_train_refuses_an_unread_setting_for_a_fresh_run_only(synthetic_store, tmp_path):
+    """A run begun with a setting its optimizer does not read (before the check) still resumes."""
+    from embedcache.students.train import OptimConfig
+
+    old = train(_cfg(synthetic_store, tmp_path, name="old", steps=2, eval_every=2, ckpt_every=2,
+                     optim=OptimConfig(momentum=0.5)), log=quiet)
+    again = CliRunner().invoke(main, ["train", "--config", f"{old.out}/config.json", "--out", old.out, "--no-progress"])
+    assert again.exit_code == 0 and "is already done" in again.output, again.output
+    fresh = CliRunner().invoke(main, ["train", "--config", f"{old.out}/config.json", "--out", str(tmp_path / "new"),
+                                      "--no-progress"])
+    assert fresh.exit_code == 2 and "optim.momentum=0.5 is read only with optim.name=sgd" in fresh.output, fresh.output

@@ -1019,22 +1019,24 @@ def test_a_run_setting_at_a_sweeps_top_level_names_where_it_goes(synthetic_store
         load_sweep(str(f), ["stpes=30"])  # not a run setting either: the plain refusal
 
 
-def test_a_base_setting_applies_to_the_runs_that_read_it(synthetic_store, tmp_path):
-    """optim.momentum in base with adamw and sgd in the grid: each run read or ignored it; with no run
-    reading it (swad settings, no swad run) it was ignored by every run without a word (a trial)."""
-    base = {"student": {"name": "test_resnet", "input_size": 32}, "steps": 4, "batch_size": 8, "device": "cpu",
-            "optim": {"momentum": 0.5}}
-    spec = load_sweep(str(_sweep_file(tmp_path, synthetic_store, base=base,
-                                      grid={"optim.name": ["sgd", "adamw"], "seed": [0]})))
-    points = expand(spec, str(tmp_path / "s"))
-    momentum = {p.cfg.optim.name: p.cfg.optim.momentum for p in points}
-    assert momentum == {"sgd": 0.5, "adamw": 0.9}  # adamw's runs named and seeded as runs without it
-    plain = expand(load_sweep(str(_sweep_file(tmp_path, synthetic_store, base={**base, "optim": {}},
-                                              grid={"optim.name": ["adamw"], "seed": [0]}))), str(tmp_path / "s"))
-    assert {Path(p.cfg.out).name for p in plain} <= {Path(p.cfg.out).name for p in points}
-    unread = {**base, "optim": {}, "swad": {"n_converge": 5}}
-    with pytest.raises(ConfigError, match=r"swad.n_converge=5 is read only with averaging=swad, which no run of the sweep uses"):
-        expand(load_sweep(str(_sweep_file(tmp_path, synthetic_store, base=unread))), str(tmp_path / "s"))
+def test_a_setting_no_run_of_the_sweep_reads_is_refused(synthetic_store, tmp_path):
+    """swad settings in base with no swad run, or momentum in an adamw recipe's per_recipe block, were
+    ignored by every run without a word (a trial); a grid crossing momentum with the optimizer is fine."""
+    base = {"student": {"name": "test_resnet", "input_size": 32}, "steps": 4, "batch_size": 8, "device": "cpu"}
+    crossed = {"optim.name": ["sgd", "adamw"], "optim.momentum": [0.5, 0.7], "seed": [0]}
+    points = expand(load_sweep(str(_sweep_file(tmp_path, synthetic_store, base=base, grid=crossed))), str(tmp_path / "s"))
+    assert len(points) == 2 * 2 * 2  # two held-out domains; every run kept as written (their names as before)
+    with pytest.raises(ConfigError, match=r"swad.n_converge=5 is read only with averaging=swad, which no run of the "
+                                          r"sweep uses"):
+        expand(load_sweep(str(_sweep_file(tmp_path, synthetic_store, base={**base, "swad": {"n_converge": 5}}))),
+               str(tmp_path / "s"))
+    block = {"grid": {"recipe": ["feat_kd", "ce"], "optim.name": ["sgd", "adamw"], "seed": [0]},
+             "per_recipe": {"ce": {"swad": {"n_converge": 5}}}}
+    with pytest.raises(ConfigError, match=r"per_recipe.ce.swad.n_converge=5 is read only with averaging=swad, which "
+                                          r"no ce run of the sweep uses"):
+        expand(load_sweep(str(_sweep_file(tmp_path, synthetic_store, base=base, **block))), str(tmp_path / "s"))
+    empty = load_sweep(str(_sweep_file(tmp_path, synthetic_store, base=base, per_recipe={"ce": None})))
+    assert expand(empty, str(tmp_path / "s"))  # an empty block was a traceback (a review)
 
 
 def test_a_batch_larger_than_a_runs_images_is_refused_before_any_run(synthetic_store, tmp_path):

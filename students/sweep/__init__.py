@@ -32,7 +32,7 @@ from embedcache.device import resolve_device
 from embedcache.evaluate.results import merge, read_results
 from embedcache.fileio import atomic_write, atomic_write_text, one_line_when_full
 
-from ..config import TrainConfig, check_trainable, unread_training, without_unread_training
+from ..config import TrainConfig, check_trainable, unread_training
 from ..data import StoreData, check_views_used
 from ..features import missing_features
 from ..finetune import MODES as FINETUNE_MODES
@@ -256,13 +256,13 @@ def _points(spec: SweepSpec, sweep_dir: str, keys: List[str], reader, named_as: 
     Runs are named and seeded with the store spelled ``named_as`` (as the sweep first named it), so
     the same store by another path (relative, absolute, a copy) is the same sweep."""
     splits, sources = _splits(spec, reader), set(reader.text_sources)
-    out, made_by, unread_by_all, split_rows = [], {}, None, {}
+    out, made_by, unread_by_all, split_rows, by_recipe = [], {}, None, {}, {}
     for values in itertools.product(*(spec.grid[k] for k in keys)):
         for split in splits:
             data = apply_overrides({**spec.base, "store": spec.store}, [])
             data.setdefault("split", {}).update(split)
             data = apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in zip(keys, values)])
-            extra = spec.per_recipe.get(data.get("recipe", TrainConfig.recipe), {})
+            extra = spec.per_recipe.get(data.get("recipe", TrainConfig.recipe)) or {}
             data = apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in flatten(extra).items()])
             data["progress"] = False
             where = ", ".join(f"{k}={v}" for k, v in zip(keys, values)) or "base"
@@ -271,11 +271,9 @@ def _points(spec: SweepSpec, sweep_dir: str, keys: List[str], reader, named_as: 
                 check_views_used(cfg.views_used, reader.views, spec.store, cfg.skip_plain_view)
             except ConfigError as exc:
                 raise ConfigError(f"sweep run ({where}): {exc}") from None
-            unread = unread_training(cfg)  # a base setting applies to the runs that read it (momentum: sgd's)
-            unread_by_all = set(unread) if unread_by_all is None else unread_by_all & set(unread)
-            if unread:
-                cfg = without_unread_training(cfg)
-                data = to_dict(cfg)
+            unread = {k for k, _, _ in unread_training(cfg)}  # a base setting is for the runs that read it
+            unread_by_all = unread if unread_by_all is None else unread_by_all & unread
+            by_recipe[cfg.recipe] = unread if cfg.recipe not in by_recipe else by_recipe[cfg.recipe] & unread
             src = text_source_of(cfg)
             if src not in sources:
                 raise ConfigError(f"sweep run ({where}): text source {src!r} is not in {spec.store} "
@@ -292,14 +290,29 @@ def _points(spec: SweepSpec, sweep_dir: str, keys: List[str], reader, named_as: 
             if not (result_path(sweep_dir, name).exists() or RunDir(cfg.out).done):  # finished runs stay as made
                 try:
                     check_trainable(cfg)
-                    check_batch_fits(cfg, _split_rows(reader, src, cfg.split, split_rows))
+                    if not RunDir(cfg.out).file("checkpoint.pt").exists():  # a started run resumes as it began
+                        check_batch_fits(cfg, _split_rows(reader, src, cfg.split, split_rows))
                 except ConfigError as exc:
                     raise ConfigError(f"sweep run ({where}): {exc}") from None
             out.append(SweepPoint(cfg, replicate))
-    if unread_by_all:
-        key, value, reader_setting = sorted(unread_by_all, key=str)[0]
-        raise ConfigError(f"{key}={value} is read only with {reader_setting}, which no run of the sweep uses; remove it")
+    _refuse_unread(spec, unread_by_all or set(), by_recipe, out)
     return out
+
+
+def _refuse_unread(spec: SweepSpec, by_all: set, by_recipe: Dict[str, set], points: List[SweepPoint]) -> None:
+    """A setting that no run of the sweep reads (swad.* with no swad run), or that a per_recipe block sets
+    for runs of which none reads it, was ignored without a word."""
+    said = {k: (v, r) for p in points for k, v, r in unread_training(p.cfg)}
+    for name, unread in sorted(by_recipe.items()):
+        in_block = unread & set(flatten(spec.per_recipe.get(name) or {}))
+        if in_block:
+            key = sorted(in_block)[0]
+            raise ConfigError(f"per_recipe.{name}.{key}={said[key][0]} is read only with {said[key][1]}, which no "
+                              f"{name} run of the sweep uses; remove it")
+    if by_all:
+        key = sorted(by_all)[0]
+        raise ConfigError(f"{key}={said[key][0]} is read only with {said[key][1]}, which no run of the sweep uses; "
+                          "remove it")
 
 
 def _split_rows(reader, source: str, split, made: Dict) -> StoreData:
