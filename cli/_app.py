@@ -73,8 +73,8 @@ class Group(click.Group):
         except OSError as exc:  # a path the user gave that cannot be written (checked early where it can be)
             if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise
-            click.echo(f"error: {exc.strerror}: {exc.filename}; give a path you can write, or change its permissions",
-                       err=True)
+            where = f": {exc.filename}" if exc.filename else ""
+            click.echo(f"error: {exc.strerror or exc}{where}; check its permissions, or give another path", err=True)
             sys.exit(2)
         except KeyboardInterrupt as exc:
             term = interrupt.stopped_by() == signal.SIGTERM

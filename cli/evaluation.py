@@ -285,9 +285,9 @@ def _require_results(results: str, out_dir) -> None:
     if out_dir and Path(out_dir).is_file():
         raise click.UsageError(f"--out {out_dir} is a file; report writes a folder (report.md and its plots): give a "
                                "folder path")
-    require_writable(out_dir or "report")
     if Store.exists(results):
         raise click.UsageError(f"{results} is a store, not results: {TAKES}; `embedcache evaluate --store {results} "
                                "--out results.parquet` scores its teacher")
     if p.is_dir() and not any((p / x).exists() for x in ("results", "runs", "runs.json")):
         raise click.UsageError(f"{results} is not a sweep folder (no results/ in it): {TAKES}")
+    require_writable(out_dir or (str(p / "report") if p.is_dir() else "report"))  # where report writes

@@ -87,10 +87,26 @@ def test_a_path_through_a_file_is_one_line(cli_store, tmp_path):
         assert res.exit_code == 2 and res.output.strip().count("\n") == 0, res.output
         assert res.output.startswith("error: --out ") and "afile is a file, where the path needs a folder" in res.output
     for args in (["evaluate", "--store", str(cli_store), "--out", bad + ".parquet"],
-                 ["report", str(tmp_path), "--out", bad], ["sweep", "demo", "--out", bad]):
+                 ["report", str(_a_sweep_folder(tmp_path)), "--out", bad], ["sweep", "demo", "--out", bad]):
         res = CliRunner().invoke(main, args)
         assert res.exit_code == 2 and "afile is a file, where the path needs a folder" in res.output, res.output
         assert "top-1" not in res.output  # refused before any scoring
+
+
+def _a_sweep_folder(tmp_path):
+    (tmp_path / "sw" / "results").mkdir(parents=True, exist_ok=True)
+    return tmp_path / "sw"
+
+
+def test_report_checks_the_folder_it_writes_to(tmp_path, monkeypatch):
+    """Without --out, report SWEEP_DIR writes SWEEP_DIR/report, and it checked ./report (a review)."""
+    import embedcache.cli.evaluation as evaluation
+
+    checked = []
+
+    monkeypatch.setattr(evaluation, "require_writable", lambda path, option="--out": checked.append(path))
+    CliRunner().invoke(main, ["report", str(_a_sweep_folder(tmp_path))])
+    assert checked == [str(tmp_path / "sw" / "report")]
 
 
 def test_an_out_path_inside_a_store_is_refused(cli_store, tmp_path):
@@ -98,7 +114,7 @@ def test_an_out_path_inside_a_store_is_refused(cli_store, tmp_path):
     a store inside a store was accepted (a trial)."""
     for args in (["evaluate", "--store", str(cli_store), "--out", f"{cli_store}/results.parquet"],
                  ["extract", "--config", "demo", "--out", f"{cli_store}/inner.zarr", "--dry-run"],
-                 ["report", str(tmp_path), "--out", f"{cli_store}/image/report"]):
+                 ["report", str(_a_sweep_folder(tmp_path)), "--out", f"{cli_store}/image/report"]):
         res = CliRunner().invoke(main, args)
         assert res.exit_code == 2 and f"is inside the Zarr store {cli_store}; write it outside the store" in res.output, \
             (args, res.output)
@@ -110,7 +126,8 @@ def test_an_out_path_that_cannot_be_written_is_one_line_before_the_work(cli_stor
     that made it" once the teacher had loaded (a trial)."""
     bad = "/proc/embedcache-test/run"
     for args in (["train", "--store", str(cli_store), "--recipe", "ce", "--student", "test_resnet", "--out", bad],
-                 ["evaluate", "--store", str(cli_store), "--out", bad + ".parquet"], ["report", str(tmp_path), "--out", bad],
+                 ["evaluate", "--store", str(cli_store), "--out", bad + ".parquet"],
+                 ["report", str(_a_sweep_folder(tmp_path)), "--out", bad],
                  ["extract", "--config", "demo", "--out", bad + ".zarr", "--no-progress"]):
         res = CliRunner().invoke(main, args)
         assert res.exit_code == 2 and res.output.strip().count("\n") == 0, (args, res.output)

@@ -381,3 +381,13 @@ def test_settings_a_fresh_run_would_not_read_are_refused(sets, msg):
     with pytest.raises(ConfigError, match=msg):
         refuse_unread_training(cfg)
     refuse_unread_training(build_config(TrainConfig, {"store": "s.zarr", "optim": {"name": "sgd", "momentum": 0.1}}))
+
+
+def test_yaml_merge_keys_still_merge():
+    """`<<: *base` was refused by the duplicate-key check (a review); its keys may be overridden."""
+    from embedcache.config import parse_yaml
+
+    got = parse_yaml("base: &b {steps: 1, seed: 2}\nrun: {<<: *b, steps: 3}\n", "x.yaml")
+    assert got["run"] == {"steps": 3, "seed": 2}
+    with pytest.raises(ConfigError, match="the key 'steps' is given twice"):
+        parse_yaml("base: &b {seed: 2}\nrun: {<<: *b, steps: 3, steps: 4}\n", "x.yaml")
