@@ -10,8 +10,13 @@ _LAZY = {"open_store": ".api", "StoreReader": ".api", "ExtractConfig": ".config"
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        from importlib import import_module
+    from importlib import import_module
 
+    if name in _LAZY:
         return getattr(import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:  # `embedcache.store` after a bare `import embedcache`, as when the package imported its API eagerly
+        return import_module(f".{name}", __name__)
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__name__}.{name}":  # the submodule exists and lacks a package of its own: said
+            raise
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None

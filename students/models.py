@@ -187,8 +187,7 @@ def _timm_student(timm_name: str, cfg: StudentConfig, embed_dim: int, num_classe
         kwargs["img_size"] = cfg.input_size  # ViTs fix their input size at creation; CNNs take any size
     # a word ('timm', a tag) asks the hub; a path, even one without a suffix, is a file (a missing
     # /path/weights spent 50 s on hub retries before its error, a trial)
-    hub = cfg.pretrained is not None and not Path(cfg.pretrained).suffix and "/" not in cfg.pretrained \
-        and not Path(cfg.pretrained).exists()
+    hub = cfg.pretrained is not None and not Path(cfg.pretrained).suffix and "/" not in cfg.pretrained
     try:
         backbone = timm.create_model(timm_name, pretrained=hub, num_classes=0, **kwargs)
     except Exception as exc:

@@ -201,3 +201,14 @@ def test_the_package_and_its_command_line_import_light():
     code = "import sys, embedcache.cli; print(sorted(m for m in ('pandas', 'torch', 'numpy') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_bare_import_still_reaches_the_submodules():
+    """`import embedcache; embedcache.store` raised AttributeError once the package's names loaded lazily (a
+    review)."""
+    import subprocess
+    import sys
+
+    code = "import embedcache; print(embedcache.store.Store.__name__, hasattr(embedcache, 'nosuch'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["Store", "False"]

@@ -954,3 +954,16 @@ def test_each_differing_part_names_a_setting_before_any_names_a_second():
     assert said == ("its dataset, synthesis and views differ (store: dataset.a='x', dataset.b='x', synthesis.classes='x', "
                     "views.count=3, and 2 more; this call: dataset.a='y', dataset.b='y', synthesis.classes='y', "
                     "views.count=2)"), said
+
+
+def test_a_config_built_in_code_is_checked_as_a_files_is(make_cfg, monkeypatch):
+    """extract() took a TeacherConfig built in code with a setting its teacher does not read (a review)."""
+    import dataclasses
+
+    import embedcache.extract as ex
+    from embedcache.errors import ConfigError
+
+    monkeypatch.setattr(ex, "build_teacher", lambda cfg: pytest.fail("the teacher was built"))
+    cfg = make_cfg("code.zarr")
+    with pytest.raises(ConfigError, match=r"teacher.topk=3 is not read by teacher.name=open_clip"):
+        extract(dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, topk=3)), log=quiet)

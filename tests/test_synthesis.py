@@ -859,3 +859,18 @@ def test_drowned_targets_are_counted_among_the_styles_that_make_images(synth_cfg
             assert len(lines) == 1 and lines[0].startswith(
                 "1 of 3 (style, class) targets of the 'random' styles (the 1 of its 2 styles that make images at "
                 "per_class=1) are nearer another class's plain prompt than their own (class fidelity 0.67)"), lines
+
+
+def test_an_out_path_that_cannot_be_written_is_refused_before_the_teacher(synth_cfg, monkeypatch):
+    """synthesize --out /proc/x.zarr failed once the teacher had loaded (and contrastive styles would have been
+    learned); and a config built in code skipped the prompts' own rules (a review)."""
+    import dataclasses
+
+    import embedcache.synthesis.run as run
+
+    monkeypatch.setattr(run, "build_teacher", lambda cfg: pytest.fail("the teacher was built"))
+    with pytest.raises(ConfigError, match=r"--out /proc/embedcache-test/x.zarr: /proc is not writable"):
+        prepare(dataclasses.replace(synth_cfg(), out="/proc/embedcache-test/x.zarr"), log=quiet)
+    cfg = synth_cfg("p.zarr", "prompts.method=plain")
+    with pytest.raises(ConfigError, match=r"prompts.k=8 is not read by prompts.method=plain"):
+        prepare(dataclasses.replace(cfg, prompts=dataclasses.replace(cfg.prompts, k=8)), log=quiet)

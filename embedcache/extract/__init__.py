@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from ..config import TEACHER_CALL_SETTINGS, ExtractConfig, replace, to_dict
+from ..config import TEACHER_CALL_SETTINGS, ExtractConfig, build_config, replace, to_dict
 from ..datasets import ImageDataset, build_dataset
 from ..errors import BudgetError, ConfigError, DatasetError, EmbedcacheError, StoreError
 from .. import interrupt
@@ -129,6 +129,7 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
     writers' gate, so of shards starting together one runs it at a time): what the blocks are made
     from that must not change between calls (a synthesis's style plan) is kept there."""
     t0 = time.time()
+    build_config(ExtractConfig, to_dict(cfg))  # every rule, nested ones too, for configs built in code
     if not cfg.out:
         raise ConfigError("no output store given; pass --out PATH (e.g. stores/demo.zarr)")
     backend = backend_name_for(cfg.out, cfg.backend, new=True)

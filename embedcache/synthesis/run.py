@@ -20,9 +20,10 @@ import numpy as np
 import torch
 
 from .. import interrupt
-from ..config import DatasetConfig, ExtractConfig, to_dict
+from ..config import DatasetConfig, ExtractConfig, build_config, to_dict
 from ..datasets import ImageDataset, Sample
 from ..errors import ConfigError, StoreDamagedError, StoreError
+from ..fileio import require_outside_store, require_writable
 from ..extract import Batch, ExtractResult, ViewPolicy, extract, made_so, policy_of
 from ..extract.manifest import build_manifest
 from ..store import Store, backend_name_for
@@ -276,11 +277,14 @@ def prepare(cfg: SynthesizeConfig, teacher: Optional[Teacher] = None, log: Calla
             on_batch: Optional[Callable[[np.ndarray, Any], None]] = None) -> Prepared:
     """Check the config and the teacher, plan the styles (learning them for ``contrastive``) and build
     the parts; a teacher without gradients is refused before it is loaded."""
-    cfg.check()  # also for configs built in code, not by build_config
+    cfg = build_config(SynthesizeConfig, to_dict(cfg))  # every rule, nested ones too, for configs built in code
     if not cfg.out:
         raise ConfigError("no output store given; pass --out PATH (e.g. stores/pacs-contrastive.zarr)")
-    backend_name_for(cfg.out, cfg.backend, new=True)  # a path the store cannot have: before styles are learned
+    backend = backend_name_for(cfg.out, cfg.backend, new=True)  # a path the store cannot have: before styles are learned
     _refuse_out_of_another_kind(cfg.out, cfg.backend)
+    require_outside_store(cfg.out)
+    if not Store.exists(cfg.out, backend):
+        require_writable(cfg.out)  # before the teacher loads and the styles are learned
     build_prompts(sorted(c.strip() for c in cfg.classes), cfg.text)  # text settings that cannot make them: now
     require_gradients(teacher if teacher is not None else cfg.teacher.name)
     teacher = teacher or build_teacher(cfg.teacher)
