@@ -114,7 +114,7 @@ def test_every_shipped_sweep_validates(name, synthetic_store, tmp_path):
 
     store = tmp_path / "store.zarr"
     shutil.copytree(synthetic_store, store)
-    spec = load_sweep(name, [f"store={store}"])
+    spec = load_sweep(name, [f"store={store}", "base.batch_size=8"])  # the small store's splits hold 13 to 22
     if spec.base.get("features") or any(extra.get("features") for extra in spec.per_recipe.values()):
         cache_features(str(store), build_config(StudentConfig, spec.base["student"]), device="cpu", progress=False,
                        log=lambda m: None)

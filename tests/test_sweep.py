@@ -195,7 +195,7 @@ def test_bad_sweep_files_are_rejected_before_any_run(synthetic_store, tmp_path, 
     nested = load_sweep(str(_sweep_file(tmp_path, synthetic_store)), ["grid.optim.lr=[0.01, 0.001]"])
     assert nested.grid["optim.lr"] == [0.01, 0.001] and "optim" not in nested.grid
     # the split setting a protocol does not set stays the sweep's to give (a lodo sweep holding classes out)
-    lodo_ov = {"base": {"split": {"train_classes": ["circle", "square"]}}}
+    lodo_ov = {"base": {"split": {"train_classes": ["circle", "square"]}, "batch_size": 8}}
     points = expand(load_sweep(str(_sweep_file(tmp_path, synthetic_store, **lodo_ov))), str(tmp_path / "none"))
     assert all(p.cfg.split.train_classes == ("circle", "square") for p in points)
     with pytest.raises(ConfigError, match=r"split.train_classes in a sweep's base, per_recipe or grid is set by the sweep"):
@@ -737,10 +737,11 @@ def test_a_sweep_whose_recipes_keep_checkpoints_by_different_rules_says_so(synth
     res = CliRunner().invoke(main, ["sweep", str(mixed), "--out", str(tmp_path / "sw"), "--no-progress", "--set", "base.steps=2"])
     assert res.exit_code == 0 and note in res.output, res.output
     one = _sweep_file(tmp_path, synthetic_store, grid={"recipe": ["ce", "li_iccv23"], "seed": [0]},
-                      base={"student": {"name": "test_resnet", "input_size": 32}, "select": "best_val"})
+                      base={"student": {"name": "test_resnet", "input_size": 32}, "select": "best_val", "batch_size": 8})
     assert selection_note(expand(load_sweep(str(one)), str(tmp_path / "y"))) is None
     no_val = _sweep_file(tmp_path, synthetic_store, grid={"recipe": ["ce", "li_iccv23"], "seed": [0]},
-                         base={"student": {"name": "test_resnet", "input_size": 32}, "split": {"val_fraction": 0.0}})
+                         base={"student": {"name": "test_resnet", "input_size": 32}, "split": {"val_fraction": 0.0},
+                               "batch_size": 8})
     assert selection_note(expand(load_sweep(str(no_val)), str(tmp_path / "z"))) is None  # no validation: all keep the last
     # a dataset's own val rows are validation rows whatever val_fraction is: the rules differ again
     import numpy as np
@@ -756,7 +757,8 @@ def test_a_sweep_whose_recipes_keep_checkpoints_by_different_rules_says_so(synth
     own = extract(make_cfg("own-val.zarr", "dataset.name=csv", f"dataset.path={tmp_path / 'm.csv'}"), teacher=tiny_teacher,
                   log=quiet).path
     with_val = _sweep_file(tmp_path, own, grid={"recipe": ["ce", "li_iccv23"], "seed": [0]},
-                           base={"student": {"name": "test_resnet", "input_size": 32}, "split": {"val_fraction": 0.0}})
+                           base={"student": {"name": "test_resnet", "input_size": 32}, "split": {"val_fraction": 0.0},
+                                 "batch_size": 4})
     assert "best_val: ce" in selection_note(expand(load_sweep(str(with_val)), str(tmp_path / "w")))
 
 
@@ -984,7 +986,8 @@ def test_a_sweep_of_a_staged_recipe_under_a_decaying_schedule_says_so(synthetic_
                                     "base.steps=2"])
     assert res.exit_code == 0 and res.output.count(note) == 1, res.output
     const = _sweep_file(tmp_path, synthetic_store, holdout_domains=["outline"], grid={"recipe": ["vl2v_adip"]},
-                        base={"student": {"name": "test_resnet", "input_size": 32}, "optim": {"schedule": "constant"}})
+                        base={"student": {"name": "test_resnet", "input_size": 32}, "optim": {"schedule": "constant"},
+                              "batch_size": 8})
     assert stage_schedule_sweep_note(expand(load_sweep(str(const)), str(tmp_path / "y"))) is None
 
 
