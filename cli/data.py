@@ -180,7 +180,11 @@ def features(store, student, overrides, seeds, batch_size, device, no_progress) 
 
     # `student.input_size=64` as train spells it, or `input_size=64`
     overrides = [o[len("student."):] if o.startswith("student.") else o for o in overrides]
-    cfg = build_config(StudentConfig, {**apply_overrides({}, overrides), "name": student}, prefix="student.")
+    given = apply_overrides({}, overrides)
+    if "name" in given and given["name"] != student:  # --student won without a word (a review)
+        raise click.UsageError(f"--student {student} and --set name={given['name']} name two students; give --student "
+                               "alone")
+    cfg = build_config(StudentConfig, {**given, "name": student}, prefix="student.")
     try:
         for seed in dict.fromkeys(seeds):
             cache_features(store, cfg, seed=seed, batch_size=batch_size, device=device, progress=not no_progress,

@@ -368,3 +368,14 @@ def test_a_stopped_features_command_says_it_starts_again(synthetic_store, tmp_pa
                                      "input_size=24", "--device", "cpu", "--no-progress"])
     assert said.exit_code == 130 and "nothing was kept (backbones already cached stay); rerun the same command to compute the rest from the start" in said.output
     assert "resume" not in said.output, said.output
+
+
+def test_features_refuses_a_second_student_name_in_set(synthetic_store):
+    """`features --student resnet18 --set name=test_resnet` cached resnet18's features without a word (a review)."""
+    from click.testing import CliRunner
+
+    from embedcache.cli import main
+
+    said = CliRunner().invoke(main, ["features", "--store", str(synthetic_store), "--student", "resnet18", "--set",
+                                     "student.name=test_resnet", "--no-progress"])
+    assert said.exit_code == 2 and "--student resnet18 and --set name=test_resnet name two students" in said.output
