@@ -39,7 +39,6 @@ def train(store, recipe, student, config_path, out, device, overrides, no_progre
               "progress": False if no_progress else None}
     cfg = load_config(TrainConfig, config_path, overrides, "train", values, adapt=settings_of)
     require_writable(cfg.out or "runs")
-    _refuse_unread_if_fresh(cfg)
     if out is None and _is_run_config(config_path):  # its folder is dropped: said, not left to be found
         click.echo(_where_a_run_config_trains(config_path, cfg))
     with interrupt.graceful():
@@ -50,17 +49,6 @@ def train(store, recipe, student, config_path, out, device, overrides, no_progre
     sel = res.selected or {}
     kept = f"; kept {sel.get('rule')}" + (f" (step {sel['step']})" if sel.get("step") else "") if sel else ""
     click.echo(f"run {res.out}: {res.steps} steps, validation top-1 {val}{kept}, {res.seconds:.1f}s")
-
-
-def _refuse_unread_if_fresh(cfg) -> None:
-    """A setting the run would not read, refused for a run not yet started (one started before the check
-    resumes with its own settings)."""
-    from embedcache.students.config import refuse_unread_training
-    from embedcache.students.rundir import RunDir
-    from embedcache.students.train import default_out
-
-    if cfg.store and not RunDir(cfg.out or default_out(cfg)).file("config.json").exists():
-        refuse_unread_training(cfg)
 
 
 def _where_a_run_config_trains(config_path: str, cfg) -> str:

@@ -122,12 +122,20 @@ def _load_local(backbone: nn.Module, path: str) -> None:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"student weights {path} not found; give a .safetensors/.pth file or leave student.pretrained empty")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        state = load_file(str(p))
-    else:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(p))
+        else:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state) if isinstance(state, dict) else state
+    except Exception as exc:  # not a checkpoint, damaged, or one that needs pickled code (refused: weights only)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"student weights {path} cannot be read as a state dict ({type(exc).__name__}: {first[:120]}); "
+                          "give a .safetensors file or a torch.save'd state dict") from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"student weights {path} hold a {type(state).__name__}, not a state dict; give a .safetensors "
+                          "file or a torch.save'd state dict")
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     own = backbone.state_dict()
     state = _aligned(state, own)
@@ -187,7 +195,8 @@ def _timm_student(timm_name: str, cfg: StudentConfig, embed_dim: int, num_classe
         kwargs["img_size"] = cfg.input_size  # ViTs fix their input size at creation; CNNs take any size
     # a word ('timm', a tag) asks the hub; a path, even one without a suffix, is a file (a missing
     # /path/weights spent 50 s on hub retries before its error, a trial)
-    hub = cfg.pretrained is not None and not Path(cfg.pretrained).suffix and "/" not in cfg.pretrained
+    hub = cfg.pretrained is not None and not Path(cfg.pretrained).suffix and "/" not in cfg.pretrained \
+        and not Path(cfg.pretrained).is_file()  # a file `weights` here is a file; a folder `timm/` is not one
     try:
         backbone = timm.create_model(timm_name, pretrained=hub, num_classes=0, **kwargs)
     except Exception as exc:

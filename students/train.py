@@ -33,7 +33,8 @@ from embedcache.evaluate.metrics import nearest_label, top1
 from embedcache.fileio import disk_full_error, is_disk_full, json_digest
 
 from .averaging import AVERAGING
-from .config import OptimConfig, SplitConfig, StudentConfig, SwadConfig, TrainConfig, check_trainable
+from .config import (OptimConfig, SplitConfig, StudentConfig, SwadConfig, TrainConfig, check_trainable,
+                     refuse_unread_training)
 from .data import StoreData, check_views_used
 from .headstep import HeadStep
 from .losses import LOSSES, BatchContext, weighted_sum
@@ -734,9 +735,11 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, on_step: Optional[Callable[[int], None]] = None, log: Callable[[str], None] = print,
-          teacher=None, should_stop: Optional[Callable[[], bool]] = None) -> RunResult:
+          teacher=None, should_stop: Optional[Callable[[], bool]] = None, unread_ok: bool = False) -> RunResult:
     """Train (or resume, or skip) one run. ``teacher`` is only for ``targets=teacher_online``;
-    ``should_stop`` is polled after every step (a stop saves a checkpoint, then raises RunInterrupted)."""
+    ``should_stop`` is polled after every step (a stop saves a checkpoint, then raises RunInterrupted).
+    ``unread_ok``: a setting the run does not read is let by (a sweep's, whose base serves every run); else
+    a fresh run refuses one (a run begun before the check resumes with its own settings)."""
     cfg = build_config(TrainConfig, to_dict(cfg))  # validated even when built in code, before any work
     if not cfg.store:
         raise ConfigError("no store given; pass --store PATH (made by `embedcache extract`)")
@@ -749,6 +752,8 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int], None]] = None, log
         val = s["val_top1"]
         log(f"{run_dir.path} is already done" + (f" (val top-1 {100 * val:.1f}%)" if val is not None else ""))
         return RunResult(str(run_dir.path), s["val_top1"], s["steps"], 0.0, selected=s.get("selected"), already_done=True)
+    if not unread_ok and not run_dir.file("config.json").exists():
+        refuse_unread_training(cfg)
     check_trainable(cfg)
     try:
         return Trainer(cfg, teacher, log, on_step, should_stop).run()

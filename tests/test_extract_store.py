@@ -691,8 +691,8 @@ def test_an_hdf5_store_stops_short_of_a_full_disk_and_resumes_identical(make_cfg
 
     monkeypatch.setattr(backends.shutil, "disk_usage", filling)
     # the reserve is said: a 3 MB disk nearly empty was called full without it (a trial)
-    with pytest.raises(DiskFullError, match=r"disk full while writing .*: 8.0 MiB free, and an HDF5 store keeps 8 MiB "
-                                            r"free to close its file cleanly; .* rerun the same command to resume"):
+    with pytest.raises(DiskFullError, match=r"disk full while writing .*: 8.0 MiB free for a write of \d+\.\d MiB, and an "
+                                            r"HDF5 store keeps 8 MiB free to close its file cleanly; .* rerun the same command to resume"):
         extract(full, teacher=tiny_teacher, log=quiet)
     with pytest.raises(DiskFullError, match="disk full while writing .* rerun the same command to resume"):
         extract(full, teacher=tiny_teacher, log=quiet)  # the resume, still full: its first write (the call's

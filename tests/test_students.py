@@ -1101,12 +1101,32 @@ def test_a_timm_students_missing_weights_path_is_not_asked_of_the_hub(tmp_path, 
 
 def test_train_refuses_an_unread_setting_for_a_fresh_run_only(synthetic_store, tmp_path):
     """A run begun with a setting its optimizer does not read (before the check) still resumes."""
+    from embedcache.errors import ConfigError
     from embedcache.students.train import OptimConfig
 
+    with pytest.raises(ConfigError, match=r"optim.momentum=0.5 is read only with optim.name=sgd"):  # from Python too
+        train(_cfg(synthetic_store, tmp_path, name="old", optim=OptimConfig(momentum=0.5)), log=quiet)
     old = train(_cfg(synthetic_store, tmp_path, name="old", steps=2, eval_every=2, ckpt_every=2,
-                     optim=OptimConfig(momentum=0.5)), log=quiet)
+                     optim=OptimConfig(momentum=0.5)), log=quiet, unread_ok=True)  # as a run begun before the check
     again = CliRunner().invoke(main, ["train", "--config", f"{old.out}/config.json", "--out", old.out, "--no-progress"])
     assert again.exit_code == 0 and "is already done" in again.output, again.output
     fresh = CliRunner().invoke(main, ["train", "--config", f"{old.out}/config.json", "--out", str(tmp_path / "new"),
                                       "--no-progress"])
     assert fresh.exit_code == 2 and "optim.momentum=0.5 is read only with optim.name=sgd" in fresh.output, fresh.output
+
+
+def test_a_weights_file_without_a_suffix_beside_the_command_is_a_file(tmp_path, monkeypatch):
+    """student.pretrained=weights (a file in the working folder, no suffix, no slash) was asked of the hub
+    (a review); a folder named timm/ leaves the hub word as it is."""
+    import timm
+
+    from embedcache.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights").write_bytes(b"not a checkpoint")
+    real = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda name, pretrained=False, **kw:
+                        pytest.fail("the hub was asked") if pretrained else real(name, pretrained=False, **kw))
+    # a file that is no checkpoint: one line, not torch's UnpicklingError traceback
+    with pytest.raises(ConfigError, match=r"student weights weights cannot be read as a state dict \(UnpicklingError"):
+        build_student(StudentConfig(name="timm:resnet10t", pretrained="weights"), 16)

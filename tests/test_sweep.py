@@ -13,7 +13,7 @@ import yaml
 from click.testing import CliRunner
 
 from embedcache.cli import main
-from embedcache.config import replace
+from embedcache.config import replace, to_dict
 from embedcache.errors import ConfigError
 from embedcache.students.sweep import LAUNCHERS, expand, load_sweep, run_sweep
 
@@ -1040,6 +1040,20 @@ def test_a_setting_no_run_of_the_sweep_reads_is_refused(synthetic_store, tmp_pat
         expand(load_sweep(str(_sweep_file(tmp_path, synthetic_store, base=base, **block))), str(tmp_path / "s"))
     empty = load_sweep(str(_sweep_file(tmp_path, synthetic_store, base=base, per_recipe={"ce": None})))
     assert expand(empty, str(tmp_path / "s"))  # an empty block was a traceback (a review)
+    # each block's own value is named (another recipe's was), and a grid's setting as the grid's
+    two = {"grid": {"recipe": ["feat_kd", "ce"], "seed": [0]},
+           "per_recipe": {"ce": {"optim": {"gamma": 0.5}}, "feat_kd": {"optim": {"gamma": 0.3}}}}
+    with pytest.raises(ConfigError, match=r"per_recipe.ce.optim.gamma=0.5 is read only with optim.schedule=step"):
+        expand(load_sweep(str(_sweep_file(tmp_path, synthetic_store, base=base, **two))), str(tmp_path / "s"))
+    with pytest.raises(ConfigError, match=r"grid.optim.momentum=\[0.5, 0.7\] is read only with optim.name=sgd, which "
+                                          r"no run of the sweep uses"):
+        expand(load_sweep(str(_sweep_file(tmp_path, synthetic_store, base=base,
+                                          grid={"optim.momentum": [0.5, 0.7], "seed": [0]}))), str(tmp_path / "s"))
+    # a sweep launched with such a setting (before the check) relaunches as it began: it could not be resumed
+    began = load_sweep(str(_sweep_file(tmp_path, synthetic_store, base={**base, "swad": {"n_converge": 5}})))
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "sweep.yaml").write_text(yaml.safe_dump(to_dict(began), sort_keys=True))
+    assert expand(began, str(tmp_path / "old"))
 
 
 def test_a_batch_larger_than_a_runs_images_is_refused_before_any_run(synthetic_store, tmp_path):

@@ -494,8 +494,9 @@ class HDF5Backend:
         disk mid-write (its error surfaces when a handle is freed, and closing the file then crashes)."""
         free = shutil.disk_usage(self.path.parent).free
         if free < nbytes + HDF5_RESERVE:  # the reserve said: a nearly empty small disk is "full" here
-            raise DiskFullError(f"disk full while writing {self.path}: {free / 2**20:.1f} MiB free, and an HDF5 store "
-                                f"keeps {HDF5_RESERVE // 2**20} MiB free to close its file cleanly; free space or "
+            raise DiskFullError(f"disk full while writing {self.path}: {free / 2**20:.1f} MiB free for a write of "
+                                f"{nbytes / 2**20:.1f} MiB, and an HDF5 store keeps {HDF5_RESERVE // 2**20} MiB "
+                                "free to close its file cleanly; free space or "
                                 "choose --out on a larger disk, then rerun the same command to resume")
 
     def write(self, name: str, start: int, data: np.ndarray) -> None:

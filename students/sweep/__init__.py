@@ -295,24 +295,34 @@ def _points(spec: SweepSpec, sweep_dir: str, keys: List[str], reader, named_as: 
                 except ConfigError as exc:
                     raise ConfigError(f"sweep run ({where}): {exc}") from None
             out.append(SweepPoint(cfg, replicate))
-    _refuse_unread(spec, unread_by_all or set(), by_recipe, out)
+    if not _begun_with(sweep_dir, spec):  # a relaunch keeps the settings it was begun with
+        _refuse_unread(spec, unread_by_all or set(), by_recipe, out)
     return out
+
+
+def _begun_with(sweep_dir: str, spec: SweepSpec) -> bool:
+    """Whether the sweep in ``sweep_dir`` was launched with exactly ``spec`` (its sweep.yaml)."""
+    f = Path(sweep_dir) / "sweep.yaml"
+    return f.is_file() and f.read_text() == yaml.safe_dump(to_dict(spec), sort_keys=True)
 
 
 def _refuse_unread(spec: SweepSpec, by_all: set, by_recipe: Dict[str, set], points: List[SweepPoint]) -> None:
     """A setting that no run of the sweep reads (swad.* with no swad run), or that a per_recipe block sets
     for runs of which none reads it, was ignored without a word."""
-    said = {k: (v, r) for p in points for k, v, r in unread_training(p.cfg)}
+    def reader_of(key: str, recipe: Optional[str] = None) -> str:
+        return next(r for p in points if recipe in (None, p.cfg.recipe) for k, _, r in unread_training(p.cfg) if k == key)
+
     for name, unread in sorted(by_recipe.items()):
-        in_block = unread & set(flatten(spec.per_recipe.get(name) or {}))
+        block = flatten(spec.per_recipe.get(name) or {})
+        in_block = sorted(unread & set(block))
         if in_block:
-            key = sorted(in_block)[0]
-            raise ConfigError(f"per_recipe.{name}.{key}={said[key][0]} is read only with {said[key][1]}, which no "
-                              f"{name} run of the sweep uses; remove it")
+            key = in_block[0]
+            raise ConfigError(f"per_recipe.{name}.{key}={block[key]} is read only with {reader_of(key, name)}, which "
+                              f"no {name} run of the sweep uses; remove it")
     if by_all:
         key = sorted(by_all)[0]
-        raise ConfigError(f"{key}={said[key][0]} is read only with {said[key][1]}, which no run of the sweep uses; "
-                          "remove it")
+        given = f"grid.{key}={spec.grid[key]}" if key in spec.grid else f"base.{key}={flatten(spec.base).get(key)}"
+        raise ConfigError(f"{given} is read only with {reader_of(key)}, which no run of the sweep uses; remove it")
 
 
 def _split_rows(reader, source: str, split, made: Dict) -> StoreData:

@@ -126,7 +126,7 @@ def run_one(point: SweepPoint, spec, sweep_dir: str, teacher=None) -> Dict[str, 
             return {"run": run.name, "status": status}
         try:
             _start(run, spec, point)
-            train(point.cfg, log=lambda _m: None, should_stop=interrupt.requested, teacher=teacher)
+            train(point.cfg, log=lambda _m: None, should_stop=interrupt.requested, teacher=teacher, unread_ok=True)
             return _finish(run, spec, point, sweep_dir)
         except KeyboardInterrupt:
             return {"run": run.name, "status": "interrupted"}
