@@ -46,6 +46,12 @@ def lazy_registry(module: str, name: str) -> Callable[[], Any]:
     return get
 
 
+def set_but_unread(section: Any, defaults: Any, reads: Sequence[str]) -> List[str]:
+    """The settings of ``section`` (a config dataclass) outside ``reads`` that are away from ``defaults``:
+    what a teacher, dataset or method would ignore, refused rather than ignored."""
+    return [f.name for f in fields(section) if f.name not in reads and getattr(section, f.name) != getattr(defaults, f.name)]
+
+
 # --- the extraction stage ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DatasetConfig:
@@ -132,12 +138,10 @@ class TeacherConfig:
         if reads is None:  # a teacher registered elsewhere: what it reads is its own business
             return
         reads = reads + (("jpeg_quality",) if self.name == "remote" and self.image_format == "jpeg" else ())
-        defaults = TeacherConfig(name=self.name)
-        for f in fields(self):
-            if f.name not in ("name", "model") + reads and getattr(self, f.name) != getattr(defaults, f.name):
-                why = " (it reads jpeg_quality with image_format=jpeg)" if f.name == "jpeg_quality" else ""
-                raise ConfigError(f"teacher.{f.name}={getattr(self, f.name)} is not read by teacher.name={self.name}"
-                                  f"{why}; remove it (that teacher reads {', '.join(('model',) + reads)})")
+        for name in set_but_unread(self, TeacherConfig(name=self.name), ("name", "model") + reads):
+            why = " (it reads jpeg_quality with image_format=jpeg)" if name == "jpeg_quality" else ""
+            raise ConfigError(f"teacher.{name}={getattr(self, name)} is not read by teacher.name={self.name}"
+                              f"{why}; remove it (that teacher reads {', '.join(('model',) + reads)})")
 
 
 def teacher_without_unread(teacher: Dict[str, Any]) -> Dict[str, Any]:

@@ -5,10 +5,10 @@ Everything that changes the synthesised images goes into the store's cache key (
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
-from ..config import CanvasConfig, TeacherConfig, TextConfig, ViewsConfig, lazy_registry, setting
+from ..config import CanvasConfig, TeacherConfig, TextConfig, ViewsConfig, lazy_registry, set_but_unread, setting
 from ..errors import ConfigError
 from ..text import id_names, prompt_clash
 
@@ -97,11 +97,9 @@ class PromptsConfig:
         reads = PROMPT_READS.get(self.method)
         if reads is None:  # a method registered elsewhere
             return
-        defaults = PromptsConfig(method=self.method)
-        for name in (f.name for f in fields(self)):
-            if name not in ("method", "test_domains") + reads and getattr(self, name) != getattr(defaults, name):
-                raise ConfigError(f"prompts.{name}={getattr(self, name)} is not read by prompts.method={self.method}; "
-                                  f"remove it (that method reads {', '.join(reads)})")
+        for name in set_but_unread(self, PromptsConfig(method=self.method), ("method", "test_domains") + reads):
+            raise ConfigError(f"prompts.{name}={getattr(self, name)} is not read by prompts.method={self.method}; "
+                              f"remove it (that method reads {', '.join(reads)})")
 
     def _check_words(self) -> None:
         if self.words is not None and not self.words:
