@@ -169,3 +169,17 @@ def test_a_cuda_teacher_on_a_machine_without_one_names_the_setting_that_fixes_it
     assert res.exit_code == 2 and res.output.strip() == (
         "error: device 'cuda' asked for, but no CUDA device is visible; set it to auto or cpu "
         "(--set teacher.device=cpu)"), res.output
+
+
+def test_a_missing_teacher_weights_file_is_said_as_missing():
+    """`teacher.pretrained=/path/w.bin` that is not there got the hub line "pass local weights", what the user had
+    done; and the offline teacher's hint was refused when followed (its model and weights settings stayed)."""
+    from embedcache.config import load_extract_config
+    from embedcache.teachers.open_clip import _load_hint
+
+    assert _load_hint("/nope/w.bin") == "no file /nope/w.bin: check teacher.pretrained's path"
+    hub = _load_hint("openai")
+    assert "pass local weights" in hub
+    followed = hub.split("(--set ")[-1].rstrip(")").split(" --set ")  # the offline teacher's settings, as said
+    cfg = load_extract_config("pacs-vitb16", followed + ["dataset.path=/data/pacs"])
+    assert (cfg.teacher.name, cfg.teacher.model, cfg.teacher.pretrained) == ("conse", None, None)

@@ -20,9 +20,13 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 PURE = {"bf16": "pure_bf16", "fp16": "pure_fp16"}
 
 
-def _load_hint() -> str:
+def _load_hint(pretrained) -> str:
+    """The fix when open_clip could not load: a weights path that is not there said first."""
+    if pretrained and (Path(pretrained).suffix in WEIGHT_SUFFIXES or "/" in pretrained) and not Path(pretrained).exists():
+        return f"no file {pretrained}: check teacher.pretrained's path"
     return ("without a model hub, pass local weights (--set teacher.pretrained=/path/weights.safetensors, "
-            "or teacher.model=local-dir:/folder) or use the offline teacher (--set teacher.name=conse)")
+            "or teacher.model=local-dir:/folder) or use the offline teacher (--set teacher.name=conse "
+            "--set teacher.model=null --set teacher.pretrained=null)")
 
 
 def _require_known_model(name: str, known: list) -> None:
@@ -76,7 +80,7 @@ class OpenClipTeacher(Teacher):
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             hint = (f"the file is there but does not fit teacher.model={self.model_name!r}: set teacher.model to the "
                     "architecture it was saved from (or local-dir:/folder for a folder with its config)"
-                    if self.pretrained and Path(self.pretrained).is_file() else _load_hint())
+                    if self.pretrained and Path(self.pretrained).is_file() else _load_hint(self.pretrained))
             raise TeacherLoadError(
                 f"could not load open_clip model {self.model_name!r} with weights {self.pretrained!r} ({first}); "
                 + hint) from exc

@@ -290,10 +290,11 @@ def _points(spec: SweepSpec, sweep_dir: str, keys: List[str], reader, named_as: 
             if not (result_path(sweep_dir, name).exists() or RunDir(cfg.out).done):  # finished runs stay as made
                 try:
                     check_trainable(cfg)
-                    if not RunDir(cfg.out).file("checkpoint.pt").exists():  # a started run resumes as it began
-                        check_batch_fits(cfg, _split_rows(reader, src, cfg.split, split_rows))
                 except ConfigError as exc:
                     raise ConfigError(f"sweep run ({where}): {exc}") from None
+                if not RunDir(cfg.out).file("checkpoint.pt").exists():  # a started run resumes as it began
+                    _batch_fits(cfg, _split_rows(reader, src, cfg.split, split_rows), where,
+                                "grid.batch_size" if "batch_size" in spec.grid else "base.batch_size")
             out.append(SweepPoint(cfg, replicate))
     if not _begun_with(sweep_dir, spec):  # a relaunch keeps the settings it was begun with
         _refuse_unread(spec, unread_by_all or set(), by_recipe, out)
@@ -323,6 +324,16 @@ def _refuse_unread(spec: SweepSpec, by_all: set, by_recipe: Dict[str, set], poin
         key = sorted(by_all)[0]
         given = f"grid.{key}={spec.grid[key]}" if key in spec.grid else f"base.{key}={flatten(spec.base).get(key)}"
         raise ConfigError(f"{given} is read only with {reader_of(key)}, which no run of the sweep uses; remove it")
+
+
+def _batch_fits(cfg: TrainConfig, rows: StoreData, where: str, key: str) -> None:
+    """check_batch_fits, said for a sweep: which run (its held-out domains) and the sweep's ``key`` to lower."""
+    try:
+        check_batch_fits(cfg, rows)
+    except ConfigError as exc:
+        held = f", holding out {', '.join(cfg.split.holdout_domains)}" if cfg.split.holdout_domains else ""
+        raise ConfigError(f"sweep run ({where}{held}): {str(exc).replace('use batch_size', f'use {key}')}") \
+            from None
 
 
 def _split_rows(reader, source: str, split, made: Dict) -> StoreData:
