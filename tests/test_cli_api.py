@@ -70,6 +70,9 @@ def test_cli_errors_are_one_line(tmp_path):
         res = CliRunner().invoke(main, [command, str(tmp_path / "nope.zarr")])
         assert res.exit_code == 2 and res.output.strip().count("\n") == 0, res.output
         assert res.output.startswith(f"error: no zarr store at {tmp_path / 'nope.zarr'}; give its path, or run `embedcache extract`")
+    (tmp_path / "x.yaml").write_text("views: {count: 2}\n")  # "no zarr store at x.yaml" (a trial)
+    res = CliRunner().invoke(main, ["inspect", str(tmp_path / "x.yaml")])
+    assert res.exit_code == 2 and f"{tmp_path / 'x.yaml'} is a file, not a store" in res.output, res.output
     res = CliRunner().invoke(main, [])
     assert res.exit_code == 0 and res.output.startswith("Usage: ") and "extract" in res.output
 

@@ -176,6 +176,9 @@ class Store:
         if not cls.exists(self.path):
             from ..config import packaged_maker
 
+            if Path(self.path).is_file() and self.backend_name == "zarr":  # a config, a table: not a store at all
+                raise StoreError(f"{self.path} is a file, not a store (a Zarr store is a folder, an HDF5 one a .h5 "
+                                 "file); give a store's path")
             where = "" if Path(self.path).is_absolute() else f" (a relative path, taken from {Path.cwd()})"
             raise StoreError(f"no {self.backend_name} store at {self.path}{where}; give its path, or run "
                              f"`{packaged_maker(self.path) or 'embedcache extract'}` to make one")
