@@ -51,13 +51,14 @@ NEARLY_FULL = 1 << 20  # bytes free under which a failed write is put down to a 
 
 
 def free_bytes(folder: PathLike) -> int:
-    """Bytes an unprivileged writer may still use on ``folder``'s file system (a large number when it
-    cannot be asked)."""
+    """Bytes this process may still write on ``folder``'s file system: root writes into the blocks kept
+    back from other users too (a large number when it cannot be asked)."""
     try:
         st = os.statvfs(folder)
     except OSError:
         return 1 << 62
-    return st.f_bavail * st.f_frsize
+    blocks = st.f_bfree if hasattr(os, "geteuid") and os.geteuid() == 0 else st.f_bavail
+    return blocks * st.f_frsize
 
 
 def temp_files_of(folder: PathLike, name: str):

@@ -542,3 +542,18 @@ def test_ctrl_c_while_local_workers_start_is_one_line(synthetic_store, tmp_path)
     assert proc.returncode == 130, text
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
     assert "interrupted: 0 of" in text, text
+
+
+def test_the_free_space_a_failed_write_is_judged_by_is_the_writers_own(monkeypatch):
+    """As root, the blocks kept back from other users are still writable: judged by what others may use, a
+    disk below its reserve called any failed write "disk full" (a review)."""
+    import os
+    from types import SimpleNamespace
+
+    import embedcache.fileio as fileio
+
+    monkeypatch.setattr(os, "statvfs", lambda p: SimpleNamespace(f_bavail=0, f_bfree=1000, f_frsize=4096))
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert fileio.free_bytes("/x") == 4096 * 1000
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert fileio.free_bytes("/x") == 0
