@@ -108,8 +108,8 @@ class SweepSpec:
             for key in ("store", "out"):  # the base's were overridden without a word (a trial)
                 if key in where:
                     raise ConfigError(f"{key} in a sweep's base, per_recipe or grid is set by the sweep itself: its "
-                                      "runs train on the top-level store: and their folders are the sweep's runs/ "
-                                      "(--out names the sweep's folder); leave it out")
+                                      "runs train on the sweep file's top-level store, and their folders are the "
+                                      "sweep's runs/ (--out names the sweep's folder); leave it out")
             for key in SET_BY_THE_SWEEP[self.protocol]:
                 if key in (where.get("split") or {}) or f"split.{key}" in where:
                     raise ConfigError(f"split.{key} in a sweep's base, per_recipe or grid is set by the sweep itself; use the "
