@@ -46,6 +46,11 @@ def lazy_registry(module: str, name: str) -> Callable[[], Any]:
     return get
 
 
+def named_twice(values: Sequence[Any]) -> Any:
+    """The first value ``values`` lists a second time, or None."""
+    return next((v for i, v in enumerate(values) if v in values[:i]), None)
+
+
 def set_but_unread(section: Any, defaults: Any, reads: Sequence[str]) -> List[str]:
     """The settings of ``section`` (a config dataclass) outside ``reads`` that are away from ``defaults``:
     what a teacher, dataset or method would ignore, refused rather than ignored."""
@@ -134,24 +139,28 @@ class TeacherConfig:
     def check(self) -> None:
         """A setting the chosen teacher does not read is refused, as the dataset's are: it was saved
         with the store (precision: fp16 beside a manifest saying fp32) and some entered its key."""
-        reads = TEACHER_READS.get(self.name)
+        reads = teacher_reads(self.name, self.image_format)
         if reads is None:  # a teacher registered elsewhere: what it reads is its own business
             return
-        reads = reads + (("jpeg_quality",) if self.name == "remote" and self.image_format == "jpeg" else ())
         for name in set_but_unread(self, TeacherConfig(name=self.name), ("name", "model") + reads):
             why = " (it reads jpeg_quality with image_format=jpeg)" if name == "jpeg_quality" else ""
             raise ConfigError(f"teacher.{name}={getattr(self, name)} is not read by teacher.name={self.name}"
                               f"{why}; remove it (that teacher reads {', '.join(('model',) + reads)})")
 
 
+def teacher_reads(name: str, image_format: Optional[str]) -> Optional[Tuple[str, ...]]:
+    """What teacher ``name`` reads besides name and model (None: a teacher registered elsewhere)."""
+    reads = TEACHER_READS.get(name)
+    if reads is None:
+        return None
+    return reads + (("jpeg_quality",) if name == "remote" and image_format == "jpeg" else ())
+
+
 def teacher_without_unread(teacher: Dict[str, Any]) -> Dict[str, Any]:
     """A teacher section with the settings its teacher ignores taken out (a store made before they
     were refused still repairs)."""
-    reads = TEACHER_READS.get(teacher.get("name", "conse"))
-    if reads is None:
-        return teacher
-    keep = ("name", "model") + reads + (("jpeg_quality",) if teacher.get("image_format") == "jpeg" else ())
-    return {k: v for k, v in teacher.items() if k in keep}
+    reads = teacher_reads(teacher.get("name", TeacherConfig.name), teacher.get("image_format"))
+    return teacher if reads is None else {k: v for k, v in teacher.items() if k in ("name", "model") + reads}
 
 
 # what each teacher of the package reads besides name and model (the rest is refused when set)
@@ -217,7 +226,7 @@ class TextConfig:
         if not self.sources:
             raise ConfigError("text.sources=[] is not valid: a store needs at least one text source (its class "
                               "embeddings are what students are scored against); e.g. text.sources=[name]")
-        twice = next((v for i, v in enumerate(self.sources) if v in self.sources[:i]), None)
+        twice = named_twice(self.sources)
         if twice is not None:  # the store encoded it once; the manifest and its key kept it twice (a trial)
             raise ConfigError(f"text.sources names {twice!r} twice; list each once")
 

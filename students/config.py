@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Tuple
 
-from embedcache.config import lazy_registry, setting
+from embedcache.config import lazy_registry, named_twice, setting
 from embedcache.errors import ConfigError
 
 
@@ -152,8 +152,7 @@ def check_trainable(cfg: TrainConfig) -> None:
         raise ConfigError(f"optim.gamma={cfg.optim.gamma} multiplies the learning rate at each milestone, so it would "
                           "grow; use 0 < optim.gamma <= 1")
     for name in ("holdout_domains", "train_classes"):
-        values = list(getattr(cfg.split, name) or ())
-        twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        twice = named_twice(list(getattr(cfg.split, name) or ()))
         if twice is not None:  # a class listed twice: its targets pointed at one text row, ties went to the other
             raise ConfigError(f"split.{name} names {twice!r} twice; list each once")
     if cfg.optim.warmup_steps and cfg.optim.warmup_steps >= cfg.steps:

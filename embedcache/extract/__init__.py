@@ -84,6 +84,14 @@ def made_so(store: Store, manifest: Dict) -> Store:
     return store.require(manifest["key"], complete=False, differs=differs + why, advice=advice)
 
 
+def require_out(out: str, backend: str, writing: bool = True) -> None:
+    """A store's path, before any teacher loads: not inside another store, and, for a new store that
+    will be written, somewhere it can be written."""
+    require_outside_store(out)
+    if writing and not Store.exists(out, backend):
+        require_writable(out)
+
+
 def open_or_create(cfg: ExtractConfig, manifest: Dict, layout: Dict) -> Store:
     backend = backend_name_for(cfg.out, cfg.backend)
     if Store.exists(cfg.out, backend):
@@ -140,9 +148,7 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
     dataset = dataset or build_dataset(cfg.dataset)
     dataset.require_files()
     _require_classes(cfg, dataset, backend)  # before the teacher: a bad class list costs nothing
-    require_outside_store(cfg.out)
-    if not dry_run and not Store.exists(cfg.out, backend):
-        require_writable(cfg.out)  # before the teacher too
+    require_out(cfg.out, backend, writing=not dry_run)  # before the teacher too
     prompts = build_prompts(dataset.classes, cfg.text)
     books_from = teacher  # a teacher passed in may have spent before this call; one built here has not
     try:

@@ -23,8 +23,7 @@ from .. import interrupt
 from ..config import DatasetConfig, ExtractConfig, build_config, to_dict
 from ..datasets import ImageDataset, Sample
 from ..errors import ConfigError, StoreDamagedError, StoreError
-from ..fileio import require_outside_store, require_writable
-from ..extract import Batch, ExtractResult, ViewPolicy, extract, made_so, policy_of
+from ..extract import Batch, ExtractResult, ViewPolicy, extract, made_so, policy_of, require_out
 from ..extract.manifest import build_manifest
 from ..store import Store, backend_name_for
 from ..teachers import TEACHERS, Teacher, build_teacher
@@ -282,9 +281,7 @@ def prepare(cfg: SynthesizeConfig, teacher: Optional[Teacher] = None, log: Calla
         raise ConfigError("no output store given; pass --out PATH (e.g. stores/pacs-contrastive.zarr)")
     backend = backend_name_for(cfg.out, cfg.backend, new=True)  # a path the store cannot have: before styles are learned
     _refuse_out_of_another_kind(cfg.out, cfg.backend)
-    require_outside_store(cfg.out)
-    if not Store.exists(cfg.out, backend):
-        require_writable(cfg.out)  # before the teacher loads and the styles are learned
+    require_out(cfg.out, backend)  # before the teacher loads and the styles are learned
     build_prompts(sorted(c.strip() for c in cfg.classes), cfg.text)  # text settings that cannot make them: now
     require_gradients(teacher if teacher is not None else cfg.teacher.name)
     teacher = teacher or build_teacher(cfg.teacher)
