@@ -51,10 +51,15 @@ def named_twice(values: Sequence[Any]) -> Any:
     return next((v for i, v in enumerate(values) if v in values[:i]), None)
 
 
+def away_from_defaults(section: Any, defaults: Any, names: Sequence[str]) -> List[str]:
+    """Those of ``names`` whose value in ``section`` (a config dataclass) differs from ``defaults``."""
+    return [n for n in names if getattr(section, n) != getattr(defaults, n)]
+
+
 def set_but_unread(section: Any, defaults: Any, reads: Sequence[str]) -> List[str]:
-    """The settings of ``section`` (a config dataclass) outside ``reads`` that are away from ``defaults``:
-    what a teacher, dataset or method would ignore, refused rather than ignored."""
-    return [f.name for f in fields(section) if f.name not in reads and getattr(section, f.name) != getattr(defaults, f.name)]
+    """The settings of ``section`` outside ``reads`` that are away from ``defaults``: what a teacher,
+    dataset or method would ignore, refused rather than ignored."""
+    return away_from_defaults(section, defaults, [f.name for f in fields(section) if f.name not in reads])
 
 
 # --- the extraction stage ----------------------------------------------------------------------------
@@ -76,8 +81,7 @@ class DatasetConfig:
     def unread(self) -> List[str]:
         """The settings this dataset would ignore: ``path`` on the seeded shapes, the shapes' own
         settings away from their defaults on any other dataset."""
-        defaults = DatasetConfig(name=self.name)
-        return [k for k in ignored_by(self.name) if getattr(self, k) != getattr(defaults, k)]
+        return away_from_defaults(self, DatasetConfig(name=self.name), ignored_by(self.name))
 
     def check(self) -> None:
         unread = self.unread()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Tuple
 
-from embedcache.config import lazy_registry, named_twice, setting
+from embedcache.config import away_from_defaults, lazy_registry, named_twice, setting
 from embedcache.errors import ConfigError
 
 
@@ -120,8 +120,8 @@ def unread_training(cfg: TrainConfig) -> List[Tuple[str, Any, str]]:
     found = []
 
     def away(section, defaults, prefix: str, names, reader: str) -> None:
-        found.extend((f"{prefix}{n}", getattr(section, n), reader) for n in names
-                     if getattr(section, n) != getattr(defaults, n))
+        found.extend((f"{prefix}{n}", getattr(section, n), reader)
+                     for n in away_from_defaults(section, defaults, names))
 
     if cfg.optim.name != "sgd":
         away(cfg.optim, OptimConfig(), "optim.", ("momentum",), "optim.name=sgd")

@@ -25,7 +25,7 @@ import pandas as pd
 import yaml
 
 from embedcache import interrupt, open_store
-from embedcache.config import apply_overrides, build_config, flatten, read_config_file, setting, to_dict
+from embedcache.config import apply_overrides, away_from_defaults, build_config, flatten, read_config_file, setting, to_dict
 from embedcache.errors import ConfigError, DiskFullError, EvaluationError
 from embedcache.evaluate.protocols import DEFAULT_SHOTS, seeded_class_split
 from embedcache.device import resolve_device
@@ -94,9 +94,8 @@ class SweepSpec:
             if settings is not None and not isinstance(settings, dict):
                 raise ConfigError(f"per_recipe.{name}={settings!r} is not valid: expected a mapping of the settings of "
                                   f"{name}'s runs (e.g. per_recipe: {{{name}: {{steps: 100}}}})")
-        for key in UNREAD_BY[self.protocol]:
-            if key != "holdout_domains" and getattr(self, key) != getattr(SweepSpec, key):
-                raise ConfigError(_unread_by(key, getattr(self, key), self.protocol))
+        for key in away_from_defaults(self, SweepSpec, [k for k in UNREAD_BY[self.protocol] if k != "holdout_domains"]):
+            raise ConfigError(_unread_by(key, getattr(self, key), self.protocol))
         if self.finetune_steps == 0 and self.finetune_mode != SweepSpec.finetune_mode:
             raise ConfigError(f"finetune_mode={self.finetune_mode!r} sets how runs are fine-tuned, and finetune_steps=0 "
                               "fine-tunes none: set finetune_steps, or leave finetune_mode out")

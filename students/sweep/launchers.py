@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from embedcache import interrupt
-from embedcache.config import build_config, to_dict
+from embedcache.config import away_from_defaults, build_config, to_dict
 from embedcache.errors import ConfigError, one_line_warning
 from embedcache.registry import Registry
 
@@ -72,8 +72,8 @@ def unread_settings(name: str, spec, defaults) -> List[str]:
     """The sweep file's launcher settings (``SPEC_SETTINGS``, set away from ``defaults``) that launcher
     ``name`` would not read, as 'key=value'."""
     fn = LAUNCHERS.get(name)
-    return [f"{k}={getattr(spec, k)!r}" for k in SPEC_SETTINGS
-            if k not in fn.reads and getattr(spec, k) != getattr(defaults, k)]
+    unread = away_from_defaults(spec, defaults, [k for k in SPEC_SETTINGS if k not in fn.reads])
+    return [f"{k}={getattr(spec, k)!r}" for k in unread]
 
 
 def check_options(name: str, given: Dict) -> None:
