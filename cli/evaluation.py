@@ -59,7 +59,7 @@ def evaluate(runs, store, protocols, sources, out, device, shots, finetune_steps
     from embedcache.evaluate.protocols import PROTOCOLS
     from embedcache.evaluate.report import headline_metric, markdown
     from embedcache.evaluate.results import read_results, upsert
-    from embedcache.evaluate.store_eval import summary_table, teacher_baselines
+    from embedcache.evaluate.store_eval import AVG_IS, summary_table, teacher_baselines
     from embedcache.students.rundir import RunDir
     from embedcache.students.scoring import score_run
 
@@ -106,11 +106,11 @@ def evaluate(runs, store, protocols, sources, out, device, shots, finetune_steps
         raise EvaluationError(f"{unscored[0]} (the rows of the other protocols are in {out})")
     summary = summary_table(new)
     if len(summary):
-        click.echo("top-1 accuracy (%), mean ± std over replicates:")
+        click.echo(f"top-1 accuracy (%), mean ± std over replicates; {AVG_IS}:")
         click.echo(markdown(summary))
         by_class = new[new["split"].map(headline_metric) == "mean_per_class"]
         if len(by_class):  # the class-held-out splits as Li et al. report them
-            click.echo("\nmean per-class accuracy (%), the open-vocabulary and few-shot papers' metric:")
+            click.echo(f"\nmean per-class accuracy (%), the open-vocabulary and few-shot papers' metric; {AVG_IS}:")
             click.echo(markdown(summary_table(by_class, metric="mean_per_class")))
     else:  # per_class and distill rows only: no methods x domains table to print
         click.echo(f"no accuracy-by-domain table for {', '.join(protocols)}; `embedcache report {out}` shows their tables")

@@ -6,7 +6,7 @@ from typing import List, Sequence, Tuple
 
 import pandas as pd
 
-from .store_eval import avg_stats, domain_stats, method_frame, method_keys, per_class_table, summary_table
+from .store_eval import AVG_IS, avg_stats, domain_stats, method_frame, method_keys, per_class_table, summary_table
 
 
 # The splits of class-held-out protocols, reported as Li et al. report them: mean per-class accuracy
@@ -120,7 +120,7 @@ def write_report(results: pd.DataFrame, out_dir: str, note: str = "") -> List[Pa
         if not ((results["split"] == split) & (results["metric"] == metric)).any():
             metric = "top1"  # results without that metric (made by hand): their top-1
         shown = "mean per-class accuracy" if metric == "mean_per_class" else "top-1"
-        parts += [f"## {split} ({shown}, %; mean ± sample std (ddof 1) over replicates)\n",
+        parts += [f"## {split} ({shown}, %; mean ± sample std (ddof 1) over replicates; {AVG_IS})\n",
                   markdown(summary_table(results, split, metric)), ""] + _collapse_lines(results, split, keys)
         top = domain_stats(results, split, metric)  # the table's numbers: its replicates, mean and spread
         if top.empty:

@@ -229,6 +229,10 @@ def _stats(doms: pd.DataFrame, keys: list) -> pd.DataFrame:
     return doms.groupby(keys + ["split", "domain"])["value"].agg(["mean", "std", "count"]).reset_index()
 
 
+# what a summary table's ``avg`` column holds, said under each printed table (pooling images had weighed large domains)
+AVG_IS = "avg: the unweighted mean over domains"
+
+
 def summary_table(results: pd.DataFrame, split: Optional[str] = None, metric: str = "top1") -> pd.DataFrame:
     """Methods x domains, mean +- std over replicates, as the papers lay them out (percent), and how
     many replicates the cells hold. Only complete replicates count when a method has any (a replicate

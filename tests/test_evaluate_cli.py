@@ -76,6 +76,7 @@ def test_evaluate_runs_and_report(runs, tmp_path):
     assert (tmp_path / "rep" / "out_of_domain_domains.png").exists()
     # the class-held-out splits are reported as Li et al. report them: mean per-class accuracy
     assert "## unseen_zero_shot (mean per-class accuracy, %" in text and "## out_of_domain (top-1, %" in text
+    assert "; avg: the unweighted mean over domains)" in text  # what the avg column holds, said
     assert "mean per-class accuracy (%), the open-vocabulary and few-shot papers' metric" in res.output
     assert set(df[df.split == "per_class"].domain) == {"out_of_domain", "in_domain", "unseen_zero_shot"}
 
@@ -94,7 +95,7 @@ def test_teacher_baseline_cli(synthetic_store, tmp_path):
                                     "--out", str(tmp_path / "t.parquet")])
     assert res.exit_code == 0, res.output
     assert "teacher" in res.output and "zero_shot" in res.output
-    assert "\ntop-1 accuracy (%), mean ± std over replicates:\n| " in res.output  # the table says what it holds
+    assert "\ntop-1 accuracy (%), mean ± std over replicates; avg: the unweighted mean over domains:\n| " in res.output  # the table says what it holds
     notes, fake = tmp_path / "notes.txt", tmp_path / "fake.parquet"
     notes.write_text("keep me")
     fake.write_text("keep me too")
