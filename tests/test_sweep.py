@@ -73,7 +73,7 @@ def test_tiny_sweep_end_to_end(synthetic_store, tmp_path):
     assert pd.read_parquet(out / "results.parquet").run.nunique() == 8
 
 
-def test_killed_sweep_completes_each_run_exactly_once(synthetic_store, tmp_path):
+def test_killed_sweep_completes_each_run_exactly_once(synthetic_store, tmp_path, monkeypatch):
     spec = load_sweep(str(_sweep_file(tmp_path, synthetic_store)))
     out = str(tmp_path / "kill")
     seen = []
@@ -95,6 +95,13 @@ def test_killed_sweep_completes_each_run_exactly_once(synthetic_store, tmp_path)
         scored = CliRunner().invoke(main, ["evaluate", *args, "--out", f"{out}/results.parquet"])
         assert scored.exit_code == 0, scored.output
     n = len(pd.read_parquet(f"{out}/results.parquet"))
+
+    def no_workers(*a, **k):  # a relaunch with nothing to run started workers that each said "running"
+        raise AssertionError("the launcher was started with every run finished")
+
+    real = LAUNCHERS.get(spec.launcher)
+    no_workers.options, no_workers.hooks, no_workers.reads = real.options, real.hooks, real.reads
+    monkeypatch.setitem(LAUNCHERS._items, spec.launcher, no_workers)
     assert run_sweep(spec, out, progress=False, log=lambda m: None)["skipped"] == 8
     again = pd.read_parquet(f"{out}/results.parquet")
     assert len(again) == n and (again["recipe"] == "teacher").any() and (again["split"] == "per_class").any()

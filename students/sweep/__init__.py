@@ -826,8 +826,12 @@ def _launch(spec: SweepSpec, sweep_dir: str, points: List[SweepPoint], name: str
             log(crowd)
     what = ("stopping: no new run starts; running runs save a checkpoint" +
             (" (a head pack has none: it trains again whole)" if packs else ""))
+    ended = [j for j in jobs if all(result_path(sweep_dir, Path(p.cfg.out).name).exists() for p in j)]
+    statuses = [{"run": Path(p.cfg.out).name, "status": "skipped"} for j in ended for p in j]
+    todo = [j for j in jobs if j not in ended]  # no workers start for finished runs (each said "running")
     with interrupt.graceful(lambda signum: log(interrupt.stop_notice(signum, what))):
-        statuses = LAUNCHERS.get(name)(jobs, spec, sweep_dir, device=device, progress=progress, **launcher_args)
+        if todo:
+            statuses += LAUNCHERS.get(name)(todo, spec, sweep_dir, device=device, progress=progress, **launcher_args)
         stopped = interrupt.requested()
     counts = {s: sum(1 for x in statuses if x["status"] == s)
               for s in ("done", "skipped", "failed", "busy", "interrupted", "disk_full")}
