@@ -191,6 +191,35 @@ class Tamper:
         await send({"type": "http.response.body", "body": body})
 
 
+class ModelSwap:
+    """ASGI middleware naming another model in every POST answer after the first ``after`` (a vendor
+    moving its alias mid-run: the only sign of it in the OpenAI shape is the answer's ``model``)."""
+
+    def __init__(self, app, after: int, model: str = "other-model-v2"):
+        self.app, self.after, self.model, self.posts, self.on = app, after, model, 0, True
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        self.posts += 1
+        if not self.on or self.posts <= self.after:
+            return await self.app(scope, receive, send)
+        held = []
+
+        async def capture(message):
+            held.append(message)
+
+        await self.app(scope, receive, capture)
+        start = next(m for m in held if m["type"] == "http.response.start")
+        answer = json.loads(b"".join(m.get("body", b"") for m in held if m["type"] == "http.response.body"))
+        answer["model"] = self.model
+        body = json.dumps(answer).encode()
+        headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+        await send({"type": "http.response.start", "status": start["status"],
+                    "headers": headers + [(b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
 # --- fakes of other people's services ---------------------------------------------------------------
 class _Books:
     """What a fake service charged: the content hash of every input, in order."""

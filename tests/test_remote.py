@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,9 +32,10 @@ from embedcache.serve.keys import KeyInfo, KeyRing, key_digest
 from embedcache.store import Store
 from embedcache.teachers import build_teacher
 from embedcache.teachers.remote import RemoteError, RemoteUnavailableError
+from embedcache.teachers.remote.errors import BadAnswer
 
 from conftest import quiet, teacher_reads
-from remote_fakes import Faults, LiveServer, Tamper, cohere_app, files_containing, openai_app
+from remote_fakes import Faults, LiveServer, ModelSwap, Tamper, cohere_app, files_containing, openai_app
 
 KEY = "sk-ec-test-9f8e7d6c5b4a-SECRET"
 KEY_ENV = "EMBEDCACHE_TEST_KEY"
@@ -365,11 +367,33 @@ def test_a_wrong_answer_stops_with_one_line_and_writes_nothing(protocol, how, tm
     msg = str(err.value)
     assert "\n" not in msg and "nothing was written" in msg and KEY not in msg
     assert ("dimension" in msg) if how == "dim" else ("asked for 12" in msg)
+    assert err.value.exit_code == 4  # the service's answer, not the user's settings (2)
     with Store(cfg.out) as st:
         assert not st.blocks_done().any()
     with sqlite3.connect(str(tmp_path / "client.sqlite")) as db:
         assert db.execute("SELECT COUNT(*) FROM entries WHERE status='done'").fetchone()[0] == 0
         assert db.execute("SELECT status FROM requests").fetchall() == [("bad",)]
+
+
+@pytest.mark.parametrize("protocol", ["embedcache", "openai"])
+def test_an_answer_from_another_model_is_refused_and_nothing_of_it_is_kept(protocol, tmp_path, local, tiny_teacher_cfg,
+                                                                           tiny_teacher, key_env):
+    """A service whose answer named another model mid-run (a vendor moving an alias) was stored beside the
+    first model's answers with exit 0. Refused in one line, exit 4 (the service's answer, not a setting),
+    by this run and by a rerun on the same ledger; once the service answers from its first model again,
+    the store completes and equals the local teacher's."""
+    swap = ModelSwap(service_app(protocol, tiny_teacher_cfg, tiny_teacher, tmp_path), after=1)
+    with LiveServer(swap) as url:
+        cfg = remote(tmp_path, "r.zarr", tiny_teacher_cfg, protocol, url, "teacher.dimensions=32")
+        for _ in range(2):
+            with pytest.raises(BadAnswer) as err:
+                extract(cfg, log=quiet)
+            msg = str(err.value)
+            assert "\n" not in msg and KEY not in msg and "'other-model-v2'" in msg and "nothing was written" in msg
+            assert err.value.exit_code == 4
+        swap.on = False
+        assert extract(cfg, log=quiet).complete
+    assert_same_up_to_batching(local, arrays(cfg.out))
 
 
 @pytest.mark.parametrize("how", ["zero", "strings", "notjson"])
@@ -384,6 +408,7 @@ def test_an_unusable_answer_is_refused_in_one_line_and_counted_as_paid(how, tmp_
             extract(cfg, log=quiet)
     msg = str(err.value)
     assert "\n" not in msg and "nothing was written" in msg and KEY not in msg, msg
+    assert err.value.exit_code == 4
     with Store(cfg.out) as st:
         assert not st.blocks_done().any() and st.usage()["queries"] == 12  # the spoilt answer was paid
     with sqlite3.connect(str(tmp_path / "client.sqlite")) as db:
@@ -1157,8 +1182,14 @@ def test_user_mistakes_are_one_line(tmp_path, tiny_teacher_cfg, tiny_teacher, mo
         with pytest.raises(RemoteError, match=r"wants an API key \(401\) and none was given"):
             build_teacher(TeacherConfig(**{**base, "url": url}))
         (tmp_path / "key.txt").write_text(KEY + "\n")
-        t = build_teacher(TeacherConfig(**{**base, "url": url}, api_key_file=str(tmp_path / "key.txt")))
+        os.chmod(tmp_path / "key.txt", 0o600)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a key file only its owner reads: no warning
+            t = build_teacher(TeacherConfig(**{**base, "url": url}, api_key_file=str(tmp_path / "key.txt")))
         assert t.embed_dim == tiny_teacher.embed_dim and t.input_size == tiny_teacher.input_size
+        os.chmod(tmp_path / "key.txt", 0o644)  # others may read it: said, as ssh says it (it was not, a trial)
+        with pytest.warns(UserWarning, match=r"key.txt can be read by other users \(mode 644\); chmod 600 "):
+            build_teacher(TeacherConfig(**{**base, "url": url}, api_key_file=str(tmp_path / "key.txt")))
 
 
 def test_cache_key_has_what_changes_embeddings_and_not_the_url(tmp_path, tiny_teacher_cfg, tiny_teacher, key_env):

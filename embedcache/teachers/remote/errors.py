@@ -3,14 +3,20 @@ from __future__ import annotations
 
 from ...errors import BudgetError, EmbedcacheError
 
-__all__ = ["RemoteError", "UnreadableAnswer", "RemoteUnavailableError", "BudgetError"]
+__all__ = ["RemoteError", "BadAnswer", "UnreadableAnswer", "RemoteUnavailableError", "BudgetError"]
 
 
 class RemoteError(EmbedcacheError):
     """A request the service refused or answered wrongly (a refused key, a wrong count or dimension)."""
 
 
-class UnreadableAnswer(RemoteError):
+class BadAnswer(RemoteError):
+    """The service answered (and may have charged) with what cannot be kept: a wrong count or dimension,
+    non-finite or all-zero vectors, another model. Nothing of it is written; the store resumes."""
+    exit_code = 4  # not the user's settings (2): the service's answer
+
+
+class UnreadableAnswer(BadAnswer):
     """The service answered (so charged) with something that cannot be read."""
 
 

@@ -89,6 +89,13 @@ class Protocol:
         """What the probe's answer says about the server (for the manifest and the cache key)."""
         return {}
 
+    @staticmethod
+    def answered_model(answer: Any) -> Optional[str]:
+        """The model an answer says it came from (OpenAI's shape and embedcache serve's ``model``; None
+        where the answer names none): a vendor may move an alias to a new model between two requests."""
+        model = answer.get("model") if isinstance(answer, dict) else None
+        return model if isinstance(model, str) and model else None
+
 
 def _check(cond: bool, msg: str) -> None:
     if not cond:

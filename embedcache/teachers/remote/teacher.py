@@ -31,7 +31,7 @@ from ...views import to_uint8
 from .._base import TEACHERS, Teacher
 from .client import TooLarge, Transport
 from .codec import encode_views
-from .errors import RemoteError, UnreadableAnswer
+from .errors import BadAnswer, RemoteError, UnreadableAnswer
 from .ledger import Ledger
 from .protocols import PROTOCOLS, Protocol
 from .ratelimit import RateLimiter
@@ -84,6 +84,9 @@ def _key_and_source(cfg: TeacherConfig) -> Tuple[Optional[str], str]:
         key = path.read_text().strip()
         if not key:
             raise TeacherLoadError(f"teacher.api_key_file {path} is empty")
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:  # as ssh says of a private key others may read
+            warnings.warn(f"the API key file {path} can be read by other users (mode {mode:o}); chmod 600 {path}")
         return key, f"file {path}"
     if cfg.api_key_env:
         key = os.environ.get(cfg.api_key_env, "").strip()
@@ -153,6 +156,9 @@ class RemoteTeacher(Teacher):
         self._ctx: Dict[str, str] = {}
         self._texts_paid: set = set()  # ledger keys of the texts this teacher sent (``_embed``)
         self._sizes: Dict[str, Tuple[int, Callable[[bytes], int]]] = {}  # _body_size's, per modality
+        # one service answers both modalities: its answers' model name is held to the first it gave
+        self._service = json_digest({"protocol": self.protocol_name, "url": self.url, "model": self.model,
+                                     "server": self.fingerprint}, 32)
         for modality in ("image", "text"):
             spec = self._context_spec(modality)
             self._ctx[modality] = json_digest(spec, 32)
@@ -521,22 +527,42 @@ class RemoteTeacher(Teacher):
         t.add_usage(usage)  # a free replay's is the usage of the charge whose answer was lost: counted once, now
 
     def _usable(self, answer: Any, n: int) -> Tuple[np.ndarray, Dict[str, float]]:
-        """The answer's (n, D) embeddings and usage, or a RemoteError saying why they cannot be kept:
-        unreadable, of another dimension, not finite, or all zero (no direction to normalise)."""
+        """The answer's (n, D) embeddings and usage, or a BadAnswer saying why they cannot be kept:
+        unreadable, of another dimension, not finite, all zero (no direction to normalise), or from
+        another model than the service's earlier answers."""
         try:
             emb, usage = self.protocol.parse(answer, n)
+        except BadAnswer:
+            raise
+        except RemoteError as exc:  # the protocol's own checks: a wrong count, a changed fingerprint, ...
+            raise BadAnswer(str(exc)) from None
         except (ValueError, TypeError) as exc:  # e.g. a vector of strings, bad base64
-            raise RemoteError(f"the server at {self.url} answered embeddings that cannot be read ({type(exc).__name__}); "
-                              "nothing was written") from None
+            raise BadAnswer(f"the server at {self.url} answered embeddings that cannot be read ({type(exc).__name__}); "
+                            "nothing was written") from None
         if getattr(self, "embed_dim", None) and emb.shape[1] != self.embed_dim:
-            raise RemoteError(f"the server at {self.url} answered {emb.shape[1]}-dimensional embeddings, "
-                              f"expected {self.embed_dim}; nothing was written")
+            raise BadAnswer(f"the server at {self.url} answered {emb.shape[1]}-dimensional embeddings, "
+                            f"expected {self.embed_dim}; nothing was written")
         if not np.isfinite(emb).all():
-            raise RemoteError(f"the server at {self.url} answered non-finite embeddings; nothing was written")
+            raise BadAnswer(f"the server at {self.url} answered non-finite embeddings; nothing was written")
         zero = np.flatnonzero(np.linalg.norm(emb, axis=1) < 1e-6)
         if len(zero):
-            raise RemoteError(f"the server at {self.url} answered {len(zero)} all-zero embedding(s); nothing was written")
+            raise BadAnswer(f"the server at {self.url} answered {len(zero)} all-zero embedding(s); nothing was written")
+        self._require_same_model(answer)
         return emb, usage
+
+    def _require_same_model(self, answer: Any) -> None:
+        """An answer naming another model than the first answer of this service the ledger kept: a vendor
+        moved its alias (or changed what it serves), and the ledger's answers would mix two models."""
+        said = self.protocol.answered_model(answer)
+        if said is None:
+            return
+        first = self.ledger.answered_model(self._service, said)
+        if said != first:
+            asked = f"teacher.model={self.model}" if self.model else "the service's default model"
+            raise BadAnswer(f"the server at {self.url} answered from model {said!r}, where its earlier answers for "
+                            f"{asked} (kept in the ledger {self.ledger.path}) came from {first!r}: the two would mix "
+                            f"in one store; nothing was written. Ask for a model by a name that does not move "
+                            f"(teacher.model={said}) to start a new store")
 
     def _paid_for_nothing(self, rid: str, modality: str, n: int, nbytes: int) -> None:
         """An answer that came (so was paid) but gave nothing to keep: counted, its request closed."""
