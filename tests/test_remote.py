@@ -385,12 +385,17 @@ def test_an_answer_from_another_model_is_refused_and_nothing_of_it_is_kept(proto
     swap = ModelSwap(service_app(protocol, tiny_teacher_cfg, tiny_teacher, tmp_path), after=1)
     with LiveServer(swap) as url:
         cfg = remote(tmp_path, "r.zarr", tiny_teacher_cfg, protocol, url, "teacher.dimensions=32")
+        kept_first = None
         for _ in range(2):
             with pytest.raises(BadAnswer) as err:
                 extract(cfg, log=quiet)
             msg = str(err.value)
             assert "\n" not in msg and KEY not in msg and "'other-model-v2'" in msg and "nothing was written" in msg
             assert err.value.exit_code == 4
+            with sqlite3.connect(str(tmp_path / "client.sqlite")) as db:  # the first model's answers, and only those
+                kept = db.execute("SELECT modality, COUNT(*) FROM entries WHERE status='done' GROUP BY modality").fetchall()
+            assert kept == (kept_first or kept) and kept[0][1] > 0  # the first answers kept; no later one
+            kept_first = kept
         swap.on = False
         assert extract(cfg, log=quiet).complete
     assert_same_up_to_batching(local, arrays(cfg.out))

@@ -14,8 +14,8 @@ that no input was sent again after its answer arrived. The API key is never stor
 Tables: contexts(id, spec); entries(key, context, modality, nbytes, status, request, dim, emb,
 created, answered); requests(id, context, modality, n, nbytes, status, attempts, lost, usage,
 created, finished); request_items(request, pos, key); sends(request, attempt, sent, outcome);
-answered_models(service, model, first): the model the first answer of each service (protocol, URL, model
-asked, server fingerprint) named, so that a service answering from another model later is refused.
+answered_models(context, model, first): the model the first answer of each context named, so that a
+service answering from another model later is refused.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ CREATE TABLE IF NOT EXISTS request_items (request TEXT NOT NULL, pos INTEGER NOT
 CREATE INDEX IF NOT EXISTS request_items_key ON request_items (key);
 CREATE TABLE IF NOT EXISTS sends (request TEXT NOT NULL, attempt INTEGER NOT NULL, sent REAL NOT NULL,
     outcome TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS answered_models (service TEXT PRIMARY KEY, model TEXT NOT NULL, first REAL);
+CREATE TABLE IF NOT EXISTS answered_models (context TEXT PRIMARY KEY, model TEXT NOT NULL, first REAL);
 """
 
 
@@ -200,11 +200,11 @@ class Ledger:
             db.execute("INSERT OR IGNORE INTO contexts VALUES (?, ?, ?)",
                        (context_id, json.dumps(spec, sort_keys=True), time.time()))
 
-    def answered_model(self, service: str, model: str) -> str:
-        """The model named by the first answer this ledger kept of ``service``: ``model`` if none yet."""
+    def answered_model(self, context_id: str, model: str) -> str:
+        """The model named by the first answer this ledger kept in a context: ``model`` if none yet."""
         with self._tx() as db:
-            db.execute("INSERT OR IGNORE INTO answered_models VALUES (?, ?, ?)", (service, model, time.time()))
-            return db.execute("SELECT model FROM answered_models WHERE service=?", (service,)).fetchone()[0]
+            db.execute("INSERT OR IGNORE INTO answered_models VALUES (?, ?, ?)", (context_id, model, time.time()))
+            return db.execute("SELECT model FROM answered_models WHERE context=?", (context_id,)).fetchone()[0]
 
     # --- reads ---------------------------------------------------------------------------------------
     def lookup(self, keys: Sequence[str]) -> Dict[str, np.ndarray]:

@@ -156,9 +156,6 @@ class RemoteTeacher(Teacher):
         self._ctx: Dict[str, str] = {}
         self._texts_paid: set = set()  # ledger keys of the texts this teacher sent (``_embed``)
         self._sizes: Dict[str, Tuple[int, Callable[[bytes], int]]] = {}  # _body_size's, per modality
-        # one service answers both modalities: its answers' model name is held to the first it gave
-        self._service = json_digest({"protocol": self.protocol_name, "url": self.url, "model": self.model,
-                                     "server": self.fingerprint}, 32)
         for modality in ("image", "text"):
             spec = self._context_spec(modality)
             self._ctx[modality] = json_digest(spec, 32)
@@ -512,7 +509,7 @@ class RemoteTeacher(Teacher):
             raise
         self._count_replay(replay, n, rid)
         try:
-            emb, usage = self._usable(answer, n)
+            emb, usage = self._usable(answer, n, modality)
         except RemoteError:
             self._paid_for_nothing(rid, modality, n, nbytes)
             raise
@@ -526,7 +523,7 @@ class RemoteTeacher(Teacher):
         t.count(modality, n, nbytes, free=t.last_replayed)
         t.add_usage(usage)  # a free replay's is the usage of the charge whose answer was lost: counted once, now
 
-    def _usable(self, answer: Any, n: int) -> Tuple[np.ndarray, Dict[str, float]]:
+    def _usable(self, answer: Any, n: int, modality: str) -> Tuple[np.ndarray, Dict[str, float]]:
         """The answer's (n, D) embeddings and usage, or a BadAnswer saying why they cannot be kept:
         unreadable, of another dimension, not finite, all zero (no direction to normalise), or from
         another model than the service's earlier answers."""
@@ -547,16 +544,17 @@ class RemoteTeacher(Teacher):
         zero = np.flatnonzero(np.linalg.norm(emb, axis=1) < 1e-6)
         if len(zero):
             raise BadAnswer(f"the server at {self.url} answered {len(zero)} all-zero embedding(s); nothing was written")
-        self._require_same_model(answer)
+        self._require_same_model(answer, modality)
         return emb, usage
 
-    def _require_same_model(self, answer: Any) -> None:
-        """An answer naming another model than the first answer of this service the ledger kept: a vendor
-        moved its alias (or changed what it serves), and the ledger's answers would mix two models."""
+    def _require_same_model(self, answer: Any, modality: str) -> None:
+        """An answer naming another model than the first answer of its context (service, model asked,
+        modality: a service may name its towers apart) the ledger kept: a vendor moved its alias (or
+        changed what it serves), and the ledger's answers would mix two models."""
         said = self.protocol.answered_model(answer)
         if said is None:
             return
-        first = self.ledger.answered_model(self._service, said)
+        first = self.ledger.answered_model(self._ctx[modality], said)
         if said != first:
             asked = f"teacher.model={self.model}" if self.model else "the service's default model"
             raise BadAnswer(f"the server at {self.url} answered from model {said!r}, where its earlier answers for "
