@@ -61,6 +61,19 @@ def build_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
     return OPTIMIZERS.get(cfg.name)(cfg, params)
 
 
+def load_optimizer_state(opt: torch.optim.Optimizer, state: dict) -> None:
+    """``opt.load_state_dict(state)``, with each per-parameter tensor laid out as its parameter. torch
+    restores dtype and device, not the memory layout, and the fused CPU kernel pairs the memory of
+    moments and weights element by element: moments saved channels-last (a run begun on a GPU) resumed
+    into a plain model (on a CPU) trained silently otherwise (CUDA's kernel refuses the mix)."""
+    opt.load_state_dict(state)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for k, v in opt.state.get(p, {}).items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    opt.state[p][k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+
+
 def optimizer_step(opt: torch.optim.Optimizer) -> None:
     """``opt.step()``; for torch's fused Adam/AdamW, its kernel called directly. ``step()`` wraps the kernel
     in Python (hooks, profiler records, grouping tensors by device and dtype) that took as long as the

@@ -40,7 +40,7 @@ from .headstep import HeadStep
 from .losses import LOSSES, BatchContext, weighted_sum
 from .features import features_key
 from .models import Heads, Student, build_seeded, load_weights, without_backbone
-from .optim import build_optimizer, build_scheduler, optimizer_step
+from .optim import build_optimizer, build_scheduler, load_optimizer_state, optimizer_step
 from .providers import INPUTS, TARGETS
 from .recipes import Recipe, Stage, definition, definition_change, recipe_of
 from .rundir import RunDir
@@ -459,7 +459,7 @@ class Trainer:
                 raise TrainingError(f"run {self.run_dir.path}: its checkpoint's backbone is not the one whose cached "
                                     f"features this run reads ({self.backbone_key}); use another --out")
             state = without_backbone(state)  # its averages and selected weights hold the backbone too
-        self.opt.load_state_dict(state["optim"])
+        load_optimizer_state(self.opt, state["optim"])
         self.sched.load_state_dict(state["sched"])
         self.averaging.load_state_dict(state["averaging"])
         self.selection.load_state_dict(state["selection"])

@@ -1,9 +1,12 @@
 """optimizer_step: torch's fused Adam/AdamW kernel called directly must be exactly torch's own step()."""
+import copy
+
 import pytest
 import torch
 
 from embedcache.students.config import OptimConfig
-from embedcache.students.optim import _direct_fused_calls, build_optimizer, build_scheduler, optimizer_step
+from embedcache.students.optim import (_direct_fused_calls, build_optimizer, build_scheduler, load_optimizer_state,
+                                       optimizer_step)
 
 
 def _model_and_opt(name, seed=0):
@@ -87,3 +90,36 @@ def test_step_milestones_fall_on_the_nearest_step():
     for milestones in ((0.3333333, 0.6666667), (1 / 3, 2 / 3)):
         f = SCHEDULES.get("step")(OptimConfig(schedule="step", milestones=milestones), 4500)
         assert [f(s) for s in (1499, 1500, 2999, 3000)] == [1.0, pytest.approx(0.1), pytest.approx(0.1), pytest.approx(0.01)]
+
+
+def _conv_and_opt(name, channels_last):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 4, 3))
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, build_optimizer(OptimConfig(name=name, lr=3e-2, weight_decay=0.05), model.parameters())
+
+
+def _conv_grads(model, step):
+    g = torch.Generator().manual_seed(200 + step)
+    for p in model.parameters():  # laid out as the weight, as autograd lays them out
+        p.grad = torch.empty_like(p).copy_(torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_a_state_saved_channels_last_resumes_into_a_plain_model_as_the_same_numbers(name):
+    """A run begun on a GPU (channels-last weights, so Adam's moments too) resumed on the CPU: the fused
+    kernel paired the moments' memory with the weights' element by element, a silently other training."""
+    ref, ref_opt = _conv_and_opt(name, channels_last=True)
+    for step in range(3):
+        _conv_grads(ref, step)
+        optimizer_step(ref_opt)
+    saved_model, saved_opt = copy.deepcopy(ref.state_dict()), copy.deepcopy(ref_opt.state_dict())  # as if read from disk
+    resumed, opt = _conv_and_opt(name, channels_last=False)
+    resumed.load_state_dict(saved_model)
+    load_optimizer_state(opt, saved_opt)
+    for step in range(3, 6):
+        _conv_grads(ref, step), _conv_grads(resumed, step)
+        optimizer_step(ref_opt), optimizer_step(opt)
+    for a, b in zip(ref.parameters(), resumed.parameters()):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), (a - b).abs().max()
