@@ -1,5 +1,8 @@
-"""Device names shared by teachers and students ('auto' = CUDA when available, else CPU)."""
+"""Device names shared by teachers and students ('auto' = CUDA when available, else CPU), and the two
+ways small host data reaches a GPU without waiting for the work queued there."""
+import functools
 import os
+from typing import Tuple
 
 import torch
 
@@ -29,3 +32,18 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     return device.type
+
+
+def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``. A host tensor goes to a GPU from pinned memory, asynchronously: a copy from
+    ordinary (pageable) memory first waits for everything queued on the device, once per batch or step."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+@functools.lru_cache(maxsize=128)
+def constant(values: Tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small table of constants (a mean, a lookup table) on ``device``, made once per device and never
+    written to: made from a list at each call it was such a waiting copy per batch."""
+    return torch.tensor(values, dtype=dtype, device=device)

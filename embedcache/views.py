@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .device import constant, upload
 from .images import to_rgb8
 
 PARAM_FIELDS = ("top", "left", "height", "width", "flip")  # image/view_params[..., k], canvas pixels
@@ -161,7 +162,7 @@ def _adjust(x: torch.Tensor, op: torch.Tensor, factors: torch.Tensor, active: to
 
 def _with_color(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     """Rendered views, coloured where their parameters carry colour fields (a colour-augmented store)."""
-    return apply_color(x, params[..., 5:].to(x.device)) if params.shape[-1] > 5 else x
+    return apply_color(x, upload(params[..., 5:], x.device)) if params.shape[-1] > 5 else x
 
 
 def apply_color(x: torch.Tensor, color: torch.Tensor) -> torch.Tensor:
@@ -172,8 +173,8 @@ def apply_color(x: torch.Tensor, color: torch.Tensor) -> torch.Tensor:
     sel = (...,) + (None,) * 3
     factors = color[..., :4].to(x.dtype) / COLOR_SCALE
     order = color[..., 4].long()
-    blends = torch.tensor(_BLENDS, device=x.device)[order]  # (..., 3)
-    hue_at = torch.tensor(_HUE_AT, device=x.device)[order]  # (...,)
+    blends = constant(_BLENDS, torch.int64, x.device)[order]  # (..., 3)
+    hue_at = constant(_HUE_AT, torch.int64, x.device)[order]  # (...,)
     for j in range(3):
         x = _adjust(x, blends[..., j], factors, j < hue_at)
     shift = factors[..., 3]
@@ -222,8 +223,8 @@ def to_uint8(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
 
 def normalize(x: torch.Tensor, mean: Tuple[float, ...], std: Tuple[float, ...]) -> torch.Tensor:
     """(..., 3, H, W) float in [0, 1] -> (x - mean) / std per channel."""
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    m = constant(tuple(mean), x.dtype, x.device).view(3, 1, 1)
+    s = constant(tuple(std), x.dtype, x.device).view(3, 1, 1)
     return (x - m) / s
 
 
@@ -276,7 +277,7 @@ def _render_batched(canvas: torch.Tensor, params: torch.Tensor, out_size: int, i
     if canvas.dim() == 3:
         canvas, params = canvas[None], params[None]
     s = canvas.shape[1]
-    p = params.to(canvas.device, torch.int64)
+    p = upload(params.to(torch.int64), canvas.device)
     top, left, h, w, flip = p[..., :5].unbind(-1)
     wy = resample_weights(top, h, s, out_size, interpolation)          # (B, V, out, S)
     wx = resample_weights(left, w, s, out_size, interpolation)

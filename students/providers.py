@@ -20,6 +20,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
+from embedcache.device import upload
 from embedcache.errors import ConfigError
 from embedcache.registry import Registry
 from embedcache.views import normalize, render_views, render_views_batched, to_uint8
@@ -46,7 +47,7 @@ def to_device_array(arr: np.ndarray, device: torch.device, pinned_fallback: bool
 
 
 def _index(idx: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(idx, dtype=np.int64)).to(device, non_blocking=True)
+    return upload(torch.from_numpy(np.asarray(idx, dtype=np.int64)), device)
 
 
 def student_views(data: StoreData, idx: np.ndarray, views: np.ndarray, size: int, mean, std,

@@ -337,3 +337,62 @@ def test_a_store_of_another_decoder_names_the_decoder_that_resumes_it(photo_fold
                                                  r"key \w+: give --set decoder=pil to resume it with the decoder that "
                                                  r"made it, or use another --out path"):
         extract(make_cfg("dec.zarr", *args, "decoder=device"), teacher=tiny_teacher, log=quiet)
+
+
+def test_small_host_data_reaches_a_device_by_the_non_waiting_paths():
+    """`constant` makes a table once per device (a tensor made from a list on a GPU waited for the device
+    once per batch); `upload` returns the same values (from pinned memory, asynchronously, on a GPU)."""
+    from embedcache.device import constant, upload
+
+    a = constant((0.5, 0.25, 0.125), torch.float32, torch.device("cpu"))
+    assert a is constant((0.5, 0.25, 0.125), torch.float32, torch.device("cpu"))  # made once
+    assert torch.equal(a, torch.tensor([0.5, 0.25, 0.125]))
+    assert constant((1, 2), torch.int64, torch.device("cpu")).dtype == torch.int64
+    t = torch.arange(6).view(2, 3)
+    assert torch.equal(upload(t, torch.device("cpu")), t)
+
+
+def test_a_block_waits_for_its_last_batch_only_once_the_next_is_queued():
+    """The block's wait for its last batch's embeddings came before the next batch was queued, so the
+    device idled while the host waited, read and queued: on a GPU with batch_size >= block_rows, at every
+    batch. Now batch k is assembled after batch k+1 is queued, and every block is still written whole."""
+    from embedcache.extract import run_blocks
+    from embedcache.extract.parts import Batch
+
+    events, written = [], []
+
+    class Layout:
+        path = "/nowhere/s.zarr"
+        layout = {"block_rows": 4, "n": 10, "store_pixels": False, "block_arrays": []}
+
+        def block_range(self, blk):
+            return blk * 4, min(10, blk * 4 + 4)
+
+        def write_block(self, blk, arrays, failures=None):
+            written.append((blk, arrays["image/emb"][:, 0, 0].tolist()))
+
+    class Reader:
+        def batches(self, batches):
+            for rows in batches:
+                yield Batch(np.array(rows), torch.zeros(len(rows), 2, 2, 3, dtype=torch.uint8),
+                            torch.zeros(len(rows), 1, 5, dtype=torch.int32), [""] * len(rows))
+
+    class Waiting:  # a batch's embeddings: numpy() is where the host waits for the device
+        def __init__(self, rows):
+            self.rows = rows
+
+        def numpy(self):
+            events.append(("wait", self.rows[0]))
+            return np.array(self.rows, np.float16)[:, None, None] * np.ones((1, 1, 3), np.float16)
+
+        def canvas_numpy(self):
+            return np.zeros((len(self.rows), 2, 2, 3), np.uint8)
+
+    def embedder(batch):
+        events.append(("queue", int(batch.rows[0])))
+        return Waiting([int(r) for r in batch.rows])
+
+    encoded, failed = run_blocks(Layout(), [0, 1, 2], Reader(), embedder, batch_size=4, progress=False)
+    assert (encoded, failed) == (10, 0)
+    assert events == [("queue", 0), ("queue", 4), ("wait", 0), ("queue", 8), ("wait", 4), ("wait", 8)]
+    assert sorted(written) == [(0, [0, 1, 2, 3]), (1, [4, 5, 6, 7]), (2, [8, 9])]

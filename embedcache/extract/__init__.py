@@ -673,21 +673,32 @@ def run_blocks(store: Store, blocks: List[int], reader, embedder, batch_size: in
     bar = tqdm(total=sum(len(b) for b in batches), unit="img", desc=f"extract {os.path.basename(store.path)}",
                disable=not progress, dynamic_ncols=True)
     encoded = failed = 0
+    held = None  # the batch queued last, assembled once the next is queued: a block's wait for its last
+    # batch's embeddings then overlaps the next batch's work on a GPU, which idled through it
     try:
         for batch in reader.batches(batches):
             interrupt.check_signalled("extracting")  # a CLI stop whose KeyboardInterrupt Python dropped
             writer.check()
-            block = assembler.add(batch, embedder(batch))
+            queued = (batch, embedder(batch))
+            if held is not None:
+                _assemble(assembler, writer, *held)
+            held = queued
             failed += int((~batch.ok).sum())
             encoded += len(batch.rows)
             bar.update(len(batch.rows))
-            if block is not None:
-                writer.put(block)
+        if held is not None:
+            _assemble(assembler, writer, *held)
     finally:
         bar.close()
         writer.close()
     writer.check()
     return encoded, failed
+
+
+def _assemble(assembler: BlockAssembler, writer: BlockWriter, batch: Batch, pending) -> None:
+    block = assembler.add(batch, pending)
+    if block is not None:
+        writer.put(block)
 
 
 def _finalize_or_disk_full(store: Store, dataset: ImageDataset, teacher, prompts, books: Optional[_Books] = None,

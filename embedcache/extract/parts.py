@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from .. import interrupt
 from ..config import ViewsConfig
+from ..device import upload
 from ..datasets import ImageDataset
 from ..errors import DiskFullError, TeacherOutputError
 from ..fileio import disk_full_error, is_disk_full
@@ -187,29 +188,41 @@ class LoaderReader:
 
 # --- the embedder ------------------------------------------------------------------------------------
 class Pending:
-    """A batch's embeddings on their way to the host: on a GPU the copy is asynchronous (pinned
-    buffer + event) and only waited for when its block is assembled, so batches never sync."""
+    """A batch's embeddings and canvases on their way to the host: from a GPU the copies are
+    asynchronous (pinned buffers + an event) and only waited for when the batch's block is assembled,
+    so batches never sync (a blocking copy of the canvases waited for every batch queued since)."""
 
-    def __init__(self, rows: int, views: int, dim: int, ok: np.ndarray, out: Optional[torch.Tensor] = None):
+    def __init__(self, rows: int, views: int, dim: int, ok: np.ndarray, out: Optional[torch.Tensor] = None,
+                 canvas: Optional[torch.Tensor] = None):
         self.shape, self.ok, self.event = (rows, views, dim), ok, None
-        self.host = None
-        if out is not None:
-            out = out.view(int(ok.sum()), views, dim).to(torch.float16)
-            if out.is_cuda:
-                self.host = torch.empty(out.shape, dtype=torch.float16, pin_memory=True)
-                self.host.copy_(out, non_blocking=True)
-                self.event = torch.cuda.Event()
-                self.event.record(torch.cuda.current_stream(out.device))  # the copy's stream, not cuda:0's
-            else:
-                self.host = out
+        self.host = None if out is None else self._to_host(out.view(int(ok.sum()), views, dim).to(torch.float16))
+        self.canvas = None if canvas is None else self._to_host(canvas)
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        if not t.is_cuda:
+            return t
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        self.event = torch.cuda.Event()  # recorded after this batch's copies: the last one covers both
+        self.event.record(torch.cuda.current_stream(t.device))  # the copy's stream, not cuda:0's
+        return host
+
+    def _wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+            self.event = None
 
     def numpy(self) -> np.ndarray:
         emb = np.zeros(self.shape, np.float16)
         if self.host is not None:
-            if self.event is not None:
-                self.event.synchronize()
+            self._wait()
             emb[self.ok] = self.host.numpy()
         return emb
+
+    def canvas_numpy(self) -> np.ndarray:
+        """(B, S, S, 3) uint8: the batch's canvases on the host."""
+        self._wait()
+        return self.canvas.numpy()
 
 
 class Embedder:
@@ -228,7 +241,7 @@ class Embedder:
         canvas, params = batch.canvas, batch.params
         if not batch.ok.all():  # by index, not a mask: a mask on a device tensor waits for the device
             keep = torch.from_numpy(np.flatnonzero(batch.ok))
-            canvas, params = canvas.index_select(0, keep.to(canvas.device, non_blocking=True)), params[keep]
+            canvas, params = canvas.index_select(0, upload(keep, canvas.device)), params[keep]
         canvas = canvas.to(t.device, non_blocking=True)
         if self.batched:
             x = to_uint8(render_views_batched(canvas, params, t.input_size, t.interpolation))
@@ -240,9 +253,9 @@ class Embedder:
         t = self.teacher
         ok = batch.ok
         if not ok.any():
-            return Pending(len(batch.rows), self.views, t.embed_dim, ok)
+            return Pending(len(batch.rows), self.views, t.embed_dim, ok, canvas=batch.canvas)
         encode = getattr(t, "embed_views", t.encode_pixels)  # embed_views may leave the result on the device
-        return Pending(len(batch.rows), self.views, t.embed_dim, ok, encode(self.render(batch)))
+        return Pending(len(batch.rows), self.views, t.embed_dim, ok, encode(self.render(batch)), batch.canvas)
 
 
 def refuse_nonfinite(emb: np.ndarray, what: str) -> np.ndarray:
@@ -279,9 +292,9 @@ class BlockAssembler:
                   "image/view_params": np.concatenate([b.params.numpy() for b, _ in parts]),
                   "image/status": np.where(ok, STATUS_OK, STATUS_FAILED).astype(np.uint8)}
         if self.store_pixels:
-            arrays["image/pixels"] = np.concatenate([b.canvas.cpu().numpy() for b, _ in parts])
+            arrays["image/pixels"] = np.concatenate([e.canvas_numpy() for _, e in parts])
         elif "image/canvas_crc32c" in self.store.layout["block_arrays"]:  # stores made since it exists
-            arrays["image/canvas_crc32c"] = np.array([checksum(c) for b, _ in parts for c in b.canvas.cpu().numpy()],
+            arrays["image/canvas_crc32c"] = np.array([checksum(c) for _, e in parts for c in e.canvas_numpy()],
                                                      np.uint32)
         failures = {int(r): e for b, _ in parts for r, e in zip(b.rows, b.errors) if e}
         return Block(blk, arrays, failures)
