@@ -206,6 +206,8 @@ def test_files_the_device_decoder_would_read_unlike_pil_go_to_pil(tmp_path):
     assert not device_decodes(rotated) and not device_decodes((tmp_path / "c.jpg").read_bytes())
     assert not device_decodes(plain[:-40]) and not device_decodes((tmp_path / "p.png").read_bytes())
     assert device_decodes(_jpeg(tmp_path / "g.jpg", img[..., 0]))  # grey
+    # RGB samples marked by an Adobe segment (transform 0): whether nvJPEG honours the mark is not known
+    assert not device_decodes(_jpeg(tmp_path / "k.jpg", img, keep_rgb=True))
 
 
 def test_an_exif_rotated_photo_is_upright_with_the_cuda_decoders_semantics(tmp_path, make_cfg, tiny_teacher, monkeypatch):
