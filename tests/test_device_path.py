@@ -341,6 +341,24 @@ def test_a_store_of_another_decoder_names_the_decoder_that_resumes_it(photo_fold
         extract(make_cfg("dec.zarr", *args, "decoder=device"), teacher=tiny_teacher, log=quiet)
 
 
+def test_a_store_a_gpu_decoded_names_the_device_that_resumes_it(photo_folder, make_cfg, tiny_teacher, monkeypatch):
+    """A store decoded on a GPU, resumed on a CPU machine, was told "give --set decoder=device", which here
+    decodes on the CPU, another decoder, refused again with no advice (a review)."""
+    import embedcache.extract.device as dev
+    from embedcache.errors import StoreMismatchError
+
+    real = dev.device_pipeline
+    monkeypatch.setattr(dev, "device_pipeline", lambda device: real(torch.device("cuda")))  # as a GPU made it
+    args = ("dataset.name=folder", f"dataset.path={photo_folder}", "block_rows=3")
+    extract(make_cfg("gpu.zarr", *args, "decoder=device"), teacher=tiny_teacher, log=quiet)
+    monkeypatch.setattr(dev, "device_pipeline", real)
+    for decoder in ("pil", "device"):
+        with pytest.raises(StoreMismatchError, match=r"its pipeline differs .*: resume it where its decoder runs, with "
+                                                     r"the teacher on a CUDA GPU \(--set teacher.device=cuda\) and --set "
+                                                     r"decoder=device, or use another --out path"):
+            extract(make_cfg("gpu.zarr", *args, f"decoder={decoder}"), teacher=tiny_teacher, log=quiet)
+
+
 def test_small_host_data_reaches_a_device_by_the_non_waiting_paths():
     """`constant` makes a table once per device (a tensor made from a list on a GPU waited for the device
     once per batch); `upload` returns the same values (from pinned memory, asynchronously, on a GPU)."""

@@ -69,11 +69,9 @@ def made_so(store: Store, manifest: Dict) -> Store:
         f" (this version leaves out the {hidden} hidden image file(s) of the dataset folder, e.g. in "
         ".ipynb_checkpoints, which the version that made this store read as images)")
     advice = "use another --out path, or delete that store if it is no longer needed"
-    was_pil, now_pil = (str(m.get("pipeline", {}).get("decoder", "pil")).startswith("pil")
-                        for m in (store.manifest, manifest))
-    if differs.startswith("its pipeline differs") and was_pil != now_pil:  # this call's decoder: the store's resumes it
-        advice = (f"give --set decoder={'pil' if was_pil else 'device'} to resume it with the decoder that made it, or "
-                  f"{advice}")
+    was_dec, now_dec = (str(m.get("pipeline", {}).get("decoder", "pil")) for m in (store.manifest, manifest))
+    if differs.startswith("its pipeline differs") and was_dec != now_dec:  # this call's decoder: the store's resumes it
+        advice = f"{_resumed_by(was_dec, now_dec)}, or {advice}"
     was, now = (m.get("config", {}).get("dataset", {}).get("path") for m in (store.manifest, manifest))
     if differs == "its dataset differs" and not why and was != now:  # another folder, which a moved dataset may be
         differs += f" (its files, read from {now}, are not those it was made from, read from {was})"
@@ -82,6 +80,20 @@ def made_so(store: Store, manifest: Dict) -> Store:
         advice = ("put the dataset's files back as they were to resume or repair it; or use another --out path for a "
                   "store of the files as they are now (or delete that store if it is no longer needed)")
     return store.require(manifest["key"], complete=False, differs=differs + why, advice=advice)
+
+
+def _resumed_by(was: str, now: str) -> str:
+    """How a store made with decoder ``was`` resumes, said to a call that would decode with ``now``."""
+    if was.startswith("pil"):
+        return "give --set decoder=pil to resume it with the decoder that made it"
+    made_on = re.match(r"torchvision-decode_jpeg-(\w+)\+", was)
+    where = made_on.group(1) if made_on else None
+    if where is None or now.startswith(f"torchvision-decode_jpeg-{where}+"):  # another version's routing to PIL
+        return f"it was decoded by {was}, which this version does not run; resume it with the version that made it"
+    if where == "cuda":
+        return ("resume it where its decoder runs, with the teacher on a CUDA GPU (--set teacher.device=cuda) and "
+                "--set decoder=device")
+    return f"give --set decoder=device with the teacher on {where} (--set teacher.device={where}) to resume it"
 
 
 def require_out(out: str, backend: str, writing: bool = True) -> None:
