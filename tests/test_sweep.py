@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -254,6 +255,24 @@ def test_a_run_asking_ray_for_more_than_it_has_is_refused(synthetic_store, tmp_p
     _require_fits({"CPU": 2.0, "GPU": 1.0}, {"num_cpus": 1, "num_gpus": 0.5}, None)  # fits: nothing said
     with pytest.warns(UserWarning, match="an autoscaling cluster may add it"):
         _require_fits({"CPU": 2.0}, {"num_cpus": 64}, "ray://head:10001")
+
+
+def test_a_ray_cluster_s_gpus_that_no_run_asks_for_are_said():
+    """resources.num_gpus defaults to 0, and Ray hides every GPU from such a task: on a GPU cluster each
+    run trained on its CPU without a word (a review), and with device cuda each failed."""
+    from embedcache.students.sweep.launchers import _require_gpus_used
+
+    have = {"CPU": 16.0, "GPU": 2.0}
+    with pytest.warns(UserWarning, match=r"the Ray cluster has 2 GPU\(s\), but resources.num_gpus is 0: Ray shows "
+                                         r"such tasks no GPU, so every run trains on a CPU; set resources.num_gpus"):
+        _require_gpus_used(have, {"num_cpus": 1, "num_gpus": 0}, "auto")
+    with pytest.raises(ConfigError, match=r"device cuda:1 with resources.num_gpus=0"):
+        _require_gpus_used(have, {"num_cpus": 1}, "cuda:1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _require_gpus_used(have, {"num_gpus": 0.25}, "auto")  # asked for: nothing said
+        _require_gpus_used(have, {"num_gpus": 0}, "cpu")  # CPUs on purpose
+        _require_gpus_used({"CPU": 4.0}, {"num_gpus": 0}, "auto")  # no GPU to use
 
 
 def test_ray_launcher_matches_serial(synthetic_store, tmp_path, monkeypatch):

@@ -313,6 +313,20 @@ def _require_fits(have: Dict[str, float], res: Dict[str, Any], address: Optional
             raise ConfigError(said)
 
 
+def _require_gpus_used(have: Dict[str, float], res: Dict[str, Any], device: Optional[str]) -> None:
+    """A cluster's GPUs that no run asks for: Ray shows a task that asks for none no GPU at all, so under
+    ``auto`` every run trained on a CPU without a word (said), and under ``cuda`` every run failed (refused)."""
+    gpus = have.get("GPU", 0)
+    if res.get("num_gpus") or not gpus or device == "cpu":
+        return
+    if device and str(device).startswith("cuda"):
+        raise ConfigError(f"device {device} with resources.num_gpus=0: Ray shows a task that asks for no GPU none, so "
+                          "every run would fail; set resources.num_gpus (0.25 packs 4 runs on a GPU)")
+    warnings.warn(f"the Ray cluster has {gpus:g} GPU(s), but resources.num_gpus is 0: Ray shows such tasks no GPU, so "
+                  "every run trains on a CPU; set resources.num_gpus (0.25 packs 4 runs on a GPU), or --device cpu "
+                  "to train on CPUs on purpose")
+
+
 @launcher("ray", options=("address",), reads=("resources",))
 def ray_launcher(jobs: List[List[SweepPoint]], spec, sweep_dir, device="auto", progress=True, address=None):
     """The same runs as Ray tasks (per-run CPU/GPU request from ``resources``; fractional GPUs pack
@@ -335,7 +349,9 @@ def ray_launcher(jobs: List[List[SweepPoint]], spec, sweep_dir, device="auto", p
                           "(ray://host:10001 or host:6379) or leave it out for a local Ray instance") from None
     res = dict(spec.resources)
     try:
-        _require_fits(ray.cluster_resources(), res, address)
+        have = ray.cluster_resources()
+        _require_fits(have, res, address)
+        _require_gpus_used(have, res, device)
     except ConfigError:
         if started:
             ray.shutdown()
