@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ..datasets import ImageDataset
+from ..device import upload
 from ..errors import ConfigError
 from ..views import canvas_resize, make_canvas
 from .parts import Batch, ViewPolicy, _init_worker, loaded
@@ -104,6 +105,7 @@ class DeviceDecodeReader:
         self.files, self.policy, self.device, self.num_workers = _Files(dataset, policy), policy, device, num_workers
         self.pipeline = device_pipeline(device)
         self.decoded_by_pil: List[int] = []  # rows of JPEGs the device decoder rejected and PIL read (PIL's pixels)
+        self.last_error = ""  # why the device decoder last rejected a file, for a decoder that does not work
 
     def _probe(self) -> None:
         """Decode a small JPEG on the device: a decoder that does not work here is one line, before any file."""
@@ -114,7 +116,7 @@ class DeviceDecodeReader:
         got = self._decode([torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)])[0]
         if got is None or tuple(got.shape) != (3, 12, 16):
             raise ConfigError(f"decoder=device: torchvision's decode_jpeg does not decode JPEGs on {self.device} here; "
-                              "set decoder=pil")
+                              f"set decoder=pil (it said: {self.last_error or 'a wrong image'})")
 
     def batches(self, batches: List[List[int]]) -> Iterator[Batch]:
         self._probe()
@@ -135,7 +137,8 @@ class DeviceDecodeReader:
             for b in blobs:
                 try:
                     out.append(decode_jpeg(b, mode=ImageReadMode.RGB, device=self.device, apply_exif_orientation=True))
-                except Exception:
+                except Exception as exc:
+                    self.last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
                     out.append(None)
             return out
 
@@ -155,16 +158,17 @@ class DeviceDecodeReader:
                     errors[k] = _why(exc)
                 continue
             try:  # rejected by the device decoder: PIL decides whether the file is really corrupt
-                canvas[k] = torch.from_numpy(make_canvas(self.files.dataset.load(int(rows[k])), s)).to(self.device)
+                canvas[k] = upload(torch.from_numpy(make_canvas(self.files.dataset.load(int(rows[k])), s)), self.device)
                 rescued += 1
                 self.decoded_by_pil.append(int(rows[k]))
             except Exception as exc:
                 errors[k] = _why(exc)
         if len(jpeg) > 1 and rescued == len(jpeg):
             raise ConfigError(f"decoder=device rejected all {len(jpeg)} JPEGs of a batch that PIL reads (the device's "
-                              "decoder is failing here, e.g. out of memory); set decoder=pil, or a smaller batch_size")
+                              f"decoder is failing here, e.g. out of memory: {self.last_error}); set decoder=pil, or a "
+                              "smaller batch_size")
         for k, it in enumerate(items):
             if it[2] is not None:
-                canvas[k] = torch.from_numpy(it[2]).to(self.device)
+                canvas[k] = upload(torch.from_numpy(it[2]), self.device)  # (a PNG, a CMYK JPEG: PIL read it)
         params = torch.from_numpy(np.stack([self.policy.params(int(i)) for i in rows]))
         return Batch(rows=rows, canvas=canvas, params=params, errors=errors)
