@@ -4,7 +4,7 @@
 # about 8 minutes together, in two calls back to back while the machine is warm, the figures the
 # issue's targets name first:
 #   run(command="bash bench/gpu_run.sh extract train-b16", carry=[".gpu"], timeout_s=330)
-#   run(command="bash bench/gpu_run.sh pack train-l14", carry=[".gpu"], timeout_s=260)
+#   run(command="bash bench/gpu_run.sh pack train-l14 checks", carry=[".gpu"], timeout_s=300)
 # No arguments runs every part in that order. JSON and logs go to $OUT. Each benchmark is a ratio
 # against a baseline measured in the same run and prints each figure as soon as it has it; each part
 # stops at its own time limit, so a slow part costs only its own figures.
@@ -13,7 +13,7 @@ export PYTHONUNBUFFERED=1  # a part stopped by its limit still shows what it pri
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(extract train-b16 pack train-l14)
+[ ${#parts[@]} -eq 0 ] && parts=(extract train-b16 pack train-l14 checks)
 # setuptools >= 77 (pyproject's SPDX licence) comes with the wheels: the editable install needs it
 python3 -m pip install -q --no-index --no-deps .gpu/wheels/*.whl 2>&1 | tail -5
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -5
@@ -28,10 +28,12 @@ for part in "${parts[@]}"; do
     train-b16) run 140 bench/train.py --student resnet18 --size 224 --batch 128 --canvas 256 --teacher ViT-B-16 --steps 60 \
         --images 2048 --head-steps 1000 --heads 32 ;;
     # ViT-L-14 for the online arm's 10x target; one round of head arms (train-b16 measures them over three)
-    train-l14) run 100 bench/train.py --student resnet18 --size 224 --batch 128 --canvas 256 --teacher ViT-L-14 --steps 30 \
+    train-l14) run 90 bench/train.py --student resnet18 --size 224 --batch 128 --canvas 256 --teacher ViT-L-14 --steps 30 \
         --images 512 --head-steps 300 --heads 8 --rounds 1 ;;
     # VL2V-ADiP's runs (224 px, batch 96) one at a time, then 2 and 4 sharing the GPU; projected to 5,000 steps
     pack) run 130 bench/pack.py --workers 2 4 --steps 100 --size 224 --batch 96 --canvas 256 --images 1024 ;;
-    *) echo "unknown part $part (extract, train-b16, pack, train-l14)"; exit 2 ;;
+    # device vs PIL canvases for each kind of JPEG, and the synchronising calls per batch and per step
+    checks) run 45 bench/gpu_checks.py --pacs .gpu/pacs ;;
+    *) echo "unknown part $part (extract, train-b16, pack, train-l14, checks)"; exit 2 ;;
     esac
 done

@@ -7,11 +7,12 @@
 # to make JPEGs from. Then the two device calls at the head of bench/gpu_run.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+SHARED=${SHARED:-../shared}  # the project's shared folder (a checkout elsewhere: SHARED=/work/shared)
 rm -rf .gpu && mkdir -p .gpu/wheels .gpu/pacs/photo
-cp ../shared/gpu-host/wheels-py312/*.whl .gpu/wheels/
+cp "$SHARED"/gpu-host/wheels-py312/*.whl .gpu/wheels/
 .venv/bin/python -m pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
     --platform manylinux_2_17_x86_64 --platform any -d .gpu/wheels 'setuptools>=77' 'fastcrc>=0.5'
-for cls in ../shared/datasets/pacs/photo/*/; do
+for cls in "$SHARED"/datasets/pacs/photo/*/; do
     name=$(basename "$cls"); mkdir -p ".gpu/pacs/photo/$name"
     ls "$cls" | head -45 | while read -r f; do cp "$cls/$f" ".gpu/pacs/photo/$name/"; done
 done
