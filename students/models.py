@@ -151,10 +151,12 @@ def _load_local(backbone: nn.Module, path: str) -> None:
 
 def _aligned(state: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """``state`` with its names as the backbone names them: as saved, without DataParallel's "module."
-    prefix, or with the backbone's own wrapper prefix (weights saved from the wrapped model itself, as
-    an efficientnet_lite_pytorch net is): whichever names most of the backbone's tensors."""
+    prefix, a run's own model file's ``backbone.`` tensors alone (its head and classifier left out), or
+    with the backbone's own wrapper prefix (weights saved from the wrapped model itself, as an
+    efficientnet_lite_pytorch net is): whichever names most of the backbone's tensors."""
     wrapper = {k.split(".", 1)[0] for k in own}
-    ways = [state, {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}]
+    ways = [state, {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()},
+            {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}]  # a run's model file
     if len(wrapper) == 1:
         ways += [{f"{next(iter(wrapper))}.{k}": v for k, v in way.items()} for way in list(ways)]
     return max(ways, key=lambda named: sum(k in own for k in named))
@@ -167,7 +169,8 @@ def _misfit(backbone: nn.Module, own: Dict[str, torch.Tensor], state: Dict[str, 
     named = (getattr(backbone, "pretrained_cfg", None) or {}).get("classifier") or ()
     heads = [named] if isinstance(named, str) else list(named)  # distilled DeiT, LeViT: ("head", "head_dist")
     spare = lambda k: any(k == h or k.startswith(h + ".") for h in heads if h)  # noqa: E731
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    # a backbone that keeps a classifier it never runs (efficientnet_lite's _fc) need not find it in the file
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked") and not spare(k)]
     shaped = [k for k in own if k in state and state[k].shape != own[k].shape]
     extra = [k for k in state if k not in own and not spare(k)]
     parts = [f"{len(missing)} of its {len(own)} tensors are not in the file ({missing[0]}, ...)" if missing else "",
@@ -278,7 +281,10 @@ def build_student(cfg: StudentConfig, embed_dim: int, num_classes: int = 0) -> S
 
 # --- students with packaged ImageNet weights (no hub needed) ---------------------------------------
 class _PooledLite(nn.Module):
-    """An EfficientNet-Lite classifier up to its pooled features (B, 1280): no dropout, no fc."""
+    """An EfficientNet-Lite classifier up to its pooled features (B, 1280): no dropout, no fc. The fc
+    stays in the module (its weights in run files since the first runs), named as the classifier that a
+    weights file may leave out."""
+    pretrained_cfg = {"classifier": "net._fc"}
 
     def __init__(self, net: nn.Module):
         super().__init__()

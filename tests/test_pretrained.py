@@ -90,3 +90,26 @@ def test_weights_saved_from_the_lite_network_itself_load(tmp_path):
     for f in ("own.safetensors", "dp.safetensors"):
         student = build_student(StudentConfig(name="efficientnet_lite0", pretrained=str(tmp_path / f)), 32)
         assert torch.equal(student.backbone.net._conv_stem.weight, net._conv_stem.weight), f
+    # saved without its ImageNet classifier (unused by the student): it was refused, 2 tensors "not in the file"
+    save_file({k: v for k, v in state.items() if not k.startswith("_fc.")}, str(tmp_path / "headless.safetensors"))
+    student = build_student(StudentConfig(name="efficientnet_lite0", pretrained=str(tmp_path / "headless.safetensors")), 32)
+    assert torch.equal(student.backbone.net._conv_stem.weight, net._conv_stem.weight)
+
+
+def test_a_runs_own_weights_file_starts_a_student(tmp_path):
+    """A run's model.safetensors (backbone.*, head.*) given as student.pretrained was refused with "no tensor
+    matches the student backbone; is it the same architecture?", which it is (a trial): its backbone loads."""
+    from safetensors.torch import save_file
+
+    from embedcache.students.config import StudentConfig
+    from embedcache.students.models import build_student
+
+    torch.manual_seed(3)
+    trained = build_student(StudentConfig(name="test_resnet", input_size=32), 16, 4)
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    assert any(k.startswith("backbone.") for k in trained.state_dict()) and any(
+        not k.startswith("backbone.") for k in trained.state_dict())
+    torch.manual_seed(4)
+    fresh = build_student(StudentConfig(name="test_resnet", input_size=32, pretrained=str(tmp_path / "model.safetensors")), 16)
+    for (k, a), b in zip(trained.backbone.state_dict().items(), fresh.backbone.state_dict().values()):
+        assert torch.equal(a, b), k
