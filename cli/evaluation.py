@@ -220,10 +220,13 @@ def _seen_list(seen_classes):
     """The classes named by --seen-classes (None: not given), each once."""
     if seen_classes is None:
         return None
-    seen = [c.strip() for c in seen_classes.split(",") if c.strip()]
-    if not seen:
+    seen = [c.strip() for c in seen_classes.split(",")]
+    if not any(seen):
         raise click.UsageError(f"--seen-classes names no class ({seen_classes!r}); give them comma-separated, "
                                "e.g. --seen-classes dog,horse")
+    if not all(seen):  # a class left out by mistake reads as a smaller seen set, scored without a word
+        raise click.UsageError(f"--seen-classes has an empty name ({seen_classes!r}); name each seen class once, "
+                               "comma-separated, with no empty entry")
     twice = sorted({c for c in seen if seen.count(c) > 1})
     if twice:
         raise click.UsageError(f"--seen-classes names {twice[0]!r} twice; name each seen class once")

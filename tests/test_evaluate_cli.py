@@ -175,6 +175,7 @@ def test_teacher_baselines_hold_out_the_classes_a_run_names(synthetic_store, tmp
                        # named twice, a split for protocols that hold no class out, --transfer with no run
                        (["--seen-classes", ""], "--seen-classes names no class"),
                        (["--seen-classes", f"{s.classes[0]},{s.classes[0]}"], f"names {s.classes[0]!r} twice"),
+                       (["--seen-classes", f"{s.classes[0]},,{s.classes[1]}"], "--seen-classes has an empty name"),
                        (["--seen-classes", s.classes[0], "--protocol", "lodo"], "add --protocol open_vocab"),
                        (["--transfer"], "--transfer scores runs")]:
         protocols = [] if "--protocol" in args else ["--protocol", "open_vocab"]
