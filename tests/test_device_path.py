@@ -413,7 +413,11 @@ def test_a_block_waits_for_its_last_batch_only_once_the_next_is_queued():
         events.append(("queue", int(batch.rows[0])))
         return Waiting([int(r) for r in batch.rows])
 
-    encoded, failed = run_blocks(Layout(), [0, 1, 2], Reader(), embedder, batch_size=4, progress=False)
+    encoded, failed = run_blocks(Layout(), [0, 1, 2], Reader(), embedder, batch_size=4, progress=False, overlap=True)
     assert (encoded, failed) == (10, 0)
     assert events == [("queue", 0), ("queue", 4), ("wait", 0), ("queue", 8), ("wait", 4), ("wait", 8)]
+    assert sorted(written) == [(0, [0, 1, 2, 3]), (1, [4, 5, 6, 7]), (2, [8, 9])]
+    events.clear(), written.clear()  # without a GPU's work to overlap (a synthesis, a remote teacher): at once
+    run_blocks(Layout(), [0, 1, 2], Reader(), embedder, batch_size=4, progress=False)
+    assert events == [("queue", 0), ("wait", 0), ("queue", 4), ("wait", 4), ("queue", 8), ("wait", 8)]
     assert sorted(written) == [(0, [0, 1, 2, 3]), (1, [4, 5, 6, 7]), (2, [8, 9])]

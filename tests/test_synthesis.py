@@ -384,6 +384,32 @@ def test_a_synthesis_resumed_under_another_thread_count_says_its_images_will_dif
                         "keeps the store byte-identical"), said
 
 
+def test_a_resume_names_every_batch_size_the_stores_blocks_were_made_with(tiny_teacher, synth_cfg):
+    """Begun at batch 2, resumed at 1 for a block, then at 2 again: the third call compared itself with the
+    first only and said nothing, leaving images of two batch sizes (45 to 169/255 apart in a trial: the
+    rounding grows over the iterations) in one store."""
+    def one_block(block):
+        raise KeyboardInterrupt
+
+    cut = synth_cfg("mixed.zarr", "block_rows=2", "batch_size=2")
+    for size in (2, 1):
+        with pytest.raises(KeyboardInterrupt):
+            synthesize(build_config(SynthesizeConfig, {**to_dict(cut), "batch_size": size}), teacher=tiny_teacher,
+                       on_block_done=one_block, log=quiet)
+    said = []
+
+    def stop_when_said(line):
+        said.append(line)
+        if line.startswith("resuming with batch_size"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        synthesize(cut, teacher=tiny_teacher, log=stop_when_said)
+    assert said[-1] == ("resuming with batch_size=2; blocks of the store were encoded with batch_size=1: images "
+                        "synthesised now will differ from theirs (the rounding grows over the iterations); the store "
+                        "already holds blocks of batch_size=2 too"), said
+
+
 @pytest.mark.parametrize("method", ["contrastive", "mix", "plain"])
 def test_a_complete_synthesis_is_found_without_learning_its_styles_again(tiny_teacher, synth_cfg, monkeypatch, method):
     """A rerun of a complete synthesis learned every style again (minutes with a real teacher) before

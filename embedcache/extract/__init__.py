@@ -171,6 +171,9 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
             raise
         return DryRun(cfg.out, 0, 0, {}, views_per_image=cfg.views.count, complete=True) if dry_run else done
     _say_small_canvas(cfg, teacher)
+    # a batch assembled once the next is queued, where that overlaps a GPU's work with the host's wait: not
+    # for a synthesis (its reader makes each next batch for minutes) nor a remote teacher (nothing to overlap)
+    overlap = reader is None and teacher.device.type == "cuda" and teacher.computes_here
     reader = reader or make_reader(cfg, dataset, teacher)
     pipeline = getattr(reader, "pipeline", PIPELINE)
     embedder = Embedder(teacher, cfg.views.count, batched=pipeline["views"] == "batched-resample-uint8")
@@ -213,7 +216,7 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
         ours = set(shard_blocks(store.num_blocks, shard, num_shards)) | set(reopened if finished else ())
         mine = [b for b in sorted(ours) if not done[b]]
         if mine and done.any():
-            _say_resumed_otherwise(store.manifest, cfg, manifest, log)
+            _say_resumed_otherwise(store, cfg, manifest, log)
         if mine and on_open is not None:
             _on_open(store, on_open, cfg.out)
         _opening_marks(store, books, record if mine or done.all() else None, cfg.out)
@@ -226,7 +229,7 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
 
             began_images = time.time()
             encoded, failed = run_blocks(store, mine, reader, embedder, cfg.batch_size,
-                                         progress=cfg.progress, on_block_done=block_done)
+                                         progress=cfg.progress, on_block_done=block_done, overlap=overlap)
             image_seconds = time.time() - began_images
             _say_decoded_by_pil(reader, dataset, record, log)
             if store.blocks_done().all():
@@ -366,16 +369,36 @@ def _say_decoded_by_pil(reader, dataset: ImageDataset, record: CallRecord, log: 
         + ", ".join(paths[:5]) + (f" and {n - 5} more" if n > 5 else ""))
 
 
-def _say_resumed_otherwise(began: Dict, cfg: ExtractConfig, now: Dict, log: Callable[[str], None]) -> None:
+def _block_batch_sizes(store: Store) -> List[int]:
+    """The batch sizes the store's finished blocks were encoded with: of each call that finished a block
+    (its history, since 2026-12-05), else of the call that made the store."""
+    sizes = {int(e["config"]["batch_size"]) for e in store.call_history()
+             if e.get("blocks") and isinstance(e.get("config"), dict) and e["config"].get("batch_size")}
+    first = store.manifest.get("config", {}).get("batch_size")
+    return sorted(sizes) if sizes else ([int(first)] if first else [])
+
+
+def _say_resumed_otherwise(store: Store, cfg: ExtractConfig, now: Dict, log: Callable[[str], None]) -> None:
     """A store resumed with another batch size or on another kind of device keeps its key, but the
-    blocks encoded now may differ from the earlier ones by float rounding: said, with what keeps it
-    byte-identical."""
-    size = began.get("config", {}).get("batch_size")
-    if size not in (None, cfg.batch_size):
+    blocks encoded now may differ from the earlier ones by float rounding (a synthesis's images far
+    more: the rounding grows over its iterations): said, with what keeps it byte-identical."""
+    began = store.manifest
+    what = ("images synthesised now will differ from theirs (the rounding grows over the iterations)"
+            if "synthesis" in now else "blocks encoded now may differ from theirs by float rounding")
+    sizes, first = _block_batch_sizes(store), began.get("config", {}).get("batch_size")
+    others = [n for n in sizes if n != cfg.batch_size]
+    if others:
         paid = (" (and a paid teacher's cut-off request is replayed free only at the same batching)"
                 if now["teacher"].get("name") == "remote" else "")
-        log(f"resuming with batch_size={cfg.batch_size}; the store began with {size}: blocks encoded now may differ "
-            f"from theirs by float rounding{paid}; --set batch_size={size} keeps the store byte-identical")
+        if sizes == [first]:
+            log(f"resuming with batch_size={cfg.batch_size}; the store began with {first}: {what}{paid}; "
+                f"--set batch_size={first} keeps the store byte-identical")
+        else:
+            keep = (f"the store already holds blocks of batch_size={cfg.batch_size} too" if cfg.batch_size in sizes
+                    else f"--set batch_size={others[0]} keeps the store byte-identical" if len(others) == 1
+                    else "the store already holds blocks of each")
+            log(f"resuming with batch_size={cfg.batch_size}; blocks of the store were encoded with batch_size="
+                f"{', '.join(map(str, others))}: {what}{paid}; {keep}")
     if now["teacher"].get("name") == "remote":  # the service computes: this machine rounds nothing
         _say_moved_service(began, now, log)
         return
@@ -384,8 +407,6 @@ def _say_resumed_otherwise(began: Dict, cfg: ExtractConfig, now: Dict, log: Call
         log(f"resuming on {now['device']}; the store began on {device}: blocks encoded now may differ from theirs by "
             f"float rounding (another device's kernels); resuming on {device} keeps the store byte-identical")
     elif device == "cpu" and threads not in (None, now["threads"]):
-        what = ("images synthesised now will differ from theirs (the rounding grows over the iterations)"
-                if "synthesis" in now else "blocks encoded now may differ from theirs by float rounding")
         log(f"resuming with {now['threads']} CPU threads; the store began with {threads}: {what}; "
             f"OMP_NUM_THREADS={threads} keeps the store byte-identical")
 
@@ -576,7 +597,7 @@ def _dry_run(cfg, manifest, layout, reader, embedder, prompts, shard, num_shards
         with Store(cfg.out, "r", backend) as st:  # refused as the real run refuses it
             made_so(st, manifest)
             if st.blocks_done().any():  # what the resume will say
-                _say_resumed_otherwise(st.manifest, cfg, manifest, log)
+                _say_resumed_otherwise(st, cfg, manifest, log)
             if budget:
                 budget = (budget[0], StoreBudget(st, budget[0]).claimed())
             if st.complete:  # prompts included
@@ -672,8 +693,10 @@ def reader_workers(num_workers: Optional[int], teacher) -> int:
 
 
 def run_blocks(store: Store, blocks: List[int], reader, embedder, batch_size: int, progress: bool = True,
-               on_block_done: Optional[Callable[[int], None]] = None) -> tuple:
-    """Read, embed, assemble and write the given blocks. Returns (rows encoded, rows unreadable)."""
+               on_block_done: Optional[Callable[[int], None]] = None, overlap: bool = False) -> tuple:
+    """Read, embed, assemble and write the given blocks. Returns (rows encoded, rows unreadable).
+    ``overlap``: each batch is assembled once the next is queued (its block's wait for the device then
+    overlaps the next batch's work there); else as soon as it is embedded."""
     from tqdm.auto import tqdm
 
     batches = block_batches(blocks, store, batch_size)
@@ -691,16 +714,20 @@ def run_blocks(store: Store, blocks: List[int], reader, embedder, batch_size: in
         for batch in reader.batches(batches):
             interrupt.check_signalled("extracting")  # a CLI stop whose KeyboardInterrupt Python dropped
             writer.check()
-            queued = (batch, embedder(batch))
-            if held is not None:
-                _assemble(assembler, writer, *held)
-            held = queued
+            held, done = (batch, embedder(batch)), held
+            if not overlap:
+                held, done = None, held
+            if done is not None:
+                _assemble(assembler, writer, *done)
             failed += int((~batch.ok).sum())
             encoded += len(batch.rows)
             bar.update(len(batch.rows))
-        if held is not None:
-            _assemble(assembler, writer, *held)
+        held, done = None, held
+        if done is not None:
+            _assemble(assembler, writer, *done)
     finally:
+        if held is not None:  # stopped while the next batch was read (a synthesis's: minutes): the one embedded is kept
+            _salvage(assembler, writer, *held)
         bar.close()
         writer.close()
     writer.check()
@@ -711,6 +738,15 @@ def _assemble(assembler: BlockAssembler, writer: BlockWriter, batch: Batch, pend
     block = assembler.add(batch, pending)
     if block is not None:
         writer.put(block)
+
+
+def _salvage(assembler: BlockAssembler, writer: BlockWriter, batch: Batch, pending) -> None:
+    """On the way out of a stop or failure: the last embedded batch assembled (and its block written,
+    where it finishes one) rather than lost; an error doing so gives way to the one being raised."""
+    try:
+        _assemble(assembler, writer, batch, pending)
+    except Exception:
+        pass
 
 
 def _finalize_or_disk_full(store: Store, dataset: ImageDataset, teacher, prompts, books: Optional[_Books] = None,
