@@ -20,6 +20,8 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -5
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee -a "$OUT/gpu.txt"
 df -h /dev/shm | tee -a "$OUT/gpu.txt"  # DataLoader workers pass batches through it
 python3 -c "import embedcache, embedcache.students, zarr, faiss, open_clip, httpx; print('imports ok')" || exit 1
+# the host's own torch stack (open_clip 3.3 wants timm >= 1.0.17, which --no-deps does not check)
+python3 -c "import torch, torchvision, timm, open_clip; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__, 'open_clip', open_clip.__version__)" | tee -a "$OUT/gpu.txt"
 run() { local limit=$1; shift; echo "== $*"; timeout --kill-after=10 "$limit" python3 "$@" --out "$OUT" 2>&1 | grep --line-buffered -v WARNING | tee -a "$OUT/gpu.log"; }
 for part in "${parts[@]}"; do
     case $part in
