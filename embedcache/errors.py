@@ -1,8 +1,9 @@
 """Errors a user can cause. Each message is one line: what is wrong, then what to do.
 
 The CLI prints them without a traceback and exits with the error's ``exit_code``: 2 for a user
-error, 75 (EX_TEMPFAIL: try again later) for a full disk or an unreachable remote teacher, where rerunning
-the same command resumes.
+error, 3 for a paid teacher's budget or quota run out, 4 for a remote service's answer that cannot be
+kept (``teachers.remote.errors.BadAnswer``), 75 (EX_TEMPFAIL: try again later) for a full disk or an
+unreachable remote teacher, where rerunning the same command resumes (README, Exit codes).
 """
 
 

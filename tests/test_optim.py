@@ -106,7 +106,7 @@ def _conv_grads(model, step):
         p.grad = torch.empty_like(p).copy_(torch.randn(p.shape, generator=g))
 
 
-@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+@pytest.mark.parametrize("name", ["adam", "adamw"])  # the fused kernels (SGD has none here: no case to fail)
 def test_a_state_saved_channels_last_resumes_into_a_plain_model_as_the_same_numbers(name):
     """A run begun on a GPU (channels-last weights, so Adam's moments too) resumed on the CPU: the fused
     kernel paired the moments' memory with the weights' element by element, a silently other training."""

@@ -380,25 +380,50 @@ def test_an_answer_from_another_model_is_refused_and_nothing_of_it_is_kept(proto
                                                                            tiny_teacher, key_env):
     """A service whose answer named another model mid-run (a vendor moving an alias) was stored beside the
     first model's answers with exit 0. Refused in one line, exit 4 (the service's answer, not a setting),
-    by this run and by a rerun on the same ledger; once the service answers from its first model again,
-    the store completes and equals the local teacher's."""
+    by this run, by a rerun whose ledger holds the first model's answers, and by a rerun with another
+    ledger (the store's books hold the model); once the service answers from its first model again, the
+    store completes and equals the local teacher's."""
     swap = ModelSwap(service_app(protocol, tiny_teacher_cfg, tiny_teacher, tmp_path), after=1)
     with LiveServer(swap) as url:
-        cfg = remote(tmp_path, "r.zarr", tiny_teacher_cfg, protocol, url, "teacher.dimensions=32")
+        cfg = remote(tmp_path, "r.zarr", tiny_teacher_cfg, protocol, url, "teacher.dimensions=32", "block_rows=4")
+        fresh_ledger = replace(cfg, teacher=replace(cfg.teacher, ledger=str(tmp_path / "fresh.sqlite")))
         kept_first = None
-        for _ in range(2):
+        for run in (cfg, cfg, fresh_ledger):
             with pytest.raises(BadAnswer) as err:
-                extract(cfg, log=quiet)
+                extract(run, log=quiet)
             msg = str(err.value)
             assert "\n" not in msg and KEY not in msg and "'other-model-v2'" in msg and "nothing was written" in msg
             assert err.value.exit_code == 4
             with sqlite3.connect(str(tmp_path / "client.sqlite")) as db:  # the first model's answers, and only those
                 kept = db.execute("SELECT modality, COUNT(*) FROM entries WHERE status='done' GROUP BY modality").fetchall()
-            assert kept == (kept_first or kept) and kept[0][1] > 0  # the first answers kept; no later one
+            assert kept == (kept_first or kept) and kept[0][1] > 0, kept  # the first answers kept; no later one
             kept_first = kept
+        with Store(cfg.out) as st:
+            assert st.blocks_done().any()  # so the last refusal came from the store's books
         swap.on = False
         assert extract(cfg, log=quiet).complete
     assert_same_up_to_batching(local, arrays(cfg.out))
+
+
+@pytest.mark.parametrize("protocol", ["embedcache", "openai"])
+def test_a_store_begun_after_the_model_moved_takes_no_answer_of_the_old_one(protocol, tmp_path, tiny_teacher_cfg,
+                                                                           tiny_teacher, key_env):
+    """After the alias moved, a new store of other views took the views it shares with the first store
+    (view 0, the whole canvas) and its class texts from the ledger's answers of the old model, the rest
+    from the new one: refused; with another ledger every answer comes from the new model, and the store
+    completes."""
+    swap = ModelSwap(service_app(protocol, tiny_teacher_cfg, tiny_teacher, tmp_path), after=10**9)
+    with LiveServer(swap) as url:
+        assert extract(remote(tmp_path, "a.zarr", tiny_teacher_cfg, protocol, url, "teacher.dimensions=32"),
+                       log=quiet).complete
+        swap.after = 0  # every answer from now on names the new model
+        b = remote(tmp_path, "b.zarr", tiny_teacher_cfg, protocol, url, "teacher.dimensions=32", "views.seed=7")
+        with pytest.raises(BadAnswer, match=r"from model '.+', where this store's other answers came from '.+': the two "
+                                            r"would mix in one store") as err:
+            extract(b, log=quiet)
+        assert "'other-model-v2'" in str(err.value) and f"'{MODELS[protocol] or 'embedcache'}'" in str(err.value)
+        own = replace(b, out=str(tmp_path / "b2.zarr"), teacher=replace(b.teacher, ledger=str(tmp_path / "own.sqlite")))
+        assert extract(own, log=quiet).complete
 
 
 @pytest.mark.parametrize("how", ["zero", "strings", "notjson"])

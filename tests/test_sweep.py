@@ -265,14 +265,16 @@ def test_a_ray_cluster_s_gpus_that_no_run_asks_for_are_said():
     have = {"CPU": 16.0, "GPU": 2.0}
     with pytest.warns(UserWarning, match=r"the Ray cluster has 2 GPU\(s\), but resources.num_gpus is 0: Ray shows "
                                          r"such tasks no GPU, so every run trains on a CPU; set resources.num_gpus"):
-        _require_gpus_used(have, {"num_cpus": 1, "num_gpus": 0}, "auto")
+        _require_gpus_used(have, {"num_cpus": 1, "num_gpus": 0}, ["auto"])
     with pytest.raises(ConfigError, match=r"device cuda:1 with resources.num_gpus=0"):
-        _require_gpus_used(have, {"num_cpus": 1}, "cuda:1")
+        _require_gpus_used(have, {"num_cpus": 1}, ["cuda:1"])
+    with pytest.raises(ConfigError, match=r"device cuda with resources.num_gpus=0"):  # runs of their own devices
+        _require_gpus_used(have, {"num_cpus": 1}, ["cpu", "cuda"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _require_gpus_used(have, {"num_gpus": 0.25}, "auto")  # asked for: nothing said
-        _require_gpus_used(have, {"num_gpus": 0}, "cpu")  # CPUs on purpose
-        _require_gpus_used({"CPU": 4.0}, {"num_gpus": 0}, "auto")  # no GPU to use
+        _require_gpus_used(have, {"num_gpus": 0.25}, ["auto"])  # asked for: nothing said
+        _require_gpus_used(have, {"num_gpus": 0}, ["cpu"])  # CPUs on purpose
+        _require_gpus_used({"CPU": 4.0}, {"num_gpus": 0}, ["auto"])  # no GPU to use
 
 
 def test_ray_launcher_matches_serial(synthetic_store, tmp_path, monkeypatch):

@@ -32,7 +32,7 @@ from ..teachers import Teacher, build_teacher
 from ..text import build_prompts, encode_sources, id_names, text_calls
 from ..views import param_fields
 from .budget import StoreBudget
-from .device import DeviceDecodeReader
+from .device import DeviceDecodeReader, device_pipeline
 from .history import CallRecord, calls_of
 from .manifest import PIPELINE, absolute_paths, build_manifest, differing_parts
 from .parts import (Batch, Block, BlockAssembler, BlockWriter, Embedder, LoaderReader, ViewPolicy, block_batches,
@@ -88,7 +88,7 @@ def _resumed_by(was: str, now: str) -> str:
         return "give --set decoder=pil to resume it with the decoder that made it"
     made_on = re.match(r"torchvision-decode_jpeg-(\w+)\+", was)
     where = made_on.group(1) if made_on else None
-    if where is None or now.startswith(f"torchvision-decode_jpeg-{where}+"):  # another version's routing to PIL
+    if where is None or device_pipeline(torch.device(where))["decoder"] != was:  # another version's routing to PIL
         return f"it was decoded by {was}, which this version does not run; resume it with the version that made it"
     if where == "cuda":
         return ("resume it where its decoder runs, with the teacher on a CUDA GPU (--set teacher.device=cuda) and "
@@ -193,6 +193,7 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
         lock = _writer_lock(store, shard, num_shards)
         _budget_in_store(store, teacher, cfg.teacher)
         _lost_in_store(store, teacher)
+        _models_in_store(store, teacher)
         repaired, finished, reopened = 0, store.complete, []
         if store.blocks_done().any():  # finished blocks are checked before anything builds on them
             report = store.verify(progress=cfg.progress)
@@ -372,10 +373,13 @@ def _say_decoded_by_pil(reader, dataset: ImageDataset, record: CallRecord, log: 
 def _block_batch_sizes(store: Store) -> List[int]:
     """The batch sizes the store's finished blocks were encoded with: of each call that finished a block
     (its history, since 2026-12-05), else of the call that made the store."""
-    sizes = {int(e["config"]["batch_size"]) for e in store.call_history()
-             if e.get("blocks") and isinstance(e.get("config"), dict) and e["config"].get("batch_size")}
+    history = [e for e in store.call_history() if e.get("blocks") and isinstance(e.get("config"), dict)
+               and e["config"].get("batch_size")]
+    sizes = {int(e["config"]["batch_size"]) for e in history}
     first = store.manifest.get("config", {}).get("batch_size")
-    return sorted(sizes) if sizes else ([int(first)] if first else [])
+    if first and sum(int(e["blocks"]) for e in history) < int(store.blocks_done().sum()):
+        sizes.add(int(first))  # blocks no history lists: a store made before it, or an entry lost, by its maker
+    return sorted(sizes)
 
 
 def _say_resumed_otherwise(store: Store, cfg: ExtractConfig, now: Dict, log: Callable[[str], None]) -> None:
@@ -455,6 +459,14 @@ def _budget_in_store(store: Store, teacher, teacher_cfg) -> None:
     limit = getattr(teacher_cfg, "max_queries", None)
     if callable(use) and limit is not None:
         use(StoreBudget(store, limit))
+
+
+def _models_in_store(store: Store, teacher) -> None:
+    """The model a paid teacher's earlier answers to this store named (its books): every answer now is
+    held to it, so a store resumed after the vendor moved its model is refused, not mixed."""
+    expect = getattr(teacher, "expect_model", None)
+    if callable(expect):
+        expect((store.usage() or {}).get("answered_model"))
 
 
 def _lost_in_store(store: Store, teacher) -> None:
@@ -726,10 +738,12 @@ def run_blocks(store: Store, blocks: List[int], reader, embedder, batch_size: in
         if done is not None:
             _assemble(assembler, writer, *done)
     finally:
-        if held is not None:  # stopped while the next batch was read (a synthesis's: minutes): the one embedded is kept
-            _salvage(assembler, writer, *held)
-        bar.close()
-        writer.close()
+        try:
+            if held is not None:  # stopped while the next batch was read: the one embedded is kept
+                _salvage(assembler, writer, *held)
+        finally:  # a second Ctrl-C during the salvage still ends the bar and the writer
+            bar.close()
+            writer.close()
     writer.check()
     return encoded, failed
 

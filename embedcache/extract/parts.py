@@ -242,7 +242,7 @@ class Embedder:
         if not batch.ok.all():  # by index, not a mask: a mask on a device tensor waits for the device
             keep = torch.from_numpy(np.flatnonzero(batch.ok))
             canvas, params = canvas.index_select(0, upload(keep, canvas.device)), params[keep]
-        canvas = canvas.to(t.device, non_blocking=True)
+        canvas = upload(canvas, t.device)  # a subset of a pinned batch is in ordinary memory again
         if self.batched:
             x = to_uint8(render_views_batched(canvas, params, t.input_size, t.interpolation))
         else:

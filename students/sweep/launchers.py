@@ -313,15 +313,17 @@ def _require_fits(have: Dict[str, float], res: Dict[str, Any], address: Optional
             raise ConfigError(said)
 
 
-def _require_gpus_used(have: Dict[str, float], res: Dict[str, Any], device: Optional[str]) -> None:
+def _require_gpus_used(have: Dict[str, float], res: Dict[str, Any], devices: List[Optional[str]]) -> None:
     """A cluster's GPUs that no run asks for: Ray shows a task that asks for none no GPU at all, so under
-    ``auto`` every run trained on a CPU without a word (said), and under ``cuda`` every run failed (refused)."""
+    ``auto`` every run trained on a CPU without a word (said), and under ``cuda`` every run failed (refused).
+    ``devices``: the sweep's device, or each run's own where the sweep leaves them theirs."""
     gpus = have.get("GPU", 0)
-    if res.get("num_gpus") or not gpus or device == "cpu":
+    if res.get("num_gpus") or not gpus or all(d == "cpu" for d in devices):
         return
-    if device and str(device).startswith("cuda"):
-        raise ConfigError(f"device {device} with resources.num_gpus=0: Ray shows a task that asks for no GPU none, so "
-                          "every run would fail; set resources.num_gpus (0.25 packs 4 runs on a GPU)")
+    cuda = sorted({str(d) for d in devices if d and str(d).startswith("cuda")})
+    if cuda:
+        raise ConfigError(f"device {cuda[0]} with resources.num_gpus=0: Ray shows a task that asks for no GPU none, so "
+                          "every run on it would fail; set resources.num_gpus (0.25 packs 4 runs on a GPU)")
     warnings.warn(f"the Ray cluster has {gpus:g} GPU(s), but resources.num_gpus is 0: Ray shows such tasks no GPU, so "
                   "every run trains on a CPU; set resources.num_gpus (0.25 packs 4 runs on a GPU), or --device cpu "
                   "to train on CPUs on purpose")
@@ -351,7 +353,7 @@ def ray_launcher(jobs: List[List[SweepPoint]], spec, sweep_dir, device="auto", p
     try:
         have = ray.cluster_resources()
         _require_fits(have, res, address)
-        _require_gpus_used(have, res, device)
+        _require_gpus_used(have, res, [device] if device is not None else sorted({p.cfg.device for j in jobs for p in j}))
     except ConfigError:
         if started:
             ray.shutdown()

@@ -13,9 +13,8 @@ that no input was sent again after its answer arrived. The API key is never stor
 
 Tables: contexts(id, spec); entries(key, context, modality, nbytes, status, request, dim, emb,
 created, answered); requests(id, context, modality, n, nbytes, status, attempts, lost, usage,
-created, finished); request_items(request, pos, key); sends(request, attempt, sent, outcome);
-answered_models(context, model, first): the model the first answer of each context named, so that a
-service answering from another model later is refused.
+created, finished, owner, model: the model the answer named, where it named one); request_items(request,
+pos, key); sends(request, attempt, sent, outcome).
 """
 from __future__ import annotations
 
@@ -47,7 +46,6 @@ CREATE TABLE IF NOT EXISTS request_items (request TEXT NOT NULL, pos INTEGER NOT
 CREATE INDEX IF NOT EXISTS request_items_key ON request_items (key);
 CREATE TABLE IF NOT EXISTS sends (request TEXT NOT NULL, attempt INTEGER NOT NULL, sent REAL NOT NULL,
     outcome TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS answered_models (context TEXT PRIMARY KEY, model TEXT NOT NULL, first REAL);
 """
 
 
@@ -118,12 +116,13 @@ class Ledger:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
-            if "owner" not in {row[1] for row in self.db.execute("PRAGMA table_info(requests)")}:
-                try:
-                    self.db.execute("ALTER TABLE requests ADD COLUMN owner TEXT")  # ledgers from before owners
-                except sqlite3.OperationalError as exc:  # another process added it first
-                    if "duplicate column" not in str(exc):
-                        raise
+            for column in ("owner", "model"):  # ledgers from before owners, and before answers' models
+                if column not in {row[1] for row in self.db.execute("PRAGMA table_info(requests)")}:
+                    try:
+                        self.db.execute(f"ALTER TABLE requests ADD COLUMN {column} TEXT")
+                    except sqlite3.OperationalError as exc:  # another process added it first
+                        if "duplicate column" not in str(exc):
+                            raise
         # the owner's lock file: another process tells a pending request of a live owner (wait for its
         # answer) from one cut off by a kill (replay it)
         self.owners = self.path.with_name(self.path.name + ".owners")
@@ -200,12 +199,6 @@ class Ledger:
             db.execute("INSERT OR IGNORE INTO contexts VALUES (?, ?, ?)",
                        (context_id, json.dumps(spec, sort_keys=True), time.time()))
 
-    def answered_model(self, context_id: str, model: str) -> str:
-        """The model named by the first answer this ledger kept in a context: ``model`` if none yet."""
-        with self._tx() as db:
-            db.execute("INSERT OR IGNORE INTO answered_models VALUES (?, ?, ?)", (context_id, model, time.time()))
-            return db.execute("SELECT model FROM answered_models WHERE context=?", (context_id,)).fetchone()[0]
-
     # --- reads ---------------------------------------------------------------------------------------
     def lookup(self, keys: Sequence[str]) -> Dict[str, np.ndarray]:
         """key -> (D,) float32 for the keys answered already."""
@@ -217,6 +210,16 @@ class Ledger:
                 for key, emb in rows:
                     out[key] = np.frombuffer(emb, dtype="<f4").astype(np.float32)
         return out
+
+    def models_of(self, keys: Sequence[str]) -> List[str]:
+        """The models named by the answers that hold these keys (answers that named none left out)."""
+        found: set = set()
+        with self.lock:
+            for part in _parts(list(dict.fromkeys(keys))):
+                found.update(m for (m,) in self.db.execute(
+                    f"SELECT DISTINCT r.model FROM entries e JOIN requests r ON r.id = e.request WHERE e.status='done' "
+                    f"AND r.model IS NOT NULL AND e.key IN ({_marks(part)})", part))
+        return sorted(found)
 
     def any_dim(self, context_id: str) -> Optional[int]:
         with self.lock:
@@ -286,15 +289,17 @@ class Ledger:
             if lost:
                 db.execute("UPDATE requests SET lost = lost + 1 WHERE id=?", (request_id,))
 
-    def finish(self, request_id: str, keys: Sequence[str], emb: np.ndarray, usage: Optional[Dict] = None) -> None:
-        """Store an answer: the entries' embeddings (N, D) and the request done, in one transaction."""
+    def finish(self, request_id: str, keys: Sequence[str], emb: np.ndarray, usage: Optional[Dict] = None,
+               model: Optional[str] = None) -> None:
+        """Store an answer: the entries' embeddings (N, D) and the request done (with the model the answer
+        named), in one transaction."""
         now = time.time()
         emb = np.ascontiguousarray(emb, dtype="<f4")
         with self._tx() as db:
             db.executemany("UPDATE entries SET status='done', dim=?, emb=?, answered=?, request=? WHERE key=? AND status != 'done'",
                            [(emb.shape[1], emb[i].tobytes(), now, request_id, k) for i, k in enumerate(keys)])
-            db.execute("UPDATE requests SET status='done', usage=?, finished=? WHERE id=?",
-                       (json.dumps(usage or {}, sort_keys=True), now, request_id))
+            db.execute("UPDATE requests SET status='done', usage=?, finished=?, model=? WHERE id=?",
+                       (json.dumps(usage or {}, sort_keys=True), now, model, request_id))
 
     def disown(self, request_id: str) -> None:
         """A pending request this process stopped fetching (it failed or was interrupted mid-request):

@@ -154,6 +154,7 @@ class RemoteTeacher(Teacher):
             if cfg.request_batch:
                 self.limits[k] = min(self.limits[k], cfg.request_batch)
         self._ctx: Dict[str, str] = {}
+        self._answered: Optional[str] = None  # the model the store's answers named (``expect_model``), or this call's first
         self._texts_paid: set = set()  # ledger keys of the texts this teacher sent (``_embed``)
         self._sizes: Dict[str, Tuple[int, Callable[[bytes], int]]] = {}  # _body_size's, per modality
         for modality in ("image", "text"):
@@ -264,6 +265,8 @@ class RemoteTeacher(Teacher):
         """Answers for every input, from the ledger or the service; (N, D) float32."""
         t = self.transport
         found = self.ledger.lookup(keys)
+        for model in self.ledger.models_of(list(found)):  # answers an earlier call (or store) paid for
+            self._hold_model(model, f"the ledger {self.ledger.path} holds answers to some of these {modality}s")
         # a prompt this teacher paid for already (the name prompt is also a template) is a repeat, as a dry
         # run counts it, not an answer the ledger held (views repeat too rarely to remember them all)
         again = sum(k in found and k in self._texts_paid for k in keys) if modality == "text" else 0
@@ -509,24 +512,24 @@ class RemoteTeacher(Teacher):
             raise
         self._count_replay(replay, n, rid)
         try:
-            emb, usage = self._usable(answer, n, modality)
+            emb, usage, model = self._usable(answer, n, modality)
         except RemoteError:
             self._paid_for_nothing(rid, modality, n, nbytes)
             raise
         norms = np.linalg.norm(emb, axis=1, keepdims=True)
         if np.abs(norms - 1.0).max() > 1e-4:  # a service that does not normalise; normalised answers keep their bits
             emb = emb / norms
-        self.ledger.finish(rid, keys, emb, usage)
+        self.ledger.finish(rid, keys, emb, usage, model)
         if t.replayed_unlost and not replay:  # no send of this ledger made the charge it replays: another client did
             t.replayed_from_elsewhere(n)
             return
         t.count(modality, n, nbytes, free=t.last_replayed)
         t.add_usage(usage)  # a free replay's is the usage of the charge whose answer was lost: counted once, now
 
-    def _usable(self, answer: Any, n: int, modality: str) -> Tuple[np.ndarray, Dict[str, float]]:
-        """The answer's (n, D) embeddings and usage, or a BadAnswer saying why they cannot be kept:
-        unreadable, of another dimension, not finite, all zero (no direction to normalise), or from
-        another model than the service's earlier answers."""
+    def _usable(self, answer: Any, n: int, modality: str) -> Tuple[np.ndarray, Dict[str, float], Optional[str]]:
+        """The answer's (n, D) embeddings, usage and the model it names, or a BadAnswer saying why they
+        cannot be kept: unreadable, of another dimension, not finite, all zero (no direction to
+        normalise), or from another model than the store's other answers."""
         try:
             emb, usage = self.protocol.parse(answer, n)
         except BadAnswer:
@@ -544,23 +547,32 @@ class RemoteTeacher(Teacher):
         zero = np.flatnonzero(np.linalg.norm(emb, axis=1) < 1e-6)
         if len(zero):
             raise BadAnswer(f"the server at {self.url} answered {len(zero)} all-zero embedding(s); nothing was written")
-        self._require_same_model(answer, modality)
-        return emb, usage
+        model = self.protocol.answered_model(answer)
+        if model is not None:
+            self._hold_model(model, f"the server at {self.url} answered these {modality}s")
+        return emb, usage, model
 
-    def _require_same_model(self, answer: Any, modality: str) -> None:
-        """An answer naming another model than the first answer of its context (service, model asked,
-        modality: a service may name its towers apart) the ledger kept: a vendor moved its alias (or
-        changed what it serves), and the ledger's answers would mix two models."""
-        said = self.protocol.answered_model(answer)
-        if said is None:
-            return
-        first = self.ledger.answered_model(self._ctx[modality], said)
-        if said != first:
+    def _hold_model(self, model: str, source: str) -> None:
+        """Every answer of a store, images and texts, from one model: the one its first answer named (a
+        store resumed: the one its books recorded). Under the OpenAI shape the answer's name is the only
+        sign that a vendor moved an alias to a new model; a store of both would mix two embedding spaces
+        (class texts of one, images of the other, or images of both)."""
+        if self._answered is None:
+            self._answered = model
+        if model != self._answered:
             asked = f"teacher.model={self.model}" if self.model else "the service's default model"
-            raise BadAnswer(f"the server at {self.url} answered from model {said!r}, where its earlier answers for "
-                            f"{asked} (kept in the ledger {self.ledger.path}) came from {first!r}: the two would mix "
-                            f"in one store; nothing was written. Ask for a model by a name that does not move "
-                            f"(teacher.model={said}) to start a new store")
+            raise BadAnswer(f"{source} from model {model!r}, where this store's other answers came from "
+                            f"{self._answered!r}: the two would mix in one store, so nothing was written. The service "
+                            f"moved the model behind {asked}: start a new store asking for a model name that does not "
+                            "move (or with another teacher.ledger, so that no old answer is reused)")
+
+    def expect_model(self, model: Optional[str]) -> None:
+        """The model a store's earlier answers named (its books' ``answered_model``): held to (an answer
+        this call had already, its dimension probe's, to it as well)."""
+        if isinstance(model, str) and model:
+            said, self._answered = self._answered, model
+            if said is not None:
+                self._hold_model(said, f"the server at {self.url} answered this call's first text")
 
     def _paid_for_nothing(self, rid: str, modality: str, n: int, nbytes: int) -> None:
         """An answer that came (so was paid) but gave nothing to keep: counted, its request closed."""
@@ -688,6 +700,6 @@ class RemoteTeacher(Teacher):
         out = {k: v for k, v in vars(s).items() if k not in ("server_usage", "lost_requests")}
         out["lost_requests"] = dict(s.lost_requests)  # a copy: the books subtract the last one they wrote
         out["rate_limit_wait_s"] = round(s.rate_limit_wait_s, 3)
-        out.update(protocol=self.protocol_name, server_reported=dict(s.server_usage),
+        out.update(protocol=self.protocol_name, server_reported=dict(s.server_usage), answered_model=self._answered,
                    ledger=self.ledger.totals(self._ctx["image"], replays_free=bool(self.protocol.idempotency_header)))
         return out
