@@ -246,3 +246,14 @@ def test_call_marks_tell_a_cut_off_call_from_a_live_or_closed_one(tmp_path):
                                                        .gethostname(), "start": str(int(_started(os.getpid())) - 1)}).encode())
         assert st.calls_cut_short(running="none") == 2  # empty and reused; never live or closed
         assert st.calls_cut_short(running="reused") == 1
+
+
+def test_a_later_books_entry_without_a_model_does_not_erase_the_stores():
+    """The store's books keep the model its answers named (a resume is held to it): an entry that names
+    none, a call whose answers named none yet, left the record as None."""
+    from embedcache.store.store import _plus
+
+    total = None
+    for entry in ({"answered_model": "clip-a", "queries": 2}, {"answered_model": None, "queries": 3}):
+        total = {k: _plus((total or {}).get(k), v, k) for k, v in entry.items()}
+    assert total == {"answered_model": "clip-a", "queries": 5}

@@ -86,7 +86,8 @@ USAGE_SNAPSHOTS = ("ledger",)
 
 def _plus(total: Any, v: Any, key: str) -> Any:
     """Usage entries summed: counters, and the service's own usage key by key; the ledger's totals
-    (a snapshot) and words as the last entry says."""
+    (a snapshot) and words as the last entry that says any (a later None, e.g. no answered model yet, erases
+    nothing)."""
     if is_counter(v):
         return (total if is_counter(total) else 0) + v
     if isinstance(v, dict) and key not in USAGE_SNAPSHOTS:
@@ -94,7 +95,7 @@ def _plus(total: Any, v: Any, key: str) -> Any:
         for k, x in v.items():
             total[k] = _plus(total.get(k), x, k)
         return total
-    return v
+    return total if v is None else v
 
 
 def _store_above(path: str) -> Optional[Path]:
