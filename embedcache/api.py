@@ -399,6 +399,8 @@ def _usage_line(usage: Dict) -> str:
                       ("replayed_elsewhere", "answered free as replays of another client's requests")):
         if usage.get(key):
             said.append(f"{usage[key]:,} {what}")
+    if usage.get("answered_model"):  # the model every answer named (a vendor's alias resolved)
+        said.append(f"answers from model {usage['answered_model']!r}")
     return "; ".join(said)
 
 

@@ -403,6 +403,8 @@ def test_an_answer_from_another_model_is_refused_and_nothing_of_it_is_kept(proto
         swap.on = False
         assert extract(cfg, log=quiet).complete
     assert_same_up_to_batching(local, arrays(cfg.out))
+    said = embedcache.open_store(cfg.out).summary()["teacher_usage"]  # inspect names the model the answers came from
+    assert f"answers from model '{MODELS[protocol] or 'embedcache'}'" in said, said
 
 
 @pytest.mark.parametrize("protocol", ["embedcache", "openai"])
