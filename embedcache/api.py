@@ -239,6 +239,9 @@ class StoreReader:
         t = teacher.identity()
         if not self._made_by(t):
             raise StoreError(f"the teacher {t.get('name')}/{t.get('model')} differs from the one that made {self.path}; {fix}")
+        expect = getattr(teacher, "expect_model", None)  # a paid service: its answers held to the store's model
+        if callable(expect):
+            expect((self.manifest.get("teacher_usage") or {}).get("answered_model"))
         return teacher
 
     def _made_by(self, identity: Dict) -> bool:

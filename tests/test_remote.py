@@ -402,6 +402,9 @@ def test_an_answer_from_another_model_is_refused_and_nothing_of_it_is_kept(proto
             assert st.blocks_done().any()  # so the last refusal came from the store's books
         swap.on = False
         assert extract(cfg, log=quiet).complete
+        swap.on = True  # a text query of the finished store is held to its model too (it was scored unchecked)
+        with pytest.raises(BadAnswer, match="'other-model-v2'"):
+            embedcache.open_store(cfg.out).nearest_images("a photo of something new")
     assert_same_up_to_batching(local, arrays(cfg.out))
     said = embedcache.open_store(cfg.out).summary()["teacher_usage"]  # inspect names the model the answers came from
     assert f"answers from model '{MODELS[protocol] or 'embedcache'}'" in said, said
@@ -410,20 +413,22 @@ def test_an_answer_from_another_model_is_refused_and_nothing_of_it_is_kept(proto
 @pytest.mark.parametrize("protocol", ["embedcache", "openai"])
 def test_a_store_begun_after_the_model_moved_takes_no_answer_of_the_old_one(protocol, tmp_path, tiny_teacher_cfg,
                                                                            tiny_teacher, key_env):
-    """After the alias moved, a new store of other views took the views it shares with the first store
-    (view 0, the whole canvas) and its class texts from the ledger's answers of the old model, the rest
-    from the new one: refused; with another ledger every answer comes from the new model, and the store
-    completes."""
+    """After the alias moved, a new store of other images took its class texts from the ledger's answers
+    of the old model and its views from the new one: refused, and before any view is paid for (it was
+    found only at the prompts, with every view paid); with another ledger every answer comes from the new
+    model, and the store completes."""
     swap = ModelSwap(service_app(protocol, tiny_teacher_cfg, tiny_teacher, tmp_path), after=10**9)
     with LiveServer(swap) as url:
         assert extract(remote(tmp_path, "a.zarr", tiny_teacher_cfg, protocol, url, "teacher.dimensions=32"),
                        log=quiet).complete
         swap.after = 0  # every answer from now on names the new model
-        b = remote(tmp_path, "b.zarr", tiny_teacher_cfg, protocol, url, "teacher.dimensions=32", "views.seed=7")
+        b = remote(tmp_path, "b.zarr", tiny_teacher_cfg, protocol, url, "teacher.dimensions=32", "dataset.seed=5")
         with pytest.raises(BadAnswer, match=r"from model '.+', where this store's other answers came from '.+': the two "
                                             r"would mix in one store") as err:
             extract(b, log=quiet)
         assert "'other-model-v2'" in str(err.value) and f"'{MODELS[protocol] or 'embedcache'}'" in str(err.value)
+        with Store(b.out) as st:  # found from the ledger's answers to its prompts before any block was paid
+            assert not st.blocks_done().any()
         own = replace(b, out=str(tmp_path / "b2.zarr"), teacher=replace(b.teacher, ledger=str(tmp_path / "own.sqlite")))
         assert extract(own, log=quiet).complete
 

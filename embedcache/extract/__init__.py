@@ -88,7 +88,11 @@ def _resumed_by(was: str, now: str) -> str:
         return "give --set decoder=pil to resume it with the decoder that made it"
     made_on = re.match(r"torchvision-decode_jpeg-(\w+)\+", was)
     where = made_on.group(1) if made_on else None
-    if where is None or device_pipeline(torch.device(where))["decoder"] != was:  # another version's routing to PIL
+    try:
+        today = device_pipeline(torch.device(where))["decoder"] if where else None
+    except RuntimeError:  # a device name this torch does not know (a foreign manifest)
+        today = None
+    if today != was:  # another version's routing to PIL, or a decoder this version never had
         return f"it was decoded by {was}, which this version does not run; resume it with the version that made it"
     if where == "cuda":
         return ("resume it where its decoder runs, with the teacher on a CUDA GPU (--set teacher.device=cuda) and "
@@ -193,7 +197,7 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
         lock = _writer_lock(store, shard, num_shards)
         _budget_in_store(store, teacher, cfg.teacher)
         _lost_in_store(store, teacher)
-        _models_in_store(store, teacher)
+        _models_in_store(store, teacher, prompts)
         repaired, finished, reopened = 0, store.complete, []
         if store.blocks_done().any():  # finished blocks are checked before anything builds on them
             report = store.verify(progress=cfg.progress)
@@ -461,12 +465,14 @@ def _budget_in_store(store: Store, teacher, teacher_cfg) -> None:
         use(StoreBudget(store, limit))
 
 
-def _models_in_store(store: Store, teacher) -> None:
+def _models_in_store(store: Store, teacher, prompts) -> None:
     """The model a paid teacher's earlier answers to this store named (its books): every answer now is
-    held to it, so a store resumed after the vendor moved its model is refused, not mixed."""
+    held to it, so a store resumed after the vendor moved its model is refused, not mixed; and so are
+    the ledger's answers to its prompts, before any view is paid for."""
     expect = getattr(teacher, "expect_model", None)
     if callable(expect):
         expect((store.usage() or {}).get("answered_model"))
+        teacher.check_ledger([t for pc in prompts.values() for texts in pc for t in texts])
 
 
 def _lost_in_store(store: Store, teacher) -> None:

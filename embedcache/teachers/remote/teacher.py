@@ -265,8 +265,7 @@ class RemoteTeacher(Teacher):
         """Answers for every input, from the ledger or the service; (N, D) float32."""
         t = self.transport
         found = self.ledger.lookup(keys)
-        for model in self.ledger.models_of(list(found)):  # answers an earlier call (or store) paid for
-            self._hold_model(model, f"the ledger {self.ledger.path} holds answers to some of these {modality}s")
+        self._hold_ledger_models(list(found), modality)  # answers an earlier call (or store) paid for
         # a prompt this teacher paid for already (the name prompt is also a template) is a repeat, as a dry
         # run counts it, not an answer the ledger held (views repeat too rarely to remember them all)
         again = sum(k in found and k in self._texts_paid for k in keys) if modality == "text" else 0
@@ -283,6 +282,7 @@ class RemoteTeacher(Teacher):
         for group, rid in self._batches(modality, list(todo)):
             self._send(modality, group, {k: (payloads[todo[k]], wire[todo[k]]) for k in group}, rid)
         found.update(self.ledger.lookup(list(todo)))
+        self._hold_ledger_models(list(todo), modality)  # answered meanwhile by another process sharing the ledger
         missing = [k for k in keys if k not in found]
         if missing:  # cannot happen unless the ledger file was changed under us
             raise RemoteError(f"{len(missing)} answers are missing from the ledger {self.ledger.path}; rerun to resume")
@@ -552,7 +552,18 @@ class RemoteTeacher(Teacher):
             self._hold_model(model, f"the server at {self.url} answered these {modality}s")
         return emb, usage, model
 
-    def _hold_model(self, model: str, source: str) -> None:
+    def _hold_ledger_models(self, keys: List[str], modality: str) -> None:
+        for model in self.ledger.models_of(keys):
+            self._hold_model(model, f"the ledger {self.ledger.path} holds answers to some of these {modality}s",
+                             from_ledger=True)
+
+    def check_ledger(self, texts: Sequence[str]) -> None:
+        """The ledger's answers to a store's prompts held to the store's model before any view is paid
+        for (found only as the prompts are encoded, at the end, every view had been paid under a model
+        the prompts' answers were not of)."""
+        self._hold_ledger_models(self._text_inputs(list(texts))[0], "text")
+
+    def _hold_model(self, model: str, source: str, from_ledger: bool = False) -> None:
         """Every answer of a store, images and texts, from one model: the one its first answer named (a
         store resumed: the one its books recorded). Under the OpenAI shape the answer's name is the only
         sign that a vendor moved an alias to a new model; a store of both would mix two embedding spaces
@@ -561,10 +572,11 @@ class RemoteTeacher(Teacher):
             self._answered = model
         if model != self._answered:
             asked = f"teacher.model={self.model}" if self.model else "the service's default model"
+            fix = ("rerun this store with another teacher.ledger, which reuses no old answer (its finished blocks "
+                   "are kept)" if from_ledger else "start a new store asking for a model name that does not move")
             raise BadAnswer(f"{source} from model {model!r}, where this store's other answers came from "
                             f"{self._answered!r}: the two would mix in one store, so nothing was written. The service "
-                            f"moved the model behind {asked}: start a new store asking for a model name that does not "
-                            "move (or with another teacher.ledger, so that no old answer is reused)")
+                            f"moved the model behind {asked}: {fix}")
 
     def expect_model(self, model: Optional[str]) -> None:
         """The model a store's earlier answers named (its books' ``answered_model``): held to (an answer
