@@ -155,6 +155,22 @@ class Faults:
         raise RuntimeError("injected: connection dropped mid-answer")
 
 
+async def _rewritten(app, scope, receive, send, rewrite) -> None:
+    """Serve ``scope`` with ``app``, then send its JSON answer as ``rewrite(answer) -> bytes`` makes it."""
+    held = []
+
+    async def capture(message):
+        held.append(message)
+
+    await app(scope, receive, capture)
+    start = next(m for m in held if m["type"] == "http.response.start")
+    body = rewrite(json.loads(b"".join(m.get("body", b"") for m in held if m["type"] == "http.response.body")))
+    headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+    await send({"type": "http.response.start", "status": start["status"],
+                "headers": headers + [(b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
 class Tamper:
     """ASGI middleware that spoils the answers of POST /v1/embed/images: "count" drops a row,
     "dim" cuts every vector short, "zero" zeroes one vector, "strings" sends one as a list of
@@ -166,14 +182,9 @@ class Tamper:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith("/images"):
             return await self.app(scope, receive, send)
-        held = []
+        await _rewritten(self.app, scope, receive, send, self._spoil)
 
-        async def capture(message):
-            held.append(message)
-
-        await self.app(scope, receive, capture)
-        start = next(m for m in held if m["type"] == "http.response.start")
-        answer = json.loads(b"".join(m.get("body", b"") for m in held if m["type"] == "http.response.body"))
+    def _spoil(self, answer) -> bytes:
         first = np.frombuffer(base64.b64decode(answer["data"][0]["embedding"]), "<f4")
         if self.how == "count":
             answer["data"] = answer["data"][:-1]
@@ -184,11 +195,7 @@ class Tamper:
         elif self.how == "dim":
             for row in answer["data"]:
                 row["embedding"] = floats_b64(np.frombuffer(base64.b64decode(row["embedding"]), "<f4")[:-1])
-        body = b"<html>502 Bad Gateway</html>" if self.how == "notjson" else json.dumps(answer).encode()
-        headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
-        await send({"type": "http.response.start", "status": start["status"],
-                    "headers": headers + [(b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        return b"<html>502 Bad Gateway</html>" if self.how == "notjson" else json.dumps(answer).encode()
 
 
 class ModelSwap:
@@ -204,20 +211,7 @@ class ModelSwap:
         self.posts += 1
         if not self.on or self.posts <= self.after:
             return await self.app(scope, receive, send)
-        held = []
-
-        async def capture(message):
-            held.append(message)
-
-        await self.app(scope, receive, capture)
-        start = next(m for m in held if m["type"] == "http.response.start")
-        answer = json.loads(b"".join(m.get("body", b"") for m in held if m["type"] == "http.response.body"))
-        answer["model"] = self.model
-        body = json.dumps(answer).encode()
-        headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
-        await send({"type": "http.response.start", "status": start["status"],
-                    "headers": headers + [(b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await _rewritten(self.app, scope, receive, send, lambda answer: json.dumps({**answer, "model": self.model}).encode())
 
 
 # --- fakes of other people's services ---------------------------------------------------------------
