@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures of the README (issue 12). Prepare first with bench/prepare_gpu.sh. A session is lent
 # 15 minutes of device time in all, machine start included (a few minutes), so the parts are sized to
-# about 8 minutes together, in two calls back to back while the machine is warm, the figures the
+# about 9 to 10 minutes together, in two calls back to back while the machine is warm, the figures the
 # issue's targets name first:
 #   run(command="bash bench/gpu_run.sh extract train-b16", carry=[".gpu"], timeout_s=330)
 #   run(command="bash bench/gpu_run.sh pack train-l14 checks", carry=[".gpu"], timeout_s=300)

@@ -177,7 +177,8 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
     _say_small_canvas(cfg, teacher)
     # a batch assembled once the next is queued, where that overlaps a GPU's work with the host's wait: not
     # for a synthesis (its reader makes each next batch for minutes) nor a remote teacher (nothing to overlap)
-    overlap = reader is None and teacher.device.type == "cuda" and teacher.computes_here
+    overlap = (reader is None and teacher.device.type == "cuda" and teacher.computes_here
+               and hasattr(teacher, "embed_views"))  # (conse brings its embeddings to the host itself)
     reader = reader or make_reader(cfg, dataset, teacher)
     pipeline = getattr(reader, "pipeline", PIPELINE)
     embedder = Embedder(teacher, cfg.views.count, batched=pipeline["views"] == "batched-resample-uint8")

@@ -7,8 +7,9 @@ spherical distance D(u, v) = 2 arcsin^2(|u_hat - v_hat| / 2) (VQGAN-CLIP's loss;
 An augmentation is one affine resampling of the image at ``cut_size``: a random-resized crop
 (area ``cut_scale``, aspect ``cut_ratio``), a horizontal flip, a small rotation and translation
 (reflection padding), then Gaussian pixel noise. Every draw comes from generators seeded by
-(seed, row, iteration) alone, and losses are summed over images, so an image's result does not
-depend on which images share its batch (up to floating-point rounding of batched kernels).
+(seed, row, iteration) alone, and losses are summed over images, so an image's draws do not depend on
+which images share its batch; its pixels do, through the rounding of batched kernels, which grows over
+the iterations (two batch sizes give visibly different images: a resume says so).
 """
 from __future__ import annotations
 
