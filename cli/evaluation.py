@@ -218,6 +218,8 @@ def _refuse_unused_few_shot(runs, protocols) -> None:
 
 def _seen_list(seen_classes):
     """The classes named by --seen-classes (None: not given), each once."""
+    from embedcache.config import named_twice
+
     if seen_classes is None:
         return None
     seen = [c.strip() for c in seen_classes.split(",")]
@@ -227,9 +229,9 @@ def _seen_list(seen_classes):
     if not all(seen):  # a class left out by mistake reads as a smaller seen set, scored without a word
         raise click.UsageError(f"--seen-classes has an empty name ({seen_classes!r}); name each seen class once, "
                                "comma-separated, with no empty entry")
-    twice = sorted({c for c in seen if seen.count(c) > 1})
-    if twice:
-        raise click.UsageError(f"--seen-classes names {twice[0]!r} twice; name each seen class once")
+    twice = named_twice(seen)
+    if twice is not None:
+        raise click.UsageError(f"--seen-classes names {twice!r} twice; name each seen class once")
     return seen
 
 

@@ -56,6 +56,12 @@ def away_from_defaults(section: Any, defaults: Any, names: Sequence[str]) -> Lis
     return [n for n in names if getattr(section, n) != getattr(defaults, n)]
 
 
+def only_read(section: Dict[str, Any], reads: Optional[Sequence[str]]) -> Dict[str, Any]:
+    """A config section (a dict) less the settings outside ``reads`` (None: a component registered
+    elsewhere, whose section is kept whole): a store made before they were refused still repairs."""
+    return section if reads is None else {k: v for k, v in section.items() if k in reads}
+
+
 def set_but_unread(section: Any, defaults: Any, reads: Sequence[str]) -> List[str]:
     """The settings of ``section`` outside ``reads`` that are away from ``defaults``: what a teacher,
     dataset or method would ignore, refused rather than ignored."""
@@ -164,7 +170,7 @@ def teacher_without_unread(teacher: Dict[str, Any]) -> Dict[str, Any]:
     """A teacher section with the settings its teacher ignores taken out (a store made before they
     were refused still repairs)."""
     reads = teacher_reads(teacher.get("name", TeacherConfig.name), teacher.get("image_format"))
-    return teacher if reads is None else {k: v for k, v in teacher.items() if k in ("name", "model") + reads}
+    return only_read(teacher, None if reads is None else ("name", "model") + reads)
 
 
 # what each teacher of the package reads besides name and model (the rest is refused when set)

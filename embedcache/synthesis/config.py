@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-from ..config import CanvasConfig, TeacherConfig, TextConfig, ViewsConfig, lazy_registry, set_but_unread, setting
+from ..config import (CanvasConfig, TeacherConfig, TextConfig, ViewsConfig, lazy_registry, only_read, set_but_unread,
+                      setting)
 from ..errors import ConfigError
 from ..text import id_names, prompt_clash
 
@@ -134,7 +135,7 @@ PROMPT_READS = {"plain": ("plain_template",),
 def prompts_without_unread(prompts: dict) -> dict:
     """A prompts section less the settings its method does not read."""
     reads = PROMPT_READS.get(prompts.get("method", PromptsConfig.method))
-    return prompts if reads is None else {k: v for k, v in prompts.items() if k in ("method", "test_domains") + reads}
+    return only_read(prompts, None if reads is None else ("method", "test_domains") + reads)
 
 
 @dataclass(frozen=True)
