@@ -433,6 +433,49 @@ def test_a_store_begun_after_the_model_moved_takes_no_answer_of_the_old_one(prot
         assert extract(own, log=quiet).complete
 
 
+def test_shards_that_began_apart_from_two_models_do_not_finish_the_store(tmp_path, tiny_teacher_cfg, tiny_teacher,
+                                                                         key_env, monkeypatch):
+    """Two shards that open a fresh store before either writes its books each hold their own first answer's
+    model: with the alias moved between those answers, each shard's blocks came from another model and the
+    store finished mixed, exit 0 (the books kept the last entry's name). The store's books are held to one
+    model at its finish: refused before the prompts are paid for, the store left unfinished."""
+    swap = ModelSwap(service_app("openai", tiny_teacher_cfg, tiny_teacher, tmp_path), after=10**9)
+    with LiveServer(swap) as url:
+        cfg = remote(tmp_path, "r.zarr", tiny_teacher_cfg, "openai", url, "teacher.dimensions=32", "block_rows=4",
+                     "num_shards=2")
+        assert not extract(replace(cfg, shard=0), log=quiet).complete
+        swap.after = 0  # the second shard's first answer names the new model, its books still unread (the race)
+        monkeypatch.setattr("embedcache.extract._models_in_store", lambda *a: None)
+        other = replace(cfg, shard=1, teacher=replace(cfg.teacher, ledger=str(tmp_path / "own.sqlite")))
+        with pytest.raises(BadAnswer) as err:
+            extract(other, log=quiet)
+    msg = str(err.value)
+    assert "\n" not in msg and KEY not in msg and err.value.exit_code == 4
+    assert "'other-model-v2'" in msg and f"'{MODELS['openai']}'" in msg and "Delete" in msg, msg
+    with Store(cfg.out) as st:
+        assert st.blocks_done().all() and not st.complete and not st.has("text/names/emb")
+
+
+def test_a_dry_run_refuses_what_its_run_would_refuse_for_another_model(tmp_path, tiny_teacher_cfg, tiny_teacher,
+                                                                       key_env):
+    """A dry run of a store begun under one model, with a ledger holding the moved alias's answers to the
+    rest, priced those views and prompts as free ledger hits; the run itself then refused them (exit 4)."""
+    swap = ModelSwap(service_app("openai", tiny_teacher_cfg, tiny_teacher, tmp_path), after=10**9)
+    with LiveServer(swap) as url:
+        cfg = remote(tmp_path, "p.zarr", tiny_teacher_cfg, "openai", url, "teacher.dimensions=32", "block_rows=4",
+                     "num_shards=2")
+        assert not extract(replace(cfg, shard=0), log=quiet).complete  # its books: the first model
+        swap.after = 0
+        moved = replace(cfg.teacher, ledger=str(tmp_path / "moved.sqlite"))
+        assert extract(replace(cfg, out=str(tmp_path / "q.zarr"), num_shards=None, teacher=moved), log=quiet).complete
+        rest = replace(cfg, shard=1, teacher=moved)
+        with pytest.raises(BadAnswer, match="'other-model-v2'") as err:
+            extract(rest, log=quiet, dry_run=True)
+        assert err.value.exit_code == 4
+        with pytest.raises(BadAnswer, match="'other-model-v2'"):
+            extract(rest, log=quiet)
+
+
 @pytest.mark.parametrize("how", ["zero", "strings", "notjson"])
 def test_an_unusable_answer_is_refused_in_one_line_and_counted_as_paid(how, tmp_path, tiny_teacher_cfg, tiny_teacher,
                                                                       key_env):

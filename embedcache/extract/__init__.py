@@ -29,6 +29,7 @@ from ..fileio import exclusive_lock, one_line_when_full, require_outside_store, 
 from ..store import (BACKENDS, STATUS_OK, USAGE_SNAPSHOTS, Store, add_text_arrays, backend_name_for, is_counter,
                      plan_layout)
 from ..teachers import Teacher, build_teacher
+from ..teachers.remote.errors import BadAnswer
 from ..text import build_prompts, encode_sources, id_names, text_calls
 from ..views import param_fields
 from .budget import StoreBudget
@@ -476,6 +477,17 @@ def _models_in_store(store: Store, teacher, prompts) -> None:
         teacher.check_ledger([t for pc in prompts.values() for texts in pc for t in texts])
 
 
+def _one_model_in_books(store: Store) -> None:
+    """The books of a store's calls name one answered model, before its prompts are paid for: shards that
+    opened a fresh store before either wrote its books each held only their own first answer's model."""
+    models = store.answered_models()
+    if len(models) > 1:
+        raise BadAnswer(f"the books of {store.path} name answers from models {', '.join(map(repr, models))}: its shards "
+                        "began while the service moved its model, and their blocks would mix in one store, so it is "
+                        f"not finished. Delete {store.path} and rerun with a new teacher.ledger and a teacher.model "
+                        "name that does not move")
+
+
 def _lost_in_store(store: Store, teacher) -> None:
     """Requests an earlier call of the store counted as possibly paid (stopped with a send out, or its
     answer lost): handed to a paid teacher, so that this call's answer to them settles those books."""
@@ -615,6 +627,7 @@ def _dry_run(cfg, manifest, layout, reader, embedder, prompts, shard, num_shards
     if Store.exists(cfg.out, backend):
         with Store(cfg.out, "r", backend) as st:  # refused as the real run refuses it
             made_so(st, manifest)
+            _models_in_store(st, teacher, prompts)
             if st.blocks_done().any():  # what the resume will say
                 _say_resumed_otherwise(st, cfg, manifest, log)
             if budget:
@@ -782,6 +795,7 @@ def finalize(store: Store, dataset: ImageDataset, teacher, prompts, books: Optio
     (``record``: this one's entry), then complete=True (last)."""
     import pandas as pd
 
+    _one_model_in_books(store)
     tables = encode_sources(lambda t: teacher.encode_text(t).numpy(), teacher.count_tokens, teacher.context_length,
                             dataset.classes, prompts)
     for src, tab in tables.items():

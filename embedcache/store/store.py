@@ -629,6 +629,11 @@ class Store:
             total["lost_requests"] = {k: n for k, n in total["lost_requests"].items() if n}
         return {"calls": len(calls), **total}
 
+    def answered_models(self) -> List[str]:
+        """Every model the entries name as their answers' (``usage()`` keeps the last one's), oldest first."""
+        entries = [json.loads(self.b.get_blob(n)) for n in sorted(self.b.list_blobs("usage"))]
+        return list(dict.fromkeys(e["answered_model"] for e in entries if e.get("answered_model")))
+
     # extract calls that pay a teacher: marked open when they start, closed when they end (stopped,
     # failed or done); one killed with -9 stays open, its spending since its last finished block in no books
     def open_call(self, call: str) -> None:

@@ -594,6 +594,7 @@ class RemoteTeacher(Teacher):
     # --- cost (dry runs) and usage (manifest) --------------------------------------------------------
     def _cost(self, modality: str, keys: List[str], payloads: List[bytes]) -> Dict[str, int]:
         found = self.ledger.lookup(keys)
+        self._hold_ledger_models(list(found), modality)  # free only where the run would take them
         # prompts an earlier call of this dry run costs: in the ledger by the time extraction asks again
         # (views are not remembered: a dataset's worth of keys, for the rare repeated image)
         planned = self._planned_texts if modality == "text" else set()
