@@ -37,8 +37,8 @@ inspect: $(VENV)/.installed ## summarise a store (STORE=stores/demo.zarr)
 train: $(VENV)/.installed ## train a student from a store (TRAIN_CONFIG=..., default: demo; ARGS for --set)
 	$(VENV)/bin/embedcache train --config $(TRAIN_CONFIG) $(ARGS)
 
-sweep: $(VENV)/.installed ## run a sweep (SWEEP=..., default: the demo over stores/demo.zarr), then print its table
-	$(VENV)/bin/embedcache extract --config configs/extract/demo.yaml --no-progress
+sweep: $(VENV)/.installed ## run a sweep (SWEEP=..., default: the demo over stores/demo.zarr, made first), then print its table
+	$(if $(filter configs/sweep/demo.yaml demo,$(SWEEP)),$(VENV)/bin/embedcache extract --config configs/extract/demo.yaml --no-progress)
 	$(VENV)/bin/embedcache sweep $(SWEEP) $(ARGS)
 
 synthesize: $(VENV)/.installed ## synthesise a store from class names (SYNTH=configs/synthesize/<name>.yaml; ARGS for --set/--out)
@@ -60,8 +60,8 @@ bench: $(VENV)/.installed ## run the benchmarks under bench/ (tables printed, JS
 	$(PY) bench/remote.py
 	$(PY) bench/synthesize.py
 
-clean: ## remove caches only: .pytest_cache, __pycache__, bench/results (keeps stores, runs, sweeps and .venv)
-	rm -rf .pytest_cache bench/results
+clean: ## remove caches only: .pytest_cache, __pycache__ (keeps stores, runs, sweeps, bench/results and .venv)
+	rm -rf .pytest_cache
 	find . -name __pycache__ -not -path './.venv/*' -prune -exec rm -rf {} +
 
 clean-runs: ## remove trained runs and their results: runs/ sweeps/ report/ results.parquet (compute to redo!)

@@ -736,7 +736,7 @@ def test_the_lock_is_released_when_its_holder_dies(tmp_path):
 def test_make_clean_says_what_it_removes_and_keeps_runs_and_stores():
     text = (ROOT / "Makefile").read_text()
     recipe = [ln for ln in text.split("\nclean:")[1].split("\n\n")[0].splitlines()[1:] if ln.startswith("\t")]
-    assert recipe and not [ln for ln in recipe if any(w in ln for w in ("stores", "runs", "sweeps"))]
+    assert recipe and not [ln for ln in recipe if any(w in ln for w in ("stores", "runs", "sweeps", "bench/results"))]
     help_out = subprocess.run(["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True).stdout
     assert "clean-runs" in help_out and "clean-stores" in help_out
 
