@@ -156,7 +156,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16, help="images per extraction batch (x views per request)")
     ap.add_argument("--format", default="png", choices=("png", "jpeg"))
     ap.add_argument("--repeat", type=int, default=2, help="interleaved local/remote runs; the best of each counts")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "remote-cpu.json"))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for the JSON results")
     args = ap.parse_args()
 
     results = {"machine": f"{platform.node()} ({os.cpu_count()} cores), load average {os.getloadavg()[0]:.1f} at start",
@@ -183,7 +183,7 @@ def main() -> None:
     ru = r["reuse"]
     print(f"second store, {args.views + 1} views: {ru['views_needed']} views needed, {ru['image_queries_paid']} paid, "
           f"{ru['ledger_hits']} from the ledger ({100 * ru['saved_fraction']:.0f}% saved)")
-    write_json(args.out, results)
+    write_json(Path(args.out) / "remote-cpu.json", results)
 
 
 if __name__ == "__main__":
