@@ -14,7 +14,7 @@ import uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from .errors import ConfigError, DiskFullError
 
@@ -42,7 +42,7 @@ def atomic_write(path: PathLike, write: Callable[[Path], None]) -> Path:
             is_disk_full(exc) or free_bytes(path.parent) < NEARLY_FULL)
         tmp.unlink(missing_ok=True)
         if full:
-            raise disk_full_error(path) from exc
+            raise disk_full_error(path, cause=exc) from exc
         raise
     return path
 
@@ -117,25 +117,38 @@ def file_sha256(path: Path, _cache: Dict[Tuple[str, int, float], str] = {}) -> s
     return _cache[memo]
 
 
-def is_disk_full(exc: BaseException) -> bool:
-    """ENOSPC / EDQUOT anywhere in an exception's chain (torch.save wraps it in a RuntimeError
-    whose message is all that is left of it)."""
+def _in_chain(exc: Optional[BaseException], codes: Tuple[int, ...], texts: Tuple[str, ...], said: bool = False) -> bool:
+    """An OSError of one of ``codes``, a message with one of ``texts`` (or with ``said``, a DiskFullError)
+    anywhere in an exception's chain (torch.save wraps it in a RuntimeError whose message is all that is
+    left of it)."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, DiskFullError):
+        if (said and isinstance(exc, DiskFullError)) or (isinstance(exc, OSError) and exc.errno in codes):
             return True
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        text = str(exc)
-        if ("No space left on device" in text or "Disk quota exceeded" in text
-                or any(n in text.lower() for n in ("errno 28", "os error 28"))):
+        if any(t in str(exc).lower() for t in texts):
             return True
         exc = exc.__cause__ or exc.__context__
     return False
 
 
-def disk_full_error(where: PathLike, fix: str = "free space or write to a larger disk") -> DiskFullError:
+def _too_large(exc: Optional[BaseException]) -> bool:
+    """A file grown to the process's file-size limit (``ulimit -f``, RLIMIT_FSIZE): EFBIG."""
+    return _in_chain(exc, (errno.EFBIG,), ("file too large", "errno 27", "os error 27"))
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """No room to write: ENOSPC / EDQUOT, or the file-size limit (EFBIG), anywhere in an exception's chain."""
+    return _too_large(exc) or _in_chain(exc, (errno.ENOSPC, errno.EDQUOT), (
+        "no space left on device", "disk quota exceeded", "errno 28", "os error 28"), said=True)
+
+
+def disk_full_error(where: PathLike, fix: str = "free space or choose --out on a larger disk",
+                    cause: Optional[BaseException] = None) -> DiskFullError:
+    """The one line for a write with no room (``cause``: the error, which may be the file-size limit)."""
+    if _too_large(cause):
+        return DiskFullError(f"a file reached the file-size limit set for this process (`ulimit -f`) while writing "
+                             f"{where}; raise it (`ulimit -f unlimited`), then rerun the same command to resume")
     return DiskFullError(f"disk full while writing {where}; {fix}, then rerun the same command to resume")
 
 
@@ -166,7 +179,7 @@ def require_writable(path: PathLike, option: str = "--out") -> None:
             probe.unlink()
         except OSError as exc:
             if is_disk_full(exc):
-                raise disk_full_error(at, f"free space or choose another {option}") from exc
+                raise disk_full_error(at, f"free space or choose another {option}", exc) from exc
             problem = exc.strerror or type(exc).__name__
     if problem:
         raise ConfigError(f"{option} {path}: {at} is not writable ({problem}); choose another {option}")
@@ -182,7 +195,7 @@ def one_line_when_full(where: PathLike, fix: str = "free space or choose --out o
         raise
     except OSError as exc:
         if is_disk_full(exc):
-            raise disk_full_error(where, fix) from exc
+            raise disk_full_error(where, fix, exc) from exc
         raise
 
 

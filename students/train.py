@@ -759,5 +759,5 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int], None]] = None, log
         return Trainer(cfg, teacher, log, on_step, should_stop).run()
     except (OSError, RuntimeError) as exc:
         if is_disk_full(exc):
-            raise disk_full_error(run_dir.path, "free space or choose --out on a larger disk") from exc
+            raise disk_full_error(run_dir.path, cause=exc) from exc
         raise

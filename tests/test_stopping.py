@@ -557,3 +557,23 @@ def test_the_free_space_a_failed_write_is_judged_by_is_the_writers_own(monkeypat
     assert fileio.free_bytes("/x") == 4096 * 1000
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert fileio.free_bytes("/x") == 0
+
+
+def test_a_file_size_limit_is_one_line_and_resumable(tmp_path, tiny_clip_dir):
+    """`ulimit -f` (common on shared machines) stopped extraction with a zarr traceback ending in
+    ``OSError: [Errno 27] File too large``, exit 1; it is said as the limit it is, exit 75 as a full disk,
+    and a rerun without the limit resumes."""
+    import resource
+
+    out = tmp_path / "demo.zarr"
+    cmd = [sys.executable, "-m", "embedcache.cli", "extract", "--config", "demo", "--out", str(out),
+           "--set", "teacher.name=open_clip", "--set", f"teacher.model=local-dir:{tiny_clip_dir}", "--no-progress"]
+    limited = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (60 << 10, 60 << 10)))
+    assert limited.returncode == 75, limited.stderr
+    last = limited.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in limited.stderr and "ulimit -f" in last and last.endswith("rerun the same command to resume"), last
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    with Store(str(out)) as st:
+        assert st.complete

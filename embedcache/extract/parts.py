@@ -336,7 +336,7 @@ class BlockWriter(threading.Thread):
     def check(self) -> None:
         if self.error is not None:
             if is_disk_full(self.error) and not isinstance(self.error, DiskFullError):  # one said already is kept
-                raise disk_full_error(self.store.path, "free space or choose --out on a larger disk") from self.error
+                raise disk_full_error(self.store.path, cause=self.error) from self.error
             raise self.error
 
 
