@@ -122,6 +122,27 @@ def test_a_dry_run_of_a_resume_says_what_the_resume_would(make_cfg, tiny_teacher
     assert [s for s in said if s.startswith("resuming with batch_size=3; the store began with 4")], said
 
 
+def test_a_resume_says_it_resumes(make_cfg, tiny_teacher):
+    """A rerun after a stop printed the same lines as a fresh run (a trial): training says "resuming ...
+    from step", a sweep "already finished"; extraction now says how many blocks it keeps."""
+    cfg = make_cfg("resumed.zarr")
+
+    def stop(block):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract(cfg, teacher=tiny_teacher, on_block_done=stop, log=quiet)
+    with Store(cfg.out) as st:
+        kept, blocks, rows = int(st.blocks_done().sum()), st.num_blocks, int(st.layout["block_rows"])
+    said = []
+    assert extract(cfg, teacher=tiny_teacher, log=said.append).complete
+    assert said[0] == (f"resuming {cfg.out}: {kept} of {blocks} blocks ({kept * rows} images) already done and checked; "
+                       f"encoding the other {blocks - kept}"), said
+    said.clear()
+    extract(cfg, teacher=tiny_teacher, log=said.append)
+    assert not [s for s in said if s.startswith("resuming")], said
+
+
 def test_a_store_smaller_than_one_block_reruns_without_a_block_note(make_cfg, tiny_teacher):
     """30 images at the default block_rows=256 make one block of 30 rows: rerunning the same command said
     the store "keeps the blocks of 30 rows it was made with; block_rows=256 applies to a new store",
@@ -444,10 +465,17 @@ def test_a_block_redone_without_failures_drops_its_old_failure_records(tmp_path,
         assert (s.meta.status == "ok").all() and (s.meta.reason.fillna("") == "").all(), s.meta
 
 
-def test_canvas_can_stay_out_of_the_store(make_cfg, tiny_teacher):
-    res = extract(make_cfg("nopix.zarr", "canvas.store=false"), teacher=tiny_teacher, log=quiet)
+def test_canvas_can_stay_out_of_the_store(make_cfg, tiny_teacher, tmp_path):
+    from PIL import Image
+
+    for c in "ab":  # files to rebuild the canvases from (the synthetic dataset's are drawn: refused there)
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (40, 30), (40 * i, 90, 200)).save(tmp_path / "data" / c / f"{i}.png")
+    res = extract(make_cfg("nopix.zarr", "dataset.name=folder", f"dataset.path={tmp_path / 'data'}", "canvas.store=false"),
+                  teacher=tiny_teacher, log=quiet)
     with embedcache.open_store(res.path) as s:
-        assert s.image_emb().shape[0] == 30
+        assert s.image_emb().shape[0] == 6
         with pytest.raises(StoreError, match="canvas.store=false"):
             s.pixels()
 

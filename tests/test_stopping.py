@@ -577,3 +577,28 @@ def test_a_file_size_limit_is_one_line_and_resumable(tmp_path, tiny_clip_dir):
     assert again.returncode == 0, again.stderr
     with Store(str(out)) as st:
         assert st.complete
+
+
+def test_a_stop_as_the_store_finishes_says_it_is_complete(tmp_path, tiny_teacher, monkeypatch):
+    """Ctrl-C landing just after the store was marked complete said "interrupted; rerun the same command
+    to resume" (a trial, 3 of 3), and the call's history entry said it had not finished the store while
+    the manifest's calls said it had."""
+    from embedcache.config import ExtractConfig, build_config
+    from embedcache.extract import extract
+
+    real = Store.finish
+
+    def finish_then_stop(self, **fields):
+        real(self, **fields)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Store, "finish", finish_then_stop)
+    out = tmp_path / "s.zarr"
+    cfg = build_config(ExtractConfig, {"dataset": {"name": "synthetic", "num_classes": 2, "per_class": 4, "image_size": 32},
+                                       "canvas": {"size": 32}, "out": str(out), "progress": False, "num_workers": 0})
+    with pytest.raises(KeyboardInterrupt, match=f"{out} is complete") as err:
+        extract(cfg, teacher=tiny_teacher, log=quiet)
+    assert "resume" not in str(err.value)
+    with Store(str(out)) as st:
+        assert st.complete and [e["finished"] for e in st.call_history()] == [True]
+        assert [c["finished"] for c in st.manifest["calls"]] == [True]

@@ -223,6 +223,7 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
         ours = set(shard_blocks(store.num_blocks, shard, num_shards)) | set(reopened if finished else ())
         mine = [b for b in sorted(ours) if not done[b]]
         if mine and done.any():
+            _say_resuming(store, done, len(mine), shard, num_shards, log)
             _say_resumed_otherwise(store, cfg, manifest, log)
         if mine and on_open is not None:
             _on_open(store, on_open, cfg.out)
@@ -243,7 +244,7 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
                 _refuse_all_failed(store, dataset, cfg.out)
                 n_prompts = sum(len(p) for per_class in prompts.values() for p in per_class)
                 log(f"images done; encoding {n_prompts:,} prompts ({', '.join(prompts)}) and writing the tables")
-                failed = _finalize_or_disk_full(store, dataset, teacher, prompts, books, record)
+                failed = _finished_or_stopped(store, dataset, teacher, prompts, books, record)
                 files = dataset.root is not None or dataset.name != "synthesis"  # made images are never unreadable
                 log(f"wrote {cfg.out}: {len(dataset)} images x {cfg.views.count} views"
                     + (f", {failed} unreadable image(s) skipped (listed in meta.parquet)" if files or failed else ""))
@@ -261,7 +262,7 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
         try:
             books.record(store, quietly=True)  # a stop or an error: what this call paid is still counted
             books.close(store)
-            record.close()
+            record.close(finished=record.finishing_store and store.complete)  # a stop just as it finished: it did
             store.close()
         finally:
             if lock is not None:
@@ -386,6 +387,15 @@ def _block_batch_sizes(store: Store) -> List[int]:
     if first and sum(int(e["blocks"]) for e in history) < int(store.blocks_done().sum()):
         sizes.add(int(first))  # blocks no history lists: a store made before it, or an entry lost, by its maker
     return sorted(sizes)
+
+
+def _say_resuming(store: Store, done: np.ndarray, todo: int, shard: int, num_shards: int,
+                  log: Callable[[str], None]) -> None:
+    """A rerun after a stop says what it keeps (training says its step, a sweep its finished runs)."""
+    kept = np.flatnonzero(done)
+    images = sum(stop - start for start, stop in map(store.block_range, kept))
+    rest = f"encoding the other {todo}" if num_shards == 1 else f"shard {shard}/{num_shards} encodes {todo} of the rest"
+    log(f"resuming {store.path}: {len(kept)} of {len(done)} blocks ({images} images) already done and checked; {rest}")
 
 
 def _say_resumed_otherwise(store: Store, cfg: ExtractConfig, now: Dict, log: Callable[[str], None]) -> None:
@@ -781,6 +791,19 @@ def _salvage(assembler: BlockAssembler, writer: BlockWriter, batch: Batch, pendi
         _assemble(assembler, writer, batch, pending)
     except Exception:
         pass
+
+
+def _finished_or_stopped(store: Store, dataset: ImageDataset, teacher, prompts, books: _Books,
+                         record: CallRecord) -> int:
+    """``finalize``, where a stop that lands once the store is complete says so (not "rerun to resume")."""
+    record.finishing_store = True
+    try:
+        return _finalize_or_disk_full(store, dataset, teacher, prompts, books, record)
+    except KeyboardInterrupt:
+        if store.complete:
+            raise KeyboardInterrupt(f"stopped as it finished: {store.path} is complete (`embedcache inspect "
+                                    f"{store.path}` shows it)") from None
+        raise
 
 
 def _finalize_or_disk_full(store: Store, dataset: ImageDataset, teacher, prompts, books: Optional[_Books] = None,

@@ -24,6 +24,7 @@ class CallRecord:
     def __init__(self, call: str, manifest: Dict[str, Any]):
         """``manifest``: the one this call built (its config, device and versions)."""
         self.store = None
+        self.finishing_store = False  # this call went on to finish the store (its tables, then complete)
         self.name = f"{time.time_ns():020d}-{call}"  # sorts by start, finer than the recorded seconds
         self.entry: Dict[str, Any] = {
             "call": call, "began": utc_now(), "ended": None, "blocks": 0, "finished": False,
