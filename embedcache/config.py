@@ -266,6 +266,9 @@ class ExtractConfig:
         if self.decoder == "device" and not self.canvas.store:
             raise ConfigError("decoder=device with canvas.store=false: students rebuild the canvases from the files "
                               "with PIL, whose pixels differ from the device decoder's; set canvas.store=true or decoder=pil")
+        if self.dataset.name == "synthetic" and not self.canvas.store:
+            raise ConfigError("canvas.store=false on the synthetic dataset: its images are drawn in memory, so no "
+                              "student could re-decode them and the store would train none; keep canvas.store=true")
 
 
 # --- building and checking ------------------------------------------------------------------------
@@ -455,7 +458,7 @@ def build_config(cls, data: Dict[str, Any], prefix: str = ""):
 
 class _Loader(yaml.SafeLoader):
     """YAML as people write settings: a key given twice is refused (the last one silently won), and
-    ``1e-3`` is a number (YAML 1.1 asks for ``1.0e-3`` and reads ``1e-3`` as a string)."""
+    numbers are read as written (below)."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -470,8 +473,17 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+# numbers as people write them: an integer is decimal digits (YAML 1.1 read seed=0042 as octal 34 and 1:10 as
+# base-60 70), a float has a point or an exponent (1.1 asked ``1.0e-3`` and read ``1e-3`` as a word); YAML 1.1's
+# 0x, 0b and base-60 forms are words, which a number setting refuses
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_Loader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in rs if tag not in (_INT, _FLOAT)]
+                                   for first, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_INT, re.compile(r"^[-+]?[0-9]+(?:_[0-9]+)*$"), list("-+0123456789"))  # 1_000 too
+_Loader.add_implicit_resolver(_FLOAT, re.compile(r"^(?:[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
+                                                 r"|[-+]?[0-9]+[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
                               list("-+0123456789."))
+_Loader.add_constructor(_INT, lambda loader, node: int(loader.construct_scalar(node), 10))
 
 
 def parse_yaml(text: str, where: str) -> Any:
@@ -487,12 +499,16 @@ def parse_yaml(text: str, where: str) -> Any:
 def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
     """Apply ``a.b=value`` strings to a nested dict; values are parsed as YAML scalars/lists."""
     data = json.loads(json.dumps(data))
+    given: Dict[str, str] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r} is not key=value; write e.g. --set views.count=4")
         key, raw = item.split("=", 1)
         if not key.strip() or "" in key.strip().split("."):
             raise ConfigError(f"--set {item!r} names no setting before '='; write e.g. --set views.count=4")
+        if key.strip() in given:  # as a key twice in one file: the last one silently won
+            raise ConfigError(f"--set {key.strip()} is given twice ({given[key.strip()]!r} and {raw.strip()!r}); keep one")
+        given[key.strip()] = raw.strip()
         value = _parse_set_value(raw, item) if raw.strip() else None
         set_path(data, key.strip(), value)
     return data

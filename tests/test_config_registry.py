@@ -279,6 +279,39 @@ def test_a_key_given_twice_is_refused_and_1e_3_is_a_number(tmp_path):
     assert apply_overrides({}, ["a=1e-3", "b=[2E+1, -1e0]"]) == {"a": 0.001, "b": [20.0, -1.0]}
 
 
+def test_an_integer_with_a_leading_zero_is_decimal_and_yaml_1_1_numbers_are_words():
+    """YAML 1.1 read seed=0042 as octal 34 and per_class=1:10 as base-60 70, with exit 0 (a trial): an
+    integer is decimal digits, leading zeros and all (1_000 too); base-60, 0x and 0b forms are words,
+    which a number setting refuses."""
+    from embedcache.config import apply_overrides
+
+    got = apply_overrides({}, ["seed=0042", "grid.seed=[07, 010, -0012]", "n=+8", "a=1:10", "b=1_000", "c=0x3", "d=0b1",
+                                  "e=1:10.5"])
+    assert got == {"seed": 42, "grid": {"seed": [7, 10, -12]}, "n": 8, "a": "1:10", "b": 1000, "c": "0x3", "d": "0b1",
+                   "e": "1:10.5"}
+    with pytest.raises(ConfigError, match=r"dataset.per_class='1:10' is not valid: expected an integer"):
+        load_extract_config("demo", ["dataset.per_class=1:10"])
+    assert load_extract_config("demo", ["dataset.per_class=010"]).dataset.per_class == 10
+
+
+def test_a_setting_set_twice_is_refused():
+    """`--set dataset.per_class=3 --set dataset.per_class=5` kept the last without a word (a trial), where a
+    key twice in one file is refused."""
+    from embedcache.config import apply_overrides
+
+    with pytest.raises(ConfigError, match=r"--set dataset.per_class is given twice \('3' and '5'\); keep one"):
+        load_extract_config("demo", ["dataset.per_class=3", "views.count=2", " dataset.per_class =5"])
+    assert apply_overrides({}, ["a.b=1", "a.c=2"]) == {"a": {"b": 1, "c": 2}}
+
+
+def test_a_synthetic_store_without_its_canvases_is_refused():
+    """canvas.store=false on the synthetic dataset wrote a store no student could train on (its images
+    are drawn in memory: no files to re-decode), found only at `train` (a trial); synthesize refused it."""
+    with pytest.raises(ConfigError, match=r"canvas.store=false on the synthetic dataset.*keep canvas.store=true"):
+        load_extract_config("demo", ["canvas.store=false"])
+    assert not load_extract_config("pacs-conse", ["canvas.store=false"]).canvas.store  # files to re-decode
+
+
 @pytest.mark.parametrize("sets, said", [
     (["views.count=+-3"], r"views.count='\+-3' is not valid: expected an integer"),
     (["views.count='²'"], r"views.count='²' is not valid: expected an integer"),

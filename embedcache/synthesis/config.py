@@ -148,7 +148,8 @@ class ImageConfig:
     iterations: int = setting(200, min=0)
     lr: float = setting(0.05, gt=0.0)              # Adam on the generator's parameters
     cutouts: int = setting(8, min=1)               # augmented views per image per iteration
-    cut_size: Optional[int] = setting(None, min=16)  # side the teacher sees them at (None: its input size)
+    cut_size: Optional[int] = setting(None, min=16, max=5656)  # side the teacher sees them at (None: its input
+    # size); at most canvas.size's limit
     cut_scale: Tuple[float, float] = setting((0.5, 1.0), gt=0.0, max=1.0)  # crop area fraction
     cut_ratio: Tuple[float, float] = setting((3 / 4, 4 / 3), gt=0.0)
     flip: bool = True
