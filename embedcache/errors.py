@@ -2,8 +2,9 @@
 
 The CLI prints them without a traceback and exits with the error's ``exit_code``: 2 for a user
 error, 3 for a paid teacher's budget or quota run out, 4 for a remote service's answer that cannot be
-kept (``teachers.remote.errors.BadAnswer``), 75 (EX_TEMPFAIL: try again later) for a full disk or an
-unreachable remote teacher, where rerunning the same command resumes (README, Exit codes).
+kept (``teachers.remote.errors.BadAnswer``), 75 (EX_TEMPFAIL: try again later) for a full disk, running out
+of memory (said by the CLI) or an unreachable remote teacher, where rerunning the same command resumes (README,
+Exit codes).
 """
 
 
@@ -55,6 +56,16 @@ class DiskFullError(EmbedcacheError, OSError):
 class BudgetError(EmbedcacheError):
     """A paid teacher's query budget or a server's quota ran out: the store is left resumable."""
     exit_code = 3
+
+
+OUT_OF_MEMORY = ("DefaultCPUAllocator", "you tried to allocate", "CUDA out of memory", "out of memory")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """An allocation that failed: torch's (CPU allocator, CUDA) or numpy's MemoryError."""
+    if isinstance(exc, MemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in OUT_OF_MEMORY)
 
 
 def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -166,6 +166,8 @@ def require_writable(path: PathLike, option: str = "--out") -> None:
     user's folder), not once the teacher has loaded and the store's creation fails on it."""
     require_outside_store(path, option)
     p = Path(os.path.abspath(path))
+    if (p / "zarr.json").is_file():  # a run's, sweep's or report's files would land among the store's
+        raise ConfigError(f"{option} {path} is a Zarr store; give another {option}, outside it")
     at = next((a for a in (p, *p.parents) if a.exists()), None)
     if at is None:
         return

@@ -121,7 +121,8 @@ def _head(kind: str, feat_dim: int, embed_dim: int) -> nn.Module:
 def _load_local(backbone: nn.Module, path: str) -> None:
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"student weights {path} not found; give a .safetensors/.pth file or leave student.pretrained empty")
+        found = "is a folder" if p.is_dir() else "not found"
+        raise ConfigError(f"student weights {path} {found}; give a .safetensors/.pth file or leave student.pretrained empty")
     try:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file

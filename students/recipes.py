@@ -203,7 +203,8 @@ def check_losses(cfg) -> None:
     used = {n for st in recipe.stages for n in st.losses}
     for name, a in cfg.loss_args.items():
         if name not in used:
-            raise ConfigError(f"loss_args.{name}: recipe {cfg.recipe} (with loss_weights) has no loss {name}; "
+            with_weights = " (with the loss_weights given)" if cfg.loss_weights else ""
+            raise ConfigError(f"loss_args.{name}: recipe {cfg.recipe}{with_weights} has no loss {name}; "
                               f"its losses: {', '.join(sorted(used))}")
         takes = {p.name: p.default for p in inspect.signature(LOSSES.get(name)).parameters.values() if p.name != "ctx"}
         for k, v in a.items():

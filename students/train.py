@@ -562,10 +562,12 @@ class Trainer:
     def diverged(self, what: str, step: int) -> TrainingError:
         last = max((r["step"] for r in self.metrics), default=None)
         before = f"last finite evaluation: step {last}" if last is not None else "no evaluation before it"
+        what_to = "lower optim.lr" + (" or check the loss_weights/loss_args given" if self.cfg.loss_weights or
+                                      self.cfg.loss_args else "")
         if self.run_dir.file("sweep.json").exists():  # a sweep's run: its settings come from the sweep file
-            fix = "lower optim.lr in the sweep file (another value is another run)"
+            fix = f"{what_to} in the sweep file (another value is another run)"
         else:
-            fix = (f"lower optim.lr, with another --out or after deleting {self.run_dir.path} (a run's folder keeps its "
+            fix = (f"{what_to}, with another --out or after deleting {self.run_dir.path} (a run's folder keeps its "
                    "settings)")
         err = TrainingError(f"run {self.run_dir.path}: {what} by step {step} ({before}); {fix}, or check the store with "
                             "`embedcache verify`; the run is not marked done")

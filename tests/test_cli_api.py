@@ -75,6 +75,38 @@ def test_cli_errors_are_one_line(tmp_path):
     assert res.exit_code == 2 and f"{tmp_path / 'x.yaml'} is a file, not a store" in res.output, res.output
     res = CliRunner().invoke(main, [])
     assert res.exit_code == 0 and res.output.startswith("Usage: ") and "extract" in res.output
+    res = CliRunner().invoke(main, ["features", "--store", str(tmp_path / "x.zarr"), "--student", "test_resnet",
+                                    "--seed", "-1"])  # it cached features no run could use (seeds are >= 0)
+    assert res.exit_code == 2 and "--seed" in res.output and "-1" in res.output, res.output
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: not enough memory: you tried to "
+                 "allocate 1680000000000 bytes."),
+    MemoryError("Unable to allocate 1.5 TiB for an array with shape (100000, 100000, 42) and data type float32"),
+    "cuda"])
+def test_running_out_of_memory_is_one_line(tmp_path, monkeypatch, error):
+    """synthesize with image.cut_size=100000 (a typo) ended in a torch allocator traceback, exit 1 (a trial):
+    out of memory, on the CPU or a GPU, is one line naming what to lower, exit 75 (resumable)."""
+    import torch
+
+    import embedcache.extract as extraction
+
+    if error == "cuda":
+        error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity "
+                                       "of 79.19 GiB of which 3.1 GiB is free.")
+
+    def out_of_memory(*a, **k):
+        raise error
+
+    monkeypatch.setattr(extraction, "extract", out_of_memory)
+    res = CliRunner().invoke(main, ["extract", "--config", "demo", "--out", str(tmp_path / "x.zarr")])
+    assert res.exit_code == 75, res.output
+    last = res.output.strip().splitlines()[-1]
+    assert last.startswith("error: out of memory") and "batch_size" in last and "rerun" in last, res.output
+    assert "Traceback" not in res.output
+    monkeypatch.setattr(extraction, "extract", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    assert CliRunner().invoke(main, ["extract", "--config", "demo", "--out", str(tmp_path / "x.zarr")]).exit_code == 1
 
 
 def test_a_path_through_a_file_is_one_line(cli_store, tmp_path):
@@ -121,6 +153,19 @@ def test_an_out_path_inside_a_store_is_refused(cli_store, tmp_path):
         res = CliRunner().invoke(main, args)
         assert res.exit_code == 2 and f"is inside the Zarr store {cli_store}; write it outside the store" in res.output, \
             (args, res.output)
+
+
+def test_an_out_path_that_is_a_store_is_refused(cli_store, tmp_path):
+    """train, sweep and report with --out naming a store wrote their runs, tables and report.md among its
+    arrays, exit 0, and verify still said the store was intact (a trial); a path inside one was refused."""
+    before = sorted(p.name for p in cli_store.iterdir())
+    for args in (["train", "--store", str(cli_store), "--out", str(cli_store), "--set", "steps=1", "--set", "batch_size=4"],
+                 ["sweep", "demo", "--out", str(cli_store)],
+                 ["report", str(_a_sweep_folder(tmp_path)), "--out", str(cli_store)]):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 2 and f"--out {cli_store} is a Zarr store; give another --out" in res.output, \
+            (args, res.output)
+    assert sorted(p.name for p in cli_store.iterdir()) == before
 
 
 def test_an_out_path_that_cannot_be_written_is_one_line_before_the_work(cli_store, tmp_path):

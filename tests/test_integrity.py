@@ -625,6 +625,8 @@ def test_out_pointing_at_a_file_is_one_line(tmp_path):
 
 
 def test_a_nan_loss_stops_the_run_unfinished(synthetic_store, tmp_path):
+    from dataclasses import replace
+
     from embedcache.students.config import OptimConfig, StudentConfig, TrainConfig
     from embedcache.students.train import train
 
@@ -635,6 +637,9 @@ def test_a_nan_loss_stops_the_run_unfinished(synthetic_store, tmp_path):
         train(cfg, log=quiet)
     # the fix it names works as said: a rerun in that folder at another lr was refused (a trial)
     assert f"lower optim.lr, with another --out or after deleting {tmp_path / 'nan'}" in str(err.value)
+    with pytest.raises(TrainingError) as weighted:  # a loss setting given is named too (a tiny tau was blamed on the lr)
+        train(replace(cfg, out=str(tmp_path / "nan2"), loss_weights={"cos": 2.0}), log=quiet)
+    assert "lower optim.lr or check the loss_weights/loss_args given, with another --out" in str(weighted.value)
     assert not (tmp_path / "nan" / "done").exists() and not (tmp_path / "nan" / "model.safetensors").exists()
     # and the folder says why: evaluate called it "not finished", as if it were still training (a trial)
     from embedcache.students.rundir import RunDir

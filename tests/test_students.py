@@ -730,7 +730,9 @@ def test_loss_weights_and_arguments_of_a_run(synthetic_store, tmp_path):
            ({"loss_weights": {"mse": -1}}, r"loss_weights.mse=-1 is not valid: expected a number >= 0"),
            ({"loss_weights": {"cls": 0, "vlalign": 0, "mse": 0, "imcst": 0}}, "leave stage 1 of recipe li_iccv23 with no loss"),
            ({"loss_args": {"vlalign": {"topk": 3}}}, r"loss_args.vlalign.topk is not an argument of vlalign; it takes tau, k"),
-           ({"loss_args": {"cos": {}}}, "recipe li_iccv23 \\(with loss_weights\\) has no loss cos"),
+           ({"loss_args": {"cos": {}}}, "recipe li_iccv23 has no loss cos"),  # it named loss_weights none gave
+           ({"loss_weights": {"mse": 2}, "loss_args": {"cos": {}}},
+            "recipe li_iccv23 \\(with the loss_weights given\\) has no loss cos"),
            # a recipe's own loss given a bare number was a TypeError from merging it
            ({"loss_args": {"vlalign": 5}}, r"loss_args.vlalign=5 is not valid: expected a mapping of its arguments"),
            ({"loss_weights": {"ce": 1}}, "has no linear classifier for ce"),
@@ -1097,6 +1099,8 @@ def test_a_timm_students_missing_weights_path_is_not_asked_of_the_hub(tmp_path, 
     monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(ConfigError, match=r"student weights .*nowhere/weights not found"):
         build_student(StudentConfig(name="timm:resnet10t", pretrained=str(tmp_path / "nowhere" / "weights")), 16)
+    with pytest.raises(ConfigError, match=rf"student weights {tmp_path} is a folder; give a .safetensors/.pth file"):
+        build_student(StudentConfig(name="timm:resnet10t", pretrained=str(tmp_path)), 16)  # it said "not found"
 
 
 def test_train_refuses_an_unread_setting_for_a_fresh_run_only(synthetic_store, tmp_path):
