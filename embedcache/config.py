@@ -598,7 +598,10 @@ def config_text(kind: str, name_or_path: str) -> Tuple[str, str]:
 def read_config_file(kind: str, name_or_path: str) -> Tuple[Dict[str, Any], str]:
     """(the settings of a config file or packaged config, where they came from)."""
     text, where = config_text(kind, name_or_path)
-    data = parse_yaml(text, where) or {}
+    data = parse_yaml(text, where)
+    if data is None:  # ran every default without a word; `{}` says that is meant
+        raise ConfigError(f"{where} holds no settings (empty, or comments only), so every setting would be its "
+                          "default; write its settings (`{}` for every default), or give another file")
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must hold a mapping of settings, not {type(data).__name__}")
     return data, where

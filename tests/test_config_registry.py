@@ -294,6 +294,16 @@ def test_an_integer_with_a_leading_zero_is_decimal_and_yaml_1_1_numbers_are_word
     assert load_extract_config("demo", ["dataset.per_class=010"]).dataset.per_class == 10
 
 
+def test_an_empty_config_file_is_refused(tmp_path):
+    """An empty --config (a file saved blank, a wrong copy) ran every default without a word (a trial)."""
+    for text in ("", "# only a comment\n"):
+        (tmp_path / "empty.yaml").write_text(text)
+        with pytest.raises(ConfigError, match=r"empty.yaml holds no settings \(empty, or comments only\)"):
+            load_extract_config(str(tmp_path / "empty.yaml"))
+    (tmp_path / "defaults.yaml").write_text("{}\n")  # every default, said so
+    assert load_extract_config(str(tmp_path / "defaults.yaml")).views.count == 4
+
+
 def test_a_setting_set_twice_is_refused():
     """`--set dataset.per_class=3 --set dataset.per_class=5` kept the last without a word (a trial), where a
     key twice in one file is refused."""
