@@ -392,7 +392,7 @@ def _coerce(value: Any, tp, key: str) -> Any:
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
+            return getattr(value, "written", None) or str(value)  # a name as written: domain 08, not 8
         if isinstance(value, bool):  # YAML reads true, false, yes, no, on, off as booleans
             raise ConfigError(f"{key}={value!r} is not valid: expected a string; quote it ('{str(value).lower()}') "
                               "where a word is meant")
@@ -483,7 +483,24 @@ _Loader.add_implicit_resolver(_INT, re.compile(r"^[-+]?[0-9]+(?:_[0-9]+)*$"), li
 _Loader.add_implicit_resolver(_FLOAT, re.compile(r"^(?:[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
                                                  r"|[-+]?[0-9]+[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
                               list("-+0123456789."))
-_Loader.add_constructor(_INT, lambda loader, node: int(loader.construct_scalar(node), 10))
+
+
+class _WrittenInt(int):
+    """An integer that keeps how it was written, for a setting that takes a word (a domain named 08)."""
+    written: str = ""
+
+
+def _int(loader, node) -> int:
+    text = loader.construct_scalar(node)
+    value = int(text, 10)
+    if text.lstrip("+-") == str(abs(value)):
+        return value
+    out = _WrittenInt(value)
+    out.written = text
+    return out
+
+
+_Loader.add_constructor(_INT, _int)
 
 
 def parse_yaml(text: str, where: str) -> Any:

@@ -292,6 +292,10 @@ def test_an_integer_with_a_leading_zero_is_decimal_and_yaml_1_1_numbers_are_word
     with pytest.raises(ConfigError, match=r"dataset.per_class='1:10' is not valid: expected an integer"):
         load_extract_config("demo", ["dataset.per_class=1:10"])
     assert load_extract_config("demo", ["dataset.per_class=010"]).dataset.per_class == 10
+    from embedcache.students.config import TrainConfig
+
+    names = load_config(TrainConfig, None, ["store=x", "split.holdout_domains=[08, 7, 2019]"], "train")
+    assert names.split.holdout_domains == ("08", "7", "2019")  # a word as written (YAML 1.1 kept 08, made 07 7)
 
 
 def test_an_empty_config_file_is_refused(tmp_path):
