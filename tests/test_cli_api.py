@@ -73,6 +73,9 @@ def test_cli_errors_are_one_line(tmp_path):
     (tmp_path / "x.yaml").write_text("views: {count: 2}\n")  # "no zarr store at x.yaml" (a trial)
     res = CliRunner().invoke(main, ["inspect", str(tmp_path / "x.yaml")])
     assert res.exit_code == 2 and f"{tmp_path / 'x.yaml'} is a file, not a store" in res.output, res.output
+    (tmp_path / "dir.h5").mkdir()  # "no hdf5 store at", where extract --out said it exists (a trial)
+    res = CliRunner().invoke(main, ["inspect", str(tmp_path / "dir.h5")])
+    assert res.exit_code == 2 and f"{tmp_path / 'dir.h5'} is a folder, not a store" in res.output, res.output
     res = CliRunner().invoke(main, [])
     assert res.exit_code == 0 and res.output.startswith("Usage: ") and "extract" in res.output
     res = CliRunner().invoke(main, ["features", "--store", str(tmp_path / "x.zarr"), "--student", "test_resnet",

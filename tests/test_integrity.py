@@ -598,7 +598,7 @@ def test_malformed_yaml_and_bad_set_values_name_the_place(tmp_path):
 
 
 def test_an_empty_folder_made_for_the_store_is_used_and_one_with_files_refused(make_cfg, tiny_teacher):
-    """`mkdir stores/x.zarr` before the extract was refused as 'exists and is not a zarr store' (a trial)."""
+    """`mkdir stores/x.zarr` before the extract was refused as 'exists and is not a Zarr store' (a trial)."""
     from embedcache.errors import ConfigError
     from embedcache.extract import extract
 
@@ -608,7 +608,7 @@ def test_an_empty_folder_made_for_the_store_is_used_and_one_with_files_refused(m
     busy = make_cfg("busy.zarr", "dataset.per_class=1")
     os.makedirs(busy.out)
     (Path(busy.out) / "notes.txt").write_text("keep me")
-    with pytest.raises(ConfigError, match="exists and is not a zarr store"):
+    with pytest.raises(ConfigError, match="exists and is not a Zarr store"):
         extract(busy, teacher=tiny_teacher, log=quiet)
     assert (Path(busy.out) / "notes.txt").read_text() == "keep me"
 
@@ -617,7 +617,7 @@ def test_out_pointing_at_a_file_is_one_line(tmp_path):
     f = tmp_path / "notes"
     f.write_text("keep me")
     res = CliRunner().invoke(main, ["extract", "--out", str(f), "--set", "dataset.per_class=1"])
-    assert res.exit_code == 2 and "exists and is not a zarr store" in res.output
+    assert res.exit_code == 2 and "exists and is not a Zarr store" in res.output
     assert f.read_text() == "keep me"
     res = CliRunner().invoke(main, ["extract", "--out", str(tmp_path / "s.hd5"), "--set", "dataset.per_class=1"])
     assert res.exit_code == 2 and "ends in .zarr (a Zarr folder) or .h5/.hdf5 (one HDF5 file), not .hd5" in res.output
@@ -1240,3 +1240,30 @@ def test_a_store_from_before_seeded_block_checksums_still_reads_and_repairs(tmp_
         assert sorted(st.verify().damaged) == [1]
         with pytest.raises(StoreDamagedError, match=r"rows 4-7 \(block 1\) do not match"):
             st.read("image/emb")
+
+
+def test_a_broken_hdf5_chunk_index_is_said_unrepairable_and_nothing_is_cleared(tmp_path):
+    """One bit of an HDF5 chunk address flipped (the file's own index, not the data): verify called every
+    block damaged and offered --repair, which cleared the blocks' bookkeeping, then crashed in h5py ("addr
+    overflow"), leaving an intact-looking store at 0 blocks that no rerun could finish (a trial). A block
+    HDF5 cannot read is the file's structure, which no rewrite mends: said so, and nothing is changed."""
+    import struct
+
+    import h5py
+
+    from embedcache.errors import StoreDamagedError
+
+    path, _ = block_store(tmp_path, "hdf5")
+    with h5py.File(path, "r") as f:
+        at = f["image/emb"].id.get_chunk_info(0).byte_offset
+    raw = bytearray(Path(path).read_bytes())
+    i = raw.find(struct.pack("<Q", at))
+    assert 0 <= i < at
+    raw[i + 5] ^= 0x10
+    Path(path).write_bytes(bytes(raw))
+    with Store(path, "a") as st:
+        before = st.blocks_done().copy()
+        with pytest.raises(StoreDamagedError, match=r"structure is damaged.*cannot be repaired in place; delete it"):
+            st.verify()
+    with Store(path) as st:
+        assert (st.blocks_done() == before).all()

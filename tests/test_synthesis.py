@@ -842,7 +842,7 @@ def test_an_out_that_cannot_be_a_synthesis_is_refused_before_the_teacher_loads(s
                                           r"not a synthesised one; give another --out"):
         synthesize(synth_cfg("real.zarr"), log=quiet)
     for name in ("notes", "file.zarr"):
-        with pytest.raises(ConfigError, match=rf"--out .*{name} exists and is not a zarr store; choose another path"):
+        with pytest.raises(ConfigError, match=rf"--out .*{name} exists and is not a Zarr store; choose another path"):
             synthesize(synth_cfg(name), log=quiet)
     (tmp_path / "text.h5").write_text("not hdf5")  # (a review: stores that are not stores passed to the teacher)
     (tmp_path / "bare.zarr").mkdir()

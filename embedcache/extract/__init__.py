@@ -122,7 +122,8 @@ def open_or_create(cfg: ExtractConfig, manifest: Dict, layout: Dict) -> Store:
             raise
     made_for_it = backend == "zarr" and os.path.isdir(cfg.out) and not os.listdir(cfg.out)  # `mkdir` first: fine
     if os.path.exists(cfg.out) and not made_for_it:
-        raise ConfigError(f"--out {cfg.out} exists and is not a {backend} store; choose another path")
+        raise ConfigError(f"--out {cfg.out} exists and is not {'an HDF5' if backend == 'hdf5' else 'a Zarr'} store; "
+                          "choose another path")
     return made_so(Store.create(cfg.out, manifest, layout, backend), manifest)
 
 

@@ -127,6 +127,7 @@ def _read_rows(backend, arr, name: str, start: Optional[int], stop: Optional[int
 class ZarrBackend:
     """A folder: zarr v3 group + ``meta.parquet`` / ``text.parquet`` files beside ``zarr.json``."""
     multi_writer = True  # disjoint chunk-aligned row blocks can be written by separate processes
+    rewrites_unreadable = True  # a chunk that cannot be read is a file of its own: writing the block replaces it
 
     packs_in_place = False  # separate writers would write one chunk: a finished store packs its raw arrays
 
@@ -140,7 +141,7 @@ class ZarrBackend:
         try:
             self.group = zarr.open_group(str(self.path), mode="r" if mode == "r" else "a")
         except Exception as exc:  # an unreadable zarr.json
-            raise StoreDamagedError(f"store {path} cannot be opened ({type(exc).__name__}: {_first_line(exc)}); "
+            raise StoreDamagedError(f"store {path} cannot be opened ({type(exc).__name__}: {first_line(exc)}); "
                                     f"delete it and rerun {REMAKE}") from None
 
     @staticmethod
@@ -390,6 +391,9 @@ def _chunk_table(dsid, iterate: bool) -> dict:
 class HDF5Backend:
     """One .h5 file; blobs are uint8 datasets under ``_blobs/``. One writer process at a time."""
     multi_writer = False
+    # raw chunks read whatever bytes they hold: a block that cannot be read is the file's own index (its
+    # B-tree, a chunk address), which writing the block again does not mend (h5py fails mid-write)
+    rewrites_unreadable = False
     # one writer, whose file has no chunk cache (rdcc_nbytes=0): a block's rows go straight to their place
     # in a chunk of several blocks, so raw block arrays are made packed (layout.packed_rows)
     packs_in_place = True
@@ -414,7 +418,7 @@ class HDF5Backend:
             if os.path.isfile(path) and not h5py.is_hdf5(path):  # no store to delete: some other file
                 raise StoreMismatchError(f"{path} is not an HDF5 file (no HDF5 signature in it), so not a store; give a "
                                          "store's path, or another --out for a new one") from None
-            raise StoreDamagedError(f"HDF5 store {path} is damaged or truncated ({_first_line(exc)}); delete it and "
+            raise StoreDamagedError(f"HDF5 store {path} is damaged or truncated ({first_line(exc)}); delete it and "
                                     f"rerun {REMAKE} to rebuild it") from None
 
     @staticmethod
@@ -459,7 +463,7 @@ class HDF5Backend:
         try:
             yield
         except (KeyError, OSError, RuntimeError, ValueError) as exc:
-            raise StoreDamagedError(f"HDF5 store {self.path}: {what} cannot be read ({_first_line(exc)}): the file's "
+            raise StoreDamagedError(f"HDF5 store {self.path}: {what} cannot be read ({first_line(exc)}): the file's "
                                     f"own structure is damaged; delete it and rerun {REMAKE}") from None
 
     def has(self, name: str) -> bool:
@@ -602,7 +606,7 @@ class HDF5Backend:
             self.file = None
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else type(exc).__name__
 

@@ -38,7 +38,7 @@ import pandas as pd
 
 from ..errors import DatasetError, StoreDamagedError, StoreError, StoreMismatchError
 from ..fileio import utc_now
-from .backends import BACKENDS, backend_name_for
+from .backends import BACKENDS, REMAKE, first_line, backend_name_for
 from .integrity import IntegrityReport, checksum
 from .layout import SCHEMA_VERSION, packable, packed_rows, written_dtype
 from .pieces import bytes_of, plan_pieces
@@ -180,6 +180,9 @@ class Store:
             if Path(self.path).is_file() and self.backend_name == "zarr":  # a config, a table: not a store at all
                 raise StoreError(f"{self.path} is a file, not a store (a Zarr store is a folder, an HDF5 one a .h5 "
                                  "file); give a store's path")
+            if Path(self.path).is_dir() and self.backend_name == "hdf5":  # said "no store", yet something is there
+                raise StoreError(f"{self.path} is a folder, not a store (an HDF5 store is a .h5 file, a Zarr one a "
+                                 "folder holding zarr.json); give a store's path")
             where = "" if Path(self.path).is_absolute() else f" (a relative path, taken from {Path.cwd()})"
             raise StoreError(f"no {self.backend_name} store at {self.path}{where}; give its path, or run "
                              f"`{packaged_maker(self.path) or 'embedcache extract'}` to make one")
@@ -566,7 +569,11 @@ class Store:
         for j, name in enumerate(names):
             try:
                 ok = checksum(self.b.read(name, start, stop), self._seed(name, blk)) == int(sums[blk, j])
-            except Exception:
+            except Exception as exc:
+                if not self.b.rewrites_unreadable:
+                    raise StoreDamagedError(f"{self.backend_name.upper()} store {self.path}: its structure is damaged "
+                                            f"({name} rows {start}-{stop - 1} cannot be read: {first_line(exc)}), "
+                                            f"which cannot be repaired in place; delete it and rerun {REMAKE}") from None
                 ok = False
             if not ok:
                 bad.append(name)
