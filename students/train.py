@@ -16,7 +16,9 @@ a loss that becomes NaN or infinite stops the run there with a clear error, neve
 """
 from __future__ import annotations
 
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -30,7 +32,7 @@ from embedcache.config import build_config, flatten, to_dict, without_defaults
 from embedcache.device import resolve_device
 from embedcache.errors import ConfigError, StoreMismatchError, TrainingError
 from embedcache.evaluate.metrics import nearest_label, top1
-from embedcache.fileio import disk_full_error, is_disk_full, json_digest
+from embedcache.fileio import disk_full_error, is_disk_full, json_digest, try_exclusive_lock
 
 from .averaging import AVERAGING
 from .config import (OptimConfig, SplitConfig, StudentConfig, SwadConfig, TrainConfig, check_trainable,
@@ -757,9 +759,33 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int], None]] = None, log
     if not unread_ok and not run_dir.file("config.json").exists():
         refuse_unread_training(cfg)
     check_trainable(cfg)
+    with _one_trainer(run_dir):
+        if run_dir.done:  # finished by the process that held the folder a moment ago
+            return train(cfg, on_step, log, teacher, should_stop, unread_ok)
+        try:
+            return Trainer(cfg, teacher, log, on_step, should_stop).run()
+        except (OSError, RuntimeError) as exc:
+            if is_disk_full(exc):
+                raise disk_full_error(run_dir.path, cause=exc) from exc
+            raise
+
+
+@contextmanager
+def _one_trainer(run_dir: RunDir):
+    """The run folder held by this process while it trains: a second `train` of it (a script run twice)
+    trained the whole run beside the first, taking over its checkpoints. The lock goes once the run is done."""
+    made = not run_dir.path.exists()
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    lock = run_dir.file(".train.lock")
+    fd = try_exclusive_lock(lock)
+    if fd is None:
+        raise TrainingError(f"another `embedcache train` is running in {run_dir.path}; wait for it to finish (rerunning "
+                            "then finds the run done), or give another --out")
     try:
-        return Trainer(cfg, teacher, log, on_step, should_stop).run()
-    except (OSError, RuntimeError) as exc:
-        if is_disk_full(exc):
-            raise disk_full_error(run_dir.path, cause=exc) from exc
-        raise
+        yield
+    finally:
+        if run_dir.done or made and [p.name for p in run_dir.path.iterdir()] == [lock.name]:
+            lock.unlink(missing_ok=True)  # a finished run keeps its results only; a folder made for nothing goes
+        os.close(fd)
+        if made and not any(run_dir.path.iterdir()):
+            run_dir.path.rmdir()

@@ -36,6 +36,26 @@ def _cfg(store, out, **kw):
     return TrainConfig(**base)
 
 
+def test_a_second_train_of_the_same_folder_is_refused_while_the_first_runs(synthetic_store, tmp_path):
+    """Two `train` with one --out both trained the whole run, the second taking over the first's checkpoint
+    while it ran, with exit 0 and a summary timing the contended run (a trial): the second is refused in
+    one line while the first holds the folder; once it is free the run trains, and its lock goes with it."""
+    from embedcache.errors import TrainingError
+    from embedcache.fileio import try_exclusive_lock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    held = try_exclusive_lock(run / ".train.lock")  # what a live `train` of the folder holds
+    try:
+        with pytest.raises(TrainingError, match=rf"another `embedcache train` is running in {run}; wait for it"):
+            train(_cfg(synthetic_store, run), log=quiet)
+    finally:
+        os.close(held)
+    assert sorted(p.name for p in run.iterdir()) == [".train.lock"]  # nothing of the refused call
+    res = train(_cfg(synthetic_store, run), log=quiet)
+    assert (run / "done").exists() and not (run / ".train.lock").exists() and res.steps == 8
+
+
 def test_a_stop_requested_while_scoring_stops_it_at_once(synthetic_store, tmp_path, monkeypatch):
     """Scoring has no step to checkpoint: a stop request ends it at the next batch, and a sweep
     worker reports the run interrupted with no result written (rerunning scores it)."""
