@@ -136,6 +136,17 @@ def alter_emb(path: str, row: int, view: int, col: int) -> None:
             f["image/emb"][row, view, col] = -f["image/emb"][row, view, col] - 1
 
 
+def png_folder(root: Path, classes: str = "ab", per_class: int = 3) -> Path:
+    """A folder dataset of small distinct PNGs (one folder per class): images with files to re-decode."""
+    from PIL import Image
+
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (40, 30), (40 * i, 90 + ord(c) - ord("a"), 200)).save(root / c / f"{i}.png")
+    return root
+
+
 def quiet(_msg: str) -> None:
     pass
 

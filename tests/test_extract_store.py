@@ -17,7 +17,7 @@ from embedcache.extract import extract, shard_blocks
 from embedcache.store import Store
 from embedcache.views import normalize, render_views, to_uint8
 
-from conftest import quiet, save_tiny_clip
+from conftest import png_folder, quiet, save_tiny_clip
 
 ARRAYS = ["image/emb", "image/view_params", "image/pixels", "image/status"]
 
@@ -466,13 +466,8 @@ def test_a_block_redone_without_failures_drops_its_old_failure_records(tmp_path,
 
 
 def test_canvas_can_stay_out_of_the_store(make_cfg, tiny_teacher, tmp_path):
-    from PIL import Image
-
-    for c in "ab":  # files to rebuild the canvases from (the synthetic dataset's are drawn: refused there)
-        (tmp_path / "data" / c).mkdir(parents=True)
-        for i in range(3):
-            Image.new("RGB", (40, 30), (40 * i, 90, 200)).save(tmp_path / "data" / c / f"{i}.png")
-    res = extract(make_cfg("nopix.zarr", "dataset.name=folder", f"dataset.path={tmp_path / 'data'}", "canvas.store=false"),
+    data = png_folder(tmp_path / "data")  # files to rebuild the canvases from (the synthetic dataset's are drawn)
+    res = extract(make_cfg("nopix.zarr", "dataset.name=folder", f"dataset.path={data}", "canvas.store=false"),
                   teacher=tiny_teacher, log=quiet)
     with embedcache.open_store(res.path) as s:
         assert s.image_emb().shape[0] == 6

@@ -1267,3 +1267,34 @@ def test_a_broken_hdf5_chunk_index_is_said_unrepairable_and_nothing_is_cleared(t
             st.verify()
     with Store(path) as st:
         assert (st.blocks_done() == before).all()
+
+
+def test_a_store_being_written_is_said_so_by_readers_and_verify(make_cfg, tiny_teacher):
+    """While an extraction or repair ran, readers said "rerun the same extract command to finish it",
+    verify called its half-way blocks damage and offered --repair, and a second repair ran a whole check
+    pass before being refused with extract's words (a trial): each says another process writes it."""
+    from embedcache.extract.verify import verify_store
+    from embedcache.fileio import try_exclusive_lock
+
+    cfg = make_cfg("busy.zarr")
+
+    def stop(block):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract(cfg, teacher=tiny_teacher, on_block_done=stop, log=quiet)
+    with pytest.raises(StoreError, match="rerun the same `embedcache extract` command"):  # nobody writes it
+        embedcache.open_store(cfg.out)
+    held = try_exclusive_lock(os.path.join(cfg.out, ".writer-0-of-1.lock"))  # what a live writer holds
+    try:
+        with pytest.raises(StoreError, match=r"being written now by a live `embedcache extract` .*; wait for it"):
+            embedcache.open_store(cfg.out)
+        with pytest.raises(StoreError, match=r"another process is writing or repairing .* now; wait for it"):
+            verify_store(cfg.out, repair=True, progress=False, log=quiet)
+        alter_emb(cfg.out, 0, 0, 0)
+        with pytest.raises(StoreError, match=r"do not check out while another process writes or repairs the store"):
+            verify_store(cfg.out, progress=False, log=quiet)
+    finally:
+        os.close(held)
+    with pytest.raises(StoreError, match=r"verify --repair"):  # the damage, once nobody writes
+        verify_store(cfg.out, progress=False, log=quiet)

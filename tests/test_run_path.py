@@ -706,7 +706,10 @@ def test_canvas_digests_agree_between_a_store_with_pixels_and_one_without(make_c
     from embedcache.extract import extract
     from embedcache.students.leakage import canvas_digests
 
-    kept, dropped = make_cfg("kept.zarr"), make_cfg("dropped.zarr", "canvas.store=false")
+    from conftest import png_folder
+
+    files = ("dataset.name=folder", f"dataset.path={png_folder(tmp_path / 'data')}")  # canvases to rebuild from files
+    kept, dropped = make_cfg("kept.zarr", *files), make_cfg("dropped.zarr", *files, "canvas.store=false")
     for cfg in (kept, dropped):
         extract(cfg, teacher=tiny_teacher, log=quiet)
     with open_store(kept.out) as a, open_store(dropped.out) as b:

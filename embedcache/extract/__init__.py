@@ -28,6 +28,7 @@ from .. import interrupt
 from ..fileio import exclusive_lock, one_line_when_full, require_outside_store, require_writable, try_exclusive_lock
 from ..store import (BACKENDS, STATUS_OK, USAGE_SNAPSHOTS, Store, add_text_arrays, backend_name_for, is_counter,
                      plan_layout)
+from ..store.store import WRITERS_GATE, live_writers
 from ..teachers import Teacher, build_teacher
 from ..teachers.remote.errors import BadAnswer
 from ..text import build_prompts, encode_sources, id_names, text_calls
@@ -306,9 +307,6 @@ def _on_open(store: Store, on_open: Callable[[Store], None], out: str) -> None:
         on_open(store)
 
 
-WRITERS_GATE = ".writers.lock"  # held while a writer looks for others and takes its own shard's lock
-
-
 def _writer_lock(store: Store, shard: int, num_shards: int):
     """One writer per shard of a Zarr store (HDF5 locks its file itself): a second extraction of the
     same blocks would encode them again beside the first (and pay for them twice with a paid teacher).
@@ -343,25 +341,10 @@ def _writers_gate(store: Store):
 
 def _refuse_other_shard_counts(store: Store, num_shards: int) -> None:
     """Refuses while a writer holds the lock of a shard of another count (called behind the gate)."""
-    for count in _live_writers(store.path):
+    for count in live_writers(store.path):
         if count != num_shards:
             raise StoreError(f"another extraction is writing {store.path} with --num-shards {count} now; give "
                              f"--num-shards {count} to join it, or wait for it to finish (rerunning then resumes)")
-
-
-def _live_writers(path: str) -> List[int]:
-    """The shard count of each extraction writing the Zarr store at ``path`` now (holding its lock)."""
-    live = []
-    for name in sorted(os.listdir(path)):
-        found = re.fullmatch(r"\.writer-\d+-of-(\d+)\.lock", name)
-        if found is None:
-            continue
-        probe = try_exclusive_lock(os.path.join(path, name))
-        if probe is None:
-            live.append(int(found.group(1)))
-        else:
-            os.close(probe)
-    return live
 
 
 def _say_decoded_by_pil(reader, dataset: ImageDataset, record: CallRecord, log: Callable[[str], None]) -> None:
@@ -646,7 +629,7 @@ def _dry_run(cfg, manifest, layout, reader, embedder, prompts, shard, num_shards
             if st.complete:  # prompts included
                 return DryRun(cfg.out, 0, 0, {}, budget, num_shards, layout["views"], complete=True)
             done = st.blocks_done()
-            writing = _writing_now(st)
+            writing = st.writing_now()
     geometry = _Geometry(layout)
     blocks = [b for b in shard_blocks(layout["num_blocks"], shard, num_shards) if not done[b]]
     batches = block_batches(blocks, geometry, cfg.batch_size)
@@ -675,17 +658,6 @@ def _dry_run(cfg, manifest, layout, reader, embedder, prompts, shard, num_shards
     quota = getattr(teacher, "service_quota", None)
     return DryRun(cfg.out, rows, rows * layout["views"], cost, budget, num_shards, layout["views"], writing=writing,
                   quota=quota() if quota is not None else None)
-
-
-def _writing_now(store: Store) -> bool:
-    """Whether an extraction writes ``store`` now (a dry run beside it prices what it has not finished)."""
-    if store.backend_name != "zarr":
-        return False  # an HDF5 store being written cannot be opened beside its writer
-    try:
-        with exclusive_lock(os.path.join(store.path, WRITERS_GATE)):  # a probe outside the gate could make a
-            return bool(_live_writers(store.path))                      # writer taking its lock then refuse
-    except OSError:  # read-only storage: no lock can be probed, and nothing writes there
-        return False
 
 
 def _budget_stop(exc, cfg, manifest, layout, reader, embedder, prompts, shard, num_shards, log) -> BudgetError:

@@ -27,6 +27,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import socket
 import time
 from functools import partial
@@ -37,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import DatasetError, StoreDamagedError, StoreError, StoreMismatchError
-from ..fileio import utc_now
+from ..fileio import exclusive_lock, try_exclusive_lock, utc_now
 from .backends import BACKENDS, REMAKE, first_line, backend_name_for
 from .integrity import IntegrityReport, checksum
 from .layout import SCHEMA_VERSION, packable, packed_rows, written_dtype
@@ -158,6 +159,24 @@ def teacher_model(t: Dict) -> Optional[str]:
     """A manifest's teacher model as ``teacher.model`` takes it: a local-dir's own folder
     (``local-dir:/path``, recorded apart from the key, which names only ``local-dir``)."""
     return (t.get("source") or {}).get("model") if t.get("model") == "local-dir" else t.get("model")
+
+
+WRITERS_GATE = ".writers.lock"  # held while a writer looks for others and takes its own shard's lock
+
+
+def live_writers(path: str) -> List[int]:
+    """The shard count of each extraction writing the Zarr store at ``path`` now (holding its lock)."""
+    live = []
+    for name in sorted(os.listdir(path)):
+        found = re.fullmatch(r"\.writer-\d+-of-(\d+)\.lock", name)
+        if found is None:
+            continue
+        probe = try_exclusive_lock(os.path.join(path, name))
+        if probe is None:
+            live.append(int(found.group(1)))
+        else:
+            os.close(probe)
+    return live
 
 
 class Store:
@@ -356,9 +375,24 @@ class Store:
                 f"{advice}")
         if complete and not self.complete:
             done = int(self.blocks_done().sum())
+            if self.writing_now():  # "rerun the command" told of one still running
+                raise StoreError(f"store {self.path} is incomplete ({done} of {self.num_blocks} blocks written) and being "
+                                 f"written now by a live `embedcache {self.producer}` (or a repair); wait for it to finish")
             raise StoreError(f"store {self.path} is incomplete ({done} of {self.num_blocks} blocks written); "
                              f"rerun the same `embedcache {self.producer}` command to finish it{self.held_repair_note()}")
         return self
+
+    def writing_now(self) -> bool:
+        """Whether an extraction or a repair writes this Zarr store now (holding a writer's lock; an HDF5 store
+        being written cannot be opened beside its writer)."""
+        gate = os.path.join(self.path, WRITERS_GATE)
+        if self.backend_name != "zarr" or not os.path.exists(gate):  # the first writer makes the gate
+            return False
+        try:
+            with exclusive_lock(gate):  # a probe outside the gate could make a writer taking its lock then refuse
+                return bool(live_writers(self.path))
+        except OSError:  # read-only storage: no lock can be probed, and nothing writes there
+            return False
 
     def held_repair_note(self) -> str:
         """' (a repair is re-doing block(s) 0 from the source files, held to ...)' for an unfinished store
