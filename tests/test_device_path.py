@@ -163,7 +163,7 @@ def test_arrays_for_the_device_keep_their_contents():
     assert out.dtype == torch.uint8 and np.array_equal(out.numpy(), arr)
 
 
-def test_a_store_without_canvases_is_read_with_the_decoder_students_rebuild_them_with(make_cfg):
+def test_a_store_without_canvases_is_read_with_the_decoder_students_rebuild_them_with(make_cfg, tmp_path):
     """Students rebuild a pixel-less store's canvases with PIL: the teacher must see PIL's canvases,
     so `auto` on a GPU keeps PIL there and `device` is refused in one line."""
     from types import SimpleNamespace
@@ -177,8 +177,11 @@ def test_a_store_without_canvases_is_read_with_the_decoder_students_rebuild_them
     with pytest.raises(ConfigError, match="decoder=device with canvas.store=false: .*set canvas.store=true or decoder=pil"):
         build_config(ExtractConfig, {"decoder": "device", "canvas": {"store": False}})
     gpu = SimpleNamespace(device=torch.device("cuda"), input_size=32, interpolation="bicubic")
+    from conftest import png_folder
+
+    files = ("dataset.name=folder", f"dataset.path={png_folder(tmp_path / 'data')}")  # canvases to rebuild from files
     for store, device_reader in ((True, True), (False, False)):
-        cfg = make_cfg("x.zarr", f"canvas.store={str(store).lower()}")
+        cfg = make_cfg("x.zarr", *files, f"canvas.store={str(store).lower()}")
         reader = make_reader(cfg, build_dataset(cfg.dataset), gpu)
         assert isinstance(reader, DeviceDecodeReader) == device_reader, to_dict(cfg.canvas)
 

@@ -28,6 +28,7 @@ from .. import interrupt
 from ..fileio import exclusive_lock, one_line_when_full, require_outside_store, require_writable, try_exclusive_lock
 from ..store import (BACKENDS, STATUS_OK, USAGE_SNAPSHOTS, Store, add_text_arrays, backend_name_for, is_counter,
                      plan_layout)
+from ..store.backends import a_store_of
 from ..store.store import WRITERS_GATE, live_writers
 from ..teachers import Teacher, build_teacher
 from ..teachers.remote.errors import BadAnswer
@@ -123,8 +124,7 @@ def open_or_create(cfg: ExtractConfig, manifest: Dict, layout: Dict) -> Store:
             raise
     made_for_it = backend == "zarr" and os.path.isdir(cfg.out) and not os.listdir(cfg.out)  # `mkdir` first: fine
     if os.path.exists(cfg.out) and not made_for_it:
-        raise ConfigError(f"--out {cfg.out} exists and is not {'an HDF5' if backend == 'hdf5' else 'a Zarr'} store; "
-                          "choose another path")
+        raise ConfigError(f"--out {cfg.out} exists and is not {a_store_of(backend)}; choose another path")
     return made_so(Store.create(cfg.out, manifest, layout, backend), manifest)
 
 

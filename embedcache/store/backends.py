@@ -606,6 +606,11 @@ class HDF5Backend:
             self.file = None
 
 
+def a_store_of(backend: str) -> str:
+    """'a Zarr store' / 'an HDF5 store', as messages name one."""
+    return "an HDF5 store" if backend == "hdf5" else "a Zarr store"
+
+
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else type(exc).__name__

@@ -26,6 +26,7 @@ from ..errors import ConfigError, StoreDamagedError, StoreError
 from ..extract import Batch, ExtractResult, ViewPolicy, extract, made_so, policy_of, require_out
 from ..extract.manifest import build_manifest
 from ..store import Store, backend_name_for
+from ..store.backends import a_store_of
 from ..teachers import TEACHERS, Teacher, build_teacher
 from ..text import build_prompts
 from ..views import to_uint8
@@ -269,7 +270,7 @@ def _refuse_out_of_another_kind(out: str, backend: Optional[str]) -> None:
         return
     empty_folder = name == "zarr" and os.path.isdir(out) and not os.listdir(out)
     if os.path.exists(out) and not empty_folder:
-        raise ConfigError(f"--out {out} exists and is not a {name} store; choose another path")
+        raise ConfigError(f"--out {out} exists and is not {a_store_of(name)}; choose another path")
 
 
 def prepare(cfg: SynthesizeConfig, teacher: Optional[Teacher] = None, log: Callable[[str], None] = print,
