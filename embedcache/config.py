@@ -14,6 +14,7 @@ import json
 import math
 import re
 import typing
+import warnings
 from dataclasses import dataclass, field, fields, is_dataclass
 from importlib import resources
 from pathlib import Path
@@ -523,8 +524,9 @@ def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str,
         key, raw = item.split("=", 1)
         if not key.strip() or "" in key.strip().split("."):
             raise ConfigError(f"--set {item!r} names no setting before '='; write e.g. --set views.count=4")
-        if key.strip() in given:  # as a key twice in one file: the last one silently won
-            raise ConfigError(f"--set {key.strip()} is given twice ({given[key.strip()]!r} and {raw.strip()!r}); keep one")
+        if key.strip() in given:  # the last one wins, as wrappers adding their defaults first expect: said
+            warnings.warn(f"--set {key.strip()} is given twice ({given[key.strip()]!r}, then {raw.strip()!r}): the last "
+                          "one is used")
         given[key.strip()] = raw.strip()
         value = _parse_set_value(raw, item) if raw.strip() else None
         set_path(data, key.strip(), value)

@@ -308,13 +308,14 @@ def test_an_empty_config_file_is_refused(tmp_path):
     assert load_extract_config(str(tmp_path / "defaults.yaml")).views.count == 4
 
 
-def test_a_setting_set_twice_is_refused():
-    """`--set dataset.per_class=3 --set dataset.per_class=5` kept the last without a word (a trial), where a
-    key twice in one file is refused."""
+def test_a_setting_set_twice_is_said():
+    """`--set dataset.per_class=3 --set dataset.per_class=5` kept the last without a word (a trial). The last
+    one still wins (a wrapper adds its defaults first, then the user's), and it is said."""
     from embedcache.config import apply_overrides
 
-    with pytest.raises(ConfigError, match=r"--set dataset.per_class is given twice \('3' and '5'\); keep one"):
-        load_extract_config("demo", ["dataset.per_class=3", "views.count=2", " dataset.per_class =5"])
+    with pytest.warns(UserWarning, match=r"--set dataset.per_class is given twice \('3', then '5'\): the last one is used"):
+        cfg = load_extract_config("demo", ["dataset.per_class=3", "views.count=2", " dataset.per_class =5"])
+    assert cfg.dataset.per_class == 5
     assert apply_overrides({}, ["a.b=1", "a.c=2"]) == {"a": {"b": 1, "c": 2}}
 
 
