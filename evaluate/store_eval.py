@@ -178,10 +178,15 @@ def _say_pooled(df: pd.DataFrame, keys: list) -> None:
         return
     first = dict(zip(by, twice.index[0]))
     a, b = sorted(twice.iloc[0])[:2]
+    seeds = (sorted(df.loc[df["run"].isin([a, b]), "run_seed"].dropna().unique().tolist())
+             if "run_seed" in df.columns else [])
+    what = ("the same settings and seed trained twice" if len(seeds) < 2 else
+            f"the same settings and replicate, trained from seeds {seeds[0]} and {seeds[1]} (sweep folders that named "
+            "the store or device otherwise seed otherwise)")
     warnings.warn(f"{len(twice)} replicate(s) of recipe {first.get('recipe', '-')} hold two or more runs of one held-out "
-                  f"split ({a} and {b}: replicate {first['replicate']}, holdout {first.get('holdout', '-')}): the same "
-                  "settings and seed trained twice; each replicate's value is their mean, counted once. Give the "
-                  "runs other seeds to count them as replicates, or score one of them")
+                  f"split ({a} and {b}: replicate {first['replicate']}, holdout {first.get('holdout', '-')}): {what}; "
+                  "each replicate's value is their mean, counted once. Give the runs other replicate seeds to count "
+                  "them as replicates, or score one of them")
 
 
 def _has_all_its_methods(have: pd.DataFrame, method: list, column: str) -> pd.Series:

@@ -942,6 +942,10 @@ def test_two_runs_of_one_method_seed_and_holdout_are_said_to_be_pooled():
                                          r"\(copy-of-r0-d1 and r0-d1: replicate 0, holdout d1\)"):
         t = summary_table(_top1_rows(again))
     assert t.loc[("r", "s", "name", "-", "ood"), "d1"] == "55.0 ± 7.1"  # (0.6 + 0.5) / 2: their mean, as said
+    seeded = _top1_rows(again)  # two folders that seeded the replicate otherwise: not "the same seed" (a trial)
+    seeded["run_seed"] = [7 if r == "copy-of-r0-d1" else 3 for r in seeded["run"]]
+    with pytest.warns(UserWarning, match=r"the same settings and replicate, trained from seeds 3 and 7"):
+        summary_table(seeded)
     pc = [{"recipe": "r", "student": "s", "source": "name", "split": "per_class", "domain": "out_of_domain",
            "class_name": "dog", "replicate": 0, "holdout": "d1", "metric": "top1", "value": 1.0, "run": run}
           for run in ("a", "b")]

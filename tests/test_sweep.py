@@ -463,8 +463,14 @@ def test_a_sweep_directory_holds_the_runs_of_one_store(synthetic_store, make_cfg
 
     other = make_cfg("other.zarr", "dataset.per_class=3", "dataset.seed=7")
     extract(other, teacher=tiny_teacher, log=lambda m: None)
+    from embedcache import open_store
+
     f = _sweep_file(tmp_path, synthetic_store, holdout_domains=["outline"], grid={"recipe": ["ce"], "seed": [0]})
     out = tmp_path / "sw"
+    out.mkdir()
+    with open_store(str(synthetic_store)) as r:  # a folder begun before runs were named by the store's key
+        began = {"store_key": r.key, "store": str(synthetic_store), "named_as": str(synthetic_store)}
+    (out / "store.json").write_text(json.dumps(began))
     assert CliRunner().invoke(main, ["sweep", str(f), "--out", str(out), "--no-progress"]).exit_code == 0
     before = (out / "results.parquet").read_bytes()
     res = CliRunner().invoke(main, ["sweep", str(f), "--out", str(out), "--no-progress", "--set", f"store={other.out}"])
@@ -560,6 +566,33 @@ def test_how_the_store_is_spelled_changes_no_run(synthetic_store, tmp_path, monk
         assert again.exit_code == 0 and "1 already done" in again.output, again.output
     spec = load_sweep(str(f), [f"store={copy}"])
     assert {Path(p.cfg.out).name: p.cfg.seed for p in expand(spec, str(out))} == seeds
+
+
+def test_a_new_sweep_folder_seeds_its_runs_by_the_store_not_its_spelling(synthetic_store, tmp_path, monkeypatch):
+    """Two sweep folders of one sweep file over one store trained other seeds when the store was spelled
+    otherwise (relative, absolute, a copy) or the base set keep_checkpoint or device, settings that change
+    no result: another folder's numbers differed by seed variance without a word (a trial). A new folder
+    names and seeds its runs by the store's key; a folder begun before keeps its runs' names and seeds."""
+    import shutil
+
+    f = _sweep_file(tmp_path, synthetic_store, holdout_domains=["outline"], grid={"recipe": ["ce"], "seed": [0, 1]})
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(synthetic_store, copy)
+    monkeypatch.chdir(Path(synthetic_store).parent)
+    ways = ([f"store={Path(synthetic_store).name}"], [f"store=./{Path(synthetic_store).name}"], [f"store={copy}"],
+            [f"store={Path(synthetic_store).resolve()}", "base.keep_checkpoint=true", "base.device=cpu"])
+    made = [{Path(p.cfg.out).name: p.cfg.seed for p in expand(load_sweep(str(f), sets), str(tmp_path / f"new{i}"))}
+            for i, sets in enumerate(ways)]
+    assert len(made[0]) == 2 and all(m == made[0] for m in made), made
+    old = tmp_path / "old"  # begun before: its store.json names the store as spelled then
+    old.mkdir()
+    from embedcache import open_store
+
+    with open_store(str(synthetic_store)) as r:
+        key = r.key
+    (old / "store.json").write_text(json.dumps({"store_key": key, "store": "stores/x.zarr", "named_as": "stores/x.zarr"}))
+    kept = {Path(p.cfg.out).name: p.cfg.seed for p in expand(load_sweep(str(f), []), str(old))}
+    assert len(kept) == 2 and set(kept).isdisjoint(made[0]) and set(kept.values()).isdisjoint(made[0].values())
 
 
 def test_a_worker_killed_from_outside_fails_its_runs_instead_of_losing_them(synthetic_store, tmp_path):

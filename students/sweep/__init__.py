@@ -278,9 +278,9 @@ def _points(spec: SweepSpec, sweep_dir: str, keys: List[str], reader, named_as: 
                 raise ConfigError(f"sweep run ({where}): text source {src!r} is not in {spec.store} "
                                   f"(it has {', '.join(sorted(sources))})")
             replicate = cfg.seed
-            seed = derive_seed(spec.base_seed, seed_identity(replace(cfg, store=named_as)))
+            seed = derive_seed(spec.base_seed, seed_identity(_as_named(cfg, named_as)))
             cfg = build_config(TrainConfig, {**data, "seed": seed})
-            name = run_name(replace(cfg, store=named_as))
+            name = run_name(_as_named(cfg, named_as))
             if name in made_by:
                 raise ConfigError(f"grid points ({made_by[name]}) and ({where}) resolve to the same run: the grid "
                                   "repeats a value; list each once")
@@ -575,9 +575,14 @@ def _require_one_store(sweep_dir: str, store: str) -> None:
                           f"not of {store} (key {key}); use another --out for a sweep over {store}")
 
 
+BY_KEY = "store-key:"  # a sweep folder begun since 2026-12-06 names its store by key: the named_as prefix
+
+
 def _named_as(sweep_dir: str, store: str) -> str:
-    """How the sweep first spelled its store (the spelling its runs' names and seeds were derived
-    from): store.json's, else a run's config (a sweep made before store.json kept it), else ``store``."""
+    """The store as the sweep's runs' names and seeds are derived from it: store.json's (the first launch
+    wrote it), else a run's config (a sweep made before store.json kept it), else, for a new folder, the
+    store's key (``BY_KEY``): the path as spelled (``./stores/x.zarr``, an absolute path, a copy) gave
+    another folder of the same sweep other seeds. Folders begun before keep the spelling they began with."""
     f = Path(sweep_dir) / "store.json"
     if f.is_file():
         first = json.loads(f.read_text())
@@ -585,7 +590,18 @@ def _named_as(sweep_dir: str, store: str) -> str:
             return first.get("named_as") or first["store"]
     for cfg in sorted(Path(sweep_dir).glob("runs/*/config.json")):
         return json.loads(cfg.read_text())["store"]
-    return store
+    with open_store(store) as reader:
+        return BY_KEY + reader.key
+
+
+def _as_named(cfg: TrainConfig, named_as: str) -> TrainConfig:
+    """A run's config as its name and seed are derived: the store as the folder names it; in a folder that
+    names it by key, also keep_checkpoint and device at their defaults (they change no result, and gave
+    other seeds)."""
+    cfg = replace(cfg, store=named_as)
+    if named_as.startswith(BY_KEY):
+        cfg = replace(cfg, keep_checkpoint=TrainConfig.keep_checkpoint, device=TrainConfig.device)
+    return cfg
 
 
 # sweep settings a relaunch may change: its grid and held-out domains (the table holds the current
