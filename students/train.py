@@ -32,6 +32,7 @@ from embedcache.config import build_config, flatten, to_dict, without_defaults
 from embedcache.device import resolve_device
 from embedcache.errors import ConfigError, StoreMismatchError, TrainingError
 from embedcache.evaluate.metrics import nearest_label, top1
+from embedcache.versions import library_versions
 from embedcache.fileio import disk_full_error, is_disk_full, json_digest, try_exclusive_lock
 
 from .averaging import AVERAGING
@@ -713,6 +714,7 @@ class Trainer:
                    # float reductions split over another thread count round differently: runs compare bit
                    # for bit only at equal thread counts (and torch versions)
                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(self.device),
+                   "versions": library_versions(),  # timm builds the students, faiss scores them; the code's commit
                    **({"torch_threads_earlier": threads[:-1]} if len(threads) > 1 else {}),
                    # how each stage took its gradients: the two agree to float32 rounding, not bit for bit
                    "gradients": ["closed form, float32" if HeadStep.applies(self.model, st, self.inputs.kind)

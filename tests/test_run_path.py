@@ -716,3 +716,27 @@ def test_canvas_digests_agree_between_a_store_with_pixels_and_one_without(make_c
         da, db = canvas_digests(a), canvas_digests(b)
         assert len(set(da.tolist())) == len(da)  # every image its own digest
         np.testing.assert_array_equal(da, db)
+
+
+def test_stores_and_runs_record_the_code_that_made_them(synthetic_store, tmp_path):
+    """Stores recorded embedcache 0.1.0 (unchanged since the first commit) and runs only torch: nothing tied
+    a number to the code, timm (which builds the students) or faiss (which scores them) (a trial)."""
+    import subprocess
+    from pathlib import Path
+
+    from embedcache import open_store
+    from embedcache.students.config import StudentConfig, TrainConfig
+    from embedcache.students.train import train
+    from embedcache.versions import library_versions, source_commit
+
+    head = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "--short=12", "HEAD"],
+                          capture_output=True, text=True)
+    if head.returncode == 0:  # a checkout (CI clones one)
+        assert source_commit().split("+")[0] == head.stdout.strip()
+    res = train(TrainConfig(store=str(synthetic_store), recipe="feat_kd", student=StudentConfig(name="test_resnet", input_size=32),
+                            steps=2, batch_size=8, eval_every=2, ckpt_every=2, out=str(tmp_path / "r"), progress=False,
+                            device="cpu"), log=quiet)
+    recorded = json.loads((Path(res.out) / "summary.json").read_text())["versions"]
+    assert recorded == library_versions() and {"timm", "faiss-cpu", "torch"} <= set(recorded)
+    with open_store(str(synthetic_store)) as s:
+        assert {"timm", "sentence-transformers"} & set(s.manifest["versions"]) and "python" in s.manifest["versions"]

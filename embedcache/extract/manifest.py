@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import platform
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -17,22 +16,11 @@ from ..fileio import json_digest, utc_now
 from ..store import SCHEMA_VERSION, cache_key
 from ..store.store import teacher_model
 from ..text import prompts_digest
+from ..versions import library_versions
 from ..views import param_fields
 
 # How pixels reach the teacher. Part of the cache key: another decoder or renderer changes pixels.
 PIPELINE = {"decoder": "pil", "canvas": "bicubic-shorter-side-centre-crop", "views": "render_views-antialias-uint8"}
-
-
-def library_versions() -> Dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("embedcache", "torch", "torchvision", "open_clip_torch", "timm", "zarr", "h5py", "numpy", "pillow"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 def build_manifest(cfg: ExtractConfig, dataset: ImageDataset, teacher, prompts,
