@@ -393,7 +393,7 @@ def _coerce(value: Any, tp, key: str) -> Any:
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return getattr(value, "written", None) or str(value)  # a name as written: domain 08, not 8
+            return str(value)
         if isinstance(value, bool):  # YAML reads true, false, yes, no, on, off as booleans
             raise ConfigError(f"{key}={value!r} is not valid: expected a string; quote it ('{str(value).lower()}') "
                               "where a word is meant")
@@ -474,39 +474,39 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-# numbers as people write them: an integer is decimal digits (YAML 1.1 read seed=0042 as octal 34 and 1:10 as
-# base-60 70), a float has a point or an exponent (1.1 asked ``1.0e-3`` and read ``1e-3`` as a word); YAML 1.1's
-# 0x, 0b and base-60 forms are words, which a number setting refuses
+# numbers as people write them: an integer is decimal digits without a leading zero (YAML 1.1 read seed=0042
+# as octal 34 and 1:10 as base-60 70: such forms, 0x and 0b too, are words here, which a number setting refuses
+# and a name keeps as written: a domain named 08), a float has a point or an exponent (1.1 asked ``1.0e-3``
+# and read ``1e-3`` as a word)
 _INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
-_Loader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in rs if tag not in (_INT, _FLOAT)]
+
+
+def _numbers_as_written(cls) -> None:
+    cls.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in rs if tag not in (_INT, _FLOAT)]
                                    for first, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Loader.add_implicit_resolver(_INT, re.compile(r"^[-+]?[0-9]+(?:_[0-9]+)*$"), list("-+0123456789"))  # 1_000 too
-_Loader.add_implicit_resolver(_FLOAT, re.compile(r"^(?:[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
+    cls.add_implicit_resolver(_INT, re.compile(r"^[-+]?(?:0|[1-9][0-9]*(?:_[0-9]+)*)$"), list("-+0123456789"))
+    cls.add_implicit_resolver(_FLOAT, re.compile(r"^(?:[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
                                                  r"|[-+]?[0-9]+[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
                               list("-+0123456789."))
 
 
-class _WrittenInt(int):
-    """An integer that keeps how it was written, for a setting that takes a word (a domain named 08)."""
-    written: str = ""
+class _Dumper(yaml.SafeDumper):
+    """Saved settings (a sweep's sweep.yaml) read back as written: a word _Loader reads as a number is quoted."""
 
 
-def _int(loader, node) -> int:
-    text = loader.construct_scalar(node)
-    value = int(text, 10)
-    if text.lstrip("+-") == str(abs(value)):
-        return value
-    out = _WrittenInt(value)
-    out.written = text
-    return out
+_numbers_as_written(_Loader)
+_numbers_as_written(_Dumper)
 
 
-_Loader.add_constructor(_INT, _int)
+def dump_yaml(data: Any) -> str:
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=True)
 
 
 def parse_yaml(text: str, where: str) -> Any:
     try:
         return yaml.load(text, Loader=_Loader)
+    except ValueError as exc:  # an explicit tag it cannot take (`!!int 0x1F`)
+        raise ConfigError(f"{where} is not valid YAML: {str(exc).splitlines()[0]}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         pos = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -49,10 +49,10 @@ def cache_features(store: str, cfg: StudentConfig, seed: int = 0, batch_size: in
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size} is not valid: give 1 or more (--batch-size 64)")
     dev = resolve_device(device)
-    with Store(store, "r") as st:  # read only while they are computed: an HDF5 store takes no reader beside a writer
+    with Store(store, "a") as st:
         reader = StoreReader(st)
         model = build_seeded(cfg, reader.dim, 0, seed).to(dev).eval()
-        key, made_from = features_key(model), st.key
+        key = features_key(model)
         if has_features(st, key):
             log(f"features {key} already cached in {store}")
             return key
@@ -65,16 +65,11 @@ def cache_features(store: str, cfg: StudentConfig, seed: int = 0, batch_size: in
             for view in range(v):
                 x = student_views(data, idx, np.full(len(idx), view), model.input_size, model.mean, model.std, dev)
                 out[idx, view] = model.features(x).float().cpu().numpy()
-        interpolation = data.interpolation
-    with Store(store, "a") as st:
-        if st.key != made_from or not st.complete:
-            raise StoreError(f"{store} was remade or reopened while its features were computed; rerun "
-                             "`embedcache features` once it is complete")
         st.put_derived(key, out, {"kind": "student_features", "student": cfg.name, "input_size": model.input_size,
                                   "feat_dim": model.feat_dim, "pretrained": cfg.pretrained, "seed": seed,
-                                  "interpolation": interpolation})
-    log(f"cached {n} x {v} features of {key} in {store}")
-    return key
+                                  "interpolation": data.interpolation})
+        log(f"cached {n} x {v} features of {key} in {store}")
+        return key
 
 
 def has_features(store: Store, key: str) -> bool:

@@ -279,23 +279,30 @@ def test_a_key_given_twice_is_refused_and_1e_3_is_a_number(tmp_path):
     assert apply_overrides({}, ["a=1e-3", "b=[2E+1, -1e0]"]) == {"a": 0.001, "b": [20.0, -1.0]}
 
 
-def test_an_integer_with_a_leading_zero_is_decimal_and_yaml_1_1_numbers_are_words():
-    """YAML 1.1 read seed=0042 as octal 34 and per_class=1:10 as base-60 70, with exit 0 (a trial): an
-    integer is decimal digits, leading zeros and all (1_000 too); base-60, 0x and 0b forms are words,
-    which a number setting refuses."""
-    from embedcache.config import apply_overrides
+def test_an_integer_with_a_leading_zero_is_decimal_and_yaml_1_1_numbers_are_words(tmp_path):
+    """YAML 1.1 read seed=0042 as octal 34 and per_class=1:10 as base-60 70, with exit 0 (a trial): digits with
+    a leading zero are a word, which a number setting reads as decimal and a name keeps as written (a domain
+    08); base-60, 0x and 0b forms are words a number setting refuses; 1_000 is 1000."""
+    from embedcache.config import apply_overrides, dump_yaml, parse_yaml
+    from embedcache.students.config import TrainConfig
 
-    got = apply_overrides({}, ["seed=0042", "grid.seed=[07, 010, -0012]", "n=+8", "a=1:10", "b=1_000", "c=0x3", "d=0b1",
+    got = apply_overrides({}, ["seed=0042", "grid.seed=[07, 010, -12]", "n=+8", "a=1:10", "b=1_000", "c=0x3", "d=0b1",
                                   "e=1:10.5"])
-    assert got == {"seed": 42, "grid": {"seed": [7, 10, -12]}, "n": 8, "a": "1:10", "b": 1000, "c": "0x3", "d": "0b1",
-                   "e": "1:10.5"}
+    assert got == {"seed": "0042", "grid": {"seed": ["07", "010", -12]}, "n": 8, "a": "1:10", "b": 1000, "c": "0x3",
+                   "d": "0b1", "e": "1:10.5"}
     with pytest.raises(ConfigError, match=r"dataset.per_class='1:10' is not valid: expected an integer"):
         load_extract_config("demo", ["dataset.per_class=1:10"])
     assert load_extract_config("demo", ["dataset.per_class=010"]).dataset.per_class == 10
-    from embedcache.students.config import TrainConfig
-
     names = load_config(TrainConfig, None, ["store=x", "split.holdout_domains=[08, 7, 2019]"], "train")
     assert names.split.holdout_domains == ("08", "7", "2019")  # a word as written (YAML 1.1 kept 08, made 07 7)
+    f = tmp_path / "t.yaml"  # the same in a file (a round trip through JSON dropped a spelling kept otherwise)
+    f.write_text("store: x\nseed: 0042\nsplit: {holdout_domains: [a, 08]}\n")
+    from_file = load_config(TrainConfig, str(f), [], "train")
+    assert from_file.seed == 42 and from_file.split.holdout_domains == ("a", "08")
+    saved = {"holdout_domains": ["08", "1e5", "010"], "name": "1e3", "lr": 1e-05, "steps": 7}  # words that look like numbers
+    assert parse_yaml(dump_yaml(saved), "sweep.yaml") == saved  # saved settings read back as they were
+    with pytest.raises(ConfigError, match="x.yaml is not valid YAML"):
+        parse_yaml("a: !!int zz", "x.yaml")
 
 
 def test_an_empty_config_file_is_refused(tmp_path):

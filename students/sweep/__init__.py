@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import pandas as pd
-import yaml
 
 from embedcache import interrupt, open_store
-from embedcache.config import apply_overrides, away_from_defaults, build_config, flatten, read_config_file, setting, to_dict
+from embedcache.config import (apply_overrides, away_from_defaults, build_config, dump_yaml, flatten, parse_yaml,
+                               read_config_file, setting, to_dict)
 from embedcache.errors import ConfigError, DiskFullError, EvaluationError
 from embedcache.evaluate.protocols import DEFAULT_SHOTS, seeded_class_split
 from embedcache.device import resolve_device
@@ -38,7 +38,8 @@ from ..features import missing_features
 from ..finetune import MODES as FINETUNE_MODES
 from ..recipes import RECIPES, definition_change, text_source_of
 from ..rundir import RunDir
-from ..train import NAMED_WHEN_SET, check_batch_fits, run_name, schedule_spans_stages, selection_rule, settings_identity
+from ..train import (NAMED_WHEN_SET, STORE_KEY, by_store_key, check_batch_fits, run_name, schedule_spans_stages,
+                     selection_rule, settings_identity)
 from .claim import Launch
 from .launchers import LAUNCHERS, check_options, unread_settings
 from .worker import SweepPoint, result_path, run_one, sweep_tags, variant
@@ -303,7 +304,7 @@ def _points(spec: SweepSpec, sweep_dir: str, keys: List[str], reader, named_as: 
 def _begun_with(sweep_dir: str, spec: SweepSpec) -> bool:
     """Whether the sweep in ``sweep_dir`` was launched with exactly ``spec`` (its sweep.yaml)."""
     f = Path(sweep_dir) / "sweep.yaml"
-    return f.is_file() and f.read_text() == yaml.safe_dump(to_dict(spec), sort_keys=True)
+    return f.is_file() and f.read_text() == dump_yaml(to_dict(spec))
 
 
 def _refuse_unread(spec: SweepSpec, by_all: set, by_recipe: Dict[str, set], points: List[SweepPoint]) -> None:
@@ -575,13 +576,10 @@ def _require_one_store(sweep_dir: str, store: str) -> None:
                           f"not of {store} (key {key}); use another --out for a sweep over {store}")
 
 
-BY_KEY = "store-key:"  # a sweep folder begun since 2026-12-06 names its store by key: the named_as prefix
-
-
 def _named_as(sweep_dir: str, store: str) -> str:
     """The store as the sweep's runs' names and seeds are derived from it: store.json's (the first launch
     wrote it), else a run's config (a sweep made before store.json kept it), else, for a new folder, the
-    store's key (``BY_KEY``): the path as spelled (``./stores/x.zarr``, an absolute path, a copy) gave
+    store's key (``STORE_KEY``): the path as spelled (``./stores/x.zarr``, an absolute path, a copy) gave
     another folder of the same sweep other seeds. Folders begun before keep the spelling they began with."""
     f = Path(sweep_dir) / "store.json"
     if f.is_file():
@@ -590,18 +588,18 @@ def _named_as(sweep_dir: str, store: str) -> str:
             return first.get("named_as") or first["store"]
     for cfg in sorted(Path(sweep_dir).glob("runs/*/config.json")):
         return json.loads(cfg.read_text())["store"]
+    if f.is_file():  # begun before store.json, its runs deleted since: named as spelled, as they were
+        return store
     with open_store(store) as reader:
-        return BY_KEY + reader.key
+        return STORE_KEY + reader.key
 
 
 def _as_named(cfg: TrainConfig, named_as: str) -> TrainConfig:
-    """A run's config as its name and seed are derived: the store as the folder names it; in a folder that
-    names it by key, also keep_checkpoint and device at their defaults (they change no result, and gave
-    other seeds)."""
-    cfg = replace(cfg, store=named_as)
-    if named_as.startswith(BY_KEY):
-        cfg = replace(cfg, keep_checkpoint=TrainConfig.keep_checkpoint, device=TrainConfig.device)
-    return cfg
+    """A run's config as its name and seed are derived: by the store's key in a folder begun since
+    2026-12-06 (``by_store_key``), else with the store as the folder first spelled it."""
+    if named_as.startswith(STORE_KEY):
+        return by_store_key(cfg, named_as[len(STORE_KEY):])
+    return replace(cfg, store=named_as)
 
 
 # sweep settings a relaunch may change: its grid and held-out domains (the table holds the current
@@ -632,7 +630,7 @@ def _require_same_spec(sweep_dir: str, spec: SweepSpec, others_live: bool = Fals
     f = Path(sweep_dir) / "sweep.yaml"
     if not f.is_file() or not (others_live or any(Path(sweep_dir).glob("results/*.parquet"))):
         return  # nothing finished and nothing running: nothing a changed spec could be pooled with
-    raw = yaml.safe_load(f.read_text()) or {}
+    raw = parse_yaml(f.read_text(), str(f)) or {}
     defaults = flatten(to_dict(SweepSpec(store="")))  # settings added since that sweep.yaml was written
     old = {**defaults, **flatten(raw)}
     new = flatten(to_dict(spec))
@@ -807,7 +805,7 @@ def _settle(spec: SweepSpec, sweep_dir: str, points: List[SweepPoint], others_li
     _require_same_spec(sweep_dir, spec, others_live)
     if _named_as(sweep_dir, spec.store) != named_as:  # another launch created store.json first
         points = expand(spec, sweep_dir)
-    atomic_write_text(Path(sweep_dir) / "sweep.yaml", yaml.safe_dump(to_dict(spec), sort_keys=True))
+    atomic_write_text(Path(sweep_dir) / "sweep.yaml", dump_yaml(to_dict(spec)))
     ever = set(_grid_runs(sweep_dir) or []) | set(_listed(sweep_dir, RUNS_EVER))  # before runs.json is rewritten
     names = sorted(Path(p.cfg.out).name for p in points)
     atomic_write_text(Path(sweep_dir) / RUNS_EVER, json.dumps(sorted(ever | set(names))))
