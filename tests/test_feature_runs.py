@@ -3,8 +3,6 @@ features' key, rebuilt from the run's student settings when the run is loaded (a
 longer hashes to that key), and the run is scored from the store's cached features."""
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -383,26 +381,3 @@ def test_features_refuses_a_second_student_name_in_set(synthetic_store):
                                      "student.name=test_resnet", "--no-progress"])
     assert said.exit_code == 2 and "--student resnet18 and --set name=test_resnet name two students" in said.output
 
-
-def test_an_hdf5_store_stays_readable_while_its_features_are_computed(make_cfg, tiny_teacher, monkeypatch):
-    """`features` held an HDF5 store open for writing while it computed (seconds to minutes), so every
-    train, inspect and open_store of it was refused as "open in another process" meanwhile (a trial):
-    it reads while computing and opens the store for writing only to store them."""
-    import embedcache
-    import embedcache.students.features as features
-    from embedcache.extract import extract
-
-    path = extract(make_cfg("f.h5"), teacher=tiny_teacher, log=quiet).path
-    real, seen = features.student_views, []
-
-    def reading_beside(*a, **k):
-        if not seen:  # a reader in another process beside the computation (one in this process shares the file)
-            seen.append(subprocess.run([sys.executable, "-c", f"import embedcache; print(embedcache.open_store({path!r}).key)"],
-                                       capture_output=True, text=True, timeout=120))
-        return real(*a, **k)
-
-    monkeypatch.setattr(features, "student_views", reading_beside)
-    key = cache_features(path, StudentConfig(name="test_resnet", input_size=32), progress=False, log=quiet)
-    with embedcache.open_store(path) as s:
-        assert seen[0].returncode == 0 and seen[0].stdout.strip() == s.key, seen[0].stderr
-        assert key in s.store.derived()
