@@ -114,7 +114,16 @@ def default_out(cfg: TrainConfig) -> str:
         return str(earlier)
     with Store(cfg.store) as st:
         key = st.key
-    return str(Path("runs") / run_name(replace(cfg, store=f"key:{key}", device="auto")))
+    return str(Path("runs") / run_name(by_store_key(cfg, key)))
+
+
+STORE_KEY = "key:"  # a run named by its store's key: its config's store is written so for its name (and a sweep's seed)
+
+
+def by_store_key(cfg: TrainConfig, key: str) -> TrainConfig:
+    """``cfg`` as a run is identified (its name; a sweep run's seed) whatever the store's path and the
+    settings that change no result: the store by its key, ``keep_checkpoint`` and ``device`` at their defaults."""
+    return replace(cfg, store=STORE_KEY + key, device=TrainConfig.device, keep_checkpoint=TrainConfig.keep_checkpoint)
 
 
 # settings a run may be resumed (or found finished) with other values of: where it is written and
