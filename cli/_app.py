@@ -1,8 +1,8 @@
 """The ``embedcache`` click group: user errors as one line, Ctrl-C as one line, with exit codes.
 
 Exit codes: 0 ok; 1 some sweep runs failed; 2 a user error (bad setting, unknown name, mismatched
-or damaged store); 3 a paid teacher's budget or quota ran out (resumable); 75 a full disk, out of memory or an
-unreachable remote teacher (resumable: free space or memory or wait, and rerun); 130 interrupted by Ctrl-C, 143 by SIGTERM (resumable:
+or damaged store; out of memory); 3 a paid teacher's budget or quota ran out (resumable); 75 a full disk or an
+unreachable remote teacher (resumable: free space or wait, and rerun); 130 interrupted by Ctrl-C, 143 by SIGTERM (resumable:
 rerun the same command).
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import warnings
 
 import click
 
-from embedcache.errors import EmbedcacheError, one_line_warning, out_of_memory
+from embedcache.errors import EmbedcacheError, first_line, one_line_warning, out_of_memory
 
 
 NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
@@ -68,10 +68,9 @@ class Group(click.Group):
         except (MemoryError, RuntimeError) as exc:  # a batch, size or count too large for this machine
             if not out_of_memory(exc):
                 raise
-            said = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            click.echo(f"error: out of memory ({said}); lower batch_size or the sizes and counts set, or free memory "
-                       "(other processes, another GPU), then rerun the same command to resume", err=True)
-            sys.exit(75)
+            click.echo(f"error: out of memory ({first_line(exc)}); lower batch_size or the sizes and counts set, or "
+                       "free memory (other processes, another GPU), then rerun the same command to resume", err=True)
+            sys.exit(2)  # not 75: a scheduler retrying the same settings would meet it again
         except (FileExistsError, NotADirectoryError) as exc:  # a path through a file: --out a/b with a a file
             said = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else str(exc)
             click.echo(f"error: {said} (a file stands where the path needs a folder); give another path, or move "

@@ -2,9 +2,9 @@
 
 The CLI prints them without a traceback and exits with the error's ``exit_code``: 2 for a user
 error, 3 for a paid teacher's budget or quota run out, 4 for a remote service's answer that cannot be
-kept (``teachers.remote.errors.BadAnswer``), 75 (EX_TEMPFAIL: try again later) for a full disk, running out
-of memory (said by the CLI) or an unreachable remote teacher, where rerunning the same command resumes (README,
-Exit codes).
+kept (``teachers.remote.errors.BadAnswer``), 75 (EX_TEMPFAIL: try again later) for a full disk or an
+unreachable remote teacher, where rerunning the same command resumes (README, Exit codes). Running out of
+memory is said by the CLI, exit 2.
 """
 
 
@@ -56,6 +56,12 @@ class DiskFullError(EmbedcacheError, OSError):
 class BudgetError(EmbedcacheError):
     """A paid teacher's query budget or a server's quota ran out: the store is left resumable."""
     exit_code = 3
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line (at most 200 characters), or its type's name when it says nothing."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 OUT_OF_MEMORY = ("DefaultCPUAllocator", "you tried to allocate", "CUDA out of memory", "out of memory")

@@ -134,7 +134,7 @@ def _in_chain(exc: Optional[BaseException], codes: Tuple[int, ...], texts: Tuple
 
 def _too_large(exc: Optional[BaseException]) -> bool:
     """A file grown to the process's file-size limit (``ulimit -f``, RLIMIT_FSIZE): EFBIG."""
-    return _in_chain(exc, (errno.EFBIG,), ("file too large", "errno 27", "os error 27"))
+    return _in_chain(exc, (errno.EFBIG,), ("[errno 27] file too large", "(os error 27)"))
 
 
 def is_disk_full(exc: BaseException) -> bool:
@@ -202,27 +202,30 @@ def one_line_when_full(where: PathLike, fix: str = "free space or choose --out o
 
 
 @contextmanager
-def exclusive_lock(path: PathLike):
-    """Hold an exclusive ``flock`` on ``path`` (created if needed) for the block, waiting for it."""
-    fd = _flocked(path, wait=True)
+def exclusive_lock(path: PathLike, probe: bool = False):
+    """Hold an exclusive ``flock`` on ``path`` (created if needed; with ``probe``, an existing one opened
+    read-only) for the block, waiting for it."""
+    fd = _flocked(path, wait=True, probe=probe)
     try:
         yield
     finally:
         os.close(fd)  # releases the lock
 
 
-def try_exclusive_lock(path: PathLike):
-    """An open file descriptor holding an exclusive ``flock`` on ``path`` (created if needed), or None
-    when another process holds it. The kernel releases it when the holder closes it, exits or dies."""
-    return _flocked(path, wait=False)
+def try_exclusive_lock(path: PathLike, probe: bool = False):
+    """An open file descriptor holding an exclusive ``flock`` on ``path`` (created if needed; with
+    ``probe``, an existing one opened read-only), or None when another process holds it. The kernel
+    releases it when the holder closes it, exits or dies."""
+    return _flocked(path, wait=False, probe=probe)
 
 
-def _flocked(path: PathLike, wait: bool):
+def _flocked(path: PathLike, wait: bool, probe: bool = False):
     """An fd of ``path`` (created if needed) holding its exclusive ``flock``; None when ``wait`` is False
-    and another process holds it."""
+    and another process holds it. ``probe``: only an existing file, opened read-only (a reader without
+    write access to a store may still see whether a writer holds it)."""
     import fcntl
 
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    fd = os.open(path, os.O_RDONLY) if probe else os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -35,6 +35,10 @@ def source_commit() -> Optional[str]:
     outside a checkout or without git."""
     here = Path(__file__).resolve().parent
     try:
+        top = subprocess.run(["git", "-C", str(here), "rev-parse", "--show-toplevel"], capture_output=True, text=True,
+                             timeout=10)
+        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != here.parent:  # installed inside another repo
+            return None
         head = subprocess.run(["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"], capture_output=True,
                               text=True, timeout=10)
         if head.returncode != 0:

@@ -90,7 +90,8 @@ def test_cli_errors_are_one_line(tmp_path):
     "cuda"])
 def test_running_out_of_memory_is_one_line(tmp_path, monkeypatch, error):
     """synthesize with image.cut_size=100000 (a typo) ended in a torch allocator traceback, exit 1 (a trial):
-    out of memory, on the CPU or a GPU, is one line naming what to lower, exit 75 (resumable)."""
+    out of memory, on the CPU or a GPU, is one line naming what to lower, exit 2 (not 75: a scheduler retrying
+    the same settings would meet it again)."""
     import torch
 
     import embedcache.extract as extraction
@@ -104,7 +105,7 @@ def test_running_out_of_memory_is_one_line(tmp_path, monkeypatch, error):
 
     monkeypatch.setattr(extraction, "extract", out_of_memory)
     res = CliRunner().invoke(main, ["extract", "--config", "demo", "--out", str(tmp_path / "x.zarr")])
-    assert res.exit_code == 75, res.output
+    assert res.exit_code == 2, res.output
     last = res.output.strip().splitlines()[-1]
     assert last.startswith("error: out of memory") and "batch_size" in last and "rerun" in last, res.output
     assert "Traceback" not in res.output

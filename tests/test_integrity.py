@@ -1261,12 +1261,15 @@ def test_a_broken_hdf5_chunk_index_is_said_unrepairable_and_nothing_is_cleared(t
     assert 0 <= i < at
     raw[i + 5] ^= 0x10
     Path(path).write_bytes(bytes(raw))
-    with Store(path, "a") as st:
-        before = st.blocks_done().copy()
-        with pytest.raises(StoreDamagedError, match=r"structure is damaged.*cannot be repaired in place; delete it"):
-            st.verify()
+    from embedcache.extract.verify import verify_store
+
     with Store(path) as st:
-        assert (st.blocks_done() == before).all()
+        before = st.blocks_done().copy()
+    for repair in (False, True):  # the repair cleared the blocks' bookkeeping, then crashed
+        with pytest.raises(StoreDamagedError, match=r"structure is damaged.*cannot be repaired in place; delete it"):
+            verify_store(path, repair=repair, progress=False, log=quiet)
+    with Store(path) as st:
+        assert (st.blocks_done() == before).all() and before.all()
 
 
 def test_a_store_being_written_is_said_so_by_readers_and_verify(make_cfg, tiny_teacher):

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..errors import DiskFullError, StoreDamagedError, StoreError, StoreMismatchError
+from ..errors import DiskFullError, StoreDamagedError, StoreError, StoreMismatchError, first_line
 from ..fileio import atomic_write_bytes, exclusive_lock
 from ..registry import Registry
 from .pieces import bytes_of
@@ -611,9 +611,6 @@ def a_store_of(backend: str) -> str:
     return "an HDF5 store" if backend == "hdf5" else "a Zarr store"
 
 
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 SUFFIXES = {".zarr": "zarr", ".h5": "hdf5", ".hdf5": "hdf5"}  # a store path's suffix -> its backend

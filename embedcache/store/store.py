@@ -37,9 +37,9 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tupl
 import numpy as np
 import pandas as pd
 
-from ..errors import DatasetError, StoreDamagedError, StoreError, StoreMismatchError
+from ..errors import DatasetError, StoreDamagedError, StoreError, StoreMismatchError, first_line
 from ..fileio import exclusive_lock, try_exclusive_lock, utc_now
-from .backends import BACKENDS, REMAKE, first_line, backend_name_for
+from .backends import BACKENDS, REMAKE, backend_name_for
 from .integrity import IntegrityReport, checksum
 from .layout import SCHEMA_VERSION, packable, packed_rows, written_dtype
 from .pieces import bytes_of, plan_pieces
@@ -171,7 +171,7 @@ def live_writers(path: str) -> List[int]:
         found = re.fullmatch(r"\.writer-\d+-of-(\d+)\.lock", name)
         if found is None:
             continue
-        probe = try_exclusive_lock(os.path.join(path, name))
+        probe = try_exclusive_lock(os.path.join(path, name), probe=True)
         if probe is None:
             live.append(int(found.group(1)))
         else:
@@ -389,7 +389,7 @@ class Store:
         if self.backend_name != "zarr" or not os.path.exists(gate):  # the first writer makes the gate
             return False
         try:
-            with exclusive_lock(gate):  # a probe outside the gate could make a writer taking its lock then refuse
+            with exclusive_lock(gate, probe=True):  # a probe outside the gate could make a writer taking its lock refuse
                 return bool(live_writers(self.path))
         except OSError:  # read-only storage: no lock can be probed, and nothing writes there
             return False
