@@ -13,6 +13,7 @@ restarted whole if interrupted (heads run thousands of steps per second).
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Callable, Dict, List, Optional, Union
 
@@ -28,7 +29,8 @@ from .headstep import HeadStep, linear
 from .losses import BatchContext
 from .optim import optimizer_step
 from .recipes import RECIPES
-from .train import RunResult, Trainer, add_running, set_trainable, settled_time, stage_loss
+from .rundir import RunDir
+from .train import RunResult, Trainer, add_running, one_trainer, set_trainable, settled_time, stage_loss
 
 FREE = ("seed", "optim.lr", "optim.weight_decay")  # what may differ between the heads of a pack
 
@@ -93,6 +95,14 @@ def train_heads(cfgs: List[TrainConfig], log: Callable[[str], None] = print,
     if bad or len({pack_key(c) for c in cfgs}) > 1:
         raise ConfigError("a head pack takes head-only runs (features=true, no averaging, one stage) "
                           f"that differ only in {', '.join(FREE)}")
+    with contextlib.ExitStack() as held:  # each run folder held as a lone `train` holds its own
+        for c in cfgs:
+            held.enter_context(one_trainer(RunDir(c.out)))
+        return _train_pack(cfgs, log, should_stop)
+
+
+def _train_pack(cfgs: List[TrainConfig], log: Callable[[str], None],
+                should_stop: Optional[Callable[[], bool]]) -> List[Union[RunResult, TrainingError]]:
     t0 = time.time()
     first = Trainer(cfgs[0], log=log)
     trainers = [first] + [Trainer(c, log=log, shared=first) for c in cfgs[1:]]

@@ -770,7 +770,7 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int], None]] = None, log
     if not unread_ok and not run_dir.file("config.json").exists():
         refuse_unread_training(cfg)
     check_trainable(cfg)
-    with _one_trainer(run_dir):
+    with one_trainer(run_dir):
         if run_dir.done:  # finished by the process that held the folder a moment ago
             return train(cfg, on_step, log, teacher, should_stop, unread_ok)
         try:
@@ -782,7 +782,7 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int], None]] = None, log
 
 
 @contextmanager
-def _one_trainer(run_dir: RunDir):
+def one_trainer(run_dir: RunDir):
     """The run folder held by this process while it trains: a second `train` of it (a script run twice)
     trained the whole run beside the first, taking over its checkpoints. The lock goes once the run is done."""
     made = not run_dir.path.exists()

@@ -52,6 +52,29 @@ def test_a_pack_ends_where_separate_runs_end(feature_store, tmp_path, recipe, op
         assert [json.loads((Path(c.out) / "summary.json").read_text())["heads_packed"] for c in (p, a)] == [3, 1]
 
 
+def test_a_pack_holds_its_run_folders_as_a_lone_train_does(feature_store, tmp_path):
+    """A pack of heads took no lock on its run folders: a `train` of one of them beside it trained the run
+    twice (a review). A folder another process trains is refused; the pack's finished runs keep no lock."""
+    import os
+
+    from embedcache.errors import TrainingError
+    from embedcache.fileio import try_exclusive_lock
+
+    store, student = feature_store
+    cfgs = [_cfg(store, student, tmp_path / f"pack{k}", "linear_probe", k, 1e-2) for k in range(2)]
+    (tmp_path / "pack1").mkdir()
+    held = try_exclusive_lock(tmp_path / "pack1" / ".train.lock")
+    try:
+        with pytest.raises(TrainingError, match=rf"another `embedcache train` is running in {tmp_path / 'pack1'}"):
+            train_heads(cfgs, log=quiet)
+    finally:
+        os.close(held)
+    assert not (tmp_path / "pack0" / "config.json").exists()  # nothing trained beside the holder
+    train_heads(cfgs, log=quiet)
+    assert all((tmp_path / f"pack{k}" / "done").exists() and not (tmp_path / f"pack{k}" / ".train.lock").exists()
+               for k in range(2))
+
+
 def test_runs_that_differ_in_more_than_seed_and_lr_do_not_pack(feature_store, tmp_path):
     store, student = feature_store
     a = _cfg(store, student, tmp_path / "a", "linear_probe", 0, 1e-2)

@@ -727,7 +727,7 @@ def test_stores_and_runs_record_the_code_that_made_them(synthetic_store, tmp_pat
     from embedcache import open_store
     from embedcache.students.config import StudentConfig, TrainConfig
     from embedcache.students.train import train
-    from embedcache.versions import library_versions, source_commit
+    from embedcache.versions import source_commit
 
     import faiss
     import timm
