@@ -584,6 +584,9 @@ def test_a_new_sweep_folder_seeds_its_runs_by_the_store_not_its_spelling(synthet
     made = [{Path(p.cfg.out).name: p.cfg.seed for p in expand(load_sweep(str(f), sets), str(tmp_path / f"new{i}"))}
             for i, sets in enumerate(ways)]
     assert len(made[0]) == 2 and all(m == made[0] for m in made), made
+    with pytest.raises(ConfigError, match=r"device change no result, so no run's name or seed: sweep each in a sweep "
+                                          r"folder of its own"):  # it said "the grid repeats a value"
+        expand(load_sweep(str(f), ["grid.device=[cpu, auto]"]), str(tmp_path / "devices"))
     old = tmp_path / "old"  # begun before: its store.json names the store as spelled then
     old.mkdir()
     from embedcache import open_store

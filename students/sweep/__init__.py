@@ -283,8 +283,10 @@ def _points(spec: SweepSpec, sweep_dir: str, keys: List[str], reader, named_as: 
             cfg = build_config(TrainConfig, {**data, "seed": seed})
             name = run_name(_as_named(cfg, named_as))
             if name in made_by:
-                raise ConfigError(f"grid points ({made_by[name]}) and ({where}) resolve to the same run: the grid "
-                                  "repeats a value; list each once")
+                unnamed = [k for k in ("device", "keep_checkpoint") if k in spec.grid]
+                why = (f"{' and '.join(unnamed)} change no result, so no run's name or seed: sweep each in a sweep "
+                       "folder of its own" if unnamed else "the grid repeats a value; list each once")
+                raise ConfigError(f"grid points ({made_by[name]}) and ({where}) resolve to the same run: {why}")
             made_by[name] = where
             cfg = build_config(TrainConfig, {**to_dict(cfg), "out": str(Path(sweep_dir) / "runs" / name)})
             if not (result_path(sweep_dir, name).exists() or RunDir(cfg.out).done):  # finished runs stay as made
