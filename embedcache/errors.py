@@ -64,7 +64,7 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
-OUT_OF_MEMORY = ("DefaultCPUAllocator", "you tried to allocate", "CUDA out of memory", "out of memory")
+OUT_OF_MEMORY = ("DefaultCPUAllocator", "you tried to allocate", "out of memory")  # torch's CPU allocator; CUDA's
 
 
 def out_of_memory(exc: BaseException) -> bool:

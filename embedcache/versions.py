@@ -14,7 +14,13 @@ LIBRARIES = ("embedcache", "torch", "torchvision", "open_clip_torch", "timm", "z
 
 def library_versions() -> Dict[str, str]:
     """Python's and each installed library's version (those not installed left out), and
-    ``embedcache_commit`` where the package runs from a git checkout."""
+    ``embedcache_commit`` where the package runs from a git checkout: looked up once per process (a pack
+    of heads records them in every run's summary)."""
+    return dict(_looked_up())
+
+
+@functools.lru_cache(maxsize=1)
+def _looked_up() -> Dict[str, str]:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}

@@ -118,12 +118,13 @@ def default_out(cfg: TrainConfig) -> str:
 
 
 STORE_KEY = "key:"  # a run named by its store's key: its config's store is written so for its name (and a sweep's seed)
+UNIDENTIFYING = ("device", "keep_checkpoint")  # settings that change no result, held at their defaults to identify a run
 
 
 def by_store_key(cfg: TrainConfig, key: str) -> TrainConfig:
     """``cfg`` as a run is identified (its name; a sweep run's seed) whatever the store's path and the
-    settings that change no result: the store by its key, ``keep_checkpoint`` and ``device`` at their defaults."""
-    return replace(cfg, store=STORE_KEY + key, device=TrainConfig.device, keep_checkpoint=TrainConfig.keep_checkpoint)
+    settings that change no result: the store by its key, ``UNIDENTIFYING`` at their defaults."""
+    return replace(cfg, store=STORE_KEY + key, **{k: getattr(TrainConfig, k) for k in UNIDENTIFYING})
 
 
 # settings a run may be resumed (or found finished) with other values of: where it is written and

@@ -657,7 +657,7 @@ class Store:
         """Every entry's counters summed, the service's own usage key by key (``calls``: how many
         extract calls wrote entries), the last entry's other values (protocol, the ledger's totals
         then); None when no call recorded any."""
-        entries = [json.loads(self.b.get_blob(n)) for n in sorted(self.b.list_blobs("usage"))]
+        entries = self._usage_entries()
         if not entries:
             return None
         calls = {e.get("call") or f"entry-{i}" for i, e in enumerate(entries)}  # older stores: an entry per call
@@ -672,8 +672,10 @@ class Store:
 
     def answered_models(self) -> List[str]:
         """Every model the entries name as their answers' (``usage()`` keeps the last one's), oldest first."""
-        entries = [json.loads(self.b.get_blob(n)) for n in sorted(self.b.list_blobs("usage"))]
-        return list(dict.fromkeys(e["answered_model"] for e in entries if e.get("answered_model")))
+        return list(dict.fromkeys(e["answered_model"] for e in self._usage_entries() if e.get("answered_model")))
+
+    def _usage_entries(self) -> List[Dict[str, Any]]:
+        return [json.loads(self.b.get_blob(n)) for n in sorted(self.b.list_blobs("usage"))]
 
     # extract calls that pay a teacher: marked open when they start, closed when they end (stopped,
     # failed or done); one killed with -9 stays open, its spending since its last finished block in no books

@@ -38,7 +38,7 @@ from ..features import missing_features
 from ..finetune import MODES as FINETUNE_MODES
 from ..recipes import RECIPES, definition_change, text_source_of
 from ..rundir import RunDir
-from ..train import (NAMED_WHEN_SET, STORE_KEY, by_store_key, check_batch_fits, run_name, schedule_spans_stages,
+from ..train import (NAMED_WHEN_SET, STORE_KEY, UNIDENTIFYING, by_store_key, check_batch_fits, run_name, schedule_spans_stages,
                      selection_rule, settings_identity)
 from .claim import Launch
 from .launchers import LAUNCHERS, check_options, unread_settings
@@ -216,7 +216,7 @@ def expand(spec: SweepSpec, sweep_dir: str) -> List[SweepPoint]:
             raise ConfigError(f"sweep grid entry {k!r} lists mappings; grid over their entries instead "
                               f"({k}.<key>: [values])")
     with open_store(spec.store) as reader:  # refuses an incomplete store
-        out = _points(spec, sweep_dir, keys, reader, _named_as(sweep_dir, spec.store))
+        out = _points(spec, sweep_dir, keys, reader, _named_as(sweep_dir, spec.store, reader.key))
         _require_used(spec.per_recipe, sorted({p.cfg.recipe for p in out}))
         _require_transferable(spec.transfer, reader, sorted({text_source_of(p.cfg) for p in out}))
         # head-only runs' cached features, before any run (runs with results need none)
@@ -283,7 +283,7 @@ def _points(spec: SweepSpec, sweep_dir: str, keys: List[str], reader, named_as: 
             cfg = build_config(TrainConfig, {**data, "seed": seed})
             name = run_name(_as_named(cfg, named_as))
             if name in made_by:
-                unnamed = [k for k in ("device", "keep_checkpoint") if k in spec.grid]
+                unnamed = [k for k in UNIDENTIFYING if k in spec.grid]
                 why = (f"{' and '.join(unnamed)} change no result, so no run's name or seed: sweep each in a sweep "
                        "folder of its own" if unnamed else "the grid repeats a value; list each once")
                 raise ConfigError(f"grid points ({made_by[name]}) and ({where}) resolve to the same run: {why}")
@@ -563,7 +563,7 @@ def _require_one_store(sweep_dir: str, store: str) -> None:
         seen = {k for r in Path(sweep_dir).glob("results/*.parquet")
                 for k in pd.read_parquet(r, columns=["store_key"]).store_key}
         first = {"store_key": sorted(seen)[0] if seen else key, "store": "(named in its results)" if seen else store,
-                 "named_as": _named_as(sweep_dir, store)}
+                 "named_as": _named_as(sweep_dir, store, key)}
         tmp = f.with_name(f"store.json.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(first))
         try:
@@ -578,11 +578,12 @@ def _require_one_store(sweep_dir: str, store: str) -> None:
                           f"not of {store} (key {key}); use another --out for a sweep over {store}")
 
 
-def _named_as(sweep_dir: str, store: str) -> str:
+def _named_as(sweep_dir: str, store: str, key: Optional[str] = None) -> str:
     """The store as the sweep's runs' names and seeds are derived from it: store.json's (the first launch
     wrote it), else a run's config (a sweep made before store.json kept it), else, for a new folder, the
-    store's key (``STORE_KEY``): the path as spelled (``./stores/x.zarr``, an absolute path, a copy) gave
-    another folder of the same sweep other seeds. Folders begun before keep the spelling they began with."""
+    store's key (``STORE_KEY``; ``key`` when the caller has it, else the store is opened for it): the path as
+    spelled (``./stores/x.zarr``, an absolute path, a copy) gave another folder of the same sweep other seeds.
+    Folders begun before keep the spelling they began with."""
     f = Path(sweep_dir) / "store.json"
     if f.is_file():
         first = json.loads(f.read_text())
@@ -592,8 +593,10 @@ def _named_as(sweep_dir: str, store: str) -> str:
         return json.loads(cfg.read_text())["store"]
     if f.is_file():  # begun before store.json, its runs deleted since: named as spelled, as they were
         return store
-    with open_store(store) as reader:
-        return STORE_KEY + reader.key
+    if key is None:
+        with open_store(store) as reader:
+            key = reader.key
+    return STORE_KEY + key
 
 
 def _as_named(cfg: TrainConfig, named_as: str) -> TrainConfig:
