@@ -2,8 +2,9 @@
 
 The CLI prints them without a traceback and exits with the error's ``exit_code``: 2 for a user
 error, 3 for a paid teacher's budget or quota run out, 4 for a remote service's answer that cannot be
-kept (``teachers.remote.errors.BadAnswer``), 75 (EX_TEMPFAIL: try again later) for a full disk or an
-unreachable remote teacher, where rerunning the same command resumes (README, Exit codes). Running out of
+kept (``teachers.remote.errors.BadAnswer``), 75 (EX_TEMPFAIL: try again later) for a full disk, an
+unreachable remote teacher, or a store or run held by another live process, where rerunning the same command
+resumes (README, Exit codes). Running out of
 memory is said by the CLI, exit 2.
 """
 
@@ -51,6 +52,20 @@ class TrainingError(EmbedcacheError):
 
 class DiskFullError(EmbedcacheError, OSError):
     exit_code = 75
+
+
+class BusyError(EmbedcacheError):
+    """What the call needs is held by another live process (an extraction writing the store, a run training):
+    exit 75, so a scheduler that retries on it retries once that process is done, not never."""
+    exit_code = 75
+
+
+class StoreBusyError(StoreError, BusyError):
+    pass
+
+
+class RunBusyError(TrainingError, BusyError):
+    pass
 
 
 class BudgetError(EmbedcacheError):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shlex
+from contextlib import contextmanager
 from typing import Callable, Iterable, List, Optional
 
 import numpy as np
@@ -23,7 +24,8 @@ import torch
 from embedcache.api import StoreReader
 from embedcache.config import to_dict
 from embedcache.device import resolve_device
-from embedcache.errors import ConfigError, StoreError
+from embedcache.errors import ConfigError, StoreBusyError, StoreError
+from embedcache.fileio import try_exclusive_lock
 from embedcache.store import Store
 
 from .config import SplitConfig, StudentConfig
@@ -49,7 +51,7 @@ def cache_features(store: str, cfg: StudentConfig, seed: int = 0, batch_size: in
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size} is not valid: give 1 or more (--batch-size 64)")
     dev = resolve_device(device)
-    with Store(store, "a") as st:
+    with Store(store, "a") as st, _one_features_call(st):
         reader = StoreReader(st)
         model = build_seeded(cfg, reader.dim, 0, seed).to(dev).eval()
         key = features_key(model)
@@ -70,6 +72,24 @@ def cache_features(store: str, cfg: StudentConfig, seed: int = 0, batch_size: in
                                   "interpolation": data.interpolation})
         log(f"cached {n} x {v} features of {key} in {store}")
         return key
+
+
+@contextmanager
+def _one_features_call(st: Store):
+    """The store held for one `embedcache features` call at a time: a second, started beside the first,
+    computed the same features again, and the later of two calls for other backbones wrote the store's list
+    of derived arrays without the earlier's. An HDF5 store is held by its one writer already."""
+    if not os.path.isdir(st.path):
+        yield
+        return
+    fd = try_exclusive_lock(os.path.join(st.path, ".features.lock"))
+    if fd is None:
+        raise StoreBusyError(f"another `embedcache features` is computing features in {st.path} now; wait for it to "
+                             "finish, then rerun (features it cached are found there)")
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 def has_features(store: Store, key: str) -> bool:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from embedcache import interrupt
 from embedcache.config import build_config, flatten, to_dict, without_defaults
 from embedcache.device import resolve_device
-from embedcache.errors import ConfigError, StoreMismatchError, TrainingError
+from embedcache.errors import ConfigError, RunBusyError, StoreMismatchError, TrainingError
 from embedcache.evaluate.metrics import nearest_label, top1
 from embedcache.versions import library_versions
 from embedcache.fileio import disk_full_error, is_disk_full, json_digest, try_exclusive_lock
@@ -791,7 +791,7 @@ def one_trainer(run_dir: RunDir):
     lock = run_dir.file(".train.lock")
     fd = try_exclusive_lock(lock)
     if fd is None:
-        raise TrainingError(f"another `embedcache train` is running in {run_dir.path}; wait for it to finish (rerunning "
+        raise RunBusyError(f"another `embedcache train` is running in {run_dir.path}; wait for it to finish (rerunning "
                             "then finds the run done), or give another --out")
     try:
         yield

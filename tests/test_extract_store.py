@@ -741,8 +741,9 @@ def test_a_second_extraction_of_the_same_blocks_is_refused_while_the_first_runs(
 
     def second_while_first_runs(block):  # a second extraction of the same store, while the first writes it
         if block == 0:
-            with pytest.raises(StoreError, match=r"another extraction is writing .*busy.zarr now \(shard 0 of 1\); wait"):
+            with pytest.raises(StoreError, match=r"another extraction is writing .*busy.zarr now \(shard 0 of 1\); wait") as busy:
                 extract(cfg, teacher=tiny_teacher, log=quiet)
+            assert busy.value.exit_code == 75  # try again later: a scheduler retrying on 75 retries
             refused.append(block)
         raise KeyboardInterrupt
 

@@ -353,6 +353,30 @@ def test_features_refuse_a_batch_size_below_one_and_remake_an_array_gone_from_di
         assert np.array_equal(st.read_derived(key), made)
 
 
+def test_a_second_features_call_beside_a_live_one_is_refused_to_try_again(synthetic_store, tmp_path):
+    """Two `features` calls at once on one Zarr store both computed (twice the compute), and the later of two
+    for other backbones wrote the store's list of derived arrays without the earlier's (a review)."""
+    import os
+
+    from embedcache.fileio import try_exclusive_lock
+    from embedcache.store import Store
+
+    store = tmp_path / "s.zarr"
+    shutil.copytree(synthetic_store, store)
+    student = StudentConfig(name="test_resnet", input_size=32)
+    held = try_exclusive_lock(store / ".features.lock")  # what a live `features` call holds
+    try:
+        with pytest.raises(StoreError, match=r"another `embedcache features` is computing features in .*s.zarr now; "
+                                             r"wait for it to finish") as busy:
+            cache_features(str(store), student, device="cpu", progress=False, log=quiet)
+        assert busy.value.exit_code == 75
+    finally:
+        os.close(held)
+    key = cache_features(str(store), student, device="cpu", progress=False, log=quiet)  # once it is done
+    with Store(str(store)) as st:
+        assert list(st.derived()) == [key]
+
+
 def test_a_stopped_features_command_says_it_starts_again(synthetic_store, tmp_path, monkeypatch):
     """Ctrl-C said "rerun the same command to resume"; the array is written whole, so a rerun starts
     from the first batch (a trial)."""

@@ -47,8 +47,9 @@ def test_a_second_train_of_the_same_folder_is_refused_while_the_first_runs(synth
     run.mkdir()
     held = try_exclusive_lock(run / ".train.lock")  # what a live `train` of the folder holds
     try:
-        with pytest.raises(TrainingError, match=rf"another `embedcache train` is running in {run}; wait for it"):
+        with pytest.raises(TrainingError, match=rf"another `embedcache train` is running in {run}; wait for it") as busy:
             train(_cfg(synthetic_store, run), log=quiet)
+        assert busy.value.exit_code == 75
     finally:
         os.close(held)
     assert sorted(p.name for p in run.iterdir()) == [".train.lock"]  # nothing of the refused call

@@ -23,7 +23,7 @@ import torch
 
 from ..config import TEACHER_CALL_SETTINGS, ExtractConfig, build_config, replace, to_dict
 from ..datasets import ImageDataset, build_dataset
-from ..errors import BudgetError, ConfigError, DatasetError, EmbedcacheError, StoreError
+from ..errors import BudgetError, ConfigError, DatasetError, EmbedcacheError, StoreBusyError
 from .. import interrupt
 from ..fileio import exclusive_lock, one_line_when_full, require_outside_store, require_writable, try_exclusive_lock
 from ..store import (BACKENDS, STATUS_OK, USAGE_SNAPSHOTS, Store, add_text_arrays, backend_name_for, is_counter,
@@ -324,7 +324,7 @@ def _writer_lock(store: Store, shard: int, num_shards: int):
         raise
     if fd is None:
         work = "synthesis" if store.producer == "synthesize" else "extraction"
-        raise StoreError(f"another {work} is writing {store.path} now (shard {shard} of {num_shards}); wait for "
+        raise StoreBusyError(f"another {work} is writing {store.path} now (shard {shard} of {num_shards}); wait for "
                          "it to finish (rerunning then resumes or finds it complete), or give another --out")
     return fd
 
@@ -343,7 +343,7 @@ def _refuse_other_shard_counts(store: Store, num_shards: int) -> None:
     """Refuses while a writer holds the lock of a shard of another count (called behind the gate)."""
     for count in live_writers(store.path):
         if count != num_shards:
-            raise StoreError(f"another extraction is writing {store.path} with --num-shards {count} now; give "
+            raise StoreBusyError(f"another extraction is writing {store.path} with --num-shards {count} now; give "
                              f"--num-shards {count} to join it, or wait for it to finish (rerunning then resumes)")
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ..config import ViewsConfig, build_config
-from ..errors import ConfigError, StoreDamagedError, StoreError
+from ..errors import ConfigError, StoreBusyError, StoreDamagedError, StoreError
 from ..fileio import json_digest
 from ..store import IntegrityReport, Store
 from ..store.store import BLOCKS_SUMMARY
@@ -63,7 +63,7 @@ def verify_store(path: str, repair: bool = False, overrides: Sequence[str] = (),
     with Store(path, "a" if repair else "r", rebuild_text=repair) as st:
         busy = st.writing_now()  # an extraction or repair live: its blocks are half-way, not damage to repair
         if busy and repair:
-            raise StoreError(f"another process is writing or repairing {path} now; wait for it to finish, then run "
+            raise StoreBusyError(f"another process is writing or repairing {path} now; wait for it to finish, then run "
                              "verify again")
         lost_text, restored = list(st.lost_text), list(st.lost_books)
         st.rebuild_lost()  # bookkeeping restored; prompts made again empty, the store unfinished: encoded below
@@ -92,7 +92,7 @@ def verify_store(path: str, repair: bool = False, overrides: Sequence[str] = (),
               f"`embedcache {producer}` for its own)")
     if not repair:
         if busy:
-            raise StoreError(f"{path}: {len(report.damaged_blocks)} block(s) and {len(report.files)} file(s) do not check "
+            raise StoreBusyError(f"{path}: {len(report.damaged_blocks)} block(s) and {len(report.files)} file(s) do not check "
                              "out while another process writes or repairs the store; wait for it to finish, then run "
                              "verify again")
         fixes = []

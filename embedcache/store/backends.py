@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..errors import DiskFullError, StoreDamagedError, StoreError, StoreMismatchError, first_line
+from ..errors import DiskFullError, StoreBusyError, StoreDamagedError, StoreMismatchError, first_line
 from ..fileio import atomic_write_bytes, exclusive_lock
 from ..registry import Registry
 from .pieces import bytes_of
@@ -413,7 +413,7 @@ class HDF5Backend:
         except (OSError, BlockingIOError) as exc:
             text = str(exc)
             if "unable to lock" in text.lower() or isinstance(exc, BlockingIOError):
-                raise StoreError(f"HDF5 store {path} is open in another process (HDF5 allows one writer and no reader "
+                raise StoreBusyError(f"HDF5 store {path} is open in another process (HDF5 allows one writer and no reader "
                                  "beside it); wait for that process to finish, or use a .zarr store") from None
             if os.path.isfile(path) and not h5py.is_hdf5(path):  # no store to delete: some other file
                 raise StoreMismatchError(f"{path} is not an HDF5 file (no HDF5 signature in it), so not a store; give a "

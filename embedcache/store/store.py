@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tupl
 import numpy as np
 import pandas as pd
 
-from ..errors import DatasetError, StoreDamagedError, StoreError, StoreMismatchError, first_line
+from ..errors import DatasetError, StoreBusyError, StoreDamagedError, StoreError, StoreMismatchError, first_line
 from ..fileio import exclusive_lock, try_exclusive_lock, utc_now
 from .backends import BACKENDS, REMAKE, backend_name_for
 from .integrity import IntegrityReport, checksum
@@ -376,7 +376,7 @@ class Store:
         if complete and not self.complete:
             done = int(self.blocks_done().sum())
             if self.writing_now():  # "rerun the command" told of one still running
-                raise StoreError(f"store {self.path} is incomplete ({done} of {self.num_blocks} blocks written) and being "
+                raise StoreBusyError(f"store {self.path} is incomplete ({done} of {self.num_blocks} blocks written) and being "
                                  f"written now by a live `embedcache {self.producer}` (or a repair); wait for it to finish")
             raise StoreError(f"store {self.path} is incomplete ({done} of {self.num_blocks} blocks written); "
                              f"rerun the same `embedcache {self.producer}` command to finish it{self.held_repair_note()}")
