@@ -38,13 +38,13 @@ def canvas_digests(reader: StoreReader) -> Optional[np.ndarray]:
 
 def _digests(reader: StoreReader) -> Optional[np.ndarray]:
     ok = reader.ok
-    if reader.layout.get("store_pixels"):
+    if reader.store.has("image/canvas_crc32c"):
+        crc = reader.store.read("image/canvas_crc32c").astype(np.uint64)
+    elif reader.layout.get("store_pixels"):  # a store with pixels made before it kept their checksums
         crc = np.zeros(len(ok), np.uint64)
         for start, rows in reader.store.read_blocks("image/pixels"):  # a block at a time: pixels can be many GB
             interrupt.check("comparing the stores' images")
             crc[start:start + len(rows)] = [checksum(r) for r in rows]
-    elif reader.store.has("image/canvas_crc32c"):
-        crc = reader.store.read("image/canvas_crc32c").astype(np.uint64)
     else:
         return None
     names = np.array([zlib.crc32(c.encode()) for c in reader.classes], np.uint64)[reader.meta["label"].to_numpy()]

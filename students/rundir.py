@@ -32,8 +32,9 @@ from embedcache.fileio import atomic_write, atomic_write_json, atomic_write_text
 
 from .config import TrainConfig
 
-# written beside the TrainConfig fields in config.json
-CONFIG_EXTRAS = ("store_key", "store_path", "recipe_definition")
+# written beside the TrainConfig fields in config.json (store_contents: the store's contents_digest, runs since
+# 2026-12-06 on stores that keep canvas checksums)
+CONFIG_EXTRAS = ("store_key", "store_path", "store_contents", "recipe_definition")
 MARKS = ("config.json", "error.txt")  # what makes a folder a run: its config, or a sweep's record of its failure
 
 
@@ -157,6 +158,15 @@ class RunDir:
         except (StoreError, OSError):
             return ""
 
+    def other_images(self, store) -> str:
+        """How a store of this run's key holds other images than the run's store did ('' where the same, or
+        where either does not say): the key holds the files' paths and sizes, not their contents."""
+        recorded, now = self.config.get("store_contents"), store.contents_digest()
+        if recorded is None or now is None or recorded == now:
+            return ""
+        return (f"contents digest {now}, the run's store's {recorded}: an image file replaced by another of the "
+                "same size, and the store extracted again")
+
     @property
     def sweep_tags(self) -> Dict[str, Any]:
         """A sweep's run: its variant and replicate ({} for a run trained on its own)."""
@@ -167,10 +177,12 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.file("sweep.json"), tags)
 
-    def write_config(self, cfg: TrainConfig, store_key: str, recipe_definition: Dict[str, Any]) -> None:
-        """The run's settings (``RECORDED`` beside them: `train --config` takes the file back, ``settings_of``)."""
+    def write_config(self, cfg: TrainConfig, store_key: str, store_contents: Optional[str],
+                     recipe_definition: Dict[str, Any]) -> None:
+        """The run's settings (``CONFIG_EXTRAS`` beside them: `train --config` takes the file back, ``settings_of``)."""
         atomic_write_json(self.file("config.json"), {**to_dict(cfg), "store_key": store_key,
                                                      "store_path": str(Path(cfg.store).resolve()),
+                                                     "store_contents": store_contents,
                                                      "recipe_definition": recipe_definition})
 
     def write_split(self, split: Dict[str, Any]) -> None:
@@ -329,7 +341,6 @@ class RunDir:
         return lines[-1] if lines else "no message"
 
 
-RECORDED = ("store_key", "store_path", "recipe_definition")  # what a run's config.json holds beside its settings
 
 
 def settings_of(data: Dict[str, Any]) -> Dict[str, Any]:
@@ -338,5 +349,5 @@ def settings_of(data: Dict[str, Any]) -> Dict[str, Any]:
     --out NEW` trains the run again, where ``--out`` names the new one)."""
     if "store_key" not in data:
         return data
-    settings = {k: v for k, v in data.items() if k not in RECORDED and k != "out"}
+    settings = {k: v for k, v in data.items() if k not in CONFIG_EXTRAS and k != "out"}
     return {**settings, "store": data.get("store_path") or data.get("store")}

@@ -88,8 +88,19 @@ def run_tags(run: RunDir, reader: StoreReader, transfer: bool = False) -> Dict:
 
 
 def _open_for(run: RunDir, path: str, transfer: bool) -> StoreReader:
-    """The store to score on: the run's own (same key), or with ``transfer`` any store made by the
-    same teacher with the same classes (a student trained on synthesised images, scored on real ones)."""
+    """The store to score on: the run's own (same key, same images), or with ``transfer`` any store made by
+    the same teacher with the same classes (a student trained on synthesised images, scored on real ones)."""
+    reader = _open_any(run, path, transfer)
+    other_images = run.other_images(reader.store) if reader.key == run.store_key else ""
+    if other_images:  # scored with its own split on other images, its rows said to be on its own store
+        reader.close()
+        raise StoreMismatchError(f"run {run.name} cannot be scored on {path}: a store of its key, but its images differ "
+                                 f"({other_images}); score it on the store it was trained on, or train it again on "
+                                 "this one with another --out")
+    return reader
+
+
+def _open_any(run: RunDir, path: str, transfer: bool) -> StoreReader:
     if not transfer:
         trained_on = run.config.get("store_path")
         if trained_on and Path(path).resolve() == Path(trained_on).resolve():  # the same path, another store now

@@ -153,8 +153,8 @@ def require_same_settings(run_dir: RunDir, cfg: TrainConfig) -> None:
 
 
 def _require_same_store(run_dir: RunDir, cfg: TrainConfig) -> None:
-    """The store given is the one the run was trained on, by key (a finished run answered "already
-    done" for a store re-extracted since, or another teacher's)."""
+    """The store given is the one the run was trained on, by key and by its images (a finished run answered
+    "already done" for a store re-extracted since, another teacher's, or one of other images of the same sizes)."""
     from embedcache.store import Store
 
     recorded = run_dir.config.get("store_key")
@@ -162,12 +162,18 @@ def _require_same_store(run_dir: RunDir, cfg: TrainConfig) -> None:
         return
     with Store(cfg.store) as st:
         key = st.key
+        other_images = run_dir.other_images(st) if key == recorded else ""
     if key != recorded:
         differs = run_dir.store_differences(cfg.store)
         raise StoreMismatchError(f"run {run_dir.path} was trained on another store ({differs + '; ' if differs else ''}"
                                  f"key {recorded}; {cfg.store} has "
                                  f"key {key}: another store, or re-extracted since); use another --out, or the store "
                                  "the run was trained on")
+    if other_images:
+        raise StoreMismatchError(f"run {run_dir.path} was trained on another store of the same key: {cfg.store}'s images "
+                                 f"differ ({other_images}); use another --out to train on this store, or the store "
+                                 "the run was trained on")
+
 
 
 def stage_ends(recipe: Recipe, steps: int) -> List[int]:
@@ -512,7 +518,8 @@ class Trainer:
 
     def write_run_files(self) -> None:
         d = self.data
-        self.run_dir.write_config(self.cfg, d.key, definition(self.recipe, self.cfg.averaging))
+        self.run_dir.write_config(self.cfg, d.key, d.reader.store.contents_digest(),
+                                  definition(self.recipe, self.cfg.averaging))
         self.run_dir.write_split({  # what the run trained on, for evaluation without this package
             "train_idx": d.train_idx.tolist(), "val_idx": d.val_idx.tolist(), "test_idx": d.test_idx.tolist(),
             "holdout_domains": list(self.cfg.split.holdout_domains), "seen_classes": d.train_class_ids.tolist(),

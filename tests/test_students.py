@@ -852,6 +852,69 @@ def test_a_run_given_another_store_is_told_what_differs(make_cfg, tiny_teacher, 
         train(_cfg(other.path, tmp_path, "ce", steps=4, eval_every=2, ckpt_every=2), log=quiet)
 
 
+def _one_run_sweep(tmp_path, store):
+    import yaml
+
+    from embedcache.students.sweep import load_sweep
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"store": str(store), "protocol": "lodo", "launcher": "serial", "grid": {"seed": [0]},
+                                    "base": {"recipe": "ce", "student": {"name": "test_resnet", "input_size": 32},
+                                             "steps": 2, "batch_size": 4, "eval_every": 2, "ckpt_every": 2,
+                                             "device": "cpu"}}))
+    return load_sweep(str(path))
+
+
+@pytest.mark.parametrize("pixels", [True, False])
+def test_a_store_of_the_run_s_key_holding_other_images_is_refused(pixels, make_cfg, tiny_teacher, tmp_path):
+    """The key holds the files' paths and sizes: an image replaced by another of the same size (a BMP
+    edited in place) and the store extracted again gave the same key, and `train` answered "already done"
+    with the result of the other images (`score` scored the run there as on its own store; a sweep pooled
+    them). A store's images are told by its canvas checksums (contents_digest)."""
+    from PIL import Image
+
+    from embedcache.errors import ConfigError, StoreMismatchError
+    from embedcache.extract import extract
+    from embedcache.students.scoring import score_run
+    from embedcache.students.sweep import run_sweep
+
+    data = tmp_path / "data"
+    for d in ("art", "photo"):
+        for c in "ab":
+            (data / d / c).mkdir(parents=True)
+            for i in range(4):
+                img = np.random.default_rng([ord(d[0]), ord(c), i]).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+                Image.fromarray(img).save(data / d / c / f"{i}.bmp")
+    sets = ("dataset.name=domainbed", f"dataset.path={data}", f"canvas.store={str(pixels).lower()}")
+    first = extract(make_cfg("first.zarr", *sets), teacher=tiny_teacher, log=quiet)
+    cfg = _cfg(first.path, tmp_path, "ce", steps=4, eval_every=2, ckpt_every=2, batch_size=4)
+    done = train(cfg, log=quiet)
+    sweep_dir = tmp_path / "sw"
+    run_sweep(_one_run_sweep(tmp_path, first.path), str(sweep_dir), progress=False, log=quiet)
+    same_again = extract(make_cfg("same.zarr", *sets), teacher=tiny_teacher, log=quiet)
+    assert train(replace(cfg, store=same_again.path), log=quiet).seconds == 0.0  # the same images: found done
+    assert not score_run(done.out, ["lodo"], store=same_again.path).empty  # its own images, by another store
+
+    img = np.random.default_rng(99).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    size = (data / "art" / "a" / "2.bmp").stat().st_size
+    Image.fromarray(img).save(data / "art" / "a" / "2.bmp")  # another image, the same size
+    assert (data / "art" / "a" / "2.bmp").stat().st_size == size
+    other = extract(make_cfg("other.zarr", *sets), teacher=tiny_teacher, log=quiet)
+    assert other.key == first.key
+    with pytest.raises(StoreMismatchError, match=r"run .*run was trained on another store of the same key: .*other.zarr's "
+                                                 r"images differ \(contents digest \w+, the run's store's \w+: an image "
+                                                 r"file replaced .*\); use another --out"):
+        train(replace(cfg, store=other.path), log=quiet)
+    with pytest.raises(StoreMismatchError, match=r"cannot be scored on .*other.zarr: a store of its key, but its images "
+                                                 r"differ"):
+        score_run(done.out, ["lodo"], store=other.path)
+    with pytest.raises(StoreMismatchError, match=r"its images differ"):
+        score_run(done.out, ["lodo"], store=other.path, transfer=True)
+    with pytest.raises(ConfigError, match=r"sweep .*sw holds the runs of another store of key \w+: .*other.zarr's images "
+                                          r"differ"):
+        run_sweep(_one_run_sweep(tmp_path, other.path), str(sweep_dir), progress=False, log=quiet)
+
+
 def test_a_run_whose_store_was_re_extracted_says_so_when_scored(synthetic_store, make_cfg, tiny_teacher, tmp_path):
     import shutil
 

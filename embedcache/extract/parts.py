@@ -276,6 +276,7 @@ class BlockAssembler:
 
     def __init__(self, store: Store, store_pixels: bool):
         self.store, self.store_pixels = store, store_pixels
+        self.canvas_sums = "image/canvas_crc32c" in store.layout["block_arrays"]
         self.block_rows = int(store.layout["block_rows"])
         self.pending: Dict[int, List] = {}
 
@@ -291,11 +292,11 @@ class BlockAssembler:
         arrays = {"image/emb": refuse_nonfinite(np.concatenate([e.numpy() for _, e in parts]), "images' embeddings"),
                   "image/view_params": np.concatenate([b.params.numpy() for b, _ in parts]),
                   "image/status": np.where(ok, STATUS_OK, STATUS_FAILED).astype(np.uint8)}
+        canvases = [e.canvas_numpy() for _, e in parts] if self.store_pixels or self.canvas_sums else []
         if self.store_pixels:
-            arrays["image/pixels"] = np.concatenate([e.canvas_numpy() for _, e in parts])
-        elif "image/canvas_crc32c" in self.store.layout["block_arrays"]:  # stores made since it exists
-            arrays["image/canvas_crc32c"] = np.array([checksum(c) for _, e in parts for c in e.canvas_numpy()],
-                                                     np.uint32)
+            arrays["image/pixels"] = np.concatenate(canvases)
+        if self.canvas_sums:  # stores made since it exists (with pixels: since 2026-12-06)
+            arrays["image/canvas_crc32c"] = np.array([checksum(c) for cs in canvases for c in cs], np.uint32)
         failures = {int(r): e for b, _ in parts for r, e in zip(b.rows, b.errors) if e}
         return Block(blk, arrays, failures)
 

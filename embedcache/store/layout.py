@@ -15,8 +15,9 @@ from ..fileio import json_digest
 SCHEMA_VERSION = 2  # 2: per-block checksums (blocks/crc32c) and checksummed tables
 STATUS_OK, STATUS_FAILED = 1, 2
 # arrays with one row per image, written by row block and checksummed per block
-# (image/canvas_crc32c: a store without pixels keeps each canvas's CRC-32C, so canvases rebuilt from
-# the source files are checked to be the ones the teacher saw)
+# (image/canvas_crc32c: each canvas's CRC-32C, so canvases rebuilt from the source files are checked to be the
+# ones the teacher saw, and two stores of one key are told apart by their images (``contents_digest``); stores
+# with pixels made before 2026-12-06 keep none)
 BLOCK_ARRAYS = ("image/emb", "image/view_params", "image/status", "image/pixels", "image/canvas_crc32c")
 
 
@@ -76,8 +77,7 @@ def plan_layout(n: int, views: int, dim: int, canvas: int, store_pixels: bool, b
     }
     if store_pixels:
         arrays["image/pixels"] = ((n, canvas, canvas, 3), t["image/pixels"], (px_rows, canvas, canvas, 3), "zstd")
-    else:
-        arrays["image/canvas_crc32c"] = ((n,), t["image/canvas_crc32c"], (block_rows,), "none")
+    arrays["image/canvas_crc32c"] = ((n,), t["image/canvas_crc32c"], (block_rows,), "none")
     block_arrays = [a for a in BLOCK_ARRAYS if a in arrays]
     num_blocks = -(-n // block_rows)
     arrays["blocks/done"] = ((num_blocks,), t["blocks/done"], (1,), "none")

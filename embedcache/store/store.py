@@ -41,7 +41,7 @@ from ..errors import DatasetError, StoreBusyError, StoreDamagedError, StoreError
 from ..fileio import exclusive_lock, try_exclusive_lock, utc_now
 from .backends import BACKENDS, REMAKE, backend_name_for
 from .integrity import IntegrityReport, checksum
-from .layout import SCHEMA_VERSION, packable, packed_rows, written_dtype
+from .layout import SCHEMA_VERSION, WRITTEN_DTYPES, packable, packed_rows, written_dtype
 from .pieces import bytes_of, plan_pieces
 
 TABLES = ("meta.parquet", "text.parquet")
@@ -209,6 +209,7 @@ class Store:
         if root is not None:
             raise StoreError(f"{self.path} is inside the store {root}; give the store's own path")
         self.b = cls(self.path, mode)
+        self._contents: Optional[str] = None  # contents_digest, once read
         self.manifest: Dict[str, Any] = self.b.get_attr("manifest") or {}
         self.layout: Dict[str, Any] = self.b.get_attr("layout") or {}
         if mode != "r":  # a re-chunk a kill cut off, put right first
@@ -344,6 +345,20 @@ class Store:
     @property
     def key(self) -> str:
         return self.manifest.get("key", "")
+
+    def contents_digest(self) -> Optional[str]:
+        """A digest of the images a finished store holds (each row's status and canvas CRC-32C), which its key
+        does not: the key holds the files' paths and sizes, so a store re-extracted after an image was replaced
+        by another of the same size has the same key. None for a store that keeps no canvas checksums (one
+        with pixels made before 2026-12-06) or is unfinished."""
+        if not self.complete or not self.has("image/canvas_crc32c"):
+            return None
+        if self._contents is None:
+            h = hashlib.blake2b(digest_size=8)
+            for name in ("image/status", "image/canvas_crc32c"):
+                h.update(np.ascontiguousarray(self.read(name), dtype=WRITTEN_DTYPES[name]).tobytes())
+            self._contents = h.hexdigest()
+        return self._contents
 
     @property
     def complete(self) -> bool:
@@ -587,6 +602,7 @@ class Store:
         self.b.refresh()
         self.manifest = self.b.get_attr("manifest") or {}
         self.__dict__.pop("_kept", None)
+        self._contents = None
 
     def _own_bookkeeping(self) -> Tuple[np.ndarray, np.ndarray]:
         """Every block's checksums and done flag from the blocks' own arrays (not the summary)."""

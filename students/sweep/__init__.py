@@ -556,14 +556,14 @@ def _require_one_store(sweep_dir: str, store: str) -> None:
     store, its results table would pool two stores' runs. The first launch creates store.json
     exclusively, so of two launches racing on a fresh directory one wins and the other compares."""
     with open_store(store) as reader:
-        key = reader.key
+        key, contents = reader.key, reader.store.contents_digest()
     f = Path(sweep_dir) / "store.json"
     if not f.is_file():
         # a sweep made before store.json: its results name the store they scored
         seen = {k for r in Path(sweep_dir).glob("results/*.parquet")
                 for k in pd.read_parquet(r, columns=["store_key"]).store_key}
         first = {"store_key": sorted(seen)[0] if seen else key, "store": "(named in its results)" if seen else store,
-                 "named_as": _named_as(sweep_dir, store, key)}
+                 "named_as": _named_as(sweep_dir, store, key), "store_contents": None if seen else contents}
         tmp = f.with_name(f"store.json.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(first))
         try:
@@ -576,6 +576,11 @@ def _require_one_store(sweep_dir: str, store: str) -> None:
     if first["store_key"] != key:
         raise ConfigError(f"sweep {sweep_dir} holds the runs of store {first['store']} (key {first['store_key']}), "
                           f"not of {store} (key {key}); use another --out for a sweep over {store}")
+    if None not in (first.get("store_contents"), contents) and first["store_contents"] != contents:
+        raise ConfigError(f"sweep {sweep_dir} holds the runs of another store of key {key}: {store}'s images differ "
+                          f"(contents digest {contents}, the sweep's store's {first['store_contents']}: an image file "
+                          f"replaced by another of the same size, and the store extracted again); use another --out "
+                          f"for a sweep over {store}")
 
 
 def _named_as(sweep_dir: str, store: str, key: Optional[str] = None) -> str:
