@@ -57,7 +57,7 @@ def evaluate(runs, store, protocols, sources, out, device, shots, finetune_steps
 
     from embedcache.errors import EvaluationError
     from embedcache.evaluate.protocols import PROTOCOLS
-    from embedcache.evaluate.report import headline_metric, markdown
+    from embedcache.evaluate.report import headline_metric, markdown, transfer_note
     from embedcache.evaluate.results import read_results, upsert
     from embedcache.evaluate.store_eval import AVG_IS, summary_table, teacher_baselines
     from embedcache.students.rundir import RunDir
@@ -106,6 +106,8 @@ def evaluate(runs, store, protocols, sources, out, device, shots, finetune_steps
         raise EvaluationError(f"{unscored[0]} (the rows of the other protocols are in {out})")
     summary = summary_table(new)
     if len(summary):
+        if transfer_note(new):
+            click.echo(transfer_note(new))
         click.echo(f"top-1 accuracy (%), mean ± std over replicates; {AVG_IS}:")
         click.echo(markdown(summary))
         by_class = new[new["split"].map(headline_metric) == "mean_per_class"]

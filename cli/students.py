@@ -90,7 +90,7 @@ def sweep(sweep_file, out, launcher, workers, address, device, overrides, no_pro
     """Run a grid of student runs over a store (resumable; finished runs are skipped), then report.
     SWEEP_FILE is a YAML file or a packaged sweep name; without one, the demo sweep over the demo store."""
     from embedcache.evaluate.protocols import shots_tag
-    from embedcache.evaluate.report import headline_metric, markdown
+    from embedcache.evaluate.report import headline_metric, markdown, transfer_note
     from embedcache.evaluate.store_eval import summary_table
     from embedcache.students.sweep import load_sweep, partial_note, run_sweep
 
@@ -117,6 +117,8 @@ def sweep(sweep_file, out, launcher, workers, address, device, overrides, no_pro
         table = summary_table(res["results"], split, headline_metric(split))
         if not len(table):  # nothing held out of the runs' own store (scored on transfer stores): every split
             table = summary_table(res["results"])
+        if transfer_note(res["results"]):
+            click.echo(transfer_note(res["results"]))
         click.echo(markdown(table))
         click.echo(f"results: {out}/results.parquet; report: {out}/report/report.md")
     if res["failed"]:

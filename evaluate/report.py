@@ -6,7 +6,8 @@ from typing import List, Sequence, Tuple
 
 import pandas as pd
 
-from .store_eval import AVG_IS, avg_stats, domain_stats, method_frame, method_keys, per_class_table, summary_table
+from .store_eval import (AVG_IS, avg_stats, domain_stats, method_frame, method_keys, per_class_table, summary_table,
+                         transferred)
 
 
 # The splits of class-held-out protocols, reported as Li et al. report them: mean per-class accuracy
@@ -14,6 +15,15 @@ from .store_eval import AVG_IS, avg_stats, domain_stats, method_frame, method_ke
 # splits carry their steps ("finetune@50"): the name before the "@" counts.
 PER_CLASS_HEADLINE = ("unseen_zero_shot", "gzsl_seen", "gzsl_unseen", "gzsl_harmonic", "prototype", "tip_adapter",
                       "finetune", "finetune_mixed")
+
+
+def transfer_note(results: pd.DataFrame) -> str:
+    """A line said above the tables of results that hold --transfer rows ('' for none): without it a table of them
+    read as the runs' own scores (beside the teacher's zero_shot rows of the same store)."""
+    if not transferred(method_frame(results)).any():
+        return ""
+    return ("Rows whose `trained_on` is not the store scored (`store_key`) are --transfer scores: runs trained on "
+            "another store (synthesised images, another dataset) scored on this one, every image of it unseen by them.")
 
 
 def headline_metric(split: str) -> str:
@@ -104,6 +114,8 @@ def write_report(results: pd.DataFrame, out_dir: str, note: str = "") -> List[Pa
     results = method_frame(results)
     keys = method_keys(results)  # rows of other variants, class splits or stores are never averaged together
     parts, files = ["# Results\n"] + ([f"**{note}**\n"] if note else []), []
+    if transfer_note(results):
+        parts += [f"{transfer_note(results)}\n"]
     special = {"per_class", "distill", "text"}
     if "per_class" in set(results["split"]):
         parts += ["## per class (top-1, %, mean over replicates of each replicate's mean over its held-out splits, "

@@ -127,9 +127,15 @@ def method_keys(results: pd.DataFrame) -> list:
     keys = ["recipe", "student", "source", "variant"] + (["unseen"] if results["unseen"].nunique() > 1 else [])
     if (results.groupby(NAMED_BY)["settings"].nunique() > 1).any():
         keys.append("settings")
-    if (results.groupby(NAMED_BY)["trained_on"].nunique() > 1).any():  # --transfer rows of runs of two stores,
-        keys.append("trained_on")  # or of runs whose store is not known ("-", scored before the column): apart
+    if (results.groupby(NAMED_BY)["trained_on"].nunique() > 1).any() or transferred(results).any():
+        keys.append("trained_on")  # --transfer rows (of runs of two stores: apart), or of runs whose store is not known
     return (["store_key"] + keys) if results["store_key"].nunique() > 1 else keys
+
+
+def transferred(results: pd.DataFrame) -> pd.Series:
+    """The rows of runs scored on another store than the one they trained on (--transfer): a table of them alone
+    showed them as the runs' own scores, beside the teacher's zero_shot rows on the same store."""
+    return (results["trained_on"] != results["store_key"]) & (results["trained_on"] != "-")
 
 
 def _cell(mean: float, std: float, count: int) -> str:

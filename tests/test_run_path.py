@@ -490,6 +490,7 @@ def test_runs_trained_on_two_stores_are_two_methods_on_a_transfer_store(syntheti
     store (a trial). The store a run trained on is a column of its rows, and tells methods apart."""
     from embedcache.api import StoreReader
     from embedcache.evaluate.results import upsert
+    from embedcache.evaluate.report import transfer_note, write_report
     from embedcache.evaluate.store_eval import method_frame, method_keys, summary_table
     from embedcache.extract import extract
     from embedcache.students.scoring import score_run
@@ -526,6 +527,12 @@ def test_runs_trained_on_two_stores_are_two_methods_on_a_transfer_store(syntheti
     assert (own.trained_on == own.store_key).all()  # on its own store: the store it was scored on
     legacy = method_frame(own.assign(trained_on="-"))  # rows scored before the column: their own store's
     assert (legacy.trained_on == legacy.store_key).all() and "trained_on" not in method_keys(legacy)
+    # one run's transfer rows alone read as its own scores on that store (a trial): its store and a note say not
+    alone = method_frame(rows[0])
+    assert "trained_on" in method_keys(alone) and transfer_note(rows[0]).startswith("Rows whose `trained_on` is not")
+    assert transfer_note(own) == "" and transfer_note(legacy) == ""
+    report = (write_report(rows[0], str(tmp_path / "rep"))[0]).read_text()
+    assert transfer_note(rows[0]) in report and f"| {rows[0].trained_on.iloc[0]} |" in report
 
 
 def test_transfer_to_the_runs_own_store_by_another_path_keeps_its_split(synthetic_store, tmp_path):
