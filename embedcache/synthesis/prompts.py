@@ -15,7 +15,9 @@ style j mod K (round-robin, so classes stay balanced across styles).
   an InfoNCE term makes style k recognisable across two classes (anchor T(s_k, m), positive
   T(s_k, m'), negatives T(s_j, m')), taken in both directions (m to m' and m' to m, averaged: the
   pair is unordered), a cross-entropy term keeps T(s_k, m) nearest to class m's content prompt
-  (the class name alone, ``content_template``), tau 0.07 (PAPERS.md section 3; PromptStyler's family).
+  (the class name alone, ``content_template``), and T(s_k, m') nearest to class m''s, tau 0.07 (PAPERS.md section 3,
+  which writes one direction and the anchor only: equal in expectation over the randomly drawn pair;
+  PromptStyler's family).
 
 Style words that name an evaluation domain leak the test set: ``leaked_words`` finds them, the
 default word list has none, and a store made with them lists them in its manifest.
