@@ -74,6 +74,26 @@ def test_exact_ties_go_to_the_lower_row(backend, k):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k", [1, 2, 5, 64])
+def test_bit_identical_label_rows_of_any_values_go_to_the_lower_row(backend, k):
+    """Rows of general values, half of them copies of others: FAISS k = 1 answered a higher copy for 817 of
+    4,000 queries, and numpy's BLAS scored two copies apart by where they sat in the matrix (a trial)."""
+    rng = np.random.default_rng(0)
+    lab, q = rng.standard_normal((65, 33)).astype(np.float32), rng.standard_normal((4000, 33)).astype(np.float32)
+    for a in range(32):
+        lab[rng.integers(32, 65)] = lab[a]
+    _, order = _reference(q, lab)  # copies score bit-equal in float64 too: the stable sort puts the lower first
+    index = LabelIndex(lab, backend=backend)
+    np.testing.assert_array_equal(index.predict(q), order[:, 0])
+    scores, ids = index.search(q, k=k)
+    np.testing.assert_array_equal(ids, order[:, :k])
+    assert (np.diff(scores, axis=1) <= 0).all()
+    sub = LabelIndex.subset(lab, [40, 3, 50, 7], backend=backend)  # answers in its own ids, the rule kept
+    _, sub_order = _reference(q, lab[[3, 7, 40, 50]])
+    np.testing.assert_array_equal(sub.predict(q), np.array([3, 7, 40, 50])[sub_order[:, 0]])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_subset_answers_in_its_own_ids(backend):
     rng = np.random.default_rng(1)
     lab, q = rng.normal(size=(30, 8)), rng.normal(size=(200, 8))
