@@ -213,6 +213,13 @@ class ViewsConfig:
             d.pop("color_jitter"), d.pop("grayscale")
         return d
 
+    def unread(self) -> List[str]:
+        """The settings one view (``count=1``: the whole canvas) would ignore, set away from their defaults (in
+        the key all the same, as in stores made before they were said)."""
+        if self.count > 1:
+            return []
+        return away_from_defaults(self, ViewsConfig(count=1), [f.name for f in fields(self) if f.name != "count"])
+
     def check(self) -> None:
         for name, (lo, hi) in (("scale", self.scale), ("ratio", self.ratio)):
             if lo > hi:

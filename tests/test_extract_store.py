@@ -143,6 +143,22 @@ def test_a_resume_says_it_resumes(make_cfg, tiny_teacher):
     assert not [s for s in said if s.startswith("resuming")], said
 
 
+def test_crop_and_colour_settings_with_one_view_are_said_not_read(make_cfg, tiny_teacher):
+    """views.count=1 with views.scale or colour settings was taken without a word: its one view is the whole
+    canvas (a review). Said for a new store; the settings stay in the key, as in stores made before."""
+    said = []
+    cfg = make_cfg("one.zarr", "views.count=1", "views.scale=[0.5,1.0]", "views.color_jitter=0.3", "views.flip=false")
+    extract(cfg, teacher=tiny_teacher, log=said.append)
+    assert ("note: views.scale=[0.5, 1.0], views.flip=false, views.color_jitter=0.3 are not read with views.count=1 "
+            "(its one view is the whole canvas), though part of the store's key") in said, said
+    with embedcache.open_store(cfg.out) as st:
+        assert (st.store.read("image/view_params")[:, 0, 2:4] == 48).all()  # the whole 48 px canvas, no jitter
+    for again in (cfg, make_cfg("plain.zarr", "views.count=1"), make_cfg("two.zarr", "views.count=2", "views.scale=[0.5,1.0]")):
+        said = []
+        extract(again, teacher=tiny_teacher, log=said.append)
+        assert not [s for s in said if "not read with views.count=1" in s], said
+
+
 def test_a_store_smaller_than_one_block_reruns_without_a_block_note(make_cfg, tiny_teacher):
     """30 images at the default block_rows=256 make one block of 30 rows: rerunning the same command said
     the store "keeps the blocks of 30 rows it was made with; block_rows=256 applies to a new store",

@@ -164,6 +164,7 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
     if num_shards > 1 and not BACKENDS.get(backend).multi_writer:
         raise ConfigError(f"{backend} stores take one writer; use a .zarr store for --num-shards {num_shards}")
     cfg = _kept_blocks(cfg, backend, log)
+    _say_unread_views(cfg, backend, log)
     dataset = dataset or build_dataset(cfg.dataset)
     dataset.require_files()
     _require_classes(cfg, dataset, backend)  # before the teacher: a bad class list costs nothing
@@ -413,6 +414,21 @@ def _say_resumed_otherwise(store: Store, cfg: ExtractConfig, now: Dict, log: Cal
     elif device == "cpu" and threads not in (None, now["threads"]):
         log(f"resuming with {now['threads']} CPU threads; the store began with {threads}: {what}; "
             f"OMP_NUM_THREADS={threads} keeps the store byte-identical")
+
+
+def _say_unread_views(cfg: ExtractConfig, backend: str, log: Callable[[str], None]) -> None:
+    """A crop or colour setting with views.count=1 (``ViewsConfig.unread``) was taken without a word, its one view
+    the whole canvas. Said, for a new store, not refused: a config of several views narrowed to one with
+    `--set views.count=1` (a zero-shot store) brings them; they are in the key, as they always were."""
+    unread = cfg.views.unread()
+    if unread and not Store.exists(cfg.out, backend):
+        shown = ", ".join(f"views.{k}={_as_given(getattr(cfg.views, k))}" for k in unread)
+        log(f"note: {shown} {'is' if len(unread) == 1 else 'are'} not read with views.count=1 (its one view is the whole "
+            "canvas), though part of the store's key")
+
+
+def _as_given(v: Any) -> str:
+    return str(list(v)) if isinstance(v, tuple) else str(v).lower() if isinstance(v, bool) else str(v)
 
 
 def _kept_blocks(cfg: ExtractConfig, backend: str, log: Callable[[str], None]) -> ExtractConfig:
