@@ -101,12 +101,14 @@ def block_store(tmp_path: Path, backend: str, n: int = 10):
     import numpy as np
 
     from embedcache.store import Store
+    from embedcache.store.integrity import checksum
     from embedcache.store.layout import SCHEMA_VERSION, plan_layout
 
     rng = np.random.default_rng(0)
     arrays = {"image/emb": rng.standard_normal((n, 2, 8)).astype(np.float16),
               "image/view_params": rng.integers(0, 99, (n, 2, 5)).astype(np.int32),
               "image/status": np.ones(n, np.uint8), "image/pixels": rng.integers(0, 255, (n, 8, 8, 3)).astype(np.uint8)}
+    arrays["image/canvas_crc32c"] = np.array([checksum(c) for c in arrays["image/pixels"]], np.uint32)
     path = str(tmp_path / ("s.zarr" if backend == "zarr" else "s.h5"))
     layout = plan_layout(n, 2, 8, 8, True, 4)
     layout["arrays"]["image/pixels"]["chunks"][0] = 2  # two pixel chunks per block

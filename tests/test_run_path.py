@@ -17,6 +17,7 @@ import embedcache
 from embedcache.cli import main
 from embedcache.errors import StoreDamagedError, StoreError
 from embedcache.store import BACKENDS, Store, plan_layout
+from embedcache.store.integrity import checksum
 from embedcache.students.config import OptimConfig, SplitConfig, StudentConfig, TrainConfig
 from embedcache.students.train import train
 
@@ -256,9 +257,11 @@ def _block(store, b, seed):
     start, stop = store.block_range(b)
     rng = np.random.default_rng(seed)
     n = stop - start
+    pixels = rng.integers(0, 255, (n, 8, 8, 3)).astype(np.uint8)
     return {"image/emb": rng.standard_normal((n, 2, 4)).astype(np.float16),
             "image/view_params": rng.integers(0, 8, (n, 2, 5)).astype(np.int32),
-            "image/status": np.ones(n, np.uint8), "image/pixels": rng.integers(0, 255, (n, 8, 8, 3)).astype(np.uint8)}
+            "image/status": np.ones(n, np.uint8), "image/pixels": pixels,
+            "image/canvas_crc32c": np.array([checksum(c) for c in pixels], np.uint32)}
 
 
 def test_store_operations_on_every_backend(blank_store):
