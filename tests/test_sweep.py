@@ -1037,6 +1037,31 @@ def test_a_dropped_run_deleted_from_disk_stays_out_of_the_table(synthetic_store,
     assert set(res["results"]["recipe"]) == {"feat_kd"} and set(collect(str(out))["recipe"]) == {"feat_kd"}
 
 
+def test_a_run_whose_folder_was_deleted_or_undone_trains_again_on_relaunch(synthetic_store, tmp_path):
+    """Deleting a run's folder (or its done marker, as a damaged split.json's message says) and relaunching
+    said every run "already finished", and the table kept the deleted run's old rows, where `evaluate runs/`
+    no longer had them (a trial)."""
+    import shutil
+
+    spec = load_sweep(str(_sweep_file(tmp_path, synthetic_store, grid={"recipe": ["ce"], "seed": [0, 1]},
+                                      holdout_domains=["solid"])))
+    out = tmp_path / "sw"
+    first = run_sweep(spec, str(out), progress=False, log=quiet)
+    gone, undone = sorted(p.name for p in (out / "runs").iterdir())
+    before = pd.read_parquet(out / "results" / f"{gone}.parquet")
+    shutil.rmtree(out / "runs" / gone)
+    (out / "runs" / undone / "done").unlink()
+    said = []
+    again = run_sweep(spec, str(out), progress=False, log=said.append)
+    assert again["done"] == 2 and again["skipped"] == 0
+    assert any(f"2 run(s) of {out} had result rows but no finished run folder" in s for s in said), said
+    assert sorted(p.name for p in (out / "results" / "orphaned").iterdir()) == sorted([f"{gone}.parquet", f"{undone}.parquet"])
+    assert _attempts(out)[gone] == 1 and _attempts(out)[undone] == 2  # the deleted folder's count went with it
+    assert (out / "runs" / gone / "done").exists()
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "results" / f"{gone}.parquet"), before)  # the same run again
+    assert len(again["results"]) == len(first["results"])
+
+
 def test_a_sweep_of_a_staged_recipe_under_a_decaying_schedule_says_so(synthetic_store, tmp_path):
     """A sweep's runs train silently (their log goes nowhere): the note that one schedule runs across a
     recipe's stages is said once, by the sweep, before its runs start."""
