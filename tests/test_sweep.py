@@ -521,6 +521,11 @@ def test_a_relaunch_with_other_settings_is_refused_and_the_table_holds_the_curre
         assert change.split("=")[0] in res.output and "use another --out" in res.output
         assert res.output.strip().count("\n") == 0
     assert len(list((out / "runs").iterdir())) == 2
+    # a base setting written out at its default is the same sweep; another value is said against that default
+    same = CliRunner().invoke(main, ["sweep", str(f), "--out", str(out), "--no-progress", "--set", "base.optim.lr=0.001"])
+    assert same.exit_code == 0 and "2 already done" in same.output, same.output
+    other = CliRunner().invoke(main, ["sweep", str(f), "--out", str(out), "--no-progress", "--set", "base.optim.lr=0.002"])
+    assert other.exit_code == 2 and "base.optim.lr: 0.001 -> 0.002" in other.output, other.output
     fewer = CliRunner().invoke(main, ["sweep", str(f), "--out", str(out), "--no-progress", "--set", "grid.seed=[1]",
                                       "--set", "launcher=local", "--set", "workers=2"])
     assert fewer.exit_code == 0 and "1 already done" in fewer.output, fewer.output

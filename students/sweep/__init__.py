@@ -645,10 +645,21 @@ def _require_same_spec(sweep_dir: str, spec: SweepSpec, others_live: bool = Fals
     old = {**defaults, **flatten(raw)}
     new = flatten(to_dict(spec))
     unread = UNREAD_BY.get(raw.get("protocol", spec.protocol), ())  # an older sweep.yaml may hold them, unread
+    # a base setting left out is at its default: written out at that value the runs are the same (it was
+    # refused, "base.optim.lr: None -> 0.001", a trial)
+    unset = {f"base.{k}": v for k, v in flatten(to_dict(TrainConfig())).items()}
+    old_grid, new_grid = {f"base.{k}" for k in raw.get("grid") or {}}, {f"base.{k}" for k in spec.grid}
+
+    def before(k):  # a key the grid sets: the grid's values, none in the base
+        return old.get(k, None if k in old_grid else unset.get(k))
+
+    def after(k):
+        return new.get(k, None if k in new_grid else unset.get(k))
+
     changed = [k for k in sorted(set(old) | set(new)) if k.split(".")[0] not in RELAUNCH_MAY_CHANGE + unread
-               and not _same_value(old.get(k), new.get(k)) and not _same_runs(k, old, new, raw, spec)]
+               and not _same_value(before(k), after(k)) and not _same_runs(k, old, new, raw, spec)]
     if changed:
-        shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:3])
+        shown = "; ".join(f"{k}: {before(k)!r} -> {after(k)!r}" for k in changed[:3])
         moved = any(k.startswith("base.") and new.get(k) is None and k[len("base."):] in spec.grid for k in changed)
         hint = " (a base setting moved into the grid keeps its base value among the grid's)" if moved else ""
         if others_live:
