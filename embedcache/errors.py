@@ -73,6 +73,12 @@ class BudgetError(EmbedcacheError):
     exit_code = 3
 
 
+class WaitTooLong(BudgetError):
+    """A paid teacher's service asks to wait longer than ``teacher.max_retry_wait`` (a rate limit): the run
+    stops as a spent budget does, resumable, but exits 75 (try again later), not 3."""
+    exit_code = 75
+
+
 def first_line(exc: BaseException) -> str:
     """An exception's first line (at most 200 characters), or its type's name when it says nothing."""
     text = str(exc).strip()

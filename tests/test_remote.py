@@ -1169,6 +1169,18 @@ def test_a_long_retry_after_stops_cleanly(tmp_path, tiny_teacher_cfg, tiny_teach
         assert time.monotonic() - t0 < 5
 
 
+def test_a_wait_past_max_retry_wait_exits_75_not_as_a_spent_budget(tmp_path, tiny_teacher_cfg, tiny_teacher, key_env):
+    """A rate limit asking for a wait longer than teacher.max_retry_wait exited 3, the code of a spent budget or
+    quota, where its message said to rerun later: 75, try again later (a trial). The cost of finishing is still said."""
+    app = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
+    with LiveServer(Faults(app, script=[None, "429-long"])) as url:
+        cfg = remote(tmp_path, "r.zarr", tiny_teacher_cfg, "embedcache", url)
+        res = extract_cli(config_file(tmp_path, cfg))
+    assert res.exit_code == 75, res.output
+    line = res.output.strip().splitlines()[-1]
+    assert "asks to wait 3600 s" in line and "rerun the same command later" in line and "finishing the store" in line, line
+
+
 def test_a_spent_credit_stops_at_once(tmp_path, tiny_teacher_cfg, tiny_teacher, key_env):
     """OpenAI answers 429 insufficient_quota when the account's credit is spent: retrying it 8 times
     then exiting 75 (try again later) misreads it."""

@@ -685,7 +685,7 @@ def _budget_stop(exc, cfg, manifest, layout, reader, embedder, prompts, shard, n
         return exc
     log(f"the paid teacher stopped; counting what finishing {cfg.out} would cost ...")  # the error line says why
     left = _dry_run(replace(cfg, progress=False), manifest, layout, reader, embedder, prompts, shard, num_shards, log)
-    return BudgetError(f"{exc}; {finish(left.cost, num_shards)}")
+    return type(exc)(f"{exc}; {finish(left.cost, num_shards)}")  # its kind kept: a wait is not a spent budget
 
 
 class _Geometry:

@@ -7,8 +7,8 @@ Outcomes of an attempt:
   against the budget), retried with the same idempotency key.
 - connection refused: nothing went out; retried, then a one-line error naming the URL.
 - 408/409/429/5xx: retried after the wait the server asks for (or backoff); a wait longer than
-  ``max_retry_wait``, or an ``embedcache`` server's "quota exceeded", stops the run (BudgetError,
-  resumable).
+  ``max_retry_wait`` (WaitTooLong, exit 75), or an ``embedcache`` server's "quota exceeded" (BudgetError,
+  exit 3), stops the run, resumable.
 - 413, or a 400/422 saying the batch is too large: ``TooLarge`` (the caller halves the batch).
 - 401/403: the key was refused (one line naming where the key came from, never the key).
 """
@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Optional
 import httpx
 
 from ... import interrupt
+from ...errors import WaitTooLong
 from .errors import BudgetError, RemoteError, RemoteUnavailableError, UnreadableAnswer
 from .ledger import Ledger
 from .protocols import Protocol
@@ -276,7 +277,7 @@ class Transport:
             try:
                 wait = self.policy.wait(attempt, headers_now)
             except TooLongWait as exc:
-                raise BudgetError(f"the server at {self.base_url} asks to wait {exc.seconds:.0f} s ({last}), longer than "
+                raise WaitTooLong(f"the server at {self.base_url} asks to wait {exc.seconds:.0f} s ({last}), longer than "
                                   f"teacher.max_retry_wait={self.policy.max_wait:g} s; rerun the same command later "
                                   f"to resume") from None
             log.info("retrying %s in %.2f s (%s)", path, wait, last)
