@@ -705,6 +705,9 @@ def test_a_replay_of_another_clients_charge_is_free_here_not_paid(tmp_path, loca
     assert charged(app) == (90 + 24, 0)
     usage = embedcache.open_store(b.out).manifest["teacher_usage"]
     assert usage["queries"] == 0 and usage["replayed_elsewhere"] == 90 + 24 and not usage.get("replayed_free")
+    # the second ledger's totals: nothing paid by it (it said 90 paid inputs, a trial), the replays said as such
+    assert usage["ledger"]["paid_inputs"] == 0 and usage["ledger"]["replayed_elsewhere_inputs"] == 90, usage["ledger"]
+    assert embedcache.open_store(a.out).manifest["teacher_usage"]["ledger"]["paid_inputs"] == 90
     assert "answered free as replays of another client's requests" in embedcache.open_store(b.out).summary()["teacher_usage"]
     from embedcache.extract.budget import StoreBudget
     with Store(b.out) as st:  # nothing paid: every claim given back

@@ -112,7 +112,8 @@ def test_ledger_pending_then_done_and_its_books(tmp_path):
     assert led.lookup(["a", "b"]) == {} and led.pending_requests(["b"]) == [("r1", ["a", "b"])]
     row = led.sent("r1", 0)
     led.outcome(row, "r1", "lost:ReadTimeout", lost=True)
-    assert led.totals("ctx") == {"entries": 0, "requests": 1, "paid_inputs": 0, "possibly_paid_inputs": 2}
+    assert led.totals("ctx") == {"entries": 0, "requests": 1, "paid_inputs": 0, "replayed_elsewhere_inputs": 0,
+                                 "possibly_paid_inputs": 2}
     assert led.totals("ctx", replays_free=True)["possibly_paid_inputs"] == 2  # unsettled either way
     led.finish("r1", ["a", "b"], np.array([[1, 0], [0, 1]], np.float32), {"prompt_tokens": 2})
     # answered under its idempotency key, the lost send was charged once at most: in paid_inputs (a trial saw
@@ -126,7 +127,8 @@ def test_ledger_pending_then_done_and_its_books(tmp_path):
     assert led.lookup(["a"]) and led.pending_requests(["c"]) == [] and led.request_status("r2") is None
     assert led.begin("r2", "ctx", "image", [("c", 5)]) == [] and led.pending_requests(["c"]) == [("r2", ["c"])]
     led.close_request("r2", "failed")
-    assert led.totals() == {"entries": 2, "requests": 2, "paid_inputs": 2, "possibly_paid_inputs": 2}
+    assert led.totals() == {"entries": 2, "requests": 2, "paid_inputs": 2, "replayed_elsewhere_inputs": 0,
+                            "possibly_paid_inputs": 2}
     led.close()
     assert Ledger(tmp_path / "l.sqlite").lookup(["a"])  # it is a file: the next run sees it
 

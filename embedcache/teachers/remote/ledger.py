@@ -116,7 +116,8 @@ class Ledger:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
-            for column in ("owner", "model"):  # ledgers from before owners, and before answers' models
+            # ledgers from before owners, answers' models, and replays of other clients' charges
+            for column in ("owner", "model", "replayed_elsewhere"):
                 if column not in {row[1] for row in self.db.execute("PRAGMA table_info(requests)")}:
                     try:
                         self.db.execute(f"ALTER TABLE requests ADD COLUMN {column} TEXT")
@@ -290,16 +291,18 @@ class Ledger:
                 db.execute("UPDATE requests SET lost = lost + 1 WHERE id=?", (request_id,))
 
     def finish(self, request_id: str, keys: Sequence[str], emb: np.ndarray, usage: Optional[Dict] = None,
-               model: Optional[str] = None) -> None:
+               model: Optional[str] = None, replayed_elsewhere: bool = False) -> None:
         """Store an answer: the entries' embeddings (N, D) and the request done (with the model the answer
-        named), in one transaction."""
+        named), in one transaction. ``replayed_elsewhere``: answered free, as a replay of a charge another
+        client made (no send of this ledger's paid for it)."""
         now = time.time()
         emb = np.ascontiguousarray(emb, dtype="<f4")
         with self._tx() as db:
             db.executemany("UPDATE entries SET status='done', dim=?, emb=?, answered=?, request=? WHERE key=? AND status != 'done'",
                            [(emb.shape[1], emb[i].tobytes(), now, request_id, k) for i, k in enumerate(keys)])
-            db.execute("UPDATE requests SET status='done', usage=?, finished=?, model=? WHERE id=?",
-                       (json.dumps(usage or {}, sort_keys=True), now, model, request_id))
+            db.execute("UPDATE requests SET status='done', usage=?, finished=?, model=?, replayed_elsewhere=? WHERE id=?",
+                       (json.dumps(usage or {}, sort_keys=True), now, model, "1" if replayed_elsewhere else None,
+                        request_id))
 
     def disown(self, request_id: str) -> None:
         """A pending request this process stopped fetching (it failed or was interrupted mid-request):
@@ -334,7 +337,8 @@ class Ledger:
 
     # --- reports -------------------------------------------------------------------------------------
     def totals(self, context_id: Optional[str] = None, replays_free: bool = False) -> Dict[str, int]:
-        """Answers held, requests, inputs paid, and inputs possibly paid beside them: those of sends whose
+        """Answers held, requests, inputs paid, inputs answered free as replays of other clients' charges (not
+        paid here: they were counted as paid, a trial), and inputs possibly paid beside them: those of sends whose
         answers were lost. With ``replays_free`` (a protocol whose idempotency key the service honours)
         a lost send of a request answered since was charged once at most, in ``paid_inputs``: only the
         unanswered ones' count."""
@@ -342,7 +346,10 @@ class Ledger:
         unsettled = "status NOT IN ('done','bad')" if replays_free else "1"
         with self.lock:
             answered, = self.db.execute(f"SELECT COUNT(*) FROM entries {where}{' AND' if where else 'WHERE'} status='done'", args).fetchone()
-            n_req, paid, possibly = self.db.execute(
-                f"SELECT COUNT(*), COALESCE(SUM(CASE WHEN status IN ('done','bad') THEN n END), 0), "
+            elsewhere = "COALESCE(replayed_elsewhere, '') = '1'"
+            n_req, paid, free, possibly = self.db.execute(
+                f"SELECT COUNT(*), COALESCE(SUM(CASE WHEN status IN ('done','bad') AND NOT {elsewhere} THEN n END), 0), "
+                f"COALESCE(SUM(CASE WHEN status = 'done' AND {elsewhere} THEN n END), 0), "
                 f"COALESCE(SUM(CASE WHEN {unsettled} THEN n * lost END), 0) FROM requests {where}", args).fetchone()
-        return {"entries": int(answered), "requests": int(n_req), "paid_inputs": int(paid), "possibly_paid_inputs": int(possibly)}
+        return {"entries": int(answered), "requests": int(n_req), "paid_inputs": int(paid),
+                "replayed_elsewhere_inputs": int(free), "possibly_paid_inputs": int(possibly)}

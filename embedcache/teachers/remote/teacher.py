@@ -519,8 +519,9 @@ class RemoteTeacher(Teacher):
         norms = np.linalg.norm(emb, axis=1, keepdims=True)
         if np.abs(norms - 1.0).max() > 1e-4:  # a service that does not normalise; normalised answers keep their bits
             emb = emb / norms
-        self.ledger.finish(rid, keys, emb, usage, model)
-        if t.replayed_unlost and not replay:  # no send of this ledger made the charge it replays: another client did
+        elsewhere = t.replayed_unlost and not replay  # no send of this ledger made the charge it replays: another client did
+        self.ledger.finish(rid, keys, emb, usage, model, replayed_elsewhere=elsewhere)
+        if elsewhere:
             t.replayed_from_elsewhere(n)
             return
         t.count(modality, n, nbytes, free=t.last_replayed)
