@@ -82,8 +82,8 @@ def _quota_lines(res) -> list:
     said = f"the service's quota for this key: {used:,} of {quota:,} queries used; this extraction needs {need:,}: "
     if used + need <= quota:
         return [said + f"within it ({quota - used - need:,} to spare)"]
-    return [said + f"it would stop when the quota is spent, {quota - used:,} queries in; have the service raise it (or "
-                   "rerun once it renews) to finish"]
+    return [said + f"it would stop when the quota is spent, at most {quota - used:,} queries in (a request that would "
+                   "pass it is refused whole); have the service raise it (or rerun once it renews) to finish"]
 
 
 def _cost_lines(cost, writing: bool = False) -> list:

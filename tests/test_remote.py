@@ -235,7 +235,7 @@ def test_a_dry_run_weighs_the_cost_against_the_services_quota(tmp_path, tiny_tea
         assert dry.quota == (0, quota) and dry.cost["images"] + dry.cost["text_texts"] == 114
         line = _quota_lines(dry)[0]
         assert line.startswith(f"the service's quota for this key: 0 of {quota} queries used; this extraction needs 114")
-        assert ("within it" in line) == fits and ("it would stop when the quota is spent" in line) != fits, line
+        assert ("within it" in line) == fits and ("it would stop when the quota is spent, at most 100 queries in" in line) != fits, line
     assert _quota_lines(SimpleNamespace(quota=None, cost={})) == []  # a service that says none
 
 
