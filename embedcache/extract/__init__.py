@@ -827,9 +827,10 @@ def finalize(store: Store, dataset: ImageDataset, teacher, prompts, books: Optio
     cut = store.calls_cut_short(books.call) if usage and books is not None else 0
     if cut:
         usage["calls_cut_short"] = cut
-        warnings.warn(f"{store.path}: {cut} earlier extract call(s) ended without closing their books (killed: SIGTERM, "
-                      f"kill -9, or the machine lost): teacher_usage.queries ({usage.get('queries', 0):,}) leaves out what "
-                      "they paid after their last finished block; the service's own bill is the exact figure")
+        warnings.warn(f"{store.path}: {cut} earlier extract call(s) ended without closing their books (killed by kill -9 "
+                      f"or the OOM killer, or the machine lost; Ctrl-C and SIGTERM close them): teacher_usage.queries "
+                      f"({usage.get('queries', 0):,}) may leave out what they paid after their last finished block (not "
+                      "what a later call replayed free); the service's own bill is the exact figure")
     history = store.call_history()
     if record is not None:  # this call as it will end: finishing the store (its own entry says so once it has)
         history = [record.finishing() if e.get("call") == record.entry["call"] else e for e in history]
