@@ -14,9 +14,9 @@ from typing import Dict, List, Optional, Tuple, Union
 import numpy as np
 import pandas as pd
 
-from .errors import StoreError
+from .errors import StoreDamagedError, StoreError
 from .fileio import json_digest
-from .store import Store, names_disagree, teacher_model
+from .store import STATUS_OK, Store, names_disagree, teacher_model
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -112,8 +112,17 @@ class StoreReader:
 
     @cached_property
     def ok(self) -> np.ndarray:
-        """(N,) bool: the image was read and embedded (False for unreadable files)."""
-        return _readonly((self.meta["status"] == "ok").to_numpy())
+        """(N,) bool: the image was read and embedded (False for unreadable files): meta.parquet's status, held to
+        image/status (each checked against its checksums), which a plain reader reads: an edit of either, or a
+        damaged one, had embedcache and h5py disagree on which rows failed, without a word (a trial)."""
+        ok = (self.meta["status"] == "ok").to_numpy()
+        written = self._store.read("image/status") == STATUS_OK
+        if len(written) != len(ok) or (written != ok).any():
+            rows = np.flatnonzero(written != ok) if len(written) == len(ok) else []
+            where = f"{len(rows)} row(s), the first {rows[0]}" if len(rows) else "their lengths"
+            raise StoreDamagedError(f"store {self._store.path}: meta.parquet's status and image/status disagree ({where}); "
+                                    f"run `embedcache verify {self._store.path}` to see which is damaged")
+        return _readonly(ok)
 
     @property
     def n_failed(self) -> int:

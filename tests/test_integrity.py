@@ -67,6 +67,28 @@ def _damage(path: str, name: str, block: int):
             f[name][start] = 0
 
 
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_a_status_changed_behind_the_store_s_back_is_refused_by_readers_not_served(make_cfg, tiny_teacher, suffix):
+    """image/status set to failed with h5py: h5py said the row failed while open_store, reading meta.parquet
+    alone, served its embedding as a real one, without a word (a trial)."""
+    cfg = make_cfg("s" + suffix)
+    extract(cfg, teacher=tiny_teacher, log=quiet)
+    with embedcache.open_store(cfg.out) as st:
+        assert st.ok.all()
+    if suffix == ".h5":
+        import h5py
+
+        with h5py.File(cfg.out, "a") as f:
+            f["image/status"][5] = 2
+    else:
+        import zarr
+
+        status = zarr.open_array(str(Path(cfg.out) / "image" / "status"), mode="r+")
+        status[5] = 2
+    with embedcache.open_store(cfg.out) as st, pytest.raises(StoreDamagedError, match=r"image/status"):
+        st.ok
+
+
 def test_stray_files_beside_zarr_chunks_are_not_chunks(make_cfg, tiny_teacher):
     """Zarr's own `<chunk>.<hex>.partial` left by a kill -9 (or a macOS copy's `._1`) in a chunk
     folder made the store unopenable with a traceback while verify called it intact."""
