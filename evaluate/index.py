@@ -46,7 +46,7 @@ import numpy as np
 
 from embedcache.errors import EvaluationError
 
-from .metrics import BAD_TEXT, require_finite, unit
+from .metrics import BAD_QUERIES, BAD_TEXT, require_finite, unit
 
 log = logging.getLogger(__name__)
 
@@ -331,7 +331,7 @@ class LabelIndex:
         if queries.shape[1] != self.dim:
             raise EvaluationError(f"queries have dimension {queries.shape[1]}, the labels {self.dim}: "
                                   "different teachers?")
-        require_finite(queries, "queries")
+        require_finite(queries, "queries", BAD_QUERIES)
 
     def _blocks(self, queries: np.ndarray, block: Optional[int]):
         """Yield (start, stop, query block (B, D) float32, raw inner products (B, C) float32).

@@ -19,6 +19,9 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 
 DIVERGED = "the model's outputs are not finite (its weights diverged); retrain it with a lower optim.lr"
+# queries given to a label index by hand: a store's own embeddings hold NaN in the rows of unreadable images
+BAD_QUERIES = ("a store's unreadable images read as NaN (keep the rows its reader's `ok` marks), and a model whose "
+               "outputs are not finite diverged (retrain it with a lower optim.lr)")
 BAD_TEXT = ("the store's teacher gave non-finite text embeddings (a damaged checkpoint or an overflowing precision); "
             "extract the store again with a sound teacher")
 
