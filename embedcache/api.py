@@ -264,7 +264,10 @@ class StoreReader:
         return all(recorded.get(k) == v for k, v in identity.items() if k not in _WHERE_REACHED)
 
     def view_policy(self) -> str:
-        """How views 1..V-1 were drawn, in words (view 0 is the whole canvas)."""
+        """How views 1..V-1 were drawn, in words (view 0 is the whole canvas); a store of one view draws none (its
+        crop and colour settings were described as if used, a trial)."""
+        if self.views == 1:
+            return "one view: the whole canvas"
         v = self.manifest.get("views", {})
         lo, hi = v.get("scale", (0, 1))
         parts = [f"crops {lo:g}-{hi:g} of the canvas"] + (["flips"] if v.get("flip") else [])

@@ -153,6 +153,7 @@ def test_crop_and_colour_settings_with_one_view_are_said_not_read(make_cfg, tiny
             "(its one view is the whole canvas), though part of the store's key") in said, said
     with embedcache.open_store(cfg.out) as st:
         assert (st.store.read("image/view_params")[:, 0, 2:4] == 48).all()  # the whole 48 px canvas, no jitter
+        assert st.view_policy() == "one view: the whole canvas"  # `inspect` said crops and jitter
     for again in (cfg, make_cfg("plain.zarr", "views.count=1"), make_cfg("two.zarr", "views.count=2", "views.scale=[0.5,1.0]")):
         said = []
         extract(again, teacher=tiny_teacher, log=said.append)
