@@ -95,7 +95,7 @@ def method_frame(results: pd.DataFrame) -> pd.DataFrame:
     not known (a naive_kd run of then ran another KD). Rows scored before ``trained_on`` was recorded
     on their run's own store get that store's key (a transfer row's stays unknown, "-")."""
     results = conform(results)
-    own = (results["trained_on"] == "-") & ~results["holdout"].astype(str).str.startswith("transfer")
+    own = (results["trained_on"] == "-") & ~transferred(results)
     results["trained_on"] = results["trained_on"].where(~own, results["store_key"])  # older rows: their own store's
     results["holdout"] = _with_held_domains(results)
     return results.assign(unseen=results["holdout"].astype(str).str.extract(r"unseen: (.*)$", expand=False).fillna("-"))
@@ -133,9 +133,10 @@ def method_keys(results: pd.DataFrame) -> list:
 
 
 def transferred(results: pd.DataFrame) -> pd.Series:
-    """The rows of runs scored on another store than the one they trained on (--transfer): a table of them alone
-    showed them as the runs' own scores, beside the teacher's zero_shot rows on the same store."""
-    return (results["trained_on"] != results["store_key"]) & (results["trained_on"] != "-")
+    """The rows of runs scored on another store than the one they trained on (--transfer, their holdout says so,
+    rows scored before ``trained_on`` was kept too): a table of them alone showed them as the runs' own scores,
+    beside the teacher's zero_shot rows on the same store."""
+    return results["holdout"].astype(str).str.startswith(TRANSFER)
 
 
 def _cell(mean: float, std: float, count: int) -> str:
