@@ -87,6 +87,17 @@ def test_a_status_changed_behind_the_store_s_back_is_refused_by_readers_not_serv
         status[5] = 2
     with embedcache.open_store(cfg.out) as st, pytest.raises(StoreDamagedError, match=r"image/status"):
         st.ok
+    # meta.parquet rewritten and sealed with its checksum (as a script through the store's API would): the two disagree
+    other = make_cfg("t" + suffix)
+    extract(other, teacher=tiny_teacher, log=quiet)
+    with Store(other.out, "a") as st:
+        meta = st.table("meta.parquet")
+        meta.loc[5, "status"] = "failed"
+        st.put_table("meta.parquet", meta)
+        st.finish()
+    with embedcache.open_store(other.out) as st, pytest.raises(
+            StoreDamagedError, match=r"meta.parquet's status and image/status disagree \(1 row\(s\), the first 5\)"):
+        st.ok
 
 
 def test_stray_files_beside_zarr_chunks_are_not_chunks(make_cfg, tiny_teacher):
