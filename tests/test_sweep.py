@@ -1056,6 +1056,13 @@ def test_a_run_whose_folder_was_deleted_or_undone_trains_again_on_relaunch(synth
     before = pd.read_parquet(out / "results" / f"{gone}.parquet")
     shutil.rmtree(out / "runs" / gone)
     (out / "runs" / undone / "done").unlink()
+    changed = load_sweep(str(_sweep_file(tmp_path, synthetic_store, grid={"recipe": ["ce"], "seed": [0, 1]},
+                                         holdout_domains=["solid"], base={"student": {"name": "test_resnet", "input_size": 32},
+                                                                          "steps": 6, "batch_size": 8, "eval_every": 2,
+                                                                          "ckpt_every": 2, "device": "cpu"})))
+    with pytest.raises(ConfigError, match="was launched with other settings"):  # refused before anything is moved
+        run_sweep(changed, str(out), progress=False, log=quiet)
+    assert not (out / "results" / "orphaned").exists()
     said = []
     again = run_sweep(spec, str(out), progress=False, log=said.append)
     assert again["done"] == 2 and again["skipped"] == 0
@@ -1065,6 +1072,9 @@ def test_a_run_whose_folder_was_deleted_or_undone_trains_again_on_relaunch(synth
     assert (out / "runs" / gone / "done").exists()
     pd.testing.assert_frame_equal(pd.read_parquet(out / "results" / f"{gone}.parquet"), before)  # the same run again
     assert len(again["results"]) == len(first["results"])
+    shutil.rmtree(out / "runs" / gone)  # orphaned twice: the rows set aside first are kept
+    run_sweep(spec, str(out), progress=False, log=quiet)
+    assert sorted(p.name for p in (out / "results" / "orphaned").glob(f"{gone}*")) == [f"{gone}.1.parquet", f"{gone}.parquet"]
 
 
 def test_a_sweep_of_a_staged_recipe_under_a_decaying_schedule_says_so(synthetic_store, tmp_path):

@@ -771,7 +771,6 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, launcher: Optional[str] = None, d
     if unread:
         log(f"note: {', '.join(unread)} (in the sweep file or --set) does not apply to the {name} launcher, which runs "
             "without it")
-    _set_aside_orphaned_results(sweep_dir, log)
     _require_same_spec(sweep_dir, spec)  # before expanding: a clearer line than what the changed grid fails on
     points = expand(spec, sweep_dir)
     device = sweep_device(device, points)
@@ -785,6 +784,7 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, launcher: Optional[str] = None, d
         Path(sweep_dir).mkdir(parents=True, exist_ok=True)
         with Launch(sweep_dir) as launch:
             points = _settle(spec, sweep_dir, points, launch.others_live)
+            _set_aside_orphaned_results(sweep_dir, log)  # once the launch is let through: a refused one moves nothing
             launch.settle()
             return _launch(spec, sweep_dir, points, name, device, progress, log, launcher_args)
 
@@ -793,7 +793,8 @@ def _set_aside_orphaned_results(sweep_dir: str, log: Callable[[str], None]) -> N
     """Result rows of a run whose folder is gone or no longer done (deleted to train it again, as a damaged
     split.json's message says) are moved to results/orphaned/, and the run trains again: they stood in the
     table as the run's (a relaunch said it "already finished"), where `evaluate runs/` no longer had it. A run's
-    rows are written only after its done marker, so no live worker's rows are taken for these."""
+    rows are written only after its done marker, so no live worker's rows are taken for these. Rows set aside
+    before are kept beside (a run orphaned twice)."""
     results = Path(sweep_dir) / "results"
     orphaned = [f for f in sorted(results.glob("*.parquet")) if not RunDir(Path(sweep_dir) / "runs" / f.stem).done]
     if not orphaned:
@@ -801,7 +802,10 @@ def _set_aside_orphaned_results(sweep_dir: str, log: Callable[[str], None]) -> N
     aside = results / "orphaned"
     aside.mkdir(exist_ok=True)
     for f in orphaned:
-        os.replace(f, aside / f.name)
+        to, n = aside / f.name, 1
+        while to.exists():
+            to, n = aside / f"{f.stem}.{n}.parquet", n + 1
+        os.replace(f, to)
     shown = ", ".join(f.stem for f in orphaned[:3]) + (f" and {len(orphaned) - 3} more" if len(orphaned) > 3 else "")
     log(f"note: {len(orphaned)} run(s) of {sweep_dir} had result rows but no finished run folder ({shown}: deleted, or "
         f"its done marker removed); their rows are moved to {aside} and the runs still in the grid train again")
