@@ -1,9 +1,10 @@
 """The ``embedcache`` click group: user errors as one line, Ctrl-C as one line, with exit codes.
 
 Exit codes: 0 ok; 1 some sweep runs failed; 2 a user error (bad setting, unknown name, mismatched
-or damaged store; out of memory); 3 a paid teacher's budget or quota ran out (resumable); 75 a full disk or an
-unreachable remote teacher (resumable: free space or wait, and rerun); 130 interrupted by Ctrl-C, 143 by SIGTERM (resumable:
-rerun the same command).
+or damaged store; out of memory); 3 a paid teacher's budget or quota ran out (resumable); 4 a remote teacher's
+answer that cannot be kept; 75 try again later: a full disk, an unreachable remote teacher or one asking for a
+longer wait than allowed, a store or run held by another live process (resumable: free space or wait, and rerun);
+130 interrupted by Ctrl-C, 143 by SIGTERM (resumable: rerun the same command). The README's Exit codes say more.
 """
 from __future__ import annotations
 

@@ -434,6 +434,24 @@ def test_a_file_that_is_not_hdf5_is_not_called_a_damaged_store(make_cfg, tiny_te
     assert other.read_text() == "my notes\n"
 
 
+def test_an_hdf5_store_on_a_filesystem_without_locks_is_not_said_busy(make_cfg, tiny_teacher, monkeypatch):
+    """HDF5's "unable to lock file" is also what NFS and Lustre give (errno 38 or 37, no other process there):
+    said busy it exited 75, and a scheduler retrying on 75 would retry forever (a review)."""
+    import h5py
+
+    cfg = make_cfg("s.h5")
+    extract(cfg, teacher=tiny_teacher, log=quiet)
+
+    def no_locks(*a, **k):
+        raise OSError(38, "Unable to synchronously open file (unable to lock file, errno = 38, error message = "
+                          "'Function not implemented')")
+
+    monkeypatch.setattr(h5py, "File", no_locks)
+    res = CliRunner().invoke(main, ["inspect", cfg.out])
+    assert res.exit_code == 2 and "cannot be locked on this filesystem" in res.output, res.output
+    assert "HDF5_USE_FILE_LOCKING=FALSE" in res.output and res.output.strip().count("\n") == 0
+
+
 def test_an_hdf5_store_open_for_writing_elsewhere_is_one_line(make_cfg, tiny_teacher):
     cfg = make_cfg("busy.h5")
     extract(cfg, teacher=tiny_teacher, log=quiet)

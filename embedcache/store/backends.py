@@ -7,8 +7,10 @@ Zarr store's folder, uint8 datasets inside an HDF5 file. Attributes hold JSON. N
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import uuid
 from contextlib import contextmanager, nullcontext
@@ -17,7 +19,7 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..errors import DiskFullError, StoreBusyError, StoreDamagedError, StoreMismatchError, first_line
+from ..errors import DiskFullError, StoreBusyError, StoreDamagedError, StoreError, StoreMismatchError, first_line
 from ..fileio import atomic_write_bytes, exclusive_lock
 from ..registry import Registry
 from .pieces import bytes_of
@@ -374,6 +376,13 @@ class ZarrBackend:
 HDF5_RESERVE = 8 * 2**20  # bytes an HDF5 store leaves free on its disk: room to write its metadata and close
 
 
+def _lock_errno(text: str) -> Optional[int]:
+    """The errno of HDF5's "unable to lock file, errno = N" (11: another process holds the file; 37 or 38: the
+    filesystem takes no locks), or None."""
+    found = re.search(r"unable to lock file, errno = (\d+)", text)
+    return int(found.group(1)) if found else None
+
+
 def _chunk_table(dsid, iterate: bool) -> dict:
     """First row of each written chunk of an HDF5 dataset -> (byte offset, filter mask): in one pass in
     C (``iterate``), else chunk by chunk."""
@@ -411,10 +420,14 @@ class HDF5Backend:
             # block's flush (measured 4-10x slower), where uncached its block's rows alone are written
             self.file = h5py.File(self.path, "r") if mode == "r" else h5py.File(self.path, "a", rdcc_nbytes=0)
         except (OSError, BlockingIOError) as exc:
-            text = str(exc)
-            if "unable to lock" in text.lower() or isinstance(exc, BlockingIOError):
-                raise StoreBusyError(f"HDF5 store {path} is open in another process (HDF5 allows one writer and no reader "
-                                 "beside it); wait for that process to finish, or use a .zarr store") from None
+            text = str(exc).lower()
+            if "unable to lock" in text:
+                if _lock_errno(text) in (errno.EAGAIN, errno.EACCES) or isinstance(exc, BlockingIOError):
+                    raise StoreBusyError(f"HDF5 store {path} is open in another process (HDF5 allows one writer and no "
+                                         "reader beside it); wait for that process to finish, or use a .zarr store") from None
+                raise StoreError(f"HDF5 store {path} cannot be locked on this filesystem ({first_line(exc)}; NFS and "
+                                 "Lustre may take no locks); set HDF5_USE_FILE_LOCKING=FALSE with no other process "
+                                 "writing it, or use a .zarr store") from None
             if os.path.isfile(path) and not h5py.is_hdf5(path):  # no store to delete: some other file
                 raise StoreMismatchError(f"{path} is not an HDF5 file (no HDF5 signature in it), so not a store; give a "
                                          "store's path, or another --out for a new one") from None
