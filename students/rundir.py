@@ -341,8 +341,6 @@ class RunDir:
         return lines[-1] if lines else "no message"
 
 
-
-
 def settings_of(data: Dict[str, Any]) -> Dict[str, Any]:
     """A config file's settings; a run's config.json (``write_config``) gives its training settings, on
     the store it recorded by absolute path and without its folder (`train --config RUN/config.json

@@ -175,7 +175,6 @@ def _require_same_store(run_dir: RunDir, cfg: TrainConfig) -> None:
                                  "the run was trained on")
 
 
-
 def stage_ends(recipe: Recipe, steps: int) -> List[int]:
     """The step at which each stage ends (the last one at ``steps``)."""
     total = sum(s.fraction for s in recipe.stages)
