@@ -372,6 +372,16 @@ def test_the_progress_bar_counts_running_runs_not_live_workers(capsys):
     assert "run b failed: x" in capsys.readouterr().out  # a failed run is said as it ends
 
 
+def test_ray_s_running_count_is_what_its_cluster_runs_at_once():
+    """Ray's bar counted every queued task as running: running=11 with 12 runs on 2 CPUs (a trial)."""
+    from embedcache.students.sweep.launchers import ray_slots
+
+    assert ray_slots({"CPU": 2.0}, {"num_cpus": 1, "num_gpus": 0}) == 2
+    assert ray_slots({"CPU": 1.0, "GPU": 1.0}, {"num_cpus": 0.1, "num_gpus": 0.25}) == 4  # 1.0 // 0.1 is 9.0, not 10
+    assert ray_slots({"CPU": 16.0, "GPU": 1.0}, {"num_cpus": 1, "num_gpus": 0.5}) == 2
+    assert ray_slots({"CPU": 1.0}, {"num_cpus": 2}) == 1
+
+
 def test_more_local_workers_than_cores_is_a_note(monkeypatch):
     """--workers 50 on 2 cores started 4 single-thread workers (one per job) with no word (a trial)."""
     from embedcache.students.sweep import crowded_note

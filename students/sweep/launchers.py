@@ -298,6 +298,14 @@ def _ray_task(items: list, spec_dict: Dict, sweep_dir: str, device: str, threads
     return run_job(_points(items), SweepSpec(**spec_dict), sweep_dir, device)
 
 
+def ray_slots(have: Dict[str, float], res: Dict[str, Any]) -> int:
+    """How many tasks asking ``res`` a cluster with ``have`` runs at once (the progress bar counted every task
+    queued as running: running=11 on 2 CPUs, a trial)."""
+    asks = [(have.get(k, 0.0), float(res.get(r) or 0)) for k, r in (("CPU", "num_cpus"), ("GPU", "num_gpus"))]
+    fits = [int(got / need + 1e-9) for got, need in asks if need > 0]  # 1.0 // 0.1 is 9
+    return max(1, min(fits)) if fits else 1 << 30
+
+
 def _require_fits(have: Dict[str, float], res: Dict[str, Any], address: Optional[str]) -> None:
     """A run's request more than the Ray cluster has would wait for ever, saying nothing: refused in
     one line (warned, on a cluster at an address: an autoscaling one may add the resources)."""
@@ -363,6 +371,7 @@ def ray_launcher(jobs: List[List[SweepPoint]], spec, sweep_dir, device="auto", p
     threads = max(1, int(res.get("num_cpus", 1)))
     job_of = {task.remote(_as_items(job), to_dict(spec), sweep_dir, device, threads, os.getcwd()): job for job in jobs}
     pending = list(job_of)
+    slots = ray_slots(have, res)  # tasks running at once: the rest of those pending wait in Ray's queue
     bar, out = Progress(sum(map(len, jobs)), progress), []
     try:
         while pending:
@@ -380,7 +389,7 @@ def ray_launcher(jobs: List[List[SweepPoint]], spec, sweep_dir, device="auto", p
             for ref in ready:
                 for st in _ray_statuses(ray, ref, job_of[ref], sweep_dir):
                     out.append(st)
-                    bar.update(st, len(pending))
+                    bar.update(st, min(len(pending), slots))
                     if st["status"] in STOP_STATUSES:
                         interrupt.request()
     finally:
