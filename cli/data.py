@@ -44,7 +44,7 @@ def extract(config_path: Optional[str], out: Optional[str], overrides: Sequence[
         if res.writing:
             click.echo("  another extraction is writing this store now: these are what it has not finished yet, its "
                        "requests in flight among them")
-        for line in _cost_lines(res.cost, res.writing) + _budget_lines(res) + _quota_lines(res):
+        for line in _cost_lines(res.cost, res.writing, res.shards) + _budget_lines(res) + _quota_lines(res):
             click.echo(f"  {line}")
         return
     if not res.skipped and res.images:  # none: a call that only finished the prompts and tables
@@ -86,10 +86,12 @@ def _quota_lines(res) -> list:
                    "pass it is refused whole); have the service raise it (or rerun once it renews) to finish"]
 
 
-def _cost_lines(cost, writing: bool = False) -> list:
+def _cost_lines(cost, writing: bool = False, shards: int = 1) -> list:
     """A dry run's cost in words: per modality, what is sent, what the ledger answers free, in how
     many requests as extraction batches them, and in how many at the service's own batch limit.
-    ``writing``: an extraction writes the store now (its requests in flight are not a stopped call's)."""
+    ``writing``: an extraction writes the store now (its requests in flight are not a stopped call's).
+    ``shards``: the store's; its prompts are encoded once, by the shard that finishes it, and each shard's
+    dry run counts them (summed over the shards they were counted that many times, a trial)."""
     if not cost:
         return ["no paid queries (a local teacher)"]
     lines = []
@@ -114,9 +116,11 @@ def _cost_lines(cost, writing: bool = False) -> list:
                   "them free)") if apart else ""
         again += (f" ({keyless:,} of them in requests a stopped call sent, going out again to a service that takes no "
                   "idempotency key: paid twice if it charged them then)") if keyless else ""
+        whole = (f"; once for the whole store, by the shard that finishes it: count them once over the {shards} "
+                 "shards' dry runs") if p and shards > 1 else ""
         lines.append(f"{unit}: {sent:,} to pay for{again} ({cost.get(f'{p}bytes', 0):,} bytes), {cost.get(f'{p}ledger_hits', 0):,} "
                      f"answered free by the ledger{once}; {cost.get(f'{p}requests', 0):,} requests as extraction sends "
-                     f"them{at_limit}")
+                     f"them{at_limit}{whole}")
     return lines
 
 

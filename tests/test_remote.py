@@ -312,6 +312,11 @@ def test_a_dry_run_says_the_one_query_that_learnt_the_dimension(tmp_path, tiny_t
     from embedcache.cli.data import _cost_lines
 
     assert _cost_lines({"probe_queries": 1, "images": 3})[0].startswith("paid now: 1 query to learn the service's")
+    # a shard's dry run counts the prompts, which one shard pays for: summed over the shards, say to count them once
+    shard = _cost_lines({"images": 3, "text_texts": 40}, shards=2)
+    assert shard[1].startswith("prompts: 40 to pay for") and shard[1].endswith(
+        "once for the whole store, by the shard that finishes it: count them once over the 2 shards' dry runs")
+    assert "shard" not in shard[0] and "shard" not in " ".join(_cost_lines({"images": 3, "text_texts": 40}))
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
