@@ -165,7 +165,7 @@ class RunDir:
         if recorded is None or now is None or recorded == now:
             return ""
         return (f"contents digest {now}, the run's store's {recorded}: an image file replaced by another of the "
-                "same size, and the store extracted again")
+                "same size, or images decoded otherwise (another Pillow), and the store extracted again")
 
     @property
     def sweep_tags(self) -> Dict[str, Any]:

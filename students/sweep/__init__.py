@@ -579,7 +579,8 @@ def _require_one_store(sweep_dir: str, store: str) -> None:
     if None not in (first.get("store_contents"), contents) and first["store_contents"] != contents:
         raise ConfigError(f"sweep {sweep_dir} holds the runs of another store of key {key}: {store}'s images differ "
                           f"(contents digest {contents}, the sweep's store's {first['store_contents']}: an image file "
-                          f"replaced by another of the same size, and the store extracted again); use another --out "
+                          f"replaced by another of the same size, or images decoded otherwise, and the store extracted "
+                          f"again); use another --out "
                           f"for a sweep over {store}")
 
 
