@@ -148,6 +148,7 @@ def lodo(d: EvalData, holdout_domains: Optional[Sequence[str]] = None) -> pd.Dat
     seen = None if d.seen_classes is None or not (own_split or d.student) else np.asarray(d.seen_classes)  # teacher: all
     usable = d.ok if seen is None else d.ok & np.isin(d.labels, seen)
     rows: List[Dict] = []
+    pooled: Dict[str, List] = {}  # split -> (predictions, labels) of each domain
     for dom in sorted(set(d.domains[usable])):
         rows_dom = np.flatnonzero(usable & (d.domains == dom))
         if own_split and dom not in held:
@@ -158,7 +159,9 @@ def lodo(d: EvalData, holdout_domains: Optional[Sequence[str]] = None) -> pd.Dat
         else:
             split = "out_of_domain" if held else "zero_shot"
         if len(rows_dom):
-            rows += _rows(_predict(d, rows_dom, seen), d.labels[rows_dom], d.classes, split=split, domain=dom)
+            pred = _predict(d, rows_dom, seen)
+            rows += _rows(pred, d.labels[rows_dom], d.classes, split=split, domain=dom)
+            pooled.setdefault(split, []).append((pred, d.labels[rows_dom]))
     if not rows and own_split:
         raise EvaluationError("lodo has nothing to score: this run held out no domain and kept no validation "
                               "rows (every image was trained on); train with split.holdout_domains=[...] or "
@@ -169,7 +172,26 @@ def lodo(d: EvalData, holdout_domains: Optional[Sequence[str]] = None) -> pd.Dat
     df = pd.DataFrame(rows)
     for split in df["split"].unique():
         rows += _average(df, split)
+        if not ((df["split"] == split) & (df["metric"] == "collapsed_share")).any():  # no domain said so already
+            rows += _pooled_collapse(pooled[split], d.classes, split)
     return pd.DataFrame(rows)
+
+
+def _pooled_collapse(parts: List, classes: Sequence[str], split: str) -> List[Dict]:
+    """A ``collapsed_share`` row (domain avg) for a model answering one class for nearly all of a split's images
+    over its domains, each too few to be judged alone: 96% 'person' over three domains of 8 in-domain images
+    scored below chance without a word (a trial)."""
+    if len(parts) < 2:
+        return []
+    pred, labels = (np.concatenate(x) for x in zip(*parts))
+    collapsed = _collapsed(pred, labels, classes)
+    if collapsed is None:
+        return []
+    name, share = collapsed
+    warnings.warn(f"{split} over its {len(parts)} domains: the model predicts {name!r} for {share:.0%} of the "
+                  f"{len(pred)} images (a collapsed model: its top-1 is that class's share of them)")
+    return [{"split": split, "domain": "avg", "metric": "collapsed_share", "value": share, "n": len(labels),
+             "class_name": name}]
 
 
 def lodo_rows(domains: np.ndarray, ok: np.ndarray, holdout_domains: Sequence[str],

@@ -313,6 +313,29 @@ def test_a_model_that_predicts_one_class_is_named_collapsed():
         lodo(_data(shuffle=True))  # at chance but not collapsed
 
 
+def test_a_collapse_over_domains_each_too_small_to_judge_is_named():
+    """In-domain validation of 8 images per domain, 23 of 24 answered 'person': below chance, with no warning,
+    each domain under the 10 images judged alone (a trial). The split's images over its domains are judged."""
+    import warnings
+
+    d = _data(n=24)
+    d.val_idx = np.arange(24)  # every image a validation row of its (training) domain
+    d.holdout_domains = []
+    d.emb = np.repeat(d.class_emb[2:3], 24, axis=0)
+    d.emb[0] = d.class_emb[3]  # one answered otherwise: 23 of 24 'c2'
+    with pytest.warns(UserWarning, match=r"in_domain over its 3 domains: the model predicts 'c2' for 96% of the 24 "
+                                         r"images"):
+        df = lodo(d)
+    said = df[df["metric"] == "collapsed_share"]
+    assert said[["split", "domain", "class_name", "n"]].values.tolist() == [["in_domain", "avg", "c2", 24]]
+    assert said["value"].iloc[0] == pytest.approx(23 / 24)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a model that answers, over the same small domains: no warning
+        d2 = _data(n=24)
+        d2.val_idx, d2.holdout_domains = np.arange(24), []
+        assert "collapsed_share" not in set(lodo(d2)["metric"])
+
+
 def test_a_collapse_on_a_small_domain_is_named_too():
     """A domain of 13 sketches, every one answered 'horse', was not named: groups under 20 images were
     never judged, and the README said no minimum (a trial)."""
