@@ -57,9 +57,8 @@ def evaluate(runs, store, protocols, sources, out, device, shots, finetune_steps
 
     from embedcache.errors import EvaluationError
     from embedcache.evaluate.protocols import PROTOCOLS
-    from embedcache.evaluate.report import headline_metric, markdown, transfer_note
     from embedcache.evaluate.results import read_results, upsert
-    from embedcache.evaluate.store_eval import AVG_IS, summary_table, teacher_baselines
+    from embedcache.evaluate.store_eval import teacher_baselines
     from embedcache.students.rundir import RunDir
     from embedcache.students.scoring import score_run
 
@@ -102,8 +101,18 @@ def evaluate(runs, store, protocols, sources, out, device, shots, finetune_steps
         raise click.UsageError("nothing to evaluate: no finished run found")
     new = pd.concat(frames, ignore_index=True)
     table = upsert(out, new)
-    if finished == 1 and unscored:  # the other protocols' rows are written; the one that failed is the error
+    _say_tables(new, protocols, out)
+    click.echo(f"\n{len(new)} rows scored; {len(table)} rows in {out}")
+    if finished == 1 and unscored:  # the other protocols' rows are written and shown; the one that failed is the error
         raise EvaluationError(f"{unscored[0]} (the rows of the other protocols are in {out})")
+
+
+def _say_tables(new, protocols, out) -> None:
+    """The printed tables of what was scored: top-1 by domain, and mean per-class accuracy where the papers
+    report it (a lone run that one protocol could not score printed none of the others', a trial)."""
+    from embedcache.evaluate.report import headline_metric, markdown, transfer_note
+    from embedcache.evaluate.store_eval import AVG_IS, summary_table
+
     summary = summary_table(new)
     if len(summary):
         if transfer_note(new):
@@ -116,7 +125,6 @@ def evaluate(runs, store, protocols, sources, out, device, shots, finetune_steps
             click.echo(markdown(summary_table(by_class, metric="mean_per_class")))
     else:  # per_class and distill rows only: no methods x domains table to print
         click.echo(f"no accuracy-by-domain table for {', '.join(protocols)}; `embedcache report {out}` shows their tables")
-    click.echo(f"\n{len(new)} rows scored; {len(table)} rows in {out}")
 
 
 def _score_found(found, finished: int, unscored: list, score_run, protocols, **options) -> list:
@@ -138,7 +146,8 @@ def _score_found(found, finished: int, unscored: list, score_run, protocols, **o
             if finished == 1 and not scored:
                 raise EvaluationError(f"run {what}")
             unscored.append(f"run {what}")
-            click.echo(f"skipping {what}", err=True)
+            if finished > 1:  # a lone run's is its error, said once, after the table of what it scored
+                click.echo(f"skipping {what}", err=True)
     return frames
 
 
@@ -240,13 +249,21 @@ def _seen_list(seen_classes):
 def _score_each(score_run, run, protocols, **options):
     """(frames, [(protocol, error)]): the run scored under every protocol at once, or, when one of
     them cannot score it, under each alone, so the others' rows are kept."""
+    import warnings
+
     from embedcache.errors import EvaluationError
 
     try:
-        return [score_run(run, list(protocols), **options)], []
+        with warnings.catch_warnings(record=True) as said:  # said again below when scored one by one
+            warnings.simplefilter("always")
+            frame = score_run(run, list(protocols), **options)
     except EvaluationError as exc:
         if len(protocols) == 1:
+            _resay(said)
             return [], [(protocols[0], exc)]
+    else:
+        _resay(said)
+        return [frame], []
     frames, failed = [], []
     for protocol in protocols:
         try:
@@ -254,6 +271,13 @@ def _score_each(score_run, run, protocols, **options):
         except EvaluationError as exc:
             failed.append((protocol, exc))
     return frames, failed
+
+
+def _resay(said: list) -> None:
+    import warnings
+
+    for w in said:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 @main.command()

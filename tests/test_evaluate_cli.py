@@ -591,6 +591,10 @@ def test_a_protocol_that_cannot_score_a_run_keeps_the_others_rows(synthetic_stor
     # for a run on synthesised images, trained on every image as their paper trains (a trial)
     assert f"(the rows of the other protocols are in {out})" in res.output
     assert set(pd.read_parquet(out).protocol) == {"open_vocab"}
+    # what was scored is shown, the failure said once, and no warning of the first (failed) attempt said again:
+    # "run ov: the same as run ov above" (a trial)
+    assert "| unseen_zero_shot |" in res.output and "skipping" not in res.output, res.output
+    assert res.output.count("lodo has nothing to score") == 1 and "the same as run" not in res.output, res.output
 
 
 def test_a_protocols_warning_names_the_run_it_is_about(runs, tmp_path, monkeypatch):
