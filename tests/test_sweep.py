@@ -884,8 +884,13 @@ def test_a_per_recipe_block_for_a_recipe_no_run_trains_is_refused(synthetic_stor
     f = _sweep_file(tmp_path, synthetic_store, holdout_domains=["outline"], grid={"recipe": ["ce", "feat_kd"]},
                     per_recipe={"li_iccv23": {"optim": {"lr": 0.01}}})
     with pytest.raises(ConfigError, match=r"per_recipe.li_iccv23 sets runs of a recipe the grid does not train \(it "
-                                          r"trains ce, feat_kd\); add li_iccv23 to grid.recipe, or remove its block"):
+                                          r"trains ce, feat_kd\); add li_iccv23 to grid.recipe, or remove its block "
+                                          r"\(`--set per_recipe.li_iccv23=null`"):
         expand(load_sweep(str(f)), str(tmp_path / "sw"))
+    # that block dropped on the command line, the others kept (`=null` was refused as still setting it, a trial)
+    res = CliRunner().invoke(main, ["sweep", str(f), "--out", str(tmp_path / "sw2"), "--no-progress", "--set",
+                                    "per_recipe.li_iccv23=null", "--set", "base.steps=2"])
+    assert res.exit_code == 0, res.output
 
 
 def test_launcher_settings_the_sweeps_launcher_would_not_read_are_refused(synthetic_store, tmp_path):

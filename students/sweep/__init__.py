@@ -243,12 +243,12 @@ def _require_transferable(stores: List[str], reader, sources: List[str]) -> None
 
 def _require_used(per_recipe: Dict[str, Any], trained: List[str]) -> None:
     """A per_recipe block sets the runs of its recipe: one for a recipe the grid does not train was
-    ignored without a word."""
-    for name in per_recipe:
-        if name not in trained:
+    ignored without a word. A block set to null (`--set per_recipe.NAME=null`) is no block."""
+    for name, block in per_recipe.items():
+        if block is not None and name not in trained:
             raise ConfigError(f"per_recipe.{name} sets runs of a recipe the grid does not train (it trains "
                               f"{', '.join(trained)}); add {name} to grid.recipe, or remove its block (`--set "
-                              "per_recipe={}` drops every block)")
+                              f"per_recipe.{name}=null`; `--set per_recipe={{}}` drops every block)")
 
 
 def _points(spec: SweepSpec, sweep_dir: str, keys: List[str], reader, named_as: str) -> List[SweepPoint]:
