@@ -625,6 +625,18 @@ class Trainer:
         self.run_dir.write_metrics(self.metrics)
         self.running, self.n_running, self.val = {}, 0, val
 
+    def say_stage(self, step: int, si: int, bar) -> None:
+        """A recipe of several stages says each as it starts, and its bar shows the one running (VL2V-ADiP's
+        align then distill were seen only in metrics.jsonl, a trial)."""
+        stages = self.recipe.stages
+        if len(stages) < 2:
+            return
+        st = stages[si]
+        line = (f"step {step}: stage {si + 1} of {len(stages)} ({' + '.join(st.losses)}; trains "
+                f"{'everything' if st.train == 'all' else 'the ' + st.train})")
+        (bar.write if not bar.disable else self.log)(line)
+        bar.set_postfix(stage=f"{si + 1}/{len(stages)}")
+
     def loop(self) -> float:
         from tqdm.auto import tqdm
 
@@ -640,6 +652,7 @@ class Trainer:
                 if si != stage_i:
                     set_trainable(self.model, stage)
                     stage_i = si
+                    self.say_stage(step, si, bar)
                 self.step(step, stage)
                 done = step + 1
                 at_eval, at_ckpt = done % cfg.eval_every == 0 or done == cfg.steps, done % cfg.ckpt_every == 0 or done == cfg.steps
@@ -649,7 +662,9 @@ class Trainer:
                     if at_eval:
                         self.evaluate(done, si, stage)
                         bar.set_postfix(loss=f"{self.metrics[-1]['loss']:.3f}",
-                                        val="-" if self.val is None else f"{self.val:.3f}")
+                                        val="-" if self.val is None else f"{self.val:.3f}",
+                                        **({"stage": f"{si + 1}/{len(self.recipe.stages)}"}
+                                           if len(self.recipe.stages) > 1 else {}))
                     if at_ckpt:
                         self.checkpoint(done, t_pause - t0 - paused)
                     paused += time.time() - t_pause

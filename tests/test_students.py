@@ -1102,6 +1102,10 @@ def test_a_schedule_across_a_recipes_stages_is_said_with_the_last_stages_rates(s
     train(_cfg(synthetic_store, tmp_path, "vl2v_adip", name="const", steps=20,
                optim=OptimConfig(lr=1e-3, schedule="constant")), log=quiet_start.append)
     assert not any("runs across" in s for s in quiet_start)
+    # each stage is said as it starts (Align then Distill were seen only in metrics.jsonl, a trial)
+    stages = [s for s in quiet_start if ": stage " in s]
+    assert stages == ["step 0: stage 1 of 2 (vl2v_adip; trains the head)",
+                      f"step {start}: stage 2 of 2 (vl2v_adip; trains the backbone)"], quiet_start
 
 
 def test_a_resumed_runs_summary_counts_the_time_of_every_attempt(synthetic_store, tmp_path):
