@@ -161,11 +161,7 @@ class RunDir:
     def other_images(self, store) -> str:
         """How a store of this run's key holds other images than the run's store did ('' where the same, or
         where either does not say): the key holds the files' paths and sizes, not their contents."""
-        recorded, now = self.config.get("store_contents"), store.contents_digest()
-        if recorded is None or now is None or recorded == now:
-            return ""
-        return (f"contents digest {now}, the run's store's {recorded}: an image file replaced by another of the "
-                "same size, or images decoded otherwise (another Pillow), and the store extracted again")
+        return images_differ(self.config.get("store_contents"), store.contents_digest(), "the run's store's")
 
     @property
     def sweep_tags(self) -> Dict[str, Any]:
@@ -339,6 +335,15 @@ class RunDir:
             return None
         lines = [ln.strip() for ln in f.read_text(errors="replace").splitlines() if ln.strip()]
         return lines[-1] if lines else "no message"
+
+
+def images_differ(recorded: Optional[str], now: Optional[str], whose: str) -> str:
+    """Why a store's contents digest ``now`` is not the ``recorded`` one of a store of the same key, in words
+    ('' where they agree, or where either is not known)."""
+    if recorded is None or now is None or recorded == now:
+        return ""
+    return (f"contents digest {now}, {whose} {recorded}: an image file replaced by another of the same size, or "
+            "images decoded otherwise (another Pillow), and the store extracted again")
 
 
 def settings_of(data: Dict[str, Any]) -> Dict[str, Any]:

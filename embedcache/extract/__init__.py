@@ -326,7 +326,7 @@ def _writer_lock(store: Store, shard: int, num_shards: int):
     if fd is None:
         work = "synthesis" if store.producer == "synthesize" else "extraction"
         raise StoreBusyError(f"another {work} is writing {store.path} now (shard {shard} of {num_shards}); wait for "
-                         "it to finish (rerunning then resumes or finds it complete), or give another --out")
+                             "it to finish (rerunning then resumes or finds it complete), or give another --out")
     return fd
 
 
@@ -345,7 +345,7 @@ def _refuse_other_shard_counts(store: Store, num_shards: int) -> None:
     for count in live_writers(store.path):
         if count != num_shards:
             raise StoreBusyError(f"another extraction is writing {store.path} with --num-shards {count} now; give "
-                             f"--num-shards {count} to join it, or wait for it to finish (rerunning then resumes)")
+                                 f"--num-shards {count} to join it, or wait for it to finish (rerunning then resumes)")
 
 
 def _say_decoded_by_pil(reader, dataset: ImageDataset, record: CallRecord, log: Callable[[str], None]) -> None:

@@ -63,8 +63,8 @@ def verify_store(path: str, repair: bool = False, overrides: Sequence[str] = (),
     with Store(path, "a" if repair else "r", rebuild_text=repair) as st:
         busy = st.writing_now()  # an extraction or repair live: its blocks are half-way, not damage to repair
         if busy and repair:
-            raise StoreBusyError(f"another process is writing or repairing {path} now; wait for it to finish, then run "
-                             "verify again")
+            raise StoreBusyError(f"another process is writing or repairing {path} now; wait for it to finish, then "
+                                 "run verify again")
         lost_text, restored = list(st.lost_text), list(st.lost_books)
         st.rebuild_lost()  # bookkeeping restored; prompts made again empty, the store unfinished: encoded below
         report = st.verify(progress=progress)
@@ -92,9 +92,9 @@ def verify_store(path: str, repair: bool = False, overrides: Sequence[str] = (),
               f"`embedcache {producer}` for its own)")
     if not repair:
         if busy:
-            raise StoreBusyError(f"{path}: {len(report.damaged_blocks)} block(s) and {len(report.files)} file(s) do not check "
-                             "out while another process writes or repairs the store; wait for it to finish, then run "
-                             "verify again")
+            raise StoreBusyError(f"{path}: {len(report.damaged_blocks)} block(s) and {len(report.files)} file(s) do not "
+                                 "check out while another process writes or repairs the store; wait for it to finish, "
+                                 "then run verify again")
         fixes = []
         if not report.ok or lost_text:
             fixes.append(f"{redoer} re-does exactly the blocks and files")

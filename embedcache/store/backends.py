@@ -421,10 +421,10 @@ class HDF5Backend:
             self.file = h5py.File(self.path, "r") if mode == "r" else h5py.File(self.path, "a", rdcc_nbytes=0)
         except (OSError, BlockingIOError) as exc:
             text = str(exc).lower()
-            if "unable to lock" in text:
-                if _lock_errno(text) in (errno.EAGAIN, errno.EACCES) or isinstance(exc, BlockingIOError):
-                    raise StoreBusyError(f"HDF5 store {path} is open in another process (HDF5 allows one writer and no "
-                                         "reader beside it); wait for that process to finish, or use a .zarr store") from None
+            if isinstance(exc, BlockingIOError) or _lock_errno(text) in (errno.EAGAIN, errno.EACCES):
+                raise StoreBusyError(f"HDF5 store {path} is open in another process (HDF5 allows one writer and no "
+                                     "reader beside it); wait for that process to finish, or use a .zarr store") from None
+            if "unable to lock" in text:  # not held by another: a filesystem that takes no locks (errno 37, 38)
                 raise StoreError(f"HDF5 store {path} cannot be locked on this filesystem ({first_line(exc)}; NFS and "
                                  "Lustre may take no locks); set HDF5_USE_FILE_LOCKING=FALSE with no other process "
                                  "writing it, or use a .zarr store") from None
@@ -622,8 +622,6 @@ class HDF5Backend:
 def a_store_of(backend: str) -> str:
     """'a Zarr store' / 'an HDF5 store', as messages name one."""
     return "an HDF5 store" if backend == "hdf5" else "a Zarr store"
-
-
 
 
 SUFFIXES = {".zarr": "zarr", ".h5": "hdf5", ".hdf5": "hdf5"}  # a store path's suffix -> its backend

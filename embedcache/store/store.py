@@ -391,8 +391,9 @@ class Store:
         if complete and not self.complete:
             done = int(self.blocks_done().sum())
             if self.writing_now():  # "rerun the command" told of one still running
-                raise StoreBusyError(f"store {self.path} is incomplete ({done} of {self.num_blocks} blocks written) and being "
-                                 f"written now by a live `embedcache {self.producer}` (or a repair); wait for it to finish")
+                raise StoreBusyError(f"store {self.path} is incomplete ({done} of {self.num_blocks} blocks written) and "
+                                     f"being written now by a live `embedcache {self.producer}` (or a repair); wait for "
+                                     "it to finish")
             raise StoreError(f"store {self.path} is incomplete ({done} of {self.num_blocks} blocks written); "
                              f"rerun the same `embedcache {self.producer}` command to finish it{self.held_repair_note()}")
         return self

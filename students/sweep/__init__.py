@@ -37,7 +37,7 @@ from ..data import StoreData, check_views_used
 from ..features import missing_features
 from ..finetune import MODES as FINETUNE_MODES
 from ..recipes import RECIPES, definition_change, text_source_of
-from ..rundir import RunDir
+from ..rundir import RunDir, images_differ
 from ..train import (NAMED_WHEN_SET, STORE_KEY, UNIDENTIFYING, by_store_key, check_batch_fits, run_name, schedule_spans_stages,
                      selection_rule, settings_identity)
 from .claim import Launch
@@ -576,12 +576,10 @@ def _require_one_store(sweep_dir: str, store: str) -> None:
     if first["store_key"] != key:
         raise ConfigError(f"sweep {sweep_dir} holds the runs of store {first['store']} (key {first['store_key']}), "
                           f"not of {store} (key {key}); use another --out for a sweep over {store}")
-    if None not in (first.get("store_contents"), contents) and first["store_contents"] != contents:
+    differ = images_differ(first.get("store_contents"), contents, "the sweep's store's")
+    if differ:
         raise ConfigError(f"sweep {sweep_dir} holds the runs of another store of key {key}: {store}'s images differ "
-                          f"(contents digest {contents}, the sweep's store's {first['store_contents']}: an image file "
-                          f"replaced by another of the same size, or images decoded otherwise, and the store extracted "
-                          f"again); use another --out "
-                          f"for a sweep over {store}")
+                          f"({differ}); use another --out for a sweep over {store}")
 
 
 def _named_as(sweep_dir: str, store: str, key: Optional[str] = None) -> str:
