@@ -29,6 +29,12 @@ from .recipes import recipe_of
 MODES = ("shots", "mixed")
 
 
+def mixed_on_transfer(option: str = "--finetune-mode ") -> str:
+    """The refusal of the mixed mode on a transfer store (``option``: how the caller names the setting)."""
+    return (f"{option}mixed mixes the run's own training images into each batch, and transfer stores hold none of "
+            f"them; use {option}shots (a transfer store's shots alone)")
+
+
 def _batch(data: StoreData, support: np.ndarray, train_rows: np.ndarray, mode: str, rng, batch_size: int) -> np.ndarray:
     if mode == "shots":
         return rng.choice(support, size=min(batch_size, len(support)), replace=False)
@@ -64,6 +70,8 @@ def few_shot_finetune(base, cfg: TrainConfig, data: StoreData, split: Dict, shot
     recipe = recipe_of(cfg)
     stage = recipe.stages[-1]
     seen_rows = np.asarray(split["train_idx"])
+    if mode == "mixed" and not len(seen_rows):
+        raise EvaluationError(mixed_on_transfer())
     text = torch.from_numpy(np.array(text_all[unseen] if mode == "shots" else text_all)).to(dev)
     rows = []
     for ep in range(episodes):

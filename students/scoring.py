@@ -19,7 +19,7 @@ import torch
 from embedcache import interrupt
 from embedcache.api import StoreReader, same_teacher, teacher_model
 from embedcache.device import resolve_device
-from embedcache.errors import StoreError, StoreMismatchError
+from embedcache.errors import EvaluationError, StoreError, StoreMismatchError
 from embedcache.evaluate.metrics import require_finite
 from embedcache.evaluate.protocols import DEFAULT_SHOTS, named_warnings, rows_read
 from embedcache.evaluate.results import conform, holdout_tag
@@ -268,13 +268,15 @@ def score_run(run: Union[str, RunDir], protocols: Sequence[str] = ("lodo",), sto
         # scored from the very features the run trained on: its heads are all that is needed
         model, cfg = (run.load_heads(dev), run.train_config) if features is not None and not finetune else run.load_student(dev)
         if finetune:  # before the protocols' work, not after it
-            from .finetune import require_trainable_batches
+            from .finetune import mixed_on_transfer, require_trainable_batches
 
             shots = (options or {}).get("few_shot", {}).get("shots", DEFAULT_SHOTS)
             require_trainable_batches(model, shots, len(reader.classes) - len(split["seen_classes"]), finetune_mode)
+            if transfer and finetune_mode == "mixed":
+                raise EvaluationError(mixed_on_transfer())
         if transfer:  # none of these images was trained on or used for selection
             split = {"text_source": split["text_source"], "predict": split["predict"],
-                     "seen_classes": split["seen_classes"], "holdout_domains": []}
+                     "seen_classes": split["seen_classes"], "holdout_domains": [], "train_idx": []}
         data = StoreData(reader, split["text_source"], SplitConfig(val_fraction=0.0), training=False)
         if transfer:
             data.ok = _unseen_only(run, reader, path)

@@ -486,6 +486,29 @@ def test_transfer_scores_a_run_that_held_classes_out_on_its_own_classes(syntheti
     assert set(every.domain) == {"all"}
 
 
+def test_few_shot_fine_tuning_on_a_transfer_store(synthetic_store, make_cfg, tiny_teacher, tmp_path):
+    """--transfer with few_shot fine-tuning (evaluate's default 50 steps) crashed with KeyError('train_idx')
+    (a review): the shots mode fine-tunes on the transfer store's shots; the mixed mode, which mixes the
+    run's own training images into each batch, is refused in one line."""
+    from embedcache.errors import EvaluationError
+    from embedcache.extract import extract
+    from embedcache.students.scoring import score_run
+
+    train(_cfg(synthetic_store, tmp_path / "r", split=SplitConfig(train_classes=("circle", "square"))), log=quiet)
+    other = make_cfg("other.zarr", "dataset.per_class=3", "dataset.seed=1")
+    extract(other, teacher=tiny_teacher, log=quiet)
+    options = {"few_shot": {"shots": 2, "episodes": 1}}
+    rows = score_run(tmp_path / "r", ["few_shot"], other.out, transfer=True, finetune_steps=1, options=options)
+    tuned = rows[(rows.split == "finetune@1@2shot") & (rows.metric == "top1") & (rows.episode == 0)]
+    proto = rows[(rows.split == "prototype@2shot") & (rows.metric == "top1") & (rows.episode == 0)]
+    assert len(tuned) == 1 and tuned.n.iloc[0] == proto.n.iloc[0] > 0  # the same query images
+    assert set(rows.holdout) == {"transfer; unseen: triangle"}
+    with pytest.raises(EvaluationError, match="--finetune-mode mixed mixes the run's own training images .* transfer "
+                                              "stores hold none of them; use --finetune-mode shots"):
+        score_run(tmp_path / "r", ["few_shot"], other.out, transfer=True, finetune_steps=1, options=options,
+                  finetune_mode="mixed")
+
+
 def test_runs_trained_on_two_stores_are_two_methods_on_a_transfer_store(synthetic_store, make_cfg, tiny_teacher,
                                                                        tmp_path):
     """Runs of one recipe and settings trained on two stores (a plain and a contrastive synthesis),

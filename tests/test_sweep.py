@@ -439,6 +439,10 @@ def test_a_few_shot_sweep_fine_tunes_in_the_mode_it_names(synthetic_store, tmp_p
     with pytest.raises(ConfigError, match=r"finetune_mode='mixed' sets how runs are fine-tuned, and finetune_steps=0 "
                                           r"fine-tunes none"):
         load_sweep(str(_sweep_file(tmp_path, synthetic_store, protocol="few_shot", finetune_mode="mixed")))
+    with pytest.raises(ConfigError, match="finetune_mode=mixed mixes the run's own training images into each batch, and "
+                                          "transfer stores hold none of them; use finetune_mode=shots"):
+        load_sweep(str(_sweep_file(tmp_path, synthetic_store, protocol="few_shot", finetune_steps=1,
+                                   finetune_mode="mixed", transfer=[str(synthetic_store)])))
     # few-shot settings on another protocol's sweep were ignored
     for setting in ({"finetune_steps": 5}, {"shots": 1}, {"finetune_mode": "mixed"}):
         with pytest.raises(ConfigError, match=rf"{next(iter(setting))}=.* sets few-shot scoring, which a lodo sweep "

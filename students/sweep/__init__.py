@@ -35,7 +35,7 @@ from embedcache.fileio import atomic_write, atomic_write_text, one_line_when_ful
 from ..config import TrainConfig, check_trainable, unread_training
 from ..data import StoreData, check_views_used
 from ..features import missing_features
-from ..finetune import MODES as FINETUNE_MODES
+from ..finetune import MODES as FINETUNE_MODES, mixed_on_transfer
 from ..recipes import RECIPES, definition_change, text_source_of
 from ..rundir import RunDir, images_differ
 from ..train import (NAMED_WHEN_SET, STORE_KEY, UNIDENTIFYING, by_store_key, check_batch_fits, run_name, schedule_spans_stages,
@@ -100,6 +100,8 @@ class SweepSpec:
         if self.finetune_steps == 0 and self.finetune_mode != SweepSpec.finetune_mode:
             raise ConfigError(f"finetune_mode={self.finetune_mode!r} sets how runs are fine-tuned, and finetune_steps=0 "
                               "fine-tunes none: set finetune_steps, or leave finetune_mode out")
+        if self.transfer and self.finetune_steps and self.finetune_mode == "mixed":
+            raise ConfigError(mixed_on_transfer("finetune_mode="))
         if self.protocol != "lodo" and self.holdout_domains is not None:
             raise ConfigError(f"holdout_domains sets the runs of a lodo sweep; protocol {self.protocol} holds classes "
                               "out, not domains: leave it out, or hold domains out of every run with "
