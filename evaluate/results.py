@@ -24,6 +24,7 @@ from embedcache.fileio import atomic_write
 KEY = ["run", "source", "store_key", "holdout", "protocol", "split", "domain", "class_name", "episode", "metric",
        "trained_on"]  # two runs of one folder name (plain/r0, contrastive/r0) trained on two stores: two runs
 TRANSFER, TRAINED_WITHOUT = "transfer", "trained without: "  # a --transfer row's holdout (``holdout_tag``)
+UNSEEN = "unseen: "  # the class part of a holdout
 # domain values that name no one domain: every domain at once, and a run's training domains together
 # (open_vocab's generalised rows of a run that held domains out); out of a table's avg and domain count
 NOT_ONE_DOMAIN = ("all", "training_domains")
@@ -53,19 +54,36 @@ def holdout_tag(domains: Sequence[str] = (), classes: Sequence[str] = (), seen: 
         else ([",".join(domains)] if len(domains) else [])
     unseen = [c for i, c in enumerate(classes) if i not in set(int(k) for k in seen)]
     if unseen:
-        parts.append("unseen: " + ",".join(unseen))
+        parts.append(UNSEEN + ",".join(unseen))
     return "; ".join(parts) or "-"
 
 
-def held_domains(holdout: pd.Series) -> pd.Series:
-    """The domains each row's run held out of its training store ('' for none: the teacher, a class
-    split, a transfer row of a run trained on every domain, or one scored before transfer rows named
-    them)."""
+def holdout_parts(holdout: pd.Series) -> pd.DataFrame:
+    """``holdout_tag`` read back, the one place a holdout is parsed: per row ``transfer`` (a --transfer
+    row), ``domains`` (the domains the run held out of its training store, joined by ","; '' for none:
+    the teacher, a class split, a transfer row of a run trained on every domain or scored before transfer
+    rows named them), ``named`` (a transfer row names them) and ``unseen`` (the classes, "-" for none)."""
+    def parse(tag: str) -> tuple:
+        parts = [] if tag == "-" else [p.strip() for p in tag.split(";")]
+        transfer = bool(parts) and parts[0] == TRANSFER
+        domains, named, unseen = "", False, "-"
+        for part in parts[1:] if transfer else parts:
+            if part.startswith(UNSEEN):
+                unseen = part[len(UNSEEN):]
+            elif transfer and part.startswith(TRAINED_WITHOUT):
+                domains, named = part[len(TRAINED_WITHOUT):], True
+            elif not transfer:
+                domains = part
+        return transfer, domains, named, unseen
+
     text = holdout.astype(str)
-    first = text.str.split(";").str[0].str.strip()
-    own = first.where(~first.isin(["-", TRANSFER]) & ~first.str.startswith("unseen"), "")
-    without = text.str.extract(TRAINED_WITHOUT + r"([^;]*)", expand=False).fillna("").str.strip()
-    return own.where(first != TRANSFER, without)
+    read = {tag: parse(tag) for tag in text.unique()}
+    return pd.DataFrame([read[t] for t in text], columns=["transfer", "domains", "named", "unseen"], index=holdout.index)
+
+
+def held_domains(holdout: pd.Series) -> pd.Series:
+    """The domains each row's run held out of its training store ('' for none: ``holdout_parts``)."""
+    return holdout_parts(holdout)["domains"]
 
 
 def conform(df: pd.DataFrame) -> pd.DataFrame:

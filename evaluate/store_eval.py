@@ -19,7 +19,7 @@ from embedcache.errors import EvaluationError
 
 from .index import search_path
 from .protocols import CLASS_SPLIT, PROTOCOLS, EvalData, named_warnings, seeded_class_split
-from .results import NOT_ONE_DOMAIN, TRAINED_WITHOUT, TRANSFER, conform, held_domains, holdout_tag
+from .results import NOT_ONE_DOMAIN, TRAINED_WITHOUT, TRANSFER, conform, held_domains, holdout_parts, holdout_tag
 
 
 def _rows_of(split: Dict, name: str) -> Optional[np.ndarray]:
@@ -98,19 +98,18 @@ def method_frame(results: pd.DataFrame) -> pd.DataFrame:
     own = (results["trained_on"] == "-") & ~transferred(results)
     results["trained_on"] = results["trained_on"].where(~own, results["store_key"])  # older rows: their own store's
     results["holdout"] = _with_held_domains(results)
-    return results.assign(unseen=results["holdout"].astype(str).str.extract(r"unseen: (.*)$", expand=False).fillna("-"))
+    return results.assign(unseen=holdout_parts(results["holdout"])["unseen"])
 
 
 def _with_held_domains(results: pd.DataFrame) -> pd.Series:
     """Each row's holdout, a bare "transfer" (scored before transfer rows named their run's held-out
     domains) given the domains its run held out, read from the run's own-store rows: beside rescored
     rows, a replicate of bare ones would read short of its runs."""
-    holdout = results["holdout"].astype(str)
-    bare = holdout.str.match(TRANSFER + r"($|;)") & ~holdout.str.contains(TRAINED_WITHOUT, regex=False)
+    holdout, parts = results["holdout"].astype(str), holdout_parts(results["holdout"])
+    bare = parts["transfer"] & ~parts["named"]
     if not bare.any():
         return holdout
-    own = ~holdout.str.startswith(TRANSFER)
-    own = results[own].assign(held=held_domains(holdout[own]))
+    own = results[~parts["transfer"]].assign(held=parts["domains"][~parts["transfer"]])
     held = own[own["held"] != ""].groupby(["run", "trained_on"])["held"].agg(lambda x: x.iloc[0] if x.nunique() == 1 else "")
     found = pd.Series([held.get((r, t), "") for r, t in zip(results["run"], results["trained_on"])], index=results.index)
     named = TRANSFER + "; " + TRAINED_WITHOUT + found + holdout.str[len(TRANSFER):]
@@ -136,7 +135,7 @@ def transferred(results: pd.DataFrame) -> pd.Series:
     """The rows of runs scored on another store than the one they trained on (--transfer, their holdout says so,
     rows scored before ``trained_on`` was kept too): a table of them alone showed them as the runs' own scores,
     beside the teacher's zero_shot rows on the same store."""
-    return results["holdout"].astype(str).str.startswith(TRANSFER)
+    return holdout_parts(results["holdout"])["transfer"]
 
 
 def _cell(mean: float, std: float, count: int) -> str:

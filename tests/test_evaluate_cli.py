@@ -823,6 +823,30 @@ def test_transfer_rows_of_a_replicate_short_of_a_held_out_run_are_incomplete():
     assert summary_table(_top1_rows(every)).loc[key[:4] + ("-", "zero_shot"), "replicates"] == "2"  # scored before trained_on
 
 
+def test_a_holdout_is_read_back_as_written_whatever_its_domains_are_named():
+    """The holdout column was parsed by hand in four places: a domain named "unseen_sketch" was read as
+    no held-out domain, and one named "transfer_set" as a --transfer row (a review)."""
+    import pandas as pd
+
+    from embedcache.evaluate.results import conform, held_domains, holdout_tag
+    from embedcache.evaluate.store_eval import method_frame, transferred
+
+    cases = [  # (domains, classes, seen, transfer) -> (held, transfer, unseen)
+        ((["unseen_sketch"], (), (), False), ("unseen_sketch", False, "-")),
+        ((["transfer_set"], (), (), False), ("transfer_set", False, "-")),
+        ((["a", "b"], ("x", "y", "z"), (0,), False), ("a,b", False, "y,z")),
+        ((["unseen_sketch"], ("x", "y"), (1,), True), ("unseen_sketch", True, "x")),
+        (([], ("x", "y"), (0,), True), ("", True, "y")),
+        (([], (), (), False), ("", False, "-")),
+    ]
+    tags = pd.Series([holdout_tag(*given) for given, _ in cases])
+    rows = conform(pd.DataFrame({"holdout": tags, "value": 0.5, "metric": "top1", "split": "zero_shot",
+                                 "run": "r", "trained_on": "S", "store_key": "S"}))
+    assert list(held_domains(tags)) == [want[0] for _, want in cases]
+    assert list(transferred(rows)) == [want[1] for _, want in cases]
+    assert list(method_frame(rows)["unseen"]) == [want[2] for _, want in cases]
+
+
 def test_bare_transfer_rows_beside_tagged_ones_take_their_runs_held_out_domains():
     """After the upgrade a relaunch rescored only some runs: one run's transfer rows named its held-out
     domain, the others' said only "transfer", and every replicate of bare rows read incomplete (a
