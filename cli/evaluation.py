@@ -70,7 +70,7 @@ def evaluate(runs, store, protocols, sources, out, device, shots, finetune_steps
     require_writable(out)  # before the scoring: a file in the way, a folder that cannot be written
     if Path(out).exists():
         read_results(out)  # a file that is not a results table is refused now, not after the scoring
-    _refuse_unused(runs, store, protocols, sources, transfer, seen_classes, (unseen_fraction, split_seed) != (0.5, 0))
+    _refuse_unused(runs, store, protocols, sources, transfer, seen_classes, _given("unseen_fraction", "split_seed"))
     _refuse_unused_few_shot(runs, protocols)
     options = {"few_shot": {"shots": shots}}
     frames = []
@@ -184,7 +184,7 @@ def _each_run_warning_once():
                            f"({gist})", err=True)
 
 
-def _refuse_unused(runs, store, protocols, sources, transfer: bool, seen_classes, drawn: bool) -> None:
+def _refuse_unused(runs, store, protocols, sources, transfer: bool, seen_classes, drawn: list) -> None:
     """Options that would be ignored in this call are refused: the result would not be what was asked."""
     from embedcache.evaluate.protocols import CLASS_SPLIT
 
@@ -197,7 +197,7 @@ def _refuse_unused(runs, store, protocols, sources, transfer: bool, seen_classes
     if sources and runs:
         raise click.UsageError("--source sets the teacher's baselines' text sources; a run predicts with the text "
                                "source it trained with: drop --source, or score the teacher with --store alone")
-    split = seen_classes is not None or drawn
+    split = seen_classes is not None or bool(drawn)
     if split and runs:
         raise click.UsageError("--unseen-fraction, --split-seed and --seen-classes set the teacher's class split; runs "
                                "are scored on the classes they held out themselves")
@@ -209,14 +209,19 @@ def _refuse_unused(runs, store, protocols, sources, transfer: bool, seen_classes
                                "give one or the other")
 
 
-def _refuse_unused_few_shot(runs, protocols) -> None:
-    """--shots sets the few_shot protocol; --finetune-steps and --finetune-mode fine-tune runs under it
-    (the teacher has no student to fine-tune). Given where nothing reads them, they are refused."""
+def _given(*params: str) -> list:
+    """The options of ``params`` given on the command line (at their defaults too), as --names."""
     from click.core import ParameterSource
 
     ctx = click.get_current_context()
-    given = [f"--{p.replace('_', '-')}" for p in ("shots", "finetune_steps", "finetune_mode")
-             if ctx.get_parameter_source(p) is ParameterSource.COMMANDLINE]
+    return [f"--{p.replace('_', '-')}" for p in params if ctx.get_parameter_source(p) is ParameterSource.COMMANDLINE]
+
+
+def _refuse_unused_few_shot(runs, protocols) -> None:
+    """--shots sets the few_shot protocol; --finetune-steps and --finetune-mode fine-tune runs under it
+    (the teacher has no student to fine-tune). Given where nothing reads them, they are refused."""
+    ctx = click.get_current_context()
+    given = _given("shots", "finetune_steps", "finetune_mode")
     if "few_shot" not in protocols and given:
         raise click.UsageError(f"{given[0]} sets few-shot scoring; add --protocol few_shot, or drop it")
     tuning = [g for g in given if g != "--shots"]

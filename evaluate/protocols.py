@@ -344,6 +344,7 @@ def tip_adapter_keys(d: EvalData, support: np.ndarray) -> Tuple[np.ndarray, np.n
 
 
 DEFAULT_SHOTS = 5  # Li et al.'s: rows of other shot counts name theirs in their split ("prototype@1shot")
+EPISODES = 3  # seeded episodes per few-shot scoring, the protocol's and fine-tuning's alike (the same query images)
 
 
 def shots_tag(shots: int) -> str:
@@ -360,7 +361,7 @@ def episode_mean(df: pd.DataFrame) -> pd.DataFrame:
 
 
 @PROTOCOLS.register("few_shot")
-def few_shot(d: EvalData, shots: int = DEFAULT_SHOTS, episodes: int = 3, seen_classes: Optional[Sequence[int]] = None,
+def few_shot(d: EvalData, shots: int = DEFAULT_SHOTS, episodes: int = EPISODES, seen_classes: Optional[Sequence[int]] = None,
              unseen_fraction: float = 0.5, beta: float = 5.5, alpha: float = 1.0, seed: int = 0) -> pd.DataFrame:
     """k labelled images per unseen class (seeded episodes): a prototype classifier (FAISS over the
     class means of the shots, each a unit vector) and Tip-Adapter logits (keys: the teacher's views of

@@ -18,7 +18,7 @@ import torch
 
 from embedcache.errors import ConfigError, EvaluationError
 from embedcache.evaluate.metrics import mean_per_class, nearest_label, top1
-from embedcache.evaluate.protocols import DEFAULT_SHOTS, episode, episode_mean, shots_tag
+from embedcache.evaluate.protocols import DEFAULT_SHOTS, EPISODES, episode, episode_mean, shots_tag
 
 from .config import TrainConfig
 from .data import StoreData
@@ -52,9 +52,9 @@ def require_trainable_batches(model, shots: int, unseen: int, mode: str) -> None
                               "shots, --finetune-mode mixed, or --finetune-steps 0")
 
 
-def few_shot_finetune(base, cfg: TrainConfig, data: StoreData, split: Dict, shots: int = DEFAULT_SHOTS, episodes: int = 3,
-                      steps: int = 50, lr: float = 1e-4, batch_size: int = 32, seed: int = 0, device="cpu",
-                      unseen: Optional[np.ndarray] = None, mode: str = "shots") -> pd.DataFrame:
+def few_shot_finetune(base, cfg: TrainConfig, data: StoreData, split: Dict, shots: int = DEFAULT_SHOTS,
+                      episodes: int = EPISODES, steps: int = 50, lr: float = 1e-4, batch_size: int = 32, seed: int = 0,
+                      device="cpu", unseen: Optional[np.ndarray] = None, mode: str = "shots") -> pd.DataFrame:
     """Per episode: copy the student, train it for ``steps`` (see the modes above), then score the
     query images (view 0) by nearest unseen-class text. Returns rows (split "finetune@<steps>" or
     "finetune_mixed@<steps>", with "@<k>shot" after it for other than 5 shots; episode -1 = the mean)."""

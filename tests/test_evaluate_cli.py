@@ -150,8 +150,9 @@ def test_teacher_baselines_hold_out_the_classes_a_sweep_holds_out(synthetic_stor
     assert table.query("split == 'unseen_zero_shot' and metric == 'top1'").holdout.nunique() == len(
         {tuple(np.setdiff1d(np.arange(3), seeded_class_split(3, 0.34, k))) for k in (0, 1, 2)})
     assert set(table[table.protocol == "lodo"].holdout) == {"-"}
-    res = CliRunner().invoke(main, ["evaluate", str(tmp_path), "--split-seed", "1", "--out", str(out)])
-    assert res.exit_code == 2 and "runs are scored on the classes they held out themselves" in res.output
+    for given in (["--split-seed", "1"], ["--unseen-fraction", "0.5"]):  # at its default too, as --shots is
+        res = CliRunner().invoke(main, ["evaluate", str(tmp_path), *given, "--out", str(out)])
+        assert res.exit_code == 2 and "runs are scored on the classes they held out themselves" in res.output, given
 
 
 def test_teacher_baselines_hold_out_the_classes_a_run_names(synthetic_store, tmp_path):
@@ -995,3 +996,24 @@ def test_an_interrupted_evaluation_says_nothing_was_written(synthetic_store, tmp
     assert res.exit_code == 130 and not out.exists()
     assert res.output.strip() == (f"interrupted; nothing was written to {out} (it is written once everything is "
                                   "scored): rerun the same command to score again")
+
+
+def test_evaluate_options_default_to_the_protocols_own_settings():
+    """The few-shot and class-split options restate defaults that live with the protocols and the
+    fine-tuning (click needs them at import): a drift would score a run under other settings than a
+    sweep's, with no word. The episodes are one constant for the protocol and the fine-tuning."""
+    import inspect
+
+    from embedcache.evaluate.protocols import DEFAULT_SHOTS, EPISODES, few_shot, seeded_class_split
+    from embedcache.students.finetune import MODES, few_shot_finetune
+    from embedcache.students.sweep import SweepSpec
+
+    opts = {p.name: p for p in main.commands["evaluate"].params}
+    tune, proto = inspect.signature(few_shot_finetune).parameters, inspect.signature(few_shot).parameters
+    split = inspect.signature(seeded_class_split).parameters
+    assert opts["shots"].default == DEFAULT_SHOTS == tune["shots"].default == proto["shots"].default == SweepSpec.shots
+    assert tune["episodes"].default == proto["episodes"].default == EPISODES
+    assert opts["finetune_steps"].default == tune["steps"].default
+    assert tuple(opts["finetune_mode"].type.choices) == MODES and opts["finetune_mode"].default == tune["mode"].default
+    assert opts["unseen_fraction"].default == split["unseen_fraction"].default == SweepSpec.unseen_fraction
+    assert opts["split_seed"].default == split["seed"].default == SweepSpec.split_seed
