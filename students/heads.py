@@ -30,7 +30,8 @@ from .losses import BatchContext
 from .optim import optimizer_step
 from .recipes import RECIPES
 from .rundir import RunDir
-from .train import RunResult, Trainer, add_running, one_trainer, set_trainable, settled_time, stage_loss
+from .train import (NOT_IN_NAME, RunResult, Trainer, add_running, one_trainer, set_trainable, settled_time,
+                    stage_loss)
 
 FREE = ("seed", "optim.lr", "optim.weight_decay")  # what may differ between the heads of a pack
 
@@ -43,9 +44,12 @@ def can_pack(cfg: TrainConfig) -> bool:
 def pack_key(cfg: TrainConfig) -> str:
     """Runs with the same key can share a pack: everything but seed, lr and weight decay agrees."""
     d = to_dict(cfg)
-    d.pop("seed"), d["optim"].pop("lr"), d["optim"].pop("weight_decay")
-    for k in ("out", "progress", "keep_checkpoint"):
-        d.pop(k)
+    for dotted in FREE + NOT_IN_NAME:  # what may differ, and what changes no result
+        *parents, key = dotted.split(".")
+        inner = d
+        for p in parents:
+            inner = inner[p]
+        del inner[key]
     return json_digest(d)
 
 

@@ -70,6 +70,9 @@ class RunResult:
 
 
 NOT_IN_NAME = ("out", "progress", "keep_checkpoint")  # settings that cannot change the result
+# settings a run may be resumed (or found finished) with other values of: where it is written and
+# shown, and where it runs (the store is checked by its key)
+RESUMABLE_WITH = NOT_IN_NAME + ("device", "store")
 # settings added after runs were named: in a run's name only when not at their default, so a sweep
 # started before them still finds its finished runs
 NAMED_WHEN_SET = {"batch_per_domain": False, "loss_weights": {}, "loss_args": {}, "skip_plain_view": False,
@@ -88,7 +91,7 @@ def settings_digest(cfg: TrainConfig, recorded_definition: Any = None) -> str:
     (the run's, its validation split's) and what it held out (domains, classes: in the results' own
     columns), and how its recipe's definition differs from today's when it does (``recorded_definition``:
     the run's record; a naive_kd run from before the records ran another KD), as a short digest."""
-    d = settings_identity(cfg, NOT_IN_NAME + ("seed", "device", "store"), NAMED_WHEN_SET)
+    d = settings_identity(cfg, RESUMABLE_WITH + ("seed",), NAMED_WHEN_SET)
     d["split"] = {k: v for k, v in d["split"].items() if k not in ("holdout_domains", "train_classes", "seed")}
     changed = definition_change(cfg, recorded_definition)
     if changed:
@@ -127,9 +130,6 @@ def by_store_key(cfg: TrainConfig, key: str) -> TrainConfig:
     return replace(cfg, store=STORE_KEY + key, **{k: getattr(TrainConfig, k) for k in UNIDENTIFYING})
 
 
-# settings a run may be resumed (or found finished) with other values of: where it is written and
-# shown, and where it runs (the store is checked by its key)
-RESUMABLE_WITH = ("out", "progress", "keep_checkpoint", "device", "store")
 
 
 def require_same_settings(run_dir: RunDir, cfg: TrainConfig) -> None:
