@@ -90,7 +90,7 @@ def sweep(sweep_file, out, launcher, workers, address, device, overrides, no_pro
     """Run a grid of student runs over a store (resumable; finished runs are skipped), then report.
     SWEEP_FILE is a YAML file or a packaged sweep name; without one, the demo sweep over the demo store."""
     from embedcache.evaluate.protocols import shots_tag
-    from embedcache.evaluate.report import headline_metric, markdown, transfer_note
+    from embedcache.evaluate.report import collapse_notes, headline_metric, markdown, transfer_note
     from embedcache.evaluate.store_eval import summary_table
     from embedcache.students.sweep import load_sweep, partial_note, run_sweep
 
@@ -114,12 +114,14 @@ def sweep(sweep_file, out, launcher, workers, address, device, overrides, no_pro
         split = MAIN_SPLIT[spec.protocol] + (shots_tag(spec.shots) if spec.protocol == "few_shot" else "")
         if headline_metric(split) == "mean_per_class":
             click.echo(f"{split}: mean per-class accuracy (%), as Li et al. report it")
-        table = summary_table(res["results"], split, headline_metric(split))
+        table, shown = summary_table(res["results"], split, headline_metric(split)), [split]
         if not len(table):  # nothing held out of the runs' own store (scored on transfer stores): every split
-            table = summary_table(res["results"])
+            table, shown = summary_table(res["results"]), sorted(set(res["results"]["split"]))
         if transfer_note(res["results"]):
             click.echo(transfer_note(res["results"]))
         click.echo(markdown(table))
+        for line in [line for s in shown for line in collapse_notes(res["results"], s)]:  # said during the runs,
+            click.echo(f"warning: {line}")  # amid their progress bars (a trial)
         click.echo(f"results: {out}/results.parquet; report: {out}/report/report.md")
     if res["failed"]:
         sys.exit(1)

@@ -52,6 +52,12 @@ def _method(df: pd.DataFrame, keys: List[str]) -> pd.Series:
     return label
 
 
+def collapse_notes(results: pd.DataFrame, split: str) -> List[str]:
+    """``_collapse_lines`` of results as scored (the printed tables': a note the report alone gave)."""
+    results = method_frame(results)
+    return [line for line in _collapse_lines(results, split, method_keys(results)) if line]
+
+
 def _collapse_lines(results: pd.DataFrame, split: str, keys: List[str]) -> List[str]:
     """The cells of ``split`` where a model answered one class for nearly every image (evaluate's
     ``collapsed_share`` rows): said under the table, whose figure there is only that class's share."""

@@ -1186,3 +1186,24 @@ def test_a_batch_larger_than_a_runs_images_is_refused_before_any_run(synthetic_s
                                           r"more than the \d+ training images the split has.*use grid.batch_size <= \d+"):
         expand(spec, str(tmp_path / "s"))
     assert not (tmp_path / "s").exists()
+
+
+def test_the_sweep_says_its_collapsed_runs_under_its_table(synthetic_store, tmp_path, monkeypatch):
+    """The sweep's collapse warnings came amid the runs' progress bars, and its closing table showed the
+    collapsed cell as a plain figure (report.md alone named it; a trial): said under the table now."""
+    import embedcache.students.sweep as sweep_mod
+
+    base = {"recipe": "feat_kd", "student": "s", "source": "name", "split": "out_of_domain", "domain": "sketch",
+            "protocol": "lodo", "holdout": "sketch"}
+    rows = [{**base, "run": f"r{k}", "replicate": k, "metric": "top1", "value": 0.28} for k in range(2)]
+    rows += [{**base, "run": "r0", "replicate": 0, "metric": "collapsed_share", "value": 0.97, "class_name": "circle"}]
+    done = {"runs": 2, "done": 2, "skipped": 0, "failed": 0, "busy": 0, "results": pd.DataFrame(rows),
+            "run_dirs": [str(tmp_path / "sw" / "runs" / f"r{k}") for k in range(2)]}
+    monkeypatch.setattr(sweep_mod, "run_sweep", lambda *a, **k: done)
+    monkeypatch.setattr(sweep_mod, "partial_note", lambda *a, **k: "")
+    res = CliRunner().invoke(main, ["sweep", str(_sweep_file(tmp_path, synthetic_store)), "--out", str(tmp_path / "sw"),
+                                    "--no-progress"])
+    assert res.exit_code == 0, res.output
+    table, _, after = res.output.partition("| feat_kd")
+    assert ("warning: collapsed: feat_kd / s on sketch answers 'circle' for 97% of the images in 1 of its 2 runs "
+            "(its top-1 there is that class's share)") in after, res.output
