@@ -83,7 +83,7 @@ def _is_run_config(path: Optional[str]) -> bool:
 @click.option("--launcher", help="serial | local | ray (default: the sweep file's)")
 @click.option("--workers", type=click.IntRange(min=1), help="local launcher: worker processes")
 @click.option("--address", help="ray launcher: cluster address (default: a local Ray instance)")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", help="auto | cpu | cuda | cuda:N (default: the sweep file's base.device, else auto)")
 @overrides_option("grid.seed=[0,1]")
 @click.option("--no-progress", is_flag=True)
 def sweep(sweep_file, out, launcher, workers, address, device, overrides, no_progress) -> None:

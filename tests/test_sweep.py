@@ -353,9 +353,11 @@ def test_runs_train_and_score_on_the_sweeps_device(synthetic_store, tmp_path, mo
     run_sweep(spec, str(tmp_path / "sw"), "serial", device="cuda:1", progress=False, log=quiet)
     assert seen and set(seen) == {"cuda:1"}, seen  # checked, trained and scored there
     points = expand(spec, str(tmp_path / "sw"))
-    assert sweep_device("auto", points) == "cpu" and sweep_device("cuda", points) == "cuda"  # base.device, --device
+    assert sweep_device(None, points) == "cpu" and sweep_device("cuda", points) == "cuda"  # base.device, --device
+    assert sweep_device("auto", points) == "auto"  # given: over base.device (its help said default auto, and auto
+    # given was taken for not given, a trial)
     mixed = points + [type(points[0])(replace(points[0].cfg, device="cuda"), 0)]
-    assert sweep_device("auto", mixed) is None  # each run on its own
+    assert sweep_device(None, mixed) is None  # each run on its own
 
 
 def test_the_progress_bar_counts_running_runs_not_live_workers(capsys):

@@ -757,7 +757,7 @@ def _validation_rows(points: List[SweepPoint]) -> Dict[str, bool]:
     return out
 
 
-def run_sweep(spec: SweepSpec, sweep_dir: str, launcher: Optional[str] = None, device: str = "auto",
+def run_sweep(spec: SweepSpec, sweep_dir: str, launcher: Optional[str] = None, device: Optional[str] = None,
               progress: bool = True, log: Callable[[str], None] = print, **launcher_args) -> Dict[str, Any]:
     """Validate and expand the grid, run what is not finished, then write results.parquet and the report.
     Stops on request (Ctrl-C / SIGTERM) with ``SweepInterrupted``; on a full disk with ``DiskFullError``."""
@@ -812,11 +812,12 @@ def _set_aside_orphaned_results(sweep_dir: str, log: Callable[[str], None]) -> N
         f"its done marker removed); their rows are moved to {aside} and the runs still in the grid train again")
 
 
-def sweep_device(device: str, points: List[SweepPoint]) -> Optional[str]:
-    """The device a sweep's runs train and are scored on: ``--device`` when given (not auto), else the
-    one their configs name (``base.device``; auto when none does), which a local launcher spreads over a
-    machine's GPUs; None where their configs name several (per recipe or in the grid): each its own."""
-    if device != "auto":
+def sweep_device(device: Optional[str], points: List[SweepPoint]) -> Optional[str]:
+    """The device a sweep's runs train and are scored on: ``--device`` when given (auto too: it overrides a
+    ``base.device``), else the one their configs name (``base.device``; auto when none does), which a local
+    launcher spreads over a machine's GPUs; None where their configs name several (per recipe or in the
+    grid): each its own."""
+    if device is not None:
         return device
     named = {p.cfg.device for p in points}
     return named.pop() if len(named) == 1 else None
