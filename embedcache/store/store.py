@@ -757,11 +757,28 @@ class Store:
                                                        self.b.compressed(name)), check)
         except StoreDamagedError:
             raise
-        except Exception as exc:  # a chunk that no longer decodes (an error inside the check is a bug: raised)
+        except Exception:  # a chunk that no longer decodes (an error inside the check is a bug: raised)
             if check.busy:
                 raise
-            raise self._damaged(name, f"it cannot be decoded ({type(exc).__name__})") from None
+            raise self._damaged(name, self._undecodable(name, parts)) from None
         return out
+
+    def _undecodable(self, name: str, parts: list, part: Optional[int] = None) -> str:
+        """What of ``name`` no longer decodes: the rows and block of a block array (``part``, else found
+        by reading each block, once the whole read has failed), or the array."""
+        if self._is_block_array(name) and part is None:
+            part = next((k for k, (start, stop) in enumerate(parts) if not self._decodes(name, start, stop)), None)
+        if not self._is_block_array(name) or part is None:
+            return "it cannot be decoded"
+        start, stop = parts[part]
+        return f"rows {start}-{stop - 1} (block {part}) cannot be decoded"
+
+    def _decodes(self, name: str, start: int, stop: int) -> bool:
+        try:
+            self.b.read(name, start, stop)
+            return True
+        except Exception:
+            return False
 
     def read_blocks(self, name: str) -> Iterator[Tuple[int, np.ndarray]]:
         """(first row, rows) of an array one row block at a time, each block checked against its
@@ -774,8 +791,8 @@ class Store:
             out = np.empty((stop - start, *shape[1:]), dtype)
             try:
                 self.b.read_into(name, start, out)
-            except Exception as exc:  # a chunk that no longer decodes
-                raise self._damaged(name, f"it cannot be decoded ({type(exc).__name__})") from None
+            except Exception:  # a chunk that no longer decodes
+                raise self._damaged(name, self._undecodable(name, parts, part)) from None
             if sums[part] is not None:
                 crc = checksum(out, self._seed(name, part))
                 if crc != sums[part]:
