@@ -336,3 +336,10 @@ def test_serve_on_a_port_in_use_is_one_line_before_the_teacher_loads(tmp_path, t
     assert res.exit_code == 2, res.output
     assert f"port {port} on 127.0.0.1 is in use (another `embedcache serve`?); give another --port" in res.output
     assert "serving" not in res.output and "Traceback" not in res.output
+    # a host this machine has no address of, with any free port (port 0 went unchecked: uvicorn's error, exit 3,
+    # a trial); TEST-NET-1, so no name is looked up
+    conf.write_text(json.dumps({"teacher": to_dict(tiny_teacher_cfg), "port": 0, "host": "192.0.2.1",
+                                "keys_env": None, "ledger": str(tmp_path / "ledger.sqlite"), "model_name": "tiny"}))
+    res = CliRunner().invoke(main, ["serve", "--config", str(conf)])
+    assert res.exit_code == 2 and "cannot listen on 192.0.2.1:0 (" in res.output, res.output
+    assert "give another --host or --port" in res.output and "serving" not in res.output

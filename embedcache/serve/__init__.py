@@ -69,9 +69,8 @@ def serve(cfg: ServeConfig, log: Callable[[str], None] = print, teacher=None) ->
 
 def _require_free_port(host: str, port: int) -> None:
     """A one-line error when another process listens on ``port`` (uvicorn's bind error came after the
-    teacher had loaded and "serving" was said, as exit 3). Port 0 takes any free one."""
-    if not port:
-        return
+    teacher had loaded and "serving" was said, as exit 3), or the host is none of this machine's. Port 0
+    takes any free one."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
