@@ -326,4 +326,4 @@ def _require_results(results: str, out_dir) -> None:
                                "--out results.parquet` scores its teacher")
     if p.is_dir() and not any((p / x).exists() for x in ("results", "runs", "runs.json")):
         raise click.UsageError(f"{results} is not a sweep folder (no results/ in it): {TAKES}")
-    require_writable(out_dir or (str(p / "report") if p.is_dir() else "report"))  # where report writes
+    require_writable(out_dir if out_dir is not None else str(p / "report") if p.is_dir() else "report")

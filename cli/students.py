@@ -38,7 +38,7 @@ def train(store, recipe, student, config_path, out, device, overrides, no_progre
     values = {"store": store, "recipe": recipe, "student.name": student, "out": out, "device": device,
               "progress": False if no_progress else None}
     cfg = load_config(TrainConfig, config_path, overrides, "train", values, adapt=settings_of)
-    require_writable(cfg.out or "runs")
+    require_writable(cfg.out if cfg.out is not None else "runs")
     if out is None and _is_run_config(config_path):  # its folder is dropped: said, not left to be found
         click.echo(_where_a_run_config_trains(config_path, cfg))
     with interrupt.graceful():

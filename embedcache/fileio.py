@@ -164,6 +164,8 @@ def require_writable(path: PathLike, option: str = "--out") -> None:
     """Before long work that writes ``path`` (a store, its folder made if missing): refused in one line
     when it, or the nearest folder above it that exists, cannot be written (read-only storage, another
     user's folder), not once the teacher has loaded and the store's creation fails on it."""
+    if not str(path).strip():  # read as no path by some commands and as the working folder by others
+        raise ConfigError(f"{option} is empty; give a path, or leave {option} out for its default")
     require_outside_store(path, option)
     p = Path(os.path.abspath(path))
     if (p / "zarr.json").is_file():  # a run's, sweep's or report's files would land among the store's

@@ -27,7 +27,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import torch
 
 from embedcache.config import build_config, to_dict
-from embedcache.errors import StoreError, TrainingError
+from embedcache.errors import ConfigError, StoreError, TrainingError
 from embedcache.fileio import atomic_write, atomic_write_json, atomic_write_text, file_crc32c, temp_files_of
 
 from .config import TrainConfig
@@ -335,6 +335,25 @@ class RunDir:
             return None
         lines = [ln.strip() for ln in f.read_text(errors="replace").splitlines() if ln.strip()]
         return lines[-1] if lines else "no message"
+
+
+def folder_kind(path) -> str:
+    """"sweep" for a sweep's folder (its sweep.yaml and store.json, or its runs/ and results/), "run" for a
+    run's (``MARKS``), else ""."""
+    p = Path(path)
+    if ((p / "sweep.yaml").is_file() and (p / "store.json").is_file()) or ((p / "runs").is_dir() and
+                                                                           (p / "results").is_dir()):
+        return "sweep"
+    return "run" if any((p / mark).exists() for mark in MARKS) else ""
+
+
+def require_folder_for(path, kind: str, option: str = "--out") -> None:
+    """``path`` is not a folder of the other kind: a run trained into a sweep's folder (or a sweep into a run's)
+    wrote its files among the other's, and `evaluate` of the folder then scored one of them alone (a trial)."""
+    found = folder_kind(path)
+    if found and found != kind:
+        raise ConfigError(f"{option} {path} is a {found}'s folder; a {kind} there would write its files among the "
+                          f"{found}'s: give the {kind} a folder of its own")
 
 
 def images_differ(recorded: Optional[str], now: Optional[str], whose: str) -> str:

@@ -46,7 +46,7 @@ from .models import Heads, Student, build_seeded, load_weights, without_backbone
 from .optim import build_optimizer, build_scheduler, load_optimizer_state, optimizer_step
 from .providers import INPUTS, TARGETS
 from .recipes import Recipe, Stage, definition, definition_change, recipe_of
-from .rundir import RunDir
+from .rundir import RunDir, require_folder_for
 
 __all__ = ["train", "TrainConfig", "OptimConfig", "SwadConfig", "SplitConfig", "StudentConfig", "RunResult",
            "run_name", "RunInterrupted"]
@@ -783,6 +783,7 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int], None]] = None, log
     if not cfg.out:
         cfg = replace(cfg, out=default_out(cfg))
     run_dir = RunDir(cfg.out)
+    require_folder_for(run_dir.path, "run")
     require_same_settings(run_dir, cfg)
     if run_dir.done:
         s = run_dir.summary
@@ -803,6 +804,9 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int], None]] = None, log
             raise
 
 
+BEFORE_TRAINING = ("config.json", "split.json")  # what a run writes before its first step
+
+
 @contextmanager
 def one_trainer(run_dir: RunDir):
     """The run folder held by this process while it trains: a second `train` of it (a script run twice)
@@ -817,7 +821,11 @@ def one_trainer(run_dir: RunDir):
     try:
         yield
     finally:
-        if run_dir.done or made and [p.name for p in run_dir.path.iterdir()] == [lock.name]:
+        unstarted = made and {p.name for p in run_dir.path.iterdir()} <= {lock.name, *BEFORE_TRAINING}
+        if unstarted:  # a folder made for a run that stopped before training (a damaged store): nothing to resume
+            for name in BEFORE_TRAINING:
+                run_dir.file(name).unlink(missing_ok=True)
+        if run_dir.done or unstarted:
             lock.unlink(missing_ok=True)  # a finished run keeps its results only; a folder made for nothing goes
         os.close(fd)
         if made and not any(run_dir.path.iterdir()):

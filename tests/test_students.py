@@ -1201,3 +1201,23 @@ def test_a_weights_file_without_a_suffix_beside_the_command_is_a_file(tmp_path, 
     # a file that is no checkpoint: one line, not torch's UnpicklingError traceback
     with pytest.raises(ConfigError, match=r"student weights weights cannot be read as a state dict \(UnpicklingError"):
         build_student(StudentConfig(name="timm:resnet10t", pretrained="weights"), 16)
+
+
+def test_a_run_refused_before_its_first_step_leaves_no_folder(synthetic_store, tmp_path):
+    """A train refused on a damaged store left a folder of config.json, split.json and .train.lock (a trial):
+    a folder this call made for a run that never trained is removed; one that existed before is kept."""
+    from embedcache.errors import StoreDamagedError
+
+    from conftest import alter_emb
+
+    store = tmp_path / "damaged.zarr"
+    shutil.copytree(synthetic_store, store)
+    alter_emb(str(store), row=1, view=0, col=3)
+    with pytest.raises(StoreDamagedError, match="image/emb"):
+        train(_cfg(store, tmp_path, name="new", steps=2), log=quiet)
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("kept")
+    with pytest.raises(StoreDamagedError):
+        train(_cfg(store, tmp_path, name="mine", steps=2), log=quiet)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "kept"

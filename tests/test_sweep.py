@@ -1209,3 +1209,26 @@ def test_the_sweep_says_its_collapsed_runs_under_its_table(synthetic_store, tmp_
     table, _, after = res.output.partition("| feat_kd")
     assert ("warning: collapsed: feat_kd / s on sketch answers 'circle' for 97% of the images in 1 of its 2 runs "
             "(its top-1 there is that class's share)") in after, res.output
+
+
+def test_a_sweep_and_a_run_never_share_a_folder(synthetic_store, tmp_path):
+    """`sweep --out RUN` and `train --out SWEEP` were accepted: each wrote its files among the other's, and
+    `evaluate` of the folder then scored the one run alone, exit 0 (a trial). An empty --out is refused
+    (train read it as none, report as report/)."""
+    f = _sweep_file(tmp_path, synthetic_store, grid={"recipe": ["ce"], "seed": [0]}, holdout_domains=["solid"])
+    swept = CliRunner().invoke(main, ["sweep", str(f), "--out", str(tmp_path / "sw"), "--no-progress"])
+    assert swept.exit_code == 0, swept.output
+    args = ["--student", "test_resnet", "--set", "steps=2", "--set", "batch_size=8", "--set", "student.input_size=32",
+            "--set", "eval_every=1", "--device", "cpu", "--no-progress"]
+    res = CliRunner().invoke(main, ["train", "--store", str(synthetic_store), "--out", str(tmp_path / "sw"), *args])
+    assert res.exit_code == 2 and f"--out {tmp_path / 'sw'} is a sweep's folder; a run there would write its files " \
+                                  "among the sweep's: give the run a folder of its own" in res.output, res.output
+    assert not (tmp_path / "sw" / "config.json").exists()
+    res = CliRunner().invoke(main, ["train", "--store", str(synthetic_store), "--out", str(tmp_path / "r"), *args])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["sweep", str(f), "--out", str(tmp_path / "r"), "--no-progress"])
+    assert res.exit_code == 2 and "is a run's folder; a sweep there would write its files among the run's" in res.output
+    assert not (tmp_path / "r" / "runs").exists() and not (tmp_path / "r" / "sweep.yaml").exists()
+    for cmd in (["train", "--store", str(synthetic_store), *args], ["report", str(tmp_path / "sw")]):
+        res = CliRunner().invoke(main, [*cmd, "--out", ""])
+        assert res.exit_code == 2 and "--out is empty; give a path, or leave --out out for its default" in res.output, cmd

@@ -37,7 +37,7 @@ from ..data import StoreData, check_views_used
 from ..features import missing_features
 from ..finetune import MODES as FINETUNE_MODES, mixed_on_transfer
 from ..recipes import RECIPES, definition_change, text_source_of
-from ..rundir import RunDir, images_differ
+from ..rundir import RunDir, images_differ, require_folder_for
 from ..train import (NAMED_WHEN_SET, STORE_KEY, UNIDENTIFYING, by_store_key, check_batch_fits, run_name, schedule_spans_stages,
                      selection_rule, settings_identity)
 from .claim import Launch
@@ -772,6 +772,7 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, launcher: Optional[str] = None, d
     if unread:
         log(f"note: {', '.join(unread)} (in the sweep file or --set) does not apply to the {name} launcher, which runs "
             "without it")
+    require_folder_for(sweep_dir, "sweep")
     _require_same_spec(sweep_dir, spec)  # before expanding: a clearer line than what the changed grid fails on
     points = expand(spec, sweep_dir)
     device = sweep_device(device, points)
