@@ -76,6 +76,11 @@ def test_cli_errors_are_one_line(tmp_path):
     (tmp_path / "dir.h5").mkdir()  # "no hdf5 store at", where extract --out said it exists (a trial)
     res = CliRunner().invoke(main, ["inspect", str(tmp_path / "dir.h5")])
     assert res.exit_code == 2 and f"{tmp_path / 'dir.h5'} is a folder, not a store" in res.output, res.output
+    run = tmp_path / "run"  # a run's folder for its store: "no zarr store at run" (a trial)
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"store_key": "abc", "store_path": "/data/pacs.zarr"}))
+    res = CliRunner().invoke(main, ["inspect", str(run)])
+    assert res.exit_code == 2 and f"{run} is a run's folder, not a store; its store is /data/pacs.zarr" in res.output
     res = CliRunner().invoke(main, [])
     assert res.exit_code == 0 and res.output.startswith("Usage: ") and "extract" in res.output
     res = CliRunner().invoke(main, ["features", "--store", str(tmp_path / "x.zarr"), "--student", "test_resnet",

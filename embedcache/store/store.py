@@ -99,6 +99,18 @@ def _plus(total: Any, v: Any, key: str) -> Any:
     return total if v is None else v
 
 
+def _run_folder_store(path: str) -> str:
+    """The store a run's folder at ``path`` trained on ('' when ``path`` holds no run's config.json)."""
+    try:
+        with open(Path(path) / "config.json") as fh:
+            config = json.load(fh)
+    except (OSError, ValueError):
+        return ""
+    if not isinstance(config, dict) or "store_key" not in config:
+        return ""
+    return str(config.get("store_path") or config.get("store") or f"the store of key {config['store_key']}")
+
+
 def _store_above(path: str) -> Optional[Path]:
     """The Zarr store a path lies inside (a folder above it whose zarr.json holds a manifest), or None."""
     for p in Path(path).resolve().parents:
@@ -202,6 +214,9 @@ class Store:
             if Path(self.path).is_dir() and self.backend_name == "hdf5":  # said "no store", yet something is there
                 raise StoreError(f"{self.path} is a folder, not a store (an HDF5 store is a .h5 file, a Zarr one a "
                                  "folder holding zarr.json); give a store's path")
+            made_by = _run_folder_store(self.path)
+            if made_by:  # a run's folder given for its store
+                raise StoreError(f"{self.path} is a run's folder, not a store; its store is {made_by}")
             where = "" if Path(self.path).is_absolute() else f" (a relative path, taken from {Path.cwd()})"
             raise StoreError(f"no {self.backend_name} store at {self.path}{where}; give its path, or run "
                              f"`{packaged_maker(self.path) or 'embedcache extract'}` to make one")
