@@ -160,10 +160,11 @@ def require_outside_store(path: PathLike, option: str = "--out") -> None:
         raise ConfigError(f"{option} {path} is inside the Zarr store {store}; write it outside the store")
 
 
-def require_writable(path: PathLike, option: str = "--out") -> None:
+def require_writable(path: PathLike, option: str = "--out", probe: bool = True) -> None:
     """Before long work that writes ``path`` (a store, its folder made if missing): refused in one line
     when it, or the nearest folder above it that exists, cannot be written (read-only storage, another
-    user's folder), not once the teacher has loaded and the store's creation fails on it."""
+    user's folder), not once the teacher has loaded and the store's creation fails on it. ``probe``:
+    False for a dry run, which writes nothing: permissions only, no file made and removed."""
     if not str(path).strip():  # read as no path by some commands and as the working folder by others
         raise ConfigError(f"{option} is empty; give a path, or leave {option} out for its default")
     require_outside_store(path, option)
@@ -176,7 +177,7 @@ def require_writable(path: PathLike, option: str = "--out") -> None:
     if at != p and not at.is_dir():
         raise ConfigError(f"{option} {path}: {at} is a file, where the path needs a folder; give another {option}")
     problem = "" if os.access(at, os.W_OK) else "read-only storage, or its permissions"
-    if not problem and at.is_dir():  # what access() lets pass may still refuse a file (root on /proc, a quota)
+    if probe and not problem and at.is_dir():  # what access() lets pass may still refuse a file (root on /proc, a quota)
         probe = at / f".embedcache-probe-{uuid.uuid4().hex}"
         try:
             probe.touch(exist_ok=False)

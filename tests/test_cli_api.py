@@ -164,6 +164,21 @@ def test_an_out_path_inside_a_store_is_refused(cli_store, tmp_path):
             (args, res.output)
 
 
+def test_a_dry_run_checks_where_the_store_would_go_without_writing(tmp_path):
+    """extract --dry-run said "N views to encode", exit 0, for an --out under a file, which the real run then
+    refused (a trial): checked by permissions, with no probe file made."""
+    (tmp_path / "afile").write_text("x")
+    res = CliRunner().invoke(main, ["extract", "--config", "demo", "--out", str(tmp_path / "afile" / "s.zarr"),
+                                    "--dry-run"])
+    assert res.exit_code == 2 and f"{tmp_path / 'afile'} is a file, where the path needs a folder" in res.output, \
+        res.output
+    before = sorted(p.name for p in tmp_path.iterdir())
+    res = CliRunner().invoke(main, ["extract", "--config", "demo", "--set", "dataset.per_class=1", "--out",
+                                    str(tmp_path / "new" / "s.zarr"), "--dry-run"])
+    assert res.exit_code == 0 and "views to encode" in res.output, res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, not even a probe
+
+
 def test_an_out_path_that_is_a_store_is_refused(cli_store, tmp_path):
     """train, sweep and report with --out naming a store wrote their runs, tables and report.md among its
     arrays, exit 0, and verify still said the store was intact (a trial); a path inside one was refused."""

@@ -104,11 +104,11 @@ def _resumed_by(was: str, now: str) -> str:
 
 
 def require_out(out: str, backend: str, writing: bool = True) -> None:
-    """A store's path, before any teacher loads: not inside another store, and, for a new store that
-    will be written, somewhere it can be written."""
+    """A store's path, before any teacher loads: not inside another store, and, for a new store, somewhere
+    it can be written (a dry run's, which writes nothing, by its permissions alone)."""
     require_outside_store(out)
-    if writing and not Store.exists(out, backend):
-        require_writable(out)
+    if not Store.exists(out, backend):
+        require_writable(out, probe=writing)
 
 
 def open_or_create(cfg: ExtractConfig, manifest: Dict, layout: Dict) -> Store:
