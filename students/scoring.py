@@ -260,7 +260,10 @@ def score_run(run: Union[str, RunDir], protocols: Sequence[str] = ("lodo",), sto
     run.require_done()
     path = store or run.store_path()
     with _open_for(run, path, transfer) as reader:
-        transfer = transfer and reader.key != run.store_key  # its own store, by any path: never a transfer
+        if transfer and reader.key == run.store_key:  # its own store, by any path: never a transfer
+            warnings.warn(f"run {run.name}: --transfer: {path} is the store the run trained on (its key), so it is "
+                          "scored with its own split, as without --transfer")
+        transfer = transfer and reader.key != run.store_key
         dev = resolve_device(device)
         split = run.split
         features = cached_features(reader, split.get("backbone_key"))

@@ -572,7 +572,9 @@ def test_transfer_to_the_runs_own_store_by_another_path_keeps_its_split(syntheti
     copy = tmp_path / "copy.zarr"
     shutil.copytree(synthetic_store, copy)
     own = score_run(tmp_path / "r", ["lodo"])
-    again = score_run(tmp_path / "r", ["lodo"], str(copy), transfer=True)
+    with pytest.warns(UserWarning, match=rf"run r: --transfer: {copy} is the store the run trained on \(its key\), "
+                                         "so it is scored with its own split, as without --transfer"):
+        again = score_run(tmp_path / "r", ["lodo"], str(copy), transfer=True)  # said, not silently dropped (a trial)
     assert set(again.holdout) == {"outline"} and "zero_shot" not in set(again.split)
     cols = ["split", "domain", "metric", "value", "n"]
     pd.testing.assert_frame_equal(own[cols].reset_index(drop=True), again[cols].reset_index(drop=True))
