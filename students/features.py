@@ -25,7 +25,7 @@ from embedcache.api import StoreReader
 from embedcache.config import to_dict
 from embedcache.device import resolve_device
 from embedcache.errors import ConfigError, StoreBusyError, StoreError
-from embedcache.fileio import try_exclusive_lock
+from embedcache.fileio import one_line_when_full, try_exclusive_lock
 from embedcache.store import Store
 
 from .config import SplitConfig, StudentConfig
@@ -67,9 +67,10 @@ def cache_features(store: str, cfg: StudentConfig, seed: int = 0, batch_size: in
             for view in range(v):
                 x = student_views(data, idx, np.full(len(idx), view), model.input_size, model.mean, model.std, dev)
                 out[idx, view] = model.features(x).float().cpu().numpy()
-        st.put_derived(key, out, {"kind": "student_features", "student": cfg.name, "input_size": model.input_size,
-                                  "feat_dim": model.feat_dim, "pretrained": cfg.pretrained, "seed": seed,
-                                  "interpolation": data.interpolation})
+        with one_line_when_full(store, "free space on the store's disk (backbones already cached stay)"):
+            st.put_derived(key, out, {"kind": "student_features", "student": cfg.name, "input_size": model.input_size,
+                                      "feat_dim": model.feat_dim, "pretrained": cfg.pretrained, "seed": seed,
+                                      "interpolation": data.interpolation})
         log(f"cached {n} x {v} features of {key} in {store}")
         return key
 

@@ -161,6 +161,23 @@ def test_a_full_disk_in_training_is_one_line_and_resumable(synthetic_store, tmp_
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_full_disk_while_caching_features_is_one_line_and_rerunnable(synthetic_store, tmp_path, monkeypatch):
+    """`features` on a full disk ended in a 60-line traceback, exit 1, where train, extract and sweep say one
+    line, exit 75 (a trial on a small tmpfs: zarr's attrs write raised ENOSPC)."""
+    import shutil
+
+    store = tmp_path / "s.zarr"
+    shutil.copytree(synthetic_store, store)
+    free = _full_after(monkeypatch, Store, "put_derived", 0)
+    args = ["features", "--store", str(store), "--student", "test_resnet", "--set", "input_size=32", "--no-progress"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 75 and "Traceback" not in res.output, res.output
+    assert f"error: disk full while writing {store}; free space on the store's disk" in res.output
+    free()
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0 and "cached" in res.output, res.output
+
+
 def _sweep_file(tmp_path, store, steps=6, every=1, **changes):
     spec = {"store": str(store), "protocol": "lodo", "holdout_domains": ["outline"],
             "base": {"student": {"name": "test_resnet", "input_size": 32}, "steps": steps, "batch_size": 8,
