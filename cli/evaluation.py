@@ -298,7 +298,8 @@ def report(results, out_dir) -> None:
     if Path(results).is_dir():
         from embedcache.students.sweep import collect, left_out_note, partial_note
 
-        df, out_dir, note = collect(results), out_dir or str(Path(results) / "report"), partial_note(results)
+        df = collect(results)
+        out_dir, note = out_dir or str(Path(results) / "report"), partial_note(results, None, df)
         left_out = left_out_note(results, df)
         if left_out:
             click.echo(f"warning: {left_out}", err=True)

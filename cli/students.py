@@ -108,7 +108,7 @@ def sweep(sweep_file, out, launcher, workers, address, device, overrides, no_pro
     click.echo(f"{res['runs']} runs: {res['done']} done now, {res['skipped']} already done, {res['failed']} failed, "
                f"{res['busy']} left to other workers")
     if res["results"] is not None:
-        note = partial_note(out, [Path(p).name for p in res["run_dirs"]])
+        note = partial_note(out, [Path(p).name for p in res["run_dirs"]], res["results"])
         if note:
             click.echo(f"warning: {note}")
         split = MAIN_SPLIT[spec.protocol] + (shots_tag(spec.shots) if spec.protocol == "few_shot" else "")

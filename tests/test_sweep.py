@@ -1042,6 +1042,13 @@ def test_the_partial_note_names_a_method_none_of_whose_runs_has_results(tmp_path
     note = partial_note(str(sweep))
     assert note.startswith("partial: 1 of 4 runs of this sweep have results"), note
     assert "no run of li_iccv23 / resnet18 / optim.lr=1e+12 has results: it is not in the tables" in note, note
+    # a table collected before another launch sharing the folder scored the rest: its note is of what it holds
+    # (the note was of the folder now, and a partial table was printed without it, a trial)
+    table = pd.DataFrame({"run": ["0.001-0"]})
+    for name in sorted(tags):
+        upsert(str(sweep / "results" / f"{name}.parquet"), pd.DataFrame([{"run": name, "metric": "top1", "value": 0.5}]))
+    assert partial_note(str(sweep)) == ""
+    assert partial_note(str(sweep), None, table).startswith("partial: 1 of 4 runs of this sweep have results")
 
 
 def test_a_dropped_run_deleted_from_disk_stays_out_of_the_table(synthetic_store, tmp_path):

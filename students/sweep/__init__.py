@@ -475,10 +475,13 @@ def unscored(sweep_dir: str, names: Optional[List[str]] = None) -> List[str]:
     return sorted(n for n in names or [] if not result_path(sweep_dir, n).exists())
 
 
-def partial_note(sweep_dir: str, names: Optional[List[str]] = None) -> str:
-    """'' for a sweep whose every run has results; else a line saying the tables are partial."""
+def partial_note(sweep_dir: str, names: Optional[List[str]] = None, results: Optional[pd.DataFrame] = None) -> str:
+    """'' for a sweep whose every run has results; else a line saying the tables are partial. With
+    ``results`` (the table said), the runs it holds, not those with results now: another launch sharing
+    the folder may have scored more since it was collected (a trial: a partial table said without it)."""
     names = (_grid_runs(sweep_dir) or []) if names is None else names
-    missing, total = unscored(sweep_dir, names), len(names)
+    missing = unscored(sweep_dir, names) if results is None else sorted(set(names) - set(results["run"]))
+    total = len(names)
     if not missing:
         return ""
     note = (f"partial: {total - len(missing)} of {total} runs of this sweep have results ({len(missing)} failed, "
@@ -549,7 +552,7 @@ def _write_outputs(sweep_dir: str, points: List[SweepPoint], log: Callable[[str]
     if dropped:
         log(f"warning: {dropped}")
     atomic_write(Path(sweep_dir) / "results.parquet", lambda tmp: results.to_parquet(tmp, index=False))
-    write_report(results, str(Path(sweep_dir) / "report"), note=partial_note(sweep_dir, names))
+    write_report(results, str(Path(sweep_dir) / "report"), note=partial_note(sweep_dir, names, results))
     return results
 
 
