@@ -48,7 +48,9 @@ def train(store, recipe, student, config_path, out, device, overrides, no_progre
     val = "n/a" if res.val_top1 is None else f"{100 * res.val_top1:.1f}%"
     sel = res.selected or {}
     kept = f"; kept {sel.get('rule')}" + (f" (step {sel['step']})" if sel.get("step") else "") if sel else ""
-    click.echo(f"run {res.out}: {res.steps} steps, validation top-1 {val}{kept}, {res.seconds:.1f}s")
+    took = f"{res.seconds:.1f}s" + (f" this call (resumed at step {res.resumed_from}; summary.json's seconds count "
+                                    "every attempt)" if res.resumed_from else "")
+    click.echo(f"run {res.out}: {res.steps} steps, validation top-1 {val}{kept}, {took}")
 
 
 def _where_a_run_config_trains(config_path: str, cfg) -> str:

@@ -1128,6 +1128,18 @@ def test_a_resumed_runs_summary_counts_the_time_of_every_attempt(synthetic_store
     assert summary["loop_seconds"] >= res.loop_seconds + 2.0, (summary, res)
     assert summary["seconds"] >= res.seconds + 2.0, (summary, res)
     assert summary["loop_seconds"] <= summary["seconds"] <= both, (summary, both)  # nothing counted twice
+    # the command's last line said this call's seconds beside summary.json's total without saying so (a trial)
+    def stop_at_12(step):
+        if step == 12:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(synthetic_store, tmp_path, name="cli"), on_step=stop_at_12, log=quiet)
+    args = ["train", "--store", str(synthetic_store), "--student", "test_resnet", "--set", "student.input_size=32",
+            "--set", "steps=30", "--set", "batch_size=8", "--set", "eval_every=10", "--set", "ckpt_every=10",
+            "--device", "cpu", "--out", str(tmp_path / "cli"), "--no-progress"]
+    out = CliRunner().invoke(main, args).output
+    assert "s this call (resumed at step 10; summary.json's seconds count every attempt)" in out, out
 
 
 def test_a_batch_larger_than_the_images_it_draws_from_is_refused_before_the_student(synthetic_store, tmp_path,
