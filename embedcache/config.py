@@ -617,8 +617,11 @@ def config_text(kind: str, name_or_path: str) -> Tuple[str, str]:
     if res.is_file() and (p.parent == Path(".") or p.parent == Path("configs") / kind):
         return res.read_text(), f"{kind} config {name!r} (packaged)"
     names = ", ".join(packaged_configs(kind)) or "none"
+    other = [k for k in KINDS if k != kind and name in packaged_configs(k)]
+    hint = "".join(f"; {name} is a packaged {k} config (`embedcache {k} {'' if k == 'sweep' else '--config '}{name}`)"
+                   for k in other)
     raise ConfigError(f"config {name_or_path} not found: no such file, and no packaged {kind} config of that name "
-                      f"(packaged: {names}; `embedcache configs` lists them)")
+                      f"(packaged: {names}; `embedcache configs` lists them){hint}")
 
 
 def read_config_file(kind: str, name_or_path: str) -> Tuple[Dict[str, Any], str]:
