@@ -183,11 +183,12 @@ def features(store, student, overrides, seeds, batch_size, device, no_progress) 
     from embedcache.students.models import StudentConfig
 
     # `student.input_size=64` as train spells it, or `input_size=64`
+    as_given = list(overrides)
     overrides = [o[len("student."):] if o.startswith("student.") else o for o in overrides]
     given = apply_overrides({}, overrides)
     if "name" in given and given["name"] != student:  # --student won without a word (a review)
-        raise click.UsageError(f"--student {student} and --set name={given['name']} name two students; give --student "
-                               "alone")
+        named = [a for a, o in zip(as_given, overrides) if o.split("=", 1)[0].strip() == "name"][-1]  # as typed
+        raise click.UsageError(f"--student {student} and --set {named} name two students; give --student alone")
     cfg = build_config(StudentConfig, {**given, "name": student}, prefix="student.")
     try:
         for seed in dict.fromkeys(seeds):

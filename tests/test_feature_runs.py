@@ -403,5 +403,6 @@ def test_features_refuses_a_second_student_name_in_set(synthetic_store):
 
     said = CliRunner().invoke(main, ["features", "--store", str(synthetic_store), "--student", "resnet18", "--set",
                                      "student.name=test_resnet", "--no-progress"])
-    assert said.exit_code == 2 and "--student resnet18 and --set name=test_resnet name two students" in said.output
+    # named as typed (it said `--set name=test_resnet`, a trial)
+    assert said.exit_code == 2 and "--student resnet18 and --set student.name=test_resnet name two students" in said.output
 
