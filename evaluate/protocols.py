@@ -303,15 +303,20 @@ def _gzsl(d: EvalData, domain: str, s_rows: np.ndarray, u_rows: np.ndarray) -> L
     return rows
 
 
+def fewest_images(labels: np.ndarray, ok: np.ndarray, classes_in: Sequence[int]) -> Tuple[int, int]:
+    """(class, its usable images) for the class of ``classes_in`` with the fewest: an episode needs shots + 1."""
+    counts = {int(c): int((ok & (labels == c)).sum()) for c in classes_in}
+    c = min(counts, key=counts.get)
+    return c, counts[c]
+
+
 def episode(labels: np.ndarray, ok: np.ndarray, classes_in: np.ndarray, shots: int, seed: int, ep: int,
             names: Sequence[str]):
     """Seeded few-shot episode: ``shots`` support rows per class in ``classes_in``, the rest of those
     classes' usable rows as queries. Shared by every few-shot method so they see the same episodes."""
     rows_all = np.flatnonzero(ok & np.isin(labels, classes_in))
-    counts = {int(c): int((labels[rows_all] == c).sum()) for c in classes_in}
-    c = min(counts, key=counts.get)
-    if counts[c] <= shots:
-        n = counts[c]
+    c, n = fewest_images(labels, ok, classes_in)
+    if n <= shots:
         fewer = f"--shots {n - 1} or fewer, or " if n > 1 else ""  # (c: the unseen class of fewest usable images)
         raise EvaluationError(f"class {names[c]!r} has {n} usable images, fewer than {shots} shots + 1 to test; "
                               f"few_shot needs {shots + 1} usable images in every unseen class: use {fewer}hold out "

@@ -1239,3 +1239,30 @@ def test_a_sweep_and_a_run_never_share_a_folder(synthetic_store, tmp_path):
     for cmd in (["train", "--store", str(synthetic_store), *args], ["report", str(tmp_path / "sw")]):
         res = CliRunner().invoke(main, [*cmd, "--out", ""])
         assert res.exit_code == 2 and "--out is empty; give a path, or leave --out out for its default" in res.output, cmd
+
+
+def test_a_few_shot_sweep_whose_episodes_cannot_be_drawn_is_refused_before_any_run(synthetic_store, make_cfg,
+                                                                                 tiny_teacher, tmp_path):
+    """A few_shot sweep over a synthesised store of 2 images per class under 5 shots trained its run, then
+    failed scoring it, naming evaluate's --shots (a trial): each store it scores is checked before any run."""
+    from embedcache.extract import extract
+
+    few = make_cfg("few.zarr", "dataset.per_class=1", "dataset.seed=1")  # 2 images per class (2 domains)
+    extract(few, teacher=tiny_teacher, log=quiet)
+    grid = {"recipe": ["feat_kd"], "seed": [0]}
+    with pytest.raises(ConfigError, match=r"few_shot: class '\w+' has 16 usable images in the sweep's store .*, "
+                                          r"fewer than shots=16 \+ 1 to test; set shots: 15 or fewer, or hold out"):
+        run_sweep(load_sweep(str(_sweep_file(tmp_path, synthetic_store, protocol="few_shot", shots=16, grid=grid))),
+                  str(tmp_path / "a"), progress=False, log=quiet)
+    small = {"student": {"name": "test_resnet", "input_size": 32}, "steps": 4, "batch_size": 2, "eval_every": 2,
+             "ckpt_every": 2, "device": "cpu"}
+    f = _sweep_file(tmp_path, few.out, protocol="few_shot", shots=2, grid=grid, transfer=[str(synthetic_store)],
+                    base=small)
+    with pytest.raises(ConfigError, match=r"has 2 usable images in the sweep's store .*; set shots: 1 or fewer, or "
+                                          r"hold out other classes \(unseen_fraction, split_seed\); a transfer store's "
+                                          r"episodes with more shots: `embedcache evaluate .*/b/runs --store "):
+        run_sweep(load_sweep(str(f)), str(tmp_path / "b"), progress=False, log=quiet)
+    f = _sweep_file(tmp_path, synthetic_store, protocol="few_shot", shots=2, grid=grid, transfer=[few.out])
+    with pytest.raises(ConfigError, match=r"has 2 usable images in transfer store .*few.zarr, fewer than shots=2"):
+        run_sweep(load_sweep(str(f)), str(tmp_path / "c"), progress=False, log=quiet)
+    assert not any((tmp_path / d / "runs").exists() for d in "abc")  # nothing trained

@@ -11,6 +11,7 @@ validated before the first run starts.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -19,7 +20,7 @@ import os
 import warnings
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pandas as pd
 
@@ -27,7 +28,7 @@ from embedcache import interrupt, open_store
 from embedcache.config import (apply_overrides, away_from_defaults, build_config, dump_yaml, flatten, parse_yaml,
                                read_config_file, setting, to_dict)
 from embedcache.errors import ConfigError, DiskFullError, EvaluationError
-from embedcache.evaluate.protocols import DEFAULT_SHOTS, seeded_class_split
+from embedcache.evaluate.protocols import DEFAULT_SHOTS, fewest_images, seeded_class_split
 from embedcache.device import resolve_device
 from embedcache.evaluate.results import merge, read_results
 from embedcache.fileio import atomic_write, atomic_write_text, one_line_when_full
@@ -221,6 +222,7 @@ def expand(spec: SweepSpec, sweep_dir: str) -> List[SweepPoint]:
         out = _points(spec, sweep_dir, keys, reader, _named_as(sweep_dir, spec.store, reader.key))
         _require_used(spec.per_recipe, sorted({p.cfg.recipe for p in out}))
         _require_transferable(spec.transfer, reader, sorted({text_source_of(p.cfg) for p in out}))
+        _require_episodes(spec, reader, sorted({tuple(p.cfg.split.train_classes) for p in out}), sweep_dir)
         # head-only runs' cached features, before any run (runs with results need none)
         missing = missing_features(reader, [p.cfg for p in out
                                             if not result_path(sweep_dir, Path(p.cfg.out).name).exists()])
@@ -241,6 +243,29 @@ def _require_transferable(stores: List[str], reader, sources: List[str]) -> None
                 if differ:
                     what, fix = differ[0]
                     raise ConfigError(f"transfer store {path}: {what}; {fix}")
+
+
+def _require_episodes(spec: SweepSpec, reader, seen_sets: List[Tuple[str, ...]], sweep_dir: str) -> None:
+    """A few_shot sweep's episodes can be drawn on every store it scores (its own, each transfer store):
+    found only once a run had trained, as its scoring's error (a trial: a synthesised store of 2 images per
+    class under 5 shots)."""
+    if spec.protocol != "few_shot":
+        return
+    for path in [spec.store, *spec.transfer]:
+        with (contextlib.nullcontext(reader) if path == spec.store else open_store(path)) as r:
+            labels = r.meta["label"].to_numpy()
+            for seen in seen_sets:
+                c, n = fewest_images(labels, r.ok, [i for i, name in enumerate(r.classes) if name not in seen])
+                if n > spec.shots:
+                    continue
+                which = "the sweep's store" if path == spec.store else "transfer store"
+                fewer = f"set shots: {n - 1} or fewer, or " if n > 1 else ""
+                alone = (f"; a transfer store's episodes with more shots: `embedcache evaluate {sweep_dir}/runs --store "
+                         f"{spec.transfer[0]} --transfer --protocol few_shot --shots K` once the sweep ran"
+                         if path == spec.store and spec.transfer else "")
+                raise ConfigError(f"few_shot: class {r.classes[c]!r} has {n} usable images in {which} {path}, "
+                                  f"fewer than shots={spec.shots} + 1 to test; {fewer}hold out other classes "
+                                  f"(unseen_fraction, split_seed){alone}")
 
 
 def _require_used(per_recipe: Dict[str, Any], trained: List[str]) -> None:
