@@ -241,6 +241,8 @@ def test_synthesised_store_passes_the_store_checks_of_an_extracted_one(tiny_teac
         assert s.meta.domain.tolist()[:2] == ["mix-00", "mix-01"]  # styles round-robin within a class
         m = s.manifest
         assert m["dataset"]["name"] == "synthesis" and m["synthesis"]["per_class"] == 2
+        # the resolved config recorded no dataset of the shapes' defaults (4 classes, 8 per class: a trial)
+        assert m["config"]["dataset"] == {"name": "synthesis", "rows": "class names: the manifest's synthesis section"}
         assert m["synthesis"]["image"]["augment"]["cut_size"] == tiny_teacher.input_size
         assert m["synthesis"]["prompts"]["k"] == 2 and len(m["synthesis"]["styles"]) == 2
         assert {"spread", "class_fidelity", "styles_digest"} <= set(m["synthesis_plan"])  # recorded, not keyed

@@ -48,10 +48,19 @@ def build_manifest(cfg: ExtractConfig, dataset: ImageDataset, teacher, prompts,
         "canvas": to_dict(cfg.canvas),
         "text": {"sources": list(cfg.text.sources), "templates": cfg.text.templates, "attributes": cfg.text.attributes},
         "pipeline": pipeline, **extra,
-        "config": absolute_paths(to_dict(cfg)), "versions": library_versions(), "device": device_name(teacher.device),
+        "config": _recorded_config(cfg, extra), "versions": library_versions(), "device": device_name(teacher.device),
         "threads": torch.get_num_threads(),  # CPU float reductions round by how they are split
         "created": utc_now(),
     }
+
+
+def _recorded_config(cfg, extra: Dict[str, Any]) -> Dict[str, Any]:
+    """The resolved config the manifest records; a synthesis's reads no dataset section (its rows are class
+    names), so it records none of the extraction's unread defaults (the shapes dataset's counts)."""
+    config = absolute_paths(to_dict(cfg))
+    if "synthesis" in extra:
+        config["dataset"] = {"name": "synthesis", "rows": "class names: the manifest's synthesis section"}
+    return config
 
 
 # the settings that name files or folders (a relative one is taken from the working folder of the call),
