@@ -187,7 +187,8 @@ def features(store, student, overrides, seeds, batch_size, device, no_progress) 
     overrides = [o[len("student."):] if o.startswith("student.") else o for o in overrides]
     given = apply_overrides({}, overrides)
     if "name" in given and given["name"] != student:  # --student won without a word (a review)
-        named = [a for a, o in zip(as_given, overrides) if o.split("=", 1)[0].strip() == "name"][-1]  # as typed
+        typed = [a for a, o in zip(as_given, overrides) if o.split("=", 1)[0].strip() == "name"]  # as typed
+        named = typed[-1] if typed else f"name={given['name']}"  # (a nested name.x=... sets it as a mapping)
         raise click.UsageError(f"--student {student} and --set {named} name two students; give --student alone")
     cfg = build_config(StudentConfig, {**given, "name": student}, prefix="student.")
     try:

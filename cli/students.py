@@ -101,7 +101,7 @@ def sweep(sweep_file, out, launcher, workers, address, device, overrides, no_pro
         sweep_file = DEMO_SWEEP
         click.echo(f"no sweep file given: running the demo sweep ({DEMO_SWEEP}) over {DEMO_STORE}")
     spec = load_sweep(sweep_file, overrides)  # every setting checked before the demo store is made
-    out = out or str(Path("sweeps") / Path(sweep_file).stem)
+    out = out if out is not None else str(Path("sweeps") / Path(sweep_file).stem)
     require_writable(out)
     if demo:
         _ensure_demo_store(no_progress)

@@ -63,7 +63,7 @@ def holdout_parts(holdout: pd.Series) -> pd.DataFrame:
     row), ``domains`` (the domains the run held out of its training store, joined by ","; '' for none:
     the teacher, a class split, a transfer row of a run trained on every domain or scored before transfer
     rows named them), ``named`` (a transfer row names them) and ``unseen`` (the classes, "-" for none)."""
-    def parse(tag: str) -> tuple:
+    def parse(tag: str) -> tuple:  # (a run's own row holding out a domain named exactly "transfer" reads as one)
         parts = [] if tag == "-" else [p.strip() for p in tag.split(";")]
         transfer = bool(parts) and parts[0] == TRANSFER
         domains, named, unseen = "", False, "-"

@@ -43,13 +43,15 @@ def _batch(data: StoreData, support: np.ndarray, train_rows: np.ndarray, mode: s
     return np.concatenate([rng.choice(support, size=k, replace=False), rest])
 
 
-def require_trainable_batches(model, shots: int, unseen: int, mode: str) -> None:
-    """On the shots alone a batch holds shots x unseen classes images: one, BatchNorm cannot train on."""
+def require_trainable_batches(model, shots: int, unseen: int, mode: str, transfer: bool = False) -> None:
+    """On the shots alone a batch holds shots x unseen classes images: one, BatchNorm cannot train on.
+    ``transfer``: on a transfer store, where the mixed mode is refused, it is not offered."""
     if mode == "shots" and shots * unseen == 1 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
                                                        for m in model.modules()):
+        mixed = "" if transfer else "--finetune-mode mixed, "
         raise EvaluationError(f"few-shot fine-tuning on the shots alone trains on batches of {shots * unseen} "
                               "image (shots x unseen classes), and this student's BatchNorm needs 2 or more; use more "
-                              "shots, --finetune-mode mixed, or --finetune-steps 0")
+                              f"shots, {mixed}or --finetune-steps 0")
 
 
 def few_shot_finetune(base, cfg: TrainConfig, data: StoreData, split: Dict, shots: int = DEFAULT_SHOTS,

@@ -274,9 +274,10 @@ def score_run(run: Union[str, RunDir], protocols: Sequence[str] = ("lodo",), sto
             from .finetune import mixed_on_transfer, require_trainable_batches
 
             shots = (options or {}).get("few_shot", {}).get("shots", DEFAULT_SHOTS)
-            require_trainable_batches(model, shots, len(reader.classes) - len(split["seen_classes"]), finetune_mode)
             if transfer and finetune_mode == "mixed":
                 raise EvaluationError(mixed_on_transfer())
+            require_trainable_batches(model, shots, len(reader.classes) - len(split["seen_classes"]), finetune_mode,
+                                      transfer)
         if transfer:  # none of these images was trained on or used for selection
             split = {"text_source": split["text_source"], "predict": split["predict"],
                      "seen_classes": split["seen_classes"], "holdout_domains": [], "train_idx": []}

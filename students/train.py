@@ -811,7 +811,7 @@ BEFORE_TRAINING = ("config.json", "split.json")  # what a run writes before its 
 def one_trainer(run_dir: RunDir):
     """The run folder held by this process while it trains: a second `train` of it (a script run twice)
     trained the whole run beside the first, taking over its checkpoints. The lock goes once the run is done."""
-    made = not run_dir.path.exists()
+    made = [p for p in (run_dir.path, *run_dir.path.parents) if not p.exists()]  # the folder and those above it
     run_dir.path.mkdir(parents=True, exist_ok=True)
     lock = run_dir.file(".train.lock")
     fd = try_exclusive_lock(lock)
@@ -828,5 +828,7 @@ def one_trainer(run_dir: RunDir):
         if run_dir.done or unstarted:
             lock.unlink(missing_ok=True)  # a finished run keeps its results only; a folder made for nothing goes
         os.close(fd)
-        if made and not any(run_dir.path.iterdir()):
-            run_dir.path.rmdir()
+        for folder in made:  # innermost first, while empty
+            if any(folder.iterdir()):
+                break
+            folder.rmdir()

@@ -1,5 +1,6 @@
 """The CLI end to end on synthetic data, and the analyst API on the store it writes."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,6 +74,12 @@ def test_cli_errors_are_one_line(tmp_path):
     (tmp_path / "x.yaml").write_text("views: {count: 2}\n")  # "no zarr store at x.yaml" (a trial)
     res = CliRunner().invoke(main, ["inspect", str(tmp_path / "x.yaml")])
     assert res.exit_code == 2 and f"{tmp_path / 'x.yaml'} is a file, not a store" in res.output, res.output
+    # a packaged config of another command is named with that command (it said only "not found", a trial)
+    res = CliRunner().invoke(main, ["extract", "--config", "li-iccv23"])
+    assert res.exit_code == 2 and "li-iccv23 is a packaged train config (`embedcache train --config li-iccv23`)" in \
+        res.output, res.output
+    res = CliRunner().invoke(main, ["train", "--config", "pacs-losses"])
+    assert res.exit_code == 2 and "(`embedcache sweep pacs-losses`)" in res.output, res.output
     (tmp_path / "dir.h5").mkdir()  # "no hdf5 store at", where extract --out said it exists (a trial)
     res = CliRunner().invoke(main, ["inspect", str(tmp_path / "dir.h5")])
     assert res.exit_code == 2 and f"{tmp_path / 'dir.h5'} is a folder, not a store" in res.output, res.output
@@ -164,7 +171,7 @@ def test_an_out_path_inside_a_store_is_refused(cli_store, tmp_path):
             (args, res.output)
 
 
-def test_a_dry_run_checks_where_the_store_would_go_without_writing(tmp_path):
+def test_a_dry_run_checks_where_the_store_would_go_without_writing(tmp_path, monkeypatch):
     """extract --dry-run said "N views to encode", exit 0, for an --out under a file, which the real run then
     refused (a trial): checked by permissions, with no probe file made."""
     (tmp_path / "afile").write_text("x")
@@ -172,11 +179,13 @@ def test_a_dry_run_checks_where_the_store_would_go_without_writing(tmp_path):
                                     "--dry-run"])
     assert res.exit_code == 2 and f"{tmp_path / 'afile'} is a file, where the path needs a folder" in res.output, \
         res.output
-    before = sorted(p.name for p in tmp_path.iterdir())
+    before, touched = sorted(p.name for p in tmp_path.iterdir()), []
+    real_touch = Path.touch
+    monkeypatch.setattr(Path, "touch", lambda self, *a, **k: touched.append(self) or real_touch(self, *a, **k))
     res = CliRunner().invoke(main, ["extract", "--config", "demo", "--set", "dataset.per_class=1", "--out",
                                     str(tmp_path / "new" / "s.zarr"), "--dry-run"])
     assert res.exit_code == 0 and "views to encode" in res.output, res.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, not even a probe
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and not touched  # nothing written, not even a probe
 
 
 def test_an_out_path_that_is_a_store_is_refused(cli_store, tmp_path):

@@ -405,4 +405,8 @@ def test_features_refuses_a_second_student_name_in_set(synthetic_store):
                                      "student.name=test_resnet", "--no-progress"])
     # named as typed (it said `--set name=test_resnet`, a trial)
     assert said.exit_code == 2 and "--student resnet18 and --set student.name=test_resnet name two students" in said.output
+    nested = CliRunner().invoke(main, ["features", "--store", str(synthetic_store), "--student", "test_resnet", "--set",
+                                       "name.x=1", "--no-progress"])  # an IndexError (a review)
+    assert nested.exit_code == 2 and "Traceback" not in nested.output and "name two students" in nested.output, \
+        nested.output
 

@@ -507,6 +507,10 @@ def test_few_shot_fine_tuning_on_a_transfer_store(synthetic_store, make_cfg, tin
                                               "stores hold none of them; use --finetune-mode shots"):
         score_run(tmp_path / "r", ["few_shot"], other.out, transfer=True, finetune_steps=1, options=options,
                   finetune_mode="mixed")
+    # one shot of one unseen class: BatchNorm's batch of one; the advice leaves out the mode refused here (a review)
+    with pytest.raises(EvaluationError, match=r"needs 2 or more; use more shots, or --finetune-steps 0$"):
+        score_run(tmp_path / "r", ["few_shot"], other.out, transfer=True, finetune_steps=1,
+                  options={"few_shot": {"shots": 1, "episodes": 1}})
 
 
 def test_runs_trained_on_two_stores_are_two_methods_on_a_transfer_store(synthetic_store, make_cfg, tiny_teacher,

@@ -1226,8 +1226,8 @@ def test_a_run_refused_before_its_first_step_leaves_no_folder(synthetic_store, t
     shutil.copytree(synthetic_store, store)
     alter_emb(str(store), row=1, view=0, col=3)
     with pytest.raises(StoreDamagedError, match="image/emb"):
-        train(_cfg(store, tmp_path, name="new", steps=2), log=quiet)
-    assert not (tmp_path / "new").exists()
+        train(_cfg(store, tmp_path, name="new/deep/run", steps=2), log=quiet)
+    assert not (tmp_path / "new").exists()  # nor the folders made above it (a review)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("kept")
     with pytest.raises(StoreDamagedError):

@@ -1236,7 +1236,8 @@ def test_a_sweep_and_a_run_never_share_a_folder(synthetic_store, tmp_path):
     res = CliRunner().invoke(main, ["sweep", str(f), "--out", str(tmp_path / "r"), "--no-progress"])
     assert res.exit_code == 2 and "is a run's folder; a sweep there would write its files among the run's" in res.output
     assert not (tmp_path / "r" / "runs").exists() and not (tmp_path / "r" / "sweep.yaml").exists()
-    for cmd in (["train", "--store", str(synthetic_store), *args], ["report", str(tmp_path / "sw")]):
+    for cmd in (["train", "--store", str(synthetic_store), *args], ["report", str(tmp_path / "sw")],
+                ["sweep", str(f), "--no-progress"]):
         res = CliRunner().invoke(main, [*cmd, "--out", ""])
         assert res.exit_code == 2 and "--out is empty; give a path, or leave --out out for its default" in res.output, cmd
 

@@ -772,21 +772,23 @@ class Store:
                                                        self.b.compressed(name)), check)
         except StoreDamagedError:
             raise
-        except Exception:  # a chunk that no longer decodes (an error inside the check is a bug: raised)
+        except Exception as exc:  # a chunk that no longer decodes (an error inside the check is a bug: raised)
             if check.busy:
                 raise
-            raise self._damaged(name, self._undecodable(name, parts)) from None
+            raise self._damaged(name, self._undecodable(name, parts, exc)) from None
         return out
 
-    def _undecodable(self, name: str, parts: list, part: Optional[int] = None) -> str:
-        """What of ``name`` no longer decodes: the rows and block of a block array (``part``, else found
-        by reading each block, once the whole read has failed), or the array."""
+    def _undecodable(self, name: str, parts: list, exc: BaseException, part: Optional[int] = None) -> str:
+        """What of ``name`` no longer decodes, and the error that said so (``exc``: a file the process may not
+        read is no damage): the rows and block of a block array (``part``, else found by reading each
+        block, once the whole read has failed), or the array."""
+        why = f"({type(exc).__name__})"
         if self._is_block_array(name) and part is None:
             part = next((k for k, (start, stop) in enumerate(parts) if not self._decodes(name, start, stop)), None)
         if not self._is_block_array(name) or part is None:
-            return "it cannot be decoded"
+            return f"it cannot be decoded {why}"
         start, stop = parts[part]
-        return f"rows {start}-{stop - 1} (block {part}) cannot be decoded"
+        return f"rows {start}-{stop - 1} (block {part}) cannot be decoded {why}"
 
     def _decodes(self, name: str, start: int, stop: int) -> bool:
         try:
@@ -806,8 +808,8 @@ class Store:
             out = np.empty((stop - start, *shape[1:]), dtype)
             try:
                 self.b.read_into(name, start, out)
-            except Exception:  # a chunk that no longer decodes
-                raise self._damaged(name, self._undecodable(name, parts, part)) from None
+            except Exception as exc:  # a chunk that no longer decodes
+                raise self._damaged(name, self._undecodable(name, parts, exc, part)) from None
             if sums[part] is not None:
                 crc = checksum(out, self._seed(name, part))
                 if crc != sums[part]:
