@@ -95,7 +95,7 @@ def method_frame(results: pd.DataFrame) -> pd.DataFrame:
     not known (a naive_kd run of then ran another KD). Rows scored before ``trained_on`` was recorded
     on their run's own store get that store's key (a transfer row's stays unknown, "-")."""
     results = conform(results)
-    own = (results["trained_on"] == "-") & ~transferred(results)
+    own = (results["trained_on"] == "-") & ~transferred(results) & (results["recipe"] != "teacher")  # (it trained on none)
     results["trained_on"] = results["trained_on"].where(~own, results["store_key"])  # older rows: their own store's
     results["holdout"] = _with_held_domains(results)
     return results.assign(unseen=holdout_parts(results["holdout"])["unseen"])

@@ -846,6 +846,10 @@ def test_a_holdout_is_read_back_as_written_whatever_its_domains_are_named():
     assert list(held_domains(tags)) == [want[0] for _, want in cases]
     assert list(transferred(rows)) == [want[1] for _, want in cases]
     assert list(method_frame(rows)["unseen"]) == [want[2] for _, want in cases]
+    # the teacher trained on no store: its rows beside transfer rows read "trained on <the store's key>" (a trial)
+    teacher = conform(pd.DataFrame({"run": ["teacher"], "recipe": ["teacher"], "store_key": ["R"], "value": [0.5],
+                                    "metric": ["top1"], "split": ["zero_shot"]}))
+    assert method_frame(pd.concat([teacher, rows]))["trained_on"].iloc[0] == "-"
 
 
 def test_bare_transfer_rows_beside_tagged_ones_take_their_runs_held_out_domains():
