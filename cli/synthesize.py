@@ -26,6 +26,9 @@ def synthesize(config_path: str, out: Optional[str], overrides: Sequence[str], n
             "images": "stopping after this batch's iteration; finished blocks are kept"}
     with interrupt.graceful(lambda signum: click.echo(interrupt.stop_notice(signum, what[stage[0]]), err=True)):
         res = run(cfg, log=click.echo, on_stage=lambda name: stage.__setitem__(0, name))
+        late = interrupt.requested()
+    if late and res.complete:  # the stop was said, and came as the last blocks were being finished (a trial)
+        click.echo("note: the stop came as the store was being finished: it is complete", err=True)
     if not res.skipped:
         rate = res.images / res.seconds if res.seconds > 0 else 0.0
         click.echo(f"{res.images} images synthesised in {res.seconds:.1f}s ({rate:.3f} images/s); "

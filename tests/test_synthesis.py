@@ -902,3 +902,26 @@ def test_an_out_path_that_cannot_be_written_is_refused_before_the_teacher(synth_
     cfg = synth_cfg("p.zarr", "prompts.method=plain")
     with pytest.raises(ConfigError, match=r"prompts.k=8 is not read by prompts.method=plain"):
         prepare(dataclasses.replace(cfg, prompts=dataclasses.replace(cfg.prompts, k=8)), log=quiet)
+
+
+def test_a_stop_that_came_as_the_store_was_finished_is_said(tmp_path, monkeypatch):
+    """SIGTERM during the last blocks' finishing said "stopping after this batch's iteration", then the
+    store completed and the command exited 0 without a word (a trial)."""
+    import os
+    import signal
+    from types import SimpleNamespace
+
+    from click.testing import CliRunner
+
+    import embedcache.synthesis as synthesis
+    from embedcache.cli import main
+
+    def finishes_after_a_stop(cfg, log, on_stage):
+        on_stage("images")
+        os.kill(os.getpid(), signal.SIGTERM)  # the graceful handler sets the stop flag
+        return SimpleNamespace(complete=True, skipped=False, images=2, seconds=1.0, path=cfg.out)
+
+    monkeypatch.setattr(synthesis, "synthesize", finishes_after_a_stop)
+    res = CliRunner().invoke(main, ["synthesize", "--config", "pacs-contrastive", "--out", str(tmp_path / "s.zarr")])
+    assert res.exit_code == 0, res.output
+    assert "note: the stop came as the store was being finished: it is complete" in res.output, res.output
