@@ -20,7 +20,7 @@ import os
 import warnings
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional
 
 import pandas as pd
 
@@ -222,7 +222,7 @@ def expand(spec: SweepSpec, sweep_dir: str) -> List[SweepPoint]:
         out = _points(spec, sweep_dir, keys, reader, _named_as(sweep_dir, spec.store, reader.key))
         _require_used(spec.per_recipe, sorted({p.cfg.recipe for p in out}))
         _require_transferable(spec.transfer, reader, sorted({text_source_of(p.cfg) for p in out}))
-        _require_episodes(spec, reader, sorted({tuple(p.cfg.split.train_classes) for p in out}), sweep_dir)
+        _require_episodes(spec, reader, out, sweep_dir)
         # head-only runs' cached features, before any run (runs with results need none)
         missing = missing_features(reader, [p.cfg for p in out
                                             if not result_path(sweep_dir, Path(p.cfg.out).name).exists()])
@@ -245,12 +245,13 @@ def _require_transferable(stores: List[str], reader, sources: List[str]) -> None
                     raise ConfigError(f"transfer store {path}: {what}; {fix}")
 
 
-def _require_episodes(spec: SweepSpec, reader, seen_sets: List[Tuple[str, ...]], sweep_dir: str) -> None:
+def _require_episodes(spec: SweepSpec, reader, points: List[SweepPoint], sweep_dir: str) -> None:
     """A few_shot sweep's episodes can be drawn on every store it scores (its own, each transfer store):
     found only once a run had trained, as its scoring's error (a trial: a synthesised store of 2 images per
     class under 5 shots)."""
     if spec.protocol != "few_shot":
         return
+    seen_sets = sorted({tuple(p.cfg.split.train_classes or ()) for p in points})  # the sweep sets them
     for path in [spec.store, *spec.transfer]:
         with (contextlib.nullcontext(reader) if path == spec.store else open_store(path)) as r:
             labels = r.meta["label"].to_numpy()
