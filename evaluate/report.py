@@ -80,7 +80,8 @@ def _collapse_lines(results: pd.DataFrame, split: str, keys: List[str]) -> List[
                 "one class (" + " or ".join(repr(c) for c in classes) + f", by {unit[:-1]})")  # ('circle', 'square' read as both)
             share = f"{g['value'].mean():.0%}" if len(g) == 1 or g["value"].nunique() == 1 else (
                 f"{g['value'].min():.0%} to {g['value'].max():.0%}")
-            said.append(f"{method} on {domain} answers {names} for {share} of the images in {count(g)} of its {of} {unit}")
+            where = "over its domains pooled" if domain == "avg" else f"on {domain}"  # not the table's avg cell (a trial)
+            said.append(f"{method} {where} answers {names} for {share} of the images in {count(g)} of its {of} {unit}")
         lines += [f"{said_as}: " + "; ".join(said) + " (its top-1 there is that class's share)", ""]
     return lines
 
@@ -93,7 +94,11 @@ def id_vs_ood(results: pd.DataFrame, keys: List[str]) -> pd.DataFrame:
     t1 = pd.concat([a for a in sides if len(a)], ignore_index=True) if any(len(a) for a in sides) else None
     if t1 is None:
         return pd.DataFrame(columns=["in_domain", "out_of_domain"])
-    m = t1.assign(method=_method(t1, keys)).pivot_table(index="method", columns="split", values="mean", aggfunc="first")
+    t1 = t1.assign(method=_method(t1, keys))
+    fewer = set(t1.loc[t1["spans"].notna(), "method"]) if "spans" in t1.columns else set()
+    m = t1.pivot_table(index="method", columns="split", values="mean", aggfunc="first")
+    # an avg the table says is over fewer of its domains is marked, not ranked among the others unmarked (a trial)
+    m = m.rename(index=lambda name: f"{name} (avg over fewer domains)" if name in fewer else name)
     return m.reindex(columns=["in_domain", "out_of_domain"]).dropna()
 
 
@@ -146,7 +151,8 @@ def write_report(results: pd.DataFrame, out_dir: str, note: str = "") -> List[Pa
         top = top.assign(method=_method(top, keys))
         pv = top.pivot_table(index="domain", columns="method", values="mean", aggfunc="first")
         spread = top.pivot_table(index="domain", columns="method", values="std", aggfunc="first", dropna=False)
-        spread = spread.reindex(index=pv.index, columns=pv.columns).fillna(0.0)  # one replicate: no bar
+        # one replicate, or no cell: no error bar (a cap at 0 read as a measured 0% or a spread of 0: a trial)
+        spread = spread.reindex(index=pv.index, columns=pv.columns)
         ax = (100 * pv).plot.bar(figsize=(max(6, 1.2 * len(pv)), 4), rot=0, yerr=100 * spread, capsize=2)
         ax.set_ylabel(f"{shown} (%)"); ax.set_title(f"{split}: mean ± std over replicates"); ax.legend(fontsize=7)
         ax.set_ylim(bottom=0)  # an accuracy: an error bar past 0 drew a negative axis (and a 0 looked like a dip)
@@ -168,6 +174,7 @@ def write_report(results: pd.DataFrame, out_dir: str, note: str = "") -> List[Pa
                         ha="right" if right else "left")
         ax.margins(x=0.35, y=0.1)  # room for the labels of the outermost points
         ax.set_xlabel("in-domain top-1 (%)"); ax.set_ylabel("out-of-domain top-1 (%)")
+        ax.set_title("each method's avg: the tables' avg cells", fontsize=9)
         plt.tight_layout()
         f = out / "id_vs_ood.png"
         plt.savefig(f, dpi=110); plt.close()

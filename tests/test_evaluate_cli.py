@@ -407,6 +407,42 @@ def test_the_in_vs_out_of_domain_plot_puts_each_method_at_its_tables_avg():
     assert table.iloc[0]["avg"] == f"{100 * point['in_domain']:.1f}"  # what the table says, the plot shows
 
 
+def test_the_in_vs_out_of_domain_plot_marks_an_avg_over_fewer_domains():
+    """A method that held out fewer domains than the others has an avg the table marks "(2 of 3 domains)",
+    not comparable with theirs; the plot put it among them unmarked (a trial)."""
+    from embedcache.evaluate.report import id_vs_ood
+    from embedcache.evaluate.store_eval import method_frame, method_keys, summary_table
+
+    rows = []
+    for recipe, held_out in (("li", ("d1", "d2", "d3")), ("ce", ("d1", "d2"))):
+        for held in held_out:
+            rows += [{"recipe": recipe, "student": "s", "source": "name", "metric": "top1", "replicate": 0,
+                      "holdout": held, "split": "out_of_domain" if d == held else "in_domain", "domain": d,
+                      "value": 0.1 * (1 + int(d[1]))} for d in ("d1", "d2", "d3")]
+    results = method_frame(pd.DataFrame(rows))
+    table = summary_table(results, "out_of_domain").reset_index().set_index("recipe")
+    assert table.loc["ce", "avg"].endswith("(2 of 3 domains)") and "domains" not in table.loc["li", "avg"]
+    points = id_vs_ood(results, method_keys(results))
+    assert sorted(points.index) == ["ce / s (avg over fewer domains)", "li / s"], points
+
+
+def test_a_bar_without_a_spread_or_a_cell_draws_no_error_cap(tmp_path, monkeypatch):
+    """One replicate's bars, and a cell the table leaves blank, were drawn with a cap at 0 spread (and the blank
+    one at 0%), read as measured (a trial)."""
+    import matplotlib.pyplot as plt
+
+    from embedcache.evaluate.report import write_report
+
+    caps = []
+    real = plt.savefig
+    monkeypatch.setattr(plt, "savefig", lambda *a, **k: caps.extend(
+        y for line in plt.gca().lines for y in line.get_ydata()) or real(*a, **k))
+    rows = [{"recipe": "li", "student": "s", "source": "name", "metric": "top1", "replicate": 0, "holdout": "d1",
+             "split": "out_of_domain", "domain": "d1", "value": 0.4}]  # one replicate: no spread
+    write_report(pd.DataFrame(rows), str(tmp_path))
+    assert caps and all(np.isnan(float(y)) for y in caps), caps
+
+
 def test_labels_of_methods_at_one_point_go_one_under_another():
     """Two methods at the same in/out-of-domain point had their names printed over each other (a trial)."""
     from embedcache.evaluate.report import label_lines
@@ -686,6 +722,11 @@ def test_the_report_names_collapsed_models(tmp_path):
     text = " ".join((tmp_path / "report.md").read_text().split())
     assert ("answers one class ('circle' or 'square', by run) for 97% to 100% of the images in 2 of its 2 runs"
             in text), text
+    # a collapse judged over a split's domains pooled (domain avg) is not the table's avg cell (a trial)
+    pooled = [{**r, "domain": "avg"} for r in rows]
+    write_report(pd.DataFrame(pooled), str(tmp_path))
+    text = " ".join((tmp_path / "report.md").read_text().split())
+    assert "feat_kd / s over its domains pooled answers one class" in text and " on avg " not in text, text
 
 
 def test_evaluate_says_why_runs_were_not_scored(runs, synthetic_store, tmp_path):
