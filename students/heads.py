@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Union
 import numpy as np
 import torch
 
-from embedcache.config import to_dict
+from embedcache.config import flatten, to_dict
 from embedcache.errors import ConfigError, TrainingError
 from embedcache.fileio import json_digest
 
@@ -43,14 +43,8 @@ def can_pack(cfg: TrainConfig) -> bool:
 
 def pack_key(cfg: TrainConfig) -> str:
     """Runs with the same key can share a pack: everything but seed, lr and weight decay agrees."""
-    d = to_dict(cfg)
-    for dotted in FREE + NOT_IN_NAME:  # what may differ, and what changes no result
-        *parents, key = dotted.split(".")
-        inner = d
-        for p in parents:
-            inner = inner[p]
-        del inner[key]
-    return json_digest(d)
+    # what may differ, and what changes no result, left out (a key within a launch, never recorded)
+    return json_digest({k: v for k, v in flatten(to_dict(cfg)).items() if k not in FREE + NOT_IN_NAME})
 
 
 class _Stack:
