@@ -121,6 +121,7 @@ def test_two_workers_on_one_sweep_lose_nothing_and_duplicate_nothing(synthetic_s
     # one line each, not Python's warning text (and the closing table's notes: collapses, and a table partial
     # while the other launch still trains its last runs)
     assert all(line.startswith(("warning: run ", "warning: collapsed: ", "warning: partial: ")) for line in said), said
+    assert "UserWarning" not in outs[0] and "warnings.warn" not in outs[0], outs[0]
     att = _attempts(out)
     assert len(att) == 8 and set(att.values()) == {1}, att  # nobody ran a run twice
     assert len(list(out.glob("results/*.parquet"))) == 8  # and no result was lost
