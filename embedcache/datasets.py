@@ -31,6 +31,11 @@ from .text import prompt_clash, prompt_key
 
 DATASETS = Registry("dataset")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+# domain names a results row gives to no one domain or to a --transfer row (evaluate.results: NOT_ONE_DOMAIN,
+# TRANSFER, a blank "-"): a domain of one of these names would drop out of averages or read as transfer scores
+RESERVED_DOMAINS = ("all", "training_domains", "transfer", "-")
+# the separators of a results row's holdout ("; " between its parts, "," between held-out names)
+HOLDOUT_SEPARATORS = (";", ",")
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,7 @@ class ImageDataset:
         if clash:
             raise DatasetError(f"dataset {name!r} at {root}: {clash}")
         self.domains = sorted({s.domain for s in self.samples})
+        _require_names(name, root, self.domains, self.classes)
         self._class_index = {c: i for i, c in enumerate(self.classes)}
         self._loader = loader
         self._extra = extra_fingerprint or {}
@@ -119,6 +125,22 @@ class ImageDataset:
             "domain": [s.domain for s in self.samples],
             "split": [s.split for s in self.samples],
         })
+
+
+def _require_names(name: str, root, domains: Sequence[str], classes: Sequence[str]) -> None:
+    """Refuse domain and class names that results tables would misread: a domain named as no one domain
+    or as a --transfer row, a separator of the holdout column in a domain name, or ";" in a class name
+    (the unseen classes of a class split are one part of it)."""
+    bad = [d for d in domains if d.strip() in RESERVED_DOMAINS or d != d.strip() or not d.strip()
+           or any(c in d for c in HOLDOUT_SEPARATORS)]
+    if bad:
+        raise DatasetError(f"dataset {name!r} at {root}: domain {bad[0]!r} cannot be told apart in results tables "
+                           f"(the names {', '.join(RESERVED_DOMAINS)} are taken, and a domain name holds no ';' or ',' "
+                           "and no leading or trailing space); rename that domain folder (or its CSV rows)")
+    bad = [c for c in classes if ";" in c]
+    if bad:
+        raise DatasetError(f"dataset {name!r} at {root}: class {bad[0]!r} has a ';', which separates the parts of a "
+                           "results row's holdout; rename it (a class-names file can give it another name)")
 
 
 def source_file(root, path: str) -> Path:

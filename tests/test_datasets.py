@@ -408,3 +408,18 @@ def test_an_empty_image_file_is_said_to_be_empty(tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"")
     with pytest.raises(OSError, match=r"^the file is empty \(0 bytes\)$"):
         read_rgb8(tmp_path / "a.jpg")
+
+
+@pytest.mark.parametrize("domains,classes,said", [
+    (("all", "photo"), ("cat", "dog"), "domain 'all'"),  # its rows left out of every avg, as "every domain at once"
+    (("transfer", "photo"), ("cat", "dog"), "domain 'transfer'"),  # its runs' rows read as --transfer scores
+    (("art,deco", "photo"), ("cat", "dog"), "domain 'art,deco'"),  # a holdout of it reads as two domains
+    (("art", "photo"), ("cat", "dog;puppy"), "class 'dog;puppy'"),  # an unseen-class holdout splits at it
+])
+def test_names_results_tables_would_misread_are_refused(tmp_path, domains, classes, said):
+    """A domain folder named "all" gives per-domain rows that every table takes for the "all domains"
+    row and leaves out of its avg, with exit 0; one named "transfer" makes a run's own rows read as
+    --transfer scores (read in the code). Such names are refused when the dataset is read, naming the fix."""
+    root = _make_domainbed(tmp_path / "db", domains=domains, classes=classes)
+    with pytest.raises(DatasetError, match=f"{said}.*rename"):
+        build_dataset(DatasetConfig(name="domainbed", path=str(root)))
