@@ -57,8 +57,14 @@ class StoreReader:
         return self._store
 
     # --- tables --------------------------------------------------------------------------------
-    @cached_property
+    @property
     def meta(self) -> pd.DataFrame:
+        """One row per image (a copy: sorting or dropping rows of it in place had every later call of this
+        reader pair rows with other images' embeddings, without a word: a trial)."""
+        return self._meta.copy()
+
+    @cached_property
+    def _meta(self) -> pd.DataFrame:
         meta = self._store.table("meta.parquet")
         self._check_names(meta)
         return meta
@@ -74,8 +80,13 @@ class StoreReader:
             raise StoreError(f"store {self._store.path}: the manifest{why} (edited by hand?); restore the manifest, or "
                              "extract the store again")
 
-    @cached_property
+    @property
     def text_table(self) -> pd.DataFrame:
+        """One row per prompt of every text source (a copy, as ``meta`` is)."""
+        return self._text_table.copy()
+
+    @cached_property
+    def _text_table(self) -> pd.DataFrame:
         return self._store.table("text.parquet")
 
     @property
@@ -115,7 +126,7 @@ class StoreReader:
         """(N,) bool: the image was read and embedded (False for unreadable files): meta.parquet's status, held to
         image/status (each checked against its checksums), which a plain reader reads: an edit of either, or a
         damaged one, had embedcache and h5py disagree on which rows failed, without a word (a trial)."""
-        ok = (self.meta["status"] == "ok").to_numpy()
+        ok = (self._meta["status"] == "ok").to_numpy()
         written = self._store.read("image/status") == STATUS_OK
         if len(written) != len(ok) or (written != ok).any():
             rows = np.flatnonzero(written != ok) if len(written) == len(ok) else []
@@ -140,7 +151,7 @@ class StoreReader:
     def text(self, source: str = "name") -> pd.DataFrame:
         """One row per prompt of ``source``: source, label, class_name, prompt, n_tokens, truncated."""
         self._check_source(source)
-        return self.text_table[self.text_table["source"] == source].reset_index(drop=True)
+        return self._text_table[self._text_table["source"] == source].reset_index(drop=True)
 
     # --- arrays (loaded whole, verified, cached, read-only) -------------------------------------------
     def _array(self, name: str) -> np.ndarray:
@@ -158,7 +169,14 @@ class StoreReader:
             emb[~self.ok] = np.nan
             cache["emb_nan"] = _readonly(emb)
         emb = cache["emb_nan"]
-        return emb if view is None else emb[:, view]
+        return emb if view is None else emb[:, self._index(view, self.views, "view")]
+
+    def _index(self, i, n: int, what: str) -> int:
+        """``i`` as a row or view index, refused in one line outside 0..n-1 (a negative one counted from
+        the end answered for another image, without a word: a trial)."""
+        if not isinstance(i, (int, np.integer)) or isinstance(i, bool) or not 0 <= i < n:
+            raise StoreError(f"{what} {i!r} is not one of {self.path}'s {n} {what}s (0 to {n - 1})")
+        return int(i)
 
     def view_params(self) -> np.ndarray:
         return self._array("image/view_params")
@@ -192,7 +210,7 @@ class StoreReader:
     def frame(self, embeddings: bool = False, view: int = 0) -> pd.DataFrame:
         """meta, optionally with an ``emb`` column holding each image's (D,) float32 view embedding
         (NaN for unreadable images, with a warning saying how many)."""
-        df = self.meta.copy()
+        df = self.meta
         if embeddings:
             self._warn_failed("have NaN embeddings in the frame")
             df["emb"] = list(self.image_emb(view).astype(np.float32))
@@ -211,8 +229,9 @@ class StoreReader:
                         view: int = 0, teacher=None) -> pd.DataFrame:
         """Classes ranked by cosine to a query: an image index, an embedding, or a text."""
         if isinstance(query, (int, np.integer)):
+            query = self._index(query, len(self.ok), "image")
             if not self.ok[query]:
-                raise StoreError(f"image {query} of {self.path} could not be read ({self.meta['reason'].iloc[query]}); "
+                raise StoreError(f"image {query} of {self.path} could not be read ({self._meta['reason'].iloc[query]}); "
                                  "it has no embedding")
             q = self.image_emb(view)[query].astype(np.float32)
         else:
@@ -228,7 +247,7 @@ class StoreReader:
         rows = np.flatnonzero(self.ok)
         scores = self.image_emb(view)[rows].astype(np.float32) @ self._query(query, teacher)
         top = np.argsort(-scores, kind="stable")[:k]
-        out = self.meta.iloc[rows[top]].copy()
+        out = self._meta.iloc[rows[top]].copy()
         out["score"] = scores[top]
         return out.reset_index(drop=True)
 
@@ -295,7 +314,7 @@ class StoreReader:
             "synthesis": _synthesis_facts(m),
         }
         if done:
-            meta, text = self.meta, self.text_table
+            meta, text = self._meta, self._text_table
             failed = meta.loc[meta["status"] != "ok", "domain"].value_counts()
             out.update(images_per_domain={str(d): int(n) for d, n in meta["domain"].value_counts().sort_index().items()},
                        failed_per_domain={str(d): int(n) for d, n in failed.sort_index().items()},

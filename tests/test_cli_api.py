@@ -235,6 +235,54 @@ def test_open_store_frames_and_neighbours(cli_store, tiny_teacher):
         s.nearest_images(np.ones(3))
 
 
+def test_editing_a_readers_tables_in_place_changes_nothing_it_answers(cli_store):
+    """s.meta and s.text_table were the reader's own cached frames: a sort in place had frame(), nearest_images
+    and text() pair rows with other images' embeddings and prompts, without a word (a trial). They are copies."""
+    s = embedcache.open_store(str(cli_store))
+    raw = s.image_emb(0).astype(np.float32)
+    want, prompts = s.frame(embeddings=True), s.text("name")
+    s.meta.sort_values("path", ascending=False, inplace=True)
+    s.meta.drop(index=[0, 1], inplace=True)
+    s.text_table.sort_values("prompt", ascending=False, inplace=True)
+    got = s.frame(embeddings=True)
+    assert got.drop(columns="emb").equals(want.drop(columns="emb")) and len(got) == 36
+    assert all(np.array_equal(e, raw[i]) for i, e in zip(got["index"], got["emb"]))
+    assert s.nearest_images(raw[7], k=1)["index"].tolist() == [7]
+    assert s.text("name").equals(prompts) and (s.prompt_emb("name") @ s.class_emb("name").T).argmax(1).tolist() \
+        == prompts["label"].tolist()
+
+
+@pytest.mark.parametrize("call,said", [
+    (lambda s: s.nearest_classes(36), "image 36 is not one of .*36 images"),
+    (lambda s: s.nearest_classes(-1), "image -1 is not one of"),  # answered for image 35
+    (lambda s: s.frame(embeddings=True, view=s.views), "view .* is not one of"),
+    (lambda s: s.image_emb(-1), "view -1 is not one of"),
+])
+def test_an_image_or_view_index_out_of_range_is_one_line(cli_store, call, said):
+    with embedcache.open_store(str(cli_store)) as s, pytest.raises(embedcache.EmbedcacheError, match=said):
+        call(s)
+
+
+def test_an_unfinished_store_refuses_its_text_embeddings(make_cfg, tiny_teacher):
+    """Read with require_complete=False, an unfinished store's class and prompt embeddings were zeros
+    (written as it finishes): nearest_classes ranked every class at score 0.0 (a trial)."""
+    from embedcache.extract import extract
+    from conftest import quiet
+
+    cfg = make_cfg("unfinished.zarr")
+
+    def stop(block):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract(cfg, teacher=tiny_teacher, on_block_done=stop, log=quiet)
+    with embedcache.open_store(cfg.out, require_complete=False) as s:
+        assert s.summary()  # what inspect prints still reads
+        for call in (lambda: s.class_emb("name"), lambda: s.prompt_emb("name"), lambda: s.nearest_classes(np.ones(s.dim))):
+            with pytest.raises(embedcache.EmbedcacheError, match="text/name/.* yet: it is not finished; rerun"):
+                call()
+
+
 def test_inspect_names_the_teachers_weights_in_words():
     """A local-dir teacher printed a Python dict of file hashes, and a teacher of random weights (no
     teacher.pretrained) read like any other (a trial)."""

@@ -762,6 +762,8 @@ class Store:
         read in pieces, each checked right after it is read (pieces.py)."""
         if not self.b.has(name):
             raise StoreError(f"store {self.path} has no array {name}")
+        if name.startswith("text/") and not self.complete and name not in self._pending_sums:
+            raise self._unfinished(name)  # written as the store finishes: zeros till then (read as scores of 0)
         out = np.empty(self.b.shape(name), self.b.dtype(name))
         parts, sums = self._checked_parts(name, len(out), verify)
         seeds = [self._seed(name, part) for part in range(len(parts))]
@@ -885,12 +887,15 @@ class Store:
         if raw is None:
             if self.complete:
                 raise self._damaged(name, "the file is missing")
-            raise StoreError(f"store {self.path} has no {name} yet: it is not finished; rerun the same "
-                             f"`embedcache {self.producer}` command to finish it")
+            raise self._unfinished(name)
         want = self.manifest.get("checksums", {}).get(name)
         if want is not None and checksum(raw) != int(want):
             raise self._damaged(name, "the file is truncated or altered")
         return pd.read_parquet(io.BytesIO(raw))
+
+    def _unfinished(self, name: str) -> StoreError:
+        return StoreError(f"store {self.path} has no {name} yet: it is not finished; rerun the same "
+                          f"`embedcache {self.producer}` command to finish it")
 
     def manifest_problem(self) -> str:
         """What is wrong with a complete store's manifest ('' if nothing): it does not match its own checksum
