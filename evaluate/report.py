@@ -127,7 +127,6 @@ def write_report(results: pd.DataFrame, out_dir: str, note: str = "") -> List[Pa
     parts, files = ["# Results\n"] + ([f"**{note}**\n"] if note else []), []
     if transfer_note(results):
         parts += [f"{transfer_note(results)}\n"]
-    special = {"per_class", "distill", "text"}
     if "per_class" in set(results["split"]):
         parts += ["## per class (top-1, %, mean over replicates of each replicate's mean over its held-out splits, "
                   "complete replicates only where a method has any; `domain`: the scope scored, out_of_domain, "
@@ -138,10 +137,8 @@ def write_report(results: pd.DataFrame, out_dir: str, note: str = "") -> List[Pa
         parts += ["## distillation metrics (mean over runs: seeds and held-out splits; higher is better, but for "
                   "m_vlalign, the share of the teacher's top-k label pairs the student ranks inverted, and "
                   "text_pairwise_cosine, between class texts, where lower is)\n", markdown(tab), ""]
-    for split in sorted(set(results["split"].unique()) - special):
-        metric = headline_metric(split)
-        if not ((results["split"] == split) & (results["metric"] == metric)).any():
-            metric = "top1"  # results without that metric (made by hand): their top-1
+    for split in table_splits(results):
+        metric = table_metric(results, split)
         shown = "mean per-class accuracy" if metric == "mean_per_class" else "top-1"
         parts += [f"## {split} ({shown}, %; mean ± sample std (ddof 1) over replicates; {AVG_IS})\n",
                   markdown(summary_table(results, split, metric)), ""] + _collapse_lines(results, split, keys)
@@ -179,5 +176,38 @@ def write_report(results: pd.DataFrame, out_dir: str, note: str = "") -> List[Pa
         f = out / "id_vs_ood.png"
         plt.savefig(f, dpi=110); plt.close()
         files.append(f)
+    tidy_tables(results).to_csv(out / "report.csv", index=False)
     (out / "report.md").write_text("\n".join(parts) + "\n" + "\n".join(f"![{f.stem}]({f.name})" for f in files) + "\n")
-    return [out / "report.md"] + files
+    return [out / "report.md", out / "report.csv"] + files
+
+
+SPECIAL = {"per_class", "distill", "text"}  # splits report.md tables otherwise: not methods x domains
+
+
+def table_splits(results: pd.DataFrame) -> List[str]:
+    """The splits report.md tables as methods x domains."""
+    return sorted(set(results["split"].unique()) - SPECIAL)
+
+
+def table_metric(results: pd.DataFrame, split: str) -> str:
+    """The metric a split's table shows: its headline metric, or top-1 for results without it (made by hand)."""
+    metric = headline_metric(split)
+    return metric if ((results["split"] == split) & (results["metric"] == metric)).any() else "top1"
+
+
+def tidy_tables(results: pd.DataFrame) -> pd.DataFrame:
+    """report.csv: the numbers of report.md's methods x domains tables, one row per method, split and
+    domain (``avg``: the avg cell), as fractions: mean, sample std (ddof 1) and count over the replicates
+    that count, and ``cell``, the table's text of it (a blank for a domain cell: the table's own
+    rounding; an avg over fewer domains says so there). ``results`` from ``method_frame``."""
+    keys = method_keys(results)
+    frames = []
+    for split in table_splits(results):
+        metric = table_metric(results, split)
+        cells = pd.concat([domain_stats(results, split, metric),
+                           avg_stats(results, split, metric).assign(domain="avg")], ignore_index=True)
+        frames.append(cells.assign(metric=metric))
+    columns = keys + ["split", "metric", "domain", "mean", "std", "count", "cell"]
+    if not frames:
+        return pd.DataFrame(columns=columns)
+    return pd.concat(frames, ignore_index=True).reindex(columns=columns)

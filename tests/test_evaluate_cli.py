@@ -674,6 +674,26 @@ def test_report_bars_are_the_tables_numbers_with_their_spread(tmp_path, monkeypa
     assert "| 30.0 ± 14.1 | 50.0 ± 14.1 |" in (tmp_path / "report.md").read_text()
 
 
+def test_report_csv_holds_the_tables_numbers_as_a_tidy_table(tmp_path):
+    """report.md's tables were the only form of a report's numbers: an analyst rebuilt them from
+    results.parquet (a trial). report.csv holds them, one row per method, split and domain."""
+    from embedcache.evaluate.report import write_report
+
+    rows = [("d1", 0, 0.2), ("d2", 0, 0.4), ("d1", 1, 0.4), ("d2", 1, 0.6), ("d1", 2, 0.9)]  # replicate 2 is short of d2
+    df = pd.DataFrame([{"recipe": r, "student": "s", "source": "name", "split": "out_of_domain", "domain": d,
+                        "seed": rep, "replicate": rep, "metric": "top1", "value": v + (0.1 if r == "b" else 0)}
+                       for d, rep, v in rows for r in ("a", "b")])
+    write_report(df, str(tmp_path))
+    got = pd.read_csv(tmp_path / "report.csv").set_index(["recipe", "domain"])
+    for r, shift in (("a", 0.0), ("b", 0.1)):  # plain numpy over the complete replicates 0 and 1
+        d1, d2 = np.array([0.2, 0.4]) + shift, np.array([0.4, 0.6]) + shift
+        for domain, want in (("d1", d1), ("d2", d2), ("avg", (d1 + d2) / 2)):
+            row = got.loc[(r, domain)]
+            assert np.isclose(row["mean"], want.mean()) and np.isclose(row["std"], want.std(ddof=1)) and row["count"] == 2
+    assert set(got["metric"]) == {"top1"} and set(got["split"]) == {"out_of_domain"} and len(got) == 6
+    assert got.loc[("a", "avg"), "cell"] == "40.0 ± 14.1" and "40.0 ± 14.1" in (tmp_path / "report.md").read_text()
+
+
 def test_report_and_evaluate_given_the_wrong_thing_say_what_they_take(synthetic_store, tmp_path):
     """A store or a run folder given to `report` said "no results in .../results yet; run the sweep
     first"; `--out` naming a file was a FileExistsError traceback; a store given to `evaluate`
