@@ -458,3 +458,49 @@ def test_blocks_no_history_lists_count_with_the_batch_size_that_made_the_store()
     assert _block_batch_sizes(Made([{"blocks": 1, "config": {"batch_size": 4}}], [True, True, False])) == [2, 4]
     assert _block_batch_sizes(Made([{"blocks": 2, "config": {"batch_size": 4}}], [True, True, False])) == [4]
     assert _block_batch_sizes(Made([], [True, False])) == [2]
+
+
+def test_the_cuda_decoder_allocates_on_a_stream_of_its_own(monkeypatch):
+    """torchvision's CUDA decode_jpeg allocates its outputs on the current stream and nvJPEG writes them
+    without waiting for it: blocks the previous batch's queued resizes still read came back as outputs
+    (pytorch/vision#9606, a review). The decode runs with a side stream current, the current stream
+    waits for it, and each output is recorded as used on the current stream (the stream calls faked:
+    no GPU here)."""
+    from embedcache.extract.device import DeviceDecodeReader
+
+    said, current = [], ["main"]
+
+    class Img:
+        def record_stream(self, stream):
+            said.append(("record", stream))
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            said.append(("wait", self.name, other.name))
+
+    class Ctx:
+        def __init__(self, stream):
+            self.stream = stream
+
+        def __enter__(self):
+            current.append(self.stream.name)
+
+        def __exit__(self, *exc):
+            current.pop()
+
+    main = Stream("main")
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: Stream("side"))
+    monkeypatch.setattr(torch.cuda, "stream", Ctx)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: main)
+    reader = DeviceDecodeReader.__new__(DeviceDecodeReader)
+    reader.device = torch.device("cuda", 0)
+    monkeypatch.setattr(reader, "_decode_here", lambda blobs: said.append(("decode on", current[-1])) or [Img(), None])
+    assert len(reader._decode([torch.zeros(3, dtype=torch.uint8)] * 2)) == 2
+    assert said == [("decode on", "side"), ("wait", "main", "side"), ("record", main)]
+    reader.device = torch.device("cpu")  # on the CPU: decoded where it is called, no streams
+    said.clear()
+    reader._decode([torch.zeros(3, dtype=torch.uint8)])
+    assert said == [("decode on", "main")]

@@ -126,6 +126,25 @@ class DeviceDecodeReader:
             yield self._batch(items)
 
     def _decode(self, blobs: List[torch.Tensor]) -> List[Optional[torch.Tensor]]:
+        """The decoded images (None where the decoder rejects a file). On a GPU the decoder's outputs are
+        allocated on a stream of their own: torchvision allocates them on the current stream and nvJPEG
+        writes them without waiting for it, so memory just freed there (the previous batch's images, which
+        its queued resizes still read) came back as outputs and was overwritten before it was read
+        (pytorch/vision#9606: wrong canvases, exit 0). A block of the side stream is reused only once the
+        work recorded on it (``record_stream``) has run."""
+        if self.device.type != "cuda" or not blobs:
+            return self._decode_here(blobs)
+        side = self.__dict__.setdefault("_side", torch.cuda.Stream(self.device))
+        with torch.cuda.stream(side):
+            out = self._decode_here(blobs)
+        now = torch.cuda.current_stream(self.device)
+        now.wait_stream(side)
+        for img in out:
+            if img is not None:
+                img.record_stream(now)
+        return out
+
+    def _decode_here(self, blobs: List[torch.Tensor]) -> List[Optional[torch.Tensor]]:
         from torchvision.io import ImageReadMode, decode_jpeg
 
         if not blobs:
