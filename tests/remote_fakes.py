@@ -83,7 +83,7 @@ class Faults:
     "429-long" (Retry-After: 3600), "429-credit" (OpenAI's insufficient_quota) (all before the app runs: nothing charged),
     "stall" (never answered, nothing charged: the app never sees it), "lost" (after the app
     answered and charged: the answer is held past the client's timeout), "drop" (after: the
-    connection is cut mid-answer). ``script`` gives exact faults for the first POSTs (then the plan
+    connection is cut mid-answer), "500-after" (after: a gateway's 502 in place of the answer). ``script`` gives exact faults for the first POSTs (then the plan
     applies); ``delay`` slows every POST answer down (seconds).
     """
 
@@ -133,7 +133,7 @@ class Faults:
         if fault == "stall":  # the request never reaches the service: held past the client's timeout, then dropped
             await asyncio.sleep(self.hold)
             return
-        if fault not in ("lost", "drop"):
+        if fault not in ("lost", "drop", "500-after"):
             return await self.app(scope, receive, send)
         held = []
 
@@ -141,6 +141,12 @@ class Faults:
             held.append(message)
 
         await self.app(scope, receive, capture)  # the app answers (and charges) in full
+        if fault == "500-after":  # a proxy in front of the service lost the answer it charged for (nginx's 502)
+            body = json.dumps({"error": {"message": "bad gateway", "type": "server_error"}}).encode()
+            await send({"type": "http.response.start", "status": 502,
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": body})
+            return
         if fault == "lost":
             await asyncio.sleep(self.hold)  # past the client's timeout: it gives up on this answer
             for m in held:

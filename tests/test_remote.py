@@ -344,6 +344,27 @@ def test_faults_change_nothing_and_nothing_answered_is_sent_again(protocol, tmp_
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_5xx_after_the_service_charged_is_counted_as_possibly_paid(protocol, tmp_path, local, tiny_teacher_cfg,
+                                                                      tiny_teacher, key_env):
+    """A gateway's 502 in place of an answer the service had charged was counted as not charged: the
+    store's books said 24 queries where the service billed 47, and teacher.max_queries was overrun by
+    15, exit 0 (a trial). A 5xx may come after the charge: counted as possibly paid, as a lost answer is."""
+    inner = service_app(protocol, tiny_teacher_cfg, tiny_teacher, tmp_path)
+    faulty = Faults(inner, script=["500-after", None, "500-after", None, "500-after"])
+    with LiveServer(faulty) as url:
+        cfg = remote(tmp_path, "r.zarr", tiny_teacher_cfg, protocol, url, "teacher.dimensions=32")
+        assert extract(cfg, log=quiet).complete
+    assert faulty.count["500-after"] == 3
+    assert_same(local, arrays(cfg.out))
+    usage = embedcache.open_store(cfg.out).manifest["teacher_usage"]
+    total, doubles = charged(inner)
+    if protocol == "embedcache":  # the resend under the same idempotency key was a free replay of its own charge
+        assert doubles == 0 and usage["queries"] == total == 90 + 24, (usage, total)
+    else:  # charged again on the resend: the books never below the bill
+        assert doubles > 0 and usage["queries"] + usage.get("possibly_paid", 0) >= total, (usage, total)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_too_large_halves_the_batch(protocol, tmp_path, local, tiny_teacher_cfg, tiny_teacher, key_env):
     if protocol == "embedcache":
         app = Faults(service_app(protocol, tiny_teacher_cfg, tiny_teacher, tmp_path), script=["413"])
@@ -1319,4 +1340,9 @@ def test_a_refused_path_is_named_with_a_hint(tmp_path, tiny_teacher_cfg, tiny_te
         cfg = remote(tmp_path, "r.zarr", tiny_teacher_cfg, "openai", url + "/nope", "teacher.dimensions=32").teacher
         with pytest.raises(RemoteError, match=r"refused the request to POST /embeddings \(404\): .* \(is teacher.url the "
                                               r"API's base, e.g. ending in /v1"):
+            build_teacher(cfg).encode_pixels(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
+    inner = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
+    with LiveServer(inner) as url:  # the right path, a model it does not serve: no hint about the path
+        cfg = remote(tmp_path, "r.zarr", tiny_teacher_cfg, "embedcache", url, "teacher.model=foo").teacher
+        with pytest.raises(RemoteError, match=r"\(404\): model 'foo' is not served here; this server serves \S+$"):
             build_teacher(cfg).encode_pixels(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))

@@ -3,8 +3,9 @@ live in ``retry.py``; this file sends, classifies what came back, paces, and kee
 
 Outcomes of an attempt:
 - 200: the answer (paid).
-- timeout or dropped connection after the request went out: *lost* (possibly paid; it counts
-  against the budget), retried with the same idempotency key.
+- timeout or dropped connection after the request went out, or a 5xx (a gateway's 502 or 504 may
+  come after the service charged): *lost* (possibly paid; it counts against the budget), retried with
+  the same idempotency key.
 - connection refused: nothing went out; retried, then a one-line error naming the URL.
 - 408/409/429/5xx: retried after the wait the server asks for (or backoff); a wait longer than
   ``max_retry_wait`` (WaitTooLong, exit 75), or an ``embedcache`` server's "quota exceeded" (BudgetError,
@@ -253,9 +254,13 @@ class Transport:
                     if request_id in self._lost_here and (self.last_replayed or self.protocol.idempotency_header):
                         self._charged_once(request_id, reclaimed)  # answered afresh: its lost sends were never charged
                     return answer
-                held[0] = n  # refused, not charged: the claim waits for the next attempt (or is given back)
-                self.ledger.outcome(row, request_id, f"http:{status}")
-                self.stats.refused += 1
+                if status >= 500:  # a gateway's 502 or 504, a service failing after its charge: possibly paid
+                    self._lost(row, request_id, n, f"http:{status}")
+                    lost = True  # its claim holds the charge it may have made (counted as not charged: a trial)
+                else:
+                    held[0] = n  # refused, not charged: the claim waits for the next attempt (or is given back)
+                    self.ledger.outcome(row, request_id, f"http:{status}")
+                    self.stats.refused += 1
                 text = self._error_text(resp)
                 if status in (401, 403):
                     raise self._refused(status)
@@ -266,8 +271,9 @@ class Transport:
                                       f"({one_line(text, self._key)}): have the service raise it, then rerun the same "
                                       "command to resume")
                 if not should_retry_status(status, resp.headers):
+                    # (not where the service said which model it lacks: the path was right, a trial)
                     hint = (" (is teacher.url the API's base, e.g. ending in /v1, and teacher.protocol its protocol?)"
-                            if status in (404, 405) else "")
+                            if status in (404, 405) and "model" not in text.lower() else "")
                     raise RemoteError(f"the server at {self.base_url} refused the request to POST {path} ({status}): "
                                       f"{one_line(text, self._key)}{hint}")
                 last = f"{status} {one_line(text, self._key, 80)}"
