@@ -232,7 +232,12 @@ def main() -> None:
                 got[f"PIL DataLoader + teacher, 1 view, {workers} worker(s)"] = pil_baseline(teacher, ds, args.batch, workers)
             for dec in args.decoders:
                 for v in args.views:
-                    call, images = pipeline(teacher, tcfg, ds, args.batch, args.workers, v, dec, tmp / f"round{r}")
+                    try:  # one arm that fails (a decoder the device will not run) costs only its own figures
+                        call, images = pipeline(teacher, tcfg, ds, args.batch, args.workers, v, dec, tmp / f"round{r}")
+                    except Exception as exc:
+                        print(f"  extract ({dec}), {v} view(s)/image failed: {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200] if str(exc) else ''}", flush=True)
+                        continue
                     got[f"extract ({dec}), {v} view(s)/image, {workers} worker(s)"] = call
                     got[f"  of it the image pass ({dec}, {v} view(s)/image)"] = images
             bare = (before + bare_forward(teacher, n * max(args.views), args.batch)) / 2

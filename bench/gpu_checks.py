@@ -12,7 +12,14 @@
    of two extractions (N and 2N images, batch 8, one block each) and of two cached training runs (20
    and 40 steps, no evaluation or checkpoint between): the difference, per extra batch and per extra
    step, is what the loop itself waits for (0 is the design; each wait leaves the device idle).
-On a machine without a GPU, part 1 runs with torchvision's CPU decoder and part 2 is skipped.
+3. Decoder streams (first: the one most likely to find wrong numbers): the same JPEGs extracted three
+   times with ``decoder=device``: as the reader does it (the decoder's outputs on a side stream),
+   unguarded (decoded on the current stream, as before pytorch/vision#9606 was known) and serialised
+   (the device synchronised before each decode): the rows whose canvases differ from the serialised
+   ones. 0 is the design; rows off when unguarded show the race is real on this GPU.
+4. Renderers: ``render_views_batched`` on the GPU against ``render_views`` on the CPU, the reference
+   (max |diff| on [0, 1]; the stated tolerance is 1e-4), and the TF32 settings in force.
+On a machine without a GPU, part 1 runs with torchvision's CPU decoder and parts 2 to 4 are skipped.
 """
 from __future__ import annotations
 
@@ -151,6 +158,61 @@ def waits(tcfg: TeacherConfig, teacher, pacs: Path, tmp: Path) -> dict:
     return out
 
 
+def streams(tcfg: TeacherConfig, teacher, pacs: Path, tmp: Path) -> dict:
+    from PIL import Image
+
+    from embedcache.extract.device import DeviceDecodeReader
+
+    root = tmp / "streams"
+    for c in range(4):
+        (root / f"c{c}").mkdir(parents=True)
+        for j in range(64):
+            _photo(pacs, 64 * c + j).resize((500, 375), Image.BICUBIC).save(root / f"c{c}" / f"{j}.jpg", quality=90)
+    guarded = DeviceDecodeReader._decode
+
+    def serialised(self, blobs):
+        torch.cuda.synchronize()
+        return guarded(self, blobs)
+
+    pixels = {}
+    for arm, decode in (("serialised", serialised), ("side stream", guarded),
+                        ("unguarded", lambda self, blobs: self._decode_here(blobs))):
+        DeviceDecodeReader._decode = decode
+        try:
+            cfg = ExtractConfig(dataset=DatasetConfig(name="folder", path=str(root)), teacher=tcfg,
+                                views=ViewsConfig(count=4), text=TextConfig(sources=("name",)),
+                                out=str(tmp / f"s-{arm.replace(' ', '_')}.zarr"), batch_size=64, progress=False,
+                                decoder="device", num_workers=4)
+            extract(cfg, teacher=teacher, log=lambda _m: None)
+        finally:
+            DeviceDecodeReader._decode = guarded
+        with embedcache.open_store(cfg.out) as s:
+            pixels[arm] = s.pixels().copy()
+    out = {}
+    for arm in ("side stream", "unguarded"):
+        off = int((pixels[arm] != pixels["serialised"]).any(axis=(1, 2, 3)).sum())
+        out[arm] = off
+        print(f"  decoder streams: {arm:<12} {off} of {len(pixels[arm])} canvases differ from the serialised decode",
+              flush=True)
+    return out
+
+
+def renderers() -> dict:
+    from embedcache.views import render_views, render_views_batched, view_params
+
+    g = torch.Generator().manual_seed(0)
+    canvas = torch.randint(0, 256, (32, 256, 256, 3), dtype=torch.uint8, generator=g)
+    params = torch.from_numpy(np.stack([view_params(0, i, 4, 256, color_jitter=0.4, grayscale=0.2) for i in range(32)]))
+    want = render_views(canvas, params, 224)
+    got = render_views_batched(canvas.cuda(), params.cuda(), 224).cpu()
+    flags = {"matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32, "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+             "float32_matmul_precision": torch.get_float32_matmul_precision()}
+    out = {"max_diff": float((got - want).abs().max()), **flags}
+    print(f"  renderers: batched on the GPU vs render_views on the CPU: max |diff| {out['max_diff']:.2e} "
+          f"(tolerance 1e-4); {', '.join(f'{k} {v}' for k, v in flags.items())}", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="ViT-B-32")
@@ -168,6 +230,9 @@ def main() -> None:
     teacher = build_teacher(tcfg)
     result = {"device": torch.cuda.get_device_name() if on_gpu else "cpu", **versions}
     with tempfile.TemporaryDirectory() as d:
+        if on_gpu:
+            result["streams"] = streams(tcfg, teacher, Path(args.pacs), Path(d))
+            result["renderers"] = renderers()
         result["decoders"] = decoders(tcfg, teacher, Path(args.pacs), Path(d))
         if on_gpu:
             result["waits"] = waits(tcfg, teacher, Path(args.pacs), Path(d))

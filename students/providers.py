@@ -32,13 +32,27 @@ TARGETS = Registry("target provider")
 UPLOAD_ROWS = 1024  # canvases are copied to the device in slices, never doubled in host memory
 
 
+# how many runs a launcher packs onto this process's GPU (set in each worker; 1 when unset)
+SHARERS_ENV = "EMBEDCACHE_RUNS_PER_DEVICE"
+
+
+def fits_on_device(nbytes: int, free: int, total: int, sharers: int = 1) -> bool:
+    """Whether an array of ``nbytes`` goes on the device: within 0.6 of its free memory, and of this run's
+    share of it where ``sharers`` runs are packed on it (they start together, each seeing it all free:
+    four runs each taking 0.6 of it ran out of memory; a review)."""
+    return nbytes < 0.6 * min(free, total / max(1, sharers))
+
+
 def to_device_array(arr: np.ndarray, device: torch.device, pinned_fallback: bool = False) -> torch.Tensor:
     """A read-only numpy array as a tensor on ``device`` (copied in row slices). With
-    ``pinned_fallback``, an array that does not fit in the device's free memory goes to pinned host memory."""
+    ``pinned_fallback``, an array that does not fit in the device's free memory (``fits_on_device``)
+    goes to pinned host memory."""
+    import os
+
     on_device = device.type == "cuda"
     if on_device and pinned_fallback:
-        free, _ = torch.cuda.mem_get_info(device)
-        on_device = arr.nbytes < 0.6 * free
+        free, total = torch.cuda.mem_get_info(device)
+        on_device = fits_on_device(arr.nbytes, free, total, int(os.environ.get(SHARERS_ENV, "1") or 1))
     out = torch.empty(arr.shape, dtype=torch.from_numpy(arr[:0].copy()).dtype,
                       device=device if on_device else "cpu", pin_memory=not on_device and device.type == "cuda")
     for i in range(0, len(arr), UPLOAD_ROWS):
@@ -53,7 +67,7 @@ def _index(idx: np.ndarray, device: torch.device) -> torch.Tensor:
 def student_views(data: StoreData, idx: np.ndarray, views: np.ndarray, size: int, mean, std,
                   device: torch.device) -> torch.Tensor:
     """(B, 3, size, size) normalised student input: view ``views[b]`` of image ``idx[b]`` (CPU arrays)."""
-    canvas = torch.from_numpy(data.pixels[idx]).to(device)
+    canvas = upload(torch.from_numpy(data.pixels[idx]), device)
     params = torch.from_numpy(data.params[idx, views][:, None])
     return normalize(render_views_batched(canvas, params, size, data.interpolation)[:, 0], mean, std)
 
@@ -156,8 +170,8 @@ class TeacherOnlineTargets(StoredTargets):
         """On a GPU as a fast cache-less pipeline would: the batch's views rendered in one batched call
         and encoded with the result left on the device (no host round trip); on the CPU crop by crop,
         as the store's own views were rendered there."""
-        t = self.teacher
-        canvas = torch.from_numpy(self.data.pixels[idx]).to(t.device)
+        t = self.teacher  # canvases up from pinned memory: a pageable copy waited for the GPU every step (a review)
+        canvas = upload(torch.from_numpy(self.data.pixels[idx]), t.device)
         params = torch.from_numpy(self.data.params[idx, views][:, None])
         if t.device.type == "cuda":
             x = to_uint8(render_views_batched(canvas, params, t.input_size, t.interpolation)[:, 0])

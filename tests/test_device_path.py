@@ -184,6 +184,10 @@ def test_a_store_without_canvases_is_read_with_the_decoder_students_rebuild_them
         cfg = make_cfg("x.zarr", *files, f"canvas.store={str(store).lower()}")
         reader = make_reader(cfg, build_dataset(cfg.dataset), gpu)
         assert isinstance(reader, DeviceDecodeReader) == device_reader, to_dict(cfg.canvas)
+    # images made in memory have no JPEG to decode: `auto` keeps PIL (the device reader probed nvJPEG, whose
+    # failure would stop a store that decodes nothing, and named a decoder in its key that decoded nothing)
+    cfg = make_cfg("x.zarr", "dataset.name=synthetic")
+    assert not isinstance(make_reader(cfg, build_dataset(cfg.dataset), gpu), DeviceDecodeReader)
 
 
 def _jpeg(path, img, **kw):

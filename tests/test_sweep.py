@@ -414,6 +414,20 @@ def test_local_workers_are_spread_round_robin_over_the_gpus(monkeypatch):
     assert worker_devices("cuda:1", 2) == ["cuda:1", "cuda:1"]
 
 
+def test_runs_packed_on_a_gpu_keep_their_arrays_within_their_share_of_it():
+    """Packed runs start together and each saw the whole GPU free: four workers each putting 0.6 of it
+    under their canvases would run out of memory (a review). Each takes its share, else pinned host memory."""
+    from embedcache.students.providers import fits_on_device
+    from embedcache.students.sweep.launchers import device_sharers
+
+    assert device_sharers(["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]) == [3, 2, 3, 2, 3]
+    gb = 2 ** 30
+    assert fits_on_device(15 * gb, 78 * gb, 80 * gb, sharers=1)  # alone: 0.6 of the free 78
+    assert not fits_on_device(15 * gb, 78 * gb, 80 * gb, sharers=4)  # one of four: 0.6 of its 20
+    assert fits_on_device(2 * gb, 78 * gb, 80 * gb, sharers=4)  # PACS at 256 px: on the device still
+    assert not fits_on_device(2 * gb, 3 * gb, 80 * gb, sharers=1)  # and never past 0.6 of what is free
+
+
 def test_a_run_keeps_its_name_when_settings_are_added():
     """A sweep started before a new setting existed must still find its finished runs: the name of a
     run at the new setting's default is the name it had before (computed with the code of 1db5533)."""

@@ -701,10 +701,10 @@ class _Geometry:
 
 def make_reader(cfg: ExtractConfig, dataset: ImageDataset, teacher):
     """The configured reader: PIL in DataLoader workers, or JPEGs decoded on the teacher's device
-    (``decoder: device``, or ``auto`` with a GPU teacher and the canvases kept in the store: without
-    them students rebuild canvases with PIL, so the teacher must have seen PIL's)."""
+    (``decoder: device``, or ``auto`` with a GPU teacher, image files to decode and the canvases kept in
+    the store: without them students rebuild canvases with PIL, so the teacher must have seen PIL's)."""
     on_gpu, workers = teacher.device.type == "cuda", reader_workers(cfg.num_workers, teacher)
-    if cfg.decoder == "device" or (cfg.decoder == "auto" and on_gpu and cfg.canvas.store):
+    if cfg.decoder == "device" or (cfg.decoder == "auto" and on_gpu and cfg.canvas.store and dataset.has_files):
         return DeviceDecodeReader(dataset, policy_of(cfg), teacher.device, workers)
     return LoaderReader(dataset, policy_of(cfg), teacher.input_size, teacher.interpolation, render=not on_gpu,
                         num_workers=workers, pin_memory=on_gpu)

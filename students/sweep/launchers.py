@@ -113,12 +113,16 @@ def _as_items(job: List[SweepPoint]) -> list:
 
 
 # --- local: a pool of worker processes ------------------------------------------------------------------
-def _worker_main(tasks, results, spec_dict: Dict, sweep_dir: str, device: str, threads: int) -> None:
+def _worker_main(tasks, results, spec_dict: Dict, sweep_dir: str, device: str, threads: int, sharers: int = 1) -> None:
     """A spawned worker: takes runs until told to stop; a signal only sets the stop flag, so the
-    run in progress saves a checkpoint at its next step and the worker leaves cleanly."""
+    run in progress saves a checkpoint at its next step and the worker leaves cleanly. ``sharers``:
+    the workers on its device (each run's arrays then take no more than its share of the GPU)."""
     import torch
 
     from . import SweepSpec
+    from ..providers import SHARERS_ENV
+
+    os.environ[SHARERS_ENV] = str(sharers)
 
     interrupt.stop_on_signal()
     interrupt.let_go()  # held while it started: now the stop flag's
@@ -179,6 +183,11 @@ def worker_devices(device: str, n: int) -> List[str]:
     return [device] * n
 
 
+def device_sharers(devices: List[str]) -> List[int]:
+    """For each worker, how many workers share its device (its runs' arrays take that share of a GPU)."""
+    return [devices.count(d) for d in devices]
+
+
 @launcher("local", options=("workers",), reads=("workers",))
 def local(jobs: List[List[SweepPoint]], spec, sweep_dir, device="auto", progress=True, workers=None, grace=30.0):
     """A pool of worker processes on this machine (spawned, so no forked OpenMP state)."""
@@ -196,8 +205,8 @@ def local(jobs: List[List[SweepPoint]], spec, sweep_dir, device="auto", progress
         tasks.put(_as_items(job))
     for _ in range(n):
         tasks.put(None)
-    procs = [ctx.Process(target=_worker_main, args=(tasks, results, as_dict(spec), sweep_dir, devices[k], threads),
-                         daemon=True) for k in range(n)]
+    procs = [ctx.Process(target=_worker_main, args=(tasks, results, as_dict(spec), sweep_dir, devices[k], threads,
+                                                    device_sharers(devices)[k]), daemon=True) for k in range(n)]
     with interrupt.held():  # a worker still importing printed its traceback at a Ctrl-C
         for p in procs:
             p.start()
@@ -286,11 +295,13 @@ def _check_reachable(address: str, timeout: float = 3.0) -> None:
 
 
 def _ray_task(items: list, spec_dict: Dict, sweep_dir: str, device: str, threads: int,
-              cwd: Optional[str] = None) -> List[Dict[str, str]]:
+              cwd: Optional[str] = None, sharers: int = 1) -> List[Dict[str, str]]:
     import torch
 
     from . import SweepSpec
+    from ..providers import SHARERS_ENV
 
+    os.environ[SHARERS_ENV] = str(sharers)  # tasks asking a fraction of a GPU: that many share it
     if cwd:
         os.chdir(cwd)  # Ray workers start elsewhere; stores and sweep dirs may be relative paths
     torch.set_num_threads(threads)
@@ -369,7 +380,10 @@ def ray_launcher(jobs: List[List[SweepPoint]], spec, sweep_dir, device="auto", p
     task = ray.remote(num_cpus=res.get("num_cpus", 1), num_gpus=res.get("num_gpus", 0), max_retries=0,
                       **({"memory": res["memory"]} if res.get("memory") else {}))(_ray_task)
     threads = max(1, int(res.get("num_cpus", 1)))
-    job_of = {task.remote(_as_items(job), to_dict(spec), sweep_dir, device, threads, os.getcwd()): job for job in jobs}
+    gpus = float(res.get("num_gpus") or 0)
+    sharers = max(1, int(1 / gpus)) if 0 < gpus < 1 else 1
+    job_of = {task.remote(_as_items(job), to_dict(spec), sweep_dir, device, threads, os.getcwd(), sharers): job
+              for job in jobs}
     pending = list(job_of)
     slots = ray_slots(have, res)  # tasks running at once: the rest of those pending wait in Ray's queue
     bar, out = Progress(sum(map(len, jobs)), progress), []
