@@ -508,3 +508,40 @@ def test_the_cuda_decoder_allocates_on_a_stream_of_its_own(monkeypatch):
     said.clear()
     reader._decode([torch.zeros(3, dtype=torch.uint8)])
     assert said == [("decode on", "main")]
+
+
+def test_a_store_decoded_on_one_gpu_is_refused_on_another_naming_both(photo_folder, make_cfg, tiny_teacher, monkeypatch):
+    """nvJPEG decodes on a hardware engine on some GPUs and in CUDA code on others: the same files give
+    other pixels on another GPU or torchvision, which the key did not hold (it named only "cuda"; a
+    review). The GPU and version are in the pipeline, and a resume elsewhere names both (faked here)."""
+    from embedcache.errors import StoreMismatchError
+    from embedcache.extract import device as dev
+
+    real = dev.device_pipeline
+    gpu = ["NVIDIA H100, torchvision 0.26"]
+    monkeypatch.setattr(dev, "device_pipeline", lambda d: {**real(d), "decoder_device": gpu[0]})
+
+    def stop(block):
+        raise KeyboardInterrupt
+
+    cfg = make_cfg("dev.zarr", "dataset.name=folder", f"dataset.path={photo_folder}", "decoder=device", "block_rows=3")
+    with pytest.raises(KeyboardInterrupt):
+        extract(cfg, teacher=tiny_teacher, on_block_done=stop, log=quiet)
+    gpu[0] = "NVIDIA A10, torchvision 0.26"
+    with pytest.raises(StoreMismatchError, match=r"store: pipeline.decoder_device='NVIDIA H100, torchvision 0.26'; "
+                       r"this call: pipeline.decoder_device='NVIDIA A10, torchvision 0.26'.*resume it where it was decoded "
+                       r"\(NVIDIA H100, torchvision 0.26: another GPU's"):
+        extract(cfg, teacher=tiny_teacher, log=quiet)
+    gpu[0] = "NVIDIA H100, torchvision 0.26"
+    assert extract(cfg, teacher=tiny_teacher, log=quiet).complete  # where it was made: resumed
+
+
+def test_a_gpu_pipeline_names_its_decoders_hardware_and_version(monkeypatch):
+    import torchvision
+
+    from embedcache.extract.device import device_pipeline
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H100 80GB HBM3")
+    got = device_pipeline(torch.device("cuda"))
+    assert got["decoder_device"] == f"NVIDIA H100 80GB HBM3, torchvision {torchvision.__version__}"
+    assert "decoder_device" not in device_pipeline(torch.device("cpu"))  # CPU stores keep their keys

@@ -41,8 +41,16 @@ EXIF_ORIENTATION = 0x0112
 
 
 def device_pipeline(device: torch.device) -> dict:
-    return {"decoder": f"torchvision-decode_jpeg-{device.type}+pil-for-cmyk-adobe-rgb-exif-unended",
-            "canvas": "torch-antialias-bicubic-shorter-side-centre-crop", "views": "batched-resample-uint8"}
+    """The pipeline a store's key holds. On a GPU also the decoder's hardware and torchvision's version:
+    nvJPEG decodes on a hardware engine on some GPUs (A100, H100) and in CUDA code on others, and
+    versions differ, so the same file gives other pixels on another GPU (a review)."""
+    out = {"decoder": f"torchvision-decode_jpeg-{device.type}+pil-for-cmyk-adobe-rgb-exif-unended",
+           "canvas": "torch-antialias-bicubic-shorter-side-centre-crop", "views": "batched-resample-uint8"}
+    if device.type == "cuda":
+        import torchvision
+
+        out["decoder_device"] = f"{torch.cuda.get_device_name(device)}, torchvision {torchvision.__version__}"
+    return out
 
 
 class _Files(torch.utils.data.Dataset):
