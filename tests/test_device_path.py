@@ -541,6 +541,7 @@ def test_a_gpu_pipeline_names_its_decoders_hardware_and_version(monkeypatch):
 
     from embedcache.extract.device import device_pipeline
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H100 80GB HBM3")
     got = device_pipeline(torch.device("cuda"))
     assert got["decoder_device"] == f"NVIDIA H100 80GB HBM3, torchvision {torchvision.__version__}"

@@ -46,7 +46,7 @@ def device_pipeline(device: torch.device) -> dict:
     versions differ, so the same file gives other pixels on another GPU (a review)."""
     out = {"decoder": f"torchvision-decode_jpeg-{device.type}+pil-for-cmyk-adobe-rgb-exif-unended",
            "canvas": "torch-antialias-bicubic-shorter-side-centre-crop", "views": "batched-resample-uint8"}
-    if device.type == "cuda":
+    if device.type == "cuda" and torch.cuda.is_available():  # (a manifest's decoder named on a machine without one)
         import torchvision
 
         out["decoder_device"] = f"{torch.cuda.get_device_name(device)}, torchvision {torchvision.__version__}"
