@@ -1259,6 +1259,23 @@ def test_a_sweep_and_a_run_never_share_a_folder(synthetic_store, tmp_path):
         assert res.exit_code == 2 and "--out is empty; give a path, or leave --out out for its default" in res.output, cmd
 
 
+def test_an_open_vocab_sweep_holding_out_one_class_is_refused_before_any_run(synthetic_store, tmp_path):
+    """Its unseen_zero_shot, among the unseen labels only, is 100% by construction: the closing table and
+    report.md showed 100.0 ± 0.0, the runs' warnings lost amid the progress bars (a trial)."""
+    grid = {"recipe": ["feat_kd"], "seed": [0]}
+    with pytest.raises(ConfigError, match=r"open_vocab: the class split holds out one class \('\w+'\), so "
+                                          r"unseen_zero_shot.* set unseen_fraction so that two or more of the store's 3"):
+        run_sweep(load_sweep(str(_sweep_file(tmp_path, synthetic_store, protocol="open_vocab", grid=grid))),
+                  str(tmp_path / "a"), progress=False, log=quiet)
+    assert not (tmp_path / "a" / "runs").exists()
+    spec = load_sweep(str(_sweep_file(tmp_path, synthetic_store, protocol="open_vocab", unseen_fraction=0.67,
+                                      grid=grid, base={"student": {"name": "test_resnet", "input_size": 32}, "steps": 2,
+                                                       "batch_size": 4, "eval_every": 2, "ckpt_every": 2,
+                                                       "device": "cpu"})))
+    res = run_sweep(spec, str(tmp_path / "b"), progress=False, log=quiet)["results"]  # two of three held out: it runs
+    assert set(res[res["split"] == "unseen_zero_shot"]["protocol"]) == {"open_vocab"}
+
+
 def test_a_few_shot_sweep_whose_episodes_cannot_be_drawn_is_refused_before_any_run(synthetic_store, make_cfg,
                                                                                  tiny_teacher, tmp_path):
     """A few_shot sweep over a synthesised store of 2 images per class under 5 shots trained its run, then

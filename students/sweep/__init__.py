@@ -223,6 +223,7 @@ def expand(spec: SweepSpec, sweep_dir: str) -> List[SweepPoint]:
         _require_used(spec.per_recipe, sorted({p.cfg.recipe for p in out}))
         _require_transferable(spec.transfer, reader, sorted({text_source_of(p.cfg) for p in out}))
         _require_episodes(spec, reader, out, sweep_dir)
+        _require_unseen_classes(spec, reader, out)
         # head-only runs' cached features, before any run (runs with results need none)
         missing = missing_features(reader, [p.cfg for p in out
                                             if not result_path(sweep_dir, Path(p.cfg.out).name).exists()])
@@ -267,6 +268,20 @@ def _require_episodes(spec: SweepSpec, reader, points: List[SweepPoint], sweep_d
                 raise ConfigError(f"few_shot: class {r.classes[c]!r} has {n} usable images in {which} {path}, "
                                   f"fewer than shots={spec.shots} + 1 to test; {fewer}hold out other classes "
                                   f"(unseen_fraction, split_seed){alone}")
+
+
+def _require_unseen_classes(spec: SweepSpec, reader, points: List[SweepPoint]) -> None:
+    """An open_vocab sweep holds two or more classes out: with one, unseen_zero_shot (among the unseen
+    labels only) is 100% by construction; the table and report.md showed 100.0 ± 0.0, the runs' warnings
+    lost amid the progress bars (a trial)."""
+    if spec.protocol != "open_vocab":
+        return
+    for seen in sorted({tuple(p.cfg.split.train_classes or ()) for p in points}):
+        unseen = [c for c in reader.classes if c not in seen]
+        if seen and len(unseen) == 1:
+            raise ConfigError(f"open_vocab: the class split holds out one class ({unseen[0]!r}), so unseen_zero_shot, "
+                              "among the unseen labels only, would be 100% by construction; set unseen_fraction so "
+                              f"that two or more of the store's {len(reader.classes)} classes are held out")
 
 
 def _require_used(per_recipe: Dict[str, Any], trained: List[str]) -> None:
