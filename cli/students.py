@@ -124,7 +124,8 @@ def sweep(sweep_file, out, launcher, workers, address, device, overrides, no_pro
         click.echo(markdown(table))
         for line in [line for s in shown for line in collapse_notes(res["results"], s)]:  # said during the runs,
             click.echo(f"warning: {line}")  # amid their progress bars (a trial)
-        click.echo(f"results: {out}/results.parquet; report: {out}/report/report.md")
+        if res["wrote"]:  # else a later launch's grid owns them (said above): not this table's files (a trial)
+            click.echo(f"results: {out}/results.parquet; report: {out}/report/report.md")
     if res["failed"]:
         sys.exit(1)
 

@@ -44,6 +44,7 @@ def test_tiny_sweep_end_to_end(synthetic_store, tmp_path):
     res = CliRunner().invoke(main, ["sweep", str(f), "--out", str(out), "--no-progress"])
     assert res.exit_code == 0, res.output
     assert "8 runs: 8 done now" in res.output  # 2 recipes x 2 seeds x 2 held-out domains
+    assert res.output.splitlines()[-1] == f"results: {out}/results.parquet; report: {out}/report/report.md"
     df = pd.read_parquet(out / "results.parquet")
     assert df.run.nunique() == 8 and set(df.holdout) == {"outline", "solid"} and set(df.replicate) == {0, 1}
     ood = df[(df.split == "out_of_domain") & (df.metric == "top1")]
@@ -679,9 +680,12 @@ def test_a_launch_writes_the_table_of_its_own_grid(synthetic_store, tmp_path):
     (out / "runs.json").write_text(json.dumps(ce_only))  # another launch, over [ce], wrote it meanwhile
     (out / "results.parquet").unlink()
     said = []
-    assert set(_write_outputs(str(out), points, said.append).recipe) == {"ce", "feat_kd"}
-    # ... and owns the folder's table: this launch's is not written over it (runs.json would not match it)
+    results, wrote = _write_outputs(str(out), points, said.append)
+    assert set(results.recipe) == {"ce", "feat_kd"}
+    # ... and owns the folder's table: this launch's is not written over it (runs.json would not match it), and
+    # the command's last line no longer points at those files as this table's (a trial)
     assert not (out / "results.parquet").exists() and "a later launch" in said[0] and "changed its grid" in said[0]
+    assert not wrote
 
 
 def test_a_relaunch_may_add_a_recipe_with_its_settings_or_move_a_base_setting_into_the_grid(synthetic_store, tmp_path):

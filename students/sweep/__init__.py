@@ -20,7 +20,7 @@ import os
 import warnings
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pandas as pd
 
@@ -576,25 +576,32 @@ def _run_results(path: Path) -> pd.DataFrame:
                               "it scores that run again (its trained weights are kept)") from None
 
 
-def _write_outputs(sweep_dir: str, points: List[SweepPoint], log: Callable[[str], None] = print) -> Optional[pd.DataFrame]:
-    """This launch's table (its own grid's runs). Written as the folder's results.parquet and report
-    only while its grid is still the folder's (runs.json): a later launch with another grid owns them."""
+def _write_outputs(sweep_dir: str, points: List[SweepPoint],
+                   log: Callable[[str], None] = print) -> Tuple[Optional[pd.DataFrame], bool]:
+    """This launch's table (its own grid's runs), and whether it was written as the folder's results.parquet
+    and report: only while its grid is still the folder's (runs.json): a later launch with another grid owns them."""
     from embedcache.evaluate.report import write_report
 
     names = [Path(p.cfg.out).name for p in points]
     if not any(result_path(sweep_dir, n).exists() for n in names):
-        return None
+        return None, False
     results = collect(sweep_dir, names)  # this launch's grid (another launch may have rewritten runs.json)
-    if sorted(_grid_runs(sweep_dir) or names) != sorted(names):
+    if not _owns_outputs(sweep_dir, points):
         log(f"note: a later launch into {sweep_dir} changed its grid, so its results.parquet and report/ are that "
             f"launch's; this launch's table is below (`embedcache report {sweep_dir}` writes the current grid's)")
-        return results
+        return results, False
     dropped = left_out_note(sweep_dir, results)
     if dropped:
         log(f"warning: {dropped}")
     atomic_write(Path(sweep_dir) / "results.parquet", lambda tmp: results.to_parquet(tmp, index=False))
     write_report(results, str(Path(sweep_dir) / "report"), note=partial_note(sweep_dir, names, results))
-    return results
+    return results, True
+
+
+def _owns_outputs(sweep_dir: str, points: List[SweepPoint]) -> bool:
+    """Whether this launch's grid is still the folder's (runs.json), whose results.parquet and report it writes."""
+    names = [Path(p.cfg.out).name for p in points]
+    return sorted(_grid_runs(sweep_dir) or names) == sorted(names)
 
 
 def _require_one_store(sweep_dir: str, store: str) -> None:
@@ -952,5 +959,5 @@ def _launch(spec: SweepSpec, sweep_dir: str, points: List[SweepPoint], name: str
     if stopped or counts["interrupted"]:
         raise SweepInterrupted(f"interrupted: {finished} of {len(points)} runs finished (trained and scored); rerun "
                                "the same command to resume")
-    results = _write_outputs(sweep_dir, points, log)
-    return {"runs": len(points), **counts, "results": results, "run_dirs": [p.cfg.out for p in points]}
+    results, wrote = _write_outputs(sweep_dir, points, log)
+    return {"runs": len(points), **counts, "results": results, "run_dirs": [p.cfg.out for p in points], "wrote": wrote}
