@@ -427,5 +427,5 @@ def test_names_results_tables_would_misread_are_refused(tmp_path, domains, class
 
 def test_reserved_domain_names_cover_what_results_tables_read_otherwise():
     from embedcache.datasets import RESERVED_DOMAINS
-    from evaluate.results import NOT_ONE_DOMAIN, TAGS, TRANSFER
+    from embedcache.evaluate.results import NOT_ONE_DOMAIN, TAGS, TRANSFER
     assert set(NOT_ONE_DOMAIN) | {TRANSFER, TAGS["holdout"]} <= set(RESERVED_DOMAINS)

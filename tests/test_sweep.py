@@ -1228,7 +1228,7 @@ def test_the_sweep_says_its_collapsed_runs_under_its_table(synthetic_store, tmp_
     rows = [{**base, "run": f"r{k}", "replicate": k, "metric": "top1", "value": 0.28} for k in range(2)]
     rows += [{**base, "run": "r0", "replicate": 0, "metric": "collapsed_share", "value": 0.97, "class_name": "circle"}]
     done = {"runs": 2, "done": 2, "skipped": 0, "failed": 0, "busy": 0, "results": pd.DataFrame(rows),
-            "run_dirs": [str(tmp_path / "sw" / "runs" / f"r{k}") for k in range(2)]}
+            "run_dirs": [str(tmp_path / "sw" / "runs" / f"r{k}") for k in range(2)], "wrote": True}
     monkeypatch.setattr(sweep_mod, "run_sweep", lambda *a, **k: done)
     monkeypatch.setattr(sweep_mod, "partial_note", lambda *a, **k: "")
     res = CliRunner().invoke(main, ["sweep", str(_sweep_file(tmp_path, synthetic_store)), "--out", str(tmp_path / "sw"),
