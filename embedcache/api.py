@@ -85,6 +85,16 @@ class StoreReader:
         """One row per prompt of every text source (a copy, as ``meta`` is)."""
         return self._text_table.copy()
 
+    def require_table_names(self) -> None:
+        """Refuse to score a store whose domain or class names results tables would misread (``datasets.
+        names_problem``; a store made before they were refused: its domain "all" read as every domain)."""
+        from .datasets import names_problem
+
+        why = names_problem(self.domains, self.classes)
+        if why:
+            raise StoreError(f"store {self.path}: {why} (it was made before such names were refused); rename it in the "
+                             "dataset and extract it again into a new --out")
+
     @cached_property
     def _text_table(self) -> pd.DataFrame:
         return self._store.table("text.parquet")

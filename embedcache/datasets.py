@@ -31,11 +31,14 @@ from .text import prompt_clash, prompt_key
 
 DATASETS = Registry("dataset")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-# domain names a results row gives to no one domain or to a --transfer row (evaluate.results: NOT_ONE_DOMAIN,
-# TRANSFER, a blank "-"): a domain of one of these names would drop out of averages or read as transfer scores
-RESERVED_DOMAINS = ("all", "training_domains", "transfer", "-")
-# the separators of a results row's holdout ("; " between its parts, "," between held-out names)
+# domain names results tables give other meanings: rows of no one domain or of --transfer scores
+# (evaluate.results: NOT_ONE_DOMAIN, TRANSFER, a blank "-"), and a summary table's own columns ("avg",
+# "replicates"): a domain so named dropped out of every avg, or overwrote the avg cell, with exit 0
+RESERVED_DOMAINS = ("all", "training_domains", "transfer", "-", "avg", "replicates")
+# the separators of a results row's holdout ("; " between its parts, "," between held-out names), and the
+# prefixes of its parts (evaluate.results: UNSEEN, TRAINED_WITHOUT)
 HOLDOUT_SEPARATORS = (";", ",")
+HOLDOUT_PREFIXES = ("unseen:", "trained without:")
 
 
 @dataclass(frozen=True)
@@ -128,19 +131,26 @@ class ImageDataset:
 
 
 def _require_names(name: str, root, domains: Sequence[str], classes: Sequence[str]) -> None:
-    """Refuse domain and class names that results tables would misread: a domain named as no one domain
-    or as a --transfer row, a separator of the holdout column in a domain name, or ";" in a class name
-    (the unseen classes of a class split are one part of it)."""
-    bad = [d for d in domains if d.strip() in RESERVED_DOMAINS or d != d.strip() or not d.strip()
-           or any(c in d for c in HOLDOUT_SEPARATORS)]
-    if bad:
-        raise DatasetError(f"dataset {name!r} at {root}: domain {bad[0]!r} cannot be told apart in results tables "
-                           f"(the names {', '.join(RESERVED_DOMAINS)} are taken, and a domain name holds no ';' or ',' "
-                           "and no leading or trailing space); rename that domain folder (or its CSV rows)")
+    why = names_problem(domains, classes)
+    if why:
+        raise DatasetError(f"dataset {name!r} at {root}: {why}; rename it (a domain: its folder; a csv dataset's: its "
+                           "rows' domain, or the CSV file itself, whose name is the domain of a CSV without a domain "
+                           "column; a class: its folder, or give it another name in a class-names file)")
+
+
+def names_problem(domains: Sequence[str], classes: Sequence[str]) -> str:
+    """What results tables would misread in these domain and class names ('' for nothing): a domain named
+    as no one domain, a --transfer row or a table's column, a separator or prefix of the holdout column in a
+    domain name, or ";" in a class name (the unseen classes of a class split are one part of it)."""
+    for d in domains:
+        if (d.strip() in RESERVED_DOMAINS or d != d.strip() or not d.strip() or any(c in d for c in HOLDOUT_SEPARATORS)
+                or d.startswith(HOLDOUT_PREFIXES)):
+            return (f"domain {d!r} cannot be told apart in results tables (the names {', '.join(RESERVED_DOMAINS)} are "
+                    "taken, and a domain name holds no ';' or ',', begins with no holdout prefix and no space)")
     bad = [c for c in classes if ";" in c]
     if bad:
-        raise DatasetError(f"dataset {name!r} at {root}: class {bad[0]!r} has a ';', which separates the parts of a "
-                           "results row's holdout; rename it (a class-names file can give it another name)")
+        return f"class {bad[0]!r} has a ';', which separates the parts of a results row's holdout"
+    return ""
 
 
 def source_file(root, path: str) -> Path:

@@ -29,6 +29,7 @@ def _rows_of(split: Dict, name: str) -> Optional[np.ndarray]:
 
 def eval_data(reader: StoreReader, source: str, emb: np.ndarray, split: Optional[Dict] = None,
               scores: Optional[np.ndarray] = None, with_teacher: bool = True) -> EvalData:
+    reader.require_table_names()
     meta = reader.meta
     split = split or {}
     return EvalData(emb=emb, labels=meta["label"].to_numpy(), domains=meta["domain"].to_numpy(),

@@ -70,6 +70,7 @@ class StoreData:
             raise StoreError(f"store {reader.path} has no text source {text_source!r} (it has "
                              f"{', '.join(reader.text_sources)}); {_remake(reader)} with --set "
                              f"text.sources=[...,{text_source}]")
+        reader.require_table_names()  # before a run trains whose scores would be misread
         meta = reader.meta
         self.text_source = text_source
         self.dim, self.views = reader.dim, reader.views

@@ -415,6 +415,9 @@ def test_an_empty_image_file_is_said_to_be_empty(tmp_path):
     (("transfer", "photo"), ("cat", "dog"), "domain 'transfer'"),  # its runs' rows read as --transfer scores
     (("art,deco", "photo"), ("cat", "dog"), "domain 'art,deco'"),  # a holdout of it reads as two domains
     (("art", "photo"), ("cat", "dog;puppy"), "class 'dog;puppy'"),  # an unseen-class holdout splits at it
+    (("avg", "photo"), ("cat", "dog"), "domain 'avg'"),  # its cells overwritten by the avg's (a review)
+    (("replicates", "photo"), ("cat", "dog"), "domain 'replicates'"),  # in the replicate count's column
+    (("unseen: x", "photo"), ("cat", "dog"), "domain 'unseen: x'"),  # read as a class split's part
 ])
 def test_names_results_tables_would_misread_are_refused(tmp_path, domains, classes, said):
     """A domain folder named "all" gives per-domain rows that every table takes for the "all domains"
@@ -426,6 +429,30 @@ def test_names_results_tables_would_misread_are_refused(tmp_path, domains, class
 
 
 def test_reserved_domain_names_cover_what_results_tables_read_otherwise():
-    from embedcache.datasets import RESERVED_DOMAINS
-    from embedcache.evaluate.results import NOT_ONE_DOMAIN, TAGS, TRANSFER
-    assert set(NOT_ONE_DOMAIN) | {TRANSFER, TAGS["holdout"]} <= set(RESERVED_DOMAINS)
+    from embedcache.datasets import HOLDOUT_PREFIXES, RESERVED_DOMAINS
+    from embedcache.evaluate.results import NOT_ONE_DOMAIN, TAGS, TRAINED_WITHOUT, TRANSFER, UNSEEN
+    assert set(NOT_ONE_DOMAIN) | {TRANSFER, TAGS["holdout"], "avg", "replicates"} <= set(RESERVED_DOMAINS)
+    assert all(p.startswith(h) for p, h in zip((UNSEEN, TRAINED_WITHOUT), HOLDOUT_PREFIXES))
+
+
+def test_a_store_made_before_such_names_were_refused_is_not_scored(tmp_path, make_cfg, tiny_teacher, monkeypatch):
+    """A store with a domain "all" made before the names were refused was scored with exit 0, its domain
+    merged into the "all domains" row (a review): scoring and training refuse it, naming the fix."""
+    from embedcache import datasets
+    from embedcache.errors import EmbedcacheError
+    from embedcache.evaluate.store_eval import teacher_baselines
+    from embedcache.extract import extract
+    from embedcache.students.data import StoreData
+
+    monkeypatch.setattr(datasets, "_require_names", lambda *a: None)  # as the version that made it
+    root = _make_domainbed(tmp_path / "db", domains=("all", "photo"))
+    cfg = make_cfg("old.zarr", "dataset.name=domainbed", f"dataset.path={root}")
+    extract(cfg, teacher=tiny_teacher, log=lambda m: None)
+    said = r"domain 'all' cannot be told apart in results tables .*made before such names were refused.*new --out"
+    with pytest.raises(EmbedcacheError, match=said):
+        teacher_baselines(cfg.out)
+    with pytest.raises(EmbedcacheError, match=said):
+        StoreData(cfg.out, "name")
+    import embedcache
+    with embedcache.open_store(cfg.out) as s:  # an analyst still reads it
+        assert set(s.meta["domain"]) == {"all", "photo"}
