@@ -79,7 +79,7 @@ class LiveServer:
 class Faults:
     """ASGI middleware that breaks some POST answers on purpose, from a seeded plan.
 
-    plan: fault name -> probability, among: "500", "413", "429-ms", "429-date", "429-none",
+    plan: fault name -> probability, among: "500", "503", "413", "429-ms", "429-date", "429-none",
     "429-long" (Retry-After: 3600), "429-credit" (OpenAI's insufficient_quota) (all before the app runs: nothing charged),
     "stall" (never answered, nothing charged: the app never sees it), "lost" (after the app
     answered and charged: the answer is held past the client's timeout), "drop" (after: the
@@ -114,7 +114,7 @@ class Faults:
             self.count[fault] = self.count.get(fault, 0) + 1
         if self.delay:
             await asyncio.sleep(self.delay)
-        if fault in ("500", "413", "429-ms", "429-date", "429-none", "429-long", "429-credit"):
+        if fault in ("500", "503", "413", "429-ms", "429-date", "429-none", "429-long", "429-credit"):
             while (await receive()).get("more_body"):
                 pass
             status = int(fault[:3])

@@ -364,6 +364,29 @@ def test_a_5xx_after_the_service_charged_is_counted_as_possibly_paid(protocol, t
         assert doubles > 0 and usage["queries"] + usage.get("possibly_paid", 0) >= total, (usage, total)
 
 
+def test_an_overloaded_services_503_is_not_counted_as_paid(tmp_path, tiny_teacher_cfg, tiny_teacher, key_env):
+    """A 503 turns a request away before any work: counted as possibly paid, it claimed the budget again at each
+    retry, and a store whose limit was its bill stopped short (a review). Without an idempotency key it
+    cannot be settled later, so it is counted as what it is: a refusal."""
+    inner = service_app("openai", tiny_teacher_cfg, tiny_teacher, tmp_path)
+    faulty = Faults(inner, script=["503", None, "503", None, "503"])
+    with LiveServer(faulty) as url:
+        cfg = remote(tmp_path, "r.zarr", tiny_teacher_cfg, "openai", url, "teacher.dimensions=32",
+                     "teacher.max_queries=114")
+        assert extract(cfg, log=quiet).complete  # a limit of exactly the bill
+    usage = embedcache.open_store(cfg.out).manifest["teacher_usage"]
+    assert faulty.count["503"] == 3 and usage["queries"] == charged(inner)[0] == 114
+    assert not usage.get("possibly_paid") and not usage.get("lost_answers")
+
+
+def test_which_error_answers_may_come_after_a_charge():
+    from embedcache.teachers.remote.client import perhaps_charged
+
+    assert perhaps_charged(502, {}) and perhaps_charged(504, {}) and perhaps_charged(500, {})
+    assert not perhaps_charged(503, {}) and not perhaps_charged(529, {}) and not perhaps_charged(429, {})
+    assert not perhaps_charged(500, {"retry-after": "2"}) and not perhaps_charged(502, {"retry-after-ms": "30"})
+
+
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_too_large_halves_the_batch(protocol, tmp_path, local, tiny_teacher_cfg, tiny_teacher, key_env):
     if protocol == "embedcache":

@@ -3,9 +3,9 @@ live in ``retry.py``; this file sends, classifies what came back, paces, and kee
 
 Outcomes of an attempt:
 - 200: the answer (paid).
-- timeout or dropped connection after the request went out, or a 5xx (a gateway's 502 or 504 may
-  come after the service charged): *lost* (possibly paid; it counts against the budget), retried with
-  the same idempotency key.
+- timeout or dropped connection after the request went out, or a 500, 502 or 504 without Retry-After
+  (``perhaps_charged``: a gateway's 502 may come after the service charged): *lost* (possibly paid; it
+  counts against the budget), retried with the same idempotency key.
 - connection refused: nothing went out; retried, then a one-line error naming the URL.
 - 408/409/429/5xx: retried after the wait the server asks for (or backoff); a wait longer than
   ``max_retry_wait`` (WaitTooLong, exit 75), or an ``embedcache`` server's "quota exceeded" (BudgetError,
@@ -35,6 +35,15 @@ log = logging.getLogger("embedcache.remote")
 
 
 QUOTA_SPENT = ("quota_exceeded", "insufficient_quota")  # embedcache serve's and OpenAI's 429 for a spent quota
+
+
+def perhaps_charged(status: int, headers) -> bool:
+    """Whether an error answer may come after the service charged: a gateway's 502 or 504 once the service
+    behind it had answered, a 500 from a service failing after its charge (counted as not charged: a store's
+    books said 24 queries against a bill of 47, a trial). Not a 503 or 529 (overloaded: turned away before
+    any work), nor an answer asking for a wait (Retry-After: a refusal to come back later)."""
+    asks_wait = any(h in headers for h in ("retry-after", "retry-after-ms"))
+    return status in (500, 502, 504) and not asks_wait
 
 
 class TooLarge(Exception):
@@ -254,7 +263,7 @@ class Transport:
                     if request_id in self._lost_here and (self.last_replayed or self.protocol.idempotency_header):
                         self._charged_once(request_id, reclaimed)  # answered afresh: its lost sends were never charged
                     return answer
-                if status >= 500:  # a gateway's 502 or 504, a service failing after its charge: possibly paid
+                if perhaps_charged(status, resp.headers):
                     self._lost(row, request_id, n, f"http:{status}")
                     lost = True  # its claim holds the charge it may have made (counted as not charged: a trial)
                 else:
