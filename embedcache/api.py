@@ -7,6 +7,7 @@ in-memory array, so nothing here reads row by row.
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from functools import cached_property
 from typing import Dict, List, Optional, Tuple, Union
@@ -47,9 +48,15 @@ class StoreReader:
             self.close()
             raise
         self.path = self._store.path
-        self.manifest: Dict = self._store.manifest
+        self._manifest: Dict = self._store.manifest
         self.layout: Dict = self._store.layout
         self._teacher = None
+
+    @property
+    def manifest(self) -> Dict:
+        """What made the store (a copy, yours to edit: sorting its class list in place had changed ``classes``
+        and every label lookup after it, without a word; a review)."""
+        return copy.deepcopy(self._manifest)
 
     @property
     def store(self) -> Store:
@@ -73,7 +80,7 @@ class StoreReader:
         """The manifest must match its own checksum, and its class and domain lists the checksummed
         meta.parquet (a hand-edited class list would make train_classes pick other rows; an edit that
         rewrote the checksum too, or a store made before manifests had one, is still caught there)."""
-        self._refuse_manifest(self._store.manifest_altered() or names_disagree(self.manifest, meta))
+        self._refuse_manifest(self._store.manifest_altered() or names_disagree(self._manifest, meta))
 
     def _refuse_manifest(self, why: str) -> None:
         if why:
@@ -101,7 +108,7 @@ class StoreReader:
 
     @property
     def classes(self) -> List[str]:
-        return list(self.manifest["dataset"]["classes"])
+        return list(self._manifest["dataset"]["classes"])
 
     def class_ids(self, names, what: str = "class") -> np.ndarray:
         """Sorted ids of the class ``names``; a name the store lacks is a one-line error naming its classes."""
@@ -113,11 +120,11 @@ class StoreReader:
 
     @property
     def domains(self) -> List[str]:
-        return list(self.manifest["dataset"]["domains"])
+        return list(self._manifest["dataset"]["domains"])
 
     @property
     def text_sources(self) -> List[str]:
-        return list(self.manifest["text"]["sources"])
+        return list(self._manifest["text"]["sources"])
 
     @property
     def key(self) -> str:
@@ -154,8 +161,8 @@ class StoreReader:
         on it (``evaluate --transfer``): the same teacher, the same classes in the same order, the same
         prompts of ``source`` (their digest). Kept with the run, so it scores without this store."""
         prompts = self.text(source)[["label", "prompt"]].values.tolist() if source in self.text_sources else None
-        return {"teacher": self.manifest["teacher"], "key_parts": {"teacher": self.manifest.get("key_parts", {}).get("teacher")},
-                "classes": list(self.classes), "text": self.manifest.get("text", {}), "text_source": source,
+        return {"teacher": self._manifest["teacher"], "key_parts": {"teacher": self._manifest.get("key_parts", {}).get("teacher")},
+                "classes": list(self.classes), "text": self._manifest.get("text", {}), "text_source": source,
                 "prompts": json_digest(prompts) if prompts is not None else None, "producer": self._store.producer}
 
     def text(self, source: str = "name") -> pd.DataFrame:
@@ -226,7 +233,14 @@ class StoreReader:
             df["emb"] = list(self.image_emb(view).astype(np.float32))
         return df
 
-    def _query(self, query: Union[str, np.ndarray], teacher=None) -> np.ndarray:
+    def _query(self, query: Union[str, np.ndarray, int], teacher=None, view: int = 0) -> np.ndarray:
+        """A query as a unit vector: an image's view embedding (an index), a text's, or an embedding."""
+        if isinstance(query, (int, np.integer)) and not isinstance(query, bool):
+            query = self._index(query, len(self.ok), "image")
+            if not self.ok[query]:
+                raise StoreError(f"image {query} of {self.path} could not be read ({self._meta['reason'].iloc[query]}); "
+                                 "it has no embedding")
+            return self.image_emb(view)[query].astype(np.float32)
         if isinstance(query, str):
             teacher = self.require_teacher(teacher) if teacher is not None else self.load_teacher()
             return teacher.encode_text([query]).numpy()[0]
@@ -238,24 +252,16 @@ class StoreReader:
     def nearest_classes(self, query: Union[str, np.ndarray, int], source: str = "name", k: int = 5,
                         view: int = 0, teacher=None) -> pd.DataFrame:
         """Classes ranked by cosine to a query: an image index, an embedding, or a text."""
-        if isinstance(query, (int, np.integer)):
-            query = self._index(query, len(self.ok), "image")
-            if not self.ok[query]:
-                raise StoreError(f"image {query} of {self.path} could not be read ({self._meta['reason'].iloc[query]}); "
-                                 "it has no embedding")
-            q = self.image_emb(view)[query].astype(np.float32)
-        else:
-            q = self._query(query, teacher)
-        scores = self.class_emb(source) @ q
+        scores = self.class_emb(source) @ self._query(query, teacher, view)
         top = np.argsort(-scores, kind="stable")[:k]
         return pd.DataFrame({"label": top, "class_name": [self.classes[i] for i in top], "score": scores[top]})
 
-    def nearest_images(self, query: Union[str, np.ndarray], k: int = 5, view: int = 0, teacher=None) -> pd.DataFrame:
-        """Readable images ranked by cosine between their view embedding and a query text or embedding
-        (unreadable images are left out, with a warning saying how many)."""
+    def nearest_images(self, query: Union[str, np.ndarray, int], k: int = 5, view: int = 0, teacher=None) -> pd.DataFrame:
+        """Readable images ranked by cosine between their view embedding and a query: an image index (itself
+        first), a text or an embedding (unreadable images are left out, with a warning saying how many)."""
         self._warn_failed("are left out of the search")
         rows = np.flatnonzero(self.ok)
-        scores = self.image_emb(view)[rows].astype(np.float32) @ self._query(query, teacher)
+        scores = self.image_emb(view)[rows].astype(np.float32) @ self._query(query, teacher, view)
         top = np.argsort(-scores, kind="stable")[:k]
         out = self._meta.iloc[rows[top]].copy()
         out["score"] = scores[top]
@@ -268,7 +274,7 @@ class StoreReader:
         from .config import TeacherConfig
         from .teachers import build_teacher
 
-        cfg = TeacherConfig(**self.manifest["config"]["teacher"])
+        cfg = TeacherConfig(**self._manifest["config"]["teacher"])
         self._teacher = self.require_teacher(build_teacher(cfg), "pass the original teacher or an embedding as the query")
         return self._teacher
 
@@ -279,17 +285,17 @@ class StoreReader:
             raise StoreError(f"the teacher {t.get('name')}/{t.get('model')} differs from the one that made {self.path}; {fix}")
         expect = getattr(teacher, "expect_model", None)  # a paid service: its answers held to the store's model
         if callable(expect):
-            expect((self.manifest.get("teacher_usage") or {}).get("answered_model"))
+            expect((self._manifest.get("teacher_usage") or {}).get("answered_model"))
         return teacher
 
     def _made_by(self, identity: Dict) -> bool:
         """Whether a teacher of this identity made the store: the digest of the key's teacher part, or
         for a store made before manifests kept those digests, the identity's fields as the manifest
         records them (a remote teacher's ``server`` there describes the service, not its fingerprint)."""
-        parts = self.manifest.get("key_parts", {})
+        parts = self._manifest.get("key_parts", {})
         if "teacher" in parts:
             return json_digest(identity, 12) == parts["teacher"]
-        recorded = self.manifest["teacher"]
+        recorded = self._manifest["teacher"]
         return all(recorded.get(k) == v for k, v in identity.items() if k not in _WHERE_REACHED)
 
     def view_policy(self) -> str:
@@ -297,7 +303,7 @@ class StoreReader:
         crop and colour settings were described as if used, a trial)."""
         if self.views == 1:
             return "one view: the whole canvas"
-        v = self.manifest.get("views", {})
+        v = self._manifest.get("views", {})
         lo, hi = v.get("scale", (0, 1))
         parts = [f"crops {lo:g}-{hi:g} of the canvas"] + (["flips"] if v.get("flip") else [])
         if v.get("color_jitter"):
@@ -312,7 +318,7 @@ class StoreReader:
         teacher as its manifest records it, domain and text-source names, the extract calls and a paid
         teacher's usage so far; a finished store adds images per domain, prompts per source and its
         derived arrays."""
-        st, m = self._store, self.manifest
+        st, m = self._store, self._manifest
         done = bool(st.complete)
         out = {
             "path": self.path, "backend": st.backend_name, "key": self.key, "complete": done, "teacher": m["teacher"],
@@ -344,7 +350,7 @@ class StoreReader:
 
     def summary(self) -> Dict:
         """What ``embedcache inspect`` prints, one line per key: ``facts`` in words."""
-        f, t = self.facts(), self.manifest["teacher"]
+        f, t = self.facts(), self._manifest["teacher"]
         said = {k: v for k, v in f.items() if k not in ("progress", "images_per_domain", "failed_per_domain",
                                                         "prompts_per_source")}
         said["teacher"] = teacher_line(t)

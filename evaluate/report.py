@@ -210,4 +210,4 @@ def tidy_tables(results: pd.DataFrame) -> pd.DataFrame:
     columns = keys + ["split", "metric", "domain", "mean", "std", "count", "cell"]
     if not frames:
         return pd.DataFrame(columns=columns)
-    return pd.concat(frames, ignore_index=True).reindex(columns=columns)
+    return pd.concat(frames, ignore_index=True).reindex(columns=columns).astype({"count": int})

@@ -250,6 +250,12 @@ def test_editing_a_readers_tables_in_place_changes_nothing_it_answers(cli_store)
     assert s.nearest_images(raw[7], k=1)["index"].tolist() == [7]
     assert s.text("name").equals(prompts) and (s.prompt_emb("name") @ s.class_emb("name").T).argmax(1).tolist() \
         == prompts["label"].tolist()
+    classes = s.classes  # the manifest too: sorting its class list in place changed classes (a review)
+    s.manifest["dataset"]["classes"].sort(reverse=True)
+    assert s.classes == classes and s.nearest_classes(7, k=1)["class_name"].tolist() == \
+        [classes[int(np.argmax(s.class_emb("name") @ raw[7]))]]
+    # an image index as the query of nearest_images too (it said "query has dimension 1"): itself first
+    assert s.nearest_images(7, k=1)["index"].tolist() == [7]
 
 
 @pytest.mark.parametrize("call,said", [

@@ -691,6 +691,7 @@ def test_report_csv_holds_the_tables_numbers_as_a_tidy_table(tmp_path):
             row = got.loc[(r, domain)]
             assert np.isclose(row["mean"], want.mean()) and np.isclose(row["std"], want.std(ddof=1)) and row["count"] == 2
     assert set(got["metric"]) == {"top1"} and set(got["split"]) == {"out_of_domain"} and len(got) == 6
+    assert got["count"].dtype.kind == "i"  # a count, not 2.0
     assert got.loc[("a", "avg"), "cell"] == "40.0 ± 14.1" and "40.0 ± 14.1" in (tmp_path / "report.md").read_text()
 
 

@@ -205,8 +205,9 @@ def local(jobs: List[List[SweepPoint]], spec, sweep_dir, device="auto", progress
         tasks.put(_as_items(job))
     for _ in range(n):
         tasks.put(None)
+    sharers = device_sharers(devices)
     procs = [ctx.Process(target=_worker_main, args=(tasks, results, as_dict(spec), sweep_dir, devices[k], threads,
-                                                    device_sharers(devices)[k]), daemon=True) for k in range(n)]
+                                                    sharers[k]), daemon=True) for k in range(n)]
     with interrupt.held():  # a worker still importing printed its traceback at a Ctrl-C
         for p in procs:
             p.start()
