@@ -196,6 +196,8 @@ class _Scan:
         self.stray: List[Path] = []  # image files beside the domain or class folders, not in one
         self.empty: List[Path] = []  # class folders that hold no image file
         self.empty_domains: List[Path] = []  # domain folders that hold no class folder
+        self.dangling: List[Path] = []  # image-named symlinks whose target is gone (or a loop)
+        self.linked_folders: List[Path] = []  # symlinked folders inside a class folder (not entered, as rglob)
 
     def subfolders(self, folder: Path) -> List[Path]:
         """The visible sub-folders of ``folder`` (a hidden one's images counted as left out; image
@@ -219,6 +221,11 @@ class _Scan:
         above = folder.relative_to(root).as_posix()
         for entry, hidden in _walk(str(folder)):
             if not _is(entry, "file"):
+                if entry.is_symlink() and not hidden:  # left out without a word (a trial): said in ``dataset``
+                    if _is(entry, "dir"):
+                        self.linked_folders.append(Path(entry.path))
+                    elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                        self.dangling.append(Path(entry.path))
                 continue
             image = os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS
             if hidden:
@@ -240,6 +247,7 @@ class _Scan:
     def dataset(self, name: str, root: Path, samples: List["Sample"], max_per_class: Optional[int]) -> "ImageDataset":
         """The dataset of ``samples`` (the layout checked), what was left out said or recorded."""
         _say_left_out(root, self.others)
+        _say_links(root, self.dangling, self.linked_folders)
         _say_empty(root, self.empty, self.empty_domains, {s.class_name for s in samples})
         if self.stray:
             names = ", ".join(p.relative_to(root).as_posix() for p in self.stray[:3]) + (", ..." if len(self.stray) > 3 else "")
@@ -309,6 +317,22 @@ def _say_left_out(root: Path, others: List[Path]) -> None:
         warnings.warn(f"{root}: {len(unread)} image file{'s' if len(unread) != 1 else ''} of a type not read left out "
                       f"({names}); images are read from {', '.join(sorted(IMAGE_EXTENSIONS))} files: convert the "
                       "others to one of these to include them")
+
+
+def _say_links(root: Path, dangling: List[Path], linked: List[Path]) -> None:
+    """Symlinks a scan leaves out: links whose target is gone, and linked folders inside a class folder
+    (not entered, as ``rglob`` does not; a linked class or domain folder is read)."""
+    def names(paths: List[Path]) -> str:
+        return ", ".join(p.relative_to(root).as_posix() for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
+
+    if dangling:
+        warnings.warn(f"{root}: {len(dangling)} image symlink{'s' if len(dangling) != 1 else ''} whose target is gone "
+                      f"left out ({names(dangling)}); restore the target{'s' if len(dangling) != 1 else ''}, or remove "
+                      "the links to silence this")
+    if linked:
+        warnings.warn(f"{root}: {len(linked)} symlinked folder{'s' if len(linked) != 1 else ''} inside a class folder "
+                      f"not read ({names(linked)}); copy {'them' if len(linked) != 1 else 'it'} in, or link the images "
+                      "one by one, to include their images")
 
 
 def _say_uneven_classes(root: Path, samples: List["Sample"]) -> None:

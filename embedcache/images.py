@@ -4,8 +4,9 @@
 clipped at 255 (a 16-bit PNG turns almost white), transparent pixels take whatever colour hides
 under them (often black), and phone photos keep their sensor orientation (sideways). Here:
 - EXIF orientation is applied first (``ImageOps.exif_transpose``), as every viewer does;
-- 16-bit samples ("I;16*", and "I", which is how Pillow opens 16-bit PNG and TIFF files) are
-  scaled to 8 bits by /257, so 65535 -> 255; values outside 0..65535 are refused;
+- 16-bit samples ("I;16*", and "I": 32-bit integers, which older Pillow versions gave for 16-bit PNG
+  and TIFF files, read as 16-bit values) are scaled to 8 bits by /257, so 65535 -> 255; values outside
+  0..65535 are refused; a grey image's transparent value (PNG's tRNS) is white, as below;
 - float images ("F") are taken as [0, 1] when their maximum is <= 1, else as [0, 255]; values
   outside [0, 255] are refused;
 - transparency (RGBA, LA, PA, P or L with a transparent colour) is composited over white, as a
@@ -48,7 +49,11 @@ def _wide_to_rgb(image: Image.Image) -> Image.Image:
     if lo < 0 or hi > 65535:
         raise ImageDecodeError(f"integer image with values in [{lo:g}, {hi:g}], outside the 16-bit range; "
                                "convert it to 8 or 16 bits")
-    return _from_array(arr / 257.0)
+    grey = arr / 257.0
+    clear = image.info.get("transparency")  # its transparent grey value: over white, as alpha is (it was black)
+    if isinstance(clear, int):
+        grey[arr == clear] = 255.0
+    return _from_array(grey)
 
 
 def _has_alpha(image: Image.Image) -> bool:

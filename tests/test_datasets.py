@@ -456,3 +456,22 @@ def test_a_store_made_before_such_names_were_refused_is_not_scored(tmp_path, mak
     import embedcache
     with embedcache.open_store(cfg.out) as s:  # an analyst still reads it
         assert set(s.meta["domain"]) == {"all", "photo"}
+
+
+def test_symlinks_a_scan_leaves_out_are_said(tmp_path):
+    """A broken image link and a linked folder inside a class folder were left out without a word, their
+    images absent from the fingerprint too (a trial); a linked class folder is read."""
+    import os
+    import warnings
+
+    root = _make_domainbed(tmp_path / "db")
+    elsewhere = _make_domainbed(tmp_path / "more", domains=("x",), classes=("c",))
+    os.symlink(tmp_path / "nowhere.png", root / "art" / "cat" / "broken.png")
+    os.symlink(elsewhere / "x" / "c", root / "art" / "dog" / "linked")
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        ds = build_dataset(DatasetConfig(name="domainbed", path=str(root)))
+    lines = [str(w.message) for w in said]
+    assert len(ds) == 12  # neither is read
+    assert any("1 image symlink whose target is gone left out (art/cat/broken.png)" in ln for ln in lines), lines
+    assert any("1 symlinked folder inside a class folder not read (art/dog/linked)" in ln for ln in lines), lines

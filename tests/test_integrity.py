@@ -512,6 +512,27 @@ def test_wide_and_transparent_modes_against_a_hand_reference(mode):
     assert got.shape == ref.shape and np.abs(got.astype(int) - ref.astype(int)).max() <= 1
 
 
+def test_a_16_bit_grey_png_with_a_transparent_value_shows_it_white(tmp_path):
+    """Pillow opens it as I;16 with info["transparency"]: the 16-bit branch dropped it, so its transparent
+    pixels were black where the 8-bit image's are white (a trial)."""
+    import struct
+    import zlib
+
+    from embedcache.images import read_rgb8
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    a = np.full((8, 8), 40000, np.uint16)
+    a[:, :4] = 0  # the transparent value
+    raw = b"".join(b"\0" + row.astype(">u2").tobytes() for row in a)
+    (tmp_path / "t16.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 16, 0, 0, 0, 0))
+                                       + chunk(b"tRNS", struct.pack(">H", 0)) + chunk(b"IDAT", zlib.compress(raw))
+                                       + chunk(b"IEND", b""))
+    got = np.asarray(read_rgb8(tmp_path / "t16.png"))
+    assert (got[:, :4] == 255).all() and (got[:, 4:] == round(40000 / 257)).all()
+
+
 @pytest.mark.parametrize("mode", ["1", "L", "P", "P-transparency", "CMYK", "YCbCr", "RGB"])
 def test_other_modes_match_pillows_own_conversion(mode):
     from embedcache.images import to_rgb8
