@@ -72,6 +72,9 @@ class TrainConfig:
     # view 0 is the whole canvas, unflipped, colours untouched: drawn among the others, 1/k of the training
     # images are un-augmented; true draws from views 1..k-1 only (a paper that augments every training image)
     skip_plain_view: bool = False
+    # the teacher's target for every view: its embedding of view 0, the plain canvas (Li et al.'s cache: teacher
+    # features of the un-augmented image, the student on random crops); false: of the student's own view
+    plain_targets: bool = False
     # loss ablations: the recipe's loss weights (name -> weight; 0 drops one, a new name adds one) and
     # arguments (name -> {argument: value}), in every stage
     loss_weights: Dict[str, float] = field(default_factory=dict)

@@ -127,7 +127,7 @@ def _train_pack(cfgs: List[TrainConfig], log: Callable[[str], None],
         idx, views = np.concatenate([d[0] for d in draws]), np.concatenate([d[1] for d in draws])
         b = len(draws[0][0])  # batch_size, or batch_size per training domain
         x = first.inputs(idx, views).view(n, b, -1)
-        tgt, y = first.targets(idx, views)
+        tgt, y = first.targets(idx, first.target_views(views))
         tgt, y = tgt.view(n, b, -1), y.view(n, b)
         if closed is not None:
             total, parts = closed(x, tgt, y)

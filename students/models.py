@@ -296,6 +296,15 @@ class _PooledLite(nn.Module):
 
 
 
+def starts_random(cfg: StudentConfig) -> bool:
+    """Whether the student's backbone starts from random weights: no ``pretrained`` (or "scratch"), but
+    for the students whose packaged ImageNet weights are their default and an open_clip tower read from a
+    local folder (its weights are there)."""
+    if cfg.pretrained is not None:
+        return cfg.pretrained == "scratch"
+    return not (cfg.name.startswith("efficientnet_lite") or str(cfg.model or "").startswith("local-dir:"))
+
+
 def build_seeded(cfg: StudentConfig, dim: int, n_classes: int, seed: int) -> "Student":
     """The student a run of ``seed`` starts from, built under torch's generator seeded with ``seed``
     (the caller's generator untouched): one place, so a run, its cached features and its saved heads

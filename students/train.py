@@ -76,7 +76,7 @@ RESUMABLE_WITH = NOT_IN_NAME + ("device", "store")
 # settings added after runs were named: in a run's name only when not at their default, so a sweep
 # started before them still finds its finished runs
 NAMED_WHEN_SET = {"batch_per_domain": False, "loss_weights": {}, "loss_args": {}, "skip_plain_view": False,
-                  "split.val_by_domain": False}
+                  "split.val_by_domain": False, "plain_targets": False}
 
 
 def settings_identity(cfg: TrainConfig, leave_out: Tuple[str, ...], omitted_at_default: Dict[str, Any]) -> Dict:
@@ -201,6 +201,19 @@ def _last_stage_rates(cfg: TrainConfig) -> Optional[Tuple[int, float, float]]:
 
 def schedule_spans_stages(cfg: TrainConfig) -> bool:
     return _last_stage_rates(cfg) is not None
+
+
+def frozen_random_note(cfg: TrainConfig) -> str:
+    """A note when a recipe trains a head on a frozen backbone that starts from random weights ('' otherwise):
+    VL2V-ADiP's Align stage and linear probes fit it on an ImageNet-pretrained backbone's features; on random
+    ones the run's rows, named after the recipe, say nothing of the method (an audit: a shipped CPU sweep)."""
+    from .models import starts_random
+
+    if not starts_random(cfg.student) or not any(st.train == "head" for st in recipe_of(cfg).stages):
+        return ""
+    return (f"note: recipe {cfg.recipe} trains a head on student {cfg.student.name}'s frozen backbone, which starts "
+            "from random weights (student.pretrained unset): its features are random, so its scores say nothing of "
+            "the method's; set student.pretrained (a weights file, or a pretrained student such as efficientnet_lite0)")
 
 
 def stage_schedule_note(cfg: TrainConfig) -> str:
@@ -548,11 +561,16 @@ class Trainer:
         return self.data.sample(step, cfg.seed, cfg.batch_size, cfg.views_used, cfg.batch_per_domain,
                                 cfg.skip_plain_view)
 
+    def target_views(self, views: np.ndarray) -> np.ndarray:
+        """The views whose teacher embeddings are the targets of the drawn ``views``: the same views, or
+        with ``plain_targets`` view 0, the plain canvas, for each."""
+        return np.zeros_like(views) if self.cfg.plain_targets else views
+
     def step(self, step: int, stage: Stage) -> None:
         cfg = self.cfg
         idx, views = self.draw(step)
         _reseed(cfg.seed * 1_000_003 + step, self.device)  # dropout / drop-path draws, reproducible on resume
-        t, y = self.targets(idx, views)
+        t, y = self.targets(idx, self.target_views(views))
         closed = self.closed_form(stage)
         if closed is not None:  # head-only on cached features: gradients in closed form, float32 even with amp
             loss, parts = closed(self.inputs(idx, views), t, y)
@@ -763,9 +781,9 @@ class Trainer:
             self.log(f"resuming {self.run_dir.path} from step {self.start}")
             self.say_other_threads()
         else:  # a fresh start (a resume said it when the run began)
-            note = stage_schedule_note(self.cfg)
-            if note:
-                self.log(note)
+            for note in (stage_schedule_note(self.cfg), frozen_random_note(self.cfg)):
+                if note:
+                    self.log(note)
         self.write_run_files()
         loop_seconds = self.loop()
         return self.finish(t0, loop_seconds)

@@ -478,6 +478,28 @@ def test_more_views_than_the_store_holds_are_refused(synthetic_store, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_plain_targets_pair_each_view_with_the_plain_canvas_embedding(synthetic_store, tmp_path, monkeypatch):
+    """Li et al.'s cache: teacher features of the un-augmented image while the student trains on random crops
+    (an audit: li-iccv23.yaml paired each crop with its own embedding, unsaid). plain_targets asks for view 0's
+    embedding whatever view the student sees; by default each view's own, as before."""
+    from embedcache.students.providers import StoredTargets
+
+    asked = {}
+    call = StoredTargets.__call__
+
+    def record(self, idx, views):
+        asked.setdefault(self.data.reader.key, []).append(np.asarray(views).copy())
+        return call(self, idx, views)
+
+    monkeypatch.setattr(StoredTargets, "__call__", record)
+    for name, plain in (("own", False), ("plain", True)):
+        asked.clear()
+        train(_cfg(synthetic_store, tmp_path, "feat_kd", name=name, steps=6, skip_plain_view=True,
+                   plain_targets=plain, split=SplitConfig(val_fraction=0.0)), log=quiet)  # the steps' targets only
+        views = np.concatenate([v for vs in asked.values() for v in vs])
+        assert set(views) == ({0} if plain else {1, 2}), (name, set(views))
+
+
 def test_skip_plain_view_trains_on_augmented_views_only(synthetic_store, tmp_path, monkeypatch):
     """View 0 is the whole canvas, unflipped, its colours untouched: drawn among the others it was a
     1/V share of the training images left un-augmented, with no way to leave it out. skip_plain_view
@@ -1233,3 +1255,25 @@ def test_a_run_refused_before_its_first_step_leaves_no_folder(synthetic_store, t
     with pytest.raises(StoreDamagedError):
         train(_cfg(store, tmp_path, name="mine", steps=2), log=quiet)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "kept"
+
+
+def test_a_head_trained_on_a_random_frozen_backbone_is_said(synthetic_store, tmp_path):
+    """A shipped CPU sweep trained vl2v_adip's Align stage on a from-scratch backbone's random features,
+    its rows named vl2v_adip, without a word (an audit): train and sweep say so."""
+    from embedcache.students.sweep import frozen_random_sweep_note
+    from embedcache.students.train import frozen_random_note
+
+    def note(recipe, **student):
+        return frozen_random_note(_cfg(synthetic_store, tmp_path, recipe, student=StudentConfig(**student)))
+
+    assert "recipe vl2v_adip trains a head on student test_resnet's frozen backbone, which starts from random" in \
+        note("vl2v_adip", name="test_resnet", input_size=32)
+    assert note("linear_probe", name="test_resnet", input_size=32, pretrained="scratch")
+    assert not note("feat_kd", name="test_resnet", input_size=32)  # trains the whole backbone
+    assert not note("vl2v_adip", name="test_resnet", input_size=32, pretrained="/w.safetensors")
+    assert not note("vl2v_adip", name="efficientnet_lite0")  # its packaged ImageNet weights
+    said = []
+    train(_cfg(synthetic_store, tmp_path, "vl2v_adip", steps=2, eval_every=2, ckpt_every=2), log=said.append)
+    assert any(s.startswith("note: recipe vl2v_adip trains a head") for s in said), said
+    points = [type("P", (), {"cfg": _cfg(synthetic_store, tmp_path, r)})() for r in ("vl2v_adip", "feat_kd")]
+    assert frozen_random_sweep_note(points).startswith("note: vl2v_adip on test_resnet: a head trains on a frozen")

@@ -39,7 +39,8 @@ from ..features import missing_features
 from ..finetune import MODES as FINETUNE_MODES, mixed_on_transfer
 from ..recipes import RECIPES, definition_change, text_source_of
 from ..rundir import RunDir, images_differ, require_folder_for
-from ..train import (NAMED_WHEN_SET, STORE_KEY, UNIDENTIFYING, by_store_key, check_batch_fits, run_name, schedule_spans_stages,
+from ..train import (NAMED_WHEN_SET, STORE_KEY, UNIDENTIFYING, by_store_key, check_batch_fits, frozen_random_note, run_name,
+                     schedule_spans_stages,
                      selection_rule, settings_identity)
 from .claim import Launch
 from .launchers import LAUNCHERS, check_options, unread_settings
@@ -786,6 +787,16 @@ def stage_schedule_sweep_note(points: List[SweepPoint]) -> Optional[str]:
             "at the schedule's tail; base.optim.schedule: constant trains every stage at optim.lr")
 
 
+def frozen_random_sweep_note(points: List[SweepPoint]) -> Optional[str]:
+    """``frozen_random_note`` once for a sweep: the recipes whose heads train on a random frozen backbone."""
+    said = sorted({(p.cfg.recipe, p.cfg.student.name) for p in points if frozen_random_note(p.cfg)})
+    if not said:
+        return None
+    return (f"note: {', '.join(f'{r} on {s}' for r, s in said)}: a head trains on a frozen backbone of random weights "
+            "(student.pretrained unset), so these rows say nothing of the recipes' methods; set base.student.pretrained "
+            "or use a pretrained student")
+
+
 def _split_key(p: SweepPoint) -> str:
     return repr((p.cfg.store, sorted(to_dict(p.cfg.split).items())))
 
@@ -925,7 +936,7 @@ def _launch(spec: SweepSpec, sweep_dir: str, points: List[SweepPoint], name: str
     """Run the jobs not finished, then write the table and report of this launch's grid."""
     finished = sum(result_path(sweep_dir, Path(p.cfg.out).name).exists() for p in points)
     log(f"sweep {sweep_dir}: {len(points)} runs ({spec.protocol}), {finished} already finished, launcher {name}")
-    for note in (selection_note(points), stage_schedule_sweep_note(points)):
+    for note in (selection_note(points), stage_schedule_sweep_note(points), frozen_random_sweep_note(points)):
         if note:
             log(note)
     jobs = make_jobs(points, spec.pack_heads, _backbones(spec, points) if spec.pack_heads else None)
