@@ -83,14 +83,17 @@ def few_shot_finetune(base, cfg: TrainConfig, data: StoreData, split: Dict, shot
         for step in range(steps):
             rng = np.random.default_rng([seed, ep, step, 43])
             idx = _batch(data, support, seen_rows, mode, rng, batch_size)
-            views = rng.integers(0, data.views, size=len(idx))
+            if mode == "shots":
+                views = rng.integers(0, data.views, size=len(idx))
+            else:  # training goes on as the run trained: its views and its targets (a review)
+                views = rng.integers(int(cfg.skip_plain_view), min(cfg.views_used or data.views, data.views), size=len(idx))
             x = student_views(data, idx, views, model.input_size, model.mean, model.std, dev)
             out = model(x)
             if mode == "shots":
                 y = torch.from_numpy(np.searchsorted(unseen, data.labels[idx])).to(dev)
                 loss = LOSSES.get("cls")(BatchContext(out["emb"], out["emb"].detach(), text, y))
             else:
-                t = torch.from_numpy(data.emb[idx, views].astype(np.float32)).to(dev)
+                t = torch.from_numpy(data.emb[idx, 0 if cfg.plain_targets else views].astype(np.float32)).to(dev)
                 y = torch.from_numpy(data.labels[idx]).to(dev)
                 # the classifier losses have no outputs for the new classes; L_cls stands in for them
                 losses = {n: w for n, w in stage.losses.items() if n not in ("ce", "kd")} or {"cls": 1.0}

@@ -199,7 +199,8 @@ def _timm_student(timm_name: str, cfg: StudentConfig, embed_dim: int, num_classe
         kwargs["img_size"] = cfg.input_size  # ViTs fix their input size at creation; CNNs take any size
     # a word ('timm', a tag) asks the hub; a path, even one without a suffix, is a file (a missing
     # /path/weights spent 50 s on hub retries before its error, a trial)
-    hub = cfg.pretrained is not None and not Path(cfg.pretrained).suffix and "/" not in cfg.pretrained \
+    scratch = cfg.pretrained == "scratch"  # random weights, as for the packaged students (it asked the hub: a review)
+    hub = cfg.pretrained is not None and not scratch and not Path(cfg.pretrained).suffix and "/" not in cfg.pretrained \
         and not Path(cfg.pretrained).is_file()  # a file `weights` here is a file; a folder `timm/` is not one
     try:
         backbone = timm.create_model(timm_name, pretrained=hub, num_classes=0, **kwargs)
@@ -208,7 +209,7 @@ def _timm_student(timm_name: str, cfg: StudentConfig, embed_dim: int, num_classe
             raise ConfigError(f"could not download timm weights for {timm_name} ({str(exc).splitlines()[0]}); "
                               "pass a local file with student.pretrained=/path/weights.safetensors") from exc
         raise ConfigError(f"timm cannot build {timm_name!r} ({str(exc).splitlines()[0]}); check student.name") from exc
-    if cfg.pretrained and not hub:
+    if cfg.pretrained and not hub and not scratch:
         _load_local(backbone, cfg.pretrained)
     pc = backbone.pretrained_cfg
     size = cfg.input_size or int(pc.get("input_size", (3, 224, 224))[-1])
@@ -299,10 +300,10 @@ class _PooledLite(nn.Module):
 def starts_random(cfg: StudentConfig) -> bool:
     """Whether the student's backbone starts from random weights: no ``pretrained`` (or "scratch"), but
     for the students whose packaged ImageNet weights are their default and an open_clip tower read from a
-    local folder (its weights are there)."""
+    local folder or the hub (its weights are there)."""
     if cfg.pretrained is not None:
         return cfg.pretrained == "scratch"
-    return not (cfg.name.startswith("efficientnet_lite") or str(cfg.model or "").startswith("local-dir:"))
+    return not (cfg.name.startswith("efficientnet_lite") or str(cfg.model or "").startswith(("local-dir:", "hf-hub:")))
 
 
 def build_seeded(cfg: StudentConfig, dim: int, n_classes: int, seed: int) -> "Student":

@@ -255,7 +255,7 @@ def test_conse_teacher_baselines_on_pacs(tmp_path):
     assert top1["photo"] >= 0.45 and top1["photo"] > top1["sketch"]  # chance is 1/7
 
 
-def test_few_shot_finetune_uses_the_protocols_episodes(synthetic_store, tmp_path):
+def test_few_shot_finetune_uses_the_protocols_episodes(synthetic_store, tmp_path, monkeypatch):
     from embedcache.evaluate.metrics import nearest_label
     from embedcache.evaluate.protocols import episode
     from embedcache.students.data import StoreData
@@ -285,6 +285,32 @@ def test_few_shot_finetune_uses_the_protocols_episodes(synthetic_store, tmp_path
     assert set(moved.split) == {"finetune@3@3shot"} and (moved.value.between(0, 1)).all()  # 3 shots, not 5
     mixed = few_shot_finetune(model, cfg, data, split, shots=3, episodes=1, steps=3, lr=1e-2, mode="mixed")
     assert set(mixed.split) == {"finetune_mixed@3@3shot"} and (mixed.value.between(0, 1)).all()
+    # mixed goes on training as the run trained: a run of plain_targets and skip_plain_view reads the plain
+    # image's targets for augmented views (its fine-tuning drew every view and paired each with its own; a review)
+    from dataclasses import replace as swap
+
+    import embedcache.students.finetune as ft_mod
+
+    asked, drawn = [], []
+
+    class Recorded(np.ndarray):
+        def __getitem__(self, key):
+            asked.append(key)
+            return np.asarray(self).__getitem__(key)
+
+    real_views = ft_mod.student_views
+
+    def views_seen(data, idx, views, *a):
+        drawn.append(np.asarray(views).copy())
+        return real_views(data, idx, views, *a)
+
+    recorded = data.emb.view(Recorded)
+    monkeypatch.setattr(StoreData, "emb", property(lambda self: recorded))
+    monkeypatch.setattr(ft_mod, "student_views", views_seen)
+    few_shot_finetune(model, swap(cfg, plain_targets=True, skip_plain_view=True), data, split, shots=3, episodes=1,
+                      steps=3, lr=1e-2, mode="mixed")
+    assert asked and all(k[1] == 0 for k in asked if isinstance(k, tuple))
+    assert 0 not in set(np.concatenate(drawn[:3]))  # the training steps' views: augmented only
 
 
 def test_few_shot_cli_includes_finetuning(runs, tmp_path):

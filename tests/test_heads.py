@@ -21,18 +21,21 @@ def feature_store(synthetic_store, tmp_path_factory):
     return store, student
 
 
-def _cfg(store, student, out, recipe, seed, lr, wd=0.01, name="adamw", batch_size=8):
+def _cfg(store, student, out, recipe, seed, lr, wd=0.01, name="adamw", batch_size=8, **kw):
     return TrainConfig(store=str(store), recipe=recipe, student=student, features=True, steps=30, batch_size=batch_size,
                        eval_every=10, ckpt_every=10, seed=seed, optim=OptimConfig(name=name, lr=lr, weight_decay=wd),
-                       out=str(out), progress=False, device="cpu")
+                       out=str(out), progress=False, device="cpu", **kw)
 
 
-@pytest.mark.parametrize("recipe,opt", [("vl2v_adip_align", "adamw"), ("linear_probe", "adam"), ("linear_probe", "sgd")])
-def test_a_pack_ends_where_separate_runs_end(feature_store, tmp_path, recipe, opt):
+@pytest.mark.parametrize("recipe,opt,kw", [("vl2v_adip_align", "adamw", {}), ("linear_probe", "adam", {}),
+                                           ("linear_probe", "sgd", {}),
+                                           # each view paired with the plain image's target, in a pack too (a review)
+                                           ("vl2v_adip_align", "adamw", {"plain_targets": True, "skip_plain_view": True})])
+def test_a_pack_ends_where_separate_runs_end(feature_store, tmp_path, recipe, opt, kw):
     store, student = feature_store
     grid = [(0, 1e-2, 0.01), (1, 3e-3, 0.0), (2, 1e-2, 0.1)]
-    packed = [_cfg(store, student, tmp_path / f"pack{k}", recipe, s, lr, wd, opt) for k, (s, lr, wd) in enumerate(grid)]
-    alone = [_cfg(store, student, tmp_path / f"alone{k}", recipe, s, lr, wd, opt) for k, (s, lr, wd) in enumerate(grid)]
+    packed = [_cfg(store, student, tmp_path / f"pack{k}", recipe, s, lr, wd, opt, **kw) for k, (s, lr, wd) in enumerate(grid)]
+    alone = [_cfg(store, student, tmp_path / f"alone{k}", recipe, s, lr, wd, opt, **kw) for k, (s, lr, wd) in enumerate(grid)]
     assert len({pack_key(c) for c in packed}) == 1
     got = train_heads(packed, log=quiet)
     for p, a, r in zip(packed, alone, got):

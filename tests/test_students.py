@@ -1277,3 +1277,14 @@ def test_a_head_trained_on_a_random_frozen_backbone_is_said(synthetic_store, tmp
     assert any(s.startswith("note: recipe vl2v_adip trains a head") for s in said), said
     points = [type("P", (), {"cfg": _cfg(synthetic_store, tmp_path, r)})() for r in ("vl2v_adip", "feat_kd")]
     assert frozen_random_sweep_note(points).startswith("note: vl2v_adip on test_resnet: a head trains on a frozen")
+
+
+def test_a_timm_student_from_scratch_asks_no_hub():
+    """student.pretrained=scratch on a timm student was read as a hub tag: ImageNet weights where random
+    ones were asked for, or (offline) a failed download (a review)."""
+    from embedcache.students.models import starts_random
+
+    cfg = StudentConfig(name="resnet18", pretrained="scratch", input_size=32)
+    model = build_student(cfg, 16, 3)  # offline: no download tried
+    assert starts_random(cfg) and model.input_size == 32
+    assert not starts_random(StudentConfig(name="openclip_visual", model="hf-hub:timm/ViT-B-16"))

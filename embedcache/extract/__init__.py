@@ -77,8 +77,9 @@ def made_so(store: Store, manifest: Dict) -> Store:
         advice = f"{_resumed_by(was_dec, now_dec)}, or {advice}"
     was_hw, now_hw = (m.get("pipeline", {}).get("decoder_device") for m in (store.manifest, manifest))
     if differs.startswith("its pipeline differs") and was_dec == now_dec and was_hw != now_hw:
-        advice = (f"resume it where it was decoded ({was_hw or 'another device'}: another GPU's or torchvision's "
-                  f"decoder gives other pixels), or {advice}")
+        advice = (f"resume it where it was decoded ({was_hw}: another GPU's or torchvision's decoder gives other "
+                  f"pixels), or {advice}" if was_hw else "it was made before the GPU that decodes was part of the key "
+                  f"(2026-12-07): extract it again; {advice}")
     was, now = (m.get("config", {}).get("dataset", {}).get("path") for m in (store.manifest, manifest))
     if differs == "its dataset differs" and not why and was != now:  # another folder, which a moved dataset may be
         differs += f" (its files, read from {now}, are not those it was made from, read from {was})"

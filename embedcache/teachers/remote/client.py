@@ -3,9 +3,9 @@ live in ``retry.py``; this file sends, classifies what came back, paces, and kee
 
 Outcomes of an attempt:
 - 200: the answer (paid).
-- timeout or dropped connection after the request went out, or a 500, 502 or 504 without Retry-After
-  (``perhaps_charged``: a gateway's 502 may come after the service charged): *lost* (possibly paid; it
-  counts against the budget), retried with the same idempotency key.
+- timeout or dropped connection after the request went out, or a 5xx that may come after the charge
+  (``perhaps_charged``: a gateway's 502 may; an overloaded service's 503 does not): *lost* (possibly paid;
+  it counts against the budget), retried with the same idempotency key.
 - connection refused: nothing went out; retried, then a one-line error naming the URL.
 - 408/409/429/5xx: retried after the wait the server asks for (or backoff); a wait longer than
   ``max_retry_wait`` (WaitTooLong, exit 75), or an ``embedcache`` server's "quota exceeded" (BudgetError,
@@ -37,13 +37,18 @@ log = logging.getLogger("embedcache.remote")
 QUOTA_SPENT = ("quota_exceeded", "insufficient_quota")  # embedcache serve's and OpenAI's 429 for a spent quota
 
 
+# 5xx answers that turn a request away before any work: not implemented, overloaded, HTTP version
+TURNED_AWAY = (501, 503, 505, 529)
+
+
 def perhaps_charged(status: int, headers) -> bool:
-    """Whether an error answer may come after the service charged: a gateway's 502 or 504 once the service
-    behind it had answered, a 500 from a service failing after its charge (counted as not charged: a store's
-    books said 24 queries against a bill of 47, a trial). Not a 503 or 529 (overloaded: turned away before
-    any work), nor an answer asking for a wait (Retry-After: a refusal to come back later)."""
+    """Whether an error answer may come after the service charged: any 5xx (a gateway's 502, 504 or
+    Cloudflare's 520 and 524 once the service behind it had worked, a 500 from a service failing after its
+    charge: counted as not charged, a store's books said 24 queries against a bill of 47, a trial), but those
+    that turn a request away (``TURNED_AWAY``) and an answer asking for a wait (Retry-After: a refusal to come
+    back later; an overloaded service's 503 had claimed the budget again at each retry)."""
     asks_wait = any(h in headers for h in ("retry-after", "retry-after-ms"))
-    return status in (500, 502, 504) and not asks_wait
+    return status >= 500 and status not in TURNED_AWAY and not asks_wait
 
 
 class TooLarge(Exception):
