@@ -34,15 +34,22 @@ def name_seed(name: str) -> int:
 __all__ = ["StoreData", "SplitConfig"]
 
 
-def check_views_used(views_used: Optional[int], views: int, store: str, skip_plain: bool = False) -> None:
+def check_views_used(views_used: Optional[int], views: int, store: str, skip_plain: bool = False,
+                     plain_targets: bool = False) -> None:
     """Drawing from more views than a store holds would be recorded as done while fewer were drawn; with
-    ``skip_plain`` (no view 0) at least one augmented view must be left to draw."""
+    ``skip_plain`` (no view 0) at least one augmented view must be left to draw; ``plain_targets`` where only
+    view 0 is drawn changes nothing but the run's name and seed (a sweep showed it as a variant: a trial)."""
     if views_used is not None and views_used > views:
         raise ConfigError(f"views_used={views_used} but store {store} holds {views} views per image; use at most {views}")
-    if skip_plain and min(views_used or views, views) < 2:
-        raise ConfigError(f"skip_plain_view=true needs augmented views to draw, but store {store} holds {views} view(s) "
-                          f"per image and views_used={views_used}; use views_used >= 2 and a store made with "
-                          "views.count >= 2, or skip_plain_view=false")
+    drawn = min(views_used or views, views)
+    why = f"store {store} holds {views} view(s) per image" + (f" and views_used={views_used}" if views_used else "")
+    fix = "a store made with views.count >= 2" + (" (and views_used >= 2)" if views_used else "")
+    if skip_plain and drawn < 2:
+        raise ConfigError(f"skip_plain_view=true needs augmented views to draw, but {why}; use {fix}, or "
+                          "skip_plain_view=false")
+    if plain_targets and not skip_plain and drawn < 2:
+        raise ConfigError(f"plain_targets=true changes nothing here: every view drawn is view 0 ({why}); use {fix}, "
+                          "or leave plain_targets out")
 
 
 def store_interpolation(manifest: dict) -> str:

@@ -211,9 +211,12 @@ def frozen_random_note(cfg: TrainConfig) -> str:
 
     if not starts_random(cfg.student) or not any(st.train == "head" for st in recipe_of(cfg).stages):
         return ""
+    why, fix = (("student.pretrained=scratch", "leave student.pretrained out for its packaged ImageNet weights")
+                if cfg.student.pretrained == "scratch" and cfg.student.name.startswith("efficientnet_lite") else
+                (f"student.pretrained={'scratch' if cfg.student.pretrained else 'unset'}",
+                 "set student.pretrained (a weights file), or use a pretrained student such as efficientnet_lite0"))
     return (f"note: recipe {cfg.recipe} trains a head on student {cfg.student.name}'s frozen backbone, which starts "
-            "from random weights (student.pretrained unset): its features are random, so its scores say nothing of "
-            "the method's; set student.pretrained (a weights file, or a pretrained student such as efficientnet_lite0)")
+            f"from random weights ({why}): its features are random, so its scores say nothing of the method's; {fix}")
 
 
 def stage_schedule_note(cfg: TrainConfig) -> str:
@@ -423,7 +426,7 @@ class Trainer:
         self.source = cfg.text_source or self.recipe.text_source
         self.run_dir = RunDir(cfg.out or default_out(cfg))
         self.data = shared.data if shared is not None else StoreData(cfg.store, self.source, cfg.split)
-        check_views_used(cfg.views_used, self.data.views, cfg.store, cfg.skip_plain_view)
+        check_views_used(cfg.views_used, self.data.views, cfg.store, cfg.skip_plain_view, cfg.plain_targets)
         if not self.run_dir.file("checkpoint.pt").exists():  # a run started before the check resumes as it began
             check_batch_fits(cfg, self.data)
         self.device = resolve_device(cfg.device)

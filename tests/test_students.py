@@ -498,6 +498,11 @@ def test_plain_targets_pair_each_view_with_the_plain_canvas_embedding(synthetic_
                    plain_targets=plain, split=SplitConfig(val_fraction=0.0)), log=quiet)  # the steps' targets only
         views = np.concatenate([v for vs in asked.values() for v in vs])
         assert set(views) == ({0} if plain else {1, 2}), (name, set(views))
+    # where every view drawn is view 0 it changes nothing but the run's name and seed: refused (a sweep showed it
+    # as a variant of its own, seed noise for a comparison: a trial)
+    with pytest.raises(ConfigError, match=r"plain_targets=true changes nothing here: every view drawn is view 0 "
+                                          r"\(store .* holds 3 view\(s\) per image and views_used=1\)"):
+        train(_cfg(synthetic_store, tmp_path, "feat_kd", name="one", views_used=1, plain_targets=True), log=quiet)
 
 
 def test_skip_plain_view_trains_on_augmented_views_only(synthetic_store, tmp_path, monkeypatch):
@@ -1272,6 +1277,8 @@ def test_a_head_trained_on_a_random_frozen_backbone_is_said(synthetic_store, tmp
     assert not note("feat_kd", name="test_resnet", input_size=32)  # trains the whole backbone
     assert not note("vl2v_adip", name="test_resnet", input_size=32, pretrained="/w.safetensors")
     assert not note("vl2v_adip", name="efficientnet_lite0")  # its packaged ImageNet weights
+    assert "(student.pretrained=scratch): its features are random, so its scores say nothing of the method's; leave " \
+        "student.pretrained out for its packaged" in note("vl2v_adip", name="efficientnet_lite0", pretrained="scratch")
     said = []
     train(_cfg(synthetic_store, tmp_path, "vl2v_adip", steps=2, eval_every=2, ckpt_every=2), log=said.append)
     assert any(s.startswith("note: recipe vl2v_adip trains a head") for s in said), said

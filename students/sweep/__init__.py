@@ -312,7 +312,7 @@ def _points(spec: SweepSpec, sweep_dir: str, keys: List[str], reader, named_as: 
             where = ", ".join(f"{k}={v}" for k, v in zip(keys, values)) or "base"
             try:
                 cfg = build_config(TrainConfig, data)
-                check_views_used(cfg.views_used, reader.views, spec.store, cfg.skip_plain_view)
+                check_views_used(cfg.views_used, reader.views, spec.store, cfg.skip_plain_view, cfg.plain_targets)
             except ConfigError as exc:
                 raise ConfigError(f"sweep run ({where}): {exc}") from None
             unread = {k for k, _, _ in unread_training(cfg)}  # a base setting is for the runs that read it
