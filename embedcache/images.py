@@ -17,11 +17,14 @@ A refused image raises ``ImageDecodeError``; extraction records it as a failed r
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
 
 WHITE = (255, 255, 255)
+# Pillow's own warning for an image past its decompression-bomb limit names no file: ``read_rgb8`` says it
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class ImageDecodeError(ValueError):
@@ -77,6 +80,15 @@ def read_rgb8(path) -> Image.Image:
     refused file (an empty one as such: Pillow's "cannot identify image file" said nothing of why)."""
     if os.path.getsize(path) == 0:
         raise OSError("the file is empty (0 bytes)")  # an OSError, as Pillow's unreadable-file errors are
-    with Image.open(path) as im:
+    with Image.open(path) as im:  # past twice the limit: Pillow's DecompressionBombError, a failed row
+        _say_large(path, im.size)
         im.load()
         return to_rgb8(im)
+
+
+def _say_large(path, size) -> None:
+    """An image past Pillow's decompression-bomb warning limit, said with its file (Pillow's warning named none)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and size[0] * size[1] > limit:
+        warnings.warn(f"{path}: {size[0]}x{size[1]} pixels, past Pillow's decompression-bomb limit of {limit:,}: read "
+                      f"and kept (past {2 * limit:,} a file is a failed row; PIL.Image.MAX_IMAGE_PIXELS sets the limit)")

@@ -533,6 +533,22 @@ def test_a_16_bit_grey_png_with_a_transparent_value_shows_it_white(tmp_path):
     assert (got[:, :4] == 255).all() and (got[:, 4:] == round(40000 / 257)).all()
 
 
+def test_an_image_past_the_decompression_bomb_limit_is_said_with_its_file(tmp_path, monkeypatch):
+    """Pillow's warning named no file: a researcher could not tell which of 10,000 images it was (a trial)."""
+    import warnings
+
+    from embedcache.images import read_rgb8
+
+    Image.new("RGB", (20, 10), (9, 9, 9)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 150)  # 200 pixels: past the limit, not past twice it
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # as images.py has it
+        assert read_rgb8(tmp_path / "big.png").size == (20, 10)
+    assert [str(w.message).split(":")[0] for w in said] == [str(tmp_path / "big.png")]
+    assert "20x10 pixels, past Pillow's decompression-bomb limit of 150: read and kept" in str(said[0].message)
+
+
 @pytest.mark.parametrize("mode", ["1", "L", "P", "P-transparency", "CMYK", "YCbCr", "RGB"])
 def test_other_modes_match_pillows_own_conversion(mode):
     from embedcache.images import to_rgb8
