@@ -24,7 +24,14 @@ from PIL import Image, ImageOps
 
 WHITE = (255, 255, 255)
 # Pillow's own warning for an image past its decompression-bomb limit names no file: ``read_rgb8`` says it
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# instead, and keeps Pillow's quiet (set where it reads: a command's ``catch_warnings`` drops a filter set
+# inside it once the command ends, so a second command in one process printed both; a review)
+BOMB_FILTER = ("ignore", None, Image.DecompressionBombWarning, None, 0)
+
+
+def _quiet_pillow_bomb() -> None:
+    if BOMB_FILTER not in warnings.filters:
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class ImageDecodeError(ValueError):
@@ -80,6 +87,7 @@ def read_rgb8(path) -> Image.Image:
     refused file (an empty one as such: Pillow's "cannot identify image file" said nothing of why)."""
     if os.path.getsize(path) == 0:
         raise OSError("the file is empty (0 bytes)")  # an OSError, as Pillow's unreadable-file errors are
+    _quiet_pillow_bomb()
     with Image.open(path) as im:  # past twice the limit: Pillow's DecompressionBombError, a failed row
         _say_large(path, im.size)
         im.load()

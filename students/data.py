@@ -43,7 +43,7 @@ def check_views_used(views_used: Optional[int], views: int, store: str, skip_pla
         raise ConfigError(f"views_used={views_used} but store {store} holds {views} views per image; use at most {views}")
     drawn = min(views_used or views, views)
     why = f"store {store} holds {views} view(s) per image" + (f" and views_used={views_used}" if views_used else "")
-    fix = "a store made with views.count >= 2" + (" (and views_used >= 2)" if views_used else "")
+    fix = "a store made with views.count >= 2" if views < 2 else "views_used >= 2"
     if skip_plain and drawn < 2:
         raise ConfigError(f"skip_plain_view=true needs augmented views to draw, but {why}; use {fix}, or "
                           "skip_plain_view=false")

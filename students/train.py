@@ -213,7 +213,7 @@ def frozen_random_note(cfg: TrainConfig) -> str:
         return ""
     why, fix = (("student.pretrained=scratch", "leave student.pretrained out for its packaged ImageNet weights")
                 if cfg.student.pretrained == "scratch" and cfg.student.name.startswith("efficientnet_lite") else
-                (f"student.pretrained={'scratch' if cfg.student.pretrained else 'unset'}",
+                ("student.pretrained=scratch" if cfg.student.pretrained else "student.pretrained unset",
                  "set student.pretrained (a weights file), or use a pretrained student such as efficientnet_lite0"))
     return (f"note: recipe {cfg.recipe} trains a head on student {cfg.student.name}'s frozen backbone, which starts "
             f"from random weights ({why}): its features are random, so its scores say nothing of the method's; {fix}")

@@ -385,6 +385,7 @@ def test_which_error_answers_may_come_after_a_charge():
     assert perhaps_charged(502, {}) and perhaps_charged(504, {}) and perhaps_charged(500, {})
     assert perhaps_charged(520, {}) and perhaps_charged(524, {})  # Cloudflare's, once the origin worked (a review)
     assert not perhaps_charged(503, {}) and not perhaps_charged(529, {}) and not perhaps_charged(429, {})
+    assert not perhaps_charged(521, {}) and not perhaps_charged(522, {})  # the gateway never reached the service
     assert not perhaps_charged(500, {"retry-after": "2"}) and not perhaps_charged(502, {"retry-after-ms": "30"})
 
 

@@ -1286,12 +1286,18 @@ def test_a_head_trained_on_a_random_frozen_backbone_is_said(synthetic_store, tmp
     assert frozen_random_sweep_note(points).startswith("note: vl2v_adip on test_resnet: a head trains on a frozen")
 
 
-def test_a_timm_student_from_scratch_asks_no_hub():
+def test_a_timm_student_from_scratch_asks_no_hub(monkeypatch):
     """student.pretrained=scratch on a timm student was read as a hub tag: ImageNet weights where random
     ones were asked for, or (offline) a failed download (a review)."""
+    import timm
+
     from embedcache.students.models import starts_random
 
+    asked, create = [], timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda name, pretrained=False, **kw: asked.append(pretrained) or
+                        create(name, pretrained=False, **kw))
     cfg = StudentConfig(name="resnet18", pretrained="scratch", input_size=32)
-    model = build_student(cfg, 16, 3)  # offline: no download tried
+    model = build_student(cfg, 16, 3)
+    assert asked == [False]  # no hub weights asked for
     assert starts_random(cfg) and model.input_size == 32
     assert not starts_random(StudentConfig(name="openclip_visual", model="hf-hub:timm/ViT-B-16"))

@@ -17,6 +17,7 @@ import os
 import queue
 import signal
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Protocol
@@ -29,7 +30,7 @@ from .. import interrupt
 from ..config import ViewsConfig
 from ..device import upload
 from ..datasets import ImageDataset
-from ..errors import DiskFullError, TeacherOutputError
+from ..errors import DiskFullError, TeacherOutputError, one_line_warning
 from ..fileio import disk_full_error, is_disk_full
 from ..store import STATUS_FAILED, STATUS_OK, Store, checksum
 from ..views import make_canvas, render_views, render_views_batched, to_uint8, view_params
@@ -127,6 +128,7 @@ def _init_worker(_worker_id: int) -> None:
     the worker took as it was forked (the command's handler, inherited inside ``interrupt.deferred``,
     only notes it there) ends it now, synchronously."""
     torch.set_num_threads(1)
+    warnings.showwarning = one_line_warning  # a spawned worker's warnings as the command's (not two-line Python ones)
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
     interrupt.let_go()  # a stop held since the fork is dropped now (ignored)

@@ -37,8 +37,9 @@ log = logging.getLogger("embedcache.remote")
 QUOTA_SPENT = ("quota_exceeded", "insufficient_quota")  # embedcache serve's and OpenAI's 429 for a spent quota
 
 
-# 5xx answers that turn a request away before any work: not implemented, overloaded, HTTP version
-TURNED_AWAY = (501, 503, 505, 529)
+# 5xx answers that turn a request away before any work: not implemented, overloaded, HTTP version, network
+# authentication, and a gateway that could not reach the service (Cloudflare's 521-523, 525, 526, 530)
+TURNED_AWAY = (501, 503, 505, 511, 521, 522, 523, 525, 526, 529, 530)
 
 
 def perhaps_charged(status: int, headers) -> bool:
