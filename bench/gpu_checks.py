@@ -123,14 +123,20 @@ def _syncs(fn) -> int:
     return sum("synchroniz" in str(w.message) for w in seen)
 
 
-def waits(tcfg: TeacherConfig, teacher, pacs: Path, tmp: Path) -> dict:
+def jpeg_folder(pacs: Path, root: Path, per_class: int, classes: int = 4) -> Path:
+    """A folder dataset of ``classes`` x ``per_class`` 500x375 JPEGs made from PACS photos."""
     from PIL import Image
 
-    root = tmp / "waits"
-    for c in range(4):
+    for c in range(classes):
         (root / f"c{c}").mkdir(parents=True)
-        for j in range(32):
-            _photo(pacs, 32 * c + j).resize((500, 375), Image.BICUBIC).save(root / f"c{c}" / f"{j}.jpg", quality=90)
+        for j in range(per_class):
+            img = _photo(pacs, per_class * c + j).resize((500, 375), Image.BICUBIC)
+            img.save(root / f"c{c}" / f"{j}.jpg", quality=90)
+    return root
+
+
+def waits(tcfg: TeacherConfig, teacher, pacs: Path, tmp: Path) -> dict:
+    root = jpeg_folder(pacs, tmp / "waits", 32)
 
     def ex(n: int, name: str):
         cfg = ExtractConfig(dataset=DatasetConfig(name="folder", path=str(root), max_per_class=n), teacher=tcfg,
@@ -159,15 +165,9 @@ def waits(tcfg: TeacherConfig, teacher, pacs: Path, tmp: Path) -> dict:
 
 
 def streams(tcfg: TeacherConfig, teacher, pacs: Path, tmp: Path) -> dict:
-    from PIL import Image
-
     from embedcache.extract.device import DeviceDecodeReader
 
-    root = tmp / "streams"
-    for c in range(4):
-        (root / f"c{c}").mkdir(parents=True)
-        for j in range(64):
-            _photo(pacs, 64 * c + j).resize((500, 375), Image.BICUBIC).save(root / f"c{c}" / f"{j}.jpg", quality=90)
+    root = jpeg_folder(pacs, tmp / "streams", 64)
     guarded = DeviceDecodeReader._decode
 
     def serialised(self, blobs):

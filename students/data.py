@@ -52,6 +52,19 @@ def check_views_used(views_used: Optional[int], views: int, store: str, skip_pla
                           "or leave plain_targets out")
 
 
+def draw_views(rng: np.random.Generator, n: int, views: int, views_used: Optional[int] = None,
+               skip_plain: bool = False) -> np.ndarray:
+    """``n`` view indices, uniform over the first ``views_used`` of a store's ``views`` (view 0, the plain
+    canvas, left out with ``skip_plain``): how training, and fine-tuning that goes on as a run trained, draw."""
+    return rng.integers(int(skip_plain), min(views_used or views, views), size=n)
+
+
+def target_views(views: np.ndarray, plain_targets: bool = False) -> np.ndarray:
+    """The views whose teacher embeddings are the targets of the drawn ``views``: the same views, or with
+    ``plain_targets`` view 0, the plain canvas, for each."""
+    return np.zeros_like(views) if plain_targets else views
+
+
 def store_interpolation(manifest: dict) -> str:
     """How a store's teacher views were resampled, from its manifest's preprocessing (bicubic for
     stores that did not record it): the student's views are resampled alike."""
@@ -206,7 +219,7 @@ class StoreData:
         ``skip_plain``: views 1.. only (view 0 is the un-augmented canvas)."""
         rng = np.random.default_rng([seed, step])
         idx = np.concatenate([rng.choice(p, size=batch_size, replace=len(p) < batch_size) for p in self.pools(per_domain)])
-        views = rng.integers(int(skip_plain), min(views_used or self.views, self.views), size=len(idx))
+        views = draw_views(rng, len(idx), self.views, views_used, skip_plain)
         return idx, views
 
 

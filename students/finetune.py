@@ -21,7 +21,7 @@ from embedcache.evaluate.metrics import mean_per_class, nearest_label, top1
 from embedcache.evaluate.protocols import DEFAULT_SHOTS, EPISODES, episode, episode_mean, shots_tag
 
 from .config import TrainConfig
-from .data import StoreData
+from .data import StoreData, draw_views, target_views
 from .losses import LOSSES, BatchContext
 from .providers import student_views
 from .recipes import recipe_of
@@ -83,17 +83,15 @@ def few_shot_finetune(base, cfg: TrainConfig, data: StoreData, split: Dict, shot
         for step in range(steps):
             rng = np.random.default_rng([seed, ep, step, 43])
             idx = _batch(data, support, seen_rows, mode, rng, batch_size)
-            if mode == "shots":
-                views = rng.integers(0, data.views, size=len(idx))
-            else:  # training goes on as the run trained: its views and its targets (a review)
-                views = rng.integers(int(cfg.skip_plain_view), min(cfg.views_used or data.views, data.views), size=len(idx))
+            as_run = mode != "shots"  # mixed training goes on as the run trained: its views and targets (a review)
+            views = draw_views(rng, len(idx), data.views, cfg.views_used if as_run else None, as_run and cfg.skip_plain_view)
             x = student_views(data, idx, views, model.input_size, model.mean, model.std, dev)
             out = model(x)
             if mode == "shots":
                 y = torch.from_numpy(np.searchsorted(unseen, data.labels[idx])).to(dev)
                 loss = LOSSES.get("cls")(BatchContext(out["emb"], out["emb"].detach(), text, y))
             else:
-                t = torch.from_numpy(data.emb[idx, 0 if cfg.plain_targets else views].astype(np.float32)).to(dev)
+                t = torch.from_numpy(data.emb[idx, target_views(views, cfg.plain_targets)].astype(np.float32)).to(dev)
                 y = torch.from_numpy(data.labels[idx]).to(dev)
                 # the classifier losses have no outputs for the new classes; L_cls stands in for them
                 losses = {n: w for n, w in stage.losses.items() if n not in ("ce", "kd")} or {"cls": 1.0}

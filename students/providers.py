@@ -15,6 +15,7 @@ on the device with no host synchronisation.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import numpy as np
@@ -47,8 +48,6 @@ def to_device_array(arr: np.ndarray, device: torch.device, pinned_fallback: bool
     """A read-only numpy array as a tensor on ``device`` (copied in row slices). With
     ``pinned_fallback``, an array that does not fit in the device's free memory (``fits_on_device``)
     goes to pinned host memory."""
-    import os
-
     on_device = device.type == "cuda"
     if on_device and pinned_fallback:
         free, total = torch.cuda.mem_get_info(device)

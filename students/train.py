@@ -38,7 +38,7 @@ from embedcache.fileio import disk_full_error, is_disk_full, json_digest, try_ex
 from .averaging import AVERAGING
 from .config import (OptimConfig, SplitConfig, StudentConfig, SwadConfig, TrainConfig, check_trainable,
                      refuse_unread_training)
-from .data import StoreData, check_views_used
+from .data import StoreData, check_views_used, target_views
 from .headstep import HeadStep
 from .losses import LOSSES, BatchContext, weighted_sum
 from .features import features_key
@@ -565,9 +565,8 @@ class Trainer:
                                 cfg.skip_plain_view)
 
     def target_views(self, views: np.ndarray) -> np.ndarray:
-        """The views whose teacher embeddings are the targets of the drawn ``views``: the same views, or
-        with ``plain_targets`` view 0, the plain canvas, for each."""
-        return np.zeros_like(views) if self.cfg.plain_targets else views
+        """The views whose teacher embeddings are the targets of the drawn ``views`` (``data.target_views``)."""
+        return target_views(views, self.cfg.plain_targets)
 
     def step(self, step: int, stage: Stage) -> None:
         cfg = self.cfg

@@ -77,9 +77,7 @@ def made_so(store: Store, manifest: Dict) -> Store:
         advice = f"{_resumed_by(was_dec, now_dec)}, or {advice}"
     was_hw, now_hw = (m.get("pipeline", {}).get("decoder_device") for m in (store.manifest, manifest))
     if differs.startswith("its pipeline differs") and was_dec == now_dec and was_hw != now_hw:
-        advice = (f"resume it where it was decoded ({was_hw}: another GPU's or torchvision's decoder gives other "
-                  f"pixels), or {advice}" if was_hw else "it was made before the GPU that decodes was part of the key "
-                  f"(2026-12-07): extract it again; {advice}")
+        advice = f"{_decoded_on(was_hw)}, or {advice}"
     was, now = (m.get("config", {}).get("dataset", {}).get("path") for m in (store.manifest, manifest))
     if differs == "its dataset differs" and not why and was != now:  # another folder, which a moved dataset may be
         differs += f" (its files, read from {now}, are not those it was made from, read from {was})"
@@ -88,6 +86,13 @@ def made_so(store: Store, manifest: Dict) -> Store:
         advice = ("put the dataset's files back as they were to resume or repair it; or use another --out path for a "
                   "store of the files as they are now (or delete that store if it is no longer needed)")
     return store.require(manifest["key"], complete=False, differs=differs + why, advice=advice)
+
+
+def _decoded_on(was_hw: Optional[str]) -> str:
+    """How a store the same decoder made on another GPU (or torchvision) resumes."""
+    if was_hw:
+        return f"resume it where it was decoded ({was_hw}: another GPU's or torchvision's decoder gives other pixels)"
+    return "it was made before the GPU that decodes was part of the key (2026-12-07): extract it again"
 
 
 def _resumed_by(was: str, now: str) -> str:

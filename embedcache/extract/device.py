@@ -142,7 +142,9 @@ class DeviceDecodeReader:
         work recorded on it (``record_stream``) has run."""
         if self.device.type != "cuda" or not blobs:
             return self._decode_here(blobs)
-        side = self.__dict__.get("_side") or self.__dict__.setdefault("_side", torch.cuda.Stream(self.device))
+        side = getattr(self, "_side", None)
+        if side is None:  # made once, at the first batch
+            side = self._side = torch.cuda.Stream(self.device)
         with torch.cuda.stream(side):
             out = self._decode_here(blobs)
         now = torch.cuda.current_stream(self.device)

@@ -253,7 +253,7 @@ def _require_episodes(spec: SweepSpec, reader, points: List[SweepPoint], sweep_d
     class under 5 shots)."""
     if spec.protocol != "few_shot":
         return
-    seen_sets = sorted({tuple(p.cfg.split.train_classes or ()) for p in points})  # the sweep sets them
+    seen_sets = _class_splits(points)
     for path in [spec.store, *spec.transfer]:
         with (contextlib.nullcontext(reader) if path == spec.store else open_store(path)) as r:
             labels = r.meta["label"].to_numpy()
@@ -277,12 +277,17 @@ def _require_unseen_classes(spec: SweepSpec, reader, points: List[SweepPoint]) -
     lost amid the progress bars (a trial)."""
     if spec.protocol != "open_vocab":
         return
-    for seen in sorted({tuple(p.cfg.split.train_classes or ()) for p in points}):
+    for seen in _class_splits(points):
         unseen = [c for c in reader.classes if c not in seen]
         if seen and len(unseen) == 1:
             raise ConfigError(f"open_vocab: the class split holds out one class ({unseen[0]!r}), so unseen_zero_shot, "
                               "among the unseen labels only, would be 100% by construction; set unseen_fraction so "
                               f"that two or more of the store's {len(reader.classes)} classes are held out")
+
+
+def _class_splits(points: List[SweepPoint]) -> List[tuple]:
+    """The seen classes of each class split the sweep's runs train on (the sweep sets them; () for none)."""
+    return sorted({tuple(p.cfg.split.train_classes or ()) for p in points})
 
 
 def _require_used(per_recipe: Dict[str, Any], trained: List[str]) -> None:
@@ -587,7 +592,7 @@ def _write_outputs(sweep_dir: str, points: List[SweepPoint],
     if not any(result_path(sweep_dir, n).exists() for n in names):
         return None, False
     results = collect(sweep_dir, names)  # this launch's grid (another launch may have rewritten runs.json)
-    if not _owns_outputs(sweep_dir, points):
+    if not _owns_outputs(sweep_dir, names):
         log(f"note: a later launch into {sweep_dir} changed its grid, so its results.parquet and report/ are that "
             f"launch's; this launch's table is below (`embedcache report {sweep_dir}` writes the current grid's)")
         return results, False
@@ -599,9 +604,9 @@ def _write_outputs(sweep_dir: str, points: List[SweepPoint],
     return results, True
 
 
-def _owns_outputs(sweep_dir: str, points: List[SweepPoint]) -> bool:
-    """Whether this launch's grid is still the folder's (runs.json), whose results.parquet and report it writes."""
-    names = [Path(p.cfg.out).name for p in points]
+def _owns_outputs(sweep_dir: str, names: List[str]) -> bool:
+    """Whether this launch's grid (its runs' ``names``) is still the folder's (runs.json), whose results.parquet
+    and report it writes."""
     return sorted(_grid_runs(sweep_dir) or names) == sorted(names)
 
 
@@ -793,8 +798,8 @@ def frozen_random_sweep_note(points: List[SweepPoint]) -> Optional[str]:
     if not said:
         return None
     return (f"note: {', '.join(f'{r} on {s}' for r, s in said)}: a head trains on a frozen backbone of random weights "
-            "(student.pretrained unset), so these rows say nothing of the recipes' methods; set base.student.pretrained "
-            "or use a pretrained student")
+            "(student.pretrained unset or scratch), so these rows say nothing of the recipes' methods; set "
+            "base.student.pretrained or use a pretrained student")
 
 
 def _split_key(p: SweepPoint) -> str:
