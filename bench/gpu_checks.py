@@ -19,6 +19,9 @@
    ones. 0 is the design; rows off when unguarded show the race is real on this GPU.
 4. Renderers: ``render_views_batched`` on the GPU against ``render_views`` on the CPU, the reference
    (max |diff| on [0, 1]; the stated tolerance is 1e-4), and the TF32 settings in force.
+5. An fp32 teacher: the same views embedded in IEEE float32 (what ``precision: fp32`` does) and with the
+   process's TF32 settings, cuDNN's TF32 convolutions on by default: the largest embedding difference
+   is what turning TF32 off changes in a store (0 would mean the switch does nothing on this GPU).
 On a machine without a GPU, part 1 runs with torchvision's CPU decoder and parts 2 to 4 are skipped.
 """
 from __future__ import annotations
@@ -205,11 +208,30 @@ def renderers() -> dict:
     params = torch.from_numpy(np.stack([view_params(0, i, 4, 256, color_jitter=0.4, grayscale=0.2) for i in range(32)]))
     want = render_views(canvas, params, 224)
     got = render_views_batched(canvas.cuda(), params.cuda(), 224).cpu()
-    flags = {"matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32, "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
-             "float32_matmul_precision": torch.get_float32_matmul_precision()}
-    out = {"max_diff": float((got - want).abs().max()), **flags}
+    out = {"max_diff": float((got - want).abs().max()), **_tf32_flags()}
     print(f"  renderers: batched on the GPU vs render_views on the CPU: max |diff| {out['max_diff']:.2e} "
-          f"(tolerance 1e-4); {', '.join(f'{k} {v}' for k, v in flags.items())}", flush=True)
+          f"(tolerance 1e-4); {', '.join(f'{k} {v}' for k, v in _tf32_flags().items())}", flush=True)
+    return out
+
+
+def _tf32_flags() -> dict:
+    from embedcache.device import _tf32_switches
+
+    flags = {f"{kind}_{name}": getattr(owner, name) for kind, (owner, name, _) in zip(("matmul", "conv"), _tf32_switches())}
+    return {**flags, "float32_matmul_precision": torch.get_float32_matmul_precision()}
+
+
+def fp32_teacher(model: str) -> dict:
+    teacher = build_teacher(TeacherConfig(name="open_clip", model=model, pretrained=None, device="auto", precision="fp32"))
+    g = torch.Generator().manual_seed(0)
+    views = torch.randint(0, 256, (64, 3, teacher.input_size, teacher.input_size), dtype=torch.uint8, generator=g)
+    ieee = teacher.embed_views(views).cpu()
+    teacher._ieee = False  # the process's own settings
+    tf32 = teacher.embed_views(views).cpu()
+    out = {"max_diff": float((ieee - tf32).abs().max()), "min_cosine": float((ieee * tf32).sum(-1).min()),
+           **_tf32_flags()}
+    print(f"  fp32 teacher ({model}): IEEE fp32 vs the process's TF32 settings: max |diff| {out['max_diff']:.2e}, "
+          f"min cosine {out['min_cosine']:.6f}", flush=True)
     return out
 
 
@@ -233,6 +255,7 @@ def main() -> None:
         if on_gpu:
             result["streams"] = streams(tcfg, teacher, Path(args.pacs), Path(d))
             result["renderers"] = renderers()
+            result["fp32_teacher"] = fp32_teacher(args.model)
         result["decoders"] = decoders(tcfg, teacher, Path(args.pacs), Path(d))
         if on_gpu:
             result["waits"] = waits(tcfg, teacher, Path(args.pacs), Path(d))

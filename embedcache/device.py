@@ -1,8 +1,9 @@
-"""Device names shared by teachers and students ('auto' = CUDA when available, else CPU), and the two
-ways small host data reaches a GPU without waiting for the work queued there."""
+"""Device names shared by teachers and students ('auto' = CUDA when available, else CPU), the two
+ways small host data reaches a GPU without waiting for the work queued there, and float32 kept float32."""
+import contextlib
 import functools
 import os
-from typing import Tuple
+from typing import Iterator, Tuple
 
 import torch
 
@@ -47,3 +48,32 @@ def constant(values: Tuple, dtype: torch.dtype, device: torch.device) -> torch.T
     """A small table of constants (a mean, a lookup table) on ``device``, made once per device and never
     written to: made from a list at each call it was such a waiting copy per batch."""
     return torch.tensor(values, dtype=dtype, device=device)
+
+
+def _tf32_switches() -> list:
+    """(owner, attribute, off value) for CUDA matmuls and cuDNN convolutions: torch >= 2.9's
+    ``fp32_precision`` where it has it, else the older ``allow_tf32`` flags."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if hasattr(conv, "fp32_precision"):
+        return [(torch.backends.cuda.matmul, "fp32_precision", "ieee"), (conv, "fp32_precision", "ieee")]
+    return [(torch.backends.cuda.matmul, "allow_tf32", False), (torch.backends.cudnn, "allow_tf32", False)]
+
+
+@contextlib.contextmanager
+def ieee_fp32(active: bool) -> Iterator[None]:
+    """While active, float32 matmuls and convolutions on a GPU are IEEE float32, not TF32: torch lets
+    cuDNN convolutions (a ViT's patch embedding) run in TF32 by default, and a caller may have allowed
+    it for matmuls, so a teacher asked for fp32 would give embeddings rounded to TF32's 10-bit mantissa,
+    differing between GPU generations. The process's own settings are back afterwards."""
+    if not active:
+        yield
+        return
+    switches = _tf32_switches()
+    before = [getattr(owner, name) for owner, name, _ in switches]
+    try:
+        for owner, name, off in switches:
+            setattr(owner, name, off)
+        yield
+    finally:
+        for (owner, name, _), value in zip(switches, before):
+            setattr(owner, name, value)

@@ -546,3 +546,46 @@ def test_a_gpu_pipeline_names_its_decoders_hardware_and_version(monkeypatch):
     got = device_pipeline(torch.device("cuda"))
     assert got["decoder_device"] == f"NVIDIA H100 80GB HBM3, torchvision {torchvision.__version__}"
     assert "decoder_device" not in device_pipeline(torch.device("cpu"))  # CPU stores keep their keys
+
+
+def _tf32_state():
+    from embedcache.device import _tf32_switches
+
+    return [getattr(owner, name) for owner, name, _ in _tf32_switches()]
+
+
+def test_ieee_fp32_turns_tf32_off_inside_and_gives_the_settings_back():
+    from embedcache.device import _tf32_switches, ieee_fp32
+
+    before = _tf32_state()
+    off = [value for _, _, value in _tf32_switches()]
+    assert before != off  # torch lets cuDNN convolutions use TF32 by default: the test has something to turn off
+    with ieee_fp32(False):
+        assert _tf32_state() == before
+    with pytest.raises(ZeroDivisionError):
+        with ieee_fp32(True):
+            assert _tf32_state() == off
+            1 / 0
+    assert _tf32_state() == before
+
+
+def test_an_fp32_teacher_on_a_gpu_embeds_with_tf32_off(tiny_teacher, monkeypatch):
+    """Stored numbers (images, views, label texts) come from IEEE float32 forwards when fp32 is asked for."""
+    import copy
+
+    from embedcache.device import _tf32_switches
+
+    off = [value for _, _, value in _tf32_switches()]
+    assert tiny_teacher._ieee is False  # a CPU teacher: nothing to switch
+    teacher = copy.copy(tiny_teacher)
+    teacher._ieee = True  # as on a GPU with precision fp32
+    seen = []
+    for name in ("encode_image", "encode_text"):
+        real = getattr(teacher.model, name)
+        monkeypatch.setattr(teacher.model, name, lambda *a, _real=real, **k: (seen.append(_tf32_state()), _real(*a, **k))[1])
+    before = _tf32_state()
+    teacher.encode_image(torch.rand(2, 3, teacher.input_size, teacher.input_size))
+    teacher.embed_views(torch.randint(0, 255, (2, 3, teacher.input_size, teacher.input_size), dtype=torch.uint8))
+    teacher.encode_text(["a photo of a dog"])
+    assert seen == [off, off, off]
+    assert _tf32_state() == before

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import TeacherConfig
+from ..device import ieee_fp32
 from ..errors import ConfigError, TeacherLoadError
 from ..views import normalize
 from ._base import TEACHERS, Teacher, file_sha256, held_log_records, release, replaced_tokens, resolve_device
@@ -85,6 +86,7 @@ class OpenClipTeacher(Teacher):
                 f"could not load open_clip model {self.model_name!r} with weights {self.pretrained!r} ({first}); "
                 + hint) from exc
         self.model = model.eval()
+        self._ieee = self.device.type == "cuda" and self.precision == "fp32"  # fp32 asked: no TF32 on a GPU
         if self.device.type == "cpu" and self.precision in PURE:
             warnings.warn(f"teacher.precision={self.precision} on a CPU: most CPUs have no fast {self.precision} "
                           f"kernels, so this is many times slower than fp32 (ViT-B/16: minutes for 64 images on "
@@ -124,7 +126,8 @@ class OpenClipTeacher(Teacher):
 
     @torch.no_grad()
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
-        feats = self.model.encode_image(x.to(self.device, self._dtype, non_blocking=True))
+        with ieee_fp32(self._ieee):
+            feats = self.model.encode_image(x.to(self.device, self._dtype, non_blocking=True))
         return F.normalize(feats.float(), dim=-1).cpu()
 
     @torch.no_grad()
@@ -132,12 +135,14 @@ class OpenClipTeacher(Teacher):
         """(B, 3, H, W) uint8 views -> (B, D) float32, L2-normalised, left on the teacher's device:
         extraction copies it to the host asynchronously, so a batch never waits for the last one."""
         x = normalize(x.to(self.device, non_blocking=True).float().div_(255.0), self.mean, self.std)
-        return F.normalize(self.model.encode_image(x.to(self._dtype)).float(), dim=-1)
+        with ieee_fp32(self._ieee):
+            return F.normalize(self.model.encode_image(x.to(self._dtype)).float(), dim=-1)
 
     @torch.no_grad()
     def encode_text(self, texts: List[str]) -> torch.Tensor:
         tokens = self.tokenizer(texts).to(self.device)
-        return F.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu()
+        with ieee_fp32(self._ieee):
+            return F.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu()
 
     # --- gradients (data-free synthesis) -------------------------------------------------------------
     def encode_image_grad(self, x: torch.Tensor) -> torch.Tensor:
