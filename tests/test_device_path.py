@@ -570,7 +570,7 @@ def test_ieee_fp32_turns_tf32_off_inside_and_gives_the_settings_back():
 
 
 def test_an_fp32_teacher_on_a_gpu_embeds_with_tf32_off(tiny_teacher, monkeypatch):
-    """Stored numbers (images, views, label texts) come from IEEE float32 forwards when fp32 is asked for."""
+    """Stored numbers (images, views, label texts) and synthesis's forwards are IEEE float32 when fp32 is asked for."""
     import copy
 
     from embedcache.device import _tf32_switches
@@ -587,5 +587,7 @@ def test_an_fp32_teacher_on_a_gpu_embeds_with_tf32_off(tiny_teacher, monkeypatch
     teacher.encode_image(torch.rand(2, 3, teacher.input_size, teacher.input_size))
     teacher.embed_views(torch.randint(0, 255, (2, 3, teacher.input_size, teacher.input_size), dtype=torch.uint8))
     teacher.encode_text(["a photo of a dog"])
-    assert seen == [off, off, off]
+    teacher.encode_image_grad(torch.rand(1, 3, teacher.input_size, teacher.input_size))
+    teacher.encode_text_styled(["a * style of a dog"], torch.zeros(1, teacher.model.token_embedding.weight.shape[1]))
+    assert seen == [off] * 5
     assert _tf32_state() == before

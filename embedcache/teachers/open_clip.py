@@ -146,7 +146,8 @@ class OpenClipTeacher(Teacher):
 
     # --- gradients (data-free synthesis) -------------------------------------------------------------
     def encode_image_grad(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.model.encode_image(x.to(self.device, self._dtype)).float(), dim=-1)
+        with ieee_fp32(self._ieee):  # the forward; a backward runs under the process's settings
+            return F.normalize(self.model.encode_image(x.to(self.device, self._dtype)).float(), dim=-1)
 
     def _token_embedding(self) -> torch.nn.Module:
         for owner in (self.model, getattr(self.model, "text", None)):
@@ -170,7 +171,7 @@ class OpenClipTeacher(Teacher):
         if len(ids) != 1:
             raise ConfigError(f"style placeholder {placeholder!r} is {len(ids)} tokens for this tokenizer; pick one that is one")
         tokens = self.tokenizer(list(texts)).to(self.device)
-        with replaced_tokens(self._token_embedding(), tokens, ids[0], styles):
+        with replaced_tokens(self._token_embedding(), tokens, ids[0], styles), ieee_fp32(self._ieee):
             return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
 
     def count_tokens(self, texts: List[str]) -> List[int]:
