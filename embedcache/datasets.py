@@ -429,13 +429,17 @@ def csv_manifest(cfg: DatasetConfig) -> ImageDataset:
 
 def _csv_dataset(csv_path: Path, cfg: DatasetConfig) -> ImageDataset:
     root = csv_path.parent
-    samples = []
+    samples, listed = [], {}
     for line, row in csv_rows(csv_path, ("path", "label"), "CSV manifest"):
         if (row.get("split") or "train") not in SPLITS:
             raise DatasetError(f"CSV manifest {csv_path} row {line}: split {row['split']!r}; use train, val or test "
                                "(empty means train)")
         rel = row["path"]
         f = source_file(root, rel)
+        first = listed.setdefault(os.path.abspath(f), line)
+        if first != line:  # a test image also trained on, or one image under two labels
+            raise DatasetError(f"CSV manifest {csv_path} rows {first} and {line} both list {rel}; list each image "
+                               "once, with one label and one split")
         size = f.stat().st_size if f.is_file() else -1
         samples.append(Sample(rel, str(row["label"]), row.get("domain") or csv_path.stem,
                               row.get("split") or "train", size))

@@ -150,6 +150,15 @@ def test_classes_that_give_one_prompt_are_refused(tmp_path, a, b):
     assert len(build_dataset(DatasetConfig(name="csv", path=str(tmp_path / "y.csv"))).classes) == 3
 
 
+@pytest.mark.parametrize("again", ["img/a.png,cat,test", "./img/a.png,cat,train", "img/../img/a.png,dog,train"])
+def test_an_image_csv_lists_twice_is_refused_naming_both_rows(tmp_path, again):
+    """A test row repeating a train row's image was trained on and scored (held-out accuracy inflated with
+    exit 0); one listed under two labels was both classes."""
+    (tmp_path / "x.csv").write_text(f"path,label,split\nimg/a.png,cat,train\nimg/b.png,dog,train\n{again}\n")
+    with pytest.raises(DatasetError, match=r"x.csv rows 2 and 4 both list .*a.png; list each image once"):
+        build_dataset(DatasetConfig(name="csv", path=str(tmp_path / "x.csv")))
+
+
 def test_csv_missing_columns(tmp_path):
     (tmp_path / "x.csv").write_text("file,cls\na.png,cat\n")
     with pytest.raises(DatasetError, match="needs a header with path,label"):
