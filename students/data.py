@@ -107,7 +107,19 @@ class StoreData:
         self.targets = to_train[self.labels]
         self._split(meta, split)
         if training:
+            self._require_split_read(split)
             self._require_training_rows()
+
+    def _require_split_read(self, split: SplitConfig) -> None:
+        """The dataset's own val rows are the validation rows: a val_fraction or val_by_domain set beside
+        them would be read by nothing, while naming the run as another setting (a sweep over it trained
+        the same run under several names)."""
+        unread = [f"{k}={getattr(split, k)}" for k in ("val_fraction", "val_by_domain")
+                  if getattr(split, k) != getattr(SplitConfig, k)]
+        if self.own_val and unread:
+            raise ConfigError(f"split.{unread[0]} is not read: the dataset of {self.reader.path} has its own val rows "
+                              f"({self.own_val}), which are the validation rows; leave split.val_fraction and "
+                              "split.val_by_domain at their defaults")
 
     def _require_training_rows(self) -> None:
         reader = self.reader
@@ -133,7 +145,8 @@ class StoreData:
         usable = self.ok & ~held & seen
         train_mask, val_mask = usable & (given == "train"), usable & (given == "val")
         pool = np.flatnonzero(train_mask)
-        if not val_mask.any():
+        self.own_val = int(val_mask.sum())  # the dataset's own val rows (a CSV's split column), else 0
+        if not self.own_val:
             rng = np.random.default_rng([split.seed, 17])
             domains = meta["domain"].to_numpy()
             for dom in sorted(set(domains[pool])):  # val_fraction of each training domain

@@ -341,12 +341,17 @@ def test_a_datasets_own_split_is_kept(make_cfg, tiny_teacher, tmp_path):
     (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
     cfg = make_cfg("csv.zarr", "dataset.name=csv", f"dataset.path={tmp_path / 'm.csv'}")
     extract(cfg, teacher=tiny_teacher, log=quiet)
-    d = StoreData(cfg.out, "name", SplitConfig(holdout_domains=("d1",), val_fraction=0.25))
+    d = StoreData(cfg.out, "name", SplitConfig(holdout_domains=("d1",)))
     assert d.train_idx.tolist() == list(range(8)) and d.val_idx.tolist() == [8, 9, 10, 11]
     assert d.test_idx.tolist() == list(range(12, 24))
-    every = StoreData(cfg.out, "name", SplitConfig(val_fraction=0.25))
+    every = StoreData(cfg.out, "name", SplitConfig())
     assert every.train_idx.tolist() == list(range(8)) + list(range(16, 24)) and every.val_idx.tolist() == [8, 9, 10, 11]
     assert every.test_idx.tolist() == [12, 13, 14, 15]
+    # a fraction set beside them was read by nothing while naming the run apart (a sweep over it: one run, many names)
+    for unread, said in [(dict(val_fraction=0.0), "val_fraction=0.0"), (dict(val_by_domain=True), "val_by_domain=True")]:
+        with pytest.raises(ConfigError, match=f"split.{said} is not read: .* has its own val rows \\(4\\).*defaults"):
+            StoreData(cfg.out, "name", SplitConfig(**unread))
+    assert len(StoreData(cfg.out, "name", SplitConfig(val_fraction=0.0), training=False).val_idx) == 4  # scoring reads it
 
 
 def _csv_store(make_cfg, tiny_teacher, tmp_path, kinds, name="csv.zarr"):

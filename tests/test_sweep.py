@@ -849,7 +849,7 @@ def test_a_sweep_whose_recipes_keep_checkpoints_by_different_rules_says_so(synth
                          base={"student": {"name": "test_resnet", "input_size": 32}, "split": {"val_fraction": 0.0},
                                "batch_size": 8})
     assert selection_note(expand(load_sweep(str(no_val)), str(tmp_path / "z"))) is None  # no validation: all keep the last
-    # a dataset's own val rows are validation rows whatever val_fraction is: the rules differ again
+    # a dataset's own val rows are validation rows (a val_fraction beside them is refused): the rules differ again
     import numpy as np
     from PIL import Image
 
@@ -863,9 +863,12 @@ def test_a_sweep_whose_recipes_keep_checkpoints_by_different_rules_says_so(synth
     own = extract(make_cfg("own-val.zarr", "dataset.name=csv", f"dataset.path={tmp_path / 'm.csv'}"), teacher=tiny_teacher,
                   log=quiet).path
     with_val = _sweep_file(tmp_path, own, grid={"recipe": ["ce", "li_iccv23"], "seed": [0]},
-                           base={"student": {"name": "test_resnet", "input_size": 32}, "split": {"val_fraction": 0.0},
-                                 "batch_size": 4})
+                           base={"student": {"name": "test_resnet", "input_size": 32}, "batch_size": 4})
     assert "best_val: ce" in selection_note(expand(load_sweep(str(with_val)), str(tmp_path / "w")))
+    unread = _sweep_file(tmp_path, own, grid={"recipe": ["ce"], "split.val_fraction": [0.1, 0.3]},
+                         base={"student": {"name": "test_resnet", "input_size": 32}, "batch_size": 4})
+    with pytest.raises(ConfigError, match="split.val_fraction=0.1 is not read: .* own val rows"):
+        expand(load_sweep(str(unread)), str(tmp_path / "v"))  # two names for one run, refused before the first
 
 
 def test_a_launch_with_other_settings_while_another_runs_is_refused(synthetic_store, tmp_path):
