@@ -191,25 +191,34 @@ def _feature_width(backbone: nn.Module, size: int) -> int:
     return width
 
 
+def _hub_weights(timm_name: str, pretrained: Optional[str]) -> Optional[str]:
+    """The timm name whose weights come from the hub ('timm': the model's default weights; a tag
+    'a1_in1k', or the full 'resnet18.a1_in1k': those), or None for random weights (unset, 'scratch') or a
+    file. A path, even one without a suffix, is a file: a missing /path/weights spent 50 s on hub retries
+    before its error (a trial); a file `weights` here is a file, a folder `timm/` is not one. A tag was
+    dropped, every tag giving the default weights under its own run name (a review)."""
+    if pretrained in (None, "scratch") or "/" in pretrained or Path(pretrained).is_file():
+        return None
+    if pretrained == "timm" or pretrained.startswith(f"{timm_name}."):
+        return timm_name if pretrained == "timm" else pretrained
+    return None if Path(pretrained).suffix else f"{timm_name}.{pretrained}"
+
+
 def _timm_student(timm_name: str, cfg: StudentConfig, embed_dim: int, num_classes: int) -> Student:
     import timm
 
     kwargs = {}
     if cfg.input_size and ("vit" in timm_name or "deit" in timm_name):
         kwargs["img_size"] = cfg.input_size  # ViTs fix their input size at creation; CNNs take any size
-    # a word ('timm', a tag) asks the hub; a path, even one without a suffix, is a file (a missing
-    # /path/weights spent 50 s on hub retries before its error, a trial)
-    scratch = cfg.pretrained == "scratch"  # random weights, as for the packaged students (it asked the hub: a review)
-    hub = cfg.pretrained is not None and not scratch and not Path(cfg.pretrained).suffix and "/" not in cfg.pretrained \
-        and not Path(cfg.pretrained).is_file()  # a file `weights` here is a file; a folder `timm/` is not one
+    hub = _hub_weights(timm_name, cfg.pretrained)
     try:
-        backbone = timm.create_model(timm_name, pretrained=hub, num_classes=0, **kwargs)
+        backbone = timm.create_model(hub or timm_name, pretrained=hub is not None, num_classes=0, **kwargs)
     except Exception as exc:
         if hub:
-            raise ConfigError(f"could not download timm weights for {timm_name} ({str(exc).splitlines()[0]}); "
+            raise ConfigError(f"could not download timm weights {hub} ({str(exc).splitlines()[0]}); "
                               "pass a local file with student.pretrained=/path/weights.safetensors") from exc
         raise ConfigError(f"timm cannot build {timm_name!r} ({str(exc).splitlines()[0]}); check student.name") from exc
-    if cfg.pretrained and not hub and not scratch:
+    if cfg.pretrained not in (None, "scratch") and hub is None:
         _load_local(backbone, cfg.pretrained)
     pc = backbone.pretrained_cfg
     size = cfg.input_size or int(pc.get("input_size", (3, 224, 224))[-1])

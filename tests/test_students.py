@@ -1291,6 +1291,19 @@ def test_a_head_trained_on_a_random_frozen_backbone_is_said(synthetic_store, tmp
     assert frozen_random_sweep_note(points).startswith("note: vl2v_adip on test_resnet: a head trains on a frozen")
 
 
+@pytest.mark.parametrize("pretrained,asked", [("timm", "resnet10t"), ("a1_in1k", "resnet10t.a1_in1k"),
+                                               ("resnet10t.a1_in1k", "resnet10t.a1_in1k")])
+def test_a_timm_tag_asks_the_hub_for_those_weights(monkeypatch, pretrained, asked):
+    """A tag was dropped: every tag asked for timm's default weights, each under its own run name (a review)."""
+    import timm
+
+    calls, create = [], timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda name, pretrained=False, **kw: calls.append((name, pretrained)) or
+                        create(name.split(".")[0], pretrained=False, **kw))
+    build_student(StudentConfig(name="timm:resnet10t", pretrained=pretrained, input_size=32), 16)
+    assert calls == [(asked, True)]
+
+
 def test_a_timm_student_from_scratch_asks_no_hub(monkeypatch):
     """student.pretrained=scratch on a timm student was read as a hub tag: ImageNet weights where random
     ones were asked for, or (offline) a failed download (a review)."""
