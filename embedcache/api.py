@@ -25,6 +25,13 @@ def _readonly(a: np.ndarray) -> np.ndarray:
     return a
 
 
+def _top_k(k) -> int:
+    """``k`` of a top-k, a whole number from 1 (-1 sliced off the last class, without a word: a review)."""
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+        raise StoreError(f"k={k!r}: give the number of results, a whole number from 1")
+    return int(k)
+
+
 class StoreReader:
     """Read-only view of a complete store.
 
@@ -253,7 +260,7 @@ class StoreReader:
                         view: int = 0, teacher=None) -> pd.DataFrame:
         """Classes ranked by cosine to a query: an image index, an embedding, or a text."""
         scores = self.class_emb(source) @ self._query(query, teacher, view)
-        top = np.argsort(-scores, kind="stable")[:k]
+        top = np.argsort(-scores, kind="stable")[:_top_k(k)]
         return pd.DataFrame({"label": top, "class_name": [self.classes[i] for i in top], "score": scores[top]})
 
     def nearest_images(self, query: Union[str, np.ndarray, int], k: int = 5, view: int = 0, teacher=None) -> pd.DataFrame:
@@ -262,7 +269,7 @@ class StoreReader:
         self._warn_failed("are left out of the search")
         rows = np.flatnonzero(self.ok)
         scores = self.image_emb(view)[rows].astype(np.float32) @ self._query(query, teacher, view)
-        top = np.argsort(-scores, kind="stable")[:k]
+        top = np.argsort(-scores, kind="stable")[:_top_k(k)]
         out = self._meta.iloc[rows[top]].copy()
         out["score"] = scores[top]
         return out.reset_index(drop=True)

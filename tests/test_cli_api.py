@@ -233,6 +233,10 @@ def test_open_store_frames_and_neighbours(cli_store, tiny_teacher):
         s.class_emb("colours")
     with pytest.raises(embedcache.EmbedcacheError, match="dimension 3"):
         s.nearest_images(np.ones(3))
+    for k in (-1, 0, 2.5, True):  # -1 gave all classes but the last, 0 an empty frame, 2.5 a TypeError
+        for search in (s.nearest_classes, s.nearest_images):
+            with pytest.raises(embedcache.EmbedcacheError, match=f"k={k!r}: give the number of results"):
+                search(5, k=k)
 
 
 def test_editing_a_readers_tables_in_place_changes_nothing_it_answers(cli_store):
