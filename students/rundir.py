@@ -67,6 +67,17 @@ def _damaged_record(f: Path) -> str:
         return bad or ""
 
 
+def _key_of(store: str) -> Optional[str]:
+    """A store's key, or None where it cannot be read as a store."""
+    from embedcache import open_store
+    from embedcache.errors import EmbedcacheError
+
+    try:
+        return open_store(store, require_complete=False).key
+    except EmbedcacheError:
+        return None
+
+
 class RunDir:
     def __init__(self, path):
         self.path = Path(path)
@@ -139,11 +150,15 @@ class RunDir:
 
     def store_path(self) -> str:
         """The store the run was trained on: as written in the config if that path exists from here,
-        else the absolute path recorded when the run started (so a run scores from any folder)."""
+        else the absolute path recorded when the run started (so a run scores from any folder). Where
+        both are there and differ, the one with the run's key (the config's relative path, met from
+        another folder, named another store: the run was refused, pointed at --transfer)."""
         cfg = self.config
-        for p in (cfg.get("store"), cfg.get("store_path")):
-            if p and Path(p).exists():
-                return str(p)
+        there = [str(p) for p in (cfg.get("store"), cfg.get("store_path")) if p and Path(p).exists()]
+        if len({Path(p).resolve() for p in there}) > 1:
+            return next((p for p in there if _key_of(p) == self.store_key), there[0])
+        if there:
+            return there[0]
         raise StoreError(f"the store of run {self.path} ({cfg.get('store_path') or cfg.get('store')}) is not there; "
                          "pass --store with the store it was trained on")
 

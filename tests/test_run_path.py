@@ -792,3 +792,23 @@ def test_stores_and_runs_record_the_code_that_made_them(synthetic_store, tmp_pat
     with open_store(str(synthetic_store)) as s:  # made by this session's code: its commit too
         made = s.manifest["versions"]
         assert "sentence-transformers" in made and (made.get("embedcache_commit") == source_commit() if checkout else True)
+
+
+def test_a_run_met_from_a_folder_whose_relative_store_is_another_scores_on_its_own(synthetic_store, tmp_path, make_cfg,
+                                                                                    tiny_teacher, monkeypatch):
+    """The config's relative store path, met from another folder where it names another store, was taken
+    over the absolute path recorded: the run was refused there, pointed at --transfer (a review)."""
+    from embedcache.extract import extract
+    from embedcache.students.rundir import RunDir
+
+    (tmp_path / "a").mkdir()
+    shutil.copytree(synthetic_store, tmp_path / "a" / "s.zarr")
+    monkeypatch.chdir(tmp_path / "a")
+    train(_cfg("s.zarr", tmp_path / "run", steps=2, eval_every=2, ckpt_every=2), log=quiet)
+    other = extract(make_cfg("b/s.zarr", "dataset.num_classes=4"), teacher=tiny_teacher, log=quiet).path
+    monkeypatch.chdir(tmp_path / "b")
+    run = RunDir(tmp_path / "run")
+    assert embedcache.open_store(other).key != run.store_key
+    assert run.store_path() == str(tmp_path / "a" / "s.zarr")
+    res = CliRunner().invoke(main, ["evaluate", str(tmp_path / "run"), "--protocol", "lodo"])
+    assert res.exit_code == 0, res.output
