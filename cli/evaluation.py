@@ -111,18 +111,20 @@ def _say_tables(new, protocols, out) -> None:
     """The printed tables of what was scored: top-1 by domain, and mean per-class accuracy where the papers
     report it (a lone run that one protocol could not score printed none of the others', a trial)."""
     from embedcache.evaluate.report import headline_metric, markdown, transfer_note
-    from embedcache.evaluate.store_eval import AVG_IS, summary_table
+    from embedcache.evaluate.store_eval import avg_said, class_split_note, method_frame, summary_table
 
     summary = summary_table(new)
     if len(summary):
-        if transfer_note(new):
-            click.echo(transfer_note(new))
-        click.echo(f"top-1 accuracy (%), mean ± std over replicates; {AVG_IS}:")
+        for line in (transfer_note(new), class_split_note(method_frame(new))):
+            if line:
+                click.echo(line)
+        click.echo(f"top-1 accuracy (%), mean ± std over replicates{avg_said(summary)}:")
         click.echo(markdown(summary))
         by_class = new[new["split"].map(headline_metric) == "mean_per_class"]
         if len(by_class):  # the class-held-out splits as Li et al. report them
-            click.echo(f"\nmean per-class accuracy (%), the open-vocabulary and few-shot papers' metric; {AVG_IS}:")
-            click.echo(markdown(summary_table(by_class, metric="mean_per_class")))
+            table = summary_table(by_class, metric="mean_per_class")
+            click.echo(f"\nmean per-class accuracy (%), the open-vocabulary and few-shot papers' metric{avg_said(table)}:")
+            click.echo(markdown(table))
     else:  # per_class and distill rows only: no methods x domains table to print
         click.echo(f"no accuracy-by-domain table for {', '.join(protocols)}; `embedcache report {out}` shows their tables")
 

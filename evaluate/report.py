@@ -6,8 +6,8 @@ from typing import List, Sequence, Tuple
 
 import pandas as pd
 
-from .store_eval import (AVG_IS, avg_stats, domain_stats, method_frame, method_keys, per_class_table, summary_table,
-                         transferred)
+from .store_eval import (avg_said, avg_stats, class_split_note, domain_stats, method_frame, method_keys, per_class_table,
+                         summary_table, transferred)
 
 
 # The splits of class-held-out protocols, reported as Li et al. report them: mean per-class accuracy
@@ -125,8 +125,7 @@ def write_report(results: pd.DataFrame, out_dir: str, note: str = "") -> List[Pa
     results = method_frame(results)
     keys = method_keys(results)  # rows of other variants, class splits or stores are never averaged together
     parts, files = ["# Results\n"] + ([f"**{note}**\n"] if note else []), []
-    if transfer_note(results):
-        parts += [f"{transfer_note(results)}\n"]
+    parts += [f"{line}\n" for line in (transfer_note(results), class_split_note(results)) if line]
     if "per_class" in set(results["split"]):
         parts += ["## per class (top-1, %, mean over replicates of each replicate's mean over its held-out splits, "
                   "complete replicates only where a method has any; `domain`: the scope scored, out_of_domain, "
@@ -140,8 +139,9 @@ def write_report(results: pd.DataFrame, out_dir: str, note: str = "") -> List[Pa
     for split in table_splits(results):
         metric = table_metric(results, split)
         shown = "mean per-class accuracy" if metric == "mean_per_class" else "top-1"
-        parts += [f"## {split} ({shown}, %; mean ± sample std (ddof 1) over replicates; {AVG_IS})\n",
-                  markdown(summary_table(results, split, metric)), ""] + _collapse_lines(results, split, keys)
+        table = summary_table(results, split, metric)
+        parts += [f"## {split} ({shown}, %; mean ± sample std (ddof 1) over replicates{avg_said(table)})\n",
+                  markdown(table), ""] + _collapse_lines(results, split, keys)
         top = domain_stats(results, split, metric)  # the table's numbers: its replicates, mean and spread
         if top.empty:
             continue

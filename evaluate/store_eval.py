@@ -245,6 +245,25 @@ def _stats(doms: pd.DataFrame, keys: list) -> pd.DataFrame:
 AVG_IS = "avg: the unweighted mean over domains"
 
 
+def avg_said(table: pd.DataFrame) -> str:
+    """'; avg: the unweighted mean over domains' for a table with an avg column, else '' (a table of
+    `all` cells only said what no column of it was: a trial)."""
+    return f"; {AVG_IS}" if "avg" in table.columns else ""
+
+
+def class_split_note(results: pd.DataFrame) -> str:
+    """A line for results that hold runs which held classes out ('' for none; ``results`` from
+    ``method_frame``): the classes, where one class split is all the results hold (with several, the
+    tables' ``unseen`` column names each row's; unseen-class accuracy depends on which classes they are),
+    and that those runs' in_domain and out_of_domain rows rank the seen classes' labels only (a 4-way
+    choice on PACS beside a leave-one-domain-out run's 7-way one, under one split name: a trial)."""
+    unseen = results.loc[results["unseen"] != "-", "unseen"]
+    if unseen.empty:
+        return ""
+    named = f"unseen classes (never trained on): {unseen.iloc[0]}; " if results["unseen"].nunique() == 1 else ""
+    return named + "in_domain and out_of_domain rows of runs with unseen classes rank the seen classes' labels only."
+
+
 def summary_table(results: pd.DataFrame, split: Optional[str] = None, metric: str = "top1") -> pd.DataFrame:
     """Methods x domains, mean +- std over replicates, as the papers lay them out (percent), and how
     many replicates the cells hold. Only complete replicates count when a method has any (a replicate

@@ -77,6 +77,12 @@ def test_evaluate_runs_and_report(runs, tmp_path):
     # the class-held-out splits are reported as Li et al. report them: mean per-class accuracy
     assert "## unseen_zero_shot (mean per-class accuracy, %" in text and "## out_of_domain (top-1, %" in text
     assert "; avg: the unweighted mean over domains)" in text  # what the avg column holds, said
+    import re
+    for head, table in re.findall(r"\n## (.*)\n\n(\|.*)\n", text):  # and only where a table has one (a trial)
+        assert ("avg: the unweighted" in head) == ("| avg |" in table or " avg |" in table), (head, table)
+    # which classes the unseen rows are over, and what in_domain means for such runs (a trial)
+    said = "unseen classes (never trained on): triangle; in_domain and out_of_domain rows of runs with unseen classes"
+    assert said in text and said in res.output
     assert "mean per-class accuracy (%), the open-vocabulary and few-shot papers' metric" in res.output
     assert set(df[df.split == "per_class"].domain) == {"out_of_domain", "in_domain", "unseen_zero_shot"}
 
