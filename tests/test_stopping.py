@@ -640,3 +640,27 @@ def test_a_stop_as_the_store_finishes_says_it_is_complete(tmp_path, tiny_teacher
     with Store(str(out)) as st:
         assert st.complete and [e["finished"] for e in st.call_history()] == [True]
         assert [c["finished"] for c in st.manifest["calls"]] == [True]
+
+
+def test_a_file_size_limit_leaves_an_hdf5_store_that_resumes(tmp_path, tiny_clip_dir):
+    """An HDF5 write cut short by `ulimit -f` crashed the process as its file closed (exit 139, a trial),
+    leaving a file HDF5 could not open again ("damaged or truncated; delete it"): the paid-for blocks were
+    lost. The limit is now met before the write, as a full disk is: one line, exit 75, and a rerun resumes."""
+    import resource
+
+    out = tmp_path / "demo.h5"
+    cmd = [sys.executable, "-m", "embedcache.cli", "extract", "--config", "demo", "--out", str(out), "--set", "block_rows=8",
+           "--set", "canvas.size=256",
+           "--set", "teacher.name=open_clip", "--set", f"teacher.model=local-dir:{tiny_clip_dir}", "--no-progress"]
+    limit = 12 << 20  # past the first blocks and HDF5's reserve, short of the whole store (19 MB)
+    limited = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert limited.returncode == 75, limited.stderr
+    last = limited.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in limited.stderr and "ulimit -f" in last and last.endswith("rerun the same command to resume"), last
+    with Store(str(out)) as st:
+        assert 0 < st.blocks_done().sum() < st.num_blocks
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    with Store(str(out)) as st:
+        assert st.complete

@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import re
+import resource
 import shutil
 import uuid
 from contextlib import contextmanager, nullcontext
@@ -507,18 +508,27 @@ class HDF5Backend:
         return self._datasets[name]
 
     def _room_for(self, nbytes: int) -> None:
-        """Refuse a write the disk has no room for, before it starts: HDF5 does not recover from a full
-        disk mid-write (its error surfaces when a handle is freed, and closing the file then crashes)."""
+        """Refuse a write the disk, or the process's file-size limit (`ulimit -f`), has no room for, before
+        it starts: HDF5 does not recover from a write cut short (its error surfaces when a handle is freed,
+        and closing the file then crashes, exit 139, leaving a file that cannot be opened to resume)."""
         free = shutil.disk_usage(self.path.parent).free
         if free < nbytes + HDF5_RESERVE:  # the reserve said: a nearly empty small disk is "full" here
             raise DiskFullError(f"disk full while writing {self.path}: {free / 2**20:.1f} MiB free for a write of "
                                 f"{nbytes / 2**20:.1f} MiB, and an HDF5 store keeps {HDF5_RESERVE // 2**20} MiB "
                                 "free to close its file cleanly; free space or "
                                 "choose --out on a larger disk, then rerun the same command to resume")
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and self.path.stat().st_size + nbytes + HDF5_RESERVE > limit:
+            raise DiskFullError(f"a file would reach the file-size limit set for this process (`ulimit -f`, "
+                                f"{limit / 2**20:.1f} MiB) while writing {self.path}, an HDF5 store keeping "
+                                f"{HDF5_RESERVE // 2**20} MiB below it to close its file cleanly; raise it (`ulimit -f "
+                                "unlimited`), then rerun the same command to resume")
 
     def write(self, name: str, start: int, data: np.ndarray) -> None:
-        self._room_for(data.nbytes)
-        self._dataset(name)[start:start + len(data)] = data
+        ds = self._dataset(name)
+        chunk = int(np.prod(ds.chunks)) * ds.dtype.itemsize if ds.chunks else 0
+        self._room_for(max(data.nbytes, chunk))  # a chunk first written takes its whole size in the file
+        ds[start:start + len(data)] = data
 
     def read(self, name: str, start: Optional[int] = None, stop: Optional[int] = None) -> np.ndarray:
         return _read_rows(self, self.file[name], name, start, stop)
