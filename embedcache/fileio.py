@@ -10,6 +10,7 @@ import errno
 import hashlib
 import json
 import os
+import resource
 import uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -37,14 +38,25 @@ def atomic_write(path: PathLike, write: Callable[[Path], None]) -> Path:
         os.replace(tmp, path)
     except BaseException as exc:
         # a writer's error may not say the disk is full (torch.save: "unexpected pos ...", an iostream
-        # error): the free space, looked at before the half file goes, does
-        full = isinstance(exc, Exception) and not isinstance(exc, DiskFullError) and (
-            is_disk_full(exc) or free_bytes(path.parent) < NEARLY_FULL)
+        # error): the free space, or the half file grown to the file-size limit, looked at before it goes, does
+        said = isinstance(exc, Exception) and not isinstance(exc, DiskFullError)
+        limited = said and at_size_limit(tmp)
+        full = said and (limited or is_disk_full(exc) or free_bytes(path.parent) < NEARLY_FULL)
         tmp.unlink(missing_ok=True)
         if full:
-            raise disk_full_error(path, cause=exc) from exc
+            raise disk_full_error(path, cause=exc, size_limit=limited) from exc
         raise
     return path
+
+
+def at_size_limit(f: PathLike) -> bool:
+    """Whether ``f`` has grown to this process's file-size limit (`ulimit -f`): a writer that does not
+    say EFBIG (torch.save: "unexpected pos") stopped there."""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    try:
+        return limit != resource.RLIM_INFINITY and os.stat(f).st_size >= limit
+    except OSError:
+        return False
 
 
 NEARLY_FULL = 1 << 20  # bytes free under which a failed write is put down to a full disk
@@ -144,9 +156,10 @@ def is_disk_full(exc: BaseException) -> bool:
 
 
 def disk_full_error(where: PathLike, fix: str = "free space or choose --out on a larger disk",
-                    cause: Optional[BaseException] = None) -> DiskFullError:
-    """The one line for a write with no room (``cause``: the error, which may be the file-size limit)."""
-    if _too_large(cause):
+                    cause: Optional[BaseException] = None, size_limit: bool = False) -> DiskFullError:
+    """The one line for a write with no room (``cause``: the error, which may be the file-size limit;
+    ``size_limit``: the limit met, where the error does not say so)."""
+    if size_limit or _too_large(cause):
         return DiskFullError(f"a file reached the file-size limit set for this process (`ulimit -f`) while writing "
                              f"{where}; raise it (`ulimit -f unlimited`), then rerun the same command to resume")
     return DiskFullError(f"disk full while writing {where}; {fix}, then rerun the same command to resume")

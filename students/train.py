@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from embedcache import interrupt
 from embedcache.config import build_config, flatten, to_dict, without_defaults
 from embedcache.device import resolve_device
-from embedcache.errors import ConfigError, RunBusyError, StoreMismatchError, TrainingError
+from embedcache.errors import ConfigError, DiskFullError, RunBusyError, StoreMismatchError, TrainingError
 from embedcache.evaluate.metrics import nearest_label, top1
 from embedcache.versions import library_versions
 from embedcache.fileio import disk_full_error, is_disk_full, json_digest, try_exclusive_lock
@@ -818,6 +818,8 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int], None]] = None, log
             return train(cfg, on_step, log, teacher, should_stop, unread_ok)
         try:
             return Trainer(cfg, teacher, log, on_step, should_stop).run()
+        except DiskFullError:
+            raise  # said already, naming the file and what filled (the file-size limit was said as a full disk)
         except (OSError, RuntimeError) as exc:
             if is_disk_full(exc):
                 raise disk_full_error(run_dir.path, cause=exc) from exc
