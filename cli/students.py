@@ -41,7 +41,10 @@ def train(store, recipe, student, config_path, out, device, overrides, no_progre
     require_writable(cfg.out if cfg.out is not None else "runs")
     if out is None and _is_run_config(config_path):  # its folder is dropped: said, not left to be found
         click.echo(_where_a_run_config_trains(config_path, cfg))
-    with interrupt.graceful():
+    def said(signum: int) -> None:  # at once: a step, or the run's set-up, may take a while (a trial: 36 s unsaid)
+        click.echo(interrupt.stop_notice(signum, "stopping after this step, its checkpoint saved"), err=True)
+
+    with interrupt.graceful(said):
         res = run(cfg, log=click.echo, should_stop=interrupt.requested)
     if getattr(res, "already_done", False):  # said by the run ("is already done"); no 0-second training line
         return

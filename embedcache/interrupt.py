@@ -63,8 +63,10 @@ def request() -> None:
 
 
 def reset() -> None:
+    """No request made or pending, as in a new process (tests run many commands in one)."""
     _stop.clear()
     _signalled.clear()
+    _last.clear()
 
 
 @contextmanager

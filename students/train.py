@@ -53,7 +53,8 @@ __all__ = ["train", "TrainConfig", "OptimConfig", "SwadConfig", "SplitConfig", "
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """A stop was requested (Ctrl-C, SIGTERM): the run saved a checkpoint at its current step."""
+    """A stop was requested (Ctrl-C, SIGTERM): the run saved a checkpoint at its current step, or, asked
+    before this call's first step, stopped there (its last checkpoint, if any, kept)."""
 
 
 @dataclass
@@ -665,6 +666,10 @@ class Trainer:
                    dynamic_ncols=True)
         stage_i = None
         t0, paused = time.time(), 0.0
+        if self.should_stop is not None and self.should_stop():  # asked while the run set up: nothing new to save
+            bar.close()
+            raise RunInterrupted(f"run {self.run_dir.path} stopped before step {self.start + 1}" +
+                                 (f" (its checkpoint at step {self.start} kept)" if self.start else ""))
         try:
             for step in range(self.start, cfg.steps):
                 si = next(i for i, e in enumerate(self.ends) if step < e)

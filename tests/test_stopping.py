@@ -683,3 +683,38 @@ def test_a_file_size_limit_at_a_checkpoint_is_said_as_the_limit_and_resumes(synt
     assert "checkpoint.pt; raise it (`ulimit -f unlimited`), then rerun the same command to resume" in last
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and (tmp_path / "run" / "done").exists(), again.stderr
+
+
+def test_ctrl_c_while_a_run_sets_up_is_said_at_once_and_trains_no_step(synthetic_store, tmp_path, monkeypatch):
+    """Ctrl-C during train's set-up said nothing and stopped only after a whole step and a checkpoint (36 s
+    under load, a trial). The request is said at once, and a run asked to stop before its first step
+    trains none: a fresh one leaves no folder, a resumed one keeps its checkpoint as it was."""
+    import embedcache.students.train as training
+    from embedcache import interrupt
+
+    real_init = training.Trainer.__init__
+
+    def ctrl_c_while_loading(self, *a, **kw):
+        os.kill(os.getpid(), signal.SIGINT)  # the first request: the run goes on setting up
+        real_init(self, *a, **kw)
+
+    monkeypatch.setattr(training.Trainer, "__init__", ctrl_c_while_loading)
+    args = ["train", "--store", str(synthetic_store), "--recipe", "ce", "--student", "test_resnet", "--device", "cpu",
+            "--no-progress", "--set", "steps=4", "--set", "ckpt_every=2", "--set", "eval_every=2",
+            "--set", "student.input_size=32", "--set", "batch_size=8"]
+    res = CliRunner().invoke(main, args + ["--out", str(tmp_path / "fresh")])
+    assert res.exit_code == 130, res.output
+    assert "stopping after this step, its checkpoint saved (Ctrl-C again to stop at once)" in res.output
+    assert res.output.strip().splitlines()[-1] == f"run {tmp_path / 'fresh'} stopped before step 1"
+    assert not (tmp_path / "fresh").exists()  # nothing trained: no folder left for nothing
+    monkeypatch.setattr(training.Trainer, "__init__", real_init)
+    with pytest.raises(KeyboardInterrupt):  # a run stopped at step 3, its checkpoint at step 2
+        train(_cfg(synthetic_store, tmp_path / "cut", steps=4), log=quiet,
+              on_step=lambda step: (_ for _ in ()).throw(KeyboardInterrupt) if step == 3 else None)
+    monkeypatch.setattr(training.Trainer, "__init__", ctrl_c_while_loading)
+    interrupt.reset()  # another command's request, as in a new process
+    before = (tmp_path / "cut" / "checkpoint.pt").read_bytes()
+    res = CliRunner().invoke(main, ["train", "--config", str(tmp_path / "cut" / "config.json"), "--out", str(tmp_path / "cut"),
+                                    "--no-progress"])
+    assert res.exit_code == 130 and "stopped before step 3 (its checkpoint at step 2 kept)" in res.output, res.output
+    assert (tmp_path / "cut" / "checkpoint.pt").read_bytes() == before
