@@ -1363,6 +1363,18 @@ def test_a_broken_hdf5_chunk_index_is_said_unrepairable_and_nothing_is_cleared(t
         assert (st.blocks_done() == before).all() and before.all()
 
 
+def test_an_unfinished_store_renamed_is_told_to_finish_under_its_new_path(make_cfg, tiny_teacher, tmp_path):
+    """"Rerun the same command" of a half-written store renamed since wrote a new store at the old path (a trial)."""
+    cfg = make_cfg("half.zarr")
+    with pytest.raises(KeyboardInterrupt):
+        extract(cfg, teacher=tiny_teacher, on_block_done=lambda block: (_ for _ in ()).throw(KeyboardInterrupt), log=quiet)
+    os.rename(cfg.out, tmp_path / "renamed.zarr")
+    with pytest.raises(StoreError, match=f"rerun the same `embedcache extract` command, with --out {tmp_path / 'renamed.zarr'}, "
+                                         "to finish it"):
+        embedcache.open_store(str(tmp_path / "renamed.zarr"))
+    assert extract(make_cfg("renamed.zarr"), teacher=tiny_teacher, log=quiet).complete  # which it does
+
+
 def test_a_store_being_written_is_said_so_by_readers_and_verify(make_cfg, tiny_teacher):
     """While an extraction or repair ran, readers said "rerun the same extract command to finish it",
     verify called its half-way blocks damage and offered --repair, and a second repair ran a whole check

@@ -410,7 +410,7 @@ class Store:
                                      f"being written now by a live `embedcache {self.producer}` (or a repair); wait for "
                                      "it to finish")
             raise StoreError(f"store {self.path} is incomplete ({done} of {self.num_blocks} blocks written); "
-                             f"rerun the same `embedcache {self.producer}` command to finish it{self.held_repair_note()}")
+                             f"{self.rerun_to_finish()}{self.held_repair_note()}")
         return self
 
     def writing_now(self) -> bool:
@@ -894,8 +894,12 @@ class Store:
         return pd.read_parquet(io.BytesIO(raw))
 
     def _unfinished(self, name: str) -> StoreError:
-        return StoreError(f"store {self.path} has no {name} yet: it is not finished; rerun the same "
-                          f"`embedcache {self.producer}` command to finish it")
+        return StoreError(f"store {self.path} has no {name} yet: it is not finished; {self.rerun_to_finish()}")
+
+    def rerun_to_finish(self) -> str:
+        """The fix for an unfinished store, naming its path as --out takes it: a store renamed since was
+        told to rerun "the same command", which wrote a new store at the old path (a trial)."""
+        return f"rerun the same `embedcache {self.producer}` command, with --out {self.path}, to finish it"
 
     def manifest_problem(self) -> str:
         """What is wrong with a complete store's manifest ('' if nothing): it does not match its own checksum
