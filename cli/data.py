@@ -157,9 +157,11 @@ def verify(store: str, repair: bool, overrides: Sequence[str], no_progress: bool
     if overrides and not repair:
         raise click.UsageError("--set changes the extraction a repair runs; give it with --repair")
     res = verify_store(store, repair, overrides, progress=not no_progress, log=click.echo)
-    if res.repaired is not None:
+    if res.repaired is not None:  # what was re-done: a rewritten table alone read as "0 block(s) re-done" (a trial)
+        files = sorted(res.report.files)
+        written = f", {len(files)} file(s) written again ({', '.join(files)})" if files else ""
         remade = f", {len(res.remade)} prompt array(s) encoded again" if res.remade else ""
-        click.echo(f"{store}: repaired ({res.repaired} block(s) re-done{remade})")
+        click.echo(f"{store}: repaired ({res.repaired} block(s) re-done{written}{remade})")
     elif res.report.ok and not res.report.derived:
         unfinished = f"; {res.unfinished}" if res.unfinished else ""
         files = f" and {res.files_checked} files" if res.files_checked or not res.unfinished else ""  # none before the finish
