@@ -342,20 +342,9 @@ def _coerce(value: Any, tp, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(value, args[0], key)
+        return None if value is None else _coerce(value, args[0], key)
     if origin in (tuple, Tuple):
-        args = typing.get_args(tp)
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise bad()
-        if len(args) == 2 and args[1] is Ellipsis:  # a bad item is named by its place: classes[2]=True
-            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise bad()
-        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+        return _as_tuple(value, typing.get_args(tp), key, bad)
     if origin in (dict, Dict) or tp in (dict, Dict):
         if not isinstance(value, dict):
             raise bad()
@@ -365,47 +354,65 @@ def _coerce(value: Any, tp, key: str) -> Any:
             raise bad()
         args = typing.get_args(tp)  # a bad item is named by its place, as in a tuple's
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
-    if tp is Any:
+    scalar = _SCALARS.get(tp)
+    return value if scalar is None else scalar(value, key, bad)  # Any, and types read as given
+
+
+def _as_tuple(value: Any, args: tuple, key: str, bad) -> tuple:
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, (list, tuple)):
+        raise bad()
+    if len(args) == 2 and args[1] is Ellipsis:  # a bad item is named by its place: classes[2]=True
+        return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if len(value) != len(args):
+        raise bad()
+    return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+
+
+def _as_bool(value: Any, key: str, bad) -> bool:
+    if isinstance(value, bool):
         return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
+    raise bad()
+
+
+def _as_int(value: Any, key: str, bad) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and _WHOLE.fullmatch(value.strip()):
+        return int(value)
+    raise bad()
+
+
+def _as_float(value: Any, key: str, bad) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        out = float(value)
+    elif isinstance(value, str):
+        try:
+            out = float(value)  # YAML 1.1 reads 1e-3 as a string
+        except ValueError:
+            raise bad() from None
+    else:
         raise bad()
-    if tp is int:
-        if isinstance(value, bool):
-            raise bad()
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str) and _WHOLE.fullmatch(value.strip()):
-            return int(value)
+    if not math.isfinite(out):
         raise bad()
-    if tp is float:
-        if isinstance(value, bool):
-            raise bad()
-        if isinstance(value, (int, float)):
-            out = float(value)
-        elif isinstance(value, str):
-            try:
-                out = float(value)  # YAML 1.1 reads 1e-3 as a string
-            except ValueError:
-                raise bad() from None
-        else:
-            raise bad()
-        if not math.isfinite(out):
-            raise bad()
-        return out
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        if isinstance(value, bool):  # YAML reads true, false, yes, no, on, off as booleans
-            raise ConfigError(f"{key}={value!r} is not valid: expected a string; quote it ('{str(value).lower()}') "
-                              "where a word is meant")
-        raise bad()
-    return value
+    return out
+
+
+def _as_str(value: Any, key: str, bad) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, bool):  # YAML reads true, false, yes, no, on, off as booleans
+        raise ConfigError(f"{key}={value!r} is not valid: expected a string; quote it ('{str(value).lower()}') "
+                          "where a word is meant")
+    raise bad()
+
+
+_SCALARS = {bool: _as_bool, int: _as_int, float: _as_float, str: _as_str}
 
 
 def _resolve(choices):
