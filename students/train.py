@@ -659,17 +659,18 @@ class Trainer:
         bar.set_postfix(stage=f"{si + 1}/{len(stages)}")
 
     def loop(self) -> float:
+        """Train from ``self.start`` to the last step; the seconds spent training (evaluations and
+        checkpoints left out)."""
         from tqdm.auto import tqdm
 
         cfg = self.cfg
+        if self.should_stop is not None and self.should_stop():  # asked while the run set up: nothing new to save
+            raise RunInterrupted(f"run {self.run_dir.path} stopped before step {self.start + 1}" +
+                                 (f" (its checkpoint at step {self.start} kept)" if self.start else ""))
         bar = tqdm(total=cfg.steps, initial=self.start, desc=self.run_dir.name, unit="step", disable=not cfg.progress,
                    dynamic_ncols=True)
         stage_i = None
         t0, paused = time.time(), 0.0
-        if self.should_stop is not None and self.should_stop():  # asked while the run set up: nothing new to save
-            bar.close()
-            raise RunInterrupted(f"run {self.run_dir.path} stopped before step {self.start + 1}" +
-                                 (f" (its checkpoint at step {self.start} kept)" if self.start else ""))
         try:
             for step in range(self.start, cfg.steps):
                 si = next(i for i, e in enumerate(self.ends) if step < e)
@@ -680,19 +681,7 @@ class Trainer:
                     self.say_stage(step, si, bar)
                 self.step(step, stage)
                 done = step + 1
-                at_eval, at_ckpt = done % cfg.eval_every == 0 or done == cfg.steps, done % cfg.ckpt_every == 0 or done == cfg.steps
-                if at_eval or at_ckpt:
-                    t_pause = settled_time(self.device)
-                    self.check_finite(done)
-                    if at_eval:
-                        self.evaluate(done, si, stage)
-                        bar.set_postfix(loss=f"{self.metrics[-1]['loss']:.3f}",
-                                        val="-" if self.val is None else f"{self.val:.3f}",
-                                        **({"stage": f"{si + 1}/{len(self.recipe.stages)}"}
-                                           if len(self.recipe.stages) > 1 else {}))
-                    if at_ckpt:
-                        self.checkpoint(done, t_pause - t0 - paused)
-                    paused += time.time() - t_pause
+                paused += self.at_point(done, si, stage, bar, t0 + paused)
                 bar.update(1)
                 if self.on_step is not None:
                     self.on_step(done)
@@ -703,6 +692,25 @@ class Trainer:
         finally:
             bar.close()
         return time.time() - t0 - paused
+
+    def at_point(self, done: int, si: int, stage, bar, since: float) -> float:
+        """Evaluate and checkpoint where ``done`` steps are due for them; the seconds that took, which the
+        training time leaves out. ``since``: the loop's start, moved on by its pauses so far."""
+        cfg = self.cfg
+        at_eval = done % cfg.eval_every == 0 or done == cfg.steps
+        at_ckpt = done % cfg.ckpt_every == 0 or done == cfg.steps
+        if not (at_eval or at_ckpt):
+            return 0.0
+        t_pause = settled_time(self.device)
+        self.check_finite(done)
+        if at_eval:
+            self.evaluate(done, si, stage)
+            stages = len(self.recipe.stages)
+            bar.set_postfix(loss=f"{self.metrics[-1]['loss']:.3f}", val="-" if self.val is None else f"{self.val:.3f}",
+                            **({"stage": f"{si + 1}/{stages}"} if stages > 1 else {}))
+        if at_ckpt:
+            self.checkpoint(done, t_pause - since)
+        return time.time() - t_pause
 
     # --- the end ------------------------------------------------------------------------------------
     def final_weights(self) -> Tuple[Dict[str, torch.Tensor], Dict]:
