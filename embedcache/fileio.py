@@ -49,12 +49,18 @@ def atomic_write(path: PathLike, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def at_size_limit(f: PathLike) -> bool:
-    """Whether ``f`` has grown to this process's file-size limit (`ulimit -f`): a writer that does not
-    say EFBIG (torch.save: "unexpected pos") stopped there."""
+def file_size_limit() -> Optional[int]:
+    """This process's file-size limit in bytes (`ulimit -f`, RLIMIT_FSIZE), None where there is none."""
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return None if limit == resource.RLIM_INFINITY else limit
+
+
+def at_size_limit(f: PathLike) -> bool:
+    """Whether ``f`` has grown to this process's file-size limit: a writer that does not say EFBIG
+    (torch.save: "unexpected pos") stopped there."""
+    limit = file_size_limit()
     try:
-        return limit != resource.RLIM_INFINITY and os.stat(f).st_size >= limit
+        return limit is not None and os.stat(f).st_size >= limit
     except OSError:
         return False
 

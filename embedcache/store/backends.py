@@ -11,7 +11,6 @@ import errno
 import json
 import os
 import re
-import resource
 import shutil
 import uuid
 from contextlib import contextmanager, nullcontext
@@ -21,7 +20,7 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import DiskFullError, StoreBusyError, StoreDamagedError, StoreError, StoreMismatchError, first_line
-from ..fileio import atomic_write_bytes, exclusive_lock
+from ..fileio import atomic_write_bytes, exclusive_lock, file_size_limit
 from ..registry import Registry
 from .pieces import bytes_of
 
@@ -517,8 +516,8 @@ class HDF5Backend:
                                 f"{nbytes / 2**20:.1f} MiB, and an HDF5 store keeps {HDF5_RESERVE // 2**20} MiB "
                                 "free to close its file cleanly; free space or "
                                 "choose --out on a larger disk, then rerun the same command to resume")
-        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-        if limit != resource.RLIM_INFINITY and self.path.stat().st_size + nbytes + HDF5_RESERVE > limit:
+        limit = file_size_limit()
+        if limit is not None and self.path.stat().st_size + nbytes + HDF5_RESERVE > limit:
             raise DiskFullError(f"a file would reach the file-size limit set for this process (`ulimit -f`, "
                                 f"{limit / 2**20:.1f} MiB) while writing {self.path}, an HDF5 store keeping "
                                 f"{HDF5_RESERVE // 2**20} MiB below it to close its file cleanly; raise it (`ulimit -f "
