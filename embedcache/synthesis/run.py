@@ -30,7 +30,7 @@ from ..store.backends import a_store_of
 from ..teachers import TEACHERS, Teacher, build_teacher
 from ..text import build_prompts
 from ..views import to_uint8
-from .config import PromptsConfig, SynthesizeConfig
+from .config import ImageConfig, PromptsConfig, SynthesizeConfig
 from .generators import build_generator
 from .image import optimise
 from .prompts import StylePlan, build_plan, has_style_vectors, leaked_words, prompt_vocabulary, style_lines
@@ -141,8 +141,29 @@ class SynthesisReader:
             if self.on_batch is not None:
                 self.on_batch(rows, out)
             canvas = to_uint8(out.images.clamp(0, 1)).permute(0, 2, 3, 1).contiguous().cpu()
+            require_pictures(canvas, rows, self.cfg.image)
             params = torch.from_numpy(np.stack([self.policy.params(int(i)) for i in rows]))
             yield Batch(rows=rows, canvas=canvas, params=params, errors=[""] * len(rows))
+
+
+def require_pictures(canvas: torch.Tensor, rows: np.ndarray, image: ImageConfig) -> None:
+    """Refuse images of one value everywhere, and say images of little but black and white: the image
+    settings out of the range that makes pictures (image.decay=1e12 gave all-black images, image.lr=1e12
+    saturated noise, each stored as a complete store with exit 0: a trial)."""
+    flat = canvas.reshape(len(canvas), -1)
+    blank = np.flatnonzero((flat.amax(1) == flat.amin(1)).numpy())
+    extreme = float(((flat == 0) | (flat == 255)).float().mean())
+    if not len(blank) and extreme < 0.95:
+        return
+    defaults = ImageConfig()
+    moved = [f"image.{k}={getattr(image, k)}" for k in ("lr", "decay", "init_std", "noise")
+             if getattr(image, k) != getattr(defaults, k)] or [f"image.lr={image.lr}", f"image.decay={image.decay}"]
+    fix = f"the image settings ({', '.join(moved)}) make no picture; bring them back towards their defaults"
+    if len(blank):
+        raise ConfigError(f"synthesised image(s) of one value everywhere (row {int(rows[blank[0]])} and "
+                          f"{len(blank) - 1} more of this batch): {fix}")
+    warnings.warn(f"synthesised images of rows {int(rows[0])}-{int(rows[-1])} are {extreme:.0%} pure black or white "
+                  f"pixels: {fix}", stacklevel=2)
 
 
 def extract_config(cfg: SynthesizeConfig) -> ExtractConfig:
