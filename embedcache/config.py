@@ -81,8 +81,8 @@ class DatasetConfig:
     # synthetic only (SYNTHETIC_ONLY): set on another dataset, they are refused rather than ignored
     num_classes: int = setting(4, min=1)
     num_domains: int = setting(3, min=1)
-    per_class: int = setting(8, min=1)   # images per (domain, class)
-    image_size: int = setting(64, min=8)
+    per_class: int = setting(8, min=1, max=100_000)   # images per (domain, class)
+    image_size: int = setting(64, min=8, max=4096)
     seed: int = setting(0, min=0)  # numpy seeds: whole numbers from 0
 
     def unread(self) -> List[str]:
@@ -191,7 +191,7 @@ TEACHER_CALL_SETTINGS = ("api_key_env", "api_key_file", "max_queries", "request_
 
 @dataclass(frozen=True)
 class ViewsConfig:
-    count: int = setting(4, min=1)   # views per image; view 0 is the plain centre (whole canvas)
+    count: int = setting(4, min=1, max=1024)   # views per image; view 0 is the plain centre (whole canvas)
     scale: Tuple[float, float] = setting((0.35, 1.0), gt=0.0, max=1.0)  # random-resized-crop area fraction
     ratio: Tuple[float, float] = setting((3 / 4, 4 / 3), gt=0.0)
     flip: bool = True
@@ -264,7 +264,7 @@ class ExtractConfig:
     # settings below never change the data, so they stay out of the cache key
     batch_size: int = setting(32, min=1)
     # image-reading worker processes; unset: extract.reader_workers picks (none for a CPU teacher on 2 cores)
-    num_workers: Optional[int] = setting(None, min=0)
+    num_workers: Optional[int] = setting(None, min=0, max=1024)
     block_rows: int = setting(256, min=1)  # rows written and marked done together (resume granularity)
     shard: Optional[int] = setting(None, min=0)
     num_shards: Optional[int] = setting(None, min=1)

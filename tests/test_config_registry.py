@@ -258,6 +258,23 @@ def test_a_negative_seed_and_a_canvas_past_the_resize_limit_are_refused_in_one_l
     assert 5656 ** 2 <= MAX_RESIZED_PIXELS < 5657 ** 2  # the largest canvas any image may be resized to
 
 
+@pytest.mark.parametrize("kind, override", [("extract", "views.count=1e12"), ("extract", "dataset.per_class=1e12"),
+                                            ("extract", "dataset.image_size=1e12"), ("extract", "num_workers=1e12"),
+                                            ("synthesize", "image.cutouts=1e12"), ("sweep", "workers=1e12")])
+def test_a_count_past_any_machine_is_refused_as_it_is_set(kind, override):
+    """Counts with only a lower bound took 1e12: a dry run hung listing the images, a run hung starting
+    DataLoader workers, or died on a 50 TiB allocation told to rerun to resume (a fuzzing trial)."""
+    from embedcache.config import apply_overrides, build_config, to_dict
+    from embedcache.students.sweep import SweepSpec
+    from embedcache.synthesis import SynthesizeConfig
+
+    cls = {"extract": ExtractConfig, "synthesize": SynthesizeConfig, "sweep": SweepSpec}[kind]
+    key = override.split("=")[0]
+    base = to_dict(cls(store="s.zarr")) if cls is SweepSpec else to_dict(cls())
+    with pytest.raises(ConfigError, match=f"{key}=1000000000000 is not valid: must be at most"):
+        build_config(cls, apply_overrides(base, [override]))
+
+
 def test_a_set_with_no_setting_name_is_one_line():
     """`--set =3` said "unknown config key ;" (an empty name)."""
     from embedcache.config import apply_overrides

@@ -147,7 +147,7 @@ class ImageConfig:
     init_std: float = setting(0.01, min=0.0)       # fourier: initial spectrum ~ N(0, init_std^2)
     iterations: int = setting(200, min=0)
     lr: float = setting(0.05, gt=0.0)              # Adam on the generator's parameters
-    cutouts: int = setting(8, min=1)               # augmented views per image per iteration
+    cutouts: int = setting(8, min=1, max=1024)     # augmented views per image per iteration
     cut_size: Optional[int] = setting(None, min=16, max=5656)  # side the teacher sees them at (None: its input
     # size); at most canvas.size's limit
     cut_scale: Tuple[float, float] = setting((0.5, 1.0), gt=0.0, max=1.0)  # crop area fraction

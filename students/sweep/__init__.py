@@ -85,7 +85,7 @@ class SweepSpec:
     finetune_mode: str = setting("shots", choices=FINETUNE_MODES)  # mixed: Li et al.'s (shots in training batches)
     shots: int = setting(DEFAULT_SHOTS, min=1)  # few_shot: labelled images per unseen class (Li et al.'s 5)
     launcher: str = setting("local", choices=LAUNCHERS)
-    workers: int = setting(1, min=1)
+    workers: int = setting(1, min=1, max=1024)
     pack_heads: bool = False                 # head-only runs differing only in seed/lr/weight decay train as one pack
     resources: Dict[str, Any] = field(default_factory=lambda: {"num_cpus": 1, "num_gpus": 0})
 
