@@ -1,6 +1,7 @@
 """Sweeps: end to end through the CLI, kill and relaunch, concurrent workers, Ray, seed stability."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -1010,6 +1011,14 @@ def test_a_sweep_trains_on_every_domain_and_scores_on_transfer_stores(synthetic_
     with pytest.raises(ConfigError, match=r"transfer store .*other.zarr: its classes differ"):
         run_sweep(load_sweep(str(g)), str(tmp_path / "sw2"), progress=False, log=quiet)
     assert not (tmp_path / "sw2" / "runs").exists() or not any((tmp_path / "sw2" / "runs").iterdir())
+    # the sweep's own store, or one store twice (by another path): every row was written three times (a fuzzing trial)
+    shutil.copytree(real.out, tmp_path / "real-copy.zarr")
+    for stores, said in [([str(synthetic_store)], "the sweep's own store"),
+                         ([real.out, str(tmp_path / "real-copy.zarr")], f"transfer store {real.out}")]:
+        h = _sweep_file(tmp_path, synthetic_store, holdout_domains=[], transfer=stores)
+        with pytest.raises(ConfigError, match=f"transfer store .* is the same store as {said} \\(key .*list each other "
+                                              "store once in transfer"):
+            run_sweep(load_sweep(str(h)), str(tmp_path / "sw3"), progress=False, log=quiet)
 
 
 def test_report_of_a_sweep_folder_keeps_rows_added_to_its_results_file(tmp_path):

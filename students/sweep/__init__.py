@@ -235,11 +235,17 @@ def expand(spec: SweepSpec, sweep_dir: str) -> List[SweepPoint]:
 
 def _require_transferable(stores: List[str], reader, sources: List[str]) -> None:
     """Each transfer store is one the runs can be scored on (the checks of `evaluate --transfer`), before
-    any run trains."""
+    any run trains, and another store than the runs' own and each other (by key: the sweep's own store
+    listed twice wrote every row three times into results.parquet, a fuzzing trial)."""
     from ..scoring import transfer_differences
 
+    seen = {reader.key: "the sweep's own store"}
     for path in stores:
         with open_store(path) as other:  # refuses an incomplete store
+            if other.key in seen:
+                raise ConfigError(f"transfer store {path} is the same store as {seen[other.key]} (key {other.key}): "
+                                  "its rows would be scored twice; list each other store once in transfer")
+            seen[other.key] = f"transfer store {path}"
             for src in sources:
                 differ = transfer_differences(reader.scoring_facts(src), other, src)
                 if differ:
