@@ -220,6 +220,9 @@ def seeded_class_split(num_classes: int, unseen_fraction: float = 0.5, seed: int
     rng = np.random.default_rng([seed, 23])
     half_up = np.floor(num_classes * (1 - unseen_fraction) + 0.5 + 1e-9)  # 1e-9: 45 x 0.7 is 31.499999... in floats
     n_seen = min(num_classes - 1, max(1, int(half_up)))
+    if half_up < 1:  # one unseen class is said where it is scored; one seen class here (it was silent: a trial)
+        warnings.warn(f"unseen_fraction={unseen_fraction:g} of {num_classes} classes leaves no seen class; one is kept "
+                      "seen, so a run of this split trains on one class; lower unseen_fraction")
     return np.sort(rng.permutation(num_classes)[:n_seen])
 
 
