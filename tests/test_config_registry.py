@@ -178,6 +178,12 @@ def test_the_views_part_of_the_cache_key_keeps_its_shape():
     (["select=last", "averaging=swad"], r"select=last and averaging=swad both choose the final weights"),
     (["averaging=swa", "average_start=1.0"], r"average_start=1.0 leaves no step to average"),
     (["optim.schedule=step", "optim.gamma=5"], r"optim.gamma=5.0 multiplies the learning rate at each milestone"),
+    # a step schedule that decays otherwise than said (a fuzzing trial)
+    (["optim.schedule=step", "optim.milestones=[]"], r"optim.milestones=\[\] names no step: a step schedule would keep"),
+    (["optim.schedule=step", "optim.milestones=[0.5,0.5]", "steps=100"],
+     r"optim.milestones=\[0.5, 0.5\] of steps=100: one falls on step 50 together with another"),
+    (["optim.schedule=step", "steps=2"], r"optim.milestones=\[0.33.*, 0.66.*\] of steps=2: one falls on step 1 together"),
+    (["optim.schedule=step", "optim.milestones=[0.1]", "steps=4"], r"of steps=4: one falls on the first step"),
     (["split.train_classes=[]"], r"split.train_classes=\[\] names no class; leave it out to train on every class"),
 ])
 def test_settings_that_would_train_something_else_are_refused(sets, msg):
