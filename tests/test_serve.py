@@ -276,6 +276,10 @@ def test_cli_serve_starts_with_one_command_and_a_config(tmp_path, tiny_teacher_c
                                 "keys_env": None, "ledger": str(tmp_path / "ledger.sqlite"), "model_name": "tiny"}))
     assert load_config(ServeConfig, str(conf), kind="serve").port == port
     assert load_config(ServeConfig, "demo", kind="serve").teacher.name == "conse"  # the packaged one builds too
+    for bad in ("embed", "/embed/"):  # served under a prefix the proxy never sends (a fuzzing trial)
+        with pytest.raises(ConfigError, match=f"root_path='{bad}' is not a path prefix: .*\\(e.g. /embed\\)"):
+            load_config(ServeConfig, str(conf), [f"root_path={bad}"], kind="serve")
+    assert load_config(ServeConfig, str(conf), ["root_path=/embed"], kind="serve").root_path == "/embed"
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "embedcache.cli", "serve", "--config", str(conf)], stdout=out,

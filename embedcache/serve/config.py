@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..config import TeacherConfig, setting
+from ..errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -28,3 +29,8 @@ class ServeConfig:
     root_path: str = ""              # the path prefix a reverse proxy serves it under, e.g. /embed
     forwarded_allow_ips: str = "127.0.0.1"  # proxies trusted for X-Forwarded-For/-Proto
     log_level: str = setting("info", choices=("critical", "error", "warning", "info", "debug"))
+
+    def check(self) -> None:
+        if self.root_path and (not self.root_path.startswith("/") or self.root_path.endswith("/")):
+            raise ConfigError(f"root_path={self.root_path!r} is not a path prefix: give it as the proxy serves it, "
+                              "with a leading / and none at the end (e.g. /embed), or leave it empty")
