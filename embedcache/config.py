@@ -359,8 +359,11 @@ def _coerce(value: Any, tp, key: str) -> Any:
 
 
 def _as_tuple(value: Any, args: tuple, key: str, bad) -> tuple:
-    if isinstance(value, str):
-        value = [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, str):  # "a, b" as a list; one of spaces named nothing, read as [] (a fuzzing trial)
+        items = [v.strip() for v in value.split(",") if v.strip()]
+        if not items:
+            raise ConfigError(f"{key}={value!r} names nothing; give a list, [] for none")
+        value = items
     if not isinstance(value, (list, tuple)):
         raise bad()
     if len(args) == 2 and args[1] is Ellipsis:  # a bad item is named by its place: classes[2]=True

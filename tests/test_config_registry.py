@@ -364,6 +364,8 @@ def test_a_synthetic_store_without_its_canvases_is_refused():
     (["views=[]"], r"config section views must be a mapping, got \[\]"),
     (["views=false"], r"config section views must be a mapping, got False"),
     (["text.sources=[name,name]"], r"text.sources names 'name' twice; list each once"),
+    # a list written as a string of spaces read as [] (an evaluation domain list emptied: a fuzzing trial)
+    (["text.sources=' , '"], r"text.sources=' , ' names nothing; give a list, \[\] for none"),
 ])
 def test_strings_int_refuses_and_a_falsy_section_are_one_line(sets, said):
     """`views.count=+-3` was a ValueError traceback from int(); `views=0` took the defaults silently."""
