@@ -74,6 +74,7 @@ def test_tiny_sweep_end_to_end(synthetic_store, tmp_path):
     again = CliRunner().invoke(main, ["sweep", str(f), "--out", str(out), "--no-progress"])
     assert again.exit_code == 0 and "7 already done" in again.output, again.output
     assert pd.read_parquet(out / "results.parquet").run.nunique() == 8
+    assert set(_attempts(out).values()) == {1}  # scored again, not trained: no retry recorded (a trial)
 
 
 def test_killed_sweep_completes_each_run_exactly_once(synthetic_store, tmp_path, monkeypatch):

@@ -77,8 +77,12 @@ def _score(run: RunDir, spec, point: SweepPoint):
 
 
 def _start(run: RunDir, spec, point: SweepPoint, **attempt) -> None:
-    """Before a run of the sweep trains: its tags (sweep.json, which scoring reads) and an attempt record."""
+    """Before a run of the sweep trains: its tags (sweep.json, which scoring reads) and an attempt record,
+    but for a run trained already and only scored now (stopped between the two: a second record read as a
+    retry that never happened, a trial)."""
     run.write_sweep_tags(sweep_tags(spec, point))
+    if run.done:
+        return
     with open(run.file("attempts.jsonl"), "a") as fh:
         fh.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(), **attempt}) + "\n")
 
