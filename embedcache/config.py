@@ -125,7 +125,7 @@ class TeacherConfig:
     model_config: Optional[str] = None    # a JSON architecture file registered before creating
     precision: str = setting("fp32", choices=("fp32", "bf16", "fp16"))
     device: str = "auto"             # auto | cpu | cuda | cuda:1 ...
-    topk: Optional[int] = setting(None, min=1)  # conse: ImageNet classes mixed per image (None = all)
+    topk: Optional[int] = setting(None, min=1, max=1000)  # conse: ImageNet classes mixed per image (None = all 1000)
     # remote: an embedding service (teachers/remote). teacher.model is the model name sent to it. The key
     # is read from the environment variable or file named here, never written in a config or manifest.
     protocol: str = setting("embedcache", choices=lazy_registry("embedcache.teachers.remote", "PROTOCOLS"))

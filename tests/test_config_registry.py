@@ -266,7 +266,8 @@ def test_a_negative_seed_and_a_canvas_past_the_resize_limit_are_refused_in_one_l
 
 @pytest.mark.parametrize("kind, override", [("extract", "views.count=1e12"), ("extract", "dataset.per_class=1e12"),
                                             ("extract", "dataset.image_size=1e12"), ("extract", "num_workers=1e12"),
-                                            ("synthesize", "image.cutouts=1e12"), ("sweep", "workers=1e12")])
+                                            ("synthesize", "image.cutouts=1e12"), ("sweep", "workers=1e12"),
+                                            ("extract", "teacher.topk=1e12")])  # conse's: of ImageNet's 1000 classes
 def test_a_count_past_any_machine_is_refused_as_it_is_set(kind, override):
     """Counts with only a lower bound took 1e12: a dry run hung listing the images, a run hung starting
     DataLoader workers, or died on a 50 TiB allocation told to rerun to resume (a fuzzing trial)."""
