@@ -151,8 +151,9 @@ def check_trainable(cfg: TrainConfig) -> None:
     if cfg.split.train_classes is not None and not cfg.split.train_classes:  # it trained on every class (a trial)
         raise ConfigError("split.train_classes=[] names no class; leave it out to train on every class, or list the "
                           "seen ones")
-    if cfg.optim.schedule == "step":
-        _check_milestones(cfg.optim, cfg.steps)
+    if cfg.optim.schedule == "step" and cfg.optim.gamma > 1:
+        raise ConfigError(f"optim.gamma={cfg.optim.gamma} multiplies the learning rate at each milestone, so it would "
+                          "grow; use 0 < optim.gamma <= 1")
     for name in ("holdout_domains", "train_classes"):
         twice = named_twice(list(getattr(cfg.split, name) or ()))
         if twice is not None:  # a class listed twice: its targets pointed at one text row, ties went to the other
@@ -169,21 +170,23 @@ def check_trainable(cfg: TrainConfig) -> None:
                           "(0 averages from the first step, as SWAD was published)")
 
 
-def _check_milestones(optim: OptimConfig, steps: int) -> None:
-    """A step schedule that decays as said: gamma at most 1, and each milestone a step of its own after the
-    first (two on one step dropped the rate by gamma squared there, none kept it constant, both without a
-    word: a fuzzing trial)."""
-    if optim.gamma > 1:
-        raise ConfigError(f"optim.gamma={optim.gamma} multiplies the learning rate at each milestone, so it would "
-                          "grow; use 0 < optim.gamma <= 1")
+def check_milestones(cfg: TrainConfig) -> None:
+    """A step schedule that decays as said: each milestone a step of its own after the first (two on one
+    step dropped the rate by gamma squared there, none kept it constant, both without a word: a fuzzing
+    trial). Checked for a run not yet begun (a begun one resumes as it began) and a sweep's."""
+    from .optim import milestone_steps
+
+    optim = cfg.optim
+    if optim.schedule != "step":
+        return
     if not optim.milestones:
         raise ConfigError("optim.milestones=[] names no step: a step schedule would keep optim.lr; give fractions of "
                           "the run (e.g. [0.33, 0.67]), or optim.schedule=constant")
-    at = [round(m * steps) for m in optim.milestones]  # as students.optim.step_decay places them
+    at = milestone_steps(optim, cfg.steps)
     clash = next((a for a in at if a == 0 or at.count(a) > 1), None)
     if clash is not None:
         said = "the first step" if clash == 0 else f"step {clash} together with another"
-        raise ConfigError(f"optim.milestones={list(optim.milestones)} of steps={steps}: one falls on {said}; give "
+        raise ConfigError(f"optim.milestones={list(optim.milestones)} of steps={cfg.steps}: one falls on {said}; give "
                           "fractions that fall on steps of their own, or more steps")
 
 

@@ -107,13 +107,12 @@ class StoreData:
         self.targets = to_train[self.labels]
         self._split(meta, split)
         if training:
-            self._require_split_read(split)
             self._require_training_rows()
 
-    def _require_split_read(self, split: SplitConfig) -> None:
+    def require_split_read(self, split: SplitConfig) -> None:
         """The dataset's own val rows are the validation rows: a val_fraction or val_by_domain set beside
         them would be read by nothing, while naming the run as another setting (a sweep over it trained
-        the same run under several names)."""
+        the same run under several names). Checked for a fresh run (a run begun before resumes) and a sweep."""
         unread = [f"{k}={getattr(split, k)}" for k in ("val_fraction", "val_by_domain")
                   if getattr(split, k) != getattr(SplitConfig, k)]
         if self.own_val and unread:

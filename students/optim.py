@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, List
 
 import torch
 
@@ -46,9 +46,14 @@ def cosine(cfg: OptimConfig, steps: int) -> Callable[[int], float]:
     return lambda step: 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
 
 
+def milestone_steps(cfg: OptimConfig, steps: int) -> List[int]:
+    """The steps a step schedule decays at: fractions written rounded (0.6666667) still land on their step."""
+    return [round(m * steps) for m in cfg.milestones]
+
+
 @SCHEDULES.register("step")
 def step_decay(cfg: OptimConfig, steps: int) -> Callable[[int], float]:
-    at = [round(m * steps) for m in cfg.milestones]  # fractions written rounded (0.6666667) still land on their step
+    at = milestone_steps(cfg, steps)
     return lambda step: cfg.gamma ** sum(step >= a for a in at)
 
 

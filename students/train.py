@@ -36,7 +36,7 @@ from embedcache.versions import library_versions
 from embedcache.fileio import disk_full_error, is_disk_full, json_digest, try_exclusive_lock
 
 from .averaging import AVERAGING
-from .config import (OptimConfig, SplitConfig, StudentConfig, SwadConfig, TrainConfig, check_trainable,
+from .config import (OptimConfig, SplitConfig, StudentConfig, SwadConfig, TrainConfig, check_milestones, check_trainable,
                      refuse_unread_training)
 from .data import StoreData, check_views_used, target_views
 from .headstep import HeadStep
@@ -428,8 +428,10 @@ class Trainer:
         self.run_dir = RunDir(cfg.out or default_out(cfg))
         self.data = shared.data if shared is not None else StoreData(cfg.store, self.source, cfg.split)
         check_views_used(cfg.views_used, self.data.views, cfg.store, cfg.skip_plain_view, cfg.plain_targets)
-        if not self.run_dir.file("checkpoint.pt").exists():  # a run started before the check resumes as it began
+        if not self.run_dir.file("checkpoint.pt").exists():  # a run started before the checks resumes as it began
             check_batch_fits(cfg, self.data)
+            self.data.require_split_read(cfg.split)
+            check_milestones(cfg)
         self.device = resolve_device(cfg.device)
         n_cls = len(self.data.train_class_ids) if self.recipe.classifier else 0
         self.model = build_seeded(cfg.student, self.data.dim, n_cls, cfg.seed).to(self.device)

@@ -178,12 +178,6 @@ def test_the_views_part_of_the_cache_key_keeps_its_shape():
     (["select=last", "averaging=swad"], r"select=last and averaging=swad both choose the final weights"),
     (["averaging=swa", "average_start=1.0"], r"average_start=1.0 leaves no step to average"),
     (["optim.schedule=step", "optim.gamma=5"], r"optim.gamma=5.0 multiplies the learning rate at each milestone"),
-    # a step schedule that decays otherwise than said (a fuzzing trial)
-    (["optim.schedule=step", "optim.milestones=[]"], r"optim.milestones=\[\] names no step: a step schedule would keep"),
-    (["optim.schedule=step", "optim.milestones=[0.5,0.5]", "steps=100"],
-     r"optim.milestones=\[0.5, 0.5\] of steps=100: one falls on step 50 together with another"),
-    (["optim.schedule=step", "steps=2"], r"optim.milestones=\[0.33.*, 0.66.*\] of steps=2: one falls on step 1 together"),
-    (["optim.schedule=step", "optim.milestones=[0.1]", "steps=4"], r"of steps=4: one falls on the first step"),
     (["split.train_classes=[]"], r"split.train_classes=\[\] names no class; leave it out to train on every class"),
 ])
 def test_settings_that_would_train_something_else_are_refused(sets, msg):
@@ -196,6 +190,29 @@ def test_settings_that_would_train_something_else_are_refused(sets, msg):
     cfg = build_config(TrainConfig, apply_overrides({"store": "s.zarr"}, sets))
     with pytest.raises(ConfigError, match=msg):
         check_trainable(cfg)
+
+
+@pytest.mark.parametrize("sets, msg", [
+    (["optim.schedule=step", "optim.milestones=[]"], r"optim.milestones=\[\] names no step: a step schedule would keep"),
+    (["optim.schedule=step", "optim.milestones=[0.5,0.5]", "steps=100"],
+     r"optim.milestones=\[0.5, 0.5\] of steps=100: one falls on step 50 together with another"),
+    (["optim.schedule=step", "steps=2"], r"optim.milestones=\[0.33.*, 0.66.*\] of steps=2: one falls on step 1 together"),
+    (["optim.schedule=step", "optim.milestones=[0.1]", "steps=4"], r"of steps=4: one falls on the first step"),
+])
+def test_a_step_schedule_that_decays_otherwise_than_said_is_refused(sets, msg):
+    """Two milestones on one step dropped the rate by gamma squared there, none kept it constant, each
+    without a word (a fuzzing trial)."""
+    from embedcache.config import apply_overrides, build_config
+    from embedcache.students.config import TrainConfig, check_milestones
+    from embedcache.students.optim import SCHEDULES
+
+    cfg = build_config(TrainConfig, apply_overrides({"store": "s.zarr"}, sets))
+    with pytest.raises(ConfigError, match=msg):
+        check_milestones(cfg)
+    fine = build_config(TrainConfig, apply_overrides({"store": "s.zarr"}, ["optim.schedule=step", "steps=6"]))
+    check_milestones(fine)
+    lr = SCHEDULES.get("step")(fine.optim, 6)
+    assert [lr(s) for s in range(6)] == [1, 1, 0.1, 0.1, 0.1 ** 2, 0.1 ** 2]  # the steps the check placed
 
 
 def test_configs_show_says_when_a_name_is_several_kinds_config():

@@ -350,8 +350,18 @@ def test_a_datasets_own_split_is_kept(make_cfg, tiny_teacher, tmp_path):
     # a fraction set beside them was read by nothing while naming the run apart (a sweep over it: one run, many names)
     for unread, said in [(dict(val_fraction=0.0), "val_fraction=0.0"), (dict(val_by_domain=True), "val_by_domain=True")]:
         with pytest.raises(ConfigError, match=f"split.{said} is not read: .* has its own val rows \\(4\\).*defaults"):
-            StoreData(cfg.out, "name", SplitConfig(**unread))
+            train(TrainConfig(store=cfg.out, recipe="feat_kd", student=StudentConfig(name="test_resnet", input_size=32),
+                              steps=2, batch_size=4, split=SplitConfig(**unread), out=str(tmp_path / "r"), progress=False,
+                              device="cpu"), log=quiet)
     assert len(StoreData(cfg.out, "name", SplitConfig(val_fraction=0.0), training=False).val_idx) == 4  # scoring reads it
+    # a run begun before the check resumes as it began
+    begun = TrainConfig(store=cfg.out, recipe="feat_kd", student=StudentConfig(name="test_resnet", input_size=32), steps=4,
+                        batch_size=4, ckpt_every=2, eval_every=2, split=SplitConfig(val_fraction=0.0),
+                        out=str(tmp_path / "old"), progress=False, device="cpu")
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(KeyboardInterrupt):
+        mp.setattr(StoreData, "require_split_read", lambda self, split: None)
+        train(begun, log=quiet, on_step=lambda step: (_ for _ in ()).throw(KeyboardInterrupt) if step == 3 else None)
+    assert train(begun, log=quiet).resumed_from == 2
 
 
 def _csv_store(make_cfg, tiny_teacher, tmp_path, kinds, name="csv.zarr"):
@@ -1319,3 +1329,19 @@ def test_a_timm_student_from_scratch_asks_no_hub(monkeypatch):
     assert asked == [False]  # no hub weights asked for
     assert starts_random(cfg) and model.input_size == 32
     assert not starts_random(StudentConfig(name="openclip_visual", model="hf-hub:timm/ViT-B-16"))
+
+
+def test_a_run_begun_with_milestones_on_one_step_resumes_as_it_began(synthetic_store, tmp_path, monkeypatch):
+    """The milestone check is for runs not yet begun: one begun before it was refused its resume (a review)."""
+    import embedcache.students.train as training
+    from embedcache.students.config import OptimConfig
+
+    cfg = _cfg(synthetic_store, tmp_path, "feat_kd", steps=6, eval_every=2, ckpt_every=2,
+               optim=OptimConfig(schedule="step", milestones=(0.5, 0.55)))  # both on step 3
+    with pytest.raises(ConfigError, match="one falls on step 3 together with another"):
+        train(cfg, log=quiet)
+    assert not (tmp_path / "run").exists()
+    with monkeypatch.context() as mp, pytest.raises(KeyboardInterrupt):
+        mp.setattr(training, "check_milestones", lambda cfg: None)  # as begun before the check
+        train(cfg, log=quiet, on_step=lambda step: (_ for _ in ()).throw(KeyboardInterrupt) if step == 3 else None)
+    assert train(cfg, log=quiet).resumed_from == 2

@@ -33,7 +33,7 @@ from embedcache.device import resolve_device
 from embedcache.evaluate.results import merge, read_results
 from embedcache.fileio import atomic_write, atomic_write_text, one_line_when_full
 
-from ..config import TrainConfig, check_trainable, unread_training
+from ..config import TrainConfig, check_milestones, check_trainable, unread_training
 from ..data import StoreData, check_views_used
 from ..features import missing_features
 from ..finetune import MODES as FINETUNE_MODES, mixed_on_transfer
@@ -350,8 +350,8 @@ def _points(spec: SweepSpec, sweep_dir: str, keys: List[str], reader, named_as: 
                 except ConfigError as exc:
                     raise ConfigError(f"sweep run ({where}): {exc}") from None
                 if not RunDir(cfg.out).file("checkpoint.pt").exists():  # a started run resumes as it began
-                    _batch_fits(cfg, _split_rows(reader, src, cfg.split, split_rows), where,
-                                "grid.batch_size" if "batch_size" in spec.grid else "base.batch_size")
+                    _fresh_run_checks(cfg, _split_rows(reader, src, cfg.split, split_rows), where,
+                                      "grid.batch_size" if "batch_size" in spec.grid else "base.batch_size")
             out.append(SweepPoint(cfg, replicate))
     if not _begun_with(sweep_dir, spec):  # a relaunch keeps the settings it was begun with
         _refuse_unread(spec, unread_by_all or set(), by_recipe, out)
@@ -383,10 +383,14 @@ def _refuse_unread(spec: SweepSpec, by_all: set, by_recipe: Dict[str, set], poin
         raise ConfigError(f"{given} is read only with {reader_of(key)}, which no run of the sweep uses; remove it")
 
 
-def _batch_fits(cfg: TrainConfig, rows: StoreData, where: str, key: str) -> None:
-    """check_batch_fits, said for a sweep: which run (its held-out domains) and the sweep's ``key`` to lower."""
+def _fresh_run_checks(cfg: TrainConfig, rows: StoreData, where: str, key: str) -> None:
+    """The checks of a run not yet begun (the batch fits its split, the split's settings are read, the
+    milestones fall on steps of their own), said for a sweep: which run (its held-out domains), and the
+    sweep's ``key`` to lower for a batch too large."""
     try:
         check_batch_fits(cfg, rows)
+        rows.require_split_read(cfg.split)
+        check_milestones(cfg)
     except ConfigError as exc:
         held = f", holding out {', '.join(cfg.split.holdout_domains)}" if cfg.split.holdout_domains else ""
         raise ConfigError(f"sweep run ({where}{held}): {str(exc).replace('use batch_size', f'use {key}')}") \
