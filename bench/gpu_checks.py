@@ -215,10 +215,9 @@ def renderers() -> dict:
 
 
 def _tf32_flags() -> dict:
-    from embedcache.device import _tf32_switches
+    from embedcache.device import tf32_settings
 
-    flags = {f"{kind}_{name}": getattr(owner, name) for kind, (owner, name, _) in zip(("matmul", "conv"), _tf32_switches())}
-    return {**flags, "float32_matmul_precision": torch.get_float32_matmul_precision()}
+    return tf32_settings()
 
 
 def fp32_teacher(model: str) -> dict:

@@ -3,7 +3,7 @@ ways small host data reaches a GPU without waiting for the work queued there, an
 import contextlib
 import functools
 import os
-from typing import Iterator, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 
@@ -50,13 +50,30 @@ def constant(values: Tuple, dtype: torch.dtype, device: torch.device) -> torch.T
     return torch.tensor(values, dtype=dtype, device=device)
 
 
-def _tf32_switches() -> list:
-    """(owner, attribute, off value) for CUDA matmuls and cuDNN convolutions: torch >= 2.9's
-    ``fp32_precision`` where it has it, else the older ``allow_tf32`` flags."""
+def _conv_switch() -> Tuple[Any, str, Any]:
+    """(owner, attribute, off value) of cuDNN convolutions' TF32: torch >= 2.9's ``fp32_precision``, else
+    the older ``allow_tf32``. Convolutions read it by their own name, so it never mixes with the RNNs'."""
     conv = getattr(torch.backends.cudnn, "conv", None)
     if hasattr(conv, "fp32_precision"):
-        return [(torch.backends.cuda.matmul, "fp32_precision", "ieee"), (conv, "fp32_precision", "ieee")]
-    return [(torch.backends.cuda.matmul, "allow_tf32", False), (torch.backends.cudnn, "allow_tf32", False)]
+        return conv, "fp32_precision", "ieee"
+    return torch.backends.cudnn, "allow_tf32", False
+
+
+def _matmul_settings() -> Tuple[Optional[str], Optional[str]]:
+    """The process's float32 matmul settings: the older API's precision ('highest', 'high'; None where a mix
+    of torch's two APIs makes it unreadable) and torch >= 2.9's ``fp32_precision`` (None before it)."""
+    try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:
+        legacy = None
+    return legacy, getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+
+
+def tf32_settings() -> Dict[str, Any]:
+    """What decides TF32 for float32 matmuls and convolutions now (printed by bench/gpu_checks.py)."""
+    legacy, new = _matmul_settings()
+    owner, name, _ = _conv_switch()
+    return {"float32_matmul_precision": legacy, "matmul_fp32_precision": new, f"conv_{name}": getattr(owner, name)}
 
 
 @contextlib.contextmanager
@@ -64,16 +81,21 @@ def ieee_fp32(active: bool) -> Iterator[None]:
     """While active, float32 matmuls and convolutions on a GPU are IEEE float32, not TF32: torch lets
     cuDNN convolutions (a ViT's patch embedding) run in TF32 by default, and a caller may have allowed
     it for matmuls, so a teacher asked for fp32 would give embeddings rounded to TF32's 10-bit mantissa,
-    differing between GPU generations. The process's own settings are back afterwards."""
+    differing between GPU generations. Matmuls are set through the older API, which sets both of torch's:
+    cuBLAS refuses to run where the two disagree (a caller's set_float32_matmul_precision('high') beside
+    the newer switch set alone: a review). The process's own settings are back afterwards."""
     if not active:
         yield
         return
-    switches = _tf32_switches()
-    before = [getattr(owner, name) for owner, name, _ in switches]
+    owner, name, off = _conv_switch()
+    conv_before, (legacy, new) = getattr(owner, name), _matmul_settings()
     try:
-        for owner, name, off in switches:
-            setattr(owner, name, off)
+        torch.set_float32_matmul_precision("highest")
+        setattr(owner, name, off)
         yield
     finally:
-        for (owner, name, _), value in zip(switches, before):
-            setattr(owner, name, value)
+        setattr(owner, name, conv_before)
+        if legacy is not None:
+            torch.set_float32_matmul_precision(legacy)
+        if new is not None and torch.backends.cuda.matmul.fp32_precision != new:
+            torch.backends.cuda.matmul.fp32_precision = new

