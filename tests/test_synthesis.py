@@ -932,11 +932,11 @@ def test_settings_that_make_no_picture_are_refused_not_stored(synth_cfg, tiny_te
     noise, each with exit 0 (a trial): a student distilled from it learns from nothing like a picture."""
     cfg = synth_cfg("black.zarr", "image.decay=1e12")
     with pytest.raises(ConfigError, match=r"synthesised image\(s\) of one value everywhere \(row 0 and 1 more of this "
-                                          r"batch\): the image settings \(image.lr=0.1, image.decay=1000000000000.0\) make no picture"):
+                                          r"batch\): the image settings \(image.lr=0.1, image.decay=1000000000000.0, image.iterations=4\) make no picture"):
         synthesize(cfg, teacher=tiny_teacher, log=quiet)
     with Store(cfg.out) as st:
         assert st.blocks_done().sum() == 0  # nothing written
-    with pytest.warns(UserWarning, match=r"are \d+% pure black or white pixels: the image settings \(image.lr=1000000000000.0\)"):
+    with pytest.warns(UserWarning, match=r"are \d+% pure black or white pixels: the image settings \(image.lr=1000000000000.0, image.iterations=4\)"):
         synthesize(synth_cfg("noise.zarr", "image.lr=1e12"), teacher=tiny_teacher, log=quiet)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*pure black or white")  # the defaults' pictures pass without a word

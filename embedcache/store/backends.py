@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import DiskFullError, StoreBusyError, StoreDamagedError, StoreError, StoreMismatchError, first_line
-from ..fileio import atomic_write_bytes, exclusive_lock, file_size_limit
+from ..fileio import atomic_write_bytes, disk_full_error, exclusive_lock, file_size_limit
 from ..registry import Registry
 from .pieces import bytes_of
 
@@ -518,10 +518,8 @@ class HDF5Backend:
                                 "choose --out on a larger disk, then rerun the same command to resume")
         limit = file_size_limit()
         if limit is not None and self.path.stat().st_size + nbytes + HDF5_RESERVE > limit:
-            raise DiskFullError(f"a file would reach the file-size limit set for this process (`ulimit -f`, "
-                                f"{limit / 2**20:.1f} MiB) while writing {self.path}, an HDF5 store keeping "
-                                f"{HDF5_RESERVE // 2**20} MiB below it to close its file cleanly; raise it (`ulimit -f "
-                                "unlimited`), then rerun the same command to resume")
+            raise disk_full_error(f"{self.path} (an HDF5 store keeps {HDF5_RESERVE // 2**20} MiB below the limit, "
+                                  f"{limit / 2**20:.1f} MiB, to close its file cleanly)", size_limit=True)
 
     def write(self, name: str, start: int, data: np.ndarray) -> None:
         ds = self._dataset(name)

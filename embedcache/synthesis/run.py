@@ -156,7 +156,7 @@ def require_pictures(canvas: torch.Tensor, rows: np.ndarray, image: ImageConfig)
     if not len(blank) and extreme < 0.95:
         return
     defaults = ImageConfig()
-    moved = [f"image.{k}={getattr(image, k)}" for k in ("lr", "decay", "init_std", "noise")
+    moved = [f"image.{k}={getattr(image, k)}" for k in ("lr", "decay", "init_std", "noise", "iterations")
              if getattr(image, k) != getattr(defaults, k)] or [f"image.lr={image.lr}", f"image.decay={image.decay}"]
     fix = f"the image settings ({', '.join(moved)}) make no picture; bring them back towards their defaults"
     if len(blank):
