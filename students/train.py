@@ -402,6 +402,14 @@ def selection_rule(cfg: TrainConfig, recipe: Recipe, has_val: bool) -> Tuple[str
     return rule, why
 
 
+def check_fresh_run(cfg: TrainConfig, data) -> None:
+    """The checks of a run not yet begun, against its split's rows (a run begun before a check resumes as it
+    began): the batch fits the split, the split's settings are read, the milestones fall on steps of their own."""
+    check_batch_fits(cfg, data)
+    data.require_split_read(cfg.split)
+    check_milestones(cfg)
+
+
 def check_batch_fits(cfg: TrainConfig, data) -> None:
     """A batch drawn from fewer training images than it holds repeats images in every step: in-batch
     negatives of the contrastive losses then include the anchor's own copies, and a huge batch_size
@@ -428,10 +436,8 @@ class Trainer:
         self.run_dir = RunDir(cfg.out or default_out(cfg))
         self.data = shared.data if shared is not None else StoreData(cfg.store, self.source, cfg.split)
         check_views_used(cfg.views_used, self.data.views, cfg.store, cfg.skip_plain_view, cfg.plain_targets)
-        if not self.run_dir.file("checkpoint.pt").exists():  # a run started before the checks resumes as it began
-            check_batch_fits(cfg, self.data)
-            self.data.require_split_read(cfg.split)
-            check_milestones(cfg)
+        if not self.run_dir.file("checkpoint.pt").exists():
+            check_fresh_run(cfg, self.data)
         self.device = resolve_device(cfg.device)
         n_cls = len(self.data.train_class_ids) if self.recipe.classifier else 0
         self.model = build_seeded(cfg.student, self.data.dim, n_cls, cfg.seed).to(self.device)

@@ -33,13 +33,13 @@ from embedcache.device import resolve_device
 from embedcache.evaluate.results import merge, read_results
 from embedcache.fileio import atomic_write, atomic_write_text, one_line_when_full
 
-from ..config import TrainConfig, check_milestones, check_trainable, unread_training
+from ..config import TrainConfig, check_trainable, unread_training
 from ..data import StoreData, check_views_used
 from ..features import missing_features
 from ..finetune import MODES as FINETUNE_MODES, mixed_on_transfer
 from ..recipes import RECIPES, definition_change, text_source_of
 from ..rundir import RunDir, images_differ, require_folder_for
-from ..train import (NAMED_WHEN_SET, STORE_KEY, UNIDENTIFYING, by_store_key, check_batch_fits, frozen_random_note, run_name,
+from ..train import (NAMED_WHEN_SET, STORE_KEY, UNIDENTIFYING, by_store_key, check_fresh_run, frozen_random_note, run_name,
                      schedule_spans_stages,
                      selection_rule, settings_identity)
 from .claim import Launch
@@ -384,13 +384,10 @@ def _refuse_unread(spec: SweepSpec, by_all: set, by_recipe: Dict[str, set], poin
 
 
 def _fresh_run_checks(cfg: TrainConfig, rows: StoreData, where: str, key: str) -> None:
-    """The checks of a run not yet begun (the batch fits its split, the split's settings are read, the
-    milestones fall on steps of their own), said for a sweep: which run (its held-out domains), and the
-    sweep's ``key`` to lower for a batch too large."""
+    """check_fresh_run, said for a sweep: which run (its held-out domains), and the sweep's ``key`` to lower
+    for a batch too large."""
     try:
-        check_batch_fits(cfg, rows)
-        rows.require_split_read(cfg.split)
-        check_milestones(cfg)
+        check_fresh_run(cfg, rows)
     except ConfigError as exc:
         held = f", holding out {', '.join(cfg.split.holdout_domains)}" if cfg.split.holdout_domains else ""
         raise ConfigError(f"sweep run ({where}{held}): {str(exc).replace('use batch_size', f'use {key}')}") \
