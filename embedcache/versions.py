@@ -11,6 +11,27 @@ from typing import Dict, Optional
 LIBRARIES = ("embedcache", "torch", "torchvision", "open_clip_torch", "timm", "zarr", "h5py", "numpy", "pillow",
              "faiss-cpu", "safetensors", "sentence-transformers", "transformers", "tokenizers")
 
+# Fixes that changed what an extraction writes for the same inputs and settings, left out of the cache key
+# (which would have orphaned every store made before). A store's manifest records how many of these made it
+# (``versions["embedcache_store_numbers"]``); a store resumed under another count says which lie between its
+# blocks. Each: (what changed, which stores it touches: ``touches(manifest)``). Append; never reorder.
+STORE_NUMBER_CHANGES = (
+    ("a 16-bit grey PNG's transparent value decodes white (was black)",  # 2026-12-07
+     lambda m: "synthesis" not in m),
+    ("an fp32 teacher on a GPU embeds in IEEE float32 (its convolutions were TF32)",  # 2026-12-07
+     lambda m: str(m.get("device", "")).startswith("cuda") and (m.get("teacher") or {}).get("precision") == "fp32"),
+)
+STORE_NUMBERS = len(STORE_NUMBER_CHANGES)
+
+
+def store_numbers_between(began: Dict, now: Dict) -> list:
+    """The changes of ``STORE_NUMBER_CHANGES`` between the version that began a store (manifest ``began``)
+    and this one (``now``) that touch it on either side, and those of a later version that began it: [] where
+    none. A store that does not say is taken as made before the first (stores made before 2026-12-07)."""
+    was = int((began.get("versions") or {}).get("embedcache_store_numbers", 0))
+    later = [f"{was - STORE_NUMBERS} change(s) made after this version"] if was > STORE_NUMBERS else []
+    return [what for what, touches in STORE_NUMBER_CHANGES[was:] if touches(began) or touches(now)] + later
+
 
 def library_versions() -> Dict[str, str]:
     """Python's and each installed library's version (those not installed left out), and

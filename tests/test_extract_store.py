@@ -319,6 +319,48 @@ def test_resume_after_interruption_is_byte_identical(make_cfg, tiny_teacher, suf
     assert extract(cut, teacher=tiny_teacher, log=quiet).skipped  # a complete store is a no-op
 
 
+def test_a_store_begun_by_a_version_with_other_numbers_says_so_on_resume(make_cfg, tiny_teacher, monkeypatch):
+    """Fixes that changed a store's numbers without changing its key (STORE_NUMBER_CHANGES): a store begun
+    before one and resumed after would mix blocks of both silently; said, naming the fixes that touch it."""
+    import embedcache.extract as extraction
+    from embedcache.extract.manifest import build_manifest
+    from embedcache.versions import STORE_NUMBERS, store_numbers_between
+
+    def older(*a, **k):  # a version from before store numbers were recorded
+        m = build_manifest(*a, **k)
+        return {**m, "versions": {k: v for k, v in m["versions"].items() if k != "embedcache_store_numbers"}}
+
+    cut, calls = make_cfg("cut.zarr"), []
+
+    def stop(block):
+        calls.append(block)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(extraction, "build_manifest", older)
+    with pytest.raises(KeyboardInterrupt):
+        extract(cut, teacher=tiny_teacher, on_block_done=stop, log=quiet)
+    monkeypatch.setattr(extraction, "build_manifest", build_manifest)
+    said = []
+    res = extract(cut, teacher=tiny_teacher, log=said.append)
+    assert res.complete
+    (line,) = [s for s in said if "numbers" in s]
+    assert line.startswith(f"resuming a store begun by an embedcache whose numbers differ from this one's (store "
+                           f"numbers unsaid (before 2026-12-07); this version {STORE_NUMBERS}): a 16-bit grey PNG's "
+                           "transparent value decodes white (was black). Its blocks"), line
+    assert "IEEE" not in line  # a CPU store: the GPU fp32 change does not touch it
+    with Store(cut.out) as st:  # the call that resumed it is listed with its store numbers
+        assert [c["versions"] for c in st.manifest["calls"]] == [{}, {"embedcache_store_numbers": str(STORE_NUMBERS)}]
+    same = {"versions": {"embedcache_store_numbers": str(STORE_NUMBERS)}}
+    assert store_numbers_between(same, same) == []
+    gpu = {"device": "cuda (NVIDIA H100)", "teacher": {"precision": "fp32"}, "versions": {}}
+    assert len(store_numbers_between(gpu, same)) == 2 == STORE_NUMBERS
+    assert store_numbers_between({**gpu, "versions": {"embedcache_store_numbers": "1"}}, same) == [
+        "an fp32 teacher on a GPU embeds in IEEE float32 (its convolutions were TF32)"]
+    newer = {"versions": {"embedcache_store_numbers": str(STORE_NUMBERS + 1)}}  # begun by a later version: said too
+    assert store_numbers_between(newer, same) == ["1 change(s) made after this version"]
+
+
 def test_two_shards_fill_one_store_like_one_worker(make_cfg, tiny_teacher):
     one = make_cfg("one.zarr")
     extract(one, teacher=tiny_teacher, log=quiet)

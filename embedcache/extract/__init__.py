@@ -33,6 +33,7 @@ from ..store.store import WRITERS_GATE, live_writers
 from ..teachers import Teacher, build_teacher
 from ..teachers.remote.errors import BadAnswer
 from ..text import build_prompts, encode_sources, id_names, text_calls
+from ..versions import STORE_NUMBERS, store_numbers_between
 from ..views import param_fields
 from .budget import StoreBudget
 from .device import DeviceDecodeReader, device_pipeline
@@ -414,6 +415,7 @@ def _say_resumed_otherwise(store: Store, cfg: ExtractConfig, now: Dict, log: Cal
                     else "the store already holds blocks of each")
             log(f"resuming with batch_size={cfg.batch_size}; blocks of the store were encoded with batch_size="
                 f"{', '.join(map(str, others))}: {what}{paid}; {keep}")
+    _say_other_numbers(began, now, log)
     if now["teacher"].get("name") == "remote":  # the service computes: this machine rounds nothing
         _say_moved_service(began, now, log)
         return
@@ -424,6 +426,17 @@ def _say_resumed_otherwise(store: Store, cfg: ExtractConfig, now: Dict, log: Cal
     elif device == "cpu" and threads not in (None, now["threads"]):
         log(f"resuming with {now['threads']} CPU threads; the store began with {threads}: {what}; "
             f"OMP_NUM_THREADS={threads} keeps the store byte-identical")
+
+
+def _say_other_numbers(began: Dict, now: Dict, log: Callable[[str], None]) -> None:
+    """A store begun by a version whose numbers a later fix changed (``STORE_NUMBER_CHANGES``), resumed by
+    another: its blocks would be of both, with the same key. Said, naming the changes."""
+    changes = store_numbers_between(began, now)
+    if changes:
+        was = (began.get("versions") or {}).get("embedcache_store_numbers", "unsaid (before 2026-12-07)")
+        log(f"resuming a store begun by an embedcache whose numbers differ from this one's (store numbers {was}; "
+            f"this version {STORE_NUMBERS}): {'; '.join(changes)}. Its blocks encoded then and now will differ where "
+            "these touch them; extract into another --out for a store wholly of one version")
 
 
 def _say_unread_views(cfg: ExtractConfig, backend: str, log: Callable[[str], None]) -> None:

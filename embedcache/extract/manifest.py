@@ -16,7 +16,7 @@ from ..fileio import json_digest, utc_now
 from ..store import SCHEMA_VERSION, cache_key
 from ..store.store import teacher_model
 from ..text import prompts_digest
-from ..versions import library_versions
+from ..versions import STORE_NUMBERS, library_versions
 from ..views import param_fields
 
 # How pixels reach the teacher. Part of the cache key: another decoder or renderer changes pixels.
@@ -48,7 +48,8 @@ def build_manifest(cfg: ExtractConfig, dataset: ImageDataset, teacher, prompts,
         "canvas": to_dict(cfg.canvas),
         "text": {"sources": list(cfg.text.sources), "templates": cfg.text.templates, "attributes": cfg.text.attributes},
         "pipeline": pipeline, **extra,
-        "config": _recorded_config(cfg, extra), "versions": library_versions(), "device": device_name(teacher.device),
+        "config": _recorded_config(cfg, extra), "device": device_name(teacher.device),
+        "versions": {**library_versions(), "embedcache_store_numbers": str(STORE_NUMBERS)},
         "threads": torch.get_num_threads(),  # CPU float reductions round by how they are split
         "created": utc_now(),
     }
