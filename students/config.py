@@ -165,6 +165,10 @@ def check_trainable(cfg: TrainConfig) -> None:
     if cfg.select != "auto" and cfg.averaging != "none":  # select=last was silently overridden (a trial)
         raise ConfigError(f"select={cfg.select} and averaging={cfg.averaging} both choose the final weights; "
                           "set one of them (select=auto with averaging)")
+    if cfg.select == "best_val" and cfg.eval_every >= cfg.steps:  # kept the last weights, said as the best (a fuzz)
+        raise ConfigError(f"select=best_val with eval_every={cfg.eval_every} and steps={cfg.steps} validates once, at "
+                          f"the end, so it keeps the last weights; lower eval_every (e.g. {max(1, cfg.steps // 4)}) "
+                          "or use select=last")
     if cfg.averaging != "none" and cfg.average_start >= 1.0:
         raise ConfigError(f"average_start={cfg.average_start} leaves no step to average; lower it "
                           "(0 averages from the first step, as SWAD was published)")

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import embedcache
 from embedcache.cli import main
+from embedcache.config import replace
 from embedcache.errors import StoreDamagedError, StoreError
 from embedcache.store import BACKENDS, Store, plan_layout
 from embedcache.store.integrity import checksum
@@ -600,6 +601,21 @@ def test_settings_that_need_validation_rows_are_refused_when_the_split_leaves_no
     res = train(_cfg(synthetic_store, tmp_path / "s", averaging="swad", average_start=0.0, steps=2, eval_every=1),
                 log=quiet)  # two evaluations: too few for a valley
     assert res.selected["rule"] == "last" and "never settled" in res.selected["why"]
+
+
+def test_best_val_with_one_validation_is_refused(synthetic_store, tmp_path):
+    """eval_every >= steps validates only at the end: an explicit select=best_val kept the last weights and
+    its summary called them the best (a fuzz of the settings)."""
+    from embedcache.errors import ConfigError
+
+    cfg = _cfg(synthetic_store, tmp_path / "r", select="best_val", steps=6, eval_every=6, ckpt_every=6,
+               split=SplitConfig(val_fraction=0.3))
+    with pytest.raises(ConfigError, match=r"^select=best_val with eval_every=6 and steps=6 validates once, at the end, "
+                                          r"so it keeps the last weights; lower eval_every \(e.g. 1\) or use select=last$"):
+        train(cfg, log=quiet)
+    assert not (tmp_path / "r" / "config.json").exists()
+    res = train(replace(cfg, eval_every=3), log=quiet)  # two validations: a choice
+    assert res.selected["rule"] == "best_val" and res.selected["step"] in (3, 6)
 
 
 def test_the_logged_learning_rate_is_the_one_the_last_step_used(synthetic_store, tmp_path):
