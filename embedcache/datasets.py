@@ -429,7 +429,7 @@ def csv_manifest(cfg: DatasetConfig) -> ImageDataset:
 
 def _csv_dataset(csv_path: Path, cfg: DatasetConfig) -> ImageDataset:
     root = csv_path.parent
-    samples, listed = [], {}
+    samples, listed, blank_domain = [], {}, []
     for line, row in csv_rows(csv_path, ("path", "label"), "CSV manifest"):
         if (row.get("split") or "train") not in SPLITS:
             raise DatasetError(f"CSV manifest {csv_path} row {line}: split {row['split']!r}; use train, val or test "
@@ -441,8 +441,14 @@ def _csv_dataset(csv_path: Path, cfg: DatasetConfig) -> ImageDataset:
             raise DatasetError(f"CSV manifest {csv_path} rows {first} and {line} both list {rel}; list each image "
                                "once, with one label and one split")
         size = f.stat().st_size if f.is_file() else -1
+        if not (row.get("domain") or "").strip():
+            blank_domain.append(line)
         samples.append(Sample(rel, str(row["label"]), row.get("domain") or csv_path.stem,
                               row.get("split") or "train", size))
+    if blank_domain and len(blank_domain) < len(samples):  # one blank cell made a domain of its own, in every avg
+        raise DatasetError(f"CSV manifest {csv_path} row {blank_domain[0]}: no domain, where other rows have one "
+                           f"({len(blank_domain)} such row(s)); give every row its domain (a manifest with no domain "
+                           f"column, or none filled, puts every image in one domain named {csv_path.stem!r})")
     return ImageDataset("csv", root, _limit(samples, cfg.max_per_class))
 
 

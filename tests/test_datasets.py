@@ -159,6 +159,17 @@ def test_an_image_csv_lists_twice_is_refused_naming_both_rows(tmp_path, again):
         build_dataset(DatasetConfig(name="csv", path=str(tmp_path / "x.csv")))
 
 
+def test_a_csv_row_without_the_domain_others_have_is_refused(tmp_path):
+    """A blank domain cell became a domain named after the file, of one image, counted in every avg and held
+    out by a lodo sweep (a trial). A column left wholly blank is no column: one domain, the file's name."""
+    (tmp_path / "x.csv").write_text("path,label,domain\na.png,cat,art\nb.png,dog,art\nc.png,cat,\nd.png,dog,photo\n")
+    with pytest.raises(DatasetError, match=r"x.csv row 4: no domain, where other rows have one \(1 such row\(s\)\); "
+                                           r"give every row its domain"):
+        build_dataset(DatasetConfig(name="csv", path=str(tmp_path / "x.csv")))
+    (tmp_path / "y.csv").write_text("path,label,domain\na.png,cat,\nb.png,dog,\n")
+    assert build_dataset(DatasetConfig(name="csv", path=str(tmp_path / "y.csv"))).domains == ["y"]
+
+
 def test_csv_missing_columns(tmp_path):
     (tmp_path / "x.csv").write_text("file,cls\na.png,cat\n")
     with pytest.raises(DatasetError, match="needs a header with path,label"):
