@@ -560,7 +560,18 @@ def _parse_set_value(raw: str, item: str) -> Any:
         raise ConfigError(f"{exc}; if a word is meant, {quote}") from None
     if isinstance(value, dict) and raw.strip().endswith(":") and list(value.values()) == [None]:
         raise ConfigError(f"--set {item!r}: YAML reads {raw.strip()!r} as a mapping; if a word is meant, {quote}")
+    comment = _yaml_comment(raw)
+    if comment:  # `holdout_domains=art #2` held out `art` (a trial)
+        raise ConfigError(f"--set {item!r}: YAML reads {comment!r} as a comment and drops it; if it is part of the "
+                          f"value, {quote}")
     return value
+
+
+def _yaml_comment(raw: str) -> str:
+    """The comment YAML drops from a one-line value ('' where none): what follows the value's node."""
+    node = yaml.compose(raw, Loader=_Loader)
+    rest = raw[node.end_mark.index:] if node is not None else raw
+    return rest.strip() if rest.strip().startswith("#") else ""
 
 
 def set_path(data: Dict[str, Any], key: str, value: Any) -> None:

@@ -1,5 +1,7 @@
 from pathlib import Path
 
+import re
+
 import pytest
 
 from embedcache.registry import Registry
@@ -449,6 +451,20 @@ def test_a_set_value_yaml_reads_otherwise_says_to_quote_it():
                                           r""""student.name='timm:'\""""):
         apply_overrides({}, ["student.name=timm:"])
     assert apply_overrides({}, ["a='*'", "b={x: 1}"]) == {"a": "*", "b": {"x": 1}}
+
+
+@pytest.mark.parametrize("raw,comment", [("art #2", "#2"), ("[art, photo] # both", "# both"), ("# x", "# x")])
+def test_a_set_value_whose_end_yaml_reads_as_a_comment_is_refused(raw, comment):
+    """`--set split.holdout_domains=art #2` held out `art`, a domain of its own: trained on the one asked to
+    be held out, exit 0 (a trial). A '#' not after a space, or inside quotes, is part of the value."""
+    from embedcache.config import apply_overrides
+
+    with pytest.raises(ConfigError, match=f"^--set 'split.holdout_domains={re.escape(raw)}': YAML reads "
+                                          f"'{re.escape(comment)}' as a comment and drops it; if it is part of the "
+                                          "value, quote it"):
+        apply_overrides({}, [f"split.holdout_domains={raw}"])
+    assert apply_overrides({}, ["a='art #2'", "b=art#2", 'c=[x, "y #1"]']) == {"a": "art #2", "b": "art#2",
+                                                                            "c": ["x", "y #1"]}
 
 
 def test_configs_show_takes_a_kind_before_the_name():
