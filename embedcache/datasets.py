@@ -146,7 +146,8 @@ def names_problem(domains: Sequence[str], classes: Sequence[str]) -> str:
         if (d.strip() in RESERVED_DOMAINS or d != d.strip() or not d.strip() or any(c in d for c in HOLDOUT_SEPARATORS)
                 or d.startswith(HOLDOUT_PREFIXES)):
             return (f"domain {d!r} cannot be told apart in results tables (the names {', '.join(RESERVED_DOMAINS)} are "
-                    "taken, and a domain name holds no ';' or ',', begins with no holdout prefix and no space)")
+                    "taken, and a domain name holds no ';' or ',', begins with no holdout prefix, and neither begins "
+                    "nor ends with a space)")
     bad = [c for c in classes if ";" in c]
     if bad:
         return f"class {bad[0]!r} has a ';', which separates the parts of a results row's holdout"

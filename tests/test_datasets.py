@@ -170,6 +170,13 @@ def test_a_csv_row_without_the_domain_others_have_is_refused(tmp_path):
     assert build_dataset(DatasetConfig(name="csv", path=str(tmp_path / "y.csv"))).domains == ["y"]
 
 
+def test_a_domain_name_ending_with_a_space_is_refused_saying_so(tmp_path):
+    """'photo ' was refused saying a domain name "begins with ... no space" (a trial: which rule?)."""
+    (tmp_path / "x.csv").write_text("path,label,domain\na.png,cat,photo \nb.png,dog,art\n")
+    with pytest.raises(DatasetError, match=r"domain 'photo ' cannot be told apart .* neither begins nor ends with a space"):
+        build_dataset(DatasetConfig(name="csv", path=str(tmp_path / "x.csv")))
+
+
 def test_csv_missing_columns(tmp_path):
     (tmp_path / "x.csv").write_text("file,cls\na.png,cat\n")
     with pytest.raises(DatasetError, match="needs a header with path,label"):
