@@ -600,7 +600,12 @@ def label_order(labels: Iterable[str]) -> List[str]:
     keep their values; 1..C become 0..C-1), else as text (WordNet ids: ImageNet's class order)."""
     labels = sorted(set(labels))
     if all(re.fullmatch(r"[+-]?\d+", c) for c in labels):
-        return sorted(labels, key=int)
+        by_number = sorted(labels, key=int)
+        same = next(((a, b) for a, b in zip(by_number, by_number[1:]) if int(a) == int(b)), None)
+        if same:  # two classes of one id: every later id's index moved up by one
+            raise DatasetError(f"labels {same[0]!r} and {same[1]!r} are the same number; give each class one id (a "
+                               "spreadsheet may have added or dropped a leading zero)")
+        return by_number
     return labels
 
 

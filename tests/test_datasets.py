@@ -244,6 +244,11 @@ def test_class_names_name_the_labels_whose_order_gives_the_indices(tmp_path):
     (tmp_path / "wn.csv").write_text("label,name\nn10,zebra\nn01,tench\nn02,goldfish\n")
     wn = build_dataset(DatasetConfig(name="csv", path=str(tmp_path / "w.csv"), class_names=str(tmp_path / "wn.csv")))
     assert wn.classes == ["tench", "goldfish", "zebra"]
+    # 1 and 01, one id twice: two classes, and every later id one index up from its value (a trial)
+    (tmp_path / "z.csv").write_text("path,label\n0.png,0\n1.png,1\n2.png,01\n3.png,2\n")
+    (tmp_path / "zn.csv").write_text("label,name\n0,horse\n1,cat\n01,dog\n2,bird\n")
+    with pytest.raises(DatasetError, match=r"^labels '01' and '1' are the same number; give each class one id"):
+        build_dataset(DatasetConfig(name="csv", path=str(tmp_path / "z.csv"), class_names=str(tmp_path / "zn.csv")))
 
 
 def test_a_class_names_file_that_names_each_label_itself_keeps_the_store(tmp_path):
