@@ -33,8 +33,8 @@ from embedcache.fileio import atomic_write, atomic_write_json, atomic_write_text
 from .config import TrainConfig
 
 # written beside the TrainConfig fields in config.json (store_contents: the store's contents_digest, runs since
-# 2026-12-06 on stores that keep canvas checksums)
-CONFIG_EXTRAS = ("store_key", "store_path", "store_contents", "recipe_definition")
+# 2026-12-06 on stores that keep canvas checksums; store_embeddings: its embeddings_digest, runs since 2026-12-07)
+CONFIG_EXTRAS = ("store_key", "store_path", "store_contents", "store_embeddings", "recipe_definition")
 MARKS = ("config.json", "error.txt")  # what makes a folder a run: its config, or a sweep's record of its failure
 
 
@@ -178,6 +178,11 @@ class RunDir:
         where either does not say): the key holds the files' paths and sizes, not their contents."""
         return images_differ(self.config.get("store_contents"), store.contents_digest(), "the run's store's")
 
+    def other_embeddings(self, store) -> str:
+        """How a store of this run's key and images holds other embeddings than the run's store did ('' where
+        the same, or where the run does not say): one extracted again with other float rounding."""
+        return embeddings_differ(self.config.get("store_embeddings"), store.embeddings_digest(), "the run's store's")
+
     @property
     def sweep_tags(self) -> Dict[str, Any]:
         """A sweep's run: its variant and replicate ({} for a run trained on its own)."""
@@ -188,12 +193,13 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.file("sweep.json"), tags)
 
-    def write_config(self, cfg: TrainConfig, store_key: str, store_contents: Optional[str],
-                     recipe_definition: Dict[str, Any]) -> None:
-        """The run's settings (``CONFIG_EXTRAS`` beside them: `train --config` takes the file back, ``settings_of``)."""
-        atomic_write_json(self.file("config.json"), {**to_dict(cfg), "store_key": store_key,
+    def write_config(self, cfg: TrainConfig, store, recipe_definition: Dict[str, Any]) -> None:
+        """The run's settings, and the ``store`` it trains on (``CONFIG_EXTRAS`` beside them: `train --config` takes
+        the file back, ``settings_of``)."""
+        atomic_write_json(self.file("config.json"), {**to_dict(cfg), "store_key": store.key,
                                                      "store_path": str(Path(cfg.store).resolve()),
-                                                     "store_contents": store_contents,
+                                                     "store_contents": store.contents_digest(),
+                                                     "store_embeddings": store.embeddings_digest(),
                                                      "recipe_definition": recipe_definition})
 
     def write_split(self, split: Dict[str, Any]) -> None:
@@ -378,6 +384,16 @@ def images_differ(recorded: Optional[str], now: Optional[str], whose: str) -> st
         return ""
     return (f"contents digest {now}, {whose} {recorded}: an image file replaced by another of the same size, or "
             "images decoded otherwise (another Pillow), and the store extracted again")
+
+
+def embeddings_differ(recorded: Optional[str], now: Optional[str], whose: str) -> str:
+    """Why a store's embeddings digest ``now`` is not the ``recorded`` one of a store of the same key and images,
+    in words ('' where they agree, or where either is not known)."""
+    if recorded is None or now is None or recorded == now:
+        return ""
+    return (f"embeddings digest {now}, {whose} {recorded}: the store extracted again with other float rounding "
+            "(another batch_size, device, CPU thread count or embedcache; `embedcache inspect` lists each store's "
+            "calls)")
 
 
 def settings_of(data: Dict[str, Any]) -> Dict[str, Any]:

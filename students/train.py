@@ -164,6 +164,7 @@ def _require_same_store(run_dir: RunDir, cfg: TrainConfig) -> None:
     with Store(cfg.store) as st:
         key = st.key
         other_images = run_dir.other_images(st) if key == recorded else ""
+        other_numbers = run_dir.other_embeddings(st) if key == recorded and not other_images else ""
     if key != recorded:
         differs = run_dir.store_differences(cfg.store)
         raise StoreMismatchError(f"run {run_dir.path} was trained on another store ({differs + '; ' if differs else ''}"
@@ -174,6 +175,10 @@ def _require_same_store(run_dir: RunDir, cfg: TrainConfig) -> None:
         raise StoreMismatchError(f"run {run_dir.path} was trained on another store of the same key: {cfg.store}'s images "
                                  f"differ ({other_images}); use another --out to train on this store, or the store "
                                  "the run was trained on")
+    if other_numbers:  # a resume would train on both stores' numbers; a finished run was "already done" here
+        raise StoreMismatchError(f"run {run_dir.path} was trained on another store of the same key and images: "
+                                 f"{cfg.store}'s embeddings differ ({other_numbers}); use the store the run was "
+                                 "trained on, or another --out to train on this store")
 
 
 def stage_ends(recipe: Recipe, steps: int) -> List[int]:
@@ -542,8 +547,7 @@ class Trainer:
 
     def write_run_files(self) -> None:
         d = self.data
-        self.run_dir.write_config(self.cfg, d.key, d.reader.store.contents_digest(),
-                                  definition(self.recipe, self.cfg.averaging))
+        self.run_dir.write_config(self.cfg, d.reader.store, definition(self.recipe, self.cfg.averaging))
         self.run_dir.write_split({  # what the run trained on, for evaluation without this package
             "train_idx": d.train_idx.tolist(), "val_idx": d.val_idx.tolist(), "test_idx": d.test_idx.tolist(),
             "holdout_domains": list(self.cfg.split.holdout_domains), "seen_classes": d.train_class_ids.tolist(),

@@ -957,6 +957,55 @@ def test_a_store_of_the_run_s_key_holding_other_images_is_refused(pixels, make_c
         run_sweep(_one_run_sweep(tmp_path, other.path), str(sweep_dir), progress=False, log=quiet)
 
 
+def test_a_store_of_the_run_s_key_and_images_with_other_embeddings_is_refused(make_cfg, tiny_teacher, tmp_path,
+                                                                               monkeypatch):
+    """A store extracted again at another batch size, device or CPU thread count has the run's key and images,
+    and embeddings that differ by float rounding: a run resumed on it trained on both stores' numbers, a
+    finished one was "already done" there, and nothing in either record told them apart (a trial). Told by
+    the store's embeddings digest, recorded with the run and the sweep."""
+    import torch.nn.functional as F
+
+    from embedcache.errors import ConfigError, StoreMismatchError
+    from embedcache.extract import extract
+    from embedcache.store import Store
+    from embedcache.students.sweep import run_sweep
+
+    first = extract(make_cfg("first.zarr"), teacher=tiny_teacher, log=quiet)
+    real = type(tiny_teacher).embed_views
+    monkeypatch.setattr(type(tiny_teacher), "embed_views",  # the same teacher, rounding otherwise
+                        lambda self, x: F.normalize(real(self, x) + 1e-3, dim=-1))
+    other = extract(make_cfg("other.zarr"), teacher=tiny_teacher, log=quiet)
+    monkeypatch.undo()
+    same = extract(make_cfg("same.zarr"), teacher=tiny_teacher, log=quiet)
+    with Store(first.path) as a, Store(other.path) as b, Store(same.path) as c:
+        assert a.key == b.key == c.key and a.contents_digest() == b.contents_digest() == c.contents_digest()
+        assert a.embeddings_digest() == c.embeddings_digest() != b.embeddings_digest()
+        assert not np.array_equal(a.read("image/emb"), b.read("image/emb"))
+    cfg = _cfg(first.path, tmp_path, "ce", steps=4, eval_every=2, ckpt_every=2, batch_size=4)
+
+    def stop(step):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, on_step=stop, log=quiet)
+    said = (r"run .*run was trained on another store of the same key and images: .*other.zarr's embeddings differ "
+            r"\(embeddings digest \w+, the run's store's \w+: the store extracted again with other float rounding "
+            r"\(another batch_size, device, CPU thread count or embedcache; .*\)\); use the store the run was trained "
+            r"on, or another --out")
+    with pytest.raises(StoreMismatchError, match=said):  # a resume
+        train(replace(cfg, store=other.path), log=quiet)
+    assert train(replace(cfg, store=same.path), log=quiet).resumed_from == 2  # the same numbers: resumed
+    with pytest.raises(StoreMismatchError, match=said):  # a finished run
+        train(replace(cfg, store=other.path), log=quiet)
+    sweep_dir = tmp_path / "sw"
+    run_sweep(_one_run_sweep(tmp_path, first.path), str(sweep_dir), progress=False, log=quiet)
+    with pytest.raises(ConfigError, match=r"sweep .*sw holds the runs of another store of key \w+ and its images: "
+                                          r".*other.zarr's embeddings differ"):
+        run_sweep(_one_run_sweep(tmp_path, other.path), str(sweep_dir), progress=False, log=quiet)
+    run_sweep(_one_run_sweep(tmp_path, same.path), str(sweep_dir), progress=False, log=quiet)
+
+
 def test_a_run_whose_store_was_re_extracted_says_so_when_scored(synthetic_store, make_cfg, tiny_teacher, tmp_path):
     import shutil
 

@@ -225,6 +225,7 @@ class Store:
             raise StoreError(f"{self.path} is inside the store {root}; give the store's own path")
         self.b = cls(self.path, mode)
         self._contents: Optional[str] = None  # contents_digest, once read
+        self._embeddings: Optional[str] = None  # embeddings_digest, once read
         self.manifest: Dict[str, Any] = self.b.get_attr("manifest") or {}
         self.layout: Dict[str, Any] = self.b.get_attr("layout") or {}
         if mode != "r":  # a re-chunk a kill cut off, put right first
@@ -374,6 +375,22 @@ class Store:
                 h.update(np.ascontiguousarray(self.read(name), dtype=WRITTEN_DTYPES[name]).tobytes())
             self._contents = h.hexdigest()
         return self._contents
+
+    def embeddings_digest(self) -> Optional[str]:
+        """A digest of the teacher's numbers a finished store holds (each block's checksum of ``image/emb`` and
+        the text arrays' checksums), which neither its key nor ``contents_digest`` holds: a store extracted again
+        at another batch size, on another device or CPU thread count has the same key and images, and
+        embeddings that differ by float rounding. None for an unfinished store."""
+        if not self.complete:
+            return None
+        if self._embeddings is None:
+            h = hashlib.blake2b(digest_size=8)
+            column = self.layout["block_arrays"].index("image/emb")
+            h.update(np.ascontiguousarray(self._bookkeeping("blocks/crc32c")[:, column], dtype=np.uint32).tobytes())
+            text = sorted((k, int(v)) for k, v in self.manifest.get("checksums", {}).items() if k.startswith("text/"))
+            h.update(json.dumps(text).encode())
+            self._embeddings = h.hexdigest()
+        return self._embeddings
 
     @property
     def complete(self) -> bool:

@@ -38,7 +38,7 @@ from ..data import StoreData, check_views_used
 from ..features import missing_features
 from ..finetune import MODES as FINETUNE_MODES, mixed_on_transfer
 from ..recipes import RECIPES, definition_change, text_source_of
-from ..rundir import RunDir, images_differ, require_folder_for
+from ..rundir import RunDir, embeddings_differ, images_differ, require_folder_for
 from ..train import (NAMED_WHEN_SET, STORE_KEY, UNIDENTIFYING, by_store_key, check_fresh_run, frozen_random_note, run_name,
                      schedule_spans_stages,
                      selection_rule, settings_identity)
@@ -622,14 +622,15 @@ def _require_one_store(sweep_dir: str, store: str) -> None:
     store, its results table would pool two stores' runs. The first launch creates store.json
     exclusively, so of two launches racing on a fresh directory one wins and the other compares."""
     with open_store(store) as reader:
-        key, contents = reader.key, reader.store.contents_digest()
+        key, contents, numbers = reader.key, reader.store.contents_digest(), reader.store.embeddings_digest()
     f = Path(sweep_dir) / "store.json"
     if not f.is_file():
         # a sweep made before store.json: its results name the store they scored
         seen = {k for r in Path(sweep_dir).glob("results/*.parquet")
                 for k in pd.read_parquet(r, columns=["store_key"]).store_key}
         first = {"store_key": sorted(seen)[0] if seen else key, "store": "(named in its results)" if seen else store,
-                 "named_as": _named_as(sweep_dir, store, key), "store_contents": None if seen else contents}
+                 "named_as": _named_as(sweep_dir, store, key), "store_contents": None if seen else contents,
+                 "store_embeddings": None if seen else numbers}
         tmp = f.with_name(f"store.json.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(first))
         try:
@@ -646,6 +647,11 @@ def _require_one_store(sweep_dir: str, store: str) -> None:
     if differ:
         raise ConfigError(f"sweep {sweep_dir} holds the runs of another store of key {key}: {store}'s images differ "
                           f"({differ}); use another --out for a sweep over {store}")
+    differ = embeddings_differ(first.get("store_embeddings"), numbers, "the sweep's store's")
+    if differ:  # its runs, named by the key, would pool both stores' numbers in one table
+        raise ConfigError(f"sweep {sweep_dir} holds the runs of another store of key {key} and its images: {store}'s "
+                          f"embeddings differ ({differ}); use the store the sweep began on, or another --out for a "
+                          f"sweep over {store}")
 
 
 def _named_as(sweep_dir: str, store: str, key: Optional[str] = None) -> str:
