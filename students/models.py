@@ -118,6 +118,16 @@ def _head(kind: str, feat_dim: int, embed_dim: int) -> nn.Module:
     return head
 
 
+def weights_file_sha(pretrained: Optional[str]) -> Optional[str]:
+    """The content hash of ``student.pretrained`` where it names a file (None: from scratch, a hub tag, or a
+    file no longer there): a run's settings hold the path, and weights saved over the same file are others."""
+    if not pretrained or not Path(pretrained).is_file():
+        return None
+    from embedcache.fileio import file_sha256
+
+    return file_sha256(Path(pretrained))
+
+
 def _load_local(backbone: nn.Module, path: str) -> None:
     p = Path(path)
     if not p.is_file():

@@ -31,10 +31,13 @@ from embedcache.errors import ConfigError, StoreError, TrainingError
 from embedcache.fileio import atomic_write, atomic_write_json, atomic_write_text, file_crc32c, temp_files_of
 
 from .config import TrainConfig
+from .models import weights_file_sha
 
 # written beside the TrainConfig fields in config.json (store_contents: the store's contents_digest, runs since
-# 2026-12-06 on stores that keep canvas checksums; store_embeddings: its embeddings_digest, runs since 2026-12-07)
-CONFIG_EXTRAS = ("store_key", "store_path", "store_contents", "store_embeddings", "recipe_definition")
+# 2026-12-06 on stores that keep canvas checksums; store_embeddings: its embeddings_digest, and student_weights:
+# the student.pretrained file's content hash, runs since 2026-12-07)
+CONFIG_EXTRAS = ("store_key", "store_path", "store_contents", "store_embeddings", "student_weights",
+                 "recipe_definition")
 MARKS = ("config.json", "error.txt")  # what makes a folder a run: its config, or a sweep's record of its failure
 
 
@@ -200,6 +203,7 @@ class RunDir:
                                                      "store_path": str(Path(cfg.store).resolve()),
                                                      "store_contents": store.contents_digest(),
                                                      "store_embeddings": store.embeddings_digest(),
+                                                     "student_weights": weights_file_sha(cfg.student.pretrained),
                                                      "recipe_definition": recipe_definition})
 
     def write_split(self, split: Dict[str, Any]) -> None:

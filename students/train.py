@@ -42,7 +42,7 @@ from .data import StoreData, check_views_used, target_views
 from .headstep import HeadStep
 from .losses import LOSSES, BatchContext, weighted_sum
 from .features import features_key
-from .models import Heads, Student, build_seeded, load_weights, without_backbone
+from .models import Heads, Student, build_seeded, load_weights, weights_file_sha, without_backbone
 from .optim import build_optimizer, build_scheduler, load_optimizer_state, optimizer_step
 from .providers import INPUTS, TARGETS
 from .recipes import Recipe, Stage, definition, definition_change, recipe_of
@@ -87,16 +87,20 @@ def settings_identity(cfg: TrainConfig, leave_out: Tuple[str, ...], omitted_at_d
     return without_defaults({k: v for k, v in to_dict(cfg).items() if k not in leave_out}, omitted_at_default)
 
 
-def settings_digest(cfg: TrainConfig, recorded_definition: Any = None) -> str:
+def settings_digest(cfg: TrainConfig, recorded_definition: Any = None, weights: Optional[str] = None) -> str:
     """What makes runs replicates of one method: every setting that changes the result but the seeds
     (the run's, its validation split's) and what it held out (domains, classes: in the results' own
     columns), and how its recipe's definition differs from today's when it does (``recorded_definition``:
-    the run's record; a naive_kd run from before the records ran another KD), as a short digest."""
+    the run's record; a naive_kd run from before the records ran another KD), and the contents of its
+    student.pretrained file where recorded (``weights``: two files saved at one path are two methods), as a
+    short digest."""
     d = settings_identity(cfg, RESUMABLE_WITH + ("seed",), NAMED_WHEN_SET)
     d["split"] = {k: v for k, v in d["split"].items() if k not in ("holdout_domains", "train_classes", "seed")}
     changed = definition_change(cfg, recorded_definition)
     if changed:
         d["recipe_definition_differs"] = changed
+    if weights is not None:
+        d["student_weights"] = weights
     return json_digest(d, 8)
 
 
@@ -151,6 +155,17 @@ def require_same_settings(run_dir: RunDir, cfg: TrainConfig) -> None:
         raise TrainingError(f"run {run_dir.path} was trained under another definition of recipe {cfg.recipe} "
                             f"({changed}); use another --out to train it as the recipe is now")
     _require_same_store(run_dir, cfg)
+    _require_same_weights(run_dir, cfg)
+
+
+def _require_same_weights(run_dir: RunDir, cfg: TrainConfig) -> None:
+    """The student.pretrained file holds the weights the run began from: its settings hold the path, and
+    weights saved over that file answered "already done" with the earlier ones' result (a trial)."""
+    recorded, now = run_dir.config.get("student_weights"), weights_file_sha(cfg.student.pretrained)
+    if recorded is not None and now is not None and recorded != now:
+        raise TrainingError(f"run {run_dir.path} began from other weights in student.pretrained={cfg.student.pretrained} "
+                            f"(content hash {recorded}; the file now holds {now}); use another --out to train from the "
+                            "file as it is, or restore the file the run began from")
 
 
 def _require_same_store(run_dir: RunDir, cfg: TrainConfig) -> None:

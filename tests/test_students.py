@@ -282,6 +282,43 @@ def test_head_only_on_cached_features_matches_frozen_backbone_training(synthetic
         train(_cfg(store, tmp_path, "linear_probe", name="nofeat", features=True), log=quiet)
 
 
+def test_weights_saved_over_a_run_s_pretrained_file_are_not_taken_for_its_own(synthetic_store, tmp_path):
+    """A run's settings hold student.pretrained's path: weights saved over that file answered "already done"
+    with the earlier weights' result, and two runs from the two files were one method in evaluate's tables,
+    their scores averaged as replicates (a trial). The run records the file's content hash."""
+    from safetensors.torch import save_file
+
+    from embedcache.errors import TrainingError
+    from embedcache.fileio import file_sha256
+    from embedcache.students.scoring import score_run
+
+    weights = tmp_path / "backbone.safetensors"
+
+    def save(seed):
+        torch.manual_seed(seed)
+        pre = build_student(StudentConfig(name="test_resnet"), 32)
+        save_file({k: v.contiguous() for k, v in pre.backbone.state_dict().items()}, str(weights))
+
+    save(1)
+    scfg = StudentConfig(name="test_resnet", input_size=32, pretrained=str(weights))
+    first = train(_cfg(synthetic_store, tmp_path, "ce", name="a", student=scfg, steps=2, eval_every=2, ckpt_every=2),
+                  log=quiet)
+    assert json.loads((Path(first.out) / "config.json").read_text())["student_weights"] == file_sha256(weights)
+    save(2)
+    with pytest.raises(TrainingError, match=r"run .*a began from other weights in student.pretrained=.*backbone."
+                                            r"safetensors \(content hash \w+; the file now holds \w+\); use another "
+                                            r"--out to train from the file as it is, or restore the file"):
+        train(_cfg(synthetic_store, tmp_path, "ce", name="a", student=scfg, steps=2, eval_every=2, ckpt_every=2),
+              log=quiet)
+    second = train(_cfg(synthetic_store, tmp_path, "ce", name="b", student=scfg, steps=2, eval_every=2, ckpt_every=2),
+                   log=quiet)
+    a, b = (score_run(r.out, ["lodo"]) for r in (first, second))
+    assert a.settings.iloc[0] != b.settings.iloc[0]  # two methods, not two replicates of one
+    save(1)  # the file as the run began: found done
+    assert train(_cfg(synthetic_store, tmp_path, "ce", name="a", student=scfg, steps=2, eval_every=2, ckpt_every=2),
+                 log=quiet).seconds == 0.0
+
+
 def test_splits_follow_the_store_metadata(synthetic_store):
     d = StoreData(str(synthetic_store), "name", SplitConfig(holdout_domains=("outline",), val_fraction=0.25))
     dom = d.reader.meta["domain"].to_numpy()
