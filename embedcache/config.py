@@ -157,6 +157,11 @@ class TeacherConfig:
             why = " (it reads jpeg_quality with image_format=jpeg)" if name == "jpeg_quality" else ""
             raise ConfigError(f"teacher.{name}={getattr(self, name)} is not read by teacher.name={self.name}"
                               f"{why}; remove it (that teacher reads {', '.join(('model',) + reads)})")
+        if self.name == "open_clip" and str(self.model or "").startswith("local-dir:"):
+            for name in ("pretrained", "model_config"):  # open_clip loads the folder's own (a trial: manifests named it)
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"teacher.{name}={getattr(self, name)} is not read with teacher.model={self.model}, "
+                                      "whose folder gives the weights and architecture; remove it")
 
 
 def teacher_reads(name: str, image_format: Optional[str]) -> Optional[Tuple[str, ...]]:

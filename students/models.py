@@ -258,6 +258,14 @@ def openclip_visual(cfg: StudentConfig, embed_dim: int, num_classes: int) -> Stu
 
     if not cfg.model:
         raise ConfigError("student openclip_visual needs student.model (an open_clip name or local-dir:/path)")
+    if cfg.model.startswith("local-dir:") and cfg.pretrained is not None:  # open_clip loads the folder's (a trial)
+        raise ConfigError(f"student.pretrained={cfg.pretrained} is not read with student.model={cfg.model}, whose "
+                          "folder gives the weights; remove it")
+    from embedcache.teachers.open_clip import activation_mismatch
+
+    mismatch = activation_mismatch(cfg.model, cfg.pretrained)
+    if mismatch:
+        raise ConfigError(f"student.pretrained={mismatch.replace('use ', 'set student.model=')}")
     try:
         model = open_clip.create_model(cfg.model, pretrained=cfg.pretrained, weights_only=True)
     except Exception as exc:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from embedcache.config import TeacherConfig
-from embedcache.errors import TeacherLoadError
+from embedcache.errors import ConfigError, TeacherLoadError
 from embedcache.teachers import TEACHERS, build_teacher
 
 from conftest import PACS, TINY_CLIP
@@ -83,10 +83,40 @@ def test_open_clip_bf16_weights_take_fp32_inputs(tiny_teacher_cfg, tiny_teacher)
 
 
 def test_weights_that_cannot_be_fetched_name_the_alternatives():
-    with pytest.raises(TeacherLoadError, match=r"could not load open_clip model 'ViT-B-32'.*teacher.pretrained=.*teacher.name=conse"):
-        build_teacher(TeacherConfig(name="open_clip", model="ViT-B-32", pretrained="openai", device="cpu"))
+    with pytest.raises(TeacherLoadError, match=r"could not load open_clip model 'ViT-B-32-quickgelu'.*teacher.pretrained="
+                                               r".*teacher.name=conse"):
+        build_teacher(TeacherConfig(name="open_clip", model="ViT-B-32-quickgelu", pretrained="openai", device="cpu"))
     with pytest.raises(TeacherLoadError, match="local-dir"):
         build_teacher(TeacherConfig(name="open_clip", model="local-dir:/nowhere/at/all", device="cpu"))
+
+
+def test_a_tag_trained_with_another_activation_than_the_architecture_runs_is_refused(tiny_clip_dir, monkeypatch):
+    """OpenAI's weights were trained with QuickGELU; open_clip 3 runs them in ViT-B-16 with GELU, only warning:
+    every embedding of the shipped ViT-B/16 configs came from another network than OpenAI's (a trial)."""
+    from embedcache.students.models import StudentConfig, build_student
+
+    with pytest.raises(TeacherLoadError, match=r"^teacher.pretrained='openai' was trained with QuickGELU, which ViT-B-16 "
+                                               r"does not run: set teacher.model=ViT-B-16-quickgelu$"):
+        build_teacher(TeacherConfig(name="open_clip", model="ViT-B-16", pretrained="openai", device="cpu"))
+    import open_clip
+
+    from embedcache.teachers.open_clip import activation_mismatch
+
+    with monkeypatch.context() as mp:  # the other way round (no such tag ships today)
+        mp.setattr(open_clip, "get_pretrained_cfg", lambda model, tag: {"quick_gelu": False})
+        assert activation_mismatch("ViT-B-16-quickgelu", "gelu_tag") == ("'gelu_tag' was trained with GELU, which "
+                                                                         "ViT-B-16-quickgelu does not run: use ViT-B-16")
+    assert activation_mismatch("ViT-B-16-quickgelu", "openai") == activation_mismatch("ViT-B-16", None) == ""
+    with pytest.raises(ConfigError, match=r"student.pretrained='openai' was trained with QuickGELU, which ViT-B-32 does "
+                                          r"not run: set student.model=ViT-B-32-quickgelu"):
+        build_student(StudentConfig(name="openclip_visual", model="ViT-B-32", pretrained="openai"), 16)
+    # a local-dir folder gives its own weights: a file beside it was named in the manifest and never read
+    weights = str(tiny_clip_dir / "open_clip_model.safetensors")
+    with pytest.raises(ConfigError, match=r"teacher.pretrained=.* is not read with teacher.model=local-dir:.*, whose "
+                                          r"folder gives the weights and architecture; remove it"):
+        TeacherConfig(name="open_clip", model=f"local-dir:{tiny_clip_dir}", pretrained=weights).check()
+    with pytest.raises(ConfigError, match=r"student.pretrained=.* is not read with student.model=local-dir:"):
+        build_student(StudentConfig(name="openclip_visual", model=f"local-dir:{tiny_clip_dir}", pretrained=weights), 16)
 
 
 def test_an_unknown_architecture_names_the_closest_in_one_short_line():

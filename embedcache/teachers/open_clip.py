@@ -43,6 +43,21 @@ def _require_known_model(name: str, known: list) -> None:
                            "teacher.model=local-dir:/folder loads a saved one")
 
 
+def activation_mismatch(model: str, pretrained) -> str:
+    """Why a built-in architecture would run a pretrained tag's weights with another activation than they were
+    trained with ('' where it would not): OpenAI's weights need QuickGELU, which ``ViT-B-16`` does not run and
+    ``ViT-B-16-quickgelu`` does; open_clip 3 only warns, and embeds with the wrong one."""
+    import open_clip
+
+    tag = open_clip.get_pretrained_cfg(model, pretrained) if pretrained and not Path(pretrained).exists() else {}
+    config = open_clip.get_model_config(model) if tag else None
+    if not config or bool(tag.get("quick_gelu", False)) == bool(config.get("quick_gelu", False)):
+        return ""
+    quick = bool(tag.get("quick_gelu", False))
+    fix = f"{model}-quickgelu" if quick else model.removesuffix("-quickgelu")
+    return f"{pretrained!r} was trained with {'QuickGELU' if quick else 'GELU'}, which {model} does not run: use {fix}"
+
+
 @TEACHERS.register("open_clip")
 class OpenClipTeacher(Teacher):
     registry_name = "open_clip"
@@ -67,6 +82,9 @@ class OpenClipTeacher(Teacher):
                                        f"(open_clip names it by the file's name), not {self.model_name!r}; set "
                                        f"teacher.model={cfg_path.stem}")
         _require_known_model(self.model_name, open_clip.list_models())
+        mismatch = activation_mismatch(self.model_name, self.pretrained)
+        if mismatch:
+            raise TeacherLoadError(f"teacher.pretrained={mismatch.replace('use ', 'set teacher.model=')}")
         try:
             with held_log_records() as held, torch.random.fork_rng(devices=[]):  # random weights are the same
                 torch.manual_seed(0)                                               # every time; the caller's RNG
