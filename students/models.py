@@ -128,6 +128,12 @@ def weights_file_sha(pretrained: Optional[str]) -> Optional[str]:
     return file_sha256(Path(pretrained))
 
 
+# where training checkpoints keep the weights (timm's and most scripts': state_dict; others': model), and the
+# prefixes their names may carry (DataParallel's module., a Lightning module's model., torch.compile's _orig_mod.)
+WRAPPING_KEYS = ("state_dict", "model")
+NAME_PREFIXES = ("module.", "model.", "_orig_mod.")
+
+
 def _load_local(backbone: nn.Module, path: str) -> None:
     p = Path(path)
     if not p.is_file():
@@ -139,7 +145,8 @@ def _load_local(backbone: nn.Module, path: str) -> None:
             state = load_file(str(p))
         else:
             state = torch.load(p, map_location="cpu", weights_only=True)
-            state = state.get("state_dict", state) if isinstance(state, dict) else state
+            wrapped = [k for k in WRAPPING_KEYS if isinstance(state, dict) and isinstance(state.get(k), dict)]
+            state = state[wrapped[0]] if wrapped else state  # a training checkpoint's weights
     except Exception as exc:  # not a checkpoint, damaged, or one that needs pickled code (refused: weights only)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ConfigError(f"student weights {path} cannot be read as a state dict ({type(exc).__name__}: {first[:120]}); "
@@ -161,12 +168,13 @@ def _load_local(backbone: nn.Module, path: str) -> None:
 
 
 def _aligned(state: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """``state`` with its names as the backbone names them: as saved, without DataParallel's "module."
-    prefix, a run's own model file's ``backbone.`` tensors alone (its head and classifier left out), or
+    """``state`` with its names as the backbone names them: as saved, without a prefix of ``NAME_PREFIXES``
+    (DataParallel's, Lightning's, torch.compile's), a run's own model file's ``backbone.`` tensors alone (its head
+    and classifier left out), or
     with the backbone's own wrapper prefix (weights saved from the wrapped model itself, as an
     efficientnet_lite_pytorch net is): whichever names most of the backbone's tensors."""
     wrapper = {k.split(".", 1)[0] for k in own}
-    ways = [state, {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()},
+    ways = [state, *({k.removeprefix(p): v for k, v in state.items()} for p in NAME_PREFIXES),
             {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}]  # a run's model file
     if len(wrapper) == 1:
         ways += [{f"{next(iter(wrapper))}.{k}": v for k, v in way.items()} for way in list(ways)]
@@ -182,7 +190,7 @@ def _misfit(backbone: nn.Module, own: Dict[str, torch.Tensor], state: Dict[str, 
     spare = lambda k: any(k == h or k.startswith(h + ".") for h in heads if h)  # noqa: E731
     # a backbone that keeps a classifier it never runs (efficientnet_lite's _fc) need not find it in the file
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked") and not spare(k)]
-    shaped = [k for k in own if k in state and state[k].shape != own[k].shape]
+    shaped = [k for k in own if k in state and state[k].shape != own[k].shape and not spare(k)]  # another class count
     extra = [k for k in state if k not in own and not spare(k)]
     parts = [f"{len(missing)} of its {len(own)} tensors are not in the file ({missing[0]}, ...)" if missing else "",
              f"{len(shaped)} have another shape ({shaped[0]}, ...)" if shaped else "",

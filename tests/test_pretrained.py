@@ -94,6 +94,29 @@ def test_weights_saved_from_the_lite_network_itself_load(tmp_path):
     save_file({k: v for k, v in state.items() if not k.startswith("_fc.")}, str(tmp_path / "headless.safetensors"))
     student = build_student(StudentConfig(name="efficientnet_lite0", pretrained=str(tmp_path / "headless.safetensors")), 32)
     assert torch.equal(student.backbone.net._conv_stem.weight, net._conv_stem.weight)
+    # with a classifier of another class count (fine-tuned elsewhere): refused for its shape, as timm's are not (a trial)
+    save_file({**state, "_fc.weight": torch.zeros(10, state["_fc.weight"].shape[1]), "_fc.bias": torch.zeros(10)},
+              str(tmp_path / "ten.safetensors"))
+    student = build_student(StudentConfig(name="efficientnet_lite0", pretrained=str(tmp_path / "ten.safetensors")), 32)
+    assert torch.equal(student.backbone.net._conv_stem.weight, net._conv_stem.weight)
+
+
+def test_weights_inside_a_training_checkpoint_s_wrapper_load(tmp_path):
+    """{"model": weights}, a Lightning module's "model." names and torch.compile's "_orig_mod." names were refused
+    saying "no tensor ... matches the student backbone; is it the same architecture?", which it is (a trial)."""
+    from embedcache.students.config import StudentConfig
+    from embedcache.students.models import build_student
+
+    torch.manual_seed(4)
+    own = build_student(StudentConfig(name="test_resnet"), 16).backbone.state_dict()
+    wrapped = {"model": {k: v for k, v in own.items()}, "lightning": {"state_dict": {f"model.{k}": v for k, v in own.items()},
+                                                                      "epoch": 3},
+               "compiled": {f"_orig_mod.{k}": v for k, v in own.items()}}
+    for name, state in wrapped.items():
+        torch.save(state, tmp_path / f"{name}.pt")
+        student = build_student(StudentConfig(name="test_resnet", pretrained=str(tmp_path / f"{name}.pt")), 16)
+        got = student.backbone.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in own.items()), name
 
 
 def test_a_runs_own_weights_file_starts_a_student(tmp_path):
