@@ -67,6 +67,30 @@ def test_open_clip_local_weights_file_with_a_json_architecture(tiny_clip_dir, tm
                                     pretrained=str(tiny_clip_dir / "open_clip_model.safetensors"), device="cpu"))
 
 
+@pytest.mark.parametrize("cfg_change,said", [({"vision_cfg": {"image_size": 64}}, r"its visual.positional_embedding "
+                                                                                r"is \(65, 32\), the architecture's \(17, 32\)"),
+                                              ({"text_cfg": {"context_length": 32}}, r"its positional_embedding is "
+                                                                                     r"\(32, 32\), the architecture's \(24, 32\)")])
+def test_a_weights_file_saved_at_another_size_is_refused_not_resampled(tmp_path, cfg_change, said):
+    """open_clip resamples a file's position embeddings to the architecture's image size or context length
+    without a word: a ViT-L-14-336 file in ViT-L-14 embeds at 224 px with interpolated positions (a trial)."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    other = {k: ({**v, **cfg_change[k]} if k in cfg_change else v) for k, v in TINY_CLIP.items()}
+    state = {k: v.contiguous() for k, v in open_clip.CLIP(**other).state_dict().items()}
+    arch = tmp_path / "tiny-test-clip.json"
+    arch.write_text(json.dumps(TINY_CLIP))
+    save_file(state, str(tmp_path / "w.safetensors"))
+    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "w.pt")
+    for f in ("w.safetensors", "w.pt"):
+        with pytest.raises(TeacherLoadError, match=rf"teacher.pretrained=.*{f} was saved at another image size or "
+                                                   rf"context length than teacher.model='tiny-test-clip' runs \({said}; "
+                                                   r"open_clip would resample it\): set teacher.model to the architecture"):
+            build_teacher(TeacherConfig(name="open_clip", model="tiny-test-clip", model_config=str(arch),
+                                        pretrained=str(tmp_path / f), device="cpu"))
+
+
 def test_open_clip_bf16_weights_take_fp32_inputs(tiny_teacher_cfg, tiny_teacher):
     from embedcache.config import replace
 

@@ -58,6 +58,35 @@ def activation_mismatch(model: str, pretrained) -> str:
     return f"{pretrained!r} was trained with {'QuickGELU' if quick else 'GELU'}, which {model} does not run: use {fix}"
 
 
+def resampled_positions(model: torch.nn.Module, path: str) -> str:
+    """A position embedding of the weights file at ``path`` whose shape the model's differs from, in words ('' where
+    none does): open_clip resamples it to the architecture's image size or context length without a word, so a
+    ViT-L-14-336 file in ViT-L-14 ran at 224 px with interpolated positions (a trial)."""
+    shapes = _file_shapes(path)
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.endswith("positional_embedding")}
+    for key, shape in shapes.items():
+        mine = own.get(key) or own.get(f"text.{key}")
+        if key.endswith("positional_embedding") and mine is not None and tuple(shape) != mine:
+            return f"its {key} is {tuple(shape)}, the architecture's {mine}"
+    return ""
+
+
+def _file_shapes(path: str) -> Dict[str, tuple]:
+    """Tensor name -> shape of a weights file, as open_clip reads it (a ``state_dict`` wrapper and DataParallel's
+    ``module.`` taken off), without holding its tensors in memory."""
+    if str(path).endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # a file of torch's older format cannot be memory-mapped
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state) if isinstance(state, dict) else {}
+    return {k.removeprefix("module."): tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
 @TEACHERS.register("open_clip")
 class OpenClipTeacher(Teacher):
     registry_name = "open_clip"
@@ -103,6 +132,13 @@ class OpenClipTeacher(Teacher):
             raise TeacherLoadError(
                 f"could not load open_clip model {self.model_name!r} with weights {self.pretrained!r} ({first}); "
                 + hint) from exc
+        if self.pretrained and Path(self.pretrained).is_file():
+            resampled = resampled_positions(model, self.pretrained)
+            if resampled:
+                raise TeacherLoadError(f"teacher.pretrained={self.pretrained} was saved at another image size or context "
+                                       f"length than teacher.model={self.model_name!r} runs ({resampled}; open_clip would "
+                                       "resample it): set teacher.model to the architecture it was saved from (e.g. "
+                                       "ViT-L-14-336 for a 336 px file)")
         self.model = model.eval()
         self._ieee = self.device.type == "cuda" and self.precision == "fp32"  # fp32 asked: no TF32 on a GPU
         if self.device.type == "cpu" and self.precision in PURE:
