@@ -155,9 +155,31 @@ def test_an_unknown_architecture_names_the_closest_in_one_short_line():
 def test_a_weights_file_of_another_architecture_says_so(tiny_clip_dir):
     """The message told a user who had passed local weights to pass local weights."""
     weights = tiny_clip_dir / "open_clip_model.safetensors"
-    with pytest.raises(TeacherLoadError, match=r"the file is there but does not fit teacher.model='ViT-B-32': set "
-                                               r"teacher.model to the architecture it was saved from"):
+    with pytest.raises(TeacherLoadError, match=r"the file does not fit teacher.model='ViT-B-32': set teacher.model to "
+                                               r"the architecture it was saved from"):
         build_teacher(TeacherConfig(name="open_clip", model="ViT-B-32", pretrained=str(weights), device="cpu"))
+
+
+def test_a_weights_file_that_does_not_load_says_why(tmp_path, tiny_clip_dir):
+    """Every file that did not load was said not to fit the architecture: a cut-short or empty file, a whole
+    pickled model (torch's message in terminal colour codes), a wrapper (a trial)."""
+    import open_clip
+
+    arch = tmp_path / "tiny-test-clip.json"
+    arch.write_text(json.dumps(TINY_CLIP))
+    good = (tiny_clip_dir / "open_clip_model.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(good[:5000])
+    (tmp_path / "empty.pt").write_bytes(b"")
+    torch.save(open_clip.CLIP(**TINY_CLIP), tmp_path / "module.pt")
+    torch.save({"model": open_clip.CLIP(**TINY_CLIP).state_dict()}, tmp_path / "wrapped.pt")
+    for f, said in (("cut.safetensors", "the file is damaged or cut short"), ("empty.pt", "the file is damaged"),
+                    ("module.pt", "the file holds pickled objects beyond tensors .* which embedcache never unpickles"),
+                    ("wrapped.pt", r"the file does not fit teacher.model='tiny-test-clip' \(missing: \w+; unexpected: "
+                                   r"model\).*or save the CLIP's own state_dict where a wrapper holds it")):
+        with pytest.raises(TeacherLoadError, match=said) as err:
+            build_teacher(TeacherConfig(name="open_clip", model="tiny-test-clip", model_config=str(arch),
+                                        pretrained=str(tmp_path / f), device="cpu"))
+        assert "\x1b" not in str(err.value) and "\n" not in str(err.value), f
 
 
 def test_unknown_teacher_lists_the_registry():

@@ -2,6 +2,7 @@
 or a local weights file. Normalisation, input size and interpolation come from the model."""
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List
@@ -28,6 +29,27 @@ def _load_hint(pretrained) -> str:
     return ("without a model hub, pass local weights (--set teacher.pretrained=/path/weights.safetensors, "
             "or teacher.model=local-dir:/folder) or use the offline teacher (--set teacher.name=conse "
             "--set teacher.model=null --set teacher.pretrained=null)")
+
+
+def _file_hint(exc: BaseException, model: str) -> str:
+    """The fix when a weights file that is there did not load: damaged, pickled objects embedcache never unpickles,
+    or tensors of another architecture (named, where torch names them)."""
+    text = str(exc)
+    if isinstance(exc, PermissionError):
+        return "the file cannot be read: check its permissions"
+    if isinstance(exc, EOFError) or type(exc).__name__ == "SafetensorError" or isinstance(exc, OSError) or any(
+            s in text for s in ("PytorchStreamReader", "central directory", "invalid load key")):
+        return "the file is damaged or cut short (or not a weights file): copy or save it again"
+    if "Weights only load failed" in text or "Unpickl" in type(exc).__name__:
+        return ("the file holds pickled objects beyond tensors (a whole model, or a TorchScript archive such as "
+                "OpenAI's own ViT-B-16.pt), which embedcache never unpickles: give a file of the model's state_dict "
+                "(open_clip's open_clip_pytorch_model.bin, or safetensors)")
+    named = re.findall(r'(Missing key\(s\)|Unexpected key\(s\)|size mismatch for) (?:in state_dict: )?"?([\w.]+)', text)
+    kinds = {"Missing key(s)": "missing", "Unexpected key(s)": "unexpected", "size mismatch for": "another shape"}
+    said = "; ".join(f"{kinds[kind]}: {key}" for kind, key in named[:2])
+    return (f"the file does not fit teacher.model={model!r}{f' ({said})' if said else ''}: set teacher.model to the "
+            "architecture it was saved from (or local-dir:/folder for a folder with its config), or save the CLIP's "
+            "own state_dict where a wrapper holds it")
 
 
 def _require_known_model(name: str, known: list) -> None:
@@ -125,10 +147,9 @@ class OpenClipTeacher(Teacher):
                 self.tokenizer = open_clip.get_tokenizer(self.model_name)
             release(held)  # a model that loaded: its library's warnings are shown
         except Exception as exc:  # open_clip raises many types; the user needs one line (its own log lines dropped)
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            hint = (f"the file is there but does not fit teacher.model={self.model_name!r}: set teacher.model to the "
-                    "architecture it was saved from (or local-dir:/folder for a folder with its config)"
-                    if self.pretrained and Path(self.pretrained).is_file() else _load_hint(self.pretrained))
+            first = re.sub(r"\x1b\[[0-9;]*m", "", str(exc).strip().splitlines()[0]) if str(exc).strip() else type(exc).__name__
+            hint = (_file_hint(exc, self.model_name) if self.pretrained and Path(self.pretrained).is_file()
+                    else _load_hint(self.pretrained))
             raise TeacherLoadError(
                 f"could not load open_clip model {self.model_name!r} with weights {self.pretrained!r} ({first}); "
                 + hint) from exc
