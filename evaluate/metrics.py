@@ -62,7 +62,8 @@ def mean_per_class(pred: np.ndarray, labels: np.ndarray) -> float:
     """Mean over the classes present in ``labels`` of each class's accuracy (Li et al.'s metric)."""
     _nonempty(labels)
     pred, labels = np.asarray(pred), np.asarray(labels)
-    return float(np.mean([np.mean(pred[labels == c] == c) for c in np.unique(labels)]))
+    _, cls = np.unique(labels, return_inverse=True)  # one pass, not one per class (a trial: 20,000 classes)
+    return float(np.mean(np.bincount(cls, weights=pred == labels) / np.bincount(cls)))
 
 
 def per_group(pred: np.ndarray, labels: np.ndarray, groups: np.ndarray, name: str = "group") -> pd.DataFrame:

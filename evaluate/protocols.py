@@ -308,9 +308,10 @@ def _gzsl(d: EvalData, domain: str, s_rows: np.ndarray, u_rows: np.ndarray) -> L
 
 def fewest_images(labels: np.ndarray, ok: np.ndarray, classes_in: Sequence[int]) -> Tuple[int, int]:
     """(class, its usable images) for the class of ``classes_in`` with the fewest: an episode needs shots + 1."""
-    counts = {int(c): int((ok & (labels == c)).sum()) for c in classes_in}
-    c = min(counts, key=counts.get)
-    return c, counts[c]
+    classes_in = np.asarray(classes_in, dtype=np.int64)
+    counts = np.bincount(labels[ok], minlength=int(classes_in.max()) + 1)[classes_in]  # one pass, not one per class
+    first = int(np.argmin(counts))
+    return int(classes_in[first]), int(counts[first])
 
 
 def episode(labels: np.ndarray, ok: np.ndarray, classes_in: np.ndarray, shots: int, seed: int, ep: int,
@@ -325,7 +326,10 @@ def episode(labels: np.ndarray, ok: np.ndarray, classes_in: np.ndarray, shots: i
                               f"few_shot needs {shots + 1} usable images in every unseen class: use {fewer}hold out "
                               "other classes (--seen-classes for the teacher, split.train_classes for a run)")
     rng = np.random.default_rng([seed, ep, 31])
-    support = np.concatenate([rng.choice(rows_all[labels[rows_all] == c], shots, replace=False) for c in classes_in])
+    by_class = np.argsort(labels[rows_all], kind="stable")  # each class's rows in order, found without a scan per class
+    ordered = labels[rows_all][by_class]
+    starts, ends = np.searchsorted(ordered, classes_in, "left"), np.searchsorted(ordered, classes_in, "right")
+    support = np.concatenate([rng.choice(rows_all[by_class[a:b]], shots, replace=False) for a, b in zip(starts, ends)])
     return support, np.setdiff1d(rows_all, support)
 
 
@@ -383,7 +387,7 @@ def few_shot(d: EvalData, shots: int = DEFAULT_SHOTS, episodes: int = EPISODES, 
     for ep in range(episodes):
         support, query = episode(d.labels, d.ok, unseen, shots, seed, ep, d.classes)
         shot_emb = unit(d.emb[support])  # each shot counts alike: a student's embeddings are not unit vectors
-        protos = np.stack([shot_emb[d.labels[support] == c].mean(0) for c in unseen])
+        protos = np.stack([own.mean(0) for own in shot_emb.reshape(len(unseen), shots, -1)])  # each class's shots in turn
         pred = LabelIndex(protos, unseen).predict(d.emb[query])
         rows += _rows(pred, d.labels[query], d.classes, split="prototype" + shots_tag(shots), domain="all", episode=ep)
         if not d.embedding_trained:  # it would compare an untrained projection with the teacher's space (said by

@@ -52,7 +52,8 @@ def holdout_tag(domains: Sequence[str] = (), classes: Sequence[str] = (), seen: 
     held out, which tell a lodo replicate's runs apart there as they do on its own store."""
     parts = ([TRANSFER] + ([TRAINED_WITHOUT + ",".join(domains)] if len(domains) else [])) if transfer \
         else ([",".join(domains)] if len(domains) else [])
-    unseen = [c for i, c in enumerate(classes) if i not in set(int(k) for k in seen)]
+    seen = {int(k) for k in seen}  # once: per class it made a tag over 10,000 classes take seconds (a trial)
+    unseen = [c for i, c in enumerate(classes) if i not in seen]
     if unseen:
         parts.append(UNSEEN + ",".join(unseen))
     return "; ".join(parts) or "-"
