@@ -35,6 +35,18 @@ def device_name(device: torch.device) -> str:
     return device.type
 
 
+def host_memory_available() -> Optional[int]:
+    """Bytes of memory the host can give without swapping (Linux's MemAvailable; None where not said)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``t`` on ``device``. A host tensor goes to a GPU from pinned memory, asynchronously: a copy from
     ordinary (pageable) memory first waits for everything queued on the device, once per batch or step."""

@@ -319,6 +319,25 @@ def test_weights_saved_over_a_run_s_pretrained_file_are_not_taken_for_its_own(sy
                  log=quiet).seconds == 0.0
 
 
+def test_canvases_past_the_memory_available_are_refused_before_they_are_read(synthetic_store, tmp_path, monkeypatch):
+    """A run holds every canvas in host memory: 100,000 images at 256 px are 19.7 GB, read whole and then swapped or
+    killed minutes in (a trial). Refused in one line, naming the size and the ways out."""
+    import embedcache.students.data as data_module
+    from embedcache.errors import TrainingError
+    from embedcache.store import Store
+
+    with Store(str(synthetic_store)) as st:
+        n, size = st.layout["n"], st.layout["canvas"]
+    monkeypatch.setattr(data_module, "host_memory_available", lambda: n * size * size * 3 - 1)
+    with pytest.raises(TrainingError, match=rf"^a student run holds its store's canvases in memory \({n} of {size}x{size} "
+                                            r"px: .* GiB\), more than this machine has available .*train a head on "
+                                            r"cached features \(features=true\)"):
+        train(_cfg(synthetic_store, tmp_path, "ce", steps=2, eval_every=2, ckpt_every=2), log=quiet)
+    monkeypatch.setattr(data_module, "host_memory_available", lambda: n * size * size * 3)
+    assert train(_cfg(synthetic_store, tmp_path, "ce", name="fits", steps=2, eval_every=2, ckpt_every=2),
+                 log=quiet).steps == 2
+
+
 def test_splits_follow_the_store_metadata(synthetic_store):
     d = StoreData(str(synthetic_store), "name", SplitConfig(holdout_domains=("outline",), val_fraction=0.25))
     dom = d.reader.meta["domain"].to_numpy()
