@@ -157,11 +157,22 @@ class TeacherConfig:
             why = " (it reads jpeg_quality with image_format=jpeg)" if name == "jpeg_quality" else ""
             raise ConfigError(f"teacher.{name}={getattr(self, name)} is not read by teacher.name={self.name}"
                               f"{why}; remove it (that teacher reads {', '.join(('model',) + reads)})")
-        if self.name == "open_clip" and str(self.model or "").startswith("local-dir:"):
-            for name in ("pretrained", "model_config"):  # open_clip loads the folder's own (a trial: manifests named it)
-                if getattr(self, name) is not None:
-                    raise ConfigError(f"teacher.{name}={getattr(self, name)} is not read with teacher.model={self.model}, "
-                                      "whose folder gives the weights and architecture; remove it")
+        if self.name == "open_clip":
+            require_open_clip_weights_fit("teacher", self.model, self.pretrained)
+
+
+def require_open_clip_weights_fit(section: str, model: Optional[str], pretrained: Optional[str]) -> None:
+    """An open_clip model's weights as they run: a local-dir: folder gives its own (a pretrained beside it was
+    named in the records and never read, a trial), and a tag's activation is the architecture's (OpenAI's
+    QuickGELU: ViT-B-16 with openai ran GELU, open_clip only warning). Checked for new stores and runs."""
+    from .openclip_weights import activation_mismatch
+
+    if str(model or "").startswith("local-dir:") and pretrained is not None:
+        raise ConfigError(f"{section}.pretrained={pretrained} is not read with {section}.model={model}, whose folder "
+                          "gives the weights; remove it")
+    mismatch = activation_mismatch(str(model or ""), pretrained) if model else None
+    if mismatch:
+        raise ConfigError(f"{section}.pretrained={mismatch[0]}: set {section}.model={mismatch[1]}")
 
 
 def teacher_reads(name: str, image_format: Optional[str]) -> Optional[Tuple[str, ...]]:

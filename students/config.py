@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Tuple
 
-from embedcache.config import away_from_defaults, lazy_registry, named_twice, setting
+from embedcache.config import away_from_defaults, lazy_registry, named_twice, require_open_clip_weights_fit, setting
 from embedcache.errors import ConfigError
 
 
@@ -165,6 +165,8 @@ def check_trainable(cfg: TrainConfig) -> None:
     if cfg.select != "auto" and cfg.averaging != "none":  # select=last was silently overridden (a trial)
         raise ConfigError(f"select={cfg.select} and averaging={cfg.averaging} both choose the final weights; "
                           "set one of them (select=auto with averaging)")
+    if cfg.student.name == "openclip_visual":
+        require_open_clip_weights_fit("student", cfg.student.model, cfg.student.pretrained)
     if cfg.select == "best_val" and cfg.eval_every >= cfg.steps:  # kept the last weights, said as the best (a fuzz)
         raise ConfigError(f"select=best_val with eval_every={cfg.eval_every} and steps={cfg.steps} validates once, at "
                           f"the end, so it keeps the last weights; lower eval_every (e.g. {max(1, cfg.steps // 4)}) "

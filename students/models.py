@@ -6,6 +6,7 @@ registered by name, and ``openclip_visual`` is the image tower of a smaller CLIP
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -266,20 +267,20 @@ def openclip_visual(cfg: StudentConfig, embed_dim: int, num_classes: int) -> Stu
 
     if not cfg.model:
         raise ConfigError("student openclip_visual needs student.model (an open_clip name or local-dir:/path)")
-    if cfg.model.startswith("local-dir:") and cfg.pretrained is not None:  # open_clip loads the folder's (a trial)
-        raise ConfigError(f"student.pretrained={cfg.pretrained} is not read with student.model={cfg.model}, whose "
-                          "folder gives the weights; remove it")
-    from embedcache.teachers.open_clip import activation_mismatch
-
-    mismatch = activation_mismatch(cfg.model, cfg.pretrained)
-    if mismatch:
-        raise ConfigError(f"student.pretrained={mismatch.replace('use ', 'set student.model=')}")
     try:
         model = open_clip.create_model(cfg.model, pretrained=cfg.pretrained, weights_only=True)
     except Exception as exc:
         raise ConfigError(f"could not build open_clip model {cfg.model!r} for the student "
                           f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}); "
                           "give student.model=local-dir:/folder or a name with local weights") from exc
+    if cfg.pretrained and Path(cfg.pretrained).is_file():
+        from embedcache.openclip_weights import resampled_positions
+
+        resampled = resampled_positions(model.state_dict(), cfg.pretrained)
+        if resampled:  # said, not refused: a finished run's student is built so again to be scored
+            warnings.warn(f"student.pretrained={cfg.pretrained} was saved at another image size or context length than "
+                          f"student.model={cfg.model} runs ({resampled}): open_clip resampled its position embeddings; "
+                          "set student.model to the architecture it was saved from", stacklevel=2)
     visual = model.visual
     pp = open_clip.get_model_preprocess_cfg(model)
     native = pp.get("size", 224)

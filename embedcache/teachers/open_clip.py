@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from ..config import TeacherConfig
 from ..device import ieee_fp32
 from ..errors import ConfigError, TeacherLoadError
+from ..openclip_weights import resampled_positions
 from ..views import normalize
 from ._base import TEACHERS, Teacher, file_sha256, held_log_records, release, replaced_tokens, resolve_device
 
@@ -65,50 +66,6 @@ def _require_known_model(name: str, known: list) -> None:
                            "teacher.model=local-dir:/folder loads a saved one")
 
 
-def activation_mismatch(model: str, pretrained) -> str:
-    """Why a built-in architecture would run a pretrained tag's weights with another activation than they were
-    trained with ('' where it would not): OpenAI's weights need QuickGELU, which ``ViT-B-16`` does not run and
-    ``ViT-B-16-quickgelu`` does; open_clip 3 only warns, and embeds with the wrong one."""
-    import open_clip
-
-    tag = open_clip.get_pretrained_cfg(model, pretrained) if pretrained and not Path(pretrained).exists() else {}
-    config = open_clip.get_model_config(model) if tag else None
-    if not config or bool(tag.get("quick_gelu", False)) == bool(config.get("quick_gelu", False)):
-        return ""
-    quick = bool(tag.get("quick_gelu", False))
-    fix = f"{model}-quickgelu" if quick else model.removesuffix("-quickgelu")
-    return f"{pretrained!r} was trained with {'QuickGELU' if quick else 'GELU'}, which {model} does not run: use {fix}"
-
-
-def resampled_positions(model: torch.nn.Module, path: str) -> str:
-    """A position embedding of the weights file at ``path`` whose shape the model's differs from, in words ('' where
-    none does): open_clip resamples it to the architecture's image size or context length without a word, so a
-    ViT-L-14-336 file in ViT-L-14 ran at 224 px with interpolated positions (a trial)."""
-    shapes = _file_shapes(path)
-    own = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.endswith("positional_embedding")}
-    for key, shape in shapes.items():
-        mine = own.get(key) or own.get(f"text.{key}")
-        if key.endswith("positional_embedding") and mine is not None and tuple(shape) != mine:
-            return f"its {key} is {tuple(shape)}, the architecture's {mine}"
-    return ""
-
-
-def _file_shapes(path: str) -> Dict[str, tuple]:
-    """Tensor name -> shape of a weights file, as open_clip reads it (a ``state_dict`` wrapper and DataParallel's
-    ``module.`` taken off), without holding its tensors in memory."""
-    if str(path).endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # a file of torch's older format cannot be memory-mapped
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state) if isinstance(state, dict) else {}
-    return {k.removeprefix("module."): tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
-
-
 @TEACHERS.register("open_clip")
 class OpenClipTeacher(Teacher):
     registry_name = "open_clip"
@@ -133,9 +90,6 @@ class OpenClipTeacher(Teacher):
                                        f"(open_clip names it by the file's name), not {self.model_name!r}; set "
                                        f"teacher.model={cfg_path.stem}")
         _require_known_model(self.model_name, open_clip.list_models())
-        mismatch = activation_mismatch(self.model_name, self.pretrained)
-        if mismatch:
-            raise TeacherLoadError(f"teacher.pretrained={mismatch.replace('use ', 'set teacher.model=')}")
         try:
             with held_log_records() as held, torch.random.fork_rng(devices=[]):  # random weights are the same
                 torch.manual_seed(0)                                               # every time; the caller's RNG
@@ -154,7 +108,7 @@ class OpenClipTeacher(Teacher):
                 f"could not load open_clip model {self.model_name!r} with weights {self.pretrained!r} ({first}); "
                 + hint) from exc
         if self.pretrained and Path(self.pretrained).is_file():
-            resampled = resampled_positions(model, self.pretrained)
+            resampled = resampled_positions(model.state_dict(), self.pretrained)
             if resampled:
                 raise TeacherLoadError(f"teacher.pretrained={self.pretrained} was saved at another image size or context "
                                        f"length than teacher.model={self.model_name!r} runs ({resampled}; open_clip would "
