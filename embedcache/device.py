@@ -3,6 +3,7 @@ ways small host data reaches a GPU without waiting for the work queued there, an
 import contextlib
 import functools
 import os
+from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
@@ -36,7 +37,13 @@ def device_name(device: torch.device) -> str:
 
 
 def host_memory_available() -> Optional[int]:
-    """Bytes of memory the host can give without swapping (Linux's MemAvailable; None where not said)."""
+    """Bytes of memory this process can be given without swapping: Linux's MemAvailable, or less where a cgroup
+    (a container's memory limit) allows less; None where neither says."""
+    said = [v for v in (_meminfo_available(), _cgroup_room()) if v is not None]
+    return min(said) if said else None
+
+
+def _meminfo_available() -> Optional[int]:
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
@@ -44,6 +51,19 @@ def host_memory_available() -> Optional[int]:
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
+    return None
+
+
+def _cgroup_room(root: str = "/sys/fs/cgroup") -> Optional[int]:
+    """A cgroup's memory limit less its use (v2's memory.max, v1's memory.limit_in_bytes); None without one."""
+    for limit, used in (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            cap = Path(root, limit).read_text().strip()
+            if cap == "max" or int(cap) >= 1 << 60:  # no limit (v1 writes a huge number)
+                return None
+            return max(0, int(cap) - int(Path(root, used).read_text().strip()))
+        except (OSError, ValueError):
+            continue
     return None
 
 

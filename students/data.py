@@ -20,7 +20,7 @@ from embedcache.api import StoreReader
 from embedcache.datasets import SPLITS, source_file
 from embedcache.images import read_rgb8
 from embedcache.device import host_memory_available
-from embedcache.errors import ConfigError, StoreError, TrainingError
+from embedcache.errors import ConfigError, StoreError
 from embedcache.store import checksum
 from embedcache.views import make_canvas
 
@@ -73,17 +73,17 @@ def store_interpolation(manifest: dict) -> str:
     return "bilinear" if pre.get("interpolation") == "bilinear" else "bicubic"
 
 
-def _require_room_for_canvases(reader) -> None:
-    """A run holds every canvas of its store in host memory (a batch's rows are gathered from it): one past what
-    the machine has available was swapped or killed minutes in (a trial: 19.7 GB for 100,000 images at 256 px).
-    Refused before it is read."""
+def say_if_canvases_exceed_memory(reader, log) -> None:
+    """A run on images holds every canvas of its store in host memory (a batch's rows are gathered from it): one
+    past what the machine has available is swapped or killed minutes in (a trial: 19.7 GB for 100,000 images at
+    256 px). Said before they are read; not refused, as the kernel's estimate of what it can give is one."""
     n, size = len(reader.meta), int(reader.layout["canvas"])
     need, free = n * size * size * 3, host_memory_available()
     if free is not None and need > free:
-        raise TrainingError(f"a student run holds its store's canvases in memory ({n:,} of {size}x{size} px: "
-                            f"{need / 2**30:.1f} GiB), more than this machine has available ({free / 2**30:.1f} GiB); "
-                            "free memory (fewer sweep workers), train a head on cached features (features=true), or "
-                            "extract a store of a smaller canvas.size")
+        log(f"warning: this run holds its store's canvases in memory ({n:,} of {size}x{size} px: {need / 2**30:.1f} "
+            f"GiB), more than this machine has available ({free / 2**30:.1f} GiB): it may swap or be killed for "
+            "memory; free memory (fewer sweep workers), train a head on cached features (features=true), or "
+            "extract a store of a smaller canvas.size")
 
 
 class StoreData:
@@ -181,7 +181,6 @@ class StoreData:
     @cached_property
     def pixels(self) -> np.ndarray:
         r = self.reader
-        _require_room_for_canvases(r)
         return r.pixels() if r.layout.get("store_pixels") else self._decode_canvases(r)
 
     @staticmethod

@@ -38,7 +38,7 @@ from embedcache.fileio import disk_full_error, is_disk_full, json_digest, try_ex
 from .averaging import AVERAGING
 from .config import (OptimConfig, SplitConfig, StudentConfig, SwadConfig, TrainConfig, check_milestones, check_trainable,
                      refuse_unread_training)
-from .data import StoreData, check_views_used, target_views
+from .data import StoreData, check_views_used, say_if_canvases_exceed_memory, target_views
 from .headstep import HeadStep
 from .losses import LOSSES, BatchContext, weighted_sum
 from .features import features_key
@@ -463,6 +463,8 @@ class Trainer:
         self.model = build_seeded(cfg.student, self.data.dim, n_cls, cfg.seed).to(self.device)
         if shared is None:
             self.data.say_if_upscaled(self.model.input_size)
+            if not cfg.features:
+                say_if_canvases_exceed_memory(self.data.reader, log)
         self.inputs = shared.inputs if shared is not None else \
             INPUTS.get("features" if cfg.features else "canvas")(self.data, self.model, self.device)
         if self.device.type == "cuda" and self.inputs.kind == "images":
