@@ -181,6 +181,20 @@ class RunDir:
         where either does not say): the key holds the files' paths and sizes, not their contents."""
         return images_differ(self.config.get("store_contents"), store.contents_digest(), "the run's store's")
 
+    def student_weights(self) -> Optional[str]:
+        """The content hash of the student.pretrained file the run began from: as recorded (runs since 2026-12-07),
+        or, for a run from before, the file's own where it is no newer than the run (unchanged since), so that
+        runs from one file before and after the record are one method in the tables; None where not known."""
+        if "student_weights" in self.config:
+            return self.config["student_weights"]
+        path = (self.config.get("student") or {}).get("pretrained")
+        try:
+            if path and Path(path).is_file() and Path(path).stat().st_mtime <= self.file("config.json").stat().st_mtime:
+                return weights_file_sha(path)
+        except OSError:
+            pass
+        return None
+
     def other_embeddings(self, store) -> str:
         """How a store of this run's key and images holds other embeddings than the run's store did ('' where
         the same, or where the run does not say): one extracted again with other float rounding."""

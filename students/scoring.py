@@ -83,7 +83,7 @@ def run_tags(run: RunDir, reader: StoreReader, transfer: bool = False) -> Dict:
     return {"run": run.name, "recipe": cfg["recipe"], "student": cfg["student"]["name"], "run_seed": cfg["seed"],
             "replicate": cfg["seed"], "source": split["text_source"], "store_key": reader.key,
             "holdout": holdout_tag(held, reader.classes, split["seen_classes"], transfer),
-            "settings": settings_digest(run.train_config, cfg.get("recipe_definition"), cfg.get("student_weights")),
+            "settings": settings_digest(run.train_config, cfg.get("recipe_definition"), run.student_weights()),
             "trained_on": run.store_key,
             **run.sweep_tags}
 

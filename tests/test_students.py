@@ -317,6 +317,14 @@ def test_weights_saved_over_a_run_s_pretrained_file_are_not_taken_for_its_own(sy
     save(1)  # the file as the run began: found done
     assert train(_cfg(synthetic_store, tmp_path, "ce", name="a", student=scfg, steps=2, eval_every=2, ckpt_every=2),
                  log=quiet).seconds == 0.0
+    # a run from before the record, from the same file unchanged since: one method with a run made after it
+    config = json.loads((Path(first.out) / "config.json").read_text())
+    (Path(first.out) / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "student_weights"}))
+    later = train(_cfg(synthetic_store, tmp_path, "ce", name="c", student=scfg, steps=2, eval_every=2, ckpt_every=2),
+                  log=quiet)
+    assert score_run(first.out, ["lodo"]).settings.iloc[0] == score_run(later.out, ["lodo"]).settings.iloc[0]
+    save(3)  # ... but not once the file is newer than the run: not known, so not taken for the new file's
+    assert score_run(first.out, ["lodo"]).settings.iloc[0] != score_run(later.out, ["lodo"]).settings.iloc[0]
 
 
 def test_canvases_past_the_memory_available_are_said_before_they_are_read(synthetic_store, tmp_path, monkeypatch):
