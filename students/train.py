@@ -37,7 +37,7 @@ from embedcache.fileio import disk_full_error, is_disk_full, json_digest, try_ex
 
 from .averaging import AVERAGING
 from .config import (OptimConfig, SplitConfig, StudentConfig, SwadConfig, TrainConfig, check_milestones, check_trainable,
-                     refuse_unread_training)
+                     refuse_unread_training, selection_points)
 from .data import StoreData, check_views_used, say_if_canvases_exceed_memory, target_views
 from .headstep import HeadStep
 from .losses import LOSSES, BatchContext, weighted_sum
@@ -419,6 +419,8 @@ def selection_rule(cfg: TrainConfig, recipe: Recipe, has_val: bool) -> Tuple[str
     why = f"the {recipe.name} recipe's default" if cfg.select == "auto" else "select setting"
     if rule == "best_val" and not has_val:
         return "last", f"no validation rows (split.val_fraction={cfg.split.val_fraction} leaves none)"
+    if rule == "best_val" and selection_points(cfg) < 2:  # one validation to choose from: the last weights, said so
+        return "last", f"one validation to choose among (eval_every={cfg.eval_every} of steps={cfg.steps}): the last weights"
     return rule, why
 
 

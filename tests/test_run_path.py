@@ -610,12 +610,20 @@ def test_best_val_with_one_validation_is_refused(synthetic_store, tmp_path):
 
     cfg = _cfg(synthetic_store, tmp_path / "r", select="best_val", steps=6, eval_every=6, ckpt_every=6,
                split=SplitConfig(val_fraction=0.3))
-    with pytest.raises(ConfigError, match=r"^select=best_val with eval_every=6 and steps=6 validates once, at the end, "
-                                          r"so it keeps the last weights; lower eval_every \(e.g. 1\) or use select=last$"):
+    with pytest.raises(ConfigError, match=r"^select=best_val with eval_every=6 and steps=6 validates once in the run, at "
+                                          r"its end, so it keeps the last weights; lower eval_every \(e.g. 1\) or use "
+                                          r"select=last$"):
         train(cfg, log=quiet)
     assert not (tmp_path / "r" / "config.json").exists()
     res = train(replace(cfg, eval_every=3), log=quiet)  # two validations: a choice
     assert res.selected["rule"] == "best_val" and res.selected["step"] in (3, 6)
+    # a recipe of two stages chooses in its last: vl2v_adip (Align, then Distill) at 4 of 8 steps validates once there
+    two = replace(cfg, recipe="vl2v_adip", steps=8, eval_every=4, out=str(tmp_path / "two"))
+    with pytest.raises(ConfigError, match=r"validates once in its last stage, at its end"):
+        train(two, log=quiet)
+    auto = train(replace(two, select="auto"), log=quiet)  # the recipe's best_val: the last weights, said so
+    assert auto.selected["rule"] == "last" and auto.selected["why"].startswith("one validation to choose among")
+    assert train(replace(two, eval_every=2, out=str(tmp_path / "three")), log=quiet).selected["rule"] == "best_val"
 
 
 def test_the_logged_learning_rate_is_the_one_the_last_step_used(synthetic_store, tmp_path):
