@@ -578,8 +578,10 @@ def _parse_set_value(raw: str, item: str) -> Any:
         raise ConfigError(f"--set {item!r}: YAML reads {raw.strip()!r} as a mapping; if a word is meant, {quote}")
     comment = _yaml_comment(raw)
     if comment:  # `holdout_domains=art #2` held out `art` (a trial)
+        inside = raw.strip().startswith(("[", "{", "'", '"'))  # quoting the whole would make a list or quote one string
+        fix = "quote the item that holds it, inside the brackets: e.g. ['art #2', photo]" if inside else quote
         raise ConfigError(f"--set {item!r}: YAML reads {comment!r} as a comment and drops it; if it is part of the "
-                          f"value, {quote}")
+                          f"value, {fix}")
     return value
 
 

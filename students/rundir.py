@@ -410,8 +410,8 @@ def embeddings_differ(recorded: Optional[str], now: Optional[str], whose: str) -
     if recorded is None or now is None or recorded == now:
         return ""
     return (f"embeddings digest {now}, {whose} {recorded}: the store extracted again with other float rounding "
-            "(another batch_size, device, CPU thread count or embedcache; `embedcache inspect` lists each store's "
-            "calls)")
+            "(another batch_size, device, CPU thread count or embedcache), or blocks of it re-encoded so by a repair; "
+            "`embedcache inspect` lists each store's calls")
 
 
 def settings_of(data: Dict[str, Any]) -> Dict[str, Any]:

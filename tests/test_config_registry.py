@@ -461,8 +461,10 @@ def test_a_set_value_whose_end_yaml_reads_as_a_comment_is_refused(raw, comment):
 
     with pytest.raises(ConfigError, match=f"^--set 'split.holdout_domains={re.escape(raw)}': YAML reads "
                                           f"'{re.escape(comment)}' as a comment and drops it; if it is part of the "
-                                          "value, quote it"):
+                                          "value, quote"):
         apply_overrides({}, [f"split.holdout_domains={raw}"])
+    with pytest.raises(ConfigError, match=r"quote the item that holds it, inside the brackets: e.g. \['art #2', photo\]$"):
+        apply_overrides({}, ["split.holdout_domains=[art, sketch] #2"])  # quoting the whole: one string, not a list
     assert apply_overrides({}, ["a='art #2'", "b=art#2", 'c=[x, "y #1"]']) == {"a": "art #2", "b": "art#2",
                                                                             "c": ["x", "y #1"]}
 
