@@ -134,6 +134,10 @@ def test_a_changed_backbone_file_is_refused_when_loading_and_resuming(feature_st
         score_run(res.out, device="cpu")
     monkeypatch.undo()
     cache_features(str(store), own, device="cpu", progress=False, log=quiet)  # features of the changed file exist too
+    with pytest.raises(TrainingError, match=r"began from other weights in student.pretrained=.*backbone.safetensors"):
+        train(cut, log=quiet)  # the file's hash, recorded as the run began
+    config = json.loads((tmp_path / "cut" / "config.json").read_text())  # a run from before the hash was recorded
+    (tmp_path / "cut" / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "student_weights"}))
     with pytest.raises(TrainingError, match=f"trained on the features of backbone {key}; the student settings now give student-"):
         train(cut, log=quiet)
 
