@@ -167,11 +167,6 @@ def check_trainable(cfg: TrainConfig) -> None:
                           "set one of them (select=auto with averaging)")
     if cfg.student.name == "openclip_visual":
         require_open_clip_weights_fit("student", cfg.student.model, cfg.student.pretrained)
-    if cfg.select == "best_val" and cfg.averaging == "none" and selection_points(cfg) < 2:  # kept the last weights,
-        where = "in its last stage" if len(_stage_ends(cfg)) > 1 else "in the run"  # said as the best (a fuzz)
-        raise ConfigError(f"select=best_val with eval_every={cfg.eval_every} and steps={cfg.steps} validates once "
-                          f"{where}, at its end, so it keeps the last weights; lower eval_every (e.g. "
-                          f"{max(1, cfg.steps // 8)}) or use select=last")
     if cfg.averaging != "none" and cfg.average_start >= 1.0:
         raise ConfigError(f"average_start={cfg.average_start} leaves no step to average; lower it "
                           "(0 averages from the first step, as SWAD was published)")
@@ -200,16 +195,12 @@ def check_milestones(cfg: TrainConfig) -> None:
 def selection_points(cfg: TrainConfig) -> int:
     """The validations a run chooses its best checkpoint among: those after its last stage begins (VL2V-ADiP's
     comes from Distill), every eval_every steps and at the end."""
-    ends = _stage_ends(cfg)
-    start = ends[-2] if len(ends) > 1 else 0
-    return len({s for s in range(start + 1, cfg.steps + 1) if s % cfg.eval_every == 0} | {cfg.steps})
-
-
-def _stage_ends(cfg: TrainConfig) -> List[int]:
     from .recipes import RECIPES
     from .train import stage_ends
 
-    return stage_ends(RECIPES.get(cfg.recipe), cfg.steps)
+    ends = stage_ends(RECIPES.get(cfg.recipe), cfg.steps)
+    start = ends[-2] if len(ends) > 1 else 0
+    return len({s for s in range(start + 1, cfg.steps + 1) if s % cfg.eval_every == 0} | {cfg.steps})
 
 
 def _check_stages(cfg: TrainConfig) -> None:

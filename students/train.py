@@ -419,8 +419,10 @@ def selection_rule(cfg: TrainConfig, recipe: Recipe, has_val: bool) -> Tuple[str
     why = f"the {recipe.name} recipe's default" if cfg.select == "auto" else "select setting"
     if rule == "best_val" and not has_val:
         return "last", f"no validation rows (split.val_fraction={cfg.split.val_fraction} leaves none)"
-    if rule == "best_val" and selection_points(cfg) < 2:  # one validation to choose from: the last weights, said so
-        return "last", f"one validation to choose among (eval_every={cfg.eval_every} of steps={cfg.steps}): the last weights"
+    if rule == "best_val" and selection_points(cfg) < 2:  # one validation to choose from: the last weights, said as
+        stage = " in the last stage" if len(recipe.stages) > 1 else ""  # such, not as the best (a fuzz)
+        return "last", (f"one validation to choose among{stage} (eval_every={cfg.eval_every} of steps={cfg.steps}): the "
+                        "last weights")
     return rule, why
 
 
@@ -487,6 +489,8 @@ class Trainer:
         self.averaging = AVERAGING.get(cfg.averaging)(self.kept, max(int(cfg.average_start * cfg.steps),
                                                                      self.last_stage_start), cfg.swad)
         self.rule, self.rule_why = selection_rule(cfg, self.recipe, len(self.data.val_idx) > 0)
+        if cfg.select == "best_val" and self.rule == "last" and cfg.averaging == "none":
+            log(f"warning: select=best_val: {self.rule_why}; lower eval_every to choose among more")
         self._check_batch_for_batchnorm()
         self.selection = Selection(self.rule, self.kept_state)
         self.text = torch.from_numpy(self.data.text).to(self.device)

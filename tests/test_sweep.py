@@ -842,8 +842,11 @@ def test_a_sweep_whose_recipes_keep_checkpoints_by_different_rules_says_so(synth
     mixed = _sweep_file(tmp_path, synthetic_store, holdout_domains=["outline"], grid={"recipe": ["ce", "li_iccv23"], "seed": [0]})
     note = selection_note(expand(load_sweep(str(mixed)), str(tmp_path / "x")))
     assert note and "last: li_iccv23" in note and "best_val: ce" in note and "base.select" in note
-    res = CliRunner().invoke(main, ["sweep", str(mixed), "--out", str(tmp_path / "sw"), "--no-progress", "--set", "base.steps=2"])
+    res = CliRunner().invoke(main, ["sweep", str(mixed), "--out", str(tmp_path / "sw"), "--no-progress", "--set", "base.steps=4",
+                                    "--set", "base.eval_every=2"])  # two validations for ce to choose among
     assert res.exit_code == 0 and note in res.output, res.output
+    assert selection_note(expand(load_sweep(str(mixed), ["base.steps=2", "base.eval_every=2"]), str(tmp_path / "v"))) \
+        is None  # one validation: ce keeps its last weights too
     one = _sweep_file(tmp_path, synthetic_store, grid={"recipe": ["ce", "li_iccv23"], "seed": [0]},
                       base={"student": {"name": "test_resnet", "input_size": 32}, "select": "best_val", "batch_size": 8})
     assert selection_note(expand(load_sweep(str(one)), str(tmp_path / "y"))) is None
