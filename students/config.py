@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Tuple
 
-from embedcache.config import away_from_defaults, lazy_registry, named_twice, require_open_clip_weights_fit, setting
+from embedcache.config import flatten, lazy_registry, named_twice, require_open_clip_weights_fit, setting, to_dict
 from embedcache.errors import ConfigError
 
 
@@ -117,24 +117,26 @@ class TrainConfig:
                                   f"{self.recipe} trains more; head-only recipes: {heads}")
 
 
-def unread_training(cfg: TrainConfig) -> List[Tuple[str, Any, str]]:
-    """(key, value, the setting that would read it) for each setting away from its default that this
-    run's optimizer, schedule or averaging does not read (momentum with adamw, swad.* without swad)."""
-    found = []
-
-    def away(section, defaults, prefix: str, names, reader: str) -> None:
-        found.extend((f"{prefix}{n}", getattr(section, n), reader)
-                     for n in away_from_defaults(section, defaults, names))
-
+def ignored_training(cfg: TrainConfig) -> List[Tuple[str, str]]:
+    """(key, the setting that would read it) for each setting this run's optimizer, schedule or averaging does not
+    read, whatever its value (momentum with adamw, swad.* without swad)."""
+    out = []
     if cfg.optim.name != "sgd":
-        away(cfg.optim, OptimConfig(), "optim.", ("momentum",), "optim.name=sgd")
+        out.append(("optim.momentum", "optim.name=sgd"))
     if cfg.optim.schedule != "step":
-        away(cfg.optim, OptimConfig(), "optim.", ("milestones", "gamma"), "optim.schedule=step")
+        out += [("optim.milestones", "optim.schedule=step"), ("optim.gamma", "optim.schedule=step")]
     if cfg.averaging != "swad":
-        away(cfg.swad, SwadConfig(), "swad.", [f.name for f in fields(SwadConfig)], "averaging=swad")
+        out += [(f"swad.{f.name}", "averaging=swad") for f in fields(SwadConfig)]
     if cfg.averaging == "none":
-        away(cfg, TrainConfig(), "", ("average_start", "average_bn_batches"), "averaging=swa or swad")
-    return found
+        out += [("average_start", "averaging=swa or swad"), ("average_bn_batches", "averaging=swa or swad")]
+    return out
+
+
+def unread_training(cfg: TrainConfig) -> List[Tuple[str, Any, str]]:
+    """(key, value, the setting that would read it) for each ignored setting (``ignored_training``) set away from
+    its default."""
+    now, default = flatten(to_dict(cfg)), flatten(to_dict(TrainConfig()))
+    return [(key, now[key], reader) for key, reader in ignored_training(cfg) if now[key] != default[key]]
 
 
 def refuse_unread_training(cfg: TrainConfig) -> None:

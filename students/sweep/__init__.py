@@ -33,7 +33,7 @@ from embedcache.device import resolve_device
 from embedcache.evaluate.results import merge, read_results
 from embedcache.fileio import atomic_write, atomic_write_text, one_line_when_full
 
-from ..config import TrainConfig, check_trainable, unread_training
+from ..config import TrainConfig, check_trainable, ignored_training, unread_training
 from ..data import StoreData, check_views_used
 from ..features import missing_features
 from ..finetune import MODES as FINETUNE_MODES, mixed_on_transfer
@@ -355,7 +355,25 @@ def _points(spec: SweepSpec, sweep_dir: str, keys: List[str], reader, named_as: 
             out.append(SweepPoint(cfg, replicate))
     if not _begun_with(sweep_dir, spec):  # a relaunch keeps the settings it was begun with
         _refuse_unread(spec, unread_by_all or set(), by_recipe, out)
+        _refuse_variants_of_one_method(spec, out)
     return out
+
+
+def _refuse_variants_of_one_method(spec: SweepSpec, points: List[SweepPoint]) -> None:
+    """A grid setting of several values that some runs do not read (optim.momentum beside adamw runs) made as many
+    variants of those runs: one method, in as many rows as values, apart only by their seeds (a trial: momentum
+    0.5 'beat' 0.9 by 5.5 points with adamw). A setting no run reads is ``_refuse_unread``'s."""
+    for key, values in spec.grid.items():
+        if len(values) < 2:
+            continue
+        ignoring = [(p.cfg, reader) for p in points for k, reader in ignored_training(p.cfg) if k == key]
+        if ignoring:
+            cfg, reader = ignoring[0]
+            setting = reader.split("=", 1)[0]
+            raise ConfigError(f"grid.{key}={list(values)} is read only with {reader}, which {len(ignoring)} of the "
+                              f"sweep's {len(points)} runs do not use ({setting}={flatten(to_dict(cfg))[setting]}): they "
+                              f"would be {len(values)} variants of one method, apart only by their seeds; sweep {key} "
+                              "over the runs that read it, in a sweep of their own")
 
 
 def _begun_with(sweep_dir: str, spec: SweepSpec) -> bool:
