@@ -35,6 +35,21 @@ def _sweep_file(tmp_path, store, **changes):
     return path
 
 
+def test_results_of_grid_points_taken_out_of_a_sweep_are_said_to_be_outside_its_tables(synthetic_store, tmp_path):
+    """A grid trimmed between launches dropped the runs of the values taken out from the table and report without a
+    word, their results still in the folder (a trial)."""
+    out = tmp_path / "sw"
+    both = _sweep_file(tmp_path, synthetic_store, grid={"recipe": ["feat_kd", "ce"], "seed": [0]})
+    assert CliRunner().invoke(main, ["sweep", str(both), "--out", str(out), "--no-progress"]).exit_code == 0
+    trimmed = _sweep_file(tmp_path, synthetic_store, grid={"recipe": ["ce"], "seed": [0]})
+    res = CliRunner().invoke(main, ["sweep", str(trimmed), "--out", str(out), "--no-progress"])
+    said = (f"2 run(s) of {out} with results are of grid points this sweep no longer lists, so they are not in these "
+            f"tables (`embedcache evaluate {out / 'runs'}` scores every run)")
+    assert res.exit_code == 0 and f"warning: {said}" in res.output, res.output
+    assert set(pd.read_parquet(out / "results.parquet").recipe) == {"ce"}
+    assert said in (out / "report" / "report.md").read_text()
+
+
 def _attempts(sweep_dir):
     return {p.parent.name: len(p.read_text().splitlines()) for p in Path(sweep_dir).glob("runs/*/attempts.jsonl")}
 

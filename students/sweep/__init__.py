@@ -551,13 +551,16 @@ def partial_note(sweep_dir: str, names: Optional[List[str]] = None, results: Opt
     """'' for a sweep whose every run has results; else a line saying the tables are partial. With
     ``results`` (the table said), the runs it holds, not those with results now: another launch sharing
     the folder may have scored more since it was collected (a trial: a partial table said without it)."""
-    names = (_grid_runs(sweep_dir) or []) if names is None else names
+    listed = _grid_runs(sweep_dir) if names is None else names
+    names = listed or []
     missing = unscored(sweep_dir, names) if results is None else sorted(set(names) - set(results["run"]))
+    outside = _scored_outside(sweep_dir, names) if listed is not None else []
     total = len(names)
     if not missing:
-        return ""
+        return outside_note(sweep_dir, outside)
     note = (f"partial: {total - len(missing)} of {total} runs of this sweep have results ({len(missing)} failed, "
-            "unfinished or running elsewhere); cells and averages below are over the runs that have them")
+            "unfinished or running elsewhere); cells and averages below are over a method's complete replicates where "
+            "it has any, else over the runs that have them (the replicates column says which)")
     absent = _methods_without_results(sweep_dir, names, set(missing))
     if absent:
         note += "; " + "; ".join(f"no run of {m} has results: it is not in the tables" for m in absent)
@@ -565,7 +568,21 @@ def partial_note(sweep_dir: str, names: Optional[List[str]] = None, results: Opt
     if unheld:
         note += "; " + "; ".join(f"no run holding out {d} has results: the tables have no {d} column, and their avg "
                                  "is over the other held-out domains" for d in unheld)
-    return note
+    return "; ".join(filter(None, (note, outside_note(sweep_dir, outside))))
+
+
+def _scored_outside(sweep_dir: str, names: List[str]) -> List[str]:
+    """Runs of the folder with results that the sweep's grid no longer lists (a value taken out of it)."""
+    return sorted(set(p.stem for p in (Path(sweep_dir) / "results").glob("*.parquet")) - set(names))
+
+
+def outside_note(sweep_dir: str, outside: List[str]) -> str:
+    """'' or a line saying that runs of grid points the sweep no longer lists keep their results, outside the tables:
+    a grid trimmed between launches dropped them from the table without a word (a trial)."""
+    if not outside:
+        return ""
+    return (f"{len(outside)} run(s) of {sweep_dir} with results are of grid points this sweep no longer lists, so "
+            f"they are not in these tables (`embedcache evaluate {Path(sweep_dir) / 'runs'}` scores every run)")
 
 
 def _tags(sweep_dir: str) -> Dict[str, Dict]:
