@@ -577,6 +577,10 @@ def test_a_relaunch_with_other_settings_is_refused_and_the_table_holds_the_curre
     assert same.exit_code == 0 and "2 already done" in same.output, same.output
     other = CliRunner().invoke(main, ["sweep", str(f), "--out", str(out), "--no-progress", "--set", "base.optim.lr=0.002"])
     assert other.exit_code == 2 and "base.optim.lr: 0.001 -> 0.002" in other.output, other.output
+    # settings that change no run: the device, keeping checkpoints (a trial: each refused the relaunch)
+    for idle in ("base.device=auto", "base.keep_checkpoint=true", "base.seed=5"):  # (the grid sets seed: unused)
+        res = CliRunner().invoke(main, ["sweep", str(f), "--out", str(out), "--no-progress", "--set", idle])
+        assert res.exit_code == 0 and "2 already done" in res.output, (idle, res.output)
     fewer = CliRunner().invoke(main, ["sweep", str(f), "--out", str(out), "--no-progress", "--set", "grid.seed=[1]",
                                       "--set", "launcher=local", "--set", "workers=2"])
     assert fewer.exit_code == 0 and "1 already done" in fewer.output, fewer.output

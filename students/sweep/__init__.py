@@ -762,8 +762,11 @@ def _require_same_spec(sweep_dir: str, spec: SweepSpec, others_live: bool = Fals
     def after(k):
         return new.get(k, None if k in new_grid else unset.get(k))
 
+    # what no run reads or is named by: base settings that change no result (device), and a base value the grid
+    # overrides both times (a trial: each refused a relaunch that changes no run)
+    idle = {f"base.{k}" for k in UNIDENTIFYING} | (old_grid & new_grid)
     changed = [k for k in sorted(set(old) | set(new)) if k.split(".")[0] not in RELAUNCH_MAY_CHANGE + unread
-               and not _same_value(before(k), after(k)) and not _same_runs(k, old, new, raw, spec)]
+               and k not in idle and not _same_value(before(k), after(k)) and not _same_runs(k, old, new, raw, spec)]
     if changed:
         shown = "; ".join(f"{k}: {before(k)!r} -> {after(k)!r}" for k in changed[:3])
         moved = any(k.startswith("base.") and new.get(k) is None and k[len("base."):] in spec.grid for k in changed)
