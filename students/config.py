@@ -6,10 +6,11 @@ starts from one. See ``embedcache.config`` for the rules.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Tuple
 
-from embedcache.config import flatten, lazy_registry, named_twice, require_open_clip_weights_fit, setting, to_dict
+from embedcache.config import lazy_registry, named_twice, require_open_clip_weights_fit, setting
 from embedcache.errors import ConfigError
 
 
@@ -135,8 +136,11 @@ def ignored_training(cfg: TrainConfig) -> List[Tuple[str, str]]:
 def unread_training(cfg: TrainConfig) -> List[Tuple[str, Any, str]]:
     """(key, value, the setting that would read it) for each ignored setting (``ignored_training``) set away from
     its default."""
-    now, default = flatten(to_dict(cfg)), flatten(to_dict(TrainConfig()))
-    return [(key, now[key], reader) for key, reader in ignored_training(cfg) if now[key] != default[key]]
+    def value(c: TrainConfig, key: str) -> Any:
+        return functools.reduce(getattr, key.split("."), c)
+
+    return [(key, value(cfg, key), reader) for key, reader in ignored_training(cfg)
+            if value(cfg, key) != value(TrainConfig(), key)]
 
 
 def refuse_unread_training(cfg: TrainConfig) -> None:
