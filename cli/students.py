@@ -90,8 +90,9 @@ def _is_run_config(path: Optional[str]) -> bool:
 @click.option("--address", help="ray launcher: cluster address (default: a local Ray instance)")
 @click.option("--device", help="auto | cpu | cuda | cuda:N (default: the sweep file's base.device, else auto)")
 @overrides_option("grid.seed=[0,1]")
+@click.option("--dry-run", is_flag=True, help="check the sweep and count its runs; train and write nothing")
 @click.option("--no-progress", is_flag=True)
-def sweep(sweep_file, out, launcher, workers, address, device, overrides, no_progress) -> None:
+def sweep(sweep_file, out, launcher, workers, address, device, overrides, dry_run, no_progress) -> None:
     """Run a grid of student runs over a store (resumable; finished runs are skipped), then report.
     SWEEP_FILE is a YAML file or a packaged sweep name; without one, the demo sweep over the demo store."""
     from embedcache.evaluate.protocols import shots_tag
@@ -105,11 +106,15 @@ def sweep(sweep_file, out, launcher, workers, address, device, overrides, no_pro
         click.echo(f"no sweep file given: running the demo sweep ({DEMO_SWEEP}) over {DEMO_STORE}")
     spec = load_sweep(sweep_file, overrides)  # every setting checked before the demo store is made
     out = out if out is not None else str(Path("sweeps") / Path(sweep_file).stem)
-    require_writable(out)
+    require_writable(out, probe=not dry_run)
     if demo:
         _ensure_demo_store(no_progress)
     res = run_sweep(spec, out, launcher, device, progress=not no_progress, log=click.echo,
-                    workers=workers, address=address)
+                    workers=workers, address=address, dry_run=dry_run)
+    if dry_run:
+        click.echo(f"dry run: {res['runs']} runs in {out}, {res['finished']} already finished, "
+                   f"{res['runs'] - res['finished']} to train; nothing was trained or written")
+        return
     click.echo(f"{res['runs']} runs: {res['done']} done now, {res['skipped']} already done, {res['failed']} failed, "
                f"{res['busy']} left to other workers")
     if res["results"] is not None:

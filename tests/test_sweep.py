@@ -50,6 +50,23 @@ def test_results_of_grid_points_taken_out_of_a_sweep_are_said_to_be_outside_its_
     assert said in (out / "report" / "report.md").read_text()
 
 
+def test_a_dry_run_checks_and_counts_a_sweep_and_writes_nothing(synthetic_store, tmp_path):
+    """A grid of thousands of runs started at once, its size said only after the launch (a trial)."""
+    f = _sweep_file(tmp_path, synthetic_store, grid={"recipe": ["feat_kd", "ce"], "seed": [0]})
+    out = tmp_path / "sw"
+    res = CliRunner().invoke(main, ["sweep", str(f), "--out", str(out), "--no-progress", "--dry-run"])
+    assert res.exit_code == 0 and res.output.splitlines()[-1] == (
+        f"dry run: 4 runs in {out}, 0 already finished, 4 to train; nothing was trained or written"), res.output
+    assert not out.exists()
+    bad = CliRunner().invoke(main, ["sweep", str(f), "--out", str(out), "--dry-run", "--set", "grid.batch_size=[1000]"])
+    assert bad.exit_code == 2 and "batch_size=1000 is more than" in bad.output  # checked as a launch checks it
+    assert CliRunner().invoke(main, ["sweep", str(f), "--out", str(out), "--no-progress"]).exit_code == 0
+    more = _sweep_file(tmp_path, synthetic_store, grid={"recipe": ["feat_kd", "ce"], "seed": [0, 1]})
+    res = CliRunner().invoke(main, ["sweep", str(more), "--out", str(out), "--no-progress", "--dry-run"])
+    assert res.output.splitlines()[-1].startswith("dry run: 8 runs") and "4 already finished, 4 to train" in res.output
+    assert len(list((out / "runs").iterdir())) == 4
+
+
 def _attempts(sweep_dir):
     return {p.parent.name: len(p.read_text().splitlines()) for p in Path(sweep_dir).glob("runs/*/attempts.jsonl")}
 

@@ -876,9 +876,11 @@ def _validation_rows(points: List[SweepPoint]) -> Dict[str, bool]:
 
 
 def run_sweep(spec: SweepSpec, sweep_dir: str, launcher: Optional[str] = None, device: Optional[str] = None,
-              progress: bool = True, log: Callable[[str], None] = print, **launcher_args) -> Dict[str, Any]:
+              progress: bool = True, log: Callable[[str], None] = print, dry_run: bool = False,
+              **launcher_args) -> Dict[str, Any]:
     """Validate and expand the grid, run what is not finished, then write results.parquet and the report.
-    Stops on request (Ctrl-C / SIGTERM) with ``SweepInterrupted``; on a full disk with ``DiskFullError``."""
+    Stops on request (Ctrl-C / SIGTERM) with ``SweepInterrupted``; on a full disk with ``DiskFullError``.
+    ``dry_run``: every check, then {"runs", "finished"} with nothing trained or written."""
     name = launcher or spec.launcher
     launcher_args = {k: v for k, v in launcher_args.items() if v is not None}
     check_options(name, launcher_args)
@@ -900,6 +902,9 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, launcher: Optional[str] = None, d
     for line in overridden_by_grid(spec):
         log(f"note: {line}")
     _require_current_recipes(sweep_dir, points)
+    if dry_run:  # a grid of thousands started at once, its size said only after launch (a trial)
+        finished = sum(result_path(sweep_dir, Path(p.cfg.out).name).exists() or RunDir(p.cfg.out).done for p in points)
+        return {"runs": len(points), "finished": finished}
     with one_line_when_full(sweep_dir):
         Path(sweep_dir).mkdir(parents=True, exist_ok=True)
         with Launch(sweep_dir) as launch:
