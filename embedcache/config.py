@@ -570,16 +570,20 @@ def _parse_set_value(raw: str, item: str) -> Any:
     """A --set value as YAML; where YAML reads a word otherwise than meant (`*` an alias, `timm:` a
     mapping), the line says to quote it."""
     quote = f"quote it: --set \"{item.split('=', 1)[0]}='{raw.strip()}'\""
+    inside = raw.strip().startswith(("[", "{", "'", '"'))  # quoting the whole would make a list or quote one string
+    per_item = "quote the item that holds it, inside the brackets: e.g. ['art #2', photo]"
     try:
         value = parse_yaml(raw, f"--set {item!r}")
     except ConfigError as exc:
+        if inside and " #" in raw:  # `[art #2, photo]`: the comment took the closing bracket
+            raise ConfigError(f"--set {item!r}: YAML reads what follows ' #' as a comment, closing bracket and all; "
+                              f"{per_item}") from None
         raise ConfigError(f"{exc}; if a word is meant, {quote}") from None
     if isinstance(value, dict) and raw.strip().endswith(":") and list(value.values()) == [None]:
         raise ConfigError(f"--set {item!r}: YAML reads {raw.strip()!r} as a mapping; if a word is meant, {quote}")
     comment = _yaml_comment(raw)
     if comment:  # `holdout_domains=art #2` held out `art` (a trial)
-        inside = raw.strip().startswith(("[", "{", "'", '"'))  # quoting the whole would make a list or quote one string
-        fix = "quote the item that holds it, inside the brackets: e.g. ['art #2', photo]" if inside else quote
+        fix = per_item if inside else quote
         raise ConfigError(f"--set {item!r}: YAML reads {comment!r} as a comment and drops it; if it is part of the "
                           f"value, {fix}")
     return value

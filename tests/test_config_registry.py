@@ -465,6 +465,9 @@ def test_a_set_value_whose_end_yaml_reads_as_a_comment_is_refused(raw, comment):
         apply_overrides({}, [f"split.holdout_domains={raw}"])
     with pytest.raises(ConfigError, match=r"quote the item that holds it, inside the brackets: e.g. \['art #2', photo\]$"):
         apply_overrides({}, ["split.holdout_domains=[art, sketch] #2"])  # quoting the whole: one string, not a list
+    with pytest.raises(ConfigError, match=r"YAML reads what follows ' #' as a comment, closing bracket and all; quote the "
+                                          r"item that holds it"):  # (a review: it was told to quote the whole list)
+        apply_overrides({}, ["split.holdout_domains=[art #2, photo]"])
     assert apply_overrides({}, ["a='art #2'", "b=art#2", 'c=[x, "y #1"]']) == {"a": "art #2", "b": "art#2",
                                                                             "c": ["x", "y #1"]}
 

@@ -65,6 +65,43 @@ def test_a_dry_run_checks_and_counts_a_sweep_and_writes_nothing(synthetic_store,
     res = CliRunner().invoke(main, ["sweep", str(more), "--out", str(out), "--no-progress", "--dry-run"])
     assert res.output.splitlines()[-1].startswith("dry run: 8 runs") and "4 already finished, 4 to train" in res.output
     assert len(list((out / "runs").iterdir())) == 4
+    # a folder of another store's runs: refused as the launch refuses it (a review: it said "0 to train")
+    first = json.loads((out / "store.json").read_text())
+    (out / "store.json").write_text(json.dumps({**first, "store_key": "0" * 16}))
+    res = CliRunner().invoke(main, ["sweep", str(more), "--out", str(out), "--no-progress", "--dry-run"])
+    assert res.exit_code == 2 and "holds the runs of store" in res.output, res.output
+
+
+def test_runs_scored_before_weights_were_recorded_stay_one_method_with_later_ones(synthetic_store, tmp_path):
+    """Runs from a student.pretrained file scored before runs recorded its hash carry a settings digest without it;
+    a relaunch adding a seed made the new run a method of its own (a review)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from embedcache.students.models import StudentConfig, build_student
+    from embedcache.students.rundir import RunDir
+    from embedcache.students.train import settings_digest
+
+    torch.manual_seed(1)
+    weights = tmp_path / "w.safetensors"
+    own = build_student(StudentConfig(name="test_resnet"), 32).backbone.state_dict()
+    save_file({k: v.contiguous() for k, v in own.items()}, str(weights))
+    base = {"student": {"name": "test_resnet", "input_size": 32, "pretrained": str(weights)}, "steps": 4,
+            "batch_size": 8, "eval_every": 2, "ckpt_every": 2, "device": "cpu"}
+    f = _sweep_file(tmp_path, synthetic_store, holdout_domains=["outline"], base=base, grid={"recipe": ["ce"], "seed": [0]})
+    out = tmp_path / "sw"
+    assert CliRunner().invoke(main, ["sweep", str(f), "--out", str(out), "--no-progress"]).exit_code == 0
+    (run,) = list((out / "runs").iterdir())  # made and scored as a version before the record did
+    config = json.loads((run / "config.json").read_text())
+    config.pop("student_weights")
+    (run / "config.json").write_text(json.dumps(config))
+    rows = pd.read_parquet(out / "results" / f"{run.name}.parquet")
+    rows["settings"] = settings_digest(RunDir(run).train_config, config.get("recipe_definition"))
+    rows.to_parquet(out / "results" / f"{run.name}.parquet")
+    res = CliRunner().invoke(main, ["sweep", str(f), "--out", str(out), "--no-progress", "--set", "grid.seed=[0,1]"])
+    assert res.exit_code == 0, res.output
+    df = pd.read_parquet(out / "results.parquet")
+    assert df.run.nunique() == 2 and df.settings.nunique() == 1
 
 
 def _attempts(sweep_dir):
@@ -883,6 +920,11 @@ def test_a_sweep_whose_recipes_keep_checkpoints_by_different_rules_says_so(synth
     assert res.exit_code == 0 and note in res.output, res.output
     assert selection_note(expand(load_sweep(str(mixed), ["base.steps=2", "base.eval_every=2"]), str(tmp_path / "v"))) \
         is None  # one validation: ce keeps its last weights too
+    # base.select set, and vl2v_adip validating once in Distill: not told to set base.select (a review)
+    chosen = _sweep_file(tmp_path, synthetic_store, holdout_domains=["outline"], grid={"recipe": ["ce", "vl2v_adip"], "seed": [0]})
+    note = selection_note(expand(load_sweep(str(chosen), ["base.select=best_val"]), str(tmp_path / "u")))
+    assert note.startswith("note: vl2v_adip validate(s) once where they choose (their last stage) at these settings, so "
+                           "they keep their last weights") and "base.select" not in note and "base.eval_every" in note
     one = _sweep_file(tmp_path, synthetic_store, grid={"recipe": ["ce", "li_iccv23"], "seed": [0]},
                       base={"student": {"name": "test_resnet", "input_size": 32}, "select": "best_val", "batch_size": 8})
     assert selection_note(expand(load_sweep(str(one)), str(tmp_path / "y"))) is None
@@ -1241,6 +1283,11 @@ def test_a_setting_no_run_of_the_sweep_reads_is_refused(synthetic_store, tmp_pat
             expand(load_sweep(str(_sweep_file(tmp_path, synthetic_store, base=base, grid=grid))), str(tmp_path / "s"))
     sgd = {"optim.name": ["sgd"], "optim.momentum": [0.5, 0.7], "seed": [0]}  # every run reads it
     assert len(expand(load_sweep(str(_sweep_file(tmp_path, synthetic_store, base=base, grid=sgd))), str(tmp_path / "s"))) == 4
+    (tmp_path / "begun").mkdir()  # a folder begun before the check grows as it began (a review: more seeds refused)
+    (tmp_path / "begun" / "runs_ever.json").write_text(json.dumps(["a-run"]))
+    crossed = {"optim.name": ["sgd", "adamw"], "optim.momentum": [0.5, 0.7], "seed": [0, 1]}
+    assert len(expand(load_sweep(str(_sweep_file(tmp_path, synthetic_store, base=base, grid=crossed))),
+                      str(tmp_path / "begun"))) == 16
     with pytest.raises(ConfigError, match=r"swad.n_converge=5 is read only with averaging=swad, which no run of the "
                                           r"sweep uses"):
         expand(load_sweep(str(_sweep_file(tmp_path, synthetic_store, base={**base, "swad": {"n_converge": 5}}))),

@@ -41,7 +41,7 @@ from ..recipes import RECIPES, definition_change, text_source_of
 from ..rundir import RunDir, embeddings_differ, images_differ, require_folder_for
 from ..train import (NAMED_WHEN_SET, STORE_KEY, UNIDENTIFYING, by_store_key, check_fresh_run, frozen_random_note, run_name,
                      schedule_spans_stages,
-                     selection_rule, settings_identity)
+                     selection_rule, settings_digest, settings_identity)
 from .claim import Launch
 from .launchers import LAUNCHERS, check_options, unread_settings
 from .worker import SweepPoint, result_path, run_one, sweep_tags, variant
@@ -355,7 +355,8 @@ def _points(spec: SweepSpec, sweep_dir: str, keys: List[str], reader, named_as: 
             out.append(SweepPoint(cfg, replicate))
     if not _begun_with(sweep_dir, spec):  # a relaunch keeps the settings it was begun with
         _refuse_unread(spec, unread_by_all or set(), by_recipe, out)
-        _refuse_variants_of_one_method(spec, out)
+        if not _listed(sweep_dir, RUNS_EVER):  # a folder begun before the check grows as it began
+            _refuse_variants_of_one_method(spec, out)
     return out
 
 
@@ -483,6 +484,19 @@ def collect(sweep_dir: str, names: Optional[List[str]] = None) -> pd.DataFrame:
     tags = _tags(sweep_dir)
     for col in ("variant", "replicate"):
         df[col] = [tags.get(r, {}).get(col, v) for r, v in zip(df["run"], df[col])]
+    return _settings_with_weights(sweep_dir, df)
+
+
+def _settings_with_weights(sweep_dir: str, df: pd.DataFrame) -> pd.DataFrame:
+    """Rows of runs from a student.pretrained file, scored before runs recorded its hash, carry a settings digest
+    without it, and runs scored since carry it: their ``settings`` as scoring gives it now, so that one file's
+    runs stay one method (a review: a third seed added by a relaunch was a method of its own)."""
+    for name in df["run"].unique():
+        run = RunDir(Path(sweep_dir) / "runs" / name)
+        config = run.config if run.file("config.json").is_file() else {}
+        if config and "student_weights" not in config and (config.get("student") or {}).get("pretrained"):
+            df.loc[df["run"] == name, "settings"] = settings_digest(run.train_config, config.get("recipe_definition"),
+                                                                    run.student_weights())
     return df
 
 
@@ -554,7 +568,7 @@ def partial_note(sweep_dir: str, names: Optional[List[str]] = None, results: Opt
     listed = _grid_runs(sweep_dir) if names is None else names
     names = listed or []
     missing = unscored(sweep_dir, names) if results is None else sorted(set(names) - set(results["run"]))
-    outside = _scored_outside(sweep_dir, names) if listed is not None else []
+    outside = _scored_outside(sweep_dir, names + (_grid_runs(sweep_dir) or [])) if listed is not None else []
     total = len(names)
     if not missing:
         return outside_note(sweep_dir, outside)
@@ -652,13 +666,16 @@ def _owns_outputs(sweep_dir: str, names: List[str]) -> bool:
     return sorted(_grid_runs(sweep_dir) or names) == sorted(names)
 
 
-def _require_one_store(sweep_dir: str, store: str) -> None:
+def _require_one_store(sweep_dir: str, store: str, write: bool = True) -> None:
     """A sweep directory holds the runs of one store (store.json names it): relaunched on another
     store, its results table would pool two stores' runs. The first launch creates store.json
-    exclusively, so of two launches racing on a fresh directory one wins and the other compares."""
+    exclusively, so of two launches racing on a fresh directory one wins and the other compares.
+    ``write``: False for a dry run, which compares with a store.json there is and writes none."""
     with open_store(store) as reader:
         key, contents, numbers = reader.key, reader.store.contents_digest(), reader.store.embeddings_digest()
     f = Path(sweep_dir) / "store.json"
+    if not f.is_file() and not write:
+        return
     if not f.is_file():
         # a sweep made before store.json: its results name the store they scored
         seen = {k for r in Path(sweep_dir).glob("results/*.parquet")
@@ -822,11 +839,18 @@ def selection_note(points: List[SweepPoint]) -> Optional[str]:
     dataset's own val rows are validation rows whatever split.val_fraction is)."""
     has_val = _validation_rows(points)
     rules: Dict[str, set] = {}
+    once = set()  # recipes that keep their last weights for want of a second validation to choose among
     for p in points:
-        rule, _ = selection_rule(p.cfg, RECIPES.get(p.cfg.recipe), has_val=has_val[_split_key(p)])
+        rule, why = selection_rule(p.cfg, RECIPES.get(p.cfg.recipe), has_val=has_val[_split_key(p)])
         rules.setdefault(rule, set()).add(p.cfg.recipe)
+        if why.startswith("one validation"):
+            once.add(p.cfg.recipe)
     if len(rules) < 2:
         return None
+    if all(p.cfg.select != "auto" for p in points) and once == rules.get("last"):  # base.select is set already
+        return (f"note: {', '.join(sorted(once))} validate(s) once where they choose (their last stage) at these "
+                "settings, so they keep their last weights while the others keep their best validation checkpoint; "
+                "lower base.eval_every for a choice among several")
     said = "; ".join(f"{rule}: {', '.join(sorted(recipes))}" for rule, recipes in sorted(rules.items()))
     return (f"note: the runs keep their weights by different rules ({said}), so the table compares model selection "
             "along with the losses; set base.select (best_val or last) to compare the losses alone")
@@ -903,8 +927,8 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, launcher: Optional[str] = None, d
         log(f"note: {line}")
     _require_current_recipes(sweep_dir, points)
     if dry_run:  # a grid of thousands started at once, its size said only after launch (a trial)
-        finished = sum(result_path(sweep_dir, Path(p.cfg.out).name).exists() or RunDir(p.cfg.out).done for p in points)
-        return {"runs": len(points), "finished": finished}
+        _require_one_store(sweep_dir, spec.store, write=False)
+        return {"runs": len(points), "finished": sum(RunDir(p.cfg.out).done for p in points)}
     with one_line_when_full(sweep_dir):
         Path(sweep_dir).mkdir(parents=True, exist_ok=True)
         with Launch(sweep_dir) as launch:
