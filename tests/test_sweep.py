@@ -923,8 +923,9 @@ def test_a_sweep_whose_recipes_keep_checkpoints_by_different_rules_says_so(synth
     # base.select set, and vl2v_adip validating once in Distill: not told to set base.select (a review)
     chosen = _sweep_file(tmp_path, synthetic_store, holdout_domains=["outline"], grid={"recipe": ["ce", "vl2v_adip"], "seed": [0]})
     note = selection_note(expand(load_sweep(str(chosen), ["base.select=best_val"]), str(tmp_path / "u")))
-    assert note.startswith("note: vl2v_adip validate(s) once where they choose (their last stage) at these settings, so "
-                           "they keep their last weights") and "base.select" not in note and "base.eval_every" in note
+    assert note.startswith("note: vl2v_adip validate(s) once where they choose their weights (a recipe of several "
+                           "stages: in its last) at these settings, so they keep their last weights") and \
+        "base.select" not in note and "base.eval_every" in note
     one = _sweep_file(tmp_path, synthetic_store, grid={"recipe": ["ce", "li_iccv23"], "seed": [0]},
                       base={"student": {"name": "test_resnet", "input_size": 32}, "select": "best_val", "batch_size": 8})
     assert selection_note(expand(load_sweep(str(one)), str(tmp_path / "y"))) is None

@@ -848,9 +848,9 @@ def selection_note(points: List[SweepPoint]) -> Optional[str]:
     if len(rules) < 2:
         return None
     if all(p.cfg.select != "auto" for p in points) and once == rules.get("last"):  # base.select is set already
-        return (f"note: {', '.join(sorted(once))} validate(s) once where they choose (their last stage) at these "
-                "settings, so they keep their last weights while the others keep their best validation checkpoint; "
-                "lower base.eval_every for a choice among several")
+        return (f"note: {', '.join(sorted(once))} validate(s) once where they choose their weights (a recipe of "
+                "several stages: in its last) at these settings, so they keep their last weights while the others keep "
+                "their best validation checkpoint; lower base.eval_every for a choice among several")
     said = "; ".join(f"{rule}: {', '.join(sorted(recipes))}" for rule, recipes in sorted(rules.items()))
     return (f"note: the runs keep their weights by different rules ({said}), so the table compares model selection "
             "along with the losses; set base.select (best_val or last) to compare the losses alone")
@@ -904,7 +904,8 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, launcher: Optional[str] = None, d
               **launcher_args) -> Dict[str, Any]:
     """Validate and expand the grid, run what is not finished, then write results.parquet and the report.
     Stops on request (Ctrl-C / SIGTERM) with ``SweepInterrupted``; on a full disk with ``DiskFullError``.
-    ``dry_run``: every check, then {"runs", "finished"} with nothing trained or written."""
+    ``dry_run``: the checks of the settings, the grid and the folder's store, then {"runs", "finished"}, with nothing
+    trained or written (another launch still running into the folder is not looked for)."""
     name = launcher or spec.launcher
     launcher_args = {k: v for k, v in launcher_args.items() if v is not None}
     check_options(name, launcher_args)
