@@ -406,6 +406,9 @@ def autocast_on(cfg: TrainConfig, device_type: str, inputs_kind: str) -> bool:
     return cfg.amp and device_type == "cuda" and inputs_kind != "features"
 
 
+ONE_VALIDATION = "one validation to choose among"  # how a best_val run with no choice says why it keeps the last
+
+
 def selection_rule(cfg: TrainConfig, recipe: Recipe, has_val: bool) -> Tuple[str, str]:
     """(rule, why) for the weights a run keeps. A setting that needs validation rows, on a split left
     with none (split.val_fraction rounds to no row of a domain), is refused rather than replaced."""
@@ -421,7 +424,7 @@ def selection_rule(cfg: TrainConfig, recipe: Recipe, has_val: bool) -> Tuple[str
         return "last", f"no validation rows (split.val_fraction={cfg.split.val_fraction} leaves none)"
     if rule == "best_val" and selection_points(cfg) < 2:  # one validation to choose from: the last weights, said as
         stage = " in the last stage" if len(recipe.stages) > 1 else ""  # such, not as the best (a fuzz)
-        return "last", (f"one validation to choose among{stage} (eval_every={cfg.eval_every} of steps={cfg.steps}): the "
+        return "last", (f"{ONE_VALIDATION}{stage} (eval_every={cfg.eval_every} of steps={cfg.steps}): the "
                         "last weights")
     return rule, why
 

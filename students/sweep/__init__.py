@@ -39,9 +39,9 @@ from ..features import missing_features
 from ..finetune import MODES as FINETUNE_MODES, mixed_on_transfer
 from ..recipes import RECIPES, definition_change, text_source_of
 from ..rundir import RunDir, embeddings_differ, images_differ, require_folder_for
-from ..train import (NAMED_WHEN_SET, STORE_KEY, UNIDENTIFYING, by_store_key, check_fresh_run, frozen_random_note, run_name,
-                     schedule_spans_stages,
-                     selection_rule, settings_digest, settings_identity)
+from ..train import (NAMED_WHEN_SET, ONE_VALIDATION, STORE_KEY, UNIDENTIFYING, by_store_key, check_fresh_run,
+                     frozen_random_note, run_name, schedule_spans_stages, selection_rule, settings_digest,
+                     settings_identity)
 from .claim import Launch
 from .launchers import LAUNCHERS, check_options, unread_settings
 from .worker import SweepPoint, result_path, run_one, sweep_tags, variant
@@ -843,7 +843,7 @@ def selection_note(points: List[SweepPoint]) -> Optional[str]:
     for p in points:
         rule, why = selection_rule(p.cfg, RECIPES.get(p.cfg.recipe), has_val=has_val[_split_key(p)])
         rules.setdefault(rule, set()).add(p.cfg.recipe)
-        if why.startswith("one validation"):
+        if why.startswith(ONE_VALIDATION):
             once.add(p.cfg.recipe)
     if len(rules) < 2:
         return None
