@@ -6,8 +6,7 @@ from typing import List, Sequence, Tuple
 
 import pandas as pd
 
-from .store_eval import (avg_said, avg_stats, class_split_note, domain_stats, method_frame, method_keys, per_class_table,
-                         summary_table, transferred)
+from .store_eval import Tables, avg_said, class_split_note, method_frame, method_keys, per_class_table, transferred
 
 
 # The splits of class-held-out protocols, reported as Li et al. report them: mean per-class accuracy
@@ -86,15 +85,15 @@ def _collapse_lines(results: pd.DataFrame, split: str, keys: List[str]) -> List[
     return lines
 
 
-def id_vs_ood(results: pd.DataFrame, keys: List[str]) -> pd.DataFrame:
+def id_vs_ood(tables: Tables) -> pd.DataFrame:
     """Methods x (in_domain, out_of_domain) average top-1: the tables' ``avg`` cells (their replicates and
     rules: a mean of every run's own avg had put points off the table's numbers), of the methods with one
     on both sides (the teacher's zero_shot rows, a run scored on one side only, have no point)."""
-    sides = [avg_stats(results, split).assign(split=split) for split in ("in_domain", "out_of_domain")]
+    sides = [tables.avg_stats(split).assign(split=split) for split in ("in_domain", "out_of_domain")]
     t1 = pd.concat([a for a in sides if len(a)], ignore_index=True) if any(len(a) for a in sides) else None
     if t1 is None:
         return pd.DataFrame(columns=["in_domain", "out_of_domain"])
-    t1 = t1.assign(method=_method(t1, keys))
+    t1 = t1.assign(method=_method(t1, tables.keys))
     fewer = set(t1.loc[t1["spans"].notna(), "method"]) if "spans" in t1.columns else set()
     m = t1.pivot_table(index="method", columns="split", values="mean", aggfunc="first")
     # an avg the table says is over fewer of its domains is marked, not ranked among the others unmarked (a trial)
@@ -122,8 +121,8 @@ def write_report(results: pd.DataFrame, out_dir: str, note: str = "") -> List[Pa
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results = method_frame(results)
-    keys = method_keys(results)  # rows of other variants, class splits or stores are never averaged together
+    tables = Tables(results)
+    results, keys = tables.results, tables.keys  # rows of other variants, class splits or stores are never averaged together
     parts, files = ["# Results\n"] + ([f"**{note}**\n"] if note else []), []
     parts += [f"{line}\n" for line in (transfer_note(results), class_split_note(results)) if line]
     if "per_class" in set(results["split"]):
@@ -139,10 +138,10 @@ def write_report(results: pd.DataFrame, out_dir: str, note: str = "") -> List[Pa
     for split in table_splits(results):
         metric = table_metric(results, split)
         shown = "mean per-class accuracy" if metric == "mean_per_class" else "top-1"
-        table = summary_table(results, split, metric)
+        table = tables.summary_table(split, metric)
         parts += [f"## {split} ({shown}, %; mean ± sample std (ddof 1) over replicates{avg_said(table)})\n",
                   markdown(table), ""] + _collapse_lines(results, split, keys)
-        top = domain_stats(results, split, metric)  # the table's numbers: its replicates, mean and spread
+        top = tables.domain_stats(split, metric)  # the table's numbers: its replicates, mean and spread
         if top.empty:
             continue
         top = top.assign(method=_method(top, keys))
@@ -157,7 +156,7 @@ def write_report(results: pd.DataFrame, out_dir: str, note: str = "") -> List[Pa
         f = out / f"{split}_domains.png"
         plt.savefig(f, dpi=110); plt.close()
         files.append(f)
-    m = id_vs_ood(results, keys)
+    m = id_vs_ood(tables)
     if len(m):
         fig, ax = plt.subplots(figsize=(6, 5))
         xs, ys = (100 * m["in_domain"]).tolist(), (100 * m["out_of_domain"]).tolist()
@@ -176,7 +175,7 @@ def write_report(results: pd.DataFrame, out_dir: str, note: str = "") -> List[Pa
         f = out / "id_vs_ood.png"
         plt.savefig(f, dpi=110); plt.close()
         files.append(f)
-    tidy_tables(results).to_csv(out / "report.csv", index=False)
+    tidy_tables(tables).to_csv(out / "report.csv", index=False)
     (out / "report.md").write_text("\n".join(parts) + "\n" + "\n".join(f"![{f.stem}]({f.name})" for f in files) + "\n")
     return [out / "report.md", out / "report.csv"] + files
 
@@ -195,17 +194,17 @@ def table_metric(results: pd.DataFrame, split: str) -> str:
     return metric if ((results["split"] == split) & (results["metric"] == metric)).any() else "top1"
 
 
-def tidy_tables(results: pd.DataFrame) -> pd.DataFrame:
+def tidy_tables(tables: Tables) -> pd.DataFrame:
     """report.csv: the numbers of report.md's methods x domains tables, one row per method, split and
     domain (``avg``: the avg cell), as fractions: mean, sample std (ddof 1) and count over the replicates
     that count, and ``cell``, the table's text of it (a blank for a domain cell: the table's own
-    rounding; an avg over fewer domains says so there). ``results`` from ``method_frame``."""
-    keys = method_keys(results)
+    rounding; an avg over fewer domains says so there)."""
+    keys, results = tables.keys, tables.results
     frames = []
     for split in table_splits(results):
         metric = table_metric(results, split)
-        cells = pd.concat([domain_stats(results, split, metric),
-                           avg_stats(results, split, metric).assign(domain="avg")], ignore_index=True)
+        cells = pd.concat([tables.domain_stats(split, metric),
+                           tables.avg_stats(split, metric).assign(domain="avg")], ignore_index=True)
         frames.append(cells.assign(metric=metric))
     columns = keys + ["split", "metric", "domain", "mean", "std", "count", "cell"]
     if not frames:

@@ -231,7 +231,10 @@ def _per_replicate(results: pd.DataFrame, split: Optional[str], metric: str):
 def domain_stats(results: pd.DataFrame, split: Optional[str] = None, metric: str = "top1") -> pd.DataFrame:
     """The numbers behind ``summary_table``'s domain cells: mean, sample std (ddof 1) and count over
     the replicates that count, per method, split and domain (fractions, not percent)."""
-    keys, doms, _ = _per_replicate(results, split, metric)
+    return _domain_stats(*_per_replicate(results, split, metric))
+
+
+def _domain_stats(keys: list, doms: Optional[pd.DataFrame], _counts=None) -> pd.DataFrame:
     if doms is None:
         return pd.DataFrame(columns=keys + ["split", "domain", "mean", "std", "count"])
     return _stats(doms, keys)
@@ -269,7 +272,10 @@ def summary_table(results: pd.DataFrame, split: Optional[str] = None, metric: st
     many replicates the cells hold. Only complete replicates count when a method has any (a replicate
     short of a run would average fewer runs in-domain and fewer domains in ``avg``); a method with none
     shows all it has, and its ``avg`` says it is incomplete."""
-    keys, doms, counts = _per_replicate(results, split, metric)
+    return _summary_table(*_per_replicate(results, split, metric))
+
+
+def _summary_table(keys: list, doms: Optional[pd.DataFrame], counts: Optional[pd.DataFrame]) -> pd.DataFrame:
     if doms is None:
         return pd.DataFrame(index=pd.MultiIndex.from_tuples([], names=keys + ["split"]))
     stats = _stats(doms, keys)
@@ -293,10 +299,39 @@ def avg_stats(results: pd.DataFrame, split: str, metric: str = "top1") -> pd.Dat
     """The numbers behind ``summary_table``'s ``avg`` cells: per method of ``split``, mean, std and count
     over its replicates that count of each one's mean over the split's domains (fractions); a method
     with no avg there (incomplete) has no row. The in- vs out-of-domain plot's points."""
-    keys, doms, _ = _per_replicate(results, split, metric)
+    return _avg_stats(*_per_replicate(results, split, metric))
+
+
+def _avg_stats(keys: list, doms: Optional[pd.DataFrame], _counts=None) -> pd.DataFrame:
     if doms is None:
         return pd.DataFrame(columns=keys + ["split", "mean", "std", "count", "cell"])
     return _avg(doms, keys)
+
+
+class Tables:
+    """One results file's methods x domains numbers, as ``summary_table``, ``domain_stats`` and
+    ``avg_stats`` give them, with each split's replicates worked out once: a report reads a split's
+    cells, stats and avg several times over, and working them out again each time was most of the time
+    a sweep spent writing its report."""
+
+    def __init__(self, results: pd.DataFrame):
+        self.results = method_frame(results)
+        self.keys = method_keys(self.results)
+        self._replicates: Dict[tuple, tuple] = {}
+
+    def _of(self, split: str, metric: str) -> tuple:
+        if (split, metric) not in self._replicates:
+            self._replicates[split, metric] = _per_replicate(self.results, split, metric)
+        return self._replicates[split, metric]
+
+    def summary_table(self, split: str, metric: str = "top1") -> pd.DataFrame:
+        return _summary_table(*self._of(split, metric))
+
+    def domain_stats(self, split: str, metric: str = "top1") -> pd.DataFrame:
+        return _domain_stats(*self._of(split, metric))
+
+    def avg_stats(self, split: str, metric: str = "top1") -> pd.DataFrame:
+        return _avg_stats(*self._of(split, metric))
 
 
 def _avg(doms: pd.DataFrame, keys: list) -> pd.DataFrame:

@@ -399,7 +399,7 @@ def test_the_in_vs_out_of_domain_plot_keeps_its_methods_beside_teacher_rows(tmp_
     """Teacher baselines (zero_shot rows) in the same results file emptied the plot: the pivot over
     every split left each method a missing cell, and dropna took them all."""
     from embedcache.evaluate.report import id_vs_ood, write_report
-    from embedcache.evaluate.store_eval import method_frame, method_keys
+    from embedcache.evaluate.store_eval import Tables, method_frame
 
     rows = [{"recipe": r, "student": st, "source": "name", "split": sp, "domain": "d1", "metric": "top1", "value": v}
             for r, st, sp, v in [("li", "resnet18", "in_domain", 0.9), ("li", "resnet18", "out_of_domain", 0.6),
@@ -407,7 +407,7 @@ def test_the_in_vs_out_of_domain_plot_keeps_its_methods_beside_teacher_rows(tmp_
                                  ("kd", "vit", "in_domain", 0.5),  # one side only: no point
                                  ("teacher", "-", "zero_shot", 0.95)]]
     results = method_frame(pd.DataFrame(rows))
-    points = id_vs_ood(results, method_keys(results))
+    points = id_vs_ood(Tables(results))
     assert points.round(3).to_dict("index") == {"kd / resnet18": {"in_domain": 0.8, "out_of_domain": 0.7},
                                                 "li / resnet18": {"in_domain": 0.9, "out_of_domain": 0.6}}
     write_report(pd.DataFrame(rows), str(tmp_path / "with"))
@@ -421,7 +421,7 @@ def test_the_in_vs_out_of_domain_plot_puts_each_method_at_its_tables_avg():
     in-domain once per other held-out domain, and the table's avg (each domain once per replicate)
     differed (27.1 plotted, 26.4 in the table: a trial)."""
     from embedcache.evaluate.report import id_vs_ood
-    from embedcache.evaluate.store_eval import method_frame, method_keys, summary_table
+    from embedcache.evaluate.store_eval import Tables, method_frame, summary_table
 
     def row(held, split, domain, value):
         return {"recipe": "li", "student": "s", "source": "name", "split": split, "domain": domain, "metric": "top1",
@@ -432,7 +432,7 @@ def test_the_in_vs_out_of_domain_plot_puts_each_method_at_its_tables_avg():
     rows += [{**r, "domain": "avg", "value": v} for r, v in ((rows[0], 0.3), (rows[3], 0.7), (rows[2], 0.5),
                                                               (rows[5], 0.1))]  # each run's own avg rows
     results = method_frame(pd.DataFrame(rows))
-    point = id_vs_ood(results, method_keys(results)).loc["li / s"]
+    point = id_vs_ood(Tables(results)).loc["li / s"]
     assert point["in_domain"] == pytest.approx((0.6 + 0.2 + 0.6) / 3)  # d3 once: the mean of its two runs' values
     assert point["out_of_domain"] == pytest.approx(0.3)
     table = summary_table(results, "in_domain")
@@ -443,7 +443,7 @@ def test_the_in_vs_out_of_domain_plot_marks_an_avg_over_fewer_domains():
     """A method that held out fewer domains than the others has an avg the table marks "(2 of 3 domains)",
     not comparable with theirs; the plot put it among them unmarked (a trial)."""
     from embedcache.evaluate.report import id_vs_ood
-    from embedcache.evaluate.store_eval import method_frame, method_keys, summary_table
+    from embedcache.evaluate.store_eval import Tables, method_frame, summary_table
 
     rows = []
     for recipe, held_out in (("li", ("d1", "d2", "d3")), ("ce", ("d1", "d2"))):
@@ -454,7 +454,7 @@ def test_the_in_vs_out_of_domain_plot_marks_an_avg_over_fewer_domains():
     results = method_frame(pd.DataFrame(rows))
     table = summary_table(results, "out_of_domain").reset_index().set_index("recipe")
     assert table.loc["ce", "avg"].endswith("(2 of 3 domains)") and "domains" not in table.loc["li", "avg"]
-    points = id_vs_ood(results, method_keys(results))
+    points = id_vs_ood(Tables(results))
     assert sorted(points.index) == ["ce / s (avg over fewer domains)", "li / s"], points
 
 
