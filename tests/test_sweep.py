@@ -317,16 +317,14 @@ def test_unreachable_ray_address_is_one_line(synthetic_store, tmp_path):
     assert res.exit_code == 2 and "cannot reach a Ray cluster at '127.0.0.1:" in res.output
 
 
-def test_a_run_asking_ray_for_more_than_it_has_is_refused(synthetic_store, tmp_path):
-    """resources.num_gpus=1 on a machine without a GPU: Ray started and no run ever did, with no word
-    (a trial)."""
+def test_what_a_run_asks_of_ray_is_checked_against_the_cluster():
+    """A run's resources against the cluster's (the refusal itself, through a sweep, is in the fractional
+    GPU test below)."""
     pytest.importorskip("ray", reason="Ray is not installed: pip install '.[ray]'")
     from embedcache.students.sweep.launchers import _require_fits
 
-    f = _sweep_file(tmp_path, synthetic_store, grid={"recipe": ["feat_kd"]}, resources={"num_cpus": 1, "num_gpus": 1})
-    res = CliRunner().invoke(main, ["sweep", str(f), "--out", str(tmp_path / "r"), "--launcher", "ray", "--no-progress"])
-    assert res.exit_code == 2 and "resources.num_gpus=1 per run is more than the Ray cluster has (GPU: 0)" in res.output
-    assert not list((tmp_path / "r").glob("runs/*/attempts.jsonl"))
+    with pytest.raises(ConfigError, match=r"resources.num_gpus=1 per run is more than the Ray cluster has \(GPU: 0\)"):
+        _require_fits({"CPU": 2.0}, {"num_cpus": 1, "num_gpus": 1}, None)
     _require_fits({"CPU": 2.0, "GPU": 1.0}, {"num_cpus": 1, "num_gpus": 0.5}, None)  # fits: nothing said
     with pytest.warns(UserWarning, match="an autoscaling cluster may add it"):
         _require_fits({"CPU": 2.0}, {"num_cpus": 64}, "ray://head:10001")
@@ -352,33 +350,29 @@ def test_a_ray_cluster_s_gpus_that_no_run_asks_for_are_said():
         _require_gpus_used({"CPU": 4.0}, {"num_gpus": 0}, ["auto"])  # no GPU to use
 
 
-def test_ray_launcher_matches_serial(synthetic_store, tmp_path, monkeypatch):
-    pytest.importorskip("ray", reason="Ray is not installed: pip install '.[ray]'")
+def test_ray_packs_runs_on_a_gpu_by_fractional_requests_runs_each_once_and_matches_serial(synthetic_store, tmp_path,
+                                                                                          monkeypatch):
+    """resources.num_gpus=0.5: each run asks Ray for half a GPU, so two share one (a node declaring one
+    GPU here; the runs themselves on the CPU); every run is attempted exactly once, and the results are
+    the serial launcher's. A run asking for more GPUs than the cluster has is refused before any starts
+    (resources.num_gpus=1 on a machine without a GPU: Ray started and no run ever did, with no word: a
+    trial). One Ray instance for all three: each start costs seconds."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed: pip install '.[ray]'")
     monkeypatch.chdir(tmp_path)  # relative store and sweep paths, as in the shipped sweep files
     rel_store = os.path.relpath(synthetic_store, tmp_path)
-    spec = load_sweep(str(_sweep_file(tmp_path, rel_store, grid={"recipe": ["feat_kd", "ce"], "seed": [0]},
-                                      holdout_domains=["outline"])))
+
+    def spec_of(gpus):
+        return load_sweep(str(_sweep_file(tmp_path, rel_store, grid={"recipe": ["feat_kd", "ce"], "seed": [0, 1]},
+                                          holdout_domains=["outline"], resources={"num_cpus": 1, "num_gpus": gpus})))
+
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each Ray task trains: sums split over other thread counts may round otherwise
     try:
-        a = run_sweep(spec, "serial", "serial", progress=False, log=lambda m: None)["results"]
+        ref = run_sweep(spec_of(0.5), "serial", "serial", progress=False, log=quiet)["results"]
     finally:
         torch.set_num_threads(threads)
-    b = run_sweep(spec, "ray", "ray", progress=False, log=lambda m: None)["results"]
-    key = ["run", "protocol", "split", "domain", "metric"]
-    a, b = a.sort_values(key).reset_index(drop=True), b.sort_values(key).reset_index(drop=True)
-    pd.testing.assert_frame_equal(a[key + ["value"]], b[key + ["value"]])
-    assert set(LAUNCHERS.names()) == {"local", "ray", "serial"}
-
-
-def test_ray_packs_runs_on_a_gpu_by_fractional_requests_and_runs_each_once(synthetic_store, tmp_path, monkeypatch):
-    """resources.num_gpus=0.5: each run asks Ray for half a GPU, so two share one (a node declaring one
-    GPU here; the runs themselves on the CPU); every run is attempted exactly once."""
-    ray = pytest.importorskip("ray", reason="Ray is not installed: pip install '.[ray]'")
-    spec = load_sweep(str(_sweep_file(tmp_path, synthetic_store, grid={"recipe": ["feat_kd", "ce"], "seed": [0, 1]},
-                                      holdout_domains=["outline"], resources={"num_cpus": 1, "num_gpus": 0.5})))
     asked, remote = [], ray.remote
 
     def recording(*args, **kw):
@@ -388,11 +382,18 @@ def test_ray_packs_runs_on_a_gpu_by_fractional_requests_and_runs_each_once(synth
     monkeypatch.setattr(ray, "remote", recording)
     ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     try:
-        res = run_sweep(spec, str(tmp_path / "sw"), "ray", device="cpu", progress=False, log=lambda m: None)
+        with pytest.raises(ConfigError, match=r"resources.num_gpus=2 per run is more than the Ray cluster has \(GPU: 1"):
+            run_sweep(spec_of(2), "too_many", "ray", device="cpu", progress=False, log=quiet)
+        assert not list(Path("too_many").glob("runs/*/attempts.jsonl")) and not asked
+        res = run_sweep(spec_of(0.5), "sw", "ray", device="cpu", progress=False, log=quiet)
     finally:
         ray.shutdown()
     assert [a["num_gpus"] for a in asked if "num_gpus" in a] == [0.5] and res["done"] == 4, asked
     assert set(_attempts(tmp_path / "sw").values()) == {1} and len(_attempts(tmp_path / "sw")) == 4
+    key = ["run", "protocol", "split", "domain", "metric"]
+    a, b = ref.sort_values(key).reset_index(drop=True), res["results"].sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a[key + ["value"]], b[key + ["value"]])
+    assert set(LAUNCHERS.names()) == {"local", "ray", "serial"}
 
 
 def test_per_recipe_settings_apply_to_that_recipe_only(synthetic_store, tmp_path):
