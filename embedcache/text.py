@@ -19,6 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from . import interrupt
 from .registry import Registry
 from .config import TextConfig
 from .errors import ConfigError
@@ -157,6 +158,13 @@ def text_calls(flat: List[str], size: int = 256) -> List[List[str]]:
     return [flat[i:i + size] for i in range(0, len(flat), size)]
 
 
+def _encoded(encode: Callable[[List[str]], np.ndarray], chunk: List[str]) -> np.ndarray:
+    """One call's embeddings, after a stop check: a command that stops its loops on request (synthesize)
+    waited out every call, minutes for a large template ensemble on a CPU."""
+    interrupt.check("encoding the label prompts")
+    return np.asarray(encode(chunk), dtype=np.float32)
+
+
 def encode_sources(encode: Callable[[List[str]], np.ndarray], count_tokens: Callable[[List[str]], List[int]],
                    context_length: int, classes: Sequence[str], prompts: Dict[str, Prompts]) -> Dict[str, TextTable]:
     tables = {}
@@ -168,7 +176,7 @@ def encode_sources(encode: Callable[[List[str]], np.ndarray], count_tokens: Call
         if truncated.any():
             warnings.warn(f"text source {src!r}: {int(truncated.sum())} of {len(flat)} prompts exceed the teacher's "
                           f"{context_length}-token context and were truncated (see text.parquet, column truncated)")
-        emb = np.concatenate([np.asarray(encode(chunk), dtype=np.float32) for chunk in text_calls(flat)])
+        emb = np.concatenate([_encoded(encode, chunk) for chunk in text_calls(flat)])
         frame = pd.DataFrame({"source": src, "label": labels, "class_name": [classes[c] for c in labels],
                               "prompt": flat, "n_tokens": n_tok, "truncated": truncated})
         tables[src] = TextTable(src, frame, emb, aggregate(emb, labels, len(classes)))

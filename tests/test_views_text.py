@@ -203,3 +203,24 @@ def test_a_template_file_that_repeats_a_template_says_so(tmp_path):
     f.write_text("a photo of a {}.\na sketch of a {}.\na photo of a {}.\n")
     with pytest.warns(UserWarning, match=r"repeats 1 template\(s\) \(e.g. 'a photo of a \{\}.'\): each counts"):
         assert load_templates(str(f)) == ["a photo of a {}.", "a sketch of a {}.", "a photo of a {}."]  # kept as given
+
+
+def test_a_stop_requested_while_prompts_are_encoded_stops_before_the_next_call():
+    """`synthesize` asks its loops to stop at Ctrl-C, but the label prompts were encoded to the last call
+    first (80 templates x 1,000 classes is minutes on a CPU): a stop now ends the encoding at the next call."""
+    from embedcache import interrupt
+
+    calls = []
+
+    def encode(texts):
+        calls.append(len(texts))
+        interrupt.request()  # the stop arrives while the first call is encoded
+        return np.zeros((len(texts), 4), dtype=np.float32)
+
+    prompts = {"name": [[f"a photo of a thing {i}."] for i in range(600)]}  # three calls of 256
+    try:
+        with pytest.raises(KeyboardInterrupt, match="stopped while encoding the label prompts"):
+            encode_sources(encode, lambda t: [5] * len(t), 77, [f"c{i}" for i in range(600)], prompts)
+    finally:
+        interrupt.reset()
+    assert calls == [256]
