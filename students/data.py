@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
 from typing import List, Optional, Tuple, Union
 
 import numpy as np
+import torch
 
-from embedcache import open_store
+from embedcache import interrupt, open_store
 from embedcache.api import StoreReader
 from embedcache.datasets import SPLITS, source_file
 from embedcache.images import read_rgb8
@@ -186,30 +188,31 @@ class StoreData:
     @staticmethod
     def _decode_canvases(reader) -> np.ndarray:
         """canvas.store was false: rebuild every canvas from the source files, once, the same way
-        (the dataset's own path rule and decoder, the extraction's canvas)."""
+        (the dataset's own path rule and decoder, the extraction's canvas), on as many threads as torch
+        uses (Pillow lets go of the GIL while it decodes and resizes), a chunk at a
+        time, so a stop request or a bad file ends it within a chunk."""
         root, size = reader.manifest["dataset"]["root"], int(reader.layout["canvas"])
         if not root:
             raise StoreError(f"the store keeps no pixels and its dataset has no files to re-decode; {_remake(reader)} "
                              "with canvas.store=true")
         crc = reader.store.read("image/canvas_crc32c") if reader.store.has("image/canvas_crc32c") else None
-        out = np.zeros((len(reader.meta), size, size, 3), np.uint8)
-        for i, (path, status) in enumerate(zip(reader.meta["path"], reader.meta["status"])):
-            if status == "ok":
-                file = source_file(root, path)
-                try:
-                    out[i] = make_canvas(read_rgb8(file), size)
-                except OSError as exc:
-                    where = "" if Path(root).is_absolute() else (
-                        f"; its dataset folder {root} was recorded relative (a store made before they were recorded "
-                        f"absolute), so it is taken from the working folder {Path.cwd()}: run from the folder it was "
-                        "extracted in")
-                    raise StoreError(f"cannot read {file} (row {i}: {type(exc).__name__}): the store keeps no pixels "
-                                     "(canvas.store=false), so students re-decode its images; put it back, or extract "
-                                     f"again with canvas.store=true{where}") from None
-                if crc is not None and checksum(out[i]) != int(crc[i]):
-                    raise StoreError(f"{file} (row {i}) is not the image the teacher saw: the file changed since "
-                                     "the store was made, or decodes differently here; restore it, or extract again "
-                                     "(canvas.store=true keeps the canvases in the store)")
+        paths = reader.meta["path"].tolist()
+        rows = np.flatnonzero((reader.meta["status"] == "ok").to_numpy())
+        out = np.zeros((len(paths), size, size, 3), np.uint8)
+
+        def decode(i: int):
+            try:
+                return make_canvas(read_rgb8(source_file(root, paths[i])), size)
+            except OSError as exc:
+                return exc
+
+        with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+            for at in range(0, len(rows), DECODE_CHUNK):
+                interrupt.check("re-decoding the store's images (it keeps no pixels: canvas.store=false)")
+                chunk = rows[at:at + DECODE_CHUNK]
+                for i, canvas in zip(chunk, pool.map(decode, chunk)):
+                    _require_canvas(reader, root, int(i), paths[i], canvas, crc)
+                    out[i] = canvas
         return out
 
     def say_if_upscaled(self, input_size: int) -> None:
@@ -247,6 +250,27 @@ class StoreData:
         idx = np.concatenate([rng.choice(p, size=batch_size, replace=len(p) < batch_size) for p in self.pools(per_domain)])
         views = draw_views(rng, len(idx), self.views, views_used, skip_plain)
         return idx, views
+
+
+DECODE_CHUNK = 256  # rows re-decoded between stop checks
+
+
+def _require_canvas(reader: StoreReader, root: str, i: int, path: str, canvas, crc: Optional[np.ndarray]) -> None:
+    """Refuse row ``i``'s re-decoded canvas (or the OSError reading it raised) where it is not the one
+    the teacher saw."""
+    file = source_file(root, path)
+    if isinstance(canvas, OSError):
+        where = "" if Path(root).is_absolute() else (
+            f"; its dataset folder {root} was recorded relative (a store made before they were recorded "
+            f"absolute), so it is taken from the working folder {Path.cwd()}: run from the folder it was "
+            "extracted in")
+        raise StoreError(f"cannot read {file} (row {i}: {type(canvas).__name__}): the store keeps no pixels "
+                         "(canvas.store=false), so students re-decode its images; put it back, or extract "
+                         f"again with canvas.store=true{where}")
+    if crc is not None and checksum(canvas) != int(crc[i]):
+        raise StoreError(f"{file} (row {i}) is not the image the teacher saw: the file changed since "
+                         "the store was made, or decodes differently here; restore it, or extract again "
+                         "(canvas.store=true keeps the canvases in the store)")
 
 
 def _remake(reader: StoreReader) -> str:

@@ -566,6 +566,42 @@ def test_canvases_rebuilt_from_the_files_must_be_the_ones_the_teacher_saw(make_c
         StoreData(csv.path, "name").pixels
 
 
+def test_canvases_are_rebuilt_on_threads_in_chunks_that_stop_on_request(make_cfg, tiny_teacher, tmp_path, monkeypatch):
+    """The re-decoding runs a chunk of rows at a time on torch's thread count: the canvases are the stored
+    ones whatever the count and chunk, the first bad row in row order is the one said, and a stop request
+    ends it between chunks (10,000 files are minutes on one core, past the seconds a stop may take)."""
+    import torch
+
+    import embedcache.students.data as data_module
+    from embedcache import interrupt
+    from embedcache.students.data import StoreData
+
+    data = png_folder(tmp_path / "data")
+    nopix = extract(make_cfg("nopix.zarr", "dataset.name=folder", f"dataset.path={data}", "canvas.store=false"),
+                    teacher=tiny_teacher, log=quiet).path
+    pix = extract(make_cfg("pix.zarr", "dataset.name=folder", f"dataset.path={data}"), teacher=tiny_teacher, log=quiet).path
+    with embedcache.open_store(pix) as s:
+        kept, paths = s.pixels(), s.meta["path"].tolist()
+    monkeypatch.setattr(data_module, "DECODE_CHUNK", 2)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            assert np.array_equal(StoreData(nopix, "name").pixels, kept)
+    finally:
+        torch.set_num_threads(threads)
+    interrupt.request()
+    try:
+        with pytest.raises(KeyboardInterrupt, match="stopped while re-decoding the store's images"):
+            StoreData(nopix, "name").pixels
+    finally:
+        interrupt.reset()
+    for row in (5, 3, 2):  # rows of one chunk and the next, all gone: the first row's is said
+        (data / paths[row]).unlink()
+    with pytest.raises(StoreError, match=rf"cannot read .*{paths[2]} \(row 2: FileNotFoundError\)"):
+        StoreData(nopix, "name").pixels
+
+
 def test_a_store_made_from_relative_paths_is_read_from_any_folder(make_cfg, tiny_clip_dir, tmp_path, monkeypatch):
     """dataset.path=data and teacher.model=local-dir:tinyclip were recorded as given: a store without
     pixels could not be trained on from another folder ("cannot read data/...", the file being there),
