@@ -30,7 +30,7 @@ from .data import StoreData
 from .leakage import seen_rows
 from .providers import student_views
 from .rundir import RunDir
-from .train import settings_digest
+from .train import digest_of_settings, settings_record
 
 
 @torch.no_grad()
@@ -83,9 +83,46 @@ def run_tags(run: RunDir, reader: StoreReader, transfer: bool = False) -> Dict:
     return {"run": run.name, "recipe": cfg["recipe"], "student": cfg["student"]["name"], "run_seed": cfg["seed"],
             "replicate": cfg["seed"], "source": split["text_source"], "store_key": reader.key,
             "holdout": holdout_tag(held, reader.classes, split["seen_classes"], transfer),
-            "settings": settings_digest(run.train_config, cfg.get("recipe_definition"), run.student_weights()),
+            "settings": digest_of_settings(run_settings(run)),
             "trained_on": run.store_key,
             **run.sweep_tags}
+
+
+def run_settings(run: RunDir) -> Dict:
+    """The settings behind a run's ``settings`` digest (``settings_record``)."""
+    return settings_record(run.train_config, run.config.get("recipe_definition"), run.student_weights())
+
+
+LEGEND_KEYS = 6  # settings named per digest in a legend line; more are counted
+
+
+def settings_legend(runs: Sequence[RunDir]) -> List[str]:
+    """What tells apart the ``settings`` digests of finished runs that the tables would otherwise show as
+    one method (one recipe, student, text source and sweep variant): a line per such method, naming for
+    each digest the settings in which its runs differ from the others' (a table row labelled 817e1022
+    said nothing of what was trained otherwise)."""
+    from embedcache.config import flatten
+
+    methods: Dict[tuple, Dict[str, Dict]] = {}
+    for run in runs:
+        if run.done:
+            cfg, record = run.config, run_settings(run)
+            name = (cfg["recipe"], cfg["student"]["name"], run.split["text_source"], run.sweep_tags.get("variant", "-"))
+            methods.setdefault(name, {})[digest_of_settings(record)] = flatten(record)
+    lines = []
+    for (recipe, student, source, variant), by_digest in sorted(methods.items()):
+        if len(by_digest) < 2:
+            continue
+        keys = sorted(set().union(*by_digest.values()))
+        differ = [k for k in keys if len({repr(f.get(k, "(unset)")) for f in by_digest.values()}) > 1]
+        said = []
+        for digest, flat in sorted(by_digest.items()):
+            named = [f"{k}={flat.get(k, '(unset)')}" for k in differ[:LEGEND_KEYS]]
+            more = f" and {len(differ) - LEGEND_KEYS} more" if len(differ) > LEGEND_KEYS else ""
+            said.append(f"{digest} = {', '.join(named)}{more}")
+        method = " / ".join([recipe, student, source] + ([variant] if variant != "-" else []))
+        lines.append(f"settings of {method}: " + "; ".join(said))
+    return lines
 
 
 def _open_for(run: RunDir, path: str, transfer: bool) -> StoreReader:

@@ -88,12 +88,20 @@ def settings_identity(cfg: TrainConfig, leave_out: Tuple[str, ...], omitted_at_d
 
 
 def settings_digest(cfg: TrainConfig, recorded_definition: Any = None, weights: Optional[str] = None) -> str:
+    """``settings_record`` as a short digest: the results' ``settings`` column."""
+    return digest_of_settings(settings_record(cfg, recorded_definition, weights))
+
+
+def digest_of_settings(record: Dict) -> str:
+    return json_digest(record, 8)
+
+
+def settings_record(cfg: TrainConfig, recorded_definition: Any = None, weights: Optional[str] = None) -> Dict:
     """What makes runs replicates of one method: every setting that changes the result but the seeds
     (the run's, its validation split's) and what it held out (domains, classes: in the results' own
     columns), and how its recipe's definition differs from today's when it does (``recorded_definition``:
     the run's record; a naive_kd run from before the records ran another KD), and the contents of its
-    student.pretrained file where recorded (``weights``: two files saved at one path are two methods), as a
-    short digest."""
+    student.pretrained file where recorded (``weights``: two files saved at one path are two methods)."""
     d = settings_identity(cfg, RESUMABLE_WITH + ("seed",), NAMED_WHEN_SET)
     d["split"] = {k: v for k, v in d["split"].items() if k not in ("holdout_domains", "train_classes", "seed")}
     changed = definition_change(cfg, recorded_definition)
@@ -101,7 +109,7 @@ def settings_digest(cfg: TrainConfig, recorded_definition: Any = None, weights: 
         d["recipe_definition_differs"] = changed
     if weights is not None:
         d["student_weights"] = weights
-    return json_digest(d, 8)
+    return d
 
 
 def run_name(cfg: TrainConfig) -> str:

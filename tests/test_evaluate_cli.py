@@ -630,6 +630,13 @@ def test_runs_trained_with_other_settings_are_never_one_methods_replicates(runs,
     assert df.groupby("run").settings.first().nunique() == 2  # ce-0 and ce-1 share theirs
     table = summary_table(df, "out_of_domain")
     assert "settings" in table.index.names and len(table) == 2
+    # what tells the two digests apart is said under the tables (a row labelled by a digest said nothing)
+    mine = df.loc[df.run == "ce-0-val0", "settings"].iloc[0]
+    theirs = df.loc[df.run == "ce-0", "settings"].iloc[0]
+    legend = [ln.strip() for ln in res.output.splitlines() if ln.strip().startswith("settings of ")]
+    assert legend == [f"settings of ce / test_resnet / name: {min(mine, theirs)} = split.val_fraction="
+                      f"{0.0 if mine < theirs else 0.2}; {max(mine, theirs)} = split.val_fraction="
+                      f"{0.2 if mine < theirs else 0.0}"], res.output
     assert sorted(table["replicates"]) == ["1", "2"]  # the seeds 0 and 1 of one setting; the other alone
     # rows from before the column (ce-1's): what they were trained with is not known, so never pooled
     old = df.assign(settings=np.where(df.run == "ce-1", "-", df.settings))

@@ -40,7 +40,7 @@ from ..finetune import MODES as FINETUNE_MODES, mixed_on_transfer
 from ..recipes import RECIPES, definition_change, text_source_of
 from ..rundir import RunDir, embeddings_differ, images_differ, require_folder_for
 from ..train import (NAMED_WHEN_SET, ONE_VALIDATION, STORE_KEY, UNIDENTIFYING, by_store_key, check_fresh_run,
-                     frozen_random_note, run_name, schedule_spans_stages, selection_rule, settings_digest,
+                     digest_of_settings, frozen_random_note, run_name, schedule_spans_stages, selection_rule,
                      settings_identity)
 from .claim import Launch
 from .launchers import LAUNCHERS, check_options, unread_settings
@@ -491,12 +491,13 @@ def _settings_with_weights(sweep_dir: str, df: pd.DataFrame) -> pd.DataFrame:
     """Rows of runs from a student.pretrained file, scored before runs recorded its hash, carry a settings digest
     without it, and runs scored since carry it: their ``settings`` as scoring gives it now, so that one file's
     runs stay one method (a review: a third seed added by a relaunch was a method of its own)."""
+    from ..scoring import run_settings
+
     for name in df["run"].unique():
         run = RunDir(Path(sweep_dir) / "runs" / name)
         config = run.config if run.file("config.json").is_file() else {}
         if config and "student_weights" not in config and (config.get("student") or {}).get("pretrained"):
-            df.loc[df["run"] == name, "settings"] = settings_digest(run.train_config, config.get("recipe_definition"),
-                                                                    run.student_weights())
+            df.loc[df["run"] == name, "settings"] = digest_of_settings(run_settings(run))
     return df
 
 
