@@ -96,7 +96,7 @@ def sweep(sweep_file, out, launcher, workers, address, device, overrides, dry_ru
     """Run a grid of student runs over a store (resumable; finished runs are skipped), then report.
     SWEEP_FILE is a YAML file or a packaged sweep name; without one, the demo sweep over the demo store."""
     from embedcache.evaluate.protocols import shots_tag
-    from embedcache.evaluate.report import collapse_notes, headline_metric, markdown, transfer_note
+    from embedcache.evaluate.report import headline_metric, markdown, table_notes, transfer_note
     from embedcache.evaluate.store_eval import summary_table
     from embedcache.students.sweep import load_sweep, partial_note, run_sweep
 
@@ -130,7 +130,7 @@ def sweep(sweep_file, out, launcher, workers, address, device, overrides, dry_ru
         if transfer_note(res["results"]):
             click.echo(transfer_note(res["results"]))
         click.echo(markdown(table))
-        for line in [line for s in shown for line in collapse_notes(res["results"], s)]:  # said during the runs,
+        for line in [line for s in shown for line in table_notes(res["results"], s)]:  # said during the runs,
             click.echo(f"warning: {line}")  # amid their progress bars (a trial)
         if res["wrote"]:  # else a later launch's grid owns them (said above): not this table's files (a trial)
             click.echo(f"results: {out}/results.parquet; report: {out}/report/report.md")

@@ -6,6 +6,7 @@ from typing import List, Sequence, Tuple
 
 import pandas as pd
 
+from .results import NOT_ONE_DOMAIN
 from .store_eval import Tables, avg_said, class_split_note, method_frame, method_keys, per_class_table, transferred
 
 
@@ -51,10 +52,33 @@ def _method(df: pd.DataFrame, keys: List[str]) -> pd.Series:
     return label
 
 
-def collapse_notes(results: pd.DataFrame, split: str) -> List[str]:
-    """``_collapse_lines`` of results as scored (the printed tables': a note the report alone gave)."""
+def table_notes(results: pd.DataFrame, split: str) -> List[str]:
+    """The lines report.md says under ``split``'s table (``_collapse_lines``, ``few_image_lines``), for a
+    printed table of results as scored (notes the report alone gave)."""
     results = method_frame(results)
-    return [line for line in _collapse_lines(results, split, method_keys(results)) if line]
+    return [line for line in _notes(results, split, method_keys(results)) if line]
+
+
+def _notes(results: pd.DataFrame, split: str, keys: List[str]) -> List[str]:
+    return _collapse_lines(results, split, keys) + few_image_lines(results, split)
+
+
+FEW_IMAGES = 10  # a domain scored on fewer images than this in every run is said under its table
+
+
+def few_image_lines(results: pd.DataFrame, split: str) -> List[str]:
+    """The domains of ``split`` scored on fewer than FEW_IMAGES images in every run that says how many: one
+    image's answer moves such a cell by 1/n (a domain of one image reads 0 or 100%), and a table's avg
+    weighs it as much as any other domain (a one-image domain was a third of the teacher's avg: a trial)."""
+    here = results[(results["split"] == split) & (results["episode"] == -1) & (results["metric"] == "top1")
+                   & ~results["domain"].isin([*NOT_ONE_DOMAIN, "avg"])]
+    most = here[here["n"] > 0].groupby("domain")["n"].max()  # n = 0: rows made by hand, of no count
+    few = most[most < FEW_IMAGES]
+    if few.empty:
+        return []
+    said = ", ".join(f"{d} ({int(k)} image{'' if k == 1 else 's'})" for d, k in few.items())
+    return [f"few images: {said}, at most, in each run's cell; one image's answer moves such a cell by 1/n, and the "
+            "avg weighs it as much as any other domain", ""]
 
 
 def _collapse_lines(results: pd.DataFrame, split: str, keys: List[str]) -> List[str]:
@@ -140,7 +164,7 @@ def write_report(results: pd.DataFrame, out_dir: str, note: str = "") -> List[Pa
         shown = "mean per-class accuracy" if metric == "mean_per_class" else "top-1"
         table = tables.summary_table(split, metric)
         parts += [f"## {split} ({shown}, %; mean ± sample std (ddof 1) over replicates{avg_said(table)})\n",
-                  markdown(table), ""] + _collapse_lines(results, split, keys)
+                  markdown(table), ""] + _notes(results, split, keys)
         top = tables.domain_stats(split, metric)  # the table's numbers: its replicates, mean and spread
         if top.empty:
             continue

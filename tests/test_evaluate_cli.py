@@ -1122,3 +1122,19 @@ def test_evaluate_options_default_to_the_protocols_own_settings():
     assert tuple(opts["finetune_mode"].type.choices) == MODES and opts["finetune_mode"].default == tune["mode"].default
     assert opts["unseen_fraction"].default == split["unseen_fraction"].default == SweepSpec.unseen_fraction
     assert opts["split_seed"].default == split["seed"].default == SweepSpec.split_seed
+
+
+def test_a_domain_of_few_images_is_said_under_its_table(tmp_path):
+    """A domain of one image read 0.0 and was a third of the teacher's avg (a check by hand): nothing in the
+    tables said the cell rests on one image. A domain scored on fewer than FEW_IMAGES images in every run is
+    said under its table in report.md; rows made by hand (no count, n = 0) are not judged."""
+    from embedcache.evaluate.report import FEW_IMAGES, few_image_lines, write_report
+    from embedcache.evaluate.results import conform
+
+    rows = conform(_top1_rows([("ood", d, rep, v, {"n": n}) for rep in (0, 1)
+                       for d, v, n in (("photo", 0.7, 30), ("sketch", 0.0, 1), ("art", 0.5, FEW_IMAGES - 1 + rep))]))
+    lines = few_image_lines(rows, "ood")
+    assert lines[0].startswith("few images: sketch (1 image), at most, in each run's cell") and "art" not in lines[0]
+    assert few_image_lines(rows.assign(n=0), "ood") == []  # no count: not judged
+    write_report(rows, str(tmp_path / "rep"))
+    assert "few images: sketch (1 image)" in (tmp_path / "rep" / "report.md").read_text()
