@@ -1,8 +1,11 @@
 """Reports from a results file: markdown tables (methods x domains, mean ± std over seeds) and plots."""
 from __future__ import annotations
 
+import re
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import Iterator, List, Sequence, Tuple
 
 import pandas as pd
 
@@ -141,6 +144,46 @@ def write_report(results: pd.DataFrame, out_dir: str, note: str = "") -> List[Pa
     vs out-of-domain accuracy per method when both exist. ``note``: a line said first (a partial sweep)."""
     import matplotlib
     matplotlib.use("Agg")
+
+    with _plot_fonts():
+        return _write_report(results, out_dir, note)
+
+
+# fonts with the glyphs DejaVu Sans lacks (CJK scripts, symbols), used where installed: matplotlib falls back
+# along the family list glyph by glyph
+FALLBACK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans CJK TC", "Noto Sans CJK KR", "Source Han Sans SC",
+                  "WenQuanYi Zen Hei", "WenQuanYi Micro Hei", "Droid Sans Fallback", "Noto Sans Symbols 2", "Symbola")
+MISSING_GLYPH = re.compile(r"Glyph (\d+) .*missing from font")
+
+
+@contextmanager
+def _plot_fonts() -> Iterator[None]:
+    """Plots whose labels (domains, methods) are in any script: DejaVu Sans, then the FALLBACK_FONTS this
+    machine has; the characters no installed font draws are said in one line naming the fix (matplotlib
+    said each glyph of each plot: 15 lines for two CJK domain names, a trial). Other warnings pass on."""
+    import matplotlib
+    from matplotlib import font_manager
+
+    have = {f.name for f in font_manager.fontManager.ttflist}
+    families = ["DejaVu Sans"] + [f for f in FALLBACK_FONTS if f in have]
+    with matplotlib.rc_context({"font.family": families}), warnings.catch_warnings(record=True) as caught:
+        warnings.filterwarnings("always", message=MISSING_GLYPH.pattern)
+        yield
+    missing = set()
+    for w in caught:
+        glyph = MISSING_GLYPH.match(str(w.message))
+        if glyph:
+            missing.add(chr(int(glyph.group(1))))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if missing:
+        shown = " ".join(sorted(missing)[:8]) + (" ..." if len(missing) > 8 else "")
+        warnings.warn(f"report plots: {len(missing)} character(s) of their labels ({shown}) are in no installed font "
+                      "and show as boxes; report.md and report.csv have them as written (a font that has them, e.g. "
+                      "the fonts-noto-cjk package, draws them)", stacklevel=3)
+
+
+def _write_report(results: pd.DataFrame, out_dir: str, note: str) -> List[Path]:
     import matplotlib.pyplot as plt
 
     out = Path(out_dir)

@@ -1,5 +1,6 @@
 """Teacher baselines, run evaluation and reports through the CLI, on the synthetic store."""
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -1138,3 +1139,19 @@ def test_a_domain_of_few_images_is_said_under_its_table(tmp_path):
     assert few_image_lines(rows.assign(n=0), "ood") == []  # no count: not judged
     write_report(rows, str(tmp_path / "rep"))
     assert "few images: sketch (1 image)" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_labels_no_installed_font_draws_are_said_once(tmp_path, monkeypatch):
+    """Two CJK domain names gave 15 warnings, one per glyph per plot (a trial): the characters no installed font
+    has are said in one line naming the fix, and the tables keep the names as written."""
+    import embedcache.evaluate.report as report
+
+    monkeypatch.setattr(report, "FALLBACK_FONTS", ())  # DejaVu Sans alone, whatever this machine has installed
+    rows = _top1_rows([("out_of_domain", d, rep, 0.5 + 0.1 * rep, {}) for d in ("素描", "照片") for rep in (0, 1)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report.write_report(rows, str(tmp_path / "rep"))
+    said = [str(w.message) for w in caught]
+    assert len(said) == 1 and said[0].startswith("report plots: 4 character(s) of their labels (描 照 片 素) are in no "
+                                                 "installed font and show as boxes"), said
+    assert "素描" in (tmp_path / "rep" / "report.md").read_text()
