@@ -195,7 +195,8 @@ def _write_report(results: pd.DataFrame, out_dir: str, note: str) -> List[Path]:
     if "per_class" in set(results["split"]):
         parts += ["## per class (top-1, %, mean over replicates of each replicate's mean over its held-out splits, "
                   "complete replicates only where a method has any; `domain`: the scope scored, out_of_domain, "
-                  "in_domain, unseen_zero_shot, or all for the teacher)\n", markdown(per_class_table(results)), ""]
+                  "in_domain, unseen_zero_shot, zero_shot (the seen classes of a --transfer run that held classes out), or "
+                  "all (the teacher, and --transfer rows of runs that held none out))\n", markdown(per_class_table(results)), ""]
     dist = results[results["split"].isin(["distill", "text"])]
     if not dist.empty:
         tab = dist.pivot_table(index=keys, columns="metric", values="value", aggfunc="mean").round(3)

@@ -363,7 +363,8 @@ def _fewer_domains(doms: pd.DataFrame, keys: list) -> pd.DataFrame:
 
 
 def per_class_table(results: pd.DataFrame) -> pd.DataFrame:
-    """Methods x scopes (``domain``: out_of_domain, in_domain, unseen_zero_shot, or all for the teacher)
+    """Methods x scopes (``domain``: out_of_domain, in_domain, unseen_zero_shot, zero_shot or all: the scopes of
+    ``protocols._per_class_scopes``)
     x classes: top-1 (%) of each class, the mean over replicates of each replicate's mean over its runs,
     of the complete replicates when a method has any (as ``summary_table``: a replicate short of a
     held-out domain would weigh the domains it has more), and how many replicates count."""
