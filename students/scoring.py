@@ -260,8 +260,12 @@ def _unseen_only(run: RunDir, reader: StoreReader, path: str) -> np.ndarray:
     if not left.any():
         raise StoreMismatchError(f"every image of {path} is one run {run.name} trained or validated on; score it "
                                  "on its own store without --transfer (its split scores the images it never saw)")
+    domains = reader.meta["domain"].to_numpy()
+    gone = sorted(set(domains[reader.ok]) - set(domains[left]))  # a domain of nothing else has no cell at all
+    said = (f"; no image of domain(s) {', '.join(map(str, gone))} is left, so its transfer tables have no such column"
+            if gone else "")
     warnings.warn(f"run {run.name}: {int(seen.sum())} of {int(reader.ok.sum())} images of {path} are images it trained "
-                  "or validated on (the same canvases); its transfer scores leave them out")
+                  f"or validated on (the same canvases); its transfer scores leave them out{said}")
     return left
 
 
