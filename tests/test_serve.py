@@ -307,6 +307,7 @@ def test_cli_serve_starts_with_one_command_and_a_config(tmp_path, tiny_teacher_c
             proc.wait(timeout=20)
     text = log.read_text()
     assert "serving open_clip teacher as 'tiny'" in text and "Traceback" not in text, text
+    assert "note:" not in text  # on loopback: nothing beyond this machine reaches it
     assert text.rstrip().endswith(f"stopped; every charge is in the ledger {tmp_path / 'ledger.sqlite'} "
                                     "(`embedcache serve ledger` prints them)"), text
     res = CliRunner().invoke(main, ["serve", "ledger", "--config", str(conf)])
@@ -347,3 +348,33 @@ def test_serve_on_a_port_in_use_is_one_line_before_the_teacher_loads(tmp_path, t
     res = CliRunner().invoke(main, ["serve", "--config", str(conf)])
     assert res.exit_code == 2 and "cannot listen on 192.0.2.1:0 (" in res.output, res.output
     assert "give another --host or --port" in res.output and "serving" not in res.output
+
+
+def test_a_server_other_machines_can_reach_says_its_keys_travel_in_clear():
+    """host=0.0.0.0 (or '', which uvicorn binds as every interface, said as "http://:8000") served API keys over
+    plain HTTP to the network without a word: the config's comment alone said to put it behind a TLS proxy."""
+    from embedcache.serve import reached_from
+
+    assert reached_from("127.0.0.1") == reached_from("localhost") == reached_from("::1") == ""
+    assert reached_from("") == reached_from("0.0.0.0") == "every network this machine is on"
+    assert reached_from("10.1.2.3") == "the network of 10.1.2.3"
+
+
+def test_serve_says_when_other_machines_can_reach_it(tmp_path, tiny_teacher_cfg, tiny_teacher, monkeypatch):
+    """The note, through ``serve`` itself (nothing listens: the port check and uvicorn are stood in for)."""
+    import uvicorn
+
+    import embedcache.serve as serving
+
+    monkeypatch.setattr(serving, "_require_free_port", lambda host, port: None)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)
+    monkeypatch.setenv("SERVE_TEST_KEY", KEY)
+    said = []
+    for host in ("0.0.0.0", "127.0.0.1"):
+        cfg = ServeConfig(teacher=tiny_teacher_cfg, host=host, port=8000, keys_env="SERVE_TEST_KEY",
+                          ledger=str(tmp_path / f"{host}.sqlite"))
+        serving.serve(cfg, log=said.append, teacher=tiny_teacher)
+    notes = [line for line in said if line.startswith("note:")]
+    assert notes == ["note: every network this machine is on can reach it over plain HTTP, the API keys of its "
+                     "requests in clear: serve it behind a TLS-terminating reverse proxy (root_path, "
+                     "forwarded_allow_ips), or keep host=127.0.0.1"], said

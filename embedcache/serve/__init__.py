@@ -7,6 +7,7 @@ charged, and idempotent retries (``pip install 'embedcache[serve]'``: FastAPI an
 from __future__ import annotations
 
 import errno
+import ipaddress
 import signal
 import socket
 import threading
@@ -51,8 +52,12 @@ def serve(cfg: ServeConfig, log: Callable[[str], None] = print, teacher=None) ->
 
     service = app.state.service
     log(f"serving {cfg.teacher.name} teacher as {cfg.model_name!r} (fingerprint {service.fingerprint}, "
-        f"D={service.teacher.embed_dim}, input {service.teacher.input_size} px) on http://{cfg.host}:{cfg.port}"
-        f"{cfg.root_path}; ledger {cfg.ledger}")
+        f"D={service.teacher.embed_dim}, input {service.teacher.input_size} px) on http://{cfg.host or '0.0.0.0'}:"
+        f"{cfg.port}{cfg.root_path}; ledger {cfg.ledger}")
+    beyond = reached_from(cfg.host)
+    if beyond:
+        log(f"note: {beyond} can reach it over plain HTTP, the API keys of its requests in clear: serve it behind a "
+            "TLS-terminating reverse proxy (root_path, forwarded_allow_ips), or keep host=127.0.0.1")
     # Ctrl-C or SIGTERM: uvicorn answers the requests in flight, then re-raises the signal into the handler
     # it found; SIGTERM's default would end the process (-15) before this last line
     previous = signal.signal(signal.SIGTERM, _stop) if threading.current_thread() is threading.main_thread() else None
@@ -65,6 +70,18 @@ def serve(cfg: ServeConfig, log: Callable[[str], None] = print, teacher=None) ->
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     log(f"stopped; every charge is in the ledger {cfg.ledger} (`embedcache serve ledger` prints them)")
+
+
+def reached_from(host: str) -> str:
+    """Who beyond this machine can reach a server listening on ``host`` ('' for no one: a loopback address;
+    '' and 0.0.0.0 listen on every interface, as uvicorn binds them)."""
+    if host in ("", "0.0.0.0", "::"):
+        return "every network this machine is on"
+    try:
+        address = ipaddress.ip_address(host if ":" in host else socket.gethostbyname(host))
+    except (OSError, ValueError):
+        return f"the network of {host}"
+    return "" if address.is_loopback else f"the network of {host}"
 
 
 def _require_free_port(host: str, port: int) -> None:
