@@ -111,8 +111,8 @@ def evaluate(runs, store, protocols, sources, out, device, shots, finetune_steps
 def _say_tables(new, protocols, out) -> None:
     """The printed tables of what was scored: top-1 by domain, and mean per-class accuracy where the papers
     report it (a lone run that one protocol could not score printed none of the others', a trial)."""
-    from embedcache.evaluate.report import few_image_lines, headline_metric, markdown, transfer_note
-    from embedcache.evaluate.store_eval import avg_said, class_split_note, method_frame, summary_table
+    from embedcache.evaluate.report import few_image_lines, headline_metric, markdown, table_splits, transfer_note
+    from embedcache.evaluate.store_eval import avg_said, class_split_note, method_frame, method_keys, summary_table
 
     summary = summary_table(new)
     if len(summary):
@@ -121,7 +121,9 @@ def _say_tables(new, protocols, out) -> None:
                 click.echo(line)
         click.echo(f"top-1 accuracy (%), mean ± std over replicates{avg_said(summary)}:")
         click.echo(markdown(summary))
-        for line in [line for split in sorted(set(new["split"])) for line in few_image_lines(new, split) if line]:
+        framed = method_frame(new)
+        keys = method_keys(framed)
+        for line in [line for split in table_splits(framed) for line in few_image_lines(framed, split, keys) if line]:
             click.echo(f"note: {line}")  # (a collapse is said as each run is scored)
         by_class = new[new["split"].map(headline_metric) == "mean_per_class"]
         if len(by_class):  # the class-held-out splits as Li et al. report them

@@ -63,25 +63,28 @@ def table_notes(results: pd.DataFrame, split: str) -> List[str]:
 
 
 def _notes(results: pd.DataFrame, split: str, keys: List[str]) -> List[str]:
-    return _collapse_lines(results, split, keys) + few_image_lines(results, split)
+    return _collapse_lines(results, split, keys) + few_image_lines(results, split, keys)
 
 
 FEW_IMAGES = 10  # a domain scored on fewer images than this in every run is said under its table
 
 
-def few_image_lines(results: pd.DataFrame, split: str) -> List[str]:
-    """The domains of ``split`` scored on fewer than FEW_IMAGES images in every run that says how many: one
-    image's answer moves such a cell by 1/n (a domain of one image reads 0 or 100%), and a table's avg
-    weighs it as much as any other domain (a one-image domain was a third of the teacher's avg: a trial)."""
+def few_image_lines(results: pd.DataFrame, split: str, keys: List[str]) -> List[str]:
+    """The domains of ``split`` where a method's cell rests on fewer than FEW_IMAGES images in every one of its
+    runs that says how many (``results`` from ``method_frame``, ``keys`` its methods'): one image's answer moves
+    such a cell by 1/n (a domain of one image reads 0 or 100%), and a table's avg weighs it as much as any other
+    domain (a one-image domain was a third of the teacher's avg: a trial). Each method's cells apart: another
+    method's, or another store's, larger count of one domain hides nothing."""
     here = results[(results["split"] == split) & (results["episode"] == -1) & (results["metric"] == "top1")
-                   & ~results["domain"].isin([*NOT_ONE_DOMAIN, "avg"])]
-    most = here[here["n"] > 0].groupby("domain")["n"].max()  # n = 0: rows made by hand, of no count
-    few = most[most < FEW_IMAGES]
+                   & ~results["domain"].isin([*NOT_ONE_DOMAIN, "avg"]) & (results["n"] > 0)]  # n = 0: no count
+    cells = here.groupby(keys + ["domain"])["n"].max()  # a cell: its largest run
+    fewest = cells.groupby(level="domain").min()
+    few = fewest[fewest < FEW_IMAGES]
     if few.empty:
         return []
     said = ", ".join(f"{d} ({int(k)} image{'' if k == 1 else 's'})" for d, k in few.items())
-    return [f"few images: {said}, at most, in each run's cell; one image's answer moves such a cell by 1/n, and the "
-            "avg weighs it as much as any other domain", ""]
+    return [f"few images: {said} in a method's cell, per run at most; one image's answer moves such a cell by 1/n, "
+            "and the avg weighs it as much as any other domain", ""]
 
 
 def _collapse_lines(results: pd.DataFrame, split: str, keys: List[str]) -> List[str]:

@@ -1127,16 +1127,25 @@ def test_evaluate_options_default_to_the_protocols_own_settings():
 
 def test_a_domain_of_few_images_is_said_under_its_table(tmp_path):
     """A domain of one image read 0.0 and was a third of the teacher's avg (a check by hand): nothing in the
-    tables said the cell rests on one image. A domain scored on fewer than FEW_IMAGES images in every run is
-    said under its table in report.md; rows made by hand (no count, n = 0) are not judged."""
+    tables said the cell rests on one image. A domain where a method's cell rests on fewer than FEW_IMAGES
+    images in every run is said under its table in report.md, each method's cells apart (another method's or
+    store's larger count of the domain hid it: a review); rows made by hand (no count, n = 0) are not judged."""
     from embedcache.evaluate.report import FEW_IMAGES, few_image_lines, write_report
-    from embedcache.evaluate.results import conform
+    from embedcache.evaluate.store_eval import method_frame, method_keys
 
-    rows = conform(_top1_rows([("ood", d, rep, v, {"n": n}) for rep in (0, 1)
-                       for d, v, n in (("photo", 0.7, 30), ("sketch", 0.0, 1), ("art", 0.5, FEW_IMAGES - 1 + rep))]))
-    lines = few_image_lines(rows, "ood")
-    assert lines[0].startswith("few images: sketch (1 image), at most, in each run's cell") and "art" not in lines[0]
-    assert few_image_lines(rows.assign(n=0), "ood") == []  # no count: not judged
+    def lines(rows):
+        framed = method_frame(rows)
+        return few_image_lines(framed, "ood", method_keys(framed))
+
+    rows = _top1_rows([("ood", d, rep, v, {"n": n}) for rep in (0, 1)
+                       for d, v, n in (("photo", 0.7, 30), ("sketch", 0.0, 1), ("art", 0.5, FEW_IMAGES - 1 + rep))])
+    said = lines(rows)
+    assert said[0].startswith("few images: sketch (1 image) in a method's cell, per run at most") and "art" not in said[0]
+    assert lines(rows.assign(n=0)) == []  # no count: not judged
+    other = rows.assign(recipe="kd", n=500)  # another method's cells of the same domains, on many images
+    assert lines(pd.concat([rows, other]))[0].startswith("few images: sketch (1 image)")
+    big_store = rows.assign(store_key="B", n=500)  # another store's domain of the same name
+    assert lines(pd.concat([rows.assign(store_key="A"), big_store]))[0].startswith("few images: sketch (1 image)")
     write_report(rows, str(tmp_path / "rep"))
     assert "few images: sketch (1 image)" in (tmp_path / "rep" / "report.md").read_text()
 
