@@ -163,27 +163,32 @@ MISSING_GLYPH = re.compile(r"Glyph (\d+) .*missing from font")
 def _plot_fonts() -> Iterator[None]:
     """Plots whose labels (domains, methods) are in any script: DejaVu Sans, then the FALLBACK_FONTS this
     machine has; the characters no installed font draws are said in one line naming the fix (matplotlib
-    said each glyph of each plot: 15 lines for two CJK domain names, a trial). Other warnings pass on."""
+    said each glyph of each plot: 15 lines for two CJK domain names, a trial). Every other warning is
+    shown as it comes, as it would be without this."""
     import matplotlib
     from matplotlib import font_manager
 
     have = {f.name for f in font_manager.fontManager.ttflist}
     families = ["DejaVu Sans"] + [f for f in FALLBACK_FONTS if f in have]
-    with matplotlib.rc_context({"font.family": families}), warnings.catch_warnings(record=True) as caught:
-        warnings.filterwarnings("always", message=MISSING_GLYPH.pattern)
-        yield
     missing = set()
-    for w in caught:
-        glyph = MISSING_GLYPH.match(str(w.message))
-        if glyph:
-            missing.add(chr(int(glyph.group(1))))
-        else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    with matplotlib.rc_context({"font.family": families}), warnings.catch_warnings():
+        warnings.filterwarnings("always", message=MISSING_GLYPH.pattern)
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            glyph = MISSING_GLYPH.match(str(message))
+            if glyph:
+                missing.add(chr(int(glyph.group(1))))
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show  # (catch_warnings puts the caller's back)
+        yield
     if missing:
-        shown = " ".join(sorted(missing)[:8]) + (" ..." if len(missing) > 8 else "")
-        warnings.warn(f"report plots: {len(missing)} character(s) of their labels ({shown}) are in no installed font "
+        said = " ".join(sorted(missing)[:8]) + (" ..." if len(missing) > 8 else "")
+        warnings.warn(f"report plots: {len(missing)} character(s) of their labels ({said}) are in no installed font "
                       "and show as boxes; report.md and report.csv have them as written (a font that has them, e.g. "
-                      "the fonts-noto-cjk package, draws them)", stacklevel=3)
+                      "the fonts-noto-cjk package, draws them)", stacklevel=4)  # at write_report's caller
 
 
 def _write_report(results: pd.DataFrame, out_dir: str, note: str) -> List[Path]:
