@@ -1164,3 +1164,15 @@ def test_labels_no_installed_font_draws_are_said_once(tmp_path, monkeypatch):
     assert len(said) == 1 and said[0].startswith("report plots: 4 character(s) of their labels (描 照 片 素) are in no "
                                                  "installed font and show as boxes"), said
     assert "素描" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_a_report_that_fails_to_write_keeps_the_warnings_it_gave(tmp_path):
+    """The plots' font handling held every warning back until the plots were done: a report whose write then
+    failed dropped them, the pooled-replicates warning among them (a review)."""
+    from embedcache.evaluate.report import write_report
+
+    rows = _top1_rows([("ood", d, 0, 0.5, {"run": run, "holdout": "-"}) for d in ("d1", "d2") for run in ("a", "b")])
+    (tmp_path / "rep" / "report.md").mkdir(parents=True)  # where the report's file goes: a folder
+    with pytest.warns(UserWarning, match="hold two or more runs of one held-out split"):
+        with pytest.raises(IsADirectoryError):
+            write_report(rows, str(tmp_path / "rep"))
