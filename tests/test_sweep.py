@@ -317,14 +317,17 @@ def test_unreachable_ray_address_is_one_line(synthetic_store, tmp_path):
     assert res.exit_code == 2 and "cannot reach a Ray cluster at '127.0.0.1:" in res.output
 
 
-def test_what_a_run_asks_of_ray_is_checked_against_the_cluster():
-    """A run's resources against the cluster's (the refusal itself, through a sweep, is in the fractional
-    GPU test below)."""
-    pytest.importorskip("ray", reason="Ray is not installed: pip install '.[ray]'")
+def test_a_run_asking_ray_for_more_than_it_has_is_refused(synthetic_store, tmp_path):
+    """resources.num_gpus=1 on a machine without a GPU: Ray started and no run ever did, with no word
+    (a trial). Refused in one line, and the Ray instance the launch started is shut down."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed: pip install '.[ray]'")
     from embedcache.students.sweep.launchers import _require_fits
 
-    with pytest.raises(ConfigError, match=r"resources.num_gpus=1 per run is more than the Ray cluster has \(GPU: 0\)"):
-        _require_fits({"CPU": 2.0}, {"num_cpus": 1, "num_gpus": 1}, None)
+    f = _sweep_file(tmp_path, synthetic_store, grid={"recipe": ["feat_kd"]}, resources={"num_cpus": 1, "num_gpus": 1})
+    res = CliRunner().invoke(main, ["sweep", str(f), "--out", str(tmp_path / "r"), "--launcher", "ray", "--no-progress"])
+    assert res.exit_code == 2 and "resources.num_gpus=1 per run is more than the Ray cluster has (GPU: 0)" in res.output
+    assert not list((tmp_path / "r").glob("runs/*/attempts.jsonl"))
+    assert not ray.is_initialized()  # the instance this launch started went with it
     _require_fits({"CPU": 2.0, "GPU": 1.0}, {"num_cpus": 1, "num_gpus": 0.5}, None)  # fits: nothing said
     with pytest.warns(UserWarning, match="an autoscaling cluster may add it"):
         _require_fits({"CPU": 2.0}, {"num_cpus": 64}, "ray://head:10001")
