@@ -102,7 +102,7 @@ def evaluate(runs, store, protocols, sources, out, device, shots, finetune_steps
     new = pd.concat(frames, ignore_index=True)
     table = upsert(out, new)
     _say_tables(new, protocols, out)
-    _say_settings(found)
+    _say_settings(found, new)
     click.echo(f"\n{len(new)} rows scored; {len(table)} rows in {out}")
     if finished == 1 and unscored:  # the other protocols' rows are written and shown; the one that failed is the error
         raise EvaluationError(f"{unscored[0]} (the rows of the other protocols are in {out})")
@@ -134,11 +134,11 @@ def _say_tables(new, protocols, out) -> None:
         click.echo(f"no accuracy-by-domain table for {', '.join(protocols)}; `embedcache report {out}` shows their tables")
 
 
-def _say_settings(found) -> None:
+def _say_settings(found, new) -> None:
     """Under the tables: what tells apart the settings digests of runs of one method name (``settings_legend``)."""
     from embedcache.students.scoring import settings_legend
 
-    lines = settings_legend(found)
+    lines = settings_legend(found, new)
     if lines:
         click.echo("\nruns of one recipe, student and text source trained with other settings (the tables' settings "
                    "column):")

@@ -313,12 +313,13 @@ def without_defaults(d: Dict[str, Any], added: Dict[str, Any]) -> Dict[str, Any]
     return out
 
 
-def flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    """{"optim": {"lr": 1}} -> {"optim.lr": 1}: the dotted keys ``--set`` takes."""
+def flatten(d: Dict[str, Any], prefix: str = "", keep_empty: bool = False) -> Dict[str, Any]:
+    """{"optim": {"lr": 1}} -> {"optim.lr": 1}: the dotted keys ``--set`` takes (``keep_empty``: an empty
+    dict kept as a value of its own key, not dropped)."""
     out: Dict[str, Any] = {}
     for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
+        if isinstance(v, dict) and (v or not keep_empty):
+            out.update(flatten(v, f"{prefix}{k}.", keep_empty))
         else:
             out[f"{prefix}{k}"] = v
     return out

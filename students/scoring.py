@@ -96,31 +96,38 @@ def run_settings(run: RunDir) -> Dict:
 LEGEND_KEYS = 6  # settings named per digest in a legend line; more are counted
 
 
-def settings_legend(runs: Sequence[RunDir]) -> List[str]:
-    """What tells apart the ``settings`` digests of finished runs that the tables would otherwise show as
-    one method (one recipe, student, text source and sweep variant): a line per such method, naming for
-    each digest the settings in which its runs differ from the others' (a table row labelled 817e1022
-    said nothing of what was trained otherwise)."""
+def settings_legend(runs: Sequence[RunDir], results: pd.DataFrame) -> List[str]:
+    """What tells apart the ``settings`` digests the tables of ``results`` show for one method name (its
+    recipe, student, text source, variant, class split and store: ``NAMED_BY``), from the finished ``runs``
+    that made them: a line per such method, naming for each digest the settings in which its runs differ
+    from the others' (a table row labelled 817e1022 said nothing of what was trained otherwise)."""
     from embedcache.config import flatten
+    from embedcache.evaluate.store_eval import NAMED_BY, method_frame, method_keys
 
-    methods: Dict[tuple, Dict[str, Dict]] = {}
+    framed = method_frame(results)
+    shown = method_keys(framed)
+    if "settings" not in shown:
+        return []
+    records = {}
     for run in runs:
         if run.done:
-            cfg, record = run.config, run_settings(run)
-            name = (cfg["recipe"], cfg["student"]["name"], run.split["text_source"], run.sweep_tags.get("variant", "-"))
-            methods.setdefault(name, {})[digest_of_settings(record)] = flatten(record)
+            record = run_settings(run)
+            records[digest_of_settings(record)] = flatten(record, keep_empty=True)
     lines = []
-    for (recipe, student, source, variant), by_digest in sorted(methods.items()):
-        if len(by_digest) < 2:
+    for named, digests in framed.groupby(NAMED_BY)["settings"].unique().items():
+        known = sorted(d for d in digests if d in records)  # "-": rows scored before the digest, of no record
+        if len(known) < 2:
             continue
-        keys = sorted(set().union(*by_digest.values()))
-        differ = [k for k in keys if len({repr(f.get(k, "(unset)")) for f in by_digest.values()}) > 1]
-        said = []
-        for digest, flat in sorted(by_digest.items()):
-            named = [f"{k}={flat.get(k, '(unset)')}" for k in differ[:LEGEND_KEYS]]
-            more = f" and {len(differ) - LEGEND_KEYS} more" if len(differ) > LEGEND_KEYS else ""
-            said.append(f"{digest} = {', '.join(named)}{more}")
-        method = " / ".join([recipe, student, source] + ([variant] if variant != "-" else []))
+        tag = dict(zip(NAMED_BY, named))
+        keys = sorted(set().union(*(records[d] for d in known)))
+        differ = [k for k in keys if len({repr(records[d].get(k, "(unset)")) for d in known}) > 1]
+        more = f" and {len(differ) - LEGEND_KEYS} more" if len(differ) > LEGEND_KEYS else ""
+        said = [f"{d} = " + ", ".join(f"{k}={records[d].get(k, '(unset)')}" for k in differ[:LEGEND_KEYS]) + more
+                for d in known]
+        method = " / ".join([tag["recipe"], tag["student"], tag["source"]] +
+                            ([tag["variant"]] if tag["variant"] != "-" else []) +
+                            ([f"unseen: {tag['unseen']}"] if "unseen" in shown else []) +  # as the tables tell them
+                            ([f"store {tag['store_key'][:8]}"] if "store_key" in shown else []))
         lines.append(f"settings of {method}: " + "; ".join(said))
     return lines
 

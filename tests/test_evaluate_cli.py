@@ -638,6 +638,13 @@ def test_runs_trained_with_other_settings_are_never_one_methods_replicates(runs,
     assert legend == [f"settings of ce / test_resnet / name: {min(mine, theirs)} = split.val_fraction="
                       f"{0.0 if mine < theirs else 0.2}; {max(mine, theirs)} = split.val_fraction="
                       f"{0.2 if mine < theirs else 0.0}"], res.output
+    from embedcache.students.rundir import RunDir
+    from embedcache.students.scoring import settings_legend
+
+    found = [RunDir(runs / "ce-0"), RunDir(runs / "ce-1"), RunDir(other)]
+    assert len(settings_legend(found, df)) == 1
+    # runs of two stores: the tables tell them apart by store, show no settings column, and need no legend (a review)
+    assert settings_legend(found, df.assign(store_key=np.where(df.run == "ce-0-val0", "B", df.store_key))) == []
     assert sorted(table["replicates"]) == ["1", "2"]  # the seeds 0 and 1 of one setting; the other alone
     # rows from before the column (ce-1's): what they were trained with is not known, so never pooled
     old = df.assign(settings=np.where(df.run == "ce-1", "-", df.settings))
