@@ -158,16 +158,13 @@ def text_calls(flat: List[str], size: int = 256) -> List[List[str]]:
     return [flat[i:i + size] for i in range(0, len(flat), size)]
 
 
-def _encoded(encode: Callable[[List[str]], np.ndarray], chunk: List[str]) -> np.ndarray:
-    """One call's embeddings, after a stop check: a command that stops its loops on request (synthesize)
-    waited out every call, minutes for a large template ensemble on a CPU."""
-    interrupt.check("encoding the label prompts")
-    return np.asarray(encode(chunk), dtype=np.float32)
-
-
 def encode_sources(encode: Callable[[List[str]], np.ndarray], count_tokens: Callable[[List[str]], List[int]],
                    context_length: int, classes: Sequence[str], prompts: Dict[str, Prompts]) -> Dict[str, TextTable]:
-    tables = {}
+    """Each source's prompts, their embeddings (``encode``, in ``text_calls``) and class embeddings. A stop
+    request ends the encoding between calls (a command that stops its loops on request, synthesize, waited
+    out every call: minutes for a large template ensemble on a CPU); the first call always goes ahead, so a
+    store whose prompts are one call finishes."""
+    tables, calls = {}, 0
     for src, per_class in prompts.items():
         flat = [p for ps in per_class for p in ps]
         labels = np.array([c for c, ps in enumerate(per_class) for _ in ps], dtype=np.int64)
@@ -176,7 +173,13 @@ def encode_sources(encode: Callable[[List[str]], np.ndarray], count_tokens: Call
         if truncated.any():
             warnings.warn(f"text source {src!r}: {int(truncated.sum())} of {len(flat)} prompts exceed the teacher's "
                           f"{context_length}-token context and were truncated (see text.parquet, column truncated)")
-        emb = np.concatenate([_encoded(encode, chunk) for chunk in text_calls(flat)])
+        parts = []
+        for chunk in text_calls(flat):
+            if calls:
+                interrupt.check("encoding the label prompts")
+            parts.append(np.asarray(encode(chunk), dtype=np.float32))
+            calls += 1
+        emb = np.concatenate(parts)
         frame = pd.DataFrame({"source": src, "label": labels, "class_name": [classes[c] for c in labels],
                               "prompt": flat, "n_tokens": n_tok, "truncated": truncated})
         tables[src] = TextTable(src, frame, emb, aggregate(emb, labels, len(classes)))

@@ -224,3 +224,11 @@ def test_a_stop_requested_while_prompts_are_encoded_stops_before_the_next_call()
     finally:
         interrupt.reset()
     assert calls == [256]
+    one = {"name": [[f"a photo of a thing {i}."] for i in range(3)]}  # one call: it goes ahead, the store finishes
+    interrupt.request()
+    try:
+        tabs = encode_sources(lambda t: np.zeros((len(t), 4), dtype=np.float32), lambda t: [5] * len(t), 77,
+                              ["a", "b", "c"], one)
+    finally:
+        interrupt.reset()
+    assert tabs["name"].emb.shape == (3, 4)
