@@ -189,7 +189,7 @@ class StoreData:
     def _decode_canvases(reader) -> np.ndarray:
         """canvas.store was false: rebuild every canvas from the source files, once, the same way
         (the dataset's own path rule and decoder, the extraction's canvas), on as many threads as torch
-        uses (Pillow lets go of the GIL while it decodes and resizes), a chunk at a
+        uses, DECODE_THREADS at most (Pillow lets go of the GIL while it decodes and resizes), a chunk at a
         time, so a stop request or a bad file ends it within a chunk."""
         root, size = reader.manifest["dataset"]["root"], int(reader.layout["canvas"])
         if not root:
@@ -206,7 +206,7 @@ class StoreData:
             except OSError as exc:
                 return exc
 
-        with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        with ThreadPoolExecutor(max(1, min(torch.get_num_threads(), DECODE_THREADS))) as pool:
             for at in range(0, len(rows), DECODE_CHUNK):
                 interrupt.check("re-decoding the store's images (it keeps no pixels: canvas.store=false)")
                 chunk = rows[at:at + DECODE_CHUNK]
@@ -253,6 +253,7 @@ class StoreData:
 
 
 DECODE_CHUNK = 256  # rows re-decoded between stop checks
+DECODE_THREADS = 8  # at most: each holds a whole decoded image (a 24-megapixel photo is 72 MB)
 
 
 def _require_canvas(reader: StoreReader, root: str, i: int, path: str, canvas, crc: Optional[np.ndarray]) -> None:
