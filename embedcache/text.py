@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 import warnings
 from dataclasses import dataclass
 from importlib import resources
@@ -158,13 +159,17 @@ def text_calls(flat: List[str], size: int = 256) -> List[List[str]]:
     return [flat[i:i + size] for i in range(0, len(flat), size)]
 
 
+FINISH_WITHIN_S = 2.0  # an encoding of the label prompts this short finishes after a stop request
+_clock = time.monotonic  # (tests set it)
+
+
 def encode_sources(encode: Callable[[List[str]], np.ndarray], count_tokens: Callable[[List[str]], List[int]],
                    context_length: int, classes: Sequence[str], prompts: Dict[str, Prompts]) -> Dict[str, TextTable]:
     """Each source's prompts, their embeddings (``encode``, in ``text_calls``) and class embeddings. A stop
-    request ends the encoding between calls (a command that stops its loops on request, synthesize, waited
-    out every call: minutes for a large template ensemble on a CPU); the first call always goes ahead, so a
-    store whose prompts are one call finishes."""
-    tables, calls = {}, 0
+    request ends an encoding that has run FINISH_WITHIN_S, between calls (a command that stops its loops on
+    request, synthesize, waited out every call: minutes for a large template ensemble on a CPU); a shorter
+    one finishes, so a store stopped as its images are done is not left unfinished over its prompts."""
+    tables, started = {}, _clock()
     for src, per_class in prompts.items():
         flat = [p for ps in per_class for p in ps]
         labels = np.array([c for c, ps in enumerate(per_class) for _ in ps], dtype=np.int64)
@@ -175,10 +180,9 @@ def encode_sources(encode: Callable[[List[str]], np.ndarray], count_tokens: Call
                           f"{context_length}-token context and were truncated (see text.parquet, column truncated)")
         parts = []
         for chunk in text_calls(flat):
-            if calls:
+            if _clock() - started > FINISH_WITHIN_S:
                 interrupt.check("encoding the label prompts")
             parts.append(np.asarray(encode(chunk), dtype=np.float32))
-            calls += 1
         emb = np.concatenate(parts)
         frame = pd.DataFrame({"source": src, "label": labels, "class_name": [classes[c] for c in labels],
                               "prompt": flat, "n_tokens": n_tok, "truncated": truncated})
