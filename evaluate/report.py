@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import threading
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -77,13 +78,17 @@ def few_image_lines(results: pd.DataFrame, split: str, keys: List[str]) -> List[
     method's, or another store's, larger count of one domain hides nothing."""
     here = results[(results["split"] == split) & (results["episode"] == -1) & (results["metric"] == "top1")
                    & ~results["domain"].isin([*NOT_ONE_DOMAIN, "avg"]) & (results["n"] > 0)]  # n = 0: no count
-    cells = here.groupby(keys + ["domain"])["n"].max()  # a cell: its largest run
-    fewest = cells.groupby(level="domain").min()
-    few = fewest[fewest < FEW_IMAGES]
+    cells = here.assign(method=_method(here, keys)).groupby(keys + ["domain"]).agg(n=("n", "max"), method=("method", "first"))
+    few = cells[cells["n"] < FEW_IMAGES].reset_index()  # a cell: its largest run
     if few.empty:
         return []
-    said = ", ".join(f"{d} ({int(k)} image{'' if k == 1 else 's'})" for d, k in few.items())
-    return [f"few images: {said} in a method's cell, per run at most; one image's answer moves such a cell by 1/n, "
+    said = []
+    for domain, g in few.groupby("domain", sort=True):
+        g = g.sort_values(["n", "method"])
+        more = f" and {len(g) - 1} more method(s)" if len(g) > 1 else ""
+        said.append(f"{domain} ({int(g['n'].iloc[0])} image{'' if g['n'].iloc[0] == 1 else 's'}: "
+                    f"{g['method'].iloc[0]}{more})")
+    return [f"few images: {', '.join(said)}, per run at most in the cell; one image's answer moves such a cell by 1/n, "
             "and the avg weighs it as much as any other domain", ""]
 
 
@@ -170,6 +175,10 @@ def _plot_fonts() -> Iterator[None]:
 
     have = {f.name for f in font_manager.fontManager.ttflist}
     families = ["DejaVu Sans"] + [f for f in FALLBACK_FONTS if f in have]
+    if threading.current_thread() is not threading.main_thread():  # the warnings module's state is the process's:
+        with matplotlib.rc_context({"font.family": families}):  # reports written in threads at once left the
+            yield                                               # wrapper installed (a review); each glyph said there
+        return
     missing = set()
     with matplotlib.rc_context({"font.family": families}), warnings.catch_warnings():
         warnings.filterwarnings("always", message=MISSING_GLYPH.pattern)

@@ -1147,14 +1147,16 @@ def test_a_domain_of_few_images_is_said_under_its_table(tmp_path):
     rows = _top1_rows([("ood", d, rep, v, {"n": n}) for rep in (0, 1)
                        for d, v, n in (("photo", 0.7, 30), ("sketch", 0.0, 1), ("art", 0.5, FEW_IMAGES - 1 + rep))])
     said = lines(rows)
-    assert said[0].startswith("few images: sketch (1 image) in a method's cell, per run at most") and "art" not in said[0]
+    assert said[0].startswith("few images: sketch (1 image: r / s), per run at most in the cell") and "art" not in said[0]
     assert lines(rows.assign(n=0)) == []  # no count: not judged
     other = rows.assign(recipe="kd", n=500)  # another method's cells of the same domains, on many images
-    assert lines(pd.concat([rows, other]))[0].startswith("few images: sketch (1 image)")
+    assert lines(pd.concat([rows, other]))[0].startswith("few images: sketch (1 image: r / s),")
     big_store = rows.assign(store_key="B", n=500)  # another store's domain of the same name
-    assert lines(pd.concat([rows.assign(store_key="A"), big_store]))[0].startswith("few images: sketch (1 image)")
+    assert lines(pd.concat([rows.assign(store_key="A"), big_store]))[0].startswith("few images: sketch (1 image: r / s / A),")
+    both = pd.concat([rows, rows.assign(recipe="kd", n=rows["n"] + 1)])  # two methods' cells of few: the fewest named
+    assert lines(both)[0].startswith("few images: sketch (1 image: r / s and 1 more method(s)),")
     write_report(rows, str(tmp_path / "rep"))
-    assert "few images: sketch (1 image)" in (tmp_path / "rep" / "report.md").read_text()
+    assert "few images: sketch (1 image: r / s)" in (tmp_path / "rep" / "report.md").read_text()
 
 
 def test_labels_no_installed_font_draws_are_said_once(tmp_path, monkeypatch):
@@ -1183,3 +1185,28 @@ def test_a_report_that_fails_to_write_keeps_the_warnings_it_gave(tmp_path):
     with pytest.warns(UserWarning, match="hold two or more runs of one held-out split"):
         with pytest.raises(IsADirectoryError):
             write_report(rows, str(tmp_path / "rep"))
+
+
+def test_a_report_written_off_the_main_thread_leaves_the_warnings_module_alone(tmp_path, monkeypatch):
+    """The warnings module's state is the process's: four reports written in threads at once left the plots'
+    glyph gathering installed for good, swallowing later glyph warnings (a review). Off the main thread the
+    plots change nothing of it (each glyph is then said as matplotlib says it)."""
+    import threading
+
+    import embedcache.evaluate.report as report
+
+    seen, real = [], report._write_report
+
+    def spy(*args):  # what a warning raised while the report is written would be shown by
+        seen.append(warnings.showwarning)
+        return real(*args)
+
+    monkeypatch.setattr(report, "_write_report", spy)
+    rows = _top1_rows([("out_of_domain", d, rep, 0.5, {}) for d in ("d1", "d2") for rep in (0, 1)])
+    before = warnings.showwarning
+    thread = threading.Thread(target=report.write_report, args=(rows, str(tmp_path / "r")))
+    thread.start()
+    thread.join()
+    assert seen == [before] and warnings.showwarning is before
+    report.write_report(rows, str(tmp_path / "main"))  # on the main thread: the glyph gathering
+    assert seen[1] is not before and warnings.showwarning is before
