@@ -140,8 +140,8 @@ def _say_settings(found, new) -> None:
 
     lines = settings_legend(found, new)
     if lines:
-        click.echo("\nruns of one recipe, student and text source trained with other settings (the tables' settings "
-                   "column):")
+        click.echo("\nruns of one method name trained with other settings (the tables' settings column), and "
+                   "what tells them apart:")
         for line in lines:
             click.echo(f"  {line}")
 

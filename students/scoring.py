@@ -113,21 +113,20 @@ def settings_legend(runs: Sequence[RunDir], results: pd.DataFrame) -> List[str]:
         if run.done:
             record = run_settings(run)
             records[digest_of_settings(record)] = flatten(record, keep_empty=True)
+    by = NAMED_BY + (["trained_on"] if "trained_on" in shown else [])  # as the tables tell methods apart
     lines = []
-    for named, digests in framed.groupby(NAMED_BY)["settings"].unique().items():
+    for named, digests in framed.groupby(by)["settings"].unique().items():
         known = sorted(d for d in digests if d in records)  # "-": rows scored before the digest, of no record
         if len(known) < 2:
             continue
-        tag = dict(zip(NAMED_BY, named))
+        tag = dict(zip(by, named))
         keys = sorted(set().union(*(records[d] for d in known)))
         differ = [k for k in keys if len({repr(records[d].get(k, "(unset)")) for d in known}) > 1]
         more = f" and {len(differ) - LEGEND_KEYS} more" if len(differ) > LEGEND_KEYS else ""
         said = [f"{d} = " + ", ".join(f"{k}={records[d].get(k, '(unset)')}" for k in differ[:LEGEND_KEYS]) + more
                 for d in known]
-        method = " / ".join([tag["recipe"], tag["student"], tag["source"]] +
-                            ([tag["variant"]] if tag["variant"] != "-" else []) +
-                            ([f"unseen: {tag['unseen']}"] if "unseen" in shown else []) +  # as the tables tell them
-                            ([f"store {tag['store_key'][:8]}"] if "store_key" in shown else []))
+        said_as = {"store_key": "store {}", "unseen": "unseen: {}", "trained_on": "trained on {}"}
+        method = " / ".join(said_as.get(k, "{}").format(tag[k]) for k in shown if k != "settings")  # the tables' order
         lines.append(f"settings of {method}: " + "; ".join(said))
     return lines
 

@@ -635,7 +635,7 @@ def test_runs_trained_with_other_settings_are_never_one_methods_replicates(runs,
     mine = df.loc[df.run == "ce-0-val0", "settings"].iloc[0]
     theirs = df.loc[df.run == "ce-0", "settings"].iloc[0]
     legend = [ln.strip() for ln in res.output.splitlines() if ln.strip().startswith("settings of ")]
-    assert legend == [f"settings of ce / test_resnet / name: {min(mine, theirs)} = split.val_fraction="
+    assert legend == [f"settings of ce / test_resnet / name / -: {min(mine, theirs)} = split.val_fraction="
                       f"{0.0 if mine < theirs else 0.2}; {max(mine, theirs)} = split.val_fraction="
                       f"{0.2 if mine < theirs else 0.0}"], res.output
     from embedcache.students.rundir import RunDir
@@ -645,6 +645,8 @@ def test_runs_trained_with_other_settings_are_never_one_methods_replicates(runs,
     assert len(settings_legend(found, df)) == 1
     # runs of two stores: the tables tell them apart by store, show no settings column, and need no legend (a review)
     assert settings_legend(found, df.assign(store_key=np.where(df.run == "ce-0-val0", "B", df.store_key))) == []
+    # likewise runs the tables tell apart by the store they trained on (--transfer rows: a review)
+    assert settings_legend(found, df.assign(trained_on=np.where(df.run == "ce-0-val0", "X", df.trained_on))) == []
     assert sorted(table["replicates"]) == ["1", "2"]  # the seeds 0 and 1 of one setting; the other alone
     # rows from before the column (ce-1's): what they were trained with is not known, so never pooled
     old = df.assign(settings=np.where(df.run == "ce-1", "-", df.settings))
