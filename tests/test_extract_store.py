@@ -583,13 +583,21 @@ def test_canvases_are_rebuilt_on_threads_in_chunks_that_stop_on_request(make_cfg
     with embedcache.open_store(pix) as s:
         kept, paths = s.pixels(), s.meta["path"].tolist()
     monkeypatch.setattr(data_module, "DECODE_CHUNK", 2)
+    pools, pool = [], data_module.ThreadPoolExecutor
+
+    def counted(workers):
+        pools.append(workers)
+        return pool(workers)
+
+    monkeypatch.setattr(data_module, "ThreadPoolExecutor", counted)
     threads = torch.get_num_threads()
     try:
-        for n in (1, 3):
+        for n in (1, 3, 64):
             torch.set_num_threads(n)
             assert np.array_equal(StoreData(nopix, "name").pixels, kept)
     finally:
         torch.set_num_threads(threads)
+    assert pools == [1, 3, data_module.DECODE_THREADS]  # 64 threads: each holds a whole photo, so at most 8
     interrupt.request()
     try:
         with pytest.raises(KeyboardInterrupt, match="stopped while re-decoding the store's images"):
