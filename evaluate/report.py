@@ -67,7 +67,7 @@ def _notes(results: pd.DataFrame, split: str, keys: List[str]) -> List[str]:
     return _collapse_lines(results, split, keys) + few_image_lines(results, split, keys)
 
 
-FEW_IMAGES = 10  # a domain scored on fewer images than this in every run is said under its table
+FEW_IMAGES = 10  # a method's cell resting on fewer images than this in every run is said under its table
 
 
 def few_image_lines(results: pd.DataFrame, split: str, keys: List[str]) -> List[str]:

@@ -94,13 +94,14 @@ def run_settings(run: RunDir) -> Dict:
 
 
 LEGEND_KEYS = 6  # settings named per digest in a legend line; more are counted
+SAID_AS = {"store_key": "store {}", "unseen": "unseen: {}", "trained_on": "trained on {}"}  # a legend's method name
 
 
 def settings_legend(runs: Sequence[RunDir], results: pd.DataFrame) -> List[str]:
-    """What tells apart the ``settings`` digests the tables of ``results`` show for one method name (its
-    recipe, student, text source, variant, class split and store: ``NAMED_BY``), from the finished ``runs``
-    that made them: a line per such method, naming for each digest the settings in which its runs differ
-    from the others' (a table row labelled 817e1022 said nothing of what was trained otherwise)."""
+    """What tells apart the ``settings`` digests the tables of ``results`` show for one method name (the
+    tables' own keys: ``NAMED_BY``, and trained_on where they show it), from the finished ``runs`` that made
+    them: a line per such method, naming for each digest the settings in which its runs differ from the
+    others' (a table row labelled 817e1022 said nothing of what was trained otherwise)."""
     from embedcache.config import flatten
     from embedcache.evaluate.store_eval import NAMED_BY, method_frame, method_keys
 
@@ -125,8 +126,7 @@ def settings_legend(runs: Sequence[RunDir], results: pd.DataFrame) -> List[str]:
         more = f" and {len(differ) - LEGEND_KEYS} more" if len(differ) > LEGEND_KEYS else ""
         said = [f"{d} = " + ", ".join(f"{k}={records[d].get(k, '(unset)')}" for k in differ[:LEGEND_KEYS]) + more
                 for d in known]
-        said_as = {"store_key": "store {}", "unseen": "unseen: {}", "trained_on": "trained on {}"}
-        method = " / ".join(said_as.get(k, "{}").format(tag[k]) for k in shown if k != "settings")  # the tables' order
+        method = " / ".join(SAID_AS.get(k, "{}").format(tag[k]) for k in shown if k != "settings")  # the tables' order
         lines.append(f"settings of {method}: " + "; ".join(said))
     return lines
 
