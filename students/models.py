@@ -6,6 +6,7 @@ registered by name, and ``openclip_visual`` is the image tower of a smaller CLIP
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -124,9 +125,17 @@ def weights_file_sha(pretrained: Optional[str]) -> Optional[str]:
     file no longer there): a run's settings hold the path, and weights saved over the same file are others."""
     if not pretrained or not Path(pretrained).is_file():
         return None
+    st = Path(pretrained).stat()
+    return _file_sha(str(Path(pretrained).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha(path: str, _size: int, _mtime_ns: int) -> str:
+    """A file's content hash, once per path, size and modification time: every old run of a sweep's table, of an
+    evaluate and of its settings legend hashed the same file again (hundreds of megabytes each)."""
     from embedcache.fileio import file_sha256
 
-    return file_sha256(Path(pretrained))
+    return file_sha256(Path(path))
 
 
 # where training checkpoints keep the weights (timm's and most scripts': state_dict; others': model), and the

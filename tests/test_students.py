@@ -1470,3 +1470,22 @@ def test_a_run_begun_with_milestones_on_one_step_resumes_as_it_began(synthetic_s
         mp.setattr(training, "check_milestones", lambda cfg: None)  # as begun before the check
         train(cfg, log=quiet, on_step=lambda step: (_ for _ in ()).throw(KeyboardInterrupt) if step == 3 else None)
     assert train(cfg, log=quiet).resumed_from == 2
+
+
+def test_a_student_weights_file_is_hashed_once_until_it_changes(tmp_path, monkeypatch):
+    """Every old run of a sweep's table, of an evaluate and of its settings legend hashed the same
+    student.pretrained file again (hundreds of megabytes each): one hash per path, size and modification time."""
+    import os
+
+    import embedcache.fileio as fileio
+    from embedcache.students.models import weights_file_sha
+
+    hashed, real = [], fileio.file_sha256
+    monkeypatch.setattr(fileio, "file_sha256", lambda p: hashed.append(p) or real(p))
+    f = tmp_path / "w.safetensors"
+    f.write_bytes(b"a" * 100)
+    first = weights_file_sha(str(f))
+    assert weights_file_sha(str(f)) == first and len(hashed) == 1
+    f.write_bytes(b"b" * 100)  # saved over: the same size, a later time
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 1_000_000))
+    assert weights_file_sha(str(f)) != first and len(hashed) == 2
