@@ -748,7 +748,7 @@ def test_a_worker_killed_from_outside_fails_its_runs_instead_of_losing_them(synt
 def test_a_launch_writes_the_table_of_its_own_grid(synthetic_store, tmp_path):
     """Two launches on one folder with different grids: the last to write runs.json decided what the
     other's table held, so a launch could finish without the runs it had just trained in its table."""
-    from embedcache.students.sweep import _write_outputs
+    from embedcache.students.sweep.tables import write_outputs
 
     f = _sweep_file(tmp_path, synthetic_store, holdout_domains=["outline"], grid={"recipe": ["ce", "feat_kd"], "seed": [0]})
     out = tmp_path / "sw"
@@ -759,7 +759,7 @@ def test_a_launch_writes_the_table_of_its_own_grid(synthetic_store, tmp_path):
     (out / "runs.json").write_text(json.dumps(ce_only))  # another launch, over [ce], wrote it meanwhile
     (out / "results.parquet").unlink()
     said = []
-    results, wrote = _write_outputs(str(out), points, said.append)
+    results, wrote = write_outputs(str(out), points, said.append)
     assert set(results.recipe) == {"ce", "feat_kd"}
     # ... and owns the folder's table: this launch's is not written over it (runs.json would not match it), and
     # the command's last line no longer points at those files as this table's (a trial)
