@@ -112,8 +112,9 @@ def sweep(sweep_file, out, launcher, workers, address, device, overrides, dry_ru
     res = run_sweep(spec, out, launcher, device, progress=not no_progress, log=click.echo,
                     workers=workers, address=address, dry_run=dry_run)
     if dry_run:
+        shared = f", by this launch and the one running into {out} now" if res["running"] else ""
         click.echo(f"dry run: {res['runs']} runs in {out}, {res['finished']} already finished, "
-                   f"{res['runs'] - res['finished']} to train; nothing was trained or written")
+                   f"{res['runs'] - res['finished']} to train{shared}; nothing was trained or written")
         return
     click.echo(f"{res['runs']} runs: {res['done']} done now, {res['skipped']} already done, {res['failed']} failed, "
                f"{res['busy']} left to other workers")

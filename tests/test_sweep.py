@@ -72,6 +72,31 @@ def test_a_dry_run_checks_and_counts_a_sweep_and_writes_nothing(synthetic_store,
     assert res.exit_code == 2 and "holds the runs of store" in res.output, res.output
 
 
+def test_a_dry_run_beside_a_running_launch_says_so_and_is_held_to_its_settings(synthetic_store, tmp_path):
+    """A dry run did not look for a launch running into the folder: it said "4 to train" of runs that launch was
+    training, and passed settings the launch would have refused while no run of it had finished yet."""
+    from embedcache.students.sweep import _settle, expand, load_sweep
+    from embedcache.students.sweep.claim import Launch
+
+    f = _sweep_file(tmp_path, synthetic_store, grid={"recipe": ["feat_kd", "ce"], "seed": [0]})
+    out = tmp_path / "sw"
+    out.mkdir()
+    dry = ["sweep", str(f), "--out", str(out), "--no-progress", "--dry-run"]
+    spec = load_sweep(str(f))
+    with Launch(out) as launch:  # a launch past its checks, training: what `embedcache sweep` holds while it runs
+        _settle(spec, str(out), expand(spec, str(out)), launch.others_live)
+        launch.settle()
+        res = CliRunner().invoke(main, dry)
+        assert res.exit_code == 0 and res.output.splitlines()[-1] == (
+            f"dry run: 4 runs in {out}, 0 already finished, 4 to train, by this launch and the one running into "
+            f"{out} now; nothing was trained or written"), res.output
+        changed = CliRunner().invoke(main, dry + ["--set", "base.steps=6"])
+        assert changed.exit_code == 2 and f"another launch of sweep {out} is running with other settings" in \
+            changed.output, changed.output
+    res = CliRunner().invoke(main, dry + ["--set", "base.steps=6"])  # that launch ended with nothing finished
+    assert res.exit_code == 0 and res.output.splitlines()[-1].endswith("4 to train; nothing was trained or written")
+
+
 def test_runs_scored_before_weights_were_recorded_stay_one_method_with_later_ones(synthetic_store, tmp_path):
     """Runs from a student.pretrained file scored before runs recorded its hash carry a settings digest without it;
     a relaunch adding a seed made the new run a method of its own (a review)."""

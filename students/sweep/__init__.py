@@ -42,7 +42,7 @@ from ..rundir import RunDir, embeddings_differ, images_differ, require_folder_fo
 from ..train import (NAMED_WHEN_SET, ONE_VALIDATION, STORE_KEY, UNIDENTIFYING, by_store_key, check_fresh_run,
                      frozen_random_note, run_name, schedule_spans_stages, selection_rule,
                      settings_identity)
-from .claim import Launch
+from .claim import Launch, launch_running
 from .launchers import LAUNCHERS, check_options, unread_settings
 from .tables import (RUNS_EVER, collect, grid_runs, left_out_note, outside_note, partial_note, read_listed, unscored,
                      write_outputs)
@@ -704,8 +704,8 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, launcher: Optional[str] = None, d
               **launcher_args) -> Dict[str, Any]:
     """Validate and expand the grid, run what is not finished, then write results.parquet and the report.
     Stops on request (Ctrl-C / SIGTERM) with ``SweepInterrupted``; on a full disk with ``DiskFullError``.
-    ``dry_run``: the checks of the settings, the grid and the folder's store, then {"runs", "finished"}, with nothing
-    trained or written (another launch still running into the folder is not looked for)."""
+    ``dry_run``: the checks of the settings, the grid and the folder's store (and of a launch running into it), then
+    {"runs", "finished", "running"}, with nothing trained or written."""
     name = launcher or spec.launcher
     launcher_args = {k: v for k, v in launcher_args.items() if v is not None}
     check_options(name, launcher_args)
@@ -729,7 +729,10 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, launcher: Optional[str] = None, d
     _require_current_recipes(sweep_dir, points)
     if dry_run:  # a grid of thousands started at once, its size said only after launch (a trial)
         _require_one_store(sweep_dir, spec.store, write=False)
-        return {"runs": len(points), "finished": sum(RunDir(p.cfg.out).done for p in points)}
+        running = launch_running(sweep_dir)
+        if running:  # its settings are the folder's, finished runs or not: a launch of these would be refused
+            _require_same_spec(sweep_dir, spec, others_live=True)
+        return {"runs": len(points), "finished": sum(RunDir(p.cfg.out).done for p in points), "running": running}
     with one_line_when_full(sweep_dir):
         Path(sweep_dir).mkdir(parents=True, exist_ok=True)
         with Launch(sweep_dir) as launch:

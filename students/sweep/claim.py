@@ -95,3 +95,24 @@ class Launch:
             fcntl.flock(self.live, fcntl.LOCK_UN)
             os.close(self.live)
             self.live = None
+
+
+def launch_running(sweep_dir: Path) -> bool:
+    """Whether a launch is running into the folder, looked at without joining it (a dry run). Looked at behind
+    the gate, so that a launch deciding its settings never finds this look's lock and takes it for a live launch."""
+    d = Path(sweep_dir)
+    if not ((d / ".launch.lock").is_file() and (d / ".live.lock").is_file()):  # no launch has come (or none since
+        return False                                                              # the lock files were deleted)
+    gate = os.open(d / ".launch.lock", os.O_RDONLY)
+    try:
+        fcntl.flock(gate, fcntl.LOCK_EX)  # held by a launch only while it compares and writes its settings
+        live = os.open(d / ".live.lock", os.O_RDONLY)
+        try:
+            fcntl.flock(live, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(live)  # closing lets the lock go
+        return False
+    finally:
+        os.close(gate)
