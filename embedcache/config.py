@@ -18,7 +18,7 @@ import warnings
 from dataclasses import dataclass, field, fields, is_dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import yaml
 
@@ -460,16 +460,34 @@ def _check_rules(value: Any, meta: Dict[str, Any], key: str) -> None:
                 raise ConfigError(f"{key}={value!r} is not valid: must be greater than {meta['gt']}")
 
 
+def _refuse_unknown(unknown: set, known: Iterable[str], prefix: str) -> None:
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{min(unknown)}; valid keys under {prefix.rstrip('.') or 'the top level'}: "
+                          f"{', '.join(sorted(known))}")
+
+
+def require_known_keys(cls, data: Dict[str, Any], prefix: str) -> None:
+    """Every key of ``data`` (nested, or dotted at its top) is a setting of ``cls``; an unknown one is refused naming
+    it where it was written (``prefix``: a sweep's ``base.``), not where the config built from it would put it."""
+    hints = typing.get_type_hints(cls)
+    nested: Dict[str, Any] = {}
+    for key, value in data.items():  # a grid's keys are dotted: optim.lr
+        head, _, rest = str(key).partition(".")
+        nested[head] = {**(nested.get(head) or {}), rest: value} if rest else value
+    known = {f.name for f in fields(cls)}
+    _refuse_unknown(set(nested) - known, known, prefix)
+    for name, value in nested.items():
+        if is_dataclass(hints[name]) and isinstance(value, dict):
+            require_known_keys(hints[name], value, f"{prefix}{name}.")
+
+
 def build_config(cls, data: Dict[str, Any], prefix: str = ""):
     """A frozen dataclass from a nested dict: unknown keys, wrong types and out-of-range values are
     refused with one line naming the key."""
     if not isinstance(data, dict):
         raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'} must be a mapping, got {data!r}")
     known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]}; valid keys under {prefix.rstrip('.') or 'the top level'}: "
-                          f"{', '.join(sorted(known))}")
+    _refuse_unknown(set(data) - set(known), known, prefix)
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():

@@ -3,6 +3,7 @@ from pathlib import Path
 import re
 
 import pytest
+import yaml
 
 from embedcache.registry import Registry
 from embedcache.config import ExtractConfig, load_config, load_extract_config
@@ -54,6 +55,24 @@ def test_unknown_key_is_one_line_listing_valid_keys():
         load_extract_config(None, ["views.count"])
     with pytest.raises(ConfigError, match=r"views.scale=0.5 is not valid: expected a list of 2 numbers"):
         load_extract_config(None, ["views.scale=0.5"])
+
+
+@pytest.mark.parametrize("where,written,said", [
+    ("base", {"base": {"eval_evry": 5}}, r"base\.eval_evry; valid keys under base: amp, average_bn_batches"),
+    ("base, nested", {"base": {"optim": {"lrr": 0.1}}}, r"base\.optim\.lrr; valid keys under base\.optim: "),
+    ("grid", {"grid": {"sed": [0, 1]}}, r"grid\.sed; valid keys under grid: amp, average_bn_batches"),
+    ("grid, dotted", {"grid": {"optim.lrr": [0.1]}}, r"grid\.optim\.lrr; valid keys under grid\.optim: "),
+    ("per_recipe", {"per_recipe": {"ce": {"stepz": 3}}}, r"per_recipe\.ce\.stepz; valid keys under per_recipe\.ce: "),
+])
+def test_an_unknown_run_setting_in_a_sweep_file_is_named_where_the_file_has_it(tmp_path, where, written, said):
+    """`eval_evry` under a sweep's base: was said to be unknown "under the top level", where the file has no such key
+    (a trial): the message named the key as the run config builds it."""
+    from embedcache.students.sweep import load_sweep
+
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump({"store": "s.zarr", "grid": {"recipe": ["ce"]}, **written}))
+    with pytest.raises(ConfigError, match="unknown config key " + said):
+        load_sweep(str(f))
 
 
 def test_a_store_without_text_sources_is_refused_before_any_image_is_encoded():

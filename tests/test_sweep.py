@@ -259,7 +259,7 @@ def test_bad_sweep_files_are_rejected_before_any_run(synthetic_store, tmp_path, 
         load_sweep(str(_sweep_file(tmp_path, synthetic_store, gird={})))
     cases = [({"grid": {"recipe": ["nope"]}}, "recipe='nope' is not valid: choose one of ce"),
              ({"grid": {"student.name": ["resnet9"]}}, "student.name='resnet9' is not valid: choose one of"),
-             ({"grid": {"optim.lrr": [1.0]}}, "unknown config key optim.lrr; valid keys under optim: gamma, lr"),
+             ({"grid": {"optim.lrr": [1.0]}}, "unknown config key grid.optim.lrr; valid keys under grid.optim: gamma, lr"),
              ({"grid": {"optim.name": ["adamz"]}}, "optim.name='adamz' is not valid: choose one of adam, adamw, sgd"),
              ({"grid": {"optim.schedule": ["linear"]}}, "optim.schedule='linear' is not valid"),
              ({"grid": {"averaging": ["ema"]}}, "averaging='ema' is not valid: choose one of none, swa, swad"),

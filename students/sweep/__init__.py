@@ -27,7 +27,7 @@ import pandas as pd
 
 from embedcache import interrupt, open_store
 from embedcache.config import (apply_overrides, away_from_defaults, build_config, dump_yaml, flatten, parse_yaml,
-                               read_config_file, setting, to_dict)
+                               read_config_file, require_known_keys, setting, to_dict)
 from embedcache.errors import ConfigError, DiskFullError
 from embedcache.evaluate.protocols import DEFAULT_SHOTS, fewest_images, seeded_class_split
 from embedcache.device import resolve_device
@@ -99,6 +99,9 @@ class SweepSpec:
             if settings is not None and not isinstance(settings, dict):
                 raise ConfigError(f"per_recipe.{name}={settings!r} is not valid: expected a mapping of the settings of "
                                   f"{name}'s runs (e.g. per_recipe: {{{name}: {{steps: 100}}}})")
+        for where, settings in [("base.", self.base), ("grid.", self.grid),  # named where the sweep file has them
+                                *((f"per_recipe.{n}.", s or {}) for n, s in self.per_recipe.items())]:
+            require_known_keys(TrainConfig, settings, where)
         for key in away_from_defaults(self, SweepSpec, [k for k in UNREAD_BY[self.protocol] if k != "holdout_domains"]):
             raise ConfigError(_unread_by(key, getattr(self, key), self.protocol))
         if self.finetune_steps == 0 and self.finetune_mode != SweepSpec.finetune_mode:
