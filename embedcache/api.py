@@ -282,8 +282,25 @@ class StoreReader:
         from .teachers import build_teacher
 
         cfg = TeacherConfig(**self._manifest["config"]["teacher"])
-        self._teacher = self.require_teacher(build_teacher(cfg), "pass the original teacher or an embedding as the query")
-        return self._teacher
+        teacher = self.require_teacher(build_teacher(cfg), "pass the original teacher or an embedding as the query")
+        if callable(getattr(teacher, "budget_from", None)):  # a paid service: new prompts cost money
+            warnings.warn(self._paid_queries(teacher, cfg.max_queries), stacklevel=4)  # the caller of nearest_*
+        self._teacher = teacher
+        return teacher
+
+    def _paid_queries(self, teacher, limit: Optional[int]) -> str:
+        """The store's teacher.max_queries (what its extraction left of it) as the budget of this reader's text
+        queries, and the line saying they are paid (they paid past the budget without a word: a review)."""
+        said = (f"text queries of {self.path} are paid queries to {teacher.url} (each prompt its ledger has not "
+                "answered is one)")
+        if limit is None:
+            return said + "; the store set no teacher.max_queries, so nothing caps them"
+        from .extract.budget import ReaderBudget
+
+        budget = ReaderBudget(self._store, limit)
+        teacher.budget_from(budget)
+        return (said + f", held within the {budget.left()} left of the store's teacher.max_queries={limit} and not "
+                "written to its books")
 
     def require_teacher(self, teacher, fix: str = "pass the teacher that made it"):
         """``teacher``, refused unless it is the one that made this store (same weights, model and precision)."""

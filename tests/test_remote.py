@@ -591,6 +591,35 @@ def test_budget_stops_at_a_block_boundary_then_the_same_store_completes(tmp_path
     assert usage["server_reported"]["queries"] == 90 + 24  # the service's own count, summed over both calls too
 
 
+def test_text_queries_of_a_finished_store_are_held_within_its_budget_and_said_to_be_paid(tmp_path, tiny_teacher_cfg,
+                                                                                          tiny_teacher, key_env):
+    """A text query of a finished store reloads its paid teacher, which paid for new prompts past the store's
+    teacher.max_queries without a word (a review: ten probes billed beyond a spent budget, exit 0). Each new prompt
+    is said to be paid and is held within what the store's budget left; a prompt the ledger holds is free."""
+    app = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
+    with LiveServer(app) as url:
+        cfg = remote(tmp_path, "r.zarr", tiny_teacher_cfg, "embedcache", url, "teacher.max_queries=116")
+        assert extract(cfg, log=quiet).complete and charged(app)[0] == 114
+        store = embedcache.open_store(cfg.out)
+        with pytest.warns(UserWarning, match=r"text queries of .*r\.zarr are paid queries to http://127\.0\.0\.1:\d+ "
+                          r"\(each prompt its ledger has not answered is one\), held within the 2 left of the store's "
+                          r"teacher\.max_queries=116 and not written to its books"):
+            store.nearest_classes("a photo of something new", k=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # said once per reader
+            store.nearest_images("a photo of something new", k=1)  # the ledger's answer: free
+            store.nearest_images(store.text("name")["prompt"][0], k=1)  # one of the store's own prompts: free
+            store.nearest_images("another new one", k=1)
+        assert charged(app)[0] == 116
+        with pytest.raises(BudgetError) as err:
+            store.nearest_classes("a third new one", k=1)
+        msg = str(err.value)
+        assert "\n" not in msg and charged(app)[0] == 116
+        assert msg == (f"query budget reached: {cfg.out} has sent 114 queries of teacher.max_queries=116 and its text "
+                       "queries here 2, and the next request needs 1; query with an embedding, or pass a teacher "
+                       "yourself (teacher=) to pay past the store's budget")
+
+
 def test_a_complete_store_reruns_as_nothing_to_do_with_its_service_down(tmp_path, tiny_teacher_cfg, tiny_teacher,
                                                                          key_env):
     """Rerunning a finished remote store needed the server (exit 75, "rerun to resume" of a complete

@@ -50,3 +50,26 @@ class StoreBudget:
         self.store.b.put_blob(self.BLOB, json.dumps({"claimed": claimed}).encode())
         self.store.b.flush()
         self.sent = claimed
+
+
+class ReaderBudget:
+    """A finished store's teacher.max_queries for the text queries of a reader that reloaded its paid teacher: held
+    within what the store's extraction left, counted in this process (a reader writes nothing into the store)."""
+
+    def __init__(self, store: Store, limit: int):
+        self.path, self.limit = store.path, int(limit)
+        self.spent_by_store = self.sent = StoreBudget(store, limit).claimed()
+
+    def __call__(self, n: int) -> None:
+        if self.sent + n > self.limit:
+            raise BudgetError(f"query budget reached: {self.path} has sent {self.spent_by_store} queries of "
+                              f"teacher.max_queries={self.limit} and its text queries here {self.sent - self.spent_by_store}, "
+                              f"and the next request needs {n}; query with an embedding, or pass a teacher yourself "
+                              "(teacher=) to pay past the store's budget")
+        self.sent += n
+
+    def release(self, n: int) -> None:
+        self.sent = max(self.spent_by_store, self.sent - n)
+
+    def left(self) -> int:
+        return max(0, self.limit - self.sent)
