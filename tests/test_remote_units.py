@@ -19,6 +19,25 @@ from embedcache.teachers.remote.ratelimit import Bucket, RateLimiter
 from embedcache.teachers.remote.retry import RetryPolicy, TooLongWait, retry_after, should_retry_status, sleep
 
 
+@pytest.mark.parametrize("echo", [
+    "500 oops {key}",                                        # the key as sent
+    "500 oops {lower}",                                      # case changed (a review: printed as is)
+    "Incorrect API key provided: {head}****{tail}",          # a vendor's masked echo
+    "invalid token Bearer{key}x",                            # run into other characters
+])
+def test_a_key_echoed_in_an_error_body_is_masked_in_any_case_or_part(echo):
+    """Only a byte-exact echo of the key was masked: a server's error body holding it lower-cased, or a vendor's
+    'SECRETKE****3abc', reached the terminal and the log (a review)."""
+    from embedcache.teachers.remote.client import one_line
+
+    key = "SECRETKEY123abcXYZ7"
+    text = echo.format(key=key, lower=key.lower(), head=key[:8], tail=key[-4:])
+    said = one_line(text, key)
+    assert "***" in said and key[:8].lower() not in said.lower() and key.lower() not in said.lower(), said
+    assert said.split()[0] == text.split()[0]  # the rest of the message is kept
+    assert one_line("500 the service is overloaded, retry later", key) == "500 the service is overloaded, retry later"
+
+
 def test_retry_after_reads_ms_then_seconds_then_an_http_date():
     now = time.time()
     assert retry_after({"retry-after-ms": "250", "retry-after": "9"}) == 0.25

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
@@ -90,11 +91,22 @@ class Stats:
         return self.queries + self.possibly_paid
 
 
+KEY_PART = 8  # characters of a key that, found in a message in any case, mask the word holding them
+
+
 def one_line(text: str, secret: Optional[str] = None, limit: int = 200) -> str:
+    """A service's message in one line, with the key masked: echoed as sent, in another case, or in part
+    (a vendor's 'sk-abcde****wxyz'), any word sharing KEY_PART characters with it becomes ***."""
     text = " ".join(str(text).split())
-    if secret:
-        text = text.replace(secret, "***")
+    if secret:  # an error page may be long: what is said, and a key cut at its end
+        text = re.sub(r"[^\s*:;,'\"()\[\]{}<>]+", lambda m: "***" if _holds_key_part(m.group(), secret) else m.group(),
+                      text[:limit + len(secret)])
     return text[:limit]
+
+
+def _holds_key_part(word: str, secret: str) -> bool:
+    n, word, secret = min(KEY_PART, len(secret)), word.lower(), secret.lower()
+    return any(secret[i:i + n] in word for i in range(len(secret) - n + 1))
 
 
 class Transport:
