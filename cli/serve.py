@@ -30,11 +30,16 @@ def serve(ctx, config_path: Optional[str], overrides: Sequence[str], host: Optio
 
 @serve.command("hash-key")
 @click.option("--name", default="NAME", show_default=True, help="the key holder's name in the keys file")
-def hash_key(name: str) -> None:
+@click.argument("given", nargs=-1, metavar="")
+def hash_key(name: str, given: Sequence[str]) -> None:
     """Read a key from standard input; print the keys_file line to store instead of it (add quota or
     requests_per_minute inside the braces)."""
     from embedcache.serve import key_digest
 
+    if given:  # click's own line echoed it: "Got unexpected extra argument (KEY)" (a review)
+        raise click.UsageError(f"hash-key takes the key on standard input, not as an argument ({len(given)} given, "
+                               "not shown: shell history and process listings keep arguments): "
+                               "`embedcache serve hash-key < key.txt`")
     key = sys.stdin.readline().strip()
     if not key:
         raise click.UsageError("give the key on standard input, e.g. `embedcache serve hash-key < key.txt`")

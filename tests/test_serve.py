@@ -261,6 +261,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_hash_key_given_the_key_as_an_argument_refuses_without_echoing_it():
+    """`serve hash-key SECRET` said click's "Got unexpected extra argument (SECRET)": the key on the terminal and in
+    any log of it (a review)."""
+    from click.testing import CliRunner
+
+    from embedcache.cli import main
+
+    res = CliRunner().invoke(main, ["serve", "hash-key", "--name", "bob", KEY], input="")
+    assert res.exit_code == 2 and KEY not in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    assert "takes the key on standard input, not as an argument (1 given, not shown" in res.output
+
+
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_cli_serve_starts_with_one_command_and_a_config(tmp_path, tiny_teacher_cfg, stop):
     from click.testing import CliRunner
