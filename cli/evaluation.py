@@ -98,7 +98,7 @@ def evaluate(runs, store, protocols, sources, out, device, shots, finetune_steps
         if unscored:
             raise EvaluationError(f"none of the {finished} finished runs could be scored: {unscored[0]}"
                                   " (the others' reasons are above)")
-        raise click.UsageError("nothing to evaluate: no finished run found")
+        raise click.UsageError(_nothing_found(runs, found))
     new = pd.concat(frames, ignore_index=True)
     table = upsert(out, new)
     _say_tables(new, protocols, out)
@@ -347,3 +347,13 @@ def _require_results(results: str, out_dir) -> None:
     if p.is_dir() and not any((p / x).exists() for x in ("results", "runs", "runs.json")):
         raise click.UsageError(f"{results} is not a sweep folder (no results/ in it): {TAKES}")
     require_writable(out_dir if out_dir is not None else str(p / "report") if p.is_dir() else "report")
+
+
+def _nothing_found(paths, found) -> str:
+    """Why evaluate had nothing to score, naming where it looked (it said only "no finished run found": a trial)."""
+    where = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+    if found:
+        return (f"nothing to evaluate: {len(found)} run(s) found in {where}, none finished; finish them (rerun their "
+                "train command or sweep: each resumes), then evaluate again")
+    return (f"nothing to evaluate: no run found in {where} (a run's folder holds its config.json; each path given is "
+            "searched, with its subfolders and a sweep's runs/ one level down)")

@@ -45,6 +45,24 @@ def runs(synthetic_store, tmp_path_factory):
     return root
 
 
+def test_evaluate_with_nothing_to_score_names_where_it_looked(runs, tmp_path):
+    """`evaluate empty/` said "nothing to evaluate: no finished run found", naming no folder, and the same of a
+    folder of unfinished runs (a new user's trial)."""
+    import shutil
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = CliRunner().invoke(main, ["evaluate", str(empty), "--out", str(tmp_path / "r.parquet")])
+    assert res.exit_code == 2 and f"nothing to evaluate: no run found in {empty} (a run's folder holds" in res.output
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(runs / "ce-0", unfinished / "ce-0")
+    (unfinished / "ce-0" / "done").unlink()
+    res = CliRunner().invoke(main, ["evaluate", str(unfinished), "--out", str(tmp_path / "r.parquet")])
+    assert res.exit_code == 2 and (f"nothing to evaluate: 1 run(s) found in {unfinished}, none finished; finish them"
+                                   in res.output), res.output
+    assert not (tmp_path / "r.parquet").exists()
+
+
 def test_evaluate_runs_and_report(runs, tmp_path):
     out = tmp_path / "results.parquet"
     res = CliRunner().invoke(main, ["evaluate", str(runs), "--protocol", "lodo", "--protocol", "open_vocab",
