@@ -49,6 +49,8 @@ def train(store, recipe, student, config_path, out, device, overrides, no_progre
     if getattr(res, "already_done", False):  # said by the run ("is already done"); no 0-second training line
         return
     val = "n/a" if res.val_top1 is None else f"{100 * res.val_top1:.1f}%"
+    if res.val_top1 is not None and res.val_images is not None:  # 0.0% of 18 images read as a broken run (a trial)
+        val += f" of {res.val_images} image{'s' if res.val_images != 1 else ''}"
     sel = res.selected or {}
     kept = f"; kept {sel.get('rule')}" + (f" (step {sel['step']})" if sel.get("step") else "") if sel else ""
     took = f"{res.seconds:.1f}s" + (f" this call (resumed at step {res.resumed_from}; summary.json's seconds count "

@@ -68,6 +68,7 @@ class RunResult:
                                         # (what a steps/s figure should use)
     selected: Optional[Dict] = None     # which weights the run kept, and why
     already_done: bool = False          # finished before this call, which trained nothing
+    val_images: Optional[int] = None    # the validation rows val_top1 is over (None: a run from before it was kept)
 
 
 NOT_IN_NAME = ("out", "progress", "keep_checkpoint")  # settings that cannot change the result
@@ -816,7 +817,7 @@ class Trainer:
             raise self.diverged(f"its final weights ({selected['rule']}) hold NaN or inf", self.cfg.steps)
         self.run_dir.save_weights(state)
         threads = self.threads_used()
-        summary = {"val_top1": val, "steps": self.cfg.steps, "batch_rows": self.batch_rows, "selected": selected,
+        summary = {"val_top1": val, "val_images": int(len(self.data.val_idx)), "steps": self.cfg.steps, "batch_rows": self.batch_rows, "selected": selected,
                    # over every attempt, each stopped one up to its last checkpoint
                    "loop_seconds": self.earlier["loop_seconds"] + loop_seconds, "heads_packed": self.pack_size,
                    "seconds": self.earlier["seconds"] + time.time() - t_start, "store_key": self.data.key, "recipe": self.recipe.name,
@@ -832,7 +833,7 @@ class Trainer:
                    "train_classes": [self.data.classes[i] for i in self.data.train_class_ids]}
         self.run_dir.finish(summary, keep_checkpoint=self.cfg.keep_checkpoint)
         return RunResult(str(self.run_dir.path), val, self.cfg.steps, time.time() - t_start, self.start, loop_seconds,
-                         selected)
+                         selected, val_images=summary["val_images"])
 
     def run(self) -> RunResult:
         t0 = self.t_attempt = time.time()
@@ -868,7 +869,8 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int], None]] = None, log
         s = run_dir.summary
         val = s["val_top1"]
         log(f"{run_dir.path} is already done" + (f" (val top-1 {100 * val:.1f}%)" if val is not None else ""))
-        return RunResult(str(run_dir.path), s["val_top1"], s["steps"], 0.0, selected=s.get("selected"), already_done=True)
+        return RunResult(str(run_dir.path), s["val_top1"], s["steps"], 0.0, selected=s.get("selected"), already_done=True,
+                         val_images=s.get("val_images"))
     if not unread_ok and not run_dir.file("config.json").exists():
         refuse_unread_training(cfg)
     check_trainable(cfg)

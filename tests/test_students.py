@@ -1,5 +1,6 @@
 """Student training from a store: recipes, view consistency, determinism, resume, head-only mode."""
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
+import embedcache
 from embedcache.cli import main
 from embedcache.config import replace
 from embedcache.errors import ConfigError, StoreError
@@ -676,6 +678,10 @@ def test_train_cli(synthetic_store, tmp_path):
                                     "--set", "eval_every=2", "--set", "student.input_size=32", "--set", "device=cpu"])
     assert res.exit_code == 0, res.output
     assert "validation top-1" in res.output and (tmp_path / "cli" / "done").exists()
+    meta = embedcache.open_store(str(synthetic_store)).meta  # 0.2 of each domain's readable rows validate
+    held = sum(int(round(0.2 * n)) for n in meta[meta.status == "ok"].groupby("domain").size())
+    said = re.search(r"validation top-1 \d+\.\d% of (\d+) images", res.output)  # 0.0% alone read as broken (a trial)
+    assert said and int(said.group(1)) == held == json.loads((tmp_path / "cli" / "summary.json").read_text())["val_images"]
     bad = CliRunner().invoke(main, ["train", "--store", str(synthetic_store), "--recipe", "nope", "--student", "test_resnet"])
     assert bad.exit_code == 2 and bad.output.strip().count("\n") == 0, bad.output
     assert "recipe='nope' is not valid: choose one of ce, feat_kd" in bad.output
