@@ -7,6 +7,7 @@ starts from one. See ``embedcache.config`` for the rules.
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -157,6 +158,10 @@ def check_trainable(cfg: TrainConfig) -> None:
     if cfg.split.train_classes is not None and not cfg.split.train_classes:  # it trained on every class (a trial)
         raise ConfigError("split.train_classes=[] names no class; leave it out to train on every class, or list the "
                           "seen ones")
+    if cfg.split.train_classes is not None and len(cfg.split.train_classes) == 1:  # a "done" run of 100% (a review)
+        warnings.warn(f"split.train_classes={list(cfg.split.train_classes)} holds one class: every loss over classes is 0 "
+                      "(only the recipe's feature terms train) and validation top-1 is 100% by construction; list two "
+                      "or more unless that is the experiment (a sweep's seen classes: lower unseen_fraction)")
     if cfg.optim.schedule == "step" and cfg.optim.gamma > 1:
         raise ConfigError(f"optim.gamma={cfg.optim.gamma} multiplies the learning rate at each milestone, so it would "
                           "grow; use 0 < optim.gamma <= 1")

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import re
+import warnings
 
 import pytest
 import yaml
@@ -211,6 +212,22 @@ def test_settings_that_would_train_something_else_are_refused(sets, msg):
     cfg = build_config(TrainConfig, apply_overrides({"store": "s.zarr"}, sets))
     with pytest.raises(ConfigError, match=msg):
         check_trainable(cfg)
+
+
+def test_a_run_of_one_seen_class_is_said_to_train_no_loss_over_classes():
+    """One class in split.train_classes: every loss over classes was 0 and validation top-1 100% by construction,
+    with no word (a review). Said, not refused: feature distillation on one class, scored on the others, is an
+    experiment."""
+    from embedcache.config import apply_overrides, build_config
+    from embedcache.students.config import TrainConfig, check_trainable
+
+    cfg = build_config(TrainConfig, apply_overrides({"store": "s.zarr"}, ["split.train_classes=[circle]"]))
+    with pytest.warns(UserWarning, match=r"split.train_classes=\['circle'\] holds one class: every loss over classes "
+                                         r"is 0 \(only the recipe's feature terms train\) and validation top-1 is 100%"):
+        check_trainable(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_trainable(build_config(TrainConfig, apply_overrides({"store": "s.zarr"}, ["split.train_classes=[a,b]"])))
 
 
 @pytest.mark.parametrize("sets, msg", [
