@@ -473,7 +473,13 @@ def require_known_keys(cls, data: Dict[str, Any], prefix: str) -> None:
     nested: Dict[str, Any] = {}
     for key, value in data.items():  # a grid's keys are dotted: optim.lr
         head, _, rest = str(key).partition(".")
-        nested[head] = {**(nested.get(head) or {}), rest: value} if rest else value
+        before = nested.get(head)
+        if not rest:
+            nested[head] = {**before, **value} if isinstance(before, dict) and isinstance(value, dict) else value
+        elif before is None or isinstance(before, dict):
+            nested[head] = {**(before or {}), rest: value}
+        # else a section given a value and a dotted key both (grid optim: [...] beside optim.lr): refused where
+        # the settings are built, as before
     known = {f.name for f in fields(cls)}
     _refuse_unknown(set(nested) - known, known, prefix)
     for name, value in nested.items():

@@ -76,6 +76,25 @@ def test_an_unknown_run_setting_in_a_sweep_file_is_named_where_the_file_has_it(t
         load_sweep(str(f))
 
 
+def test_a_sweep_base_takes_dotted_keys_and_a_section_given_two_ways_is_not_a_traceback(tmp_path):
+    """`base: {optim.lr: 0.01}` was refused as unknown "under the top level"; a grid giving `optim: [...]` beside
+    `optim.gamma: [...]` was a TypeError traceback from the key check (a review)."""
+    from embedcache.students.sweep import load_sweep
+
+    def load(**spec):
+        f = tmp_path / "s.yaml"
+        f.write_text(yaml.safe_dump({"store": "s.zarr", **spec}))
+        return load_sweep(str(f))
+
+    spec = load(base={"optim.lr": 0.01, "optim": {"name": "sgd"}}, grid={"recipe": ["ce"]})
+    assert spec.base == {"optim": {"name": "sgd", "lr": 0.01}}
+    with pytest.raises(ConfigError, match=r"^base.optim is given a value and base.optim.lr a setting under it"):
+        load(base={"optim": 3, "optim.lr": 0.01}, grid={"recipe": ["ce"]})
+    for spec in ({"grid": {"recipe": ["ce"], "optim": [{"lr": 0.1}], "optim.gamma": [0.5]}},
+                 {"grid": {"recipe": ["ce"]}, "per_recipe": {"ce": {"optim": 3, "optim.lr": 0.1}}}):
+        load(**spec)  # refused where the runs are built, naming the grid entry (test_sweep), not here by a TypeError
+
+
 def test_a_store_without_text_sources_is_refused_before_any_image_is_encoded():
     """text.sources=[] passed, encoded every image (a paid teacher billed them), then failed at the
     end on every rerun: the store could never complete."""

@@ -938,6 +938,12 @@ def test_settings_that_make_no_picture_are_refused_not_stored(synth_cfg, tiny_te
         assert st.blocks_done().sum() == 0  # nothing written
     with pytest.warns(UserWarning, match=r"are \d+% pure black or white pixels: the image settings \(image.lr=1000000000000.0, image.iterations=4\)"):
         synthesize(synth_cfg("noise.zarr", "image.lr=1e12"), teacher=tiny_teacher, log=quiet)
+    # images left near the generator's starting grey (pixels 125-130) were stored without a word (a trial)
+    with pytest.warns(UserWarning, match=r"^6 of the synthesised images of rows 0-5 are nearly flat grey \(pixel "
+                                         r"standard deviation under 2 of 255\): the image settings \(image.lr=1e-07, "
+                                         r"image.iterations=4\) make no picture"):
+        synthesize(synth_cfg("grey.zarr", "image.lr=1e-7", "batch_size=6", "block_rows=6"), teacher=tiny_teacher,
+                   log=quiet)
     with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*pure black or white")  # the defaults' pictures pass without a word
-        synthesize(synth_cfg("fine.zarr"), teacher=tiny_teacher, log=quiet)
+        warnings.filterwarnings("error", message=".*pure black or white|.*nearly flat grey")  # the defaults' pictures
+        synthesize(synth_cfg("fine.zarr"), teacher=tiny_teacher, log=quiet)                   # pass without a word

@@ -146,6 +146,9 @@ class SynthesisReader:
             yield Batch(rows=rows, canvas=canvas, params=params, errors=[""] * len(rows))
 
 
+FLAT_STD = 2.0  # an image's pixel spread (of 255) below which it is said to be no picture
+
+
 def require_pictures(canvas: torch.Tensor, rows: np.ndarray, image: ImageConfig) -> None:
     """Refuse images of one value everywhere, and say images of little but black and white: the image
     settings out of the range that makes pictures (image.decay=1e12 gave all-black images, image.lr=1e12
@@ -153,7 +156,8 @@ def require_pictures(canvas: torch.Tensor, rows: np.ndarray, image: ImageConfig)
     flat = canvas.reshape(len(canvas), -1)
     blank = np.flatnonzero((flat.amax(1) == flat.amin(1)).numpy())
     extreme = float(((flat == 0) | (flat == 255)).float().mean())
-    if not len(blank) and extreme < 0.95:
+    grey = int((flat.float().std(1) < FLAT_STD).sum())  # near the generator's starting grey (a trial: 125-130)
+    if not len(blank) and extreme < 0.95 and not grey:
         return
     defaults = ImageConfig()
     moved = [f"image.{k}={getattr(image, k)}" for k in ("lr", "decay", "init_std", "noise", "iterations")
@@ -162,8 +166,12 @@ def require_pictures(canvas: torch.Tensor, rows: np.ndarray, image: ImageConfig)
     if len(blank):
         raise ConfigError(f"synthesised image(s) of one value everywhere (row {int(rows[blank[0]])} and "
                           f"{len(blank) - 1} more of this batch): {fix}")
-    warnings.warn(f"synthesised images of rows {int(rows[0])}-{int(rows[-1])} are {extreme:.0%} pure black or white "
-                  f"pixels: {fix}", stacklevel=2)
+    if grey:
+        warnings.warn(f"{grey} of the synthesised images of rows {int(rows[0])}-{int(rows[-1])} are nearly flat grey "
+                      f"(pixel standard deviation under {FLAT_STD:g} of 255): {fix}", stacklevel=2)
+    if extreme >= 0.95:
+        warnings.warn(f"synthesised images of rows {int(rows[0])}-{int(rows[-1])} are {extreme:.0%} pure black or "
+                      f"white pixels: {fix}", stacklevel=2)
 
 
 def extract_config(cfg: SynthesizeConfig) -> ExtractConfig:

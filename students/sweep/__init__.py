@@ -13,6 +13,7 @@ leave out, are in ``tables.py``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import itertools
 import json
@@ -145,6 +146,8 @@ def load_sweep(path: str, overrides=()) -> SweepSpec:
     data = apply_overrides(data, overrides)
     if isinstance(data.get("grid"), dict):  # `--set grid.optim.lr=[...]` nests: the grid's keys are dotted
         data["grid"] = flatten(data["grid"])
+    if isinstance(data.get("base"), dict):  # base: {optim.lr: 0.01} was refused as unknown "under the top level"
+        data["base"] = _nested(data["base"], "base.")
     if "store" not in data:
         raise ConfigError(f"{where} needs `store:` (a store made by `embedcache extract`)")
     _refuse_run_settings_on_top(data)
@@ -154,6 +157,24 @@ def load_sweep(path: str, overrides=()) -> SweepSpec:
         if key in UNREAD_BY[spec.protocol] and key != "holdout_domains":
             raise ConfigError("--set " + _unread_by(key, getattr(spec, key), spec.protocol))
     return spec
+
+
+def _nested(settings: Dict, where: str) -> Dict:
+    """Settings given with dotted keys (optim.lr: 0.01) nested as runs are built from them, merged with a section
+    given whole (optim: {name: sgd})."""
+    out = copy.deepcopy({k: v for k, v in settings.items() if "." not in str(k)})
+    for key, value in settings.items():
+        if "." not in str(key):
+            continue
+        *path, last = str(key).split(".")
+        node = out
+        for i, part in enumerate(path):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{where}{'.'.join(path[:i + 1])} is given a value and {where}{key} a setting under "
+                                  "it; give one of them")
+        node[last] = value
+    return out
 
 
 def _refuse_run_settings_on_top(data: Dict) -> None:
