@@ -97,6 +97,25 @@ def test_a_dry_run_beside_a_running_launch_says_so_and_is_held_to_its_settings(s
     assert res.exit_code == 0 and res.output.splitlines()[-1].endswith("4 to train; nothing was trained or written")
 
 
+def test_a_dry_runs_look_for_a_launch_never_waits_on_the_gate_and_finds_one_without_it(tmp_path):
+    """The look waited on the launch gate with no limit (a launch stopped with Ctrl-Z held a dry run for good), and
+    said no launch was running once .launch.lock was deleted under a live one (a review)."""
+    import time
+
+    from embedcache.students.sweep.claim import GATE_WAIT_S, Launch, launch_running
+
+    assert not launch_running(tmp_path)  # no launch ever came
+    launch = Launch(tmp_path).__enter__()  # holds the gate, as a launch deciding its settings does
+    began = time.monotonic()
+    assert launch_running(tmp_path) and time.monotonic() - began < GATE_WAIT_S + 2
+    launch.settle()
+    assert launch_running(tmp_path)  # past its settings, training
+    (tmp_path / ".launch.lock").unlink()
+    assert launch_running(tmp_path)
+    launch.__exit__(None, None, None)
+    assert not launch_running(tmp_path)
+
+
 def test_runs_scored_before_weights_were_recorded_stay_one_method_with_later_ones(synthetic_store, tmp_path):
     """Runs from a student.pretrained file scored before runs recorded its hash carry a settings digest without it;
     a relaunch adding a seed made the new run a method of its own (a review)."""

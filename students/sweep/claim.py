@@ -9,10 +9,13 @@ maps flock to POSIX locks there).
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
+import time
 from pathlib import Path
+from typing import Optional
 
 
 class Claim:
@@ -97,22 +100,57 @@ class Launch:
             self.live = None
 
 
+GATE_WAIT_S = 1.0  # a dry run's look waits this long for the gate: another look lets it go at once
+
+
 def launch_running(sweep_dir: Path) -> bool:
     """Whether a launch is running into the folder, looked at without joining it (a dry run). Looked at behind
-    the gate, so that a launch deciding its settings never finds this look's lock and takes it for a live launch."""
+    the gate, so that a launch deciding its settings never finds this look's lock and takes it for a live launch;
+    a gate held past GATE_WAIT_S is a launch deciding its settings now (it never waits on one: a launch stopped
+    with Ctrl-Z held a dry run for good, a review)."""
     d = Path(sweep_dir)
-    if not ((d / ".launch.lock").is_file() and (d / ".live.lock").is_file()):  # no launch has come (or none since
-        return False                                                              # the lock files were deleted)
-    gate = os.open(d / ".launch.lock", os.O_RDONLY)
+    if not (d / ".live.lock").is_file():  # made by every launch: none has come (or the lock files were deleted)
+        return False
+    gate = _lock_file(d / ".launch.lock")
     try:
-        fcntl.flock(gate, fcntl.LOCK_EX)  # held by a launch only while it compares and writes its settings
-        live = os.open(d / ".live.lock", os.O_RDONLY)
-        try:
-            fcntl.flock(live, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if gate is not None and not _take_within(gate, GATE_WAIT_S):
             return True
+        live = _lock_file(d / ".live.lock")
+        if live is None:
+            return False
+        try:
+            return not _take_within(live, 0.0)
         finally:
             os.close(live)  # closing lets the lock go
-        return False
     finally:
-        os.close(gate)
+        if gate is not None:
+            os.close(gate)
+
+
+def _lock_file(path: Path) -> Optional[int]:
+    """A lock file opened for an exclusive lock: for writing where it can be (NFS maps flock to POSIX locks, whose
+    exclusive kind needs it), else for reading (a read-only folder on a local disk); None when it is gone."""
+    try:
+        return os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+    try:
+        return os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+
+
+def _take_within(fd: int, seconds: float) -> bool:
+    """Take an exclusive lock on ``fd``, trying for ``seconds``; whether it was taken."""
+    end = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= end:
+                return False
+            time.sleep(0.05)
