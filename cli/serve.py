@@ -28,7 +28,7 @@ def serve(ctx, config_path: Optional[str], overrides: Sequence[str], host: Optio
     run(cfg, log=click.echo)
 
 
-@serve.command("hash-key")
+@serve.command("hash-key", context_settings={"ignore_unknown_options": True})  # a key '--abc' is not echoed
 @click.option("--name", default="NAME", show_default=True, help="the key holder's name in the keys file")
 @click.argument("given", nargs=-1, metavar="")
 def hash_key(name: str, given: Sequence[str]) -> None:

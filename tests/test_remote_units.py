@@ -24,18 +24,32 @@ from embedcache.teachers.remote.retry import RetryPolicy, TooLongWait, retry_aft
     "500 oops {lower}",                                      # case changed (a review: printed as is)
     "Incorrect API key provided: {head}****{tail}",          # a vendor's masked echo
     "invalid token Bearer{key}x",                            # run into other characters
+    "Incorrect API key provided: {head6}****{tail}",         # masked with fewer than 8 of its first characters
+    "bad key {quoted}",                                      # URL-encoded
+    ("x" * 150) + " {key} and again {key}",                  # a second echo at the length limit (a piece showed)
 ])
 def test_a_key_echoed_in_an_error_body_is_masked_in_any_case_or_part(echo):
     """Only a byte-exact echo of the key was masked: a server's error body holding it lower-cased, or a vendor's
     'SECRETKE****3abc', reached the terminal and the log (a review)."""
     from embedcache.teachers.remote.client import one_line
 
-    key = "SECRETKEY123abcXYZ7"
-    text = echo.format(key=key, lower=key.lower(), head=key[:8], tail=key[-4:])
+    from urllib.parse import quote
+
+    key = "SECRETKEY123abc/XYZ7+q"
+    text = echo.format(key=key, lower=key.lower(), head=key[:8], head6=key[:6], tail=key[-4:], quoted=quote(key, safe=""))
     said = one_line(text, key)
-    assert "***" in said and key[:8].lower() not in said.lower() and key.lower() not in said.lower(), said
+    pieces = {key[i:i + 4].lower() for i in range(len(key) - 3)}  # no 4 characters of it in a row
+    assert "***" in said and not any(p in said.lower() for p in pieces), said
     assert said.split()[0] == text.split()[0]  # the rest of the message is kept
     assert one_line("500 the service is overloaded, retry later", key) == "500 the service is overloaded, retry later"
+
+
+def test_a_short_key_is_masked_only_whole():
+    """A short key (a local test one) masked every word holding it: 'latest models: test-1' became '*** models: ***'
+    (a review)."""
+    from embedcache.teachers.remote.client import one_line
+
+    assert one_line("latest models: test-1, contest; key TEST refused", "test") == "latest models: test-1, contest; key *** refused"
 
 
 def test_retry_after_reads_ms_then_seconds_then_an_http_date():

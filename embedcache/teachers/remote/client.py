@@ -21,6 +21,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
+from urllib.parse import quote
 
 import httpx
 
@@ -92,21 +93,31 @@ class Stats:
 
 
 KEY_PART = 8  # characters of a key that, found in a message in any case, mask the word holding them
+FUZZY_FROM = 16  # a key this long or longer is masked in part too; a shorter one (a local test key) only whole
+MASKED_ECHO = re.compile(r"\S*\*{3,}\S*")  # a service's own masking of a key ('sk-pro****M3n4'): masked whole
+SCANNED = 20_000  # characters of a message scanned for the key (an error page may be long)
 
 
 def one_line(text: str, secret: Optional[str] = None, limit: int = 200) -> str:
-    """A service's message in one line, with the key masked: echoed as sent, in another case, or in part
-    (a vendor's 'sk-abcde****wxyz'), any word sharing KEY_PART characters with it becomes ***."""
-    text = " ".join(str(text).split())
-    if secret:  # an error page may be long: what is said, and a key cut at its end
-        text = re.sub(r"[^\s*:;,'\"()\[\]{}<>]+", lambda m: "***" if _holds_key_part(m.group(), secret) else m.group(),
-                      text[:limit + len(secret)])
+    """A service's message in one line, with the key masked: echoed as sent, URL-encoded or in another case (a key
+    shorter than FUZZY_FROM only as a word of its own), and, for a key of FUZZY_FROM characters or more, in part: a word sharing KEY_PART characters with it, or masked by
+    the service itself ('sk-abcde****wxyz'), becomes ***. Masked before it is cut to ``limit``, so no cut leaves a
+    piece of it."""
+    text = " ".join(str(text)[:SCANNED].split())
+    if secret:
+        for form in {secret, quote(secret, safe="")}:  # a short key only as a word of its own: 'test' in 'latest' stays
+            pattern = re.escape(form) if len(secret) >= FUZZY_FROM else rf"(?<![\w-]){re.escape(form)}(?![\w-])"
+            text = re.sub(pattern, "***", text, flags=re.IGNORECASE)
+        if len(secret) >= FUZZY_FROM:
+            text = re.sub(r"[^\s*:;,'\"()\[\]{}<>]+", lambda m: "***" if _holds_key_part(m.group(), secret) else m.group(),
+                          text)
+            text = MASKED_ECHO.sub("***", text)
     return text[:limit]
 
 
 def _holds_key_part(word: str, secret: str) -> bool:
-    n, word, secret = min(KEY_PART, len(secret)), word.lower(), secret.lower()
-    return any(secret[i:i + n] in word for i in range(len(secret) - n + 1))
+    word, secret = word.lower(), secret.lower()
+    return any(secret[i:i + KEY_PART] in word for i in range(len(secret) - KEY_PART + 1))
 
 
 class Transport:
