@@ -353,7 +353,7 @@ def _nothing_found(paths, found) -> str:
     """Why evaluate had nothing to score, naming where it looked (it said only "no finished run found": a trial)."""
     where = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
     if found:
-        return (f"nothing to evaluate: {len(found)} run(s) found in {where}, none finished; finish them (rerun their "
-                "train command or sweep: each resumes), then evaluate again")
-    return (f"nothing to evaluate: no run found in {where} (a run's folder holds its config.json; each path given is "
-            "searched, with its subfolders and a sweep's runs/ one level down)")
+        return (f"nothing to evaluate: {len(found)} run(s) found in {where}, none finished (unfinished or failed); "
+                "rerun their train command or sweep (each resumes), then evaluate again")
+    return (f"nothing to evaluate: no run found in {where} (each path given is a run's folder, holding its "
+            "config.json, or holds runs in its subfolders or its runs/ folder; deeper ones are not looked for)")

@@ -53,13 +53,14 @@ def test_evaluate_with_nothing_to_score_names_where_it_looked(runs, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     res = CliRunner().invoke(main, ["evaluate", str(empty), "--out", str(tmp_path / "r.parquet")])
-    assert res.exit_code == 2 and f"nothing to evaluate: no run found in {empty} (a run's folder holds" in res.output
+    assert res.exit_code == 2 and f"nothing to evaluate: no run found in {empty} (each path given is a run's folder" \
+        in res.output
     unfinished = tmp_path / "unfinished"
     shutil.copytree(runs / "ce-0", unfinished / "ce-0")
     (unfinished / "ce-0" / "done").unlink()
     res = CliRunner().invoke(main, ["evaluate", str(unfinished), "--out", str(tmp_path / "r.parquet")])
-    assert res.exit_code == 2 and (f"nothing to evaluate: 1 run(s) found in {unfinished}, none finished; finish them"
-                                   in res.output), res.output
+    assert res.exit_code == 2 and (f"nothing to evaluate: 1 run(s) found in {unfinished}, none finished (unfinished "
+                                   "or failed); rerun" in res.output), res.output
     assert not (tmp_path / "r.parquet").exists()
 
 
