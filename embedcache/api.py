@@ -249,7 +249,7 @@ class StoreReader:
                                  "it has no embedding")
             return self.image_emb(view)[query].astype(np.float32)
         if isinstance(query, str):
-            teacher = self.require_teacher(teacher) if teacher is not None else self.load_teacher()
+            teacher = self.require_teacher(teacher) if teacher is not None else self._loaded_teacher(said_at=4)
             return teacher.encode_text([query]).numpy()[0]
         q = np.asarray(query, dtype=np.float32).reshape(-1)
         if q.shape[0] != self.dim:
@@ -276,6 +276,11 @@ class StoreReader:
 
     def load_teacher(self):
         """The teacher that made this store, reloaded once from the source in the manifest and kept."""
+        return self._loaded_teacher(said_at=3)
+
+    def _loaded_teacher(self, said_at: int):
+        """``load_teacher``; a paid teacher's warning points ``said_at`` frames up (the caller of load_teacher, or
+        of nearest_classes / nearest_images)."""
         if self._teacher is not None:
             return self._teacher
         from .config import TeacherConfig
@@ -284,7 +289,7 @@ class StoreReader:
         cfg = TeacherConfig(**self._manifest["config"]["teacher"])
         teacher = self.require_teacher(build_teacher(cfg), "pass the original teacher or an embedding as the query")
         if callable(getattr(teacher, "budget_from", None)):  # a paid service: new prompts cost money
-            warnings.warn(self._paid_queries(teacher, cfg.max_queries), stacklevel=4)  # the caller of nearest_*
+            warnings.warn(self._paid_queries(teacher, cfg.max_queries), stacklevel=said_at)
         self._teacher = teacher
         return teacher
 
@@ -297,10 +302,10 @@ class StoreReader:
             return said + "; the store set no teacher.max_queries, so nothing caps them"
         from .extract.budget import ReaderBudget
 
-        budget = ReaderBudget(self._store, limit)
+        budget = ReaderBudget(self._store, limit, teacher.ledger)
         teacher.budget_from(budget)
-        return (said + f", held within the {budget.left()} left of the store's teacher.max_queries={limit} and not "
-                "written to its books")
+        return (said + f", held within the {budget.left()} left of the store's teacher.max_queries={limit} (counted "
+                f"in the ledger {teacher.ledger.path} over every reader that uses it; not written to the store's books)")
 
     def require_teacher(self, teacher, fix: str = "pass the teacher that made it"):
         """``teacher``, refused unless it is the one that made this store (same weights, model and precision)."""

@@ -603,21 +603,32 @@ def test_text_queries_of_a_finished_store_are_held_within_its_budget_and_said_to
         store = embedcache.open_store(cfg.out)
         with pytest.warns(UserWarning, match=r"text queries of .*r\.zarr are paid queries to http://127\.0\.0\.1:\d+ "
                           r"\(each prompt its ledger has not answered is one\), held within the 2 left of the store's "
-                          r"teacher\.max_queries=116 and not written to its books"):
+                          r"teacher\.max_queries=116 \(counted in the ledger .*client\.sqlite over every reader that "
+                          r"uses it; not written to the store's books\)") as said:
             store.nearest_classes("a photo of something new", k=1)
+        assert said[0].filename == __file__  # said at the caller's line
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # said once per reader
             store.nearest_images("a photo of something new", k=1)  # the ledger's answer: free
             store.nearest_images(store.text("name")["prompt"][0], k=1)  # one of the store's own prompts: free
-            store.nearest_images("another new one", k=1)
+        assert charged(app)[0] == 115
+        other = embedcache.open_store(cfg.out)  # another reader (a new notebook, a process) shares the count
+        with pytest.warns(UserWarning, match=r"held within the 1 left of the store's teacher\.max_queries=116") as said:
+            other.load_teacher()
+        assert said[0].filename == __file__
+        other.nearest_images("another new one", k=1)
         assert charged(app)[0] == 116
-        with pytest.raises(BudgetError) as err:
-            store.nearest_classes("a third new one", k=1)
-        msg = str(err.value)
-        assert "\n" not in msg and charged(app)[0] == 116
-        assert msg == (f"query budget reached: {cfg.out} has sent 114 queries of teacher.max_queries=116 and its text "
-                       "queries here 2, and the next request needs 1; query with an embedding, or pass a teacher "
-                       "yourself (teacher=) to pay past the store's budget")
+        for reader in (store, other, embedcache.open_store(cfg.out)):
+            with pytest.raises(BudgetError) as err, warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                reader.nearest_classes("a third new one", k=1)
+            msg = str(err.value)
+            assert "\n" not in msg and charged(app)[0] == 116
+            assert msg.startswith(f"query budget reached: {cfg.out} has sent 114 queries of teacher.max_queries=116 and "
+                                  "its text queries 2 (ledger "), msg
+            assert msg.endswith("and the next request needs 1; query with an embedding, or pass a teacher yourself "
+                                "(teacher=) to pay past the store's budget"), msg
+        assert other.load_teacher() is other.load_teacher()  # kept: no second warning, no second probe
 
 
 def test_a_complete_store_reruns_as_nothing_to_do_with_its_service_down(tmp_path, tiny_teacher_cfg, tiny_teacher,

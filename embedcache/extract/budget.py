@@ -53,23 +53,29 @@ class StoreBudget:
 
 
 class ReaderBudget:
-    """A finished store's teacher.max_queries for the text queries of a reader that reloaded its paid teacher: held
-    within what the store's extraction left, counted in this process (a reader writes nothing into the store)."""
+    """A finished store's teacher.max_queries over the text queries of readers that reload its paid teacher: held
+    within what the store's extraction left, counted in the teacher's ledger (``ledger``) under the store's key, so
+    every reader of that ledger, in any process, shares one count (a reader writes nothing into the store; a count
+    kept per reader let each new one pay the whole remainder again: a review)."""
 
-    def __init__(self, store: Store, limit: int):
-        self.path, self.limit = store.path, int(limit)
-        self.spent_by_store = self.sent = StoreBudget(store, limit).claimed()
+    def __init__(self, store: Store, limit: int, ledger):
+        self.path, self.key, self.limit, self.ledger = store.path, store.key, int(limit), ledger
+        self.by_extraction = StoreBudget(store, limit).claimed()
+        self.sent = self.by_extraction + ledger.store_queries(self.key)
 
     def __call__(self, n: int) -> None:
-        if self.sent + n > self.limit:
-            raise BudgetError(f"query budget reached: {self.path} has sent {self.spent_by_store} queries of "
-                              f"teacher.max_queries={self.limit} and its text queries here {self.sent - self.spent_by_store}, "
-                              f"and the next request needs {n}; query with an embedding, or pass a teacher yourself "
-                              "(teacher=) to pay past the store's budget")
-        self.sent += n
+        room = max(0, self.limit - self.by_extraction)
+        total = self.ledger.claim_store_queries(self.key, n, room)
+        if total > room:
+            raise BudgetError(f"query budget reached: {self.path} has sent {self.by_extraction} queries of "
+                              f"teacher.max_queries={self.limit} and its text queries {total - n} (ledger "
+                              f"{self.ledger.path}), and the next request needs {n}; query with an embedding, or pass "
+                              "a teacher yourself (teacher=) to pay past the store's budget")
+        self.sent = self.by_extraction + total
 
     def release(self, n: int) -> None:
-        self.sent = max(self.spent_by_store, self.sent - n)
+        self.ledger.release_store_queries(self.key, n)
+        self.sent = self.by_extraction + self.ledger.store_queries(self.key)
 
     def left(self) -> int:
         return max(0, self.limit - self.sent)

@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS request_items (request TEXT NOT NULL, pos INTEGER NOT
 CREATE INDEX IF NOT EXISTS request_items_key ON request_items (key);
 CREATE TABLE IF NOT EXISTS sends (request TEXT NOT NULL, attempt INTEGER NOT NULL, sent REAL NOT NULL,
     outcome TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS store_queries (store TEXT PRIMARY KEY, claimed INTEGER NOT NULL);
 """
 
 
@@ -194,6 +195,29 @@ class Ledger:
                     ledger.lock.release()
 
         return _Tx()
+
+    # --- a finished store's text queries (``extract.budget.ReaderBudget``) ------------------------------
+    def store_queries(self, store_key: str) -> int:
+        """Inputs claimed for text queries of the finished store ``store_key``, over every reader of this ledger."""
+        with self.lock:
+            row = self.db.execute("SELECT claimed FROM store_queries WHERE store = ?", (store_key,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def claim_store_queries(self, store_key: str, n: int, room: int) -> int:
+        """Claim ``n`` more inputs for the store's text queries if they fit within ``room`` (what its budget left
+        after its extraction); returns the store's claimed total either way (over ``room`` when refused, unchanged)."""
+        with self._tx() as db:
+            row = db.execute("SELECT claimed FROM store_queries WHERE store = ?", (store_key,)).fetchone()
+            claimed = int(row[0]) if row else 0
+            if claimed + n > room:
+                return claimed + n
+            db.execute("INSERT INTO store_queries VALUES (?, ?) ON CONFLICT(store) DO UPDATE SET claimed = ?",
+                       (store_key, claimed + n, claimed + n))
+            return claimed + n
+
+    def release_store_queries(self, store_key: str, n: int) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE store_queries SET claimed = MAX(0, claimed - ?) WHERE store = ?", (n, store_key))
 
     def add_context(self, context_id: str, spec: Dict) -> None:
         with self._tx() as db:
