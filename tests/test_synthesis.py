@@ -1,5 +1,6 @@
 """Data-free synthesis (embedcache.synthesis): prompt diversification, the image optimiser, and
 stores of synthesised images, on the tiny random open_clip teacher."""
+import copy
 import math
 import warnings
 from pathlib import Path
@@ -716,6 +717,26 @@ def test_a_teacher_without_gradients_is_refused_in_one_line(synth_cfg, tiny_teac
         with pytest.raises(ConfigError, match="teacher 'remote' cannot synthesise images"):
             synthesize(synth_cfg("r.zarr", "teacher.name=remote", "teacher.device=auto"), log=quiet)
     assert tiny_teacher.differentiable and TEACHERS.get("conse").differentiable
+
+
+def test_a_teacher_with_image_gradients_but_no_token_embeddings_is_refused_for_style_vectors(synth_cfg, tiny_teacher):
+    """A teacher giving image gradients but not its text encoder's token embeddings was said to "give no gradients
+    through its encoders", a NotImplementedError traceback once the styles began (a trial). Refused in one line
+    before anything is learned, for the methods whose style vectors replace a token; plain needs none."""
+    class ImagesOnly(type(tiny_teacher)):
+        registry_name = "images_only"
+        _token_embedding = Teacher._token_embedding
+        _word_ids = Teacher._word_ids
+        encode_text_styled = Teacher.encode_text_styled
+
+    teacher = copy.copy(tiny_teacher)
+    teacher.__class__ = ImagesOnly
+    for method in ("random", "contrastive"):
+        with pytest.raises(ConfigError, match=r"^teacher 'images_only' gives image gradients but not its text "
+                                              r"encoder's token embeddings, .*use prompts.method=plain") as err:
+            synthesize(synth_cfg(f"{method}.zarr", f"prompts.method={method}"), teacher=teacher, log=quiet)
+        assert "\n" not in str(err.value)
+    assert synthesize(synth_cfg("plain.zarr", "prompts.method=plain"), teacher=teacher, log=quiet).complete
 
 
 def test_cli_synthesize_writes_a_store_and_reports_errors_in_one_line(tmp_path, tiny_clip_dir):

@@ -74,6 +74,15 @@ class Teacher:
     differentiable: bool = False
     no_gradients_reason: str = "it gives no gradients through its encoders"
 
+    def _no_styles(self) -> str:
+        """Why style pseudo-words cannot be learned: no gradients at all, or none through the text encoder's tokens
+        (a teacher giving image gradients only was said to give none: a trial)."""
+        if not self.differentiable:
+            return f"teacher {self.registry_name!r}: {self.no_gradients_reason}"
+        return (f"teacher {self.registry_name!r} gives image gradients but not its text encoder's token embeddings, "
+                "which style vectors replace (prompts.method contrastive, random, or mix at token level); use "
+                "prompts.method=plain, or mix with prompts.mix_level=sentence")
+
     def encode_image_grad(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, 3, H, W) float on ``device``, normalised. Returns (B, D) float32, L2-normalised, on
         ``device``, differentiable in x (any size the encoder takes; its weights are not trained)."""
@@ -81,11 +90,11 @@ class Teacher:
 
     def _token_embedding(self) -> torch.nn.Module:
         """The text encoder's input token embedding layer."""
-        raise NotImplementedError(f"teacher {self.registry_name!r}: {self.no_gradients_reason}")
+        raise NotImplementedError(self._no_styles())
 
     def _word_ids(self, word: str) -> List[int]:
         """The token ids of one word, without special tokens."""
-        raise NotImplementedError(f"teacher {self.registry_name!r}: {self.no_gradients_reason}")
+        raise NotImplementedError(self._no_styles())
 
     def token_table(self) -> torch.Tensor:
         """(vocab, W) float32, detached: the text encoder's input token embeddings."""
@@ -101,7 +110,7 @@ class Teacher:
         """Texts with one pseudo-word each: the input token embedding of ``placeholder`` in texts[t]
         is replaced by styles[t] ((T, W) float). Returns (T, D) float32, L2-normalised, on ``device``,
         differentiable in ``styles``."""
-        raise NotImplementedError(f"teacher {self.registry_name!r}: {self.no_gradients_reason}")
+        raise NotImplementedError(self._no_styles())
 
 
 @contextmanager
