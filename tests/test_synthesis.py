@@ -629,6 +629,7 @@ def test_cache_key_holds_settings_not_the_numbers_style_learning_computes(tiny_t
     ("classes=[dog,'3']", r"class '3' is an id, not a name"),
     ("classes=[dog,n02084071]", r"class 'n02084071' is an id, not a name"),
     ("classes=['dog*2',cat]", "class 'dog\\*2' holds the style placeholder '\\*' of the prompts"),
+    ('classes=[cat,"dog\\tx"]', r"class 'dog\\tx' holds a control character \(a tab or a line break\)"),
     ("image.generator=gan", "image.generator='gan' is not valid: choose one of diffusers_vae, fourier"),
     ("prompts.template='a style of a {}'", "needs the placeholder '\\*' once"),
     # braces a template or word cannot be filled with: a KeyError/IndexError traceback after the teacher loaded
