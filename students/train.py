@@ -817,7 +817,8 @@ class Trainer:
             raise self.diverged(f"its final weights ({selected['rule']}) hold NaN or inf", self.cfg.steps)
         self.run_dir.save_weights(state)
         threads = self.threads_used()
-        summary = {"val_top1": val, "val_images": int(len(self.data.val_idx)), "steps": self.cfg.steps, "batch_rows": self.batch_rows, "selected": selected,
+        summary = {"val_top1": val, "val_images": int(len(self.data.val_idx)), "steps": self.cfg.steps,
+                   "batch_rows": self.batch_rows, "selected": selected,
                    # over every attempt, each stopped one up to its last checkpoint
                    "loop_seconds": self.earlier["loop_seconds"] + loop_seconds, "heads_packed": self.pack_size,
                    "seconds": self.earlier["seconds"] + time.time() - t_start, "store_key": self.data.key, "recipe": self.recipe.name,

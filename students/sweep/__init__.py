@@ -50,8 +50,8 @@ from .tables import (RUNS_EVER, collect, grid_runs, left_out_note, outside_note,
 from .worker import SweepPoint, result_path, run_one, sweep_tags, variant
 
 __all__ = ["SweepSpec", "SweepPoint", "SweepInterrupted", "load_sweep", "expand", "run_sweep", "collect",
-           "unscored", "partial_note", "left_out_note", "outside_note", "LAUNCHERS", "run_one", "variant", "derive_seed", "sweep_device", "crowded_note",
-           "stage_schedule_sweep_note"]
+           "unscored", "partial_note", "left_out_note", "outside_note", "LAUNCHERS", "run_one", "variant", "derive_seed",
+           "sweep_device", "crowded_note", "stage_schedule_sweep_note"]
 PROTOCOLS_TRAINED = ("lodo", "open_vocab", "few_shot")
 
 

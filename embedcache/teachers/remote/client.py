@@ -100,9 +100,9 @@ SCANNED = 20_000  # characters of a message scanned for the key (an error page m
 
 def one_line(text: str, secret: Optional[str] = None, limit: int = 200) -> str:
     """A service's message in one line, with the key masked: echoed as sent, URL-encoded or in another case (a key
-    shorter than FUZZY_FROM only as a word of its own), and, for a key of FUZZY_FROM characters or more, in part: a word sharing KEY_PART characters with it, or masked by
-    the service itself ('sk-abcde****wxyz'), becomes ***. Masked before it is cut to ``limit``, so no cut leaves a
-    piece of it."""
+    shorter than FUZZY_FROM only as a word of its own), and, for a key of FUZZY_FROM characters or more, in part: a
+    word sharing KEY_PART characters with it, or masked by the service itself ('sk-abcde****wxyz'), becomes ***.
+    Masked before it is cut to ``limit``, so no cut leaves a piece of it."""
     text = " ".join(str(text)[:SCANNED].split())
     if secret:
         for form in {secret, quote(secret, safe="")}:  # a short key only as a word of its own: 'test' in 'latest' stays
