@@ -88,6 +88,10 @@ def test_a_sweep_base_takes_dotted_keys_and_a_section_given_two_ways_is_not_a_tr
 
     spec = load(base={"optim.lr": 0.01, "optim": {"name": "sgd"}}, grid={"recipe": ["ce"]})
     assert spec.base == {"optim": {"name": "sgd", "lr": 0.01}}
+    f = tmp_path / "s.yaml"  # --set wins over a dotted key of the file, as over a nested one (it lost: a review)
+    assert load_sweep(str(f), ["base.optim.lr=0.05"]).base == {"optim": {"name": "sgd", "lr": 0.05}}
+    with pytest.raises(ConfigError, match=r"^base.optim.lr is given twice, dotted and in its section"):
+        load(base={"optim.lr": 0.01, "optim": {"lr": 0.02}}, grid={"recipe": ["ce"]})
     with pytest.raises(ConfigError, match=r"^base.optim is given a value and base.optim.lr a setting under it"):
         load(base={"optim": 3, "optim.lr": 0.01}, grid={"recipe": ["ce"]})
     for spec in ({"grid": {"recipe": ["ce"], "optim": [{"lr": 0.1}], "optim.gamma": [0.5]}},

@@ -143,11 +143,11 @@ def _unread_by(key: str, value: Any, protocol: str) -> str:
 
 def load_sweep(path: str, overrides=()) -> SweepSpec:
     data, where = read_config_file("sweep", path)
+    if isinstance(data.get("base"), dict):  # base: {optim.lr: 0.01} was refused as unknown "under the top level";
+        data["base"] = _nested(data["base"], "base.")  # nested before --set, which wins over it (a review)
     data = apply_overrides(data, overrides)
     if isinstance(data.get("grid"), dict):  # `--set grid.optim.lr=[...]` nests: the grid's keys are dotted
         data["grid"] = flatten(data["grid"])
-    if isinstance(data.get("base"), dict):  # base: {optim.lr: 0.01} was refused as unknown "under the top level"
-        data["base"] = _nested(data["base"], "base.")
     if "store" not in data:
         raise ConfigError(f"{where} needs `store:` (a store made by `embedcache extract`)")
     _refuse_run_settings_on_top(data)
@@ -173,6 +173,8 @@ def _nested(settings: Dict, where: str) -> Dict:
             if not isinstance(node, dict):
                 raise ConfigError(f"{where}{'.'.join(path[:i + 1])} is given a value and {where}{key} a setting under "
                                   "it; give one of them")
+        if last in node:  # optim: {lr: 0.02} beside optim.lr: 0.03 kept one without a word (a review)
+            raise ConfigError(f"{where}{key} is given twice, dotted and in its section; give it once")
         node[last] = value
     return out
 
