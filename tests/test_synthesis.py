@@ -1,6 +1,7 @@
 """Data-free synthesis (embedcache.synthesis): prompt diversification, the image optimiser, and
 stores of synthesised images, on the tiny random open_clip teacher."""
 import copy
+import json
 import math
 import warnings
 from pathlib import Path
@@ -629,7 +630,7 @@ def test_cache_key_holds_settings_not_the_numbers_style_learning_computes(tiny_t
     ("classes=[dog,'3']", r"class '3' is an id, not a name"),
     ("classes=[dog,n02084071]", r"class 'n02084071' is an id, not a name"),
     ("classes=['dog*2',cat]", "class 'dog\\*2' holds the style placeholder '\\*' of the prompts"),
-    ('classes=[cat,"dog\\tx"]', r"class 'dog\\tx' holds a control character \(a tab or a line break\)"),
+    ('classes=[cat,"dog\\tx"]', r"class 'dog\\tx' holds the control character '\\t' \(a tab or a line break\)"),
     ("image.generator=gan", "image.generator='gan' is not valid: choose one of diffusers_vae, fourier"),
     ("prompts.template='a style of a {}'", "needs the placeholder '\\*' once"),
     # braces a template or word cannot be filled with: a KeyError/IndexError traceback after the teacher loaded
@@ -718,6 +719,13 @@ def test_a_teacher_without_gradients_is_refused_in_one_line(synth_cfg, tiny_teac
         with pytest.raises(ConfigError, match="teacher 'remote' cannot synthesise images"):
             synthesize(synth_cfg("r.zarr", "teacher.name=remote", "teacher.device=auto"), log=quiet)
     assert tiny_teacher.differentiable and TEACHERS.get("conse").differentiable
+
+
+def test_class_names_with_joiners_and_no_break_spaces_are_names(synth_cfg):
+    """The control-character check refused a non-breaking space and the zero-width non-joiner that Persian and
+    Hindi spelling needs, as "a control character" (a review)."""
+    names = ("horse\u00a0shoe", "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645", "soft\u00adhyphen")
+    assert synth_cfg("u.zarr", f"classes={json.dumps(list(names))}").classes == names
 
 
 def test_a_teacher_with_image_gradients_but_no_token_embeddings_is_refused_for_style_vectors(synth_cfg, tiny_teacher):

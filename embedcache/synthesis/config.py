@@ -5,6 +5,7 @@ Everything that changes the synthesised images goes into the store's cache key (
 """
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -206,9 +207,10 @@ class SynthesizeConfig:
         for c in names:
             if c in seen:
                 raise ConfigError(f"classes lists {c!r} twice; each class once (images per class: per_class)")
-            if any(not ch.isprintable() for ch in c):  # a tab went into every prompt as typed (a trial)
-                raise ConfigError(f"class {c!r} holds a control character (a tab or a line break); give each class "
-                                  "name in plain words")
+            control = [ch for ch in c if unicodedata.category(ch) in ("Cc", "Zl", "Zp")]  # a tab went into every
+            if control:                                                                 # prompt as typed (a trial)
+                raise ConfigError(f"class {c!r} holds the control character {control[0]!r} (a tab or a line break); "
+                                  "give each class name in plain words")
             if self.prompts.placeholder in c:
                 raise ConfigError(f"class {c!r} holds the style placeholder {self.prompts.placeholder!r} of the prompts; "
                                   "rename the class, or set prompts.placeholder (and prompts.template) to another symbol")
