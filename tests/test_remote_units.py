@@ -44,6 +44,19 @@ def test_a_key_echoed_in_an_error_body_is_masked_in_any_case_or_part(echo):
     assert one_line("500 the service is overloaded, retry later", key) == "500 the service is overloaded, retry later"
 
 
+def test_key_masking_keeps_what_is_not_the_key():
+    """A URL holding the key was masked whole (which endpoint failed went with it), and any word with stars in it was
+    masked; a message cut at SCANNED raw characters left a piece of a key its cut made (a review)."""
+    from embedcache.teachers.remote.client import SCANNED, one_line
+
+    key = "SECRETKEY123abc/XYZ7+q"
+    assert one_line(f"POST https://api.x.com/v1/embed?key={key} returned 401", key) == \
+        "POST https://api.x.com/v1/embed?key=*** returned 401"
+    assert one_line("see docs ****important**** now", key) == "see docs ****important**** now"
+    cut = one_line(" " * (SCANNED - 10) + key + " tail", key)
+    assert not any(key[i:i + 4].lower() in cut.lower() for i in range(len(key) - 3)), cut
+
+
 def test_a_short_key_is_masked_only_whole():
     """A short key (a local test one) masked every word holding it: 'latest models: test-1' became '*** models: ***'
     (a review)."""

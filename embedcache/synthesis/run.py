@@ -316,7 +316,7 @@ def prepare(cfg: SynthesizeConfig, teacher: Optional[Teacher] = None, log: Calla
     require_gradients(teacher if teacher is not None else cfg.teacher.name)
     teacher = teacher or build_teacher(cfg.teacher)
     require_gradients(teacher)
-    if has_style_vectors(cfg.prompts) and type(teacher)._token_embedding is Teacher._token_embedding:
+    if has_style_vectors(cfg.prompts) and type(teacher).encode_text_styled is Teacher.encode_text_styled:
         raise ConfigError(teacher._no_styles())  # before anything is learned (it was a NotImplementedError: a trial)
     cut_size = cfg.image.cut_size or teacher.input_size
     generator = build_generator(cfg.image, cfg.canvas.size, teacher.device)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sqlite3
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
@@ -94,25 +95,36 @@ class Stats:
 
 KEY_PART = 8  # characters of a key that, found in a message in any case, mask the word holding them
 FUZZY_FROM = 16  # a key this long or longer is masked in part too; a shorter one (a local test key) only whole
-MASKED_ECHO = re.compile(r"\S*\*{3,}\S*")  # a service's own masking of a key ('sk-pro****M3n4'): masked whole
+STARRED = re.compile(r"([\w.-]*)\*{3,}([\w.-]*)")  # a service's own masking of a key: 'sk-pro****M3n4'
 SCANNED = 20_000  # characters of a message scanned for the key (an error page may be long)
 
 
 def one_line(text: str, secret: Optional[str] = None, limit: int = 200) -> str:
     """A service's message in one line, with the key masked: echoed as sent, URL-encoded or in another case (a key
     shorter than FUZZY_FROM only as a word of its own), and, for a key of FUZZY_FROM characters or more, in part: a
-    word sharing KEY_PART characters with it, or masked by the service itself ('sk-abcde****wxyz'), becomes ***.
-    Masked before it is cut to ``limit``, so no cut leaves a piece of it."""
-    text = " ".join(str(text)[:SCANNED].split())
+    word sharing KEY_PART characters with it, or the service's own masking of it (its first or last characters
+    around stars, 'sk-abcde****wxyz'), becomes ***. Masked before it is cut to ``limit``, so no cut leaves a piece
+    of it (the last word of a message cut at SCANNED is dropped: it may be a piece of the key)."""
+    raw = str(text)
+    text = " ".join(raw[:SCANNED].split())
+    if len(raw) > SCANNED:
+        text = text.rsplit(" ", 1)[0] if " " in text else ""
     if secret:
+        if len(secret) >= FUZZY_FROM:  # first: the stars of a key masked below are not the service's
+            text = STARRED.sub(lambda m: "***" if _ends_of(secret, m.group(1), m.group(2)) else m.group(), text)
         for form in {secret, quote(secret, safe="")}:  # a short key only as a word of its own: 'test' in 'latest' stays
             pattern = re.escape(form) if len(secret) >= FUZZY_FROM else rf"(?<![\w-]){re.escape(form)}(?![\w-])"
             text = re.sub(pattern, "***", text, flags=re.IGNORECASE)
         if len(secret) >= FUZZY_FROM:
             text = re.sub(r"[^\s*:;,'\"()\[\]{}<>]+", lambda m: "***" if _holds_key_part(m.group(), secret) else m.group(),
                           text)
-            text = MASKED_ECHO.sub("***", text)
     return text[:limit]
+
+
+def _ends_of(secret: str, before: str, after: str) -> bool:
+    """Whether the characters around a run of stars are the key's first or last (3 or more of them)."""
+    s = secret.lower()
+    return (len(before) >= 3 and s.startswith(before.lower())) or (len(after) >= 3 and s.endswith(after.lower()))
 
 
 def _holds_key_part(word: str, secret: str) -> bool:
@@ -370,8 +382,8 @@ class Transport:
         if n and release is not None and self.max_queries is not None:
             try:
                 release(n)
-            except OSError as exc:  # the budget only stays higher than the bill
-                warnings.warn(f"could not give back {n} budget claim(s) of {what} ({exc.strerror or exc}); the store's "
+            except (OSError, sqlite3.Error) as exc:  # the budget only stays higher than the bill
+                warnings.warn(f"could not give back {n} budget claim(s) of {what} ({getattr(exc, 'strerror', None) or exc}); the store's "
                               "count of sent queries stays that much above the bill")
 
     def replayed_from_elsewhere(self, n: int) -> None:
