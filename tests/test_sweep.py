@@ -116,6 +116,34 @@ def test_a_dry_runs_look_for_a_launch_never_waits_on_the_gate_and_finds_one_with
     assert not launch_running(tmp_path)
 
 
+@pytest.mark.parametrize("launcher", ["serial", "local"])
+def test_a_store_damaged_inside_a_chunk_stops_the_sweep_in_one_line_and_it_resumes_once_mended(synthetic_store, tmp_path,
+                                                                                                launcher):
+    """Damage found as runs read the store (a flipped byte in an embedding chunk): every run failed on it, each with
+    a traceback in its error.txt, and the sweep ended "some runs failed", exit 1 (a trial). It stops at the first,
+    in one line naming the damage and the fix, exit 2; mended, the same command finishes the sweep."""
+    import shutil
+
+    store = tmp_path / "s.zarr"
+    shutil.copytree(synthetic_store, store)
+    chunk = sorted(p for p in (store / "image" / "emb").rglob("*") if p.is_file() and p.name != "zarr.json")[0]
+    good = chunk.read_bytes()
+    raw = bytearray(good)
+    raw[len(raw) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    f = _sweep_file(tmp_path, store, grid={"recipe": ["feat_kd", "ce"], "seed": [0]}, launcher=launcher)
+    out = tmp_path / "sw"
+    res = CliRunner().invoke(main, ["sweep", str(f), "--out", str(out), "--no-progress"])
+    last = res.output.strip().splitlines()[-1]
+    assert res.exit_code == 2 and last.startswith("error: ") and "embedcache verify" in last, res.output
+    assert "(the sweep stopped: every run reads that store; 0 of 4 runs finished, the rest resume once it is mended)" \
+        in last, last
+    assert not list(out.glob("runs/*/error.txt"))  # no run's own failure
+    chunk.write_bytes(good)
+    res = CliRunner().invoke(main, ["sweep", str(f), "--out", str(out), "--no-progress"])
+    assert res.exit_code == 0 and "4 runs: 4 done now" in res.output, res.output
+
+
 def test_runs_scored_before_weights_were_recorded_stay_one_method_with_later_ones(synthetic_store, tmp_path):
     """Runs from a student.pretrained file scored before runs recorded its hash carry a settings digest without it;
     a relaunch adding a seed made the new run a method of its own (a review)."""

@@ -29,7 +29,7 @@ import pandas as pd
 from embedcache import interrupt, open_store
 from embedcache.config import (apply_overrides, away_from_defaults, build_config, dump_yaml, flatten, parse_yaml,
                                read_config_file, require_known_keys, setting, to_dict)
-from embedcache.errors import ConfigError, DiskFullError
+from embedcache.errors import ConfigError, DiskFullError, StoreDamagedError
 from embedcache.evaluate.protocols import DEFAULT_SHOTS, fewest_images, seeded_class_split
 from embedcache.device import resolve_device
 from embedcache.fileio import atomic_write_text, one_line_when_full
@@ -872,7 +872,7 @@ def _launch(spec: SweepSpec, sweep_dir: str, points: List[SweepPoint], name: str
             statuses += LAUNCHERS.get(name)(todo, spec, sweep_dir, device=device, progress=progress, **launcher_args)
         stopped = interrupt.requested()
     counts = {s: sum(1 for x in statuses if x["status"] == s)
-              for s in ("done", "skipped", "failed", "busy", "interrupted", "disk_full")}
+              for s in ("done", "skipped", "failed", "busy", "interrupted", "disk_full", "store_damaged")}
     for x in statuses:
         if x["status"] == "failed":
             where = Path(sweep_dir) / "runs" / x["run"] / "error.txt"
@@ -882,6 +882,10 @@ def _launch(spec: SweepSpec, sweep_dir: str, points: List[SweepPoint], name: str
     if counts["disk_full"]:
         raise DiskFullError(f"disk full while writing {sweep_dir}: {finished} of {len(points)} runs finished, the "
                             "rest are resumable; free space, then rerun the same command to resume")
+    damaged = [x["error"] for x in statuses if x["status"] == "store_damaged"]
+    if damaged:
+        raise StoreDamagedError(f"{damaged[0]} (the sweep stopped: every run reads that store; {finished} of "
+                                f"{len(points)} runs finished, the rest resume once it is mended)")
     if stopped or counts["interrupted"]:
         raise SweepInterrupted(f"interrupted: {finished} of {len(points)} runs finished (trained and scored); rerun "
                                "the same command to resume")

@@ -26,7 +26,7 @@ from ..config import TrainConfig
 from .worker import SweepPoint, result_path, run_job
 
 LAUNCHERS = Registry("launcher")
-STOP_STATUSES = ("interrupted", "disk_full")  # after one of these, no new run starts
+STOP_STATUSES = ("interrupted", "disk_full", "store_damaged")  # after one of these, no new run starts
 
 
 class Progress:

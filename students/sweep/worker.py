@@ -2,8 +2,8 @@
 
 Statuses: done (trained and scored now), skipped (its results already exist), busy (another worker
 holds it), failed (its own error, recorded in error.txt; the others go on), interrupted (a stop was
-requested: it saved a checkpoint and is resumable), disk_full (it is resumable; the sweep stops
-scheduling and says so).
+requested: it saved a checkpoint and is resumable), disk_full and store_damaged (it is resumable; the
+sweep stops scheduling and says so).
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from typing import Dict, Optional
 
 from embedcache import interrupt
 from embedcache.config import flatten, replace, to_dict
+from embedcache.errors import StoreDamagedError
 from embedcache.fileio import atomic_write, is_disk_full
 
 from ..config import TrainConfig
@@ -111,10 +112,12 @@ def _finish(run: RunDir, spec, point: SweepPoint, sweep_dir: str) -> Dict[str, s
 
 
 def _failure(run: RunDir, exc: BaseException) -> Dict[str, str]:
-    """A run's failure: a full disk (resumable, the sweep stops scheduling), or its own error,
-    recorded in error.txt (the other runs go on)."""
+    """A run's failure: a full disk or a damaged store (resumable, the sweep stops scheduling), or its own
+    error, recorded in error.txt (the other runs go on)."""
     if is_disk_full(exc):
         return {"run": run.name, "status": "disk_full", "error": str(exc)}
+    if isinstance(exc, StoreDamagedError):  # every run reads the store: each one failed on it (a trial)
+        return {"run": run.name, "status": "store_damaged", "error": str(exc)}
     run.record_failure("".join(traceback.format_exception(exc)))
     return {"run": run.name, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
 
