@@ -1125,7 +1125,13 @@ def test_a_repair_refuses_a_source_image_changed_since_the_store_was_made(make_c
                                                  rf"was made from, read from {root}\)"):
         extract(make_cfg("src.zarr", "dataset.name=folder", f"dataset.path={moved}", "block_rows=4"),
                 teacher=tiny_teacher, log=quiet)
-    (root / "cat" / "1.bmp").write_bytes(original)  # the original back: the same repair completes, exactly
+    (root / "cat" / "1.bmp").write_bytes(original)
+    (root / "cat").rename(root / "kitten")  # a class folder renamed: its prompts differ too, and the advice was
+    with pytest.raises(StoreMismatchError, match=r"its dataset and text differ \(the same settings: class folders "  # to
+                                                 r"changed since it was made: cat gone, kitten new\).*put the "  # delete it
+                                                 r"dataset's files back as they were to resume or repair it"):
+        extract(cfg, teacher=tiny_teacher, log=quiet)
+    (root / "kitten").rename(root / "cat")  # the original back: the same repair completes, exactly
     assert extract(cfg, teacher=tiny_teacher, log=quiet).complete
     _same(good, _arrays(cfg.out))
 

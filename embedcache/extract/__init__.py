@@ -64,6 +64,12 @@ def policy_of(cfg: ExtractConfig) -> ViewPolicy:
     return ViewPolicy(cfg.canvas.size, cfg.views)
 
 
+def _classes_moved(was: Dict, now: Dict) -> Tuple[List[str], List[str]]:
+    """The class names a store's dataset had and this call's has not, and the other way (a few of each)."""
+    old, new = (set((m.get("dataset") or {}).get("classes") or ()) for m in (was, now))
+    return sorted(old - new)[:3], sorted(new - old)[:3]
+
+
 def made_so(store: Store, manifest: Dict) -> Store:
     """``store``, refused in one line unless it was made from the inputs of ``manifest`` (naming what
     differs): the one check of the real run and its dry run."""
@@ -82,10 +88,14 @@ def made_so(store: Store, manifest: Dict) -> Store:
     was, now = (m.get("config", {}).get("dataset", {}).get("path") for m in (store.manifest, manifest))
     if differs == "its dataset differs" and not why and was != now:  # another folder, which a moved dataset may be
         differs += f" (its files, read from {now}, are not those it was made from, read from {was})"
-    elif differs == "its dataset differs" and not why:  # the same settings: the files under the folder changed
-        differs += " (the same settings: image files were added, removed or changed in size since it was made)"
-        advice = ("put the dataset's files back as they were to resume or repair it; or use another --out path for a "
-                  "store of the files as they are now (or delete that store if it is no longer needed)")
+    elif differs in ("its dataset differs", "its dataset and text differ") and not why:  # the same settings: the
+        gone, new = _classes_moved(store.manifest, manifest)                          # folder's files changed
+        if differs == "its dataset differs" or gone or new:  # a class folder renamed: its prompts differ too (a trial)
+            differs += (f" (the same settings: class folders changed since it was made: {', '.join(gone) or 'none'} "
+                        f"gone, {', '.join(new) or 'none'} new)" if gone or new else
+                        " (the same settings: image files were added, removed or changed in size since it was made)")
+            advice = ("put the dataset's files back as they were to resume or repair it; or use another --out path for "
+                      "a store of the files as they are now (or delete that store if it is no longer needed)")
     return store.require(manifest["key"], complete=False, differs=differs + why, advice=advice)
 
 
