@@ -1002,6 +1002,38 @@ def test_a_path_inside_a_store_names_the_store(make_cfg, tiny_teacher):
     assert CliRunner().invoke(main, ["verify", cfg.out, "--no-progress"]).exit_code == 0
 
 
+def test_a_repair_stopped_part_way_is_finished_by_verify_repair(make_cfg, tiny_teacher, monkeypatch):
+    """A `verify --repair` cut off part-way (its output piped to `head`) left the store incomplete, and a second
+    `verify --repair` said "intact; incomplete ... rerun its extract command", exit 0 (a trial): it finishes it."""
+    import embedcache.extract as extract_pkg
+    from embedcache.extract.verify import verify_store
+
+    cfg = make_cfg("stop.zarr")
+    extract(cfg, teacher=tiny_teacher, log=quiet)
+    before = _arrays(cfg.out)
+    _damage(cfg.out, "image/emb", 0)
+    _damage(cfg.out, "image/emb", 2)
+    real = extract_pkg.extract
+
+    def stopped_after_a_block(c, **kw):
+        def stop(_block):
+            raise KeyboardInterrupt
+        return real(c, on_block_done=stop, **kw)
+
+    monkeypatch.setattr(extract_pkg, "extract", stopped_after_a_block)
+    with pytest.raises(KeyboardInterrupt):
+        verify_store(cfg.out, repair=True, progress=False, log=quiet)
+    monkeypatch.setattr(extract_pkg, "extract", real)
+    with pytest.raises(StoreError, match="is incomplete"):
+        embedcache.open_store(cfg.out)
+    said = []
+    res = verify_store(cfg.out, repair=True, progress=False, log=said.append)
+    assert said[0] == f"{cfg.out}: finishing the repair a stopped `verify --repair` began", said
+    assert res.unfinished == "" and res.repaired == 1
+    _same(before, _arrays(cfg.out))
+    assert verify_store(cfg.out, progress=False, log=quiet).report.ok
+
+
 def test_a_repair_takes_where_the_images_are_now(make_cfg, tiny_teacher, tmp_path):
     """The images moved since the store was made: `verify --repair` said to set dataset.path with
     --set, an option verify did not have."""

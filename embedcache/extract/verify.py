@@ -73,6 +73,8 @@ def verify_store(path: str, repair: bool = False, overrides: Sequence[str] = (),
         unfinished = "" if st.complete else (f"incomplete ({int(st.blocks_done().sum())} of {st.num_blocks} blocks); "
                                              f"if its {producer} command is no longer running, rerun it to finish"
                                              f"{st.held_repair_note()}")
+        held = st.held_repair_blocks() if repair and not st.complete else []  # reopened by a repair, not re-done yet
+        stopped_repair = bool(held) or (repair and not st.complete and bool(st.blocks_done().all()))  # or its finish
     if edited:  # no repair re-does a manifest: the blocks and files are checked against it
         raise StoreDamagedError(f"{path}: the manifest{edited} (edited by hand?); restore the manifest (its store's "
                                 "zarr.json or HDF5 attribute, from a copy), or extract the store again")
@@ -80,6 +82,14 @@ def verify_store(path: str, repair: bool = False, overrides: Sequence[str] = (),
     out = Verified(report, len(manifest.get("checksums", {})), unfinished, remade=lost_text if repair else [])
     for a in restored:
         log(f"repaired: {a}: lost as a whole (restored from {BLOCKS_SUMMARY}, which holds the same flags and checksums)")
+    if report.ok and not report.derived and not lost_text and stopped_repair and producer == "extract":
+        log(f"{path}: finishing the repair a stopped `verify --repair` began")  # it said "intact", exit 0 (a trial)
+        from . import extract
+
+        done = extract(cfg or _repair_config(manifest, producer, path, progress, overrides), log=log)
+        out.repaired = len(held) + done.repaired
+        out.unfinished = ""
+        return out
     if report.ok and not report.derived and not lost_text:
         if overrides:
             log(f"note: {path} has nothing to repair, so --set {' '.join(overrides)} changed nothing")

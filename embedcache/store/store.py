@@ -442,15 +442,20 @@ class Store:
         except OSError:  # read-only storage: no lock can be probed, and nothing writes there
             return False
 
-    def held_repair_note(self) -> str:
-        """' (a repair is re-doing block(s) 0 from the source files, held to ...)' for an unfinished store
-        whose blocks a repair reopened and holds to what their files first gave ('' if none): its rerun
-        refuses a source image changed since, again, until the original is back."""
+    def held_repair_blocks(self) -> List[int]:
+        """The blocks a repair reopened and has not re-done yet (held to what their files first gave)."""
         done, held = self.blocks_done(), []
         for name in self.b.list_blobs("repair"):  # repair/block_000000.json, emptied once held to it
             block = name.removeprefix("repair/block_").removesuffix(".json")
             if block.isdigit() and int(block) < len(done) and not done[int(block)] and self.b.get_blob(name):
                 held.append(int(block))
+        return held
+
+    def held_repair_note(self) -> str:
+        """' (a repair is re-doing block(s) 0 from the source files, held to ...)' for an unfinished store
+        whose blocks a repair reopened and holds to what their files first gave ('' if none): its rerun
+        refuses a source image changed since, again, until the original is back."""
+        held = self.held_repair_blocks()
         if not held:
             return ""
         shown = ", ".join(map(str, held[:5])) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
