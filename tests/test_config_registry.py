@@ -92,6 +92,9 @@ def test_a_sweep_base_takes_dotted_keys_and_a_section_given_two_ways_is_not_a_tr
     assert load_sweep(str(f), ["base.optim.lr=0.05"]).base == {"optim": {"name": "sgd", "lr": 0.05}}
     with pytest.raises(ConfigError, match=r"^base.optim.lr is given twice, dotted and in its section"):
         load(base={"optim.lr": 0.01, "optim": {"lr": 0.02}}, grid={"recipe": ["ce"]})
+    parts = {"loss_args.vlalign": {"correct_only": True}, "loss_args.vlalign.k": 2}  # one section in two parts
+    for base in (parts, dict(reversed(list(parts.items())))):  # merged in either order (a review: one refused)
+        assert load(base=base, grid={"recipe": ["ce"]}).base == {"loss_args": {"vlalign": {"correct_only": True, "k": 2}}}
     with pytest.raises(ConfigError, match=r"^base.optim is given a value and base.optim.lr a setting under it"):
         load(base={"optim": 3, "optim.lr": 0.01}, grid={"recipe": ["ce"]})
     for spec in ({"grid": {"recipe": ["ce"], "optim": [{"lr": 0.1}], "optim.gamma": [0.5]}},

@@ -1028,7 +1028,7 @@ def test_a_repair_stopped_part_way_is_finished_by_verify_repair(make_cfg, tiny_t
         embedcache.open_store(cfg.out)
     said = []
     res = verify_store(cfg.out, repair=True, progress=False, log=said.append)
-    assert said[0] == f"{cfg.out}: finishing the repair a stopped `verify --repair` began", said
+    assert said[0] == f"{cfg.out}: finishing the repair stopped part-way (block(s) 2 reopened)", said
     assert res.unfinished == "" and res.repaired == 1
     _same(before, _arrays(cfg.out))
     assert verify_store(cfg.out, progress=False, log=quiet).report.ok

@@ -136,8 +136,8 @@ def test_a_store_damaged_inside_a_chunk_stops_the_sweep_in_one_line_and_it_resum
     res = CliRunner().invoke(main, ["sweep", str(f), "--out", str(out), "--no-progress"])
     last = res.output.strip().splitlines()[-1]
     assert res.exit_code == 2 and last.startswith("error: ") and "embedcache verify" in last, res.output
-    assert "(the sweep stopped: every run reads that store; 0 of 4 runs finished, the rest resume once it is mended)" \
-        in last, last
+    assert "(the sweep stopped at the first run that met it: 0 of 4 runs finished, the rest resume once it is " \
+        "mended)" in last, last
     assert not list(out.glob("runs/*/error.txt"))  # no run's own failure
     chunk.write_bytes(good)
     res = CliRunner().invoke(main, ["sweep", str(f), "--out", str(out), "--no-progress"])

@@ -83,7 +83,8 @@ def verify_store(path: str, repair: bool = False, overrides: Sequence[str] = (),
     for a in restored:
         log(f"repaired: {a}: lost as a whole (restored from {BLOCKS_SUMMARY}, which holds the same flags and checksums)")
     if report.ok and not report.derived and not lost_text and stopped_repair and producer == "extract":
-        log(f"{path}: finishing the repair a stopped `verify --repair` began")  # it said "intact", exit 0 (a trial)
+        log(f"{path}: finishing the repair stopped part-way (block(s) {', '.join(map(str, held))} reopened)" if held else
+            f"{path}: finishing its stopped extraction (every block is written; its prompts and tables were not)")
         from . import extract
 
         done = extract(cfg or _repair_config(manifest, producer, path, progress, overrides), log=log)

@@ -316,7 +316,9 @@ def prepare(cfg: SynthesizeConfig, teacher: Optional[Teacher] = None, log: Calla
     require_gradients(teacher if teacher is not None else cfg.teacher.name)
     teacher = teacher or build_teacher(cfg.teacher)
     require_gradients(teacher)
-    if has_style_vectors(cfg.prompts) and type(teacher).encode_text_styled is Teacher.encode_text_styled:
+    own = type(teacher)
+    if has_style_vectors(cfg.prompts) and (own.encode_text_styled is Teacher.encode_text_styled or (
+            own.token_table is Teacher.token_table and own._token_embedding is Teacher._token_embedding)):
         raise ConfigError(teacher._no_styles())  # before anything is learned (it was a NotImplementedError: a trial)
     cut_size = cfg.image.cut_size or teacher.input_size
     generator = build_generator(cfg.image, cfg.canvas.size, teacher.device)

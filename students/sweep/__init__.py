@@ -173,9 +173,18 @@ def _nested(settings: Dict, where: str) -> Dict:
             if not isinstance(node, dict):
                 raise ConfigError(f"{where}{'.'.join(path[:i + 1])} is given a value and {where}{key} a setting under "
                                   "it; give one of them")
-        if last in node:  # optim: {lr: 0.02} beside optim.lr: 0.03 kept one without a word (a review)
-            raise ConfigError(f"{where}{key} is given twice, dotted and in its section; give it once")
-        node[last] = value
+        node[last] = _merged(node[last], value, f"{where}{key}") if last in node else value
+    return out
+
+
+def _merged(before: Any, value: Any, key: str) -> Any:
+    """A section given in two parts (optim.sched: {...} beside optim.sched.name), merged; one setting given twice
+    (optim: {lr: 0.02} beside optim.lr: 0.03) kept one without a word (a review): refused."""
+    if not (isinstance(before, dict) and isinstance(value, dict)):
+        raise ConfigError(f"{key} is given twice, dotted and in its section; give it once")
+    out = dict(before)
+    for k, v in value.items():
+        out[k] = _merged(out[k], v, f"{key}.{k}") if k in out else v
     return out
 
 
@@ -884,7 +893,7 @@ def _launch(spec: SweepSpec, sweep_dir: str, points: List[SweepPoint], name: str
                             "rest are resumable; free space, then rerun the same command to resume")
     damaged = [x["error"] for x in statuses if x["status"] == "store_damaged"]
     if damaged:
-        raise StoreDamagedError(f"{damaged[0]} (the sweep stopped: every run reads that store; {finished} of "
+        raise StoreDamagedError(f"{damaged[0]} (the sweep stopped at the first run that met it: {finished} of "
                                 f"{len(points)} runs finished, the rest resume once it is mended)")
     if stopped or counts["interrupted"]:
         raise SweepInterrupted(f"interrupted: {finished} of {len(points)} runs finished (trained and scored); rerun "
