@@ -178,8 +178,8 @@ def _nested(settings: Dict, where: str) -> Dict:
 
 
 def _merged(before: Any, value: Any, key: str) -> Any:
-    """A section given in two parts (optim.sched: {...} beside optim.sched.name), merged; one setting given twice
-    (optim: {lr: 0.02} beside optim.lr: 0.03) kept one without a word (a review): refused."""
+    """A section given in two parts (loss_args.vlalign: {...} beside loss_args.vlalign.k), merged; one setting given
+    twice (optim: {lr: 0.02} beside optim.lr: 0.03) kept one without a word (a review): refused."""
     if not (isinstance(before, dict) and isinstance(value, dict)):
         raise ConfigError(f"{key} is given twice, dotted and in its section; give it once")
     out = dict(before)

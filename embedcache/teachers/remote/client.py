@@ -383,8 +383,9 @@ class Transport:
             try:
                 release(n)
             except (OSError, sqlite3.Error) as exc:  # the budget only stays higher than the bill
-                warnings.warn(f"could not give back {n} budget claim(s) of {what} ({getattr(exc, 'strerror', None) or exc}); the store's "
-                              "count of sent queries stays that much above the bill")
+                why = getattr(exc, "strerror", None) or exc
+                warnings.warn(f"could not give back {n} budget claim(s) of {what} ({why}); the store's count of sent "
+                              "queries stays that much above the bill")
 
     def replayed_from_elsewhere(self, n: int) -> None:
         """An answer the service replayed free of a charge no send of this ledger made (another client's,
