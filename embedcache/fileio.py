@@ -243,11 +243,12 @@ def try_exclusive_lock(path: PathLike, probe: bool = False):
 
 def _flocked(path: PathLike, wait: bool, probe: bool = False):
     """An fd of ``path`` (created if needed) holding its exclusive ``flock``; None when ``wait`` is False
-    and another process holds it. ``probe``: only an existing file, opened read-only (a reader without
-    write access to a store may still see whether a writer holds it)."""
+    and another process holds it. ``probe``: only an existing file, opened for writing where it can be (NFS
+    maps flock to POSIX locks, whose exclusive kind needs it), else read-only (a reader without write access
+    to a store may still see whether a writer holds it)."""
     import fcntl
 
-    fd = os.open(path, os.O_RDONLY) if probe else os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    fd = _open_probe(path) if probe else os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -257,6 +258,15 @@ def _flocked(path: PathLike, wait: bool, probe: bool = False):
         os.close(fd)
         raise
     return fd
+
+
+def _open_probe(path: PathLike) -> int:
+    try:
+        return os.open(path, os.O_RDWR)
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+    return os.open(path, os.O_RDONLY)
 
 
 def utc_now() -> str:

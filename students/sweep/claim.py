@@ -9,13 +9,14 @@ maps flock to POSIX locks there).
 """
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import socket
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Union
+
+from embedcache.fileio import try_exclusive_lock
 
 
 class Claim:
@@ -111,46 +112,33 @@ def launch_running(sweep_dir: Path) -> bool:
     d = Path(sweep_dir)
     if not (d / ".live.lock").is_file():  # made by every launch: none has come (or the lock files were deleted)
         return False
-    gate = _lock_file(d / ".launch.lock")
+    gate = _lock_within(d / ".launch.lock", GATE_WAIT_S)
+    if gate is HELD:
+        return True
     try:
-        if gate is not None and not _take_within(gate, GATE_WAIT_S):
-            return True
-        live = _lock_file(d / ".live.lock")
-        if live is None:
-            return False
-        try:
-            return not _take_within(live, 0.0)
-        finally:
+        live = _lock_within(d / ".live.lock", 0.0)
+        if isinstance(live, int):
             os.close(live)  # closing lets the lock go
+        return live is HELD
     finally:
-        if gate is not None:
+        if isinstance(gate, int):
             os.close(gate)
 
 
-def _lock_file(path: Path) -> Optional[int]:
-    """A lock file opened for an exclusive lock: for writing where it can be (NFS maps flock to POSIX locks, whose
-    exclusive kind needs it), else for reading (a read-only folder on a local disk); None when it is gone."""
-    try:
-        return os.open(path, os.O_RDWR)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise
-    try:
-        return os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
+HELD = object()  # _lock_within: another holds the lock
 
 
-def _take_within(fd: int, seconds: float) -> bool:
-    """Take an exclusive lock on ``fd``, trying for ``seconds``; whether it was taken."""
+def _lock_within(path: Path, seconds: float) -> Union[int, None, object]:
+    """An fd holding ``path``'s exclusive lock (``try_exclusive_lock``'s probe), tried for ``seconds``; None when
+    the file is gone, HELD when another holds it still."""
     end = time.monotonic() + seconds
     while True:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            if time.monotonic() >= end:
-                return False
-            time.sleep(0.05)
+            fd = try_exclusive_lock(path, probe=True)
+        except FileNotFoundError:
+            return None
+        if fd is not None:
+            return fd
+        if time.monotonic() >= end:
+            return HELD
+        time.sleep(0.05)
