@@ -16,8 +16,6 @@ import time
 from pathlib import Path
 from typing import Union
 
-from embedcache.fileio import try_exclusive_lock
-
 
 class Claim:
     def __init__(self, run_dir: Path):
@@ -131,6 +129,8 @@ HELD = object()  # _lock_within: another holds the lock
 def _lock_within(path: Path, seconds: float) -> Union[int, None, object]:
     """An fd holding ``path``'s exclusive lock (``try_exclusive_lock``'s probe), tried for ``seconds``; None when
     the file is gone, HELD when another holds it still."""
+    from embedcache.fileio import try_exclusive_lock  # here: this module alone loads in milliseconds (its tests)
+
     end = time.monotonic() + seconds
     while True:
         try:
