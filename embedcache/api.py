@@ -287,7 +287,8 @@ class StoreReader:
         from .teachers import build_teacher
 
         cfg = TeacherConfig(**self._manifest["config"]["teacher"])
-        teacher = self.require_teacher(build_teacher(cfg), "pass the original teacher or an embedding as the query")
+        made = build_teacher(cfg, embed_dim=self._manifest["teacher"].get("embed_dim"))  # a paid probe of it, spared
+        teacher = self.require_teacher(made, "pass the original teacher or an embedding as the query")
         if callable(getattr(teacher, "budget_from", None)):  # a paid service: new prompts cost money
             warnings.warn(self._paid_queries(teacher, cfg.max_queries), stacklevel=said_at)
         self._teacher = teacher

@@ -631,6 +631,25 @@ def test_text_queries_of_a_finished_store_are_held_within_its_budget_and_said_to
         assert other.load_teacher() is other.load_teacher()  # kept: no second warning, no second probe
 
 
+def test_a_reloaded_teacher_takes_its_dimension_from_the_store_not_a_paid_probe(tmp_path, tiny_teacher_cfg,
+                                                                                 tiny_teacher, key_env):
+    """A service that does not say its dimension (the OpenAI shape) is asked one paid text to learn it, unless
+    the ledger knows it. A store's reader reloading the teacher with a ledger that does not (another machine, a
+    deleted ledger) paid that probe before the store's budget was attached; the store records the dimension."""
+    app = service_app("openai", tiny_teacher_cfg, tiny_teacher, tmp_path)
+    with LiveServer(app) as url:
+        cfg = remote(tmp_path, "r.zarr", tiny_teacher_cfg, "openai", url, "teacher.max_queries=200")
+        assert extract(cfg, log=quiet).complete
+        paid = charged(app)[0]
+        (tmp_path / "client.sqlite").unlink()  # a ledger that knows nothing of this service
+        store = embedcache.open_store(cfg.out)
+        with pytest.warns(UserWarning, match="are paid queries"):
+            teacher = store.load_teacher()
+        assert teacher.embed_dim == tiny_teacher.embed_dim and charged(app)[0] == paid
+        store.nearest_classes("a photo of something new", k=1)
+        assert charged(app)[0] == paid + 1  # the query itself, within the budget
+
+
 def test_a_complete_store_reruns_as_nothing_to_do_with_its_service_down(tmp_path, tiny_teacher_cfg, tiny_teacher,
                                                                          key_env):
     """Rerunning a finished remote store needed the server (exit 75, "rerun to resume" of a complete

@@ -122,8 +122,11 @@ class RemoteTeacher(Teacher):
     # The service normalises. Here "normalised" input is [0, 1] pixels: encode_image(x) sends to_uint8(x).
     mean = (0.0, 0.0, 0.0)
     std = (1.0, 1.0, 1.0)
+    asks_dim = True  # a service that does not say its dimension is asked one paid text (``build_teacher``)
 
-    def __init__(self, cfg: TeacherConfig):
+    def __init__(self, cfg: TeacherConfig, embed_dim: Optional[int] = None):
+        """``embed_dim``: what a store made by this teacher records, asked of no service (its answers are
+        still held to it)."""
         if not cfg.url:
             raise ConfigError("the remote teacher needs teacher.url (e.g. --set teacher.url=http://127.0.0.1:8000)")
         self.cfg = cfg
@@ -164,7 +167,7 @@ class RemoteTeacher(Teacher):
         self.begin_plan()
         self._say_small_request_limit()
         self.embed_dim = int(cfg.dimensions or self.server.get("embed_dim") or self.ledger.any_dim(self._ctx["text"])
-                             or self._probe_dim())
+                             or embed_dim or self._probe_dim())
         if self.server.get("embed_dim") and cfg.dimensions and int(self.server["embed_dim"]) != cfg.dimensions:
             raise ConfigError(f"teacher.dimensions={cfg.dimensions} but the server at {self.url} embeds in "
                               f"{self.server['embed_dim']} dimensions")
