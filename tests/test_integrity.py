@@ -642,7 +642,7 @@ def test_text_queries_load_the_teacher_once(synthetic_store, monkeypatch):
 
     calls = []
     real = teachers.build_teacher
-    monkeypatch.setattr(teachers, "build_teacher", lambda cfg: calls.append(cfg) or real(cfg))
+    monkeypatch.setattr(teachers, "build_teacher", lambda cfg, **kw: calls.append(cfg) or real(cfg, **kw))
     s = embedcache.open_store(str(synthetic_store))
     for q in ("a photo of a circle.", "a photo of a square."):
         s.nearest_images(q, k=2)

@@ -18,6 +18,7 @@ from embedcache.cli import main
 from embedcache.config import replace
 from embedcache.errors import StoreDamagedError, StoreError
 from embedcache.store import BACKENDS, Store, plan_layout
+from embedcache.store.layout import add_text_arrays
 from embedcache.store.integrity import checksum
 from embedcache.students.config import OptimConfig, SplitConfig, StudentConfig, TrainConfig
 from embedcache.students.train import train
@@ -289,6 +290,70 @@ def test_store_operations_on_every_backend(blank_store):
     assert not st.complete and st.blocks_done().tolist() == [True, False, True]
     st.write_block(1, blocks[1])
     assert st.blocks_done().all()
+
+
+def test_a_derived_array_written_again_in_another_dtype_is_refused_and_the_old_one_kept(blank_store):
+    """The array kept its first dtype and cast the new data into it, while the record took the new dtype and a
+    checksum of the uncast data: every later read said the store was damaged (a review)."""
+    st = blank_store
+    st.put_derived("x", np.ones((10, 4), np.float32), {"kind": "test"})
+    with pytest.raises(StoreError, match=r"derived array x in .* is \(10, 4\) float32, not \(10, 4\) float64"):
+        st.put_derived("x", np.full((10, 4), 0.1), {"kind": "test"})
+    assert st.derived()["x"]["complete"] and st.derived()["x"]["dtype"] == "float32"
+    np.testing.assert_array_equal(st.read_derived("x"), np.ones((10, 4), np.float32))
+
+
+def test_an_unfinished_stores_text_arrays_are_refused_block_by_block_as_whole(tmp_path):
+    """``read`` refused an unfinished store's text arrays (zeros till it finishes, read as scores of 0);
+    ``read_blocks`` gave the zeros (a review)."""
+    layout = plan_layout(8, 2, 8, 8, False, 4)
+    add_text_arrays(layout, {"name": 3}, 3, 8)
+    manifest = {"schema": embedcache.store.SCHEMA_VERSION, "key": "k", "complete": False}
+    with Store.create(str(tmp_path / "s.zarr"), manifest, layout) as st:
+        for read in (st.read, lambda name: list(st.read_blocks(name))):
+            with pytest.raises(StoreError, match="not finished"):
+                read("text/name/class_emb")
+
+
+def test_a_stores_embeddings_digest_is_taken_again_once_its_blocks_are_rewritten(blank_store):
+    """``refresh`` forgot the contents digest but kept the embeddings digest: a Store asked before a repair
+    answered the old one after it (a review)."""
+    st = blank_store
+    for b in range(st.num_blocks):
+        st.write_block(b, _block(st, b, b))
+    st.put_table("meta.parquet", pd.DataFrame({"index": range(10)}))
+    st.put_table("text.parquet", pd.DataFrame({"source": ["name"]}))
+    st.finish()
+    before = st.embeddings_digest()
+    st.reopen_blocks([1])
+    st.write_block(1, _block(st, 1, 99))
+    st.finish()
+    assert st.embeddings_digest() != before
+
+
+def test_a_store_that_fails_as_it_opens_or_is_made_closes_its_file(tmp_path, monkeypatch):
+    """A failure while a store opened (not one of its own refusals) or a refusal of a store just made left the
+    HDF5 file open, and so locked, in the process (a review)."""
+    import embedcache.extract as extract_mod
+    from embedcache.store.backends import HDF5Backend
+
+    from conftest import block_store
+
+    path, _ = block_store(tmp_path, "hdf5")
+    open_now, init, close = set(), HDF5Backend.__init__, HDF5Backend.close
+    monkeypatch.setattr(HDF5Backend, "__init__", lambda self, *a, **k: open_now.add(id(self)) or init(self, *a, **k))
+    monkeypatch.setattr(HDF5Backend, "close", lambda self: (open_now.discard(id(self)), close(self)))
+    with monkeypatch.context() as m:
+        m.setattr(HDF5Backend, "recover", lambda self, arrays: (_ for _ in ()).throw(OSError("cut off")))
+        with pytest.raises(OSError, match="cut off"):
+            Store(path, "a")
+    assert not open_now
+    monkeypatch.setattr(extract_mod, "made_so", lambda st, manifest: (_ for _ in ()).throw(StoreError("made otherwise")))
+    layout = plan_layout(10, 2, 4, 8, True, 4)
+    manifest = {"schema": embedcache.store.SCHEMA_VERSION, "key": "k", "complete": False}
+    with pytest.raises(StoreError, match="made otherwise"):
+        extract_mod.open_or_create(replace(extract_mod.ExtractConfig(), out=str(tmp_path / "new.h5")), manifest, layout)
+    assert not open_now
 
 
 def test_a_damaged_block_is_refused_on_every_backend(blank_store):

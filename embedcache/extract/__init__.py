@@ -146,7 +146,12 @@ def open_or_create(cfg: ExtractConfig, manifest: Dict, layout: Dict) -> Store:
     made_for_it = backend == "zarr" and os.path.isdir(cfg.out) and not os.listdir(cfg.out)  # `mkdir` first: fine
     if os.path.exists(cfg.out) and not made_for_it:
         raise ConfigError(f"--out {cfg.out} exists and is not {a_store_of(backend)}; choose another path")
-    return made_so(Store.create(cfg.out, manifest, layout, backend), manifest)
+    store = Store.create(cfg.out, manifest, layout, backend)
+    try:
+        return made_so(store, manifest)
+    except Exception:
+        store.close()
+        raise
 
 
 @dataclass

@@ -226,16 +226,21 @@ class Store:
         self.b = cls(self.path, mode)
         self._contents: Optional[str] = None  # contents_digest, once read
         self._embeddings: Optional[str] = None  # embeddings_digest, once read
+        try:  # a refusal (or a failure) closes the backend: an HDF5 file left open stays locked in the process
+            self._read_and_check(mode, rebuild_text)
+        except BaseException:
+            self.close()
+            raise
+
+    def _read_and_check(self, mode: str, rebuild_text: bool) -> None:
         self.manifest: Dict[str, Any] = self.b.get_attr("manifest") or {}
         self.layout: Dict[str, Any] = self.b.get_attr("layout") or {}
         if mode != "r":  # a re-chunk a kill cut off, put right first
             self.b.recover(self.layout.get("block_arrays", ()))
         if not self.manifest:
-            self.close()
             raise StoreMismatchError(f"{self.path} is not an embedcache store (it has no manifest); give a store's path, "
                                      "or another --out for a new one (a store whose creation was cut off: delete it)")
         if self.manifest.get("schema") != SCHEMA_VERSION:
-            self.close()
             raise StoreMismatchError(f"store {self.path} has schema {self.manifest.get('schema')!r}, this embedcache reads "
                                      f"schema {SCHEMA_VERSION}; re-extract it with this version (use a new --out)")
         self._refuse_altered_layout()
@@ -246,7 +251,6 @@ class Store:
         array is read by it, so every value read would be wrong."""
         want = self.manifest.get(LAYOUT_KEY)
         if want is not None and _layout_sum(self.layout) != int(want):
-            self.close()
             raise StoreDamagedError(f"{self.path}: its layout (the store's 'layout' attribute) does not match the "
                                     "checksum its manifest keeps: it was changed since embedcache wrote it, and every "
                                     "array is read by it; put it back, or delete the store and rerun the command "
@@ -293,7 +297,6 @@ class Store:
             if rebuild_text:
                 self.lost_text, self.lost_books = text, books
                 return
-            self.close()
             said = [part for part, lost in ((("the prompts' embeddings", "encodes the prompts again"), text),
                                             (("the blocks' bookkeeping", f"restores it from its {BLOCKS_SUMMARY}"), books))
                     if lost]
@@ -301,7 +304,6 @@ class Store:
                                     f"as a whole); `embedcache verify --repair {self.path}` (or the store's own command) "
                                     f"{' and '.join(f for _, f in said)}")
         if missing:
-            self.close()
             raise StoreDamagedError(f"{self.path}: array {missing[0]} is missing ({len(missing)} of the store's "
                                     f"{len(self.layout['arrays'])} arrays lost as a whole), so it cannot be repaired "
                                     "block by block; delete the store and rerun the command that made it (a paid "
@@ -327,7 +329,6 @@ class Store:
                                                                                      f"{tuple(spec['chunks'])}")
                     why = "its rows would be read from other chunks"
             if got != want:
-                self.close()
                 raise StoreDamagedError(
                     f"{self.path}: array {a} reads as {got[0]} {got[1]}, but it was written as {want[0]} "
                     f"{want[1]} (its metadata altered: {why}); put its metadata back, or "
@@ -640,7 +641,7 @@ class Store:
         self.b.refresh()
         self.manifest = self.b.get_attr("manifest") or {}
         self.__dict__.pop("_kept", None)
-        self._contents = None
+        self._contents = self._embeddings = None
 
     def _own_bookkeeping(self) -> Tuple[np.ndarray, np.ndarray]:
         """Every block's checksums and done flag from the blocks' own arrays (not the summary)."""
@@ -782,10 +783,7 @@ class Store:
     def read(self, name: str, verify: bool = True) -> np.ndarray:
         """The whole array, checked against its checksums (refused with a one-line error if damaged):
         read in pieces, each checked right after it is read (pieces.py)."""
-        if not self.b.has(name):
-            raise StoreError(f"store {self.path} has no array {name}")
-        if name.startswith("text/") and not self.complete and name not in self._pending_sums:
-            raise self._unfinished(name)  # written as the store finishes: zeros till then (read as scores of 0)
+        self._require_readable(name)
         out = np.empty(self.b.shape(name), self.b.dtype(name))
         parts, sums = self._checked_parts(name, len(out), verify)
         seeds = [self._seed(name, part) for part in range(len(parts))]
@@ -821,11 +819,16 @@ class Store:
         except Exception:
             return False
 
+    def _require_readable(self, name: str) -> None:
+        if not self.b.has(name):
+            raise StoreError(f"store {self.path} has no array {name}")
+        if name.startswith("text/") and not self.complete and name not in self._pending_sums:
+            raise self._unfinished(name)  # written as the store finishes: zeros till then (read as scores of 0)
+
     def read_blocks(self, name: str) -> Iterator[Tuple[int, np.ndarray]]:
         """(first row, rows) of an array one row block at a time, each block checked against its
         checksum as ``read`` checks it: for an array too large to hold whole (a large store's pixels)."""
-        if not self.b.has(name):
-            raise StoreError(f"store {self.path} has no array {name}")
+        self._require_readable(name)
         shape, dtype = self.b.shape(name), self.b.dtype(name)
         parts, sums = self._checked_parts(name, shape[0], True)
         for part, (start, stop) in enumerate(parts):
@@ -1071,14 +1074,17 @@ class Store:
     def put_derived(self, name: str, data: np.ndarray, info: Dict[str, Any]) -> str:
         """Write ``derived/<name>`` whole, then mark it complete with its checksum (last)."""
         path = f"derived/{name}"
+        if self.b.has(path):  # written again in place: a cast would hold other numbers than its checksum's
+            held = (tuple(self.b.shape(path)), np.dtype(self.b.dtype(path)))
+            if held != (tuple(data.shape), data.dtype):
+                raise StoreError(f"derived array {name} in {self.path} is {held[0]} {held[1]}, not {tuple(data.shape)} "
+                                 f"{data.dtype}")
         meta = self.derived()
         meta[name] = {**info, "shape": list(data.shape), "dtype": str(data.dtype), "complete": False}
         self.b.set_attr("derived", meta)
         if not self.b.has(path):
             rows = max(1, min(len(data), (8 << 20) // max(1, data[:1].nbytes)))
             self.b.create_array(path, data.shape, data.dtype, (rows,) + tuple(data.shape[1:]), "none")
-        elif tuple(self.b.shape(path)) != tuple(data.shape):
-            raise StoreError(f"derived array {name} in {self.path} has shape {self.b.shape(path)}, not {data.shape}")
         self.b.write(path, 0, data)
         self.b.flush()
         meta[name].update(complete=True, crc32c=checksum(data))
