@@ -61,7 +61,7 @@ def train(store, recipe, student, config_path, out, device, overrides, no_progre
 def _where_a_run_config_trains(config_path: str, cfg) -> str:
     """The note for `train --config RUN/config.json` without --out: the run's settings name their own
     default folder, which is that run's when it was trained without --out."""
-    from embedcache.students.train import default_out
+    from embedcache.students.identity import default_out
 
     own, target = os.path.dirname(config_path) or ".", default_out(cfg)
     if os.path.realpath(own) == os.path.realpath(target):

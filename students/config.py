@@ -206,8 +206,7 @@ def check_milestones(cfg: TrainConfig) -> None:
 def selection_points(cfg: TrainConfig) -> int:
     """The validations a run chooses its best checkpoint among: those after its last stage begins (VL2V-ADiP's
     comes from Distill), every eval_every steps and at the end."""
-    from .recipes import RECIPES
-    from .train import stage_ends
+    from .recipes import RECIPES, stage_ends
 
     ends = stage_ends(RECIPES.get(cfg.recipe), cfg.steps)
     start = ends[-2] if len(ends) > 1 else 0
@@ -216,8 +215,7 @@ def selection_points(cfg: TrainConfig) -> int:
 
 def _check_stages(cfg: TrainConfig) -> None:
     """Every stage of the recipe gets at least one step (vl2v_adip with steps=1 skipped a stage)."""
-    from .recipes import RECIPES
-    from .train import stage_ends
+    from .recipes import RECIPES, stage_ends
 
     recipe = RECIPES.get(cfg.recipe)
     ends = [0] + stage_ends(recipe, cfg.steps)

@@ -30,8 +30,8 @@ from .losses import BatchContext
 from .optim import optimizer_step
 from .recipes import RECIPES
 from .rundir import RunDir
-from .train import (NOT_IN_NAME, RunResult, Trainer, add_running, one_trainer, set_trainable, settled_time,
-                    stage_loss)
+from .identity import NOT_IN_NAME
+from .train import RunResult, Trainer, add_running, one_trainer, set_trainable, settled_time, stage_loss
 
 FREE = ("seed", "optim.lr", "optim.weight_decay")  # what may differ between the heads of a pack
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass, field, replace
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 from embedcache.errors import ConfigError
 from embedcache.registry import Registry
@@ -221,3 +221,14 @@ def check_losses(cfg) -> None:
         if logits and not recipe.classifier:
             raise ConfigError(f"recipe {cfg.recipe}'s student has no linear classifier for ce or kd on logits; "
                               "start from a recipe with one (ce, naive_kd, linear_probe)")
+
+
+def stage_ends(recipe: Recipe, steps: int) -> List[int]:
+    """The step at which each stage ends (the last one at ``steps``)."""
+    total = sum(s.fraction for s in recipe.stages)
+    ends, acc = [], 0.0
+    for s in recipe.stages:
+        acc += s.fraction
+        ends.append(int(round(steps * acc / total)))
+    ends[-1] = steps
+    return ends

@@ -30,7 +30,7 @@ from .data import StoreData
 from .leakage import seen_rows
 from .providers import student_views
 from .rundir import RunDir
-from .train import digest_of_settings, settings_record
+from .identity import digest_of_settings, settings_record
 
 
 @torch.no_grad()

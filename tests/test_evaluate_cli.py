@@ -671,7 +671,7 @@ def test_runs_trained_with_other_settings_are_never_one_methods_replicates(runs,
     old = df.assign(settings=np.where(df.run == "ce-1", "-", df.settings))
     assert sorted(summary_table(old, "out_of_domain")["replicates"]) == ["1", "1", "1"]
     # a naive_kd run from before the recipe records ran another KD: its digest says so
-    from embedcache.students.train import settings_digest
+    from embedcache.students.identity import settings_digest
 
     nkd = TrainConfig(store=str(synthetic_store), recipe="naive_kd")
     from embedcache.students.recipes import definition, recipe_of

@@ -375,7 +375,7 @@ def test_validation_rows_drawn_by_domain_stay_whichever_domain_is_held_out(make_
     held-out domain (a new user's DomainBed-style sweep); split.val_by_domain draws each domain's from
     its own seed, as DomainBed fixes them. The default keeps the draw the earlier runs were made with."""
     from embedcache.extract import extract
-    from embedcache.students.train import run_name
+    from embedcache.students.identity import run_name
 
     res = extract(make_cfg("three.zarr", "dataset.num_domains=3", "dataset.per_class=5"), teacher=tiny_teacher, log=quiet)
     domains = ["noisy", "outline", "solid"]
@@ -603,7 +603,7 @@ def test_skip_plain_view_trains_on_augmented_views_only(synthetic_store, tmp_pat
     1/V share of the training images left un-augmented, with no way to leave it out. skip_plain_view
     draws from views 1..k-1; by default the draws stay exactly what they were (runs keep their names)."""
     from embedcache.students.data import StoreData
-    from embedcache.students.train import NAMED_WHEN_SET, NOT_IN_NAME, run_name, settings_identity
+    from embedcache.students.identity import NAMED_WHEN_SET, NOT_IN_NAME, run_name, settings_identity
 
     drawn = {}
 
@@ -838,7 +838,7 @@ def test_loss_weights_and_arguments_of_a_run(synthetic_store, tmp_path):
     stage; the run trains with them, its name changes, a default run's name does not."""
     from embedcache.config import build_config
     from embedcache.students.recipes import RECIPES, recipe_of
-    from embedcache.students.train import run_name
+    from embedcache.students.identity import run_name
 
     cfg = _cfg(synthetic_store, tmp_path, loss_weights={"imcst": 0, "mse": 2.0}, loss_args={"vlalign": {"k": 2}},
                steps=4, eval_every=2, ckpt_every=2)
@@ -927,7 +927,7 @@ def test_a_run_without_out_is_found_again_however_its_store_is_spelled(synthetic
     from dataclasses import replace
     from pathlib import Path
 
-    from embedcache.students.train import default_out, run_name
+    from embedcache.students.identity import default_out, run_name
 
     work = tmp_path / "work"
     shutil.copytree(synthetic_store, work / "stores" / "s.zarr")
@@ -1259,7 +1259,8 @@ def test_an_input_size_a_clip_tower_cannot_take_is_one_line(tiny_clip_dir):
 def test_a_schedule_across_a_recipes_stages_is_said_with_the_last_stages_rates(synthetic_store, tmp_path):
     """vl2v_adip under cosine trained its Distill stage, which the kept model comes from, at the tail of
     one schedule across both stages (lr 6.7e-5 of 1e-3 at its end) with nothing said (a trial)."""
-    from embedcache.students.train import OptimConfig, stage_ends
+    from embedcache.students.recipes import stage_ends
+    from embedcache.students.train import OptimConfig
     from embedcache.students.recipes import RECIPES
 
     said = []
@@ -1412,7 +1413,7 @@ def test_a_head_trained_on_a_random_frozen_backbone_is_said(synthetic_store, tmp
     """A shipped CPU sweep trained vl2v_adip's Align stage on a from-scratch backbone's random features,
     its rows named vl2v_adip, without a word (an audit): train and sweep say so."""
     from embedcache.students.sweep import frozen_random_sweep_note
-    from embedcache.students.train import frozen_random_note
+    from embedcache.students.notes import frozen_random_note
 
     def note(recipe, **student):
         return frozen_random_note(_cfg(synthetic_store, tmp_path, recipe, student=StudentConfig(**student)))

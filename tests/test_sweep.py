@@ -152,7 +152,7 @@ def test_runs_scored_before_weights_were_recorded_stay_one_method_with_later_one
 
     from embedcache.students.models import StudentConfig, build_student
     from embedcache.students.rundir import RunDir
-    from embedcache.students.train import settings_digest
+    from embedcache.students.identity import settings_digest
 
     torch.manual_seed(1)
     weights = tmp_path / "w.safetensors"
@@ -581,7 +581,7 @@ def test_a_run_keeps_its_name_when_settings_are_added():
     run at the new setting's default is the name it had before (computed with the code of 1db5533)."""
     from embedcache.config import replace
     from embedcache.students.config import StudentConfig, TrainConfig
-    from embedcache.students.train import run_name
+    from embedcache.students.identity import run_name
 
     cfg = TrainConfig(store="s.zarr", recipe="li_iccv23", student=StudentConfig(name="resnet18"))
     assert run_name(cfg) == "li_iccv23-resnet18-56163929bb"

@@ -40,9 +40,9 @@ from ..features import missing_features
 from ..finetune import MODES as FINETUNE_MODES, mixed_on_transfer
 from ..recipes import RECIPES, definition_change, text_source_of
 from ..rundir import RunDir, embeddings_differ, images_differ, require_folder_for
-from ..train import (NAMED_WHEN_SET, ONE_VALIDATION, STORE_KEY, UNIDENTIFYING, by_store_key, check_fresh_run,
-                     frozen_random_note, run_name, schedule_spans_stages, selection_rule,
-                     settings_identity)
+from ..identity import NAMED_WHEN_SET, STORE_KEY, UNIDENTIFYING, by_store_key, run_name, settings_identity
+from ..notes import frozen_random_note, schedule_spans_stages
+from ..train import ONE_VALIDATION, check_fresh_run, selection_rule
 from .claim import Launch, launch_running
 from .launchers import LAUNCHERS, check_options, unread_settings
 from .tables import (RUNS_EVER, collect, grid_runs, left_out_note, outside_note, partial_note, read_listed, unscored,

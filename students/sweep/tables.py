@@ -14,7 +14,7 @@ from embedcache.evaluate.results import merge, read_results
 from embedcache.fileio import atomic_write
 
 from ..rundir import RunDir
-from ..train import digest_of_settings
+from ..identity import digest_of_settings
 from .worker import SweepPoint, result_path
 
 RUNS_EVER = "runs_ever.json"  # every run name any launch's grid held: a sweep run's, whatever was deleted since
