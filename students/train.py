@@ -7,7 +7,7 @@ The run is assembled from parts with seams, each small enough to hold in one's h
 - optimizer and schedule (``optim.py``), weight averaging (``averaging.py``), registries all;
 - model selection (``Selection``): the last weights, or the best in-domain validation checkpoint
   (DomainBed's training-domain validation, as VL2V-ADiP selects);
-- checkpoints and the run directory (``rundir.py``).
+- checkpoints and the run directory (``rundir.py``); what names a run and may resume it (``identity.py``).
 
 Batches are a function of (seed, step) alone and the dropout generators are reseeded every step,
 so a run resumed from its checkpoint ends with the same weights as an uninterrupted one. Losses
