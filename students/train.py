@@ -133,21 +133,23 @@ def validate(model: Student, inputs, targets, data: StoreData, rows: np.ndarray,
     modes = [(m, m.training) for m in model.modules()]  # a frozen backbone must stay in eval mode after
     model.eval()
     preds, loss_sum, ce_sum = [], 0.0, 0.0
-    for i in range(0, len(rows), batch):
-        interrupt.check("validating")  # the last checkpoint stands; a resumed run redoes the steps since
-        r = rows[i:i + batch]
-        v0 = np.zeros(len(r), int)
-        o = forward(model, inputs, r, v0, frozen_backbone=True)
-        if not finite_outputs(o):
-            raise NonFiniteOutputs
-        preds.append(o["logits"].argmax(1).cpu().numpy() if predict_with == "linear"
-                     else nearest_label(o["emb"].float().cpu().numpy(), data.text))
-        if stage is not None:
-            t, y = targets(r, v0)
-            ce_sum += len(r) * float(prediction_ce(o, text, y, predict_with))
-            loss_sum += len(r) * float(stage_loss(stage, BatchContext(o["emb"].float(), t, text, y, o["logits"]))[0])
-    for m, mode in modes:
-        m.training = mode
+    try:  # the modes put back on a raise too: a pack's other heads train on
+        for i in range(0, len(rows), batch):
+            interrupt.check("validating")  # the last checkpoint stands; a resumed run redoes the steps since
+            r = rows[i:i + batch]
+            v0 = np.zeros(len(r), int)
+            o = forward(model, inputs, r, v0, frozen_backbone=True)
+            if not finite_outputs(o):
+                raise NonFiniteOutputs
+            preds.append(o["logits"].argmax(1).cpu().numpy() if predict_with == "linear"
+                         else nearest_label(o["emb"].float().cpu().numpy(), data.text))
+            if stage is not None:
+                t, y = targets(r, v0)
+                ce_sum += len(r) * float(prediction_ce(o, text, y, predict_with))
+                loss_sum += len(r) * float(stage_loss(stage, BatchContext(o["emb"].float(), t, text, y, o["logits"]))[0])
+    finally:
+        for m, mode in modes:
+            m.training = mode
     pred = np.concatenate(preds) if preds else np.zeros(0, int)
     n = len(rows)
     return pred, *((loss_sum / n, ce_sum / n) if stage is not None and n else (None, None))

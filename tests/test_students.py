@@ -1496,3 +1496,28 @@ def test_a_student_weights_file_is_hashed_once_until_it_changes(tmp_path, monkey
     f.write_bytes(b"b" * 100)  # saved over: the same size, a later time
     os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 1_000_000))
     assert weights_file_sha(str(f)) != first and len(hashed) == 2
+
+
+def test_a_validation_that_meets_nan_puts_the_models_training_modes_back():
+    """``validate`` set the modules' modes back only when it returned: a NaN output (raised) left the model in
+    eval mode, and a pack's other heads go on training after one head diverges (a review)."""
+    from embedcache.students.train import NonFiniteOutputs, validate
+
+    class Nan(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.drop = torch.nn.Dropout(0.5)
+
+        def from_features(self, x):
+            return {"emb": self.drop(x) * float("nan"), "logits": None}
+
+    class Features:
+        kind = "features"
+
+        def __call__(self, idx, views):
+            return torch.ones(len(idx), 4)
+
+    model = Nan().train()
+    with pytest.raises(NonFiniteOutputs):
+        validate(model, Features(), None, None, np.arange(3), "text", torch.ones(2, 4))
+    assert model.training and model.drop.training
