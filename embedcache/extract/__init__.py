@@ -684,9 +684,8 @@ def _dry_run(cfg, manifest, layout, reader, embedder, prompts, shard, num_shards
                 return DryRun(cfg.out, 0, 0, {}, budget, num_shards, layout["views"], complete=True)
             done = st.blocks_done()
             writing = st.writing_now()
-    geometry = _Geometry(layout)
     blocks = [b for b in shard_blocks(layout["num_blocks"], shard, num_shards) if not done[b]]
-    batches = block_batches(blocks, geometry, cfg.batch_size)
+    batches = block_batches(blocks, layout, cfg.batch_size)
     cost: Dict[str, int] = {}
     estimate = getattr(teacher, "cost", None)
     if hasattr(teacher, "begin_plan"):  # a teacher reused for several dry runs (a budget stop's estimate too)
@@ -726,17 +725,6 @@ def _budget_stop(exc, cfg, manifest, layout, reader, embedder, prompts, shard, n
     return type(exc)(f"{exc}; {finish(left.cost, num_shards)}")  # its kind kept: a wait is not a spent budget
 
 
-class _Geometry:
-    """Row-block geometry of a layout, for planning batches without a store on disk."""
-
-    def __init__(self, layout: Dict):
-        self.layout = layout
-
-    def block_range(self, block: int):
-        br, n = int(self.layout["block_rows"]), int(self.layout["n"])
-        return block * br, min(n, (block + 1) * br)
-
-
 def make_reader(cfg: ExtractConfig, dataset: ImageDataset, teacher):
     """The configured reader: PIL in DataLoader workers, or JPEGs decoded on the teacher's device
     (``decoder: device``, or ``auto`` with a GPU teacher, image files to decode and the canvases kept in
@@ -768,7 +756,7 @@ def run_blocks(store: Store, blocks: List[int], reader, embedder, batch_size: in
     overlaps the next batch's work there); else as soon as it is embedded."""
     from tqdm.auto import tqdm
 
-    batches = block_batches(blocks, store, batch_size)
+    batches = block_batches(blocks, store.layout, batch_size)
     if not batches:
         return 0, 0
     assembler = BlockAssembler(store, bool(store.layout["store_pixels"]))

@@ -33,6 +33,7 @@ from ..datasets import ImageDataset
 from ..errors import DiskFullError, TeacherOutputError, one_line_warning
 from ..fileio import disk_full_error, is_disk_full
 from ..store import STATUS_FAILED, STATUS_OK, Store, checksum
+from ..store.layout import block_range
 from ..views import make_canvas, render_views, render_views_batched, to_uint8, view_params
 
 
@@ -343,11 +344,11 @@ class BlockWriter(threading.Thread):
             raise self.error
 
 
-def block_batches(blocks: List[int], store, batch_size: int) -> List[List[int]]:
-    """Row batches of the given blocks (``store`` gives ``block_range``); batches never straddle a block."""
+def block_batches(blocks: List[int], layout: Dict, batch_size: int) -> List[List[int]]:
+    """Row batches of the given blocks of a store's ``layout``; batches never straddle a block."""
     out = []
     for blk in blocks:
-        rows = list(range(*store.block_range(blk)))
+        rows = list(range(*block_range(layout, blk)))
         out += [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
     return out
 

@@ -6,7 +6,7 @@ unit vectors do not compress, and a codec would only slow the load-all reads tra
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
@@ -44,6 +44,12 @@ def packed_rows(layout: Dict[str, Any], name: str) -> int:
     """Rows per chunk of array ``name`` packed: whole blocks of about PACK_BYTES, at most the array."""
     br = int(layout["block_rows"])
     return min(int(layout["n"]), max(1, PACK_BYTES // max(1, br * row_bytes(layout, name))) * br)
+
+
+def block_range(layout: Dict[str, Any], block: int) -> Tuple[int, int]:
+    """The rows [start, stop) of row block ``block``: blocks of ``block_rows``, the last one short."""
+    br, n = int(layout["block_rows"]), int(layout["n"])
+    return block * br, min(n, (block + 1) * br)
 
 
 def cache_key(parts: Dict[str, Any]) -> str:

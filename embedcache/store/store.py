@@ -41,7 +41,7 @@ from ..errors import DatasetError, StoreBusyError, StoreDamagedError, StoreError
 from ..fileio import exclusive_lock, try_exclusive_lock, utc_now
 from .backends import BACKENDS, REMAKE, backend_name_for
 from .integrity import IntegrityReport, checksum
-from .layout import SCHEMA_VERSION, WRITTEN_DTYPES, packable, packed_rows, written_dtype
+from .layout import SCHEMA_VERSION, WRITTEN_DTYPES, block_range, packable, packed_rows, written_dtype
 from .pieces import bytes_of, plan_pieces
 
 TABLES = ("meta.parquet", "text.parquet")
@@ -408,8 +408,7 @@ class Store:
         return int.from_bytes(hashlib.blake2b(f"{self.key}/{name}/{block}".encode(), digest_size=4).digest(), "little")
 
     def block_range(self, block: int) -> Tuple[int, int]:
-        br, n = int(self.layout["block_rows"]), int(self.layout["n"])
-        return block * br, min(n, (block + 1) * br)
+        return block_range(self.layout, block)
 
     def require(self, key: Optional[str] = None, complete: bool = True, advice: str = "use another --out path",
                 differs: str = "", whose: str = "this call's key") -> "Store":
@@ -869,8 +868,7 @@ class Store:
         if self.num_blocks != -(-n // int(self.layout["block_rows"])):  # blocks that do not cover the rows
             raise self._damaged("layout", f"{self.num_blocks} blocks of {self.layout['block_rows']} rows do not hold "
                                           f"its {n} rows (its zarr.json or HDF5 attributes were altered)")
-        block_rows = int(self.layout["block_rows"])
-        parts = [(start, min(n, start + block_rows)) for start in range(0, n, block_rows)]  # block_range's, at once
+        parts = [block_range(self.layout, b) for b in range(self.num_blocks)]
         if not verify:
             return parts, [None] * len(parts)
         sums, done = self._bookkeeping("blocks/crc32c"), self.blocks_done()
