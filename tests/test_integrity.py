@@ -1034,6 +1034,78 @@ def test_a_repair_stopped_part_way_is_finished_by_verify_repair(make_cfg, tiny_t
     assert verify_store(cfg.out, progress=False, log=quiet).report.ok
 
 
+def _stopped_repair(monkeypatch, path: str) -> None:
+    """A `verify --repair` of ``path`` stopped once it has re-done its first block."""
+    import embedcache.extract as extract_pkg
+    from embedcache.extract.verify import verify_store
+
+    real = extract_pkg.extract
+
+    def stopped_after_a_block(c, **kw):
+        def stop(_block):
+            raise KeyboardInterrupt
+        return real(c, on_block_done=stop, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(extract_pkg, "extract", stopped_after_a_block)
+        with pytest.raises(KeyboardInterrupt):
+            verify_store(path, repair=True, progress=False, log=quiet)
+
+
+def test_a_stopped_repair_of_a_block_with_an_unreadable_image_is_finished_by_verify_repair(make_cfg, tiny_teacher,
+                                                                                           tmp_path, monkeypatch):
+    """A block with an unreadable image is not held to what its files gave (that image may read now), so a
+    stopped repair left no record of having reopened it: a second `verify --repair` said "intact; incomplete"."""
+    from embedcache.extract.verify import verify_store
+
+    root = tmp_path / "imgs"
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+    for k in range(4):
+        Image.fromarray(np.full((24, 24, 3), 50 * k, np.uint8)).save(root / ("cat" if k < 2 else "dog") / f"{k}.png")
+    (root / "dog" / "3.png").write_bytes(b"not a picture")  # row 3: block 1
+    cfg = make_cfg("unreadable.zarr", "dataset.name=folder", f"dataset.path={root}", "block_rows=2")
+    extract(cfg, teacher=tiny_teacher, log=quiet)
+    before = _arrays(cfg.out)
+    _damage(cfg.out, "image/emb", 0)
+    _damage(cfg.out, "image/emb", 1)
+    _stopped_repair(monkeypatch, cfg.out)
+    said = []
+    res = verify_store(cfg.out, repair=True, progress=False, log=said.append)
+    assert said[0] == f"{cfg.out}: finishing the repair stopped part-way (block(s) 1 reopened)", said
+    assert res.unfinished == "" and res.repaired == 1
+    _same(before, _arrays(cfg.out))
+    with Store(cfg.out) as st:
+        assert list(st.failures()) == [3]  # still recorded unreadable
+
+
+def test_a_stopped_repair_is_finished_by_verify_repair_beside_a_damaged_derived_array(make_cfg, tiny_teacher,
+                                                                                     monkeypatch):
+    """verify --repair marked a damaged derived array to be recomputed and returned, leaving a stopped repair's
+    reopened blocks for another command."""
+    from embedcache.extract.verify import verify_store
+
+    cfg = make_cfg("derived.zarr")
+    extract(cfg, teacher=tiny_teacher, log=quiet)
+    before = _arrays(cfg.out)
+    with Store(cfg.out, "a") as st:
+        st.put_derived("features-x", np.ones((4, 3), np.float32), {"kind": "test"})
+    _damage(cfg.out, "image/emb", 0)
+    _damage(cfg.out, "image/emb", 2)
+    _stopped_repair(monkeypatch, cfg.out)
+    with Store(cfg.out, "a") as st:  # damaged after the stop (the stopped repair marked it once before)
+        st.put_derived("features-x", np.ones((4, 3), np.float32), {"kind": "test"})
+        st.b.write("derived/features-x", 0, np.zeros((1, 3), np.float32))  # behind its checksum's back
+    said = []
+    res = verify_store(cfg.out, repair=True, progress=False, log=said.append)
+    assert any("derived/features-x" in line for line in said), said
+    assert f"{cfg.out}: finishing the repair stopped part-way (block(s) 2 reopened)" in said, said
+    assert res.unfinished == "" and res.repaired == 1
+    _same(before, _arrays(cfg.out))
+    with Store(cfg.out) as st:
+        assert st.complete and not st.derived()["features-x"]["complete"]
+
+
 def test_a_repair_takes_where_the_images_are_now(make_cfg, tiny_teacher, tmp_path):
     """The images moved since the store was made: `verify --repair` said to set dataset.path with
     --set, an option verify did not have."""

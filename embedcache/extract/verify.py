@@ -82,15 +82,9 @@ def verify_store(path: str, repair: bool = False, overrides: Sequence[str] = (),
     out = Verified(report, len(manifest.get("checksums", {})), unfinished, remade=lost_text if repair else [])
     for a in restored:
         log(f"repaired: {a}: lost as a whole (restored from {BLOCKS_SUMMARY}, which holds the same flags and checksums)")
-    if report.ok and not report.derived and not lost_text and stopped_repair and producer == "extract":
-        log(f"{path}: finishing the repair stopped part-way (block(s) {', '.join(map(str, held))} reopened)" if held else
-            f"{path}: finishing its stopped extraction (every block is written; its prompts and tables were not)")
-        from . import extract
-
-        done = extract(cfg or _repair_config(manifest, producer, path, progress, overrides), log=log)
-        out.repaired = len(held) + done.repaired
-        out.unfinished = ""
-        return out
+    finish_stopped = report.ok and not lost_text and stopped_repair and producer == "extract"
+    if finish_stopped and not report.derived:
+        return _finish_stopped(out, held, cfg or _repair_config(manifest, producer, path, progress, overrides), log)
     if report.ok and not report.derived and not lost_text:
         if overrides:
             log(f"note: {path} has nothing to repair, so --set {' '.join(overrides)} changed nothing")
@@ -119,6 +113,8 @@ def verify_store(path: str, repair: bool = False, overrides: Sequence[str] = (),
         log(f"{path}: derived array(s) {', '.join(sorted(report.derived))} marked to be recomputed; rerun the "
             f"command that made them (`embedcache features` for cached features, the store's `embedcache "
             f"{producer}` for its own)")
+    if finish_stopped:
+        return _finish_stopped(out, held, cfg or _repair_config(manifest, producer, path, progress, overrides), log)
     if report.ok and not lost_text:
         return out
     if producer != "extract":  # the synthesiser's own command re-does its blocks (verify cannot rebuild its reader)
@@ -128,6 +124,19 @@ def verify_store(path: str, repair: bool = False, overrides: Sequence[str] = (),
 
     cfg = cfg or _repair_config(manifest, producer, path, progress, overrides)
     out.repaired = extract(cfg, log=log).repaired
+    return out
+
+
+def _finish_stopped(out: Verified, held: List[int], cfg, log: Callable[[str], None]) -> Verified:
+    """A repair stopped part-way (``held``: the blocks it reopened), or an extraction stopped with every block
+    written, finished by the store's own extraction."""
+    from . import extract
+
+    log(f"{cfg.out}: finishing the repair stopped part-way (block(s) {', '.join(map(str, held))} reopened)" if held else
+        f"{cfg.out}: finishing its stopped extraction (every block is written; its prompts and tables were not)")
+    done = extract(cfg, log=log)
+    out.repaired = len(held) + done.repaired
+    out.unfinished = ""
     return out
 
 

@@ -442,23 +442,32 @@ class Store:
         except OSError:  # read-only storage: no lock can be probed, and nothing writes there
             return False
 
-    def held_repair_blocks(self) -> List[int]:
-        """The blocks a repair reopened and has not re-done yet (held to what their files first gave)."""
-        done, held = self.blocks_done(), []
-        for name in self.b.list_blobs("repair"):  # repair/block_000000.json, emptied once held to it
+    def _repair_marks(self) -> Dict[int, Dict[str, int]]:
+        """The blocks a repair reopened and has not re-done yet -> the checksums their files gave when the store
+        was made, which the re-done block is held to ({}: none kept, as for a block with an unreadable image)."""
+        done, marks = self.blocks_done(), {}
+        for name in self.b.list_blobs("repair"):  # repair/block_000000.json, emptied once re-done
             block = name.removeprefix("repair/block_").removesuffix(".json")
-            if block.isdigit() and int(block) < len(done) and not done[int(block)] and self.b.get_blob(name):
-                held.append(int(block))
-        return held
+            raw = self.b.get_blob(name) if block.isdigit() and int(block) < len(done) and not done[int(block)] else None
+            if raw:
+                marks[int(block)] = _json_or(raw, {})
+        return marks
+
+    def held_repair_blocks(self) -> List[int]:
+        """The blocks a repair reopened and has not re-done yet."""
+        return sorted(self._repair_marks())
 
     def held_repair_note(self) -> str:
         """' (a repair is re-doing block(s) 0 from the source files, held to ...)' for an unfinished store
-        whose blocks a repair reopened and holds to what their files first gave ('' if none): its rerun
-        refuses a source image changed since, again, until the original is back."""
-        held = self.held_repair_blocks()
-        if not held:
+        whose blocks a repair reopened ('' if none); where it holds them to what their files first gave, its
+        rerun refuses a source image changed since, again, until the original is back."""
+        marks = self._repair_marks()
+        if not marks:
             return ""
+        held = sorted(marks)
         shown = ", ".join(map(str, held[:5])) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
+        if not any(marks.values()):
+            return f" (a repair is re-doing block(s) {shown} from the source files)"
         return (f" (a repair is re-doing block(s) {shown} from the source files, held to what they gave when the store "
                 "was made: restore any source image changed since first, or the rerun refuses it again)")
 
@@ -598,23 +607,23 @@ class Store:
         """A repair re-does blocks from the source files: what those files gave when the store was made
         (each finished block's checksums of every block array but the embeddings, where the complete
         store's summary confirms them) is kept, and ``write_block`` holds the re-done block to it."""
-        summary = self._summary() if self.complete else None
-        if summary is None or self.producer == "synthesize":  # no second record to confirm the block's own (never
-            return  # a false refusal); synthesised images are made anew, as valid as the first (not a dataset's)
+        if self.producer == "synthesize":  # synthesised images are made anew, as valid as the first (not a dataset's)
+            return
+        summary = self._summary() if self.complete else None  # None: no second record to confirm the block's own
         names = self.layout["block_arrays"]
-        for blk in blocks:
+        for blk in blocks:  # each marked reopened, so that a repair stopped before it re-did them is finished later
             failures = self.b.get_blob(f"failures/block_{blk:06d}.json")
-            if failures and _json_or(failures, {"unreadable": True}):
-                continue  # an image that failed to read may read now (a passing I/O error): nothing to hold it to
-            want = {name: int(sums[blk, j]) for j, name in enumerate(names)
-                    if name != "image/emb" and done[blk] and int(summary["blocks/crc32c"][blk, j]) == int(sums[blk, j])}
-            if want:
-                self.b.put_blob(_expected_blob(blk), json.dumps(want, sort_keys=True).encode())
+            failed = bool(failures) and bool(_json_or(failures, {"unreadable": True}))
+            # an image that failed to read may read now (a passing I/O error): nothing to hold that block to
+            want = {} if summary is None or failed else {
+                name: int(sums[blk, j]) for j, name in enumerate(names)
+                if name != "image/emb" and done[blk] and int(summary["blocks/crc32c"][blk, j]) == int(sums[blk, j])}
+            self.b.put_blob(_expected_blob(blk), json.dumps(want, sort_keys=True).encode())
 
     def _hold_to_expected(self, block: int, sums: np.ndarray) -> bool:
         """Refuse a re-done block whose checksums differ from those a repair kept; whether any were kept."""
         raw = self.b.get_blob(_expected_blob(block))
-        want = json.loads(raw) if raw else {}
+        want = _json_or(raw, {}) if raw else {}
         for j, name in enumerate(self.layout["block_arrays"]):
             if name in want and int(sums[0, j]) != int(want[name]):
                 start, stop = self.block_range(block)
@@ -623,7 +632,7 @@ class Store:
                                    f"was made (an edit in place, bit rot), or this machine decodes it otherwise"
                                    f"{self._read_by_pil_note()}; restore the original files and rerun (the repair then "
                                    "re-does the block as it was), or delete the store and re-extract")
-        return bool(want)
+        return bool(raw)  # a block marked reopened, with or without checksums to hold it to
 
     def _read_by_pil_note(self) -> str:
         """' (files the device decoder rejected when the store was made, read by PIL: a, b)' where its calls
