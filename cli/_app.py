@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import importlib
 import signal
 import sys
 import warnings
@@ -20,6 +21,10 @@ from embedcache.errors import EmbedcacheError, first_line, one_line_warning, out
 
 
 NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
+# The compiled libraries a command imports, imported whole before it runs: a Ctrl-C inside their import left numpy
+# half-imported (an ImportError traceback, exit 1) or ended in torch's pybind11 code (abort, exit 134) (a trial).
+LIBRARIES = ("numpy", "pandas", "torch")
+NEEDS = {"configs": (), "inspect": ("numpy", "pandas"), "report": ("numpy", "pandas")}  # the others: LIBRARIES
 
 
 class Group(click.Group):
@@ -48,6 +53,12 @@ class Group(click.Group):
             click.echo("interrupted; rerun the same command to resume", err=True)
             sys.exit(130)
         sys.exit(code if isinstance(code, int) else 0)
+
+    def resolve_command(self, ctx, args):
+        name, cmd, rest = super().resolve_command(ctx, args)
+        if not set(rest) & {"--help", "hash-key"}:  # serve's hash-key reads no array
+            _import_whole(NEEDS.get(name, LIBRARIES))
+        return name, cmd, rest
 
     def invoke(self, ctx):
         from embedcache import interrupt
@@ -92,6 +103,18 @@ class Group(click.Group):
             gc.collect()              # not at the exit, where a repeated signal would cut them into a traceback
             click.echo(msg, err=True)
             sys.exit(128 + interrupt.stopped_by())  # 130 after Ctrl-C, 143 after SIGTERM
+
+
+def _import_whole(modules) -> None:
+    """``modules`` imported with a stop request deferred to their end (then one line, exit 130)."""
+    from embedcache import interrupt
+
+    with interrupt.deferred("starting"):
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except ImportError:  # the command says what it lacks, where it needs it
+                pass
 
 
 @click.group(cls=Group)

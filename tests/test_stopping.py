@@ -718,3 +718,31 @@ def test_ctrl_c_while_a_run_sets_up_is_said_at_once_and_trains_no_step(synthetic
                                     "--no-progress"])
     assert res.exit_code == 130 and "stopped before step 3 (its checkpoint at step 2 kept)" in res.output, res.output
     assert (tmp_path / "cut" / "checkpoint.pt").read_bytes() == before
+
+
+def test_a_ctrl_c_while_a_command_imports_its_libraries_is_one_line_once_they_are_in(monkeypatch, tmp_path):
+    """Ctrl-C in the first second of `train` or `extract` landed inside numpy's or torch's import: numpy was left
+    half-imported (a 50-line ImportError traceback, exit 1) or torch's pybind11 code aborted (exit 134) (a trial).
+    The libraries are imported whole first, the stop taken meanwhile raised once they are in."""
+    import sys
+
+    import embedcache.cli._app as app
+    from embedcache import interrupt
+
+    (tmp_path / "slow_library.py").write_text(
+        "import os, signal, time\n"
+        "os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C half-way through the import\n"
+        "time.sleep(0.2)\n"
+        "COMPLETE = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "slow_library", raising=False)
+    monkeypatch.setattr(app, "LIBRARIES", ("slow_library",))
+    old = {s: signal.getsignal(s) for s in interrupt.SIGNALS}
+    try:
+        res = CliRunner().invoke(main, ["verify", str(tmp_path / "none.zarr")])
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    assert sys.modules["slow_library"].COMPLETE  # imported whole
+    assert res.exit_code == 130 and res.output.strip() == "stopped while starting; rerun the same command to resume", \
+        res.output
