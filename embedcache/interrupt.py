@@ -86,8 +86,10 @@ def graceful(on_request: Optional[Callable[[int], None]] = None) -> Iterator[Non
         if on_request is not None:
             on_request(signum)
 
-    old = {s: signal.getsignal(s) for s in SIGNALS}
-    for s in SIGNALS:
+    # a SIGINT ignored from the start (a job started with `&` by a script: the shell's rule) stays ignored, as
+    # extraction leaves it (``one_request_per_signal``): train, sweep and synthesize took it (a trial)
+    old = {s: signal.getsignal(s) for s in SIGNALS if not (s == signal.SIGINT and signal.getsignal(s) == signal.SIG_IGN)}
+    for s in old:
         signal.signal(s, handler)
     if not _depth[0]:
         _by[0] = signal.SIGINT  # an earlier command's SIGTERM (in a long-lived process) is not this one's

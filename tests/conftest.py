@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach a hub
+# Ctrl-C as a terminal gives it, however the suite was started: a suite started with `&` by a script inherits
+# SIGINT ignored (the shell's rule), which commands keep, and the tests that send one would see nothing
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TINY_CLIP = {

@@ -746,3 +746,23 @@ def test_a_ctrl_c_while_a_command_imports_its_libraries_is_one_line_once_they_ar
     assert sys.modules["slow_library"].COMPLETE  # imported whole
     assert res.exit_code == 130 and res.output.strip() == "stopped while starting; rerun the same command to resume", \
         res.output
+
+
+def test_an_ignored_sigint_stays_ignored_by_every_command(monkeypatch):
+    """A job a script starts with `&` ignores SIGINT (the shell's rule): extract kept it so, while train, sweep and
+    synthesize (``graceful``) put their own handler in and stopped (a trial). SIGTERM still stops them."""
+    from embedcache import interrupt
+
+    monkeypatch.setattr(interrupt, "_last", [])
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with interrupt.graceful():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            assert not interrupt.requested()
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            assert interrupt.requested()
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
