@@ -8,6 +8,7 @@ from typing import Optional
 
 import click
 
+from embedcache.errors import ConfigError
 from embedcache.fileio import require_writable
 
 from ._app import main, overrides_option
@@ -103,14 +104,14 @@ def sweep(sweep_file, out, launcher, workers, address, device, overrides, dry_ru
     from embedcache.students.sweep import load_sweep, partial_note, run_sweep
 
     demo = sweep_file is None
+    spec = load_sweep(DEMO_SWEEP if demo else sweep_file, overrides)  # every setting checked before a store is made
     if demo:
         sweep_file = DEMO_SWEEP
-        click.echo(f"no sweep file given: running the demo sweep ({DEMO_SWEEP}) over {DEMO_STORE}")
-    spec = load_sweep(sweep_file, overrides)  # every setting checked before the demo store is made
+        click.echo(f"no sweep file given: running the demo sweep ({DEMO_SWEEP}) over {spec.store}")
     out = out if out is not None else str(Path("sweeps") / Path(sweep_file).stem)
     require_writable(out, probe=not dry_run)
-    if demo:
-        _ensure_demo_store(no_progress)
+    if demo and Path(spec.store) == Path(DEMO_STORE):  # not with --set store=another
+        _ensure_demo_store(no_progress, dry_run)
     res = run_sweep(spec, out, launcher, device, progress=not no_progress, log=click.echo,
                     workers=workers, address=address, dry_run=dry_run)
     if dry_run:
@@ -141,7 +142,7 @@ def sweep(sweep_file, out, launcher, workers, address, device, overrides, dry_ru
         sys.exit(1)
 
 
-def _ensure_demo_store(no_progress: bool) -> None:
+def _ensure_demo_store(no_progress: bool, dry_run: bool = False) -> None:
     from embedcache.config import load_extract_config
     from embedcache.extract import extract
     from embedcache.store import Store
@@ -150,6 +151,9 @@ def _ensure_demo_store(no_progress: bool) -> None:
         with Store(DEMO_STORE) as st:
             if st.complete:
                 return
+    if dry_run:  # which writes nothing
+        raise ConfigError(f"the demo sweep's store {DEMO_STORE} is not made yet, and a dry run makes nothing: run "
+                          "`make extract` first, or the sweep without --dry-run, which makes it first")
     click.echo(f"{DEMO_STORE} is missing: extracting the demo store first (embedcache extract --config demo)")
     extract(load_extract_config("demo", values={"out": DEMO_STORE, "progress": False if no_progress else None}),
             log=click.echo)

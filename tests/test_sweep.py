@@ -1493,3 +1493,19 @@ def test_a_few_shot_sweep_whose_episodes_cannot_be_drawn_is_refused_before_any_r
     with pytest.raises(ConfigError, match=r"has 2 usable images in transfer store .*few.zarr, fewer than shots=2"):
         run_sweep(load_sweep(str(f)), str(tmp_path / "c"), progress=False, log=quiet)
     assert not any((tmp_path / d / "runs").exists() for d in "abc")  # nothing trained
+
+
+def test_the_demo_sweep_over_another_store_names_that_store_and_makes_no_demo_store(synthetic_store, tmp_path,
+                                                                                   monkeypatch):
+    """`embedcache sweep --set store=X` said "running the demo sweep (demo) over stores/demo.zarr" and extracted
+    the demo store, though its runs trained on X (a trial)."""
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(main, ["sweep", "--set", f"store={synthetic_store}", "--set", "base.batch_size=8", "--dry-run",
+                                    "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert res.output.startswith(f"no sweep file given: running the demo sweep (demo) over {synthetic_store}\n"), \
+        res.output
+    assert not (tmp_path / "stores").exists()
+    res = CliRunner().invoke(main, ["sweep", "--dry-run", "--no-progress"])  # the demo store not made yet
+    assert res.exit_code == 2 and "a dry run makes nothing: run `make extract` first" in res.output, res.output
+    assert not (tmp_path / "stores").exists()
