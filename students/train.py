@@ -283,12 +283,14 @@ class Trainer:
         self.source = cfg.text_source or self.recipe.text_source
         self.run_dir = RunDir(cfg.out or default_out(cfg))
         self.data = shared.data if shared is not None else StoreData(cfg.store, self.source, cfg.split)
+        self._stop_if_asked("its store read")
         check_views_used(cfg.views_used, self.data.views, cfg.store, cfg.skip_plain_view, cfg.plain_targets)
         if not self.run_dir.file("checkpoint.pt").exists():
             check_fresh_run(cfg, self.data)
         self.device = resolve_device(cfg.device)
         n_cls = len(self.data.train_class_ids) if self.recipe.classifier else 0
         self.model = build_seeded(cfg.student, self.data.dim, n_cls, cfg.seed).to(self.device)
+        self._stop_if_asked("its student built")
         if shared is None:
             self.data.say_if_upscaled(self.model.input_size)
             if not cfg.features:
@@ -300,6 +302,7 @@ class Trainer:
         if cfg.compile:  # the forward only: module names and state dicts stay as they are
             self.model.backbone.forward = torch.compile(self.model.backbone.forward)
         self.targets = shared.targets if shared is not None else TARGETS.get(cfg.targets)(self.data, self.device, teacher=teacher)
+        self._stop_if_asked("its inputs and targets loaded")
         self.backbone_key = _backbone_key(self.model, self.inputs, shared)
         # what the run checkpoints, selects, averages and saves: a run on cached features leaves out
         # the frozen backbone (``backbone_key`` names it)
@@ -329,6 +332,14 @@ class Trainer:
         self.pack_size = 1  # heads trained together as one vectorised model (heads.py), this run's among them
         self.t_attempt = time.time()
         self._closed: Dict[int, Optional[HeadStep]] = {}
+
+    def _stop_if_asked(self, done: str) -> None:
+        """A stop asked while the run sets up (seconds under load, where a sweep's worker waits on it) ends it at
+        the next of its parts, not at its first step."""
+        if self.should_stop is not None and self.should_stop():
+            kept = self.run_dir.file("checkpoint.pt").exists()
+            raise RunInterrupted(f"run {self.run_dir.path} stopped as it set up ({done}); "
+                                 + ("its checkpoint is kept" if kept else "nothing was trained"))
 
     # --- state ------------------------------------------------------------------------------------
     def kept_state(self) -> Dict[str, torch.Tensor]:
