@@ -397,13 +397,21 @@ class StoreReader:
                                 f"{f['images']} images); if its `embedcache {self._store.producer}` command is no "
                                 f"longer running, rerun it to finish{self._store.held_repair_note()}")
             return {**said, "domains": ", ".join(f["domains"]), "text_sources": ", ".join(f["text_sources"]),
-                    "failed": f"{f['failed']} so far"}
+                    "failed": f"{f['failed']} so far", "checked": self._checked_line()}
         failed = f["failed_per_domain"]
         said.update(domains=", ".join(f"{d} ({n}{f', {failed[d]} failed' if d in failed else ''})"
                                       for d, n in f["images_per_domain"].items()),
                     text_sources=", ".join(f"{s} ({n} prompts)" for s, n in f["prompts_per_source"].items()),
-                    derived=", ".join(f["derived"]) or "-")
+                    derived=", ".join(f["derived"]) or "-", checked=self._checked_line())
         return said
+
+    def _checked_line(self) -> str:
+        """What opening the store checked (``inspect`` reads no array: a damaged chunk is verify's to find)."""
+        st = self._store
+        there = [what for what, checked in (("its finished blocks' chunk files", st.backend_name == "zarr"),
+                                            ("its tables", st.complete)) if checked]
+        return (f"{' and '.join(there) + ' are there; ' if there else ''}no array is read here (`embedcache verify "
+                f"{self.path}` checks every checksum)")
 
     def _progress(self) -> Dict:
         st = self._store

@@ -41,6 +41,10 @@ def test_inspect_summarises(cli_store):
     for word in ("open_clip", "images", "36", "outline (12)", "templates (28 prompts)", "disk_mb",
                  "crops 0.35-1 of the canvas, flips, seed 0"):
         assert word in res.output
+    # it reads no array: said, so that a damaged chunk it does not see is not taken for a clean bill
+    assert res.output.rstrip().splitlines()[-1].split(None, 1) == [
+        "checked", f"its finished blocks' chunk files and its tables are there; no array is read here (`embedcache "
+                   f"verify {cli_store}` checks every checksum)"]
     js = json.loads(CliRunner().invoke(main, ["inspect", str(cli_store), "--json"]).output)
     assert js["views"] == 3 and js["classes"] == 4 and js["failed"] == 0
     # data, not the lines above in quotes (a trial: domains, text sources and calls were preformatted strings)
