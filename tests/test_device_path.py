@@ -433,19 +433,19 @@ def test_a_block_waits_for_its_last_batch_only_once_the_next_is_queued():
 def test_a_device_decoded_store_of_an_older_routing_names_the_version_not_the_device():
     """A store decoded on a GPU before JPEGs of Adobe-marked RGB went to PIL: it was told to resume on a
     GPU with decoder=device, which decodes under today's name and is refused again (a review)."""
-    from embedcache.extract import _resumed_by
+    from embedcache.extract.resume import resumed_by
 
     old = "torchvision-decode_jpeg-cuda+pil-for-cmyk-exif-unended"
     for now in ("pil", "torchvision-decode_jpeg-cpu+pil-for-cmyk-adobe-rgb-exif-unended"):
-        assert _resumed_by(old, now).startswith(f"it was decoded by {old}, which this version does not run")
+        assert resumed_by(old, now).startswith(f"it was decoded by {old}, which this version does not run")
     today = "torchvision-decode_jpeg-cuda+pil-for-cmyk-adobe-rgb-exif-unended"
-    assert _resumed_by(today, "pil").startswith("resume it where its decoder runs, with the teacher on a CUDA GPU")
+    assert resumed_by(today, "pil").startswith("resume it where its decoder runs, with the teacher on a CUDA GPU")
 
 
 def test_blocks_no_history_lists_count_with_the_batch_size_that_made_the_store():
     """A store made before calls were recorded (or an entry lost), at batch 2, resumed at 4 for a block:
     a third call at 4 compared with the history alone and said nothing of the batch-2 blocks (a review)."""
-    from embedcache.extract import _block_batch_sizes
+    from embedcache.extract.resume import block_batch_sizes
 
     class Made:
         manifest = {"config": {"batch_size": 2}}
@@ -459,9 +459,9 @@ def test_blocks_no_history_lists_count_with_the_batch_size_that_made_the_store()
         def blocks_done(self):
             return np.array(self.done)
 
-    assert _block_batch_sizes(Made([{"blocks": 1, "config": {"batch_size": 4}}], [True, True, False])) == [2, 4]
-    assert _block_batch_sizes(Made([{"blocks": 2, "config": {"batch_size": 4}}], [True, True, False])) == [4]
-    assert _block_batch_sizes(Made([], [True, False])) == [2]
+    assert block_batch_sizes(Made([{"blocks": 1, "config": {"batch_size": 4}}], [True, True, False])) == [2, 4]
+    assert block_batch_sizes(Made([{"blocks": 2, "config": {"batch_size": 4}}], [True, True, False])) == [4]
+    assert block_batch_sizes(Made([], [True, False])) == [2]
 
 
 def test_the_cuda_decoder_allocates_on_a_stream_of_its_own(monkeypatch):

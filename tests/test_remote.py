@@ -496,7 +496,7 @@ def test_shards_that_began_apart_from_two_models_do_not_finish_the_store(tmp_pat
                      "num_shards=2")
         assert not extract(replace(cfg, shard=0), log=quiet).complete
         swap.after = 0  # the second shard's first answer names the new model, its books still unread (the race)
-        monkeypatch.setattr("embedcache.extract._models_in_store", lambda *a: None)
+        monkeypatch.setattr("embedcache.extract.models_in_store", lambda *a: None)
         other = replace(cfg, shard=1, teacher=replace(cfg.teacher, ledger=str(tmp_path / "own.sqlite")))
         with pytest.raises(BadAnswer) as err:
             extract(other, log=quiet)

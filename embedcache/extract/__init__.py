@@ -5,13 +5,13 @@ DataLoader workers, the embedder runs the teacher in the main thread, and a writ
 finished row blocks, so decoding and writing overlap encoding. A block's rows are written with
 their checksums, then the block is marked done; the manifest's ``complete`` is set last. A killed
 run resumes at the first unfinished block; a damaged store (a lost chunk, a missing table) is
-repaired by the same command, which re-does exactly the damaged blocks and files.
+repaired by the same command, which re-does exactly the damaged blocks and files. What a store made or
+begun before says to a call is ``resume.py``; a paid teacher's books, ``books.py``.
 """
 from __future__ import annotations
 
 import errno
 import os
-import re
 import time
 import warnings
 from contextlib import contextmanager
@@ -26,21 +26,20 @@ from ..datasets import ImageDataset, build_dataset
 from ..errors import BudgetError, ConfigError, DatasetError, EmbedcacheError, StoreBusyError
 from .. import interrupt
 from ..fileio import exclusive_lock, one_line_when_full, require_outside_store, require_writable, try_exclusive_lock
-from ..store import (BACKENDS, STATUS_OK, USAGE_SNAPSHOTS, Store, add_text_arrays, backend_name_for, is_counter,
-                     plan_layout)
+from ..store import BACKENDS, STATUS_OK, Store, add_text_arrays, backend_name_for, plan_layout
 from ..store.backends import a_store_of
 from ..store.store import WRITERS_GATE, live_writers
 from ..teachers import Teacher, build_teacher
-from ..teachers.remote.errors import BadAnswer
 from ..text import build_prompts, encode_sources, id_names, text_calls
-from ..versions import STORE_NUMBERS, store_numbers_between
 from ..views import param_fields
+from .books import Books, budget_in_store, lost_in_store, models_in_store, one_model_in_books
 from .budget import StoreBudget
-from .device import DeviceDecodeReader, device_pipeline
+from .device import DeviceDecodeReader
 from .history import CallRecord, calls_of
-from .manifest import PIPELINE, absolute_paths, build_manifest, differing_parts
+from .manifest import PIPELINE, absolute_paths, build_manifest
 from .parts import (Batch, Block, BlockAssembler, BlockWriter, Embedder, LoaderReader, ViewPolicy, block_batches,
                     refuse_nonfinite, resolve_shard, shard_blocks)
+from .resume import made_so, say_resumed_otherwise, say_resuming
 
 __all__ = ["extract", "ExtractResult", "DryRun", "Batch", "Block", "ViewPolicy", "shard_blocks", "resolve_shard",
            "finalize", "run_blocks", "policy_of"]
@@ -62,66 +61,6 @@ class ExtractResult:
 
 def policy_of(cfg: ExtractConfig) -> ViewPolicy:
     return ViewPolicy(cfg.canvas.size, cfg.views)
-
-
-def _classes_moved(was: Dict, now: Dict) -> Tuple[List[str], List[str]]:
-    """The class names a store's dataset had and this call's has not, and the other way (a few of each)."""
-    old, new = (set((m.get("dataset") or {}).get("classes") or ()) for m in (was, now))
-    return sorted(old - new)[:3], sorted(new - old)[:3]
-
-
-def made_so(store: Store, manifest: Dict) -> Store:
-    """``store``, refused in one line unless it was made from the inputs of ``manifest`` (naming what
-    differs): the one check of the real run and its dry run."""
-    differs = differing_parts(store.manifest, manifest)
-    hidden = manifest["dataset"].get("hidden_images_left_out", 0)
-    why = "" if "dataset" not in differs or not hidden or "hidden_images_left_out" in store.manifest["dataset"] else (
-        f" (this version leaves out the {hidden} hidden image file(s) of the dataset folder, e.g. in "
-        ".ipynb_checkpoints, which the version that made this store read as images)")
-    advice = "use another --out path, or delete that store if it is no longer needed"
-    was_dec, now_dec = (str(m.get("pipeline", {}).get("decoder", "pil")) for m in (store.manifest, manifest))
-    if differs.startswith("its pipeline differs") and was_dec != now_dec:  # this call's decoder: the store's resumes it
-        advice = f"{_resumed_by(was_dec, now_dec)}, or {advice}"
-    was_hw, now_hw = (m.get("pipeline", {}).get("decoder_device") for m in (store.manifest, manifest))
-    if differs.startswith("its pipeline differs") and was_dec == now_dec and was_hw != now_hw:
-        advice = f"{_decoded_on(was_hw)}, or {advice}"
-    was, now = (m.get("config", {}).get("dataset", {}).get("path") for m in (store.manifest, manifest))
-    if differs == "its dataset differs" and not why and was != now:  # another folder, which a moved dataset may be
-        differs += f" (its files, read from {now}, are not those it was made from, read from {was})"
-    elif differs in ("its dataset differs", "its dataset and text differ") and not why:  # the same settings: the
-        gone, new = _classes_moved(store.manifest, manifest)                          # folder's files changed
-        if differs == "its dataset differs" or gone or new:  # a class folder renamed: its prompts differ too (a trial)
-            differs += (f" (the same settings: class folders changed since it was made: {', '.join(gone) or 'none'} "
-                        f"gone, {', '.join(new) or 'none'} new)" if gone or new else
-                        " (the same settings: image files were added, removed or changed in size since it was made)")
-            advice = ("put the dataset's files back as they were to resume or repair it; or use another --out path for "
-                      "a store of the files as they are now (or delete that store if it is no longer needed)")
-    return store.require(manifest["key"], complete=False, differs=differs + why, advice=advice)
-
-
-def _decoded_on(was_hw: Optional[str]) -> str:
-    """How a store the same decoder made on another GPU (or torchvision) resumes."""
-    if was_hw:
-        return f"resume it where it was decoded ({was_hw}: another GPU's or torchvision's decoder gives other pixels)"
-    return "it was made before the GPU that decodes was part of the key (2026-12-07): extract it again"
-
-
-def _resumed_by(was: str, now: str) -> str:
-    """How a store made with decoder ``was`` resumes, said to a call that would decode with ``now``."""
-    if was.startswith("pil"):
-        return "give --set decoder=pil to resume it with the decoder that made it"
-    made_on = re.match(r"torchvision-decode_jpeg-(\w+)\+", was)
-    where = made_on.group(1) if made_on else None
-    try:
-        today = device_pipeline(torch.device(where))["decoder"] if where else None
-    except RuntimeError:  # a device name this torch does not know (a foreign manifest)
-        today = None
-    if today != was:  # another version's routing to PIL, or a decoder this version never had
-        return f"it was decoded by {was}, which this version does not run; resume it with the version that made it"
-    if where == "cuda":
-        return ("resume it where its decoder runs, with the teacher on a CUDA GPU (--set teacher.device=cuda) and "
-                "--set decoder=device")
-    return f"give --set decoder=device with the teacher on {where} (--set teacher.device={where}) to resume it"
 
 
 def require_out(out: str, backend: str, writing: bool = True) -> None:
@@ -216,7 +155,7 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
     layout = plan_layout(len(dataset), cfg.views.count, teacher.embed_dim, cfg.canvas.size, cfg.canvas.store, cfg.block_rows,
                          param_width=len(param_fields(cfg.views.color)))
     add_text_arrays(layout, {s: sum(len(p) for p in pc) for s, pc in prompts.items()}, len(dataset.classes), teacher.embed_dim)
-    books = _Books(teacher, since_built=books_from is None)
+    books = Books(teacher, since_built=books_from is None)
     record = CallRecord(books.call, manifest)
     if dry_run:  # building the teacher may have paid (one text to learn a service's dimension)
         return _dry_run(cfg, manifest, layout, reader, embedder, prompts, shard, num_shards, log,
@@ -226,9 +165,9 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
     lock = None
     try:
         lock = _writer_lock(store, shard, num_shards)
-        _budget_in_store(store, teacher, cfg.teacher)
-        _lost_in_store(store, teacher)
-        _models_in_store(store, teacher, prompts)
+        budget_in_store(store, teacher, cfg.teacher)
+        lost_in_store(store, teacher)
+        models_in_store(store, teacher, prompts)
         repaired, finished, reopened = 0, store.complete, []
         if store.blocks_done().any():  # finished blocks are checked before anything builds on them
             report = store.verify(progress=cfg.progress)
@@ -252,8 +191,8 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
         ours = set(shard_blocks(store.num_blocks, shard, num_shards)) | set(reopened if finished else ())
         mine = [b for b in sorted(ours) if not done[b]]
         if mine and done.any():
-            _say_resuming(store, done, len(mine), shard, num_shards, log)
-            _say_resumed_otherwise(store, cfg, manifest, log)
+            say_resuming(store, done, len(mine), shard, num_shards, log)
+            say_resumed_otherwise(store, cfg, manifest, log)
         if mine and on_open is not None:
             _on_open(store, on_open, cfg.out)
         _opening_marks(store, books, record if mine or done.all() else None, cfg.out)
@@ -319,7 +258,7 @@ def _reopen(store: Store, report, cfg: ExtractConfig, log) -> List[int]:
     return redo
 
 
-def _opening_marks(store: Store, books: "_Books", record: Optional[CallRecord], out: str) -> None:
+def _opening_marks(store: Store, books: "Books", record: Optional[CallRecord], out: str) -> None:
     """A paid call's open mark and this call's history entry, written before any block (a full disk
     here is the same one line as in the blocks)."""
     with one_line_when_full(out):
@@ -388,72 +327,6 @@ def _say_decoded_by_pil(reader, dataset: ImageDataset, record: CallRecord, log: 
         + ", ".join(paths[:5]) + (f" and {n - 5} more" if n > 5 else ""))
 
 
-def _block_batch_sizes(store: Store) -> List[int]:
-    """The batch sizes the store's finished blocks were encoded with: of each call that finished a block
-    (its history, since 2026-12-05), else of the call that made the store."""
-    history = [e for e in store.call_history() if e.get("blocks") and isinstance(e.get("config"), dict)
-               and e["config"].get("batch_size")]
-    sizes = {int(e["config"]["batch_size"]) for e in history}
-    first = store.manifest.get("config", {}).get("batch_size")
-    if first and sum(int(e["blocks"]) for e in history) < int(store.blocks_done().sum()):
-        sizes.add(int(first))  # blocks no history lists: a store made before it, or an entry lost, by its maker
-    return sorted(sizes)
-
-
-def _say_resuming(store: Store, done: np.ndarray, todo: int, shard: int, num_shards: int,
-                  log: Callable[[str], None]) -> None:
-    """A rerun after a stop says what it keeps (training says its step, a sweep its finished runs)."""
-    kept = np.flatnonzero(done)
-    images = sum(stop - start for start, stop in map(store.block_range, kept))
-    rest = f"encoding the other {todo}" if num_shards == 1 else f"shard {shard}/{num_shards} encodes {todo} of the rest"
-    log(f"resuming {store.path}: {len(kept)} of {len(done)} blocks ({images} images) already done and checked; {rest}")
-
-
-def _say_resumed_otherwise(store: Store, cfg: ExtractConfig, now: Dict, log: Callable[[str], None]) -> None:
-    """A store resumed with another batch size or on another kind of device keeps its key, but the
-    blocks encoded now may differ from the earlier ones by float rounding (a synthesis's images far
-    more: the rounding grows over its iterations): said, with what keeps it byte-identical."""
-    began = store.manifest
-    what = ("images synthesised now will differ from theirs (the rounding grows over the iterations)"
-            if "synthesis" in now else "blocks encoded now may differ from theirs by float rounding")
-    sizes, first = _block_batch_sizes(store), began.get("config", {}).get("batch_size")
-    others = [n for n in sizes if n != cfg.batch_size]
-    if others:
-        paid = (" (and a paid teacher's cut-off request is replayed free only at the same batching)"
-                if now["teacher"].get("name") == "remote" else "")
-        if sizes == [first]:
-            log(f"resuming with batch_size={cfg.batch_size}; the store began with {first}: {what}{paid}; "
-                f"--set batch_size={first} keeps the store byte-identical")
-        else:
-            keep = (f"the store already holds blocks of batch_size={cfg.batch_size} too" if cfg.batch_size in sizes
-                    else f"--set batch_size={others[0]} keeps the store byte-identical" if len(others) == 1
-                    else "the store already holds blocks of each")
-            log(f"resuming with batch_size={cfg.batch_size}; blocks of the store were encoded with batch_size="
-                f"{', '.join(map(str, others))}: {what}{paid}; {keep}")
-    _say_other_numbers(began, now, log)
-    if now["teacher"].get("name") == "remote":  # the service computes: this machine rounds nothing
-        _say_moved_service(began, now, log)
-        return
-    device, threads = began.get("device"), began.get("threads")
-    if device not in (None, now["device"]):
-        log(f"resuming on {now['device']}; the store began on {device}: blocks encoded now may differ from theirs by "
-            f"float rounding (another device's kernels); resuming on {device} keeps the store byte-identical")
-    elif device == "cpu" and threads not in (None, now["threads"]):
-        log(f"resuming with {now['threads']} CPU threads; the store began with {threads}: {what}; "
-            f"OMP_NUM_THREADS={threads} keeps the store byte-identical")
-
-
-def _say_other_numbers(began: Dict, now: Dict, log: Callable[[str], None]) -> None:
-    """A store begun by a version whose numbers a later fix changed (``STORE_NUMBER_CHANGES``), resumed by
-    another: its blocks would be of both, with the same key. Said, naming the changes."""
-    changes = store_numbers_between(began, now)
-    if changes:
-        was = (began.get("versions") or {}).get("embedcache_store_numbers", "unsaid (before 2026-12-07)")
-        log(f"resuming a store begun by an embedcache whose numbers differ from this one's (store numbers {was}; "
-            f"this version {STORE_NUMBERS}): {'; '.join(changes)}. Its blocks encoded then and now will differ where "
-            "these touch them; extract into another --out for a store wholly of one version")
-
-
 def _say_unread_views(cfg: ExtractConfig, backend: str, log: Callable[[str], None]) -> None:
     """A crop or colour setting with views.count=1 (``ViewsConfig.unread``) was taken without a word, its one view
     the whole canvas. Said, for a new store, not refused: a config of several views narrowed to one with
@@ -487,17 +360,6 @@ def _kept_blocks(cfg: ExtractConfig, backend: str, log: Callable[[str], None]) -
     return cfg
 
 
-def _say_moved_service(began: Dict, now: Dict, log: Callable[[str], None]) -> None:
-    """A paid store resumed at another teacher.url keeps its key (the same service may have moved), but
-    the ledger keeps answers by URL: views paid at the old one are not looked up there, and requests a
-    stopped call sent there are not replayed free; they are paid again (a trial: 712 for 616). Said."""
-    was, url = ((m.get("config") or {}).get("teacher", {}).get("url") for m in (began, now))
-    if was and url and was != url:
-        log(f"note: resuming at teacher.url={url}; the store began at {was}. The ledger keeps answers by URL, so views "
-            f"paid at {was} are not looked up here and requests cut off there are not replayed free: they are paid "
-            f"again. --set teacher.url={was} reuses them, where it still reaches the same service")
-
-
 def _refuse_all_failed(store: Store, dataset: ImageDataset, out: str) -> None:
     """A store of nothing but failed images is never finished as if it held a dataset."""
     failures = store.failures()
@@ -505,111 +367,6 @@ def _refuse_all_failed(store: Store, dataset: ImageDataset, out: str) -> None:
         first = min(failures)
         raise DatasetError(f"all {len(dataset)} images failed to read ({dataset.samples[first].path}: "
                            f"{failures[first]}); fix the images or dataset.path, then delete {out} and rerun")
-
-
-def _budget_in_store(store: Store, teacher, teacher_cfg) -> None:
-    """A paid teacher's teacher.max_queries as the store's budget (``StoreBudget``)."""
-    use = getattr(teacher, "budget_from", None)
-    limit = getattr(teacher_cfg, "max_queries", None)
-    if callable(use) and limit is not None:
-        use(StoreBudget(store, limit))
-
-
-def _models_in_store(store: Store, teacher, prompts) -> None:
-    """The model a paid teacher's earlier answers to this store named (its books): every answer now is
-    held to it, so a store resumed after the vendor moved its model is refused, not mixed; and so are
-    the ledger's answers to its prompts, before any view is paid for."""
-    expect = getattr(teacher, "expect_model", None)
-    if callable(expect):
-        expect((store.usage() or {}).get("answered_model"))
-        teacher.check_ledger([t for pc in prompts.values() for texts in pc for t in texts])
-
-
-def _one_model_in_books(store: Store) -> None:
-    """The books of a store's calls name one answered model, before its prompts are paid for: shards that
-    opened a fresh store before either wrote its books each held only their own first answer's model."""
-    models = store.answered_models()
-    if len(models) > 1:
-        raise BadAnswer(f"the books of {store.path} name answers from models {', '.join(map(repr, models))}: its shards "
-                        "began while the service moved its model, and their blocks would mix in one store, so it is "
-                        f"not finished. Delete {store.path} and rerun with a new teacher.ledger and a teacher.model "
-                        "name that does not move")
-
-
-def _lost_in_store(store: Store, teacher) -> None:
-    """Requests an earlier call of the store counted as possibly paid (stopped with a send out, or its
-    answer lost): handed to a paid teacher, so that this call's answer to them settles those books."""
-    inherit = getattr(teacher, "inherit_lost", None)
-    if not callable(inherit):  # a local teacher: no books to read
-        return
-    lost = (store.usage() or {}).get("lost_requests")
-    if isinstance(lost, dict) and lost:
-        inherit(lost)
-
-
-class _Books:
-    """What a paid teacher spent in one extract call (its ``usage()`` now, less at the start), kept
-    in the store as it goes: after every finished block and at the end, an entry of what was spent
-    since the last (tagged with the call), so a call killed with -9 has its spending to its last
-    block in the store, and the manifest's ``teacher_usage`` sums every call's."""
-
-    def __init__(self, teacher, since_built: bool):
-        """``since_built``: the teacher was built for this call (its probes on loading count too)."""
-        import uuid
-
-        usage = getattr(teacher, "usage", None)
-        self.usage = usage if callable(usage) else None
-        self.last = {} if since_built else self.usage() if self.usage else None
-        self.call = uuid.uuid4().hex[:12]
-        self.opened = False
-
-    def open(self, store: Store) -> None:
-        """Mark this call open in the store (closed by ``close``): a call killed with -9 stays open,
-        and the store's finish says its books may be low."""
-        if self.usage is not None:
-            store.open_call(self.call)
-            self.opened = True
-
-    def close(self, store: Store) -> None:
-        if self.opened:
-            try:
-                store.close_call(self.call)
-            except OSError:  # on the way out of a failure (a full disk): that failure is what to report
-                pass
-            self.opened = False
-
-    def queries(self) -> int:
-        """Queries paid in this call so far, not yet recorded."""
-        return int(self.usage().get("queries", 0) - self.last.get("queries", 0)) if self.usage else 0
-
-    def record(self, store: Store, quietly: bool = False) -> None:
-        if self.usage is None:
-            return
-        now = self.usage()
-        spent = {k: v if k in USAGE_SNAPSHOTS else _minus(v, self.last.get(k)) for k, v in now.items()}
-        if not any(_nonzero(v) for k, v in spent.items() if k not in USAGE_SNAPSHOTS):
-            return  # nothing asked of the teacher since the last entry (an intact store)
-        try:
-            store.add_usage({**spent, "call": self.call})
-        except OSError:
-            if not quietly:  # on the way out of a failure (a full disk), the failure is what to report
-                raise
-            return
-        self.last = now
-
-
-def _nonzero(v: Any) -> bool:
-    return bool(v) if is_counter(v) else isinstance(v, dict) and any(_nonzero(x) for x in v.values())
-
-
-def _minus(now: Any, before: Any) -> Any:
-    """Counters (and dicts of them, the service's own usage) less their earlier values; others as now."""
-    if is_counter(now):
-        return now - (before if is_counter(before) else 0)
-    if isinstance(now, dict):
-        before = before if isinstance(before, dict) else {}
-        return {k: _minus(v, before.get(k)) for k, v in now.items()}
-    return now
 
 
 ONE_CLASS_FIX = {"synthetic": "set dataset.num_classes to 2 or more",
@@ -675,9 +432,9 @@ def _dry_run(cfg, manifest, layout, reader, embedder, prompts, shard, num_shards
     if Store.exists(cfg.out, backend):
         with Store(cfg.out, "r", backend) as st:  # refused as the real run refuses it
             made_so(st, manifest)
-            _models_in_store(st, teacher, prompts)
+            models_in_store(st, teacher, prompts)
             if st.blocks_done().any():  # what the resume will say
-                _say_resumed_otherwise(st, cfg, manifest, log)
+                say_resumed_otherwise(st, cfg, manifest, log)
             if budget:
                 budget = (budget[0], StoreBudget(st, budget[0]).claimed())
             if st.complete:  # prompts included
@@ -808,7 +565,7 @@ def _salvage(assembler: BlockAssembler, writer: BlockWriter, batch: Batch, pendi
         pass
 
 
-def _finished_or_stopped(store: Store, dataset: ImageDataset, teacher, prompts, books: _Books,
+def _finished_or_stopped(store: Store, dataset: ImageDataset, teacher, prompts, books: Books,
                          record: CallRecord) -> int:
     """``finalize``, where a stop that lands once the store is complete says so (not "rerun to resume")."""
     record.finishing_store = True
@@ -821,19 +578,19 @@ def _finished_or_stopped(store: Store, dataset: ImageDataset, teacher, prompts, 
         raise
 
 
-def _finalize_or_disk_full(store: Store, dataset: ImageDataset, teacher, prompts, books: Optional[_Books] = None,
+def _finalize_or_disk_full(store: Store, dataset: ImageDataset, teacher, prompts, books: Optional[Books] = None,
                            record: Optional[CallRecord] = None) -> int:
     with one_line_when_full(store.path):
         return finalize(store, dataset, teacher, prompts, books, record)
 
 
-def finalize(store: Store, dataset: ImageDataset, teacher, prompts, books: Optional[_Books] = None,
+def finalize(store: Store, dataset: ImageDataset, teacher, prompts, books: Optional[Books] = None,
              record: Optional[CallRecord] = None) -> int:
     """Text embeddings, meta.parquet, text.parquet, their checksums, the calls that wrote the store
     (``record``: this one's entry), then complete=True (last)."""
     import pandas as pd
 
-    _one_model_in_books(store)
+    one_model_in_books(store)
     tables = encode_sources(lambda t: teacher.encode_text(t).numpy(), teacher.count_tokens, teacher.context_length,
                             dataset.classes, prompts)
     for src, tab in tables.items():

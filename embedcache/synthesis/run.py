@@ -23,7 +23,8 @@ from .. import interrupt
 from ..config import DatasetConfig, ExtractConfig, build_config, to_dict
 from ..datasets import ImageDataset, Sample
 from ..errors import ConfigError, StoreDamagedError, StoreError
-from ..extract import Batch, ExtractResult, ViewPolicy, extract, made_so, policy_of, require_out
+from ..extract import Batch, ExtractResult, ViewPolicy, extract, policy_of, require_out
+from ..extract.resume import made_so
 from ..extract.manifest import build_manifest
 from ..store import Store, backend_name_for
 from ..store.backends import a_store_of
