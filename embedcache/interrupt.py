@@ -184,6 +184,8 @@ def end_of_command() -> None:
 
 def stop_on_signal() -> None:
     """For worker processes: every SIGINT/SIGTERM only sets the stop flag; the worker's own loop
-    decides when to leave (after saving its state)."""
+    decides when to leave (after saving its state). A SIGINT the worker inherited ignored (a sweep a script
+    started with `&`) stays ignored, as its sweep ignores it."""
     for s in SIGNALS:
-        signal.signal(s, lambda *_: _stop.set())
+        if not (s == signal.SIGINT and signal.getsignal(s) == signal.SIG_IGN):
+            signal.signal(s, lambda *_: _stop.set())

@@ -768,5 +768,11 @@ def test_an_ignored_sigint_stays_ignored_by_every_command(monkeypatch):
             time.sleep(0.05)
             assert interrupt.requested()
         assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        term = signal.getsignal(signal.SIGTERM)
+        try:
+            interrupt.stop_on_signal()  # a sweep's worker, which inherits its sweep's ignored SIGINT
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN and signal.getsignal(signal.SIGTERM) != term
+        finally:
+            signal.signal(signal.SIGTERM, term)
     finally:
         signal.signal(signal.SIGINT, before)
