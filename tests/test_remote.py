@@ -648,6 +648,9 @@ def test_a_reloaded_teacher_takes_its_dimension_from_the_store_not_a_paid_probe(
         assert teacher.embed_dim == tiny_teacher.embed_dim and charged(app)[0] == paid
         store.nearest_classes("a photo of something new", k=1)
         assert charged(app)[0] == paid + 1  # the query itself, within the budget
+        (tmp_path / "client.sqlite").unlink()
+        assert extract(cfg, log=quiet).skipped  # a rerun: nothing to do, and no probe paid for it either
+        assert charged(app)[0] == paid + 1
 
 
 def test_a_complete_store_reruns_as_nothing_to_do_with_its_service_down(tmp_path, tiny_teacher_cfg, tiny_teacher,

@@ -39,7 +39,7 @@ from .history import CallRecord, calls_of
 from .manifest import PIPELINE, absolute_paths, build_manifest
 from .parts import (Batch, Block, BlockAssembler, BlockWriter, Embedder, LoaderReader, ViewPolicy, block_batches,
                     refuse_nonfinite, resolve_shard, shard_blocks)
-from .resume import made_so, say_resumed_otherwise, say_resuming
+from .resume import made_so, recorded_dim, say_resumed_otherwise, say_resuming
 
 __all__ = ["extract", "ExtractResult", "DryRun", "Batch", "Block", "ViewPolicy", "shard_blocks", "resolve_shard",
            "finalize", "run_blocks", "policy_of"]
@@ -137,7 +137,7 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
     prompts = build_prompts(dataset.classes, cfg.text)
     books_from = teacher  # a teacher passed in may have spent before this call; one built here has not
     try:
-        teacher = teacher or build_teacher(cfg.teacher)
+        teacher = teacher or build_teacher(cfg.teacher, embed_dim=recorded_dim(cfg.out, backend))
     except EmbedcacheError as exc:
         done = _complete_as_configured(exc, cfg, dataset, log, t0)
         if done is None:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..config import ExtractConfig
+from ..errors import EmbedcacheError
 from ..store import Store
 from ..versions import STORE_NUMBERS, store_numbers_between
 from .device import device_pipeline
@@ -151,3 +152,17 @@ def _say_moved_service(began: Dict, now: Dict, log: Callable[[str], None]) -> No
         log(f"note: resuming at teacher.url={url}; the store began at {was}. The ledger keeps answers by URL, so views "
             f"paid at {was} are not looked up here and requests cut off there are not replayed free: they are paid "
             f"again. --set teacher.url={was} reuses them, where it still reaches the same service")
+
+
+def recorded_dim(out: str, backend: str) -> Optional[int]:
+    """The teacher's dimension the store at ``out`` records (None where there is none): a rerun, resume or repair
+    asks a service that does not say its own no paid probe for it (``build_teacher``); a store of another
+    teacher is refused by its key all the same."""
+    if not Store.exists(out, backend):
+        return None
+    try:
+        with Store(out, "r", backend) as st:
+            dim = (st.manifest.get("teacher") or {}).get("embed_dim")
+    except (EmbedcacheError, OSError):  # refused once it is opened for writing, in its own words
+        return None
+    return int(dim) if isinstance(dim, int) and dim > 0 else None
