@@ -27,7 +27,16 @@ LIBRARIES = ("numpy", "pandas", "torch")
 NEEDS = {"configs": (), "inspect": ("numpy", "pandas"), "report": ("numpy", "pandas")}  # the others: LIBRARIES
 
 
+class Command(click.Command):
+    """A command whose libraries are imported whole once its options are parsed (a usage error stays instant)."""
+
+    def invoke(self, ctx):
+        import_whole(NEEDS.get(self.name, LIBRARIES))
+        return super().invoke(ctx)
+
+
 class Group(click.Group):
+    command_class = Command  # its sub-groups' commands (serve's hash-key, configs') read no array
     def main(self, *args, standalone_mode: bool = True, **kwargs):
         """Click's own usage errors (a missing path, an unknown option) as one line too."""
         if not standalone_mode:
@@ -53,12 +62,6 @@ class Group(click.Group):
             click.echo("interrupted; rerun the same command to resume", err=True)
             sys.exit(130)
         sys.exit(code if isinstance(code, int) else 0)
-
-    def resolve_command(self, ctx, args):
-        name, cmd, rest = super().resolve_command(ctx, args)
-        if not set(rest) & {"--help", "hash-key"}:  # serve's hash-key reads no array
-            _import_whole(NEEDS.get(name, LIBRARIES))
-        return name, cmd, rest
 
     def invoke(self, ctx):
         from embedcache import interrupt
@@ -105,7 +108,7 @@ class Group(click.Group):
             sys.exit(128 + interrupt.stopped_by())  # 130 after Ctrl-C, 143 after SIGTERM
 
 
-def _import_whole(modules) -> None:
+def import_whole(modules) -> None:
     """``modules`` imported with a stop request deferred to their end (then one line, exit 130)."""
     from embedcache import interrupt
 

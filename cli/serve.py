@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 import click
 
-from ._app import main, overrides_option
+from ._app import LIBRARIES, import_whole, main, overrides_option
 
 
 @main.group(invoke_without_command=True)
@@ -21,6 +21,7 @@ def serve(ctx, config_path: Optional[str], overrides: Sequence[str], host: Optio
     charges and idempotent retries. Keys come from $EMBEDCACHE_SERVE_KEYS or keys_file."""
     if ctx.invoked_subcommand is not None:
         return
+    import_whole(LIBRARIES)  # a group, not a ``Command``: its libraries imported whole here
     from embedcache.config import load_config
     from embedcache.serve import ServeConfig, serve as run
 

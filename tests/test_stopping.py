@@ -776,3 +776,15 @@ def test_an_ignored_sigint_stays_ignored_by_every_command(monkeypatch):
             signal.signal(signal.SIGTERM, term)
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_a_usage_error_imports_no_library_first():
+    """The libraries a command needs were imported before its options were parsed: `train -h` (no such option) took
+    5 s to say so (a review). They are imported once the options are read."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from click.testing import CliRunner; from embedcache.cli import main; "
+            "r = CliRunner().invoke(main, ['train', '-h']); print(r.exit_code, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["2", "False"], out.stdout + out.stderr
