@@ -282,7 +282,7 @@ def test_call_marks_tell_a_cut_off_call_from_a_live_or_closed_one(tmp_path):
 
     from conftest import block_store
     from embedcache.store import Store
-    from embedcache.store.store import _started
+    from embedcache.store.books import _started
 
     path, _ = block_store(tmp_path, "zarr")
     with Store(path, "a") as st:
@@ -299,7 +299,7 @@ def test_call_marks_tell_a_cut_off_call_from_a_live_or_closed_one(tmp_path):
 def test_a_later_books_entry_without_a_model_does_not_erase_the_stores():
     """The store's books keep the model its answers named (a resume is held to it): an entry that names
     none, a call whose answers named none yet, left the record as None."""
-    from embedcache.store.store import _plus
+    from embedcache.store.books import _plus
 
     total = None
     for entry in ({"answered_model": "clip-a", "queries": 2}, {"answered_model": None, "queries": 3}):

@@ -28,8 +28,6 @@ import io
 import json
 import os
 import re
-import socket
-import time
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
@@ -40,6 +38,7 @@ import pandas as pd
 from ..errors import DatasetError, StoreBusyError, StoreDamagedError, StoreError, StoreMismatchError, first_line
 from ..fileio import exclusive_lock, try_exclusive_lock, utc_now
 from .backends import BACKENDS, REMAKE, backend_name_for
+from .books import CallBooks, json_or
 from .integrity import IntegrityReport, checksum
 from .layout import SCHEMA_VERSION, WRITTEN_DTYPES, block_range, packable, packed_rows, written_dtype
 from .pieces import bytes_of, plan_pieces
@@ -75,28 +74,6 @@ def new_marks(layout: Dict[str, Any]) -> Dict[str, Any]:
     seeded, and its layout's checksum. A store without them was made before them: read as it was made
     (the seeds cannot be removed unseen: every block's checksum would then disagree)."""
     return {SEEDED_KEY: True, LAYOUT_KEY: _layout_sum(layout)}
-
-
-def is_counter(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-# usage entries that are totals at a moment (the shared ledger's), not spending: never summed
-USAGE_SNAPSHOTS = ("ledger",)
-
-
-def _plus(total: Any, v: Any, key: str) -> Any:
-    """Usage entries summed: counters, and the service's own usage key by key; the ledger's totals
-    (a snapshot) and words as the last entry that says any (a later None, e.g. no answered model yet, erases
-    nothing)."""
-    if is_counter(v):
-        return (total if is_counter(total) else 0) + v
-    if isinstance(v, dict) and key not in USAGE_SNAPSHOTS:
-        total = dict(total) if isinstance(total, dict) else {}
-        for k, x in v.items():
-            total[k] = _plus(total.get(k), x, k)
-        return total
-    return total if v is None else v
 
 
 def _run_folder_store(path: str) -> str:
@@ -191,7 +168,7 @@ def live_writers(path: str) -> List[int]:
     return live
 
 
-class Store:
+class Store(CallBooks):
     """A store on disk. ``Store(path)`` opens for reading, ``Store(path, "a")`` for writing;
     ``Store.create`` makes a new one. Analysts use ``embedcache.open_store``, which wraps this."""
 
@@ -450,7 +427,7 @@ class Store:
             block = name.removeprefix("repair/block_").removesuffix(".json")
             raw = self.b.get_blob(name) if block.isdigit() and int(block) < len(done) and not done[int(block)] else None
             if raw:
-                marks[int(block)] = _json_or(raw, {})
+                marks[int(block)] = json_or(raw, {})
         return marks
 
     def held_repair_blocks(self) -> List[int]:
@@ -613,7 +590,7 @@ class Store:
         names = self.layout["block_arrays"]
         for blk in blocks:  # each marked reopened, so that a repair stopped before it re-did them is finished later
             failures = self.b.get_blob(f"failures/block_{blk:06d}.json")
-            failed = bool(failures) and bool(_json_or(failures, {"unreadable": True}))
+            failed = bool(failures) and bool(json_or(failures, {"unreadable": True}))
             # an image that failed to read may read now (a passing I/O error): nothing to hold that block to
             want = {} if summary is None or failed else {
                 name: int(sums[blk, j]) for j, name in enumerate(names)
@@ -623,7 +600,7 @@ class Store:
     def _hold_to_expected(self, block: int, sums: np.ndarray) -> bool:
         """Refuse a re-done block whose checksums differ from those a repair kept; whether any were kept."""
         raw = self.b.get_blob(_expected_blob(block))
-        want = _json_or(raw, {}) if raw else {}
+        want = json_or(raw, {}) if raw else {}
         for j, name in enumerate(self.layout["block_arrays"]):
             if name in want and int(sums[0, j]) != int(want[name]):
                 start, stop = self.block_range(block)
@@ -710,67 +687,6 @@ class Store:
             if checksum(block, self._seed(name, blk)) != int(sums[blk, j]):
                 raise self._damaged(name, f"rows {start}-{stop - 1} (block {blk}) do not match their checksum")
         return out
-
-    # --- a paid teacher's books: one entry per extraction call, so every call's spending is counted ---
-    def add_usage(self, spent: Dict[str, Any]) -> None:
-        self.b.put_blob(f"usage/{time.time_ns():020d}-{os.getpid()}.json", json.dumps(spent, sort_keys=True).encode())
-        self.b.flush()
-
-    def usage(self) -> Optional[Dict[str, Any]]:
-        """Every entry's counters summed, the service's own usage key by key (``calls``: how many
-        extract calls wrote entries), the last entry's other values (protocol, the ledger's totals
-        then); None when no call recorded any."""
-        entries = self._usage_entries()
-        if not entries:
-            return None
-        calls = {e.get("call") or f"entry-{i}" for i, e in enumerate(entries)}  # older stores: an entry per call
-        total: Dict[str, Any] = {}
-        for e in entries:
-            for k, v in e.items():
-                if k != "call":
-                    total[k] = _plus(total.get(k), v, k)
-        if isinstance(total.get("lost_requests"), dict):  # requests possibly paid, less those settled since
-            total["lost_requests"] = {k: n for k, n in total["lost_requests"].items() if n}
-        return {"calls": len(calls), **total}
-
-    def answered_models(self) -> List[str]:
-        """Every model the entries name as their answers' (``usage()`` keeps the last one's), oldest first."""
-        return list(dict.fromkeys(e["answered_model"] for e in self._usage_entries() if e.get("answered_model")))
-
-    def _usage_entries(self) -> List[Dict[str, Any]]:
-        return [json.loads(self.b.get_blob(n)) for n in sorted(self.b.list_blobs("usage"))]
-
-    # extract calls that pay a teacher: marked open when they start, closed when they end (stopped,
-    # failed or done); one killed with -9 stays open, its spending since its last finished block in no books
-    def open_call(self, call: str) -> None:
-        self.b.put_blob(f"calls/{call}.json", json.dumps({"open": True, "pid": os.getpid(), "host": socket.gethostname(),
-                                                          "start": _started(os.getpid())}).encode())
-        self.b.flush()
-
-    def close_call(self, call: str) -> None:
-        self.b.put_blob(f"calls/{call}.json", json.dumps({"open": False}).encode())
-        self.b.flush()
-
-    def calls_cut_short(self, running: str) -> int:
-        """Calls of this store that never closed, other than ``running`` and any still alive on this host."""
-        host, out = socket.gethostname(), 0
-        for name in self.b.list_blobs("calls"):
-            mark = _json_or(self.b.get_blob(name), {"open": True})  # unreadable (the machine lost): counted
-            if mark.get("open") and name != f"calls/{running}.json" and not (
-                    mark.get("host") == host and _alive(mark.get("pid"), mark.get("start"))):
-                out += 1
-        return out
-
-    # --- the extract calls that wrote the store (``extract/history.py``), one entry each ---
-    def record_call(self, name: str, entry: Dict[str, Any]) -> None:
-        """``name``: the call's start in nanoseconds, then its id (so the names sort by start)."""
-        self.b.put_blob(f"history/{name}.json", json.dumps(entry, sort_keys=True).encode())
-        self.b.flush()
-
-    def call_history(self) -> List[Dict[str, Any]]:
-        """Every call's entry, oldest first (an unreadable one, from a machine lost mid-write, left out)."""
-        entries = [_json_or(self.b.get_blob(n), None) for n in self.b.list_blobs("history")]
-        return [e for e in entries if isinstance(e, dict)]
 
     def failures(self) -> Dict[int, str]:
         out: Dict[int, str] = {}
@@ -1131,36 +1047,6 @@ class Store:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _alive(pid: Any, start: Any = None) -> bool:
-    """Process ``pid`` lives, and is the one that started at ``start`` (where known: a container's
-    process often has the same number every time)."""
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process of that number
-        pass
-    return start is None or _started(pid) in (None, start)
-
-
-def _started(pid: int) -> Optional[str]:
-    """When process ``pid`` started (clock ticks since boot, Linux), or None where unknown."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _json_or(raw: Optional[bytes], default: Any) -> Any:
-    """A small JSON blob, or ``default`` where it is missing or unreadable (cut off by a lost machine)."""
-    try:
-        return json.loads(raw) if raw else default
-    except ValueError:
-        return default
 
 
 def _expected_blob(block: int) -> str:
