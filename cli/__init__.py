@@ -3,6 +3,7 @@ library module imports this package (tests/test_architecture.py checks the layer
 
 ``entry`` is the console script: the commands are imported inside it, so a Ctrl-C while they load
 is one line too. ``main`` is the click group (``CliRunner().invoke(main, ...)``)."""
+import signal
 import sys
 
 __all__ = ["main", "entry"]
@@ -21,7 +22,10 @@ def entry() -> None:
     except KeyboardInterrupt:  # before the commands' own handling is in place: nothing started yet
         sys.stderr.write("interrupted while starting; nothing was done\n")
         sys.exit(130)
-    group()
+    try:
+        group()
+    finally:  # its outcome is said: a Ctrl-C in the interpreter's teardown (a second or so) does not change its exit
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # code (a finished sweep died by the signal: a trial); SIGTERM does
 
 
 def __getattr__(name: str):

@@ -788,3 +788,21 @@ def test_a_usage_error_imports_no_library_first():
             "r = CliRunner().invoke(main, ['train', '-h']); print(r.exit_code, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["2", "False"], out.stdout + out.stderr
+
+
+def test_a_ctrl_c_once_a_command_has_ended_leaves_its_exit_code(monkeypatch):
+    """A Ctrl-C in the second or so of teardown after a sweep printed its results killed it by the signal, which a
+    scheduler reads as a failed sweep (a trial). Once the command has ended, SIGINT is ignored to the exit."""
+    import embedcache.cli as cli
+
+    def finished():
+        raise SystemExit(0)
+
+    monkeypatch.setattr(cli, "_group", lambda: finished)
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as ended:
+            cli.entry()
+        assert ended.value.code == 0 and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
