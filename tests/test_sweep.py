@@ -1509,3 +1509,33 @@ def test_the_demo_sweep_over_another_store_names_that_store_and_makes_no_demo_st
     res = CliRunner().invoke(main, ["sweep", "--dry-run", "--no-progress"])  # the demo store not made yet
     assert res.exit_code == 2 and "a dry run makes nothing: run `make extract` first" in res.output, res.output
     assert not (tmp_path / "stores").exists()
+
+
+def test_a_stop_kills_at_once_a_local_worker_still_starting_and_asks_the_others():
+    """A worker still importing (seconds under load) saw the stop only once started, and the sweep waited on it
+    (a trial: 10 s). It has nothing to save: killed at once; a started one is asked (SIGTERM) and waited for."""
+    import threading
+
+    from embedcache.students.sweep.launchers import _stop_workers
+
+    class Worker:
+        def __init__(self):
+            self.calls = []
+
+        def is_alive(self):
+            return "kill" not in self.calls and "terminate" not in self.calls
+
+        def terminate(self):
+            self.calls.append("terminate")
+
+        def kill(self):
+            self.calls.append("kill")
+
+        def join(self, timeout=None):
+            self.calls.append("join")
+
+    starting, started = Worker(), Worker()
+    ready = [threading.Event(), threading.Event()]
+    ready[1].set()
+    _stop_workers([starting, started], 30.0, ready)
+    assert starting.calls[0] == "kill" and started.calls[0] == "terminate"

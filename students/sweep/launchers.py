@@ -113,10 +113,12 @@ def _as_items(job: List[SweepPoint]) -> list:
 
 
 # --- local: a pool of worker processes ------------------------------------------------------------------
-def _worker_main(tasks, results, spec_dict: Dict, sweep_dir: str, device: str, threads: int, sharers: int = 1) -> None:
+def _worker_main(tasks, results, spec_dict: Dict, sweep_dir: str, device: str, threads: int, sharers: int = 1,
+                 ready=None) -> None:
     """A spawned worker: takes runs until told to stop; a signal only sets the stop flag, so the
     run in progress saves a checkpoint at its next step and the worker leaves cleanly. ``sharers``:
-    the workers on its device (each run's arrays then take no more than its share of the GPU)."""
+    the workers on its device (each run's arrays then take no more than its share of the GPU). ``ready``
+    (an event) is set once it has started: before, it holds nothing to save, and a stop ends it at once."""
     import torch
 
     from . import SweepSpec
@@ -126,10 +128,16 @@ def _worker_main(tasks, results, spec_dict: Dict, sweep_dir: str, device: str, t
 
     interrupt.stop_on_signal()
     interrupt.let_go()  # held while it started: now the stop flag's
+    if ready is not None:
+        ready.set()
     warnings.showwarning = one_line_warning  # its runs' warnings as the CLI says them: one line each
     _stop_when_orphaned(os.getppid())
     torch.set_num_threads(threads)
     spec = SweepSpec(**spec_dict)
+    _take_runs(tasks, results, spec, sweep_dir, device)
+
+
+def _take_runs(tasks, results, spec, sweep_dir: str, device: str) -> None:
     while not interrupt.requested():
         try:
             item = tasks.get(timeout=0.2)
@@ -158,10 +166,14 @@ def _stop_when_orphaned(parent: int, every: float = 1.0) -> None:
     threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
 
 
-def _stop_workers(procs, grace: float) -> None:
-    """SIGTERM every worker (they checkpoint at their next step), wait ``grace`` seconds, then kill."""
-    for p in procs:
-        if p.is_alive():
+def _stop_workers(procs, grace: float, ready=None) -> None:
+    """SIGTERM every worker (they checkpoint at their next step), wait ``grace`` seconds, then kill. A worker
+    still starting (``ready``: its event not set) has nothing to save: killed at once (it took seconds of
+    imports under load to see the stop, a trial)."""
+    for k, p in enumerate(procs):
+        if p.is_alive() and ready is not None and not ready[k].is_set():
+            p.kill()
+        elif p.is_alive():
             p.terminate()
     deadline = time.time() + grace
     for p in procs:
@@ -206,8 +218,9 @@ def local(jobs: List[List[SweepPoint]], spec, sweep_dir, device="auto", progress
     for _ in range(n):
         tasks.put(None)
     sharers = device_sharers(devices)
+    ready = [ctx.Event() for _ in range(n)]
     procs = [ctx.Process(target=_worker_main, args=(tasks, results, as_dict(spec), sweep_dir, devices[k], threads,
-                                                    sharers[k]), daemon=True) for k in range(n)]
+                                                    sharers[k], ready[k]), daemon=True) for k in range(n)]
     with interrupt.held():  # a worker still importing printed its traceback at a Ctrl-C
         for p in procs:
             p.start()
@@ -226,9 +239,9 @@ def local(jobs: List[List[SweepPoint]], spec, sweep_dir, device="auto", progress
             bar.update(st, sum(p.is_alive() for p in procs))
             if st["status"] in STOP_STATUSES:
                 interrupt.request()
-        _stop_workers(procs, grace if interrupt.requested() else 60.0)
+        _stop_workers(procs, grace if interrupt.requested() else 60.0, ready)
     except KeyboardInterrupt:  # a second Ctrl-C: stop now
-        _stop_workers(procs, 0.0)
+        _stop_workers(procs, 0.0, ready)
         raise
     finally:
         bar.close()
