@@ -34,6 +34,11 @@ ONE_REQUEST_S = 0.5  # signals this close together are one request (a person's s
 _clock = time.monotonic  # when a handler runs (tests set it)
 
 
+def _ignored_from_start(signum: int) -> bool:
+    """A SIGINT the process was started ignoring (a job a script starts with `&`: the shell's rule): kept so."""
+    return signum == signal.SIGINT and signal.getsignal(signum) == signal.SIG_IGN
+
+
 def requested() -> bool:
     return _stop.is_set()
 
@@ -88,7 +93,7 @@ def graceful(on_request: Optional[Callable[[int], None]] = None) -> Iterator[Non
 
     # a SIGINT ignored from the start (a job started with `&` by a script: the shell's rule) stays ignored, as
     # extraction leaves it (``one_request_per_signal``): train, sweep and synthesize took it (a trial)
-    old = {s: signal.getsignal(s) for s in SIGNALS if not (s == signal.SIGINT and signal.getsignal(s) == signal.SIG_IGN)}
+    old = {s: signal.getsignal(s) for s in SIGNALS if not _ignored_from_start(s)}
     for s in old:
         signal.signal(s, handler)
     if not _depth[0]:
@@ -187,5 +192,5 @@ def stop_on_signal() -> None:
     decides when to leave (after saving its state). A SIGINT the worker inherited ignored (a sweep a script
     started with `&`) stays ignored, as its sweep ignores it."""
     for s in SIGNALS:
-        if not (s == signal.SIGINT and signal.getsignal(s) == signal.SIG_IGN):
+        if not _ignored_from_start(s):
             signal.signal(s, lambda *_: _stop.set())
