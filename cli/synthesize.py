@@ -21,10 +21,16 @@ def synthesize(config_path: str, out: Optional[str], overrides: Sequence[str], n
     from embedcache.synthesis import load_synthesize_config, synthesize as run
 
     cfg = load_synthesize_config(config_path, overrides, {"out": out, "progress": False if no_progress else None})
-    stage = ["styles"]
+    stage = ["teacher"]
     what = {"styles": "stopping before any image is made (styles are learned again on the rerun)",
             "images": "stopping after this batch's iteration; finished blocks are kept"}
-    with interrupt.graceful(lambda signum: click.echo(interrupt.stop_notice(signum, what[stage[0]]), err=True)):
+
+    def said(signum: int) -> None:
+        if stage[0] == "teacher":  # nothing is held yet: at once (the conse teacher encodes 1,000 prompts as it loads)
+            raise KeyboardInterrupt("stopped while the teacher loaded; nothing was made")
+        click.echo(interrupt.stop_notice(signum, what[stage[0]]), err=True)
+
+    with interrupt.graceful(said):
         res = run(cfg, log=click.echo, on_stage=lambda name: stage.__setitem__(0, name))
         late = interrupt.requested()
     if late and res.complete:  # the stop was said, and came as the last blocks were being finished (a trial)

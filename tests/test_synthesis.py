@@ -977,3 +977,40 @@ def test_settings_that_make_no_picture_are_refused_not_stored(synth_cfg, tiny_te
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*pure black or white|.*nearly flat grey")  # the defaults' pictures
         synthesize(synth_cfg("fine.zarr"), teacher=tiny_teacher, log=quiet)                   # pass without a word
+
+
+def test_the_stage_is_teacher_while_the_teacher_loads_then_styles(synth_cfg, tiny_teacher, monkeypatch):
+    """``synthesize`` tells the CLI when the teacher is loading (a stop then ends it at once: nothing is held)."""
+    import embedcache.synthesis.run as run
+
+    stages, at_build = [], []
+    monkeypatch.setattr(run, "build_teacher", lambda cfg: at_build.append(stages[-1]) or tiny_teacher)
+    synthesize(synth_cfg(), log=quiet, on_stage=stages.append)
+    assert at_build == ["teacher"]
+    assert stages == ["teacher", "styles", "images"]
+
+
+def test_a_stop_while_the_teacher_loads_ends_synthesize_at_once(tmp_path, monkeypatch):
+    """The conse teacher encodes 1,000 ImageNet prompts in one call as it loads (2 s idle, 10 s under load); a
+    Ctrl-C then said "stopping before any image is made" and waited for the load (a trial): nothing is held yet."""
+    import os
+    import signal
+
+    from click.testing import CliRunner
+
+    import embedcache.synthesis as synthesis
+    from embedcache.cli import main
+
+    went_on = []
+
+    def loads_a_teacher(cfg, log, on_stage):
+        on_stage("teacher")
+        os.kill(os.getpid(), signal.SIGINT)
+        went_on.append(True)  # the load went on after the stop
+        on_stage("styles")
+
+    monkeypatch.setattr(synthesis, "synthesize", loads_a_teacher)
+    res = CliRunner().invoke(main, ["synthesize", "--config", "pacs-contrastive", "--out", str(tmp_path / "s.zarr")])
+    assert res.exit_code == 130, res.output
+    assert res.output.strip().splitlines()[-1] == "stopped while the teacher loaded; nothing was made", res.output
+    assert not went_on and not (tmp_path / "s.zarr").exists()

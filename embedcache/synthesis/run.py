@@ -304,9 +304,11 @@ def _refuse_out_of_another_kind(out: str, backend: Optional[str]) -> None:
 
 
 def prepare(cfg: SynthesizeConfig, teacher: Optional[Teacher] = None, log: Callable[[str], None] = print,
-            on_batch: Optional[Callable[[np.ndarray, Any], None]] = None) -> Prepared:
+            on_batch: Optional[Callable[[np.ndarray, Any], None]] = None,
+            on_loaded: Callable[[], None] = lambda: None) -> Prepared:
     """Check the config and the teacher, plan the styles (learning them for ``contrastive``) and build
-    the parts; a teacher without gradients is refused before it is loaded."""
+    the parts; a teacher without gradients is refused before it is loaded. ``on_loaded()``: the teacher
+    is there (loaded, or given)."""
     cfg = build_config(SynthesizeConfig, to_dict(cfg))  # every rule, nested ones too, for configs built in code
     if not cfg.out:
         raise ConfigError("no output store given; pass --out PATH (e.g. stores/pacs-contrastive.zarr)")
@@ -316,6 +318,7 @@ def prepare(cfg: SynthesizeConfig, teacher: Optional[Teacher] = None, log: Calla
     build_prompts(sorted(c.strip() for c in cfg.classes), cfg.text)  # text settings that cannot make them: now
     require_gradients(teacher if teacher is not None else cfg.teacher.name)
     teacher = teacher or build_teacher(cfg.teacher)
+    on_loaded()
     require_gradients(teacher)
     own = type(teacher)
     if has_style_vectors(cfg.prompts) and (own.encode_text_styled is Teacher.encode_text_styled or (
@@ -345,10 +348,11 @@ def synthesize(cfg: SynthesizeConfig, teacher: Optional[Teacher] = None,
                on_stage: Optional[Callable[[str], None]] = None) -> ExtractResult:
     """Write (resume, repair or skip) the store of synthesised images ``cfg`` describes.
     ``on_batch(rows, Synthesised)`` sees each batch's images and losses (tests, benchmarks);
-    ``on_stage`` is told "styles" as the teacher is loaded and the styles planned, then "images"."""
+    ``on_stage`` is told "teacher" as the config is checked and the teacher loaded (nothing is held yet),
+    "styles" as the styles are planned, then "images"."""
     stage = on_stage or (lambda _name: None)
-    stage("styles")
-    p = prepare(cfg, teacher, log, on_batch)
+    stage("teacher")
+    p = prepare(cfg, teacher, log, on_batch, on_loaded=lambda: stage("styles"))
     stage("images")
     res = extract(p.ecfg, teacher=p.teacher, reader=p.reader, dataset=p.dataset,
                   manifest_extra={"synthesis": p.section}, on_block_done=on_block_done, log=log, on_open=p.pin)
