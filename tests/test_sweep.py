@@ -1539,3 +1539,34 @@ def test_a_stop_kills_at_once_a_local_worker_still_starting_and_asks_the_others(
     ready[1].set()
     _stop_workers([starting, started], 30.0, ready)
     assert starting.calls[0] == "kill" and started.calls[0] == "terminate"
+
+
+def test_a_local_worker_is_ready_only_once_its_runs_modules_are_imported(monkeypatch, tmp_path):
+    """A stop that came as a worker's first run imported timm (seconds under load) waited for the import; a
+    worker not yet ready is killed at once, so it imports what its runs need before it says it is ready."""
+    import importlib
+    import queue
+
+    import torch
+
+    from embedcache import interrupt
+    from embedcache.students import sweep
+    from embedcache.students.sweep import launchers
+
+    real = [importlib.import_module(name, launchers.__package__).__name__ for name in launchers.RUN_MODULES]
+    assert real == ["timm", "embedcache.students.train", "embedcache.students.heads"]
+    said = []
+    monkeypatch.setattr(importlib, "import_module", lambda name, package=None: said.append(name))
+    monkeypatch.setattr(interrupt, "stop_on_signal", lambda: said.append("handlers set"))
+    monkeypatch.setattr(interrupt, "let_go", lambda: said.append("let go"))
+    monkeypatch.setattr(launchers, "_stop_when_orphaned", lambda parent: None)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    monkeypatch.setattr(launchers, "_take_runs", lambda *a: said.append("runs taken"))
+    monkeypatch.setattr(sweep, "SweepSpec", lambda **spec: spec)
+
+    class Ready:
+        def set(self):
+            said.append("ready")
+
+    launchers._worker_main(queue.Queue(), queue.Queue(), {}, str(tmp_path), "cpu", 1, ready=Ready())
+    assert said == ["handlers set", *launchers.RUN_MODULES, "let go", "ready", "runs taken"]

@@ -8,6 +8,7 @@ Ctrl-C stops at once.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import queue
 import socket
@@ -113,12 +114,14 @@ def _as_items(job: List[SweepPoint]) -> list:
 
 
 # --- local: a pool of worker processes ------------------------------------------------------------------
+RUN_MODULES = ("timm", "..train", "..heads")  # what a worker's runs import (the last two: of this package)
 def _worker_main(tasks, results, spec_dict: Dict, sweep_dir: str, device: str, threads: int, sharers: int = 1,
                  ready=None) -> None:
     """A spawned worker: takes runs until told to stop; a signal only sets the stop flag, so the
     run in progress saves a checkpoint at its next step and the worker leaves cleanly. ``sharers``:
     the workers on its device (each run's arrays then take no more than its share of the GPU). ``ready``
-    (an event) is set once it has started: before, it holds nothing to save, and a stop ends it at once."""
+    (an event) is set once it has started, its runs' modules imported: before, it holds nothing to save,
+    and a stop ends it at once (a stop that came as its first run imported timm waited for the import)."""
     import torch
 
     from . import SweepSpec
@@ -127,6 +130,8 @@ def _worker_main(tasks, results, spec_dict: Dict, sweep_dir: str, device: str, t
     os.environ[SHARERS_ENV] = str(sharers)
 
     interrupt.stop_on_signal()
+    for name in RUN_MODULES:
+        importlib.import_module(name, __package__)
     interrupt.let_go()  # held while it started: now the stop flag's
     if ready is not None:
         ready.set()
