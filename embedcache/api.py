@@ -284,9 +284,10 @@ class StoreReader:
         if self._teacher is not None:
             return self._teacher
         from .config import TeacherConfig
+        from .extract.history import in_force
         from .teachers import build_teacher
 
-        cfg = TeacherConfig(**self._manifest["config"]["teacher"])
+        cfg = TeacherConfig(**in_force(self._manifest)["teacher"])
         made = build_teacher(cfg, embed_dim=self._manifest["teacher"].get("embed_dim"))  # a paid probe of it, spared
         teacher = self.require_teacher(made, "pass the original teacher or an embedding as the query")
         if callable(getattr(teacher, "budget_from", None)):  # a paid service: new prompts cost money

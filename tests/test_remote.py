@@ -27,6 +27,7 @@ import embedcache
 from embedcache.config import ExtractConfig, TeacherConfig, apply_overrides, build_config, replace, to_dict
 from embedcache.errors import BudgetError, ConfigError, TeacherLoadError
 from embedcache.extract import extract
+from embedcache.extract.verify import verify_store
 from embedcache.serve import ServeConfig, build_app
 from embedcache.serve.keys import KeyInfo, KeyRing, key_digest
 from embedcache.store import Store
@@ -34,7 +35,7 @@ from embedcache.teachers import build_teacher
 from embedcache.teachers.remote import RemoteError, RemoteUnavailableError
 from embedcache.teachers.remote.errors import BadAnswer
 
-from conftest import quiet, teacher_reads
+from conftest import alter_emb, quiet, teacher_reads
 from remote_fakes import Faults, LiveServer, ModelSwap, Tamper, cohere_app, files_containing, openai_app
 
 KEY = "sk-ec-test-9f8e7d6c5b4a-SECRET"
@@ -629,6 +630,33 @@ def test_text_queries_of_a_finished_store_are_held_within_its_budget_and_said_to
             assert msg.endswith("and the next request needs 1; query with an embedding, or pass a teacher yourself "
                                 "(teacher=) to pay past the store's budget"), msg
         assert other.load_teacher() is other.load_teacher()  # kept: no second warning, no second probe
+
+
+def test_text_queries_take_the_settings_the_store_was_finished_with(tmp_path, tiny_teacher_cfg, tiny_teacher,
+                                                                    key_env):
+    """A reader reloaded the paid teacher with the settings of the call that made the store, not of the last
+    call (a trial): a store stopped at teacher.max_queries=30 and finished at 644 held its text queries within
+    "the 0 left of the store's teacher.max_queries=30", and it asked the service at the first call's URL."""
+    app = serve_app(tiny_teacher_cfg, tiny_teacher, tmp_path / "server.sqlite")
+    with LiveServer(app) as first:
+        with pytest.raises(BudgetError):
+            extract(remote(tmp_path, "r.zarr", tiny_teacher_cfg, "embedcache", first, "teacher.max_queries=40"),
+                    log=quiet)
+    with LiveServer(app) as url:  # the same service at another address: the first one is gone
+        assert url != first
+        cfg = remote(tmp_path, "r.zarr", tiny_teacher_cfg, "embedcache", url, "teacher.max_queries=200")
+        assert extract(cfg, log=quiet).complete
+        store = embedcache.open_store(cfg.out)
+        sent = store.manifest["teacher_usage"]["queries"]
+        assert store.manifest["config"]["teacher"]["max_queries"] == 40  # what made it; its calls say the rest
+        paid = charged(app)[0]
+        with pytest.warns(UserWarning, match=rf"paid queries to {url} .*held within the {200 - sent} left of the "
+                                             r"store's teacher\.max_queries=200 "):
+            store.nearest_classes("a photo of something new", k=1)
+        assert charged(app)[0] == paid + 1
+        alter_emb(cfg.out, row=5, view=1, col=3)  # a repair asks the service where the store was finished too
+        assert verify_store(cfg.out, repair=True, progress=False, log=quiet).repaired == 1
+        assert verify_store(cfg.out, progress=False, log=quiet).report.ok
 
 
 def test_a_reloaded_teacher_takes_its_dimension_from_the_store_not_a_paid_probe(tmp_path, tiny_teacher_cfg,

@@ -7,11 +7,12 @@ Each call keeps its entry under ``history/`` in the store, rewritten as its bloc
 killed with -9 is still listed (with the blocks it finished and no end time)."""
 from __future__ import annotations
 
+import copy
 import os
 import time
 from typing import Any, Dict, List
 
-from ..config import flatten
+from ..config import flatten, set_path
 from ..fileio import utc_now
 
 # settings that never change what a call writes or pays
@@ -77,6 +78,17 @@ def calls_of(history: List[Dict[str, Any]], manifest: Dict[str, Any]) -> List[Di
             row["decoded_by_pil"] = e["decoded_by_pil"]
         out.append(row)
     return out
+
+
+def in_force(manifest: Dict[str, Any]) -> Dict[str, Any]:
+    """The config the store's last extract call ran with: the manifest's ``config`` (the call that made it)
+    with the settings the last of its ``calls`` changed, e.g. a paid teacher's raised teacher.max_queries
+    or the URL of the service it was resumed at (its reader and a repair took the first call's)."""
+    config = copy.deepcopy(manifest.get("config", {}))
+    calls = manifest.get("calls") or [{}]
+    for key, value in (calls[-1].get("settings") or {}).items():
+        set_path(config, key, value)
+    return config
 
 
 def _same_folder(made: Dict[str, Any], config: Dict[str, Any]) -> Dict[str, Any]:

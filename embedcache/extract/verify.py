@@ -141,14 +141,16 @@ def _finish_stopped(out: Verified, held: List[int], cfg, log: Callable[[str], No
 
 
 def _repair_config(manifest: Dict[str, Any], producer: str, path: str, progress: bool, overrides: Sequence[str]):
-    """The extraction that repairs ``path``: the config it was made with, less the settings its dataset
-    and teacher do not read (a store made before they were refused), with ``overrides``; each checked."""
+    """The extraction that repairs ``path``: the config its last call ran with (``history.in_force``), less the
+    settings its dataset and teacher do not read (a store made before they were refused), with ``overrides``;
+    each checked."""
     from ..config import ExtractConfig, apply_overrides, build_config, teacher_without_unread, without_unread
+    from .history import in_force
 
     if producer != "extract":
         raise ConfigError(f"--set changes the extraction a repair runs, and {path} was made by `embedcache "
                           f"{producer}`: that command re-does its blocks with its own config; leave --set out")
-    made = {**manifest["config"], "dataset": without_unread(manifest["config"]["dataset"]),
-            "teacher": teacher_without_unread(manifest["config"]["teacher"])}
-    return build_config(ExtractConfig, apply_overrides({**made, "out": path, "progress": progress,
+    ran = in_force(manifest)
+    ran = {**ran, "dataset": without_unread(ran["dataset"]), "teacher": teacher_without_unread(ran["teacher"])}
+    return build_config(ExtractConfig, apply_overrides({**ran, "out": path, "progress": progress,
                                                         "shard": None, "num_shards": None}, overrides))
