@@ -37,6 +37,14 @@ def setting(default: Any = _NO_DEFAULT, *, factory: Optional[Callable[[], Any]] 
     return field(default=default, metadata=meta)
 
 
+SEED_MAX = 2**32 - 1  # what numpy's legacy seeding takes; a larger one crashed torch.manual_seed (a fuzz)
+
+
+def seed_setting(default: int = 0) -> Any:
+    """A seed: a whole number from 0 to SEED_MAX."""
+    return setting(default, min=0, max=SEED_MAX)
+
+
 def lazy_registry(module: str, name: str) -> Callable[[], Any]:
     """For ``setting(choices=...)``: the registry ``module.name``, imported only when a value is
     checked (config modules sit below the modules that define registries)."""
@@ -83,7 +91,7 @@ class DatasetConfig:
     num_domains: int = setting(3, min=1)
     per_class: int = setting(8, min=1, max=100_000)   # images per (domain, class)
     image_size: int = setting(64, min=8, max=4096)
-    seed: int = setting(0, min=0)  # numpy seeds: whole numbers from 0
+    seed: int = seed_setting()
 
     def unread(self) -> List[str]:
         """The settings this dataset would ignore: ``path`` on the seeded shapes, the shapes' own
@@ -211,7 +219,7 @@ class ViewsConfig:
     scale: Tuple[float, float] = setting((0.35, 1.0), gt=0.0, max=1.0)  # random-resized-crop area fraction
     ratio: Tuple[float, float] = setting((3 / 4, 4 / 3), gt=0.0)
     flip: bool = True
-    seed: int = setting(0, min=0)  # numpy seeds: whole numbers from 0
+    seed: int = seed_setting()
     # colour augmentation of views 1..V-1 (DomainBed / VL2V-ADiP: 0.3 and 0.1): ColorJitter(j, j, j, j)
     # then RandomGrayscale(p), drawn per view and stored with the crop, so teacher and student see it alike
     color_jitter: float = setting(0.0, min=0.0, max=0.5)

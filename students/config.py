@@ -11,7 +11,7 @@ import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Tuple
 
-from embedcache.config import lazy_registry, named_twice, require_open_clip_weights_fit, setting
+from embedcache.config import lazy_registry, named_twice, require_open_clip_weights_fit, seed_setting, setting
 from embedcache.errors import ConfigError
 
 
@@ -51,7 +51,7 @@ class SplitConfig:
     holdout_domains: Tuple[str, ...] = ()    # test domains (leave-one-domain-out); never trained on
     train_classes: Optional[Tuple[str, ...]] = None  # None: all; else the seen classes (open vocabulary)
     val_fraction: float = setting(0.2, min=0.0, max=0.9)  # of each training domain, held out for model selection
-    seed: int = setting(0, min=0)  # numpy seeds: whole numbers from 0
+    seed: int = seed_setting()
     # True: each training domain's validation rows drawn from a seed of its own (the domain's name), so they
     # are the same rows whichever domain is held out, as DomainBed fixes them. False (the default, kept for
     # the runs and figures made with it): one draw through the training domains in turn, so a domain's rows
@@ -92,7 +92,7 @@ class TrainConfig:
     ckpt_every: int = setting(50, min=1)
     amp: bool = True                    # bf16 autocast on CUDA; ignored on CPU
     compile: bool = False               # torch.compile the backbone's forward (CUDA; helps large students)
-    seed: int = setting(0, min=0)  # numpy seeds: whole numbers from 0
+    seed: int = seed_setting()
     device: str = "auto"
     features: bool = False              # head-only: train on cached student features (embedcache features)
     targets: str = setting("store", choices=_reg("providers", "TARGETS"))  # where teacher targets come from

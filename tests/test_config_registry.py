@@ -572,3 +572,57 @@ def test_yaml_merge_keys_still_merge():
     assert got["run"] == {"steps": 3, "seed": 2}
     with pytest.raises(ConfigError, match="the key 'steps' is given twice"):
         parse_yaml("base: &b {seed: 2}\nrun: {<<: *b, steps: 3, steps: 4}\n", "x.yaml")
+
+
+def _seed_keys(cls, prefix=""):
+    """Every setting of config class ``cls`` (nested sections included) named a seed, as --set names it."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _seed_keys(hints[f.name], f"{prefix}{f.name}.")
+        elif "seed" in f.name:
+            yield f"{prefix}{f.name}"
+
+
+def test_every_seed_past_what_numpy_and_torch_take_is_refused_in_one_line():
+    """seed=99999999999999999999 passed every check, then train died in torch.manual_seed with a 54-line
+    traceback (a fuzz): every seed setting is a whole number from 0 to 2**32 - 1."""
+    from embedcache.config import ExtractConfig, SEED_MAX, apply_overrides, build_config, to_dict
+    from embedcache.students.sweep import SweepSpec
+    from embedcache.students.train import TrainConfig
+    from embedcache.synthesis import SynthesizeConfig
+
+    assert SEED_MAX == 2**32 - 1
+    base = {ExtractConfig: {}, TrainConfig: {"store": "s.zarr"}, SynthesizeConfig: {"classes": ["a", "b"]},
+            SweepSpec: {"store": "s.zarr", "protocol": "open_vocab"}}
+    keys = {cls: list(_seed_keys(cls)) for cls in base}
+    assert sum(map(len, keys.values())) >= 8, keys  # seeds of views, datasets, splits, images, prompts, sweeps
+    for cls, given in base.items():
+        for key in keys[cls]:
+            data = apply_overrides({**to_dict(cls(**given)), **given}, [f"{key}={SEED_MAX}"])
+            build_config(cls, data)  # the largest is taken
+            with pytest.raises(ConfigError, match=rf"^{key}=4294967296 is not valid.*4294967295") as err:
+                build_config(cls, apply_overrides(data, [f"{key}={SEED_MAX + 1}"]))
+            assert "\n" not in str(err.value)
+
+
+def test_the_largest_seed_runs(make_cfg, tiny_teacher, tmp_path):
+    """The largest seed a setting takes works where it is used: views, the synthetic images, a run's split,
+    its model and its batches."""
+    from embedcache.config import SEED_MAX
+    from embedcache.extract import extract
+    from embedcache.students.config import SplitConfig
+    from embedcache.students.models import StudentConfig
+    from embedcache.students.train import TrainConfig, train
+
+    from conftest import quiet
+
+    cfg = make_cfg("s.zarr", f"views.seed={SEED_MAX}", f"dataset.seed={SEED_MAX}")
+    assert extract(cfg, teacher=tiny_teacher, log=quiet).complete
+    run = TrainConfig(store=cfg.out, recipe="li_iccv23", student=StudentConfig(name="test_resnet", input_size=32),
+                      steps=2, batch_size=4, eval_every=2, ckpt_every=2, out=str(tmp_path / "run"), progress=False,
+                      device="cpu", seed=SEED_MAX, split=SplitConfig(seed=SEED_MAX))
+    assert train(run, log=quiet).val_top1 is not None

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from ..config import (CanvasConfig, TeacherConfig, TextConfig, ViewsConfig, lazy_registry, only_read, set_but_unread,
-                      setting)
+                      seed_setting, setting)
 from ..errors import ConfigError
 from ..text import id_names, prompt_clash
 
@@ -77,7 +77,7 @@ class PromptsConfig:
     content_template: str = "{}"                   # contrastive: the class prompt the content term aims at
     init_std: float = setting(0.02, gt=0.0)        # contrastive: styles start ~ N(0, init_std^2 I) (PromptStyler)
     test_domains: Tuple[str, ...] = DEFAULT_TEST_DOMAINS  # words naming these are flagged as leaks
-    seed: int = setting(0, min=0)  # numpy seeds: whole numbers from 0
+    seed: int = seed_setting()
 
     def check(self) -> None:
         self._check_read()
@@ -158,7 +158,7 @@ class ImageConfig:
     translate: float = setting(0.05, min=0.0, max=0.5)  # fraction of the side, uniform in +-translate
     noise: float = setting(0.05, min=0.0)          # Gaussian pixel noise, std ~ U(0, noise) per cutout
     model: Optional[str] = None                    # diffusers_vae: a local diffusers folder (or its vae/ subfolder)
-    seed: int = setting(0, min=0)  # numpy seeds: whole numbers from 0
+    seed: int = seed_setting()
 
     def check(self) -> None:
         if self.model is not None and self.generator != "diffusers_vae":

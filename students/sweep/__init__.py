@@ -28,7 +28,7 @@ import pandas as pd
 
 from embedcache import interrupt, open_store
 from embedcache.config import (apply_overrides, away_from_defaults, build_config, dump_yaml, flatten, parse_yaml,
-                               read_config_file, require_known_keys, setting, to_dict)
+                               read_config_file, require_known_keys, seed_setting, setting, to_dict)
 from embedcache.errors import ConfigError, DiskFullError, StoreDamagedError
 from embedcache.evaluate.protocols import DEFAULT_SHOTS, fewest_images, seeded_class_split
 from embedcache.device import resolve_device
@@ -82,8 +82,8 @@ class SweepSpec:
     # student distilled on synthesised images, scored on real ones)
     transfer: List[str] = field(default_factory=list)
     unseen_fraction: float = setting(0.5, gt=0.0, max=0.99)  # open_vocab / few_shot: share of classes held out
-    split_seed: int = setting(0, min=0)  # numpy seeds: whole numbers from 0
-    base_seed: int = setting(0, min=0)
+    split_seed: int = seed_setting()
+    base_seed: int = seed_setting()
     finetune_steps: int = setting(0, min=0)  # few_shot: also fine-tune the student on the shots
     finetune_mode: str = setting("shots", choices=FINETUNE_MODES)  # mixed: Li et al.'s (shots in training batches)
     shots: int = setting(DEFAULT_SHOTS, min=1)  # few_shot: labelled images per unseen class (Li et al.'s 5)
