@@ -67,10 +67,13 @@ def id_names(classes: Sequence[str]) -> Optional[str]:
     return f"the class names are ids ({shown}), which the teacher's text encoder would embed as they are"
 
 
-def _bundled(kind: str, name: str, suffix: str) -> str:
+def _bundled(kind: str, name: str, suffix: str, fix: str) -> str:
     path = Path(name)
     if path.is_file():
-        return path.read_text()
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"text.{kind}={name} is not a text file (UTF-8); {fix}") from None
     res = resources.files("embedcache.data").joinpath(kind, f"{name}{suffix}")
     if not res.is_file():
         avail = sorted(p.name[: -len(suffix)] for p in resources.files("embedcache.data").joinpath(kind).iterdir()
@@ -80,7 +83,8 @@ def _bundled(kind: str, name: str, suffix: str) -> str:
 
 
 def load_templates(name: str) -> List[str]:
-    lines = [ln.strip() for ln in _bundled("templates", name, ".txt").splitlines()]
+    fix = "give a text file of one template per line, each with a {} slot for the class name"
+    lines = [ln.strip() for ln in _bundled("templates", name, ".txt", fix).splitlines()]
     templates = [ln for ln in lines if ln and not ln.startswith("#")]
     bad = [t for t in templates if "{}" not in t]
     if bad or not templates:
@@ -111,7 +115,7 @@ def attributes_source(classes: Sequence[str], cfg: TextConfig) -> Prompts:
     """Language enrichment (Li et al. 2023): "a photo of a {c}, {description}" per description."""
     if not cfg.attributes:
         raise ConfigError("text source 'attributes' needs text.attributes (bundled: pacs, synthetic; or a JSON file)")
-    table: Dict[str, List[str]] = json.loads(_bundled("attributes", cfg.attributes, ".json"))
+    table = _attribute_table(cfg.attributes)
     missing = [c for c in classes if not table.get(c)]
     if missing:
         fix = ("add them to the JSON file" if Path(cfg.attributes).is_file() else
@@ -119,6 +123,34 @@ def attributes_source(classes: Sequence[str], cfg: TextConfig) -> Prompts:
                "text.attributes=FILE.json describing yours, or leave attributes out of text.sources")
         raise ConfigError(f"attributes {cfg.attributes!r} have no descriptions for class {missing[0]!r}; {fix}")
     return [[f"a photo of a {display_name(c)}, {d}" for d in table[c]] for c in classes]
+
+
+def _attribute_table(name: str) -> Dict[str, List[str]]:
+    """The attributes file (or bundled set) ``name``: class name -> descriptions, each checked (a file that was not
+    JSON died with a traceback; one string given for a class made a prompt of each of its characters: a fuzz)."""
+    fix = "give a JSON object of class name -> list of descriptions, e.g. {\"dog\": [\"a long snout\"]}"
+    try:
+        table = json.loads(_bundled("attributes", name, ".json", fix))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"text.attributes={name} is not JSON ({exc}); {fix}") from None
+    if not isinstance(table, dict):
+        raise ConfigError(f"text.attributes={name} is a JSON {_json_kind(table)}, not an object of class -> "
+                          f"[descriptions]; {fix}")
+    for c, said in table.items():
+        if not isinstance(said, list):
+            raise ConfigError(f"text.attributes={name}: class {c!r} has a {_json_kind(said)}, not a list of "
+                              f"descriptions; {fix}")
+        odd = next((d for d in said if not isinstance(d, str)), None)
+        if odd is not None:
+            raise ConfigError(f"text.attributes={name}: class {c!r} has a description that is not a string ({odd!r}); "
+                              f"{fix}")
+        if any(not d.strip() for d in said):
+            raise ConfigError(f"text.attributes={name}: class {c!r} has an empty description; {fix}")
+    return table
+
+
+def _json_kind(value) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
 
 
 def build_prompts(classes: Sequence[str], cfg: TextConfig) -> Dict[str, Prompts]:

@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -232,3 +234,29 @@ def test_a_stop_requested_while_prompts_are_encoded_stops_before_the_next_call(m
     finally:
         interrupt.reset()
     assert calls == [256, 256, 256]  # past FINISH_WITHIN_S (2 s) after the third call: no fourth
+
+
+@pytest.mark.parametrize("content, said", [
+    (b"hello", r"is not JSON \(Expecting value: line 1 column 1"),
+    (b'["a striped coat"]', r"is a JSON list, not an object of class -> \[descriptions\]"),
+    (b'{"dog": "a long snout"}', r"class 'dog' has a string, not a list of descriptions"),
+    (b'{"dog": ["a long snout", 3]}', r"class 'dog' has a description that is not a string \(3\)"),
+    (b'{"dog": ["a long snout", " "]}', r"class 'dog' has an empty description"),
+    (b"\xff\xfe\x00bin", r"is not a text file \(UTF-8\)"),
+])
+def test_an_attributes_file_that_is_not_a_table_of_descriptions_is_one_line(tmp_path, content, said):
+    """text.attributes naming a file that is not JSON died with a 60-line JSONDecodeError (a fuzz); a class given
+    one string became one prompt per character of it ("a photo of a dog, a", "a photo of a dog, ", ...)."""
+    path = tmp_path / "attrs.json"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=rf"^text.attributes={re.escape(str(path))}:? {said}.*; give a JSON object "
+                                          r"of class name -> list of descriptions") as err:
+        TEXT_SOURCES.get("attributes")(["dog"], TextConfig(attributes=str(path)))
+    assert "\n" not in str(err.value)
+
+
+def test_a_templates_file_that_is_not_text_is_one_line(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_bytes(b"\xff\xfe\x00a {}")
+    with pytest.raises(ConfigError, match=rf"^text.templates={re.escape(str(path))} is not a text file \(UTF-8\)"):
+        load_templates(str(path))
