@@ -55,6 +55,7 @@ def evaluate(runs, store, protocols, sources, out, device, shots, finetune_steps
     """Score finished runs (or, with only --store, the teacher's zero-shot baselines)."""
     import pandas as pd
 
+    from embedcache.device import resolve_device
     from embedcache.errors import EvaluationError
     from embedcache.evaluate.protocols import PROTOCOLS
     from embedcache.evaluate.results import read_results, upsert
@@ -71,6 +72,11 @@ def evaluate(runs, store, protocols, sources, out, device, shots, finetune_steps
     if Path(out).exists():
         read_results(out)  # a file that is not a results table is refused now, not after the scoring
     _refuse_unused(runs, store, protocols, sources, transfer, seen_classes, _given("unseen_fraction", "split_seed"))
+    if runs:
+        resolve_device(device)  # a device that is no device: refused before any run is scored
+    elif _given("device"):
+        raise click.UsageError("--device sets where runs are scored; the teacher's baselines read the store's "
+                               "embeddings on the CPU: drop --device")
     _refuse_unused_few_shot(runs, protocols)
     options = {"few_shot": {"shots": shots}}
     frames = []

@@ -1231,3 +1231,16 @@ def test_a_report_written_off_the_main_thread_leaves_the_warnings_module_alone(t
     assert seen == [before] and warnings.showwarning is before
     report.write_report(rows, str(tmp_path / "main"))  # on the main thread: the glyph gathering
     assert seen[1] is not before and warnings.showwarning is before
+
+
+def test_a_device_is_checked_before_scoring_and_refused_where_nothing_reads_it(runs, synthetic_store, tmp_path):
+    """`evaluate --store S --device gpu` wrote its table with exit 0 (a fuzz): the teacher's baselines read the
+    store's embeddings and no device. With runs a device that is no device is refused before any scoring."""
+    res = CliRunner().invoke(main, ["evaluate", "--store", str(synthetic_store), "--device", "cpu",
+                                    "--out", str(tmp_path / "a.parquet")])
+    assert res.exit_code == 2 and not (tmp_path / "a.parquet").exists(), res.output
+    assert res.output.strip().splitlines()[-1].startswith("error: --device sets where runs are scored; the teacher's "
+                                                          "baselines read the store's embeddings on the CPU: drop --device")
+    res = CliRunner().invoke(main, ["evaluate", str(runs / "ce-0"), "--device", "gpu", "--out", str(tmp_path / "b.parquet")])
+    assert res.exit_code == 2 and not (tmp_path / "b.parquet").exists(), res.output
+    assert res.output.strip().splitlines()[-1] == "error: unknown device 'gpu'; use auto, cpu, cuda or cuda:N", res.output
