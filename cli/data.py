@@ -242,7 +242,7 @@ def configs_show(name: Sequence[str], kind: Optional[str]) -> None:
     if kinds:
         if len(kinds) > 1:  # on stderr: stdout stays the file to copy
             click.echo(f"# the {kinds[0]} config {name}; there is also a {', '.join(kinds[1:])} config of that name "
-                       f"(--kind to choose)", err=True)
+                       f"(`configs show KIND {name}` to choose)", err=True)
         click.echo(config_text(kinds[0], name)[0], nl=False)
         return
     raise ConfigError(f"no packaged config named {name!r}; `embedcache configs` lists them")

@@ -290,7 +290,8 @@ def test_configs_show_says_when_a_name_is_several_kinds_config():
     except TypeError:
         runner = CliRunner()
     res = runner.invoke(main, ["configs", "show", "demo"])
-    assert res.exit_code == 0 and "there is also a" in res.stderr and "serve" in res.stderr and "--kind" in res.stderr
+    assert res.exit_code == 0 and "there is also a" in res.stderr and "serve" in res.stderr \
+        and "(`configs show KIND demo` to choose)" in res.stderr
     assert not res.stdout.startswith("# the extract config demo")  # stdout stays the file to copy
     served = runner.invoke(main, ["configs", "show", "demo", "--kind", "serve"])
     assert served.exit_code == 0 and served.stderr == ""
