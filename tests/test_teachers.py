@@ -1,5 +1,6 @@
 """Teachers, parametrized over the registry where a tiny local version exists."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -65,6 +66,27 @@ def test_open_clip_local_weights_file_with_a_json_architecture(tiny_clip_dir, tm
                                                r"by the file's name\), not 'tiny-clp'; set teacher.model=tiny-test-clip-v2"):
         build_teacher(TeacherConfig(name="open_clip", model="tiny-clp", model_config=str(other),
                                     pretrained=str(tiny_clip_dir / "open_clip_model.safetensors"), device="cpu"))
+
+
+@pytest.mark.parametrize("name, content, said", [
+    ("ViT-B-32.json", b"", r"is not JSON \(Expecting value"),
+    ("ViT-B-32.json", b"\xff\xfe\x00", r"is not a text file \(UTF-8\)"),
+    ("ViT-B-32.json", b'["a", "b"]', r"is a JSON list, not an open_clip architecture \(an object with embed_dim, "
+                                     r"vision_cfg and text_cfg\)"),
+    ("ViT-B-32.json", b'{"embed_dim": 32}', r"lacks vision_cfg, text_cfg, so open_clip would skip it"),
+    ("ViT-B-32.dat", json.dumps(TINY_CLIP).encode(), r"is not a \.json file, so open_clip would skip it"),
+    ("tiny-arch.json", json.dumps(TINY_CLIP).encode(), r"registers its architecture as 'tiny-arch' \(open_clip names "
+                                                      r"it by the file's name\), not 'ViT-B-32'; set teacher.model=tiny-arch"),
+])
+def test_an_architecture_file_open_clip_would_not_use_is_refused(tmp_path, name, content, said):
+    """teacher.model_config given an empty or binary .json died with a 60-line traceback; one open_clip skips (no
+    .json suffix, not an architecture) or one naming another architecture than teacher.model, a built-in one, was
+    ignored: the teacher was built from open_clip's own ViT-B-32, and the store recorded the file's sha256 (a fuzz)."""
+    arch = tmp_path / name
+    arch.write_bytes(content)
+    with pytest.raises(TeacherLoadError, match=rf"^teacher.model_config={re.escape(str(arch))} {said}") as err:
+        build_teacher(TeacherConfig(name="open_clip", model="ViT-B-32", model_config=str(arch), device="cpu"))
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("cfg_change,said", [({"vision_cfg": {"image_size": 64}}, r"its visual.positional_embedding "

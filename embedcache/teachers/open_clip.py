@@ -2,6 +2,7 @@
 or a local weights file. Normalisation, input size and interpolation come from the model."""
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from pathlib import Path
@@ -66,6 +67,33 @@ def _require_known_model(name: str, known: list) -> None:
                            "teacher.model=local-dir:/folder loads a saved one")
 
 
+def _require_architecture(path: Path, model: str) -> None:
+    """teacher.model_config as open_clip reads it: a .json file of an object with embed_dim, vision_cfg and
+    text_cfg, registered under the file's name, which teacher.model must be. open_clip skips any other file
+    without a word, and one for another architecture was ignored beside a built-in teacher.model (a fuzz)."""
+    said = f"teacher.model_config={path}"
+    if not path.is_file():
+        raise TeacherLoadError(f"{said} not found; give a JSON architecture file")
+    if path.suffix != ".json":
+        raise TeacherLoadError(f"{said} is not a .json file, so open_clip would skip it; name it {path.stem}.json")
+    try:
+        arch = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise TeacherLoadError(f"{said} is not a text file (UTF-8); give a JSON architecture file") from None
+    except json.JSONDecodeError as exc:
+        raise TeacherLoadError(f"{said} is not JSON ({exc}); give a JSON architecture file") from None
+    if not isinstance(arch, dict):
+        raise TeacherLoadError(f"{said} is a JSON {type(arch).__name__.replace('dict', 'object')}, not an open_clip "
+                               "architecture (an object with embed_dim, vision_cfg and text_cfg)")
+    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in arch]
+    if missing:
+        raise TeacherLoadError(f"{said} lacks {', '.join(missing)}, so open_clip would skip it; give an open_clip "
+                               "architecture file (embed_dim, vision_cfg, text_cfg)")
+    if model != path.stem:
+        raise TeacherLoadError(f"{said} registers its architecture as {path.stem!r} (open_clip names it by the file's "
+                               f"name), not {model!r}; set teacher.model={path.stem}")
+
+
 @TEACHERS.register("open_clip")
 class OpenClipTeacher(Teacher):
     registry_name = "open_clip"
@@ -81,14 +109,9 @@ class OpenClipTeacher(Teacher):
         self._config_hash, self._config_path = None, cfg.model_config
         if cfg.model_config:
             cfg_path = Path(cfg.model_config)
-            if not cfg_path.is_file():
-                raise TeacherLoadError(f"teacher.model_config {cfg_path} not found; give a JSON architecture file")
+            _require_architecture(cfg_path, self.model_name)
             open_clip.add_model_config(cfg_path)
             self._config_hash = file_sha256(cfg_path)
-            if self.model_name != cfg_path.stem and self.model_name not in open_clip.list_models():
-                raise TeacherLoadError(f"teacher.model_config {cfg_path} registers its architecture as {cfg_path.stem!r} "
-                                       f"(open_clip names it by the file's name), not {self.model_name!r}; set "
-                                       f"teacher.model={cfg_path.stem}")
         _require_known_model(self.model_name, open_clip.list_models())
         try:
             with held_log_records() as held, torch.random.fork_rng(devices=[]):  # random weights are the same
