@@ -3,6 +3,7 @@ stores of synthesised images, on the tiny random open_clip teacher."""
 import copy
 import json
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -652,6 +653,14 @@ def test_cache_key_holds_settings_not_the_numbers_style_learning_computes(tiny_t
     (("prompts.method=contrastive", "prompts.random_sigma=0.5"), r"prompts.random_sigma=0.5 is not read by "
                                                                  r"prompts.method=contrastive"),
     ("image.model=/nowhere", r"image.model is read by image.generator=diffusers_vae only; the fourier generator"),
+    # the Fourier generator's own settings beside another generator were ignored; 0 iterations stored the starting
+    # grey as a complete store (a fuzz)
+    (("image.generator=diffusers_vae", "image.model=/nowhere", "image.decay=3"),
+     r"^image.decay=3.0 is read by image.generator=fourier only; the diffusers_vae generator has no use for it: leave "
+     r"it out"),
+    (("image.generator=diffusers_vae", "image.model=/nowhere", "image.decorrelate=false", "image.init_std=0.1"),
+     r"^image.decorrelate=False is read by image.generator=fourier only"),
+    ("image.iterations=0", r"image.iterations=0 is not valid: must be at least 1"),
 ])
 def test_bad_settings_are_one_line_errors(synth_cfg, override, match):
     with pytest.raises(ConfigError, match=match) as err:
@@ -1014,3 +1023,23 @@ def test_a_stop_while_the_teacher_loads_ends_synthesize_at_once(tmp_path, monkey
     assert res.exit_code == 130, res.output
     assert res.output.strip().splitlines()[-1] == "stopped while the teacher loaded; nothing was made", res.output
     assert not went_on and not (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.parametrize("content, said", [
+    (b"", r"its config.json is not JSON \(JSONDecodeError\); give a diffusers autoencoder folder"),
+    (b"\xff\xfe\x00", r"its config.json is not JSON \(UnicodeDecodeError\)"),
+    (b'{"_class_name": "UNet2DModel"}', r"holds a UNet2DModel; diffusers_vae takes AutoencoderKL or VQModel"),
+    (b'["AutoencoderKL"]', r"holds a list; diffusers_vae takes AutoencoderKL or VQModel"),
+])
+def test_an_autoencoder_folder_whose_config_is_not_one_is_one_line_before_diffusers_loads(tmp_path, content, said):
+    """An empty or binary config.json in image.model would have died in json.loads with a traceback (a fuzz, read
+    from the code): it is read, and refused, before diffusers is imported, so it is said with or without it."""
+    from embedcache.synthesis.config import ImageConfig
+    from embedcache.synthesis.generators import build_generator
+
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_bytes(content)
+    cfg = build_config(ImageConfig, {"generator": "diffusers_vae", "model": str(tmp_path)})
+    with pytest.raises(ConfigError, match=rf"^image.model={re.escape(str(tmp_path))}:? {said}") as err:
+        build_generator(cfg, 64, torch.device("cpu"))
+    assert "\n" not in str(err.value)

@@ -9,8 +9,8 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-from ..config import (CanvasConfig, TeacherConfig, TextConfig, ViewsConfig, lazy_registry, only_read, set_but_unread,
-                      seed_setting, setting)
+from ..config import (CanvasConfig, TeacherConfig, TextConfig, ViewsConfig, away_from_defaults, lazy_registry,
+                      only_read, seed_setting, set_but_unread, setting)
 from ..errors import ConfigError
 from ..text import id_names, prompt_clash
 
@@ -139,6 +139,9 @@ def prompts_without_unread(prompts: dict) -> dict:
     return only_read(prompts, None if reads is None else ("method", "test_domains") + reads)
 
 
+FOURIER_ONLY = ("decay", "decorrelate", "init_std")  # the settings of the Fourier generator's own parametrisation
+
+
 @dataclass(frozen=True)
 class ImageConfig:
     """How each image is made and optimised (``image.py``, ``generators.py``)."""
@@ -146,7 +149,7 @@ class ImageConfig:
     decay: float = setting(1.0, min=0.0)           # fourier: spectrum scaled by 1 / frequency^decay
     decorrelate: bool = True                       # fourier: colour-decorrelated channels
     init_std: float = setting(0.01, min=0.0)       # fourier: initial spectrum ~ N(0, init_std^2)
-    iterations: int = setting(200, min=0)
+    iterations: int = setting(200, min=1)          # (0 stored the generator's starting grey: a fuzz)
     lr: float = setting(0.05, gt=0.0)              # Adam on the generator's parameters
     cutouts: int = setting(8, min=1, max=1024)     # augmented views per image per iteration
     cut_size: Optional[int] = setting(None, min=16, max=5656)  # side the teacher sees them at (None: its input
@@ -164,6 +167,10 @@ class ImageConfig:
         if self.model is not None and self.generator != "diffusers_vae":
             raise ConfigError(f"image.model is read by image.generator=diffusers_vae only; the {self.generator} "
                               "generator has no use for it: leave it out, or set image.generator=diffusers_vae")
+        if self.generator == "diffusers_vae":  # (a generator registered elsewhere may read them)
+            for name in away_from_defaults(self, ImageConfig(), FOURIER_ONLY):
+                raise ConfigError(f"image.{name}={getattr(self, name)} is read by image.generator=fourier only; the "
+                                  f"{self.generator} generator has no use for it: leave it out")
         for name, (lo, hi) in (("cut_scale", self.cut_scale), ("cut_ratio", self.cut_ratio)):
             if lo > hi:
                 raise ConfigError(f"image.{name}={[lo, hi]} is not valid: the first value must not exceed the second")

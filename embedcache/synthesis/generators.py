@@ -88,15 +88,20 @@ class DiffusersVAEGenerator:
         folder = folder / "vae" if (folder / "vae" / "config.json").is_file() else folder
         if not (folder / "config.json").is_file():
             raise ConfigError(f"image.model={cfg.model}: no diffusers config.json there (or in its vae/ subfolder)")
+        import json
+
+        try:
+            said = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"image.model={cfg.model}: its config.json is not JSON ({type(exc).__name__}); give a "
+                              "diffusers autoencoder folder") from None
+        kind = said.get("_class_name", "AutoencoderKL") if isinstance(said, dict) else type(said).__name__
+        if kind not in ("AutoencoderKL", "VQModel"):
+            raise ConfigError(f"image.model={cfg.model} holds a {kind}; diffusers_vae takes AutoencoderKL or VQModel")
         try:
             import diffusers
         except ImportError:
             raise ConfigError("image.generator=diffusers_vae needs diffusers: pip install diffusers") from None
-        import json
-
-        kind = json.loads((folder / "config.json").read_text()).get("_class_name", "AutoencoderKL")
-        if kind not in ("AutoencoderKL", "VQModel"):
-            raise ConfigError(f"image.model={cfg.model} holds a {kind}; diffusers_vae takes AutoencoderKL or VQModel")
         self.vae = getattr(diffusers, kind).from_pretrained(str(folder), local_files_only=True).to(device).eval()
         for p in self.vae.parameters():
             p.requires_grad_(False)
