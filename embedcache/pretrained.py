@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -44,3 +44,15 @@ def load_efficientnet_lite(name: str) -> Tuple[torch.nn.Module, Path, int]:
     net = EfficientNet.from_name(key, num_classes=1000)
     net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return net.eval(), weights, LITE_SIZES[key]
+
+
+def weights_only_refusal(exc: BaseException) -> Optional[str]:
+    """torch.load(weights_only=True)'s refusal of a file, as "UnpicklingError: <what it met>" (an operand of no
+    pickle: not a weights file; a global: pickled objects beyond tensors), or None for any other error. Its
+    message opens with advice to load the file with weights_only=False, which may run code from it."""
+    text = str(exc)
+    if "Weights only load failed" not in text:
+        return None
+    after = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else ""
+    met = next((ln.strip() for ln in after.splitlines() if ln.strip()), "")
+    return f"{type(exc).__name__}: {met or 'not a file of tensors'}"

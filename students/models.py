@@ -158,8 +158,11 @@ def _load_local(backbone: nn.Module, path: str) -> None:
             wrapped = [k for k in WRAPPING_KEYS if isinstance(state, dict) and isinstance(state.get(k), dict)]
             state = state[wrapped[0]] if wrapped else state  # a training checkpoint's weights
     except Exception as exc:  # not a checkpoint, damaged, or one that needs pickled code (refused: weights only)
+        from embedcache.pretrained import weights_only_refusal
+
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ConfigError(f"student weights {path} cannot be read as a state dict ({type(exc).__name__}: {first[:120]}); "
+        said = weights_only_refusal(exc) or f"{type(exc).__name__}: {first[:120]}"
+        raise ConfigError(f"student weights {path} cannot be read as a state dict ({said}); "
                           "give a .safetensors file or a torch.save'd state dict") from None
     if not isinstance(state, dict):
         raise ConfigError(f"student weights {path} hold a {type(state).__name__}, not a state dict; give a .safetensors "

@@ -199,7 +199,10 @@ def test_a_weights_file_that_does_not_load_says_why(tmp_path, tiny_clip_dir):
     (tmp_path / "empty.pt").write_bytes(b"")
     torch.save(open_clip.CLIP(**TINY_CLIP), tmp_path / "module.pt")
     torch.save({"model": open_clip.CLIP(**TINY_CLIP).state_dict()}, tmp_path / "wrapped.pt")
+    (tmp_path / "noise.bin").write_bytes(bytes(range(256)) * 8)  # no pickle: torch's refusal read as pickled objects
     for f, said in (("cut.safetensors", "the file is damaged or cut short"), ("empty.pt", "the file is damaged"),
+                    ("noise.bin", r"\(UnpicklingError: Unsupported operand \d+\); the file is damaged or cut short \(or "
+                                  r"not a weights file\)"),
                     ("module.pt", "the file holds pickled objects beyond tensors .* which embedcache never unpickles"),
                     ("wrapped.pt", r"the file does not fit teacher.model='tiny-test-clip' \(missing: \w+; unexpected: "
                                    r"model\).*or save the CLIP's own state_dict where a wrapper holds it")):
@@ -207,6 +210,7 @@ def test_a_weights_file_that_does_not_load_says_why(tmp_path, tiny_clip_dir):
             build_teacher(TeacherConfig(name="open_clip", model="tiny-test-clip", model_config=str(arch),
                                         pretrained=str(tmp_path / f), device="cpu"))
         assert "\x1b" not in str(err.value) and "\n" not in str(err.value), f
+        assert "weights_only" not in str(err.value) and "arbitrary code" not in str(err.value), f  # torch's advice
 
 
 def test_unknown_teacher_lists_the_registry():

@@ -15,6 +15,7 @@ from ..config import TeacherConfig
 from ..device import ieee_fp32
 from ..errors import ConfigError, TeacherLoadError
 from ..openclip_weights import resampled_positions
+from ..pretrained import weights_only_refusal
 from ..views import normalize
 from ._base import TEACHERS, Teacher, file_sha256, held_log_records, release, replaced_tokens, resolve_device
 
@@ -41,6 +42,8 @@ def _file_hint(exc: BaseException, model: str) -> str:
         return "the file cannot be read: check its permissions"
     if isinstance(exc, EOFError) or type(exc).__name__ == "SafetensorError" or isinstance(exc, OSError) or any(
             s in text for s in ("PytorchStreamReader", "central directory", "invalid load key")):
+        return "the file is damaged or cut short (or not a weights file): copy or save it again"
+    if "Unsupported operand" in text:  # torch met no pickle there
         return "the file is damaged or cut short (or not a weights file): copy or save it again"
     if "Weights only load failed" in text or "Unpickl" in type(exc).__name__:
         return ("the file holds pickled objects beyond tensors (a whole model, or a TorchScript archive such as "
@@ -124,7 +127,8 @@ class OpenClipTeacher(Teacher):
                 self.tokenizer = open_clip.get_tokenizer(self.model_name)
             release(held)  # a model that loaded: its library's warnings are shown
         except Exception as exc:  # open_clip raises many types; the user needs one line (its own log lines dropped)
-            first = re.sub(r"\x1b\[[0-9;]*m", "", str(exc).strip().splitlines()[0]) if str(exc).strip() else type(exc).__name__
+            first = weights_only_refusal(exc) or (re.sub(r"\x1b\[[0-9;]*m", "", str(exc).strip().splitlines()[0])
+                                                  if str(exc).strip() else type(exc).__name__)
             hint = (_file_hint(exc, self.model_name) if self.pretrained and Path(self.pretrained).is_file()
                     else _load_hint(self.pretrained))
             raise TeacherLoadError(
