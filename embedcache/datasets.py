@@ -419,7 +419,8 @@ SPLITS = ("train", "val", "test")
 def csv_manifest(cfg: DatasetConfig) -> ImageDataset:
     """CSV with header ``path,label[,domain][,split]``; paths relative to the CSV's folder."""
     if not cfg.path or not Path(cfg.path).is_file():
-        raise DatasetError(f"CSV manifest {cfg.path} not found; set it with --set dataset.path=/path/to/manifest.csv "
+        found = "is a folder, not a file" if cfg.path and Path(cfg.path).is_dir() else "not found"
+        raise DatasetError(f"CSV manifest {cfg.path} {found}; set it with --set dataset.path=/path/to/manifest.csv "
                            "(a CSV with columns path,label)")
     csv_path = Path(cfg.path)
     try:
@@ -554,7 +555,8 @@ def read_class_names(path: str) -> Dict[str, str]:
     f = Path(path).expanduser()
     if not f.is_file():
         where = "" if f.is_absolute() else f" (a relative path, taken from the working folder {Path.cwd()})"
-        raise DatasetError(f"class-names file {f} not found{where}; set dataset.class_names to a CSV (label,name) or "
+        found = "is a folder, not a file" if f.is_dir() else f"not found{where}"
+        raise DatasetError(f"class-names file {f} {found}; set dataset.class_names to a CSV (label,name) or "
                            "JSON ({label: name}) file")
     try:
         pairs = _json_names(f) if f.suffix.lower() == ".json" else _csv_names(f)

@@ -86,8 +86,10 @@ def load_templates(name: str) -> List[str]:
     fix = "give a text file of one template per line, each with a {} slot for the class name"
     lines = [ln.strip() for ln in _bundled("templates", name, ".txt", fix).splitlines()]
     templates = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not templates:
+        raise ConfigError(f"template file {name!r} holds no template; {fix}")
     bad = [t for t in templates if "{}" not in t]
-    if bad or not templates:
+    if bad:
         raise ConfigError(f"template file {name!r} needs one template per line with a {{}} slot; bad line: {bad[:1]}")
     repeated = sorted({t for t in templates if templates.count(t) > 1})
     if repeated:  # kept (a weighting may be meant), but said: it was silent (a trial)

@@ -295,6 +295,11 @@ def test_class_names_that_would_pass_wrong_data_are_refused(tmp_path, monkeypatc
     with pytest.raises(DatasetError, match=f"nope.csv not found \\(a relative path, taken from the working folder "
                                            f"{tmp_path}\\); set dataset.class_names"):
         build_dataset(DatasetConfig(name="csv", path=csv_path, class_names="nope.csv"))
+    (tmp_path / "adir").mkdir()  # a folder was "not found" (a fuzz)
+    with pytest.raises(DatasetError, match=r"class-names file adir is a folder, not a file; set dataset.class_names"):
+        build_dataset(DatasetConfig(name="csv", path=csv_path, class_names="adir"))
+    with pytest.raises(DatasetError, match=r"^CSV manifest adir is a folder, not a file; set it with --set dataset.path"):
+        build_dataset(DatasetConfig(name="csv", path="adir"))
 
 
 @pytest.mark.parametrize("name", ["domainbed", "folder"])

@@ -260,3 +260,12 @@ def test_a_templates_file_that_is_not_text_is_one_line(tmp_path):
     path.write_bytes(b"\xff\xfe\x00a {}")
     with pytest.raises(ConfigError, match=rf"^text.templates={re.escape(str(path))} is not a text file \(UTF-8\)"):
         load_templates(str(path))
+
+
+def test_an_empty_templates_file_is_said_to_hold_none(tmp_path):
+    """It said "bad line: []" (a fuzz)."""
+    path = tmp_path / "t.txt"
+    path.write_text("# only a comment\n\n")
+    with pytest.raises(ConfigError, match=rf"^template file {re.escape(repr(str(path)))} holds no template; give a text "
+                                          r"file of one template per line"):
+        load_templates(str(path))
