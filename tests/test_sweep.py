@@ -1570,3 +1570,12 @@ def test_a_local_worker_is_ready_only_once_its_runs_modules_are_imported(monkeyp
 
     launchers._worker_main(queue.Queue(), queue.Queue(), {}, str(tmp_path), "cpu", 1, ready=Ready())
     assert said == ["handlers set", *launchers.RUN_MODULES, "let go", "ready", "runs taken"]
+
+    def broken(name, package=None):  # a broken timm: each run says so, as before, not the worker's death
+        said.append(name)
+        raise ImportError(f"no {name}")
+
+    said.clear()
+    monkeypatch.setattr(importlib, "import_module", broken)
+    launchers._worker_main(queue.Queue(), queue.Queue(), {}, str(tmp_path), "cpu", 1, ready=Ready())
+    assert said == ["handlers set", *launchers.RUN_MODULES, "let go", "ready", "runs taken"]

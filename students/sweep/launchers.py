@@ -131,7 +131,10 @@ def _worker_main(tasks, results, spec_dict: Dict, sweep_dir: str, device: str, t
 
     interrupt.stop_on_signal()
     for name in RUN_MODULES:
-        importlib.import_module(name, __package__)
+        try:
+            importlib.import_module(name, __package__)
+        except ImportError:  # each run says what it lacks (a worker that died here said "rerun": a review)
+            pass
     interrupt.let_go()  # held while it started: now the stop flag's
     if ready is not None:
         ready.set()
