@@ -7,6 +7,7 @@ were trained in TensorFlow on (x - 127) / 128 inputs at their native sizes (224,
 from __future__ import annotations
 
 import importlib
+import re
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -55,4 +56,7 @@ def weights_only_refusal(exc: BaseException) -> Optional[str]:
         return None
     after = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else ""
     met = next((ln.strip() for ln in after.splitlines() if ln.strip()), "")
-    return f"{type(exc).__name__}: {met or 'not a file of tensors'}"
+    held = re.search(r"Unsupported global: GLOBAL ([\w.]+)", met)
+    if held:  # torch goes on to say how to allow it, i.e. unpickle it: not quoted (a review)
+        met = f"the file holds a pickled {held.group(1)}"
+    return f"{type(exc).__name__}: {met[:120] or 'not a file of tensors'}"
