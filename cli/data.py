@@ -6,6 +6,7 @@ from typing import Optional, Sequence
 
 import click
 
+from embedcache.config import SEED_MAX
 from ._app import main, overrides_option
 
 
@@ -172,7 +173,7 @@ def verify(store: str, repair: bool, overrides: Sequence[str], no_progress: bool
 @click.option("--store", required=True, help="store to add the features to")
 @click.option("--student", required=True, help="student backbone name")
 @overrides_option("input_size=64")
-@click.option("--seed", "seeds", type=click.IntRange(min=0), multiple=True, default=(0,), show_default=True,
+@click.option("--seed", "seeds", type=click.IntRange(0, SEED_MAX), multiple=True, default=(0,), show_default=True,
               help="seed the backbone is built under (repeatable: each seed's backbone, one after another)")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--device", default="auto", show_default=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from embedcache.config import SEED_MAX
 from embedcache.fileio import require_writable
 
 from ._app import main
@@ -43,7 +44,7 @@ class _Fraction(click.FloatRange):
 @click.option("--unseen-fraction", type=_Fraction(0.0, 0.99, min_open=True), default=0.5, show_default=True,
               help="teacher baselines of open_vocab/few_shot: the share of classes held out "
                    "(the sweep's unseen_fraction)")
-@click.option("--split-seed", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--split-seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True,
               help="teacher baselines of open_vocab/few_shot: the class split's seed, as the sweep's split_seed")
 @click.option("--seen-classes", help="teacher baselines of open_vocab/few_shot: the seen classes, comma-separated "
                                      "(a run's split.train_classes), instead of the seeded split; the rest are held out")

@@ -627,3 +627,17 @@ def test_the_largest_seed_runs(make_cfg, tiny_teacher, tmp_path):
                       steps=2, batch_size=4, eval_every=2, ckpt_every=2, out=str(tmp_path / "run"), progress=False,
                       device="cpu", seed=SEED_MAX, split=SplitConfig(seed=SEED_MAX))
     assert train(run, log=quiet).val_top1 is not None
+
+
+@pytest.mark.parametrize("args", [["features", "--store", "s.zarr", "--student", "test_resnet", "--seed"],
+                                  ["evaluate", "--store", "s.zarr", "--split-seed"]])
+def test_a_seed_option_past_what_numpy_and_torch_take_is_a_usage_error(args):
+    """features --seed 99999999999999999999 died in torch.manual_seed with a 53-line traceback (a review)."""
+    from click.testing import CliRunner
+
+    from embedcache.cli import main
+    from embedcache.config import SEED_MAX
+
+    res = CliRunner().invoke(main, [*args, str(SEED_MAX + 1)])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert f"{SEED_MAX + 1} is not in the range 0<=x<={SEED_MAX}" in res.output, res.output
