@@ -655,7 +655,16 @@ def test_text_queries_take_the_settings_the_store_was_finished_with(tmp_path, ti
             store.nearest_classes("a photo of something new", k=1)
         assert charged(app)[0] == paid + 1
         alter_emb(cfg.out, row=5, view=1, col=3)  # a repair asks the service where the store was finished too
-        assert verify_store(cfg.out, repair=True, progress=False, log=quiet).repaired == 1
+        said = []
+        assert verify_store(cfg.out, repair=True, progress=False, log=said.append).repaired == 1
+        assert not any("resuming at teacher.url" in line for line in said), said  # it said to go back to the first
+        moved = remote(tmp_path, "r.zarr", tiny_teacher_cfg, "embedcache", url.replace("127.0.0.1", "localhost"),
+                       "teacher.max_queries=200")
+        alter_emb(cfg.out, row=5, view=1, col=3)
+        said = []
+        extract(moved, log=said.append)
+        assert any(f"resuming at teacher.url={moved.teacher.url}; the store was last extracted at {url}. " in line
+                   for line in said), said
         assert verify_store(cfg.out, progress=False, log=quiet).report.ok
 
 

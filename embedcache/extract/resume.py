@@ -14,6 +14,7 @@ from ..errors import EmbedcacheError
 from ..store import Store
 from ..versions import STORE_NUMBERS, store_numbers_between
 from .device import device_pipeline
+from .history import in_force
 from .manifest import differing_parts
 
 
@@ -147,9 +148,10 @@ def _say_moved_service(began: Dict, now: Dict, log: Callable[[str], None]) -> No
     """A paid store resumed at another teacher.url keeps its key (the same service may have moved), but
     the ledger keeps answers by URL: views paid at the old one are not looked up there, and requests a
     stopped call sent there are not replayed free; they are paid again (a trial: 712 for 616). Said."""
-    was, url = ((m.get("config") or {}).get("teacher", {}).get("url") for m in (began, now))
+    was, url = (in_force(m).get("teacher", {}).get("url") for m in (began, now))  # a finished store: its last call's
     if was and url and was != url:
-        log(f"note: resuming at teacher.url={url}; the store began at {was}. The ledger keeps answers by URL, so views "
+        where = "was last extracted" if began.get("calls") else "began"
+        log(f"note: resuming at teacher.url={url}; the store {where} at {was}. The ledger keeps answers by URL, so views "
             f"paid at {was} are not looked up here and requests cut off there are not replayed free: they are paid "
             f"again. --set teacher.url={was} reuses them, where it still reaches the same service")
 
