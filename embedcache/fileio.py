@@ -25,6 +25,12 @@ os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK  # what open() gives a new file under this process's umask
 
 
+def json_kind(value: Any) -> str:
+    """What a JSON value is, as JSON names it ('object', 'list', 'string', ...), for a line saying a file holds
+    the wrong one."""
+    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+
+
 def atomic_write(path: PathLike, write: Callable[[Path], None]) -> Path:
     """``write(tmp)`` creates the file at ``tmp``; it then replaces ``path`` in one rename, with the
     mode a new file gets (safetensors writes owner-only files: a shared sweep's weights would be

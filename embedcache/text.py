@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -23,6 +23,7 @@ import pandas as pd
 from . import interrupt
 from .registry import Registry
 from .config import TextConfig
+from .fileio import json_kind
 from .errors import ConfigError
 
 TEXT_SOURCES = Registry("text source")
@@ -118,6 +119,7 @@ def attributes_source(classes: Sequence[str], cfg: TextConfig) -> Prompts:
     if not cfg.attributes:
         raise ConfigError("text source 'attributes' needs text.attributes (bundled: pacs, synthetic; or a JSON file)")
     table = _attribute_table(cfg.attributes)
+    _check_descriptions(cfg.attributes, table, classes)
     missing = [c for c in classes if not table.get(c)]
     if missing:
         fix = ("add them to the JSON file" if Path(cfg.attributes).is_file() else
@@ -127,20 +129,33 @@ def attributes_source(classes: Sequence[str], cfg: TextConfig) -> Prompts:
     return [[f"a photo of a {display_name(c)}, {d}" for d in table[c]] for c in classes]
 
 
-def _attribute_table(name: str) -> Dict[str, List[str]]:
-    """The attributes file (or bundled set) ``name``: class name -> descriptions, each checked (a file that was not
-    JSON died with a traceback; one string given for a class made a prompt of each of its characters: a fuzz)."""
-    fix = "give a JSON object of class name -> list of descriptions, e.g. {\"dog\": [\"a long snout\"]}"
+_ATTRIBUTES_FIX = "give a JSON object of class name -> list of descriptions, e.g. {\"dog\": [\"a long snout\"]}"
+
+
+def _attribute_table(name: str) -> Dict[str, Any]:
+    """The attributes file (or bundled set) ``name``: a JSON object (a file that was not JSON died with a
+    traceback: a fuzz)."""
+    fix = _ATTRIBUTES_FIX
     try:
         table = json.loads(_bundled("attributes", name, ".json", fix))
     except json.JSONDecodeError as exc:
         raise ConfigError(f"text.attributes={name} is not JSON ({exc}); {fix}") from None
     if not isinstance(table, dict):
-        raise ConfigError(f"text.attributes={name} is a JSON {_json_kind(table)}, not an object of class -> "
+        raise ConfigError(f"text.attributes={name} is a JSON {json_kind(table)}, not an object of class -> "
                           f"[descriptions]; {fix}")
-    for c, said in table.items():
+    return table
+
+
+def _check_descriptions(name: str, table: Dict[str, Any], classes: Sequence[str]) -> None:
+    """The descriptions of ``classes`` in the attributes table ``name``: a list of non-empty strings each (one
+    string made a prompt of each of its characters: a fuzz); entries of other classes are not read."""
+    fix = _ATTRIBUTES_FIX
+    for c in classes:
+        said = table.get(c)
+        if said is None:
+            continue  # said by the caller: no descriptions for it
         if not isinstance(said, list):
-            raise ConfigError(f"text.attributes={name}: class {c!r} has a {_json_kind(said)}, not a list of "
+            raise ConfigError(f"text.attributes={name}: class {c!r} has a {json_kind(said)}, not a list of "
                               f"descriptions; {fix}")
         odd = next((d for d in said if not isinstance(d, str)), None)
         if odd is not None:
@@ -148,11 +163,6 @@ def _attribute_table(name: str) -> Dict[str, List[str]]:
                               f"{fix}")
         if any(not d.strip() for d in said):
             raise ConfigError(f"text.attributes={name}: class {c!r} has an empty description; {fix}")
-    return table
-
-
-def _json_kind(value) -> str:
-    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
 
 
 def build_prompts(classes: Sequence[str], cfg: TextConfig) -> Dict[str, Prompts]:

@@ -659,7 +659,7 @@ def test_cache_key_holds_settings_not_the_numbers_style_learning_computes(tiny_t
      r"^image.decay=3.0 is read by image.generator=fourier only; the diffusers_vae generator has no use for it: leave "
      r"it out"),
     (("image.generator=diffusers_vae", "image.model=/nowhere", "image.decorrelate=false", "image.init_std=0.1"),
-     r"^image.decorrelate=False is read by image.generator=fourier only"),
+     r"^image.decorrelate=false is read by image.generator=fourier only"),
     ("image.iterations=0", r"image.iterations=0 is not valid: must be at least 1"),
 ])
 def test_bad_settings_are_one_line_errors(synth_cfg, override, match):
@@ -1029,7 +1029,7 @@ def test_a_stop_while_the_teacher_loads_ends_synthesize_at_once(tmp_path, monkey
     (b"", r"its config.json is not JSON \(JSONDecodeError\); give a diffusers autoencoder folder"),
     (b"\xff\xfe\x00", r"its config.json is not JSON \(UnicodeDecodeError\)"),
     (b'{"_class_name": "UNet2DModel"}', r"holds a UNet2DModel; diffusers_vae takes AutoencoderKL or VQModel"),
-    (b'["AutoencoderKL"]', r"holds a list; diffusers_vae takes AutoencoderKL or VQModel"),
+    (b'["AutoencoderKL"]', r"holds a JSON list; diffusers_vae takes AutoencoderKL or VQModel"),
 ])
 def test_an_autoencoder_folder_whose_config_is_not_one_is_one_line_before_diffusers_loads(tmp_path, content, said):
     """An empty or binary config.json in image.model would have died in json.loads with a traceback (a fuzz, read

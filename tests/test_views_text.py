@@ -255,6 +255,13 @@ def test_an_attributes_file_that_is_not_a_table_of_descriptions_is_one_line(tmp_
     assert "\n" not in str(err.value)
 
 
+def test_an_attributes_files_entries_for_other_classes_are_not_read(tmp_path):
+    """The check covered every entry of the file, and refused one that worked: a note beside the classes (a review)."""
+    path = tmp_path / "attrs.json"
+    path.write_text('{"_source": "written by hand", "cat": [" "], "dog": ["a long snout"]}')
+    assert TEXT_SOURCES.get("attributes")(["dog"], TextConfig(attributes=str(path))) == [["a photo of a dog, a long snout"]]
+
+
 def test_a_templates_file_that_is_not_text_is_one_line(tmp_path):
     path = tmp_path / "t.txt"
     path.write_bytes(b"\xff\xfe\x00a {}")

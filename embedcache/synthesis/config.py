@@ -5,6 +5,7 @@ Everything that changes the synthesised images goes into the store's cache key (
 """
 from __future__ import annotations
 
+import json
 import unicodedata
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -169,8 +170,8 @@ class ImageConfig:
                               "generator has no use for it: leave it out, or set image.generator=diffusers_vae")
         if self.generator == "diffusers_vae":  # (a generator registered elsewhere may read them)
             for name in away_from_defaults(self, ImageConfig(), FOURIER_ONLY):
-                raise ConfigError(f"image.{name}={getattr(self, name)} is read by image.generator=fourier only; the "
-                                  f"{self.generator} generator has no use for it: leave it out")
+                raise ConfigError(f"image.{name}={json.dumps(getattr(self, name))} is read by image.generator=fourier "
+                                  f"only; the {self.generator} generator has no use for it: leave it out")
         for name, (lo, hi) in (("cut_scale", self.cut_scale), ("cut_ratio", self.cut_ratio)):
             if lo > hi:
                 raise ConfigError(f"image.{name}={[lo, hi]} is not valid: the first value must not exceed the second")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..fileio import file_sha256
+from ..fileio import file_sha256, json_kind
 from ..registry import Registry
 from .config import ImageConfig
 
@@ -95,7 +95,7 @@ class DiffusersVAEGenerator:
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ConfigError(f"image.model={cfg.model}: its config.json is not JSON ({type(exc).__name__}); give a "
                               "diffusers autoencoder folder") from None
-        kind = said.get("_class_name", "AutoencoderKL") if isinstance(said, dict) else type(said).__name__
+        kind = said.get("_class_name", "AutoencoderKL") if isinstance(said, dict) else f"JSON {json_kind(said)}"
         if kind not in ("AutoencoderKL", "VQModel"):
             raise ConfigError(f"image.model={cfg.model} holds a {kind}; diffusers_vae takes AutoencoderKL or VQModel")
         try:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from ..config import TeacherConfig
 from ..device import ieee_fp32
 from ..errors import ConfigError, TeacherLoadError
+from ..fileio import json_kind
 from ..openclip_weights import resampled_positions
 from ..pretrained import weights_only_refusal
 from ..views import normalize
@@ -86,7 +87,7 @@ def _require_architecture(path: Path, model: str) -> None:
     except json.JSONDecodeError as exc:
         raise TeacherLoadError(f"{said} is not JSON ({exc}); give a JSON architecture file") from None
     if not isinstance(arch, dict):
-        raise TeacherLoadError(f"{said} is a JSON {type(arch).__name__.replace('dict', 'object')}, not an open_clip "
+        raise TeacherLoadError(f"{said} is a JSON {json_kind(arch)}, not an open_clip "
                                "architecture (an object with embed_dim, vision_cfg and text_cfg)")
     missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in arch]
     if missing:
