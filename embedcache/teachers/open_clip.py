@@ -42,9 +42,8 @@ def _file_hint(exc: BaseException, model: str) -> str:
     if isinstance(exc, PermissionError):
         return "the file cannot be read: check its permissions"
     if isinstance(exc, EOFError) or type(exc).__name__ == "SafetensorError" or isinstance(exc, OSError) or any(
-            s in text for s in ("PytorchStreamReader", "central directory", "invalid load key")):
-        return "the file is damaged or cut short (or not a weights file): copy or save it again"
-    if "Unsupported operand" in text:  # torch met no pickle there
+            s in text for s in ("PytorchStreamReader", "central directory", "invalid load key",
+                                "Unsupported operand")):  # (the last: torch met no pickle there)
         return "the file is damaged or cut short (or not a weights file): copy or save it again"
     if "Weights only load failed" in text or "Unpickl" in type(exc).__name__:
         return ("the file holds pickled objects beyond tensors (a whole model, or a TorchScript archive such as "
