@@ -115,6 +115,8 @@ def _as_items(job: List[SweepPoint]) -> list:
 
 # --- local: a pool of worker processes ------------------------------------------------------------------
 RUN_MODULES = ("timm", "..train", "..heads")  # what a worker's runs import (the last two: of this package)
+
+
 def _worker_main(tasks, results, spec_dict: Dict, sweep_dir: str, device: str, threads: int, sharers: int = 1,
                  ready=None) -> None:
     """A spawned worker: takes runs until told to stop; a signal only sets the stop flag, so the
