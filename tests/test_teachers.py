@@ -69,24 +69,55 @@ def test_open_clip_local_weights_file_with_a_json_architecture(tiny_clip_dir, tm
 
 
 @pytest.mark.parametrize("name, content, said", [
-    ("ViT-B-32.json", b"", r"is not JSON \(Expecting value"),
-    ("ViT-B-32.json", b"\xff\xfe\x00", r"is not a text file \(UTF-8\)"),
-    ("ViT-B-32.json", b'["a", "b"]', r"is a JSON list, not an open_clip architecture \(an object with embed_dim, "
-                                     r"vision_cfg and text_cfg\)"),
-    ("ViT-B-32.json", b'{"embed_dim": 32}', r"lacks vision_cfg, text_cfg, so open_clip would skip it"),
-    ("ViT-B-32.dat", json.dumps(TINY_CLIP).encode(), r"is not a \.json file, so open_clip would skip it"),
-    ("tiny-arch.json", json.dumps(TINY_CLIP).encode(), r"registers its architecture as 'tiny-arch' \(open_clip names "
-                                                      r"it by the file's name\), not 'ViT-B-32'; set teacher.model=tiny-arch"),
+    ("tiny-test-clip.json", b"", r"is not JSON \(Expecting value"),
+    ("tiny-test-clip.json", b"\xff\xfe\x00", r"is not a text file \(UTF-8\)"),
+    ("tiny-test-clip.json", b'["a", "b"]', r"is a JSON list, not an open_clip architecture \(an object with "
+                                          r"embed_dim, vision_cfg and text_cfg\)"),
+    ("tiny-test-clip.json", b'{"embed_dim": 32}', r"lacks vision_cfg, text_cfg, so open_clip would skip it"),
+    ("tiny-test-clip.dat", json.dumps(TINY_CLIP).encode(), r"is not a \.json file, so open_clip would skip it"),
+    ("tiny-arch.json", json.dumps(TINY_CLIP).encode(), r"registers its architecture as 'tiny-arch' \(open_clip "
+                                                      r"names it by the file's name\), not 'tiny-test-clip'; set "
+                                                      r"teacher.model=tiny-arch"),
 ])
-def test_an_architecture_file_open_clip_would_not_use_is_refused(tmp_path, name, content, said):
+def test_an_architecture_file_open_clip_would_not_use_is_refused_for_new_work(tmp_path, name, content, said):
     """teacher.model_config given an empty or binary .json died with a 60-line traceback; one open_clip skips (no
-    .json suffix, not an architecture) or one naming another architecture than teacher.model, a built-in one, was
-    ignored: the teacher was built from open_clip's own ViT-B-32, and the store recorded the file's sha256 (a fuzz)."""
+    .json suffix, not an architecture) or one naming another architecture than teacher.model, a known one, was
+    ignored: the teacher was built from open_clip's own config, and the store recorded the file's sha256 (a fuzz).
+    Refused for a new store or a service; a store made with one before reloads as it was made, the file ignored."""
+    import open_clip
+
+    from embedcache.teachers import check_new
+
+    known = tmp_path / "known" / "tiny-test-clip.json"  # an architecture open_clip knows, as it knows its own
+    known.parent.mkdir()
+    known.write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(known)
     arch = tmp_path / name
     arch.write_bytes(content)
+    cfg = TeacherConfig(name="open_clip", model="tiny-test-clip", model_config=str(arch), device="cpu")
     with pytest.raises(TeacherLoadError, match=rf"^teacher.model_config={re.escape(str(arch))} {said}") as err:
-        build_teacher(TeacherConfig(name="open_clip", model="ViT-B-32", model_config=str(arch), device="cpu"))
+        check_new(cfg)
     assert "\n" not in str(err.value)
+    if content in (b"", b"\xff\xfe\x00"):  # open_clip's own read died: no store can have been made with it
+        with pytest.raises(TeacherLoadError, match=rf"^teacher.model_config={re.escape(str(arch))} {said}"):
+            build_teacher(cfg)
+    else:  # a store made before the rule: its teacher is rebuilt as it was made, the file ignored
+        assert build_teacher(cfg).embed_dim == TINY_CLIP["embed_dim"]
+
+
+def test_extract_and_serve_refuse_an_architecture_file_open_clip_would_not_use(tmp_path, make_cfg):
+    from embedcache.extract import extract
+    from embedcache.serve import ServeConfig, build_app
+
+    arch = tmp_path / "tiny-arch.json"
+    arch.write_text(json.dumps(TINY_CLIP))
+    teacher = {"name": "open_clip", "model": "ViT-B-32", "model_config": str(arch), "device": "cpu"}
+    cfg = make_cfg("x.zarr", *(f"teacher.{k}={v}" for k, v in teacher.items()))
+    with pytest.raises(TeacherLoadError, match=r"registers its architecture as 'tiny-arch'"):
+        extract(cfg, log=lambda *_: None, dry_run=True)
+    assert not (tmp_path / "x.zarr").exists()
+    with pytest.raises(TeacherLoadError, match=r"registers its architecture as 'tiny-arch'"):
+        build_app(ServeConfig(teacher=TeacherConfig(**teacher)), keys=object())
 
 
 @pytest.mark.parametrize("cfg_change,said", [({"vision_cfg": {"image_size": 64}}, r"its visual.positional_embedding "

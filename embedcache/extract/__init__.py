@@ -29,7 +29,7 @@ from ..fileio import exclusive_lock, one_line_when_full, require_outside_store, 
 from ..store import BACKENDS, STATUS_OK, Store, add_text_arrays, backend_name_for, plan_layout
 from ..store.backends import a_store_of
 from ..store.store import WRITERS_GATE, live_writers
-from ..teachers import TEACHERS, Teacher, build_teacher
+from ..teachers import TEACHERS, Teacher, build_teacher, check_new
 from ..text import build_prompts, encode_sources, id_names, text_calls
 from ..views import param_fields
 from .books import Books, budget_in_store, lost_in_store, models_in_store, one_model_in_books
@@ -136,6 +136,8 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
     require_out(cfg.out, backend, writing=not dry_run)  # before the teacher too
     prompts = build_prompts(dataset.classes, cfg.text)
     books_from = teacher  # a teacher passed in may have spent before this call; one built here has not
+    if teacher is None and not Store.exists(cfg.out, backend):
+        check_new(cfg.teacher)  # a store made before a rule on teacher settings came resumes as it was made
     try:
         teacher = teacher or build_teacher(cfg.teacher, embed_dim=recorded_dim(cfg.out, backend) if getattr(
             TEACHERS.get(cfg.teacher.name), "asks_dim", False) else None)  # the store opened for it only where asked

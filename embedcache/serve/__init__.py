@@ -32,13 +32,15 @@ def _need_fastapi():
 def build_app(cfg: ServeConfig, teacher=None, keys: Optional[KeyRing] = None):
     """The app around ``teacher`` (built from ``cfg.teacher`` if not given)."""
     _need_fastapi()
-    from ..teachers import build_teacher
+    from ..teachers import build_teacher, check_new
     from .app import create_app
     from .ledger import ServerLedger
 
     if cfg.teacher.name == "remote":
         raise ConfigError("embedcache serve serves a local teacher (open_clip, conse, ...), not teacher.name=remote")
     keys = keys or KeyRing.load(cfg.keys_file, cfg.keys_env)
+    if teacher is None:
+        check_new(cfg.teacher)
     teacher = teacher or build_teacher(cfg.teacher)
     return create_app(teacher, cfg, keys, ServerLedger(cfg.ledger))
 

@@ -28,7 +28,7 @@ from ..extract.resume import made_so
 from ..extract.manifest import build_manifest
 from ..store import Store, backend_name_for
 from ..store.backends import a_store_of
-from ..teachers import TEACHERS, Teacher, build_teacher
+from ..teachers import TEACHERS, Teacher, build_teacher, check_new
 from ..text import build_prompts
 from ..views import to_uint8
 from .config import ImageConfig, PromptsConfig, SynthesizeConfig
@@ -317,6 +317,8 @@ def prepare(cfg: SynthesizeConfig, teacher: Optional[Teacher] = None, log: Calla
     require_out(cfg.out, backend)  # before the teacher loads and the styles are learned
     build_prompts(sorted(c.strip() for c in cfg.classes), cfg.text)  # text settings that cannot make them: now
     require_gradients(teacher if teacher is not None else cfg.teacher.name)
+    if teacher is None and not Store.exists(cfg.out, backend):
+        check_new(cfg.teacher)  # a store made before a rule on teacher settings came resumes as it was made
     teacher = teacher or build_teacher(cfg.teacher)
     on_loaded()
     require_gradients(teacher)

@@ -15,4 +15,12 @@ def build_teacher(cfg: TeacherConfig, embed_dim: Optional[int] = None) -> Teache
     return teacher
 
 
-__all__ = ["TEACHERS", "Teacher", "build_teacher", "resolve_device"]
+def check_new(cfg: TeacherConfig) -> None:
+    """Rules on a teacher's settings for new work only (a new store, a service): a store made before such a
+    rule came reloads and repairs as it was made (open_clip: a teacher.model_config it would not use)."""
+    check = getattr(TEACHERS.get(cfg.name), "check_new", None)
+    if check is not None:
+        check(cfg)
+
+
+__all__ = ["TEACHERS", "Teacher", "build_teacher", "check_new", "resolve_device"]

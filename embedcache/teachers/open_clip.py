@@ -70,8 +70,19 @@ def _require_known_model(name: str, known: list) -> None:
                            "teacher.model=local-dir:/folder loads a saved one")
 
 
+def _json_of(path: Path) -> Any:
+    """``path`` read as JSON: a file that is not is one line (open_clip's own read died with a traceback)."""
+    said = f"teacher.model_config={path}"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise TeacherLoadError(f"{said} is not a text file (UTF-8); give a JSON architecture file") from None
+    except json.JSONDecodeError as exc:
+        raise TeacherLoadError(f"{said} is not JSON ({exc}); give a JSON architecture file") from None
+
+
 def _require_architecture(path: Path, model: str) -> None:
-    """teacher.model_config as open_clip reads it: a .json file of an object with embed_dim, vision_cfg and
+    """teacher.model_config as open_clip uses it: a .json file of an object with embed_dim, vision_cfg and
     text_cfg, registered under the file's name, which teacher.model must be. open_clip skips any other file
     without a word, and one for another architecture was ignored beside a built-in teacher.model (a fuzz)."""
     said = f"teacher.model_config={path}"
@@ -79,12 +90,7 @@ def _require_architecture(path: Path, model: str) -> None:
         raise TeacherLoadError(f"{said} not found; give a JSON architecture file")
     if path.suffix != ".json":
         raise TeacherLoadError(f"{said} is not a .json file, so open_clip would skip it; name it {path.stem}.json")
-    try:
-        arch = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise TeacherLoadError(f"{said} is not a text file (UTF-8); give a JSON architecture file") from None
-    except json.JSONDecodeError as exc:
-        raise TeacherLoadError(f"{said} is not JSON ({exc}); give a JSON architecture file") from None
+    arch = _json_of(path)
     if not isinstance(arch, dict):
         raise TeacherLoadError(f"{said} is a JSON {json_kind(arch)}, not an open_clip "
                                "architecture (an object with embed_dim, vision_cfg and text_cfg)")
@@ -102,6 +108,13 @@ class OpenClipTeacher(Teacher):
     registry_name = "open_clip"
     differentiable = True  # image and text towers are local torch modules
 
+    @staticmethod
+    def check_new(cfg: TeacherConfig) -> None:
+        """A teacher.model_config open_clip would not use, refused for new work (``teachers.check_new``); a
+        store made before 2026-12-07 with one, the file ignored, reloads and repairs as it was made."""
+        if cfg.model_config:
+            _require_architecture(Path(cfg.model_config), cfg.model)
+
     def __init__(self, cfg: TeacherConfig):
         import open_clip
 
@@ -110,11 +123,18 @@ class OpenClipTeacher(Teacher):
         self.model_name, self.pretrained, self.precision = cfg.model, cfg.pretrained, cfg.precision
         self.device = resolve_device(cfg.device, fix="--set teacher.device=cpu")
         self._config_hash, self._config_path = None, cfg.model_config
-        if cfg.model_config:
+        if cfg.model_config:  # (a file open_clip would skip is refused for new work: ``check_new``)
             cfg_path = Path(cfg.model_config)
-            _require_architecture(cfg_path, self.model_name)
+            if not cfg_path.is_file():
+                raise TeacherLoadError(f"teacher.model_config={cfg_path} not found; give a JSON architecture file")
+            if cfg_path.suffix == ".json":
+                _json_of(cfg_path)
             open_clip.add_model_config(cfg_path)
             self._config_hash = file_sha256(cfg_path)
+            if self.model_name != cfg_path.stem and self.model_name not in open_clip.list_models():
+                raise TeacherLoadError(f"teacher.model_config={cfg_path} registers its architecture as "
+                                       f"{cfg_path.stem!r} (open_clip names it by the file's name), not "
+                                       f"{self.model_name!r}; set teacher.model={cfg_path.stem}")
         _require_known_model(self.model_name, open_clip.list_models())
         try:
             with held_log_records() as held, torch.random.fork_rng(devices=[]):  # random weights are the same
