@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 
 import click
 
-from embedcache.config import SEED_MAX
+from embedcache.limits import SEED_MAX
 from ._app import main, overrides_option
 
 

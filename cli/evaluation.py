@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from embedcache.config import SEED_MAX
 from embedcache.fileio import require_writable
+from embedcache.limits import SEED_MAX
 
 from ._app import main
 

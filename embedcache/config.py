@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import yaml
 
 from .errors import ConfigError
+from .limits import SEED_MAX
 
 _NO_DEFAULT = dataclasses.MISSING
 
@@ -35,9 +36,6 @@ def setting(default: Any = _NO_DEFAULT, *, factory: Optional[Callable[[], Any]] 
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
-
-
-SEED_MAX = 2**32 - 1  # what numpy's legacy seeding takes; a larger one crashed torch.manual_seed (a fuzz)
 
 
 def seed_setting(default: int = 0) -> Any:
