@@ -72,12 +72,10 @@ def evaluate(runs, store, protocols, sources, out, device, shots, finetune_steps
     require_writable(out)  # before the scoring: a file in the way, a folder that cannot be written
     if Path(out).exists():
         read_results(out)  # a file that is not a results table is refused now, not after the scoring
-    _refuse_unused(runs, store, protocols, sources, transfer, seen_classes, _given("unseen_fraction", "split_seed"))
+    _refuse_unused(runs, store, protocols, sources, transfer, seen_classes, _given("unseen_fraction", "split_seed"),
+                   bool(_given("device")))
     if runs:
         resolve_device(device)  # a device that is no device: refused before any run is scored
-    elif _given("device"):
-        raise click.UsageError("--device sets where runs are scored; the teacher's baselines read the store's "
-                               "embeddings on the CPU: drop --device")
     _refuse_unused_few_shot(runs, protocols)
     options = {"few_shot": {"shots": shots}}
     frames = []
@@ -210,12 +208,16 @@ def _each_run_warning_once():
                            f"({gist})", err=True)
 
 
-def _refuse_unused(runs, store, protocols, sources, transfer: bool, seen_classes, drawn: list) -> None:
+def _refuse_unused(runs, store, protocols, sources, transfer: bool, seen_classes, drawn: list,
+                   device_given: bool) -> None:
     """Options that would be ignored in this call are refused: the result would not be what was asked."""
     from embedcache.evaluate.protocols import CLASS_SPLIT
 
     if not runs and not store:
         raise click.UsageError("give run directories, or --store for the teacher's baselines")
+    if device_given and not runs:  # ('gpu' wrote its table, exit 0: a fuzz)
+        raise click.UsageError("--device sets where runs are scored; the teacher's baselines read the store's "
+                               "embeddings on the CPU: drop --device")
     if transfer and not (runs and store):
         raise click.UsageError("--transfer scores runs on another store: give it as --store PATH, with the runs"
                                if runs else "--transfer scores runs on another store; the teacher's baselines score "
