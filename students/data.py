@@ -236,6 +236,13 @@ class StoreData:
         dom = self.reader.meta["domain"].to_numpy()[self.train_idx]
         return [self.train_idx[dom == d] for d in sorted(set(dom))]
 
+    @cached_property
+    def val_by_domain(self) -> List[np.ndarray]:
+        """The validation rows of each domain, domains in sorted order: DomainBed's training-domain
+        validation (and SWAD's loss) is the mean over domains, each domain weighing the same."""
+        dom = self.reader.meta["domain"].to_numpy()[self.val_idx]
+        return [self.val_idx[dom == d] for d in sorted(set(dom))]
+
     def pools(self, per_domain: bool) -> List[np.ndarray]:
         """The row pools a step draws batch_size rows from each of: every training domain, or all rows."""
         return self.train_by_domain if per_domain else [self.train_idx]

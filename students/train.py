@@ -6,7 +6,7 @@ The run is assembled from parts with seams, each small enough to hold in one's h
 - the recipe (``recipes.py``): stages, each a weighted sum of registered losses;
 - optimizer and schedule (``optim.py``), weight averaging (``averaging.py``), registries all;
 - model selection (``Selection``): the last weights, or the best in-domain validation checkpoint
-  (DomainBed's training-domain validation, as VL2V-ADiP selects);
+  (DomainBed's training-domain validation, as VL2V-ADiP selects: the mean of the domains' accuracies);
 - checkpoints and the run directory (``rundir.py``); what names a run and may resume it (``identity.py``).
 
 Batches are a function of (seed, step) alone and the dropout generators are reseeded every step,
@@ -359,6 +359,7 @@ class Trainer:
             raise TrainingError(f"run {self.run_dir.path} was trained on the features of backbone {saved_key}; the "
                                 f"student settings now {now} (student.pretrained changed?): restore them, or use "
                                 "another --out")
+        self.refuse_pooled_validation(state)
         load_weights(self.model, state["model"], backbone_saved=saved_key is None)
         if saved_key is None and self.backbone_key is not None:  # a checkpoint that saved its backbone
             if features_key(self.model) != self.backbone_key:
@@ -375,6 +376,15 @@ class Trainer:
         self.threads_before = [int(n) for n in state.get("torch_threads", [])]  # (checkpoints since 2026-12-06)
         self.earlier = {k: float(state.get(k, 0.0)) for k in self.earlier}  # (checkpoints since 2026-12-06)
         return int(state["step"])
+
+    def refuse_pooled_validation(self, state: Dict) -> None:
+        """A checkpoint from before validation averaged its domains (pooled until 2026-12-07) chose or
+        averaged its weights so far by the pooled figure; going on would mix the two rules."""
+        uses_val = self.rule == "best_val" or self.cfg.averaging == "swad"
+        if "val_mean" not in state and uses_val and len(self.data.val_by_domain) > 1:
+            raise TrainingError(f"run {self.run_dir.path} was checkpointed before validation became the mean over "
+                                "domains (it pooled their images); its selection so far would mix the two: use another "
+                                "--out, or delete the folder to train it again")
 
     def threads_used(self) -> List[int]:
         """The torch thread counts of the run's attempts so far, this one's last (each once)."""
@@ -401,7 +411,7 @@ class Trainer:
             "optim": self.opt.state_dict(), "sched": self.sched.state_dict(),
             "averaging": self.averaging.state_dict(), "selection": self.selection.state_dict(),
             "running": self.running, "n_running": self.n_running, "val": self.val,
-            "step": step, "store_key": self.data.key, "torch_threads": self.threads_used()})
+            "step": step, "store_key": self.data.key, "torch_threads": self.threads_used(), "val_mean": "domains"})
 
     def write_run_files(self) -> None:
         d = self.data
@@ -491,16 +501,22 @@ class Trainer:
 
     def validate(self, step: int, stage: Optional[Stage] = None) -> Tuple[float, Optional[float], Optional[float]]:
         """Validation top-1, recipe loss (without ``stage``: None) and prediction cross-entropy of the
-        model as it is; a TrainingError when its outputs or its losses are not finite."""
-        try:
-            pred, val_loss, val_ce = validate(self.model, self.inputs, self.targets, self.data, self.data.val_idx,
-                                              self.recipe.predict, self.text, stage)
-        except NonFiniteOutputs:
-            raise self.diverged("the student's outputs on validation images became NaN or inf", step) from None
+        model as it is, each the mean over the validation domains of that domain's figure, as DomainBed
+        selects and SWAD's evaluator measures (pooled, PACS's 786 sketch rows would outvote its 410 art
+        ones); a TrainingError when its outputs or its losses are not finite."""
+        per_domain = []
+        for rows in self.data.val_by_domain:
+            try:
+                pred, loss, ce = validate(self.model, self.inputs, self.targets, self.data, rows,
+                                          self.recipe.predict, self.text, stage)
+            except NonFiniteOutputs:
+                raise self.diverged("the student's outputs on validation images became NaN or inf", step) from None
+            per_domain.append((top1(pred, self.data.targets[rows]), loss, ce))
+        val, val_loss, val_ce = (None if v[0] is None else float(np.mean(v)) for v in zip(*per_domain))
         for what, v in (("loss", val_loss), ("cross-entropy", val_ce)):
             if v is not None and not np.isfinite(v):
                 raise self.diverged(f"the validation {what} became {v}", step)
-        return top1(pred, self.data.targets[self.data.val_idx]), val_loss, val_ce
+        return val, val_loss, val_ce
 
     def evaluate(self, step: int, stage_i: int, stage: Stage) -> None:
         val = val_loss = val_ce = None

@@ -802,6 +802,29 @@ def test_averaged_weights_get_their_own_batchnorm_statistics(synthetic_store, tm
     assert not all(torch.allclose(kept[k], v, rtol=1e-5, atol=1e-6) for k, v in stats.items())
 
 
+def test_validation_is_the_mean_over_domains_not_over_their_pooled_images(synthetic_store, tmp_path):
+    """DomainBed selects by the mean of the training domains' validation accuracies, and SWAD's evaluator
+    averages their losses alike; pooled, PACS's 786 sketch rows outvoted its 410 art ones (an audit
+    against DomainBed's IIDAccuracySelectionMethod)."""
+    from embedcache.students.train import Trainer, validate
+
+    t = Trainer(_cfg(synthetic_store, tmp_path, "vl2v_adip"), log=quiet)
+    groups, dom = t.data.val_by_domain, t.data.reader.meta["domain"].to_numpy()
+    assert sorted(np.concatenate(groups).tolist()) == sorted(t.data.val_idx.tolist())
+    assert [set(dom[g]) for g in groups] == [{d} for d in sorted(set(dom[t.data.val_idx]))] and len(groups) == 2
+    uneven = [groups[0][:1], np.concatenate([groups[0][1:], groups[1]])]  # one row against all the others
+    t.data.__dict__["val_by_domain"] = uneven
+    stage = t.recipe.stages[-1]
+    got = t.validate(0, stage)
+    each = []
+    for rows in uneven:
+        pred, loss, ce = validate(t.model, t.inputs, t.targets, t.data, rows, t.recipe.predict, t.text, stage)
+        each.append((float(np.mean(pred == t.data.targets[rows])), loss, ce))
+    assert got == pytest.approx(tuple(np.mean(each, axis=0)), rel=1e-6)
+    pooled_ce = (each[0][2] + each[1][2] * len(uneven[1])) / (1 + len(uneven[1]))
+    assert got[2] != pytest.approx(pooled_ce, rel=1e-6)
+
+
 def test_loop_seconds_count_the_steps_not_evaluations_or_checkpoints(synthetic_store, tmp_path, monkeypatch):
     import time
 
@@ -1164,13 +1187,13 @@ def _flip_middle(f: Path) -> None:
     f.write_bytes(bytes(raw))
 
 
-def _stopped_at_step_25(store, tmp_path) -> TrainConfig:
+def _stopped_at_step_25(store, tmp_path, **kw) -> TrainConfig:
     """A run stopped by Ctrl-C at step 25 (its checkpoint: step 20), and its config."""
     def stop(step):
         if step == 25:
             raise KeyboardInterrupt
 
-    cut = _cfg(store, tmp_path, name="cut")
+    cut = _cfg(store, tmp_path, name="cut", **kw)
     with pytest.raises(KeyboardInterrupt):
         train(cut, on_step=stop, log=quiet)
     return cut
@@ -1202,6 +1225,26 @@ def test_a_checkpoint_written_without_zip_checksums_still_resumes(synthetic_stor
     finally:
         serialization.set_crc32_options(True)
     assert train(cut, log=quiet).resumed_from == 20
+
+
+@pytest.mark.parametrize("select", ["best_val", "last"])
+def test_a_run_checkpointed_while_validation_pooled_its_domains_is_not_resumed_by_the_mean(synthetic_store, tmp_path,
+                                                                                          select):
+    """Its best checkpoint so far was chosen by the pooled accuracy; going on by the mean over domains would
+    mix the two rules. A run keeping its last weights, unaveraged, chose nothing by them and resumes."""
+    from embedcache.errors import TrainingError
+
+    cut = _stopped_at_step_25(synthetic_store, tmp_path, select=select)
+    f = tmp_path / "cut" / "checkpoint.pt"
+    state = torch.load(f, weights_only=True)
+    assert state.pop("val_mean") == "domains"
+    torch.save(state, f)
+    if select == "last":
+        assert train(cut, log=quiet).resumed_from == 20
+        return
+    with pytest.raises(TrainingError, match=r"cut was checkpointed before validation became the mean over domains "
+                                            r"\(it pooled their images\).*use another --out, or delete the folder"):
+        train(cut, log=quiet)
 
 
 def test_damaged_weights_that_still_load_are_refused(synthetic_store, tmp_path):
