@@ -106,6 +106,15 @@ class ImageDataset:
             return to_rgb8(self._loader(i))
         return read_rgb8(self.source_path(i))
 
+    def failure(self, i: int, exc: BaseException) -> str:
+        """Why sample i was not read, as its store records it: the error's type and first line, the file
+        named by its path in the dataset (the absolute one made meta.parquet depend on where the
+        dataset sits)."""
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        if self.has_files:
+            first = first.replace(str(self.source_path(i)), self.samples[i].path)
+        return f"{type(exc).__name__}: {first}"[:300]
+
     def fingerprint(self) -> str:
         h = hashlib.sha256()
         h.update(json.dumps({"name": self.name, **self._extra}, sort_keys=True).encode())

@@ -49,6 +49,7 @@ def test_the_device_reader_falls_back_and_records_failures(photo_folder, make_cf
     with embedcache.open_store(res.path) as s:
         meta = s.meta.set_index("path")
         assert meta.loc["b/bad.jpg", "status"] == "failed" and meta.loc["b/g.jpg", "status"] == "ok"
+        assert str(photo_folder) not in meta.loc["b/bad.jpg", "reason"]  # a store does not depend on where its dataset sat
         assert s.manifest["pipeline"]["decoder"].startswith("torchvision-decode_jpeg-cpu")
         px = s.pixels()[meta.index.get_loc("a/p.png")]
         assert np.array_equal(px, make_canvas(Image.open(photo_folder / "a" / "p.png"), cfg.canvas.size))  # PNG: PIL

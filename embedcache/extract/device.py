@@ -70,7 +70,7 @@ class _Files(torch.utils.data.Dataset):
                     return i, np.frombuffer(data, np.uint8).copy(), None, ""
             return i, None, make_canvas(self.dataset.load(i), self.policy.canvas), ""
         except Exception as exc:
-            return i, None, None, _why(exc)
+            return i, None, None, self.dataset.failure(i, exc)
 
 
 def device_decodes(data: bytes) -> bool:
@@ -88,11 +88,6 @@ def device_decodes(data: bytes) -> bool:
             return im.mode in ("L", "RGB") and not adobe_rgb and im.getexif().get(EXIF_ORIENTATION, 1) == 1
     except Exception:  # PIL will say what is wrong with it
         return False
-
-
-def _why(exc: BaseException) -> str:
-    first = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {first}"[:300]
 
 
 def canvas_from_decoded(img: torch.Tensor, size: int) -> torch.Tensor:
@@ -184,14 +179,14 @@ class DeviceDecodeReader:
                 try:
                     canvas[k] = canvas_from_decoded(img, s)
                 except ValueError as exc:  # decoded, but too elongated for a canvas
-                    errors[k] = _why(exc)
+                    errors[k] = self.files.dataset.failure(int(rows[k]), exc)
                 continue
             try:  # rejected by the device decoder: PIL decides whether the file is really corrupt
                 canvas[k] = upload(torch.from_numpy(make_canvas(self.files.dataset.load(int(rows[k])), s)), self.device)
                 rescued += 1
                 self.decoded_by_pil.append(int(rows[k]))
             except Exception as exc:
-                errors[k] = _why(exc)
+                errors[k] = self.files.dataset.failure(int(rows[k]), exc)
         if len(jpeg) > 1 and rescued == len(jpeg):
             raise ConfigError(f"decoder=device rejected all {len(jpeg)} JPEGs of a batch that PIL reads (the device's "
                               f"decoder is failing here, e.g. out of memory: {self.last_error}); set decoder=pil, or a "

@@ -97,8 +97,7 @@ class _Items(torch.utils.data.Dataset):
             canvas, err = make_canvas(self.dataset.load(i), self.policy.canvas), ""
         except Exception as exc:  # a corrupt, missing or refused file is recorded, not fatal
             canvas = np.zeros((self.policy.canvas, self.policy.canvas, 3), np.uint8)
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            err = f"{type(exc).__name__}: {first}"[:300]
+            err = self.dataset.failure(i, exc)
         return i, canvas, params, err
 
 
