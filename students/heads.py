@@ -41,10 +41,20 @@ def can_pack(cfg: TrainConfig) -> bool:
             and len(RECIPES.get(cfg.recipe).stages) == 1)
 
 
+def _pack_fields(cfg: TrainConfig) -> Dict[str, object]:
+    """The settings the heads of a pack share: all but what may differ and what changes no result."""
+    return {k: v for k, v in flatten(to_dict(cfg)).items() if k not in FREE + NOT_IN_NAME}
+
+
 def pack_key(cfg: TrainConfig) -> str:
     """Runs with the same key can share a pack: everything but seed, lr and weight decay agrees."""
-    # what may differ, and what changes no result, left out (a key within a launch, never recorded)
-    return json_digest({k: v for k, v in flatten(to_dict(cfg)).items() if k not in FREE + NOT_IN_NAME})
+    return json_digest(_pack_fields(cfg))  # a key within a launch, never recorded
+
+
+def pack_differences(cfgs: List[TrainConfig]) -> List[str]:
+    """The shared settings in which these runs differ (what keeps them from one pack), sorted."""
+    fields = [_pack_fields(c) for c in cfgs]
+    return sorted(k for k in set().union(*fields) if len({json_digest({"v": f.get(k)}) for f in fields}) > 1)
 
 
 class _Stack:

@@ -315,3 +315,22 @@ def test_a_packed_sweep_with_a_diverging_learning_rate_finishes_its_other_runs(f
     errors = list((tmp_path / "sw" / "runs").glob("*/error.txt"))
     assert len(errors) == 1 and errors[0].parent.name in errors[0].read_text()  # its own error, not another's
     assert "lower optim.lr in the sweep file (another value is another run)" in errors[0].read_text()  # not --out
+
+
+def test_the_no_pack_note_names_the_settings_that_keep_runs_apart():
+    """A lodo sweep of head-only runs on a pretrained backbone was told its runs did not pack because of
+    their backbone, when their held-out domains kept them apart (a review)."""
+    from types import SimpleNamespace
+
+    from embedcache.config import replace
+    from embedcache.students.data import SplitConfig
+    from embedcache.students.models import StudentConfig
+    from embedcache.students.sweep import _why_no_pack
+
+    base = TrainConfig(store="s.zarr", recipe="vl2v_adip_align", features=True,
+                       student=StudentConfig(name="test_resnet", pretrained="w.safetensors"))
+    held = [SimpleNamespace(cfg=replace(base, seed=s, split=SplitConfig(holdout_domains=[d]))) for s, d in ((0, "a"), (1, "b"))]
+    assert _why_no_pack(held) == ("runs of a pack differ only in seed, optim.lr, optim.weight_decay, and these differ "
+                                  "in split.holdout_domains")
+    seeds = [SimpleNamespace(cfg=replace(base, seed=s)) for s in (0, 1)]
+    assert "share one frozen backbone" in _why_no_pack(seeds)

@@ -486,10 +486,15 @@ def make_jobs(points: List[SweepPoint], pack_heads: bool = False,
 
 
 def _why_no_pack(points: List[SweepPoint]) -> str:
-    from ..heads import FREE, can_pack
+    from ..heads import FREE, can_pack, pack_differences
 
-    if not any(can_pack(p.cfg) for p in points):
+    packable = [p.cfg for p in points if can_pack(p.cfg)]
+    if not packable:
         return "a pack takes head-only runs on cached features (features=true), with no averaging and one stage"
+    differ = pack_differences(packable)
+    if differ:  # the split of a lodo sweep's runs, say: a note naming the backbone misled (a review)
+        return (f"runs of a pack differ only in {', '.join(FREE)}, and these differ in {', '.join(differ[:3])}"
+                f"{' and more' if len(differ) > 3 else ''}")
     return (f"runs of a pack differ only in {', '.join(FREE)} and share one frozen backbone (a student with random "
             "weights, no student.pretrained, is another backbone under every seed)")
 
