@@ -10,6 +10,7 @@ import click
 
 from embedcache.errors import ConfigError
 from embedcache.fileio import require_writable
+from embedcache.limits import WORKERS_MAX
 
 from ._app import main, overrides_option
 
@@ -89,7 +90,7 @@ def _is_run_config(path: Optional[str]) -> bool:
 @click.argument("sweep_file", required=False)
 @click.option("--out", help="sweep directory (default sweeps/<file name>)")
 @click.option("--launcher", help="serial | local | ray (default: the sweep file's)")
-@click.option("--workers", type=click.IntRange(min=1), help="local launcher: worker processes")
+@click.option("--workers", type=click.IntRange(1, WORKERS_MAX), help="local launcher: worker processes")
 @click.option("--address", help="ray launcher: cluster address (default: a local Ray instance)")
 @click.option("--device", help="auto | cpu | cuda | cuda:N (default: the sweep file's base.device, else auto)")
 @overrides_option("grid.seed=[0,1]")

@@ -2,3 +2,4 @@
 command's options, built as it starts, do not import the config machinery (yaml: 30 ms on every start)."""
 
 SEED_MAX = 2**32 - 1  # what numpy's legacy seeding takes; a larger one crashed torch.manual_seed (a fuzz)
+WORKERS_MAX = 1024  # a sweep's local worker processes: the sweep file's `workers` and `sweep --workers` alike

@@ -641,3 +641,18 @@ def test_a_seed_option_past_what_numpy_and_torch_take_is_a_usage_error(args):
     res = CliRunner().invoke(main, [*args, str(SEED_MAX + 1)])
     assert res.exit_code == 2 and "Traceback" not in res.output, res.output
     assert f"{SEED_MAX + 1} is not in the range 0<=x<={SEED_MAX}" in res.output, res.output
+
+
+def test_sweep_workers_has_the_same_bound_on_the_command_line_as_in_the_sweep_file(tmp_path):
+    """`--set workers=100000` was refused while `--workers 100000` was taken (a review): one bound, both ways."""
+    from click.testing import CliRunner
+
+    from embedcache.cli import main
+    from embedcache.config import build_config
+    from embedcache.limits import WORKERS_MAX
+    from embedcache.students.sweep import SweepSpec
+
+    res = CliRunner().invoke(main, ["sweep", str(tmp_path / "none.yaml"), "--workers", str(WORKERS_MAX + 1)])
+    assert res.exit_code == 2 and f"{WORKERS_MAX + 1} is not in the range 1<=x<={WORKERS_MAX}" in res.output, res.output
+    with pytest.raises(ConfigError, match=f"workers={WORKERS_MAX + 1} is not valid: must be at most {WORKERS_MAX}"):
+        build_config(SweepSpec, {"store": "s.zarr", "workers": WORKERS_MAX + 1})

@@ -33,6 +33,7 @@ from embedcache.errors import ConfigError, DiskFullError, StoreDamagedError
 from embedcache.evaluate.protocols import DEFAULT_SHOTS, fewest_images, seeded_class_split
 from embedcache.device import resolve_device
 from embedcache.fileio import atomic_write_text, one_line_when_full
+from embedcache.limits import WORKERS_MAX
 
 from ..config import TrainConfig, check_trainable, ignored_training, unread_training
 from ..data import StoreData, check_views_used
@@ -88,7 +89,7 @@ class SweepSpec:
     finetune_mode: str = setting("shots", choices=FINETUNE_MODES)  # mixed: Li et al.'s (shots in training batches)
     shots: int = setting(DEFAULT_SHOTS, min=1)  # few_shot: labelled images per unseen class (Li et al.'s 5)
     launcher: str = setting("local", choices=LAUNCHERS)
-    workers: int = setting(1, min=1, max=1024)
+    workers: int = setting(1, min=1, max=WORKERS_MAX)
     pack_heads: bool = False                 # head-only runs differing only in seed/lr/weight decay train as one pack
     resources: Dict[str, Any] = field(default_factory=lambda: {"num_cpus": 1, "num_gpus": 0})
 
