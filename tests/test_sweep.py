@@ -14,6 +14,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
+import embedcache
 from embedcache.cli import main
 from embedcache.config import replace, to_dict
 from embedcache.errors import ConfigError
@@ -269,6 +270,18 @@ def test_two_workers_on_one_sweep_lose_nothing_and_duplicate_nothing(synthetic_s
     att = _attempts(out)
     assert len(att) == 8 and set(att.values()) == {1}, att  # nobody ran a run twice
     assert len(list(out.glob("results/*.parquet"))) == 8  # and no result was lost
+
+
+def test_an_empty_grid_runs_the_base_settings_alone_once_per_held_out_domain(synthetic_store, tmp_path):
+    """As the README says of `grid: {}` (a review found it unsaid)."""
+    spec = load_sweep(str(_sweep_file(tmp_path, synthetic_store, grid={}, base={"recipe": "ce", "steps": 4, "batch_size": 8,
+                                                                               "eval_every": 2, "device": "cpu",
+                                                                               "student": {"name": "test_resnet", "input_size": 32}})))
+    points = expand(spec, str(tmp_path / "x"))
+    with embedcache.open_store(str(synthetic_store)) as s:
+        domains = sorted(s.domains)
+    assert sorted(tuple(p.cfg.split.holdout_domains) for p in points) == [(d,) for d in domains] and len(domains) == 2
+    assert {(p.cfg.recipe, p.cfg.steps) for p in points} == {("ce", 4)}
 
 
 def test_seeds_and_names_are_stable_when_a_variant_is_added(synthetic_store, tmp_path):
