@@ -106,11 +106,35 @@ def test_mix_weights_are_convex_and_sentence_level_has_no_pseudo_word(tiny_teach
 
 
 def test_contrastive_lowers_its_loss_and_spreads_the_styles(tiny_teacher):
+    from embedcache.synthesis.prompts import CONTRASTIVE_LOSS, STYLE_TOKEN
+
     plan = _plan(tiny_teacher, "contrastive", steps=25, lr=0.02)
     info = plan.info
+    assert info["loss"] == CONTRASTIVE_LOSS and info["style_token"] == STYLE_TOKEN  # the design, recorded (an audit)
     assert info["loss_end"] < info["loss_start"]
     assert info["spread_end"] > info["spread_start"] + 0.05
     assert info["spread"] == pytest.approx(info["spread_end"])
+
+
+def test_the_contrastive_loss_is_the_form_its_record_describes():
+    """A numpy reference of the recorded form: InfoNCE both ways between the K styles' prompts of classes m
+    and m', plus content_weight x the cross-entropy of both classes' styled prompts over the content prompts."""
+    from embedcache.synthesis.prompts import CONTRASTIVE_LOSS, contrastive_loss
+
+    rng = np.random.default_rng(0)
+    k, c, d, tau, w, m, m2 = 5, 6, 16, 0.07, 0.5, 2, 5
+    unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)  # noqa: E731
+    a, p, content = unit(rng.normal(size=(k, d))), unit(rng.normal(size=(k, d))), unit(rng.normal(size=(c, d)))
+
+    def ce(z, y):
+        z = z - z.max(1, keepdims=True)
+        return float(np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y]))
+
+    style = 0.5 * (ce(a @ p.T / tau, np.arange(k)) + ce(p @ a.T / tau, np.arange(k)))
+    both = ce(np.concatenate([a, p]) @ content.T / tau, np.array([m] * k + [m2] * k))
+    total, s, cterm = contrastive_loss(*(torch.from_numpy(x) for x in (a, p, content)), m, m2, tau, w)
+    assert (float(total), float(s), float(cterm)) == pytest.approx((style + w * both, style, both), rel=1e-9)
+    assert "both ways" in CONTRASTIVE_LOSS and "both classes' styled prompts" in CONTRASTIVE_LOSS
 
 
 def test_style_spread_is_zero_for_identical_styles_and_positive_otherwise():
@@ -249,6 +273,13 @@ def test_synthesised_store_passes_the_store_checks_of_an_extracted_one(tiny_teac
         assert m["synthesis"]["image"]["augment"]["cut_size"] == tiny_teacher.input_size
         assert m["synthesis"]["prompts"]["k"] == 2 and len(m["synthesis"]["styles"]) == 2
         assert {"spread", "class_fidelity", "styles_digest"} <= set(m["synthesis_plan"])  # recorded, not keyed
+        from embedcache.synthesis.image import DETAILS
+        from embedcache.synthesis.prompts import STYLE_TOKEN
+
+        assert m["synthesis_plan"]["image_details"] == DETAILS and m["synthesis_plan"]["style_token"] == STYLE_TOKEN
+        adam = torch.optim.Adam([torch.zeros(1, requires_grad=True)]).defaults  # what DETAILS says of it holds
+        assert (adam["betas"], adam["eps"], adam["weight_decay"]) == ((0.9, 0.999), 1e-8, 0)
+        assert "betas (0.9, 0.999), eps 1e-8, no weight decay" in DETAILS["optimizer"]
         assert set(s.store.derived()) == {"synthesis_targets", "synthesis_styles"}
         assert s.store.read_derived("synthesis_styles").shape == (2, tiny_teacher.token_table().shape[1])
         # views were drawn and embedded as for real images: the teacher re-encoding them agrees

@@ -26,6 +26,11 @@ from .config import ImageConfig
 from .generators import seed_of
 
 
+# what the loop does beyond its settings, recorded with the plan (PAPERS.md: every design choice in the manifest)
+DETAILS = {"optimizer": "torch.optim.Adam, betas (0.9, 0.999), eps 1e-8, no weight decay",
+           "noise": "each cut-out's Gaussian pixel noise has a std drawn from U(0, image.noise)"}
+
+
 class SynthesisInterrupted(KeyboardInterrupt):
     """Stopped on request (Ctrl-C, SIGTERM): finished row blocks are kept; rerun to resume."""
 

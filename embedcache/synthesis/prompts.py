@@ -160,6 +160,15 @@ def _mixtures(cfg: PromptsConfig):
     return words, j, picks, weights
 
 
+# what a plan does beyond its settings, in its record (PAPERS.md: every design choice in the manifest)
+STYLE_TOKEN = ("a style vector replaces the placeholder's input token embedding before the text encoder; a style "
+               "word's embedding is the mean of its sub-word tokens'")
+CONTRASTIVE_LOSS = ("InfoNCE at tau both ways between the K styles' prompts of two classes m and m' (style k of m "
+                    "against style k of m', the other styles of m' its negatives, and the mirror), plus content_weight "
+                    "x the cross-entropy at tau of both classes' styled prompts over the content prompts "
+                    "(content_template); one seeded pair of classes per step")
+
+
 def has_style_vectors(cfg: PromptsConfig) -> bool:
     """Whether a built-in method's plan has style vectors (pseudo-word embeddings) to keep."""
     return cfg.method in ("random", "contrastive") or (cfg.method == "mix" and cfg.mix_level == "token")
@@ -194,6 +203,7 @@ def mix(teacher, classes: Sequence[str], cfg: PromptsConfig, log: Callable[[str]
     info = {"template": cfg.template, "k": cfg.k, "words": words, "mix_words": j, "level": cfg.mix_level,
             "mixtures": describe}
     if cfg.mix_level == "token":
+        info["style_token"] = STYLE_TOKEN
         emb = teacher.word_embeddings(words).float().cpu()  # (n, W)
         styles = torch.stack([torch.from_numpy(ws).float() @ emb[p] for p, ws in zip(picks, weights)])
         targets = styled_targets(teacher, classes, cfg.template, styles, cfg.placeholder).cpu()
@@ -216,7 +226,7 @@ def random_styles(teacher, classes: Sequence[str], cfg: PromptsConfig, log: Call
     width = teacher.token_table().shape[1]
     styles = torch.randn(cfg.k, width, generator=gen) * sigma
     targets = styled_targets(teacher, classes, cfg.template, styles, cfg.placeholder).cpu()
-    info = {"template": cfg.template, "k": cfg.k, "sigma": sigma}
+    info = {"template": cfg.template, "k": cfg.k, "sigma": sigma, "style_token": STYLE_TOKEN}
     return StylePlan("random", targets, styles, style_lines(cfg), info)
 
 
@@ -279,7 +289,7 @@ def contrastive(teacher, classes: Sequence[str], cfg: PromptsConfig, log: Callab
     table_norm = float(teacher.token_table().norm(dim=1).mean())
     info = {"template": cfg.template, "content_template": cfg.content_template, "k": cfg.k, "steps": cfg.steps,
             "lr": cfg.lr, "tau": cfg.tau, "content_weight": cfg.content_weight, "init_std": cfg.init_std,
-            "optimizer": "adam", "loss_start": loss0, "loss_end": all_pairs_loss(targets, content.cpu(), cfg.tau,
+            "optimizer": "adam", "loss": CONTRASTIVE_LOSS, "style_token": STYLE_TOKEN, "loss_start": loss0, "loss_end": all_pairs_loss(targets, content.cpu(), cfg.tau,
                                                                                   cfg.content_weight),
             "spread_start": style_spread(start.cpu()), "spread_end": style_spread(targets),
             "style_norm_mean": float(final.norm(dim=1).mean()), "token_norm_mean": table_norm}

@@ -33,7 +33,7 @@ from ..text import build_prompts
 from ..views import to_uint8
 from .config import ImageConfig, PromptsConfig, SynthesizeConfig
 from .generators import build_generator
-from .image import optimise
+from .image import DETAILS as IMAGE_DETAILS, optimise
 from .prompts import StylePlan, build_plan, has_style_vectors, leaked_words, prompt_vocabulary, style_lines
 
 SYNTHESIS_VERSION = 1  # bump when the same settings would make other images
@@ -366,7 +366,7 @@ def synthesize(cfg: SynthesizeConfig, teacher: Optional[Teacher] = None,
 def plan_record(plan: StylePlan) -> Dict[str, Any]:
     """What the style plan computed (statistics, a digest of the style vectors): the manifest's
     ``synthesis_plan``, recorded but not in the cache key."""
-    return {**plan.info, "styles_digest": plan.digest(), "styles": plan.describe}
+    return {**plan.info, "styles_digest": plan.digest(), "styles": plan.describe, "image_details": IMAGE_DETAILS}
 
 
 def keep_plan(st: Store, plan: StylePlan, missing_only: bool = False) -> None:
@@ -403,7 +403,7 @@ def kept_plan(st: Store) -> Optional[StylePlan]:
     if not record:
         return None
     plan = StylePlan(st.manifest["synthesis"]["prompts"]["method"], targets, styles, list(record["styles"]),
-                     {k: v for k, v in record.items() if k not in ("styles", "styles_digest")})
+                     {k: v for k, v in record.items() if k not in ("styles", "styles_digest", "image_details")})
     return plan if plan.digest() == record.get("styles_digest") else None
 
 
