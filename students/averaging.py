@@ -132,6 +132,13 @@ class LossValley:
         n = self.final["n"]
         return {k: (v / n if _is_avg(v) else v) for k, v in self.final["sum"].items()}
 
+    def last_segment(self) -> Optional[State]:
+        """Mean state of the last segment seen (what SWAD's code keeps when no valley formed), or None."""
+        if not self.segments:
+            return None
+        last = self.segments[-1]
+        return {k: (v / last["n"] if _is_avg(v) else v) for k, v in last["sum"].items()}
+
     def state_dict(self) -> Dict:
         return {k: getattr(self, k) for k in ("n_converge", "n_tolerance", "ratio", "segments", "count", "start",
                                                 "threshold", "next_add", "dead", "final", "chosen")}
@@ -209,6 +216,7 @@ class SWAD(Averaging):
         super().__init__(model, start_step, cfg)
         self.segment = SegmentMean()
         self.valley = LossValley(cfg.n_converge, cfg.n_tolerance, cfg.tolerance_ratio)
+        self.unsettled = False  # set at the end: no valley formed
 
     def after_step(self, step: int, model: torch.nn.Module) -> None:
         if step > self.start:
@@ -221,14 +229,18 @@ class SWAD(Averaging):
 
     def final(self, log=print) -> Optional[State]:
         state = self.valley.result()
-        if state is None:
-            log("SWAD: the validation loss never settled; keeping the last weights")
-        else:
+        if state is not None:
             log(f"SWAD averaged evaluation segments {self.valley.chosen}")
+            return state
+        state, self.unsettled = self.valley.last_segment(), True
+        log("SWAD: the validation loss never settled; keeping " +
+            ("the last segment's average, as SWAD's code does" if state is not None else "the last weights (no segment)"))
         return state
 
     def describe(self) -> Optional[Dict]:
-        return {"swad_segments": self.valley.chosen}
+        if not self.unsettled:
+            return {"swad_segments": self.valley.chosen}
+        return {"swad_segments": [s["index"] for s in self.valley.segments[-1:]], "swad_settled": False}
 
     def state_dict(self) -> Dict:
         return {"valley": self.valley.state_dict(), "segment": {"sum": self.segment.sum, "n": self.segment.n}}

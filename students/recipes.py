@@ -85,14 +85,26 @@ _add(Recipe("linear_probe", (Stage({"ce": 1.0}, train="head"),), classifier=True
 # trained under the earlier rule, said here: by recipe name, and by weight averaging.
 REDEFINED_RECIPES = {"naive_kd": "its KD term ran at temperature 4, not VL2V-ADiP's 0.1"}
 REDEFINED_AVERAGING = {"swad": "its SWAD valley followed the recipe's loss, not the prediction cross-entropy"}
+REDEFINED_VALIDATION = "its validation pooled the training domains' images, not their mean over domains"
 SWAD_LOSS = "prediction_ce"  # what SWAD's valley follows (recorded, as above)
+# Rules recorded since 2026-12-07, where the kept weights depend on them: validation figures are the
+# mean over the training domains (DomainBed's selection, SWAD's evaluator; they were pooled before), and a
+# SWAD valley that never formed keeps the last segment's average, as SWAD's code does (the last weights before).
+VALIDATION = "mean_over_domains"
+SWAD_UNSETTLED = "last_segment"
 
 
-def definition(recipe: Recipe, averaging: str = "none") -> Dict:
-    """What a run trains with: its recipe, every loss argument resolved (defaults included), and with
-    SWAD the loss its valley follows, as JSON values. Written into each run's config.json, so a run
-    made under another definition (by an earlier version of this package) is never resumed, or
-    counted in a sweep, as one of this one."""
+def selects_by_validation(recipe: Recipe, averaging: str, select: str) -> bool:
+    """Whether validation figures choose the kept weights: best_val selection, or SWAD's valley."""
+    return averaging == "swad" or (recipe.select if select == "auto" else select) == "best_val"
+
+
+def definition(recipe: Recipe, averaging: str = "none", select: str = "auto") -> Dict:
+    """What a run trains with: its recipe, every loss argument resolved (defaults included), with SWAD the
+    loss its valley follows and what it keeps when no valley forms, and how validation is measured where
+    it chooses the weights, as JSON values. Written into each run's config.json, so a run made under
+    another definition (by an earlier version of this package) is never resumed, or counted in a sweep,
+    as one of this one."""
     import json
 
     from .losses import LOSSES
@@ -104,7 +116,9 @@ def definition(recipe: Recipe, averaging: str = "none") -> Dict:
     d = {"stages": [{"losses": dict(sorted(st.losses.items())), "train": st.train, "fraction": st.fraction,
                      "args": {n: args(n, st.loss_args.get(n, {})) for n in sorted(st.losses)}} for st in recipe.stages],
          "text_source": recipe.text_source, "classifier": recipe.classifier, "predict": recipe.predict,
-         "select": recipe.select, **({"swad_loss": SWAD_LOSS} if averaging == "swad" else {})}
+         "select": recipe.select,
+         **({"swad_loss": SWAD_LOSS, "swad_unsettled": SWAD_UNSETTLED} if averaging == "swad" else {}),
+         **({"validation": VALIDATION} if selects_by_validation(recipe, averaging, select) else {})}
     return json.loads(json.dumps(d))
 
 
@@ -122,14 +136,18 @@ def definition_change(cfg, recorded) -> str:
     ``cfg`` trains now; else what differs, in words."""
     from embedcache.config import flatten
 
+    select = getattr(cfg, "select", "auto")
     if recorded is None:
-        said = (REDEFINED_RECIPES.get(cfg.recipe), REDEFINED_AVERAGING.get(cfg.averaging))
+        validated = selects_by_validation(RECIPES.get(cfg.recipe), cfg.averaging, select) if cfg.recipe in RECIPES \
+            else False
+        said = (REDEFINED_RECIPES.get(cfg.recipe), REDEFINED_AVERAGING.get(cfg.averaging),
+                REDEFINED_VALIDATION if validated else None)
         return "; ".join(s for s in said if s)
 
     def keyed(d: Dict) -> Dict:  # stage i's settings under "stage<i+1>."
         return {**d, **{f"stage{i + 1}": st for i, st in enumerate(d.get("stages", []))}, "stages": None}
 
-    old, new = flatten(keyed(recorded)), flatten(keyed(definition(recipe_of(cfg), cfg.averaging)))
+    old, new = flatten(keyed(recorded)), flatten(keyed(definition(recipe_of(cfg), cfg.averaging, select)))
     changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:3]) + \
         (f" and {len(changed) - 3} more" if len(changed) > 3 else "")

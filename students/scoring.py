@@ -283,7 +283,7 @@ def _embedding_trained(run: RunDir, model, protocols: Sequence[str] = ("distill"
     from .recipes import definition, recipe_of, trains_embedding
 
     cfg = run.train_config
-    recorded = run.config.get("recipe_definition") or definition(recipe_of(cfg), cfg.averaging)
+    recorded = run.config.get("recipe_definition") or definition(recipe_of(cfg), cfg.averaging, cfg.select)
     moved_backbone = getattr(model, "head_kind", "random") == "identity" and any(
         st["train"] in ("all", "backbone") for st in recorded["stages"])
     if trains_embedding(recorded) or moved_backbone:

@@ -359,7 +359,6 @@ class Trainer:
             raise TrainingError(f"run {self.run_dir.path} was trained on the features of backbone {saved_key}; the "
                                 f"student settings now {now} (student.pretrained changed?): restore them, or use "
                                 "another --out")
-        self.refuse_pooled_validation(state)
         load_weights(self.model, state["model"], backbone_saved=saved_key is None)
         if saved_key is None and self.backbone_key is not None:  # a checkpoint that saved its backbone
             if features_key(self.model) != self.backbone_key:
@@ -376,15 +375,6 @@ class Trainer:
         self.threads_before = [int(n) for n in state.get("torch_threads", [])]  # (checkpoints since 2026-12-06)
         self.earlier = {k: float(state.get(k, 0.0)) for k in self.earlier}  # (checkpoints since 2026-12-06)
         return int(state["step"])
-
-    def refuse_pooled_validation(self, state: Dict) -> None:
-        """A checkpoint from before validation averaged its domains (pooled until 2026-12-07) chose or
-        averaged its weights so far by the pooled figure; going on would mix the two rules."""
-        uses_val = self.rule == "best_val" or self.cfg.averaging == "swad"
-        if "val_mean" not in state and uses_val and len(self.data.val_by_domain) > 1:
-            raise TrainingError(f"run {self.run_dir.path} was checkpointed before validation became the mean over "
-                                "domains (it pooled their images); its selection so far would mix the two: use another "
-                                "--out, or delete the folder to train it again")
 
     def threads_used(self) -> List[int]:
         """The torch thread counts of the run's attempts so far, this one's last (each once)."""
@@ -411,11 +401,11 @@ class Trainer:
             "optim": self.opt.state_dict(), "sched": self.sched.state_dict(),
             "averaging": self.averaging.state_dict(), "selection": self.selection.state_dict(),
             "running": self.running, "n_running": self.n_running, "val": self.val,
-            "step": step, "store_key": self.data.key, "torch_threads": self.threads_used(), "val_mean": "domains"})
+            "step": step, "store_key": self.data.key, "torch_threads": self.threads_used()})
 
     def write_run_files(self) -> None:
         d = self.data
-        self.run_dir.write_config(self.cfg, d.reader.store, definition(self.recipe, self.cfg.averaging))
+        self.run_dir.write_config(self.cfg, d.reader.store, definition(self.recipe, self.cfg.averaging, self.cfg.select))
         self.run_dir.write_split({  # what the run trained on, for evaluation without this package
             "train_idx": d.train_idx.tolist(), "val_idx": d.val_idx.tolist(), "test_idx": d.test_idx.tolist(),
             "holdout_domains": list(self.cfg.split.holdout_domains), "seen_classes": d.train_class_ids.tolist(),
@@ -602,15 +592,17 @@ class Trainer:
     def final_weights(self) -> Tuple[Dict[str, torch.Tensor], Dict]:
         averaged = self.averaging.final(self.log)
         if averaged is not None:
-            own = self.kept_state()
+            own, said = self.kept_state(), self.averaging.describe() or {}
             state = {k: v.to(own[k].dtype) for k, v in averaged.items()}
-            return state, {"rule": f"average ({self.cfg.averaging})", "why": self.rule_why,
-                           "start_step": self.averaging.start, **(self.averaging.describe() or {})}
+            why = self.rule_why if said.get("swad_settled", True) else \
+                "averaging=swad: the validation loss never settled, so the last segment's average, as SWAD's code keeps"
+            return state, {"rule": f"average ({self.cfg.averaging})", "why": why, "start_step": self.averaging.start,
+                           **said}
         if self.rule == "best_val" and self.selection.state is not None:
             return self.selection.state, {"rule": "best_val", "step": self.selection.step,
                                           "val_top1": self.selection.best, "why": self.rule_why}
         why = self.rule_why
-        if self.cfg.averaging == "swad":  # the valley never formed: nothing was averaged
+        if self.cfg.averaging == "swad":  # no segment to keep: nothing was averaged
             why = "averaging=swad: the validation loss never settled, so the last weights"
         return self.kept_state(), {"rule": "last", "step": self.cfg.steps, "why": why}
 

@@ -41,8 +41,11 @@ def test_valley_walks_back_and_flushes_at_the_end():
 
 
 def test_no_valley_while_the_loss_keeps_falling():
-    valley, _ = _run([5.0, 4.0, 3.0, 2.0, 1.0], n_converge=3, n_tolerance=3)
+    valley, values = _run([5.0, 4.0, 3.0, 2.0, 1.0], n_converge=3, n_tolerance=3)
     assert valley.result() is None and valley.chosen == []
+    last = valley.last_segment()  # what SWAD's code keeps then (converge_Q[-1]): the last segment's average
+    np.testing.assert_allclose(last["w"].numpy(), [np.mean(values[4])])
+    assert int(last["count"]) == 4 and LossValley().last_segment() is None
 
 
 def test_state_round_trips_through_a_weights_only_checkpoint(tmp_path):

@@ -665,8 +665,9 @@ def test_settings_that_need_validation_rows_are_refused_when_the_split_leaves_no
             train(_cfg(synthetic_store, tmp_path / "r", split=SplitConfig(val_fraction=0.01), **change), log=quiet)
     assert not (tmp_path / "r" / "config.json").exists()  # nothing written: the fixed command starts afresh
     res = train(_cfg(synthetic_store, tmp_path / "s", averaging="swad", average_start=0.0, steps=2, eval_every=1),
-                log=quiet)  # two evaluations: too few for a valley
-    assert res.selected["rule"] == "last" and "never settled" in res.selected["why"]
+                log=quiet)  # two evaluations: too few for a valley; SWAD's code keeps the last segment's average
+    assert res.selected["rule"] == "average (swad)" and res.selected["swad_segments"] == [1]
+    assert res.selected["swad_settled"] is False and "never settled, so the last segment's average" in res.selected["why"]
 
 
 def test_best_val_with_one_validation_keeps_the_last_weights_said_as_such(synthetic_store, tmp_path):

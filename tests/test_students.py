@@ -241,14 +241,18 @@ def test_a_run_made_under_another_definition_of_its_recipe_is_not_resumed_or_reu
     edit("old", lambda d: d.pop("recipe_definition"))  # a finished run from before the records
     with pytest.raises(TrainingError, match="another definition of recipe naive_kd \\(its KD term ran at temperature 4"):
         train(_cfg(synthetic_store, tmp_path, "naive_kd", name="old"), log=quiet)
-    train(_cfg(synthetic_store, tmp_path, "ce", name="old_ce", steps=10), log=quiet)
+    train(_cfg(synthetic_store, tmp_path, "ce", name="old_ce", steps=10, select="last"), log=quiet)
     edit("old_ce", lambda d: d.pop("recipe_definition"))
-    assert train(_cfg(synthetic_store, tmp_path, "ce", name="old_ce", steps=10), log=quiet).seconds == 0.0
+    assert train(_cfg(synthetic_store, tmp_path, "ce", name="old_ce", steps=10, select="last"), log=quiet).seconds == 0.0
+    train(_cfg(synthetic_store, tmp_path, "ce", name="old_val", steps=10), log=quiet)  # best_val: chose by validation
+    edit("old_val", lambda d: d.pop("recipe_definition"))
+    with pytest.raises(TrainingError, match="another definition of recipe ce \\(its validation pooled the training"):
+        train(_cfg(synthetic_store, tmp_path, "ce", name="old_val", steps=10), log=quiet)
     assert "ce" not in recipes.REDEFINED_RECIPES
     # recipe names and averaging names are apart: a recipe called "swad" is not SWAD averaging
     from types import SimpleNamespace
     assert recipes.definition_change(SimpleNamespace(recipe="swad", averaging="none"), None) == ""
-    assert recipes.definition_change(SimpleNamespace(recipe="naive_kd", averaging="swad"), None).count("its ") == 2
+    assert recipes.definition_change(SimpleNamespace(recipe="naive_kd", averaging="swad"), None).count("its ") == 3
     # SWAD's valley now follows the prediction cross-entropy: a SWAD run from before the records trained otherwise
     swad = _cfg(synthetic_store, tmp_path, "ce", averaging="swad")
     assert recipes.definition_change(swad, None).startswith("its SWAD valley followed the recipe's loss")
@@ -1228,23 +1232,28 @@ def test_a_checkpoint_written_without_zip_checksums_still_resumes(synthetic_stor
 
 
 @pytest.mark.parametrize("select", ["best_val", "last"])
-def test_a_run_checkpointed_while_validation_pooled_its_domains_is_not_resumed_by_the_mean(synthetic_store, tmp_path,
-                                                                                          select):
-    """Its best checkpoint so far was chosen by the pooled accuracy; going on by the mean over domains would
-    mix the two rules. A run keeping its last weights, unaveraged, chose nothing by them and resumes."""
+def test_a_run_begun_while_validation_pooled_its_domains_is_another_definition(synthetic_store, tmp_path, select):
+    """Its best checkpoint so far was chosen by the pooled accuracy: going on by the mean over domains would
+    mix the two rules, and a finished one is not the recipe as it is now. A run keeping its last weights,
+    unaveraged, chose nothing by them and resumes."""
     from embedcache.errors import TrainingError
 
     cut = _stopped_at_step_25(synthetic_store, tmp_path, select=select)
-    f = tmp_path / "cut" / "checkpoint.pt"
-    state = torch.load(f, weights_only=True)
-    assert state.pop("val_mean") == "domains"
-    torch.save(state, f)
+    f = tmp_path / "cut" / "config.json"
+    d = json.loads(f.read_text())
+    assert d["recipe_definition"].pop("validation", None) == ("mean_over_domains" if select == "best_val" else None)
+    f.write_text(json.dumps(d))
     if select == "last":
         assert train(cut, log=quiet).resumed_from == 20
         return
-    with pytest.raises(TrainingError, match=r"cut was checkpointed before validation became the mean over domains "
-                                            r"\(it pooled their images\).*use another --out, or delete the folder"):
+    with pytest.raises(TrainingError, match=r"cut was trained under another definition of recipe li_iccv23 "
+                                            r"\(validation: None -> 'mean_over_domains'\); use another --out"):
         train(cut, log=quiet)
+    from types import SimpleNamespace
+
+    from embedcache.students.recipes import definition_change
+    old = SimpleNamespace(recipe="li_iccv23", averaging="none", select=select)  # a run from before the records
+    assert definition_change(old, None) == "its validation pooled the training domains' images, not their mean over domains"
 
 
 def test_damaged_weights_that_still_load_are_refused(synthetic_store, tmp_path):
