@@ -603,3 +603,17 @@ def test_an_fp32_teacher_on_a_gpu_embeds_with_tf32_off(tiny_teacher, monkeypatch
     teacher.encode_text_styled(["a * style of a dog"], torch.zeros(1, teacher.model.token_embedding.weight.shape[1]))
     assert seen == [IEEE] * 5
     assert tf32_settings() == before
+
+
+def test_the_device_reader_names_a_missing_file_by_its_dataset_path(photo_folder, make_cfg, tiny_teacher):
+    """FileNotFoundError quotes the absolute path: the store records the dataset's own, so meta.parquet does
+    not depend on where the dataset sat (an audit)."""
+    listed = [f"{c}/{k}.jpg,{c},d,train" for c in "ab" for k in range(3)] + ["a/gone.jpg,a,d,train"]
+    (photo_folder / "list.csv").write_text("\n".join(["path,label,domain,split", *listed]) + "\n")
+    cfg = make_cfg("missing.zarr", "dataset.name=csv", f"dataset.path={photo_folder / 'list.csv'}", "decoder=device",
+                   "block_rows=3")
+    res = extract(cfg, teacher=tiny_teacher, log=quiet)
+    assert res.complete and res.failed == 1
+    with embedcache.open_store(res.path) as s:
+        reason = s.meta.set_index("path").loc["a/gone.jpg", "reason"]
+    assert reason.startswith("FileNotFoundError") and "'a/gone.jpg'" in reason and str(photo_folder) not in reason

@@ -334,3 +334,5 @@ def test_the_no_pack_note_names_the_settings_that_keep_runs_apart():
                                   "in split.holdout_domains")
     seeds = [SimpleNamespace(cfg=replace(base, seed=s)) for s in (0, 1)]
     assert "share one frozen backbone" in _why_no_pack(seeds)
+    alone = [seeds[0], SimpleNamespace(cfg=replace(base, recipe="ce", features=False))]  # one run could pack
+    assert _why_no_pack(alone).endswith("with no averaging and one stage, and one run of this sweep is one")

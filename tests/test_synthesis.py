@@ -280,6 +280,7 @@ def test_synthesised_store_passes_the_store_checks_of_an_extracted_one(tiny_teac
         adam = torch.optim.Adam([torch.zeros(1, requires_grad=True)]).defaults  # what DETAILS says of it holds
         assert (adam["betas"], adam["eps"], adam["weight_decay"]) == ((0.9, 0.999), 1e-8, 0)
         assert "betas (0.9, 0.999), eps 1e-8, no weight decay" in DETAILS["optimizer"]
+        assert "sub-word" in m["synthesis_plan"]["word_vector"]  # mix at token level: its words' vectors
         assert set(s.store.derived()) == {"synthesis_targets", "synthesis_styles"}
         assert s.store.read_derived("synthesis_styles").shape == (2, tiny_teacher.token_table().shape[1])
         # views were drawn and embedded as for real images: the teacher re-encoding them agrees
@@ -315,6 +316,20 @@ def test_synthesised_store_passes_the_store_checks_of_an_extracted_one(tiny_teac
                for line in said), said
     with Store(cfg.out) as st:
         assert st.verify().derived == {} and st.read_derived("synthesis_styles").shape[0] == 2
+
+
+def test_the_image_loop_runs_adam_as_its_record_says(tiny_teacher, monkeypatch):
+    """DETAILS says torch's Adam defaults: the loop passes nothing but the learning rate."""
+    from embedcache.synthesis import image as image_mod
+
+    made = []
+    real = torch.optim.Adam
+    monkeypatch.setattr(image_mod.torch.optim, "Adam", lambda params, **kw: made.append(kw) or real(params, **kw))
+    cfg = build_config(ImageConfig, {"iterations": 1, "cutouts": 1, "lr": 0.07})
+    gen = build_generator(cfg, 32, tiny_teacher.device)
+    image_mod.optimise(tiny_teacher, gen, _plan(tiny_teacher, "plain").targets[0, :1], [0], cfg, 32)
+    assert made == [{"lr": 0.07}]
+
 
 
 def test_a_recipe_trains_on_a_synthesised_store_and_is_scored_on_real_images(tiny_teacher, synth_cfg, synthetic_store,

@@ -161,8 +161,8 @@ def _mixtures(cfg: PromptsConfig):
 
 
 # what a plan does beyond its settings, in its record (PAPERS.md: every design choice in the manifest)
-STYLE_TOKEN = ("a style vector replaces the placeholder's input token embedding before the text encoder; a style "
-               "word's embedding is the mean of its sub-word tokens'")
+STYLE_TOKEN = "a style vector replaces the placeholder's input token embedding before the text encoder"
+WORD_VECTOR = "a style word's vector is the mean of its sub-word tokens' input embeddings"
 CONTRASTIVE_LOSS = ("InfoNCE at tau both ways between the K styles' prompts of two classes m and m' (style k of m "
                     "against style k of m', the other styles of m' its negatives, and the mirror), plus content_weight "
                     "x the cross-entropy at tau of both classes' styled prompts over the content prompts "
@@ -203,7 +203,7 @@ def mix(teacher, classes: Sequence[str], cfg: PromptsConfig, log: Callable[[str]
     info = {"template": cfg.template, "k": cfg.k, "words": words, "mix_words": j, "level": cfg.mix_level,
             "mixtures": describe}
     if cfg.mix_level == "token":
-        info["style_token"] = STYLE_TOKEN
+        info.update(style_token=STYLE_TOKEN, word_vector=WORD_VECTOR)
         emb = teacher.word_embeddings(words).float().cpu()  # (n, W)
         styles = torch.stack([torch.from_numpy(ws).float() @ emb[p] for p, ws in zip(picks, weights)])
         targets = styled_targets(teacher, classes, cfg.template, styles, cfg.placeholder).cpu()
@@ -289,8 +289,8 @@ def contrastive(teacher, classes: Sequence[str], cfg: PromptsConfig, log: Callab
     table_norm = float(teacher.token_table().norm(dim=1).mean())
     info = {"template": cfg.template, "content_template": cfg.content_template, "k": cfg.k, "steps": cfg.steps,
             "lr": cfg.lr, "tau": cfg.tau, "content_weight": cfg.content_weight, "init_std": cfg.init_std,
-            "optimizer": "adam", "loss": CONTRASTIVE_LOSS, "style_token": STYLE_TOKEN, "loss_start": loss0, "loss_end": all_pairs_loss(targets, content.cpu(), cfg.tau,
-                                                                                  cfg.content_weight),
+            "optimizer": "adam", "loss": CONTRASTIVE_LOSS, "style_token": STYLE_TOKEN, "loss_start": loss0,
+            "loss_end": all_pairs_loss(targets, content.cpu(), cfg.tau, cfg.content_weight),
             "spread_start": style_spread(start.cpu()), "spread_end": style_spread(targets),
             "style_norm_mean": float(final.norm(dim=1).mean()), "token_norm_mean": table_norm}
     return StylePlan("contrastive", targets, final, style_lines(cfg), info)

@@ -490,8 +490,9 @@ def _why_no_pack(points: List[SweepPoint]) -> str:
     from ..heads import FREE, can_pack, pack_differences
 
     packable = [p.cfg for p in points if can_pack(p.cfg)]
-    if not packable:
-        return "a pack takes head-only runs on cached features (features=true), with no averaging and one stage"
+    what = "a pack takes head-only runs on cached features (features=true), with no averaging and one stage"
+    if len(packable) < 2:
+        return what + (", and one run of this sweep is one" if packable else "")
     differ = pack_differences(packable)
     if differ:  # the split of a lodo sweep's runs, say: a note naming the backbone misled (a review)
         return (f"runs of a pack differ only in {', '.join(FREE)}, and these differ in {', '.join(differ[:3])}"
