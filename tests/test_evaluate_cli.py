@@ -677,8 +677,11 @@ def test_runs_trained_with_other_settings_are_never_one_methods_replicates(runs,
     from embedcache.students.recipes import definition, recipe_of
 
     assert settings_digest(nkd, None) != settings_digest(nkd, definition(recipe_of(nkd)))
-    ce = TrainConfig(store=str(synthetic_store), recipe="ce")
-    assert settings_digest(ce, None) == settings_digest(ce, definition(recipe_of(ce)))
+    ce = TrainConfig(store=str(synthetic_store), recipe="ce", select="last")
+    assert settings_digest(ce, None) == settings_digest(ce, definition(recipe_of(ce), select="last"))
+    # one that selected by validation pooled the domains then: its digest says so too
+    val = TrainConfig(store=str(synthetic_store), recipe="ce")
+    assert settings_digest(val, None) != settings_digest(val, definition(recipe_of(val)))
 
 
 def test_a_protocol_that_cannot_score_a_run_keeps_the_others_rows(synthetic_store, tmp_path):
