@@ -82,7 +82,7 @@ _add(Recipe("linear_probe", (Stage({"ce": 1.0}, train="head"),), classifier=True
 
 # --- what a run trained with, recorded with it ------------------------------------------------------------
 # Rules that changed after runs were made without a record of them (before 2026-12-03): such a run
-# trained under the earlier rule, said here: by recipe name, and by weight averaging.
+# trained under the earlier rule, said here: by recipe name, by weight averaging, and by validation.
 REDEFINED_RECIPES = {"naive_kd": "its KD term ran at temperature 4, not VL2V-ADiP's 0.1"}
 REDEFINED_AVERAGING = {"swad": "its SWAD valley followed the recipe's loss, not the prediction cross-entropy"}
 REDEFINED_VALIDATION = "its validation pooled the training domains' images, not their mean over domains"
@@ -138,8 +138,7 @@ def definition_change(cfg, recorded) -> str:
 
     select = getattr(cfg, "select", "auto")
     if recorded is None:
-        validated = selects_by_validation(RECIPES.get(cfg.recipe), cfg.averaging, select) if cfg.recipe in RECIPES \
-            else False
+        validated = cfg.recipe in RECIPES and selects_by_validation(RECIPES.get(cfg.recipe), cfg.averaging, select)
         said = (REDEFINED_RECIPES.get(cfg.recipe), REDEFINED_AVERAGING.get(cfg.averaging),
                 REDEFINED_VALIDATION if validated else None)
         return "; ".join(s for s in said if s)
