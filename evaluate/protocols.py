@@ -376,8 +376,9 @@ def episode_mean(df: pd.DataFrame) -> pd.DataFrame:
 def few_shot(d: EvalData, shots: int = DEFAULT_SHOTS, episodes: int = EPISODES, seen_classes: Optional[Sequence[int]] = None,
              unseen_fraction: float = 0.5, beta: float = 5.5, alpha: float = 1.0, seed: int = 0) -> pd.DataFrame:
     """k labelled images per unseen class (seeded episodes): a prototype classifier (FAISS over the
-    class means of the shots, each a unit vector) and Tip-Adapter logits (keys: the teacher's views of
-    the shots), scored on the remaining unseen images."""
+    class means of the shots, each a unit vector), Tip-Adapter logits (keys: the teacher's views of
+    the shots) and the unseen classes' text alone (``text_only``: Tip-Adapter without its cache), scored
+    on the remaining unseen images."""
     _, unseen = class_split(d, "few_shot", seen_classes, unseen_fraction, seed)
     if len(unseen) == 1:  # every method names the one class
         warnings.warn(f"few_shot: one unseen class ({d.classes[unseen[0]]!r}): every query is given it, 100% by "
@@ -396,6 +397,9 @@ def few_shot(d: EvalData, shots: int = DEFAULT_SHOTS, episodes: int = EPISODES, 
         logits = tip_adapter_logits(d.emb[query], keys, np.searchsorted(unseen, key_labels), d.class_emb[unseen], beta, alpha)
         rows += _rows(unseen[logits.argmax(1)], d.labels[query], d.classes, split="tip_adapter" + shots_tag(shots),
                       domain="all", episode=ep)
+        # Tip-Adapter without its cache, on the same queries: what its shots add is the gap to this row
+        text = LabelIndex.subset(d.class_emb, unseen).predict(d.emb[query])
+        rows += _rows(text, d.labels[query], d.classes, split="text_only" + shots_tag(shots), domain="all", episode=ep)
     df = pd.DataFrame(rows)
     mean = episode_mean(df)
     mean["domain"], mean["episode"] = "all", -1  # -1: the mean over episodes

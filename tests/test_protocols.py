@@ -105,7 +105,7 @@ def test_open_vocab_restricts_labels_and_reports_harmonic_mean():
 def test_few_shot_perfect_and_too_few_images():
     df = few_shot(_data(), shots=5, episodes=2, seen_classes=[0, 1, 2])
     mean = df[df.episode == -1]
-    assert set(mean.split) == {"prototype", "tip_adapter"} and (mean.value == 1.0).all()
+    assert set(mean.split) == {"prototype", "tip_adapter", "text_only"} and (mean.value == 1.0).all()
     small = _data(n=30)
     with pytest.raises(ValueError, match="fewer than 5 shots \\+ 1 to test; few_shot needs 6 usable images in every "
                                          "unseen class: use --shots 3 or fewer, or hold out other classes \\(--seen-classes"):
@@ -148,6 +148,12 @@ def test_tip_adapter_keys_are_the_teachers_views_of_the_support_images():
     assert got == pytest.approx(accuracy(lambda j: [d.teacher_views[j].mean(0)]))
     assert got != pytest.approx(accuracy(lambda j: [d.emb[j]]))  # the student's own keys give other answers here
     assert got != pytest.approx(accuracy(lambda j: d.teacher_views[j]))  # and so does one key per view
+    # text_only: the same queries by the unseen classes' text alone, Tip-Adapter without its cache
+    text = df[(df.split == "text_only") & (df.episode == 0) & (df.metric == "top1")].value.item()
+    assert text == pytest.approx(accuracy(lambda j: [])) and text != pytest.approx(got)
+    no_cache = few_shot(d, shots=5, episodes=1, seen_classes=[0, 1, 2], beta=1.0, alpha=0.0)
+    assert no_cache[(no_cache.split == "tip_adapter") & (no_cache.episode == 0) & (no_cache.metric == "top1")].value.item() \
+        == pytest.approx(text)
     d.teacher_views = None
     with pytest.raises(ValueError, match="teacher's embeddings of the support images"):
         few_shot(d, shots=5, episodes=1, seen_classes=[0, 1, 2])

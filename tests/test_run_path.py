@@ -793,11 +793,12 @@ def test_a_classifier_runs_tip_adapter_rows_are_left_out(synthetic_store, tmp_pa
     train(_cfg(synthetic_store, tmp_path / "ce", recipe="ce", split=SplitConfig(train_classes=("circle",))), log=quiet)
     opts = {"few_shot": {"shots": 1, "episodes": 1}}
     with pytest.warns(UserWarning, match=r"^run ce: no loss of recipe ce trains its embedding .* so few_shot's "
-                                         r"tip_adapter rows, which compare that embedding with the teacher's, are left out"):
+                                         r"tip_adapter and text_only rows, which compare that embedding with the teacher's, are left out"):
         rows = score_run(tmp_path / "ce", ["few_shot"], options=opts)
     assert set(rows.split) == {"prototype@1shot"}
     train(_cfg(synthetic_store, tmp_path / "kd", recipe="feat_kd", split=SplitConfig(train_classes=("circle",))), log=quiet)
-    assert set(score_run(tmp_path / "kd", ["few_shot"], options=opts).split) == {"prototype@1shot", "tip_adapter@1shot"}
+    assert set(score_run(tmp_path / "kd", ["few_shot"], options=opts).split) == {"prototype@1shot", "tip_adapter@1shot",
+                                                                                  "text_only@1shot"}
 
 
 def test_evaluate_says_a_warning_many_runs_share_once_and_names_the_others(synthetic_store, tmp_path):
