@@ -45,6 +45,23 @@ def runs(synthetic_store, tmp_path_factory):
     return root
 
 
+def test_two_runs_of_one_name_are_refused_and_a_run_given_twice_is_scored_once(runs, tmp_path):
+    """Rows are named by the run's folder: plain/r0 and contrastive/r0 scored into one --out kept one run's
+    rows and dropped the other's without a word (a review)."""
+    import shutil
+
+    for kind in ("plain", "contrastive"):
+        shutil.copytree(runs / ("ce-0" if kind == "plain" else "ce-1"), tmp_path / kind / "r0")
+    out = tmp_path / "r.parquet"
+    res = CliRunner().invoke(main, ["evaluate", str(tmp_path / "plain" / "r0"), str(tmp_path / "contrastive" / "r0"),
+                                    "--out", str(out)])
+    assert res.exit_code == 2 and "share the name 'r0', which names a run's rows in the results: rename one folder" \
+        in res.output and not out.exists(), res.output
+    once = CliRunner().invoke(main, ["evaluate", str(runs / "ce-0"), str(runs), "--out", str(out)])
+    alone = CliRunner().invoke(main, ["evaluate", str(runs), "--out", str(tmp_path / "alone.parquet")])
+    assert once.exit_code == 0 and once.output.splitlines()[-1].split(";")[0] == alone.output.splitlines()[-1].split(";")[0]
+
+
 def test_evaluate_with_nothing_to_score_names_where_it_looked(runs, tmp_path):
     """`evaluate empty/` said "nothing to evaluate: no finished run found", naming no folder, and the same of a
     folder of unfinished runs (a new user's trial)."""
