@@ -57,13 +57,10 @@ def _budget_lines(res) -> list:
     """A dry run's paid queries against teacher.max_queries (the store's budget, over every call)."""
     if res.budget is None:
         return []
-    from embedcache.teachers.remote.teacher import queries_in
+    from embedcache.teachers.remote.teacher import queries_in, replay_note
 
     (limit, sent), need = res.budget, queries_in(res.cost)
-    free = res.cost.get("replayable", 0) + res.cost.get("text_replayable", 0)
-    fewer = (f" ({need - free:,} if the service answers the {free:,} a stopped call sent as free replays, as it does "
-             "for those it charged while it keeps them)") if free else ""
-    said = (f"budget: this extraction needs {need:,} more queries{fewer} and this store has sent {sent:,} of "
+    said = (f"budget: this extraction needs {need:,} more queries{replay_note(res.cost)} and this store has sent {sent:,} of "
             f"teacher.max_queries={limit:,}: ")
     if res.shards > 1:
         return [said.replace("this extraction", "this shard") + f"the other {res.shards - 1} shard(s)' queries are not "

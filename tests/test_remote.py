@@ -1054,7 +1054,10 @@ def test_a_dry_run_says_which_inputs_a_cut_off_request_may_get_free(tmp_path, ti
         with pytest.raises(BudgetError):
             build_teacher(cfg).encode_pixels(views)  # charged, the answer lost: pending
         cost = build_teacher(replace(cfg, max_queries=None)).cost(torch.cat([views, views[:0]]))
+        stop = build_teacher(cfg).budget_message(cost)  # what a call stopped by the budget says, as the dry run
     assert cost["images"] == 12 and cost["replayable"] == 12  # priced, and said to come back free where kept
+    assert stop.startswith("finishing the store needs 12 more queries (0 if the service answers the 12 a stopped call "
+                           "sent as free replays"), stop  # it said only 12 (a money audit)
     line = _cost_lines(cost)[0]
     assert "12 of them in requests a stopped call sent, which the service answers again free" in line, line
     # the budget line gives both figures: it counted them as to pay, the resume then needed 48 fewer (a trial)

@@ -115,6 +115,14 @@ def queries_in(cost: Dict[str, int]) -> int:
     return cost.get("images", 0) + cost.get("text_texts", 0)
 
 
+def replay_note(cost: Dict[str, int]) -> str:
+    """' (N if ...)': what a dry run's ``cost`` comes to when the service answers the requests a stopped
+    call sent as free replays ('' when there are none)."""
+    free = cost.get("replayable", 0) + cost.get("text_replayable", 0)
+    return (f" ({queries_in(cost) - free:,} if the service answers the {free:,} a stopped call sent as free replays, as "
+            "it does for those it charged while it keeps them)") if free else ""
+
+
 @TEACHERS.register("remote")
 class RemoteTeacher(Teacher):
     registry_name = "remote"
@@ -708,7 +716,7 @@ class RemoteTeacher(Teacher):
                     f"other {shards - 1} shard(s)' not counted (`extract --dry-run --num-shards 1` prices the whole store)")
             return need + (f"; rerun the same command with teacher.max_queries >= {total} to finish this shard"
                            if short else "")
-        need = f"finishing the store needs {n:,} more queries ({req:,} requests, the ledger's answers free)"
+        need = f"finishing the store needs {n:,} more queries{replay_note(cost)} ({req:,} requests, the ledger's answers free)"
         return need + (f"; rerun the same command with teacher.max_queries >= {total} to resume" if short else "")
 
     def usage(self) -> Dict[str, Any]:
