@@ -135,34 +135,32 @@ _ATTRIBUTES_FIX = "give a JSON object of class name -> list of descriptions, e.g
 def _attribute_table(name: str) -> Dict[str, Any]:
     """The attributes file (or bundled set) ``name``: a JSON object (a file that was not JSON died with a
     traceback: a fuzz)."""
-    fix = _ATTRIBUTES_FIX
     try:
-        table = json.loads(_bundled("attributes", name, ".json", fix))
+        table = json.loads(_bundled("attributes", name, ".json", _ATTRIBUTES_FIX))
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"text.attributes={name} is not JSON ({exc}); {fix}") from None
+        raise ConfigError(f"text.attributes={name} is not JSON ({exc}); {_ATTRIBUTES_FIX}") from None
     if not isinstance(table, dict):
         raise ConfigError(f"text.attributes={name} is a JSON {json_kind(table)}, not an object of class -> "
-                          f"[descriptions]; {fix}")
+                          f"[descriptions]; {_ATTRIBUTES_FIX}")
     return table
 
 
 def _check_descriptions(name: str, table: Dict[str, Any], classes: Sequence[str]) -> None:
     """The descriptions of ``classes`` in the attributes table ``name``: a list of non-empty strings each (one
     string made a prompt of each of its characters: a fuzz); entries of other classes are not read."""
-    fix = _ATTRIBUTES_FIX
     for c in classes:
         said = table.get(c)
         if said is None:
             continue  # said by the caller: no descriptions for it
         if not isinstance(said, list):
             raise ConfigError(f"text.attributes={name}: class {c!r} has a {json_kind(said)}, not a list of "
-                              f"descriptions; {fix}")
+                              f"descriptions; {_ATTRIBUTES_FIX}")
         odd = next((d for d in said if not isinstance(d, str)), None)
         if odd is not None:
             raise ConfigError(f"text.attributes={name}: class {c!r} has a description that is not a string ({odd!r}); "
-                              f"{fix}")
+                              f"{_ATTRIBUTES_FIX}")
         if any(not d.strip() for d in said):
-            raise ConfigError(f"text.attributes={name}: class {c!r} has an empty description; {fix}")
+            raise ConfigError(f"text.attributes={name}: class {c!r} has an empty description; {_ATTRIBUTES_FIX}")
 
 
 def build_prompts(classes: Sequence[str], cfg: TextConfig) -> Dict[str, Prompts]:

@@ -81,13 +81,22 @@ def _json_of(path: Path) -> Any:
         raise TeacherLoadError(f"{said} is not JSON ({exc}); give a JSON architecture file") from None
 
 
+def _not_found(path: Path) -> TeacherLoadError:
+    return TeacherLoadError(f"teacher.model_config={path} not found; give a JSON architecture file")
+
+
+def _named_otherwise(path: Path, model: str) -> TeacherLoadError:
+    return TeacherLoadError(f"teacher.model_config={path} registers its architecture as {path.stem!r} (open_clip "
+                            f"names it by the file's name), not {model!r}; set teacher.model={path.stem}")
+
+
 def _require_architecture(path: Path, model: str) -> None:
     """teacher.model_config as open_clip uses it: a .json file of an object with embed_dim, vision_cfg and
     text_cfg, registered under the file's name, which teacher.model must be. open_clip skips any other file
     without a word, and one for another architecture was ignored beside a built-in teacher.model (a fuzz)."""
     said = f"teacher.model_config={path}"
     if not path.is_file():
-        raise TeacherLoadError(f"{said} not found; give a JSON architecture file")
+        raise _not_found(path)
     if path.suffix != ".json":
         raise TeacherLoadError(f"{said} is not a .json file, so open_clip would skip it; name it {path.stem}.json")
     arch = _json_of(path)
@@ -99,8 +108,7 @@ def _require_architecture(path: Path, model: str) -> None:
         raise TeacherLoadError(f"{said} lacks {', '.join(missing)}, so open_clip would skip it; give an open_clip "
                                "architecture file (embed_dim, vision_cfg, text_cfg)")
     if model != path.stem:
-        raise TeacherLoadError(f"{said} registers its architecture as {path.stem!r} (open_clip names it by the file's "
-                               f"name), not {model!r}; set teacher.model={path.stem}")
+        raise _named_otherwise(path, model)
 
 
 @TEACHERS.register("open_clip")
@@ -126,15 +134,13 @@ class OpenClipTeacher(Teacher):
         if cfg.model_config:  # (a file open_clip would skip is refused for new work: ``check_new``)
             cfg_path = Path(cfg.model_config)
             if not cfg_path.is_file():
-                raise TeacherLoadError(f"teacher.model_config={cfg_path} not found; give a JSON architecture file")
+                raise _not_found(cfg_path)
             if cfg_path.suffix == ".json":
                 _json_of(cfg_path)
             open_clip.add_model_config(cfg_path)
             self._config_hash = file_sha256(cfg_path)
             if self.model_name != cfg_path.stem and self.model_name not in open_clip.list_models():
-                raise TeacherLoadError(f"teacher.model_config={cfg_path} registers its architecture as "
-                                       f"{cfg_path.stem!r} (open_clip names it by the file's name), not "
-                                       f"{self.model_name!r}; set teacher.model={cfg_path.stem}")
+                raise _named_otherwise(cfg_path, self.model_name)
         _require_known_model(self.model_name, open_clip.list_models())
         try:
             with held_log_records() as held, torch.random.fork_rng(devices=[]):  # random weights are the same
