@@ -109,6 +109,19 @@ def atomic_write_json(path: PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def read_json(path: PathLike, kind: type, fix: str) -> Any:
+    """A JSON file this package wrote (``kind``: dict or list), read whole; one that is not, edited by hand or
+    damaged, is one line naming it and ``fix`` (``json.loads`` died with a traceback)."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        value = None
+    if not isinstance(value, kind):
+        raise ConfigError(f"{path} is damaged (not the JSON {json_kind(kind())} this package writes there); {fix}")
+    return value
+
+
 def json_digest(obj: Any, n: int = 16) -> str:
     """sha256 of the sorted-key compact JSON of ``obj``, first ``n`` hex characters."""
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":"))

@@ -217,6 +217,22 @@ def test_tiny_sweep_end_to_end(synthetic_store, tmp_path):
     assert again.exit_code == 0 and "7 already done" in again.output, again.output
     assert pd.read_parquet(out / "results.parquet").run.nunique() == 8
     assert set(_attempts(out).values()) == {1}  # scored again, not trained: no retry recorded (a trial)
+    report, relaunch = ["report", str(out)], ["sweep", str(f), "--out", str(out), "--no-progress"]
+    for name, damage, readers in (("runs.json", b"[\"cut", (report, relaunch)), ("tags.json", b"[]", (report,)),
+                                  ("runs_ever.json", b"\xff", (report, relaunch)),
+                                  ("store.json", b"{\"store\": 1}", (relaunch,))):  # the folder's records, damaged
+        (out / name).write_bytes(damage)
+        for args in readers:
+            seen = CliRunner().invoke(main, args)
+            said = seen.output.strip().splitlines()
+            assert seen.exit_code == 2 and len(said) == 1 and f"{out / name} is damaged" in said[0], (name, seen.output)
+            assert "delete it: the sweep's next launch writes it again" in said[0]
+        if relaunch in readers:
+            (out / name).unlink()
+        again = CliRunner().invoke(main, relaunch)  # tags.json: a launch writes its grid's before reading them
+        assert again.exit_code == 0 and "8 already done" in again.output, again.output
+        assert CliRunner().invoke(main, report).exit_code == 0
+    assert set(_attempts(out).values()) == {1}
 
 
 def test_killed_sweep_completes_each_run_exactly_once(synthetic_store, tmp_path, monkeypatch):

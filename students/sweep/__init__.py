@@ -32,7 +32,7 @@ from embedcache.config import (apply_overrides, away_from_defaults, build_config
 from embedcache.errors import ConfigError, DiskFullError, StoreDamagedError
 from embedcache.evaluate.protocols import DEFAULT_SHOTS, fewest_images, seeded_class_split
 from embedcache.device import resolve_device
-from embedcache.fileio import atomic_write_text, one_line_when_full
+from embedcache.fileio import atomic_write_text, one_line_when_full, read_json
 from embedcache.limits import WORKERS_MAX
 
 from ..config import TrainConfig, check_trainable, ignored_training, unread_training
@@ -533,7 +533,7 @@ def _require_one_store(sweep_dir: str, store: str, write: bool = True) -> None:
             pass  # another launch wrote it first: compare with that one
         finally:
             tmp.unlink()
-    first = json.loads(f.read_text())
+    first = _store_record(f)
     if first["store_key"] != key:
         raise ConfigError(f"sweep {sweep_dir} holds the runs of store {first['store']} (key {first['store_key']}), "
                           f"not of {store} (key {key}); use another --out for a sweep over {store}")
@@ -548,6 +548,18 @@ def _require_one_store(sweep_dir: str, store: str, write: bool = True) -> None:
                           f"sweep over {store}")
 
 
+_REWRITE_STORE_RECORD = ("delete it: the sweep's next launch writes it again from the store it is given (each run "
+                         "checks its own store's record)")
+
+
+def _store_record(f: Path) -> Dict[str, Any]:
+    """A sweep folder's store.json, which its first launch wrote."""
+    first = read_json(f, dict, _REWRITE_STORE_RECORD)
+    if "store_key" not in first or "store" not in first:
+        raise ConfigError(f"{f} is damaged (it names no store); {_REWRITE_STORE_RECORD}")
+    return first
+
+
 def _named_as(sweep_dir: str, store: str, key: Optional[str] = None) -> str:
     """The store as the sweep's runs' names and seeds are derived from it: store.json's (the first launch
     wrote it), else a run's config (a sweep made before store.json kept it), else, for a new folder, the
@@ -556,17 +568,24 @@ def _named_as(sweep_dir: str, store: str, key: Optional[str] = None) -> str:
     Folders begun before keep the spelling they began with."""
     f = Path(sweep_dir) / "store.json"
     if f.is_file():
-        first = json.loads(f.read_text())
+        first = _store_record(f)
         if first.get("named_as") or first["store"] != "(named in its results)":
             return first.get("named_as") or first["store"]
     for cfg in sorted(Path(sweep_dir).glob("runs/*/config.json")):
-        return json.loads(cfg.read_text())["store"]
+        return _run_named_as(RunDir(cfg.parent))
     if f.is_file():  # begun before store.json, its runs deleted since: named as spelled, as they were
         return store
     if key is None:
         with open_store(store) as reader:
             key = reader.key
     return STORE_KEY + key
+
+
+def _run_named_as(run: RunDir) -> str:
+    """The store as ``run``'s name was derived: by its key (a folder begun since 2026-12-06, whose store.json was
+    deleted since) or as its config spells it (a folder begun before store.json)."""
+    keyed = STORE_KEY + run.config["store_key"]
+    return keyed if run_name(_as_named(run.train_config, keyed)) == run.name else run.config["store"]
 
 
 def _as_named(cfg: TrainConfig, named_as: str) -> TrainConfig:

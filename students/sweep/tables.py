@@ -3,7 +3,6 @@ table leaves out (runs unscored, dropped from the grid, scored into the folder's
 folder's results.parquet and report, written by the launch whose grid is the folder's."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -11,13 +10,14 @@ import pandas as pd
 
 from embedcache.errors import ConfigError, EvaluationError
 from embedcache.evaluate.results import merge, read_results
-from embedcache.fileio import atomic_write
+from embedcache.fileio import atomic_write, read_json
 
 from ..rundir import RunDir
 from ..identity import digest_of_settings
 from .worker import SweepPoint, result_path
 
 RUNS_EVER = "runs_ever.json"  # every run name any launch's grid held: a sweep run's, whatever was deleted since
+REWRITTEN = "delete it: the sweep's next launch writes it again"  # runs.json, runs_ever.json, tags.json
 
 
 def collect(sweep_dir: str, names: Optional[List[str]] = None) -> pd.DataFrame:
@@ -72,7 +72,7 @@ def _folder_rows(sweep_dir: str) -> Optional[pd.DataFrame]:
 
 def read_listed(sweep_dir: str, name: str) -> List[str]:
     path = Path(sweep_dir) / name
-    return json.loads(path.read_text()) if path.is_file() else []
+    return read_json(path, list, REWRITTEN) if path.is_file() else []
 
 
 def _sweep_runs(sweep_dir: str, names: Optional[List[str]]) -> set:
@@ -105,7 +105,7 @@ def left_out_note(sweep_dir: str, table: pd.DataFrame) -> str:
 def grid_runs(sweep_dir: str) -> Optional[List[str]]:
     """The run names of the sweep's current grid (None for a sweep launched before runs.json)."""
     listed = Path(sweep_dir) / "runs.json"
-    return json.loads(listed.read_text()) if listed.is_file() else None
+    return read_json(listed, list, REWRITTEN) if listed.is_file() else None
 
 
 def unscored(sweep_dir: str, names: Optional[List[str]] = None) -> List[str]:
@@ -155,7 +155,7 @@ def outside_note(sweep_dir: str, outside: List[str]) -> str:
 
 def _tags(sweep_dir: str) -> Dict[str, Dict]:
     listed = Path(sweep_dir) / "tags.json"
-    return json.loads(listed.read_text()) if listed.is_file() else {}
+    return read_json(listed, dict, REWRITTEN) if listed.is_file() else {}
 
 
 def _held_out_without_results(sweep_dir: str, names: List[str], missing: set) -> List[str]:
