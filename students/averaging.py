@@ -7,7 +7,10 @@ under the threshold (within the last ``n_tolerance``) are taken too. After that,
 added once ``n_tolerance`` evaluations have passed since it ended, unless every loss in that
 window exceeds the threshold: then the valley has ended and averaging stops for good. At the end
 of training, segments not yet aged out are added by the same rule over the windows that exist.
-The result is the count-weighted mean of the chosen segments. The loss is the validation
+The result is the mean of the chosen segments' weights, each segment weighed by its steps (SWAD's code
+weighs each segment once: the same where segments are equally long, as all but a run's shorter last one
+are). BatchNorm statistics are averaged too, then recomputed (``Trainer.refresh_bn``) unless frozen: SWAD's
+code averages parameters alone, its statistics frozen by default or recomputed. The loss is the validation
 cross-entropy of the model's predictions (``train.prediction_ce``), as DomainBed's evaluator gives
 it. The released SWAD code (as VL2V-ADiP ships it) differs at the valley's start only: its walk back
 leaves out the earliest segment still under the threshold, an off-by-one not copied here. Everything

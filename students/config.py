@@ -85,8 +85,11 @@ class TrainConfig:
     average_start: float = setting(0.5, min=0.0, max=1.0)  # fraction of the run after which weights are averaged
     swad: SwadConfig = setting(factory=SwadConfig)
     # averaged weights get BatchNorm statistics of their own: recomputed over this many training batches
-    # (SWA's update_bn; SWAD's code uses 500 steps); 0 keeps the average of the statistics
+    # (SWA's update_bn; SWAD's code, 500 steps, where its BatchNorm is not frozen); 0 keeps the average of the statistics
     average_bn_batches: int = setting(100, min=0)
+    # the backbone's BatchNorm layers stay in eval mode while it trains: their statistics stay the pretrained
+    # weights', their scales and shifts train (DomainBed's, SWAD's and VL2V-ADiP's ResNets, freeze_bn=True there)
+    freeze_bn: bool = False
     select: str = setting("auto", choices=("auto", "best_val", "last"))  # which checkpoint the run keeps
     eval_every: int = setting(50, min=1)
     ckpt_every: int = setting(50, min=1)
@@ -131,7 +134,17 @@ def ignored_training(cfg: TrainConfig) -> List[Tuple[str, str]]:
         out += [(f"swad.{f.name}", "averaging=swad") for f in fields(SwadConfig)]
     if cfg.averaging == "none":
         out += [("average_start", "averaging=swa or swad"), ("average_bn_batches", "averaging=swa or swad")]
+    elif cfg.freeze_bn:  # frozen statistics stay as they are under the average too, as SWAD's code keeps them
+        out.append(("average_bn_batches", "freeze_bn=false"))
+    if cfg.features or _trains_no_backbone(cfg.recipe):
+        out.append(("freeze_bn", "a recipe that trains the backbone"))
     return out
+
+
+def _trains_no_backbone(recipe: str) -> bool:
+    from .recipes import RECIPES
+
+    return recipe in RECIPES and RECIPES.get(recipe).head_only
 
 
 def unread_training(cfg: TrainConfig) -> List[Tuple[str, Any, str]]:
@@ -178,6 +191,11 @@ def check_trainable(cfg: TrainConfig) -> None:
                           "set one of them (select=auto with averaging)")
     if cfg.student.name == "openclip_visual":
         require_open_clip_weights_fit("student", cfg.student.model, cfg.student.pretrained)
+    from .models import starts_random
+
+    if cfg.freeze_bn and starts_random(cfg.student):
+        raise ConfigError(f"freeze_bn=true keeps BatchNorm statistics as pretrained weights have them, and student "
+                          f"{cfg.student.name} starts from random weights; set student.pretrained, or freeze_bn=false")
     if cfg.averaging != "none" and cfg.average_start >= 1.0:
         raise ConfigError(f"average_start={cfg.average_start} leaves no step to average; lower it "
                           "(0 averages from the first step, as SWAD was published)")

@@ -23,6 +23,7 @@ from embedcache.evaluate.protocols import DEFAULT_SHOTS, EPISODES, episode, epis
 from .config import TrainConfig
 from .data import StoreData, draw_views, target_views
 from .losses import LOSSES, BatchContext
+from .models import freeze_batchnorm
 from .providers import student_views
 from .recipes import recipe_of
 
@@ -79,6 +80,8 @@ def few_shot_finetune(base, cfg: TrainConfig, data: StoreData, split: Dict, shot
     for ep in range(episodes):
         support, query = episode(data.labels, data.ok, unseen, shots, seed, ep, data.classes)
         model = copy.deepcopy(base).train()
+        if cfg.freeze_bn:  # as the run trained: BatchNorm statistics the pretrained weights'
+            freeze_batchnorm(model.backbone)
         opt = torch.optim.AdamW(model.parameters(), lr=lr)
         for step in range(steps):
             rng = np.random.default_rng([seed, ep, step, 43])

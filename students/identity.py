@@ -24,7 +24,7 @@ RESUMABLE_WITH = NOT_IN_NAME + ("device", "store")
 # settings added after runs were named: in a run's name only when not at their default, so a sweep
 # started before them still finds its finished runs
 NAMED_WHEN_SET = {"batch_per_domain": False, "loss_weights": {}, "loss_args": {}, "skip_plain_view": False,
-                  "split.val_by_domain": False, "plain_targets": False}
+                  "split.val_by_domain": False, "plain_targets": False, "freeze_bn": False}
 
 
 def settings_identity(cfg: TrainConfig, leave_out: Tuple[str, ...], omitted_at_default: Dict[str, Any]) -> Dict:

@@ -345,6 +345,15 @@ class _PooledLite(nn.Module):
 
 
 
+def freeze_batchnorm(module: nn.Module) -> nn.Module:
+    """Every BatchNorm layer of ``module`` in eval mode (its running statistics fixed; its scale and shift
+    still train where they require gradients), the rest as it was: DomainBed's ``freeze_bn``."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    return module
+
+
 def starts_random(cfg: StudentConfig) -> bool:
     """Whether the student's backbone starts from random weights: no ``pretrained`` (or "scratch"), but
     for the students whose packaged ImageNet weights are their default and an open_clip tower read from a

@@ -41,7 +41,7 @@ from .data import StoreData, check_views_used, say_if_canvases_exceed_memory, ta
 from .headstep import HeadStep
 from .losses import LOSSES, BatchContext, weighted_sum
 from .features import features_key
-from .models import Heads, Student, build_seeded, load_weights, without_backbone
+from .models import Heads, Student, build_seeded, freeze_batchnorm, load_weights, without_backbone
 from .optim import build_optimizer, build_scheduler, load_optimizer_state, optimizer_step
 from .providers import INPUTS, TARGETS
 from .identity import default_out, require_same_settings, run_name
@@ -72,8 +72,9 @@ class RunResult:
     val_images: Optional[int] = None    # the validation rows val_top1 is over (None: a run from before it was kept)
 
 
-def set_trainable(model: Student, stage: Stage) -> None:
-    """head: backbone frozen (eval mode, BN statistics fixed); backbone: projection frozen."""
+def set_trainable(model: Student, stage: Stage, freeze_bn: bool = False) -> None:
+    """head: backbone frozen (eval mode, BN statistics fixed); backbone: projection frozen. ``freeze_bn``:
+    the backbone's BatchNorm layers in eval mode even where it trains (``TrainConfig.freeze_bn``)."""
     train_backbone = stage.train in ("all", "backbone")
     for p in model.backbone.parameters():
         p.requires_grad_(train_backbone)
@@ -85,6 +86,8 @@ def set_trainable(model: Student, stage: Stage) -> None:
     model.train()
     if not train_backbone:
         model.backbone.eval()
+    elif freeze_bn:
+        freeze_batchnorm(model.backbone)
 
 
 def forward(model: Student, inputs, idx, views, frozen_backbone: bool) -> Dict[str, Optional[torch.Tensor]]:
@@ -419,7 +422,7 @@ class Trainer:
         """BatchNorm in training mode needs two images a batch (torch fails the step with a traceback)."""
         trains_backbone = self.inputs.kind != "features" and any(st.train != "head" for st in self.recipe.stages)
         has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.backbone.modules())
-        if trains_backbone and has_bn and self.batch_rows < 2:
+        if trains_backbone and has_bn and not self.cfg.freeze_bn and self.batch_rows < 2:
             raise ConfigError(f"batch_size={self.cfg.batch_size} gives {self.batch_rows} image a step, and the "
                               f"{self.cfg.student.name} student's BatchNorm needs at least 2 in training; use batch_size >= 2")
 
@@ -552,7 +555,7 @@ class Trainer:
                 si = next(i for i, e in enumerate(self.ends) if step < e)
                 stage = self.recipe.stages[si]
                 if si != stage_i:
-                    set_trainable(self.model, stage)
+                    set_trainable(self.model, stage, cfg.freeze_bn)
                     stage_i = si
                     self.say_stage(step, si, bar)
                 self.step(step, stage)
@@ -610,11 +613,12 @@ class Trainer:
         """Averaged weights with the averaged BatchNorm statistics are not a network that ever ran: the
         statistics are recomputed for them (cumulative mean over ``average_bn_batches`` training
         batches, drawn as steps after the last, in the last stage's modes). Not when the last stage
-        kept the backbone frozen (its statistics never moved) or the run has no BatchNorm."""
+        kept the backbone or its BatchNorm frozen (its statistics never moved: SWAD's code refreshes them
+        only where its BatchNorm trains) or the run has no BatchNorm."""
         last, n = self.recipe.stages[-1], self.cfg.average_bn_batches
         bns = [m for m in self.model.modules()
                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-        if n == 0 or not bns or last.train == "head" or self.inputs.kind == "features":
+        if n == 0 or not bns or last.train == "head" or self.inputs.kind == "features" or self.cfg.freeze_bn:
             return None
         set_trainable(self.model, last)
         momenta = [m.momentum for m in bns]

@@ -140,6 +140,11 @@ def test_the_shipped_paper_configs_train_as_the_papers_do():
         ("vl2v_adip", "adam", 5e-5, 32, True, "swad")
     assert dg.student.name.startswith("efficientnet_lite") and dg.split.val_fraction == 0.2  # packaged ImageNet weights
     assert dg.skip_plain_view  # DomainBed augments every training image: view 0, the plain canvas, is not drawn
+    assert dg.freeze_bn and dg.eval_every == 200  # their ResNets' freeze_bn, and PACS.CHECKPOINT_FREQ (an audit)
+    from embedcache.students.config import check_trainable, unread_training
+
+    check_trainable(dg)
+    assert not unread_training(dg)
     from embedcache.students.recipes import RECIPES
     from embedcache.students.recipes import stage_ends
 
@@ -559,6 +564,9 @@ def test_configs_show_takes_a_kind_before_the_name():
     (["swad.n_converge=5", "averaging=swa"], r"swad.n_converge=5 is read only with averaging=swad"),
     (["average_start=0.2"], r"average_start=0.2 is read only with averaging=swa or swad"),
     (["average_bn_batches=0"], r"average_bn_batches=0 is read only with averaging=swa or swad"),
+    (["freeze_bn=true", "averaging=swa", "average_bn_batches=50"], r"average_bn_batches=50 is read only with freeze_bn=false"),
+    (["freeze_bn=true", "recipe=linear_probe"], r"freeze_bn=True is read only with a recipe that trains the backbone"),
+    (["freeze_bn=true", "recipe=vl2v_adip_align", "features=true"], r"freeze_bn=True is read only with a recipe that "),
 ])
 def test_settings_a_fresh_run_would_not_read_are_refused(sets, msg):
     """Each was ignored without a word (a trial); `train` refuses them for a run not yet started."""

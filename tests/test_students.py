@@ -806,6 +806,37 @@ def test_averaged_weights_get_their_own_batchnorm_statistics(synthetic_store, tm
     assert not all(torch.allclose(kept[k], v, rtol=1e-5, atol=1e-6) for k, v in stats.items())
 
 
+def test_freeze_bn_keeps_the_pretrained_batchnorm_statistics_while_the_backbone_trains(synthetic_store, tmp_path):
+    """DomainBed's, SWAD's and VL2V-ADiP's ResNets keep BatchNorm in eval mode (freeze_bn=True there), and
+    SWAD's code then refreshes no statistics for its average (an audit against their code): every stage
+    trained them here, and a projection fitted on Align's eval-mode features met train-mode ones in Distill."""
+    from safetensors.torch import save_file
+
+    from embedcache.students.config import check_trainable
+
+    torch.manual_seed(5)
+    weights = tmp_path / "backbone.safetensors"
+    pre = build_student(StudentConfig(name="test_resnet"), 32)
+    save_file({k: v.contiguous() for k, v in pre.backbone.state_dict().items()}, str(weights))
+    given = load_file(str(weights))
+    stats = [k for k in given if k.endswith(("running_mean", "running_var"))]
+    scales = [k for k in given if k.endswith(".weight") and k.replace(".weight", ".running_mean") in given]
+    scfg = StudentConfig(name="test_resnet", input_size=32, pretrained=str(weights))
+    kw = dict(student=scfg, steps=12, eval_every=4, averaging="swa", average_start=0.0)
+    frozen = train(_cfg(synthetic_store, tmp_path, "vl2v_adip", name="frozen", freeze_bn=True, **kw), log=quiet)
+    moving = train(_cfg(synthetic_store, tmp_path, "vl2v_adip", name="moving", average_bn_batches=5, **kw), log=quiet)
+    wf, wm = load_file(f"{frozen.out}/model.safetensors"), load_file(f"{moving.out}/model.safetensors")
+    assert stats and scales
+    assert all(torch.equal(wf[f"backbone.{k}"], given[k]) for k in stats)  # as the pretrained weights have them
+    assert not all(torch.equal(wm[f"backbone.{k}"], given[k]) for k in stats)
+    assert not all(torch.equal(wf[f"backbone.{k}"], given[k]) for k in scales)  # scales and shifts still train
+    summary = json.loads((tmp_path / "frozen" / "summary.json").read_text())
+    assert "batchnorm" not in summary["selected"]  # nothing to refresh: the statistics never moved
+    assert json.loads((tmp_path / "moving" / "summary.json").read_text())["selected"]["batchnorm"].startswith("recomputed")
+    with pytest.raises(ConfigError, match="freeze_bn=true keeps BatchNorm statistics as pretrained weights have them"):
+        check_trainable(_cfg(synthetic_store, tmp_path, "vl2v_adip", freeze_bn=True))  # a student of random weights
+
+
 def test_validation_is_the_mean_over_domains_not_over_their_pooled_images(synthetic_store, tmp_path):
     """DomainBed selects by the mean of the training domains' validation accuracies, and SWAD's evaluator
     averages their losses alike; pooled, PACS's 786 sketch rows outvoted its 410 art ones (an audit
