@@ -37,6 +37,9 @@ class Recipe:
     classifier: bool = False    # the student gets a linear classifier over the training classes
     predict: str = "text"       # text | linear
     select: str = "best_val"    # best_val | last (the default of TrainConfig.select=auto)
+    # what each later stage starts from: the stage before's last weights, or (best_val) those of its best
+    # validation top-1, as VL2V-ADiP's Distill loads Align's best checkpoint
+    carry: str = "last"
     doc: str = ""
 
     @property
@@ -71,8 +74,9 @@ _add(Recipe("li_iccv23_nofilter", (Stage(dict(_LI)),), select="last",
 _add(Recipe("li_iccv23_attr", (Stage(dict(_LI), loss_args=_LI_FILTER),), text_source="attributes", select="last",
             doc="Li et al. 2023 with language enrichment (attribute descriptions)"))
 _add(Recipe("vl2v_adip", (Stage({"vl2v_adip": 1.0}, train="head", fraction=0.5),
-                          Stage({"vl2v_adip": 1.0}, train="backbone", fraction=0.5)),
-            doc="VL2V-ADiP: align (projection only), then distill (backbone, projection frozen)"))
+                          Stage({"vl2v_adip": 1.0}, train="backbone", fraction=0.5)), carry="best_val",
+            doc="VL2V-ADiP: align (projection only), then distill (backbone, projection frozen) from align's "
+                "best-validation weights"))
 _add(Recipe("vl2v_adip_align", (Stage({"vl2v_adip": 1.0}, train="head"),),
             doc="VL2V-ADiP stage 1 alone: a projection on a frozen backbone (runs head-only on cached features)"))
 _add(Recipe("vl2v_sd", (Stage({"vl2v_sd": 1.0}),), doc="VL2V-SD: -0.5 [cos(s, T_y) + cos(s, t)]"))
@@ -83,7 +87,8 @@ _add(Recipe("linear_probe", (Stage({"ce": 1.0}, train="head"),), classifier=True
 # --- what a run trained with, recorded with it ------------------------------------------------------------
 # Rules that changed after runs were made without a record of them (before 2026-12-03): such a run
 # trained under the earlier rule, said here: by recipe name, by weight averaging, and by validation.
-REDEFINED_RECIPES = {"naive_kd": "its KD term ran at temperature 4, not VL2V-ADiP's 0.1"}
+REDEFINED_RECIPES = {"naive_kd": "its KD term ran at temperature 4, not VL2V-ADiP's 0.1",
+                     "vl2v_adip": "its Distill stage started from Align's last weights, not its best-validation ones"}
 REDEFINED_AVERAGING = {"swad": "its SWAD valley followed the recipe's loss, not the prediction cross-entropy"}
 REDEFINED_VALIDATION = "its validation pooled the training domains' images, not their mean over domains"
 SWAD_LOSS = "prediction_ce"  # what SWAD's valley follows (recorded, as above)
@@ -95,8 +100,10 @@ SWAD_UNSETTLED = "last_segment"
 
 
 def selects_by_validation(recipe: Recipe, averaging: str, select: str) -> bool:
-    """Whether validation figures choose the kept weights: best_val selection, or SWAD's valley."""
-    return averaging == "swad" or (recipe.select if select == "auto" else select) == "best_val"
+    """Whether validation figures choose the kept weights: best_val selection, SWAD's valley, or the weights
+    a stage hands on (``Recipe.carry``)."""
+    return averaging == "swad" or (recipe.select if select == "auto" else select) == "best_val" or \
+        recipe.carry == "best_val"
 
 
 def definition(recipe: Recipe, averaging: str = "none", select: str = "auto") -> Dict:
@@ -116,7 +123,7 @@ def definition(recipe: Recipe, averaging: str = "none", select: str = "auto") ->
     d = {"stages": [{"losses": dict(sorted(st.losses.items())), "train": st.train, "fraction": st.fraction,
                      "args": {n: args(n, st.loss_args.get(n, {})) for n in sorted(st.losses)}} for st in recipe.stages],
          "text_source": recipe.text_source, "classifier": recipe.classifier, "predict": recipe.predict,
-         "select": recipe.select,
+         "select": recipe.select, **({"carry": recipe.carry} if recipe.carry != "last" else {}),
          **({"swad_loss": SWAD_LOSS, "swad_unsettled": SWAD_UNSETTLED} if averaging == "swad" else {}),
          **({"validation": VALIDATION} if selects_by_validation(recipe, averaging, select) else {})}
     return json.loads(json.dumps(d))

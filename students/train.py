@@ -171,14 +171,16 @@ def prediction_ce(outputs: Dict[str, torch.Tensor], text: torch.Tensor, y: torch
 
 class Selection:
     """Which weights a run keeps: "last", or "best_val" (the evaluation point with the best
-    in-domain validation top-1; the earliest on ties), kept in memory and in the checkpoint."""
+    in-domain validation top-1; the earliest on ties, or the latest), kept in memory and in the checkpoint."""
 
-    def __init__(self, rule: str, kept: Callable[[], Dict[str, torch.Tensor]]):
+    def __init__(self, rule: str, kept: Callable[[], Dict[str, torch.Tensor]], latest_on_ties: bool = False):
         """``kept``: the weights the run saves (``Trainer.kept_state``)."""
         self.rule, self.kept, self.best, self.step, self.state = rule, kept, None, None, None
+        self.latest_on_ties = latest_on_ties
 
     def update(self, step: int, val: Optional[float]) -> None:
-        if self.rule == "best_val" and val is not None and (self.best is None or val > self.best):
+        if self.rule == "best_val" and val is not None and (self.best is None or val > self.best or
+                                                             (self.latest_on_ties and val == self.best)):
             self.best, self.step = val, step
             self.state = {k: v.detach().cpu().clone() for k, v in self.kept().items()}
 
@@ -323,6 +325,8 @@ class Trainer:
             log(f"warning: select=best_val: {self.rule_why}; lower eval_every to choose among more")
         self._check_batch_for_batchnorm()
         self.selection = Selection(self.rule, self.kept_state)
+        self.carry = self._carry_selection()
+        self.carried: List[Dict] = []  # what each later stage started from (``start_stage``)
         self.text = torch.from_numpy(self.data.text).to(self.device)
         self.amp = autocast_on(cfg, self.device.type, self.inputs.kind)
         self.metrics: List[Dict] = []
@@ -372,6 +376,9 @@ class Trainer:
         self.sched.load_state_dict(state["sched"])
         self.averaging.load_state_dict(state["averaging"])
         self.selection.load_state_dict(state["selection"])
+        if "carry" in state:  # (checkpoints since 2026-12-07)
+            self.carry.load_state_dict(state["carry"])
+            self.carried = list(state["carried"])
         self.running = {k: v.to(self.device) for k, v in state["running"].items()}
         self.n_running, self.val = state["n_running"], state["val"]
         self.metrics = self.run_dir.read_metrics(up_to=int(state["step"]))  # drop rows logged after the checkpoint
@@ -403,6 +410,7 @@ class Trainer:
             "model": self.kept_state(), "backbone_key": self.backbone_key,
             "optim": self.opt.state_dict(), "sched": self.sched.state_dict(),
             "averaging": self.averaging.state_dict(), "selection": self.selection.state_dict(),
+            "carry": self.carry.state_dict(), "carried": self.carried,
             "running": self.running, "n_running": self.n_running, "val": self.val,
             "step": step, "store_key": self.data.key, "torch_threads": self.threads_used()})
 
@@ -518,12 +526,37 @@ class Trainer:
         self.averaging.at_eval(step, self.kept, val_ce)  # SWAD's valley: the evaluator's cross-entropy
         if step > self.last_stage_start:
             self.selection.update(step, val)
+        else:
+            self.carry.update(step, val)
         lr = getattr(self, "last_lr", self.opt.param_groups[0]["lr"])  # of the last step taken
         row = {"step": step, "stage": stage_i, "lr": lr, "val_top1": val, "val_loss": val_loss, "val_ce": val_ce,
                **{k: float(v) / max(1, self.n_running) for k, v in self.running.items()}}
         self.metrics.append(row)
         self.run_dir.write_metrics(self.metrics)
         self.running, self.n_running, self.val = {}, 0, val
+
+    def _carry_selection(self) -> Selection:
+        """The weights of the stage running that the next one starts from (``Recipe.carry``)."""
+        best = self.recipe.carry == "best_val" and len(self.data.val_idx) > 0
+        # the latest on ties: VL2V-ADiP's Align saves its checkpoint at each evaluation that equals its best
+        return Selection("best_val" if best else "last", self.kept_state, latest_on_ties=True)
+
+    def start_stage(self, si: int) -> None:
+        """Stage ``si`` starts from the weights its recipe carries from the stage before: the last ones, or
+        those of its best validation top-1 (VL2V-ADiP's Distill loads Align's best checkpoint); recorded
+        in ``self.carried`` for the summary."""
+        carry, step = self.carry, self.ends[si - 1]
+        if carry.state is not None:
+            load_weights(self.model, carry.state, backbone_saved=self.backbone_key is None)
+            said = {"stage": si + 1, "from_step": carry.step, "val_top1": carry.best, "why": "the best validation top-1"}
+            self.log(f"stage {si + 1} starts from stage {si}'s weights of step {carry.step} (its best validation "
+                     f"top-1, {100 * carry.best:.1f}%)")
+        else:
+            why = ("the recipe's rule" if self.recipe.carry == "last" else
+                   "no validation rows" if not len(self.data.val_idx) else "no validation in the stage before")
+            said = {"stage": si + 1, "from_step": step, "why": f"the last weights ({why})"}
+        self.carried.append(said)
+        self.carry = self._carry_selection()
 
     def say_stage(self, step: int, si: int, bar) -> None:
         """A recipe of several stages says each as it starts, and its bar shows the one running (VL2V-ADiP's
@@ -555,6 +588,8 @@ class Trainer:
                 si = next(i for i, e in enumerate(self.ends) if step < e)
                 stage = self.recipe.stages[si]
                 if si != stage_i:
+                    if si > 0 and step == self.ends[si - 1]:  # a stage begins (not a resume inside it)
+                        self.start_stage(si)
                     set_trainable(self.model, stage, cfg.freeze_bn)
                     stage_i = si
                     self.say_stage(step, si, bar)
@@ -654,6 +689,7 @@ class Trainer:
         threads = self.threads_used()
         summary = {"val_top1": val, "val_images": int(len(self.data.val_idx)), "steps": self.cfg.steps,
                    "batch_rows": self.batch_rows, "selected": selected,
+                   **({"stages_started": self.carried} if self.carried else {}),
                    # over every attempt, each stopped one up to its last checkpoint
                    "loop_seconds": self.earlier["loop_seconds"] + loop_seconds, "heads_packed": self.pack_size,
                    "seconds": self.earlier["seconds"] + time.time() - t_start, "store_key": self.data.key, "recipe": self.recipe.name,

@@ -837,6 +837,45 @@ def test_freeze_bn_keeps_the_pretrained_batchnorm_statistics_while_the_backbone_
         check_trainable(_cfg(synthetic_store, tmp_path, "vl2v_adip", freeze_bn=True))  # a student of random weights
 
 
+def test_vl2v_adip_s_distill_starts_from_align_s_best_validation_weights(synthetic_store, tmp_path, monkeypatch):
+    """VL2V-ADiP's Distill loads Align's best checkpoint (saved at each evaluation equal to its best: the
+    latest on ties), not its last weights (an audit against its code). The projection is frozen in Distill,
+    so the kept one is the carried one; a run stopped at the boundary and resumed carries the same."""
+    from embedcache.students.train import Trainer
+
+    scripted = {2: 0.7, 4: 0.7, 6: 0.6}  # Align's validation top-1 by step: tied best at 2 and 4, the last lower
+    heads = {}
+    real = Trainer.validate
+
+    def validate(self, step, stage=None):
+        got = real(self, step, stage)
+        if step in scripted and step <= self.last_stage_start:
+            heads.setdefault(self.run_dir.name, {})[step] = {k: v.clone() for k, v in self.model.head.state_dict().items()}
+            return (scripted[step],) + tuple(got[1:])
+        return got
+
+    monkeypatch.setattr(Trainer, "validate", validate)
+    kw = dict(steps=12, eval_every=2, ckpt_every=2)
+    res = train(_cfg(synthetic_store, tmp_path, "vl2v_adip", name="full", **kw), log=quiet)
+    summary = json.loads((tmp_path / "full" / "summary.json").read_text())
+    assert summary["stages_started"] == [{"stage": 2, "from_step": 4, "val_top1": 0.7, "why": "the best validation top-1"}]
+    kept = load_file(f"{res.out}/model.safetensors")
+    assert all(torch.equal(kept[f"head.{k}"], v) for k, v in heads["full"][4].items())
+    assert not all(torch.equal(kept[f"head.{k}"], v) for k, v in heads["full"][6].items())
+    with pytest.raises(KeyboardInterrupt):  # stopped at the boundary: the resume starts Distill
+        train(_cfg(synthetic_store, tmp_path, "vl2v_adip", name="cut", **kw),
+              on_step=lambda step: (_ for _ in ()).throw(KeyboardInterrupt) if step == 7 else None, log=quiet)
+    again = train(_cfg(synthetic_store, tmp_path, "vl2v_adip", name="cut", **kw), log=quiet)
+    assert again.resumed_from == 6
+    cut = load_file(f"{again.out}/model.safetensors")
+    assert all(torch.equal(kept[k], cut[k]) for k in kept)
+    recorded = json.loads((tmp_path / "full" / "config.json").read_text())["recipe_definition"]
+    from embedcache.students.recipes import definition
+
+    assert recorded["carry"] == "best_val"
+    assert all("carry" not in definition(RECIPES.get(n)) for n in RECIPES.names() if n != "vl2v_adip")  # theirs as made
+
+
 def test_validation_is_the_mean_over_domains_not_over_their_pooled_images(synthetic_store, tmp_path):
     """DomainBed selects by the mean of the training domains' validation accuracies, and SWAD's evaluator
     averages their losses alike; pooled, PACS's 786 sketch rows outvoted its 410 art ones (an audit
