@@ -20,8 +20,16 @@ STORE_NUMBER_CHANGES = (
      lambda m: "synthesis" not in m),
     ("an fp32 teacher on a GPU embeds in IEEE float32 (its convolutions were TF32)",  # 2026-12-07
      lambda m: str(m.get("device", "")).startswith("cuda") and (m.get("teacher") or {}).get("precision") == "fp32"),
+    ("a view whose 10 crop tries all missed is torchvision's centre crop at the allowed ratio nearest 1 (was the whole "
+     "canvas; the same where views.ratio holds 1)",  # 2026-12-07
+     lambda m: not _holds_one((m.get("views") or {}).get("ratio"))),
 )
 STORE_NUMBERS = len(STORE_NUMBER_CHANGES)
+
+
+def _holds_one(ratio) -> bool:
+    """Whether a store's views.ratio range (None: the default's) holds 1, the square canvas's own ratio."""
+    return ratio is None or float(ratio[0]) <= 1 <= float(ratio[1])
 
 
 def store_numbers_between(began: Dict, now: Dict) -> list:

@@ -92,27 +92,45 @@ def view_params(seed: int, index: int, count: int, canvas: int,
         out[:, 5:] = IDENTITY_COLOR
         for v in range(1, count):
             out[v, 5:] = color_params(seed, index, v, color_jitter, grayscale)
-    area = canvas * canvas
-    log_r = (math.log(ratio[0]), math.log(ratio[1]))
     for v in range(1, count):
         rng = np.random.default_rng([seed, index, v])
-        box = None
-        for _ in range(10):
-            target = area * rng.uniform(scale[0], scale[1])
-            ar = math.exp(rng.uniform(*log_r))
-            w = int(round(math.sqrt(target * ar)))
-            h = int(round(math.sqrt(target / ar)))
-            if 0 < w <= canvas and 0 < h <= canvas:
-                top = int(rng.integers(0, canvas - h + 1))
-                left = int(rng.integers(0, canvas - w + 1))
-                box = (top, left, h, w)
-                break
-        if box is None:  # fallback: largest centred box within the ratio range
-            w = h = canvas
-            box = ((canvas - h) // 2, (canvas - w) // 2, h, w)
+        box = _drawn_box(rng, canvas, scale, ratio) or fallback_box(canvas, ratio)
         do_flip = int(flip and rng.uniform() < 0.5)
         out[v, :5] = (*box, do_flip)
     return out
+
+
+def _drawn_box(rng: np.random.Generator, canvas: int, scale: Sequence[float], ratio: Sequence[float]):
+    """(top, left, height, width) of a random-resized crop of the square canvas as torchvision draws one,
+    or None when none of its 10 tries fits."""
+    area, log_r = canvas * canvas, (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        ar = math.exp(rng.uniform(*log_r))
+        w = int(round(math.sqrt(target * ar)))
+        h = int(round(math.sqrt(target / ar)))
+        if 0 < w <= canvas and 0 < h <= canvas:
+            top = int(rng.integers(0, canvas - h + 1))
+            left = int(rng.integers(0, canvas - w + 1))
+            return top, left, h, w
+    return None
+
+
+def fallback_box(canvas: int, ratio: Sequence[float]) -> Tuple[int, int, int, int]:
+    """torchvision's crop where its 10 tries missed: the centred crop of the whole canvas at the allowed
+    ratio nearest the canvas's own (1: the whole canvas where the range holds it)."""
+    h = w = canvas
+    if ratio[0] > 1:
+        h = max(1, int(round(canvas / ratio[0])))
+    elif ratio[1] < 1:
+        w = max(1, int(round(canvas * ratio[1])))
+    return (canvas - h) // 2, (canvas - w) // 2, h, w
+
+
+def drawn_share(canvas: int, scale: Sequence[float], ratio: Sequence[float], n: int = 256) -> float:
+    """The share of ``n`` views (seeded draws) whose crop fits the canvas in torchvision's 10 tries, the
+    rest taking ``fallback_box``."""
+    return sum(_drawn_box(np.random.default_rng([0, i]), canvas, scale, ratio) is not None for i in range(n)) / n
 
 
 # --- colour: torchvision's ColorJitter and RandomGrayscale on float images, batched over views -------------

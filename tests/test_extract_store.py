@@ -160,6 +160,22 @@ def test_crop_and_colour_settings_with_one_view_are_said_not_read(make_cfg, tiny
         assert not [s for s in said if "not read with views.count=1" in s], said
 
 
+def test_crop_settings_no_crop_of_which_fits_are_refused_and_most_falling_back_is_said(make_cfg, tiny_teacher, tmp_path):
+    """views.ratio=[5,10] (or a scale of no pixel) fits no crop in the canvas, so every augmented view was one
+    and the same fallback crop, exit 0 (a fuzz): refused before anything is written, the dry run too."""
+    for bad in (["views.ratio=[5,10]"], ["views.scale=[1e-9,1e-9]"]):
+        cfg = make_cfg("tall.zarr", *bad)
+        for dry in (False, True):
+            with pytest.raises(ConfigError, match=r"fits no crop in a 48 px canvas: every augmented view would be the "
+                                                  r"same centre crop \(torchvision's fallback\); widen views.scale"):
+                extract(cfg, teacher=tiny_teacher, log=quiet, dry_run=dry)
+        assert not Path(cfg.out).exists()
+    said = []
+    extract(make_cfg("most.zarr", "views.scale=[0.8,1.0]", "views.ratio=[1.1,3.0]"), teacher=tiny_teacher,
+            log=said.append)
+    assert [s for s in said if "of the augmented views fit no crop in torchvision's 10 tries" in s], said
+
+
 def test_a_store_smaller_than_one_block_reruns_without_a_block_note(make_cfg, tiny_teacher):
     """30 images at the default block_rows=256 make one block of 30 rows: rerunning the same command said
     the store "keeps the blocks of 30 rows it was made with; block_rows=256 applies to a new store",
@@ -324,7 +340,7 @@ def test_a_store_begun_by_a_version_with_other_numbers_says_so_on_resume(make_cf
     before one and resumed after would mix blocks of both silently; said, naming the fixes that touch it."""
     import embedcache.extract as extraction
     from embedcache.extract.manifest import build_manifest
-    from embedcache.versions import STORE_NUMBERS, store_numbers_between
+    from embedcache.versions import STORE_NUMBER_CHANGES, STORE_NUMBERS, store_numbers_between
 
     def older(*a, **k):  # a version from before store numbers were recorded
         m = build_manifest(*a, **k)
@@ -354,7 +370,9 @@ def test_a_store_begun_by_a_version_with_other_numbers_says_so_on_resume(make_cf
     same = {"versions": {"embedcache_store_numbers": str(STORE_NUMBERS)}}
     assert store_numbers_between(same, same) == []
     gpu = {"device": "cuda (NVIDIA H100)", "teacher": {"precision": "fp32"}, "versions": {}}
-    assert len(store_numbers_between(gpu, same)) == 2 == STORE_NUMBERS
+    assert len(store_numbers_between(gpu, same)) == 2 == STORE_NUMBERS - 1  # not the crop fallback: ratio holds 1
+    tall = {"views": {"ratio": [5, 10]}, "versions": {"embedcache_store_numbers": "2"}}
+    assert store_numbers_between(tall, same) == [STORE_NUMBER_CHANGES[2][0]]
     assert store_numbers_between({**gpu, "versions": {"embedcache_store_numbers": "1"}}, same) == [
         "an fp32 teacher on a GPU embeds in IEEE float32 (its convolutions were TF32)"]
     newer = {"versions": {"embedcache_store_numbers": str(STORE_NUMBERS + 1)}}  # begun by a later version: said too

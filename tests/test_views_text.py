@@ -33,6 +33,24 @@ def test_view_params_are_seeded_bounded_and_view0_is_whole():
     assert np.array_equal(p, view_params(3, 7, 9, 64)[:6])
 
 
+@pytest.mark.parametrize("ratio", [(5.0, 10.0), (0.1, 0.2), (0.75, 1.333)])
+def test_a_view_no_crop_fits_is_torchvisions_fallback_crop(ratio):
+    """Where none of its 10 tries fits, torchvision's RandomResizedCrop takes the centred crop at the allowed
+    ratio nearest the image's; a ratio range without 1 took the whole canvas here (a fuzz: views.ratio=[5,10]
+    made every augmented view the plain image)."""
+    from torchvision.transforms import RandomResizedCrop
+
+    from embedcache.views import drawn_share, fallback_box
+
+    tiny = (1e-9, 1e-9)  # no crop of this area fits: every try misses
+    torch.manual_seed(0)
+    assert fallback_box(96, ratio) == RandomResizedCrop.get_params(torch.zeros(3, 96, 96), list(tiny), list(ratio))
+    p = view_params(seed=0, index=1, count=5, canvas=96, scale=(0.35, 1.0) if ratio[0] > 1 or ratio[1] < 1 else tiny,
+                    ratio=ratio)
+    assert all(tuple(row[:4]) == fallback_box(96, ratio) for row in p[1:])
+    assert drawn_share(96, tiny, ratio) == 0 and drawn_share(96, (0.35, 1.0), (0.75, 1.333)) > 0.99
+
+
 def test_render_matches_direct_crop_resize_flip():
     rng = np.random.default_rng(0)
     canvas = torch.from_numpy(rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8))

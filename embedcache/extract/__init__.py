@@ -31,7 +31,7 @@ from ..store.backends import a_store_of
 from ..store.store import WRITERS_GATE, live_writers
 from ..teachers import TEACHERS, Teacher, build_teacher, check_new
 from ..text import build_prompts, encode_sources, id_names, text_calls
-from ..views import param_fields
+from ..views import drawn_share, param_fields
 from .books import Books, budget_in_store, lost_in_store, models_in_store, one_model_in_books
 from .budget import StoreBudget
 from .device import DeviceDecodeReader
@@ -130,6 +130,7 @@ def extract(cfg: ExtractConfig, teacher: Optional[Teacher] = None, on_block_done
         raise ConfigError(f"{backend} stores take one writer; use a .zarr store for --num-shards {num_shards}")
     cfg = _kept_blocks(cfg, backend, log)
     _say_unread_views(cfg, backend, log)
+    _require_crops(cfg, backend, log)
     dataset = dataset or build_dataset(cfg.dataset)
     dataset.require_files()
     _require_classes(cfg, dataset, backend)  # before the teacher: a bad class list costs nothing
@@ -339,6 +340,22 @@ def _say_unread_views(cfg: ExtractConfig, backend: str, log: Callable[[str], Non
         shown = ", ".join(f"views.{k}={_as_given(getattr(cfg.views, k))}" for k in unread)
         log(f"note: {shown} {'is' if len(unread) == 1 else 'are'} not read with views.count=1 (its one view is the whole "
             "canvas), though part of the store's key")
+
+
+def _require_crops(cfg: ExtractConfig, backend: str, log: Callable[[str], None]) -> None:
+    """Crop settings of which no crop fits the canvas (every augmented view the same centre crop, torchvision's
+    fallback: views.ratio=[5,10] took the whole canvas, exit 0, a fuzz) are refused for a new store; most views
+    falling back is said."""
+    if cfg.views.count < 2 or Store.exists(cfg.out, backend):
+        return
+    share = drawn_share(cfg.canvas.size, cfg.views.scale, cfg.views.ratio)
+    shown = f"views.scale={_as_given(cfg.views.scale)} with views.ratio={_as_given(cfg.views.ratio)}"
+    if share == 0:
+        raise ConfigError(f"{shown} fits no crop in a {cfg.canvas.size} px canvas: every augmented view would be the "
+                          "same centre crop (torchvision's fallback); widen views.scale or bring views.ratio nearer 1")
+    if share < 0.5:
+        log(f"note: {shown}: {100 * (1 - share):.0f}% of the augmented views fit no crop in torchvision's 10 tries and "
+            f"take the same centre crop")
 
 
 def _as_given(v: Any) -> str:
