@@ -520,7 +520,7 @@ def how_it_differs(path: str, made_from: str, said: Tuple[str, str] = ("this sto
     """How the store at ``path`` was made otherwise than the one at ``made_from`` ("its views differ (this
     store: views.count=2; the other: views.count=3)"), by their manifests; '' where they do not say, or
     where ``made_from`` no longer has ``made_from_key`` (made again since: it no longer tells)."""
-    from .extract.manifest import differing_parts
+    from .store.differences import differing_parts
 
     with Store(path, "r") as there, Store(made_from, "r") as own:
         if made_from_key is not None and own.key != made_from_key:

@@ -248,11 +248,14 @@ class ViewsConfig:
                 raise ConfigError(f"views.{name}={[lo, hi]} is not valid: the first value must not exceed the second")
 
 
+CANVAS_MAX = 5656  # px: the side of the 32 M pixels an image may be resized to (views.MAX_RESIZED_PIXELS)
+
+
 @dataclass(frozen=True)
 class CanvasConfig:
     # images are decoded once into a size x size uint8 canvas; at most 5656 px, the side of the 32 M pixels
     # an image may be resized to (views.MAX_RESIZED_PIXELS): past it every image failed, blamed on its shape
-    size: int = setting(256, min=8, max=5656)
+    size: int = setting(256, min=8, max=CANVAS_MAX)
     store: bool = True               # keep the canvas in the store (students need no JPEG decode)
 
 

@@ -11,7 +11,7 @@ import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Tuple
 
-from embedcache.config import lazy_registry, named_twice, require_open_clip_weights_fit, seed_setting, setting
+from embedcache.config import CANVAS_MAX, lazy_registry, named_twice, require_open_clip_weights_fit, seed_setting, setting
 from embedcache.errors import ConfigError
 
 
@@ -23,14 +23,15 @@ def _reg(module: str, name: str):
 class StudentConfig:
     name: str = setting("resnet18", choices=_reg("models", "STUDENTS"))  # or timm:<any timm model>
     pretrained: Optional[str] = None   # None: from scratch; a local weights file; 'timm' / a tag: from a hub
-    input_size: Optional[int] = setting(None, min=16)  # student input side (independent of the teacher's)
+    # student input side (independent of the teacher's), at most the largest canvas (1e30 died in torch, a fuzz)
+    input_size: Optional[int] = setting(None, min=16, max=CANVAS_MAX)
     model: Optional[str] = None        # openclip_visual: open_clip model name or local-dir:/path
 
 
 @dataclass(frozen=True)
 class OptimConfig:
     name: str = setting("adamw", choices=_reg("optim", "OPTIMIZERS"))
-    lr: float = setting(1e-3, min=0.0)
+    lr: float = setting(1e-3, gt=0.0)  # 0 trained nothing, and the run was done (a fuzz)
     weight_decay: float = setting(0.01, min=0.0)
     momentum: float = setting(0.9, min=0.0, max=1.0)        # sgd only
     schedule: str = setting("cosine", choices=_reg("optim", "SCHEDULES"))
@@ -214,9 +215,10 @@ def check_milestones(cfg: TrainConfig) -> None:
         raise ConfigError("optim.milestones=[] names no step: a step schedule would keep optim.lr; give fractions of "
                           "the run (e.g. [0.33, 0.67]), or optim.schedule=constant")
     at = milestone_steps(optim, cfg.steps)
-    clash = next((a for a in at if a == 0 or at.count(a) > 1), None)
-    if clash is not None:
-        said = "the first step" if clash == 0 else f"step {clash} together with another"
+    clash = next((a for a in at if a == 0 or a >= cfg.steps or at.count(a) > 1), None)
+    if clash is not None:  # one on the last step never decayed (steps count from 0)
+        said = ("the first step" if clash == 0 else "the run's end, where no step is left to decay" if clash >= cfg.steps
+                else f"step {clash} together with another")
         raise ConfigError(f"optim.milestones={list(optim.milestones)} of steps={cfg.steps}: one falls on {said}; give "
                           "fractions that fall on steps of their own, or more steps")
 

@@ -388,7 +388,10 @@ def folder_kind(path) -> str:
 
 def require_folder_for(path, kind: str, option: str = "--out") -> None:
     """``path`` is not a folder of the other kind: a run trained into a sweep's folder (or a sweep into a run's)
-    wrote its files among the other's, and `evaluate` of the folder then scored one of them alone (a trial)."""
+    wrote its files among the other's, and `evaluate` of the folder then scored one of them alone (a trial);
+    nor a file (a sweep's dry run took --out /etc/hosts, its launch failed on it: a fuzz)."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise ConfigError(f"{option} {path} exists and is not a folder; give the {kind} a folder of its own")
     found = folder_kind(path)
     if found and found != kind:
         raise ConfigError(f"{option} {path} is a {found}'s folder; a {kind} there would write its files among the "

@@ -87,3 +87,15 @@ def test_wheel_installs_everything_under_one_namespace(tmp_path):
     for must in ("embedcache/students/train.py", "embedcache/evaluate/index.py", "embedcache/cli/__init__.py",
                  "embedcache/configs/extract/demo.yaml", "embedcache/configs/sweep/demo.yaml"):
         assert must in names
+
+
+def test_a_student_run_s_store_comparison_loads_no_teacher(synthetic_store):
+    """The walls hold at run time too: a run scored on another store compares the stores' manifests
+    (``how_it_differs``), which imported the extraction package and with it every teacher (an audit)."""
+    code = ("import sys; import embedcache.students.train, embedcache.students.sweep, embedcache.evaluate.store_eval; "
+            "from embedcache.api import how_it_differs; "
+            f"how_it_differs({str(synthetic_store)!r}, {str(synthetic_store)!r}); "
+            "print(sorted(m for m in sys.modules if m.startswith(('embedcache.teachers', 'embedcache.extract', "
+            "'open_clip'))))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr[-2000:]

@@ -273,6 +273,8 @@ def test_a_run_of_one_seen_class_is_said_to_train_no_loss_over_classes():
      r"optim.milestones=\[0.5, 0.5\] of steps=100: one falls on step 50 together with another"),
     (["optim.schedule=step", "steps=2"], r"optim.milestones=\[0.33.*, 0.66.*\] of steps=2: one falls on step 1 together"),
     (["optim.schedule=step", "optim.milestones=[0.1]", "steps=4"], r"of steps=4: one falls on the first step"),
+    (["optim.schedule=step", "optim.milestones=[0.5,1.0]", "steps=10"],  # it never decayed (a fuzz)
+     r"of steps=10: one falls on the run's end, where no step is left to decay"),
 ])
 def test_a_step_schedule_that_decays_otherwise_than_said_is_refused(sets, msg):
     """Two milestones on one step dropped the rate by gamma squared there, none kept it constant, each
@@ -360,7 +362,8 @@ def test_a_negative_seed_and_a_canvas_past_the_resize_limit_are_refused_in_one_l
 @pytest.mark.parametrize("kind, override", [("extract", "views.count=1e12"), ("extract", "dataset.per_class=1e12"),
                                             ("extract", "dataset.image_size=1e12"), ("extract", "num_workers=1e12"),
                                             ("synthesize", "image.cutouts=1e12"), ("sweep", "workers=1e12"),
-                                            ("extract", "teacher.topk=1e12")])  # conse's: of ImageNet's 1000 classes
+                                            ("extract", "teacher.topk=1e12"),  # conse's: of ImageNet's 1000 classes
+                                            ("train", "student.input_size=1e12")])  # died in torch.zeros (a fuzz)
 def test_a_count_past_any_machine_is_refused_as_it_is_set(kind, override):
     """Counts with only a lower bound took 1e12: a dry run hung listing the images, a run hung starting
     DataLoader workers, or died on a 50 TiB allocation told to rerun to resume (a fuzzing trial)."""
@@ -368,11 +371,23 @@ def test_a_count_past_any_machine_is_refused_as_it_is_set(kind, override):
     from embedcache.students.sweep import SweepSpec
     from embedcache.synthesis import SynthesizeConfig
 
-    cls = {"extract": ExtractConfig, "synthesize": SynthesizeConfig, "sweep": SweepSpec}[kind]
+    from embedcache.students.config import TrainConfig
+
+    cls = {"extract": ExtractConfig, "synthesize": SynthesizeConfig, "sweep": SweepSpec, "train": TrainConfig}[kind]
     key = override.split("=")[0]
-    base = to_dict(cls(store="s.zarr")) if cls is SweepSpec else to_dict(cls())
+    base = to_dict(cls(store="s.zarr")) if cls in (SweepSpec, TrainConfig) else to_dict(cls())
     with pytest.raises(ConfigError, match=f"{key}=1000000000000 is not valid: must be at most"):
         build_config(cls, apply_overrides(base, [override]))
+
+
+def test_a_learning_rate_of_zero_is_refused():
+    """optim.lr=0 trained nothing, and the run was marked done with its untrained score (a fuzz)."""
+    from embedcache.config import apply_overrides, build_config
+    from embedcache.students.config import TrainConfig
+
+    for lr in ("0", "-0.0"):
+        with pytest.raises(ConfigError, match=f"optim.lr={float(lr)} is not valid: must be greater than 0"):
+            build_config(TrainConfig, apply_overrides({"store": "s.zarr"}, [f"optim.lr={lr}"]))
 
 
 def test_a_set_with_no_setting_name_is_one_line():

@@ -430,7 +430,7 @@ def test_store_from_another_teacher_is_refused(make_cfg, tiny_teacher, tmp_path)
         extract(replace(cfg, teacher=replace(cfg.teacher, model=f"local-dir:{other_dir}")), log=quiet)
     assert f"teacher open_clip/local-dir:{Path(cfg.teacher.model[10:]).resolve()})" in str(err.value)  # its folder, as
     # teacher.model takes it, not the key's bare "local-dir"
-    from embedcache.extract.manifest import differing_parts
+    from embedcache.store.differences import differing_parts
 
     def made(url, parts):  # a remote teacher's store: another model now behind a moved url
         return {"key_parts": parts, "config": {"teacher": {"name": "remote", "url": url, "max_queries": 5}}}
@@ -1076,7 +1076,7 @@ def test_a_store_made_with_a_relative_folder_lists_later_calls_naming_it_absolut
 def test_a_teacher_model_left_to_its_default_is_named_by_the_model_it_resolved_to():
     """A store made with teacher.model unset (conse's default classifier) was described as
     "teacher.model=None" beside another store's 'efficientnet-lite1' (a trial)."""
-    from embedcache.extract.manifest import differing_parts
+    from embedcache.store.differences import differing_parts
 
     def made(model, classifier):
         return {"key_parts": {"teacher": classifier}, "config": {"teacher": {"name": "conse", "model": model}},
@@ -1090,7 +1090,7 @@ def test_a_teacher_model_left_to_its_default_is_named_by_the_model_it_resolved_t
 def test_each_differing_part_names_a_setting_before_any_names_a_second():
     """Four settings were named in name order: a store of other dataset and synthesis settings and another
     view count was said to differ in its views too, with no views setting among the four (a trial)."""
-    from embedcache.extract.manifest import differing_parts
+    from embedcache.store.differences import differing_parts
 
     def made(v, count):
         return {"key_parts": {"dataset": v, "synthesis": v, "views": v},

@@ -705,11 +705,26 @@ def test_an_empty_folder_made_for_the_store_is_used_and_one_with_files_refused(m
     assert (Path(busy.out) / "notes.txt").read_text() == "keep me"
 
 
+def test_a_store_url_is_refused_not_written_as_a_local_folder(tmp_path, monkeypatch):
+    """DESIGN.md's fsspec stores are not built: `--out s3://bucket/x.zarr` wrote ./s3:/bucket/x.zarr and said
+    "wrote s3://bucket/x.zarr" (an audit)."""
+    monkeypatch.chdir(tmp_path)
+    for command in (["extract", "--set", "dataset.per_class=1", "--out"], ["inspect"], ["verify"]):
+        res = CliRunner().invoke(main, [*command, "s3://bucket/x.zarr"])
+        assert res.exit_code == 2 and "s3://bucket/x.zarr is a URL, and stores are read and written at local paths" \
+            in res.output, res.output
+    assert not list(tmp_path.iterdir())
+
+
 def test_out_pointing_at_a_file_is_one_line(tmp_path):
     f = tmp_path / "notes"
     f.write_text("keep me")
-    res = CliRunner().invoke(main, ["extract", "--out", str(f), "--set", "dataset.per_class=1"])
-    assert res.exit_code == 2 and "exists and is not a Zarr store" in res.output
+    for dry in ([], ["--dry-run"]):  # a dry run said what it would write there (a fuzz)
+        res = CliRunner().invoke(main, ["extract", "--out", str(f), "--set", "dataset.per_class=1", *dry])
+        assert res.exit_code == 2 and "exists and is not a Zarr store" in res.output, res.output
+    for command in (["train", "--store", str(tmp_path / "s.zarr")], ["sweep", "demo", "--dry-run"]):
+        res = CliRunner().invoke(main, [*command, "--out", str(f)])  # refused before the store is looked at
+        assert res.exit_code == 2 and f"--out {f} exists and is not a folder" in res.output, res.output
     assert f.read_text() == "keep me"
     res = CliRunner().invoke(main, ["extract", "--out", str(tmp_path / "s.hd5"), "--set", "dataset.per_class=1"])
     assert res.exit_code == 2 and "ends in .zarr (a Zarr folder) or .h5/.hdf5 (one HDF5 file), not .hd5" in res.output

@@ -731,7 +731,7 @@ def test_swad_through_training(synthetic_store, tmp_path):
     from embedcache.students.train import OptimConfig, SwadConfig
 
     flat = _cfg(synthetic_store, tmp_path, "feat_kd", name="swad", steps=12, eval_every=2, averaging="swad",
-                average_start=0.0, optim=OptimConfig(lr=0.0, weight_decay=0.0, schedule="constant"),
+                average_start=0.0, optim=OptimConfig(lr=1e-12, weight_decay=0.0, schedule="constant"),
                 swad=SwadConfig(n_converge=2, n_tolerance=2, tolerance_ratio=0.3))
     res = train(flat, log=quiet)
     summary = json.loads((tmp_path / "swad" / "summary.json").read_text())

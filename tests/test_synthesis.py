@@ -1021,8 +1021,18 @@ def test_settings_that_make_no_picture_are_refused_not_stored(synth_cfg, tiny_te
         synthesize(cfg, teacher=tiny_teacher, log=quiet)
     with Store(cfg.out) as st:
         assert st.blocks_done().sum() == 0  # nothing written
-    with pytest.warns(UserWarning, match=r"are \d+% pure black or white pixels: the image settings \(image.lr=1000000000000.0, image.iterations=4\)"):
-        synthesize(synth_cfg("noise.zarr", "image.lr=1e12"), teacher=tiny_teacher, log=quiet)
+    noise = synth_cfg("noise.zarr", "image.lr=1e12")  # saturated noise: refused too (image.lr=1e30, a fuzz)
+    with pytest.raises(ConfigError, match=r"synthesised images of rows 0-1 are 100.0% pure black or white pixels: the "
+                                          r"image settings \(image.lr=1000000000000.0, image.iterations=4\) make no"):
+        synthesize(noise, teacher=tiny_teacher, log=quiet)
+    with Store(noise.out) as st:
+        assert st.blocks_done().sum() == 0
+    from embedcache.synthesis.run import require_pictures
+
+    rng = np.random.default_rng(0)
+    mostly = torch.from_numpy(rng.choice(np.array([0, 255, 90], np.uint8), size=(2, 20, 20, 3), p=[0.48, 0.49, 0.03]))
+    with pytest.warns(UserWarning, match=r"are 9\d% pure black or white pixels"):  # little else: said
+        require_pictures(mostly, np.arange(2), ImageConfig())
     # images left near the generator's starting grey (pixels 125-130) were stored without a word (a trial)
     with pytest.warns(UserWarning, match=r"^6 of the synthesised images of rows 0-5 are nearly flat grey \(pixel "
                                          r"standard deviation under 2 of 255\): the image settings \(image.lr=1e-07, "

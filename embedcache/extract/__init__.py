@@ -68,7 +68,15 @@ def require_out(out: str, backend: str, writing: bool = True) -> None:
     it can be written (a dry run's, which writes nothing, by its permissions alone)."""
     require_outside_store(out)
     if not Store.exists(out, backend):
+        require_free(out, backend)  # a dry run's too: it said what it would write over /etc/hosts (a fuzz)
         require_writable(out, probe=writing)
+
+
+def require_free(out: str, backend: str) -> None:
+    """Nothing but a store of ``backend`` is at ``out`` where none is (an empty folder made for a Zarr store is)."""
+    made_for_it = backend == "zarr" and os.path.isdir(out) and not os.listdir(out)  # `mkdir` first: fine
+    if os.path.exists(out) and not made_for_it:
+        raise ConfigError(f"--out {out} exists and is not {a_store_of(backend)}; choose another path")
 
 
 def open_or_create(cfg: ExtractConfig, manifest: Dict, layout: Dict) -> Store:
@@ -82,9 +90,7 @@ def open_or_create(cfg: ExtractConfig, manifest: Dict, layout: Dict) -> Store:
         except Exception:
             store.close()
             raise
-    made_for_it = backend == "zarr" and os.path.isdir(cfg.out) and not os.listdir(cfg.out)  # `mkdir` first: fine
-    if os.path.exists(cfg.out) and not made_for_it:
-        raise ConfigError(f"--out {cfg.out} exists and is not {a_store_of(backend)}; choose another path")
+    require_free(cfg.out, backend)
     store = Store.create(cfg.out, manifest, layout, backend)
     try:
         return made_so(store, manifest)

@@ -12,10 +12,10 @@ import torch
 from ..config import ExtractConfig
 from ..errors import EmbedcacheError
 from ..store import Store
+from ..store.differences import differing_parts
 from ..versions import STORE_NUMBERS, store_numbers_between
 from .device import device_pipeline
 from .history import in_force
-from .manifest import differing_parts
 
 
 def _classes_moved(was: Dict, now: Dict) -> Tuple[List[str], List[str]]:

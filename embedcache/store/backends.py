@@ -646,7 +646,12 @@ def _is_hdf5_file(path: Path) -> bool:
 def backend_name_for(path: str, backend: Optional[str] = None, new: bool = False) -> str:
     """The backend named, else what is at ``path`` (an HDF5 file, a Zarr folder, whatever its name),
     else HDF5 for .h5/.hdf5 paths and Zarr for others. A ``new`` store's path with another suffix is
-    refused (a typo such as .hd5 would silently make a Zarr folder)."""
+    refused (a typo such as .hd5 would silently make a Zarr folder), as is a URL."""
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", str(path)):  # s3://b/x.zarr was written to ./s3:/b/x.zarr (an audit)
+        from ..errors import ConfigError
+
+        raise ConfigError(f"{path} is a URL, and stores are read and written at local paths (object storage through "
+                          "fsspec is not built); give a local path, or a bucket mounted as a folder")
     stem, suffix = os.path.splitext(str(path).rstrip("/"))
     if backend:
         backend = BACKENDS.check(backend)

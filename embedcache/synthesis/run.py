@@ -148,17 +148,18 @@ class SynthesisReader:
 
 
 FLAT_STD = 2.0  # an image's pixel spread (of 255) below which it is said to be no picture
+SATURATED = (0.95, 0.99)  # shares of pure black or white pixels in a batch: said from the first, refused from the second
 
 
 def require_pictures(canvas: torch.Tensor, rows: np.ndarray, image: ImageConfig) -> None:
-    """Refuse images of one value everywhere, and say images of little but black and white: the image
-    settings out of the range that makes pictures (image.decay=1e12 gave all-black images, image.lr=1e12
-    saturated noise, each stored as a complete store with exit 0: a trial)."""
+    """Refuse images of one value everywhere or of black and white alone, and say images of little else or
+    nearly flat grey: the image settings out of the range that makes pictures (image.decay=1e12 gave all-black
+    images, image.lr=1e12 and 1e30 saturated noise, each stored as a complete store with exit 0: trials)."""
     flat = canvas.reshape(len(canvas), -1)
     blank = np.flatnonzero((flat.amax(1) == flat.amin(1)).numpy())
     extreme = float(((flat == 0) | (flat == 255)).float().mean())
     grey = int((flat.float().std(1) < FLAT_STD).sum())  # near the generator's starting grey (a trial: 125-130)
-    if not len(blank) and extreme < 0.95 and not grey:
+    if not len(blank) and extreme < SATURATED[0] and not grey:
         return
     defaults = ImageConfig()
     moved = [f"image.{k}={getattr(image, k)}" for k in ("lr", "decay", "init_std", "noise", "iterations")
@@ -167,10 +168,13 @@ def require_pictures(canvas: torch.Tensor, rows: np.ndarray, image: ImageConfig)
     if len(blank):
         raise ConfigError(f"synthesised image(s) of one value everywhere (row {int(rows[blank[0]])} and "
                           f"{len(blank) - 1} more of this batch): {fix}")
+    if extreme >= SATURATED[1]:
+        raise ConfigError(f"synthesised images of rows {int(rows[0])}-{int(rows[-1])} are {extreme:.1%} pure black or "
+                          f"white pixels: {fix}")
     if grey:
         warnings.warn(f"{grey} of the synthesised images of rows {int(rows[0])}-{int(rows[-1])} are nearly flat grey "
                       f"(pixel standard deviation under {FLAT_STD:g} of 255): {fix}", stacklevel=2)
-    if extreme >= 0.95:
+    if extreme >= SATURATED[0]:
         warnings.warn(f"synthesised images of rows {int(rows[0])}-{int(rows[-1])} are {extreme:.0%} pure black or "
                       f"white pixels: {fix}", stacklevel=2)
 
