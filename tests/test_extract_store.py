@@ -50,8 +50,10 @@ def test_round_trip_layout_and_contents(make_cfg, tiny_teacher, backend_suffix):
         m = s.manifest
         assert m["complete"] and m["teacher"]["embed_dim"] == d and m["dataset"]["n"] == n
         assert m["views"]["count"] == 3 and m["canvas"]["size"] == 48 and "torch" in m["versions"]
-        # chunks span whole rows and never split the embedding axis
+        # chunks span whole rows and never split the embedding axis: every array's, as written (DESIGN.md)
         assert s._store.b.chunks("image/emb")[1:] == (v, d)
+        for name in s._store.layout["arrays"]:
+            assert s._store.b.chunks(name)[1:] == s._store.b.shape(name)[1:], name
         # the teacher re-encoding the stored view-0 inputs gives the stored embeddings
         x = normalize(render_views(torch.from_numpy(s.pixels()[:4].copy()), torch.from_numpy(s.view_params()[:4].copy()),
                                    tiny_teacher.input_size, tiny_teacher.interpolation), tiny_teacher.mean, tiny_teacher.std)
@@ -66,6 +68,8 @@ def test_zarr_and_hdf5_hold_the_same_arrays(make_cfg, tiny_teacher):
     za, hb = _arrays(a.out), _arrays(b.out)
     for k in za:
         assert np.array_equal(za[k], hb[k]), k
+    with embedcache.open_store(a.out) as sa, embedcache.open_store(b.out) as sb:
+        assert sa.key == sb.key  # the path and the backend are no part of what the store holds
 
 
 def test_views_rebuilt_from_store_equal_teacher_input(make_cfg, tiny_teacher):

@@ -655,7 +655,7 @@ def test_text_queries_load_the_teacher_once(synthetic_store, monkeypatch):
     ("steps=-5", "steps=-5 is not valid: must be at least 1"),
     ("steps=0", "steps=0 is not valid: must be at least 1"),
     ("batch_size=0", "batch_size=0 is not valid: must be at least 1"),
-    ("optim.lr=-1", "optim.lr=-1.0 is not valid: must be at least 0"),
+    ("optim.lr=-1", "optim.lr=-1.0 is not valid: must be greater than 0"),
     ("steps=abc", "steps='abc' is not valid: expected an integer"),
     ("split.val_fraction=2", "split.val_fraction=2.0 is not valid: must be at most 0.9"),
     ("averaging=ema", "averaging='ema' is not valid: choose one of none, swa, swad"),
@@ -703,6 +703,33 @@ def test_an_empty_folder_made_for_the_store_is_used_and_one_with_files_refused(m
     with pytest.raises(ConfigError, match="exists and is not a Zarr store"):
         extract(busy, teacher=tiny_teacher, log=quiet)
     assert (Path(busy.out) / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_a_store_of_another_schema_is_refused_by_its_readers(make_cfg, tiny_teacher, suffix):
+    """DESIGN.md: readers check the schema before trusting a store. A manifest of another schema, sealed with
+    its own checksum as a version that writes that schema would seal it, is refused in one line."""
+    import json
+
+    import h5py
+
+    from embedcache.store import SCHEMA_VERSION
+    from embedcache.store.store import sealed
+
+    cfg = make_cfg("schema" + suffix)
+    extract(cfg, teacher=tiny_teacher, log=quiet)
+    if suffix == ".zarr":
+        meta = Path(cfg.out) / "zarr.json"
+        doc = json.loads(meta.read_text())
+        doc["attributes"]["manifest"] = sealed({**doc["attributes"]["manifest"], "schema": SCHEMA_VERSION + 1})
+        meta.write_text(json.dumps(doc))
+    else:
+        with h5py.File(cfg.out, "a") as f:
+            f.attrs["manifest"] = json.dumps(sealed({**json.loads(f.attrs["manifest"]), "schema": SCHEMA_VERSION + 1}))
+    with pytest.raises(StoreMismatchError, match=f"has schema {SCHEMA_VERSION + 1}, this embedcache reads"):
+        embedcache.open_store(cfg.out)
+    res = CliRunner().invoke(main, ["verify", cfg.out, "--no-progress"])
+    assert res.exit_code == 2 and f"has schema {SCHEMA_VERSION + 1}" in res.output, res.output
 
 
 def test_a_store_url_is_refused_not_written_as_a_local_folder(tmp_path, monkeypatch):
