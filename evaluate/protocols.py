@@ -333,18 +333,35 @@ def episode(labels: np.ndarray, ok: np.ndarray, classes_in: np.ndarray, shots: i
     return support, np.setdiff1d(rows_all, support)
 
 
-def tip_adapter_logits(q: np.ndarray, keys: np.ndarray, key_labels: np.ndarray, class_emb: np.ndarray,
-                       beta: float = 5.5, alpha: float = 1.0) -> np.ndarray:
-    """Tip-Adapter (training-free): 100 cos(q, T_c) + alpha * exp(-beta (1 - cos(q, k))) @ onehot(labels)."""
+def cache_logits(q: np.ndarray, keys: np.ndarray, key_labels: np.ndarray, class_emb: np.ndarray, beta: float,
+                 alpha: float, text_scale: float) -> np.ndarray:
+    """text_scale cos(q, T_c) + alpha * sum over class c's keys of exp(-beta (1 - cos(q, k))): a text classifier
+    and a cache of labelled keys, every vector unit-normalised."""
     q, keys, t = unit(q), unit(keys), unit(class_emb)
     onehot = np.eye(len(class_emb), dtype=np.float32)[key_labels]
-    return 100.0 * q @ t.T + alpha * np.exp(-beta * (1.0 - q @ keys.T)) @ onehot
+    return text_scale * q @ t.T + alpha * np.exp(-beta * (1.0 - q @ keys.T)) @ onehot
 
 
-def tip_adapter_keys(d: EvalData, support: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """(S, D) keys and their label ids: the teacher's embeddings of the support images, as Li et al.'s
-    retrieval keys them (PAPERS.md), each the mean of its stored views as Tip-Adapter's cache averages a
-    shot's augmented features (so the cache term does not grow with the number of views)."""
+def tip_adapter_logits(q: np.ndarray, keys: np.ndarray, key_labels: np.ndarray, class_emb: np.ndarray,
+                       beta: float = 5.5, alpha: float = 1.0) -> np.ndarray:
+    """Tip-Adapter (training-free): 100 cos(q, T_c) + alpha * exp(-beta (1 - cos(q, k))) @ onehot(labels), a key
+    per shot (``support_views`` averaged)."""
+    return cache_logits(q, keys, key_labels, class_emb, beta, alpha, text_scale=100.0)
+
+
+def li_retrieval_logits(q: np.ndarray, keys: np.ndarray, key_labels: np.ndarray, class_emb: np.ndarray,
+                        beta: float = 5.5, alpha: float = 1.0) -> np.ndarray:
+    """Li et al.'s few-shot retrieval as their code scores it (main_experiments.py): cos(q, T_c), not scaled,
+    + alpha * exp(-beta (1 - cos(q, k))) summed over a key per view of every shot, so the cache outweighs the
+    text: nearly a nearest-neighbour search among the teacher's embeddings of the shots."""
+    return cache_logits(q, keys, key_labels, class_emb, beta, alpha, text_scale=1.0)
+
+
+def support_views(d: EvalData, support: np.ndarray) -> np.ndarray:
+    """(S, V, D) float32: the teacher's embeddings of every stored view of the support images, the keys of
+    Tip-Adapter's cache (a shot's views averaged, as it averages a shot's augmentations, so its cache term
+    does not grow with the views) and of Li et al.'s retrieval (each view a key, as theirs keys each shot and
+    9 RandAugment views of it)."""
     if d.teacher_views is None:
         raise EvaluationError("Tip-Adapter needs the teacher's embeddings of the support images (EvalData.teacher_views); "
                               "score from a store, which holds them")
@@ -352,7 +369,7 @@ def tip_adapter_keys(d: EvalData, support: np.ndarray) -> Tuple[np.ndarray, np.n
     if keys.shape[-1] != d.emb.shape[1]:
         raise EvaluationError(f"Tip-Adapter compares the scored embeddings ({d.emb.shape[1]}-d) with the teacher's "
                               f"({keys.shape[-1]}-d): only a student that embeds into the teacher's space can be scored so")
-    return keys.mean(1), d.labels[support]
+    return keys
 
 
 DEFAULT_SHOTS = 5  # Li et al.'s: rows of other shot counts name theirs in their split ("prototype@1shot")
@@ -377,8 +394,9 @@ def few_shot(d: EvalData, shots: int = DEFAULT_SHOTS, episodes: int = EPISODES, 
              unseen_fraction: float = 0.5, beta: float = 5.5, alpha: float = 1.0, seed: int = 0) -> pd.DataFrame:
     """k labelled images per unseen class (seeded episodes): a prototype classifier (FAISS over the
     class means of the shots, each a unit vector), Tip-Adapter logits (keys: the teacher's views of
-    the shots) and the unseen classes' text alone (``text_only``: Tip-Adapter without its cache), scored
-    on the remaining unseen images."""
+    the shots), Li et al.'s retrieval (``li_retrieval``: the same keys, scored as their code scores them)
+    and the unseen classes' text alone (``text_only``: Tip-Adapter without its cache), scored on the
+    remaining unseen images."""
     _, unseen = class_split(d, "few_shot", seen_classes, unseen_fraction, seed)
     if len(unseen) == 1:  # every method names the one class
         warnings.warn(f"few_shot: one unseen class ({d.classes[unseen[0]]!r}): every query is given it, 100% by "
@@ -393,9 +411,14 @@ def few_shot(d: EvalData, shots: int = DEFAULT_SHOTS, episodes: int = EPISODES, 
         rows += _rows(pred, d.labels[query], d.classes, split="prototype" + shots_tag(shots), domain="all", episode=ep)
         if not d.embedding_trained:  # it would compare an untrained projection with the teacher's space (said by
             continue                 # the scoring)
-        keys, key_labels = tip_adapter_keys(d, support)
-        logits = tip_adapter_logits(d.emb[query], keys, np.searchsorted(unseen, key_labels), d.class_emb[unseen], beta, alpha)
+        views, ids = support_views(d, support), np.searchsorted(unseen, d.labels[support])
+        text_emb = d.class_emb[unseen]
+        logits = tip_adapter_logits(d.emb[query], views.mean(1), ids, text_emb, beta, alpha)
         rows += _rows(unseen[logits.argmax(1)], d.labels[query], d.classes, split="tip_adapter" + shots_tag(shots),
+                      domain="all", episode=ep)
+        logits = li_retrieval_logits(d.emb[query], views.reshape(-1, views.shape[-1]), np.repeat(ids, views.shape[1]),
+                                     text_emb, beta, alpha)
+        rows += _rows(unseen[logits.argmax(1)], d.labels[query], d.classes, split="li_retrieval" + shots_tag(shots),
                       domain="all", episode=ep)
         # Tip-Adapter without its cache, on the same queries: what its shots add is the gap to this row
         text = LabelIndex.subset(d.class_emb, unseen).predict(d.emb[query])

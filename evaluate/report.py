@@ -18,7 +18,7 @@ from .store_eval import Tables, avg_said, class_split_note, method_frame, method
 # (on imbalanced datasets it differs from top-1). Every other split's headline is top-1. Fine-tuning's
 # splits carry their steps ("finetune@50"): the name before the "@" counts.
 PER_CLASS_HEADLINE = ("unseen_zero_shot", "gzsl_seen", "gzsl_unseen", "gzsl_harmonic", "prototype", "tip_adapter",
-                      "text_only", "finetune", "finetune_mixed")
+                      "li_retrieval", "text_only", "finetune", "finetune_mixed")
 
 
 def transfer_note(results: pd.DataFrame) -> str:

@@ -288,7 +288,7 @@ def _embedding_trained(run: RunDir, model, protocols: Sequence[str] = ("distill"
         st["train"] in ("all", "backbone") for st in recorded["stages"])
     if trains_embedding(recorded) or moved_backbone:
         return True
-    which = " and ".join(w for p, w in (("distill", "the distill rows"), ("few_shot", "few_shot's tip_adapter and text_only rows"))
+    which = " and ".join(w for p, w in (("distill", "the distill rows"), ("few_shot", "few_shot's tip_adapter, li_retrieval and text_only rows"))
                          if p in protocols)
     warnings.warn(f"no loss of recipe {cfg.recipe} trains its embedding (it trains a linear classifier; "
                   f"the projection to the embedding stays as initialised), so {which}, which compare that "

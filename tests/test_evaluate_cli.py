@@ -362,7 +362,7 @@ def test_few_shot_cli_includes_finetuning(runs, tmp_path):
                                     "--out", str(out)])
     assert res.exit_code == 0, res.output
     df = pd.read_parquet(out)
-    assert {"prototype", "tip_adapter", "text_only", "finetune@2"} == set(df.split)
+    assert {"prototype", "tip_adapter", "li_retrieval", "text_only", "finetune@2"} == set(df.split)
     assert set(df[df.split == "finetune@2"].recipe) == {"feat_kd"}
     again = CliRunner().invoke(main, ["evaluate", str(runs / "feat_kd-0"), "--protocol", "few_shot", "--finetune-steps",
                                       "1", "--out", str(out)])
@@ -372,7 +372,7 @@ def test_few_shot_cli_includes_finetuning(runs, tmp_path):
     assert "mean per-class accuracy" in res.output and "finetune@2" in res.output.split("mean per-class accuracy")[-1]
     rep = CliRunner().invoke(main, ["report", str(out), "--out", str(tmp_path / "rep")])
     text = (tmp_path / "rep" / "report.md").read_text()
-    for split in ("prototype", "tip_adapter", "text_only", "finetune@1", "finetune@2"):
+    for split in ("prototype", "tip_adapter", "li_retrieval", "text_only", "finetune@1", "finetune@2"):
         assert f"## {split} (mean per-class accuracy, %" in text, rep.output
 
 
@@ -1050,8 +1050,8 @@ def test_few_shot_takes_a_shot_count_and_keeps_each_counts_rows(runs, synthetic_
     two = CliRunner().invoke(main, args + ["--shots", "2"])
     assert five.exit_code == 0 and two.exit_code == 0, two.output
     df = pd.read_parquet(out)
-    assert {"prototype", "tip_adapter", "text_only", "finetune@1", "prototype@2shot", "tip_adapter@2shot",
-            "text_only@2shot", "finetune@1@2shot"} == set(df.split)
+    assert {"prototype", "tip_adapter", "li_retrieval", "text_only", "finetune@1", "prototype@2shot", "tip_adapter@2shot",
+            "li_retrieval@2shot", "text_only@2shot", "finetune@1@2shot"} == set(df.split)
     # each 2-shot episode scored the unseen class's images less two support images
     s = embedcache.open_store(str(synthetic_store))
     unseen = np.array([s.classes.index("triangle")])

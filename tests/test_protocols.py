@@ -105,7 +105,7 @@ def test_open_vocab_restricts_labels_and_reports_harmonic_mean():
 def test_few_shot_perfect_and_too_few_images():
     df = few_shot(_data(), shots=5, episodes=2, seen_classes=[0, 1, 2])
     mean = df[df.episode == -1]
-    assert set(mean.split) == {"prototype", "tip_adapter", "text_only"} and (mean.value == 1.0).all()
+    assert set(mean.split) == {"prototype", "tip_adapter", "li_retrieval", "text_only"} and (mean.value == 1.0).all()
     small = _data(n=30)
     with pytest.raises(ValueError, match="fewer than 5 shots \\+ 1 to test; few_shot needs 6 usable images in every "
                                          "unseen class: use --shots 3 or fewer, or hold out other classes \\(--seen-classes"):
@@ -134,10 +134,10 @@ def test_tip_adapter_keys_are_the_teachers_views_of_the_support_images():
     df = few_shot(d, shots=5, episodes=1, seen_classes=[0, 1, 2], beta=1.0, alpha=50.0)
     support, query = episode(d.labels, d.ok, unseen, 5, 0, 0, d.classes)
     un = lambda x: x / np.linalg.norm(x)  # noqa: E731
-    def accuracy(keys_of):
+    def accuracy(keys_of, text_scale=100):
         right = 0
         for i in query:
-            score = {c: 100 * un(d.emb[i]) @ un(d.class_emb[c]) for c in unseen}
+            score = {c: text_scale * un(d.emb[i]) @ un(d.class_emb[c]) for c in unseen}
             for j in support:
                 for key in keys_of(j):
                     score[d.labels[j]] += 50.0 * np.exp(-1.0 * (1 - un(d.emb[i]) @ un(key)))
@@ -148,6 +148,10 @@ def test_tip_adapter_keys_are_the_teachers_views_of_the_support_images():
     assert got == pytest.approx(accuracy(lambda j: [d.teacher_views[j].mean(0)]))
     assert got != pytest.approx(accuracy(lambda j: [d.emb[j]]))  # the student's own keys give other answers here
     assert got != pytest.approx(accuracy(lambda j: d.teacher_views[j]))  # and so does one key per view
+    # Li et al.'s code: the cosine to the text unscaled, a key per view of each shot (an audit of their code)
+    li = df[(df.split == "li_retrieval") & (df.episode == 0) & (df.metric == "top1")].value.item()
+    assert li == pytest.approx(accuracy(lambda j: d.teacher_views[j], text_scale=1))
+    assert li != pytest.approx(accuracy(lambda j: d.teacher_views[j])) and li != pytest.approx(got)
     # text_only: the same queries by the unseen classes' text alone, Tip-Adapter without its cache
     text = df[(df.split == "text_only") & (df.episode == 0) & (df.metric == "top1")].value.item()
     assert text == pytest.approx(accuracy(lambda j: [])) and text != pytest.approx(got)
@@ -159,7 +163,10 @@ def test_tip_adapter_keys_are_the_teachers_views_of_the_support_images():
         few_shot(d, shots=5, episodes=1, seen_classes=[0, 1, 2])
 
 
-def test_tip_adapter_against_a_loop():
+@pytest.mark.parametrize("scale", [100, 1])
+def test_tip_adapter_and_li_retrieval_against_a_loop(scale):
+    from embedcache.evaluate.protocols import li_retrieval_logits
+
     rng = np.random.default_rng(4)
     q, keys, t = rng.normal(size=(5, 8)), rng.normal(size=(6, 8)), rng.normal(size=(3, 8))
     kl = np.array([0, 0, 1, 1, 2, 2])
@@ -167,8 +174,10 @@ def test_tip_adapter_against_a_loop():
     ref = np.zeros((5, 3))
     for i in range(5):
         for c in range(3):
-            ref[i, c] = 100 * un(q[i]) @ un(t[c]) + sum(np.exp(-5.5 * (1 - un(q[i]) @ un(keys[j]))) for j in range(6) if kl[j] == c)
-    np.testing.assert_allclose(tip_adapter_logits(q, keys, kl, t), ref, rtol=1e-4)
+            ref[i, c] = scale * un(q[i]) @ un(t[c]) + sum(np.exp(-5.5 * (1 - un(q[i]) @ un(keys[j])))
+                                                          for j in range(6) if kl[j] == c)
+    logits = tip_adapter_logits if scale == 100 else li_retrieval_logits
+    np.testing.assert_allclose(logits(q, keys, kl, t), ref, rtol=1e-4)
 
 
 def test_protocol_registry():
