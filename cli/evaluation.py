@@ -61,7 +61,7 @@ def evaluate(runs, store, protocols, sources, out, device, shots, finetune_steps
     from embedcache.evaluate.protocols import PROTOCOLS
     from embedcache.evaluate.results import read_results, upsert
     from embedcache.evaluate.store_eval import teacher_baselines
-    from embedcache.students.rundir import RunDir
+    from embedcache.students.rundir import RunDir, distinct_runs
     from embedcache.students.scoring import score_run
 
     for p in protocols:
@@ -79,7 +79,7 @@ def evaluate(runs, store, protocols, sources, out, device, shots, finetune_steps
     _refuse_unused_few_shot(runs, protocols)
     options = {"few_shot": {"shots": shots}}
     frames = []
-    found, unscored = _distinct_runs(RunDir.find(runs)), []
+    found, unscored = distinct_runs(RunDir.find(runs)), []
     finished = sum(run.done for run in found)  # one finished run: what stops it is the error
     try:
         if not runs:
@@ -111,20 +111,6 @@ def evaluate(runs, store, protocols, sources, out, device, shots, finetune_steps
     click.echo(f"\n{len(new)} rows scored; {len(table)} rows in {out}")
     if finished == 1 and unscored:  # the other protocols' rows are written and shown; the one that failed is the error
         raise EvaluationError(f"{unscored[0]} (the rows of the other protocols are in {out})")
-
-
-def _distinct_runs(found) -> list:
-    """Each run once (a folder given twice, or inside a folder also given), and no two runs of one name: a
-    run's rows are named by its folder's name, so one replaced the other's rows in the results (a review)."""
-    first, out = {}, []
-    for run in found:
-        other = first.setdefault(run.name, run)
-        if other is run:
-            out.append(run)
-        elif other.path.resolve() != run.path.resolve():
-            raise click.UsageError(f"runs {other.path} and {run.path} share the name {run.name!r}, which names a run's "
-                                   "rows in the results: rename one folder, or score them into separate --out files")
-    return out
 
 
 def _say_tables(new, protocols, out) -> None:

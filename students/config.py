@@ -31,7 +31,7 @@ class StudentConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     name: str = setting("adamw", choices=_reg("optim", "OPTIMIZERS"))
-    lr: float = setting(1e-3, gt=0.0)  # 0 trained nothing, and the run was done (a fuzz)
+    lr: float = setting(1e-3, min=0.0)  # 0 is refused for a run not yet begun (check_trainable)
     weight_decay: float = setting(0.01, min=0.0)
     momentum: float = setting(0.9, min=0.0, max=1.0)        # sgd only
     schedule: str = setting("cosine", choices=_reg("optim", "SCHEDULES"))
@@ -137,7 +137,7 @@ def ignored_training(cfg: TrainConfig) -> List[Tuple[str, str]]:
         out += [("average_start", "averaging=swa or swad"), ("average_bn_batches", "averaging=swa or swad")]
     elif cfg.freeze_bn:  # frozen statistics stay as they are under the average too, as SWAD's code keeps them
         out.append(("average_bn_batches", "freeze_bn=false"))
-    if cfg.features or _trains_no_backbone(cfg.recipe):
+    if _trains_no_backbone(cfg.recipe):  # (features=true is refused unless the recipe is head-only)
         out.append(("freeze_bn", "a recipe that trains the backbone"))
     return out
 
@@ -176,6 +176,8 @@ def check_trainable(cfg: TrainConfig) -> None:
         warnings.warn(f"split.train_classes={list(cfg.split.train_classes)} holds one class: every loss over classes is 0 "
                       "(only the recipe's feature terms train) and validation top-1 is 100% by construction; list two "
                       "or more unless that is the experiment (a sweep's seen classes: lower unseen_fraction)")
+    if cfg.optim.lr == 0:  # it trained nothing, and the run was done (a fuzz); runs made so before still load
+        raise ConfigError("optim.lr=0 trains nothing: the run would keep its initial weights; give optim.lr > 0")
     if cfg.optim.schedule == "step" and cfg.optim.gamma > 1:
         raise ConfigError(f"optim.gamma={cfg.optim.gamma} multiplies the learning rate at each milestone, so it would "
                           "grow; use 0 < optim.gamma <= 1")

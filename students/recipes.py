@@ -99,11 +99,11 @@ VALIDATION = "mean_over_domains"
 SWAD_UNSETTLED = "last_segment"
 
 
-def selects_by_validation(recipe: Recipe, averaging: str, select: str) -> bool:
-    """Whether validation figures choose the kept weights: best_val selection, SWAD's valley, or the weights
-    a stage hands on (``Recipe.carry``)."""
+def selects_by_validation(recipe: Recipe, averaging: str, select: str, carried: bool = True) -> bool:
+    """Whether validation figures choose the kept weights: best_val selection, SWAD's valley, or (``carried``)
+    the weights a stage hands on (``Recipe.carry``, since 2026-12-07)."""
     return averaging == "swad" or (recipe.select if select == "auto" else select) == "best_val" or \
-        recipe.carry == "best_val"
+        (carried and recipe.carry == "best_val")
 
 
 def definition(recipe: Recipe, averaging: str = "none", select: str = "auto") -> Dict:
@@ -145,7 +145,8 @@ def definition_change(cfg, recorded) -> str:
 
     select = getattr(cfg, "select", "auto")
     if recorded is None:
-        validated = cfg.recipe in RECIPES and selects_by_validation(RECIPES.get(cfg.recipe), cfg.averaging, select)
+        validated = cfg.recipe in RECIPES and selects_by_validation(RECIPES.get(cfg.recipe), cfg.averaging, select,
+                                                                    carried=False)  # (a rule those runs had not)
         said = (REDEFINED_RECIPES.get(cfg.recipe), REDEFINED_AVERAGING.get(cfg.averaging),
                 REDEFINED_VALIDATION if validated else None)
         return "; ".join(s for s in said if s)

@@ -112,7 +112,7 @@ class RunDir:
             raise TrainingError(f"run {self.path} has no {name}; is it a run directory?")
         try:
             return json.loads(f.read_text())
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             raise TrainingError(f"run {self.path}: {name} is damaged; rerun the run's command to rewrite it") from None
 
     @property
@@ -384,6 +384,21 @@ def folder_kind(path) -> str:
                                                                            (p / "results").is_dir()):
         return "sweep"
     return "run" if any((p / mark).exists() for mark in MARKS) else ""
+
+
+def distinct_runs(found: List[RunDir]) -> List[RunDir]:
+    """Each run once (a folder given twice, or inside a folder also given), and no two runs of one name: a
+    run's rows are named by its folder's name, so one replaced the other's rows in the results (a review)."""
+    first: Dict[str, RunDir] = {}
+    out = []
+    for run in found:
+        other = first.setdefault(run.name, run)
+        if other is run:
+            out.append(run)
+        elif other.path.resolve() != run.path.resolve():
+            raise ConfigError(f"runs {other.path} and {run.path} share the name {run.name!r}, which names a run's "
+                              "rows in the results: rename one folder, or score them into separate --out files")
+    return out
 
 
 def require_folder_for(path, kind: str, option: str = "--out") -> None:

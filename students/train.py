@@ -326,6 +326,7 @@ class Trainer:
         self._check_batch_for_batchnorm()
         self.selection = Selection(self.rule, self.kept_state)
         self.carry = self._carry_selection()
+        self._say_unchosen_carry()
         self.carried: List[Dict] = []  # what each later stage started from (``start_stage``)
         self.text = torch.from_numpy(self.data.text).to(self.device)
         self.amp = autocast_on(cfg, self.device.type, self.inputs.kind)
@@ -540,6 +541,19 @@ class Trainer:
         best = self.recipe.carry == "best_val" and len(self.data.val_idx) > 0
         # the latest on ties: VL2V-ADiP's Align saves its checkpoint at each evaluation that equals its best
         return Selection("best_val" if best else "last", self.kept_state, latest_on_ties=True)
+
+    def _say_unchosen_carry(self) -> None:
+        """A recipe whose later stage starts from the stage before's best validation, where that stage holds
+        fewer than two validations to choose among: it starts from the last weights, which was said only in
+        the summary (a review)."""
+        if self.carry.rule != "best_val":
+            return
+        for si, (start, end) in enumerate(zip([0] + self.ends[:-2], self.ends[:-1])):
+            points = end // self.cfg.eval_every - start // self.cfg.eval_every
+            if points < 2:
+                self.log(f"warning: stage {si + 2} starts from stage {si + 1}'s weights of its best validation top-1, and "
+                         f"eval_every={self.cfg.eval_every} validates stage {si + 1} (steps {start + 1}-{end}) {points} "
+                         "time(s): it starts from the last weights; lower eval_every to choose among more")
 
     def start_stage(self, si: int) -> None:
         """Stage ``si`` starts from the weights its recipe carries from the stage before: the last ones, or

@@ -356,6 +356,37 @@ def test_few_shot_finetune_uses_the_protocols_episodes(synthetic_store, tmp_path
     assert 0 not in set(np.concatenate(drawn[:3]))  # the training steps' views: augmented only
 
 
+def test_few_shot_finetuning_keeps_a_freeze_bn_run_s_batchnorm_statistics(synthetic_store, tmp_path, monkeypatch):
+    """A run trained with freeze_bn is fine-tuned with its BatchNorm statistics fixed too: at lr 0 the fine-tuned
+    student is then the run's own, and embeds the queries as it does; in train mode its statistics moved."""
+    import embedcache.students.finetune as ft_mod
+    from dataclasses import replace as swap
+
+    from embedcache.evaluate.metrics import nearest_label
+    from embedcache.evaluate.protocols import episode
+    from embedcache.students.data import StoreData
+    from embedcache.students.finetune import few_shot_finetune
+    from embedcache.students.rundir import RunDir
+    from embedcache.students.scoring import embed_rows
+
+    run = train(TrainConfig(store=str(synthetic_store), recipe="feat_kd", steps=4, batch_size=8, eval_every=2,
+                            student=StudentConfig(name="test_resnet", input_size=32), device="cpu", progress=False,
+                            split=SplitConfig(train_classes=("circle",)), out=str(tmp_path / "bn")), log=quiet).out
+    s = embedcache.open_store(str(synthetic_store))
+    labels, ok, unseen = s.meta.label.to_numpy(), (s.meta.status == "ok").to_numpy(), np.array([1, 2])
+    model, cfg = RunDir(run).load_student()
+    split = RunDir(run).split
+    data = StoreData(str(synthetic_store), "name", SplitConfig(val_fraction=0.0))
+    emb, _ = embed_rows(model, data, split["seen_classes"], False, torch.device("cpu"))
+    _, query = episode(labels, ok, unseen, 3, 0, 0, s.classes)
+    seen = []
+    monkeypatch.setattr(ft_mod, "nearest_label", lambda q, t: seen.append(q) or nearest_label(q, t))
+    for frozen in (True, False):
+        few_shot_finetune(model, swap(cfg, freeze_bn=frozen), data, split, shots=3, episodes=1, steps=3, lr=0.0)
+    np.testing.assert_allclose(seen[0], emb[query], atol=1e-5)  # the query embeddings of the run itself
+    assert not np.allclose(seen[1], emb[query], atol=1e-3)
+
+
 def test_few_shot_cli_includes_finetuning(runs, tmp_path):
     out = tmp_path / "fs.parquet"
     res = CliRunner().invoke(main, ["evaluate", str(runs / "feat_kd-0"), "--protocol", "few_shot", "--finetune-steps", "2",

@@ -170,7 +170,7 @@ def test_crop_settings_no_crop_of_which_fits_are_refused_and_most_falling_back_i
     for bad in (["views.ratio=[5,10]"], ["views.scale=[1e-9,1e-9]"]):
         cfg = make_cfg("tall.zarr", *bad)
         for dry in (False, True):
-            with pytest.raises(ConfigError, match=r"fits no crop in a 48 px canvas: every augmented view would be the "
+            with pytest.raises(ConfigError, match=r"fits no crop in a 48 px canvas \(none in 256 draws\): every augmented view would be the "
                                                   r"same centre crop \(torchvision's fallback\); widen views.scale"):
                 extract(cfg, teacher=tiny_teacher, log=quiet, dry_run=dry)
         assert not Path(cfg.out).exists()

@@ -655,7 +655,7 @@ def test_text_queries_load_the_teacher_once(synthetic_store, monkeypatch):
     ("steps=-5", "steps=-5 is not valid: must be at least 1"),
     ("steps=0", "steps=0 is not valid: must be at least 1"),
     ("batch_size=0", "batch_size=0 is not valid: must be at least 1"),
-    ("optim.lr=-1", "optim.lr=-1.0 is not valid: must be greater than 0"),
+    ("optim.lr=-1", "optim.lr=-1.0 is not valid: must be at least 0"),
     ("steps=abc", "steps='abc' is not valid: expected an integer"),
     ("split.val_fraction=2", "split.val_fraction=2.0 is not valid: must be at most 0.9"),
     ("averaging=ema", "averaging='ema' is not valid: choose one of none, swa, swad"),

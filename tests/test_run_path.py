@@ -711,6 +711,17 @@ def test_a_batch_of_one_for_a_batchnorm_student_is_one_line(synthetic_store, tmp
     with pytest.raises(ConfigError, match=r"batch_size=1 gives 1 image a step, and the test_resnet student's "
                                           r"BatchNorm needs at least 2 in training; use batch_size >= 2"):
         train(_cfg(synthetic_store, tmp_path / "r", batch_size=1), log=quiet)
+    # with its BatchNorm frozen (eval mode, the pretrained statistics) one image a step trains
+    from safetensors.torch import save_file
+
+    from embedcache.students.models import build_student
+
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in build_student(StudentConfig(name="test_resnet"), 32).backbone.state_dict().items()},
+              str(weights))
+    frozen = _cfg(synthetic_store, tmp_path / "f", batch_size=1, steps=2, eval_every=2, freeze_bn=True,
+                  student=StudentConfig(name="test_resnet", input_size=32, pretrained=str(weights)))
+    assert train(frozen, log=quiet).steps == 2
 
 
 def test_a_run_finished_before_a_new_refusal_still_loads_scores_and_is_found_done(synthetic_store, tmp_path, monkeypatch):
@@ -793,12 +804,13 @@ def test_a_classifier_runs_tip_adapter_rows_are_left_out(synthetic_store, tmp_pa
     train(_cfg(synthetic_store, tmp_path / "ce", recipe="ce", split=SplitConfig(train_classes=("circle",))), log=quiet)
     opts = {"few_shot": {"shots": 1, "episodes": 1}}
     with pytest.warns(UserWarning, match=r"^run ce: no loss of recipe ce trains its embedding .* so few_shot's "
-                                         r"tip_adapter and text_only rows, which compare that embedding with the teacher's, are left out"):
+                                         r"tip_adapter, li_retrieval and text_only rows, which compare that embedding with the "
+                                         r"teacher's, are left out"):
         rows = score_run(tmp_path / "ce", ["few_shot"], options=opts)
     assert set(rows.split) == {"prototype@1shot"}
     train(_cfg(synthetic_store, tmp_path / "kd", recipe="feat_kd", split=SplitConfig(train_classes=("circle",))), log=quiet)
-    assert set(score_run(tmp_path / "kd", ["few_shot"], options=opts).split) == {"prototype@1shot", "tip_adapter@1shot",
-                                                                                  "text_only@1shot"}
+    assert set(score_run(tmp_path / "kd", ["few_shot"], options=opts).split) == {
+        "prototype@1shot", "tip_adapter@1shot", "li_retrieval@1shot", "text_only@1shot"}
 
 
 def test_evaluate_says_a_warning_many_runs_share_once_and_names_the_others(synthetic_store, tmp_path):

@@ -253,6 +253,9 @@ def test_a_run_made_under_another_definition_of_its_recipe_is_not_resumed_or_reu
     from types import SimpleNamespace
     assert recipes.definition_change(SimpleNamespace(recipe="swad", averaging="none"), None) == ""
     assert recipes.definition_change(SimpleNamespace(recipe="naive_kd", averaging="swad"), None).count("its ") == 3
+    # a vl2v_adip run from before the records that kept its last weights: its validation chose nothing then
+    assert recipes.definition_change(SimpleNamespace(recipe="vl2v_adip", averaging="none", select="last"), None) == \
+        recipes.REDEFINED_RECIPES["vl2v_adip"]
     # SWAD's valley now follows the prediction cross-entropy: a SWAD run from before the records trained otherwise
     swad = _cfg(synthetic_store, tmp_path, "ce", averaging="swad")
     assert recipes.definition_change(swad, None).startswith("its SWAD valley followed the recipe's loss")
@@ -876,6 +879,24 @@ def test_vl2v_adip_s_distill_starts_from_align_s_best_validation_weights(synthet
     assert all("carry" not in definition(RECIPES.get(n)) for n in RECIPES.names() if n != "vl2v_adip")  # theirs as made
 
 
+def test_a_distill_stage_with_no_align_validation_to_choose_from_starts_from_align_s_last_weights(synthetic_store,
+                                                                                                   tmp_path):
+    """Without validation rows, or with no evaluation inside Align (eval_every past its end), Distill starts from
+    Align's last weights: said as the run starts (it was said only in the summary, a review) and recorded."""
+    said = []
+    train(_cfg(synthetic_store, tmp_path, "vl2v_adip", name="sparse", steps=8, eval_every=8), log=said.append)
+    assert any(s.startswith("warning: stage 2 starts from stage 1's weights of its best validation top-1, and "
+                            "eval_every=8 validates stage 1 (steps 1-4) 0 time(s): it starts from the last weights")
+               for s in said), said
+    summary = json.loads((tmp_path / "sparse" / "summary.json").read_text())
+    assert summary["stages_started"] == [{"stage": 2, "from_step": 4,
+                                          "why": "the last weights (no validation in the stage before)"}]
+    train(_cfg(synthetic_store, tmp_path, "vl2v_adip", name="noval", steps=8, eval_every=2,
+               split=SplitConfig(val_fraction=0.0)), log=quiet)
+    summary = json.loads((tmp_path / "noval" / "summary.json").read_text())
+    assert summary["stages_started"] == [{"stage": 2, "from_step": 4, "why": "the last weights (no validation rows)"}]
+
+
 def test_validation_is_the_mean_over_domains_not_over_their_pooled_images(synthetic_store, tmp_path):
     """DomainBed selects by the mean of the training domains' validation accuracies, and SWAD's evaluator
     averages their losses alike; pooled, PACS's 786 sketch rows outvoted its 410 art ones (an audit
@@ -1399,7 +1420,7 @@ def test_a_schedule_across_a_recipes_stages_is_said_with_the_last_stages_rates(s
                optim=OptimConfig(lr=1e-3, schedule="constant")), log=quiet_start.append)
     assert not any("runs across" in s for s in quiet_start)
     # each stage is said as it starts (Align then Distill were seen only in metrics.jsonl, a trial)
-    stages = [s for s in quiet_start if ": stage " in s]
+    stages = [s for s in quiet_start if s.startswith("step ") and ": stage " in s]
     assert stages == ["step 0: stage 1 of 2 (vl2v_adip; trains the head)",
                       f"step {start}: stage 2 of 2 (vl2v_adip; trains the backbone)"], quiet_start
 

@@ -357,8 +357,9 @@ def _require_crops(cfg: ExtractConfig, backend: str, log: Callable[[str], None])
     share = drawn_share(cfg.canvas.size, cfg.views.scale, cfg.views.ratio)
     shown = f"views.scale={_as_given(cfg.views.scale)} with views.ratio={_as_given(cfg.views.ratio)}"
     if share == 0:
-        raise ConfigError(f"{shown} fits no crop in a {cfg.canvas.size} px canvas: every augmented view would be the "
-                          "same centre crop (torchvision's fallback); widen views.scale or bring views.ratio nearer 1")
+        raise ConfigError(f"{shown} fits no crop in a {cfg.canvas.size} px canvas (none in 256 draws): every augmented "
+                          "view would be the same centre crop (torchvision's fallback); widen views.scale or bring "
+                          "views.ratio nearer 1")
     if share < 0.5:
         log(f"note: {shown}: {100 * (1 - share):.0f}% of the augmented views fit no crop in torchvision's 10 tries and "
             f"take the same centre crop")

@@ -650,8 +650,10 @@ def backend_name_for(path: str, backend: Optional[str] = None, new: bool = False
     if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", str(path)):  # s3://b/x.zarr was written to ./s3:/b/x.zarr (an audit)
         from ..errors import ConfigError
 
+        earlier = Path(path)  # where a version before the refusal wrote it: ./s3:/bucket/x.zarr
+        was = f" (an earlier embedcache wrote this one to the local path {earlier})" if earlier.exists() else ""
         raise ConfigError(f"{path} is a URL, and stores are read and written at local paths (object storage through "
-                          "fsspec is not built); give a local path, or a bucket mounted as a folder")
+                          f"fsspec is not built){was}; give a local path, or a bucket mounted as a folder")
     stem, suffix = os.path.splitext(str(path).rstrip("/"))
     if backend:
         backend = BACKENDS.check(backend)

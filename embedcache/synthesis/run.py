@@ -11,7 +11,6 @@ and ends with the same arrays. Every setting that changes the images is in the m
 """
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -23,11 +22,10 @@ from .. import interrupt
 from ..config import DatasetConfig, ExtractConfig, build_config, to_dict
 from ..datasets import ImageDataset, Sample
 from ..errors import ConfigError, StoreDamagedError, StoreError
-from ..extract import Batch, ExtractResult, ViewPolicy, extract, policy_of, require_out
+from ..extract import Batch, ExtractResult, ViewPolicy, extract, policy_of, require_free, require_out
 from ..extract.resume import made_so
 from ..extract.manifest import build_manifest
 from ..store import Store, backend_name_for
-from ..store.backends import a_store_of
 from ..teachers import TEACHERS, Teacher, build_teacher, check_new
 from ..text import build_prompts
 from ..views import to_uint8
@@ -302,9 +300,7 @@ def _refuse_out_of_another_kind(out: str, backend: Optional[str]) -> None:
             raise ConfigError(f"--out {out} is a store of real images made by `embedcache {made_by}`, not a synthesised "
                               "one; give another --out")
         return
-    empty_folder = name == "zarr" and os.path.isdir(out) and not os.listdir(out)
-    if os.path.exists(out) and not empty_folder:
-        raise ConfigError(f"--out {out} exists and is not {a_store_of(name)}; choose another path")
+    require_free(out, name)
 
 
 def prepare(cfg: SynthesizeConfig, teacher: Optional[Teacher] = None, log: Callable[[str], None] = print,

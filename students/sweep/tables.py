@@ -72,7 +72,9 @@ def _folder_rows(sweep_dir: str) -> Optional[pd.DataFrame]:
 
 def read_listed(sweep_dir: str, name: str) -> List[str]:
     path = Path(sweep_dir) / name
-    return read_json(path, list, REWRITTEN) if path.is_file() else []
+    fix = (REWRITTEN + " (from the current grid alone: runs of earlier grids with results then go unsaid under its "
+           "tables)") if name == RUNS_EVER else REWRITTEN
+    return read_json(path, list, fix) if path.is_file() else []
 
 
 def _sweep_runs(sweep_dir: str, names: Optional[List[str]]) -> set:
