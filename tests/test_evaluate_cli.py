@@ -298,24 +298,32 @@ def test_conse_teacher_baselines_on_pacs(tmp_path):
     assert top1["photo"] >= 0.45 and top1["photo"] > top1["sketch"]  # chance is 1/7
 
 
+def _finetune_setup(store, out, student: str):
+    """A feat_kd run of ``student`` trained on one class of the synthetic store, loaded for few-shot fine-tuning:
+    (store, labels, usable rows, unseen class ids, model, its config, its split, the store's data)."""
+    from embedcache.students.data import StoreData
+    from embedcache.students.rundir import RunDir
+
+    run = train(TrainConfig(store=str(store), recipe="feat_kd", steps=4, batch_size=8, eval_every=2,
+                            student=StudentConfig(name=student, input_size=32), device="cpu", progress=False,
+                            split=SplitConfig(train_classes=("circle",)), out=str(out)), log=quiet).out
+    s = embedcache.open_store(str(store))
+    model, cfg = RunDir(run).load_student()
+    data = StoreData(str(store), "name", SplitConfig(val_fraction=0.0))
+    return (s, s.meta.label.to_numpy(), (s.meta.status == "ok").to_numpy(), np.array([1, 2]), model, cfg,
+            RunDir(run).split, data)
+
+
 def test_few_shot_finetune_uses_the_protocols_episodes(synthetic_store, tmp_path, monkeypatch):
     from embedcache.evaluate.metrics import nearest_label
     from embedcache.evaluate.protocols import episode
     from embedcache.students.data import StoreData
     from embedcache.students.finetune import few_shot_finetune
-    from embedcache.students.rundir import RunDir
     from embedcache.students.scoring import embed_rows
 
-    run = train(TrainConfig(store=str(synthetic_store), recipe="feat_kd", steps=4, batch_size=8, eval_every=2,
-                            student=StudentConfig(name="test_vit", input_size=32), device="cpu", progress=False,
-                            split=SplitConfig(train_classes=("circle",)), out=str(tmp_path / "vit")), log=quiet).out
-    s = embedcache.open_store(str(synthetic_store))
-    labels, ok, unseen = s.meta.label.to_numpy(), (s.meta.status == "ok").to_numpy(), np.array([1, 2])
+    s, labels, ok, unseen, model, cfg, split, data = _finetune_setup(synthetic_store, tmp_path / "vit", "test_vit")
     # lr = 0 and no BatchNorm: fine-tuning changes nothing, so it must equal scoring the run itself by
     # nearest unseen-class text on the same episode's queries
-    model, cfg = RunDir(run).load_student()
-    split = RunDir(run).split
-    data = StoreData(str(synthetic_store), "name", SplitConfig(val_fraction=0.0))
     ft = few_shot_finetune(model, cfg, data, split, shots=3, episodes=2, steps=3, lr=0.0)
     emb, _ = embed_rows(model, data, split["seen_classes"], False, torch.device("cpu"))
     text = s.class_emb("name")
@@ -364,19 +372,10 @@ def test_few_shot_finetuning_keeps_a_freeze_bn_run_s_batchnorm_statistics(synthe
 
     from embedcache.evaluate.metrics import nearest_label
     from embedcache.evaluate.protocols import episode
-    from embedcache.students.data import StoreData
     from embedcache.students.finetune import few_shot_finetune
-    from embedcache.students.rundir import RunDir
     from embedcache.students.scoring import embed_rows
 
-    run = train(TrainConfig(store=str(synthetic_store), recipe="feat_kd", steps=4, batch_size=8, eval_every=2,
-                            student=StudentConfig(name="test_resnet", input_size=32), device="cpu", progress=False,
-                            split=SplitConfig(train_classes=("circle",)), out=str(tmp_path / "bn")), log=quiet).out
-    s = embedcache.open_store(str(synthetic_store))
-    labels, ok, unseen = s.meta.label.to_numpy(), (s.meta.status == "ok").to_numpy(), np.array([1, 2])
-    model, cfg = RunDir(run).load_student()
-    split = RunDir(run).split
-    data = StoreData(str(synthetic_store), "name", SplitConfig(val_fraction=0.0))
+    s, labels, ok, unseen, model, cfg, split, data = _finetune_setup(synthetic_store, tmp_path / "bn", "test_resnet")
     emb, _ = embed_rows(model, data, split["seen_classes"], False, torch.device("cpu"))
     _, query = episode(labels, ok, unseen, 3, 0, 0, s.classes)
     seen = []
