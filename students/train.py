@@ -327,6 +327,7 @@ class Trainer:
         self.selection = Selection(self.rule, self.kept_state)
         self.carry = self._carry_selection()
         self._say_unchosen_carry()
+        self._say_unformable_valley()
         self.carried: List[Dict] = []  # what each later stage started from (``start_stage``)
         self.text = torch.from_numpy(self.data.text).to(self.device)
         self.amp = autocast_on(cfg, self.device.type, self.inputs.kind)
@@ -554,6 +555,19 @@ class Trainer:
                 self.log(f"warning: stage {si + 2} starts from stage {si + 1}'s weights of its best validation top-1, and "
                          f"eval_every={self.cfg.eval_every} validates stage {si + 1} (steps {start + 1}-{end}) {points} "
                          "time(s): it starts from the last weights; lower eval_every to choose among more")
+
+    def _say_unformable_valley(self) -> None:
+        """SWAD over fewer evaluations than start its valley (swad.n_converge) keeps the last segment's average and
+        said only afterwards that its loss "never settled", though it could not (a trial): said as the run starts."""
+        cfg = self.cfg
+        if cfg.averaging != "swad":
+            return
+        start = self.averaging.start
+        points = cfg.steps // cfg.eval_every - start // cfg.eval_every + (cfg.steps % cfg.eval_every > 0)
+        if points < cfg.swad.n_converge:
+            self.log(f"warning: averaging=swad over steps {start + 1}-{cfg.steps} evaluates {points} time(s), fewer than "
+                     f"the swad.n_converge={cfg.swad.n_converge} that start its valley: it will keep the last segment's "
+                     "average; lower eval_every")
 
     def start_stage(self, si: int) -> None:
         """Stage ``si`` starts from the weights its recipe carries from the stage before: the last ones, or

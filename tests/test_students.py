@@ -897,6 +897,18 @@ def test_a_distill_stage_with_no_align_validation_to_choose_from_starts_from_ali
     assert summary["stages_started"] == [{"stage": 2, "from_step": 4, "why": "the last weights (no validation rows)"}]
 
 
+def test_swad_over_fewer_evaluations_than_start_its_valley_is_warned_of_as_the_run_starts(synthetic_store, tmp_path):
+    """Two evaluations in the averaged half and swad.n_converge=3: the valley cannot form, and the run said only
+    afterwards that the loss "never settled" (a trial)."""
+    said, enough = [], []
+    train(_cfg(synthetic_store, tmp_path, "ce", name="few", steps=8, eval_every=2, averaging="swad"), log=said.append)
+    assert ("warning: averaging=swad over steps 5-8 evaluates 2 time(s), fewer than the swad.n_converge=3 that start "
+            "its valley: it will keep the last segment's average; lower eval_every") in said, said
+    train(_cfg(synthetic_store, tmp_path, "ce", name="enough", steps=8, eval_every=1, averaging="swad"),
+          log=enough.append)
+    assert not [s for s in enough if "averaging=swad over steps" in s], enough
+
+
 def test_validation_is_the_mean_over_domains_not_over_their_pooled_images(synthetic_store, tmp_path):
     """DomainBed selects by the mean of the training domains' validation accuracies, and SWAD's evaluator
     averages their losses alike; pooled, PACS's 786 sketch rows outvoted its 410 art ones (an audit
