@@ -549,12 +549,16 @@ class Trainer:
         the summary (a review)."""
         if self.carry.rule != "best_val":
             return
+        every = self.cfg.eval_every
         for si, (start, end) in enumerate(zip([0] + self.ends[:-2], self.ends[:-1])):
-            points = end // self.cfg.eval_every - start // self.cfg.eval_every
-            if points < 2:
-                self.log(f"warning: stage {si + 2} starts from stage {si + 1}'s weights of its best validation top-1, and "
-                         f"eval_every={self.cfg.eval_every} validates stage {si + 1} (steps {start + 1}-{end}) {points} "
-                         "time(s): it starts from the last weights; lower eval_every to choose among more")
+            points, at = end // every - start // every, end // every * every
+            if points >= 2:
+                continue
+            what = ("the last weights" if not points else
+                    f"its weights of step {at}, the one validated" + ("" if at == end else f", not its last (step {end})"))
+            self.log(f"warning: stage {si + 2} starts from stage {si + 1}'s weights of its best validation top-1, and "
+                     f"eval_every={every} validates stage {si + 1} (steps {start + 1}-{end}) {points} time(s): it starts "
+                     f"from {what}; lower eval_every to choose among more")
 
     def _say_unformable_valley(self) -> None:
         """SWAD over fewer evaluations than start its valley (swad.n_converge) keeps the last segment's average and

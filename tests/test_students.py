@@ -895,6 +895,11 @@ def test_a_distill_stage_with_no_align_validation_to_choose_from_starts_from_ali
                split=SplitConfig(val_fraction=0.0)), log=quiet)
     summary = json.loads((tmp_path / "noval" / "summary.json").read_text())
     assert summary["stages_started"] == [{"stage": 2, "from_step": 4, "why": "the last weights (no validation rows)"}]
+    said = []  # one validation inside Align, before its end: the stage starts from that step's weights
+    train(_cfg(synthetic_store, tmp_path, "vl2v_adip", name="one", steps=10, eval_every=3), log=said.append)
+    assert any(s.endswith("validates stage 1 (steps 1-5) 1 time(s): it starts from its weights of step 3, the one "
+                          "validated, not its last (step 5); lower eval_every to choose among more") for s in said), said
+    assert json.loads((tmp_path / "one" / "summary.json").read_text())["stages_started"][0]["from_step"] == 3
 
 
 def test_swad_over_fewer_evaluations_than_start_its_valley_is_warned_of_as_the_run_starts(synthetic_store, tmp_path):
