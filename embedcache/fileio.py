@@ -109,16 +109,16 @@ def atomic_write_json(path: PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def read_json(path: PathLike, kind: type, fix: str) -> Any:
+def read_json(path: PathLike, kind: type, fix: str, error: type = ConfigError) -> Any:
     """A JSON file this package wrote (``kind``: dict or list), read whole; one that is not, edited by hand or
-    damaged, is one line naming it and ``fix`` (``json.loads`` died with a traceback)."""
+    damaged, is one line (``error``) naming it and ``fix`` (``json.loads`` died with a traceback)."""
     path = Path(path)
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         value = None
     if not isinstance(value, kind):
-        raise ConfigError(f"{path} is damaged (not the JSON {json_kind(kind())} this package writes there); {fix}")
+        raise error(f"{path} is damaged (not the JSON {json_kind(kind())} this package writes there); {fix}")
     return value
 
 

@@ -227,14 +227,20 @@ def check_milestones(cfg: TrainConfig) -> None:
                           "fractions that fall on steps of their own, or more steps")
 
 
+def validation_steps(cfg: TrainConfig, start: int, end: int) -> List[int]:
+    """The steps in (start, end] at which a run validates: every eval_every steps, and its last step."""
+    every = cfg.eval_every
+    steps = list(range((start // every + 1) * every, end + 1, every))
+    return steps + [cfg.steps] if start < cfg.steps <= end and cfg.steps % every else steps
+
+
 def selection_points(cfg: TrainConfig) -> int:
     """The validations a run chooses its best checkpoint among: those after its last stage begins (VL2V-ADiP's
-    comes from Distill), every eval_every steps and at the end."""
+    comes from Distill)."""
     from .recipes import RECIPES, stage_ends
 
     ends = stage_ends(RECIPES.get(cfg.recipe), cfg.steps)
-    start = ends[-2] if len(ends) > 1 else 0
-    return len({s for s in range(start + 1, cfg.steps + 1) if s % cfg.eval_every == 0} | {cfg.steps})
+    return len(validation_steps(cfg, ends[-2] if len(ends) > 1 else 0, cfg.steps))
 
 
 def _check_stages(cfg: TrainConfig) -> None:

@@ -23,7 +23,7 @@ from embedcache.evaluate.protocols import DEFAULT_SHOTS, EPISODES, episode, epis
 from .config import TrainConfig
 from .data import StoreData, draw_views, target_views
 from .losses import LOSSES, BatchContext
-from .models import freeze_batchnorm
+from .models import batchnorms, freeze_batchnorm
 from .providers import student_views
 from .recipes import recipe_of
 
@@ -47,8 +47,7 @@ def _batch(data: StoreData, support: np.ndarray, train_rows: np.ndarray, mode: s
 def require_trainable_batches(model, shots: int, unseen: int, mode: str, transfer: bool = False) -> None:
     """On the shots alone a batch holds shots x unseen classes images: one, BatchNorm cannot train on.
     ``transfer``: on a transfer store, where the mixed mode is refused, it is not offered."""
-    if mode == "shots" and shots * unseen == 1 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-                                                       for m in model.modules()):
+    if mode == "shots" and shots * unseen == 1 and batchnorms(model):
         mixed = "" if transfer else "--finetune-mode mixed, "
         raise EvaluationError(f"few-shot fine-tuning on the shots alone trains on batches of {shots * unseen} "
                               "image (shots x unseen classes), and this student's BatchNorm needs 2 or more; use more "

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import warnings
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -345,12 +345,16 @@ class _PooledLite(nn.Module):
 
 
 
+def batchnorms(module: nn.Module) -> List[nn.Module]:
+    """The BatchNorm layers of ``module``."""
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def freeze_batchnorm(module: nn.Module) -> nn.Module:
     """Every BatchNorm layer of ``module`` in eval mode (its running statistics fixed; its scale and shift
     still train where they require gradients), the rest as it was: DomainBed's ``freeze_bn``."""
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
+    for m in batchnorms(module):
+        m.eval()
     return module
 
 

@@ -28,7 +28,7 @@ import torch
 
 from embedcache.config import build_config, to_dict
 from embedcache.errors import ConfigError, StoreError, TrainingError
-from embedcache.fileio import atomic_write, atomic_write_json, atomic_write_text, file_crc32c, temp_files_of
+from embedcache.fileio import atomic_write, atomic_write_json, atomic_write_text, file_crc32c, read_json, temp_files_of
 
 from .config import TrainConfig
 from .models import weights_file_sha
@@ -110,10 +110,7 @@ class RunDir:
         f = self.file(name)
         if not f.is_file():
             raise TrainingError(f"run {self.path} has no {name}; is it a run directory?")
-        try:
-            return json.loads(f.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise TrainingError(f"run {self.path}: {name} is damaged; rerun the run's command to rewrite it") from None
+        return read_json(f, dict, "rerun the run's command to rewrite it", TrainingError)
 
     @property
     def config(self) -> Dict[str, Any]:

@@ -36,12 +36,12 @@ from embedcache.fileio import disk_full_error, is_disk_full, try_exclusive_lock
 
 from .averaging import AVERAGING
 from .config import (OptimConfig, SplitConfig, StudentConfig, SwadConfig, TrainConfig, check_milestones, check_trainable,
-                     refuse_unread_training, selection_points)
+                     refuse_unread_training, selection_points, validation_steps)
 from .data import StoreData, check_views_used, say_if_canvases_exceed_memory, target_views
 from .headstep import HeadStep
 from .losses import LOSSES, BatchContext, weighted_sum
 from .features import features_key
-from .models import Heads, Student, build_seeded, freeze_batchnorm, load_weights, without_backbone
+from .models import Heads, Student, batchnorms, build_seeded, freeze_batchnorm, load_weights, without_backbone
 from .optim import build_optimizer, build_scheduler, load_optimizer_state, optimizer_step
 from .providers import INPUTS, TARGETS
 from .identity import default_out, require_same_settings, run_name
@@ -431,7 +431,7 @@ class Trainer:
     def _check_batch_for_batchnorm(self) -> None:
         """BatchNorm in training mode needs two images a batch (torch fails the step with a traceback)."""
         trains_backbone = self.inputs.kind != "features" and any(st.train != "head" for st in self.recipe.stages)
-        has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.backbone.modules())
+        has_bn = bool(batchnorms(self.model.backbone))
         if trains_backbone and has_bn and not self.cfg.freeze_bn and self.batch_rows < 2:
             raise ConfigError(f"batch_size={self.cfg.batch_size} gives {self.batch_rows} image a step, and the "
                               f"{self.cfg.student.name} student's BatchNorm needs at least 2 in training; use batch_size >= 2")
@@ -549,16 +549,15 @@ class Trainer:
         the summary (a review)."""
         if self.carry.rule != "best_val":
             return
-        every = self.cfg.eval_every
         for si, (start, end) in enumerate(zip([0] + self.ends[:-2], self.ends[:-1])):
-            points, at = end // every - start // every, end // every * every
-            if points >= 2:
+            at = validation_steps(self.cfg, start, end)
+            if len(at) >= 2:
                 continue
-            what = ("the last weights" if not points else
-                    f"its weights of step {at}, the one validated" + ("" if at == end else f", not its last (step {end})"))
+            what = ("the last weights" if not at else f"its weights of step {at[0]}, the one validated" +
+                    ("" if at[0] == end else f", not its last (step {end})"))
             self.log(f"warning: stage {si + 2} starts from stage {si + 1}'s weights of its best validation top-1, and "
-                     f"eval_every={every} validates stage {si + 1} (steps {start + 1}-{end}) {points} time(s): it starts "
-                     f"from {what}; lower eval_every to choose among more")
+                     f"eval_every={self.cfg.eval_every} validates stage {si + 1} (steps {start + 1}-{end}) {len(at)} "
+                     f"time(s): it starts from {what}; lower eval_every to choose among more")
 
     def _say_unformable_valley(self) -> None:
         """SWAD over fewer evaluations than start its valley (swad.n_converge) keeps the last segment's average and
@@ -567,7 +566,7 @@ class Trainer:
         if cfg.averaging != "swad":
             return
         start = self.averaging.start
-        points = cfg.steps // cfg.eval_every - start // cfg.eval_every + (cfg.steps % cfg.eval_every > 0)
+        points = len(validation_steps(cfg, start, cfg.steps))
         if points < cfg.swad.n_converge:
             self.log(f"warning: averaging=swad over steps {start + 1}-{cfg.steps} evaluates {points} time(s), fewer than "
                      f"the swad.n_converge={cfg.swad.n_converge} that start its valley: it will keep the last segment's "
@@ -683,8 +682,7 @@ class Trainer:
         kept the backbone or its BatchNorm frozen (its statistics never moved: SWAD's code refreshes them
         only where its BatchNorm trains) or the run has no BatchNorm."""
         last, n = self.recipe.stages[-1], self.cfg.average_bn_batches
-        bns = [m for m in self.model.modules()
-               if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        bns = [m for m in batchnorms(self.model) if m.track_running_stats]
         if n == 0 or not bns or last.train == "head" or self.inputs.kind == "features" or self.cfg.freeze_bn:
             return None
         set_trainable(self.model, last)

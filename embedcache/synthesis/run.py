@@ -22,7 +22,7 @@ from .. import interrupt
 from ..config import DatasetConfig, ExtractConfig, build_config, to_dict
 from ..datasets import ImageDataset, Sample
 from ..errors import ConfigError, StoreDamagedError, StoreError
-from ..extract import Batch, ExtractResult, ViewPolicy, extract, policy_of, require_free, require_out
+from ..extract import Batch, ExtractResult, ViewPolicy, extract, policy_of, require_out
 from ..extract.resume import made_so
 from ..extract.manifest import build_manifest
 from ..store import Store, backend_name_for
@@ -287,8 +287,8 @@ def say_drowned_classes(plan: StylePlan, per_class: int) -> None:
 
 
 def _refuse_out_of_another_kind(out: str, backend: Optional[str]) -> None:
-    """An --out that can never hold this synthesis, refused before the teacher loads: a file or a folder
-    of other files, or a store of real images (any other mismatch needs the teacher's key)."""
+    """An --out that can never hold this synthesis, refused before the teacher loads: a store of real images
+    (a file or a folder of other files: ``require_out``; any other mismatch needs the teacher's key)."""
     name = backend_name_for(out, backend)
     if Store.exists(out, name):
         try:
@@ -300,7 +300,6 @@ def _refuse_out_of_another_kind(out: str, backend: Optional[str]) -> None:
             raise ConfigError(f"--out {out} is a store of real images made by `embedcache {made_by}`, not a synthesised "
                               "one; give another --out")
         return
-    require_free(out, name)
 
 
 def prepare(cfg: SynthesizeConfig, teacher: Optional[Teacher] = None, log: Callable[[str], None] = print,
