@@ -75,7 +75,7 @@ def _predict(d: EvalData, rows: np.ndarray, labels: Optional[Sequence[int]] = No
 def _rows(pred, labels, classes: Sequence[str], **tags) -> List[Dict]:
     rows = [{**tags, "metric": "top1", "value": top1(pred, labels), "n": len(labels)},
             {**tags, "metric": "mean_per_class", "value": mean_per_class(pred, labels), "n": len(labels)}]
-    collapsed = _collapsed(pred, labels, classes)
+    collapsed = collapsed_class(pred, labels, classes)
     if collapsed is not None:  # warned now, and kept in the results for the report (a warning scrolls away)
         name, share = collapsed
         _warn_collapsed(name, share, len(pred), tags)
@@ -111,7 +111,7 @@ COLLAPSED = 0.95  # a model answering one class for this share of images (of mix
 COLLAPSE_MIN_IMAGES = 10  # of fewer images, one answer for all may be chance: not judged
 
 
-def _collapsed(pred: np.ndarray, labels: np.ndarray, classes: Sequence[str]):
+def collapsed_class(pred: np.ndarray, labels: np.ndarray, classes: Sequence[str]):
     """(class, share) of a model that answers one class for nearly every image of mixed classes (its
     accuracy is that class's share of them, a number that reads like a result), else None."""
     if len(pred) < COLLAPSE_MIN_IMAGES:
@@ -184,7 +184,7 @@ def _pooled_collapse(parts: List, classes: Sequence[str], split: str) -> List[Di
     if len(parts) < 2:
         return []
     pred, labels = (np.concatenate(x) for x in zip(*parts))
-    collapsed = _collapsed(pred, labels, classes)
+    collapsed = collapsed_class(pred, labels, classes)
     if collapsed is None:
         return []
     name, share = collapsed

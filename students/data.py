@@ -241,7 +241,12 @@ class StoreData:
         """The validation rows of each domain, domains in sorted order: DomainBed's training-domain
         validation (and SWAD's loss) is the mean over domains, each domain weighing the same."""
         dom = self.reader.meta["domain"].to_numpy()[self.val_idx]
-        return [self.val_idx[dom == d] for d in sorted(set(dom))]
+        return [self.val_idx[dom == d] for d in self.val_domains]
+
+    @cached_property
+    def val_domains(self) -> List[str]:
+        """The domains of the validation rows, in ``val_by_domain``'s order."""
+        return sorted(set(self.reader.meta["domain"].to_numpy()[self.val_idx]))
 
     def pools(self, per_domain: bool) -> List[np.ndarray]:
         """The row pools a step draws batch_size rows from each of: every training domain, or all rows."""

@@ -3,13 +3,14 @@
 run/config.json        the resolved TrainConfig, the store's key and absolute path
 run/split.json         what the run trained on (rows, held-out domains, seen classes, text source, and
                        for a run on cached features the key of their frozen backbone)
-run/metrics.jsonl      one row per evaluation point (step, stage, lr, losses, validation top-1/loss)
+run/metrics.jsonl      one row per evaluation point (step, stage, lr, losses, validation top-1/loss, a
+                       collapse onto one class where there was one)
 run/checkpoint.pt      resume state (model, optimizer, schedule, averaging, selection, step); removed
                        when the run is done unless keep_checkpoint is set
 run/model.safetensors  the kept weights (the selected checkpoint or the weight average); a run on
                        cached features keeps its head(s) only: its frozen backbone is the student
                        settings' own, named by split.json's backbone_key (checked on loading)
-run/summary.json       validation top-1, which checkpoint was kept and why, timings
+run/summary.json       validation top-1, which checkpoint was kept and why (and its collapse), timings
 run/sweep.json         a sweep's run only: its variant and replicate (the grid's seed), the columns
                        its result rows carry however they are scored
 run/done               written last: the run is finished

@@ -31,6 +31,7 @@ from embedcache.config import build_config, to_dict
 from embedcache.device import resolve_device
 from embedcache.errors import ConfigError, DiskFullError, RunBusyError, StoreMismatchError, TrainingError
 from embedcache.evaluate.metrics import nearest_label, top1
+from embedcache.evaluate.protocols import collapsed_class
 from embedcache.versions import library_versions
 from embedcache.fileio import disk_full_error, is_disk_full, try_exclusive_lock
 
@@ -156,6 +157,31 @@ def validate(model: Student, inputs, targets, data: StoreData, rows: np.ndarray,
     pred = np.concatenate(preds) if preds else np.zeros(0, int)
     n = len(rows)
     return pred, *((loss_sum / n, ce_sum / n) if stage is not None and n else (None, None))
+
+
+def validation_collapse(answers: List[Tuple[np.ndarray, np.ndarray]], domains: List[str],
+                        classes: List[str]) -> Optional[Dict]:
+    """A model answering one class for nearly all of a validation domain's images, judged as ``evaluate``
+    judges a split (``collapsed_class``), the domain of the largest share; else over the domains pooled
+    where each is too small to judge alone: {"class", "share", "images", "domain"}, or None. Its
+    validation top-1 is then that class's share, which reads like a result (a trial's SWAD average)."""
+    found = [(collapsed_class(pred, truth, classes), len(pred), dom) for (pred, truth), dom in zip(answers, domains)]
+    if len(answers) > 1:
+        pred, truth = (np.concatenate(x) for x in zip(*answers))
+        found.append((collapsed_class(pred, truth, classes), len(pred), "avg"))
+    found = [(c, n, dom) for c, n, dom in found if c is not None]
+    if not found:
+        return None
+    (name, share), n, dom = max(found, key=lambda f: (f[2] != "avg", f[0][1]))
+    return {"class": name, "share": share, "images": n, "domain": dom}
+
+
+def collapse_warning(collapse: Dict, selected: Dict) -> str:
+    where = "its validation domains pooled" if collapse["domain"] == "avg" else f"validation domain {collapse['domain']}"
+    kept = selected["rule"] + (f", step {selected['step']}" if "step" in selected and selected["rule"] == "best_val" else "")
+    return (f"warning: the kept weights ({kept}) predict {collapse['class']!r} for {collapse['share']:.0%} of the "
+            f"{collapse['images']} images of {where}: a collapsed model, whose validation top-1 is that class's "
+            "share, not a result")
 
 
 def prediction_ce(outputs: Dict[str, torch.Tensor], text: torch.Tensor, y: torch.Tensor, predict_with: str) -> torch.Tensor:
@@ -335,6 +361,8 @@ class Trainer:
         self.running: Dict[str, torch.Tensor] = {}
         self.n_running = 0
         self.val: Optional[float] = None
+        self.val_collapse: Optional[Dict] = None  # of the latest validation (``validation_collapse``)
+        self.train_classes = [self.data.classes[i] for i in self.data.train_class_ids]
         self.start = 0
         self.threads_before: List[int] = []  # torch thread counts of the run's earlier attempts (its checkpoint's)
         self.earlier = {"seconds": 0.0, "loop_seconds": 0.0}  # time the earlier attempts trained, to their checkpoint
@@ -507,7 +535,7 @@ class Trainer:
         model as it is, each the mean over the validation domains of that domain's figure, as DomainBed
         selects and SWAD's evaluator measures (pooled, PACS's 786 sketch rows would outvote its 410 art
         ones); a TrainingError when its outputs or its losses are not finite."""
-        per_domain = []
+        per_domain, answers = [], []
         for rows in self.data.val_by_domain:
             try:
                 pred, loss, ce = validate(self.model, self.inputs, self.targets, self.data, rows,
@@ -515,6 +543,8 @@ class Trainer:
             except NonFiniteOutputs:
                 raise self.diverged("the student's outputs on validation images became NaN or inf", step) from None
             per_domain.append((top1(pred, self.data.targets[rows]), loss, ce))
+            answers.append((pred, self.data.targets[rows]))
+        self.val_collapse = validation_collapse(answers, self.data.val_domains, self.train_classes)
         val, val_loss, val_ce = (None if v[0] is None else float(np.mean(v)) for v in zip(*per_domain))
         for what, v in (("loss", val_loss), ("cross-entropy", val_ce)):
             if v is not None and not np.isfinite(v):
@@ -532,6 +562,7 @@ class Trainer:
             self.carry.update(step, val)
         lr = getattr(self, "last_lr", self.opt.param_groups[0]["lr"])  # of the last step taken
         row = {"step": step, "stage": stage_i, "lr": lr, "val_top1": val, "val_loss": val_loss, "val_ce": val_ce,
+               **({"val_collapsed": self.val_collapse} if val is not None and self.val_collapse else {}),
                **{k: float(v) / max(1, self.n_running) for k, v in self.running.items()}}
         self.metrics.append(row)
         self.run_dir.write_metrics(self.metrics)
@@ -675,6 +706,15 @@ class Trainer:
             why = "averaging=swad: the validation loss never settled, so the last weights"
         return self.kept_state(), {"rule": "last", "step": self.cfg.steps, "why": why}
 
+    def kept_collapse(self, selected: Dict) -> Optional[Dict]:
+        """The kept weights' collapse on the validation images (``validation_collapse``), else None:
+        averaged weights as ``finish`` has just validated them, others as their evaluation point's
+        row of metrics.jsonl recorded it (a resumed run's rows are its earlier attempts' too)."""
+        if selected["rule"].startswith("average"):
+            return self.val_collapse if len(self.data.val_idx) else None
+        row = next((r for r in self.metrics if r["step"] == selected.get("step")), {})
+        return row.get("val_collapsed")
+
     def refresh_bn(self) -> Optional[str]:
         """Averaged weights with the averaged BatchNorm statistics are not a network that ever ran: the
         statistics are recomputed for them (cumulative mean over ``average_bn_batches`` training
@@ -715,11 +755,15 @@ class Trainer:
             val = self.validate(self.cfg.steps)[0]
         if not all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()):
             raise self.diverged(f"its final weights ({selected['rule']}) hold NaN or inf", self.cfg.steps)
+        collapse = self.kept_collapse(selected)
+        if collapse:
+            self.log(collapse_warning(collapse, selected))
         self.run_dir.save_weights(state)
         threads = self.threads_used()
         summary = {"val_top1": val, "val_images": int(len(self.data.val_idx)), "steps": self.cfg.steps,
                    "batch_rows": self.batch_rows, "selected": selected,
                    **({"stages_started": self.carried} if self.carried else {}),
+                   **({"val_collapsed": collapse} if collapse else {}),
                    # over every attempt, each stopped one up to its last checkpoint
                    "loop_seconds": self.earlier["loop_seconds"] + loop_seconds, "heads_packed": self.pack_size,
                    "seconds": self.earlier["seconds"] + time.time() - t_start, "store_key": self.data.key, "recipe": self.recipe.name,
@@ -732,7 +776,7 @@ class Trainer:
                    # how each stage took its gradients: the two agree to float32 rounding, not bit for bit
                    "gradients": ["closed form, float32" if HeadStep.applies(self.model, st, self.inputs.kind)
                                  else "autograd, bf16 autocast" if self.amp else "autograd" for st in self.recipe.stages],
-                   "train_classes": [self.data.classes[i] for i in self.data.train_class_ids]}
+                   "train_classes": self.train_classes}
         self.run_dir.finish(summary, keep_checkpoint=self.cfg.keep_checkpoint)
         return RunResult(str(self.run_dir.path), val, self.cfg.steps, time.time() - t_start, self.start, loop_seconds,
                          selected, val_images=summary["val_images"])

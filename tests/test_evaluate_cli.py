@@ -762,7 +762,7 @@ def test_a_protocols_warning_names_the_run_it_is_about(runs, tmp_path, monkeypat
         if tags.get("split") == "out_of_domain":
             warnings.warn(f"{tags['split']} on {tags['domain']}: flagged")
 
-    monkeypatch.setattr(protocols, "_collapsed", lambda pred, labels, classes: ("c", 1.0))
+    monkeypatch.setattr(protocols, "collapsed_class", lambda pred, labels, classes: ("c", 1.0))
     monkeypatch.setattr(protocols, "_warn_collapsed", flag)
     res = CliRunner().invoke(main, ["evaluate", str(runs / "feat_kd-0"), str(runs / "ce-1"), "--protocol",
                                     "lodo", "--out", str(tmp_path / "r.parquet")])

@@ -355,17 +355,17 @@ def test_a_collapse_over_domains_each_too_small_to_judge_is_named():
 def test_a_collapse_on_a_small_domain_is_named_too():
     """A domain of 13 sketches, every one answered 'horse', was not named: groups under 20 images were
     never judged, and the README said no minimum (a trial)."""
-    from embedcache.evaluate.protocols import COLLAPSE_MIN_IMAGES, _collapsed
+    from embedcache.evaluate.protocols import COLLAPSE_MIN_IMAGES, collapsed_class
 
     classes = ["dog", "horse", "guitar", "person"]
     labels = np.arange(13) % 4  # mixed classes
-    assert _collapsed(np.full(13, 1), labels, classes) == ("horse", 1.0)
-    assert _collapsed(labels, labels, classes) is None  # a model that answers
+    assert collapsed_class(np.full(13, 1), labels, classes) == ("horse", 1.0)
+    assert collapsed_class(labels, labels, classes) is None  # a model that answers
     # two balanced classes, every image answered with one: its 50% was said nowhere (a trial)
-    assert _collapsed(np.zeros(48, int), np.arange(48) % 2, ["circle", "cross"]) == ("circle", 1.0)
-    assert _collapsed(np.zeros(48, int), (np.arange(48) % 4 == 0).astype(int), ["circle", "cross"]) is None  # 75% one
+    assert collapsed_class(np.zeros(48, int), np.arange(48) % 2, ["circle", "cross"]) == ("circle", 1.0)
+    assert collapsed_class(np.zeros(48, int), (np.arange(48) % 4 == 0).astype(int), ["circle", "cross"]) is None  # 75% one
     few = COLLAPSE_MIN_IMAGES - 1  # too few images to tell a collapse from chance: not judged
-    assert _collapsed(np.full(few, 1), np.arange(few) % 4, classes) is None
+    assert collapsed_class(np.full(few, 1), np.arange(few) % 4, classes) is None
 
 
 def test_warnings_said_before_a_failure_keep_the_model_they_are_about():

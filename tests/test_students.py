@@ -1683,3 +1683,86 @@ def test_a_validation_that_meets_nan_puts_the_models_training_modes_back():
     with pytest.raises(NonFiniteOutputs):
         validate(model, Features(), None, None, np.arange(3), "text", torch.ones(2, 4))
     assert model.training and model.drop.training
+
+
+def test_validation_collapse_judges_each_domain_then_the_domains_pooled():
+    from embedcache.evaluate.protocols import collapsed_class
+    from embedcache.students.train import validation_collapse
+
+    classes = ["circle", "square", "triangle"]
+    truth = np.arange(12) % 3
+    right, ones = (truth, truth), (np.ones(12, int), truth)
+    assert validation_collapse([right, right], ["a", "b"], classes) is None
+    assert validation_collapse([right, ones], ["a", "b"], classes) == \
+        {"class": "square", "share": 1.0, "images": 12, "domain": "b"}
+    # each domain too small to judge alone (6 images), the two pooled (12): judged over both, as evaluate's lodo
+    small = (np.ones(6, int), np.arange(6) % 3)
+    assert collapsed_class(*small, classes) is None
+    assert validation_collapse([small, small], ["a", "b"], classes) == \
+        {"class": "square", "share": 1.0, "images": 12, "domain": "avg"}
+    assert validation_collapse([small], ["a"], classes) is None  # one domain of 6: not judged
+
+
+def _answers(monkeypatch, plan):
+    """Validation answers by evaluation: plan(i) is "right", "wrong" (every image another class) or
+    "one" (class 0 for all) for the i-th evaluation; the model's own answers are replaced."""
+    import embedcache.students.train as train_mod
+
+    real, seen = train_mod.validate, []
+
+    def answered(model, inputs, targets, data, rows, *a, **kw):
+        pred, loss, ce = real(model, inputs, targets, data, rows, *a, **kw)
+        seen.append(rows)
+        truth = data.targets[rows]
+        how = plan(sum(len(r) for r in seen[:-1]) // len(data.val_idx))
+        n = int(truth.max()) + 1
+        pred = {"right": truth, "wrong": (truth + 1) % n, "one": np.zeros_like(truth)}[how]
+        return pred, loss, ce
+
+    monkeypatch.setattr(train_mod, "validate", answered)
+
+
+@pytest.mark.parametrize("kept", ["last", "best_val", "swa"])
+def test_a_kept_model_answering_one_class_is_warned_of_and_recorded(kept, synthetic_store, tmp_path, monkeypatch):
+    """`train` said "validation top-1 33.3%" of weights that answered one class for every validation image
+    (a trial's SWAD average); evaluate said so, train did not. Judged on the weights kept: the best
+    validation's, the last, or the average (validated as it is made)."""
+    _answers(monkeypatch, lambda i: "one")
+    said = []
+    kw = {"select": "best_val"} if kept == "best_val" else {"averaging": "swa", "average_start": 0.0} if kept == "swa" else {}
+    res = train(_cfg(synthetic_store, tmp_path, "feat_kd", split=SplitConfig(val_fraction=0.5), **kw), log=said.append)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    shape = summary["train_classes"][0]
+    assert summary["val_collapsed"]["class"] == shape and summary["val_collapsed"]["share"] == 1.0
+    assert summary["val_collapsed"]["domain"] != "avg" and summary["val_collapsed"]["images"] >= 10
+    warned = [s for s in said if "a collapsed model" in s]
+    assert len(warned) == 1 and f"predict {shape!r} for 100%" in warned[0], said
+    assert warned[0].startswith(f"warning: the kept weights ({res.selected['rule']}")
+    rows = [json.loads(ln) for ln in open(tmp_path / "run" / "metrics.jsonl")]
+    assert all(r["val_collapsed"]["class"] == shape for r in rows)
+
+
+def test_a_collapse_at_steps_not_kept_is_not_said(synthetic_store, tmp_path, monkeypatch):
+    _answers(monkeypatch, lambda i: "right" if i == 1 else "one")  # best at step 20, collapsed at 10 and 30
+    said = []
+    train(_cfg(synthetic_store, tmp_path, "feat_kd", select="best_val"), log=said.append)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["selected"]["step"] == 20 and "val_collapsed" not in summary
+    assert not [s for s in said if "collapsed" in s]
+
+
+def test_a_resumed_run_judges_the_kept_weights_by_their_own_evaluation(synthetic_store, tmp_path, monkeypatch):
+    """The kept weights were validated before the stop: their collapse comes back from metrics.jsonl."""
+    from embedcache.students.train import RunInterrupted
+
+    _answers(monkeypatch, lambda i: "one" if i == 0 else "wrong")  # step 10 the best (a class's share > 0)
+    cfg = _cfg(synthetic_store, tmp_path, "feat_kd", select="best_val", split=SplitConfig(val_fraction=0.5))
+    steps = []
+    with pytest.raises(RunInterrupted):
+        train(cfg, log=quiet, on_step=steps.append, should_stop=lambda: len(steps) >= 20)
+    _answers(monkeypatch, lambda i: "wrong")  # this attempt's evaluations (steps 30) answer no class alike
+    said = []
+    train(cfg, log=said.append)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["selected"]["step"] == 10 and summary["val_collapsed"]["share"] == 1.0
+    assert any("(best_val, step 10)" in s and "a collapsed model" in s for s in said), said
