@@ -315,9 +315,17 @@ def _resay(said: list) -> None:
 
 @main.command()
 @click.argument("results", type=click.Path(exists=True))
-@click.option("--out", "out_dir", help="folder for report.md and PNG plots (default: report/, or SWEEP_DIR/report)")
+@click.option("--out", "out_dir", help="folder for report.md, report.csv and the PNG plots (default: report/, or SWEEP_DIR/report)")
 def report(results, out_dir) -> None:
-    """Turn a results file, or a sweep directory, into markdown tables (methods x domains, mean ± std) and plots."""
+    """Turn a results file, or a sweep directory, into markdown tables (methods x domains, mean ± std) and plots.
+
+    RESULTS: a results .parquet file (`embedcache evaluate ... --out results.parquet`), or a
+    sweep folder (its runs' results; a sweep still training is reported as far as it got, and said so).
+    Writes report.md (a table per split: open_vocab and few_shot by mean per-class accuracy, the other
+    splits by top-1; collapsed models and cells of few images said under their table), report.csv (the
+    tables' numbers, one row per method, split and domain) and PNG plots (per-domain bars per split,
+    and in- against out-of-domain accuracy where a lodo split was scored).
+    """
     from embedcache.evaluate.report import write_report
     from embedcache.evaluate.results import read_results
 
