@@ -7,7 +7,7 @@ sweep (``--recipe`` vl2v_adip, ``--seeds`` runs per held-out domain, ``--steps``
 through the ``local`` launcher with 1 worker per device, then with each count in ``--workers`` on the
 same device (on a GPU machine the workers share the GPU: packing). Per arm: the wall time of the
 whole sweep (worker start, store load, training, scoring) and runs/hour. The papers' runs are longer
-(VL2V-ADiP: 5,000 steps), so each arm is also projected to ``--full-steps``: a round of concurrent runs
+(one VL2V-ADiP stage: 5,000 steps), so each arm is also projected to ``--full-steps``: a round of concurrent runs
 takes (full - steps) steps more at the rate its runs trained at in this arm (from each run's
 ``loop_seconds``), i.e. projected wall = wall + rounds x mean over runs of
 (full - steps) x loop_seconds / steps, rounds = ceil(runs / workers). Prints a table, writes JSON.

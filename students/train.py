@@ -160,28 +160,29 @@ def validate(model: Student, inputs, targets, data: StoreData, rows: np.ndarray,
 
 
 def validation_collapse(answers: List[Tuple[np.ndarray, np.ndarray]], domains: List[str],
-                        classes: List[str]) -> Optional[Dict]:
-    """A model answering one class for nearly all of a validation domain's images, judged as ``evaluate``
-    judges a split (``collapsed_class``), the domain of the largest share; else over the domains pooled
-    where each is too small to judge alone: {"class", "share", "images", "domain"}, or None. Its
-    validation top-1 is then that class's share, which reads like a result (a trial's SWAD average)."""
-    found = [(collapsed_class(pred, truth, classes), len(pred), dom) for (pred, truth), dom in zip(answers, domains)]
-    if len(answers) > 1:
+                        classes: List[str]) -> List[Dict]:
+    """Where a model answers one class for nearly all of a validation domain's images, judged as
+    ``evaluate``'s lodo judges a split (``collapsed_class``): each such domain, the largest share first;
+    where no domain collapses alone, the domains pooled (domain "avg"), as lodo pools them. Each
+    {"domain", "class", "share", "images"}; [] for none. The top-1 there is that class's share of
+    those images, which reads like a result (a trial's SWAD average)."""
+    found = [(dom, collapsed_class(pred, truth, classes), len(pred)) for (pred, truth), dom in zip(answers, domains)]
+    if len(answers) > 1 and not any(c for _, c, _ in found):
         pred, truth = (np.concatenate(x) for x in zip(*answers))
-        found.append((collapsed_class(pred, truth, classes), len(pred), "avg"))
-    found = [(c, n, dom) for c, n, dom in found if c is not None]
-    if not found:
-        return None
-    (name, share), n, dom = max(found, key=lambda f: (f[2] != "avg", f[0][1]))
-    return {"class": name, "share": share, "images": n, "domain": dom}
+        found = [("avg", collapsed_class(pred, truth, classes), len(pred))]
+    said = [{"domain": dom, "class": c[0], "share": c[1], "images": n} for dom, c, n in found if c is not None]
+    return sorted(said, key=lambda c: -c["share"])
 
 
-def collapse_warning(collapse: Dict, selected: Dict) -> str:
-    where = "its validation domains pooled" if collapse["domain"] == "avg" else f"validation domain {collapse['domain']}"
+def collapse_warning(run: str, collapses: List[Dict], selected: Dict) -> str:
+    first = collapses[0]
+    where = "its validation domains pooled" if first["domain"] == "avg" else f"validation domain {first['domain']}"
+    others = [c["domain"] for c in collapses[1:]]
+    also = f" (collapsed on {', '.join(others)} too)" if others else ""
     kept = selected["rule"] + (f", step {selected['step']}" if "step" in selected and selected["rule"] == "best_val" else "")
-    return (f"warning: the kept weights ({kept}) predict {collapse['class']!r} for {collapse['share']:.0%} of the "
-            f"{collapse['images']} images of {where}: a collapsed model, whose validation top-1 is that class's "
-            "share, not a result")
+    return (f"warning: run {run}: the kept weights ({kept}) predict {first['class']!r} for {first['share']:.0%} of the "
+            f"{first['images']} images of {where}{also}: a collapsed model, whose top-1 there is that class's share "
+            "of those images, not a result")
 
 
 def prediction_ce(outputs: Dict[str, torch.Tensor], text: torch.Tensor, y: torch.Tensor, predict_with: str) -> torch.Tensor:
@@ -361,7 +362,7 @@ class Trainer:
         self.running: Dict[str, torch.Tensor] = {}
         self.n_running = 0
         self.val: Optional[float] = None
-        self.val_collapse: Optional[Dict] = None  # of the latest validation (``validation_collapse``)
+        self.val_collapse: List[Dict] = []  # of the latest validation (``validation_collapse``)
         self.train_classes = [self.data.classes[i] for i in self.data.train_class_ids]
         self.start = 0
         self.threads_before: List[int] = []  # torch thread counts of the run's earlier attempts (its checkpoint's)
@@ -706,14 +707,14 @@ class Trainer:
             why = "averaging=swad: the validation loss never settled, so the last weights"
         return self.kept_state(), {"rule": "last", "step": self.cfg.steps, "why": why}
 
-    def kept_collapse(self, selected: Dict) -> Optional[Dict]:
-        """The kept weights' collapse on the validation images (``validation_collapse``), else None:
+    def kept_collapse(self, selected: Dict) -> List[Dict]:
+        """The kept weights' collapses on the validation images (``validation_collapse``), [] for none:
         averaged weights as ``finish`` has just validated them, others as their evaluation point's
         row of metrics.jsonl recorded it (a resumed run's rows are its earlier attempts' too)."""
         if selected["rule"].startswith("average"):
-            return self.val_collapse if len(self.data.val_idx) else None
+            return self.val_collapse if len(self.data.val_idx) else []
         row = next((r for r in self.metrics if r["step"] == selected.get("step")), {})
-        return row.get("val_collapsed")
+        return row.get("val_collapsed", [])
 
     def refresh_bn(self) -> Optional[str]:
         """Averaged weights with the averaged BatchNorm statistics are not a network that ever ran: the
@@ -757,7 +758,7 @@ class Trainer:
             raise self.diverged(f"its final weights ({selected['rule']}) hold NaN or inf", self.cfg.steps)
         collapse = self.kept_collapse(selected)
         if collapse:
-            self.log(collapse_warning(collapse, selected))
+            self.log(collapse_warning(self.run_dir.name, collapse, selected))
         self.run_dir.save_weights(state)
         threads = self.threads_used()
         summary = {"val_top1": val, "val_images": int(len(self.data.val_idx)), "steps": self.cfg.steps,

@@ -1692,15 +1692,25 @@ def test_validation_collapse_judges_each_domain_then_the_domains_pooled():
     classes = ["circle", "square", "triangle"]
     truth = np.arange(12) % 3
     right, ones = (truth, truth), (np.ones(12, int), truth)
-    assert validation_collapse([right, right], ["a", "b"], classes) is None
+    assert validation_collapse([right, right], ["a", "b"], classes) == []
     assert validation_collapse([right, ones], ["a", "b"], classes) == \
-        {"class": "square", "share": 1.0, "images": 12, "domain": "b"}
+        [{"domain": "b", "class": "square", "share": 1.0, "images": 12}]
+    # every collapsed domain, the largest share first
+    most = (np.r_[np.zeros(11, int), 1], np.arange(12) % 3)  # 'circle' for 11 of 12 (92%): not collapsed
+    most20 = (np.r_[np.zeros(19, int), 1], np.arange(20) % 3)  # 'circle' for 19 of 20 (95%)
+    assert collapsed_class(*most, classes) is None
+    got = validation_collapse([most20, most, ones], ["a", "b", "c"], classes)
+    assert [(c["domain"], c["class"], c["share"]) for c in got] == [("c", "square", 1.0), ("a", "circle", 0.95)]
     # each domain too small to judge alone (6 images), the two pooled (12): judged over both, as evaluate's lodo
     small = (np.ones(6, int), np.arange(6) % 3)
     assert collapsed_class(*small, classes) is None
     assert validation_collapse([small, small], ["a", "b"], classes) == \
-        {"class": "square", "share": 1.0, "images": 12, "domain": "avg"}
-    assert validation_collapse([small], ["a"], classes) is None  # one domain of 6: not judged
+        [{"domain": "avg", "class": "square", "share": 1.0, "images": 12}]
+    assert validation_collapse([small], ["a"], classes) == []  # one domain of 6: not judged
+    # a 19-image domain at 94.7% and a 9-image one at 100%: neither alone, 27 of 28 pooled (lodo's rule too)
+    near = (np.r_[np.ones(18, int), 0], np.arange(19) % 3)
+    assert [c["domain"] for c in validation_collapse([near, (np.ones(9, int), np.arange(9) % 3)], ["a", "b"],
+                                                     classes)] == ["avg"]
 
 
 def _answers(monkeypatch, plan):
@@ -1733,13 +1743,28 @@ def test_a_kept_model_answering_one_class_is_warned_of_and_recorded(kept, synthe
     res = train(_cfg(synthetic_store, tmp_path, "feat_kd", split=SplitConfig(val_fraction=0.5), **kw), log=said.append)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     shape = summary["train_classes"][0]
-    assert summary["val_collapsed"]["class"] == shape and summary["val_collapsed"]["share"] == 1.0
-    assert summary["val_collapsed"]["domain"] != "avg" and summary["val_collapsed"]["images"] >= 10
+    collapsed = summary["val_collapsed"]  # each validation domain (2, of 12 images each here)
+    assert len(collapsed) == 2 and all(c["class"] == shape and c["share"] == 1.0 and c["images"] >= 10 for c in collapsed)
     warned = [s for s in said if "a collapsed model" in s]
     assert len(warned) == 1 and f"predict {shape!r} for 100%" in warned[0], said
-    assert warned[0].startswith(f"warning: the kept weights ({res.selected['rule']}")
+    assert warned[0].startswith(f"warning: run run: the kept weights ({res.selected['rule']}")
+    assert f"(collapsed on {collapsed[1]['domain']} too)" in warned[0]
     rows = [json.loads(ln) for ln in open(tmp_path / "run" / "metrics.jsonl")]
-    assert all(r["val_collapsed"]["class"] == shape for r in rows)
+    assert all(r["val_collapsed"][0]["class"] == shape for r in rows)
+
+
+@pytest.mark.parametrize("evaluations,average", [("one", "right"), ("right", "one")])
+def test_an_average_is_judged_as_validated_not_by_its_evaluations(evaluations, average, synthetic_store, tmp_path,
+                                                                  monkeypatch):
+    """Averaged weights are validated once made (the fourth validation, after three evaluations): that
+    validation, not the evaluation points', says whether the kept weights collapsed."""
+    _answers(monkeypatch, lambda i: average if i == 3 else evaluations)
+    said = []
+    train(_cfg(synthetic_store, tmp_path, "feat_kd", averaging="swa", average_start=0.0,
+               split=SplitConfig(val_fraction=0.5)), log=said.append)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert ("val_collapsed" in summary) == (average == "one")
+    assert bool([s for s in said if "a collapsed model" in s]) == (average == "one")
 
 
 def test_a_collapse_at_steps_not_kept_is_not_said(synthetic_store, tmp_path, monkeypatch):
@@ -1764,5 +1789,5 @@ def test_a_resumed_run_judges_the_kept_weights_by_their_own_evaluation(synthetic
     said = []
     train(cfg, log=said.append)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["selected"]["step"] == 10 and summary["val_collapsed"]["share"] == 1.0
+    assert summary["selected"]["step"] == 10 and summary["val_collapsed"][0]["share"] == 1.0
     assert any("(best_val, step 10)" in s and "a collapsed model" in s for s in said), said
