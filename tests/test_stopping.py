@@ -265,9 +265,15 @@ def slow_sweep(synthetic_store, tmp_path_factory):
     """Runs long enough to be stopped mid-training, and their uninterrupted results."""
     tmp = tmp_path_factory.mktemp("stop")
     f = _sweep_file(tmp, synthetic_store, steps=120, every=20)  # about 2 s of training per run on 2 cores
-    ref = _start(f, tmp / "ref", "serial")
-    text = ref.communicate(timeout=600)[0].decode()
-    assert ref.returncode == 0, text
+    # the reference needs no process of its own (the serial launcher trains in the command's process): run here,
+    # on one torch thread as _start's commands train (ONE_THREAD), it saves a Python and torch start-up
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = CliRunner().invoke(main, ["sweep", str(f), "--out", str(tmp / "ref"), "--no-progress", "--launcher", "serial"])
+    finally:
+        torch.set_num_threads(threads)
+    assert ref.exit_code == 0, ref.output
     return f, pd.read_parquet(tmp / "ref" / "results.parquet").sort_values(KEY).reset_index(drop=True)
 
 

