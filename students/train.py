@@ -543,8 +543,9 @@ class Trainer:
                                           self.recipe.predict, self.text, stage)
             except NonFiniteOutputs:
                 raise self.diverged("the student's outputs on validation images became NaN or inf", step) from None
-            per_domain.append((top1(pred, self.data.targets[rows]), loss, ce))
-            answers.append((pred, self.data.targets[rows]))
+            truth = self.data.targets[rows]
+            per_domain.append((top1(pred, truth), loss, ce))
+            answers.append((pred, truth))
         self.val_collapse = validation_collapse(answers, self.data.val_domains, self.train_classes)
         val, val_loss, val_ce = (None if v[0] is None else float(np.mean(v)) for v in zip(*per_domain))
         for what, v in (("loss", val_loss), ("cross-entropy", val_ce)):
