@@ -12,12 +12,13 @@ ARGS ?=
 TRAIN_CONFIG ?= configs/train/demo.yaml
 SWEEP ?= configs/sweep/demo.yaml
 SYNTH ?= configs/synthesize/pacs-contrastive.yaml
+TEST_WORKERS ?= 2
 .PHONY: help install extract inspect train sweep report test bench clean clean-runs clean-stores synthesize
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-13s %s\n", $$1, $$2}'
 	@echo "  variables: CONFIG=configs/extract/<name>.yaml  TRAIN_CONFIG=configs/train/<name>.yaml  SWEEP=configs/sweep/<name>.yaml"
-	@echo "             SYNTH=configs/synthesize/<name>.yaml  SWEEP_DIR=sweeps/<name>  STORE=path  ARGS='--set k=v'"
+	@echo "             SYNTH=configs/synthesize/<name>.yaml  SWEEP_DIR=sweeps/<name>  STORE=path  ARGS='--set k=v'  TEST_WORKERS=2"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,8 +48,8 @@ synthesize: $(VENV)/.installed ## synthesise a store from class names (SYNTH=con
 report: $(VENV)/.installed ## markdown tables and plots of a sweep (SWEEP_DIR=sweeps/demo)
 	$(VENV)/bin/embedcache report $(or $(SWEEP_DIR),sweeps/demo)
 
-test: $(VENV)/.installed ## run the test suite (CPU, no network)
-	$(PY) -m pytest -q
+test: $(VENV)/.installed ## run the test suite (CPU, no network; TEST_WORKERS=2 pytest-xdist processes, 0 for one)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 bench: $(VENV)/.installed ## run the benchmarks under bench/ (tables printed, JSON in bench/results/)
 	$(PY) bench/extract.py

@@ -76,6 +76,7 @@ def test_packages_listed_in_pyproject_match_the_folders():
     assert {v: k for k, v in mapping.items()} == {f: p for f, p in FOLDERS.items() if f != "embedcache"}
 
 
+@pytest.mark.xdist_group("wheel")  # setuptools builds in the source tree (build/, *.egg-info): one build at a time
 @pytest.mark.slow
 def test_wheel_installs_everything_under_one_namespace(tmp_path):
     res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",

@@ -277,6 +277,9 @@ def slow_sweep(synthetic_store, tmp_path_factory):
     return f, pd.read_parquet(tmp / "ref" / "results.parquet").sort_values(KEY).reset_index(drop=True)
 
 
+# one pytest-xdist worker takes these and the other tests that start Ray: the Ray case counts Ray's daemons
+# machine-wide, and the four share slow_sweep's reference (built once per worker that runs any of them)
+@pytest.mark.xdist_group("ray")
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher,how", [("serial", "SIGINT"), ("local", "SIGINT"), ("local", "SIGTERM"),
                                           ("ray", "SIGINT")])

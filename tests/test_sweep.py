@@ -419,6 +419,7 @@ def test_unreachable_ray_address_is_one_line(synthetic_store, tmp_path):
     assert res.exit_code == 2 and "cannot reach a Ray cluster at '127.0.0.1:" in res.output
 
 
+@pytest.mark.xdist_group("ray")  # Ray instances one at a time (test_stopping counts their daemons)
 def test_a_run_asking_ray_for_more_than_it_has_is_refused(synthetic_store, tmp_path):
     """resources.num_gpus=1 on a machine without a GPU: Ray started and no run ever did, with no word
     (a trial). Refused in one line, and the Ray instance the launch started is shut down."""
@@ -455,6 +456,7 @@ def test_a_ray_cluster_s_gpus_that_no_run_asks_for_are_said():
         _require_gpus_used({"CPU": 4.0}, {"num_gpus": 0}, ["auto"])  # no GPU to use
 
 
+@pytest.mark.xdist_group("ray")  # Ray instances one at a time (test_stopping counts their daemons)
 def test_ray_packs_runs_on_a_gpu_by_fractional_requests_runs_each_once_and_matches_serial(synthetic_store, tmp_path,
                                                                                           monkeypatch):
     """resources.num_gpus=0.5: each run asks Ray for half a GPU, so two share one (a node declaring one
