@@ -62,7 +62,7 @@ def evaluate(runs, store, protocols, sources, out, device, shots, finetune_steps
     from embedcache.evaluate.results import read_results, upsert
     from embedcache.evaluate.store_eval import teacher_baselines
     from embedcache.students.rundir import RunDir, distinct_runs
-    from embedcache.students.scoring import score_run
+    from embedcache.students.scoring import score_runs
 
     for p in protocols:
         PROTOCOLS.check(p)
@@ -79,7 +79,7 @@ def evaluate(runs, store, protocols, sources, out, device, shots, finetune_steps
     _refuse_unused_few_shot(runs, protocols)
     options = {"few_shot": {"shots": shots}}
     frames = []
-    found, unscored = distinct_runs(RunDir.find(runs)), []
+    found = distinct_runs(RunDir.find(runs))
     finished = sum(run.done for run in found)  # one finished run: what stops it is the error
     try:
         if not runs:
@@ -87,9 +87,11 @@ def evaluate(runs, store, protocols, sources, out, device, shots, finetune_steps
             frames.append(teacher_baselines(store, sources or None, protocols, options, unseen_fraction=unseen_fraction,
                                             split_seed=split_seed, seen_classes=seen))
         with _each_run_warning_once():
-            frames += _score_found(found, finished, unscored, score_run, protocols, store=store, device=device,
-                                   options=options, finetune_steps=finetune_steps if "few_shot" in protocols else 0,
-                                   finetune_mode=finetune_mode, transfer=transfer)
+            scored, unscored = score_runs(found, protocols, log=lambda line: click.echo(line, err=True), store=store,
+                                          device=device, options=options, finetune_mode=finetune_mode,
+                                          finetune_steps=finetune_steps if "few_shot" in protocols else 0,
+                                          transfer=transfer)
+            frames += scored
     except KeyboardInterrupt:  # "rerun to resume" was said: the table is written once, at the end
         raise KeyboardInterrupt(f"interrupted; nothing was written to {out} (it is written once everything is "
                                 "scored): rerun the same command to score again") from None
@@ -149,30 +151,6 @@ def _say_settings(found, new) -> None:
                    "what tells them apart:")
         for line in lines:
             click.echo(f"  {line}")
-
-
-def _score_found(found, finished: int, unscored: list, score_run, protocols, **options) -> list:
-    """The frames of each finished run's protocols; a protocol that cannot score a run is named (and
-    listed in ``unscored``) and the rest still scored, unless that run is the only finished one."""
-    from embedcache.errors import EvaluationError
-
-    frames = []
-    for run in found:
-        if not run.done:
-            why = (f"not finished; its last attempt failed ({run.failure}; more in its error.txt)"
-                   if run.failure else "not finished")
-            click.echo(f"skipping {run.path}: {why}", err=True)
-            continue
-        scored, failed = _score_each(score_run, run, protocols, **options)
-        frames += scored
-        for protocol, exc in failed:  # what these protocols cannot score: named, and the rest still scored
-            what = f"{run.path}: {exc}" if len(failed) == len(protocols) else f"{run.path}, {protocol}: {exc}"
-            if finished == 1 and not scored:
-                raise EvaluationError(f"run {what}")
-            unscored.append(f"run {what}")
-            if finished > 1:  # a lone run's is its error, said once, after the table of what it scored
-                click.echo(f"skipping {what}", err=True)
-    return frames
 
 
 @contextmanager
@@ -277,40 +255,6 @@ def _seen_list(seen_classes):
     if twice is not None:
         raise click.UsageError(f"--seen-classes names {twice!r} twice; name each seen class once")
     return seen
-
-
-def _score_each(score_run, run, protocols, **options):
-    """(frames, [(protocol, error)]): the run scored under every protocol at once, or, when one of
-    them cannot score it, under each alone, so the others' rows are kept."""
-    import warnings
-
-    from embedcache.errors import EvaluationError
-
-    try:
-        with warnings.catch_warnings(record=True) as said:  # said again below when scored one by one
-            warnings.simplefilter("always")
-            frame = score_run(run, list(protocols), **options)
-    except EvaluationError as exc:
-        if len(protocols) == 1:
-            _resay(said)
-            return [], [(protocols[0], exc)]
-    else:
-        _resay(said)
-        return [frame], []
-    frames, failed = [], []
-    for protocol in protocols:
-        try:
-            frames.append(score_run(run, [protocol], **options))
-        except EvaluationError as exc:
-            failed.append((protocol, exc))
-    return frames, failed
-
-
-def _resay(said: list) -> None:
-    import warnings
-
-    for w in said:
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 @main.command()

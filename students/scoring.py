@@ -1,4 +1,5 @@
-"""One way to score a finished run: ``score_run`` (the CLI and sweeps both call it).
+"""One way to score a finished run: ``score_run`` (the CLI and sweeps both call it), and ``score_runs``
+for many (`evaluate`'s: each protocol alone where one cannot score a run, so the others' rows are kept).
 
 It checks the store's key *before* any work (a run scored on a store made by another teacher is
 refused in one line), loads the store's arrays once, embeds every image's centre view with the
@@ -10,7 +11,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -351,3 +352,58 @@ def score_run(run: Union[str, RunDir], protocols: Sequence[str] = ("lodo",), sto
                                    **episodes)  # the episodes the few_shot protocol scored
             frames.append(conform(ft.assign(protocol="few_shot", **all_tags)))
     return pd.concat(frames, ignore_index=True)
+
+
+def score_runs(runs: Sequence[RunDir], protocols: Sequence[str], log: Callable[[str], None] = print,
+               **options) -> Tuple[List[pd.DataFrame], List[str]]:
+    """(frames, unscored): every finished run of ``runs`` scored under ``protocols`` (``options`` as
+    ``score_run`` takes them). A run not finished is skipped and said through ``log``. A protocol that
+    cannot score a run is said and listed in ``unscored`` ("run PATH[, PROTOCOL]: why"), and the run's
+    other protocols still scored; where that run is the only finished one and nothing of it scored, its
+    error is raised (a lone run's partial failure is left to the caller to say, after its table)."""
+    finished = sum(run.done for run in runs)
+    frames, unscored = [], []
+    for run in runs:
+        if not run.done:
+            why = (f"not finished; its last attempt failed ({run.failure}; more in its error.txt)"
+                   if run.failure else "not finished")
+            log(f"skipping {run.path}: {why}")
+            continue
+        scored, failed = _score_each(run, protocols, **options)
+        frames += scored
+        for protocol, exc in failed:
+            what = f"{run.path}: {exc}" if len(failed) == len(protocols) else f"{run.path}, {protocol}: {exc}"
+            if finished == 1 and not scored:
+                raise EvaluationError(f"run {what}")
+            unscored.append(f"run {what}")
+            if finished > 1:
+                log(f"skipping {what}")
+    return frames, unscored
+
+
+def _score_each(run: RunDir, protocols: Sequence[str], **options) -> Tuple[List[pd.DataFrame], List[Tuple[str, Exception]]]:
+    """(frames, [(protocol, error)]): the run scored under every protocol at once, or, when one of
+    them cannot score it, under each alone, so the others' rows are kept."""
+    try:
+        with warnings.catch_warnings(record=True) as said:  # said again below when scored one by one
+            warnings.simplefilter("always")
+            frame = score_run(run, list(protocols), **options)
+    except EvaluationError as exc:
+        if len(protocols) == 1:
+            _resay(said)
+            return [], [(protocols[0], exc)]
+    else:
+        _resay(said)
+        return [frame], []
+    frames, failed = [], []
+    for protocol in protocols:
+        try:
+            frames.append(score_run(run, [protocol], **options))
+        except EvaluationError as exc:
+            failed.append((protocol, exc))
+    return frames, failed
+
+
+def _resay(said: list) -> None:
+    for w in said:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)

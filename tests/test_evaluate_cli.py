@@ -1294,3 +1294,42 @@ def test_a_device_is_checked_before_scoring_and_refused_where_nothing_reads_it(r
     res = CliRunner().invoke(main, ["evaluate", str(runs / "ce-0"), "--device", "gpu", "--out", str(tmp_path / "b.parquet")])
     assert res.exit_code == 2 and not (tmp_path / "b.parquet").exists(), res.output
     assert res.output.strip().splitlines()[-1] == "error: unknown device 'gpu'; use auto, cpu, cuda or cuda:N", res.output
+
+
+def test_score_runs_keeps_each_run_s_other_protocols_and_says_what_it_skipped(monkeypatch):
+    """``score_runs``, what `evaluate` scores runs with: a protocol that cannot score a run is named and
+    the run's other protocols still scored; an unfinished run is skipped and said; a lone finished run
+    that nothing could score is the error; warnings of a scoring come through once."""
+    from types import SimpleNamespace
+
+    from embedcache.errors import EvaluationError
+    from embedcache.students import scoring
+
+    calls = []
+
+    def fake(run, protocols, **options):
+        calls.append((run.path, tuple(protocols), options["store"]))
+        if run.path == "b" and "open_vocab" in protocols:
+            raise EvaluationError("no class held out")
+        warnings.warn(f"said of {run.path} {'+'.join(protocols)}")
+        return pd.DataFrame({"run": [run.path] * len(protocols), "protocol": protocols})
+
+    monkeypatch.setattr(scoring, "score_run", fake)
+    runs = [SimpleNamespace(path=p, done=p != "c", failure="OOM" if p == "c" else None) for p in "abc"]
+    said = []
+    with pytest.warns(UserWarning) as warned:
+        frames, unscored = scoring.score_runs(runs, ["lodo", "open_vocab"], log=said.append, store="s")
+    got = pd.concat(frames)
+    assert got.values.tolist() == [["a", "lodo"], ["a", "open_vocab"], ["b", "lodo"]]
+    assert unscored == ["run b, open_vocab: no class held out"]
+    assert said == ["skipping b, open_vocab: no class held out",
+                    "skipping c: not finished; its last attempt failed (OOM; more in its error.txt)"]
+    assert calls == [("a", ("lodo", "open_vocab"), "s"), ("b", ("lodo", "open_vocab"), "s"), ("b", ("lodo",), "s"),
+                     ("b", ("open_vocab",), "s")]
+    # the failed joint attempt's warning is not said: b's lodo said its own, once
+    assert [str(w.message) for w in warned] == ["said of a lodo+open_vocab", "said of b lodo"]
+    lone = [SimpleNamespace(path="b", done=True, failure=None), runs[2]]
+    with pytest.raises(EvaluationError, match=r"^run b: no class held out$"):
+        scoring.score_runs(lone, ["open_vocab"], log=said.append, store="s")
+    frames, unscored = scoring.score_runs(lone, ["lodo", "open_vocab"], log=said.append, store="s")
+    assert len(frames) == 1 and unscored == ["run b, open_vocab: no class held out"]  # the caller says it, after its table
