@@ -361,6 +361,7 @@ def score_runs(runs: Sequence[RunDir], protocols: Sequence[str], log: Callable[[
     cannot score a run is said and listed in ``unscored`` ("run PATH[, PROTOCOL]: why"), and the run's
     other protocols still scored; where that run is the only finished one and nothing of it scored, its
     error is raised (a lone run's partial failure is left to the caller to say, after its table)."""
+    runs = list(runs)
     finished = sum(run.done for run in runs)
     frames, unscored = [], []
     for run in runs:

@@ -16,10 +16,10 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # `make test` runs pytest-xdist workers, one per core: each trains on one torch thread, and so does every
-    # process it starts (they inherit OMP_NUM_THREADS). Two workers of two threads each on 2 cores spun
-    # against each other (the suite took 11.5 min so, 7.2 min on one thread each, 12.6 min in one process).
-    # Tests about thread counts set their own.
+    # `make test` runs pytest-xdist workers (TEST_WORKERS, 2 for 2 cores): each computes on one torch thread,
+    # and so does every process it starts that takes OMP_NUM_THREADS (the local launcher sets its workers'
+    # own). Two workers of two threads each on 2 cores spun against each other (the suite took 11.5 min so,
+    # 7.2 min on one thread each, 12.6 min in one process). Tests about thread counts set their own.
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch
 
@@ -56,6 +56,24 @@ def save_tiny_clip(folder: Path, seed: int = 0) -> Path:
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP, "preprocess_cfg": {
         "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "interpolation": "bicubic"}}))
     return folder
+
+
+def source_tree(dest: Path) -> Path:
+    """What a wheel of this checkout is built from (pyproject.toml, README.md and the folders of its packages),
+    copied to ``dest``: setuptools writes build/ and *.egg-info beside the sources, which in the checkout
+    itself another test's process reads (importlib.metadata finds the egg-info there) as it is rewritten."""
+    import shutil
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    tool = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {p.split(".")[0] for p in tool["packages"]} | {d.split("/")[0] for d in tool["package-dir"].values()}
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(root / name, dest / name)
+    for name in sorted(folders):
+        shutil.copytree(root / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    return dest
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import source_tree
+
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"embedcache": "embedcache", "evaluate": "embedcache.evaluate", "students": "embedcache.students",
            "cli": "embedcache.cli", "configs": "embedcache.configs"}
@@ -76,11 +78,11 @@ def test_packages_listed_in_pyproject_match_the_folders():
     assert {v: k for k, v in mapping.items()} == {f: p for f, p in FOLDERS.items() if f != "embedcache"}
 
 
-@pytest.mark.xdist_group("wheel")  # setuptools builds in the source tree (build/, *.egg-info): one build at a time
 @pytest.mark.slow
 def test_wheel_installs_everything_under_one_namespace(tmp_path):
+    src = source_tree(tmp_path / "src")
     res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                          str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=600)
+                          str(tmp_path), str(src)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     wheel = next(tmp_path.glob("embedcache-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()

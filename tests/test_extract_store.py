@@ -1026,10 +1026,14 @@ def test_images_read_in_process_are_the_stores_a_worker_process_makes(make_cfg, 
         arr = rng.integers(0, 256, (30 + k, 41 - k, 3), dtype=np.uint8)
         Image.fromarray(arr).save(cls / f"{k}.{'png' if k % 3 else 'jpg'}")
     (root / "c0" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
-    stores = {}
-    for workers in (0, 1):
-        cfg = make_cfg(f"w{workers}.zarr", "dataset.name=folder", f"dataset.path={root}", f"num_workers={workers}")
-        stores[workers] = extract(cfg, teacher=tiny_teacher, log=quiet).path
+    stores, threads = {}, torch.get_num_threads()
+    torch.set_num_threads(2)  # a pool of two decoding threads (the test workers of `make test` compute on one)
+    try:
+        for workers in (0, 1):
+            cfg = make_cfg(f"w{workers}.zarr", "dataset.name=folder", f"dataset.path={root}", f"num_workers={workers}")
+            stores[workers] = extract(cfg, teacher=tiny_teacher, log=quiet).path
+    finally:
+        torch.set_num_threads(threads)
     with Store(stores[0]) as a, Store(stores[1]) as b:
         assert int((a.read("image/status") != 1).sum()) == 1  # the broken file, recorded
         for name in ("image/emb", "image/pixels", "image/status", "image/view_params"):

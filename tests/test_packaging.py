@@ -10,16 +10,17 @@ from pathlib import Path
 
 import pytest
 
+from conftest import source_tree
+
 ROOT = Path(__file__).resolve().parents[1]
-# setuptools builds in the source tree (build/, *.egg-info): one pytest-xdist worker takes every wheel build
-pytestmark = pytest.mark.xdist_group("wheel")
 
 
 @pytest.fixture(scope="module")
 def fresh_env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pkg")
+    src = source_tree(tmp / "src")
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                            str(tmp / "dist"), str(ROOT)], capture_output=True, text=True, timeout=600)
+                            str(tmp / "dist"), str(src)], capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr[-2000:]
     wheel = next((tmp / "dist").glob("embedcache-*.whl"))
     env_dir = tmp / "venv"
