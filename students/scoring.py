@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -354,7 +354,7 @@ def score_run(run: Union[str, RunDir], protocols: Sequence[str] = ("lodo",), sto
     return pd.concat(frames, ignore_index=True)
 
 
-def score_runs(runs: Sequence[RunDir], protocols: Sequence[str], log: Callable[[str], None] = print,
+def score_runs(runs: Iterable[RunDir], protocols: Sequence[str], log: Callable[[str], None] = print,
                **options) -> Tuple[List[pd.DataFrame], List[str]]:
     """(frames, unscored): every finished run of ``runs`` scored under ``protocols`` (``options`` as
     ``score_run`` takes them). A run not finished is skipped and said through ``log``. A protocol that
@@ -377,7 +377,7 @@ def score_runs(runs: Sequence[RunDir], protocols: Sequence[str], log: Callable[[
             if finished == 1 and not scored:
                 raise EvaluationError(f"run {what}")
             unscored.append(f"run {what}")
-            if finished > 1:
+            if finished > 1:  # a lone run's is its error, for the caller to say once, after the table of what it scored
                 log(f"skipping {what}")
     return frames, unscored
 
